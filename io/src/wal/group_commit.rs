@@ -1,0 +1,555 @@
+//! Group commit: appenders copy unstamped frames into the *filling* group; one writer
+//! task per log takes the whole group, stamps it (LSNs, commit time, CRCs), writes it
+//! with one aligned O_DIRECT write and makes it durable with one `fdatasync`, then wakes
+//! every appender of the group. While one group is being written the next one fills.
+//!
+//! What must stay true:
+//! - a group is acknowledged only after its `fdatasync` returned Ok;
+//! - LSNs are assigned at write time, so a group that cannot be written leaves no gap;
+//! - after a failed write or `fdatasync` the log accepts nothing more (the kernel may
+//!   have dropped the dirty pages; retrying would acknowledge lost data);
+//! - a disk-full error while preparing a new segment fails only the frames that needed
+//!   it; the log keeps going and retries the segment on the next write.
+
+use std::cell::RefCell;
+use std::future::poll_fn;
+use std::rc::Rc;
+use std::task::{Poll, Waker};
+use std::time::Instant;
+
+use hdrhistogram::Histogram;
+
+use super::frame::{stamp, Lsn, TimestampMicros};
+use super::recovery::{ActiveSegment, SegmentInfo};
+use super::segment::{segment_name, SegmentFooter, SegmentHeader, DATA_START, SPARE_SEGMENT_NAME};
+use super::WalConfig;
+use crate::buffer::{align_up, IoBuffer, BLOCK_SIZE};
+use crate::error::{Error, Result};
+use crate::storage::{Storage, StorageFile};
+
+/// Counters and histograms of one log, read by the metrics exporter.
+#[derive(Debug, Clone)]
+pub struct WalStats {
+    pub appends: u64,
+    pub append_bytes: u64,
+    pub append_failures: u64,
+    pub groups: u64,
+    /// Bytes written for frames, including the padding to block boundaries.
+    pub bytes_written: u64,
+    pub syncs: u64,
+    pub segments_created: u64,
+    pub segments_sealed: u64,
+    /// Append → durable, per frame, in microseconds (`oc_wal_fsync_lag_ms`).
+    pub fsync_lag_us: Histogram<u64>,
+    /// Write + `fdatasync` of one group, in microseconds.
+    pub group_write_us: Histogram<u64>,
+    /// Frames per group.
+    pub group_frames: Histogram<u64>,
+}
+
+impl Default for WalStats {
+    fn default() -> Self {
+        let hist =
+            || Histogram::new_with_bounds(1, 60_000_000, 3).expect("static bounds are valid");
+        WalStats {
+            appends: 0,
+            append_bytes: 0,
+            append_failures: 0,
+            groups: 0,
+            bytes_written: 0,
+            syncs: 0,
+            segments_created: 0,
+            segments_sealed: 0,
+            fsync_lag_us: hist(),
+            group_write_us: hist(),
+            group_frames: hist(),
+        }
+    }
+}
+
+/// The result of a group, shared by all its appenders.
+struct Outcome {
+    first_lsn: Lsn,
+    /// Frames `[0, durable)` are durable; the others failed with `error`.
+    durable: usize,
+    error: Option<Error>,
+}
+
+/// Where the appenders of one group wait.
+#[derive(Default)]
+pub(crate) struct Completion {
+    outcome: RefCell<Option<Outcome>>,
+    wakers: RefCell<Vec<Waker>>,
+}
+
+impl Completion {
+    fn complete(&self, outcome: Outcome) {
+        let previous = self.outcome.borrow_mut().replace(outcome);
+        assert!(previous.is_none(), "a group completes once");
+        for waker in self.wakers.borrow_mut().drain(..) {
+            waker.wake();
+        }
+    }
+
+    /// Waits for the frame at `index` of this group to be durable.
+    pub(crate) async fn wait(&self, index: usize) -> Result<Lsn> {
+        poll_fn(|cx| match &*self.outcome.borrow() {
+            Some(o) if index < o.durable => Poll::Ready(Ok(Lsn(o.first_lsn.0 + index as u64))),
+            Some(o) => Poll::Ready(Err(o
+                .error
+                .clone()
+                .expect("a partial group carries its error"))),
+            None => {
+                self.wakers.borrow_mut().push(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+/// Frames waiting to be written, contiguous in one aligned buffer.
+pub(crate) struct Group<B> {
+    pub buf: Option<B>,
+    pub len: usize,
+    /// Start offset of each frame in `buf`.
+    pub starts: Vec<u32>,
+    pub enqueued: Vec<Instant>,
+    pub completion: Rc<Completion>,
+}
+
+impl<B> Default for Group<B> {
+    fn default() -> Self {
+        Group {
+            buf: None,
+            len: 0,
+            starts: Vec::new(),
+            enqueued: Vec::new(),
+            completion: Rc::default(),
+        }
+    }
+}
+
+/// The state of the zero-filled file that becomes the next segment.
+pub(crate) enum Spare<F> {
+    Wanted,
+    Preparing,
+    Ready(F),
+    Failed(Error),
+}
+
+/// State shared by appenders, the writer and the spare preparer (one executor).
+pub(crate) struct State<S: Storage> {
+    pub filling: Group<S::Buffer>,
+    pub failed: Option<Error>,
+    pub closing: bool,
+    pub writer_done: bool,
+    pub writer_waker: Option<Waker>,
+    pub preparer_waker: Option<Waker>,
+    pub space_waiters: Vec<Waker>,
+    pub close_waiters: Vec<Waker>,
+    pub spare: Spare<S::File>,
+    pub segments: Vec<SegmentInfo>,
+    pub durable_lsn: Lsn,
+}
+
+pub(crate) struct Shared<S: Storage> {
+    pub storage: S,
+    pub config: WalConfig,
+    pub state: RefCell<State<S>>,
+    pub stats: RefCell<WalStats>,
+}
+
+fn wake(waker: &mut Option<Waker>) {
+    if let Some(w) = waker.take() {
+        w.wake();
+    }
+}
+
+impl<S: Storage> Shared<S> {
+    /// Marks the log failed and fails every frame not yet written.
+    fn fail(&self, cause: Error) -> Error {
+        let failed = Error::WalFailed {
+            cause: std::sync::Arc::new(cause),
+        };
+        tracing::error!(error = %failed, "write-ahead log failed");
+        let mut state = self.state.borrow_mut();
+        state.failed = Some(failed.clone());
+        let filling = std::mem::take(&mut state.filling);
+        for waker in state.space_waiters.drain(..) {
+            waker.wake();
+        }
+        wake(&mut state.preparer_waker);
+        drop(state);
+        self.stats.borrow_mut().append_failures += filling.starts.len() as u64;
+        filling.completion.complete(Outcome {
+            first_lsn: Lsn::ZERO,
+            durable: 0,
+            error: Some(failed.clone()),
+        });
+        failed
+    }
+}
+
+/// A run of frames to write: a whole group, or the part of one that goes to a new segment.
+struct Batch<B> {
+    buf: B,
+    len: usize,
+    starts: Vec<u32>,
+}
+
+impl<B: IoBuffer> Batch<B> {
+    /// Bytes of the first `k` frames.
+    fn bytes_of(&self, k: usize) -> usize {
+        if k == self.starts.len() {
+            self.len
+        } else {
+            self.starts[k] as usize
+        }
+    }
+
+    /// How many leading frames fit in `room` bytes once padded to a block.
+    fn frames_fitting(&self, room: u64) -> usize {
+        (0..=self.starts.len())
+            .rev()
+            .find(|&k| align_up(self.bytes_of(k) as u64) <= room)
+            .unwrap_or(0)
+    }
+
+    /// Moves frames `k..` into a new batch with its own buffer.
+    fn split_off<S: Storage<Buffer = B>>(&mut self, k: usize, storage: &S) -> Batch<B> {
+        let from = self.bytes_of(k);
+        let len = self.len - from;
+        let mut buf = storage.alloc_buffer(align_up(len as u64) as usize);
+        buf.as_bytes_mut()[..len].copy_from_slice(&self.buf.as_bytes()[from..self.len]);
+        let starts = self
+            .starts
+            .split_off(k)
+            .iter()
+            .map(|s| s - from as u32)
+            .collect();
+        self.len = from;
+        Batch { buf, len, starts }
+    }
+}
+
+/// The writer task's own state: the active segment and the next LSN.
+pub(crate) struct Writer<S: Storage> {
+    pub shared: Rc<Shared<S>>,
+    pub active: Option<ActiveSegment<S::File>>,
+    pub next_lsn: Lsn,
+    pub last_commit_ts: TimestampMicros,
+}
+
+enum GroupError {
+    /// The log is broken; nothing more may be written.
+    Fatal(Error),
+    /// Only this group's remaining frames fail (disk full for a new segment).
+    Skipped(Error),
+}
+
+impl<S: Storage> Writer<S> {
+    /// Runs until the log closes or fails.
+    pub(crate) async fn run(mut self) {
+        while let Some(group) = self.next_group().await {
+            let completion = group.completion.clone();
+            let enqueued = group.enqueued.clone();
+            let frames = group.starts.len();
+            let first_lsn = self.next_lsn;
+            let started = Instant::now();
+            let result = self.write_group(group).await;
+            let (durable, error) = match result {
+                Ok(()) => (frames, None),
+                Err((done, GroupError::Skipped(e))) => (done, Some(e)),
+                Err((done, GroupError::Fatal(e))) => (done, Some(self.shared.fail(e))),
+            };
+            let now = Instant::now();
+            {
+                let mut stats = self.shared.stats.borrow_mut();
+                stats.groups += 1;
+                stats.appends += durable as u64;
+                stats.append_failures += (frames - durable) as u64;
+                stats
+                    .group_write_us
+                    .saturating_record(now.duration_since(started).as_micros() as u64);
+                stats.group_frames.saturating_record(frames as u64);
+                for at in &enqueued[..durable] {
+                    stats
+                        .fsync_lag_us
+                        .saturating_record(now.duration_since(*at).as_micros() as u64);
+                }
+            }
+            self.shared.state.borrow_mut().durable_lsn = Lsn(self.next_lsn.0 - 1);
+            let fatal = error
+                .as_ref()
+                .is_some_and(|e| matches!(e, Error::WalFailed { .. }));
+            completion.complete(Outcome {
+                first_lsn,
+                durable,
+                error,
+            });
+            if fatal {
+                break;
+            }
+        }
+        let mut state = self.shared.state.borrow_mut();
+        state.writer_done = true;
+        for waker in state.close_waiters.drain(..) {
+            waker.wake();
+        }
+    }
+
+    /// Waits for a non-empty filling group and takes it; None when the log closes.
+    async fn next_group(&self) -> Option<Group<S::Buffer>> {
+        let delay = self.shared.config.max_group_delay;
+        let mut delayed = delay.is_zero();
+        loop {
+            let ready = poll_fn(|cx| {
+                let mut state = self.shared.state.borrow_mut();
+                if state.failed.is_some() {
+                    return Poll::Ready(None);
+                }
+                if state.filling.len > 0 {
+                    return Poll::Ready(Some(state.filling.len));
+                }
+                if state.closing {
+                    return Poll::Ready(None);
+                }
+                state.writer_waker = Some(cx.waker().clone());
+                Poll::Pending
+            })
+            .await?;
+            if !delayed && ready < self.shared.config.max_group_bytes {
+                glommio::timer::sleep(delay).await;
+                delayed = true;
+                continue;
+            }
+            let mut state = self.shared.state.borrow_mut();
+            let group = std::mem::take(&mut state.filling);
+            for waker in state.space_waiters.drain(..) {
+                waker.wake();
+            }
+            return Some(group);
+        }
+    }
+
+    /// Writes a group, rotating segments as needed. On error returns how many leading
+    /// frames were made durable.
+    async fn write_group(&mut self, group: Group<S::Buffer>) -> Result<(), (usize, GroupError)> {
+        let buf = group.buf.expect("a non-empty group has a buffer");
+        let mut batch = Batch {
+            buf,
+            len: group.len,
+            starts: group.starts,
+        };
+        let mut done = 0;
+        loop {
+            let room = match &self.active {
+                Some(a) if !a.sealed => a.header.footer_offset() - a.write_offset,
+                _ => 0,
+            };
+            let fit = batch.frames_fitting(room);
+            if fit == 0 {
+                self.rotate().await.map_err(|e| (done, e))?;
+                continue;
+            }
+            let rest =
+                (fit < batch.starts.len()).then(|| batch.split_off(fit, &self.shared.storage));
+            self.write_batch(batch)
+                .await
+                .map_err(|e| (done, GroupError::Fatal(e)))?;
+            done += fit;
+            match rest {
+                Some(r) => batch = r,
+                None => return Ok(()),
+            }
+        }
+    }
+
+    /// Stamps, pads, writes and syncs one batch into the active segment.
+    async fn write_batch(&mut self, mut batch: Batch<S::Buffer>) -> Result<()> {
+        let epoch = self.shared.config.epoch;
+        let active = self
+            .active
+            .as_mut()
+            .expect("a batch is written into an active segment");
+        let commit_ts = TimestampMicros::now().max(self.last_commit_ts);
+        let padded = align_up(batch.len as u64) as usize;
+        {
+            let bytes = batch.buf.as_bytes_mut();
+            for (index, &start) in batch.starts.iter().enumerate() {
+                let end = batch
+                    .starts
+                    .get(index + 1)
+                    .map_or(batch.len, |&e| e as usize);
+                let lsn = Lsn(self.next_lsn.0 + index as u64);
+                stamp(
+                    &mut bytes[start as usize..end],
+                    lsn,
+                    commit_ts,
+                    epoch,
+                    index as u32,
+                );
+            }
+            bytes[batch.len..padded].fill(0);
+        }
+        batch.buf.trim_to(padded);
+        let crc = crc32c::crc32c_append(active.data_crc, batch.buf.as_bytes());
+        let offset = active.write_offset;
+        debug_assert!(offset + padded as u64 <= active.header.footer_offset());
+        active.file.write_at(batch.buf, offset).await?;
+        active.file.sync().await?;
+        let frames = batch.starts.len() as u64;
+        active.write_offset += padded as u64;
+        active.data_crc = crc;
+        self.next_lsn = Lsn(self.next_lsn.0 + frames);
+        active.last_lsn = Lsn(self.next_lsn.0 - 1);
+        active.last_commit_ts = commit_ts;
+        self.last_commit_ts = commit_ts;
+        let mut stats = self.shared.stats.borrow_mut();
+        stats.bytes_written += padded as u64;
+        stats.syncs += 1;
+        Ok(())
+    }
+
+    /// Seals the active segment (if any) and opens the next one from the spare.
+    async fn rotate(&mut self) -> Result<(), GroupError> {
+        if let Some(active) = self.active.as_mut().filter(|a| !a.sealed) {
+            let footer = SegmentFooter {
+                first_lsn: active.header.first_lsn,
+                last_lsn: active.last_lsn,
+                data_end: active.write_offset,
+                last_commit_ts: active.last_commit_ts,
+                data_crc: active.data_crc,
+            };
+            let mut buf = self.shared.storage.alloc_buffer(BLOCK_SIZE);
+            buf.as_bytes_mut().copy_from_slice(&footer.encode());
+            let at = active.header.footer_offset();
+            active
+                .file
+                .write_at(buf, at)
+                .await
+                .map_err(GroupError::Fatal)?;
+            active.file.sync().await.map_err(GroupError::Fatal)?;
+            active.sealed = true;
+            self.shared.stats.borrow_mut().segments_sealed += 1;
+        }
+        let spare = self.take_spare().await.map_err(|e| {
+            if e.is_storage_full() {
+                GroupError::Skipped(e)
+            } else {
+                GroupError::Fatal(e)
+            }
+        })?;
+        drop(spare);
+        let config = &self.shared.config;
+        let storage = &self.shared.storage;
+        let header = SegmentHeader {
+            shard: config.shard,
+            epoch: config.epoch,
+            first_lsn: self.next_lsn,
+            capacity_bytes: config.segment_bytes,
+            created: TimestampMicros::now(),
+        };
+        let name = segment_name(config.shard, config.epoch, self.next_lsn);
+        let opened = async {
+            storage.rename(SPARE_SEGMENT_NAME, &name).await?;
+            let file = storage.open(&name).await?;
+            // The header is durable before any frame: recovery relies on it.
+            let mut buf = storage.alloc_buffer(BLOCK_SIZE);
+            buf.as_bytes_mut().copy_from_slice(&header.encode());
+            file.write_at(buf, 0).await?;
+            file.sync().await?;
+            storage.sync_dir().await?;
+            Ok::<_, Error>(file)
+        };
+        let file = opened.await.map_err(GroupError::Fatal)?;
+        tracing::debug!(segment = %name, "opened write-ahead log segment");
+        self.shared.state.borrow_mut().segments.push(SegmentInfo {
+            name,
+            first_lsn: self.next_lsn,
+        });
+        self.shared.stats.borrow_mut().segments_created += 1;
+        self.active = Some(ActiveSegment {
+            file,
+            header,
+            write_offset: DATA_START,
+            data_crc: 0,
+            last_lsn: Lsn(self.next_lsn.0 - 1),
+            last_commit_ts: self.last_commit_ts,
+            sealed: false,
+        });
+        Ok(())
+    }
+
+    /// Takes the prepared spare file (waiting for it) and asks for the next one.
+    async fn take_spare(&self) -> Result<S::File> {
+        poll_fn(|cx| {
+            let mut state = self.shared.state.borrow_mut();
+            match std::mem::replace(&mut state.spare, Spare::Wanted) {
+                Spare::Ready(file) => {
+                    wake(&mut state.preparer_waker);
+                    Poll::Ready(Ok(file))
+                }
+                Spare::Failed(e) => {
+                    wake(&mut state.preparer_waker);
+                    Poll::Ready(Err(e))
+                }
+                other => {
+                    state.spare = other;
+                    wake(&mut state.preparer_waker);
+                    state.writer_waker = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+            }
+        })
+        .await
+    }
+}
+
+/// Keeps a zero-filled spare segment ready so rotation never waits for a zero-fill.
+pub(crate) async fn run_preparer<S: Storage>(shared: Rc<Shared<S>>) {
+    loop {
+        let go = poll_fn(|cx| {
+            let mut state = shared.state.borrow_mut();
+            if state.failed.is_some() || state.writer_done {
+                return Poll::Ready(false);
+            }
+            if matches!(state.spare, Spare::Wanted) {
+                state.spare = Spare::Preparing;
+                return Poll::Ready(true);
+            }
+            state.preparer_waker = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await;
+        if !go {
+            return;
+        }
+        let storage = &shared.storage;
+        let created = async {
+            // A spare left by a failed attempt is removed before trying again.
+            if storage
+                .list()
+                .await?
+                .iter()
+                .any(|n| n == SPARE_SEGMENT_NAME)
+            {
+                storage.remove(SPARE_SEGMENT_NAME).await?;
+            }
+            storage
+                .create_zeroed(SPARE_SEGMENT_NAME, shared.config.segment_bytes)
+                .await
+        };
+        let spare = match created.await {
+            Ok(file) => Spare::Ready(file),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not prepare the next write-ahead log segment");
+                Spare::Failed(e)
+            }
+        };
+        let mut state = shared.state.borrow_mut();
+        state.spare = spare;
+        wake(&mut state.writer_waker);
+    }
+}

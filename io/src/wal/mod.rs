@@ -1,0 +1,309 @@
+//! The write-ahead log of one shard: frames ([`frame`]), segment files ([`segment`]),
+//! group commit ([`group_commit`]) and recovery ([`recovery`], [`scan`]).
+//!
+//! Usage: [`Wal::open`] recovers the log (replaying frames into the caller), then
+//! [`Wal::append`] returns a frame's LSN once it is durable.
+
+pub mod frame;
+pub mod group_commit;
+pub mod recovery;
+pub mod scan;
+pub mod segment;
+
+use std::cell::RefCell;
+use std::future::poll_fn;
+use std::rc::Rc;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use glommio::Task;
+
+pub use frame::{
+    Epoch, Frame, Lsn, RecordKind, TimestampMicros, MAX_FRAME_BYTES, MAX_TENANT_BYTES,
+};
+pub use group_commit::WalStats;
+pub use recovery::{RecoveryReport, TailCut};
+
+use crate::buffer::{IoBuffer, BLOCK_SIZE};
+use crate::error::{Error, Result};
+use crate::storage::Storage;
+use group_commit::{Group, Shared, Spare, State, Writer};
+use segment::{DEFAULT_SEGMENT_BYTES, MIN_SEGMENT_BYTES};
+
+/// Default upper bound of one group commit's bytes.
+pub const DEFAULT_MAX_GROUP_BYTES: usize = 1 << 20;
+
+/// How a log is laid out and flushed.
+#[derive(Debug, Clone)]
+pub struct WalConfig {
+    /// The shard that owns the log (in segment names and headers).
+    pub shard: u32,
+    /// The replication epoch stamped on new frames.
+    pub epoch: Epoch,
+    /// Size of a segment file, header and footer blocks included.
+    pub segment_bytes: u64,
+    /// Largest group commit; appenders wait when the filling group is full.
+    pub max_group_bytes: usize,
+    /// How long the writer lets a group fill before writing it (0: as soon as the
+    /// previous write finished).
+    pub max_group_delay: Duration,
+    /// Cut the log at the first corrupt frame instead of refusing to open (loses the
+    /// frames after it; an operator's explicit decision).
+    pub truncate_corrupt: bool,
+}
+
+impl Default for WalConfig {
+    fn default() -> Self {
+        WalConfig {
+            shard: 0,
+            epoch: Epoch(1),
+            segment_bytes: DEFAULT_SEGMENT_BYTES,
+            max_group_bytes: DEFAULT_MAX_GROUP_BYTES,
+            max_group_delay: Duration::ZERO,
+            truncate_corrupt: false,
+        }
+    }
+}
+
+impl WalConfig {
+    fn validate(&self) -> Result<()> {
+        let block = BLOCK_SIZE as u64;
+        if self.segment_bytes < MIN_SEGMENT_BYTES || self.segment_bytes % block != 0 {
+            return Err(Error::Config(format!(
+                "segment size {} must be a multiple of {block} and at least {MIN_SEGMENT_BYTES}",
+                self.segment_bytes
+            )));
+        }
+        let usable = self.segment_bytes - 2 * block;
+        if self.max_group_bytes < BLOCK_SIZE
+            || self.max_group_bytes % BLOCK_SIZE != 0
+            || self.max_group_bytes as u64 > usable
+        {
+            return Err(Error::Config(format!(
+                "max group bytes {} must be a multiple of {block} between {block} and {usable}",
+                self.max_group_bytes
+            )));
+        }
+        if self.shard > 0xffff {
+            return Err(Error::Config(format!("shard {} above 65535", self.shard)));
+        }
+        Ok(())
+    }
+
+    /// Largest frame this log accepts.
+    pub fn max_frame_bytes(&self) -> usize {
+        self.max_group_bytes.min(MAX_FRAME_BYTES)
+    }
+}
+
+/// A shard's write-ahead log. Dropping it cancels its tasks without flushing (a crash,
+/// as far as the disk can tell); call [`Wal::close`] to stop cleanly.
+pub struct Wal<S: Storage> {
+    shared: Rc<Shared<S>>,
+    _writer: Task<()>,
+    _preparer: Task<()>,
+}
+
+impl<S: Storage> Wal<S> {
+    /// Recovers the log in `storage`, calls `on_frame` for every frame with LSN ≥
+    /// `replay_from`, repairs a torn tail, and starts the writer.
+    pub async fn open(
+        storage: S,
+        config: WalConfig,
+        replay_from: Lsn,
+        on_frame: impl FnMut(&Frame<'_>) -> std::result::Result<(), String>,
+    ) -> Result<(Self, RecoveryReport)> {
+        config.validate()?;
+        let (report, resume) = recovery::recover(&storage, &config, replay_from, on_frame).await?;
+        let durable_lsn = Lsn(resume.next_lsn.0 - 1);
+        let shared = Rc::new(Shared {
+            storage,
+            config,
+            state: RefCell::new(State {
+                filling: Group::default(),
+                failed: None,
+                closing: false,
+                writer_done: false,
+                writer_waker: None,
+                preparer_waker: None,
+                space_waiters: Vec::new(),
+                close_waiters: Vec::new(),
+                spare: Spare::Wanted,
+                segments: resume.segments,
+                durable_lsn,
+            }),
+            stats: RefCell::new(WalStats::default()),
+        });
+        let mut active = resume.active;
+        if let Some(a) = active.as_mut() {
+            // A new epoch starts a new segment, so each segment has one epoch.
+            if a.header.epoch != shared.config.epoch {
+                a.sealed = a.sealed || a.write_offset == segment::DATA_START;
+            }
+        }
+        let writer = Writer {
+            shared: shared.clone(),
+            active,
+            next_lsn: resume.next_lsn,
+            last_commit_ts: resume.last_commit_ts,
+        };
+        let wal = Wal {
+            _writer: glommio::spawn_local(writer.run()),
+            _preparer: glommio::spawn_local(group_commit::run_preparer(shared.clone())),
+            shared,
+        };
+        Ok((wal, report))
+    }
+
+    /// Appends one record and returns its LSN once it is durable.
+    pub async fn append(&self, kind: RecordKind, tenant: &[u8], payload: &[u8]) -> Result<Lsn> {
+        if tenant.len() > MAX_TENANT_BYTES {
+            return Err(Error::TenantTooLong {
+                bytes: tenant.len(),
+                limit: MAX_TENANT_BYTES,
+            });
+        }
+        let len = frame::frame_len(tenant.len(), payload.len());
+        let limit = self.shared.config.max_frame_bytes();
+        if len > limit {
+            return Err(Error::RecordTooLarge { bytes: len, limit });
+        }
+        let enqueued = Instant::now();
+        let (completion, index) = loop {
+            if let Some(enqueued_at) = self.try_enqueue(kind, tenant, payload, len, enqueued)? {
+                break enqueued_at;
+            }
+            // The filling group is full: wait until the writer takes it, then retry.
+            let mut registered = false;
+            poll_fn(|cx| {
+                if registered {
+                    return Poll::Ready(());
+                }
+                registered = true;
+                self.shared
+                    .state
+                    .borrow_mut()
+                    .space_waiters
+                    .push(cx.waker().clone());
+                Poll::Pending
+            })
+            .await;
+        };
+        self.shared.stats.borrow_mut().append_bytes += len as u64;
+        completion.wait(index).await
+    }
+
+    /// Copies a frame into the filling group if it has room; returns the group's
+    /// completion and the frame's index in it.
+    fn try_enqueue(
+        &self,
+        kind: RecordKind,
+        tenant: &[u8],
+        payload: &[u8],
+        len: usize,
+        enqueued: Instant,
+    ) -> Result<Option<(Rc<group_commit::Completion>, usize)>> {
+        let mut guard = self.shared.state.borrow_mut();
+        let state = &mut *guard;
+        if let Some(e) = &state.failed {
+            return Err(e.clone());
+        }
+        if state.closing {
+            return Err(Error::WalClosed);
+        }
+        let max = self.shared.config.max_group_bytes;
+        let group = &mut state.filling;
+        if group.len + len > max {
+            return Ok(None);
+        }
+        let buf = group
+            .buf
+            .get_or_insert_with(|| self.shared.storage.alloc_buffer(max));
+        let start = group.len;
+        frame::encode_unstamped(&mut buf.as_bytes_mut()[start..], kind, tenant, payload);
+        group.len += len;
+        group.starts.push(start as u32);
+        group.enqueued.push(enqueued);
+        if let Some(w) = state.writer_waker.take() {
+            w.wake();
+        }
+        Ok(Some((group.completion.clone(), group.starts.len() - 1)))
+    }
+
+    /// The last LSN known durable.
+    pub fn durable_lsn(&self) -> Lsn {
+        self.shared.state.borrow().durable_lsn
+    }
+
+    /// The error that failed the log, if it has failed.
+    pub fn failure(&self) -> Option<Error> {
+        self.shared.state.borrow().failed.clone()
+    }
+
+    /// A copy of the log's counters and histograms.
+    pub fn stats(&self) -> WalStats {
+        self.shared.stats.borrow().clone()
+    }
+
+    /// Names of the segment files, oldest first.
+    pub fn segments(&self) -> Vec<String> {
+        let state = self.shared.state.borrow();
+        state.segments.iter().map(|s| s.name.clone()).collect()
+    }
+
+    /// The configuration the log runs with.
+    pub fn config(&self) -> &WalConfig {
+        &self.shared.config
+    }
+
+    /// Removes segments whose frames all lie below `lsn` (the active segment stays).
+    /// Returns the removed names.
+    pub async fn release_before(&self, lsn: Lsn) -> Result<Vec<String>> {
+        let doomed: Vec<String> = {
+            let state = self.shared.state.borrow();
+            state
+                .segments
+                .windows(2)
+                .take_while(|pair| pair[1].first_lsn <= lsn)
+                .map(|pair| pair[0].name.clone())
+                .collect()
+        };
+        if doomed.is_empty() {
+            return Ok(doomed);
+        }
+        for name in &doomed {
+            self.shared.storage.remove(name).await?;
+        }
+        self.shared.storage.sync_dir().await?;
+        self.shared
+            .state
+            .borrow_mut()
+            .segments
+            .retain(|s| !doomed.contains(&s.name));
+        Ok(doomed)
+    }
+
+    /// Stops taking appends, writes what is pending, and waits for the writer to stop.
+    pub async fn close(&self) -> Result<()> {
+        {
+            let mut state = self.shared.state.borrow_mut();
+            state.closing = true;
+            if let Some(w) = state.writer_waker.take() {
+                w.wake();
+            }
+        }
+        poll_fn(|cx| {
+            let mut state = self.shared.state.borrow_mut();
+            if state.writer_done {
+                return Poll::Ready(());
+            }
+            state.close_waiters.push(cx.waker().clone());
+            Poll::Pending
+        })
+        .await;
+        match self.failure() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}

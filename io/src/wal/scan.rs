@@ -1,0 +1,209 @@
+//! Scanning one segment's bytes: which frames are valid, and how the valid part ends.
+//! Pure (no I/O), so the fuzz target feeds it arbitrary bytes.
+//!
+//! How a tear is told from corruption: only the last group commit can be torn (the
+//! next group is written only after the previous one's `fdatasync` returned). Every
+//! group starts on a block boundary with a frame whose `group_index` is 0. So after the
+//! first bad frame, a valid group-start frame at any later block boundary proves that a
+//! *newer* group was written: the bad frame was durable once and is now damaged.
+
+use super::frame::{self, Epoch, Frame, FrameError, Lsn, TimestampMicros};
+use super::segment::{BlockError, SegmentFooter, SegmentHeader, DATA_START};
+use crate::buffer::{align_up, BLOCK_SIZE};
+
+/// How the valid frames of a segment end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScanEnd {
+    /// Sealed: footer valid and matching the frames.
+    Sealed(SegmentFooter),
+    /// Zeroes at a block boundary: the clean end of an active segment.
+    Clean,
+    /// The data area is full up to the footer block (not yet sealed).
+    Full,
+    /// Damage after the last good frame with nothing valid after it: a torn write.
+    Torn { offset: u64, reason: String },
+    /// Damage that a crash cannot explain.
+    Corrupt { offset: u64, reason: String },
+}
+
+/// The result of scanning a segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentScan {
+    pub frames: u64,
+    /// LSN of the last valid frame (`first_lsn - 1` when there is none).
+    pub last_lsn: Lsn,
+    pub last_commit_ts: TimestampMicros,
+    pub last_epoch: Epoch,
+    /// Byte offset just past the last valid frame.
+    pub valid_end: u64,
+    pub end: ScanEnd,
+}
+
+/// Scans `bytes` (a whole segment file) whose header has already been decoded, calling
+/// `on_frame` for each valid frame in order with its offset. Stops early if `on_frame`
+/// returns an error, and returns that error.
+pub fn scan_segment<E>(
+    bytes: &[u8],
+    header: &SegmentHeader,
+    mut on_frame: impl FnMut(&Frame<'_>, u64) -> Result<(), E>,
+) -> Result<SegmentScan, E> {
+    let footer_at = header.footer_offset().min(bytes.len() as u64) as usize;
+    let footer = match bytes.get(footer_at..) {
+        Some(block) if header.footer_offset() < bytes.len() as u64 => SegmentFooter::decode(block),
+        _ => Err(BlockError::Blank),
+    };
+    let sealed = footer.as_ref().ok().copied();
+    let limit = match sealed {
+        Some(f) if f.data_end >= DATA_START && f.data_end <= footer_at as u64 => {
+            f.data_end as usize
+        }
+        _ => footer_at,
+    };
+
+    let mut scan = SegmentScan {
+        frames: 0,
+        last_lsn: Lsn(header.first_lsn.0 - 1),
+        last_commit_ts: TimestampMicros(0),
+        last_epoch: header.epoch,
+        valid_end: DATA_START,
+        end: ScanEnd::Clean,
+    };
+    let mut pos = DATA_START as usize;
+    // The LSN that started the group `pos` is in, or None at a group boundary.
+    let mut group_first: Option<Lsn> = None;
+    let bad = loop {
+        if pos >= limit {
+            break None;
+        }
+        if limit - pos < 4 && bytes[pos..limit].iter().all(|&b| b == 0) {
+            pos = limit; // padding to the end of the data area
+            break None;
+        }
+        let expected = scan.last_lsn.next();
+        match frame::decode(&bytes[pos..limit]) {
+            Err(FrameError::Zero) if pos % BLOCK_SIZE == 0 => break None,
+            Err(FrameError::Zero) => {
+                pos = align_up(pos as u64) as usize;
+                group_first = None;
+            }
+            Err(e) => break Some(e.to_string()),
+            Ok(f) => {
+                if let Some(reason) = check_position(&f, pos, expected, group_first, &scan) {
+                    break Some(reason);
+                }
+                on_frame(&f, pos as u64)?;
+                group_first = Some(f.group_first_lsn());
+                scan.frames += 1;
+                scan.last_lsn = f.lsn;
+                scan.last_commit_ts = f.commit_ts;
+                scan.last_epoch = f.epoch;
+                pos += f.len();
+                scan.valid_end = pos as u64;
+            }
+        }
+    };
+
+    scan.end = match (bad, sealed) {
+        (Some(reason), Some(_)) => ScanEnd::Corrupt {
+            offset: pos as u64,
+            reason: format!("{reason} inside a sealed segment"),
+        },
+        (None, Some(f)) => check_footer(bytes, &scan, f),
+        (Some(reason), None) => match later_group_start(bytes, pos, footer_at) {
+            Some(at) => ScanEnd::Corrupt {
+                offset: pos as u64,
+                reason: format!("{reason}; a later group starts at offset {at}"),
+            },
+            None => ScanEnd::Torn {
+                offset: pos as u64,
+                reason,
+            },
+        },
+        (None, None) if pos >= footer_at => ScanEnd::Full,
+        (None, None) => match later_group_start(bytes, pos, footer_at) {
+            Some(at) => ScanEnd::Corrupt {
+                offset: pos as u64,
+                reason: format!(
+                    "zeroes where a frame was expected; a later group starts at offset {at}"
+                ),
+            },
+            None => ScanEnd::Clean,
+        },
+    };
+    Ok(scan)
+}
+
+/// Checks a decoded frame against where it sits in the log; returns why it is out of
+/// place, if it is.
+fn check_position(
+    f: &Frame<'_>,
+    pos: usize,
+    expected: Lsn,
+    group_first: Option<Lsn>,
+    scan: &SegmentScan,
+) -> Option<String> {
+    if f.lsn != expected {
+        return Some(format!("LSN {} where {} was expected", f.lsn, expected));
+    }
+    if f.group_index == 0 && pos % BLOCK_SIZE != 0 {
+        return Some("a group starts off a block boundary".into());
+    }
+    if f.group_index != 0 && group_first != Some(f.group_first_lsn()) {
+        return Some(format!(
+            "frame {} of a group whose start is missing",
+            f.group_index
+        ));
+    }
+    if f.epoch < scan.last_epoch {
+        return Some(format!(
+            "epoch {} after epoch {}",
+            f.epoch.0, scan.last_epoch.0
+        ));
+    }
+    if f.commit_ts < scan.last_commit_ts {
+        return Some("commit time went backwards".into());
+    }
+    None
+}
+
+fn check_footer(bytes: &[u8], scan: &SegmentScan, footer: SegmentFooter) -> ScanEnd {
+    let corrupt = |reason: String| ScanEnd::Corrupt {
+        offset: scan.valid_end,
+        reason,
+    };
+    if footer.last_lsn != scan.last_lsn {
+        return corrupt(format!(
+            "footer says last LSN {} but frames end at {}",
+            footer.last_lsn, scan.last_lsn
+        ));
+    }
+    if footer.data_end != align_up(scan.valid_end) {
+        return corrupt(format!(
+            "footer says data ends at {} but frames end at {}",
+            footer.data_end, scan.valid_end
+        ));
+    }
+    let data = &bytes[DATA_START as usize..footer.data_end as usize];
+    let crc = crc32c::crc32c(data);
+    if crc != footer.data_crc {
+        return corrupt(format!(
+            "segment data crc {crc:#010x} does not match footer {:#010x}",
+            footer.data_crc
+        ));
+    }
+    ScanEnd::Sealed(footer)
+}
+
+/// The offset of a valid group-start frame at a block boundary after `pos`, if any.
+fn later_group_start(bytes: &[u8], pos: usize, limit: usize) -> Option<u64> {
+    let mut at = align_up(pos as u64 + 1) as usize;
+    while at < limit {
+        if let Ok(f) = frame::decode(&bytes[at..limit]) {
+            if f.group_index == 0 {
+                return Some(at as u64);
+            }
+        }
+        at += BLOCK_SIZE;
+    }
+    None
+}

@@ -1,0 +1,296 @@
+//! Segment files (FORMAT.md §3): block 0 holds the header, frames fill the blocks after
+//! it, and the last block is reserved for the footer written when the segment is
+//! sealed. Groups of frames start on block boundaries; the bytes between a group's last
+//! frame and the next block boundary are zero.
+
+use super::frame::{Epoch, Lsn, TimestampMicros};
+use crate::buffer::BLOCK_SIZE;
+
+/// Segment header magic.
+pub const SEGMENT_MAGIC: [u8; 8] = *b"OCWALSEG";
+/// Segment footer magic.
+pub const FOOTER_MAGIC: [u8; 8] = *b"OCWALEND";
+/// Current segment format version; readers refuse other versions.
+pub const SEGMENT_FORMAT_VERSION: u32 = 1;
+/// Frames start after the header block.
+pub const DATA_START: u64 = BLOCK_SIZE as u64;
+/// Smallest segment: header, one data block, footer.
+pub const MIN_SEGMENT_BYTES: u64 = 3 * BLOCK_SIZE as u64;
+/// Default segment size.
+pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
+
+// Header layout (FORMAT.md §3.1).
+const H_MAGIC: usize = 0;
+const H_VERSION: usize = H_MAGIC + 8;
+const H_BLOCK: usize = H_VERSION + 4;
+const H_SHARD: usize = H_BLOCK + 4;
+const H_RESERVED: usize = H_SHARD + 4;
+const H_EPOCH: usize = H_RESERVED + 4;
+const H_FIRST_LSN: usize = H_EPOCH + 8;
+const H_CAPACITY: usize = H_FIRST_LSN + 8;
+const H_CREATED: usize = H_CAPACITY + 8;
+const H_CRC: usize = H_CREATED + 8;
+/// Bytes of the header that carry meaning; the rest of block 0 is zero.
+pub const HEADER_BYTES: usize = H_CRC + 4;
+const _: () = assert!(HEADER_BYTES == 60);
+
+// Footer layout (FORMAT.md §3.2).
+const F_MAGIC: usize = 0;
+const F_VERSION: usize = F_MAGIC + 8;
+const F_RESERVED: usize = F_VERSION + 4;
+const F_FIRST_LSN: usize = F_RESERVED + 4;
+const F_LAST_LSN: usize = F_FIRST_LSN + 8;
+const F_DATA_END: usize = F_LAST_LSN + 8;
+const F_LAST_TS: usize = F_DATA_END + 8;
+const F_DATA_CRC: usize = F_LAST_TS + 8;
+const F_CRC: usize = F_DATA_CRC + 4;
+/// Bytes of the footer that carry meaning; the rest of its block is zero.
+pub const FOOTER_BYTES: usize = F_CRC + 4;
+const _: () = assert!(FOOTER_BYTES == 56);
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// The first block of a segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentHeader {
+    pub shard: u32,
+    pub epoch: Epoch,
+    pub first_lsn: Lsn,
+    pub capacity_bytes: u64,
+    pub created: TimestampMicros,
+}
+
+/// Why a header or footer block does not decode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BlockError {
+    /// The block is all zeroes: never written.
+    Blank,
+    Invalid(String),
+}
+
+impl SegmentHeader {
+    /// Encodes into a full block.
+    pub fn encode(&self) -> [u8; BLOCK_SIZE] {
+        let mut b = [0u8; BLOCK_SIZE];
+        b[H_MAGIC..H_VERSION].copy_from_slice(&SEGMENT_MAGIC);
+        b[H_VERSION..H_BLOCK].copy_from_slice(&SEGMENT_FORMAT_VERSION.to_le_bytes());
+        b[H_BLOCK..H_SHARD].copy_from_slice(&(BLOCK_SIZE as u32).to_le_bytes());
+        b[H_SHARD..H_RESERVED].copy_from_slice(&self.shard.to_le_bytes());
+        b[H_EPOCH..H_FIRST_LSN].copy_from_slice(&self.epoch.0.to_le_bytes());
+        b[H_FIRST_LSN..H_CAPACITY].copy_from_slice(&self.first_lsn.0.to_le_bytes());
+        b[H_CAPACITY..H_CREATED].copy_from_slice(&self.capacity_bytes.to_le_bytes());
+        b[H_CREATED..H_CRC].copy_from_slice(&self.created.0.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..H_CRC]);
+        b[H_CRC..HEADER_BYTES].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// Decodes block 0 of a segment (at least [`HEADER_BYTES`] bytes).
+    pub fn decode(b: &[u8]) -> Result<Self, BlockError> {
+        let b = b
+            .get(..HEADER_BYTES)
+            .ok_or_else(|| BlockError::Invalid("header truncated".into()))?;
+        if b.iter().all(|&x| x == 0) {
+            return Err(BlockError::Blank);
+        }
+        if b[H_MAGIC..H_VERSION] != SEGMENT_MAGIC {
+            return Err(BlockError::Invalid("bad segment magic".into()));
+        }
+        let crc = crc32c::crc32c(&b[..H_CRC]);
+        if crc != u32_at(b, H_CRC) {
+            return Err(BlockError::Invalid("segment header crc mismatch".into()));
+        }
+        let version = u32_at(b, H_VERSION);
+        if version != SEGMENT_FORMAT_VERSION {
+            return Err(BlockError::Invalid(format!(
+                "unsupported segment version {version}"
+            )));
+        }
+        let block = u32_at(b, H_BLOCK);
+        if block as usize != BLOCK_SIZE {
+            return Err(BlockError::Invalid(format!(
+                "unsupported block size {block}"
+            )));
+        }
+        let header = SegmentHeader {
+            shard: u32_at(b, H_SHARD),
+            epoch: Epoch(u64_at(b, H_EPOCH)),
+            first_lsn: Lsn(u64_at(b, H_FIRST_LSN)),
+            capacity_bytes: u64_at(b, H_CAPACITY),
+            created: TimestampMicros(u64_at(b, H_CREATED)),
+        };
+        if header.capacity_bytes < MIN_SEGMENT_BYTES
+            || header.capacity_bytes % BLOCK_SIZE as u64 != 0
+        {
+            return Err(BlockError::Invalid(format!(
+                "bad capacity {}",
+                header.capacity_bytes
+            )));
+        }
+        if header.first_lsn == Lsn::ZERO {
+            return Err(BlockError::Invalid("first LSN 0".into()));
+        }
+        Ok(header)
+    }
+
+    /// Offset of the footer block (frames end before it).
+    pub fn footer_offset(&self) -> u64 {
+        self.capacity_bytes - BLOCK_SIZE as u64
+    }
+}
+
+/// The last block of a sealed segment: what it holds and a CRC over all of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentFooter {
+    pub first_lsn: Lsn,
+    /// `first_lsn - 1` when the segment holds no frame.
+    pub last_lsn: Lsn,
+    /// End of the last group (block-aligned): frames lie in `[DATA_START, data_end)`.
+    pub data_end: u64,
+    pub last_commit_ts: TimestampMicros,
+    /// CRC32C of the bytes `[DATA_START, data_end)`.
+    pub data_crc: u32,
+}
+
+impl SegmentFooter {
+    pub fn encode(&self) -> [u8; BLOCK_SIZE] {
+        let mut b = [0u8; BLOCK_SIZE];
+        b[F_MAGIC..F_VERSION].copy_from_slice(&FOOTER_MAGIC);
+        b[F_VERSION..F_RESERVED].copy_from_slice(&SEGMENT_FORMAT_VERSION.to_le_bytes());
+        b[F_FIRST_LSN..F_LAST_LSN].copy_from_slice(&self.first_lsn.0.to_le_bytes());
+        b[F_LAST_LSN..F_DATA_END].copy_from_slice(&self.last_lsn.0.to_le_bytes());
+        b[F_DATA_END..F_LAST_TS].copy_from_slice(&self.data_end.to_le_bytes());
+        b[F_LAST_TS..F_DATA_CRC].copy_from_slice(&self.last_commit_ts.0.to_le_bytes());
+        b[F_DATA_CRC..F_CRC].copy_from_slice(&self.data_crc.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..F_CRC]);
+        b[F_CRC..FOOTER_BYTES].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Self, BlockError> {
+        let b = b
+            .get(..FOOTER_BYTES)
+            .ok_or_else(|| BlockError::Invalid("footer truncated".into()))?;
+        if b.iter().all(|&x| x == 0) {
+            return Err(BlockError::Blank);
+        }
+        if b[F_MAGIC..F_VERSION] != FOOTER_MAGIC {
+            return Err(BlockError::Invalid("bad footer magic".into()));
+        }
+        if crc32c::crc32c(&b[..F_CRC]) != u32_at(b, F_CRC) {
+            return Err(BlockError::Invalid("footer crc mismatch".into()));
+        }
+        let version = u32_at(b, F_VERSION);
+        if version != SEGMENT_FORMAT_VERSION {
+            return Err(BlockError::Invalid(format!(
+                "unsupported footer version {version}"
+            )));
+        }
+        Ok(SegmentFooter {
+            first_lsn: Lsn(u64_at(b, F_FIRST_LSN)),
+            last_lsn: Lsn(u64_at(b, F_LAST_LSN)),
+            data_end: u64_at(b, F_DATA_END),
+            last_commit_ts: TimestampMicros(u64_at(b, F_LAST_TS)),
+            data_crc: u32_at(b, F_DATA_CRC),
+        })
+    }
+}
+
+/// The name of a segment file: shard, epoch and first LSN in fixed-width hex, so a
+/// lexicographic listing is LSN order (epochs only grow with LSN).
+pub fn segment_name(shard: u32, epoch: Epoch, first_lsn: Lsn) -> String {
+    format!("wal-{shard:04x}-{:016x}-{:016x}.seg", epoch.0, first_lsn.0)
+}
+
+/// Parses a segment file name back into (shard, epoch, first LSN).
+pub fn parse_segment_name(name: &str) -> Option<(u32, Epoch, Lsn)> {
+    let rest = name.strip_prefix("wal-")?.strip_suffix(".seg")?;
+    let mut parts = rest.split('-');
+    let shard = parts.next().filter(|p| p.len() == 4)?;
+    let epoch = parts.next().filter(|p| p.len() == 16)?;
+    let lsn = parts.next().filter(|p| p.len() == 16)?;
+    if parts.next().is_some() {
+        return None;
+    }
+    Some((
+        u32::from_str_radix(shard, 16).ok()?,
+        Epoch(u64::from_str_radix(epoch, 16).ok()?),
+        Lsn(u64::from_str_radix(lsn, 16).ok()?),
+    ))
+}
+
+/// Name of the zero-filled file prepared for the next segment.
+pub const SPARE_SEGMENT_NAME: &str = "wal-spare.tmp";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header() -> SegmentHeader {
+        SegmentHeader {
+            shard: 3,
+            epoch: Epoch(2),
+            first_lsn: Lsn(1000),
+            capacity_bytes: 1 << 20,
+            created: TimestampMicros(1_700_000_000_000_000),
+        }
+    }
+
+    #[test]
+    fn header_and_footer_round_trip() {
+        assert_eq!(SegmentHeader::decode(&header().encode()), Ok(header()));
+        let footer = SegmentFooter {
+            first_lsn: Lsn(1000),
+            last_lsn: Lsn(1999),
+            data_end: 65536,
+            last_commit_ts: TimestampMicros(42),
+            data_crc: 0xdead_beef,
+        };
+        assert_eq!(SegmentFooter::decode(&footer.encode()), Ok(footer));
+    }
+
+    #[test]
+    fn blank_and_damaged_headers_are_told_apart() {
+        assert_eq!(
+            SegmentHeader::decode(&[0; BLOCK_SIZE]),
+            Err(BlockError::Blank)
+        );
+        let mut b = header().encode();
+        b[20] ^= 1;
+        assert!(matches!(
+            SegmentHeader::decode(&b),
+            Err(BlockError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn golden_header_bytes_match_the_fixture() {
+        let fixture = include_str!("../../tests/fixtures/segment_header_v1.hex");
+        let expected: Vec<u8> = fixture
+            .split_whitespace()
+            .map(|h| u8::from_str_radix(h, 16).expect("fixture is hex"))
+            .collect();
+        assert_eq!(
+            &header().encode()[..HEADER_BYTES],
+            &expected[..],
+            "segment header format changed"
+        );
+    }
+
+    #[test]
+    fn names_sort_in_lsn_order_and_parse_back() {
+        let a = segment_name(1, Epoch(1), Lsn(9));
+        let b = segment_name(1, Epoch(1), Lsn(10));
+        let c = segment_name(1, Epoch(2), Lsn(0x1_0000));
+        assert!(a < b && b < c);
+        assert_eq!(parse_segment_name(&c), Some((1, Epoch(2), Lsn(0x1_0000))));
+        assert_eq!(parse_segment_name("wal-0001-x.seg"), None);
+        assert_eq!(parse_segment_name(SPARE_SEGMENT_NAME), None);
+    }
+}
