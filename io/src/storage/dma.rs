@@ -36,6 +36,7 @@ impl DmaStorage {
             .spawn_blocking(move || std::fs::create_dir_all(to_create))
             .await
             .map_err(|e| Error::io("creating directory", shown.clone(), e))?;
+        prime_iopoll_probe(&dir).await?;
         let handle = Directory::open(&dir)
             .await
             .map_err(|e| glommio_err("opening directory", &shown, e))?;
@@ -54,6 +55,32 @@ impl DmaStorage {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+}
+
+/// Name of the short-lived file used by [`prime_iopoll_probe`].
+const IOPOLL_PROBE_NAME: &str = ".oc-iopoll-probe";
+
+/// glommio decides once per thread and device whether reads may use the IOPOLL ring,
+/// by reading the first block of the first file it opens. If that file is empty the
+/// read ends at EOF without reaching the device, the probe "succeeds", and every later
+/// read on a device without poll queues (virtio, most cloud disks) fails with
+/// EOPNOTSUPP. So before anything else, let glommio probe a file that holds a block.
+async fn prime_iopoll_probe(dir: &Path) -> Result<()> {
+    let path = dir.join(IOPOLL_PROBE_NAME);
+    let shown = path.display().to_string();
+    let to_write = path.clone();
+    glommio::executor()
+        .spawn_blocking(move || std::fs::write(to_write, [0xA5u8; BLOCK_SIZE]))
+        .await
+        .map_err(|e| Error::io("writing", shown.clone(), e))?;
+    let probed = OpenOptions::new().read(true).dma_open(&path).await;
+    let removed = glommio::io::remove(&path).await;
+    probed
+        .map_err(|e| glommio_err("probing", IOPOLL_PROBE_NAME, e))?
+        .close()
+        .await
+        .map_err(|e| glommio_err("closing", IOPOLL_PROBE_NAME, e))?;
+    removed.map_err(|e| glommio_err("removing", IOPOLL_PROBE_NAME, e))
 }
 
 impl Storage for DmaStorage {

@@ -67,4 +67,8 @@ pub trait StorageFile: 'static {
     async fn sync(&self) -> Result<()>;
     /// The file's length in bytes.
     async fn len(&self) -> Result<u64>;
+    /// True when the file has no bytes.
+    async fn is_empty(&self) -> Result<bool> {
+        Ok(self.len().await? == 0)
+    }
 }

@@ -125,8 +125,13 @@ impl SimState {
         self.crashed
     }
 
+    /// Space taken by named files (an unlinked file's space is free again).
     fn used_bytes(&self) -> u64 {
-        self.inodes.values().map(|i| i.current.len() as u64).sum()
+        let named: std::collections::BTreeSet<u64> = self.names.values().copied().collect();
+        named
+            .iter()
+            .map(|ino| self.inodes[ino].current.len() as u64)
+            .sum()
     }
 
     /// Settles pending writes onto the durable image: each kept, lost or torn.

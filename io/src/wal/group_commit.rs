@@ -344,8 +344,12 @@ impl<S: Storage> Writer<S> {
         };
         let mut done = 0;
         loop {
+            // A segment of an older epoch takes no more frames: each segment has one epoch.
+            let epoch = self.shared.config.epoch;
             let room = match &self.active {
-                Some(a) if !a.sealed => a.header.footer_offset() - a.write_offset,
+                Some(a) if !a.sealed && a.header.epoch == epoch => {
+                    a.header.footer_offset() - a.write_offset
+                }
                 _ => 0,
             };
             let fit = batch.frames_fitting(room);
@@ -482,26 +486,29 @@ impl<S: Storage> Writer<S> {
         Ok(())
     }
 
-    /// Takes the prepared spare file (waiting for it) and asks for the next one.
+    /// Takes the prepared spare file (waiting for it) and asks for the next one. A
+    /// failure recorded by an earlier attempt is retried once now, so the error
+    /// reflects the disk as it is (space may have been freed since).
     async fn take_spare(&self) -> Result<S::File> {
+        let mut retried = false;
         poll_fn(|cx| {
             let mut state = self.shared.state.borrow_mut();
             match std::mem::replace(&mut state.spare, Spare::Wanted) {
                 Spare::Ready(file) => {
                     wake(&mut state.preparer_waker);
-                    Poll::Ready(Ok(file))
+                    return Poll::Ready(Ok(file));
                 }
-                Spare::Failed(e) => {
-                    wake(&mut state.preparer_waker);
-                    Poll::Ready(Err(e))
+                Spare::Failed(e) if retried => {
+                    // Stays failed: the next rotation asks again.
+                    state.spare = Spare::Failed(e.clone());
+                    return Poll::Ready(Err(e));
                 }
-                other => {
-                    state.spare = other;
-                    wake(&mut state.preparer_waker);
-                    state.writer_waker = Some(cx.waker().clone());
-                    Poll::Pending
-                }
+                Spare::Failed(_) => retried = true,
+                other @ (Spare::Wanted | Spare::Preparing) => state.spare = other,
             }
+            wake(&mut state.preparer_waker);
+            state.writer_waker = Some(cx.waker().clone());
+            Poll::Pending
         })
         .await
     }

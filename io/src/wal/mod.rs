@@ -68,7 +68,7 @@ impl Default for WalConfig {
 impl WalConfig {
     fn validate(&self) -> Result<()> {
         let block = BLOCK_SIZE as u64;
-        if self.segment_bytes < MIN_SEGMENT_BYTES || self.segment_bytes % block != 0 {
+        if self.segment_bytes < MIN_SEGMENT_BYTES || !self.segment_bytes.is_multiple_of(block) {
             return Err(Error::Config(format!(
                 "segment size {} must be a multiple of {block} and at least {MIN_SEGMENT_BYTES}",
                 self.segment_bytes
@@ -76,7 +76,7 @@ impl WalConfig {
         }
         let usable = self.segment_bytes - 2 * block;
         if self.max_group_bytes < BLOCK_SIZE
-            || self.max_group_bytes % BLOCK_SIZE != 0
+            || !self.max_group_bytes.is_multiple_of(BLOCK_SIZE)
             || self.max_group_bytes as u64 > usable
         {
             return Err(Error::Config(format!(
@@ -134,16 +134,9 @@ impl<S: Storage> Wal<S> {
             }),
             stats: RefCell::new(WalStats::default()),
         });
-        let mut active = resume.active;
-        if let Some(a) = active.as_mut() {
-            // A new epoch starts a new segment, so each segment has one epoch.
-            if a.header.epoch != shared.config.epoch {
-                a.sealed = a.sealed || a.write_offset == segment::DATA_START;
-            }
-        }
         let writer = Writer {
             shared: shared.clone(),
-            active,
+            active: resume.active,
             next_lsn: resume.next_lsn,
             last_commit_ts: resume.last_commit_ts,
         };

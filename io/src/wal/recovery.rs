@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::storage::{Storage, StorageFile};
 
 /// Segments are read in chunks of this size.
-const READ_CHUNK_BYTES: usize = 4 << 20;
+const READ_CHUNK_BYTES: usize = 1 << 20;
 /// Repairs write zeroes in chunks of this size.
 const ZERO_CHUNK_BYTES: usize = 1 << 20;
 
@@ -273,42 +273,56 @@ pub(crate) async fn recover<S: Storage>(
                     return Err(corrupt(
                         offset,
                         format!(
-                        "{reason}; valid data follows, so this is corruption, not a torn write \
-                         (start with the truncate option to cut the log here, losing what follows)"
-                    ),
+                            "{reason}; valid data follows, so this is corruption, not a torn write \
+                             (start with the truncate option to cut the log here, losing what follows)"
+                        ),
                     ));
                 }
                 (false, Some((offset, reason, true)))
             }
         };
 
-        let mut write_offset = align_up(scan.valid_end);
-        if let Some((offset, reason, is_corruption)) = cut {
-            // A cut for corruption also wipes the footer: the segment is active again.
+        let write_offset = align_up(scan.valid_end);
+        if !sealed {
+            // Everything after the last valid frame is wiped, whatever the scan saw there:
+            // a torn group can leave garbage after zeroes, and stale frames must never
+            // reappear once new groups are written over part of them. A cut for
+            // corruption also wipes the footer, making the segment active again.
+            let is_corruption = cut.as_ref().is_some_and(|c| c.2);
             let limit = if is_corruption {
                 header.capacity_bytes
             } else {
                 header.footer_offset()
             };
             let zeroed = zero_tail(storage, &file, &mut bytes, scan.valid_end, limit).await?;
-            write_offset = align_up(scan.valid_end);
-            let cut = TailCut {
-                file: name.clone(),
-                offset,
-                reason,
-                bytes_zeroed: zeroed,
+            let cut = match cut {
+                Some((offset, reason, is_corruption)) => Some((offset, reason, is_corruption)),
+                None if zeroed > 0 => Some((
+                    scan.valid_end,
+                    "bytes after the end of the log".to_string(),
+                    false,
+                )),
+                None => None,
             };
-            tracing::warn!(file = %cut.file, offset, bytes_zeroed = zeroed, reason = %cut.reason, "cut the end of the write-ahead log");
-            if is_corruption {
-                report.truncated_corruption = Some(cut);
-                for (later, _, _) in &names[index + 1..] {
-                    storage.remove(later).await?;
-                    report.removed.push(later.clone());
+            if let Some((offset, reason, is_corruption)) = cut {
+                let cut = TailCut {
+                    file: name.clone(),
+                    offset,
+                    reason,
+                    bytes_zeroed: zeroed,
+                };
+                tracing::warn!(file = %cut.file, offset, bytes_zeroed = zeroed, reason = %cut.reason, "cut the end of the write-ahead log");
+                if is_corruption {
+                    report.truncated_corruption = Some(cut);
+                    for (later, _, _) in &names[index + 1..] {
+                        storage.remove(later).await?;
+                        report.removed.push(later.clone());
+                    }
+                    storage.sync_dir().await?;
+                    index = count - 1;
+                } else {
+                    report.torn_tail = Some(cut);
                 }
-                storage.sync_dir().await?;
-                index = count - 1;
-            } else {
-                report.torn_tail = Some(cut);
             }
         }
 

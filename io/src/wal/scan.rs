@@ -81,7 +81,7 @@ pub fn scan_segment<E>(
         }
         let expected = scan.last_lsn.next();
         match frame::decode(&bytes[pos..limit]) {
-            Err(FrameError::Zero) if pos % BLOCK_SIZE == 0 => break None,
+            Err(FrameError::Zero) if pos.is_multiple_of(BLOCK_SIZE) => break None,
             Err(FrameError::Zero) => {
                 pos = align_up(pos as u64) as usize;
                 group_first = None;
@@ -145,7 +145,7 @@ fn check_position(
     if f.lsn != expected {
         return Some(format!("LSN {} where {} was expected", f.lsn, expected));
     }
-    if f.group_index == 0 && pos % BLOCK_SIZE != 0 {
+    if f.group_index == 0 && !pos.is_multiple_of(BLOCK_SIZE) {
         return Some("a group starts off a block boundary".into());
     }
     if f.group_index != 0 && group_first != Some(f.group_first_lsn()) {

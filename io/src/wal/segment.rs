@@ -126,7 +126,7 @@ impl SegmentHeader {
             created: TimestampMicros(u64_at(b, H_CREATED)),
         };
         if header.capacity_bytes < MIN_SEGMENT_BYTES
-            || header.capacity_bytes % BLOCK_SIZE as u64 != 0
+            || !header.capacity_bytes.is_multiple_of(BLOCK_SIZE as u64)
         {
             return Err(BlockError::Invalid(format!(
                 "bad capacity {}",

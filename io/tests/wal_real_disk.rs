@@ -1,0 +1,381 @@
+//! The WAL on the real disk: O_DIRECT files through glommio in a temp directory, with
+//! damage injected by ordinary file writes between runs.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::rc::Rc;
+
+use oc_io::executor::run_local;
+use oc_io::wal::segment::{parse_segment_name, DATA_START};
+use oc_io::{DmaStorage, Epoch, Error, Lsn, RecordKind, RecoveryReport, Wal, WalConfig};
+
+const KIND: RecordKind = RecordKind(7);
+
+fn small_segments() -> WalConfig {
+    WalConfig {
+        segment_bytes: 64 * 1024,
+        max_group_bytes: 16 * 1024,
+        ..WalConfig::default()
+    }
+}
+
+fn payload(i: u64) -> Vec<u8> {
+    let mut p = i.to_le_bytes().to_vec();
+    p.resize(100 + (i % 300) as usize, i as u8);
+    p
+}
+
+type Frames = BTreeMap<u64, (Vec<u8>, Vec<u8>)>;
+
+async fn open(
+    dir: &Path,
+    config: WalConfig,
+    from: Lsn,
+) -> Result<(Wal<DmaStorage>, Frames, RecoveryReport), Error> {
+    let storage = DmaStorage::open(dir).await?;
+    let mut frames = BTreeMap::new();
+    let (wal, report) = Wal::open(storage, config, from, |f| {
+        frames.insert(f.lsn.0, (f.tenant.to_vec(), f.payload.to_vec()));
+        Ok(())
+    })
+    .await?;
+    Ok((wal, frames, report))
+}
+
+/// Appends `n` payloads from `tasks` concurrent tasks; returns LSN → payload.
+async fn append_many(wal: Rc<Wal<DmaStorage>>, n: u64, tasks: u64) -> BTreeMap<u64, Vec<u8>> {
+    let mut handles = Vec::new();
+    for t in 0..tasks {
+        let wal = wal.clone();
+        handles.push(glommio::spawn_local(async move {
+            let mut acked = Vec::new();
+            for i in (t..n).step_by(tasks as usize) {
+                let p = payload(i);
+                let lsn = wal.append(KIND, b"tenant-a", &p).await.expect("append");
+                acked.push((lsn.0, p));
+            }
+            acked
+        }));
+    }
+    let mut all = BTreeMap::new();
+    for h in handles {
+        all.extend(h.await);
+    }
+    all
+}
+
+fn segment_files(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("read dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|n| parse_segment_name(n).is_some())
+        .collect();
+    names.sort();
+    names
+}
+
+fn damage(path: &Path, offset: u64, bytes: &[u8]) {
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open for damage");
+    file.write_all_at(bytes, offset).expect("damage");
+    file.sync_all().expect("sync damage");
+}
+
+#[test]
+fn appends_from_many_tasks_survive_a_reopen_in_lsn_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    run_local(async {
+        let (wal, frames, _) = open(dir.path(), WalConfig::default(), Lsn(1))
+            .await
+            .expect("open");
+        assert!(frames.is_empty());
+        let wal = Rc::new(wal);
+        let acked = append_many(wal.clone(), 2000, 32).await;
+        assert_eq!(
+            acked.keys().copied().collect::<Vec<_>>(),
+            (1..=2000).collect::<Vec<_>>()
+        );
+        let stats = wal.stats();
+        assert_eq!(stats.appends, 2000);
+        assert!(
+            stats.groups < 2000,
+            "32 concurrent appenders share group commits: {} groups",
+            stats.groups
+        );
+        assert_eq!(stats.fsync_lag_us.len(), 2000);
+        wal.close().await.expect("close");
+        drop(wal);
+
+        let (_wal, frames, report) = open(dir.path(), WalConfig::default(), Lsn(1))
+            .await
+            .expect("reopen");
+        assert_eq!(report.torn_tail, None);
+        assert_eq!(report.last_lsn, Lsn(2000));
+        for (lsn, p) in &acked {
+            assert_eq!(
+                frames.get(lsn),
+                Some(&(b"tenant-a".to_vec(), p.clone())),
+                "LSN {lsn}"
+            );
+        }
+    });
+}
+
+#[test]
+fn full_segments_are_sealed_rotated_and_released() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    run_local(async {
+        let (wal, _, _) = open(dir.path(), small_segments(), Lsn(1))
+            .await
+            .expect("open");
+        let wal = Rc::new(wal);
+        let acked = append_many(wal.clone(), 1500, 8).await;
+        let segments = wal.segments();
+        assert!(segments.len() >= 4, "64 KiB segments rotate: {segments:?}");
+        assert_eq!(segments, segment_files(dir.path()));
+        assert_eq!(wal.stats().segments_sealed as usize, segments.len() - 1);
+
+        // Releasing below an LSN removes only segments wholly below it.
+        let (_, _, second_first) = parse_segment_name(&segments[1]).expect("segment name");
+        let removed = wal.release_before(second_first).await.expect("release");
+        assert_eq!(removed, vec![segments[0].clone()]);
+        wal.close().await.expect("close");
+        drop(wal);
+
+        let (_wal, frames, report) = open(dir.path(), small_segments(), second_first)
+            .await
+            .expect("reopen");
+        assert_eq!(report.first_lsn, Some(second_first));
+        assert_eq!(report.segments.len(), segments.len() - 1);
+        assert_eq!(frames.len() as u64, 1500 - second_first.0 + 1);
+        for (lsn, (_, p)) in &frames {
+            assert_eq!(Some(p), acked.get(lsn));
+        }
+        // Frames the log no longer has cannot be replayed.
+        let too_early = open(dir.path(), small_segments(), Lsn(1)).await;
+        assert!(
+            matches!(too_early, Err(Error::MissingFrames { wanted: Lsn(1), .. })),
+            "{:?}",
+            too_early.err()
+        );
+    });
+}
+
+#[test]
+fn torn_tail_is_truncated_and_reported() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    run_local(async {
+        let (wal, _, _) = open(dir.path(), WalConfig::default(), Lsn(1))
+            .await
+            .expect("open");
+        let wal = Rc::new(wal);
+        append_many(wal.clone(), 100, 1).await;
+        wal.close().await.expect("close");
+        drop(wal);
+        // A crash mid-write leaves a partial frame after the last group.
+        let seg = dir.path().join(&segment_files(dir.path())[0]);
+        let bytes = std::fs::read(&seg).expect("read");
+        let end = bytes[DATA_START as usize..]
+            .iter()
+            .rposition(|&b| b != 0)
+            .expect("data") as u64
+            + DATA_START
+            + 1;
+        let tail_at = oc_io::align_up(end);
+        damage(&seg, tail_at, &[0x55; 700]);
+
+        let (wal, frames, report) = open(dir.path(), WalConfig::default(), Lsn(1))
+            .await
+            .expect("reopen");
+        let torn = report.torn_tail.expect("the torn tail is reported");
+        assert_eq!(torn.offset, tail_at);
+        assert!(torn.bytes_zeroed >= 700);
+        assert_eq!(frames.len(), 100, "every acknowledged frame survives");
+        // New writes continue the log, and the repaired log reopens cleanly.
+        assert_eq!(
+            wal.append(KIND, b"", b"next").await.expect("append"),
+            Lsn(101)
+        );
+        wal.close().await.expect("close");
+        drop(wal);
+        let (_wal, frames, report) = open(dir.path(), WalConfig::default(), Lsn(1))
+            .await
+            .expect("third open");
+        assert_eq!(report.torn_tail, None);
+        assert_eq!(frames.len(), 101);
+    });
+}
+
+#[test]
+fn bad_frame_followed_by_valid_frames_refuses_to_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    run_local(async {
+        let (wal, _, _) = open(dir.path(), WalConfig::default(), Lsn(1))
+            .await
+            .expect("open");
+        let wal = Rc::new(wal);
+        append_many(wal.clone(), 50, 1).await; // one frame per group: 50 groups
+        wal.close().await.expect("close");
+        drop(wal);
+        let name = segment_files(dir.path())[0].clone();
+        let seg = dir.path().join(&name);
+        // Flip a payload byte in the tenth group (block 10 of the data area).
+        let offset = DATA_START + 9 * 4096 + 60;
+        let mut byte = [0u8; 1];
+        std::fs::File::open(&seg)
+            .expect("open")
+            .read_exact_at(&mut byte, offset)
+            .expect("read");
+        damage(&seg, offset, &[byte[0] ^ 0xff]);
+
+        let refused = open(dir.path(), WalConfig::default(), Lsn(1)).await;
+        let Err(Error::Corrupt {
+            file,
+            offset: at,
+            reason,
+        }) = refused.map(|_| ())
+        else {
+            panic!("a damaged frame followed by valid frames must refuse to open");
+        };
+        assert_eq!(file, name);
+        assert_eq!(at, DATA_START + 9 * 4096);
+        assert!(reason.contains("crc"), "{reason}");
+
+        // The operator's explicit truncate keeps frames 1..=9 and drops the rest.
+        let config = WalConfig {
+            truncate_corrupt: true,
+            ..WalConfig::default()
+        };
+        let (wal, frames, report) = open(dir.path(), config, Lsn(1))
+            .await
+            .expect("truncating open");
+        assert_eq!(frames.len(), 9);
+        assert!(report.truncated_corruption.is_some());
+        assert_eq!(
+            wal.append(KIND, b"", b"after").await.expect("append"),
+            Lsn(10)
+        );
+        wal.close().await.expect("close");
+        drop(wal);
+        let (_wal, frames, _) = open(dir.path(), WalConfig::default(), Lsn(1))
+            .await
+            .expect("reopen");
+        assert_eq!(frames.len(), 10);
+    });
+}
+
+#[test]
+fn damage_inside_a_sealed_segment_is_corruption() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    run_local(async {
+        let (wal, _, _) = open(dir.path(), small_segments(), Lsn(1))
+            .await
+            .expect("open");
+        let wal = Rc::new(wal);
+        append_many(wal.clone(), 600, 4).await;
+        wal.close().await.expect("close");
+        drop(wal);
+        let names = segment_files(dir.path());
+        assert!(names.len() >= 2);
+        // Damage the last frame bytes of the first (sealed) segment.
+        damage(&dir.path().join(&names[0]), DATA_START + 50, &[0xAB; 4]);
+        let refused = open(dir.path(), small_segments(), Lsn(1)).await;
+        assert!(
+            matches!(&refused, Err(Error::Corrupt { file, .. }) if *file == names[0]),
+            "{:?}",
+            refused.err()
+        );
+    });
+}
+
+#[test]
+fn a_newer_epoch_in_the_log_fences_an_old_writer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    run_local(async {
+        let newer = WalConfig {
+            epoch: Epoch(5),
+            ..WalConfig::default()
+        };
+        let (wal, _, _) = open(dir.path(), newer, Lsn(1)).await.expect("open");
+        wal.append(KIND, b"", b"x").await.expect("append");
+        wal.close().await.expect("close");
+        drop(wal);
+        let old = open(dir.path(), WalConfig::default(), Lsn(1)).await;
+        assert!(
+            matches!(
+                old,
+                Err(Error::StaleEpoch {
+                    configured: Epoch(1),
+                    in_log: Epoch(5)
+                })
+            ),
+            "{:?}",
+            old.err()
+        );
+        // A yet newer epoch opens and starts a fresh segment stamped with it.
+        let (wal, _, _) = open(
+            dir.path(),
+            WalConfig {
+                epoch: Epoch(6),
+                ..WalConfig::default()
+            },
+            Lsn(1),
+        )
+        .await
+        .expect("newer epoch opens");
+        assert_eq!(wal.append(KIND, b"", b"y").await.expect("append"), Lsn(2));
+        wal.close().await.expect("close");
+        let names = segment_files(dir.path());
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert_eq!(parse_segment_name(&names[1]), Some((0, Epoch(6), Lsn(2))));
+    });
+}
+
+#[test]
+fn oversized_records_and_tenant_tags_are_rejected_before_logging() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    run_local(async {
+        let (wal, _, _) = open(dir.path(), small_segments(), Lsn(1))
+            .await
+            .expect("open");
+        let big = vec![0u8; 16 * 1024];
+        assert!(matches!(
+            wal.append(KIND, b"", &big).await,
+            Err(Error::RecordTooLarge { .. })
+        ));
+        assert!(matches!(
+            wal.append(KIND, &[b'a'; 65], b"").await,
+            Err(Error::TenantTooLong { .. })
+        ));
+        assert_eq!(wal.append(KIND, b"", b"ok").await.expect("append"), Lsn(1));
+    });
+}
+
+#[test]
+fn invalid_configurations_are_refused_with_the_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    run_local(async {
+        let bad = WalConfig {
+            segment_bytes: 10_000,
+            ..WalConfig::default()
+        };
+        let err = open(dir.path(), bad, Lsn(1)).await.err().expect("refused");
+        assert!(
+            matches!(&err, Error::Config(m) if m.contains("segment size")),
+            "{err}"
+        );
+        let bad = WalConfig {
+            segment_bytes: 64 * 1024,
+            max_group_bytes: 64 * 1024,
+            ..WalConfig::default()
+        };
+        let err = open(dir.path(), bad, Lsn(1)).await.err().expect("refused");
+        assert!(
+            matches!(&err, Error::Config(m) if m.contains("max group bytes")),
+            "{err}"
+        );
+    });
+}
