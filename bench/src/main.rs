@@ -1,0 +1,28 @@
+//! `oc-bench`: measures oc against baselines run in the same process, on the same
+//! file system, in the same minute. Each subcommand writes JSON and prints a Markdown
+//! table; numbers are quoted as ratios to the baseline because this machine is shared.
+
+mod latency;
+mod raw_disk;
+mod wal;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "oc-bench", version, about = "Benchmarks for oc against raw-disk baselines")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The write-ahead log against raw O_DIRECT writes and write+fdatasync.
+    Wal(wal::WalArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Wal(args) => wal::run(args),
+    }
+}

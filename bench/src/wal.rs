@@ -1,0 +1,305 @@
+//! `oc-bench wal`: the write-ahead log against the raw disk, in one run.
+//!
+//! Phases (each `--seconds` long, after a short warm-up that is not counted):
+//! 1. raw sequential 1 MiB O_DIRECT writes, queue depth 1 and 8;
+//! 2. raw 1 MiB and 4 KiB write + fdatasync, one at a time (linked in one submission);
+//! 3. WAL large-record appends (256 KiB records, 8 appenders: every group ~1 MiB);
+//! 4. WAL durable 256-byte appends at each concurrency.
+
+use std::cell::{Cell, RefCell};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use hdrhistogram::Histogram;
+use oc_io::{DmaStorage, Lsn, RecordKind, Wal, WalConfig};
+use serde::Serialize;
+
+use crate::latency::{histogram, Percentiles};
+use crate::raw_disk;
+
+const KIND: RecordKind = RecordKind(1);
+const RAW_FILE_BYTES: u64 = 512 << 20;
+const SMALL_RECORD_BYTES: usize = 256;
+const LARGE_RECORD_BYTES: usize = 256 * 1024 - 64;
+const LARGE_RECORD_WRITERS: usize = 8;
+
+#[derive(clap::Args)]
+pub struct WalArgs {
+    /// Directory on the file system to measure (not tmpfs: it ignores O_DIRECT).
+    #[arg(long)]
+    dir: PathBuf,
+    /// Seconds per measured phase.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Where to write the JSON results.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Appender concurrencies for the small-record phase.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
+    concurrency: Vec<usize>,
+}
+
+#[derive(Serialize)]
+struct ConcurrencyResult {
+    concurrency: usize,
+    appends_per_s: f64,
+    lag_p50_us: u64,
+    lag_p99_us: u64,
+    lag_p999_us: u64,
+    lag_max_us: u64,
+    frames_per_group: f64,
+    /// appends/s divided by the raw disk's write+fdatasync/s.
+    ratio_to_raw_fsync: f64,
+}
+
+#[derive(Serialize)]
+struct WalReport {
+    machine: Machine,
+    seconds_per_phase: f64,
+    raw_seq_mb_s: f64,
+    raw_seq_qd1_mb_s: f64,
+    /// 1 MiB O_DIRECT write + fdatasync, one at a time: the ceiling for durable
+    /// sequential appends on this disk.
+    raw_durable_seq_mb_s: f64,
+    wal_seq_mb_s: f64,
+    raw_fsync_per_s: f64,
+    raw_fsync_p50_us: u64,
+    raw_fsync_p99_us: u64,
+    raw_fsync_p999_us: u64,
+    small_appends: Vec<ConcurrencyResult>,
+}
+
+#[derive(Serialize)]
+struct Machine {
+    cores: usize,
+    kernel: String,
+    file_system: String,
+}
+
+fn machine(dir: &Path) -> Machine {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    Machine {
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        kernel,
+        file_system: file_system_of(dir),
+    }
+}
+
+/// The file system type of the mount holding `dir`, from /proc/self/mounts.
+fn file_system_of(dir: &Path) -> String {
+    let Ok(dir) = dir.canonicalize() else {
+        return "unknown".into();
+    };
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, point, fs) = (f.next()?, f.next()?, f.next()?);
+            dir.starts_with(point).then(|| (point.len(), fs.to_string()))
+        })
+        .max()
+        .map_or_else(|| "unknown".into(), |(_, fs)| fs)
+}
+
+pub fn run(args: WalArgs) -> Result<()> {
+    std::fs::create_dir_all(&args.dir).with_context(|| format!("creating {}", args.dir.display()))?;
+    let phase = Duration::from_secs_f64(args.seconds);
+    let warmup = Duration::from_millis(500);
+
+    eprintln!("raw disk: zero-filling a {} MiB file", RAW_FILE_BYTES >> 20);
+    let raw_path = args.dir.join("raw-baseline.dat");
+    let raw = raw_disk::zero_filled_file(&raw_path, RAW_FILE_BYTES)?;
+    raw_disk::sequential_write_mb_s(&raw, RAW_FILE_BYTES, 1 << 20, 8, warmup)?;
+    let raw_seq_mb_s = raw_disk::sequential_write_mb_s(&raw, RAW_FILE_BYTES, 1 << 20, 8, phase)?;
+    eprintln!("raw sequential 1 MiB, depth 8: {raw_seq_mb_s:.0} MB/s");
+    let raw_seq_qd1_mb_s = raw_disk::sequential_write_mb_s(&raw, RAW_FILE_BYTES, 1 << 20, 1, phase)?;
+    eprintln!("raw sequential 1 MiB, depth 1: {raw_seq_qd1_mb_s:.0} MB/s");
+    raw_disk::write_fdatasync(&raw, RAW_FILE_BYTES, 4096, warmup)?;
+    let (raw_fsync_per_s, raw_hist) = raw_disk::write_fdatasync(&raw, RAW_FILE_BYTES, 4096, phase)?;
+    let raw_fsync = Percentiles::of(&raw_hist);
+    eprintln!(
+        "raw 4 KiB write+fdatasync: {raw_fsync_per_s:.0}/s, p50 {} µs, p99 {} µs, p999 {} µs",
+        raw_fsync.p50_us, raw_fsync.p99_us, raw_fsync.p999_us
+    );
+    let (durable_per_s, _) = raw_disk::write_fdatasync(&raw, RAW_FILE_BYTES, 1 << 20, phase)?;
+    let raw_durable_seq_mb_s = durable_per_s * (1 << 20) as f64 / 1e6;
+    eprintln!("raw 1 MiB write+fdatasync: {raw_durable_seq_mb_s:.0} MB/s");
+    drop(raw);
+    std::fs::remove_file(&raw_path).context("removing the raw baseline file")?;
+
+    let dir = args.dir.clone();
+    let concurrency = args.concurrency.clone();
+    let (wal_seq_mb_s, small) = oc_io::executor::run_local(async move {
+        let seq = wal_phase(&dir.join("wal-seq"), LARGE_RECORD_WRITERS, LARGE_RECORD_BYTES, warmup, phase).await?;
+        let wal_seq_mb_s = seq.appends as f64 * LARGE_RECORD_BYTES as f64 / seq.elapsed.as_secs_f64() / 1e6;
+        eprintln!("WAL {} KiB records: {wal_seq_mb_s:.0} MB/s", LARGE_RECORD_BYTES >> 10);
+        let mut small = Vec::new();
+        for c in concurrency {
+            let r = wal_phase(&dir.join(format!("wal-c{c}")), c, SMALL_RECORD_BYTES, warmup, phase).await?;
+            small.push((c, r));
+        }
+        Ok::<_, anyhow::Error>((wal_seq_mb_s, small))
+    })?;
+
+    let small_appends: Vec<ConcurrencyResult> = small
+        .into_iter()
+        .map(|(c, r)| {
+            let lag = Percentiles::of(&r.latency);
+            let appends_per_s = r.appends as f64 / r.elapsed.as_secs_f64();
+            ConcurrencyResult {
+                concurrency: c,
+                appends_per_s,
+                lag_p50_us: lag.p50_us,
+                lag_p99_us: lag.p99_us,
+                lag_p999_us: lag.p999_us,
+                lag_max_us: lag.max_us,
+                frames_per_group: r.frames_per_group,
+                ratio_to_raw_fsync: appends_per_s / raw_fsync_per_s,
+            }
+        })
+        .collect();
+    let report = WalReport {
+        machine: machine(&args.dir),
+        seconds_per_phase: args.seconds,
+        raw_seq_mb_s,
+        raw_seq_qd1_mb_s,
+        raw_durable_seq_mb_s,
+        wal_seq_mb_s,
+        raw_fsync_per_s,
+        raw_fsync_p50_us: raw_fsync.p50_us,
+        raw_fsync_p99_us: raw_fsync.p99_us,
+        raw_fsync_p999_us: raw_fsync.p999_us,
+        small_appends,
+    };
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
+    }
+    print!("{}", markdown(&report));
+    Ok(())
+}
+
+struct PhaseResult {
+    appends: u64,
+    elapsed: Duration,
+    latency: Histogram<u64>,
+    frames_per_group: f64,
+}
+
+/// Runs `writers` tasks appending `record_bytes` records to a fresh WAL in `dir`.
+async fn wal_phase(dir: &Path, writers: usize, record_bytes: usize, warmup: Duration, phase: Duration) -> Result<PhaseResult> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
+    }
+    let storage = DmaStorage::open(dir).await?;
+    let (wal, _) = Wal::open(storage, WalConfig::default(), Lsn(1), |_| Ok(())).await?;
+    let wal = Rc::new(wal);
+    let payload: Rc<[u8]> = vec![0xC3; record_bytes].into();
+
+    let run = |duration: Duration, progress: bool| {
+        let wal = wal.clone();
+        let payload = payload.clone();
+        async move {
+            let stop = Rc::new(Cell::new(false));
+            let latency = Rc::new(RefCell::new(histogram()));
+            let count = Rc::new(Cell::new(0u64));
+            let started = Instant::now();
+            let mut tasks = Vec::new();
+            for _ in 0..writers {
+                let (wal, payload, stop, latency, count) =
+                    (wal.clone(), payload.clone(), stop.clone(), latency.clone(), count.clone());
+                tasks.push(glommio::spawn_local(async move {
+                    while !stop.get() {
+                        let began = Instant::now();
+                        wal.append(KIND, b"bench", &payload).await?;
+                        latency.borrow_mut().saturating_record(began.elapsed().as_micros() as u64);
+                        count.set(count.get() + 1);
+                    }
+                    Ok::<(), oc_io::Error>(())
+                }));
+            }
+            let mut last = 0;
+            let mut ticks = 0u64;
+            while started.elapsed() < duration {
+                glommio::timer::sleep(Duration::from_secs(1).min(duration)).await;
+                ticks += 1;
+                if progress {
+                    let now = count.get();
+                    let p99 = latency.borrow().value_at_quantile(0.99);
+                    eprintln!("  [{writers:>3} writers, {ticks:>3}s] {:>8} appends/s, p99 so far {p99} µs", now - last);
+                    last = now;
+                }
+            }
+            stop.set(true);
+            for t in tasks {
+                t.await?;
+            }
+            let elapsed = started.elapsed();
+            let latency = latency.borrow().clone();
+            Ok::<_, oc_io::Error>((count.get(), elapsed, latency))
+        }
+    };
+    run(warmup, false).await?;
+    let before = wal.stats();
+    let (appends, elapsed, latency) = run(phase, true).await?;
+    let after = wal.stats();
+    wal.close().await?;
+    drop(wal);
+    std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+    let groups = (after.groups - before.groups).max(1);
+    Ok(PhaseResult {
+        appends,
+        elapsed,
+        latency,
+        frames_per_group: (after.appends - before.appends) as f64 / groups as f64,
+    })
+}
+
+fn markdown(r: &WalReport) -> String {
+    let mut out = String::new();
+    out += &format!(
+        "Machine: {} cores, kernel {}, {} — {} s per phase\n\n",
+        r.machine.cores, r.machine.kernel, r.machine.file_system, r.seconds_per_phase
+    );
+    out += "| sequential bandwidth | MB/s | ratio to raw depth 8 |\n|---|---:|---:|\n";
+    out += &format!("| raw O_DIRECT 1 MiB writes, depth 8 | {:.0} | 1.00 |\n", r.raw_seq_mb_s);
+    out += &format!(
+        "| raw O_DIRECT 1 MiB writes, depth 1 | {:.0} | {:.2} |\n",
+        r.raw_seq_qd1_mb_s,
+        r.raw_seq_qd1_mb_s / r.raw_seq_mb_s
+    );
+    out += &format!(
+        "| raw O_DIRECT 1 MiB write + fdatasync, one at a time | {:.0} | {:.2} |\n",
+        r.raw_durable_seq_mb_s,
+        r.raw_durable_seq_mb_s / r.raw_seq_mb_s
+    );
+    out += &format!(
+        "| WAL 256 KiB records, durable (1 MiB groups) | {:.0} | {:.2} ({:.2} of durable raw) |\n\n",
+        r.wal_seq_mb_s,
+        r.wal_seq_mb_s / r.raw_seq_mb_s,
+        r.wal_seq_mb_s / r.raw_durable_seq_mb_s
+    );
+    out += "| durable small writes | ops/s | × raw fsync/s | p50 µs | p99 µs | p999 µs | frames/group |\n";
+    out += "|---|---:|---:|---:|---:|---:|---:|\n";
+    out += &format!(
+        "| raw 4 KiB write + fdatasync | {:.0} | 1.0 | {} | {} | {} | 1 |\n",
+        r.raw_fsync_per_s, r.raw_fsync_p50_us, r.raw_fsync_p99_us, r.raw_fsync_p999_us
+    );
+    for c in &r.small_appends {
+        out += &format!(
+            "| WAL 256 B appends, {} appenders | {:.0} | {:.1} | {} | {} | {} | {:.1} |\n",
+            c.concurrency,
+            c.appends_per_s,
+            c.ratio_to_raw_fsync,
+            c.lag_p50_us,
+            c.lag_p99_us,
+            c.lag_p999_us,
+            c.frames_per_group
+        );
+    }
+    out
+}
