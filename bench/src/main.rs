@@ -9,7 +9,11 @@ mod wal;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "oc-bench", version, about = "Benchmarks for oc against raw-disk baselines")]
+#[command(
+    name = "oc-bench",
+    version,
+    about = "Benchmarks for oc against raw-disk baselines"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -31,7 +31,8 @@ pub fn zero_filled_file(path: &Path, bytes: u64) -> Result<File> {
     let zeroes = AlignedBuf::zeroed(MIB);
     let mut at = 0;
     while at < bytes {
-        file.write_all_at(zeroes.as_bytes(), at).context("zero-filling")?;
+        file.write_all_at(zeroes.as_bytes(), at)
+            .context("zero-filling")?;
         at += MIB as u64;
     }
     file.sync_all().context("syncing the zero-filled file")?;
@@ -40,7 +41,13 @@ pub fn zero_filled_file(path: &Path, bytes: u64) -> Result<File> {
 
 /// Sequential O_DIRECT writes of `block` bytes with `depth` in flight, wrapping
 /// around in the file, for `duration`. Returns MB/s (10^6 bytes per second).
-pub fn sequential_write_mb_s(file: &File, file_bytes: u64, block: usize, depth: usize, duration: Duration) -> Result<f64> {
+pub fn sequential_write_mb_s(
+    file: &File,
+    file_bytes: u64,
+    block: usize,
+    depth: usize,
+    duration: Duration,
+) -> Result<f64> {
     let mut ring = IoUring::new((depth * 2) as u32).context("creating an io_uring")?;
     let mut buffers: Vec<AlignedBuf> = (0..depth).map(|_| AlignedBuf::zeroed(block)).collect();
     for (i, b) in buffers.iter_mut().enumerate() {
@@ -84,7 +91,12 @@ pub fn sequential_write_mb_s(file: &File, file_bytes: u64, block: usize, depth: 
 
 /// One `block`-byte O_DIRECT write linked to an `fdatasync`, one pair at a time, at
 /// sequential offsets, for `duration`. Returns (operations per second, latency µs).
-pub fn write_fdatasync(file: &File, file_bytes: u64, block: usize, duration: Duration) -> Result<(f64, Histogram<u64>)> {
+pub fn write_fdatasync(
+    file: &File,
+    file_bytes: u64,
+    block: usize,
+    duration: Duration,
+) -> Result<(f64, Histogram<u64>)> {
     let mut ring = IoUring::new(4).context("creating an io_uring")?;
     let mut buf = AlignedBuf::zeroed(block);
     buf.as_bytes_mut().fill(0x5A);
@@ -113,7 +125,11 @@ pub fn write_fdatasync(file: &File, file_bytes: u64, block: usize, duration: Dur
         }
         ring.submit_and_wait(2).context("io_uring submit")?;
         for cqe in ring.completion() {
-            let expected = if cqe.user_data() == 1 { block as i32 } else { 0 };
+            let expected = if cqe.user_data() == 1 {
+                block as i32
+            } else {
+                0
+            };
             if cqe.result() != expected {
                 bail!("raw write/fdatasync returned {}", cqe.result());
             }

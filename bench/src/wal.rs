@@ -100,14 +100,16 @@ fn file_system_of(dir: &Path) -> String {
         .filter_map(|l| {
             let mut f = l.split_whitespace();
             let (_, point, fs) = (f.next()?, f.next()?, f.next()?);
-            dir.starts_with(point).then(|| (point.len(), fs.to_string()))
+            dir.starts_with(point)
+                .then(|| (point.len(), fs.to_string()))
         })
         .max()
         .map_or_else(|| "unknown".into(), |(_, fs)| fs)
 }
 
 pub fn run(args: WalArgs) -> Result<()> {
-    std::fs::create_dir_all(&args.dir).with_context(|| format!("creating {}", args.dir.display()))?;
+    std::fs::create_dir_all(&args.dir)
+        .with_context(|| format!("creating {}", args.dir.display()))?;
     let phase = Duration::from_secs_f64(args.seconds);
     let warmup = Duration::from_millis(500);
 
@@ -117,7 +119,8 @@ pub fn run(args: WalArgs) -> Result<()> {
     raw_disk::sequential_write_mb_s(&raw, RAW_FILE_BYTES, 1 << 20, 8, warmup)?;
     let raw_seq_mb_s = raw_disk::sequential_write_mb_s(&raw, RAW_FILE_BYTES, 1 << 20, 8, phase)?;
     eprintln!("raw sequential 1 MiB, depth 8: {raw_seq_mb_s:.0} MB/s");
-    let raw_seq_qd1_mb_s = raw_disk::sequential_write_mb_s(&raw, RAW_FILE_BYTES, 1 << 20, 1, phase)?;
+    let raw_seq_qd1_mb_s =
+        raw_disk::sequential_write_mb_s(&raw, RAW_FILE_BYTES, 1 << 20, 1, phase)?;
     eprintln!("raw sequential 1 MiB, depth 1: {raw_seq_qd1_mb_s:.0} MB/s");
     raw_disk::write_fdatasync(&raw, RAW_FILE_BYTES, 4096, warmup)?;
     let (raw_fsync_per_s, raw_hist) = raw_disk::write_fdatasync(&raw, RAW_FILE_BYTES, 4096, phase)?;
@@ -135,12 +138,30 @@ pub fn run(args: WalArgs) -> Result<()> {
     let dir = args.dir.clone();
     let concurrency = args.concurrency.clone();
     let (wal_seq_mb_s, small) = oc_io::executor::run_local(async move {
-        let seq = wal_phase(&dir.join("wal-seq"), LARGE_RECORD_WRITERS, LARGE_RECORD_BYTES, warmup, phase).await?;
-        let wal_seq_mb_s = seq.appends as f64 * LARGE_RECORD_BYTES as f64 / seq.elapsed.as_secs_f64() / 1e6;
-        eprintln!("WAL {} KiB records: {wal_seq_mb_s:.0} MB/s", LARGE_RECORD_BYTES >> 10);
+        let seq = wal_phase(
+            &dir.join("wal-seq"),
+            LARGE_RECORD_WRITERS,
+            LARGE_RECORD_BYTES,
+            warmup,
+            phase,
+        )
+        .await?;
+        let wal_seq_mb_s =
+            seq.appends as f64 * LARGE_RECORD_BYTES as f64 / seq.elapsed.as_secs_f64() / 1e6;
+        eprintln!(
+            "WAL {} KiB records: {wal_seq_mb_s:.0} MB/s",
+            LARGE_RECORD_BYTES >> 10
+        );
         let mut small = Vec::new();
         for c in concurrency {
-            let r = wal_phase(&dir.join(format!("wal-c{c}")), c, SMALL_RECORD_BYTES, warmup, phase).await?;
+            let r = wal_phase(
+                &dir.join(format!("wal-c{c}")),
+                c,
+                SMALL_RECORD_BYTES,
+                warmup,
+                phase,
+            )
+            .await?;
             small.push((c, r));
         }
         Ok::<_, anyhow::Error>((wal_seq_mb_s, small))
@@ -177,7 +198,8 @@ pub fn run(args: WalArgs) -> Result<()> {
         small_appends,
     };
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     print!("{}", markdown(&report));
     Ok(())
@@ -191,7 +213,13 @@ struct PhaseResult {
 }
 
 /// Runs `writers` tasks appending `record_bytes` records to a fresh WAL in `dir`.
-async fn wal_phase(dir: &Path, writers: usize, record_bytes: usize, warmup: Duration, phase: Duration) -> Result<PhaseResult> {
+async fn wal_phase(
+    dir: &Path,
+    writers: usize,
+    record_bytes: usize,
+    warmup: Duration,
+    phase: Duration,
+) -> Result<PhaseResult> {
     if dir.exists() {
         std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
     }
@@ -210,13 +238,20 @@ async fn wal_phase(dir: &Path, writers: usize, record_bytes: usize, warmup: Dura
             let started = Instant::now();
             let mut tasks = Vec::new();
             for _ in 0..writers {
-                let (wal, payload, stop, latency, count) =
-                    (wal.clone(), payload.clone(), stop.clone(), latency.clone(), count.clone());
+                let (wal, payload, stop, latency, count) = (
+                    wal.clone(),
+                    payload.clone(),
+                    stop.clone(),
+                    latency.clone(),
+                    count.clone(),
+                );
                 tasks.push(glommio::spawn_local(async move {
                     while !stop.get() {
                         let began = Instant::now();
                         wal.append(KIND, b"bench", &payload).await?;
-                        latency.borrow_mut().saturating_record(began.elapsed().as_micros() as u64);
+                        latency
+                            .borrow_mut()
+                            .saturating_record(began.elapsed().as_micros() as u64);
                         count.set(count.get() + 1);
                     }
                     Ok::<(), oc_io::Error>(())
@@ -266,7 +301,10 @@ fn markdown(r: &WalReport) -> String {
         r.machine.cores, r.machine.kernel, r.machine.file_system, r.seconds_per_phase
     );
     out += "| sequential bandwidth | MB/s | ratio to raw depth 8 |\n|---|---:|---:|\n";
-    out += &format!("| raw O_DIRECT 1 MiB writes, depth 8 | {:.0} | 1.00 |\n", r.raw_seq_mb_s);
+    out += &format!(
+        "| raw O_DIRECT 1 MiB writes, depth 8 | {:.0} | 1.00 |\n",
+        r.raw_seq_mb_s
+    );
     out += &format!(
         "| raw O_DIRECT 1 MiB writes, depth 1 | {:.0} | {:.2} |\n",
         r.raw_seq_qd1_mb_s,

@@ -9,6 +9,7 @@
 pub mod buffer;
 pub mod error;
 pub mod executor;
+pub mod fuzz_entry;
 pub mod probe;
 pub mod storage;
 pub mod wal;

@@ -21,7 +21,9 @@ use hdrhistogram::Histogram;
 
 use super::frame::{stamp, Lsn, TimestampMicros};
 use super::recovery::{ActiveSegment, SegmentInfo};
-use super::segment::{segment_name, SegmentFooter, SegmentHeader, DATA_START, SPARE_SEGMENT_NAME};
+use super::segment::{
+    segment_name, SegmentFooter, SegmentHeader, DATA_START, SPARE_PARTIAL_NAME, SPARE_READY_NAME,
+};
 use super::WalConfig;
 use crate::buffer::{align_up, IoBuffer, BLOCK_SIZE};
 use crate::error::{Error, Result};
@@ -457,7 +459,7 @@ impl<S: Storage> Writer<S> {
         };
         let name = segment_name(config.shard, config.epoch, self.next_lsn);
         let opened = async {
-            storage.rename(SPARE_SEGMENT_NAME, &name).await?;
+            storage.rename(SPARE_READY_NAME, &name).await?;
             let file = storage.open(&name).await?;
             // The header is durable before any frame: recovery relies on it.
             let mut buf = storage.alloc_buffer(BLOCK_SIZE);
@@ -535,18 +537,22 @@ pub(crate) async fn run_preparer<S: Storage>(shared: Rc<Shared<S>>) {
         }
         let storage = &shared.storage;
         let created = async {
-            // A spare left by a failed attempt is removed before trying again.
+            // A spare left half-made by a failed attempt is removed before trying again.
             if storage
                 .list()
                 .await?
                 .iter()
-                .any(|n| n == SPARE_SEGMENT_NAME)
+                .any(|n| n == SPARE_PARTIAL_NAME)
             {
-                storage.remove(SPARE_SEGMENT_NAME).await?;
+                storage.remove(SPARE_PARTIAL_NAME).await?;
             }
-            storage
-                .create_zeroed(SPARE_SEGMENT_NAME, shared.config.segment_bytes)
-                .await
+            let file = storage
+                .create_zeroed(SPARE_PARTIAL_NAME, shared.config.segment_bytes)
+                .await?;
+            // Renamed only once every byte is zero and synced, so a `.ready` spare found
+            // at start can be used as is.
+            storage.rename(SPARE_PARTIAL_NAME, SPARE_READY_NAME).await?;
+            Ok::<_, Error>(file)
         };
         let spare = match created.await {
             Ok(file) => Spare::Ready(file),

@@ -128,7 +128,7 @@ impl<S: Storage> Wal<S> {
                 preparer_waker: None,
                 space_waiters: Vec::new(),
                 close_waiters: Vec::new(),
-                spare: Spare::Wanted,
+                spare: resume.spare.map_or(Spare::Wanted, Spare::Ready),
                 segments: resume.segments,
                 durable_lsn,
             }),

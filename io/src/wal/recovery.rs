@@ -14,7 +14,9 @@
 
 use super::frame::{Epoch, Frame, Lsn, TimestampMicros};
 use super::scan::{scan_segment, ScanEnd};
-use super::segment::{parse_segment_name, SegmentHeader, DATA_START, SPARE_SEGMENT_NAME};
+use super::segment::{
+    parse_segment_name, SegmentHeader, DATA_START, SPARE_PARTIAL_NAME, SPARE_READY_NAME,
+};
 use super::WalConfig;
 use crate::buffer::{align_down, align_up, IoBuffer, BLOCK_SIZE};
 use crate::error::{Error, Result};
@@ -70,6 +72,8 @@ pub(crate) struct Resume<F> {
     pub active: Option<ActiveSegment<F>>,
     pub next_lsn: Lsn,
     pub last_commit_ts: TimestampMicros,
+    /// A zero-filled spare segment left by the previous run.
+    pub spare: Option<F>,
 }
 
 /// The segment the writer appends to.
@@ -143,8 +147,18 @@ pub(crate) async fn recover<S: Storage>(
 ) -> Result<(RecoveryReport, Resume<S::File>)> {
     let mut report = RecoveryReport::default();
     let mut names = Vec::new();
+    let mut spare = None;
     for name in storage.list().await? {
-        if name == SPARE_SEGMENT_NAME {
+        if name == SPARE_READY_NAME {
+            let file = storage.open(&name).await?;
+            if file.len().await? == config.segment_bytes {
+                spare = Some(file);
+                continue;
+            }
+            drop(file);
+            storage.remove(&name).await?;
+            report.removed.push(name);
+        } else if name == SPARE_PARTIAL_NAME {
             storage.remove(&name).await?;
             report.removed.push(name);
         } else if let Some((shard, epoch, first_lsn)) = parse_segment_name(&name) {
@@ -372,6 +386,7 @@ pub(crate) async fn recover<S: Storage>(
             active,
             next_lsn,
             last_commit_ts,
+            spare,
         },
     ))
 }

@@ -183,7 +183,12 @@ fn check_footer(bytes: &[u8], scan: &SegmentScan, footer: SegmentFooter) -> Scan
             footer.data_end, scan.valid_end
         ));
     }
-    let data = &bytes[DATA_START as usize..footer.data_end as usize];
+    let Some(data) = bytes.get(DATA_START as usize..footer.data_end as usize) else {
+        return corrupt(format!(
+            "footer data end {} lies outside the file",
+            footer.data_end
+        ));
+    };
     let crc = crc32c::crc32c(data);
     if crc != footer.data_crc {
         return corrupt(format!(

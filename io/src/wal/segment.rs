@@ -225,8 +225,10 @@ pub fn parse_segment_name(name: &str) -> Option<(u32, Epoch, Lsn)> {
     ))
 }
 
-/// Name of the zero-filled file prepared for the next segment.
-pub const SPARE_SEGMENT_NAME: &str = "wal-spare.tmp";
+/// Name of the next segment's file while it is being zero-filled (removed at start).
+pub const SPARE_PARTIAL_NAME: &str = "wal-spare.tmp";
+/// Name of the next segment's file once it is wholly zeroed and synced (kept at start).
+pub const SPARE_READY_NAME: &str = "wal-spare.ready";
 
 #[cfg(test)]
 mod tests {
@@ -291,6 +293,7 @@ mod tests {
         assert!(a < b && b < c);
         assert_eq!(parse_segment_name(&c), Some((1, Epoch(2), Lsn(0x1_0000))));
         assert_eq!(parse_segment_name("wal-0001-x.seg"), None);
-        assert_eq!(parse_segment_name(SPARE_SEGMENT_NAME), None);
+        assert_eq!(parse_segment_name(SPARE_PARTIAL_NAME), None);
+        assert_eq!(parse_segment_name(SPARE_READY_NAME), None);
     }
 }
