@@ -18,8 +18,8 @@ def frame_v1(lsn, ts, epoch, group_index, kind, tenant: bytes, payload: bytes) -
     crc = crc32c(struct.pack("<I", length) + rest)
     return struct.pack("<II", length, crc) + rest
 
-def segment_header_v1(shard, epoch, first_lsn, capacity, created) -> bytes:
-    body = b"OCWALSEG" + struct.pack("<IIIIQQQQ", 1, 4096, shard, 0, epoch, first_lsn, capacity, created)
+def segment_header_v1(shard, max_group, epoch, first_lsn, capacity, created) -> bytes:
+    body = b"OCWALSEG" + struct.pack("<IIIIQQQQ", 1, 4096, shard, max_group, epoch, first_lsn, capacity, created)
     return body + struct.pack("<I", crc32c(body))
 
 def hexdump(b: bytes) -> str:
@@ -29,4 +29,4 @@ assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
 with open("io/tests/fixtures/frame_v1.hex", "w") as f:
     f.write(hexdump(frame_v1(7, 1_700_000_000_000_000, 3, 2, 0x0102, b"acme", b"hello, wal")))
 with open("io/tests/fixtures/segment_header_v1.hex", "w") as f:
-    f.write(hexdump(segment_header_v1(3, 2, 1000, 1 << 20, 1_700_000_000_000_000)))
+    f.write(hexdump(segment_header_v1(3, 1 << 16, 2, 1000, 1 << 20, 1_700_000_000_000_000)))

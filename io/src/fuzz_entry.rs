@@ -25,6 +25,7 @@ pub fn wal_frame(bytes: &[u8]) {
 pub fn wal_segment(bytes: &[u8]) {
     let header = SegmentHeader::decode(bytes).unwrap_or(SegmentHeader {
         shard: 0,
+        max_group_bytes: 1 << 20,
         epoch: Epoch(1),
         first_lsn: Lsn(1),
         capacity_bytes: align_up(bytes.len() as u64).max(MIN_SEGMENT_BYTES),

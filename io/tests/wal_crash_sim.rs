@@ -43,20 +43,21 @@ async fn recover_all(
     storage: &SimStorage,
     config: WalConfig,
 ) -> (Wal<SimStorage>, BTreeMap<u64, Vec<u8>>) {
-    let (wal, frames, _) = recover_with_report(storage, config).await;
+    let (wal, frames, _) = recover_with_report(storage, config, Lsn(1)).await;
     (wal, frames)
 }
 
 async fn recover_with_report(
     storage: &SimStorage,
     config: WalConfig,
+    replay_from: Lsn,
 ) -> (
     Wal<SimStorage>,
     BTreeMap<u64, Vec<u8>>,
     oc_io::RecoveryReport,
 ) {
     let mut frames = BTreeMap::new();
-    let (wal, report) = Wal::open(storage.clone(), config, Lsn(1), |f| {
+    let (wal, report) = Wal::open(storage.clone(), config, replay_from, |f| {
         frames.insert(f.lsn.0, f.payload.to_vec());
         Ok(())
     })
@@ -72,6 +73,7 @@ struct RunOutcome {
     recovered_last: u64,
     trace: u64,
     torn_tail_cut: bool,
+    recycled: bool,
 }
 
 async fn run_seed(seed: u64) -> RunOutcome {
@@ -90,7 +92,7 @@ async fn run_seed(seed: u64) -> RunOutcome {
     let wal = match opened {
         Ok((wal, _)) => Rc::new(wal),
         Err(Error::SimulatedCrash) => {
-            return finish(seed, &mut rng, storage, acked, attempted).await
+            return finish(seed, &mut rng, storage, acked, attempted, Lsn(1)).await
         }
         Err(e) => panic!("seed {seed}: first open failed: {e}"),
     };
@@ -116,18 +118,46 @@ async fn run_seed(seed: u64) -> RunOutcome {
             }
         }));
     }
+    // Checkpoints release old segments (recycling one): below half the durable LSN.
+    let writers_done = Rc::new(std::cell::Cell::new(false));
+    let released_to = Rc::new(std::cell::Cell::new(Lsn(1)));
+    let releaser = {
+        let (wal, writers_done, released_to) =
+            (wal.clone(), writers_done.clone(), released_to.clone());
+        let pause = 5 + rng.below(40);
+        glommio::spawn_local(async move {
+            while !writers_done.get() {
+                for _ in 0..pause {
+                    futures_lite::future::yield_now().await;
+                }
+                let bound = Lsn(wal.durable_lsn().0 / 2 + 1);
+                if bound > released_to.get() {
+                    // Counted before the call: a crash may leave a release half done.
+                    released_to.set(bound);
+                    if wal.release_before(bound).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        })
+    };
     let all = async {
         for t in tasks {
             t.await;
         }
+        writers_done.set(true);
+        releaser.await;
     };
     let deadline = async {
         glommio::timer::sleep(Duration::from_secs(20)).await;
         panic!("seed {seed}: the run hung");
     };
     futures_lite::future::or(all, deadline).await;
+    let recycled = wal.stats().spares_recycled > 0;
     drop(wal);
-    finish(seed, &mut rng, storage, acked, attempted).await
+    let mut outcome = finish(seed, &mut rng, storage, acked, attempted, released_to.get()).await;
+    outcome.recycled = recycled;
+    outcome
 }
 
 /// Restarts the crashed machine, recovers and checks, then appends and recovers again.
@@ -137,13 +167,14 @@ async fn finish(
     storage: SimStorage,
     acked: Rc<RefCell<BTreeMap<u64, Vec<u8>>>>,
     attempted: Rc<RefCell<BTreeSet<Vec<u8>>>>,
+    replay_from: Lsn,
 ) -> RunOutcome {
     let trace = storage.trace_digest();
 
     storage.restart(SimFaults::default());
-    let (wal, recovered, report) = recover_with_report(&storage, config()).await;
+    let (wal, recovered, report) = recover_with_report(&storage, config(), replay_from).await;
     let acked = acked.borrow().clone();
-    check(seed, &acked, &attempted.borrow(), &recovered);
+    check(seed, replay_from, &acked, &attempted.borrow(), &recovered);
 
     // The repaired log must take new appends and recover once more.
     let extra = payload(rng, 99, 0);
@@ -151,7 +182,11 @@ async fn finish(
         .append(KIND, b"t", &extra)
         .await
         .expect("append after recovery");
-    let recovered_last = recovered.keys().last().copied().unwrap_or(0);
+    let recovered_last = recovered
+        .keys()
+        .last()
+        .copied()
+        .unwrap_or(replay_from.0 - 1);
     assert_eq!(
         lsn.0,
         recovered_last + 1,
@@ -159,7 +194,7 @@ async fn finish(
     );
     wal.close().await.expect("clean close");
     drop(wal);
-    let (_wal, again) = recover_all(&storage, config()).await;
+    let (_wal, again, _) = recover_with_report(&storage, config(), replay_from).await;
     assert_eq!(
         again.get(&lsn.0),
         Some(&extra),
@@ -167,7 +202,7 @@ async fn finish(
     );
     assert_eq!(
         again.len() as u64,
-        lsn.0,
+        lsn.0 - replay_from.0 + 1,
         "seed {seed}: second recovery differs"
     );
     RunOutcome {
@@ -175,16 +210,20 @@ async fn finish(
         recovered_last,
         trace,
         torn_tail_cut: report.torn_tail.is_some(),
+        recycled: false,
     }
 }
 
+/// Checks the recovered frames (those at or after `replay_from`, the oldest LSN the
+/// simulated checkpoints still needed) against what was appended and acknowledged.
 fn check(
     seed: u64,
+    replay_from: Lsn,
     acked: &BTreeMap<u64, Vec<u8>>,
     attempted: &BTreeSet<Vec<u8>>,
     recovered: &BTreeMap<u64, Vec<u8>>,
 ) {
-    for (lsn, p) in acked {
+    for (lsn, p) in acked.range(replay_from.0..) {
         assert_eq!(
             recovered.get(lsn),
             Some(p),
@@ -192,7 +231,7 @@ fn check(
         );
     }
     let lsns: Vec<u64> = recovered.keys().copied().collect();
-    let expected: Vec<u64> = (1..=lsns.len() as u64).collect();
+    let expected: Vec<u64> = (replay_from.0..replay_from.0 + lsns.len() as u64).collect();
     assert_eq!(lsns, expected, "seed {seed}: recovered LSNs have a gap");
     let mut seen = BTreeSet::new();
     for (lsn, p) in recovered {
@@ -221,7 +260,7 @@ fn seeds() -> Vec<u64> {
 #[test]
 fn crashes_at_random_points_never_lose_acknowledged_appends() {
     let seeds = seeds();
-    let (mut with_acks, mut torn, mut unacked_survived) = (0, 0, 0);
+    let (mut with_acks, mut torn, mut unacked_survived, mut recycled) = (0, 0, 0, 0);
     run_local(async {
         for &seed in &seeds {
             let mut guard = SeedGuard(Some(seed));
@@ -229,13 +268,15 @@ fn crashes_at_random_points_never_lose_acknowledged_appends() {
             guard.0 = None;
             with_acks += usize::from(!run.acked.is_empty());
             torn += usize::from(run.torn_tail_cut);
+            recycled += usize::from(run.recycled);
             let last_acked = run.acked.keys().last().copied().unwrap_or(0);
             unacked_survived += usize::from(run.recovered_last > last_acked);
         }
     });
     eprintln!(
         "{} seeds: {with_acks} with acknowledged appends, {torn} torn tails cut, \
-         {unacked_survived} where unacknowledged frames survived",
+         {unacked_survived} where unacknowledged frames survived, \
+         {recycled} that recycled a segment",
         seeds.len()
     );
     // The runs must really exercise crashes mid-write, not only clean stops.
@@ -246,6 +287,10 @@ fn crashes_at_random_points_never_lose_acknowledged_appends() {
         );
         // Most groups are one small frame in one sector, where a tear is keep-or-lose.
         assert!(torn * 50 > seeds.len(), "too few runs tore a write");
+        assert!(
+            recycled * 10 > seeds.len(),
+            "too few runs recycled a segment"
+        );
         assert!(
             unacked_survived * 20 > seeds.len(),
             "too few runs crashed with writes in flight"

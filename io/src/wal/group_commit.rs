@@ -22,7 +22,8 @@ use hdrhistogram::Histogram;
 use super::frame::{stamp, Lsn, TimestampMicros};
 use super::recovery::{ActiveSegment, SegmentInfo};
 use super::segment::{
-    segment_name, SegmentFooter, SegmentHeader, DATA_START, SPARE_PARTIAL_NAME, SPARE_READY_NAME,
+    segment_name, SegmentFooter, SegmentHeader, DATA_START, RECYCLED_NAME, SPARE_PARTIAL_NAME,
+    SPARE_READY_NAME,
 };
 use super::WalConfig;
 use crate::buffer::{align_up, IoBuffer, BLOCK_SIZE};
@@ -41,6 +42,10 @@ pub struct WalStats {
     pub syncs: u64,
     pub segments_created: u64,
     pub segments_sealed: u64,
+    /// Spares made by zero-filling a new file.
+    pub spares_zero_filled: u64,
+    /// Spares made from a released segment.
+    pub spares_recycled: u64,
     /// Append → durable, per frame, in microseconds (`oc_wal_fsync_lag_ms`).
     pub fsync_lag_us: Histogram<u64>,
     /// Write + `fdatasync` of one group, in microseconds.
@@ -62,6 +67,8 @@ impl Default for WalStats {
             syncs: 0,
             segments_created: 0,
             segments_sealed: 0,
+            spares_zero_filled: 0,
+            spares_recycled: 0,
             fsync_lag_us: hist(),
             group_write_us: hist(),
             group_frames: hist(),
@@ -151,6 +158,8 @@ pub(crate) struct State<S: Storage> {
     pub space_waiters: Vec<Waker>,
     pub close_waiters: Vec<Waker>,
     pub spare: Spare<S::File>,
+    /// A released segment waits under [`RECYCLED_NAME`] to become the next spare.
+    pub recycled: bool,
     pub segments: Vec<SegmentInfo>,
     pub durable_lsn: Lsn,
 }
@@ -222,7 +231,7 @@ impl<B: IoBuffer> Batch<B> {
     fn split_off<S: Storage<Buffer = B>>(&mut self, k: usize, storage: &S) -> Batch<B> {
         let from = self.bytes_of(k);
         let len = self.len - from;
-        let mut buf = storage.alloc_buffer(align_up(len as u64) as usize);
+        let mut buf = storage.alloc_buffer(align_up(len as u64) as usize + BLOCK_SIZE);
         buf.as_bytes_mut()[..len].copy_from_slice(&self.buf.as_bytes()[from..self.len]);
         let starts = self
             .starts
@@ -381,7 +390,16 @@ impl<S: Storage> Writer<S> {
             .expect("a batch is written into an active segment");
         let commit_ts = TimestampMicros::now().max(self.last_commit_ts);
         let padded = align_up(batch.len as u64) as usize;
+        // One zero block after the group (when the segment has room for it) marks the
+        // end of the log, whatever older bytes a recycled file holds beyond it.
+        let end_marker = if active.write_offset + (padded + BLOCK_SIZE) as u64
+            <= active.header.footer_offset()
         {
+            BLOCK_SIZE
+        } else {
+            0
+        };
+        let crc = {
             let bytes = batch.buf.as_bytes_mut();
             for (index, &start) in batch.starts.iter().enumerate() {
                 let end = batch
@@ -397,10 +415,10 @@ impl<S: Storage> Writer<S> {
                     index as u32,
                 );
             }
-            bytes[batch.len..padded].fill(0);
-        }
-        batch.buf.trim_to(padded);
-        let crc = crc32c::crc32c_append(active.data_crc, batch.buf.as_bytes());
+            bytes[batch.len..padded + end_marker].fill(0);
+            crc32c::crc32c_append(active.data_crc, &bytes[..padded])
+        };
+        batch.buf.trim_to(padded + end_marker);
         let offset = active.write_offset;
         debug_assert!(offset + padded as u64 <= active.header.footer_offset());
         active.file.write_at(batch.buf, offset).await?;
@@ -452,6 +470,7 @@ impl<S: Storage> Writer<S> {
         let storage = &self.shared.storage;
         let header = SegmentHeader {
             shard: config.shard,
+            max_group_bytes: config.max_group_bytes as u32,
             epoch: config.epoch,
             first_lsn: self.next_lsn,
             capacity_bytes: config.segment_bytes,
@@ -535,24 +554,17 @@ pub(crate) async fn run_preparer<S: Storage>(shared: Rc<Shared<S>>) {
         if !go {
             return;
         }
-        let storage = &shared.storage;
+        let recycled = std::mem::take(&mut shared.state.borrow_mut().recycled);
         let created = async {
-            // A spare left half-made by a failed attempt is removed before trying again.
-            if storage
-                .list()
-                .await?
-                .iter()
-                .any(|n| n == SPARE_PARTIAL_NAME)
-            {
-                storage.remove(SPARE_PARTIAL_NAME).await?;
+            if recycled {
+                if let Some(file) = recycle(&shared.storage, shared.config.segment_bytes).await? {
+                    shared.stats.borrow_mut().spares_recycled += 1;
+                    return Ok(file);
+                }
             }
-            let file = storage
-                .create_zeroed(SPARE_PARTIAL_NAME, shared.config.segment_bytes)
-                .await?;
-            // Renamed only once every byte is zero and synced, so a `.ready` spare found
-            // at start can be used as is.
-            storage.rename(SPARE_PARTIAL_NAME, SPARE_READY_NAME).await?;
-            Ok::<_, Error>(file)
+            let file = zero_fill(&shared.storage, shared.config.segment_bytes).await?;
+            shared.stats.borrow_mut().spares_zero_filled += 1;
+            Ok(file)
         };
         let spare = match created.await {
             Ok(file) => Spare::Ready(file),
@@ -565,4 +577,45 @@ pub(crate) async fn run_preparer<S: Storage>(shared: Rc<Shared<S>>) {
         state.spare = spare;
         wake(&mut state.writer_waker);
     }
+}
+
+/// Makes a new spare by writing zeroes over a whole file.
+async fn zero_fill<S: Storage>(storage: &S, segment_bytes: u64) -> Result<S::File> {
+    // A spare left half-made by a failed attempt is removed before trying again.
+    if storage
+        .list()
+        .await?
+        .iter()
+        .any(|n| n == SPARE_PARTIAL_NAME)
+    {
+        storage.remove(SPARE_PARTIAL_NAME).await?;
+    }
+    let file = storage
+        .create_zeroed(SPARE_PARTIAL_NAME, segment_bytes)
+        .await?;
+    // Renamed only once every byte is zero and synced, so a `.ready` spare found at
+    // start can be used as is.
+    storage.rename(SPARE_PARTIAL_NAME, SPARE_READY_NAME).await?;
+    Ok(file)
+}
+
+/// Makes a spare from a released segment: its blocks are already written (no extents
+/// to convert, no zero-fill competing with the log for the disk), so only its header
+/// and footer are cleared. Older frames stay behind the zero block that ends every
+/// group, and carry LSNs below the new segment's. None if the file has the wrong size.
+async fn recycle<S: Storage>(storage: &S, segment_bytes: u64) -> Result<Option<S::File>> {
+    let file = storage.open(RECYCLED_NAME).await?;
+    if file.len().await? != segment_bytes {
+        drop(file);
+        storage.remove(RECYCLED_NAME).await?;
+        return Ok(None);
+    }
+    for at in [0, segment_bytes - BLOCK_SIZE as u64] {
+        let mut blank = storage.alloc_buffer(BLOCK_SIZE);
+        blank.as_bytes_mut().fill(0);
+        file.write_at(blank, at).await?;
+    }
+    file.sync().await?;
+    storage.rename(RECYCLED_NAME, SPARE_READY_NAME).await?;
+    Ok(Some(file))
 }

@@ -129,6 +129,7 @@ impl<S: Storage> Wal<S> {
                 space_waiters: Vec::new(),
                 close_waiters: Vec::new(),
                 spare: resume.spare.map_or(Spare::Wanted, Spare::Ready),
+                recycled: resume.recycled,
                 segments: resume.segments,
                 durable_lsn,
             }),
@@ -249,8 +250,9 @@ impl<S: Storage> Wal<S> {
         &self.shared.config
     }
 
-    /// Removes segments whose frames all lie below `lsn` (the active segment stays).
-    /// Returns the removed names.
+    /// Releases segments whose frames all lie below `lsn` (the active segment stays):
+    /// the newest becomes the next spare (recycled), the others are removed. Returns
+    /// the released names.
     pub async fn release_before(&self, lsn: Lsn) -> Result<Vec<String>> {
         let doomed: Vec<String> = {
             let state = self.shared.state.borrow();
@@ -261,18 +263,23 @@ impl<S: Storage> Wal<S> {
                 .map(|pair| pair[0].name.clone())
                 .collect()
         };
-        if doomed.is_empty() {
+        let Some((newest, older)) = doomed.split_last() else {
             return Ok(doomed);
+        };
+        let storage = &self.shared.storage;
+        for name in older {
+            storage.remove(name).await?;
         }
-        for name in &doomed {
-            self.shared.storage.remove(name).await?;
+        let recycle = !self.shared.state.borrow().recycled;
+        if recycle {
+            storage.rename(newest, segment::RECYCLED_NAME).await?;
+        } else {
+            storage.remove(newest).await?;
         }
-        self.shared.storage.sync_dir().await?;
-        self.shared
-            .state
-            .borrow_mut()
-            .segments
-            .retain(|s| !doomed.contains(&s.name));
+        storage.sync_dir().await?;
+        let mut state = self.shared.state.borrow_mut();
+        state.segments.retain(|s| !doomed.contains(&s.name));
+        state.recycled |= recycle;
         Ok(doomed)
     }
 

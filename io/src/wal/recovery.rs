@@ -10,12 +10,14 @@
 //! - Damage followed by valid data is corruption: opening fails naming the file and the
 //!   offset, unless the operator asked to truncate there.
 //! - A last segment whose header never became durable holds no acknowledged frame (the
-//!   header is synced before any frame is written) and is removed.
+//!   header is synced before any frame is written) and is removed, even when it holds
+//!   older frames from a recycled file.
 
-use super::frame::{Epoch, Frame, Lsn, TimestampMicros};
+use super::frame::{self, Epoch, Frame, Lsn, TimestampMicros};
 use super::scan::{scan_segment, ScanEnd};
 use super::segment::{
-    parse_segment_name, SegmentHeader, DATA_START, SPARE_PARTIAL_NAME, SPARE_READY_NAME,
+    parse_segment_name, SegmentHeader, DATA_START, RECYCLED_NAME, SPARE_PARTIAL_NAME,
+    SPARE_READY_NAME,
 };
 use super::WalConfig;
 use crate::buffer::{align_down, align_up, IoBuffer, BLOCK_SIZE};
@@ -74,6 +76,8 @@ pub(crate) struct Resume<F> {
     pub last_commit_ts: TimestampMicros,
     /// A zero-filled spare segment left by the previous run.
     pub spare: Option<F>,
+    /// A released segment left by the previous run, ready to be recycled.
+    pub recycled: bool,
 }
 
 /// The segment the writer appends to.
@@ -148,7 +152,12 @@ pub(crate) async fn recover<S: Storage>(
     let mut report = RecoveryReport::default();
     let mut names = Vec::new();
     let mut spare = None;
+    let mut recycled = false;
     for name in storage.list().await? {
+        if name == RECYCLED_NAME {
+            recycled = true;
+            continue;
+        }
         if name == SPARE_READY_NAME {
             let file = storage.open(&name).await?;
             if file.len().await? == config.segment_bytes {
@@ -194,10 +203,15 @@ pub(crate) async fn recover<S: Storage>(
         let header = match SegmentHeader::decode(&bytes) {
             Ok(h) => h,
             Err(err) => {
-                let has_frames = bytes
+                // Headers are synced before any frame, so a file without one holds no
+                // acknowledged frame — unless its first block is a real group start with
+                // the LSN its name promises (then the header was damaged later). Older
+                // frames of a recycled file do not count.
+                let real_frames = bytes
                     .get(DATA_START as usize..)
-                    .is_some_and(|data| data.iter().any(|&b| b != 0));
-                if is_last && !has_frames {
+                    .and_then(|data| frame::decode(data).ok())
+                    .is_some_and(|f| f.lsn == *name_lsn && f.group_index == 0);
+                if is_last && !real_frames {
                     drop(file);
                     storage.remove(name).await?;
                     report.removed.push(name.clone());
@@ -297,46 +311,34 @@ pub(crate) async fn recover<S: Storage>(
         };
 
         let write_offset = align_up(scan.valid_end);
-        if !sealed {
-            // Everything after the last valid frame is wiped, whatever the scan saw there:
-            // a torn group can leave garbage after zeroes, and stale frames must never
-            // reappear once new groups are written over part of them. A cut for
-            // corruption also wipes the footer, making the segment active again.
-            let is_corruption = cut.as_ref().is_some_and(|c| c.2);
+        if let Some((offset, reason, is_corruption)) = cut {
+            // A torn group can only have touched its own extent: at most the header's
+            // max group bytes plus the zero block after it. A cut for corruption wipes
+            // the whole rest of the file, footer included (valid newer frames lie there).
             let limit = if is_corruption {
                 header.capacity_bytes
             } else {
-                header.footer_offset()
+                let extent = u64::from(header.max_group_bytes) + BLOCK_SIZE as u64;
+                (write_offset + extent).min(header.footer_offset())
             };
             let zeroed = zero_tail(storage, &file, &mut bytes, scan.valid_end, limit).await?;
-            let cut = match cut {
-                Some((offset, reason, is_corruption)) => Some((offset, reason, is_corruption)),
-                None if zeroed > 0 => Some((
-                    scan.valid_end,
-                    "bytes after the end of the log".to_string(),
-                    false,
-                )),
-                None => None,
+            let cut = TailCut {
+                file: name.clone(),
+                offset,
+                reason,
+                bytes_zeroed: zeroed,
             };
-            if let Some((offset, reason, is_corruption)) = cut {
-                let cut = TailCut {
-                    file: name.clone(),
-                    offset,
-                    reason,
-                    bytes_zeroed: zeroed,
-                };
-                tracing::warn!(file = %cut.file, offset, bytes_zeroed = zeroed, reason = %cut.reason, "cut the end of the write-ahead log");
-                if is_corruption {
-                    report.truncated_corruption = Some(cut);
-                    for (later, _, _) in &names[index + 1..] {
-                        storage.remove(later).await?;
-                        report.removed.push(later.clone());
-                    }
-                    storage.sync_dir().await?;
-                    index = count - 1;
-                } else {
-                    report.torn_tail = Some(cut);
+            tracing::warn!(file = %cut.file, offset, bytes_zeroed = zeroed, reason = %cut.reason, "cut the end of the write-ahead log");
+            if is_corruption {
+                report.truncated_corruption = Some(cut);
+                for (later, _, _) in &names[index + 1..] {
+                    storage.remove(later).await?;
+                    report.removed.push(later.clone());
                 }
+                storage.sync_dir().await?;
+                index = count - 1;
+            } else {
+                report.torn_tail = Some(cut);
             }
         }
 
@@ -387,6 +389,7 @@ pub(crate) async fn recover<S: Storage>(
             next_lsn,
             last_commit_ts,
             spare,
+            recycled,
         },
     ))
 }

@@ -6,6 +6,8 @@
 //! group starts on a block boundary with a frame whose `group_index` is 0. So after the
 //! first bad frame, a valid group-start frame at any later block boundary proves that a
 //! *newer* group was written: the bad frame was durable once and is now damaged.
+//! Frames with LSNs at or below the last valid one are leftovers of a recycled file
+//! and prove nothing.
 
 use super::frame::{self, Epoch, Frame, FrameError, Lsn, TimestampMicros};
 use super::segment::{BlockError, SegmentFooter, SegmentHeader, DATA_START};
@@ -81,12 +83,23 @@ pub fn scan_segment<E>(
         }
         let expected = scan.last_lsn.next();
         match frame::decode(&bytes[pos..limit]) {
-            Err(FrameError::Zero) if pos.is_multiple_of(BLOCK_SIZE) => break None,
+            Err(FrameError::Zero) if pos.is_multiple_of(BLOCK_SIZE) => {
+                // Every group write ends with a zero block, so the log ends at an
+                // all-zero block even in a recycled file full of older frames.
+                let block_end = (pos + BLOCK_SIZE).min(limit);
+                if bytes[pos..block_end].iter().all(|&b| b == 0) {
+                    break None;
+                }
+                break Some("zeroes where a frame was expected".to_string());
+            }
             Err(FrameError::Zero) => {
                 pos = align_up(pos as u64) as usize;
                 group_first = None;
             }
             Err(e) => break Some(e.to_string()),
+            // Where a group would start, a frame older than the segment is a leftover
+            // of a recycled file: the log ends here.
+            Ok(f) if f.lsn < header.first_lsn && pos.is_multiple_of(BLOCK_SIZE) => break None,
             Ok(f) => {
                 if let Some(reason) = check_position(&f, pos, expected, group_first, &scan) {
                     break Some(reason);
@@ -109,7 +122,7 @@ pub fn scan_segment<E>(
             reason: format!("{reason} inside a sealed segment"),
         },
         (None, Some(f)) => check_footer(bytes, &scan, f),
-        (Some(reason), None) => match later_group_start(bytes, pos, footer_at) {
+        (Some(reason), None) => match later_group_start(bytes, pos, footer_at, scan.last_lsn) {
             Some(at) => ScanEnd::Corrupt {
                 offset: pos as u64,
                 reason: format!("{reason}; a later group starts at offset {at}"),
@@ -120,7 +133,7 @@ pub fn scan_segment<E>(
             },
         },
         (None, None) if pos >= footer_at => ScanEnd::Full,
-        (None, None) => match later_group_start(bytes, pos, footer_at) {
+        (None, None) => match later_group_start(bytes, pos, footer_at, scan.last_lsn) {
             Some(at) => ScanEnd::Corrupt {
                 offset: pos as u64,
                 reason: format!(
@@ -199,12 +212,13 @@ fn check_footer(bytes: &[u8], scan: &SegmentScan, footer: SegmentFooter) -> Scan
     ScanEnd::Sealed(footer)
 }
 
-/// The offset of a valid group-start frame at a block boundary after `pos`, if any.
-fn later_group_start(bytes: &[u8], pos: usize, limit: usize) -> Option<u64> {
+/// The offset of a valid group-start frame newer than `last_lsn` at a block boundary
+/// after `pos`, if any. Older frames are leftovers of a recycled file.
+fn later_group_start(bytes: &[u8], pos: usize, limit: usize, last_lsn: Lsn) -> Option<u64> {
     let mut at = align_up(pos as u64 + 1) as usize;
     while at < limit {
         if let Ok(f) = frame::decode(&bytes[at..limit]) {
-            if f.group_index == 0 {
+            if f.group_index == 0 && f.lsn > last_lsn {
                 return Some(at as u64);
             }
         }

@@ -24,8 +24,8 @@ const H_MAGIC: usize = 0;
 const H_VERSION: usize = H_MAGIC + 8;
 const H_BLOCK: usize = H_VERSION + 4;
 const H_SHARD: usize = H_BLOCK + 4;
-const H_RESERVED: usize = H_SHARD + 4;
-const H_EPOCH: usize = H_RESERVED + 4;
+const H_MAX_GROUP: usize = H_SHARD + 4;
+const H_EPOCH: usize = H_MAX_GROUP + 4;
 const H_FIRST_LSN: usize = H_EPOCH + 8;
 const H_CAPACITY: usize = H_FIRST_LSN + 8;
 const H_CREATED: usize = H_CAPACITY + 8;
@@ -60,6 +60,9 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SegmentHeader {
     pub shard: u32,
+    /// Largest group commit written into this segment: a torn write can only have
+    /// touched this many bytes (plus the trailing zero block) after the last valid frame.
+    pub max_group_bytes: u32,
     pub epoch: Epoch,
     pub first_lsn: Lsn,
     pub capacity_bytes: u64,
@@ -81,7 +84,8 @@ impl SegmentHeader {
         b[H_MAGIC..H_VERSION].copy_from_slice(&SEGMENT_MAGIC);
         b[H_VERSION..H_BLOCK].copy_from_slice(&SEGMENT_FORMAT_VERSION.to_le_bytes());
         b[H_BLOCK..H_SHARD].copy_from_slice(&(BLOCK_SIZE as u32).to_le_bytes());
-        b[H_SHARD..H_RESERVED].copy_from_slice(&self.shard.to_le_bytes());
+        b[H_SHARD..H_MAX_GROUP].copy_from_slice(&self.shard.to_le_bytes());
+        b[H_MAX_GROUP..H_EPOCH].copy_from_slice(&self.max_group_bytes.to_le_bytes());
         b[H_EPOCH..H_FIRST_LSN].copy_from_slice(&self.epoch.0.to_le_bytes());
         b[H_FIRST_LSN..H_CAPACITY].copy_from_slice(&self.first_lsn.0.to_le_bytes());
         b[H_CAPACITY..H_CREATED].copy_from_slice(&self.capacity_bytes.to_le_bytes());
@@ -120,6 +124,7 @@ impl SegmentHeader {
         }
         let header = SegmentHeader {
             shard: u32_at(b, H_SHARD),
+            max_group_bytes: u32_at(b, H_MAX_GROUP),
             epoch: Epoch(u64_at(b, H_EPOCH)),
             first_lsn: Lsn(u64_at(b, H_FIRST_LSN)),
             capacity_bytes: u64_at(b, H_CAPACITY),
@@ -131,6 +136,14 @@ impl SegmentHeader {
             return Err(BlockError::Invalid(format!(
                 "bad capacity {}",
                 header.capacity_bytes
+            )));
+        }
+        if (header.max_group_bytes as usize) < BLOCK_SIZE
+            || u64::from(header.max_group_bytes) > header.capacity_bytes
+        {
+            return Err(BlockError::Invalid(format!(
+                "bad max group bytes {}",
+                header.max_group_bytes
             )));
         }
         if header.first_lsn == Lsn::ZERO {
@@ -225,6 +238,8 @@ pub fn parse_segment_name(name: &str) -> Option<(u32, Epoch, Lsn)> {
     ))
 }
 
+/// Name of a released segment waiting to become the next spare (kept at start).
+pub const RECYCLED_NAME: &str = "wal-recycled.tmp";
 /// Name of the next segment's file while it is being zero-filled (removed at start).
 pub const SPARE_PARTIAL_NAME: &str = "wal-spare.tmp";
 /// Name of the next segment's file once it is wholly zeroed and synced (kept at start).
@@ -237,6 +252,7 @@ mod tests {
     fn header() -> SegmentHeader {
         SegmentHeader {
             shard: 3,
+            max_group_bytes: 1 << 16,
             epoch: Epoch(2),
             first_lsn: Lsn(1000),
             capacity_bytes: 1 << 20,
