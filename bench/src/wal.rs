@@ -52,6 +52,8 @@ struct ConcurrencyResult {
     frames_per_group: f64,
     /// appends/s divided by the raw disk's write+fdatasync/s.
     ratio_to_raw_fsync: f64,
+    /// New segments prepared during the measured phase, and how.
+    spares: SpareCounts,
 }
 
 #[derive(Serialize)]
@@ -63,11 +65,23 @@ struct WalReport {
     /// 1 MiB O_DIRECT write + fdatasync, one at a time: the ceiling for durable
     /// sequential appends on this disk.
     raw_durable_seq_mb_s: f64,
-    wal_seq_mb_s: f64,
     raw_fsync_per_s: f64,
     raw_fsync_p50_us: u64,
     raw_fsync_p99_us: u64,
     raw_fsync_p999_us: u64,
+    /// Fresh log: 256 KiB records, 8 appenders.
+    wal_seq_mb_s: f64,
+    /// Fresh log: nothing released, new segments zero-filled during the run.
+    small_appends: Vec<ConcurrencyResult>,
+    fresh_wal_seq_spares: SpareCounts,
+    /// Segments released as soon as possible and recycled.
+    steady_state: SteadyReport,
+}
+
+#[derive(Serialize)]
+struct SteadyReport {
+    wal_seq_mb_s: f64,
+    wal_seq_spares: SpareCounts,
     small_appends: Vec<ConcurrencyResult>,
 }
 
@@ -137,65 +151,81 @@ pub fn run(args: WalArgs) -> Result<()> {
 
     let dir = args.dir.clone();
     let concurrency = args.concurrency.clone();
-    let (wal_seq_mb_s, small) = oc_io::executor::run_local(async move {
-        let seq = wal_phase(
-            &dir.join("wal-seq"),
-            LARGE_RECORD_WRITERS,
-            LARGE_RECORD_BYTES,
-            warmup,
-            phase,
-        )
-        .await?;
-        let wal_seq_mb_s =
-            seq.appends as f64 * LARGE_RECORD_BYTES as f64 / seq.elapsed.as_secs_f64() / 1e6;
-        eprintln!(
-            "WAL {} KiB records: {wal_seq_mb_s:.0} MB/s",
-            LARGE_RECORD_BYTES >> 10
-        );
-        let mut small = Vec::new();
-        for c in concurrency {
-            let r = wal_phase(
-                &dir.join(format!("wal-c{c}")),
-                c,
-                SMALL_RECORD_BYTES,
+    let modes = oc_io::executor::run_local(async move {
+        let mut modes = Vec::new();
+        for mode in [Mode::Fresh, Mode::Steady] {
+            eprintln!("WAL, {}:", mode.describe());
+            let seq = wal_phase(
+                &dir,
+                mode,
+                LARGE_RECORD_WRITERS,
+                LARGE_RECORD_BYTES,
                 warmup,
                 phase,
             )
             .await?;
-            small.push((c, r));
+            let wal_seq_mb_s =
+                seq.appends as f64 * LARGE_RECORD_BYTES as f64 / seq.elapsed.as_secs_f64() / 1e6;
+            eprintln!(
+                "  {} KiB records: {wal_seq_mb_s:.0} MB/s",
+                LARGE_RECORD_BYTES >> 10
+            );
+            let mut small = Vec::new();
+            for &c in &concurrency {
+                small.push((
+                    c,
+                    wal_phase(&dir, mode, c, SMALL_RECORD_BYTES, warmup, phase).await?,
+                ));
+            }
+            modes.push((mode, wal_seq_mb_s, seq.spares, small));
         }
-        Ok::<_, anyhow::Error>((wal_seq_mb_s, small))
+        Ok::<_, anyhow::Error>(modes)
     })?;
 
-    let small_appends: Vec<ConcurrencyResult> = small
+    let mut reports = modes
         .into_iter()
-        .map(|(c, r)| {
-            let lag = Percentiles::of(&r.latency);
-            let appends_per_s = r.appends as f64 / r.elapsed.as_secs_f64();
-            ConcurrencyResult {
-                concurrency: c,
-                appends_per_s,
-                lag_p50_us: lag.p50_us,
-                lag_p99_us: lag.p99_us,
-                lag_p999_us: lag.p999_us,
-                lag_max_us: lag.max_us,
-                frames_per_group: r.frames_per_group,
-                ratio_to_raw_fsync: appends_per_s / raw_fsync_per_s,
-            }
-        })
-        .collect();
+        .map(|(_, wal_seq_mb_s, seq_spares, small)| ModeReport {
+            wal_seq_mb_s,
+            wal_seq_spares: seq_spares,
+            small_appends: small
+                .into_iter()
+                .map(|(c, r)| {
+                    let lag = Percentiles::of(&r.latency);
+                    let appends_per_s = r.appends as f64 / r.elapsed.as_secs_f64();
+                    ConcurrencyResult {
+                        concurrency: c,
+                        appends_per_s,
+                        lag_p50_us: lag.p50_us,
+                        lag_p99_us: lag.p99_us,
+                        lag_p999_us: lag.p999_us,
+                        lag_max_us: lag.max_us,
+                        frames_per_group: r.frames_per_group,
+                        ratio_to_raw_fsync: appends_per_s / raw_fsync_per_s,
+                        spares: r.spares,
+                    }
+                })
+                .collect(),
+        });
+    let fresh = reports.next().expect("fresh mode ran");
+    let steady = reports.next().expect("steady mode ran");
     let report = WalReport {
         machine: machine(&args.dir),
         seconds_per_phase: args.seconds,
         raw_seq_mb_s,
         raw_seq_qd1_mb_s,
         raw_durable_seq_mb_s,
-        wal_seq_mb_s,
         raw_fsync_per_s,
         raw_fsync_p50_us: raw_fsync.p50_us,
         raw_fsync_p99_us: raw_fsync.p99_us,
         raw_fsync_p999_us: raw_fsync.p999_us,
-        small_appends,
+        wal_seq_mb_s: fresh.wal_seq_mb_s,
+        small_appends: fresh.small_appends,
+        steady_state: SteadyReport {
+            wal_seq_mb_s: steady.wal_seq_mb_s,
+            wal_seq_spares: steady.wal_seq_spares,
+            small_appends: steady.small_appends,
+        },
+        fresh_wal_seq_spares: fresh.wal_seq_spares,
     };
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
@@ -205,139 +235,227 @@ pub fn run(args: WalArgs) -> Result<()> {
     Ok(())
 }
 
+/// How segments are provided during a WAL phase.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Nothing is released: every new segment is zero-filled while the log runs.
+    Fresh,
+    /// Segments are released as soon as the next one starts (as checkpoints that keep
+    /// up would), so new segments are recycled; measured once one has been recycled.
+    Steady,
+}
+
+impl Mode {
+    fn describe(self) -> &'static str {
+        match self {
+            Mode::Fresh => "fresh log (new segments zero-filled)",
+            Mode::Steady => "steady state (released segments recycled)",
+        }
+    }
+}
+
+/// Spares made during a measured phase.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+struct SpareCounts {
+    zero_filled: u64,
+    recycled: u64,
+}
+
+struct ModeReport {
+    wal_seq_mb_s: f64,
+    wal_seq_spares: SpareCounts,
+    small_appends: Vec<ConcurrencyResult>,
+}
+
 struct PhaseResult {
     appends: u64,
     elapsed: Duration,
     latency: Histogram<u64>,
     frames_per_group: f64,
+    spares: SpareCounts,
 }
 
-/// Runs `writers` tasks appending `record_bytes` records to a fresh WAL in `dir`.
+/// Longest warm-up of the steady mode while waiting for a segment to be recycled.
+const STEADY_WARMUP_LIMIT: Duration = Duration::from_secs(20);
+/// How often the steady mode releases segments (as a checkpointer would).
+const RELEASE_INTERVAL: Duration = Duration::from_millis(20);
+
+/// Runs `writers` tasks appending `record_bytes` records to a fresh WAL under `base`.
 async fn wal_phase(
-    dir: &Path,
+    base: &Path,
+    mode: Mode,
     writers: usize,
     record_bytes: usize,
     warmup: Duration,
     phase: Duration,
 ) -> Result<PhaseResult> {
+    let dir = base.join(format!("wal-{writers}-{record_bytes}"));
     if dir.exists() {
-        std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
+        std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
     }
-    let storage = DmaStorage::open(dir).await?;
+    let storage = DmaStorage::open(&dir).await?;
     let (wal, _) = Wal::open(storage, WalConfig::default(), Lsn(1), |_| Ok(())).await?;
     let wal = Rc::new(wal);
-    let payload: Rc<[u8]> = vec![0xC3; record_bytes].into();
-
-    let run = |duration: Duration, progress: bool| {
+    let releaser = (mode == Mode::Steady).then(|| {
         let wal = wal.clone();
-        let payload = payload.clone();
-        async move {
-            let stop = Rc::new(Cell::new(false));
-            let latency = Rc::new(RefCell::new(histogram()));
-            let count = Rc::new(Cell::new(0u64));
-            let started = Instant::now();
-            let mut tasks = Vec::new();
-            for _ in 0..writers {
-                let (wal, payload, stop, latency, count) = (
-                    wal.clone(),
-                    payload.clone(),
-                    stop.clone(),
-                    latency.clone(),
-                    count.clone(),
-                );
-                tasks.push(glommio::spawn_local(async move {
-                    while !stop.get() {
-                        let began = Instant::now();
-                        wal.append(KIND, b"bench", &payload).await?;
-                        latency
-                            .borrow_mut()
-                            .saturating_record(began.elapsed().as_micros() as u64);
-                        count.set(count.get() + 1);
-                    }
-                    Ok::<(), oc_io::Error>(())
-                }));
-            }
-            let mut last = 0;
-            let mut ticks = 0u64;
-            while started.elapsed() < duration {
-                glommio::timer::sleep(Duration::from_secs(1).min(duration)).await;
-                ticks += 1;
-                if progress {
-                    let now = count.get();
-                    let p99 = latency.borrow().value_at_quantile(0.99);
-                    eprintln!("  [{writers:>3} writers, {ticks:>3}s] {:>8} appends/s, p99 so far {p99} µs", now - last);
-                    last = now;
+        glommio::spawn_local(async move {
+            loop {
+                glommio::timer::sleep(RELEASE_INTERVAL).await;
+                if let Err(e) = wal.release_before(wal.durable_lsn()).await {
+                    eprintln!("  releasing segments failed: {e}");
+                    return;
                 }
             }
-            stop.set(true);
-            for t in tasks {
-                t.await?;
-            }
-            let elapsed = started.elapsed();
-            let latency = latency.borrow().clone();
-            Ok::<_, oc_io::Error>((count.get(), elapsed, latency))
-        }
+        })
+    });
+    let payload: Rc<[u8]> = vec![0xC3; record_bytes].into();
+    let load = Load {
+        wal: wal.clone(),
+        payload,
+        writers,
     };
-    run(warmup, false).await?;
+
+    load.run(warmup, false).await?;
+    if mode == Mode::Steady {
+        let started = Instant::now();
+        while wal.stats().spares_recycled == 0 && started.elapsed() < STEADY_WARMUP_LIMIT {
+            load.run(warmup, false).await?;
+        }
+    }
     let before = wal.stats();
-    let (appends, elapsed, latency) = run(phase, true).await?;
+    let (appends, elapsed, latency) = load.run(phase, true).await?;
     let after = wal.stats();
+    drop(releaser);
     wal.close().await?;
+    drop(load);
     drop(wal);
-    std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+    std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     let groups = (after.groups - before.groups).max(1);
     Ok(PhaseResult {
         appends,
         elapsed,
         latency,
         frames_per_group: (after.appends - before.appends) as f64 / groups as f64,
+        spares: SpareCounts {
+            zero_filled: after.spares_zero_filled - before.spares_zero_filled,
+            recycled: after.spares_recycled - before.spares_recycled,
+        },
     })
 }
 
+/// Closed-loop appenders: each waits for its append to be durable, then appends again.
+struct Load {
+    wal: Rc<Wal<DmaStorage>>,
+    payload: Rc<[u8]>,
+    writers: usize,
+}
+
+impl Load {
+    /// Runs the appenders for `duration`; returns (appends, elapsed, latency µs).
+    async fn run(
+        &self,
+        duration: Duration,
+        progress: bool,
+    ) -> Result<(u64, Duration, Histogram<u64>)> {
+        let stop = Rc::new(Cell::new(false));
+        let latency = Rc::new(RefCell::new(histogram()));
+        let count = Rc::new(Cell::new(0u64));
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..self.writers {
+            let (wal, payload, stop, latency, count) = (
+                self.wal.clone(),
+                self.payload.clone(),
+                stop.clone(),
+                latency.clone(),
+                count.clone(),
+            );
+            tasks.push(glommio::spawn_local(async move {
+                while !stop.get() {
+                    let began = Instant::now();
+                    wal.append(KIND, b"bench", &payload).await?;
+                    latency
+                        .borrow_mut()
+                        .saturating_record(began.elapsed().as_micros() as u64);
+                    count.set(count.get() + 1);
+                }
+                Ok::<(), oc_io::Error>(())
+            }));
+        }
+        let (mut last, mut ticks) = (0, 0u64);
+        while started.elapsed() < duration {
+            glommio::timer::sleep(Duration::from_secs(1).min(duration)).await;
+            ticks += 1;
+            if progress {
+                let now = count.get();
+                let p99 = latency.borrow().value_at_quantile(0.99);
+                eprintln!(
+                    "  [{:>3} writers, {ticks:>3}s] {:>8} appends/s, p99 so far {p99} µs",
+                    self.writers,
+                    now - last
+                );
+                last = now;
+            }
+        }
+        stop.set(true);
+        for t in tasks {
+            t.await?;
+        }
+        let elapsed = started.elapsed();
+        let latency = latency.borrow().clone();
+        Ok((count.get(), elapsed, latency))
+    }
+}
+
 fn markdown(r: &WalReport) -> String {
-    let mut out = String::new();
-    out += &format!(
-        "Machine: {} cores, kernel {}, {} — {} s per phase\n\n",
+    let mut out = format!(
+        "Machine: {} cores, kernel {}, {}; {} s per phase.\n\n",
         r.machine.cores, r.machine.kernel, r.machine.file_system, r.seconds_per_phase
     );
-    out += "| sequential bandwidth | MB/s | ratio to raw depth 8 |\n|---|---:|---:|\n";
-    out += &format!(
-        "| raw O_DIRECT 1 MiB writes, depth 8 | {:.0} | 1.00 |\n",
-        r.raw_seq_mb_s
-    );
-    out += &format!(
-        "| raw O_DIRECT 1 MiB writes, depth 1 | {:.0} | {:.2} |\n",
-        r.raw_seq_qd1_mb_s,
-        r.raw_seq_qd1_mb_s / r.raw_seq_mb_s
-    );
-    out += &format!(
-        "| raw O_DIRECT 1 MiB write + fdatasync, one at a time | {:.0} | {:.2} |\n",
+    out +=
+        "| sequential bandwidth | MB/s | × raw depth 8 | × raw durable |\n|---|---:|---:|---:|\n";
+    let row = |name: &str, v: f64| {
+        format!(
+            "| {name} | {v:.0} | {:.2} | {:.2} |\n",
+            v / r.raw_seq_mb_s,
+            v / r.raw_durable_seq_mb_s
+        )
+    };
+    out += &row("raw O_DIRECT 1 MiB writes, depth 8", r.raw_seq_mb_s);
+    out += &row("raw O_DIRECT 1 MiB writes, depth 1", r.raw_seq_qd1_mb_s);
+    out += &row(
+        "raw O_DIRECT 1 MiB write + fdatasync (raw durable)",
         r.raw_durable_seq_mb_s,
-        r.raw_durable_seq_mb_s / r.raw_seq_mb_s
     );
-    out += &format!(
-        "| WAL 256 KiB records, durable (1 MiB groups) | {:.0} | {:.2} ({:.2} of durable raw) |\n\n",
-        r.wal_seq_mb_s,
-        r.wal_seq_mb_s / r.raw_seq_mb_s,
-        r.wal_seq_mb_s / r.raw_durable_seq_mb_s
+    out += &row("WAL 256 KiB records, fresh log", r.wal_seq_mb_s);
+    out += &row(
+        "WAL 256 KiB records, steady state",
+        r.steady_state.wal_seq_mb_s,
     );
-    out += "| durable small writes | ops/s | × raw fsync/s | p50 µs | p99 µs | p999 µs | frames/group |\n";
-    out += "|---|---:|---:|---:|---:|---:|---:|\n";
+    out += "\n| durable small writes | ops/s | × raw fsync/s | p50 µs | p99 µs | p999 µs | frames/group | spares filled / recycled |\n";
+    out += "|---|---:|---:|---:|---:|---:|---:|---:|\n";
     out += &format!(
-        "| raw 4 KiB write + fdatasync | {:.0} | 1.0 | {} | {} | {} | 1 |\n",
+        "| raw 4 KiB write + fdatasync | {:.0} | 1.0 | {} | {} | {} | 1 | |\n",
         r.raw_fsync_per_s, r.raw_fsync_p50_us, r.raw_fsync_p99_us, r.raw_fsync_p999_us
     );
-    for c in &r.small_appends {
-        out += &format!(
-            "| WAL 256 B appends, {} appenders | {:.0} | {:.1} | {} | {} | {} | {:.1} |\n",
-            c.concurrency,
-            c.appends_per_s,
-            c.ratio_to_raw_fsync,
-            c.lag_p50_us,
-            c.lag_p99_us,
-            c.lag_p999_us,
-            c.frames_per_group
-        );
+    for (label, rows) in [
+        ("fresh", &r.small_appends),
+        ("steady", &r.steady_state.small_appends),
+    ] {
+        for c in rows {
+            out += &format!(
+                "| WAL 256 B, {} appenders, {label} | {:.0} | {:.1} | {} | {} | {} | {:.1} | {} / {} |\n",
+                c.concurrency,
+                c.appends_per_s,
+                c.ratio_to_raw_fsync,
+                c.lag_p50_us,
+                c.lag_p99_us,
+                c.lag_p999_us,
+                c.frames_per_group,
+                c.spares.zero_filled,
+                c.spares.recycled
+            );
+        }
     }
     out
 }

@@ -425,3 +425,46 @@ fn released_segments_are_recycled_into_new_segments() {
         assert_eq!(frames.len() as u64, 1200 - replay_from.0 + 1);
     });
 }
+
+#[test]
+fn full_groups_make_appenders_wait_and_lose_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    run_local(async {
+        let config = WalConfig {
+            segment_bytes: 256 * 1024,
+            max_group_bytes: 16 * 1024,
+            ..WalConfig::default()
+        };
+        let (wal, _, _) = open(dir.path(), config.clone(), Lsn(1))
+            .await
+            .expect("open");
+        let wal = Rc::new(wal);
+        // 64 writers of ~3 KiB records: each group fills to its limit and the rest wait.
+        let mut handles = Vec::new();
+        for t in 0..64u64 {
+            let wal = wal.clone();
+            handles.push(glommio::spawn_local(async move {
+                let mut acked = Vec::new();
+                for i in 0..20u64 {
+                    let p = vec![(t * 20 + i) as u8; 3000 + (i as usize * 37) % 900];
+                    acked.push((wal.append(KIND, b"", &p).await.expect("append").0, p));
+                }
+                acked
+            }));
+        }
+        let mut acked = BTreeMap::new();
+        for h in handles {
+            acked.extend(h.await);
+        }
+        let stats = wal.stats();
+        assert!(stats.group_frames.max() >= 4, "groups filled up: {stats:?}");
+        assert_eq!(stats.appends, 1280);
+        wal.close().await.expect("close");
+        drop(wal);
+        let (_wal, frames, _) = open(dir.path(), config, Lsn(1)).await.expect("reopen");
+        assert_eq!(frames.len(), 1280);
+        for (lsn, (_, p)) in &frames {
+            assert_eq!(Some(p), acked.get(lsn), "LSN {lsn}");
+        }
+    });
+}

@@ -8,6 +8,8 @@
 
 use std::fmt;
 
+use crate::buffer::BLOCK_SIZE;
+
 /// Log sequence number: per shard, +1 per frame, starting at 1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Lsn(pub u64);
@@ -65,6 +67,18 @@ pub const MAX_TENANT_BYTES: usize = 64;
 /// Largest frame the format allows (header, tenant and payload).
 pub const MAX_FRAME_BYTES: usize = 16 << 20;
 const _: () = assert!(MAX_FRAME_BYTES <= u32::MAX as usize);
+
+/// Where a frame may start at or after `offset` in a group: never in the last 3 bytes
+/// of a block (they stay zero), so a length field never straddles a block boundary and
+/// a zero length inside a block can only be padding (FORMAT.md §3.3).
+pub const fn frame_start_at(offset: usize) -> usize {
+    let room = BLOCK_SIZE - offset % BLOCK_SIZE;
+    if room < 4 {
+        offset + room
+    } else {
+        offset
+    }
+}
 
 /// Bytes a frame with this tenant tag and payload occupies.
 pub const fn frame_len(tenant_len: usize, payload_len: usize) -> usize {
@@ -295,6 +309,15 @@ mod tests {
                 "flip of bit {bit} went unnoticed"
             );
         }
+    }
+
+    #[test]
+    fn frames_never_start_in_the_last_three_bytes_of_a_block() {
+        assert_eq!(frame_start_at(0), 0);
+        assert_eq!(frame_start_at(4092), 4092);
+        assert_eq!(frame_start_at(4093), 4096);
+        assert_eq!(frame_start_at(4095), 4096);
+        assert_eq!(frame_start_at(8191), 8192);
     }
 
     #[test]

@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use hdrhistogram::Histogram;
 
-use super::frame::{stamp, Lsn, TimestampMicros};
+use super::frame::{frame_start_at, peek_len, stamp, Lsn, TimestampMicros};
 use super::recovery::{ActiveSegment, SegmentInfo};
 use super::segment::{
     segment_name, SegmentFooter, SegmentHeader, DATA_START, RECYCLED_NAME, SPARE_PARTIAL_NAME,
@@ -227,19 +227,35 @@ impl<B: IoBuffer> Batch<B> {
             .unwrap_or(0)
     }
 
-    /// Moves frames `k..` into a new batch with its own buffer.
+    /// The encoded length of the frame starting at `start`.
+    fn frame_len_at(&self, start: u32) -> usize {
+        peek_len(&self.buf.as_bytes()[start as usize..]).expect("the group holds whole frames")
+            as usize
+    }
+
+    /// Moves frames `k..` into a new batch with its own buffer, laid out again from
+    /// offset 0 (frame starts depend on the offset inside a block).
     fn split_off<S: Storage<Buffer = B>>(&mut self, k: usize, storage: &S) -> Batch<B> {
-        let from = self.bytes_of(k);
-        let len = self.len - from;
-        let mut buf = storage.alloc_buffer(align_up(len as u64) as usize + BLOCK_SIZE);
-        buf.as_bytes_mut()[..len].copy_from_slice(&self.buf.as_bytes()[from..self.len]);
-        let starts = self
-            .starts
-            .split_off(k)
+        let moved: Vec<(usize, usize)> = self.starts[k..]
             .iter()
-            .map(|s| s - from as u32)
+            .map(|&s| (s as usize, self.frame_len_at(s)))
             .collect();
-        self.len = from;
+        let most = moved.iter().map(|(_, len)| len + 3).sum::<usize>();
+        let mut buf = storage.alloc_buffer(align_up(most as u64) as usize + BLOCK_SIZE);
+        let (mut len, mut starts) = (0, Vec::with_capacity(moved.len()));
+        {
+            let to = buf.as_bytes_mut();
+            let from = self.buf.as_bytes();
+            for (at, frame_len) in moved {
+                let start = frame_start_at(len);
+                to[len..start].fill(0);
+                to[start..start + frame_len].copy_from_slice(&from[at..at + frame_len]);
+                starts.push(start as u32);
+                len = start + frame_len;
+            }
+        }
+        self.len = self.bytes_of(k);
+        self.starts.truncate(k);
         Batch { buf, len, starts }
     }
 }
@@ -402,10 +418,9 @@ impl<S: Storage> Writer<S> {
         let crc = {
             let bytes = batch.buf.as_bytes_mut();
             for (index, &start) in batch.starts.iter().enumerate() {
-                let end = batch
-                    .starts
-                    .get(index + 1)
-                    .map_or(batch.len, |&e| e as usize);
+                let end = start as usize
+                    + peek_len(&bytes[start as usize..]).expect("the group holds whole frames")
+                        as usize;
                 let lsn = Lsn(self.next_lsn.0 + index as u64);
                 stamp(
                     &mut bytes[start as usize..end],
@@ -604,10 +619,13 @@ async fn zero_fill<S: Storage>(storage: &S, segment_bytes: u64) -> Result<S::Fil
 /// and footer are cleared. Older frames stay behind the zero block that ends every
 /// group, and carry LSNs below the new segment's. None if the file has the wrong size.
 async fn recycle<S: Storage>(storage: &S, segment_bytes: u64) -> Result<Option<S::File>> {
-    let file = storage.open(RECYCLED_NAME).await?;
+    // Claim the file first: once it has left the shared name, a concurrent release can
+    // put the next released segment there without touching this one.
+    storage.rename(RECYCLED_NAME, SPARE_PARTIAL_NAME).await?;
+    let file = storage.open(SPARE_PARTIAL_NAME).await?;
     if file.len().await? != segment_bytes {
         drop(file);
-        storage.remove(RECYCLED_NAME).await?;
+        storage.remove(SPARE_PARTIAL_NAME).await?;
         return Ok(None);
     }
     for at in [0, segment_bytes - BLOCK_SIZE as u64] {
@@ -616,6 +634,6 @@ async fn recycle<S: Storage>(storage: &S, segment_bytes: u64) -> Result<Option<S
         file.write_at(blank, at).await?;
     }
     file.sync().await?;
-    storage.rename(RECYCLED_NAME, SPARE_READY_NAME).await?;
+    storage.rename(SPARE_PARTIAL_NAME, SPARE_READY_NAME).await?;
     Ok(Some(file))
 }

@@ -207,15 +207,18 @@ impl<S: Storage> Wal<S> {
         }
         let max = self.shared.config.max_group_bytes;
         let group = &mut state.filling;
-        if group.len + len > max {
+        let start = frame::frame_start_at(group.len);
+        if start + len > max {
             return Ok(None);
         }
+        // One block more than a group: room for the zero block that ends every write.
         let buf = group
             .buf
-            .get_or_insert_with(|| self.shared.storage.alloc_buffer(max));
-        let start = group.len;
-        frame::encode_unstamped(&mut buf.as_bytes_mut()[start..], kind, tenant, payload);
-        group.len += len;
+            .get_or_insert_with(|| self.shared.storage.alloc_buffer(max + BLOCK_SIZE));
+        let bytes = buf.as_bytes_mut();
+        bytes[group.len..start].fill(0);
+        frame::encode_unstamped(&mut bytes[start..], kind, tenant, payload);
+        group.len = start + len;
         group.starts.push(start as u32);
         group.enqueued.push(enqueued);
         if let Some(w) = state.writer_waker.take() {

@@ -81,6 +81,16 @@ pub fn scan_segment<E>(
             pos = limit; // padding to the end of the data area
             break None;
         }
+        let to_boundary = BLOCK_SIZE - pos % BLOCK_SIZE;
+        if to_boundary < 4 {
+            // No frame starts in the last 3 bytes of a block: they must be zero.
+            let end = (pos + to_boundary).min(limit);
+            if bytes[pos..end].iter().any(|&b| b != 0) {
+                break Some("nonzero bytes where no frame can start".to_string());
+            }
+            pos = end;
+            continue;
+        }
         let expected = scan.last_lsn.next();
         match frame::decode(&bytes[pos..limit]) {
             Err(FrameError::Zero) if pos.is_multiple_of(BLOCK_SIZE) => {
