@@ -12,9 +12,6 @@ use super::{Storage, StorageFile};
 use crate::buffer::BLOCK_SIZE;
 use crate::error::{Error, Result};
 
-/// Zero-fill writes go out in chunks of this size.
-const ZERO_FILL_CHUNK_BYTES: usize = 1 << 20;
-
 /// A directory on a real file system (ext4 or xfs; tmpfs silently drops O_DIRECT).
 #[derive(Clone)]
 pub struct DmaStorage {
@@ -92,8 +89,8 @@ impl Storage for DmaStorage {
         glommio::allocate_dma_buffer(len)
     }
 
-    async fn create_zeroed(&self, name: &str, len: u64) -> Result<DmaStorageFile> {
-        assert_eq!(len % BLOCK_SIZE as u64, 0, "zeroed files are whole blocks");
+    async fn create(&self, name: &str, len: u64) -> Result<DmaStorageFile> {
+        assert_eq!(len % BLOCK_SIZE as u64, 0, "files are whole blocks");
         let file = OpenOptions::new()
             .create_new(true)
             .read(true)
@@ -105,22 +102,11 @@ impl Storage for DmaStorage {
             file,
             name: name.to_string(),
         };
-        // Reserve the extents first so a full disk fails here, before any writing.
+        // Reserve the extents so a full disk fails here, before any writing.
         file.file
             .pre_allocate(len, false)
             .await
             .map_err(|e| glommio_err("preallocating", name, e))?;
-        // Writing real zeroes turns unwritten extents into written ones: later
-        // fdatasyncs then have no extent conversion to journal (FIELD-NOTES, fio).
-        let mut offset = 0;
-        while offset < len {
-            let chunk = (len - offset).min(ZERO_FILL_CHUNK_BYTES as u64) as usize;
-            let mut buf = self.alloc_buffer(chunk);
-            buf.as_bytes_mut().fill(0);
-            file.write_at(buf, offset).await?;
-            offset += chunk as u64;
-        }
-        file.sync().await?;
         Ok(file)
     }
 

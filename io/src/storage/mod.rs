@@ -8,8 +8,8 @@
 //! - a crash may lose, keep or tear (at 512-byte sector granularity) any write not yet
 //!   synced, and never touches synced bytes;
 //! - a name (create, rename, remove) is durable only after `sync_dir` returns Ok;
-//! - `create_zeroed` returns a file whose whole length is durably written with zeroes,
-//!   so later writes inside it need no metadata update to be durable.
+//! - `create` reserves a file's whole length (reads return zeroes); it is the caller
+//!   who writes real zeroes over it, so that later writes need no metadata update.
 //!
 //! Futures are `!Send` by design: a shard's storage never leaves its executor.
 
@@ -34,9 +34,10 @@ pub trait Storage: Clone + 'static {
     /// An aligned buffer for writes of up to `len` bytes (`len` a block multiple).
     /// The contents are unspecified: callers fill every byte they write.
     fn alloc_buffer(&self, len: usize) -> Self::Buffer;
-    /// Creates `name` (which must not exist) filled with `len` zero bytes, written and
-    /// synced; the name itself is durable only after [`Storage::sync_dir`].
-    async fn create_zeroed(&self, name: &str, len: u64) -> Result<Self::File>;
+    /// Creates `name` (which must not exist) with `len` bytes reserved that read as
+    /// zero; a full disk fails here. Its size is durable after the file's next `sync`,
+    /// its name after [`Storage::sync_dir`].
+    async fn create(&self, name: &str, len: u64) -> Result<Self::File>;
     /// Opens an existing file for reading and writing.
     async fn open(&self, name: &str) -> Result<Self::File>;
     /// Renames a file; durable after [`Storage::sync_dir`].

@@ -266,7 +266,7 @@ impl Storage for SimStorage {
         AlignedBuf::zeroed(len)
     }
 
-    async fn create_zeroed(&self, name: &str, len: u64) -> Result<SimFile> {
+    async fn create(&self, name: &str, len: u64) -> Result<SimFile> {
         let generation = self.begin("create", len).await?;
         let mut state = self.state.borrow_mut();
         if state.names.contains_key(name) {

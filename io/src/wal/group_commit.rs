@@ -15,7 +15,7 @@ use std::cell::RefCell;
 use std::future::poll_fn;
 use std::rc::Rc;
 use std::task::{Poll, Waker};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
@@ -158,6 +158,8 @@ pub(crate) struct State<S: Storage> {
     pub space_waiters: Vec<Waker>,
     pub close_waiters: Vec<Waker>,
     pub spare: Spare<S::File>,
+    /// The writer is blocked until the spare is ready: prepare it at full speed.
+    pub writer_needs_spare: bool,
     /// A released segment waits under [`RECYCLED_NAME`] to become the next spare.
     pub recycled: bool,
     pub segments: Vec<SegmentInfo>,
@@ -531,10 +533,12 @@ impl<S: Storage> Writer<S> {
             let mut state = self.shared.state.borrow_mut();
             match std::mem::replace(&mut state.spare, Spare::Wanted) {
                 Spare::Ready(file) => {
+                    state.writer_needs_spare = false;
                     wake(&mut state.preparer_waker);
                     return Poll::Ready(Ok(file));
                 }
                 Spare::Failed(e) if retried => {
+                    state.writer_needs_spare = false;
                     // Stays failed: the next rotation asks again.
                     state.spare = Spare::Failed(e.clone());
                     return Poll::Ready(Err(e));
@@ -542,6 +546,7 @@ impl<S: Storage> Writer<S> {
                 Spare::Failed(_) => retried = true,
                 other @ (Spare::Wanted | Spare::Preparing) => state.spare = other,
             }
+            state.writer_needs_spare = true;
             wake(&mut state.preparer_waker);
             state.writer_waker = Some(cx.waker().clone());
             Poll::Pending
@@ -577,7 +582,7 @@ pub(crate) async fn run_preparer<S: Storage>(shared: Rc<Shared<S>>) {
                     return Ok(file);
                 }
             }
-            let file = zero_fill(&shared.storage, shared.config.segment_bytes).await?;
+            let file = zero_fill(&shared).await?;
             shared.stats.borrow_mut().spares_zero_filled += 1;
             Ok(file)
         };
@@ -594,8 +599,23 @@ pub(crate) async fn run_preparer<S: Storage>(shared: Rc<Shared<S>>) {
     }
 }
 
-/// Makes a new spare by writing zeroes over a whole file.
-async fn zero_fill<S: Storage>(storage: &S, segment_bytes: u64) -> Result<S::File> {
+/// Zero-fill writes go out in chunks of this size: each group commit's fdatasync
+/// also flushes the fill written since the previous one, so small chunks keep the
+/// latency a fill adds to a group small.
+const ZERO_FILL_CHUNK_BYTES: usize = 128 << 10;
+/// The zero-fill runs at least this fast (bytes per second)...
+const ZERO_FILL_MIN_BYTES_PER_S: f64 = 32e6;
+/// ...and otherwise this many times faster than the log itself is writing, so the
+/// spare is ready long before the active segment is full.
+const ZERO_FILL_LOG_RATE_FACTOR: f64 = 4.0;
+
+/// Makes a new spare by writing real zeroes over a new file: written extents keep later
+/// fdatasyncs free of extent conversion (the design brief's fio figures: ~9.5 k vs ~5 k
+/// syncs/s). The fill is paced against the log's own write rate so it does not crowd
+/// out group commits, and runs at full speed when the writer is waiting for it.
+async fn zero_fill<S: Storage>(shared: &Shared<S>) -> Result<S::File> {
+    let storage = &shared.storage;
+    let segment_bytes = shared.config.segment_bytes;
     // A spare left half-made by a failed attempt is removed before trying again.
     if storage
         .list()
@@ -605,9 +625,29 @@ async fn zero_fill<S: Storage>(storage: &S, segment_bytes: u64) -> Result<S::Fil
     {
         storage.remove(SPARE_PARTIAL_NAME).await?;
     }
-    let file = storage
-        .create_zeroed(SPARE_PARTIAL_NAME, segment_bytes)
-        .await?;
+    let file = storage.create(SPARE_PARTIAL_NAME, segment_bytes).await?;
+    let started = Instant::now();
+    let log_bytes_at_start = shared.stats.borrow().bytes_written;
+    let mut offset = 0;
+    while offset < segment_bytes {
+        let chunk = (segment_bytes - offset).min(ZERO_FILL_CHUNK_BYTES as u64) as usize;
+        let mut zeroes = storage.alloc_buffer(chunk);
+        zeroes.as_bytes_mut().fill(0);
+        file.write_at(zeroes, offset).await?;
+        offset += chunk as u64;
+        if offset == segment_bytes || shared.state.borrow().writer_needs_spare {
+            continue;
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        let log_rate =
+            (shared.stats.borrow().bytes_written - log_bytes_at_start) as f64 / elapsed.max(1e-3);
+        let rate = (log_rate * ZERO_FILL_LOG_RATE_FACTOR).max(ZERO_FILL_MIN_BYTES_PER_S);
+        let due = offset as f64 / rate;
+        if due > elapsed {
+            glommio::timer::sleep(Duration::from_secs_f64(due - elapsed)).await;
+        }
+    }
+    file.sync().await?;
     // Renamed only once every byte is zero and synced, so a `.ready` spare found at
     // start can be used as is.
     storage.rename(SPARE_PARTIAL_NAME, SPARE_READY_NAME).await?;

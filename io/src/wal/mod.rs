@@ -130,6 +130,7 @@ impl<S: Storage> Wal<S> {
                 close_waiters: Vec::new(),
                 spare: resume.spare.map_or(Spare::Wanted, Spare::Ready),
                 recycled: resume.recycled,
+                writer_needs_spare: false,
                 segments: resume.segments,
                 durable_lsn,
             }),
