@@ -65,6 +65,13 @@ async fn append_many(wal: Rc<Wal<DmaStorage>>, n: u64, tasks: u64) -> BTreeMap<u
     all
 }
 
+/// Every recovered frame holds the payload acknowledged at its LSN.
+fn assert_payloads_match(frames: &Frames, acked: &BTreeMap<u64, Vec<u8>>) {
+    for (lsn, (_, p)) in frames {
+        assert_eq!(Some(p), acked.get(lsn), "LSN {lsn}");
+    }
+}
+
 fn segment_files(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .expect("read dir")
@@ -151,9 +158,7 @@ fn full_segments_are_sealed_rotated_and_released() {
         assert_eq!(report.first_lsn, Some(second_first));
         assert_eq!(report.segments.len(), segments.len() - 1);
         assert_eq!(frames.len() as u64, 1500 - second_first.0 + 1);
-        for (lsn, (_, p)) in &frames {
-            assert_eq!(Some(p), acked.get(lsn));
-        }
+        assert_payloads_match(&frames, &acked);
         // Frames the log no longer has cannot be replayed.
         let too_early = open(dir.path(), small_segments(), Lsn(1)).await;
         assert!(
@@ -419,9 +424,7 @@ fn released_segments_are_recycled_into_new_segments() {
             "older frames in recycled files are not a torn tail"
         );
         assert_eq!(report.last_lsn, Lsn(1200));
-        for (lsn, (_, p)) in &frames {
-            assert_eq!(Some(p), acked.get(lsn), "LSN {lsn}");
-        }
+        assert_payloads_match(&frames, &acked);
         assert_eq!(frames.len() as u64, 1200 - replay_from.0 + 1);
     });
 }
@@ -463,8 +466,28 @@ fn full_groups_make_appenders_wait_and_lose_nothing() {
         drop(wal);
         let (_wal, frames, _) = open(dir.path(), config, Lsn(1)).await.expect("reopen");
         assert_eq!(frames.len(), 1280);
-        for (lsn, (_, p)) in &frames {
-            assert_eq!(Some(p), acked.get(lsn), "LSN {lsn}");
-        }
+        assert_payloads_match(&frames, &acked);
+    });
+}
+
+#[test]
+fn a_group_delay_still_acknowledges_every_append_durably() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    run_local(async {
+        let config = WalConfig {
+            max_group_delay: std::time::Duration::from_millis(2),
+            ..WalConfig::default()
+        };
+        let (wal, _, _) = open(dir.path(), config.clone(), Lsn(1))
+            .await
+            .expect("open");
+        let wal = Rc::new(wal);
+        let acked = append_many(wal.clone(), 300, 8).await;
+        assert_eq!(wal.durable_lsn(), Lsn(300));
+        wal.close().await.expect("close");
+        drop(wal);
+        let (_wal, frames, _) = open(dir.path(), config, Lsn(1)).await.expect("reopen");
+        assert_eq!(frames.len(), 300);
+        assert_payloads_match(&frames, &acked);
     });
 }

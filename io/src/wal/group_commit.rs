@@ -280,17 +280,16 @@ enum GroupError {
 impl<S: Storage> Writer<S> {
     /// Runs until the log closes or fails.
     pub(crate) async fn run(mut self) {
-        while let Some(group) = self.next_group().await {
+        while let Some(mut group) = self.next_group().await {
             let completion = group.completion.clone();
-            let enqueued = group.enqueued.clone();
+            let enqueued = std::mem::take(&mut group.enqueued);
             let frames = group.starts.len();
             let first_lsn = self.next_lsn;
             let started = Instant::now();
-            let result = self.write_group(group).await;
-            let (durable, error) = match result {
-                Ok(()) => (frames, None),
-                Err((done, GroupError::Skipped(e))) => (done, Some(e)),
-                Err((done, GroupError::Fatal(e))) => (done, Some(self.shared.fail(e))),
+            let (durable, error, fatal) = match self.write_group(group).await {
+                Ok(()) => (frames, None, false),
+                Err((done, GroupError::Skipped(e))) => (done, Some(e), false),
+                Err((done, GroupError::Fatal(e))) => (done, Some(self.shared.fail(e)), true),
             };
             let now = Instant::now();
             {
@@ -309,9 +308,6 @@ impl<S: Storage> Writer<S> {
                 }
             }
             self.shared.state.borrow_mut().durable_lsn = Lsn(self.next_lsn.0 - 1);
-            let fatal = error
-                .as_ref()
-                .is_some_and(|e| matches!(e, Error::WalFailed { .. }));
             completion.complete(Outcome {
                 first_lsn,
                 durable,
@@ -424,12 +420,13 @@ impl<S: Storage> Writer<S> {
                     + peek_len(&bytes[start as usize..]).expect("the group holds whole frames")
                         as usize;
                 let lsn = Lsn(self.next_lsn.0 + index as u64);
-                stamp(
-                    &mut bytes[start as usize..end],
-                    lsn,
-                    commit_ts,
-                    epoch,
-                    index as u32,
+                let frame = &mut bytes[start as usize..end];
+                stamp(frame, lsn, commit_ts, epoch, index as u32);
+                // Checked again here as recovery will check it (debug builds).
+                debug_assert!(
+                    super::frame::decode(frame)
+                        .is_ok_and(|f| f.lsn == lsn && f.group_index == index as u32),
+                    "a stamped frame must decode"
                 );
             }
             bytes[batch.len..padded + end_marker].fill(0);
