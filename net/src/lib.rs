@@ -29,3 +29,13 @@ pub fn recover_wal(
     })?;
     Ok((report, probe))
 }
+
+/// Describes one segment file frame by frame (see `oc_io::wal::inspect`).
+pub fn inspect_wal_file(path: &Path) -> anyhow::Result<String> {
+    use anyhow::Context;
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(io::wal::inspect::describe_segment(
+        &path.display().to_string(),
+        &bytes,
+    ))
+}

@@ -6,6 +6,7 @@
 
 pub mod frame;
 pub mod group_commit;
+pub mod inspect;
 pub mod recovery;
 pub mod scan;
 pub mod segment;
