@@ -1,0 +1,29 @@
+//! The engine's error type. Each variant says what to fix; the server maps them to
+//! HTTP statuses (validation → 400, missing → 404, conflicts → 409, limits → 413).
+
+/// Everything the engine refuses or fails at.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EngineError {
+    #[error("invalid {what} {name:?}: {why}")]
+    InvalidName {
+        what: &'static str,
+        name: String,
+        why: String,
+    },
+    #[error("invalid schema for table {table:?}: {why}")]
+    InvalidSchema { table: String, why: String },
+    #[error("{what} {name:?} does not exist")]
+    NotFound { what: &'static str, name: String },
+    #[error("{what} {name:?} already exists")]
+    AlreadyExists { what: &'static str, name: String },
+    #[error("row {row} of the batch: {why}")]
+    InvalidRow { row: usize, why: String },
+    #[error("{what} is {actual}, above the limit of {limit}")]
+    LimitExceeded {
+        what: &'static str,
+        actual: usize,
+        limit: usize,
+    },
+    #[error("write-ahead log: {0}")]
+    Wal(#[from] oc_io::Error),
+}

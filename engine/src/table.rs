@@ -1,0 +1,346 @@
+//! One table's rows: a B-tree from encoded primary key to row, and one B-tree per
+//! secondary index from (encoded index key, encoded primary key). A write batch is
+//! validated whole before any of it is applied, so it applies all or nothing.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
+
+use crate::error::EngineError;
+use crate::limits::{MAX_BATCH_ROWS, MAX_KEY_BYTES, MAX_ROW_BYTES};
+use crate::schema::TableSchema;
+use crate::value::{encode_key, ColumnType, Value};
+
+/// A row: one value per column, in schema order.
+pub type Row = Vec<Value>;
+
+/// A requested row operation, as received (JSON objects keyed by column name).
+#[derive(Debug, Clone, PartialEq)]
+pub enum WriteOp {
+    /// Insert or replace the row with this primary key.
+    Upsert(serde_json::Map<String, serde_json::Value>),
+    /// Delete the row whose primary-key columns have these values.
+    Delete(serde_json::Map<String, serde_json::Value>),
+}
+
+/// A row operation that passed validation.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RowWrite {
+    Upsert(Row),
+    /// The encoded primary key.
+    Delete(Vec<u8>),
+}
+
+/// What a batch changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchOutcome {
+    pub inserted: usize,
+    pub updated: usize,
+    pub deleted: usize,
+    /// Deletes of keys that did not exist (not an error).
+    pub missing: usize,
+}
+
+/// Per-table usage counters, kept current by every write.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TableUsage {
+    pub rows: usize,
+    pub bytes: usize,
+    /// Non-null vector values.
+    pub vectors: usize,
+}
+
+/// A table and its indexes.
+#[derive(Debug, Clone)]
+pub struct Table {
+    schema: TableSchema,
+    rows: BTreeMap<Vec<u8>, Row>,
+    indexes: Vec<BTreeSet<(Vec<u8>, Vec<u8>)>>,
+    usage: TableUsage,
+}
+
+fn row_bytes(row: &Row) -> usize {
+    row.iter().map(Value::stored_bytes).sum()
+}
+
+fn row_vectors(row: &Row) -> usize {
+    row.iter().filter(|v| matches!(v, Value::Vector(_))).count()
+}
+
+impl Table {
+    pub fn new(schema: TableSchema) -> Self {
+        let indexes = vec![BTreeSet::new(); schema.indexes.len()];
+        Table {
+            schema,
+            rows: BTreeMap::new(),
+            indexes,
+            usage: TableUsage::default(),
+        }
+    }
+
+    pub fn schema(&self) -> &TableSchema {
+        &self.schema
+    }
+
+    pub fn usage(&self) -> TableUsage {
+        self.usage
+    }
+
+    fn key_of(&self, row: &Row, columns: &[usize]) -> Vec<u8> {
+        let values: Vec<&Value> = columns.iter().map(|&c| &row[c]).collect();
+        encode_key(&values)
+    }
+
+    /// Converts a JSON object into a row of this table, or says what is wrong.
+    pub fn validate_upsert(
+        &self,
+        object: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Row, String> {
+        if let Some(unknown) = object.keys().find(|k| self.schema.column(k).is_none()) {
+            return Err(format!(
+                "unknown column {unknown:?} in table {:?}",
+                self.schema.name
+            ));
+        }
+        let mut row = Row::with_capacity(self.schema.columns.len());
+        for column in &self.schema.columns {
+            let value = match object.get(&column.name) {
+                Some(json) => Value::from_json(json, column.ty)
+                    .map_err(|e| format!("column {:?}: {e}", column.name))?,
+                None => Value::Null,
+            };
+            if value.is_null() && !column.nullable {
+                return Err(format!(
+                    "column {:?} is part of the primary key and cannot be null or missing",
+                    column.name
+                ));
+            }
+            row.push(value);
+        }
+        let bytes = row_bytes(&row);
+        if bytes > MAX_ROW_BYTES {
+            return Err(format!(
+                "row is {bytes} bytes, above the limit of {MAX_ROW_BYTES}"
+            ));
+        }
+        let key = self.key_of(&row, &self.schema.primary_key);
+        if key.len() > MAX_KEY_BYTES {
+            return Err(format!(
+                "primary key is {} bytes encoded, above the limit of {MAX_KEY_BYTES}",
+                key.len()
+            ));
+        }
+        for index in &self.schema.indexes {
+            let len = self.key_of(&row, &index.columns).len();
+            if len > MAX_KEY_BYTES {
+                return Err(format!(
+                    "key of index {:?} is {len} bytes, above the limit of {MAX_KEY_BYTES}",
+                    index.name
+                ));
+            }
+        }
+        Ok(row)
+    }
+
+    /// Encodes the primary key named by a JSON object holding exactly the key columns.
+    pub fn validate_key(
+        &self,
+        object: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Vec<u8>, String> {
+        let mut values = Vec::with_capacity(self.schema.primary_key.len());
+        for &p in &self.schema.primary_key {
+            let column = &self.schema.columns[p];
+            let json = object
+                .get(&column.name)
+                .ok_or_else(|| format!("primary key column {:?} is missing", column.name))?;
+            let value = Value::from_json(json, column.ty)
+                .map_err(|e| format!("column {:?}: {e}", column.name))?;
+            if value.is_null() {
+                return Err(format!(
+                    "primary key column {:?} cannot be null",
+                    column.name
+                ));
+            }
+            values.push(value);
+        }
+        if let Some(extra) = object.keys().find(|k| {
+            !self
+                .schema
+                .primary_key
+                .iter()
+                .any(|&p| self.schema.columns[p].name == **k)
+        }) {
+            return Err(format!(
+                "{extra:?} is not a primary key column; a delete names only the key"
+            ));
+        }
+        Ok(encode_key(&values.iter().collect::<Vec<_>>()))
+    }
+
+    /// Validates a whole batch; the error names the first bad row.
+    pub fn validate_batch(&self, ops: &[WriteOp]) -> Result<Vec<RowWrite>, EngineError> {
+        if ops.len() > MAX_BATCH_ROWS {
+            return Err(EngineError::LimitExceeded {
+                what: "rows in one batch",
+                actual: ops.len(),
+                limit: MAX_BATCH_ROWS,
+            });
+        }
+        ops.iter()
+            .enumerate()
+            .map(|(row, op)| {
+                let written = match op {
+                    WriteOp::Upsert(object) => self.validate_upsert(object).map(RowWrite::Upsert),
+                    WriteOp::Delete(object) => self.validate_key(object).map(RowWrite::Delete),
+                };
+                written.map_err(|why| EngineError::InvalidRow { row, why })
+            })
+            .collect()
+    }
+
+    /// Applies validated writes in order. Cannot fail: validation happened first.
+    pub fn apply(&mut self, writes: Vec<RowWrite>) -> BatchOutcome {
+        let mut outcome = BatchOutcome::default();
+        for write in writes {
+            match write {
+                RowWrite::Upsert(row) => {
+                    let key = self.key_of(&row, &self.schema.primary_key);
+                    match self.remove_row(&key) {
+                        Some(_) => outcome.updated += 1,
+                        None => outcome.inserted += 1,
+                    }
+                    self.insert_row(key, row);
+                }
+                RowWrite::Delete(key) => match self.remove_row(&key) {
+                    Some(_) => outcome.deleted += 1,
+                    None => outcome.missing += 1,
+                },
+            }
+        }
+        outcome
+    }
+
+    fn insert_row(&mut self, key: Vec<u8>, row: Row) {
+        for (i, index) in self.schema.indexes.iter().enumerate() {
+            let entry = (self.key_of(&row, &index.columns), key.clone());
+            let fresh = self.indexes[i].insert(entry);
+            debug_assert!(fresh, "an index entry exists once");
+        }
+        self.usage.rows += 1;
+        self.usage.bytes += row_bytes(&row);
+        self.usage.vectors += row_vectors(&row);
+        let previous = self.rows.insert(key, row);
+        debug_assert!(previous.is_none(), "insert_row follows remove_row");
+    }
+
+    fn remove_row(&mut self, key: &[u8]) -> Option<Row> {
+        let row = self.rows.remove(key)?;
+        for (i, index) in self.schema.indexes.iter().enumerate() {
+            let entry = (self.key_of(&row, &index.columns), key.to_vec());
+            let existed = self.indexes[i].remove(&entry);
+            debug_assert!(existed, "every row has its index entries");
+        }
+        self.usage.rows -= 1;
+        self.usage.bytes -= row_bytes(&row);
+        self.usage.vectors -= row_vectors(&row);
+        Some(row)
+    }
+
+    /// The row with this primary key (values in key-column order).
+    pub fn get(&self, key: &[Value]) -> Option<&Row> {
+        self.rows.get(&encode_key(&key.iter().collect::<Vec<_>>()))
+    }
+
+    /// Rows in primary-key order between two key prefixes (values of the leading key
+    /// columns). `Included(p)` as an upper bound includes every key starting with `p`.
+    pub fn scan_primary<'a>(
+        &'a self,
+        lower: Bound<&[Value]>,
+        upper: Bound<&[Value]>,
+    ) -> impl Iterator<Item = &'a Row> + 'a {
+        let (start, skip, stop) = prefix_bounds(lower, upper);
+        self.rows
+            .range((start, Bound::Unbounded))
+            .skip_while(move |(k, _)| skip.as_ref().is_some_and(|p| k.starts_with(p)))
+            .take_while(move |(k, _)| stop.admits(k))
+            .map(|(_, row)| row)
+    }
+
+    /// Rows in index order (ties in primary-key order) between two index-key prefixes.
+    pub fn scan_index<'a>(
+        &'a self,
+        index: &str,
+        lower: Bound<&[Value]>,
+        upper: Bound<&[Value]>,
+    ) -> Result<impl Iterator<Item = &'a Row> + 'a, EngineError> {
+        let position = self
+            .schema
+            .indexes
+            .iter()
+            .position(|i| i.name == index)
+            .ok_or_else(|| EngineError::NotFound {
+                what: "index",
+                name: index.to_string(),
+            })?;
+        let (start, skip, stop) = prefix_bounds(lower, upper);
+        let start = match start {
+            Bound::Included(k) => Bound::Included((k, Vec::new())),
+            _ => Bound::Unbounded,
+        };
+        Ok(self.indexes[position]
+            .range((start, Bound::Unbounded))
+            .skip_while(move |(k, _)| skip.as_ref().is_some_and(|p| k.starts_with(p)))
+            .take_while(move |(k, _)| stop.admits(k))
+            .map(|(_, pk)| self.rows.get(pk).expect("index entries point at live rows")))
+    }
+
+    /// Every row in primary-key order.
+    pub fn rows(&self) -> impl Iterator<Item = &Row> {
+        self.rows.values()
+    }
+
+    /// The type of each column (for callers that convert values).
+    pub fn column_types(&self) -> impl Iterator<Item = ColumnType> + '_ {
+        self.schema.columns.iter().map(|c| c.ty)
+    }
+}
+
+/// Where a scan stops.
+enum Stop {
+    Never,
+    /// Keys below this (exclusive).
+    Before(Vec<u8>),
+    /// Keys up to this prefix, including every key that starts with it.
+    Through(Vec<u8>),
+}
+
+impl Stop {
+    fn admits(&self, key: &[u8]) -> bool {
+        match self {
+            Stop::Never => true,
+            Stop::Before(p) => key < p.as_slice(),
+            Stop::Through(p) => key <= p.as_slice() || key.starts_with(p),
+        }
+    }
+}
+
+/// Turns value-prefix bounds into (start key, prefix to skip at the start, stop rule).
+fn prefix_bounds(
+    lower: Bound<&[Value]>,
+    upper: Bound<&[Value]>,
+) -> (Bound<Vec<u8>>, Option<Vec<u8>>, Stop) {
+    let encode = |values: &[Value]| encode_key(&values.iter().collect::<Vec<_>>());
+    let (start, skip) = match lower {
+        Bound::Unbounded => (Bound::Unbounded, None),
+        Bound::Included(v) => (Bound::Included(encode(v)), None),
+        Bound::Excluded(v) => {
+            let p = encode(v);
+            (Bound::Included(p.clone()), Some(p))
+        }
+    };
+    let stop = match upper {
+        Bound::Unbounded => Stop::Never,
+        Bound::Included(v) => Stop::Through(encode(v)),
+        Bound::Excluded(v) => Stop::Before(encode(v)),
+    };
+    (start, skip, stop)
+}

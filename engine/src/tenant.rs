@@ -1,0 +1,105 @@
+//! A tenant's state: its tables. Every operation validates completely before it
+//! changes anything, so a refused request leaves the tenant exactly as it was.
+
+use std::collections::BTreeMap;
+
+use crate::error::EngineError;
+use crate::limits::MAX_TABLES_PER_TENANT;
+use crate::schema::TableSchema;
+use crate::table::{BatchOutcome, Table, TableUsage, WriteOp};
+use crate::tenant_id::TenantId;
+
+/// Usage of a whole tenant (`GET /v1/tenants/:t/usage`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TenantUsage {
+    pub tables: BTreeMap<String, TableUsage>,
+    pub rows: usize,
+    pub bytes: usize,
+    pub vectors: usize,
+}
+
+/// One tenant, owned by exactly one shard.
+#[derive(Debug, Clone)]
+pub struct Tenant {
+    id: TenantId,
+    tables: BTreeMap<String, Table>,
+    /// Bumped by every schema change (plan caches key on it).
+    schema_version: u64,
+}
+
+impl Tenant {
+    pub fn new(id: TenantId) -> Self {
+        Tenant {
+            id,
+            tables: BTreeMap::new(),
+            schema_version: 0,
+        }
+    }
+
+    pub fn id(&self) -> &TenantId {
+        &self.id
+    }
+
+    pub fn schema_version(&self) -> u64 {
+        self.schema_version
+    }
+
+    pub fn create_table(&mut self, schema: TableSchema) -> Result<(), EngineError> {
+        if self.tables.contains_key(&schema.name) {
+            return Err(EngineError::AlreadyExists {
+                what: "table",
+                name: schema.name,
+            });
+        }
+        if self.tables.len() >= MAX_TABLES_PER_TENANT {
+            return Err(EngineError::LimitExceeded {
+                what: "tables per tenant",
+                actual: self.tables.len() + 1,
+                limit: MAX_TABLES_PER_TENANT,
+            });
+        }
+        self.tables.insert(schema.name.clone(), Table::new(schema));
+        self.schema_version += 1;
+        Ok(())
+    }
+
+    pub fn drop_table(&mut self, name: &str) -> Result<(), EngineError> {
+        self.tables.remove(name).ok_or_else(|| not_found(name))?;
+        self.schema_version += 1;
+        Ok(())
+    }
+
+    pub fn table(&self, name: &str) -> Result<&Table, EngineError> {
+        self.tables.get(name).ok_or_else(|| not_found(name))
+    }
+
+    pub fn tables(&self) -> impl Iterator<Item = &Table> {
+        self.tables.values()
+    }
+
+    /// Validates the whole batch, then applies it: all rows or none.
+    pub fn write(&mut self, table: &str, ops: &[WriteOp]) -> Result<BatchOutcome, EngineError> {
+        let target = self.tables.get_mut(table).ok_or_else(|| not_found(table))?;
+        let writes = target.validate_batch(ops)?;
+        Ok(target.apply(writes))
+    }
+
+    pub fn usage(&self) -> TenantUsage {
+        let mut usage = TenantUsage::default();
+        for (name, table) in &self.tables {
+            let u = table.usage();
+            usage.rows += u.rows;
+            usage.bytes += u.bytes;
+            usage.vectors += u.vectors;
+            usage.tables.insert(name.clone(), u);
+        }
+        usage
+    }
+}
+
+fn not_found(name: &str) -> EngineError {
+    EngineError::NotFound {
+        what: "table",
+        name: name.to_string(),
+    }
+}

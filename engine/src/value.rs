@@ -1,0 +1,297 @@
+//! Typed values, their conversion from JSON, and the order-preserving key encoding
+//! used for primary keys and secondary indexes.
+//!
+//! Key encoding (per column, concatenated; byte order = value order):
+//! a tag byte (`0x00` NULL, `0x01` bool, `0x02` int, `0x03` float, `0x04` text), then
+//! bool as one byte; int as big-endian u64 with the sign bit flipped; float as its
+//! IEEE bits, all flipped if negative else sign bit set (total order, -0.0 == 0.0);
+//! text with each 0x00 byte written as `00 FF` and ended by `00 00`. Each part is
+//! self-delimiting, so a key made of a prefix of the columns is a byte prefix of the
+//! full key.
+
+use std::cmp::Ordering;
+
+/// The type of a column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ColumnType {
+    Text,
+    Int,
+    Float,
+    Bool,
+    /// Any JSON value, stored as its compact text.
+    Json,
+    /// A fixed-length vector of f32.
+    Vector(u32),
+}
+
+impl ColumnType {
+    /// Parses `text`, `int`, `float`, `bool`, `json` or `vector(N)`.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "text" => ColumnType::Text,
+            "int" => ColumnType::Int,
+            "float" => ColumnType::Float,
+            "bool" => ColumnType::Bool,
+            "json" => ColumnType::Json,
+            _ => {
+                let dim = s.strip_prefix("vector(")?.strip_suffix(')')?;
+                ColumnType::Vector(dim.parse().ok()?)
+            }
+        })
+    }
+
+    /// Whether values of this type can be part of a key (ordered and comparable).
+    pub fn is_keyable(self) -> bool {
+        matches!(
+            self,
+            ColumnType::Text | ColumnType::Int | ColumnType::Float | ColumnType::Bool
+        )
+    }
+}
+
+impl std::fmt::Display for ColumnType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ColumnType::Text => f.write_str("text"),
+            ColumnType::Int => f.write_str("int"),
+            ColumnType::Float => f.write_str("float"),
+            ColumnType::Bool => f.write_str("bool"),
+            ColumnType::Json => f.write_str("json"),
+            ColumnType::Vector(d) => write!(f, "vector({d})"),
+        }
+    }
+}
+
+/// One value of a row.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Null,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Text(String),
+    /// Compact JSON text.
+    Json(String),
+    Vector(Vec<f32>),
+}
+
+impl Value {
+    /// Converts a JSON value to a value of `ty`; the error says what was expected.
+    pub fn from_json(json: &serde_json::Value, ty: ColumnType) -> Result<Value, String> {
+        use serde_json::Value as J;
+        match (ty, json) {
+            (_, J::Null) => Ok(Value::Null),
+            (ColumnType::Bool, J::Bool(b)) => Ok(Value::Bool(*b)),
+            (ColumnType::Int, J::Number(n)) => n
+                .as_i64()
+                .map(Value::Int)
+                .ok_or_else(|| format!("expected an integer in the i64 range, got {n}")),
+            (ColumnType::Float, J::Number(n)) => n
+                .as_f64()
+                .map(Value::Float)
+                .ok_or_else(|| format!("expected a number, got {n}")),
+            (ColumnType::Text, J::String(s)) => Ok(Value::Text(s.clone())),
+            (ColumnType::Json, other) => Ok(Value::Json(other.to_string())),
+            (ColumnType::Vector(dim), J::Array(items)) => {
+                if items.len() != dim as usize {
+                    return Err(format!("expected {dim} numbers, got {}", items.len()));
+                }
+                items
+                    .iter()
+                    .map(|x| match x.as_f64() {
+                        Some(f) if (f as f32).is_finite() => Ok(f as f32),
+                        _ => Err(format!("vector elements must be finite numbers, got {x}")),
+                    })
+                    .collect::<Result<Vec<f32>, String>>()
+                    .map(Value::Vector)
+            }
+            (ty, other) => Err(format!("expected {ty}, got {}", json_kind(other))),
+        }
+    }
+
+    pub fn is_null(&self) -> bool {
+        matches!(self, Value::Null)
+    }
+
+    /// Bytes this value takes in a stored row (for size limits and usage).
+    pub fn stored_bytes(&self) -> usize {
+        match self {
+            Value::Null => 1,
+            Value::Bool(_) => 2,
+            Value::Int(_) | Value::Float(_) => 9,
+            Value::Text(s) | Value::Json(s) => 5 + s.len(),
+            Value::Vector(v) => 5 + 4 * v.len(),
+        }
+    }
+
+    /// Appends the order-preserving encoding of a keyable value (see module doc).
+    pub fn encode_key(&self, out: &mut Vec<u8>) {
+        match self {
+            Value::Null => out.push(0x00),
+            Value::Bool(b) => out.extend_from_slice(&[0x01, u8::from(*b)]),
+            Value::Int(i) => {
+                out.push(0x02);
+                out.extend_from_slice(&((*i as u64) ^ (1 << 63)).to_be_bytes());
+            }
+            Value::Float(f) => {
+                out.push(0x03);
+                let f = if *f == 0.0 { 0.0 } else { *f };
+                let bits = f.to_bits();
+                let ordered = if bits >> 63 == 1 {
+                    !bits
+                } else {
+                    bits | (1 << 63)
+                };
+                out.extend_from_slice(&ordered.to_be_bytes());
+            }
+            Value::Text(s) => {
+                out.push(0x04);
+                for &b in s.as_bytes() {
+                    if b == 0 {
+                        out.extend_from_slice(&[0x00, 0xFF]);
+                    } else {
+                        out.push(b);
+                    }
+                }
+                out.extend_from_slice(&[0x00, 0x00]);
+            }
+            Value::Json(_) | Value::Vector(_) => {
+                unreachable!("schema validation keeps json and vector out of keys")
+            }
+        }
+    }
+
+    /// Total order of keyable values of one type, NULL first (the order the key
+    /// encoding preserves; used by tests and range checks).
+    pub fn key_cmp(&self, other: &Value) -> Ordering {
+        match (self, other) {
+            (Value::Null, Value::Null) => Ordering::Equal,
+            (Value::Null, _) => Ordering::Less,
+            (_, Value::Null) => Ordering::Greater,
+            (Value::Bool(a), Value::Bool(b)) => a.cmp(b),
+            (Value::Int(a), Value::Int(b)) => a.cmp(b),
+            (Value::Float(a), Value::Float(b)) => a.partial_cmp(b).unwrap_or(Ordering::Equal),
+            (Value::Text(a), Value::Text(b)) => a.as_bytes().cmp(b.as_bytes()),
+            _ => Ordering::Equal,
+        }
+    }
+}
+
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// Encodes a composite key from values in key-column order.
+pub fn encode_key(values: &[&Value]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 * values.len());
+    for v in values {
+        v.encode_key(&mut out);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn keyable() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::Int),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(Value::Float),
+            ".{0,12}".prop_map(Value::Text),
+            proptest::collection::vec(
+                prop_oneof![Just(0u8), Just(1u8), Just(255u8), any::<u8>()],
+                0..6
+            )
+            .prop_map(|b| Value::Text(String::from_utf8_lossy(&b).into_owned())),
+        ]
+    }
+
+    fn same_type(a: &Value, b: &Value) -> bool {
+        std::mem::discriminant(a) == std::mem::discriminant(b) || a.is_null() || b.is_null()
+    }
+
+    proptest! {
+        #[test]
+        fn key_encoding_preserves_order(a in keyable(), b in keyable(), c in keyable(), d in keyable()) {
+            prop_assume!(same_type(&a, &c) && same_type(&b, &d));
+            let left = encode_key(&[&a, &b]);
+            let right = encode_key(&[&c, &d]);
+            let expected = a.key_cmp(&c).then(b.key_cmp(&d));
+            prop_assert_eq!(left.cmp(&right), expected, "{:?},{:?} vs {:?},{:?}", a, b, c, d);
+        }
+
+        #[test]
+        fn a_key_prefix_encodes_to_a_byte_prefix(a in keyable(), b in keyable()) {
+            let full = encode_key(&[&a, &b]);
+            prop_assert!(full.starts_with(&encode_key(&[&a])));
+        }
+    }
+
+    #[test]
+    fn json_values_convert_by_column_type() {
+        assert_eq!(
+            Value::from_json(&json!(7), ColumnType::Int),
+            Ok(Value::Int(7))
+        );
+        assert_eq!(
+            Value::from_json(&json!(7), ColumnType::Float),
+            Ok(Value::Float(7.0))
+        );
+        assert_eq!(
+            Value::from_json(&json!({"a":[1]}), ColumnType::Json),
+            Ok(Value::Json("{\"a\":[1]}".into()))
+        );
+        assert_eq!(
+            Value::from_json(&json!([1, 2.5]), ColumnType::Vector(2)),
+            Ok(Value::Vector(vec![1.0, 2.5]))
+        );
+        assert_eq!(
+            Value::from_json(&json!(null), ColumnType::Text),
+            Ok(Value::Null)
+        );
+        for (input, ty, wanted) in [
+            (json!(1.5), ColumnType::Int, "expected an integer"),
+            (json!("7"), ColumnType::Int, "expected int, got a string"),
+            (json!(1), ColumnType::Text, "expected text, got a number"),
+            (
+                json!([1]),
+                ColumnType::Vector(2),
+                "expected 2 numbers, got 1",
+            ),
+            (json!([1, "x"]), ColumnType::Vector(2), "finite numbers"),
+            (json!([1e300, 1]), ColumnType::Vector(2), "finite numbers"),
+            (
+                json!(true),
+                ColumnType::Float,
+                "expected float, got a boolean",
+            ),
+        ] {
+            let err = Value::from_json(&input, ty).expect_err("refused");
+            assert!(err.contains(wanted), "{input} as {ty}: {err}");
+        }
+    }
+
+    #[test]
+    fn column_types_parse_and_print() {
+        for s in ["text", "int", "float", "bool", "json", "vector(128)"] {
+            assert_eq!(ColumnType::parse(s).expect(s).to_string(), s);
+        }
+        for s in ["vector()", "vector(x)", "varchar", "vector(3"] {
+            assert_eq!(ColumnType::parse(s), None, "{s}");
+        }
+    }
+}
