@@ -24,6 +24,12 @@ pub enum EngineError {
         actual: usize,
         limit: usize,
     },
+    #[error(
+        "table {table:?} was dropped and created again while the write was in flight; retry it"
+    )]
+    TableChanged { table: String },
+    #[error("the log holds a record that cannot be replayed at LSN {lsn}: {why}")]
+    Replay { lsn: u64, why: String },
     #[error("write-ahead log: {0}")]
     Wal(#[from] oc_io::Error),
 }

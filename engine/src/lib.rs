@@ -9,9 +9,12 @@
 //! recovery, idempotency keys (the engine issue is open).
 #![deny(clippy::unwrap_used)]
 
+pub mod command;
 pub mod error;
 pub mod limits;
+pub mod record;
 pub mod schema;
+pub mod shard;
 pub mod table;
 pub mod tenant;
 pub mod tenant_id;
@@ -20,6 +23,7 @@ pub mod value;
 pub use error::EngineError;
 pub use oc_io as io;
 pub use schema::TableSchema;
+pub use shard::{Applied, Shard, ShardState};
 pub use table::{BatchOutcome, Row, Table, TableUsage, WriteOp};
 pub use tenant::{Tenant, TenantUsage};
 pub use tenant_id::TenantId;

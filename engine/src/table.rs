@@ -53,6 +53,9 @@ pub struct TableUsage {
 #[derive(Debug, Clone)]
 pub struct Table {
     schema: TableSchema,
+    /// The LSN of the command that created this table: a write validated against one
+    /// incarnation of a table is refused by a later one.
+    version: u64,
     rows: BTreeMap<Vec<u8>, Row>,
     indexes: Vec<BTreeSet<(Vec<u8>, Vec<u8>)>>,
     usage: TableUsage,
@@ -67,10 +70,11 @@ fn row_vectors(row: &Row) -> usize {
 }
 
 impl Table {
-    pub fn new(schema: TableSchema) -> Self {
+    pub fn new(schema: TableSchema, version: u64) -> Self {
         let indexes = vec![BTreeSet::new(); schema.indexes.len()];
         Table {
             schema,
+            version,
             rows: BTreeMap::new(),
             indexes,
             usage: TableUsage::default(),
@@ -79,6 +83,10 @@ impl Table {
 
     pub fn schema(&self) -> &TableSchema {
         &self.schema
+    }
+
+    pub fn version(&self) -> u64 {
+        self.version
     }
 
     pub fn usage(&self) -> TableUsage {

@@ -44,7 +44,8 @@ impl Tenant {
         self.schema_version
     }
 
-    pub fn create_table(&mut self, schema: TableSchema) -> Result<(), EngineError> {
+    /// Adds a table; `version` identifies this incarnation (the creating LSN).
+    pub fn create_table(&mut self, schema: TableSchema, version: u64) -> Result<(), EngineError> {
         if self.tables.contains_key(&schema.name) {
             return Err(EngineError::AlreadyExists {
                 what: "table",
@@ -58,7 +59,8 @@ impl Tenant {
                 limit: MAX_TABLES_PER_TENANT,
             });
         }
-        self.tables.insert(schema.name.clone(), Table::new(schema));
+        self.tables
+            .insert(schema.name.clone(), Table::new(schema, version));
         self.schema_version += 1;
         Ok(())
     }
@@ -81,6 +83,22 @@ impl Tenant {
     pub fn write(&mut self, table: &str, ops: &[WriteOp]) -> Result<BatchOutcome, EngineError> {
         let target = self.tables.get_mut(table).ok_or_else(|| not_found(table))?;
         let writes = target.validate_batch(ops)?;
+        Ok(target.apply(writes))
+    }
+
+    /// Applies writes validated earlier against the table incarnation `version`.
+    pub fn apply_writes(
+        &mut self,
+        table: &str,
+        version: u64,
+        writes: Vec<crate::table::RowWrite>,
+    ) -> Result<BatchOutcome, EngineError> {
+        let target = self.tables.get_mut(table).ok_or_else(|| not_found(table))?;
+        if target.version() != version {
+            return Err(EngineError::TableChanged {
+                table: table.to_string(),
+            });
+        }
         Ok(target.apply(writes))
     }
 

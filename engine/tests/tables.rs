@@ -23,7 +23,7 @@ fn tenant() -> Tenant {
         &[("by_grp", &["grp"]), ("by_grp_n", &["grp", "n"])],
     )
     .expect("valid schema");
-    t.create_table(schema).expect("create");
+    t.create_table(schema, 1).expect("create");
     t
 }
 
@@ -228,7 +228,7 @@ fn upserts_replace_and_deletes_report_missing_keys() {
         Some(EngineError::NotFound { what: "index", .. })
     ));
     assert!(matches!(
-        t.create_table(t.table("items").expect("t").schema().clone()),
+        t.create_table(t.table("items").expect("t").schema().clone(), 2),
         Err(EngineError::AlreadyExists { .. })
     ));
     let version = t.schema_version();

@@ -97,6 +97,20 @@ impl WalConfig {
     }
 }
 
+/// A record placed in the log, not yet known durable.
+pub struct Pending {
+    completion: Rc<group_commit::Completion>,
+    index: usize,
+}
+
+impl Pending {
+    /// Waits until the record is durable and returns its LSN, or the error that kept
+    /// it from the log.
+    pub async fn durable(&self) -> Result<Lsn> {
+        self.completion.wait(self.index).await
+    }
+}
+
 /// A shard's write-ahead log. Dropping it cancels its tasks without flushing (a crash,
 /// as far as the disk can tell); call [`Wal::close`] to stop cleanly.
 pub struct Wal<S: Storage> {
@@ -153,6 +167,14 @@ impl<S: Storage> Wal<S> {
 
     /// Appends one record and returns its LSN once it is durable.
     pub async fn append(&self, kind: RecordKind, tenant: &[u8], payload: &[u8]) -> Result<Lsn> {
+        self.submit(kind, tenant, payload).await?.durable().await
+    }
+
+    /// Places one record in the log (waiting only for room in the filling group) and
+    /// returns a handle that resolves to its LSN once durable. Records submitted one
+    /// after another get increasing LSNs, which lets a caller keep its own queue in
+    /// exactly the log's order: nothing else runs between the enqueue and the return.
+    pub async fn submit(&self, kind: RecordKind, tenant: &[u8], payload: &[u8]) -> Result<Pending> {
         if tenant.len() > MAX_TENANT_BYTES {
             return Err(Error::TenantTooLong {
                 bytes: tenant.len(),
@@ -165,9 +187,12 @@ impl<S: Storage> Wal<S> {
             return Err(Error::RecordTooLarge { bytes: len, limit });
         }
         let enqueued = Instant::now();
-        let (completion, index) = loop {
-            if let Some(enqueued_at) = self.try_enqueue(kind, tenant, payload, len, enqueued)? {
-                break enqueued_at;
+        loop {
+            if let Some((completion, index)) =
+                self.try_enqueue(kind, tenant, payload, len, enqueued)?
+            {
+                self.shared.stats.borrow_mut().append_bytes += len as u64;
+                return Ok(Pending { completion, index });
             }
             // The filling group is full: wait until the writer takes it, then retry.
             let mut registered = false;
@@ -184,9 +209,7 @@ impl<S: Storage> Wal<S> {
                 Poll::Pending
             })
             .await;
-        };
-        self.shared.stats.borrow_mut().append_bytes += len as u64;
-        completion.wait(index).await
+        }
     }
 
     /// Copies a frame into the filling group if it has room; returns the group's

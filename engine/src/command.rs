@@ -1,0 +1,29 @@
+//! Commands: the mutations a shard logs and applies. Each becomes one WAL record
+//! (its kind and payload are encoded in [`crate::record`]).
+//!
+//! Applying is a total, deterministic function of (state, command): it never panics
+//! and reports a refused command as a result instead of failing. Live apply and crash
+//! replay therefore build the same state from the same log.
+
+use crate::schema::TableSchema;
+use crate::table::RowWrite;
+
+/// A mutation of one tenant, in the order the log holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    CreateTenant,
+    DropTenant,
+    CreateTable(TableSchema),
+    DropTable {
+        table: String,
+    },
+    /// Validated row writes to one table. `table_version` is the LSN of the
+    /// `CreateTable` the rows were validated against: if the table was dropped and
+    /// created again since, the batch is refused at apply time.
+    Write {
+        table: String,
+        table_version: u64,
+        writes: Vec<RowWrite>,
+        idempotency_key: Option<String>,
+    },
+}
