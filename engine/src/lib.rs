@@ -9,6 +9,7 @@
 //! recovery, idempotency keys (the engine issue is open).
 #![deny(clippy::unwrap_used)]
 
+pub mod checkpoint;
 pub mod command;
 pub mod error;
 pub mod limits;
@@ -23,7 +24,7 @@ pub mod value;
 pub use error::EngineError;
 pub use oc_io as io;
 pub use schema::TableSchema;
-pub use shard::{Applied, Shard, ShardState};
+pub use shard::{Applied, Shard, ShardOpenReport, ShardState};
 pub use table::{BatchOutcome, Row, Table, TableUsage, WriteOp};
 pub use tenant::{Tenant, TenantUsage};
 pub use tenant_id::TenantId;

@@ -100,11 +100,7 @@ pub fn encode(command: &Command) -> (RecordKind, Vec<u8>) {
 
 /// Decodes a record payload of `kind`.
 pub fn decode(kind: RecordKind, payload: &[u8]) -> Result<Command, RecordError> {
-    let mut r = Reader {
-        kind,
-        bytes: payload,
-        at: 0,
-    };
+    let mut r = Reader::new(kind, payload);
     let version = r.u8()?;
     if version != RECORD_FORMAT_VERSION {
         return Err(r.error(format!("unsupported record version {version}")));
@@ -147,36 +143,35 @@ pub fn decode(kind: RecordKind, payload: &[u8]) -> Result<Command, RecordError> 
         }
         other => return Err(r.error(format!("unknown record kind {}", other.0))),
     };
-    if r.remaining() != 0 {
-        return Err(r.error(format!("{} trailing bytes", r.remaining())));
-    }
+    r.finish()?;
     Ok(command)
 }
 
-struct Writer(Vec<u8>);
+/// Little-endian payload writer shared by WAL records and checkpoint records.
+pub(crate) struct Writer(pub(crate) Vec<u8>);
 
 impl Writer {
-    fn u8(&mut self, v: u8) {
+    pub(crate) fn u8(&mut self, v: u8) {
         self.0.push(v);
     }
-    fn u16(&mut self, v: u16) {
+    pub(crate) fn u16(&mut self, v: u16) {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
-    fn u32(&mut self, v: u32) {
+    pub(crate) fn u32(&mut self, v: u32) {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
-    fn u64(&mut self, v: u64) {
+    pub(crate) fn u64(&mut self, v: u64) {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
-    fn str16(&mut self, s: &str) {
+    pub(crate) fn str16(&mut self, s: &str) {
         self.u16(s.len() as u16);
         self.0.extend_from_slice(s.as_bytes());
     }
-    fn bytes32(&mut self, b: &[u8]) {
+    pub(crate) fn bytes32(&mut self, b: &[u8]) {
         self.u32(b.len() as u32);
         self.0.extend_from_slice(b);
     }
-    fn value(&mut self, v: &Value) {
+    pub(crate) fn value(&mut self, v: &Value) {
         match v {
             Value::Null => self.u8(V_NULL),
             Value::Bool(b) => {
@@ -208,7 +203,7 @@ impl Writer {
             }
         }
     }
-    fn schema(&mut self, s: &TableSchema) {
+    pub(crate) fn schema(&mut self, s: &TableSchema) {
         self.str16(&s.name);
         self.u16(s.columns.len() as u16);
         for c in &s.columns {
@@ -241,24 +236,37 @@ impl Writer {
     }
 }
 
-struct Reader<'a> {
+/// Bounds-checked payload reader shared by WAL records and checkpoint records.
+pub(crate) struct Reader<'a> {
     kind: RecordKind,
     bytes: &'a [u8],
     at: usize,
 }
 
 impl<'a> Reader<'a> {
-    fn error(&self, why: String) -> RecordError {
+    pub(crate) fn new(kind: RecordKind, bytes: &'a [u8]) -> Self {
+        Reader { kind, bytes, at: 0 }
+    }
+
+    /// Fails if bytes are left over.
+    pub(crate) fn finish(&self) -> Result<(), RecordError> {
+        if self.remaining() != 0 {
+            return Err(self.error(format!("{} trailing bytes", self.remaining())));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn error(&self, why: String) -> RecordError {
         RecordError {
             kind: self.kind,
             at: self.at,
             why,
         }
     }
-    fn remaining(&self) -> usize {
+    pub(crate) fn remaining(&self) -> usize {
         self.bytes.len() - self.at
     }
-    fn take(&mut self, n: usize) -> Result<&'a [u8], RecordError> {
+    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], RecordError> {
         if n > self.remaining() {
             return Err(self.error(format!("needs {n} more bytes, {} left", self.remaining())));
         }
@@ -266,34 +274,34 @@ impl<'a> Reader<'a> {
         self.at += n;
         Ok(slice)
     }
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], RecordError> {
+    pub(crate) fn array<const N: usize>(&mut self) -> Result<[u8; N], RecordError> {
         Ok(self.take(N)?.try_into().expect("take returned N bytes"))
     }
-    fn u8(&mut self) -> Result<u8, RecordError> {
+    pub(crate) fn u8(&mut self) -> Result<u8, RecordError> {
         Ok(self.take(1)?[0])
     }
-    fn u16(&mut self) -> Result<u16, RecordError> {
+    pub(crate) fn u16(&mut self) -> Result<u16, RecordError> {
         Ok(u16::from_le_bytes(self.array()?))
     }
-    fn u32(&mut self) -> Result<u32, RecordError> {
+    pub(crate) fn u32(&mut self) -> Result<u32, RecordError> {
         Ok(u32::from_le_bytes(self.array()?))
     }
-    fn u64(&mut self) -> Result<u64, RecordError> {
+    pub(crate) fn u64(&mut self) -> Result<u64, RecordError> {
         Ok(u64::from_le_bytes(self.array()?))
     }
-    fn utf8(&mut self, bytes: &[u8]) -> Result<String, RecordError> {
+    pub(crate) fn utf8(&mut self, bytes: &[u8]) -> Result<String, RecordError> {
         String::from_utf8(bytes.to_vec()).map_err(|_| self.error("text is not UTF-8".into()))
     }
-    fn str16(&mut self) -> Result<String, RecordError> {
+    pub(crate) fn str16(&mut self) -> Result<String, RecordError> {
         let n = self.u16()? as usize;
         let bytes = self.take(n)?;
         self.utf8(bytes)
     }
-    fn bytes32(&mut self) -> Result<&'a [u8], RecordError> {
+    pub(crate) fn bytes32(&mut self) -> Result<&'a [u8], RecordError> {
         let n = self.u32()? as usize;
         self.take(n)
     }
-    fn value(&mut self) -> Result<Value, RecordError> {
+    pub(crate) fn value(&mut self) -> Result<Value, RecordError> {
         Ok(match self.u8()? {
             V_NULL => Value::Null,
             V_BOOL => Value::Bool(self.u8()? != 0),
@@ -322,7 +330,7 @@ impl<'a> Reader<'a> {
             other => return Err(self.error(format!("bad value tag {other}"))),
         })
     }
-    fn schema(&mut self) -> Result<TableSchema, RecordError> {
+    pub(crate) fn schema(&mut self) -> Result<TableSchema, RecordError> {
         let name = self.str16()?;
         let n = self.u16()? as usize;
         let mut columns = Vec::with_capacity(n.min(self.remaining()));

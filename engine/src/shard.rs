@@ -17,6 +17,7 @@ use std::task::{Poll, Waker};
 use glommio::Task;
 use oc_io::{Lsn, Pending, RecoveryReport, Storage, Wal, WalConfig};
 
+use crate::checkpoint::{self, CheckpointInfo};
 use crate::command::Command;
 use crate::error::EngineError;
 use crate::record;
@@ -123,22 +124,53 @@ struct ApplyQueue {
     applier: Option<Waker>,
 }
 
+/// What opening a shard found and did.
+#[derive(Debug, Clone)]
+pub struct ShardOpenReport {
+    /// The checkpoint the state was loaded from, if any.
+    pub checkpoint: Option<Lsn>,
+    /// Newer checkpoints that could not be used, with the reason (recovery fell back).
+    pub unusable_checkpoints: Vec<(Lsn, String)>,
+    pub wal: RecoveryReport,
+}
+
 /// A shard over `S` storage.
 pub struct Shard<S: Storage> {
+    storage: S,
     wal: Rc<Wal<S>>,
+    last_checkpoint: RefCell<Option<CheckpointInfo>>,
     state: Rc<RefCell<ShardState>>,
     queue: Rc<RefCell<ApplyQueue>>,
     _applier: Task<()>,
 }
 
 impl<S: Storage> Shard<S> {
-    /// Recovers the shard's log into its state and starts the applier.
+    /// Loads the newest usable checkpoint (falling back to older ones), replays the
+    /// log after it, and starts the applier.
     pub async fn open(
         storage: S,
         config: WalConfig,
-    ) -> Result<(Self, RecoveryReport), EngineError> {
-        let mut state = ShardState::default();
-        let (wal, report) = Wal::open(storage, config, Lsn(1), |frame| {
+    ) -> Result<(Self, ShardOpenReport), EngineError> {
+        let mut unusable = Vec::new();
+        let mut loaded = None;
+        for lsn in checkpoint::list_checkpoints(&storage).await? {
+            match checkpoint::load_checkpoint(&storage, lsn).await {
+                Ok(state) => {
+                    loaded = Some((lsn, state));
+                    break;
+                }
+                Err(why) => {
+                    tracing::warn!(checkpoint = lsn.0, %why, "checkpoint unusable; trying an older one");
+                    unusable.push((lsn, why));
+                }
+            }
+        }
+        let (checkpoint, mut state) = match loaded {
+            Some((lsn, state)) => (Some(lsn), state),
+            None => (None, ShardState::default()),
+        };
+        let replay_from = state.applied_lsn.next();
+        let opened = Wal::open(storage.clone(), config, replay_from, |frame| {
             let tenant = std::str::from_utf8(frame.tenant)
                 .ok()
                 .and_then(|t| TenantId::parse(t).ok())
@@ -150,20 +182,68 @@ impl<S: Storage> Shard<S> {
             let _ = apply(&mut state, &tenant, frame.lsn, command);
             Ok(())
         })
-        .await?;
+        .await;
+        let (wal, report) = match opened {
+            Ok(opened) => opened,
+            Err(oc_io::Error::MissingFrames {
+                wanted,
+                first_available,
+            }) => {
+                return Err(EngineError::Replay {
+                    lsn: wanted.0,
+                    why: format!(
+                        "no usable checkpoint covers the log before LSN {first_available} \
+                         (unusable: {unusable:?}); restore from a replica or the archive"
+                    ),
+                })
+            }
+            Err(e) => return Err(e.into()),
+        };
         let wal = Rc::new(wal);
         let state = Rc::new(RefCell::new(state));
         let queue = Rc::new(RefCell::new(ApplyQueue::default()));
         let applier = glommio::spawn_local(run_applier(state.clone(), queue.clone()));
+        let report = ShardOpenReport {
+            checkpoint,
+            unusable_checkpoints: unusable,
+            wal: report,
+        };
         Ok((
             Shard {
+                storage,
                 wal,
+                last_checkpoint: RefCell::new(None),
                 state,
                 queue,
                 _applier: applier,
             },
             report,
         ))
+    }
+
+    /// Writes a checkpoint of the applied state without stopping writes.
+    pub async fn checkpoint(&self) -> Result<CheckpointInfo, EngineError> {
+        let config = self.wal.config();
+        let info =
+            checkpoint::write_checkpoint(&self.storage, &self.state, config.shard, config.epoch)
+                .await?;
+        *self.last_checkpoint.borrow_mut() = Some(info.clone());
+        Ok(info)
+    }
+
+    /// The last checkpoint this process wrote (for `oc_checkpoint_age_s` and friends).
+    pub fn last_checkpoint(&self) -> Option<CheckpointInfo> {
+        self.last_checkpoint.borrow().clone()
+    }
+
+    /// Releases log segments that every kept checkpoint covers. The shipper will gate
+    /// this on segments being archived first.
+    pub async fn release_covered_wal(&self) -> Result<Vec<String>, EngineError> {
+        let kept = checkpoint::list_checkpoints(&self.storage).await?;
+        let Some(oldest) = kept.last() else {
+            return Ok(Vec::new());
+        };
+        Ok(self.wal.release_before(oldest.next()).await?)
     }
 
     /// Logs a command and waits until it is durable and applied.

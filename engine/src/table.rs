@@ -301,6 +301,17 @@ impl Table {
             .map(|(_, pk)| self.rows.get(pk).expect("index entries point at live rows")))
     }
 
+    /// Up to `limit` (encoded key, row) pairs after `after` in key order: a scan that
+    /// can stop, yield and resume while the table changes.
+    pub fn chunk_after(&self, after: Option<&[u8]>, limit: usize) -> Vec<(Vec<u8>, Row)> {
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        self.rows
+            .range::<[u8], _>((start, Bound::Unbounded))
+            .take(limit)
+            .map(|(k, r)| (k.clone(), r.clone()))
+            .collect()
+    }
+
     /// Every row in primary-key order.
     pub fn rows(&self) -> impl Iterator<Item = &Row> {
         self.rows.values()

@@ -26,7 +26,7 @@ fn durable_writes_survive_a_restart_and_reads_see_only_applied_state() {
         let (shard, report) = Shard::open(storage, WalConfig::default())
             .await
             .expect("open");
-        assert_eq!(report.frames_scanned, 0);
+        assert_eq!(report.wal.frames_scanned, 0);
         let shard = Rc::new(shard);
         shard.create_tenant(&acme).await.expect("tenant");
         let schema = TableSchema::new(
@@ -95,7 +95,7 @@ fn durable_writes_survive_a_restart_and_reads_see_only_applied_state() {
         let (shard, report) = Shard::open(storage, WalConfig::default())
             .await
             .expect("reopen");
-        assert_eq!(report.last_lsn, applied);
+        assert_eq!(report.wal.last_lsn, applied);
         assert_eq!(rows_of(&shard, &acme), before);
         let clicks = shard
             .read(&acme, |t| {
