@@ -1,10 +1,12 @@
 //! Crash simulation of a shard over `SimStorage`: concurrent writers commit random
 //! batches (and now and then drop and recreate the table) while the machine crashes
 //! at a random storage operation. After each crash:
-//! - every acknowledged command is in the log at its LSN, byte for byte;
-//! - the recovered shard equals an independent reference model replaying that log
-//!   (so no batch is half applied, and recovery = live apply);
+//! - recovery reaches at least the last acknowledged LSN;
+//! - the recovered shard equals an independent reference model built from the
+//!   acknowledged commands and the log after the checkpoint recovery used (so no batch
+//!   is half applied, and checkpoint + replay = live apply);
 //! - the live shard just before the crash equals the model at its applied LSN.
+//! A checkpointer writes checkpoints and releases covered segments throughout.
 //!
 //! Replay one run with `OC_SIM_SEED=<seed>`; `OC_SIM_SEEDS=<n>` sets how many run.
 
@@ -18,7 +20,7 @@ use oc_engine::record;
 use oc_engine::table::RowWrite;
 use oc_engine::{ColumnType, EngineError, Shard, TableSchema, TenantId, Value, WriteOp};
 use oc_io::executor::run_local;
-use oc_io::{Lsn, RecordKind, SimFaults, SimRng, SimStorage, Wal, WalConfig};
+use oc_io::{Lsn, SimFaults, SimRng, SimStorage, Wal, WalConfig};
 use serde_json::json;
 
 fn config() -> WalConfig {
@@ -48,9 +50,6 @@ fn acme() -> TenantId {
 }
 
 type Rows = Vec<Vec<Value>>;
-
-/// An acknowledged command: LSN, record kind, and payload (empty when not compared).
-type Acked = (u64, RecordKind, Vec<u8>);
 
 /// The reference model: the table's rows by id and its version, or no table.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -140,33 +139,85 @@ fn random_batch(rng: &mut SimRng) -> Vec<WriteOp> {
         .collect()
 }
 
-/// Returns how many writes were acknowledged before the crash.
-async fn run_seed(seed: u64) -> usize {
+/// Returns (writes acknowledged before the crash, whether recovery used a checkpoint).
+/// A command whose effect the model knows: acknowledged ones (writes by their ops,
+/// applied unconditionally since they were applied live) or ones read from the log.
+#[derive(Debug, Clone)]
+enum Event {
+    AckedWrite(Vec<WriteOp>),
+    Logged(Command),
+}
+
+fn apply_event(model: &mut Model, lsn: u64, event: Event) {
+    match event {
+        Event::Logged(command) => model.apply(lsn, command),
+        Event::AckedWrite(ops) => {
+            let (_, rows) = model
+                .table
+                .as_mut()
+                .expect("an acknowledged write had its table");
+            for op in ops {
+                match op {
+                    WriteOp::Upsert(o) => {
+                        let id = o["id"].as_i64().expect("id");
+                        let grp = Value::Text(o["grp"].as_str().expect("grp").to_string());
+                        rows.insert(
+                            id,
+                            vec![Value::Int(id), grp, Value::Int(o["n"].as_i64().expect("n"))],
+                        );
+                    }
+                    WriteOp::Delete(o) => {
+                        rows.remove(&o["id"].as_i64().expect("id"));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Returns (writes acknowledged before the crash, whether recovery used a checkpoint).
+async fn run_seed(seed: u64) -> (usize, bool) {
     let mut rng = SimRng::new(seed);
     let faults = SimFaults {
-        crash_after_ops: Some(1 + rng.below(500)),
+        crash_after_ops: Some(1 + rng.below(700)),
         sync_error_per_mille: if rng.chance(200) { 30 } else { 0 },
         capacity_bytes: u64::MAX,
         yield_per_mille: 300,
     };
     let storage = SimStorage::new(seed, faults);
-    let acked: Rc<RefCell<Vec<Acked>>> = Rc::default();
+    let acked: Rc<RefCell<BTreeMap<u64, Event>>> = Rc::default();
     let mut live = None;
     if let Ok((shard, _)) = Shard::open(storage.clone(), config()).await {
         let shard = Rc::new(shard);
         let setup = async {
             let lsn = shard.create_tenant(&acme()).await?;
-            acked.borrow_mut().push((
-                lsn.0,
-                record::KIND_CREATE_TENANT,
-                record::encode(&Command::CreateTenant).1,
-            ));
+            acked
+                .borrow_mut()
+                .insert(lsn.0, Event::Logged(Command::CreateTenant));
             let lsn = shard.create_table(&acme(), schema()).await?;
-            let (kind, payload) = record::encode(&Command::CreateTable(schema()));
-            acked.borrow_mut().push((lsn.0, kind, payload));
+            acked
+                .borrow_mut()
+                .insert(lsn.0, Event::Logged(Command::CreateTable(schema())));
             Ok::<(), EngineError>(())
         };
         if setup.await.is_ok() {
+            let writers_done = Rc::new(std::cell::Cell::new(false));
+            let checkpointer = {
+                let (shard, done) = (shard.clone(), writers_done.clone());
+                let pause = 20 + rng.below(200);
+                glommio::spawn_local(async move {
+                    while !done.get() {
+                        for _ in 0..pause {
+                            futures_lite::future::yield_now().await;
+                        }
+                        if shard.checkpoint().await.is_err()
+                            || shard.release_covered_wal().await.is_err()
+                        {
+                            break;
+                        }
+                    }
+                })
+            };
             let mut tasks = Vec::new();
             for writer in 0..1 + rng.below(5) {
                 let (shard, acked) = (shard.clone(), acked.clone());
@@ -175,20 +226,26 @@ async fn run_seed(seed: u64) -> usize {
                     for _ in 0..25 {
                         if writer == 0 && rng.chance(60) {
                             // Recreate the table: in-flight writes to the old one must be refused.
-                            if shard.drop_table(&acme(), "items").await.is_err() {
-                                break;
+                            match shard.drop_table(&acme(), "items").await {
+                                Ok(lsn) => {
+                                    let drop = Command::DropTable {
+                                        table: "items".into(),
+                                    };
+                                    acked.borrow_mut().insert(lsn.0, Event::Logged(drop));
+                                }
+                                Err(_) => break,
                             }
-                            let _ = shard.create_table(&acme(), schema()).await;
+                            if let Ok(lsn) = shard.create_table(&acme(), schema()).await {
+                                acked
+                                    .borrow_mut()
+                                    .insert(lsn.0, Event::Logged(Command::CreateTable(schema())));
+                            }
                             continue;
                         }
                         let ops = random_batch(&mut rng);
                         match shard.write(&acme(), "items", &ops, None).await {
-                            // An LSN names one frame: its kind is checked here, its bytes
-                            // are CRC-protected, and the model comparison checks its effect.
                             Ok((lsn, _)) => {
-                                acked
-                                    .borrow_mut()
-                                    .push((lsn.0, record::KIND_WRITE, Vec::new()));
+                                acked.borrow_mut().insert(lsn.0, Event::AckedWrite(ops));
                             }
                             Err(
                                 EngineError::NotFound { .. } | EngineError::TableChanged { .. },
@@ -202,6 +259,8 @@ async fn run_seed(seed: u64) -> usize {
                 for t in tasks {
                     t.await;
                 }
+                writers_done.set(true);
+                checkpointer.await;
             };
             let deadline = async {
                 glommio::timer::sleep(Duration::from_secs(20)).await;
@@ -213,74 +272,66 @@ async fn run_seed(seed: u64) -> usize {
     }
 
     storage.restart(SimFaults::default());
-    // Read the log on its own first.
-    let mut log = Vec::new();
-    let (wal, _) = Wal::open(storage.clone(), config(), Lsn(1), |f| {
-        log.push((f.lsn.0, f.kind, f.payload.to_vec()));
+    let (shard, report) = Shard::open(storage.clone(), config())
+        .await
+        .unwrap_or_else(|e| panic!("seed {seed}: shard recovery failed: {e}"));
+    let recovered_rows = shard_rows(&shard);
+    let recovered_lsn = shard.applied_lsn().0;
+    shard.close().await.expect("close");
+    drop(shard);
+    // Read the log after the checkpoint on its own.
+    let from = report.checkpoint.map_or(Lsn(1), Lsn::next);
+    let mut events: BTreeMap<u64, Event> = acked.borrow().clone();
+    let (wal, _) = Wal::open(storage.clone(), config(), from, |f| {
+        let command = record::decode(f.kind, f.payload).map_err(|e| e.to_string())?;
+        events.entry(f.lsn.0).or_insert(Event::Logged(command));
         Ok(())
     })
     .await
     .unwrap_or_else(|e| panic!("seed {seed}: log recovery failed: {e}"));
     wal.close().await.expect("close");
     drop(wal);
-    let by_lsn: BTreeMap<u64, (RecordKind, Vec<u8>)> =
-        log.iter().map(|(l, k, p)| (*l, (*k, p.clone()))).collect();
-    for (lsn, kind, payload) in acked.borrow().iter() {
-        let (got_kind, got) = by_lsn
-            .get(lsn)
-            .unwrap_or_else(|| panic!("seed {seed}: acknowledged LSN {lsn} lost"));
-        assert_eq!(got_kind, kind, "seed {seed}: LSN {lsn} holds another kind");
-        if !payload.is_empty() {
-            assert_eq!(got, payload, "seed {seed}: LSN {lsn} holds other bytes");
-        }
-    }
-    // Replay the log into the model, checking the live state at its applied LSN.
+
+    let last_acked = acked.borrow().keys().last().copied().unwrap_or(0);
+    assert!(
+        recovered_lsn >= last_acked,
+        "seed {seed}: acknowledged LSN {last_acked} lost (recovered {recovered_lsn})"
+    );
+    // Replay the model, checking the live state at its applied LSN on the way.
     let mut model = Model::default();
     let live_lsn = live.as_ref().map_or(0, |(l, _)| *l);
-    let mut checked_live = live_lsn == 0;
-    for (lsn, kind, payload) in &log {
-        if *lsn > live_lsn && !checked_live {
-            let (_, rows) = live.as_ref().expect("live state");
+    let mut live_to_check = live.filter(|(l, _)| *l > 0);
+    for (lsn, event) in events {
+        if lsn > recovered_lsn {
+            break;
+        }
+        if let Some((_, rows)) = live_to_check.take_if(|(l, _)| lsn > *l) {
             assert_eq!(
                 rows,
-                &model.rows(),
-                "seed {seed}: live state differs from the log at LSN {live_lsn}"
+                model.rows(),
+                "seed {seed}: live state differs from the model at LSN {live_lsn}"
             );
-            checked_live = true;
         }
-        model.apply(
-            *lsn,
-            record::decode(*kind, payload).expect("a logged record decodes"),
-        );
+        apply_event(&mut model, lsn, event);
     }
-    if !checked_live {
-        let (_, rows) = live.as_ref().expect("live state");
+    if let Some((_, rows)) = live_to_check {
         assert_eq!(
             rows,
-            &model.rows(),
-            "seed {seed}: live state differs from the log at LSN {live_lsn}"
+            model.rows(),
+            "seed {seed}: live state differs from the model at LSN {live_lsn}"
         );
     }
-    assert!(
-        log.last().map_or(0, |l| l.0) >= live_lsn,
-        "seed {seed}: the log lost applied commands"
-    );
-    // The recovered shard equals the model.
-    let (shard, _) = Shard::open(storage.clone(), config())
-        .await
-        .unwrap_or_else(|e| panic!("seed {seed}: shard recovery failed: {e}"));
     assert_eq!(
-        shard_rows(&shard),
+        recovered_rows,
         model.rows(),
-        "seed {seed}: recovered state differs from the log"
+        "seed {seed}: recovered state differs from the model"
     );
-    assert_eq!(shard.applied_lsn().0, log.last().map_or(0, |l| l.0));
     let writes = acked
         .borrow()
-        .iter()
-        .filter(|a| a.1 == record::KIND_WRITE)
+        .values()
+        .filter(|e| matches!(e, Event::AckedWrite(_)))
         .count();
-    writes
+    (writes, report.checkpoint.is_some())
 }
 
 #[test]
@@ -296,19 +347,28 @@ fn crashes_never_lose_acknowledged_commands_or_half_apply_a_batch() {
         }
     };
     let count = seeds.len();
-    let mut with_writes = 0;
+    let (mut with_writes, mut from_checkpoint) = (0, 0);
     run_local(async {
         for seed in seeds {
             let mut guard = SeedGuard(Some(seed));
-            with_writes += usize::from(run_seed(seed).await > 0);
+            let (writes, checkpointed) = run_seed(seed).await;
+            with_writes += usize::from(writes > 0);
+            from_checkpoint += usize::from(checkpointed);
             guard.0 = None;
         }
     });
-    eprintln!("{count} seeds: {with_writes} acknowledged writes before crashing");
+    eprintln!(
+        "{count} seeds: {with_writes} acknowledged writes before crashing, \
+         {from_checkpoint} recovered from a checkpoint"
+    );
     if count >= 100 {
         assert!(
             with_writes * 2 > count,
             "too few runs got as far as writing"
+        );
+        assert!(
+            from_checkpoint * 5 > count,
+            "too few runs recovered from a checkpoint"
         );
     }
 }
