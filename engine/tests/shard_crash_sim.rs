@@ -6,6 +6,7 @@
 //!   acknowledged commands and the log after the checkpoint recovery used (so no batch
 //!   is half applied, and checkpoint + replay = live apply);
 //! - the live shard just before the crash equals the model at its applied LSN.
+//!
 //! A checkpointer writes checkpoints and releases covered segments throughout.
 //!
 //! Replay one run with `OC_SIM_SEED=<seed>`; `OC_SIM_SEEDS=<n>` sets how many run.
