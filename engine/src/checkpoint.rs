@@ -20,9 +20,10 @@ use oc_io::wal::frame::{self, Epoch, Frame, Lsn, RecordKind, TimestampMicros};
 use oc_io::{align_up, IoBuffer, Storage, StorageFile, BLOCK_SIZE};
 
 use crate::error::EngineError;
+use crate::idempotency::Remembered;
 use crate::record::{Reader, Writer};
 use crate::shard::ShardState;
-use crate::table::RowWrite;
+use crate::table::{BatchOutcome, RowWrite};
 use crate::tenant::Tenant;
 use crate::tenant_id::TenantId;
 
@@ -40,6 +41,9 @@ const KIND_TENANT: RecordKind = RecordKind(17);
 const KIND_TABLE: RecordKind = RecordKind(18);
 const KIND_ROWS: RecordKind = RecordKind(19);
 const KIND_END: RecordKind = RecordKind(20);
+const KIND_KEYS: RecordKind = RecordKind(21);
+/// Idempotency entries per frame.
+const KEYS_PER_FRAME: usize = 1000;
 
 /// What a checkpoint holds and what writing it took.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -178,12 +182,25 @@ pub(crate) async fn write_checkpoint<S: Storage>(
 ) -> Result<CheckpointInfo, EngineError> {
     let started = Instant::now();
     let created = TimestampMicros::now();
-    let (lsn, tenants, estimate) = {
+    // Taken in one step at `lsn`: the idempotency keys must be exactly those applied up
+    // to `lsn`, or replay would skip (as repeats) writes whose rows the copy missed.
+    let (lsn, tenants, keys, estimate) = {
         let s = state.borrow();
         let bytes: usize = s.tenants.values().map(|t| t.usage().bytes).sum();
+        let keys: Vec<Vec<(String, Remembered)>> = s
+            .tenants
+            .values()
+            .map(|t| {
+                t.idempotency()
+                    .entries()
+                    .map(|(k, r)| (k.to_string(), *r))
+                    .collect()
+            })
+            .collect();
         (
             s.applied_lsn,
             s.tenants.keys().cloned().collect::<Vec<_>>(),
+            keys,
             bytes,
         )
     };
@@ -210,7 +227,7 @@ pub(crate) async fn write_checkpoint<S: Storage>(
     out.push(KIND_HEADER, b"", &header.0);
 
     let mut rows_total = 0u64;
-    for tenant in &tenants {
+    for (tenant, keys) in tenants.iter().zip(&keys) {
         let tables: Vec<(String, u64)> = match state.borrow().tenants.get(tenant) {
             Some(t) => t
                 .tables()
@@ -223,6 +240,25 @@ pub(crate) async fn write_checkpoint<S: Storage>(
             tenant.as_str().as_bytes(),
             &[CHECKPOINT_FORMAT_VERSION],
         );
+        for chunk in keys.chunks(KEYS_PER_FRAME) {
+            let mut w = Writer(vec![CHECKPOINT_FORMAT_VERSION]);
+            w.u32(chunk.len() as u32);
+            for (key, r) in chunk {
+                w.str16(key);
+                w.u64(r.request_hash);
+                w.u64(r.lsn.0);
+                w.u64(r.committed.0);
+                for n in [
+                    r.outcome.inserted,
+                    r.outcome.updated,
+                    r.outcome.deleted,
+                    r.outcome.missing,
+                ] {
+                    w.u32(n as u32);
+                }
+            }
+            out.push(KIND_KEYS, tenant.as_str().as_bytes(), &w.0);
+        }
         for (table, version) in tables {
             let mut after: Option<Vec<u8>> = None;
             let mut first = true;
@@ -442,6 +478,36 @@ fn decode_snapshot(data: &[u8], lsn: Lsn) -> Result<ShardState, String> {
                 }
                 t.apply_writes(&table, version, rows)
                     .map_err(|e| e.to_string())?;
+            }
+            KIND_KEYS => {
+                let count = r.u32().map_err(bad)? as usize;
+                let t = state
+                    .tenants
+                    .get_mut(&tenant()?)
+                    .ok_or("keys before their tenant")?;
+                for _ in 0..count {
+                    let key = r.str16().map_err(bad)?;
+                    let request_hash = r.u64().map_err(bad)?;
+                    let lsn = Lsn(r.u64().map_err(bad)?);
+                    let committed = TimestampMicros(r.u64().map_err(bad)?);
+                    let mut n = [0usize; 4];
+                    for x in &mut n {
+                        *x = r.u32().map_err(bad)? as usize;
+                    }
+                    let outcome = BatchOutcome {
+                        inserted: n[0],
+                        updated: n[1],
+                        deleted: n[2],
+                        missing: n[3],
+                    };
+                    let entry = Remembered {
+                        request_hash,
+                        lsn,
+                        outcome,
+                        committed,
+                    };
+                    t.idempotency_mut().remember(key, entry);
+                }
             }
             KIND_END => {
                 if r.u32().map_err(bad)? != index + 1 {

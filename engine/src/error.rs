@@ -24,6 +24,8 @@ pub enum EngineError {
         actual: usize,
         limit: usize,
     },
+    #[error("idempotency key {key:?} was first used with a different request body")]
+    IdempotencyConflict { key: String },
     #[error(
         "table {table:?} was dropped and created again while the write was in flight; retry it"
     )]

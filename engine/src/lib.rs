@@ -12,6 +12,7 @@
 pub mod checkpoint;
 pub mod command;
 pub mod error;
+pub mod idempotency;
 pub mod limits;
 pub mod record;
 pub mod schema;

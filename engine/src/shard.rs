@@ -15,14 +15,15 @@ use std::rc::Rc;
 use std::task::{Poll, Waker};
 
 use glommio::Task;
-use oc_io::{Lsn, Pending, RecoveryReport, Storage, Wal, WalConfig};
+use oc_io::{Lsn, Pending, RecoveryReport, Storage, TimestampMicros, Wal, WalConfig};
 
 use crate::checkpoint::{self, CheckpointInfo};
 use crate::command::Command;
 use crate::error::EngineError;
+use crate::idempotency::{self, Remembered};
 use crate::record;
 use crate::schema::TableSchema;
-use crate::table::{BatchOutcome, WriteOp};
+use crate::table::{BatchOutcome, RowWrite, WriteOp};
 use crate::tenant::Tenant;
 use crate::tenant_id::TenantId;
 
@@ -33,7 +34,34 @@ pub enum Applied {
     TenantDropped,
     TableCreated,
     TableDropped,
-    Written(BatchOutcome),
+    /// A write batch applied at `lsn`; for a repeat of an idempotency key, the LSN and
+    /// outcome of the first request.
+    Written {
+        lsn: Lsn,
+        outcome: BatchOutcome,
+    },
+}
+
+/// The hash of a write request's body, as idempotency keys remember it.
+fn request_hash(table: &str, writes: &[RowWrite]) -> u64 {
+    let body = Command::Write {
+        table: table.to_string(),
+        table_version: 0,
+        writes: writes.to_vec(),
+        idempotency_key: None,
+    };
+    idempotency::request_hash(&[&record::encode(&body).1])
+}
+
+/// The remembered result for `key`, or a conflict if it was used with another body.
+fn remembered(tenant: &Tenant, key: &str, hash: u64) -> Result<Option<Remembered>, EngineError> {
+    match tenant.idempotency().get(key) {
+        Some(r) if r.request_hash == hash => Ok(Some(*r)),
+        Some(_) => Err(EngineError::IdempotencyConflict {
+            key: key.to_string(),
+        }),
+        None => Ok(None),
+    }
 }
 
 /// The tenants of a shard and the LSN they reflect.
@@ -50,6 +78,7 @@ pub fn apply(
     state: &mut ShardState,
     tenant: &TenantId,
     lsn: Lsn,
+    committed: TimestampMicros,
     command: Command,
 ) -> Result<Applied, EngineError> {
     assert!(lsn > state.applied_lsn, "commands apply in LSN order");
@@ -89,14 +118,31 @@ pub fn apply(
             table,
             table_version,
             writes,
-            idempotency_key: _,
+            idempotency_key,
         } => {
             let t = state.tenants.get_mut(tenant).ok_or_else(missing)?;
-            Ok(Applied::Written(t.apply_writes(
-                &table,
-                table_version,
-                writes,
-            )?))
+            let Some(key) = idempotency_key else {
+                let outcome = t.apply_writes(&table, table_version, writes)?;
+                return Ok(Applied::Written { lsn, outcome });
+            };
+            let hash = request_hash(&table, &writes);
+            if let Some(first) = remembered(t, &key, hash)? {
+                return Ok(Applied::Written {
+                    lsn: first.lsn,
+                    outcome: first.outcome,
+                });
+            }
+            let outcome = t.apply_writes(&table, table_version, writes)?;
+            t.idempotency_mut().remember(
+                key,
+                Remembered {
+                    request_hash: hash,
+                    lsn,
+                    outcome,
+                    committed,
+                },
+            );
+            Ok(Applied::Written { lsn, outcome })
         }
     }
 }
@@ -179,7 +225,7 @@ impl<S: Storage> Shard<S> {
                 })?;
             let command = record::decode(frame.kind, frame.payload).map_err(|e| e.to_string())?;
             // A refused command was refused live too: it changes nothing either way.
-            let _ = apply(&mut state, &tenant, frame.lsn, command);
+            let _ = apply(&mut state, &tenant, frame.lsn, frame.commit_ts, command);
             Ok(())
         })
         .await;
@@ -327,10 +373,28 @@ impl<S: Storage> Shard<S> {
         ops: &[WriteOp],
         idempotency_key: Option<String>,
     ) -> Result<(Lsn, BatchOutcome), EngineError> {
-        let (writes, table_version) = self.read(tenant, |t| {
+        if let Some(key) = &idempotency_key {
+            if key.is_empty() || key.len() > idempotency::MAX_KEY_BYTES {
+                return Err(EngineError::LimitExceeded {
+                    what: "idempotency key bytes (1 or more)",
+                    actual: key.len(),
+                    limit: idempotency::MAX_KEY_BYTES,
+                });
+            }
+        }
+        let (writes, table_version, first) = self.read(tenant, |t| {
             let target = t.table(table)?;
-            Ok::<_, EngineError>((target.validate_batch(ops)?, target.version()))
+            let writes = target.validate_batch(ops)?;
+            let first = match &idempotency_key {
+                Some(key) => remembered(t, key, request_hash(table, &writes))?,
+                None => None,
+            };
+            Ok::<_, EngineError>((writes, target.version(), first))
         })??;
+        // A repeat of a key already applied is answered without writing anything.
+        if let Some(first) = first {
+            return Ok((first.lsn, first.outcome));
+        }
         let command = Command::Write {
             table: table.to_string(),
             table_version,
@@ -338,7 +402,7 @@ impl<S: Storage> Shard<S> {
             idempotency_key,
         };
         match self.commit(tenant, command).await? {
-            (lsn, Applied::Written(outcome)) => Ok((lsn, outcome)),
+            (_, Applied::Written { lsn, outcome }) => Ok((lsn, outcome)),
             (_, other) => unreachable!("a write applies as a write, not {other:?}"),
         }
     }
@@ -395,10 +459,15 @@ async fn run_applier(state: Rc<RefCell<ShardState>>, queue: Rc<RefCell<ApplyQueu
             }
         })
         .await;
-        let outcome = match front.pending.durable().await {
-            Ok(lsn) => {
-                apply(&mut state.borrow_mut(), &front.tenant, lsn, front.command).map(|a| (lsn, a))
-            }
+        let outcome = match front.pending.durable_at().await {
+            Ok((lsn, committed)) => apply(
+                &mut state.borrow_mut(),
+                &front.tenant,
+                lsn,
+                committed,
+                front.command,
+            )
+            .map(|a| (lsn, a)),
             Err(e) => Err(EngineError::from(e)),
         };
         let mut slot = front.slot.borrow_mut();
@@ -423,8 +492,22 @@ mod tests {
     fn a_write_validated_against_a_dropped_table_is_refused_and_changes_nothing() {
         let acme = TenantId::parse("acme").expect("valid");
         let mut state = ShardState::default();
-        apply(&mut state, &acme, Lsn(1), Command::CreateTenant).expect("tenant");
-        apply(&mut state, &acme, Lsn(2), Command::CreateTable(schema())).expect("table v2");
+        apply(
+            &mut state,
+            &acme,
+            Lsn(1),
+            TimestampMicros(1),
+            Command::CreateTenant,
+        )
+        .expect("tenant");
+        apply(
+            &mut state,
+            &acme,
+            Lsn(2),
+            TimestampMicros(2),
+            Command::CreateTable(schema()),
+        )
+        .expect("table v2");
         let stale = Command::Write {
             table: "items".into(),
             table_version: 2,
@@ -435,13 +518,21 @@ mod tests {
             &mut state,
             &acme,
             Lsn(3),
+            TimestampMicros(3),
             Command::DropTable {
                 table: "items".into(),
             },
         )
         .expect("drop");
-        apply(&mut state, &acme, Lsn(4), Command::CreateTable(schema())).expect("table v4");
-        let refused = apply(&mut state, &acme, Lsn(5), stale);
+        apply(
+            &mut state,
+            &acme,
+            Lsn(4),
+            TimestampMicros(4),
+            Command::CreateTable(schema()),
+        )
+        .expect("table v4");
+        let refused = apply(&mut state, &acme, Lsn(5), TimestampMicros(5), stale);
         assert!(
             matches!(refused, Err(EngineError::TableChanged { .. })),
             "{refused:?}"
@@ -459,17 +550,117 @@ mod tests {
         );
     }
 
+    fn keyed(key: &str, id: i64) -> Command {
+        Command::Write {
+            table: "items".into(),
+            table_version: 2,
+            writes: vec![RowWrite::Upsert(vec![Value::Int(id)])],
+            idempotency_key: Some(key.into()),
+        }
+    }
+
+    #[test]
+    fn a_repeated_idempotency_key_replays_the_first_result_and_a_new_body_conflicts() {
+        let acme = TenantId::parse("acme").expect("valid");
+        let mut state = ShardState::default();
+        apply(
+            &mut state,
+            &acme,
+            Lsn(1),
+            TimestampMicros(1),
+            Command::CreateTenant,
+        )
+        .expect("tenant");
+        apply(
+            &mut state,
+            &acme,
+            Lsn(2),
+            TimestampMicros(2),
+            Command::CreateTable(schema()),
+        )
+        .expect("table");
+        let first = apply(
+            &mut state,
+            &acme,
+            Lsn(3),
+            TimestampMicros(3),
+            keyed("k1", 7),
+        )
+        .expect("first");
+        let again = apply(
+            &mut state,
+            &acme,
+            Lsn(4),
+            TimestampMicros(4),
+            keyed("k1", 7),
+        )
+        .expect("repeat");
+        assert_eq!(first, again, "the repeat gets the first LSN and outcome");
+        let Applied::Written { lsn, outcome } = again else {
+            panic!("a write")
+        };
+        assert_eq!((lsn, outcome.inserted), (Lsn(3), 1));
+        let conflict = apply(
+            &mut state,
+            &acme,
+            Lsn(5),
+            TimestampMicros(5),
+            keyed("k1", 8),
+        );
+        assert!(
+            matches!(conflict, Err(EngineError::IdempotencyConflict { .. })),
+            "{conflict:?}"
+        );
+        assert_eq!(
+            state.tenants[&acme]
+                .table("items")
+                .expect("t")
+                .rows()
+                .count(),
+            1,
+            "nothing applied twice"
+        );
+        // A refused write is not remembered: the key stays free for a retry.
+        let stale = Command::Write {
+            table: "items".into(),
+            table_version: 99,
+            writes: vec![RowWrite::Upsert(vec![Value::Int(9)])],
+            idempotency_key: Some("k2".into()),
+        };
+        assert!(apply(&mut state, &acme, Lsn(6), TimestampMicros(6), stale).is_err());
+        assert!(state.tenants[&acme].idempotency().get("k2").is_none());
+    }
+
     #[test]
     fn commands_for_missing_tenants_and_tables_are_refused_without_effect() {
         let acme = TenantId::parse("acme").expect("valid");
         let mut state = ShardState::default();
-        let r = apply(&mut state, &acme, Lsn(1), Command::CreateTable(schema()));
+        let r = apply(
+            &mut state,
+            &acme,
+            Lsn(1),
+            TimestampMicros(1),
+            Command::CreateTable(schema()),
+        );
         assert!(matches!(
             r,
             Err(EngineError::NotFound { what: "tenant", .. })
         ));
-        apply(&mut state, &acme, Lsn(2), Command::CreateTenant).expect("tenant");
-        let r = apply(&mut state, &acme, Lsn(3), Command::CreateTenant);
+        apply(
+            &mut state,
+            &acme,
+            Lsn(2),
+            TimestampMicros(2),
+            Command::CreateTenant,
+        )
+        .expect("tenant");
+        let r = apply(
+            &mut state,
+            &acme,
+            Lsn(3),
+            TimestampMicros(3),
+            Command::CreateTenant,
+        );
         assert!(matches!(
             r,
             Err(EngineError::AlreadyExists { what: "tenant", .. })
@@ -478,6 +669,7 @@ mod tests {
             &mut state,
             &acme,
             Lsn(4),
+            TimestampMicros(4),
             Command::DropTable {
                 table: "nope".into(),
             },

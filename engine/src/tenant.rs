@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use crate::error::EngineError;
+use crate::idempotency::IdempotencyStore;
 use crate::limits::MAX_TABLES_PER_TENANT;
 use crate::schema::TableSchema;
 use crate::table::{BatchOutcome, Table, TableUsage, WriteOp};
@@ -25,6 +26,7 @@ pub struct Tenant {
     tables: BTreeMap<String, Table>,
     /// Bumped by every schema change (plan caches key on it).
     schema_version: u64,
+    idempotency: IdempotencyStore,
 }
 
 impl Tenant {
@@ -33,6 +35,7 @@ impl Tenant {
             id,
             tables: BTreeMap::new(),
             schema_version: 0,
+            idempotency: IdempotencyStore::default(),
         }
     }
 
@@ -42,6 +45,15 @@ impl Tenant {
 
     pub fn schema_version(&self) -> u64 {
         self.schema_version
+    }
+
+    /// The remembered results of keyed writes.
+    pub fn idempotency(&self) -> &IdempotencyStore {
+        &self.idempotency
+    }
+
+    pub(crate) fn idempotency_mut(&mut self) -> &mut IdempotencyStore {
+        &mut self.idempotency
     }
 
     /// Adds a table; `version` identifies this incarnation (the creating LSN).

@@ -244,9 +244,26 @@ async fn run_seed(seed: u64) -> (usize, bool) {
                             continue;
                         }
                         let ops = random_batch(&mut rng);
-                        match shard.write(&acme(), "items", &ops, None).await {
-                            Ok((lsn, _)) => {
-                                acked.borrow_mut().insert(lsn.0, Event::AckedWrite(ops));
+                        // Some batches carry an idempotency key and are sent twice.
+                        let key = rng
+                            .chance(200)
+                            .then(|| format!("w{writer}-{}", rng.next_u64()));
+                        match shard.write(&acme(), "items", &ops, key.clone()).await {
+                            Ok((lsn, outcome)) => {
+                                acked
+                                    .borrow_mut()
+                                    .insert(lsn.0, Event::AckedWrite(ops.clone()));
+                                if key.is_some() {
+                                    if let Ok(again) =
+                                        shard.write(&acme(), "items", &ops, key).await
+                                    {
+                                        assert_eq!(
+                                            again,
+                                            (lsn, outcome),
+                                            "seed {seed}: a repeat got another result"
+                                        );
+                                    }
+                                }
                             }
                             Err(
                                 EngineError::NotFound { .. } | EngineError::TableChanged { .. },

@@ -79,6 +79,8 @@ impl Default for WalStats {
 /// The result of a group, shared by all its appenders.
 struct Outcome {
     first_lsn: Lsn,
+    /// The commit time stamped on every frame of the group.
+    commit_ts: TimestampMicros,
     /// Frames `[0, durable)` are durable; the others failed with `error`.
     durable: usize,
     error: Option<Error>,
@@ -101,9 +103,13 @@ impl Completion {
     }
 
     /// Waits for the frame at `index` of this group to be durable.
-    pub(crate) async fn wait(&self, index: usize) -> Result<Lsn> {
+    /// Waits for the frame at `index` of this group to be durable; returns its LSN and
+    /// commit time.
+    pub(crate) async fn wait(&self, index: usize) -> Result<(Lsn, TimestampMicros)> {
         poll_fn(|cx| match &*self.outcome.borrow() {
-            Some(o) if index < o.durable => Poll::Ready(Ok(Lsn(o.first_lsn.0 + index as u64))),
+            Some(o) if index < o.durable => {
+                Poll::Ready(Ok((Lsn(o.first_lsn.0 + index as u64), o.commit_ts)))
+            }
             Some(o) => Poll::Ready(Err(o
                 .error
                 .clone()
@@ -197,6 +203,7 @@ impl<S: Storage> Shared<S> {
         self.stats.borrow_mut().append_failures += filling.starts.len() as u64;
         filling.completion.complete(Outcome {
             first_lsn: Lsn::ZERO,
+            commit_ts: TimestampMicros(0),
             durable: 0,
             error: Some(failed.clone()),
         });
@@ -286,7 +293,9 @@ impl<S: Storage> Writer<S> {
             let frames = group.starts.len();
             let first_lsn = self.next_lsn;
             let started = Instant::now();
-            let (durable, error, fatal) = match self.write_group(group).await {
+            // One commit time per group, so every reader of a frame sees the same one.
+            let commit_ts = TimestampMicros::now().max(self.last_commit_ts);
+            let (durable, error, fatal) = match self.write_group(group, commit_ts).await {
                 Ok(()) => (frames, None, false),
                 Err((done, GroupError::Skipped(e))) => (done, Some(e), false),
                 Err((done, GroupError::Fatal(e))) => (done, Some(self.shared.fail(e)), true),
@@ -310,6 +319,7 @@ impl<S: Storage> Writer<S> {
             self.shared.state.borrow_mut().durable_lsn = Lsn(self.next_lsn.0 - 1);
             completion.complete(Outcome {
                 first_lsn,
+                commit_ts,
                 durable,
                 error,
             });
@@ -360,7 +370,11 @@ impl<S: Storage> Writer<S> {
 
     /// Writes a group, rotating segments as needed. On error returns how many leading
     /// frames were made durable.
-    async fn write_group(&mut self, group: Group<S::Buffer>) -> Result<(), (usize, GroupError)> {
+    async fn write_group(
+        &mut self,
+        group: Group<S::Buffer>,
+        commit_ts: TimestampMicros,
+    ) -> Result<(), (usize, GroupError)> {
         let buf = group.buf.expect("a non-empty group has a buffer");
         let mut batch = Batch {
             buf,
@@ -384,7 +398,7 @@ impl<S: Storage> Writer<S> {
             }
             let rest =
                 (fit < batch.starts.len()).then(|| batch.split_off(fit, &self.shared.storage));
-            self.write_batch(batch)
+            self.write_batch(batch, commit_ts)
                 .await
                 .map_err(|e| (done, GroupError::Fatal(e)))?;
             done += fit;
@@ -396,13 +410,16 @@ impl<S: Storage> Writer<S> {
     }
 
     /// Stamps, pads, writes and syncs one batch into the active segment.
-    async fn write_batch(&mut self, mut batch: Batch<S::Buffer>) -> Result<()> {
+    async fn write_batch(
+        &mut self,
+        mut batch: Batch<S::Buffer>,
+        commit_ts: TimestampMicros,
+    ) -> Result<()> {
         let epoch = self.shared.config.epoch;
         let active = self
             .active
             .as_mut()
             .expect("a batch is written into an active segment");
-        let commit_ts = TimestampMicros::now().max(self.last_commit_ts);
         let padded = align_up(batch.len as u64) as usize;
         // One zero block after the group (when the segment has room for it) marks the
         // end of the log, whatever older bytes a recycled file holds beyond it.

@@ -107,6 +107,12 @@ impl Pending {
     /// Waits until the record is durable and returns its LSN, or the error that kept
     /// it from the log.
     pub async fn durable(&self) -> Result<Lsn> {
+        Ok(self.durable_at().await?.0)
+    }
+
+    /// Like [`Pending::durable`], with the commit time stamped on the frame (the same
+    /// time recovery reads back).
+    pub async fn durable_at(&self) -> Result<(Lsn, TimestampMicros)> {
         self.completion.wait(self.index).await
     }
 }
