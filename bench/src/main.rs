@@ -2,6 +2,7 @@
 //! file system, in the same minute. Each subcommand writes JSON and prints a Markdown
 //! table; numbers are quoted as ratios to the baseline because this machine is shared.
 
+mod engine;
 mod latency;
 mod raw_disk;
 mod wal;
@@ -23,10 +24,13 @@ struct Cli {
 enum Command {
     /// The write-ahead log against raw O_DIRECT writes and write+fdatasync.
     Wal(wal::WalArgs),
+    /// Durable row writes through a shard, latency during checkpoints, recovery speed.
+    Engine(engine::EngineArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Wal(args) => wal::run(args),
+        Command::Engine(args) => engine::run(args),
     }
 }

@@ -237,7 +237,7 @@ pub fn run(args: WalArgs) -> Result<()> {
 
 /// How segments are provided during a WAL phase.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Mode {
+pub(crate) enum Mode {
     /// Nothing is released: every new segment is zero-filled while the log runs.
     Fresh,
     /// Segments are released as soon as the next one starts (as checkpoints that keep
@@ -267,9 +267,9 @@ struct ModeReport {
     small_appends: Vec<ConcurrencyResult>,
 }
 
-struct PhaseResult {
-    appends: u64,
-    elapsed: Duration,
+pub(crate) struct PhaseResult {
+    pub(crate) appends: u64,
+    pub(crate) elapsed: Duration,
     latency: Histogram<u64>,
     frames_per_group: f64,
     spares: SpareCounts,
@@ -281,7 +281,7 @@ const STEADY_WARMUP_LIMIT: Duration = Duration::from_secs(20);
 const RELEASE_INTERVAL: Duration = Duration::from_millis(20);
 
 /// Runs `writers` tasks appending `record_bytes` records to a fresh WAL under `base`.
-async fn wal_phase(
+pub(crate) async fn wal_phase(
     base: &Path,
     mode: Mode,
     writers: usize,

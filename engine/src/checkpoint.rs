@@ -33,8 +33,14 @@ pub const CHECKPOINT_FORMAT_VERSION: u8 = 1;
 pub const KEEP_CHECKPOINTS: usize = 2;
 /// Rows copied per frame, and per turn before yielding to the executor.
 const ROWS_PER_CHUNK: usize = 256;
-/// The snapshot is written in aligned chunks of this size.
-const WRITE_CHUNK_BYTES: usize = 1 << 20;
+/// The snapshot is written in aligned chunks of this size...
+const WRITE_CHUNK_BYTES: usize = 256 << 10;
+/// ...synced every this many bytes...
+const SYNC_EVERY_BYTES: u64 = 1 << 20;
+/// ...at no more than this rate (bytes per second). Every group commit's fdatasync
+/// also flushes whatever the checkpoint wrote since the last flush: written flat out,
+/// a 40 MB checkpoint raised the log's p99 from 1.4 ms to 35 ms (`oc-bench engine`).
+const WRITE_BYTES_PER_S: f64 = 32e6;
 
 const KIND_HEADER: RecordKind = RecordKind(16);
 const KIND_TENANT: RecordKind = RecordKind(17);
@@ -78,8 +84,10 @@ struct SnapshotWriter<S: Storage> {
     epoch: Epoch,
     pending: Vec<u8>,
     flushed: u64,
+    synced: u64,
     crc: u32,
     frames: u32,
+    started: Instant,
 }
 
 impl<S: Storage> SnapshotWriter<S> {
@@ -107,6 +115,15 @@ impl<S: Storage> SnapshotWriter<S> {
         self.file.write_at(buf, self.flushed).await?;
         self.pending.drain(..take);
         self.flushed += len as u64;
+        if self.flushed - self.synced >= SYNC_EVERY_BYTES {
+            self.file.sync().await?;
+            self.synced = self.flushed;
+        }
+        let due = self.flushed as f64 / WRITE_BYTES_PER_S;
+        let elapsed = self.started.elapsed().as_secs_f64();
+        if due > elapsed {
+            glommio::timer::sleep(Duration::from_secs_f64(due - elapsed)).await;
+        }
         Ok(())
     }
 
@@ -218,8 +235,10 @@ pub(crate) async fn write_checkpoint<S: Storage>(
         epoch,
         pending: Vec::with_capacity(2 * WRITE_CHUNK_BYTES),
         flushed: 0,
+        synced: 0,
         crc: 0,
         frames: 0,
+        started: Instant::now(),
     };
     let mut header = Writer(vec![CHECKPOINT_FORMAT_VERSION]);
     header.u32(shard);

@@ -1,0 +1,367 @@
+//! `oc-bench engine`: durable row writes through one shard, against `oc-bench wal`'s
+//! figures for the same concurrency, plus latency during a checkpoint and recovery speed.
+//!
+//! Phases (each `--seconds` after a warm-up):
+//! 1. upserts of ~200-byte rows with random keys, batches of 1 and 100 rows, at each
+//!    concurrency (closed loop: each writer waits for its commit);
+//! 2. single-row upserts at 64 writers over a preloaded table, without and then with
+//!    checkpoints running back to back;
+//! 3. recovery: the log replayed with no checkpoint (MB/s of log), and a checkpoint
+//!    loaded (MB/s of checkpoint).
+
+use std::cell::{Cell, RefCell};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use hdrhistogram::Histogram;
+use oc_engine::{ColumnType, Shard, TableSchema, TenantId, WriteOp};
+use oc_io::{DmaStorage, SimRng, WalConfig};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::latency::{histogram, Percentiles};
+
+/// Bytes of the text column, making rows of about 200 bytes as stored.
+const BODY_BYTES: usize = 180;
+/// Rows in the table the checkpoint phase writes over.
+const PRELOAD_ROWS: u64 = 200_000;
+
+#[derive(clap::Args)]
+pub struct EngineArgs {
+    /// Directory on the file system to measure (not tmpfs).
+    #[arg(long)]
+    dir: PathBuf,
+    /// Seconds per measured phase.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Where to write the JSON results.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Writer concurrencies.
+    #[arg(long, value_delimiter = ',', default_value = "1,64,256")]
+    concurrency: Vec<usize>,
+}
+
+#[derive(Serialize)]
+struct WriteResult {
+    concurrency: usize,
+    rows_per_batch: usize,
+    commits_per_s: f64,
+    /// Plain WAL appends/s of a record of the same size at the same concurrency,
+    /// measured in this run (fresh log, like the shard's).
+    wal_appends_per_s: f64,
+    /// commits/s ÷ WAL appends/s.
+    ratio_to_wal: f64,
+    rows_per_s: f64,
+    commit_p50_us: u64,
+    commit_p99_us: u64,
+    commit_p999_us: u64,
+}
+
+#[derive(Serialize)]
+struct EngineReport {
+    shards: usize,
+    seconds_per_phase: f64,
+    writes: Vec<WriteResult>,
+    no_checkpoint_p99_us: u64,
+    during_checkpoint_p99_us: u64,
+    checkpoints_during_phase: u64,
+    checkpoint_bytes: u64,
+    checkpoint_seconds: f64,
+    wal_replay_mb_s: f64,
+    wal_replayed_mb: f64,
+    checkpoint_load_mb_s: f64,
+}
+
+fn acme() -> TenantId {
+    TenantId::parse("bench").expect("a valid tenant id")
+}
+
+/// The row body, built once: the benchmark should spend its time in the engine.
+fn body() -> &'static serde_json::Value {
+    static BODY: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
+    BODY.get_or_init(|| serde_json::Value::String("x".repeat(BODY_BYTES)))
+}
+
+fn row(id: u64) -> WriteOp {
+    let mut object = serde_json::Map::with_capacity(2);
+    object.insert("id".into(), json!(id as i64));
+    object.insert("body".into(), body().clone());
+    WriteOp::Upsert(object)
+}
+
+async fn fresh_shard(dir: &Path) -> Result<Rc<Shard<DmaStorage>>> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
+    }
+    let (shard, _) = Shard::open(DmaStorage::open(dir).await?, WalConfig::default()).await?;
+    shard.create_tenant(&acme()).await?;
+    let schema = TableSchema::new(
+        "rows",
+        &[
+            ("id", ColumnType::Int, false),
+            ("body", ColumnType::Text, true),
+        ],
+        &["id"],
+        &[],
+    )?;
+    shard.create_table(&acme(), schema).await?;
+    Ok(Rc::new(shard))
+}
+
+/// Closed-loop writers for `duration`: (commits, elapsed, commit latency µs).
+async fn write_load(
+    shard: &Rc<Shard<DmaStorage>>,
+    writers: usize,
+    rows_per_batch: usize,
+    key_space: u64,
+    duration: Duration,
+) -> Result<(u64, Duration, Histogram<u64>)> {
+    let stop = Rc::new(Cell::new(false));
+    let latency = Rc::new(RefCell::new(histogram()));
+    let commits = Rc::new(Cell::new(0u64));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let (shard, stop, latency, commits) = (
+            shard.clone(),
+            stop.clone(),
+            latency.clone(),
+            commits.clone(),
+        );
+        tasks.push(glommio::spawn_local(async move {
+            let mut rng = SimRng::new(w as u64 + 1);
+            while !stop.get() {
+                let ops: Vec<WriteOp> = (0..rows_per_batch)
+                    .map(|_| row(rng.below(key_space)))
+                    .collect();
+                let began = Instant::now();
+                shard.write(&acme(), "rows", &ops, None).await?;
+                latency
+                    .borrow_mut()
+                    .saturating_record(began.elapsed().as_micros() as u64);
+                commits.set(commits.get() + 1);
+            }
+            Ok::<(), oc_engine::EngineError>(())
+        }));
+    }
+    glommio::timer::sleep(duration).await;
+    stop.set(true);
+    for t in tasks {
+        t.await?;
+    }
+    let latency = latency.borrow().clone();
+    Ok((commits.get(), started.elapsed(), latency))
+}
+
+fn dir_bytes(dir: &Path, suffix: &str) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().ends_with(suffix))
+                .filter_map(|e| e.metadata().ok().map(|m| m.len()))
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Bytes of the WAL record payload one single-row upsert produces.
+fn record_bytes_of_one_row() -> Result<usize> {
+    let schema = TableSchema::new(
+        "rows",
+        &[
+            ("id", ColumnType::Int, false),
+            ("body", ColumnType::Text, true),
+        ],
+        &["id"],
+        &[],
+    )?;
+    let table = oc_engine::Table::new(schema, 1);
+    let writes = table.validate_batch(&[row(1)])?;
+    let command = oc_engine::command::Command::Write {
+        table: "rows".into(),
+        table_version: 1,
+        writes,
+        idempotency_key: None,
+    };
+    Ok(oc_engine::record::encode(&command).1.len())
+}
+
+pub fn run(args: EngineArgs) -> Result<()> {
+    std::fs::create_dir_all(&args.dir)
+        .with_context(|| format!("creating {}", args.dir.display()))?;
+    let phase = Duration::from_secs_f64(args.seconds);
+    let warmup = Duration::from_millis(500);
+    let base = args.dir.clone();
+    let concurrency = args.concurrency.clone();
+    let report = oc_io::executor::run_local(async move {
+        // The WAL alone, same record size and concurrency, same run: the baseline.
+        let record_bytes = record_bytes_of_one_row()?;
+        let mut wal_rates = Vec::new();
+        for &c in &concurrency {
+            let r = crate::wal::wal_phase(
+                &base,
+                crate::wal::Mode::Fresh,
+                c,
+                record_bytes,
+                warmup,
+                phase,
+            )
+            .await?;
+            let rate = r.appends as f64 / r.elapsed.as_secs_f64();
+            eprintln!("WAL alone, {c} appenders of {record_bytes} B: {rate:.0} appends/s");
+            wal_rates.push(rate);
+        }
+        let mut writes = Vec::new();
+        for &rows_per_batch in &[1usize, 100] {
+            for (&c, &wal_rate) in concurrency.iter().zip(&wal_rates) {
+                let shard = fresh_shard(&base.join("writes")).await?;
+                write_load(&shard, c, rows_per_batch, 1 << 40, warmup).await?;
+                let (commits, elapsed, lat) =
+                    write_load(&shard, c, rows_per_batch, 1 << 40, phase).await?;
+                shard.close().await?;
+                let p = Percentiles::of(&lat);
+                let commits_per_s = commits as f64 / elapsed.as_secs_f64();
+                eprintln!(
+                    "upserts, {c} writers x {rows_per_batch} rows: {commits_per_s:.0} commits/s, p99 {} µs",
+                    p.p99_us
+                );
+                writes.push(WriteResult {
+                    concurrency: c,
+                    rows_per_batch,
+                    commits_per_s,
+                    wal_appends_per_s: wal_rate,
+                    ratio_to_wal: commits_per_s / wal_rate,
+                    rows_per_s: commits_per_s * rows_per_batch as f64,
+                    commit_p50_us: p.p50_us,
+                    commit_p99_us: p.p99_us,
+                    commit_p999_us: p.p999_us,
+                });
+            }
+        }
+
+        // Latency with and without checkpoints, over a preloaded table.
+        let dir = base.join("checkpoint");
+        let shard = fresh_shard(&dir).await?;
+        let mut id = 0;
+        while id < PRELOAD_ROWS {
+            let ops: Vec<WriteOp> = (id..(id + 500).min(PRELOAD_ROWS)).map(row).collect();
+            shard.write(&acme(), "rows", &ops, None).await?;
+            id += 500;
+        }
+        write_load(&shard, 64, 1, PRELOAD_ROWS, warmup).await?;
+        let (_, _, quiet) = write_load(&shard, 64, 1, PRELOAD_ROWS, phase).await?;
+        let checkpointing = Rc::new(Cell::new(true));
+        let checkpoints = Rc::new(Cell::new(0u64));
+        let checkpointer = {
+            let (shard, on, count) = (shard.clone(), checkpointing.clone(), checkpoints.clone());
+            glommio::spawn_local(async move {
+                let mut last = None;
+                while on.get() {
+                    last = Some(shard.checkpoint().await?);
+                    shard.release_covered_wal().await?;
+                    count.set(count.get() + 1);
+                }
+                Ok::<_, oc_engine::EngineError>(last)
+            })
+        };
+        let (_, _, busy) = write_load(&shard, 64, 1, PRELOAD_ROWS, phase).await?;
+        checkpointing.set(false);
+        let last = checkpointer.await?.context("at least one checkpoint ran")?;
+        eprintln!(
+            "64 writers: p99 {} µs without checkpoints, {} µs with {} checkpoints of {:.1} MB ({:.2} s each)",
+            quiet.value_at_quantile(0.99),
+            busy.value_at_quantile(0.99),
+            checkpoints.get(),
+            last.data_bytes as f64 / 1e6,
+            last.duration.as_secs_f64()
+        );
+        shard.close().await?;
+        drop(shard);
+
+        // Checkpoint load: reopen with the checkpoint and a short log after it.
+        let checkpoint_bytes = dir_bytes(&dir, ".snap") / 2; // two are kept: the newest is read
+        let started = Instant::now();
+        let (shard, _) = Shard::open(DmaStorage::open(&dir).await?, WalConfig::default()).await?;
+        let load_s = started.elapsed().as_secs_f64();
+        shard.close().await?;
+        drop(shard);
+
+        // Log replay without a checkpoint: the write phases' log.
+        let wal_dir = base.join("writes");
+        let wal_bytes = dir_bytes(&wal_dir, ".seg");
+        let started = Instant::now();
+        let (shard, report) =
+            Shard::open(DmaStorage::open(&wal_dir).await?, WalConfig::default()).await?;
+        let replay_s = started.elapsed().as_secs_f64();
+        shard.close().await?;
+        let replayed_mb = report.wal.bytes_scanned as f64 / 1e6;
+        eprintln!(
+            "replayed {replayed_mb:.0} MB of log ({} frames) in {replay_s:.2} s; loaded a {:.1} MB checkpoint in {load_s:.2} s",
+            report.wal.frames_replayed,
+            checkpoint_bytes as f64 / 1e6
+        );
+        let _ = wal_bytes;
+        Ok::<_, anyhow::Error>(EngineReport {
+            shards: 1,
+            seconds_per_phase: phase.as_secs_f64(),
+            writes,
+            no_checkpoint_p99_us: quiet.value_at_quantile(0.99),
+            during_checkpoint_p99_us: busy.value_at_quantile(0.99),
+            checkpoints_during_phase: checkpoints.get(),
+            checkpoint_bytes: last.data_bytes,
+            checkpoint_seconds: last.duration.as_secs_f64(),
+            wal_replay_mb_s: replayed_mb / replay_s,
+            wal_replayed_mb: replayed_mb,
+            checkpoint_load_mb_s: checkpoint_bytes as f64 / 1e6 / load_s,
+        })
+    })?;
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    print!("{}", markdown(&report));
+    Ok(())
+}
+
+fn markdown(r: &EngineReport) -> String {
+    let mut out = format!(
+        "{} shard, {} s per phase.\n\n",
+        r.shards, r.seconds_per_phase
+    );
+    out += "| upserts | commits/s | × WAL appends/s | rows/s | p50 µs | p99 µs | p999 µs |\n|---|---:|---:|---:|---:|---:|---:|\n";
+    for w in &r.writes {
+        out += &format!(
+            "| {} writers × {} row(s) | {:.0} | {} | {:.0} | {} | {} | {} |\n",
+            w.concurrency,
+            w.rows_per_batch,
+            w.commits_per_s,
+            // The baseline appends one row-sized record: only single-row commits compare.
+            if w.rows_per_batch == 1 {
+                format!("{:.2}", w.ratio_to_wal)
+            } else {
+                "—".to_string()
+            },
+            w.rows_per_s,
+            w.commit_p50_us,
+            w.commit_p99_us,
+            w.commit_p999_us
+        );
+    }
+    out += &format!(
+        "\n| 64 writers, single-row upserts | p99 µs |\n|---|---:|\n| no checkpoint | {} |\n| checkpoints back to back ({} × {:.1} MB, {:.2} s each) | {} |\n",
+        r.no_checkpoint_p99_us,
+        r.checkpoints_during_phase,
+        r.checkpoint_bytes as f64 / 1e6,
+        r.checkpoint_seconds,
+        r.during_checkpoint_p99_us
+    );
+    out += &format!(
+        "\n| recovery | MB/s |\n|---|---:|\n| log replay ({:.0} MB) | {:.0} |\n| checkpoint load | {:.0} |\n",
+        r.wal_replayed_mb, r.wal_replay_mb_s, r.checkpoint_load_mb_s
+    );
+    out
+}
