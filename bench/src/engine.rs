@@ -92,13 +92,9 @@ fn row(id: u64) -> WriteOp {
     WriteOp::Upsert(object)
 }
 
-async fn fresh_shard(dir: &Path) -> Result<Rc<Shard<DmaStorage>>> {
-    if dir.exists() {
-        std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
-    }
-    let (shard, _) = Shard::open(DmaStorage::open(dir).await?, WalConfig::default()).await?;
-    shard.create_tenant(&acme()).await?;
-    let schema = TableSchema::new(
+/// The benchmark's table: an int key and a text body.
+fn rows_schema() -> Result<TableSchema, oc_engine::EngineError> {
+    TableSchema::new(
         "rows",
         &[
             ("id", ColumnType::Int, false),
@@ -106,8 +102,16 @@ async fn fresh_shard(dir: &Path) -> Result<Rc<Shard<DmaStorage>>> {
         ],
         &["id"],
         &[],
-    )?;
-    shard.create_table(&acme(), schema).await?;
+    )
+}
+
+async fn fresh_shard(dir: &Path) -> Result<Rc<Shard<DmaStorage>>> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
+    }
+    let (shard, _) = Shard::open(DmaStorage::open(dir).await?, WalConfig::default()).await?;
+    shard.create_tenant(&acme()).await?;
+    shard.create_table(&acme(), rows_schema()?).await?;
     Ok(Rc::new(shard))
 }
 
@@ -170,16 +174,7 @@ fn dir_bytes(dir: &Path, suffix: &str) -> u64 {
 
 /// Bytes of the WAL record payload one single-row upsert produces.
 fn record_bytes_of_one_row() -> Result<usize> {
-    let schema = TableSchema::new(
-        "rows",
-        &[
-            ("id", ColumnType::Int, false),
-            ("body", ColumnType::Text, true),
-        ],
-        &["id"],
-        &[],
-    )?;
-    let table = oc_engine::Table::new(schema, 1);
+    let table = oc_engine::Table::new(rows_schema()?, 1);
     let writes = table.validate_batch(&[row(1)])?;
     let command = oc_engine::command::Command::Write {
         table: "rows".into(),

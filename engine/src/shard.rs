@@ -488,8 +488,8 @@ mod tests {
         TableSchema::new("items", &[("id", ColumnType::Int, false)], &["id"], &[]).expect("valid")
     }
 
-    #[test]
-    fn a_write_validated_against_a_dropped_table_is_refused_and_changes_nothing() {
+    /// Tenant "acme" (LSN 1) with table "items" created at LSN 2 (its version).
+    fn tenant_with_table() -> (TenantId, ShardState) {
         let acme = TenantId::parse("acme").expect("valid");
         let mut state = ShardState::default();
         apply(
@@ -507,7 +507,13 @@ mod tests {
             TimestampMicros(2),
             Command::CreateTable(schema()),
         )
-        .expect("table v2");
+        .expect("table");
+        (acme, state)
+    }
+
+    #[test]
+    fn a_write_validated_against_a_dropped_table_is_refused_and_changes_nothing() {
+        let (acme, mut state) = tenant_with_table();
         let stale = Command::Write {
             table: "items".into(),
             table_version: 2,
@@ -561,24 +567,7 @@ mod tests {
 
     #[test]
     fn a_repeated_idempotency_key_replays_the_first_result_and_a_new_body_conflicts() {
-        let acme = TenantId::parse("acme").expect("valid");
-        let mut state = ShardState::default();
-        apply(
-            &mut state,
-            &acme,
-            Lsn(1),
-            TimestampMicros(1),
-            Command::CreateTenant,
-        )
-        .expect("tenant");
-        apply(
-            &mut state,
-            &acme,
-            Lsn(2),
-            TimestampMicros(2),
-            Command::CreateTable(schema()),
-        )
-        .expect("table");
+        let (acme, mut state) = tenant_with_table();
         let first = apply(
             &mut state,
             &acme,
