@@ -287,7 +287,6 @@ pub fn run(args: EngineArgs) -> Result<()> {
 
         // Log replay without a checkpoint: the write phases' log.
         let wal_dir = base.join("writes");
-        let wal_bytes = dir_bytes(&wal_dir, ".seg");
         let started = Instant::now();
         let (shard, report) =
             Shard::open(DmaStorage::open(&wal_dir).await?, WalConfig::default()).await?;
@@ -299,7 +298,6 @@ pub fn run(args: EngineArgs) -> Result<()> {
             report.wal.frames_replayed,
             checkpoint_bytes as f64 / 1e6
         );
-        let _ = wal_bytes;
         Ok::<_, anyhow::Error>(EngineReport {
             shards: 1,
             seconds_per_phase: phase.as_secs_f64(),
