@@ -15,6 +15,7 @@ pub mod error;
 pub mod idempotency;
 pub mod limits;
 pub mod record;
+pub mod scheduler;
 pub mod schema;
 pub mod shard;
 pub mod table;
@@ -24,6 +25,7 @@ pub mod value;
 
 pub use error::EngineError;
 pub use oc_io as io;
+pub use scheduler::{spawn_checkpointer, CheckpointMetrics, CheckpointPolicy};
 pub use schema::TableSchema;
 pub use shard::{Applied, Shard, ShardOpenReport, ShardState};
 pub use table::{BatchOutcome, Row, Table, TableUsage, WriteOp};

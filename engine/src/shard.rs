@@ -185,6 +185,8 @@ pub struct Shard<S: Storage> {
     storage: S,
     wal: Rc<Wal<S>>,
     last_checkpoint: RefCell<Option<CheckpointInfo>>,
+    opened: std::time::Instant,
+    checkpoint_counts: std::cell::Cell<(u64, u64)>,
     state: Rc<RefCell<ShardState>>,
     queue: Rc<RefCell<ApplyQueue>>,
     _applier: Task<()>,
@@ -259,6 +261,8 @@ impl<S: Storage> Shard<S> {
                 storage,
                 wal,
                 last_checkpoint: RefCell::new(None),
+                opened: std::time::Instant::now(),
+                checkpoint_counts: std::cell::Cell::new((0, 0)),
                 state,
                 queue,
                 _applier: applier,
@@ -274,7 +278,34 @@ impl<S: Storage> Shard<S> {
             checkpoint::write_checkpoint(&self.storage, &self.state, config.shard, config.epoch)
                 .await?;
         *self.last_checkpoint.borrow_mut() = Some(info.clone());
+        let (done, failed) = self.checkpoint_counts.get();
+        self.checkpoint_counts.set((done + 1, failed));
         Ok(info)
+    }
+
+    pub(crate) fn count_checkpoint_failure(&self) {
+        let (done, failed) = self.checkpoint_counts.get();
+        self.checkpoint_counts.set((done, failed + 1));
+    }
+
+    /// Checkpoint age, duration, size and counters (`oc_checkpoint_age_s` and friends).
+    pub fn checkpoint_metrics(&self) -> crate::scheduler::CheckpointMetrics {
+        let last = self.last_checkpoint.borrow();
+        let (checkpoints_total, failures_total) = self.checkpoint_counts.get();
+        let age_s = match last.as_ref() {
+            Some(info) => {
+                let now = TimestampMicros::now().0;
+                now.saturating_sub(info.created.0) as f64 / 1e6
+            }
+            None => self.opened.elapsed().as_secs_f64(),
+        };
+        crate::scheduler::CheckpointMetrics {
+            age_s,
+            last_duration_s: last.as_ref().map_or(0.0, |i| i.duration.as_secs_f64()),
+            last_bytes: last.as_ref().map_or(0, |i| i.data_bytes),
+            checkpoints_total,
+            failures_total,
+        }
     }
 
     /// The last checkpoint this process wrote (for `oc_checkpoint_age_s` and friends).

@@ -219,3 +219,35 @@ fn covered_segments_are_released_and_without_a_checkpoint_recovery_refuses_clear
         );
     });
 }
+
+#[test]
+fn the_scheduler_checkpoints_on_log_growth_and_reports_metrics() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    run_local(async {
+        let (shard, _) = open(dir.path()).await.expect("open");
+        let shard = Rc::new(shard);
+        setup(&shard).await;
+        let before = shard.checkpoint_metrics();
+        assert_eq!(before.checkpoints_total, 0);
+        assert!(before.age_s >= 0.0);
+        // An hour-long interval: only the log growth can trigger it.
+        let policy = oc_engine::CheckpointPolicy {
+            interval: std::time::Duration::from_secs(3600),
+            wal_bytes: 64 * 1024,
+        };
+        let _scheduler = oc_engine::spawn_checkpointer(shard.clone(), policy);
+        write_range(&shard, 0, 1000).await;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while shard.checkpoint_metrics().checkpoints_total == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no checkpoint after the log grew"
+            );
+            glommio::timer::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let m = shard.checkpoint_metrics();
+        assert!(m.last_bytes > 0 && m.last_duration_s > 0.0, "{m:?}");
+        assert!(m.age_s < 30.0, "{m:?}");
+        assert_eq!(m.failures_total, 0);
+    });
+}
