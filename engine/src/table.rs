@@ -61,6 +61,12 @@ pub struct Table {
     usage: TableUsage,
 }
 
+/// The encoded key of `row` over `columns`.
+fn key_of(row: &Row, columns: &[usize]) -> Vec<u8> {
+    let values: Vec<&Value> = columns.iter().map(|&c| &row[c]).collect();
+    encode_key(&values)
+}
+
 fn row_bytes(row: &Row) -> usize {
     row.iter().map(Value::stored_bytes).sum()
 }
@@ -91,11 +97,6 @@ impl Table {
 
     pub fn usage(&self) -> TableUsage {
         self.usage
-    }
-
-    fn key_of(&self, row: &Row, columns: &[usize]) -> Vec<u8> {
-        let values: Vec<&Value> = columns.iter().map(|&c| &row[c]).collect();
-        encode_key(&values)
     }
 
     /// Converts a JSON object into a row of this table, or says what is wrong.
@@ -130,7 +131,7 @@ impl Table {
                 "row is {bytes} bytes, above the limit of {MAX_ROW_BYTES}"
             ));
         }
-        let key = self.key_of(&row, &self.schema.primary_key);
+        let key = key_of(&row, &self.schema.primary_key);
         if key.len() > MAX_KEY_BYTES {
             return Err(format!(
                 "primary key is {} bytes encoded, above the limit of {MAX_KEY_BYTES}",
@@ -138,7 +139,7 @@ impl Table {
             ));
         }
         for index in &self.schema.indexes {
-            let len = self.key_of(&row, &index.columns).len();
+            let len = key_of(&row, &index.columns).len();
             if len > MAX_KEY_BYTES {
                 return Err(format!(
                     "key of index {:?} is {len} bytes, above the limit of {MAX_KEY_BYTES}",
@@ -211,12 +212,14 @@ impl Table {
         for write in writes {
             match write {
                 RowWrite::Upsert(row) => {
-                    let key = self.key_of(&row, &self.schema.primary_key);
-                    match self.remove_row(&key) {
-                        Some(_) => outcome.updated += 1,
-                        None => outcome.inserted += 1,
+                    let key = key_of(&row, &self.schema.primary_key);
+                    match self.replace_row(&key, row) {
+                        Ok(()) => outcome.updated += 1,
+                        Err(row) => {
+                            outcome.inserted += 1;
+                            self.insert_row(key, row);
+                        }
                     }
-                    self.insert_row(key, row);
                 }
                 RowWrite::Delete(key) => match self.remove_row(&key) {
                     Some(_) => outcome.deleted += 1,
@@ -229,7 +232,7 @@ impl Table {
 
     fn insert_row(&mut self, key: Vec<u8>, row: Row) {
         for (i, index) in self.schema.indexes.iter().enumerate() {
-            let entry = (self.key_of(&row, &index.columns), key.clone());
+            let entry = (key_of(&row, &index.columns), key.clone());
             let fresh = self.indexes[i].insert(entry);
             debug_assert!(fresh, "an index entry exists once");
         }
@@ -240,10 +243,38 @@ impl Table {
         debug_assert!(previous.is_none(), "insert_row follows remove_row");
     }
 
+    /// Replaces the row at `key` in place if it exists (one tree walk), touching only
+    /// the index entries whose keys changed; hands the row back if there is none.
+    fn replace_row(&mut self, key: &[u8], row: Row) -> Result<(), Row> {
+        let Table {
+            schema,
+            rows,
+            indexes,
+            usage,
+            ..
+        } = self;
+        let Some(old) = rows.get_mut(key) else {
+            return Err(row);
+        };
+        for (i, index) in schema.indexes.iter().enumerate() {
+            let before = key_of(old, &index.columns);
+            let after = key_of(&row, &index.columns);
+            if before != after {
+                let existed = indexes[i].remove(&(before, key.to_vec()));
+                debug_assert!(existed, "every row has its index entries");
+                indexes[i].insert((after, key.to_vec()));
+            }
+        }
+        usage.bytes = usage.bytes - row_bytes(old) + row_bytes(&row);
+        usage.vectors = usage.vectors - row_vectors(old) + row_vectors(&row);
+        *old = row;
+        Ok(())
+    }
+
     fn remove_row(&mut self, key: &[u8]) -> Option<Row> {
         let row = self.rows.remove(key)?;
         for (i, index) in self.schema.indexes.iter().enumerate() {
-            let entry = (self.key_of(&row, &index.columns), key.to_vec());
+            let entry = (key_of(&row, &index.columns), key.to_vec());
             let existed = self.indexes[i].remove(&entry);
             debug_assert!(existed, "every row has its index entries");
         }
