@@ -10,7 +10,7 @@
 //!    loaded (MB/s of checkpoint).
 
 use std::cell::{Cell, RefCell};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -30,15 +30,8 @@ const PRELOAD_ROWS: u64 = 200_000;
 
 #[derive(clap::Args)]
 pub struct EngineArgs {
-    /// Directory on the file system to measure (not tmpfs).
-    #[arg(long)]
-    dir: PathBuf,
-    /// Seconds per measured phase.
-    #[arg(long, default_value_t = 5.0)]
-    seconds: f64,
-    /// Where to write the JSON results.
-    #[arg(long)]
-    json: Option<PathBuf>,
+    #[command(flatten)]
+    common: crate::RunArgs,
     /// Writer concurrencies.
     #[arg(long, value_delimiter = ',', default_value = "1,64,256")]
     concurrency: Vec<usize>,
@@ -186,11 +179,11 @@ fn record_bytes_of_one_row() -> Result<usize> {
 }
 
 pub fn run(args: EngineArgs) -> Result<()> {
-    std::fs::create_dir_all(&args.dir)
-        .with_context(|| format!("creating {}", args.dir.display()))?;
-    let phase = Duration::from_secs_f64(args.seconds);
+    std::fs::create_dir_all(&args.common.dir)
+        .with_context(|| format!("creating {}", args.common.dir.display()))?;
+    let phase = Duration::from_secs_f64(args.common.seconds);
     let warmup = Duration::from_millis(500);
-    let base = args.dir.clone();
+    let base = args.common.dir.clone();
     let concurrency = args.concurrency.clone();
     let report = oc_io::executor::run_local(async move {
         // The WAL alone, same record size and concurrency, same run: the baseline.
@@ -312,7 +305,7 @@ pub fn run(args: EngineArgs) -> Result<()> {
             checkpoint_load_mb_s: checkpoint_bytes as f64 / 1e6 / load_s,
         })
     })?;
-    if let Some(path) = &args.json {
+    if let Some(path) = &args.common.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }

@@ -28,6 +28,20 @@ enum Command {
     Engine(engine::EngineArgs),
 }
 
+/// Flags every subcommand takes.
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// Directory on the file system to measure (not tmpfs: it ignores O_DIRECT).
+    #[arg(long)]
+    dir: std::path::PathBuf,
+    /// Seconds per measured phase.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Where to write the JSON results.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Wal(args) => wal::run(args),

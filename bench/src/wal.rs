@@ -7,7 +7,7 @@
 //! 4. WAL durable 256-byte appends at each concurrency.
 
 use std::cell::{Cell, RefCell};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -27,15 +27,8 @@ const LARGE_RECORD_WRITERS: usize = 8;
 
 #[derive(clap::Args)]
 pub struct WalArgs {
-    /// Directory on the file system to measure (not tmpfs: it ignores O_DIRECT).
-    #[arg(long)]
-    dir: PathBuf,
-    /// Seconds per measured phase.
-    #[arg(long, default_value_t = 5.0)]
-    seconds: f64,
-    /// Where to write the JSON results.
-    #[arg(long)]
-    json: Option<PathBuf>,
+    #[command(flatten)]
+    common: crate::RunArgs,
     /// Appender concurrencies for the small-record phase.
     #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
     concurrency: Vec<usize>,
@@ -122,13 +115,13 @@ fn file_system_of(dir: &Path) -> String {
 }
 
 pub fn run(args: WalArgs) -> Result<()> {
-    std::fs::create_dir_all(&args.dir)
-        .with_context(|| format!("creating {}", args.dir.display()))?;
-    let phase = Duration::from_secs_f64(args.seconds);
+    std::fs::create_dir_all(&args.common.dir)
+        .with_context(|| format!("creating {}", args.common.dir.display()))?;
+    let phase = Duration::from_secs_f64(args.common.seconds);
     let warmup = Duration::from_millis(500);
 
     eprintln!("raw disk: zero-filling a {} MiB file", RAW_FILE_BYTES >> 20);
-    let raw_path = args.dir.join("raw-baseline.dat");
+    let raw_path = args.common.dir.join("raw-baseline.dat");
     let raw = raw_disk::zero_filled_file(&raw_path, RAW_FILE_BYTES)?;
     raw_disk::sequential_write_mb_s(&raw, RAW_FILE_BYTES, 1 << 20, 8, warmup)?;
     let raw_seq_mb_s = raw_disk::sequential_write_mb_s(&raw, RAW_FILE_BYTES, 1 << 20, 8, phase)?;
@@ -149,7 +142,7 @@ pub fn run(args: WalArgs) -> Result<()> {
     drop(raw);
     std::fs::remove_file(&raw_path).context("removing the raw baseline file")?;
 
-    let dir = args.dir.clone();
+    let dir = args.common.dir.clone();
     let concurrency = args.concurrency.clone();
     let modes = oc_io::executor::run_local(async move {
         let mut modes = Vec::new();
@@ -209,8 +202,8 @@ pub fn run(args: WalArgs) -> Result<()> {
     let fresh = reports.next().expect("fresh mode ran");
     let steady = reports.next().expect("steady mode ran");
     let report = WalReport {
-        machine: machine(&args.dir),
-        seconds_per_phase: args.seconds,
+        machine: machine(&args.common.dir),
+        seconds_per_phase: args.common.seconds,
         raw_seq_mb_s,
         raw_seq_qd1_mb_s,
         raw_durable_seq_mb_s,
@@ -227,7 +220,7 @@ pub fn run(args: WalArgs) -> Result<()> {
         },
         fresh_wal_seq_spares: fresh.wal_seq_spares,
     };
-    if let Some(path) = &args.json {
+    if let Some(path) = &args.common.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
