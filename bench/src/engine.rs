@@ -35,6 +35,9 @@ pub struct EngineArgs {
     /// Writer concurrencies.
     #[arg(long, value_delimiter = ',', default_value = "1,64,256")]
     concurrency: Vec<usize>,
+    /// Shards of the pool phase (default: one per CPU).
+    #[arg(long)]
+    shards: Option<usize>,
 }
 
 #[derive(Serialize)]
@@ -58,6 +61,7 @@ struct EngineReport {
     shards: usize,
     seconds_per_phase: f64,
     writes: Vec<WriteResult>,
+    pool: Vec<crate::pool::PoolResult>,
     no_checkpoint_p99_us: u64,
     during_checkpoint_p99_us: u64,
     checkpoints_during_phase: u64,
@@ -78,7 +82,7 @@ fn body() -> &'static serde_json::Value {
     BODY.get_or_init(|| serde_json::Value::String("x".repeat(BODY_BYTES)))
 }
 
-fn row(id: u64) -> WriteOp {
+pub(crate) fn row(id: u64) -> WriteOp {
     let mut object = serde_json::Map::with_capacity(2);
     object.insert("id".into(), json!(id as i64));
     object.insert("body".into(), body().clone());
@@ -86,7 +90,7 @@ fn row(id: u64) -> WriteOp {
 }
 
 /// The benchmark's table: an int key and a text body.
-fn rows_schema() -> Result<TableSchema, oc_engine::EngineError> {
+pub(crate) fn rows_schema() -> Result<TableSchema, oc_engine::EngineError> {
     TableSchema::new(
         "rows",
         &[
@@ -185,6 +189,29 @@ pub fn run(args: EngineArgs) -> Result<()> {
     let warmup = Duration::from_millis(500);
     let base = args.common.dir.clone();
     let concurrency = args.concurrency.clone();
+    let pool_shards = args
+        .shards
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    // Every shard of a pool, writers on the shards, local and across the mesh.
+    let mut pool = Vec::new();
+    for routing in [crate::pool::Routing::Local, crate::pool::Routing::Forwarded] {
+        for &c in &concurrency {
+            let r = crate::pool::pool_phase(
+                &base.join("pool"),
+                pool_shards,
+                routing,
+                c,
+                warmup,
+                phase,
+            )?;
+            eprintln!(
+                "pool of {pool_shards} shards, {routing:?}, {c} writers: {:.0} commits/s, p99 {} µs",
+                r.commits_per_s, r.commit_p99_us
+            );
+            pool.push(r);
+        }
+    }
+
     let report = oc_io::executor::run_local(async move {
         // The WAL alone, same record size and concurrency, same run: the baseline.
         let record_bytes = record_bytes_of_one_row()?;
@@ -295,6 +322,7 @@ pub fn run(args: EngineArgs) -> Result<()> {
             shards: 1,
             seconds_per_phase: phase.as_secs_f64(),
             writes,
+            pool,
             no_checkpoint_p99_us: quiet.value_at_quantile(0.99),
             during_checkpoint_p99_us: busy.value_at_quantile(0.99),
             checkpoints_during_phase: checkpoints.get(),
@@ -335,6 +363,26 @@ fn markdown(r: &EngineReport) -> String {
             w.commit_p50_us,
             w.commit_p99_us,
             w.commit_p999_us
+        );
+    }
+    out += "\n| pool, single-row upserts | commits/s | × 1 shard | p50 µs | p99 µs | p999 µs | refused |\n|---|---:|---:|---:|---:|---:|---:|\n";
+    for p in &r.pool {
+        let one_shard = r
+            .writes
+            .iter()
+            .find(|w| w.rows_per_batch == 1 && w.concurrency == p.concurrency)
+            .map_or(f64::NAN, |w| p.commits_per_s / w.commits_per_s);
+        out += &format!(
+            "| {} shards, {:?}, {} writers | {:.0} | {:.2} | {} | {} | {} | {} |\n",
+            p.shards,
+            p.routing,
+            p.concurrency,
+            p.commits_per_s,
+            one_shard,
+            p.commit_p50_us,
+            p.commit_p99_us,
+            p.commit_p999_us,
+            p.overloaded
         );
     }
     out += &format!(

@@ -4,6 +4,7 @@
 
 mod engine;
 mod latency;
+mod pool;
 mod raw_disk;
 mod wal;
 

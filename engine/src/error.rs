@@ -32,6 +32,10 @@ pub enum EngineError {
     TableChanged { table: String },
     #[error("the log holds a record that cannot be replayed at LSN {lsn}: {why}")]
     Replay { lsn: u64, why: String },
+    #[error("data directory layout: {0}")]
+    Layout(String),
+    #[error(transparent)]
+    Mesh(#[from] crate::mesh::MeshError),
     #[error("write-ahead log: {0}")]
     Wal(#[from] oc_io::Error),
 }

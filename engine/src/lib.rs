@@ -2,11 +2,11 @@
 //! rows, indexes, vectors), commands ↔ WAL records, checkpoints, recovery, and the
 //! query engine behind `/ask`. It speaks neither HTTP nor S3.
 //!
-//! Built so far: the data model — tenant ids, validated table schemas with named
-//! limits, typed values with an order-preserving key encoding, and tables with
-//! primary-key and secondary-index B-trees, atomic write batches, point gets, range
-//! scans and usage counters. Not built yet: shards, WAL records, checkpoints,
-//! recovery, idempotency keys (the engine issue is open).
+//! Built: the data model (tenant ids, typed schemas with named limits, tables with
+//! primary-key and secondary-index B-trees), commands as WAL records, shards with
+//! durable writes, fuzzy checkpoints and recovery, idempotency keys, and the pool of
+//! shards (one executor per core) with tenant placement and cross-shard calls.
+//! Not built yet: the query engine behind `/ask`.
 #![deny(clippy::unwrap_used)]
 
 pub mod checkpoint;
@@ -14,6 +14,9 @@ pub mod command;
 pub mod error;
 pub mod idempotency;
 pub mod limits;
+pub mod mesh;
+pub mod placement;
+pub mod pool;
 pub mod record;
 pub mod scheduler;
 pub mod schema;
@@ -24,7 +27,10 @@ pub mod tenant_id;
 pub mod value;
 
 pub use error::EngineError;
+pub use mesh::{MeshError, Router};
 pub use oc_io as io;
+pub use placement::owner_shard;
+pub use pool::{owner_of, stop_all, PoolConfig, ShardNode, ShardPool, ShardRouter};
 pub use scheduler::{spawn_checkpointer, CheckpointMetrics, CheckpointPolicy};
 pub use schema::TableSchema;
 pub use shard::{Applied, Shard, ShardOpenReport, ShardState};

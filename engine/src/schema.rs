@@ -169,6 +169,29 @@ impl TableSchema {
         })
     }
 
+    /// The schema as the JSON the API accepts to create it.
+    pub fn to_json(&self) -> serde_json::Value {
+        let names = |positions: &[usize]| -> Vec<String> {
+            positions
+                .iter()
+                .map(|&p| self.columns[p].name.clone())
+                .collect()
+        };
+        serde_json::json!({
+            "name": self.name,
+            "columns": self.columns.iter().map(|c| serde_json::json!({
+                "name": c.name,
+                "type": c.ty.to_string(),
+                "nullable": c.nullable,
+            })).collect::<Vec<_>>(),
+            "primary_key": names(&self.primary_key),
+            "indexes": self.indexes.iter().map(|i| serde_json::json!({
+                "name": i.name,
+                "columns": names(&i.columns),
+            })).collect::<Vec<_>>(),
+        })
+    }
+
     /// Position of a column by name.
     pub fn column(&self, name: &str) -> Option<usize> {
         self.columns.iter().position(|c| c.name == name)

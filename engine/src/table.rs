@@ -284,6 +284,24 @@ impl Table {
         Some(row)
     }
 
+    /// The row whose primary key is named by a JSON object of the key columns.
+    pub fn get_by_json_key(
+        &self,
+        key: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Option<&Row>, String> {
+        Ok(self.rows.get(&self.validate_key(key)?))
+    }
+
+    /// A row as a JSON object keyed by column name.
+    pub fn row_to_json(&self, row: &Row) -> serde_json::Map<String, serde_json::Value> {
+        self.schema
+            .columns
+            .iter()
+            .zip(row)
+            .map(|(column, value)| (column.name.clone(), value.to_json()))
+            .collect()
+    }
+
     /// The row with this primary key (values in key-column order).
     pub fn get(&self, key: &[Value]) -> Option<&Row> {
         self.rows.get(&encode_key(&key.iter().collect::<Vec<_>>()))

@@ -109,6 +109,27 @@ impl Value {
         }
     }
 
+    /// The value as JSON, the inverse of [`Value::from_json`] for its column type.
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::Value as J;
+        match self {
+            Value::Null => J::Null,
+            Value::Bool(b) => J::Bool(*b),
+            Value::Int(i) => J::from(*i),
+            Value::Float(f) => serde_json::Number::from_f64(*f).map_or(J::Null, J::Number),
+            Value::Text(s) => J::String(s.clone()),
+            // Stored as the compact text of a JSON value that parsed once.
+            Value::Json(s) => serde_json::from_str(s).unwrap_or_else(|_| J::String(s.clone())),
+            Value::Vector(v) => J::Array(
+                v.iter()
+                    .map(|x| {
+                        serde_json::Number::from_f64(f64::from(*x)).map_or(J::Null, J::Number)
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
     pub fn is_null(&self) -> bool {
         matches!(self, Value::Null)
     }

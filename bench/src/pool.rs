@@ -1,0 +1,195 @@
+//! The pool phase of `oc-bench engine`: single-row upserts across every shard of a
+//! `ShardPool`, with writers running on the shards themselves (as connections do in
+//! the server), either writing to a tenant their own shard owns ("local") or to one
+//! owned by the next shard, so every commit crosses the mesh ("forwarded").
+
+use std::cell::{Cell, RefCell};
+use std::path::Path;
+use std::rc::Rc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use hdrhistogram::Histogram;
+use oc_engine::{
+    owner_shard, stop_all, EngineError, PoolConfig, ShardNode, ShardPool, ShardRouter, TenantId,
+};
+use oc_io::SimRng;
+use serde::Serialize;
+
+use crate::latency::{histogram, Percentiles};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Routing {
+    Local,
+    Forwarded,
+}
+
+#[derive(Serialize)]
+pub struct PoolResult {
+    pub shards: usize,
+    pub routing: Routing,
+    pub concurrency: usize,
+    pub commits_per_s: f64,
+    pub commit_p50_us: u64,
+    pub commit_p99_us: u64,
+    pub commit_p999_us: u64,
+    pub overloaded: u64,
+}
+
+/// A tenant id whose owner is `shard` among `shards`.
+fn tenant_on(shard: usize, shards: usize) -> TenantId {
+    (0..)
+        .map(|k| TenantId::parse(&format!("bench-{k}")).expect("a valid tenant id"))
+        .find(|t| owner_shard(t, shards) == shard)
+        .expect("some name hashes to every shard")
+}
+
+struct ShardLoad {
+    commits: u64,
+    overloaded: u64,
+    latency: Histogram<u64>,
+}
+
+/// Runs `concurrency` writers split over `shards` shards in a fresh pool under `dir`.
+pub fn pool_phase(
+    dir: &Path,
+    shards: usize,
+    routing: Routing,
+    concurrency: usize,
+    warmup: Duration,
+    phase: Duration,
+) -> Result<PoolResult> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
+    }
+    let (done_tx, done_rx) = mpsc::channel();
+    let config = PoolConfig {
+        shards,
+        checkpoint: None,
+        ..PoolConfig::new(dir)
+    };
+    // Every shard starts measuring at the same instant, after set-up and warm-up.
+    let start_at = Instant::now() + Duration::from_secs(1) + warmup;
+    let (mut pool, _) = ShardPool::start(config, move |node, router| {
+        let done = done_tx.clone();
+        async move {
+            let outcome = drive_shard(node, router, routing, concurrency, start_at, phase).await;
+            let _ = done.send(outcome);
+        }
+    })?;
+    let mut commits = 0;
+    let mut overloaded = 0;
+    let mut latency = histogram();
+    for _ in 0..shards {
+        let load = done_rx
+            .recv_timeout(phase + warmup + Duration::from_secs(60))
+            .context("a shard never reported its load")??;
+        commits += load.commits;
+        overloaded += load.overloaded;
+        latency.add(&load.latency)?;
+    }
+    let client = pool.take_client().context("the pool has a client")?;
+    oc_io::executor::run_local(async move { stop_all(&client.connect(None).await).await })?;
+    pool.join()?;
+    let p = Percentiles::of(&latency);
+    Ok(PoolResult {
+        shards,
+        routing,
+        concurrency,
+        commits_per_s: commits as f64 / phase.as_secs_f64(),
+        commit_p50_us: p.p50_us,
+        commit_p99_us: p.p99_us,
+        commit_p999_us: p.p999_us,
+        overloaded,
+    })
+}
+
+async fn drive_shard(
+    node: Rc<ShardNode>,
+    router: Rc<ShardRouter>,
+    routing: Routing,
+    concurrency: usize,
+    start_at: Instant,
+    phase: Duration,
+) -> Result<ShardLoad, EngineError> {
+    let shards = router.shards();
+    let target_shard = match routing {
+        Routing::Local => node.id(),
+        Routing::Forwarded => (node.id() + 1) % shards,
+    };
+    let tenant = tenant_on(target_shard, shards);
+    {
+        let tenant = tenant.clone();
+        router
+            .call(target_shard, move |owner: Rc<ShardNode>| async move {
+                owner.shard().create_tenant(&tenant).await?;
+                owner
+                    .shard()
+                    .create_table(&tenant, crate::engine::rows_schema()?)
+                    .await
+            })
+            .await??;
+    }
+    let writers = concurrency / shards + usize::from(node.id() < concurrency % shards);
+    let measuring = Rc::new(Cell::new(false));
+    let stop = Rc::new(Cell::new(false));
+    let load = Rc::new(RefCell::new(ShardLoad {
+        commits: 0,
+        overloaded: 0,
+        latency: histogram(),
+    }));
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let (router, tenant, measuring, stop, load) = (
+            router.clone(),
+            tenant.clone(),
+            measuring.clone(),
+            stop.clone(),
+            load.clone(),
+        );
+        let seed = (node.id() * 10_000 + w + 1) as u64;
+        tasks.push(glommio::spawn_local(async move {
+            let mut rng = SimRng::new(seed);
+            while !stop.get() {
+                let ops = vec![crate::engine::row(rng.below(1 << 40))];
+                let tenant = tenant.clone();
+                let began = Instant::now();
+                let outcome = router
+                    .call(target_shard, move |owner: Rc<ShardNode>| async move {
+                        owner.shard().write(&tenant, "rows", &ops, None).await
+                    })
+                    .await;
+                if !measuring.get() {
+                    continue;
+                }
+                let mut load = load.borrow_mut();
+                match outcome {
+                    Ok(written) => {
+                        written?;
+                        load.commits += 1;
+                        load.latency
+                            .saturating_record(began.elapsed().as_micros() as u64);
+                    }
+                    Err(_) => load.overloaded += 1,
+                }
+            }
+            Ok::<(), EngineError>(())
+        }));
+    }
+    glommio::timer::sleep(start_at.saturating_duration_since(Instant::now())).await;
+    measuring.set(true);
+    glommio::timer::sleep(phase).await;
+    measuring.set(false);
+    stop.set(true);
+    for task in tasks {
+        task.await?;
+    }
+    let finished = load.replace(ShardLoad {
+        commits: 0,
+        overloaded: 0,
+        latency: histogram(),
+    });
+    Ok(finished)
+}

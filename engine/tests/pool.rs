@@ -1,0 +1,216 @@
+//! The shard pool on the real disk: tenants land on their owner shard through the
+//! mesh, survive a restart, a different shard count is refused, forwarded calls are
+//! bounded, and start-up is all or nothing.
+
+use std::rc::Rc;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use oc_engine::{
+    owner_of, owner_shard, stop_all, ColumnType, EngineError, MeshError, PoolConfig, ShardNode,
+    ShardPool, TableSchema, TenantId, WriteOp,
+};
+use oc_io::executor::run_local;
+use serde_json::json;
+
+fn config(dir: &std::path::Path, shards: usize) -> PoolConfig {
+    PoolConfig {
+        shards,
+        pin_to_cores: false,
+        checkpoint: None,
+        ..PoolConfig::new(dir)
+    }
+}
+
+fn schema() -> TableSchema {
+    TableSchema::new(
+        "items",
+        &[
+            ("id", ColumnType::Int, false),
+            ("name", ColumnType::Text, true),
+        ],
+        &["id"],
+        &[],
+    )
+    .expect("schema")
+}
+
+fn tenant(i: usize) -> TenantId {
+    TenantId::parse(&format!("tenant-{i}")).expect("valid")
+}
+
+/// Starts a pool whose shards only serve calls.
+fn start(config: PoolConfig) -> Result<ShardPool, EngineError> {
+    ShardPool::start(config, |_node, _router| async {}).map(|(pool, _)| pool)
+}
+
+#[test]
+fn tenants_live_on_their_owner_shard_and_survive_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut pool = start(config(dir.path(), 3)).expect("start");
+    let client = pool.take_client().expect("a client");
+    run_local(async move {
+        let router = client.connect(None).await;
+        assert_eq!(router.local_shard(), None);
+        for i in 0..12 {
+            let t = tenant(i);
+            let owner = owner_of(&router, &t);
+            let (landed, lsn) = router
+                .call(owner, move |node: Rc<ShardNode>| async move {
+                    let shard = node.shard();
+                    shard.create_tenant(&t).await.expect("tenant");
+                    shard.create_table(&t, schema()).await.expect("table");
+                    let ops: Vec<WriteOp> = (0..5)
+                        .map(|id| {
+                            let row = json!({"id": id, "name": format!("row {id}")});
+                            WriteOp::Upsert(row.as_object().expect("object").clone())
+                        })
+                        .collect();
+                    let (lsn, _) = shard.write(&t, "items", &ops, None).await.expect("write");
+                    (node.id(), lsn)
+                })
+                .await
+                .expect("owner runs the call");
+            assert_eq!(landed, owner);
+            assert!(lsn.0 >= 3, "three records were logged on the owner");
+        }
+        stop_all(&router).await.expect("stop");
+    });
+    pool.join().expect("clean stop");
+
+    let mut pool = start(config(dir.path(), 3)).expect("restart");
+    let client = pool.take_client().expect("a client");
+    run_local(async move {
+        let router = client.connect(None).await;
+        for i in 0..12 {
+            let t = tenant(i);
+            let owner = owner_shard(&t, 3);
+            for shard in 0..3 {
+                let t = t.clone();
+                let rows = router
+                    .call(shard, move |node: Rc<ShardNode>| async move {
+                        node.shard()
+                            .read(&t, |t| t.table("items").map(|table| table.rows().count()))
+                            .ok()
+                            .and_then(Result::ok)
+                    })
+                    .await
+                    .expect("call");
+                let expected = (shard == owner).then_some(5);
+                assert_eq!(rows, expected, "tenant {i} on shard {shard}");
+            }
+        }
+        stop_all(&router).await.expect("stop");
+    });
+    pool.join().expect("clean stop");
+
+    let refused = start(config(dir.path(), 2))
+        .err()
+        .expect("other count refused");
+    assert!(matches!(refused, EngineError::Layout(_)), "{refused}");
+    assert!(refused.to_string().contains("--shards 3"), "{refused}");
+}
+
+#[test]
+fn shards_call_each_other_through_the_mesh() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (seen_tx, seen_rx) = mpsc::channel();
+    let (mut pool, _) = ShardPool::start(config(dir.path(), 2), move |node, router| {
+        let seen = seen_tx.clone();
+        async move {
+            let peer = 1 - node.id();
+            let answer = router
+                .call(peer, |n: Rc<ShardNode>| async move { n.id() })
+                .await;
+            let _ = seen.send((node.id(), answer));
+        }
+    })
+    .expect("start");
+    let mut seen: Vec<_> = (0..2)
+        .map(|_| {
+            seen_rx
+                .recv_timeout(Duration::from_secs(10))
+                .expect("answer")
+        })
+        .collect();
+    seen.sort_by_key(|(id, _)| *id);
+    assert_eq!(seen, vec![(0, Ok(1)), (1, Ok(0))]);
+    let client = pool.take_client().expect("a client");
+    run_local(async move { stop_all(&client.connect(None).await).await }).expect("stop");
+    pool.join().expect("clean stop");
+}
+
+#[test]
+fn forwarded_calls_beyond_capacity_are_refused_not_queued() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut pool = start(PoolConfig {
+        forward_capacity: 2,
+        ..config(dir.path(), 2)
+    })
+    .expect("start");
+    let client = pool.take_client().expect("a client");
+    run_local(async move {
+        let router = Rc::new(client.connect(None).await);
+        let slow = |router: Rc<oc_engine::ShardRouter>| {
+            glommio::spawn_local(async move {
+                router
+                    .call(1, |_n: Rc<ShardNode>| async {
+                        glommio::timer::sleep(Duration::from_millis(300)).await;
+                        7
+                    })
+                    .await
+            })
+        };
+        let first = slow(router.clone());
+        let second = slow(router.clone());
+        glommio::yield_if_needed().await;
+        glommio::timer::sleep(Duration::from_millis(20)).await;
+        assert_eq!(router.in_flight(1), 2);
+        let refused = router.call(1, |_n: Rc<ShardNode>| async { 0 }).await;
+        assert_eq!(
+            refused,
+            Err(MeshError::Overloaded {
+                shard: 1,
+                in_flight: 2
+            })
+        );
+        // Shard 0 has its own budget.
+        assert_eq!(
+            router
+                .call(0, |n: Rc<ShardNode>| async move { n.id() })
+                .await,
+            Ok(0)
+        );
+        assert_eq!(first.await, Ok(7));
+        assert_eq!(second.await, Ok(7));
+        assert_eq!(router.in_flight(1), 0);
+        assert_eq!(router.call(1, |_n: Rc<ShardNode>| async { 1 }).await, Ok(1));
+        assert_eq!(
+            router.call(5, |_n: Rc<ShardNode>| async { 1 }).await,
+            Err(MeshError::NoSuchShard {
+                shard: 5,
+                shards: 2
+            })
+        );
+        stop_all(&router).await.expect("stop");
+    });
+    pool.join().expect("clean stop");
+}
+
+#[test]
+fn a_shard_that_cannot_open_fails_the_whole_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    start(config(dir.path(), 2))
+        .and_then(|mut pool| {
+            let client = pool.take_client().expect("a client");
+            run_local(async move { stop_all(&client.connect(None).await).await })?;
+            pool.join()
+        })
+        .expect("first start");
+    // Shard 1's directory becomes a file: its storage cannot open.
+    let shard1 = dir.path().join("shard-1");
+    std::fs::remove_dir_all(&shard1).expect("rm");
+    std::fs::write(&shard1, b"not a directory").expect("write");
+    let err = start(config(dir.path(), 2)).err().expect("start refused");
+    assert!(matches!(err, EngineError::Wal(_)), "{err}");
+}
