@@ -3,17 +3,13 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use oc_net::ServerConfig;
 
 #[derive(Parser)]
 #[command(name = "oc-server", version, about = "The oc storage engine server")]
 struct Args {
-    /// Data directory (created if missing).
-    #[arg(long, env = "OC_DATA_DIR", default_value = "./data")]
-    data_dir: PathBuf,
-    /// Cut the write-ahead log at the first corrupt frame instead of refusing to start.
-    /// Frames after the cut are lost: use only after reading the error and the runbook.
-    #[arg(long, env = "OC_TRUNCATE_CORRUPT_WAL")]
-    truncate_corrupt_wal: bool,
+    #[command(flatten)]
+    config: ServerConfig,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -36,17 +32,20 @@ fn main() -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let (report, probe) = oc_net::recover_wal(&args.data_dir, args.truncate_corrupt_wal)?;
-    println!("io_uring: {probe:?}");
-    println!(
-        "write-ahead log recovered: {} segment(s), {} frame(s), last LSN {}, torn tail: {:?}",
-        report.segments.len(),
-        report.frames_scanned,
-        report.last_lsn,
-        report.torn_tail
-    );
-    println!(
-        "oc-server: the HTTP API is not built yet; recovery ran and the log is closed cleanly."
-    );
-    Ok(())
+    init_logging(&args.config.log_format);
+    oc_net::run(args.config)
+}
+
+/// Logs to stderr; `RUST_LOG` filters (default `info`).
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
 }

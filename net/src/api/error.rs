@@ -1,0 +1,107 @@
+//! API errors: every failure leaves as `{"error":{"code","message","request_id"}}` with
+//! the status that tells a client what to do (fix the request, authenticate, retry).
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Response, StatusCode};
+use oc_ship::engine::io::Error as IoError;
+use oc_ship::engine::{EngineError, MeshError};
+use serde_json::json;
+
+/// Seconds a client should wait before retrying a 503 or 429.
+pub const RETRY_AFTER_S: u32 = 1;
+
+/// A refused or failed request.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    /// A stable, machine-readable reason (documented in docs/API.md).
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    pub fn overloaded(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", message)
+    }
+
+    /// Whether the client should retry after [`RETRY_AFTER_S`].
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self.status,
+            StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS
+        )
+    }
+
+    /// The JSON response, tagged with the request's id.
+    pub fn into_response(self, request_id: &str) -> Response<Full<Bytes>> {
+        let body = json!({"error": {
+            "code": self.code,
+            "message": self.message,
+            "request_id": request_id,
+        }});
+        let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+        *response.status_mut() = self.status;
+        let headers = response.headers_mut();
+        headers.insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("application/json"),
+        );
+        if self.retryable() {
+            headers.insert(hyper::header::RETRY_AFTER, RETRY_AFTER_S.into());
+        }
+        response
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        let message = e.to_string();
+        let (status, code) = match &e {
+            EngineError::InvalidName { .. } => (StatusCode::BAD_REQUEST, "invalid_name"),
+            EngineError::InvalidSchema { .. } => (StatusCode::BAD_REQUEST, "invalid_schema"),
+            EngineError::InvalidRow { .. } => (StatusCode::BAD_REQUEST, "invalid_row"),
+            EngineError::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found"),
+            EngineError::AlreadyExists { .. } => (StatusCode::CONFLICT, "already_exists"),
+            EngineError::IdempotencyConflict { .. } => {
+                (StatusCode::CONFLICT, "idempotency_conflict")
+            }
+            EngineError::TableChanged { .. } => (StatusCode::CONFLICT, "table_changed"),
+            EngineError::LimitExceeded { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "limit_exceeded"),
+            EngineError::Mesh(MeshError::Overloaded { .. }) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "overloaded")
+            }
+            EngineError::Mesh(_) => (StatusCode::SERVICE_UNAVAILABLE, "shard_unavailable"),
+            EngineError::Wal(IoError::StorageFull { .. }) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "storage_full")
+            }
+            EngineError::Wal(_) => (StatusCode::SERVICE_UNAVAILABLE, "log_failed"),
+            EngineError::Replay { .. } | EngineError::Layout(_) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+            }
+        };
+        ApiError::new(status, code, message)
+    }
+}
+
+impl From<MeshError> for ApiError {
+    fn from(e: MeshError) -> Self {
+        EngineError::from(e).into()
+    }
+}

@@ -1,0 +1,442 @@
+//! What each endpoint does, on the shard that owns the tenant. A handler parses and
+//! checks everything it can where the request landed, then sends one closure to the
+//! owner, which answers with JSON built there.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use hyper::StatusCode;
+use oc_ship::engine::{
+    owner_of, ColumnType, ShardNode, ShardRouter, TableSchema, TenantId, WriteOp,
+};
+use serde::Deserialize;
+use serde_json::{json, Map, Value as Json};
+
+use super::error::ApiError;
+
+/// What a handler answers: a status and a JSON body.
+pub type Answer = Result<(StatusCode, Json), ApiError>;
+
+thread_local! {
+    /// Requests in flight per tenant on this (owner) shard.
+    static IN_FLIGHT: RefCell<HashMap<TenantId, usize>> = RefCell::new(HashMap::new());
+}
+
+/// A slot among a tenant's in-flight requests, held while its work runs on the owner.
+struct InFlight(TenantId);
+
+impl InFlight {
+    fn enter(tenant: &TenantId, limit: usize) -> Result<Self, ApiError> {
+        IN_FLIGHT.with(|map| {
+            let mut map = map.borrow_mut();
+            let n = map.entry(tenant.clone()).or_default();
+            if *n >= limit {
+                return Err(ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "tenant_busy",
+                    format!("tenant {tenant} already has {limit} requests in flight, its limit; retry shortly"),
+                ));
+            }
+            *n += 1;
+            Ok(InFlight(tenant.clone()))
+        })
+    }
+
+    /// Requests in flight for `tenant` on this shard.
+    fn count(tenant: &TenantId) -> usize {
+        IN_FLIGHT.with(|map| map.borrow().get(tenant).copied().unwrap_or(0))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        IN_FLIGHT.with(|map| {
+            let mut map = map.borrow_mut();
+            if let Some(n) = map.get_mut(&self.0) {
+                *n -= 1;
+                if *n == 0 {
+                    map.remove(&self.0);
+                }
+            }
+        })
+    }
+}
+
+/// Runs `work` on the owner of `tenant` inside one of its in-flight slots.
+async fn on_owner<F, Fut>(
+    router: &ShardRouter,
+    tenant: TenantId,
+    in_flight_limit: usize,
+    work: F,
+) -> Answer
+where
+    F: FnOnce(Rc<ShardNode>, TenantId) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Answer> + 'static,
+{
+    let owner = owner_of(router, &tenant);
+    router
+        .call(owner, move |node: Rc<ShardNode>| async move {
+            let _slot = InFlight::enter(&tenant, in_flight_limit)?;
+            work(node, tenant).await
+        })
+        .await?
+}
+
+/// Parses a JSON body into `T`, naming the field and position of what is wrong.
+pub fn parse_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
+    if body.is_empty() {
+        return Err(ApiError::bad_request(
+            "invalid_json",
+            "the request needs a JSON body",
+        ));
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request("invalid_json", format!("invalid request body: {e}")))
+}
+
+pub fn tenant_id(raw: &str) -> Result<TenantId, ApiError> {
+    TenantId::parse(raw).map_err(ApiError::from)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTenant {
+    tenant: String,
+}
+
+pub async fn create_tenant(router: &ShardRouter, body: CreateTenant, limit: usize) -> Answer {
+    let tenant = tenant_id(&body.tenant)?;
+    on_owner(router, tenant, limit, |node, tenant| async move {
+        let lsn = node.shard().create_tenant(&tenant).await?;
+        Ok((
+            StatusCode::CREATED,
+            json!({"tenant": tenant.as_str(), "shard": node.id(), "lsn": lsn.0}),
+        ))
+    })
+    .await
+}
+
+pub async fn drop_tenant(router: &ShardRouter, tenant: TenantId, limit: usize) -> Answer {
+    on_owner(router, tenant, limit, |node, tenant| async move {
+        let lsn = node.shard().drop_tenant(&tenant).await?;
+        Ok((
+            StatusCode::OK,
+            json!({"tenant": tenant.as_str(), "dropped": true, "lsn": lsn.0}),
+        ))
+    })
+    .await
+}
+
+/// Every tenant of every shard, sorted.
+pub async fn list_tenants(router: &ShardRouter) -> Answer {
+    let mut tenants = Vec::new();
+    for shard in 0..router.shards() {
+        let names = router
+            .call(shard, |node: Rc<ShardNode>| async move {
+                node.shard().with_state(|state| {
+                    state
+                        .tenants
+                        .keys()
+                        .map(|t| t.as_str().to_string())
+                        .collect::<Vec<_>>()
+                })
+            })
+            .await?;
+        tenants.extend(names);
+    }
+    tenants.sort();
+    Ok((StatusCode::OK, json!({"tenants": tenants})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ColumnJson {
+    name: String,
+    #[serde(rename = "type")]
+    ty: String,
+    #[serde(default = "nullable_by_default")]
+    nullable: bool,
+}
+
+fn nullable_by_default() -> bool {
+    true
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IndexJson {
+    name: String,
+    columns: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTable {
+    name: String,
+    columns: Vec<ColumnJson>,
+    primary_key: Vec<String>,
+    #[serde(default)]
+    indexes: Vec<IndexJson>,
+}
+
+impl CreateTable {
+    fn schema(&self) -> Result<TableSchema, ApiError> {
+        let mut columns = Vec::with_capacity(self.columns.len());
+        for c in &self.columns {
+            let ty = ColumnType::parse(&c.ty).ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid_schema",
+                    format!(
+                        "column {:?} has unknown type {:?}; use text, int, float, bool, json or vector(N)",
+                        c.name, c.ty
+                    ),
+                )
+            })?;
+            columns.push((c.name.as_str(), ty, c.nullable));
+        }
+        let key: Vec<&str> = self.primary_key.iter().map(String::as_str).collect();
+        let index_columns: Vec<Vec<&str>> = self
+            .indexes
+            .iter()
+            .map(|i| i.columns.iter().map(String::as_str).collect())
+            .collect();
+        let indexes: Vec<(&str, &[&str])> = self
+            .indexes
+            .iter()
+            .zip(&index_columns)
+            .map(|(i, cols)| (i.name.as_str(), cols.as_slice()))
+            .collect();
+        Ok(TableSchema::new(&self.name, &columns, &key, &indexes)?)
+    }
+}
+
+pub async fn create_table(
+    router: &ShardRouter,
+    tenant: TenantId,
+    body: CreateTable,
+    limit: usize,
+) -> Answer {
+    let schema = body.schema()?;
+    on_owner(router, tenant, limit, |node, tenant| async move {
+        let described = schema.to_json();
+        let lsn = node.shard().create_table(&tenant, schema).await?;
+        Ok((
+            StatusCode::CREATED,
+            json!({"table": described, "lsn": lsn.0}),
+        ))
+    })
+    .await
+}
+
+pub async fn drop_table(
+    router: &ShardRouter,
+    tenant: TenantId,
+    table: String,
+    limit: usize,
+) -> Answer {
+    on_owner(router, tenant, limit, |node, tenant| async move {
+        let lsn = node.shard().drop_table(&tenant, &table).await?;
+        Ok((
+            StatusCode::OK,
+            json!({"table": table, "dropped": true, "lsn": lsn.0}),
+        ))
+    })
+    .await
+}
+
+pub async fn list_tables(router: &ShardRouter, tenant: TenantId, limit: usize) -> Answer {
+    on_owner(router, tenant, limit, |node, tenant| async move {
+        let tables = node.shard().read(&tenant, |t| {
+            t.tables()
+                .map(|table| {
+                    let usage = table.usage();
+                    json!({
+                        "schema": table.schema().to_json(),
+                        "rows": usage.rows,
+                        "bytes": usage.bytes,
+                        "vectors": usage.vectors,
+                    })
+                })
+                .collect::<Vec<_>>()
+        })?;
+        Ok((StatusCode::OK, json!({"tables": tables})))
+    })
+    .await
+}
+
+pub async fn describe_table(
+    router: &ShardRouter,
+    tenant: TenantId,
+    table: String,
+    limit: usize,
+) -> Answer {
+    on_owner(router, tenant, limit, |node, tenant| async move {
+        let described = node.shard().read(&tenant, |t| {
+            t.table(&table).map(|table| {
+                let usage = table.usage();
+                json!({
+                    "schema": table.schema().to_json(),
+                    "rows": usage.rows,
+                    "bytes": usage.bytes,
+                    "vectors": usage.vectors,
+                })
+            })
+        })??;
+        Ok((StatusCode::OK, described))
+    })
+    .await
+}
+
+/// One row operation: `{"upsert": {row}}` or `{"delete": {key columns}}`.
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+enum OpJson {
+    Upsert(Map<String, Json>),
+    Delete(Map<String, Json>),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WriteRows {
+    ops: Vec<OpJson>,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+}
+
+pub async fn write_rows(
+    router: &ShardRouter,
+    tenant: TenantId,
+    table: String,
+    body: WriteRows,
+    limit: usize,
+) -> Answer {
+    if body.ops.is_empty() {
+        return Err(ApiError::bad_request(
+            "invalid_row",
+            "\"ops\" is empty: send at least one {\"upsert\": {...}} or {\"delete\": {...}}",
+        ));
+    }
+    let ops: Vec<WriteOp> = body
+        .ops
+        .into_iter()
+        .map(|op| match op {
+            OpJson::Upsert(row) => WriteOp::Upsert(row),
+            OpJson::Delete(key) => WriteOp::Delete(key),
+        })
+        .collect();
+    let key = body.idempotency_key;
+    on_owner(router, tenant, limit, |node, tenant| async move {
+        let (lsn, outcome) = node.shard().write(&tenant, &table, &ops, key).await?;
+        Ok((
+            StatusCode::OK,
+            json!({
+                "lsn": lsn.0,
+                "inserted": outcome.inserted,
+                "updated": outcome.updated,
+                "deleted": outcome.deleted,
+                "missing": outcome.missing,
+            }),
+        ))
+    })
+    .await
+}
+
+/// `GET .../rows/<k1>/<k2>...`: one path segment per primary-key column, in key order.
+pub async fn get_row(
+    router: &ShardRouter,
+    tenant: TenantId,
+    table: String,
+    key: Vec<String>,
+    limit: usize,
+) -> Answer {
+    on_owner(router, tenant, limit, |node, tenant| async move {
+        let found = node.shard().read(&tenant, |t| {
+            let table = t.table(&table)?;
+            let key = key_from_path(table.schema(), &key)?;
+            let row = table
+                .get_by_json_key(&key)
+                .map_err(|why| ApiError::bad_request("invalid_key", why))?
+                .map(|row| table.row_to_json(row));
+            Ok::<_, ApiError>(row)
+        })??;
+        match found {
+            Some(row) => Ok((StatusCode::OK, json!({"row": row}))),
+            None => Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "row_not_found",
+                format!("table {table:?} has no row with that primary key"),
+            )),
+        }
+    })
+    .await
+}
+
+/// Turns path segments into a JSON object of the primary-key columns.
+fn key_from_path(schema: &TableSchema, segments: &[String]) -> Result<Map<String, Json>, ApiError> {
+    if segments.len() != schema.primary_key.len() {
+        let names: Vec<&str> = schema
+            .primary_key
+            .iter()
+            .map(|&p| schema.columns[p].name.as_str())
+            .collect();
+        return Err(ApiError::bad_request(
+            "invalid_key",
+            format!(
+                "table {:?} has a primary key of {} column(s) {names:?}: give one path segment for each, in that order",
+                schema.name,
+                names.len()
+            ),
+        ));
+    }
+    let mut key = Map::new();
+    for (&p, raw) in schema.primary_key.iter().zip(segments) {
+        let column = &schema.columns[p];
+        let bad = || {
+            ApiError::bad_request(
+                "invalid_key",
+                format!("key column {:?} is {}, not {raw:?}", column.name, column.ty),
+            )
+        };
+        let value = match column.ty {
+            ColumnType::Text => Json::String(raw.clone()),
+            ColumnType::Int => raw.parse::<i64>().map(Json::from).map_err(|_| bad())?,
+            ColumnType::Bool => raw.parse::<bool>().map(Json::from).map_err(|_| bad())?,
+            _ => return Err(bad()),
+        };
+        key.insert(column.name.clone(), value);
+    }
+    Ok(key)
+}
+
+pub async fn usage(router: &ShardRouter, tenant: TenantId, limit: usize) -> Answer {
+    on_owner(router, tenant, limit, |node, tenant| async move {
+        // This request holds one of the slots; report the others.
+        let in_flight = InFlight::count(&tenant).saturating_sub(1);
+        let usage = node.shard().read(&tenant, |t| t.usage())?;
+        let tables: Map<String, Json> = usage
+            .tables
+            .iter()
+            .map(|(name, u)| {
+                (
+                    name.clone(),
+                    json!({"rows": u.rows, "bytes": u.bytes, "vectors": u.vectors}),
+                )
+            })
+            .collect();
+        Ok((
+            StatusCode::OK,
+            json!({
+                "tenant": tenant.as_str(),
+                "shard": node.id(),
+                "rows": usage.rows,
+                "bytes": usage.bytes,
+                "vectors": usage.vectors,
+                "tables": tables,
+                "in_flight_requests": in_flight,
+                "applied_lsn": node.shard().applied_lsn().0,
+            }),
+        ))
+    })
+    .await
+}

@@ -1,0 +1,348 @@
+//! The data API on every shard: `/v1/tenants/...` (docs/API.md). A request is parsed
+//! and checked where it landed, its work runs on the tenant's owner shard, and every
+//! response — success or error — carries `x-request-id` and is counted by route and
+//! status.
+
+pub mod error;
+pub mod handlers;
+
+use std::cell::Cell;
+use std::convert::Infallible;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_lite::future;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use oc_ship::engine::ShardRouter;
+
+use crate::metrics;
+use error::ApiError;
+use handlers::Answer;
+
+/// Limits and deadlines of the data API.
+#[derive(Debug, Clone, Copy)]
+pub struct ApiLimits {
+    pub max_body_bytes: usize,
+    pub body_read_timeout: Duration,
+    pub request_deadline: Duration,
+    pub max_in_flight_per_tenant: usize,
+}
+
+/// What a shard's request handler needs.
+pub struct ApiContext {
+    pub router: Rc<ShardRouter>,
+    pub limits: ApiLimits,
+    pub shard: usize,
+    next_request: Cell<u64>,
+}
+
+impl ApiContext {
+    pub fn new(router: Rc<ShardRouter>, limits: ApiLimits, shard: usize) -> Self {
+        ApiContext {
+            router,
+            limits,
+            shard,
+            next_request: Cell::new(0),
+        }
+    }
+
+    /// `<shard>-<counter>-<process nonce>`: unique without coordination between shards.
+    fn new_request_id(&self) -> String {
+        let n = self.next_request.get();
+        self.next_request.set(n + 1);
+        format!("{:x}-{n:x}-{:08x}", self.shard, process_nonce())
+    }
+}
+
+fn process_nonce() -> u32 {
+    static NONCE: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *NONCE.get_or_init(|| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        now.subsec_nanos() ^ std::process::id().rotate_left(16)
+    })
+}
+
+/// A client's `x-request-id`, if it is one we can echo safely.
+fn client_request_id(req: &Request<Incoming>) -> Option<String> {
+    let raw = req.headers().get("x-request-id")?.to_str().ok()?;
+    let ok = !raw.is_empty()
+        && raw.len() <= 128
+        && raw
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+    ok.then(|| raw.to_string())
+}
+
+/// Answers one request; never fails (errors become JSON responses).
+pub async fn handle(
+    ctx: Rc<ApiContext>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let started = Instant::now();
+    let request_id = client_request_id(&req).unwrap_or_else(|| ctx.new_request_id());
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let route = route_name(&method, &path);
+    let deadline = ctx.limits.request_deadline;
+    let answer = future::or(dispatch(&ctx, req), async {
+        glommio::timer::sleep(deadline).await;
+        Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "deadline_exceeded",
+            format!(
+                "the request did not finish within {} ms; a write may or may not have been \
+                 applied: retry it with the same idempotency_key",
+                deadline.as_millis()
+            ),
+        ))
+    })
+    .await;
+    let mut response = match answer {
+        Ok((status, body)) => {
+            let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+            *response.status_mut() = status;
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            response
+        }
+        Err(e) => {
+            if e.status.is_server_error() {
+                tracing::warn!(%request_id, shard = ctx.shard, %method, %path, code = e.code, message = %e.message, "request failed");
+            }
+            let allow = (e.status == StatusCode::METHOD_NOT_ALLOWED)
+                .then(|| allowed_methods(&path))
+                .flatten();
+            let mut response = e.into_response(&request_id);
+            if let Some(allow) = allow {
+                response
+                    .headers_mut()
+                    .insert(ALLOW, HeaderValue::from_static(allow));
+            }
+            response
+        }
+    };
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert("x-request-id", value);
+    }
+    let status = response.status().as_u16();
+    metrics::record_request(route, status, started.elapsed());
+    tracing::debug!(%request_id, shard = ctx.shard, %method, %path, status, "request");
+    Ok(response)
+}
+
+/// The path split into segments (`/v1/tenants/a` → `["v1", "tenants", "a"]`).
+fn segments(path: &str) -> Vec<&str> {
+    path.trim_matches('/').split('/').collect()
+}
+
+/// The metrics label of a request: its route pattern, never a tenant or key.
+fn route_name(method: &Method, path: &str) -> &'static str {
+    let s = segments(path);
+    match (s.as_slice(), method) {
+        (["v1", "tenants"], _) => "tenants",
+        (["v1", "tenants", _], _) => "tenant",
+        (["v1", "tenants", _, "usage"], _) => "usage",
+        (["v1", "tenants", _, "tables"], _) => "tables",
+        (["v1", "tenants", _, "tables", _], _) => "table",
+        (["v1", "tenants", _, "tables", _, "rows"], _) => "rows_write",
+        (["v1", "tenants", _, "tables", _, "rows", ..], _) => "row_get",
+        _ => "unknown",
+    }
+}
+
+/// The `Allow` header for a known route.
+fn allowed_methods(path: &str) -> Option<&'static str> {
+    Some(match route_name(&Method::GET, path) {
+        "tenants" | "tables" => "GET, POST",
+        "tenant" | "table" => "GET, DELETE",
+        "usage" | "row_get" => "GET",
+        "rows_write" => "POST",
+        _ => return None,
+    })
+}
+
+fn method_not_allowed(method: &Method, path: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!(
+            "{method} is not allowed on {path}; allowed: {}",
+            allowed_methods(path).unwrap_or("none")
+        ),
+    )
+}
+
+async fn dispatch(ctx: &ApiContext, req: Request<Incoming>) -> Answer {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let s = segments(&path);
+    let router = &*ctx.router;
+    let limit = ctx.limits.max_in_flight_per_tenant;
+    use handlers as h;
+    match (s.as_slice(), &method) {
+        (["v1", "tenants"], &Method::GET) => h::list_tenants(router).await,
+        (["v1", "tenants"], &Method::POST) => {
+            let body = read_json(ctx, req).await?;
+            h::create_tenant(router, body, limit).await
+        }
+        (["v1", "tenants", t], &Method::GET) => h::usage(router, h::tenant_id(t)?, limit).await,
+        (["v1", "tenants", t], &Method::DELETE) => {
+            h::drop_tenant(router, h::tenant_id(t)?, limit).await
+        }
+        (["v1", "tenants", t, "usage"], &Method::GET) => {
+            h::usage(router, h::tenant_id(t)?, limit).await
+        }
+        (["v1", "tenants", t, "tables"], &Method::GET) => {
+            h::list_tables(router, h::tenant_id(t)?, limit).await
+        }
+        (["v1", "tenants", t, "tables"], &Method::POST) => {
+            let tenant = h::tenant_id(t)?;
+            let body = read_json(ctx, req).await?;
+            h::create_table(router, tenant, body, limit).await
+        }
+        (["v1", "tenants", t, "tables", table], &Method::GET) => {
+            h::describe_table(router, h::tenant_id(t)?, table.to_string(), limit).await
+        }
+        (["v1", "tenants", t, "tables", table], &Method::DELETE) => {
+            h::drop_table(router, h::tenant_id(t)?, table.to_string(), limit).await
+        }
+        (["v1", "tenants", t, "tables", table, "rows"], &Method::POST) => {
+            let tenant = h::tenant_id(t)?;
+            let table = table.to_string();
+            let body = read_json(ctx, req).await?;
+            h::write_rows(router, tenant, table, body, limit).await
+        }
+        (["v1", "tenants", t, "tables", table, "rows", key @ ..], &Method::GET)
+            if !key.is_empty() =>
+        {
+            let key = key
+                .iter()
+                .map(|k| percent_decode(k))
+                .collect::<Result<Vec<_>, _>>()?;
+            h::get_row(router, h::tenant_id(t)?, table.to_string(), key, limit).await
+        }
+        _ if route_name(&method, &path) != "unknown" => Err(method_not_allowed(&method, &path)),
+        _ => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "route_not_found",
+            format!("no endpoint at {path}; see docs/API.md"),
+        )),
+    }
+}
+
+/// Reads a JSON body within the size limit and the body deadline.
+async fn read_json<T: for<'de> serde::Deserialize<'de>>(
+    ctx: &ApiContext,
+    req: Request<Incoming>,
+) -> Result<T, ApiError> {
+    if let Some(ty) = req.headers().get(CONTENT_TYPE) {
+        let ty = ty.to_str().unwrap_or("");
+        if !ty.trim_start().to_ascii_lowercase().starts_with("application/json") {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                format!("the body must be JSON (content-type: application/json), not {ty:?}"),
+            ));
+        }
+    }
+    let max = ctx.limits.max_body_bytes;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("the body is larger than the limit of {max} bytes; split the batch"),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return Err(too_large());
+    }
+    let timeout = ctx.limits.body_read_timeout;
+    let body = future::or(
+        async {
+            Limited::new(req.into_body(), max)
+                .collect()
+                .await
+                .map(|collected| Ok(collected.to_bytes()))
+                .unwrap_or_else(|e| {
+                    if e.is::<http_body_util::LengthLimitError>() {
+                        Err(too_large())
+                    } else {
+                        Err(ApiError::bad_request(
+                            "body_read_failed",
+                            format!("the body could not be read: {e}"),
+                        ))
+                    }
+                })
+        },
+        async {
+            glommio::timer::sleep(timeout).await;
+            Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!("the body did not arrive within {} ms", timeout.as_millis()),
+            ))
+        },
+    )
+    .await?;
+    handlers::parse_body(&body)
+}
+
+/// Decodes `%XX` escapes in a path segment (row keys may hold any text).
+fn percent_decode(segment: &str) -> Result<String, ApiError> {
+    let bad = || {
+        ApiError::bad_request(
+            "invalid_key",
+            format!("path segment {segment:?} is not valid percent-encoded UTF-8"),
+        )
+    };
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3).ok_or_else(bad)?;
+            let hex = std::str::from_utf8(hex).map_err(|_| bad())?;
+            out.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| bad())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_are_labelled_by_pattern_not_by_tenant() {
+        assert_eq!(route_name(&Method::GET, "/v1/tenants/acme/usage"), "usage");
+        assert_eq!(
+            route_name(&Method::GET, "/v1/tenants/acme/tables/t/rows/1/x"),
+            "row_get"
+        );
+        assert_eq!(route_name(&Method::GET, "/v2/anything"), "unknown");
+    }
+
+    #[test]
+    fn percent_decoding_accepts_escapes_and_refuses_broken_ones() {
+        assert_eq!(percent_decode("a%20b%2Fc").expect("valid"), "a b/c");
+        assert!(percent_decode("a%2").is_err());
+        assert!(percent_decode("%zz").is_err());
+        assert!(percent_decode("%ff").is_err());
+    }
+}

@@ -1,0 +1,205 @@
+//! The data listener on every shard: accept, serve HTTP/1.1 with hyper, enforce the
+//! connection limit and the idle timeout, and drain on shutdown.
+//!
+//! Sockets are made before the shards start: one `SO_REUSEPORT` socket per shard on the
+//! same address (port 0 is resolved by the first), so the kernel spreads connections
+//! over shards and a test can bind port 0 and still get one port.
+
+use std::cell::{Cell, RefCell};
+use std::future::{poll_fn, Future};
+use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
+use std::pin::{pin, Pin};
+use std::rc::Rc;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use futures_lite::{future, AsyncWriteExt};
+use glommio::net::{TcpListener, TcpStream};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use oc_ship::engine::{ShardNode, ShardRouter};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::api::{self, ApiContext, ApiLimits};
+use crate::hyper_glommio::{GlommioTimer, HyperStream};
+use crate::metrics;
+
+/// How often a connection checks for drain and idleness.
+const CONNECTION_TICK: Duration = Duration::from_millis(100);
+/// Pending connections per socket.
+const LISTEN_BACKLOG: i32 = 1024;
+
+/// Binds `count` `SO_REUSEPORT` listening sockets on `addr`; returns their descriptors
+/// and the address they share.
+pub fn bind_shared(addr: SocketAddr, count: usize) -> std::io::Result<(Vec<RawFd>, SocketAddr)> {
+    let mut bound = addr;
+    let mut fds = Vec::with_capacity(count);
+    for _ in 0..count {
+        let socket = Socket::new(Domain::for_address(bound), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_port(true)?;
+        socket.set_reuse_address(true)?;
+        socket.bind(&bound.into())?;
+        socket.listen(LISTEN_BACKLOG)?;
+        if bound.port() == 0 {
+            bound = socket
+                .local_addr()?
+                .as_socket()
+                .ok_or_else(|| std::io::Error::other("the socket has no IP address"))?;
+        }
+        fds.push(socket.into_raw_fd());
+    }
+    Ok((fds, bound))
+}
+
+/// Per-connection settings.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionSettings {
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    /// Open connections this shard serves; more are answered 503 and closed.
+    pub max_connections: usize,
+    pub limits: ApiLimits,
+}
+
+thread_local! {
+    /// This shard's listener state, for the drain call from the control executor.
+    static DRAIN: RefCell<Option<Rc<DrainState>>> = const { RefCell::new(None) };
+}
+
+#[derive(Default)]
+struct DrainState {
+    draining: Cell<bool>,
+    listener_closed: Cell<bool>,
+    open: Cell<usize>,
+}
+
+/// Runs on a shard: stops accepting, asks every connection to finish its request and
+/// close, and waits up to `grace` for them. Returns the connections still open.
+pub async fn drain_local(grace: Duration) -> usize {
+    let Some(state) = DRAIN.with(|d| d.borrow().clone()) else {
+        return 0;
+    };
+    state.draining.set(true);
+    let deadline = Instant::now() + grace;
+    while (state.open.get() > 0 || !state.listener_closed.get()) && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+    state.open.get()
+}
+
+/// A shard's data listener; returns after a drain.
+pub async fn serve_shard(
+    node: Rc<ShardNode>,
+    router: Rc<ShardRouter>,
+    fd: RawFd,
+    settings: ConnectionSettings,
+) {
+    // SAFETY: `fd` is a listening socket made by `bind_shared` for this shard alone;
+    // ownership passes to the listener here, once.
+    let listener = unsafe { TcpListener::from_raw_fd(fd) };
+    let state = Rc::new(DrainState::default());
+    DRAIN.with(|d| *d.borrow_mut() = Some(state.clone()));
+    let ctx = Rc::new(ApiContext::new(router, settings.limits, node.id()));
+    loop {
+        let accepted = future::or(async { Some(listener.accept().await) }, async {
+            while !state.draining.get() {
+                glommio::timer::sleep(CONNECTION_TICK).await;
+            }
+            None
+        })
+        .await;
+        let stream = match accepted {
+            None => break,
+            Some(Ok(stream)) => stream,
+            Some(Err(e)) => {
+                tracing::warn!(shard = node.id(), error = %e, "accept failed");
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        if state.open.get() >= settings.max_connections {
+            metrics::with_http(|m| m.connections_refused += 1);
+            glommio::spawn_local(refuse(stream)).detach();
+            continue;
+        }
+        metrics::with_http(|m| {
+            m.connections_accepted += 1;
+            m.connections_open += 1;
+        });
+        state.open.set(state.open.get() + 1);
+        let (ctx, state) = (ctx.clone(), state.clone());
+        glommio::spawn_local(async move {
+            serve_connection(stream, ctx, settings, &state).await;
+            state.open.set(state.open.get() - 1);
+            metrics::with_http(|m| m.connections_open -= 1);
+        })
+        .detach();
+    }
+    drop(listener);
+    state.listener_closed.set(true);
+    tracing::info!(shard = node.id(), "listener closed for shutdown");
+}
+
+/// Answers a connection over the limit with a 503 and closes it.
+async fn refuse(mut stream: TcpStream) {
+    let body = r#"{"error":{"code":"too_many_connections","message":"the server is at its connection limit; retry shortly","request_id":""}}"#;
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        api::error::RETRY_AFTER_S,
+        body.len()
+    );
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.close().await;
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    ctx: Rc<ApiContext>,
+    settings: ConnectionSettings,
+    state: &DrainState,
+) {
+    let _ = stream.set_nodelay(true);
+    let shard = ctx.shard;
+    let (io, last_activity) = HyperStream::new(stream);
+    let in_flight = Rc::new(Cell::new(0usize));
+    let service = {
+        let in_flight = in_flight.clone();
+        service_fn(move |req| {
+            let (ctx, in_flight) = (ctx.clone(), in_flight.clone());
+            in_flight.set(in_flight.get() + 1);
+            async move {
+                let response = api::handle(ctx, req).await;
+                in_flight.set(in_flight.get() - 1);
+                response
+            }
+        })
+    };
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(GlommioTimer)
+        .header_read_timeout(settings.header_read_timeout)
+        .keep_alive(true);
+    let mut conn = pin!(builder.serve_connection(io, service));
+    let mut tick = glommio::timer::Timer::new(CONNECTION_TICK);
+    let mut shutting_down = false;
+    let outcome = poll_fn(|cx| {
+        while Pin::new(&mut tick).poll(cx).is_ready() {
+            tick = glommio::timer::Timer::new(CONNECTION_TICK);
+            if state.draining.get() && !shutting_down {
+                shutting_down = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            let idle = last_activity.get().elapsed() >= settings.idle_timeout;
+            if in_flight.get() == 0 && idle {
+                return Poll::Ready(Ok(()));
+            }
+        }
+        conn.as_mut().poll(cx)
+    })
+    .await;
+    if let Err(e) = outcome {
+        // Clients that leave mid-request or never finish their headers end up here.
+        tracing::debug!(shard, error = %e, "connection closed with an error");
+    }
+}

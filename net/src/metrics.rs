@@ -1,0 +1,392 @@
+//! Metrics: counted shard-locally (plain integers in a thread-local, no atomics or locks
+//! on the request path), gathered from every shard at scrape time by the control
+//! executor and rendered in the Prometheus text format with the `prometheus` crate's
+//! encoder. No tenant label on any histogram.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use oc_ship::engine::{CheckpointMetrics, ShardNode};
+use prometheus::proto::{
+    Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType,
+};
+use prometheus::{Encoder, TextEncoder};
+
+/// Upper bounds (ms) of the latency histograms: HTTP requests and WAL fsync lag.
+const LATENCY_BUCKETS_MS: [f64; 16] = [
+    0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0,
+    10000.0,
+];
+
+/// A fixed-bucket latency histogram in Prometheus' shape (non-cumulative while counting).
+#[derive(Debug, Clone, Default)]
+pub struct LatencyHistogram {
+    buckets: [u64; LATENCY_BUCKETS_MS.len()],
+    count: u64,
+    sum_ms: f64,
+}
+
+impl LatencyHistogram {
+    pub fn record(&mut self, elapsed: Duration) {
+        let ms = elapsed.as_secs_f64() * 1e3;
+        if let Some(i) = LATENCY_BUCKETS_MS.iter().position(|&le| ms <= le) {
+            self.buckets[i] += 1;
+        }
+        self.count += 1;
+        self.sum_ms += ms;
+    }
+
+    fn merge(&mut self, other: &LatencyHistogram) {
+        for (a, b) in self.buckets.iter_mut().zip(other.buckets) {
+            *a += b;
+        }
+        self.count += other.count;
+        self.sum_ms += other.sum_ms;
+    }
+
+    /// Buckets from an hdrhistogram of microseconds (the WAL's fsync lag).
+    fn from_hdr_us(h: &hdrhistogram::Histogram<u64>) -> Self {
+        let mut out = LatencyHistogram::default();
+        let mut below = 0;
+        for (i, le) in LATENCY_BUCKETS_MS.iter().enumerate() {
+            let upto = h.count_between(0, (le * 1e3) as u64);
+            out.buckets[i] = upto - below;
+            below = upto;
+        }
+        out.count = h.len();
+        out.sum_ms = h.mean() * h.len() as f64 / 1e3;
+        out
+    }
+
+    fn to_proto(&self) -> Histogram {
+        let mut cumulative = 0;
+        let buckets = LATENCY_BUCKETS_MS
+            .iter()
+            .zip(self.buckets)
+            .map(|(&le, n)| {
+                cumulative += n;
+                let mut b = Bucket::default();
+                b.set_upper_bound(le);
+                b.set_cumulative_count(cumulative);
+                b
+            })
+            .collect();
+        let mut h = Histogram::default();
+        h.set_bucket(buckets);
+        h.set_sample_count(self.count);
+        h.set_sample_sum(self.sum_ms);
+        h
+    }
+}
+
+/// HTTP counters of one shard's listener.
+#[derive(Debug, Clone, Default)]
+pub struct HttpMetrics {
+    pub requests: BTreeMap<(&'static str, u16), u64>,
+    pub latency: BTreeMap<&'static str, LatencyHistogram>,
+    pub connections_open: u64,
+    pub connections_accepted: u64,
+    pub connections_refused: u64,
+}
+
+thread_local! {
+    static HTTP: RefCell<HttpMetrics> = RefCell::new(HttpMetrics::default());
+}
+
+/// Counts one finished request on this shard.
+pub fn record_request(route: &'static str, status: u16, elapsed: Duration) {
+    HTTP.with(|m| {
+        let mut m = m.borrow_mut();
+        *m.requests.entry((route, status)).or_default() += 1;
+        m.latency.entry(route).or_default().record(elapsed);
+    })
+}
+
+/// Updates this shard's connection counters.
+pub fn with_http(f: impl FnOnce(&mut HttpMetrics)) {
+    HTTP.with(|m| f(&mut m.borrow_mut()))
+}
+
+/// Everything one shard reports at a scrape (taken on the shard, sent to control).
+#[derive(Debug, Clone)]
+pub struct ShardSnapshot {
+    pub shard: usize,
+    pub http: HttpMetrics,
+    pub wal_bytes_written: u64,
+    pub wal_appends: u64,
+    pub wal_syncs: u64,
+    pub wal_segments: usize,
+    pub wal_failed: bool,
+    pub fsync_lag: LatencyHistogram,
+    pub checkpoint: CheckpointMetrics,
+    pub tenants: usize,
+    pub rows: usize,
+    pub bytes: usize,
+}
+
+/// Takes this shard's snapshot; runs on the shard.
+pub fn snapshot(node: &ShardNode) -> ShardSnapshot {
+    let shard = node.shard();
+    let wal = shard.wal().stats();
+    let (tenants, rows, bytes) = shard.with_state(|state| {
+        state.tenants.values().fold((0, 0, 0), |(t, r, b), tenant| {
+            let usage = tenant.usage();
+            (t + 1, r + usage.rows, b + usage.bytes)
+        })
+    });
+    ShardSnapshot {
+        shard: node.id(),
+        http: HTTP.with(|m| m.borrow().clone()),
+        wal_bytes_written: wal.bytes_written,
+        wal_appends: wal.appends,
+        wal_syncs: wal.syncs,
+        wal_segments: shard.wal().segments().len(),
+        wal_failed: shard.wal().failure().is_some(),
+        fsync_lag: LatencyHistogram::from_hdr_us(&wal.fsync_lag_us),
+        checkpoint: shard.checkpoint_metrics(),
+        tenants,
+        rows,
+        bytes,
+    }
+}
+
+/// Counters of the control side (ops listener, mesh refusals seen by the API).
+#[derive(Debug, Clone, Default)]
+pub struct ControlMetrics {
+    pub uptime_s: f64,
+    pub ready: bool,
+}
+
+fn label(name: &str, value: &str) -> LabelPair {
+    let mut l = LabelPair::default();
+    l.set_name(name.to_string());
+    l.set_value(value.to_string());
+    l
+}
+
+fn family(name: &str, help: &str, kind: MetricType, metrics: Vec<Metric>) -> MetricFamily {
+    let mut f = MetricFamily::default();
+    f.set_name(name.to_string());
+    f.set_help(help.to_string());
+    f.set_field_type(kind);
+    f.set_metric(metrics);
+    f
+}
+
+fn gauge(labels: Vec<LabelPair>, value: f64) -> Metric {
+    let mut g = Gauge::default();
+    g.set_value(value);
+    let mut m = Metric::from_label(labels);
+    m.set_gauge(g);
+    m
+}
+
+fn counter(labels: Vec<LabelPair>, value: f64) -> Metric {
+    let mut c = Counter::default();
+    c.set_value(value);
+    let mut m = Metric::from_label(labels);
+    m.set_counter(c);
+    m
+}
+
+fn histogram(labels: Vec<LabelPair>, h: &LatencyHistogram) -> Metric {
+    let mut m = Metric::from_label(labels);
+    m.set_histogram(h.to_proto());
+    m
+}
+
+/// A per-shard metric family.
+fn per_shard(
+    shards: &[ShardSnapshot],
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    value: impl Fn(&ShardSnapshot) -> f64,
+) -> MetricFamily {
+    let make = match kind {
+        MetricType::COUNTER => counter,
+        _ => gauge,
+    };
+    let metrics = shards
+        .iter()
+        .map(|s| make(vec![label("shard", &s.shard.to_string())], value(s)))
+        .collect();
+    family(name, help, kind, metrics)
+}
+
+/// The Prometheus text exposition of every shard's snapshot.
+pub fn render(shards: &[ShardSnapshot], control: &ControlMetrics) -> String {
+    use MetricType::{COUNTER, GAUGE, HISTOGRAM};
+    let mut families = vec![
+        family(
+            "oc_up_seconds",
+            "Seconds since the server started.",
+            GAUGE,
+            vec![gauge(vec![], control.uptime_s)],
+        ),
+        family(
+            "oc_ready",
+            "1 when every shard has recovered and accepts writes (see /ready).",
+            GAUGE,
+            vec![gauge(vec![], f64::from(u8::from(control.ready)))],
+        ),
+    ];
+    let mut requests = BTreeMap::new();
+    let mut latency: BTreeMap<&str, LatencyHistogram> = BTreeMap::new();
+    let mut fsync_lag = LatencyHistogram::default();
+    for s in shards {
+        for (key, n) in &s.http.requests {
+            *requests.entry(*key).or_insert(0u64) += n;
+        }
+        for (route, h) in &s.http.latency {
+            latency.entry(route).or_default().merge(h);
+        }
+        fsync_lag.merge(&s.fsync_lag);
+    }
+    families.push(family(
+        "oc_http_requests_total",
+        "HTTP requests answered, by route and status.",
+        COUNTER,
+        requests
+            .iter()
+            .map(|((route, status), n)| {
+                counter(
+                    vec![label("route", route), label("status", &status.to_string())],
+                    *n as f64,
+                )
+            })
+            .collect(),
+    ));
+    families.push(family(
+        "oc_http_request_duration_ms",
+        "HTTP request latency from headers read to response ready, by route.",
+        HISTOGRAM,
+        latency
+            .iter()
+            .map(|(route, h)| histogram(vec![label("route", route)], h))
+            .collect(),
+    ));
+    families.push(family(
+        "oc_wal_fsync_lag_ms",
+        "Time from a write's append to its group's fdatasync returning, all shards.",
+        HISTOGRAM,
+        vec![histogram(vec![], &fsync_lag)],
+    ));
+    families.extend([
+        per_shard(
+            shards,
+            "oc_http_connections_open",
+            "Open client connections.",
+            GAUGE,
+            |s| s.http.connections_open as f64,
+        ),
+        per_shard(
+            shards,
+            "oc_http_connections_accepted_total",
+            "Client connections accepted.",
+            COUNTER,
+            |s| s.http.connections_accepted as f64,
+        ),
+        per_shard(
+            shards,
+            "oc_http_connections_refused_total",
+            "Client connections refused at the connection limit.",
+            COUNTER,
+            |s| s.http.connections_refused as f64,
+        ),
+        per_shard(
+            shards,
+            "oc_wal_bytes_written_total",
+            "Bytes written to the write-ahead log, padding included.",
+            COUNTER,
+            |s| s.wal_bytes_written as f64,
+        ),
+        per_shard(
+            shards,
+            "oc_wal_appends_total",
+            "Records appended to the write-ahead log.",
+            COUNTER,
+            |s| s.wal_appends as f64,
+        ),
+        per_shard(
+            shards,
+            "oc_wal_syncs_total",
+            "Group commits (one write and one fdatasync each).",
+            COUNTER,
+            |s| s.wal_syncs as f64,
+        ),
+        per_shard(
+            shards,
+            "oc_wal_segments",
+            "Log segment files held locally.",
+            GAUGE,
+            |s| s.wal_segments as f64,
+        ),
+        per_shard(
+            shards,
+            "oc_wal_failed",
+            "1 when the shard's log failed and the shard needs a restart.",
+            GAUGE,
+            |s| f64::from(u8::from(s.wal_failed)),
+        ),
+        per_shard(
+            shards,
+            "oc_checkpoint_age_s",
+            "Seconds since the last successful checkpoint (or since start, if none).",
+            GAUGE,
+            |s| s.checkpoint.age_s,
+        ),
+        per_shard(
+            shards,
+            "oc_checkpoint_duration_s",
+            "Duration of the last checkpoint.",
+            GAUGE,
+            |s| s.checkpoint.last_duration_s,
+        ),
+        per_shard(
+            shards,
+            "oc_checkpoint_size_bytes",
+            "Data bytes of the last checkpoint.",
+            GAUGE,
+            |s| s.checkpoint.last_bytes as f64,
+        ),
+        per_shard(
+            shards,
+            "oc_checkpoints_total",
+            "Checkpoints written.",
+            COUNTER,
+            |s| s.checkpoint.checkpoints_total as f64,
+        ),
+        per_shard(
+            shards,
+            "oc_checkpoint_failures_total",
+            "Checkpoints that failed (retried at the next check).",
+            COUNTER,
+            |s| s.checkpoint.failures_total as f64,
+        ),
+        per_shard(shards, "oc_tenants", "Tenants owned.", GAUGE, |s| {
+            s.tenants as f64
+        }),
+        per_shard(shards, "oc_rows", "Rows stored, all tables.", GAUGE, |s| {
+            s.rows as f64
+        }),
+        per_shard(
+            shards,
+            "oc_stored_bytes",
+            "Bytes of rows as stored, all tables.",
+            GAUGE,
+            |s| s.bytes as f64,
+        ),
+    ]);
+    let mut out = String::new();
+    TextEncoder::new()
+        .encode_utf8(&families, &mut out)
+        .expect("families built here are well formed");
+    out
+}
+
+/// The content type of [`render`]'s output.
+pub fn content_type() -> String {
+    TextEncoder::new().format_type().to_string()
+}

@@ -1,0 +1,222 @@
+//! The ops listener on the control executor: `/health`, `/ready`, `/metrics`. It runs
+//! on its own thread from before recovery starts, so a probe or a scrape is never
+//! queued behind data traffic and `/ready` can say "recovering" while shards open.
+
+use std::cell::{Cell, RefCell};
+use std::convert::Infallible;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_lite::future;
+use glommio::net::TcpListener;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use oc_ship::engine::io::UringProbe;
+use oc_ship::engine::{ShardNode, ShardRouter};
+use serde_json::json;
+
+use crate::hyper_glommio::{GlommioTimer, HyperStream};
+use crate::metrics;
+
+/// How long `/ready` and `/metrics` wait for a shard to answer.
+const SHARD_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Where the server is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Recovering,
+    Serving,
+    Draining,
+}
+
+/// What the control executor knows.
+pub struct ControlState {
+    pub started: Instant,
+    pub phase: Cell<Phase>,
+    pub router: RefCell<Option<Rc<ShardRouter>>>,
+    pub probe: UringProbe,
+    pub shards: usize,
+}
+
+/// Serves the ops endpoints until the process exits.
+pub async fn serve_ops(listener: TcpListener, state: Rc<ControlState>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "ops accept failed");
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let state = state.clone();
+        glommio::spawn_local(async move {
+            let (io, _) = HyperStream::new(stream);
+            let service = service_fn(move |req| handle(state.clone(), req));
+            let mut builder = http1::Builder::new();
+            builder
+                .timer(GlommioTimer)
+                .header_read_timeout(Duration::from_secs(10));
+            let _ = builder.serve_connection(io, service).await;
+        })
+        .detach();
+    }
+}
+
+fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+async fn handle(
+    state: Rc<ControlState>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let started = Instant::now();
+    let (route, response) = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/health") => ("health", health(&state)),
+        (&Method::GET, "/ready") => ("ready", ready(&state).await),
+        (&Method::GET, "/metrics") => ("metrics", metrics_page(&state).await),
+        (_, "/health" | "/ready" | "/metrics") => (
+            "ops_unknown",
+            json_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                json!({"error": {"code": "method_not_allowed", "message": "only GET is allowed here", "request_id": ""}}),
+            ),
+        ),
+        (_, path) => (
+            "ops_unknown",
+            json_response(
+                StatusCode::NOT_FOUND,
+                json!({"error": {"code": "route_not_found", "message": format!("no ops endpoint at {path}; try /health, /ready or /metrics"), "request_id": ""}}),
+            ),
+        ),
+    };
+    metrics::record_request(route, response.status().as_u16(), started.elapsed());
+    Ok(response)
+}
+
+fn health(state: &ControlState) -> Response<Full<Bytes>> {
+    let p = &state.probe;
+    json_response(
+        StatusCode::OK,
+        json!({
+            "status": "ok",
+            "version": env!("CARGO_PKG_VERSION"),
+            "git_commit": env!("OC_GIT_COMMIT"),
+            "build_time": env!("OC_BUILD_TIME"),
+            "uptime_s": state.started.elapsed().as_secs_f64(),
+            "phase": format!("{:?}", state.phase.get()).to_lowercase(),
+            "shards": state.shards,
+            "io_uring": {
+                "available": p.available,
+                "error": p.error,
+                "read": p.read,
+                "write": p.write,
+                "fsync": p.fsync,
+                "fixed_buffers": p.fixed_buffers,
+                "sync_file_range": p.sync_file_range,
+            },
+        }),
+    )
+}
+
+/// Asks every shard for `f`'s answer, each within the probe timeout.
+async fn ask_shards<R: Send + 'static>(
+    router: &ShardRouter,
+    f: fn(&ShardNode) -> R,
+) -> Vec<Result<R, String>> {
+    let mut answers = Vec::with_capacity(router.shards());
+    for shard in 0..router.shards() {
+        let call = async {
+            router
+                .call(shard, move |node: Rc<ShardNode>| async move { f(&node) })
+                .await
+                .map_err(|e| e.to_string())
+        };
+        let timeout = async {
+            glommio::timer::sleep(SHARD_PROBE_TIMEOUT).await;
+            Err(format!(
+                "did not answer within {} ms",
+                SHARD_PROBE_TIMEOUT.as_millis()
+            ))
+        };
+        answers.push(future::or(call, timeout).await);
+    }
+    answers
+}
+
+async fn ready(state: &ControlState) -> Response<Full<Bytes>> {
+    let not_ready = |reasons: Vec<String>| {
+        json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"ready": false, "reasons": reasons}),
+        )
+    };
+    match state.phase.get() {
+        Phase::Recovering => {
+            return not_ready(vec!["shards are recovering their logs".to_string()])
+        }
+        Phase::Draining => return not_ready(vec!["the server is shutting down".to_string()]),
+        Phase::Serving => {}
+    }
+    let Some(router) = state.router.borrow().clone() else {
+        return not_ready(vec!["shards are not connected yet".to_string()]);
+    };
+    let answers = ask_shards(&router, |node| {
+        (
+            node.shard().wal().failure().map(|e| e.to_string()),
+            node.shard().applied_lsn().0,
+        )
+    })
+    .await;
+    let mut reasons = Vec::new();
+    let mut shards = Vec::new();
+    for (shard, answer) in answers.into_iter().enumerate() {
+        match answer {
+            Ok((None, applied)) => shards.push(json!({"shard": shard, "applied_lsn": applied})),
+            Ok((Some(failure), _)) => reasons.push(format!(
+                "shard {shard}: the write-ahead log failed ({failure}); restart the server"
+            )),
+            Err(why) => reasons.push(format!("shard {shard}: {why}")),
+        }
+    }
+    if reasons.is_empty() {
+        json_response(StatusCode::OK, json!({"ready": true, "shards": shards}))
+    } else {
+        not_ready(reasons)
+    }
+}
+
+async fn metrics_page(state: &ControlState) -> Response<Full<Bytes>> {
+    let router = state.router.borrow().clone();
+    let mut snapshots = Vec::new();
+    if let Some(router) = router {
+        for answer in ask_shards(&router, metrics::snapshot).await {
+            match answer {
+                Ok(snapshot) => snapshots.push(snapshot),
+                Err(why) => tracing::warn!(%why, "a shard missed the scrape"),
+            }
+        }
+    }
+    let control = metrics::ControlMetrics {
+        uptime_s: state.started.elapsed().as_secs_f64(),
+        ready: state.phase.get() == Phase::Serving,
+    };
+    let mut response = Response::new(Full::new(Bytes::from(metrics::render(
+        &snapshots, &control,
+    ))));
+    if let Ok(value) = HeaderValue::from_str(&metrics::content_type()) {
+        response.headers_mut().insert(CONTENT_TYPE, value);
+    }
+    response
+}
