@@ -98,7 +98,10 @@ impl ServerConfig {
         }
         for (name, value) in [
             ("--max-connections", self.max_connections as u64),
-            ("--max-in-flight-per-tenant", self.max_in_flight_per_tenant as u64),
+            (
+                "--max-in-flight-per-tenant",
+                self.max_in_flight_per_tenant as u64,
+            ),
             ("--header-read-timeout-ms", self.header_read_timeout_ms),
             ("--body-read-timeout-ms", self.body_read_timeout_ms),
             ("--idle-timeout-ms", self.idle_timeout_ms),

@@ -36,7 +36,11 @@ pub fn bind_shared(addr: SocketAddr, count: usize) -> std::io::Result<(Vec<RawFd
     let mut bound = addr;
     let mut fds = Vec::with_capacity(count);
     for _ in 0..count {
-        let socket = Socket::new(Domain::for_address(bound), Type::STREAM, Some(Protocol::TCP))?;
+        let socket = Socket::new(
+            Domain::for_address(bound),
+            Type::STREAM,
+            Some(Protocol::TCP),
+        )?;
         socket.set_reuse_port(true)?;
         socket.set_reuse_address(true)?;
         socket.bind(&bound.into())?;

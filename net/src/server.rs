@@ -49,7 +49,9 @@ pub fn run(config: ServerConfig) -> Result<()> {
         let grace = Duration::from_millis(config.shutdown_grace_ms);
         executor_builder(Placement::Unbound)
             .name("oc-control")
-            .spawn(move || control_main(ops_listen, shards, client_rx, ops_addr_tx, shutdown, grace))
+            .spawn(move || {
+                control_main(ops_listen, shards, client_rx, ops_addr_tx, shutdown, grace)
+            })
             .map_err(|e| anyhow!("starting the control executor: {e}"))?
     };
     let ops_addr = ops_addr_rx
@@ -123,7 +125,11 @@ fn report_recovery(reports: &[ShardOpenReport], took: Duration) {
             "shard recovered"
         );
     }
-    tracing::info!(shards = reports.len(), took_ms = took.as_millis() as u64, "recovery finished");
+    tracing::info!(
+        shards = reports.len(),
+        took_ms = took.as_millis() as u64,
+        "recovery finished"
+    );
 }
 
 /// The control executor: ops endpoints from the start, then, once the shards run, the
@@ -143,7 +149,11 @@ async fn control_main(
             return Ok(());
         }
     };
-    let _ = ops_addr_tx.send(listener.local_addr().map_err(|e| std::io::Error::other(e.to_string())));
+    let _ = ops_addr_tx.send(
+        listener
+            .local_addr()
+            .map_err(|e| std::io::Error::other(e.to_string())),
+    );
     let state = Rc::new(ControlState {
         started: Instant::now(),
         phase: std::cell::Cell::new(Phase::Recovering),
@@ -166,7 +176,10 @@ async fn control_main(
     while !shutdown.load(Ordering::SeqCst) {
         glommio::timer::sleep(SHUTDOWN_POLL).await;
     }
-    tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down: draining connections");
+    tracing::info!(
+        grace_ms = grace.as_millis() as u64,
+        "shutting down: draining connections"
+    );
     state.phase.set(Phase::Draining);
     let drains: Vec<_> = (0..router.shards())
         .map(|shard| {
@@ -181,7 +194,11 @@ async fn control_main(
         let (shard, left) = drain.await;
         let left = left?;
         if left > 0 {
-            tracing::warn!(shard, connections = left, "connections still open after the grace period; closing them");
+            tracing::warn!(
+                shard,
+                connections = left,
+                "connections still open after the grace period; closing them"
+            );
         }
     }
     stop_all(&router).await?;

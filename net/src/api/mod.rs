@@ -244,7 +244,11 @@ async fn read_json<T: for<'de> serde::Deserialize<'de>>(
 ) -> Result<T, ApiError> {
     if let Some(ty) = req.headers().get(CONTENT_TYPE) {
         let ty = ty.to_str().unwrap_or("");
-        if !ty.trim_start().to_ascii_lowercase().starts_with("application/json") {
+        if !ty
+            .trim_start()
+            .to_ascii_lowercase()
+            .starts_with("application/json")
+        {
             return Err(ApiError::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported_media_type",

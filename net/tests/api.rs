@@ -1,0 +1,320 @@
+//! The data API through the real binary: a user's first session, restart, bad input of
+//! every kind (each with its documented error while the server keeps serving), slow
+//! clients, the connection limit, and a shard-count mismatch.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::{items_table, Server};
+use serde_json::json;
+
+fn assert_error(reply: &common::Reply, status: u16, code: &str) {
+    assert_eq!(reply.status, status, "{reply:?}");
+    let error = &reply.body["error"];
+    assert_eq!(error["code"], code, "{reply:?}");
+    assert!(
+        error["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{reply:?}"
+    );
+    assert_eq!(
+        error["request_id"].as_str(),
+        reply.request_id.as_deref(),
+        "the body and the header carry the same request id"
+    );
+}
+
+/// A GET sent byte for byte as written; returns the whole answer.
+fn raw_get(addr: &str, path: &str) -> String {
+    let mut raw = TcpStream::connect(addr).expect("connect");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    raw.write_all(request.as_bytes()).expect("send");
+    let mut answer = String::new();
+    raw.read_to_string(&mut answer).expect("answer");
+    answer
+}
+
+#[test]
+fn first_session_writes_reads_and_survives_a_clean_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let server = Server::start(&data, &["--shards", "2"]);
+    let created = server.post("/v1/tenants", &json!({"tenant": "acme"}));
+    assert_eq!(created.status, 201, "{created:?}");
+    assert!(created.body["lsn"].as_u64().is_some());
+    assert!(created.request_id.is_some());
+    assert_eq!(
+        server
+            .post("/v1/tenants/acme/tables", &items_table())
+            .status,
+        201
+    );
+    let written = server.post(
+        "/v1/tenants/acme/tables/items/rows",
+        &json!({"ops": [
+            {"upsert": {"id": 1, "name": "one", "batch": 7}},
+            {"upsert": {"id": 2, "name": "two / ü", "batch": 7}},
+            {"delete": {"id": 3}}
+        ]}),
+    );
+    assert_eq!(written.status, 200, "{written:?}");
+    assert_eq!(written.body["inserted"], 2);
+    assert_eq!(written.body["missing"], 1);
+    let lsn = written.body["lsn"].as_u64().expect("lsn");
+
+    let got = server.get("/v1/tenants/acme/tables/items/rows/2");
+    assert_eq!(
+        got.body["row"],
+        json!({"id": 2, "name": "two / ü", "batch": 7})
+    );
+    let usage = server.get("/v1/tenants/acme/usage");
+    assert_eq!(usage.body["rows"], 2);
+    assert_eq!(usage.body["tables"]["items"]["rows"], 2);
+    assert!(usage.body["applied_lsn"].as_u64().expect("applied") >= lsn);
+    assert_eq!(server.get("/v1/tenants").body["tenants"], json!(["acme"]));
+    let status = server.terminate();
+    assert!(status.success(), "SIGTERM exits 0, got {status:?}");
+
+    let server = Server::start(&data, &["--shards", "2"]);
+    let got = server.get("/v1/tenants/acme/tables/items/rows/1");
+    assert_eq!(got.body["row"]["name"], "one", "{got:?}");
+    let tables = server.get("/v1/tenants/acme/tables");
+    assert_eq!(tables.body["tables"][0]["schema"], {
+        let mut t = items_table();
+        t["columns"][0]["nullable"] = json!(false);
+        t["columns"][1]["nullable"] = json!(true);
+        t["columns"][2]["nullable"] = json!(true);
+        t
+    });
+    // Dropping works and is durable too.
+    assert_eq!(server.delete("/v1/tenants/acme/tables/items").status, 200);
+    assert_error(
+        &server.get("/v1/tenants/acme/tables/items"),
+        404,
+        "not_found",
+    );
+    assert_eq!(server.delete("/v1/tenants/acme").status, 200);
+    assert_error(&server.get("/v1/tenants/acme/usage"), 404, "not_found");
+}
+
+#[test]
+fn bad_input_gets_the_documented_error_and_the_server_keeps_serving() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&dir.path().join("data"), &["--max-body-bytes", "4096"]);
+    assert_eq!(
+        server
+            .post("/v1/tenants", &json!({"tenant": "acme"}))
+            .status,
+        201
+    );
+    assert_eq!(
+        server
+            .post("/v1/tenants/acme/tables", &items_table())
+            .status,
+        201
+    );
+    let rows = "/v1/tenants/acme/tables/items/rows";
+
+    assert_error(&server.post_raw(rows, "{\"ops\": [ {"), 400, "invalid_json");
+    assert_error(&server.post_raw(rows, ""), 400, "invalid_json");
+    assert_error(&server.post(rows, &json!({"opz": []})), 400, "invalid_json");
+    assert_error(&server.post(rows, &json!({"ops": []})), 400, "invalid_row");
+    assert_error(
+        &server.post(
+            rows,
+            &json!({"ops": [{"upsert": {"id": "x", "name": "a"}}]}),
+        ),
+        400,
+        "invalid_row",
+    );
+    assert_error(
+        &server.post(rows, &json!({"ops": [{"upsert": {"name": "no key"}}]})),
+        400,
+        "invalid_row",
+    );
+    // A batch with one bad row applies nothing.
+    let mixed = json!({"ops": [{"upsert": {"id": 10, "name": "ok"}}, {"upsert": {"id": 11, "batch": "bad"}}]});
+    assert_error(&server.post(rows, &mixed), 400, "invalid_row");
+    assert_error(&server.get(&format!("{rows}/10")), 404, "row_not_found");
+
+    assert_error(&server.get("/v1/tenants/nobody/usage"), 404, "not_found");
+    assert_error(
+        &server.get("/v1/tenants/acme/tables/nope"),
+        404,
+        "not_found",
+    );
+    assert_error(
+        &server.post(
+            "/v1/tenants/acme/tables/nope/rows",
+            &json!({"ops": [{"upsert": {"id": 1}}]}),
+        ),
+        404,
+        "not_found",
+    );
+    // Sent raw: HTTP clients would decode and normalise `..` away before sending.
+    let addr = server.api.trim_start_matches("http://").to_string();
+    for bad in ["..", "%2e%2e", "Acme", "a%2F..", "-x", &"a".repeat(64)] {
+        let answer = raw_get(&addr, &format!("/v1/tenants/{bad}/usage"));
+        assert!(answer.starts_with("HTTP/1.1 400"), "{bad}: {answer}");
+        assert!(answer.contains("invalid_name"), "{bad}: {answer}");
+    }
+    assert_error(
+        &server.post("/v1/tenants", &json!({"tenant": "../etc"})),
+        400,
+        "invalid_name",
+    );
+    assert_error(
+        &server.post("/v1/tenants", &json!({"tenant": "acme"})),
+        409,
+        "already_exists",
+    );
+    assert_error(
+        &server.post(
+            "/v1/tenants/acme/tables",
+            &json!({"name": "t", "columns": [{"name": "v", "type": "vector(0)"}], "primary_key": ["v"]}),
+        ),
+        400,
+        "invalid_schema",
+    );
+    assert_error(
+        &server.post(
+            "/v1/tenants/acme/tables",
+            &json!({"name": "t", "columns": [{"name": "id", "type": "integer"}], "primary_key": ["id"]}),
+        ),
+        400,
+        "invalid_schema",
+    );
+    let huge = json!({"ops": [{"upsert": {"id": 1, "name": "x".repeat(5000)}}]});
+    assert_error(&server.post(rows, &huge), 413, "body_too_large");
+    assert_error(&server.get(&format!("{rows}/1/2")), 400, "invalid_key");
+    assert_error(&server.get(&format!("{rows}/abc")), 400, "invalid_key");
+    assert_error(&server.get("/v2/nothing"), 404, "route_not_found");
+    let wrong = common::request("PUT", &format!("{}{rows}", server.api), Some("{}"));
+    assert_error(&wrong, 405, "method_not_allowed");
+    assert_eq!(wrong.allow.as_deref(), Some("POST"));
+
+    // Not JSON at all.
+    let agent = ureq::agent();
+    let form = agent
+        .post(&format!("{}{rows}", server.api))
+        .set("content-type", "application/x-www-form-urlencoded")
+        .send_string("a=b");
+    match form {
+        Err(ureq::Error::Status(415, _)) => {}
+        other => panic!("expected 415, got {other:?}"),
+    }
+    // A client's request id is echoed.
+    let echoed = agent
+        .get(&format!("{}/v1/tenants/nobody/usage", server.api))
+        .set("x-request-id", "client-abc.1")
+        .call();
+    match echoed {
+        Err(ureq::Error::Status(404, r)) => {
+            assert_eq!(r.header("x-request-id"), Some("client-abc.1"));
+        }
+        other => panic!("expected 404, got {other:?}"),
+    }
+
+    // Still serving, nothing was half applied.
+    let ok = server.post(
+        rows,
+        &json!({"ops": [{"upsert": {"id": 1, "name": "fine"}}]}),
+    );
+    assert_eq!(ok.status, 200, "{ok:?}");
+    assert_eq!(server.get("/v1/tenants/acme/usage").body["rows"], 1);
+}
+
+#[test]
+fn slow_headers_are_cut_off_while_other_clients_are_served() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(
+        &dir.path().join("data"),
+        &["--shards", "1", "--header-read-timeout-ms", "500"],
+    );
+    let addr = server.api.trim_start_matches("http://").to_string();
+    let mut slow = TcpStream::connect(&addr).expect("connect");
+    slow.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let started = Instant::now();
+    slow.write_all(b"GET /v1/tenants HTTP/1.1\r\nHost: x\r\n")
+        .expect("partial headers");
+    // Meanwhile a normal client is served on the same shard.
+    assert_eq!(server.get("/v1/tenants").status, 200);
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_millis(200));
+        if slow.write_all(b"X-Slow: 1\r\n").is_err() {
+            break;
+        }
+    }
+    let mut rest = Vec::new();
+    let _ = slow.read_to_end(&mut rest); // ends when the server closes
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(5),
+        "the slow client was cut off after {waited:?}"
+    );
+    assert!(!String::from_utf8_lossy(&rest).contains("200 OK"));
+    assert_eq!(server.get("/v1/tenants").status, 200);
+}
+
+#[test]
+fn connections_beyond_the_limit_get_503_and_are_closed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(
+        &dir.path().join("data"),
+        &["--shards", "1", "--max-connections", "1"],
+    );
+    let addr = server.api.trim_start_matches("http://").to_string();
+    let held = TcpStream::connect(&addr).expect("first connection");
+    std::thread::sleep(Duration::from_millis(200));
+    let mut second = TcpStream::connect(&addr).expect("second connection");
+    second
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut answer = String::new();
+    second.read_to_string(&mut answer).expect("the refusal");
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("retry-after: 1"),
+        "{answer}"
+    );
+    assert!(answer.contains("too_many_connections"), "{answer}");
+    drop(held);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(server.get("/v1/tenants").status, 200);
+    let (_, metrics) = server.ops_get("/metrics");
+    assert!(
+        metrics.contains("oc_http_connections_refused_total{shard=\"0\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn a_different_shard_count_is_refused_at_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let server = Server::start(&data, &["--shards", "2"]);
+    assert!(server.terminate().success());
+    let err = Server::try_start(&data, &["--shards", "3"])
+        .err()
+        .expect("start refused");
+    assert!(err.contains("--shards 2"), "{err}");
+}
+
+#[test]
+fn non_loopback_listeners_need_an_explicit_insecure_flag() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_oc-server"))
+        .args([
+            "--listen",
+            "0.0.0.0:0",
+            "--data-dir",
+            "/nonexistent-never-created",
+        ])
+        .output()
+        .expect("run");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--insecure-no-auth"), "{stderr}");
+}

@@ -1,0 +1,206 @@
+//! Starts the real `oc-server` binary on loopback with a temp data directory and talks
+//! to it over real HTTP.
+#![allow(dead_code)] // each test file uses its own part of the harness
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+pub struct Server {
+    child: Child,
+    pub api: String,
+    pub ops: String,
+    pub stderr_log: PathBuf,
+}
+
+/// What a request got back.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub body: Value,
+    pub request_id: Option<String>,
+    pub retry_after: Option<String>,
+    pub allow: Option<String>,
+}
+
+impl Server {
+    /// Starts a server on ports chosen by the kernel and waits until it serves.
+    pub fn start(data_dir: &Path, extra: &[&str]) -> Server {
+        Self::try_start(data_dir, extra).unwrap_or_else(|e| panic!("server did not start: {e}"))
+    }
+
+    pub fn try_start(data_dir: &Path, extra: &[&str]) -> Result<Server, String> {
+        let stderr_log = data_dir.with_extension(format!(
+            "stderr-{}.log",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        ));
+        let stderr = std::fs::File::create(&stderr_log).map_err(|e| e.to_string())?;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_oc-server"))
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--ops-listen",
+                "127.0.0.1:0",
+                "--no-pin",
+            ])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut api = None;
+        let mut ops = None;
+        while api.is_none() || ops.is_none() {
+            match rx.recv_timeout(Duration::from_secs(60)) {
+                Ok(line) => {
+                    if let Some(addr) = line.strip_prefix("oc-server: api listening on ") {
+                        api = Some(format!("http://{addr}"));
+                    }
+                    if let Some(addr) = line.strip_prefix("oc-server: ops listening on ") {
+                        ops = Some(format!("http://{addr}"));
+                    }
+                }
+                Err(_) => {
+                    let status = child.wait().ok();
+                    let log = std::fs::read_to_string(&stderr_log).unwrap_or_default();
+                    return Err(format!("exited ({status:?}) before serving:\n{log}"));
+                }
+            }
+        }
+        Ok(Server {
+            child,
+            api: api.expect("set above"),
+            ops: ops.expect("set above"),
+            stderr_log,
+        })
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then waits for the exit.
+    pub fn terminate(mut self) -> ExitStatus {
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait().expect("wait")
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill9(mut self) {
+        self.child.kill().expect("kill -9");
+        let _ = self.child.wait();
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn get(&self, path: &str) -> Reply {
+        request("GET", &format!("{}{path}", self.api), None)
+    }
+
+    pub fn delete(&self, path: &str) -> Reply {
+        request("DELETE", &format!("{}{path}", self.api), None)
+    }
+
+    pub fn post(&self, path: &str, body: &Value) -> Reply {
+        request(
+            "POST",
+            &format!("{}{path}", self.api),
+            Some(&body.to_string()),
+        )
+    }
+
+    pub fn post_raw(&self, path: &str, body: &str) -> Reply {
+        request("POST", &format!("{}{path}", self.api), Some(body))
+    }
+
+    pub fn ops_get(&self, path: &str) -> (u16, String) {
+        let agent = ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(30))
+            .build();
+        match agent.get(&format!("{}{path}", self.ops)).call() {
+            Ok(r) => (r.status(), r.into_string().expect("body")),
+            Err(ureq::Error::Status(code, r)) => (code, r.into_string().expect("body")),
+            Err(e) => panic!("GET {path}: {e}"),
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP request with a JSON body; any status comes back as a `Reply`.
+pub fn request(method: &str, url: &str, body: Option<&str>) -> Reply {
+    try_request(method, url, body).unwrap_or_else(|e| panic!("{method} {url}: {e}"))
+}
+
+pub fn try_request(method: &str, url: &str, body: Option<&str>) -> Result<Reply, String> {
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(30))
+        .build();
+    let req = agent
+        .request(method, url)
+        .set("content-type", "application/json");
+    let outcome = match body {
+        Some(body) => req.send_string(body),
+        None => req.call(),
+    };
+    let response = match outcome {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => return Err(e.to_string()),
+    };
+    let status = response.status();
+    let header = |name: &str| response.header(name).map(str::to_string);
+    let (request_id, retry_after, allow) = (
+        header("x-request-id"),
+        header("retry-after"),
+        header("allow"),
+    );
+    let text = response.into_string().map_err(|e| e.to_string())?;
+    let body = serde_json::from_str(&text).map_err(|e| format!("non-JSON body {text:?}: {e}"))?;
+    Ok(Reply {
+        status,
+        body,
+        request_id,
+        retry_after,
+        allow,
+    })
+}
+
+/// The items table most tests use.
+pub fn items_table() -> Value {
+    serde_json::json!({
+        "name": "items",
+        "columns": [
+            {"name": "id", "type": "int"},
+            {"name": "name", "type": "text"},
+            {"name": "batch", "type": "int"}
+        ],
+        "primary_key": ["id"],
+        "indexes": [{"name": "by_batch", "columns": ["batch"]}]
+    })
+}
