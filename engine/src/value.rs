@@ -122,9 +122,7 @@ impl Value {
             Value::Json(s) => serde_json::from_str(s).unwrap_or_else(|_| J::String(s.clone())),
             Value::Vector(v) => J::Array(
                 v.iter()
-                    .map(|x| {
-                        serde_json::Number::from_f64(f64::from(*x)).map_or(J::Null, J::Number)
-                    })
+                    .map(|x| serde_json::Number::from_f64(f64::from(*x)).map_or(J::Null, J::Number))
                     .collect(),
             ),
         }

@@ -59,7 +59,8 @@ impl LatencyHistogram {
         out
     }
 
-    fn to_proto(&self) -> Histogram {
+    /// In milliseconds, or in seconds with `unit_ms = 1000`.
+    fn to_proto(&self, unit_ms: f64) -> Histogram {
         let mut cumulative = 0;
         let buckets = LATENCY_BUCKETS_MS
             .iter()
@@ -67,7 +68,7 @@ impl LatencyHistogram {
             .map(|(&le, n)| {
                 cumulative += n;
                 let mut b = Bucket::default();
-                b.set_upper_bound(le);
+                b.set_upper_bound(le / unit_ms);
                 b.set_cumulative_count(cumulative);
                 b
             })
@@ -75,7 +76,7 @@ impl LatencyHistogram {
         let mut h = Histogram::default();
         h.set_bucket(buckets);
         h.set_sample_count(self.count);
-        h.set_sample_sum(self.sum_ms);
+        h.set_sample_sum(self.sum_ms / unit_ms);
         h
     }
 }
@@ -190,9 +191,9 @@ fn counter(labels: Vec<LabelPair>, value: f64) -> Metric {
     m
 }
 
-fn histogram(labels: Vec<LabelPair>, h: &LatencyHistogram) -> Metric {
+fn histogram(labels: Vec<LabelPair>, h: &LatencyHistogram, unit_ms: f64) -> Metric {
     let mut m = Metric::from_label(labels);
-    m.set_histogram(h.to_proto());
+    m.set_histogram(h.to_proto(unit_ms));
     m
 }
 
@@ -259,19 +260,19 @@ pub fn render(shards: &[ShardSnapshot], control: &ControlMetrics) -> String {
             .collect(),
     ));
     families.push(family(
-        "oc_http_request_duration_ms",
+        "oc_http_request_duration_seconds",
         "HTTP request latency from headers read to response ready, by route.",
         HISTOGRAM,
         latency
             .iter()
-            .map(|(route, h)| histogram(vec![label("route", route)], h))
+            .map(|(route, h)| histogram(vec![label("route", route)], h, 1000.0))
             .collect(),
     ));
     families.push(family(
         "oc_wal_fsync_lag_ms",
         "Time from a write's append to its group's fdatasync returning, all shards.",
         HISTOGRAM,
-        vec![histogram(vec![], &fsync_lag)],
+        vec![histogram(vec![], &fsync_lag, 1.0)],
     ));
     families.extend([
         per_shard(
@@ -339,7 +340,7 @@ pub fn render(shards: &[ShardSnapshot], control: &ControlMetrics) -> String {
         ),
         per_shard(
             shards,
-            "oc_checkpoint_duration_s",
+            "oc_checkpoint_duration_seconds",
             "Duration of the last checkpoint.",
             GAUGE,
             |s| s.checkpoint.last_duration_s,

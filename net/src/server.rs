@@ -43,6 +43,7 @@ pub fn run(config: ServerConfig) -> Result<()> {
 
     let (client_tx, client_rx) = mpsc::channel::<MeshEndpoints<ShardNode>>();
     let (ops_addr_tx, ops_addr_rx) = mpsc::channel::<std::io::Result<SocketAddr>>();
+    let (serving_tx, serving_rx) = mpsc::channel::<()>();
     let control = {
         let shutdown = shutdown.clone();
         let ops_listen = config.ops_listen;
@@ -50,7 +51,12 @@ pub fn run(config: ServerConfig) -> Result<()> {
         executor_builder(Placement::Unbound)
             .name("oc-control")
             .spawn(move || {
-                control_main(ops_listen, shards, client_rx, ops_addr_tx, shutdown, grace)
+                let channels = ControlChannels {
+                    client_rx,
+                    ops_addr_tx,
+                    serving_tx,
+                };
+                control_main(ops_listen, shards, channels, shutdown, grace)
             })
             .map_err(|e| anyhow!("starting the control executor: {e}"))?
     };
@@ -99,6 +105,10 @@ pub fn run(config: ServerConfig) -> Result<()> {
     client_tx
         .send(client)
         .map_err(|_| anyhow!("the control executor stopped"))?;
+    // Announced only once /ready would say so.
+    serving_rx
+        .recv()
+        .map_err(|_| anyhow!("the control executor stopped"))?;
     println!("oc-server: api listening on {api_addr}");
     println!("oc-server: ops listening on {ops_addr}");
     tracing::info!(%api_addr, %ops_addr, shards, "serving");
@@ -134,14 +144,25 @@ fn report_recovery(reports: &[ShardOpenReport], took: Duration) {
 
 /// The control executor: ops endpoints from the start, then, once the shards run, the
 /// shutdown sequence when a signal arrives.
+/// How the control executor hears from and answers the main thread during start-up.
+struct ControlChannels {
+    client_rx: mpsc::Receiver<MeshEndpoints<ShardNode>>,
+    ops_addr_tx: mpsc::Sender<std::io::Result<SocketAddr>>,
+    serving_tx: mpsc::Sender<()>,
+}
+
 async fn control_main(
     ops_listen: SocketAddr,
     shards: usize,
-    client_rx: mpsc::Receiver<MeshEndpoints<ShardNode>>,
-    ops_addr_tx: mpsc::Sender<std::io::Result<SocketAddr>>,
+    channels: ControlChannels,
     shutdown: Arc<AtomicBool>,
     grace: Duration,
 ) -> Result<()> {
+    let ControlChannels {
+        client_rx,
+        ops_addr_tx,
+        serving_tx,
+    } = channels;
     let listener = match TcpListener::bind(ops_listen) {
         Ok(listener) => listener,
         Err(e) => {
@@ -173,6 +194,7 @@ async fn control_main(
     let router = Rc::new(client.connect(None).await);
     *state.router.borrow_mut() = Some(router.clone());
     state.phase.set(Phase::Serving);
+    let _ = serving_tx.send(());
     while !shutdown.load(Ordering::SeqCst) {
         glommio::timer::sleep(SHUTDOWN_POLL).await;
     }
