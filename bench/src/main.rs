@@ -3,6 +3,7 @@
 //! table; numbers are quoted as ratios to the baseline because this machine is shared.
 
 mod engine;
+mod http;
 mod latency;
 mod pool;
 mod raw_disk;
@@ -27,6 +28,8 @@ enum Command {
     Wal(wal::WalArgs),
     /// Durable row writes through a shard, latency during checkpoints, recovery speed.
     Engine(engine::EngineArgs),
+    /// Open-loop HTTP load (fixed arrival rate) against a running oc-server.
+    Http(http::HttpArgs),
 }
 
 /// Flags every subcommand takes.
@@ -47,5 +50,6 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Wal(args) => wal::run(args),
         Command::Engine(args) => engine::run(args),
+        Command::Http(args) => http::run(args),
     }
 }

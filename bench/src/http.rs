@@ -1,0 +1,390 @@
+//! `oc-bench http`: an open-loop load generator against a running `oc-server`.
+//!
+//! Requests are due at a fixed rate (request `i` at `start + i / rate`), whatever the
+//! server's speed. Each keep-alive connection takes the next due request, waits for
+//! its due time if it is early, and records latency from the *due* time, not the send
+//! time: a stalled server makes every request that should have gone out meanwhile
+//! count as waiting (coordinated-omission correction, as in wrk2).
+//!
+//! The client is a small hand-written HTTP/1.1 writer/reader over glommio sockets:
+//! it sends fixed-shape requests and reads `content-length` bodies, so its own cost
+//! per request is a few microseconds and does not blur the server's latency.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use futures_lite::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+use hdrhistogram::Histogram;
+use oc_io::SimRng;
+use serde::Serialize;
+use serde_json::json;
+
+use crate::latency::{histogram, Percentiles};
+
+#[derive(clap::Args)]
+pub struct HttpArgs {
+    /// Base URL of the data API, e.g. `http://127.0.0.1:7070`.
+    #[arg(long)]
+    url: String,
+    /// Requests per second to offer.
+    #[arg(long, default_value_t = 10_000)]
+    rate: u64,
+    /// Seconds of measured load (after a warm-up of 2 s at the same rate).
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Reads:writes, e.g. `90:10`.
+    #[arg(long, default_value = "90:10")]
+    mix: String,
+    /// Keep-alive connections.
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// Rows preloaded (reads hit them; writes upsert over them).
+    #[arg(long, default_value_t = 100_000)]
+    rows: u64,
+    /// Where to write the JSON results.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+}
+
+const TENANT: &str = "bench-http";
+const TABLE: &str = "rows";
+const WARMUP: Duration = Duration::from_secs(2);
+
+#[derive(Serialize)]
+struct OpResult {
+    requests: u64,
+    errors: u64,
+    p50_us: u64,
+    p95_us: u64,
+    p99_us: u64,
+    p999_us: u64,
+    max_us: u64,
+}
+
+#[derive(Serialize)]
+struct HttpReport {
+    url: String,
+    offered_rate: u64,
+    achieved_rate: f64,
+    seconds: f64,
+    connections: usize,
+    mix: String,
+    rows: u64,
+    reads: OpResult,
+    writes: OpResult,
+    /// Non-2xx statuses and transport errors, by kind.
+    errors: std::collections::BTreeMap<String, u64>,
+}
+
+struct Target {
+    host: String,
+    addr: std::net::SocketAddr,
+}
+
+fn parse_url(url: &str) -> Result<Target> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| anyhow!("only http:// URLs are supported, not {url:?}"))?;
+    let host = rest.trim_end_matches('/').to_string();
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(&host)
+        .with_context(|| format!("resolving {host}"))?
+        .next()
+        .ok_or_else(|| anyhow!("{host} resolves to nothing"))?;
+    Ok(Target { host, addr })
+}
+
+/// One keep-alive connection with a reusable read buffer.
+struct Connection {
+    stream: TcpStream<glommio::net::Preallocated>,
+    host: String,
+    line: String,
+}
+
+impl Connection {
+    async fn open(target: &Target) -> Result<Self> {
+        let stream = TcpStream::connect(target.addr)
+            .await
+            .map_err(|e| anyhow!("connecting to {}: {e}", target.addr))?;
+        stream
+            .set_nodelay(true)
+            .map_err(|e| anyhow!("setting TCP_NODELAY: {e}"))?;
+        Ok(Connection {
+            stream: stream.buffered(),
+            host: target.host.clone(),
+            line: String::new(),
+        })
+    }
+
+    /// A fresh connection after a failed one, retrying for up to a second.
+    async fn reopen(target: &Target) -> Result<Self> {
+        let mut last = None;
+        for _ in 0..100 {
+            match Self::open(target).await {
+                Ok(conn) => return Ok(conn),
+                Err(e) => last = Some(e),
+            }
+            glommio::timer::sleep(Duration::from_millis(10)).await;
+        }
+        Err(last.unwrap_or_else(|| anyhow!("could not reconnect")))
+    }
+
+    /// Sends one request and reads the whole response; returns its status.
+    async fn request(&mut self, method: &str, path: &str, body: Option<&str>) -> Result<u16> {
+        let body = body.unwrap_or("");
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            self.host,
+            body.len()
+        );
+        let mut message = head.into_bytes();
+        message.extend_from_slice(body.as_bytes());
+        self.stream.write_all(&message).await?;
+        self.line.clear();
+        self.stream.read_line(&mut self.line).await?;
+        let status: u16 = self
+            .line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| anyhow!("bad status line {:?}", self.line))?;
+        let mut length = 0usize;
+        loop {
+            self.line.clear();
+            if self.stream.read_line(&mut self.line).await? == 0 {
+                bail!("the server closed the connection");
+            }
+            let header = self.line.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = header.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse()?;
+                }
+            }
+        }
+        let mut body = vec![0u8; length];
+        self.stream.read_exact(&mut body).await?;
+        Ok(status)
+    }
+}
+
+fn parse_mix(mix: &str) -> Result<(u64, u64)> {
+    let (r, w) = mix
+        .split_once(':')
+        .ok_or_else(|| anyhow!("--mix is reads:writes, e.g. 90:10"))?;
+    let (r, w): (u64, u64) = (r.parse()?, w.parse()?);
+    if r + w == 0 {
+        bail!("--mix needs some reads or writes");
+    }
+    Ok((r, w))
+}
+
+fn row_body(id: u64, rng: &mut SimRng) -> String {
+    json!({"ops": [{"upsert": {"id": id, "body": format!("{:0>180}", rng.below(u64::MAX))}}]})
+        .to_string()
+}
+
+/// Creates the tenant and table (if missing) and preloads `rows` rows.
+async fn prepare(target: &Target, rows: u64) -> Result<()> {
+    let mut conn = Connection::open(target).await?;
+    let status = conn
+        .request(
+            "POST",
+            "/v1/tenants",
+            Some(&json!({"tenant": TENANT}).to_string()),
+        )
+        .await?;
+    if status != 201 && status != 409 {
+        bail!("creating the tenant answered {status}");
+    }
+    let table = json!({
+        "name": TABLE,
+        "columns": [{"name": "id", "type": "int"}, {"name": "body", "type": "text"}],
+        "primary_key": ["id"],
+    });
+    let path = format!("/v1/tenants/{TENANT}/tables");
+    let status = conn
+        .request("POST", &path, Some(&table.to_string()))
+        .await?;
+    if status != 201 && status != 409 {
+        bail!("creating the table answered {status}");
+    }
+    let path = format!("/v1/tenants/{TENANT}/tables/{TABLE}/rows");
+    let mut rng = SimRng::new(7);
+    for start in (0..rows).step_by(500) {
+        let ops: Vec<_> = (start..(start + 500).min(rows))
+            .map(|id| json!({"upsert": {"id": id, "body": format!("{:0>180}", rng.below(u64::MAX))}}))
+            .collect();
+        let status = conn
+            .request("POST", &path, Some(&json!({"ops": ops}).to_string()))
+            .await?;
+        if status != 200 {
+            bail!("preloading answered {status}");
+        }
+    }
+    Ok(())
+}
+
+struct Recorder {
+    reads: Histogram<u64>,
+    writes: Histogram<u64>,
+    read_errors: u64,
+    write_errors: u64,
+    errors: std::collections::BTreeMap<String, u64>,
+}
+
+pub fn run(args: HttpArgs) -> Result<()> {
+    let target = parse_url(&args.url)?;
+    let (reads_share, writes_share) = parse_mix(&args.mix)?;
+    if args.rate == 0 || args.connections == 0 {
+        bail!("--rate and --connections must be above 0");
+    }
+    let measured = Duration::from_secs_f64(args.seconds);
+    let target = Rc::new(target);
+    let report = oc_io::executor::run_local(async {
+        eprintln!("preloading {} rows into {TENANT}/{TABLE}...", args.rows);
+        prepare(&target, args.rows).await?;
+        let interval_ns = 1e9 / args.rate as f64;
+        let total = ((WARMUP + measured).as_secs_f64() * args.rate as f64) as u64;
+        let warmup_requests = (WARMUP.as_secs_f64() * args.rate as f64) as u64;
+        let next = Rc::new(Cell::new(0u64));
+        let recorder = Rc::new(RefCell::new(Recorder {
+            reads: histogram(),
+            writes: histogram(),
+            read_errors: 0,
+            write_errors: 0,
+            errors: Default::default(),
+        }));
+        let start = Instant::now() + Duration::from_millis(200);
+        let mut tasks = Vec::new();
+        for c in 0..args.connections {
+            let mut conn = Connection::open(&target).await?;
+            let (next, recorder, target) = (next.clone(), recorder.clone(), target.clone());
+            let rows = args.rows.max(1);
+            tasks.push(glommio::spawn_local(async move {
+                let mut rng = SimRng::new(1000 + c as u64);
+                let read_path = |id: u64| format!("/v1/tenants/{TENANT}/tables/{TABLE}/rows/{id}");
+                let write_path = format!("/v1/tenants/{TENANT}/tables/{TABLE}/rows");
+                loop {
+                    let i = next.get();
+                    if i >= total {
+                        return Ok::<_, anyhow::Error>(());
+                    }
+                    next.set(i + 1);
+                    let due = start + Duration::from_nanos((i as f64 * interval_ns) as u64);
+                    let now = Instant::now();
+                    if due > now {
+                        glommio::timer::sleep(due - now).await;
+                    }
+                    let is_read = rng.below(reads_share + writes_share) < reads_share;
+                    let id = rng.below(rows);
+                    let outcome = if is_read {
+                        conn.request("GET", &read_path(id), None).await
+                    } else {
+                        conn.request("POST", &write_path, Some(&row_body(id, &mut rng)))
+                            .await
+                    };
+                    let latency_us = due.elapsed().as_micros() as u64;
+                    if outcome.is_err() {
+                        conn = Connection::reopen(&target).await?;
+                    }
+                    if i < warmup_requests {
+                        continue;
+                    }
+                    let mut r = recorder.borrow_mut();
+                    let error = match &outcome {
+                        Ok(status) if (200..300).contains(status) => None,
+                        Ok(status) => Some(format!("status {status}")),
+                        Err(e) => Some(format!("transport: {e}")),
+                    };
+                    match (is_read, error) {
+                        (true, None) => r.reads.saturating_record(latency_us),
+                        (false, None) => r.writes.saturating_record(latency_us),
+                        (read, Some(kind)) => {
+                            if read {
+                                r.read_errors += 1;
+                            } else {
+                                r.write_errors += 1;
+                            }
+                            *r.errors.entry(kind).or_default() += 1;
+                        }
+                    }
+                }
+            }));
+        }
+        let mut last_report = Instant::now();
+        while next.get() < total {
+            glommio::timer::sleep(Duration::from_millis(250)).await;
+            if last_report.elapsed() >= Duration::from_secs(1) {
+                last_report = Instant::now();
+                let r = recorder.borrow();
+                eprintln!(
+                    "  [{:>5.1}s] sent {:>8}, read p99 {} µs, write p99 {} µs, errors {}",
+                    start.elapsed().as_secs_f64(),
+                    next.get(),
+                    r.reads.value_at_quantile(0.99),
+                    r.writes.value_at_quantile(0.99),
+                    r.read_errors + r.write_errors
+                );
+            }
+        }
+        for task in tasks {
+            task.await?;
+        }
+        let elapsed = start.elapsed().saturating_sub(WARMUP);
+        let r = recorder.borrow();
+        let op = |h: &Histogram<u64>, errors: u64| {
+            let p = Percentiles::of(h);
+            OpResult {
+                requests: h.len(),
+                errors,
+                p50_us: p.p50_us,
+                p95_us: h.value_at_quantile(0.95),
+                p99_us: p.p99_us,
+                p999_us: p.p999_us,
+                max_us: h.max(),
+            }
+        };
+        let answered = r.reads.len() + r.writes.len() + r.read_errors + r.write_errors;
+        Ok::<_, anyhow::Error>(HttpReport {
+            url: args.url.clone(),
+            offered_rate: args.rate,
+            achieved_rate: answered as f64 / elapsed.as_secs_f64(),
+            seconds: args.seconds,
+            connections: args.connections,
+            mix: args.mix.clone(),
+            rows: args.rows,
+            reads: op(&r.reads, r.read_errors),
+            writes: op(&r.writes, r.write_errors),
+            errors: r.errors.clone(),
+        })
+    })?;
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    print!("{}", markdown(&report));
+    Ok(())
+}
+
+fn markdown(r: &HttpReport) -> String {
+    let mut out = format!(
+        "{} req/s offered ({} reads:writes), {:.0} req/s answered over {} s, {} connections, {} rows.\n\n",
+        r.offered_rate, r.mix, r.achieved_rate, r.seconds, r.connections, r.rows
+    );
+    out += "| operation | requests | errors | p50 µs | p95 µs | p99 µs | p999 µs | max µs |\n|---|---:|---:|---:|---:|---:|---:|---:|\n";
+    for (name, o) in [("point read", &r.reads), ("single-row write", &r.writes)] {
+        out += &format!(
+            "| {name} | {} | {} | {} | {} | {} | {} | {} |\n",
+            o.requests, o.errors, o.p50_us, o.p95_us, o.p99_us, o.p999_us, o.max_us
+        );
+    }
+    if !r.errors.is_empty() {
+        out += &format!("\nerrors: {:?}\n", r.errors);
+    }
+    out
+}
