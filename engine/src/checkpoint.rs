@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use oc_io::wal::frame::{self, Epoch, Frame, Lsn, RecordKind, TimestampMicros};
 use oc_io::{align_up, IoBuffer, Storage, StorageFile, BLOCK_SIZE};
 
+use crate::api_key::ApiKey;
 use crate::error::EngineError;
 use crate::idempotency::Remembered;
 use crate::record::{Reader, Writer};
@@ -48,6 +49,7 @@ const KIND_TABLE: RecordKind = RecordKind(18);
 const KIND_ROWS: RecordKind = RecordKind(19);
 const KIND_END: RecordKind = RecordKind(20);
 const KIND_KEYS: RecordKind = RecordKind(21);
+const KIND_API_KEYS: RecordKind = RecordKind(22);
 /// Idempotency entries per frame.
 const KEYS_PER_FRAME: usize = 1000;
 
@@ -247,18 +249,24 @@ pub(crate) async fn write_checkpoint<S: Storage>(
 
     let mut rows_total = 0u64;
     for (tenant, keys) in tenants.iter().zip(&keys) {
-        let tables: Vec<(String, u64)> = match state.borrow().tenants.get(tenant) {
-            Some(t) => t
-                .tables()
-                .map(|t| (t.schema().name.clone(), t.version()))
-                .collect(),
-            None => continue, // dropped meanwhile: the replay drops it too
-        };
+        // API keys, like rows, are taken as they are now: replaying the log from the
+        // checkpoint's LSN re-applies or refuses each key command, converging either way.
+        let (tables, api_keys): (Vec<(String, u64)>, Vec<u8>) =
+            match state.borrow().tenants.get(tenant) {
+                Some(t) => (
+                    t.tables()
+                        .map(|t| (t.schema().name.clone(), t.version()))
+                        .collect(),
+                    encode_api_keys(t),
+                ),
+                None => continue, // dropped meanwhile: the replay drops it too
+            };
         out.push(
             KIND_TENANT,
             tenant.as_str().as_bytes(),
             &[CHECKPOINT_FORMAT_VERSION],
         );
+        out.push(KIND_API_KEYS, tenant.as_str().as_bytes(), &api_keys);
         for chunk in keys.chunks(KEYS_PER_FRAME) {
             let mut w = Writer(vec![CHECKPOINT_FORMAT_VERSION]);
             w.u32(chunk.len() as u32);
@@ -528,6 +536,24 @@ fn decode_snapshot(data: &[u8], lsn: Lsn) -> Result<ShardState, String> {
                     t.idempotency_mut().remember(key, entry);
                 }
             }
+            KIND_API_KEYS => {
+                let count = r.u16().map_err(bad)? as usize;
+                let t = state
+                    .tenants
+                    .get_mut(&tenant()?)
+                    .ok_or("API keys before their tenant")?;
+                for _ in 0..count {
+                    let key_id = r.str16().map_err(bad)?;
+                    let key = ApiKey {
+                        name: r.str16().map_err(bad)?,
+                        secret_sha256: r.array().map_err(bad)?,
+                        created: TimestampMicros(r.u64().map_err(bad)?),
+                    };
+                    t.api_keys_mut()
+                        .insert(key_id, key)
+                        .map_err(|e| e.to_string())?;
+                }
+            }
             KIND_END => {
                 if r.u32().map_err(bad)? != index + 1 {
                     return Err("end record counts a different number of frames".into());
@@ -544,4 +570,17 @@ fn decode_snapshot(data: &[u8], lsn: Lsn) -> Result<ShardState, String> {
         return Err("snapshot has no end record".into());
     }
     Ok(state)
+}
+
+/// One tenant's API keys as a checkpoint record (FORMAT.md §6).
+fn encode_api_keys(tenant: &Tenant) -> Vec<u8> {
+    let mut w = Writer(vec![CHECKPOINT_FORMAT_VERSION]);
+    w.u16(tenant.api_keys().len() as u16);
+    for (key_id, key) in tenant.api_keys().iter() {
+        w.str16(key_id);
+        w.str16(&key.name);
+        w.0.extend_from_slice(&key.secret_sha256);
+        w.u64(key.created.0);
+    }
+    w.0
 }

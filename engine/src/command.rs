@@ -26,4 +26,13 @@ pub enum Command {
         writes: Vec<RowWrite>,
         idempotency_key: Option<String>,
     },
+    /// A new API key of the tenant; the server keeps only the secret's SHA-256.
+    CreateApiKey {
+        key_id: String,
+        name: String,
+        secret_sha256: [u8; 32],
+    },
+    RevokeApiKey {
+        key_id: String,
+    },
 }

@@ -9,6 +9,7 @@
 //! Not built yet: the query engine behind `/ask`.
 #![deny(clippy::unwrap_used)]
 
+pub mod api_key;
 pub mod checkpoint;
 pub mod command;
 pub mod error;

@@ -18,6 +18,8 @@ pub const KIND_DROP_TENANT: RecordKind = RecordKind(2);
 pub const KIND_CREATE_TABLE: RecordKind = RecordKind(3);
 pub const KIND_DROP_TABLE: RecordKind = RecordKind(4);
 pub const KIND_WRITE: RecordKind = RecordKind(5);
+pub const KIND_CREATE_API_KEY: RecordKind = RecordKind(6);
+pub const KIND_REVOKE_API_KEY: RecordKind = RecordKind(7);
 
 // Value tags.
 const V_NULL: u8 = 0;
@@ -94,6 +96,20 @@ pub fn encode(command: &Command) -> (RecordKind, Vec<u8>) {
             }
             KIND_WRITE
         }
+        Command::CreateApiKey {
+            key_id,
+            name,
+            secret_sha256,
+        } => {
+            w.str16(key_id);
+            w.str16(name);
+            w.0.extend_from_slice(secret_sha256);
+            KIND_CREATE_API_KEY
+        }
+        Command::RevokeApiKey { key_id } => {
+            w.str16(key_id);
+            KIND_REVOKE_API_KEY
+        }
     };
     (kind, w.0)
 }
@@ -141,6 +157,12 @@ pub fn decode(kind: RecordKind, payload: &[u8]) -> Result<Command, RecordError> 
                 idempotency_key,
             }
         }
+        KIND_CREATE_API_KEY => Command::CreateApiKey {
+            key_id: r.str16()?,
+            name: r.str16()?,
+            secret_sha256: r.array()?,
+        },
+        KIND_REVOKE_API_KEY => Command::RevokeApiKey { key_id: r.str16()? },
         other => return Err(r.error(format!("unknown record kind {}", other.0))),
     };
     r.finish()?;
@@ -431,6 +453,14 @@ mod tests {
                     ]),
                     RowWrite::Delete(vec![2, 0x80, 0, 0, 0, 0, 0, 0, 1]),
                 ],
+            },
+            Command::CreateApiKey {
+                key_id: "k7f3a".into(),
+                name: "ci runner".into(),
+                secret_sha256: [0xab; 32],
+            },
+            Command::RevokeApiKey {
+                key_id: "k7f3a".into(),
             },
         ]
     }

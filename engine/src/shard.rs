@@ -17,6 +17,7 @@ use std::task::{Poll, Waker};
 use glommio::Task;
 use oc_io::{Lsn, Pending, RecoveryReport, Storage, TimestampMicros, Wal, WalConfig};
 
+use crate::api_key::ApiKey;
 use crate::checkpoint::{self, CheckpointInfo};
 use crate::command::Command;
 use crate::error::EngineError;
@@ -34,6 +35,8 @@ pub enum Applied {
     TenantDropped,
     TableCreated,
     TableDropped,
+    ApiKeyCreated,
+    ApiKeyRevoked,
     /// A write batch applied at `lsn`; for a repeat of an idempotency key, the LSN and
     /// outcome of the first request.
     Written {
@@ -143,6 +146,25 @@ pub fn apply(
                 },
             );
             Ok(Applied::Written { lsn, outcome })
+        }
+        Command::CreateApiKey {
+            key_id,
+            name,
+            secret_sha256,
+        } => {
+            let t = state.tenants.get_mut(tenant).ok_or_else(missing)?;
+            let key = ApiKey {
+                name,
+                secret_sha256,
+                created: committed,
+            };
+            t.api_keys_mut().insert(key_id, key)?;
+            Ok(Applied::ApiKeyCreated)
+        }
+        Command::RevokeApiKey { key_id } => {
+            let t = state.tenants.get_mut(tenant).ok_or_else(missing)?;
+            t.api_keys_mut().remove(&key_id)?;
+            Ok(Applied::ApiKeyRevoked)
         }
     }
 }
@@ -391,6 +413,43 @@ impl<S: Storage> Shard<S> {
         self.read(tenant, |t| t.table(table).map(|_| ()))??;
         let command = Command::DropTable {
             table: table.to_string(),
+        };
+        Ok(self.commit(tenant, command).await?.0)
+    }
+
+    /// Logs a new API key of `tenant` (its secret's SHA-256; the secret is not stored).
+    pub async fn create_api_key(
+        &self,
+        tenant: &TenantId,
+        key_id: &str,
+        name: &str,
+        secret_sha256: [u8; 32],
+    ) -> Result<Lsn, EngineError> {
+        self.read(tenant, |t| t.api_keys().validate_new(key_id, name))??;
+        let command = Command::CreateApiKey {
+            key_id: key_id.to_string(),
+            name: name.to_string(),
+            secret_sha256,
+        };
+        Ok(self.commit(tenant, command).await?.0)
+    }
+
+    pub async fn revoke_api_key(
+        &self,
+        tenant: &TenantId,
+        key_id: &str,
+    ) -> Result<Lsn, EngineError> {
+        self.read(tenant, |t| {
+            t.api_keys()
+                .get(key_id)
+                .map(|_| ())
+                .ok_or_else(|| EngineError::NotFound {
+                    what: "API key",
+                    name: key_id.to_string(),
+                })
+        })??;
+        let command = Command::RevokeApiKey {
+            key_id: key_id.to_string(),
         };
         Ok(self.commit(tenant, command).await?.0)
     }

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::api_key::ApiKeys;
 use crate::error::EngineError;
 use crate::idempotency::IdempotencyStore;
 use crate::limits::MAX_TABLES_PER_TENANT;
@@ -27,6 +28,7 @@ pub struct Tenant {
     /// Bumped by every schema change (plan caches key on it).
     schema_version: u64,
     idempotency: IdempotencyStore,
+    api_keys: ApiKeys,
 }
 
 impl Tenant {
@@ -36,6 +38,7 @@ impl Tenant {
             tables: BTreeMap::new(),
             schema_version: 0,
             idempotency: IdempotencyStore::default(),
+            api_keys: ApiKeys::default(),
         }
     }
 
@@ -54,6 +57,15 @@ impl Tenant {
 
     pub(crate) fn idempotency_mut(&mut self) -> &mut IdempotencyStore {
         &mut self.idempotency
+    }
+
+    /// The tenant's API keys (hashes only).
+    pub fn api_keys(&self) -> &ApiKeys {
+        &self.api_keys
+    }
+
+    pub(crate) fn api_keys_mut(&mut self) -> &mut ApiKeys {
+        &mut self.api_keys
     }
 
     /// Adds a table; `version` identifies this incarnation (the creating LSN).

@@ -251,3 +251,67 @@ fn the_scheduler_checkpoints_on_log_growth_and_reports_metrics() {
         assert_eq!(m.failures_total, 0);
     });
 }
+
+#[test]
+fn api_keys_survive_restarts_through_the_log_and_through_checkpoints() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keys_of = |shard: &Shard<DmaStorage>| {
+        shard
+            .read(&acme(), |t| {
+                t.api_keys()
+                    .iter()
+                    .map(|(id, k)| (id.clone(), k.name.clone(), k.secret_sha256))
+                    .collect::<Vec<_>>()
+            })
+            .expect("tenant")
+    };
+    run_local(async {
+        let (shard, _) = open(dir.path()).await.expect("open");
+        shard.create_tenant(&acme()).await.expect("tenant");
+        shard
+            .create_api_key(&acme(), "first", "ci", [1; 32])
+            .await
+            .expect("key");
+        shard
+            .create_api_key(&acme(), "second", "app", [2; 32])
+            .await
+            .expect("key");
+        assert!(matches!(
+            shard
+                .create_api_key(&acme(), "first", "again", [3; 32])
+                .await,
+            Err(EngineError::AlreadyExists { .. })
+        ));
+        shard.close().await.expect("close");
+    });
+    let expected = vec![
+        ("first".to_string(), "ci".to_string(), [1; 32]),
+        ("second".to_string(), "app".to_string(), [2; 32]),
+    ];
+    run_local(async {
+        // From the log alone.
+        let (shard, report) = open(dir.path()).await.expect("reopen");
+        assert_eq!(report.checkpoint, None);
+        assert_eq!(keys_of(&shard), expected);
+        shard.checkpoint().await.expect("checkpoint");
+        shard
+            .revoke_api_key(&acme(), "first")
+            .await
+            .expect("revoke");
+        assert!(matches!(
+            shard.revoke_api_key(&acme(), "first").await,
+            Err(EngineError::NotFound { .. })
+        ));
+        shard.close().await.expect("close");
+    });
+    run_local(async {
+        // From the checkpoint (both keys) plus the log after it (the revoke).
+        let (shard, report) = open(dir.path()).await.expect("reopen");
+        assert!(report.checkpoint.is_some());
+        assert_eq!(keys_of(&shard), expected[1..].to_vec());
+        assert!(shard
+            .read(&acme(), |t| t.api_keys().verify("second", &[2; 32]))
+            .expect("tenant"));
+        shard.close().await.expect("close");
+    });
+}
