@@ -8,6 +8,8 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::api::ApiLimits;
+use crate::auth::{AuthConfig, MIN_ADMIN_TOKEN_BYTES};
+use crate::rate_limit::RateLimit;
 
 /// Server settings (flattened into the binary's arguments).
 #[derive(Args, Debug, Clone)]
@@ -31,10 +33,27 @@ pub struct ServerConfig {
     /// Frames after the cut are lost: use only after reading the error and the runbook.
     #[arg(long, env = "OC_TRUNCATE_CORRUPT_WAL")]
     pub truncate_corrupt_wal: bool,
-    /// Serve on a non-loopback address without authentication. The API has no auth
-    /// yet, so any other address is refused unless this is given.
+    /// File holding the admin token (at least 16 bytes; surrounding whitespace is
+    /// trimmed). With a token, every API request must authenticate.
+    #[arg(long, env = "OC_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// The admin token itself (prefer the file: command lines are visible to others).
+    #[arg(
+        long = "admin-token",
+        env = "OC_ADMIN_TOKEN",
+        hide_env_values = true,
+        hide = true
+    )]
+    pub admin_token: Option<String>,
+    /// Serve on a non-loopback address without authentication (no admin token).
     #[arg(long, env = "OC_INSECURE_NO_AUTH")]
     pub insecure_no_auth: bool,
+    /// Requests per second one API key may sustain; more get 429.
+    #[arg(long, env = "OC_RATE_LIMIT_RPS", default_value_t = 1000.0)]
+    pub rate_limit_rps: f64,
+    /// Requests one API key may send at once above its sustained rate.
+    #[arg(long, env = "OC_RATE_LIMIT_BURST", default_value_t = 2000.0)]
+    pub rate_limit_burst: f64,
     /// Largest request body accepted (bytes); larger gets 413.
     #[arg(long, env = "OC_MAX_BODY_BYTES", default_value_t = 4 << 20)]
     pub max_body_bytes: usize,
@@ -77,21 +96,58 @@ impl ServerConfig {
             body_read_timeout: Duration::from_millis(self.body_read_timeout_ms),
             request_deadline: Duration::from_millis(self.request_deadline_ms),
             max_in_flight_per_tenant: self.max_in_flight_per_tenant,
+            rate_limit: RateLimit {
+                per_second: self.rate_limit_rps,
+                burst: self.rate_limit_burst,
+            },
         }
+    }
+
+    /// The admin token from the file or the environment; `None` turns auth off.
+    pub fn auth(&self) -> Result<AuthConfig, String> {
+        let token = match (&self.admin_token_file, &self.admin_token) {
+            (Some(_), Some(_)) => {
+                return Err(
+                    "give the admin token by --admin-token-file or OC_ADMIN_TOKEN, not both".into(),
+                )
+            }
+            (Some(path), None) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| format!("reading the admin token file {}: {e}", path.display()))?
+                    .trim()
+                    .to_string(),
+            ),
+            (None, token) => token.as_ref().map(|t| t.trim().to_string()),
+        };
+        if let Some(token) = &token {
+            if token.len() < MIN_ADMIN_TOKEN_BYTES || !token.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(format!(
+                    "the admin token must be at least {MIN_ADMIN_TOKEN_BYTES} printable ASCII characters without spaces"
+                ));
+            }
+        }
+        Ok(AuthConfig { admin_token: token })
     }
 
     /// Refuses settings that cannot work, with what to change.
     pub fn validate(&self) -> Result<(), String> {
+        let auth = self.auth()?;
         let exposed = [self.listen, self.ops_listen]
             .into_iter()
             .find(|a| !a.ip().is_loopback());
         if let Some(addr) = exposed {
-            if !self.insecure_no_auth {
+            if auth.admin_token.is_none() && !self.insecure_no_auth {
                 return Err(format!(
-                    "refusing to listen on {addr}: the API has no authentication yet, so only \
-                     loopback addresses are allowed; pass --insecure-no-auth to serve {addr} anyway"
+                    "refusing to listen on {addr} without authentication: set an admin token \
+                     (--admin-token-file or OC_ADMIN_TOKEN), or pass --insecure-no-auth to \
+                     serve {addr} to anyone"
                 ));
             }
+        }
+        if !(self.rate_limit_rps > 0.0 && self.rate_limit_burst >= 1.0) {
+            return Err(
+                "--rate-limit-rps must be above 0 and --rate-limit-burst at least 1".into(),
+            );
         }
         if self.max_body_bytes < 1024 {
             return Err("--max-body-bytes must be at least 1024".into());

@@ -2,17 +2,20 @@
 //! exposition, configuration and the `oc-server` binary. It contains no storage logic:
 //! every request's work runs in `oc-engine` on the tenant's owner shard.
 //!
-//! Built: the data API (tenants, tables, rows, usage), `/health`, `/ready`, `/metrics`,
-//! limits and timeouts, graceful shutdown. Not built yet: authentication (admin token,
-//! API keys), rate limits, TLS, `/ask`, `/watch`, replication.
+//! Built: the data API (tenants, tables, rows, usage), authentication (admin token,
+//! per-tenant API keys) and per-key rate limits, `/health`, `/ready`, `/metrics`,
+//! limits and timeouts, graceful shutdown. Not built yet: TLS, `/ask`, `/watch`,
+//! replication.
 #![deny(clippy::unwrap_used)]
 
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod hyper_glommio;
 pub mod listener;
 pub mod metrics;
 pub mod ops;
+pub mod rate_limit;
 pub mod server;
 
 use std::path::Path;

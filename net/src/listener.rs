@@ -22,6 +22,7 @@ use oc_ship::engine::{ShardNode, ShardRouter};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::api::{self, ApiContext, ApiLimits};
+use crate::auth::AuthConfig;
 use crate::hyper_glommio::{GlommioTimer, HyperStream};
 use crate::metrics;
 
@@ -57,13 +58,14 @@ pub fn bind_shared(addr: SocketAddr, count: usize) -> std::io::Result<(Vec<RawFd
 }
 
 /// Per-connection settings.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnectionSettings {
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
     /// Open connections this shard serves; more are answered 503 and closed.
     pub max_connections: usize,
     pub limits: ApiLimits,
+    pub auth: AuthConfig,
 }
 
 thread_local! {
@@ -104,7 +106,13 @@ pub async fn serve_shard(
     let listener = unsafe { TcpListener::from_raw_fd(fd) };
     let state = Rc::new(DrainState::default());
     DRAIN.with(|d| *d.borrow_mut() = Some(state.clone()));
-    let ctx = Rc::new(ApiContext::new(router, settings.limits, node.id()));
+    let ctx = Rc::new(ApiContext::new(
+        router,
+        settings.limits,
+        settings.auth.clone(),
+        node.id(),
+    ));
+    let settings = Rc::new(settings);
     loop {
         let accepted = future::or(async { Some(listener.accept().await) }, async {
             while !state.draining.get() {
@@ -132,9 +140,9 @@ pub async fn serve_shard(
             m.connections_open += 1;
         });
         state.open.set(state.open.get() + 1);
-        let (ctx, state) = (ctx.clone(), state.clone());
+        let (ctx, state, settings) = (ctx.clone(), state.clone(), settings.clone());
         glommio::spawn_local(async move {
-            serve_connection(stream, ctx, settings, &state).await;
+            serve_connection(stream, ctx, &settings, &state).await;
             state.open.set(state.open.get() - 1);
             metrics::with_http(|m| m.connections_open -= 1);
         })
@@ -160,7 +168,7 @@ async fn refuse(mut stream: TcpStream) {
 async fn serve_connection(
     stream: TcpStream,
     ctx: Rc<ApiContext>,
-    settings: ConnectionSettings,
+    settings: &ConnectionSettings,
     state: &DrainState,
 ) {
     let _ = stream.set_nodelay(true);

@@ -89,6 +89,7 @@ pub struct HttpMetrics {
     pub connections_open: u64,
     pub connections_accepted: u64,
     pub connections_refused: u64,
+    pub rate_limit_rejections: u64,
 }
 
 thread_local! {
@@ -295,6 +296,13 @@ pub fn render(shards: &[ShardSnapshot], control: &ControlMetrics) -> String {
             "Client connections refused at the connection limit.",
             COUNTER,
             |s| s.http.connections_refused as f64,
+        ),
+        per_shard(
+            shards,
+            "oc_rate_limit_rejections_total",
+            "Requests refused with 429 because their API key was over its rate limit.",
+            COUNTER,
+            |s| s.http.rate_limit_rejections as f64,
         ),
         per_shard(
             shards,

@@ -29,6 +29,10 @@ const SHUTDOWN_POLL: Duration = Duration::from_millis(20);
 /// (`oc-server: api listening on <addr>`), which scripts and tests wait for.
 pub fn run(config: ServerConfig) -> Result<()> {
     config.validate().map_err(|e| anyhow!(e))?;
+    let auth = config.auth().map_err(|e| anyhow!(e))?;
+    if auth.admin_token.is_none() {
+        tracing::warn!("authentication is OFF (no admin token): anyone who can reach the listeners can read and write every tenant");
+    }
     let shards = config
         .shards
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
@@ -71,6 +75,7 @@ pub fn run(config: ServerConfig) -> Result<()> {
         idle_timeout: Duration::from_millis(config.idle_timeout_ms),
         max_connections: config.max_connections.div_ceil(shards),
         limits: config.api_limits(),
+        auth,
     };
     let pool_config = PoolConfig {
         shards,
@@ -88,7 +93,7 @@ pub fn run(config: ServerConfig) -> Result<()> {
     let started = Instant::now();
     let serve = move |node: Rc<ShardNode>, router| {
         let fd = api_fds[node.id()];
-        listener::serve_shard(node, router, fd, settings)
+        listener::serve_shard(node, router, fd, settings.clone())
     };
     let (mut pool, reports) = match ShardPool::start(pool_config, serve) {
         Ok(started) => started,

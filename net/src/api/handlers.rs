@@ -14,6 +14,8 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value as Json};
 
 use super::error::ApiError;
+use crate::auth::{self, Caller};
+use crate::rate_limit::{self, RateLimit};
 
 /// What a handler answers: a status and a JSON body.
 pub type Answer = Result<(StatusCode, Json), ApiError>;
@@ -63,21 +65,55 @@ impl Drop for InFlight {
     }
 }
 
-/// Runs `work` on the owner of `tenant` inside one of its in-flight slots.
+/// Who is asking and the limits that apply to them.
+#[derive(Debug, Clone)]
+pub struct Access {
+    pub caller: Caller,
+    pub in_flight_limit: usize,
+    pub rate_limit: RateLimit,
+}
+
+/// Runs `work` on the owner of `tenant`: there the caller's key is checked against the
+/// tenant's stored hashes and its rate limit, and the work holds an in-flight slot.
 async fn on_owner<F, Fut>(
     router: &ShardRouter,
+    access: &Access,
     tenant: TenantId,
-    in_flight_limit: usize,
     work: F,
 ) -> Answer
 where
     F: FnOnce(Rc<ShardNode>, TenantId) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = Answer> + 'static,
 {
+    if let Caller::Key(claim) = &access.caller {
+        if claim.tenant != tenant {
+            return Err(auth::forbidden(format!(
+                "this API key belongs to tenant {}, not {tenant}",
+                claim.tenant
+            )));
+        }
+    }
     let owner = owner_of(router, &tenant);
+    let access = access.clone();
     router
         .call(owner, move |node: Rc<ShardNode>| async move {
-            let _slot = InFlight::enter(&tenant, in_flight_limit)?;
+            if let Caller::Key(claim) = &access.caller {
+                let valid = node
+                    .shard()
+                    .read(&tenant, |t| {
+                        t.api_keys().verify(&claim.key_id, &claim.secret_sha256)
+                    })
+                    .unwrap_or(false);
+                if !valid {
+                    return Err(ApiError::new(
+                        StatusCode::UNAUTHORIZED,
+                        "unauthorized",
+                        "the API key is unknown or revoked",
+                    ));
+                }
+                rate_limit::admit(access.rate_limit, &tenant, &claim.key_id)?;
+            }
+            let _slot = InFlight::enter(&tenant, access.in_flight_limit)?;
             work(node, tenant).await
         })
         .await?
@@ -105,9 +141,10 @@ pub struct CreateTenant {
     tenant: String,
 }
 
-pub async fn create_tenant(router: &ShardRouter, body: CreateTenant, limit: usize) -> Answer {
+pub async fn create_tenant(router: &ShardRouter, body: CreateTenant, access: &Access) -> Answer {
+    auth::require_admin(&access.caller)?;
     let tenant = tenant_id(&body.tenant)?;
-    on_owner(router, tenant, limit, |node, tenant| async move {
+    on_owner(router, access, tenant, |node, tenant| async move {
         let lsn = node.shard().create_tenant(&tenant).await?;
         Ok((
             StatusCode::CREATED,
@@ -117,8 +154,9 @@ pub async fn create_tenant(router: &ShardRouter, body: CreateTenant, limit: usiz
     .await
 }
 
-pub async fn drop_tenant(router: &ShardRouter, tenant: TenantId, limit: usize) -> Answer {
-    on_owner(router, tenant, limit, |node, tenant| async move {
+pub async fn drop_tenant(router: &ShardRouter, tenant: TenantId, access: &Access) -> Answer {
+    auth::require_admin(&access.caller)?;
+    on_owner(router, access, tenant, |node, tenant| async move {
         let lsn = node.shard().drop_tenant(&tenant).await?;
         Ok((
             StatusCode::OK,
@@ -129,7 +167,8 @@ pub async fn drop_tenant(router: &ShardRouter, tenant: TenantId, limit: usize) -
 }
 
 /// Every tenant of every shard, sorted.
-pub async fn list_tenants(router: &ShardRouter) -> Answer {
+pub async fn list_tenants(router: &ShardRouter, access: &Access) -> Answer {
+    auth::require_admin(&access.caller)?;
     let mut tenants = Vec::new();
     for shard in 0..router.shards() {
         let names = router
@@ -215,10 +254,10 @@ pub async fn create_table(
     router: &ShardRouter,
     tenant: TenantId,
     body: CreateTable,
-    limit: usize,
+    access: &Access,
 ) -> Answer {
     let schema = body.schema()?;
-    on_owner(router, tenant, limit, |node, tenant| async move {
+    on_owner(router, access, tenant, |node, tenant| async move {
         let described = schema.to_json();
         let lsn = node.shard().create_table(&tenant, schema).await?;
         Ok((
@@ -233,9 +272,9 @@ pub async fn drop_table(
     router: &ShardRouter,
     tenant: TenantId,
     table: String,
-    limit: usize,
+    access: &Access,
 ) -> Answer {
-    on_owner(router, tenant, limit, |node, tenant| async move {
+    on_owner(router, access, tenant, |node, tenant| async move {
         let lsn = node.shard().drop_table(&tenant, &table).await?;
         Ok((
             StatusCode::OK,
@@ -245,8 +284,8 @@ pub async fn drop_table(
     .await
 }
 
-pub async fn list_tables(router: &ShardRouter, tenant: TenantId, limit: usize) -> Answer {
-    on_owner(router, tenant, limit, |node, tenant| async move {
+pub async fn list_tables(router: &ShardRouter, tenant: TenantId, access: &Access) -> Answer {
+    on_owner(router, access, tenant, |node, tenant| async move {
         let tables = node.shard().read(&tenant, |t| {
             t.tables()
                 .map(|table| {
@@ -269,9 +308,9 @@ pub async fn describe_table(
     router: &ShardRouter,
     tenant: TenantId,
     table: String,
-    limit: usize,
+    access: &Access,
 ) -> Answer {
-    on_owner(router, tenant, limit, |node, tenant| async move {
+    on_owner(router, access, tenant, |node, tenant| async move {
         let described = node.shard().read(&tenant, |t| {
             t.table(&table).map(|table| {
                 let usage = table.usage();
@@ -309,7 +348,7 @@ pub async fn write_rows(
     tenant: TenantId,
     table: String,
     body: WriteRows,
-    limit: usize,
+    access: &Access,
 ) -> Answer {
     if body.ops.is_empty() {
         return Err(ApiError::bad_request(
@@ -326,7 +365,7 @@ pub async fn write_rows(
         })
         .collect();
     let key = body.idempotency_key;
-    on_owner(router, tenant, limit, |node, tenant| async move {
+    on_owner(router, access, tenant, |node, tenant| async move {
         let (lsn, outcome) = node.shard().write(&tenant, &table, &ops, key).await?;
         Ok((
             StatusCode::OK,
@@ -348,9 +387,9 @@ pub async fn get_row(
     tenant: TenantId,
     table: String,
     key: Vec<String>,
-    limit: usize,
+    access: &Access,
 ) -> Answer {
-    on_owner(router, tenant, limit, |node, tenant| async move {
+    on_owner(router, access, tenant, |node, tenant| async move {
         let found = node.shard().read(&tenant, |t| {
             let table = t.table(&table)?;
             let key = key_from_path(table.schema(), &key)?;
@@ -409,8 +448,8 @@ fn key_from_path(schema: &TableSchema, segments: &[String]) -> Result<Map<String
     Ok(key)
 }
 
-pub async fn usage(router: &ShardRouter, tenant: TenantId, limit: usize) -> Answer {
-    on_owner(router, tenant, limit, |node, tenant| async move {
+pub async fn usage(router: &ShardRouter, tenant: TenantId, access: &Access) -> Answer {
+    on_owner(router, access, tenant, |node, tenant| async move {
         // This request holds one of the slots; report the others.
         let in_flight = InFlight::count(&tenant).saturating_sub(1);
         let usage = node.shard().read(&tenant, |t| t.usage())?;
@@ -436,6 +475,74 @@ pub async fn usage(router: &ShardRouter, tenant: TenantId, limit: usize) -> Answ
                 "in_flight_requests": in_flight,
                 "applied_lsn": node.shard().applied_lsn().0,
             }),
+        ))
+    })
+    .await
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CreateKey {
+    #[serde(default)]
+    name: String,
+}
+
+/// Makes a key; its secret appears in this answer only.
+pub async fn create_key(
+    router: &ShardRouter,
+    tenant: TenantId,
+    body: CreateKey,
+    access: &Access,
+) -> Answer {
+    auth::require_admin(&access.caller)?;
+    let (key_id, key, secret_sha256) = auth::new_key(&tenant)?;
+    on_owner(router, access, tenant, move |node, tenant| async move {
+        let lsn = node
+            .shard()
+            .create_api_key(&tenant, &key_id, &body.name, secret_sha256)
+            .await?;
+        Ok((
+            StatusCode::CREATED,
+            json!({
+                "tenant": tenant.as_str(),
+                "key_id": key_id,
+                "name": body.name,
+                "key": key,
+                "lsn": lsn.0,
+                "note": "the key is shown only in this answer; store it now",
+            }),
+        ))
+    })
+    .await
+}
+
+pub async fn list_keys(router: &ShardRouter, tenant: TenantId, access: &Access) -> Answer {
+    auth::require_admin(&access.caller)?;
+    on_owner(router, access, tenant, |node, tenant| async move {
+        let keys = node.shard().read(&tenant, |t| {
+            t.api_keys()
+                .iter()
+                .map(|(id, key)| json!({"key_id": id, "name": key.name, "created_us": key.created.0}))
+                .collect::<Vec<_>>()
+        })?;
+        Ok((StatusCode::OK, json!({"keys": keys})))
+    })
+    .await
+}
+
+pub async fn revoke_key(
+    router: &ShardRouter,
+    tenant: TenantId,
+    key_id: String,
+    access: &Access,
+) -> Answer {
+    auth::require_admin(&access.caller)?;
+    on_owner(router, access, tenant, |node, tenant| async move {
+        let lsn = node.shard().revoke_api_key(&tenant, &key_id).await?;
+        rate_limit::forget(&tenant, &key_id);
+        Ok((
+            StatusCode::OK,
+            json!({"key_id": key_id, "revoked": true, "lsn": lsn.0}),
         ))
     })
     .await

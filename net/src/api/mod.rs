@@ -19,9 +19,11 @@ use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use oc_ship::engine::ShardRouter;
 
+use crate::auth::{self, AuthConfig};
 use crate::metrics;
+use crate::rate_limit::RateLimit;
 use error::ApiError;
-use handlers::Answer;
+use handlers::{self as h, Answer};
 
 /// Limits and deadlines of the data API.
 #[derive(Debug, Clone, Copy)]
@@ -30,21 +32,24 @@ pub struct ApiLimits {
     pub body_read_timeout: Duration,
     pub request_deadline: Duration,
     pub max_in_flight_per_tenant: usize,
+    pub rate_limit: RateLimit,
 }
 
 /// What a shard's request handler needs.
 pub struct ApiContext {
     pub router: Rc<ShardRouter>,
     pub limits: ApiLimits,
+    pub auth: AuthConfig,
     pub shard: usize,
     next_request: Cell<u64>,
 }
 
 impl ApiContext {
-    pub fn new(router: Rc<ShardRouter>, limits: ApiLimits, shard: usize) -> Self {
+    pub fn new(router: Rc<ShardRouter>, limits: ApiLimits, auth: AuthConfig, shard: usize) -> Self {
         ApiContext {
             router,
             limits,
+            auth,
             shard,
             next_request: Cell::new(0),
         }
@@ -149,6 +154,8 @@ fn route_name(method: &Method, path: &str) -> &'static str {
         (["v1", "tenants"], _) => "tenants",
         (["v1", "tenants", _], _) => "tenant",
         (["v1", "tenants", _, "usage"], _) => "usage",
+        (["v1", "tenants", _, "keys"], _) => "keys",
+        (["v1", "tenants", _, "keys", _], _) => "key",
         (["v1", "tenants", _, "tables"], _) => "tables",
         (["v1", "tenants", _, "tables", _], _) => "table",
         (["v1", "tenants", _, "tables", _, "rows"], _) => "rows_write",
@@ -160,7 +167,8 @@ fn route_name(method: &Method, path: &str) -> &'static str {
 /// The `Allow` header for a known route.
 fn allowed_methods(path: &str) -> Option<&'static str> {
     Some(match route_name(&Method::GET, path) {
-        "tenants" | "tables" => "GET, POST",
+        "tenants" | "tables" | "keys" => "GET, POST",
+        "key" => "DELETE",
         "tenant" | "table" => "GET, DELETE",
         "usage" | "row_get" => "GET",
         "rows_write" => "POST",
@@ -184,40 +192,58 @@ async fn dispatch(ctx: &ApiContext, req: Request<Incoming>) -> Answer {
     let path = req.uri().path().to_string();
     let s = segments(&path);
     let router = &*ctx.router;
-    let limit = ctx.limits.max_in_flight_per_tenant;
-    use handlers as h;
+    let access = &h::Access {
+        caller: auth::identify(req.headers(), &ctx.auth)?,
+        in_flight_limit: ctx.limits.max_in_flight_per_tenant,
+        rate_limit: ctx.limits.rate_limit,
+    };
     match (s.as_slice(), &method) {
-        (["v1", "tenants"], &Method::GET) => h::list_tenants(router).await,
+        (["v1", "tenants"], &Method::GET) => h::list_tenants(router, access).await,
         (["v1", "tenants"], &Method::POST) => {
             let body = read_json(ctx, req).await?;
-            h::create_tenant(router, body, limit).await
+            h::create_tenant(router, body, access).await
         }
-        (["v1", "tenants", t], &Method::GET) => h::usage(router, h::tenant_id(t)?, limit).await,
+        (["v1", "tenants", t], &Method::GET) => h::usage(router, h::tenant_id(t)?, access).await,
         (["v1", "tenants", t], &Method::DELETE) => {
-            h::drop_tenant(router, h::tenant_id(t)?, limit).await
+            h::drop_tenant(router, h::tenant_id(t)?, access).await
         }
         (["v1", "tenants", t, "usage"], &Method::GET) => {
-            h::usage(router, h::tenant_id(t)?, limit).await
+            h::usage(router, h::tenant_id(t)?, access).await
+        }
+        (["v1", "tenants", t, "keys"], &Method::GET) => {
+            h::list_keys(router, h::tenant_id(t)?, access).await
+        }
+        (["v1", "tenants", t, "keys"], &Method::POST) => {
+            let tenant = h::tenant_id(t)?;
+            let body = if has_body(&req) {
+                read_json(ctx, req).await?
+            } else {
+                h::CreateKey::default()
+            };
+            h::create_key(router, tenant, body, access).await
+        }
+        (["v1", "tenants", t, "keys", key_id], &Method::DELETE) => {
+            h::revoke_key(router, h::tenant_id(t)?, key_id.to_string(), access).await
         }
         (["v1", "tenants", t, "tables"], &Method::GET) => {
-            h::list_tables(router, h::tenant_id(t)?, limit).await
+            h::list_tables(router, h::tenant_id(t)?, access).await
         }
         (["v1", "tenants", t, "tables"], &Method::POST) => {
             let tenant = h::tenant_id(t)?;
             let body = read_json(ctx, req).await?;
-            h::create_table(router, tenant, body, limit).await
+            h::create_table(router, tenant, body, access).await
         }
         (["v1", "tenants", t, "tables", table], &Method::GET) => {
-            h::describe_table(router, h::tenant_id(t)?, table.to_string(), limit).await
+            h::describe_table(router, h::tenant_id(t)?, table.to_string(), access).await
         }
         (["v1", "tenants", t, "tables", table], &Method::DELETE) => {
-            h::drop_table(router, h::tenant_id(t)?, table.to_string(), limit).await
+            h::drop_table(router, h::tenant_id(t)?, table.to_string(), access).await
         }
         (["v1", "tenants", t, "tables", table, "rows"], &Method::POST) => {
             let tenant = h::tenant_id(t)?;
             let table = table.to_string();
             let body = read_json(ctx, req).await?;
-            h::write_rows(router, tenant, table, body, limit).await
+            h::write_rows(router, tenant, table, body, access).await
         }
         (["v1", "tenants", t, "tables", table, "rows", key @ ..], &Method::GET)
             if !key.is_empty() =>
@@ -226,7 +252,7 @@ async fn dispatch(ctx: &ApiContext, req: Request<Incoming>) -> Answer {
                 .iter()
                 .map(|k| percent_decode(k))
                 .collect::<Result<Vec<_>, _>>()?;
-            h::get_row(router, h::tenant_id(t)?, table.to_string(), key, limit).await
+            h::get_row(router, h::tenant_id(t)?, table.to_string(), key, access).await
         }
         _ if route_name(&method, &path) != "unknown" => Err(method_not_allowed(&method, &path)),
         _ => Err(ApiError::new(
@@ -235,6 +261,19 @@ async fn dispatch(ctx: &ApiContext, req: Request<Incoming>) -> Answer {
             format!("no endpoint at {path}; see docs/API.md"),
         )),
     }
+}
+
+/// Whether the request declares a body (`content-length` above 0 or chunked).
+fn has_body(req: &Request<Incoming>) -> bool {
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    declared.map_or(
+        req.headers().contains_key(hyper::header::TRANSFER_ENCODING),
+        |n| n > 0,
+    )
 }
 
 /// Reads a JSON body within the size limit and the body deadline.

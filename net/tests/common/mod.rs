@@ -158,12 +158,30 @@ pub fn request(method: &str, url: &str, body: Option<&str>) -> Reply {
 }
 
 pub fn try_request(method: &str, url: &str, body: Option<&str>) -> Result<Reply, String> {
+    try_request_as(method, url, body, None)
+}
+
+/// A request with `Authorization: Bearer <token>`.
+pub fn request_as(method: &str, url: &str, body: Option<&str>, token: &str) -> Reply {
+    try_request_as(method, url, body, Some(token))
+        .unwrap_or_else(|e| panic!("{method} {url}: {e}"))
+}
+
+pub fn try_request_as(
+    method: &str,
+    url: &str,
+    body: Option<&str>,
+    token: Option<&str>,
+) -> Result<Reply, String> {
     let agent = ureq::AgentBuilder::new()
         .timeout(Duration::from_secs(30))
         .build();
-    let req = agent
+    let mut req = agent
         .request(method, url)
         .set("content-type", "application/json");
+    if let Some(token) = token {
+        req = req.set("authorization", &format!("Bearer {token}"));
+    }
     let outcome = match body {
         Some(body) => req.send_string(body),
         None => req.call(),

@@ -1,0 +1,174 @@
+//! Who is calling: the operator (admin token) or one tenant's API key.
+//!
+//! API keys look like `oc.<tenant>.<key id>.<secret>`: the tenant part lets a request
+//! for another tenant be refused (403) where it lands; the secret (32 random bytes, hex)
+//! is checked on the tenant's owner shard against the SHA-256 stored in the tenant's
+//! log. A plain hash is enough because the secret is 256 random bits, not a password.
+//! The admin token is compared in constant time.
+
+use hyper::header::AUTHORIZATION;
+use hyper::{HeaderMap, StatusCode};
+use oc_ship::engine::TenantId;
+use sha2::{Digest, Sha256};
+
+use crate::api::error::ApiError;
+
+/// Shortest admin token accepted.
+pub const MIN_ADMIN_TOKEN_BYTES: usize = 16;
+const KEY_PREFIX: &str = "oc";
+
+/// Whether authentication is on, and the admin token when it is.
+#[derive(Clone, Debug, Default)]
+pub struct AuthConfig {
+    pub admin_token: Option<String>,
+}
+
+/// The identity a request proved.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    /// Authentication is off (no admin token configured, loopback only).
+    Anyone,
+    Admin,
+    Key(KeyClaim),
+}
+
+/// An API key as presented: checked on the owner shard.
+#[derive(Debug, Clone)]
+pub struct KeyClaim {
+    pub tenant: TenantId,
+    pub key_id: String,
+    pub secret_sha256: [u8; 32],
+}
+
+fn unauthorized(message: &str) -> ApiError {
+    ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+}
+
+pub fn forbidden(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
+}
+
+/// The caller of a request, from its `Authorization: Bearer` header.
+pub fn identify(headers: &HeaderMap, config: &AuthConfig) -> Result<Caller, ApiError> {
+    let Some(admin_token) = &config.admin_token else {
+        return Ok(Caller::Anyone);
+    };
+    let Some(value) = headers.get(AUTHORIZATION) else {
+        return Err(unauthorized(
+            "send `Authorization: Bearer <API key or admin token>`",
+        ));
+    };
+    let token = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .ok_or_else(|| unauthorized("the Authorization header must be `Bearer <token>`"))?;
+    if constant_time_eq(token.as_bytes(), admin_token.as_bytes()) {
+        return Ok(Caller::Admin);
+    }
+    parse_key(token)
+        .map(Caller::Key)
+        .ok_or_else(|| unauthorized("the token is neither the admin token nor an API key"))
+}
+
+fn parse_key(token: &str) -> Option<KeyClaim> {
+    let mut parts = token.split('.');
+    let (prefix, tenant, key_id, secret) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    if prefix != KEY_PREFIX || parts.next().is_some() || secret.len() != 64 {
+        return None;
+    }
+    Some(KeyClaim {
+        tenant: TenantId::parse(tenant).ok()?,
+        key_id: key_id.to_string(),
+        secret_sha256: Sha256::digest(secret.as_bytes()).into(),
+    })
+}
+
+/// Only the operator may do this.
+pub fn require_admin(caller: &Caller) -> Result<(), ApiError> {
+    match caller {
+        Caller::Anyone | Caller::Admin => Ok(()),
+        Caller::Key(_) => Err(forbidden(
+            "this endpoint needs the admin token, not an API key",
+        )),
+    }
+}
+
+/// A new key for `tenant`: (key id, the full key to show once, its secret's SHA-256).
+pub fn new_key(tenant: &TenantId) -> Result<(String, String, [u8; 32]), ApiError> {
+    let mut random = [0u8; 40];
+    getrandom::getrandom(&mut random).map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("no randomness for a key: {e}"),
+        )
+    })?;
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let key_id = format!("k{}", hex(&random[..8]));
+    let secret = hex(&random[8..]);
+    let sha: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
+    Ok((
+        key_id.clone(),
+        format!("{KEY_PREFIX}.{tenant}.{key_id}.{secret}"),
+        sha,
+    ))
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(token: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(
+            AUTHORIZATION,
+            format!("Bearer {token}").parse().expect("header"),
+        );
+        h
+    }
+
+    #[test]
+    fn a_new_key_parses_back_to_its_tenant_id_and_hash() {
+        let tenant = TenantId::parse("acme").expect("valid");
+        let (key_id, key, sha) = new_key(&tenant).expect("key");
+        let config = AuthConfig {
+            admin_token: Some("a".repeat(20)),
+        };
+        match identify(&headers(&key), &config).expect("identified") {
+            Caller::Key(claim) => {
+                assert_eq!(claim.tenant, tenant);
+                assert_eq!(claim.key_id, key_id);
+                assert_eq!(claim.secret_sha256, sha);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn admin_token_missing_and_malformed_headers() {
+        let config = AuthConfig {
+            admin_token: Some("s3cret-admin-token".into()),
+        };
+        assert!(matches!(
+            identify(&headers("s3cret-admin-token"), &config),
+            Ok(Caller::Admin)
+        ));
+        for bad in ["s3cret-admin-tokeN", "oc.acme.k1.short", "oc.ACME.k1.x", ""] {
+            let e = identify(&headers(bad), &config).expect_err(bad);
+            assert_eq!(e.status, StatusCode::UNAUTHORIZED);
+        }
+        let e = identify(&HeaderMap::new(), &config).expect_err("missing");
+        assert_eq!(e.status, StatusCode::UNAUTHORIZED);
+        assert!(matches!(
+            identify(&HeaderMap::new(), &AuthConfig::default()),
+            Ok(Caller::Anyone)
+        ));
+    }
+}

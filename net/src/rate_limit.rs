@@ -1,0 +1,69 @@
+//! Per-API-key rate limits: a token bucket per key, kept on the tenant's owner shard.
+//! Every request of a tenant runs there, so the bucket is exact without any sharing
+//! between shards.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::time::Instant;
+
+use hyper::StatusCode;
+use oc_ship::engine::TenantId;
+
+use crate::api::error::ApiError;
+use crate::metrics;
+
+/// Requests per second a key may sustain, and the burst it may spend at once.
+#[derive(Debug, Clone, Copy)]
+pub struct RateLimit {
+    pub per_second: f64,
+    pub burst: f64,
+}
+
+struct Bucket {
+    tokens: f64,
+    refilled: Instant,
+}
+
+thread_local! {
+    static BUCKETS: RefCell<HashMap<(TenantId, String), Bucket>> = RefCell::new(HashMap::new());
+}
+
+/// Takes one token from the key's bucket or refuses with 429.
+pub fn admit(limit: RateLimit, tenant: &TenantId, key_id: &str) -> Result<(), ApiError> {
+    let now = Instant::now();
+    let admitted = BUCKETS.with(|buckets| {
+        let mut buckets = buckets.borrow_mut();
+        let bucket = buckets
+            .entry((tenant.clone(), key_id.to_string()))
+            .or_insert(Bucket {
+                tokens: limit.burst,
+                refilled: now,
+            });
+        let elapsed = now.duration_since(bucket.refilled).as_secs_f64();
+        bucket.tokens = (bucket.tokens + elapsed * limit.per_second).min(limit.burst);
+        bucket.refilled = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    });
+    if admitted {
+        return Ok(());
+    }
+    metrics::with_http(|m| m.rate_limit_rejections += 1);
+    Err(ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        format!(
+            "API key {key_id} is over its rate limit of {} requests/s (burst {}); retry shortly",
+            limit.per_second, limit.burst
+        ),
+    ))
+}
+
+/// Forgets a revoked key's bucket, so the map holds only live keys.
+pub fn forget(tenant: &TenantId, key_id: &str) {
+    BUCKETS.with(|b| b.borrow_mut().remove(&(tenant.clone(), key_id.to_string())));
+}
