@@ -163,8 +163,7 @@ pub fn try_request(method: &str, url: &str, body: Option<&str>) -> Result<Reply,
 
 /// A request with `Authorization: Bearer <token>`.
 pub fn request_as(method: &str, url: &str, body: Option<&str>, token: &str) -> Reply {
-    try_request_as(method, url, body, Some(token))
-        .unwrap_or_else(|e| panic!("{method} {url}: {e}"))
+    try_request_as(method, url, body, Some(token)).unwrap_or_else(|e| panic!("{method} {url}: {e}"))
 }
 
 pub fn try_request_as(
