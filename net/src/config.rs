@@ -84,6 +84,12 @@ pub struct ServerConfig {
     /// ...or sooner, once a shard's log has grown by this many bytes.
     #[arg(long, env = "OC_CHECKPOINT_WAL_BYTES", default_value_t = 1 << 30)]
     pub checkpoint_wal_bytes: u64,
+    /// PEM certificate chain: serve the data API over TLS (with --tls-key).
+    #[arg(long, env = "OC_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "OC_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Log format: `text` or `json`.
     #[arg(long, env = "OC_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -129,9 +135,39 @@ impl ServerConfig {
         Ok(AuthConfig { admin_token: token })
     }
 
+    /// The TLS acceptor for the data API, when --tls-cert and --tls-key are given.
+    pub fn tls(&self) -> Result<Option<futures_rustls::TlsAcceptor>, String> {
+        use futures_rustls::rustls;
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        let chain = CertificateDer::pem_file_iter(cert)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| format!("reading certificates from {}: {e}", cert.display()))?;
+        if chain.is_empty() {
+            return Err(format!("{} holds no PEM certificate", cert.display()));
+        }
+        let private = PrivateKeyDer::from_pem_file(key)
+            .map_err(|e| format!("reading the private key from {}: {e}", key.display()))?;
+        let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS protocol versions: {e}"))?
+        .with_no_client_auth()
+        .with_single_cert(chain, private)
+        .map_err(|e| format!("the certificate and key do not make a TLS identity: {e}"))?;
+        Ok(Some(futures_rustls::TlsAcceptor::from(
+            std::sync::Arc::new(config),
+        )))
+    }
+
     /// Refuses settings that cannot work, with what to change.
     pub fn validate(&self) -> Result<(), String> {
         let auth = self.auth()?;
+        self.tls()?;
         let exposed = [self.listen, self.ops_listen]
             .into_iter()
             .find(|a| !a.ip().is_loopback());

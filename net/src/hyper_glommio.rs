@@ -1,9 +1,10 @@
 //! hyper 1.x on glommio: the socket adapter and the timer hyper needs for its header
 //! read timeout.
 //!
-//! The adapter reads through glommio's buffered stream and copies what arrived into
-//! hyper's buffer, so nothing is zeroed per read and a read error stays an error
-//! (glommio's example adapter gets both wrong).
+//! The adapter reads through a buffered stream (glommio's own for plain TCP, a
+//! `BufReader` over rustls for TLS) and copies what arrived into hyper's buffer, so
+//! nothing is zeroed per read and a read error stays an error (glommio's example
+//! adapter gets both wrong).
 
 use std::cell::Cell;
 use std::future::Future;
@@ -13,21 +14,28 @@ use std::rc::Rc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use futures_lite::io::BufReader;
 use futures_lite::{AsyncBufRead, AsyncWrite};
+use futures_rustls::server::TlsStream;
 use glommio::net::{Preallocated, TcpStream};
 
-/// A glommio TCP stream as hyper I/O, noting when bytes last moved (for idle timeouts).
-pub struct HyperStream {
-    stream: TcpStream<Preallocated>,
+/// A buffered byte stream as hyper I/O, noting when bytes last moved (for idle timeouts).
+pub struct HyperStream<S> {
+    stream: S,
     last_activity: Rc<Cell<Instant>>,
 }
 
-impl HyperStream {
-    pub fn new(stream: TcpStream) -> (Self, Rc<Cell<Instant>>) {
+/// Plain TCP.
+pub type PlainStream = HyperStream<TcpStream<Preallocated>>;
+/// TLS over TCP.
+pub type SecureStream = HyperStream<BufReader<TlsStream<TcpStream>>>;
+
+impl<S> HyperStream<S> {
+    fn wrap(stream: S) -> (Self, Rc<Cell<Instant>>) {
         let last_activity = Rc::new(Cell::new(Instant::now()));
         (
             HyperStream {
-                stream: stream.buffered(),
+                stream,
                 last_activity: last_activity.clone(),
             },
             last_activity,
@@ -35,7 +43,19 @@ impl HyperStream {
     }
 }
 
-impl hyper::rt::Read for HyperStream {
+impl PlainStream {
+    pub fn new(stream: TcpStream) -> (Self, Rc<Cell<Instant>>) {
+        Self::wrap(stream.buffered())
+    }
+}
+
+impl SecureStream {
+    pub fn new(stream: TlsStream<TcpStream>) -> (Self, Rc<Cell<Instant>>) {
+        Self::wrap(BufReader::new(stream))
+    }
+}
+
+impl<S: AsyncBufRead + Unpin> hyper::rt::Read for HyperStream<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -58,7 +78,7 @@ impl hyper::rt::Read for HyperStream {
     }
 }
 
-impl hyper::rt::Write for HyperStream {
+impl<S: AsyncWrite + Unpin> hyper::rt::Write for HyperStream<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -4,8 +4,8 @@
 //!
 //! Built: the data API (tenants, tables, rows, usage), authentication (admin token,
 //! per-tenant API keys) and per-key rate limits, `/health`, `/ready`, `/metrics`,
-//! limits and timeouts, graceful shutdown. Not built yet: TLS, `/ask`, `/watch`,
-//! replication.
+//! limits and timeouts, TLS (rustls), graceful shutdown. Not built yet: `/ask`,
+//! `/watch`, replication.
 #![deny(clippy::unwrap_used)]
 
 pub mod api;

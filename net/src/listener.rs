@@ -15,6 +15,7 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use futures_lite::{future, AsyncWriteExt};
+use futures_rustls::TlsAcceptor;
 use glommio::net::{TcpListener, TcpStream};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -23,7 +24,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::api::{self, ApiContext, ApiLimits};
 use crate::auth::AuthConfig;
-use crate::hyper_glommio::{GlommioTimer, HyperStream};
+use crate::hyper_glommio::{GlommioTimer, HyperStream, PlainStream, SecureStream};
 use crate::metrics;
 
 /// How often a connection checks for drain and idleness.
@@ -58,7 +59,7 @@ pub fn bind_shared(addr: SocketAddr, count: usize) -> std::io::Result<(Vec<RawFd
 }
 
 /// Per-connection settings.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ConnectionSettings {
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
@@ -66,6 +67,8 @@ pub struct ConnectionSettings {
     pub max_connections: usize,
     pub limits: ApiLimits,
     pub auth: AuthConfig,
+    /// Serve TLS (rustls) instead of plain HTTP.
+    pub tls: Option<TlsAcceptor>,
 }
 
 thread_local! {
@@ -173,7 +176,38 @@ async fn serve_connection(
 ) {
     let _ = stream.set_nodelay(true);
     let shard = ctx.shard;
-    let (io, last_activity) = HyperStream::new(stream);
+    let Some(tls) = &settings.tls else {
+        let (io, last_activity) = PlainStream::new(stream);
+        return serve_http(io, last_activity, ctx, settings, state).await;
+    };
+    // The handshake gets the header-read budget: a client that stalls in it is cut off.
+    let handshake = future::or(async { Some(tls.accept(stream).await) }, async {
+        glommio::timer::sleep(settings.header_read_timeout).await;
+        None
+    })
+    .await;
+    match handshake {
+        Some(Ok(stream)) => {
+            let (io, last_activity) = SecureStream::new(stream);
+            serve_http(io, last_activity, ctx, settings, state).await
+        }
+        Some(Err(e)) => tracing::debug!(shard, error = %e, "TLS handshake failed"),
+        None => tracing::debug!(shard, "TLS handshake timed out"),
+    }
+}
+
+/// Serves HTTP/1.1 on one connection until the client leaves, it idles out, or the
+/// shard drains.
+async fn serve_http<S>(
+    io: HyperStream<S>,
+    last_activity: Rc<Cell<Instant>>,
+    ctx: Rc<ApiContext>,
+    settings: &ConnectionSettings,
+    state: &DrainState,
+) where
+    HyperStream<S>: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+{
+    let shard = ctx.shard;
     let in_flight = Rc::new(Cell::new(0usize));
     let service = {
         let in_flight = in_flight.clone();

@@ -20,7 +20,7 @@ use oc_ship::engine::io::UringProbe;
 use oc_ship::engine::{ShardNode, ShardRouter};
 use serde_json::json;
 
-use crate::hyper_glommio::{GlommioTimer, HyperStream};
+use crate::hyper_glommio::{GlommioTimer, PlainStream};
 use crate::metrics;
 
 /// How long `/ready` and `/metrics` wait for a shard to answer.
@@ -56,7 +56,7 @@ pub async fn serve_ops(listener: TcpListener, state: Rc<ControlState>) {
         };
         let state = state.clone();
         glommio::spawn_local(async move {
-            let (io, _) = HyperStream::new(stream);
+            let (io, _) = PlainStream::new(stream);
             let service = service_fn(move |req| handle(state.clone(), req));
             let mut builder = http1::Builder::new();
             builder

@@ -76,6 +76,7 @@ pub fn run(config: ServerConfig) -> Result<()> {
         max_connections: config.max_connections.div_ceil(shards),
         limits: config.api_limits(),
         auth,
+        tls: config.tls().map_err(|e| anyhow!(e))?,
     };
     let pool_config = PoolConfig {
         shards,
@@ -90,6 +91,7 @@ pub fn run(config: ServerConfig) -> Result<()> {
         }),
         ..PoolConfig::new(&config.data_dir)
     };
+    let settings_tls = settings.tls.is_some();
     let started = Instant::now();
     let serve = move |node: Rc<ShardNode>, router| {
         let fd = api_fds[node.id()];
@@ -114,7 +116,8 @@ pub fn run(config: ServerConfig) -> Result<()> {
     serving_rx
         .recv()
         .map_err(|_| anyhow!("the control executor stopped"))?;
-    println!("oc-server: api listening on {api_addr}");
+    let scheme = if settings_tls { "https" } else { "http" };
+    println!("oc-server: api listening on {api_addr} ({scheme})");
     println!("oc-server: ops listening on {ops_addr}");
     tracing::info!(%api_addr, %ops_addr, shards, "serving");
 

@@ -70,8 +70,11 @@ impl Server {
         while api.is_none() || ops.is_none() {
             match rx.recv_timeout(Duration::from_secs(60)) {
                 Ok(line) => {
-                    if let Some(addr) = line.strip_prefix("oc-server: api listening on ") {
-                        api = Some(format!("http://{addr}"));
+                    if let Some(rest) = line.strip_prefix("oc-server: api listening on ") {
+                        // `<addr> (http)` or `<addr> (https)`
+                        let (addr, scheme) = rest.split_once(' ').unwrap_or((rest, "(http)"));
+                        let scheme = scheme.trim_matches(|c| c == '(' || c == ')');
+                        api = Some(format!("{scheme}://{addr}"));
                     }
                     if let Some(addr) = line.strip_prefix("oc-server: ops listening on ") {
                         ops = Some(format!("http://{addr}"));
