@@ -18,6 +18,7 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use oc_ship::engine::ShardRouter;
+use tracing::Instrument;
 
 use crate::auth::{self, AuthConfig};
 use crate::metrics;
@@ -94,6 +95,13 @@ pub async fn handle(
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let route = route_name(&method, &path);
+    // The request's span: every log line below (and in the handlers) carries the
+    // request id, the shard it landed on and the tenant. Never the Authorization header.
+    let tenant = match segments(&path).as_slice() {
+        ["v1", "tenants", t, ..] => *t,
+        _ => "",
+    };
+    let span = tracing::info_span!("request", %request_id, shard = ctx.shard, tenant, route);
     let deadline = ctx.limits.request_deadline;
     let answer = future::or(dispatch(&ctx, req), async {
         glommio::timer::sleep(deadline).await;
@@ -107,7 +115,9 @@ pub async fn handle(
             ),
         ))
     })
+    .instrument(span.clone())
     .await;
+    let _entered = span.enter();
     let mut response = match answer {
         Ok((status, body)) => {
             let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
@@ -119,7 +129,7 @@ pub async fn handle(
         }
         Err(e) => {
             if e.status.is_server_error() {
-                tracing::warn!(%request_id, shard = ctx.shard, %method, %path, code = e.code, message = %e.message, "request failed");
+                tracing::warn!(%method, %path, code = e.code, message = %e.message, "request failed");
             }
             let allow = (e.status == StatusCode::METHOD_NOT_ALLOWED)
                 .then(|| allowed_methods(&path))
@@ -138,7 +148,7 @@ pub async fn handle(
     }
     let status = response.status().as_u16();
     metrics::record_request(route, status, started.elapsed());
-    tracing::debug!(%request_id, shard = ctx.shard, %method, %path, status, "request");
+    tracing::debug!(%method, %path, status, "request");
     Ok(response)
 }
 
