@@ -40,6 +40,9 @@ pub struct PoolConfig {
     pub forward_capacity: usize,
     /// Mesh participants that call shards but serve none (the control executor, tools).
     pub clients: usize,
+    /// How long an idle shard spins before it parks in the kernel (`None`: parks at
+    /// once). Spinning trades CPU for the wake-up latency of the next request.
+    pub spin_before_park: Option<Duration>,
 }
 
 impl PoolConfig {
@@ -53,6 +56,7 @@ impl PoolConfig {
             checkpoint: Some(CheckpointPolicy::default()),
             forward_capacity: DEFAULT_FORWARD_CAPACITY,
             clients: 1,
+            spin_before_park: None,
         }
     }
 }
@@ -158,9 +162,11 @@ impl ShardPool {
                 ends,
             };
             let serve = serve.clone();
-            let spawned = executor_builder(placement)
-                .name(&format!("oc-shard-{id}"))
-                .spawn(move || run.run(serve));
+            let mut builder = executor_builder(placement).name(&format!("oc-shard-{id}"));
+            if let Some(spin) = config.spin_before_park {
+                builder = builder.spin_before_park(spin);
+            }
+            let spawned = builder.spawn(move || run.run(serve));
             match spawned {
                 Ok(handle) => threads.push(handle),
                 Err(e) => {

@@ -29,6 +29,10 @@ pub struct ServerConfig {
     /// Do not pin shards to CPUs (for machines shared with other heavy processes).
     #[arg(long, env = "OC_NO_PIN")]
     pub no_pin: bool,
+    /// Microseconds an idle shard spins before parking (0: park at once). Lowers
+    /// latency when shards have cores to themselves; wastes CPU when they do not.
+    #[arg(long, env = "OC_SPIN_BEFORE_PARK_US", default_value_t = 0)]
+    pub spin_before_park_us: u64,
     /// Cut the write-ahead log at the first corrupt frame instead of refusing to start.
     /// Frames after the cut are lost: use only after reading the error and the runbook.
     #[arg(long, env = "OC_TRUNCATE_CORRUPT_WAL")]

@@ -81,6 +81,8 @@ pub fn run(config: ServerConfig) -> Result<()> {
     let pool_config = PoolConfig {
         shards,
         pin_to_cores: !config.no_pin,
+        spin_before_park: (config.spin_before_park_us > 0)
+            .then(|| Duration::from_micros(config.spin_before_park_us)),
         wal: WalConfig {
             truncate_corrupt: config.truncate_corrupt_wal,
             ..WalConfig::default()
