@@ -209,6 +209,7 @@ pub struct Shard<S: Storage> {
     last_checkpoint: RefCell<Option<CheckpointInfo>>,
     opened: std::time::Instant,
     checkpoint_counts: std::cell::Cell<(u64, u64)>,
+    release_barrier: std::cell::Cell<Option<Lsn>>,
     state: Rc<RefCell<ShardState>>,
     queue: Rc<RefCell<ApplyQueue>>,
     _applier: Task<()>,
@@ -285,6 +286,7 @@ impl<S: Storage> Shard<S> {
                 last_checkpoint: RefCell::new(None),
                 opened: std::time::Instant::now(),
                 checkpoint_counts: std::cell::Cell::new((0, 0)),
+                release_barrier: std::cell::Cell::new(None),
                 state,
                 queue,
                 _applier: applier,
@@ -335,14 +337,26 @@ impl<S: Storage> Shard<S> {
         self.last_checkpoint.borrow().clone()
     }
 
-    /// Releases log segments that every kept checkpoint covers. The shipper will gate
-    /// this on segments being archived first.
+    /// Releases log segments that every kept checkpoint covers and that lie below the
+    /// release barrier, if one is set.
     pub async fn release_covered_wal(&self) -> Result<Vec<String>, EngineError> {
         let kept = checkpoint::list_checkpoints(&self.storage).await?;
         let Some(oldest) = kept.last() else {
             return Ok(Vec::new());
         };
-        Ok(self.wal.release_before(oldest.next()).await?)
+        let covered = oldest.next();
+        let limit = self
+            .release_barrier
+            .get()
+            .map_or(covered, |barrier| barrier.min(covered));
+        Ok(self.wal.release_before(limit).await?)
+    }
+
+    /// Holds back the release of log segments from `first_kept` on: the hook for the
+    /// archive shipper, which sets it to the first LSN not yet durably archived, so no
+    /// segment leaves the disk before the archive has it. `None` lifts the barrier.
+    pub fn set_release_barrier(&self, first_kept: Option<Lsn>) {
+        self.release_barrier.set(first_kept);
     }
 
     /// Logs a command and waits until it is durable and applied.
