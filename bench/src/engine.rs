@@ -18,7 +18,7 @@ use anyhow::{Context, Result};
 use hdrhistogram::Histogram;
 use oc_engine::{ColumnType, Shard, TableSchema, TenantId, WriteOp};
 use oc_io::{DmaStorage, SimRng, WalConfig};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::latency::{histogram, Percentiles};
@@ -31,17 +31,17 @@ const PRELOAD_ROWS: u64 = 200_000;
 #[derive(clap::Args)]
 pub struct EngineArgs {
     #[command(flatten)]
-    common: crate::RunArgs,
+    pub(crate) common: crate::RunArgs,
     /// Writer concurrencies.
     #[arg(long, value_delimiter = ',', default_value = "1,64,256")]
-    concurrency: Vec<usize>,
+    pub(crate) concurrency: Vec<usize>,
     /// Shards of the pool phase (default: one per CPU).
     #[arg(long)]
-    shards: Option<usize>,
+    pub(crate) shards: Option<usize>,
 }
 
-#[derive(Serialize)]
-struct WriteResult {
+#[derive(Serialize, Deserialize)]
+pub(crate) struct WriteResult {
     concurrency: usize,
     rows_per_batch: usize,
     commits_per_s: f64,
@@ -56,8 +56,8 @@ struct WriteResult {
     commit_p999_us: u64,
 }
 
-#[derive(Serialize)]
-struct EngineReport {
+#[derive(Serialize, Deserialize)]
+pub(crate) struct EngineReport {
     shards: usize,
     seconds_per_phase: f64,
     writes: Vec<WriteResult>,
@@ -199,6 +199,7 @@ pub fn run(args: EngineArgs) -> Result<()> {
             let r = crate::pool::pool_phase(
                 &base.join("pool"),
                 pool_shards,
+                crate::pool::RowShape::IntKey,
                 routing,
                 c,
                 warmup,
@@ -333,15 +334,15 @@ pub fn run(args: EngineArgs) -> Result<()> {
             checkpoint_load_mb_s: checkpoint_bytes as f64 / 1e6 / load_s,
         })
     })?;
-    if let Some(path) = &args.common.json {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
-    print!("{}", markdown(&report));
-    Ok(())
+    crate::report::write_outputs(
+        &report,
+        args.common.json.as_deref(),
+        markdown(&report),
+        svgs(&report),
+    )
 }
 
-fn markdown(r: &EngineReport) -> String {
+pub(crate) fn markdown(r: &EngineReport) -> String {
     let mut out = format!(
         "{} shard, {} s per phase.\n\n",
         r.shards, r.seconds_per_phase
@@ -398,4 +399,81 @@ fn markdown(r: &EngineReport) -> String {
         r.wal_replayed_mb, r.wal_replay_mb_s, r.checkpoint_load_mb_s
     );
     out
+}
+
+/// Charts: single-row commits/s and p99 per writer count, one shard against the pool.
+pub(crate) fn svgs(r: &EngineReport) -> Vec<(String, String)> {
+    use crate::pool::Routing;
+    use crate::report::{bar_chart, Bars};
+    let single: Vec<&WriteResult> = r.writes.iter().filter(|w| w.rows_per_batch == 1).collect();
+    let groups: Vec<String> = single
+        .iter()
+        .map(|w| format!("{} writers", w.concurrency))
+        .collect();
+    let pool =
+        |routing: Routing, f: &dyn Fn(&crate::pool::PoolResult) -> f64| -> Vec<Option<f64>> {
+            single
+                .iter()
+                .map(|w| {
+                    r.pool
+                        .iter()
+                        .find(|p| p.routing == routing && p.concurrency == w.concurrency)
+                        .map(f)
+                })
+                .collect()
+        };
+    let shards = r.pool.first().map_or(0, |p| p.shards);
+    vec![
+        (
+            "commits".to_string(),
+            bar_chart(&Bars {
+                title: "Durable single-row upserts per second".into(),
+                y_label: "commits/s".into(),
+                groups: groups.clone(),
+                series: vec![
+                    (
+                        "WAL alone (1 log)".into(),
+                        single.iter().map(|w| Some(w.wal_appends_per_s)).collect(),
+                    ),
+                    (
+                        "1 shard".into(),
+                        single.iter().map(|w| Some(w.commits_per_s)).collect(),
+                    ),
+                    (
+                        format!("{shards} shards, local"),
+                        pool(Routing::Local, &|p| p.commits_per_s),
+                    ),
+                    (
+                        format!("{shards} shards, forwarded"),
+                        pool(Routing::Forwarded, &|p| p.commits_per_s),
+                    ),
+                ],
+            }),
+        ),
+        (
+            "p99".to_string(),
+            bar_chart(&Bars {
+                title: "Commit latency p99".into(),
+                y_label: "µs".into(),
+                groups,
+                series: vec![
+                    (
+                        "1 shard".into(),
+                        single
+                            .iter()
+                            .map(|w| Some(w.commit_p99_us as f64))
+                            .collect(),
+                    ),
+                    (
+                        format!("{shards} shards, local"),
+                        pool(Routing::Local, &|p| p.commit_p99_us as f64),
+                    ),
+                    (
+                        format!("{shards} shards, forwarded"),
+                        pool(Routing::Forwarded, &|p| p.commit_p99_us as f64),
+                    ),
+                ],
+            }),
+        ),
+    ]
 }

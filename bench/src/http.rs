@@ -19,7 +19,7 @@ use futures_lite::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use hdrhistogram::Histogram;
 use oc_io::SimRng;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::latency::{histogram, Percentiles};
@@ -53,8 +53,8 @@ const TENANT: &str = "bench-http";
 const TABLE: &str = "rows";
 const WARMUP: Duration = Duration::from_secs(2);
 
-#[derive(Serialize)]
-struct OpResult {
+#[derive(Serialize, Deserialize)]
+pub(crate) struct OpResult {
     requests: u64,
     errors: u64,
     p50_us: u64,
@@ -64,8 +64,8 @@ struct OpResult {
     max_us: u64,
 }
 
-#[derive(Serialize)]
-struct HttpReport {
+#[derive(Serialize, Deserialize)]
+pub(crate) struct HttpReport {
     url: String,
     offered_rate: u64,
     achieved_rate: f64,
@@ -363,15 +363,15 @@ pub fn run(args: HttpArgs) -> Result<()> {
             errors: r.errors.clone(),
         })
     })?;
-    if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
-    print!("{}", markdown(&report));
-    Ok(())
+    crate::report::write_outputs(
+        &report,
+        args.json.as_deref(),
+        markdown(&report),
+        svgs(&report),
+    )
 }
 
-fn markdown(r: &HttpReport) -> String {
+pub(crate) fn markdown(r: &HttpReport) -> String {
     let mut out = format!(
         "{} req/s offered ({} reads:writes), {:.0} req/s answered over {} s, {} connections, {} rows.\n\n",
         r.offered_rate, r.mix, r.achieved_rate, r.seconds, r.connections, r.rows
@@ -387,4 +387,27 @@ fn markdown(r: &HttpReport) -> String {
         out += &format!("\nerrors: {:?}\n", r.errors);
     }
     out
+}
+
+/// Chart: latency percentiles of reads and writes.
+pub(crate) fn svgs(r: &HttpReport) -> Vec<(String, String)> {
+    use crate::report::{bar_chart, Bars};
+    let values = |o: &OpResult| {
+        vec![o.p50_us, o.p95_us, o.p99_us, o.p999_us]
+            .into_iter()
+            .map(|v| Some(v as f64))
+            .collect()
+    };
+    vec![(
+        "latency".to_string(),
+        bar_chart(&Bars {
+            title: format!("{} req/s offered ({} reads:writes)", r.offered_rate, r.mix),
+            y_label: "µs from due time".into(),
+            groups: ["p50", "p95", "p99", "p999"].map(String::from).to_vec(),
+            series: vec![
+                ("point read".into(), values(&r.reads)),
+                ("single-row write".into(), values(&r.writes)),
+            ],
+        }),
+    )]
 }

@@ -5,8 +5,10 @@
 mod engine;
 mod http;
 mod latency;
+mod peers;
 mod pool;
 mod raw_disk;
+mod report;
 mod wal;
 
 use clap::{Parser, Subcommand};
@@ -30,6 +32,74 @@ enum Command {
     Engine(engine::EngineArgs),
     /// Open-loop HTTP load (fixed arrival rate) against a running oc-server.
     Http(http::HttpArgs),
+    /// The same durable-write workload on oc, SQLite, RocksDB (feature) and the raw disk.
+    Peers(peers::PeersArgs),
+    /// Re-render Markdown tables and SVG charts from a directory of JSON results.
+    Report(report::ReportArgs),
+    /// Run wal, engine and peers, then render the report (`--quick`: small sizes).
+    All(AllArgs),
+}
+
+#[derive(clap::Args)]
+struct AllArgs {
+    /// Directory on the file system to measure (not tmpfs).
+    #[arg(long)]
+    dir: std::path::PathBuf,
+    /// Where the JSON, Markdown and SVG results go.
+    #[arg(long, default_value = "docs/bench")]
+    out: std::path::PathBuf,
+    /// One second per phase and fewer concurrencies: the whole run in a few minutes.
+    #[arg(long)]
+    quick: bool,
+}
+
+fn run_all(args: AllArgs) -> anyhow::Result<()> {
+    let seconds = if args.quick { 1.0 } else { 5.0 };
+    std::fs::create_dir_all(&args.out)?;
+    let common = |name: &str| RunArgs {
+        dir: args.dir.join(name),
+        seconds,
+        json: Some(args.out.join(format!("{name}.json"))),
+    };
+    let started = std::time::Instant::now();
+    eprintln!("== oc-bench wal");
+    wal::run(wal::WalArgs {
+        common: common("wal"),
+        concurrency: if args.quick {
+            vec![1, 64]
+        } else {
+            vec![1, 16, 64, 256]
+        },
+    })?;
+    eprintln!(
+        "== oc-bench engine ({:.0} s so far)",
+        started.elapsed().as_secs_f64()
+    );
+    engine::run(engine::EngineArgs {
+        common: common("engine"),
+        concurrency: if args.quick {
+            vec![1, 64]
+        } else {
+            vec![1, 64, 256]
+        },
+        shards: None,
+    })?;
+    eprintln!(
+        "== oc-bench peers ({:.0} s so far)",
+        started.elapsed().as_secs_f64()
+    );
+    peers::run(peers::PeersArgs {
+        common: common("peers"),
+        concurrency: vec![1, 16, 64],
+    })?;
+    let rendered = report::render_dir(&args.out, &args.out)?;
+    eprintln!(
+        "== done in {:.0} s: {} rendered into {} (oc-bench http needs a running server and is not part of `all`)",
+        started.elapsed().as_secs_f64(),
+        rendered.join(", "),
+        args.out.display()
+    );
+    Ok(())
 }
 
 /// Flags every subcommand takes.
@@ -41,7 +111,7 @@ pub struct RunArgs {
     /// Seconds per measured phase.
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
-    /// Where to write the JSON results.
+    /// Where to write the JSON results (the Markdown table and SVG charts go beside it).
     #[arg(long)]
     json: Option<std::path::PathBuf>,
 }
@@ -51,5 +121,8 @@ fn main() -> anyhow::Result<()> {
         Command::Wal(args) => wal::run(args),
         Command::Engine(args) => engine::run(args),
         Command::Http(args) => http::run(args),
+        Command::Peers(args) => peers::run(args),
+        Command::Report(args) => report::run(args),
+        Command::All(args) => run_all(args),
     }
 }

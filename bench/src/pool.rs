@@ -12,21 +12,62 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use hdrhistogram::Histogram;
 use oc_engine::{
-    owner_shard, stop_all, EngineError, PoolConfig, ShardNode, ShardPool, ShardRouter, TenantId,
+    owner_shard, stop_all, ColumnType, EngineError, PoolConfig, ShardNode, ShardPool, ShardRouter,
+    TableSchema, TenantId, WriteOp,
 };
 use oc_io::SimRng;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::latency::{histogram, Percentiles};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Routing {
     Local,
     Forwarded,
 }
 
-#[derive(Serialize)]
+/// The rows a phase writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowShape {
+    /// `oc-bench engine`'s rows: a random int key and a 180-byte text body.
+    IntKey,
+    /// `oc-bench peers`' rows: 16 random bytes as the key (32 hex characters) and a
+    /// 200-byte value, as every peer writes them.
+    RandomKey16,
+}
+
+impl RowShape {
+    fn schema(self) -> Result<TableSchema, EngineError> {
+        match self {
+            RowShape::IntKey => crate::engine::rows_schema(),
+            RowShape::RandomKey16 => TableSchema::new(
+                "rows",
+                &[
+                    ("k", ColumnType::Text, false),
+                    ("v", ColumnType::Text, true),
+                ],
+                &["k"],
+                &[],
+            ),
+        }
+    }
+
+    fn row(self, rng: &mut SimRng) -> WriteOp {
+        match self {
+            RowShape::IntKey => crate::engine::row(rng.below(1 << 40)),
+            RowShape::RandomKey16 => {
+                let key = format!("{:016x}{:016x}", rng.below(u64::MAX), rng.below(u64::MAX));
+                let mut object = serde_json::Map::with_capacity(2);
+                object.insert("k".into(), serde_json::Value::String(key));
+                object.insert("v".into(), crate::peers::value_200().clone());
+                WriteOp::Upsert(object)
+            }
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
 pub struct PoolResult {
     pub shards: usize,
     pub routing: Routing,
@@ -56,6 +97,7 @@ struct ShardLoad {
 pub fn pool_phase(
     dir: &Path,
     shards: usize,
+    shape: RowShape,
     routing: Routing,
     concurrency: usize,
     warmup: Duration,
@@ -75,7 +117,8 @@ pub fn pool_phase(
     let (mut pool, _) = ShardPool::start(config, move |node, router| {
         let done = done_tx.clone();
         async move {
-            let outcome = drive_shard(node, router, routing, concurrency, start_at, phase).await;
+            let outcome =
+                drive_shard(node, router, shape, routing, concurrency, start_at, phase).await;
             let _ = done.send(outcome);
         }
     })?;
@@ -109,6 +152,7 @@ pub fn pool_phase(
 async fn drive_shard(
     node: Rc<ShardNode>,
     router: Rc<ShardRouter>,
+    shape: RowShape,
     routing: Routing,
     concurrency: usize,
     start_at: Instant,
@@ -125,10 +169,7 @@ async fn drive_shard(
         router
             .call(target_shard, move |owner: Rc<ShardNode>| async move {
                 owner.shard().create_tenant(&tenant).await?;
-                owner
-                    .shard()
-                    .create_table(&tenant, crate::engine::rows_schema()?)
-                    .await
+                owner.shard().create_table(&tenant, shape.schema()?).await
             })
             .await??;
     }
@@ -153,7 +194,7 @@ async fn drive_shard(
         tasks.push(glommio::spawn_local(async move {
             let mut rng = SimRng::new(seed);
             while !stop.get() {
-                let ops = vec![crate::engine::row(rng.below(1 << 40))];
+                let ops = vec![shape.row(&mut rng)];
                 let tenant = tenant.clone();
                 let began = Instant::now();
                 let outcome = router

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use hdrhistogram::Histogram;
 use oc_io::{DmaStorage, Lsn, RecordKind, Wal, WalConfig};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::latency::{histogram, Percentiles};
 use crate::raw_disk;
@@ -28,14 +28,14 @@ const LARGE_RECORD_WRITERS: usize = 8;
 #[derive(clap::Args)]
 pub struct WalArgs {
     #[command(flatten)]
-    common: crate::RunArgs,
+    pub(crate) common: crate::RunArgs,
     /// Appender concurrencies for the small-record phase.
     #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
-    concurrency: Vec<usize>,
+    pub(crate) concurrency: Vec<usize>,
 }
 
-#[derive(Serialize)]
-struct ConcurrencyResult {
+#[derive(Serialize, Deserialize)]
+pub(crate) struct ConcurrencyResult {
     concurrency: usize,
     appends_per_s: f64,
     lag_p50_us: u64,
@@ -49,8 +49,8 @@ struct ConcurrencyResult {
     spares: SpareCounts,
 }
 
-#[derive(Serialize)]
-struct WalReport {
+#[derive(Serialize, Deserialize)]
+pub(crate) struct WalReport {
     machine: Machine,
     seconds_per_phase: f64,
     raw_seq_mb_s: f64,
@@ -71,21 +71,21 @@ struct WalReport {
     steady_state: SteadyReport,
 }
 
-#[derive(Serialize)]
-struct SteadyReport {
+#[derive(Serialize, Deserialize)]
+pub(crate) struct SteadyReport {
     wal_seq_mb_s: f64,
     wal_seq_spares: SpareCounts,
     small_appends: Vec<ConcurrencyResult>,
 }
 
-#[derive(Serialize)]
-struct Machine {
-    cores: usize,
-    kernel: String,
-    file_system: String,
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Machine {
+    pub(crate) cores: usize,
+    pub(crate) kernel: String,
+    pub(crate) file_system: String,
 }
 
-fn machine(dir: &Path) -> Machine {
+pub(crate) fn machine(dir: &Path) -> Machine {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_string())
         .unwrap_or_default();
@@ -220,12 +220,12 @@ pub fn run(args: WalArgs) -> Result<()> {
         },
         fresh_wal_seq_spares: fresh.wal_seq_spares,
     };
-    if let Some(path) = &args.common.json {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
-    print!("{}", markdown(&report));
-    Ok(())
+    crate::report::write_outputs(
+        &report,
+        args.common.json.as_deref(),
+        markdown(&report),
+        svgs(&report),
+    )
 }
 
 /// How segments are provided during a WAL phase.
@@ -248,13 +248,13 @@ impl Mode {
 }
 
 /// Spares made during a measured phase.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
-struct SpareCounts {
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub(crate) struct SpareCounts {
     zero_filled: u64,
     recycled: u64,
 }
 
-struct ModeReport {
+pub(crate) struct ModeReport {
     wal_seq_mb_s: f64,
     wal_seq_spares: SpareCounts,
     small_appends: Vec<ConcurrencyResult>,
@@ -400,7 +400,7 @@ impl Load {
     }
 }
 
-fn markdown(r: &WalReport) -> String {
+pub(crate) fn markdown(r: &WalReport) -> String {
     let mut out = format!(
         "Machine: {} cores, kernel {}, {}; {} s per phase.\n\n",
         r.machine.cores, r.machine.kernel, r.machine.file_system, r.seconds_per_phase
@@ -451,4 +451,57 @@ fn markdown(r: &WalReport) -> String {
         }
     }
     out
+}
+
+/// Charts: durable small appends/s and their p99, per appender count.
+pub(crate) fn svgs(r: &WalReport) -> Vec<(String, String)> {
+    use crate::report::{bar_chart, Bars};
+    let groups: Vec<String> = r
+        .small_appends
+        .iter()
+        .map(|c| format!("{} appenders", c.concurrency))
+        .collect();
+    let series = |f: &dyn Fn(&ConcurrencyResult) -> f64| {
+        vec![
+            (
+                "WAL, fresh log".to_string(),
+                r.small_appends.iter().map(|c| Some(f(c))).collect(),
+            ),
+            (
+                "WAL, steady state".to_string(),
+                r.steady_state
+                    .small_appends
+                    .iter()
+                    .map(|c| Some(f(c)))
+                    .collect(),
+            ),
+        ]
+    };
+    let mut throughput = series(&|c| c.appends_per_s);
+    throughput.push((
+        "raw 4 KiB write+fdatasync".to_string(),
+        (0..groups.len())
+            .map(|i| (i == 0).then_some(r.raw_fsync_per_s))
+            .collect(),
+    ));
+    vec![
+        (
+            "appends".to_string(),
+            bar_chart(&Bars {
+                title: "Durable 256-byte appends per second".into(),
+                y_label: "appends/s".into(),
+                groups: groups.clone(),
+                series: throughput,
+            }),
+        ),
+        (
+            "p99".to_string(),
+            bar_chart(&Bars {
+                title: "Append to durable, p99".into(),
+                y_label: "µs".into(),
+                groups,
+                series: series(&|c| c.lag_p99_us as f64),
+            }),
+        ),
+    ]
 }

@@ -1,0 +1,309 @@
+//! Reports: every subcommand's JSON rendered as a Markdown table and SVG charts, and
+//! `oc-bench report`, which re-renders a directory of results.
+//!
+//! The charts are grouped bar charts written as plain SVG here. A plotting crate would
+//! need a font stack (ttf or ab_glyph plus a font file) only to measure label widths;
+//! the charts need bars, axis ticks and a legend, which are a few dozen lines of SVG.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// A grouped bar chart: `groups` along the x axis, one bar per series in each group.
+pub struct Bars {
+    pub title: String,
+    pub y_label: String,
+    pub groups: Vec<String>,
+    /// (series name, one value per group; `None` draws no bar).
+    pub series: Vec<(String, Vec<Option<f64>>)>,
+}
+
+const PALETTE: [&str; 6] = [
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
+];
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// A round axis maximum at or above `max` (1, 2 or 5 times a power of ten).
+fn nice_max(max: f64) -> f64 {
+    if max <= 0.0 || !max.is_finite() {
+        return 1.0;
+    }
+    let power = 10f64.powf(max.log10().floor());
+    [1.0, 2.0, 5.0, 10.0]
+        .into_iter()
+        .map(|m| m * power)
+        .find(|&v| v >= max)
+        .unwrap_or(10.0 * power)
+}
+
+fn format_tick(v: f64) -> String {
+    if v >= 1e6 {
+        format!("{:.1}M", v / 1e6)
+    } else if v >= 1e3 {
+        format!("{:.0}k", v / 1e3)
+    } else {
+        format!("{v:.0}")
+    }
+}
+
+/// The chart as an SVG document.
+pub fn bar_chart(chart: &Bars) -> String {
+    let (width, height) = (760.0, 420.0);
+    let (left, right, top, bottom) = (80.0, 200.0, 50.0, 60.0);
+    let plot_w = width - left - right;
+    let plot_h = height - top - bottom;
+    let max = chart
+        .series
+        .iter()
+        .flat_map(|(_, values)| values.iter().flatten())
+        .fold(0.0f64, |m, &v| m.max(v));
+    let y_max = nice_max(max);
+    let y = |v: f64| top + plot_h * (1.0 - v / y_max);
+    let mut svg = String::new();
+    let _ = write!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = write!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = write!(
+        svg,
+        r#"<text x="{}" y="24" font-size="15" text-anchor="middle">{}</text>"#,
+        left + plot_w / 2.0,
+        escape(&chart.title)
+    );
+    for i in 0..=5 {
+        let v = y_max * f64::from(i) / 5.0;
+        let yv = y(v);
+        let _ = write!(
+            svg,
+            r##"<line x1="{left}" x2="{}" y1="{yv:.1}" y2="{yv:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
+            left + plot_w,
+            left - 6.0,
+            yv + 4.0,
+            format_tick(v),
+        );
+    }
+    let _ = write!(
+        svg,
+        r#"<text transform="translate(18,{}) rotate(-90)" text-anchor="middle">{}</text>"#,
+        top + plot_h / 2.0,
+        escape(&chart.y_label)
+    );
+    let group_w = plot_w / chart.groups.len().max(1) as f64;
+    let bar_w = group_w * 0.8 / chart.series.len().max(1) as f64;
+    for (g, group) in chart.groups.iter().enumerate() {
+        let x0 = left + group_w * g as f64 + group_w * 0.1;
+        for (s, (_, values)) in chart.series.iter().enumerate() {
+            if let Some(Some(v)) = values.get(g) {
+                let x = x0 + bar_w * s as f64;
+                let _ = write!(
+                    svg,
+                    r#"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{}"><title>{}</title></rect>"#,
+                    y(*v),
+                    bar_w * 0.95,
+                    (top + plot_h - y(*v)).max(0.0),
+                    PALETTE[s % PALETTE.len()],
+                    escape(&format!("{}: {v:.0}", chart.series[s].0))
+                );
+            }
+        }
+        let _ = write!(
+            svg,
+            r#"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"#,
+            left + group_w * (g as f64 + 0.5),
+            top + plot_h + 20.0,
+            escape(group)
+        );
+    }
+    let _ = write!(
+        svg,
+        r##"<line x1="{left}" x2="{left}" y1="{top}" y2="{}" stroke="#333"/><line x1="{left}" x2="{}" y1="{}" y2="{}" stroke="#333"/>"##,
+        top + plot_h,
+        left + plot_w,
+        top + plot_h,
+        top + plot_h
+    );
+    for (s, (name, _)) in chart.series.iter().enumerate() {
+        let ly = top + 10.0 + 20.0 * s as f64;
+        let lx = left + plot_w + 16.0;
+        let _ = write!(
+            svg,
+            r#"<rect x="{lx}" y="{}" width="12" height="12" fill="{}"/><text x="{}" y="{ly}">{}</text>"#,
+            ly - 10.0,
+            PALETTE[s % PALETTE.len()],
+            lx + 18.0,
+            escape(name)
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+/// Prints the Markdown; with a JSON path, writes the JSON there and the Markdown and
+/// charts beside it (`<stem>.md`, `<stem>-<chart>.svg`).
+pub fn write_outputs<R: Serialize>(
+    report: &R,
+    json: Option<&Path>,
+    markdown: String,
+    svgs: Vec<(String, String)>,
+) -> Result<()> {
+    print!("{markdown}");
+    let Some(json) = json else {
+        return Ok(());
+    };
+    let dir = json.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::write(json, serde_json::to_string_pretty(report)?)
+        .with_context(|| format!("writing {}", json.display()))?;
+    let stem = json
+        .file_stem()
+        .map_or_else(|| "report".into(), |s| s.to_string_lossy().into_owned());
+    write_rendered(dir, &stem, &markdown, &svgs)
+}
+
+fn write_rendered(dir: &Path, stem: &str, markdown: &str, svgs: &[(String, String)]) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let md = dir.join(format!("{stem}.md"));
+    std::fs::write(&md, markdown).with_context(|| format!("writing {}", md.display()))?;
+    for (chart, svg) in svgs {
+        let path = dir.join(format!("{stem}-{chart}.svg"));
+        std::fs::write(&path, svg).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct ReportArgs {
+    /// Directory holding results (`wal.json`, `engine.json`, `peers.json`, `http.json`).
+    #[arg(long = "in")]
+    input: PathBuf,
+    /// Directory for the Markdown tables and SVG charts.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn load<R: DeserializeOwned>(path: &Path) -> Result<Option<R>> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .with_context(|| format!("{} is not a result this oc-bench can read", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// Renders every known result file in `input` into `out`; returns what it rendered.
+pub fn render_dir(input: &Path, out: &Path) -> Result<Vec<String>> {
+    let mut rendered = Vec::new();
+    if let Some(r) = load::<crate::wal::WalReport>(&input.join("wal.json"))? {
+        write_rendered(out, "wal", &crate::wal::markdown(&r), &crate::wal::svgs(&r))?;
+        rendered.push("wal".to_string());
+    }
+    if let Some(r) = load::<crate::engine::EngineReport>(&input.join("engine.json"))? {
+        write_rendered(
+            out,
+            "engine",
+            &crate::engine::markdown(&r),
+            &crate::engine::svgs(&r),
+        )?;
+        rendered.push("engine".to_string());
+    }
+    if let Some(r) = load::<crate::peers::PeersReport>(&input.join("peers.json"))? {
+        write_rendered(
+            out,
+            "peers",
+            &crate::peers::markdown(&r),
+            &crate::peers::svgs(&r),
+        )?;
+        rendered.push("peers".to_string());
+    }
+    if let Some(r) = load::<crate::http::HttpReport>(&input.join("http.json"))? {
+        write_rendered(
+            out,
+            "http",
+            &crate::http::markdown(&r),
+            &crate::http::svgs(&r),
+        )?;
+        rendered.push("http".to_string());
+    }
+    Ok(rendered)
+}
+
+pub fn run(args: ReportArgs) -> Result<()> {
+    let rendered = render_dir(&args.input, &args.out)?;
+    if rendered.is_empty() {
+        anyhow::bail!(
+            "{} holds none of wal.json, engine.json, peers.json, http.json",
+            args.input.display()
+        );
+    }
+    eprintln!(
+        "rendered {} into {}",
+        rendered.join(", "),
+        args.out.display()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_committed_results_still_load_and_render() {
+        let committed = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/bench");
+        let out = std::env::temp_dir().join(format!("oc-bench-report-{}", std::process::id()));
+        let rendered = render_dir(&committed, &out).expect("renders");
+        for name in ["wal", "engine", "http"] {
+            assert!(
+                rendered.iter().any(|r| r == name),
+                "{name} not rendered: {rendered:?}"
+            );
+            let md = std::fs::read_to_string(out.join(format!("{name}.md"))).expect("markdown");
+            assert!(md.contains("|---"), "{name}.md has a table");
+        }
+        let charts = std::fs::read_dir(&out)
+            .expect("out dir")
+            .filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "svg"))
+            })
+            .count();
+        assert!(charts >= 5, "{charts} charts");
+        let _ = std::fs::remove_dir_all(&out);
+    }
+
+    #[test]
+    fn axis_maxima_are_round_and_cover_the_data() {
+        assert_eq!(nice_max(0.0), 1.0);
+        assert_eq!(nice_max(7.0), 10.0);
+        assert_eq!(nice_max(120.0), 200.0);
+        assert_eq!(nice_max(5000.0), 5000.0);
+        assert_eq!(nice_max(50001.0), 100000.0);
+    }
+
+    #[test]
+    fn a_chart_has_one_bar_per_present_value_and_a_legend_entry_per_series() {
+        let svg = bar_chart(&Bars {
+            title: "writes <durable>".into(),
+            y_label: "writes/s".into(),
+            groups: vec!["1".into(), "64".into()],
+            series: vec![
+                ("oc".into(), vec![Some(10.0), Some(200.0)]),
+                ("sqlite".into(), vec![Some(5.0), None]),
+            ],
+        });
+        assert_eq!(svg.matches("<title>").count(), 3);
+        assert!(svg.contains("writes &lt;durable&gt;"));
+        assert!(svg.contains(">oc</text>") && svg.contains(">sqlite</text>"));
+        assert!(svg.starts_with("<svg") && svg.ends_with("</svg>\n"));
+    }
+}
