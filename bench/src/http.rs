@@ -28,25 +28,25 @@ use crate::latency::{histogram, Percentiles};
 pub struct HttpArgs {
     /// Base URL of the data API, e.g. `http://127.0.0.1:7070`.
     #[arg(long)]
-    url: String,
+    pub(crate) url: String,
     /// Requests per second to offer.
     #[arg(long, default_value_t = 10_000)]
-    rate: u64,
+    pub(crate) rate: u64,
     /// Seconds of measured load (after a warm-up of 2 s at the same rate).
     #[arg(long, default_value_t = 10.0)]
-    seconds: f64,
+    pub(crate) seconds: f64,
     /// Reads:writes, e.g. `90:10`.
     #[arg(long, default_value = "90:10")]
-    mix: String,
+    pub(crate) mix: String,
     /// Keep-alive connections.
     #[arg(long, default_value_t = 64)]
-    connections: usize,
+    pub(crate) connections: usize,
     /// Rows preloaded (reads hit them; writes upsert over them).
     #[arg(long, default_value_t = 100_000)]
-    rows: u64,
+    pub(crate) rows: u64,
     /// Where to write the JSON results.
     #[arg(long)]
-    json: Option<std::path::PathBuf>,
+    pub(crate) json: Option<std::path::PathBuf>,
 }
 
 const TENANT: &str = "bench-http";

@@ -9,6 +9,7 @@ mod peers;
 mod pool;
 mod raw_disk;
 mod report;
+mod server;
 mod wal;
 
 use clap::{Parser, Subcommand};
@@ -36,7 +37,8 @@ enum Command {
     Peers(peers::PeersArgs),
     /// Re-render Markdown tables and SVG charts from a directory of JSON results.
     Report(report::ReportArgs),
-    /// Run wal, engine and peers, then render the report (`--quick`: small sizes).
+    /// Run wal, engine, peers and http (against an oc-server it starts), then render
+    /// the report (`--quick`: small sizes, a few minutes).
     All(AllArgs),
 }
 
@@ -92,9 +94,29 @@ fn run_all(args: AllArgs) -> anyhow::Result<()> {
         common: common("peers"),
         concurrency: vec![1, 16, 64],
     })?;
+    eprintln!(
+        "== oc-bench http ({:.0} s so far)",
+        started.elapsed().as_secs_f64()
+    );
+    match server::Spawned::start(&args.dir.join("http-data"))? {
+        Some(server) => {
+            let outcome = http::run(http::HttpArgs {
+                url: server.url.clone(),
+                rate: if args.quick { 2_000 } else { 10_000 },
+                seconds: if args.quick { 3.0 } else { 10.0 },
+                mix: "90:10".into(),
+                connections: 64,
+                rows: if args.quick { 10_000 } else { 100_000 },
+                json: Some(args.out.join("http.json")),
+            });
+            server.stop()?;
+            outcome?;
+        }
+        None => eprintln!("no oc-server next to oc-bench: skipping http (build it with `cargo build --release --bin oc-server`)"),
+    }
     let rendered = report::render_dir(&args.out, &args.out)?;
     eprintln!(
-        "== done in {:.0} s: {} rendered into {} (oc-bench http needs a running server and is not part of `all`)",
+        "== done in {:.0} s: {} rendered into {}",
         started.elapsed().as_secs_f64(),
         rendered.join(", "),
         args.out.display()

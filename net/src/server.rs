@@ -3,6 +3,7 @@
 //! serving; on SIGTERM/SIGINT a drain within the grace period, every log made
 //! durable, and exit 0.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -119,8 +120,13 @@ pub fn run(config: ServerConfig) -> Result<()> {
         .recv()
         .map_err(|_| anyhow!("the control executor stopped"))?;
     let scheme = if settings_tls { "https" } else { "http" };
-    println!("oc-server: api listening on {api_addr} ({scheme})");
-    println!("oc-server: ops listening on {ops_addr}");
+    // A closed stdout (a script that read the first line and left) must not stop the
+    // server: write errors are ignored.
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "oc-server: api listening on {api_addr} ({scheme})");
+    let _ = writeln!(stdout, "oc-server: ops listening on {ops_addr}");
+    let _ = stdout.flush();
+    drop(stdout);
     tracing::info!(%api_addr, %ops_addr, shards, "serving");
 
     let control_outcome = control

@@ -1,0 +1,67 @@
+//! Starting the `oc-server` binary that sits next to `oc-bench` (same build), for
+//! `oc-bench all`'s HTTP phase.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+
+pub struct Spawned {
+    child: Child,
+    pub url: String,
+}
+
+impl Spawned {
+    /// Starts `oc-server` on a kernel-chosen loopback port with a fresh data dir, or
+    /// returns `None` when no `oc-server` binary sits next to this one.
+    pub fn start(data_dir: &Path) -> Result<Option<Spawned>> {
+        let exe = std::env::current_exe().context("locating oc-bench")?;
+        let server = exe.with_file_name("oc-server");
+        if !server.exists() {
+            return Ok(None);
+        }
+        if data_dir.exists() {
+            std::fs::remove_dir_all(data_dir)
+                .with_context(|| format!("clearing {}", data_dir.display()))?;
+        }
+        let mut child = Command::new(&server)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--listen", "127.0.0.1:0", "--ops-listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", server.display()))?;
+        let stdout = child.stdout.take().context("piped stdout")?;
+        // A thread reads stdout to its end, so the server never writes into a closed pipe.
+        let (url_tx, url_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(rest) = line.strip_prefix("oc-server: api listening on ") {
+                    let addr = rest.split_whitespace().next().unwrap_or(rest);
+                    let _ = url_tx.send(format!("http://{addr}"));
+                }
+            }
+        });
+        match url_rx.recv_timeout(std::time::Duration::from_secs(60)) {
+            Ok(url) => Ok(Some(Spawned { child, url })),
+            Err(_) => {
+                let _ = child.kill();
+                let status = child.wait()?;
+                bail!("oc-server ({status}) did not listen within 60 s")
+            }
+        }
+    }
+
+    /// SIGTERM and wait: the server drains and exits 0.
+    pub fn stop(mut self) -> Result<()> {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait()?;
+        if !status.success() {
+            bail!("oc-server exited with {status} on SIGTERM");
+        }
+        Ok(())
+    }
+}
