@@ -103,18 +103,7 @@ fn first_session_writes_reads_and_survives_a_clean_restart() {
 fn bad_input_gets_the_documented_error_and_the_server_keeps_serving() {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = Server::start(&dir.path().join("data"), &["--max-body-bytes", "4096"]);
-    assert_eq!(
-        server
-            .post("/v1/tenants", &json!({"tenant": "acme"}))
-            .status,
-        201
-    );
-    assert_eq!(
-        server
-            .post("/v1/tenants/acme/tables", &items_table())
-            .status,
-        201
-    );
+    server.create_tenant_with_items("acme");
     let rows = "/v1/tenants/acme/tables/items/rows";
 
     assert_error(&server.post_raw(rows, "{\"ops\": [ {"), 400, "invalid_json");

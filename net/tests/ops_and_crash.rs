@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{items_table, Server};
+use common::Server;
 use serde_json::{json, Value};
 
 /// Metric names fixed by the operating documents, whose unit suffix promtool's style
@@ -90,18 +90,7 @@ fn health_ready_and_a_scrape_promtool_accepts() {
     let (status, _) = server.ops_get("/nope");
     assert_eq!(status, 404);
 
-    assert_eq!(
-        server
-            .post("/v1/tenants", &json!({"tenant": "acme"}))
-            .status,
-        201
-    );
-    assert_eq!(
-        server
-            .post("/v1/tenants/acme/tables", &items_table())
-            .status,
-        201
-    );
+    server.create_tenant_with_items("acme");
     for id in 0..20 {
         let row = json!({"ops": [{"upsert": {"id": id, "name": "x"}}]});
         assert_eq!(
@@ -142,16 +131,7 @@ fn kill_9_at_random_moments_loses_no_acknowledged_write_and_no_batch_is_half_app
     let server = Server::start(&data, &args);
     let tenants = ["alpha", "beta", "gamma", "delta"];
     for t in tenants {
-        assert_eq!(
-            server.post("/v1/tenants", &json!({"tenant": t})).status,
-            201
-        );
-        assert_eq!(
-            server
-                .post(&format!("/v1/tenants/{t}/tables"), &items_table())
-                .status,
-            201
-        );
+        server.create_tenant_with_items(t);
     }
     // tenant → batches acknowledged with 2xx.
     let acked: Arc<Mutex<BTreeMap<String, Vec<u64>>>> = Arc::default();

@@ -8,7 +8,7 @@ use std::rc::Rc;
 
 use hyper::StatusCode;
 use oc_ship::engine::{
-    owner_of, ColumnType, ShardNode, ShardRouter, TableSchema, TenantId, WriteOp,
+    owner_of, ColumnType, ShardNode, ShardRouter, Table, TableSchema, TenantId, WriteOp,
 };
 use serde::Deserialize;
 use serde_json::{json, Map, Value as Json};
@@ -284,21 +284,22 @@ pub async fn drop_table(
     .await
 }
 
+/// A table's schema and usage, as list and describe answer it.
+fn describe(table: &Table) -> Json {
+    let usage = table.usage();
+    json!({
+        "schema": table.schema().to_json(),
+        "rows": usage.rows,
+        "bytes": usage.bytes,
+        "vectors": usage.vectors,
+    })
+}
+
 pub async fn list_tables(router: &ShardRouter, tenant: TenantId, access: &Access) -> Answer {
     on_owner(router, access, tenant, |node, tenant| async move {
-        let tables = node.shard().read(&tenant, |t| {
-            t.tables()
-                .map(|table| {
-                    let usage = table.usage();
-                    json!({
-                        "schema": table.schema().to_json(),
-                        "rows": usage.rows,
-                        "bytes": usage.bytes,
-                        "vectors": usage.vectors,
-                    })
-                })
-                .collect::<Vec<_>>()
-        })?;
+        let tables = node
+            .shard()
+            .read(&tenant, |t| t.tables().map(describe).collect::<Vec<_>>())?;
         Ok((StatusCode::OK, json!({"tables": tables})))
     })
     .await
@@ -311,17 +312,9 @@ pub async fn describe_table(
     access: &Access,
 ) -> Answer {
     on_owner(router, access, tenant, |node, tenant| async move {
-        let described = node.shard().read(&tenant, |t| {
-            t.table(&table).map(|table| {
-                let usage = table.usage();
-                json!({
-                    "schema": table.schema().to_json(),
-                    "rows": usage.rows,
-                    "bytes": usage.bytes,
-                    "vectors": usage.vectors,
-                })
-            })
-        })??;
+        let described = node
+            .shard()
+            .read(&tenant, |t| t.table(&table).map(describe))??;
         Ok((StatusCode::OK, described))
     })
     .await

@@ -136,6 +136,14 @@ impl Server {
         request("POST", &format!("{}{path}", self.api), Some(body))
     }
 
+    /// Creates `tenant` with the items table (see [`items_table`]).
+    pub fn create_tenant_with_items(&self, tenant: &str) {
+        let created = self.post("/v1/tenants", &serde_json::json!({"tenant": tenant}));
+        assert_eq!(created.status, 201, "{created:?}");
+        let table = self.post(&format!("/v1/tenants/{tenant}/tables"), &items_table());
+        assert_eq!(table.status, 201, "{table:?}");
+    }
+
     pub fn ops_get(&self, path: &str) -> (u16, String) {
         let agent = ureq::AgentBuilder::new()
             .timeout(Duration::from_secs(30))
