@@ -16,7 +16,7 @@
 //! - the raw disk: one 4 KiB O_DIRECT write + fdatasync per operation, one at a time.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -105,12 +105,13 @@ where
 {
     let stop = AtomicBool::new(false);
     let measuring = AtomicBool::new(false);
+    let progress = AtomicU64::new(0);
     let value = vec![b'v'; VALUE_BYTES];
     std::thread::scope(|scope| {
         let threads: Vec<_> = (0..concurrency)
             .map(|t| {
-                let (stop, measuring, open, write, value) =
-                    (&stop, &measuring, &open, &write, &value);
+                let (stop, measuring, open, write, value, progress) =
+                    (&stop, &measuring, &open, &write, &value, &progress);
                 scope.spawn(move || -> Result<(u64, Histogram<u64>)> {
                     let mut state = open()?;
                     let mut rng = SimRng::new(t as u64 + 1);
@@ -125,6 +126,7 @@ where
                         if measuring.load(Ordering::Relaxed) {
                             h.saturating_record(began.elapsed().as_micros() as u64);
                             writes += 1;
+                            progress.fetch_add(1, Ordering::Relaxed);
                         }
                     }
                     Ok((writes, h))
@@ -134,7 +136,14 @@ where
         std::thread::sleep(warmup);
         measuring.store(true, Ordering::SeqCst);
         let started = Instant::now();
-        std::thread::sleep(duration);
+        let mut last = (started, 0u64);
+        while started.elapsed() < duration {
+            std::thread::sleep((duration - started.elapsed()).min(Duration::from_secs(1)));
+            let now = (Instant::now(), progress.load(Ordering::Relaxed));
+            let rate = (now.1 - last.1) as f64 / now.0.duration_since(last.0).as_secs_f64();
+            eprintln!("  [{concurrency:>4} writers] {rate:>9.0} writes/s");
+            last = now;
+        }
         measuring.store(false, Ordering::SeqCst);
         let elapsed = started.elapsed();
         stop.store(true, Ordering::SeqCst);

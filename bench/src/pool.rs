@@ -6,7 +6,8 @@
 use std::cell::{Cell, RefCell};
 use std::path::Path;
 use std::rc::Rc;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -114,21 +115,45 @@ pub fn pool_phase(
     };
     // Every shard starts measuring at the same instant, after set-up and warm-up.
     let start_at = Instant::now() + Duration::from_secs(1) + warmup;
+    // Commits so far, for the progress line (the bench's own counter, not the engine's).
+    let progress = Arc::new(AtomicU64::new(0));
+    let counted = progress.clone();
     let (mut pool, _) = ShardPool::start(config, move |node, router| {
         let done = done_tx.clone();
+        let counted = counted.clone();
         async move {
-            let outcome =
-                drive_shard(node, router, shape, routing, concurrency, start_at, phase).await;
+            let outcome = drive_shard(
+                node,
+                router,
+                shape,
+                routing,
+                concurrency,
+                (start_at, phase),
+                counted,
+            )
+            .await;
             let _ = done.send(outcome);
         }
     })?;
     let mut commits = 0;
     let mut overloaded = 0;
     let mut latency = histogram();
-    for _ in 0..shards {
-        let load = done_rx
-            .recv_timeout(phase + warmup + Duration::from_secs(60))
-            .context("a shard never reported its load")??;
+    let deadline = Instant::now() + phase + warmup + Duration::from_secs(60);
+    let mut reported = 0;
+    let mut last = (Instant::now(), 0u64);
+    while reported < shards {
+        let load = match done_rx.recv_timeout(Duration::from_secs(1)) {
+            Ok(load) => load?,
+            Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() < deadline => {
+                let now = (Instant::now(), progress.load(Ordering::Relaxed));
+                let rate = (now.1 - last.1) as f64 / now.0.duration_since(last.0).as_secs_f64();
+                eprintln!("  [{concurrency:>4} writers, {routing:?}] {rate:>9.0} commits/s");
+                last = now;
+                continue;
+            }
+            Err(_) => anyhow::bail!("a shard never reported its load"),
+        };
+        reported += 1;
         commits += load.commits;
         overloaded += load.overloaded;
         latency.add(&load.latency)?;
@@ -155,8 +180,8 @@ async fn drive_shard(
     shape: RowShape,
     routing: Routing,
     concurrency: usize,
-    start_at: Instant,
-    phase: Duration,
+    (start_at, phase): (Instant, Duration),
+    counted: Arc<AtomicU64>,
 ) -> Result<ShardLoad, EngineError> {
     let shards = router.shards();
     let target_shard = match routing {
@@ -183,6 +208,7 @@ async fn drive_shard(
     }));
     let mut tasks = Vec::new();
     for w in 0..writers {
+        let counted = counted.clone();
         let (router, tenant, measuring, stop, load) = (
             router.clone(),
             tenant.clone(),
@@ -210,6 +236,7 @@ async fn drive_shard(
                     Ok(written) => {
                         written?;
                         load.commits += 1;
+                        counted.fetch_add(1, Ordering::Relaxed);
                         load.latency
                             .saturating_record(began.elapsed().as_micros() as u64);
                     }
