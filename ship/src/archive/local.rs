@@ -1,0 +1,299 @@
+//! The local-directory archive: one file per key under a root directory. Every write
+//! goes to a temporary file in `<root>/.tmp/`, is fsynced, and is then renamed (plain
+//! put) or hard-linked (put-if-absent, which the file system makes atomic) into place,
+//! and the parent directory is fsynced: a crash leaves the old object or the new one,
+//! never a mix. Version checks are serialised by a lock inside this process, which
+//! suffices because one archive directory has one writer process (the lease issue adds
+//! the cross-process fencing).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::{check_key, envelope, Archive, ArchiveError, Condition, Version};
+
+const TMP_DIR: &str = ".tmp";
+
+pub struct LocalDirArchive {
+    root: PathBuf,
+    conditional: Mutex<()>,
+    next_tmp: AtomicU64,
+}
+
+fn io(key: &str) -> impl Fn(std::io::Error) -> ArchiveError + '_ {
+    move |e| ArchiveError::Io {
+        key: key.to_string(),
+        source: Arc::new(e),
+    }
+}
+
+fn version_of(sealed: &[u8]) -> Version {
+    Version(format!("{:08x}-{}", crc32c::crc32c(sealed), sealed.len()))
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl LocalDirArchive {
+    /// Opens (creating if needed) the archive rooted at `root`, and clears temporary
+    /// files a crash may have left.
+    pub fn open(root: impl AsRef<Path>) -> Result<Self, ArchiveError> {
+        let root = root.as_ref().to_path_buf();
+        let tmp = root.join(TMP_DIR);
+        let label = root.display().to_string();
+        fs::create_dir_all(&tmp).map_err(io(&label))?;
+        for entry in fs::read_dir(&tmp).map_err(io(&label))? {
+            let entry = entry.map_err(io(&label))?;
+            fs::remove_file(entry.path()).map_err(io(&label))?;
+        }
+        Ok(LocalDirArchive {
+            root,
+            conditional: Mutex::new(()),
+            next_tmp: AtomicU64::new(0),
+        })
+    }
+
+    fn path(&self, key: &str) -> Result<PathBuf, ArchiveError> {
+        check_key(key)?;
+        Ok(self.root.join(key))
+    }
+
+    /// Writes the sealed object to a synced temporary file.
+    fn stage(&self, key: &str, sealed: &[u8]) -> Result<PathBuf, ArchiveError> {
+        let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
+        let tmp = self
+            .root
+            .join(TMP_DIR)
+            .join(format!("{}-{n}", std::process::id()));
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(io(key))?;
+        file.write_all(sealed).map_err(io(key))?;
+        file.sync_all().map_err(io(key))?;
+        Ok(tmp)
+    }
+
+    /// Creates the directories down to `dir`, syncing each new entry into its parent
+    /// so a crash cannot lose a directory holding an acknowledged object.
+    fn make_dirs(&self, dir: &Path) -> std::io::Result<()> {
+        let Ok(relative) = dir.strip_prefix(&self.root) else {
+            return Ok(());
+        };
+        let mut at = self.root.clone();
+        for part in relative.components() {
+            let parent = at.clone();
+            at.push(part);
+            match fs::create_dir(&at) {
+                Ok(()) => sync_dir(&parent)?,
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn current_version(&self, key: &str, path: &Path) -> Result<Option<Version>, ArchiveError> {
+        match fs::read(path) {
+            Ok(bytes) => Ok(Some(version_of(&bytes))),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io(key)(e)),
+        }
+    }
+}
+
+impl Archive for LocalDirArchive {
+    fn put(
+        &self,
+        key: &str,
+        payload: &[u8],
+        condition: &Condition,
+    ) -> Result<Version, ArchiveError> {
+        let path = self.path(key)?;
+        let parent = path.parent().expect("keys are below the root");
+        self.make_dirs(parent).map_err(io(key))?;
+        let sealed = envelope::seal(payload);
+        let version = version_of(&sealed);
+        let tmp = self.stage(key, &sealed)?;
+        let placed = match condition {
+            Condition::IfAbsent => match fs::hard_link(&tmp, &path) {
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+                    Err(ArchiveError::PreconditionFailed {
+                        key: key.to_string(),
+                        why: "an object already exists".into(),
+                    })
+                }
+                other => other.map_err(io(key)),
+            },
+            Condition::Always => fs::rename(&tmp, &path).map_err(io(key)),
+            Condition::IfVersion(expected) => {
+                let _serialised = self.conditional.lock().unwrap_or_else(|p| p.into_inner());
+                match self.current_version(key, &path)? {
+                    Some(current) if &current == expected => {
+                        fs::rename(&tmp, &path).map_err(io(key))
+                    }
+                    current => Err(ArchiveError::PreconditionFailed {
+                        key: key.to_string(),
+                        why: format!("expected version {}, found {current:?}", expected.0),
+                    }),
+                }
+            }
+        };
+        let _ = fs::remove_file(&tmp); // already renamed away, or linked, or refused
+        placed?;
+        sync_dir(parent).map_err(io(key))?;
+        Ok(version)
+    }
+
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, Version)>, ArchiveError> {
+        let path = self.path(key)?;
+        let sealed = match fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io(key)(e)),
+        };
+        let version = version_of(&sealed);
+        let payload = envelope::open(&sealed).map_err(|why| ArchiveError::Corrupt {
+            key: key.to_string(),
+            why,
+        })?;
+        Ok(Some((payload.to_vec(), version)))
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<String>, ArchiveError> {
+        let mut keys = Vec::new();
+        let mut pending = vec![self.root.clone()];
+        while let Some(dir) = pending.pop() {
+            let label = dir.display().to_string();
+            let entries = match fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(io(&label)(e)),
+            };
+            for entry in entries {
+                let entry = entry.map_err(io(&label))?;
+                let name = entry.file_name();
+                if name.to_string_lossy().starts_with('.') {
+                    continue; // the staging directory, never a key
+                }
+                let path = entry.path();
+                if entry.file_type().map_err(io(&label))?.is_dir() {
+                    pending.push(path);
+                } else if let Ok(relative) = path.strip_prefix(&self.root) {
+                    let key = relative.to_string_lossy().into_owned();
+                    if key.starts_with(prefix) && check_key(&key).is_ok() {
+                        keys.push(key);
+                    }
+                }
+            }
+        }
+        keys.sort();
+        Ok(keys)
+    }
+
+    fn delete(&self, key: &str) -> Result<(), ArchiveError> {
+        let path = self.path(key)?;
+        match fs::remove_file(&path) {
+            Ok(()) => sync_dir(path.parent().expect("below the root")).map_err(io(key)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io(key)(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn archive() -> (tempfile::TempDir, LocalDirArchive) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let archive = LocalDirArchive::open(dir.path().join("archive")).expect("open");
+        (dir, archive)
+    }
+
+    #[test]
+    fn objects_round_trip_and_list_in_byte_order() {
+        let (_dir, a) = archive();
+        for key in [
+            "shard-1/wal/b",
+            "shard-0/wal/b",
+            "shard-0/wal/a",
+            "manifest.json",
+        ] {
+            a.put(key, key.as_bytes(), &Condition::Always).expect("put");
+        }
+        assert_eq!(
+            a.list("shard-0/").expect("list"),
+            vec!["shard-0/wal/a".to_string(), "shard-0/wal/b".to_string()]
+        );
+        assert_eq!(a.list("").expect("list").len(), 4);
+        let (payload, _) = a.get("shard-1/wal/b").expect("get").expect("present");
+        assert_eq!(payload, b"shard-1/wal/b");
+        assert!(a.get("shard-9/none").expect("get").is_none());
+        a.delete("shard-0/wal/a").expect("delete");
+        a.delete("shard-0/wal/a").expect("deleting again is fine");
+        assert_eq!(
+            a.list("shard-0/").expect("list"),
+            vec!["shard-0/wal/b".to_string()]
+        );
+    }
+
+    #[test]
+    fn conditional_puts_refuse_without_changing_the_object() {
+        let (_dir, a) = archive();
+        let first = a
+            .put("lease", b"epoch 1", &Condition::IfAbsent)
+            .expect("absent");
+        let refused = a.put("lease", b"epoch 2", &Condition::IfAbsent);
+        assert!(matches!(
+            refused,
+            Err(ArchiveError::PreconditionFailed { .. })
+        ));
+        assert_eq!(a.get("lease").expect("get").expect("present").0, b"epoch 1");
+        let second = a
+            .put("lease", b"epoch 2", &Condition::IfVersion(first.clone()))
+            .expect("version matches");
+        let stale = a.put("lease", b"epoch 3", &Condition::IfVersion(first));
+        assert!(matches!(
+            stale,
+            Err(ArchiveError::PreconditionFailed { .. })
+        ));
+        let (payload, version) = a.get("lease").expect("get").expect("present");
+        assert_eq!((payload.as_slice(), version), (&b"epoch 2"[..], second));
+        assert!(a.list("").expect("list").iter().all(|k| !k.contains("tmp")));
+    }
+
+    #[test]
+    fn damaged_and_truncated_objects_are_reported_with_their_key() {
+        let (dir, a) = archive();
+        a.put("seg", &[9u8; 4096], &Condition::Always).expect("put");
+        let path = dir.path().join("archive/seg");
+        let mut bytes = fs::read(&path).expect("read");
+        bytes[100] ^= 1;
+        fs::write(&path, &bytes).expect("damage");
+        let err = a.get("seg").expect_err("damaged");
+        assert!(
+            matches!(&err, ArchiveError::Corrupt { key, .. } if key == "seg"),
+            "{err}"
+        );
+        fs::write(&path, &bytes[..50]).expect("truncate");
+        assert!(matches!(a.get("seg"), Err(ArchiveError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn invalid_keys_never_touch_the_file_system() {
+        let (dir, a) = archive();
+        for bad in ["../escape", "/abs", "a/../../b"] {
+            assert!(matches!(
+                a.put(bad, b"x", &Condition::Always),
+                Err(ArchiveError::InvalidKey { .. })
+            ));
+            assert!(matches!(a.get(bad), Err(ArchiveError::InvalidKey { .. })));
+        }
+        assert!(!dir.path().join("escape").exists());
+    }
+}

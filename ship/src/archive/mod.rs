@@ -1,0 +1,165 @@
+//! The archive: where sealed segments, checkpoints and tails go so that a lost machine
+//! can be restored. An `Archive` stores whole objects under `/`-separated keys, each
+//! sealed with a checksummed trailer (`envelope`), and supports the conditional writes
+//! that leases and manifests need ("only if absent", "only if the version matches").
+//!
+//! Built: the trait, the object envelope and the local-directory archive
+//! (`file://<dir>`, the embedded default). Not built yet: the S3 archive, shipping,
+//! restore (the archive issue is open).
+
+pub mod envelope;
+pub mod local;
+
+use std::sync::Arc;
+
+pub use local::LocalDirArchive;
+
+/// Longest key, in bytes.
+pub const MAX_KEY_BYTES: usize = 512;
+
+/// What a put requires of the object already under its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Condition {
+    /// Replace whatever is there.
+    Always,
+    /// Only if nothing is there.
+    IfAbsent,
+    /// Only if the object there has this version.
+    IfVersion(Version),
+}
+
+/// An opaque version of one object (the local archive uses the sealed object's
+/// checksum and length; S3 will use its ETag).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Version(pub String);
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ArchiveError {
+    #[error("invalid archive key {key:?}: {why}")]
+    InvalidKey { key: String, why: String },
+    #[error("the condition on {key:?} does not hold: {why}")]
+    PreconditionFailed { key: String, why: String },
+    #[error("archive object {key:?} is damaged: {why}")]
+    Corrupt { key: String, why: String },
+    #[error("archive I/O on {key:?}: {source}")]
+    Io {
+        key: String,
+        source: Arc<std::io::Error>,
+    },
+    #[error("unsupported archive URI {uri:?}: {why}")]
+    Uri { uri: String, why: String },
+}
+
+/// An object store. Calls block: archives are used from the shipping and restore
+/// threads, never from a data shard's executor.
+pub trait Archive: Send + Sync {
+    /// Stores `payload` under `key` if `condition` holds; returns the new version.
+    fn put(
+        &self,
+        key: &str,
+        payload: &[u8],
+        condition: &Condition,
+    ) -> Result<Version, ArchiveError>;
+    /// The payload under `key` (checksum verified) and its version.
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, Version)>, ArchiveError>;
+    /// Keys starting with `prefix`, in byte order (so LSN-named keys list in LSN order).
+    fn list(&self, prefix: &str) -> Result<Vec<String>, ArchiveError>;
+    /// Removes `key`; removing a missing key is not an error.
+    fn delete(&self, key: &str) -> Result<(), ArchiveError>;
+}
+
+/// Checks a key: `/`-separated parts of `[a-z0-9_.-]`, none empty, none starting with
+/// a dot (so no `.` or `..`), at most [`MAX_KEY_BYTES`]. Keys map to file paths in the
+/// local archive, so this is what keeps them inside its directory.
+pub fn check_key(key: &str) -> Result<(), ArchiveError> {
+    let invalid = |why: &str| ArchiveError::InvalidKey {
+        key: key.chars().take(100).collect(),
+        why: why.to_string(),
+    };
+    if key.is_empty() || key.len() > MAX_KEY_BYTES {
+        return Err(invalid("keys are 1 to 512 bytes"));
+    }
+    for part in key.split('/') {
+        if part.is_empty() {
+            return Err(invalid("empty path part (leading, trailing or double `/`)"));
+        }
+        if part.starts_with('.') {
+            return Err(invalid("a part may not start with `.`"));
+        }
+        if !part
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.-".contains(&b))
+        {
+            return Err(invalid("parts use only a-z, 0-9, `_`, `.` and `-`"));
+        }
+    }
+    Ok(())
+}
+
+/// Opens the archive a URI names: `file://<dir>` (created if missing). `s3://` is not
+/// built yet.
+pub fn open_archive(uri: &str) -> Result<Arc<dyn Archive>, ArchiveError> {
+    if let Some(dir) = uri.strip_prefix("file://") {
+        if dir.is_empty() {
+            return Err(ArchiveError::Uri {
+                uri: uri.into(),
+                why: "file:// needs a directory, e.g. file:///var/lib/oc-archive".into(),
+            });
+        }
+        return Ok(Arc::new(LocalDirArchive::open(dir)?));
+    }
+    Err(ArchiveError::Uri {
+        uri: uri.into(),
+        why: if uri.starts_with("s3://") {
+            "the S3 archive is not built yet; use file://<dir>".into()
+        } else {
+            "use file://<dir>".into()
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_stay_inside_the_archive() {
+        for ok in [
+            "shard-0/wal/wal-0000-00000000000000aa.seg",
+            "manifest.json",
+            "a/b_c/d-1.e",
+        ] {
+            check_key(ok).expect(ok);
+        }
+        for bad in [
+            "",
+            "/abs",
+            "a//b",
+            "a/",
+            "../x",
+            "a/../b",
+            "a/./b",
+            ".hidden",
+            "A",
+            "a b",
+            "a\\b",
+            &"a".repeat(513),
+        ] {
+            assert!(check_key(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn uris_name_what_is_supported() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        open_archive(&format!("file://{}", dir.path().display())).expect("file uri");
+        for (uri, says) in [
+            ("s3://bucket/prefix", "not built yet"),
+            ("file://", "needs a directory"),
+            ("ftp://x", "file://"),
+        ] {
+            let err = open_archive(uri).err().expect(uri).to_string();
+            assert!(err.contains(says), "{uri}: {err}");
+        }
+    }
+}
