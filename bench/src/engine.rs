@@ -38,6 +38,9 @@ pub struct EngineArgs {
     /// Shards of the pool phase (default: one per CPU).
     #[arg(long)]
     pub(crate) shards: Option<usize>,
+    /// Do not pin the pool's shards to CPUs.
+    #[arg(long)]
+    pub(crate) no_pin: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -198,8 +201,11 @@ pub fn run(args: EngineArgs) -> Result<()> {
         for &c in &concurrency {
             let r = crate::pool::pool_phase(
                 &base.join("pool"),
-                pool_shards,
-                crate::pool::RowShape::IntKey,
+                crate::pool::PoolSetup {
+                    shards: pool_shards,
+                    pin_to_cores: !args.no_pin,
+                    shape: crate::pool::RowShape::IntKey,
+                },
                 routing,
                 c,
                 warmup,

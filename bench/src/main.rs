@@ -85,6 +85,7 @@ fn run_all(args: AllArgs) -> anyhow::Result<()> {
             vec![1, 64, 256]
         },
         shards: None,
+        no_pin: false,
     })?;
     eprintln!(
         "== oc-bench peers ({:.0} s so far)",

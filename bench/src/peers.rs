@@ -25,7 +25,7 @@ use oc_io::SimRng;
 use serde::{Deserialize, Serialize};
 
 use crate::latency::histogram;
-use crate::pool::{pool_phase, Routing, RowShape};
+use crate::pool::{pool_phase, PoolSetup, Routing, RowShape};
 
 /// Bytes of each value.
 pub const VALUE_BYTES: usize = 200;
@@ -246,8 +246,11 @@ pub fn measure(args: &PeersArgs) -> Result<PeersReport> {
     for &c in &args.concurrency {
         let oc = pool_phase(
             &base.join("oc"),
-            shards,
-            RowShape::RandomKey16,
+            PoolSetup {
+                shards,
+                pin_to_cores: true,
+                shape: RowShape::RandomKey16,
+            },
             Routing::Local,
             c,
             warmup,

@@ -94,11 +94,19 @@ struct ShardLoad {
     latency: Histogram<u64>,
 }
 
-/// Runs `concurrency` writers split over `shards` shards in a fresh pool under `dir`.
+/// The pool a phase runs on.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolSetup {
+    pub shards: usize,
+    /// Pin shard `i` to CPU `i` (the server's default).
+    pub pin_to_cores: bool,
+    pub shape: RowShape,
+}
+
+/// Runs `concurrency` writers split over the shards of a fresh pool under `dir`.
 pub fn pool_phase(
     dir: &Path,
-    shards: usize,
-    shape: RowShape,
+    setup: PoolSetup,
     routing: Routing,
     concurrency: usize,
     warmup: Duration,
@@ -108,8 +116,14 @@ pub fn pool_phase(
         std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
     }
     let (done_tx, done_rx) = mpsc::channel();
+    let PoolSetup {
+        shards,
+        pin_to_cores,
+        shape,
+    } = setup;
     let config = PoolConfig {
         shards,
+        pin_to_cores,
         checkpoint: None,
         ..PoolConfig::new(dir)
     };
