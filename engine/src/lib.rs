@@ -14,6 +14,7 @@ pub mod checkpoint;
 pub mod command;
 pub mod error;
 pub mod idempotency;
+pub mod key;
 pub mod limits;
 pub mod mesh;
 pub mod placement;

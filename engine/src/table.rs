@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
 
 use crate::error::EngineError;
+use crate::key::Key;
 use crate::limits::{MAX_BATCH_ROWS, MAX_KEY_BYTES, MAX_ROW_BYTES};
 use crate::schema::TableSchema;
 use crate::value::{encode_key, ColumnType, Value};
@@ -56,15 +57,20 @@ pub struct Table {
     /// The LSN of the command that created this table: a write validated against one
     /// incarnation of a table is refused by a later one.
     version: u64,
-    rows: BTreeMap<Vec<u8>, Row>,
-    indexes: Vec<BTreeSet<(Vec<u8>, Vec<u8>)>>,
+    rows: BTreeMap<Key, Row>,
+    indexes: Vec<BTreeSet<(Key, Key)>>,
     usage: TableUsage,
 }
 
 /// The encoded key of `row` over `columns`.
-fn key_of(row: &Row, columns: &[usize]) -> Vec<u8> {
+fn key_bytes(row: &Row, columns: &[usize]) -> Vec<u8> {
     let values: Vec<&Value> = columns.iter().map(|&c| &row[c]).collect();
     encode_key(&values)
+}
+
+/// The same, as the B-trees hold it.
+fn key_of(row: &Row, columns: &[usize]) -> Key {
+    Key::new(key_bytes(row, columns))
 }
 
 fn row_bytes(row: &Row) -> usize {
@@ -131,7 +137,7 @@ impl Table {
                 "row is {bytes} bytes, above the limit of {MAX_ROW_BYTES}"
             ));
         }
-        let key = key_of(&row, &self.schema.primary_key);
+        let key = key_bytes(&row, &self.schema.primary_key);
         if key.len() > MAX_KEY_BYTES {
             return Err(format!(
                 "primary key is {} bytes encoded, above the limit of {MAX_KEY_BYTES}",
@@ -139,7 +145,7 @@ impl Table {
             ));
         }
         for index in &self.schema.indexes {
-            let len = key_of(&row, &index.columns).len();
+            let len = key_bytes(&row, &index.columns).len();
             if len > MAX_KEY_BYTES {
                 return Err(format!(
                     "key of index {:?} is {len} bytes, above the limit of {MAX_KEY_BYTES}",
@@ -221,7 +227,7 @@ impl Table {
                         }
                     }
                 }
-                RowWrite::Delete(key) => match self.remove_row(&key) {
+                RowWrite::Delete(key) => match self.remove_row(&Key::new(key)) {
                     Some(_) => outcome.deleted += 1,
                     None => outcome.missing += 1,
                 },
@@ -230,7 +236,7 @@ impl Table {
         outcome
     }
 
-    fn insert_row(&mut self, key: Vec<u8>, row: Row) {
+    fn insert_row(&mut self, key: Key, row: Row) {
         for (i, index) in self.schema.indexes.iter().enumerate() {
             let entry = (key_of(&row, &index.columns), key.clone());
             let fresh = self.indexes[i].insert(entry);
@@ -245,7 +251,7 @@ impl Table {
 
     /// Replaces the row at `key` in place if it exists (one tree walk), touching only
     /// the index entries whose keys changed; hands the row back if there is none.
-    fn replace_row(&mut self, key: &[u8], row: Row) -> Result<(), Row> {
+    fn replace_row(&mut self, key: &Key, row: Row) -> Result<(), Row> {
         let Table {
             schema,
             rows,
@@ -260,9 +266,9 @@ impl Table {
             let before = key_of(old, &index.columns);
             let after = key_of(&row, &index.columns);
             if before != after {
-                let existed = indexes[i].remove(&(before, key.to_vec()));
+                let existed = indexes[i].remove(&(before, key.clone()));
                 debug_assert!(existed, "every row has its index entries");
-                indexes[i].insert((after, key.to_vec()));
+                indexes[i].insert((after, key.clone()));
             }
         }
         usage.bytes = usage.bytes - row_bytes(old) + row_bytes(&row);
@@ -271,10 +277,10 @@ impl Table {
         Ok(())
     }
 
-    fn remove_row(&mut self, key: &[u8]) -> Option<Row> {
+    fn remove_row(&mut self, key: &Key) -> Option<Row> {
         let row = self.rows.remove(key)?;
         for (i, index) in self.schema.indexes.iter().enumerate() {
-            let entry = (key_of(&row, &index.columns), key.to_vec());
+            let entry = (key_of(&row, &index.columns), key.clone());
             let existed = self.indexes[i].remove(&entry);
             debug_assert!(existed, "every row has its index entries");
         }
@@ -289,7 +295,7 @@ impl Table {
         &self,
         key: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<Option<&Row>, String> {
-        Ok(self.rows.get(&self.validate_key(key)?))
+        Ok(self.rows.get(&Key::new(self.validate_key(key)?)))
     }
 
     /// A row as a JSON object keyed by column name.
@@ -304,7 +310,8 @@ impl Table {
 
     /// The row with this primary key (values in key-column order).
     pub fn get(&self, key: &[Value]) -> Option<&Row> {
-        self.rows.get(&encode_key(&key.iter().collect::<Vec<_>>()))
+        self.rows
+            .get(&Key::new(encode_key(&key.iter().collect::<Vec<_>>())))
     }
 
     /// Rows in primary-key order between two key prefixes (values of the leading key
@@ -315,10 +322,11 @@ impl Table {
         upper: Bound<&[Value]>,
     ) -> impl Iterator<Item = &'a Row> + 'a {
         let (start, skip, stop) = prefix_bounds(lower, upper);
+        let start = start.map(Key::new);
         self.rows
             .range((start, Bound::Unbounded))
-            .skip_while(move |(k, _)| skip.as_ref().is_some_and(|p| k.starts_with(p)))
-            .take_while(move |(k, _)| stop.admits(k))
+            .skip_while(move |(k, _)| skip.as_ref().is_some_and(|p| k.as_bytes().starts_with(p)))
+            .take_while(move |(k, _)| stop.admits(k.as_bytes()))
             .map(|(_, row)| row)
     }
 
@@ -340,13 +348,13 @@ impl Table {
             })?;
         let (start, skip, stop) = prefix_bounds(lower, upper);
         let start = match start {
-            Bound::Included(k) => Bound::Included((k, Vec::new())),
+            Bound::Included(k) => Bound::Included((Key::new(k), Key::new(Vec::new()))),
             _ => Bound::Unbounded,
         };
         Ok(self.indexes[position]
             .range((start, Bound::Unbounded))
-            .skip_while(move |(k, _)| skip.as_ref().is_some_and(|p| k.starts_with(p)))
-            .take_while(move |(k, _)| stop.admits(k))
+            .skip_while(move |(k, _)| skip.as_ref().is_some_and(|p| k.as_bytes().starts_with(p)))
+            .take_while(move |(k, _)| stop.admits(k.as_bytes()))
             .map(|(_, pk)| self.rows.get(pk).expect("index entries point at live rows")))
     }
 
@@ -357,7 +365,7 @@ impl Table {
         self.rows
             .range::<[u8], _>((start, Bound::Unbounded))
             .take(limit)
-            .map(|(k, r)| (k.clone(), r.clone()))
+            .map(|(k, r)| (k.as_bytes().to_vec(), r.clone()))
             .collect()
     }
 
