@@ -195,6 +195,7 @@ fn rocksdb(
     warmup: Duration,
     duration: Duration,
 ) -> Result<PeerResult> {
+    use std::sync::Arc;
     let path = fresh_dir(dir)?;
     let mut options = rocksdb::Options::default();
     options.create_if_missing(true);
