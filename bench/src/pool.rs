@@ -152,6 +152,19 @@ pub fn pool_phase(
     let mut commits = 0;
     let mut overloaded = 0;
     let mut latency = histogram();
+    // The client connects at once, as the server's control executor does, and waits
+    // on its own thread for the end of the phase to stop the shards.
+    let client = pool.take_client().context("the pool has a client")?;
+    let (stop_tx, stop_rx) = mpsc::channel::<()>();
+    let stopper = std::thread::spawn(move || {
+        oc_io::executor::run_local(async move {
+            let router = client.connect(None).await;
+            while let Err(mpsc::TryRecvError::Empty) = stop_rx.try_recv() {
+                glommio::timer::sleep(Duration::from_millis(20)).await;
+            }
+            stop_all(&router).await
+        })
+    });
     let deadline = Instant::now() + phase + warmup + Duration::from_secs(60);
     let mut reported = 0;
     let mut last = (Instant::now(), 0u64);
@@ -172,8 +185,10 @@ pub fn pool_phase(
         overloaded += load.overloaded;
         latency.add(&load.latency)?;
     }
-    let client = pool.take_client().context("the pool has a client")?;
-    oc_io::executor::run_local(async move { stop_all(&client.connect(None).await).await })?;
+    stop_tx.send(()).context("the stopper thread is gone")?;
+    stopper
+        .join()
+        .map_err(|_| anyhow::anyhow!("the stopper thread panicked"))??;
     pool.join()?;
     let p = Percentiles::of(&latency);
     Ok(PoolResult {
