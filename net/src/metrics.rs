@@ -153,11 +153,18 @@ pub fn snapshot(node: &ShardNode) -> ShardSnapshot {
     }
 }
 
-/// Counters of the control side (ops listener, mesh refusals seen by the API).
+/// What the control executor adds to a scrape: its own state and the requests its
+/// ops listener answered.
 #[derive(Debug, Clone, Default)]
 pub struct ControlMetrics {
     pub uptime_s: f64,
     pub ready: bool,
+    pub ops_http: HttpMetrics,
+}
+
+/// This thread's HTTP counters (the control executor's, for its ops listener).
+pub fn local_http() -> HttpMetrics {
+    HTTP.with(|m| m.borrow().clone())
 }
 
 fn label(name: &str, value: &str) -> LabelPair {
@@ -237,13 +244,15 @@ pub fn render(shards: &[ShardSnapshot], control: &ControlMetrics) -> String {
     let mut requests = BTreeMap::new();
     let mut latency: BTreeMap<&str, LatencyHistogram> = BTreeMap::new();
     let mut fsync_lag = LatencyHistogram::default();
-    for s in shards {
-        for (key, n) in &s.http.requests {
+    for http in shards.iter().map(|s| &s.http).chain([&control.ops_http]) {
+        for (key, n) in &http.requests {
             *requests.entry(*key).or_insert(0u64) += n;
         }
-        for (route, h) in &s.http.latency {
+        for (route, h) in &http.latency {
             latency.entry(route).or_default().merge(h);
         }
+    }
+    for s in shards {
         fsync_lag.merge(&s.fsync_lag);
     }
     families.push(family(

@@ -211,6 +211,7 @@ async fn metrics_page(state: &ControlState) -> Response<Full<Bytes>> {
     let control = metrics::ControlMetrics {
         uptime_s: state.started.elapsed().as_secs_f64(),
         ready: state.phase.get() == Phase::Serving,
+        ops_http: metrics::local_http(),
     };
     let mut response = Response::new(Full::new(Bytes::from(metrics::render(
         &snapshots, &control,

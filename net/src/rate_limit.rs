@@ -67,3 +67,8 @@ pub fn admit(limit: RateLimit, tenant: &TenantId, key_id: &str) -> Result<(), Ap
 pub fn forget(tenant: &TenantId, key_id: &str) {
     BUCKETS.with(|b| b.borrow_mut().remove(&(tenant.clone(), key_id.to_string())));
 }
+
+/// Forgets every bucket of a dropped tenant.
+pub fn forget_tenant(tenant: &TenantId) {
+    BUCKETS.with(|b| b.borrow_mut().retain(|(t, _), _| t != tenant));
+}

@@ -110,6 +110,8 @@ fn health_ready_and_a_scrape_promtool_accepts() {
         "oc_http_requests_total{route=\"usage\",status=\"404\"} 1",
         "oc_rows{shard=",
         "oc_ready 1",
+        "oc_http_requests_total{route=\"health\",status=\"200\"} 1",
+        "oc_http_requests_total{route=\"ops_unknown\",status=\"404\"} 1",
     ] {
         assert!(
             scrape.contains(expected),

@@ -158,6 +158,7 @@ pub async fn drop_tenant(router: &ShardRouter, tenant: TenantId, access: &Access
     auth::require_admin(&access.caller)?;
     on_owner(router, access, tenant, |node, tenant| async move {
         let lsn = node.shard().drop_tenant(&tenant).await?;
+        rate_limit::forget_tenant(&tenant);
         Ok((
             StatusCode::OK,
             json!({"tenant": tenant.as_str(), "dropped": true, "lsn": lsn.0}),
