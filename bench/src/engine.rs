@@ -151,7 +151,18 @@ async fn write_load(
             Ok::<(), oc_engine::EngineError>(())
         }));
     }
-    glommio::timer::sleep(duration).await;
+    // A progress line per second, so a long phase shows it is alive.
+    let mut last = (Instant::now(), commits.get());
+    while started.elapsed() < duration {
+        glommio::timer::sleep((duration - started.elapsed()).min(Duration::from_secs(1))).await;
+        let now = (Instant::now(), commits.get());
+        let rate = (now.1 - last.1) as f64 / now.0.duration_since(last.0).as_secs_f64();
+        eprintln!(
+            "  [{writers:>4} writers x {rows_per_batch} rows] {rate:>9.0} commits/s, p99 so far {} µs",
+            latency.borrow().value_at_quantile(0.99)
+        );
+        last = now;
+    }
     stop.set(true);
     for t in tasks {
         t.await?;
