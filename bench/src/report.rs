@@ -200,41 +200,50 @@ fn load<R: DeserializeOwned>(path: &Path) -> Result<Option<R>> {
     }
 }
 
+/// A chart set: (chart name, SVG document).
+type Charts = Vec<(String, String)>;
+
+/// Renders `<input>/<name>.json` into `out` if it exists; says whether it did.
+fn render_one<R: DeserializeOwned>(
+    input: &Path,
+    out: &Path,
+    name: &str,
+    markdown: fn(&R) -> String,
+    svgs: fn(&R) -> Charts,
+) -> Result<bool> {
+    let Some(report) = load::<R>(&input.join(format!("{name}.json")))? else {
+        return Ok(false);
+    };
+    write_rendered(out, name, &markdown(&report), &svgs(&report))?;
+    Ok(true)
+}
+
 /// Renders every known result file in `input` into `out`; returns what it rendered.
 pub fn render_dir(input: &Path, out: &Path) -> Result<Vec<String>> {
-    let mut rendered = Vec::new();
-    if let Some(r) = load::<crate::wal::WalReport>(&input.join("wal.json"))? {
-        write_rendered(out, "wal", &crate::wal::markdown(&r), &crate::wal::svgs(&r))?;
-        rendered.push("wal".to_string());
-    }
-    if let Some(r) = load::<crate::engine::EngineReport>(&input.join("engine.json"))? {
-        write_rendered(
-            out,
+    use crate::{engine, http, peers, wal};
+    let rendered = [
+        (
+            "wal",
+            render_one(input, out, "wal", wal::markdown, wal::svgs)?,
+        ),
+        (
             "engine",
-            &crate::engine::markdown(&r),
-            &crate::engine::svgs(&r),
-        )?;
-        rendered.push("engine".to_string());
-    }
-    if let Some(r) = load::<crate::peers::PeersReport>(&input.join("peers.json"))? {
-        write_rendered(
-            out,
+            render_one(input, out, "engine", engine::markdown, engine::svgs)?,
+        ),
+        (
             "peers",
-            &crate::peers::markdown(&r),
-            &crate::peers::svgs(&r),
-        )?;
-        rendered.push("peers".to_string());
-    }
-    if let Some(r) = load::<crate::http::HttpReport>(&input.join("http.json"))? {
-        write_rendered(
-            out,
+            render_one(input, out, "peers", peers::markdown, peers::svgs)?,
+        ),
+        (
             "http",
-            &crate::http::markdown(&r),
-            &crate::http::svgs(&r),
-        )?;
-        rendered.push("http".to_string());
-    }
-    Ok(rendered)
+            render_one(input, out, "http", http::markdown, http::svgs)?,
+        ),
+    ];
+    Ok(rendered
+        .into_iter()
+        .filter(|(_, done)| *done)
+        .map(|(name, _)| name.to_string())
+        .collect())
 }
 
 pub fn run(args: ReportArgs) -> Result<()> {
