@@ -38,7 +38,8 @@ pub struct ServerConfig {
     #[arg(long, env = "OC_TRUNCATE_CORRUPT_WAL")]
     pub truncate_corrupt_wal: bool,
     /// File holding the admin token (at least 16 bytes; surrounding whitespace is
-    /// trimmed). With a token, every API request must authenticate.
+    /// trimmed), or set the token itself in OC_ADMIN_TOKEN. With a token, every API
+    /// request must authenticate.
     #[arg(long, env = "OC_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
     /// The admin token itself (prefer the file: command lines are visible to others).
