@@ -281,6 +281,23 @@ fn connections_beyond_the_limit_get_503_and_are_closed() {
 }
 
 #[test]
+fn a_relative_data_dir_works_as_in_the_readme() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::try_start_in(Some(dir.path()), std::path::Path::new("./data"), &[])
+        .unwrap_or_else(|e| panic!("README's command must start: {e}"));
+    server.create_tenant_with_items("acme");
+    let row = json!({"ops": [{"upsert": {"id": 1, "name": "one"}}]});
+    assert_eq!(
+        server
+            .post("/v1/tenants/acme/tables/items/rows", &row)
+            .status,
+        200
+    );
+    assert!(dir.path().join("data").join("oc-layout.json").exists());
+    assert!(server.terminate().success());
+}
+
+#[test]
 fn a_different_shard_count_is_refused_at_start() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");

@@ -24,10 +24,13 @@ fn glommio_err(op: &'static str, file: &str, err: glommio::GlommioError<()>) -> 
 }
 
 impl DmaStorage {
-    /// Opens (creating it and its parents if needed) the directory `dir`.
+    /// Opens (creating it and its parents if needed) the directory `dir`. A relative
+    /// `dir` is made absolute first: glommio opens paths relative to no directory and
+    /// fails them with EBADF.
     pub async fn open(dir: impl AsRef<Path>) -> Result<Self> {
-        let dir = dir.as_ref().to_path_buf();
-        let shown = dir.display().to_string();
+        let shown = dir.as_ref().display().to_string();
+        let dir = std::path::absolute(dir.as_ref())
+            .map_err(|e| Error::io("resolving directory", shown.clone(), e))?;
         let to_create = dir.clone();
         glommio::executor()
             .spawn_blocking(move || std::fs::create_dir_all(to_create))

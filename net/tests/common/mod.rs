@@ -34,14 +34,28 @@ impl Server {
     }
 
     pub fn try_start(data_dir: &Path, extra: &[&str]) -> Result<Server, String> {
-        let stderr_log = data_dir.with_extension(format!(
+        Self::try_start_in(None, data_dir, extra)
+    }
+
+    /// Starts the server in working directory `cwd` (so `data_dir` may be relative).
+    pub fn try_start_in(
+        cwd: Option<&Path>,
+        data_dir: &Path,
+        extra: &[&str],
+    ) -> Result<Server, String> {
+        let log_base = cwd.map_or_else(|| data_dir.to_path_buf(), |c| c.join(data_dir));
+        let stderr_log = log_base.with_extension(format!(
             "stderr-{}.log",
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos())
         ));
         let stderr = std::fs::File::create(&stderr_log).map_err(|e| e.to_string())?;
-        let mut child = Command::new(env!("CARGO_BIN_EXE_oc-server"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_oc-server"));
+        if let Some(cwd) = cwd {
+            command.current_dir(cwd);
+        }
+        let mut child = command
             .arg("--data-dir")
             .arg(data_dir)
             .args([
