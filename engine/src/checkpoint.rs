@@ -334,6 +334,9 @@ pub(crate) async fn write_checkpoint<S: Storage>(
     out.push(KIND_END, b"", &end.0);
     let (data_bytes, crc, file) = out.finish().await?;
     drop(file);
+    // Every row copied was committed before now: point-in-time restore may use this
+    // checkpoint for any target at or after it.
+    let completed = TimestampMicros::now();
 
     let manifest = serde_json::json!({
         "format_version": CHECKPOINT_FORMAT_VERSION,
@@ -341,6 +344,7 @@ pub(crate) async fn write_checkpoint<S: Storage>(
         "lsn": lsn.0,
         "epoch": epoch.0,
         "created_us": created.0,
+        "completed_us": completed.0,
         "snapshot": snapshot_name(lsn),
         "data_bytes": data_bytes,
         "crc32c": crc,

@@ -15,7 +15,7 @@ use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use glommio::{ExecutorJoinHandle, Placement};
-use oc_io::{executor::executor_builder, DmaStorage, WalConfig};
+use oc_io::{executor::executor_builder, DmaStorage, Lsn, WalConfig};
 
 use crate::error::EngineError;
 use crate::mesh::{build_mesh, MeshEndpoints, Router};
@@ -43,6 +43,9 @@ pub struct PoolConfig {
     /// How long an idle shard spins before it parks in the kernel (`None`: parks at
     /// once). Spinning trades CPU for the wake-up latency of the next request.
     pub spin_before_park: Option<Duration>,
+    /// Start every shard with its log held (release barrier at LSN 1) until an archive
+    /// shipper lifts it segment by segment, so nothing leaves the disk unarchived.
+    pub hold_wal_for_archive: bool,
 }
 
 impl PoolConfig {
@@ -57,6 +60,7 @@ impl PoolConfig {
             forward_capacity: DEFAULT_FORWARD_CAPACITY,
             clients: 1,
             spin_before_park: None,
+            hold_wal_for_archive: false,
         }
     }
 }
@@ -157,6 +161,7 @@ impl ShardPool {
                 dir: shard_dir(&config.data_dir, id),
                 wal: config.wal.clone(),
                 checkpoint: config.checkpoint,
+                hold_wal_for_archive: config.hold_wal_for_archive,
                 opened: opened_tx.clone(),
                 go: go_rx,
                 ends,
@@ -250,6 +255,7 @@ struct ShardRun {
     dir: PathBuf,
     wal: WalConfig,
     checkpoint: Option<CheckpointPolicy>,
+    hold_wal_for_archive: bool,
     opened: mpsc::Sender<OpenOutcome>,
     go: mpsc::Receiver<bool>,
     ends: MeshEndpoints<ShardNode>,
@@ -271,6 +277,9 @@ impl ShardRun {
         let report_opened = self.opened;
         let shard = match opened {
             Ok((shard, report)) => {
+                if self.hold_wal_for_archive {
+                    shard.set_release_barrier(Some(Lsn(1)));
+                }
                 let _ = report_opened.send((self.id, Ok(Box::new(report))));
                 Rc::new(shard)
             }

@@ -19,6 +19,6 @@ pub use error::{Error, Result};
 pub use probe::{probe_io_uring, UringProbe};
 pub use storage::{DmaStorage, SimFaults, SimRng, SimStorage, Storage, StorageFile};
 pub use wal::{
-    Epoch, Frame, Lsn, Pending, RecordKind, RecoveryReport, TimestampMicros, Wal, WalConfig,
-    WalStats,
+    DurableTail, Epoch, Frame, Lsn, Pending, RecordKind, RecoveryReport, TimestampMicros, Wal,
+    WalConfig, WalStats,
 };

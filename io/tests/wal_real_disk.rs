@@ -491,3 +491,42 @@ fn a_group_delay_still_acknowledges_every_append_durably() {
         assert_payloads_match(&frames, &acked);
     });
 }
+
+/// The durable tail names the newest segment and where its durable groups end: the bytes
+/// before `end`, read by another thread while the log runs, hold exactly the frames up
+/// to the durable LSN.
+#[test]
+fn durable_tail_bounds_what_another_thread_may_copy() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().to_path_buf();
+    run_local(async move {
+        let (wal, _, _) = open(&path, small_segments(), Lsn(1)).await.expect("open");
+        let wal = Rc::new(wal);
+        for round in 0..6u64 {
+            let acked = append_many(wal.clone(), 40 + round * 7, 4).await;
+            let tail = wal.durable_tail().expect("a segment exists");
+            assert_eq!(tail.lsn, wal.durable_lsn());
+            assert_eq!(Some(tail.segment.clone()), wal.segments().last().cloned());
+            assert_eq!(tail.end % oc_io::BLOCK_SIZE as u64, 0);
+            let bytes = std::thread::scope(|s| {
+                s.spawn(|| {
+                    let file = std::fs::File::open(path.join(&tail.segment)).expect("open");
+                    let mut bytes = vec![0u8; tail.end as usize];
+                    file.read_exact_at(&mut bytes, 0).expect("read");
+                    bytes
+                })
+                .join()
+                .expect("reader thread")
+            });
+            let header = oc_io::wal::segment::SegmentHeader::decode(&bytes[..DATA_START as usize])
+                .expect("header");
+            assert_eq!(header.first_lsn, tail.first_lsn);
+            let scan = oc_io::wal::scan::scan_segment(&bytes, &header, |_, _| Ok::<_, ()>(()))
+                .expect("scan");
+            // Frames end exactly at the durable LSN (or the segment has none yet).
+            assert_eq!(scan.last_lsn, Lsn(tail.lsn.0.max(tail.first_lsn.0 - 1)));
+            assert!(scan.last_lsn.0 >= *acked.keys().last().expect("acked") || scan.frames == 0);
+        }
+        wal.close().await.expect("close");
+    });
+}

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
+use oc_ship::engine::io::{WalConfig, BLOCK_SIZE};
 
 use crate::api::ApiLimits;
 use crate::auth::{AuthConfig, MIN_ADMIN_TOKEN_BYTES};
@@ -89,6 +90,27 @@ pub struct ServerConfig {
     /// ...or sooner, once a shard's log has grown by this many bytes.
     #[arg(long, env = "OC_CHECKPOINT_WAL_BYTES", default_value_t = 1 << 30)]
     pub checkpoint_wal_bytes: u64,
+    /// Bytes per write-ahead log segment (a multiple of 4096, at least 64 KiB). Sealed
+    /// segments are what the archive receives whole.
+    #[arg(long, env = "OC_WAL_SEGMENT_BYTES", default_value_t = 64 << 20)]
+    pub wal_segment_bytes: u64,
+    /// Where sealed segments, checkpoints and tails are shipped: `file://<dir>`,
+    /// `s3://bucket/prefix`, or `none`. Default: the directory `<data-dir>-archive`
+    /// next to the data directory (same machine: point it elsewhere in production).
+    #[arg(long, env = "OC_ARCHIVE")]
+    pub archive: Option<String>,
+    /// How often the durable tail of the active segment is shipped (the bound on
+    /// what losing the machine can lose, plus the upload time).
+    #[arg(long, env = "OC_TAIL_WINDOW_MS", default_value_t = 500)]
+    pub tail_window_ms: u64,
+    /// How long archived checkpoints and segments are kept: `90s`, `30m`, `12h`, `7d`.
+    /// The newest checkpoint older than this, and the log after it, are always kept.
+    #[arg(long, env = "OC_ARCHIVE_RETENTION", default_value = "7d", value_parser = parse_duration)]
+    pub archive_retention: Duration,
+    /// How long the archive's circuit breaker stays open after 5 failed rounds in a
+    /// row before one trial upload.
+    #[arg(long, env = "OC_ARCHIVE_BREAKER_OPEN_MS", default_value_t = 30_000)]
+    pub archive_breaker_open_ms: u64,
     /// PEM certificate chain: serve the data API over TLS (with --tls-key).
     #[arg(long, env = "OC_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -100,7 +122,51 @@ pub struct ServerConfig {
     pub log_format: String,
 }
 
+/// `90s`, `30m`, `12h` or `7d`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 90s, 30m, 12h or 7d"))?;
+    let seconds = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(format!("{s:?}: the unit must be s, m, h or d")),
+    };
+    Ok(Duration::from_secs(n.saturating_mul(seconds)))
+}
+
 impl ServerConfig {
+    /// The archive URI, with the default filled in; `None` when shipping is off.
+    pub fn archive_uri(&self) -> Option<String> {
+        match self.archive.as_deref() {
+            Some("none") => None,
+            Some(uri) => Some(uri.to_string()),
+            None => {
+                let mut dir = std::path::absolute(&self.data_dir)
+                    .unwrap_or_else(|_| self.data_dir.clone())
+                    .into_os_string();
+                dir.push("-archive");
+                Some(format!("file://{}", PathBuf::from(dir).display()))
+            }
+        }
+    }
+
+    /// The log's settings; a group commit never exceeds a small segment's data area.
+    pub fn wal_config(&self) -> WalConfig {
+        let default = WalConfig::default();
+        let data_area = self.wal_segment_bytes.saturating_sub(2 * BLOCK_SIZE as u64);
+        WalConfig {
+            truncate_corrupt: self.truncate_corrupt_wal,
+            segment_bytes: self.wal_segment_bytes,
+            max_group_bytes: default.max_group_bytes.min(data_area as usize),
+            ..default
+        }
+    }
+
     pub fn api_limits(&self) -> ApiLimits {
         ApiLimits {
             max_body_bytes: self.max_body_bytes,
@@ -204,11 +270,15 @@ impl ServerConfig {
             ("--idle-timeout-ms", self.idle_timeout_ms),
             ("--request-deadline-ms", self.request_deadline_ms),
             ("--checkpoint-interval-s", self.checkpoint_interval_s),
+            ("--tail-window-ms", self.tail_window_ms),
         ] {
             if value == 0 {
                 return Err(format!("{name} must be above 0"));
             }
         }
+        self.wal_config()
+            .validate()
+            .map_err(|e| format!("--wal-segment-bytes: {e}"))?;
         Ok(())
     }
 }

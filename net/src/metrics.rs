@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use oc_ship::engine::{CheckpointMetrics, ShardNode};
+use oc_ship::shipper::ShipMetrics;
 use prometheus::proto::{
     Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType,
 };
@@ -160,6 +161,7 @@ pub struct ControlMetrics {
     pub uptime_s: f64,
     pub ready: bool,
     pub ops_http: HttpMetrics,
+    pub shipping: Option<ShipMetrics>,
 }
 
 /// This thread's HTTP counters (the control executor's, for its ops listener).
@@ -397,11 +399,98 @@ pub fn render(shards: &[ShardSnapshot], control: &ControlMetrics) -> String {
             |s| s.bytes as f64,
         ),
     ]);
+    if let Some(ship) = &control.shipping {
+        families.extend(shipping_families(ship));
+    }
     let mut out = String::new();
     TextEncoder::new()
         .encode_utf8(&families, &mut out)
         .expect("families built here are well formed");
     out
+}
+
+/// Archive shipping and its circuit breaker. Every label value is always present, so
+/// `rate()` and `increase()` work from the first scrape.
+fn shipping_families(ship: &ShipMetrics) -> Vec<MetricFamily> {
+    use MetricType::{COUNTER, GAUGE};
+    let by_shard = |values: Vec<f64>| {
+        values
+            .into_iter()
+            .enumerate()
+            .map(|(shard, v)| gauge(vec![label("shard", &shard.to_string())], v))
+            .collect()
+    };
+    let by = |name: &str, keys: &[&'static str], counts: &BTreeMap<&'static str, u64>| {
+        keys.iter()
+            .map(|k| {
+                counter(
+                    vec![label(name, k)],
+                    counts.get(k).copied().unwrap_or(0) as f64,
+                )
+            })
+            .collect()
+    };
+    let archive = || vec![label("downstream", "archive")];
+    vec![
+        family(
+            "oc_archive_lag_bytes",
+            "Durable log bytes not yet in the archive, by shard.",
+            GAUGE,
+            by_shard(ship.lag_bytes.iter().map(|&b| b as f64).collect()),
+        ),
+        family(
+            "oc_archive_lag_seconds",
+            "Seconds since the archive last held everything the shard had made durable.",
+            GAUGE,
+            by_shard(ship.lag_seconds.clone()),
+        ),
+        family(
+            "oc_archive_last_success_timestamp_seconds",
+            "Unix time of the last shipping round that uploaded everything it had to.",
+            GAUGE,
+            vec![gauge(vec![], ship.last_success_unix_s)],
+        ),
+        family(
+            "oc_archive_uploads_total",
+            "Objects uploaded, by kind (segment, checkpoint, tail piece).",
+            COUNTER,
+            by("object", &["segment", "checkpoint", "tail"], &ship.uploads),
+        ),
+        family(
+            "oc_archive_uploaded_bytes_total",
+            "Bytes uploaded to the archive.",
+            COUNTER,
+            vec![counter(vec![], ship.uploaded_bytes as f64)],
+        ),
+        family(
+            "oc_archive_failures_total",
+            "Shipping rounds that failed, by kind (io, corrupt, conflict, config, local).",
+            COUNTER,
+            by(
+                "kind",
+                &["io", "corrupt", "conflict", "config", "local"],
+                &ship.failures,
+            ),
+        ),
+        family(
+            "oc_archive_retention_deleted_total",
+            "Archive objects deleted by retention.",
+            COUNTER,
+            vec![counter(vec![], ship.deleted_by_retention as f64)],
+        ),
+        family(
+            "oc_circuit_open",
+            "1 while the breaker on a downstream is open (no attempts until it half-opens).",
+            GAUGE,
+            vec![gauge(archive(), f64::from(u8::from(ship.circuit_open)))],
+        ),
+        family(
+            "oc_circuit_open_total",
+            "Times the breaker on a downstream opened.",
+            COUNTER,
+            vec![counter(archive(), ship.circuit_opened_total as f64)],
+        ),
+    ]
 }
 
 /// The content type of [`render`]'s output.

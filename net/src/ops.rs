@@ -41,6 +41,8 @@ pub struct ControlState {
     pub router: RefCell<Option<Rc<ShardRouter>>>,
     pub probe: UringProbe,
     pub shards: usize,
+    /// Shipping counters, when an archive is configured.
+    pub ship_status: Option<oc_ship::shipper::ShipStatus>,
 }
 
 /// Serves the ops endpoints until the process exits.
@@ -212,6 +214,7 @@ async fn metrics_page(state: &ControlState) -> Response<Full<Bytes>> {
         uptime_s: state.started.elapsed().as_secs_f64(),
         ready: state.phase.get() == Phase::Serving,
         ops_http: metrics::local_http(),
+        shipping: state.ship_status.as_ref().map(|s| s.snapshot()),
     };
     let mut response = Response::new(Full::new(Bytes::from(metrics::render(
         &snapshots, &control,

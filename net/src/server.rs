@@ -13,11 +13,15 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context, Result};
 use glommio::net::TcpListener;
 use glommio::Placement;
-use oc_ship::engine::io::{self, executor::executor_builder, WalConfig};
+use oc_ship::engine::io::{self, executor::executor_builder};
 use oc_ship::engine::mesh::MeshEndpoints;
 use oc_ship::engine::{
     stop_all, CheckpointPolicy, PoolConfig, ShardNode, ShardOpenReport, ShardPool,
 };
+
+use oc_ship::archive::open_archive;
+use oc_ship::breaker::BreakerPolicy;
+use oc_ship::shipper::{self, ShipStatus, ShipperConfig};
 
 use crate::config::ServerConfig;
 use crate::listener::{self, ConnectionSettings};
@@ -46,11 +50,43 @@ pub fn run(config: ServerConfig) -> Result<()> {
             .context("installing the signal handlers")?;
     }
 
+    // The data directory's own layout speaks first: its error names the fix.
+    oc_ship::engine::placement::ensure_layout(&config.data_dir, shards)
+        .context("checking the data directory")?;
+    // The archive is claimed and listed before any shard opens: a wrong or unreachable
+    // archive is a start-up error, not a surprise later.
+    let ship_status = ShipStatus::default();
+    let shipper = match config.archive_uri() {
+        Some(uri) => {
+            let archive =
+                open_archive(&uri).with_context(|| format!("opening the archive {uri}"))?;
+            let ship_config = ShipperConfig {
+                data_dir: config.data_dir.clone(),
+                shards,
+                tail_window: Duration::from_millis(config.tail_window_ms),
+                retention: config.archive_retention,
+                breaker: BreakerPolicy {
+                    open_for: Duration::from_millis(config.archive_breaker_open_ms),
+                    ..BreakerPolicy::default()
+                },
+            };
+            let start = shipper::start(archive, ship_config, ship_status.clone())
+                .with_context(|| format!("starting to ship to the archive {uri}"))?;
+            tracing::info!(archive = %uri, "shipping to the archive");
+            Some(start)
+        }
+        None => {
+            tracing::warn!("no archive (--archive none): losing this machine loses the data");
+            None
+        }
+    };
+    let shipping = shipper.is_some();
     let (client_tx, client_rx) = mpsc::channel::<MeshEndpoints<ShardNode>>();
     let (ops_addr_tx, ops_addr_rx) = mpsc::channel::<std::io::Result<SocketAddr>>();
     let (serving_tx, serving_rx) = mpsc::channel::<()>();
     let control = {
         let shutdown = shutdown.clone();
+        let ship_status_for_ops = shipper.as_ref().map(|_| ship_status.clone());
         let ops_listen = config.ops_listen;
         let grace = Duration::from_millis(config.shutdown_grace_ms);
         executor_builder(Placement::Unbound)
@@ -60,6 +96,8 @@ pub fn run(config: ServerConfig) -> Result<()> {
                     client_rx,
                     ops_addr_tx,
                     serving_tx,
+                    shipper,
+                    ship_status: ship_status_for_ops,
                 };
                 control_main(ops_listen, shards, channels, shutdown, grace)
             })
@@ -84,10 +122,8 @@ pub fn run(config: ServerConfig) -> Result<()> {
         pin_to_cores: !config.no_pin,
         spin_before_park: (config.spin_before_park_us > 0)
             .then(|| Duration::from_micros(config.spin_before_park_us)),
-        wal: WalConfig {
-            truncate_corrupt: config.truncate_corrupt_wal,
-            ..WalConfig::default()
-        },
+        wal: config.wal_config(),
+        hold_wal_for_archive: shipping,
         checkpoint: Some(CheckpointPolicy {
             interval: Duration::from_secs(config.checkpoint_interval_s),
             wal_bytes: config.checkpoint_wal_bytes,
@@ -165,6 +201,8 @@ struct ControlChannels {
     client_rx: mpsc::Receiver<MeshEndpoints<ShardNode>>,
     ops_addr_tx: mpsc::Sender<std::io::Result<SocketAddr>>,
     serving_tx: mpsc::Sender<()>,
+    shipper: Option<shipper::ShipperLoop>,
+    ship_status: Option<ShipStatus>,
 }
 
 async fn control_main(
@@ -178,6 +216,8 @@ async fn control_main(
         client_rx,
         ops_addr_tx,
         serving_tx,
+        shipper,
+        ship_status,
     } = channels;
     let listener = match TcpListener::bind(ops_listen) {
         Ok(listener) => listener,
@@ -197,6 +237,7 @@ async fn control_main(
         router: std::cell::RefCell::new(None),
         probe: io::probe_io_uring(),
         shards,
+        ship_status,
     });
     let _ops = glommio::spawn_local(ops::serve_ops(listener, state.clone()));
     // Wait for the shards (or for the start-up to fail, which sets `shutdown`).
@@ -209,6 +250,7 @@ async fn control_main(
     };
     let router = Rc::new(client.connect(None).await);
     *state.router.borrow_mut() = Some(router.clone());
+    let _shipping = shipper.map(|ship| glommio::spawn_local(ship(router.clone())));
     state.phase.set(Phase::Serving);
     let _ = serving_tx.send(());
     while !shutdown.load(Ordering::SeqCst) {

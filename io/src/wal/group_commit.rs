@@ -170,6 +170,8 @@ pub(crate) struct State<S: Storage> {
     pub recycled: bool,
     pub segments: Vec<SegmentInfo>,
     pub durable_lsn: Lsn,
+    /// End of the durable groups in the newest of `segments` (block-aligned).
+    pub durable_end: u64,
 }
 
 pub(crate) struct Shared<S: Storage> {
@@ -316,7 +318,13 @@ impl<S: Storage> Writer<S> {
                         .saturating_record(now.duration_since(*at).as_micros() as u64);
                 }
             }
-            self.shared.state.borrow_mut().durable_lsn = Lsn(self.next_lsn.0 - 1);
+            {
+                let mut state = self.shared.state.borrow_mut();
+                state.durable_lsn = Lsn(self.next_lsn.0 - 1);
+                if let Some(active) = &self.active {
+                    state.durable_end = active.write_offset;
+                }
+            }
             completion.complete(Outcome {
                 first_lsn,
                 commit_ts,
@@ -521,10 +529,14 @@ impl<S: Storage> Writer<S> {
         };
         let file = opened.await.map_err(GroupError::Fatal)?;
         tracing::debug!(segment = %name, "opened write-ahead log segment");
-        self.shared.state.borrow_mut().segments.push(SegmentInfo {
-            name,
-            first_lsn: self.next_lsn,
-        });
+        {
+            let mut state = self.shared.state.borrow_mut();
+            state.segments.push(SegmentInfo {
+                name,
+                first_lsn: self.next_lsn,
+            });
+            state.durable_end = DATA_START;
+        }
         self.shared.stats.borrow_mut().segments_created += 1;
         self.active = Some(ActiveSegment {
             file,

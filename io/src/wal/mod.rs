@@ -67,7 +67,7 @@ impl Default for WalConfig {
 }
 
 impl WalConfig {
-    fn validate(&self) -> Result<()> {
+    pub fn validate(&self) -> Result<()> {
         let block = BLOCK_SIZE as u64;
         if self.segment_bytes < MIN_SEGMENT_BYTES || !self.segment_bytes.is_multiple_of(block) {
             return Err(Error::Config(format!(
@@ -117,6 +117,18 @@ impl Pending {
     }
 }
 
+/// The durable end of a log (see [`Wal::durable_tail`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DurableTail {
+    /// File name of the newest segment.
+    pub segment: String,
+    pub first_lsn: Lsn,
+    /// Offset just past its last durable group (`DATA_START` when it has none).
+    pub end: u64,
+    /// The last durable LSN (it may lie in an older segment when `end` is `DATA_START`).
+    pub lsn: Lsn,
+}
+
 /// A shard's write-ahead log. Dropping it cancels its tasks without flushing (a crash,
 /// as far as the disk can tell); call [`Wal::close`] to stop cleanly.
 pub struct Wal<S: Storage> {
@@ -137,6 +149,10 @@ impl<S: Storage> Wal<S> {
         config.validate()?;
         let (report, resume) = recovery::recover(&storage, &config, replay_from, on_frame).await?;
         let durable_lsn = Lsn(resume.next_lsn.0 - 1);
+        let durable_end = resume
+            .active
+            .as_ref()
+            .map_or(segment::DATA_START, |a| a.write_offset);
         let shared = Rc::new(Shared {
             storage,
             config,
@@ -154,6 +170,7 @@ impl<S: Storage> Wal<S> {
                 writer_needs_spare: false,
                 segments: resume.segments,
                 durable_lsn,
+                durable_end,
             }),
             stats: RefCell::new(WalStats::default()),
         });
@@ -261,6 +278,20 @@ impl<S: Storage> Wal<S> {
     /// The last LSN known durable.
     pub fn durable_lsn(&self) -> Lsn {
         self.shared.state.borrow().durable_lsn
+    }
+
+    /// Where the durable log ends: the newest segment, the end of its durable groups
+    /// and the last durable LSN, read together. Every byte of that segment before `end`
+    /// is final (groups never rewrite earlier blocks), so a reader on another thread may
+    /// copy it, as the archive shipper does. `None` before the first segment exists.
+    pub fn durable_tail(&self) -> Option<DurableTail> {
+        let state = self.shared.state.borrow();
+        state.segments.last().map(|newest| DurableTail {
+            segment: newest.name.clone(),
+            first_lsn: newest.first_lsn,
+            end: state.durable_end,
+            lsn: state.durable_lsn,
+        })
     }
 
     /// The error that failed the log, if it has failed.

@@ -246,3 +246,35 @@ pub fn items_table() -> Value {
         "indexes": [{"name": "by_batch", "columns": ["batch"]}]
     })
 }
+
+/// What an `oc-pitr` run printed.
+#[derive(Debug)]
+pub struct PitrRun {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `oc-pitr` (built next to `oc-server` by `cargo test --workspace`).
+pub fn oc_pitr(args: &[&str]) -> PitrRun {
+    let bin = Path::new(env!("CARGO_BIN_EXE_oc-server")).with_file_name("oc-pitr");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it with `cargo build -p oc-ship` (cargo test --workspace does)",
+        bin.display()
+    );
+    let out = Command::new(&bin).args(args).output().expect("run oc-pitr");
+    PitrRun {
+        success: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// The value of one sample in a Prometheus scrape (`name{labels}` exactly as printed).
+pub fn scrape_value(scrape: &str, series: &str) -> Option<f64> {
+    scrape.lines().find_map(|line| {
+        let rest = line.strip_prefix(series)?;
+        rest.strip_prefix(' ')?.trim().parse().ok()
+    })
+}

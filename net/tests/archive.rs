@@ -1,0 +1,379 @@
+//! Archive shipping and point-in-time restore through the real binaries: `oc-server`
+//! shipping to a local-directory archive, kill -9, the data directory wiped,
+//! `oc-pitr restore`, and `oc-server` again on the restored directory.
+
+mod common;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use common::{oc_pitr, scrape_value, try_request, Server};
+use oc_ship::timestamp::format_rfc3339;
+use serde_json::json;
+
+const TAIL_WINDOW_MS: u64 = 500;
+
+fn unix_us(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_micros() as u64
+}
+
+fn write_row(api: &str, tenant: &str, id: u64) -> bool {
+    let url = format!("{api}/v1/tenants/{tenant}/tables/items/rows");
+    let body = json!({"ops": [{"upsert": {"id": id, "name": format!("row {id} {}", "x".repeat(100)), "batch": 0}}]});
+    matches!(try_request("POST", &url, Some(&body.to_string())), Ok(r) if r.status == 200)
+}
+
+fn has_row(server: &Server, tenant: &str, id: u64) -> bool {
+    let got = server.get(&format!("/v1/tenants/{tenant}/tables/items/rows/{id}"));
+    match got.status {
+        200 => {
+            assert_eq!(got.body["row"]["id"], json!(id), "{got:?}");
+            true
+        }
+        404 => false,
+        _ => panic!("reading row {id}: {got:?}"),
+    }
+}
+
+fn archive_args<'a>(uri: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "--shards",
+        "2",
+        "--archive",
+        uri,
+        "--tail-window-ms",
+        "500",
+        // Small segments so sealed segments ship during the test, not only tails.
+        "--wal-segment-bytes",
+        "262144",
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+fn file_uri(path: &Path) -> String {
+    format!("file://{}", path.display())
+}
+
+/// Kill -9 under continuous writes, lose the whole data directory, restore the latest
+/// state from the archive: every write acknowledged more than the tail window plus an
+/// upload before the kill is back. Prints the RPO seen (kill time minus the ack time of
+/// the oldest write lost).
+#[test]
+fn restore_latest_after_losing_the_data_dir_keeps_all_but_the_last_window() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let uri = file_uri(&dir.path().join("archive"));
+    let server = Server::start(
+        &data,
+        &archive_args(&uri, &["--checkpoint-interval-s", "2"]),
+    );
+    let tenants = ["alpha", "beta", "gamma", "delta"];
+    for t in tenants {
+        server.create_tenant_with_items(t);
+    }
+    let acked: Arc<Mutex<Vec<(usize, u64, Instant)>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let (api, acked, stop) = (server.api.clone(), acked.clone(), stop.clone());
+            std::thread::spawn(move || {
+                for i in 0.. {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let id = w as u64 * 1_000_000 + i;
+                    if write_row(&api, tenants[w], id) {
+                        acked.lock().expect("lock").push((w, id, Instant::now()));
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(6));
+    let killed_at = Instant::now();
+    server.kill9();
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.join().expect("writer");
+    }
+    std::fs::remove_dir_all(&data).expect("wipe the data directory");
+
+    let restored = oc_pitr(&[
+        "restore",
+        "--archive",
+        &uri,
+        "--target",
+        "latest",
+        "--data-dir",
+        data.to_str().expect("utf-8 path"),
+    ]);
+    assert!(restored.success, "restore failed: {restored:?}");
+    let second_archive = file_uri(&dir.path().join("archive-after-restore"));
+    let server = Server::start(&data, &archive_args(&second_archive, &[]));
+    let acked = acked.lock().expect("lock").clone();
+    assert!(acked.len() > 200, "only {} writes in 6 s", acked.len());
+    let mut oldest_lost: Option<Instant> = None;
+    let mut lost = 0;
+    for &(w, id, at) in &acked {
+        if !has_row(&server, tenants[w], id) {
+            lost += 1;
+            oldest_lost = Some(oldest_lost.map_or(at, |o| o.min(at)));
+        }
+    }
+    let rpo = oldest_lost.map_or(Duration::ZERO, |at| killed_at.duration_since(at));
+    println!(
+        "RPO {} ms: {lost} of {} acknowledged writes lost (tail window {TAIL_WINDOW_MS} ms)\n{}",
+        rpo.as_millis(),
+        acked.len(),
+        restored.stdout
+    );
+    // The window plus an upload; the margin is for a loaded CI machine.
+    assert!(
+        rpo <= Duration::from_millis(TAIL_WINDOW_MS + 1500),
+        "writes acknowledged {} ms before the kill were lost",
+        rpo.as_millis()
+    );
+    // A sealed segment and a checkpoint were shipped, not only tails.
+    assert!(
+        restored.stdout.contains("checkpoint"),
+        "{}",
+        restored.stdout
+    );
+}
+
+/// Restoring to an instant between two writes brings back exactly the writes
+/// committed before it, through a checkpoint taken before the target.
+#[test]
+fn restore_to_an_instant_cuts_exactly_there() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let uri = file_uri(&dir.path().join("archive"));
+    let server = Server::start(
+        &data,
+        &archive_args(&uri, &["--checkpoint-interval-s", "1"]),
+    );
+    server.create_tenant_with_items("acme");
+    // (id, sent, acknowledged), one writer so the order is the commit order.
+    let mut writes = Vec::new();
+    let mut write = |id: u64| {
+        let sent = SystemTime::now();
+        assert!(write_row(&server.api, "acme", id), "write {id}");
+        writes.push((id, sent, SystemTime::now()));
+    };
+    for id in 0..150 {
+        write(id);
+    }
+    std::thread::sleep(Duration::from_millis(2500)); // checkpoints cover the first part
+    for id in 150..300 {
+        write(id);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let gap_starts = SystemTime::now();
+    std::thread::sleep(Duration::from_millis(300));
+    for id in 300..450 {
+        write(id);
+    }
+    std::thread::sleep(Duration::from_millis(2 * TAIL_WINDOW_MS + 500)); // all shipped
+    let status = server.terminate();
+    assert!(status.success());
+    let target = format_rfc3339(unix_us(gap_starts));
+    let restored_dir = dir.path().join("restored");
+    let restored = oc_pitr(&[
+        "restore",
+        "--archive",
+        &uri,
+        "--target",
+        &target,
+        "--data-dir",
+        restored_dir.to_str().expect("utf-8 path"),
+    ]);
+    assert!(restored.success, "restore to {target} failed: {restored:?}");
+    assert!(
+        restored.stdout.contains("checkpoint"),
+        "a checkpoint before the target should be the base: {}",
+        restored.stdout
+    );
+    let server = Server::start(&restored_dir, &["--shards", "2", "--archive", "none"]);
+    for (id, sent, acked) in &writes {
+        let before = unix_us(*acked) <= unix_us(gap_starts);
+        assert!(
+            before || unix_us(*sent) > unix_us(gap_starts),
+            "write {id} straddles the target"
+        );
+        assert_eq!(
+            has_row(&server, "acme", *id),
+            before,
+            "write {id} (target {target})"
+        );
+    }
+    // The restored server takes new writes after the cut.
+    assert!(write_row(&server.api, "acme", 10_000));
+    assert!(has_row(&server, "acme", 10_000));
+}
+
+/// The archive vanishes for a while: writes go on, lag and failures show in /metrics,
+/// and when it comes back shipping catches up and the archive verifies.
+#[test]
+fn an_archive_outage_grows_lag_but_never_blocks_writes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let archive = dir.path().join("archive");
+    let uri = file_uri(&archive);
+    let server = Server::start(
+        &data,
+        &archive_args(&uri, &["--archive-breaker-open-ms", "1500"]),
+    );
+    server.create_tenant_with_items("acme");
+    assert!(write_row(&server.api, "acme", 0));
+    std::thread::sleep(Duration::from_millis(1500));
+    let aside = dir.path().join("archive-away");
+    std::fs::rename(&archive, &aside).expect("take the archive away");
+    let outage = Instant::now();
+    let mut id = 1;
+    while outage.elapsed() < Duration::from_secs(6) {
+        let started = Instant::now();
+        assert!(
+            write_row(&server.api, "acme", id),
+            "write {id} during the outage"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "a write took {:?} during the outage",
+            started.elapsed()
+        );
+        id += 1;
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (_, scrape) = server.ops_get("/metrics");
+    let failures =
+        scrape_value(&scrape, "oc_archive_failures_total{kind=\"io\"}").expect("failures");
+    assert!(failures >= 1.0, "{scrape}");
+    let lag: f64 = (0..2)
+        .filter_map(|s| scrape_value(&scrape, &format!("oc_archive_lag_bytes{{shard=\"{s}\"}}")))
+        .sum();
+    assert!(lag > 0.0, "no lag during the outage:\n{scrape}");
+    let opened =
+        scrape_value(&scrape, "oc_circuit_open_total{downstream=\"archive\"}").expect("breaker");
+    assert!(
+        opened >= 1.0,
+        "the breaker never opened in a 6 s outage:\n{scrape}"
+    );
+
+    std::fs::rename(&aside, &archive).expect("bring the archive back");
+    let back = Instant::now();
+    loop {
+        let (_, scrape) = server.ops_get("/metrics");
+        let lag: f64 = (0..2)
+            .filter_map(|s| {
+                scrape_value(&scrape, &format!("oc_archive_lag_bytes{{shard=\"{s}\"}}"))
+            })
+            .sum();
+        if lag == 0.0 {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(30),
+            "shipping did not catch up:\n{scrape}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let verified = oc_pitr(&["verify", "--archive", &uri]);
+    assert!(verified.success, "{verified:?}");
+    drop(server);
+}
+
+/// A damaged object is named by `verify`, and `restore` refuses rather than restore
+/// around it. A non-empty target directory is refused before anything is written.
+#[test]
+fn a_damaged_archive_is_named_and_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let archive = dir.path().join("archive");
+    let uri = file_uri(&archive);
+    let server = Server::start(&data, &archive_args(&uri, &[]));
+    server.create_tenant_with_items("acme");
+    // Enough rows to seal a few 256 KiB segments.
+    let api = server.api.clone();
+    for id in 0..1500 {
+        assert!(write_row(&api, "acme", id));
+    }
+    std::thread::sleep(Duration::from_millis(2 * TAIL_WINDOW_MS + 500));
+    assert!(server.terminate().success());
+    let verified = oc_pitr(&["verify", "--archive", &uri]);
+    assert!(verified.success, "{verified:?}");
+    assert!(
+        verified.stdout.contains("restorable from"),
+        "{}",
+        verified.stdout
+    );
+
+    let occupied = dir.path().join("occupied");
+    std::fs::create_dir_all(&occupied).expect("mkdir");
+    std::fs::write(occupied.join("keep-me"), b"x").expect("write");
+    let refused = oc_pitr(&[
+        "restore",
+        "--archive",
+        &uri,
+        "--target",
+        "latest",
+        "--data-dir",
+        occupied.to_str().expect("utf-8"),
+    ]);
+    assert!(!refused.success);
+    assert!(refused.stderr.contains("is not empty"), "{refused:?}");
+    assert_eq!(std::fs::read(occupied.join("keep-me")).expect("kept"), b"x");
+
+    // Flip one byte in the middle of the first sealed segment of whichever shard has one.
+    let segment = walk(&archive)
+        .into_iter()
+        .find(|p| p.to_string_lossy().contains("/wal/"))
+        .expect("a sealed segment was archived");
+    let mut bytes = std::fs::read(&segment).expect("read");
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    std::fs::write(&segment, bytes).expect("damage");
+    let key = segment
+        .strip_prefix(&archive)
+        .expect("inside")
+        .to_string_lossy()
+        .into_owned();
+    let verified = oc_pitr(&["verify", "--archive", &uri]);
+    assert!(!verified.success, "verify missed the damage: {verified:?}");
+    assert!(
+        verified.stdout.contains(&key),
+        "verify should name {key}: {verified:?}"
+    );
+    let restored = oc_pitr(&[
+        "restore",
+        "--archive",
+        &uri,
+        "--target",
+        "latest",
+        "--data-dir",
+        dir.path().join("restored").to_str().expect("utf-8"),
+    ]);
+    assert!(!restored.success, "restore went past damage: {restored:?}");
+    assert!(
+        restored.stderr.contains(&key),
+        "restore should name {key}: {restored:?}"
+    );
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("read dir").flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out.sort();
+    out
+}

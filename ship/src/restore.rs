@@ -1,0 +1,527 @@
+//! Point-in-time restore, and the walk that verifies an archive.
+//!
+//! Restore, per shard: take the newest archived checkpoint that was *complete* at or
+//! before the target (its rows were all committed by then; FORMAT.md §6 `completed_us`),
+//! or the start of the log if the archive reaches back to LSN 1; then the sealed
+//! segments from the checkpoint's LSN + 1 on, in LSN order and without gaps, and the
+//! pieces of the newest active segment; cut the log before the first group committed
+//! after the target (commit times are per group, so a cut always falls on a group's
+//! first block). The result is ordinary files in a new data directory, which
+//! `oc-server` then opens through its own CRC-validating loaders and replays.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::Path;
+
+use oc_engine::placement::{ensure_layout, shard_dir};
+use oc_io::Lsn;
+
+use crate::archive::{Archive, ArchiveError};
+use crate::catalog::{read_archive_manifest, CheckpointManifest, ShardCatalog};
+use crate::layout::{self, FrameAt, SegmentKey, TailPieceKey};
+
+/// Restore everything the archive has.
+pub const LATEST: u64 = u64::MAX;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PitrError {
+    #[error(transparent)]
+    Archive(#[from] ArchiveError),
+    #[error("{0}")]
+    Refused(String),
+    #[error("writing {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> PitrError + '_ {
+    move |source| PitrError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// One shard's restore plan.
+#[derive(Debug, Clone)]
+pub struct ShardPlan {
+    pub shard: usize,
+    pub checkpoint: Option<CheckpointManifest>,
+    pub segments: Vec<SegmentKey>,
+    pub tail: Option<Vec<TailPieceKey>>,
+    /// Why the plan stops short of what the archive lists (a gap), if it does.
+    pub stops_early: Option<String>,
+}
+
+/// The log an archive holds from `need` on, up to `target` (a plan without its base).
+fn chain_from(catalog: &ShardCatalog, need: Lsn, target: u64) -> Result<ShardPlan, String> {
+    let plan = |segments, tail, stops_early| ShardPlan {
+        shard: catalog.shard,
+        checkpoint: None,
+        segments,
+        tail,
+        stops_early,
+    };
+    let mut next = need;
+    let mut segments = Vec::new();
+    let mut last_commit = 0;
+    let gap = |next: Lsn, found: Lsn, what: String| {
+        format!(
+            "LSNs {}..={} are missing from the archive (the next object is {what})",
+            next.0,
+            found.0 - 1
+        )
+    };
+    for segment in &catalog.segments {
+        if segment.last_lsn < next || segment.last_lsn.0 + 1 == segment.first_lsn.0 {
+            continue; // before what is needed, or empty
+        }
+        if last_commit > target {
+            break;
+        }
+        if segment.first_lsn > next {
+            let why = gap(next, segment.first_lsn, segment.key());
+            return if target == LATEST && !segments.is_empty() {
+                Ok(plan(segments, None, Some(why)))
+            } else {
+                Err(why)
+            };
+        }
+        segments.push(*segment);
+        next = segment.last_lsn.next();
+        last_commit = segment.last_commit_us;
+    }
+    let mut tail = None;
+    if last_commit <= target {
+        if let Some((&(_, first), pieces)) = catalog.live_tail() {
+            if first > next {
+                let why = gap(
+                    next,
+                    first,
+                    format!("the tail of segment {}", pieces[0].file_name()),
+                );
+                if target != LATEST || segments.is_empty() {
+                    return Err(why);
+                }
+                return Ok(plan(segments, None, Some(why)));
+            }
+            if first == next {
+                tail = Some(pieces.clone());
+            }
+        }
+    }
+    Ok(plan(segments, tail, None))
+}
+
+/// Chooses what to restore for one shard (see the module comment).
+pub fn plan_shard(catalog: &ShardCatalog, target: u64) -> Result<ShardPlan, String> {
+    let mut reasons = Vec::new();
+    let bases = catalog
+        .checkpoints
+        .iter()
+        .rev()
+        .filter(|c| c.completed_us <= target)
+        .map(Some)
+        .chain([None]);
+    for base in bases {
+        let need = base.map_or(Lsn(1), |c| c.lsn.next());
+        let nothing_at_all = catalog.checkpoints.is_empty()
+            && catalog.segments.is_empty()
+            && catalog.live_tail().is_none();
+        if nothing_at_all {
+            // No frame of this shard was ever archived: it never had a durable write
+            // (shipping keeps every segment until the archive has it).
+            return Ok(ShardPlan {
+                shard: catalog.shard,
+                checkpoint: None,
+                segments: Vec::new(),
+                tail: None,
+                stops_early: None,
+            });
+        }
+        match chain_from(catalog, need, target) {
+            Ok(plan) => {
+                return Ok(ShardPlan {
+                    checkpoint: base.cloned(),
+                    ..plan
+                })
+            }
+            Err(why) => reasons.push(match base {
+                Some(c) => format!("from checkpoint {}: {why}", c.lsn.0),
+                None => format!("from the start of the log: {why}"),
+            }),
+        }
+    }
+    Err(format!(
+        "shard {}: no restore point at or before the target: {}",
+        catalog.shard,
+        reasons.join("; ")
+    ))
+}
+
+/// A segment file rebuilt from the archive, validated, and cut at the target.
+struct Rebuilt {
+    file: Vec<u8>,
+    name: String,
+    last: Option<FrameAt>,
+    /// The target cut this segment: later segments are not wanted.
+    cut: bool,
+}
+
+fn fetch(archive: &dyn Archive, key: &str) -> Result<Vec<u8>, PitrError> {
+    match archive.get(key)? {
+        Some((bytes, _)) => Ok(bytes),
+        None => Err(PitrError::Refused(format!(
+            "{key} was listed but is gone (deleted by retention meanwhile?); run the restore again"
+        ))),
+    }
+}
+
+/// Joins tail pieces from offset 0; they must be contiguous.
+fn join_pieces(archive: &dyn Archive, pieces: &[TailPieceKey]) -> Result<Vec<u8>, PitrError> {
+    let mut image = Vec::new();
+    for piece in pieces {
+        if piece.start != image.len() as u64 {
+            return Err(PitrError::Refused(format!(
+                "tail piece {} does not continue the pieces before it (they end at byte {})",
+                piece.key(),
+                image.len()
+            )));
+        }
+        let bytes = fetch(archive, &piece.key())?;
+        if bytes.len() as u64 != piece.end - piece.start {
+            return Err(PitrError::Archive(ArchiveError::Corrupt {
+                key: piece.key(),
+                why: format!(
+                    "holds {} bytes, its key says {}",
+                    bytes.len(),
+                    piece.end - piece.start
+                ),
+            }));
+        }
+        image.extend_from_slice(&bytes);
+    }
+    Ok(image)
+}
+
+/// Expands and validates an image, checking it continues at `expected`, and cuts it
+/// before the first group committed after `target`.
+fn rebuild(
+    key: &str,
+    image: &[u8],
+    sealed: bool,
+    expected: Lsn,
+    target: u64,
+) -> Result<Rebuilt, PitrError> {
+    let corrupt = |why: String| {
+        PitrError::Archive(ArchiveError::Corrupt {
+            key: key.to_string(),
+            why,
+        })
+    };
+    let (mut file, header) = layout::expand_image(image, sealed).map_err(corrupt)?;
+    if header.first_lsn > expected {
+        return Err(corrupt(format!(
+            "starts at LSN {} where LSN {} was expected",
+            header.first_lsn.0, expected.0
+        )));
+    }
+    let mut last = None;
+    let mut cut_at = None;
+    layout::scan_file(&file, &header, sealed, |frame| {
+        if cut_at.is_some() {
+            return;
+        }
+        if frame.commit_us > target {
+            cut_at = Some(*frame);
+        } else {
+            last = Some(*frame);
+        }
+    })
+    .map_err(corrupt)?;
+    let name = oc_io::wal::segment::segment_name(header.shard, header.epoch, header.first_lsn);
+    if let Some(frame) = cut_at {
+        if frame.group_index != 0 || !frame.start.is_multiple_of(oc_io::BLOCK_SIZE as u64) {
+            return Err(corrupt(format!(
+                "the target falls inside a group commit at LSN {} (commit times differ within it)",
+                frame.lsn.0
+            )));
+        }
+        file[frame.start as usize..].fill(0);
+    }
+    Ok(Rebuilt {
+        file,
+        name,
+        last,
+        cut: cut_at.is_some(),
+    })
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), PitrError> {
+    let mut f = File::create(path).map_err(io_err(path))?;
+    f.write_all(bytes).map_err(io_err(path))?;
+    f.sync_all().map_err(io_err(path))
+}
+
+fn sync_dir(path: &Path) -> Result<(), PitrError> {
+    File::open(path)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(path))
+}
+
+/// What restoring one shard produced.
+#[derive(Debug, Clone)]
+pub struct ShardRestored {
+    pub shard: usize,
+    pub checkpoint: Option<Lsn>,
+    pub segments: usize,
+    pub last_lsn: Lsn,
+    pub last_commit_us: u64,
+    pub bytes: u64,
+    pub stops_early: Option<String>,
+}
+
+/// Restores the archive as of `target` (µs since the epoch, or [`LATEST`]) into
+/// `data_dir`, which must be empty or absent. `progress` gets one line per object.
+pub fn restore(
+    archive: &dyn Archive,
+    target: u64,
+    data_dir: &Path,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Vec<ShardRestored>, PitrError> {
+    if fs::read_dir(data_dir).is_ok_and(|mut d| d.next().is_some()) {
+        return Err(PitrError::Refused(format!(
+            "{} is not empty: restore writes a new data directory; give an empty or absent one",
+            data_dir.display()
+        )));
+    }
+    let manifest = read_archive_manifest(archive)?;
+    let mut plans = Vec::new();
+    for shard in 0..manifest.shards {
+        let catalog = ShardCatalog::load(archive, shard)?;
+        plans.push(plan_shard(&catalog, target).map_err(PitrError::Refused)?);
+    }
+    ensure_layout(data_dir, manifest.shards).map_err(|e| PitrError::Refused(e.to_string()))?;
+    let mut restored = Vec::new();
+    for plan in plans {
+        restored.push(restore_shard(archive, &plan, target, data_dir, progress)?);
+    }
+    sync_dir(data_dir)?;
+    Ok(restored)
+}
+
+fn restore_shard(
+    archive: &dyn Archive,
+    plan: &ShardPlan,
+    target: u64,
+    data_dir: &Path,
+    progress: &mut dyn FnMut(&str),
+) -> Result<ShardRestored, PitrError> {
+    let dir = shard_dir(data_dir, plan.shard);
+    fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+    let mut out = ShardRestored {
+        shard: plan.shard,
+        checkpoint: plan.checkpoint.as_ref().map(|c| c.lsn),
+        segments: 0,
+        last_lsn: Lsn(0),
+        last_commit_us: 0,
+        bytes: 0,
+        stops_early: plan.stops_early.clone(),
+    };
+    if let Some(checkpoint) = &plan.checkpoint {
+        let snapshot_key = layout::checkpoint_snapshot_key(plan.shard, checkpoint.lsn);
+        let snapshot = fetch(archive, &snapshot_key)?;
+        checkpoint
+            .check_snapshot(&snapshot)
+            .map_err(|why| ArchiveError::Corrupt {
+                key: snapshot_key.clone(),
+                why,
+            })?;
+        let manifest = fetch(
+            archive,
+            &layout::checkpoint_manifest_key(plan.shard, checkpoint.lsn),
+        )?;
+        write_synced(
+            &dir.join(oc_engine::checkpoint::snapshot_name(checkpoint.lsn)),
+            &snapshot,
+        )?;
+        write_synced(
+            &dir.join(oc_engine::checkpoint::manifest_name(checkpoint.lsn)),
+            &manifest,
+        )?;
+        out.last_lsn = checkpoint.lsn;
+        out.bytes += (snapshot.len() + manifest.len()) as u64;
+        progress(&format!(
+            "shard {}: checkpoint at LSN {} ({} rows, {} bytes)",
+            plan.shard,
+            checkpoint.lsn.0,
+            checkpoint.rows,
+            snapshot.len()
+        ));
+    }
+    let mut expected = out.last_lsn.next();
+    let mut images: Vec<(String, Vec<u8>, bool)> = plan
+        .segments
+        .iter()
+        .map(|s| (s.key(), Vec::new(), true))
+        .collect();
+    if let Some(pieces) = &plan.tail {
+        images.push((pieces[0].key(), Vec::new(), false));
+    }
+    for (index, (key, _, sealed)) in images.iter().enumerate() {
+        let image = if *sealed {
+            fetch(archive, key)?
+        } else {
+            join_pieces(archive, plan.tail.as_deref().unwrap_or_default())?
+        };
+        let rebuilt = rebuild(key, &image, *sealed, expected, target)?;
+        let path = dir.join(&rebuilt.name);
+        write_synced(&path, &rebuilt.file)?;
+        out.segments += 1;
+        out.bytes += image.len() as u64;
+        if let Some(last) = rebuilt.last {
+            if last.lsn >= expected {
+                out.last_lsn = last.lsn;
+                out.last_commit_us = last.commit_us;
+                expected = last.lsn.next();
+            }
+        }
+        progress(&format!(
+            "shard {}: segment {} of {}: {} ({} bytes{})",
+            plan.shard,
+            index + 1,
+            images.len(),
+            rebuilt.name,
+            image.len(),
+            if rebuilt.cut {
+                ", cut at the target"
+            } else {
+                ""
+            }
+        ));
+        if rebuilt.cut {
+            break;
+        }
+    }
+    sync_dir(&dir)?;
+    Ok(out)
+}
+
+/// What `oc-pitr verify` found in one shard.
+#[derive(Debug, Clone, Default)]
+pub struct ShardVerified {
+    pub shard: usize,
+    pub objects: usize,
+    pub bytes: u64,
+    pub problems: Vec<String>,
+    /// The earliest and latest instants a restore of this shard can reach.
+    pub window: Option<(u64, u64)>,
+}
+
+/// Reads every object of the archive: every checksum, every frame, LSN continuity from
+/// each checkpoint to the newest tail.
+pub fn verify(
+    archive: &dyn Archive,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Vec<ShardVerified>, PitrError> {
+    let manifest = read_archive_manifest(archive)?;
+    let mut shards = Vec::new();
+    for shard in 0..manifest.shards {
+        let catalog = ShardCatalog::load(archive, shard)?;
+        let mut v = ShardVerified {
+            shard,
+            ..ShardVerified::default()
+        };
+        for key in &catalog.unknown {
+            v.problems.push(format!("{key}: not an object oc writes"));
+        }
+        for checkpoint in &catalog.checkpoints {
+            let key = layout::checkpoint_snapshot_key(shard, checkpoint.lsn);
+            match archive.get(&key) {
+                Ok(Some((bytes, _))) => {
+                    v.objects += 2;
+                    v.bytes += bytes.len() as u64;
+                    if let Err(why) = checkpoint.check_snapshot(&bytes) {
+                        v.problems.push(format!("{key}: {why}"));
+                    }
+                }
+                Ok(None) => v
+                    .problems
+                    .push(format!("{key}: missing (its manifest is there)")),
+                Err(e) => v.problems.push(e.to_string()),
+            }
+        }
+        // Every segment, and the live tail, in LSN order; `runs` are gap-free stretches.
+        let mut runs: Vec<(Lsn, Lsn, u64)> = Vec::new(); // first, last, last commit
+        let mut objects: Vec<(String, bool)> =
+            catalog.segments.iter().map(|s| (s.key(), true)).collect();
+        if let Some((_, pieces)) = catalog.live_tail() {
+            objects.push((pieces[0].key(), false));
+        }
+        for (key, sealed) in objects {
+            let image = if sealed {
+                fetch(archive, &key)
+            } else {
+                catalog
+                    .live_tail()
+                    .map_or(Ok(Vec::new()), |(_, pieces)| join_pieces(archive, pieces))
+            };
+            let checked = image.and_then(|image| {
+                v.objects += 1;
+                v.bytes += image.len() as u64;
+                rebuild(&key, &image, sealed, Lsn(u64::MAX), LATEST)
+            });
+            let rebuilt = match checked {
+                Ok(r) => r,
+                Err(e) => {
+                    v.problems.push(e.to_string());
+                    continue;
+                }
+            };
+            let header_first = oc_io::wal::segment::parse_segment_name(&rebuilt.name)
+                .map_or(Lsn(0), |(_, _, first)| first);
+            if let Some(segment) = SegmentKey::parse(&key) {
+                let last = rebuilt.last.map_or(Lsn(segment.first_lsn.0 - 1), |f| f.lsn);
+                if last != segment.last_lsn {
+                    v.problems.push(format!(
+                        "{key}: its frames end at LSN {}, its key says {}",
+                        last.0, segment.last_lsn.0
+                    ));
+                }
+            }
+            let Some(last) = rebuilt.last else { continue };
+            match runs.last_mut() {
+                Some(run) if header_first.0 == run.1 .0 + 1 => {
+                    run.1 = last.lsn;
+                    run.2 = last.commit_us;
+                }
+                Some(run) if header_first <= run.1 => {}
+                Some(run) => {
+                    v.problems.push(format!(
+                        "gap: LSNs {}..={} are missing before {key}",
+                        run.1 .0 + 1,
+                        header_first.0 - 1
+                    ));
+                    runs.push((header_first, last.lsn, last.commit_us));
+                }
+                None => runs.push((header_first, last.lsn, last.commit_us)),
+            }
+            progress(&format!("shard {shard}: {key} ok"));
+        }
+        if let Some(&(first, last, last_commit)) = runs.last() {
+            let earliest = catalog
+                .checkpoints
+                .iter()
+                .filter(|c| c.lsn.next() >= first && c.lsn <= last && c.completed_us != u64::MAX)
+                .map(|c| c.completed_us)
+                .min();
+            let earliest = if first == Lsn(1) { Some(0) } else { earliest };
+            v.window = earliest.map(|e| (e, last_commit));
+        } else if let Some(c) = catalog.checkpoints.last() {
+            v.window = Some((c.completed_us, c.completed_us));
+        }
+        shards.push(v);
+    }
+    Ok(shards)
+}

@@ -1,0 +1,648 @@
+//! Shipping: sealed segments, checkpoints and the durable tail of the active segment go
+//! to the archive; a segment leaves the local disk only once the archive has it.
+//!
+//! Two halves. [`run_shipper`] runs on the control executor: every `tail_window` it
+//! asks each shard where its log ends ([`ShardView`], one cross-core call), hands the
+//! views to the shipping thread, and moves each shard's release barrier up to what is
+//! now archived. The shipping thread ([`Shipper`]) does every blocking thing: it reads
+//! the shard's files with ordinary reads (every byte it reads is durable and never
+//! rewritten, see `Wal::durable_tail`) and calls the archive. So an archive that is
+//! slow or down never blocks a shard: writes go on, segments stay on disk, and the
+//! lag metrics grow until uploads succeed again.
+//!
+//! Order within a round, per shard: sealed segments oldest first (then their tail
+//! pieces are deleted), checkpoints (snapshot, then manifest), then the new bytes of
+//! the active segment as one tail piece. The barrier becomes the first LSN of the
+//! oldest segment not archived sealed, so the active segment is never released.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::future::Future;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use oc_engine::placement::shard_dir;
+use oc_engine::{ShardNode, ShardRouter};
+use oc_io::wal::segment::{parse_segment_name, DATA_START};
+use oc_io::wal::DurableTail;
+use oc_io::{Lsn, BLOCK_SIZE};
+
+use crate::archive::{Archive, ArchiveError, Condition};
+use crate::breaker::{Breaker, BreakerPolicy};
+use crate::layout::{self, SegmentKey, TailPieceKey};
+
+/// Default interval between tail uploads.
+pub const DEFAULT_TAIL_WINDOW: Duration = Duration::from_millis(500);
+/// Default time archived checkpoints and segments are kept.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How often retention runs.
+const RETENTION_EVERY: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone)]
+pub struct ShipperConfig {
+    pub data_dir: PathBuf,
+    pub shards: usize,
+    pub tail_window: Duration,
+    pub retention: Duration,
+    pub breaker: BreakerPolicy,
+}
+
+/// Where one shard's log ends, as the shard saw it.
+#[derive(Debug, Clone)]
+pub struct ShardView {
+    /// Segment files, oldest first; all but the newest are sealed.
+    pub segments: Vec<String>,
+    pub tail: Option<DurableTail>,
+}
+
+impl ShardView {
+    pub fn of(node: &ShardNode) -> ShardView {
+        let wal = node.shard().wal();
+        ShardView {
+            segments: wal.segments(),
+            tail: wal.durable_tail(),
+        }
+    }
+}
+
+/// Why a round did not finish, by kind (`oc_archive_failures_total{kind}`).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ShipError {
+    #[error(transparent)]
+    Archive(#[from] ArchiveError),
+    #[error("reading {file}: {why}")]
+    Local { file: String, why: String },
+    #[error("the archive already holds a different {key:?}: it belongs to another server or timeline; ship to a new archive location")]
+    Conflict { key: String },
+}
+
+impl ShipError {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ShipError::Archive(ArchiveError::Io { .. }) => "io",
+            ShipError::Archive(ArchiveError::Corrupt { .. }) => "corrupt",
+            ShipError::Archive(ArchiveError::PreconditionFailed { .. })
+            | ShipError::Conflict { .. } => "conflict",
+            ShipError::Archive(_) => "config",
+            ShipError::Local { .. } => "local",
+        }
+    }
+}
+
+/// What `/metrics` shows about shipping.
+#[derive(Debug, Clone, Default)]
+pub struct ShipMetrics {
+    /// Per shard: durable bytes not yet archived, as of the last round.
+    pub lag_bytes: Vec<u64>,
+    /// Per shard: seconds since the archive last held everything the shard had made
+    /// durable.
+    pub lag_seconds: Vec<f64>,
+    /// Unix seconds of the last round that uploaded everything it had to.
+    pub last_success_unix_s: f64,
+    pub uploads: BTreeMap<&'static str, u64>,
+    pub uploaded_bytes: u64,
+    pub failures: BTreeMap<&'static str, u64>,
+    pub circuit_open: bool,
+    pub circuit_opened_total: u64,
+    pub deleted_by_retention: u64,
+}
+
+/// The shared view of [`ShipMetrics`]: written by the shipping thread, read at scrape
+/// time. A lock is fine here: neither side is a data shard.
+#[derive(Debug, Clone, Default)]
+pub struct ShipStatus(Arc<Mutex<ShipMetrics>>);
+
+impl ShipStatus {
+    pub fn snapshot(&self) -> ShipMetrics {
+        self.0.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut ShipMetrics)) {
+        if let Ok(mut m) = self.0.lock() {
+            f(&mut m);
+        }
+    }
+}
+
+/// One shard's archive progress, as the shipping thread knows it.
+#[derive(Debug, Default)]
+struct ShardProgress {
+    /// First LSNs of the sealed segments in the archive.
+    segments: BTreeSet<Lsn>,
+    /// Checkpoint LSN → completion time (µs), for those in the archive.
+    checkpoints: BTreeMap<Lsn, u64>,
+    /// Active segment (its tail folder) → end of the pieces shipped from offset 0.
+    tail_ends: BTreeMap<(u64, Lsn), u64>,
+    /// When the archive last held all of this shard's durable log.
+    caught_up: Option<Instant>,
+}
+
+/// The blocking half: reads shard files, writes the archive.
+pub struct Shipper {
+    archive: Arc<dyn Archive>,
+    config: ShipperConfig,
+    shards: Vec<ShardProgress>,
+    status: ShipStatus,
+    last_retention: Option<Instant>,
+}
+
+fn local(file: &Path, e: impl std::fmt::Display) -> ShipError {
+    ShipError::Local {
+        file: file.display().to_string(),
+        why: e.to_string(),
+    }
+}
+
+fn read_at(file: &File, path: &Path, offset: u64, len: usize) -> Result<Vec<u8>, ShipError> {
+    let mut buf = vec![0u8; len];
+    file.read_exact_at(&mut buf, offset)
+        .map_err(|e| local(path, e))?;
+    Ok(buf)
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// Checks the archive's `manifest.json` against this layout, writing it if absent.
+pub fn claim_archive(archive: &dyn Archive, shards: usize) -> Result<(), ShipError> {
+    let manifest = serde_json::json!({
+        "format_version": layout::ARCHIVE_FORMAT_VERSION,
+        "shards": shards,
+        "placement": "fnv1a64-mod",
+        "created_us": now_us(),
+    });
+    match archive.put(
+        layout::MANIFEST_KEY,
+        manifest.to_string().as_bytes(),
+        &Condition::IfAbsent,
+    ) {
+        Ok(_) => Ok(()),
+        Err(ArchiveError::PreconditionFailed { .. }) => {
+            let found = crate::catalog::read_archive_manifest(archive)?;
+            if found.shards != shards {
+                return Err(ShipError::Archive(ArchiveError::PreconditionFailed {
+                    key: layout::MANIFEST_KEY.into(),
+                    why: format!(
+                        "the archive holds a {}-shard layout and this server runs {shards} shards",
+                        found.shards
+                    ),
+                }));
+            }
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+impl Shipper {
+    /// Claims the archive for this layout and learns what it already holds.
+    pub fn open(
+        archive: Arc<dyn Archive>,
+        config: ShipperConfig,
+        status: ShipStatus,
+    ) -> Result<Shipper, ShipError> {
+        claim_archive(archive.as_ref(), config.shards)?;
+        let mut shards = Vec::with_capacity(config.shards);
+        for shard in 0..config.shards {
+            let catalog = crate::catalog::ShardCatalog::load(archive.as_ref(), shard)?;
+            let mut progress = ShardProgress {
+                segments: catalog.segments.iter().map(|s| s.first_lsn).collect(),
+                checkpoints: catalog
+                    .checkpoints
+                    .iter()
+                    .map(|c| (c.lsn, c.completed_us))
+                    .collect(),
+                ..ShardProgress::default()
+            };
+            for (folder, pieces) in &catalog.tails {
+                progress
+                    .tail_ends
+                    .insert(*folder, crate::catalog::contiguous_end(pieces));
+            }
+            shards.push(progress);
+        }
+        status.update(|m| {
+            m.lag_bytes = vec![0; config.shards];
+            m.lag_seconds = vec![0.0; config.shards];
+        });
+        Ok(Shipper {
+            archive,
+            config,
+            shards,
+            status,
+            last_retention: None,
+        })
+    }
+
+    fn count_upload(&self, what: &'static str, bytes: usize) {
+        self.status.update(|m| {
+            *m.uploads.entry(what).or_default() += 1;
+            m.uploaded_bytes += bytes as u64;
+        });
+    }
+
+    /// Puts `payload` under `key` unless the archive already has it; an existing,
+    /// different object is a conflict (never overwritten).
+    fn put_once(&self, key: &str, payload: &[u8]) -> Result<(), ShipError> {
+        match self.archive.put(key, payload, &Condition::IfAbsent) {
+            Ok(_) => Ok(()),
+            Err(ArchiveError::PreconditionFailed { .. }) => match self.archive.get(key)? {
+                Some((existing, _)) if existing == payload => Ok(()),
+                _ => Err(ShipError::Conflict { key: key.into() }),
+            },
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Durable bytes of `shard` the archive does not have yet, by the local files.
+    fn lag_bytes(&self, shard: usize, view: &ShardView) -> u64 {
+        let dir = shard_dir(&self.config.data_dir, shard);
+        let progress = &self.shards[shard];
+        let mut lag = 0;
+        for name in view.segments.iter().rev().skip(1) {
+            if let Some((_, _, first)) = parse_segment_name(name) {
+                if !progress.segments.contains(&first) {
+                    lag += std::fs::metadata(dir.join(name)).map_or(0, |m| m.len());
+                }
+            }
+        }
+        if let Some(tail) = &view.tail {
+            let epoch = parse_segment_name(&tail.segment).map_or(0, |(_, e, _)| e.0);
+            let shipped = progress
+                .tail_ends
+                .get(&(epoch, tail.first_lsn))
+                .copied()
+                .unwrap_or(0)
+                .max(DATA_START);
+            lag += tail.end.saturating_sub(shipped);
+        }
+        lag
+    }
+
+    /// One round over every shard; returns each shard's new release barrier (`None`
+    /// where the round failed, leaving that shard's barrier as it was). With `upload`
+    /// false (the breaker is open) it only measures lag.
+    pub fn round(
+        &mut self,
+        views: &[Option<ShardView>],
+        upload: bool,
+    ) -> Vec<Result<Lsn, ShipError>> {
+        let now = Instant::now();
+        let mut outcomes = Vec::with_capacity(views.len());
+        for (shard, view) in views.iter().enumerate() {
+            let Some(view) = view else {
+                outcomes.push(Err(ShipError::Local {
+                    file: format!("shard {shard}"),
+                    why: "the shard did not answer".into(),
+                }));
+                continue;
+            };
+            let outcome = if upload {
+                self.ship_shard(shard, view)
+            } else {
+                Err(ShipError::Archive(ArchiveError::Io {
+                    key: String::new(),
+                    source: Arc::new(std::io::Error::other("circuit open")),
+                }))
+            };
+            let lag = self.lag_bytes(shard, view);
+            let progress = &mut self.shards[shard];
+            if lag == 0 || progress.caught_up.is_none() {
+                progress.caught_up = Some(now);
+            }
+            let lag_s = if lag == 0 {
+                0.0
+            } else {
+                progress
+                    .caught_up
+                    .map_or(0.0, |t| now.duration_since(t).as_secs_f64())
+            };
+            self.status.update(|m| {
+                m.lag_bytes[shard] = lag;
+                m.lag_seconds[shard] = lag_s;
+            });
+            if let Err(e) = &outcome {
+                if upload {
+                    tracing::warn!(shard, error = %e, kind = e.kind(), "archive shipping failed; retrying with backoff");
+                    self.status
+                        .update(|m| *m.failures.entry(e.kind()).or_default() += 1);
+                }
+            }
+            outcomes.push(outcome);
+        }
+        if upload && outcomes.iter().all(Result::is_ok) {
+            self.status
+                .update(|m| m.last_success_unix_s = now_us() as f64 / 1e6);
+            if self
+                .last_retention
+                .is_none_or(|at| now.duration_since(at) >= RETENTION_EVERY)
+            {
+                self.last_retention = Some(now);
+                for shard in 0..self.shards.len() {
+                    if let Err(e) = self.retain(shard, now_us()) {
+                        tracing::warn!(shard, error = %e, "archive retention failed; retrying later");
+                    }
+                }
+            }
+        }
+        outcomes
+    }
+
+    fn ship_shard(&mut self, shard: usize, view: &ShardView) -> Result<Lsn, ShipError> {
+        let dir = shard_dir(&self.config.data_dir, shard);
+        let sealed = view.segments.len().saturating_sub(1);
+        for name in &view.segments[..sealed] {
+            self.ship_sealed(shard, &dir, name)?;
+        }
+        self.ship_checkpoints(shard, &dir)?;
+        let Some(tail) = &view.tail else {
+            return Ok(Lsn(1));
+        };
+        self.ship_tail(shard, &dir, tail)?;
+        Ok(tail.first_lsn)
+    }
+
+    fn ship_sealed(&mut self, shard: usize, dir: &Path, name: &str) -> Result<(), ShipError> {
+        let path = dir.join(name);
+        let Some((_, epoch, first)) = parse_segment_name(name) else {
+            return Err(local(&path, "not a segment name"));
+        };
+        if self.shards[shard].segments.contains(&first) {
+            return Ok(());
+        }
+        let file = File::open(&path).map_err(|e| local(&path, e))?;
+        let header_block = read_at(&file, &path, 0, BLOCK_SIZE)?;
+        let capacity = file.metadata().map_err(|e| local(&path, e))?.len();
+        let footer_block = read_at(&file, &path, capacity - BLOCK_SIZE as u64, BLOCK_SIZE)?;
+        let footer = oc_io::wal::segment::SegmentFooter::decode(&footer_block).map_err(|e| {
+            local(
+                &path,
+                format!("a sealed segment without a valid footer: {e:?}"),
+            )
+        })?;
+        let data_len = footer.data_end.saturating_sub(DATA_START) as usize;
+        let data = read_at(&file, &path, DATA_START, data_len)?;
+        let (image, _, footer) = layout::sealed_image(&header_block, &data, &footer_block)
+            .map_err(|e| local(&path, e))?;
+        let key = SegmentKey {
+            shard,
+            epoch,
+            first_lsn: first,
+            last_lsn: footer.last_lsn,
+            last_commit_us: footer.last_commit_ts.0,
+        };
+        self.put_once(&key.key(), &image)?;
+        self.count_upload("segment", image.len());
+        self.shards[shard].segments.insert(first);
+        // The sealed image supersedes the tail pieces of the same segment.
+        let folder = layout::tail_prefix(shard, epoch, first);
+        for piece in self.archive.list(&folder)? {
+            self.archive.delete(&piece)?;
+        }
+        self.shards[shard].tail_ends.remove(&(epoch.0, first));
+        tracing::debug!(
+            shard,
+            segment = name,
+            bytes = image.len(),
+            "archived a sealed segment"
+        );
+        Ok(())
+    }
+
+    fn ship_checkpoints(&mut self, shard: usize, dir: &Path) -> Result<(), ShipError> {
+        let entries = std::fs::read_dir(dir).map_err(|e| local(dir, e))?;
+        let mut local_checkpoints: Vec<Lsn> = entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let hex = name.strip_prefix("checkpoint-")?.strip_suffix(".json")?;
+                u64::from_str_radix(hex, 16).ok().map(Lsn)
+            })
+            .collect();
+        local_checkpoints.sort();
+        for lsn in local_checkpoints {
+            if self.shards[shard].checkpoints.contains_key(&lsn) {
+                continue;
+            }
+            let manifest_path = dir.join(oc_engine::checkpoint::manifest_name(lsn));
+            let snapshot_path = dir.join(oc_engine::checkpoint::snapshot_name(lsn));
+            // A checkpoint superseded and removed meanwhile is simply skipped.
+            let (Ok(manifest), Ok(snapshot)) =
+                (std::fs::read(&manifest_path), std::fs::read(&snapshot_path))
+            else {
+                continue;
+            };
+            let info = crate::catalog::CheckpointManifest::parse(&manifest)
+                .map_err(|e| local(&manifest_path, e))?;
+            info.check_snapshot(&snapshot)
+                .map_err(|e| local(&snapshot_path, e))?;
+            self.put_once(&layout::checkpoint_snapshot_key(shard, lsn), &snapshot)?;
+            self.put_once(&layout::checkpoint_manifest_key(shard, lsn), &manifest)?;
+            self.count_upload("checkpoint", snapshot.len() + manifest.len());
+            self.shards[shard]
+                .checkpoints
+                .insert(lsn, info.completed_us);
+            tracing::info!(
+                shard,
+                lsn = lsn.0,
+                bytes = snapshot.len(),
+                "archived a checkpoint"
+            );
+        }
+        Ok(())
+    }
+
+    fn ship_tail(&mut self, shard: usize, dir: &Path, tail: &DurableTail) -> Result<(), ShipError> {
+        let path = dir.join(&tail.segment);
+        let Some((_, epoch, first)) = parse_segment_name(&tail.segment) else {
+            return Err(local(&path, "not a segment name"));
+        };
+        if tail.end <= DATA_START || self.shards[shard].segments.contains(&first) {
+            return Ok(()); // no frames yet, or already archived sealed
+        }
+        let shipped = self.shards[shard]
+            .tail_ends
+            .get(&(epoch.0, first))
+            .copied()
+            .unwrap_or(0);
+        if tail.end <= shipped {
+            return Ok(());
+        }
+        let file = File::open(&path).map_err(|e| local(&path, e))?;
+        let bytes = read_at(&file, &path, shipped, (tail.end - shipped) as usize)?;
+        let piece = TailPieceKey {
+            shard,
+            epoch,
+            first_lsn: first,
+            start: shipped,
+            end: tail.end,
+        };
+        self.archive.put(&piece.key(), &bytes, &Condition::Always)?;
+        self.count_upload("tail", bytes.len());
+        self.shards[shard]
+            .tail_ends
+            .insert((epoch.0, first), tail.end);
+        Ok(())
+    }
+
+    /// Deletes what no restore point inside the retention window needs: checkpoints
+    /// older than the newest one completed before the window starts, and segments whose
+    /// frames that checkpoint already covers. Without such a checkpoint, nothing goes.
+    fn retain(&mut self, shard: usize, now_us: u64) -> Result<(), ShipError> {
+        let cutoff = now_us.saturating_sub(self.config.retention.as_micros() as u64);
+        let progress = &self.shards[shard];
+        let Some((&keep, _)) = progress
+            .checkpoints
+            .iter()
+            .rev()
+            .find(|(_, &completed)| completed <= cutoff)
+        else {
+            return Ok(());
+        };
+        let old_checkpoints: Vec<Lsn> = progress
+            .checkpoints
+            .range(..keep)
+            .map(|(l, _)| *l)
+            .collect();
+        let mut deleted = 0;
+        for lsn in old_checkpoints {
+            self.archive
+                .delete(&layout::checkpoint_manifest_key(shard, lsn))?;
+            self.archive
+                .delete(&layout::checkpoint_snapshot_key(shard, lsn))?;
+            self.shards[shard].checkpoints.remove(&lsn);
+            deleted += 2;
+        }
+        for key in self.archive.list(&layout::segment_prefix(shard))? {
+            if let Some(segment) = SegmentKey::parse(&key) {
+                if segment.last_lsn <= keep {
+                    self.archive.delete(&key)?;
+                    self.shards[shard].segments.remove(&segment.first_lsn);
+                    deleted += 1;
+                }
+            }
+        }
+        if deleted > 0 {
+            tracing::info!(
+                shard,
+                deleted,
+                keep_checkpoint = keep.0,
+                "archive retention"
+            );
+            self.status.update(|m| m.deleted_by_retention += deleted);
+        }
+        Ok(())
+    }
+}
+
+/// The control executor's half, made on the main thread and run where the router is.
+pub type ShipperLoop = Box<dyn FnOnce(Rc<ShardRouter>) -> Pin<Box<dyn Future<Output = ()>>> + Send>;
+
+/// A round's work, sent to the shipping thread.
+struct Job {
+    views: Vec<Option<ShardView>>,
+    upload: bool,
+    reply: futures_channel::oneshot::Sender<Vec<Result<Lsn, ShipError>>>,
+}
+
+/// Starts the shipping thread and returns the control executor's loop, to be spawned
+/// there. The archive is claimed and listed before this returns, so a wrong archive
+/// (another layout, unreachable at start) is an error at start-up.
+pub fn start(
+    archive: Arc<dyn Archive>,
+    config: ShipperConfig,
+    status: ShipStatus,
+) -> Result<ShipperLoop, ShipError> {
+    let window = config.tail_window;
+    let policy = config.breaker;
+    let mut shipper = Shipper::open(archive, config, status.clone())?;
+    let (jobs, inbox) = mpsc::channel::<Job>();
+    std::thread::Builder::new()
+        .name("oc-ship".into())
+        .spawn(move || {
+            for job in inbox {
+                let _ = job.reply.send(shipper.round(&job.views, job.upload));
+            }
+        })
+        .map_err(|e| ShipError::Local {
+            file: "oc-ship thread".into(),
+            why: e.to_string(),
+        })?;
+    Ok(Box::new(move |router: Rc<ShardRouter>| {
+        Box::pin(run_shipper(router, jobs, window, policy, status))
+            as Pin<Box<dyn Future<Output = ()>>>
+    }))
+}
+
+async fn run_shipper(
+    router: Rc<ShardRouter>,
+    jobs: mpsc::Sender<Job>,
+    window: Duration,
+    policy: BreakerPolicy,
+    status: ShipStatus,
+) {
+    let mut breaker = Breaker::new(policy);
+    loop {
+        glommio::timer::sleep(window).await;
+        let mut views = Vec::with_capacity(router.shards());
+        for shard in 0..router.shards() {
+            let view = router
+                .call(
+                    shard,
+                    |node: Rc<ShardNode>| async move { ShardView::of(&node) },
+                )
+                .await;
+            views.push(view.ok());
+        }
+        let upload = breaker.allows(Instant::now());
+        let (reply, answer) = futures_channel::oneshot::channel();
+        if jobs
+            .send(Job {
+                views,
+                upload,
+                reply,
+            })
+            .is_err()
+        {
+            return;
+        }
+        let Ok(outcomes) = answer.await else {
+            return; // the shipping thread is gone
+        };
+        if !upload {
+            continue;
+        }
+        let mut all_ok = true;
+        for (shard, outcome) in outcomes.into_iter().enumerate() {
+            match outcome {
+                Ok(barrier) => {
+                    let set = move |node: Rc<ShardNode>| async move {
+                        node.shard().set_release_barrier(Some(barrier));
+                    };
+                    let _ = router.call(shard, set).await;
+                }
+                Err(_) => all_ok = false,
+            }
+        }
+        if all_ok {
+            breaker.succeeded();
+        } else {
+            let was_open = breaker.is_open();
+            breaker.failed(Instant::now());
+            if breaker.is_open() && !was_open {
+                tracing::error!("archive circuit opened: uploads paused; writes continue and shipping lag grows");
+            }
+        }
+        status.update(|m| {
+            m.circuit_open = breaker.is_open();
+            m.circuit_opened_total = breaker.opened_total();
+        });
+    }
+}
