@@ -3,13 +3,16 @@
 //! `oc-pitr restore`, and `oc-server` again on the restored directory.
 
 mod common;
+#[path = "../../ship/tests/common_s3.rs"]
+mod common_s3;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{oc_pitr, scrape_value, try_request, Server};
+use common::{oc_pitr, oc_pitr_with_env, scrape_value, try_request, Server};
+use common_s3::Moto;
 use oc_ship::timestamp::format_rfc3339;
 use serde_json::json;
 
@@ -376,4 +379,60 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out.sort();
     out
+}
+
+/// The same loss of a machine with the archive in S3 (a real S3-compatible server):
+/// shipping through aws-sdk-s3, kill -9, wipe, restore from the bucket.
+#[test]
+fn restore_from_s3_after_losing_the_data_dir() {
+    let Some(moto) = Moto::start() else { return };
+    moto.create_bucket("oc-e2e");
+    let uri = moto.uri("oc-e2e", "prod");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let server = Server::try_start_with_env(
+        None,
+        &data,
+        &archive_args(&uri, &["--checkpoint-interval-s", "1"]),
+        &Moto::ENV,
+    )
+    .expect("server with an S3 archive");
+    server.create_tenant_with_items("acme");
+    server.create_tenant_with_items("bravo");
+    let mut acked = Vec::new();
+    let started = Instant::now();
+    let mut id = 0;
+    while started.elapsed() < Duration::from_secs(4) {
+        let tenant = ["acme", "bravo"][id as usize % 2];
+        assert!(write_row(&server.api, tenant, id));
+        acked.push((tenant, id, Instant::now()));
+        id += 1;
+    }
+    let killed_at = Instant::now();
+    server.kill9();
+    std::fs::remove_dir_all(&data).expect("wipe");
+    let restored = oc_pitr_with_env(
+        &[
+            "restore",
+            "--archive",
+            &uri,
+            "--target",
+            "latest",
+            "--data-dir",
+            data.to_str().expect("utf-8"),
+        ],
+        &Moto::ENV,
+    );
+    assert!(restored.success, "{restored:?}");
+    let verified = oc_pitr_with_env(&["verify", "--archive", &uri], &Moto::ENV);
+    assert!(verified.success, "{verified:?}");
+    let server = Server::start(&data, &["--shards", "2", "--archive", "none"]);
+    for (tenant, id, at) in acked {
+        if killed_at.duration_since(at) > Duration::from_millis(TAIL_WINDOW_MS + 1500) {
+            assert!(
+                has_row(&server, tenant, id),
+                "{tenant}/{id} acknowledged well before the kill is lost"
+            );
+        }
+    }
 }

@@ -43,6 +43,16 @@ impl Server {
         data_dir: &Path,
         extra: &[&str],
     ) -> Result<Server, String> {
+        Self::try_start_with_env(cwd, data_dir, extra, &[])
+    }
+
+    /// Starts the server with extra environment variables.
+    pub fn try_start_with_env(
+        cwd: Option<&Path>,
+        data_dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Server, String> {
         let log_base = cwd.map_or_else(|| data_dir.to_path_buf(), |c| c.join(data_dir));
         let stderr_log = log_base.with_extension(format!(
             "stderr-{}.log",
@@ -66,6 +76,7 @@ impl Server {
                 "--no-pin",
             ])
             .args(extra)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
@@ -257,13 +268,21 @@ pub struct PitrRun {
 
 /// Runs `oc-pitr` (built next to `oc-server` by `cargo test --workspace`).
 pub fn oc_pitr(args: &[&str]) -> PitrRun {
+    oc_pitr_with_env(args, &[])
+}
+
+pub fn oc_pitr_with_env(args: &[&str], env: &[(&str, &str)]) -> PitrRun {
     let bin = Path::new(env!("CARGO_BIN_EXE_oc-server")).with_file_name("oc-pitr");
     assert!(
         bin.exists(),
         "{} is missing: build it with `cargo build -p oc-ship` (cargo test --workspace does)",
         bin.display()
     );
-    let out = Command::new(&bin).args(args).output().expect("run oc-pitr");
+    let out = Command::new(&bin)
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run oc-pitr");
     PitrRun {
         success: out.status.success(),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -3,16 +3,17 @@
 //! sealed with a checksummed trailer (`envelope`), and supports the conditional writes
 //! that leases and manifests need ("only if absent", "only if the version matches").
 //!
-//! Built: the trait, the object envelope and the local-directory archive
-//! (`file://<dir>`, the embedded default). Not built yet: the S3 archive, shipping,
-//! restore (the archive issue is open).
+//! Two implementations: a local directory (`file://<dir>`, the embedded default) and
+//! S3 (`s3://bucket/prefix`).
 
 pub mod envelope;
 pub mod local;
+pub mod s3;
 
 use std::sync::Arc;
 
 pub use local::LocalDirArchive;
+pub use s3::S3Archive;
 
 /// Longest key, in bytes.
 pub const MAX_KEY_BYTES: usize = 512;
@@ -29,7 +30,7 @@ pub enum Condition {
 }
 
 /// An opaque version of one object (the local archive uses the sealed object's
-/// checksum and length; S3 will use its ETag).
+/// checksum and length; S3 its ETag).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Version(pub String);
 
@@ -96,8 +97,8 @@ pub fn check_key(key: &str) -> Result<(), ArchiveError> {
     Ok(())
 }
 
-/// Opens the archive a URI names: `file://<dir>` (created if missing). `s3://` is not
-/// built yet.
+/// Opens the archive a URI names: `file://<dir>` (created if missing) or
+/// `s3://bucket/prefix[?endpoint=<url>&region=<name>&path_style=true]`.
 pub fn open_archive(uri: &str) -> Result<Arc<dyn Archive>, ArchiveError> {
     if let Some(dir) = uri.strip_prefix("file://") {
         if dir.is_empty() {
@@ -108,13 +109,12 @@ pub fn open_archive(uri: &str) -> Result<Arc<dyn Archive>, ArchiveError> {
         }
         return Ok(Arc::new(LocalDirArchive::open(dir)?));
     }
+    if uri.starts_with("s3://") {
+        return Ok(Arc::new(S3Archive::open(uri)?));
+    }
     Err(ArchiveError::Uri {
         uri: uri.into(),
-        why: if uri.starts_with("s3://") {
-            "the S3 archive is not built yet; use file://<dir>".into()
-        } else {
-            "use file://<dir>".into()
-        },
+        why: "use file://<dir> or s3://bucket/prefix".into(),
     })
 }
 
@@ -154,9 +154,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         open_archive(&format!("file://{}", dir.path().display())).expect("file uri");
         for (uri, says) in [
-            ("s3://bucket/prefix", "not built yet"),
+            ("s3://B", "bucket name"),
             ("file://", "needs a directory"),
-            ("ftp://x", "file://"),
+            ("ftp://x", "s3://"),
         ] {
             let err = open_archive(uri).err().expect(uri).to_string();
             assert!(err.contains(says), "{uri}: {err}");
