@@ -49,8 +49,8 @@ pub struct HttpArgs {
     pub(crate) json: Option<std::path::PathBuf>,
 }
 
-const TENANT: &str = "bench-http";
-const TABLE: &str = "rows";
+pub(crate) const TENANT: &str = "bench-http";
+pub(crate) const TABLE: &str = "rows";
 const WARMUP: Duration = Duration::from_secs(2);
 
 #[derive(Serialize, Deserialize)]
@@ -79,12 +79,12 @@ pub(crate) struct HttpReport {
     errors: std::collections::BTreeMap<String, u64>,
 }
 
-struct Target {
+pub(crate) struct Target {
     host: String,
     addr: std::net::SocketAddr,
 }
 
-fn parse_url(url: &str) -> Result<Target> {
+pub(crate) fn parse_url(url: &str) -> Result<Target> {
     let rest = url
         .strip_prefix("http://")
         .ok_or_else(|| anyhow!("only http:// URLs are supported, not {url:?}"))?;
@@ -97,14 +97,14 @@ fn parse_url(url: &str) -> Result<Target> {
 }
 
 /// One keep-alive connection with a reusable read buffer.
-struct Connection {
+pub(crate) struct Connection {
     stream: TcpStream<glommio::net::Preallocated>,
     host: String,
     line: String,
 }
 
 impl Connection {
-    async fn open(target: &Target) -> Result<Self> {
+    pub(crate) async fn open(target: &Target) -> Result<Self> {
         let stream = TcpStream::connect(target.addr)
             .await
             .map_err(|e| anyhow!("connecting to {}: {e}", target.addr))?;
@@ -132,7 +132,12 @@ impl Connection {
     }
 
     /// Sends one request and reads the whole response; returns its status.
-    async fn request(&mut self, method: &str, path: &str, body: Option<&str>) -> Result<u16> {
+    pub(crate) async fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> Result<u16> {
         let body = body.unwrap_or("");
         let head = format!(
             "{method} {path} HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
@@ -189,7 +194,7 @@ fn row_body(id: u64, rng: &mut SimRng) -> String {
 }
 
 /// Creates the tenant and table (if missing) and preloads `rows` rows.
-async fn prepare(target: &Target, rows: u64) -> Result<()> {
+pub(crate) async fn prepare(target: &Target, rows: u64) -> Result<()> {
     let mut conn = Connection::open(target).await?;
     let status = conn
         .request(

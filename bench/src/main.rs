@@ -2,6 +2,7 @@
 //! file system, in the same minute. Each subcommand writes JSON and prints a Markdown
 //! table; numbers are quoted as ratios to the baseline because this machine is shared.
 
+mod archive;
 mod engine;
 mod http;
 mod latency;
@@ -35,6 +36,9 @@ enum Command {
     Http(http::HttpArgs),
     /// The same durable-write workload on oc, SQLite, RocksDB (feature) and the raw disk.
     Peers(peers::PeersArgs),
+    /// Archive shipping: its cost on write throughput, RPO after kill -9 and restore,
+    /// restore speed (needs oc-server and oc-pitr next to oc-bench).
+    Archive(archive::ArchiveArgs),
     /// Re-render Markdown tables and SVG charts from a directory of JSON results.
     Report(report::ReportArgs),
     /// Run wal, engine, peers and http (against an oc-server it starts), then render
@@ -99,7 +103,11 @@ fn run_all(args: AllArgs) -> anyhow::Result<()> {
         "== oc-bench http ({:.0} s so far)",
         started.elapsed().as_secs_f64()
     );
-    match server::Spawned::start(&args.dir.join("http-data"))? {
+    let http_data = args.dir.join("http-data");
+    if http_data.exists() {
+        std::fs::remove_dir_all(&http_data)?;
+    }
+    match server::Spawned::start(&http_data, &["--archive", "none"])? {
         Some(server) => {
             let outcome = http::run(http::HttpArgs {
                 url: server.url.clone(),
@@ -145,6 +153,7 @@ fn main() -> anyhow::Result<()> {
         Command::Engine(args) => engine::run(args),
         Command::Http(args) => http::run(args),
         Command::Peers(args) => peers::run(args),
+        Command::Archive(args) => archive::run(args),
         Command::Report(args) => report::run(args),
         Command::All(args) => run_all(args),
     }

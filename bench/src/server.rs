@@ -13,22 +13,19 @@ pub struct Spawned {
 }
 
 impl Spawned {
-    /// Starts `oc-server` on a kernel-chosen loopback port with a fresh data dir, or
+    /// Starts `oc-server` on a kernel-chosen loopback port on `data_dir` as it is, or
     /// returns `None` when no `oc-server` binary sits next to this one.
-    pub fn start(data_dir: &Path) -> Result<Option<Spawned>> {
+    pub fn start(data_dir: &Path, extra: &[&str]) -> Result<Option<Spawned>> {
         let exe = std::env::current_exe().context("locating oc-bench")?;
         let server = exe.with_file_name("oc-server");
         if !server.exists() {
             return Ok(None);
         }
-        if data_dir.exists() {
-            std::fs::remove_dir_all(data_dir)
-                .with_context(|| format!("clearing {}", data_dir.display()))?;
-        }
         let mut child = Command::new(&server)
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--listen", "127.0.0.1:0", "--ops-listen", "127.0.0.1:0"])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -52,6 +49,13 @@ impl Spawned {
                 bail!("oc-server ({status}) did not listen within 60 s")
             }
         }
+    }
+
+    /// SIGKILL: the machine is lost, as far as the server can tell.
+    pub fn kill9(mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
     }
 
     /// SIGTERM and wait: the server drains and exits 0.
