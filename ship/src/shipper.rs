@@ -646,3 +646,86 @@ async fn run_shipper(
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use oc_io::Epoch;
+
+    fn manifest(lsn: u64, completed_us: u64) -> Vec<u8> {
+        serde_json::json!({
+            "format_version": 1, "shard": 0, "lsn": lsn, "epoch": 1,
+            "created_us": completed_us - 1, "completed_us": completed_us,
+            "snapshot": "x", "data_bytes": 0, "crc32c": 0, "rows": 0, "tenants": []
+        })
+        .to_string()
+        .into_bytes()
+    }
+
+    /// Retention keeps the newest checkpoint completed before the window, everything
+    /// newer, and the log after that checkpoint; older checkpoints and segments go.
+    #[test]
+    fn retention_keeps_the_oldest_restore_point_inside_the_window() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let archive: Arc<dyn Archive> =
+            Arc::new(crate::archive::LocalDirArchive::open(dir.path().join("a")).expect("archive"));
+        let hour = 3_600_000_000u64;
+        let now = 100 * hour;
+        // Checkpoints at LSN 100 (50 h ago), 200 (30 h ago), 300 (1 h ago).
+        for (lsn, age) in [(100, 50), (200, 30), (300, 1)] {
+            let put = |key: String, bytes: &[u8]| {
+                archive.put(&key, bytes, &Condition::Always).expect("put");
+            };
+            put(layout::checkpoint_snapshot_key(0, Lsn(lsn)), b"");
+            put(
+                layout::checkpoint_manifest_key(0, Lsn(lsn)),
+                &manifest(lsn, now - age * hour),
+            );
+        }
+        // Segments [1, 150], [151, 200], [201, 260], [261, 400].
+        let segments =
+            [(1, 150), (151, 200), (201, 260), (261, 400)].map(|(first, last)| SegmentKey {
+                shard: 0,
+                epoch: Epoch(1),
+                first_lsn: Lsn(first),
+                last_lsn: Lsn(last),
+                last_commit_us: 0,
+            });
+        for s in &segments {
+            archive
+                .put(&s.key(), b"image", &Condition::Always)
+                .expect("put");
+        }
+        let config = ShipperConfig {
+            data_dir: dir.path().join("data"),
+            shards: 1,
+            tail_window: DEFAULT_TAIL_WINDOW,
+            retention: Duration::from_secs(24 * 3600),
+            breaker: BreakerPolicy::default(),
+        };
+        let mut shipper =
+            Shipper::open(archive.clone(), config, ShipStatus::default()).expect("open");
+        shipper.retain(0, now).expect("retain");
+        // The window starts 24 h ago: checkpoint 200 (30 h) is the oldest restore point
+        // needed; 100 goes, and so do segments wholly at or below LSN 200.
+        let left = archive.list("shard-0/").expect("list");
+        let expected: Vec<String> = {
+            let mut keys = vec![
+                layout::checkpoint_manifest_key(0, Lsn(200)),
+                layout::checkpoint_snapshot_key(0, Lsn(200)),
+                layout::checkpoint_manifest_key(0, Lsn(300)),
+                layout::checkpoint_snapshot_key(0, Lsn(300)),
+                segments[2].key(),
+                segments[3].key(),
+            ];
+            keys.sort();
+            keys
+        };
+        assert_eq!(left, expected);
+        assert_eq!(shipper.status.snapshot().deleted_by_retention, 4);
+        // A window longer than the archive's history deletes nothing.
+        shipper.config.retention = Duration::from_secs(1000 * 3600);
+        shipper.retain(0, now).expect("retain");
+        assert_eq!(archive.list("shard-0/").expect("list").len(), 6);
+    }
+}
