@@ -205,6 +205,31 @@ fn join_pieces(archive: &dyn Archive, pieces: &[TailPieceKey]) -> Result<Vec<u8>
     Ok(image)
 }
 
+/// The log's objects in LSN order: sealed segments by key, then the live tail (its
+/// first piece's key, with the pieces to join).
+fn log_objects<'a>(
+    segments: &[SegmentKey],
+    tail: Option<&'a [TailPieceKey]>,
+) -> Vec<(String, Option<&'a [TailPieceKey]>)> {
+    let mut objects: Vec<_> = segments.iter().map(|s| (s.key(), None)).collect();
+    if let Some(pieces) = tail.filter(|p| !p.is_empty()) {
+        objects.push((pieces[0].key(), Some(pieces)));
+    }
+    objects
+}
+
+/// A sealed segment's image, or the tail pieces joined.
+fn fetch_image(
+    archive: &dyn Archive,
+    key: &str,
+    pieces: Option<&[TailPieceKey]>,
+) -> Result<Vec<u8>, PitrError> {
+    match pieces {
+        None => fetch(archive, key),
+        Some(pieces) => join_pieces(archive, pieces),
+    }
+}
+
 /// Expands and validates an image, checking it continues at `expected`, and cuts it
 /// before the first group committed after `target`.
 fn rebuild(
@@ -361,21 +386,10 @@ fn restore_shard(
         ));
     }
     let mut expected = out.last_lsn.next();
-    let mut images: Vec<(String, Vec<u8>, bool)> = plan
-        .segments
-        .iter()
-        .map(|s| (s.key(), Vec::new(), true))
-        .collect();
-    if let Some(pieces) = &plan.tail {
-        images.push((pieces[0].key(), Vec::new(), false));
-    }
-    for (index, (key, _, sealed)) in images.iter().enumerate() {
-        let image = if *sealed {
-            fetch(archive, key)?
-        } else {
-            join_pieces(archive, plan.tail.as_deref().unwrap_or_default())?
-        };
-        let rebuilt = rebuild(key, &image, *sealed, expected, target)?;
+    let objects = log_objects(&plan.segments, plan.tail.as_deref());
+    for (index, (key, pieces)) in objects.iter().enumerate() {
+        let image = fetch_image(archive, key, *pieces)?;
+        let rebuilt = rebuild(key, &image, pieces.is_none(), expected, target)?;
         let path = dir.join(&rebuilt.name);
         write_synced(&path, &rebuilt.file)?;
         out.segments += 1;
@@ -391,7 +405,7 @@ fn restore_shard(
             "shard {}: segment {} of {}: {} ({} bytes{})",
             plan.shard,
             index + 1,
-            images.len(),
+            objects.len(),
             rebuilt.name,
             image.len(),
             if rebuilt.cut {
@@ -454,19 +468,13 @@ pub fn verify(
         }
         // Every segment, and the live tail, in LSN order; `runs` are gap-free stretches.
         let mut runs: Vec<(Lsn, Lsn, u64)> = Vec::new(); // first, last, last commit
-        let mut objects: Vec<(String, bool)> =
-            catalog.segments.iter().map(|s| (s.key(), true)).collect();
-        if let Some((_, pieces)) = catalog.live_tail() {
-            objects.push((pieces[0].key(), false));
-        }
-        for (key, sealed) in objects {
-            let image = if sealed {
-                fetch(archive, &key)
-            } else {
-                catalog
-                    .live_tail()
-                    .map_or(Ok(Vec::new()), |(_, pieces)| join_pieces(archive, pieces))
-            };
+        let objects = log_objects(
+            &catalog.segments,
+            catalog.live_tail().map(|(_, p)| p.as_slice()),
+        );
+        for (key, pieces) in objects {
+            let sealed = pieces.is_none();
+            let image = fetch_image(archive, &key, pieces);
             let checked = image.and_then(|image| {
                 v.objects += 1;
                 v.bytes += image.len() as u64;

@@ -76,6 +76,8 @@ pub enum ShipError {
     Archive(#[from] ArchiveError),
     #[error("reading {file}: {why}")]
     Local { file: String, why: String },
+    #[error("the archive's circuit breaker is open: no upload this round")]
+    CircuitOpen,
     #[error("the archive already holds a different {key:?}: it belongs to another server or timeline; ship to a new archive location")]
     Conflict { key: String },
 }
@@ -89,6 +91,7 @@ impl ShipError {
             | ShipError::Conflict { .. } => "conflict",
             ShipError::Archive(_) => "config",
             ShipError::Local { .. } => "local",
+            ShipError::CircuitOpen => "circuit_open",
         }
     }
 }
@@ -307,10 +310,7 @@ impl Shipper {
             let outcome = if upload {
                 self.ship_shard(shard, view)
             } else {
-                Err(ShipError::Archive(ArchiveError::Io {
-                    key: String::new(),
-                    source: Arc::new(std::io::Error::other("circuit open")),
-                }))
+                Err(ShipError::CircuitOpen)
             };
             let lag = self.lag_bytes(shard, view);
             let progress = &mut self.shards[shard];
