@@ -63,6 +63,12 @@ impl PartialEq for Key {
 
 impl Eq for Key {}
 
+impl std::hash::Hash for Key {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.bytes.hash(state);
+    }
+}
+
 /// Lookups by plain bytes order the same way (byte order), as `Borrow` requires.
 impl Borrow<[u8]> for Key {
     fn borrow(&self) -> &[u8] {

@@ -19,6 +19,7 @@ pub mod limits;
 pub mod mesh;
 pub mod placement;
 pub mod pool;
+pub mod query;
 pub mod record;
 pub mod scheduler;
 pub mod schema;
@@ -27,6 +28,7 @@ pub mod table;
 pub mod tenant;
 pub mod tenant_id;
 pub mod value;
+pub mod vectors;
 
 pub use error::EngineError;
 pub use mesh::{MeshError, Router};

@@ -22,11 +22,15 @@ use crate::checkpoint::{self, CheckpointInfo};
 use crate::command::Command;
 use crate::error::EngineError;
 use crate::idempotency::{self, Remembered};
+use crate::query::{
+    self, AskAnswer, AskLimits, Execution, PlanCache, PlanCacheStats, QueryError, QueryErrorKind,
+};
 use crate::record;
 use crate::schema::TableSchema;
 use crate::table::{BatchOutcome, RowWrite, WriteOp};
 use crate::tenant::Tenant;
 use crate::tenant_id::TenantId;
+use crate::value::Value;
 
 /// What an applied command did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,7 +118,7 @@ pub fn apply(
         }
         Command::DropTable { table } => {
             let t = state.tenants.get_mut(tenant).ok_or_else(missing)?;
-            t.drop_table(&table)?;
+            t.drop_table(&table, lsn.0)?;
             Ok(Applied::TableDropped)
         }
         Command::Write {
@@ -212,6 +216,7 @@ pub struct Shard<S: Storage> {
     release_barrier: std::cell::Cell<Option<Lsn>>,
     state: Rc<RefCell<ShardState>>,
     queue: Rc<RefCell<ApplyQueue>>,
+    plan_cache: RefCell<PlanCache>,
     _applier: Task<()>,
 }
 
@@ -289,6 +294,7 @@ impl<S: Storage> Shard<S> {
                 release_barrier: std::cell::Cell::new(None),
                 state,
                 queue,
+                plan_cache: RefCell::new(PlanCache::new(query::PLAN_CACHE_ENTRIES)),
                 _applier: applier,
             },
             report,
@@ -526,6 +532,59 @@ impl<S: Storage> Shard<S> {
                 name: tenant.to_string(),
             })?;
         Ok(f(t))
+    }
+
+    /// Runs a read query on a tenant's applied (durable) state: the plan comes from
+    /// this shard's cache when the normalized text was seen before against the same
+    /// schema; the scan runs in slices and yields between them when the executor has
+    /// other work. `explain` adds the plan tree with per-stage figures.
+    pub async fn ask(
+        &self,
+        tenant: &TenantId,
+        sql: &str,
+        params: Vec<Value>,
+        explain: bool,
+        limits: AskLimits,
+    ) -> Result<AskAnswer, QueryError> {
+        let unknown = || {
+            QueryError::new(
+                QueryErrorKind::UnknownTenant,
+                format!("tenant {tenant} does not exist"),
+            )
+        };
+        let normalized = query::normalize(sql)?;
+        let (plan, cached) = {
+            let state = self.state.borrow();
+            let t = state.tenants.get(tenant).ok_or_else(unknown)?;
+            self.plan_cache.borrow_mut().get_or_prepare(
+                tenant,
+                t.schema_version(),
+                &normalized.text,
+                || query::prepare(t, &normalized),
+            )?
+        };
+        let params = query::bind_params(&plan, params, normalized.literals)?;
+        let mut run = Execution::new(plan, params, limits)?;
+        if explain {
+            run.analyze();
+        }
+        loop {
+            let done = {
+                let state = self.state.borrow();
+                let t = state.tenants.get(tenant).ok_or_else(unknown)?;
+                run.step(t)?
+            };
+            if done {
+                break;
+            }
+            glommio::yield_if_needed().await;
+        }
+        run.finish(cached)
+    }
+
+    /// Hits, misses and size of this shard's plan cache.
+    pub fn plan_cache_stats(&self) -> PlanCacheStats {
+        self.plan_cache.borrow().stats()
     }
 
     /// Runs `f` on the whole shard state (tests, checkpoints).

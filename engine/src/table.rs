@@ -10,6 +10,7 @@ use crate::key::Key;
 use crate::limits::{MAX_BATCH_ROWS, MAX_KEY_BYTES, MAX_ROW_BYTES};
 use crate::schema::TableSchema;
 use crate::value::{encode_key, ColumnType, Value};
+use crate::vectors::VectorColumn;
 
 /// A row: one value per column, in schema order.
 pub type Row = Vec<Value>;
@@ -59,6 +60,8 @@ pub struct Table {
     version: u64,
     rows: BTreeMap<Key, Row>,
     indexes: Vec<BTreeSet<(Key, Key)>>,
+    /// One contiguous store per vector column (the rows hold their vectors too).
+    vectors: Vec<VectorColumn>,
     usage: TableUsage,
 }
 
@@ -77,6 +80,13 @@ fn row_bytes(row: &Row) -> usize {
     row.iter().map(Value::stored_bytes).sum()
 }
 
+fn vector_in(row: &Row, column: usize) -> Option<&[f32]> {
+    match &row[column] {
+        Value::Vector(v) => Some(v),
+        _ => None,
+    }
+}
+
 fn row_vectors(row: &Row) -> usize {
     row.iter().filter(|v| matches!(v, Value::Vector(_))).count()
 }
@@ -84,11 +94,21 @@ fn row_vectors(row: &Row) -> usize {
 impl Table {
     pub fn new(schema: TableSchema, version: u64) -> Self {
         let indexes = vec![BTreeSet::new(); schema.indexes.len()];
+        let vectors = schema
+            .columns
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| match c.ty {
+                ColumnType::Vector(dim) => Some(VectorColumn::new(i, dim as usize)),
+                _ => None,
+            })
+            .collect();
         Table {
             schema,
             version,
             rows: BTreeMap::new(),
             indexes,
+            vectors,
             usage: TableUsage::default(),
         }
     }
@@ -242,6 +262,9 @@ impl Table {
             let fresh = self.indexes[i].insert(entry);
             debug_assert!(fresh, "an index entry exists once");
         }
+        for store in &mut self.vectors {
+            store.set(&key, vector_in(&row, store.column()));
+        }
         self.usage.rows += 1;
         self.usage.bytes += row_bytes(&row);
         self.usage.vectors += row_vectors(&row);
@@ -256,6 +279,7 @@ impl Table {
             schema,
             rows,
             indexes,
+            vectors,
             usage,
             ..
         } = self;
@@ -271,6 +295,12 @@ impl Table {
                 indexes[i].insert((after, key.clone()));
             }
         }
+        for store in vectors.iter_mut() {
+            let column = store.column();
+            if old[column] != row[column] {
+                store.set(key, vector_in(&row, column));
+            }
+        }
         usage.bytes = usage.bytes - row_bytes(old) + row_bytes(&row);
         usage.vectors = usage.vectors - row_vectors(old) + row_vectors(&row);
         *old = row;
@@ -283,6 +313,9 @@ impl Table {
             let entry = (key_of(&row, &index.columns), key.clone());
             let existed = self.indexes[i].remove(&entry);
             debug_assert!(existed, "every row has its index entries");
+        }
+        for store in &mut self.vectors {
+            store.remove(key);
         }
         self.usage.rows -= 1;
         self.usage.bytes -= row_bytes(&row);
@@ -358,6 +391,123 @@ impl Table {
             .map(|(_, pk)| self.rows.get(pk).expect("index entries point at live rows")))
     }
 
+    /// The contiguous store of vector column `column`, if it is one.
+    pub fn vector_column(&self, column: usize) -> Option<&VectorColumn> {
+        self.vectors.iter().find(|v| v.column() == column)
+    }
+
+    /// The row with this encoded primary key.
+    pub fn row_by_key(&self, key: &Key) -> Option<&Row> {
+        self.rows.get(key)
+    }
+
+    /// A resumable scan over the primary key or an index between two key prefixes
+    /// (values of the leading columns; `Included(p)` as an upper bound includes every
+    /// key starting with `p`).
+    pub fn range_scan(
+        &self,
+        target: ScanTarget,
+        lower: Bound<&[Value]>,
+        upper: Bound<&[Value]>,
+    ) -> RangeScan {
+        let (start, skip, stop) = prefix_bounds(lower, upper);
+        RangeScan {
+            target,
+            start,
+            skip,
+            stop,
+            resume: None,
+            done: false,
+        }
+    }
+
+    /// Appends up to `max` more rows of `scan` to `out`, in key order; returns whether
+    /// the scan is finished. Between calls the table may change: the scan resumes after
+    /// the last key it returned, so a row present throughout is returned exactly once.
+    pub fn next_rows<'a>(
+        &'a self,
+        scan: &mut RangeScan,
+        max: usize,
+        out: &mut Vec<&'a Row>,
+    ) -> bool {
+        if scan.done {
+            return true;
+        }
+        let before = out.len();
+        let mut last = None;
+        match scan.target {
+            ScanTarget::Primary => {
+                let start = match &scan.resume {
+                    Some((pk, _)) => Bound::Excluded(pk.as_bytes()),
+                    None => scan.start.as_ref().map(Vec::as_slice),
+                };
+                let skip = scan.skip.as_deref().filter(|_| scan.resume.is_none());
+                for (k, row) in self
+                    .rows
+                    .range::<[u8], _>((start, Bound::Unbounded))
+                    .skip_while(|(k, _)| skip.is_some_and(|p| k.as_bytes().starts_with(p)))
+                {
+                    if !scan.stop.admits(k.as_bytes()) {
+                        scan.done = true;
+                        break;
+                    }
+                    if out.len() - before == max {
+                        break;
+                    }
+                    out.push(row);
+                    last = Some(k);
+                }
+                if let Some(k) = last {
+                    scan.resume = Some((k.clone(), Key::new(Vec::new())));
+                } else if out.len() - before < max {
+                    scan.done = true;
+                }
+            }
+            ScanTarget::Index(i) => {
+                let Some(index) = self.indexes.get(i) else {
+                    scan.done = true;
+                    return true;
+                };
+                let start = match scan.resume.take() {
+                    Some(entry) => Bound::Excluded(entry),
+                    None => match &scan.start {
+                        Bound::Included(k) => {
+                            Bound::Included((Key::new(k.clone()), Key::new(Vec::new())))
+                        }
+                        _ => Bound::Unbounded,
+                    },
+                };
+                let resumed = matches!(start, Bound::Excluded(_));
+                let skip = scan.skip.as_deref().filter(|_| !resumed);
+                let mut last_entry = None;
+                for entry in index
+                    .range((start, Bound::Unbounded))
+                    .skip_while(|(k, _)| skip.is_some_and(|p| k.as_bytes().starts_with(p)))
+                {
+                    if !scan.stop.admits(entry.0.as_bytes()) {
+                        scan.done = true;
+                        break;
+                    }
+                    if out.len() - before == max {
+                        break;
+                    }
+                    out.push(
+                        self.rows
+                            .get(&entry.1)
+                            .expect("index entries point at live rows"),
+                    );
+                    last_entry = Some(entry);
+                }
+                match last_entry {
+                    Some(entry) => scan.resume = Some(entry.clone()),
+                    None if out.len() - before < max => scan.done = true,
+                    None => {}
+                }
+            }
+        }
+        scan.done
+    }
+
     /// Up to `limit` (encoded key, row) pairs after `after` in key order: a scan that
     /// can stop, yield and resume while the table changes.
     pub fn chunk_after(&self, after: Option<&[u8]>, limit: usize) -> Vec<(Vec<u8>, Row)> {
@@ -380,7 +530,29 @@ impl Table {
     }
 }
 
+/// Which B-tree a [`RangeScan`] walks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScanTarget {
+    Primary,
+    /// The secondary index at this position in the schema.
+    Index(usize),
+}
+
+/// A scan in progress (see [`Table::range_scan`]).
+#[derive(Debug)]
+pub struct RangeScan {
+    target: ScanTarget,
+    start: Bound<Vec<u8>>,
+    /// Keys starting with this prefix are skipped at the start (an excluded lower bound).
+    skip: Option<Vec<u8>>,
+    stop: Stop,
+    /// The last entry returned: (primary key, empty) or (index key, primary key).
+    resume: Option<(Key, Key)>,
+    done: bool,
+}
+
 /// Where a scan stops.
+#[derive(Debug)]
 enum Stop {
     Never,
     /// Keys below this (exclusive).

@@ -25,7 +25,8 @@ pub struct TenantUsage {
 pub struct Tenant {
     id: TenantId,
     tables: BTreeMap<String, Table>,
-    /// Bumped by every schema change (plan caches key on it).
+    /// The LSN of the newest schema change this tenant's state has seen (plan caches
+    /// key on it): unique across drops and re-creations, unlike a counter.
     schema_version: u64,
     idempotency: IdempotencyStore,
     api_keys: ApiKeys,
@@ -85,13 +86,14 @@ impl Tenant {
         }
         self.tables
             .insert(schema.name.clone(), Table::new(schema, version));
-        self.schema_version += 1;
+        self.schema_version = self.schema_version.max(version);
         Ok(())
     }
 
-    pub fn drop_table(&mut self, name: &str) -> Result<(), EngineError> {
+    /// Drops a table; `lsn` is the dropping command's.
+    pub fn drop_table(&mut self, name: &str, lsn: u64) -> Result<(), EngineError> {
         self.tables.remove(name).ok_or_else(|| not_found(name))?;
-        self.schema_version += 1;
+        self.schema_version = self.schema_version.max(lsn);
         Ok(())
     }
 

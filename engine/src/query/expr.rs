@@ -1,0 +1,635 @@
+//! Bound expressions and their evaluation under SQL's three-valued logic.
+//!
+//! Types: int and float mix as numbers (int op int stays int, checked for overflow;
+//! anything with a float is a float); text compares byte-wise; bool compares with bool;
+//! json and vector values cannot be compared. A comparison with NULL is NULL, and a
+//! WHERE or HAVING that is NULL drops the row. Errors name the types involved.
+
+use std::borrow::Cow;
+use std::cmp::Ordering;
+
+use crate::value::Value;
+use crate::vectors::{cosine_distance, l2_squared};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CmpOp {
+    Eq,
+    NotEq,
+    Lt,
+    LtEq,
+    Gt,
+    GtEq,
+}
+
+impl CmpOp {
+    /// The operator with its operands swapped (`a < b` is `b > a`).
+    pub fn flipped(self) -> Self {
+        match self {
+            CmpOp::Lt => CmpOp::Gt,
+            CmpOp::LtEq => CmpOp::GtEq,
+            CmpOp::Gt => CmpOp::Lt,
+            CmpOp::GtEq => CmpOp::LtEq,
+            other => other,
+        }
+    }
+
+    fn symbol(self) -> &'static str {
+        match self {
+            CmpOp::Eq => "=",
+            CmpOp::NotEq => "!=",
+            CmpOp::Lt => "<",
+            CmpOp::LtEq => "<=",
+            CmpOp::Gt => ">",
+            CmpOp::GtEq => ">=",
+        }
+    }
+
+    fn holds(self, o: Ordering) -> bool {
+        match self {
+            CmpOp::Eq => o == Ordering::Equal,
+            CmpOp::NotEq => o != Ordering::Equal,
+            CmpOp::Lt => o == Ordering::Less,
+            CmpOp::LtEq => o != Ordering::Greater,
+            CmpOp::Gt => o == Ordering::Greater,
+            CmpOp::GtEq => o != Ordering::Less,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArithOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Mod,
+}
+
+impl ArithOp {
+    fn symbol(self) -> &'static str {
+        match self {
+            ArithOp::Add => "+",
+            ArithOp::Sub => "-",
+            ArithOp::Mul => "*",
+            ArithOp::Div => "/",
+            ArithOp::Mod => "%",
+        }
+    }
+}
+
+/// A vector distance: `<->` (Euclidean) or `<=>` (cosine).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Metric {
+    L2,
+    Cosine,
+}
+
+impl Metric {
+    pub fn symbol(self) -> &'static str {
+        match self {
+            Metric::L2 => "<->",
+            Metric::Cosine => "<=>",
+        }
+    }
+
+    /// The distance between two vectors of one dimension, in the form kNN ranks by
+    /// (squared for L2: same order, no square root per row).
+    pub fn rank(self, a: &[f32], b: &[f32]) -> Option<f32> {
+        match self {
+            Metric::L2 => Some(l2_squared(a, b)),
+            Metric::Cosine => cosine_distance(a, b),
+        }
+    }
+
+    /// The distance users see, from the rank.
+    pub fn distance_from_rank(self, rank: f32) -> f64 {
+        match self {
+            Metric::L2 => f64::from(rank.sqrt()),
+            Metric::Cosine => f64::from(rank),
+        }
+    }
+}
+
+/// An expression bound to a row layout: `Column(i)` is the i-th value of the row it is
+/// evaluated on (a table row, or group keys then aggregates after aggregation).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Expr {
+    Column(usize),
+    /// `$n` (0-based here): a caller's parameter or a literal moved out of the text.
+    Param(usize),
+    Const(Value),
+    Neg(Box<Expr>),
+    Not(Box<Expr>),
+    Arith(ArithOp, Box<Expr>, Box<Expr>),
+    Cmp(CmpOp, Box<Expr>, Box<Expr>),
+    And(Box<Expr>, Box<Expr>),
+    Or(Box<Expr>, Box<Expr>),
+    IsNull(Box<Expr>, bool),
+    InList(Box<Expr>, Vec<Expr>, bool),
+    Between(Box<Expr>, Box<Expr>, Box<Expr>, bool),
+    Like(Box<Expr>, Box<Expr>, bool),
+    Distance(Metric, Box<Expr>, Box<Expr>),
+}
+
+type Eval<'a> = Result<Cow<'a, Value>, String>;
+
+impl Expr {
+    /// Whether the expression reads no column (its value is fixed per query).
+    pub fn is_constant(&self) -> bool {
+        let mut constant = true;
+        self.visit(&mut |e| constant &= !matches!(e, Expr::Column(_)));
+        constant
+    }
+
+    /// Calls `f` on this expression and every sub-expression.
+    pub fn visit(&self, f: &mut impl FnMut(&Expr)) {
+        f(self);
+        match self {
+            Expr::Column(_) | Expr::Param(_) | Expr::Const(_) => {}
+            Expr::Neg(e) | Expr::Not(e) | Expr::IsNull(e, _) => e.visit(f),
+            Expr::Arith(_, a, b)
+            | Expr::Cmp(_, a, b)
+            | Expr::And(a, b)
+            | Expr::Or(a, b)
+            | Expr::Like(a, b, _)
+            | Expr::Distance(_, a, b) => {
+                a.visit(f);
+                b.visit(f);
+            }
+            Expr::InList(e, list, _) => {
+                e.visit(f);
+                list.iter().for_each(|x| x.visit(f));
+            }
+            Expr::Between(e, lo, hi, _) => {
+                e.visit(f);
+                lo.visit(f);
+                hi.visit(f);
+            }
+        }
+    }
+
+    pub fn eval<'a>(&'a self, row: &'a [Value], params: &'a [Value]) -> Eval<'a> {
+        Ok(match self {
+            Expr::Column(i) => Cow::Borrowed(&row[*i]),
+            Expr::Param(i) => Cow::Borrowed(&params[*i]),
+            Expr::Const(v) => Cow::Borrowed(v),
+            Expr::Neg(e) => Cow::Owned(match &*e.eval(row, params)? {
+                Value::Null => Value::Null,
+                Value::Int(i) => Value::Int(i.checked_neg().ok_or("integer overflow in -")?),
+                Value::Float(f) => Value::Float(-f),
+                other => return Err(format!("cannot negate {}", type_name(other))),
+            }),
+            Expr::Not(e) => Cow::Owned(bool_value(truth(&*e.eval(row, params)?)?.map(|b| !b))),
+            Expr::Arith(op, a, b) => {
+                Cow::Owned(arith(*op, &*a.eval(row, params)?, &*b.eval(row, params)?)?)
+            }
+            Expr::Cmp(op, a, b) => {
+                let o = compare(&*a.eval(row, params)?, &*b.eval(row, params)?)?;
+                Cow::Owned(bool_value(o.map(|o| op.holds(o))))
+            }
+            Expr::And(a, b) => {
+                let left = truth(&*a.eval(row, params)?)?;
+                if left == Some(false) {
+                    return Ok(Cow::Owned(Value::Bool(false)));
+                }
+                let right = truth(&*b.eval(row, params)?)?;
+                Cow::Owned(bool_value(match (left, right) {
+                    (_, Some(false)) => Some(false),
+                    (Some(true), Some(true)) => Some(true),
+                    _ => None,
+                }))
+            }
+            Expr::Or(a, b) => {
+                let left = truth(&*a.eval(row, params)?)?;
+                if left == Some(true) {
+                    return Ok(Cow::Owned(Value::Bool(true)));
+                }
+                let right = truth(&*b.eval(row, params)?)?;
+                Cow::Owned(bool_value(match (left, right) {
+                    (_, Some(true)) => Some(true),
+                    (Some(false), Some(false)) => Some(false),
+                    _ => None,
+                }))
+            }
+            Expr::IsNull(e, negated) => {
+                Cow::Owned(Value::Bool(e.eval(row, params)?.is_null() != *negated))
+            }
+            Expr::InList(e, list, negated) => {
+                let v = e.eval(row, params)?;
+                if v.is_null() {
+                    return Ok(Cow::Owned(Value::Null));
+                }
+                let mut found = Some(false);
+                for item in list {
+                    match compare(&v, &*item.eval(row, params)?)? {
+                        Some(Ordering::Equal) => {
+                            found = Some(true);
+                            break;
+                        }
+                        None => found = None,
+                        Some(_) => {}
+                    }
+                }
+                Cow::Owned(bool_value(found.map(|f| f != *negated)))
+            }
+            Expr::Between(e, lo, hi, negated) => {
+                let v = e.eval(row, params)?;
+                let above = compare(&v, &*lo.eval(row, params)?)?.map(|o| o != Ordering::Less);
+                let below = compare(&v, &*hi.eval(row, params)?)?.map(|o| o != Ordering::Greater);
+                let inside = match (above, below) {
+                    (Some(false), _) | (_, Some(false)) => Some(false),
+                    (Some(true), Some(true)) => Some(true),
+                    _ => None,
+                };
+                Cow::Owned(bool_value(inside.map(|i| i != *negated)))
+            }
+            Expr::Like(e, pattern, negated) => {
+                match (&*e.eval(row, params)?, &*pattern.eval(row, params)?) {
+                    (Value::Null, _) | (_, Value::Null) => Cow::Owned(Value::Null),
+                    (Value::Text(s), Value::Text(p)) => {
+                        Cow::Owned(Value::Bool(like(s.as_bytes(), p.as_bytes()) != *negated))
+                    }
+                    (a, b) => {
+                        return Err(format!(
+                            "LIKE needs text on both sides, got {} LIKE {}",
+                            type_name(a),
+                            type_name(b)
+                        ))
+                    }
+                }
+            }
+            Expr::Distance(metric, a, b) => {
+                let (a, b) = (a.eval(row, params)?, b.eval(row, params)?);
+                let (Some(a), Some(b)) = (as_vector(&a)?, as_vector(&b)?) else {
+                    return Ok(Cow::Owned(Value::Null));
+                };
+                check_dims(&a, &b)?;
+                Cow::Owned(match metric.rank(&a, &b) {
+                    Some(rank) => Value::Float(metric.distance_from_rank(rank)),
+                    None => Value::Null,
+                })
+            }
+        })
+    }
+
+    /// The expression as SQL, with column names (for EXPLAIN).
+    pub fn render(&self, names: &[String]) -> String {
+        let r = |e: &Expr| e.render(names);
+        match self {
+            Expr::Column(i) => names.get(*i).cloned().unwrap_or_else(|| format!("#{i}")),
+            Expr::Param(i) => format!("${}", i + 1),
+            Expr::Const(v) => match v {
+                Value::Null => "NULL".into(),
+                Value::Bool(b) => b.to_string().to_uppercase(),
+                other => other.to_json().to_string(),
+            },
+            Expr::Neg(e) => format!("-{}", r(e)),
+            Expr::Not(e) => format!("NOT {}", r(e)),
+            Expr::Arith(op, a, b) => format!("({} {} {})", r(a), op.symbol(), r(b)),
+            Expr::Cmp(op, a, b) => format!("{} {} {}", r(a), op.symbol(), r(b)),
+            Expr::And(a, b) => format!("({} AND {})", r(a), r(b)),
+            Expr::Or(a, b) => format!("({} OR {})", r(a), r(b)),
+            Expr::IsNull(e, n) => format!("{} IS {}NULL", r(e), if *n { "NOT " } else { "" }),
+            Expr::InList(e, list, n) => format!(
+                "{} {}IN ({})",
+                r(e),
+                if *n { "NOT " } else { "" },
+                list.iter().map(r).collect::<Vec<_>>().join(", ")
+            ),
+            Expr::Between(e, lo, hi, n) => format!(
+                "{} {}BETWEEN {} AND {}",
+                r(e),
+                if *n { "NOT " } else { "" },
+                r(lo),
+                r(hi)
+            ),
+            Expr::Like(e, p, n) => {
+                format!("{} {}LIKE {}", r(e), if *n { "NOT " } else { "" }, r(p))
+            }
+            Expr::Distance(m, a, b) => format!("{} {} {}", r(a), m.symbol(), r(b)),
+        }
+    }
+}
+
+fn bool_value(b: Option<bool>) -> Value {
+    b.map_or(Value::Null, Value::Bool)
+}
+
+/// A condition's truth: `None` for NULL.
+pub fn truth(v: &Value) -> Result<Option<bool>, String> {
+    match v {
+        Value::Null => Ok(None),
+        Value::Bool(b) => Ok(Some(*b)),
+        other => Err(format!(
+            "a condition must be a boolean, got {}",
+            type_name(other)
+        )),
+    }
+}
+
+pub fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "bool",
+        Value::Int(_) => "int",
+        Value::Float(_) => "float",
+        Value::Text(_) => "text",
+        Value::Json(_) => "json",
+        Value::Vector(_) => "vector",
+    }
+}
+
+/// SQL comparison: `None` if either side is NULL, an error for types that do not
+/// compare.
+pub fn compare(a: &Value, b: &Value) -> Result<Option<Ordering>, String> {
+    Ok(Some(match (a, b) {
+        (Value::Null, _) | (_, Value::Null) => return Ok(None),
+        (Value::Int(x), Value::Int(y)) => x.cmp(y),
+        // Floats are always finite here (JSON numbers, checked arithmetic), so
+        // `partial_cmp` is total; it also makes -0.0 equal 0.0 as SQL wants.
+        (Value::Int(x), Value::Float(y)) => float_cmp(*x as f64, *y),
+        (Value::Float(x), Value::Int(y)) => float_cmp(*x, *y as f64),
+        (Value::Float(x), Value::Float(y)) => float_cmp(*x, *y),
+        (Value::Text(x), Value::Text(y)) => x.as_bytes().cmp(y.as_bytes()),
+        (Value::Bool(x), Value::Bool(y)) => x.cmp(y),
+        (x, y) => {
+            return Err(format!(
+                "cannot compare {} with {}",
+                type_name(x),
+                type_name(y)
+            ))
+        }
+    }))
+}
+
+/// The order ORDER BY sorts non-null values in: numbers by value, text byte-wise,
+/// false before true; values of different kinds by kind (never an error).
+pub fn sort_cmp(a: &Value, b: &Value) -> Ordering {
+    fn rank(v: &Value) -> u8 {
+        match v {
+            Value::Null => 0,
+            Value::Bool(_) => 1,
+            Value::Int(_) | Value::Float(_) => 2,
+            Value::Text(_) => 3,
+            Value::Json(_) => 4,
+            Value::Vector(_) => 5,
+        }
+    }
+    match (a, b) {
+        (Value::Json(x), Value::Json(y)) => x.cmp(y),
+        (Value::Vector(x), Value::Vector(y)) => x
+            .iter()
+            .map(|f| f.to_bits())
+            .cmp(y.iter().map(|f| f.to_bits())),
+        _ => match compare(a, b) {
+            Ok(Some(o)) => o,
+            _ => rank(a).cmp(&rank(b)),
+        },
+    }
+}
+
+fn float_cmp(x: f64, y: f64) -> Ordering {
+    x.partial_cmp(&y).unwrap_or(Ordering::Equal)
+}
+
+fn arith(op: ArithOp, a: &Value, b: &Value) -> Result<Value, String> {
+    let overflow = || format!("integer overflow in {}", op.symbol());
+    Ok(match (a, b) {
+        (Value::Null, _) | (_, Value::Null) => Value::Null,
+        (Value::Int(x), Value::Int(y)) => Value::Int(match op {
+            ArithOp::Add => x.checked_add(*y).ok_or_else(overflow)?,
+            ArithOp::Sub => x.checked_sub(*y).ok_or_else(overflow)?,
+            ArithOp::Mul => x.checked_mul(*y).ok_or_else(overflow)?,
+            ArithOp::Div | ArithOp::Mod if *y == 0 => return Err("division by zero".into()),
+            ArithOp::Div => x.checked_div(*y).ok_or_else(overflow)?,
+            ArithOp::Mod => x.checked_rem(*y).ok_or_else(overflow)?,
+        }),
+        (Value::Int(_) | Value::Float(_), Value::Int(_) | Value::Float(_)) => {
+            let (x, y) = (as_f64(a), as_f64(b));
+            let out = match op {
+                ArithOp::Add => x + y,
+                ArithOp::Sub => x - y,
+                ArithOp::Mul => x * y,
+                ArithOp::Div | ArithOp::Mod if y == 0.0 => return Err("division by zero".into()),
+                ArithOp::Div => x / y,
+                ArithOp::Mod => x % y,
+            };
+            if !out.is_finite() {
+                return Err(format!("float overflow in {}", op.symbol()));
+            }
+            Value::Float(out)
+        }
+        (x, y) => {
+            return Err(format!(
+                "cannot apply {} to {} and {}",
+                op.symbol(),
+                type_name(x),
+                type_name(y)
+            ))
+        }
+    })
+}
+
+pub fn as_f64(v: &Value) -> f64 {
+    match v {
+        Value::Int(i) => *i as f64,
+        Value::Float(f) => *f,
+        _ => f64::NAN,
+    }
+}
+
+/// A vector operand: a vector value, or text holding a JSON array (`'[1, 2]'`).
+pub fn as_vector(v: &Value) -> Result<Option<Cow<'_, [f32]>>, String> {
+    match v {
+        Value::Null => Ok(None),
+        Value::Vector(v) => Ok(Some(Cow::Borrowed(v))),
+        Value::Text(s) => match serde_json::from_str::<Vec<f32>>(s) {
+            Ok(v) if v.iter().all(|f| f.is_finite()) => Ok(Some(Cow::Owned(v))),
+            _ => Err(format!(
+                "{s:?} is not a vector: write it as a JSON array of finite numbers"
+            )),
+        },
+        other => Err(format!(
+            "a distance needs vectors, got {}",
+            type_name(other)
+        )),
+    }
+}
+
+pub fn check_dims(a: &[f32], b: &[f32]) -> Result<(), String> {
+    if a.len() == b.len() {
+        Ok(())
+    } else {
+        Err(format!(
+            "cannot measure the distance between vectors of {} and {} dimensions",
+            a.len(),
+            b.len()
+        ))
+    }
+}
+
+/// SQL LIKE over bytes: `%` matches any run, `_` one character; case-sensitive.
+fn like(s: &[u8], p: &[u8]) -> bool {
+    // Greedy match with backtracking to the last `%`: O(len(s) * len(p)) at worst.
+    let (mut si, mut pi) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while si < s.len() {
+        if pi < p.len() && p[pi] == b'%' {
+            star = Some((pi, si));
+            pi += 1;
+        } else if pi < p.len() && p[pi] == b'_' {
+            si += utf8_len(s[si]);
+            pi += 1;
+        } else if pi < p.len() && p[pi] == s[si] {
+            si += 1;
+            pi += 1;
+        } else if let Some((sp, ss)) = star {
+            let next = ss + utf8_len(s[ss]);
+            star = Some((sp, next));
+            pi = sp + 1;
+            si = next;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == b'%')
+}
+
+/// Bytes of the UTF-8 character starting with `b` (`_` matches a character).
+fn utf8_len(b: u8) -> usize {
+    match b {
+        0xF0.. => 4,
+        0xE0.. => 3,
+        0xC0.. => 2,
+        _ => 1,
+    }
+}
+
+/// A parameter from the request's JSON: integers, floats, strings, booleans and null
+/// map to their SQL values; an array of numbers is a vector; anything else is json.
+pub fn param_from_json(json: &serde_json::Value) -> Value {
+    use serde_json::Value as J;
+    match json {
+        J::Null => Value::Null,
+        J::Bool(b) => Value::Bool(*b),
+        J::Number(n) => match n.as_i64() {
+            Some(i) => Value::Int(i),
+            None => Value::Float(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        J::String(s) => Value::Text(s.clone()),
+        J::Array(items) => {
+            let floats: Option<Vec<f32>> = items
+                .iter()
+                .map(|x| x.as_f64().map(|f| f as f32).filter(|f| f.is_finite()))
+                .collect();
+            match floats {
+                Some(v) if !v.is_empty() => Value::Vector(v),
+                _ => Value::Json(json.to_string()),
+            }
+        }
+        J::Object(_) => Value::Json(json.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn eval(e: &Expr) -> Value {
+        e.eval(&[], &[]).expect("evaluates").into_owned()
+    }
+
+    fn c(v: Value) -> Box<Expr> {
+        Box::new(Expr::Const(v))
+    }
+
+    #[test]
+    fn three_valued_logic() {
+        let null = || c(Value::Null);
+        let t = || c(Value::Bool(true));
+        let f = || c(Value::Bool(false));
+        assert_eq!(eval(&Expr::And(null(), f())), Value::Bool(false));
+        assert_eq!(eval(&Expr::And(null(), t())), Value::Null);
+        assert_eq!(eval(&Expr::Or(null(), t())), Value::Bool(true));
+        assert_eq!(eval(&Expr::Or(null(), f())), Value::Null);
+        assert_eq!(eval(&Expr::Not(null())), Value::Null);
+        let in_list = |v: Value, negated| {
+            Expr::InList(
+                c(v),
+                vec![Expr::Const(Value::Int(1)), Expr::Const(Value::Null)],
+                negated,
+            )
+        };
+        assert_eq!(eval(&in_list(Value::Int(1), false)), Value::Bool(true));
+        assert_eq!(eval(&in_list(Value::Int(2), false)), Value::Null);
+        assert_eq!(eval(&in_list(Value::Int(2), true)), Value::Null);
+        assert_eq!(
+            eval(&Expr::Cmp(CmpOp::Eq, c(Value::Int(1)), null())),
+            Value::Null
+        );
+    }
+
+    #[test]
+    fn numbers_mix_and_integers_are_checked() {
+        let arith = |op, a, b| {
+            Expr::Arith(op, c(a), c(b))
+                .eval(&[], &[])
+                .map(Cow::into_owned)
+        };
+        assert_eq!(
+            arith(ArithOp::Div, Value::Int(7), Value::Int(2)),
+            Ok(Value::Int(3))
+        );
+        assert_eq!(
+            arith(ArithOp::Add, Value::Int(1), Value::Float(0.5)),
+            Ok(Value::Float(1.5))
+        );
+        assert!(arith(ArithOp::Add, Value::Int(i64::MAX), Value::Int(1)).is_err());
+        assert!(arith(ArithOp::Div, Value::Int(1), Value::Int(0)).is_err());
+        let e = arith(ArithOp::Add, Value::Int(1), Value::Text("a".into())).expect_err("refused");
+        assert!(e.contains("int and text"), "{e}");
+        assert_eq!(
+            compare(&Value::Int(2), &Value::Float(2.0)),
+            Ok(Some(Ordering::Equal))
+        );
+        assert!(compare(&Value::Int(2), &Value::Text("2".into())).is_err());
+    }
+
+    #[test]
+    fn like_matches_percent_and_underscore() {
+        for (s, p, want) in [
+            ("abc", "a%", true),
+            ("abc", "%c", true),
+            ("abc", "a_c", true),
+            ("abc", "a_", false),
+            ("abc", "%", true),
+            ("", "%", true),
+            ("", "_", false),
+            ("aXbXc", "a%b%c", true),
+            ("abc", "ABC", false),
+            ("héllo", "h_llo", true),
+            ("mississippi", "%iss%ppi", true),
+        ] {
+            assert_eq!(like(s.as_bytes(), p.as_bytes()), want, "{s:?} LIKE {p:?}");
+        }
+    }
+
+    #[test]
+    fn params_from_json() {
+        use serde_json::json;
+        assert_eq!(param_from_json(&json!(3)), Value::Int(3));
+        assert_eq!(param_from_json(&json!(3.5)), Value::Float(3.5));
+        assert_eq!(
+            param_from_json(&json!([1, 2.5])),
+            Value::Vector(vec![1.0, 2.5])
+        );
+        assert_eq!(
+            param_from_json(&json!(["a"])),
+            Value::Json("[\"a\"]".into())
+        );
+        assert_eq!(
+            param_from_json(&json!({"a": 1})),
+            Value::Json("{\"a\":1}".into())
+        );
+    }
+}

@@ -1,0 +1,224 @@
+//! The query engine behind `/ask`: a SQL subset parsed with `sqlparser`, bound to a
+//! tenant's schema, planned (primary-key point or range, secondary-index point or
+//! range, full scan, top-k, exact vector kNN) and executed in slices that yield to the
+//! shard's executor between them.
+//!
+//! ```text
+//! sql ──normalize──► (normalized text, literals) ──plan cache──► Prepared ──► Execution
+//!                      literals become parameters   (tenant, schema stamp, text)
+//! ```
+//!
+//! A plan depends only on the query's shape and the schema, never on parameter values,
+//! so one plan serves every query that differs only in its literals.
+
+mod bind;
+mod cache;
+mod exec;
+mod expr;
+mod normalize;
+mod plan;
+
+pub use cache::{PlanCache, PlanCacheStats, PLAN_CACHE_ENTRIES};
+pub use exec::{AskAnswer, Execution};
+pub use expr::{param_from_json, Metric};
+pub use normalize::{normalize, Normalized};
+pub use plan::{prepare, Prepared};
+
+use std::time::Duration;
+
+/// Limits every query runs under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AskLimits {
+    /// Rows a query may return.
+    pub max_rows_returned: usize,
+    /// Rows (or vectors) a query may read.
+    pub max_rows_scanned: usize,
+    /// Wall-clock time a query may take, yields included.
+    pub deadline: Duration,
+}
+
+impl Default for AskLimits {
+    fn default() -> Self {
+        AskLimits {
+            max_rows_returned: 10_000,
+            max_rows_scanned: 5_000_000,
+            deadline: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Rows a query reads between two chances to yield.
+pub const SLICE_ROWS: usize = 1024;
+/// Vectors a kNN scan reads between two chances to yield.
+pub const SLICE_VECTORS: usize = 8192;
+
+/// Why a query was refused or failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct QueryError {
+    pub kind: QueryErrorKind,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueryErrorKind {
+    /// The text is not SQL we can parse.
+    Syntax,
+    /// Valid SQL outside the supported subset.
+    Unsupported,
+    /// Names a column that does not exist, misuses an aggregate, and the like.
+    Invalid,
+    /// `params` does not fit the placeholders.
+    Params,
+    /// A value of the wrong type at run time, division by zero, overflow.
+    Evaluation,
+    UnknownTable,
+    UnknownTenant,
+    /// The table was dropped or re-created while the query ran.
+    TableChanged,
+    ResultTooLarge,
+    ScanLimit,
+    Timeout,
+}
+
+impl QueryErrorKind {
+    /// The stable `error.code` of the API.
+    pub fn code(self) -> &'static str {
+        match self {
+            QueryErrorKind::Syntax => "sql_syntax",
+            QueryErrorKind::Unsupported => "sql_unsupported",
+            QueryErrorKind::Invalid => "sql_invalid",
+            QueryErrorKind::Params => "invalid_params",
+            QueryErrorKind::Evaluation => "query_evaluation",
+            QueryErrorKind::UnknownTable => "table_not_found",
+            QueryErrorKind::UnknownTenant => "tenant_not_found",
+            QueryErrorKind::TableChanged => "table_changed",
+            QueryErrorKind::ResultTooLarge => "result_too_large",
+            QueryErrorKind::ScanLimit => "scan_limit_exceeded",
+            QueryErrorKind::Timeout => "query_timeout",
+        }
+    }
+}
+
+impl QueryError {
+    pub fn new(kind: QueryErrorKind, message: impl Into<String>) -> Self {
+        QueryError {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    fn unsupported(what: impl std::fmt::Display, at: sqlparser::tokenizer::Span) -> Self {
+        QueryError::new(
+            QueryErrorKind::Unsupported,
+            format!(
+                "{what} is not supported{}; see docs/API.md for the SQL subset",
+                position(at)
+            ),
+        )
+    }
+
+    fn invalid(message: impl Into<String>) -> Self {
+        QueryError::new(QueryErrorKind::Invalid, message)
+    }
+
+    fn eval(message: impl Into<String>) -> Self {
+        QueryError::new(QueryErrorKind::Evaluation, message)
+    }
+}
+
+/// ` at line L, column C` for a known span, else nothing.
+fn position(span: sqlparser::tokenizer::Span) -> String {
+    if span.start.line == 0 {
+        String::new()
+    } else {
+        format!(
+            " (at line {}, column {})",
+            span.start.line, span.start.column
+        )
+    }
+}
+
+/// The full parameter list of a run: the caller's `$1..$n`, checked against what the
+/// plan uses, then the literals normalization moved out of the text.
+pub fn bind_params(
+    plan: &Prepared,
+    params: Vec<crate::value::Value>,
+    literals: Vec<crate::value::Value>,
+) -> Result<Vec<crate::value::Value>, QueryError> {
+    if params.len() != plan.user_params {
+        return Err(QueryError::new(
+            QueryErrorKind::Params,
+            format!(
+                "the query uses {} but params holds {} value(s)",
+                match plan.user_params {
+                    0 => "no placeholders".to_string(),
+                    1 => "$1".to_string(),
+                    n => format!("$1..${n}"),
+                },
+                params.len()
+            ),
+        ));
+    }
+    let mut all = params;
+    all.extend(literals);
+    Ok(all)
+}
+
+/// Plans and runs a query to the end at once, without a plan cache or yielding
+/// (tests, tools, the fuzz target). Servers use `Shard::ask`.
+pub fn ask_now(
+    tenant: &crate::tenant::Tenant,
+    sql: &str,
+    params: Vec<crate::value::Value>,
+    limits: AskLimits,
+) -> Result<AskAnswer, QueryError> {
+    let normalized = normalize(sql)?;
+    let plan = prepare(tenant, &normalized)?;
+    let params = bind_params(&plan, params, normalized.literals)?;
+    let mut run = Execution::new(std::rc::Rc::new(plan), params, limits)?;
+    while !run.step(tenant)? {}
+    run.finish(false)
+}
+
+/// Fuzzing entry (and its corpus replay): any text through normalization, parsing
+/// and binding against a fixed schema must return, never panic.
+pub fn fuzz_entry(bytes: &[u8]) {
+    use crate::schema::TableSchema;
+    use crate::value::ColumnType;
+    let Ok(sql) = std::str::from_utf8(bytes) else {
+        return;
+    };
+    let schema = TableSchema::new(
+        "t",
+        &[
+            ("id", ColumnType::Int, false),
+            ("name", ColumnType::Text, true),
+            ("score", ColumnType::Float, true),
+            ("ok", ColumnType::Bool, true),
+            ("doc", ColumnType::Json, true),
+            ("emb", ColumnType::Vector(3), true),
+        ],
+        &["id"],
+        &[("by_name", &["name"]), ("by_score", &["score", "name"])],
+    )
+    .expect("a valid schema");
+    let mut tenant =
+        crate::tenant::Tenant::new(crate::tenant_id::TenantId::parse("fuzz").expect("valid id"));
+    tenant.create_table(schema, 1).expect("a fresh tenant");
+    for (id, name) in [(1, "a"), (2, "b")] {
+        let row = serde_json::json!({"id": id, "name": name, "score": 1.5, "emb": [1, 2, 3]});
+        let serde_json::Value::Object(row) = row else {
+            return;
+        };
+        tenant
+            .write("t", &[crate::table::WriteOp::Upsert(row)])
+            .expect("a valid row");
+    }
+    // Every placeholder bound to a small integer: enough to reach execution.
+    let users = normalize(sql).map_or(0, |n| n.user_params);
+    let params = (0..users)
+        .map(|i| crate::value::Value::Int(i as i64))
+        .collect();
+    let _ = ask_now(&tenant, sql, params, AskLimits::default());
+}
