@@ -543,7 +543,10 @@ fn explain_reports_every_stage_and_plan_only_runs_nothing() {
     );
 }
 
-fn vectors_tenant(n: usize, dim: usize, seed: u64) -> (Tenant, Vec<(i64, Option<Vec<f32>>, i64)>) {
+/// (id, vector, group) of each live row.
+type VectorRows = Vec<(i64, Option<Vec<f32>>, i64)>;
+
+fn vectors_tenant(n: usize, dim: usize, seed: u64) -> (Tenant, VectorRows) {
     let mut t = Tenant::new(TenantId::parse("vec").expect("valid"));
     let schema = TableSchema::new(
         "docs",

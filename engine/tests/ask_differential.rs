@@ -70,13 +70,29 @@ fn leaf() -> impl Strategy<Value = String> {
         (int_col.clone(), cmp_op(), (-5i32..6))
             .prop_map(|(c, o, v)| format!("{c} {o} {}", f64::from(v) / 2.0 + 0.25)),
         (cmp_op(), text_lit()).prop_map(|(o, v)| format!("s {o} {v}")),
-        (proptest::sample::select(&["id", "a", "b", "f", "s", "flag"][..]), any::<bool>())
+        (
+            proptest::sample::select(&["id", "a", "b", "f", "s", "flag"][..]),
+            any::<bool>()
+        )
             .prop_map(|(c, n)| format!("{c} IS {}NULL", if n { "NOT " } else { "" })),
-        (int_col.clone(), any::<bool>(), proptest::collection::vec(prop_oneof![int_lit(), Just("NULL".to_string())], 1..4))
-            .prop_map(|(c, n, items)| format!("{c} {}IN ({})", if n { "NOT " } else { "" }, items.join(", "))),
-        (int_col.clone(), any::<bool>(), int_lit(), int_lit())
-            .prop_map(|(c, n, lo, hi)| format!("{c} {}BETWEEN {lo} AND {hi}", if n { "NOT " } else { "" })),
-        (any::<bool>(), proptest::sample::select(&["a%", "%b", "_b%", "%", "a_b", "%a%", "ab"][..]))
+        (
+            int_col.clone(),
+            any::<bool>(),
+            proptest::collection::vec(prop_oneof![int_lit(), Just("NULL".to_string())], 1..4)
+        )
+            .prop_map(|(c, n, items)| format!(
+                "{c} {}IN ({})",
+                if n { "NOT " } else { "" },
+                items.join(", ")
+            )),
+        (int_col.clone(), any::<bool>(), int_lit(), int_lit()).prop_map(|(c, n, lo, hi)| format!(
+            "{c} {}BETWEEN {lo} AND {hi}",
+            if n { "NOT " } else { "" }
+        )),
+        (
+            any::<bool>(),
+            proptest::sample::select(&["a%", "%b", "_b%", "%", "a_b", "%a%", "ab"][..])
+        )
             .prop_map(|(n, p)| format!("s {}LIKE '{p}'", if n { "NOT " } else { "" })),
         any::<bool>().prop_map(|b| format!("flag = {}", if b { "TRUE" } else { "FALSE" })),
         (cmp_op(), int_lit()).prop_map(|(o, v)| format!("a + b {o} {v}")),
@@ -126,17 +142,20 @@ fn query() -> impl Strategy<Value = (String, bool)> {
         parts.push("id".to_string());
         format!(" ORDER BY {}", parts.join(", "))
     });
-    let limit = proptest::option::weighted(
-        0.6,
-        (0usize..12, proptest::option::of(0usize..6)),
-    )
-    .prop_map(|l| match l {
-        None => String::new(),
-        Some((n, None)) => format!(" LIMIT {n}"),
-        Some((n, Some(o))) => format!(" LIMIT {n} OFFSET {o}"),
-    });
+    let limit = proptest::option::weighted(0.6, (0usize..12, proptest::option::of(0usize..6)))
+        .prop_map(|l| match l {
+            None => String::new(),
+            Some((n, None)) => format!(" LIMIT {n}"),
+            Some((n, Some(o))) => format!(" LIMIT {n} OFFSET {o}"),
+        });
     let projection = proptest::sample::select(
-        &["id, a, s", "*", "id, a + b AS total, f", "id, b * 3 - a, s, flag", "id, -f, a % 3"][..],
+        &[
+            "id, a, s",
+            "*",
+            "id, a + b AS total, f",
+            "id, b * 3 - a, s, flag",
+            "id, -f, a % 3",
+        ][..],
     );
     let group_col = proptest::sample::select(&["a", "b", "s", "flag"][..]);
     prop_oneof![
@@ -179,9 +198,7 @@ fn cell_cmp(a: &Cell, b: &Cell) -> Ordering {
     match (a, b) {
         (Cell::Int(x), Cell::Int(y)) => x.cmp(y),
         (Cell::Text(x), Cell::Text(y)) => x.cmp(y),
-        (Cell::Int(_) | Cell::Float(_), Cell::Int(_) | Cell::Float(_)) => {
-            num(a).total_cmp(&num(b))
-        }
+        (Cell::Int(_) | Cell::Float(_), Cell::Int(_) | Cell::Float(_)) => num(a).total_cmp(&num(b)),
         _ => rank(a).cmp(&rank(b)),
     }
 }
@@ -253,7 +270,9 @@ fn load(rows: &[Row]) -> (Tenant, rusqlite::Connection) {
 }
 
 fn sqlite_rows(db: &rusqlite::Connection, sql: &str) -> Vec<Vec<Cell>> {
-    let mut stmt = db.prepare(sql).unwrap_or_else(|e| panic!("sqlite refused {sql}: {e}"));
+    let mut stmt = db
+        .prepare(sql)
+        .unwrap_or_else(|e| panic!("sqlite refused {sql}: {e}"));
     let n = stmt.column_count();
     let mut out = Vec::new();
     let mut rows = stmt.query([]).expect("query");
@@ -275,8 +294,7 @@ fn sqlite_rows(db: &rusqlite::Connection, sql: &str) -> Vec<Vec<Cell>> {
 
 fn rows_match(x: &[Vec<Cell>], y: &[Vec<Cell>]) -> bool {
     x.len() == y.len()
-        && x
-            .iter()
+        && x.iter()
             .zip(y)
             .all(|(a, b)| a.len() == b.len() && a.iter().zip(b).all(|(p, q)| same(p, q)))
 }

@@ -11,7 +11,11 @@ fn query_parser_corpus_replays_without_panics() {
         let path = entry.expect("corpus entry").path();
         let bytes = std::fs::read(&path).expect("corpus file");
         let outcome = std::panic::catch_unwind(|| oc_engine::query::fuzz_entry(&bytes));
-        assert!(outcome.is_ok(), "query_parser panicked on {}", path.display());
+        assert!(
+            outcome.is_ok(),
+            "query_parser panicked on {}",
+            path.display()
+        );
         count += 1;
     }
     assert!(count >= 20, "the seed corpus is committed ({count} files)");

@@ -233,6 +233,10 @@ fn upserts_replace_and_deletes_report_missing_keys() {
     ));
     let version = t.schema_version();
     t.drop_table("items", version + 5).expect("drop");
-    assert_eq!(t.schema_version(), version + 5, "the stamp is the dropping LSN");
+    assert_eq!(
+        t.schema_version(),
+        version + 5,
+        "the stamp is the dropping LSN"
+    );
     assert!(t.usage().tables.is_empty());
 }

@@ -11,6 +11,7 @@ use oc_ship::engine::io::{WalConfig, BLOCK_SIZE};
 use crate::api::ApiLimits;
 use crate::auth::{AuthConfig, MIN_ADMIN_TOKEN_BYTES};
 use crate::rate_limit::RateLimit;
+use oc_ship::engine::query::AskLimits;
 
 /// Server settings (flattened into the binary's arguments).
 #[derive(Args, Debug, Clone)]
@@ -82,6 +83,18 @@ pub struct ServerConfig {
     #[arg(long, env = "OC_REQUEST_DEADLINE_MS", default_value_t = 30_000)]
     pub request_deadline_ms: u64,
     /// On SIGTERM/SIGINT, how long in-flight requests get to finish.
+    /// Rows one /ask query may return.
+    #[arg(long, env = "OC_ASK_MAX_ROWS", default_value_t = 10_000)]
+    pub ask_max_rows: usize,
+
+    /// Rows (or vectors) one /ask query may read.
+    #[arg(long, env = "OC_ASK_MAX_SCAN_ROWS", default_value_t = 5_000_000)]
+    pub ask_max_scan_rows: usize,
+
+    /// Wall-clock limit of one /ask query, in milliseconds (at most the request deadline).
+    #[arg(long, env = "OC_ASK_TIMEOUT_MS", default_value_t = 5_000)]
+    pub ask_timeout_ms: u64,
+
     #[arg(long, env = "OC_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
     pub shutdown_grace_ms: u64,
     /// Checkpoint every this many seconds...
@@ -173,6 +186,11 @@ impl ServerConfig {
             body_read_timeout: Duration::from_millis(self.body_read_timeout_ms),
             request_deadline: Duration::from_millis(self.request_deadline_ms),
             max_in_flight_per_tenant: self.max_in_flight_per_tenant,
+            ask: AskLimits {
+                max_rows_returned: self.ask_max_rows,
+                max_rows_scanned: self.ask_max_scan_rows,
+                deadline: Duration::from_millis(self.ask_timeout_ms.min(self.request_deadline_ms)),
+            },
             rate_limit: RateLimit {
                 per_second: self.rate_limit_rps,
                 burst: self.rate_limit_burst,

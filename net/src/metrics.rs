@@ -7,6 +7,7 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use oc_ship::engine::query::PlanCacheStats;
 use oc_ship::engine::{CheckpointMetrics, ShardNode};
 use oc_ship::shipper::ShipMetrics;
 use prometheus::proto::{
@@ -87,6 +88,8 @@ impl LatencyHistogram {
 pub struct HttpMetrics {
     pub requests: BTreeMap<(&'static str, u16), u64>,
     pub latency: BTreeMap<&'static str, LatencyHistogram>,
+    /// `/ask` requests, end to end (the `ask` route), in milliseconds.
+    pub ask_latency: LatencyHistogram,
     pub connections_open: u64,
     pub connections_accepted: u64,
     pub connections_refused: u64,
@@ -103,6 +106,9 @@ pub fn record_request(route: &'static str, status: u16, elapsed: Duration) {
         let mut m = m.borrow_mut();
         *m.requests.entry((route, status)).or_default() += 1;
         m.latency.entry(route).or_default().record(elapsed);
+        if route == "ask" {
+            m.ask_latency.record(elapsed);
+        }
     })
 }
 
@@ -123,6 +129,7 @@ pub struct ShardSnapshot {
     pub wal_failed: bool,
     pub fsync_lag: LatencyHistogram,
     pub checkpoint: CheckpointMetrics,
+    pub plan_cache: PlanCacheStats,
     pub tenants: usize,
     pub rows: usize,
     pub bytes: usize,
@@ -148,6 +155,7 @@ pub fn snapshot(node: &ShardNode) -> ShardSnapshot {
         wal_failed: shard.wal().failure().is_some(),
         fsync_lag: LatencyHistogram::from_hdr_us(&wal.fsync_lag_us),
         checkpoint: shard.checkpoint_metrics(),
+        plan_cache: shard.plan_cache_stats(),
         tenants,
         rows,
         bytes,
@@ -246,7 +254,9 @@ pub fn render(shards: &[ShardSnapshot], control: &ControlMetrics) -> String {
     let mut requests = BTreeMap::new();
     let mut latency: BTreeMap<&str, LatencyHistogram> = BTreeMap::new();
     let mut fsync_lag = LatencyHistogram::default();
+    let mut ask_latency = LatencyHistogram::default();
     for http in shards.iter().map(|s| &s.http).chain([&control.ops_http]) {
+        ask_latency.merge(&http.ask_latency);
         for (key, n) in &http.requests {
             *requests.entry(*key).or_insert(0u64) += n;
         }
@@ -280,6 +290,51 @@ pub fn render(shards: &[ShardSnapshot], control: &ControlMetrics) -> String {
             .map(|(route, h)| histogram(vec![label("route", route)], h, 1000.0))
             .collect(),
     ));
+    families.push(family(
+        "oc_ask_latency_ms",
+        "End-to-end /ask latency (request read to response ready), all shards, in milliseconds.",
+        HISTOGRAM,
+        vec![histogram(vec![], &ask_latency, 1.0)],
+    ));
+    let (hits, misses) = shards.iter().fold((0, 0), |(h, m), s| {
+        (h + s.plan_cache.hits, m + s.plan_cache.misses)
+    });
+    families.push(family(
+        "oc_plan_cache_hit_ratio",
+        "Plan-cache hits over lookups since start, all shards (NaN before the first query); EXPLAIN reads count too.",
+        GAUGE,
+        vec![gauge(vec![], hits as f64 / (hits + misses) as f64)],
+    ));
+    families.extend([
+        per_shard(
+            shards,
+            "oc_plan_cache_hits_total",
+            "/ask queries whose plan came from the shard's plan cache.",
+            COUNTER,
+            |s| s.plan_cache.hits as f64,
+        ),
+        per_shard(
+            shards,
+            "oc_plan_cache_misses_total",
+            "/ask queries planned afresh (new normalized text or schema).",
+            COUNTER,
+            |s| s.plan_cache.misses as f64,
+        ),
+        per_shard(
+            shards,
+            "oc_plan_cache_entries",
+            "Plans held in the shard's plan cache.",
+            GAUGE,
+            |s| s.plan_cache.entries as f64,
+        ),
+        per_shard(
+            shards,
+            "oc_plan_cache_evictions_total",
+            "Plans evicted from the shard's plan cache to make room (least recently used first).",
+            COUNTER,
+            |s| s.plan_cache.evictions as f64,
+        ),
+    ]);
     families.push(family(
         "oc_wal_fsync_lag_ms",
         "Time from a write's append to its group's fdatasync returning, all shards.",

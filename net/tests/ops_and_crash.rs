@@ -5,72 +5,12 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::Server;
+use common::{promtool_check, Server};
 use serde_json::{json, Value};
-
-/// Metric names fixed by the operating documents, whose unit suffix promtool's style
-/// lint calls abbreviated.
-const SEED_NAMES_WITH_SHORT_UNITS: [&str; 2] = ["oc_checkpoint_age_s", "oc_wal_fsync_lag_ms"];
-
-/// Runs `promtool check metrics` on a scrape. CI installs promtool; without it (a
-/// developer machine) the lint is skipped loudly and the rest of the test still runs.
-fn promtool_check(scrape: &str) {
-    let child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn();
-    let mut child = match child {
-        Ok(child) => child,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && std::env::var_os("CI").is_none() => {
-            eprintln!(
-                "!!! promtool is not installed: the metrics lint is SKIPPED (CI installs it)"
-            );
-            return;
-        }
-        Err(e) => panic!("running promtool: {e}"),
-    };
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(scrape.as_bytes())
-        .expect("write scrape");
-    let output = child.wait_with_output().expect("promtool");
-    let findings = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    // The operating contract names two metrics with abbreviated units; promtool flags
-    // that style and nothing else may be flagged.
-    let unexpected: Vec<&str> = findings
-        .lines()
-        .filter(|line| !line.trim().is_empty())
-        .filter(|line| {
-            !(SEED_NAMES_WITH_SHORT_UNITS
-                .iter()
-                .any(|name| line.starts_with(&format!("{name} ")))
-                && line.contains("abbreviated units"))
-        })
-        .collect();
-    assert!(
-        unexpected.is_empty(),
-        "promtool check metrics found problems:\n{}",
-        unexpected.join("\n")
-    );
-    assert!(
-        output.status.success() || !findings.trim().is_empty(),
-        "promtool failed without saying why"
-    );
-}
 
 #[test]
 fn health_ready_and_a_scrape_promtool_accepts() {

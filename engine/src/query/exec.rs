@@ -18,7 +18,7 @@ use ahash::AHashMap;
 use serde_json::json;
 
 use super::bind::{AggFunc, Aggregate, ExplainMode, SortKey};
-use super::expr::{as_f64, as_vector, check_dims, sort_cmp, truth, type_name, Expr};
+use super::expr::{as_f64, as_vector, check_dims, compare, sort_cmp, truth, type_name, Expr};
 use super::plan::{Access, OrderBy, Prepared};
 use super::{AskLimits, QueryError, QueryErrorKind, SLICE_ROWS, SLICE_VECTORS};
 use crate::key::Key;
@@ -457,7 +457,7 @@ impl Execution {
                 let mut prefix = Vec::with_capacity(eq.len() + 1);
                 let mut widened = false;
                 for (e, ty) in eq.iter().zip(key_types) {
-                    match as_key(eval(e)?, *ty) {
+                    match as_key(eval(e)?, *ty)? {
                         KeyValue::Exact(v) => prefix.push(v),
                         KeyValue::Null => return Ok(Source::Done),
                         KeyValue::Mismatch => {
@@ -472,7 +472,7 @@ impl Execution {
                     |b: &Option<(Expr, bool)>| -> Result<Option<(Value, bool)>, QueryError> {
                         match (b, next_ty, widened) {
                             (Some((e, inclusive)), Some(ty), false) => {
-                                Ok(match as_key(eval(e)?, ty) {
+                                Ok(match as_key(eval(e)?, ty)? {
                                     KeyValue::Exact(v) => Some((v, *inclusive)),
                                     KeyValue::Null => Some((Value::Null, false)),
                                     KeyValue::Mismatch => None,
@@ -486,7 +486,7 @@ impl Execution {
                         let mut items: Vec<(Vec<u8>, Value)> = Vec::new();
                         let mut usable = true;
                         for e in list {
-                            match as_key(eval(e)?, ty) {
+                            match as_key(eval(e)?, ty)? {
                                 KeyValue::Exact(v) => {
                                     let mut k = Vec::new();
                                     v.encode_key(&mut k);
@@ -1065,8 +1065,18 @@ enum KeyValue {
     Mismatch,
 }
 
-fn as_key(v: Value, ty: ColumnType) -> KeyValue {
-    match (v, ty) {
+/// Converts a bound to a key column's type. A value that cannot even be compared with
+/// the column's values (text against int) is the error every row would give.
+fn as_key(v: Value, ty: ColumnType) -> Result<KeyValue, QueryError> {
+    let probe = match ty {
+        ColumnType::Int => Value::Int(0),
+        ColumnType::Float => Value::Float(0.0),
+        ColumnType::Text => Value::Text(String::new()),
+        ColumnType::Bool => Value::Bool(false),
+        _ => Value::Null,
+    };
+    compare(&probe, &v).map_err(eval_err)?;
+    Ok(match (v, ty) {
         (Value::Null, _) => KeyValue::Null,
         (Value::Int(i), ColumnType::Int) => KeyValue::Exact(Value::Int(i)),
         (Value::Float(f), ColumnType::Int) if f.fract() == 0.0 && f.abs() < 9.0e15 => {
@@ -1079,5 +1089,5 @@ fn as_key(v: Value, ty: ColumnType) -> KeyValue {
         (Value::Text(s), ColumnType::Text) => KeyValue::Exact(Value::Text(s)),
         (Value::Bool(b), ColumnType::Bool) => KeyValue::Exact(Value::Bool(b)),
         _ => KeyValue::Mismatch,
-    }
+    })
 }

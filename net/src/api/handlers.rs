@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 use hyper::StatusCode;
+use oc_ship::engine::query::{param_from_json, AskLimits, QueryError, QueryErrorKind};
 use oc_ship::engine::{
     owner_of, ColumnType, ShardNode, ShardRouter, Table, TableSchema, TenantId, WriteOp,
 };
@@ -403,6 +404,64 @@ pub async fn get_row(
         }
     })
     .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AskBody {
+    sql: String,
+    #[serde(default)]
+    params: Vec<Json>,
+}
+
+/// `POST /v1/tenants/:t/ask`: one SELECT over the tenant's durable state.
+pub async fn ask(
+    router: &ShardRouter,
+    tenant: TenantId,
+    body: AskBody,
+    explain: bool,
+    limits: AskLimits,
+    access: &Access,
+) -> Answer {
+    let params: Vec<_> = body.params.iter().map(param_from_json).collect();
+    on_owner(router, access, tenant, move |node, tenant| async move {
+        let answer = node
+            .shard()
+            .ask(&tenant, &body.sql, params, explain, limits)
+            .await
+            .map_err(query_error)?;
+        let rows: Vec<Json> = answer
+            .rows
+            .iter()
+            .map(|r| Json::Array(r.iter().map(|v| v.to_json()).collect()))
+            .collect();
+        let mut out = json!({
+            "columns": answer.columns,
+            "rows": rows,
+            "row_count": answer.rows.len(),
+            "rows_scanned": answer.rows_scanned,
+        });
+        if let Some(plan) = answer.plan {
+            out["plan"] = plan;
+        }
+        Ok((StatusCode::OK, out))
+    })
+    .await
+}
+
+fn query_error(e: QueryError) -> ApiError {
+    let status = match e.kind {
+        QueryErrorKind::UnknownTable | QueryErrorKind::UnknownTenant => StatusCode::NOT_FOUND,
+        QueryErrorKind::TableChanged => StatusCode::CONFLICT,
+        QueryErrorKind::ResultTooLarge | QueryErrorKind::ScanLimit => StatusCode::PAYLOAD_TOO_LARGE,
+        QueryErrorKind::Timeout => StatusCode::SERVICE_UNAVAILABLE,
+        QueryErrorKind::Syntax
+        | QueryErrorKind::Unsupported
+        | QueryErrorKind::Invalid
+        | QueryErrorKind::Params
+        | QueryErrorKind::Evaluation => StatusCode::BAD_REQUEST,
+    };
+    ApiError::new(status, e.kind.code(), e.message)
 }
 
 /// Turns path segments into a JSON object of the primary-key columns.

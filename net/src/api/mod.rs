@@ -17,6 +17,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
+use oc_ship::engine::query::AskLimits;
 use oc_ship::engine::ShardRouter;
 use tracing::Instrument;
 
@@ -33,6 +34,7 @@ pub struct ApiLimits {
     pub body_read_timeout: Duration,
     pub request_deadline: Duration,
     pub max_in_flight_per_tenant: usize,
+    pub ask: AskLimits,
     pub rate_limit: RateLimit,
 }
 
@@ -164,6 +166,7 @@ fn route_name(method: &Method, path: &str) -> &'static str {
         (["v1", "tenants"], _) => "tenants",
         (["v1", "tenants", _], _) => "tenant",
         (["v1", "tenants", _, "usage"], _) => "usage",
+        (["v1", "tenants", _, "ask"], _) => "ask",
         (["v1", "tenants", _, "keys"], _) => "keys",
         (["v1", "tenants", _, "keys", _], _) => "key",
         (["v1", "tenants", _, "tables"], _) => "tables",
@@ -181,7 +184,7 @@ fn allowed_methods(path: &str) -> Option<&'static str> {
         "key" => "DELETE",
         "tenant" | "table" => "GET, DELETE",
         "usage" | "row_get" => "GET",
-        "rows_write" => "POST",
+        "rows_write" | "ask" => "POST",
         _ => return None,
     })
 }
@@ -219,6 +222,12 @@ async fn dispatch(ctx: &ApiContext, req: Request<Incoming>) -> Answer {
         }
         (["v1", "tenants", t, "usage"], &Method::GET) => {
             h::usage(router, h::tenant_id(t)?, access).await
+        }
+        (["v1", "tenants", t, "ask"], &Method::POST) => {
+            let tenant = h::tenant_id(t)?;
+            let explain = explain_requested(req.uri().query())?;
+            let body = read_json(ctx, req).await?;
+            h::ask(router, tenant, body, explain, ctx.limits.ask, access).await
         }
         (["v1", "tenants", t, "keys"], &Method::GET) => {
             h::list_keys(router, h::tenant_id(t)?, access).await
@@ -271,6 +280,24 @@ async fn dispatch(ctx: &ApiContext, req: Request<Incoming>) -> Answer {
             format!("no endpoint at {path}; see docs/API.md"),
         )),
     }
+}
+
+/// `?explain=true|false` (absent: false); anything else is a 400 naming the value.
+fn explain_requested(query: Option<&str>) -> Result<bool, ApiError> {
+    let mut explain = false;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        match pair {
+            "explain" | "explain=true" => explain = true,
+            "explain=false" => explain = false,
+            _ => {
+                return Err(ApiError::bad_request(
+                    "invalid_query_string",
+                    format!("unknown query parameter {pair:?}; /ask takes only explain=true|false"),
+                ))
+            }
+        }
+    }
+    Ok(explain)
 }
 
 /// Whether the request declares a body (`content-length` above 0 or chunked).
