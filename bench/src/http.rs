@@ -101,6 +101,8 @@ pub(crate) struct Connection {
     stream: TcpStream<glommio::net::Preallocated>,
     host: String,
     line: String,
+    /// The body of the last response.
+    body: Vec<u8>,
 }
 
 impl Connection {
@@ -115,11 +117,12 @@ impl Connection {
             stream: stream.buffered(),
             host: target.host.clone(),
             line: String::new(),
+            body: Vec::new(),
         })
     }
 
     /// A fresh connection after a failed one, retrying for up to a second.
-    async fn reopen(target: &Target) -> Result<Self> {
+    pub(crate) async fn reopen(target: &Target) -> Result<Self> {
         let mut last = None;
         for _ in 0..100 {
             match Self::open(target).await {
@@ -171,9 +174,14 @@ impl Connection {
                 }
             }
         }
-        let mut body = vec![0u8; length];
-        self.stream.read_exact(&mut body).await?;
+        self.body.resize(length, 0);
+        self.stream.read_exact(&mut self.body).await?;
         Ok(status)
+    }
+
+    /// The body of the last response.
+    pub(crate) fn body(&self) -> &[u8] {
+        &self.body
     }
 }
 

@@ -3,6 +3,7 @@
 //! table; numbers are quoted as ratios to the baseline because this machine is shared.
 
 mod archive;
+mod ask;
 mod engine;
 mod http;
 mod latency;
@@ -39,6 +40,9 @@ enum Command {
     /// Archive shipping: its cost on write throughput, RPO after kill -9 and restore,
     /// restore speed (needs oc-server and oc-pitr next to oc-bench).
     Archive(archive::ArchiveArgs),
+    /// `/ask` queries (point, index range, aggregate, exact kNN) at a fixed rate through
+    /// an oc-server it starts, with the REST read and an in-process scan as baselines.
+    Ask(ask::AskArgs),
     /// Re-render Markdown tables and SVG charts from a directory of JSON results.
     Report(report::ReportArgs),
     /// Run wal, engine, peers and http (against an oc-server it starts), then render
@@ -154,6 +158,7 @@ fn main() -> anyhow::Result<()> {
         Command::Http(args) => http::run(args),
         Command::Peers(args) => peers::run(args),
         Command::Archive(args) => archive::run(args),
+        Command::Ask(args) => ask::run(args),
         Command::Report(args) => report::run(args),
         Command::All(args) => run_all(args),
     }

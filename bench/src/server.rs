@@ -10,6 +10,8 @@ use anyhow::{bail, Context, Result};
 pub struct Spawned {
     child: Child,
     pub url: String,
+    /// The ops listener (`/metrics`).
+    pub ops_url: String,
 }
 
 impl Spawned {
@@ -34,15 +36,24 @@ impl Spawned {
         // A thread reads stdout to its end, so the server never writes into a closed pipe.
         let (url_tx, url_rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
+            let mut api = None;
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let addr = |rest: &str| {
+                    format!("http://{}", rest.split_whitespace().next().unwrap_or(rest))
+                };
                 if let Some(rest) = line.strip_prefix("oc-server: api listening on ") {
-                    let addr = rest.split_whitespace().next().unwrap_or(rest);
-                    let _ = url_tx.send(format!("http://{addr}"));
+                    api = Some(addr(rest));
+                } else if let Some(rest) = line.strip_prefix("oc-server: ops listening on ") {
+                    let _ = url_tx.send((api.take().unwrap_or_default(), addr(rest)));
                 }
             }
         });
         match url_rx.recv_timeout(std::time::Duration::from_secs(60)) {
-            Ok(url) => Ok(Some(Spawned { child, url })),
+            Ok((url, ops_url)) => Ok(Some(Spawned {
+                child,
+                url,
+                ops_url,
+            })),
             Err(_) => {
                 let _ = child.kill();
                 let status = child.wait()?;

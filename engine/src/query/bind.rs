@@ -493,11 +493,20 @@ impl Binder<'_> {
             },
             ast::Expr::Value(v) => match &v.value {
                 ast::Value::Placeholder(p) => {
-                    let n: usize = p
-                        .strip_prefix('$')
-                        .and_then(|n| n.parse().ok())
-                        .expect("normalization checked placeholders");
-                    Expr::Param(n - 1)
+                    // `$n` tokens were checked by normalization; the parser also builds
+                    // placeholders from other syntax (`:name`, `?`), which we refuse.
+                    match p.strip_prefix('$').and_then(|n| n.parse::<usize>().ok()) {
+                        Some(n) if n >= 1 => Expr::Param(n - 1),
+                        _ => {
+                            return Err(QueryError::new(
+                                QueryErrorKind::Params,
+                                format!(
+                                    "placeholder {p:?}{} is not supported; write $1, $2, …",
+                                    position(v.span)
+                                ),
+                            ))
+                        }
+                    }
                 }
                 ast::Value::Boolean(x) => Expr::Const(Value::Bool(*x)),
                 ast::Value::Null => Expr::Const(Value::Null),
