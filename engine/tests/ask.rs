@@ -446,6 +446,12 @@ fn bad_queries_say_what_and_where() {
             QueryErrorKind::Evaluation,
             "division by zero",
         ),
+        // Found by the fuzzer: the parser builds `:name` placeholders from two tokens.
+        (
+            "SELECT id FROM people WHERE id = :name",
+            QueryErrorKind::Params,
+            "write $1, $2",
+        ),
     ] {
         let e = err(&t, sql, vec![]);
         assert_eq!(e.kind, kind, "{sql}: {e}");
