@@ -135,6 +135,9 @@ fn brute_force(vectors: &[f32], dim: usize, q: &[f32], k: usize) -> Vec<u64> {
 /// A request of the mixed phase: (kind, method, path, body).
 type Request = (&'static str, &'static str, String, Option<String>);
 
+/// Makes request `i` of a phase.
+type MakeRequest = Rc<dyn Fn(u64, &mut SimRng) -> Request>;
+
 struct Recorder {
     kinds: BTreeMap<&'static str, (Histogram<u64>, u64)>,
     errors: BTreeMap<String, u64>,
@@ -149,7 +152,7 @@ async fn fixed_rate(
     seconds: f64,
     connections: usize,
     keep_bodies: u64,
-    make: Rc<dyn Fn(u64, &mut SimRng) -> Request>,
+    make: MakeRequest,
 ) -> Result<(Recorder, f64)> {
     let interval_ns = 1e9 / rate as f64;
     let warmup = (WARMUP.as_secs_f64() * rate as f64) as u64;
@@ -182,18 +185,16 @@ async fn fixed_rate(
                 let (kind, method, path, body) = make(i, &mut rng);
                 let outcome = conn.request(method, &path, body.as_deref()).await;
                 let latency_us = due.elapsed().as_micros() as u64;
-                let mut r = recorder.borrow_mut();
                 if i < keep_bodies {
-                    r.bodies.push((i, conn.body().to_vec()));
+                    recorder.borrow_mut().bodies.push((i, conn.body().to_vec()));
                 }
                 if outcome.is_err() {
-                    drop(r);
                     conn = Connection::reopen(&target).await?;
-                    r = recorder.borrow_mut();
                 }
                 if i < warmup {
                     continue;
                 }
+                let mut r = recorder.borrow_mut();
                 let entry = r.kinds.entry(kind).or_insert_with(|| (histogram(), 0));
                 match &outcome {
                     Ok(status) if (200..300).contains(status) => {
@@ -338,7 +339,7 @@ pub fn run(args: AskArgs) -> Result<()> {
             "mixed queries at {} req/s for {} s...",
             args.rate, args.seconds
         );
-        let mixed: Rc<dyn Fn(u64, &mut SimRng) -> Request> = Rc::new(move |_, rng| {
+        let mixed: MakeRequest = Rc::new(move |_, rng| {
             let ask = format!("/v1/tenants/{TENANT}/ask");
             let id = rng.below(rows);
             let g = rng.below(100);
@@ -361,7 +362,7 @@ pub fn run(args: AskArgs) -> Result<()> {
             "kNN (k = 10) at {} req/s for {} s...",
             args.knn_rate, args.knn_seconds
         );
-        let knn: Rc<dyn Fn(u64, &mut SimRng) -> Request> = Rc::new(move |i, _| {
+        let knn: MakeRequest = Rc::new(move |i, _| {
             let body = json!({"sql": "SELECT id FROM items ORDER BY emb <-> $1 LIMIT 10", "params": [query_vector(i, dim)]});
             (
                 "knn",

@@ -220,7 +220,7 @@ fn render_one<R: DeserializeOwned>(
 
 /// Renders every known result file in `input` into `out`; returns what it rendered.
 pub fn render_dir(input: &Path, out: &Path) -> Result<Vec<String>> {
-    use crate::{engine, http, peers, wal};
+    use crate::{ask, engine, http, peers, wal};
     let rendered = [
         (
             "wal",
@@ -237,6 +237,10 @@ pub fn render_dir(input: &Path, out: &Path) -> Result<Vec<String>> {
         (
             "http",
             render_one(input, out, "http", http::markdown, http::svgs)?,
+        ),
+        (
+            "ask",
+            render_one(input, out, "ask", ask::markdown, ask::svgs)?,
         ),
     ];
     Ok(rendered
@@ -271,7 +275,7 @@ mod tests {
         let committed = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/bench");
         let out = std::env::temp_dir().join(format!("oc-bench-report-{}", std::process::id()));
         let rendered = render_dir(&committed, &out).expect("renders");
-        for name in ["wal", "engine", "http"] {
+        for name in ["wal", "engine", "http", "ask"] {
             assert!(
                 rendered.iter().any(|r| r == name),
                 "{name} not rendered: {rendered:?}"

@@ -5,8 +5,9 @@
 //! Built: the data model (tenant ids, typed schemas with named limits, tables with
 //! primary-key and secondary-index B-trees), commands as WAL records, shards with
 //! durable writes, fuzzy checkpoints and recovery, idempotency keys, and the pool of
-//! shards (one executor per core) with tenant placement and cross-shard calls.
-//! Not built yet: the query engine behind `/ask`.
+//! shards (one executor per core) with tenant placement and cross-shard calls, and
+//! the query engine behind `/ask` ([`query`]) with contiguous vector stores
+//! ([`vectors`]).
 #![deny(clippy::unwrap_used)]
 
 pub mod api_key;
