@@ -320,6 +320,19 @@ fn aggregates_group_by_and_having() {
         "SELECT city, COUNT(*) FROM people WHERE id > 100 GROUP BY city"
     )
     .is_empty());
+    // OFFSET and LIMIT apply to aggregated rows, ordered or not.
+    assert_eq!(
+        rows(&t, "SELECT city FROM people GROUP BY city LIMIT 5 OFFSET 1").len(),
+        2
+    );
+    assert!(rows(&t, "SELECT COUNT(*) FROM people LIMIT 1 OFFSET 1").is_empty());
+    assert_eq!(
+        rows(
+            &t,
+            "SELECT city FROM people GROUP BY city ORDER BY city DESC LIMIT 1 OFFSET 1"
+        ),
+        vec![vec![Value::Text("oslo".into())]]
+    );
     assert_eq!(
         rows(&t, "SELECT SUM(score) + 1 FROM people"),
         vec![vec![Value::Float(12.5)]]

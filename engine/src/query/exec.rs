@@ -832,9 +832,9 @@ impl Execution {
                     }
                     self.stats.having.rows_out += 1;
                 }
-                // Aggregated rows are sorted (or not) like any others.
-                self.groups = None;
-                self.emit_aggregated(&row)?;
+                // Aggregated rows go through ORDER BY and OFFSET/LIMIT like table rows
+                // (`groups` is taken, so `emit` no longer sees an aggregating query).
+                self.emit(&row)?;
             }
         }
         if !self.streams() && self.plan.order != OrderBy::Knn {
@@ -871,17 +871,6 @@ impl Execution {
             rows_scanned,
             plan,
         })
-    }
-
-    /// Aggregated rows go through ORDER BY like table rows, never streamed.
-    fn emit_aggregated(&mut self, row: &[Value]) -> Result<(), QueryError> {
-        if self.plan.query.order_by.is_empty() {
-            self.stats.limit.rows_in += 1;
-            let out = self.project(row)?;
-            self.output.push((Vec::new(), out));
-            return Ok(());
-        }
-        self.emit(row)
     }
 
     /// Asks for `EXPLAIN ANALYZE` output whatever the statement said (`?explain=true`).
