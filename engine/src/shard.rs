@@ -294,7 +294,10 @@ impl<S: Storage> Shard<S> {
                 release_barrier: std::cell::Cell::new(None),
                 state,
                 queue,
-                plan_cache: RefCell::new(PlanCache::new(query::PLAN_CACHE_ENTRIES)),
+                plan_cache: RefCell::new(PlanCache::new(
+                    query::PLAN_CACHE_ENTRIES,
+                    query::PLAN_CACHE_BYTES,
+                )),
                 _applier: applier,
             },
             report,

@@ -1,7 +1,9 @@
 //! The query engine on a tenant built in memory: plans chosen, results, NULL
 //! semantics, limits, errors, EXPLAIN, and kNN against a brute-force reference.
 
-use oc_engine::query::{ask_now, AskAnswer, AskLimits, Metric, QueryError, QueryErrorKind};
+use oc_engine::query::{
+    ask_now, AskAnswer, AskLimits, Metric, QueryError, QueryErrorKind, MAX_QUERY_OPERATORS,
+};
 use oc_engine::{ColumnType, TableSchema, Tenant, TenantId, Value, WriteOp};
 use serde_json::{json, Value as Json};
 
@@ -475,7 +477,144 @@ fn bad_queries_say_what_and_where() {
         "(".repeat(200),
         ")".repeat(200)
     );
-    assert_eq!(err(&t, &deep, vec![]).kind, QueryErrorKind::Syntax);
+    assert_eq!(err(&t, &deep, vec![]).kind, QueryErrorKind::TooComplex);
+}
+
+/// Trees as deep as the SQL size limit allows, built without a single parenthesis:
+/// each is refused before parsing (or answered), never a stack overflow.
+#[test]
+fn flat_chains_of_every_operator_up_to_the_size_limit_are_refused_cleanly() {
+    let t = tenant();
+    let room = 64 * 1024 - 100;
+    for op in [
+        " + 1",
+        " - 1",
+        " * 1",
+        " / 1",
+        " % 1",
+        " AND TRUE",
+        " OR FALSE",
+        " = 1",
+        " < 1",
+        " IS NULL",
+        " IS NOT NULL",
+        " LIKE 'a'",
+        " <-> 1",
+        " || 'a'",
+        "::int",
+    ] {
+        let chain = op.repeat(room / op.len());
+        let sql = format!("SELECT id FROM people WHERE id{chain}");
+        let e = err(&t, &sql, vec![]);
+        assert_eq!(e.kind, QueryErrorKind::TooComplex, "{op:?}: {e}");
+        assert!(e.message.contains(&MAX_QUERY_OPERATORS.to_string()), "{e}");
+    }
+    for prefix in ["NOT ", "-", "+"] {
+        let sql = format!(
+            "SELECT id FROM people WHERE {}id = 1",
+            prefix.repeat(room / prefix.len())
+        );
+        let e = err(&t, &sql, vec![]);
+        assert!(
+            matches!(e.kind, QueryErrorKind::TooComplex | QueryErrorKind::Syntax),
+            "{prefix:?}: {e}"
+        );
+    }
+    // Mixed: parentheses inside a chain, and a chain inside parentheses.
+    let mixed = format!(
+        "SELECT id FROM people WHERE {}",
+        "(id + 1) * ".repeat(room / 11) + "1 = 1"
+    );
+    assert_eq!(err(&t, &mixed, vec![]).kind, QueryErrorKind::TooComplex);
+}
+
+#[test]
+fn a_chain_just_under_the_operator_limit_runs() {
+    let t = tenant();
+    let sql = format!(
+        "SELECT id FROM people WHERE id{} = 3 + 0",
+        " + 0".repeat(MAX_QUERY_OPERATORS - 10)
+    );
+    assert_eq!(run(&t, &sql, vec![]).rows, vec![vec![Value::Int(3)]]);
+    // Long IN lists are flat: thousands of values, negative ones included, cost one
+    // operator, and `-1` is one literal.
+    let list: Vec<String> = (-3000..3000).map(|i| i.to_string()).collect();
+    let sql = format!("SELECT id FROM people WHERE id IN ({})", list.join(", "));
+    assert_eq!(run(&t, &sql, vec![]).rows.len(), 6);
+    let a = run(&t, "SELECT id - 1 AS x FROM people WHERE id = 2", vec![]);
+    assert_eq!(a.rows, vec![vec![Value::Int(1)]]);
+    let a = run(
+        &t,
+        "SELECT id FROM people WHERE id = -1 OR id > -2 - -5",
+        vec![],
+    );
+    assert_eq!(
+        a.rows,
+        vec![
+            vec![Value::Int(4)],
+            vec![Value::Int(5)],
+            vec![Value::Int(6)]
+        ]
+    );
+}
+
+#[test]
+fn like_is_linear_and_its_pattern_is_capped() {
+    let mut t = tenant();
+    let texts: Vec<Json> = (0..200)
+        .map(|i| json!({"id": 100 + i, "name": "a".repeat(10_000)}))
+        .collect();
+    write(&mut t, "people", &texts);
+    // The worst case for a backtracking matcher: many `%` and a tail that never
+    // matches. Linear matching answers at once.
+    let pattern = format!("{}b", "%a".repeat(120));
+    let a = run(
+        &t,
+        "SELECT COUNT(*) FROM people WHERE name LIKE $1",
+        vec![Value::Text(pattern)],
+    );
+    assert_eq!(a.rows, vec![vec![Value::Int(0)]]);
+    let long = "_%".repeat(200);
+    let e = err(
+        &t,
+        "SELECT id FROM people WHERE name LIKE $1",
+        vec![Value::Text(long)],
+    );
+    assert_eq!(e.kind, QueryErrorKind::Evaluation);
+    assert!(e.message.contains("256"), "{e}");
+}
+
+#[test]
+fn memory_budget_stops_big_sorts_and_group_explosions() {
+    let mut t = tenant();
+    let rows: Vec<Json> = (0..2000)
+        .map(|i| json!({"id": 100 + i, "name": format!("{i}-{}", "x".repeat(1000))}))
+        .collect();
+    write(&mut t, "people", &rows);
+    let small = AskLimits {
+        max_memory_bytes: 256 * 1024,
+        ..AskLimits::default()
+    };
+    for sql in [
+        "SELECT name FROM people ORDER BY name",
+        "SELECT name FROM people ORDER BY name OFFSET 1000000000000",
+        "SELECT name FROM people ORDER BY name LIMIT 1000000000000",
+        "SELECT name, COUNT(*) FROM people GROUP BY name",
+        "SELECT name FROM people",
+    ] {
+        let e = ask_now(&t, sql, vec![], small).expect_err("over the budget");
+        assert_eq!(e.kind, QueryErrorKind::MemoryLimit, "{sql}: {e}");
+        assert!(e.message.contains("262144"), "{e}");
+    }
+    // A top-k keeps only what it returns, so a small LIMIT fits.
+    let a = ask_now(
+        &t,
+        "SELECT name FROM people ORDER BY name LIMIT 5",
+        vec![],
+        small,
+    )
+    .expect("fits");
+    assert_eq!(a.rows.len(), 5);
 }
 
 #[test]

@@ -82,19 +82,20 @@ pub struct ServerConfig {
     /// A request not answered within this long gets 503 `deadline_exceeded`.
     #[arg(long, env = "OC_REQUEST_DEADLINE_MS", default_value_t = 30_000)]
     pub request_deadline_ms: u64,
-    /// On SIGTERM/SIGINT, how long in-flight requests get to finish.
     /// Rows one /ask query may return.
     #[arg(long, env = "OC_ASK_MAX_ROWS", default_value_t = 10_000)]
     pub ask_max_rows: usize,
-
     /// Rows (or vectors) one /ask query may read.
     #[arg(long, env = "OC_ASK_MAX_SCAN_ROWS", default_value_t = 5_000_000)]
     pub ask_max_scan_rows: usize,
-
     /// Wall-clock limit of one /ask query, in milliseconds (at most the request deadline).
     #[arg(long, env = "OC_ASK_TIMEOUT_MS", default_value_t = 5_000)]
     pub ask_timeout_ms: u64,
-
+    /// Bytes one /ask query may hold while it runs (rows it buffers to sort or
+    /// return, sort keys, groups); more gets 413 `query_memory_exceeded`.
+    #[arg(long, env = "OC_ASK_MAX_MEMORY_BYTES", default_value_t = 64 << 20)]
+    pub ask_max_memory_bytes: usize,
+    /// On SIGTERM/SIGINT, how long in-flight requests get to finish.
     #[arg(long, env = "OC_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
     pub shutdown_grace_ms: u64,
     /// Checkpoint every this many seconds...
@@ -190,6 +191,7 @@ impl ServerConfig {
                 max_rows_returned: self.ask_max_rows,
                 max_rows_scanned: self.ask_max_scan_rows,
                 deadline: Duration::from_millis(self.ask_timeout_ms.min(self.request_deadline_ms)),
+                max_memory_bytes: self.ask_max_memory_bytes,
             },
             rate_limit: RateLimit {
                 per_second: self.rate_limit_rps,

@@ -234,8 +234,10 @@ fn per_shard(
     family(name, help, kind, metrics)
 }
 
-/// The Prometheus text exposition of every shard's snapshot.
-pub fn render(shards: &[ShardSnapshot], control: &ControlMetrics) -> String {
+/// The Prometheus text exposition of every shard's snapshot. A family with no sample
+/// (every per-shard family while the shards are still recovering) is left out: the
+/// exposition format has no way to say "no samples", and the encoder refuses it.
+pub fn render(shards: &[ShardSnapshot], control: &ControlMetrics) -> Result<String, String> {
     use MetricType::{COUNTER, GAUGE, HISTOGRAM};
     let mut families = vec![
         family(
@@ -326,6 +328,13 @@ pub fn render(shards: &[ShardSnapshot], control: &ControlMetrics) -> String {
             "Plans held in the shard's plan cache.",
             GAUGE,
             |s| s.plan_cache.entries as f64,
+        ),
+        per_shard(
+            shards,
+            "oc_plan_cache_bytes",
+            "Estimated bytes of the plans in the shard's plan cache (bounded by its byte budget).",
+            GAUGE,
+            |s| s.plan_cache.bytes as f64,
         ),
         per_shard(
             shards,
@@ -457,11 +466,12 @@ pub fn render(shards: &[ShardSnapshot], control: &ControlMetrics) -> String {
     if let Some(ship) = &control.shipping {
         families.extend(shipping_families(ship));
     }
+    families.retain(|f| !f.get_metric().is_empty());
     let mut out = String::new();
     TextEncoder::new()
         .encode_utf8(&families, &mut out)
-        .expect("families built here are well formed");
-    out
+        .map_err(|e| format!("encoding the metrics failed: {e}"))?;
+    Ok(out)
 }
 
 /// Archive shipping and its circuit breaker. Every label value is always present, so
@@ -551,4 +561,22 @@ fn shipping_families(ship: &ShipMetrics) -> Vec<MetricFamily> {
 /// The content type of [`render`]'s output.
 pub fn content_type() -> String {
     TextEncoder::new().format_type().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_scrape_before_any_shard_answers_is_well_formed() {
+        let control = ControlMetrics {
+            uptime_s: 0.0,
+            ready: false,
+            ops_http: HttpMetrics::default(),
+            shipping: None,
+        };
+        let text = render(&[], &control).expect("renders without shards");
+        assert!(text.contains("oc_ready 0"), "{text}");
+        assert!(!text.contains("oc_wal_failed"), "{text}");
+    }
 }

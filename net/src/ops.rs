@@ -216,9 +216,15 @@ async fn metrics_page(state: &ControlState) -> Response<Full<Bytes>> {
         ops_http: metrics::local_http(),
         shipping: state.ship_status.as_ref().map(|s| s.snapshot()),
     };
-    let mut response = Response::new(Full::new(Bytes::from(metrics::render(
-        &snapshots, &control,
-    ))));
+    let mut response = match metrics::render(&snapshots, &control) {
+        Ok(text) => Response::new(Full::new(Bytes::from(text))),
+        Err(why) => {
+            tracing::error!(%why, "the metrics page could not be rendered");
+            let mut r = Response::new(Full::new(Bytes::from(why)));
+            *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+            return r;
+        }
+    };
     if let Ok(value) = HeaderValue::from_str(&metrics::content_type()) {
         response.headers_mut().insert(CONTENT_TYPE, value);
     }

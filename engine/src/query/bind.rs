@@ -414,7 +414,7 @@ fn from_table<'t>(
 
 /// The output column name of an unaliased select item.
 fn output_name(e: &ast::Expr) -> String {
-    match e {
+    super::with_stack(|| match e {
         ast::Expr::Identifier(id) => id.value.clone(),
         ast::Expr::CompoundIdentifier(parts) => {
             parts.last().map_or_else(String::new, |p| p.value.clone())
@@ -422,7 +422,7 @@ fn output_name(e: &ast::Expr) -> String {
         ast::Expr::Function(f) => f.name.to_string().to_ascii_lowercase(),
         ast::Expr::Nested(e) => output_name(e),
         _ => "?column?".to_string(),
-    }
+    })
 }
 
 struct AggContext {
@@ -463,6 +463,10 @@ impl Binder<'_> {
     }
 
     fn bind(&mut self, e: &ast::Expr) -> Result<Expr, QueryError> {
+        super::with_stack(|| self.bind_node(e))
+    }
+
+    fn bind_node(&mut self, e: &ast::Expr) -> Result<Expr, QueryError> {
         if self.agg.is_some() && !contains_aggregate(e) {
             // In an aggregating query an expression is a group key, a constant, or
             // built from those and aggregates.
@@ -697,7 +701,7 @@ impl Binder<'_> {
 
 /// Whether an expression calls a function (only aggregates are supported).
 fn contains_aggregate(e: &ast::Expr) -> bool {
-    match e {
+    super::with_stack(|| match e {
         ast::Expr::Function(_) => true,
         ast::Expr::Nested(x)
         | ast::Expr::UnaryOp { expr: x, .. }
@@ -718,5 +722,5 @@ fn contains_aggregate(e: &ast::Expr) -> bool {
             contains_aggregate(expr) || contains_aggregate(pattern)
         }
         _ => false,
-    }
+    })
 }

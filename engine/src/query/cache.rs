@@ -11,8 +11,22 @@ use lru::LruCache;
 use super::plan::Prepared;
 use crate::tenant_id::TenantId;
 
-/// Plans one shard keeps.
+/// Plans one shard keeps...
 pub const PLAN_CACHE_ENTRIES: usize = 4096;
+/// ...and the bytes they may take together (estimated by [`plan_cost`]): a 64 KiB
+/// query makes a plan hundreds of times bigger than a typical one.
+pub const PLAN_CACHE_BYTES: usize = 32 << 20;
+/// Bytes of plan counted per byte of normalized text: every token becomes at most a
+/// couple of expression nodes of a few dozen bytes each, and the text itself is held
+/// twice (the key and the plan's copy).
+const PLAN_BYTES_PER_TEXT_BYTE: usize = 18;
+/// Bytes of plan counted whatever its text (the plan's fixed parts).
+const PLAN_BASE_BYTES: usize = 512;
+
+/// The bytes a plan for `text` is counted as.
+fn plan_cost(text: &str) -> usize {
+    PLAN_BASE_BYTES + text.len() * PLAN_BYTES_PER_TEXT_BYTE
+}
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PlanCacheStats {
@@ -20,6 +34,8 @@ pub struct PlanCacheStats {
     pub misses: u64,
     pub entries: usize,
     pub evictions: u64,
+    /// Estimated bytes of the cached plans.
+    pub bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -31,13 +47,15 @@ struct CacheKey {
 
 pub struct PlanCache {
     plans: LruCache<CacheKey, Rc<Prepared>>,
+    max_bytes: usize,
     stats: PlanCacheStats,
 }
 
 impl PlanCache {
-    pub fn new(entries: usize) -> Self {
+    pub fn new(entries: usize, max_bytes: usize) -> Self {
         PlanCache {
             plans: LruCache::new(NonZeroUsize::new(entries.max(1)).expect("at least one")),
+            max_bytes,
             stats: PlanCacheStats::default(),
         }
     }
@@ -62,7 +80,20 @@ impl PlanCache {
         }
         self.stats.misses += 1;
         let plan = Rc::new(make()?);
-        if self.plans.push(key, Rc::clone(&plan)).is_some() {
+        let cost = plan_cost(&key.text);
+        if cost > self.max_bytes {
+            return Ok((plan, false)); // used once, never cached
+        }
+        while self.stats.bytes + cost > self.max_bytes {
+            let Some((old, _)) = self.plans.pop_lru() else {
+                break;
+            };
+            self.stats.bytes -= plan_cost(&old.text);
+            self.stats.evictions += 1;
+        }
+        self.stats.bytes += cost;
+        if let Some((old, _)) = self.plans.push(key, Rc::clone(&plan)) {
+            self.stats.bytes -= plan_cost(&old.text);
             self.stats.evictions += 1;
         }
         Ok((plan, false))
@@ -73,5 +104,50 @@ impl PlanCache {
             entries: self.plans.len(),
             ..self.stats
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::query::{normalize, prepare};
+    use crate::schema::TableSchema;
+    use crate::tenant::Tenant;
+    use crate::value::ColumnType;
+
+    #[test]
+    fn big_plans_are_evicted_by_bytes_and_oversized_ones_never_cached() {
+        let id = TenantId::parse("acme").expect("valid");
+        let mut tenant = Tenant::new(id.clone());
+        let schema =
+            TableSchema::new("t", &[("id", ColumnType::Int, false)], &["id"], &[]).expect("valid");
+        tenant.create_table(schema, 1).expect("created");
+        let query = |n: usize| {
+            let sql = format!(
+                "SELECT id FROM t WHERE id IN ({})",
+                vec!["id"; n].join(", ")
+            );
+            normalize(&sql).expect("normalizes")
+        };
+        let big = query(1004);
+        let budget = 3 * plan_cost(&big.text) + 10;
+        let mut cache = PlanCache::new(PLAN_CACHE_ENTRIES, budget);
+        for i in 0..5 {
+            let q = query(1000 + i);
+            let (_, cached) = cache
+                .get_or_prepare(&id, 1, &q.text, || prepare(&tenant, &q))
+                .expect("plans");
+            assert!(!cached);
+        }
+        let stats = cache.stats();
+        assert_eq!(stats.entries, 3);
+        assert_eq!(stats.evictions, 2);
+        assert!(stats.bytes <= budget, "{stats:?}");
+        let huge = query(12_000);
+        assert!(plan_cost(&huge.text) > budget);
+        cache
+            .get_or_prepare(&id, 1, &huge.text, || prepare(&tenant, &huge))
+            .expect("plans");
+        assert_eq!(cache.stats().entries, 3, "an oversized plan is not cached");
     }
 }

@@ -20,7 +20,7 @@ use serde_json::json;
 use super::bind::{AggFunc, Aggregate, ExplainMode, SortKey};
 use super::expr::{as_f64, as_vector, check_dims, compare, sort_cmp, truth, type_name, Expr};
 use super::plan::{Access, OrderBy, Prepared};
-use super::{AskLimits, QueryError, QueryErrorKind, SLICE_ROWS, SLICE_VECTORS};
+use super::{AskLimits, QueryError, QueryErrorKind, SLICE_ROWS, SLICE_TARGET, SLICE_VECTORS};
 use crate::key::Key;
 use crate::table::{RangeScan, Row, Table};
 use crate::tenant::Tenant;
@@ -260,10 +260,45 @@ pub struct Execution {
     /// Rows skipped for OFFSET so far (streaming output).
     skipped: usize,
     stats: Stats,
+    /// Rows (or vectors) the next slice reads: sized so a slice takes about
+    /// [`SLICE_TARGET`].
+    slice_size: usize,
+    /// Bytes held in `output` and `groups`, against `limits.max_memory_bytes`.
+    held_bytes: usize,
 }
+
+/// Rows a query's first slice reads, before it knows what a row costs.
+const FIRST_SLICE_ROWS: usize = 16;
+/// Rows evaluated between two looks at the clock inside a slice.
+const DEADLINE_CHECK_ROWS: usize = 16;
 
 fn eval_err(e: String) -> QueryError {
     QueryError::eval(e)
+}
+
+/// Bytes a value holds, its heap included (an estimate for the memory budget).
+fn value_bytes(v: &Value) -> usize {
+    std::mem::size_of::<Value>()
+        + match v {
+            Value::Text(s) | Value::Json(s) => s.len(),
+            Value::Vector(x) => x.len() * 4,
+            _ => 0,
+        }
+}
+
+fn values_bytes(values: &[Value]) -> usize {
+    values.iter().map(value_bytes).sum::<usize>() + std::mem::size_of::<Vec<Value>>()
+}
+
+/// The next slice's size from how long this one took for `size` rows.
+fn next_slice_size(size: usize, took: Duration, max: usize) -> usize {
+    if took > SLICE_TARGET * 2 {
+        (size / 2).max(1)
+    } else if took < SLICE_TARGET / 2 {
+        size.saturating_mul(2).min(max)
+    } else {
+        size
+    }
 }
 
 impl Execution {
@@ -299,6 +334,8 @@ impl Execution {
             limit,
             skipped: 0,
             stats: Stats::default(),
+            slice_size: FIRST_SLICE_ROWS,
+            held_bytes: 0,
         })
     }
 
@@ -331,6 +368,7 @@ impl Execution {
         if matches!(self.source, Source::NotStarted) {
             self.source = self.start(table)?;
         }
+        let slice_started = Instant::now();
         match std::mem::replace(&mut self.source, Source::Done) {
             Source::Ranges(mut ranges) => {
                 let want = self.batch_size();
@@ -366,6 +404,20 @@ impl Execution {
             }
             Source::NotStarted | Source::Done => {}
         }
+        let max = match self.source {
+            Source::Knn(_) => SLICE_VECTORS,
+            _ => SLICE_ROWS,
+        };
+        self.slice_size = next_slice_size(self.slice_size, slice_started.elapsed(), max);
+        self.check_deadline()?;
+        Ok(match &self.source {
+            Source::Knn(k) => k.next_slot == usize::MAX,
+            Source::Done => true,
+            _ => false,
+        })
+    }
+
+    fn check_deadline(&self) -> Result<(), QueryError> {
         if self.started.elapsed() > self.limits.deadline {
             return Err(QueryError::new(
                 QueryErrorKind::Timeout,
@@ -375,25 +427,49 @@ impl Execution {
                 ),
             ));
         }
-        Ok(match &self.source {
-            Source::Knn(k) => k.next_slot == usize::MAX,
-            Source::Done => true,
-            _ => false,
-        })
+        Ok(())
+    }
+
+    /// Checks the deadline every [`DEADLINE_CHECK_ROWS`]-th row of a loop.
+    fn check_deadline_at(&self, row: usize) -> Result<(), QueryError> {
+        if row % DEADLINE_CHECK_ROWS == DEADLINE_CHECK_ROWS - 1 {
+            self.check_deadline()?;
+        }
+        Ok(())
+    }
+
+    /// Adds `bytes` to what the query holds; past the budget the query fails.
+    fn hold(&mut self, bytes: usize) -> Result<(), QueryError> {
+        self.held_bytes = self.held_bytes.saturating_add(bytes);
+        if self.held_bytes > self.limits.max_memory_bytes {
+            return Err(QueryError::new(
+                QueryErrorKind::MemoryLimit,
+                format!(
+                    "the query needs more than {} bytes of memory (rows it buffers to sort or return, and its groups), its limit; add a LIMIT, narrow the WHERE, or group by fewer values",
+                    self.limits.max_memory_bytes
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Rows to read this slice: a streaming query with a LIMIT reads what it still
     /// needs, doubling each slice in case the filter drops rows, so `LIMIT 10` over
-    /// an ordered walk reads about ten rows, not a whole slice.
+    /// an ordered walk reads about ten rows, not a whole slice; and no slice reads
+    /// more than its time budget allows.
     fn batch_size(&self) -> usize {
-        match self.limit {
+        let wanted = match self.limit {
             Some(limit) if self.streams() => {
-                let needed = (self.offset + limit).saturating_sub(self.skipped + self.output.len());
+                let needed = self
+                    .offset
+                    .saturating_add(limit)
+                    .saturating_sub(self.skipped + self.output.len());
                 let grown = needed.saturating_mul(1 << self.stats.slices.saturating_sub(1).min(10));
                 grown.clamp(1, SLICE_ROWS)
             }
             _ => SLICE_ROWS,
-        }
+        };
+        wanted.min(self.slice_size)
     }
 
     fn vector_slots(&self, table: &Table) -> usize {
@@ -552,12 +628,13 @@ impl Execution {
         let store = table
             .vector_column(*column)
             .ok_or_else(|| QueryError::eval("kNN needs a vector column"))?;
-        let to = knn.next_slot.saturating_add(SLICE_VECTORS);
+        let to = knn.next_slot.saturating_add(self.slice_size);
         let t = Instant::now();
         let filter = self.plan.query.filter.as_ref();
         let mut scanned = 0u64;
         let (mut checked, mut passed) = (0u64, 0u64);
         for (key, vector) in store.live_slots(knn.next_slot, to) {
+            self.check_deadline_at(scanned as usize)?;
             scanned += 1;
             let Some(rank) = metric.rank(&knn.query, vector) else {
                 continue;
@@ -640,9 +717,19 @@ impl Execution {
         if let Some(f) = &self.plan.query.filter {
             let params = &self.params;
             let mut failure = None;
+            let mut seen = 0;
+            let (started, deadline) = (self.started, self.limits.deadline);
             self.stats.filter.rows_in += batch.len() as u64;
             self.stats.filter.time(|| {
                 batch.retain(|row| {
+                    seen += 1;
+                    if failure.is_some() {
+                        return false;
+                    }
+                    if seen % DEADLINE_CHECK_ROWS == 0 && started.elapsed() > deadline {
+                        failure = Some(Err(()));
+                        return false;
+                    }
                     match f
                         .eval(row, params)
                         .map_err(eval_err)
@@ -650,14 +737,16 @@ impl Execution {
                     {
                         Ok(t) => t == Some(true),
                         Err(e) => {
-                            failure.get_or_insert(e);
+                            failure = Some(Ok(e));
                             false
                         }
                     }
                 })
             });
-            if let Some(e) = failure {
-                return Err(e);
+            match failure {
+                Some(Ok(e)) => return Err(e),
+                Some(Err(())) => self.check_deadline()?,
+                None => {}
             }
             self.stats.filter.rows_out += batch.len() as u64;
         }
@@ -668,7 +757,8 @@ impl Execution {
             self.stats.aggregate.elapsed += t.elapsed();
             return r;
         }
-        for row in batch {
+        for (i, row) in batch.into_iter().enumerate() {
+            self.check_deadline_at(i)?;
             self.emit(row)?;
             if self.output_full() {
                 break;
@@ -678,23 +768,32 @@ impl Execution {
     }
 
     fn aggregate(&mut self, batch: &[&Row]) -> Result<(), QueryError> {
-        let agg = self
-            .plan
+        let plan = Rc::clone(&self.plan);
+        let agg = plan
             .query
             .aggregation
             .as_ref()
             .expect("an aggregating plan");
-        let groups = self.groups.as_mut().expect("an aggregating plan");
         let mut key_bytes = Vec::new();
-        for row in batch {
+        for (i, row) in batch.iter().enumerate() {
+            self.check_deadline_at(i)?;
             let keys = agg
                 .group_by
                 .iter()
                 .map(|e| Ok(e.eval(row, &self.params).map_err(eval_err)?.into_owned()))
                 .collect::<Result<Vec<_>, QueryError>>()?;
             group_key(&keys, &mut key_bytes);
-            let slot = match groups.index.get(&key_bytes) {
-                Some(&slot) => slot,
+            let known = self
+                .groups
+                .as_ref()
+                .and_then(|g| g.index.get(&key_bytes).copied());
+            if known.is_none() {
+                let states = agg.aggregates.len() * std::mem::size_of::<AggState>();
+                self.hold(2 * key_bytes.len() + values_bytes(&keys) + states)?;
+            }
+            let groups = self.groups.as_mut().expect("an aggregating plan");
+            let slot = match known {
+                Some(slot) => slot,
                 None => {
                     groups.index.insert(key_bytes.clone(), groups.groups.len());
                     groups
@@ -724,6 +823,7 @@ impl Execution {
                 self.skipped += 1;
             } else {
                 let out = self.project(row)?;
+                self.hold(values_bytes(&out))?;
                 self.output.push((Vec::new(), out));
                 if self.output.len() > self.limits.max_rows_returned {
                     return Err(self.too_many_rows());
@@ -736,12 +836,22 @@ impl Execution {
         self.stats.order.rows_in += 1;
         let keys = self.sort_keys(row)?;
         let out = self.project(row)?;
+        self.held_bytes += values_bytes(&keys) + values_bytes(&out);
         self.output.push((keys, out));
         let keep = self.limit.map(|l| l.saturating_add(self.offset));
+        let crowded = self.held_bytes > self.limits.max_memory_bytes / 2;
         match keep {
-            Some(keep) if self.output.len() >= keep.saturating_mul(2).max(1024) => {
+            Some(keep)
+                if self.output.len() >= keep.saturating_mul(2).max(1024)
+                    || (crowded && self.output.len() > keep) =>
+            {
                 self.sort_output();
                 self.output.truncate(keep);
+                self.held_bytes = self
+                    .output
+                    .iter()
+                    .map(|(k, o)| values_bytes(k) + values_bytes(o))
+                    .sum();
             }
             None if self.output.len()
                 > self.offset.saturating_add(self.limits.max_rows_returned) =>
@@ -750,6 +860,7 @@ impl Execution {
             }
             _ => {}
         }
+        self.hold(0)?;
         self.stats.order.elapsed += t.elapsed();
         Ok(())
     }
@@ -822,7 +933,8 @@ impl Execution {
             }
             self.stats.aggregate.rows_out = rows.len() as u64;
             self.stats.aggregate.elapsed += t.elapsed();
-            for row in rows {
+            for (i, row) in rows.into_iter().enumerate() {
+                self.check_deadline_at(i)?;
                 if let Some(h) = &agg.having {
                     self.stats.having.rows_in += 1;
                     let keep =
@@ -838,6 +950,7 @@ impl Execution {
             }
         }
         if !self.streams() && self.plan.order != OrderBy::Knn {
+            self.check_deadline()?;
             let t = Instant::now();
             self.sort_output();
             self.stats.order.elapsed += t.elapsed();

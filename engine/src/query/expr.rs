@@ -143,6 +143,10 @@ impl Expr {
 
     /// Calls `f` on this expression and every sub-expression.
     pub fn visit(&self, f: &mut impl FnMut(&Expr)) {
+        super::with_stack(|| self.visit_node(f))
+    }
+
+    fn visit_node(&self, f: &mut impl FnMut(&Expr)) {
         f(self);
         match self {
             Expr::Column(_) | Expr::Param(_) | Expr::Const(_) => {}
@@ -169,6 +173,10 @@ impl Expr {
     }
 
     pub fn eval<'a>(&'a self, row: &'a [Value], params: &'a [Value]) -> Eval<'a> {
+        super::with_stack(|| self.eval_node(row, params))
+    }
+
+    fn eval_node<'a>(&'a self, row: &'a [Value], params: &'a [Value]) -> Eval<'a> {
         Ok(match self {
             Expr::Column(i) => Cow::Borrowed(&row[*i]),
             Expr::Param(i) => Cow::Borrowed(&params[*i]),
@@ -247,7 +255,7 @@ impl Expr {
                 match (&*e.eval(row, params)?, &*pattern.eval(row, params)?) {
                     (Value::Null, _) | (_, Value::Null) => Cow::Owned(Value::Null),
                     (Value::Text(s), Value::Text(p)) => {
-                        Cow::Owned(Value::Bool(like(s.as_bytes(), p.as_bytes()) != *negated))
+                        Cow::Owned(Value::Bool(super::like::like(s, p)? != *negated))
                     }
                     (a, b) => {
                         return Err(format!(
@@ -274,6 +282,10 @@ impl Expr {
 
     /// The expression as SQL, with column names (for EXPLAIN).
     pub fn render(&self, names: &[String]) -> String {
+        super::with_stack(|| self.render_node(names))
+    }
+
+    fn render_node(&self, names: &[String]) -> String {
         let r = |e: &Expr| e.render(names);
         match self {
             Expr::Column(i) => names.get(*i).cloned().unwrap_or_else(|| format!("#{i}")),
@@ -468,43 +480,6 @@ pub fn check_dims(a: &[f32], b: &[f32]) -> Result<(), String> {
     }
 }
 
-/// SQL LIKE over bytes: `%` matches any run, `_` one character; case-sensitive.
-fn like(s: &[u8], p: &[u8]) -> bool {
-    // Greedy match with backtracking to the last `%`: O(len(s) * len(p)) at worst.
-    let (mut si, mut pi) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while si < s.len() {
-        if pi < p.len() && p[pi] == b'%' {
-            star = Some((pi, si));
-            pi += 1;
-        } else if pi < p.len() && p[pi] == b'_' {
-            si += utf8_len(s[si]);
-            pi += 1;
-        } else if pi < p.len() && p[pi] == s[si] {
-            si += 1;
-            pi += 1;
-        } else if let Some((sp, ss)) = star {
-            let next = ss + utf8_len(s[ss]);
-            star = Some((sp, next));
-            pi = sp + 1;
-            si = next;
-        } else {
-            return false;
-        }
-    }
-    p[pi..].iter().all(|&c| c == b'%')
-}
-
-/// Bytes of the UTF-8 character starting with `b` (`_` matches a character).
-fn utf8_len(b: u8) -> usize {
-    match b {
-        0xF0.. => 4,
-        0xE0.. => 3,
-        0xC0.. => 2,
-        _ => 1,
-    }
-}
-
 /// A parameter from the request's JSON: integers, floats, strings, booleans and null
 /// map to their SQL values; an array of numbers is a vector; anything else is json.
 pub fn param_from_json(json: &serde_json::Value) -> Value {
@@ -593,25 +568,6 @@ mod tests {
             Ok(Some(Ordering::Equal))
         );
         assert!(compare(&Value::Int(2), &Value::Text("2".into())).is_err());
-    }
-
-    #[test]
-    fn like_matches_percent_and_underscore() {
-        for (s, p, want) in [
-            ("abc", "a%", true),
-            ("abc", "%c", true),
-            ("abc", "a_c", true),
-            ("abc", "a_", false),
-            ("abc", "%", true),
-            ("", "%", true),
-            ("", "_", false),
-            ("aXbXc", "a%b%c", true),
-            ("abc", "ABC", false),
-            ("héllo", "h_llo", true),
-            ("mississippi", "%iss%ppi", true),
-        ] {
-            assert_eq!(like(s.as_bytes(), p.as_bytes()), want, "{s:?} LIKE {p:?}");
-        }
     }
 
     #[test]

@@ -15,13 +15,15 @@ mod bind;
 mod cache;
 mod exec;
 mod expr;
+mod like;
 mod normalize;
 mod plan;
 
-pub use cache::{PlanCache, PlanCacheStats, PLAN_CACHE_ENTRIES};
+pub use cache::{PlanCache, PlanCacheStats, PLAN_CACHE_BYTES, PLAN_CACHE_ENTRIES};
 pub use exec::{AskAnswer, Execution};
 pub use expr::{param_from_json, Metric};
-pub use normalize::{normalize, Normalized};
+pub use like::MAX_LIKE_PATTERN_CHARS;
+pub use normalize::{normalize, Normalized, MAX_QUERY_OPERATORS};
 pub use plan::{prepare, Prepared};
 
 use std::time::Duration;
@@ -35,6 +37,8 @@ pub struct AskLimits {
     pub max_rows_scanned: usize,
     /// Wall-clock time a query may take, yields included.
     pub deadline: Duration,
+    /// Bytes a query may hold while it runs: buffered output rows, sort keys, groups.
+    pub max_memory_bytes: usize,
 }
 
 impl Default for AskLimits {
@@ -43,14 +47,43 @@ impl Default for AskLimits {
             max_rows_returned: 10_000,
             max_rows_scanned: 5_000_000,
             deadline: Duration::from_secs(5),
+            max_memory_bytes: 64 << 20,
         }
     }
 }
 
-/// Rows a query reads between two chances to yield.
+/// Stack that must be left before a recursive step runs on the current stack...
+const STACK_RED_ZONE_BYTES: usize = 128 * 1024;
+/// ...else the step continues on a new segment of this size.
+const STACK_SEGMENT_BYTES: usize = 2 << 20;
+
+/// Runs one step of a recursive walk over a request-built tree. The operator and
+/// nesting limits already bound the depth before any walk starts; this is the second
+/// line, so a frame larger than planned (a debug build, a new node kind) grows the
+/// stack on the heap instead of overflowing it, which would abort every shard.
+#[inline]
+pub(crate) fn with_stack<R>(f: impl FnOnce() -> R) -> R {
+    stacker::maybe_grow(STACK_RED_ZONE_BYTES, STACK_SEGMENT_BYTES, f)
+}
+
+/// Stack a plan is made on: room for the syntax tree of any text the limits let
+/// through, whatever sqlparser's frames cost (it recurses to parse, print and drop).
+const PLAN_STACK_BYTES: usize = 16 << 20;
+
+/// Runs `f` (parse, bind, plan) on a stack of [`PLAN_STACK_BYTES`], mapped for the
+/// call and released after it.
+pub(crate) fn with_plan_stack<R>(f: impl FnOnce() -> R) -> R {
+    stacker::maybe_grow(PLAN_STACK_BYTES / 2, PLAN_STACK_BYTES, f)
+}
+
+/// Rows a query reads between two chances to yield, at most...
 pub const SLICE_ROWS: usize = 1024;
-/// Vectors a kNN scan reads between two chances to yield.
+/// ...and vectors a kNN scan reads...
 pub const SLICE_VECTORS: usize = 8192;
+/// ...while a slice takes about this long: a slice whose rows are expensive (long
+/// texts under LIKE, wide vectors) reads fewer of them, so no query holds its shard
+/// for long between yields whatever its rows cost.
+pub const SLICE_TARGET: Duration = Duration::from_millis(1);
 
 /// Why a query was refused or failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -76,8 +109,12 @@ pub enum QueryErrorKind {
     UnknownTenant,
     /// The table was dropped or re-created while the query ran.
     TableChanged,
+    /// Past a limit on the query's shape (operators, nesting, LIKE pattern length).
+    TooComplex,
     ResultTooLarge,
     ScanLimit,
+    /// Past the bytes a query may hold (buffered rows, sort keys, groups).
+    MemoryLimit,
     Timeout,
 }
 
@@ -93,8 +130,10 @@ impl QueryErrorKind {
             QueryErrorKind::UnknownTable => "table_not_found",
             QueryErrorKind::UnknownTenant => "tenant_not_found",
             QueryErrorKind::TableChanged => "table_changed",
+            QueryErrorKind::TooComplex => "query_too_complex",
             QueryErrorKind::ResultTooLarge => "result_too_large",
             QueryErrorKind::ScanLimit => "scan_limit_exceeded",
+            QueryErrorKind::MemoryLimit => "query_memory_exceeded",
             QueryErrorKind::Timeout => "query_timeout",
         }
     }

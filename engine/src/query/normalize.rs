@@ -4,6 +4,7 @@
 //! comments collapse. `WHERE id = 7` and `where id=8` share one plan.
 
 use sqlparser::dialect::PostgreSqlDialect;
+use sqlparser::keywords::Keyword;
 use sqlparser::tokenizer::{Token, TokenWithSpan, Tokenizer};
 
 use super::{position, QueryError, QueryErrorKind};
@@ -13,6 +14,11 @@ use crate::value::Value;
 pub const MAX_PARAMS: usize = 4096;
 /// Bytes of SQL text accepted.
 pub const MAX_SQL_BYTES: usize = 64 * 1024;
+/// Operators (symbols and infix keywords) a query may use. A flat chain `a + a + … + a` needs no
+/// parentheses yet parses into a tree as deep as it is long, and every later walk
+/// (binding, evaluation, dropping) recurses over that depth: the limit is checked
+/// here, on tokens, before any tree exists.
+pub const MAX_QUERY_OPERATORS: usize = 500;
 
 /// A query ready for the plan cache.
 #[derive(Debug, Clone)]
@@ -67,23 +73,24 @@ pub fn normalize(sql: &str) -> Result<Normalized, QueryError> {
         user_params,
         literals: Vec::new(),
     };
-    for TokenWithSpan { token, span } in tokens {
+    let mut operators = 0;
+    let mut tokens = tokens
+        .into_iter()
+        .filter(|t| !matches!(t.token, Token::Whitespace(_) | Token::EOF))
+        .peekable();
+    while let Some(TokenWithSpan { token, span }) = tokens.next() {
         let token = match token {
-            Token::Whitespace(_) | Token::EOF => continue,
-            Token::Number(text, _) => {
-                let value = match text.parse::<i64>() {
-                    Ok(i) => Value::Int(i),
-                    Err(_) => match text.parse::<f64>() {
-                        Ok(f) if f.is_finite() => Value::Float(f),
-                        _ => {
-                            return Err(QueryError::new(
-                                QueryErrorKind::Syntax,
-                                format!("number {text:?}{} is out of range", position(span)),
-                            ))
-                        }
-                    },
-                };
-                out.literal(value)
+            Token::Number(text, _) => out.number(&text, false, span)?,
+            // `-7` after an operator, `(`, `,` or a clause keyword is one literal, so
+            // `x IN (-1, -2, …)` costs no operators and shares its plan with `x IN (1, 2)`.
+            Token::Minus if minus_is_unary(out.tokens.last().map(|t| &t.token)) => {
+                match tokens.next_if(|t| matches!(t.token, Token::Number(..))) {
+                    Some(TokenWithSpan {
+                        token: Token::Number(text, _),
+                        span: number,
+                    }) => out.number(&text, true, span.union(&number))?,
+                    _ => Token::Minus,
+                }
             }
             Token::SingleQuotedString(text) => out.literal(Value::Text(text)),
             Token::Word(mut word) if word.quote_style.is_none() => {
@@ -92,6 +99,18 @@ pub fn normalize(sql: &str) -> Result<Normalized, QueryError> {
             }
             other => other,
         };
+        if is_operator(&token) {
+            operators += 1;
+            if operators > MAX_QUERY_OPERATORS {
+                return Err(QueryError::new(
+                    QueryErrorKind::TooComplex,
+                    format!(
+                        "the query uses more than {MAX_QUERY_OPERATORS} operators{} (the limit bounds the depth of its expression tree); split it or pass values as parameters",
+                        position(span)
+                    ),
+                ));
+            }
+        }
         if !out.text.is_empty() {
             out.text.push(' ');
         }
@@ -101,7 +120,120 @@ pub fn normalize(sql: &str) -> Result<Normalized, QueryError> {
     Ok(out)
 }
 
+/// Keywords the parser reads as infix operators (sqlparser's precedence table for
+/// PostgreSQL): each joins two expressions in a loop, not a recursion, so a chain of
+/// them is not bounded by the parser's nesting limit.
+const INFIX_KEYWORDS: [Keyword; 22] = [
+    Keyword::OR,
+    Keyword::AND,
+    Keyword::XOR,
+    Keyword::AT,
+    Keyword::NOT,
+    Keyword::NOTNULL,
+    Keyword::IS,
+    Keyword::GLOBAL,
+    Keyword::IN,
+    Keyword::BETWEEN,
+    Keyword::OVERLAPS,
+    Keyword::LIKE,
+    Keyword::ILIKE,
+    Keyword::RLIKE,
+    Keyword::REGEXP,
+    Keyword::MATCH,
+    Keyword::GLOB,
+    Keyword::SIMILAR,
+    Keyword::MEMBER,
+    Keyword::OPERATOR,
+    Keyword::DIV,
+    Keyword::COLLATE,
+];
+
+/// Whether a token can join expressions, and so add a level to the tree the parser
+/// builds: every symbol and infix keyword, but not names (even those that are also
+/// keywords, like `id` or `name`), parameters, commas or parentheses. Prefix operators
+/// (`NOT`, `-`) and parentheses recurse in the parser, which bounds them itself.
+fn is_operator(token: &Token) -> bool {
+    match token {
+        Token::Word(w) => w.quote_style.is_none() && INFIX_KEYWORDS.contains(&w.keyword),
+        Token::Placeholder(_)
+        | Token::Comma
+        | Token::LParen
+        | Token::RParen
+        | Token::SemiColon
+        | Token::Whitespace(_)
+        | Token::EOF => false,
+        _ => true,
+    }
+}
+
+/// Whether a `-` after `prev` negates what follows rather than subtracting it.
+fn minus_is_unary(prev: Option<&Token>) -> bool {
+    match prev {
+        None => true,
+        Some(Token::Word(w)) => {
+            w.quote_style.is_none()
+                && matches!(
+                    w.keyword,
+                    Keyword::SELECT
+                        | Keyword::WHERE
+                        | Keyword::AND
+                        | Keyword::OR
+                        | Keyword::NOT
+                        | Keyword::IN
+                        | Keyword::BETWEEN
+                        | Keyword::HAVING
+                        | Keyword::LIKE
+                )
+        }
+        Some(
+            Token::LParen
+            | Token::Comma
+            | Token::Eq
+            | Token::DoubleEq
+            | Token::Neq
+            | Token::Lt
+            | Token::Gt
+            | Token::LtEq
+            | Token::GtEq
+            | Token::Plus
+            | Token::Minus
+            | Token::Mul
+            | Token::Div
+            | Token::Mod,
+        ) => true,
+        Some(_) => false,
+    }
+}
+
 impl Normalized {
+    fn number(
+        &mut self,
+        text: &str,
+        negative: bool,
+        span: sqlparser::tokenizer::Span,
+    ) -> Result<Token, QueryError> {
+        let signed;
+        let text = if negative {
+            signed = format!("-{text}");
+            signed.as_str()
+        } else {
+            text
+        };
+        let value = match text.parse::<i64>() {
+            Ok(i) => Value::Int(i),
+            Err(_) => match text.parse::<f64>() {
+                Ok(f) if f.is_finite() => Value::Float(f),
+                _ => {
+                    return Err(QueryError::new(
+                        QueryErrorKind::Syntax,
+                        format!("number {text:?}{} is out of range", position(span)),
+                    ))
+                }
+            },
+        };
+        Ok(self.literal(value))
+    }
+
     fn literal(&mut self, value: Value) -> Token {
         self.literals.push(value);
         Token::Placeholder(format!("${}", self.user_params + self.literals.len()))

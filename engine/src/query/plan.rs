@@ -9,7 +9,7 @@
 //! unusable at run time (NULL, the wrong type) widens or empties the range safely.
 
 use sqlparser::dialect::PostgreSqlDialect;
-use sqlparser::parser::Parser;
+use sqlparser::parser::{Parser, ParserError};
 
 use super::bind::{bind, Bound};
 use super::expr::{CmpOp, Expr, Metric};
@@ -75,12 +75,24 @@ pub struct Prepared {
 
 /// Parses, binds and plans a normalized query against the tenant's schema.
 pub fn prepare(tenant: &Tenant, normalized: &Normalized) -> Result<Prepared, QueryError> {
+    // The syntax tree lives and dies in here: parsing, binding and dropping it recurse
+    // over its depth, inside a stack of its own (a plan-cache miss only).
+    super::with_plan_stack(|| prepare_on_this_stack(tenant, normalized))
+}
+
+fn prepare_on_this_stack(tenant: &Tenant, normalized: &Normalized) -> Result<Prepared, QueryError> {
     let dialect = PostgreSqlDialect {};
     let statements = Parser::new(&dialect)
         .with_recursion_limit(MAX_NESTING)
         .with_tokens_with_locations(normalized.tokens.clone())
         .parse_statements()
-        .map_err(|e| QueryError::new(QueryErrorKind::Syntax, format!("SQL syntax error: {e}")))?;
+        .map_err(|e| match e {
+            ParserError::RecursionLimitExceeded => QueryError::new(
+                QueryErrorKind::TooComplex,
+                format!("the query nests deeper than {MAX_NESTING} levels (parentheses, NOT, function calls); flatten it"),
+            ),
+            e => QueryError::new(QueryErrorKind::Syntax, format!("SQL syntax error: {e}")),
+        })?;
     let statement = match statements.as_slice() {
         [one] => one,
         [] => {
@@ -121,7 +133,7 @@ enum Condition<'a> {
 /// The conditions on each column, from the top-level AND of `filter`.
 fn conditions(filter: Option<&Expr>, columns: usize) -> Vec<Vec<Condition<'_>>> {
     fn walk<'a>(e: &'a Expr, out: &mut Vec<Vec<Condition<'a>>>) {
-        match e {
+        super::with_stack(|| match e {
             Expr::And(a, b) => {
                 walk(a, out);
                 walk(b, out);
@@ -147,7 +159,7 @@ fn conditions(filter: Option<&Expr>, columns: usize) -> Vec<Vec<Condition<'_>>> 
                 }
             }
             _ => {}
-        }
+        })
     }
     let mut out: Vec<Vec<Condition>> = (0..columns).map(|_| Vec::new()).collect();
     if let Some(f) = filter {

@@ -453,9 +453,12 @@ fn query_error(e: QueryError) -> ApiError {
     let status = match e.kind {
         QueryErrorKind::UnknownTable | QueryErrorKind::UnknownTenant => StatusCode::NOT_FOUND,
         QueryErrorKind::TableChanged => StatusCode::CONFLICT,
-        QueryErrorKind::ResultTooLarge | QueryErrorKind::ScanLimit => StatusCode::PAYLOAD_TOO_LARGE,
+        QueryErrorKind::ResultTooLarge
+        | QueryErrorKind::ScanLimit
+        | QueryErrorKind::MemoryLimit => StatusCode::PAYLOAD_TOO_LARGE,
         QueryErrorKind::Timeout => StatusCode::SERVICE_UNAVAILABLE,
         QueryErrorKind::Syntax
+        | QueryErrorKind::TooComplex
         | QueryErrorKind::Unsupported
         | QueryErrorKind::Invalid
         | QueryErrorKind::Params

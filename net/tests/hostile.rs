@@ -1,0 +1,228 @@
+//! A hostile client against the real binary: requests built to crash, freeze or
+//! exhaust the server. After every case the process is alive and `/ready`.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{promtool_check, Server};
+use serde_json::{json, Value};
+
+fn assert_alive_and_ready(server: &Server) {
+    let (status, body) = server.ops_get("/ready");
+    assert_eq!(
+        status, 200,
+        "the server is not ready after the case: {body}"
+    );
+    let (status, body) = server.ops_get("/health");
+    assert_eq!(status, 200, "{body}");
+}
+
+fn assert_error(reply: &common::Reply, status: u16, code: &str, says: &str) {
+    assert_eq!(reply.status, status, "{reply:?}");
+    assert_eq!(reply.body["error"]["code"], code, "{reply:?}");
+    let message = reply.body["error"]["message"].as_str().unwrap_or("");
+    assert!(message.contains(says), "{message:?} should say {says:?}");
+}
+
+fn create_texts(server: &Server, tenant: &str, rows: usize, text_bytes: usize) {
+    assert_eq!(
+        server
+            .post("/v1/tenants", &json!({"tenant": tenant}))
+            .status,
+        201
+    );
+    let table = json!({
+        "name": "docs",
+        "columns": [
+            {"name": "id", "type": "int"},
+            {"name": "body", "type": "text"},
+            {"name": "grp", "type": "int"}
+        ],
+        "primary_key": ["id"]
+    });
+    let created = server.post(&format!("/v1/tenants/{tenant}/tables"), &table);
+    assert_eq!(created.status, 201, "{created:?}");
+    for chunk in (0..rows).collect::<Vec<_>>().chunks(50) {
+        let ops: Vec<Value> = chunk
+            .iter()
+            .map(|&i| json!({"upsert": {"id": i, "body": "a".repeat(text_bytes), "grp": i}}))
+            .collect();
+        let written = server.post(
+            &format!("/v1/tenants/{tenant}/tables/docs/rows"),
+            &json!({"ops": ops}),
+        );
+        assert_eq!(written.status, 200, "{written:?}");
+    }
+}
+
+fn ask(server: &Server, tenant: &str, sql: &str, params: Value) -> common::Reply {
+    server.post(
+        &format!("/v1/tenants/{tenant}/ask"),
+        &json!({"sql": sql, "params": params}),
+    )
+}
+
+#[test]
+fn each_ops_endpoint_answers_as_the_first_request_of_a_fresh_server() {
+    for path in ["/metrics", "/health", "/ready"] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let server = Server::start(&dir.path().join("data"), &[]);
+        let (status, body) = server.ops_get(path);
+        assert_eq!(status, 200, "{path}: {body}");
+        if path == "/metrics" {
+            promtool_check(&body);
+        }
+        assert_alive_and_ready(&server);
+        let (status, _) = server.ops_get("/metrics");
+        assert_eq!(status, 200);
+    }
+}
+
+#[test]
+fn expression_trees_of_every_shape_up_to_the_size_limit_get_a_400() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&dir.path().join("data"), &["--shards", "1"]);
+    create_texts(&server, "acme", 10, 10);
+    let room = 64 * 1024 - 200;
+    for op in [
+        " + 1",
+        " AND TRUE",
+        " OR FALSE",
+        " * 2",
+        " = 1",
+        " || 'x'",
+        " IS NULL",
+    ] {
+        let sql = format!("SELECT id FROM docs WHERE id{}", op.repeat(room / op.len()));
+        assert_error(
+            &ask(&server, "acme", &sql, json!([])),
+            400,
+            "query_too_complex",
+            "operators",
+        );
+    }
+    for prefix in ["NOT ", "-", "("] {
+        let sql = format!(
+            "SELECT id FROM docs WHERE {}id = 1",
+            prefix.repeat(room / prefix.len())
+        );
+        let reply = ask(&server, "acme", &sql, json!([]));
+        assert_eq!(reply.status, 400, "{prefix:?}: {reply:?}");
+    }
+    let list: Vec<String> = (0..10_000).map(|i| (-i).to_string()).collect();
+    let sql = format!("SELECT id FROM docs WHERE id IN ({})", list.join(","));
+    let reply = ask(&server, "acme", &sql, json!([]));
+    assert_eq!(reply.status, 200, "a long IN list is flat: {reply:?}");
+    let too_big = format!("SELECT id FROM docs WHERE {}", "id = 1 OR ".repeat(8000));
+    let reply = ask(&server, "acme", &too_big, json!([]));
+    assert_eq!(reply.status, 400, "{reply:?}");
+    assert_alive_and_ready(&server);
+}
+
+#[test]
+fn a_pathological_like_neither_freezes_the_shard_nor_outlives_its_deadline() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(
+        &dir.path().join("data"),
+        &["--shards", "1", "--ask-timeout-ms", "2000"],
+    );
+    create_texts(&server, "big", 1000, 10_000);
+    create_texts(&server, "small", 1, 10);
+    let capped = format!("{}b", "%a_".repeat(2000));
+    assert_error(
+        &ask(
+            &server,
+            "big",
+            "SELECT COUNT(*) FROM docs WHERE body LIKE $1",
+            json!([capped]),
+        ),
+        400,
+        "query_evaluation",
+        "256",
+    );
+    // The worst pattern under the cap, over 10 MB of text, with another tenant's
+    // point read on the same shard meanwhile.
+    let pattern = format!("{}b", "%a".repeat(127));
+    let api = server.api.clone();
+    let started = Instant::now();
+    let slow = std::thread::spawn(move || {
+        common::request(
+            "POST",
+            &format!("{api}/v1/tenants/big/ask"),
+            Some(
+                &json!({"sql": "SELECT COUNT(*) FROM docs WHERE body LIKE $1", "params": [pattern]})
+                    .to_string(),
+            ),
+        )
+    });
+    let read = server.get("/v1/tenants/small/tables/docs/rows/0");
+    assert_eq!(read.status, 200, "{read:?}");
+    let reply = slow.join().expect("the query thread");
+    assert!(
+        reply.status == 200 || reply.body["error"]["code"] == "query_timeout",
+        "{reply:?}"
+    );
+    if reply.status == 200 {
+        assert_eq!(reply.body["rows"], json!([[0]]), "{reply:?}");
+    }
+    // Far inside the old failure (92 s on a 5 s deadline), far outside any noise.
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_alive_and_ready(&server);
+}
+
+#[test]
+fn huge_limits_offsets_and_group_explosions_stay_inside_their_budgets() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(
+        &dir.path().join("data"),
+        &["--shards", "1", "--ask-max-memory-bytes", "1000000"],
+    );
+    create_texts(&server, "acme", 2000, 1000);
+    for sql in [
+        "SELECT id FROM docs ORDER BY body LIMIT 1000000000000000000 OFFSET 1000000000000000000",
+        "SELECT id FROM docs LIMIT 9223372036854775807 OFFSET 9223372036854775807",
+        "SELECT id, body FROM docs ORDER BY id DESC LIMIT 3 OFFSET 1000000000000",
+    ] {
+        let reply = ask(&server, "acme", sql, json!([]));
+        assert!(
+            reply.status == 200 || reply.status == 413,
+            "{sql}: {reply:?}"
+        );
+    }
+    assert_error(
+        &ask(
+            &server,
+            "acme",
+            "SELECT body, COUNT(*) FROM docs GROUP BY body, id",
+            json!([]),
+        ),
+        413,
+        "query_memory_exceeded",
+        "1000000",
+    );
+    assert_error(
+        &ask(
+            &server,
+            "acme",
+            "SELECT body FROM docs ORDER BY id DESC",
+            json!([]),
+        ),
+        413,
+        "query_memory_exceeded",
+        "1000000",
+    );
+    let top = ask(
+        &server,
+        "acme",
+        "SELECT id FROM docs ORDER BY body DESC, id LIMIT 2",
+        json!([]),
+    );
+    assert_eq!(top.status, 200, "{top:?}");
+    assert_eq!(top.body["rows"], json!([[0], [1]]));
+    assert_alive_and_ready(&server);
+}
