@@ -86,6 +86,11 @@ fn parse_key(token: &str) -> Option<KeyClaim> {
     })
 }
 
+/// A well-formed API key its tenant does not hold (never was, or revoked).
+pub fn unknown_key() -> ApiError {
+    unauthorized("the API key is unknown or revoked")
+}
+
 /// Only the operator may do this.
 pub fn require_admin(caller: &Caller) -> Result<(), ApiError> {
     match caller {

@@ -11,6 +11,7 @@
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod fd_limit;
 pub mod hyper_glommio;
 pub mod listener;
 pub mod metrics;

@@ -157,7 +157,7 @@ pub async fn serve_shard(
 }
 
 /// Answers a connection over the limit with a 503 and closes it.
-async fn refuse(mut stream: TcpStream) {
+pub(crate) async fn refuse(mut stream: TcpStream) {
     let body = r#"{"error":{"code":"too_many_connections","message":"the server is at its connection limit; retry shortly","request_id":""}}"#;
     let response = format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",

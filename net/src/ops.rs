@@ -45,8 +45,14 @@ pub struct ControlState {
     pub ship_status: Option<oc_ship::shipper::ShipStatus>,
 }
 
+/// Open connections the ops listener serves at once; more are answered 503 and
+/// closed, so a flood of idle scrapers cannot exhaust file descriptors or the control
+/// executor (which also runs checkpoints and shipping).
+pub const MAX_OPS_CONNECTIONS: usize = 64;
+
 /// Serves the ops endpoints until the process exits.
 pub async fn serve_ops(listener: TcpListener, state: Rc<ControlState>) {
+    let open = Rc::new(Cell::new(0usize));
     loop {
         let stream = match listener.accept().await {
             Ok(stream) => stream,
@@ -56,7 +62,12 @@ pub async fn serve_ops(listener: TcpListener, state: Rc<ControlState>) {
                 continue;
             }
         };
-        let state = state.clone();
+        if open.get() >= MAX_OPS_CONNECTIONS {
+            glommio::spawn_local(crate::listener::refuse(stream)).detach();
+            continue;
+        }
+        open.set(open.get() + 1);
+        let (state, open) = (state.clone(), open.clone());
         glommio::spawn_local(async move {
             let (io, _) = PlainStream::new(stream);
             let service = service_fn(move |req| handle(state.clone(), req));
@@ -65,6 +76,7 @@ pub async fn serve_ops(listener: TcpListener, state: Rc<ControlState>) {
                 .timer(GlommioTimer)
                 .header_read_timeout(Duration::from_secs(10));
             let _ = builder.serve_connection(io, service).await;
+            open.set(open.get() - 1);
         })
         .detach();
     }

@@ -41,6 +41,8 @@ pub fn run(config: ServerConfig) -> Result<()> {
     let shards = config
         .shards
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    crate::fd_limit::raise_and_check(crate::fd_limit::needed(config.max_connections, shards))
+        .map_err(|e| anyhow!(e))?;
     let (api_fds, api_addr) = listener::bind_shared(config.listen, shards)
         .with_context(|| format!("binding the API on {}", config.listen))?;
 

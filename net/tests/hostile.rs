@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::{promtool_check, Server};
@@ -225,4 +227,128 @@ fn huge_limits_offsets_and_group_explosions_stay_inside_their_budgets() {
     assert_eq!(top.status, 200, "{top:?}");
     assert_eq!(top.body["rows"], json!([[0], [1]]));
     assert_alive_and_ready(&server);
+}
+
+const ADMIN: &str = "admin-token-for-hostile-tests-0123";
+
+/// Sends only the headers of a POST that announces a large body, then reads what the
+/// server answers without ever sending the body.
+fn headers_only_post(api: &str, path: &str, token: &str) -> String {
+    let addr = api.trim_start_matches("http://");
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n\
+         authorization: Bearer {token}\r\ncontent-length: 4000000\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).expect("send headers");
+    let mut answer = vec![0u8; 4096];
+    let n = stream
+        .read(&mut answer)
+        .expect("an answer before any body byte");
+    String::from_utf8_lossy(&answer[..n]).into_owned()
+}
+
+#[test]
+fn unknown_or_foreign_api_keys_are_refused_before_the_body_is_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, ADMIN).expect("token file");
+    // A body that never comes would get 408 after this long; the key is refused first.
+    let server = Server::start(
+        &data,
+        &[
+            "--admin-token-file",
+            token_file.to_str().expect("utf-8"),
+            "--body-read-timeout-ms",
+            "3000",
+        ],
+    );
+    for t in ["acme", "beta"] {
+        let created = common::request_as(
+            "POST",
+            &format!("{}/v1/tenants", server.api),
+            Some(&json!({"tenant": t}).to_string()),
+            ADMIN,
+        );
+        assert_eq!(created.status, 201, "{created:?}");
+    }
+    let made = common::request_as(
+        "POST",
+        &format!("{}/v1/tenants/beta/keys", server.api),
+        None,
+        ADMIN,
+    );
+    assert_eq!(made.status, 201, "{made:?}");
+    let beta_key = made.body["key"].as_str().expect("the key").to_string();
+    let unknown = format!("oc.acme.k0123456789abcdef.{}", "ab".repeat(32));
+    let answer = headers_only_post(&server.api, "/v1/tenants/acme/tables/t/rows", &unknown);
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    assert!(answer.contains("unknown or revoked"), "{answer}");
+    let answer = headers_only_post(&server.api, "/v1/tenants/acme/ask", &beta_key);
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    let answer = headers_only_post(&server.api, "/v1/tenants", &beta_key);
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    // The real key still gets its body read (and answered 408 when it never comes).
+    let answer = headers_only_post(&server.api, "/v1/tenants/beta/ask", &beta_key);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert_alive_and_ready(&server);
+}
+
+#[test]
+fn a_flood_of_ops_connections_is_capped_and_the_ops_listener_recovers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&dir.path().join("data"), &[]);
+    let addr = server.ops.trim_start_matches("http://").to_string();
+    let held: Vec<TcpStream> = (0..200)
+        .map(|_| TcpStream::connect(&addr).expect("connect"))
+        .collect();
+    // Past the cap a new connection is answered 503 and closed at once.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let refused = loop {
+        let mut extra = TcpStream::connect(&addr).expect("connect");
+        extra
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let _ = extra.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n");
+        let mut answer = String::new();
+        let _ = extra.read_to_string(&mut answer);
+        if answer.contains("too_many_connections") || Instant::now() > deadline {
+            break answer;
+        }
+    };
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let reply = common::try_request("GET", &format!("{}/ready", server.ops), None);
+        if reply.as_ref().is_ok_and(|r| r.status == 200) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "ops never recovered: {reply:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_alive_and_ready(&server);
+}
+
+#[test]
+fn connections_that_cannot_fit_the_open_files_limit_refuse_the_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(r#"ulimit -n 1024 && exec "$0" "$@""#)
+        .arg(env!("CARGO_BIN_EXE_oc-server"))
+        .args(["--data-dir", data.to_str().expect("utf-8")])
+        .args(["--listen", "127.0.0.1:0", "--ops-listen", "127.0.0.1:0"])
+        .args(["--max-connections", "4096", "--archive", "none"])
+        .output()
+        .expect("run oc-server");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("open-files limit is 1024"), "{stderr}");
+    assert!(stderr.contains("--max-connections"), "{stderr}");
 }

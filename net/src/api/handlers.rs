@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value as Json};
 
 use super::error::ApiError;
-use crate::auth::{self, Caller};
+use crate::auth::{self, Caller, KeyClaim};
 use crate::rate_limit::{self, RateLimit};
 
 /// What a handler answers: a status and a JSON body.
@@ -74,6 +74,24 @@ pub struct Access {
     pub rate_limit: RateLimit,
 }
 
+/// Whether the key's tenant still holds it, asked of the tenant's owner shard. Only a
+/// filter run before a body is read: the owner checks the key again when the work
+/// runs (see [`on_owner`]), so a key revoked in between is still refused.
+pub async fn key_is_known(router: &ShardRouter, claim: &KeyClaim) -> Result<bool, ApiError> {
+    let owner = owner_of(router, &claim.tenant);
+    let claim = claim.clone();
+    router
+        .call(owner, move |node: Rc<ShardNode>| async move {
+            node.shard()
+                .read(&claim.tenant, |t| {
+                    t.api_keys().verify(&claim.key_id, &claim.secret_sha256)
+                })
+                .unwrap_or(false)
+        })
+        .await
+        .map_err(ApiError::from)
+}
+
 /// Runs `work` on the owner of `tenant`: there the caller's key is checked against the
 /// tenant's stored hashes and its rate limit, and the work holds an in-flight slot.
 async fn on_owner<F, Fut>(
@@ -106,11 +124,7 @@ where
                     })
                     .unwrap_or(false);
                 if !valid {
-                    return Err(ApiError::new(
-                        StatusCode::UNAUTHORIZED,
-                        "unauthorized",
-                        "the API key is unknown or revoked",
-                    ));
+                    return Err(auth::unknown_key());
                 }
                 rate_limit::admit(access.rate_limit, &tenant, &claim.key_id)?;
             }

@@ -6,7 +6,8 @@
 pub mod error;
 pub mod handlers;
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -18,10 +19,10 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use oc_ship::engine::query::AskLimits;
-use oc_ship::engine::ShardRouter;
+use oc_ship::engine::{ShardRouter, TenantId};
 use tracing::Instrument;
 
-use crate::auth::{self, AuthConfig};
+use crate::auth::{self, AuthConfig, Caller, KeyClaim};
 use crate::metrics;
 use crate::rate_limit::RateLimit;
 use error::ApiError;
@@ -38,6 +39,14 @@ pub struct ApiLimits {
     pub rate_limit: RateLimit,
 }
 
+/// API keys this shard saw the owner accept lately, so a body is read only for a
+/// caller whose key exists: (tenant, key id, secret digest) → when it was accepted.
+type KnownKeys = RefCell<HashMap<(TenantId, String, [u8; 32]), Instant>>;
+/// How long an accepted key is trusted before the next body without asking again...
+const KNOWN_KEY_TTL: Duration = Duration::from_secs(5);
+/// ...and how many are remembered (the map is cleared when full).
+const KNOWN_KEYS_MAX: usize = 4096;
+
 /// What a shard's request handler needs.
 pub struct ApiContext {
     pub router: Rc<ShardRouter>,
@@ -45,6 +54,7 @@ pub struct ApiContext {
     pub auth: AuthConfig,
     pub shard: usize,
     next_request: Cell<u64>,
+    known_keys: KnownKeys,
 }
 
 impl ApiContext {
@@ -55,7 +65,42 @@ impl ApiContext {
             auth,
             shard,
             next_request: Cell::new(0),
+            known_keys: RefCell::new(HashMap::new()),
         }
+    }
+
+    /// Refuses a key caller before its body is read: a key for another tenant (403),
+    /// or a well-formed key its tenant does not hold (401). An unknown key with a huge,
+    /// slow body then costs one header read, not a body read and a connection held.
+    async fn check_key_before_body(&self, claim: &KeyClaim, tenant: &str) -> Result<(), ApiError> {
+        if claim.tenant.as_str() != tenant {
+            return Err(auth::forbidden(format!(
+                "this API key belongs to tenant {}, not {tenant}",
+                claim.tenant
+            )));
+        }
+        let id = (
+            claim.tenant.clone(),
+            claim.key_id.clone(),
+            claim.secret_sha256,
+        );
+        let fresh = self
+            .known_keys
+            .borrow()
+            .get(&id)
+            .is_some_and(|seen| seen.elapsed() < KNOWN_KEY_TTL);
+        if fresh {
+            return Ok(());
+        }
+        if !h::key_is_known(&self.router, claim).await? {
+            return Err(auth::unknown_key());
+        }
+        let mut known = self.known_keys.borrow_mut();
+        if known.len() >= KNOWN_KEYS_MAX {
+            known.clear();
+        }
+        known.insert(id, Instant::now());
+        Ok(())
     }
 
     /// `<shard>-<counter>-<process nonce>`: unique without coordination between shards.
@@ -210,6 +255,15 @@ async fn dispatch(ctx: &ApiContext, req: Request<Incoming>) -> Answer {
         in_flight_limit: ctx.limits.max_in_flight_per_tenant,
         rate_limit: ctx.limits.rate_limit,
     };
+    if let Caller::Key(claim) = &access.caller {
+        if has_body(&req) || method == Method::POST {
+            match s.as_slice() {
+                ["v1", "tenants", t, ..] => ctx.check_key_before_body(claim, t).await?,
+                ["v1", "tenants"] => auth::require_admin(&access.caller)?,
+                _ => {} // no such route: answered without reading the body
+            }
+        }
+    }
     match (s.as_slice(), &method) {
         (["v1", "tenants"], &Method::GET) => h::list_tenants(router, access).await,
         (["v1", "tenants"], &Method::POST) => {
