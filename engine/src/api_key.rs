@@ -49,13 +49,10 @@ impl ApiKeys {
     /// Whether `secret_sha256` is the hash stored for `key_id`, compared in constant
     /// time so the answer's timing says nothing about how much of the hash matched.
     pub fn verify(&self, key_id: &str, secret_sha256: &[u8; 32]) -> bool {
-        self.keys.get(key_id).is_some_and(|key| {
-            key.secret_sha256
-                .iter()
-                .zip(secret_sha256)
-                .fold(0u8, |diff, (a, b)| diff | (a ^ b))
-                == 0
-        })
+        use subtle::ConstantTimeEq;
+        self.keys
+            .get(key_id)
+            .is_some_and(|key| key.secret_sha256.ct_eq(secret_sha256).into())
     }
 
     /// Checks a new key before it is logged.
