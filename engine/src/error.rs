@@ -24,6 +24,19 @@ pub enum EngineError {
         actual: usize,
         limit: usize,
     },
+    #[error("tenant {tenant} would hold {after} {what}, above its quota of {limit} (it holds {used}); delete data or ask the operator to raise the quota")]
+    QuotaExceeded {
+        tenant: String,
+        what: &'static str,
+        used: usize,
+        after: usize,
+        limit: usize,
+    },
+    #[error("the server holds {resident_bytes} bytes in memory, above its budget of {budget_bytes} (--memory-budget-bytes); writes that add data are refused until data is deleted or the budget is raised")]
+    MemoryFull {
+        resident_bytes: u64,
+        budget_bytes: u64,
+    },
     #[error("idempotency key {key:?} was first used with a different request body")]
     IdempotencyConflict { key: String },
     #[error(

@@ -20,6 +20,7 @@ use oc_io::{executor::executor_builder, DmaStorage, Lsn, WalConfig};
 use crate::error::EngineError;
 use crate::mesh::{build_mesh, MeshEndpoints, Router};
 use crate::placement::{ensure_layout, owner_shard, shard_dir};
+use crate::quota::TenantQuotas;
 use crate::scheduler::{spawn_checkpointer, CheckpointPolicy};
 use crate::shard::{Shard, ShardOpenReport};
 use crate::tenant_id::TenantId;
@@ -46,6 +47,8 @@ pub struct PoolConfig {
     /// Start every shard with its log held (release barrier at LSN 1) until an archive
     /// shipper lifts it segment by segment, so nothing leaves the disk unarchived.
     pub hold_wal_for_archive: bool,
+    /// What each tenant may store.
+    pub quotas: TenantQuotas,
 }
 
 impl PoolConfig {
@@ -61,6 +64,7 @@ impl PoolConfig {
             clients: 1,
             spin_before_park: None,
             hold_wal_for_archive: false,
+            quotas: TenantQuotas::default(),
         }
     }
 }
@@ -162,6 +166,7 @@ impl ShardPool {
                 wal: config.wal.clone(),
                 checkpoint: config.checkpoint,
                 hold_wal_for_archive: config.hold_wal_for_archive,
+                quotas: config.quotas,
                 opened: opened_tx.clone(),
                 go: go_rx,
                 ends,
@@ -256,6 +261,7 @@ struct ShardRun {
     wal: WalConfig,
     checkpoint: Option<CheckpointPolicy>,
     hold_wal_for_archive: bool,
+    quotas: TenantQuotas,
     opened: mpsc::Sender<OpenOutcome>,
     go: mpsc::Receiver<bool>,
     ends: MeshEndpoints<ShardNode>,
@@ -280,6 +286,7 @@ impl ShardRun {
                 if self.hold_wal_for_archive {
                     shard.set_release_barrier(Some(Lsn(1)));
                 }
+                shard.set_quotas(self.quotas);
                 let _ = report_opened.send((self.id, Ok(Box::new(report))));
                 Rc::new(shard)
             }

@@ -25,6 +25,7 @@ use crate::idempotency::{self, Remembered};
 use crate::query::{
     self, AskAnswer, AskLimits, Execution, PlanCache, PlanCacheStats, QueryError, QueryErrorKind,
 };
+use crate::quota::TenantQuotas;
 use crate::record;
 use crate::schema::TableSchema;
 use crate::table::{BatchOutcome, RowWrite, WriteOp};
@@ -217,6 +218,7 @@ pub struct Shard<S: Storage> {
     state: Rc<RefCell<ShardState>>,
     queue: Rc<RefCell<ApplyQueue>>,
     plan_cache: RefCell<PlanCache>,
+    quotas: std::cell::Cell<TenantQuotas>,
     _applier: Task<()>,
 }
 
@@ -292,6 +294,7 @@ impl<S: Storage> Shard<S> {
                 opened: std::time::Instant::now(),
                 checkpoint_counts: std::cell::Cell::new((0, 0)),
                 release_barrier: std::cell::Cell::new(None),
+                quotas: std::cell::Cell::new(TenantQuotas::default()),
                 state,
                 queue,
                 plan_cache: RefCell::new(PlanCache::new(
@@ -364,6 +367,15 @@ impl<S: Storage> Shard<S> {
     /// Holds back the release of log segments from `first_kept` on: the hook for the
     /// archive shipper, which sets it to the first LSN not yet durably archived, so no
     /// segment leaves the disk before the archive has it. `None` lifts the barrier.
+    /// What each tenant of this shard may store (checked when a write is admitted).
+    pub fn set_quotas(&self, quotas: TenantQuotas) {
+        self.quotas.set(quotas);
+    }
+
+    pub fn quotas(&self) -> TenantQuotas {
+        self.quotas.get()
+    }
+
     pub fn set_release_barrier(&self, first_kept: Option<Lsn>) {
         self.release_barrier.set(first_kept);
     }
@@ -498,6 +510,11 @@ impl<S: Storage> Shard<S> {
         let (writes, table_version, first) = self.read(tenant, |t| {
             let target = t.table(table)?;
             let writes = target.validate_batch(ops)?;
+            let growth = target.growth(&writes);
+            self.quotas
+                .get()
+                .admit(tenant.as_str(), &t.usage(), growth)?;
+            crate::quota::admit_memory(growth)?;
             let first = match &idempotency_key {
                 Some(key) => remembered(t, key, request_hash(table, &writes))?,
                 None => None,

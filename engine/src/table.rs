@@ -323,6 +323,33 @@ impl Table {
         Some(row)
     }
 
+    /// How applying `writes` would change this table's usage, each write taken against
+    /// the table as it is now (a key written twice in one batch counts twice).
+    pub fn growth(&self, writes: &[RowWrite]) -> crate::quota::Growth {
+        let mut g = crate::quota::Growth::default();
+        let signed = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        for write in writes {
+            match write {
+                RowWrite::Upsert(row) => {
+                    let key = key_of(row, &self.schema.primary_key);
+                    let old = self.rows.get(&key);
+                    g.rows += i64::from(old.is_none());
+                    g.bytes += signed(row_bytes(row)) - old.map_or(0, |o| signed(row_bytes(o)));
+                    g.vectors +=
+                        signed(row_vectors(row)) - old.map_or(0, |o| signed(row_vectors(o)));
+                }
+                RowWrite::Delete(key) => {
+                    if let Some(old) = self.rows.get(&Key::new(key.clone())) {
+                        g.rows -= 1;
+                        g.bytes -= signed(row_bytes(old));
+                        g.vectors -= signed(row_vectors(old));
+                    }
+                }
+            }
+        }
+        g
+    }
+
     /// The row whose primary key is named by a JSON object of the key columns.
     pub fn get_by_json_key(
         &self,

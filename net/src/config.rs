@@ -12,6 +12,7 @@ use crate::api::ApiLimits;
 use crate::auth::{AuthConfig, MIN_ADMIN_TOKEN_BYTES};
 use crate::rate_limit::RateLimit;
 use oc_ship::engine::query::AskLimits;
+use oc_ship::engine::TenantQuotas;
 
 /// Server settings (flattened into the binary's arguments).
 #[derive(Args, Debug, Clone)]
@@ -95,6 +96,19 @@ pub struct ServerConfig {
     /// return, sort keys, groups); more gets 413 `query_memory_exceeded`.
     #[arg(long, env = "OC_ASK_MAX_MEMORY_BYTES", default_value_t = 64 << 20)]
     pub ask_max_memory_bytes: usize,
+    /// Rows one tenant may store; a write past it gets 403 `quota_exceeded`.
+    #[arg(long, env = "OC_TENANT_MAX_ROWS", default_value_t = 50_000_000)]
+    pub tenant_max_rows: usize,
+    /// Bytes of rows (as stored) one tenant may hold.
+    #[arg(long, env = "OC_TENANT_MAX_BYTES", default_value_t = 4 << 30)]
+    pub tenant_max_bytes: usize,
+    /// Vectors one tenant may store.
+    #[arg(long, env = "OC_TENANT_MAX_VECTORS", default_value_t = 5_000_000)]
+    pub tenant_max_vectors: usize,
+    /// Resident memory the process may reach before writes that add data are refused
+    /// (507 `memory_full`); 0: 80% of the machine's or the cgroup's memory.
+    #[arg(long, env = "OC_MEMORY_BUDGET_BYTES", default_value_t = 0)]
+    pub memory_budget_bytes: u64,
     /// On SIGTERM/SIGINT, how long in-flight requests get to finish.
     #[arg(long, env = "OC_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
     pub shutdown_grace_ms: u64,
@@ -178,6 +192,14 @@ impl ServerConfig {
             segment_bytes: self.wal_segment_bytes,
             max_group_bytes: default.max_group_bytes.min(data_area as usize),
             ..default
+        }
+    }
+
+    pub fn tenant_quotas(&self) -> TenantQuotas {
+        TenantQuotas {
+            max_rows: self.tenant_max_rows,
+            max_bytes: self.tenant_max_bytes,
+            max_vectors: self.tenant_max_vectors,
         }
     }
 

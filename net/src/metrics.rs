@@ -463,6 +463,21 @@ pub fn render(shards: &[ShardSnapshot], control: &ControlMetrics) -> Result<Stri
             |s| s.bytes as f64,
         ),
     ]);
+    let (budget, resident) = oc_ship::engine::quota::memory_usage();
+    families.extend([
+        family(
+            "oc_memory_budget_bytes",
+            "Resident memory the process may reach before writes that add data are refused.",
+            GAUGE,
+            vec![gauge(vec![], budget as f64)],
+        ),
+        family(
+            "oc_memory_resident_bytes",
+            "Resident memory of the process at the last sample (every 100 ms).",
+            GAUGE,
+            vec![gauge(vec![], resident as f64)],
+        ),
+    ]);
     if let Some(ship) = &control.shipping {
         families.extend(shipping_families(ship));
     }

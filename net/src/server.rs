@@ -43,6 +43,9 @@ pub fn run(config: ServerConfig) -> Result<()> {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     crate::fd_limit::raise_and_check(crate::fd_limit::needed(config.max_connections, shards))
         .map_err(|e| anyhow!(e))?;
+    let memory_budget = oc_ship::engine::quota::start_memory_budget(config.memory_budget_bytes)
+        .map_err(|e| anyhow!(e))?;
+    tracing::info!(memory_budget, "memory budget set");
     let (api_fds, api_addr) = listener::bind_shared(config.listen, shards)
         .with_context(|| format!("binding the API on {}", config.listen))?;
 
@@ -126,6 +129,7 @@ pub fn run(config: ServerConfig) -> Result<()> {
             .then(|| Duration::from_micros(config.spin_before_park_us)),
         wal: config.wal_config(),
         hold_wal_for_archive: shipping,
+        quotas: config.tenant_quotas(),
         checkpoint: Some(CheckpointPolicy {
             interval: Duration::from_secs(config.checkpoint_interval_s),
             wal_bytes: config.checkpoint_wal_bytes,

@@ -352,3 +352,86 @@ fn connections_that_cannot_fit_the_open_files_limit_refuse_the_start() {
     assert!(stderr.contains("open-files limit is 1024"), "{stderr}");
     assert!(stderr.contains("--max-connections"), "{stderr}");
 }
+
+fn write_row(server: &Server, tenant: &str, id: usize, body: &str) -> common::Reply {
+    server.post(
+        &format!("/v1/tenants/{tenant}/tables/docs/rows"),
+        &json!({"ops": [{"upsert": {"id": id, "body": body, "grp": 0}}]}),
+    )
+}
+
+#[test]
+fn tenant_quotas_refuse_the_write_that_would_pass_them_and_deletes_free_room() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(
+        &dir.path().join("data"),
+        &["--tenant-max-rows", "10", "--tenant-max-bytes", "20000"],
+    );
+    create_texts(&server, "acme", 10, 10);
+    let usage = server.get("/v1/tenants/acme/usage");
+    assert_eq!(usage.body["quotas"]["rows"], 10, "{usage:?}");
+    assert_eq!(usage.body["quotas"]["bytes"], 20000, "{usage:?}");
+    let refused = write_row(&server, "acme", 10, "x");
+    assert_error(&refused, 403, "quota_exceeded", "quota of 10");
+    assert!(
+        refused.retry_after.is_none(),
+        "a quota is not retried: {refused:?}"
+    );
+    // Updating a row in place is not a new row; growing past the bytes quota is refused.
+    assert_eq!(write_row(&server, "acme", 3, "y").status, 200);
+    assert_error(
+        &write_row(&server, "acme", 3, &"z".repeat(30_000)),
+        403,
+        "quota_exceeded",
+        "bytes",
+    );
+    let deleted = server.post(
+        "/v1/tenants/acme/tables/docs/rows",
+        &json!({"ops": [{"delete": {"id": 0}}]}),
+    );
+    assert_eq!(deleted.status, 200, "{deleted:?}");
+    assert_eq!(write_row(&server, "acme", 10, "x").status, 200);
+    // Nothing refused was stored.
+    assert_eq!(server.get("/v1/tenants/acme/usage").body["rows"], 10);
+    assert_alive_and_ready(&server);
+}
+
+#[test]
+fn over_the_memory_budget_writes_that_add_data_are_refused_and_deletes_pass() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(
+        &dir.path().join("data"),
+        &["--memory-budget-bytes", "1000000"],
+    );
+    assert_eq!(
+        server
+            .post("/v1/tenants", &json!({"tenant": "acme"}))
+            .status,
+        201
+    );
+    let table = json!({
+        "name": "docs",
+        "columns": [{"name": "id", "type": "int"}, {"name": "body", "type": "text"}, {"name": "grp", "type": "int"}],
+        "primary_key": ["id"]
+    });
+    assert_eq!(server.post("/v1/tenants/acme/tables", &table).status, 201);
+    assert_error(
+        &write_row(&server, "acme", 1, "x"),
+        507,
+        "memory_full",
+        "--memory-budget-bytes",
+    );
+    let deleted = server.post(
+        "/v1/tenants/acme/tables/docs/rows",
+        &json!({"ops": [{"delete": {"id": 1}}]}),
+    );
+    assert_eq!(deleted.status, 200, "{deleted:?}");
+    let (_, scrape) = server.ops_get("/metrics");
+    assert_eq!(
+        common::scrape_value(&scrape, "oc_memory_budget_bytes"),
+        Some(1e6)
+    );
+    assert!(common::scrape_value(&scrape, "oc_memory_resident_bytes").is_some_and(|v| v > 1e6));
+    promtool_check(&scrape);
+    assert_alive_and_ready(&server);
+}

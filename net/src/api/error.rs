@@ -84,6 +84,10 @@ impl From<EngineError> for ApiError {
             }
             EngineError::TableChanged { .. } => (StatusCode::CONFLICT, "table_changed"),
             EngineError::LimitExceeded { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "limit_exceeded"),
+            // Not 413 (which tells a client to split its request) and not retryable:
+            // the tenant must delete data or have its quota raised.
+            EngineError::QuotaExceeded { .. } => (StatusCode::FORBIDDEN, "quota_exceeded"),
+            EngineError::MemoryFull { .. } => (StatusCode::INSUFFICIENT_STORAGE, "memory_full"),
             EngineError::Mesh(MeshError::Overloaded { .. }) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "overloaded")
             }

@@ -523,6 +523,7 @@ pub async fn usage(router: &ShardRouter, tenant: TenantId, access: &Access) -> A
         // This request holds one of the slots; report the others.
         let in_flight = InFlight::count(&tenant).saturating_sub(1);
         let usage = node.shard().read(&tenant, |t| t.usage())?;
+        let quotas = node.shard().quotas();
         let tables: Map<String, Json> = usage
             .tables
             .iter()
@@ -542,6 +543,11 @@ pub async fn usage(router: &ShardRouter, tenant: TenantId, access: &Access) -> A
                 "bytes": usage.bytes,
                 "vectors": usage.vectors,
                 "tables": tables,
+                "quotas": {
+                    "rows": quotas.max_rows,
+                    "bytes": quotas.max_bytes,
+                    "vectors": quotas.max_vectors,
+                },
                 "in_flight_requests": in_flight,
                 "applied_lsn": node.shard().applied_lsn().0,
             }),

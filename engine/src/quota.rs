@@ -1,0 +1,223 @@
+//! What one tenant may store, and what the whole process may hold. All data lives in
+//! memory, so both are admission checks on writes, made on the owner shard before a
+//! batch is logged: a batch that would take a tenant past a quota is refused whole,
+//! and while the process's resident memory is over the server's budget every batch
+//! that could grow it is refused. Deletes always pass: they are how one gets back
+//! under.
+//!
+//! Both are checked at admission: batches in flight at the same moment may together
+//! overshoot a quota by at most what they carry (bounded by the per-tenant in-flight
+//! limit times the batch limit).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::error::EngineError;
+use crate::tenant::TenantUsage;
+
+/// What one tenant may store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TenantQuotas {
+    pub max_rows: usize,
+    /// Bytes of rows as stored (`Value::stored_bytes`), all tables.
+    pub max_bytes: usize,
+    pub max_vectors: usize,
+}
+
+impl Default for TenantQuotas {
+    fn default() -> Self {
+        TenantQuotas {
+            max_rows: 50_000_000,
+            max_bytes: 4 << 30,
+            max_vectors: 5_000_000,
+        }
+    }
+}
+
+/// How a batch would change a tenant's usage (negative: it frees).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Growth {
+    pub rows: i64,
+    pub bytes: i64,
+    pub vectors: i64,
+}
+
+impl Growth {
+    /// Whether the batch could take memory (deletes only cannot).
+    pub fn grows(&self) -> bool {
+        self.rows > 0 || self.bytes > 0 || self.vectors > 0
+    }
+}
+
+impl TenantQuotas {
+    /// Refuses a batch that would take `usage` past a quota (a batch that shrinks a
+    /// usage already over a lowered quota passes).
+    pub fn admit(
+        &self,
+        tenant: &str,
+        usage: &TenantUsage,
+        growth: Growth,
+    ) -> Result<(), EngineError> {
+        for (what, used, grows, limit) in [
+            ("rows", usage.rows, growth.rows, self.max_rows),
+            ("bytes", usage.bytes, growth.bytes, self.max_bytes),
+            ("vectors", usage.vectors, growth.vectors, self.max_vectors),
+        ] {
+            let after = (used as i64).saturating_add(grows);
+            if grows > 0 && after > limit as i64 {
+                return Err(EngineError::QuotaExceeded {
+                    tenant: tenant.to_string(),
+                    what,
+                    used,
+                    after: after as usize,
+                    limit,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The process's memory budget and its resident size, sampled off the shards.
+struct MemoryBudget {
+    limit_bytes: AtomicU64,
+    resident_bytes: AtomicU64,
+}
+
+static MEMORY: MemoryBudget = MemoryBudget {
+    limit_bytes: AtomicU64::new(0),
+    resident_bytes: AtomicU64::new(0),
+};
+
+/// How often the resident size is read from `/proc/self/statm`.
+pub const MEMORY_SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
+/// The budget when none is configured: this share of the machine's (or the cgroup's)
+/// memory, leaving room for the kernel, page cache and allocator slack.
+pub const DEFAULT_MEMORY_BUDGET_PERCENT: u64 = 80;
+
+/// Sets the budget (0: [`DEFAULT_MEMORY_BUDGET_PERCENT`] of the memory this process
+/// may use), takes a first sample and starts a thread that keeps sampling. Returns the
+/// budget in force.
+pub fn start_memory_budget(limit_bytes: u64) -> Result<u64, String> {
+    let limit = match limit_bytes {
+        0 => {
+            let total = available_memory_bytes().ok_or(
+                "cannot read the machine's memory size (/proc/meminfo); set --memory-budget-bytes",
+            )?;
+            total / 100 * DEFAULT_MEMORY_BUDGET_PERCENT
+        }
+        n => n,
+    };
+    MEMORY.limit_bytes.store(limit, Ordering::Relaxed);
+    sample_resident();
+    std::thread::Builder::new()
+        .name("oc-memory".into())
+        .spawn(|| loop {
+            std::thread::sleep(MEMORY_SAMPLE_INTERVAL);
+            sample_resident();
+        })
+        .map_err(|e| format!("cannot start the memory sampler: {e}"))?;
+    Ok(limit)
+}
+
+/// (budget, resident bytes at the last sample); a budget of 0 means none is set.
+pub fn memory_usage() -> (u64, u64) {
+    (
+        MEMORY.limit_bytes.load(Ordering::Relaxed),
+        MEMORY.resident_bytes.load(Ordering::Relaxed),
+    )
+}
+
+/// Refuses a write that could grow memory while the process is over its budget.
+pub fn admit_memory(growth: Growth) -> Result<(), EngineError> {
+    let (limit, resident) = memory_usage();
+    if limit > 0 && resident > limit && growth.grows() {
+        return Err(EngineError::MemoryFull {
+            resident_bytes: resident,
+            budget_bytes: limit,
+        });
+    }
+    Ok(())
+}
+
+fn sample_resident() {
+    if let Some(bytes) = resident_bytes() {
+        MEMORY.resident_bytes.store(bytes, Ordering::Relaxed);
+    }
+}
+
+/// Resident set size from `/proc/self/statm` (second field, in pages).
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page).ok()?)
+}
+
+/// The smaller of the machine's memory and the cgroup's limit, if any.
+fn available_memory_bytes() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let total_kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    let total = total_kib * 1024;
+    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    Some(cgroup.map_or(total, |c| c.min(total)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn usage(rows: usize, bytes: usize, vectors: usize) -> TenantUsage {
+        TenantUsage {
+            rows,
+            bytes,
+            vectors,
+            ..TenantUsage::default()
+        }
+    }
+
+    #[test]
+    fn a_batch_past_a_quota_is_refused_naming_it_and_shrinking_always_passes() {
+        let q = TenantQuotas {
+            max_rows: 10,
+            max_bytes: 1000,
+            max_vectors: 2,
+        };
+        let grow = |rows, bytes, vectors| Growth {
+            rows,
+            bytes,
+            vectors,
+        };
+        assert!(q.admit("t", &usage(9, 0, 0), grow(1, 10, 0)).is_ok());
+        let e = q
+            .admit("t", &usage(10, 0, 0), grow(1, 10, 0))
+            .expect_err("the 11th row");
+        assert!(e.to_string().contains("rows"), "{e}");
+        assert!(e.to_string().contains("10"), "{e}");
+        assert!(q.admit("t", &usage(5, 990, 0), grow(0, 11, 0)).is_err());
+        assert!(q.admit("t", &usage(5, 0, 2), grow(1, 1, 1)).is_err());
+        // Over a quota lowered after the fact: deletes and shrinking updates pass.
+        assert!(q
+            .admit("t", &usage(50, 5000, 9), grow(-1, -100, -1))
+            .is_ok());
+        assert!(q.admit("t", &usage(50, 5000, 9), grow(0, -1, 0)).is_ok());
+    }
+
+    #[test]
+    fn the_resident_size_and_the_machine_size_can_be_read() {
+        let rss = resident_bytes().expect("statm");
+        assert!(rss > 0);
+        let total = available_memory_bytes().expect("meminfo");
+        assert!(total > rss);
+    }
+}
