@@ -5,8 +5,14 @@
 //! count is recorded in `oc-layout.json` when the directory is first used; starting
 //! with another count is refused, since every tenant would look for its data on the
 //! wrong shard. Re-sharding goes through a checkpoint and a restore.
+//!
+//! The layout also names the directory: a random [`DataDirId`] drawn when it is
+//! created (a restore draws a new one), which the archive's owner record holds so that
+//! one archive has one writing data directory. A layout written before ids existed
+//! gets one at its next start.
 
-use std::io::Write;
+use std::fmt;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use serde_json::json;
@@ -20,10 +26,51 @@ const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 
 /// The layout file's name in the data directory.
 pub const LAYOUT_FILE: &str = "oc-layout.json";
-/// The version of the layout file and of the placement rule.
-pub const LAYOUT_FORMAT_VERSION: u64 = 1;
+/// The version of the layout file (FORMAT.md §7). Version 2 added `data_dir_id`;
+/// version 1 files (same placement rule, no id) are read and upgraded at start.
+pub const LAYOUT_FORMAT_VERSION: u64 = 2;
+/// The version before data directory ids.
+const LAYOUT_FORMAT_VERSION_NO_ID: u64 = 1;
 /// Most shards a data directory can have.
 pub const MAX_SHARDS: usize = 256;
+
+/// A data directory's identity: 128 random bits, written as 32 lowercase hex digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DataDirId(pub u128);
+
+impl DataDirId {
+    /// A fresh random id (from the kernel's random source).
+    pub fn random() -> std::io::Result<DataDirId> {
+        let mut bytes = [0u8; 16];
+        std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+        let id = u128::from_le_bytes(bytes);
+        if id == 0 {
+            return Err(std::io::Error::other("the random source returned zeroes"));
+        }
+        Ok(DataDirId(id))
+    }
+
+    /// Parses the 32-hex-digit form.
+    pub fn parse(s: &str) -> Option<DataDirId> {
+        (s.len() == 32 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+            .then(|| u128::from_str_radix(s, 16).ok())?
+            .filter(|&id| id != 0)
+            .map(DataDirId)
+    }
+}
+
+impl fmt::Display for DataDirId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+/// What a data directory's layout file records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    pub shards: usize,
+    pub id: DataDirId,
+}
 
 /// The shard that owns `tenant` among `shards`: FNV-1a 64 of the id's bytes, mod count.
 pub fn owner_shard(tenant: &TenantId, shards: usize) -> usize {
@@ -40,13 +87,10 @@ pub fn shard_dir(data_dir: &Path, shard: usize) -> PathBuf {
 }
 
 /// Checks that `data_dir` was laid out for `shards` shards, or records that it is when
-/// the directory is new. Called once at start, before any shard opens.
-pub fn ensure_layout(data_dir: &Path, shards: usize) -> Result<(), EngineError> {
-    if shards == 0 || shards > MAX_SHARDS {
-        return Err(EngineError::Layout(format!(
-            "the shard count must be between 1 and {MAX_SHARDS}, not {shards}"
-        )));
-    }
+/// the directory is new, and returns its layout (giving it an id if it has none yet).
+/// Called once at start, before any shard opens.
+pub fn ensure_layout(data_dir: &Path, shards: usize) -> Result<Layout, EngineError> {
+    check_shard_count(shards)?;
     let io_error = |what: &str, e: std::io::Error| {
         EngineError::Layout(format!("{what} {}: {e}", data_dir.display()))
     };
@@ -54,7 +98,7 @@ pub fn ensure_layout(data_dir: &Path, shards: usize) -> Result<(), EngineError> 
     let path = data_dir.join(LAYOUT_FILE);
     match std::fs::read(&path) {
         Ok(bytes) => {
-            let recorded = parse_layout(&bytes).map_err(|why| {
+            let (recorded, id) = parse_layout(&bytes).map_err(|why| {
                 EngineError::Layout(format!("{} is unreadable: {why}", path.display()))
             })?;
             if recorded != shards {
@@ -65,31 +109,78 @@ pub fn ensure_layout(data_dir: &Path, shards: usize) -> Result<(), EngineError> 
                     data_dir.display()
                 )));
             }
-            Ok(())
+            let layout = match id {
+                Some(id) => Layout { shards, id },
+                None => {
+                    // Version 1, written before data directory ids: name it now.
+                    let layout = new_layout(shards).map_err(|e| io_error("cannot name", e))?;
+                    write_layout(data_dir, &layout)
+                        .map_err(|e| io_error("cannot record the id of", e))?;
+                    layout
+                }
+            };
+            Ok(layout)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if shard_dir(data_dir, 0).exists() {
                 return Err(EngineError::Layout(format!(
                     "{} holds shard data but no {LAYOUT_FILE}: it was not written by this \
-                     version of oc, or the file was removed; restore it with the original \
-                     shard count",
+                     version of oc, the file was removed, or a restore into it did not \
+                     finish; restore it again (into an empty directory)",
                     data_dir.display()
                 )));
             }
-            write_layout(data_dir, shards).map_err(|e| io_error("cannot record the layout in", e))
+            create_layout(data_dir, shards)
         }
         Err(e) => Err(io_error("cannot read the layout of", e)),
     }
 }
 
-fn parse_layout(bytes: &[u8]) -> Result<usize, String> {
+/// Records a new layout, with a new id, in `data_dir` (which must not have one). A
+/// restore calls this last, after every shard's files are in place, so a restore that
+/// did not finish leaves a directory `oc-server` refuses to open.
+pub fn create_layout(data_dir: &Path, shards: usize) -> Result<Layout, EngineError> {
+    check_shard_count(shards)?;
+    let io_error = |what: &str, e: std::io::Error| {
+        EngineError::Layout(format!("{what} {}: {e}", data_dir.display()))
+    };
+    if data_dir.join(LAYOUT_FILE).exists() {
+        return Err(EngineError::Layout(format!(
+            "{} already has a {LAYOUT_FILE}",
+            data_dir.display()
+        )));
+    }
+    let layout = new_layout(shards).map_err(|e| io_error("cannot name", e))?;
+    write_layout(data_dir, &layout).map_err(|e| io_error("cannot record the layout in", e))?;
+    Ok(layout)
+}
+
+fn check_shard_count(shards: usize) -> Result<(), EngineError> {
+    if shards == 0 || shards > MAX_SHARDS {
+        return Err(EngineError::Layout(format!(
+            "the shard count must be between 1 and {MAX_SHARDS}, not {shards}"
+        )));
+    }
+    Ok(())
+}
+
+fn new_layout(shards: usize) -> std::io::Result<Layout> {
+    Ok(Layout {
+        shards,
+        id: DataDirId::random()?,
+    })
+}
+
+/// The shard count and the id (`None` for a version 1 file).
+fn parse_layout(bytes: &[u8]) -> Result<(usize, Option<DataDirId>), String> {
     let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
     let version = value["format_version"]
         .as_u64()
         .ok_or("no format_version")?;
-    if version != LAYOUT_FORMAT_VERSION {
+    if version != LAYOUT_FORMAT_VERSION && version != LAYOUT_FORMAT_VERSION_NO_ID {
         return Err(format!(
-            "format_version {version} is not supported (this build reads {LAYOUT_FORMAT_VERSION})"
+            "format_version {version} is not supported (this build reads \
+             {LAYOUT_FORMAT_VERSION_NO_ID} and {LAYOUT_FORMAT_VERSION})"
         ));
     }
     let placement = value["placement"].as_str().ok_or("no placement")?;
@@ -97,19 +188,30 @@ fn parse_layout(bytes: &[u8]) -> Result<usize, String> {
         return Err(format!("placement {placement:?} is not supported"));
     }
     let shards = value["shards"].as_u64().ok_or("no shards")?;
-    match usize::try_from(shards) {
-        Ok(n) if (1..=MAX_SHARDS).contains(&n) => Ok(n),
-        _ => Err(format!("shards {shards} is out of range")),
+    let shards = match usize::try_from(shards) {
+        Ok(n) if (1..=MAX_SHARDS).contains(&n) => n,
+        _ => return Err(format!("shards {shards} is out of range")),
+    };
+    if version == LAYOUT_FORMAT_VERSION_NO_ID {
+        return Ok((shards, None));
     }
+    let id = match &value["data_dir_id"] {
+        serde_json::Value::String(s) => DataDirId::parse(s)
+            .ok_or_else(|| format!("data_dir_id {s:?} is not 32 lowercase hex digits"))?,
+        serde_json::Value::Null => return Err("no data_dir_id".into()),
+        other => return Err(format!("data_dir_id {other} is not a string")),
+    };
+    Ok((shards, Some(id)))
 }
 
 /// Written to a temporary name, synced, renamed, and the directory synced, so a crash
-/// leaves either no layout or a whole one.
-fn write_layout(data_dir: &Path, shards: usize) -> std::io::Result<()> {
+/// leaves either the old layout (or none) or a whole new one.
+fn write_layout(data_dir: &Path, layout: &Layout) -> std::io::Result<()> {
     let body = json!({
         "format_version": LAYOUT_FORMAT_VERSION,
-        "shards": shards,
+        "shards": layout.shards,
         "placement": "fnv1a64-mod",
+        "data_dir_id": layout.id.to_string(),
     });
     let tmp = data_dir.join(format!("{LAYOUT_FILE}.tmp"));
     let mut file = std::fs::File::create(&tmp)?;
@@ -158,6 +260,55 @@ mod tests {
         ensure_layout(dir.path(), 2).expect("same count");
         let err = ensure_layout(dir.path(), 3).expect_err("other count");
         assert!(err.to_string().contains("--shards 2"), "{err}");
+    }
+
+    #[test]
+    fn a_new_directory_gets_an_id_that_stays() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let first = ensure_layout(dir.path(), 2).expect("new directory");
+        let again = ensure_layout(dir.path(), 2).expect("same directory");
+        assert_eq!(first, again);
+        let other = tempfile::tempdir().expect("temp dir");
+        assert_ne!(ensure_layout(other.path(), 2).expect("other").id, first.id);
+        assert_eq!(DataDirId::parse(&first.id.to_string()), Some(first.id));
+        assert!(
+            create_layout(dir.path(), 2).is_err(),
+            "one layout per directory"
+        );
+    }
+
+    #[test]
+    fn a_version_1_layout_gets_an_id_at_its_next_start() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(
+            dir.path().join(LAYOUT_FILE),
+            br#"{"format_version":1,"shards":3,"placement":"fnv1a64-mod"}"#,
+        )
+        .expect("write");
+        let named = ensure_layout(dir.path(), 3).expect("old layout");
+        let text = std::fs::read_to_string(dir.path().join(LAYOUT_FILE)).expect("read");
+        assert!(text.contains(&named.id.to_string()), "{text}");
+        assert!(text.contains("\"format_version\": 2"), "{text}");
+        assert_eq!(ensure_layout(dir.path(), 3).expect("again"), named);
+    }
+
+    #[test]
+    fn a_bad_id_is_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        for bad in [
+            r#","data_dir_id":"xyz""#,
+            r#","data_dir_id":7"#,
+            r#","data_dir_id":"00000000000000000000000000000000""#,
+            "",
+        ] {
+            std::fs::write(
+                dir.path().join(LAYOUT_FILE),
+                format!(r#"{{"format_version":2,"shards":1,"placement":"fnv1a64-mod"{bad}}}"#),
+            )
+            .expect("write");
+            let err = ensure_layout(dir.path(), 1).expect_err(bad);
+            assert!(err.to_string().contains("data_dir_id"), "{err}");
+        }
     }
 
     #[test]

@@ -7,8 +7,11 @@
 #![deny(clippy::unwrap_used)]
 
 pub mod buffer;
+pub mod dir_lock;
 pub mod error;
 pub mod executor;
+pub mod fail_stop;
+pub mod failpoint;
 pub mod fuzz_entry;
 pub mod probe;
 pub mod storage;

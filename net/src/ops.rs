@@ -32,6 +32,8 @@ pub enum Phase {
     Recovering,
     Serving,
     Draining,
+    /// A write-ahead log failed: the process answers what is in flight and exits.
+    Failed,
 }
 
 /// What the control executor knows.
@@ -43,6 +45,8 @@ pub struct ControlState {
     pub shards: usize,
     /// Shipping counters, when an archive is configured.
     pub ship_status: Option<oc_ship::shipper::ShipStatus>,
+    /// Why the process is failing (set with [`Phase::Failed`]).
+    pub failure: RefCell<Option<String>>,
 }
 
 /// Open connections the ops listener serves at once; more are answered 503 and
@@ -119,12 +123,19 @@ async fn handle(
     Ok(response)
 }
 
+/// Liveness: `200 ok` while the process can do its job; `503 failed` with the reason
+/// once a write-ahead log failed (the seed's "the WAL is mountable" no longer holds;
+/// the process exits right after answering what is in flight).
 fn health(state: &ControlState) -> Response<Full<Bytes>> {
     let p = &state.probe;
-    json_response(
-        StatusCode::OK,
-        json!({
-            "status": "ok",
+    let failure = state.failure.borrow().clone();
+    let status = if failure.is_some() {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    let mut body = json!({
+            "status": if failure.is_some() { "failed" } else { "ok" },
             "version": env!("CARGO_PKG_VERSION"),
             "git_commit": env!("OC_GIT_COMMIT"),
             "build_time": env!("OC_BUILD_TIME"),
@@ -140,8 +151,11 @@ fn health(state: &ControlState) -> Response<Full<Bytes>> {
                 "fixed_buffers": p.fixed_buffers,
                 "sync_file_range": p.sync_file_range,
             },
-        }),
-    )
+    });
+    if let (Some(reason), Some(object)) = (failure, body.as_object_mut()) {
+        object.insert("reason".into(), reason.into());
+    }
+    json_response(status, body)
 }
 
 /// Asks every shard for `f`'s answer, each within the probe timeout.
@@ -181,6 +195,10 @@ async fn ready(state: &ControlState) -> Response<Full<Bytes>> {
             return not_ready(vec!["shards are recovering their logs".to_string()])
         }
         Phase::Draining => return not_ready(vec!["the server is shutting down".to_string()]),
+        Phase::Failed => {
+            let why = state.failure.borrow().clone().unwrap_or_default();
+            return not_ready(vec![format!("the server is exiting: {why}")]);
+        }
         Phase::Serving => {}
     }
     let Some(router) = state.router.borrow().clone() else {

@@ -1,7 +1,15 @@
-//! Starting and stopping `oc-server`: sockets first, then the control executor (ops
-//! endpoints answer "recovering" right away), then every shard's recovery, then
-//! serving; on SIGTERM/SIGINT a drain within the grace period, every log made
-//! durable, and exit 0.
+//! Starting and stopping `oc-server`: the data directory's lock first (one writer
+//! per directory, before anything in it is read and before the `SO_REUSEPORT` sockets
+//! that a second server could otherwise share), then sockets, the archive's owner
+//! claim, the control executor (ops endpoints answer "recovering" right away), every
+//! shard's recovery, then serving; on SIGTERM/SIGINT a drain within the grace period,
+//! every log made durable, and exit 0.
+//!
+//! Fail-stop (`oc_io::fail_stop`): the process is fully up or gone. A panic on any
+//! thread exits at once (the binary's panic hook); a failed write-ahead log makes the
+//! control executor answer what is in flight (`503 log_failed`) and exit; a shutdown
+//! that overruns its grace period is ended by a watchdog thread that needs nothing
+//! from the executors.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -16,11 +24,15 @@ use glommio::Placement;
 use oc_ship::engine::io::{self, executor::executor_builder};
 use oc_ship::engine::mesh::MeshEndpoints;
 use oc_ship::engine::{
-    stop_all, CheckpointPolicy, PoolConfig, ShardNode, ShardOpenReport, ShardPool,
+    stop_all, CheckpointPolicy, PoolConfig, ShardNode, ShardOpenReport, ShardPool, ShardRouter,
 };
 
 use oc_ship::archive::open_archive;
 use oc_ship::breaker::BreakerPolicy;
+use oc_ship::engine::io::dir_lock::DirLock;
+use oc_ship::engine::io::fail_stop::{self, LineFormat};
+use oc_ship::engine::io::failpoint;
+use oc_ship::lease;
 use oc_ship::shipper::{self, ShipStatus, ShipperConfig};
 
 use crate::config::ServerConfig;
@@ -29,6 +41,27 @@ use crate::ops::{self, ControlState, Phase};
 
 /// How often the control executor looks for a shutdown request.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(20);
+/// How often the control executor asks every shard whether its log failed.
+const LOG_CHECK_EVERY: Duration = Duration::from_millis(100);
+/// How long a shard has to answer that question before the next round asks again.
+const LOG_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+/// After a log failed: how long in-flight requests get to be answered before the exit
+/// (at most the shutdown grace).
+const LOG_FAILED_DRAIN: Duration = Duration::from_secs(2);
+/// What an orderly shutdown may take beyond the grace period (closing the logs: one
+/// `fdatasync` each) before the watchdog ends the process.
+pub const SHUTDOWN_MARGIN: Duration = Duration::from_secs(2);
+/// The program name in lock files, owner records and fatal lines.
+const PROGRAM: &str = "oc-server";
+
+/// The format of fatal lines, matching `--log-format`.
+pub fn line_format(log_format: &str) -> LineFormat {
+    if log_format == "json" {
+        LineFormat::Json
+    } else {
+        LineFormat::Text
+    }
+}
 
 /// Runs the server until SIGTERM or SIGINT. Prints one line per listener once serving
 /// (`oc-server: api listening on <addr>`), which scripts and tests wait for.
@@ -38,6 +71,23 @@ pub fn run(config: ServerConfig) -> Result<()> {
     if auth.admin_token.is_none() {
         tracing::warn!("authentication is OFF (no admin token): anyone who can reach the listeners can read and write every tenant");
     }
+    let format = line_format(&config.log_format);
+    let grace = Duration::from_millis(config.shutdown_grace_ms);
+    // SIGTERM from here on ends the process within the grace period, whatever state
+    // start-up is in.
+    let shutdown = watch_signals(grace + SHUTDOWN_MARGIN, format)?;
+    if failpoint::COMPILED_IN {
+        tracing::warn!(
+            env = failpoint::ENV,
+            "this build has test failpoints compiled in: never run it in production"
+        );
+    }
+    // One writer per data directory, before anything in it is touched.
+    let _lock = DirLock::acquire(
+        &config.data_dir,
+        &format!("{PROGRAM} {}", env!("CARGO_PKG_VERSION")),
+    )
+    .context("refusing to start")?;
     let shards = config
         .shards
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
@@ -46,20 +96,15 @@ pub fn run(config: ServerConfig) -> Result<()> {
     let memory_budget = oc_ship::engine::quota::start_memory_budget(config.memory_budget_bytes)
         .map_err(|e| anyhow!(e))?;
     tracing::info!(memory_budget, "memory budget set");
+    // The data directory's own layout speaks first: its error names the fix.
+    let layout = oc_ship::engine::placement::ensure_layout(&config.data_dir, shards)
+        .context("checking the data directory")?;
+    tracing::info!(data_dir_id = %layout.id, data_dir = %config.data_dir.display(), "data directory locked");
     let (api_fds, api_addr) = listener::bind_shared(config.listen, shards)
         .with_context(|| format!("binding the API on {}", config.listen))?;
 
-    let shutdown = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(signal, shutdown.clone())
-            .context("installing the signal handlers")?;
-    }
-
-    // The data directory's own layout speaks first: its error names the fix.
-    oc_ship::engine::placement::ensure_layout(&config.data_dir, shards)
-        .context("checking the data directory")?;
-    // The archive is claimed and listed before any shard opens: a wrong or unreachable
-    // archive is a start-up error, not a surprise later.
+    // The archive is claimed and listed before any shard opens: a wrong, unreachable or
+    // foreign archive is a start-up error, not a surprise later.
     let ship_status = ShipStatus::default();
     let shipper = match config.archive_uri() {
         Some(uri) => {
@@ -67,6 +112,8 @@ pub fn run(config: ServerConfig) -> Result<()> {
                 open_archive(&uri).with_context(|| format!("opening the archive {uri}"))?;
             let ship_config = ShipperConfig {
                 data_dir: config.data_dir.clone(),
+                owner_id: layout.id.to_string(),
+                holder: lease::this_process(&format!("{PROGRAM} {}", env!("CARGO_PKG_VERSION"))),
                 shards,
                 tail_window: Duration::from_millis(config.tail_window_ms),
                 retention: config.archive_retention,
@@ -93,7 +140,6 @@ pub fn run(config: ServerConfig) -> Result<()> {
         let shutdown = shutdown.clone();
         let ship_status_for_ops = shipper.as_ref().map(|_| ship_status.clone());
         let ops_listen = config.ops_listen;
-        let grace = Duration::from_millis(config.shutdown_grace_ms);
         executor_builder(Placement::Unbound)
             .name("oc-control")
             .spawn(move || {
@@ -104,7 +150,7 @@ pub fn run(config: ServerConfig) -> Result<()> {
                     shipper,
                     ship_status: ship_status_for_ops,
                 };
-                control_main(ops_listen, shards, channels, shutdown, grace)
+                control_main(ops_listen, shards, channels, shutdown, grace, format)
             })
             .map_err(|e| anyhow!("starting the control executor: {e}"))?
     };
@@ -200,8 +246,41 @@ fn report_recovery(reports: &[ShardOpenReport], took: Duration) {
     );
 }
 
-/// The control executor: ops endpoints from the start, then, once the shards run, the
-/// shutdown sequence when a signal arrives.
+/// Starts the thread that turns SIGTERM/SIGINT into the returned shutdown flag and,
+/// if the process is still alive `budget` after the first signal, ends it with
+/// [`fail_stop::EXIT_SHUTDOWN_OVERRAN`]. It is a plain thread: it works even when an
+/// executor is stuck.
+fn watch_signals(budget: Duration, format: LineFormat) -> Result<Arc<AtomicBool>> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+        .context("installing the signal handlers")?;
+    let flag = shutdown.clone();
+    std::thread::Builder::new()
+        .name("oc-signals".into())
+        .spawn(move || {
+            let Some(signal) = signals.forever().next() else {
+                return;
+            };
+            flag.store(true, Ordering::SeqCst);
+            std::thread::sleep(budget);
+            let line = fail_stop::fatal_line(
+                PROGRAM,
+                format,
+                &format!(
+                    "the orderly shutdown after signal {signal} did not finish within {} ms \
+                     (grace period plus margin); exiting with status {}: every acknowledged \
+                     write is durable, recovery replays the log at the next start",
+                    budget.as_millis(),
+                    fail_stop::EXIT_SHUTDOWN_OVERRAN
+                ),
+            );
+            fail_stop::exit_now(fail_stop::EXIT_SHUTDOWN_OVERRAN, &line);
+        })
+        .context("starting the signal thread")?;
+    Ok(shutdown)
+}
+
 /// How the control executor hears from and answers the main thread during start-up.
 struct ControlChannels {
     client_rx: mpsc::Receiver<MeshEndpoints<ShardNode>>,
@@ -211,12 +290,15 @@ struct ControlChannels {
     ship_status: Option<ShipStatus>,
 }
 
+/// The control executor: ops endpoints from the start, then, once the shards run, the
+/// watch for a failed log and the shutdown sequence when a signal arrives.
 async fn control_main(
     ops_listen: SocketAddr,
     shards: usize,
     channels: ControlChannels,
     shutdown: Arc<AtomicBool>,
     grace: Duration,
+    format: LineFormat,
 ) -> Result<()> {
     let ControlChannels {
         client_rx,
@@ -244,6 +326,7 @@ async fn control_main(
         probe: io::probe_io_uring(),
         shards,
         ship_status,
+        failure: std::cell::RefCell::new(None),
     });
     let _ops = glommio::spawn_local(ops::serve_ops(listener, state.clone()));
     // Wait for the shards (or for the start-up to fail, which sets `shutdown`).
@@ -259,7 +342,14 @@ async fn control_main(
     let _shipping = shipper.map(|ship| glommio::spawn_local(ship(router.clone())));
     state.phase.set(Phase::Serving);
     let _ = serving_tx.send(());
+    let mut next_log_check = Instant::now();
     while !shutdown.load(Ordering::SeqCst) {
+        if Instant::now() >= next_log_check {
+            if let Some((shard, failure)) = failed_log(&router).await {
+                fail_on_log_failure(&state, &router, shard, &failure, grace, format).await;
+            }
+            next_log_check = Instant::now() + LOG_CHECK_EVERY;
+        }
         glommio::timer::sleep(SHUTDOWN_POLL).await;
     }
     tracing::info!(
@@ -267,6 +357,17 @@ async fn control_main(
         "shutting down: draining connections"
     );
     state.phase.set(Phase::Draining);
+    drain_all(&router, grace).await?;
+    if failpoint::armed("shutdown.hang").is_some() {
+        futures_lite::future::pending::<()>().await; // only the watchdog ends this
+    }
+    stop_all(&router).await?;
+    Ok(())
+}
+
+/// Stops every shard's listener and waits up to `grace` for its connections to finish
+/// their requests and close.
+async fn drain_all(router: &Rc<ShardRouter>, grace: Duration) -> Result<()> {
     let drains: Vec<_> = (0..router.shards())
         .map(|shard| {
             let router = router.clone();
@@ -287,6 +388,62 @@ async fn control_main(
             );
         }
     }
-    stop_all(&router).await?;
     Ok(())
+}
+
+/// The first shard whose write-ahead log failed, and why. A shard that does not
+/// answer in time is asked again next round (a panicked one has ended the process).
+async fn failed_log(router: &ShardRouter) -> Option<(usize, String)> {
+    for shard in 0..router.shards() {
+        let call = async {
+            router
+                .call(shard, |node: Rc<ShardNode>| async move {
+                    node.shard().wal().failure().map(|e| e.to_string())
+                })
+                .await
+                .ok()
+                .flatten()
+        };
+        let timeout = async {
+            glommio::timer::sleep(LOG_CHECK_TIMEOUT).await;
+            None
+        };
+        if let Some(failure) = futures_lite::future::or(call, timeout).await {
+            return Some((shard, failure));
+        }
+    }
+    None
+}
+
+/// A log failed (a write or `fdatasync` returned an error): the kernel may have
+/// dropped pages the log believed written, so only a restart's recovery knows what is
+/// durable (the Postgres answer to fsyncgate). The log has already failed every frame
+/// in flight; this answers those requests (`503 log_failed`), says so on `/health`,
+/// and ends the process with [`fail_stop::EXIT_LOG_FAILED`].
+async fn fail_on_log_failure(
+    state: &ControlState,
+    router: &Rc<ShardRouter>,
+    shard: usize,
+    failure: &str,
+    grace: Duration,
+    format: LineFormat,
+) {
+    let reason = format!("the write-ahead log of shard {shard} failed: {failure}");
+    tracing::error!(shard, %failure, "the write-ahead log failed: answering what is in flight, then exiting");
+    *state.failure.borrow_mut() = Some(reason.clone());
+    state.phase.set(Phase::Failed);
+    if let Err(e) = drain_all(router, grace.min(LOG_FAILED_DRAIN)).await {
+        tracing::warn!(error = %e, "draining after the log failed");
+    }
+    let line = fail_stop::fatal_line(
+        PROGRAM,
+        format,
+        &format!(
+            "{reason}; only a restart's recovery knows what is durable, so the process exits \
+             with status {} (requests in flight were answered 503 log_failed; every \
+             acknowledged write is durable)",
+            fail_stop::EXIT_LOG_FAILED
+        ),
+    );
+    fail_stop::exit_now(fail_stop::EXIT_LOG_FAILED, &line)
 }

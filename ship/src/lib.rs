@@ -1,13 +1,16 @@
 //! `oc-ship` owns the archive (local directory and S3), segment, checkpoint and tail
 //! shipping, and point-in-time restore (`oc-pitr`). It holds no tenant state.
 //!
-//! Not built yet: the lease and epoch store (the replication issue).
+//! The archive's owner record ([`lease`]) is version 1 of the replication lease: it
+//! names the one data directory that writes an archive. Not built yet: renewal with a
+//! TTL, epochs and fencing (the replication issue).
 #![deny(clippy::unwrap_used)]
 
 pub mod archive;
 pub mod breaker;
 pub mod catalog;
 pub mod layout;
+pub mod lease;
 pub mod restore;
 pub mod shipper;
 pub mod timestamp;

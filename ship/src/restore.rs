@@ -8,12 +8,18 @@
 //! after the target (commit times are per group, so a cut always falls on a group's
 //! first block). The result is ordinary files in a new data directory, which
 //! `oc-server` then opens through its own CRC-validating loaders and replays.
+//!
+//! The new directory is locked (`oc.lock`) for the whole restore, so a server cannot
+//! start on it halfway, and its layout file, with a new data directory id, is written
+//! last: a restore that stopped early leaves a directory `oc-server` refuses. The new
+//! id is not the archive's owner, so the restored server ships to a new archive.
 
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::Path;
 
-use oc_engine::placement::{ensure_layout, shard_dir};
+use oc_engine::placement::{create_layout, shard_dir, DataDirId};
+use oc_io::dir_lock::{DirLock, DirLockError, LOCK_FILE};
 use oc_io::Lsn;
 
 use crate::archive::{Archive, ArchiveError};
@@ -29,6 +35,8 @@ pub enum PitrError {
     Archive(#[from] ArchiveError),
     #[error("{0}")]
     Refused(String),
+    #[error(transparent)]
+    Locked(#[from] DirLockError),
     #[error("writing {path}: {source}")]
     Io {
         path: String,
@@ -307,33 +315,63 @@ pub struct ShardRestored {
     pub stops_early: Option<String>,
 }
 
+/// What a restore wrote.
+#[derive(Debug, Clone)]
+pub struct Restored {
+    pub shards: Vec<ShardRestored>,
+    /// The new directory's id (never the archive owner's).
+    pub data_dir_id: DataDirId,
+}
+
 /// Restores the archive as of `target` (µs since the epoch, or [`LATEST`]) into
-/// `data_dir`, which must be empty or absent. `progress` gets one line per object.
+/// `data_dir`, which must be empty or absent (or hold only a lock file nobody holds).
+/// `progress` gets one line per object.
 pub fn restore(
     archive: &dyn Archive,
     target: u64,
     data_dir: &Path,
     progress: &mut dyn FnMut(&str),
-) -> Result<Vec<ShardRestored>, PitrError> {
-    if fs::read_dir(data_dir).is_ok_and(|mut d| d.next().is_some()) {
-        return Err(PitrError::Refused(format!(
-            "{} is not empty: restore writes a new data directory; give an empty or absent one",
-            data_dir.display()
-        )));
+) -> Result<Restored, PitrError> {
+    // A directory with other files and no lock file is refused without touching it;
+    // otherwise the lock comes first, so a server using it names itself.
+    if !data_dir.join(LOCK_FILE).exists() {
+        refuse_unless_empty(data_dir)?;
     }
+    let _lock = DirLock::acquire(data_dir, "oc-pitr restore")?;
+    refuse_unless_empty(data_dir)?;
     let manifest = read_archive_manifest(archive)?;
     let mut plans = Vec::new();
     for shard in 0..manifest.shards {
         let catalog = ShardCatalog::load(archive, shard)?;
         plans.push(plan_shard(&catalog, target).map_err(PitrError::Refused)?);
     }
-    ensure_layout(data_dir, manifest.shards).map_err(|e| PitrError::Refused(e.to_string()))?;
     let mut restored = Vec::new();
     for plan in plans {
         restored.push(restore_shard(archive, &plan, target, data_dir, progress)?);
     }
     sync_dir(data_dir)?;
-    Ok(restored)
+    let layout =
+        create_layout(data_dir, manifest.shards).map_err(|e| PitrError::Refused(e.to_string()))?;
+    Ok(Restored {
+        shards: restored,
+        data_dir_id: layout.id,
+    })
+}
+
+/// Refuses a directory holding anything but the lock file.
+fn refuse_unless_empty(data_dir: &Path) -> Result<(), PitrError> {
+    let occupied = fs::read_dir(data_dir).is_ok_and(|entries| {
+        entries
+            .flatten()
+            .any(|entry| entry.file_name() != std::ffi::OsStr::new(LOCK_FILE))
+    });
+    if occupied {
+        return Err(PitrError::Refused(format!(
+            "{} is not empty: restore writes a new data directory; give an empty or absent one",
+            data_dir.display()
+        )));
+    }
+    Ok(())
 }
 
 fn restore_shard(

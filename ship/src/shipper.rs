@@ -34,6 +34,7 @@ use oc_io::{Lsn, BLOCK_SIZE};
 use crate::archive::{Archive, ArchiveError, Condition};
 use crate::breaker::{Breaker, BreakerPolicy};
 use crate::layout::{self, SegmentKey, TailPieceKey};
+use crate::lease::{self, Holder, LeaseError};
 
 /// Default interval between tail uploads.
 pub const DEFAULT_TAIL_WINDOW: Duration = Duration::from_millis(500);
@@ -45,6 +46,10 @@ const RETENTION_EVERY: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone)]
 pub struct ShipperConfig {
     pub data_dir: PathBuf,
+    /// The data directory's id, recorded as the archive's owner (`lease.json`).
+    pub owner_id: String,
+    /// This process, as the owner record names it.
+    pub holder: Holder,
     pub shards: usize,
     pub tail_window: Duration,
     pub retention: Duration,
@@ -80,6 +85,8 @@ pub enum ShipError {
     CircuitOpen,
     #[error("the archive already holds a different {key:?}: it belongs to another server or timeline; ship to a new archive location")]
     Conflict { key: String },
+    #[error(transparent)]
+    Owner(#[from] LeaseError),
 }
 
 impl ShipError {
@@ -92,6 +99,8 @@ impl ShipError {
             ShipError::Archive(_) => "config",
             ShipError::Local { .. } => "local",
             ShipError::CircuitOpen => "circuit_open",
+            // Only at start: a round never claims.
+            ShipError::Owner(_) => "conflict",
         }
     }
 }
@@ -205,12 +214,20 @@ pub fn claim_archive(archive: &dyn Archive, shards: usize) -> Result<(), ShipErr
 }
 
 impl Shipper {
-    /// Claims the archive for this layout and learns what it already holds.
+    /// Claims the archive for this data directory (refused when another one owns it)
+    /// and for this layout, and learns what it already holds.
     pub fn open(
         archive: Arc<dyn Archive>,
         config: ShipperConfig,
         status: ShipStatus,
     ) -> Result<Shipper, ShipError> {
+        let (claimed, owner) = lease::claim(
+            archive.as_ref(),
+            &config.owner_id,
+            config.holder.clone(),
+            now_us(),
+        )?;
+        tracing::info!(owner_id = %owner.owner_id, ?claimed, "the archive is this data directory's");
         claim_archive(archive.as_ref(), config.shards)?;
         let mut shards = Vec::with_capacity(config.shards);
         for shard in 0..config.shards {
@@ -698,6 +715,8 @@ mod tests {
         }
         let config = ShipperConfig {
             data_dir: dir.path().join("data"),
+            owner_id: "0123456789abcdef0123456789abcdef".into(),
+            holder: lease::this_process("test"),
             shards: 1,
             tail_window: DEFAULT_TAIL_WINDOW,
             retention: Duration::from_secs(24 * 3600),

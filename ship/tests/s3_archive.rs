@@ -1,5 +1,6 @@
 //! The S3 archive against a real S3-compatible server (moto): the same contract the
-//! local archive meets, checked through the public `Archive` trait.
+//! local archive meets, checked through the public `Archive` trait, and the owner
+//! record's claim on top of it.
 
 #[path = "common_s3.rs"]
 mod common_s3;
@@ -94,6 +95,27 @@ fn s3_archive_keeps_the_archive_contract() {
         archive.put("../escape", b"x", &Condition::Always),
         Err(ArchiveError::InvalidKey { .. })
     ));
+
+    // The owner record (lease.json) through the same conditional puts: the first data
+    // directory claims, renews, and a second one is refused.
+    let holder = oc_ship::lease::this_process("test");
+    let (claimed, _) =
+        oc_ship::lease::claim(other.as_ref(), "aa", holder.clone(), 1).expect("claim");
+    assert_eq!(claimed, oc_ship::lease::Claimed::New);
+    let (claimed, renewed) =
+        oc_ship::lease::claim(other.as_ref(), "aa", holder.clone(), 2).expect("renew");
+    assert_eq!(
+        (claimed, renewed.renewed_at_us),
+        (oc_ship::lease::Claimed::Renewed, 2)
+    );
+    let refused = oc_ship::lease::claim(other.as_ref(), "bb", holder, 3);
+    assert!(
+        matches!(
+            &refused,
+            Err(oc_ship::lease::LeaseError::OwnedByAnother { .. })
+        ),
+        "{refused:?}"
+    );
 
     // A server that is down is an I/O error, not a hang or a panic.
     let uri = moto.uri("oc-contract", "cluster-a");

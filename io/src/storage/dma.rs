@@ -226,6 +226,15 @@ impl StorageFile for DmaStorageFile {
     }
 
     async fn sync(&self) -> Result<()> {
+        if let Some(trigger) = crate::failpoint::armed("wal.sync.err") {
+            if Path::new(trigger).exists() {
+                return Err(Error::io(
+                    "fdatasync",
+                    &self.name,
+                    std::io::Error::from_raw_os_error(libc::EIO),
+                ));
+            }
+        }
         self.file
             .fdatasync()
             .await

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 use hyper::StatusCode;
+use oc_ship::engine::io::failpoint;
 use oc_ship::engine::query::{param_from_json, AskLimits, QueryError, QueryErrorKind};
 use oc_ship::engine::{
     owner_of, ColumnType, ShardNode, ShardRouter, Table, TableSchema, TenantId, WriteOp,
@@ -375,6 +376,9 @@ pub async fn write_rows(
         .collect();
     let key = body.idempotency_key;
     on_owner(router, access, tenant, |node, tenant| async move {
+        if failpoint::armed("shard.panic") == Some(tenant.as_str()) {
+            panic!("failpoint shard.panic: a row write to tenant {tenant}");
+        }
         let (lsn, outcome) = node.shard().write(&tenant, &table, &ops, key).await?;
         Ok((
             StatusCode::OK,

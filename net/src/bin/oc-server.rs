@@ -26,6 +26,11 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // First: a panic on any thread from here on ends the process (fail-stop).
+    oc_ship::engine::io::fail_stop::install_panic_hook(
+        "oc-server",
+        oc_net::server::line_format(&args.config.log_format),
+    );
     if let Some(Command::InspectWal { files }) = args.command {
         for file in files {
             print!("{}", oc_net::inspect_wal_file(&file)?);

@@ -2,23 +2,29 @@
 //! goes to a temporary file in `<root>/.tmp/`, is fsynced, and is then renamed (plain
 //! put) or hard-linked (put-if-absent, which the file system makes atomic) into place,
 //! and the parent directory is fsynced: a crash leaves the old object or the new one,
-//! never a mix. Version checks are serialised by a lock inside this process, which
-//! suffices because one archive directory has one writer process (the lease issue adds
-//! the cross-process fencing).
+//! never a mix. Conditional puts are compare-and-swaps that are atomic between
+//! processes: the check and the rename (or link) happen under an exclusive `flock` on
+//! `<root>/.cas-lock`, so two processes claiming the owner record (`lease.json`) cannot
+//! both win. Readers (`oc-pitr`) may open the archive while a server ships to it:
+//! opening only clears temporary files old enough that no put can still be using them.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use super::{check_key, envelope, Archive, ArchiveError, Condition, Version};
 
 const TMP_DIR: &str = ".tmp";
+/// The file whose `flock` serialises conditional puts between processes.
+const CAS_LOCK_FILE: &str = ".cas-lock";
+/// A temporary file this old was left by a crash: no put takes this long.
+const STALE_TMP_AGE: Duration = Duration::from_secs(3600);
 
 pub struct LocalDirArchive {
     root: PathBuf,
-    conditional: Mutex<()>,
     next_tmp: AtomicU64,
 }
 
@@ -39,19 +45,28 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 
 impl LocalDirArchive {
     /// Opens (creating if needed) the archive rooted at `root`, and clears temporary
-    /// files a crash may have left.
+    /// files a crash left long ago (another process may be shipping to it right now:
+    /// its files in flight are recent and stay).
     pub fn open(root: impl AsRef<Path>) -> Result<Self, ArchiveError> {
         let root = root.as_ref().to_path_buf();
         let tmp = root.join(TMP_DIR);
         let label = root.display().to_string();
         fs::create_dir_all(&tmp).map_err(io(&label))?;
+        let now = SystemTime::now();
         for entry in fs::read_dir(&tmp).map_err(io(&label))? {
             let entry = entry.map_err(io(&label))?;
-            fs::remove_file(entry.path()).map_err(io(&label))?;
+            let modified = entry.metadata().and_then(|m| m.modified());
+            let stale =
+                modified.is_ok_and(|m| now.duration_since(m).is_ok_and(|age| age >= STALE_TMP_AGE));
+            if stale {
+                match fs::remove_file(entry.path()) {
+                    Err(e) if e.kind() != ErrorKind::NotFound => return Err(io(&label)(e)),
+                    _ => {}
+                }
+            }
         }
         Ok(LocalDirArchive {
             root,
-            conditional: Mutex::new(()),
             next_tmp: AtomicU64::new(0),
         })
     }
@@ -119,6 +134,20 @@ impl Archive for LocalDirArchive {
         let sealed = envelope::seal(payload);
         let version = version_of(&sealed);
         let tmp = self.stage(key, &sealed)?;
+        // Check-and-place is one step for every process (and thread: each put opens
+        // its own file description) using this archive.
+        let _serialised = match condition {
+            Condition::Always => None,
+            Condition::IfAbsent | Condition::IfVersion(_) => {
+                match oc_io::dir_lock::lock_exclusive_blocking(&self.root.join(CAS_LOCK_FILE)) {
+                    Ok(file) => Some(file),
+                    Err(e) => {
+                        let _ = fs::remove_file(&tmp);
+                        return Err(io(key)(e));
+                    }
+                }
+            }
+        };
         let placed = match condition {
             Condition::IfAbsent => match fs::hard_link(&tmp, &path) {
                 Err(e) if e.kind() == ErrorKind::AlreadyExists => {
@@ -130,18 +159,16 @@ impl Archive for LocalDirArchive {
                 other => other.map_err(io(key)),
             },
             Condition::Always => fs::rename(&tmp, &path).map_err(io(key)),
-            Condition::IfVersion(expected) => {
-                let _serialised = self.conditional.lock().unwrap_or_else(|p| p.into_inner());
-                match self.current_version(key, &path)? {
-                    Some(current) if &current == expected => {
-                        fs::rename(&tmp, &path).map_err(io(key))
-                    }
-                    current => Err(ArchiveError::PreconditionFailed {
-                        key: key.to_string(),
-                        why: format!("expected version {}, found {current:?}", expected.0),
-                    }),
+            Condition::IfVersion(expected) => match self.current_version(key, &path) {
+                Ok(Some(current)) if &current == expected => {
+                    fs::rename(&tmp, &path).map_err(io(key))
                 }
-            }
+                Ok(current) => Err(ArchiveError::PreconditionFailed {
+                    key: key.to_string(),
+                    why: format!("expected version {}, found {current:?}", expected.0),
+                }),
+                Err(e) => Err(e),
+            },
         };
         let _ = fs::remove_file(&tmp); // already renamed away, or linked, or refused
         placed?;
@@ -265,6 +292,55 @@ mod tests {
         let (payload, version) = a.get("lease").expect("get").expect("present");
         assert_eq!((payload.as_slice(), version), (&b"epoch 2"[..], second));
         assert!(a.list("").expect("list").iter().all(|k| !k.contains("tmp")));
+    }
+
+    /// Two openers of one directory stand for two processes: of many racing
+    /// compare-and-swaps from the same version, exactly one wins.
+    #[test]
+    fn racing_compare_and_swaps_have_one_winner() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("archive");
+        let openers = [
+            Arc::new(LocalDirArchive::open(&root).expect("open")),
+            Arc::new(LocalDirArchive::open(&root).expect("open")),
+        ];
+        let base = openers[0]
+            .put("lease.json", b"base", &Condition::IfAbsent)
+            .expect("absent");
+        let racers: Vec<_> = (0..8)
+            .map(|i| {
+                let (archive, base) = (openers[i % 2].clone(), base.clone());
+                std::thread::spawn(move || {
+                    archive
+                        .put(
+                            "lease.json",
+                            format!("racer {i}").as_bytes(),
+                            &Condition::IfVersion(base),
+                        )
+                        .is_ok()
+                })
+            })
+            .collect();
+        let winners = racers
+            .into_iter()
+            .map(|r| r.join().expect("racer"))
+            .filter(|&won| won)
+            .count();
+        assert_eq!(winners, 1);
+        let refused = openers[1].put("lease.json", b"late", &Condition::IfAbsent);
+        assert!(matches!(
+            refused,
+            Err(ArchiveError::PreconditionFailed { .. })
+        ));
+    }
+
+    #[test]
+    fn opening_leaves_another_writers_recent_temporary_files_alone() {
+        let (dir, _a) = archive();
+        let in_flight = dir.path().join("archive").join(TMP_DIR).join("4242-0");
+        fs::write(&in_flight, b"being written").expect("write");
+        let _b = LocalDirArchive::open(dir.path().join("archive")).expect("second opener");
+        assert!(in_flight.exists());
     }
 
     #[test]

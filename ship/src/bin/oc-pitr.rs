@@ -13,6 +13,7 @@ use std::time::Instant;
 use clap::{Parser, Subcommand};
 use oc_ship::archive::open_archive;
 use oc_ship::catalog::{read_archive_manifest, ShardCatalog};
+use oc_ship::engine::io::fail_stop::LineFormat;
 use oc_ship::restore::{self, LATEST};
 use oc_ship::timestamp::{format_rfc3339, parse_rfc3339};
 
@@ -56,6 +57,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    oc_ship::engine::io::fail_stop::install_panic_hook("oc-pitr", LineFormat::Text);
     match run(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {
@@ -175,9 +177,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let archive = open_archive(&archive)?;
             let started = Instant::now();
-            let shards = restore::restore(archive.as_ref(), target_us, &data_dir, &mut |line| {
+            let restored = restore::restore(archive.as_ref(), target_us, &data_dir, &mut |line| {
                 eprintln!("{line}")
             })?;
+            let shards = restored.shards;
             let bytes: u64 = shards.iter().map(|s| s.bytes).sum();
             let secs = started.elapsed().as_secs_f64();
             for s in &shards {
@@ -203,10 +206,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
             }
             println!(
-                "restored {bytes} bytes into {} in {secs:.2} s ({:.1} MB/s). Start oc-server on it \
-                 with a NEW --archive location: this one holds the old history beyond the target.",
+                "restored {bytes} bytes into {} in {secs:.2} s ({:.1} MB/s) as data directory {}. \
+                 Start oc-server on it with a NEW --archive location: this archive holds the old \
+                 history beyond the target and belongs to the old data directory.",
                 data_dir.display(),
-                bytes as f64 / 1e6 / secs.max(1e-9)
+                bytes as f64 / 1e6 / secs.max(1e-9),
+                restored.data_dir_id
             );
             Ok(ExitCode::SUCCESS)
         }

@@ -1,0 +1,203 @@
+//! One writer per directory: an exclusive `flock` on `<dir>/oc.lock`, held for the life
+//! of the process that writes the directory (FORMAT.md §10).
+//!
+//! The lock is the kernel's, not the file's: it is released when the holder's
+//! descriptor closes, so a `kill -9` frees it at once and a stale file never blocks a
+//! restart. The file's text (the holder's PID, then what it is) is only for the
+//! message a refused process prints. Take the lock before reading or writing anything
+//! else in the directory: a second process must be refused before it recovers, and
+//! so rewrites, a log another process is appending to.
+//!
+//! `flock` is per open file description and local to one machine: a directory on a
+//! network file system shared by two machines is not protected by it (OPERATIONS.md).
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+/// The lock file's name inside a locked directory.
+pub const LOCK_FILE: &str = "oc.lock";
+/// Most bytes of the lock file read back to name its holder.
+const MAX_LOCK_TEXT_BYTES: u64 = 4096;
+
+/// Why a directory could not be locked.
+#[derive(Debug, thiserror::Error)]
+pub enum DirLockError {
+    /// Another process holds the lock.
+    #[error("{} is locked by {}: another process is using it. Stop that process first, or give this one another directory (OPERATIONS.md: \"data directory is locked by PID N\")", dir.display(), holder.as_deref().unwrap_or("a process that has not written its PID yet (it is starting)"))]
+    Held {
+        dir: PathBuf,
+        /// `PID <n> (<what>)` as the holder wrote it, when it has.
+        holder: Option<String>,
+        pid: Option<u32>,
+    },
+    /// The lock file could not be created, locked or written.
+    #[error("cannot lock {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A held lock; dropping it (or the process ending in any way) releases it.
+#[derive(Debug)]
+pub struct DirLock {
+    dir: PathBuf,
+    _file: File,
+}
+
+impl DirLock {
+    /// Creates `dir` if needed and takes its lock without waiting; `holder` says who
+    /// holds it (e.g. `oc-server`), written after this process's PID.
+    pub fn acquire(dir: &Path, holder: &str) -> Result<DirLock, DirLockError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| DirLockError::Io { path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let path = dir.join(LOCK_FILE);
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false) // the holder's text stays readable until we hold the lock
+            .open(&path)
+            .map_err(io(&path))?;
+        if let Err(e) = try_lock_exclusive(&file) {
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                let text = read_text(&mut file);
+                return Err(DirLockError::Held {
+                    dir: dir.to_path_buf(),
+                    pid: text.as_deref().and_then(parse_pid),
+                    holder: text.as_deref().and_then(describe),
+                });
+            }
+            return Err(io(&path)(e));
+        }
+        let text = format!("{}\n{holder}\n", std::process::id());
+        file.set_len(0).map_err(io(&path))?;
+        file.seek(SeekFrom::Start(0)).map_err(io(&path))?;
+        file.write_all(text.as_bytes()).map_err(io(&path))?;
+        Ok(DirLock {
+            dir: dir.to_path_buf(),
+            _file: file,
+        })
+    }
+
+    /// The locked directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+/// `flock(LOCK_EX | LOCK_NB)`: fails with `EWOULDBLOCK` when another open file
+/// description holds the lock.
+fn try_lock_exclusive(file: &File) -> std::io::Result<()> {
+    // SAFETY: flock(2) on a descriptor this `File` owns for the duration of the call.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// `flock(LOCK_EX)`, waiting for other holders: serialises short critical sections
+/// between processes (the local archive's conditional puts). Released on drop.
+pub fn lock_exclusive_blocking(path: &Path) -> std::io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)?;
+    loop {
+        // SAFETY: flock(2) on a descriptor owned by `file`.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        if rc == 0 {
+            return Ok(file);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+fn read_text(file: &mut File) -> Option<String> {
+    let mut bytes = Vec::new();
+    file.seek(SeekFrom::Start(0)).ok()?;
+    file.take(MAX_LOCK_TEXT_BYTES)
+        .read_to_end(&mut bytes)
+        .ok()?;
+    Some(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// The PID on the lock file's first line.
+fn parse_pid(text: &str) -> Option<u32> {
+    text.lines().next()?.trim().parse().ok()
+}
+
+/// `PID <n> (<what>)` from the lock file's text.
+fn describe(text: &str) -> Option<String> {
+    let pid = parse_pid(text)?;
+    let what: String = text
+        .lines()
+        .nth(1)
+        .unwrap_or("")
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(200)
+        .collect();
+    Some(if what.is_empty() {
+        format!("PID {pid}")
+    } else {
+        format!("PID {pid} ({what})")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_holder_is_refused_with_the_first_ones_pid() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        let first = DirLock::acquire(&data, "oc-server").expect("first");
+        // A second open file description, as a second process would have.
+        let err = DirLock::acquire(&data, "oc-pitr restore").expect_err("held");
+        let me = std::process::id();
+        assert!(
+            matches!(&err, DirLockError::Held { pid: Some(pid), .. } if *pid == me),
+            "{err:?}"
+        );
+        let message = err.to_string();
+        assert!(
+            message.contains(&format!("PID {me} (oc-server)")),
+            "{message}"
+        );
+        drop(first);
+        let again = DirLock::acquire(&data, "oc-pitr restore").expect("released on drop");
+        let text = std::fs::read_to_string(data.join(LOCK_FILE)).expect("read");
+        assert_eq!(text, format!("{me}\noc-pitr restore\n"));
+        assert_eq!(again.dir(), data.as_path());
+    }
+
+    #[test]
+    fn a_stale_lock_file_does_not_block() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join(LOCK_FILE), "999999999\noc-server\n").expect("write");
+        DirLock::acquire(dir.path(), "oc-server").expect("nobody holds the flock");
+    }
+
+    #[test]
+    fn lock_text_is_parsed_defensively() {
+        assert_eq!(parse_pid("42\noc-server\n"), Some(42));
+        assert_eq!(parse_pid(""), None);
+        assert_eq!(parse_pid("x\n"), None);
+        assert_eq!(describe("7\n"), Some("PID 7".into()));
+        assert_eq!(describe("7\nA\u{1b}B\n"), Some("PID 7 (AB)".into()));
+    }
+}

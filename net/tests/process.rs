@@ -1,0 +1,415 @@
+//! The process is fully up or gone, and it is the only writer of what it writes: a
+//! second server (or a restore) on a locked data directory is refused naming the
+//! holder's PID; a second data directory on a claimed archive is refused; a panic on
+//! a shard, or a failed log, ends the process with a non-zero status and one clear
+//! line, and the restart recovers every acknowledged write; SIGTERM always ends it.
+//!
+//! Panics and log failures come from the test-only failpoints (`OC_FAILPOINTS`, see
+//! io/src/failpoint.rs), which test builds of `oc-server` compile in.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{oc_pitr, run_expecting_exit, try_request, Server};
+use serde_json::{json, Value};
+
+/// Generous bounds for a loaded 2-core machine; the tests print what they measured.
+const EXIT_DEADLINE: Duration = Duration::from_secs(20);
+
+fn file_uri(path: &Path) -> String {
+    format!("file://{}", path.display())
+}
+
+fn write_row(server: &Server, tenant: &str, id: u64) -> Result<common::Reply, String> {
+    let body = json!({"ops": [{"upsert": {"id": id, "name": format!("row {id}"), "batch": 0}}]});
+    try_request(
+        "POST",
+        &format!("{}/v1/tenants/{tenant}/tables/items/rows", server.api),
+        Some(&body.to_string()),
+    )
+}
+
+fn has_row(server: &Server, tenant: &str, id: u64) -> bool {
+    let got = server.get(&format!("/v1/tenants/{tenant}/tables/items/rows/{id}"));
+    match got.status {
+        200 => true,
+        404 => false,
+        _ => panic!("reading {tenant}/{id}: {got:?}"),
+    }
+}
+
+fn data_dir_id(data: &Path) -> String {
+    let layout: Value =
+        serde_json::from_slice(&std::fs::read(data.join("oc-layout.json")).expect("layout file"))
+            .expect("layout JSON");
+    layout["data_dir_id"]
+        .as_str()
+        .expect("a data directory id")
+        .to_string()
+}
+
+fn fatal_lines(stderr: &str) -> Vec<&str> {
+    stderr.lines().filter(|l| l.contains("FATAL")).collect()
+}
+
+/// Even on the same ports (SO_REUSEPORT would let it bind them), a second server is
+/// refused before it reads the directory, and the message names the first one's PID.
+#[test]
+fn a_second_server_on_the_same_data_directory_is_refused_naming_the_pid() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let first = Server::start(&data, &["--shards", "1", "--archive", "none"]);
+    first.create_tenant_with_items("acme");
+    assert_eq!(write_row(&first, "acme", 1).expect("write").status, 200);
+    let (api, ops) = (
+        first.api.trim_start_matches("http://").to_string(),
+        first.ops.trim_start_matches("http://").to_string(),
+    );
+    let second = run_expecting_exit(
+        &[
+            "--data-dir",
+            data.to_str().expect("utf-8"),
+            "--listen",
+            &api,
+            "--ops-listen",
+            &ops,
+            "--shards",
+            "1",
+            "--archive",
+            "none",
+            "--no-pin",
+        ],
+        &[],
+        EXIT_DEADLINE,
+    );
+    assert!(
+        second.status.is_some_and(|s| !s.success()),
+        "the second server did not refuse: {second:?}"
+    );
+    assert!(
+        second
+            .stderr
+            .contains(&format!("locked by PID {}", first.pid())),
+        "{}",
+        second.stderr
+    );
+    assert!(
+        second.stderr.contains("Stop that process first"),
+        "{}",
+        second.stderr
+    );
+    assert!(
+        second.stdout.is_empty(),
+        "it must never serve: {}",
+        second.stdout
+    );
+    // The first one is untouched and still the only writer.
+    assert_eq!(write_row(&first, "acme", 2).expect("write").status, 200);
+    assert!(has_row(&first, "acme", 1) && has_row(&first, "acme", 2));
+    assert!(first.terminate().success());
+    // Once it is gone the directory opens again (the lock died with the process).
+    let again = Server::start(&data, &["--shards", "1", "--archive", "none"]);
+    assert!(has_row(&again, "acme", 2));
+}
+
+/// An archive belongs to the data directory that claimed it, running or not.
+#[test]
+fn a_second_data_directory_on_a_claimed_archive_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (data_a, data_b) = (dir.path().join("a"), dir.path().join("b"));
+    let uri = file_uri(&dir.path().join("archive"));
+    let args = ["--shards", "1", "--archive", &uri];
+    let owner = Server::start(&data_a, &args);
+    let owner_id = data_dir_id(&data_a);
+    let refused = Server::try_start(&data_b, &args)
+        .err()
+        .expect("a second data directory on the archive must be refused");
+    assert!(
+        refused.contains("the archive is owned by another data directory"),
+        "{refused}"
+    );
+    assert!(refused.contains(&owner_id), "{refused}");
+    assert!(
+        refused.contains(&format!("PID {}", owner.pid())),
+        "{refused}"
+    );
+    assert!(owner.terminate().success());
+    // Stopped is not released: the archive still holds the owner's history.
+    let refused = Server::try_start(&data_b, &args)
+        .err()
+        .expect("still owned after the owner stopped");
+    assert!(refused.contains(&owner_id), "{refused}");
+    // The owner itself restarts on it.
+    let owner = Server::start(&data_a, &args);
+    assert_eq!(data_dir_id(&data_a), owner_id, "the id survives restarts");
+    drop(owner);
+}
+
+/// A restore into a directory a server holds is refused naming the server; a restore
+/// into a new directory gives it a new id, which the old archive refuses.
+#[test]
+fn restore_into_a_locked_directory_is_refused_and_a_restored_directory_needs_a_new_archive() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let uri = file_uri(&dir.path().join("archive"));
+    let args = [
+        "--shards",
+        "1",
+        "--archive",
+        &uri,
+        "--tail-window-ms",
+        "100",
+    ];
+    let server = Server::start(&data, &args);
+    server.create_tenant_with_items("acme");
+    assert_eq!(write_row(&server, "acme", 7).expect("write").status, 200);
+
+    let into_live = oc_pitr(&[
+        "restore",
+        "--archive",
+        &uri,
+        "--target",
+        "latest",
+        "--data-dir",
+        data.to_str().expect("utf-8"),
+    ]);
+    assert!(!into_live.success, "{into_live:?}");
+    assert!(
+        into_live
+            .stderr
+            .contains(&format!("locked by PID {}", server.pid())),
+        "{into_live:?}"
+    );
+    assert!(
+        has_row(&server, "acme", 7),
+        "the live directory is untouched"
+    );
+    assert!(server.terminate().success());
+
+    let restored = dir.path().join("restored");
+    let run = oc_pitr(&[
+        "restore",
+        "--archive",
+        &uri,
+        "--target",
+        "latest",
+        "--data-dir",
+        restored.to_str().expect("utf-8"),
+    ]);
+    assert!(run.success, "{run:?}");
+    let new_id = data_dir_id(&restored);
+    assert_ne!(
+        new_id,
+        data_dir_id(&data),
+        "a restore is a new data directory"
+    );
+    assert!(run.stdout.contains(&new_id), "{}", run.stdout);
+    let refused = Server::try_start(&restored, &args)
+        .err()
+        .expect("the restored directory must not ship to the old archive");
+    assert!(
+        refused.contains("owned by another data directory"),
+        "{refused}"
+    );
+    let fresh = file_uri(&dir.path().join("archive-after-restore"));
+    let server = Server::start(&restored, &["--shards", "1", "--archive", &fresh]);
+    assert!(has_row(&server, "acme", 7));
+}
+
+/// A panic on the shard that owns a tenant ends the whole process at once (not just
+/// the shard's thread), with one line naming the thread and the panic; the restart
+/// recovers every acknowledged write.
+#[test]
+fn a_shard_panic_ends_the_process_and_a_restart_recovers_every_acknowledged_write() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let args = ["--shards", "2", "--archive", "none"];
+    let mut server = Server::try_start_with_env(
+        None,
+        &data,
+        &args,
+        &[
+            ("OC_FAILPOINTS", "shard.panic=doomed"),
+            ("RUST_BACKTRACE", "0"),
+        ],
+    )
+    .expect("start");
+    server.create_tenant_with_items("acme");
+    server.create_tenant_with_items("doomed");
+    let acked: Vec<u64> = (0..30)
+        .inspect(|&id| {
+            assert_eq!(write_row(&server, "acme", id).expect("write").status, 200);
+        })
+        .collect();
+    let panicked_at = Instant::now();
+    let answer = write_row(&server, "doomed", 1_000);
+    assert!(
+        answer.as_ref().map_or(true, |r| r.status >= 500),
+        "the panicking write was acknowledged: {answer:?}"
+    );
+    let status = server
+        .wait_exit(EXIT_DEADLINE)
+        .expect("the process must exit after a shard panic");
+    let took = panicked_at.elapsed();
+    println!("exited {status:?} {} ms after the panic", took.as_millis());
+    assert_eq!(status.code(), Some(101), "{status:?}");
+    let stderr = server.stderr();
+    let fatal = fatal_lines(&stderr);
+    assert_eq!(fatal.len(), 1, "one clear line:\n{stderr}");
+    assert!(
+        fatal[0].contains("panic on thread 'oc-shard-"),
+        "{}",
+        fatal[0]
+    );
+    assert!(fatal[0].contains("failpoint shard.panic"), "{}", fatal[0]);
+    drop(server);
+
+    let server = Server::start(&data, &args);
+    for id in acked {
+        assert!(has_row(&server, "acme", id), "acknowledged acme/{id} lost");
+    }
+    assert_eq!(write_row(&server, "doomed", 1).expect("write").status, 200);
+}
+
+/// A failed `fdatasync` fails the log: the write in flight gets `503 log_failed`, the
+/// process exits with status 3 and one line, and the restart recovers every write
+/// acknowledged before.
+#[test]
+fn a_failed_log_sync_answers_503_log_failed_then_ends_the_process() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let trigger = dir.path().join("fail-sync");
+    let armed = format!("wal.sync.err={}", trigger.display());
+    let args = ["--shards", "1", "--archive", "none"];
+    let mut server = Server::try_start_with_env(None, &data, &args, &[("OC_FAILPOINTS", &armed)])
+        .expect("start");
+    server.create_tenant_with_items("acme");
+    let acked: Vec<u64> = (0..30)
+        .inspect(|&id| {
+            assert_eq!(write_row(&server, "acme", id).expect("write").status, 200);
+        })
+        .collect();
+    std::fs::write(&trigger, b"").expect("arm the failpoint");
+    let failed_at = Instant::now();
+    let answer = write_row(&server, "acme", 1_000).expect("an answer, not a dropped connection");
+    assert_eq!(answer.status, 503, "{answer:?}");
+    assert_eq!(answer.body["error"]["code"], "log_failed", "{answer:?}");
+    // Until it exits, /health says the log failed (or the process is already gone).
+    let mut health_seen = None;
+    while failed_at.elapsed() < EXIT_DEADLINE {
+        match ureq::get(&format!("{}/health", server.ops)).call() {
+            Ok(response) => assert_eq!(response.status(), 200), // not noticed yet
+            Err(ureq::Error::Status(code, response)) => {
+                health_seen = Some((code, response.into_string().unwrap_or_default()));
+                break;
+            }
+            Err(_) => break, // already gone
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let status = server
+        .wait_exit(EXIT_DEADLINE)
+        .expect("the process must exit after its log failed");
+    println!(
+        "exited {status:?} {} ms after the failed sync; /health seen: {health_seen:?}",
+        failed_at.elapsed().as_millis()
+    );
+    if let Some((code, body)) = &health_seen {
+        assert_eq!(*code, 503, "{body}");
+        assert!(body.contains("\"status\":\"failed\""), "{body}");
+        assert!(body.contains("write-ahead log of shard 0 failed"), "{body}");
+    }
+    assert_eq!(status.code(), Some(3), "{status:?}");
+    let stderr = server.stderr();
+    let fatal = fatal_lines(&stderr);
+    assert_eq!(fatal.len(), 1, "one clear line:\n{stderr}");
+    assert!(
+        fatal[0].contains("write-ahead log of shard 0 failed"),
+        "{}",
+        fatal[0]
+    );
+    drop(server);
+
+    std::fs::remove_file(&trigger).expect("disarm");
+    let server = Server::start(&data, &args);
+    for id in acked {
+        assert!(has_row(&server, "acme", id), "acknowledged acme/{id} lost");
+    }
+}
+
+/// SIGTERM with a client stuck mid-request: the drain gives up after the grace period
+/// and the process exits 0.
+#[test]
+fn sigterm_ends_the_server_within_the_grace_period() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut server = Server::start(
+        &dir.path().join("data"),
+        &[
+            "--shards",
+            "1",
+            "--archive",
+            "none",
+            "--shutdown-grace-ms",
+            "1000",
+        ],
+    );
+    // Headers that never finish: the connection stays open through the drain.
+    let mut stuck =
+        std::net::TcpStream::connect(server.api.trim_start_matches("http://")).expect("connect");
+    stuck
+        .write_all(b"POST /v1/tenants HTTP/1.1\r\nhost: x\r\n")
+        .expect("half a request");
+    let asked = Instant::now();
+    server.send_sigterm();
+    let status = server
+        .wait_exit(EXIT_DEADLINE)
+        .expect("SIGTERM must end it");
+    println!(
+        "exited {status:?} {} ms after SIGTERM",
+        asked.elapsed().as_millis()
+    );
+    assert!(status.success(), "{status:?}\n{}", server.stderr());
+    drop(stuck);
+}
+
+/// A shutdown that cannot finish is ended by the watchdog, grace plus margin after the
+/// signal, with its own status and line.
+#[test]
+fn a_shutdown_that_hangs_is_ended_by_the_watchdog() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut server = Server::try_start_with_env(
+        None,
+        &dir.path().join("data"),
+        &[
+            "--shards",
+            "1",
+            "--archive",
+            "none",
+            "--shutdown-grace-ms",
+            "500",
+        ],
+        &[("OC_FAILPOINTS", "shutdown.hang=1")],
+    )
+    .expect("start");
+    let asked = Instant::now();
+    server.send_sigterm();
+    let status = server
+        .wait_exit(EXIT_DEADLINE)
+        .expect("the watchdog must end it");
+    let took = asked.elapsed();
+    println!("exited {status:?} {} ms after SIGTERM", took.as_millis());
+    assert_eq!(status.code(), Some(4), "{status:?}");
+    // Not before grace (500 ms) + margin (2 s): the orderly path had its chance.
+    assert!(took >= Duration::from_millis(2500), "{took:?}");
+    let stderr = server.stderr();
+    let fatal = fatal_lines(&stderr);
+    assert_eq!(fatal.len(), 1, "{stderr}");
+    assert!(
+        fatal[0].contains("did not finish within 2500 ms"),
+        "{}",
+        fatal[0]
+    );
+}
