@@ -13,18 +13,28 @@
 //! the data, tenants, format version). Both are written under `.tmp` names and synced;
 //! the manifest is renamed into place last, so a checkpoint without its manifest does
 //! not exist. The newest [`KEEP_CHECKPOINTS`] are kept.
+//!
+//! Every frame is bounded by bytes as well as by entries ([`FRAME_PAYLOAD_BUDGET_BYTES`]):
+//! rows may be up to `MAX_ROW_BYTES` each, so a count alone would let a few hundred
+//! legal rows build a frame over the format's limit, and the checkpoint would stop the
+//! shard instead of covering it. A failed checkpoint removes its temporary files;
+//! [`remove_stale_files`] clears what a crash left at open.
 
 use std::time::{Duration, Instant};
 
-use oc_io::wal::frame::{self, Epoch, Frame, Lsn, RecordKind, TimestampMicros};
+use oc_io::wal::frame::{
+    self, frame_len, Epoch, Frame, Lsn, RecordKind, TimestampMicros, MAX_FRAME_BYTES,
+    MAX_TENANT_BYTES,
+};
 use oc_io::{align_up, IoBuffer, Storage, StorageFile, BLOCK_SIZE};
 
-use crate::api_key::ApiKey;
+use crate::api_key::{ApiKey, MAX_API_KEYS_PER_TENANT, MAX_KEY_ID_BYTES, MAX_KEY_NAME_BYTES};
 use crate::error::EngineError;
-use crate::idempotency::Remembered;
-use crate::record::{Reader, Writer};
+use crate::idempotency::{self, Remembered};
+use crate::limits::{MAX_NAME_BYTES, MAX_ROW_BYTES};
+use crate::record::{self, Reader, Writer, SCHEMA_MAX_BYTES};
 use crate::shard::ShardState;
-use crate::table::{BatchOutcome, RowWrite};
+use crate::table::{BatchOutcome, RowWrite, Table};
 use crate::tenant::Tenant;
 use crate::tenant_id::TenantId;
 
@@ -32,8 +42,31 @@ use crate::tenant_id::TenantId;
 pub const CHECKPOINT_FORMAT_VERSION: u8 = 1;
 /// Checkpoints kept on disk (the newest, and one to fall back to).
 pub const KEEP_CHECKPOINTS: usize = 2;
-/// Rows copied per frame, and per turn before yielding to the executor.
+/// Rows copied per frame at most, and per turn before yielding to the executor.
 const ROWS_PER_CHUNK: usize = 256;
+/// A rows or idempotency-keys frame takes entries until the next one would carry its
+/// payload past this many bytes (FORMAT.md §6). A frame holds at least one entry, so a
+/// row larger than the budget still gets a frame of its own. It also bounds what one
+/// turn of the copy holds the shard for.
+pub const FRAME_PAYLOAD_BUDGET_BYTES: usize = 1 << 20;
+/// Payload bytes of a rows frame before its rows: version, table, table version, count.
+const ROWS_HEAD_MAX_BYTES: usize = 1 + (2 + MAX_NAME_BYTES) + 8 + 4;
+/// Payload bytes of one idempotency entry at most.
+const KEY_ENTRY_MAX_BYTES: usize = (2 + idempotency::MAX_KEY_BYTES) + 8 + 8 + 8 + 4 * 4;
+/// Payload bytes of one API key entry at most.
+const API_KEY_ENTRY_MAX_BYTES: usize = (2 + MAX_KEY_ID_BYTES) + (2 + MAX_KEY_NAME_BYTES) + 32 + 8;
+// The largest frame each kind can build stays inside the format's frame limit: a full
+// budget, or a lone largest row over it (a row in memory came through a log frame of
+// at most MAX_FRAME_BYTES, so even a row from an older, larger limit fits).
+const _: () = assert!(frame_len(MAX_TENANT_BYTES, FRAME_PAYLOAD_BUDGET_BYTES) <= MAX_FRAME_BYTES);
+const _: () = assert!(
+    frame_len(MAX_TENANT_BYTES, ROWS_HEAD_MAX_BYTES + 2 + MAX_ROW_BYTES) <= MAX_FRAME_BYTES
+);
+// The table and API key frames are single frames whose size the limits bound.
+const _: () = assert!(1 + 8 + SCHEMA_MAX_BYTES <= FRAME_PAYLOAD_BUDGET_BYTES);
+const _: () = assert!(
+    1 + 2 + MAX_API_KEYS_PER_TENANT * API_KEY_ENTRY_MAX_BYTES <= FRAME_PAYLOAD_BUDGET_BYTES
+);
 /// The snapshot is written in aligned chunks of this size...
 const WRITE_CHUNK_BYTES: usize = 256 << 10;
 /// ...synced every this many bytes...
@@ -50,8 +83,9 @@ const KIND_ROWS: RecordKind = RecordKind(19);
 const KIND_END: RecordKind = RecordKind(20);
 const KIND_KEYS: RecordKind = RecordKind(21);
 const KIND_API_KEYS: RecordKind = RecordKind(22);
-/// Idempotency entries per frame.
+/// Idempotency entries per frame at most.
 const KEYS_PER_FRAME: usize = 1000;
+const _: () = assert!(1 + 4 + KEY_ENTRY_MAX_BYTES <= FRAME_PAYLOAD_BUDGET_BYTES);
 
 /// What a checkpoint holds and what writing it took.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,6 +105,11 @@ pub fn snapshot_name(lsn: Lsn) -> String {
 
 pub fn manifest_name(lsn: Lsn) -> String {
     format!("checkpoint-{:016x}.json", lsn.0)
+}
+
+/// The name a file is written under before it is renamed into place.
+fn temporary_name(name: &str) -> String {
+    format!("{name}.tmp")
 }
 
 fn parse_manifest_name(name: &str) -> Option<Lsn> {
@@ -93,7 +132,18 @@ struct SnapshotWriter<S: Storage> {
 }
 
 impl<S: Storage> SnapshotWriter<S> {
-    fn push(&mut self, kind: RecordKind, tenant: &[u8], payload: &[u8]) {
+    /// Appends one frame. The constants above keep every frame this module builds in
+    /// bounds; should one ever not be, the checkpoint fails (and backs off) and the shard
+    /// keeps running on its log, rather than `frame::encode` stopping the shard.
+    fn push(&mut self, kind: RecordKind, tenant: &[u8], payload: &[u8]) -> Result<(), EngineError> {
+        let len = frame_len(tenant.len(), payload.len());
+        if len > MAX_FRAME_BYTES {
+            return Err(EngineError::LimitExceeded {
+                what: "bytes of a checkpoint frame",
+                actual: len,
+                limit: MAX_FRAME_BYTES,
+            });
+        }
         let bytes = frame::encode(&Frame {
             lsn: self.lsn,
             commit_ts: TimestampMicros(0),
@@ -106,6 +156,7 @@ impl<S: Storage> SnapshotWriter<S> {
         self.frames += 1;
         self.crc = crc32c::crc32c_append(self.crc, &bytes);
         self.pending.extend_from_slice(&bytes);
+        Ok(())
     }
 
     async fn write_out(&mut self, len: usize) -> Result<(), EngineError> {
@@ -192,7 +243,143 @@ async fn remove_if_present<S: Storage>(
     Ok(())
 }
 
-/// Writes a checkpoint of `state` (read afresh between chunks) at its applied LSN.
+/// A frame payload of counted entries: a head, a `u32` count, then the entries; at most
+/// `max_entries` of them and, past the first, at most [`FRAME_PAYLOAD_BUDGET_BYTES`].
+struct CountedPayload {
+    w: Writer,
+    count_at: usize,
+    count: usize,
+    max_entries: usize,
+}
+
+impl CountedPayload {
+    fn new(head: Writer, max_entries: usize) -> Self {
+        let mut w = head;
+        let count_at = w.0.len();
+        w.u32(0);
+        CountedPayload {
+            w,
+            count_at,
+            count: 0,
+            max_entries,
+        }
+    }
+
+    /// Whether an entry of `bytes` more belongs in this payload (the first always does).
+    fn has_room(&self, bytes: usize) -> bool {
+        self.count == 0
+            || (self.count < self.max_entries
+                && self.w.0.len() + bytes <= FRAME_PAYLOAD_BUDGET_BYTES)
+    }
+
+    /// Adds the entry `write` encodes, which is `bytes` long.
+    fn add(&mut self, bytes: usize, write: impl FnOnce(&mut Writer)) {
+        debug_assert!(self.has_room(bytes));
+        let before = self.w.0.len();
+        write(&mut self.w);
+        debug_assert_eq!(self.w.0.len() - before, bytes, "entry size miscounted");
+        self.count += 1;
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        let count = u32::try_from(self.count).expect("max_entries is far below u32::MAX");
+        self.w.0[self.count_at..self.count_at + 4].copy_from_slice(&count.to_le_bytes());
+        self.w.0
+    }
+}
+
+/// The next rows frame of `table` after the key `after`: its payload, its row count and
+/// the key of its last row; `None` when no row follows `after`.
+fn next_rows_frame(
+    table: &Table,
+    name: &str,
+    after: Option<&[u8]>,
+) -> Option<(Vec<u8>, usize, Vec<u8>)> {
+    let mut head = Writer(vec![CHECKPOINT_FORMAT_VERSION]);
+    head.str16(name);
+    head.u64(table.version());
+    let mut payload = CountedPayload::new(head, ROWS_PER_CHUNK);
+    let mut last = None;
+    for (key, row) in table.rows_after(after) {
+        let bytes = record::row_entry_bytes(row);
+        if !payload.has_room(bytes) {
+            break;
+        }
+        payload.add(bytes, |w| w.row(row));
+        last = Some(key);
+    }
+    let last = last?.to_vec();
+    let rows = payload.count;
+    Some((payload.finish(), rows, last))
+}
+
+/// A tenant's idempotency entries, oldest first, as keys-frame payloads.
+fn key_payloads(keys: &[(String, Remembered)]) -> Vec<Vec<u8>> {
+    let fresh = || CountedPayload::new(Writer(vec![CHECKPOINT_FORMAT_VERSION]), KEYS_PER_FRAME);
+    let mut payloads = Vec::new();
+    let mut payload = fresh();
+    for (key, r) in keys {
+        let bytes = (2 + key.len()) + 8 + 8 + 8 + 4 * 4;
+        if !payload.has_room(bytes) {
+            payloads.push(std::mem::replace(&mut payload, fresh()).finish());
+        }
+        payload.add(bytes, |w| {
+            w.str16(key);
+            w.u64(r.request_hash);
+            w.u64(r.lsn.0);
+            w.u64(r.committed.0);
+            for n in [
+                r.outcome.inserted,
+                r.outcome.updated,
+                r.outcome.deleted,
+                r.outcome.missing,
+            ] {
+                w.u32(n as u32);
+            }
+        });
+    }
+    if payload.count > 0 {
+        payloads.push(payload.finish());
+    }
+    payloads
+}
+
+/// What a checkpoint takes in one step at its LSN, before the copy starts.
+struct Capture {
+    lsn: Lsn,
+    created: TimestampMicros,
+    tenants: Vec<TenantId>,
+    /// Each tenant's idempotency entries: they must be exactly those applied up to
+    /// `lsn`, or replay would skip (as repeats) writes whose rows the copy missed.
+    keys: Vec<Vec<(String, Remembered)>>,
+    /// Bytes of the tenants' data, to size the snapshot file.
+    data_bytes: usize,
+}
+
+impl Capture {
+    fn take(state: &ShardState) -> Self {
+        Capture {
+            lsn: state.applied_lsn,
+            created: TimestampMicros::now(),
+            tenants: state.tenants.keys().cloned().collect(),
+            keys: state
+                .tenants
+                .values()
+                .map(|t| {
+                    t.idempotency()
+                        .entries()
+                        .map(|(k, r)| (k.to_string(), *r))
+                        .collect()
+                })
+                .collect(),
+            data_bytes: state.tenants.values().map(|t| t.usage().bytes).sum(),
+        }
+    }
+}
+
+/// Writes a checkpoint of `state` (read afresh between chunks) at its applied LSN. On
+/// failure it removes what the attempt left, so a failing disk does not fill up with
+/// partial snapshots, and returns the error.
 pub(crate) async fn write_checkpoint<S: Storage>(
     storage: &S,
     state: &std::cell::RefCell<ShardState>,
@@ -200,35 +387,32 @@ pub(crate) async fn write_checkpoint<S: Storage>(
     epoch: Epoch,
 ) -> Result<CheckpointInfo, EngineError> {
     let started = Instant::now();
-    let created = TimestampMicros::now();
-    // Taken in one step at `lsn`: the idempotency keys must be exactly those applied up
-    // to `lsn`, or replay would skip (as repeats) writes whose rows the copy missed.
-    let (lsn, tenants, keys, estimate) = {
-        let s = state.borrow();
-        let bytes: usize = s.tenants.values().map(|t| t.usage().bytes).sum();
-        let keys: Vec<Vec<(String, Remembered)>> = s
-            .tenants
-            .values()
-            .map(|t| {
-                t.idempotency()
-                    .entries()
-                    .map(|(k, r)| (k.to_string(), *r))
-                    .collect()
-            })
-            .collect();
-        (
-            s.applied_lsn,
-            s.tenants.keys().cloned().collect::<Vec<_>>(),
-            keys,
-            bytes,
-        )
-    };
-    let snap_tmp = format!("{}.tmp", snapshot_name(lsn));
-    let manifest_tmp = format!("{}.tmp", manifest_name(lsn));
+    let capture = Capture::take(&state.borrow());
+    let lsn = capture.lsn;
+    let written = write_files(storage, state, shard, epoch, capture, started).await;
+    if written.is_err() {
+        discard_attempt(storage, lsn).await;
+    }
+    written
+}
+
+/// Writes the snapshot and the manifest of `capture`, renames them into place and
+/// prunes older checkpoints.
+async fn write_files<S: Storage>(
+    storage: &S,
+    state: &std::cell::RefCell<ShardState>,
+    shard: u32,
+    epoch: Epoch,
+    capture: Capture,
+    started: Instant,
+) -> Result<CheckpointInfo, EngineError> {
+    let (lsn, created) = (capture.lsn, capture.created);
+    let snap_tmp = temporary_name(&snapshot_name(lsn));
+    let manifest_tmp = temporary_name(&manifest_name(lsn));
     let names = storage.list().await?;
     remove_if_present(storage, &names, &snap_tmp).await?;
     remove_if_present(storage, &names, &manifest_tmp).await?;
-    let estimate = align_up(estimate as u64 + (1 << 20));
+    let estimate = align_up(capture.data_bytes as u64 + (1 << 20));
     let file = storage.create(&snap_tmp, estimate).await?;
     let mut out = SnapshotWriter {
         storage: storage.clone(),
@@ -245,93 +429,14 @@ pub(crate) async fn write_checkpoint<S: Storage>(
     let mut header = Writer(vec![CHECKPOINT_FORMAT_VERSION]);
     header.u32(shard);
     header.u64(created.0);
-    out.push(KIND_HEADER, b"", &header.0);
-
+    out.push(KIND_HEADER, b"", &header.0)?;
     let mut rows_total = 0u64;
-    for (tenant, keys) in tenants.iter().zip(&keys) {
-        // API keys, like rows, are taken as they are now: replaying the log from the
-        // checkpoint's LSN re-applies or refuses each key command, converging either way.
-        let (tables, api_keys): (Vec<(String, u64)>, Vec<u8>) =
-            match state.borrow().tenants.get(tenant) {
-                Some(t) => (
-                    t.tables()
-                        .map(|t| (t.schema().name.clone(), t.version()))
-                        .collect(),
-                    encode_api_keys(t),
-                ),
-                None => continue, // dropped meanwhile: the replay drops it too
-            };
-        out.push(
-            KIND_TENANT,
-            tenant.as_str().as_bytes(),
-            &[CHECKPOINT_FORMAT_VERSION],
-        );
-        out.push(KIND_API_KEYS, tenant.as_str().as_bytes(), &api_keys);
-        for chunk in keys.chunks(KEYS_PER_FRAME) {
-            let mut w = Writer(vec![CHECKPOINT_FORMAT_VERSION]);
-            w.u32(chunk.len() as u32);
-            for (key, r) in chunk {
-                w.str16(key);
-                w.u64(r.request_hash);
-                w.u64(r.lsn.0);
-                w.u64(r.committed.0);
-                for n in [
-                    r.outcome.inserted,
-                    r.outcome.updated,
-                    r.outcome.deleted,
-                    r.outcome.missing,
-                ] {
-                    w.u32(n as u32);
-                }
-            }
-            out.push(KIND_KEYS, tenant.as_str().as_bytes(), &w.0);
-        }
-        for (table, version) in tables {
-            let mut after: Option<Vec<u8>> = None;
-            let mut first = true;
-            loop {
-                let chunk = {
-                    let s = state.borrow();
-                    let Some(t) = s.tenants.get(tenant).and_then(|t| t.table(&table).ok()) else {
-                        break;
-                    };
-                    if t.version() != version {
-                        break; // created again meanwhile: the replay rebuilds it
-                    }
-                    if first {
-                        let mut w = Writer(vec![CHECKPOINT_FORMAT_VERSION]);
-                        w.u64(version);
-                        w.schema(t.schema());
-                        out.push(KIND_TABLE, tenant.as_str().as_bytes(), &w.0);
-                        first = false;
-                    }
-                    t.chunk_after(after.as_deref(), ROWS_PER_CHUNK)
-                };
-                let Some((last, _)) = chunk.last() else {
-                    break;
-                };
-                after = Some(last.clone());
-                let mut w = Writer(vec![CHECKPOINT_FORMAT_VERSION]);
-                w.str16(&table);
-                w.u64(version);
-                w.u32(chunk.len() as u32);
-                for (_, row) in &chunk {
-                    w.u16(row.len() as u16);
-                    for v in row {
-                        w.value(v);
-                    }
-                }
-                out.push(KIND_ROWS, tenant.as_str().as_bytes(), &w.0);
-                rows_total += chunk.len() as u64;
-                out.write_full_chunks().await?;
-                // Let writes and reads run between chunks.
-                futures_lite::future::yield_now().await;
-            }
-        }
+    for (tenant, keys) in capture.tenants.iter().zip(&capture.keys) {
+        rows_total += copy_tenant(&mut out, state, tenant, keys).await?;
     }
     let mut end = Writer(vec![CHECKPOINT_FORMAT_VERSION]);
     end.u32(out.frames + 1);
-    out.push(KIND_END, b"", &end.0);
+    out.push(KIND_END, b"", &end.0)?;
     let (data_bytes, crc, file) = out.finish().await?;
     drop(file);
     // Every row copied was committed before now: point-in-time restore may use this
@@ -349,14 +454,103 @@ pub(crate) async fn write_checkpoint<S: Storage>(
         "data_bytes": data_bytes,
         "crc32c": crc,
         "rows": rows_total,
-        "tenants": tenants.iter().map(TenantId::as_str).collect::<Vec<_>>(),
+        "tenants": capture.tenants.iter().map(TenantId::as_str).collect::<Vec<_>>(),
     });
     write_small_file(storage, &manifest_tmp, &manifest.to_string()).await?;
     storage.rename(&snap_tmp, &snapshot_name(lsn)).await?;
     storage.rename(&manifest_tmp, &manifest_name(lsn)).await?;
     storage.sync_dir().await?;
+    prune_old_checkpoints(storage).await?;
+    Ok(CheckpointInfo {
+        lsn,
+        data_bytes,
+        crc,
+        tenants: capture.tenants.len(),
+        rows: rows_total,
+        created,
+        duration: started.elapsed(),
+    })
+}
 
-    // Keep the newest checkpoints; older ones go, manifest first.
+/// Copies one tenant: its tenant, API key and idempotency frames, then its tables in
+/// turns, yielding between them. Returns the rows copied.
+async fn copy_tenant<S: Storage>(
+    out: &mut SnapshotWriter<S>,
+    state: &std::cell::RefCell<ShardState>,
+    tenant: &TenantId,
+    keys: &[(String, Remembered)],
+) -> Result<u64, EngineError> {
+    let tag = tenant.as_str().as_bytes();
+    // API keys, like rows, are taken as they are now: replaying the log from the
+    // checkpoint's LSN re-applies or refuses each key command, converging either way.
+    let (tables, api_keys): (Vec<(String, u64)>, Vec<u8>) = match state.borrow().tenants.get(tenant)
+    {
+        Some(t) => (
+            t.tables()
+                .map(|t| (t.schema().name.clone(), t.version()))
+                .collect(),
+            encode_api_keys(t),
+        ),
+        None => return Ok(0), // dropped meanwhile: the replay drops it too
+    };
+    out.push(KIND_TENANT, tag, &[CHECKPOINT_FORMAT_VERSION])?;
+    out.push(KIND_API_KEYS, tag, &api_keys)?;
+    for payload in key_payloads(keys) {
+        out.push(KIND_KEYS, tag, &payload)?;
+    }
+    let mut rows = 0;
+    for (table, version) in tables {
+        rows += copy_table(out, state, tenant, &table, version).await?;
+    }
+    Ok(rows)
+}
+
+/// Copies one table: its schema frame, then one rows frame per turn. Stops early when
+/// the table is dropped or created again meanwhile (the replay rebuilds it).
+async fn copy_table<S: Storage>(
+    out: &mut SnapshotWriter<S>,
+    state: &std::cell::RefCell<ShardState>,
+    tenant: &TenantId,
+    table: &str,
+    version: u64,
+) -> Result<u64, EngineError> {
+    let tag = tenant.as_str().as_bytes();
+    let mut after: Option<Vec<u8>> = None;
+    let mut first = true;
+    let mut rows_total = 0u64;
+    loop {
+        let frame = {
+            let s = state.borrow();
+            let Some(t) = s.tenants.get(tenant).and_then(|t| t.table(table).ok()) else {
+                break;
+            };
+            if t.version() != version {
+                break;
+            }
+            if first {
+                let mut w = Writer(vec![CHECKPOINT_FORMAT_VERSION]);
+                w.u64(version);
+                w.schema(t.schema());
+                out.push(KIND_TABLE, tag, &w.0)?;
+                first = false;
+            }
+            next_rows_frame(t, table, after.as_deref())
+        };
+        let Some((payload, rows, last)) = frame else {
+            break;
+        };
+        out.push(KIND_ROWS, tag, &payload)?;
+        after = Some(last);
+        rows_total += rows as u64;
+        out.write_full_chunks().await?;
+        // Let writes and reads run between chunks.
+        futures_lite::future::yield_now().await;
+    }
+    Ok(rows_total)
+}
+
+/// Keeps the newest checkpoints; older ones go, manifest first.
+async fn prune_old_checkpoints<S: Storage>(storage: &S) -> Result<(), EngineError> {
     let mut kept = list_checkpoints(storage).await?;
     if kept.len() > KEEP_CHECKPOINTS {
         for old in kept.split_off(KEEP_CHECKPOINTS) {
@@ -366,15 +560,64 @@ pub(crate) async fn write_checkpoint<S: Storage>(
         }
         storage.sync_dir().await?;
     }
-    Ok(CheckpointInfo {
-        lsn,
-        data_bytes,
-        crc,
-        tenants: tenants.len(),
-        rows: rows_total,
-        created,
-        duration: started.elapsed(),
-    })
+    Ok(())
+}
+
+/// Whether `name` is what an interrupted checkpoint leaves: a temporary file, or a
+/// snapshot without its manifest (a checkpoint exists only once its manifest does).
+fn is_stale(name: &str, names: &[String]) -> bool {
+    let Some(rest) = name.strip_prefix("checkpoint-") else {
+        return false;
+    };
+    if rest.ends_with(".tmp") {
+        return true;
+    }
+    rest.strip_suffix(".snap")
+        .is_some_and(|hex| !names.iter().any(|n| *n == format!("checkpoint-{hex}.json")))
+}
+
+/// Removes what interrupted checkpoints left behind (see [`is_stale`]); run at open,
+/// before any checkpoint starts. Returns the names removed.
+pub(crate) async fn remove_stale_files<S: Storage>(
+    storage: &S,
+) -> Result<Vec<String>, EngineError> {
+    let names = storage.list().await?;
+    let stale: Vec<String> = names
+        .iter()
+        .filter(|n| is_stale(n, &names))
+        .cloned()
+        .collect();
+    for name in &stale {
+        storage.remove(name).await?;
+    }
+    if !stale.is_empty() {
+        storage.sync_dir().await?;
+    }
+    Ok(stale)
+}
+
+/// Removes what a failed attempt at `lsn` left: its temporary files, and its snapshot
+/// if it was renamed into place without its manifest. Best effort: the storage may be
+/// what failed, and whatever stays is removed at the next open.
+async fn discard_attempt<S: Storage>(storage: &S, lsn: Lsn) {
+    let outcome = async {
+        let names = storage.list().await?;
+        let mut doomed = vec![
+            temporary_name(&snapshot_name(lsn)),
+            temporary_name(&manifest_name(lsn)),
+        ];
+        if !names.contains(&manifest_name(lsn)) {
+            doomed.push(snapshot_name(lsn));
+        }
+        for name in &doomed {
+            remove_if_present(storage, &names, name).await?;
+        }
+        storage.sync_dir().await?;
+        Ok::<(), EngineError>(())
+    };
+    if let Err(e) = outcome.await {
+        tracing::warn!(error = %e, lsn = lsn.0, "could not remove a failed checkpoint's files; the next open will");
+    }
 }
 
 /// LSNs of the checkpoints whose manifest exists, newest first.
@@ -389,11 +632,12 @@ pub(crate) async fn list_checkpoints<S: Storage>(storage: &S) -> Result<Vec<Lsn>
     Ok(lsns)
 }
 
-/// Loads the checkpoint at `lsn`, checking the manifest, the data CRC and every frame.
+/// Loads the checkpoint at `lsn`, checking the manifest, the data CRC and every frame;
+/// returns the state and what the manifest says of the checkpoint.
 pub(crate) async fn load_checkpoint<S: Storage>(
     storage: &S,
     lsn: Lsn,
-) -> Result<ShardState, String> {
+) -> Result<(ShardState, CheckpointInfo), String> {
     let manifest = read_file(storage, &manifest_name(lsn))
         .await
         .map_err(|e| e.to_string())?;
@@ -430,7 +674,21 @@ pub(crate) async fn load_checkpoint<S: Storage>(
             "snapshot crc {crc:#010x} does not match the manifest"
         ));
     }
-    decode_snapshot(data, lsn)
+    let state = decode_snapshot(data, lsn)?;
+    // Descriptive fields only: the data checked above decides whether the checkpoint is
+    // usable. `completed_us` is optional (FORMAT.md §6).
+    let created = field("created_us").unwrap_or(0);
+    let completed = field("completed_us").unwrap_or(created);
+    let info = CheckpointInfo {
+        lsn,
+        data_bytes: data_bytes as u64,
+        crc,
+        tenants: state.tenants.len(),
+        rows: field("rows").unwrap_or(0),
+        created: TimestampMicros(created),
+        duration: Duration::from_micros(completed.saturating_sub(created)),
+    };
+    Ok((state, info))
 }
 
 /// Rebuilds a shard state from snapshot frames.
@@ -579,7 +837,7 @@ fn decode_snapshot(data: &[u8], lsn: Lsn) -> Result<ShardState, String> {
 /// One tenant's API keys as a checkpoint record (FORMAT.md §6).
 fn encode_api_keys(tenant: &Tenant) -> Vec<u8> {
     let mut w = Writer(vec![CHECKPOINT_FORMAT_VERSION]);
-    w.u16(tenant.api_keys().len() as u16);
+    w.count16(tenant.api_keys().len());
     for (key_id, key) in tenant.api_keys().iter() {
         w.str16(key_id);
         w.str16(&key.name);

@@ -37,6 +37,12 @@ pub enum EngineError {
         resident_bytes: u64,
         budget_bytes: u64,
     },
+    /// A write batch whose log record would exceed the log's record limit.
+    #[error(
+        "the batch takes {bytes} bytes as a log record, above the record limit of {limit} \
+         bytes; split it into smaller batches"
+    )]
+    BatchTooLarge { bytes: usize, limit: usize },
     #[error("idempotency key {key:?} was first used with a different request body")]
     IdempotencyConflict { key: String },
     #[error(

@@ -3,15 +3,81 @@
 //! the payload starts with a format version byte. Every decode checks lengths before
 //! slicing and re-validates schemas: a record never panics the decoder.
 
+use oc_io::wal::frame::frame_len;
 use oc_io::RecordKind;
 
+use crate::api_key::{MAX_API_KEYS_PER_TENANT, MAX_KEY_ID_BYTES, MAX_KEY_NAME_BYTES};
 use crate::command::Command;
+use crate::idempotency;
+use crate::limits::{
+    MAX_BATCH_ROWS, MAX_COLUMNS_PER_TABLE, MAX_INDEXES_PER_TABLE, MAX_KEY_BYTES, MAX_KEY_COLUMNS,
+    MAX_NAME_BYTES, MAX_ROW_BYTES, MAX_VECTOR_DIM,
+};
 use crate::schema::TableSchema;
 use crate::table::RowWrite;
+use crate::tenant_id::MAX_TENANT_ID_BYTES;
 use crate::value::{ColumnType, Value};
 
 /// Payload format version of every engine record.
 pub const RECORD_FORMAT_VERSION: u8 = 1;
+
+// Every length or count this module (and the checkpoint) narrows to a fixed width is
+// bounded by a limit that fits the width: a legal value is never truncated on disk.
+// Raising a limit past its width fails the build here, not a restore later.
+const _: () = assert!(MAX_NAME_BYTES <= u16::MAX as usize); // str16 names
+const _: () = assert!(idempotency::MAX_KEY_BYTES <= u16::MAX as usize); // str16 key
+const _: () = assert!(MAX_KEY_ID_BYTES <= u16::MAX as usize); // str16 key id
+const _: () = assert!(MAX_KEY_NAME_BYTES <= u16::MAX as usize); // str16 key name
+const _: () = assert!(MAX_API_KEYS_PER_TENANT <= u16::MAX as usize); // u16 count (§6)
+const _: () = assert!(MAX_COLUMNS_PER_TABLE <= u16::MAX as usize); // u16 value count, positions
+const _: () = assert!(MAX_KEY_COLUMNS <= u8::MAX as usize); // u8 key column count
+const _: () = assert!(MAX_INDEXES_PER_TABLE <= u8::MAX as usize); // u8 index count
+const _: () = assert!(MAX_BATCH_ROWS <= u32::MAX as usize); // u32 write count
+const _: () = assert!(MAX_ROW_BYTES <= u32::MAX as usize); // bytes32 text, u32 vector length
+const _: () = assert!(MAX_KEY_BYTES <= u32::MAX as usize); // bytes32 delete key
+const _: () = assert!(MAX_VECTOR_DIM as usize <= MAX_ROW_BYTES);
+
+/// Bytes a row takes inside a record: its `u16` value count, then its values.
+/// [`Value::stored_bytes`] is exactly a value's encoding, so this is what
+/// `MAX_ROW_BYTES` bounds, plus 2 (a test holds the two together).
+pub fn row_entry_bytes(row: &[Value]) -> usize {
+    2 + row.iter().map(Value::stored_bytes).sum::<usize>()
+}
+
+/// Payload bytes of a write record before its first row write, at most: version,
+/// table name, table version, idempotency flag and key, write count.
+pub const WRITE_HEAD_MAX_BYTES: usize =
+    1 + (2 + MAX_NAME_BYTES) + 8 + 1 + (2 + idempotency::MAX_KEY_BYTES) + 4;
+/// The largest row write: the upsert tag and a row of `MAX_ROW_BYTES` (a delete, tag
+/// plus `bytes32` key, is far smaller).
+pub const ROW_WRITE_MAX_BYTES: usize = 1 + 2 + MAX_ROW_BYTES;
+const _: () = assert!(1 + 4 + MAX_KEY_BYTES <= ROW_WRITE_MAX_BYTES);
+/// The log record (frame included) of a one-row write of the largest legal row, with
+/// the longest tenant, table and idempotency key. The log's record limit must never
+/// fall below it, or a legal row could not be written at all: `oc-server` refuses a
+/// segment size that would put it there.
+pub const MAX_ONE_ROW_RECORD_BYTES: usize = frame_len(
+    MAX_TENANT_ID_BYTES,
+    WRITE_HEAD_MAX_BYTES + ROW_WRITE_MAX_BYTES,
+);
+/// The longest schema encoding (below): every limit of `TableSchema` at its maximum.
+pub const SCHEMA_MAX_BYTES: usize = (2 + MAX_NAME_BYTES)
+    + 2
+    + MAX_COLUMNS_PER_TABLE * ((2 + MAX_NAME_BYTES) + 1 + 4 + 1)
+    + 1
+    + 2 * MAX_KEY_COLUMNS
+    + 1
+    + MAX_INDEXES_PER_TABLE * ((2 + MAX_NAME_BYTES) + 1 + 2 * MAX_KEY_COLUMNS);
+// Every command other than a write batch fits under the record limit's floor, so a
+// write batch is the only command a legal request can make too large for the log.
+const _: () =
+    assert!(frame_len(MAX_TENANT_ID_BYTES, 1 + SCHEMA_MAX_BYTES) <= MAX_ONE_ROW_RECORD_BYTES);
+const _: () = assert!(
+    frame_len(
+        MAX_TENANT_ID_BYTES,
+        1 + (2 + MAX_KEY_ID_BYTES) + (2 + MAX_KEY_NAME_BYTES) + 32
+    ) <= MAX_ONE_ROW_RECORD_BYTES
+);
 
 pub const KIND_CREATE_TENANT: RecordKind = RecordKind(1);
 pub const KIND_DROP_TENANT: RecordKind = RecordKind(2);
@@ -83,10 +149,7 @@ pub fn encode(command: &Command) -> (RecordKind, Vec<u8>) {
                 match write {
                     RowWrite::Upsert(row) => {
                         w.u8(W_UPSERT);
-                        w.u16(row.len() as u16);
-                        for v in row {
-                            w.value(v);
-                        }
+                        w.row(row);
                     }
                     RowWrite::Delete(key) => {
                         w.u8(W_DELETE);
@@ -185,13 +248,36 @@ impl Writer {
     pub(crate) fn u64(&mut self, v: u64) {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
+    /// A `u16` count; the limits asserted at the top of this module keep every count
+    /// in range, and a count out of range would corrupt the record, so it stops here.
+    pub(crate) fn count16(&mut self, n: usize) {
+        assert!(n <= usize::from(u16::MAX), "count {n} does not fit a u16");
+        self.u16(n as u16);
+    }
+    /// A `u8` count (see [`Writer::count16`]).
+    pub(crate) fn count8(&mut self, n: usize) {
+        assert!(n <= usize::from(u8::MAX), "count {n} does not fit a u8");
+        self.u8(n as u8);
+    }
     pub(crate) fn str16(&mut self, s: &str) {
-        self.u16(s.len() as u16);
+        self.count16(s.len());
         self.0.extend_from_slice(s.as_bytes());
     }
     pub(crate) fn bytes32(&mut self, b: &[u8]) {
+        assert!(
+            b.len() <= u32::MAX as usize,
+            "{} bytes do not fit a u32",
+            b.len()
+        );
         self.u32(b.len() as u32);
         self.0.extend_from_slice(b);
+    }
+    /// A row as [`row_entry_bytes`] counts it: `u16` value count, then the values.
+    pub(crate) fn row(&mut self, row: &[Value]) {
+        self.count16(row.len());
+        for v in row {
+            self.value(v);
+        }
     }
     pub(crate) fn value(&mut self, v: &Value) {
         match v {
@@ -218,6 +304,7 @@ impl Writer {
             }
             Value::Vector(v) => {
                 self.u8(V_VECTOR);
+                assert!(v.len() <= u32::MAX as usize, "vector of {} floats", v.len());
                 self.u32(v.len() as u32);
                 for x in v {
                     self.0.extend_from_slice(&x.to_le_bytes());
@@ -227,7 +314,7 @@ impl Writer {
     }
     pub(crate) fn schema(&mut self, s: &TableSchema) {
         self.str16(&s.name);
-        self.u16(s.columns.len() as u16);
+        self.count16(s.columns.len());
         for c in &s.columns {
             self.str16(&c.name);
             match c.ty {
@@ -243,16 +330,16 @@ impl Writer {
             }
             self.u8(u8::from(c.nullable));
         }
-        self.u8(s.primary_key.len() as u8);
+        self.count8(s.primary_key.len());
         for &p in &s.primary_key {
-            self.u16(p as u16);
+            self.count16(p);
         }
-        self.u8(s.indexes.len() as u8);
+        self.count8(s.indexes.len());
         for index in &s.indexes {
             self.str16(&index.name);
-            self.u8(index.columns.len() as u8);
+            self.count8(index.columns.len());
             for &p in &index.columns {
-                self.u16(p as u16);
+                self.count16(p);
             }
         }
     }
@@ -489,6 +576,95 @@ mod tests {
         }
         assert!(decode(RecordKind(99), &[RECORD_FORMAT_VERSION]).is_err());
         assert!(decode(KIND_CREATE_TENANT, &[2]).is_err(), "unknown version");
+    }
+
+    #[test]
+    fn a_values_stored_bytes_are_exactly_its_encoding() {
+        for v in [
+            Value::Null,
+            Value::Bool(true),
+            Value::Int(-1),
+            Value::Float(0.5),
+            Value::Text("héllo".into()),
+            Value::Json("{\"a\":[1,2]}".into()),
+            Value::Vector(vec![1.0, 2.0, 3.0]),
+        ] {
+            let mut w = Writer(Vec::new());
+            w.value(&v);
+            assert_eq!(w.0.len(), v.stored_bytes(), "{v:?}");
+        }
+        let row = vec![Value::Int(1), Value::Text("abc".into()), Value::Null];
+        let mut w = Writer(Vec::new());
+        w.row(&row);
+        assert_eq!(w.0.len(), row_entry_bytes(&row));
+    }
+
+    /// A one-row write at every limit at once: longest tenant, table and key, and a row
+    /// of exactly `MAX_ROW_BYTES`.
+    #[test]
+    fn the_largest_one_row_write_is_exactly_the_record_floor() {
+        let text = "x".repeat(MAX_ROW_BYTES - Value::Text(String::new()).stored_bytes());
+        let row = vec![Value::Text(text)];
+        assert_eq!(
+            row.iter().map(Value::stored_bytes).sum::<usize>(),
+            MAX_ROW_BYTES
+        );
+        let command = Command::Write {
+            table: "t".repeat(MAX_NAME_BYTES),
+            table_version: u64::MAX,
+            writes: vec![RowWrite::Upsert(row)],
+            idempotency_key: Some("k".repeat(idempotency::MAX_KEY_BYTES)),
+        };
+        let (kind, payload) = encode(&command);
+        assert_eq!(
+            frame_len(MAX_TENANT_ID_BYTES, payload.len()),
+            MAX_ONE_ROW_RECORD_BYTES
+        );
+        assert_eq!(decode(kind, &payload), Ok(command));
+    }
+
+    #[test]
+    fn a_schema_at_every_limit_encodes_within_the_bound() {
+        let names: Vec<String> = (0..MAX_COLUMNS_PER_TABLE)
+            .map(|i| format!("c{i:0>width$}", width = MAX_NAME_BYTES - 1))
+            .collect();
+        let columns: Vec<(&str, ColumnType, bool)> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let ty = if i < MAX_KEY_COLUMNS * 2 {
+                    ColumnType::Int
+                } else {
+                    ColumnType::Vector(MAX_VECTOR_DIM)
+                };
+                (n.as_str(), ty, i >= MAX_KEY_COLUMNS)
+            })
+            .collect();
+        let pk: Vec<&str> = names[..MAX_KEY_COLUMNS]
+            .iter()
+            .map(String::as_str)
+            .collect();
+        let index_cols: Vec<&str> = names[MAX_KEY_COLUMNS..2 * MAX_KEY_COLUMNS]
+            .iter()
+            .map(String::as_str)
+            .collect();
+        let index_names: Vec<String> = (0..MAX_INDEXES_PER_TABLE)
+            .map(|i| format!("i{i:0>width$}", width = MAX_NAME_BYTES - 1))
+            .collect();
+        let indexes: Vec<(&str, &[&str])> = index_names
+            .iter()
+            .map(|n| (n.as_str(), index_cols.as_slice()))
+            .collect();
+        let schema = TableSchema::new(&"s".repeat(MAX_NAME_BYTES), &columns, &pk, &indexes)
+            .expect("a schema at the limits is valid");
+        let (kind, payload) = encode(&Command::CreateTable(schema.clone()));
+        // Only the key columns, which cannot be vectors, lack a `u32` dimension.
+        assert_eq!(
+            payload.len(),
+            1 + SCHEMA_MAX_BYTES - 2 * MAX_KEY_COLUMNS * 4,
+            "the bound is the real maximum"
+        );
+        assert_eq!(decode(kind, &payload), Ok(Command::CreateTable(schema)));
     }
 
     proptest! {

@@ -211,8 +211,14 @@ pub struct ShardOpenReport {
 pub struct Shard<S: Storage> {
     storage: S,
     wal: Rc<Wal<S>>,
+    /// The last checkpoint this process wrote.
     last_checkpoint: RefCell<Option<CheckpointInfo>>,
-    opened: std::time::Instant,
+    /// The newest usable checkpoint on disk: loaded at open or written since.
+    newest_checkpoint: RefCell<Option<CheckpointInfo>>,
+    /// Since when the state has (possibly) differed from the newest checkpoint: that
+    /// checkpoint's start, or the last time the two were seen equal, or the open when
+    /// there is no checkpoint. `oc_checkpoint_age_s` counts from here.
+    differs_since: std::cell::Cell<TimestampMicros>,
     checkpoint_counts: std::cell::Cell<(u64, u64)>,
     release_barrier: std::cell::Cell<Option<Lsn>>,
     state: Rc<RefCell<ShardState>>,
@@ -229,12 +235,16 @@ impl<S: Storage> Shard<S> {
         storage: S,
         config: WalConfig,
     ) -> Result<(Self, ShardOpenReport), EngineError> {
+        let stale = checkpoint::remove_stale_files(&storage).await?;
+        if !stale.is_empty() {
+            tracing::info!(?stale, "removed files of interrupted checkpoints");
+        }
         let mut unusable = Vec::new();
         let mut loaded = None;
         for lsn in checkpoint::list_checkpoints(&storage).await? {
             match checkpoint::load_checkpoint(&storage, lsn).await {
-                Ok(state) => {
-                    loaded = Some((lsn, state));
+                Ok(loaded_state) => {
+                    loaded = Some(loaded_state);
                     break;
                 }
                 Err(why) => {
@@ -243,10 +253,11 @@ impl<S: Storage> Shard<S> {
                 }
             }
         }
-        let (checkpoint, mut state) = match loaded {
-            Some((lsn, state)) => (Some(lsn), state),
+        let (newest_checkpoint, mut state) = match loaded {
+            Some((state, info)) => (Some(info), state),
             None => (None, ShardState::default()),
         };
+        let checkpoint = newest_checkpoint.as_ref().map(|info| info.lsn);
         let replay_from = state.applied_lsn.next();
         let opened = Wal::open(storage.clone(), config, replay_from, |frame| {
             let tenant = std::str::from_utf8(frame.tenant)
@@ -291,7 +302,12 @@ impl<S: Storage> Shard<S> {
                 storage,
                 wal,
                 last_checkpoint: RefCell::new(None),
-                opened: std::time::Instant::now(),
+                differs_since: std::cell::Cell::new(
+                    newest_checkpoint
+                        .as_ref()
+                        .map_or_else(TimestampMicros::now, |info| info.created),
+                ),
+                newest_checkpoint: RefCell::new(newest_checkpoint),
                 checkpoint_counts: std::cell::Cell::new((0, 0)),
                 release_barrier: std::cell::Cell::new(None),
                 quotas: std::cell::Cell::new(TenantQuotas::default()),
@@ -307,16 +323,46 @@ impl<S: Storage> Shard<S> {
         ))
     }
 
-    /// Writes a checkpoint of the applied state without stopping writes.
+    /// Writes a checkpoint of the applied state without stopping writes. When the state
+    /// is exactly the newest checkpoint's (nothing applied since), nothing is written and
+    /// that checkpoint is returned: rewriting one at the same LSN would gain nothing and
+    /// replace a good file with a new one under the same name.
     pub async fn checkpoint(&self) -> Result<CheckpointInfo, EngineError> {
+        if let Some(info) = self.checkpoint_if_unchanged() {
+            return Ok(info);
+        }
         let config = self.wal.config();
         let info =
             checkpoint::write_checkpoint(&self.storage, &self.state, config.shard, config.epoch)
                 .await?;
         *self.last_checkpoint.borrow_mut() = Some(info.clone());
+        *self.newest_checkpoint.borrow_mut() = Some(info.clone());
+        // Writes applied while the copy ran are not all in it: the state may differ from
+        // the checkpoint since the moment it started.
+        self.differs_since.set(info.created);
         let (done, failed) = self.checkpoint_counts.get();
         self.checkpoint_counts.set((done + 1, failed));
         Ok(info)
+    }
+
+    /// The newest checkpoint, if the state is still exactly what it holds.
+    fn checkpoint_if_unchanged(&self) -> Option<CheckpointInfo> {
+        let newest = self.newest_checkpoint.borrow();
+        newest
+            .as_ref()
+            .filter(|info| info.lsn == self.applied_lsn())
+            .cloned()
+    }
+
+    /// Whether the state is exactly the newest checkpoint's (an empty shard without one
+    /// counts as unchanged too: there is nothing a checkpoint would cover).
+    pub fn unchanged_since_checkpoint(&self) -> bool {
+        let covered = self
+            .newest_checkpoint
+            .borrow()
+            .as_ref()
+            .map_or(Lsn::ZERO, |info| info.lsn);
+        covered == self.applied_lsn()
     }
 
     pub(crate) fn count_checkpoint_failure(&self) {
@@ -325,16 +371,18 @@ impl<S: Storage> Shard<S> {
     }
 
     /// Checkpoint age, duration, size and counters (`oc_checkpoint_age_s` and friends).
+    /// The age is 0 while the state equals the newest checkpoint (an idle shard is
+    /// never overdue), else the time since it may have started to differ.
     pub fn checkpoint_metrics(&self) -> crate::scheduler::CheckpointMetrics {
+        let now = TimestampMicros::now();
+        let age_s = if self.unchanged_since_checkpoint() {
+            self.differs_since.set(now);
+            0.0
+        } else {
+            now.0.saturating_sub(self.differs_since.get().0) as f64 / 1e6
+        };
         let last = self.last_checkpoint.borrow();
         let (checkpoints_total, failures_total) = self.checkpoint_counts.get();
-        let age_s = match last.as_ref() {
-            Some(info) => {
-                let now = TimestampMicros::now().0;
-                now.saturating_sub(info.created.0) as f64 / 1e6
-            }
-            None => self.opened.elapsed().as_secs_f64(),
-        };
         crate::scheduler::CheckpointMetrics {
             age_s,
             last_duration_s: last.as_ref().map_or(0.0, |i| i.duration.as_secs_f64()),
@@ -380,9 +428,25 @@ impl<S: Storage> Shard<S> {
         self.release_barrier.set(first_kept);
     }
 
-    /// Logs a command and waits until it is durable and applied.
+    /// Logs a command and waits until it is durable and applied. A command too large
+    /// for one log record is refused here, before anything is logged, as the request's
+    /// fault (a limit), never as a failure of the log.
     async fn commit(&self, tenant: &TenantId, command: Command) -> Outcome {
         let (kind, payload) = record::encode(&command);
+        let bytes = oc_io::wal::frame::frame_len(tenant.as_str().len(), payload.len());
+        let limit = self.wal.config().max_frame_bytes();
+        if bytes > limit {
+            return Err(match command {
+                Command::Write { .. } => EngineError::BatchTooLarge { bytes, limit },
+                // Unreachable while the record limit is at least MAX_ONE_ROW_RECORD_BYTES
+                // (record.rs proves every other command fits under it).
+                _ => EngineError::LimitExceeded {
+                    what: "bytes of the command's log record",
+                    actual: bytes,
+                    limit,
+                },
+            });
+        }
         let pending = self
             .wal
             .submit(kind, tenant.as_str().as_bytes(), &payload)

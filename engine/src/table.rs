@@ -535,15 +535,17 @@ impl Table {
         scan.done
     }
 
-    /// Up to `limit` (encoded key, row) pairs after `after` in key order: a scan that
-    /// can stop, yield and resume while the table changes.
-    pub fn chunk_after(&self, after: Option<&[u8]>, limit: usize) -> Vec<(Vec<u8>, Row)> {
+    /// (encoded key, row) pairs after `after` in key order: a scan that can stop, yield
+    /// and resume (from the last key it saw) while the table changes. The caller bounds
+    /// how much it takes per turn, by rows and by bytes.
+    pub fn rows_after<'a>(
+        &'a self,
+        after: Option<&'a [u8]>,
+    ) -> impl Iterator<Item = (&'a [u8], &'a Row)> + 'a {
         let start = after.map_or(Bound::Unbounded, Bound::Excluded);
         self.rows
             .range::<[u8], _>((start, Bound::Unbounded))
-            .take(limit)
-            .map(|(k, r)| (k.as_bytes().to_vec(), r.clone()))
-            .collect()
+            .map(|(k, r)| (k.as_bytes(), r))
     }
 
     /// Every row in primary-key order.

@@ -1,12 +1,14 @@
 //! Checkpoints on the real disk: restart from a checkpoint plus the log after it,
 //! fall back when the newest checkpoint is damaged, refuse clearly when nothing usable
-//! is left, and release log segments a checkpoint covers.
+//! is left, release log segments a checkpoint covers, carry rows of the largest legal
+//! size, and write nothing for an idle shard.
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::rc::Rc;
 
-use oc_engine::checkpoint::{manifest_name, snapshot_name};
+use oc_engine::checkpoint::{manifest_name, snapshot_name, FRAME_PAYLOAD_BUDGET_BYTES};
+use oc_engine::limits::{MAX_ROW_BYTES, MAX_VECTOR_DIM};
 use oc_engine::{ColumnType, EngineError, Shard, TableSchema, TenantId, Value, WriteOp};
 use oc_io::executor::run_local;
 use oc_io::{DmaStorage, WalConfig};
@@ -320,6 +322,237 @@ fn api_keys_survive_restarts_through_the_log_and_through_checkpoints() {
         assert!(shard
             .read(&acme(), |t| t.api_keys().verify("second", &[2; 32]))
             .expect("tenant"));
+        shard.close().await.expect("close");
+    });
+}
+
+/// A log that takes the largest legal row (the server's default group size).
+fn large_config() -> WalConfig {
+    WalConfig {
+        segment_bytes: 8 << 20,
+        max_group_bytes: 1 << 20,
+        ..WalConfig::default()
+    }
+}
+
+fn wide_schema() -> TableSchema {
+    TableSchema::new(
+        "wide",
+        &[
+            ("k", ColumnType::Int, false),
+            ("v", ColumnType::Text, true),
+            ("e", ColumnType::Vector(MAX_VECTOR_DIM), true),
+            ("j", ColumnType::Json, true),
+        ],
+        &["k"],
+        &[],
+    )
+    .expect("schema")
+}
+
+/// Row `k` at exactly `MAX_ROW_BYTES`, its text different for every `k`; every third
+/// row spends part of its bytes on a vector instead.
+fn max_row(k: i64) -> serde_json::Map<String, serde_json::Value> {
+    let with_vector = k % 3 == 0;
+    let fixed = Value::Int(k).stored_bytes()
+        + Value::Null.stored_bytes() // j
+        + if with_vector {
+            Value::Vector(vec![0.0; MAX_VECTOR_DIM as usize]).stored_bytes()
+        } else {
+            Value::Null.stored_bytes()
+        };
+    let text_len = MAX_ROW_BYTES - fixed - Value::Text(String::new()).stored_bytes();
+    let stamp = format!("row {k} ");
+    let text: String = stamp.chars().cycle().take(text_len).collect();
+    let mut row = json!({"k": k, "v": text});
+    if with_vector {
+        row["e"] = json!((0..MAX_VECTOR_DIM)
+            .map(|i| (k as f32) + i as f32 / 8.0)
+            .collect::<Vec<_>>());
+    }
+    row.as_object().expect("object").clone()
+}
+
+fn wide_rows(shard: &Shard<DmaStorage>) -> Vec<Vec<Value>> {
+    shard
+        .read(&acme(), |t| {
+            t.table("wide").expect("table").rows().cloned().collect()
+        })
+        .expect("tenant")
+}
+
+/// Every frame of a snapshot file: (kind, frame length).
+fn snapshot_frames(dir: &Path, lsn: oc_io::Lsn) -> Vec<(u16, usize)> {
+    let bytes = std::fs::read(dir.join(snapshot_name(lsn))).expect("snapshot");
+    let mut frames = Vec::new();
+    let mut at = 0;
+    while let Ok(frame) = oc_io::wal::frame::decode(&bytes[at..]) {
+        frames.push((frame.kind.0, frame.len()));
+        at += frame.len();
+    }
+    frames
+}
+
+#[test]
+fn rows_of_the_largest_legal_size_survive_a_checkpoint_and_a_restart_byte_for_byte() {
+    const ROWS: i64 = 300;
+    let dir = tempfile::tempdir().expect("tempdir");
+    run_local(async {
+        let storage = DmaStorage::open(dir.path()).await.expect("storage");
+        let (shard, _) = Shard::open(storage, large_config()).await.expect("open");
+        shard.create_tenant(&acme()).await.expect("tenant");
+        shard
+            .create_table(&acme(), wide_schema())
+            .await
+            .expect("table");
+        for k in 0..ROWS {
+            let ops = [WriteOp::Upsert(max_row(k))];
+            shard
+                .write(&acme(), "wide", &ops, None)
+                .await
+                .expect("write");
+        }
+        let usage = shard.read(&acme(), |t| t.usage()).expect("tenant");
+        assert_eq!(
+            usage.bytes,
+            ROWS as usize * MAX_ROW_BYTES,
+            "every row is at the limit"
+        );
+        let info = shard.checkpoint().await.expect("checkpoint");
+        assert_eq!(info.rows, ROWS as u64);
+        // Rows frames were cut by bytes: none holds more than the budget plus one row.
+        let frames = snapshot_frames(dir.path(), info.lsn);
+        let rows_frames: Vec<usize> = frames
+            .iter()
+            .filter(|(kind, _)| *kind == 19)
+            .map(|(_, len)| *len)
+            .collect();
+        assert!(rows_frames.len() >= (ROWS as usize * MAX_ROW_BYTES) / FRAME_PAYLOAD_BUDGET_BYTES);
+        assert!(
+            rows_frames
+                .iter()
+                .all(|&len| len <= 256 + FRAME_PAYLOAD_BUDGET_BYTES),
+            "{rows_frames:?}"
+        );
+        // A few more after the checkpoint: the restart replays them from the log.
+        for k in ROWS..ROWS + 10 {
+            let ops = [WriteOp::Upsert(max_row(k))];
+            shard
+                .write(&acme(), "wide", &ops, None)
+                .await
+                .expect("write");
+        }
+        let before = wide_rows(&shard);
+        shard.close().await.expect("close");
+        drop(shard);
+
+        let storage = DmaStorage::open(dir.path()).await.expect("storage");
+        let (shard, report) = Shard::open(storage, large_config()).await.expect("reopen");
+        assert_eq!(report.checkpoint, Some(info.lsn));
+        assert_eq!(report.wal.frames_replayed, 10);
+        let after = wide_rows(&shard);
+        assert_eq!(after.len(), ROWS as usize + 10);
+        assert!(after == before, "every row is back, value for value");
+        // And a checkpoint of the restored state loads again.
+        let second = shard.checkpoint().await.expect("checkpoint after restart");
+        assert_eq!(second.rows, ROWS as u64 + 10);
+        shard.close().await.expect("close");
+    });
+}
+
+#[test]
+fn a_batch_over_the_record_limit_is_refused_before_it_is_logged() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    run_local(async {
+        let storage = DmaStorage::open(dir.path()).await.expect("storage");
+        let (shard, _) = Shard::open(storage, large_config()).await.expect("open");
+        shard.create_tenant(&acme()).await.expect("tenant");
+        shard
+            .create_table(&acme(), wide_schema())
+            .await
+            .expect("table");
+        let (lsn, logged) = (shard.applied_lsn(), shard.wal().stats().append_bytes);
+        // Five legal rows: 1.25 MiB, over the 1 MiB record limit.
+        let ops: Vec<WriteOp> = (0..5).map(|k| WriteOp::Upsert(max_row(k))).collect();
+        let refused = shard
+            .write(&acme(), "wide", &ops, Some("key-1".into()))
+            .await;
+        match refused {
+            Err(EngineError::BatchTooLarge { bytes, limit }) => {
+                assert_eq!(limit, 1 << 20);
+                assert!(bytes > 5 * MAX_ROW_BYTES, "{bytes}");
+            }
+            other => panic!("expected BatchTooLarge, got {other:?}"),
+        }
+        assert_eq!(shard.applied_lsn(), lsn, "nothing was logged");
+        assert_eq!(shard.wal().stats().append_bytes, logged);
+        assert!(shard.wal().failure().is_none(), "the log is fine");
+        // The same rows in batches that fit go through, and the key is still free.
+        let (first, second) = ops.split_at(3);
+        shard
+            .write(&acme(), "wide", first, Some("key-1".into()))
+            .await
+            .expect("3 rows fit");
+        shard
+            .write(&acme(), "wide", second, None)
+            .await
+            .expect("2 rows fit");
+        assert_eq!(wide_rows(&shard).len(), 5);
+        shard.close().await.expect("close");
+    });
+}
+
+#[test]
+fn an_idle_shard_does_not_rewrite_its_checkpoint_and_its_age_stays_zero() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let manifest_bytes =
+        |lsn| std::fs::read(dir.path().join(manifest_name(lsn))).expect("manifest");
+    let (first, written) = run_local(async {
+        let (shard, _) = open(dir.path()).await.expect("open");
+        let shard = Rc::new(shard);
+        setup(&shard).await;
+        write_range(&shard, 0, 100).await;
+        assert!(!shard.unchanged_since_checkpoint());
+        let first = shard.checkpoint().await.expect("checkpoint");
+        let written = manifest_bytes(first.lsn);
+        assert!(shard.unchanged_since_checkpoint());
+        let again = shard.checkpoint().await.expect("checkpoint, idle");
+        assert_eq!(again, first, "the same checkpoint, not a new one");
+        assert_eq!(
+            manifest_bytes(first.lsn),
+            written,
+            "its files are untouched"
+        );
+        let m = shard.checkpoint_metrics();
+        assert_eq!((m.checkpoints_total, m.age_s), (1, 0.0), "{m:?}");
+        shard.close().await.expect("close");
+        (first, written)
+    });
+    run_local(async {
+        // After a restart that replays nothing, the loaded checkpoint is current.
+        let (shard, report) = open(dir.path()).await.expect("reopen");
+        assert_eq!(report.checkpoint, Some(first.lsn));
+        assert!(shard.unchanged_since_checkpoint());
+        assert_eq!(shard.checkpoint_metrics().age_s, 0.0);
+        let loaded = shard.checkpoint().await.expect("checkpoint, idle");
+        assert_eq!(
+            (loaded.lsn, loaded.rows, loaded.crc),
+            (first.lsn, first.rows, first.crc)
+        );
+        assert_eq!(
+            manifest_bytes(first.lsn),
+            written,
+            "its files are untouched"
+        );
+        assert_eq!(shard.checkpoint_metrics().checkpoints_total, 0);
+        // One write later the state differs again, and a checkpoint is written.
+        let ops = [WriteOp::Upsert(
+            json!({"k": 1}).as_object().expect("o").clone(),
+        )];
+        shard.write(&acme(), "kv", &ops, None).await.expect("write");
+        assert!(!shard.unchanged_since_checkpoint());
+        let next = shard.checkpoint().await.expect("checkpoint");
+        assert!(next.lsn > first.lsn);
         shard.close().await.expect("close");
     });
 }

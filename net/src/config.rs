@@ -6,7 +6,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
-use oc_ship::engine::io::{WalConfig, BLOCK_SIZE};
+use oc_ship::engine::io::wal::DEFAULT_MAX_GROUP_BYTES;
+use oc_ship::engine::io::{align_up, WalConfig, BLOCK_SIZE};
+use oc_ship::engine::limits::MAX_ROW_BYTES;
+use oc_ship::engine::record::MAX_ONE_ROW_RECORD_BYTES;
 
 use crate::api::ApiLimits;
 use crate::auth::{AuthConfig, MIN_ADMIN_TOKEN_BYTES};
@@ -118,8 +121,9 @@ pub struct ServerConfig {
     /// ...or sooner, once a shard's log has grown by this many bytes.
     #[arg(long, env = "OC_CHECKPOINT_WAL_BYTES", default_value_t = 1 << 30)]
     pub checkpoint_wal_bytes: u64,
-    /// Bytes per write-ahead log segment (a multiple of 4096, at least 64 KiB). Sealed
-    /// segments are what the archive receives whole.
+    /// Bytes per write-ahead log segment (a multiple of 4096, at least 274432 so that a
+    /// row of the largest legal size fits one log record). Sealed segments are what the
+    /// archive receives whole.
     #[arg(long, env = "OC_WAL_SEGMENT_BYTES", default_value_t = 64 << 20)]
     pub wal_segment_bytes: u64,
     /// Where sealed segments, checkpoints and tails are shipped: `file://<dir>`,
@@ -148,6 +152,16 @@ pub struct ServerConfig {
     /// Log format: `text` or `json`.
     #[arg(long, env = "OC_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+}
+
+// The default log takes the largest legal row: only a small segment can refuse it.
+const _: () = assert!(DEFAULT_MAX_GROUP_BYTES >= MAX_ONE_ROW_RECORD_BYTES);
+
+/// The smallest `--wal-segment-bytes` whose log takes a write of one row of the largest
+/// legal size: a record must fit one group, and a group the segment's data area (the
+/// segment less its header and footer blocks).
+pub fn min_wal_segment_bytes() -> u64 {
+    align_up(MAX_ONE_ROW_RECORD_BYTES as u64) + 2 * BLOCK_SIZE as u64
 }
 
 /// `90s`, `30m`, `12h` or `7d`.
@@ -318,9 +332,22 @@ impl ServerConfig {
                 return Err(format!("{name} must be above 0"));
             }
         }
-        self.wal_config()
-            .validate()
+        let min_segment = min_wal_segment_bytes();
+        if self.wal_segment_bytes < min_segment {
+            return Err(format!(
+                "--wal-segment-bytes {} is too small: a log record must hold a write of one \
+                 row of the largest legal size ({MAX_ROW_BYTES} bytes; {MAX_ONE_ROW_RECORD_BYTES} \
+                 bytes as a record), and a record must fit in one segment; use at least {min_segment}",
+                self.wal_segment_bytes
+            ));
+        }
+        let wal = self.wal_config();
+        wal.validate()
             .map_err(|e| format!("--wal-segment-bytes: {e}"))?;
+        assert!(
+            wal.max_frame_bytes() >= MAX_ONE_ROW_RECORD_BYTES,
+            "a segment of at least {min_segment} bytes takes the largest row"
+        );
         Ok(())
     }
 }

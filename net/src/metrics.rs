@@ -417,7 +417,7 @@ pub fn render(shards: &[ShardSnapshot], control: &ControlMetrics) -> Result<Stri
         per_shard(
             shards,
             "oc_checkpoint_age_s",
-            "Seconds since the last successful checkpoint (or since start, if none).",
+            "Seconds the shard's state has differed from its newest checkpoint (0 while equal).",
             GAUGE,
             |s| s.checkpoint.age_s,
         ),

@@ -50,9 +50,10 @@ fn archive_args<'a>(uri: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
         uri,
         "--tail-window-ms",
         "500",
-        // Small segments so sealed segments ship during the test, not only tails.
+        // Small segments so sealed segments ship during the test, not only tails (the
+        // smallest the server takes is 274432: a segment must hold the largest row).
         "--wal-segment-bytes",
-        "262144",
+        "294912",
     ];
     args.extend_from_slice(extra);
     args

@@ -88,6 +88,14 @@ impl From<EngineError> for ApiError {
             // the tenant must delete data or have its quota raised.
             EngineError::QuotaExceeded { .. } => (StatusCode::FORBIDDEN, "quota_exceeded"),
             EngineError::MemoryFull { .. } => (StatusCode::INSUFFICIENT_STORAGE, "memory_full"),
+            EngineError::BatchTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "batch_too_large"),
+            // The log refuses a record over its limit before placing it: nothing was
+            // logged and the log is fine, so this is the request's size, not a 5xx.
+            // (The shard checks first and answers `batch_too_large`; this is the second
+            // line.)
+            EngineError::Wal(IoError::RecordTooLarge { .. }) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "limit_exceeded")
+            }
             EngineError::Mesh(MeshError::Overloaded { .. }) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "overloaded")
             }
