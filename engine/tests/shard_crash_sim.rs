@@ -183,6 +183,7 @@ async fn run_seed(seed: u64) -> (usize, bool) {
         crash_after_ops: Some(1 + rng.below(700)),
         sync_error_per_mille: if rng.chance(200) { 30 } else { 0 },
         capacity_bytes: u64::MAX,
+        max_files: usize::MAX,
         yield_per_mille: 300,
     };
     let storage = SimStorage::new(seed, faults);

@@ -73,6 +73,19 @@ impl Error {
         }
     }
 
+    /// True when the process or the system is out of file descriptors (EMFILE,
+    /// ENFILE): like a full disk, a condition that passes, not a broken file.
+    pub fn is_out_of_descriptors(&self) -> bool {
+        match self {
+            Error::Io { source, .. } => matches!(
+                source.raw_os_error(),
+                Some(libc::EMFILE) | Some(libc::ENFILE)
+            ),
+            Error::WalFailed { cause } => cause.is_out_of_descriptors(),
+            _ => false,
+        }
+    }
+
     /// True when the error is ENOSPC (possibly wrapped by a failed log).
     pub fn is_storage_full(&self) -> bool {
         match self {

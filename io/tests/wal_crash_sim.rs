@@ -83,6 +83,7 @@ async fn run_seed(seed: u64) -> RunOutcome {
         crash_after_ops: Some(1 + rng.below(400)),
         sync_error_per_mille: if rng.chance(200) { 30 } else { 0 },
         capacity_bytes: u64::MAX,
+        max_files: usize::MAX,
         yield_per_mille: 300,
     };
     let storage = SimStorage::new(seed, faults);
@@ -366,6 +367,45 @@ fn fsync_failure_fails_the_log_for_good() {
                 .expect("healthy after restart"),
             Lsn(1)
         );
+    });
+}
+
+#[test]
+fn running_out_of_descriptors_fails_appends_cleanly_and_the_log_retries() {
+    run_local(async {
+        let cfg = config();
+        // The active segment and one spare may exist, not a third file: the spare
+        // after that cannot be created (EMFILE) until a segment is released.
+        let faults = SimFaults {
+            max_files: 2,
+            ..SimFaults::default()
+        };
+        let storage = SimStorage::new(11, faults);
+        let (wal, _) = recover_all(&storage, cfg.clone()).await;
+        let mut acked = 0u64;
+        let mut refused = None;
+        for i in 0u64..400 {
+            match wal.append(KIND, b"t", &[i as u8; 500]).await {
+                Ok(_) => acked += 1,
+                Err(e) => {
+                    refused = Some(e);
+                    break;
+                }
+            }
+        }
+        let err = refused.expect("the descriptors ran out");
+        assert!(err.is_out_of_descriptors(), "expected EMFILE, got {err}");
+        assert!(
+            wal.failure().is_none(),
+            "running out of descriptors must not fail the log"
+        );
+        let released = wal.release_before(Lsn(acked + 1)).await.expect("release");
+        assert!(!released.is_empty());
+        let lsn = wal
+            .append(KIND, b"t", b"after")
+            .await
+            .expect("append once a descriptor is free");
+        assert_eq!(lsn.0, acked + 1, "no LSN was burned by the failed append");
     });
 }
 

@@ -78,6 +78,12 @@ fn each_ops_endpoint_answers_as_the_first_request_of_a_fresh_server() {
         assert_alive_and_ready(&server);
         let (status, _) = server.ops_get("/metrics");
         assert_eq!(status, 200);
+        let log = server.stderr();
+        assert!(log.contains("memory budget set"), "{log}");
+        assert!(
+            !log.contains('\u{1b}'),
+            "colour codes in a log that is not a terminal: {log}"
+        );
     }
 }
 

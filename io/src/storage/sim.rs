@@ -10,6 +10,8 @@
 //!   still show them, and are never retried.
 //! - When the total size of all files would exceed `capacity_bytes`, creating or
 //!   growing a file fails with ENOSPC and changes nothing.
+//! - When `max_files` names exist, creating another fails with EMFILE (the process is
+//!   out of descriptors) and changes nothing.
 //! - The `crash_after_ops`-th operation (counting every call) crashes the machine: that
 //!   operation and every later one fail with [`Error::SimulatedCrash`] until
 //!   [`SimStorage::restart`], which applies the crash to the disk. A write caught by the
@@ -69,6 +71,7 @@ pub struct SimFaults {
     pub crash_after_ops: Option<u64>,
     pub sync_error_per_mille: u32,
     pub capacity_bytes: u64,
+    pub max_files: usize,
     pub yield_per_mille: u32,
 }
 
@@ -78,6 +81,7 @@ impl Default for SimFaults {
             crash_after_ops: None,
             sync_error_per_mille: 0,
             capacity_bytes: u64::MAX,
+            max_files: usize::MAX,
             yield_per_mille: 0,
         }
     }
@@ -278,6 +282,10 @@ impl Storage for SimStorage {
                 op: "creating",
                 file: name.to_string(),
             });
+        }
+        if state.names.len() >= state.faults.max_files {
+            let err = std::io::Error::from_raw_os_error(libc::EMFILE);
+            return Err(Error::io("creating", name, err));
         }
         let ino = state.next_inode;
         state.next_inode += 1;

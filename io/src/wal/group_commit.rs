@@ -8,8 +8,9 @@
 //! - LSNs are assigned at write time, so a group that cannot be written leaves no gap;
 //! - after a failed write or `fdatasync` the log accepts nothing more (the kernel may
 //!   have dropped the dirty pages; retrying would acknowledge lost data);
-//! - a disk-full error while preparing a new segment fails only the frames that needed
-//!   it; the log keeps going and retries the segment on the next write.
+//! - a disk-full (ENOSPC) or out-of-descriptors (EMFILE, ENFILE) error while preparing
+//!   a new segment fails only the frames that needed it; the log keeps going and
+//!   retries the segment on the next write.
 
 use std::cell::RefCell;
 use std::future::poll_fn;
@@ -498,7 +499,10 @@ impl<S: Storage> Writer<S> {
             self.shared.stats.borrow_mut().segments_sealed += 1;
         }
         let spare = self.take_spare().await.map_err(|e| {
-            if e.is_storage_full() {
+            // Preparing the next segment touched no acknowledged data: a full disk or
+            // a full descriptor table fails only the frames that needed the segment,
+            // and the next write asks for it again.
+            if e.is_storage_full() || e.is_out_of_descriptors() {
                 GroupError::Skipped(e)
             } else {
                 GroupError::Fatal(e)

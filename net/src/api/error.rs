@@ -103,6 +103,9 @@ impl From<EngineError> for ApiError {
             EngineError::Wal(IoError::StorageFull { .. }) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "storage_full")
             }
+            EngineError::Wal(e) if e.is_out_of_descriptors() => {
+                (StatusCode::SERVICE_UNAVAILABLE, "out_of_descriptors")
+            }
             EngineError::Wal(_) => (StatusCode::SERVICE_UNAVAILABLE, "log_failed"),
             EngineError::Replay { .. } | EngineError::Layout(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
