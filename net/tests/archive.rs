@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{oc_pitr, oc_pitr_with_env, scrape_value, try_request, Server};
+use common::{oc_pitr, oc_pitr_with_env, restore_latest, scrape_value, try_request, Server};
 use common_s3::Moto;
 use oc_ship::timestamp::format_rfc3339;
 use serde_json::json;
@@ -107,15 +107,7 @@ fn restore_latest_after_losing_the_data_dir_keeps_all_but_the_last_window() {
     }
     std::fs::remove_dir_all(&data).expect("wipe the data directory");
 
-    let restored = oc_pitr(&[
-        "restore",
-        "--archive",
-        &uri,
-        "--target",
-        "latest",
-        "--data-dir",
-        data.to_str().expect("utf-8 path"),
-    ]);
+    let restored = restore_latest(&uri, &data);
     assert!(restored.success, "restore failed: {restored:?}");
     let second_archive = file_uri(&dir.path().join("archive-after-restore"));
     let server = Server::start(&data, &archive_args(&second_archive, &[]));
@@ -319,15 +311,7 @@ fn a_damaged_archive_is_named_and_refused() {
     let occupied = dir.path().join("occupied");
     std::fs::create_dir_all(&occupied).expect("mkdir");
     std::fs::write(occupied.join("keep-me"), b"x").expect("write");
-    let refused = oc_pitr(&[
-        "restore",
-        "--archive",
-        &uri,
-        "--target",
-        "latest",
-        "--data-dir",
-        occupied.to_str().expect("utf-8"),
-    ]);
+    let refused = restore_latest(&uri, &occupied);
     assert!(!refused.success);
     assert!(refused.stderr.contains("is not empty"), "{refused:?}");
     assert_eq!(std::fs::read(occupied.join("keep-me")).expect("kept"), b"x");

@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{oc_pitr, scrape_value, Server};
+use common::{oc_pitr, restore_latest, scrape_value, Server};
 use serde_json::{json, Value};
 
 /// `MAX_ROW_BYTES` (engine/src/limits.rs, API.md).
@@ -185,15 +185,7 @@ fn rows_of_the_largest_legal_size_survive_a_checkpoint_a_restart_and_a_restore()
     assert!(server.terminate().success());
 
     let restored_dir = dir.path().join("restored");
-    let restored = oc_pitr(&[
-        "restore",
-        "--archive",
-        &uri,
-        "--target",
-        "latest",
-        "--data-dir",
-        restored_dir.to_str().expect("utf-8 path"),
-    ]);
+    let restored = restore_latest(&uri, &restored_dir);
     assert!(restored.success, "restore failed: {restored:?}");
     assert!(
         restored.stdout.contains(&format!("checkpoint {last_lsn}")),

@@ -12,7 +12,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{oc_pitr, run_expecting_exit, try_request, Server};
+use common::{oc_pitr, restore_latest, run_expecting_exit, try_request, Server};
 use serde_json::{json, Value};
 
 /// Generous bounds for a loaded 2-core machine; the tests print what they measured.
@@ -166,15 +166,7 @@ fn restore_into_a_locked_directory_is_refused_and_a_restored_directory_needs_a_n
     server.create_tenant_with_items("acme");
     assert_eq!(write_row(&server, "acme", 7).expect("write").status, 200);
 
-    let into_live = oc_pitr(&[
-        "restore",
-        "--archive",
-        &uri,
-        "--target",
-        "latest",
-        "--data-dir",
-        data.to_str().expect("utf-8"),
-    ]);
+    let into_live = restore_latest(&uri, &data);
     assert!(!into_live.success, "{into_live:?}");
     assert!(
         into_live
@@ -189,15 +181,7 @@ fn restore_into_a_locked_directory_is_refused_and_a_restored_directory_needs_a_n
     assert!(server.terminate().success());
 
     let restored = dir.path().join("restored");
-    let run = oc_pitr(&[
-        "restore",
-        "--archive",
-        &uri,
-        "--target",
-        "latest",
-        "--data-dir",
-        restored.to_str().expect("utf-8"),
-    ]);
+    let run = restore_latest(&uri, &restored);
     assert!(run.success, "{run:?}");
     let new_id = data_dir_id(&restored);
     assert_ne!(

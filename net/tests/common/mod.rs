@@ -326,6 +326,20 @@ pub struct PitrRun {
     pub stderr: String,
 }
 
+/// `oc-pitr restore --target latest` from `archive_uri` into `data_dir`.
+pub fn restore_latest(archive_uri: &str, data_dir: &Path) -> PitrRun {
+    let data_dir = data_dir.to_str().expect("utf-8 path");
+    oc_pitr(&[
+        "restore",
+        "--archive",
+        archive_uri,
+        "--target",
+        "latest",
+        "--data-dir",
+        data_dir,
+    ])
+}
+
 /// Runs `oc-pitr` (built next to `oc-server` by `cargo test --workspace`).
 pub fn oc_pitr(args: &[&str]) -> PitrRun {
     oc_pitr_with_env(args, &[])
