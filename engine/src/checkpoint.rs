@@ -20,6 +20,8 @@
 //! shard instead of covering it. A failed checkpoint removes its temporary files;
 //! [`remove_stale_files`] clears what a crash left at open.
 
+mod manifest;
+
 use std::time::{Duration, Instant};
 
 use oc_io::wal::frame::{
@@ -29,14 +31,17 @@ use oc_io::wal::frame::{
 use oc_io::{align_up, IoBuffer, Storage, StorageFile, BLOCK_SIZE};
 
 use crate::api_key::{ApiKey, MAX_API_KEYS_PER_TENANT, MAX_KEY_ID_BYTES, MAX_KEY_NAME_BYTES};
-use crate::error::EngineError;
+use crate::error::{EngineError, FileProblem, SnapshotProblem, UnreadableFile};
 use crate::idempotency::{self, Remembered};
+use crate::json_file::JsonFile;
 use crate::limits::{MAX_NAME_BYTES, MAX_ROW_BYTES};
 use crate::record::{self, Reader, Writer, SCHEMA_MAX_BYTES};
 use crate::shard::ShardState;
 use crate::table::{BatchOutcome, RowWrite, Table};
 use crate::tenant::Tenant;
 use crate::tenant_id::TenantId;
+
+pub use manifest::CheckpointManifest;
 
 /// Version of the snapshot's frame payloads and of the manifest.
 pub const CHECKPOINT_FORMAT_VERSION: u8 = 1;
@@ -202,7 +207,7 @@ impl<S: Storage> SnapshotWriter<S> {
 }
 
 /// Reads a whole file (its length is a block multiple).
-async fn read_file<S: Storage>(storage: &S, name: &str) -> Result<Vec<u8>, EngineError> {
+async fn read_file<S: Storage>(storage: &S, name: &str) -> oc_io::Result<Vec<u8>> {
     let file = storage.open(name).await?;
     let len = file.len().await? as usize;
     let mut bytes = vec![0u8; len];
@@ -219,13 +224,13 @@ async fn read_file<S: Storage>(storage: &S, name: &str) -> Result<Vec<u8>, Engin
 async fn write_small_file<S: Storage>(
     storage: &S,
     name: &str,
-    text: &str,
+    text: &[u8],
 ) -> Result<(), EngineError> {
     let len = align_up(text.len() as u64).max(BLOCK_SIZE as u64);
     let file = storage.create(name, len).await?;
     let mut buf = storage.alloc_buffer(len as usize);
     let bytes = buf.as_bytes_mut();
-    bytes[..text.len()].copy_from_slice(text.as_bytes());
+    bytes[..text.len()].copy_from_slice(text);
     bytes[text.len()..].fill(b' ');
     file.write_at(buf, 0).await?;
     file.sync().await?;
@@ -443,20 +448,24 @@ async fn write_files<S: Storage>(
     // checkpoint for any target at or after it.
     let completed = TimestampMicros::now();
 
-    let manifest = serde_json::json!({
-        "format_version": CHECKPOINT_FORMAT_VERSION,
-        "shard": shard,
-        "lsn": lsn.0,
-        "epoch": epoch.0,
-        "created_us": created.0,
-        "completed_us": completed.0,
-        "snapshot": snapshot_name(lsn),
-        "data_bytes": data_bytes,
-        "crc32c": crc,
-        "rows": rows_total,
-        "tenants": capture.tenants.iter().map(TenantId::as_str).collect::<Vec<_>>(),
-    });
-    write_small_file(storage, &manifest_tmp, &manifest.to_string()).await?;
+    let manifest = CheckpointManifest {
+        completed_us: Some(completed.0),
+        crc32c: crc,
+        created_us: created.0,
+        data_bytes,
+        epoch: epoch.0,
+        format_version: u64::from(CHECKPOINT_FORMAT_VERSION),
+        lsn,
+        rows: rows_total,
+        shard,
+        snapshot: snapshot_name(lsn),
+        tenants: capture
+            .tenants
+            .iter()
+            .map(|t| t.as_str().to_string())
+            .collect(),
+    };
+    write_small_file(storage, &manifest_tmp, &manifest.encode()).await?;
     storage.rename(&snap_tmp, &snapshot_name(lsn)).await?;
     storage.rename(&manifest_tmp, &manifest_name(lsn)).await?;
     storage.sync_dir().await?;
@@ -633,66 +642,49 @@ pub(crate) async fn list_checkpoints<S: Storage>(storage: &S) -> Result<Vec<Lsn>
 }
 
 /// Loads the checkpoint at `lsn`, checking the manifest, the data CRC and every frame;
-/// returns the state and what the manifest says of the checkpoint.
+/// returns the state and what the manifest says of the checkpoint. The error names
+/// the file that is wrong and what in it.
 pub(crate) async fn load_checkpoint<S: Storage>(
     storage: &S,
     lsn: Lsn,
-) -> Result<(ShardState, CheckpointInfo), String> {
-    let manifest = read_file(storage, &manifest_name(lsn))
-        .await
-        .map_err(|e| e.to_string())?;
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&manifest).map_err(|e| format!("manifest is not JSON: {e}"))?;
-    let field = |name: &str| {
-        manifest
-            .get(name)
-            .and_then(serde_json::Value::as_u64)
-            .ok_or_else(|| format!("manifest lacks {name}"))
+) -> Result<(ShardState, CheckpointInfo), UnreadableFile> {
+    let manifest_file = manifest_name(lsn);
+    let unreadable = |file: &str, problem: FileProblem| UnreadableFile {
+        file: file.to_string(),
+        problem,
     };
-    if field("format_version")? != u64::from(CHECKPOINT_FORMAT_VERSION) {
-        return Err(format!(
-            "unsupported checkpoint version {}",
-            field("format_version")?
-        ));
-    }
-    if field("lsn")? != lsn.0 {
-        return Err("manifest LSN does not match its name".into());
-    }
-    let data_bytes = field("data_bytes")? as usize;
-    let bytes = read_file(storage, &snapshot_name(lsn))
+    let bytes = read_file(storage, &manifest_file)
         .await
-        .map_err(|e| e.to_string())?;
-    let data = bytes.get(..data_bytes).ok_or_else(|| {
-        format!(
-            "snapshot has {} bytes, manifest says {data_bytes}",
-            bytes.len()
-        )
-    })?;
-    let crc = crc32c::crc32c(data);
-    if u64::from(crc) != field("crc32c")? {
-        return Err(format!(
-            "snapshot crc {crc:#010x} does not match the manifest"
-        ));
-    }
-    let state = decode_snapshot(data, lsn)?;
+        .map_err(|e| unreadable(&manifest_file, FileProblem::Io(e)))?;
+    let manifest = CheckpointManifest::decode_for(&bytes, lsn)
+        .map_err(|problem| unreadable(&manifest_file, problem))?;
+    let snapshot_file = snapshot_name(lsn);
+    let bytes = read_file(storage, &snapshot_file)
+        .await
+        .map_err(|e| unreadable(&snapshot_file, FileProblem::Io(e)))?;
+    let data = manifest
+        .check_snapshot(&bytes)
+        .map_err(|problem| unreadable(&snapshot_file, problem))?;
+    let state =
+        decode_snapshot(data, lsn).map_err(|problem| unreadable(&snapshot_file, problem))?;
     // Descriptive fields only: the data checked above decides whether the checkpoint is
     // usable. `completed_us` is optional (FORMAT.md §6).
-    let created = field("created_us").unwrap_or(0);
-    let completed = field("completed_us").unwrap_or(created);
+    let created = manifest.created_us;
+    let completed = manifest.completed_us.unwrap_or(created);
     let info = CheckpointInfo {
         lsn,
-        data_bytes: data_bytes as u64,
-        crc,
+        data_bytes: manifest.data_bytes,
+        crc: manifest.crc32c,
         tenants: state.tenants.len(),
-        rows: field("rows").unwrap_or(0),
+        rows: manifest.rows,
         created: TimestampMicros(created),
         duration: Duration::from_micros(completed.saturating_sub(created)),
     };
     Ok((state, info))
 }
 
-/// Rebuilds a shard state from snapshot frames.
-fn decode_snapshot(data: &[u8], lsn: Lsn) -> Result<ShardState, String> {
+/// Rebuilds a shard state from snapshot frames; an error names the frame's offset.
+pub(crate) fn decode_snapshot(data: &[u8], lsn: Lsn) -> Result<ShardState, FileProblem> {
     let mut state = ShardState {
         applied_lsn: lsn,
         ..ShardState::default()
@@ -701,137 +693,156 @@ fn decode_snapshot(data: &[u8], lsn: Lsn) -> Result<ShardState, String> {
     let mut index = 0u32;
     let mut ended = false;
     while pos < data.len() {
-        let f = frame::decode(&data[pos..]).map_err(|e| format!("frame at {pos}: {e}"))?;
+        let at = |problem: SnapshotProblem| FileProblem::Frame {
+            offset: pos,
+            problem,
+        };
+        let f = frame::decode(&data[pos..]).map_err(|e| at(SnapshotProblem::Frame(e)))?;
         if f.lsn != lsn || f.group_index != index {
-            return Err(format!("frame at {pos} is out of place"));
+            return Err(at(SnapshotProblem::OutOfPlace {
+                lsn: f.lsn,
+                index: f.group_index,
+                expected_lsn: lsn,
+                expected_index: index,
+            }));
         }
         if ended {
-            return Err(format!("frame at {pos} follows the end record"));
+            return Err(at(SnapshotProblem::AfterEnd));
         }
-        let mut r = Reader::new(f.kind, f.payload);
-        let bad = |e: crate::record::RecordError| e.to_string();
-        if r.u8().map_err(bad)? != CHECKPOINT_FORMAT_VERSION {
-            return Err(format!("frame at {pos} has an unknown version"));
+        if decode_frame(&mut state, &f, index, data.len()).map_err(at)? {
+            ended = true;
         }
-        let tenant = || {
-            std::str::from_utf8(f.tenant)
-                .ok()
-                .and_then(|t| TenantId::parse(t).ok())
-                .ok_or_else(|| format!("frame at {pos} has a bad tenant tag"))
-        };
-        match f.kind {
-            KIND_HEADER if index == 0 => {
-                r.u32().map_err(bad)?;
-                r.u64().map_err(bad)?;
-            }
-            KIND_TENANT => {
-                let id = tenant()?;
-                state.tenants.insert(id.clone(), Tenant::new(id));
-            }
-            KIND_TABLE => {
-                let version = r.u64().map_err(bad)?;
-                let schema = r.schema().map_err(bad)?;
-                let t = state
-                    .tenants
-                    .get_mut(&tenant()?)
-                    .ok_or("table before its tenant")?;
-                t.create_table(schema, version).map_err(|e| e.to_string())?;
-            }
-            KIND_ROWS => {
-                let table = r.str16().map_err(bad)?;
-                let version = r.u64().map_err(bad)?;
-                let count = r.u32().map_err(bad)? as usize;
-                let t = state
-                    .tenants
-                    .get_mut(&tenant()?)
-                    .ok_or("rows before their tenant")?;
-                let columns = t
-                    .table(&table)
-                    .map_err(|e| e.to_string())?
-                    .schema()
-                    .columns
-                    .len();
-                let mut rows = Vec::with_capacity(count.min(data.len()));
-                for _ in 0..count {
-                    let n = r.u16().map_err(bad)? as usize;
-                    if n != columns {
-                        return Err(format!(
-                            "a row of {table:?} has {n} values, the table {columns} columns"
-                        ));
-                    }
-                    let row = (0..n)
-                        .map(|_| r.value())
-                        .collect::<Result<Vec<_>, _>>()
-                        .map_err(bad)?;
-                    rows.push(RowWrite::Upsert(row));
-                }
-                t.apply_writes(&table, version, rows)
-                    .map_err(|e| e.to_string())?;
-            }
-            KIND_KEYS => {
-                let count = r.u32().map_err(bad)? as usize;
-                let t = state
-                    .tenants
-                    .get_mut(&tenant()?)
-                    .ok_or("keys before their tenant")?;
-                for _ in 0..count {
-                    let key = r.str16().map_err(bad)?;
-                    let request_hash = r.u64().map_err(bad)?;
-                    let lsn = Lsn(r.u64().map_err(bad)?);
-                    let committed = TimestampMicros(r.u64().map_err(bad)?);
-                    let mut n = [0usize; 4];
-                    for x in &mut n {
-                        *x = r.u32().map_err(bad)? as usize;
-                    }
-                    let outcome = BatchOutcome {
-                        inserted: n[0],
-                        updated: n[1],
-                        deleted: n[2],
-                        missing: n[3],
-                    };
-                    let entry = Remembered {
-                        request_hash,
-                        lsn,
-                        outcome,
-                        committed,
-                    };
-                    t.idempotency_mut().remember(key, entry);
-                }
-            }
-            KIND_API_KEYS => {
-                let count = r.u16().map_err(bad)? as usize;
-                let t = state
-                    .tenants
-                    .get_mut(&tenant()?)
-                    .ok_or("API keys before their tenant")?;
-                for _ in 0..count {
-                    let key_id = r.str16().map_err(bad)?;
-                    let key = ApiKey {
-                        name: r.str16().map_err(bad)?,
-                        secret_sha256: r.array().map_err(bad)?,
-                        created: TimestampMicros(r.u64().map_err(bad)?),
-                    };
-                    t.api_keys_mut()
-                        .insert(key_id, key)
-                        .map_err(|e| e.to_string())?;
-                }
-            }
-            KIND_END => {
-                if r.u32().map_err(bad)? != index + 1 {
-                    return Err("end record counts a different number of frames".into());
-                }
-                ended = true;
-            }
-            other => return Err(format!("unexpected record kind {} at {pos}", other.0)),
-        }
-        r.finish().map_err(bad)?;
         pos += f.len();
         index += 1;
     }
     if !ended {
-        return Err("snapshot has no end record".into());
+        return Err(FileProblem::NoEndRecord);
     }
     Ok(state)
+}
+
+/// Applies one snapshot frame (the `index`th) to `state`; true for the end record.
+fn decode_frame(
+    state: &mut ShardState,
+    f: &Frame<'_>,
+    index: u32,
+    data_len: usize,
+) -> Result<bool, SnapshotProblem> {
+    let refused = |e: EngineError| SnapshotProblem::Refused(Box::new(e));
+    let mut r = Reader::new(f.kind, f.payload);
+    let version = r.u8()?;
+    if version != CHECKPOINT_FORMAT_VERSION {
+        return Err(SnapshotProblem::UnknownVersion(version));
+    }
+    let tenant = || {
+        std::str::from_utf8(f.tenant)
+            .ok()
+            .and_then(|t| TenantId::parse(t).ok())
+            .ok_or(SnapshotProblem::BadTenant)
+    };
+    let mut ended = false;
+    match f.kind {
+        KIND_HEADER if index == 0 => {
+            r.u32()?;
+            r.u64()?;
+        }
+        KIND_TENANT => {
+            let id = tenant()?;
+            state.tenants.insert(id.clone(), Tenant::new(id));
+        }
+        KIND_TABLE => {
+            let version = r.u64()?;
+            let schema = r.schema()?;
+            let t = state
+                .tenants
+                .get_mut(&tenant()?)
+                .ok_or(SnapshotProblem::BeforeTenant("table"))?;
+            t.create_table(schema, version).map_err(refused)?;
+        }
+        KIND_ROWS => {
+            let table = r.str16()?;
+            let version = r.u64()?;
+            let count = r.u32()? as usize;
+            let t = state
+                .tenants
+                .get_mut(&tenant()?)
+                .ok_or(SnapshotProblem::BeforeTenant("rows"))?;
+            let columns = t.table(&table).map_err(refused)?.schema().columns.len();
+            let mut rows = Vec::with_capacity(count.min(data_len));
+            for _ in 0..count {
+                let n = r.u16()? as usize;
+                if n != columns {
+                    return Err(SnapshotProblem::RowWidth {
+                        table,
+                        values: n,
+                        columns,
+                    });
+                }
+                let row = (0..n).map(|_| r.value()).collect::<Result<Vec<_>, _>>()?;
+                rows.push(RowWrite::Upsert(row));
+            }
+            t.apply_writes(&table, version, rows).map_err(refused)?;
+        }
+        KIND_KEYS => {
+            let count = r.u32()? as usize;
+            let t = state
+                .tenants
+                .get_mut(&tenant()?)
+                .ok_or(SnapshotProblem::BeforeTenant("keys"))?;
+            for _ in 0..count {
+                let key = r.str16()?;
+                let request_hash = r.u64()?;
+                let lsn = Lsn(r.u64()?);
+                let committed = TimestampMicros(r.u64()?);
+                let mut n = [0usize; 4];
+                for x in &mut n {
+                    *x = r.u32()? as usize;
+                }
+                let outcome = BatchOutcome {
+                    inserted: n[0],
+                    updated: n[1],
+                    deleted: n[2],
+                    missing: n[3],
+                };
+                let entry = Remembered {
+                    request_hash,
+                    lsn,
+                    outcome,
+                    committed,
+                };
+                t.idempotency_mut().remember(key, entry);
+            }
+        }
+        KIND_API_KEYS => {
+            let count = r.u16()? as usize;
+            let t = state
+                .tenants
+                .get_mut(&tenant()?)
+                .ok_or(SnapshotProblem::BeforeTenant("API keys"))?;
+            for _ in 0..count {
+                let key_id = r.str16()?;
+                let key = ApiKey {
+                    name: r.str16()?,
+                    secret_sha256: r.array()?,
+                    created: TimestampMicros(r.u64()?),
+                };
+                t.api_keys_mut().insert(key_id, key).map_err(refused)?;
+            }
+        }
+        KIND_END => {
+            let counted = r.u32()?;
+            if counted != index + 1 {
+                return Err(SnapshotProblem::EndCount {
+                    counted,
+                    frames: index + 1,
+                });
+            }
+            ended = true;
+        }
+        other => return Err(SnapshotProblem::UnknownKind(other.0)),
+    }
+    r.finish()?;
+    Ok(ended)
 }
 
 /// One tenant's API keys as a checkpoint record (FORMAT.md §6).

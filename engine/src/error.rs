@@ -1,5 +1,14 @@
 //! The engine's error type. Each variant says what to fix; the server maps them to
 //! HTTP statuses (validation → 400, missing → 404, conflicts → 409, limits → 413).
+//!
+//! Files read from disk or an archive are untrusted: their loaders return an
+//! [`UnreadableFile`] (the file, and a [`FileProblem`] saying what in it is wrong) or,
+//! where the caller names the file itself (an archive key), the bare [`FileProblem`].
+
+use oc_io::wal::frame::FrameError;
+use oc_io::Lsn;
+
+use crate::record::RecordError;
 
 /// Everything the engine refuses or fails at.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -53,8 +62,107 @@ pub enum EngineError {
     Replay { lsn: u64, why: String },
     #[error("data directory layout: {0}")]
     Layout(String),
+    /// A file on disk that this build cannot use (a damaged or foreign layout file).
+    #[error(transparent)]
+    Unreadable(#[from] UnreadableFile),
     #[error(transparent)]
     Mesh(#[from] crate::mesh::MeshError),
     #[error("write-ahead log: {0}")]
     Wal(#[from] oc_io::Error),
+}
+
+/// A file this build cannot use: which one, and what is wrong with it.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{file} is unreadable: {problem}")]
+pub struct UnreadableFile {
+    /// The file's path, or its name in a shard's directory.
+    pub file: String,
+    pub problem: FileProblem,
+}
+
+/// What is wrong with a file read from disk or an archive (FORMAT.md §6, §7, §9).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FileProblem {
+    /// Reading it failed.
+    #[error("cannot read it: {0}")]
+    Io(oc_io::Error),
+    /// The bytes are not JSON at all (or end early).
+    #[error("not JSON: {0}")]
+    NotJson(String),
+    /// A field every supported version has is absent.
+    #[error("no {0}")]
+    MissingField(&'static str),
+    /// A `format_version` this build does not read (the versioning rule of FORMAT.md).
+    #[error(
+        "format_version {found} is not supported (this build reads {})",
+        versions(supported)
+    )]
+    UnsupportedVersion {
+        found: u64,
+        supported: &'static [u64],
+    },
+    /// A field is present but its value is refused.
+    #[error("{field} {why}")]
+    BadField { field: &'static str, why: String },
+    /// JSON of the wrong shape: a field of the wrong type, or one the format refuses
+    /// (serde's account, which names the value and where it is).
+    #[error("{0}")]
+    Malformed(String),
+    /// The snapshot holds fewer bytes than its manifest counts.
+    #[error("snapshot has {actual} bytes, manifest says {expected}")]
+    SnapshotTooShort { actual: u64, expected: u64 },
+    /// The snapshot's data does not match its manifest's checksum.
+    #[error("snapshot crc {actual:#010x} does not match the manifest's {expected:#010x}")]
+    SnapshotCrc { actual: u32, expected: u32 },
+    /// One frame of a snapshot is wrong.
+    #[error("frame at byte {offset}: {problem}")]
+    Frame {
+        offset: usize,
+        problem: SnapshotProblem,
+    },
+    /// The snapshot stops before its end record.
+    #[error("snapshot has no end record")]
+    NoEndRecord,
+}
+
+/// What is wrong with one frame of a checkpoint snapshot (FORMAT.md §6).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SnapshotProblem {
+    #[error("{0}")]
+    Frame(FrameError),
+    #[error("has LSN {lsn} and position {index}; LSN {expected_lsn} and position {expected_index} were expected")]
+    OutOfPlace {
+        lsn: Lsn,
+        index: u32,
+        expected_lsn: Lsn,
+        expected_index: u32,
+    },
+    #[error("follows the end record")]
+    AfterEnd,
+    #[error("payload version {0} is not supported")]
+    UnknownVersion(u8),
+    #[error("bad tenant tag")]
+    BadTenant,
+    #[error(transparent)]
+    Record(#[from] RecordError),
+    #[error("{0} before its tenant")]
+    BeforeTenant(&'static str),
+    #[error("a row of {table:?} has {values} values, the table {columns} columns")]
+    RowWidth {
+        table: String,
+        values: usize,
+        columns: usize,
+    },
+    /// The state machine refused what the frame holds (a bad schema, a duplicate key).
+    #[error("refused: {0}")]
+    Refused(Box<EngineError>),
+    #[error("the end record counts {counted} frames, the snapshot has {frames}")]
+    EndCount { counted: u32, frames: u32 },
+    #[error("unexpected record kind {0}")]
+    UnknownKind(u16),
+}
+
+fn versions(supported: &[u64]) -> String {
+    let list: Vec<String> = supported.iter().map(u64::to_string).collect();
+    list.join(" and ")
 }

@@ -15,6 +15,7 @@ pub mod checkpoint;
 pub mod command;
 pub mod error;
 pub mod idempotency;
+pub mod json_file;
 pub mod key;
 pub mod limits;
 pub mod mesh;
@@ -32,7 +33,7 @@ pub mod tenant_id;
 pub mod value;
 pub mod vectors;
 
-pub use error::EngineError;
+pub use error::{EngineError, FileProblem, UnreadableFile};
 pub use mesh::{MeshError, Router};
 pub use oc_io as io;
 pub use placement::owner_shard;

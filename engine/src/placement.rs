@@ -15,9 +15,10 @@ use std::fmt;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use serde_json::json;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::error::EngineError;
+use crate::error::{EngineError, FileProblem, UnreadableFile};
+use crate::json_file::JsonFile;
 use crate::tenant_id::TenantId;
 
 /// FNV-1a 64-bit offset basis and prime: the fixed seed of tenant placement.
@@ -33,6 +34,8 @@ pub const LAYOUT_FORMAT_VERSION: u64 = 2;
 const LAYOUT_FORMAT_VERSION_NO_ID: u64 = 1;
 /// Most shards a data directory can have.
 pub const MAX_SHARDS: usize = 256;
+/// The placement rule's name in `oc-layout.json` and the archive's `manifest.json`.
+pub const PLACEMENT_RULE: &str = "fnv1a64-mod";
 
 /// A data directory's identity: 128 random bits, written as 32 lowercase hex digits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -62,6 +65,66 @@ impl DataDirId {
 impl fmt::Display for DataDirId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:032x}", self.0)
+    }
+}
+
+/// Written as its 32 hex digits, the form [`DataDirId::parse`] reads.
+impl Serialize for DataDirId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for DataDirId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<DataDirId, D::Error> {
+        struct Hex;
+        impl serde::de::Visitor<'_> for Hex {
+            type Value = DataDirId;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a data_dir_id: 32 lowercase hex digits, not all zero")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<DataDirId, E> {
+                DataDirId::parse(s)
+                    .ok_or_else(|| E::invalid_value(serde::de::Unexpected::Str(s), &self))
+            }
+        }
+        d.deserialize_str(Hex)
+    }
+}
+
+/// `oc-layout.json`, field for field (FORMAT.md §7). Fields are in the order the file
+/// has always had them (alphabetical); do not reorder. Unknown fields are ignored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct LayoutFile {
+    /// Required from version 2 on; version 1 files have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    data_dir_id: Option<DataDirId>,
+    format_version: u64,
+    placement: String,
+    shards: u64,
+}
+
+impl JsonFile for LayoutFile {
+    const VERSIONS: &'static [u64] = &[LAYOUT_FORMAT_VERSION_NO_ID, LAYOUT_FORMAT_VERSION];
+    const REQUIRED_FIELDS: &'static [&'static str] = &["format_version", "placement", "shards"];
+}
+
+impl LayoutFile {
+    fn of(layout: &Layout) -> LayoutFile {
+        LayoutFile {
+            data_dir_id: Some(layout.id),
+            format_version: LAYOUT_FORMAT_VERSION,
+            placement: PLACEMENT_RULE.to_string(),
+            shards: layout.shards as u64,
+        }
+    }
+
+    /// The file's bytes: pretty JSON and a newline, for the humans who read it.
+    fn text(&self) -> String {
+        let mut text =
+            serde_json::to_string_pretty(self).expect("a struct of strings and integers");
+        text.push('\n');
+        text
     }
 }
 
@@ -98,8 +161,9 @@ pub fn ensure_layout(data_dir: &Path, shards: usize) -> Result<Layout, EngineErr
     let path = data_dir.join(LAYOUT_FILE);
     match std::fs::read(&path) {
         Ok(bytes) => {
-            let (recorded, id) = parse_layout(&bytes).map_err(|why| {
-                EngineError::Layout(format!("{} is unreadable: {why}", path.display()))
+            let (recorded, id) = parse_layout(&bytes).map_err(|problem| UnreadableFile {
+                file: path.display().to_string(),
+                problem,
             })?;
             if recorded != shards {
                 return Err(EngineError::Layout(format!(
@@ -172,50 +236,38 @@ fn new_layout(shards: usize) -> std::io::Result<Layout> {
 }
 
 /// The shard count and the id (`None` for a version 1 file).
-fn parse_layout(bytes: &[u8]) -> Result<(usize, Option<DataDirId>), String> {
-    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
-    let version = value["format_version"]
-        .as_u64()
-        .ok_or("no format_version")?;
-    if version != LAYOUT_FORMAT_VERSION && version != LAYOUT_FORMAT_VERSION_NO_ID {
-        return Err(format!(
-            "format_version {version} is not supported (this build reads \
-             {LAYOUT_FORMAT_VERSION_NO_ID} and {LAYOUT_FORMAT_VERSION})"
-        ));
+fn parse_layout(bytes: &[u8]) -> Result<(usize, Option<DataDirId>), FileProblem> {
+    let file = LayoutFile::decode(bytes)?;
+    if file.placement != PLACEMENT_RULE {
+        return Err(FileProblem::BadField {
+            field: "placement",
+            why: format!("{:?} is not supported", file.placement),
+        });
     }
-    let placement = value["placement"].as_str().ok_or("no placement")?;
-    if placement != "fnv1a64-mod" {
-        return Err(format!("placement {placement:?} is not supported"));
-    }
-    let shards = value["shards"].as_u64().ok_or("no shards")?;
-    let shards = match usize::try_from(shards) {
+    let shards = match usize::try_from(file.shards) {
         Ok(n) if (1..=MAX_SHARDS).contains(&n) => n,
-        _ => return Err(format!("shards {shards} is out of range")),
+        _ => {
+            return Err(FileProblem::BadField {
+                field: "shards",
+                why: format!("{} is out of range", file.shards),
+            })
+        }
     };
-    if version == LAYOUT_FORMAT_VERSION_NO_ID {
+    if file.format_version == LAYOUT_FORMAT_VERSION_NO_ID {
         return Ok((shards, None));
     }
-    let id = match &value["data_dir_id"] {
-        serde_json::Value::String(s) => DataDirId::parse(s)
-            .ok_or_else(|| format!("data_dir_id {s:?} is not 32 lowercase hex digits"))?,
-        serde_json::Value::Null => return Err("no data_dir_id".into()),
-        other => return Err(format!("data_dir_id {other} is not a string")),
-    };
+    let id = file
+        .data_dir_id
+        .ok_or(FileProblem::MissingField("data_dir_id"))?;
     Ok((shards, Some(id)))
 }
 
 /// Written to a temporary name, synced, renamed, and the directory synced, so a crash
 /// leaves either the old layout (or none) or a whole new one.
 fn write_layout(data_dir: &Path, layout: &Layout) -> std::io::Result<()> {
-    let body = json!({
-        "format_version": LAYOUT_FORMAT_VERSION,
-        "shards": layout.shards,
-        "placement": "fnv1a64-mod",
-        "data_dir_id": layout.id.to_string(),
-    });
     let tmp = data_dir.join(format!("{LAYOUT_FILE}.tmp"));
     let mut file = std::fs::File::create(&tmp)?;
-    file.write_all(format!("{body:#}\n").as_bytes())?;
+    file.write_all(LayoutFile::of(layout).text().as_bytes())?;
     file.sync_all()?;
     std::fs::rename(&tmp, data_dir.join(LAYOUT_FILE))?;
     std::fs::File::open(data_dir)?.sync_all()
@@ -332,5 +384,62 @@ mod tests {
         .expect("write");
         let err = ensure_layout(dir.path(), 1).expect_err("future version");
         assert!(err.to_string().contains("not supported"), "{err}");
+    }
+
+    /// The bytes are those of the writer before the struct: a pretty `json!` map.
+    #[test]
+    fn the_layout_file_writes_the_bytes_it_always_did() {
+        let layout = Layout {
+            shards: 4,
+            id: DataDirId(0x5f0c_9d7e_2b8a_41c6_a3e1_f0d2_c4b6_a8e0),
+        };
+        let text = LayoutFile::of(&layout).text();
+        assert_eq!(
+            text,
+            "{\n  \"data_dir_id\": \"5f0c9d7e2b8a41c6a3e1f0d2c4b6a8e0\",\n  \"format_version\": 2,\n  \
+             \"placement\": \"fnv1a64-mod\",\n  \"shards\": 4\n}\n"
+        );
+        let legacy = serde_json::json!({
+            "format_version": LAYOUT_FORMAT_VERSION,
+            "shards": layout.shards,
+            "placement": "fnv1a64-mod",
+            "data_dir_id": layout.id.to_string(),
+        });
+        assert_eq!(text, format!("{legacy:#}\n"));
+        assert_eq!(
+            parse_layout(text.as_bytes()).expect("round trip"),
+            (4, Some(layout.id))
+        );
+        crate::json_file::assert_required_fields(&LayoutFile::of(&layout));
+    }
+
+    #[test]
+    fn an_unknown_version_or_a_missing_field_is_a_typed_error_naming_the_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join(LAYOUT_FILE);
+        for (text, wanted) in [
+            (
+                r#"{"format_version":3,"shards":1,"placement":"fnv1a64-mod"}"#,
+                "version",
+            ),
+            (
+                r#"{"format_version":2,"placement":"fnv1a64-mod","data_dir_id":"5f0c9d7e2b8a41c6a3e1f0d2c4b6a8e0"}"#,
+                "shards",
+            ),
+            (r#"{"format_version":1,"shards":1}"#, "placement"),
+        ] {
+            std::fs::write(&path, text).expect("write");
+            let err = ensure_layout(dir.path(), 1).expect_err(text);
+            let EngineError::Unreadable(UnreadableFile { file, problem }) = &err else {
+                panic!("{text}: {err:?}");
+            };
+            assert_eq!(file, &path.display().to_string());
+            match (wanted, problem) {
+                ("version", FileProblem::UnsupportedVersion { found: 3, .. }) => {}
+                (field, FileProblem::MissingField(missing)) if field == *missing => {}
+                _ => panic!("{text}: {problem:?}"),
+            }
+            assert!(err.to_string().contains(LAYOUT_FILE), "{err}");
+        }
     }
 }

@@ -203,7 +203,7 @@ pub struct ShardOpenReport {
     /// The checkpoint the state was loaded from, if any.
     pub checkpoint: Option<Lsn>,
     /// Newer checkpoints that could not be used, with the reason (recovery fell back).
-    pub unusable_checkpoints: Vec<(Lsn, String)>,
+    pub unusable_checkpoints: Vec<(Lsn, crate::error::UnreadableFile)>,
     pub wal: RecoveryReport,
 }
 
@@ -282,7 +282,12 @@ impl<S: Storage> Shard<S> {
                     lsn: wanted.0,
                     why: format!(
                         "no usable checkpoint covers the log before LSN {first_available} \
-                         (unusable: {unusable:?}); restore from a replica or the archive"
+                         (unusable: [{}]); restore from a replica or the archive",
+                        unusable
+                            .iter()
+                            .map(|(_, why)| why.to_string())
+                            .collect::<Vec<_>>()
+                            .join("; ")
                     ),
                 })
             }

@@ -9,7 +9,10 @@ use std::rc::Rc;
 
 use oc_engine::checkpoint::{manifest_name, snapshot_name, FRAME_PAYLOAD_BUDGET_BYTES};
 use oc_engine::limits::{MAX_ROW_BYTES, MAX_VECTOR_DIM};
-use oc_engine::{ColumnType, EngineError, Shard, TableSchema, TenantId, Value, WriteOp};
+use oc_engine::{
+    ColumnType, EngineError, FileProblem, Shard, TableSchema, TenantId, UnreadableFile, Value,
+    WriteOp,
+};
 use oc_io::executor::run_local;
 use oc_io::{DmaStorage, WalConfig};
 use serde_json::json;
@@ -149,7 +152,7 @@ fn a_damaged_newest_checkpoint_falls_back_to_the_previous_one() {
         assert_eq!(report.checkpoint, Some(first.lsn));
         assert_eq!(report.unusable_checkpoints.len(), 1);
         assert!(
-            report.unusable_checkpoints[0].1.contains("crc"),
+            report.unusable_checkpoints[0].1.to_string().contains("crc"),
             "{:?}",
             report.unusable_checkpoints
         );
@@ -167,6 +170,59 @@ fn a_damaged_newest_checkpoint_falls_back_to_the_previous_one() {
         assert_eq!(report.checkpoint, None);
         assert_eq!(report.unusable_checkpoints.len(), 2);
         assert_eq!(rows(&shard), before);
+    });
+}
+
+/// Replaces a manifest's text, keeping its block-padded length.
+fn rewrite_manifest(dir: &Path, name: &str, edit: impl Fn(&str) -> String) {
+    let text = std::fs::read_to_string(dir.join(name)).expect("read");
+    let edited = edit(text.trim_end());
+    assert!(edited.len() <= text.len());
+    std::fs::write(
+        dir.join(name),
+        format!("{edited:<width$}", width = text.len()),
+    )
+    .expect("write");
+}
+
+#[test]
+fn a_manifest_of_an_unknown_version_or_without_a_field_is_refused_by_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    run_local(async {
+        let (shard, _) = open(dir.path()).await.expect("open");
+        let shard = Rc::new(shard);
+        setup(&shard).await;
+        write_range(&shard, 0, 100).await;
+        let first = shard.checkpoint().await.expect("checkpoint 1");
+        write_range(&shard, 100, 200).await;
+        let second = shard.checkpoint().await.expect("checkpoint 2");
+        let before = rows(&shard);
+        shard.close().await.expect("close");
+        drop(shard);
+
+        let newest = manifest_name(second.lsn);
+        for wanted in ["version", "lsn"] {
+            let original = std::fs::read(dir.path().join(&newest)).expect("read");
+            rewrite_manifest(dir.path(), &newest, |t| match wanted {
+                "version" => t.replace("\"format_version\":1", "\"format_version\":7"),
+                _ => t.replace(&format!("\"lsn\":{},", second.lsn.0), ""),
+            });
+            let (shard, report) = open(dir.path()).await.expect("reopen");
+            assert_eq!(report.checkpoint, Some(first.lsn), "fell back ({wanted})");
+            let [(lsn, UnreadableFile { file, problem })] = &report.unusable_checkpoints[..] else {
+                panic!("{wanted}: {:?}", report.unusable_checkpoints);
+            };
+            assert_eq!((*lsn, file), (second.lsn, &newest));
+            match (wanted, problem) {
+                ("version", FileProblem::UnsupportedVersion { found: 7, .. }) => {}
+                ("lsn", FileProblem::MissingField("lsn")) => {}
+                _ => panic!("{wanted}: {problem:?}"),
+            }
+            assert_eq!(rows(&shard), before);
+            shard.close().await.expect("close");
+            drop(shard);
+            std::fs::write(dir.path().join(&newest), original).expect("restore");
+        }
     });
 }
 

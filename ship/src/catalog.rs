@@ -3,104 +3,78 @@
 
 use std::collections::BTreeMap;
 
+use oc_engine::json_file::JsonFile;
+use oc_engine::placement::{MAX_SHARDS, PLACEMENT_RULE};
+use oc_engine::FileProblem;
 use oc_io::Lsn;
+use serde::{Deserialize, Serialize};
 
 use crate::archive::{Archive, ArchiveError};
 use crate::layout::{self, SegmentKey, TailPieceKey};
 
-/// The archive's `manifest.json`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A checkpoint's manifest (FORMAT.md §6): the archive stores the server's byte for byte.
+pub use oc_engine::checkpoint::CheckpointManifest;
+
+/// The archive's `manifest.json` (FORMAT.md §9), field for field. Fields are in the
+/// order the file has always had them (alphabetical); do not reorder. Unknown fields
+/// are ignored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ArchiveManifest {
-    pub shards: usize,
+    /// When the first server shipped to the archive (µs since the Unix epoch).
     pub created_us: u64,
+    pub format_version: u64,
+    /// The tenant placement rule, [`PLACEMENT_RULE`].
+    pub placement: String,
+    pub shards: usize,
+}
+
+impl JsonFile for ArchiveManifest {
+    const VERSIONS: &'static [u64] = &[layout::ARCHIVE_FORMAT_VERSION];
+    const REQUIRED_FIELDS: &'static [&'static str] =
+        &["created_us", "format_version", "placement", "shards"];
+}
+
+impl ArchiveManifest {
+    /// The manifest of a new archive of `shards` shards.
+    pub fn new(shards: usize, created_us: u64) -> ArchiveManifest {
+        ArchiveManifest {
+            created_us,
+            format_version: layout::ARCHIVE_FORMAT_VERSION,
+            placement: PLACEMENT_RULE.to_string(),
+            shards,
+        }
+    }
+
+    /// Decodes a stored manifest, refusing another placement rule or shard count.
+    pub fn decode_checked(bytes: &[u8]) -> Result<ArchiveManifest, FileProblem> {
+        let manifest = ArchiveManifest::decode(bytes)?;
+        if manifest.placement != PLACEMENT_RULE {
+            return Err(FileProblem::BadField {
+                field: "placement",
+                why: format!("{:?} is not a placement rule oc knows", manifest.placement),
+            });
+        }
+        if !(1..=MAX_SHARDS).contains(&manifest.shards) {
+            return Err(FileProblem::BadField {
+                field: "shards",
+                why: format!("{} is out of range", manifest.shards),
+            });
+        }
+        Ok(manifest)
+    }
 }
 
 pub fn read_archive_manifest(archive: &dyn Archive) -> Result<ArchiveManifest, ArchiveError> {
-    let corrupt = |why: String| ArchiveError::Corrupt {
-        key: layout::MANIFEST_KEY.into(),
-        why,
-    };
     let Some((bytes, _)) = archive.get(layout::MANIFEST_KEY)? else {
         return Err(ArchiveError::Uri {
             uri: layout::MANIFEST_KEY.into(),
             why: "this archive has no manifest.json: nothing was ever shipped to it".into(),
         });
     };
-    let json: serde_json::Value =
-        serde_json::from_slice(&bytes).map_err(|e| corrupt(format!("not JSON: {e}")))?;
-    let field = |name: &str| {
-        json.get(name)
-            .and_then(serde_json::Value::as_u64)
-            .ok_or_else(|| corrupt(format!("lacks {name}")))
-    };
-    let version = field("format_version")?;
-    if version != layout::ARCHIVE_FORMAT_VERSION {
-        return Err(corrupt(format!(
-            "unsupported archive format version {version}"
-        )));
-    }
-    if json.get("placement").and_then(|p| p.as_str()) != Some("fnv1a64-mod") {
-        return Err(corrupt("unknown placement rule".into()));
-    }
-    let shards = field("shards")? as usize;
-    if !(1..=256).contains(&shards) {
-        return Err(corrupt(format!("{shards} shards is out of range")));
-    }
-    Ok(ArchiveManifest {
-        shards,
-        created_us: field("created_us")?,
+    ArchiveManifest::decode_checked(&bytes).map_err(|problem| ArchiveError::Unreadable {
+        key: layout::MANIFEST_KEY.into(),
+        problem,
     })
-}
-
-/// A checkpoint manifest (FORMAT.md §6), the fields restore needs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CheckpointManifest {
-    pub lsn: Lsn,
-    pub created_us: u64,
-    /// When the copy finished; `u64::MAX` for manifests written before the field
-    /// existed (usable only to restore the latest state).
-    pub completed_us: u64,
-    pub data_bytes: u64,
-    pub crc32c: u32,
-    pub rows: u64,
-}
-
-impl CheckpointManifest {
-    pub fn parse(bytes: &[u8]) -> Result<CheckpointManifest, String> {
-        let json: serde_json::Value =
-            serde_json::from_slice(bytes).map_err(|e| format!("manifest is not JSON: {e}"))?;
-        let field = |name: &str| {
-            json.get(name)
-                .and_then(serde_json::Value::as_u64)
-                .ok_or_else(|| format!("manifest lacks {name}"))
-        };
-        if field("format_version")? != u64::from(oc_engine::checkpoint::CHECKPOINT_FORMAT_VERSION) {
-            return Err("unsupported checkpoint manifest version".into());
-        }
-        Ok(CheckpointManifest {
-            lsn: Lsn(field("lsn")?),
-            created_us: field("created_us")?,
-            completed_us: field("completed_us").unwrap_or(u64::MAX),
-            data_bytes: field("data_bytes")?,
-            crc32c: u32::try_from(field("crc32c")?).map_err(|_| "crc32c out of range")?,
-            rows: field("rows")?,
-        })
-    }
-
-    /// Checks a snapshot's size and checksum against this manifest.
-    pub fn check_snapshot(&self, snapshot: &[u8]) -> Result<(), String> {
-        let data = snapshot.get(..self.data_bytes as usize).ok_or_else(|| {
-            format!(
-                "snapshot has {} bytes, manifest says {}",
-                snapshot.len(),
-                self.data_bytes
-            )
-        })?;
-        if crc32c::crc32c(data) != self.crc32c {
-            return Err("snapshot checksum does not match its manifest".into());
-        }
-        Ok(())
-    }
 }
 
 /// One shard's part of the archive.
@@ -139,17 +113,12 @@ impl ShardCatalog {
                 let Some((bytes, _)) = archive.get(&key)? else {
                     continue; // deleted by retention meanwhile
                 };
-                let manifest =
-                    CheckpointManifest::parse(&bytes).map_err(|why| ArchiveError::Corrupt {
+                let manifest = CheckpointManifest::decode_for(&bytes, lsn).map_err(|problem| {
+                    ArchiveError::Unreadable {
                         key: key.clone(),
-                        why,
-                    })?;
-                if manifest.lsn != lsn {
-                    return Err(ArchiveError::Corrupt {
-                        key,
-                        why: format!("manifest names LSN {}", manifest.lsn.0),
-                    });
-                }
+                        problem,
+                    }
+                })?;
                 catalog.checkpoints.push(manifest);
             } else if key.ends_with(".snap") && key.starts_with(&layout::checkpoint_prefix(shard)) {
                 snapshots.push(key);
@@ -193,4 +162,117 @@ pub fn contiguous_end(pieces: &[TailPieceKey]) -> u64 {
         end = piece.end;
     }
     end
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::archive::{Condition, LocalDirArchive};
+
+    const GOLDEN: &str = r#"{"created_us":1764000000000000,"format_version":1,"placement":"fnv1a64-mod","shards":4}"#;
+
+    /// The bytes are those of the writer before the struct: a `serde_json::json!` map.
+    #[test]
+    fn the_archive_manifest_writes_the_bytes_it_always_did() {
+        let manifest = ArchiveManifest::new(4, 1_764_000_000_000_000);
+        let legacy = serde_json::json!({
+            "format_version": layout::ARCHIVE_FORMAT_VERSION,
+            "shards": 4,
+            "placement": "fnv1a64-mod",
+            "created_us": 1_764_000_000_000_000u64,
+        });
+        let bytes = String::from_utf8(manifest.encode()).expect("utf-8");
+        assert_eq!(bytes, GOLDEN);
+        assert_eq!(bytes, legacy.to_string());
+        assert_eq!(
+            ArchiveManifest::decode_checked(GOLDEN.as_bytes()).expect("round trip"),
+            manifest
+        );
+    }
+
+    #[test]
+    fn every_archive_manifest_field_is_required_and_named_when_missing() {
+        let serde_json::Value::Object(fields) =
+            serde_json::from_str::<serde_json::Value>(GOLDEN).expect("json")
+        else {
+            panic!("an object");
+        };
+        assert_eq!(
+            fields.keys().map(String::as_str).collect::<Vec<_>>(),
+            ArchiveManifest::REQUIRED_FIELDS
+        );
+        for field in fields.keys() {
+            let mut without = fields.clone();
+            without.remove(field);
+            let bytes = serde_json::to_vec(&without).expect("json");
+            let err = ArchiveManifest::decode_checked(&bytes).expect_err(field);
+            assert!(
+                matches!(&err, FileProblem::MissingField(f) if f == field),
+                "{field}: {err:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_unknown_version_or_a_missing_field_is_refused_naming_the_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let archive = LocalDirArchive::open(dir.path().join("a")).expect("archive");
+        for (text, wanted) in [
+            (
+                GOLDEN.replace("\"format_version\":1", "\"format_version\":2"),
+                "version",
+            ),
+            (GOLDEN.replace(",\"shards\":4", ""), "shards"),
+            (GOLDEN.replace("fnv1a64-mod", "round-robin"), "placement"),
+        ] {
+            archive
+                .put(layout::MANIFEST_KEY, text.as_bytes(), &Condition::Always)
+                .expect("put");
+            let err = read_archive_manifest(&archive).expect_err(&text);
+            let ArchiveError::Unreadable { key, problem } = &err else {
+                panic!("{text}: {err:?}");
+            };
+            assert_eq!(key, layout::MANIFEST_KEY);
+            match (wanted, problem) {
+                ("version", FileProblem::UnsupportedVersion { found: 2, .. }) => {}
+                ("shards", FileProblem::MissingField("shards")) => {}
+                (
+                    "placement",
+                    FileProblem::BadField {
+                        field: "placement", ..
+                    },
+                ) => {}
+                _ => panic!("{text}: {problem:?}"),
+            }
+            assert!(err.to_string().contains("manifest.json"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_manifest_naming_another_lsn_is_refused_by_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let archive = LocalDirArchive::open(dir.path().join("a")).expect("archive");
+        let manifest = CheckpointManifest {
+            completed_us: Some(2),
+            crc32c: 0,
+            created_us: 1,
+            data_bytes: 0,
+            epoch: 1,
+            format_version: 1,
+            lsn: Lsn(5),
+            rows: 0,
+            shard: 0,
+            snapshot: "x".into(),
+            tenants: Vec::new(),
+        };
+        let key = layout::checkpoint_manifest_key(0, Lsn(6));
+        archive
+            .put(&key, &manifest.encode(), &Condition::Always)
+            .expect("put");
+        let err = ShardCatalog::load(&archive, 0).expect_err("other lsn");
+        assert!(
+            matches!(&err, ArchiveError::Unreadable { key: k, problem: FileProblem::BadField { field: "lsn", .. } } if *k == key),
+            "{err:?}"
+        );
+    }
 }

@@ -11,6 +11,8 @@
 //! cannot both win, on S3 (`If-None-Match` / `If-Match`) or a local directory
 //! (hard link / compare-and-swap under a `flock`).
 
+use oc_engine::json_file::JsonFile;
+use oc_engine::FileProblem;
 use serde::{Deserialize, Serialize};
 
 use crate::archive::{Archive, ArchiveError, Condition, Version};
@@ -65,9 +67,9 @@ pub enum LeaseError {
     )]
     OwnedByAnother { owner: Box<Lease>, mine: String },
     #[error(
-        "the archive's {LEASE_KEY} is unreadable: {why}; it was not written by this version of oc"
+        "the archive's {LEASE_KEY} is unreadable: {problem}; it was not written by this version of oc"
     )]
-    Unreadable { why: String },
+    Unreadable { problem: FileProblem },
     #[error("the archive's {LEASE_KEY} kept changing while this server claimed it ({MAX_CLAIM_ATTEMPTS} attempts): another process is claiming it too")]
     Contended,
 }
@@ -75,29 +77,40 @@ pub enum LeaseError {
 impl Lease {
     /// Encodes the record as its stored JSON (the archive seals it in an envelope).
     pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("a struct of strings and integers always serializes")
+        JsonFile::encode(self)
     }
 
     /// Decodes a stored record, refusing unknown versions and fields.
     pub fn decode(bytes: &[u8]) -> Result<Lease, LeaseError> {
-        let unreadable = |why: String| LeaseError::Unreadable { why };
-        let value: serde_json::Value =
-            serde_json::from_slice(bytes).map_err(|e| unreadable(format!("not JSON: {e}")))?;
-        match value.get("format_version").and_then(|v| v.as_u64()) {
-            Some(LEASE_FORMAT_VERSION) => {}
-            Some(v) => {
-                return Err(unreadable(format!(
-                    "format_version {v} is not supported (this build reads {LEASE_FORMAT_VERSION})"
-                )))
-            }
-            None => return Err(unreadable("no format_version".into())),
+        let unreadable = |problem| LeaseError::Unreadable { problem };
+        let lease = <Lease as JsonFile>::decode(bytes).map_err(unreadable)?;
+        if lease.owner_id.is_empty() {
+            return Err(unreadable(FileProblem::BadField {
+                field: "owner_id",
+                why: "is empty".into(),
+            }));
         }
-        let lease: Lease = serde_json::from_value(value).map_err(|e| unreadable(e.to_string()))?;
-        if lease.owner_id.is_empty() || lease.epoch == 0 {
-            return Err(unreadable("empty owner_id or epoch 0".into()));
+        if lease.epoch == 0 {
+            return Err(unreadable(FileProblem::BadField {
+                field: "epoch",
+                why: "is 0 (epochs start at 1)".into(),
+            }));
         }
         Ok(lease)
     }
+}
+
+/// `lease_ttl_ms` may be absent (read as `null`), as serde has always read it.
+impl JsonFile for Lease {
+    const VERSIONS: &'static [u64] = &[LEASE_FORMAT_VERSION];
+    const REQUIRED_FIELDS: &'static [&'static str] = &[
+        "format_version",
+        "owner_id",
+        "epoch",
+        "holder",
+        "claimed_at_us",
+        "renewed_at_us",
+    ];
 }
 
 /// What a claim did.
@@ -268,5 +281,45 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
+    }
+
+    #[test]
+    fn an_unknown_version_or_a_missing_field_is_named() {
+        let lease = Lease {
+            format_version: 1,
+            owner_id: "aa".into(),
+            epoch: 1,
+            holder: holder(1),
+            claimed_at_us: 1,
+            renewed_at_us: 1,
+            lease_ttl_ms: None,
+        };
+        let text = String::from_utf8(lease.encode()).expect("utf-8");
+        let v2 = text.replace("\"format_version\":1", "\"format_version\":2");
+        assert!(matches!(
+            Lease::decode(v2.as_bytes()),
+            Err(LeaseError::Unreadable {
+                problem: FileProblem::UnsupportedVersion { found: 2, .. }
+            })
+        ));
+        let headless = text.replace(
+            r#""holder":{"host":"db-1","pid":1,"program":"oc-server 0.1.0"},"#,
+            "",
+        );
+        let err = Lease::decode(headless.as_bytes()).expect_err("no holder");
+        assert!(
+            matches!(
+                &err,
+                LeaseError::Unreadable {
+                    problem: FileProblem::MissingField("holder")
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string()
+                .contains("lease.json is unreadable: no holder"),
+            "{err}"
+        );
     }
 }

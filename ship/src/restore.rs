@@ -129,7 +129,7 @@ pub fn plan_shard(catalog: &ShardCatalog, target: u64) -> Result<ShardPlan, Stri
         .checkpoints
         .iter()
         .rev()
-        .filter(|c| c.completed_us <= target)
+        .filter(|c| c.restorable_from_us() <= target)
         .map(Some)
         .chain([None]);
     for base in bases {
@@ -397,9 +397,9 @@ fn restore_shard(
         let snapshot = fetch(archive, &snapshot_key)?;
         checkpoint
             .check_snapshot(&snapshot)
-            .map_err(|why| ArchiveError::Corrupt {
+            .map_err(|problem| ArchiveError::Unreadable {
                 key: snapshot_key.clone(),
-                why,
+                problem,
             })?;
         let manifest = fetch(
             archive,
@@ -559,13 +559,13 @@ pub fn verify(
             let earliest = catalog
                 .checkpoints
                 .iter()
-                .filter(|c| c.lsn.next() >= first && c.lsn <= last && c.completed_us != u64::MAX)
-                .map(|c| c.completed_us)
+                .filter(|c| c.lsn.next() >= first && c.lsn <= last)
+                .filter_map(|c| c.completed_us)
                 .min();
             let earliest = if first == Lsn(1) { Some(0) } else { earliest };
             v.window = earliest.map(|e| (e, last_commit));
         } else if let Some(c) = catalog.checkpoints.last() {
-            v.window = Some((c.completed_us, c.completed_us));
+            v.window = Some((c.restorable_from_us(), c.restorable_from_us()));
         }
         shards.push(v);
     }

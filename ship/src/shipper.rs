@@ -25,8 +25,9 @@ use std::rc::Rc;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use oc_engine::json_file::JsonFile;
 use oc_engine::placement::shard_dir;
-use oc_engine::{ShardNode, ShardRouter};
+use oc_engine::{ShardNode, ShardRouter, UnreadableFile};
 use oc_io::wal::segment::{parse_segment_name, DATA_START};
 use oc_io::wal::DurableTail;
 use oc_io::{Lsn, BLOCK_SIZE};
@@ -81,6 +82,9 @@ pub enum ShipError {
     Archive(#[from] ArchiveError),
     #[error("reading {file}: {why}")]
     Local { file: String, why: String },
+    /// A local checkpoint file this build cannot ship (it would not restore either).
+    #[error(transparent)]
+    Unreadable(#[from] UnreadableFile),
     #[error("the archive's circuit breaker is open: no upload this round")]
     CircuitOpen,
     #[error("the archive already holds a different {key:?}: it belongs to another server or timeline; ship to a new archive location")]
@@ -93,11 +97,13 @@ impl ShipError {
     pub fn kind(&self) -> &'static str {
         match self {
             ShipError::Archive(ArchiveError::Io { .. }) => "io",
-            ShipError::Archive(ArchiveError::Corrupt { .. }) => "corrupt",
+            ShipError::Archive(ArchiveError::Corrupt { .. } | ArchiveError::Unreadable { .. }) => {
+                "corrupt"
+            }
             ShipError::Archive(ArchiveError::PreconditionFailed { .. })
             | ShipError::Conflict { .. } => "conflict",
             ShipError::Archive(_) => "config",
-            ShipError::Local { .. } => "local",
+            ShipError::Local { .. } | ShipError::Unreadable(_) => "local",
             ShipError::CircuitOpen => "circuit_open",
             // Only at start: a round never claims.
             ShipError::Owner(_) => "conflict",
@@ -184,15 +190,10 @@ fn now_us() -> u64 {
 
 /// Checks the archive's `manifest.json` against this layout, writing it if absent.
 pub fn claim_archive(archive: &dyn Archive, shards: usize) -> Result<(), ShipError> {
-    let manifest = serde_json::json!({
-        "format_version": layout::ARCHIVE_FORMAT_VERSION,
-        "shards": shards,
-        "placement": "fnv1a64-mod",
-        "created_us": now_us(),
-    });
+    let manifest = crate::catalog::ArchiveManifest::new(shards, now_us());
     match archive.put(
         layout::MANIFEST_KEY,
-        manifest.to_string().as_bytes(),
+        &manifest.encode(),
         &Condition::IfAbsent,
     ) {
         Ok(_) => Ok(()),
@@ -237,7 +238,7 @@ impl Shipper {
                 checkpoints: catalog
                     .checkpoints
                     .iter()
-                    .map(|c| (c.lsn, c.completed_us))
+                    .map(|c| (c.lsn, c.restorable_from_us()))
                     .collect(),
                 ..ShardProgress::default()
             };
@@ -456,16 +457,20 @@ impl Shipper {
             else {
                 continue;
             };
-            let info = crate::catalog::CheckpointManifest::parse(&manifest)
-                .map_err(|e| local(&manifest_path, e))?;
+            let unreadable = |path: &Path, problem| UnreadableFile {
+                file: path.display().to_string(),
+                problem,
+            };
+            let info = crate::catalog::CheckpointManifest::decode_for(&manifest, lsn)
+                .map_err(|problem| unreadable(&manifest_path, problem))?;
             info.check_snapshot(&snapshot)
-                .map_err(|e| local(&snapshot_path, e))?;
+                .map_err(|problem| unreadable(&snapshot_path, problem))?;
             self.put_once(&layout::checkpoint_snapshot_key(shard, lsn), &snapshot)?;
             self.put_once(&layout::checkpoint_manifest_key(shard, lsn), &manifest)?;
             self.count_upload("checkpoint", snapshot.len() + manifest.len());
             self.shards[shard]
                 .checkpoints
-                .insert(lsn, info.completed_us);
+                .insert(lsn, info.restorable_from_us());
             tracing::info!(
                 shard,
                 lsn = lsn.0,

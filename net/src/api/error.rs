@@ -107,7 +107,7 @@ impl From<EngineError> for ApiError {
                 (StatusCode::SERVICE_UNAVAILABLE, "out_of_descriptors")
             }
             EngineError::Wal(_) => (StatusCode::SERVICE_UNAVAILABLE, "log_failed"),
-            EngineError::Replay { .. } | EngineError::Layout(_) => {
+            EngineError::Replay { .. } | EngineError::Layout(_) | EngineError::Unreadable(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
             }
         };

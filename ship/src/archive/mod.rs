@@ -42,6 +42,12 @@ pub enum ArchiveError {
     PreconditionFailed { key: String, why: String },
     #[error("archive object {key:?} is damaged: {why}")]
     Corrupt { key: String, why: String },
+    /// A manifest or record (JSON, FORMAT.md §9) this build cannot use.
+    #[error("archive object {key:?} is unreadable: {problem}")]
+    Unreadable {
+        key: String,
+        problem: oc_engine::FileProblem,
+    },
     #[error("archive I/O on {key:?}: {source}")]
     Io {
         key: String,

@@ -92,7 +92,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     println!(
                         "  checkpoint  LSN {:>12}  completed {}  {} rows, {} bytes",
                         cp.lsn.0,
-                        when(cp.completed_us),
+                        when(cp.restorable_from_us()),
                         cp.rows,
                         cp.data_bytes
                     );
