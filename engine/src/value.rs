@@ -128,6 +128,47 @@ impl Value {
         }
     }
 
+    /// Writes the value as JSON text, as [`Value::to_json`] would render it, without
+    /// building a tree: a json value is written as its stored compact text (checked to
+    /// be JSON; text that is not is written as a string).
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        use serde::de::IgnoredAny;
+        let number = |out: &mut Vec<u8>, f: f64| {
+            if f.is_finite() {
+                // Writing a number to a Vec cannot fail.
+                let _ = serde_json::to_writer(&mut *out, &f);
+            } else {
+                out.extend_from_slice(b"null");
+            }
+        };
+        match self {
+            Value::Null => out.extend_from_slice(b"null"),
+            Value::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+            Value::Int(i) => out.extend_from_slice(i.to_string().as_bytes()),
+            Value::Float(f) => number(out, *f),
+            Value::Text(s) => {
+                let _ = serde_json::to_writer(&mut *out, s);
+            }
+            Value::Json(s) => {
+                if serde_json::from_str::<IgnoredAny>(s).is_ok() {
+                    out.extend_from_slice(s.as_bytes());
+                } else {
+                    let _ = serde_json::to_writer(&mut *out, s);
+                }
+            }
+            Value::Vector(v) => {
+                out.push(b'[');
+                for (i, x) in v.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    number(out, f64::from(*x));
+                }
+                out.push(b']');
+            }
+        }
+    }
+
     pub fn is_null(&self) -> bool {
         matches!(self, Value::Null)
     }

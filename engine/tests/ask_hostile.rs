@@ -120,3 +120,91 @@ proptest! {
         prop_assert!(run_on_a_shard_stack(sql).is_ok(), "{}…", shown);
     }
 }
+
+fn texts(rows: usize, text: &str) -> Tenant {
+    let mut t = Tenant::new(TenantId::parse("acme").expect("valid"));
+    let schema = TableSchema::new(
+        "t",
+        &[
+            ("id", ColumnType::Int, false),
+            ("name", ColumnType::Text, true),
+        ],
+        &["id"],
+        &[],
+    )
+    .expect("valid");
+    t.create_table(schema, 1).expect("created");
+    for i in 0..rows {
+        let row = json!({"id": i, "name": text});
+        t.write(
+            "t",
+            &[WriteOp::Upsert(row.as_object().expect("object").clone())],
+        )
+        .expect("written");
+    }
+    t
+}
+
+/// Far outside any noise, far inside what these queries cost before (161 s and 40 s
+/// against a 200 ms deadline): the deadline is looked at on every row once rows are
+/// expensive.
+const DEADLINE_SLACK: std::time::Duration = std::time::Duration::from_secs(10);
+
+#[test]
+fn a_text_vector_parameter_is_decoded_once_not_per_row_and_node() {
+    let t = texts(64, "x");
+    let floats = vec!["0.5"; 100_000].join(",");
+    let param = Value::Text(format!("[{floats}]"));
+    let sql = format!("SELECT {} FROM t", vec!["($1 <-> $1)"; 200].join(" + "));
+    let deadline = std::time::Duration::from_millis(200);
+    let limits = AskLimits {
+        deadline,
+        ..AskLimits::default()
+    };
+    let started = std::time::Instant::now();
+    let outcome = ask_now(&t, &sql, vec![param], limits);
+    assert!(
+        started.elapsed() < deadline + DEADLINE_SLACK,
+        "held {:?}: {outcome:?}",
+        started.elapsed()
+    );
+    // Used as a vector and as text at once, a parameter is refused.
+    let e = ask_now(
+        &t,
+        "SELECT id FROM t WHERE name = $1 ORDER BY id LIMIT ($1 <-> $1)",
+        vec![Value::Text("[1]".into())],
+        AskLimits::default(),
+    );
+    assert!(e.is_err());
+    // A distance over a text column is refused at bind time.
+    let e = ask_now(
+        &t,
+        "SELECT name <-> '[1]' FROM t",
+        vec![],
+        AskLimits::default(),
+    )
+    .expect_err("text is not a vector");
+    assert!(e.message.contains("needs vectors"), "{e}");
+}
+
+#[test]
+fn many_likes_over_long_non_ascii_texts_stop_at_the_deadline() {
+    let t = texts(64, &"é".repeat(64 * 1024));
+    let likes = vec!["name LIKE $1"; 20].join(" OR ");
+    let sql = format!("SELECT id FROM t WHERE {likes}");
+    let pattern: String = std::iter::once('%')
+        .chain((0x100u32..0x100 + 200).filter_map(char::from_u32))
+        .collect();
+    let deadline = std::time::Duration::from_millis(200);
+    let limits = AskLimits {
+        deadline,
+        ..AskLimits::default()
+    };
+    let started = std::time::Instant::now();
+    let outcome = ask_now(&t, &sql, vec![Value::Text(pattern)], limits);
+    assert!(
+        started.elapsed() < deadline + DEADLINE_SLACK,
+        "held {:?}: {outcome:?}",
+        started.elapsed()
+    );
+}

@@ -549,8 +549,8 @@ impl Binder<'_> {
                     BinaryOperator::GtEq => Expr::Cmp(CmpOp::GtEq, l, r),
                     BinaryOperator::And => Expr::And(l, r),
                     BinaryOperator::Or => Expr::Or(l, r),
-                    BinaryOperator::LtDashGt => Expr::Distance(Metric::L2, l, r),
-                    BinaryOperator::Spaceship => Expr::Distance(Metric::Cosine, l, r),
+                    BinaryOperator::LtDashGt => self.distance(Metric::L2, l, r)?,
+                    BinaryOperator::Spaceship => self.distance(Metric::Cosine, l, r)?,
                     other => {
                         return Err(QueryError::unsupported(
                             format!("operator {other}"),
@@ -594,6 +594,27 @@ impl Binder<'_> {
                 ))
             }
         })
+    }
+
+    /// A distance between two vectors: a column operand must be a vector column (a
+    /// parameter may be a vector, or text decoded once when the query starts).
+    fn distance(&self, metric: Metric, l: Box<Expr>, r: Box<Expr>) -> Result<Expr, QueryError> {
+        if self.agg.is_none() {
+            for side in [&l, &r] {
+                if let Expr::Column(c) = **side {
+                    let column = &self.schema.columns[c];
+                    if !matches!(column.ty, crate::value::ColumnType::Vector(_)) {
+                        return Err(QueryError::invalid(format!(
+                            "{} needs vectors, but column {:?} is {}",
+                            metric.symbol(),
+                            column.name,
+                            column.ty
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(Expr::Distance(metric, l, r))
     }
 
     fn column(&self, id: &ast::Ident, whole: &ast::Expr) -> Result<Expr, QueryError> {

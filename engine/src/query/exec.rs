@@ -8,6 +8,7 @@
 //! offset/limit, projection — each counting rows in and out and the time spent, which
 //! is what EXPLAIN ANALYZE reports.
 
+use std::borrow::Cow;
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, VecDeque};
 use std::ops::Bound as KeyBound;
@@ -83,6 +84,8 @@ struct Candidate {
     rank: f32,
     key: Key,
     output: Vec<Value>,
+    /// What `output` is charged to the memory budget.
+    bytes: usize,
 }
 
 impl Candidate {
@@ -142,17 +145,24 @@ impl AggState {
         }
     }
 
-    fn add(&mut self, v: Option<&Value>) -> Result<(), String> {
+    /// Adds one value; returns how many bytes the state's kept value grew by (MIN
+    /// and MAX keep a copy of their best value; the others keep numbers).
+    fn add(&mut self, v: Option<&Value>) -> Result<isize, String> {
         let Some(v) = v else {
             // COUNT(*)
             if let AggState::Count(n) = self {
                 *n += 1;
             }
-            return Ok(());
+            return Ok(0);
         };
         if v.is_null() {
-            return Ok(());
+            return Ok(0);
         }
+        let replace = |best: &mut Option<Value>| -> isize {
+            let before = best.as_ref().map_or(0, value_bytes);
+            *best = Some(v.clone());
+            value_bytes(v) as isize - before as isize
+        };
         let numeric = |name: &str| match v {
             Value::Int(_) | Value::Float(_) => Ok(()),
             other => Err(format!("{name} needs numbers, got {}", type_name(other))),
@@ -185,7 +195,7 @@ impl AggState {
                     .as_ref()
                     .is_none_or(|b| sort_cmp(v, b) == Ordering::Less)
                 {
-                    *best = Some(v.clone());
+                    return Ok(replace(best));
                 }
             }
             AggState::Max(best) => {
@@ -193,11 +203,11 @@ impl AggState {
                     .as_ref()
                     .is_none_or(|b| sort_cmp(v, b) == Ordering::Greater)
                 {
-                    *best = Some(v.clone());
+                    return Ok(replace(best));
                 }
             }
         }
-        Ok(())
+        Ok(0)
     }
 
     fn result(&self) -> Value {
@@ -268,7 +278,7 @@ pub struct Execution {
 }
 
 /// Rows a query's first slice reads, before it knows what a row costs.
-const FIRST_SLICE_ROWS: usize = 16;
+const FIRST_SLICE_ROWS: usize = 4;
 /// Rows evaluated between two looks at the clock inside a slice.
 const DEADLINE_CHECK_ROWS: usize = 16;
 
@@ -301,13 +311,62 @@ fn next_slice_size(size: usize, took: Duration, max: usize) -> usize {
     }
 }
 
+/// Decodes, once, the parameters that are vectors written as text: those used as an
+/// operand of a distance (or as the kNN query). A parameter used both as a vector and
+/// as anything else is refused: it would have to be decoded on every row.
+fn decode_vector_params(plan: &Prepared, params: &mut [Value]) -> Result<(), QueryError> {
+    let mut uses = vec![(0usize, 0usize); params.len()]; // (all uses, as a vector)
+    let param = |e: &Expr| match e {
+        Expr::Param(i) => Some(*i),
+        _ => None,
+    };
+    let mut vector_uses: Vec<usize> = Vec::new();
+    if let Access::Knn { query, .. } = &plan.access {
+        vector_uses.extend(param(query));
+    }
+    plan.visit_exprs(&mut |e| match e {
+        Expr::Distance(_, a, b) => vector_uses.extend(param(a).into_iter().chain(param(b))),
+        Expr::Param(i) => {
+            if let Some(u) = uses.get_mut(*i) {
+                u.0 += 1;
+            }
+        }
+        _ => {}
+    });
+    for i in vector_uses {
+        if let Some(u) = uses.get_mut(i) {
+            u.1 += 1;
+        }
+    }
+    for (i, (all, vector)) in uses.into_iter().enumerate() {
+        let Value::Text(text) = &params[i] else {
+            continue;
+        };
+        if vector == 0 {
+            continue;
+        }
+        if all > vector {
+            return Err(QueryError::new(
+                QueryErrorKind::Params,
+                format!(
+                    "${} is used both as a vector and as text; pass vectors as JSON arrays of numbers",
+                    i + 1
+                ),
+            ));
+        }
+        params[i] = super::expr::vector_from_text(text).map_err(QueryError::eval)?;
+    }
+    Ok(())
+}
+
 impl Execution {
     /// Binds the parameters (the caller's, then the literals moved out of the text).
     pub fn new(
         plan: Rc<Prepared>,
-        params: Vec<Value>,
+        mut params: Vec<Value>,
         limits: AskLimits,
     ) -> Result<Self, QueryError> {
+        decode_vector_params(&plan, &mut params)?;
         let count = |e: &Option<Expr>, what: &str| -> Result<Option<usize>, QueryError> {
             let Some(e) = e else { return Ok(None) };
             match &*e.eval(&[], &params).map_err(eval_err)? {
@@ -430,9 +489,11 @@ impl Execution {
         Ok(())
     }
 
-    /// Checks the deadline every [`DEADLINE_CHECK_ROWS`]-th row of a loop.
+    /// Checks the deadline every [`DEADLINE_CHECK_ROWS`]-th row of a loop while rows
+    /// are cheap (full-size slices), and on every row once they are not: a slice that
+    /// shrank below full size has rows that cost microseconds or more each.
     fn check_deadline_at(&self, row: usize) -> Result<(), QueryError> {
-        if row % DEADLINE_CHECK_ROWS == DEADLINE_CHECK_ROWS - 1 {
+        if self.slice_size < SLICE_ROWS || row % DEADLINE_CHECK_ROWS == DEADLINE_CHECK_ROWS - 1 {
             self.check_deadline()?;
         }
         Ok(())
@@ -442,15 +503,24 @@ impl Execution {
     fn hold(&mut self, bytes: usize) -> Result<(), QueryError> {
         self.held_bytes = self.held_bytes.saturating_add(bytes);
         if self.held_bytes > self.limits.max_memory_bytes {
-            return Err(QueryError::new(
-                QueryErrorKind::MemoryLimit,
-                format!(
-                    "the query needs more than {} bytes of memory (rows it buffers to sort or return, and its groups), its limit; add a LIMIT, narrow the WHERE, or group by fewer values",
-                    self.limits.max_memory_bytes
-                ),
-            ));
+            return Err(self.over_memory_budget());
         }
         Ok(())
+    }
+
+    /// Gives back what [`hold`](Self::hold) took (a row that left a top-k heap).
+    fn release(&mut self, bytes: usize) {
+        self.held_bytes = self.held_bytes.saturating_sub(bytes);
+    }
+
+    fn over_memory_budget(&self) -> QueryError {
+        QueryError::new(
+            QueryErrorKind::MemoryLimit,
+            format!(
+                "the query needs more than {} bytes of memory (rows it buffers to sort or return, and its groups), its limit; add a LIMIT, narrow the WHERE, or group by fewer values",
+                self.limits.max_memory_bytes
+            ),
+        )
     }
 
     /// Rows to read this slice: a streaming query with a LIMIT reads what it still
@@ -622,7 +692,8 @@ impl Execution {
     }
 
     fn knn_slice(&mut self, table: &Table, knn: &mut KnnScan) -> Result<(), QueryError> {
-        let Access::Knn { column, metric, .. } = &self.plan.access else {
+        let plan = Rc::clone(&self.plan);
+        let Access::Knn { column, metric, .. } = &plan.access else {
             unreachable!("a kNN source comes from a kNN plan")
         };
         let store = table
@@ -630,7 +701,7 @@ impl Execution {
             .ok_or_else(|| QueryError::eval("kNN needs a vector column"))?;
         let to = knn.next_slot.saturating_add(self.slice_size);
         let t = Instant::now();
-        let filter = self.plan.query.filter.as_ref();
+        let filter = plan.query.filter.as_ref();
         let mut scanned = 0u64;
         let (mut checked, mut passed) = (0u64, 0u64);
         for (key, vector) in store.live_slots(knn.next_slot, to) {
@@ -657,14 +728,18 @@ impl Execution {
                 }
                 passed += 1;
             }
-            let output = self.project(row)?;
+            let (output, bytes) = self.project(row)?;
+            self.hold(bytes)?;
             knn.best.push(Candidate {
                 rank,
                 key: key.clone(),
                 output,
+                bytes,
             });
             if knn.best.len() > knn.k {
-                knn.best.pop();
+                if let Some(out) = knn.best.pop() {
+                    self.release(out.bytes);
+                }
             }
         }
         knn.next_slot = to.min(store.slots());
@@ -680,27 +755,32 @@ impl Execution {
         Ok(())
     }
 
-    fn project(&self, row: &[Value]) -> Result<Vec<Value>, QueryError> {
-        self.plan
-            .query
-            .projection
-            .iter()
-            .map(|e| Ok(e.eval(row, &self.params).map_err(eval_err)?.into_owned()))
-            .collect()
+    /// The projection of `row` and its size. Evaluation borrows columns and
+    /// parameters, so a projection that would copy a huge value many times is refused
+    /// before the copy, not after.
+    fn project(&self, row: &[Value]) -> Result<(Vec<Value>, usize), QueryError> {
+        self.materialize(self.plan.query.projection.iter(), row)
     }
 
-    fn sort_keys(&self, row: &[Value]) -> Result<Vec<Value>, QueryError> {
-        self.plan
-            .query
-            .order_by
-            .iter()
-            .map(|k| {
-                Ok(k.expr
-                    .eval(row, &self.params)
-                    .map_err(eval_err)?
-                    .into_owned())
-            })
-            .collect()
+    fn sort_keys(&self, row: &[Value]) -> Result<(Vec<Value>, usize), QueryError> {
+        self.materialize(self.plan.query.order_by.iter().map(|k| &k.expr), row)
+    }
+
+    /// Evaluates `exprs` over `row`; copies them only if they fit the memory budget.
+    fn materialize<'e>(
+        &self,
+        exprs: impl Iterator<Item = &'e Expr>,
+        row: &[Value],
+    ) -> Result<(Vec<Value>, usize), QueryError> {
+        let values = exprs
+            .map(|e| e.eval(row, &self.params).map_err(eval_err))
+            .collect::<Result<Vec<_>, QueryError>>()?;
+        let bytes = values.iter().map(|v| value_bytes(v)).sum::<usize>()
+            + std::mem::size_of::<Vec<Value>>();
+        if self.held_bytes.saturating_add(bytes) > self.limits.max_memory_bytes {
+            return Err(self.over_memory_budget());
+        }
+        Ok((values.into_iter().map(Cow::into_owned).collect(), bytes))
     }
 
     /// Streaming output has all the rows LIMIT wants.
@@ -719,6 +799,7 @@ impl Execution {
             let mut failure = None;
             let mut seen = 0;
             let (started, deadline) = (self.started, self.limits.deadline);
+            let every_row = self.slice_size < SLICE_ROWS;
             self.stats.filter.rows_in += batch.len() as u64;
             self.stats.filter.time(|| {
                 batch.retain(|row| {
@@ -726,7 +807,9 @@ impl Execution {
                     if failure.is_some() {
                         return false;
                     }
-                    if seen % DEADLINE_CHECK_ROWS == 0 && started.elapsed() > deadline {
+                    if (every_row || seen % DEADLINE_CHECK_ROWS == 0)
+                        && started.elapsed() > deadline
+                    {
                         failure = Some(Err(()));
                         return false;
                     }
@@ -777,11 +860,7 @@ impl Execution {
         let mut key_bytes = Vec::new();
         for (i, row) in batch.iter().enumerate() {
             self.check_deadline_at(i)?;
-            let keys = agg
-                .group_by
-                .iter()
-                .map(|e| Ok(e.eval(row, &self.params).map_err(eval_err)?.into_owned()))
-                .collect::<Result<Vec<_>, QueryError>>()?;
+            let (keys, keys_size) = self.materialize(agg.group_by.iter(), row)?;
             group_key(&keys, &mut key_bytes);
             let known = self
                 .groups
@@ -789,7 +868,7 @@ impl Execution {
                 .and_then(|g| g.index.get(&key_bytes).copied());
             if known.is_none() {
                 let states = agg.aggregates.len() * std::mem::size_of::<AggState>();
-                self.hold(2 * key_bytes.len() + values_bytes(&keys) + states)?;
+                self.hold(2 * key_bytes.len() + keys_size + states)?;
             }
             let groups = self.groups.as_mut().expect("an aggregating plan");
             let slot = match known {
@@ -803,12 +882,18 @@ impl Execution {
                 }
             };
             let states = &mut groups.groups[slot].1;
+            let mut kept = 0isize;
             for (state, a) in states.iter_mut().zip(&agg.aggregates) {
-                match &a.arg {
+                kept += match &a.arg {
                     None => state.add(None),
                     Some(e) => state.add(Some(&*e.eval(row, &self.params).map_err(eval_err)?)),
                 }
                 .map_err(eval_err)?;
+            }
+            // MIN and MAX keep a copy of their best value: its size is held too.
+            match kept {
+                grew if grew > 0 => self.hold(grew.unsigned_abs())?,
+                shrank => self.release(shrank.unsigned_abs()),
             }
         }
         Ok(())
@@ -822,8 +907,8 @@ impl Execution {
             if self.skipped < self.offset {
                 self.skipped += 1;
             } else {
-                let out = self.project(row)?;
-                self.hold(values_bytes(&out))?;
+                let (out, bytes) = self.project(row)?;
+                self.hold(bytes)?;
                 self.output.push((Vec::new(), out));
                 if self.output.len() > self.limits.max_rows_returned {
                     return Err(self.too_many_rows());
@@ -834,9 +919,9 @@ impl Execution {
         }
         let t = Instant::now();
         self.stats.order.rows_in += 1;
-        let keys = self.sort_keys(row)?;
-        let out = self.project(row)?;
-        self.held_bytes += values_bytes(&keys) + values_bytes(&out);
+        let (keys, key_bytes) = self.sort_keys(row)?;
+        let (out, out_bytes) = self.project(row)?;
+        self.held_bytes += key_bytes + out_bytes;
         self.output.push((keys, out));
         let keep = self.limit.map(|l| l.saturating_add(self.offset));
         let crowded = self.held_bytes > self.limits.max_memory_bytes / 2;

@@ -451,16 +451,24 @@ pub fn as_f64(v: &Value) -> f64 {
 }
 
 /// A vector operand: a vector value, or text holding a JSON array (`'[1, 2]'`).
+/// A vector written as text (`'[1, 2.5]'` in SQL): decoded once per query, when the
+/// execution starts, never per row.
+pub fn vector_from_text(s: &str) -> Result<Value, String> {
+    match serde_json::from_str::<Vec<f32>>(s) {
+        Ok(v) if v.iter().all(|f| f.is_finite()) => Ok(Value::Vector(v)),
+        _ => {
+            let shown: String = s.chars().take(40).collect();
+            Err(format!(
+                "{shown:?} is not a vector: write it as a JSON array of finite numbers"
+            ))
+        }
+    }
+}
+
 pub fn as_vector(v: &Value) -> Result<Option<Cow<'_, [f32]>>, String> {
     match v {
         Value::Null => Ok(None),
         Value::Vector(v) => Ok(Some(Cow::Borrowed(v))),
-        Value::Text(s) => match serde_json::from_str::<Vec<f32>>(s) {
-            Ok(v) if v.iter().all(|f| f.is_finite()) => Ok(Some(Cow::Owned(v))),
-            _ => Err(format!(
-                "{s:?} is not a vector: write it as a JSON array of finite numbers"
-            )),
-        },
         other => Err(format!(
             "a distance needs vectors, got {}",
             type_name(other)

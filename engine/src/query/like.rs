@@ -29,7 +29,8 @@ pub struct LikePattern {
     star: Vec<u64>,
     /// Bits `j` whose element is the ASCII character `c`, at `c * words`.
     ascii: Vec<u64>,
-    /// The same for other characters.
+    /// The same for other characters, sorted by character (a binary search per
+    /// text character: at most 8 steps for the 256 a pattern may have).
     other: Vec<(char, Vec<u64>)>,
 }
 
@@ -71,12 +72,12 @@ impl LikePattern {
                         let at = c as usize * words;
                         set(&mut p.ascii[at..at + words], j);
                     } else {
-                        match p.other.iter_mut().find(|(o, _)| *o == c) {
-                            Some((_, bits)) => set(bits, j),
-                            None => {
+                        match p.other.binary_search_by_key(&c, |(o, _)| *o) {
+                            Ok(at) => set(&mut p.other[at].1, j),
+                            Err(at) => {
                                 let mut bits = vec![0; words];
                                 set(&mut bits, j);
-                                p.other.push((c, bits));
+                                p.other.insert(at, (c, bits));
                             }
                         }
                     }
@@ -97,9 +98,8 @@ impl LikePattern {
                 &self.ascii[c as usize * w..(c as usize + 1) * w]
             } else {
                 self.other
-                    .iter()
-                    .find(|(o, _)| *o == c)
-                    .map_or(&NO_BITS[..w], |(_, bits)| bits)
+                    .binary_search_by_key(&c, |(o, _)| *o)
+                    .map_or(&NO_BITS[..w], |at| &self.other[at].1)
             };
             let mut carry = 0;
             let mut alive = 0;

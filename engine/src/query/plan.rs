@@ -73,6 +73,41 @@ pub struct Prepared {
     pub user_params: usize,
 }
 
+impl Prepared {
+    /// Calls `f` on every expression of the plan and every sub-expression.
+    pub fn visit_exprs(&self, f: &mut impl FnMut(&Expr)) {
+        let q = &self.query;
+        let mut roots: Vec<&Expr> = Vec::new();
+        roots.extend(q.filter.iter());
+        roots.extend(q.projection.iter());
+        roots.extend(q.order_by.iter().map(|k| &k.expr));
+        roots.extend(q.limit.iter());
+        roots.extend(q.offset.iter());
+        if let Some(a) = &q.aggregation {
+            roots.extend(a.group_by.iter());
+            roots.extend(a.aggregates.iter().filter_map(|a| a.arg.as_ref()));
+            roots.extend(a.having.iter());
+        }
+        match &self.access {
+            Access::Keys {
+                eq,
+                in_list,
+                lower,
+                upper,
+                ..
+            } => {
+                roots.extend(eq.iter());
+                roots.extend(in_list.iter().flatten());
+                roots.extend(lower.iter().chain(upper.iter()).map(|(e, _)| e));
+            }
+            Access::Knn { query, .. } => roots.push(query),
+        }
+        for root in roots {
+            root.visit(f);
+        }
+    }
+}
+
 /// Parses, binds and plans a normalized query against the tenant's schema.
 pub fn prepare(tenant: &Tenant, normalized: &Normalized) -> Result<Prepared, QueryError> {
     // The syntax tree lives and dies in here: parsing, binding and dropping it recurse

@@ -8,7 +8,7 @@ use std::rc::Rc;
 
 use hyper::StatusCode;
 use oc_ship::engine::io::failpoint;
-use oc_ship::engine::query::{param_from_json, AskLimits, QueryError, QueryErrorKind};
+use oc_ship::engine::query::{param_from_json, AskAnswer, AskLimits, QueryError, QueryErrorKind};
 use oc_ship::engine::{
     owner_of, ColumnType, ShardNode, ShardRouter, Table, TableSchema, TenantId, WriteOp,
 };
@@ -20,7 +20,20 @@ use crate::auth::{self, Caller, KeyClaim};
 use crate::rate_limit::{self, RateLimit};
 
 /// What a handler answers: a status and a JSON body.
-pub type Answer = Result<(StatusCode, Json), ApiError>;
+pub type Answer = Result<(StatusCode, Body), ApiError>;
+
+/// A response body: a JSON value, or JSON already encoded (large answers are written
+/// straight to bytes instead of being built as a tree first).
+pub enum Body {
+    Json(Json),
+    Encoded(bytes::Bytes),
+}
+
+impl From<Json> for Body {
+    fn from(json: Json) -> Self {
+        Body::Json(json)
+    }
+}
 
 thread_local! {
     /// Requests in flight per tenant on this (owner) shard.
@@ -164,7 +177,7 @@ pub async fn create_tenant(router: &ShardRouter, body: CreateTenant, access: &Ac
         let lsn = node.shard().create_tenant(&tenant).await?;
         Ok((
             StatusCode::CREATED,
-            json!({"tenant": tenant.as_str(), "shard": node.id(), "lsn": lsn.0}),
+            Body::from(json!({"tenant": tenant.as_str(), "shard": node.id(), "lsn": lsn.0})),
         ))
     })
     .await
@@ -177,7 +190,7 @@ pub async fn drop_tenant(router: &ShardRouter, tenant: TenantId, access: &Access
         rate_limit::forget_tenant(&tenant);
         Ok((
             StatusCode::OK,
-            json!({"tenant": tenant.as_str(), "dropped": true, "lsn": lsn.0}),
+            Body::from(json!({"tenant": tenant.as_str(), "dropped": true, "lsn": lsn.0})),
         ))
     })
     .await
@@ -202,7 +215,7 @@ pub async fn list_tenants(router: &ShardRouter, access: &Access) -> Answer {
         tenants.extend(names);
     }
     tenants.sort();
-    Ok((StatusCode::OK, json!({"tenants": tenants})))
+    Ok((StatusCode::OK, Body::from(json!({"tenants": tenants}))))
 }
 
 #[derive(Deserialize)]
@@ -279,7 +292,7 @@ pub async fn create_table(
         let lsn = node.shard().create_table(&tenant, schema).await?;
         Ok((
             StatusCode::CREATED,
-            json!({"table": described, "lsn": lsn.0}),
+            Body::from(json!({"table": described, "lsn": lsn.0})),
         ))
     })
     .await
@@ -295,7 +308,7 @@ pub async fn drop_table(
         let lsn = node.shard().drop_table(&tenant, &table).await?;
         Ok((
             StatusCode::OK,
-            json!({"table": table, "dropped": true, "lsn": lsn.0}),
+            Body::from(json!({"table": table, "dropped": true, "lsn": lsn.0})),
         ))
     })
     .await
@@ -317,7 +330,7 @@ pub async fn list_tables(router: &ShardRouter, tenant: TenantId, access: &Access
         let tables = node
             .shard()
             .read(&tenant, |t| t.tables().map(describe).collect::<Vec<_>>())?;
-        Ok((StatusCode::OK, json!({"tables": tables})))
+        Ok((StatusCode::OK, Body::from(json!({"tables": tables}))))
     })
     .await
 }
@@ -332,7 +345,7 @@ pub async fn describe_table(
         let described = node
             .shard()
             .read(&tenant, |t| t.table(&table).map(describe))??;
-        Ok((StatusCode::OK, described))
+        Ok((StatusCode::OK, Body::from(described)))
     })
     .await
 }
@@ -382,13 +395,13 @@ pub async fn write_rows(
         let (lsn, outcome) = node.shard().write(&tenant, &table, &ops, key).await?;
         Ok((
             StatusCode::OK,
-            json!({
+            Body::from(json!({
                 "lsn": lsn.0,
                 "inserted": outcome.inserted,
                 "updated": outcome.updated,
                 "deleted": outcome.deleted,
                 "missing": outcome.missing,
-            }),
+            })),
         ))
     })
     .await
@@ -413,7 +426,7 @@ pub async fn get_row(
             Ok::<_, ApiError>(row)
         })??;
         match found {
-            Some(row) => Ok((StatusCode::OK, json!({"row": row}))),
+            Some(row) => Ok((StatusCode::OK, Body::from(json!({"row": row})))),
             None => Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 "row_not_found",
@@ -448,23 +461,55 @@ pub async fn ask(
             .ask(&tenant, &body.sql, params, explain, limits)
             .await
             .map_err(query_error)?;
-        let rows: Vec<Json> = answer
-            .rows
-            .iter()
-            .map(|r| Json::Array(r.iter().map(|v| v.to_json()).collect()))
-            .collect();
-        let mut out = json!({
-            "columns": answer.columns,
-            "rows": rows,
-            "row_count": answer.rows.len(),
-            "rows_scanned": answer.rows_scanned,
-        });
-        if let Some(plan) = answer.plan {
-            out["plan"] = plan;
-        }
-        Ok((StatusCode::OK, out))
+        Ok((StatusCode::OK, Body::Encoded(encode_answer(&answer))))
     })
     .await
+}
+
+/// An `/ask` answer as JSON text, written value by value: a tree of
+/// `serde_json::Value` would take several times the rows' own size (a vector element
+/// is 4 bytes in a row and 32 in a tree), outside the query's memory budget.
+fn encode_answer(answer: &AskAnswer) -> bytes::Bytes {
+    let mut out = Vec::with_capacity(256);
+    let text = |out: &mut Vec<u8>, s: &str| {
+        // Writing a &str to a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, s);
+    };
+    out.extend_from_slice(b"{\"columns\":[");
+    for (i, c) in answer.columns.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        text(&mut out, c);
+    }
+    out.extend_from_slice(b"],\"rows\":[");
+    for (i, row) in answer.rows.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.push(b'[');
+        for (j, v) in row.iter().enumerate() {
+            if j > 0 {
+                out.push(b',');
+            }
+            v.write_json(&mut out);
+        }
+        out.push(b']');
+    }
+    out.extend_from_slice(
+        format!(
+            "],\"row_count\":{},\"rows_scanned\":{}",
+            answer.rows.len(),
+            answer.rows_scanned
+        )
+        .as_bytes(),
+    );
+    if let Some(plan) = &answer.plan {
+        out.extend_from_slice(b",\"plan\":");
+        let _ = serde_json::to_writer(&mut out, plan);
+    }
+    out.push(b'}');
+    bytes::Bytes::from(out)
 }
 
 fn query_error(e: QueryError) -> ApiError {
@@ -540,7 +585,7 @@ pub async fn usage(router: &ShardRouter, tenant: TenantId, access: &Access) -> A
             .collect();
         Ok((
             StatusCode::OK,
-            json!({
+            Body::from(json!({
                 "tenant": tenant.as_str(),
                 "shard": node.id(),
                 "rows": usage.rows,
@@ -554,7 +599,7 @@ pub async fn usage(router: &ShardRouter, tenant: TenantId, access: &Access) -> A
                 },
                 "in_flight_requests": in_flight,
                 "applied_lsn": node.shard().applied_lsn().0,
-            }),
+            })),
         ))
     })
     .await
@@ -583,14 +628,14 @@ pub async fn create_key(
             .await?;
         Ok((
             StatusCode::CREATED,
-            json!({
+            Body::from(json!({
                 "tenant": tenant.as_str(),
                 "key_id": key_id,
                 "name": body.name,
                 "key": key,
                 "lsn": lsn.0,
                 "note": "the key is shown only in this answer; store it now",
-            }),
+            })),
         ))
     })
     .await
@@ -605,7 +650,7 @@ pub async fn list_keys(router: &ShardRouter, tenant: TenantId, access: &Access) 
                 .map(|(id, key)| json!({"key_id": id, "name": key.name, "created_us": key.created.0}))
                 .collect::<Vec<_>>()
         })?;
-        Ok((StatusCode::OK, json!({"keys": keys})))
+        Ok((StatusCode::OK, Body::from(json!({"keys": keys}))))
     })
     .await
 }
@@ -622,7 +667,7 @@ pub async fn revoke_key(
         rate_limit::forget(&tenant, &key_id);
         Ok((
             StatusCode::OK,
-            json!({"key_id": key_id, "revoked": true, "lsn": lsn.0}),
+            Body::from(json!({"key_id": key_id, "revoked": true, "lsn": lsn.0})),
         ))
     })
     .await

@@ -167,7 +167,11 @@ pub async fn handle(
     let _entered = span.enter();
     let mut response = match answer {
         Ok((status, body)) => {
-            let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+            let body = match body {
+                h::Body::Json(json) => Bytes::from(json.to_string()),
+                h::Body::Encoded(bytes) => bytes,
+            };
+            let mut response = Response::new(Full::new(body));
             *response.status_mut() = status;
             response
                 .headers_mut()
