@@ -360,14 +360,22 @@ impl<S: Storage> Shard<S> {
     }
 
     /// Whether the state is exactly the newest checkpoint's (an empty shard without one
-    /// counts as unchanged too: there is nothing a checkpoint would cover).
+    /// counts as unchanged too: there is nothing a checkpoint would cover). While it
+    /// is, the moment the state may start to differ moves with the clock, so the
+    /// checkpoint age of the first write after a long idle counts from about then
+    /// (the scheduler asks every second; a scrape asks too), not from the old
+    /// checkpoint.
     pub fn unchanged_since_checkpoint(&self) -> bool {
         let covered = self
             .newest_checkpoint
             .borrow()
             .as_ref()
             .map_or(Lsn::ZERO, |info| info.lsn);
-        covered == self.applied_lsn()
+        let unchanged = covered == self.applied_lsn();
+        if unchanged {
+            self.differs_since.set(TimestampMicros::now());
+        }
+        unchanged
     }
 
     pub(crate) fn count_checkpoint_failure(&self) {
@@ -379,12 +387,13 @@ impl<S: Storage> Shard<S> {
     /// The age is 0 while the state equals the newest checkpoint (an idle shard is
     /// never overdue), else the time since it may have started to differ.
     pub fn checkpoint_metrics(&self) -> crate::scheduler::CheckpointMetrics {
-        let now = TimestampMicros::now();
         let age_s = if self.unchanged_since_checkpoint() {
-            self.differs_since.set(now);
             0.0
         } else {
-            now.0.saturating_sub(self.differs_since.get().0) as f64 / 1e6
+            TimestampMicros::now()
+                .0
+                .saturating_sub(self.differs_since.get().0) as f64
+                / 1e6
         };
         let last = self.last_checkpoint.borrow();
         let (checkpoints_total, failures_total) = self.checkpoint_counts.get();

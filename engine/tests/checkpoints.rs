@@ -559,6 +559,28 @@ fn a_batch_over_the_record_limit_is_refused_before_it_is_logged() {
 }
 
 #[test]
+fn after_a_long_idle_the_first_write_does_not_look_hours_overdue() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    run_local(async {
+        let (shard, _) = open(dir.path()).await.expect("open");
+        let shard = Rc::new(shard);
+        setup(&shard).await;
+        write_range(&shard, 0, 10).await;
+        shard.checkpoint().await.expect("checkpoint");
+        // Idle for a while, with only the scheduler looking (no scrapes).
+        glommio::timer::sleep(std::time::Duration::from_millis(1500)).await;
+        assert!(shard.unchanged_since_checkpoint());
+        write_range(&shard, 10, 11).await;
+        let age = shard.checkpoint_metrics().age_s;
+        assert!(
+            age < 1.0,
+            "the first write after 1.5 s idle counts from the checkpoint: {age} s"
+        );
+        shard.close().await.expect("close");
+    });
+}
+
+#[test]
 fn an_idle_shard_does_not_rewrite_its_checkpoint_and_its_age_stays_zero() {
     let dir = tempfile::tempdir().expect("tempdir");
     let manifest_bytes =

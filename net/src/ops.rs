@@ -4,6 +4,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::convert::Infallible;
+use std::collections::VecDeque;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -49,14 +50,19 @@ pub struct ControlState {
     pub failure: RefCell<Option<String>>,
 }
 
-/// Open connections the ops listener serves at once; more are answered 503 and
-/// closed, so a flood of idle scrapers cannot exhaust file descriptors or the control
-/// executor (which also runs checkpoints and shipping).
+/// Open connections the ops listener serves at once. A new connection past the cap
+/// closes the oldest one instead of being refused: an idle scraper or a stalled
+/// client gives way, and a health probe, which is always the newest connection, is
+/// served. A flood cannot take the control executor's descriptors, and cannot make a
+/// healthy server fail its probes either.
 pub const MAX_OPS_CONNECTIONS: usize = 64;
+/// Time for an ops client to send its request headers (probes send them at once).
+const OPS_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Serves the ops endpoints until the process exits.
 pub async fn serve_ops(listener: TcpListener, state: Rc<ControlState>) {
-    let open = Rc::new(Cell::new(0usize));
+    let open: Rc<RefCell<VecDeque<(u64, glommio::task::JoinHandle<()>)>>> = Rc::default();
+    let mut next_id = 0u64;
     loop {
         let stream = match listener.accept().await {
             Ok(stream) => stream,
@@ -66,23 +72,26 @@ pub async fn serve_ops(listener: TcpListener, state: Rc<ControlState>) {
                 continue;
             }
         };
-        if open.get() >= MAX_OPS_CONNECTIONS {
-            glommio::spawn_local(crate::listener::refuse(stream)).detach();
-            continue;
+        if open.borrow().len() >= MAX_OPS_CONNECTIONS {
+            if let Some((_, oldest)) = open.borrow_mut().pop_front() {
+                oldest.cancel(); // drops its connection
+            }
         }
-        open.set(open.get() + 1);
-        let (state, open) = (state.clone(), open.clone());
-        glommio::spawn_local(async move {
+        let id = next_id;
+        next_id += 1;
+        let (state, registry) = (state.clone(), open.clone());
+        let handle = glommio::spawn_local(async move {
             let (io, _) = PlainStream::new(stream);
             let service = service_fn(move |req| handle(state.clone(), req));
             let mut builder = http1::Builder::new();
             builder
                 .timer(GlommioTimer)
-                .header_read_timeout(Duration::from_secs(10));
+                .header_read_timeout(OPS_HEADER_TIMEOUT);
             let _ = builder.serve_connection(io, service).await;
-            open.set(open.get() - 1);
+            registry.borrow_mut().retain(|(other, _)| *other != id);
         })
         .detach();
+        open.borrow_mut().push_back((id, handle));
     }
 }
 
