@@ -54,10 +54,11 @@ pub fn disk(dir: &Path) -> std::io::Result<DiskStats> {
     if unsafe { libc::statvfs(path.as_ptr(), &mut buf) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    let block = buf.f_frsize as u64;
+    // Every field is a u64 on the 64-bit Linux targets oc builds for.
+    let block = buf.f_frsize;
     Ok(DiskStats {
-        free_bytes: (buf.f_bavail as u64).saturating_mul(block),
-        size_bytes: (buf.f_blocks as u64).saturating_mul(block),
+        free_bytes: buf.f_bavail.saturating_mul(block),
+        size_bytes: buf.f_blocks.saturating_mul(block),
     })
 }
 
@@ -103,8 +104,7 @@ fn max_fds() -> Option<u64> {
         rlim_max: 0,
     };
     // SAFETY: getrlimit writes the struct we own.
-    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0)
-        .then_some(limit.rlim_cur as u64)
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0).then_some(limit.rlim_cur)
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{oc_pitr, restore_latest, run_expecting_exit, try_request, Server};
+use common::{restore_latest, run_expecting_exit, try_request, Server};
 use serde_json::{json, Value};
 
 /// Generous bounds for a loaded 2-core machine; the tests print what they measured.
