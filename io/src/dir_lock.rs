@@ -25,7 +25,7 @@ const MAX_LOCK_TEXT_BYTES: u64 = 4096;
 #[derive(Debug, thiserror::Error)]
 pub enum DirLockError {
     /// Another process holds the lock.
-    #[error("{} is locked by {}: another process is using it. Stop that process first, or give this one another directory (OPERATIONS.md: \"data directory is locked by PID N\")", dir.display(), holder.as_deref().unwrap_or("a process that has not written its PID yet (it is starting)"))]
+    #[error("{} is locked by {}: another process is using it. Stop that process first, or give this one another directory (RUNBOOK.md: \"data directory is locked by PID N\")", dir.display(), holder.as_deref().unwrap_or("a process that has not written its PID yet (it is starting)"))]
     Held {
         dir: PathBuf,
         /// `PID <n> (<what>)` as the holder wrote it, when it has.

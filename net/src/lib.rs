@@ -16,6 +16,7 @@ pub mod hyper_glommio;
 pub mod listener;
 pub mod metrics;
 pub mod ops;
+pub mod process_stats;
 pub mod rate_limit;
 pub mod server;
 

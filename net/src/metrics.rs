@@ -10,6 +10,8 @@ use std::time::Duration;
 use oc_ship::engine::query::PlanCacheStats;
 use oc_ship::engine::{CheckpointMetrics, ShardNode};
 use oc_ship::shipper::ShipMetrics;
+
+use crate::process_stats::{DiskStats, ProcessStats};
 use prometheus::proto::{
     Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType,
 };
@@ -170,6 +172,10 @@ pub struct ControlMetrics {
     pub ready: bool,
     pub ops_http: HttpMetrics,
     pub shipping: Option<ShipMetrics>,
+    /// CPU, memory and descriptors of the process (read on the control executor).
+    pub process: ProcessStats,
+    /// The data directory's file system, when `statvfs` answered.
+    pub data_disk: Option<DiskStats>,
 }
 
 /// This thread's HTTP counters (the control executor's, for its ops listener).
@@ -234,12 +240,13 @@ fn per_shard(
     family(name, help, kind, metrics)
 }
 
-/// The Prometheus text exposition of every shard's snapshot. A family with no sample
-/// (every per-shard family while the shards are still recovering) is left out: the
-/// exposition format has no way to say "no samples", and the encoder refuses it.
-pub fn render(shards: &[ShardSnapshot], control: &ControlMetrics) -> Result<String, String> {
-    use MetricType::{COUNTER, GAUGE, HISTOGRAM};
-    let mut families = vec![
+/// The families the control executor knows by itself: uptime, readiness, the build,
+/// the process and the data disk. A reading the kernel refused is left out.
+fn control_families(control: &ControlMetrics) -> Vec<MetricFamily> {
+    use MetricType::{COUNTER, GAUGE};
+    let one = |value: Option<f64>| value.map(|v| vec![gauge(vec![], v)]).unwrap_or_default();
+    let p = &control.process;
+    vec![
         family(
             "oc_up_seconds",
             "Seconds since the server started.",
@@ -252,7 +259,65 @@ pub fn render(shards: &[ShardSnapshot], control: &ControlMetrics) -> Result<Stri
             GAUGE,
             vec![gauge(vec![], f64::from(u8::from(control.ready)))],
         ),
-    ];
+        family(
+            "oc_build_info",
+            "Always 1; the labels name the running build (the same as /health).",
+            GAUGE,
+            vec![gauge(
+                vec![
+                    label("version", env!("CARGO_PKG_VERSION")),
+                    label("git_commit", env!("OC_GIT_COMMIT")),
+                ],
+                1.0,
+            )],
+        ),
+        family(
+            "process_cpu_seconds_total",
+            "User and system CPU time spent by the process, in seconds.",
+            COUNTER,
+            p.cpu_seconds
+                .map(|v| vec![counter(vec![], v)])
+                .unwrap_or_default(),
+        ),
+        family(
+            "process_resident_memory_bytes",
+            "Resident memory of the process, from /proc/self/stat.",
+            GAUGE,
+            one(p.resident_bytes.map(|b| b as f64)),
+        ),
+        family(
+            "process_open_fds",
+            "Open file descriptors of the process.",
+            GAUGE,
+            one(p.open_fds.map(|n| n as f64)),
+        ),
+        family(
+            "process_max_fds",
+            "The process's open-files limit (soft RLIMIT_NOFILE).",
+            GAUGE,
+            one(p.max_fds.map(|n| n as f64)),
+        ),
+        family(
+            "oc_data_disk_free_bytes",
+            "Bytes still available to oc on the data directory's file system.",
+            GAUGE,
+            one(control.data_disk.map(|d| d.free_bytes as f64)),
+        ),
+        family(
+            "oc_data_disk_size_bytes",
+            "Size of the data directory's file system in bytes.",
+            GAUGE,
+            one(control.data_disk.map(|d| d.size_bytes as f64)),
+        ),
+    ]
+}
+
+/// The Prometheus text exposition of every shard's snapshot. A family with no sample
+/// (every per-shard family while the shards are still recovering) is left out: the
+/// exposition format has no way to say "no samples", and the encoder refuses it.
+pub fn render(shards: &[ShardSnapshot], control: &ControlMetrics) -> Result<String, String> {
+    use MetricType::{COUNTER, GAUGE, HISTOGRAM};
+    let mut families = control_families(control);
     let mut requests = BTreeMap::new();
     let mut latency: BTreeMap<&str, LatencyHistogram> = BTreeMap::new();
     let mut fsync_lag = LatencyHistogram::default();
@@ -589,9 +654,15 @@ mod tests {
             ready: false,
             ops_http: HttpMetrics::default(),
             shipping: None,
+            process: ProcessStats::default(),
+            data_disk: None,
         };
         let text = render(&[], &control).expect("renders without shards");
         assert!(text.contains("oc_ready 0"), "{text}");
         assert!(!text.contains("oc_wal_failed"), "{text}");
+        // Readings the kernel did not give are left out, never reported as 0.
+        assert!(!text.contains("process_open_fds"), "{text}");
+        assert!(!text.contains("oc_data_disk_free_bytes"), "{text}");
+        assert!(text.contains("oc_build_info{"), "{text}");
     }
 }

@@ -3,8 +3,9 @@
 //! queued behind data traffic and `/ready` can say "recovering" while shards open.
 
 use std::cell::{Cell, RefCell};
-use std::convert::Infallible;
 use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -22,7 +23,7 @@ use oc_ship::engine::{ShardNode, ShardRouter};
 use serde_json::json;
 
 use crate::hyper_glommio::{GlommioTimer, PlainStream};
-use crate::metrics;
+use crate::{metrics, process_stats};
 
 /// How long `/ready` and `/metrics` wait for a shard to answer.
 const SHARD_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -48,6 +49,8 @@ pub struct ControlState {
     pub ship_status: Option<oc_ship::shipper::ShipStatus>,
     /// Why the process is failing (set with [`Phase::Failed`]).
     pub failure: RefCell<Option<String>>,
+    /// The data directory, whose file system `oc_data_disk_free_bytes` reports.
+    pub data_dir: PathBuf,
 }
 
 /// Open connections the ops listener serves at once. A new connection past the cap
@@ -254,6 +257,15 @@ async fn metrics_page(state: &ControlState) -> Response<Full<Bytes>> {
         ready: state.phase.get() == Phase::Serving,
         ops_http: metrics::local_http(),
         shipping: state.ship_status.as_ref().map(|s| s.snapshot()),
+        // Blocking calls, cheap and on the control executor: never on a shard.
+        process: process_stats::process(),
+        data_disk: match process_stats::disk(&state.data_dir) {
+            Ok(disk) => Some(disk),
+            Err(e) => {
+                tracing::warn!(error = %e, data_dir = %state.data_dir.display(), "statvfs of the data directory failed");
+                None
+            }
+        },
     };
     let mut response = match metrics::render(&snapshots, &control) {
         Ok(text) => Response::new(Full::new(Bytes::from(text))),

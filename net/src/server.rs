@@ -140,6 +140,7 @@ pub fn run(config: ServerConfig) -> Result<()> {
         let shutdown = shutdown.clone();
         let ship_status_for_ops = shipper.as_ref().map(|_| ship_status.clone());
         let ops_listen = config.ops_listen;
+        let data_dir = config.data_dir.clone();
         executor_builder(Placement::Unbound)
             .name("oc-control")
             .spawn(move || {
@@ -149,6 +150,7 @@ pub fn run(config: ServerConfig) -> Result<()> {
                     serving_tx,
                     shipper,
                     ship_status: ship_status_for_ops,
+                    data_dir,
                 };
                 control_main(ops_listen, shards, channels, shutdown, grace, format)
             })
@@ -288,6 +290,7 @@ struct ControlChannels {
     serving_tx: mpsc::Sender<()>,
     shipper: Option<shipper::ShipperLoop>,
     ship_status: Option<ShipStatus>,
+    data_dir: std::path::PathBuf,
 }
 
 /// The control executor: ops endpoints from the start, then, once the shards run, the
@@ -306,6 +309,7 @@ async fn control_main(
         serving_tx,
         shipper,
         ship_status,
+        data_dir,
     } = channels;
     let listener = match TcpListener::bind(ops_listen) {
         Ok(listener) => listener,
@@ -327,6 +331,7 @@ async fn control_main(
         shards,
         ship_status,
         failure: std::cell::RefCell::new(None),
+        data_dir,
     });
     let _ops = glommio::spawn_local(ops::serve_ops(listener, state.clone()));
     // Wait for the shards (or for the start-up to fail, which sets `shutdown`).

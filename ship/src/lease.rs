@@ -60,7 +60,7 @@ pub enum LeaseError {
     #[error(
         "the archive is owned by another data directory ({}, last started by {} PID {} on {} at {}); \
          this data directory is {mine}. One archive takes one writer: give this server its own \
-         --archive location (after a restore, always a new one). See OPERATIONS.md: \"archive is \
+         --archive location (after a restore, always a new one). See RUNBOOK.md: \"archive is \
          owned by another data directory\"",
         .owner.owner_id, .owner.holder.program, .owner.holder.pid, .owner.holder.host,
         crate::timestamp::format_rfc3339(.owner.renewed_at_us)
