@@ -286,6 +286,10 @@ impl CountedPayload {
         self.count += 1;
     }
 
+    #[expect(
+        clippy::expect_used,
+        reason = "the frame count is bounded far below u32::MAX"
+    )]
     fn finish(mut self) -> Vec<u8> {
         let count = u32::try_from(self.count).expect("max_entries is far below u32::MAX");
         self.w.0[self.count_at..self.count_at + 4].copy_from_slice(&count.to_le_bytes());

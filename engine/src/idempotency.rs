@@ -51,6 +51,10 @@ impl IdempotencyStore {
     }
 
     /// Remembers a first result, then evicts by count and by age relative to it.
+    #[expect(
+        clippy::expect_used,
+        reason = "the order queue holds every remembered key, so it is non-empty when the map is full"
+    )]
     pub fn remember(&mut self, key: String, entry: Remembered) {
         let now = entry.committed.0;
         if self.by_key.insert(key.clone(), entry).is_none() {

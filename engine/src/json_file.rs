@@ -47,6 +47,10 @@ pub trait JsonFile: Serialize + DeserializeOwned {
     }
 
     /// The file's bytes: compact JSON.
+    #[expect(
+        clippy::expect_used,
+        reason = "the file structs hold only strings, integers and lists, which always serialize"
+    )]
     fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("the file structs hold only strings, integers and lists")
     }

@@ -8,7 +8,7 @@
 //! shards (one executor per core) with tenant placement and cross-shard calls, and
 //! the query engine behind `/ask` ([`query`]) with contiguous vector stores
 //! ([`vectors`]).
-#![deny(clippy::unwrap_used)]
+#![deny(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod api_key;
 pub mod checkpoint;

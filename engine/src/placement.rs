@@ -120,6 +120,10 @@ impl LayoutFile {
     }
 
     /// The file's bytes: pretty JSON and a newline, for the humans who read it.
+    #[expect(
+        clippy::expect_used,
+        reason = "a struct of strings and integers always serializes"
+    )]
     fn text(&self) -> String {
         let mut text =
             serde_json::to_string_pretty(self).expect("a struct of strings and integers");

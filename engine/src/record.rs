@@ -383,6 +383,10 @@ impl<'a> Reader<'a> {
         self.at += n;
         Ok(slice)
     }
+    #[expect(
+        clippy::expect_used,
+        reason = "take returned exactly the bytes asked for; chunks_exact yields 4-byte chunks"
+    )]
     pub(crate) fn array<const N: usize>(&mut self) -> Result<[u8; N], RecordError> {
         Ok(self.take(N)?.try_into().expect("take returned N bytes"))
     }
@@ -410,6 +414,10 @@ impl<'a> Reader<'a> {
         let n = self.u32()? as usize;
         self.take(n)
     }
+    #[expect(
+        clippy::expect_used,
+        reason = "take returned exactly the bytes asked for; chunks_exact yields 4-byte chunks"
+    )]
     pub(crate) fn value(&mut self) -> Result<Value, RecordError> {
         Ok(match self.u8()? {
             V_NULL => Value::Null,

@@ -391,6 +391,10 @@ impl Table {
     }
 
     /// Rows in index order (ties in primary-key order) between two index-key prefixes.
+    #[expect(
+        clippy::expect_used,
+        reason = "every index entry points at a live row (kept in step by every write)"
+    )]
     pub fn scan_index<'a>(
         &'a self,
         index: &str,
@@ -451,6 +455,10 @@ impl Table {
     /// Appends up to `max` more rows of `scan` to `out`, in key order; returns whether
     /// the scan is finished. Between calls the table may change: the scan resumes after
     /// the last key it returned, so a row present throughout is returned exactly once.
+    #[expect(
+        clippy::expect_used,
+        reason = "every index entry points at a live row (kept in step by every write)"
+    )]
     pub fn next_rows<'a>(
         &'a self,
         scan: &mut RangeScan,

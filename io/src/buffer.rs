@@ -49,6 +49,10 @@ impl AlignedBuf {
         AlignedBuf { ptr, capacity, len }
     }
 
+    #[expect(
+        clippy::expect_used,
+        reason = "block-multiple sizes and block alignment always form a valid layout"
+    )]
     fn layout(capacity: usize) -> Layout {
         Layout::from_size_align(capacity, BLOCK_SIZE)
             .expect("block-multiple sizes are valid layouts")

@@ -17,6 +17,10 @@ pub fn executor_builder(placement: Placement) -> LocalExecutorBuilder {
 }
 
 /// Runs `fut` to completion on a fresh unpinned executor on this thread (tests, tools).
+#[expect(
+    clippy::expect_used,
+    reason = "tests and tools only; an executor that cannot be built is a broken machine"
+)]
 pub fn run_local<T>(fut: impl std::future::Future<Output = T>) -> T {
     let ex: LocalExecutor = executor_builder(Placement::Unbound)
         .make()

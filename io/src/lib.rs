@@ -4,7 +4,7 @@
 //! It knows nothing of tenants or rows: a frame's tenant tag and payload are bytes.
 //!
 //! Byte layouts are specified in `docs/FORMAT.md`; the constants here cite it.
-#![deny(clippy::unwrap_used)]
+#![deny(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod buffer;
 pub mod dir_lock;

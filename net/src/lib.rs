@@ -6,7 +6,7 @@
 //! per-tenant API keys) and per-key rate limits, `/health`, `/ready`, `/metrics`,
 //! limits and timeouts, TLS (rustls), graceful shutdown. Not built yet: `/ask`,
 //! `/watch`, replication.
-#![deny(clippy::unwrap_used)]
+#![deny(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod api;
 pub mod auth;

@@ -59,12 +59,15 @@ pub struct ControlState {
 /// served. A flood cannot take the control executor's descriptors, and cannot make a
 /// healthy server fail its probes either.
 pub const MAX_OPS_CONNECTIONS: usize = 64;
+/// The ops listener's connections, oldest first: (id, the task serving it).
+type OpenConnections = Rc<RefCell<VecDeque<(u64, glommio::task::JoinHandle<()>)>>>;
+
 /// Time for an ops client to send its request headers (probes send them at once).
 const OPS_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Serves the ops endpoints until the process exits.
 pub async fn serve_ops(listener: TcpListener, state: Rc<ControlState>) {
-    let open: Rc<RefCell<VecDeque<(u64, glommio::task::JoinHandle<()>)>>> = Rc::default();
+    let open: OpenConnections = Rc::default();
     let mut next_id = 0u64;
     loop {
         let stream = match listener.accept().await {

@@ -4,7 +4,7 @@
 //! The archive's owner record ([`lease`]) is version 1 of the replication lease: it
 //! names the one data directory that writes an archive. Not built yet: renewal with a
 //! TTL, epochs and fencing (the replication issue).
-#![deny(clippy::unwrap_used)]
+#![deny(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod archive;
 pub mod breaker;

@@ -466,6 +466,7 @@ impl Binder<'_> {
         super::with_stack(|| self.bind_node(e))
     }
 
+    #[expect(clippy::expect_used, reason = "checked on the lines above")]
     fn bind_node(&mut self, e: &ast::Expr) -> Result<Expr, QueryError> {
         if self.agg.is_some() && !contains_aggregate(e) {
             // In an aggregating query an expression is a group key, a constant, or
@@ -643,6 +644,7 @@ impl Binder<'_> {
         Ok(Expr::Column(c))
     }
 
+    #[expect(clippy::expect_used, reason = "checked on the lines above")]
     fn aggregate(&mut self, f: &ast::Function, whole: &ast::Expr) -> Result<Expr, QueryError> {
         let name = f.name.to_string().to_ascii_lowercase();
         let func = match name.as_str() {

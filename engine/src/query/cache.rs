@@ -52,6 +52,7 @@ pub struct PlanCache {
 }
 
 impl PlanCache {
+    #[expect(clippy::expect_used, reason = "entries.max(1) is never zero")]
     pub fn new(entries: usize, max_bytes: usize) -> Self {
         PlanCache {
             plans: LruCache::new(NonZeroUsize::new(entries.max(1)).expect("at least one")),

@@ -850,6 +850,10 @@ impl Execution {
         Ok(())
     }
 
+    #[expect(
+        clippy::expect_used,
+        reason = "only an aggregating plan has groups, and only it reaches these paths"
+    )]
     fn aggregate(&mut self, batch: &[&Row]) -> Result<(), QueryError> {
         let plan = Rc::clone(&self.plan);
         let agg = plan
@@ -982,6 +986,10 @@ impl Execution {
     }
 
     /// Aggregation output, HAVING, ORDER BY, OFFSET/LIMIT: the rows of the answer.
+    #[expect(
+        clippy::expect_used,
+        reason = "only an aggregating plan has groups, and only it reaches these paths"
+    )]
     pub fn finish(mut self, cached: bool) -> Result<AskAnswer, QueryError> {
         let explain = self.plan.query.explain;
         if explain == ExplainMode::PlanOnly {

@@ -212,6 +212,10 @@ impl SimStorage {
     }
 
     /// Overwrites bytes of a file's durable image directly, as bit rot would.
+    #[expect(
+        clippy::expect_used,
+        reason = "a test helper: a name that does not exist is a bug in the test"
+    )]
     pub fn corrupt(&self, name: &str, offset: u64, bytes: &[u8]) {
         let mut state = self.state.borrow_mut();
         let ino = *state
@@ -373,6 +377,10 @@ impl StorageFile for SimFile {
         &self.name
     }
 
+    #[expect(
+        clippy::expect_used,
+        reason = "open handles point at live inodes (the simulator never frees one that is open)"
+    )]
     async fn write_at(&self, buf: AlignedBuf, offset: u64) -> Result<()> {
         assert_eq!(offset % BLOCK_SIZE as u64, 0, "unaligned write offset");
         assert_eq!(buf.len() % BLOCK_SIZE, 0, "unaligned write length");
@@ -421,6 +429,10 @@ impl StorageFile for SimFile {
         Ok(())
     }
 
+    #[expect(
+        clippy::expect_used,
+        reason = "open handles point at live inodes (the simulator never frees one that is open)"
+    )]
     async fn sync(&self) -> Result<()> {
         self.begin("sync", 0).await?;
         let mut guard = self.storage.state.borrow_mut();

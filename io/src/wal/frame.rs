@@ -157,11 +157,11 @@ fn read_u16(b: &[u8], at: usize) -> u16 {
 }
 
 fn read_u32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().expect("4-byte slice"))
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
 fn read_u64(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().expect("8-byte slice"))
+    u64::from(read_u32(b, at)) | (u64::from(read_u32(b, at + 4)) << 32)
 }
 
 /// The CRC32C of a frame: its length field followed by everything after the CRC field.

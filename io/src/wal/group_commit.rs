@@ -56,6 +56,7 @@ pub struct WalStats {
 }
 
 impl Default for WalStats {
+    #[expect(clippy::expect_used, reason = "static histogram bounds are valid")]
     fn default() -> Self {
         let hist =
             || Histogram::new_with_bounds(1, 60_000_000, 3).expect("static bounds are valid");
@@ -106,6 +107,10 @@ impl Completion {
     /// Waits for the frame at `index` of this group to be durable.
     /// Waits for the frame at `index` of this group to be durable; returns its LSN and
     /// commit time.
+    #[expect(
+        clippy::expect_used,
+        reason = "a partial group stores the error that split it"
+    )]
     pub(crate) async fn wait(&self, index: usize) -> Result<(Lsn, TimestampMicros)> {
         poll_fn(|cx| match &*self.outcome.borrow() {
             Some(o) if index < o.durable => {
@@ -240,6 +245,10 @@ impl<B: IoBuffer> Batch<B> {
     }
 
     /// The encoded length of the frame starting at `start`.
+    #[expect(
+        clippy::expect_used,
+        reason = "the filling group holds only whole frames it encoded"
+    )]
     fn frame_len_at(&self, start: u32) -> usize {
         peek_len(&self.buf.as_bytes()[start as usize..]).expect("the group holds whole frames")
             as usize
@@ -379,6 +388,10 @@ impl<S: Storage> Writer<S> {
 
     /// Writes a group, rotating segments as needed. On error returns how many leading
     /// frames were made durable.
+    #[expect(
+        clippy::expect_used,
+        reason = "a group with frames always has its buffer"
+    )]
     async fn write_group(
         &mut self,
         group: Group<S::Buffer>,
@@ -419,6 +432,10 @@ impl<S: Storage> Writer<S> {
     }
 
     /// Stamps, pads, writes and syncs one batch into the active segment.
+    #[expect(
+        clippy::expect_used,
+        reason = "rotation runs before a batch, so an active segment exists, and the batch holds whole frames"
+    )]
     async fn write_batch(
         &mut self,
         mut batch: Batch<S::Buffer>,

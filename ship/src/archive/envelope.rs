@@ -41,7 +41,14 @@ pub fn open(object: &[u8]) -> Result<&[u8], String> {
         ));
     };
     let (payload, trailer) = object.split_at(split);
-    let word = |at: usize| u32::from_le_bytes(trailer[at..at + 4].try_into().expect("4 bytes"));
+    let word = |at: usize| {
+        u32::from_le_bytes([
+            trailer[at],
+            trailer[at + 1],
+            trailer[at + 2],
+            trailer[at + 3],
+        ])
+    };
     if &trailer[..4] != MAGIC {
         return Err("no OCAR trailer: not an oc archive object, or truncated".into());
     }
@@ -54,7 +61,7 @@ pub fn open(object: &[u8]) -> Result<&[u8], String> {
             "trailer version {version} is not supported (this build reads {VERSION})"
         ));
     }
-    let length = u64::from_le_bytes(trailer[8..16].try_into().expect("8 bytes"));
+    let length = u64::from(word(8)) | (u64::from(word(12)) << 32);
     if length != payload.len() as u64 {
         return Err(format!(
             "the trailer says {length} payload bytes, the object has {}",

@@ -122,6 +122,10 @@ impl LocalDirArchive {
 }
 
 impl Archive for LocalDirArchive {
+    #[expect(
+        clippy::expect_used,
+        reason = "every key path is built below the archive root, so it has a parent"
+    )]
     fn put(
         &self,
         key: &str,
@@ -222,6 +226,10 @@ impl Archive for LocalDirArchive {
         Ok(keys)
     }
 
+    #[expect(
+        clippy::expect_used,
+        reason = "every key path is built below the archive root, so it has a parent"
+    )]
     fn delete(&self, key: &str) -> Result<(), ArchiveError> {
         let path = self.path(key)?;
         match fs::remove_file(&path) {
