@@ -9,7 +9,8 @@
 //!
 //! A checkpointer writes checkpoints and releases covered segments throughout.
 //!
-//! Replay one run with `OC_SIM_SEED=<seed>`; `OC_SIM_SEEDS=<n>` sets how many run.
+//! Replay one run with `OC_SIM_SEED=<seed>`; `OC_SIM_SEEDS=<n>` sets how many run and
+//! `OC_SIM_SEED_START=<first>` where they start.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -355,16 +356,7 @@ async fn run_seed(seed: u64) -> (usize, bool) {
 
 #[test]
 fn crashes_never_lose_acknowledged_commands_or_half_apply_a_batch() {
-    let seeds: Vec<u64> = match std::env::var("OC_SIM_SEED") {
-        Ok(one) => vec![one.parse().expect("OC_SIM_SEED is a number")],
-        Err(_) => {
-            let n = std::env::var("OC_SIM_SEEDS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(400);
-            (0..n).collect()
-        }
-    };
+    let seeds = oc_engine::io::seeds_from_env(400);
     let count = seeds.len();
     let (mut with_writes, mut from_checkpoint) = (0, 0);
     run_local(async {

@@ -20,7 +20,9 @@ pub mod wal;
 pub use buffer::{align_down, align_up, AlignedBuf, IoBuffer, BLOCK_SIZE};
 pub use error::{Error, Result};
 pub use probe::{probe_io_uring, UringProbe};
-pub use storage::{DmaStorage, SimFaults, SimRng, SimStorage, Storage, StorageFile};
+pub use storage::{
+    seeds_from_env, DmaStorage, SimFaults, SimRng, SimStorage, Storage, StorageFile,
+};
 pub use wal::{
     DurableTail, Epoch, Frame, Lsn, Pending, RecordKind, RecoveryReport, TimestampMicros, Wal,
     WalConfig, WalStats,

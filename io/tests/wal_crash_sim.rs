@@ -7,7 +7,8 @@
 //! - the recovered log accepts new appends and recovers again.
 //!
 //! Replay a failure with `OC_SIM_SEED=<seed> cargo test -p oc-io --test wal_crash_sim`;
-//! `OC_SIM_SEEDS=<n>` changes how many seeds run.
+//! `OC_SIM_SEEDS=<n>` changes how many seeds run, `OC_SIM_SEED_START=<first>` where
+//! they start (so new ranges can be explored).
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
@@ -15,7 +16,9 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use oc_io::executor::run_local;
-use oc_io::{Error, Lsn, RecordKind, SimFaults, SimRng, SimStorage, Wal, WalConfig};
+use oc_io::{
+    seeds_from_env, Error, Lsn, RecordKind, SimFaults, SimRng, SimStorage, Wal, WalConfig,
+};
 
 const KIND: RecordKind = RecordKind(1);
 
@@ -254,14 +257,11 @@ fn check(
 const REGRESSION_SEEDS: &[u64] = &[8795];
 
 fn seeds() -> Vec<u64> {
-    if let Ok(one) = std::env::var("OC_SIM_SEED") {
-        return vec![one.parse().expect("OC_SIM_SEED is a number")];
+    let mut seeds = seeds_from_env(1500);
+    if std::env::var_os("OC_SIM_SEED").is_none() {
+        seeds.extend(REGRESSION_SEEDS);
     }
-    let n = std::env::var("OC_SIM_SEEDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1500);
-    (0..n).chain(REGRESSION_SEEDS.iter().copied()).collect()
+    seeds
 }
 
 #[test]

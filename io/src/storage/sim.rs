@@ -34,6 +34,25 @@ use crate::error::{Error, Result};
 /// Tearing granularity: a sector is written entirely or not at all.
 pub const SECTOR_SIZE: usize = 512;
 
+/// The seeds a simulation test runs: `OC_SIM_SEED=<seed>` replays one;
+/// otherwise `OC_SIM_SEEDS=<count>` seeds (default `default_count`) starting at
+/// `OC_SIM_SEED_START=<first>` (default 0), so anyone can run seeds no one ran before.
+/// A malformed value is a test-setup error and panics with its name.
+pub fn seeds_from_env(default_count: u64) -> Vec<u64> {
+    let var = |name: &str| {
+        std::env::var(name).ok().map(|v| {
+            v.parse::<u64>()
+                .unwrap_or_else(|_| panic!("{name}={v:?} is not a number"))
+        })
+    };
+    if let Some(one) = var("OC_SIM_SEED") {
+        return vec![one];
+    }
+    let start = var("OC_SIM_SEED_START").unwrap_or(0);
+    let count = var("OC_SIM_SEEDS").unwrap_or(default_count);
+    (start..start.saturating_add(count)).collect()
+}
+
 /// A small deterministic generator (SplitMix64). Chosen over the `rand` crate because
 /// its output must never change across dependency upgrades: old seeds must replay.
 #[derive(Debug, Clone)]
