@@ -11,6 +11,7 @@
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod api_key;
+pub mod apply;
 pub mod checkpoint;
 pub mod command;
 pub mod error;
