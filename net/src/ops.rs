@@ -3,8 +3,8 @@
 //! queued behind data traffic and `/ready` can say "recovering" while shards open.
 
 use std::cell::{Cell, RefCell};
-use std::convert::Infallible;
 use std::collections::VecDeque;
+use std::convert::Infallible;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -59,9 +59,12 @@ pub const MAX_OPS_CONNECTIONS: usize = 64;
 /// Time for an ops client to send its request headers (probes send them at once).
 const OPS_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The open ops connections, oldest first: an id and the task serving it.
+type OpenConnections = Rc<RefCell<VecDeque<(u64, glommio::task::JoinHandle<()>)>>>;
+
 /// Serves the ops endpoints until the process exits.
 pub async fn serve_ops(listener: TcpListener, state: Rc<ControlState>) {
-    let open: Rc<RefCell<VecDeque<(u64, glommio::task::JoinHandle<()>)>>> = Rc::default();
+    let open: OpenConnections = Rc::default();
     let mut next_id = 0u64;
     loop {
         let stream = match listener.accept().await {
