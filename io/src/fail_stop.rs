@@ -8,8 +8,9 @@
 //! tenants' writes hanging, SIGTERM ignored. Nothing is lost by exiting: a write is
 //! acknowledged only after its group's `fdatasync`, and a restart's recovery rebuilds
 //! the state from the log. The same exit is used for the other fatal conditions
-//! (a failed log, a shutdown that overran its grace), each with its own status so a
-//! supervisor's record says which it was (OPERATIONS.md lists them).
+//! (a failed log, a shutdown that overran its grace, an archive taken over by another
+//! copy of the data directory), each with its own status so a supervisor's record
+//! says which it was (OPERATIONS.md lists them).
 //!
 //! The line is written with one `write(2)` to descriptor 2, without taking the stderr
 //! lock or calling the logging library, either of which the panicking thread may hold.
@@ -22,6 +23,10 @@ pub const EXIT_PANIC: i32 = 101;
 pub const EXIT_LOG_FAILED: i32 = 3;
 /// Exit status when an orderly shutdown overran its grace period.
 pub const EXIT_SHUTDOWN_OVERRAN: i32 = 4;
+/// Exit status when another process took the archive's owner record (`lease.json`):
+/// another copy of this data directory ships to the same archive. Continuing would
+/// let two writers mix two histories there.
+pub const EXIT_ARCHIVE_TAKEN: i32 = 5;
 
 /// How the fatal line is written: like the text logs, or one JSON object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -143,6 +143,12 @@ pub struct ServerConfig {
     /// row before one trial upload.
     #[arg(long, env = "OC_ARCHIVE_BREAKER_OPEN_MS", default_value_t = 30_000)]
     pub archive_breaker_open_ms: u64,
+    /// For tests only: how often the archive's owner record (`lease.json`) is renewed.
+    /// A copy of this data directory is refused while the record is less than 3 times
+    /// this old. Every server on one archive must use the same value; production keeps
+    /// the default (10 s). Hidden from `--help`.
+    #[arg(long, env = "OC_LEASE_RENEW_MS", default_value_t = 10_000, hide = true)]
+    pub lease_renew_ms: u64,
     /// PEM certificate chain: serve the data API over TLS (with --tls-key).
     #[arg(long, env = "OC_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -327,6 +333,7 @@ impl ServerConfig {
             ("--request-deadline-ms", self.request_deadline_ms),
             ("--checkpoint-interval-s", self.checkpoint_interval_s),
             ("--tail-window-ms", self.tail_window_ms),
+            ("--lease-renew-ms", self.lease_renew_ms),
         ] {
             if value == 0 {
                 return Err(format!("{name} must be above 0"));

@@ -113,7 +113,11 @@ pub fn run(config: ServerConfig) -> Result<()> {
             let ship_config = ShipperConfig {
                 data_dir: config.data_dir.clone(),
                 owner_id: layout.id.to_string(),
-                holder: lease::this_process(&format!("{PROGRAM} {}", env!("CARGO_PKG_VERSION"))),
+                holder: lease::this_process(
+                    &format!("{PROGRAM} {}", env!("CARGO_PKG_VERSION")),
+                    &config.data_dir,
+                ),
+                lease_renew: Duration::from_millis(config.lease_renew_ms),
                 shards,
                 tail_window: Duration::from_millis(config.tail_window_ms),
                 retention: config.archive_retention,
@@ -122,7 +126,22 @@ pub fn run(config: ServerConfig) -> Result<()> {
                     ..BreakerPolicy::default()
                 },
             };
-            let start = shipper::start(archive, ship_config, ship_status.clone())
+            // Another copy of this data directory took the archive: the shipper's writes
+            // are already fenced; end the process before anything else happens.
+            let on_displaced: shipper::OnDisplaced = Box::new(move |what| {
+                let line = fail_stop::fatal_line(
+                    PROGRAM,
+                    format,
+                    &format!(
+                        "{what}. Exiting with status {}; every acknowledged write is durable \
+                         in this data directory. See RUNBOOK.md: \"the process exited with \
+                         status 5\"",
+                        fail_stop::EXIT_ARCHIVE_TAKEN
+                    ),
+                );
+                fail_stop::exit_now(fail_stop::EXIT_ARCHIVE_TAKEN, &line);
+            });
+            let start = shipper::start(archive, ship_config, ship_status.clone(), on_displaced)
                 .with_context(|| format!("starting to ship to the archive {uri}"))?;
             tracing::info!(archive = %uri, "shipping to the archive");
             Some(start)

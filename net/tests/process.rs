@@ -1,8 +1,10 @@
 //! The process is fully up or gone, and it is the only writer of what it writes: a
 //! second server (or a restore) on a locked data directory is refused naming the
-//! holder's PID; a second data directory on a claimed archive is refused; a panic on
-//! a shard, or a failed log, ends the process with a non-zero status and one clear
-//! line, and the restart recovers every acknowledged write; SIGTERM always ends it.
+//! holder's PID; a second data directory on a claimed archive is refused, and so is a
+//! copy of a data directory while the original runs (the original exits once a copy
+//! took the archive over); a panic on a shard, or a failed log, ends the process with
+//! a non-zero status and one clear line, and the restart recovers every acknowledged
+//! write; SIGTERM always ends it.
 //!
 //! Panics and log failures come from the test-only failpoints (`OC_FAILPOINTS`, see
 //! io/src/failpoint.rs), which test builds of `oc-server` compile in.
@@ -145,6 +147,140 @@ fn a_second_data_directory_on_a_claimed_archive_is_refused() {
     let owner = Server::start(&data_a, &args);
     assert_eq!(data_dir_id(&data_a), owner_id, "the id survives restarts");
     drop(owner);
+}
+
+/// `cp -a` of a stopped data directory, as a volume snapshot or "stop, copy, start"
+/// would make it: every file, the lock file and the layout (with its id) included.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read_dir") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("file type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
+}
+
+fn signal(server: &Server, signal: i32) {
+    // SAFETY: plain kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(server.pid() as i32, signal) }, 0);
+}
+
+/// A file-level copy of a data directory keeps its id, so the archive's owner record
+/// cannot tell the copies apart by id; it tells them apart by holder. While the
+/// original runs (and renews the record), the copy is refused, naming it. Once the
+/// original has stopped renewing for the stale window (SIGSTOPped here, as a paused VM
+/// or a partitioned host would), the copy takes the record over; the original, resumed,
+/// finds its renewal refused and exits with status 5 and one line naming the copy.
+#[test]
+fn a_copy_of_a_data_directory_is_refused_while_the_original_runs_and_displaces_it_once_stale() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (data, copy) = (dir.path().join("data"), dir.path().join("copy"));
+    let archive = dir.path().join("archive");
+    let uri = file_uri(&archive);
+    // A renewal every second: a copy is refused for 3 s after the latest one.
+    let args = [
+        "--shards",
+        "1",
+        "--archive",
+        &uri,
+        "--tail-window-ms",
+        "100",
+        "--lease-renew-ms",
+        "1000",
+    ];
+    let original = Server::start(&data, &args);
+    original.create_tenant_with_items("acme");
+    assert_eq!(write_row(&original, "acme", 1).expect("write").status, 200);
+    assert!(original.terminate().success());
+    copy_dir(&data, &copy);
+    assert_eq!(
+        data_dir_id(&copy),
+        data_dir_id(&data),
+        "a copy keeps the id"
+    );
+
+    let mut original = Server::start(&data, &args);
+    let original_path = std::fs::canonicalize(&data).expect("canonical path");
+    let refused = Server::try_start(&copy, &args)
+        .err()
+        .expect("a copy must be refused while the original runs");
+    println!("the copy was refused:\n{refused}");
+    for needed in [
+        "another copy of this data directory seems to be running".to_string(),
+        format!("PID {} on ", original.pid()),
+        format!("(data directory {})", original_path.display()),
+        "Stop the other copy".to_string(),
+        "OPERATIONS.md: \"another copy of this data directory\"".to_string(),
+    ] {
+        assert!(refused.contains(&needed), "{needed:?} in:\n{refused}");
+    }
+    assert_eq!(write_row(&original, "acme", 2).expect("write").status, 200);
+
+    // The original stops renewing (paused) for longer than the stale window.
+    signal(&original, libc::SIGSTOP);
+    std::thread::sleep(Duration::from_secs(5));
+    let copy_server = Server::start(&copy, &args);
+    assert!(has_row(&copy_server, "acme", 1));
+    assert!(
+        copy_server
+            .stderr()
+            .contains("took the archive's owner record over"),
+        "{}",
+        copy_server.stderr()
+    );
+    let resumed = Instant::now();
+    signal(&original, libc::SIGCONT);
+    let status = original
+        .wait_exit(EXIT_DEADLINE)
+        .expect("the displaced original must exit");
+    println!(
+        "exited {status:?} {} ms after SIGCONT",
+        resumed.elapsed().as_millis()
+    );
+    assert_eq!(status.code(), Some(5), "{status:?}\n{}", original.stderr());
+    let stderr = original.stderr();
+    let fatal = fatal_lines(&stderr);
+    assert_eq!(fatal.len(), 1, "one clear line:\n{stderr}");
+    println!("the original's line: {}", fatal[0]);
+    let copy_path = std::fs::canonicalize(&copy).expect("canonical path");
+    for needed in [
+        "another copy of this data directory took the archive's owner record".to_string(),
+        format!(
+            "now held by oc-server {} PID {} on ",
+            env!("CARGO_PKG_VERSION"),
+            copy_server.pid()
+        ),
+        format!("(data directory {})", copy_path.display()),
+        "no longer holds the archive".to_string(),
+        "Exiting with status 5".to_string(),
+    ] {
+        assert!(fatal[0].contains(&needed), "{needed:?} in {}", fatal[0]);
+    }
+
+    // The copy holds the record and keeps renewing it; it serves and ships.
+    let local = oc_ship::archive::LocalDirArchive::open(&archive).expect("archive");
+    let held = |what: &str| {
+        oc_ship::lease::read(&local)
+            .expect("read lease.json")
+            .unwrap_or_else(|| panic!("no lease.json {what}"))
+            .0
+    };
+    let before = held("after the takeover");
+    assert_eq!(before.holder.pid, copy_server.pid());
+    assert_eq!(before.holder.data_dir, copy_path.display().to_string());
+    assert_eq!(
+        write_row(&copy_server, "acme", 3).expect("write").status,
+        200
+    );
+    std::thread::sleep(Duration::from_millis(2500));
+    let after = held("after renewals");
+    assert_eq!(after.holder, before.holder);
+    assert!(after.renewed_at_us > before.renewed_at_us, "{after:?}");
+    assert!(copy_server.terminate().success());
 }
 
 /// A restore into a directory a server holds is refused naming the server; a restore

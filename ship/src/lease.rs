@@ -1,15 +1,33 @@
 //! The archive's owner record (`lease.json`, FORMAT.md §9.2): which data directory
-//! writes this archive. One archive has one writer: a server whose data directory is
-//! not the recorded owner is refused at start, before it ships or deletes anything.
+//! writes this archive, and which process of it holds the record now. One archive has
+//! one writer: a server whose data directory is not the recorded owner is refused at
+//! start, before it ships or deletes anything.
+//!
+//! A data directory's id travels with every file-level copy of it (a volume snapshot,
+//! a cloned VM, "stop, copy, start" while a supervisor restarts the original), so the
+//! id alone cannot tell two running copies apart. The record therefore also names its
+//! holder (host, PID and data directory path), and the holder renews it every
+//! [`LEASE_RENEW_INTERVAL`] while it runs. At start, a claim by the owning id is
+//! refused while the record was renewed less than [`LEASE_STALE`] ago by a different
+//! holder (another host, or another path on this host); the same host and path take
+//! over at once (the data directory's `flock` proves the previous process there is
+//! gone). A renewal is "only if the version I last wrote is still there": when it
+//! fails, another copy has taken the record, and this process stops writing the
+//! archive ([`LeaseHold`]) and exits.
 //!
 //! This is version 1 of the replication lease. It already has the lease's fields
 //! (`epoch`, `renewed_at_us`, `lease_ttl_ms`) so replication extends this object
-//! instead of adding a second one: today the epoch is always 1, the record is
-//! renewed once per start, and it has no TTL (`null`: held until an operator removes
-//! it). Every write is conditional: a claim is "only if absent" and a renewal "only
-//! if the version I read is still there", so two processes racing for one archive
-//! cannot both win, on S3 (`If-None-Match` / `If-Match`) or a local directory
-//! (hard link / compare-and-swap under a `flock`).
+//! instead of adding a second one: today the epoch is always 1 and ownership has no
+//! TTL (`null`: the owning id holds the archive until an operator removes the record;
+//! only the holder goes stale). Every write is conditional: a claim is "only if
+//! absent" or "only if the version I read is still there", so two processes racing
+//! for one archive cannot both win, on S3 (`If-None-Match` / `If-Match`) or a local
+//! directory (hard link / compare-and-swap under a `flock`).
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use oc_engine::json_file::JsonFile;
 use oc_engine::FileProblem;
@@ -21,10 +39,17 @@ use crate::archive::{Archive, ArchiveError, Condition, Version};
 pub const LEASE_KEY: &str = "lease.json";
 /// The record's format version.
 pub const LEASE_FORMAT_VERSION: u64 = 1;
+/// How often a running server renews the record.
+pub const LEASE_RENEW_INTERVAL: Duration = Duration::from_secs(10);
+/// Renewal intervals after which a holder that stopped renewing is presumed gone.
+pub const LEASE_STALE_INTERVALS: u32 = 3;
+/// How long a record not renewed keeps another holder of the same id out (30 s).
+pub const LEASE_STALE: Duration =
+    Duration::from_secs(LEASE_RENEW_INTERVAL.as_secs() * LEASE_STALE_INTERVALS as u64);
 /// Conditional writes lost to a racing writer before giving up.
 const MAX_CLAIM_ATTEMPTS: usize = 4;
 
-/// Who wrote the record, for the humans reading a refusal.
+/// Who wrote the record: the process, and the data directory path it runs on.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Holder {
@@ -32,6 +57,26 @@ pub struct Holder {
     pub pid: u32,
     /// The program and version, e.g. `oc-server 0.1.0`.
     pub program: String,
+    /// The data directory as an absolute path (symbolic links resolved).
+    pub data_dir: String,
+}
+
+impl Holder {
+    /// The same host and data directory path: on one host, the data directory's lock
+    /// guarantees that a previous process there is gone.
+    pub fn same_place(&self, other: &Holder) -> bool {
+        self.host == other.host && self.data_dir == other.data_dir
+    }
+}
+
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} PID {} on {} (data directory {})",
+            self.program, self.pid, self.host, self.data_dir
+        )
+    }
 }
 
 /// The owner record, field by field as FORMAT.md §9.2 gives it.
@@ -46,9 +91,9 @@ pub struct Lease {
     pub holder: Holder,
     /// When this owner first claimed the archive (µs since the Unix epoch).
     pub claimed_at_us: u64,
-    /// When the holder last wrote the record: its claim or its latest start.
+    /// When the holder last wrote the record: its claim, then every renewal.
     pub renewed_at_us: u64,
-    /// How long the record holds without a renewal; `None` (v1): until removed.
+    /// How long ownership holds without a renewal; `None` (v1): until removed.
     pub lease_ttl_ms: Option<u64>,
 }
 
@@ -66,6 +111,22 @@ pub enum LeaseError {
         crate::timestamp::format_rfc3339(.owner.renewed_at_us)
     )]
     OwnedByAnother { owner: Box<Lease>, mine: String },
+    #[error(
+        "another copy of this data directory seems to be running: the archive's owner record \
+         (data directory id {}) was renewed {:.1}s ago by {}, and this server is {mine} (a file-level \
+         copy of a data directory keeps its id). Two copies shipping one archive would mix two \
+         histories. Stop the other copy; or, if it has stopped, start this one once its record is \
+         {}s old; or, if this copy is meant to be a separate server, give it a new id and its own \
+         --archive. See RUNBOOK.md: \"another copy of this data directory\"",
+        .owner.owner_id, .age.as_secs_f64(), .owner.holder, .stale.as_secs()
+    )]
+    HeldByAnotherCopy {
+        owner: Box<Lease>,
+        mine: Box<Holder>,
+        /// How long ago the record was renewed, by this host's clock.
+        age: Duration,
+        stale: Duration,
+    },
     #[error(
         "the archive's {LEASE_KEY} is unreadable: {problem}; it was not written by this version of oc"
     )]
@@ -118,18 +179,32 @@ impl JsonFile for Lease {
 pub enum Claimed {
     /// The archive had no owner; it is now ours.
     New,
-    /// We already owned it; the record is renewed.
+    /// We already owned it, from this host and path; the record is renewed.
     Renewed,
+    /// We already owned it, but another holder (another host or path: a copy of this
+    /// data directory) wrote the record last and stopped renewing it `idle` ago.
+    TakenOver { from: Box<Holder>, idle: Duration },
+}
+
+/// A successful claim: what it did, the record written and its version (the
+/// condition of the first renewal).
+#[derive(Debug, Clone)]
+pub struct Claim {
+    pub claimed: Claimed,
+    pub lease: Lease,
+    pub version: Version,
 }
 
 /// Claims `archive` for data directory `owner_id` (or renews our claim), refusing
-/// when another data directory owns it. `now_us` stamps the record.
+/// when another data directory owns it, or when another holder of the same id renewed
+/// it less than `stale` ago. `now_us` stamps the record.
 pub fn claim(
     archive: &dyn Archive,
     owner_id: &str,
     holder: Holder,
     now_us: u64,
-) -> Result<(Claimed, Lease), LeaseError> {
+    stale: Duration,
+) -> Result<Claim, LeaseError> {
     for _ in 0..MAX_CLAIM_ATTEMPTS {
         let current = read(archive)?;
         let (lease, condition, claimed) = match current {
@@ -152,18 +227,43 @@ pub fn claim(
                     mine: owner_id.to_string(),
                 })
             }
-            Some((found, version)) => (
-                Lease {
-                    holder: holder.clone(),
-                    renewed_at_us: now_us.max(found.renewed_at_us),
-                    ..found
-                },
-                Condition::IfVersion(version),
-                Claimed::Renewed,
-            ),
+            Some((found, version)) => {
+                // A record stamped in this host's future (clock skew) counts as fresh.
+                let age = Duration::from_micros(now_us.saturating_sub(found.renewed_at_us));
+                let claimed = if found.holder.same_place(&holder) {
+                    Claimed::Renewed
+                } else if age < stale {
+                    return Err(LeaseError::HeldByAnotherCopy {
+                        owner: Box::new(found),
+                        mine: Box::new(holder),
+                        age,
+                        stale,
+                    });
+                } else {
+                    Claimed::TakenOver {
+                        from: Box::new(found.holder.clone()),
+                        idle: age,
+                    }
+                };
+                (
+                    Lease {
+                        holder: holder.clone(),
+                        renewed_at_us: now_us.max(found.renewed_at_us),
+                        ..found
+                    },
+                    Condition::IfVersion(version),
+                    claimed,
+                )
+            }
         };
         match archive.put(LEASE_KEY, &lease.encode(), &condition) {
-            Ok(_) => return Ok((claimed, lease)),
+            Ok(version) => {
+                return Ok(Claim {
+                    claimed,
+                    lease,
+                    version,
+                })
+            }
             Err(ArchiveError::PreconditionFailed { .. }) => continue, // raced: read again
             Err(e) => return Err(e.into()),
         }
@@ -179,12 +279,16 @@ pub fn read(archive: &dyn Archive) -> Result<Option<(Lease, Version)>, LeaseErro
     }
 }
 
-/// This process as a [`Holder`].
-pub fn this_process(program: &str) -> Holder {
+/// This process, running on `data_dir`, as a [`Holder`].
+pub fn this_process(program: &str, data_dir: &Path) -> Holder {
+    let data_dir = std::fs::canonicalize(data_dir)
+        .or_else(|_| std::path::absolute(data_dir))
+        .unwrap_or_else(|_| data_dir.to_path_buf());
     Holder {
         host: hostname(),
         pid: std::process::id(),
         program: program.to_string(),
+        data_dir: data_dir.display().to_string(),
     }
 }
 
@@ -199,17 +303,210 @@ fn hostname() -> String {
     String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
+/// Why a displaced holder's archive writes fail.
+const DISPLACED: &str = "another copy of this data directory took the archive's owner record; \
+                         this server writes nothing more to the archive";
+
+/// This process's hold on the record, shared by the renewal and shipping threads: the
+/// archive may be written only while the hold is confirmed, that is, not displaced and
+/// renewed within the fence window (less than [`LEASE_STALE`], so a holder cut off from
+/// the archive stops writing before another copy may take the record over).
+#[derive(Debug)]
+pub struct LeaseHold {
+    displaced: AtomicBool,
+    confirmed_at: Mutex<Instant>,
+    fence: Duration,
+}
+
+impl LeaseHold {
+    /// A hold confirmed by a write sent at `confirmed_at` (the claim), which lapses
+    /// `fence` after its latest confirmation.
+    pub fn new(confirmed_at: Instant, fence: Duration) -> LeaseHold {
+        LeaseHold {
+            displaced: AtomicBool::new(false),
+            confirmed_at: Mutex::new(confirmed_at),
+            fence,
+        }
+    }
+
+    /// Why the archive may not be written now, if it may not.
+    pub fn check(&self) -> Result<(), String> {
+        if self.displaced.load(Ordering::SeqCst) {
+            return Err(DISPLACED.into());
+        }
+        let since = self
+            .confirmed_at
+            .lock()
+            .map_or(Duration::MAX, |at| at.elapsed());
+        if since >= self.fence {
+            return Err(format!(
+                "this server's hold on the archive's owner record was last renewed {}s ago \
+                 (renewals are failing); no archive writes until a renewal succeeds",
+                since.as_secs()
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn is_displaced(&self) -> bool {
+        self.displaced.load(Ordering::SeqCst)
+    }
+
+    fn confirm(&self, at: Instant) {
+        if let Ok(mut confirmed) = self.confirmed_at.lock() {
+            *confirmed = at;
+        }
+    }
+}
+
+/// What one renewal found.
+#[derive(Debug)]
+pub enum Renewed {
+    /// The record is ours, renewed.
+    Yes,
+    /// The archive could not be reached or answered an error: not a displacement; the
+    /// next interval tries again.
+    Failed(ArchiveError),
+    /// Someone else wrote the record since our last write: this process no longer holds
+    /// the archive. The hold is marked displaced before this returns. Carries the
+    /// record as read again (or why it could not be read), for the message.
+    Displaced(Result<Option<Lease>, LeaseError>),
+}
+
+/// The renewals of one claim.
+pub struct Renewal {
+    archive: Arc<dyn Archive>,
+    lease: Lease,
+    version: Version,
+    hold: Arc<LeaseHold>,
+}
+
+impl Renewal {
+    pub fn new(archive: Arc<dyn Archive>, claim: Claim, hold: Arc<LeaseHold>) -> Renewal {
+        Renewal {
+            archive,
+            lease: claim.lease,
+            version: claim.version,
+            hold,
+        }
+    }
+
+    /// The record as last written by this process.
+    pub fn lease(&self) -> &Lease {
+        &self.lease
+    }
+
+    /// Writes the record again with `renewed_at_us = now_us`, only if the version this
+    /// process last wrote is still there.
+    pub fn renew(&mut self, now_us: u64) -> Renewed {
+        if self.hold.is_displaced() {
+            return Renewed::Displaced(read(self.archive.as_ref()).map(|r| r.map(|(l, _)| l)));
+        }
+        let started = Instant::now();
+        let lease = Lease {
+            renewed_at_us: now_us.max(self.lease.renewed_at_us),
+            ..self.lease.clone()
+        };
+        let condition = Condition::IfVersion(self.version.clone());
+        match self.archive.put(LEASE_KEY, &lease.encode(), &condition) {
+            Ok(version) => {
+                // Confirmed as of when the write was sent, not when it was answered.
+                self.hold.confirm(started);
+                self.lease = lease;
+                self.version = version;
+                Renewed::Yes
+            }
+            Err(ArchiveError::PreconditionFailed { .. }) => {
+                let found = read(self.archive.as_ref());
+                // Our own write whose answer was lost and retried (an S3 client retry
+                // after a timeout) reads back as exactly what we wrote.
+                if let Ok(Some((current, version))) = &found {
+                    if *current == lease {
+                        self.hold.confirm(started);
+                        self.lease = lease;
+                        self.version = version.clone();
+                        return Renewed::Yes;
+                    }
+                }
+                self.hold.displaced.store(true, Ordering::SeqCst);
+                Renewed::Displaced(found.map(|r| r.map(|(l, _)| l)))
+            }
+            Err(e) => Renewed::Failed(e),
+        }
+    }
+}
+
+/// The archive as the shipper sees it: every write and delete first checks the hold,
+/// so a displaced (or cut-off) holder stops writing at once.
+pub struct FencedArchive {
+    inner: Arc<dyn Archive>,
+    hold: Arc<LeaseHold>,
+}
+
+impl FencedArchive {
+    pub fn new(inner: Arc<dyn Archive>, hold: Arc<LeaseHold>) -> FencedArchive {
+        FencedArchive { inner, hold }
+    }
+
+    fn check(&self, key: &str) -> Result<(), ArchiveError> {
+        self.hold
+            .check()
+            .map_err(|why| ArchiveError::PreconditionFailed {
+                key: key.to_string(),
+                why,
+            })
+    }
+}
+
+impl Archive for FencedArchive {
+    fn put(
+        &self,
+        key: &str,
+        payload: &[u8],
+        condition: &Condition,
+    ) -> Result<Version, ArchiveError> {
+        self.check(key)?;
+        self.inner.put(key, payload, condition)
+    }
+
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, Version)>, ArchiveError> {
+        self.inner.get(key)
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<String>, ArchiveError> {
+        self.inner.list(prefix)
+    }
+
+    fn delete(&self, key: &str) -> Result<(), ArchiveError> {
+        self.check(key)?;
+        self.inner.delete(key)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::archive::LocalDirArchive;
+
+    const STALE: Duration = Duration::from_secs(30);
+    const SECOND: u64 = 1_000_000;
 
     fn holder(pid: u32) -> Holder {
         Holder {
             host: "db-1".into(),
             pid,
             program: "oc-server 0.1.0".into(),
+            data_dir: "/var/lib/oc/data".into(),
         }
+    }
+
+    fn claim_at(
+        a: &dyn Archive,
+        owner: &str,
+        holder: Holder,
+        now_us: u64,
+    ) -> Result<Claim, LeaseError> {
+        claim(a, owner, holder, now_us, STALE)
     }
 
     fn archive() -> (tempfile::TempDir, LocalDirArchive) {
@@ -221,9 +518,17 @@ mod tests {
     #[test]
     fn the_first_data_directory_owns_the_archive_and_renews_it() {
         let (_dir, a) = archive();
-        let (claimed, first) = claim(&a, "aa", holder(1), 100).expect("claim");
+        let Claim {
+            claimed,
+            lease: first,
+            ..
+        } = claim_at(&a, "aa", holder(1), 100).expect("claim");
         assert_eq!(claimed, Claimed::New);
-        let (claimed, second) = claim(&a, "aa", holder(2), 200).expect("renew");
+        let Claim {
+            claimed,
+            lease: second,
+            ..
+        } = claim_at(&a, "aa", holder(2), 200).expect("renew");
         assert_eq!(claimed, Claimed::Renewed);
         assert_eq!(second.claimed_at_us, first.claimed_at_us);
         assert_eq!((second.renewed_at_us, second.holder.pid), (200, 2));
@@ -233,9 +538,9 @@ mod tests {
     #[test]
     fn another_data_directory_is_refused_and_the_record_is_untouched() {
         let (_dir, a) = archive();
-        claim(&a, "aa", holder(1), 100).expect("claim");
+        claim_at(&a, "aa", holder(1), 100).expect("claim");
         let before = a.get(LEASE_KEY).expect("get");
-        let err = claim(&a, "bb", holder(2), 200).expect_err("owned");
+        let err = claim_at(&a, "bb", holder(2), 200).expect_err("owned");
         let message = err.to_string();
         assert!(
             matches!(&err, LeaseError::OwnedByAnother { owner, mine } if owner.owner_id == "aa" && mine == "bb"),
@@ -261,7 +566,7 @@ mod tests {
         let text = String::from_utf8(lease.encode()).expect("utf-8");
         assert_eq!(
             text,
-            r#"{"format_version":1,"owner_id":"5f0c9d7e2b8a41c6a3e1f0d2c4b6a8e0","epoch":1,"holder":{"host":"db-1","pid":4242,"program":"oc-server 0.1.0"},"claimed_at_us":1764000000000000,"renewed_at_us":1764000100000000,"lease_ttl_ms":null}"#
+            r#"{"format_version":1,"owner_id":"5f0c9d7e2b8a41c6a3e1f0d2c4b6a8e0","epoch":1,"holder":{"host":"db-1","pid":4242,"program":"oc-server 0.1.0","data_dir":"/var/lib/oc/data"},"claimed_at_us":1764000000000000,"renewed_at_us":1764000100000000,"lease_ttl_ms":null}"#
         );
         assert_eq!(Lease::decode(text.as_bytes()).expect("decode"), lease);
     }
@@ -272,8 +577,10 @@ mod tests {
             &b"not json"[..],
             br#"{"owner_id":"aa"}"#,
             br#"{"format_version":2,"owner_id":"aa"}"#,
-            br#"{"format_version":1,"owner_id":"aa","epoch":1,"holder":{"host":"h","pid":1,"program":"p"},"claimed_at_us":1,"renewed_at_us":1,"lease_ttl_ms":null,"extra":1}"#,
-            br#"{"format_version":1,"owner_id":"","epoch":1,"holder":{"host":"h","pid":1,"program":"p"},"claimed_at_us":1,"renewed_at_us":1,"lease_ttl_ms":null}"#,
+            br#"{"format_version":1,"owner_id":"aa","epoch":1,"holder":{"host":"h","pid":1,"program":"p","data_dir":"/d"},"claimed_at_us":1,"renewed_at_us":1,"lease_ttl_ms":null,"extra":1}"#,
+            br#"{"format_version":1,"owner_id":"","epoch":1,"holder":{"host":"h","pid":1,"program":"p","data_dir":"/d"},"claimed_at_us":1,"renewed_at_us":1,"lease_ttl_ms":null}"#,
+            // A holder without its data directory path.
+            br#"{"format_version":1,"owner_id":"aa","epoch":1,"holder":{"host":"h","pid":1,"program":"p"},"claimed_at_us":1,"renewed_at_us":1,"lease_ttl_ms":null}"#,
         ] {
             assert!(
                 matches!(Lease::decode(bad), Err(LeaseError::Unreadable { .. })),
@@ -303,7 +610,7 @@ mod tests {
             })
         ));
         let headless = text.replace(
-            r#""holder":{"host":"db-1","pid":1,"program":"oc-server 0.1.0"},"#,
+            r#""holder":{"host":"db-1","pid":1,"program":"oc-server 0.1.0","data_dir":"/var/lib/oc/data"},"#,
             "",
         );
         let err = Lease::decode(headless.as_bytes()).expect_err("no holder");
@@ -321,5 +628,206 @@ mod tests {
                 .contains("lease.json is unreadable: no holder"),
             "{err}"
         );
+    }
+
+    /// A copy of the data directory (same id) on another host, or at another path on
+    /// this host, is refused while the record is fresh, and the record is untouched.
+    #[test]
+    fn a_copy_is_refused_while_another_holder_renewed_recently() {
+        let (_dir, a) = archive();
+        let now = 1_000 * SECOND;
+        claim_at(&a, "aa", holder(1), now).expect("claim");
+        let before = a.get(LEASE_KEY).expect("get");
+        let elsewhere = Holder {
+            host: "db-2".into(),
+            ..holder(2)
+        };
+        let other_path = Holder {
+            data_dir: "/var/lib/oc/data-copy".into(),
+            ..holder(2)
+        };
+        for copy in [elsewhere, other_path] {
+            let err = claim_at(&a, "aa", copy.clone(), now + 29 * SECOND).expect_err("fresh");
+            assert!(
+                matches!(&err, LeaseError::HeldByAnotherCopy { owner, mine, age, .. }
+                    if owner.holder == holder(1) && **mine == copy && age.as_secs() == 29),
+                "{err:?}"
+            );
+            let message = err.to_string();
+            for needed in [
+                "another copy of this data directory seems to be running",
+                "renewed 29.0s ago by oc-server 0.1.0 PID 1 on db-1 (data directory /var/lib/oc/data)",
+                "Stop the other copy",
+                "once its record is 30s old",
+                "give it a new id",
+            ] {
+                assert!(message.contains(needed), "{needed:?} in {message}");
+            }
+            assert_eq!(a.get(LEASE_KEY).expect("get"), before);
+        }
+        // A clock behind the record's (skew) reads as fresh, never as stale.
+        let err = claim_at(
+            &a,
+            "aa",
+            Holder {
+                host: "db-2".into(),
+                ..holder(2)
+            },
+            now - SECOND,
+        );
+        assert!(
+            matches!(err, Err(LeaseError::HeldByAnotherCopy { .. })),
+            "{err:?}"
+        );
+    }
+
+    /// A restart on the same host and path (after kill -9: the data directory's lock
+    /// proves the previous process is gone) takes over at once.
+    #[test]
+    fn the_same_host_and_path_take_over_at_once() {
+        let (_dir, a) = archive();
+        let first = claim_at(&a, "aa", holder(1), 100 * SECOND).expect("claim");
+        let again = claim_at(&a, "aa", holder(2), 100 * SECOND + 1).expect("restart");
+        assert_eq!(again.claimed, Claimed::Renewed);
+        assert_eq!(again.lease.holder.pid, 2);
+        assert_eq!(again.lease.claimed_at_us, first.lease.claimed_at_us);
+        assert_ne!(again.version, first.version);
+    }
+
+    /// A holder that stopped renewing for the stale window is taken over by a copy.
+    #[test]
+    fn a_stale_holder_is_taken_over() {
+        let (_dir, a) = archive();
+        let now = 1_000 * SECOND;
+        claim_at(&a, "aa", holder(1), now).expect("claim");
+        let copy = Holder {
+            host: "db-2".into(),
+            ..holder(7)
+        };
+        let taken = claim_at(&a, "aa", copy.clone(), now + 30 * SECOND).expect("stale");
+        assert_eq!(
+            taken.claimed,
+            Claimed::TakenOver {
+                from: Box::new(holder(1)),
+                idle: STALE
+            }
+        );
+        assert_eq!(read(&a).expect("read").expect("present").0.holder, copy);
+    }
+
+    /// Renewals move `renewed_at_us` and the version; once another holder wrote the
+    /// record, a renewal with the version this process last wrote fails: displaced,
+    /// the record left as the other wrote it, and the fenced archive refuses writes.
+    #[test]
+    fn a_renewal_after_another_holder_wrote_is_displaced_and_fences_the_archive() {
+        let (_dir, a) = archive();
+        let a: Arc<dyn Archive> = Arc::new(a);
+        let now = 1_000 * SECOND;
+        let first = claim_at(a.as_ref(), "aa", holder(1), now).expect("claim");
+        let hold = Arc::new(LeaseHold::new(Instant::now(), STALE));
+        let fenced = FencedArchive::new(a.clone(), hold.clone());
+        let mut renewal = Renewal::new(a.clone(), first, hold.clone());
+        assert!(matches!(renewal.renew(now + 10 * SECOND), Renewed::Yes));
+        assert_eq!(renewal.lease().renewed_at_us, now + 10 * SECOND);
+        let stored = read(a.as_ref()).expect("read").expect("present").0;
+        assert_eq!(&stored, renewal.lease());
+        fenced
+            .put("shard-0/x", b"ok", &Condition::Always)
+            .expect("a confirmed hold writes");
+
+        // Paused past the stale window, then a copy elsewhere took over.
+        let copy = Holder {
+            host: "db-2".into(),
+            ..holder(9)
+        };
+        claim_at(a.as_ref(), "aa", copy.clone(), now + 45 * SECOND).expect("take over");
+        let after_takeover = a.get(LEASE_KEY).expect("get");
+        match renewal.renew(now + 46 * SECOND) {
+            Renewed::Displaced(Ok(Some(found))) => assert_eq!(found.holder, copy),
+            outcome => panic!("not displaced: {outcome:?}"),
+        }
+        assert_eq!(a.get(LEASE_KEY).expect("get"), after_takeover);
+        assert!(hold.is_displaced());
+        let refused = fenced.put("shard-0/y", b"late", &Condition::Always);
+        assert!(
+            matches!(&refused, Err(ArchiveError::PreconditionFailed { why, .. }) if why.contains("took the archive's owner record")),
+            "{refused:?}"
+        );
+        assert!(fenced.delete("shard-0/x").is_err());
+        assert!(a.get("shard-0/y").expect("get").is_none());
+        assert!(a.get("shard-0/x").expect("get").is_some());
+        // It stays displaced.
+        assert!(matches!(
+            renewal.renew(now + 47 * SECOND),
+            Renewed::Displaced(_)
+        ));
+    }
+
+    /// An archive error during a renewal is not a displacement: the next one succeeds.
+    #[test]
+    fn a_failed_renewal_is_retried_not_displacement() {
+        struct Flaky {
+            inner: LocalDirArchive,
+            down: AtomicBool,
+        }
+        impl Archive for Flaky {
+            fn put(
+                &self,
+                key: &str,
+                payload: &[u8],
+                condition: &Condition,
+            ) -> Result<Version, ArchiveError> {
+                if self.down.load(Ordering::SeqCst) {
+                    return Err(ArchiveError::Io {
+                        key: key.into(),
+                        source: Arc::new(std::io::Error::other("connection refused")),
+                    });
+                }
+                self.inner.put(key, payload, condition)
+            }
+            fn get(&self, key: &str) -> Result<Option<(Vec<u8>, Version)>, ArchiveError> {
+                self.inner.get(key)
+            }
+            fn list(&self, prefix: &str) -> Result<Vec<String>, ArchiveError> {
+                self.inner.list(prefix)
+            }
+            fn delete(&self, key: &str) -> Result<(), ArchiveError> {
+                self.inner.delete(key)
+            }
+        }
+        let (_dir, inner) = archive();
+        let a = Arc::new(Flaky {
+            inner,
+            down: AtomicBool::new(false),
+        });
+        let first = claim_at(a.as_ref(), "aa", holder(1), SECOND).expect("claim");
+        let hold = Arc::new(LeaseHold::new(Instant::now(), STALE));
+        let mut renewal = Renewal::new(a.clone(), first, hold.clone());
+        a.down.store(true, Ordering::SeqCst);
+        assert!(matches!(
+            renewal.renew(2 * SECOND),
+            Renewed::Failed(ArchiveError::Io { .. })
+        ));
+        assert!(!hold.is_displaced());
+        a.down.store(false, Ordering::SeqCst);
+        assert!(matches!(renewal.renew(3 * SECOND), Renewed::Yes));
+        assert_eq!(
+            read(a.as_ref())
+                .expect("read")
+                .expect("present")
+                .0
+                .renewed_at_us,
+            3 * SECOND
+        );
+    }
+
+    /// A hold not confirmed within its fence window refuses writes until a renewal.
+    #[test]
+    fn a_hold_not_renewed_within_the_fence_refuses_writes() {
+        let hold = LeaseHold::new(Instant::now(), Duration::ZERO);
+        let why = hold.check().expect_err("lapsed");
+        assert!(why.contains("renewals are failing"), "{why}");
+        assert!(!hold.is_displaced());
+        assert!(LeaseHold::new(Instant::now(), STALE).check().is_ok());
     }
 }

@@ -2,8 +2,9 @@
 //! shipping, and point-in-time restore (`oc-pitr`). It holds no tenant state.
 //!
 //! The archive's owner record ([`lease`]) is version 1 of the replication lease: it
-//! names the one data directory that writes an archive. Not built yet: renewal with a
-//! TTL, epochs and fencing (the replication issue).
+//! names the one data directory that writes an archive and the process holding it,
+//! which renews it while it runs and stops writing when another copy takes it. Not
+//! built yet: an ownership TTL and epochs (the replication issue).
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod archive;

@@ -35,7 +35,7 @@ use oc_io::{Lsn, BLOCK_SIZE};
 use crate::archive::{Archive, ArchiveError, Condition};
 use crate::breaker::{Breaker, BreakerPolicy};
 use crate::layout::{self, SegmentKey, TailPieceKey};
-use crate::lease::{self, Holder, LeaseError};
+use crate::lease::{self, FencedArchive, Holder, Lease, LeaseError, LeaseHold, Renewal, Renewed};
 
 /// Default interval between tail uploads.
 pub const DEFAULT_TAIL_WINDOW: Duration = Duration::from_millis(500);
@@ -51,6 +51,9 @@ pub struct ShipperConfig {
     pub owner_id: String,
     /// This process, as the owner record names it.
     pub holder: Holder,
+    /// How often the owner record is renewed ([`lease::LEASE_RENEW_INTERVAL`]; shorter
+    /// only in tests). Another holder is refused for 3 intervals after a renewal.
+    pub lease_renew: Duration,
     pub shards: usize,
     pub tail_window: Duration,
     pub retention: Duration,
@@ -105,7 +108,8 @@ impl ShipError {
             ShipError::Archive(_) => "config",
             ShipError::Local { .. } | ShipError::Unreadable(_) => "local",
             ShipError::CircuitOpen => "circuit_open",
-            // Only at start: a round never claims.
+            // Only at start and renewal: a round never claims.
+            ShipError::Owner(LeaseError::Archive(e)) => ShipError::Archive(e.clone()).kind(),
             ShipError::Owner(_) => "conflict",
         }
     }
@@ -161,11 +165,15 @@ struct ShardProgress {
 
 /// The blocking half: reads shard files, writes the archive.
 pub struct Shipper {
+    /// The archive behind this process's hold on the owner record: writes stop when
+    /// the hold is lost ([`FencedArchive`]).
     archive: Arc<dyn Archive>,
     config: ShipperConfig,
     shards: Vec<ShardProgress>,
     status: ShipStatus,
     last_retention: Option<Instant>,
+    /// The owner record's renewals, until [`start`] hands them to their thread.
+    renewal: Option<Renewal>,
 }
 
 fn local(file: &Path, e: impl std::fmt::Display) -> ShipError {
@@ -215,20 +223,40 @@ pub fn claim_archive(archive: &dyn Archive, shards: usize) -> Result<(), ShipErr
 }
 
 impl Shipper {
-    /// Claims the archive for this data directory (refused when another one owns it)
-    /// and for this layout, and learns what it already holds.
+    /// Claims the archive for this data directory (refused when another one owns it,
+    /// or another copy of it holds the record) and for this layout, and learns what it
+    /// already holds.
     pub fn open(
         archive: Arc<dyn Archive>,
         config: ShipperConfig,
         status: ShipStatus,
     ) -> Result<Shipper, ShipError> {
-        let (claimed, owner) = lease::claim(
+        let claim_sent = Instant::now();
+        let claim = lease::claim(
             archive.as_ref(),
             &config.owner_id,
             config.holder.clone(),
             now_us(),
+            config.lease_renew * lease::LEASE_STALE_INTERVALS,
         )?;
-        tracing::info!(owner_id = %owner.owner_id, ?claimed, "the archive is this data directory's");
+        match &claim.claimed {
+            lease::Claimed::TakenOver { from, idle } => tracing::warn!(
+                owner_id = %claim.lease.owner_id,
+                previous_holder = %from,
+                idle_s = idle.as_secs(),
+                "took the archive's owner record over from another copy of this data directory that stopped renewing it"
+            ),
+            claimed => {
+                tracing::info!(owner_id = %claim.lease.owner_id, ?claimed, "the archive is this data directory's")
+            }
+        }
+        // Writes stop one renewal interval before another copy may take over.
+        let hold = Arc::new(LeaseHold::new(
+            claim_sent,
+            config.lease_renew * (lease::LEASE_STALE_INTERVALS - 1),
+        ));
+        let renewal = Renewal::new(archive.clone(), claim, hold.clone());
+        let archive: Arc<dyn Archive> = Arc::new(FencedArchive::new(archive, hold));
         claim_archive(archive.as_ref(), config.shards)?;
         let mut shards = Vec::with_capacity(config.shards);
         for shard in 0..config.shards {
@@ -259,6 +287,7 @@ impl Shipper {
             shards,
             status,
             last_retention: None,
+            renewal: Some(renewal),
         })
     }
 
@@ -574,17 +603,39 @@ struct Job {
     reply: futures_channel::oneshot::Sender<Vec<Result<Lsn, ShipError>>>,
 }
 
-/// Starts the shipping thread and returns the control executor's loop, to be spawned
-/// there. The archive is claimed and listed before this returns, so a wrong archive
-/// (another layout, unreachable at start) is an error at start-up.
+/// What a displaced process is told: one sentence naming who holds the record now.
+pub type OnDisplaced = Box<dyn FnOnce(String) + Send>;
+
+/// Starts the shipping thread and the owner record's renewal thread, and returns the
+/// control executor's loop, to be spawned there. The archive is claimed and listed
+/// before this returns, so a wrong archive (another layout, unreachable at start, held
+/// by another copy of this data directory) is an error at start-up.
+///
+/// When a renewal finds that someone else wrote the record, nothing more is written to
+/// the archive (the shipper's writes are fenced) and `on_displaced` is called with a
+/// message naming the new holder: the server ends the process there.
 pub fn start(
     archive: Arc<dyn Archive>,
     config: ShipperConfig,
     status: ShipStatus,
+    on_displaced: OnDisplaced,
 ) -> Result<ShipperLoop, ShipError> {
     let window = config.tail_window;
     let policy = config.breaker;
+    let renew_every = config.lease_renew;
     let mut shipper = Shipper::open(archive, config, status.clone())?;
+    let renewal = shipper.renewal.take().ok_or_else(|| ShipError::Local {
+        file: "oc-lease thread".into(),
+        why: "the owner record's renewal was already started".into(),
+    })?;
+    let renew_status = status.clone();
+    std::thread::Builder::new()
+        .name("oc-lease".into())
+        .spawn(move || renew_until_displaced(renewal, renew_every, renew_status, on_displaced))
+        .map_err(|e| ShipError::Local {
+            file: "oc-lease thread".into(),
+            why: e.to_string(),
+        })?;
     let (jobs, inbox) = mpsc::channel::<Job>();
     std::thread::Builder::new()
         .name("oc-ship".into())
@@ -601,6 +652,69 @@ pub fn start(
         Box::pin(run_shipper(router, jobs, window, policy, status))
             as Pin<Box<dyn Future<Output = ()>>>
     }))
+}
+
+/// The renewal thread: renews the owner record every `every`; an archive error is
+/// retried at the next interval (the shipper's writes pause once the hold lapses); a
+/// lost record ends here, with `on_displaced`.
+fn renew_until_displaced(
+    mut renewal: Renewal,
+    every: Duration,
+    status: ShipStatus,
+    on_displaced: OnDisplaced,
+) {
+    loop {
+        std::thread::sleep(every);
+        match renewal.renew(now_us()) {
+            Renewed::Yes => {}
+            Renewed::Failed(e) => {
+                let e = ShipError::Archive(e);
+                tracing::warn!(error = %e, kind = e.kind(), "renewing the archive's owner record failed; retrying at the next interval");
+                status.update(|m| *m.failures.entry(e.kind()).or_default() += 1);
+            }
+            Renewed::Displaced(found) => {
+                let message =
+                    displaced_message(&renewal.lease().holder, &renewal.lease().owner_id, found);
+                on_displaced(message);
+                return;
+            }
+        }
+    }
+}
+
+/// What a displaced holder says: who holds the record now, as read again.
+pub fn displaced_message(
+    mine: &Holder,
+    owner_id: &str,
+    found: Result<Option<Lease>, LeaseError>,
+) -> String {
+    let key = lease::LEASE_KEY;
+    let what = match found {
+        Ok(Some(lease)) if lease.owner_id == owner_id => format!(
+            "another copy of this data directory took the archive's owner record ({key}): it is \
+             now held by {} (renewed at {}), and this server is {mine}",
+            lease.holder,
+            crate::timestamp::format_rfc3339(lease.renewed_at_us)
+        ),
+        Ok(Some(lease)) => format!(
+            "the archive's owner record ({key}) was rewritten: it now names another data \
+             directory ({}, held by {}), and this server is {mine}, data directory id {owner_id}",
+            lease.owner_id, lease.holder
+        ),
+        Ok(None) => format!(
+            "the archive's owner record ({key}) was removed since this server's last renewal; \
+             this server is {mine}"
+        ),
+        Err(e) => format!(
+            "the archive's owner record ({key}) was rewritten since this server's last renewal \
+             and reading it again failed ({e}); this server is {mine}"
+        ),
+    };
+    format!(
+        "{what}. This server no longer holds the archive and writes nothing more to it: two \
+         writers would mix two histories there. Keep one copy: stop the other, or give this one \
+         a new id and its own --archive"
+    )
 }
 
 async fn run_shipper(
@@ -721,7 +835,8 @@ mod tests {
         let config = ShipperConfig {
             data_dir: dir.path().join("data"),
             owner_id: "0123456789abcdef0123456789abcdef".into(),
-            holder: lease::this_process("test"),
+            holder: lease::this_process("test", dir.path()),
+            lease_renew: lease::LEASE_RENEW_INTERVAL,
             shards: 1,
             tail_window: DEFAULT_TAIL_WINDOW,
             retention: Duration::from_secs(24 * 3600),

@@ -97,25 +97,38 @@ fn s3_archive_keeps_the_archive_contract() {
     ));
 
     // The owner record (lease.json) through the same conditional puts: the first data
-    // directory claims, renews, and a second one is refused.
-    let holder = oc_ship::lease::this_process("test");
-    let (claimed, _) =
-        oc_ship::lease::claim(other.as_ref(), "aa", holder.clone(), 1).expect("claim");
-    assert_eq!(claimed, oc_ship::lease::Claimed::New);
-    let (claimed, renewed) =
-        oc_ship::lease::claim(other.as_ref(), "aa", holder.clone(), 2).expect("renew");
+    // directory claims, renews, and a second one is refused; a renewal after another
+    // holder wrote the record (If-Match with a stale ETag) is displaced.
+    use oc_ship::lease::{self, Claimed, LeaseHold, Renewal, Renewed};
+    let stale = lease::LEASE_STALE;
+    let holder = lease::this_process("test", std::path::Path::new("/var/lib/oc/data"));
+    let first = lease::claim(other.as_ref(), "aa", holder.clone(), 1, stale).expect("claim");
+    assert_eq!(first.claimed, Claimed::New);
+    let renewed = lease::claim(other.as_ref(), "aa", holder.clone(), 2, stale).expect("renew");
     assert_eq!(
-        (claimed, renewed.renewed_at_us),
-        (oc_ship::lease::Claimed::Renewed, 2)
+        (renewed.claimed.clone(), renewed.lease.renewed_at_us),
+        (Claimed::Renewed, 2)
     );
-    let refused = oc_ship::lease::claim(other.as_ref(), "bb", holder, 3);
+    let refused = lease::claim(other.as_ref(), "bb", holder.clone(), 3, stale);
     assert!(
-        matches!(
-            &refused,
-            Err(oc_ship::lease::LeaseError::OwnedByAnother { .. })
-        ),
+        matches!(&refused, Err(lease::LeaseError::OwnedByAnother { .. })),
         "{refused:?}"
     );
+    let hold = std::sync::Arc::new(LeaseHold::new(std::time::Instant::now(), stale));
+    let mut renewal = Renewal::new(other.clone(), renewed, hold.clone());
+    assert!(matches!(renewal.renew(4), Renewed::Yes));
+    let copy = lease::Holder {
+        host: "elsewhere".into(),
+        ..holder
+    };
+    let taken = lease::claim(other.as_ref(), "aa", copy.clone(), 4 + 31_000_000, stale)
+        .expect("a stale holder is taken over");
+    assert!(matches!(taken.claimed, Claimed::TakenOver { .. }));
+    match renewal.renew(4 + 32_000_000) {
+        Renewed::Displaced(Ok(Some(found))) => assert_eq!(found.holder, copy),
+        outcome => panic!("not displaced: {outcome:?}"),
+    }
+    assert!(hold.is_displaced());
 
     // A server that is down is an I/O error, not a hang or a panic.
     let uri = moto.uri("oc-contract", "cluster-a");
