@@ -214,7 +214,7 @@ fn a_copy_of_a_data_directory_is_refused_while_the_original_runs_and_displaces_i
         format!("PID {} on ", original.pid()),
         format!("(data directory {})", original_path.display()),
         "Stop the other copy".to_string(),
-        "OPERATIONS.md: \"another copy of this data directory\"".to_string(),
+        "RUNBOOK.md: \"another copy of this data directory\"".to_string(),
     ] {
         assert!(refused.contains(&needed), "{needed:?} in:\n{refused}");
     }
@@ -314,6 +314,9 @@ fn restore_into_a_locked_directory_is_refused_and_a_restored_directory_needs_a_n
         has_row(&server, "acme", 7),
         "the live directory is untouched"
     );
+    // A stop does not ship a last tail: wait until the archive holds row 7, so the
+    // restore below must have it.
+    common::wait_until_archived(&server, 1);
     assert!(server.terminate().success());
 
     let restored = dir.path().join("restored");

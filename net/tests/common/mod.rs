@@ -326,6 +326,39 @@ pub struct PitrRun {
     pub stderr: String,
 }
 
+/// Waits until the archive holds every write acknowledged before the call: until a
+/// shipping round that *started* after the call has finished with no lag on any shard.
+/// Rounds run one after another, so the second round to finish after the call began
+/// after it (its view of the durable log includes every earlier write).
+pub fn wait_until_archived(server: &Server, shards: usize) {
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64())
+    };
+    let called = now();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut first_after: Option<f64> = None;
+    loop {
+        let (_, scrape) = server.ops_get("/metrics");
+        let last =
+            scrape_value(&scrape, "oc_archive_last_success_timestamp_seconds").unwrap_or(0.0);
+        let caught_up = (0..shards).all(|s| {
+            scrape_value(&scrape, &format!("oc_archive_lag_bytes{{shard=\"{s}\"}}")) == Some(0.0)
+        });
+        match first_after {
+            None if last > called => first_after = Some(last),
+            Some(first) if last > first && caught_up => return,
+            _ => {}
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the archive did not catch up within 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// `oc-pitr restore --target latest` from `archive_uri` into `data_dir`.
 pub fn restore_latest(archive_uri: &str, data_dir: &Path) -> PitrRun {
     let data_dir = data_dir.to_str().expect("utf-8 path");
