@@ -128,6 +128,19 @@ impl Tenant {
         Ok(target.apply(writes))
     }
 
+    /// Rows, bytes and vectors over all tables, without the per-table breakdown (the
+    /// write path's quota check: no allocation).
+    pub fn totals(&self) -> TenantUsage {
+        let mut usage = TenantUsage::default();
+        for table in self.tables.values() {
+            let u = table.usage();
+            usage.rows += u.rows;
+            usage.bytes += u.bytes;
+            usage.vectors += u.vectors;
+        }
+        usage
+    }
+
     pub fn usage(&self) -> TenantUsage {
         let mut usage = TenantUsage::default();
         for (name, table) in &self.tables {
