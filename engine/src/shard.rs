@@ -451,7 +451,7 @@ impl<S: Storage> Shard<S> {
             let growth = target.growth(&writes);
             self.quotas
                 .get()
-                .admit(tenant.as_str(), &t.usage(), growth)?;
+                .admit(tenant.as_str(), &t.totals(), growth)?;
             crate::quota::admit_memory(growth)?;
             let first = match &idempotency_key {
                 Some(key) => remembered(t, key, request_hash(table, &writes))?,
