@@ -434,7 +434,7 @@ pub(crate) async fn load_checkpoint<S: Storage>(
 }
 
 /// Rebuilds a shard state from snapshot frames.
-fn decode_snapshot(data: &[u8], lsn: Lsn) -> Result<ShardState, String> {
+pub(crate) fn decode_snapshot(data: &[u8], lsn: Lsn) -> Result<ShardState, String> {
     let mut state = ShardState {
         applied_lsn: lsn,
         ..ShardState::default()

@@ -14,6 +14,7 @@ pub mod api_key;
 pub mod checkpoint;
 pub mod command;
 pub mod error;
+pub mod fuzz_entry;
 pub mod idempotency;
 pub mod key;
 pub mod limits;
