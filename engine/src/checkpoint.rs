@@ -493,7 +493,9 @@ pub(crate) fn decode_snapshot(data: &[u8], lsn: Lsn) -> Result<ShardState, Strin
                     .schema()
                     .columns
                     .len();
-                let mut rows = Vec::with_capacity(count.min(data.len()));
+                // Reserve by the bytes left in this frame (a row takes at least its
+                // two-byte value count), never by the claimed count or the snapshot.
+                let mut rows = Vec::with_capacity(count.min(r.remaining() / 2));
                 for _ in 0..count {
                     let n = r.u16().map_err(bad)? as usize;
                     if n != columns {
