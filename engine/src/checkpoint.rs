@@ -713,7 +713,7 @@ pub(crate) fn decode_snapshot(data: &[u8], lsn: Lsn) -> Result<ShardState, FileP
         if ended {
             return Err(at(SnapshotProblem::AfterEnd));
         }
-        if decode_frame(&mut state, &f, index, data.len()).map_err(at)? {
+        if decode_frame(&mut state, &f, index).map_err(at)? {
             ended = true;
         }
         pos += f.len();
@@ -730,7 +730,6 @@ fn decode_frame(
     state: &mut ShardState,
     f: &Frame<'_>,
     index: u32,
-    data_len: usize,
 ) -> Result<bool, SnapshotProblem> {
     let refused = |e: EngineError| SnapshotProblem::Refused(Box::new(e));
     let mut r = Reader::new(f.kind, f.payload);
@@ -772,7 +771,9 @@ fn decode_frame(
                 .get_mut(&tenant()?)
                 .ok_or(SnapshotProblem::BeforeTenant("rows"))?;
             let columns = t.table(&table).map_err(refused)?.schema().columns.len();
-            let mut rows = Vec::with_capacity(count.min(data_len));
+            // Reserve by the bytes left in this frame (a row takes at least its
+            // two-byte value count), never by the claimed count or the snapshot.
+            let mut rows = Vec::with_capacity(count.min(r.remaining() / 2));
             for _ in 0..count {
                 let n = r.u16()? as usize;
                 if n != columns {

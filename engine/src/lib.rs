@@ -15,6 +15,7 @@ pub mod apply;
 pub mod checkpoint;
 pub mod command;
 pub mod error;
+pub mod fuzz_entry;
 pub mod idempotency;
 pub mod json_file;
 pub mod key;

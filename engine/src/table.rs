@@ -87,6 +87,21 @@ fn vector_in(row: &Row, column: usize) -> Option<&[f32]> {
     }
 }
 
+/// The kind of a value, for messages (never the value: it may be large).
+fn value_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "bool",
+        Value::Int(_) => "int",
+        Value::Float(f) if f.is_finite() => "float",
+        Value::Float(_) => "non-finite float",
+        Value::Text(_) => "text",
+        Value::Json(_) => "json",
+        Value::Vector(v) if v.iter().all(|x| x.is_finite()) => "vector",
+        Value::Vector(_) => "non-finite vector",
+    }
+}
+
 fn row_vectors(row: &Row) -> usize {
     row.iter().filter(|v| matches!(v, Value::Vector(_))).count()
 }
@@ -230,6 +245,57 @@ impl Table {
                 written.map_err(|why| EngineError::InvalidRow { row, why })
             })
             .collect()
+    }
+
+    /// Checks writes that arrive already typed, decoded from the log or a checkpoint:
+    /// every upsert must be a row [`Table::validate_upsert`] could have built (one value
+    /// per column, of the column's type, vectors of its dimension, finite numbers, NULL
+    /// only where allowed). Those bytes are untrusted: a row that does not fit would
+    /// panic a key encoding, an index or a query later, far from where it came in.
+    pub fn check_writes(&self, writes: &[RowWrite]) -> Result<(), EngineError> {
+        for (row, write) in writes.iter().enumerate() {
+            if let RowWrite::Upsert(values) = write {
+                self.check_row(values)
+                    .map_err(|why| EngineError::InvalidRow { row, why })?;
+            }
+        }
+        Ok(())
+    }
+
+    fn check_row(&self, row: &Row) -> Result<(), String> {
+        let columns = &self.schema.columns;
+        if row.len() != columns.len() {
+            return Err(format!(
+                "{} values for the {} columns of table {:?}",
+                row.len(),
+                columns.len(),
+                self.schema.name
+            ));
+        }
+        for (value, column) in row.iter().zip(columns) {
+            let fits = match (value, column.ty) {
+                (Value::Null, _) => column.nullable,
+                (Value::Bool(_), ColumnType::Bool)
+                | (Value::Int(_), ColumnType::Int)
+                | (Value::Text(_), ColumnType::Text)
+                | (Value::Json(_), ColumnType::Json) => true,
+                (Value::Float(f), ColumnType::Float) => f.is_finite(),
+                (Value::Vector(v), ColumnType::Vector(dim)) => {
+                    v.len() == dim as usize && v.iter().all(|x| x.is_finite())
+                }
+                _ => false,
+            };
+            if !fits {
+                return Err(format!(
+                    "column {:?} ({}{}) cannot hold a {} value",
+                    column.name,
+                    column.ty,
+                    if column.nullable { "" } else { ", not null" },
+                    value_kind(value)
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Applies validated writes in order. Cannot fail: validation happened first.

@@ -112,7 +112,10 @@ impl Tenant {
         Ok(target.apply(writes))
     }
 
-    /// Applies writes validated earlier against the table incarnation `version`.
+    /// Applies writes validated earlier against the table incarnation `version`. They
+    /// come back from the log or a checkpoint, so every row is checked against the
+    /// table again first (all or none): what was checked before logging is checked
+    /// again after reading.
     pub fn apply_writes(
         &mut self,
         table: &str,
@@ -125,6 +128,7 @@ impl Tenant {
                 table: table.to_string(),
             });
         }
+        target.check_writes(&writes)?;
         Ok(target.apply(writes))
     }
 

@@ -167,7 +167,7 @@ pub fn tenant_id(raw: &str) -> Result<TenantId, ApiError> {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateTenant {
-    tenant: String,
+    pub(crate) tenant: String,
 }
 
 pub async fn create_tenant(router: &ShardRouter, body: CreateTenant, access: &Access) -> Answer {
@@ -250,7 +250,7 @@ pub struct CreateTable {
 }
 
 impl CreateTable {
-    fn schema(&self) -> Result<TableSchema, ApiError> {
+    pub(crate) fn schema(&self) -> Result<TableSchema, ApiError> {
         let mut columns = Vec::with_capacity(self.columns.len());
         for c in &self.columns {
             let ty = ColumnType::parse(&c.ty).ok_or_else(|| {
@@ -353,7 +353,7 @@ pub async fn describe_table(
 /// One row operation: `{"upsert": {row}}` or `{"delete": {key columns}}`.
 #[derive(Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
-enum OpJson {
+pub(crate) enum OpJson {
     Upsert(Map<String, Json>),
     Delete(Map<String, Json>),
 }
@@ -361,9 +361,9 @@ enum OpJson {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WriteRows {
-    ops: Vec<OpJson>,
+    pub(crate) ops: Vec<OpJson>,
     #[serde(default)]
-    idempotency_key: Option<String>,
+    pub(crate) idempotency_key: Option<String>,
 }
 
 pub async fn write_rows(
@@ -440,9 +440,9 @@ pub async fn get_row(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AskBody {
-    sql: String,
+    pub(crate) sql: String,
     #[serde(default)]
-    params: Vec<Json>,
+    pub(crate) params: Vec<Json>,
 }
 
 /// `POST /v1/tenants/:t/ask`: one SELECT over the tenant's durable state.
@@ -531,7 +531,10 @@ fn query_error(e: QueryError) -> ApiError {
 }
 
 /// Turns path segments into a JSON object of the primary-key columns.
-fn key_from_path(schema: &TableSchema, segments: &[String]) -> Result<Map<String, Json>, ApiError> {
+pub(crate) fn key_from_path(
+    schema: &TableSchema,
+    segments: &[String],
+) -> Result<Map<String, Json>, ApiError> {
     if segments.len() != schema.primary_key.len() {
         let names: Vec<&str> = schema
             .primary_key
@@ -609,7 +612,7 @@ pub async fn usage(router: &ShardRouter, tenant: TenantId, access: &Access) -> A
 #[serde(deny_unknown_fields)]
 pub struct CreateKey {
     #[serde(default)]
-    name: String,
+    pub(crate) name: String,
 }
 
 /// Makes a key; its secret appears in this answer only.

@@ -4,6 +4,7 @@
 //! status.
 
 pub mod error;
+pub mod fuzz;
 pub mod handlers;
 
 use std::cell::{Cell, RefCell};
@@ -122,7 +123,7 @@ fn process_nonce() -> u32 {
 }
 
 /// A client's `x-request-id`, if it is one we can echo safely.
-fn client_request_id(req: &Request<Incoming>) -> Option<String> {
+fn client_request_id<B>(req: &Request<B>) -> Option<String> {
     let raw = req.headers().get("x-request-id")?.to_str().ok()?;
     let ok = !raw.is_empty()
         && raw.len() <= 128
@@ -359,7 +360,7 @@ fn explain_requested(query: Option<&str>) -> Result<bool, ApiError> {
 }
 
 /// Whether the request declares a body (`content-length` above 0 or chunked).
-fn has_body(req: &Request<Incoming>) -> bool {
+fn has_body<B>(req: &Request<B>) -> bool {
     let declared = req
         .headers()
         .get(CONTENT_LENGTH)
