@@ -69,7 +69,7 @@ pub struct ServerConfig {
     #[arg(long, env = "OC_MAX_BODY_BYTES", default_value_t = 4 << 20)]
     pub max_body_bytes: usize,
     /// Open client connections across all shards; more are answered 503 and closed.
-    #[arg(long, env = "OC_MAX_CONNECTIONS", default_value_t = 4096)]
+    #[arg(long, env = "OC_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
     /// Requests one tenant may have running at once; more get 429.
     #[arg(long, env = "OC_MAX_IN_FLIGHT_PER_TENANT", default_value_t = 256)]
