@@ -15,6 +15,7 @@ pub mod apply;
 pub mod checkpoint;
 pub mod command;
 pub mod error;
+pub mod feed;
 pub mod fuzz_entry;
 pub mod idempotency;
 pub mod json_file;
@@ -43,7 +44,7 @@ pub use pool::{owner_of, stop_all, PoolConfig, ShardNode, ShardPool, ShardRouter
 pub use quota::{Growth, TenantQuotas};
 pub use scheduler::{spawn_checkpointer, CheckpointMetrics, CheckpointPolicy};
 pub use schema::TableSchema;
-pub use shard::{Applied, Shard, ShardOpenReport, ShardState};
+pub use shard::{Applied, ChangesRead, Shard, ShardOpenReport, ShardState};
 pub use table::{BatchOutcome, Row, Table, TableUsage, WriteOp};
 pub use tenant::{Tenant, TenantUsage};
 pub use tenant_id::TenantId;

@@ -9,7 +9,7 @@
 //! only ever see durable data.
 
 use std::cell::RefCell;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::future::poll_fn;
 use std::rc::Rc;
 use std::task::{Poll, Waker};
@@ -22,6 +22,7 @@ pub use crate::apply::{Applied, ShardState};
 use crate::checkpoint::{self, CheckpointInfo};
 use crate::command::Command;
 use crate::error::EngineError;
+use crate::feed::{self, ChangeBatch, Feed};
 use crate::idempotency;
 use crate::query::{
     self, AskAnswer, AskLimits, Execution, PlanCache, PlanCacheStats, QueryError, QueryErrorKind,
@@ -57,6 +58,18 @@ struct ApplyQueue {
     applier: Option<Waker>,
 }
 
+/// What [`Shard::changes_after`] read.
+#[derive(Debug)]
+pub enum ChangesRead {
+    /// The tenant's changes, in LSN order; the log was read through `through`.
+    Batches {
+        batches: Vec<ChangeBatch>,
+        through: Lsn,
+    },
+    /// The log no longer holds what was asked for (released after a checkpoint).
+    NotHeld { oldest: Option<Lsn> },
+}
+
 /// What opening a shard found and did.
 #[derive(Debug, Clone)]
 pub struct ShardOpenReport {
@@ -83,6 +96,7 @@ pub struct Shard<S: Storage> {
     release_barrier: std::cell::Cell<Option<Lsn>>,
     state: Rc<RefCell<ShardState>>,
     queue: Rc<RefCell<ApplyQueue>>,
+    feed: Rc<Feed>,
     plan_cache: RefCell<PlanCache>,
     quotas: std::cell::Cell<TenantQuotas>,
     _applier: Task<()>,
@@ -156,7 +170,13 @@ impl<S: Storage> Shard<S> {
         let wal = Rc::new(wal);
         let state = Rc::new(RefCell::new(state));
         let queue = Rc::new(RefCell::new(ApplyQueue::default()));
-        let applier = glommio::spawn_local(run_applier(state.clone(), queue.clone()));
+        let feed = Rc::new(Feed::new(state.borrow().applied_lsn));
+        let applier = glommio::spawn_local(run_applier(
+            state.clone(),
+            queue.clone(),
+            feed.clone(),
+            wal.config().epoch,
+        ));
         let report = ShardOpenReport {
             checkpoint,
             unusable_checkpoints: unusable,
@@ -178,6 +198,7 @@ impl<S: Storage> Shard<S> {
                 quotas: std::cell::Cell::new(TenantQuotas::default()),
                 state,
                 queue,
+                feed,
                 plan_cache: RefCell::new(PlanCache::new(
                     query::PLAN_CACHE_ENTRIES,
                     query::PLAN_CACHE_BYTES,
@@ -554,6 +575,62 @@ impl<S: Storage> Shard<S> {
         self.state.borrow().applied_lsn
     }
 
+    /// The shard's change feed (`/watch` attaches here).
+    pub fn feed(&self) -> &Feed {
+        &self.feed
+    }
+
+    /// `tenant`'s changes with LSN in `(after, upto]`, read back from the log: from one
+    /// segment per call (call again after `through` for more). Commands refused at apply
+    /// are described as if applied (a consumer sees at most a needless invalidation);
+    /// a write whose table was since dropped and created again has a `null` key.
+    pub async fn changes_after(
+        &self,
+        tenant: &TenantId,
+        after: Lsn,
+        upto: Lsn,
+    ) -> Result<ChangesRead, EngineError> {
+        let frames = match self.wal.read_after(after, upto).await? {
+            oc_io::LogRead::NotHeld { oldest } => return Ok(ChangesRead::NotHeld { oldest }),
+            oc_io::LogRead::Frames(frames) => frames,
+        };
+        let through = frames.last().map_or(after, |f| f.lsn);
+        // Tables created within the frames read: their writes use that schema.
+        let mut created: HashMap<String, (u64, TableSchema)> = HashMap::new();
+        let state = self.state.borrow();
+        let current = feed::current_schema(&state, tenant);
+        let mut batches = Vec::new();
+        for frame in frames {
+            if frame.tenant != tenant.as_str().as_bytes() {
+                continue;
+            }
+            // Every frame decoded when it was applied; one that does not now is damage
+            // that recovery would refuse too.
+            let command =
+                record::decode(frame.kind, &frame.payload).map_err(|e| EngineError::Replay {
+                    lsn: frame.lsn.0,
+                    why: e.to_string(),
+                })?;
+            if let Command::CreateTable(schema) = &command {
+                created.insert(schema.name.clone(), (frame.lsn.0, schema.clone()));
+            }
+            let schema_of = |table: &str, version: u64| match created.get(table) {
+                Some((created_at, schema)) if *created_at == version => Some(schema.clone()),
+                _ => current(table, version),
+            };
+            let events = feed::describe(frame.lsn, &command, schema_of);
+            if !events.is_empty() {
+                batches.push(ChangeBatch {
+                    lsn: frame.lsn,
+                    epoch: frame.epoch,
+                    applied_at: None,
+                    events,
+                });
+            }
+        }
+        Ok(ChangesRead::Batches { batches, through })
+    }
+
     /// The shard's log (stats, release of covered segments).
     pub fn wal(&self) -> &Wal<S> {
         &self.wal
@@ -566,8 +643,14 @@ impl<S: Storage> Shard<S> {
     }
 }
 
-/// Applies queued commands in order as each becomes durable.
-async fn run_applier(state: Rc<RefCell<ShardState>>, queue: Rc<RefCell<ApplyQueue>>) {
+/// Applies queued commands in order as each becomes durable, and publishes what each
+/// changed to the feed's listeners.
+async fn run_applier(
+    state: Rc<RefCell<ShardState>>,
+    queue: Rc<RefCell<ApplyQueue>>,
+    feed: Rc<Feed>,
+    epoch: oc_io::Epoch,
+) {
     loop {
         let front = poll_fn(|cx| {
             let mut q = queue.borrow_mut();
@@ -581,14 +664,30 @@ async fn run_applier(state: Rc<RefCell<ShardState>>, queue: Rc<RefCell<ApplyQueu
         })
         .await;
         let outcome = match front.pending.durable_at().await {
-            Ok((lsn, committed)) => apply(
-                &mut state.borrow_mut(),
-                &front.tenant,
-                lsn,
-                committed,
-                front.command,
-            )
-            .map(|a| (lsn, a)),
+            Ok((lsn, committed)) => {
+                // Only a listened-to tenant pays for a copy of its command.
+                let listened = feed
+                    .listening(&front.tenant)
+                    .then(|| front.command.clone());
+                let mut state = state.borrow_mut();
+                let applied = apply(&mut state, &front.tenant, lsn, committed, front.command);
+                let changed = applied.as_ref().is_ok_and(|a| feed::changed(lsn, a));
+                if let (Some(command), true) = (listened, changed) {
+                    let events =
+                        feed::describe(lsn, &command, feed::current_schema(&state, &front.tenant));
+                    if !events.is_empty() {
+                        let batch = ChangeBatch {
+                            lsn,
+                            epoch,
+                            applied_at: Some(std::time::Instant::now()),
+                            events,
+                        };
+                        feed.publish(&front.tenant, batch);
+                    }
+                }
+                feed.advance(lsn);
+                applied.map(|a| (lsn, a))
+            }
             Err(e) => Err(EngineError::from(e)),
         };
         let mut slot = front.slot.borrow_mut();

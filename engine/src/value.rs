@@ -257,6 +257,60 @@ pub fn encode_key(values: &[&Value]) -> Vec<u8> {
     out
 }
 
+/// Decodes a key made by [`encode_key`] back into values, one per column type given.
+/// `None` when the bytes are not such a key (the caller had the wrong types).
+pub fn decode_key(mut bytes: &[u8], types: &[ColumnType]) -> Option<Vec<Value>> {
+    let mut values = Vec::with_capacity(types.len());
+    for _ in types {
+        let (&tag, rest) = bytes.split_first()?;
+        bytes = rest;
+        let value = match tag {
+            0x00 => Value::Null,
+            0x01 => {
+                let (&b, rest) = bytes.split_first()?;
+                bytes = rest;
+                Value::Bool(b != 0)
+            }
+            0x02 | 0x03 => {
+                let (word, rest) = bytes.split_first_chunk::<8>()?;
+                bytes = rest;
+                let bits = u64::from_be_bytes(*word);
+                if tag == 0x02 {
+                    Value::Int((bits ^ (1 << 63)) as i64)
+                } else if bits >> 63 == 1 {
+                    Value::Float(f64::from_bits(bits & !(1 << 63)))
+                } else {
+                    Value::Float(f64::from_bits(!bits))
+                }
+            }
+            0x04 => {
+                let mut text = Vec::new();
+                loop {
+                    match bytes {
+                        [0x00, 0x00, rest @ ..] => {
+                            bytes = rest;
+                            break;
+                        }
+                        [0x00, 0xFF, rest @ ..] => {
+                            text.push(0);
+                            bytes = rest;
+                        }
+                        [b, rest @ ..] if *b != 0 => {
+                            text.push(*b);
+                            bytes = rest;
+                        }
+                        _ => return None,
+                    }
+                }
+                Value::Text(String::from_utf8(text).ok()?)
+            }
+            _ => return None,
+        };
+        values.push(value);
+    }
+    bytes.is_empty().then_some(values)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -292,6 +346,25 @@ mod tests {
             let right = encode_key(&[&c, &d]);
             let expected = a.key_cmp(&c).then(b.key_cmp(&d));
             prop_assert_eq!(left.cmp(&right), expected, "{:?},{:?} vs {:?},{:?}", a, b, c, d);
+        }
+
+        #[test]
+        fn keys_decode_to_the_values_they_encode(a in keyable(), b in keyable()) {
+            let ty = |v: &Value| match v {
+                Value::Bool(_) => ColumnType::Bool,
+                Value::Int(_) => ColumnType::Int,
+                Value::Float(_) => ColumnType::Float,
+                _ => ColumnType::Text,
+            };
+            let bytes = encode_key(&[&a, &b]);
+            let decoded = decode_key(&bytes, &[ty(&a), ty(&b)]).expect("a key decodes");
+            // -0.0 encodes as 0.0; every other value comes back as it went in.
+            let norm = |v: &Value| match v {
+                Value::Float(f) if *f == 0.0 => Value::Float(0.0),
+                other => other.clone(),
+            };
+            prop_assert_eq!(decoded, vec![norm(&a), norm(&b)]);
+            prop_assert_eq!(decode_key(&bytes[..bytes.len() - 1], &[ty(&a), ty(&b)]), None);
         }
 
         #[test]

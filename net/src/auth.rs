@@ -122,6 +122,86 @@ pub fn new_key(tenant: &TenantId) -> Result<(String, String, [u8; 32]), ApiError
     ))
 }
 
+/// Watch tokens live this long unless asked otherwise...
+pub const WATCH_TOKEN_DEFAULT_TTL_S: u64 = 300;
+/// ...and at most this long.
+pub const WATCH_TOKEN_MAX_TTL_S: u64 = 3600;
+const WATCH_TOKEN_PREFIX: &str = "ocw";
+
+/// The key that signs watch tokens: random per process, so a restart revokes them all
+/// (they are short-lived by design).
+fn watch_token_key() -> Result<&'static [u8; 32], ApiError> {
+    static KEY: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+    if let Some(key) = KEY.get() {
+        return Ok(key);
+    }
+    let mut key = [0u8; 32];
+    getrandom::getrandom(&mut key).map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("no randomness for the watch-token key: {e}"),
+        )
+    })?;
+    Ok(KEY.get_or_init(|| key))
+}
+
+fn watch_token_signature(key: &[u8; 32], claim: &str) -> String {
+    use hmac::{Hmac, Mac};
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+    mac.update(claim.as_bytes());
+    mac.finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn unix_now_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A token that opens `/watch` streams of `tenant` for `ttl_s` seconds:
+/// `ocw.<tenant>.<expiry, unix seconds>.<HMAC-SHA256 of the rest>`. Returns it and its
+/// expiry.
+pub fn mint_watch_token(tenant: &TenantId, ttl_s: u64) -> Result<(String, u64), ApiError> {
+    let expires = unix_now_s() + ttl_s;
+    let claim = format!("{WATCH_TOKEN_PREFIX}.{tenant}.{expires}");
+    let signature = watch_token_signature(watch_token_key()?, &claim);
+    Ok((format!("{claim}.{signature}"), expires))
+}
+
+/// Checks a watch token for `tenant` (any token passes when authentication is off).
+pub fn check_watch_token(token: &str, tenant: &TenantId, config: &AuthConfig) -> Result<(), ApiError> {
+    if config.admin_token.is_none() {
+        return Ok(());
+    }
+    let invalid = || unauthorized("the watch token is invalid or expired; mint a new one (POST /v1/tenants/<tenant>/watch-tokens)");
+    let (claim, signature) = token.rsplit_once('.').ok_or_else(invalid)?;
+    let mut parts = claim.split('.');
+    let (Some(WATCH_TOKEN_PREFIX), Some(for_tenant), Some(expires), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(invalid());
+    };
+    let expected = watch_token_signature(watch_token_key()?, claim);
+    if !constant_time_eq(expected.as_bytes(), signature.as_bytes()) {
+        return Err(invalid());
+    }
+    let expires: u64 = expires.parse().map_err(|_| invalid())?;
+    if expires <= unix_now_s() {
+        return Err(invalid());
+    }
+    if for_tenant != tenant.as_str() {
+        return Err(forbidden(format!(
+            "this watch token is for tenant {for_tenant}, not {tenant}"
+        )));
+    }
+    Ok(())
+}
+
 /// Compares the SHA-256 digests of both in constant time: neither the position of the
 /// first difference nor the admin token's length shows in the time taken.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -11,6 +11,7 @@ use oc_ship::engine::io::{align_up, WalConfig, BLOCK_SIZE};
 use oc_ship::engine::limits::MAX_ROW_BYTES;
 use oc_ship::engine::record::MAX_ONE_ROW_RECORD_BYTES;
 
+use crate::api::watch::WatchLimits;
 use crate::api::ApiLimits;
 use crate::auth::{AuthConfig, MIN_ADMIN_TOKEN_BYTES};
 use crate::rate_limit::RateLimit;
@@ -112,6 +113,21 @@ pub struct ServerConfig {
     /// (507 `memory_full`); 0: 80% of the machine's or the cgroup's memory.
     #[arg(long, env = "OC_MEMORY_BUDGET_BYTES", default_value_t = 0)]
     pub memory_budget_bytes: u64,
+    /// `/watch` streams the whole server may serve at once; more get 503
+    /// `watch_server_limit`.
+    #[arg(long, env = "OC_WATCH_MAX_STREAMS", default_value_t = 2_000)]
+    pub watch_max_streams: usize,
+    /// `/watch` streams one tenant may hold open; more get 429 `watch_tenant_limit`.
+    #[arg(long, env = "OC_WATCH_MAX_STREAMS_PER_TENANT", default_value_t = 200)]
+    pub watch_max_streams_per_tenant: usize,
+    /// Bytes of events a `/watch` stream may have waiting for its reader before it gets
+    /// `overflow` and is closed.
+    #[arg(long, env = "OC_WATCH_BUFFER_BYTES", default_value_t = 1 << 20)]
+    pub watch_buffer_bytes: usize,
+    /// A `/watch` stream with nothing else to send writes a comment this often (keeps
+    /// proxies and the idle timeout from cutting it).
+    #[arg(long, env = "OC_WATCH_HEARTBEAT_MS", default_value_t = 15_000)]
+    pub watch_heartbeat_ms: u64,
     /// On SIGTERM/SIGINT, how long in-flight requests get to finish.
     #[arg(long, env = "OC_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
     pub shutdown_grace_ms: u64,
@@ -239,6 +255,12 @@ impl ServerConfig {
                 per_second: self.rate_limit_rps,
                 burst: self.rate_limit_burst,
             },
+            watch: WatchLimits {
+                per_tenant: self.watch_max_streams_per_tenant,
+                per_server: self.watch_max_streams,
+                buffer_bytes: self.watch_buffer_bytes,
+                heartbeat: Duration::from_millis(self.watch_heartbeat_ms),
+            },
         }
     }
 
@@ -334,10 +356,26 @@ impl ServerConfig {
             ("--checkpoint-interval-s", self.checkpoint_interval_s),
             ("--tail-window-ms", self.tail_window_ms),
             ("--lease-renew-ms", self.lease_renew_ms),
+            ("--watch-max-streams", self.watch_max_streams as u64),
+            (
+                "--watch-max-streams-per-tenant",
+                self.watch_max_streams_per_tenant as u64,
+            ),
+            ("--watch-heartbeat-ms", self.watch_heartbeat_ms),
         ] {
             if value == 0 {
                 return Err(format!("{name} must be above 0"));
             }
+        }
+        if self.watch_heartbeat_ms >= self.idle_timeout_ms {
+            return Err(format!(
+                "--watch-heartbeat-ms {} must be below --idle-timeout-ms {}, or idle /watch \
+                 streams are cut",
+                self.watch_heartbeat_ms, self.idle_timeout_ms
+            ));
+        }
+        if self.watch_buffer_bytes < 64 << 10 {
+            return Err("--watch-buffer-bytes must be at least 65536".into());
         }
         let min_segment = min_wal_segment_bytes();
         if self.wal_segment_bytes < min_segment {

@@ -90,6 +90,7 @@ pub async fn drain_local(grace: Duration) -> usize {
         return 0;
     };
     state.draining.set(true);
+    crate::api::watch::close_local();
     let deadline = Instant::now() + grace;
     while (state.open.get() > 0 || !state.listener_closed.get()) && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(10)).await;

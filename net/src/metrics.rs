@@ -96,6 +96,12 @@ pub struct HttpMetrics {
     pub connections_accepted: u64,
     pub connections_refused: u64,
     pub rate_limit_rejections: u64,
+    /// `/watch` streams opened, events written to them, streams ended by overflow.
+    pub watch_streams_opened: u64,
+    pub watch_events_sent: u64,
+    pub watch_overflows: u64,
+    /// From a change's apply on its owner shard to its event handed to the connection.
+    pub watch_delivery_latency: LatencyHistogram,
 }
 
 thread_local! {
@@ -322,8 +328,14 @@ pub fn render(shards: &[ShardSnapshot], control: &ControlMetrics) -> Result<Stri
     let mut latency: BTreeMap<&str, LatencyHistogram> = BTreeMap::new();
     let mut fsync_lag = LatencyHistogram::default();
     let mut ask_latency = LatencyHistogram::default();
+    let mut watch_latency = LatencyHistogram::default();
+    let (mut watch_opened, mut watch_events, mut watch_overflows) = (0, 0, 0);
     for http in shards.iter().map(|s| &s.http).chain([&control.ops_http]) {
         ask_latency.merge(&http.ask_latency);
+        watch_latency.merge(&http.watch_delivery_latency);
+        watch_opened += http.watch_streams_opened;
+        watch_events += http.watch_events_sent;
+        watch_overflows += http.watch_overflows;
         for (key, n) in &http.requests {
             *requests.entry(*key).or_insert(0u64) += n;
         }
@@ -363,6 +375,38 @@ pub fn render(shards: &[ShardSnapshot], control: &ControlMetrics) -> Result<Stri
         HISTOGRAM,
         vec![histogram(vec![], &ask_latency, 1.0)],
     ));
+    families.extend([
+        family(
+            "oc_watch_streams",
+            "/watch streams open now, all tenants.",
+            GAUGE,
+            vec![gauge(vec![], crate::api::watch::open_streams_total() as f64)],
+        ),
+        family(
+            "oc_watch_streams_opened_total",
+            "/watch streams opened since start.",
+            COUNTER,
+            vec![counter(vec![], watch_opened as f64)],
+        ),
+        family(
+            "oc_watch_events_sent_total",
+            "Change events written to /watch streams (progress, hello and heartbeats not counted).",
+            COUNTER,
+            vec![counter(vec![], watch_events as f64)],
+        ),
+        family(
+            "oc_watch_overflows_total",
+            "/watch streams closed with `overflow` because their reader fell behind.",
+            COUNTER,
+            vec![counter(vec![], watch_overflows as f64)],
+        ),
+        family(
+            "oc_watch_delivery_latency_ms",
+            "From a change's apply on its owner shard to its event handed to the stream's connection, in milliseconds.",
+            HISTOGRAM,
+            vec![histogram(vec![], &watch_latency, 1.0)],
+        ),
+    ]);
     let (hits, misses) = shards.iter().fold((0, 0), |(h, m), s| {
         (h + s.plan_cache.hits, m + s.plan_cache.misses)
     });

@@ -2,11 +2,13 @@
 //! group commit ([`group_commit`]) and recovery ([`recovery`], [`scan`]).
 //!
 //! Usage: [`Wal::open`] recovers the log (replaying frames into the caller), then
-//! [`Wal::append`] returns a frame's LSN once it is durable.
+//! [`Wal::append`] returns a frame's LSN once it is durable, and [`Wal::read_after`]
+//! reads durable frames back ([`reader`]).
 
 pub mod frame;
 pub mod group_commit;
 pub mod inspect;
+pub mod reader;
 pub mod recovery;
 pub mod scan;
 pub mod segment;
@@ -23,6 +25,7 @@ pub use frame::{
     Epoch, Frame, Lsn, RecordKind, TimestampMicros, MAX_FRAME_BYTES, MAX_TENANT_BYTES,
 };
 pub use group_commit::WalStats;
+pub use reader::{LogRead, OwnedFrame};
 pub use recovery::{RecoveryReport, TailCut};
 
 use crate::buffer::{IoBuffer, BLOCK_SIZE};

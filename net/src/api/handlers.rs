@@ -601,7 +601,48 @@ pub async fn usage(router: &ShardRouter, tenant: TenantId, access: &Access) -> A
                     "vectors": quotas.max_vectors,
                 },
                 "in_flight_requests": in_flight,
+                "watch_streams": super::watch::open_streams(&tenant),
                 "applied_lsn": node.shard().applied_lsn().0,
+            })),
+        ))
+    })
+    .await
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CreateWatchToken {
+    /// Seconds the token is valid (default and limits in `auth`).
+    ttl_s: Option<u64>,
+}
+
+/// Mints a token that opens `/watch` streams of this tenant only, for clients that
+/// cannot send an Authorization header (a browser's `EventSource`).
+pub async fn create_watch_token(
+    router: &ShardRouter,
+    tenant: TenantId,
+    body: CreateWatchToken,
+    access: &Access,
+) -> Answer {
+    let ttl_s = body.ttl_s.unwrap_or(auth::WATCH_TOKEN_DEFAULT_TTL_S);
+    if ttl_s == 0 || ttl_s > auth::WATCH_TOKEN_MAX_TTL_S {
+        return Err(ApiError::bad_request(
+            "invalid_ttl",
+            format!(
+                "ttl_s must be between 1 and {} seconds",
+                auth::WATCH_TOKEN_MAX_TTL_S
+            ),
+        ));
+    }
+    on_owner(router, access, tenant, move |node, tenant| async move {
+        node.shard().read(&tenant, |_| ())?;
+        let (token, expires_unix_s) = auth::mint_watch_token(&tenant, ttl_s)?;
+        Ok((
+            StatusCode::CREATED,
+            Body::from(json!({
+                "token": token,
+                "expires_unix_s": expires_unix_s,
+                "ttl_s": ttl_s,
             })),
         ))
     })

@@ -6,6 +6,7 @@
 pub mod error;
 pub mod fuzz;
 pub mod handlers;
+pub mod watch;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -15,9 +16,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_lite::future;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use oc_ship::engine::query::AskLimits;
 use oc_ship::engine::{ShardRouter, TenantId};
@@ -38,6 +39,7 @@ pub struct ApiLimits {
     pub max_in_flight_per_tenant: usize,
     pub ask: AskLimits,
     pub rate_limit: RateLimit,
+    pub watch: watch::WatchLimits,
 }
 
 /// API keys this shard saw the owner accept lately, so a body is read only for a
@@ -133,11 +135,14 @@ fn client_request_id<B>(req: &Request<B>) -> Option<String> {
     ok.then(|| raw.to_string())
 }
 
+/// A response body: a whole JSON answer, or a `/watch` event stream.
+pub type ApiBody = Either<Full<Bytes>, watch::WatchBody>;
+
 /// Answers one request; never fails (errors become JSON responses).
 pub async fn handle(
     ctx: Rc<ApiContext>,
     req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<ApiBody>, Infallible> {
     let started = Instant::now();
     let request_id = client_request_id(&req).unwrap_or_else(|| ctx.new_request_id());
     let method = req.method().clone();
@@ -151,7 +156,7 @@ pub async fn handle(
     };
     let span = tracing::info_span!("request", %request_id, shard = ctx.shard, tenant, route);
     let deadline = ctx.limits.request_deadline;
-    let answer = future::or(dispatch(&ctx, req), async {
+    let deadline_exceeded = async {
         glommio::timer::sleep(deadline).await;
         Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -162,21 +167,40 @@ pub async fn handle(
                 deadline.as_millis()
             ),
         ))
-    })
-    .instrument(span.clone())
-    .await;
+    };
+    let answer = if route == "watch" && method == Method::GET {
+        // Only the opening runs under the deadline; the stream lives on its own terms.
+        let opening = async { open_watch(&ctx, req).await.map(Reply::Stream) };
+        future::or(opening, deadline_exceeded)
+            .instrument(span.clone())
+            .await
+    } else {
+        let answering = async { dispatch(&ctx, req).await.map(Reply::Json) };
+        future::or(answering, deadline_exceeded)
+            .instrument(span.clone())
+            .await
+    };
     let _entered = span.enter();
     let mut response = match answer {
-        Ok((status, body)) => {
+        Ok(Reply::Json((status, body))) => {
             let body = match body {
                 h::Body::Json(json) => Bytes::from(json.to_string()),
                 h::Body::Encoded(bytes) => bytes,
             };
-            let mut response = Response::new(Full::new(body));
+            let mut response = Response::new(Either::Left(Full::new(body)));
             *response.status_mut() = status;
             response
                 .headers_mut()
                 .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            response
+        }
+        Ok(Reply::Stream(stream)) => {
+            let mut response = Response::new(Either::Right(stream));
+            let headers = response.headers_mut();
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+            headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            // Proxies that buffer responses would hold events back.
+            headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
             response
         }
         Err(e) => {
@@ -186,7 +210,7 @@ pub async fn handle(
             let allow = (e.status == StatusCode::METHOD_NOT_ALLOWED)
                 .then(|| allowed_methods(&path))
                 .flatten();
-            let mut response = e.into_response(&request_id);
+            let mut response = e.into_response(&request_id).map(Either::Left);
             if let Some(allow) = allow {
                 response
                     .headers_mut()
@@ -204,6 +228,37 @@ pub async fn handle(
     Ok(response)
 }
 
+enum Reply {
+    Json((StatusCode, h::Body)),
+    Stream(watch::WatchBody),
+}
+
+/// Checks a `/watch` request and opens its stream. A tenant key is checked like for a
+/// read; a browser's `EventSource`, which cannot send headers, passes a watch token
+/// (`?token=`) instead.
+async fn open_watch(ctx: &ApiContext, req: Request<Incoming>) -> Result<watch::WatchBody, ApiError> {
+    let path = req.uri().path().to_string();
+    let parts = segments(&path);
+    let ["v1", "tenants", t, "watch"] = parts.as_slice() else {
+        return Err(ApiError::not_found("no endpoint here; see docs/API.md"));
+    };
+    let tenant = h::tenant_id(t)?;
+    let last_event_id = req
+        .headers()
+        .get("last-event-id")
+        .map(|v| v.to_str().unwrap_or("\u{fffd}"));
+    let request = watch::parse_request(req.uri().query(), last_event_id)?;
+    match &request.token {
+        Some(token) => crate::auth::check_watch_token(token, &tenant, &ctx.auth)?,
+        None => {
+            if let Caller::Key(claim) = auth::identify(req.headers(), &ctx.auth)? {
+                ctx.check_key_before_body(&claim, t).await?;
+            }
+        }
+    }
+    watch::open(ctx.router.clone(), tenant, request, ctx.limits.watch).await
+}
+
 /// The path split into segments (`/v1/tenants/a` → `["v1", "tenants", "a"]`).
 fn segments(path: &str) -> Vec<&str> {
     path.trim_matches('/').split('/').collect()
@@ -216,6 +271,8 @@ fn route_name(method: &Method, path: &str) -> &'static str {
         (["v1", "tenants"], _) => "tenants",
         (["v1", "tenants", _], _) => "tenant",
         (["v1", "tenants", _, "usage"], _) => "usage",
+        (["v1", "tenants", _, "watch"], _) => "watch",
+        (["v1", "tenants", _, "watch-tokens"], _) => "watch_tokens",
         (["v1", "tenants", _, "ask"], _) => "ask",
         (["v1", "tenants", _, "keys"], _) => "keys",
         (["v1", "tenants", _, "keys", _], _) => "key",
@@ -233,8 +290,8 @@ fn allowed_methods(path: &str) -> Option<&'static str> {
         "tenants" | "tables" | "keys" => "GET, POST",
         "key" => "DELETE",
         "tenant" | "table" => "GET, DELETE",
-        "usage" | "row_get" => "GET",
-        "rows_write" | "ask" => "POST",
+        "usage" | "row_get" | "watch" => "GET",
+        "rows_write" | "ask" | "watch_tokens" => "POST",
         _ => return None,
     })
 }
@@ -287,6 +344,15 @@ async fn dispatch(ctx: &ApiContext, req: Request<Incoming>) -> Answer {
             let explain = explain_requested(req.uri().query())?;
             let body = read_json(ctx, req).await?;
             h::ask(router, tenant, body, explain, ctx.limits.ask, access).await
+        }
+        (["v1", "tenants", t, "watch-tokens"], &Method::POST) => {
+            let tenant = h::tenant_id(t)?;
+            let body = if has_body(&req) {
+                read_json(ctx, req).await?
+            } else {
+                h::CreateWatchToken::default()
+            };
+            h::create_watch_token(router, tenant, body, access).await
         }
         (["v1", "tenants", t, "keys"], &Method::GET) => {
             h::list_keys(router, h::tenant_id(t)?, access).await

@@ -1,0 +1,756 @@
+//! `GET /v1/tenants/:t/watch`: committed changes as server-sent events (docs/API.md).
+//!
+//! How a change reaches a stream: the owner shard's applier publishes each command's
+//! events once to a *tap* per (tenant, connection shard) — a bounded channel, never
+//! waited on (`oc_engine::feed`). On the connection shard a *hub* receives the tap and
+//! fans batches out to its streams' queues (shared `Arc`s, no copies); each stream's
+//! body formats its queue when hyper asks for more. So the applier's cost does not grow
+//! with the number of streams, and a slow reader only fills its own bounded queue: when
+//! the queue is over its byte limit the stream gets `overflow` and ends. A client that
+//! resumes (`Last-Event-ID` or `?from_lsn=`) is replayed from the owner's log; when the
+//! log no longer reaches back it gets `reset`, never a silent gap.
+//!
+//! Streams live outside the request deadline and the per-tenant in-flight limit; they
+//! have their own limits (per tenant and per server), and end with `shutdown` when the
+//! server drains.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::{Rc, Weak};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::Bytes;
+use glommio::timer::Timer;
+use glommio::Task;
+use hyper::body::Frame;
+use hyper::StatusCode;
+use oc_ship::engine::feed::{ChangeBatch, EventKind, TapEnd, TapReceiver};
+use oc_ship::engine::io::Lsn;
+use oc_ship::engine::{owner_of, ChangesRead, ShardNode, ShardRouter, TenantId};
+
+use super::error::ApiError;
+use crate::metrics;
+
+/// Limits of `/watch` streams.
+#[derive(Debug, Clone, Copy)]
+pub struct WatchLimits {
+    /// Open streams per tenant, across the server.
+    pub per_tenant: usize,
+    /// Open streams per server.
+    pub per_server: usize,
+    /// Bytes of events a stream may have queued and not yet written before it
+    /// overflows.
+    pub buffer_bytes: usize,
+    /// A comment line is written after this long without anything else.
+    pub heartbeat: Duration,
+}
+
+/// Batches a tap holds for its hub before the applier closes it as overflowed.
+const TAP_BATCHES: usize = 16_384;
+/// The current LSN is sent at least this often while it moves.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// Tables a stream may filter on.
+const MAX_FILTER_TABLES: usize = 64;
+/// The epoch of this server's log (no replication yet: always 1).
+const EPOCH: u64 = 1;
+
+/// Open streams per tenant and in all, across every shard.
+static OPEN: Mutex<BTreeMap<TenantId, usize>> = Mutex::new(BTreeMap::new());
+static OPEN_TOTAL: AtomicUsize = AtomicUsize::new(0);
+
+/// Streams of `tenant` open now (for `/usage`).
+pub fn open_streams(tenant: &TenantId) -> usize {
+    OPEN.lock()
+        .map(|open| open.get(tenant).copied().unwrap_or(0))
+        .unwrap_or(0)
+}
+
+/// Streams open now on the whole server.
+pub fn open_streams_total() -> usize {
+    OPEN_TOTAL.load(Ordering::Relaxed)
+}
+
+/// One stream's place under the limits; given back on drop.
+struct Registration(TenantId);
+
+impl Registration {
+    fn take(tenant: &TenantId, limits: &WatchLimits) -> Result<Self, ApiError> {
+        let mut open = OPEN
+            .lock()
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "the watch registry is poisoned",
+                )
+            })?;
+        if OPEN_TOTAL.load(Ordering::Relaxed) >= limits.per_server {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "watch_server_limit",
+                format!(
+                    "the server already serves {} watch streams, its limit (--watch-max-streams); retry later",
+                    limits.per_server
+                ),
+            ));
+        }
+        let n = open.entry(tenant.clone()).or_default();
+        if *n >= limits.per_tenant {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "watch_tenant_limit",
+                format!(
+                    "tenant {tenant} already has {} watch streams open, its limit \
+                     (--watch-max-streams-per-tenant); close one first",
+                    limits.per_tenant
+                ),
+            ));
+        }
+        *n += 1;
+        OPEN_TOTAL.fetch_add(1, Ordering::Relaxed);
+        Ok(Registration(tenant.clone()))
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        OPEN_TOTAL.fetch_sub(1, Ordering::Relaxed);
+        if let Ok(mut open) = OPEN.lock() {
+            if let Some(n) = open.get_mut(&self.0) {
+                *n -= 1;
+                if *n == 0 {
+                    open.remove(&self.0);
+                }
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// This shard's hubs, one per watched tenant.
+    static HUBS: RefCell<HashMap<TenantId, Rc<Hub>>> = RefCell::new(HashMap::new());
+    /// Set when this shard drains: every stream ends with `shutdown`.
+    static CLOSING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Ends every stream on this shard with a final `shutdown` event (the drain calls it so
+/// that streams do not hold the shutdown for its grace period).
+pub fn close_local() {
+    CLOSING.with(|c| c.set(true));
+    let hubs: Vec<Rc<Hub>> = HUBS.with(|h| h.borrow().values().cloned().collect());
+    for hub in hubs {
+        for sub in hub.subscribers() {
+            sub.wake();
+        }
+    }
+}
+
+fn closing() -> bool {
+    CLOSING.with(Cell::get)
+}
+
+/// Why a stream ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StreamEnd {
+    /// This stream's queue outgrew its byte limit.
+    Overflow,
+    /// The hub's tap overflowed (this shard fell behind the owner).
+    TapOverflow,
+    TenantDropped,
+    /// The owner shard stopped.
+    Stopped,
+}
+
+/// A tenant's tap on this shard, fanned out to this shard's streams of that tenant.
+struct Hub {
+    tenant: TenantId,
+    tap: TapReceiver,
+    /// Every batch at or below this LSN has been handed to the streams.
+    position: Cell<Lsn>,
+    subscribers: RefCell<Vec<Weak<Subscriber>>>,
+    ended: Cell<bool>,
+    task: RefCell<Option<Task<()>>>,
+}
+
+impl Hub {
+    /// This shard's hub of `tenant`, attaching a tap on the owner when there is none.
+    async fn get_or_attach(router: &ShardRouter, tenant: &TenantId) -> Result<Rc<Hub>, ApiError> {
+        let live = |tenant: &TenantId| {
+            HUBS.with(|h| h.borrow().get(tenant).filter(|hub| !hub.ended.get()).cloned())
+        };
+        if let Some(hub) = live(tenant) {
+            return Ok(hub);
+        }
+        let owner = owner_of(router, tenant);
+        let t = tenant.clone();
+        let tap = router
+            .call(owner, move |node: Rc<ShardNode>| async move {
+                node.shard().read(&t, |_| ())?;
+                Ok::<_, oc_ship::engine::EngineError>(node.shard().feed().attach(&t, TAP_BATCHES))
+            })
+            .await??;
+        // Another stream may have attached while this one waited: use its hub (this
+        // tap's receiver is dropped, and the owner forgets it at its next publish).
+        if let Some(hub) = live(tenant) {
+            return Ok(hub);
+        }
+        let hub = Rc::new(Hub {
+            tenant: tenant.clone(),
+            position: Cell::new(tap.start),
+            tap,
+            subscribers: RefCell::new(Vec::new()),
+            ended: Cell::new(false),
+            task: RefCell::new(None),
+        });
+        let batches = hub.tap.batches.clone();
+        let weak = Rc::downgrade(&hub);
+        let task = glommio::spawn_local(async move {
+            while let Ok(batch) = batches.recv().await {
+                match weak.upgrade() {
+                    Some(hub) => hub.distribute(batch),
+                    None => return,
+                }
+            }
+            if let Some(hub) = weak.upgrade() {
+                hub.finish();
+            }
+        });
+        *hub.task.borrow_mut() = Some(task);
+        HUBS.with(|h| h.borrow_mut().insert(tenant.clone(), hub.clone()));
+        Ok(hub)
+    }
+
+    fn subscribers(&self) -> Vec<Rc<Subscriber>> {
+        self.subscribers
+            .borrow()
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect()
+    }
+
+    fn distribute(&self, batch: Arc<ChangeBatch>) {
+        self.position.set(self.position.get().max(batch.lsn));
+        for sub in self.subscribers() {
+            sub.push(&batch);
+        }
+    }
+
+    /// Takes in everything the owner has published so far; `position` then stands for
+    /// the owner's applied LSN even when none of it concerned this tenant.
+    fn catch_up(&self) {
+        let published = self.tap.published();
+        while let Ok(batch) = self.tap.batches.try_recv() {
+            self.distribute(batch);
+        }
+        if !self.tap.batches.is_closed() {
+            self.position.set(self.position.get().max(published));
+        }
+    }
+
+    /// The tap closed: every stream ends, and the next stream attaches afresh.
+    fn finish(&self) {
+        self.ended.set(true);
+        let why = match self.tap.end() {
+            TapEnd::Overflow => StreamEnd::TapOverflow,
+            TapEnd::TenantDropped => StreamEnd::TenantDropped,
+            TapEnd::Open => StreamEnd::Stopped,
+        };
+        for sub in self.subscribers() {
+            sub.end(why);
+        }
+        self.forget();
+    }
+
+    fn forget(&self) {
+        HUBS.with(|h| {
+            let mut hubs = h.borrow_mut();
+            if hubs
+                .get(&self.tenant)
+                .is_some_and(|hub| std::ptr::eq(Rc::as_ptr(hub), self))
+            {
+                hubs.remove(&self.tenant);
+            }
+        });
+    }
+
+    /// `sub` is gone (its stream ended); the hub closes its tap after the last one.
+    fn leave(&self, sub: &Rc<Subscriber>) {
+        self.subscribers
+            .borrow_mut()
+            .retain(|w| w.strong_count() > 0 && !std::ptr::eq(w.as_ptr(), Rc::as_ptr(sub)));
+        if self.subscribers.borrow().is_empty() {
+            self.ended.set(true);
+            self.task.borrow_mut().take();
+            self.forget();
+        }
+    }
+}
+
+/// One stream's queue of batches, filled by its hub.
+struct Subscriber {
+    tables: Option<Vec<String>>,
+    /// Batches at or below this LSN are not for this stream (it starts after them).
+    after: Cell<Lsn>,
+    queue: RefCell<VecDeque<Arc<ChangeBatch>>>,
+    queued_bytes: Cell<usize>,
+    limit_bytes: usize,
+    end: Cell<Option<StreamEnd>>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl Subscriber {
+    fn push(&self, batch: &Arc<ChangeBatch>) {
+        if self.end.get().is_some() || batch.lsn <= self.after.get() {
+            return;
+        }
+        let bytes = batch.data_bytes();
+        if self.queued_bytes.get() + bytes > self.limit_bytes {
+            self.end(StreamEnd::Overflow);
+            return;
+        }
+        self.queued_bytes.set(self.queued_bytes.get() + bytes);
+        self.queue.borrow_mut().push_back(batch.clone());
+        self.wake();
+    }
+
+    fn end(&self, why: StreamEnd) {
+        if self.end.get().is_none() {
+            self.end.set(Some(why));
+        }
+        self.wake();
+    }
+
+    fn wake(&self) {
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+}
+
+/// What a client asked for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WatchRequest {
+    pub tables: Option<Vec<String>>,
+    /// Resume after this position: `(epoch, lsn)`.
+    pub resume: Option<(u64, Lsn)>,
+    /// A watch token from the query string (checked by the caller).
+    pub token: Option<String>,
+}
+
+/// Parses `?tables=a,b&from_lsn=N&token=...` and the `Last-Event-ID` header (which wins
+/// over `from_lsn`).
+pub fn parse_request(query: Option<&str>, last_event_id: Option<&str>) -> Result<WatchRequest, ApiError> {
+    let bad = |code: &'static str, message: String| ApiError::bad_request(code, message);
+    let mut request = WatchRequest::default();
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match name {
+            "tables" => {
+                let tables: Vec<String> = value
+                    .split(',')
+                    .filter(|t| !t.is_empty())
+                    .map(str::to_string)
+                    .collect();
+                if tables.is_empty() || tables.len() > MAX_FILTER_TABLES {
+                    return Err(bad(
+                        "invalid_query_string",
+                        format!("tables= takes 1 to {MAX_FILTER_TABLES} comma-separated table names"),
+                    ));
+                }
+                for t in &tables {
+                    oc_ship::engine::schema::check_name("table", t).map_err(ApiError::from)?;
+                }
+                request.tables = Some(tables);
+            }
+            "from_lsn" => {
+                let lsn = value.parse::<u64>().map_err(|_| {
+                    bad(
+                        "invalid_query_string",
+                        format!("from_lsn={value:?} is not an LSN (a non-negative integer)"),
+                    )
+                })?;
+                request.resume.get_or_insert((EPOCH, Lsn(lsn)));
+            }
+            "token" => request.token = Some(value.to_string()),
+            _ => {
+                return Err(bad(
+                    "invalid_query_string",
+                    format!(
+                        "unknown query parameter {name:?}; /watch takes tables=, from_lsn= and token="
+                    ),
+                ))
+            }
+        }
+    }
+    if let Some(id) = last_event_id {
+        request.resume = Some(parse_event_id(id).ok_or_else(|| {
+            bad(
+                "invalid_last_event_id",
+                format!("Last-Event-ID {id:?} is not an event id of this server (<epoch>-<lsn>)"),
+            )
+        })?);
+    }
+    Ok(request)
+}
+
+/// `<epoch>-<lsn>`.
+fn parse_event_id(id: &str) -> Option<(u64, Lsn)> {
+    let (epoch, lsn) = id.trim().split_once('-')?;
+    Some((epoch.parse().ok()?, Lsn(lsn.parse().ok()?)))
+}
+
+/// Opens a stream for `tenant` (the caller is authorized already).
+pub async fn open(
+    router: Rc<ShardRouter>,
+    tenant: TenantId,
+    request: WatchRequest,
+    limits: WatchLimits,
+) -> Result<WatchBody, ApiError> {
+    if closing() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the server is shutting down; reconnect to another node or retry shortly",
+        ));
+    }
+    let registration = Registration::take(&tenant, &limits)?;
+    let hub = Hub::get_or_attach(&router, &tenant).await?;
+    hub.catch_up();
+    let position = hub.position.get();
+    let published = hub.tap.published();
+    let mut out = VecDeque::new();
+    // Where this stream starts: after `start`; the log is replayed up to `position`.
+    let (start, replay) = match request.resume {
+        None => (position, None),
+        Some((epoch, lsn)) if epoch != EPOCH || lsn > published.max(position) => {
+            out.push_back(hello(position, request.resume));
+            out.push_back(reset(
+                position,
+                "the resume point is not on this server's log (another epoch, or ahead of it)",
+            ));
+            (position, None)
+        }
+        Some((_, lsn)) if lsn >= position => (lsn, None),
+        Some((_, lsn)) => (lsn, Some(lsn)),
+    };
+    if out.is_empty() {
+        out.push_back(hello(start, request.resume));
+    }
+    let sub = Rc::new(Subscriber {
+        tables: request.tables,
+        after: Cell::new(start.max(position)),
+        queue: RefCell::new(VecDeque::new()),
+        queued_bytes: Cell::new(0),
+        limit_bytes: limits.buffer_bytes,
+        end: Cell::new(None),
+        waker: RefCell::new(None),
+    });
+    hub.subscribers.borrow_mut().push(Rc::downgrade(&sub));
+    metrics::with_http(|m| m.watch_streams_opened += 1);
+    let mut body = WatchBody {
+        sub,
+        hub,
+        router,
+        tenant,
+        out,
+        replay: None,
+        replay_from: start,
+        replay_upto: position,
+        last_id: start,
+        progress: Timer::new(PROGRESS_EVERY),
+        heartbeat_every: limits.heartbeat,
+        heartbeat: Timer::new(limits.heartbeat),
+        done: false,
+        _registration: registration,
+    };
+    if let Some(after) = replay {
+        body.start_replay(after);
+    }
+    Ok(body)
+}
+
+type ReplayPage = Pin<Box<dyn Future<Output = Result<ChangesRead, String>>>>;
+
+/// The body of one `/watch` response.
+pub struct WatchBody {
+    sub: Rc<Subscriber>,
+    hub: Rc<Hub>,
+    router: Rc<ShardRouter>,
+    tenant: TenantId,
+    /// Formatted events waiting for hyper.
+    out: VecDeque<Bytes>,
+    /// The log page being read for a resume, and where the replay ends.
+    replay: Option<ReplayPage>,
+    replay_from: Lsn,
+    replay_upto: Lsn,
+    /// The last position sent as an event id.
+    last_id: Lsn,
+    progress: Timer,
+    heartbeat_every: Duration,
+    heartbeat: Timer,
+    done: bool,
+    _registration: Registration,
+}
+
+impl WatchBody {
+    fn start_replay(&mut self, after: Lsn) {
+        self.replay_from = after;
+        let (router, tenant, upto) = (self.router.clone(), self.tenant.clone(), self.replay_upto);
+        self.replay = Some(Box::pin(async move {
+            let owner = owner_of(&router, &tenant);
+            router
+                .call(owner, move |node: Rc<ShardNode>| async move {
+                    node.shard()
+                        .changes_after(&tenant, after, upto)
+                        .await
+                        .map_err(|e| e.to_string())
+                })
+                .await
+                .map_err(|e| e.to_string())?
+        }));
+    }
+
+    /// Formats `batch` (filtered by table) into `out`; the last event written carries
+    /// the batch's id, so a client that reconnects mid-batch gets the batch again.
+    fn send_batch(&mut self, batch: &ChangeBatch) {
+        let wanted = |kind: EventKind, table: &str| {
+            kind == EventKind::TenantDropped
+                || self
+                    .sub
+                    .tables
+                    .as_ref()
+                    .is_none_or(|tables| tables.iter().any(|t| t == table))
+        };
+        let events: Vec<_> = batch
+            .events
+            .iter()
+            .filter(|e| wanted(e.kind, &e.table))
+            .collect();
+        if events.is_empty() {
+            return;
+        }
+        let mut text = Vec::with_capacity(events.iter().map(|e| e.data.len() + 40).sum());
+        for (i, event) in events.iter().enumerate() {
+            text.extend_from_slice(b"event: ");
+            text.extend_from_slice(event.kind.name().as_bytes());
+            text.extend_from_slice(b"\ndata: ");
+            text.extend_from_slice(event.data.as_bytes());
+            if i + 1 == events.len() {
+                text.extend_from_slice(format!("\nid: {}-{}", batch.epoch.0, batch.lsn.0).as_bytes());
+            }
+            text.extend_from_slice(b"\n\n");
+        }
+        self.last_id = batch.lsn;
+        let count = events.len() as u64;
+        metrics::with_http(|m| {
+            m.watch_events_sent += count;
+            if let Some(at) = batch.applied_at {
+                m.watch_delivery_latency.record(at.elapsed());
+            }
+        });
+        self.out.push_back(Bytes::from(text));
+    }
+
+    /// Moves the live queue into `out`.
+    fn drain_queue(&mut self) {
+        loop {
+            let Some(batch) = self.sub.queue.borrow_mut().pop_front() else {
+                return;
+            };
+            self.sub
+                .queued_bytes
+                .set(self.sub.queued_bytes.get().saturating_sub(batch.data_bytes()));
+            if batch.events.iter().any(|e| e.kind == EventKind::TenantDropped) {
+                self.send_batch(&batch);
+                self.sub.end(StreamEnd::TenantDropped);
+                return;
+            }
+            self.send_batch(&batch);
+        }
+    }
+
+    fn finish_with(&mut self, event: &str, data: String) {
+        self.out
+            .push_back(Bytes::from(format!("event: {event}\ndata: {data}\n\n")));
+        self.done = true;
+    }
+
+    fn poll_replay(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(page) = self.replay.as_mut() else {
+            return Poll::Ready(());
+        };
+        let read = match page.as_mut().poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(read) => read,
+        };
+        self.replay = None;
+        match read {
+            Ok(ChangesRead::Batches { batches, through }) => {
+                for batch in &batches {
+                    self.send_batch(batch);
+                }
+                // A page that read nothing new ends the replay (nothing is left below
+                // the live queue's start).
+                if through > self.replay_from && through < self.replay_upto {
+                    self.start_replay(through);
+                }
+            }
+            Ok(ChangesRead::NotHeld { oldest }) => {
+                let why = match oldest {
+                    Some(lsn) => format!(
+                        "the log no longer holds the resume point (it starts at LSN {}); \
+                         drop cached state and read it again",
+                        lsn.0
+                    ),
+                    None => "the log no longer holds the resume point".to_string(),
+                };
+                self.out.push_back(reset(self.replay_upto, &why));
+                self.last_id = self.replay_upto;
+            }
+            Err(why) => {
+                tracing::warn!(tenant = %self.tenant, error = %why, "watch replay failed");
+                self.out.push_back(reset(
+                    self.replay_upto,
+                    "the log could not be read back for this resume point",
+                ));
+                self.last_id = self.replay_upto;
+            }
+        }
+        Poll::Ready(())
+    }
+}
+
+impl hyper::body::Body for WatchBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(chunk) = this.out.pop_front() {
+                this.heartbeat = Timer::new(this.heartbeat_every);
+                return Poll::Ready(Some(Ok(Frame::data(chunk))));
+            }
+            if this.done {
+                return Poll::Ready(None);
+            }
+            if closing() {
+                this.finish_with(
+                    "shutdown",
+                    r#"{"reason":"the server is shutting down; resume with the last event id"}"#
+                        .into(),
+                );
+                continue;
+            }
+            if this.replay.is_some() {
+                if this.poll_replay(cx).is_pending() {
+                    *this.sub.waker.borrow_mut() = Some(cx.waker().clone());
+                    return Poll::Pending;
+                }
+                continue;
+            }
+            this.drain_queue();
+            if !this.out.is_empty() {
+                continue;
+            }
+            if let Some(why) = this.sub.end.get() {
+                let (event, data) = match why {
+                    StreamEnd::Overflow => ("overflow", format!(
+                        r#"{{"reason":"this stream fell more than {} bytes behind; resume with the last event id","limit_bytes":{}}}"#,
+                        this.sub.limit_bytes, this.sub.limit_bytes
+                    )),
+                    StreamEnd::TapOverflow => ("overflow", r#"{"reason":"this server fell behind the tenant's changes; resume with the last event id"}"#.to_string()),
+                    StreamEnd::TenantDropped => {
+                        this.done = true;
+                        continue;
+                    }
+                    StreamEnd::Stopped => ("shutdown", r#"{"reason":"the tenant's shard stopped"}"#.to_string()),
+                };
+                if event == "overflow" {
+                    metrics::with_http(|m| m.watch_overflows += 1);
+                }
+                this.finish_with(event, data);
+                continue;
+            }
+            if Pin::new(&mut this.progress).poll(cx).is_ready() {
+                this.progress = Timer::new(PROGRESS_EVERY);
+                this.hub.catch_up();
+                this.drain_queue();
+                let position = this.hub.position.get();
+                if position > this.last_id && this.sub.end.get().is_none() {
+                    this.sub.after.set(this.sub.after.get().max(position));
+                    this.last_id = position;
+                    this.out.push_back(Bytes::from(format!(
+                        "event: progress\ndata: {{\"lsn\":{}}}\nid: {EPOCH}-{}\n\n",
+                        position.0, position.0
+                    )));
+                }
+                continue;
+            }
+            if Pin::new(&mut this.heartbeat).poll(cx).is_ready() {
+                this.out.push_back(Bytes::from_static(b": heartbeat\n\n"));
+                continue;
+            }
+            *this.sub.waker.borrow_mut() = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+    }
+}
+
+impl Drop for WatchBody {
+    fn drop(&mut self) {
+        self.hub.leave(&self.sub);
+    }
+}
+
+fn hello(start: Lsn, resume: Option<(u64, Lsn)>) -> Bytes {
+    let resumed = match resume {
+        Some((epoch, lsn)) => format!("\"{epoch}-{}\"", lsn.0),
+        None => "null".into(),
+    };
+    Bytes::from(format!(
+        "event: hello\ndata: {{\"lsn\":{},\"epoch\":{EPOCH},\"resumed_from\":{resumed}}}\nid: {EPOCH}-{}\nretry: 1000\n\n",
+        start.0, start.0
+    ))
+}
+
+fn reset(lsn: Lsn, why: &str) -> Bytes {
+    let why = serde_json::to_string(why).unwrap_or_else(|_| "\"\"".into());
+    Bytes::from(format!(
+        "event: reset\ndata: {{\"lsn\":{},\"reason\":{why}}}\nid: {EPOCH}-{}\n\n",
+        lsn.0, lsn.0
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_and_bad_ones_name_what_to_fix() {
+        let r = parse_request(Some("tables=a,b&from_lsn=7"), None).expect("valid");
+        assert_eq!(r.tables, Some(vec!["a".to_string(), "b".to_string()]));
+        assert_eq!(r.resume, Some((EPOCH, Lsn(7))));
+        let r = parse_request(Some("from_lsn=7"), Some("1-9")).expect("valid");
+        assert_eq!(r.resume, Some((1, Lsn(9))), "Last-Event-ID wins");
+        for (query, id, code) in [
+            (Some("tables="), None, "invalid_query_string"),
+            (Some("tables=A"), None, "invalid_name"),
+            (Some("from_lsn=-1"), None, "invalid_query_string"),
+            (Some("nope=1"), None, "invalid_query_string"),
+            (None, Some("abc"), "invalid_last_event_id"),
+        ] {
+            let err = parse_request(query, id).expect_err("refused");
+            assert_eq!(err.code, code, "{query:?} {id:?}: {}", err.message);
+        }
+    }
+}
