@@ -169,7 +169,8 @@ impl Feed {
         list.retain(|tap| match tap.sender.try_send(batch.clone()) {
             Ok(()) if !dropped => true,
             Ok(()) => {
-                tap.end.store(TapEnd::TenantDropped as u8, Ordering::Release);
+                tap.end
+                    .store(TapEnd::TenantDropped as u8, Ordering::Release);
                 false
             }
             Err(async_channel::TrySendError::Full(_)) => {

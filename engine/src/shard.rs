@@ -666,9 +666,7 @@ async fn run_applier(
         let outcome = match front.pending.durable_at().await {
             Ok((lsn, committed)) => {
                 // Only a listened-to tenant pays for a copy of its command.
-                let listened = feed
-                    .listening(&front.tenant)
-                    .then(|| front.command.clone());
+                let listened = feed.listening(&front.tenant).then(|| front.command.clone());
                 let mut state = state.borrow_mut();
                 let applied = apply(&mut state, &front.tenant, lsn, committed, front.command);
                 let changed = applied.as_ref().is_ok_and(|a| feed::changed(lsn, a));

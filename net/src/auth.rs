@@ -148,7 +148,8 @@ fn watch_token_key() -> Result<&'static [u8; 32], ApiError> {
 
 fn watch_token_signature(key: &[u8; 32], claim: &str) -> String {
     use hmac::{Hmac, Mac};
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key)
+        .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
     mac.update(claim.as_bytes());
     mac.finalize()
         .into_bytes()
@@ -174,11 +175,17 @@ pub fn mint_watch_token(tenant: &TenantId, ttl_s: u64) -> Result<(String, u64), 
 }
 
 /// Checks a watch token for `tenant` (any token passes when authentication is off).
-pub fn check_watch_token(token: &str, tenant: &TenantId, config: &AuthConfig) -> Result<(), ApiError> {
+pub fn check_watch_token(
+    token: &str,
+    tenant: &TenantId,
+    config: &AuthConfig,
+) -> Result<(), ApiError> {
     if config.admin_token.is_none() {
         return Ok(());
     }
-    let invalid = || unauthorized("the watch token is invalid or expired; mint a new one (POST /v1/tenants/<tenant>/watch-tokens)");
+    let invalid = || {
+        unauthorized("the watch token is invalid or expired; mint a new one (POST /v1/tenants/<tenant>/watch-tokens)")
+    };
     let (claim, signature) = token.rsplit_once('.').ok_or_else(invalid)?;
     let mut parts = claim.split('.');
     let (Some(WATCH_TOKEN_PREFIX), Some(for_tenant), Some(expires), None) =

@@ -63,9 +63,12 @@ impl<S: Storage> Wal<S> {
             let end = is_last.then_some(state.durable_end);
             (segment.name.clone(), segment.first_lsn, end)
         };
+        // A release removes files before it updates the list, so a segment that is
+        // gone (or recycled) but still listed is one being released. Releases never
+        // touch the newest segment.
         let file = match self.shared.storage.open(&name).await {
             Ok(file) => file,
-            Err(_) if !self.segment_listed(&name) => return Ok(self.not_held()),
+            Err(_) if end.is_none() || !self.segment_listed(&name) => return Ok(self.not_held()),
             Err(e) => return Err(e),
         };
         let mut head = vec![0u8; BLOCK_SIZE];
@@ -73,7 +76,7 @@ impl<S: Storage> Wal<S> {
         let header = match SegmentHeader::decode(&head) {
             Ok(header) if header.first_lsn == first_lsn => header,
             // Released and recycled since the list was read.
-            _ if !self.segment_listed(&name) => return Ok(self.not_held()),
+            _ if end.is_none() || !self.segment_listed(&name) => return Ok(self.not_held()),
             _ => {
                 return Err(Error::Corrupt {
                     file: name,
@@ -123,7 +126,10 @@ impl<S: Storage> Wal<S> {
             return Err(Error::Corrupt {
                 file: name,
                 offset: DATA_START,
-                reason: format!("the log holds LSN {} but its segment has no valid frame with it", wanted.0),
+                reason: format!(
+                    "the log holds LSN {} but its segment has no valid frame with it",
+                    wanted.0
+                ),
             });
         }
         Ok(LogRead::Frames(frames))
@@ -135,7 +141,13 @@ impl<S: Storage> Wal<S> {
     }
 
     fn not_held(&self) -> LogRead {
-        let oldest = self.shared.state.borrow().segments.first().map(|s| s.first_lsn);
+        let oldest = self
+            .shared
+            .state
+            .borrow()
+            .segments
+            .first()
+            .map(|s| s.first_lsn);
         LogRead::NotHeld { oldest }
     }
 }

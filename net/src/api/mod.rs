@@ -236,7 +236,10 @@ enum Reply {
 /// Checks a `/watch` request and opens its stream. A tenant key is checked like for a
 /// read; a browser's `EventSource`, which cannot send headers, passes a watch token
 /// (`?token=`) instead.
-async fn open_watch(ctx: &ApiContext, req: Request<Incoming>) -> Result<watch::WatchBody, ApiError> {
+async fn open_watch(
+    ctx: &ApiContext,
+    req: Request<Incoming>,
+) -> Result<watch::WatchBody, ApiError> {
     let path = req.uri().path().to_string();
     let parts = segments(&path);
     let ["v1", "tenants", t, "watch"] = parts.as_slice() else {

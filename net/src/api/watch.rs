@@ -81,15 +81,13 @@ struct Registration(TenantId);
 
 impl Registration {
     fn take(tenant: &TenantId, limits: &WatchLimits) -> Result<Self, ApiError> {
-        let mut open = OPEN
-            .lock()
-            .map_err(|_| {
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    "the watch registry is poisoned",
-                )
-            })?;
+        let mut open = OPEN.lock().map_err(|_| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the watch registry is poisoned",
+            )
+        })?;
         if OPEN_TOTAL.load(Ordering::Relaxed) >= limits.per_server {
             return Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -182,7 +180,12 @@ impl Hub {
     /// This shard's hub of `tenant`, attaching a tap on the owner when there is none.
     async fn get_or_attach(router: &ShardRouter, tenant: &TenantId) -> Result<Rc<Hub>, ApiError> {
         let live = |tenant: &TenantId| {
-            HUBS.with(|h| h.borrow().get(tenant).filter(|hub| !hub.ended.get()).cloned())
+            HUBS.with(|h| {
+                h.borrow()
+                    .get(tenant)
+                    .filter(|hub| !hub.ended.get())
+                    .cloned()
+            })
         };
         if let Some(hub) = live(tenant) {
             return Ok(hub);
@@ -310,7 +313,13 @@ impl Subscriber {
             return;
         }
         let bytes = batch.data_bytes();
-        if self.queued_bytes.get() + bytes > self.limit_bytes {
+        // An empty queue takes any batch (one batch may be larger than the limit).
+        let queued = self.queued_bytes.get();
+        if queued > 0 && queued + bytes > self.limit_bytes {
+            // What was queued is dropped at once: the reader resumes from the last
+            // event it actually received, which the log replays.
+            self.queue.borrow_mut().clear();
+            self.queued_bytes.set(0);
             self.end(StreamEnd::Overflow);
             return;
         }
@@ -345,7 +354,10 @@ pub struct WatchRequest {
 
 /// Parses `?tables=a,b&from_lsn=N&token=...` and the `Last-Event-ID` header (which wins
 /// over `from_lsn`).
-pub fn parse_request(query: Option<&str>, last_event_id: Option<&str>) -> Result<WatchRequest, ApiError> {
+pub fn parse_request(
+    query: Option<&str>,
+    last_event_id: Option<&str>,
+) -> Result<WatchRequest, ApiError> {
     let bad = |code: &'static str, message: String| ApiError::bad_request(code, message);
     let mut request = WatchRequest::default();
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
@@ -360,7 +372,9 @@ pub fn parse_request(query: Option<&str>, last_event_id: Option<&str>) -> Result
                 if tables.is_empty() || tables.len() > MAX_FILTER_TABLES {
                     return Err(bad(
                         "invalid_query_string",
-                        format!("tables= takes 1 to {MAX_FILTER_TABLES} comma-separated table names"),
+                        format!(
+                            "tables= takes 1 to {MAX_FILTER_TABLES} comma-separated table names"
+                        ),
                     ));
                 }
                 for t in &tables {
@@ -378,14 +392,12 @@ pub fn parse_request(query: Option<&str>, last_event_id: Option<&str>) -> Result
                 request.resume.get_or_insert((EPOCH, Lsn(lsn)));
             }
             "token" => request.token = Some(value.to_string()),
-            _ => {
-                return Err(bad(
-                    "invalid_query_string",
-                    format!(
-                        "unknown query parameter {name:?}; /watch takes tables=, from_lsn= and token="
-                    ),
-                ))
-            }
+            _ => return Err(bad(
+                "invalid_query_string",
+                format!(
+                    "unknown query parameter {name:?}; /watch takes tables=, from_lsn= and token="
+                ),
+            )),
         }
     }
     if let Some(id) = last_event_id {
@@ -542,7 +554,9 @@ impl WatchBody {
             text.extend_from_slice(b"\ndata: ");
             text.extend_from_slice(event.data.as_bytes());
             if i + 1 == events.len() {
-                text.extend_from_slice(format!("\nid: {}-{}", batch.epoch.0, batch.lsn.0).as_bytes());
+                text.extend_from_slice(
+                    format!("\nid: {}-{}", batch.epoch.0, batch.lsn.0).as_bytes(),
+                );
             }
             text.extend_from_slice(b"\n\n");
         }
@@ -563,10 +577,17 @@ impl WatchBody {
             let Some(batch) = self.sub.queue.borrow_mut().pop_front() else {
                 return;
             };
-            self.sub
-                .queued_bytes
-                .set(self.sub.queued_bytes.get().saturating_sub(batch.data_bytes()));
-            if batch.events.iter().any(|e| e.kind == EventKind::TenantDropped) {
+            self.sub.queued_bytes.set(
+                self.sub
+                    .queued_bytes
+                    .get()
+                    .saturating_sub(batch.data_bytes()),
+            );
+            if batch
+                .events
+                .iter()
+                .any(|e| e.kind == EventKind::TenantDropped)
+            {
                 self.send_batch(&batch);
                 self.sub.end(StreamEnd::TenantDropped);
                 return;

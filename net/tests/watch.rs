@@ -1,0 +1,564 @@
+//! `/watch` on the real server: every acknowledged change arrives once and in LSN
+//! order, resumes are exact, a reader that stops is cut off without slowing writers,
+//! kill -9 loses no event, SIGTERM ends streams at once, limits and tokens hold.
+//!
+//! The SSE client here is the test's own (ureq for HTTP and chunked bodies, a small
+//! line parser per the SSE spec); `watch_python.rs` checks the same stream with a
+//! third-party Python client.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, Read};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{request_as, Server};
+use serde_json::{json, Value};
+
+/// One server-sent event.
+#[derive(Debug, Clone, PartialEq)]
+struct Event {
+    event: String,
+    data: Value,
+    id: Option<String>,
+}
+
+/// A stream being read.
+struct Sse {
+    lines: BufReader<Box<dyn Read + Send + Sync>>,
+}
+
+impl Sse {
+    fn open(url: &str, headers: &[(&str, &str)]) -> Result<Sse, (u16, Value)> {
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(10))
+            .timeout_read(Duration::from_secs(3))
+            .build();
+        let mut req = agent.get(url).set("accept", "text/event-stream");
+        for (name, value) in headers {
+            req = req.set(name, value);
+        }
+        match req.call() {
+            Ok(response) => {
+                assert_eq!(
+                    response.header("content-type"),
+                    Some("text/event-stream"),
+                    "content type"
+                );
+                Ok(Sse {
+                    lines: BufReader::new(response.into_reader()),
+                })
+            }
+            Err(ureq::Error::Status(status, response)) => {
+                let body = response.into_string().unwrap_or_default();
+                Err((status, serde_json::from_str(&body).unwrap_or(Value::Null)))
+            }
+            Err(e) => panic!("GET {url}: {e}"),
+        }
+    }
+
+    /// The next event, skipping comments; `None` at the end of the stream or when
+    /// nothing arrives for the read timeout.
+    fn next(&mut self) -> Option<Event> {
+        let (mut event, mut data, mut id) = (String::new(), String::new(), None);
+        loop {
+            let mut line = String::new();
+            match self.lines.read_line(&mut line) {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+            let line = line.trim_end_matches(['\r', '\n']);
+            if line.is_empty() {
+                if event.is_empty() && data.is_empty() {
+                    continue; // after a comment
+                }
+                let data = serde_json::from_str(&data).expect("event data is JSON");
+                return Some(Event { event, data, id });
+            }
+            if line.starts_with(':') {
+                continue;
+            }
+            let (field, value) = line.split_once(':').unwrap_or((line, ""));
+            let value = value.strip_prefix(' ').unwrap_or(value);
+            match field {
+                "event" => event = value.to_string(),
+                "data" => data.push_str(value),
+                "id" => id = Some(value.to_string()),
+                _ => {}
+            }
+        }
+    }
+
+    /// Events until `done` says stop, the stream ends, or `within` passes.
+    fn read_until(&mut self, within: Duration, mut done: impl FnMut(&Event) -> bool) -> Vec<Event> {
+        let deadline = Instant::now() + within;
+        let mut events = Vec::new();
+        while Instant::now() < deadline {
+            let Some(event) = self.next() else {
+                if events
+                    .last()
+                    .is_some_and(|e: &Event| e.event == "overflow" || e.event == "shutdown")
+                {
+                    break;
+                }
+                continue;
+            };
+            let stop = done(&event);
+            events.push(event);
+            if stop {
+                break;
+            }
+        }
+        events
+    }
+}
+
+fn watch_url(server: &Server, tenant: &str, query: &str) -> String {
+    format!("{}/v1/tenants/{tenant}/watch{query}", server.api)
+}
+
+/// Writes rows `ids` in one batch and returns the LSN it was acknowledged at.
+fn upsert(server: &Server, tenant: &str, ids: &[i64]) -> u64 {
+    let ops: Vec<Value> = ids
+        .iter()
+        .map(|id| json!({"upsert": {"id": id, "name": format!("n{id}"), "batch": 1}}))
+        .collect();
+    let reply = server.post(
+        &format!("/v1/tenants/{tenant}/tables/items/rows"),
+        &json!({ "ops": ops }),
+    );
+    assert_eq!(reply.status, 200, "{reply:?}");
+    reply.body["lsn"].as_u64().expect("lsn")
+}
+
+/// (lsn, id) of each change event.
+fn changes(events: &[Event]) -> Vec<(u64, i64)> {
+    events
+        .iter()
+        .filter(|e| e.event == "change")
+        .map(|e| {
+            (
+                e.data["lsn"].as_u64().expect("lsn"),
+                e.data["key"]["id"].as_i64().expect("key id"),
+            )
+        })
+        .collect()
+}
+
+fn last_id(events: &[Event]) -> String {
+    events
+        .iter()
+        .rev()
+        .find_map(|e| e.id.clone())
+        .expect("an event with an id")
+}
+
+#[test]
+fn every_acknowledged_change_arrives_once_in_lsn_order_under_8_writers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&dir.path().join("data"), &["--archive", "none"]);
+    server.create_tenant_with_items("acme");
+    let mut sse = Sse::open(&watch_url(&server, "acme", ""), &[]).expect("stream opens");
+    let hello = sse.next().expect("hello");
+    assert_eq!(hello.event, "hello");
+    let start = hello.data["lsn"].as_u64().expect("lsn");
+
+    let acked = Arc::new(Mutex::new(BTreeSet::new()));
+    std::thread::scope(|scope| {
+        for writer in 0..8i64 {
+            let (server, acked) = (&server, acked.clone());
+            scope.spawn(move || {
+                for batch in 0..25i64 {
+                    let ids = [writer * 1000 + batch * 2, writer * 1000 + batch * 2 + 1];
+                    let lsn = upsert(server, "acme", &ids);
+                    let mut acked = acked.lock().expect("lock");
+                    acked.extend(ids.iter().map(|&id| (lsn, id)));
+                }
+            });
+        }
+    });
+    let acked = acked.lock().expect("lock").clone();
+    let events = sse.read_until(Duration::from_secs(30), {
+        let mut seen = 0;
+        move |e| {
+            seen += usize::from(e.event == "change");
+            seen >= 400
+        }
+    });
+    let got = changes(&events);
+    assert!(
+        got.windows(2).all(|w| w[0].0 <= w[1].0),
+        "events in LSN order"
+    );
+    assert!(got.iter().all(|(lsn, _)| *lsn > start));
+    let got_set: BTreeSet<(u64, i64)> = got.iter().copied().collect();
+    assert_eq!(got.len(), got_set.len(), "no event twice");
+    assert_eq!(got_set, acked, "exactly the acknowledged changes");
+    // Every batch's last event carries its id; ids never go backwards.
+    let ids: Vec<u64> = events
+        .iter()
+        .filter_map(|e| e.id.as_ref())
+        .map(|id| {
+            id.split_once('-')
+                .expect("epoch-lsn")
+                .1
+                .parse()
+                .expect("lsn")
+        })
+        .collect();
+    assert!(ids.windows(2).all(|w| w[0] <= w[1]), "{ids:?}");
+}
+
+#[test]
+fn resume_replays_exactly_what_was_missed_and_reports_what_cannot_be_replayed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&dir.path().join("data"), &["--archive", "none"]);
+    server.create_tenant_with_items("acme");
+    let mut lsns = BTreeMap::new();
+    let mut sse = Sse::open(&watch_url(&server, "acme", ""), &[]).expect("opens");
+    for id in 0..5 {
+        lsns.insert(upsert(&server, "acme", &[id]), id);
+    }
+    let first = sse.read_until(Duration::from_secs(10), |e| e.data["key"]["id"] == 2);
+    let resume_at = last_id(&first);
+    drop(sse);
+    for id in 5..10 {
+        lsns.insert(upsert(&server, "acme", &[id]), id);
+    }
+    let resume_lsn: u64 = resume_at
+        .split_once('-')
+        .expect("id")
+        .1
+        .parse()
+        .expect("lsn");
+    let missed: Vec<(u64, i64)> = lsns
+        .range(resume_lsn + 1..)
+        .map(|(&lsn, &id)| (lsn, id))
+        .collect();
+    assert_eq!(missed.len(), 7, "ids 3..10 were not read");
+
+    // Last-Event-ID and ?from_lsn= both resume, and replay exactly the missed changes.
+    for headers in [vec![("last-event-id", resume_at.as_str())], vec![]] {
+        let query = if headers.is_empty() {
+            format!("?from_lsn={resume_lsn}")
+        } else {
+            String::new()
+        };
+        let mut sse = Sse::open(&watch_url(&server, "acme", &query), &headers).expect("opens");
+        let hello = sse.next().expect("hello");
+        assert_eq!(hello.event, "hello");
+        assert_eq!(hello.data["lsn"], resume_lsn);
+        let events = sse.read_until(Duration::from_secs(10), |e| e.data["key"]["id"] == 9);
+        assert!(events.iter().all(|e| e.event != "reset"), "{events:?}");
+        assert_eq!(changes(&events), missed);
+    }
+
+    // A table filter hides other tables' changes but progress still moves the id on.
+    let mut sse = Sse::open(&watch_url(&server, "acme", "?tables=other"), &[]).expect("opens");
+    assert_eq!(sse.next().expect("hello").event, "hello");
+    let lsn = upsert(&server, "acme", &[100]);
+    let events = sse.read_until(Duration::from_secs(10), |e| e.event == "progress");
+    assert!(changes(&events).is_empty(), "{events:?}");
+    let progress = events.last().expect("progress");
+    assert_eq!(progress.event, "progress");
+    assert!(progress.data["lsn"].as_u64().expect("lsn") >= lsn);
+    assert_eq!(
+        progress.id.as_deref(),
+        Some(format!("1-{}", progress.data["lsn"]).as_str())
+    );
+
+    // A position this log never had (ahead of it, or of another epoch) gets reset.
+    for id in ["1-999999", "7-3"] {
+        let mut sse =
+            Sse::open(&watch_url(&server, "acme", ""), &[("last-event-id", id)]).expect("opens");
+        assert_eq!(sse.next().expect("hello").event, "hello");
+        assert_eq!(sse.next().expect("reset").event, "reset", "{id}");
+    }
+}
+
+#[test]
+fn a_resume_older_than_the_log_gets_reset_never_a_silent_gap() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Small segments and checkpoints every ~1 MB: the log soon no longer holds LSN 1.
+    let server = Server::start(
+        &dir.path().join("data"),
+        &[
+            "--archive",
+            "none",
+            "--shards",
+            "1",
+            "--wal-segment-bytes",
+            "274432",
+            "--checkpoint-wal-bytes",
+            "1048576",
+        ],
+    );
+    server.create_tenant_with_items("acme");
+    let name = "x".repeat(8000);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut next_id = 0;
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "the log never released its first segment"
+        );
+        let ops: Vec<Value> = (0..20)
+            .map(|i| json!({"upsert": {"id": next_id + i, "name": name, "batch": 1}}))
+            .collect();
+        next_id += 20;
+        let reply = server.post("/v1/tenants/acme/tables/items/rows", &json!({ "ops": ops }));
+        assert_eq!(reply.status, 200, "{reply:?}");
+        let mut sse = Sse::open(&watch_url(&server, "acme", "?from_lsn=1"), &[]).expect("opens");
+        assert_eq!(sse.next().expect("hello").event, "hello");
+        let second = sse.next().expect("an event after hello");
+        if second.event == "reset" {
+            assert!(
+                second.data["reason"]
+                    .as_str()
+                    .expect("reason")
+                    .contains("no longer holds"),
+                "{second:?}\n{}",
+                server.stderr()
+            );
+            // After the reset the stream goes on live.
+            let lsn = upsert(&server, "acme", &[1_000_000]);
+            let events = sse.read_until(Duration::from_secs(10), |e| e.event == "change");
+            assert_eq!(changes(&events), vec![(lsn, 1_000_000)]);
+            return;
+        }
+        assert!(
+            ["schema", "change"].contains(&second.event.as_str()),
+            "replayed from the log while it holds it: {second:?}"
+        );
+    }
+}
+
+#[test]
+fn a_reader_that_stops_gets_overflow_and_the_writers_never_wait() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(
+        &dir.path().join("data"),
+        &["--archive", "none", "--watch-buffer-bytes", "65536"],
+    );
+    server.create_tenant_with_items("acme");
+    let mut sse = Sse::open(&watch_url(&server, "acme", ""), &[]).expect("opens");
+    assert_eq!(sse.next().expect("hello").event, "hello");
+    // The reader stops; writers write far more than the buffer and the sockets hold.
+    let mut acked = Vec::new();
+    for batch in 0..120i64 {
+        let ids: Vec<i64> = (0..1000).map(|i| batch * 1000 + i).collect();
+        let lsn = upsert(&server, "acme", &ids);
+        acked.extend(ids.into_iter().map(|id| (lsn, id)));
+    }
+    // Reading again: a prefix of the changes without a gap, then `overflow`, then the end.
+    let events = sse.read_until(Duration::from_secs(60), |e| e.event == "overflow");
+    let overflow = events.last().expect("events");
+    assert_eq!(
+        overflow.event,
+        "overflow",
+        "{:?}",
+        &events[events.len().saturating_sub(3)..]
+    );
+    assert_eq!(overflow.data["limit_bytes"], 65536);
+    let got = changes(&events);
+    assert!(got.len() < acked.len(), "the reader fell behind");
+    assert_eq!(
+        got,
+        acked[..got.len()].to_vec(),
+        "no gap before the overflow"
+    );
+    assert!(sse.next().is_none(), "the stream ends after overflow");
+    // The last id resumes the rest from the log.
+    let resume = last_id(&events);
+    let mut sse = Sse::open(
+        &watch_url(&server, "acme", ""),
+        &[("last-event-id", &resume)],
+    )
+    .expect("opens");
+    let rest = sse.read_until(Duration::from_secs(60), |e| {
+        e.data["key"]["id"] == acked.last().expect("acked").1
+    });
+    let resumed_from = resume
+        .split_once('-')
+        .expect("id")
+        .1
+        .parse::<u64>()
+        .expect("lsn");
+    let expected: Vec<(u64, i64)> = acked
+        .iter()
+        .copied()
+        .filter(|(lsn, _)| *lsn > resumed_from)
+        .collect();
+    assert_eq!(changes(&rest), expected);
+    let (_, scrape) = server.ops_get("/metrics");
+    assert!(common::scrape_value(&scrape, "oc_watch_overflows_total").expect("counter") >= 1.0);
+}
+
+#[test]
+fn after_kill_9_a_resume_with_the_last_id_sees_no_gap() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let server = Server::start(&data, &["--archive", "none"]);
+    server.create_tenant_with_items("acme");
+    let mut sse = Sse::open(&watch_url(&server, "acme", ""), &[]).expect("opens");
+    let mut lsns = BTreeMap::new();
+    for id in 0..6 {
+        lsns.insert(upsert(&server, "acme", &[id]), id);
+    }
+    let seen = sse.read_until(Duration::from_secs(10), |e| e.data["key"]["id"] == 3);
+    let resume = last_id(&seen);
+    server.kill9();
+    drop(sse);
+    let server = Server::start(&data, &["--archive", "none"]);
+    for id in 6..9 {
+        lsns.insert(upsert(&server, "acme", &[id]), id);
+    }
+    let mut sse = Sse::open(
+        &watch_url(&server, "acme", ""),
+        &[("last-event-id", &resume)],
+    )
+    .expect("opens");
+    let events = sse.read_until(Duration::from_secs(10), |e| e.data["key"]["id"] == 8);
+    assert!(events.iter().all(|e| e.event != "reset"), "{events:?}");
+    let from: u64 = resume.split_once('-').expect("id").1.parse().expect("lsn");
+    let expected: Vec<(u64, i64)> = lsns.range(from + 1..).map(|(&l, &i)| (l, i)).collect();
+    assert_eq!(changes(&events), expected);
+}
+
+#[test]
+fn sigterm_ends_every_stream_with_shutdown_without_waiting_out_the_grace() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut server = Server::start(
+        &dir.path().join("data"),
+        &["--archive", "none", "--shutdown-grace-ms", "60000"],
+    );
+    server.create_tenant_with_items("acme");
+    let mut streams: Vec<Sse> = (0..4)
+        .map(|_| Sse::open(&watch_url(&server, "acme", ""), &[]).expect("opens"))
+        .collect();
+    for sse in &mut streams {
+        assert_eq!(sse.next().expect("hello").event, "hello");
+    }
+    let asked = Instant::now();
+    server.send_sigterm();
+    for sse in &mut streams {
+        let events = sse.read_until(Duration::from_secs(20), |e| e.event == "shutdown");
+        assert_eq!(events.last().map(|e| e.event.as_str()), Some("shutdown"));
+        assert!(sse.next().is_none(), "the stream ends after shutdown");
+    }
+    let status = server.wait_exit(Duration::from_secs(30)).expect("exited");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(30),
+        "the streams did not hold the shutdown for the 60 s grace"
+    );
+}
+
+#[test]
+fn limits_tokens_and_keys_guard_streams() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let admin = "watch-test-admin-token-0123456789";
+    let token_file = data.with_extension("token");
+    std::fs::write(&token_file, format!("{admin}\n")).expect("token file");
+    let server = Server::start(
+        &data,
+        &[
+            "--archive",
+            "none",
+            "--admin-token-file",
+            token_file.to_str().expect("utf-8"),
+            "--watch-max-streams-per-tenant",
+            "2",
+        ],
+    );
+    let call = |method: &str, path: &str, body: Option<Value>, token: &str| {
+        let url = format!("{}{path}", server.api);
+        request_as(method, &url, body.map(|b| b.to_string()).as_deref(), token)
+    };
+    for tenant in ["acme", "other"] {
+        let created = call(
+            "POST",
+            "/v1/tenants",
+            Some(json!({ "tenant": tenant })),
+            admin,
+        );
+        assert_eq!(created.status, 201, "{created:?}");
+    }
+    let key = call("POST", "/v1/tenants/acme/keys", Some(json!({})), admin);
+    assert_eq!(key.status, 201, "{key:?}");
+    let key = key.body["key"].as_str().expect("key").to_string();
+    let bearer = |t: &str| format!("Bearer {t}");
+
+    // No credentials, a key of another tenant, a garbage token: refused before a stream.
+    let url = watch_url(&server, "acme", "");
+    assert_eq!(Sse::open(&url, &[]).err().map(|e| e.0), Some(401));
+    let other = watch_url(&server, "other", "");
+    let (status, body) = Sse::open(&other, &[("authorization", &bearer(&key))])
+        .err()
+        .expect("refused");
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (403, Some("forbidden"))
+    );
+    let garbage = watch_url(&server, "acme", "?token=ocw.acme.99999999999.00");
+    assert_eq!(Sse::open(&garbage, &[]).err().map(|e| e.0), Some(401));
+
+    // A tenant key opens its tenant's stream; a token minted with it opens one from a
+    // client that cannot send headers, for that tenant only.
+    let mut by_key = Sse::open(&url, &[("authorization", &bearer(&key))]).expect("key opens");
+    assert_eq!(by_key.next().expect("hello").event, "hello");
+    let minted = call(
+        "POST",
+        "/v1/tenants/acme/watch-tokens",
+        Some(json!({"ttl_s": 60})),
+        &key,
+    );
+    assert_eq!(minted.status, 201, "{minted:?}");
+    let token = minted.body["token"].as_str().expect("token").to_string();
+    assert!(!token.contains(&key), "the token does not carry the key");
+    let too_long = call(
+        "POST",
+        "/v1/tenants/acme/watch-tokens",
+        Some(json!({"ttl_s": 999999})),
+        &key,
+    );
+    assert_eq!(too_long.body["error"]["code"], "invalid_ttl");
+    let with_token = watch_url(&server, "acme", &format!("?token={token}"));
+    let mut by_token = Sse::open(&with_token, &[]).expect("token opens");
+    assert_eq!(by_token.next().expect("hello").event, "hello");
+    let wrong_tenant = watch_url(&server, "other", &format!("?token={token}"));
+    assert_eq!(Sse::open(&wrong_tenant, &[]).err().map(|e| e.0), Some(403));
+
+    // Two streams is this tenant's limit; /usage counts them; another tenant is not
+    // affected.
+    let (status, body) = Sse::open(&url, &[("authorization", &bearer(admin))])
+        .err()
+        .expect("limit");
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (429, Some("watch_tenant_limit"))
+    );
+    assert!(body["error"]["message"]
+        .as_str()
+        .expect("message")
+        .contains("--watch-max-streams-per-tenant"));
+    let usage = call("GET", "/v1/tenants/acme/usage", None, admin);
+    assert_eq!(usage.body["watch_streams"], 2, "{usage:?}");
+    let mut other_stream = Sse::open(&other, &[("authorization", &bearer(admin))]).expect("opens");
+    assert_eq!(other_stream.next().expect("hello").event, "hello");
+    // Closing a stream gives its place back.
+    drop(by_token);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match Sse::open(&url, &[("authorization", &bearer(admin))]) {
+            Ok(_) => break,
+            Err((429, _)) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(100))
+            }
+            Err(e) => panic!("the closed stream's place was not given back: {e:?}"),
+        }
+    }
+    drop(by_key);
+}
