@@ -392,12 +392,14 @@ pub fn parse_request(
                 request.resume.get_or_insert((EPOCH, Lsn(lsn)));
             }
             "token" => request.token = Some(value.to_string()),
-            _ => return Err(bad(
-                "invalid_query_string",
-                format!(
+            _ => {
+                return Err(bad(
+                    "invalid_query_string",
+                    format!(
                     "unknown query parameter {name:?}; /watch takes tables=, from_lsn= and token="
                 ),
-            )),
+                ))
+            }
         }
     }
     if let Some(id) = last_event_id {
