@@ -156,6 +156,9 @@ pub(crate) enum Spare<F> {
     Wanted,
     Preparing,
     Ready(F),
+    /// The writer took the spare and is renaming it into a segment; the preparer waits,
+    /// or its next spare (renamed to the same ready name) could replace the taken one.
+    Claimed,
     Failed(Error),
 }
 
@@ -548,7 +551,14 @@ impl<S: Storage> Writer<S> {
             storage.sync_dir().await?;
             Ok::<_, Error>(file)
         };
-        let file = opened.await.map_err(GroupError::Fatal)?;
+        let opened = opened.await;
+        {
+            // The ready name is free again: the preparer may make the next spare.
+            let mut state = self.shared.state.borrow_mut();
+            state.spare = Spare::Wanted;
+            wake(&mut state.preparer_waker);
+        }
+        let file = opened.map_err(GroupError::Fatal)?;
         tracing::debug!(segment = %name, "opened write-ahead log segment");
         {
             let mut state = self.shared.state.borrow_mut();
@@ -581,7 +591,7 @@ impl<S: Storage> Writer<S> {
             match std::mem::replace(&mut state.spare, Spare::Wanted) {
                 Spare::Ready(file) => {
                     state.writer_needs_spare = false;
-                    wake(&mut state.preparer_waker);
+                    state.spare = Spare::Claimed;
                     return Poll::Ready(Ok(file));
                 }
                 Spare::Failed(e) if retried => {
@@ -591,7 +601,7 @@ impl<S: Storage> Writer<S> {
                     return Poll::Ready(Err(e));
                 }
                 Spare::Failed(_) => retried = true,
-                other @ (Spare::Wanted | Spare::Preparing) => state.spare = other,
+                other @ (Spare::Wanted | Spare::Preparing | Spare::Claimed) => state.spare = other,
             }
             state.writer_needs_spare = true;
             wake(&mut state.preparer_waker);
