@@ -183,6 +183,51 @@ impl Connection {
     pub(crate) fn body(&self) -> &[u8] {
         &self.body
     }
+
+    /// Sends a GET whose answer is a stream (chunked, e.g. `/watch`) and reads its
+    /// head; returns the status. Read the body with [`Connection::next_chunk`].
+    pub(crate) async fn open_stream(&mut self, path: &str) -> Result<u16> {
+        let head = format!(
+            "GET {path} HTTP/1.1\r\nhost: {}\r\naccept: text/event-stream\r\n\r\n",
+            self.host
+        );
+        self.stream.write_all(head.as_bytes()).await?;
+        self.line.clear();
+        self.stream.read_line(&mut self.line).await?;
+        let status: u16 = self
+            .line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| anyhow!("bad status line {:?}", self.line))?;
+        loop {
+            self.line.clear();
+            if self.stream.read_line(&mut self.line).await? == 0 {
+                bail!("the server closed the connection");
+            }
+            if self.line.trim_end().is_empty() {
+                return Ok(status);
+            }
+        }
+    }
+
+    /// The next chunk of a chunked body (`None` at its end).
+    pub(crate) async fn next_chunk(&mut self) -> Result<Option<&[u8]>> {
+        self.line.clear();
+        if self.stream.read_line(&mut self.line).await? == 0 {
+            return Ok(None);
+        }
+        let size = usize::from_str_radix(self.line.trim_end().split(';').next().unwrap_or(""), 16)
+            .map_err(|_| anyhow!("bad chunk size line {:?}", self.line))?;
+        if size == 0 {
+            return Ok(None);
+        }
+        self.body.resize(size, 0);
+        self.stream.read_exact(&mut self.body).await?;
+        self.line.clear();
+        self.stream.read_line(&mut self.line).await?;
+        Ok(Some(&self.body))
+    }
 }
 
 fn parse_mix(mix: &str) -> Result<(u64, u64)> {

@@ -13,6 +13,7 @@ mod raw_disk;
 mod report;
 mod server;
 mod wal;
+mod watch;
 
 use clap::{Parser, Subcommand};
 
@@ -43,6 +44,9 @@ enum Command {
     /// `/ask` queries (point, index range, aggregate, exact kNN) at a fixed rate through
     /// an oc-server it starts, with the REST read and an in-process scan as baselines.
     Ask(ask::AskArgs),
+    /// `/watch`: delivery latency at 1, 100 and 1,000 streams, and the cost of 1,000
+    /// idle streams to writers (through an oc-server it starts).
+    Watch(watch::WatchArgs),
     /// Re-render Markdown tables and SVG charts from a directory of JSON results.
     Report(report::ReportArgs),
     /// Run wal, engine, peers and http (against an oc-server it starts), then render
@@ -159,6 +163,7 @@ fn main() -> anyhow::Result<()> {
         Command::Peers(args) => peers::run(args),
         Command::Archive(args) => archive::run(args),
         Command::Ask(args) => ask::run(args),
+        Command::Watch(args) => watch::run(args),
         Command::Report(args) => report::run(args),
         Command::All(args) => run_all(args),
     }
