@@ -59,15 +59,39 @@ pub struct ChangeBatch {
     /// When the applier published it (`None` when read back from the log).
     pub applied_at: Option<Instant>,
     pub events: Vec<ChangeEvent>,
+    /// The one table all events concern (a command touches one table), or `None` for
+    /// a tenant event: consumers route by it without looking at each event.
+    pub table: Option<Box<str>>,
+    /// Bytes of event data, for consumers' buffer accounting.
+    pub bytes: usize,
 }
 
 impl ChangeBatch {
-    /// Bytes of event data, for consumers' buffer accounting.
-    pub fn data_bytes(&self) -> usize {
-        self.events
+    pub fn new(
+        lsn: Lsn,
+        epoch: Epoch,
+        applied_at: Option<Instant>,
+        events: Vec<ChangeEvent>,
+    ) -> Self {
+        let table = match events.first() {
+            Some(first) if first.kind != EventKind::TenantDropped => Some(first.table.clone()),
+            _ => None,
+        };
+        debug_assert!(events
+            .iter()
+            .all(|e| Some(&e.table) == table.as_ref() || table.is_none()));
+        let bytes = events
             .iter()
             .map(|e| e.data.len() + e.table.len() + 32)
-            .sum()
+            .sum();
+        ChangeBatch {
+            lsn,
+            epoch,
+            applied_at,
+            events,
+            table,
+            bytes,
+        }
     }
 }
 

@@ -595,7 +595,18 @@ impl<S: Storage> Shard<S> {
             oc_io::LogRead::Frames(frames) => frames,
         };
         let through = frames.last().map_or(after, |f| f.lsn);
-        // Tables created within the frames read: their writes use that schema.
+        let batches = self.describe_frames(tenant, &frames)?;
+        Ok(ChangesRead::Batches { batches, through })
+    }
+
+    /// `tenant`'s changes in `frames` (read back from this shard's log or its archive),
+    /// described as [`Shard::changes_after`] says.
+    pub fn describe_frames(
+        &self,
+        tenant: &TenantId,
+        frames: &[oc_io::OwnedFrame],
+    ) -> Result<Vec<ChangeBatch>, EngineError> {
+        // Tables created within the frames: their writes use that schema.
         let mut created: HashMap<String, (u64, TableSchema)> = HashMap::new();
         let state = self.state.borrow();
         let current = feed::current_schema(&state, tenant);
@@ -620,15 +631,10 @@ impl<S: Storage> Shard<S> {
             };
             let events = feed::describe(frame.lsn, &command, schema_of);
             if !events.is_empty() {
-                batches.push(ChangeBatch {
-                    lsn: frame.lsn,
-                    epoch: frame.epoch,
-                    applied_at: None,
-                    events,
-                });
+                batches.push(ChangeBatch::new(frame.lsn, frame.epoch, None, events));
             }
         }
-        Ok(ChangesRead::Batches { batches, through })
+        Ok(batches)
     }
 
     /// The shard's log (stats, release of covered segments).
@@ -674,12 +680,8 @@ async fn run_applier(
                     let events =
                         feed::describe(lsn, &command, feed::current_schema(&state, &front.tenant));
                     if !events.is_empty() {
-                        let batch = ChangeBatch {
-                            lsn,
-                            epoch,
-                            applied_at: Some(std::time::Instant::now()),
-                            events,
-                        };
+                        let batch =
+                            ChangeBatch::new(lsn, epoch, Some(std::time::Instant::now()), events);
                         feed.publish(&front.tenant, batch);
                     }
                 }

@@ -69,6 +69,8 @@ pub struct ConnectionSettings {
     pub auth: AuthConfig,
     /// Serve TLS (rustls) instead of plain HTTP.
     pub tls: Option<TlsAcceptor>,
+    /// The archive, read by `/watch` resumes older than the local log.
+    pub archive: Option<std::sync::Arc<dyn oc_ship::archive::Archive>>,
 }
 
 thread_local! {
@@ -115,6 +117,7 @@ pub async fn serve_shard(
         settings.limits,
         settings.auth.clone(),
         node.id(),
+        settings.archive.clone(),
     ));
     let settings = Rc::new(settings);
     loop {

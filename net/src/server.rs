@@ -106,10 +106,12 @@ pub fn run(config: ServerConfig) -> Result<()> {
     // The archive is claimed and listed before any shard opens: a wrong, unreachable or
     // foreign archive is a start-up error, not a surprise later.
     let ship_status = ShipStatus::default();
+    let mut replay_archive = None;
     let shipper = match config.archive_uri() {
         Some(uri) => {
             let archive =
                 open_archive(&uri).with_context(|| format!("opening the archive {uri}"))?;
+            replay_archive = Some(archive.clone());
             let ship_config = ShipperConfig {
                 data_dir: config.data_dir.clone(),
                 owner_id: layout.id.to_string(),
@@ -188,6 +190,7 @@ pub fn run(config: ServerConfig) -> Result<()> {
         limits: config.api_limits(),
         auth,
         tls: config.tls().map_err(|e| anyhow!(e))?,
+        archive: replay_archive,
     };
     let pool_config = PoolConfig {
         shards,

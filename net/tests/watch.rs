@@ -317,7 +317,7 @@ fn a_resume_older_than_the_log_gets_reset_never_a_silent_gap() {
                 second.data["reason"]
                     .as_str()
                     .expect("reason")
-                    .contains("no longer holds"),
+                    .contains("holds the resume point"),
                 "{second:?}\n{}",
                 server.stderr()
             );
@@ -332,6 +332,65 @@ fn a_resume_older_than_the_log_gets_reset_never_a_silent_gap() {
             "replayed from the log while it holds it: {second:?}"
         );
     }
+}
+
+#[test]
+fn a_resume_older_than_the_local_log_is_replayed_from_the_archive() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    // The default archive (a directory next to the data directory); small segments
+    // and frequent checkpoints, so the local log soon releases its first segments.
+    let server = Server::start(
+        &data,
+        &[
+            "--shards",
+            "1",
+            "--wal-segment-bytes",
+            "274432",
+            "--checkpoint-wal-bytes",
+            "1048576",
+        ],
+    );
+    server.create_tenant_with_items("acme");
+    let first_segment = data.join("shard-0/wal-0000-0000000000000001-0000000000000001.seg");
+    let name = "y".repeat(8000);
+    let mut acked = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut id = 0i64;
+    while first_segment.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the first segment was never released"
+        );
+        let ids: Vec<i64> = (id..id + 20).collect();
+        id += 20;
+        let ops: Vec<Value> = ids
+            .iter()
+            .map(|i| json!({"upsert": {"id": i, "name": name, "batch": 1}}))
+            .collect();
+        let reply = server.post("/v1/tenants/acme/tables/items/rows", &json!({ "ops": ops }));
+        assert_eq!(reply.status, 200, "{reply:?}");
+        let lsn = reply.body["lsn"].as_u64().expect("lsn");
+        acked.extend(ids.into_iter().map(|i| (lsn, i)));
+    }
+    let mut sse = Sse::open(&watch_url(&server, "acme", "?from_lsn=0"), &[]).expect("opens");
+    assert_eq!(sse.next().expect("hello").event, "hello");
+    let last = acked.last().expect("writes").1;
+    let events = sse.read_until(Duration::from_secs(60), |e| e.data["key"]["id"] == last);
+    assert!(
+        events.iter().all(|e| e.event != "reset"),
+        "{:?}",
+        events.iter().find(|e| e.event == "reset")
+    );
+    assert_eq!(
+        events[0].event, "schema",
+        "the table's creation comes first"
+    );
+    assert_eq!(
+        changes(&events),
+        acked,
+        "every change, from the archive and then the log"
+    );
 }
 
 #[test]

@@ -12,6 +12,7 @@ pub mod breaker;
 pub mod catalog;
 pub mod layout;
 pub mod lease;
+pub mod replay;
 pub mod restore;
 pub mod shipper;
 pub mod timestamp;

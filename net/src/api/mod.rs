@@ -56,17 +56,26 @@ pub struct ApiContext {
     pub limits: ApiLimits,
     pub auth: AuthConfig,
     pub shard: usize,
+    /// The archive, for `/watch` resumes older than the local log.
+    pub archive: Option<std::sync::Arc<dyn oc_ship::archive::Archive>>,
     next_request: Cell<u64>,
     known_keys: KnownKeys,
 }
 
 impl ApiContext {
-    pub fn new(router: Rc<ShardRouter>, limits: ApiLimits, auth: AuthConfig, shard: usize) -> Self {
+    pub fn new(
+        router: Rc<ShardRouter>,
+        limits: ApiLimits,
+        auth: AuthConfig,
+        shard: usize,
+        archive: Option<std::sync::Arc<dyn oc_ship::archive::Archive>>,
+    ) -> Self {
         ApiContext {
             router,
             limits,
             auth,
             shard,
+            archive,
             next_request: Cell::new(0),
             known_keys: RefCell::new(HashMap::new()),
         }
@@ -259,7 +268,14 @@ async fn open_watch(
             }
         }
     }
-    watch::open(ctx.router.clone(), tenant, request, ctx.limits.watch).await
+    watch::open(
+        ctx.router.clone(),
+        ctx.archive.clone(),
+        tenant,
+        request,
+        ctx.limits.watch,
+    )
+    .await
 }
 
 /// The path split into segments (`/v1/tenants/a` → `["v1", "tenants", "a"]`).

@@ -30,9 +30,11 @@ use glommio::timer::Timer;
 use glommio::Task;
 use hyper::body::Frame;
 use hyper::StatusCode;
+use oc_ship::archive::Archive;
 use oc_ship::engine::feed::{ChangeBatch, EventKind, TapEnd, TapReceiver};
 use oc_ship::engine::io::Lsn;
 use oc_ship::engine::{owner_of, ChangesRead, ShardNode, ShardRouter, TenantId};
+use oc_ship::replay::{self, ArchiveRead};
 
 use super::error::ApiError;
 use crate::metrics;
@@ -171,7 +173,11 @@ struct Hub {
     tap: TapReceiver,
     /// Every batch at or below this LSN has been handed to the streams.
     position: Cell<Lsn>,
+    /// Every stream, and the same streams routed by what they watch: a batch reaches
+    /// only the streams that want its table, so streams filtering it away cost nothing.
     subscribers: RefCell<Vec<Weak<Subscriber>>>,
+    unfiltered: RefCell<Vec<Weak<Subscriber>>>,
+    by_table: RefCell<HashMap<Box<str>, Vec<Weak<Subscriber>>>>,
     ended: Cell<bool>,
     task: RefCell<Option<Task<()>>>,
 }
@@ -208,6 +214,8 @@ impl Hub {
             position: Cell::new(tap.start),
             tap,
             subscribers: RefCell::new(Vec::new()),
+            unfiltered: RefCell::new(Vec::new()),
+            by_table: RefCell::new(HashMap::new()),
             ended: Cell::new(false),
             task: RefCell::new(None),
         });
@@ -237,10 +245,39 @@ impl Hub {
             .collect()
     }
 
+    fn join(&self, sub: &Rc<Subscriber>) {
+        let weak = Rc::downgrade(sub);
+        self.subscribers.borrow_mut().push(weak.clone());
+        match &sub.tables {
+            None => self.unfiltered.borrow_mut().push(weak),
+            Some(tables) => {
+                let mut by_table = self.by_table.borrow_mut();
+                for table in tables {
+                    by_table
+                        .entry(table.as_str().into())
+                        .or_default()
+                        .push(weak.clone());
+                }
+            }
+        }
+    }
+
     fn distribute(&self, batch: Arc<ChangeBatch>) {
         self.position.set(self.position.get().max(batch.lsn));
-        for sub in self.subscribers() {
-            sub.push(&batch);
+        let push = |list: &[Weak<Subscriber>]| {
+            for sub in list.iter().filter_map(Weak::upgrade) {
+                sub.push(&batch);
+            }
+        };
+        match &batch.table {
+            Some(table) => {
+                push(&self.unfiltered.borrow());
+                if let Some(list) = self.by_table.borrow().get(table) {
+                    push(list);
+                }
+            }
+            // A tenant event reaches every stream.
+            None => push(&self.subscribers.borrow()),
         }
     }
 
@@ -284,9 +321,15 @@ impl Hub {
 
     /// `sub` is gone (its stream ended); the hub closes its tap after the last one.
     fn leave(&self, sub: &Rc<Subscriber>) {
-        self.subscribers
-            .borrow_mut()
-            .retain(|w| w.strong_count() > 0 && !std::ptr::eq(w.as_ptr(), Rc::as_ptr(sub)));
+        let alive = |w: &Weak<Subscriber>| {
+            w.strong_count() > 0 && !std::ptr::eq(w.as_ptr(), Rc::as_ptr(sub))
+        };
+        self.subscribers.borrow_mut().retain(alive);
+        self.unfiltered.borrow_mut().retain(alive);
+        self.by_table.borrow_mut().retain(|_, list| {
+            list.retain(alive);
+            !list.is_empty()
+        });
         if self.subscribers.borrow().is_empty() {
             self.ended.set(true);
             self.task.borrow_mut().take();
@@ -312,7 +355,7 @@ impl Subscriber {
         if self.end.get().is_some() || batch.lsn <= self.after.get() {
             return;
         }
-        let bytes = batch.data_bytes();
+        let bytes = batch.bytes;
         // An empty queue takes any batch (one batch may be larger than the limit).
         let queued = self.queued_bytes.get();
         if queued > 0 && queued + bytes > self.limit_bytes {
@@ -422,6 +465,7 @@ fn parse_event_id(id: &str) -> Option<(u64, Lsn)> {
 /// Opens a stream for `tenant` (the caller is authorized already).
 pub async fn open(
     router: Rc<ShardRouter>,
+    archive: Option<Arc<dyn Archive>>,
     tenant: TenantId,
     request: WatchRequest,
     limits: WatchLimits,
@@ -465,12 +509,13 @@ pub async fn open(
         end: Cell::new(None),
         waker: RefCell::new(None),
     });
-    hub.subscribers.borrow_mut().push(Rc::downgrade(&sub));
+    hub.join(&sub);
     metrics::with_http(|m| m.watch_streams_opened += 1);
     let mut body = WatchBody {
         sub,
         hub,
         router,
+        archive,
         tenant,
         out,
         replay: None,
@@ -491,11 +536,52 @@ pub async fn open(
 
 type ReplayPage = Pin<Box<dyn Future<Output = Result<ChangesRead, String>>>>;
 
+/// Archive reads for resumes running at once, process-wide (each holds a segment in
+/// memory and a thread).
+static ARCHIVE_READS: AtomicUsize = AtomicUsize::new(0);
+const MAX_ARCHIVE_READS: usize = 4;
+
+/// One page of archived frames, read on a thread of its own (archive calls block; a
+/// shard's executor and its blocking pool, which the log uses, must never wait on
+/// one).
+async fn read_archive(
+    archive: Arc<dyn Archive>,
+    shard: usize,
+    after: Lsn,
+    upto: Lsn,
+) -> Result<ArchiveRead, String> {
+    while ARCHIVE_READS
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < MAX_ARCHIVE_READS).then_some(n + 1)
+        })
+        .is_err()
+    {
+        glommio::timer::sleep(Duration::from_millis(20)).await;
+    }
+    let (tx, rx) = async_channel::bounded(1);
+    let spawned = std::thread::Builder::new()
+        .name("oc-watch-archive".into())
+        .spawn(move || {
+            let read = replay::frames_after(&*archive, shard, after, upto);
+            ARCHIVE_READS.fetch_sub(1, Ordering::AcqRel);
+            let _ = tx.send_blocking(read);
+        });
+    if let Err(e) = spawned {
+        ARCHIVE_READS.fetch_sub(1, Ordering::AcqRel);
+        return Err(format!("no thread for an archive read: {e}"));
+    }
+    rx.recv()
+        .await
+        .map_err(|_| "the archive read ended without an answer".to_string())?
+        .map_err(|e| e.to_string())
+}
+
 /// The body of one `/watch` response.
 pub struct WatchBody {
     sub: Rc<Subscriber>,
     hub: Rc<Hub>,
     router: Rc<ShardRouter>,
+    archive: Option<Arc<dyn Archive>>,
     tenant: TenantId,
     /// Formatted events waiting for hyper.
     out: VecDeque<Bytes>,
@@ -513,20 +599,55 @@ pub struct WatchBody {
 }
 
 impl WatchBody {
+    /// Reads the next page of the resume: from the owner's log, and from the archive's
+    /// sealed segments for what the log no longer holds.
     fn start_replay(&mut self, after: Lsn) {
         self.replay_from = after;
-        let (router, tenant, upto) = (self.router.clone(), self.tenant.clone(), self.replay_upto);
+        let (router, archive, tenant, upto) = (
+            self.router.clone(),
+            self.archive.clone(),
+            self.tenant.clone(),
+            self.replay_upto,
+        );
         self.replay = Some(Box::pin(async move {
             let owner = owner_of(&router, &tenant);
-            router
+            let t = tenant.clone();
+            let local = router
                 .call(owner, move |node: Rc<ShardNode>| async move {
                     node.shard()
-                        .changes_after(&tenant, after, upto)
+                        .changes_after(&t, after, upto)
                         .await
                         .map_err(|e| e.to_string())
                 })
                 .await
-                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())??;
+            let (
+                ChangesRead::NotHeld {
+                    oldest: local_oldest,
+                },
+                Some(archive),
+            ) = (&local, archive)
+            else {
+                return Ok(local);
+            };
+            let frames = match read_archive(archive, owner, after, upto).await? {
+                ArchiveRead::NotHeld { oldest } => {
+                    return Ok(ChangesRead::NotHeld {
+                        oldest: oldest.or(*local_oldest),
+                    })
+                }
+                ArchiveRead::Frames(frames) => frames,
+            };
+            let through = frames.last().map_or(after, |f| f.lsn);
+            let batches = router
+                .call(owner, move |node: Rc<ShardNode>| async move {
+                    node.shard()
+                        .describe_frames(&tenant, &frames)
+                        .map_err(|e| e.to_string())
+                })
+                .await
+                .map_err(|e| e.to_string())??;
+            Ok(ChangesRead::Batches { batches, through })
         }));
     }
 
@@ -579,12 +700,9 @@ impl WatchBody {
             let Some(batch) = self.sub.queue.borrow_mut().pop_front() else {
                 return;
             };
-            self.sub.queued_bytes.set(
-                self.sub
-                    .queued_bytes
-                    .get()
-                    .saturating_sub(batch.data_bytes()),
-            );
+            self.sub
+                .queued_bytes
+                .set(self.sub.queued_bytes.get().saturating_sub(batch.bytes));
             if batch
                 .events
                 .iter()
@@ -627,11 +745,12 @@ impl WatchBody {
             Ok(ChangesRead::NotHeld { oldest }) => {
                 let why = match oldest {
                     Some(lsn) => format!(
-                        "the log no longer holds the resume point (it starts at LSN {}); \
-                         drop cached state and read it again",
+                        "neither the log nor the archive holds the resume point any more \
+                         (they start at LSN {}); drop cached state and read it again",
                         lsn.0
                     ),
-                    None => "the log no longer holds the resume point".to_string(),
+                    None => "neither the log nor the archive holds the resume point any more"
+                        .to_string(),
                 };
                 self.out.push_back(reset(self.replay_upto, &why));
                 self.last_id = self.replay_upto;
