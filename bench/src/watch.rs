@@ -215,9 +215,12 @@ fn answered_lsn(body: &[u8]) -> Option<u64> {
     serde_json::from_slice::<Value>(body).ok()?["lsn"].as_u64()
 }
 
-/// Open streams, each recording (LSN, arrival) of every change it reads.
+/// (LSN, arrival) of every change one stream read.
+type Arrivals = Rc<RefCell<Vec<(u64, Instant)>>>;
+
+/// Open streams, each recording its arrivals.
 struct Streams {
-    arrivals: Vec<Rc<RefCell<Vec<(u64, Instant)>>>>,
+    arrivals: Vec<Arrivals>,
     _readers: Vec<Task<()>>,
 }
 
