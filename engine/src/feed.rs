@@ -164,8 +164,13 @@ impl Feed {
         let (sender, batches) = async_channel::bounded(capacity.max(1));
         let end = Arc::new(AtomicU8::new(TapEnd::Open as u8));
         let mut taps = self.taps.borrow_mut();
+        // Taps whose consumer left are otherwise only noticed at a publish: a quiet
+        // tenant's would stay (each holds its ring).
+        taps.retain(|_, list| {
+            list.retain(|tap| !tap.sender.is_closed());
+            !list.is_empty()
+        });
         let list = taps.entry(tenant.clone()).or_default();
-        list.retain(|tap| !tap.sender.is_closed());
         list.push(Tap {
             sender,
             end: end.clone(),

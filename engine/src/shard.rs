@@ -97,6 +97,7 @@ pub struct Shard<S: Storage> {
     state: Rc<RefCell<ShardState>>,
     queue: Rc<RefCell<ApplyQueue>>,
     feed: Rc<Feed>,
+    replays: glommio::sync::Semaphore,
     plan_cache: RefCell<PlanCache>,
     quotas: std::cell::Cell<TenantQuotas>,
     _applier: Task<()>,
@@ -199,6 +200,7 @@ impl<S: Storage> Shard<S> {
                 state,
                 queue,
                 feed,
+                replays: glommio::sync::Semaphore::new(1),
                 plan_cache: RefCell::new(PlanCache::new(
                     query::PLAN_CACHE_ENTRIES,
                     query::PLAN_CACHE_BYTES,
@@ -590,6 +592,15 @@ impl<S: Storage> Shard<S> {
         after: Lsn,
         upto: Lsn,
     ) -> Result<ChangesRead, EngineError> {
+        // Resumes read one at a time per shard: each holds a page of frames.
+        let _turn = self
+            .replays
+            .acquire_permit(1)
+            .await
+            .map_err(|e| EngineError::Replay {
+                lsn: after.0,
+                why: format!("the shard is closing: {e}"),
+            })?;
         let frames = match self.wal.read_after(after, upto).await? {
             oc_io::LogRead::NotHeld { oldest } => return Ok(ChangesRead::NotHeld { oldest }),
             oc_io::LogRead::Frames(frames) => frames,
@@ -671,14 +682,19 @@ async fn run_applier(
         .await;
         let outcome = match front.pending.durable_at().await {
             Ok((lsn, committed)) => {
-                // Only a listened-to tenant pays for a copy of its command.
-                let listened = feed.listening(&front.tenant).then(|| front.command.clone());
                 let mut state = state.borrow_mut();
+                // Only a listened-to tenant pays for describing its command; the events
+                // are described before the apply consumes it, and dropped if it refuses.
+                let events = feed.listening(&front.tenant).then(|| {
+                    feed::describe(
+                        lsn,
+                        &front.command,
+                        feed::current_schema(&state, &front.tenant),
+                    )
+                });
                 let applied = apply(&mut state, &front.tenant, lsn, committed, front.command);
                 let changed = applied.as_ref().is_ok_and(|a| feed::changed(lsn, a));
-                if let (Some(command), true) = (listened, changed) {
-                    let events =
-                        feed::describe(lsn, &command, feed::current_schema(&state, &front.tenant));
+                if let (Some(events), true) = (events, changed) {
                     if !events.is_empty() {
                         let batch =
                             ChangeBatch::new(lsn, epoch, Some(std::time::Instant::now()), events);

@@ -87,6 +87,11 @@ impl Error {
     }
 
     /// True when the error is ENOSPC (possibly wrapped by a failed log).
+    /// A file that is not there (a released log segment, say).
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+    }
+
     pub fn is_storage_full(&self) -> bool {
         match self {
             Error::StorageFull { .. } => true,

@@ -33,7 +33,7 @@ impl Sse {
     fn open(url: &str, headers: &[(&str, &str)]) -> Result<Sse, (u16, Value)> {
         let agent = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(10))
-            .timeout_read(Duration::from_secs(3))
+            .timeout_read(Duration::from_secs(10))
             .build();
         let mut req = agent.get(url).set("accept", "text/event-stream");
         for (name, value) in headers {
@@ -311,7 +311,9 @@ fn a_resume_older_than_the_log_gets_reset_never_a_silent_gap() {
         assert_eq!(reply.status, 200, "{reply:?}");
         let mut sse = Sse::open(&watch_url(&server, "acme", "?from_lsn=1"), &[]).expect("opens");
         assert_eq!(sse.next().expect("hello").event, "hello");
-        let second = sse.next().expect("an event after hello");
+        let second = sse
+            .next()
+            .unwrap_or_else(|| panic!("no event after hello:\n{}", server.stderr()));
         if second.event == "reset" {
             assert!(
                 second.data["reason"]
@@ -391,6 +393,91 @@ fn a_resume_older_than_the_local_log_is_replayed_from_the_archive() {
         acked,
         "every change, from the archive and then the log"
     );
+}
+
+#[test]
+fn a_long_resume_under_busy_writes_catches_up_without_overflow() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(
+        &dir.path().join("data"),
+        &["--archive", "none", "--watch-buffer-bytes", "65536"],
+    );
+    server.create_tenant_with_items("acme");
+    // A history of many batches to replay (several pages of the log)...
+    let mut acked = Vec::new();
+    for batch in 0..60i64 {
+        let ids: Vec<i64> = (0..500).map(|i| batch * 500 + i).collect();
+        let lsn = upsert(&server, "acme", &ids);
+        acked.extend(ids.into_iter().map(|id| (lsn, id)));
+    }
+    // ...and writers that keep the live queue overflowing while it is replayed.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let live = Mutex::new(Vec::new());
+    let events = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let mut id = 1_000_000i64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let ids: Vec<i64> = (id..id + 200).collect();
+                id += 200;
+                let lsn = upsert(&server, "acme", &ids);
+                live.lock()
+                    .expect("lock")
+                    .extend(ids.into_iter().map(|i| (lsn, i)));
+            }
+        });
+        let mut sse = Sse::open(&watch_url(&server, "acme", "?from_lsn=0"), &[]).expect("opens");
+        assert_eq!(sse.next().expect("hello").event, "hello");
+        let history_end = acked.last().expect("history").1;
+        let mut events = sse.read_until(Duration::from_secs(60), |e| {
+            e.data["key"]["id"] == history_end
+        });
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(200));
+        let last_live = live.lock().expect("lock").last().expect("live writes").1;
+        events.extend(sse.read_until(Duration::from_secs(60), |e| {
+            e.data["key"]["id"] == last_live
+        }));
+        events
+    });
+    assert!(
+        events
+            .iter()
+            .all(|e| e.event != "overflow" && e.event != "reset" && e.event != "error"),
+        "{:?}",
+        events
+            .iter()
+            .find(|e| e.event != "change" && e.event != "schema")
+    );
+    let mut expected = acked;
+    expected.extend(live.into_inner().expect("lock"));
+    assert_eq!(
+        changes(&events),
+        expected,
+        "history, then live, each change once, in order"
+    );
+}
+
+#[test]
+fn a_dropped_tenant_ends_its_streams_with_tenant_dropped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&dir.path().join("data"), &["--archive", "none"]);
+    server.create_tenant_with_items("acme");
+    let mut sse = Sse::open(&watch_url(&server, "acme", ""), &[]).expect("opens");
+    assert_eq!(sse.next().expect("hello").event, "hello");
+    let lsn = upsert(&server, "acme", &[1]);
+    let dropped = server.delete("/v1/tenants/acme");
+    assert_eq!(dropped.status, 200, "{dropped:?}");
+    let events = sse.read_until(Duration::from_secs(10), |e| e.event == "tenant_dropped");
+    assert_eq!(changes(&events), vec![(lsn, 1)]);
+    let last = events.last().expect("events");
+    assert_eq!(last.event, "tenant_dropped");
+    assert!(last.data["lsn"].as_u64().expect("lsn") > lsn);
+    assert!(sse.next().is_none(), "the stream ends");
+    // The tenant is gone: a new stream is refused.
+    let (status, _) = Sse::open(&watch_url(&server, "acme", ""), &[])
+        .err()
+        .expect("refused");
+    assert_eq!(status, 404);
 }
 
 #[test]

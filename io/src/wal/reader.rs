@@ -7,16 +7,17 @@
 //! left it meanwhile is reported as no longer held rather than trusted (a released file
 //! can be recycled and overwritten while it is read).
 
-use super::frame::{Epoch, Lsn, RecordKind, TimestampMicros};
-use super::scan::scan_segment;
+use super::frame::{decode, peek_len, Epoch, Lsn, RecordKind, TimestampMicros, MAX_FRAME_BYTES};
 use super::segment::{SegmentHeader, DATA_START};
 use super::Wal;
-use crate::buffer::{align_up, BLOCK_SIZE};
+use crate::buffer::{align_down, align_up, BLOCK_SIZE};
 use crate::error::{Error, Result};
 use crate::storage::{Storage, StorageFile};
 
-/// Segments are read in chunks of this size.
+/// Segments are read in chunks of this size...
 const READ_CHUNK_BYTES: usize = 1 << 20;
+/// ...and one read returns about this many bytes of frames at most.
+pub const PAGE_BYTES: usize = 1 << 20;
 
 /// A durable frame, owned.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,9 +33,9 @@ pub struct OwnedFrame {
 /// What [`Wal::read_after`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LogRead {
-    /// Frames with LSN above `after`, in order, up to `upto` and at most to the end of
-    /// one segment: call again after the last one for more. Empty when nothing durable
-    /// lies after `after`.
+    /// Frames with LSN above `after`, in order, up to `upto`, at most to the end of one
+    /// segment and about [`PAGE_BYTES`]: call again after the last one for more. Empty
+    /// when nothing durable lies after `after`.
     Frames(Vec<OwnedFrame>),
     /// The log no longer holds the frame after `after` (released after a checkpoint);
     /// `oldest` is the first LSN it does hold.
@@ -68,7 +69,9 @@ impl<S: Storage> Wal<S> {
         // touch the newest segment.
         let file = match self.shared.storage.open(&name).await {
             Ok(file) => file,
-            Err(_) if end.is_none() || !self.segment_listed(&name) => return Ok(self.not_held()),
+            Err(e) if !self.segment_listed(&name) || (end.is_none() && e.is_not_found()) => {
+                return Ok(self.not_held())
+            }
             Err(e) => return Err(e),
         };
         let mut head = vec![0u8; BLOCK_SIZE];
@@ -89,36 +92,12 @@ impl<S: Storage> Wal<S> {
             Some(end) => end,
             None => sealed_end(&file, &header).await?,
         };
-        let mut bytes = vec![0u8; align_up(end.max(DATA_START)) as usize];
-        let mut at = DATA_START as usize;
-        while at < bytes.len() {
-            let chunk = (bytes.len() - at).min(READ_CHUNK_BYTES);
-            file.read_at(at as u64, &mut bytes[at..at + chunk]).await?;
-            at += chunk;
-        }
-        let mut frames = Vec::new();
-        let mut expected = wanted;
-        let _ = scan_segment(&bytes, &header, |frame, _| {
-            if frame.lsn > upto {
-                return Err(());
-            }
-            if frame.lsn >= wanted {
-                if frame.lsn != expected {
-                    return Err(());
-                }
-                expected = frame.lsn.next();
-                frames.push(OwnedFrame {
-                    lsn: frame.lsn,
-                    commit_ts: frame.commit_ts,
-                    epoch: frame.epoch,
-                    kind: frame.kind,
-                    tenant: frame.tenant.to_vec(),
-                    payload: frame.payload.to_vec(),
-                });
-            }
-            Ok(())
-        });
-        // Nothing read can be trusted if the segment was released meanwhile.
+        let frames = match read_frames(&file, end, wanted, upto).await {
+            Ok(frames) => frames,
+            // Nothing read can be trusted if the segment was released meanwhile.
+            Err(_) if !self.segment_listed(&name) => return Ok(self.not_held()),
+            Err(e) => return Err(e),
+        };
         if !self.segment_listed(&name) {
             return Ok(self.not_held());
         }
@@ -149,6 +128,108 @@ impl<S: Storage> Wal<S> {
             .first()
             .map(|s| s.first_lsn);
         LogRead::NotHeld { oldest }
+    }
+}
+
+/// The frames with LSN in `[wanted, upto]` among the frames of a segment file that end
+/// at `end`, at most about [`PAGE_BYTES`] of them. Reads the file in chunks and decodes
+/// frame by frame (the layout rules of FORMAT.md §3.3), yielding between chunks, so a
+/// resume costs a bounded amount of memory and never holds the shard for long.
+async fn read_frames<F: StorageFile>(
+    file: &F,
+    end: u64,
+    wanted: Lsn,
+    upto: Lsn,
+) -> Result<Vec<OwnedFrame>> {
+    let end = align_up(end.max(DATA_START)) as usize;
+    let corrupt = |offset: usize, reason: String| Error::Corrupt {
+        file: file.name().to_string(),
+        offset: offset as u64,
+        reason,
+    };
+    // `buf` holds the file's bytes from offset `base` (a block boundary).
+    let mut base = DATA_START as usize;
+    let mut buf: Vec<u8> = Vec::new();
+    let mut pos = base;
+    let mut frames = Vec::new();
+    let mut page_bytes = 0;
+    // Makes the bytes `[pos, pos + n)` available; false when the segment ends first.
+    async fn fill<F: StorageFile>(
+        file: &F,
+        buf: &mut Vec<u8>,
+        base: &mut usize,
+        pos: usize,
+        n: usize,
+        end: usize,
+    ) -> Result<bool> {
+        if pos + n > end {
+            return Ok(false);
+        }
+        if pos - *base > READ_CHUNK_BYTES {
+            let keep_from = align_down((pos - *base) as u64) as usize;
+            buf.drain(..keep_from);
+            *base += keep_from;
+        }
+        while *base + buf.len() < pos + n {
+            let at = *base + buf.len();
+            let chunk =
+                (end - at).min(READ_CHUNK_BYTES.max(align_up((pos + n - at) as u64) as usize));
+            let old = buf.len();
+            buf.resize(old + chunk, 0);
+            file.read_at(at as u64, &mut buf[old..]).await?;
+            glommio::yield_if_needed().await;
+        }
+        Ok(true)
+    }
+    loop {
+        let to_boundary = BLOCK_SIZE - pos % BLOCK_SIZE;
+        if to_boundary < 4 {
+            pos += to_boundary; // no frame starts in a block's last 3 bytes
+            continue;
+        }
+        if !fill(file, &mut buf, &mut base, pos, 4, end).await? {
+            return Ok(frames);
+        }
+        let len = peek_len(&buf[pos - base..]).unwrap_or(0) as usize;
+        if len == 0 {
+            if pos.is_multiple_of(BLOCK_SIZE) {
+                return Ok(frames); // the zero block that ends the log
+            }
+            pos = align_up(pos as u64) as usize; // padding after a group
+            continue;
+        }
+        if len > MAX_FRAME_BYTES || !fill(file, &mut buf, &mut base, pos, len, end).await? {
+            return Err(corrupt(
+                pos,
+                format!("a frame of {len} bytes does not fit the durable log"),
+            ));
+        }
+        let frame = decode(&buf[pos - base..]).map_err(|e| corrupt(pos, e.to_string()))?;
+        if frame.lsn > upto {
+            return Ok(frames);
+        }
+        if frame.lsn >= wanted {
+            let expected = frames.last().map_or(wanted, |f: &OwnedFrame| f.lsn.next());
+            if frame.lsn != expected {
+                return Err(corrupt(
+                    pos,
+                    format!("LSN {} where {} was expected", frame.lsn.0, expected.0),
+                ));
+            }
+            page_bytes += len;
+            frames.push(OwnedFrame {
+                lsn: frame.lsn,
+                commit_ts: frame.commit_ts,
+                epoch: frame.epoch,
+                kind: frame.kind,
+                tenant: frame.tenant.to_vec(),
+                payload: frame.payload.to_vec(),
+            });
+            if page_bytes >= PAGE_BYTES {
+                return Ok(frames);
+            }
+        }
+        pos += len;
     }
 }
 

@@ -53,14 +53,18 @@ pub struct WatchLimits {
     pub heartbeat: Duration,
 }
 
-/// Batches a tap holds for its hub before the applier closes it as overflowed.
-const TAP_BATCHES: usize = 16_384;
+/// Batches a tap holds for its hub before the applier closes it as overflowed (its
+/// ring is allocated up front: 16 bytes a slot).
+const TAP_BATCHES: usize = 4096;
 /// The current LSN is sent at least this often while it moves.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 /// Tables a stream may filter on.
 const MAX_FILTER_TABLES: usize = 64;
 /// The epoch of this server's log (no replication yet: always 1).
 const EPOCH: u64 = 1;
+/// A replay page that fails is tried again this many times (with backoff) before the
+/// stream ends with a retryable `error`.
+const REPLAY_TRIES: u32 = 3;
 
 /// Open streams per tenant and in all, across every shard.
 static OPEN: Mutex<BTreeMap<TenantId, usize>> = Mutex::new(BTreeMap::new());
@@ -348,6 +352,10 @@ struct Subscriber {
     limit_bytes: usize,
     end: Cell<Option<StreamEnd>>,
     waker: RefCell<Option<Waker>>,
+    /// A resume is being replayed: a full queue extends the replay instead of ending
+    /// the stream (a busy tenant would otherwise overflow every long resume).
+    replaying: Cell<bool>,
+    extend_to: Cell<Option<Lsn>>,
 }
 
 impl Subscriber {
@@ -359,11 +367,17 @@ impl Subscriber {
         // An empty queue takes any batch (one batch may be larger than the limit).
         let queued = self.queued_bytes.get();
         if queued > 0 && queued + bytes > self.limit_bytes {
-            // What was queued is dropped at once: the reader resumes from the last
-            // event it actually received, which the log replays.
+            // What was queued is dropped at once...
             self.queue.borrow_mut().clear();
             self.queued_bytes.set(0);
-            self.end(StreamEnd::Overflow);
+            if self.replaying.get() {
+                // ...and replayed from the log after the resume.
+                self.after.set(batch.lsn);
+                self.extend_to.set(Some(batch.lsn));
+            } else {
+                // ...and the reader resumes from the last event it received.
+                self.end(StreamEnd::Overflow);
+            }
             return;
         }
         self.queued_bytes.set(self.queued_bytes.get() + bytes);
@@ -445,7 +459,7 @@ pub fn parse_request(
             }
         }
     }
-    if let Some(id) = last_event_id {
+    if let Some(id) = last_event_id.filter(|id| !id.trim().is_empty()) {
         request.resume = Some(parse_event_id(id).ok_or_else(|| {
             bad(
                 "invalid_last_event_id",
@@ -508,6 +522,8 @@ pub async fn open(
         limit_bytes: limits.buffer_bytes,
         end: Cell::new(None),
         waker: RefCell::new(None),
+        replaying: Cell::new(replay.is_some()),
+        extend_to: Cell::new(None),
     });
     hub.join(&sub);
     metrics::with_http(|m| m.watch_streams_opened += 1);
@@ -610,47 +626,72 @@ impl WatchBody {
             self.replay_upto,
         );
         self.replay = Some(Box::pin(async move {
-            let owner = owner_of(&router, &tenant);
-            let t = tenant.clone();
-            let local = router
-                .call(owner, move |node: Rc<ShardNode>| async move {
-                    node.shard()
-                        .changes_after(&t, after, upto)
-                        .await
-                        .map_err(|e| e.to_string())
-                })
-                .await
-                .map_err(|e| e.to_string())??;
-            let (
-                ChangesRead::NotHeld {
-                    oldest: local_oldest,
-                },
-                Some(archive),
-            ) = (&local, archive)
-            else {
-                return Ok(local);
-            };
-            let frames = match read_archive(archive, owner, after, upto).await? {
-                ArchiveRead::NotHeld { oldest } => {
-                    return Ok(ChangesRead::NotHeld {
-                        oldest: oldest.or(*local_oldest),
-                    })
+            let mut tries = 0;
+            loop {
+                match replay_page(&router, archive.clone(), &tenant, after, upto).await {
+                    Err(why) if tries < REPLAY_TRIES => {
+                        tries += 1;
+                        tracing::debug!(%tenant, error = %why, "retrying a watch replay page");
+                        glommio::timer::sleep(Duration::from_millis(100 << tries)).await;
+                    }
+                    read => return read,
                 }
-                ArchiveRead::Frames(frames) => frames,
-            };
-            let through = frames.last().map_or(after, |f| f.lsn);
-            let batches = router
-                .call(owner, move |node: Rc<ShardNode>| async move {
-                    node.shard()
-                        .describe_frames(&tenant, &frames)
-                        .map_err(|e| e.to_string())
-                })
-                .await
-                .map_err(|e| e.to_string())??;
-            Ok(ChangesRead::Batches { batches, through })
+            }
         }));
     }
+}
 
+/// One page of a resume: from the owner's log, and from the archive's sealed segments
+/// for what the log no longer holds.
+async fn replay_page(
+    router: &Rc<ShardRouter>,
+    archive: Option<Arc<dyn Archive>>,
+    tenant: &TenantId,
+    after: Lsn,
+    upto: Lsn,
+) -> Result<ChangesRead, String> {
+    let owner = owner_of(router, tenant);
+    let t = tenant.clone();
+    let local = router
+        .call(owner, move |node: Rc<ShardNode>| async move {
+            node.shard()
+                .changes_after(&t, after, upto)
+                .await
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+    let (
+        ChangesRead::NotHeld {
+            oldest: local_oldest,
+        },
+        Some(archive),
+    ) = (&local, archive)
+    else {
+        return Ok(local);
+    };
+    let frames = match read_archive(archive, owner, after, upto).await? {
+        ArchiveRead::NotHeld { oldest } => {
+            return Ok(ChangesRead::NotHeld {
+                oldest: oldest.or(*local_oldest),
+            })
+        }
+        ArchiveRead::Frames(frames) => frames,
+    };
+    let through = frames.last().map_or(after, |f| f.lsn);
+    let t = tenant.clone();
+    let batches = router
+        .call(owner, move |node: Rc<ShardNode>| async move {
+            node.shard()
+                .describe_frames(&t, &frames)
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+    Ok(ChangesRead::Batches { batches, through })
+}
+
+impl WatchBody {
     /// Formats `batch` (filtered by table) into `out`; the last event written carries
     /// the batch's id, so a client that reconnects mid-batch gets the batch again.
     fn send_batch(&mut self, batch: &ChangeBatch) {
@@ -684,6 +725,8 @@ impl WatchBody {
             text.extend_from_slice(b"\n\n");
         }
         self.last_id = batch.lsn;
+        // A tenant event (its drop) is the last thing a stream says.
+        self.done |= batch.table.is_none();
         let count = events.len() as u64;
         metrics::with_http(|m| {
             m.watch_events_sent += count;
@@ -696,22 +739,13 @@ impl WatchBody {
 
     /// Moves the live queue into `out`.
     fn drain_queue(&mut self) {
-        loop {
+        while !self.done {
             let Some(batch) = self.sub.queue.borrow_mut().pop_front() else {
                 return;
             };
             self.sub
                 .queued_bytes
                 .set(self.sub.queued_bytes.get().saturating_sub(batch.bytes));
-            if batch
-                .events
-                .iter()
-                .any(|e| e.kind == EventKind::TenantDropped)
-            {
-                self.send_batch(&batch);
-                self.sub.end(StreamEnd::TenantDropped);
-                return;
-            }
             self.send_batch(&batch);
         }
     }
@@ -731,15 +765,23 @@ impl WatchBody {
             Poll::Ready(read) => read,
         };
         self.replay = None;
+        // Live batches the queue could not hold while the replay ran: the replay covers
+        // them too.
+        if let Some(to) = self.sub.extend_to.take() {
+            self.replay_upto = self.replay_upto.max(to);
+        }
         match read {
             Ok(ChangesRead::Batches { batches, through }) => {
                 for batch in &batches {
-                    self.send_batch(batch);
+                    if !self.done {
+                        self.send_batch(batch);
+                    }
                 }
                 // A page that read nothing new ends the replay (nothing is left below
                 // the live queue's start).
-                if through > self.replay_from && through < self.replay_upto {
+                if !self.done && through > self.replay_from && through < self.replay_upto {
                     self.start_replay(through);
+                    return Poll::Ready(());
                 }
             }
             Ok(ChangesRead::NotHeld { oldest }) => {
@@ -756,14 +798,14 @@ impl WatchBody {
                 self.last_id = self.replay_upto;
             }
             Err(why) => {
+                // Not a reset: nothing says the changes are gone. The client reconnects
+                // with its last id and the replay is tried again.
                 tracing::warn!(tenant = %self.tenant, error = %why, "watch replay failed");
-                self.out.push_back(reset(
-                    self.replay_upto,
-                    "the log could not be read back for this resume point",
-                ));
-                self.last_id = self.replay_upto;
+                let why = serde_json::to_string(&why).unwrap_or_else(|_| "\"\"".into());
+                self.finish_with("error", format!(r#"{{"reason":{why},"retry":true}}"#));
             }
         }
+        self.sub.replaying.set(false);
         Poll::Ready(())
     }
 }
@@ -795,6 +837,11 @@ impl hyper::body::Body for WatchBody {
             }
             if this.replay.is_some() {
                 if this.poll_replay(cx).is_pending() {
+                    // A long replay must not look idle to the connection's timeout.
+                    if Pin::new(&mut this.heartbeat).poll(cx).is_ready() {
+                        this.out.push_back(Bytes::from_static(b": heartbeat\n\n"));
+                        continue;
+                    }
                     *this.sub.waker.borrow_mut() = Some(cx.waker().clone());
                     return Poll::Pending;
                 }
@@ -811,10 +858,10 @@ impl hyper::body::Body for WatchBody {
                         this.sub.limit_bytes, this.sub.limit_bytes
                     )),
                     StreamEnd::TapOverflow => ("overflow", r#"{"reason":"this server fell behind the tenant's changes; resume with the last event id"}"#.to_string()),
-                    StreamEnd::TenantDropped => {
-                        this.done = true;
-                        continue;
-                    }
+                    StreamEnd::TenantDropped => (
+                        "tenant_dropped",
+                        format!(r#"{{"lsn":{}}}"#, this.hub.position.get().0),
+                    ),
                     StreamEnd::Stopped => ("shutdown", r#"{"reason":"the tenant's shard stopped"}"#.to_string()),
                 };
                 if event == "overflow" {
