@@ -10,7 +10,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use oc_io::{Epoch, Lsn};
@@ -106,6 +106,64 @@ pub enum TapEnd {
     TenantDropped = 2,
 }
 
+/// Which tables a tap's consumer wants: the applier sends a batch only when someone
+/// does, so streams that filter a table away cost the writer nothing. Counted per
+/// stream; kept by the consumer (see [`TapReceiver::interest`]).
+#[derive(Debug, Default)]
+pub struct Interest {
+    all: usize,
+    tables: HashMap<Box<str>, usize>,
+}
+
+impl Interest {
+    /// One more stream, watching `tables` (`None`: every table).
+    pub fn add(&mut self, tables: Option<&[String]>) {
+        match tables {
+            None => self.all += 1,
+            Some(tables) => {
+                for t in tables {
+                    *self.tables.entry(t.as_str().into()).or_default() += 1;
+                }
+            }
+        }
+    }
+
+    /// One stream fewer.
+    pub fn remove(&mut self, tables: Option<&[String]>) {
+        match tables {
+            None => self.all = self.all.saturating_sub(1),
+            Some(tables) => {
+                for t in tables {
+                    if let Some(n) = self.tables.get_mut(t.as_str()) {
+                        *n -= 1;
+                        if *n == 0 {
+                            self.tables.remove(t.as_str());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether a batch of `table` (`None`: a tenant event, always wanted) is.
+    pub fn wants(&self, table: Option<&str>) -> bool {
+        match table {
+            None => true,
+            Some(table) => self.all > 0 || self.tables.contains_key(table),
+        }
+    }
+}
+
+/// A tap's interest, shared by its consumer and the applier.
+pub type SharedInterest = Arc<Mutex<Interest>>;
+
+/// Locks an interest (a poisoned lock still holds valid counts).
+pub fn lock(interest: &SharedInterest) -> std::sync::MutexGuard<'_, Interest> {
+    interest
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// A consumer's end of a tap.
 pub struct TapReceiver {
     pub batches: async_channel::Receiver<Arc<ChangeBatch>>,
@@ -113,6 +171,11 @@ pub struct TapReceiver {
     pub start: Lsn,
     /// The shard's published LSN: every batch at or below it is already in `batches`.
     pub published: Arc<AtomicU64>,
+    /// What the consumer's streams watch. Change it *on the owner shard* (a mesh call
+    /// to [`Feed::published`] after the change): between two applied commands, so the
+    /// LSN it returns splits batches filtered by the old interest from those by the
+    /// new one exactly.
+    pub interest: SharedInterest,
     end: Arc<AtomicU8>,
 }
 
@@ -135,6 +198,7 @@ impl TapReceiver {
 
 struct Tap {
     sender: async_channel::Sender<Arc<ChangeBatch>>,
+    interest: SharedInterest,
     end: Arc<AtomicU8>,
 }
 
@@ -163,6 +227,7 @@ impl Feed {
     pub fn attach(&self, tenant: &TenantId, capacity: usize) -> TapReceiver {
         let (sender, batches) = async_channel::bounded(capacity.max(1));
         let end = Arc::new(AtomicU8::new(TapEnd::Open as u8));
+        let interest = SharedInterest::default();
         let mut taps = self.taps.borrow_mut();
         // Taps whose consumer left are otherwise only noticed at a publish: a quiet
         // tenant's would stay (each holds its ring).
@@ -173,12 +238,14 @@ impl Feed {
         let list = taps.entry(tenant.clone()).or_default();
         list.push(Tap {
             sender,
+            interest: interest.clone(),
             end: end.clone(),
         });
         TapReceiver {
             batches,
             start: Lsn(self.published.load(Ordering::Acquire)),
             published: self.published.clone(),
+            interest,
             end,
         }
     }
@@ -195,23 +262,34 @@ impl Feed {
         let Some(list) = taps.get_mut(tenant) else {
             return;
         };
-        list.retain(|tap| match tap.sender.try_send(batch.clone()) {
-            Ok(()) if !dropped => true,
-            Ok(()) => {
-                tap.end
-                    .store(TapEnd::TenantDropped as u8, Ordering::Release);
-                false
+        let table = batch.table.as_deref();
+        list.retain(|tap| {
+            if !lock(&tap.interest).wants(table) {
+                return !tap.sender.is_closed();
             }
-            Err(async_channel::TrySendError::Full(_)) => {
-                tap.end.store(TapEnd::Overflow as u8, Ordering::Release);
-                false
+            match tap.sender.try_send(batch.clone()) {
+                Ok(()) if !dropped => true,
+                Ok(()) => {
+                    tap.end
+                        .store(TapEnd::TenantDropped as u8, Ordering::Release);
+                    false
+                }
+                Err(async_channel::TrySendError::Full(_)) => {
+                    tap.end.store(TapEnd::Overflow as u8, Ordering::Release);
+                    false
+                }
+                Err(async_channel::TrySendError::Closed(_)) => false,
             }
-            Err(async_channel::TrySendError::Closed(_)) => false,
         });
         // Dropping a tap's sender closes its channel; the consumer reads `end`.
         if list.is_empty() {
             taps.remove(tenant);
         }
+    }
+
+    /// Every command up to this LSN is applied and its batch handed to the taps.
+    pub fn published(&self) -> Lsn {
+        Lsn(self.published.load(Ordering::Acquire))
     }
 
     /// Marks every command up to `lsn` as published (after its batch, if any, was sent).

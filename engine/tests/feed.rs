@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use oc_engine::feed::{ChangeBatch, EventKind, TapEnd};
+use oc_engine::feed::{self, ChangeBatch, EventKind, TapEnd};
 use oc_engine::{ChangesRead, ColumnType, Shard, TableSchema, TenantId, WriteOp};
 use oc_io::executor::run_local;
 use oc_io::{Lsn, SimFaults, SimStorage, WalConfig};
@@ -85,6 +85,7 @@ fn taps_see_every_change_in_order_and_the_log_reads_back_the_same() {
         let start = shard.applied_lsn();
         let tap = shard.feed().attach(&acme, 10_000);
         assert_eq!(tap.start, start);
+        feed::lock(&tap.interest).add(None);
         assert!(shard.feed().listening(&acme) && !shard.feed().listening(&other));
 
         shard
@@ -237,6 +238,7 @@ fn a_tap_that_is_not_drained_is_closed_as_overflowed_and_writes_go_on() {
             .await
             .expect("table");
         let tap = shard.feed().attach(&acme, 4);
+        feed::lock(&tap.interest).add(None);
         for i in 0..20 {
             shard
                 .write(&acme, "items", &[upsert(i, "a")], None)
@@ -251,6 +253,29 @@ fn a_tap_that_is_not_drained_is_closed_as_overflowed_and_writes_go_on() {
         assert!(tap.batches.is_closed());
         assert_eq!(tap.end(), TapEnd::Overflow);
         assert!(!shard.feed().listening(&acme), "the overflowed tap is gone");
+
+        // A tap carries only the tables its consumer watches (tenant events always).
+        let tap = shard.feed().attach(&acme, 100);
+        feed::lock(&tap.interest).add(Some(&["other".to_string()]));
+        shard
+            .write(&acme, "items", &[upsert(99, "a")], None)
+            .await
+            .expect("write");
+        assert!(tap.batches.try_recv().is_err(), "items is not watched");
+        assert!(
+            tap.published() >= shard.applied_lsn(),
+            "the position still moves"
+        );
+        feed::lock(&tap.interest).add(Some(&["items".to_string()]));
+        let (lsn, _) = shard
+            .write(&acme, "items", &[upsert(98, "a")], None)
+            .await
+            .expect("write");
+        assert_eq!(
+            tap.batches.try_recv().expect("items is watched now").lsn,
+            lsn
+        );
+        drop(tap);
 
         // Dropping the tenant ends a tap with its last batch.
         let tap = shard.feed().attach(&acme, 100);

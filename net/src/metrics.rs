@@ -401,10 +401,10 @@ pub fn render(shards: &[ShardSnapshot], control: &ControlMetrics) -> Result<Stri
             vec![counter(vec![], watch_overflows as f64)],
         ),
         family(
-            "oc_watch_delivery_latency_ms",
-            "From a change's apply on its owner shard to its event handed to the stream's connection, in milliseconds.",
+            "oc_watch_delivery_latency_seconds",
+            "From a change's apply on its owner shard to its event handed to the stream's connection.",
             HISTOGRAM,
-            vec![histogram(vec![], &watch_latency, 1.0)],
+            vec![histogram(vec![], &watch_latency, 1000.0)],
         ),
     ]);
     let (hits, misses) = shards.iter().fold((0, 0), |(h, m), s| {

@@ -31,7 +31,7 @@ use glommio::Task;
 use hyper::body::Frame;
 use hyper::StatusCode;
 use oc_ship::archive::Archive;
-use oc_ship::engine::feed::{ChangeBatch, EventKind, TapEnd, TapReceiver};
+use oc_ship::engine::feed::{self, ChangeBatch, EventKind, TapEnd, TapReceiver};
 use oc_ship::engine::io::Lsn;
 use oc_ship::engine::{owner_of, ChangesRead, ShardNode, ShardRouter, TenantId};
 use oc_ship::replay::{self, ArchiveRead};
@@ -328,6 +328,7 @@ impl Hub {
         let alive = |w: &Weak<Subscriber>| {
             w.strong_count() > 0 && !std::ptr::eq(w.as_ptr(), Rc::as_ptr(sub))
         };
+        feed::lock(&self.tap.interest).remove(sub.tables.as_deref());
         self.subscribers.borrow_mut().retain(alive);
         self.unfiltered.borrow_mut().retain(alive);
         self.by_table.borrow_mut().retain(|_, list| {
@@ -493,14 +494,24 @@ pub async fn open(
     }
     let registration = Registration::take(&tenant, &limits)?;
     let hub = Hub::get_or_attach(&router, &tenant).await?;
+    // The tap starts carrying this stream's tables on the owner, between two applied
+    // commands: `position` is exactly where the stream's live changes begin.
+    let (interest, tables) = (hub.tap.interest.clone(), request.tables.clone());
+    let position = router
+        .call(
+            owner_of(&router, &tenant),
+            move |node: Rc<ShardNode>| async move {
+                feed::lock(&interest).add(tables.as_deref());
+                node.shard().feed().published()
+            },
+        )
+        .await?;
     hub.catch_up();
-    let position = hub.position.get();
-    let published = hub.tap.published();
     let mut out = VecDeque::new();
     // Where this stream starts: after `start`; the log is replayed up to `position`.
     let (start, replay) = match request.resume {
         None => (position, None),
-        Some((epoch, lsn)) if epoch != EPOCH || lsn > published.max(position) => {
+        Some((epoch, lsn)) if epoch != EPOCH || lsn > position => {
             out.push_back(hello(position, request.resume));
             out.push_back(reset(
                 position,
