@@ -6,12 +6,13 @@
 //! over shards and a test can bind port 0 and still get one port.
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
 use std::pin::{pin, Pin};
 use std::rc::Rc;
-use std::task::Poll;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use futures_lite::{future, AsyncWriteExt};
@@ -27,8 +28,10 @@ use crate::auth::AuthConfig;
 use crate::hyper_glommio::{GlommioTimer, HyperStream, PlainStream, SecureStream};
 use crate::metrics;
 
-/// How often a connection checks for drain and idleness.
-const CONNECTION_TICK: Duration = Duration::from_millis(100);
+/// How often a connection checks for idleness: a quarter of the idle timeout, within
+/// these bounds.
+const MIN_IDLE_CHECK: Duration = Duration::from_millis(100);
+const MAX_IDLE_CHECK: Duration = Duration::from_secs(1);
 /// Pending connections per socket.
 const LISTEN_BACKLOG: i32 = 1024;
 
@@ -83,6 +86,40 @@ struct DrainState {
     draining: Cell<bool>,
     listener_closed: Cell<bool>,
     open: Cell<usize>,
+    /// The accept loop's and every connection's waker, so the drain reaches them at
+    /// once instead of at their next idle check.
+    wakers: RefCell<HashMap<u64, Waker>>,
+    next_waiter: Cell<u64>,
+}
+
+impl DrainState {
+    fn new_waiter(&self) -> u64 {
+        let id = self.next_waiter.get();
+        self.next_waiter.set(id + 1);
+        id
+    }
+
+    /// Remembers `cx`'s waker for `id` (cloned only when it changed).
+    fn watch(&self, id: u64, cx: &Context<'_>) {
+        let mut wakers = self.wakers.borrow_mut();
+        match wakers.get(&id) {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => {
+                wakers.insert(id, cx.waker().clone());
+            }
+        }
+    }
+
+    fn forget(&self, id: u64) {
+        self.wakers.borrow_mut().remove(&id);
+    }
+
+    fn start_draining(&self) {
+        self.draining.set(true);
+        for (_, waker) in self.wakers.borrow_mut().drain() {
+            waker.wake();
+        }
+    }
 }
 
 /// Runs on a shard: stops accepting, asks every connection to finish its request and
@@ -91,7 +128,7 @@ pub async fn drain_local(grace: Duration) -> usize {
     let Some(state) = DRAIN.with(|d| d.borrow().clone()) else {
         return 0;
     };
-    state.draining.set(true);
+    state.start_draining();
     crate::api::watch::close_local();
     let deadline = Instant::now() + grace;
     while (state.open.get() > 0 || !state.listener_closed.get()) && Instant::now() < deadline {
@@ -120,14 +157,16 @@ pub async fn serve_shard(
         settings.archive.clone(),
     ));
     let settings = Rc::new(settings);
+    let accept_waiter = state.new_waiter();
     loop {
-        let accepted = future::or(async { Some(listener.accept().await) }, async {
-            while !state.draining.get() {
-                glommio::timer::sleep(CONNECTION_TICK).await;
+        let drained = poll_fn(|cx| {
+            if state.draining.get() {
+                return Poll::Ready(None);
             }
-            None
-        })
-        .await;
+            state.watch(accept_waiter, cx);
+            Poll::Pending
+        });
+        let accepted = future::or(async { Some(listener.accept().await) }, drained).await;
         let stream = match accepted {
             None => break,
             Some(Ok(stream)) => stream,
@@ -231,15 +270,22 @@ async fn serve_http<S>(
         .header_read_timeout(settings.header_read_timeout)
         .keep_alive(true);
     let mut conn = pin!(builder.serve_connection(io, service));
-    let mut tick = glommio::timer::Timer::new(CONNECTION_TICK);
+    // Idleness is checked a few times per idle timeout: a thousand open `/watch`
+    // streams must not mean ten thousand wake-ups a second.
+    let tick_every = (settings.idle_timeout / 4).clamp(MIN_IDLE_CHECK, MAX_IDLE_CHECK);
+    let mut tick = glommio::timer::Timer::new(tick_every);
     let mut shutting_down = false;
+    let waiter = state.new_waiter();
     let outcome = poll_fn(|cx| {
+        if state.draining.get() && !shutting_down {
+            shutting_down = true;
+            conn.as_mut().graceful_shutdown();
+        }
+        if !shutting_down {
+            state.watch(waiter, cx);
+        }
         while Pin::new(&mut tick).poll(cx).is_ready() {
-            tick = glommio::timer::Timer::new(CONNECTION_TICK);
-            if state.draining.get() && !shutting_down {
-                shutting_down = true;
-                conn.as_mut().graceful_shutdown();
-            }
+            tick = glommio::timer::Timer::new(tick_every);
             let idle = last_activity.get().elapsed() >= settings.idle_timeout;
             if in_flight.get() == 0 && idle {
                 return Poll::Ready(Ok(()));
@@ -248,6 +294,7 @@ async fn serve_http<S>(
         conn.as_mut().poll(cx)
     })
     .await;
+    state.forget(waiter);
     if let Err(e) = outcome {
         // Clients that leave mid-request or never finish their headers end up here.
         tracing::debug!(shard, error = %e, "connection closed with an error");
