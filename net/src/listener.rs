@@ -28,6 +28,8 @@ use crate::auth::AuthConfig;
 use crate::hyper_glommio::{GlommioTimer, HyperStream, PlainStream, SecureStream};
 use crate::metrics;
 
+/// hyper's per-connection buffer limit (its minimum is 8 KiB).
+const HYPER_BUFFER_BYTES: usize = 64 << 10;
 /// How often a connection checks for idleness: a quarter of the idle timeout, within
 /// these bounds.
 const MIN_IDLE_CHECK: Duration = Duration::from_millis(100);
@@ -268,7 +270,11 @@ async fn serve_http<S>(
     builder
         .timer(GlommioTimer)
         .header_read_timeout(settings.header_read_timeout)
-        .keep_alive(true);
+        .keep_alive(true)
+        // hyper's read and write buffers per connection (default ~400 KiB): a request
+        // head is far smaller, a whole answer is queued as one buffer regardless, and
+        // a `/watch` reader that stops must not hold 400 KiB of events here.
+        .max_buf_size(HYPER_BUFFER_BYTES);
     let mut conn = pin!(builder.serve_connection(io, service));
     // Idleness is checked a few times per idle timeout: a thousand open `/watch`
     // streams must not mean ten thousand wake-ups a second.
