@@ -389,6 +389,10 @@ impl Subscriber {
     fn end(&self, why: StreamEnd) {
         if self.end.get().is_none() {
             self.end.set(Some(why));
+            // Counted when it happens: a reader that never reads never gets the event.
+            if matches!(why, StreamEnd::Overflow | StreamEnd::TapOverflow) {
+                metrics::with_http(|m| m.watch_overflows += 1);
+            }
         }
         self.wake();
     }
@@ -875,9 +879,6 @@ impl hyper::body::Body for WatchBody {
                     ),
                     StreamEnd::Stopped => ("shutdown", r#"{"reason":"the tenant's shard stopped"}"#.to_string()),
                 };
-                if event == "overflow" {
-                    metrics::with_http(|m| m.watch_overflows += 1);
-                }
                 this.finish_with(event, data);
                 continue;
             }
