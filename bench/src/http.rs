@@ -150,14 +150,7 @@ impl Connection {
         let mut message = head.into_bytes();
         message.extend_from_slice(body.as_bytes());
         self.stream.write_all(&message).await?;
-        self.line.clear();
-        self.stream.read_line(&mut self.line).await?;
-        let status: u16 = self
-            .line
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| anyhow!("bad status line {:?}", self.line))?;
+        let status = self.read_status().await?;
         let mut length = 0usize;
         loop {
             self.line.clear();
@@ -179,6 +172,17 @@ impl Connection {
         Ok(status)
     }
 
+    /// Reads a response's status line and returns its code.
+    async fn read_status(&mut self) -> Result<u16> {
+        self.line.clear();
+        self.stream.read_line(&mut self.line).await?;
+        self.line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| anyhow!("bad status line {:?}", self.line))
+    }
+
     /// The body of the last response.
     pub(crate) fn body(&self) -> &[u8] {
         &self.body
@@ -192,14 +196,7 @@ impl Connection {
             self.host
         );
         self.stream.write_all(head.as_bytes()).await?;
-        self.line.clear();
-        self.stream.read_line(&mut self.line).await?;
-        let status: u16 = self
-            .line
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| anyhow!("bad status line {:?}", self.line))?;
+        let status = self.read_status().await?;
         loop {
             self.line.clear();
             if self.stream.read_line(&mut self.line).await? == 0 {

@@ -114,6 +114,17 @@ impl Sse {
     }
 }
 
+/// One shard, the smallest segments and a checkpoint every ~1 MB of log: the local log
+/// soon releases its first segments.
+const SMALL_LOG: [&str; 6] = [
+    "--shards",
+    "1",
+    "--wal-segment-bytes",
+    "274432",
+    "--checkpoint-wal-bytes",
+    "1048576",
+];
+
 fn watch_url(server: &Server, tenant: &str, query: &str) -> String {
     format!("{}/v1/tenants/{tenant}/watch{query}", server.api)
 }
@@ -283,16 +294,7 @@ fn a_resume_older_than_the_log_gets_reset_never_a_silent_gap() {
     // Small segments and checkpoints every ~1 MB: the log soon no longer holds LSN 1.
     let server = Server::start(
         &dir.path().join("data"),
-        &[
-            "--archive",
-            "none",
-            "--shards",
-            "1",
-            "--wal-segment-bytes",
-            "274432",
-            "--checkpoint-wal-bytes",
-            "1048576",
-        ],
+        &[SMALL_LOG.as_slice(), &["--archive", "none"]].concat(),
     );
     server.create_tenant_with_items("acme");
     let name = "x".repeat(8000);
@@ -342,17 +344,7 @@ fn a_resume_older_than_the_local_log_is_replayed_from_the_archive() {
     let data = dir.path().join("data");
     // The default archive (a directory next to the data directory); small segments
     // and frequent checkpoints, so the local log soon releases its first segments.
-    let server = Server::start(
-        &data,
-        &[
-            "--shards",
-            "1",
-            "--wal-segment-bytes",
-            "274432",
-            "--checkpoint-wal-bytes",
-            "1048576",
-        ],
-    );
+    let server = Server::start(&data, &SMALL_LOG);
     server.create_tenant_with_items("acme");
     let first_segment = data.join("shard-0/wal-0000-0000000000000001-0000000000000001.seg");
     let name = "y".repeat(8000);

@@ -61,6 +61,20 @@ fn spawn_client(
     (child, rx)
 }
 
+/// (LSN, id) of each change event the client printed.
+fn changes(events: &[Value]) -> Vec<(u64, i64)> {
+    events
+        .iter()
+        .filter(|e| e["event"] == "change")
+        .map(|e| {
+            (
+                e["data"]["lsn"].as_u64().expect("lsn"),
+                e["data"]["key"]["id"].as_i64().expect("id"),
+            )
+        })
+        .collect()
+}
+
 fn collect(rx: &mpsc::Receiver<Value>) -> Vec<Value> {
     let mut events = Vec::new();
     while let Ok(event) = rx.recv_timeout(Duration::from_secs(40)) {
@@ -112,16 +126,7 @@ fn a_python_sse_client_sees_every_acknowledged_change_in_order_and_resumes() {
     });
     let events = collect(&rx);
     let _ = child.wait();
-    let changes: Vec<(u64, i64)> = events
-        .iter()
-        .filter(|e| e["event"] == "change")
-        .map(|e| {
-            (
-                e["data"]["lsn"].as_u64().expect("lsn"),
-                e["data"]["key"]["id"].as_i64().expect("id"),
-            )
-        })
-        .collect();
+    let changes = changes(&events);
     assert!(changes.windows(2).all(|w| w[0].0 <= w[1].0), "LSN order");
     let set: BTreeSet<_> = changes.iter().copied().collect();
     assert_eq!(set.len(), changes.len(), "no change twice");
@@ -149,16 +154,7 @@ fn a_python_sse_client_sees_every_acknowledged_change_in_order_and_resumes() {
     let (mut child, rx) = spawn_client(&url, rest.len(), Some(id));
     let events = collect(&rx);
     let _ = child.wait();
-    let replayed: Vec<(u64, i64)> = events
-        .iter()
-        .filter(|e| e["event"] == "change")
-        .map(|e| {
-            (
-                e["data"]["lsn"].as_u64().expect("lsn"),
-                e["data"]["key"]["id"].as_i64().expect("id"),
-            )
-        })
-        .collect();
+    let replayed = changes(&events);
     assert_eq!(
         replayed.iter().copied().collect::<BTreeSet<_>>(),
         rest.into_iter().collect()

@@ -85,14 +85,7 @@ pub fn frames_after(
                 )));
             }
             expected = frame.lsn.next();
-            frames.push(OwnedFrame {
-                lsn: frame.lsn,
-                commit_ts: frame.commit_ts,
-                epoch: frame.epoch,
-                kind: frame.kind,
-                tenant: frame.tenant.to_vec(),
-                payload: frame.payload.to_vec(),
-            });
+            frames.push(OwnedFrame::from(frame));
         }
         Ok(())
     });

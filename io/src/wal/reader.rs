@@ -30,6 +30,19 @@ pub struct OwnedFrame {
     pub payload: Vec<u8>,
 }
 
+impl From<&super::frame::Frame<'_>> for OwnedFrame {
+    fn from(frame: &super::frame::Frame<'_>) -> Self {
+        OwnedFrame {
+            lsn: frame.lsn,
+            commit_ts: frame.commit_ts,
+            epoch: frame.epoch,
+            kind: frame.kind,
+            tenant: frame.tenant.to_vec(),
+            payload: frame.payload.to_vec(),
+        }
+    }
+}
+
 /// What [`Wal::read_after`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LogRead {
@@ -217,14 +230,7 @@ async fn read_frames<F: StorageFile>(
                 ));
             }
             page_bytes += len;
-            frames.push(OwnedFrame {
-                lsn: frame.lsn,
-                commit_ts: frame.commit_ts,
-                epoch: frame.epoch,
-                kind: frame.kind,
-                tenant: frame.tenant.to_vec(),
-                payload: frame.payload.to_vec(),
-            });
+            frames.push(OwnedFrame::from(&frame));
             if page_bytes >= PAGE_BYTES {
                 return Ok(frames);
             }
