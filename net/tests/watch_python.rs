@@ -126,10 +126,10 @@ fn a_python_sse_client_sees_every_acknowledged_change_in_order_and_resumes() {
     });
     let events = collect(&rx);
     let _ = child.wait();
-    let changes = changes(&events);
-    assert!(changes.windows(2).all(|w| w[0].0 <= w[1].0), "LSN order");
-    let set: BTreeSet<_> = changes.iter().copied().collect();
-    assert_eq!(set.len(), changes.len(), "no change twice");
+    let got = changes(&events);
+    assert!(got.windows(2).all(|w| w[0].0 <= w[1].0), "LSN order");
+    let set: BTreeSet<_> = got.iter().copied().collect();
+    assert_eq!(set.len(), got.len(), "no change twice");
     assert_eq!(set, acked, "exactly the acknowledged changes");
 
     // The client's own resume: from the id of the 80th change, the rest arrives.
