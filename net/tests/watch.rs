@@ -176,7 +176,9 @@ fn every_acknowledged_change_arrives_once_in_lsn_order_under_8_writers() {
     let start = hello.data["lsn"].as_u64().expect("lsn");
 
     let acked = Arc::new(Mutex::new(BTreeSet::new()));
-    std::thread::scope(|scope| {
+    // Streams opened while the writers run (filtered and not): each gets exactly the
+    // changes after the LSN its hello names, whatever was in flight when it joined.
+    let late = std::thread::scope(|scope| {
         for writer in 0..8i64 {
             let (server, acked) = (&server, acked.clone());
             scope.spawn(move || {
@@ -188,8 +190,30 @@ fn every_acknowledged_change_arrives_once_in_lsn_order_under_8_writers() {
                 }
             });
         }
+        let mut late = Vec::new();
+        for query in ["", "?tables=items", "", "?tables=items"] {
+            std::thread::sleep(Duration::from_millis(5));
+            let mut sse = Sse::open(&watch_url(&server, "acme", query), &[]).expect("opens");
+            let hello = sse.next().expect("hello");
+            late.push((sse, hello.data["lsn"].as_u64().expect("lsn")));
+        }
+        late
     });
     let acked = acked.lock().expect("lock").clone();
+    for (mut sse, from) in late {
+        let expected: BTreeSet<(u64, i64)> = acked
+            .iter()
+            .filter(|(lsn, _)| *lsn > from)
+            .copied()
+            .collect();
+        let mut seen = 0;
+        let events = sse.read_until(Duration::from_secs(30), |e| {
+            seen += usize::from(e.event == "change");
+            seen >= expected.len()
+        });
+        let got: BTreeSet<(u64, i64)> = changes(&events).into_iter().collect();
+        assert_eq!(got, expected, "a stream that joined at LSN {from}");
+    }
     let events = sse.read_until(Duration::from_secs(30), {
         let mut seen = 0;
         move |e| {

@@ -323,12 +323,15 @@ impl Hub {
         });
     }
 
-    /// `sub` is gone (its stream ended); the hub closes its tap after the last one.
-    fn leave(&self, sub: &Rc<Subscriber>) {
+    /// `sub` is gone (its stream ended; `counted`: its tables were added to the tap's
+    /// interest); the hub closes its tap after the last one.
+    fn leave(&self, sub: &Rc<Subscriber>, counted: bool) {
         let alive = |w: &Weak<Subscriber>| {
             w.strong_count() > 0 && !std::ptr::eq(w.as_ptr(), Rc::as_ptr(sub))
         };
-        feed::lock(&self.tap.interest).remove(sub.tables.as_deref());
+        if counted {
+            feed::lock(&self.tap.interest).remove(sub.tables.as_deref());
+        }
         self.subscribers.borrow_mut().retain(alive);
         self.unfiltered.borrow_mut().retain(alive);
         self.by_table.borrow_mut().retain(|_, list| {
@@ -384,6 +387,14 @@ impl Subscriber {
         self.queued_bytes.set(self.queued_bytes.get() + bytes);
         self.queue.borrow_mut().push_back(batch.clone());
         self.wake();
+    }
+
+    /// Sets where the stream starts and drops what it took before that was known.
+    fn start_after(&self, after: Lsn) {
+        self.after.set(after);
+        let mut queue = self.queue.borrow_mut();
+        queue.retain(|batch| batch.lsn > after);
+        self.queued_bytes.set(queue.iter().map(|b| b.bytes).sum());
     }
 
     fn end(&self, why: StreamEnd) {
@@ -498,6 +509,21 @@ pub async fn open(
     }
     let registration = Registration::take(&tenant, &limits)?;
     let hub = Hub::get_or_attach(&router, &tenant).await?;
+    // The stream joins its hub first, taking every batch, so none that follows its
+    // start can pass the hub before it is there; what precedes the start is dropped
+    // once the start is known.
+    let sub = Rc::new(Subscriber {
+        tables: request.tables.clone(),
+        after: Cell::new(Lsn(0)),
+        queue: RefCell::new(VecDeque::new()),
+        queued_bytes: Cell::new(0),
+        limit_bytes: limits.buffer_bytes,
+        end: Cell::new(None),
+        waker: RefCell::new(None),
+        replaying: Cell::new(false),
+        extend_to: Cell::new(None),
+    });
+    hub.join(&sub);
     // The tap starts carrying this stream's tables on the owner, between two applied
     // commands: `position` is exactly where the stream's live changes begin.
     let (interest, tables) = (hub.tap.interest.clone(), request.tables.clone());
@@ -509,7 +535,14 @@ pub async fn open(
                 node.shard().feed().published()
             },
         )
-        .await?;
+        .await;
+    let position = match position {
+        Ok(position) => position,
+        Err(e) => {
+            hub.leave(&sub, false);
+            return Err(e.into());
+        }
+    };
     hub.catch_up();
     let mut out = VecDeque::new();
     // Where this stream starts: after `start`; the log is replayed up to `position`.
@@ -529,18 +562,8 @@ pub async fn open(
     if out.is_empty() {
         out.push_back(hello(start, request.resume));
     }
-    let sub = Rc::new(Subscriber {
-        tables: request.tables,
-        after: Cell::new(start.max(position)),
-        queue: RefCell::new(VecDeque::new()),
-        queued_bytes: Cell::new(0),
-        limit_bytes: limits.buffer_bytes,
-        end: Cell::new(None),
-        waker: RefCell::new(None),
-        replaying: Cell::new(replay.is_some()),
-        extend_to: Cell::new(None),
-    });
-    hub.join(&sub);
+    sub.start_after(start.max(position));
+    sub.replaying.set(replay.is_some());
     metrics::with_http(|m| m.watch_streams_opened += 1);
     let mut body = WatchBody {
         sub,
@@ -909,7 +932,7 @@ impl hyper::body::Body for WatchBody {
 
 impl Drop for WatchBody {
     fn drop(&mut self) {
-        self.hub.leave(&self.sub);
+        self.hub.leave(&self.sub, true);
     }
 }
 
