@@ -308,6 +308,36 @@ fn a_damaged_archive_is_named_and_refused() {
         verified.stdout
     );
 
+    // The rehearsal: restore the latest point into scratch space, open and check it.
+    let scratch = dir.path().join("scratch");
+    std::fs::create_dir_all(&scratch).expect("mkdir");
+    let scratch_arg = scratch.to_str().expect("utf-8");
+    let drilled = oc_pitr(&[
+        "drill",
+        "--archive",
+        &uri,
+        "--work-dir",
+        scratch_arg,
+        "--output",
+        "json",
+    ]);
+    assert!(drilled.success, "{drilled:?}");
+    let report: serde_json::Value = serde_json::from_str(&drilled.stdout).expect("JSON report");
+    assert_eq!(report["ok"], true, "{report}");
+    let rows: u64 = report["shards"]
+        .as_array()
+        .expect("shards")
+        .iter()
+        .map(|s| s["rows"].as_u64().expect("rows"))
+        .sum();
+    assert_eq!(rows, 1500, "every acknowledged row, checked: {report}");
+    assert!(report["restore_point_age_seconds"].as_f64().expect("age") >= 0.0);
+    assert_eq!(
+        std::fs::read_dir(&scratch).expect("scratch").count(),
+        0,
+        "the drill removes what it restored"
+    );
+
     let occupied = dir.path().join("occupied");
     std::fs::create_dir_all(&occupied).expect("mkdir");
     std::fs::write(occupied.join("keep-me"), b"x").expect("write");
@@ -346,6 +376,12 @@ fn a_damaged_archive_is_named_and_refused() {
         dir.path().join("restored").to_str().expect("utf-8"),
     ]);
     assert!(!restored.success, "restore went past damage: {restored:?}");
+    let drilled = oc_pitr(&["drill", "--archive", &uri, "--work-dir", scratch_arg]);
+    assert!(!drilled.success, "the drill missed the damage: {drilled:?}");
+    assert!(
+        drilled.stderr.contains(&key),
+        "the drill should name {key}: {drilled:?}"
+    );
     assert!(
         restored.stderr.contains(&key),
         "restore should name {key}: {restored:?}"

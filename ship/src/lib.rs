@@ -10,6 +10,7 @@
 pub mod archive;
 pub mod breaker;
 pub mod catalog;
+pub mod drill;
 pub mod layout;
 pub mod lease;
 pub mod replay;

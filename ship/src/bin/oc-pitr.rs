@@ -13,6 +13,7 @@ use std::time::Instant;
 use clap::{Parser, Subcommand};
 use oc_ship::archive::open_archive;
 use oc_ship::catalog::{read_archive_manifest, ShardCatalog};
+use oc_ship::drill;
 use oc_ship::engine::io::fail_stop::LineFormat;
 use oc_ship::restore::{self, LATEST};
 use oc_ship::timestamp::{format_rfc3339, parse_rfc3339};
@@ -28,6 +29,14 @@ struct Cli {
     command: Command,
 }
 
+/// How results are printed.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    Text,
+    /// One JSON document on stdout (progress stays on stderr).
+    Json,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Checkpoints, segment ranges and tails per shard, from the archive's listing.
@@ -41,6 +50,22 @@ enum Command {
     Verify {
         #[arg(long, env = "OC_ARCHIVE")]
         archive: String,
+    },
+    /// The restore rehearsal: restores the latest restore point into a scratch
+    /// directory, opens every shard as the server does, checks every table (rows,
+    /// indexes, usage), reports the restore point's age and the restore time, and
+    /// removes the scratch directory. Exits 1 if anything is wrong.
+    Drill {
+        #[arg(long, env = "OC_ARCHIVE")]
+        archive: String,
+        /// Where the scratch directory goes (on a disk with room for a full restore).
+        #[arg(long, default_value_os_t = std::env::temp_dir())]
+        work_dir: PathBuf,
+        /// Keep the restored directory (its path is printed).
+        #[arg(long)]
+        keep: bool,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
     },
     /// Writes a new data directory holding the state as of --target.
     Restore {
@@ -163,6 +188,55 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             } else {
                 ExitCode::SUCCESS
+            })
+        }
+        Command::Drill {
+            archive,
+            work_dir,
+            keep,
+            output,
+        } => {
+            let archive = open_archive(&archive)?;
+            let report = drill::drill(archive.as_ref(), &work_dir, keep, &mut |line| {
+                eprintln!("{line}")
+            })?;
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                for s in &report.shards {
+                    println!(
+                        "shard {}: LSN {} committed {}; {} tenant(s), {} table(s), {} row(s) checked{}",
+                        s.shard,
+                        s.restored_lsn,
+                        s.last_commit.as_deref().unwrap_or("(no commit after the checkpoint)"),
+                        s.tenants,
+                        s.tables,
+                        s.rows,
+                        if s.problems.is_empty() { "" } else { "; PROBLEMS:" }
+                    );
+                    for p in &s.problems {
+                        println!("  {p}");
+                    }
+                }
+                println!(
+                    "restored {} bytes in {:.2} s, opened and checked in {:.2} s; the restore \
+                     point is {}: {}",
+                    report.restored_bytes,
+                    report.restore_seconds,
+                    report.open_seconds,
+                    report
+                        .restore_point_age_seconds
+                        .map_or("of no commit".into(), |s| format!("{s:.1} s old")),
+                    if report.ok { "ok" } else { "PROBLEMS FOUND" }
+                );
+                if let Some(dir) = &report.kept {
+                    println!("kept the restored directory: {}", dir.display());
+                }
+            }
+            Ok(if report.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
             })
         }
         Command::Restore {
