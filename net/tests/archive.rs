@@ -308,6 +308,34 @@ fn a_damaged_archive_is_named_and_refused() {
         verified.stdout
     );
 
+    let verified = oc_pitr(&["verify", "--archive", &uri, "--output", "json"]);
+    let report: serde_json::Value = serde_json::from_str(&verified.stdout).expect("JSON");
+    assert_eq!(report["ok"], true, "{report}");
+    assert!(
+        report["shards"]
+            .as_array()
+            .expect("shards")
+            .iter()
+            .any(|s| s["restorable_to"].is_string()),
+        "{report}"
+    );
+    let listed = oc_pitr(&["list", "--archive", &uri, "--output", "json"]);
+    assert!(listed.success, "{listed:?}");
+    let listing: serde_json::Value = serde_json::from_str(&listed.stdout).expect("JSON");
+    assert_eq!(
+        listing["per_shard"].as_array().map(Vec::len),
+        Some(2),
+        "{listing}"
+    );
+    assert!(
+        listing["per_shard"]
+            .as_array()
+            .expect("shards")
+            .iter()
+            .any(|s| !s["segments"].as_array().expect("segments").is_empty()),
+        "sealed segments are listed: {listing}"
+    );
+
     // The rehearsal: restore the latest point into scratch space, open and check it.
     let scratch = dir.path().join("scratch");
     std::fs::create_dir_all(&scratch).expect("mkdir");
@@ -362,6 +390,11 @@ fn a_damaged_archive_is_named_and_refused() {
         .into_owned();
     let verified = oc_pitr(&["verify", "--archive", &uri]);
     assert!(!verified.success, "verify missed the damage: {verified:?}");
+    let as_json = oc_pitr(&["verify", "--archive", &uri, "--output", "json"]);
+    assert!(!as_json.success);
+    let report: serde_json::Value = serde_json::from_str(&as_json.stdout).expect("JSON");
+    assert_eq!(report["ok"], false);
+    assert!(report.to_string().contains(&key), "{report}");
     assert!(
         verified.stdout.contains(&key),
         "verify should name {key}: {verified:?}"

@@ -17,6 +17,7 @@ use oc_ship::drill;
 use oc_ship::engine::io::fail_stop::LineFormat;
 use oc_ship::restore::{self, LATEST};
 use oc_ship::timestamp::{format_rfc3339, parse_rfc3339};
+use serde_json::json;
 
 #[derive(Parser)]
 #[command(
@@ -44,12 +45,16 @@ enum Command {
         /// The archive: file://<dir> or s3://bucket/prefix.
         #[arg(long, env = "OC_ARCHIVE")]
         archive: String,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
     },
     /// Reads every object: checksums, frames, LSN continuity; prints the restorable
     /// window. Exits 1 if anything is wrong.
     Verify {
         #[arg(long, env = "OC_ARCHIVE")]
         archive: String,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
     },
     /// The restore rehearsal: restores the latest restore point into a scratch
     /// directory, opens every shard as the server does, checks every table (rows,
@@ -92,6 +97,13 @@ fn main() -> ExitCode {
     }
 }
 
+/// A JSON string as printed text (without quotes).
+fn text(value: &serde_json::Value) -> String {
+    value
+        .as_str()
+        .map_or_else(|| value.to_string(), str::to_string)
+}
+
 fn when(us: u64) -> String {
     match us {
         0 => "the start of the log".into(),
@@ -102,88 +114,141 @@ fn when(us: u64) -> String {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::List { archive } => {
+        Command::List { archive, output } => {
             let archive = open_archive(&archive)?;
             let manifest = read_archive_manifest(archive.as_ref())?;
+            let mut shards = Vec::new();
+            for shard in 0..manifest.shards {
+                let c = ShardCatalog::load(archive.as_ref(), shard)?;
+                let checkpoints: Vec<_> = c
+                    .checkpoints
+                    .iter()
+                    .map(|cp| json!({"lsn": cp.lsn.0, "completed": when(cp.restorable_from_us()), "rows": cp.rows, "bytes": cp.data_bytes}))
+                    .collect();
+                let segments: Vec<_> = c
+                    .segments
+                    .iter()
+                    .map(|s| json!({"first_lsn": s.first_lsn.0, "last_lsn": s.last_lsn.0, "last_commit": when(s.last_commit_us)}))
+                    .collect();
+                let tail = c.live_tail().map(|((_, first), pieces)| {
+                    json!({"first_lsn": first.0, "pieces": pieces.len(), "bytes": pieces.iter().map(|p| p.end - p.start).sum::<u64>()})
+                });
+                let restorable = match restore::plan_shard(&c, LATEST) {
+                    Ok(plan) => json!({
+                        "from_checkpoint": plan.checkpoint.as_ref().map(|c| c.lsn.0),
+                        "segments": plan.segments.len(),
+                        "tail": plan.tail.is_some(),
+                        "stops_early": plan.stops_early,
+                    }),
+                    Err(why) => json!({"error": why}),
+                };
+                shards.push(json!({"shard": shard, "checkpoints": checkpoints, "segments": segments, "tail": tail, "latest": restorable}));
+            }
+            if output == Output::Json {
+                let listing = json!({"shards": manifest.shards, "created": format_rfc3339(manifest.created_us), "per_shard": shards});
+                println!("{}", serde_json::to_string_pretty(&listing)?);
+                return Ok(ExitCode::SUCCESS);
+            }
             println!(
                 "archive: {} shard(s), created {}",
                 manifest.shards,
                 format_rfc3339(manifest.created_us)
             );
-            for shard in 0..manifest.shards {
-                let c = ShardCatalog::load(archive.as_ref(), shard)?;
-                println!("shard {shard}:");
-                for cp in &c.checkpoints {
+            for shard in &shards {
+                println!("shard {}:", shard["shard"]);
+                for cp in shard["checkpoints"].as_array().into_iter().flatten() {
                     println!(
                         "  checkpoint  LSN {:>12}  completed {}  {} rows, {} bytes",
-                        cp.lsn.0,
-                        when(cp.restorable_from_us()),
-                        cp.rows,
-                        cp.data_bytes
+                        cp["lsn"],
+                        text(&cp["completed"]),
+                        cp["rows"],
+                        cp["bytes"]
                     );
                 }
-                for s in &c.segments {
+                for s in shard["segments"].as_array().into_iter().flatten() {
                     println!(
                         "  segment     LSN {:>12} ..= {:<12} last commit {}",
-                        s.first_lsn.0,
-                        s.last_lsn.0,
-                        when(s.last_commit_us)
+                        s["first_lsn"],
+                        s["last_lsn"],
+                        text(&s["last_commit"])
                     );
                 }
-                if let Some(((_, first), pieces)) = c.live_tail() {
-                    let bytes: u64 = pieces.iter().map(|p| p.end - p.start).sum();
+                if let Some(tail) = shard["tail"].as_object() {
                     println!(
-                        "  tail        LSN {:>12} ..   {} piece(s), {bytes} bytes",
-                        first.0,
-                        pieces.len()
+                        "  tail        LSN {:>12} ..   {} piece(s), {} bytes",
+                        tail["first_lsn"], tail["pieces"], tail["bytes"]
                     );
                 }
-                match restore::plan_shard(&c, LATEST) {
-                    Ok(plan) => println!(
+                let latest = &shard["latest"];
+                match latest["error"].as_str() {
+                    Some(why) => println!("  not restorable: {why}"),
+                    None => println!(
                         "  restorable: latest from {} + {} segment(s){}{}",
-                        plan.checkpoint.as_ref().map_or(
-                            "the start of the log".to_string(),
-                            |c| format!("checkpoint {}", c.lsn.0)
-                        ),
-                        plan.segments.len(),
-                        if plan.tail.is_some() { " + tail" } else { "" },
-                        plan.stops_early
+                        latest["from_checkpoint"]
+                            .as_u64()
+                            .map_or("the start of the log".to_string(), |lsn| format!(
+                                "checkpoint {lsn}"
+                            )),
+                        latest["segments"],
+                        if latest["tail"] == true {
+                            " + tail"
+                        } else {
+                            ""
+                        },
+                        latest["stops_early"]
+                            .as_str()
                             .map(|w| format!(" (stops early: {w})"))
                             .unwrap_or_default()
                     ),
-                    Err(why) => println!("  not restorable: {why}"),
                 }
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Verify { archive } => {
+        Command::Verify { archive, output } => {
             let archive = open_archive(&archive)?;
             let started = Instant::now();
             let shards = restore::verify(archive.as_ref(), &mut |line| eprintln!("{line}"))?;
-            let mut bad = false;
-            let (mut objects, mut bytes) = (0, 0);
-            for s in &shards {
-                objects += s.objects;
-                bytes += s.bytes;
-                match s.window {
-                    Some((from, to)) => println!(
-                        "shard {}: restorable from {} to {}",
-                        s.shard,
-                        when(from),
-                        when(to)
-                    ),
-                    None => println!("shard {}: nothing restorable", s.shard),
+            let bad = shards.iter().any(|s| !s.problems.is_empty());
+            let (objects, bytes) = shards
+                .iter()
+                .fold((0, 0), |(o, b), s| (o + s.objects, b + s.bytes));
+            let seconds = started.elapsed().as_secs_f64();
+            if output == Output::Json {
+                let per_shard: Vec<_> = shards
+                    .iter()
+                    .map(|s| {
+                        json!({
+                            "shard": s.shard,
+                            "objects": s.objects,
+                            "bytes": s.bytes,
+                            "restorable_from": s.window.map(|(from, _)| when(from)),
+                            "restorable_to": s.window.map(|(_, to)| when(to)),
+                            "problems": s.problems,
+                        })
+                    })
+                    .collect();
+                let report = json!({"ok": !bad, "objects": objects, "bytes": bytes, "seconds": seconds, "shards": per_shard});
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                for s in &shards {
+                    match s.window {
+                        Some((from, to)) => println!(
+                            "shard {}: restorable from {} to {}",
+                            s.shard,
+                            when(from),
+                            when(to)
+                        ),
+                        None => println!("shard {}: nothing restorable", s.shard),
+                    }
+                    for p in &s.problems {
+                        println!("shard {}: PROBLEM {p}", s.shard);
+                    }
                 }
-                for p in &s.problems {
-                    println!("shard {}: PROBLEM {p}", s.shard);
-                    bad = true;
-                }
+                println!(
+                    "verified {objects} object(s), {bytes} bytes in {seconds:.1} s: {}",
+                    if bad { "PROBLEMS FOUND" } else { "ok" }
+                );
             }
-            println!(
-                "verified {objects} object(s), {bytes} bytes in {:.1} s: {}",
-                started.elapsed().as_secs_f64(),
-                if bad { "PROBLEMS FOUND" } else { "ok" }
-            );
             Ok(if bad {
                 ExitCode::FAILURE
             } else {
