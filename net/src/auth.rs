@@ -8,7 +8,7 @@
 
 use hyper::header::AUTHORIZATION;
 use hyper::{HeaderMap, StatusCode};
-use oc_ship::engine::TenantId;
+use oc_engine::TenantId;
 use sha2::{Digest, Sha256};
 
 use crate::api::error::ApiError;

@@ -6,17 +6,17 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
-use oc_ship::engine::io::wal::DEFAULT_MAX_GROUP_BYTES;
-use oc_ship::engine::io::{align_up, WalConfig, BLOCK_SIZE};
-use oc_ship::engine::limits::MAX_ROW_BYTES;
-use oc_ship::engine::record::MAX_ONE_ROW_RECORD_BYTES;
+use oc_engine::limits::MAX_ROW_BYTES;
+use oc_engine::record::MAX_ONE_ROW_RECORD_BYTES;
+use oc_io::wal::DEFAULT_MAX_GROUP_BYTES;
+use oc_io::{align_up, WalConfig, BLOCK_SIZE};
 
 use crate::api::watch::WatchLimits;
 use crate::api::ApiLimits;
 use crate::auth::{AuthConfig, MIN_ADMIN_TOKEN_BYTES};
 use crate::rate_limit::RateLimit;
-use oc_ship::engine::query::AskLimits;
-use oc_ship::engine::TenantQuotas;
+use oc_engine::query::AskLimits;
+use oc_engine::TenantQuotas;
 
 /// Server settings (flattened into the binary's arguments).
 #[derive(Args, Debug, Clone)]

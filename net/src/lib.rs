@@ -29,7 +29,7 @@ pub use server::run;
 pub fn inspect_wal_file(path: &Path) -> anyhow::Result<String> {
     use anyhow::Context;
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(oc_ship::engine::io::wal::inspect::describe_segment(
+    Ok(oc_io::wal::inspect::describe_segment(
         &path.display().to_string(),
         &bytes,
     ))

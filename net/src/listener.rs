@@ -20,7 +20,7 @@ use futures_rustls::TlsAcceptor;
 use glommio::net::{TcpListener, TcpStream};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use oc_ship::engine::{ShardNode, ShardRouter};
+use oc_engine::{ShardNode, ShardRouter};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::api::{self, ApiContext, ApiLimits};

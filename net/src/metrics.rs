@@ -7,8 +7,8 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use oc_ship::engine::query::PlanCacheStats;
-use oc_ship::engine::{CheckpointMetrics, ShardNode};
+use oc_engine::query::PlanCacheStats;
+use oc_engine::{CheckpointMetrics, ShardNode};
 use oc_ship::shipper::ShipMetrics;
 
 use crate::process_stats::{DiskStats, ProcessStats};
@@ -572,7 +572,7 @@ pub fn render(shards: &[ShardSnapshot], control: &ControlMetrics) -> Result<Stri
             |s| s.bytes as f64,
         ),
     ]);
-    let (budget, resident) = oc_ship::engine::quota::memory_usage();
+    let (budget, resident) = oc_engine::quota::memory_usage();
     families.extend([
         family(
             "oc_memory_budget_bytes",

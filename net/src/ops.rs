@@ -18,8 +18,8 @@ use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use oc_ship::engine::io::UringProbe;
-use oc_ship::engine::{ShardNode, ShardRouter};
+use oc_engine::{ShardNode, ShardRouter};
+use oc_io::UringProbe;
 use serde_json::json;
 
 use crate::hyper_glommio::{GlommioTimer, PlainStream};

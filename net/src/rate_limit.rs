@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use hyper::StatusCode;
-use oc_ship::engine::TenantId;
+use oc_engine::TenantId;
 
 use crate::api::error::ApiError;
 use crate::metrics;

@@ -21,17 +21,17 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context, Result};
 use glommio::net::TcpListener;
 use glommio::Placement;
-use oc_ship::engine::io::{self, executor::executor_builder};
-use oc_ship::engine::mesh::MeshEndpoints;
-use oc_ship::engine::{
+use oc_engine::mesh::MeshEndpoints;
+use oc_engine::{
     stop_all, CheckpointPolicy, PoolConfig, ShardNode, ShardOpenReport, ShardPool, ShardRouter,
 };
+use oc_io::executor::executor_builder;
 
+use oc_io::dir_lock::DirLock;
+use oc_io::fail_stop::{self, LineFormat};
+use oc_io::failpoint;
 use oc_ship::archive::open_archive;
 use oc_ship::breaker::BreakerPolicy;
-use oc_ship::engine::io::dir_lock::DirLock;
-use oc_ship::engine::io::fail_stop::{self, LineFormat};
-use oc_ship::engine::io::failpoint;
 use oc_ship::lease;
 use oc_ship::shipper::{self, ShipStatus, ShipperConfig};
 
@@ -93,11 +93,11 @@ pub fn run(config: ServerConfig) -> Result<()> {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     crate::fd_limit::raise_and_check(crate::fd_limit::needed(config.max_connections, shards))
         .map_err(|e| anyhow!(e))?;
-    let memory_budget = oc_ship::engine::quota::start_memory_budget(config.memory_budget_bytes)
+    let memory_budget = oc_engine::quota::start_memory_budget(config.memory_budget_bytes)
         .map_err(|e| anyhow!(e))?;
     tracing::info!(memory_budget, "memory budget set");
     // The data directory's own layout speaks first: its error names the fix.
-    let layout = oc_ship::engine::placement::ensure_layout(&config.data_dir, shards)
+    let layout = oc_engine::placement::ensure_layout(&config.data_dir, shards)
         .context("checking the data directory")?;
     tracing::info!(data_dir_id = %layout.id, data_dir = %config.data_dir.display(), "data directory locked");
     let (api_fds, api_addr) = listener::bind_shared(config.listen, shards)
@@ -349,7 +349,7 @@ async fn control_main(
         started: Instant::now(),
         phase: std::cell::Cell::new(Phase::Recovering),
         router: std::cell::RefCell::new(None),
-        probe: io::probe_io_uring(),
+        probe: oc_io::probe_io_uring(),
         shards,
         ship_status,
         failure: std::cell::RefCell::new(None),

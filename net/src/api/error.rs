@@ -4,8 +4,8 @@
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Response, StatusCode};
-use oc_ship::engine::io::Error as IoError;
-use oc_ship::engine::{EngineError, MeshError};
+use oc_engine::{EngineError, MeshError};
+use oc_io::Error as IoError;
 use serde_json::json;
 
 /// Seconds a client should wait before retrying a 503 or 429.

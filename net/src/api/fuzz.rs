@@ -17,13 +17,13 @@
 
 use hyper::header::{HeaderName, HeaderValue};
 use hyper::{HeaderMap, Method, Request, Uri};
-use oc_ship::engine::apply::{apply, ShardState};
-use oc_ship::engine::command::Command;
-use oc_ship::engine::fuzz_entry::{fixture, FIXTURE_TABLE};
-use oc_ship::engine::idempotency::MAX_KEY_BYTES as MAX_IDEMPOTENCY_KEY_BYTES;
-use oc_ship::engine::io::TimestampMicros;
-use oc_ship::engine::query::{ask_now, param_from_json, AskLimits};
-use oc_ship::engine::{record, EngineError, TenantId, WriteOp};
+use oc_engine::apply::{apply, ShardState};
+use oc_engine::command::Command;
+use oc_engine::fuzz_entry::{fixture, FIXTURE_TABLE};
+use oc_engine::idempotency::MAX_KEY_BYTES as MAX_IDEMPOTENCY_KEY_BYTES;
+use oc_engine::query::{ask_now, param_from_json, AskLimits};
+use oc_engine::{record, EngineError, TenantId, WriteOp};
+use oc_io::TimestampMicros;
 
 use super::error::ApiError;
 use super::handlers::{self as h, AskBody, CreateKey, CreateTable, CreateTenant, WriteRows};

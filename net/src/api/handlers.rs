@@ -7,11 +7,11 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 use hyper::StatusCode;
-use oc_ship::engine::io::failpoint;
-use oc_ship::engine::query::{param_from_json, AskAnswer, AskLimits, QueryError, QueryErrorKind};
-use oc_ship::engine::{
+use oc_engine::query::{param_from_json, AskAnswer, AskLimits, QueryError, QueryErrorKind};
+use oc_engine::{
     owner_of, ColumnType, ShardNode, ShardRouter, Table, TableSchema, TenantId, WriteOp,
 };
+use oc_io::failpoint;
 use serde::Deserialize;
 use serde_json::{json, Map, Value as Json};
 

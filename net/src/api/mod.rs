@@ -20,8 +20,8 @@ use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
-use oc_ship::engine::query::AskLimits;
-use oc_ship::engine::{ShardRouter, TenantId};
+use oc_engine::query::AskLimits;
+use oc_engine::{ShardRouter, TenantId};
 use tracing::Instrument;
 
 use crate::auth::{self, AuthConfig, Caller, KeyClaim};

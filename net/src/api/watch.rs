@@ -30,10 +30,10 @@ use glommio::timer::Timer;
 use glommio::Task;
 use hyper::body::Frame;
 use hyper::StatusCode;
+use oc_engine::feed::{self, ChangeBatch, EventKind, TapEnd, TapReceiver};
+use oc_engine::{owner_of, ChangesRead, ShardNode, ShardRouter, TenantId};
+use oc_io::Lsn;
 use oc_ship::archive::Archive;
-use oc_ship::engine::feed::{self, ChangeBatch, EventKind, TapEnd, TapReceiver};
-use oc_ship::engine::io::Lsn;
-use oc_ship::engine::{owner_of, ChangesRead, ShardNode, ShardRouter, TenantId};
 use oc_ship::replay::{self, ArchiveRead};
 
 use super::error::ApiError;
@@ -205,7 +205,7 @@ impl Hub {
         let tap = router
             .call(owner, move |node: Rc<ShardNode>| async move {
                 node.shard().read(&t, |_| ())?;
-                Ok::<_, oc_ship::engine::EngineError>(node.shard().feed().attach(&t, TAP_BATCHES))
+                Ok::<_, oc_engine::EngineError>(node.shard().feed().attach(&t, TAP_BATCHES))
             })
             .await??;
         // Another stream may have attached while this one waited: use its hub (this
@@ -451,7 +451,7 @@ pub fn parse_request(
                     ));
                 }
                 for t in &tables {
-                    oc_ship::engine::schema::check_name("table", t).map_err(ApiError::from)?;
+                    oc_engine::schema::check_name("table", t).map_err(ApiError::from)?;
                 }
                 request.tables = Some(tables);
             }

@@ -27,7 +27,7 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     // First: a panic on any thread from here on ends the process (fail-stop).
-    oc_ship::engine::io::fail_stop::install_panic_hook(
+    oc_io::fail_stop::install_panic_hook(
         "oc-server",
         oc_net::server::line_format(&args.config.log_format),
     );
