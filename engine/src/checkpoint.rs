@@ -117,7 +117,7 @@ fn temporary_name(name: &str) -> String {
     format!("{name}.tmp")
 }
 
-fn parse_manifest_name(name: &str) -> Option<Lsn> {
+pub fn parse_manifest_name(name: &str) -> Option<Lsn> {
     let hex = name.strip_prefix("checkpoint-")?.strip_suffix(".json")?;
     (hex.len() == 16).then(|| u64::from_str_radix(hex, 16).ok().map(Lsn))?
 }
@@ -652,25 +652,32 @@ pub(crate) async fn load_checkpoint<S: Storage>(
     storage: &S,
     lsn: Lsn,
 ) -> Result<(ShardState, CheckpointInfo), UnreadableFile> {
-    let manifest_file = manifest_name(lsn);
-    let unreadable = |file: &str, problem: FileProblem| UnreadableFile {
-        file: file.to_string(),
-        problem,
+    let read = |name: String| async move {
+        read_file(storage, &name).await.map_err(|e| UnreadableFile {
+            file: name.clone(),
+            problem: FileProblem::Io(e),
+        })
     };
-    let bytes = read_file(storage, &manifest_file)
-        .await
-        .map_err(|e| unreadable(&manifest_file, FileProblem::Io(e)))?;
-    let manifest = CheckpointManifest::decode_for(&bytes, lsn)
-        .map_err(|problem| unreadable(&manifest_file, problem))?;
-    let snapshot_file = snapshot_name(lsn);
-    let bytes = read_file(storage, &snapshot_file)
-        .await
-        .map_err(|e| unreadable(&snapshot_file, FileProblem::Io(e)))?;
+    let manifest = read(manifest_name(lsn)).await?;
+    let snapshot = read(snapshot_name(lsn)).await?;
+    decode_checkpoint(&manifest, &snapshot, lsn)
+}
+
+/// A checkpoint from the bytes of its manifest and snapshot files (what
+/// [`load_checkpoint`] reads; `oc-ctl` reads them without opening a shard).
+pub fn decode_checkpoint(
+    manifest: &[u8],
+    snapshot: &[u8],
+    lsn: Lsn,
+) -> Result<(ShardState, CheckpointInfo), UnreadableFile> {
+    let unreadable = |file: String, problem: FileProblem| UnreadableFile { file, problem };
+    let manifest = CheckpointManifest::decode_for(manifest, lsn)
+        .map_err(|problem| unreadable(manifest_name(lsn), problem))?;
     let data = manifest
-        .check_snapshot(&bytes)
-        .map_err(|problem| unreadable(&snapshot_file, problem))?;
+        .check_snapshot(snapshot)
+        .map_err(|problem| unreadable(snapshot_name(lsn), problem))?;
     let state =
-        decode_snapshot(data, lsn).map_err(|problem| unreadable(&snapshot_file, problem))?;
+        decode_snapshot(data, lsn).map_err(|problem| unreadable(snapshot_name(lsn), problem))?;
     // Descriptive fields only: the data checked above decides whether the checkpoint is
     // usable. `completed_us` is optional (FORMAT.md §6).
     let created = manifest.created_us;

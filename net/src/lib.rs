@@ -2,10 +2,10 @@
 //! exposition, configuration and the `oc-server` binary. It contains no storage logic:
 //! every request's work runs in `oc-engine` on the tenant's owner shard.
 //!
-//! Built: the data API (tenants, tables, rows, usage), authentication (admin token,
-//! per-tenant API keys) and per-key rate limits, `/health`, `/ready`, `/metrics`,
-//! limits and timeouts, TLS (rustls), graceful shutdown. Not built yet: `/ask`,
-//! `/watch`, replication.
+//! Built: the data API (tenants, tables, rows, usage, `/ask`), `/watch` change streams,
+//! authentication (admin token, per-tenant API keys, watch tokens) and per-key rate
+//! limits, `/health`, `/ready`, `/metrics`, limits and timeouts, TLS (rustls), graceful
+//! shutdown. Not built yet: replication.
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod api;
@@ -20,17 +20,5 @@ pub mod process_stats;
 pub mod rate_limit;
 pub mod server;
 
-use std::path::Path;
-
 pub use config::ServerConfig;
 pub use server::run;
-
-/// Describes one segment file frame by frame (see `oc_io::wal::inspect`).
-pub fn inspect_wal_file(path: &Path) -> anyhow::Result<String> {
-    use anyhow::Context;
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(oc_io::wal::inspect::describe_segment(
-        &path.display().to_string(),
-        &bytes,
-    ))
-}

@@ -1,5 +1,5 @@
 //! A human-readable account of a segment file, frame by frame: what an operator runs
-//! (`oc-server inspect-wal <file>`) before deciding anything about a damaged log.
+//! (`oc-ctl wal <file>`) before deciding anything about a damaged log.
 
 use std::fmt::Write;
 

@@ -1,8 +1,6 @@
 //! `oc-server`: parses flags and calls library code.
 
-use std::path::PathBuf;
-
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use oc_net::ServerConfig;
 
 #[derive(Parser)]
@@ -10,18 +8,6 @@ use oc_net::ServerConfig;
 struct Args {
     #[command(flatten)]
     config: ServerConfig,
-    #[command(subcommand)]
-    command: Option<Command>,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Print write-ahead log segment files frame by frame (read only).
-    InspectWal {
-        /// Segment files (`wal-*.seg`).
-        #[arg(required = true)]
-        files: Vec<PathBuf>,
-    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -31,12 +17,6 @@ fn main() -> anyhow::Result<()> {
         "oc-server",
         oc_net::server::line_format(&args.config.log_format),
     );
-    if let Some(Command::InspectWal { files }) = args.command {
-        for file in files {
-            print!("{}", oc_net::inspect_wal_file(&file)?);
-        }
-        return Ok(());
-    }
     init_logging(&args.config.log_format);
     oc_net::run(args.config)
 }
