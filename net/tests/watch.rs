@@ -769,3 +769,49 @@ fn limits_tokens_and_keys_guard_streams() {
     }
     drop(by_key);
 }
+
+#[test]
+fn a_keys_stream_opens_count_against_its_rate_limit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let admin = "watch-rate-admin-token-0123456789";
+    let token_file = data.with_extension("token");
+    std::fs::write(&token_file, format!("{admin}\n")).expect("token file");
+    let server = Server::start(
+        &data,
+        &[
+            "--archive",
+            "none",
+            "--admin-token-file",
+            token_file.to_str().expect("utf-8"),
+            "--rate-limit-rps",
+            "0.1",
+            "--rate-limit-burst",
+            "3",
+        ],
+    );
+    let call = |method: &str, path: &str, body: Option<Value>| {
+        let url = format!("{}{path}", server.api);
+        request_as(method, &url, body.map(|b| b.to_string()).as_deref(), admin)
+    };
+    assert_eq!(
+        call("POST", "/v1/tenants", Some(json!({"tenant": "acme"}))).status,
+        201
+    );
+    let key = call("POST", "/v1/tenants/acme/keys", Some(json!({})));
+    let key = format!("Bearer {}", key.body["key"].as_str().expect("key"));
+    let url = watch_url(&server, "acme", "");
+    // A reconnect storm: each open spends a token, closed streams give none back.
+    for _ in 0..3 {
+        let sse = Sse::open(&url, &[("authorization", &key)]).expect("within the burst");
+        drop(sse);
+    }
+    let (status, body) = Sse::open(&url, &[("authorization", &key)])
+        .err()
+        .expect("limited");
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (429, Some("rate_limited")),
+        "{body}"
+    );
+}

@@ -260,11 +260,13 @@ async fn open_watch(
         .get("last-event-id")
         .map(|v| v.to_str().unwrap_or("\u{fffd}"));
     let request = watch::parse_request(req.uri().query(), last_event_id)?;
+    let mut key_id = None;
     match &request.token {
         Some(token) => crate::auth::check_watch_token(token, &tenant, &ctx.auth)?,
         None => {
             if let Caller::Key(claim) = auth::identify(req.headers(), &ctx.auth)? {
                 ctx.check_key_before_body(&claim, t).await?;
+                key_id = Some(claim.key_id);
             }
         }
     }
@@ -274,6 +276,7 @@ async fn open_watch(
         tenant,
         request,
         ctx.limits.watch,
+        key_id.map(|id| (ctx.limits.rate_limit, id)),
     )
     .await
 }

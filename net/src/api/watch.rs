@@ -499,6 +499,7 @@ pub async fn open(
     tenant: TenantId,
     request: WatchRequest,
     limits: WatchLimits,
+    rate_limit: Option<(crate::rate_limit::RateLimit, String)>,
 ) -> Result<WatchBody, ApiError> {
     if closing() {
         return Err(ApiError::new(
@@ -506,6 +507,15 @@ pub async fn open(
             "shutting_down",
             "the server is shutting down; reconnect to another node or retry shortly",
         ));
+    }
+    // A stream holds up to its buffer: none opens while the process is over its
+    // memory budget.
+    let (budget, resident) = oc_engine::quota::memory_usage();
+    if budget > 0 && resident > budget {
+        return Err(ApiError::from(oc_engine::EngineError::MemoryFull {
+            resident_bytes: resident,
+            budget_bytes: budget,
+        }));
     }
     let registration = Registration::take(&tenant, &limits)?;
     let hub = Hub::get_or_attach(&router, &tenant).await?;
@@ -526,21 +536,32 @@ pub async fn open(
     hub.join(&sub);
     // The tap starts carrying this stream's tables on the owner, between two applied
     // commands: `position` is exactly where the stream's live changes begin.
-    let (interest, tables) = (hub.tap.interest.clone(), request.tables.clone());
+    // A key's opens count against its rate limit there too (a reconnect storm is a
+    // storm of requests).
+    let (interest, tables, t) = (
+        hub.tap.interest.clone(),
+        request.tables.clone(),
+        tenant.clone(),
+    );
     let position = router
         .call(
             owner_of(&router, &tenant),
             move |node: Rc<ShardNode>| async move {
+                if let Some((limit, key_id)) = &rate_limit {
+                    crate::rate_limit::admit(*limit, &t, key_id)?;
+                }
                 feed::lock(&interest).add(tables.as_deref());
-                node.shard().feed().published()
+                Ok::<_, ApiError>(node.shard().feed().published())
             },
         )
-        .await;
+        .await
+        .map_err(ApiError::from)
+        .and_then(|admitted| admitted);
     let position = match position {
         Ok(position) => position,
         Err(e) => {
             hub.leave(&sub, false);
-            return Err(e.into());
+            return Err(e);
         }
     };
     hub.catch_up();
