@@ -31,6 +31,9 @@ pub enum EventKind {
     Schema,
     /// The tenant was dropped: nothing follows.
     TenantDropped,
+    /// An API key of the tenant was revoked (`data` is its id): streams opened with it
+    /// end. Never sent to a client.
+    KeyRevoked,
 }
 
 impl EventKind {
@@ -39,6 +42,7 @@ impl EventKind {
             EventKind::Change => "change",
             EventKind::Schema => "schema",
             EventKind::TenantDropped => "tenant_dropped",
+            EventKind::KeyRevoked => "key_revoked",
         }
     }
 }
@@ -60,7 +64,8 @@ pub struct ChangeBatch {
     pub applied_at: Option<Instant>,
     pub events: Vec<ChangeEvent>,
     /// The one table all events concern (a command touches one table), or `None` for
-    /// a tenant event: consumers route by it without looking at each event.
+    /// a tenant event (a drop, a key revoked): consumers route by it without looking at
+    /// each event.
     pub table: Option<Box<str>>,
     /// Bytes of event data, for consumers' buffer accounting.
     pub bytes: usize,
@@ -74,7 +79,9 @@ impl ChangeBatch {
         events: Vec<ChangeEvent>,
     ) -> Self {
         let table = match events.first() {
-            Some(first) if first.kind != EventKind::TenantDropped => Some(first.table.clone()),
+            Some(first) if first.kind == EventKind::Change || first.kind == EventKind::Schema => {
+                Some(first.table.clone())
+            }
             _ => None,
         };
         debug_assert!(events
@@ -341,9 +348,12 @@ pub fn describe(
                 .map(|write| change_event(table, lsn, write, schema.as_ref()))
                 .collect()
         }
-        Command::CreateTenant | Command::CreateApiKey { .. } | Command::RevokeApiKey { .. } => {
-            Vec::new()
-        }
+        Command::RevokeApiKey { key_id } => vec![ChangeEvent {
+            kind: EventKind::KeyRevoked,
+            table: "".into(),
+            data: key_id.as_str().into(),
+        }],
+        Command::CreateTenant | Command::CreateApiKey { .. } => Vec::new(),
     }
 }
 

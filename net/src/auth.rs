@@ -127,6 +127,8 @@ pub const WATCH_TOKEN_DEFAULT_TTL_S: u64 = 300;
 /// ...and at most this long.
 pub const WATCH_TOKEN_MAX_TTL_S: u64 = 3600;
 const WATCH_TOKEN_PREFIX: &str = "ocw";
+/// The key part of a watch token the admin minted.
+const ADMIN_MINTED: &str = "-";
 
 /// The key that signs watch tokens: random per process, so a restart revokes them all
 /// (they are short-lived by design).
@@ -164,33 +166,46 @@ fn unix_now_s() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// A token that opens `/watch` streams of `tenant` for `ttl_s` seconds:
-/// `ocw.<tenant>.<expiry, unix seconds>.<HMAC-SHA256 of the rest>`. Returns it and its
-/// expiry.
-pub fn mint_watch_token(tenant: &TenantId, ttl_s: u64) -> Result<(String, u64), ApiError> {
+/// A token that opens `/watch` streams of `tenant` for `ttl_s` seconds, on behalf of
+/// API key `key_id` (`None`: the admin): `ocw.<tenant>.<key id or "-">.<expiry, unix
+/// seconds>.<HMAC-SHA256 of the rest>`. Returns it and its expiry.
+pub fn mint_watch_token(
+    tenant: &TenantId,
+    key_id: Option<&str>,
+    ttl_s: u64,
+) -> Result<(String, u64), ApiError> {
     let expires = unix_now_s() + ttl_s;
-    let claim = format!("{WATCH_TOKEN_PREFIX}.{tenant}.{expires}");
+    let claim = format!(
+        "{WATCH_TOKEN_PREFIX}.{tenant}.{}.{expires}",
+        key_id.unwrap_or(ADMIN_MINTED)
+    );
     let signature = watch_token_signature(watch_token_key()?, &claim);
     Ok((format!("{claim}.{signature}"), expires))
 }
 
-/// Checks a watch token for `tenant` (any token passes when authentication is off).
+/// Checks a watch token for `tenant` and returns the API key it was minted with
+/// (`None`: the admin's; any token passes when authentication is off). The key must
+/// still exist when the stream opens: the caller checks that on the owner.
 pub fn check_watch_token(
     token: &str,
     tenant: &TenantId,
     config: &AuthConfig,
-) -> Result<(), ApiError> {
+) -> Result<Option<String>, ApiError> {
     if config.admin_token.is_none() {
-        return Ok(());
+        return Ok(None);
     }
     let invalid = || {
         unauthorized("the watch token is invalid or expired; mint a new one (POST /v1/tenants/<tenant>/watch-tokens)")
     };
     let (claim, signature) = token.rsplit_once('.').ok_or_else(invalid)?;
     let mut parts = claim.split('.');
-    let (Some(WATCH_TOKEN_PREFIX), Some(for_tenant), Some(expires), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
+    let (Some(WATCH_TOKEN_PREFIX), Some(for_tenant), Some(key), Some(expires), None) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
         return Err(invalid());
     };
     let expected = watch_token_signature(watch_token_key()?, claim);
@@ -206,7 +221,7 @@ pub fn check_watch_token(
             "this watch token is for tenant {for_tenant}, not {tenant}"
         )));
     }
-    Ok(())
+    Ok((key != ADMIN_MINTED).then(|| key.to_string()))
 }
 
 /// Compares the SHA-256 digests of both in constant time: neither the position of the

@@ -815,3 +815,93 @@ fn a_keys_stream_opens_count_against_its_rate_limit() {
         "{body}"
     );
 }
+
+#[test]
+fn revoking_a_key_ends_its_streams_and_voids_its_tokens() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let admin = "watch-revoke-admin-token-0123456789";
+    let token_file = data.with_extension("token");
+    std::fs::write(&token_file, format!("{admin}\n")).expect("token file");
+    let server = Server::start(
+        &data,
+        &[
+            "--archive",
+            "none",
+            "--admin-token-file",
+            token_file.to_str().expect("utf-8"),
+        ],
+    );
+    let call = |method: &str, path: &str, body: Option<Value>, token: &str| {
+        let url = format!("{}{path}", server.api);
+        request_as(method, &url, body.map(|b| b.to_string()).as_deref(), token)
+    };
+    assert_eq!(
+        call(
+            "POST",
+            "/v1/tenants",
+            Some(json!({"tenant": "acme"})),
+            admin
+        )
+        .status,
+        201
+    );
+    let made = call("POST", "/v1/tenants/acme/keys", Some(json!({})), admin);
+    let (key, key_id) = (
+        made.body["key"].as_str().expect("key").to_string(),
+        made.body["key_id"].as_str().expect("key id").to_string(),
+    );
+    let other = call("POST", "/v1/tenants/acme/keys", Some(json!({})), admin);
+    let other = other.body["key"].as_str().expect("key").to_string();
+    let minted = call(
+        "POST",
+        "/v1/tenants/acme/watch-tokens",
+        Some(json!({})),
+        &key,
+    );
+    let token = minted.body["token"].as_str().expect("token").to_string();
+    let url = watch_url(&server, "acme", "");
+    let with_token = watch_url(&server, "acme", &format!("?token={token}"));
+    let mut by_key =
+        Sse::open(&url, &[("authorization", &format!("Bearer {key}"))]).expect("opens");
+    let mut by_token = Sse::open(&with_token, &[]).expect("opens");
+    let mut by_other =
+        Sse::open(&url, &[("authorization", &format!("Bearer {other}"))]).expect("opens");
+    for sse in [&mut by_key, &mut by_token, &mut by_other] {
+        assert_eq!(sse.next().expect("hello").event, "hello");
+    }
+    let revoked = call(
+        "DELETE",
+        &format!("/v1/tenants/acme/keys/{key_id}"),
+        None,
+        admin,
+    );
+    assert_eq!(revoked.status, 200, "{revoked:?}");
+    for sse in [&mut by_key, &mut by_token] {
+        let events = sse.read_until(Duration::from_secs(10), |e| e.event == "revoked");
+        assert_eq!(
+            events.last().map(|e| e.event.as_str()),
+            Some("revoked"),
+            "{events:?}"
+        );
+        assert!(sse.next().is_none(), "the stream ends");
+    }
+    // The other key's stream goes on, and never hears of the revocation.
+    let created = call(
+        "POST",
+        "/v1/tenants/acme/tables",
+        Some(common::items_table()),
+        admin,
+    );
+    assert_eq!(created.status, 201);
+    let events = by_other.read_until(Duration::from_secs(10), |e| e.event == "schema");
+    assert!(
+        events
+            .iter()
+            .all(|e| e.event != "revoked" && e.event != "key_revoked"),
+        "{events:?}"
+    );
+    assert_eq!(events.last().map(|e| e.event.as_str()), Some("schema"));
+    // The token minted with the revoked key opens nothing any more.
+    assert_eq!(Sse::open(&with_token, &[]).err().map(|e| e.0), Some(401));
+}

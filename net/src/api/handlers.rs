@@ -634,9 +634,13 @@ pub async fn create_watch_token(
             ),
         ));
     }
+    let key_id = match &access.caller {
+        Caller::Key(claim) => Some(claim.key_id.clone()),
+        Caller::Admin | Caller::Anyone => None,
+    };
     on_owner(router, access, tenant, move |node, tenant| async move {
         node.shard().read(&tenant, |_| ())?;
-        let (token, expires_unix_s) = auth::mint_watch_token(&tenant, ttl_s)?;
+        let (token, expires_unix_s) = auth::mint_watch_token(&tenant, key_id.as_deref(), ttl_s)?;
         Ok((
             StatusCode::CREATED,
             Body::from(json!({

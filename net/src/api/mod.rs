@@ -262,7 +262,7 @@ async fn open_watch(
     let request = watch::parse_request(req.uri().query(), last_event_id)?;
     let mut key_id = None;
     match &request.token {
-        Some(token) => crate::auth::check_watch_token(token, &tenant, &ctx.auth)?,
+        Some(token) => key_id = crate::auth::check_watch_token(token, &tenant, &ctx.auth)?,
         None => {
             if let Caller::Key(claim) = auth::identify(req.headers(), &ctx.auth)? {
                 ctx.check_key_before_body(&claim, t).await?;
@@ -276,7 +276,8 @@ async fn open_watch(
         tenant,
         request,
         ctx.limits.watch,
-        key_id.map(|id| (ctx.limits.rate_limit, id)),
+        key_id,
+        ctx.limits.rate_limit,
     )
     .await
 }

@@ -167,6 +167,8 @@ enum StreamEnd {
     /// The hub's tap overflowed (this shard fell behind the owner).
     TapOverflow,
     TenantDropped,
+    /// The API key the stream was opened with was revoked.
+    Revoked,
     /// The owner shard stopped.
     Stopped,
 }
@@ -360,11 +362,23 @@ struct Subscriber {
     /// the stream (a busy tenant would otherwise overflow every long resume).
     replaying: Cell<bool>,
     extend_to: Cell<Option<Lsn>>,
+    /// The API key the stream was opened with: its revocation ends the stream.
+    key_id: Option<String>,
 }
 
 impl Subscriber {
     fn push(&self, batch: &Arc<ChangeBatch>) {
         if self.end.get().is_some() || batch.lsn <= self.after.get() {
+            return;
+        }
+        let revoked = batch
+            .events
+            .iter()
+            .find(|e| e.kind == EventKind::KeyRevoked);
+        if let Some(revoked) = revoked {
+            if self.key_id.as_deref() == Some(&*revoked.data) {
+                self.end(StreamEnd::Revoked);
+            }
             return;
         }
         let bytes = batch.bytes;
@@ -499,7 +513,8 @@ pub async fn open(
     tenant: TenantId,
     request: WatchRequest,
     limits: WatchLimits,
-    rate_limit: Option<(crate::rate_limit::RateLimit, String)>,
+    key_id: Option<String>,
+    rate_limit: crate::rate_limit::RateLimit,
 ) -> Result<WatchBody, ApiError> {
     if closing() {
         return Err(ApiError::new(
@@ -532,23 +547,33 @@ pub async fn open(
         waker: RefCell::new(None),
         replaying: Cell::new(false),
         extend_to: Cell::new(None),
+        key_id: key_id.clone(),
     });
     hub.join(&sub);
     // The tap starts carrying this stream's tables on the owner, between two applied
-    // commands: `position` is exactly where the stream's live changes begin.
-    // A key's opens count against its rate limit there too (a reconnect storm is a
-    // storm of requests).
-    let (interest, tables, t) = (
+    // commands: `position` is exactly where the stream's live changes begin. A key's
+    // opens count against its rate limit there too (a reconnect storm is a storm of
+    // requests).
+    let (interest, tables, t, key) = (
         hub.tap.interest.clone(),
         request.tables.clone(),
         tenant.clone(),
+        key_id,
     );
     let position = router
         .call(
             owner_of(&router, &tenant),
             move |node: Rc<ShardNode>| async move {
-                if let Some((limit, key_id)) = &rate_limit {
-                    crate::rate_limit::admit(*limit, &t, key_id)?;
+                if let Some(key_id) = &key {
+                    // Still a key of the tenant (a token outlives a revoked key)...
+                    let exists = node
+                        .shard()
+                        .read(&t, |t| t.api_keys().get(key_id).is_some())?;
+                    if !exists {
+                        return Err(crate::auth::unknown_key());
+                    }
+                    // ...and within its rate.
+                    crate::rate_limit::admit(rate_limit, &t, key_id)?;
                 }
                 feed::lock(&interest).add(tables.as_deref());
                 Ok::<_, ApiError>(node.shard().feed().published())
@@ -754,13 +779,15 @@ impl WatchBody {
     /// Formats `batch` (filtered by table) into `out`; the last event written carries
     /// the batch's id, so a client that reconnects mid-batch gets the batch again.
     fn send_batch(&mut self, batch: &ChangeBatch) {
-        let wanted = |kind: EventKind, table: &str| {
-            kind == EventKind::TenantDropped
-                || self
-                    .sub
-                    .tables
-                    .as_ref()
-                    .is_none_or(|tables| tables.iter().any(|t| t == table))
+        let wanted = |kind: EventKind, table: &str| match kind {
+            // Internal: ends the streams of the key (see `Subscriber::push`).
+            EventKind::KeyRevoked => false,
+            EventKind::TenantDropped => true,
+            EventKind::Change | EventKind::Schema => self
+                .sub
+                .tables
+                .as_ref()
+                .is_none_or(|tables| tables.iter().any(|t| t == table)),
         };
         let events: Vec<_> = batch
             .events
@@ -784,8 +811,8 @@ impl WatchBody {
             text.extend_from_slice(b"\n\n");
         }
         self.last_id = batch.lsn;
-        // A tenant event (its drop) is the last thing a stream says.
-        self.done |= batch.table.is_none();
+        // A tenant's drop is the last thing a stream says.
+        self.done |= events.iter().any(|e| e.kind == EventKind::TenantDropped);
         let count = events.len() as u64;
         metrics::with_http(|m| {
             m.watch_events_sent += count;
@@ -921,6 +948,7 @@ impl hyper::body::Body for WatchBody {
                         "tenant_dropped",
                         format!(r#"{{"lsn":{}}}"#, this.hub.position.get().0),
                     ),
+                    StreamEnd::Revoked => ("revoked", r#"{"reason":"the API key this stream was opened with was revoked"}"#.to_string()),
                     StreamEnd::Stopped => ("shutdown", r#"{"reason":"the tenant's shard stopped"}"#.to_string()),
                 };
                 this.finish_with(event, data);
