@@ -32,6 +32,8 @@ pub const LAYOUT_FILE: &str = "oc-layout.json";
 pub const LAYOUT_FORMAT_VERSION: u64 = 2;
 /// The version before data directory ids.
 const LAYOUT_FORMAT_VERSION_NO_ID: u64 = 1;
+/// The layout file's version when it records epochs.
+const LAYOUT_FORMAT_VERSION_EPOCHS: u64 = 3;
 /// Most shards a data directory can have.
 pub const MAX_SHARDS: usize = 256;
 /// The placement rule's name in `oc-layout.json` and the archive's `manifest.json`.
@@ -99,13 +101,20 @@ struct LayoutFile {
     /// Required from version 2 on; version 1 files have none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     data_dir_id: Option<DataDirId>,
+    /// Version 3: the epochs after the first, oldest first (absent: epoch 1 only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    epochs: Vec<EpochStart>,
     format_version: u64,
     placement: String,
     shards: u64,
 }
 
 impl JsonFile for LayoutFile {
-    const VERSIONS: &'static [u64] = &[LAYOUT_FORMAT_VERSION_NO_ID, LAYOUT_FORMAT_VERSION];
+    const VERSIONS: &'static [u64] = &[
+        LAYOUT_FORMAT_VERSION_NO_ID,
+        LAYOUT_FORMAT_VERSION,
+        LAYOUT_FORMAT_VERSION_EPOCHS,
+    ];
     const REQUIRED_FIELDS: &'static [&'static str] = &["format_version", "placement", "shards"];
 }
 
@@ -113,7 +122,14 @@ impl LayoutFile {
     fn of(layout: &Layout) -> LayoutFile {
         LayoutFile {
             data_dir_id: Some(layout.id),
-            format_version: LAYOUT_FORMAT_VERSION,
+            epochs: layout.epochs.clone(),
+            // A file with epochs is version 3, so a binary that would ignore them (and
+            // write frames of an older epoch) refuses it instead.
+            format_version: if layout.epochs.is_empty() {
+                LAYOUT_FORMAT_VERSION
+            } else {
+                LAYOUT_FORMAT_VERSION_EPOCHS
+            },
             placement: PLACEMENT_RULE.to_string(),
             shards: layout.shards as u64,
         }
@@ -132,11 +148,48 @@ impl LayoutFile {
     }
 }
 
+/// Where an epoch begins: on each shard (by index), the first LSN written in it. Frames
+/// below it on that shard are the history the epoch continues from (FORMAT.md §7).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpochStart {
+    pub epoch: u64,
+    pub first_lsn: Vec<u64>,
+}
+
 /// What a data directory's layout file records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layout {
     pub shards: usize,
     pub id: DataDirId,
+    /// The epochs after the first, oldest first: a restore starts a new one, so LSNs
+    /// it writes again are told apart from the old history's.
+    pub epochs: Vec<EpochStart>,
+}
+
+impl Layout {
+    /// The epoch new frames are stamped with.
+    pub fn epoch(&self) -> u64 {
+        self.epochs.last().map_or(1, |e| e.epoch)
+    }
+
+    /// Whether position (`epoch`, `lsn`) of `shard` is on this directory's history: of
+    /// the current epoch, or of epoch 1 or a recorded one below where the next epoch
+    /// began. An epoch it has no record of is not (when unsure, say no: the caller
+    /// starts over, which is never wrong).
+    pub fn on_history(&self, shard: usize, epoch: u64, lsn: u64) -> bool {
+        if epoch == self.epoch() {
+            return true;
+        }
+        let known = epoch == 1 || self.epochs.iter().any(|e| e.epoch == epoch);
+        if epoch > self.epoch() || !known {
+            return false;
+        }
+        self.epochs
+            .iter()
+            .find(|e| e.epoch > epoch)
+            .and_then(|next| next.first_lsn.get(shard))
+            .is_some_and(|&start| lsn < start)
+    }
 }
 
 /// The shard that owns `tenant` among `shards`: FNV-1a 64 of the id's bytes, mod count.
@@ -165,10 +218,11 @@ pub fn ensure_layout(data_dir: &Path, shards: usize) -> Result<Layout, EngineErr
     let path = data_dir.join(LAYOUT_FILE);
     match std::fs::read(&path) {
         Ok(bytes) => {
-            let (recorded, id) = parse_layout(&bytes).map_err(|problem| UnreadableFile {
-                file: path.display().to_string(),
-                problem,
-            })?;
+            let (recorded, id, epochs) =
+                parse_layout(&bytes).map_err(|problem| UnreadableFile {
+                    file: path.display().to_string(),
+                    problem,
+                })?;
             if recorded != shards {
                 return Err(EngineError::Layout(format!(
                     "the data directory {} was created with {recorded} shard(s) and this server \
@@ -178,7 +232,7 @@ pub fn ensure_layout(data_dir: &Path, shards: usize) -> Result<Layout, EngineErr
                 )));
             }
             let layout = match id {
-                Some(id) => Layout { shards, id },
+                Some(id) => Layout { shards, id, epochs },
                 None => {
                     // Version 1, written before data directory ids: name it now.
                     let layout = new_layout(shards).map_err(|e| io_error("cannot name", e))?;
@@ -208,6 +262,16 @@ pub fn ensure_layout(data_dir: &Path, shards: usize) -> Result<Layout, EngineErr
 /// restore calls this last, after every shard's files are in place, so a restore that
 /// did not finish leaves a directory `oc-server` refuses to open.
 pub fn create_layout(data_dir: &Path, shards: usize) -> Result<Layout, EngineError> {
+    create_layout_with_epochs(data_dir, shards, Vec::new())
+}
+
+/// [`create_layout`] for a directory whose history already went through `epochs` (a
+/// restore starts a new epoch).
+pub fn create_layout_with_epochs(
+    data_dir: &Path,
+    shards: usize,
+    epochs: Vec<EpochStart>,
+) -> Result<Layout, EngineError> {
     check_shard_count(shards)?;
     let io_error = |what: &str, e: std::io::Error| {
         EngineError::Layout(format!("{what} {}: {e}", data_dir.display()))
@@ -218,7 +282,8 @@ pub fn create_layout(data_dir: &Path, shards: usize) -> Result<Layout, EngineErr
             data_dir.display()
         )));
     }
-    let layout = new_layout(shards).map_err(|e| io_error("cannot name", e))?;
+    let mut layout = new_layout(shards).map_err(|e| io_error("cannot name", e))?;
+    layout.epochs = epochs;
     write_layout(data_dir, &layout).map_err(|e| io_error("cannot record the layout in", e))?;
     Ok(layout)
 }
@@ -236,11 +301,15 @@ fn new_layout(shards: usize) -> std::io::Result<Layout> {
     Ok(Layout {
         shards,
         id: DataDirId::random()?,
+        epochs: Vec::new(),
     })
 }
 
 /// The shard count and the id (`None` for a version 1 file).
-fn parse_layout(bytes: &[u8]) -> Result<(usize, Option<DataDirId>), FileProblem> {
+/// The shard count, the id (`None` for a version 1 file) and the epochs after the first.
+type ParsedLayout = (usize, Option<DataDirId>, Vec<EpochStart>);
+
+fn parse_layout(bytes: &[u8]) -> Result<ParsedLayout, FileProblem> {
     let file = LayoutFile::decode(bytes)?;
     if file.placement != PLACEMENT_RULE {
         return Err(FileProblem::BadField {
@@ -258,12 +327,48 @@ fn parse_layout(bytes: &[u8]) -> Result<(usize, Option<DataDirId>), FileProblem>
         }
     };
     if file.format_version == LAYOUT_FORMAT_VERSION_NO_ID {
-        return Ok((shards, None));
+        return Ok((shards, None, Vec::new()));
     }
     let id = file
         .data_dir_id
         .ok_or(FileProblem::MissingField("data_dir_id"))?;
-    Ok((shards, Some(id)))
+    // Epochs rise, each names every shard, and no shard's start goes back.
+    let mut previous: Option<&EpochStart> = None;
+    for e in &file.epochs {
+        let bad = |why: String| FileProblem::BadField {
+            field: "epochs",
+            why,
+        };
+        if e.first_lsn.len() != shards {
+            return Err(bad(format!(
+                "epoch {} names {} shards, not {shards}",
+                e.epoch,
+                e.first_lsn.len()
+            )));
+        }
+        let (last_epoch, last_starts) =
+            previous.map_or((1, None), |p| (p.epoch, Some(&p.first_lsn)));
+        if e.epoch <= last_epoch {
+            return Err(bad(format!(
+                "epoch {} does not follow epoch {last_epoch}",
+                e.epoch
+            )));
+        }
+        if last_starts.is_some_and(|starts| starts.iter().zip(&e.first_lsn).any(|(a, b)| b < a)) {
+            return Err(bad(format!(
+                "epoch {} starts before the epoch it follows",
+                e.epoch
+            )));
+        }
+        previous = Some(e);
+    }
+    if file.epochs.is_empty() != (file.format_version == LAYOUT_FORMAT_VERSION) {
+        return Err(FileProblem::BadField {
+            field: "format_version",
+            why: "version 3 records epochs, version 2 none".into(),
+        });
+    }
+    Ok((shards, Some(id), file.epochs))
 }
 
 /// Written to a temporary name, synced, renamed, and the directory synced, so a crash
@@ -396,6 +501,7 @@ mod tests {
         let layout = Layout {
             shards: 4,
             id: DataDirId(0x5f0c_9d7e_2b8a_41c6_a3e1_f0d2_c4b6_a8e0),
+            epochs: Vec::new(),
         };
         let text = LayoutFile::of(&layout).text();
         assert_eq!(
@@ -412,9 +518,74 @@ mod tests {
         assert_eq!(text, format!("{legacy:#}\n"));
         assert_eq!(
             parse_layout(text.as_bytes()).expect("round trip"),
-            (4, Some(layout.id))
+            (4, Some(layout.id), Vec::new())
         );
         crate::json_file::assert_required_fields(&LayoutFile::of(&layout));
+    }
+
+    #[test]
+    fn epochs_round_trip_as_version_3_and_tell_history_from_a_dead_branch() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let epochs = vec![
+            EpochStart {
+                epoch: 2,
+                first_lsn: vec![101, 51],
+            },
+            EpochStart {
+                epoch: 5,
+                first_lsn: vec![201, 51],
+            },
+        ];
+        let made = create_layout_with_epochs(dir.path(), 2, epochs.clone()).expect("create");
+        let read = ensure_layout(dir.path(), 2).expect("read back");
+        assert_eq!(read, made);
+        assert_eq!(read.epoch(), 5);
+        let text = std::fs::read_to_string(dir.path().join(LAYOUT_FILE)).expect("file");
+        assert!(text.contains("\"format_version\": 3"), "{text}");
+        // Shard 0: epoch 1 up to LSN 100, epoch 2 from 101 to 200, epoch 5 from 201.
+        assert!(read.on_history(0, 1, 100));
+        assert!(
+            !read.on_history(0, 1, 101),
+            "past where epoch 2 began: a dead branch"
+        );
+        assert!(read.on_history(0, 2, 200));
+        assert!(!read.on_history(0, 2, 201));
+        assert!(
+            read.on_history(0, 5, 1_000_000),
+            "the current epoch (the log bounds it)"
+        );
+        assert!(!read.on_history(0, 6, 1), "a future epoch");
+        assert!(
+            !read.on_history(0, 3, 150),
+            "an epoch this history has no record of"
+        );
+        // Epochs that go back, or name the wrong shard count, are refused.
+        for bad in [
+            vec![EpochStart {
+                epoch: 1,
+                first_lsn: vec![1, 1],
+            }],
+            vec![EpochStart {
+                epoch: 2,
+                first_lsn: vec![1],
+            }],
+            vec![
+                EpochStart {
+                    epoch: 2,
+                    first_lsn: vec![10, 10],
+                },
+                EpochStart {
+                    epoch: 3,
+                    first_lsn: vec![5, 10],
+                },
+            ],
+        ] {
+            let file = LayoutFile::of(&Layout {
+                epochs: bad,
+                ..made.clone()
+            });
+            assert!(parse_layout(file.text().as_bytes()).is_err());
+        }
     }
 
     #[test]
@@ -423,7 +594,7 @@ mod tests {
         let path = dir.path().join(LAYOUT_FILE);
         for (text, wanted) in [
             (
-                r#"{"format_version":3,"shards":1,"placement":"fnv1a64-mod"}"#,
+                r#"{"format_version":4,"shards":1,"placement":"fnv1a64-mod"}"#,
                 "version",
             ),
             (
@@ -439,7 +610,7 @@ mod tests {
             };
             assert_eq!(file, &path.display().to_string());
             match (wanted, problem) {
-                ("version", FileProblem::UnsupportedVersion { found: 3, .. }) => {}
+                ("version", FileProblem::UnsupportedVersion { found: 4, .. }) => {}
                 (field, FileProblem::MissingField(missing)) if field == *missing => {}
                 _ => panic!("{text}: {problem:?}"),
             }

@@ -76,6 +76,8 @@ pub struct ConnectionSettings {
     pub tls: Option<TlsAcceptor>,
     /// The archive, read by `/watch` resumes older than the local log.
     pub archive: Option<std::sync::Arc<dyn oc_ship::archive::Archive>>,
+    /// The data directory's layout (its epochs).
+    pub layout: std::sync::Arc<oc_engine::placement::Layout>,
 }
 
 thread_local! {
@@ -157,6 +159,7 @@ pub async fn serve_shard(
         settings.auth.clone(),
         node.id(),
         settings.archive.clone(),
+        settings.layout.clone(),
     ));
     let settings = Rc::new(settings);
     let accept_waiter = state.new_waiter();

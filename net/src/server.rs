@@ -26,6 +26,7 @@ use oc_engine::{
     stop_all, CheckpointPolicy, PoolConfig, ShardNode, ShardOpenReport, ShardPool, ShardRouter,
 };
 use oc_io::executor::executor_builder;
+use oc_io::WalConfig;
 
 use oc_io::dir_lock::DirLock;
 use oc_io::fail_stop::{self, LineFormat};
@@ -191,13 +192,18 @@ pub fn run(config: ServerConfig) -> Result<()> {
         auth,
         tls: config.tls().map_err(|e| anyhow!(e))?,
         archive: replay_archive,
+        layout: std::sync::Arc::new(layout.clone()),
     };
     let pool_config = PoolConfig {
         shards,
         pin_to_cores: !config.no_pin,
         spin_before_park: (config.spin_before_park_us > 0)
             .then(|| Duration::from_micros(config.spin_before_park_us)),
-        wal: config.wal_config(),
+        wal: WalConfig {
+            // A restored directory writes the epoch its restore started.
+            epoch: oc_io::Epoch(layout.epoch()),
+            ..config.wal_config()
+        },
         hold_wal_for_archive: shipping,
         quotas: config.tenant_quotas(),
         checkpoint: Some(CheckpointPolicy {

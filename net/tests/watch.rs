@@ -293,11 +293,17 @@ fn resume_replays_exactly_what_was_missed_and_reports_what_cannot_be_replayed() 
     let mut sse = Sse::open(&watch_url(&server, "acme", "?tables=other"), &[]).expect("opens");
     assert_eq!(sse.next().expect("hello").event, "hello");
     let lsn = upsert(&server, "acme", &[100]);
-    let events = sse.read_until(Duration::from_secs(10), |e| e.event == "progress");
+    // (A progress event may come before the write is applied: wait for one past it.)
+    let events = sse.read_until(Duration::from_secs(10), |e| {
+        e.event == "progress" && e.data["lsn"].as_u64().is_some_and(|l| l >= lsn)
+    });
     assert!(changes(&events).is_empty(), "{events:?}");
     let progress = events.last().expect("progress");
     assert_eq!(progress.event, "progress");
-    assert!(progress.data["lsn"].as_u64().expect("lsn") >= lsn);
+    assert!(
+        progress.data["lsn"].as_u64().expect("lsn") >= lsn,
+        "write at {lsn}: {events:?}"
+    );
     assert_eq!(
         progress.id.as_deref(),
         Some(format!("1-{}", progress.data["lsn"]).as_str())
@@ -904,4 +910,93 @@ fn revoking_a_key_ends_its_streams_and_voids_its_tokens() {
     assert_eq!(events.last().map(|e| e.event.as_str()), Some("schema"));
     // The token minted with the revoked key opens nothing any more.
     assert_eq!(Sse::open(&with_token, &[]).err().map(|e| e.0), Some(401));
+}
+
+#[test]
+fn after_a_restore_old_ids_resume_on_the_shared_history_and_reset_past_the_fork() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let archive = format!("file://{}", dir.path().join("archive").display());
+    let server = Server::start(
+        &dir.path().join("data"),
+        &[
+            "--shards",
+            "1",
+            "--archive",
+            &archive,
+            "--tail-window-ms",
+            "100",
+        ],
+    );
+    server.create_tenant_with_items("acme");
+    let before: Vec<u64> = (0..5).map(|id| upsert(&server, "acme", &[id])).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let cut_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_micros() as u64;
+    std::thread::sleep(Duration::from_millis(200));
+    let lost: Vec<u64> = (5..8).map(|id| upsert(&server, "acme", &[id])).collect();
+    common::wait_until_archived(&server, 1);
+    assert!(server.terminate().success());
+
+    // Restore to the instant between the two groups of writes: a new epoch begins
+    // right after the restore point, and LSNs of the lost writes are used again.
+    let restored = dir.path().join("restored");
+    let target = oc_ship::timestamp::format_rfc3339(cut_us);
+    let run = common::oc_pitr(&[
+        "restore",
+        "--archive",
+        &archive,
+        "--target",
+        &target,
+        "--data-dir",
+        restored.to_str().expect("utf-8"),
+    ]);
+    assert!(run.success, "{run:?}");
+    let server = Server::start(&restored, &["--shards", "1", "--archive", "none"]);
+    let mut sse = Sse::open(&watch_url(&server, "acme", ""), &[]).expect("opens");
+    let hello = sse.next().expect("hello");
+    assert_eq!(
+        hello.data["epoch"], 2,
+        "a restore starts epoch 2: {hello:?}"
+    );
+    let again: Vec<u64> = (100..103)
+        .map(|id| upsert(&server, "acme", &[id]))
+        .collect();
+    assert_eq!(
+        again[0], lost[0],
+        "the restored server writes the lost writes' LSNs again"
+    );
+    let events = sse.read_until(Duration::from_secs(10), |e| e.data["key"]["id"] == 102);
+    assert!(events
+        .iter()
+        .filter_map(|e| e.id.as_deref())
+        .all(|id| id.starts_with("2-")));
+
+    // An id on the shared history resumes: the rest of it, then the new epoch.
+    let shared = format!("1-{}", before[2]);
+    let mut sse = Sse::open(
+        &watch_url(&server, "acme", ""),
+        &[("last-event-id", &shared)],
+    )
+    .expect("opens");
+    assert_eq!(sse.next().expect("hello").event, "hello");
+    let events = sse.read_until(Duration::from_secs(10), |e| e.data["key"]["id"] == 102);
+    assert!(events.iter().all(|e| e.event != "reset"), "{events:?}");
+    let expected: Vec<(u64, i64)> = vec![
+        (before[3], 3),
+        (before[4], 4),
+        (again[0], 100),
+        (again[1], 101),
+        (again[2], 102),
+    ];
+    assert_eq!(changes(&events), expected);
+
+    // An id from past the restore point is on a branch this server does not have,
+    // although its LSN exists here too: reset, never the other history's events.
+    let dead = format!("1-{}", lost[1]);
+    let mut sse =
+        Sse::open(&watch_url(&server, "acme", ""), &[("last-event-id", &dead)]).expect("opens");
+    assert_eq!(sse.next().expect("hello").event, "hello");
+    assert_eq!(sse.next().expect("reset").event, "reset");
 }

@@ -143,6 +143,13 @@ impl ShardCatalog {
         Ok(catalog)
     }
 
+    /// The newest epoch any of the shard's log objects was written in.
+    pub fn newest_epoch(&self) -> u64 {
+        let segments = self.segments.iter().map(|s| s.epoch.0);
+        let tails = self.tails.keys().map(|(epoch, _)| *epoch);
+        segments.chain(tails).max().unwrap_or(1)
+    }
+
     /// The newest active-segment folder that was not archived sealed since.
     pub fn live_tail(&self) -> Option<(&(u64, Lsn), &Vec<TailPieceKey>)> {
         self.tails

@@ -18,7 +18,7 @@ use std::fs::{self, File};
 use std::io::Write;
 use std::path::Path;
 
-use oc_engine::placement::{create_layout, shard_dir, DataDirId};
+use oc_engine::placement::{create_layout_with_epochs, shard_dir, DataDirId, EpochStart};
 use oc_io::dir_lock::{DirLock, DirLockError, LOCK_FILE};
 use oc_io::Lsn;
 
@@ -341,8 +341,10 @@ pub fn restore(
     refuse_unless_empty(data_dir)?;
     let manifest = read_archive_manifest(archive)?;
     let mut plans = Vec::new();
+    let mut newest_epoch = 1;
     for shard in 0..manifest.shards {
         let catalog = ShardCatalog::load(archive, shard)?;
+        newest_epoch = newest_epoch.max(catalog.newest_epoch());
         plans.push(plan_shard(&catalog, target).map_err(PitrError::Refused)?);
     }
     let mut restored = Vec::new();
@@ -350,8 +352,15 @@ pub fn restore(
         restored.push(restore_shard(archive, &plan, target, data_dir, progress)?);
     }
     sync_dir(data_dir)?;
-    let layout =
-        create_layout(data_dir, manifest.shards).map_err(|e| PitrError::Refused(e.to_string()))?;
+    // The restored directory writes a new epoch from the LSN after the restore point:
+    // the old history past it (a dead branch) is never confused with what it writes
+    // again under the same LSNs (a `/watch` id from it gets `reset`).
+    let next_epoch = EpochStart {
+        epoch: newest_epoch + 1,
+        first_lsn: restored.iter().map(|s| s.last_lsn.0 + 1).collect(),
+    };
+    let layout = create_layout_with_epochs(data_dir, manifest.shards, vec![next_epoch])
+        .map_err(|e| PitrError::Refused(e.to_string()))?;
     Ok(Restored {
         shards: restored,
         data_dir_id: layout.id,

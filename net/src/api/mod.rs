@@ -58,6 +58,9 @@ pub struct ApiContext {
     pub shard: usize,
     /// The archive, for `/watch` resumes older than the local log.
     pub archive: Option<std::sync::Arc<dyn oc_ship::archive::Archive>>,
+    /// The data directory's layout: its epochs tell `/watch` ids of this history from
+    /// ids of a branch it does not have.
+    pub layout: std::sync::Arc<oc_engine::placement::Layout>,
     next_request: Cell<u64>,
     known_keys: KnownKeys,
 }
@@ -69,6 +72,7 @@ impl ApiContext {
         auth: AuthConfig,
         shard: usize,
         archive: Option<std::sync::Arc<dyn oc_ship::archive::Archive>>,
+        layout: std::sync::Arc<oc_engine::placement::Layout>,
     ) -> Self {
         ApiContext {
             router,
@@ -76,6 +80,7 @@ impl ApiContext {
             auth,
             shard,
             archive,
+            layout,
             next_request: Cell::new(0),
             known_keys: RefCell::new(HashMap::new()),
         }
@@ -259,7 +264,7 @@ async fn open_watch(
         .headers()
         .get("last-event-id")
         .map(|v| v.to_str().unwrap_or("\u{fffd}"));
-    let request = watch::parse_request(req.uri().query(), last_event_id)?;
+    let request = watch::parse_request(req.uri().query(), last_event_id, ctx.layout.epoch())?;
     let mut key_id = None;
     match &request.token {
         Some(token) => key_id = crate::auth::check_watch_token(token, &tenant, &ctx.auth)?,
@@ -278,6 +283,7 @@ async fn open_watch(
         ctx.limits.watch,
         key_id,
         ctx.limits.rate_limit,
+        &ctx.layout,
     )
     .await
 }

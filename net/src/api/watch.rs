@@ -31,6 +31,7 @@ use glommio::Task;
 use hyper::body::Frame;
 use hyper::StatusCode;
 use oc_engine::feed::{self, ChangeBatch, EventKind, TapEnd, TapReceiver};
+use oc_engine::placement::Layout;
 use oc_engine::{owner_of, ChangesRead, ShardNode, ShardRouter, TenantId};
 use oc_io::Lsn;
 use oc_ship::archive::Archive;
@@ -60,8 +61,6 @@ const TAP_BATCHES: usize = 4096;
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 /// Tables a stream may filter on.
 const MAX_FILTER_TABLES: usize = 64;
-/// The epoch of this server's log (no replication yet: always 1).
-const EPOCH: u64 = 1;
 /// A replay page that fails is tried again this many times (with backoff) before the
 /// stream ends with a retryable `error`.
 const REPLAY_TRIES: u32 = 3;
@@ -444,6 +443,7 @@ pub struct WatchRequest {
 pub fn parse_request(
     query: Option<&str>,
     last_event_id: Option<&str>,
+    epoch: u64,
 ) -> Result<WatchRequest, ApiError> {
     let bad = |code: &'static str, message: String| ApiError::bad_request(code, message);
     let mut request = WatchRequest::default();
@@ -476,7 +476,7 @@ pub fn parse_request(
                         format!("from_lsn={value:?} is not an LSN (a non-negative integer)"),
                     )
                 })?;
-                request.resume.get_or_insert((EPOCH, Lsn(lsn)));
+                request.resume.get_or_insert((epoch, Lsn(lsn)));
             }
             "token" => request.token = Some(value.to_string()),
             _ => {
@@ -515,7 +515,9 @@ pub async fn open(
     limits: WatchLimits,
     key_id: Option<String>,
     rate_limit: crate::rate_limit::RateLimit,
+    layout: &Layout,
 ) -> Result<WatchBody, ApiError> {
+    let epoch = layout.epoch();
     if closing() {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -594,11 +596,16 @@ pub async fn open(
     // Where this stream starts: after `start`; the log is replayed up to `position`.
     let (start, replay) = match request.resume {
         None => (position, None),
-        Some((epoch, lsn)) if epoch != EPOCH || lsn > position => {
-            out.push_back(hello(position, request.resume));
+        Some((e, lsn))
+            if !layout.on_history(owner_of(&router, &tenant), e, lsn.0)
+                || (e == epoch && lsn > position) =>
+        {
+            out.push_back(hello(position, request.resume, epoch));
             out.push_back(reset(
                 position,
-                "the resume point is not on this server's log (another epoch, or ahead of it)",
+                "the resume point is not on this server's history (ahead of its log, or on \
+                 a branch it does not have: before a restore, say)",
+                epoch,
             ));
             (position, None)
         }
@@ -606,12 +613,13 @@ pub async fn open(
         Some((_, lsn)) => (lsn, Some(lsn)),
     };
     if out.is_empty() {
-        out.push_back(hello(start, request.resume));
+        out.push_back(hello(start, request.resume, epoch));
     }
     sub.start_after(start.max(position));
     sub.replaying.set(replay.is_some());
     metrics::with_http(|m| m.watch_streams_opened += 1);
     let mut body = WatchBody {
+        epoch,
         sub,
         hub,
         router,
@@ -678,6 +686,8 @@ async fn read_archive(
 
 /// The body of one `/watch` response.
 pub struct WatchBody {
+    /// The epoch this server writes (in ids it makes itself: hello, progress, reset).
+    epoch: u64,
     sub: Rc<Subscriber>,
     hub: Rc<Hub>,
     router: Rc<ShardRouter>,
@@ -880,7 +890,8 @@ impl WatchBody {
                     None => "neither the log nor the archive holds the resume point any more"
                         .to_string(),
                 };
-                self.out.push_back(reset(self.replay_upto, &why));
+                self.out
+                    .push_back(reset(self.replay_upto, &why, self.epoch));
                 self.last_id = self.replay_upto;
             }
             Err(why) => {
@@ -963,8 +974,9 @@ impl hyper::body::Body for WatchBody {
                     this.sub.after.set(this.sub.after.get().max(position));
                     this.last_id = position;
                     this.out.push_back(Bytes::from(format!(
-                        "event: progress\ndata: {{\"lsn\":{}}}\nid: {EPOCH}-{}\n\n",
-                        position.0, position.0
+                        "event: progress\ndata: {{\"lsn\":{lsn}}}\nid: {epoch}-{lsn}\n\n",
+                        lsn = position.0,
+                        epoch = this.epoch,
                     )));
                 }
                 continue;
@@ -985,21 +997,21 @@ impl Drop for WatchBody {
     }
 }
 
-fn hello(start: Lsn, resume: Option<(u64, Lsn)>) -> Bytes {
+fn hello(start: Lsn, resume: Option<(u64, Lsn)>, epoch: u64) -> Bytes {
     let resumed = match resume {
         Some((epoch, lsn)) => format!("\"{epoch}-{}\"", lsn.0),
         None => "null".into(),
     };
     Bytes::from(format!(
-        "event: hello\ndata: {{\"lsn\":{},\"epoch\":{EPOCH},\"resumed_from\":{resumed}}}\nid: {EPOCH}-{}\nretry: 1000\n\n",
+        "event: hello\ndata: {{\"lsn\":{},\"epoch\":{epoch},\"resumed_from\":{resumed}}}\nid: {epoch}-{}\nretry: 1000\n\n",
         start.0, start.0
     ))
 }
 
-fn reset(lsn: Lsn, why: &str) -> Bytes {
+fn reset(lsn: Lsn, why: &str, epoch: u64) -> Bytes {
     let why = serde_json::to_string(why).unwrap_or_else(|_| "\"\"".into());
     Bytes::from(format!(
-        "event: reset\ndata: {{\"lsn\":{},\"reason\":{why}}}\nid: {EPOCH}-{}\n\n",
+        "event: reset\ndata: {{\"lsn\":{},\"reason\":{why}}}\nid: {epoch}-{}\n\n",
         lsn.0, lsn.0
     ))
 }
@@ -1010,10 +1022,10 @@ mod tests {
 
     #[test]
     fn requests_parse_and_bad_ones_name_what_to_fix() {
-        let r = parse_request(Some("tables=a,b&from_lsn=7"), None).expect("valid");
+        let r = parse_request(Some("tables=a,b&from_lsn=7"), None, 1).expect("valid");
         assert_eq!(r.tables, Some(vec!["a".to_string(), "b".to_string()]));
-        assert_eq!(r.resume, Some((EPOCH, Lsn(7))));
-        let r = parse_request(Some("from_lsn=7"), Some("1-9")).expect("valid");
+        assert_eq!(r.resume, Some((1, Lsn(7))));
+        let r = parse_request(Some("from_lsn=7"), Some("1-9"), 1).expect("valid");
         assert_eq!(r.resume, Some((1, Lsn(9))), "Last-Event-ID wins");
         for (query, id, code) in [
             (Some("tables="), None, "invalid_query_string"),
@@ -1022,7 +1034,7 @@ mod tests {
             (Some("nope=1"), None, "invalid_query_string"),
             (None, Some("abc"), "invalid_last_event_id"),
         ] {
-            let err = parse_request(query, id).expect_err("refused");
+            let err = parse_request(query, id, 1).expect_err("refused");
             assert_eq!(err.code, code, "{query:?} {id:?}: {}", err.message);
         }
     }
