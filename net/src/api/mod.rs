@@ -275,17 +275,7 @@ async fn open_watch(
             }
         }
     }
-    watch::open(
-        ctx.router.clone(),
-        ctx.archive.clone(),
-        tenant,
-        request,
-        ctx.limits.watch,
-        key_id,
-        ctx.limits.rate_limit,
-        &ctx.layout,
-    )
-    .await
+    watch::open(ctx, tenant, request, key_id).await
 }
 
 /// The path split into segments (`/v1/tenants/a` → `["v1", "tenants", "a"]`).

@@ -31,7 +31,6 @@ use glommio::Task;
 use hyper::body::Frame;
 use hyper::StatusCode;
 use oc_engine::feed::{self, ChangeBatch, EventKind, TapEnd, TapReceiver};
-use oc_engine::placement::Layout;
 use oc_engine::{owner_of, ChangesRead, ShardNode, ShardRouter, TenantId};
 use oc_io::Lsn;
 use oc_ship::archive::Archive;
@@ -506,17 +505,16 @@ fn parse_event_id(id: &str) -> Option<(u64, Lsn)> {
     Some((epoch.parse().ok()?, Lsn(lsn.parse().ok()?)))
 }
 
-/// Opens a stream for `tenant` (the caller is authorized already).
+/// Opens a stream for `tenant` (the caller is authorized already; `key_id` is the API
+/// key it used, directly or through a watch token).
 pub async fn open(
-    router: Rc<ShardRouter>,
-    archive: Option<Arc<dyn Archive>>,
+    ctx: &super::ApiContext,
     tenant: TenantId,
     request: WatchRequest,
-    limits: WatchLimits,
     key_id: Option<String>,
-    rate_limit: crate::rate_limit::RateLimit,
-    layout: &Layout,
 ) -> Result<WatchBody, ApiError> {
+    let (router, archive, layout) = (ctx.router.clone(), ctx.archive.clone(), &*ctx.layout);
+    let (limits, rate_limit) = (ctx.limits.watch, ctx.limits.rate_limit);
     let epoch = layout.epoch();
     if closing() {
         return Err(ApiError::new(
