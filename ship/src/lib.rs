@@ -3,8 +3,9 @@
 //!
 //! The archive's owner record ([`lease`]) is version 1 of the replication lease: it
 //! names the one data directory that writes an archive and the process holding it,
-//! which renews it while it runs and stops writing when another copy takes it. Not
-//! built yet: an ownership TTL and epochs (the replication issue).
+//! which renews it while it runs and stops writing when another copy takes it. A
+//! restore starts a new epoch in the data directory it writes (FORMAT.md §7). Not built
+//! yet: an ownership TTL, and epochs bumped by promotion (the replication issue).
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod archive;
