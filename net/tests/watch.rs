@@ -992,6 +992,24 @@ fn after_a_restore_old_ids_resume_on_the_shared_history_and_reset_past_the_fork(
     ];
     assert_eq!(changes(&events), expected);
 
+    // The log now holds epoch 1 and epoch 2 segments: a restart (kill -9) recovers
+    // both, and the new epoch goes on.
+    drop(sse);
+    server.kill9();
+    let server = Server::start(&restored, &["--shards", "1", "--archive", "none"]);
+    let more = upsert(&server, "acme", &[103]);
+    assert!(more > again[2]);
+    let mut sse = Sse::open(
+        &watch_url(&server, "acme", ""),
+        &[("last-event-id", &shared)],
+    )
+    .expect("opens");
+    assert_eq!(sse.next().expect("hello").data["epoch"], 2);
+    let events = sse.read_until(Duration::from_secs(10), |e| e.data["key"]["id"] == 103);
+    let mut expected_after_restart = expected.clone();
+    expected_after_restart.push((more, 103));
+    assert_eq!(changes(&events), expected_after_restart);
+
     // An id from past the restore point is on a branch this server does not have,
     // although its LSN exists here too: reset, never the other history's events.
     let dead = format!("1-{}", lost[1]);
