@@ -69,7 +69,12 @@ pub fn drill(
             .iter()
             .map(|s| {
                 progress(&format!("shard {}: opening and checking", s.shard));
-                let mut drilled = open_and_check(&dir, s.shard);
+                let mut drilled = open_and_check(&dir, s.shard, restored.epoch);
+                if let Some(why) = &s.stops_early {
+                    drilled.problems.push(format!(
+                        "the restore stopped short of the archive's end: {why}"
+                    ));
+                }
                 drilled.restored_lsn = s.last_lsn.0;
                 drilled.last_commit =
                     (s.last_commit_us > 0).then(|| format_rfc3339(s.last_commit_us));
@@ -93,13 +98,17 @@ pub fn drill(
         }
     });
     if !keep {
-        let _ = std::fs::remove_dir_all(&dir);
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            if dir.exists() {
+                progress(&format!("WARNING: could not remove {}: {e}", dir.display()));
+            }
+        }
     }
     outcome
 }
 
 /// Opens one restored shard as the server would and checks every table.
-fn open_and_check(data_dir: &Path, shard: usize) -> ShardDrill {
+fn open_and_check(data_dir: &Path, shard: usize, epoch: u64) -> ShardDrill {
     let mut report = ShardDrill {
         shard,
         restored_lsn: 0,
@@ -112,7 +121,12 @@ fn open_and_check(data_dir: &Path, shard: usize) -> ShardDrill {
     let dir = shard_dir(data_dir, shard);
     let opened = oc_engine::io::executor::run_local(async {
         let storage = DmaStorage::open(&dir).await?;
-        let (shard, _) = Shard::open(storage, WalConfig::default()).await?;
+        // The epoch the restored directory writes: its log may hold newer epochs than 1.
+        let config = WalConfig {
+            epoch: oc_engine::io::Epoch(epoch),
+            ..WalConfig::default()
+        };
+        let (shard, _) = Shard::open(storage, config).await?;
         let checked = shard.with_state(|state| {
             let mut found = (0, 0, 0, Vec::new());
             for (id, tenant) in &state.tenants {

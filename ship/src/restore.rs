@@ -318,6 +318,8 @@ pub struct ShardRestored {
 /// What a restore wrote.
 #[derive(Debug, Clone)]
 pub struct Restored {
+    /// The epoch the restored directory writes.
+    pub epoch: u64,
     pub shards: Vec<ShardRestored>,
     /// The new directory's id (never the archive owner's).
     pub data_dir_id: DataDirId,
@@ -354,14 +356,27 @@ pub fn restore(
     sync_dir(data_dir)?;
     // The restored directory writes a new epoch from the LSN after the restore point:
     // the old history past it (a dead branch) is never confused with what it writes
-    // again under the same LSNs (a `/watch` id from it gets `reset`).
-    let next_epoch = EpochStart {
-        epoch: newest_epoch + 1,
+    // again under the same LSNs (a `/watch` id from it gets `reset`). The epoch is
+    // above every epoch in the archive and at least the restore's time in seconds, so
+    // two restores from one archive (each shipping to a new archive) never share one.
+    let restored_at_s = oc_engine::io::TimestampMicros::now().0 / 1_000_000;
+    let mut epochs = Vec::new();
+    if newest_epoch > 1 {
+        // Where the archive's own epochs began is not recorded here: ids of its newest
+        // epoch count from 0 (none lies below where it began), older ones get `reset`.
+        epochs.push(EpochStart {
+            epoch: newest_epoch,
+            first_lsn: vec![0; manifest.shards],
+        });
+    }
+    epochs.push(EpochStart {
+        epoch: (newest_epoch + 1).max(restored_at_s),
         first_lsn: restored.iter().map(|s| s.last_lsn.0 + 1).collect(),
-    };
-    let layout = create_layout_with_epochs(data_dir, manifest.shards, vec![next_epoch])
+    });
+    let layout = create_layout_with_epochs(data_dir, manifest.shards, epochs)
         .map_err(|e| PitrError::Refused(e.to_string()))?;
     Ok(Restored {
+        epoch: layout.epoch(),
         shards: restored,
         data_dir_id: layout.id,
     })

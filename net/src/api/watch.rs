@@ -930,6 +930,14 @@ impl hyper::body::Body for WatchBody {
                 );
                 continue;
             }
+            // A revoked key or a dropped tenant ends a resume too.
+            if matches!(
+                this.sub.end.get(),
+                Some(StreamEnd::Revoked | StreamEnd::TenantDropped)
+            ) {
+                this.replay = None;
+                this.sub.replaying.set(false);
+            }
             if this.replay.is_some() {
                 if this.poll_replay(cx).is_pending() {
                     // A long replay must not look idle to the connection's timeout.
