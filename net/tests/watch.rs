@@ -125,6 +125,18 @@ const SMALL_LOG: [&str; 6] = [
     "1048576",
 ];
 
+/// A server with an admin token (and `extra` flags), and that token.
+fn start_with_admin(dir: &std::path::Path, extra: &[&str]) -> (Server, &'static str) {
+    let admin = "watch-test-admin-token-0123456789";
+    let data = dir.join("data");
+    let token_file = data.with_extension("token");
+    std::fs::write(&token_file, format!("{admin}\n")).expect("token file");
+    let token_arg = token_file.to_str().expect("utf-8").to_string();
+    let mut args = vec!["--archive", "none", "--admin-token-file", &token_arg];
+    args.extend_from_slice(extra);
+    (Server::start(&data, &args), admin)
+}
+
 fn watch_url(server: &Server, tenant: &str, query: &str) -> String {
     format!("{}/v1/tenants/{tenant}/watch{query}", server.api)
 }
@@ -671,21 +683,7 @@ fn sigterm_ends_every_stream_with_shutdown_without_waiting_out_the_grace() {
 #[test]
 fn limits_tokens_and_keys_guard_streams() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let data = dir.path().join("data");
-    let admin = "watch-test-admin-token-0123456789";
-    let token_file = data.with_extension("token");
-    std::fs::write(&token_file, format!("{admin}\n")).expect("token file");
-    let server = Server::start(
-        &data,
-        &[
-            "--archive",
-            "none",
-            "--admin-token-file",
-            token_file.to_str().expect("utf-8"),
-            "--watch-max-streams-per-tenant",
-            "2",
-        ],
-    );
+    let (server, admin) = start_with_admin(dir.path(), &["--watch-max-streams-per-tenant", "2"]);
     let call = |method: &str, path: &str, body: Option<Value>, token: &str| {
         let url = format!("{}{path}", server.api);
         request_as(method, &url, body.map(|b| b.to_string()).as_deref(), token)
@@ -779,22 +777,9 @@ fn limits_tokens_and_keys_guard_streams() {
 #[test]
 fn a_keys_stream_opens_count_against_its_rate_limit() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let data = dir.path().join("data");
-    let admin = "watch-rate-admin-token-0123456789";
-    let token_file = data.with_extension("token");
-    std::fs::write(&token_file, format!("{admin}\n")).expect("token file");
-    let server = Server::start(
-        &data,
-        &[
-            "--archive",
-            "none",
-            "--admin-token-file",
-            token_file.to_str().expect("utf-8"),
-            "--rate-limit-rps",
-            "0.1",
-            "--rate-limit-burst",
-            "3",
-        ],
+    let (server, admin) = start_with_admin(
+        dir.path(),
+        &["--rate-limit-rps", "0.1", "--rate-limit-burst", "3"],
     );
     let call = |method: &str, path: &str, body: Option<Value>| {
         let url = format!("{}{path}", server.api);
@@ -825,19 +810,7 @@ fn a_keys_stream_opens_count_against_its_rate_limit() {
 #[test]
 fn revoking_a_key_ends_its_streams_and_voids_its_tokens() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let data = dir.path().join("data");
-    let admin = "watch-revoke-admin-token-0123456789";
-    let token_file = data.with_extension("token");
-    std::fs::write(&token_file, format!("{admin}\n")).expect("token file");
-    let server = Server::start(
-        &data,
-        &[
-            "--archive",
-            "none",
-            "--admin-token-file",
-            token_file.to_str().expect("utf-8"),
-        ],
-    );
+    let (server, admin) = start_with_admin(dir.path(), &[]);
     let call = |method: &str, path: &str, body: Option<Value>, token: &str| {
         let url = format!("{}{path}", server.api);
         request_as(method, &url, body.map(|b| b.to_string()).as_deref(), token)
