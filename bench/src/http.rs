@@ -243,31 +243,36 @@ fn row_body(id: u64, rng: &mut SimRng) -> String {
         .to_string()
 }
 
-/// Creates the tenant and table (if missing) and preloads `rows` rows.
-pub(crate) async fn prepare(target: &Target, rows: u64) -> Result<()> {
-    let mut conn = Connection::open(target).await?;
-    let status = conn
-        .request(
-            "POST",
-            "/v1/tenants",
-            Some(&json!({"tenant": TENANT}).to_string()),
-        )
-        .await?;
+/// Creates `tenant` and its table `table` (a table schema as JSON) unless they exist.
+pub(crate) async fn create_tenant_and_table(
+    conn: &mut Connection,
+    tenant: &str,
+    table: &serde_json::Value,
+) -> Result<()> {
+    let body = json!({ "tenant": tenant }).to_string();
+    let status = conn.request("POST", "/v1/tenants", Some(&body)).await?;
     if status != 201 && status != 409 {
         bail!("creating the tenant answered {status}");
     }
-    let table = json!({
-        "name": TABLE,
-        "columns": [{"name": "id", "type": "int"}, {"name": "body", "type": "text"}],
-        "primary_key": ["id"],
-    });
-    let path = format!("/v1/tenants/{TENANT}/tables");
+    let path = format!("/v1/tenants/{tenant}/tables");
     let status = conn
         .request("POST", &path, Some(&table.to_string()))
         .await?;
     if status != 201 && status != 409 {
         bail!("creating the table answered {status}");
     }
+    Ok(())
+}
+
+/// Creates the tenant and table (if missing) and preloads `rows` rows.
+pub(crate) async fn prepare(target: &Target, rows: u64) -> Result<()> {
+    let mut conn = Connection::open(target).await?;
+    let table = json!({
+        "name": TABLE,
+        "columns": [{"name": "id", "type": "int"}, {"name": "body", "type": "text"}],
+        "primary_key": ["id"],
+    });
+    create_tenant_and_table(&mut conn, TENANT, &table).await?;
     let path = format!("/v1/tenants/{TENANT}/tables/{TABLE}/rows");
     let mut rng = SimRng::new(7);
     for start in (0..rows).step_by(500) {

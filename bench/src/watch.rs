@@ -19,7 +19,7 @@ use glommio::Task;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::http::{parse_url, Connection, Target};
+use crate::http::{create_tenant_and_table, parse_url, Connection, Target};
 use crate::latency::histogram;
 use crate::server::Spawned;
 
@@ -182,28 +182,8 @@ fn raise_open_files() {
 
 async fn prepare(target: &Target) -> Result<()> {
     let mut conn = Connection::open(target).await?;
-    let status = conn
-        .request(
-            "POST",
-            "/v1/tenants",
-            Some(&json!({"tenant": TENANT}).to_string()),
-        )
-        .await?;
-    if status != 201 && status != 409 {
-        bail!("creating the tenant: status {status}");
-    }
     let table = json!({"name": "items", "columns": [{"name": "id", "type": "int"}, {"name": "v", "type": "text"}], "primary_key": ["id"]});
-    let status = conn
-        .request(
-            "POST",
-            &format!("/v1/tenants/{TENANT}/tables"),
-            Some(&table.to_string()),
-        )
-        .await?;
-    if status != 201 && status != 409 {
-        bail!("creating the table: status {status}");
-    }
-    Ok(())
+    create_tenant_and_table(&mut conn, TENANT, &table).await
 }
 
 fn write_body(id: u64) -> String {
