@@ -13,6 +13,7 @@
 //! | `shard.panic` | a tenant id | a row write to that tenant panics on its owner shard |
 //! | `wal.sync.err` | a file path | every `fdatasync` of the real storage fails with EIO while that file exists (a blocking `stat` per sync: test builds only) |
 //! | `shutdown.hang` | anything | the orderly shutdown never finishes (the watchdog must end it) |
+//! | `audit.sync.err` | a file path | every sync of the audit log fails with EIO while that file exists |
 
 /// The environment variable that arms failpoints.
 pub const ENV: &str = "OC_FAILPOINTS";

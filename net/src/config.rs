@@ -155,6 +155,10 @@ pub struct ServerConfig {
     /// The newest checkpoint older than this, and the log after it, are always kept.
     #[arg(long, env = "OC_ARCHIVE_RETENTION", default_value = "7d", value_parser = parse_duration)]
     pub archive_retention: Duration,
+    /// How long the audit log of operator actions is kept, here and in the archive:
+    /// `400d`, `90d`, … Whole files go (8 MiB each), so a little more may stay.
+    #[arg(long, env = "OC_AUDIT_RETENTION", default_value = "400d", value_parser = parse_duration)]
+    pub audit_retention: Duration,
     /// How long the archive's circuit breaker stays open after 5 failed rounds in a
     /// row before one trial upload.
     #[arg(long, env = "OC_ARCHIVE_BREAKER_OPEN_MS", default_value_t = 30_000)]

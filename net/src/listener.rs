@@ -78,6 +78,8 @@ pub struct ConnectionSettings {
     pub archive: Option<std::sync::Arc<dyn oc_ship::archive::Archive>>,
     /// The data directory's layout (its epochs).
     pub layout: std::sync::Arc<oc_engine::placement::Layout>,
+    /// The audit log of operator actions.
+    pub auditor: oc_ship::audit::Auditor,
 }
 
 thread_local! {
@@ -160,6 +162,7 @@ pub async fn serve_shard(
         node.id(),
         settings.archive.clone(),
         settings.layout.clone(),
+        settings.auditor.clone(),
     ));
     let settings = Rc::new(settings);
     let accept_waiter = state.new_waiter();

@@ -102,6 +102,8 @@ pub struct HttpMetrics {
     pub watch_overflows: u64,
     /// From a change's apply on its owner shard to its event handed to the connection.
     pub watch_delivery_latency: LatencyHistogram,
+    /// Audit log writes that failed (the action refused, or its outcome unrecorded).
+    pub audit_failures: u64,
 }
 
 thread_local! {
@@ -330,7 +332,9 @@ pub fn render(shards: &[ShardSnapshot], control: &ControlMetrics) -> Result<Stri
     let mut ask_latency = LatencyHistogram::default();
     let mut watch_latency = LatencyHistogram::default();
     let (mut watch_opened, mut watch_events, mut watch_overflows) = (0, 0, 0);
+    let mut audit_failures = 0;
     for http in shards.iter().map(|s| &s.http).chain([&control.ops_http]) {
+        audit_failures += http.audit_failures;
         ask_latency.merge(&http.ask_latency);
         watch_latency.merge(&http.watch_delivery_latency);
         watch_opened += http.watch_streams_opened;
@@ -405,6 +409,12 @@ pub fn render(shards: &[ShardSnapshot], control: &ControlMetrics) -> Result<Stri
             "From a change's apply on its owner shard to its event handed to the stream's connection.",
             HISTOGRAM,
             vec![histogram(vec![], &watch_latency, 1000.0)],
+        ),
+        family(
+            "oc_audit_failures_total",
+            "Audit log writes that failed: the operator action refused (503 audit_unavailable) or its outcome left unrecorded.",
+            COUNTER,
+            vec![counter(vec![], audit_failures as f64)],
         ),
     ]);
     let (hits, misses) = shards.iter().fold((0, 0), |(h, m), s| {

@@ -101,6 +101,8 @@ pub fn run(config: ServerConfig) -> Result<()> {
     let layout = oc_engine::placement::ensure_layout(&config.data_dir, shards)
         .context("checking the data directory")?;
     tracing::info!(data_dir_id = %layout.id, data_dir = %config.data_dir.display(), "data directory locked");
+    let auditor = oc_ship::audit::start(&config.data_dir, config.audit_retention)
+        .context("opening the audit log")?;
     let (api_fds, api_addr) = listener::bind_shared(config.listen, shards)
         .with_context(|| format!("binding the API on {}", config.listen))?;
 
@@ -124,6 +126,7 @@ pub fn run(config: ServerConfig) -> Result<()> {
                 shards,
                 tail_window: Duration::from_millis(config.tail_window_ms),
                 retention: config.archive_retention,
+                audit_retention: config.audit_retention,
                 breaker: BreakerPolicy {
                     open_for: Duration::from_millis(config.archive_breaker_open_ms),
                     ..BreakerPolicy::default()
@@ -193,6 +196,7 @@ pub fn run(config: ServerConfig) -> Result<()> {
         tls: config.tls().map_err(|e| anyhow!(e))?,
         archive: replay_archive,
         layout: std::sync::Arc::new(layout.clone()),
+        auditor,
     };
     let pool_config = PoolConfig {
         shards,

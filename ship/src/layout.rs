@@ -5,6 +5,7 @@
 //! shard-<i>/checkpoint/<lsn>.snap, <lsn>.json          a checkpoint, manifest last
 //! shard-<i>/wal/<epoch>-<first>-<last>-<last_commit>   a sealed segment image
 //! shard-<i>/tail/<epoch>-<first>/<start>-<end>         a piece of the active segment
+//! audit/<first seq>-<first time>.log                   a file of the audit log
 //! ```
 //!
 //! Numbers are 16 lowercase hex digits, so a listing in byte order is LSN order, and a
@@ -21,6 +22,13 @@ use oc_io::{Epoch, Lsn, BLOCK_SIZE};
 /// Version of the archive layout, recorded in `manifest.json`.
 pub const ARCHIVE_FORMAT_VERSION: u64 = 1;
 pub const MANIFEST_KEY: &str = "manifest.json";
+
+/// Where the audit log's files are copied (`audit/<file name>`, see `audit.rs`).
+pub const AUDIT_PREFIX: &str = "audit/";
+
+pub fn audit_key(file_name: &str) -> String {
+    format!("{AUDIT_PREFIX}{file_name}")
+}
 
 pub fn shard_prefix(shard: usize) -> String {
     format!("shard-{shard}/")

@@ -9,6 +9,7 @@
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod archive;
+pub mod audit;
 pub mod breaker;
 pub mod catalog;
 pub mod drill;

@@ -23,8 +23,10 @@ use oc_io::dir_lock::{DirLock, DirLockError, LOCK_FILE};
 use oc_io::Lsn;
 
 use crate::archive::{Archive, ArchiveError};
+use crate::audit;
 use crate::catalog::{read_archive_manifest, CheckpointManifest, ShardCatalog};
 use crate::layout::{self, FrameAt, SegmentKey, TailPieceKey};
+use crate::timestamp::format_rfc3339;
 
 /// Restore everything the archive has.
 pub const LATEST: u64 = u64::MAX;
@@ -373,6 +375,8 @@ pub fn restore(
         epoch: (newest_epoch + 1).max(restored_at_s),
         first_lsn: restored.iter().map(|s| s.last_lsn.0 + 1).collect(),
     });
+    let new_epoch = epochs.last().map_or(1, |e| e.epoch);
+    restore_audit_log(archive, data_dir, target, new_epoch, progress);
     let layout = create_layout_with_epochs(data_dir, manifest.shards, epochs)
         .map_err(|e| PitrError::Refused(e.to_string()))?;
     Ok(Restored {
@@ -380,6 +384,70 @@ pub fn restore(
         shards: restored,
         data_dir_id: layout.id,
     })
+}
+
+/// Brings the archive's copy of the audit log into the new directory and records the
+/// restore in it. Nothing here fails the restore (the data is what was asked for): a
+/// problem is reported through `progress` as a warning.
+fn restore_audit_log(
+    archive: &dyn Archive,
+    data_dir: &Path,
+    target: u64,
+    epoch: u64,
+    progress: &mut dyn FnMut(&str),
+) {
+    let dir = data_dir.join(audit::AUDIT_DIR);
+    let copied = (|| -> Result<usize, String> {
+        fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let mut copied = 0;
+        for key in archive
+            .list(layout::AUDIT_PREFIX)
+            .map_err(|e| e.to_string())?
+        {
+            let Some(name) = key
+                .strip_prefix(layout::AUDIT_PREFIX)
+                .filter(|n| audit::AuditFile::parse(n).is_some())
+            else {
+                continue;
+            };
+            let bytes = fetch(archive, &key).map_err(|e| e.to_string())?;
+            write_synced(&dir.join(name), &bytes).map_err(|e| e.to_string())?;
+            copied += 1;
+        }
+        sync_dir(&dir).map_err(|e| e.to_string())?;
+        Ok(copied)
+    })();
+    match copied {
+        Ok(n) => progress(&format!("audit log: {n} file(s) copied from the archive")),
+        Err(why) => progress(&format!(
+            "WARNING: the archive's audit log was not copied ({why}); the restored server starts a new one"
+        )),
+    }
+    let marker = audit::AuditLog::open(data_dir).and_then(|mut log| {
+        let target = if target == LATEST {
+            "latest".to_string()
+        } else {
+            format_rfc3339(target)
+        };
+        let seqs = log.append(vec![audit::Pending::Begin(audit::Action {
+            request_id: format!("oc-pitr-{}-epoch-{epoch}", std::process::id()),
+            actor: "oc-pitr".into(),
+            action: "restore".into(),
+            tenant: None,
+            target: Some(target),
+        })])?;
+        log.append(vec![audit::Pending::End {
+            of: seqs[0],
+            status: 200,
+            code: None,
+            effect: audit::Effect::default(),
+        }])
+    });
+    if let Err(e) = marker {
+        progress(&format!(
+            "WARNING: the restore could not be recorded in the audit log: {e}"
+        ));
+    }
 }
 
 /// Refuses a directory holding anything but the lock file.

@@ -16,7 +16,7 @@
 //! oldest segment not archived sealed, so the active segment is never released.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::File;
+use std::fs::{self, File};
 use std::future::Future;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -33,6 +33,7 @@ use oc_io::wal::DurableTail;
 use oc_io::{Lsn, BLOCK_SIZE};
 
 use crate::archive::{Archive, ArchiveError, Condition};
+use crate::audit;
 use crate::breaker::{Breaker, BreakerPolicy};
 use crate::layout::{self, SegmentKey, TailPieceKey};
 use crate::lease::{self, FencedArchive, Holder, Lease, LeaseError, LeaseHold, Renewal, Renewed};
@@ -57,6 +58,8 @@ pub struct ShipperConfig {
     pub shards: usize,
     pub tail_window: Duration,
     pub retention: Duration,
+    /// How long the audit log's archived files are kept.
+    pub audit_retention: Duration,
     pub breaker: BreakerPolicy,
 }
 
@@ -172,6 +175,10 @@ pub struct Shipper {
     shards: Vec<ShardProgress>,
     status: ShipStatus,
     last_retention: Option<Instant>,
+    /// Audit log file → bytes of it the archive holds. Empty at start, so every local
+    /// file is copied once per process (the audit log is small; its sealed files are
+    /// then known complete).
+    audit_shipped: BTreeMap<String, u64>,
     /// The owner record's renewals, until [`start`] hands them to their thread.
     renewal: Option<Renewal>,
 }
@@ -287,6 +294,7 @@ impl Shipper {
             shards,
             status,
             last_retention: None,
+            audit_shipped: BTreeMap::new(),
             renewal: Some(renewal),
         })
     }
@@ -384,6 +392,13 @@ impl Shipper {
             }
             outcomes.push(outcome);
         }
+        if upload {
+            if let Err(e) = self.ship_audit() {
+                tracing::warn!(error = %e, kind = e.kind(), "shipping the audit log failed; retrying next round");
+                self.status
+                    .update(|m| *m.failures.entry(e.kind()).or_default() += 1);
+            }
+        }
         if upload && outcomes.iter().all(Result::is_ok) {
             self.status
                 .update(|m| m.last_success_unix_s = now_us() as f64 / 1e6);
@@ -396,6 +411,9 @@ impl Shipper {
                     if let Err(e) = self.retain(shard, now_us()) {
                         tracing::warn!(shard, error = %e, "archive retention failed; retrying later");
                     }
+                }
+                if let Err(e) = self.retain_audit(now_us()) {
+                    tracing::warn!(error = %e, "archive retention of the audit log failed; retrying later");
                 }
             }
         }
@@ -540,6 +558,62 @@ impl Shipper {
         self.shards[shard]
             .tail_ends
             .insert((epoch.0, first), tail.end);
+        Ok(())
+    }
+
+    /// Copies the audit log's files that grew since the last round, each whole up to
+    /// its last complete line (`audit/<file name>`).
+    fn ship_audit(&mut self) -> Result<(), ShipError> {
+        let dir = self.config.data_dir.join(audit::AUDIT_DIR);
+        let files = audit::list_files(&dir).map_err(|e| local(&dir, e))?;
+        for file in files {
+            let name = file.name();
+            let path = dir.join(&name);
+            let bytes = match fs::metadata(&path) {
+                Ok(m) if self.audit_shipped.get(&name) == Some(&m.len()) => continue,
+                Ok(_) => match fs::read(&path) {
+                    Ok(bytes) => bytes,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(local(&path, e)),
+                },
+                // Removed by the audit log's retention since the listing.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(local(&path, e)),
+            };
+            let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+            if self.audit_shipped.get(&name) == Some(&(complete as u64)) {
+                continue;
+            }
+            self.archive.put(
+                &layout::audit_key(&name),
+                &bytes[..complete],
+                &Condition::Always,
+            )?;
+            self.count_upload("audit", complete);
+            self.audit_shipped.insert(name, complete as u64);
+        }
+        Ok(())
+    }
+
+    /// Deletes archived audit files whose every entry is older than the audit retention.
+    fn retain_audit(&mut self, now_us: u64) -> Result<(), ShipError> {
+        let cutoff = now_us.saturating_sub(self.config.audit_retention.as_micros() as u64);
+        let mut files: Vec<(audit::AuditFile, String)> = self
+            .archive
+            .list(layout::AUDIT_PREFIX)?
+            .into_iter()
+            .filter_map(|key| {
+                let file = audit::AuditFile::parse(key.strip_prefix(layout::AUDIT_PREFIX)?)?;
+                Some((file, key))
+            })
+            .collect();
+        files.sort();
+        for pair in files.windows(2) {
+            if pair[1].0.first_time_us < cutoff {
+                self.archive.delete(&pair[0].1)?;
+                self.audit_shipped.remove(&pair[0].0.name());
+            }
+        }
         Ok(())
     }
 
@@ -840,6 +914,7 @@ mod tests {
             shards: 1,
             tail_window: DEFAULT_TAIL_WINDOW,
             retention: Duration::from_secs(24 * 3600),
+            audit_retention: Duration::from_secs(400 * 24 * 3600),
             breaker: BreakerPolicy::default(),
         };
         let mut shipper =

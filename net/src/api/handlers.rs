@@ -250,6 +250,10 @@ pub struct CreateTable {
 }
 
 impl CreateTable {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     pub(crate) fn schema(&self) -> Result<TableSchema, ApiError> {
         let mut columns = Vec::with_capacity(self.columns.len());
         for c in &self.columns {

@@ -24,6 +24,8 @@ use oc_engine::query::AskLimits;
 use oc_engine::{ShardRouter, TenantId};
 use tracing::Instrument;
 
+use oc_ship::audit::{self, Auditor};
+
 use crate::auth::{self, AuthConfig, Caller, KeyClaim};
 use crate::metrics;
 use crate::rate_limit::RateLimit;
@@ -61,6 +63,7 @@ pub struct ApiContext {
     /// The data directory's layout: its epochs tell `/watch` ids of this history from
     /// ids of a branch it does not have.
     pub layout: std::sync::Arc<oc_engine::placement::Layout>,
+    pub auditor: Auditor,
     next_request: Cell<u64>,
     known_keys: KnownKeys,
 }
@@ -73,6 +76,7 @@ impl ApiContext {
         shard: usize,
         archive: Option<std::sync::Arc<dyn oc_ship::archive::Archive>>,
         layout: std::sync::Arc<oc_engine::placement::Layout>,
+        auditor: Auditor,
     ) -> Self {
         ApiContext {
             router,
@@ -81,6 +85,7 @@ impl ApiContext {
             shard,
             archive,
             layout,
+            auditor,
             next_request: Cell::new(0),
             known_keys: RefCell::new(HashMap::new()),
         }
@@ -189,7 +194,7 @@ pub async fn handle(
             .instrument(span.clone())
             .await
     } else {
-        let answering = async { dispatch(&ctx, req).await.map(Reply::Json) };
+        let answering = async { dispatch(&ctx, req, &request_id).await.map(Reply::Json) };
         future::or(answering, deadline_exceeded)
             .instrument(span.clone())
             .await
@@ -299,6 +304,7 @@ fn route_name(method: &Method, path: &str) -> &'static str {
         (["v1", "tenants", _, "tables", _], _) => "table",
         (["v1", "tenants", _, "tables", _, "rows"], _) => "rows_write",
         (["v1", "tenants", _, "tables", _, "rows", ..], _) => "row_get",
+        (["v1", "audit", "logs"], _) => "audit_logs",
         _ => "unknown",
     }
 }
@@ -309,7 +315,7 @@ fn allowed_methods(path: &str) -> Option<&'static str> {
         "tenants" | "tables" | "keys" => "GET, POST",
         "key" => "DELETE",
         "tenant" | "table" => "GET, DELETE",
-        "usage" | "row_get" | "watch" => "GET",
+        "usage" | "row_get" | "watch" | "audit_logs" => "GET",
         "rows_write" | "ask" | "watch_tokens" => "POST",
         _ => return None,
     })
@@ -326,7 +332,7 @@ fn method_not_allowed(method: &Method, path: &str) -> ApiError {
     )
 }
 
-async fn dispatch(ctx: &ApiContext, req: Request<Incoming>) -> Answer {
+async fn dispatch(ctx: &ApiContext, req: Request<Incoming>, request_id: &str) -> Answer {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let s = segments(&path);
@@ -337,10 +343,12 @@ async fn dispatch(ctx: &ApiContext, req: Request<Incoming>) -> Answer {
         rate_limit: ctx.limits.rate_limit,
     };
     if let Caller::Key(claim) = &access.caller {
-        if has_body(&req) || method == Method::POST {
+        // Operator actions (DELETE among them) are recorded before they run: only a
+        // key its tenant holds gets that far.
+        if has_body(&req) || method == Method::POST || method == Method::DELETE {
             match s.as_slice() {
                 ["v1", "tenants", t, ..] => ctx.check_key_before_body(claim, t).await?,
-                ["v1", "tenants"] => auth::require_admin(&access.caller)?,
+                ["v1", "tenants"] | ["v1", "audit", ..] => auth::require_admin(&access.caller)?,
                 _ => {} // no such route: answered without reading the body
             }
         }
@@ -348,12 +356,29 @@ async fn dispatch(ctx: &ApiContext, req: Request<Incoming>) -> Answer {
     match (s.as_slice(), &method) {
         (["v1", "tenants"], &Method::GET) => h::list_tenants(router, access).await,
         (["v1", "tenants"], &Method::POST) => {
-            let body = read_json(ctx, req).await?;
-            h::create_tenant(router, body, access).await
+            let body: h::CreateTenant = read_json(ctx, req).await?;
+            let did = Did::new("tenant.create", Some(&body.tenant), None);
+            audited(
+                ctx,
+                access,
+                request_id,
+                did,
+                h::create_tenant(router, body, access),
+            )
+            .await
         }
         (["v1", "tenants", t], &Method::GET) => h::usage(router, h::tenant_id(t)?, access).await,
         (["v1", "tenants", t], &Method::DELETE) => {
-            h::drop_tenant(router, h::tenant_id(t)?, access).await
+            let tenant = h::tenant_id(t)?;
+            let did = Did::new("tenant.drop", Some(t), None);
+            audited(
+                ctx,
+                access,
+                request_id,
+                did,
+                h::drop_tenant(router, tenant, access),
+            )
+            .await
         }
         (["v1", "tenants", t, "usage"], &Method::GET) => {
             h::usage(router, h::tenant_id(t)?, access).await
@@ -371,7 +396,9 @@ async fn dispatch(ctx: &ApiContext, req: Request<Incoming>) -> Answer {
             } else {
                 h::CreateWatchToken::default()
             };
-            h::create_watch_token(router, tenant, body, access).await
+            let did = Did::new("watch_token.create", Some(t), None);
+            let run = h::create_watch_token(router, tenant, body, access);
+            audited(ctx, access, request_id, did, run).await
         }
         (["v1", "tenants", t, "keys"], &Method::GET) => {
             h::list_keys(router, h::tenant_id(t)?, access).await
@@ -383,24 +410,55 @@ async fn dispatch(ctx: &ApiContext, req: Request<Incoming>) -> Answer {
             } else {
                 h::CreateKey::default()
             };
-            h::create_key(router, tenant, body, access).await
+            let did = Did::new("key.create", Some(t), Some(&body.name));
+            audited(
+                ctx,
+                access,
+                request_id,
+                did,
+                h::create_key(router, tenant, body, access),
+            )
+            .await
         }
         (["v1", "tenants", t, "keys", key_id], &Method::DELETE) => {
-            h::revoke_key(router, h::tenant_id(t)?, key_id.to_string(), access).await
+            let tenant = h::tenant_id(t)?;
+            let did = Did::new("key.revoke", Some(t), Some(key_id));
+            let run = h::revoke_key(router, tenant, key_id.to_string(), access);
+            audited(ctx, access, request_id, did, run).await
         }
         (["v1", "tenants", t, "tables"], &Method::GET) => {
             h::list_tables(router, h::tenant_id(t)?, access).await
         }
         (["v1", "tenants", t, "tables"], &Method::POST) => {
             let tenant = h::tenant_id(t)?;
-            let body = read_json(ctx, req).await?;
-            h::create_table(router, tenant, body, access).await
+            let body: h::CreateTable = read_json(ctx, req).await?;
+            let did = Did::new("table.create", Some(t), Some(body.name()));
+            audited(
+                ctx,
+                access,
+                request_id,
+                did,
+                h::create_table(router, tenant, body, access),
+            )
+            .await
         }
         (["v1", "tenants", t, "tables", table], &Method::GET) => {
             h::describe_table(router, h::tenant_id(t)?, table.to_string(), access).await
         }
         (["v1", "tenants", t, "tables", table], &Method::DELETE) => {
-            h::drop_table(router, h::tenant_id(t)?, table.to_string(), access).await
+            let tenant = h::tenant_id(t)?;
+            let did = Did::new("table.drop", Some(t), Some(table));
+            let run = h::drop_table(router, tenant, table.to_string(), access);
+            audited(ctx, access, request_id, did, run).await
+        }
+        (["v1", "audit", "logs"], &Method::GET) => {
+            auth::require_admin(&access.caller)?;
+            let query = audit_query(req.uri().query())?;
+            let answer = ctx.auditor.read(query).await.map_err(audit_unavailable)?;
+            Ok((
+                StatusCode::OK,
+                h::Body::from(serde_json::to_value(answer).unwrap_or_default()),
+            ))
         }
         (["v1", "tenants", t, "tables", table, "rows"], &Method::POST) => {
             let tenant = h::tenant_id(t)?;
@@ -424,6 +482,132 @@ async fn dispatch(ctx: &ApiContext, req: Request<Incoming>) -> Answer {
             format!("no endpoint at {path}; see docs/API.md"),
         )),
     }
+}
+
+/// An operator action about to run: what the audit log records of it.
+struct Did {
+    action: &'static str,
+    tenant: Option<String>,
+    target: Option<String>,
+}
+
+impl Did {
+    fn new(action: &'static str, tenant: Option<&str>, target: Option<&str>) -> Self {
+        Did {
+            action,
+            tenant: tenant.map(str::to_string),
+            target: target.map(str::to_string),
+        }
+    }
+}
+
+/// Runs an operator action with its audit entries around it: the `begin` is durable
+/// before the action runs (when it cannot be written, the action is refused with 503
+/// and nothing changes); the `end` records the status, and the LSN or key id the
+/// answer names. A failed `end` leaves the action's answer as it is (the outcome then
+/// reads as unknown) and is counted and logged.
+async fn audited(
+    ctx: &ApiContext,
+    access: &h::Access,
+    request_id: &str,
+    did: Did,
+    run: impl std::future::Future<Output = Answer>,
+) -> Answer {
+    let actor = match &access.caller {
+        Caller::Anyone => "anonymous".to_string(),
+        Caller::Admin => "admin".to_string(),
+        Caller::Key(claim) => format!("key:{}", claim.key_id),
+    };
+    let action = audit::Action {
+        request_id: request_id.to_string(),
+        actor,
+        action: did.action.to_string(),
+        tenant: did.tenant,
+        target: did.target,
+    };
+    let begun = ctx.auditor.begin(action).await.map_err(|e| {
+        metrics::with_http(|m| m.audit_failures += 1);
+        audit_unavailable(e)
+    })?;
+    let answer = run.await;
+    let (status, code, effect) = match &answer {
+        Ok((status, body)) => {
+            let field = |name: &str| match body {
+                h::Body::Json(json) => json.get(name).cloned(),
+                h::Body::Encoded(_) => None,
+            };
+            let effect = audit::Effect {
+                lsn: field("lsn").and_then(|v| v.as_u64()),
+                created: (did.action == "key.create")
+                    .then(|| field("key_id"))
+                    .flatten()
+                    .and_then(|v| v.as_str().map(str::to_string)),
+            };
+            (status.as_u16(), None, effect)
+        }
+        Err(e) => (
+            e.status.as_u16(),
+            Some(e.code.to_string()),
+            audit::Effect::default(),
+        ),
+    };
+    if let Err(e) = ctx.auditor.end(begun, status, code, effect).await {
+        metrics::with_http(|m| m.audit_failures += 1);
+        tracing::error!(error = %e, seq = begun, "the audit log could not record an action's outcome");
+    }
+    answer
+}
+
+fn audit_unavailable(e: audit::AuditError) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "audit_unavailable",
+        format!("operator actions are refused while the audit log cannot record them, and nothing was changed: {e}"),
+    )
+}
+
+/// `GET /v1/audit/logs` parameters: `since` (RFC 3339), `after` (a sequence number),
+/// `tenant`, `action`, `limit` (1 to 1000, default 100).
+fn audit_query(query: Option<&str>) -> Result<audit::Query, ApiError> {
+    let bad = |message: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", message);
+    let mut out = audit::Query {
+        limit: 100,
+        ..audit::Query::default()
+    };
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let value = percent_decode(value)?;
+        match name {
+            "since" => out.since_us = Some(oc_ship::timestamp::parse_rfc3339(&value).map_err(bad)?),
+            "after" => {
+                out.after_seq = Some(value.parse().map_err(|_| {
+                    bad(format!(
+                        "after={value:?} must be an entry's seq (a whole number)"
+                    ))
+                })?)
+            }
+            "tenant" => out.tenant = Some(value),
+            "action" => out.action = Some(value),
+            "limit" => {
+                out.limit = value
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=audit::MAX_QUERY_LIMIT).contains(n))
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "limit={value:?} must be a whole number from 1 to {}",
+                            audit::MAX_QUERY_LIMIT
+                        ))
+                    })?
+            }
+            _ => {
+                return Err(bad(format!(
+                    "unknown parameter {name:?}; use since, after, tenant, action or limit"
+                )))
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// `?explain=true|false` (absent: false); anything else is a 400 naming the value.

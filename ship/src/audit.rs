@@ -1,0 +1,850 @@
+//! The audit log: every operator action (tenants, tables, keys, watch tokens, restores)
+//! with who did it, what, when, the request id and the result (FORMAT.md §11).
+//!
+//! An action writes a `begin` entry durably *before* it runs, and is refused when that
+//! fails, so nothing changes without a trace; the `end` entry with the result follows.
+//! A `begin` without an `end` is an action whose outcome the log does not know (the
+//! request ran past its deadline, or the process stopped in between).
+//!
+//! Files are `<data-dir>/audit/<first seq>-<first time µs>.log` (16 hex digits each),
+//! lines `<CRC-32C of the JSON, 8 hex> <JSON>\n`, readable with `grep` and checked on
+//! every read. The newest file is appended to; at 8 MiB a new one starts. The shipper
+//! copies the files to the archive (`audit/<file name>`), restore brings them back.
+//!
+//! Blocking: the log is written and read on a thread of its own ([`start`]); shards
+//! talk to it through an [`Auditor`], which never blocks them.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::timestamp::format_rfc3339;
+
+/// The audit log's directory inside a data directory.
+pub const AUDIT_DIR: &str = "audit";
+/// A file this long is sealed and a new one started.
+const ROTATE_BYTES: u64 = 8 << 20;
+/// Jobs waiting for the audit thread; more are refused (`Busy`), never queued without
+/// bound.
+const QUEUE: usize = 1024;
+/// How often the audit thread deletes files past the retention period.
+const RETENTION_EVERY: Duration = Duration::from_secs(3600);
+/// Most entries one query returns.
+pub const MAX_QUERY_LIMIT: usize = 1000;
+
+/// One line of the log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "phase", rename_all = "snake_case")]
+pub enum Record {
+    Begin {
+        seq: u64,
+        time_us: u64,
+        #[serde(flatten)]
+        action: Action,
+    },
+    End {
+        seq: u64,
+        time_us: u64,
+        /// The `seq` of the action's `begin`.
+        of: u64,
+        status: u16,
+        /// The error's `code` when the action was refused or failed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        code: Option<String>,
+        #[serde(flatten)]
+        effect: Effect,
+    },
+}
+
+/// What a successful action left behind, when its answer says.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Effect {
+    /// The log position of the change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lsn: Option<u64>,
+    /// The object made, when the server named it (a new key's id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created: Option<String>,
+}
+
+impl Record {
+    fn seq(&self) -> u64 {
+        match self {
+            Record::Begin { seq, .. } | Record::End { seq, .. } => *seq,
+        }
+    }
+}
+
+/// What was done, by whom.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Action {
+    pub request_id: String,
+    /// `admin`, `key:<key id>`, `anonymous` (authentication off) or a tool's name.
+    pub actor: String,
+    /// `tenant.create`, `table.drop`, `restore`, … (docs/API.md lists them).
+    pub action: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// The table, key id or other object acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+}
+
+/// A line to append; the log assigns its sequence number and time.
+#[derive(Debug, Clone)]
+pub enum Pending {
+    Begin(Action),
+    End {
+        of: u64,
+        status: u16,
+        code: Option<String>,
+        effect: Effect,
+    },
+}
+
+/// Why the audit log cannot do what was asked.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AuditError {
+    #[error("audit log {file}: {why}")]
+    Io { file: String, why: String },
+    #[error(
+        "audit log file {file} is damaged at byte {offset} ({why}) and valid entries follow; \
+         move the file out of the audit directory to start (its valid lines stay readable \
+         with grep), then report it"
+    )]
+    Damaged {
+        file: String,
+        offset: u64,
+        why: String,
+    },
+    #[error("the audit log could not write earlier ({0}) and writes nothing more until the server restarts")]
+    Failed(String),
+    #[error("the audit log has {QUEUE} requests waiting; retry shortly")]
+    Busy,
+    #[error("the audit log has stopped")]
+    Stopped,
+}
+
+fn io_error(path: &Path) -> impl Fn(std::io::Error) -> AuditError + '_ {
+    move |e| AuditError::Io {
+        file: path.display().to_string(),
+        why: e.to_string(),
+    }
+}
+
+/// A file of the log, as its name says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct AuditFile {
+    pub first_seq: u64,
+    pub first_time_us: u64,
+}
+
+impl AuditFile {
+    pub fn name(&self) -> String {
+        format!("{:016x}-{:016x}.log", self.first_seq, self.first_time_us)
+    }
+
+    pub fn parse(name: &str) -> Option<AuditFile> {
+        let (seq, time) = name.strip_suffix(".log")?.split_once('-')?;
+        let hex = |s: &str| {
+            (s.len() == 16)
+                .then(|| u64::from_str_radix(s, 16).ok())
+                .flatten()
+        };
+        Some(AuditFile {
+            first_seq: hex(seq)?,
+            first_time_us: hex(time)?,
+        })
+    }
+}
+
+/// The log's files in `dir`, oldest first.
+pub fn list_files(dir: &Path) -> Result<Vec<AuditFile>, AuditError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_error(dir)(e)),
+    };
+    let mut files: Vec<AuditFile> = entries
+        .flatten()
+        .filter_map(|e| AuditFile::parse(e.file_name().to_str()?))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// How a file's bytes end.
+#[derive(Debug, PartialEq)]
+pub enum ScanEnd {
+    Clean,
+    /// An incomplete or invalid last part from `offset` on, nothing valid after it: a
+    /// write the process did not finish.
+    Torn {
+        offset: u64,
+    },
+    /// An invalid line at `offset` with valid lines after it.
+    Damaged {
+        offset: u64,
+        why: String,
+    },
+}
+
+/// The valid lines of a file, and how it ends.
+pub fn scan(bytes: &[u8]) -> (Vec<Record>, ScanEnd) {
+    let mut records = Vec::new();
+    let mut offset = 0;
+    let mut first_bad: Option<(usize, String)> = None;
+    while offset < bytes.len() {
+        let Some(len) = bytes[offset..].iter().position(|&b| b == b'\n') else {
+            first_bad.get_or_insert((offset, "no line end".into()));
+            break;
+        };
+        match parse_line(&bytes[offset..offset + len]) {
+            Ok(record) => {
+                if let Some((at, why)) = first_bad.take() {
+                    return (
+                        records,
+                        ScanEnd::Damaged {
+                            offset: at as u64,
+                            why,
+                        },
+                    );
+                }
+                records.push(record);
+            }
+            Err(why) => {
+                first_bad.get_or_insert((offset, why));
+            }
+        }
+        offset += len + 1;
+    }
+    let end = match first_bad {
+        Some((at, _)) => ScanEnd::Torn { offset: at as u64 },
+        None => ScanEnd::Clean,
+    };
+    (records, end)
+}
+
+fn parse_line(line: &[u8]) -> Result<Record, String> {
+    let (crc, json) = line
+        .split_first_chunk::<9>()
+        .filter(|(head, _)| head[8] == b' ')
+        .ok_or("too short for a checksum and an entry")?;
+    let crc = std::str::from_utf8(&crc[..8])
+        .ok()
+        .and_then(|hex| u32::from_str_radix(hex, 16).ok())
+        .ok_or("the checksum is not 8 hex digits")?;
+    if crc32c::crc32c(json) != crc {
+        return Err("checksum mismatch".into());
+    }
+    serde_json::from_slice(json).map_err(|e| format!("not an audit entry: {e}"))
+}
+
+fn format_line(record: &Record, out: &mut Vec<u8>) {
+    // serde_json escapes every control character in strings: the JSON has no newline.
+    let json = serde_json::to_vec(record).unwrap_or_default();
+    let _ = write!(out, "{:08x} ", crc32c::crc32c(&json));
+    out.extend_from_slice(&json);
+    out.push(b'\n');
+}
+
+/// Test builds: `audit.sync.err=<path>` fails every sync while that file exists.
+fn sync_failpoint() -> std::io::Result<()> {
+    match oc_engine::io::failpoint::armed("audit.sync.err") {
+        Some(trigger) if Path::new(trigger).exists() => {
+            Err(std::io::Error::from_raw_os_error(libc::EIO))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn now_us() -> u64 {
+    oc_engine::io::TimestampMicros::now().0
+}
+
+/// The writer of one data directory's audit log.
+pub struct AuditLog {
+    dir: PathBuf,
+    active: AuditFile,
+    file: File,
+    len: u64,
+    next_seq: u64,
+    /// Set when a write or sync failed: what is on disk is then unknown until restart.
+    failed: Option<String>,
+}
+
+impl AuditLog {
+    /// Opens (or starts) the log in `data_dir`, cutting a torn last line and refusing a
+    /// damaged newest file.
+    pub fn open(data_dir: &Path) -> Result<AuditLog, AuditError> {
+        let dir = data_dir.join(AUDIT_DIR);
+        fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+        let Some(&active) = list_files(&dir)?.last() else {
+            return AuditLog::start_file(dir, 1);
+        };
+        let path = dir.join(active.name());
+        let bytes = fs::read(&path).map_err(io_error(&path))?;
+        let (records, end) = scan(&bytes);
+        let mut len = bytes.len() as u64;
+        match end {
+            ScanEnd::Clean => {}
+            ScanEnd::Torn { offset } => {
+                tracing::warn!(file = %path.display(), offset, "cutting an unfinished audit entry");
+                len = offset;
+            }
+            ScanEnd::Damaged { offset, why } => {
+                return Err(AuditError::Damaged {
+                    file: path.display().to_string(),
+                    offset,
+                    why,
+                })
+            }
+        }
+        let file = OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(io_error(&path))?;
+        if len < bytes.len() as u64 {
+            file.set_len(len).map_err(io_error(&path))?;
+            file.sync_data().map_err(io_error(&path))?;
+        }
+        let next_seq = records
+            .last()
+            .map_or(active.first_seq, |r| r.seq() + 1)
+            .max(active.first_seq);
+        Ok(AuditLog {
+            dir,
+            active,
+            file,
+            len,
+            next_seq,
+            failed: None,
+        })
+    }
+
+    fn start_file(dir: PathBuf, first_seq: u64) -> Result<AuditLog, AuditError> {
+        let active = AuditFile {
+            first_seq,
+            first_time_us: now_us(),
+        };
+        let path = dir.join(active.name());
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(io_error(&path))?;
+        File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_error(&dir))?;
+        Ok(AuditLog {
+            dir,
+            active,
+            file,
+            len: 0,
+            next_seq: first_seq,
+            failed: None,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Appends `pending` durably (one write, one fdatasync); returns their sequence
+    /// numbers. After a failed write or sync nothing more is written: the file's state
+    /// is unknown (a failed fsync may have dropped pages), and a restart re-reads it.
+    pub fn append(&mut self, pending: Vec<Pending>) -> Result<Vec<u64>, AuditError> {
+        if let Some(why) = &self.failed {
+            return Err(AuditError::Failed(why.clone()));
+        }
+        if self.len >= ROTATE_BYTES {
+            *self = AuditLog::start_file(self.dir.clone(), self.next_seq)?;
+        }
+        let time_us = now_us();
+        let mut bytes = Vec::new();
+        let mut seqs = Vec::with_capacity(pending.len());
+        for p in pending {
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            let record = match p {
+                Pending::Begin(action) => Record::Begin {
+                    seq,
+                    time_us,
+                    action,
+                },
+                Pending::End {
+                    of,
+                    status,
+                    code,
+                    effect,
+                } => Record::End {
+                    seq,
+                    time_us,
+                    of,
+                    status,
+                    code,
+                    effect,
+                },
+            };
+            format_line(&record, &mut bytes);
+            seqs.push(seq);
+        }
+        let path = self.dir.join(self.active.name());
+        let written = {
+            use std::os::unix::fs::FileExt;
+            self.file
+                .write_all_at(&bytes, self.len)
+                .and_then(|()| sync_failpoint())
+                .and_then(|()| self.file.sync_data())
+        };
+        match written {
+            Ok(()) => {
+                self.len += bytes.len() as u64;
+                Ok(seqs)
+            }
+            Err(e) => {
+                let why = io_error(&path)(e).to_string();
+                self.failed = Some(why.clone());
+                // Best effort: what did not become durable should not reappear after a
+                // restart as an action that never ran.
+                let _ = self
+                    .file
+                    .set_len(self.len)
+                    .and_then(|()| self.file.sync_data());
+                Err(AuditError::Io {
+                    file: path.display().to_string(),
+                    why,
+                })
+            }
+        }
+    }
+
+    /// Deletes sealed files whose every entry is older than `cutoff_us`; returns how many.
+    pub fn retain(&mut self, cutoff_us: u64) -> Result<usize, AuditError> {
+        let files = list_files(&self.dir)?;
+        let mut deleted = 0;
+        for pair in files.windows(2) {
+            // Every entry of a file is older than the next file's first.
+            if pair[1].first_time_us < cutoff_us && pair[0] != self.active {
+                let path = self.dir.join(pair[0].name());
+                fs::remove_file(&path).map_err(io_error(&path))?;
+                deleted += 1;
+            }
+        }
+        Ok(deleted)
+    }
+}
+
+/// What to read back. Without `since` and `after`, the newest `limit` entries.
+#[derive(Debug, Clone, Default)]
+pub struct Query {
+    /// Entries begun at or after this time (µs since the epoch).
+    pub since_us: Option<u64>,
+    /// Entries with a larger sequence number (for paging: the last answer's `next_after`).
+    pub after_seq: Option<u64>,
+    pub tenant: Option<String>,
+    pub action: Option<String>,
+    pub limit: usize,
+}
+
+/// One action as read back: its `begin` joined with its `end`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Entry {
+    pub seq: u64,
+    pub time: String,
+    #[serde(flatten)]
+    pub action: Action,
+    /// `null` when the log holds no outcome (see the module's comment).
+    pub result: Option<Outcome>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    pub status: u16,
+    pub code: Option<String>,
+    pub finished: String,
+    #[serde(flatten)]
+    pub effect: Effect,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Answer {
+    pub entries: Vec<Entry>,
+    /// Pass as `after` to read on from here.
+    pub next_after: Option<u64>,
+    /// Damaged lines met while reading (skipped).
+    pub problems: Vec<String>,
+}
+
+/// Reads the entries of the log in `dir` that `query` asks for.
+pub fn read(dir: &Path, query: &Query) -> Result<Answer, AuditError> {
+    let files = list_files(dir)?;
+    let tail_mode = query.since_us.is_none() && query.after_seq.is_none();
+    let mut found: BTreeMap<u64, Entry> = BTreeMap::new();
+    let mut problems = Vec::new();
+    for (i, file) in files.iter().enumerate() {
+        if let Some(next) = files.get(i + 1) {
+            // Skip files that hold nothing asked for.
+            let before_after = query.after_seq.is_some_and(|a| next.first_seq <= a + 1);
+            let before_since = query.since_us.is_some_and(|s| next.first_time_us < s);
+            if before_after || before_since {
+                continue;
+            }
+        }
+        let path = dir.join(file.name());
+        let bytes = match fs::read(&path) {
+            Ok(bytes) => bytes,
+            // Removed by retention since the listing.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io_error(&path)(e)),
+        };
+        let (records, end) = scan(&bytes);
+        match end {
+            ScanEnd::Clean => {}
+            // The newest file may be mid-append; an older one is damaged.
+            ScanEnd::Torn { offset } if i + 1 < files.len() => {
+                problems.push(format!("{}: unreadable from byte {offset}", file.name()))
+            }
+            ScanEnd::Torn { .. } => {}
+            ScanEnd::Damaged { offset, why } => problems.push(format!(
+                "{}: damaged at byte {offset} ({why}); entries after it are not shown",
+                file.name()
+            )),
+        }
+        for record in records {
+            match record {
+                Record::Begin {
+                    seq,
+                    time_us,
+                    action,
+                } => {
+                    let wanted = query.after_seq.is_none_or(|a| seq > a)
+                        && query.since_us.is_none_or(|s| time_us >= s)
+                        && query
+                            .tenant
+                            .as_ref()
+                            .is_none_or(|t| action.tenant.as_ref() == Some(t))
+                        && query.action.as_ref().is_none_or(|a| &action.action == a);
+                    if !wanted || (!tail_mode && found.len() >= query.limit) {
+                        continue;
+                    }
+                    found.insert(
+                        seq,
+                        Entry {
+                            seq,
+                            time: format_rfc3339(time_us),
+                            action,
+                            result: None,
+                        },
+                    );
+                    if tail_mode && found.len() > query.limit {
+                        found.pop_first();
+                    }
+                }
+                Record::End {
+                    time_us,
+                    of,
+                    status,
+                    code,
+                    effect,
+                    ..
+                } => {
+                    if let Some(entry) = found.get_mut(&of) {
+                        entry.result = Some(Outcome {
+                            status,
+                            code,
+                            finished: format_rfc3339(time_us),
+                            effect,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    let entries: Vec<Entry> = found.into_values().collect();
+    Ok(Answer {
+        next_after: entries.last().map(|e| e.seq).or(query.after_seq),
+        entries,
+        problems,
+    })
+}
+
+enum Job {
+    Append(
+        Vec<Pending>,
+        async_channel::Sender<Result<Vec<u64>, AuditError>>,
+    ),
+    Read(Query, async_channel::Sender<Result<Answer, AuditError>>),
+}
+
+/// A handle on the audit thread; cheap to clone, usable from any shard.
+#[derive(Clone)]
+pub struct Auditor {
+    jobs: SyncSender<Job>,
+}
+
+impl Auditor {
+    async fn ask<T>(
+        &self,
+        job: impl FnOnce(async_channel::Sender<Result<T, AuditError>>) -> Job,
+    ) -> Result<T, AuditError> {
+        let (tx, rx) = async_channel::bounded(1);
+        match self.jobs.try_send(job(tx)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => return Err(AuditError::Busy),
+            Err(TrySendError::Disconnected(_)) => return Err(AuditError::Stopped),
+        }
+        rx.recv().await.map_err(|_| AuditError::Stopped)?
+    }
+
+    /// Records that `action` starts; returns its sequence number for [`Auditor::end`].
+    pub async fn begin(&self, action: Action) -> Result<u64, AuditError> {
+        let seqs = self
+            .ask(|tx| Job::Append(vec![Pending::Begin(action)], tx))
+            .await?;
+        seqs.first().copied().ok_or(AuditError::Stopped)
+    }
+
+    /// Records the outcome of the action begun as `of`.
+    pub async fn end(
+        &self,
+        of: u64,
+        status: u16,
+        code: Option<String>,
+        effect: Effect,
+    ) -> Result<(), AuditError> {
+        let end = Pending::End {
+            of,
+            status,
+            code,
+            effect,
+        };
+        self.ask(|tx| Job::Append(vec![end], tx)).await.map(drop)
+    }
+
+    pub async fn read(&self, query: Query) -> Result<Answer, AuditError> {
+        self.ask(|tx| Job::Read(query, tx)).await
+    }
+}
+
+/// Opens the audit log of `data_dir` (its errors refuse start-up) and starts its thread,
+/// which ends when the last [`Auditor`] is dropped. Entries older than `retention` are
+/// deleted locally (whole files) every hour.
+pub fn start(data_dir: &Path, retention: Duration) -> Result<Auditor, AuditError> {
+    let mut log = AuditLog::open(data_dir)?;
+    let (jobs, queue) = mpsc::sync_channel::<Job>(QUEUE);
+    std::thread::Builder::new()
+        .name("oc-audit".into())
+        .spawn(move || {
+            let mut last_retention: Option<Instant> = None;
+            loop {
+                if last_retention.is_none_or(|at| at.elapsed() >= RETENTION_EVERY) {
+                    last_retention = Some(Instant::now());
+                    let cutoff = now_us().saturating_sub(retention.as_micros() as u64);
+                    match log.retain(cutoff) {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(files = n, "audit retention deleted old files"),
+                        Err(e) => tracing::warn!(error = %e, "audit retention failed"),
+                    }
+                }
+                let first = match queue.recv_timeout(RETENTION_EVERY) {
+                    Ok(job) => job,
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => return,
+                };
+                // Group commit: every append waiting now shares one write and one sync.
+                let mut appends = Vec::new();
+                let mut job = Some(first);
+                while let Some(next) = job.take() {
+                    match next {
+                        Job::Append(pending, reply) => appends.push((pending, reply)),
+                        Job::Read(query, reply) => {
+                            let _ = reply.send_blocking(read(log.dir(), &query));
+                        }
+                    }
+                    job = queue.try_recv().ok();
+                }
+                if appends.is_empty() {
+                    continue;
+                }
+                let all: Vec<Pending> = appends.iter().flat_map(|(p, _)| p.clone()).collect();
+                match log.append(all) {
+                    Ok(seqs) => {
+                        let mut seqs = seqs.into_iter();
+                        for (pending, reply) in appends {
+                            let mine: Vec<u64> = seqs.by_ref().take(pending.len()).collect();
+                            let _ = reply.send_blocking(Ok(mine));
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "the audit log could not write; operator actions are refused until restart");
+                        for (_, reply) in appends {
+                            let _ = reply.send_blocking(Err(e.clone()));
+                        }
+                    }
+                }
+            }
+        })
+        .map_err(|e| AuditError::Io {
+            file: AUDIT_DIR.into(),
+            why: format!("no thread for the audit log: {e}"),
+        })?;
+    Ok(Auditor { jobs })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn action(what: &str, tenant: &str) -> Action {
+        Action {
+            request_id: "r1".into(),
+            actor: "admin".into(),
+            action: what.into(),
+            tenant: Some(tenant.into()),
+            target: None,
+        }
+    }
+
+    fn query(limit: usize) -> Query {
+        Query {
+            limit,
+            ..Query::default()
+        }
+    }
+
+    #[test]
+    fn entries_survive_reopen_and_join_their_outcomes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut log = AuditLog::open(dir.path()).expect("open");
+        let begun = log
+            .append(vec![Pending::Begin(action("tenant.create", "a"))])
+            .expect("append");
+        log.append(vec![
+            Pending::End {
+                of: begun[0],
+                status: 201,
+                code: None,
+                effect: Effect {
+                    lsn: Some(9),
+                    created: None,
+                },
+            },
+            Pending::Begin(action("table.drop", "b")),
+        ])
+        .expect("append");
+        drop(log);
+        let mut log = AuditLog::open(dir.path()).expect("reopen");
+        assert_eq!(log.next_seq, 4);
+        let answer = read(log.dir(), &query(10)).expect("read");
+        assert_eq!(answer.entries.len(), 2);
+        assert_eq!(answer.entries[0].action.action, "tenant.create");
+        let outcome = answer.entries[0].result.as_ref().expect("joined");
+        assert_eq!((outcome.status, outcome.effect.lsn), (201, Some(9)));
+        assert!(
+            answer.entries[1].result.is_none(),
+            "no end: outcome unknown"
+        );
+        assert_eq!(answer.next_after, Some(3));
+        // Filters and paging.
+        let only_b = read(
+            log.dir(),
+            &Query {
+                tenant: Some("b".into()),
+                ..query(10)
+            },
+        )
+        .expect("read");
+        assert_eq!(only_b.entries.len(), 1);
+        let after = read(
+            log.dir(),
+            &Query {
+                after_seq: Some(1),
+                ..query(10)
+            },
+        )
+        .expect("read");
+        assert_eq!(after.entries.iter().map(|e| e.seq).collect::<Vec<_>>(), [3]);
+        assert_eq!(log.append(vec![]).expect("empty append"), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn a_torn_last_line_is_cut_and_damage_before_valid_lines_refuses_to_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut log = AuditLog::open(dir.path()).expect("open");
+        log.append(vec![Pending::Begin(action("tenant.create", "a"))])
+            .expect("append");
+        let path = log.dir().join(log.active.name());
+        drop(log);
+        let good = fs::read(&path).expect("read");
+        let mut torn = good.clone();
+        torn.extend_from_slice(b"0000 {\"phase\":");
+        fs::write(&path, &torn).expect("write");
+        let mut log = AuditLog::open(dir.path()).expect("torn tail is cut");
+        assert_eq!(fs::read(&path).expect("read"), good);
+        log.append(vec![Pending::Begin(action("tenant.drop", "a"))])
+            .expect("append after cut");
+        drop(log);
+        // Flip a byte inside the first line's JSON: valid lines follow it.
+        let mut damaged = fs::read(&path).expect("read");
+        damaged[20] ^= 1;
+        fs::write(&path, &damaged).expect("write");
+        let err = AuditLog::open(dir.path()).err().expect("damage refuses");
+        assert!(
+            matches!(err, AuditError::Damaged { offset: 0, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("move the file"), "{err}");
+    }
+
+    #[test]
+    fn rotation_tail_queries_and_retention() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut log = AuditLog::open(dir.path()).expect("open");
+        for i in 0..5 {
+            log.append(vec![Pending::Begin(action("key.create", &format!("t{i}")))])
+                .expect("append");
+            // Force a new file after each entry.
+            log.len = ROTATE_BYTES;
+        }
+        assert_eq!(list_files(log.dir()).expect("list").len(), 5);
+        let newest = read(log.dir(), &query(2)).expect("read");
+        assert_eq!(
+            newest.entries.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            [4, 5]
+        );
+        let paged = read(
+            log.dir(),
+            &Query {
+                after_seq: Some(2),
+                ..query(2)
+            },
+        )
+        .expect("read");
+        assert_eq!(
+            paged.entries.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            [3, 4]
+        );
+        // Everything is older than "now + 1 s": all files but the newest go.
+        assert_eq!(log.retain(now_us() + 1_000_000).expect("retain"), 4);
+        let left = read(log.dir(), &query(10)).expect("read");
+        assert_eq!(left.entries.iter().map(|e| e.seq).collect::<Vec<_>>(), [5]);
+    }
+
+    #[test]
+    fn names_round_trip_and_strangers_are_ignored() {
+        let f = AuditFile {
+            first_seq: 7,
+            first_time_us: 1_700_000_000_000_000,
+        };
+        assert_eq!(AuditFile::parse(&f.name()), Some(f));
+        for bad in ["x.log", "0000000000000007.log", "7-8.log", "notes.txt"] {
+            assert_eq!(AuditFile::parse(bad), None, "{bad}");
+        }
+    }
+}
