@@ -70,6 +70,9 @@ pub struct ShardState {
     pub tenants: BTreeMap<TenantId, Tenant>,
     /// Every command up to this LSN is applied.
     pub applied_lsn: Lsn,
+    /// When the command at `applied_lsn` was committed; zero when the state comes from
+    /// a checkpoint with nothing applied after it.
+    pub last_commit: TimestampMicros,
 }
 
 /// Applies one durable command at `lsn`. Total and deterministic: a refused command
@@ -83,6 +86,7 @@ pub fn apply(
 ) -> Result<Applied, EngineError> {
     assert!(lsn > state.applied_lsn, "commands apply in LSN order");
     state.applied_lsn = lsn;
+    state.last_commit = committed;
     let missing = || EngineError::NotFound {
         what: "tenant",
         name: tenant.to_string(),
@@ -122,7 +126,7 @@ pub fn apply(
         } => {
             let t = state.tenants.get_mut(tenant).ok_or_else(missing)?;
             let Some(key) = idempotency_key else {
-                let outcome = t.apply_writes(&table, table_version, writes)?;
+                let outcome = t.apply_writes(&table, table_version, writes, lsn)?;
                 return Ok(Applied::Written { lsn, outcome });
             };
             let hash = request_hash(&table, &writes);
@@ -132,7 +136,7 @@ pub fn apply(
                     outcome: first.outcome,
                 });
             }
-            let outcome = t.apply_writes(&table, table_version, writes)?;
+            let outcome = t.apply_writes(&table, table_version, writes, lsn)?;
             t.idempotency_mut().remember(
                 key,
                 Remembered {

@@ -773,6 +773,8 @@ fn decode_frame(
             let table = r.str16()?;
             let version = r.u64()?;
             let count = r.u32()? as usize;
+            // Loaded rows were last written at or before the checkpoint's LSN.
+            let upto = state.applied_lsn;
             let t = state
                 .tenants
                 .get_mut(&tenant()?)
@@ -793,7 +795,8 @@ fn decode_frame(
                 let row = (0..n).map(|_| r.value()).collect::<Result<Vec<_>, _>>()?;
                 rows.push(RowWrite::Upsert(row));
             }
-            t.apply_writes(&table, version, rows).map_err(refused)?;
+            t.apply_writes(&table, version, rows, upto)
+                .map_err(refused)?;
         }
         KIND_KEYS => {
             let count = r.u32()? as usize;

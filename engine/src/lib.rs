@@ -14,6 +14,7 @@ pub mod api_key;
 pub mod apply;
 pub mod checkpoint;
 pub mod command;
+pub mod digest;
 pub mod error;
 pub mod feed;
 pub mod fuzz_entry;

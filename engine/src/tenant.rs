@@ -105,11 +105,13 @@ impl Tenant {
         self.tables.values()
     }
 
-    /// Validates the whole batch, then applies it: all rows or none.
+    /// Validates the whole batch, then applies it: all rows or none. Without a log (tests
+    /// and tools): the table's `written_lsn` stays as it was.
     pub fn write(&mut self, table: &str, ops: &[WriteOp]) -> Result<BatchOutcome, EngineError> {
         let target = self.tables.get_mut(table).ok_or_else(|| not_found(table))?;
         let writes = target.validate_batch(ops)?;
-        Ok(target.apply(writes))
+        let lsn = target.written_lsn();
+        Ok(target.apply(writes, lsn))
     }
 
     /// Applies writes validated earlier against the table incarnation `version`. They
@@ -121,6 +123,7 @@ impl Tenant {
         table: &str,
         version: u64,
         writes: Vec<crate::table::RowWrite>,
+        lsn: oc_io::Lsn,
     ) -> Result<BatchOutcome, EngineError> {
         let target = self.tables.get_mut(table).ok_or_else(|| not_found(table))?;
         if target.version() != version {
@@ -129,7 +132,7 @@ impl Tenant {
             });
         }
         target.check_writes(&writes)?;
-        Ok(target.apply(writes))
+        Ok(target.apply(writes, lsn.0))
     }
 
     /// Rows, bytes and vectors over all tables, without the per-table breakdown (the

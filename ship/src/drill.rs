@@ -5,16 +5,22 @@
 //! counters), and reports what was restored, how old it is and how long it took. The
 //! scratch directory is removed afterwards unless asked to keep it.
 //!
+//! With the live server (`--live`), it also measures the RPO achieved (how far the
+//! live log was ahead of the restore point just before the restore) and compares every
+//! table the live server has not written since the restore point: same rows, same
+//! content digest (`oc_engine::digest`), or the drill fails.
+//!
 //! Blocking: the archive calls block, and each shard is opened on an executor of its
 //! own, one after another.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use oc_engine::digest::{summarize, TableSummary};
 use oc_engine::io::{DmaStorage, WalConfig};
 use oc_engine::placement::shard_dir;
 use oc_engine::Shard;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::archive::Archive;
 use crate::restore::{self, PitrError, LATEST};
@@ -31,8 +37,70 @@ pub struct ShardDrill {
     pub tenants: usize,
     pub tables: usize,
     pub rows: usize,
+    /// Against the live server, when one was given.
+    pub live: Option<LiveComparison>,
     /// What disagreed, if anything.
     pub problems: Vec<String>,
+}
+
+/// One shard of the restore against the same shard of the live server.
+#[derive(Debug, Serialize)]
+pub struct LiveComparison {
+    /// The live shard's applied LSN and last commit just before the restore.
+    pub live_lsn: u64,
+    pub live_last_commit: Option<String>,
+    /// How far the restore point was behind it (0 when the archive had caught up).
+    pub lsns_behind: u64,
+    pub seconds_behind: Option<f64>,
+    /// Tables not written since the restore point, compared row for row by digest.
+    pub tables_compared: usize,
+    /// Tables written (or created) since the restore point: not comparable.
+    pub tables_changed_since: usize,
+}
+
+/// The live server a drill compares with: its API address and admin token.
+#[derive(Debug, Clone)]
+pub struct LiveServer {
+    pub url: String,
+    pub admin_token: Option<String>,
+}
+
+/// `GET /v1/admin/digest`, as the live server answers it.
+#[derive(Debug, Deserialize)]
+struct LiveDigest {
+    data_dir_id: String,
+    shards: Vec<LiveShard>,
+}
+
+#[derive(Debug, Deserialize)]
+struct LiveShard {
+    applied_lsn: u64,
+    last_commit_us: Option<u64>,
+    tables: Vec<TableSummary>,
+}
+
+impl LiveServer {
+    fn digest(&self, tables: bool) -> Result<LiveDigest, PitrError> {
+        let url = format!(
+            "{}/v1/admin/digest?tables={tables}",
+            self.url.trim_end_matches('/')
+        );
+        let refused =
+            |why: String| PitrError::Refused(format!("asking the live server {url}: {why}"));
+        let mut request = ureq::get(&url).timeout(std::time::Duration::from_secs(600));
+        if let Some(token) = &self.admin_token {
+            request = request.set("authorization", &format!("Bearer {token}"));
+        }
+        let response = request.call().map_err(|e| match e {
+            ureq::Error::Status(status, r) => {
+                refused(format!("{status}: {}", r.into_string().unwrap_or_default()))
+            }
+            other => refused(other.to_string()),
+        })?;
+        response
+            .into_json()
+            .map_err(|e| refused(format!("an answer this drill cannot read: {e}")))
+    }
 }
 
 /// What the drill found.
@@ -44,6 +112,8 @@ pub struct DrillReport {
     /// Seconds between the newest restored commit and the drill's start: with a live
     /// server writing all along, what losing it now would lose (at most).
     pub restore_point_age_seconds: Option<f64>,
+    /// With `--live`: the largest `seconds_behind` of any shard, the RPO achieved.
+    pub rpo_seconds: Option<f64>,
     pub shards: Vec<ShardDrill>,
     /// Where the restore was written, when kept.
     pub kept: Option<PathBuf>,
@@ -55,8 +125,28 @@ pub fn drill(
     archive: &dyn Archive,
     work_dir: &Path,
     keep: bool,
+    live: Option<&LiveServer>,
     progress: &mut dyn FnMut(&str),
 ) -> Result<DrillReport, PitrError> {
+    // The live positions come first: what the archive held was then at least this.
+    let live_before = match live {
+        Some(server) => {
+            let before = server.digest(false)?;
+            let owner = crate::lease::read(archive)
+                .map_err(|e| PitrError::Refused(format!("reading the archive's owner: {e}")))?
+                .map(|(lease, _)| lease.owner_id);
+            if owner.as_deref() != Some(before.data_dir_id.as_str()) {
+                return Err(PitrError::Refused(format!(
+                    "the live server's data directory {} does not own this archive (its owner \
+                     is {}): compare a drill with the server that ships to the archive",
+                    before.data_dir_id,
+                    owner.as_deref().unwrap_or("nobody")
+                )));
+            }
+            Some(before)
+        }
+        None => None,
+    };
     let started_us = oc_engine::io::TimestampMicros::now().0;
     let dir = work_dir.join(format!("oc-drill-{}-{}", std::process::id(), started_us));
     let restore_started = Instant::now();
@@ -64,12 +154,14 @@ pub fn drill(
     let outcome = restored.map(|restored| {
         let restore_seconds = restore_started.elapsed().as_secs_f64();
         let open_started = Instant::now();
-        let shards: Vec<ShardDrill> = restored
+        let mut summaries = Vec::new();
+        let mut shards: Vec<ShardDrill> = restored
             .shards
             .iter()
             .map(|s| {
                 progress(&format!("shard {}: opening and checking", s.shard));
-                let mut drilled = open_and_check(&dir, s.shard, restored.epoch);
+                let (mut drilled, summary) = open_and_check(&dir, s.shard, restored.epoch);
+                summaries.push(summary);
                 if let Some(why) = &s.stops_early {
                     drilled.problems.push(format!(
                         "the restore stopped short of the archive's end: {why}"
@@ -87,7 +179,35 @@ pub fn drill(
             .map(|s| s.last_commit_us)
             .max()
             .filter(|&us| us > 0);
+        let mut rpo_seconds = None;
+        if let (Some(server), Some(before)) = (live, &live_before) {
+            progress("comparing with the live server");
+            match server.digest(true) {
+                Ok(after) => {
+                    for (i, drilled) in shards.iter_mut().enumerate() {
+                        let restored_commit = restored.shards[i].last_commit_us;
+                        let compared = compare_with_live(
+                            drilled,
+                            restored_commit,
+                            before.shards.get(i),
+                            after.shards.get(i),
+                            &summaries[i],
+                        );
+                        if let Some(s) = compared.as_ref().and_then(|c| c.seconds_behind) {
+                            rpo_seconds = Some(rpo_seconds.map_or(s, |r: f64| r.max(s)));
+                        }
+                        drilled.live = compared;
+                    }
+                }
+                Err(e) => {
+                    for drilled in &mut shards {
+                        drilled.problems.push(e.to_string());
+                    }
+                }
+            }
+        }
         DrillReport {
+            rpo_seconds,
             restore_seconds,
             open_seconds: open_started.elapsed().as_secs_f64(),
             restored_bytes: restored.shards.iter().map(|s| s.bytes).sum(),
@@ -107,8 +227,71 @@ pub fn drill(
     outcome
 }
 
-/// Opens one restored shard as the server would and checks every table.
-fn open_and_check(data_dir: &Path, shard: usize, epoch: u64) -> ShardDrill {
+/// Compares one restored shard with the live one: the positions (the RPO) from
+/// `before`, the tables from `after`. A live table last written at or before the
+/// restore point must be in the restore with the same rows.
+fn compare_with_live(
+    drilled: &mut ShardDrill,
+    restored_commit_us: u64,
+    before: Option<&LiveShard>,
+    after: Option<&LiveShard>,
+    restored: &[TableSummary],
+) -> Option<LiveComparison> {
+    let (Some(before), Some(after)) = (before, after) else {
+        drilled
+            .problems
+            .push("the live server has no such shard: another shard count".into());
+        return None;
+    };
+    let mut comparison = LiveComparison {
+        live_lsn: before.applied_lsn,
+        live_last_commit: before.last_commit_us.map(format_rfc3339),
+        lsns_behind: before.applied_lsn.saturating_sub(drilled.restored_lsn),
+        seconds_behind: before.last_commit_us.map(|live| {
+            if before.applied_lsn <= drilled.restored_lsn {
+                0.0
+            } else {
+                live.saturating_sub(restored_commit_us) as f64 / 1e6
+            }
+        }),
+        tables_compared: 0,
+        tables_changed_since: 0,
+    };
+    for live in &after.tables {
+        if live.written_lsn > drilled.restored_lsn || live.digest.is_none() {
+            comparison.tables_changed_since += 1;
+            continue;
+        }
+        comparison.tables_compared += 1;
+        let name = format!("tenant {}, table {}", live.tenant, live.table);
+        match restored
+            .iter()
+            .find(|r| r.tenant == live.tenant && r.table == live.table)
+        {
+            None => drilled.problems.push(format!(
+                "{name}: live and unchanged since LSN {}, missing from the restore",
+                live.written_lsn
+            )),
+            Some(r) if (r.rows, &r.digest) != (live.rows, &live.digest) => {
+                drilled.problems.push(format!(
+                    "{name}: live has {} rows (digest {}), the restore {} rows (digest {}), \
+                     though no write reached it after LSN {}",
+                    live.rows,
+                    live.digest.as_deref().unwrap_or("-"),
+                    r.rows,
+                    r.digest.as_deref().unwrap_or("-"),
+                    live.written_lsn
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    Some(comparison)
+}
+
+/// Opens one restored shard as the server would and checks every table; also sums up
+/// its tables for a comparison with the live server.
+fn open_and_check(data_dir: &Path, shard: usize, epoch: u64) -> (ShardDrill, Vec<TableSummary>) {
     let mut report = ShardDrill {
         shard,
         restored_lsn: 0,
@@ -116,6 +299,7 @@ fn open_and_check(data_dir: &Path, shard: usize, epoch: u64) -> ShardDrill {
         tenants: 0,
         tables: 0,
         rows: 0,
+        live: None,
         problems: Vec::new(),
     };
     let dir = shard_dir(data_dir, shard);
@@ -141,21 +325,98 @@ fn open_and_check(data_dir: &Path, shard: usize, epoch: u64) -> ShardDrill {
                     }
                 }
             }
-            found
+            (found, summarize(state))
         });
         shard.close().await?;
         Ok::<_, oc_engine::EngineError>(checked)
     });
     match opened {
-        Ok((tenants, tables, rows, problems)) => {
+        Ok(((tenants, tables, rows, problems), summaries)) => {
             report.tenants = tenants;
             report.tables = tables;
             report.rows = rows;
             report.problems = problems;
+            (report, summaries)
         }
-        Err(e) => report
-            .problems
-            .push(format!("the shard does not open: {e}")),
+        Err(e) => {
+            report
+                .problems
+                .push(format!("the shard does not open: {e}"));
+            (report, Vec::new())
+        }
     }
-    report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn summary(table: &str, written_lsn: u64, rows: u64, digest: &str) -> TableSummary {
+        TableSummary {
+            tenant: "acme".into(),
+            table: table.into(),
+            version: 1,
+            written_lsn,
+            rows,
+            digest: Some(digest.into()),
+        }
+    }
+
+    fn drilled(restored_lsn: u64) -> ShardDrill {
+        ShardDrill {
+            shard: 0,
+            restored_lsn,
+            last_commit: None,
+            tenants: 1,
+            tables: 3,
+            rows: 0,
+            live: None,
+            problems: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn unchanged_tables_must_match_and_later_ones_are_skipped() {
+        let live = LiveShard {
+            applied_lsn: 20,
+            last_commit_us: Some(5_000_000),
+            tables: vec![
+                summary("same", 8, 3, "0000abcd"),
+                summary("differs", 9, 3, "0000abcd"),
+                summary("gone", 9, 1, "00000001"),
+                summary("later", 15, 9, "00000009"),
+            ],
+        };
+        let restored = vec![
+            summary("same", 8, 3, "0000abcd"),
+            summary("differs", 9, 3, "0000ffff"),
+            summary("later", 9, 2, "00000002"),
+        ];
+        let mut shard = drilled(10);
+        let c = compare_with_live(&mut shard, 4_000_000, Some(&live), Some(&live), &restored)
+            .expect("compared");
+        assert_eq!((c.tables_compared, c.tables_changed_since), (3, 1));
+        assert_eq!((c.lsns_behind, c.seconds_behind), (10, Some(1.0)));
+        assert_eq!(shard.problems.len(), 2, "{:?}", shard.problems);
+        assert!(
+            shard.problems[0].contains("table differs") && shard.problems[0].contains("0000ffff")
+        );
+        assert!(shard.problems[1].contains("table gone") && shard.problems[1].contains("missing"));
+
+        // Caught up: nothing behind.
+        let mut shard = drilled(20);
+        let c = compare_with_live(
+            &mut shard,
+            5_000_000,
+            Some(&live),
+            Some(&live),
+            &restored[..1],
+        )
+        .expect("compared");
+        assert_eq!((c.lsns_behind, c.seconds_behind), (0, Some(0.0)));
+        // Another shard count.
+        let mut shard = drilled(20);
+        assert!(compare_with_live(&mut shard, 0, None, None, &[]).is_none());
+        assert!(shard.problems[0].contains("shard count"));
+    }
 }

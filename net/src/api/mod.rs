@@ -305,6 +305,7 @@ fn route_name(method: &Method, path: &str) -> &'static str {
         (["v1", "tenants", _, "tables", _, "rows"], _) => "rows_write",
         (["v1", "tenants", _, "tables", _, "rows", ..], _) => "row_get",
         (["v1", "audit", "logs"], _) => "audit_logs",
+        (["v1", "admin", "digest"], _) => "admin_digest",
         _ => "unknown",
     }
 }
@@ -315,7 +316,7 @@ fn allowed_methods(path: &str) -> Option<&'static str> {
         "tenants" | "tables" | "keys" => "GET, POST",
         "key" => "DELETE",
         "tenant" | "table" => "GET, DELETE",
-        "usage" | "row_get" | "watch" | "audit_logs" => "GET",
+        "usage" | "row_get" | "watch" | "audit_logs" | "admin_digest" => "GET",
         "rows_write" | "ask" | "watch_tokens" => "POST",
         _ => return None,
     })
@@ -348,7 +349,9 @@ async fn dispatch(ctx: &ApiContext, req: Request<Incoming>, request_id: &str) ->
         if has_body(&req) || method == Method::POST || method == Method::DELETE {
             match s.as_slice() {
                 ["v1", "tenants", t, ..] => ctx.check_key_before_body(claim, t).await?,
-                ["v1", "tenants"] | ["v1", "audit", ..] => auth::require_admin(&access.caller)?,
+                ["v1", "tenants"] | ["v1", "audit" | "admin", ..] => {
+                    auth::require_admin(&access.caller)?
+                }
                 _ => {} // no such route: answered without reading the body
             }
         }
@@ -450,6 +453,20 @@ async fn dispatch(ctx: &ApiContext, req: Request<Incoming>, request_id: &str) ->
             let did = Did::new("table.drop", Some(t), Some(table));
             let run = h::drop_table(router, tenant, table.to_string(), access);
             audited(ctx, access, request_id, did, run).await
+        }
+        (["v1", "admin", "digest"], &Method::GET) => {
+            let with_tables = match req.uri().query().unwrap_or("") {
+                "" | "tables=true" => true,
+                "tables=false" => false,
+                other => {
+                    return Err(ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_query",
+                        format!("unknown parameters {other:?}; the only one is tables=true|false"),
+                    ))
+                }
+            };
+            h::digest(router, with_tables, &ctx.layout, access).await
         }
         (["v1", "audit", "logs"], &Method::GET) => {
             auth::require_admin(&access.caller)?;

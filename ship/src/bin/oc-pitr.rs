@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use oc_ship::archive::open_archive;
 use oc_ship::catalog::{read_archive_manifest, ShardCatalog};
@@ -59,10 +60,19 @@ enum Command {
     /// The restore rehearsal: restores the latest restore point into a scratch
     /// directory, opens every shard as the server does, checks every table (rows,
     /// indexes, usage), reports the restore point's age and the restore time, and
-    /// removes the scratch directory. Exits 1 if anything is wrong.
+    /// removes the scratch directory. With --live, also measures the RPO achieved and
+    /// compares every table the live server has not written since the restore point.
+    /// Exits 1 if anything is wrong.
     Drill {
         #[arg(long, env = "OC_ARCHIVE")]
         archive: String,
+        /// The live server's API (`http://host:port`; https for TLS) that ships to the
+        /// archive: its tables are compared with the restored ones.
+        #[arg(long)]
+        live: Option<String>,
+        /// File holding the live server's admin token (or set OC_ADMIN_TOKEN).
+        #[arg(long, env = "OC_ADMIN_TOKEN_FILE", requires = "live")]
+        admin_token_file: Option<PathBuf>,
         /// Where the scratch directory goes (on a disk with room for a full restore).
         #[arg(long, default_value_os_t = std::env::temp_dir())]
         work_dir: PathBuf,
@@ -257,14 +267,35 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Drill {
             archive,
+            live,
+            admin_token_file,
             work_dir,
             keep,
             output,
         } => {
             let archive = open_archive(&archive)?;
-            let report = drill::drill(archive.as_ref(), &work_dir, keep, &mut |line| {
-                eprintln!("{line}")
-            })?;
+            let live = match live {
+                Some(url) => {
+                    let admin_token = match admin_token_file {
+                        Some(path) => Some(
+                            std::fs::read_to_string(&path)
+                                .with_context(|| format!("reading {}", path.display()))?
+                                .trim()
+                                .to_string(),
+                        ),
+                        None => std::env::var("OC_ADMIN_TOKEN").ok(),
+                    };
+                    Some(drill::LiveServer { url, admin_token })
+                }
+                None => None,
+            };
+            let report = drill::drill(
+                archive.as_ref(),
+                &work_dir,
+                keep,
+                live.as_ref(),
+                &mut |line| eprintln!("{line}"),
+            )?;
             if output == Output::Json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -279,6 +310,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         s.rows,
                         if s.problems.is_empty() { "" } else { "; PROBLEMS:" }
                     );
+                    if let Some(live) = &s.live {
+                        println!(
+                            "  live: LSN {} committed {}: the restore point was {} LSN(s){} behind; \
+                             {} unchanged table(s) compared, {} changed since",
+                            live.live_lsn,
+                            live.live_last_commit.as_deref().unwrap_or("(unknown)"),
+                            live.lsns_behind,
+                            live.seconds_behind
+                                .map_or(String::new(), |s| format!(", {s:.3} s")),
+                            live.tables_compared,
+                            live.tables_changed_since
+                        );
+                    }
                     for p in &s.problems {
                         println!("  {p}");
                     }
@@ -294,6 +338,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         .map_or("of no commit".into(), |s| format!("{s:.1} s old")),
                     if report.ok { "ok" } else { "PROBLEMS FOUND" }
                 );
+                if let Some(rpo) = report.rpo_seconds {
+                    println!("RPO achieved against the live server: {rpo:.3} s");
+                }
                 if let Some(dir) = &report.kept {
                     println!("kept the restored directory: {}", dir.display());
                 }
