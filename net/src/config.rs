@@ -60,6 +60,25 @@ pub struct ServerConfig {
     /// Serve on a non-loopback address without authentication (no admin token).
     #[arg(long, env = "OC_INSECURE_NO_AUTH")]
     pub insecure_no_auth: bool,
+    /// Export each request's span to this OTLP/HTTP traces endpoint
+    /// (`http://collector:4318/v1/traces`; `/v1/traces` is added to a bare
+    /// `http://host:port`). Off when absent.
+    #[arg(long, env = "OC_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// The `service.name` of exported spans.
+    #[arg(long, env = "OC_OTLP_SERVICE_NAME", default_value = "oc-server")]
+    pub otlp_service_name: String,
+    /// More resource attributes of exported spans, `key=value,key=value`
+    /// (`cloud.region=eu-west-1`); `host.name` is added unless given.
+    #[arg(long, env = "OC_OTLP_RESOURCE_ATTRIBUTES", default_value = "")]
+    pub otlp_resource_attributes: String,
+    /// Share of the requests that are neither failed (5xx) nor slow whose span is
+    /// exported, 0 to 1. Failed and slow ones always are.
+    #[arg(long, env = "OC_OTLP_SAMPLE_RATIO", default_value_t = 0.01)]
+    pub otlp_sample_ratio: f64,
+    /// A request at least this slow (ms) always has its span exported.
+    #[arg(long, env = "OC_OTLP_SLOW_MS", default_value_t = 100)]
+    pub otlp_slow_ms: u64,
     /// Requests per second one API key may sustain; more get 429.
     #[arg(long, env = "OC_RATE_LIMIT_RPS", default_value_t = 1000.0)]
     pub rate_limit_rps: f64,
@@ -268,6 +287,56 @@ impl ServerConfig {
         }
     }
 
+    /// The OTLP exporter's settings, when `--otlp-endpoint` is set.
+    pub fn otlp(&self) -> Result<Option<crate::otlp::OtlpConfig>, String> {
+        let Some(endpoint) = &self.otlp_endpoint else {
+            return Ok(None);
+        };
+        let Some(rest) = endpoint
+            .strip_prefix("http://")
+            .or_else(|| endpoint.strip_prefix("https://"))
+        else {
+            return Err(format!(
+                "--otlp-endpoint {endpoint:?} must be an http:// or https:// URL of an OTLP/HTTP receiver"
+            ));
+        };
+        let endpoint = if rest.contains('/') {
+            endpoint.clone()
+        } else {
+            format!("{endpoint}/v1/traces")
+        };
+        if !(0.0..=1.0).contains(&self.otlp_sample_ratio) {
+            return Err(format!(
+                "--otlp-sample-ratio {} must be from 0 to 1",
+                self.otlp_sample_ratio
+            ));
+        }
+        let mut resource = Vec::new();
+        for pair in self
+            .otlp_resource_attributes
+            .split(',')
+            .filter(|p| !p.trim().is_empty())
+        {
+            let Some((key, value)) = pair.split_once('=') else {
+                return Err(format!(
+                    "--otlp-resource-attributes: {pair:?} is not key=value"
+                ));
+            };
+            resource.push((key.trim().to_string(), value.trim().to_string()));
+        }
+        if !resource.iter().any(|(k, _)| k == "host.name") {
+            let host = oc_ship::lease::hostname();
+            resource.push(("host.name".into(), host));
+        }
+        Ok(Some(crate::otlp::OtlpConfig {
+            endpoint,
+            service_name: self.otlp_service_name.clone(),
+            resource,
+            sample_ratio: self.otlp_sample_ratio,
+            slow: Duration::from_millis(self.otlp_slow_ms),
+        }))
+    }
+
     /// The admin token from the file or the environment; `None` turns auth off.
     pub fn auth(&self) -> Result<AuthConfig, String> {
         let token = match (&self.admin_token_file, &self.admin_token) {
@@ -339,6 +408,7 @@ impl ServerConfig {
                 ));
             }
         }
+        self.otlp()?;
         if !(self.rate_limit_rps > 0.0 && self.rate_limit_burst >= 1.0) {
             return Err(
                 "--rate-limit-rps must be above 0 and --rate-limit-burst at least 1".into(),

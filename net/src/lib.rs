@@ -5,7 +5,8 @@
 //! Built: the data API (tenants, tables, rows, usage, `/ask`), `/watch` change streams,
 //! authentication (admin token, per-tenant API keys, watch tokens) and per-key rate
 //! limits, `/health`, `/ready`, `/metrics`, limits and timeouts, TLS (rustls), graceful
-//! shutdown. Not built yet: replication.
+//! shutdown, the audit log's API and OTLP export of request spans. Not built yet:
+//! replication.
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod api;
@@ -16,6 +17,7 @@ pub mod hyper_glommio;
 pub mod listener;
 pub mod metrics;
 pub mod ops;
+pub mod otlp;
 pub mod process_stats;
 pub mod rate_limit;
 pub mod server;

@@ -324,6 +324,7 @@ fn control_families(control: &ControlMetrics) -> Vec<MetricFamily> {
 /// (every per-shard family while the shards are still recovering) is left out: the
 /// exposition format has no way to say "no samples", and the encoder refuses it.
 pub fn render(shards: &[ShardSnapshot], control: &ControlMetrics) -> Result<String, String> {
+    use std::sync::atomic::Ordering::Relaxed;
     use MetricType::{COUNTER, GAUGE, HISTOGRAM};
     let mut families = control_families(control);
     let mut requests = BTreeMap::new();
@@ -409,6 +410,27 @@ pub fn render(shards: &[ShardSnapshot], control: &ControlMetrics) -> Result<Stri
             "From a change's apply on its owner shard to its event handed to the stream's connection.",
             HISTOGRAM,
             vec![histogram(vec![], &watch_latency, 1000.0)],
+        ),
+        family(
+            "oc_otlp_spans_exported_total",
+            "Request spans sent to the OTLP endpoint (--otlp-endpoint).",
+            COUNTER,
+            vec![counter(vec![], crate::otlp::EXPORTED.load(Relaxed) as f64)],
+        ),
+        family(
+            "oc_otlp_spans_dropped_total",
+            "Request spans kept by sampling but not sent: the exporter's queue was full, or the endpoint refused or did not answer.",
+            COUNTER,
+            vec![
+                counter(
+                    vec![label("reason", "queue_full")],
+                    crate::otlp::DROPPED_QUEUE_FULL.load(Relaxed) as f64,
+                ),
+                counter(
+                    vec![label("reason", "export_failed")],
+                    crate::otlp::DROPPED_EXPORT_FAILED.load(Relaxed) as f64,
+                ),
+            ],
         ),
         family(
             "oc_audit_failures_total",

@@ -73,6 +73,10 @@ pub fn run(config: ServerConfig) -> Result<()> {
         tracing::warn!("authentication is OFF (no admin token): anyone who can reach the listeners can read and write every tenant");
     }
     let format = line_format(&config.log_format);
+    if let Some(otlp) = config.otlp().map_err(|e| anyhow!(e))? {
+        tracing::info!(endpoint = %otlp.endpoint, sample_ratio = otlp.sample_ratio, slow_ms = otlp.slow.as_millis() as u64, "exporting request spans over OTLP");
+        crate::otlp::start(otlp).map_err(|e| anyhow!(e))?;
+    }
     let grace = Duration::from_millis(config.shutdown_grace_ms);
     // SIGTERM from here on ends the process within the grace period, whatever state
     // start-up is in.

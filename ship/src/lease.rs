@@ -292,7 +292,8 @@ pub fn this_process(program: &str, data_dir: &Path) -> Holder {
     }
 }
 
-fn hostname() -> String {
+/// This machine's host name (`unknown` when it cannot be read).
+pub fn hostname() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: gethostname(2) writes at most `buf.len()` bytes into a live buffer.
     let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };

@@ -167,6 +167,12 @@ pub async fn handle(
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let route = route_name(&method, &path);
+    let trace_parent = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(crate::otlp::TraceParent::parse);
+    let mut error_code = None;
     // The request's span: every log line below (and in the handlers) carries the
     // request id, the shard it landed on and the tenant. Never the Authorization header.
     let tenant = match segments(&path).as_slice() {
@@ -223,6 +229,7 @@ pub async fn handle(
             response
         }
         Err(e) => {
+            error_code = Some(e.code);
             if e.status.is_server_error() {
                 tracing::warn!(%method, %path, code = e.code, message = %e.message, "request failed");
             }
@@ -242,7 +249,19 @@ pub async fn handle(
         response.headers_mut().insert("x-request-id", value);
     }
     let status = response.status().as_u16();
-    metrics::record_request(route, status, started.elapsed());
+    let elapsed = started.elapsed();
+    metrics::record_request(route, status, elapsed);
+    crate::otlp::record(crate::otlp::Finished {
+        route,
+        method: method.as_str(),
+        status,
+        error_code,
+        elapsed,
+        shard: ctx.shard,
+        tenant,
+        request_id: &request_id,
+        parent: trace_parent,
+    });
     tracing::debug!(%method, %path, status, "request");
     Ok(response)
 }
