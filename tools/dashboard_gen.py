@@ -47,6 +47,11 @@ rows = [
    ("CPU", "rate(process_cpu_seconds_total[5m])", "short", "cores"),
    ("Open files", ["process_open_fds", "process_max_fds"], "short", ["open", "limit"]),
  ]),
+ ("Audit and tracing", [
+   ("Audit log failures (10 min)", "sum(increase(oc_audit_failures_total[10m]))", "short", "failures"),
+   ("OTLP spans exported/s", "sum(rate(oc_otlp_spans_exported_total[5m]))", "short", "exported"),
+   ("OTLP spans dropped/s by reason", "sum by (reason) (rate(oc_otlp_spans_dropped_total[5m]))", "short", "{{reason}}"),
+ ]),
 ]
 panels = []
 pid = 1
@@ -76,7 +81,7 @@ for title, items in rows:
 dash = {
   "title": "oc",
   "uid": "oc-overview",
-  "description": "oc storage engine: requests, /ask, storage, archive, /watch, limits. Panels follow docs/OPERATIONS.md (metrics) and docs/RUNBOOK.md (alerts).",
+  "description": "oc storage engine: requests, /ask, storage, archive, /watch, limits, audit and tracing. Panels follow docs/OPERATIONS.md (metrics) and docs/RUNBOOK.md (alerts).",
   "tags": ["oc"],
   "timezone": "utc",
   "schemaVersion": 39,

@@ -968,6 +968,9 @@ impl hyper::body::Body for WatchBody {
                     StreamEnd::Revoked => ("revoked", r#"{"reason":"the API key this stream was opened with was revoked"}"#.to_string()),
                     StreamEnd::Stopped => ("shutdown", r#"{"reason":"the tenant's shard stopped"}"#.to_string()),
                 };
+                if event == "overflow" {
+                    tracing::info!(tenant = %this.tenant, key_id = this.sub.key_id.as_deref().unwrap_or("-"), reason = %data, "watch stream overflowed");
+                }
                 this.finish_with(event, data);
                 continue;
             }
