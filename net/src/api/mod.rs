@@ -480,7 +480,7 @@ async fn dispatch(ctx: &ApiContext, req: Request<Incoming>, request_id: &str) ->
                 other => {
                     return Err(ApiError::new(
                         StatusCode::BAD_REQUEST,
-                        "invalid_query",
+                        "invalid_query_string",
                         format!("unknown parameters {other:?}; the only one is tables=true|false"),
                     ))
                 }
@@ -605,7 +605,7 @@ fn audit_unavailable(e: audit::AuditError) -> ApiError {
 /// `GET /v1/audit/logs` parameters: `since` (RFC 3339), `after` (a sequence number),
 /// `tenant`, `action`, `limit` (1 to 1000, default 100).
 fn audit_query(query: Option<&str>) -> Result<audit::Query, ApiError> {
-    let bad = |message: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", message);
+    let bad = |message: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query_string", message);
     let mut out = audit::Query {
         limit: 100,
         ..audit::Query::default()
