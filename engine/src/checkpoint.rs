@@ -763,11 +763,16 @@ fn decode_frame(
         KIND_TABLE => {
             let version = r.u64()?;
             let schema = r.schema()?;
+            let upto = state.applied_lsn;
             let t = state
                 .tenants
                 .get_mut(&tenant()?)
                 .ok_or(SnapshotProblem::BeforeTenant("table"))?;
+            let name = schema.name.clone();
             t.create_table(schema, version).map_err(refused)?;
+            // Its last write is not recorded, only that it came at or before the
+            // checkpoint (an emptied table has no rows frame to say so).
+            t.table_loaded_at(&name, upto).map_err(refused)?;
         }
         KIND_ROWS => {
             let table = r.str16()?;

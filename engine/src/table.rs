@@ -150,6 +150,10 @@ impl Table {
         self.written_lsn
     }
 
+    pub(crate) fn set_written_lsn(&mut self, lsn: u64) {
+        self.written_lsn = lsn;
+    }
+
     /// Adds up to `max_rows` more rows to `digest`; true once every row is in.
     pub fn digest_rows(&self, digest: &mut TableDigest, max_rows: usize) -> bool {
         let mut bytes = crate::record::Writer(Vec::new());

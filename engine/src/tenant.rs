@@ -10,6 +10,7 @@ use crate::limits::MAX_TABLES_PER_TENANT;
 use crate::schema::TableSchema;
 use crate::table::{BatchOutcome, Table, TableUsage, WriteOp};
 use crate::tenant_id::TenantId;
+use oc_io::Lsn;
 
 /// Usage of a whole tenant (`GET /v1/tenants/:t/usage`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -114,6 +115,13 @@ impl Tenant {
         Ok(target.apply(writes, lsn))
     }
 
+    /// Marks `table` as loaded from a checkpoint at `lsn`: written at or before it.
+    pub(crate) fn table_loaded_at(&mut self, table: &str, lsn: Lsn) -> Result<(), EngineError> {
+        let target = self.tables.get_mut(table).ok_or_else(|| not_found(table))?;
+        target.set_written_lsn(lsn.0);
+        Ok(())
+    }
+
     /// Applies writes validated earlier against the table incarnation `version`. They
     /// come back from the log or a checkpoint, so every row is checked against the
     /// table again first (all or none): what was checked before logging is checked
@@ -123,7 +131,7 @@ impl Tenant {
         table: &str,
         version: u64,
         writes: Vec<crate::table::RowWrite>,
-        lsn: oc_io::Lsn,
+        lsn: Lsn,
     ) -> Result<BatchOutcome, EngineError> {
         let target = self.tables.get_mut(table).ok_or_else(|| not_found(table))?;
         if target.version() != version {

@@ -300,10 +300,9 @@ impl ServerConfig {
                 "--otlp-endpoint {endpoint:?} must be an http:// or https:// URL of an OTLP/HTTP receiver"
             ));
         };
-        let endpoint = if rest.contains('/') {
-            endpoint.clone()
-        } else {
-            format!("{endpoint}/v1/traces")
+        let endpoint = match rest.split_once('/') {
+            Some((_, path)) if !path.is_empty() => endpoint.clone(),
+            _ => format!("{}/v1/traces", endpoint.trim_end_matches('/')),
         };
         if !(0.0..=1.0).contains(&self.otlp_sample_ratio) {
             return Err(format!(
@@ -322,7 +321,13 @@ impl ServerConfig {
                     "--otlp-resource-attributes: {pair:?} is not key=value"
                 ));
             };
-            resource.push((key.trim().to_string(), value.trim().to_string()));
+            let key = key.trim();
+            if key == "service.name" || key == "service.version" {
+                return Err(format!(
+                    "--otlp-resource-attributes: {key} is set by oc-server (use --otlp-service-name)"
+                ));
+            }
+            resource.push((key.to_string(), value.trim().to_string()));
         }
         if !resource.iter().any(|(k, _)| k == "host.name") {
             let host = oc_ship::lease::hostname();

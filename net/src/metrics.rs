@@ -433,6 +433,15 @@ pub fn render(shards: &[ShardSnapshot], control: &ControlMetrics) -> Result<Stri
             ],
         ),
         family(
+            "oc_audit_log_failed",
+            "1 once the audit log failed a write or sync: operator actions are refused until a restart.",
+            GAUGE,
+            vec![gauge(
+                vec![],
+                f64::from(u8::from(oc_ship::audit::FAILED.load(Relaxed))),
+            )],
+        ),
+        family(
             "oc_audit_failures_total",
             "Audit log writes that failed: the operator action refused (503 audit_unavailable) or its outcome left unrecorded.",
             COUNTER,

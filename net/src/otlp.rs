@@ -15,13 +15,18 @@
 //! bounded queue; a full queue drops the span and counts it. One exporter thread
 //! batches spans (up to 512, or what arrived within a second) and posts them.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime};
 
-/// Spans waiting for the exporter thread; more are dropped.
+/// Spans waiting for the exporter thread; more are dropped. Sampled spans (by ratio or
+/// by an upstream `traceparent`, which any client can set) use only the first half,
+/// so errors and slow requests always find room.
 const QUEUE: usize = 8192;
+const SAMPLED_SHARE: usize = QUEUE / 2;
+/// Spans in the queue now.
+static QUEUED: AtomicUsize = AtomicUsize::new(0);
 const BATCH: usize = 512;
 const BATCH_WAIT: Duration = Duration::from_secs(1);
 const POST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -118,8 +123,17 @@ fn hex_bytes<const N: usize>(s: &str) -> Option<[u8; N]> {
     Some(out)
 }
 
-/// Whether a finished request's span is kept: errors and slow requests always, an
-/// upstream-sampled trace always, the rest with probability `ratio` (`draw` in [0, 1)).
+/// Why a finished request's span is kept, if it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kept {
+    /// A 5xx or a slow request: always.
+    Always,
+    /// Sampled upstream or by the ratio: while the queue is not half full.
+    Sampled,
+}
+
+/// Errors and slow requests always, an upstream-sampled trace and `ratio` of the rest
+/// (`draw` in [0, 1)) as [`Kept::Sampled`].
 pub fn keep(
     status: u16,
     elapsed: Duration,
@@ -127,8 +141,14 @@ pub fn keep(
     upstream_sampled: bool,
     ratio: f64,
     draw: f64,
-) -> bool {
-    status >= 500 || elapsed >= slow || upstream_sampled || draw < ratio
+) -> Option<Kept> {
+    if status >= 500 || elapsed >= slow {
+        Some(Kept::Always)
+    } else if upstream_sampled || draw < ratio {
+        Some(Kept::Sampled)
+    } else {
+        None
+    }
 }
 
 /// One finished request, as the handler saw it.
@@ -151,14 +171,18 @@ pub fn record(request: Finished<'_>) {
         return;
     };
     let upstream = request.parent.is_some_and(|p| p.sampled);
-    if !keep(
+    let Some(kept) = keep(
         request.status,
         request.elapsed,
         exporter.slow,
         upstream,
         exporter.sample_ratio,
         fastrand::f64(),
-    ) {
+    ) else {
+        return;
+    };
+    if kept == Kept::Sampled && QUEUED.load(Ordering::Relaxed) >= SAMPLED_SHARE {
+        DROPPED_QUEUE_FULL.fetch_add(1, Ordering::Relaxed);
         return;
     }
     let end = SystemTime::now()
@@ -199,7 +223,9 @@ pub fn record(request: Finished<'_>) {
         error: request.status >= 500,
     };
     match exporter.spans.try_send(span) {
-        Ok(()) => {}
+        Ok(()) => {
+            QUEUED.fetch_add(1, Ordering::Relaxed);
+        }
         Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
             DROPPED_QUEUE_FULL.fetch_add(1, Ordering::Relaxed);
         }
@@ -227,11 +253,15 @@ fn export_loop(endpoint: &str, resource: &[u8], queue: Receiver<Span>) {
     let mut failing_since: Option<Instant> = None;
     loop {
         let Ok(first) = queue.recv() else { return };
+        QUEUED.fetch_sub(1, Ordering::Relaxed);
         let mut batch = vec![first];
         let deadline = Instant::now() + BATCH_WAIT;
         while batch.len() < BATCH {
             match queue.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(span) => batch.push(span),
+                Ok(span) => {
+                    QUEUED.fetch_sub(1, Ordering::Relaxed);
+                    batch.push(span)
+                }
                 Err(RecvTimeoutError::Timeout) => break,
                 Err(RecvTimeoutError::Disconnected) => break,
             }
@@ -390,16 +420,20 @@ mod tests {
     fn keeps_errors_slow_and_upstream_sampled_requests_and_a_ratio_of_the_rest() {
         let slow = Duration::from_millis(100);
         let fast = Duration::from_millis(1);
-        assert!(keep(503, fast, slow, false, 0.0, 0.5));
-        assert!(keep(200, slow, slow, false, 0.0, 0.5));
-        assert!(keep(200, fast, slow, true, 0.0, 0.5));
-        assert!(!keep(200, fast, slow, false, 0.0, 0.0));
-        assert!(
-            !keep(404, fast, slow, false, 0.1, 0.5),
+        let always = Some(Kept::Always);
+        let sampled = Some(Kept::Sampled);
+        assert_eq!(keep(503, fast, slow, false, 0.0, 0.5), always);
+        assert_eq!(keep(200, slow, slow, false, 0.0, 0.5), always);
+        assert_eq!(keep(503, fast, slow, true, 0.0, 0.5), always);
+        assert_eq!(keep(200, fast, slow, true, 0.0, 0.5), sampled);
+        assert_eq!(keep(200, fast, slow, false, 0.0, 0.0), None);
+        assert_eq!(
+            keep(404, fast, slow, false, 0.1, 0.5),
+            None,
             "a 4xx is not an error"
         );
-        assert!(keep(200, fast, slow, false, 0.1, 0.05));
-        assert!(keep(200, fast, slow, false, 1.0, 0.999));
+        assert_eq!(keep(200, fast, slow, false, 0.1, 0.05), sampled);
+        assert_eq!(keep(200, fast, slow, false, 1.0, 0.999), sampled);
     }
 
     #[test]

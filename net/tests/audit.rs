@@ -398,6 +398,7 @@ fn an_action_the_audit_log_cannot_record_is_refused_and_changes_nothing() {
     assert_eq!(tenants.body["tenants"], json!(["kept"]), "{tenants:?}");
     let (_, scrape) = server.ops_get("/metrics");
     assert_eq!(scrape_value(&scrape, "oc_audit_failures_total"), Some(2.0));
+    assert_eq!(scrape_value(&scrape, "oc_audit_log_failed"), Some(1.0));
 
     let _ = server.terminate();
     let server = start(&data, "none", &[("OC_FAILPOINTS", &failpoint)]);
@@ -407,6 +408,24 @@ fn an_action_the_audit_log_cannot_record_is_refused_and_changes_nothing() {
         vec![row("tenant.create", "admin", "kept", "", 201, "")],
         "the refused actions left no entry: {:#}",
         log.body
+    );
+    // A name of 1 MiB is refused, and recorded cut to 256 bytes, not whole.
+    let mut huge = common::items_table();
+    huge["name"] = json!("x".repeat(1 << 20));
+    let refused = call(
+        &server,
+        "POST",
+        "/v1/tenants/kept/tables",
+        Some(huge),
+        ADMIN,
+    );
+    assert_eq!(refused.status, 400, "{refused:?}");
+    let log = audit(&server, "?action=table.create");
+    let target = log.body["entries"][0]["target"].as_str().expect("target");
+    assert!(
+        target.len() <= 256 && target.ends_with('…'),
+        "{}",
+        target.len()
     );
     let dropped = call(&server, "DELETE", "/v1/tenants/kept", None, ADMIN);
     assert_eq!(dropped.status, 200, "{dropped:?}");

@@ -1,5 +1,5 @@
 //! The audit log: every operator action (tenants, tables, keys, watch tokens, restores)
-//! with who did it, what, when, the request id and the result (FORMAT.md §11).
+//! with who did it, what, when, the request id and the result (FORMAT.md §10).
 //!
 //! An action writes a `begin` entry durably *before* it runs, and is refused when that
 //! fails, so nothing changes without a trace; the `end` entry with the result follows.
@@ -7,8 +7,10 @@
 //! request ran past its deadline, or the process stopped in between).
 //!
 //! Files are `<data-dir>/audit/<first seq>-<first time µs>.log` (16 hex digits each),
-//! lines `<CRC-32C of the JSON, 8 hex> <JSON>\n`, readable with `grep` and checked on
-//! every read. The newest file is appended to; at 8 MiB a new one starts. The shipper
+//! lines `<CRC-32C of the JSON, 8 hex> <JSON array of entries>\n`, readable with `grep`
+//! and checked on every read. A line is one group commit (one write, one fdatasync):
+//! a power cut during the write can only damage the last line, which was never
+//! acknowledged, so a bad line followed by good ones is real damage. The newest file is appended to; at 8 MiB a new one starts. The shipper
 //! copies the files to the archive (`audit/<file name>`), restore brings them back.
 //!
 //! Blocking: the log is written and read on a thread of its own ([`start`]); shards
@@ -18,7 +20,9 @@ use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -36,6 +40,40 @@ const QUEUE: usize = 1024;
 const RETENTION_EVERY: Duration = Duration::from_secs(3600);
 /// Most entries one query returns.
 pub const MAX_QUERY_LIMIT: usize = 1000;
+/// Longest text field of an entry: longer names are cut (the request was refused
+/// anyway, by its own validation), so no request can write a large entry.
+pub const MAX_FIELD_BYTES: usize = 256;
+/// Reads running at once (each on a thread of its own); more are refused (`Busy`).
+const MAX_READS: usize = 2;
+
+/// True once the log refused a write: operator actions are refused until a restart
+/// (`oc_audit_log_failed`).
+pub static FAILED: AtomicBool = AtomicBool::new(false);
+
+/// The newest file's name and how much of it is durable: the shipper copies no more
+/// (a line whose sync failed is cut and must not reach the archive).
+static SYNCED: Mutex<Option<(String, u64)>> = Mutex::new(None);
+
+/// How many bytes of audit file `name` the shipper may copy: all of a file no longer
+/// written, the durable part of the newest.
+pub fn shippable_len(name: &str, complete: u64) -> u64 {
+    match &*SYNCED.lock().unwrap_or_else(|e| e.into_inner()) {
+        Some((active, synced)) if active == name => complete.min(*synced),
+        _ => complete,
+    }
+}
+
+/// `text` cut to at most [`MAX_FIELD_BYTES`] on a character boundary, marked `…`.
+pub fn bounded(text: &str) -> String {
+    if text.len() <= MAX_FIELD_BYTES {
+        return text.to_string();
+    }
+    let mut end = MAX_FIELD_BYTES - '…'.len_utf8();
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
 
 /// One line of the log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -194,7 +232,7 @@ pub enum ScanEnd {
     },
 }
 
-/// The valid lines of a file, and how it ends.
+/// The entries of a file's valid lines, and how it ends.
 pub fn scan(bytes: &[u8]) -> (Vec<Record>, ScanEnd) {
     let mut records = Vec::new();
     let mut offset = 0;
@@ -205,7 +243,7 @@ pub fn scan(bytes: &[u8]) -> (Vec<Record>, ScanEnd) {
             break;
         };
         match parse_line(&bytes[offset..offset + len]) {
-            Ok(record) => {
+            Ok(group) => {
                 if let Some((at, why)) = first_bad.take() {
                     return (
                         records,
@@ -215,7 +253,7 @@ pub fn scan(bytes: &[u8]) -> (Vec<Record>, ScanEnd) {
                         },
                     );
                 }
-                records.push(record);
+                records.extend(group);
             }
             Err(why) => {
                 first_bad.get_or_insert((offset, why));
@@ -230,7 +268,7 @@ pub fn scan(bytes: &[u8]) -> (Vec<Record>, ScanEnd) {
     (records, end)
 }
 
-fn parse_line(line: &[u8]) -> Result<Record, String> {
+fn parse_line(line: &[u8]) -> Result<Vec<Record>, String> {
     let (crc, json) = line
         .split_first_chunk::<9>()
         .filter(|(head, _)| head[8] == b' ')
@@ -242,12 +280,12 @@ fn parse_line(line: &[u8]) -> Result<Record, String> {
     if crc32c::crc32c(json) != crc {
         return Err("checksum mismatch".into());
     }
-    serde_json::from_slice(json).map_err(|e| format!("not an audit entry: {e}"))
+    serde_json::from_slice(json).map_err(|e| format!("not a list of audit entries: {e}"))
 }
 
-fn format_line(record: &Record, out: &mut Vec<u8>) {
+fn format_line(group: &[Record], out: &mut Vec<u8>) {
     // serde_json escapes every control character in strings: the JSON has no newline.
-    let json = serde_json::to_vec(record).unwrap_or_default();
+    let json = serde_json::to_vec(group).unwrap_or_default();
     let _ = write!(out, "{:08x} ", crc32c::crc32c(&json));
     out.extend_from_slice(&json);
     out.push(b'\n');
@@ -317,14 +355,16 @@ impl AuditLog {
             .last()
             .map_or(active.first_seq, |r| r.seq() + 1)
             .max(active.first_seq);
-        Ok(AuditLog {
+        let log = AuditLog {
             dir,
             active,
             file,
             len,
             next_seq,
             failed: None,
-        })
+        };
+        log.publish_synced();
+        Ok(log)
     }
 
     fn start_file(dir: PathBuf, first_seq: u64) -> Result<AuditLog, AuditError> {
@@ -341,18 +381,24 @@ impl AuditLog {
         File::open(&dir)
             .and_then(|d| d.sync_all())
             .map_err(io_error(&dir))?;
-        Ok(AuditLog {
+        let log = AuditLog {
             dir,
             active,
             file,
             len: 0,
             next_seq: first_seq,
             failed: None,
-        })
+        };
+        log.publish_synced();
+        Ok(log)
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    fn publish_synced(&self) {
+        *SYNCED.lock().unwrap_or_else(|e| e.into_inner()) = Some((self.active.name(), self.len));
     }
 
     /// Appends `pending` durably (one write, one fdatasync); returns their sequence
@@ -366,7 +412,7 @@ impl AuditLog {
             *self = AuditLog::start_file(self.dir.clone(), self.next_seq)?;
         }
         let time_us = now_us();
-        let mut bytes = Vec::new();
+        let mut group = Vec::with_capacity(pending.len());
         let mut seqs = Vec::with_capacity(pending.len());
         for p in pending {
             let seq = self.next_seq;
@@ -391,9 +437,14 @@ impl AuditLog {
                     effect,
                 },
             };
-            format_line(&record, &mut bytes);
+            group.push(record);
             seqs.push(seq);
         }
+        if group.is_empty() {
+            return Ok(seqs);
+        }
+        let mut bytes = Vec::new();
+        format_line(&group, &mut bytes);
         let path = self.dir.join(self.active.name());
         let written = {
             use std::os::unix::fs::FileExt;
@@ -405,11 +456,13 @@ impl AuditLog {
         match written {
             Ok(()) => {
                 self.len += bytes.len() as u64;
+                self.publish_synced();
                 Ok(seqs)
             }
             Err(e) => {
                 let why = io_error(&path)(e).to_string();
                 self.failed = Some(why.clone());
+                FAILED.store(true, Ordering::Relaxed);
                 // Best effort: what did not become durable should not reappear after a
                 // restart as an action that never ran.
                 let _ = self
@@ -481,21 +534,42 @@ pub struct Answer {
     pub problems: Vec<String>,
 }
 
-/// Reads the entries of the log in `dir` that `query` asks for.
+/// Reads the entries of the log in `dir` that `query` asks for. Without `since` and
+/// `after` it reads files newest first and stops once it holds `limit` entries;
+/// otherwise oldest first, stopping one file after it has them (a slow action's `end`
+/// may be in the next file).
 pub fn read(dir: &Path, query: &Query) -> Result<Answer, AuditError> {
     let files = list_files(dir)?;
     let tail_mode = query.since_us.is_none() && query.after_seq.is_none();
-    let mut found: BTreeMap<u64, Entry> = BTreeMap::new();
-    let mut problems = Vec::new();
-    for (i, file) in files.iter().enumerate() {
-        if let Some(next) = files.get(i + 1) {
+    let mut order: Vec<usize> = (0..files.len())
+        .filter(|&i| {
             // Skip files that hold nothing asked for.
-            let before_after = query.after_seq.is_some_and(|a| next.first_seq <= a + 1);
+            let Some(next) = files.get(i + 1) else {
+                return true;
+            };
+            let before_after = query
+                .after_seq
+                .is_some_and(|a| next.first_seq <= a.saturating_add(1));
             let before_since = query.since_us.is_some_and(|s| next.first_time_us < s);
-            if before_after || before_since {
-                continue;
+            !(before_after || before_since)
+        })
+        .collect();
+    if tail_mode {
+        order.reverse();
+    }
+    let mut found: BTreeMap<u64, Entry> = BTreeMap::new();
+    // Outcomes by the `seq` of their `begin`: newest-first reading meets them first.
+    let mut outcomes: BTreeMap<u64, Outcome> = BTreeMap::new();
+    let mut problems = Vec::new();
+    let mut files_after_limit = 0;
+    for i in order {
+        if found.len() >= query.limit {
+            if tail_mode || files_after_limit == 1 {
+                break;
             }
+            files_after_limit += 1;
         }
+        let file = files[i];
         let path = dir.join(file.name());
         let bytes = match fs::read(&path) {
             Ok(bytes) => bytes,
@@ -516,6 +590,7 @@ pub fn read(dir: &Path, query: &Query) -> Result<Answer, AuditError> {
                 file.name()
             )),
         }
+        let mut begun = Vec::new();
         for record in records {
             match record {
                 Record::Begin {
@@ -530,20 +605,13 @@ pub fn read(dir: &Path, query: &Query) -> Result<Answer, AuditError> {
                             .as_ref()
                             .is_none_or(|t| action.tenant.as_ref() == Some(t))
                         && query.action.as_ref().is_none_or(|a| &action.action == a);
-                    if !wanted || (!tail_mode && found.len() >= query.limit) {
-                        continue;
-                    }
-                    found.insert(
-                        seq,
-                        Entry {
+                    if wanted {
+                        begun.push(Entry {
                             seq,
                             time: format_rfc3339(time_us),
                             action,
                             result: None,
-                        },
-                    );
-                    if tail_mode && found.len() > query.limit {
-                        found.pop_first();
+                        });
                     }
                 }
                 Record::End {
@@ -554,19 +622,32 @@ pub fn read(dir: &Path, query: &Query) -> Result<Answer, AuditError> {
                     effect,
                     ..
                 } => {
-                    if let Some(entry) = found.get_mut(&of) {
-                        entry.result = Some(Outcome {
+                    outcomes.insert(
+                        of,
+                        Outcome {
                             status,
                             code,
                             finished: format_rfc3339(time_us),
                             effect,
-                        });
-                    }
+                        },
+                    );
                 }
             }
         }
+        for entry in begun {
+            if tail_mode || found.len() < query.limit {
+                found.insert(entry.seq, entry);
+            }
+        }
+        // Newest first: keep the newest `limit` of what was read.
+        while tail_mode && found.len() > query.limit {
+            found.pop_first();
+        }
     }
-    let entries: Vec<Entry> = found.into_values().collect();
+    let mut entries: Vec<Entry> = found.into_values().collect();
+    for entry in &mut entries {
+        entry.result = outcomes.remove(&entry.seq);
+    }
     Ok(Answer {
         next_after: entries.last().map(|e| e.seq).or(query.after_seq),
         entries,
@@ -574,27 +655,24 @@ pub fn read(dir: &Path, query: &Query) -> Result<Answer, AuditError> {
     })
 }
 
-enum Job {
-    Append(
-        Vec<Pending>,
-        async_channel::Sender<Result<Vec<u64>, AuditError>>,
-    ),
-    Read(Query, async_channel::Sender<Result<Answer, AuditError>>),
-}
+/// Lines to append, and where their sequence numbers go.
+type Job = (
+    Vec<Pending>,
+    async_channel::Sender<Result<Vec<u64>, AuditError>>,
+);
 
 /// A handle on the audit thread; cheap to clone, usable from any shard.
 #[derive(Clone)]
 pub struct Auditor {
     jobs: SyncSender<Job>,
+    dir: Arc<PathBuf>,
+    reads: Arc<AtomicUsize>,
 }
 
 impl Auditor {
-    async fn ask<T>(
-        &self,
-        job: impl FnOnce(async_channel::Sender<Result<T, AuditError>>) -> Job,
-    ) -> Result<T, AuditError> {
+    async fn append(&self, pending: Vec<Pending>) -> Result<Vec<u64>, AuditError> {
         let (tx, rx) = async_channel::bounded(1);
-        match self.jobs.try_send(job(tx)) {
+        match self.jobs.try_send((pending, tx)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => return Err(AuditError::Busy),
             Err(TrySendError::Disconnected(_)) => return Err(AuditError::Stopped),
@@ -604,9 +682,7 @@ impl Auditor {
 
     /// Records that `action` starts; returns its sequence number for [`Auditor::end`].
     pub async fn begin(&self, action: Action) -> Result<u64, AuditError> {
-        let seqs = self
-            .ask(|tx| Job::Append(vec![Pending::Begin(action)], tx))
-            .await?;
+        let seqs = self.append(vec![Pending::Begin(action)]).await?;
         seqs.first().copied().ok_or(AuditError::Stopped)
     }
 
@@ -624,11 +700,38 @@ impl Auditor {
             code,
             effect,
         };
-        self.ask(|tx| Job::Append(vec![end], tx)).await.map(drop)
+        self.append(vec![end]).await.map(drop)
     }
 
+    /// Reads on a thread of its own (never the writer's: a long read must not hold
+    /// up actions), at most [`MAX_READS`] at once.
     pub async fn read(&self, query: Query) -> Result<Answer, AuditError> {
-        self.ask(|tx| Job::Read(query, tx)).await
+        if self
+            .reads
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_READS).then_some(n + 1)
+            })
+            .is_err()
+        {
+            return Err(AuditError::Busy);
+        }
+        let (tx, rx) = async_channel::bounded(1);
+        let (dir, reads) = (self.dir.clone(), self.reads.clone());
+        let spawned = std::thread::Builder::new()
+            .name("oc-audit-read".into())
+            .spawn(move || {
+                let answer = read(&dir, &query);
+                reads.fetch_sub(1, Ordering::AcqRel);
+                let _ = tx.send_blocking(answer);
+            });
+        if let Err(e) = spawned {
+            self.reads.fetch_sub(1, Ordering::AcqRel);
+            return Err(AuditError::Io {
+                file: self.dir.display().to_string(),
+                why: format!("no thread to read the audit log: {e}"),
+            });
+        }
+        rx.recv().await.map_err(|_| AuditError::Stopped)?
     }
 }
 
@@ -637,6 +740,7 @@ impl Auditor {
 /// deleted locally (whole files) every hour.
 pub fn start(data_dir: &Path, retention: Duration) -> Result<Auditor, AuditError> {
     let mut log = AuditLog::open(data_dir)?;
+    let dir = log.dir().to_path_buf();
     let (jobs, queue) = mpsc::sync_channel::<Job>(QUEUE);
     std::thread::Builder::new()
         .name("oc-audit".into())
@@ -658,19 +762,9 @@ pub fn start(data_dir: &Path, retention: Duration) -> Result<Auditor, AuditError
                     Err(RecvTimeoutError::Disconnected) => return,
                 };
                 // Group commit: every append waiting now shares one write and one sync.
-                let mut appends = Vec::new();
-                let mut job = Some(first);
-                while let Some(next) = job.take() {
-                    match next {
-                        Job::Append(pending, reply) => appends.push((pending, reply)),
-                        Job::Read(query, reply) => {
-                            let _ = reply.send_blocking(read(log.dir(), &query));
-                        }
-                    }
-                    job = queue.try_recv().ok();
-                }
-                if appends.is_empty() {
-                    continue;
+                let mut appends = vec![first];
+                while let Ok(next) = queue.try_recv() {
+                    appends.push(next);
                 }
                 let all: Vec<Pending> = appends.iter().flat_map(|(p, _)| p.clone()).collect();
                 match log.append(all) {
@@ -694,7 +788,11 @@ pub fn start(data_dir: &Path, retention: Duration) -> Result<Auditor, AuditError
             file: AUDIT_DIR.into(),
             why: format!("no thread for the audit log: {e}"),
         })?;
-    Ok(Auditor { jobs })
+    Ok(Auditor {
+        jobs,
+        dir: Arc::new(dir),
+        reads: Arc::new(AtomicUsize::new(0)),
+    })
 }
 
 #[cfg(test)]
@@ -834,6 +932,56 @@ mod tests {
         assert_eq!(log.retain(now_us() + 1_000_000).expect("retain"), 4);
         let left = read(log.dir(), &query(10)).expect("read");
         assert_eq!(left.entries.iter().map(|e| e.seq).collect::<Vec<_>>(), [5]);
+    }
+
+    #[test]
+    fn an_outcome_in_a_later_file_joins_its_action_read_newest_first() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut log = AuditLog::open(dir.path()).expect("open");
+        let begun = log
+            .append(vec![
+                Pending::Begin(action("tenant.drop", "a")),
+                Pending::Begin(action("tenant.drop", "b")),
+            ])
+            .expect("one line, two entries");
+        assert_eq!(begun, [1, 2]);
+        log.len = ROTATE_BYTES;
+        log.append(vec![Pending::End {
+            of: 2,
+            status: 200,
+            code: None,
+            effect: Effect::default(),
+        }])
+        .expect("append");
+        assert_eq!(list_files(log.dir()).expect("list").len(), 2);
+        let newest = read(log.dir(), &query(1)).expect("read");
+        assert_eq!(newest.entries.len(), 1);
+        assert_eq!(newest.entries[0].seq, 2);
+        assert_eq!(
+            newest.entries[0].result.as_ref().map(|r| r.status),
+            Some(200)
+        );
+        let after_max = read(
+            log.dir(),
+            &Query {
+                after_seq: Some(u64::MAX),
+                ..query(10)
+            },
+        )
+        .expect("read");
+        assert!(after_max.entries.is_empty());
+    }
+
+    #[test]
+    fn long_fields_are_cut_on_a_character_boundary() {
+        assert_eq!(bounded("short"), "short");
+        let long = "é".repeat(400);
+        let cut = bounded(&long);
+        assert!(
+            cut.len() <= MAX_FIELD_BYTES && cut.ends_with('…'),
+            "{}",
+            cut.len()
+        );
     }
 
     #[test]

@@ -396,7 +396,9 @@ fn restore_audit_log(
     epoch: u64,
     progress: &mut dyn FnMut(&str),
 ) {
-    let dir = data_dir.join(audit::AUDIT_DIR);
+    // Copied whole or not at all: a partial copy would reuse sequence numbers the
+    // archive's later files hold.
+    let dir = data_dir.join(format!("{}.partial", audit::AUDIT_DIR));
     let copied = (|| -> Result<usize, String> {
         fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let mut copied = 0;
@@ -415,13 +417,20 @@ fn restore_audit_log(
             copied += 1;
         }
         sync_dir(&dir).map_err(|e| e.to_string())?;
+        let whole = data_dir.join(audit::AUDIT_DIR);
+        fs::rename(&dir, &whole).map_err(|e| format!("{}: {e}", whole.display()))?;
+        sync_dir(data_dir).map_err(|e| e.to_string())?;
         Ok(copied)
     })();
     match copied {
         Ok(n) => progress(&format!("audit log: {n} file(s) copied from the archive")),
-        Err(why) => progress(&format!(
-            "WARNING: the archive's audit log was not copied ({why}); the restored server starts a new one"
-        )),
+        Err(why) => {
+            let _ = fs::remove_dir_all(&dir);
+            progress(&format!(
+                "WARNING: the archive's audit log was not copied ({why}); the restored \
+                 directory starts a new one (the archive keeps the old history)"
+            ))
+        }
     }
     let marker = audit::AuditLog::open(data_dir).and_then(|mut log| {
         let target = if target == LATEST {

@@ -581,6 +581,7 @@ impl Shipper {
                 Err(e) => return Err(local(&path, e)),
             };
             let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+            let complete = audit::shippable_len(&name, complete as u64) as usize;
             if self.audit_shipped.get(&name) == Some(&(complete as u64)) {
                 continue;
             }
