@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """An OTLP/HTTP traces receiver for tests: decodes each POST to /v1/traces with the
 official OpenTelemetry protos (the `opentelemetry-proto` package) and prints one JSON
-line per span. Prints `listening <port>` first. Answers 400 to a body the protos cannot
+line per span (with --quiet, nothing: for benchmarks). Prints `listening <port>` first. Answers 400 to a body the protos cannot
 decode, and 415 to another content type, so an encoding mistake fails the test."""
 
 import json
@@ -30,6 +30,8 @@ class Handler(BaseHTTPRequestHandler):
         except DecodeError as e:
             print(json.dumps({"decode_error": str(e)}), flush=True)
             return self.answer(400)
+        if QUIET:
+            return self.answer(200, trace_service_pb2.ExportTraceServiceResponse().SerializeToString())
         for rs in request.resource_spans:
             resource = {kv.key: any_value(kv.value) for kv in rs.resource.attributes}
             for ss in rs.scope_spans:
@@ -60,6 +62,7 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 
+QUIET = "--quiet" in sys.argv[1:]
 server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
 print(f"listening {server.server_address[1]}", flush=True)
 server.serve_forever()

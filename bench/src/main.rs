@@ -4,6 +4,7 @@
 
 mod archive;
 mod ask;
+mod audit;
 mod engine;
 mod http;
 mod latency;
@@ -47,6 +48,9 @@ enum Command {
     /// `/watch`: delivery latency at 1, 100 and 1,000 streams, and the cost of 1,000
     /// idle streams to writers (through an oc-server it starts).
     Watch(watch::WatchArgs),
+    /// What recording operator actions in the audit log costs: table creation and drop
+    /// against a one-row write, and reading the log back (through an oc-server it starts).
+    Audit(audit::AuditArgs),
     /// Re-render Markdown tables and SVG charts from a directory of JSON results.
     Report(report::ReportArgs),
     /// Run wal, engine, peers and http (against an oc-server it starts), then render
@@ -164,6 +168,7 @@ fn main() -> anyhow::Result<()> {
         Command::Archive(args) => archive::run(args),
         Command::Ask(args) => ask::run(args),
         Command::Watch(args) => watch::run(args),
+        Command::Audit(args) => audit::run(args),
         Command::Report(args) => report::run(args),
         Command::All(args) => run_all(args),
     }
