@@ -89,7 +89,7 @@ dash = {
   "editable": True,
   "refresh": "30s",
   "time": {"from": "now-6h", "to": "now"},
-  "templating": {"list": [{"name": "datasource", "type": "datasource", "query": "prometheus", "label": "Prometheus", "current": {}, "hide": 0, "refresh": 1, "options": []}]},
+  "templating": {"list": [{"name": "datasource", "type": "datasource", "query": "prometheus", "label": "Prometheus", "hide": 0, "refresh": 1, "options": []}]},
   "annotations": {"list": []},
   "panels": panels,
 }

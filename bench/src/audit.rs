@@ -95,7 +95,9 @@ pub fn run(args: AuditArgs) -> Result<()> {
         let mut entries = 0;
         for _ in 0..50 {
             let started = Instant::now();
-            let status = conn.request("GET", "/v1/audit/logs?limit=100", None).await?;
+            let status = conn
+                .request("GET", "/v1/audit/logs?limit=100", None)
+                .await?;
             read.record(started.elapsed().as_micros() as u64)?;
             if status != 200 {
                 bail!("reading the audit log answered {status}");

@@ -192,3 +192,54 @@ fn every_panel_query_returns_data_from_a_real_scrape() {
     );
     assert!(queries.len() >= 25, "{} queries", queries.len());
 }
+
+/// The dashboard type-checks as Grafana's published `Dashboard` (`@grafana/schema`,
+/// pinned in `tools/grafana-schema`): every field known to Grafana, of the right type.
+/// The JSON is written as an object literal assigned to a `Dashboard`, so TypeScript's
+/// excess-property check rejects unknown fields too. CI installs the package; without
+/// it the check is skipped loudly.
+#[test]
+fn the_dashboard_matches_grafanas_published_schema() {
+    let tools = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tools/grafana-schema");
+    let tsc = tools.join("node_modules/.bin/tsc");
+    if !tsc.exists() {
+        if std::env::var_os("CI").is_some() {
+            panic!("CI must install tools/grafana-schema (npm ci): see .ci/run");
+        }
+        eprintln!("skipped: run `npm ci` in tools/grafana-schema to check the dashboard against Grafana's schema");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::os::unix::fs::symlink(tools.join("node_modules"), dir.path().join("node_modules"))
+        .expect("symlink node_modules");
+    let text = serde_json::to_string_pretty(&dashboard()).expect("JSON");
+    let check = dir.path().join("check.ts");
+    std::fs::write(
+        &check,
+        format!(
+            "import type {{ Dashboard }} from \"@grafana/schema\";\nexport const dashboard: Dashboard = {text};\n"
+        ),
+    )
+    .expect("write check.ts");
+    let out = Command::new(&tsc)
+        .args([
+            "--noEmit",
+            "--strict",
+            "--skipLibCheck",
+            "--module",
+            "esnext",
+            "--moduleResolution",
+            "bundler",
+            "--target",
+            "es2020",
+        ])
+        .arg(&check)
+        .output()
+        .expect("run tsc");
+    assert!(
+        out.status.success(),
+        "the dashboard does not match Grafana's Dashboard type:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
