@@ -15,6 +15,16 @@ rows = [
    ("Latency p99 by route", "histogram_quantile(0.99, sum by (route, le) (rate(oc_http_request_duration_seconds_bucket[5m])))", "s", "{{route}}"),
    ("Ready", "oc_ready", "short", "ready"),
  ]),
+ ("SLOs (burn rate: 1 spends the 30-day budget in exactly 30 days)", [
+   ("Availability 99.9%: 5xx burn rate, 1 h and 6 h", [
+     "(sum(rate(oc_http_requests_total{route!~\"health|ready|metrics|ops_unknown\",status=~\"5..\"}[1h])) or vector(0)) / clamp_min(sum(rate(oc_http_requests_total{route!~\"health|ready|metrics|ops_unknown\"}[1h])), 1e-9) / 0.001",
+     "(sum(rate(oc_http_requests_total{route!~\"health|ready|metrics|ops_unknown\",status=~\"5..\"}[6h])) or vector(0)) / clamp_min(sum(rate(oc_http_requests_total{route!~\"health|ready|metrics|ops_unknown\"}[6h])), 1e-9) / 0.001"],
+     "short", ["1 h", "6 h"]),
+   ("/ask p95 < 100 ms: slow-query burn rate, 1 h and 6 h", [
+     "(sum(rate(oc_ask_latency_ms_count[1h])) - sum(rate(oc_ask_latency_ms_bucket{le=\"100\"}[1h]))) / clamp_min(sum(rate(oc_ask_latency_ms_count[1h])), 1e-9) / 0.05",
+     "(sum(rate(oc_ask_latency_ms_count[6h])) - sum(rate(oc_ask_latency_ms_bucket{le=\"100\"}[6h]))) / clamp_min(sum(rate(oc_ask_latency_ms_count[6h])), 1e-9) / 0.05"],
+     "short", ["1 h", "6 h"]),
+ ]),
  ("/ask", [
    ("/ask latency p50 / p95 / p99", ["histogram_quantile(0.5, sum by (le) (rate(oc_ask_latency_ms_bucket[5m])))", "histogram_quantile(0.95, sum by (le) (rate(oc_ask_latency_ms_bucket[5m])))", "histogram_quantile(0.99, sum by (le) (rate(oc_ask_latency_ms_bucket[5m])))"], "ms", ["p50","p95","p99"]),
    ("Plan-cache hit ratio (5 min)", "sum(rate(oc_plan_cache_hits_total[5m])) / clamp_min(sum(rate(oc_plan_cache_hits_total[5m])) + sum(rate(oc_plan_cache_misses_total[5m])), 1e-9)", "percentunit", "hit ratio"),
@@ -81,7 +91,7 @@ for title, items in rows:
 dash = {
   "title": "oc",
   "uid": "oc-overview",
-  "description": "oc storage engine: requests, /ask, storage, archive, /watch, limits, audit and tracing. Panels follow docs/OPERATIONS.md (metrics) and docs/RUNBOOK.md (alerts).",
+  "description": "oc storage engine: requests, SLO burn rates, /ask, storage, archive, /watch, limits, audit and tracing. Panels follow docs/OPERATIONS.md (metrics) and docs/RUNBOOK.md (alerts).",
   "tags": ["oc"],
   "timezone": "utc",
   "schemaVersion": 39,
