@@ -57,6 +57,10 @@ pub struct ServerConfig {
         hide = true
     )]
     pub admin_token: Option<String>,
+    /// Start even when --data-dir is on tmpfs, ramfs or overlay (a container's writable
+    /// layer), where writes are not durable: for throwaway servers only.
+    #[arg(long, env = "OC_ALLOW_UNSAFE_FS")]
+    pub allow_unsafe_fs: bool,
     /// Serve on a non-loopback address without authentication (no admin token).
     #[arg(long, env = "OC_INSECURE_NO_AUTH")]
     pub insecure_no_auth: bool,

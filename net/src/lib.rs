@@ -18,6 +18,7 @@ pub mod listener;
 pub mod metrics;
 pub mod ops;
 pub mod otlp;
+pub mod preflight;
 pub mod process_stats;
 pub mod rate_limit;
 pub mod server;

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use glommio::net::TcpListener;
 use glommio::Placement;
 use oc_engine::mesh::MeshEndpoints;
@@ -54,6 +54,15 @@ const LOG_FAILED_DRAIN: Duration = Duration::from_secs(2);
 pub const SHUTDOWN_MARGIN: Duration = Duration::from_secs(2);
 /// The program name in lock files, owner records and fatal lines.
 const PROGRAM: &str = "oc-server";
+/// What `--version` prints after the program name: the version and the git commit.
+pub const VERSION_LINE: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (git ",
+    env!("OC_GIT_COMMIT"),
+    ", built ",
+    env!("OC_BUILD_TIME"),
+    ")"
+);
 
 /// The format of fatal lines, matching `--log-format`.
 pub fn line_format(log_format: &str) -> LineFormat {
@@ -86,6 +95,14 @@ pub fn run(config: ServerConfig) -> Result<()> {
             env = failpoint::ENV,
             "this build has test failpoints compiled in: never run it in production"
         );
+    }
+    if !config.allow_unsafe_fs {
+        if let Some(fs) = crate::preflight::unsafe_file_system(&config.data_dir) {
+            bail!(
+                "refusing to start: {}",
+                crate::preflight::unsafe_file_system_refusal(&config.data_dir, fs)
+            );
+        }
     }
     // One writer per data directory, before anything in it is touched.
     let _lock = DirLock::acquire(

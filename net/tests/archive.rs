@@ -575,19 +575,16 @@ fn a_drill_against_the_live_server_compares_unchanged_tables_and_reports_the_rpo
 
     let scratch = dir.path().join("scratch");
     std::fs::create_dir_all(&scratch).expect("mkdir");
-    let drilled = oc_pitr(&[
-        "drill",
-        "--archive",
-        &uri,
-        "--work-dir",
-        scratch.to_str().expect("utf-8"),
-        "--live",
-        &server.api,
-        "--admin-token-file",
-        token_arg,
-        "--output",
-        "json",
-    ]);
+    let drill = |live: &str, token: &str| {
+        let scratch = scratch.to_str().expect("utf-8");
+        let mut args = vec!["drill", "--archive", &uri, "--work-dir", scratch];
+        args.extend(["--live", live, "--output", "json"]);
+        if !token.is_empty() {
+            args.extend(["--admin-token-file", token]);
+        }
+        oc_pitr(&args)
+    };
+    let drilled = drill(&server.api, token_arg);
     assert!(drilled.success, "{drilled:?}");
     let report: serde_json::Value = serde_json::from_str(&drilled.stdout).expect("JSON report");
     assert_eq!(report["ok"], true, "{report}");
@@ -622,30 +619,12 @@ fn a_drill_against_the_live_server_compares_unchanged_tables_and_reports_the_rpo
     // Wrong token: refused, naming the answer.
     let bad_token = dir.path().join("bad.token");
     std::fs::write(&bad_token, "not-the-admin-token-at-all").expect("token");
-    let refused = oc_pitr(&[
-        "drill",
-        "--archive",
-        &uri,
-        "--work-dir",
-        scratch.to_str().expect("utf-8"),
-        "--live",
-        &server.api,
-        "--admin-token-file",
-        bad_token.to_str().expect("utf-8"),
-    ]);
+    let refused = drill(&server.api, bad_token.to_str().expect("utf-8"));
     assert!(!refused.success);
     assert!(refused.stderr.contains("401"), "{refused:?}");
     // A server that does not own the archive is refused before anything is restored.
     let other = Server::start(&dir.path().join("other"), &["--archive", "none"]);
-    let foreign = oc_pitr(&[
-        "drill",
-        "--archive",
-        &uri,
-        "--work-dir",
-        scratch.to_str().expect("utf-8"),
-        "--live",
-        &other.api,
-    ]);
+    let foreign = drill(&other.api, "");
     assert!(!foreign.success);
     assert!(
         foreign.stderr.contains("does not own this archive"),

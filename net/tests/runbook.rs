@@ -107,7 +107,10 @@ fn the_runbooks_restore_block_runs_as_written_and_restores_to_the_target() {
         .env("OPS", &ops)
         .env(
             "SERVER_FLAGS",
-            format!("--shards 2 --listen 127.0.0.1:{api_port} --ops-listen 127.0.0.1:{ops_port}"),
+            format!(
+                "--shards 2 --listen 127.0.0.1:{api_port} --ops-listen 127.0.0.1:{ops_port} {}",
+                common::unsafe_fs_allowance(dir.path()).join(" ")
+            ),
         )
         .stdout(Stdio::from(
             std::fs::File::create(&out_path).expect("stdout file"),

@@ -353,6 +353,8 @@ impl<S: Storage> Writer<S> {
         for waker in state.close_waiters.drain(..) {
             waker.wake();
         }
+        // The preparer stops too (`Wal::close` waits for it).
+        wake(&mut state.preparer_waker);
     }
 
     /// Waits for a non-empty filling group and takes it; None when the log closes.
@@ -645,6 +647,8 @@ pub(crate) async fn run_preparer<S: Storage>(shared: Rc<Shared<S>>) {
         };
         let spare = match created.await {
             Ok(file) => Spare::Ready(file),
+            // The log closed mid-fill: the half-made spare is removed at the next start.
+            Err(Error::WalClosed) => return,
             Err(e) => {
                 tracing::warn!(error = %e, "could not prepare the next write-ahead log segment");
                 Spare::Failed(e)
@@ -687,6 +691,9 @@ async fn zero_fill<S: Storage>(shared: &Shared<S>) -> Result<S::File> {
     let log_bytes_at_start = shared.stats.borrow().bytes_written;
     let mut offset = 0;
     while offset < segment_bytes {
+        if shared.state.borrow().writer_done {
+            return Err(Error::WalClosed);
+        }
         let chunk = (segment_bytes - offset).min(ZERO_FILL_CHUNK_BYTES as u64) as usize;
         let mut zeroes = storage.alloc_buffer(chunk);
         zeroes.as_bytes_mut().fill(0);

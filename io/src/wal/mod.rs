@@ -137,7 +137,10 @@ pub struct DurableTail {
 pub struct Wal<S: Storage> {
     shared: Rc<Shared<S>>,
     _writer: Task<()>,
-    _preparer: Task<()>,
+    /// Awaited by `close`: a task dropped mid-way through a blocking-pool call (a
+    /// rename, a listing) makes glommio's pool thread panic when it cannot answer, so
+    /// nothing of the log may still be running when its executor ends.
+    preparer: RefCell<Option<Task<()>>>,
 }
 
 impl<S: Storage> Wal<S> {
@@ -185,7 +188,9 @@ impl<S: Storage> Wal<S> {
         };
         let wal = Wal {
             _writer: glommio::spawn_local(writer.run()),
-            _preparer: glommio::spawn_local(group_commit::run_preparer(shared.clone())),
+            preparer: RefCell::new(Some(glommio::spawn_local(group_commit::run_preparer(
+                shared.clone(),
+            )))),
             shared,
         };
         Ok((wal, report))
@@ -369,6 +374,10 @@ impl<S: Storage> Wal<S> {
             Poll::Pending
         })
         .await;
+        let preparer = self.preparer.borrow_mut().take();
+        if let Some(preparer) = preparer {
+            preparer.await;
+        }
         match self.failure() {
             Some(e) => Err(e),
             None => Ok(()),

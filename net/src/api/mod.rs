@@ -389,27 +389,15 @@ async fn dispatch(ctx: &ApiContext, req: Request<Incoming>, request_id: &str) ->
         (["v1", "tenants"], &Method::POST) => {
             let body: h::CreateTenant = read_json(ctx, req).await?;
             let did = Did::new("tenant.create", Some(&body.tenant), None);
-            audited(
-                ctx,
-                access,
-                request_id,
-                did,
-                h::create_tenant(router, body, access),
-            )
-            .await
+            let run = h::create_tenant(router, body, access);
+            audited(ctx, access, request_id, did, run).await
         }
         (["v1", "tenants", t], &Method::GET) => h::usage(router, h::tenant_id(t)?, access).await,
         (["v1", "tenants", t], &Method::DELETE) => {
             let tenant = h::tenant_id(t)?;
             let did = Did::new("tenant.drop", Some(t), None);
-            audited(
-                ctx,
-                access,
-                request_id,
-                did,
-                h::drop_tenant(router, tenant, access),
-            )
-            .await
+            let run = h::drop_tenant(router, tenant, access);
+            audited(ctx, access, request_id, did, run).await
         }
         (["v1", "tenants", t, "usage"], &Method::GET) => {
             h::usage(router, h::tenant_id(t)?, access).await
@@ -442,14 +430,8 @@ async fn dispatch(ctx: &ApiContext, req: Request<Incoming>, request_id: &str) ->
                 h::CreateKey::default()
             };
             let did = Did::new("key.create", Some(t), Some(&body.name));
-            audited(
-                ctx,
-                access,
-                request_id,
-                did,
-                h::create_key(router, tenant, body, access),
-            )
-            .await
+            let run = h::create_key(router, tenant, body, access);
+            audited(ctx, access, request_id, did, run).await
         }
         (["v1", "tenants", t, "keys", key_id], &Method::DELETE) => {
             let tenant = h::tenant_id(t)?;
@@ -464,14 +446,8 @@ async fn dispatch(ctx: &ApiContext, req: Request<Incoming>, request_id: &str) ->
             let tenant = h::tenant_id(t)?;
             let body: h::CreateTable = read_json(ctx, req).await?;
             let did = Did::new("table.create", Some(t), Some(body.name()));
-            audited(
-                ctx,
-                access,
-                request_id,
-                did,
-                h::create_table(router, tenant, body, access),
-            )
-            .await
+            let run = h::create_table(router, tenant, body, access);
+            audited(ctx, access, request_id, did, run).await
         }
         (["v1", "tenants", t, "tables", table], &Method::GET) => {
             h::describe_table(router, h::tenant_id(t)?, table.to_string(), access).await

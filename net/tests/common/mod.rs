@@ -75,6 +75,7 @@ impl Server {
                 "127.0.0.1:0",
                 "--no-pin",
             ])
+            .args(unsafe_fs_allowance(&log_base))
             .args(extra)
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
@@ -205,6 +206,15 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// `--allow-unsafe-fs` where the test's directory is on tmpfs (a machine whose /tmp is
+/// in memory), so the tests run there too; nothing elsewhere.
+pub fn unsafe_fs_allowance(dir: &Path) -> Vec<&'static str> {
+    match oc_net::preflight::unsafe_file_system(dir) {
+        Some(_) => vec!["--allow-unsafe-fs"],
+        None => Vec::new(),
     }
 }
 

@@ -1,0 +1,387 @@
+//! `oc-server check`: what an operator should know before the first start, each finding
+//! with its fix. The kernel and io_uring (not disabled by sysctl or seccomp), the data
+//! directory's file system (tmpfs, ramfs and overlay lose or may not honour what
+//! `fdatasync` promises), O_DIRECT honoured there, `fdatasync` latency of the data disk
+//! against the 50 ms alert, the memlock and open-files limits, and the archive reachable
+//! and writable.
+//!
+//! The file-system rule also guards every start: the server refuses an unsafe file
+//! system for `--data-dir` unless `--allow-unsafe-fs` ([`unsafe_file_system`]).
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+use std::time::Instant;
+
+use oc_io::buffer::{AlignedBuf, IoBuffer};
+use serde::Serialize;
+
+use crate::config::ServerConfig;
+
+/// One finding.
+#[derive(Debug, Serialize)]
+pub struct Check {
+    pub name: &'static str,
+    /// `ok`, `warn` or `fail`.
+    pub verdict: &'static str,
+    pub found: String,
+    /// What to do about it, for `warn` and `fail`.
+    pub fix: Option<String>,
+}
+
+fn ok(name: &'static str, found: String) -> Check {
+    Check {
+        name,
+        verdict: "ok",
+        found,
+        fix: None,
+    }
+}
+
+fn finding(name: &'static str, verdict: &'static str, found: String, fix: &str) -> Check {
+    Check {
+        name,
+        verdict,
+        found,
+        fix: Some(fix.to_string()),
+    }
+}
+
+/// Syncs timed by the latency check.
+const SYNC_SAMPLES: usize = 200;
+/// The documents' alert on fsync lag.
+const FSYNC_ALERT_MS: f64 = 50.0;
+
+/// The name of an unsafe file system under `dir` (or its nearest existing parent):
+/// `tmpfs`, `ramfs` or `overlay`; `None` for anything else.
+pub fn unsafe_file_system(dir: &Path) -> Option<&'static str> {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    const OVERLAYFS_MAGIC: i64 = 0x794c_7630;
+    let existing = dir.ancestors().find(|p| p.exists())?;
+    let path = std::ffi::CString::new(existing.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: statfs(2) fills the zeroed struct we own from a NUL-terminated path.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(path.as_ptr(), &mut stat) } != 0 {
+        return None;
+    }
+    match stat.f_type as i64 {
+        TMPFS_MAGIC => Some("tmpfs"),
+        RAMFS_MAGIC => Some("ramfs"),
+        OVERLAYFS_MAGIC => Some("overlay"),
+        _ => None,
+    }
+}
+
+/// The message a start on an unsafe file system is refused with.
+pub fn unsafe_file_system_refusal(dir: &Path, fs: &str) -> String {
+    format!(
+        "the data directory {} is on {fs}: {}; put --data-dir on a local disk (XFS or ext4), \
+         or pass --allow-unsafe-fs for a throwaway server",
+        dir.display(),
+        if fs == "overlay" {
+            "a container's writable layer, which is lost with the container and may not honour O_DIRECT; mount a volume"
+        } else {
+            "memory, which a restart or power loss empties, so no write is durable"
+        }
+    )
+}
+
+/// Runs every check.
+pub fn run(config: &ServerConfig) -> Vec<Check> {
+    let mut checks = vec![kernel(), io_uring()];
+    checks.push(match unsafe_file_system(&config.data_dir) {
+        Some(fs) => finding(
+            "data directory file system",
+            "fail",
+            format!("{} is on {fs}", config.data_dir.display()),
+            &unsafe_file_system_refusal(&config.data_dir, fs),
+        ),
+        None => ok(
+            "data directory file system",
+            format!("{} is on a disk file system", config.data_dir.display()),
+        ),
+    });
+    checks.extend(disk(&config.data_dir));
+    checks.push(memlock());
+    checks.push(open_files(config));
+    checks.push(archive(config));
+    checks
+}
+
+fn kernel() -> Check {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    let version: Vec<u32> = release
+        .split(|c: char| !c.is_ascii_digit())
+        .take(2)
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    match version.as_slice() {
+        [major, minor] if (*major, *minor) >= (5, 10) => ok("kernel", format!("Linux {release}")),
+        [_, _] => finding(
+            "kernel",
+            "fail",
+            format!("Linux {release}"),
+            "run Linux 5.10 or later (glommio's io_uring needs it)",
+        ),
+        _ => finding(
+            "kernel",
+            "warn",
+            format!("cannot read the kernel version ({release})"),
+            "run Linux 5.10 or later",
+        ),
+    }
+}
+
+fn io_uring() -> Check {
+    let disabled = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
+        .ok()
+        .and_then(|s| s.trim().parse::<u8>().ok());
+    let probe = oc_io::probe::probe_io_uring();
+    if !probe.available {
+        let why = probe.error.unwrap_or_default();
+        let fix = if disabled.is_some_and(|d| d > 0) {
+            "io_uring is disabled by sysctl: set kernel.io_uring_disabled=0 (or 1 with this user in kernel.io_uring_group)"
+        } else {
+            "io_uring is blocked: allow io_uring_setup, io_uring_enter and io_uring_register in the seccomp profile (Docker: --security-opt seccomp=<profile with them>)"
+        };
+        return finding(
+            "io_uring",
+            "fail",
+            format!("no ring could be created: {why}"),
+            fix,
+        );
+    }
+    if !(probe.write && probe.read && probe.fsync) {
+        return finding(
+            "io_uring",
+            "fail",
+            format!("the ring lacks read, write or fsync: {probe:?}"),
+            "run a kernel whose io_uring supports read, write and fsync (5.10 or later)",
+        );
+    }
+    ok("io_uring", "available with read, write and fsync".into())
+}
+
+/// O_DIRECT honoured in the data directory, and the latency of a 4 KiB write and its
+/// fdatasync there (what every group commit waits for).
+fn disk(data_dir: &Path) -> Vec<Check> {
+    let dir = if data_dir.exists() {
+        data_dir.to_path_buf()
+    } else {
+        match data_dir.ancestors().find(|p| p.exists()) {
+            Some(p) => p.to_path_buf(),
+            None => {
+                return vec![finding(
+                    "O_DIRECT",
+                    "fail",
+                    format!("no part of {} exists", data_dir.display()),
+                    "create the data directory's parent",
+                )]
+            }
+        }
+    };
+    let probe = dir.join(format!(".oc-check-{}", std::process::id()));
+    let result = measure_syncs(&probe);
+    let _ = std::fs::remove_file(&probe);
+    match result {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => vec![finding(
+            "O_DIRECT",
+            "fail",
+            format!("{} refuses O_DIRECT writes", dir.display()),
+            "put --data-dir on a file system that supports O_DIRECT (XFS, ext4)",
+        )],
+        Err(e) => vec![finding(
+            "O_DIRECT",
+            "fail",
+            format!("writing {}: {e}", probe.display()),
+            "make the data directory writable by the server's user",
+        )],
+        Ok(mut us) => {
+            us.sort_unstable();
+            let pct = |q: f64| us[((us.len() - 1) as f64 * q) as usize] as f64 / 1000.0;
+            let (p50, p99) = (pct(0.5), pct(0.99));
+            let found = format!(
+                "4 KiB write + fdatasync in {}: p50 {p50:.2} ms, p99 {p99:.2} ms over {} syncs",
+                dir.display(),
+                us.len()
+            );
+            let latency = if p99 > FSYNC_ALERT_MS {
+                finding(
+                    "fdatasync latency",
+                    "fail",
+                    found,
+                    "this disk's p99 is above the 50 ms fsync-lag alert: use a local NVMe disk, not network storage or a throttled volume",
+                )
+            } else if p99 > FSYNC_ALERT_MS / 5.0 {
+                finding(
+                    "fdatasync latency",
+                    "warn",
+                    found,
+                    "a p99 over 10 ms makes every write wait that long: prefer local NVMe",
+                )
+            } else {
+                ok("fdatasync latency", found)
+            };
+            vec![
+                ok("O_DIRECT", format!("honoured in {}", dir.display())),
+                latency,
+            ]
+        }
+    }
+}
+
+/// Microseconds of each (O_DIRECT 4 KiB write, fdatasync) on a new file at `path`.
+fn measure_syncs(path: &Path) -> std::io::Result<Vec<u64>> {
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)?;
+    let mut block = AlignedBuf::zeroed(4096);
+    block.as_bytes_mut().fill(0x6f);
+    let mut samples = Vec::with_capacity(SYNC_SAMPLES);
+    for i in 0..SYNC_SAMPLES as u64 {
+        let started = Instant::now();
+        file.write_all_at(block.as_bytes(), (i % 64) * 4096)?;
+        file.sync_data()?;
+        samples.push(started.elapsed().as_micros() as u64);
+    }
+    Ok(samples)
+}
+
+fn limit(resource: libc::__rlimit_resource_t) -> Option<(u64, u64)> {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct we own.
+    (unsafe { libc::getrlimit(resource, &mut l) } == 0).then_some((l.rlim_cur, l.rlim_max))
+}
+
+fn memlock() -> Check {
+    const WANTED: u64 = 64 << 20;
+    match limit(libc::RLIMIT_MEMLOCK) {
+        Some((soft, _)) if soft == libc::RLIM_INFINITY || soft >= WANTED => ok(
+            "memlock limit",
+            if soft == libc::RLIM_INFINITY {
+                "unlimited".into()
+            } else {
+                format!("{} MiB", soft >> 20)
+            },
+        ),
+        Some((soft, _)) => finding(
+            "memlock limit",
+            "warn",
+            format!("{} KiB", soft >> 10),
+            "io_uring buffers count against it on older kernels: raise it (systemd LimitMEMLOCK=infinity, or ulimit -l unlimited)",
+        ),
+        None => finding(
+            "memlock limit",
+            "warn",
+            "unreadable".into(),
+            "check ulimit -l",
+        ),
+    }
+}
+
+fn open_files(config: &ServerConfig) -> Check {
+    let shards = config
+        .shards
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let needed = crate::fd_limit::needed(config.max_connections, shards);
+    match limit(libc::RLIMIT_NOFILE) {
+        Some((_, hard)) if hard >= needed => ok(
+            "open-files limit",
+            format!(
+                "hard limit {hard}, {needed} needed for --max-connections {} and {shards} shard(s)",
+                config.max_connections
+            ),
+        ),
+        Some((_, hard)) => finding(
+            "open-files limit",
+            "fail",
+            format!(
+                "hard limit {hard}, {needed} needed for --max-connections {} and {shards} shard(s)",
+                config.max_connections
+            ),
+            "raise it (systemd LimitNOFILE=65536, or ulimit -Hn) or lower --max-connections",
+        ),
+        None => finding(
+            "open-files limit",
+            "warn",
+            "unreadable".into(),
+            "check ulimit -n",
+        ),
+    }
+}
+
+fn archive(config: &ServerConfig) -> Check {
+    use oc_ship::archive::{open_archive, Condition};
+    let Some(uri) = config.archive_uri() else {
+        return finding(
+            "archive",
+            "warn",
+            "none (--archive none)".into(),
+            "without an archive, losing this machine loses the data: set --archive (S3 in production)",
+        );
+    };
+    let key = format!(
+        "preflight/{}-{}",
+        oc_ship::lease::hostname()
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            })
+            .collect::<String>(),
+        std::process::id()
+    );
+    let probe = || -> Result<(), String> {
+        let archive = open_archive(&uri).map_err(|e| e.to_string())?;
+        archive.list("").map_err(|e| format!("listing: {e}"))?;
+        archive
+            .put(&key, b"oc-server check", &Condition::Always)
+            .map_err(|e| format!("writing {key}: {e}"))?;
+        let read = archive
+            .get(&key)
+            .map_err(|e| format!("reading {key}: {e}"))?;
+        archive
+            .delete(&key)
+            .map_err(|e| format!("deleting {key}: {e}"))?;
+        match read {
+            Some((bytes, _)) if bytes == b"oc-server check" => Ok(()),
+            _ => Err(format!("{key} did not read back as written")),
+        }
+    };
+    match probe() {
+        Ok(()) => ok("archive", format!("{uri}: listed, written, read back and deleted {key}")),
+        Err(why) => finding(
+            "archive",
+            "fail",
+            format!("{uri}: {why}"),
+            "check the URI, the credentials (S3: AWS_* variables or the instance profile) and that the bucket or directory exists and is writable",
+        ),
+    }
+}
+
+/// Prints the checks as aligned text; returns whether none failed.
+pub fn print_text(checks: &[Check], out: &mut impl Write) -> std::io::Result<bool> {
+    for c in checks {
+        let mark = match c.verdict {
+            "ok" => "ok  ",
+            "warn" => "WARN",
+            _ => "FAIL",
+        };
+        writeln!(out, "{mark}  {:<28} {}", c.name, c.found)?;
+        if let Some(fix) = &c.fix {
+            writeln!(out, "      {:<28} fix: {fix}", "")?;
+        }
+    }
+    Ok(checks.iter().all(|c| c.verdict != "fail"))
+}
