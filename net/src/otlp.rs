@@ -207,7 +207,9 @@ pub fn record(request: Finished<'_>) {
         ("oc.request_id", Attr::Str(request.request_id.to_string())),
     ];
     if !request.tenant.is_empty() {
-        attributes.push(("oc.tenant", Attr::Str(request.tenant.to_string())));
+        // The path segment as sent (before validation): cut like an audit field.
+        let tenant = oc_ship::audit::bounded(request.tenant);
+        attributes.push(("oc.tenant", Attr::Str(tenant)));
     }
     if let Some(code) = request.error_code {
         attributes.push(("error.type", Attr::Str(code.to_string())));
