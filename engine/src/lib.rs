@@ -43,7 +43,7 @@ pub use oc_io as io;
 pub use placement::owner_shard;
 pub use pool::{owner_of, stop_all, PoolConfig, ShardNode, ShardPool, ShardRouter};
 pub use quota::{Growth, TenantQuotas};
-pub use scheduler::{spawn_checkpointer, CheckpointMetrics, CheckpointPolicy};
+pub use scheduler::{spawn_checkpointer, CheckpointMetrics, CheckpointPolicy, Checkpointer};
 pub use schema::TableSchema;
 pub use shard::{Applied, ChangesRead, Shard, ShardOpenReport, ShardState};
 pub use table::{BatchOutcome, Row, Table, TableUsage, WriteOp};

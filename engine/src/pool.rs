@@ -305,12 +305,15 @@ impl ShardRun {
             stop_waker: RefCell::new(None),
         });
         let router = Rc::new(self.ends.connect(Some(node.clone())).await);
-        let _checkpointer = self
+        let checkpointer = self
             .checkpoint
             .map(|policy| spawn_checkpointer(shard.clone(), policy));
         let _serving = glommio::spawn_local(serve(node.clone(), router));
         tracing::info!(shard = self.id, "shard serving");
         node.stopped().await;
+        if let Some(checkpointer) = checkpointer {
+            checkpointer.stop().await;
+        }
         shard.close().await
     }
 }

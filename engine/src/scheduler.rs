@@ -11,7 +11,10 @@
 //!   failure in a row ([`retry_delay`]): a disk that refuses checkpoints is not hammered
 //!   with full copies of the state every second.
 
+use std::cell::{Cell, RefCell};
+use std::future::poll_fn;
 use std::rc::Rc;
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use glommio::Task;
@@ -115,12 +118,67 @@ impl Schedule {
     }
 }
 
-/// Runs the policy for `shard` until the returned task is dropped.
-pub fn spawn_checkpointer<S: Storage>(shard: Rc<Shard<S>>, policy: CheckpointPolicy) -> Task<()> {
-    glommio::spawn_local(async move {
+/// A running checkpoint scheduler. Stop it with [`Checkpointer::stop`] before the
+/// shard closes: a task dropped in the middle of a checkpoint's blocking-pool call (a
+/// listing, a rename) makes glommio's pool thread panic once its executor is gone.
+pub struct Checkpointer {
+    task: Task<()>,
+    stop: Rc<StopSignal>,
+}
+
+#[derive(Default)]
+struct StopSignal {
+    stopped: Cell<bool>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl StopSignal {
+    /// Ready once stopped.
+    async fn wait(&self) {
+        poll_fn(|cx| {
+            if self.stopped.get() {
+                return Poll::Ready(());
+            }
+            *self.waker.borrow_mut() = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+impl Checkpointer {
+    /// Lets a checkpoint in progress finish, then ends the scheduler.
+    pub async fn stop(self) {
+        self.stop.stopped.set(true);
+        if let Some(w) = self.stop.waker.borrow_mut().take() {
+            w.wake();
+        }
+        self.task.await;
+    }
+}
+
+/// Runs the policy for `shard` until stopped (or dropped, which is a crash as far as
+/// the disk can tell).
+pub fn spawn_checkpointer<S: Storage>(
+    shard: Rc<Shard<S>>,
+    policy: CheckpointPolicy,
+) -> Checkpointer {
+    let stop = Rc::new(StopSignal::default());
+    let signal = stop.clone();
+    let task = glommio::spawn_local(async move {
         let mut schedule = Schedule::new(policy, shard.wal().stats().bytes_written);
         loop {
-            glommio::timer::sleep(CHECK_EVERY.min(policy.interval)).await;
+            let tick = glommio::timer::sleep(CHECK_EVERY.min(policy.interval));
+            futures_lite::future::or(
+                async {
+                    tick.await;
+                },
+                signal.wait(),
+            )
+            .await;
+            if signal.stopped.get() {
+                return;
+            }
             if shard.wal().failure().is_some() {
                 return; // the shard needs a restart; nothing more will be applied
             }
@@ -153,7 +211,8 @@ pub fn spawn_checkpointer<S: Storage>(shard: Rc<Shard<S>>, policy: CheckpointPol
                 }
             }
         }
-    })
+    });
+    Checkpointer { task, stop }
 }
 
 #[cfg(test)]

@@ -301,7 +301,7 @@ fn the_scheduler_checkpoints_on_log_growth_and_reports_metrics() {
             interval: std::time::Duration::from_secs(3600),
             wal_bytes: 64 * 1024,
         };
-        let _scheduler = oc_engine::spawn_checkpointer(shard.clone(), policy);
+        let scheduler = oc_engine::spawn_checkpointer(shard.clone(), policy);
         write_range(&shard, 0, 1000).await;
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         while shard.checkpoint_metrics().checkpoints_total == 0 {
@@ -315,6 +315,9 @@ fn the_scheduler_checkpoints_on_log_growth_and_reports_metrics() {
         assert!(m.last_bytes > 0 && m.last_duration_s > 0.0, "{m:?}");
         assert!(m.age_s < 30.0, "{m:?}");
         assert_eq!(m.failures_total, 0);
+        // Stopped (a checkpoint in progress finishes) before the shard closes.
+        scheduler.stop().await;
+        shard.close().await.expect("close");
     });
 }
 

@@ -224,11 +224,12 @@ pub fn record(request: Finished<'_>) {
         attributes,
         error: request.status >= 500,
     };
+    // Counted before the send: the exporter may take it off before this line returns.
+    QUEUED.fetch_add(1, Ordering::Relaxed);
     match exporter.spans.try_send(span) {
-        Ok(()) => {
-            QUEUED.fetch_add(1, Ordering::Relaxed);
-        }
+        Ok(()) => {}
         Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+            QUEUED.fetch_sub(1, Ordering::Relaxed);
             DROPPED_QUEUE_FULL.fetch_add(1, Ordering::Relaxed);
         }
     }

@@ -53,23 +53,48 @@ const SYNC_SAMPLES: usize = 200;
 /// The documents' alert on fsync lag.
 const FSYNC_ALERT_MS: f64 = 50.0;
 
-/// The name of an unsafe file system under `dir` (or its nearest existing parent):
-/// `tmpfs`, `ramfs` or `overlay`; `None` for anything else.
-pub fn unsafe_file_system(dir: &Path) -> Option<&'static str> {
-    const TMPFS_MAGIC: i64 = 0x0102_1994;
-    const RAMFS_MAGIC: i64 = 0x8584_58f6;
-    const OVERLAYFS_MAGIC: i64 = 0x794c_7630;
-    let existing = dir.ancestors().find(|p| p.exists())?;
+/// What holds a directory, by its file system's magic number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileSystem {
+    /// ext4 or XFS: what oc is built and measured on.
+    Disk(&'static str),
+    /// tmpfs, ramfs or overlay: nothing durable (or a container's layer).
+    Unsafe(&'static str),
+    /// Anything else (NFS, FUSE, virtiofs, btrfs, …), by magic number.
+    Other(u32),
+}
+
+/// The file system under `dir` (or its nearest existing parent, after making the path
+/// absolute); `None` when it cannot be read.
+pub fn file_system(dir: &Path) -> Option<FileSystem> {
+    const EXT4_MAGIC: u32 = 0xef53;
+    const XFS_MAGIC: u32 = 0x5846_5342;
+    const TMPFS_MAGIC: u32 = 0x0102_1994;
+    const RAMFS_MAGIC: u32 = 0x8584_58f6;
+    const OVERLAYFS_MAGIC: u32 = 0x794c_7630;
+    let absolute = std::path::absolute(dir).ok()?;
+    let existing = absolute.ancestors().find(|p| p.exists())?;
     let path = std::ffi::CString::new(existing.as_os_str().as_encoded_bytes()).ok()?;
     // SAFETY: statfs(2) fills the zeroed struct we own from a NUL-terminated path.
     let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::statfs(path.as_ptr(), &mut stat) } != 0 {
         return None;
     }
-    match stat.f_type as i64 {
-        TMPFS_MAGIC => Some("tmpfs"),
-        RAMFS_MAGIC => Some("ramfs"),
-        OVERLAYFS_MAGIC => Some("overlay"),
+    // Magic numbers are 32 bits; f_type's width and sign differ between C libraries.
+    Some(match stat.f_type as u32 {
+        EXT4_MAGIC => FileSystem::Disk("ext4"),
+        XFS_MAGIC => FileSystem::Disk("xfs"),
+        TMPFS_MAGIC => FileSystem::Unsafe("tmpfs"),
+        RAMFS_MAGIC => FileSystem::Unsafe("ramfs"),
+        OVERLAYFS_MAGIC => FileSystem::Unsafe("overlay"),
+        other => FileSystem::Other(other),
+    })
+}
+
+/// The name of an unsafe file system under `dir`: `tmpfs`, `ramfs` or `overlay`.
+pub fn unsafe_file_system(dir: &Path) -> Option<&'static str> {
+    match file_system(dir)? {
+        FileSystem::Unsafe(name) => Some(name),
         _ => None,
     }
 }
@@ -91,16 +116,27 @@ pub fn unsafe_file_system_refusal(dir: &Path, fs: &str) -> String {
 /// Runs every check.
 pub fn run(config: &ServerConfig) -> Vec<Check> {
     let mut checks = vec![kernel(), io_uring()];
-    checks.push(match unsafe_file_system(&config.data_dir) {
-        Some(fs) => finding(
-            "data directory file system",
+    let shown = config.data_dir.display();
+    const NAME: &str = "data directory file system";
+    checks.push(match file_system(&config.data_dir) {
+        Some(FileSystem::Unsafe(fs)) => finding(
+            NAME,
             "fail",
-            format!("{} is on {fs}", config.data_dir.display()),
+            format!("{shown} is on {fs}"),
             &unsafe_file_system_refusal(&config.data_dir, fs),
         ),
-        None => ok(
-            "data directory file system",
-            format!("{} is on a disk file system", config.data_dir.display()),
+        Some(FileSystem::Disk(fs)) => ok(NAME, format!("{shown} is on {fs}")),
+        Some(FileSystem::Other(magic)) => finding(
+            NAME,
+            "warn",
+            format!("{shown} is on a file system with magic {magic:#x}, not ext4 or XFS"),
+            "oc is built and measured on a local ext4 or XFS disk; network, FUSE and shared-folder file systems may not honour fdatasync",
+        ),
+        None => finding(
+            NAME,
+            "warn",
+            format!("cannot tell the file system of {shown}"),
+            "check that its parent directory exists and is readable",
         ),
     });
     checks.extend(disk(&config.data_dir));
@@ -169,20 +205,18 @@ fn io_uring() -> Check {
 /// O_DIRECT honoured in the data directory, and the latency of a 4 KiB write and its
 /// fdatasync there (what every group commit waits for).
 fn disk(data_dir: &Path) -> Vec<Check> {
-    let dir = if data_dir.exists() {
-        data_dir.to_path_buf()
-    } else {
-        match data_dir.ancestors().find(|p| p.exists()) {
-            Some(p) => p.to_path_buf(),
-            None => {
-                return vec![finding(
-                    "O_DIRECT",
-                    "fail",
-                    format!("no part of {} exists", data_dir.display()),
-                    "create the data directory's parent",
-                )]
-            }
-        }
+    let absolute = std::path::absolute(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+    let Some(dir) = absolute
+        .ancestors()
+        .find(|p| p.exists())
+        .map(Path::to_path_buf)
+    else {
+        return vec![finding(
+            "O_DIRECT",
+            "fail",
+            format!("no part of {} exists", data_dir.display()),
+            "create the data directory",
+        )];
     };
     let probe = dir.join(format!(".oc-check-{}", std::process::id()));
     let result = measure_syncs(&probe);
@@ -198,7 +232,11 @@ fn disk(data_dir: &Path) -> Vec<Check> {
             "O_DIRECT",
             "fail",
             format!("writing {}: {e}", probe.display()),
-            "make the data directory writable by the server's user",
+            if dir == absolute {
+                "make the data directory writable by the server's user"
+            } else {
+                "create the data directory (owned by the server's user) and check again"
+            },
         )],
         Ok(mut us) => {
             us.sort_unstable();
@@ -344,7 +382,9 @@ fn archive(config: &ServerConfig) -> Check {
     );
     let probe = || -> Result<(), String> {
         let archive = open_archive(&uri).map_err(|e| e.to_string())?;
-        archive.list("").map_err(|e| format!("listing: {e}"))?;
+        archive
+            .list("preflight/")
+            .map_err(|e| format!("listing: {e}"))?;
         archive
             .put(&key, b"oc-server check", &Condition::Always)
             .map_err(|e| format!("writing {key}: {e}"))?;

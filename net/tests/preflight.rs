@@ -59,15 +59,11 @@ fn check_passes_on_a_disk_and_names_each_finding() {
             .expect("verdict")
             .to_string()
     };
-    for name in [
-        "kernel",
-        "io_uring",
-        "data directory file system",
-        "O_DIRECT",
-        "archive",
-    ] {
+    for name in ["kernel", "io_uring", "O_DIRECT", "archive"] {
         assert_eq!(verdict(name), "ok", "{report:#}");
     }
+    // ext4 or XFS is ok; another disk file system (btrfs, …) a warning, never a failure.
+    assert_ne!(verdict("data directory file system"), "fail", "{report:#}");
     // Latency depends on the disk: present, measured, never an unreadable verdict.
     assert!(
         ["ok", "warn", "fail"].contains(&verdict("fdatasync latency").as_str()),

@@ -232,11 +232,13 @@ pub enum ScanEnd {
     },
 }
 
-/// The entries of a file's valid lines, and how it ends.
+/// The entries of a file's valid lines (those after a damaged line too), and how it
+/// ends.
 pub fn scan(bytes: &[u8]) -> (Vec<Record>, ScanEnd) {
     let mut records = Vec::new();
     let mut offset = 0;
     let mut first_bad: Option<(usize, String)> = None;
+    let mut damaged = false;
     while offset < bytes.len() {
         let Some(len) = bytes[offset..].iter().position(|&b| b == b'\n') else {
             first_bad.get_or_insert((offset, "no line end".into()));
@@ -244,15 +246,8 @@ pub fn scan(bytes: &[u8]) -> (Vec<Record>, ScanEnd) {
         };
         match parse_line(&bytes[offset..offset + len]) {
             Ok(group) => {
-                if let Some((at, why)) = first_bad.take() {
-                    return (
-                        records,
-                        ScanEnd::Damaged {
-                            offset: at as u64,
-                            why,
-                        },
-                    );
-                }
+                // A valid line after a bad one: the bad one is damage, not a torn end.
+                damaged |= first_bad.is_some();
                 records.extend(group);
             }
             Err(why) => {
@@ -262,6 +257,10 @@ pub fn scan(bytes: &[u8]) -> (Vec<Record>, ScanEnd) {
         offset += len + 1;
     }
     let end = match first_bad {
+        Some((at, why)) if damaged => ScanEnd::Damaged {
+            offset: at as u64,
+            why,
+        },
         Some((at, _)) => ScanEnd::Torn { offset: at as u64 },
         None => ScanEnd::Clean,
     };
@@ -409,7 +408,16 @@ impl AuditLog {
             return Err(AuditError::Failed(why.clone()));
         }
         if self.len >= ROTATE_BYTES {
-            *self = AuditLog::start_file(self.dir.clone(), self.next_seq)?;
+            match AuditLog::start_file(self.dir.clone(), self.next_seq) {
+                Ok(next) => *self = next,
+                Err(e) => {
+                    // A new file may exist half-made: nothing more is written until a
+                    // restart reopens the newest file.
+                    self.failed = Some(e.to_string());
+                    FAILED.store(true, Ordering::Relaxed);
+                    return Err(e);
+                }
+            }
         }
         let time_us = now_us();
         let mut group = Vec::with_capacity(pending.len());
@@ -586,7 +594,7 @@ pub fn read(dir: &Path, query: &Query) -> Result<Answer, AuditError> {
             }
             ScanEnd::Torn { .. } => {}
             ScanEnd::Damaged { offset, why } => problems.push(format!(
-                "{}: damaged at byte {offset} ({why}); entries after it are not shown",
+                "{}: damaged from byte {offset} ({why}); the damaged lines are skipped",
                 file.name()
             )),
         }
@@ -892,6 +900,11 @@ mod tests {
         let mut damaged = fs::read(&path).expect("read");
         damaged[20] ^= 1;
         fs::write(&path, &damaged).expect("write");
+        // Reads skip the damaged line and still show what follows it.
+        let read_back = read(&dir.path().join(AUDIT_DIR), &query(10)).expect("read");
+        assert_eq!(read_back.entries.len(), 1, "{read_back:?}");
+        assert_eq!(read_back.entries[0].action.action, "tenant.drop");
+        assert_eq!(read_back.problems.len(), 1, "{read_back:?}");
         let err = AuditLog::open(dir.path()).err().expect("damage refuses");
         assert!(
             matches!(err, AuditError::Damaged { offset: 0, .. }),

@@ -432,7 +432,25 @@ fn restore_audit_log(
             ))
         }
     }
-    let marker = audit::AuditLog::open(data_dir).and_then(|mut log| {
+    // A damaged newest file (the archive holds what the disk held) would stop the
+    // restored server from starting: it is set aside under a name the log ignores.
+    let opened = match audit::AuditLog::open(data_dir) {
+        Err(audit::AuditError::Damaged { file, offset, why }) => {
+            let aside = format!("{file}.damaged");
+            progress(&format!(
+                "WARNING: the archived audit file {file} is damaged at byte {offset} ({why}); \
+                 kept as {aside}, readable with grep"
+            ));
+            fs::rename(&file, &aside)
+                .map_err(|e| audit::AuditError::Io {
+                    file: file.clone(),
+                    why: e.to_string(),
+                })
+                .and_then(|()| audit::AuditLog::open(data_dir))
+        }
+        other => other,
+    };
+    let marker = opened.and_then(|mut log| {
         let target = if target == LATEST {
             "latest".to_string()
         } else {
