@@ -94,8 +94,9 @@ pub enum FileProblem {
     MissingField(&'static str),
     /// A `format_version` this build does not read (the versioning rule of FORMAT.md).
     #[error(
-        "format_version {found} is not supported (this build reads {})",
-        versions(supported)
+        "format_version {found} is not supported (this build reads {}){}",
+        versions(supported),
+        newer_advice(*found, supported)
     )]
     UnsupportedVersion {
         found: u64,
@@ -160,6 +161,17 @@ pub enum SnapshotProblem {
     EndCount { counted: u32, frames: u32 },
     #[error("unexpected record kind {0}")]
     UnknownKind(u16),
+}
+
+/// What to do about a file from a newer build (a rollback after an upgrade that changed
+/// a format).
+fn newer_advice(found: u64, supported: &[u64]) -> &'static str {
+    if supported.iter().all(|&v| found > v) {
+        ": a newer oc wrote it; run that version, or restore from the archive with it \
+         (DEPLOY.md, \"Rollback\")"
+    } else {
+        ""
+    }
 }
 
 fn versions(supported: &[u64]) -> String {
