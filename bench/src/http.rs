@@ -47,6 +47,12 @@ pub struct HttpArgs {
     /// Where to write the JSON results.
     #[arg(long)]
     pub(crate) json: Option<std::path::PathBuf>,
+    /// The server's admin token (a file holding it): the setup uses it, and the load
+    /// runs with an API key made for the benchmark tenant, as production clients do.
+    /// One key is rate-limited by the server (`--rate-limit-rps`, 1000 by default):
+    /// raise that above `--rate` on the server.
+    #[arg(long)]
+    pub(crate) admin_token_file: Option<std::path::PathBuf>,
 }
 
 pub(crate) const TENANT: &str = "bench-http";
@@ -77,11 +83,17 @@ pub(crate) struct HttpReport {
     writes: OpResult,
     /// Non-2xx statuses and transport errors, by kind.
     errors: std::collections::BTreeMap<String, u64>,
+    /// `none`, or `api key` when the load authenticated with one.
+    #[serde(default)]
+    auth: String,
 }
 
+#[derive(Clone)]
 pub(crate) struct Target {
     host: String,
     addr: std::net::SocketAddr,
+    /// Sent as `Authorization: Bearer` on every request, when set.
+    bearer: Option<String>,
 }
 
 pub(crate) fn parse_url(url: &str) -> Result<Target> {
@@ -93,13 +105,19 @@ pub(crate) fn parse_url(url: &str) -> Result<Target> {
         .with_context(|| format!("resolving {host}"))?
         .next()
         .ok_or_else(|| anyhow!("{host} resolves to nothing"))?;
-    Ok(Target { host, addr })
+    Ok(Target {
+        host,
+        addr,
+        bearer: None,
+    })
 }
 
 /// One keep-alive connection with a reusable read buffer.
 pub(crate) struct Connection {
     stream: TcpStream<glommio::net::Preallocated>,
     host: String,
+    /// The `authorization` header line, or nothing.
+    auth: String,
     line: String,
     /// The body of the last response.
     body: Vec<u8>,
@@ -116,6 +134,10 @@ impl Connection {
         Ok(Connection {
             stream: stream.buffered(),
             host: target.host.clone(),
+            auth: target
+                .bearer
+                .as_ref()
+                .map_or_else(String::new, |t| format!("authorization: Bearer {t}\r\n")),
             line: String::new(),
             body: Vec::new(),
         })
@@ -143,8 +165,9 @@ impl Connection {
     ) -> Result<u16> {
         let body = body.unwrap_or("");
         let head = format!(
-            "{method} {path} HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            "{method} {path} HTTP/1.1\r\nhost: {}\r\n{}content-type: application/json\r\ncontent-length: {}\r\n\r\n",
             self.host,
+            self.auth,
             body.len()
         );
         let mut message = head.into_bytes();
@@ -297,8 +320,33 @@ struct Recorder {
     errors: std::collections::BTreeMap<String, u64>,
 }
 
+/// Makes an API key for the benchmark tenant (with the admin token) and returns it.
+async fn make_key(admin: &Target) -> Result<String> {
+    let mut conn = Connection::open(admin).await?;
+    let status = conn
+        .request(
+            "POST",
+            &format!("/v1/tenants/{TENANT}/keys"),
+            Some(r#"{"name":"oc-bench"}"#),
+        )
+        .await?;
+    if status != 201 {
+        bail!("making an API key answered {status}");
+    }
+    let answer: serde_json::Value = serde_json::from_slice(conn.body())?;
+    answer["key"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| anyhow!("the key answer has no key"))
+}
+
 pub fn run(args: HttpArgs) -> Result<()> {
-    let target = parse_url(&args.url)?;
+    let mut target = parse_url(&args.url)?;
+    if let Some(path) = &args.admin_token_file {
+        let token =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        target.bearer = Some(token.trim().to_string());
+    }
     let (reads_share, writes_share) = parse_mix(&args.mix)?;
     if args.rate == 0 || args.connections == 0 {
         bail!("--rate and --connections must be above 0");
@@ -308,6 +356,14 @@ pub fn run(args: HttpArgs) -> Result<()> {
     let report = oc_io::executor::run_local(async {
         eprintln!("preloading {} rows into {TENANT}/{TABLE}...", args.rows);
         prepare(&target, args.rows).await?;
+        // The load authenticates as a tenant's client does: with its API key.
+        let target = match &target.bearer {
+            Some(_) => Rc::new(Target {
+                bearer: Some(make_key(&target).await?),
+                ..(*target).clone()
+            }),
+            None => target,
+        };
         let interval_ns = 1e9 / args.rate as f64;
         let total = ((WARMUP + measured).as_secs_f64() * args.rate as f64) as u64;
         let warmup_requests = (WARMUP.as_secs_f64() * args.rate as f64) as u64;
@@ -421,6 +477,11 @@ pub fn run(args: HttpArgs) -> Result<()> {
             reads: op(&r.reads, r.read_errors),
             writes: op(&r.writes, r.write_errors),
             errors: r.errors.clone(),
+            auth: if args.admin_token_file.is_some() {
+                "api key".into()
+            } else {
+                "none".into()
+            },
         })
     })?;
     crate::report::write_outputs(

@@ -129,6 +129,7 @@ fn run_all(args: AllArgs) -> anyhow::Result<()> {
                 connections: 64,
                 rows: if args.quick { 10_000 } else { 100_000 },
                 json: Some(args.out.join("http.json")),
+                admin_token_file: None,
             });
             server.stop()?;
             outcome?;

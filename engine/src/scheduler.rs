@@ -11,10 +11,8 @@
 //!   failure in a row ([`retry_delay`]): a disk that refuses checkpoints is not hammered
 //!   with full copies of the state every second.
 
-use std::cell::{Cell, RefCell};
-use std::future::poll_fn;
+use std::cell::Cell;
 use std::rc::Rc;
-use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use glommio::Task;
@@ -123,36 +121,14 @@ impl Schedule {
 /// listing, a rename) makes glommio's pool thread panic once its executor is gone.
 pub struct Checkpointer {
     task: Task<()>,
-    stop: Rc<StopSignal>,
-}
-
-#[derive(Default)]
-struct StopSignal {
-    stopped: Cell<bool>,
-    waker: RefCell<Option<Waker>>,
-}
-
-impl StopSignal {
-    /// Ready once stopped.
-    async fn wait(&self) {
-        poll_fn(|cx| {
-            if self.stopped.get() {
-                return Poll::Ready(());
-            }
-            *self.waker.borrow_mut() = Some(cx.waker().clone());
-            Poll::Pending
-        })
-        .await
-    }
+    stopped: Rc<Cell<bool>>,
 }
 
 impl Checkpointer {
-    /// Lets a checkpoint in progress finish, then ends the scheduler.
+    /// Lets a checkpoint in progress finish, then ends the scheduler (at its next tick,
+    /// at most [`CHECK_EVERY`] later).
     pub async fn stop(self) {
-        self.stop.stopped.set(true);
-        if let Some(w) = self.stop.waker.borrow_mut().take() {
-            w.wake();
-        }
+        self.stopped.set(true);
         self.task.await;
     }
 }
@@ -163,20 +139,13 @@ pub fn spawn_checkpointer<S: Storage>(
     shard: Rc<Shard<S>>,
     policy: CheckpointPolicy,
 ) -> Checkpointer {
-    let stop = Rc::new(StopSignal::default());
-    let signal = stop.clone();
+    let stopped = Rc::new(Cell::new(false));
+    let stop = stopped.clone();
     let task = glommio::spawn_local(async move {
         let mut schedule = Schedule::new(policy, shard.wal().stats().bytes_written);
         loop {
-            let tick = glommio::timer::sleep(CHECK_EVERY.min(policy.interval));
-            futures_lite::future::or(
-                async {
-                    tick.await;
-                },
-                signal.wait(),
-            )
-            .await;
-            if signal.stopped.get() {
+            glommio::timer::sleep(CHECK_EVERY.min(policy.interval)).await;
+            if stop.get() {
                 return;
             }
             if shard.wal().failure().is_some() {
@@ -212,7 +181,7 @@ pub fn spawn_checkpointer<S: Storage>(
             }
         }
     });
-    Checkpointer { task, stop }
+    Checkpointer { task, stopped }
 }
 
 #[cfg(test)]
