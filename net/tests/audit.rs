@@ -314,6 +314,15 @@ fn every_operator_action_is_read_back_survives_kill_9_and_travels_through_restor
     let beta_key = beta_key.body["key"].as_str().expect("key").to_string();
     let as_key = call(&server, "GET", "/v1/audit/logs", None, &beta_key);
     assert_eq!(as_key.status, 403, "{as_key:?}");
+    // The drill's digest endpoint: admin only, its one parameter checked.
+    let digest = call(&server, "GET", "/v1/admin/digest?tables=false", None, ADMIN);
+    assert_eq!(digest.status, 200, "{digest:?}");
+    assert_eq!(digest.body["shards"].as_array().map(Vec::len), Some(2));
+    let bad = call(&server, "GET", "/v1/admin/digest?tables=maybe", None, ADMIN);
+    assert_eq!(bad.status, 400, "{bad:?}");
+    assert_eq!(bad.body["error"]["code"], "invalid_query_string");
+    let digest_as_key = call(&server, "GET", "/v1/admin/digest", None, &beta_key);
+    assert_eq!(digest_as_key.status, 403, "{digest_as_key:?}");
 
     // Durable before the answer: kill -9 loses none of it.
     server.kill9();
