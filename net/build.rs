@@ -1,4 +1,5 @@
-//! Stamps the build with its git commit and time for `/health`.
+//! Stamps the build with its git commit and time for `/health`, and turns the API
+//! contract (docs/openapi.yaml) into the JSON `/v1/openapi.json` serves.
 
 use std::process::Command;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -20,6 +21,20 @@ fn main() {
     println!("cargo:rerun-if-changed=../.git/HEAD");
     println!("cargo:rerun-if-changed=../.git/refs/heads");
     println!("cargo:rerun-if-changed=src");
+    openapi_json();
+}
+
+/// Converts the API contract, docs/openapi.yaml, to the JSON the server serves.
+fn openapi_json() {
+    let source = "../docs/openapi.yaml";
+    println!("cargo:rerun-if-changed={source}");
+    let text =
+        std::fs::read_to_string(source).unwrap_or_else(|e| panic!("cannot read {source}: {e}"));
+    let spec: serde_json::Value =
+        serde_norway::from_str(&text).unwrap_or_else(|e| panic!("{source} is not valid YAML: {e}"));
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let json = serde_json::to_vec(&spec).expect("a JSON value always serializes");
+    std::fs::write(out.join("openapi.json"), json).expect("OUT_DIR is writable");
 }
 
 /// UTC `YYYY-MM-DDTHH:MM:SSZ` from Unix seconds (days-to-civil, proleptic Gregorian).

@@ -14,7 +14,7 @@ use futures_lite::future;
 use glommio::net::TcpListener;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -119,13 +119,16 @@ async fn handle(
         (&Method::GET, "/health") => ("health", health(&state)),
         (&Method::GET, "/ready") => ("ready", ready(&state).await),
         (&Method::GET, "/metrics") => ("metrics", metrics_page(&state).await),
-        (_, "/health" | "/ready" | "/metrics") => (
-            "ops_unknown",
-            json_response(
+        (_, "/health" | "/ready" | "/metrics") => {
+            let mut response = json_response(
                 StatusCode::METHOD_NOT_ALLOWED,
                 json!({"error": {"code": "method_not_allowed", "message": "only GET is allowed here", "request_id": ""}}),
-            ),
-        ),
+            );
+            response
+                .headers_mut()
+                .insert(ALLOW, HeaderValue::from_static("GET"));
+            ("ops_unknown", response)
+        }
         (_, path) => (
             "ops_unknown",
             json_response(

@@ -5,10 +5,19 @@ use time::OffsetDateTime;
 
 /// Parses `2026-11-23T10:15:30.250Z` or `…+01:00`; sub-microsecond digits are cut.
 pub fn parse_rfc3339(s: &str) -> Result<u64, String> {
+    u64::try_from(parse_signed(s)?).map_err(|_| format!("{s:?} is before 1970"))
+}
+
+/// As [`parse_rfc3339`], for a lower bound: any time before 1970 bounds nothing, so
+/// it reads as the epoch.
+pub fn parse_rfc3339_lower_bound(s: &str) -> Result<u64, String> {
+    Ok(u64::try_from(parse_signed(s)?.max(0)).unwrap_or(0))
+}
+
+fn parse_signed(s: &str) -> Result<i128, String> {
     let t = OffsetDateTime::parse(s, &Rfc3339)
         .map_err(|e| format!("{s:?} is not an RFC 3339 time like 2026-11-23T10:15:30Z: {e}"))?;
-    let us = t.unix_timestamp_nanos() / 1000;
-    u64::try_from(us).map_err(|_| format!("{s:?} is before 1970"))
+    Ok(t.unix_timestamp_nanos() / 1000)
 }
 
 /// Formats µs since the epoch as RFC 3339 in UTC with microseconds.
@@ -34,6 +43,7 @@ mod tests {
         );
         for bad in ["yesterday", "2026-11-23", "1969-12-31T23:59:59Z"] {
             assert!(parse_rfc3339(bad).is_err(), "{bad}");
+            assert!(parse_rfc3339_lower_bound(bad).is_err(), "{bad}");
         }
     }
 }

@@ -20,7 +20,6 @@ use hyper::{HeaderMap, Method, Request, Uri};
 use oc_engine::apply::{apply, ShardState};
 use oc_engine::command::Command;
 use oc_engine::fuzz_entry::{fixture, FIXTURE_TABLE};
-use oc_engine::idempotency::MAX_KEY_BYTES as MAX_IDEMPOTENCY_KEY_BYTES;
 use oc_engine::query::{ask_now, param_from_json, AskLimits};
 use oc_engine::{record, EngineError, TenantId, WriteOp};
 use oc_io::TimestampMicros;
@@ -240,17 +239,7 @@ fn write_rows(body: WriteRows, tenant: &TenantId, state: &mut ShardState) -> Res
             h::OpJson::Delete(key) => WriteOp::Delete(key),
         })
         .collect();
-    // `Shard::write` refuses a key of the wrong length before anything else.
-    if let Some(key) = &body.idempotency_key {
-        if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
-            return Err(EngineError::LimitExceeded {
-                what: "idempotency key bytes (1 or more)",
-                actual: key.len(),
-                limit: MAX_IDEMPOTENCY_KEY_BYTES,
-            }
-            .into());
-        }
-    }
+    h::check_idempotency_key(body.idempotency_key.as_deref())?;
     let target = state.tenants[tenant].table(FIXTURE_TABLE)?;
     let writes = target.validate_batch(&ops)?;
     let command = Command::Write {

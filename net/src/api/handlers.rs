@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 use hyper::StatusCode;
+use oc_engine::idempotency::MAX_KEY_BYTES as MAX_IDEMPOTENCY_KEY_BYTES;
 use oc_engine::query::{param_from_json, AskAnswer, AskLimits, QueryError, QueryErrorKind};
 use oc_engine::{
     owner_of, ColumnType, ShardNode, ShardRouter, Table, TableSchema, TenantId, WriteOp,
@@ -154,6 +155,13 @@ pub fn parse_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiErr
         return Err(ApiError::bad_request(
             "invalid_json",
             "the request needs a JSON body",
+        ));
+    }
+    // serde would also read a struct from a JSON array of its fields' values.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::bad_request(
+            "invalid_json",
+            "the request body must be a JSON object ({...})",
         ));
     }
     serde_json::from_slice(body)
@@ -370,6 +378,25 @@ pub struct WriteRows {
     pub(crate) idempotency_key: Option<String>,
 }
 
+/// An `idempotency_key`, when given, is 1 to 128 bytes.
+pub(crate) fn check_idempotency_key(key: Option<&str>) -> Result<(), ApiError> {
+    match key {
+        Some("") => Err(ApiError::bad_request(
+            "invalid_json",
+            "\"idempotency_key\" is empty: send 1 to 128 bytes, or leave it out",
+        )),
+        Some(key) if key.len() > MAX_IDEMPOTENCY_KEY_BYTES => {
+            Err(oc_engine::EngineError::LimitExceeded {
+                what: "idempotency key bytes",
+                actual: key.len(),
+                limit: MAX_IDEMPOTENCY_KEY_BYTES,
+            }
+            .into())
+        }
+        _ => Ok(()),
+    }
+}
+
 pub async fn write_rows(
     router: &ShardRouter,
     tenant: TenantId,
@@ -391,6 +418,7 @@ pub async fn write_rows(
             OpJson::Delete(key) => WriteOp::Delete(key),
         })
         .collect();
+    check_idempotency_key(body.idempotency_key.as_deref())?;
     let key = body.idempotency_key;
     on_owner(router, access, tenant, |node, tenant| async move {
         if failpoint::armed("shard.panic") == Some(tenant.as_str()) {
@@ -616,8 +644,9 @@ pub async fn usage(router: &ShardRouter, tenant: TenantId, access: &Access) -> A
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct CreateWatchToken {
-    /// Seconds the token is valid (default and limits in `auth`).
-    ttl_s: Option<u64>,
+    /// Seconds the token is valid (default and limits in `auth`); any JSON number
+    /// with no fraction (`300`, `300.0`), as JSON Schema's `integer` reads it.
+    ttl_s: Option<serde_json::Number>,
 }
 
 /// Mints a token that opens `/watch` streams of this tenant only, for clients that
@@ -628,14 +657,22 @@ pub async fn create_watch_token(
     body: CreateWatchToken,
     access: &Access,
 ) -> Answer {
-    let ttl_s = body.ttl_s.unwrap_or(auth::WATCH_TOKEN_DEFAULT_TTL_S);
-    if ttl_s == 0 || ttl_s > auth::WATCH_TOKEN_MAX_TTL_S {
+    let max = auth::WATCH_TOKEN_MAX_TTL_S;
+    let ttl_s = match &body.ttl_s {
+        None => auth::WATCH_TOKEN_DEFAULT_TTL_S,
+        Some(n) => n
+            .as_u64()
+            .or_else(|| {
+                n.as_f64()
+                    .filter(|f| f.fract() == 0.0 && (1.0..=max as f64).contains(f))
+                    .map(|f| f as u64)
+            })
+            .unwrap_or(0),
+    };
+    if ttl_s == 0 || ttl_s > max {
         return Err(ApiError::bad_request(
             "invalid_ttl",
-            format!(
-                "ttl_s must be between 1 and {} seconds",
-                auth::WATCH_TOKEN_MAX_TTL_S
-            ),
+            format!("ttl_s must be a whole number of seconds from 1 to {max}"),
         ));
     }
     let key_id = match &access.caller {

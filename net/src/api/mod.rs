@@ -334,6 +334,7 @@ fn route_name(method: &Method, path: &str) -> &'static str {
         (["v1", "tenants", _, "tables", _, "rows", ..], _) => "row_get",
         (["v1", "audit", "logs"], _) => "audit_logs",
         (["v1", "admin", "digest"], _) => "admin_digest",
+        (["v1", "openapi.json"], _) => "openapi",
         _ => "unknown",
     }
 }
@@ -344,7 +345,7 @@ fn allowed_methods(path: &str) -> Option<&'static str> {
         "tenants" | "tables" | "keys" => "GET, POST",
         "key" => "DELETE",
         "tenant" | "table" => "GET, DELETE",
-        "usage" | "row_get" | "watch" | "audit_logs" | "admin_digest" => "GET",
+        "usage" | "row_get" | "watch" | "audit_logs" | "admin_digest" | "openapi" => "GET",
         "rows_write" | "ask" | "watch_tokens" => "POST",
         _ => return None,
     })
@@ -361,10 +362,20 @@ fn method_not_allowed(method: &Method, path: &str) -> ApiError {
     )
 }
 
+/// docs/openapi.yaml as JSON, converted by build.rs.
+const OPENAPI_JSON: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/openapi.json"));
+
 async fn dispatch(ctx: &ApiContext, req: Request<Incoming>, request_id: &str) -> Answer {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let s = segments(&path);
+    if s == ["v1", "openapi.json"] && method == Method::GET {
+        // The contract is public: a client reads it before it has credentials.
+        return Ok((
+            StatusCode::OK,
+            h::Body::Encoded(Bytes::from_static(OPENAPI_JSON)),
+        ));
+    }
     let router = &*ctx.router;
     let access = &h::Access {
         caller: auth::identify(req.headers(), &ctx.auth)?,
@@ -600,7 +611,10 @@ fn audit_query(query: Option<&str>) -> Result<audit::Query, ApiError> {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
         let value = percent_decode(value).map_err(|e| bad(e.message))?;
         match name {
-            "since" => out.since_us = Some(oc_ship::timestamp::parse_rfc3339(&value).map_err(bad)?),
+            "since" => {
+                let since = oc_ship::timestamp::parse_rfc3339_lower_bound(&value);
+                out.since_us = Some(since.map_err(bad)?);
+            }
             "after" => {
                 out.after_seq = Some(value.parse().map_err(|_| {
                     bad(format!(

@@ -448,6 +448,8 @@ pub fn parse_request(
     let mut request = WatchRequest::default();
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let value = &super::percent_decode(value)
+            .map_err(|e| bad("invalid_query_string", format!("{name}=: {}", e.message)))?;
         match name {
             "tables" => {
                 let tables: Vec<String> = value
@@ -1032,6 +1034,8 @@ mod tests {
     #[test]
     fn requests_parse_and_bad_ones_name_what_to_fix() {
         let r = parse_request(Some("tables=a,b&from_lsn=7"), None, 1).expect("valid");
+        let encoded = parse_request(Some("tables=a%2Cb&from_lsn=7"), None, 1).expect("valid");
+        assert_eq!(encoded, r, "a percent-encoded comma is a comma");
         assert_eq!(r.tables, Some(vec!["a".to_string(), "b".to_string()]));
         assert_eq!(r.resume, Some((1, Lsn(7))));
         let r = parse_request(Some("from_lsn=7"), Some("1-9"), 1).expect("valid");
