@@ -8,7 +8,9 @@
 //!
 //! The client is a small hand-written HTTP/1.1 writer/reader over glommio sockets:
 //! it sends fixed-shape requests and reads `content-length` bodies, so its own cost
-//! per request is a few microseconds and does not blur the server's latency.
+//! per request is a few microseconds and does not blur the server's latency. Over
+//! `https://` it speaks TLS with rustls (the server's own TLS stack), trusting the
+//! certificate given with `--ca-cert`.
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -53,6 +55,9 @@ pub struct HttpArgs {
     /// raise that above `--rate` on the server.
     #[arg(long)]
     pub(crate) admin_token_file: Option<std::path::PathBuf>,
+    /// For an `https://` URL: the PEM certificate (or CA) to trust.
+    #[arg(long)]
+    pub(crate) ca_cert: Option<std::path::PathBuf>,
 }
 
 pub(crate) const TENANT: &str = "bench-http";
@@ -86,6 +91,9 @@ pub(crate) struct HttpReport {
     /// `none`, or `api key` when the load authenticated with one.
     #[serde(default)]
     auth: String,
+    /// Whether the load ran over TLS.
+    #[serde(default)]
+    tls: bool,
 }
 
 #[derive(Clone)]
@@ -94,27 +102,73 @@ pub(crate) struct Target {
     addr: std::net::SocketAddr,
     /// Sent as `Authorization: Bearer` on every request, when set.
     bearer: Option<String>,
+    /// Set for `https://`: the TLS client and the name the certificate must carry.
+    tls: Option<(futures_rustls::TlsConnector, rustls_pki_types::ServerName<'static>)>,
 }
 
 pub(crate) fn parse_url(url: &str) -> Result<Target> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| anyhow!("only http:// URLs are supported, not {url:?}"))?;
+    parse_url_trusting(url, None)
+}
+
+/// As [`parse_url`]; an `https://` URL needs `ca_cert`, the PEM certificate to trust.
+pub(crate) fn parse_url_trusting(url: &str, ca_cert: Option<&std::path::Path>) -> Result<Target> {
+    let (rest, https) = match (url.strip_prefix("http://"), url.strip_prefix("https://")) {
+        (Some(rest), _) => (rest, false),
+        (_, Some(rest)) => (rest, true),
+        _ => bail!("the URL must start with http:// or https://, not {url:?}"),
+    };
     let host = rest.trim_end_matches('/').to_string();
     let addr = std::net::ToSocketAddrs::to_socket_addrs(&host)
         .with_context(|| format!("resolving {host}"))?
         .next()
         .ok_or_else(|| anyhow!("{host} resolves to nothing"))?;
+    let tls = match (https, ca_cert) {
+        (false, _) => None,
+        (true, None) => bail!("an https:// URL needs --ca-cert, the certificate to trust"),
+        (true, Some(pem)) => Some(tls_connector(pem, &host)?),
+    };
     Ok(Target {
         host,
         addr,
         bearer: None,
+        tls,
     })
 }
 
+fn tls_connector(
+    pem: &std::path::Path,
+    host: &str,
+) -> Result<(futures_rustls::TlsConnector, rustls_pki_types::ServerName<'static>)> {
+    use futures_rustls::rustls;
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_file_iter(pem)
+        .with_context(|| format!("reading {}", pem.display()))?
+    {
+        roots.add(cert.with_context(|| format!("a certificate in {}", pem.display()))?)?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = host.rsplit_once(':').map_or(host, |(name, _)| name);
+    let name = rustls_pki_types::ServerName::try_from(name.to_string())
+        .map_err(|e| anyhow!("{name:?} is not a TLS server name: {e}"))?;
+    Ok((
+        futures_rustls::TlsConnector::from(std::sync::Arc::new(config)),
+        name,
+    ))
+}
+
+/// A connection's byte stream, plain or TLS.
+trait Stream: futures_lite::AsyncBufRead + futures_lite::AsyncWrite + Unpin {}
+impl<T: futures_lite::AsyncBufRead + futures_lite::AsyncWrite + Unpin> Stream for T {}
+
 /// One keep-alive connection with a reusable read buffer.
 pub(crate) struct Connection {
-    stream: TcpStream<glommio::net::Preallocated>,
+    stream: Box<dyn Stream>,
     host: String,
     /// The `authorization` header line, or nothing.
     auth: String,
@@ -131,8 +185,18 @@ impl Connection {
         stream
             .set_nodelay(true)
             .map_err(|e| anyhow!("setting TCP_NODELAY: {e}"))?;
+        let stream: Box<dyn Stream> = match &target.tls {
+            None => Box::new(stream.buffered()),
+            Some((connector, name)) => {
+                let tls = connector
+                    .connect(name.clone(), stream)
+                    .await
+                    .map_err(|e| anyhow!("TLS handshake with {}: {e}", target.addr))?;
+                Box::new(futures_lite::io::BufReader::new(tls))
+            }
+        };
         Ok(Connection {
-            stream: stream.buffered(),
+            stream,
             host: target.host.clone(),
             auth: target
                 .bearer
@@ -341,7 +405,7 @@ async fn make_key(admin: &Target) -> Result<String> {
 }
 
 pub fn run(args: HttpArgs) -> Result<()> {
-    let mut target = parse_url(&args.url)?;
+    let mut target = parse_url_trusting(&args.url, args.ca_cert.as_deref())?;
     if let Some(path) = &args.admin_token_file {
         let token =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -482,6 +546,7 @@ pub fn run(args: HttpArgs) -> Result<()> {
             } else {
                 "none".into()
             },
+            tls: args.url.starts_with("https://"),
         })
     })?;
     crate::report::write_outputs(
@@ -494,8 +559,15 @@ pub fn run(args: HttpArgs) -> Result<()> {
 
 pub(crate) fn markdown(r: &HttpReport) -> String {
     let mut out = format!(
-        "{} req/s offered ({} reads:writes), {:.0} req/s answered over {} s, {} connections, {} rows.\n\n",
-        r.offered_rate, r.mix, r.achieved_rate, r.seconds, r.connections, r.rows
+        "{} req/s offered ({} reads:writes), {:.0} req/s answered over {} s, {} connections{}{}, {} rows.\n\n",
+        r.offered_rate,
+        r.mix,
+        r.achieved_rate,
+        r.seconds,
+        r.connections,
+        if r.tls { " over TLS" } else { "" },
+        if r.auth == "api key" { " with an API key" } else { "" },
+        r.rows
     );
     out += "| operation | requests | errors | p50 µs | p95 µs | p99 µs | p999 µs | max µs |\n|---|---:|---:|---:|---:|---:|---:|---:|\n";
     for (name, o) in [("point read", &r.reads), ("single-row write", &r.writes)] {

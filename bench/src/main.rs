@@ -130,6 +130,7 @@ fn run_all(args: AllArgs) -> anyhow::Result<()> {
                 rows: if args.quick { 10_000 } else { 100_000 },
                 json: Some(args.out.join("http.json")),
                 admin_token_file: None,
+                ca_cert: None,
             });
             server.stop()?;
             outcome?;

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The cost of an API key and of TLS on the HTTP path, in one run: oc-bench http against
+# four fresh servers (plain; admin token with the load on an API key; TLS; TLS with an
+# API key), in the order A B C D D C B A so drift on a shared machine falls on every
+# configuration alike. Writes <out>/http-<config>-<round>.json and prints the ratios.
+#
+#   bench/scripts/http-auth-tls.sh <dir on ext4/xfs> <out dir> [rate] [seconds]
+set -euo pipefail
+dir=${1:?a scratch directory on the data disk}
+out=${2:?where the JSON results go}
+rate=${3:-5000}
+seconds=${4:-10}
+bin=${OC_BIN:-target/release}
+mkdir -p "$dir" "$out"
+
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
+  -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 \
+  -keyout "$dir/key.pem" -out "$dir/cert.pem" 2>/dev/null
+printf 'bench-admin-token-0123456789abcdef' > "$dir/admin-token"
+
+run() { # config round
+  local config=$1 round=$2 data="$dir/data-$1-$2" scheme=http
+  local server_args=(--data-dir "$data" --listen 127.0.0.1:17080 --ops-listen 127.0.0.1:17081
+                     --archive none --rate-limit-rps $((rate * 4)) --rate-limit-burst $((rate * 4)))
+  local bench_args=()
+  case $config in
+    auth|tls-auth) server_args+=(--admin-token-file "$dir/admin-token")
+                   bench_args+=(--admin-token-file "$dir/admin-token") ;;
+  esac
+  case $config in
+    tls|tls-auth) server_args+=(--tls-cert "$dir/cert.pem" --tls-key "$dir/key.pem")
+                  bench_args+=(--ca-cert "$dir/cert.pem"); scheme=https ;;
+  esac
+  rm -rf "$data"
+  "$bin/oc-server" "${server_args[@]}" >"$dir/server.log" 2>&1 &
+  local pid=$!
+  for _ in $(seq 100); do curl -sf 127.0.0.1:17081/ready >/dev/null && break; sleep 0.1; done
+  "$bin/oc-bench" http --url "$scheme://127.0.0.1:17080" --rate "$rate" --seconds "$seconds" \
+    --rows 20000 "${bench_args[@]}" --json "$out/http-$config-$round.json" >/dev/null
+  kill "$pid"; wait "$pid" || true
+  rm -rf "$data"
+}
+
+round=1
+for config in plain auth tls tls-auth tls-auth tls auth plain; do
+  echo "== $config (round $round)"
+  run "$config" "$round"
+  [ "$config" = tls-auth ] && round=2
+done
+
+python3 - "$out" <<'PY'
+import json, sys, statistics
+out = sys.argv[1]
+def p(config, op, q):
+    return statistics.mean(json.load(open(f"{out}/http-{config}-{r}.json"))[op][q] for r in (1, 2))
+print("| config | read p50 µs | read p99 µs | write p50 µs | write p99 µs | read p99 / plain | write p99 / plain |")
+print("|---|---:|---:|---:|---:|---:|---:|")
+for c in ["plain", "auth", "tls", "tls-auth"]:
+    print(f"| {c} | {p(c,'reads','p50_us'):.0f} | {p(c,'reads','p99_us'):.0f} | {p(c,'writes','p50_us'):.0f} | {p(c,'writes','p99_us'):.0f} | "
+          f"{p(c,'reads','p99_us')/p('plain','reads','p99_us'):.2f} | {p(c,'writes','p99_us')/p('plain','writes','p99_us'):.2f} |")
+PY

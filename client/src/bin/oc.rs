@@ -1,0 +1,825 @@
+//! `oc`: the command line for an oc server, on `oc-client`.
+//!
+//! Exit codes: 0 done, 1 the server failed (500) or answered off contract, 2 bad
+//! usage, 3 the request is invalid (400/409/413/415, quota), 4 credentials (401/403),
+//! 5 not found (404), 6 unavailable (429/503/507, no connection): try again later.
+
+use std::io::{IsTerminal, Read, Write};
+use std::process::ExitCode;
+
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use oc_client::{
+    AskAnswer, AuditQuery, Client, Error, ErrorClass, PlanStage, TableSchema, WatchOptions,
+    WriteBatch,
+};
+use serde_json::{json, Value};
+
+#[derive(Parser)]
+#[command(name = "oc", version, about = "Talk to an oc server", long_about = None)]
+struct Cli {
+    /// The server's data API.
+    #[arg(
+        long,
+        env = "OC_URL",
+        default_value = "http://127.0.0.1:7070",
+        global = true
+    )]
+    url: String,
+    /// The server's ops listener (`oc status`).
+    #[arg(
+        long,
+        env = "OC_OPS_URL",
+        default_value = "http://127.0.0.1:7071",
+        global = true
+    )]
+    ops_url: String,
+    /// Bearer token: the admin token or a tenant's API key.
+    #[arg(long, env = "OC_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+    /// A PEM certificate to trust (a private CA or a self-signed server).
+    #[arg(long, env = "OC_CA_CERT", global = true)]
+    ca_cert: Option<std::path::PathBuf>,
+    /// How answers are printed.
+    #[arg(short, long, value_enum, default_value_t = Output::Table, global = true)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Tenants (admin).
+    #[command(subcommand)]
+    Tenants(Tenants),
+    /// A tenant's tables.
+    #[command(subcommand)]
+    Tables(Tables),
+    /// A tenant's API keys (admin).
+    #[command(subcommand)]
+    Keys(Keys),
+    /// Rows of a table.
+    #[command(subcommand)]
+    Rows(Rows),
+    /// Run one SELECT over a tenant's tables.
+    Ask {
+        tenant: String,
+        sql: String,
+        /// A value for $1, $2, … in order, as JSON (`42`, `'"text"'`, `[0.1,0.2]`).
+        #[arg(short, long = "param")]
+        params: Vec<String>,
+        /// Print the plan tree with rows and times per stage.
+        #[arg(long)]
+        explain: bool,
+    },
+    /// What a tenant stores, its quotas and load.
+    Usage { tenant: String },
+    /// Follow a tenant's changes (one JSON line per event).
+    Watch {
+        tenant: String,
+        /// Only these tables (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        tables: Option<Vec<String>>,
+        /// Resume after this event id (`<epoch>-<lsn>`).
+        #[arg(long)]
+        last_event_id: Option<String>,
+        /// Resume after this LSN.
+        #[arg(long)]
+        from_lsn: Option<u64>,
+        /// Stop after this many events.
+        #[arg(long)]
+        limit: Option<u64>,
+    },
+    /// Entries of the audit log (admin).
+    Audit {
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        action: Option<String>,
+        /// RFC 3339.
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        limit: Option<u32>,
+    },
+    /// Health and readiness from the ops listener.
+    Status,
+    /// Print a shell completion script.
+    Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Subcommand)]
+enum Tenants {
+    List,
+    Create { tenant: String },
+    Drop { tenant: String },
+}
+
+#[derive(Subcommand)]
+enum Tables {
+    List {
+        tenant: String,
+    },
+    /// Create a table from its JSON schema (docs/API.md, "Tables"); `-` reads stdin.
+    Create {
+        tenant: String,
+        schema: String,
+    },
+    Describe {
+        tenant: String,
+        table: String,
+    },
+    Drop {
+        tenant: String,
+        table: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum Keys {
+    List {
+        tenant: String,
+    },
+    Create {
+        tenant: String,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    Revoke {
+        tenant: String,
+        key_id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum Rows {
+    /// Insert or replace rows: one JSON object, or an array of them; `-` reads stdin.
+    Upsert {
+        tenant: String,
+        table: String,
+        rows: String,
+        #[arg(long)]
+        idempotency_key: Option<String>,
+    },
+    /// Delete rows by key: a JSON object of the key columns, or an array of them.
+    Delete {
+        tenant: String,
+        table: String,
+        keys: String,
+        #[arg(long)]
+        idempotency_key: Option<String>,
+    },
+    /// Read one row by its primary key, one value per key column in key order.
+    Get {
+        tenant: String,
+        table: String,
+        #[arg(required = true)]
+        key: Vec<String>,
+    },
+}
+
+/// A failure of the command itself, with its exit code.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Self {
+        let code = match e.class() {
+            ErrorClass::Server => 1,
+            ErrorClass::Invalid => 3,
+            ErrorClass::Auth => 4,
+            ErrorClass::NotFound => 5,
+            ErrorClass::Unavailable => 6,
+        };
+        Failure {
+            code,
+            message: e.to_string(),
+        }
+    }
+}
+
+fn usage(message: impl Into<String>) -> Failure {
+    Failure {
+        code: 2,
+        message: message.into(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("oc: cannot start: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("oc: {}", failure.message);
+            ExitCode::from(failure.code)
+        }
+    }
+}
+
+fn client(cli: &Cli, url: &str) -> Result<Client, Failure> {
+    let mut builder = Client::builder(url);
+    if let Some(token) = &cli.token {
+        builder = builder.token(token.clone());
+    }
+    if let Some(path) = &cli.ca_cert {
+        let pem =
+            std::fs::read(path).map_err(|e| usage(format!("--ca-cert {}: {e}", path.display())))?;
+        builder = builder.ca_cert_pem(pem);
+    }
+    Ok(builder.build()?)
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let oc = client(&cli, &cli.url)?;
+    let out = cli.output;
+    match &cli.command {
+        Command::Tenants(Tenants::List) => {
+            let tenants = oc.list_tenants().await?;
+            match out {
+                Output::Json => print_json(&json!({ "tenants": tenants })),
+                Output::Table => {
+                    for t in tenants {
+                        println!("{t}");
+                    }
+                }
+            }
+        }
+        Command::Tenants(Tenants::Create { tenant }) => {
+            let created = oc.create_tenant(tenant).await?;
+            match out {
+                Output::Json => print_json(
+                    &json!({"tenant": created.tenant, "shard": created.shard, "lsn": created.lsn}),
+                ),
+                Output::Table => done(
+                    out,
+                    &[
+                        ("tenant", json!(created.tenant)),
+                        ("lsn", json!(created.lsn)),
+                    ],
+                ),
+            }
+        }
+        Command::Tenants(Tenants::Drop { tenant }) => {
+            let dropped = oc.drop_tenant(tenant).await?;
+            done(
+                out,
+                &[
+                    ("tenant", json!(tenant)),
+                    ("dropped", json!(dropped.dropped)),
+                    ("lsn", json!(dropped.lsn)),
+                ],
+            );
+        }
+        Command::Tables(Tables::List { tenant }) => {
+            let tables = oc.list_tables(tenant).await?;
+            let rows: Vec<Vec<Value>> = tables
+                .iter()
+                .map(|t| {
+                    vec![
+                        json!(t.schema.name),
+                        json!(t.rows),
+                        json!(t.bytes),
+                        json!(t.vectors),
+                        json!(t.schema.primary_key.join(",")),
+                    ]
+                })
+                .collect();
+            match out {
+                Output::Json => print_json(&json!({ "tables": tables.iter().map(|t| json!({
+                    "schema": t.schema, "rows": t.rows, "bytes": t.bytes, "vectors": t.vectors,
+                })).collect::<Vec<_>>() })),
+                Output::Table => {
+                    print_table(&["table", "rows", "bytes", "vectors", "primary key"], &rows)
+                }
+            }
+        }
+        Command::Tables(Tables::Create { tenant, schema }) => {
+            let schema: TableSchema = serde_json::from_value(read_json_arg(schema)?)
+                .map_err(|e| usage(format!("the schema is not a table schema: {e}")))?;
+            let created = oc.create_table(tenant, &schema).await?;
+            match out {
+                Output::Json => print_json(&json!({"table": created.table, "lsn": created.lsn})),
+                Output::Table => done(
+                    out,
+                    &[
+                        ("table", json!(created.table.name)),
+                        ("lsn", json!(created.lsn)),
+                    ],
+                ),
+            }
+        }
+        Command::Tables(Tables::Describe { tenant, table }) => {
+            let info = oc.describe_table(tenant, table).await?;
+            match out {
+                Output::Json => print_json(&json!({
+                    "schema": info.schema, "rows": info.rows, "bytes": info.bytes, "vectors": info.vectors,
+                })),
+                Output::Table => {
+                    let key = &info.schema.primary_key;
+                    let rows: Vec<Vec<Value>> = info
+                        .schema
+                        .columns
+                        .iter()
+                        .map(|c| {
+                            let position = key.iter().position(|k| *k == c.name);
+                            vec![
+                                json!(c.name),
+                                json!(c.ty),
+                                json!(if c.nullable { "yes" } else { "no" }),
+                                position.map_or(Value::Null, |p| json!(p + 1)),
+                            ]
+                        })
+                        .collect();
+                    print_table(&["column", "type", "nullable", "key"], &rows);
+                    for index in &info.schema.indexes {
+                        println!("index {} ({})", index.name, index.columns.join(", "));
+                    }
+                    println!(
+                        "{} rows, {} bytes, {} vectors",
+                        info.rows, info.bytes, info.vectors
+                    );
+                }
+            }
+        }
+        Command::Tables(Tables::Drop { tenant, table }) => {
+            let dropped = oc.drop_table(tenant, table).await?;
+            done(
+                out,
+                &[
+                    ("table", json!(table)),
+                    ("dropped", json!(dropped.dropped)),
+                    ("lsn", json!(dropped.lsn)),
+                ],
+            );
+        }
+        Command::Keys(Keys::List { tenant }) => {
+            let keys = oc.list_keys(tenant).await?;
+            let rows: Vec<Vec<Value>> = keys
+                .iter()
+                .map(|k| vec![json!(k.key_id), json!(k.name), json!(k.created_us)])
+                .collect();
+            match out {
+                Output::Json => print_json(&json!({ "keys": keys.iter().map(|k| json!({
+                    "key_id": k.key_id, "name": k.name, "created_us": k.created_us,
+                })).collect::<Vec<_>>() })),
+                Output::Table => print_table(&["key id", "name", "created (µs)"], &rows),
+            }
+        }
+        Command::Keys(Keys::Create { tenant, name }) => {
+            let key = oc.create_key(tenant, name.as_deref()).await?;
+            match out {
+                Output::Json => print_json(&json!({
+                    "tenant": key.tenant, "key_id": key.key_id, "name": key.name, "key": key.key, "lsn": key.lsn,
+                })),
+                Output::Table => {
+                    println!("{}", key.key);
+                    eprintln!(
+                        "key {} of tenant {}: shown only now, store it",
+                        key.key_id, key.tenant
+                    );
+                }
+            }
+        }
+        Command::Keys(Keys::Revoke { tenant, key_id }) => {
+            let revoked = oc.revoke_key(tenant, key_id).await?;
+            done(
+                out,
+                &[
+                    ("key_id", json!(revoked.key_id)),
+                    ("revoked", json!(revoked.revoked)),
+                    ("lsn", json!(revoked.lsn)),
+                ],
+            );
+        }
+        Command::Rows(Rows::Upsert {
+            tenant,
+            table,
+            rows,
+            idempotency_key,
+        }) => {
+            let mut batch = WriteBatch::default();
+            for row in objects(read_json_arg(rows)?, "row")? {
+                batch = batch.upsert(row);
+            }
+            write(&oc, out, tenant, table, batch, idempotency_key).await?;
+        }
+        Command::Rows(Rows::Delete {
+            tenant,
+            table,
+            keys,
+            idempotency_key,
+        }) => {
+            let mut batch = WriteBatch::default();
+            for key in objects(read_json_arg(keys)?, "key")? {
+                batch = batch.delete(key);
+            }
+            write(&oc, out, tenant, table, batch, idempotency_key).await?;
+        }
+        Command::Rows(Rows::Get { tenant, table, key }) => {
+            // Key parts go as text: the server reads each against its column's type.
+            let parts: Vec<Value> = key.iter().map(|k| json!(k)).collect();
+            match oc.get_row(tenant, table, &parts).await? {
+                Some(row) => match out {
+                    Output::Json => print_json(&json!({ "row": row })),
+                    Output::Table => {
+                        let names: Vec<&str> = row.keys().map(String::as_str).collect();
+                        print_table(&names, &[row.values().cloned().collect()]);
+                    }
+                },
+                None => {
+                    return Err(Failure {
+                        code: 5,
+                        message: format!("table {table:?} has no row with that key"),
+                    })
+                }
+            }
+        }
+        Command::Ask {
+            tenant,
+            sql,
+            params,
+            explain,
+        } => {
+            let params = params
+                .iter()
+                .map(|p| {
+                    serde_json::from_str(p).map_err(|e| {
+                        usage(format!(
+                            "--param {p:?} is not JSON (quote text: '\"x\"'): {e}"
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<Value>, Failure>>()?;
+            let answer = if *explain {
+                oc.ask_explain(tenant, sql, &params).await?
+            } else {
+                oc.ask(tenant, sql, &params).await?
+            };
+            print_answer(out, &answer);
+        }
+        Command::Usage { tenant } => {
+            let usage = oc.usage(tenant).await?;
+            match out {
+                Output::Json => print_json(&json!({
+                    "tenant": usage.tenant, "shard": usage.shard, "rows": usage.rows, "bytes": usage.bytes,
+                    "vectors": usage.vectors, "applied_lsn": usage.applied_lsn,
+                    "in_flight_requests": usage.in_flight_requests, "watch_streams": usage.watch_streams,
+                    "quotas": {"rows": usage.quotas.rows, "bytes": usage.quotas.bytes, "vectors": usage.quotas.vectors},
+                    "tables": usage.tables.iter().map(|(name, c)| (name.clone(), json!({"rows": c.rows, "bytes": c.bytes, "vectors": c.vectors}))).collect::<serde_json::Map<_, _>>(),
+                })),
+                Output::Table => {
+                    let mut rows: Vec<Vec<Value>> = usage
+                        .tables
+                        .iter()
+                        .map(|(name, c)| {
+                            vec![json!(name), json!(c.rows), json!(c.bytes), json!(c.vectors)]
+                        })
+                        .collect();
+                    rows.push(vec![
+                        json!("(total)"),
+                        json!(usage.rows),
+                        json!(usage.bytes),
+                        json!(usage.vectors),
+                    ]);
+                    rows.push(vec![
+                        json!("(quota)"),
+                        json!(usage.quotas.rows),
+                        json!(usage.quotas.bytes),
+                        json!(usage.quotas.vectors),
+                    ]);
+                    print_table(&["table", "rows", "bytes", "vectors"], &rows);
+                    println!(
+                        "tenant {} on shard {}, applied LSN {}, {} requests in flight, {} watch streams",
+                        usage.tenant, usage.shard, usage.applied_lsn, usage.in_flight_requests, usage.watch_streams
+                    );
+                }
+            }
+        }
+        Command::Watch {
+            tenant,
+            tables,
+            last_event_id,
+            from_lsn,
+            limit,
+        } => {
+            let options = WatchOptions {
+                tables: tables.clone(),
+                from_lsn: *from_lsn,
+                last_event_id: last_event_id.clone(),
+            };
+            let mut stream = oc.watch(tenant, &options).await?;
+            let mut seen = 0;
+            let stdout = std::io::stdout();
+            while let Some(event) = stream.next().await {
+                let event = event?;
+                let line = json!({"event": event.event, "data": event.data, "id": event.id});
+                let mut lock = stdout.lock();
+                if writeln!(lock, "{line}")
+                    .and_then(|()| lock.flush())
+                    .is_err()
+                {
+                    break; // the reader went away (a closed pipe)
+                }
+                seen += 1;
+                if limit.is_some_and(|l| seen >= l) {
+                    break;
+                }
+            }
+        }
+        Command::Audit {
+            tenant,
+            action,
+            since,
+            limit,
+        } => {
+            let page = oc
+                .audit_logs(&AuditQuery {
+                    since: since.clone(),
+                    after: None,
+                    tenant: tenant.clone(),
+                    action: action.clone(),
+                    limit: *limit,
+                })
+                .await?;
+            match out {
+                Output::Json => print_json(
+                    &json!({"entries": page.entries, "next_after": page.next_after, "problems": page.problems}),
+                ),
+                Output::Table => {
+                    let rows: Vec<Vec<Value>> = page
+                        .entries
+                        .iter()
+                        .map(|e| {
+                            vec![
+                                e["seq"].clone(),
+                                e["time"].clone(),
+                                e["actor"].clone(),
+                                e["action"].clone(),
+                                e["tenant"].clone(),
+                                e["target"].clone(),
+                                e["result"]["status"].clone(),
+                            ]
+                        })
+                        .collect();
+                    print_table(
+                        &[
+                            "seq", "time", "actor", "action", "tenant", "target", "status",
+                        ],
+                        &rows,
+                    );
+                }
+            }
+        }
+        Command::Status => {
+            let ops = client(&cli, &cli.ops_url)?;
+            let (_, health) = ops.get_json("/health").await?;
+            let (_, ready) = ops.get_json("/ready").await?;
+            let is_ready = ready["ready"] == json!(true);
+            match out {
+                Output::Json => print_json(&json!({"health": health, "ready": ready})),
+                Output::Table => {
+                    println!(
+                        "{} {} (commit {}), phase {}, {} shards, up {:.0} s",
+                        health["status"].as_str().unwrap_or("?"),
+                        health["version"].as_str().unwrap_or("?"),
+                        health["git_commit"].as_str().unwrap_or("?"),
+                        health["phase"].as_str().unwrap_or("?"),
+                        health["shards"],
+                        health["uptime_s"].as_f64().unwrap_or(0.0)
+                    );
+                    if is_ready {
+                        let rows: Vec<Vec<Value>> = ready["shards"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .map(|s| vec![s["shard"].clone(), s["applied_lsn"].clone()])
+                            .collect();
+                        print_table(&["shard", "applied LSN"], &rows);
+                    } else {
+                        for reason in ready["reasons"].as_array().into_iter().flatten() {
+                            println!("not ready: {}", reason.as_str().unwrap_or_default());
+                        }
+                    }
+                }
+            }
+            if !is_ready || health["status"] != json!("ok") {
+                return Err(Failure {
+                    code: 6,
+                    message: "the server is not ready".into(),
+                });
+            }
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(*shell, &mut Cli::command(), "oc", &mut std::io::stdout());
+        }
+    }
+    Ok(())
+}
+
+async fn write(
+    oc: &Client,
+    out: Output,
+    tenant: &str,
+    table: &str,
+    mut batch: WriteBatch,
+    idempotency_key: &Option<String>,
+) -> Result<(), Failure> {
+    if let Some(key) = idempotency_key {
+        batch = batch.idempotency_key(key.clone());
+    }
+    let outcome = oc.write_rows(tenant, table, batch).await?;
+    done(
+        out,
+        &[
+            ("inserted", json!(outcome.inserted)),
+            ("updated", json!(outcome.updated)),
+            ("deleted", json!(outcome.deleted)),
+            ("missing", json!(outcome.missing)),
+            ("lsn", json!(outcome.lsn)),
+        ],
+    );
+    Ok(())
+}
+
+/// A JSON argument, or stdin for `-`.
+fn read_json_arg(arg: &str) -> Result<Value, Failure> {
+    let text = if arg == "-" {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .map_err(|e| usage(format!("cannot read stdin: {e}")))?;
+        text
+    } else {
+        arg.to_string()
+    };
+    serde_json::from_str(&text).map_err(|e| usage(format!("not JSON: {e}")))
+}
+
+/// One object, or an array of objects.
+fn objects(value: Value, what: &str) -> Result<Vec<serde_json::Map<String, Value>>, Failure> {
+    let items = match value {
+        Value::Array(items) => items,
+        one => vec![one],
+    };
+    items
+        .into_iter()
+        .map(|item| match item {
+            Value::Object(map) => Ok(map),
+            other => Err(usage(format!("each {what} is a JSON object, not {other}"))),
+        })
+        .collect()
+}
+
+fn print_json(value: &Value) {
+    let text = if std::io::stdout().is_terminal() {
+        serde_json::to_string_pretty(value)
+    } else {
+        serde_json::to_string(value)
+    };
+    println!("{}", text.unwrap_or_default());
+}
+
+/// A one-line summary of a change (`name=value …`, in this order), or its JSON.
+fn done(out: Output, fields: &[(&str, Value)]) {
+    match out {
+        Output::Json => print_json(&Value::Object(
+            fields
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+        )),
+        Output::Table => {
+            let fields: Vec<String> = fields
+                .iter()
+                .map(|(k, v)| format!("{k}={}", cell(v)))
+                .collect();
+            println!("{}", fields.join(" "));
+        }
+    }
+}
+
+fn print_answer(out: Output, answer: &AskAnswer) {
+    match out {
+        Output::Json => {
+            let mut value = json!({
+                "columns": answer.columns, "rows": answer.rows,
+                "row_count": answer.row_count, "rows_scanned": answer.rows_scanned,
+            });
+            if let Some(plan) = &answer.plan {
+                value["plan"] = plan_json(plan);
+            }
+            print_json(&value);
+        }
+        Output::Table => {
+            let names: Vec<&str> = answer.columns.iter().map(String::as_str).collect();
+            print_table(&names, &answer.rows);
+            println!(
+                "({} row{}, {} scanned)",
+                answer.row_count,
+                if answer.row_count == 1 { "" } else { "s" },
+                answer.rows_scanned
+            );
+            if let Some(plan) = &answer.plan {
+                println!(
+                    "plan{} ({} µs): {}",
+                    if plan.cached { ", cached" } else { "" },
+                    plan.elapsed_us.unwrap_or(0),
+                    plan.normalized_sql
+                );
+                let mut stage = plan.root.as_ref();
+                let mut depth = 0;
+                while let Some(s) = stage {
+                    let figures = match (s.rows_in, s.rows_out, s.elapsed_us) {
+                        (Some(i), Some(o), Some(us)) => format!("  [{i} in, {o} out, {us} µs]"),
+                        _ => String::new(),
+                    };
+                    println!(
+                        "{}└─ {} {}{figures}",
+                        "   ".repeat(depth),
+                        s.stage,
+                        s.detail
+                    );
+                    stage = s.input.as_deref();
+                    depth += 1;
+                }
+            }
+        }
+    }
+}
+
+fn plan_json(plan: &oc_client::Plan) -> Value {
+    fn stage(s: &PlanStage) -> Value {
+        json!({
+            "stage": s.stage, "detail": s.detail, "rows_in": s.rows_in, "rows_out": s.rows_out,
+            "elapsed_us": s.elapsed_us, "input": s.input.as_deref().map(stage),
+        })
+    }
+    json!({
+        "cached": plan.cached, "normalized_sql": plan.normalized_sql,
+        "elapsed_us": plan.elapsed_us, "root": plan.root.as_ref().map(stage),
+    })
+}
+
+fn cell(value: &Value) -> String {
+    match value {
+        Value::Null => String::new(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// An aligned text table: numbers right-aligned, everything else left.
+fn print_table(header: &[&str], rows: &[Vec<Value>]) {
+    let cells: Vec<Vec<String>> = rows.iter().map(|r| r.iter().map(cell).collect()).collect();
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in &cells {
+        for (i, c) in row.iter().enumerate() {
+            if i < widths.len() {
+                widths[i] = widths[i].max(c.chars().count());
+            }
+        }
+    }
+    let line = |values: Vec<(String, bool)>| {
+        let parts: Vec<String> = values
+            .into_iter()
+            .enumerate()
+            .map(|(i, (v, right))| {
+                let pad = widths[i].saturating_sub(v.chars().count());
+                if right {
+                    format!("{}{v}", " ".repeat(pad))
+                } else {
+                    format!("{v}{}", " ".repeat(pad))
+                }
+            })
+            .collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(header.iter().map(|h| (h.to_string(), false)).collect());
+    line(widths.iter().map(|w| ("-".repeat(*w), false)).collect());
+    for (row, values) in cells.into_iter().zip(rows) {
+        line(
+            row.into_iter()
+                .zip(values)
+                .take(widths.len())
+                .map(|(c, v)| (c, v.is_number()))
+                .collect(),
+        );
+    }
+}

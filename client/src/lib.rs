@@ -1,0 +1,631 @@
+//! An async client of the oc HTTP API (docs/API.md, docs/openapi.yaml).
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), oc_client::Error> {
+//! use oc_client::{Client, TableSchema, WriteBatch};
+//! use serde_json::json;
+//!
+//! let oc = Client::builder("http://127.0.0.1:7070").token("…").build()?;
+//! oc.create_tenant("acme").await?;
+//! let items = TableSchema::new("items", &[("id", "int"), ("name", "text")], &["id"]);
+//! oc.create_table("acme", &items).await?;
+//! let row = json!({"id": 1, "name": "one"}).as_object().cloned().unwrap_or_default();
+//! oc.write_rows("acme", "items", WriteBatch::default().upsert(row)).await?;
+//! let answer = oc.ask("acme", "SELECT name FROM items WHERE id = $1", &[json!(1)]).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Calls retry what is safe to retry: reads, and anything the server refused without
+//! taking it (`429`, `503 overloaded`/`shard_unavailable`), after the server's
+//! `Retry-After`. A write whose outcome is unknown (`503 deadline_exceeded`, a dropped
+//! connection) is sent again only with its idempotency key; the client gives every
+//! write batch one when retries are on and the caller set none, so a retried write
+//! applies once. Operator actions (tenants, tables, keys) are not retried once they
+//! may have run.
+//!
+//! Not built yet: following `421 not_leader` to the writer and `min_lsn` reads (they
+//! come with replication).
+#![deny(clippy::expect_used)]
+
+mod error;
+mod types;
+mod watch;
+
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+
+pub use error::{Error, ErrorClass, ErrorCode};
+pub use types::*;
+pub use watch::{WatchEvent, WatchOptions, WatchStream};
+
+/// Path segments are percent-encoded with everything but RFC 3986's unreserved
+/// characters, so a key holding `/`, `%`, `?` or a space reaches the server intact.
+const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+fn segment(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, SEGMENT).to_string()
+}
+
+/// How calls are retried.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included (1 = never retry).
+    pub attempts: u32,
+    /// Wait before the first retry when the server names no `Retry-After`; doubled
+    /// per retry.
+    pub backoff: Duration,
+    /// The longest wait between attempts, whatever `Retry-After` says.
+    pub max_wait: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: 4,
+            backoff: Duration::from_millis(100),
+            max_wait: Duration::from_secs(5),
+        }
+    }
+}
+
+pub struct ClientBuilder {
+    base: String,
+    token: Option<String>,
+    ca_pem: Option<Vec<u8>>,
+    timeout: Duration,
+    retry: RetryPolicy,
+}
+
+impl ClientBuilder {
+    /// Bearer token: the admin token or a tenant's API key.
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// Trusts this PEM certificate (a private CA or a self-signed server) on top of
+    /// the public roots.
+    pub fn ca_cert_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.ca_pem = Some(pem.into());
+        self
+    }
+
+    /// Per-request timeout (default 30 s). Streams (`watch`) have none.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    pub fn retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    pub fn build(self) -> Result<Client, Error> {
+        let base = self.base.trim_end_matches('/').to_string();
+        let url = reqwest::Url::parse(&base)
+            .map_err(|e| Error::InvalidArgument(format!("server URL {base:?}: {e}")))?;
+        if url.scheme() != "http" && url.scheme() != "https" {
+            return Err(Error::InvalidArgument(format!(
+                "server URL {base:?} must start with http:// or https://"
+            )));
+        }
+        let mut http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .user_agent(concat!("oc-client/", env!("CARGO_PKG_VERSION")));
+        if let Some(pem) = &self.ca_pem {
+            let cert = reqwest::Certificate::from_pem(pem)
+                .map_err(|e| Error::InvalidArgument(format!("CA certificate: {e}")))?;
+            http = http.add_root_certificate(cert);
+        }
+        Ok(Client {
+            http: http.build()?,
+            base,
+            token: self.token,
+            timeout: self.timeout,
+            retry: self.retry,
+        })
+    }
+}
+
+/// A connection pool to one oc server. Cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+    timeout: Duration,
+    retry: RetryPolicy,
+}
+
+/// Whether a call may be sent again once it might have run.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Replay {
+    /// A read, or a write carrying an idempotency key.
+    Safe,
+    /// An operator action: retried only when the server did not take it.
+    Unsafe,
+}
+
+impl Client {
+    pub fn builder(base_url: impl Into<String>) -> ClientBuilder {
+        ClientBuilder {
+            base: base_url.into(),
+            token: None,
+            ca_pem: None,
+            timeout: Duration::from_secs(30),
+            retry: RetryPolicy::default(),
+        }
+    }
+
+    /// The server's base URL, as given.
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    // --- tenants ---
+
+    pub async fn create_tenant(&self, tenant: &str) -> Result<TenantCreated, Error> {
+        let body = json!({ "tenant": tenant });
+        self.call(Method::POST, "/v1/tenants", Some(&body), Replay::Unsafe)
+            .await
+    }
+
+    pub async fn list_tenants(&self) -> Result<Vec<String>, Error> {
+        #[derive(serde::Deserialize)]
+        struct List {
+            tenants: Vec<String>,
+        }
+        let list: List = self.get("/v1/tenants").await?;
+        Ok(list.tenants)
+    }
+
+    pub async fn usage(&self, tenant: &str) -> Result<Usage, Error> {
+        self.get(&format!("/v1/tenants/{}/usage", segment(tenant)))
+            .await
+    }
+
+    pub async fn drop_tenant(&self, tenant: &str) -> Result<Dropped, Error> {
+        let path = format!("/v1/tenants/{}", segment(tenant));
+        self.call(Method::DELETE, &path, None, Replay::Unsafe).await
+    }
+
+    // --- API keys ---
+
+    pub async fn create_key(&self, tenant: &str, name: Option<&str>) -> Result<KeyCreated, Error> {
+        let path = format!("/v1/tenants/{}/keys", segment(tenant));
+        let body = match name {
+            Some(name) => json!({ "name": name }),
+            None => json!({}),
+        };
+        self.call(Method::POST, &path, Some(&body), Replay::Unsafe)
+            .await
+    }
+
+    pub async fn list_keys(&self, tenant: &str) -> Result<Vec<KeyInfo>, Error> {
+        #[derive(serde::Deserialize)]
+        struct List {
+            keys: Vec<KeyInfo>,
+        }
+        let list: List = self
+            .get(&format!("/v1/tenants/{}/keys", segment(tenant)))
+            .await?;
+        Ok(list.keys)
+    }
+
+    pub async fn revoke_key(&self, tenant: &str, key_id: &str) -> Result<KeyRevoked, Error> {
+        let path = format!("/v1/tenants/{}/keys/{}", segment(tenant), segment(key_id));
+        self.call(Method::DELETE, &path, None, Replay::Unsafe).await
+    }
+
+    // --- tables ---
+
+    pub async fn create_table(
+        &self,
+        tenant: &str,
+        schema: &TableSchema,
+    ) -> Result<TableCreated, Error> {
+        let path = format!("/v1/tenants/{}/tables", segment(tenant));
+        let body = serde_json::to_value(schema).map_err(|e| Error::Decode(e.to_string()))?;
+        self.call(Method::POST, &path, Some(&body), Replay::Unsafe)
+            .await
+    }
+
+    pub async fn list_tables(&self, tenant: &str) -> Result<Vec<TableInfo>, Error> {
+        #[derive(serde::Deserialize)]
+        struct List {
+            tables: Vec<TableInfo>,
+        }
+        let list: List = self
+            .get(&format!("/v1/tenants/{}/tables", segment(tenant)))
+            .await?;
+        Ok(list.tables)
+    }
+
+    pub async fn describe_table(&self, tenant: &str, table: &str) -> Result<TableInfo, Error> {
+        self.get(&format!(
+            "/v1/tenants/{}/tables/{}",
+            segment(tenant),
+            segment(table)
+        ))
+        .await
+    }
+
+    pub async fn drop_table(&self, tenant: &str, table: &str) -> Result<Dropped, Error> {
+        let path = format!("/v1/tenants/{}/tables/{}", segment(tenant), segment(table));
+        self.call(Method::DELETE, &path, None, Replay::Unsafe).await
+    }
+
+    // --- rows ---
+
+    /// Writes a batch atomically; answers once it is durable. With retries on, a
+    /// batch without an idempotency key gets a random one, so a retry after an
+    /// unknown outcome applies it at most once.
+    pub async fn write_rows(
+        &self,
+        tenant: &str,
+        table: &str,
+        batch: WriteBatch,
+    ) -> Result<WriteOutcome, Error> {
+        let (body, replay) = self.prepare(batch)?;
+        let path = format!(
+            "/v1/tenants/{}/tables/{}/rows",
+            segment(tenant),
+            segment(table)
+        );
+        self.call(Method::POST, &path, Some(&body), replay).await
+    }
+
+    /// The body of a write, with an idempotency key when it may be retried, and
+    /// whether it may be sent again.
+    fn prepare(&self, mut batch: WriteBatch) -> Result<(Value, Replay), Error> {
+        if batch.idempotency_key.is_none() && self.retry.attempts > 1 {
+            batch.idempotency_key = Some(random_idempotency_key()?);
+        }
+        let body = serde_json::to_value(&batch).map_err(|e| Error::Decode(e.to_string()))?;
+        let replay = if batch.idempotency_key.is_some() {
+            Replay::Safe
+        } else {
+            Replay::Unsafe
+        };
+        Ok((body, replay))
+    }
+
+    /// The row with this primary key (one value per key column, in key order), or
+    /// `None`.
+    pub async fn get_row(
+        &self,
+        tenant: &str,
+        table: &str,
+        key: &[Value],
+    ) -> Result<Option<Row>, Error> {
+        if key.is_empty() {
+            return Err(Error::InvalidArgument(
+                "a row key needs one value per primary-key column".into(),
+            ));
+        }
+        let mut path = format!(
+            "/v1/tenants/{}/tables/{}/rows",
+            segment(tenant),
+            segment(table)
+        );
+        for part in key {
+            let text = match part {
+                Value::String(s) => s.clone(),
+                Value::Number(n) => n.to_string(),
+                Value::Bool(b) => b.to_string(),
+                other => {
+                    return Err(Error::InvalidArgument(format!(
+                        "a key value is text, a number or a bool, not {other}"
+                    )))
+                }
+            };
+            path.push('/');
+            path.push_str(&segment(&text));
+        }
+        #[derive(serde::Deserialize)]
+        struct Found {
+            row: Row,
+        }
+        match self.get::<Found>(&path).await {
+            Ok(found) => Ok(Some(found.row)),
+            Err(e) if e.code() == Some(&ErrorCode::RowNotFound) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    // --- /ask ---
+
+    /// Runs one SELECT; `params` fill `$1`, `$2`, ….
+    pub async fn ask(&self, tenant: &str, sql: &str, params: &[Value]) -> Result<AskAnswer, Error> {
+        self.ask_with(tenant, sql, params, false).await
+    }
+
+    /// As [`Client::ask`], with the plan and its per-stage figures in `plan`.
+    pub async fn ask_explain(
+        &self,
+        tenant: &str,
+        sql: &str,
+        params: &[Value],
+    ) -> Result<AskAnswer, Error> {
+        self.ask_with(tenant, sql, params, true).await
+    }
+
+    async fn ask_with(
+        &self,
+        tenant: &str,
+        sql: &str,
+        params: &[Value],
+        explain: bool,
+    ) -> Result<AskAnswer, Error> {
+        let path = format!(
+            "/v1/tenants/{}/ask{}",
+            segment(tenant),
+            if explain { "?explain=true" } else { "" }
+        );
+        let body = json!({ "sql": sql, "params": params });
+        self.call(Method::POST, &path, Some(&body), Replay::Safe)
+            .await
+    }
+
+    // --- /watch ---
+
+    /// Mints a token that opens this tenant's streams (`ttl_s`: 1–3600, default 300).
+    pub async fn create_watch_token(
+        &self,
+        tenant: &str,
+        ttl_s: Option<u64>,
+    ) -> Result<WatchToken, Error> {
+        let path = format!("/v1/tenants/{}/watch-tokens", segment(tenant));
+        let body = match ttl_s {
+            Some(ttl) => json!({ "ttl_s": ttl }),
+            None => json!({}),
+        };
+        self.call(Method::POST, &path, Some(&body), Replay::Unsafe)
+            .await
+    }
+
+    /// Opens the tenant's change stream (docs/API.md, "Change streams").
+    pub async fn watch(&self, tenant: &str, options: &WatchOptions) -> Result<WatchStream, Error> {
+        let mut path = format!("/v1/tenants/{}/watch", segment(tenant));
+        let mut query = Vec::new();
+        if let Some(tables) = &options.tables {
+            query.push(format!("tables={}", segment(&tables.join(","))));
+        }
+        if let Some(lsn) = options.from_lsn {
+            query.push(format!("from_lsn={lsn}"));
+        }
+        if !query.is_empty() {
+            path = format!("{path}?{}", query.join("&"));
+        }
+        let mut request = self.request(Method::GET, &path);
+        if let Some(id) = &options.last_event_id {
+            request = request.header("last-event-id", id);
+        }
+        let response = request.send().await?;
+        let response = check(response).await?;
+        Ok(WatchStream::new(response))
+    }
+
+    // --- operator ---
+
+    pub async fn audit_logs(&self, query: &AuditQuery) -> Result<AuditPage, Error> {
+        let mut parts = Vec::new();
+        if let Some(since) = &query.since {
+            parts.push(format!("since={}", segment(since)));
+        }
+        if let Some(after) = query.after {
+            parts.push(format!("after={after}"));
+        }
+        if let Some(tenant) = &query.tenant {
+            parts.push(format!("tenant={}", segment(tenant)));
+        }
+        if let Some(action) = &query.action {
+            parts.push(format!("action={}", segment(action)));
+        }
+        if let Some(limit) = query.limit {
+            parts.push(format!("limit={limit}"));
+        }
+        let path = if parts.is_empty() {
+            "/v1/audit/logs".to_string()
+        } else {
+            format!("/v1/audit/logs?{}", parts.join("&"))
+        };
+        self.get(&path).await
+    }
+
+    /// The server's API contract (OpenAPI 3.1).
+    pub async fn openapi(&self) -> Result<Value, Error> {
+        self.get("/v1/openapi.json").await
+    }
+
+    /// A JSON GET answered with its status whatever it is: `/health` and `/ready`
+    /// of an ops listener answer 503 with a body worth reading.
+    pub async fn get_json(&self, path: &str) -> Result<(u16, Value), Error> {
+        let response = self
+            .request(Method::GET, path)
+            .timeout(self.timeout)
+            .send()
+            .await?;
+        let status = response.status().as_u16();
+        let bytes = response.bytes().await?;
+        let body = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::Decode(format!("GET {path}: {e}")))?;
+        Ok((status, body))
+    }
+
+    // --- plumbing ---
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, Error> {
+        self.call(Method::GET, path, None, Replay::Safe).await
+    }
+
+    fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        let mut request = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        request
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        replay: Replay,
+    ) -> Result<T, Error> {
+        let mut attempt = 1;
+        loop {
+            let mut request = self.request(method.clone(), path).timeout(self.timeout);
+            if let Some(body) = body {
+                request = request.json(body);
+            }
+            let outcome = match request.send().await {
+                Ok(response) => match check(response).await {
+                    Ok(response) => {
+                        let bytes = response.bytes().await?;
+                        return serde_json::from_slice(&bytes)
+                            .map_err(|e| Error::Decode(format!("{method} {path}: {e}")));
+                    }
+                    Err(e) => e,
+                },
+                Err(e) => Error::Transport(e),
+            };
+            if attempt >= self.retry.attempts || !retryable(&outcome, replay) {
+                return Err(outcome);
+            }
+            let backoff = self.retry.backoff * 2u32.saturating_pow(attempt - 1);
+            let wait = match &outcome {
+                Error::Api {
+                    retry_after: Some(after),
+                    ..
+                } => *after,
+                _ => backoff,
+            };
+            tokio::time::sleep(wait.min(self.retry.max_wait)).await;
+            attempt += 1;
+        }
+    }
+}
+
+/// Whether `error` may be answered by sending the same request again.
+fn retryable(error: &Error, replay: Replay) -> bool {
+    match error {
+        Error::Api { code, status, .. } => {
+            code.not_taken()
+                || (replay == Replay::Safe
+                    && (code.outcome_unknown() || *status == StatusCode::BAD_GATEWAY.as_u16()))
+        }
+        // A refused connection never reached the server; anything later may have.
+        Error::Transport(e) => e.is_connect() || replay == Replay::Safe,
+        Error::Decode(_) | Error::InvalidArgument(_) => false,
+    }
+}
+
+/// The response when it is a success, else its error body as [`Error::Api`].
+async fn check(response: reqwest::Response) -> Result<reqwest::Response, Error> {
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    let retry_after = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let header_request_id = response
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let text = response.text().await.unwrap_or_default();
+    let body: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+    let error = &body["error"];
+    let field = |name: &str| error[name].as_str().map(str::to_string);
+    Err(Error::Api {
+        status: status.as_u16(),
+        code: ErrorCode::parse(
+            &field("code").unwrap_or_else(|| format!("http_{}", status.as_u16())),
+        ),
+        message: field("message").unwrap_or_else(|| text.chars().take(200).collect()),
+        request_id: field("request_id")
+            .filter(|id| !id.is_empty())
+            .or(header_request_id)
+            .unwrap_or_default(),
+        retry_after,
+    })
+}
+
+fn random_idempotency_key() -> Result<String, Error> {
+    let mut bytes = [0u8; 16];
+    getrandom::getrandom(&mut bytes).map_err(|e| {
+        Error::InvalidArgument(format!("no randomness for an idempotency key: {e}"))
+    })?;
+    Ok(format!(
+        "oc-client-{}",
+        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_segments_are_percent_encoded() {
+        assert_eq!(segment("user 1/ä?%"), "user%201%2F%C3%A4%3F%25");
+        assert_eq!(segment("plain-key_1.x~"), "plain-key_1.x~");
+    }
+
+    #[test]
+    fn a_retried_write_carries_one_idempotency_key() {
+        let client = |attempts| {
+            Client::builder("http://127.0.0.1:1")
+                .retry(RetryPolicy {
+                    attempts,
+                    ..RetryPolicy::default()
+                })
+                .build()
+                .expect("client")
+        };
+        let batch = WriteBatch::default();
+        let (body, replay) = client(4).prepare(batch.clone()).expect("prepared");
+        assert!(body["idempotency_key"]
+            .as_str()
+            .is_some_and(|k| k.len() == 42));
+        assert!(replay == Replay::Safe);
+        let (body, replay) = client(1).prepare(batch.clone()).expect("prepared");
+        assert!(body.get("idempotency_key").is_none());
+        assert!(replay == Replay::Unsafe);
+        let (body, _) = client(4)
+            .prepare(batch.idempotency_key("mine"))
+            .expect("prepared");
+        assert_eq!(body["idempotency_key"], "mine", "the caller's key is kept");
+    }
+
+    #[test]
+    fn only_safe_calls_are_retried_after_an_unknown_outcome() {
+        let api = |code: &str, status| Error::Api {
+            status,
+            code: ErrorCode::parse(code),
+            message: String::new(),
+            request_id: String::new(),
+            retry_after: None,
+        };
+        assert!(retryable(&api("rate_limited", 429), Replay::Unsafe));
+        assert!(retryable(&api("overloaded", 503), Replay::Unsafe));
+        assert!(!retryable(&api("deadline_exceeded", 503), Replay::Unsafe));
+        assert!(retryable(&api("deadline_exceeded", 503), Replay::Safe));
+        assert!(!retryable(&api("invalid_row", 400), Replay::Safe));
+        assert!(!retryable(&api("internal", 500), Replay::Safe));
+    }
+}
