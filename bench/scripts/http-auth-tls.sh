@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The cost of an API key and of TLS on the HTTP path, in one run: oc-bench http against
 # four fresh servers (plain; admin token with the load on an API key; TLS; TLS with an
-# API key), in the order A B C D D C B A so drift on a shared machine falls on every
-# configuration alike. Writes <out>/http-<config>-<round>.json and prints the ratios.
+# API key), in rounds of A B C D, D C B A, … so drift on a shared machine falls on
+# every configuration alike. Writes <out>/http-<config>-<round>.json and prints the
+# medians and their ratios to plain. ROUNDS (default 3) sets the number of rounds.
 #
 #   bench/scripts/http-auth-tls.sh <dir on ext4/xfs> <out dir> [rate] [seconds]
 set -euo pipefail
@@ -14,9 +15,12 @@ bin=${OC_BIN:-target/release}
 mkdir -p "$dir" "$out"
 
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
-  -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 \
+  -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 -addext basicConstraints=critical,CA:FALSE \
   -keyout "$dir/key.pem" -out "$dir/cert.pem" 2>/dev/null
 printf 'bench-admin-token-0123456789abcdef' > "$dir/admin-token"
+
+server_pid=
+trap '[ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null' EXIT
 
 run() { # config round
   local config=$1 round=$2 data="$dir/data-$1-$2" scheme=http
@@ -33,26 +37,31 @@ run() { # config round
   esac
   rm -rf "$data"
   "$bin/oc-server" "${server_args[@]}" >"$dir/server.log" 2>&1 &
-  local pid=$!
+  server_pid=$!
   for _ in $(seq 100); do curl -sf 127.0.0.1:17081/ready >/dev/null && break; sleep 0.1; done
   "$bin/oc-bench" http --url "$scheme://127.0.0.1:17080" --rate "$rate" --seconds "$seconds" \
     --rows 20000 "${bench_args[@]}" --json "$out/http-$config-$round.json" >/dev/null
-  kill "$pid"; wait "$pid" || true
+  kill "$server_pid"; wait "$server_pid" || true
+  server_pid=
   rm -rf "$data"
 }
 
-round=1
-for config in plain auth tls tls-auth tls-auth tls auth plain; do
-  echo "== $config (round $round)"
-  run "$config" "$round"
-  [ "$config" = tls-auth ] && round=2
+rounds=${ROUNDS:-3}
+for round in $(seq "$rounds"); do
+  order="plain auth tls tls-auth"
+  [ $((round % 2)) = 0 ] && order="tls-auth tls auth plain"
+  for config in $order; do
+    echo "== $config (round $round)"
+    run "$config" "$round"
+  done
 done
 
-python3 - "$out" <<'PY'
+python3 - "$out" "$rounds" <<'PY'
 import json, sys, statistics
-out = sys.argv[1]
+out, rounds = sys.argv[1], int(sys.argv[2])
+# The median over rounds: one disturbed round on a shared machine does not move it.
 def p(config, op, q):
-    return statistics.mean(json.load(open(f"{out}/http-{config}-{r}.json"))[op][q] for r in (1, 2))
+    return statistics.median(json.load(open(f"{out}/http-{config}-{r}.json"))[op][q] for r in range(1, rounds + 1))
 print("| config | read p50 µs | read p99 µs | write p50 µs | write p99 µs | read p99 / plain | write p99 / plain |")
 print("|---|---:|---:|---:|---:|---:|---:|")
 for c in ["plain", "auth", "tls", "tls-auth"]:

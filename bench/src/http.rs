@@ -103,7 +103,10 @@ pub(crate) struct Target {
     /// Sent as `Authorization: Bearer` on every request, when set.
     bearer: Option<String>,
     /// Set for `https://`: the TLS client and the name the certificate must carry.
-    tls: Option<(futures_rustls::TlsConnector, rustls_pki_types::ServerName<'static>)>,
+    tls: Option<(
+        futures_rustls::TlsConnector,
+        rustls_pki_types::ServerName<'static>,
+    )>,
 }
 
 pub(crate) fn parse_url(url: &str) -> Result<Target> {
@@ -138,7 +141,10 @@ pub(crate) fn parse_url_trusting(url: &str, ca_cert: Option<&std::path::Path>) -
 fn tls_connector(
     pem: &std::path::Path,
     host: &str,
-) -> Result<(futures_rustls::TlsConnector, rustls_pki_types::ServerName<'static>)> {
+) -> Result<(
+    futures_rustls::TlsConnector,
+    rustls_pki_types::ServerName<'static>,
+)> {
     use futures_rustls::rustls;
     use rustls_pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();

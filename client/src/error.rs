@@ -19,6 +19,9 @@ pub enum Error {
     /// No answer: the connection failed, timed out or TLS was refused.
     #[error("transport: {}", chain(.0))]
     Transport(#[from] reqwest::Error),
+    /// The server did not answer within the client's timeout.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
     /// An answer that is not what the contract says (a bug on one side).
     #[error("unexpected answer: {0}")]
     Decode(String),
@@ -68,7 +71,7 @@ impl Error {
                 (400..=499, _) => ErrorClass::Invalid,
                 _ => ErrorClass::Server,
             },
-            Error::Transport(_) => ErrorClass::Unavailable,
+            Error::Transport(_) | Error::Timeout(_) => ErrorClass::Unavailable,
             Error::Decode(_) => ErrorClass::Server,
             Error::InvalidArgument(_) => ErrorClass::Invalid,
         }
@@ -213,7 +216,7 @@ impl ErrorCode {
         use ErrorCode::*;
         matches!(
             self,
-            RateLimited | TenantBusy | Overloaded | ShardUnavailable | TooManyConnections
+            RateLimited | TenantBusy | Overloaded | TooManyConnections
         )
     }
 
@@ -223,7 +226,8 @@ impl ErrorCode {
         use ErrorCode::*;
         matches!(
             self,
-            DeadlineExceeded | StorageFull | OutOfDescriptors | LogFailed
+            // shard_unavailable: the owner shard did not take *or did not answer*.
+            DeadlineExceeded | ShardUnavailable | StorageFull | OutOfDescriptors | LogFailed
         )
     }
 }

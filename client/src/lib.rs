@@ -16,12 +16,13 @@
 //! ```
 //!
 //! Calls retry what is safe to retry: reads, and anything the server refused without
-//! taking it (`429`, `503 overloaded`/`shard_unavailable`), after the server's
-//! `Retry-After`. A write whose outcome is unknown (`503 deadline_exceeded`, a dropped
-//! connection) is sent again only with its idempotency key; the client gives every
-//! write batch one when retries are on and the caller set none, so a retried write
-//! applies once. Operator actions (tenants, tables, keys) are not retried once they
-//! may have run.
+//! taking it (`429`, `503 overloaded`, `too_many_connections`, a refused connection),
+//! after the server's `Retry-After` (giving up when it asks for more than
+//! [`RetryPolicy::max_wait`]). A write whose outcome is unknown (`503
+//! deadline_exceeded` or `shard_unavailable`, a dropped connection) is sent again only
+//! when it carries an idempotency key: set one on every write that must not apply
+//! twice. Operator actions (tenants, tables, keys) are never sent again once they may
+//! have run.
 //!
 //! Not built yet: following `421 not_leader` to the writer and `min_lsn` reads (they
 //! come with replication).
@@ -49,7 +50,20 @@ const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
     .remove(b'_')
     .remove(b'~');
 
-fn segment(s: &str) -> String {
+/// `s` as one path segment. Empty, `.` and `..` are refused: URL normalization would
+/// drop or climb over them, sending the request to another route (a `DELETE` of
+/// table `..` would reach the tenant).
+fn segment(s: &str) -> Result<String, Error> {
+    if s.is_empty() || s == "." || s == ".." {
+        return Err(Error::InvalidArgument(format!(
+            "{s:?} cannot be a path segment (a name or key part)"
+        )));
+    }
+    Ok(encode(s))
+}
+
+/// `s` percent-encoded for a path segment or a query value.
+fn encode(s: &str) -> String {
     percent_encoding::utf8_percent_encode(s, SEGMENT).to_string()
 }
 
@@ -61,7 +75,8 @@ pub struct RetryPolicy {
     /// Wait before the first retry when the server names no `Retry-After`; doubled
     /// per retry.
     pub backoff: Duration,
-    /// The longest wait between attempts, whatever `Retry-After` says.
+    /// The longest wait between attempts: a `Retry-After` asking for more ends the
+    /// retries with that error, so the caller decides.
     pub max_wait: Duration,
 }
 
@@ -125,8 +140,11 @@ impl ClientBuilder {
                 .map_err(|e| Error::InvalidArgument(format!("CA certificate: {e}")))?;
             http = http.add_root_certificate(cert);
         }
+        let http = http
+            .build()
+            .map_err(|e| Error::InvalidArgument(format!("HTTP client: {e}")))?;
         Ok(Client {
-            http: http.build()?,
+            http,
             base,
             token: self.token,
             timeout: self.timeout,
@@ -188,19 +206,19 @@ impl Client {
     }
 
     pub async fn usage(&self, tenant: &str) -> Result<Usage, Error> {
-        self.get(&format!("/v1/tenants/{}/usage", segment(tenant)))
+        self.get(&format!("/v1/tenants/{}/usage", segment(tenant)?))
             .await
     }
 
     pub async fn drop_tenant(&self, tenant: &str) -> Result<Dropped, Error> {
-        let path = format!("/v1/tenants/{}", segment(tenant));
+        let path = format!("/v1/tenants/{}", segment(tenant)?);
         self.call(Method::DELETE, &path, None, Replay::Unsafe).await
     }
 
     // --- API keys ---
 
     pub async fn create_key(&self, tenant: &str, name: Option<&str>) -> Result<KeyCreated, Error> {
-        let path = format!("/v1/tenants/{}/keys", segment(tenant));
+        let path = format!("/v1/tenants/{}/keys", segment(tenant)?);
         let body = match name {
             Some(name) => json!({ "name": name }),
             None => json!({}),
@@ -215,13 +233,13 @@ impl Client {
             keys: Vec<KeyInfo>,
         }
         let list: List = self
-            .get(&format!("/v1/tenants/{}/keys", segment(tenant)))
+            .get(&format!("/v1/tenants/{}/keys", segment(tenant)?))
             .await?;
         Ok(list.keys)
     }
 
     pub async fn revoke_key(&self, tenant: &str, key_id: &str) -> Result<KeyRevoked, Error> {
-        let path = format!("/v1/tenants/{}/keys/{}", segment(tenant), segment(key_id));
+        let path = format!("/v1/tenants/{}/keys/{}", segment(tenant)?, segment(key_id)?);
         self.call(Method::DELETE, &path, None, Replay::Unsafe).await
     }
 
@@ -232,9 +250,21 @@ impl Client {
         tenant: &str,
         schema: &TableSchema,
     ) -> Result<TableCreated, Error> {
-        let path = format!("/v1/tenants/{}/tables", segment(tenant));
+        let path = format!("/v1/tenants/{}/tables", segment(tenant)?);
         let body = serde_json::to_value(schema).map_err(|e| Error::Decode(e.to_string()))?;
         self.call(Method::POST, &path, Some(&body), Replay::Unsafe)
+            .await
+    }
+
+    /// As [`Client::create_table`], with the schema as JSON sent as given: the server
+    /// refuses unknown fields, where [`TableSchema`] would drop them.
+    pub async fn create_table_json(
+        &self,
+        tenant: &str,
+        schema: &Value,
+    ) -> Result<TableCreated, Error> {
+        let path = format!("/v1/tenants/{}/tables", segment(tenant)?);
+        self.call(Method::POST, &path, Some(schema), Replay::Unsafe)
             .await
     }
 
@@ -244,7 +274,7 @@ impl Client {
             tables: Vec<TableInfo>,
         }
         let list: List = self
-            .get(&format!("/v1/tenants/{}/tables", segment(tenant)))
+            .get(&format!("/v1/tenants/{}/tables", segment(tenant)?))
             .await?;
         Ok(list.tables)
     }
@@ -252,43 +282,44 @@ impl Client {
     pub async fn describe_table(&self, tenant: &str, table: &str) -> Result<TableInfo, Error> {
         self.get(&format!(
             "/v1/tenants/{}/tables/{}",
-            segment(tenant),
-            segment(table)
+            segment(tenant)?,
+            segment(table)?
         ))
         .await
     }
 
     pub async fn drop_table(&self, tenant: &str, table: &str) -> Result<Dropped, Error> {
-        let path = format!("/v1/tenants/{}/tables/{}", segment(tenant), segment(table));
+        let path = format!(
+            "/v1/tenants/{}/tables/{}",
+            segment(tenant)?,
+            segment(table)?
+        );
         self.call(Method::DELETE, &path, None, Replay::Unsafe).await
     }
 
     // --- rows ---
 
-    /// Writes a batch atomically; answers once it is durable. With retries on, a
-    /// batch without an idempotency key gets a random one, so a retry after an
-    /// unknown outcome applies it at most once.
+    /// Writes a batch atomically; answers once it is durable. A batch with an
+    /// idempotency key is sent again after an unknown outcome (a timeout, a dropped
+    /// connection, `503 deadline_exceeded`); one without is retried only when the
+    /// server did not take it.
     pub async fn write_rows(
         &self,
         tenant: &str,
         table: &str,
         batch: WriteBatch,
     ) -> Result<WriteOutcome, Error> {
-        let (body, replay) = self.prepare(batch)?;
+        let (body, replay) = Self::prepare(batch)?;
         let path = format!(
             "/v1/tenants/{}/tables/{}/rows",
-            segment(tenant),
-            segment(table)
+            segment(tenant)?,
+            segment(table)?
         );
         self.call(Method::POST, &path, Some(&body), replay).await
     }
 
-    /// The body of a write, with an idempotency key when it may be retried, and
-    /// whether it may be sent again.
-    fn prepare(&self, mut batch: WriteBatch) -> Result<(Value, Replay), Error> {
-        if batch.idempotency_key.is_none() && self.retry.attempts > 1 {
-            batch.idempotency_key = Some(random_idempotency_key()?);
-        }
+    /// The body of a write, and whether it may be sent again once it may have run.
+    fn prepare(batch: WriteBatch) -> Result<(Value, Replay), Error> {
         let body = serde_json::to_value(&batch).map_err(|e| Error::Decode(e.to_string()))?;
         let replay = if batch.idempotency_key.is_some() {
             Replay::Safe
@@ -313,8 +344,8 @@ impl Client {
         }
         let mut path = format!(
             "/v1/tenants/{}/tables/{}/rows",
-            segment(tenant),
-            segment(table)
+            segment(tenant)?,
+            segment(table)?
         );
         for part in key {
             let text = match part {
@@ -328,7 +359,7 @@ impl Client {
                 }
             };
             path.push('/');
-            path.push_str(&segment(&text));
+            path.push_str(&segment(&text)?);
         }
         #[derive(serde::Deserialize)]
         struct Found {
@@ -367,7 +398,7 @@ impl Client {
     ) -> Result<AskAnswer, Error> {
         let path = format!(
             "/v1/tenants/{}/ask{}",
-            segment(tenant),
+            segment(tenant)?,
             if explain { "?explain=true" } else { "" }
         );
         let body = json!({ "sql": sql, "params": params });
@@ -383,7 +414,7 @@ impl Client {
         tenant: &str,
         ttl_s: Option<u64>,
     ) -> Result<WatchToken, Error> {
-        let path = format!("/v1/tenants/{}/watch-tokens", segment(tenant));
+        let path = format!("/v1/tenants/{}/watch-tokens", segment(tenant)?);
         let body = match ttl_s {
             Some(ttl) => json!({ "ttl_s": ttl }),
             None => json!({}),
@@ -394,13 +425,16 @@ impl Client {
 
     /// Opens the tenant's change stream (docs/API.md, "Change streams").
     pub async fn watch(&self, tenant: &str, options: &WatchOptions) -> Result<WatchStream, Error> {
-        let mut path = format!("/v1/tenants/{}/watch", segment(tenant));
+        let mut path = format!("/v1/tenants/{}/watch", segment(tenant)?);
         let mut query = Vec::new();
         if let Some(tables) = &options.tables {
-            query.push(format!("tables={}", segment(&tables.join(","))));
+            query.push(format!("tables={}", encode(&tables.join(","))));
         }
         if let Some(lsn) = options.from_lsn {
             query.push(format!("from_lsn={lsn}"));
+        }
+        if let Some(token) = &options.token {
+            query.push(format!("token={}", encode(token)));
         }
         if !query.is_empty() {
             path = format!("{path}?{}", query.join("&"));
@@ -409,7 +443,10 @@ impl Client {
         if let Some(id) = &options.last_event_id {
             request = request.header("last-event-id", id);
         }
-        let response = request.send().await?;
+        // The stream itself has no deadline; its head does.
+        let response = tokio::time::timeout(self.timeout, request.send())
+            .await
+            .map_err(|_| Error::Timeout(self.timeout))??;
         let response = check(response).await?;
         Ok(WatchStream::new(response))
     }
@@ -419,16 +456,16 @@ impl Client {
     pub async fn audit_logs(&self, query: &AuditQuery) -> Result<AuditPage, Error> {
         let mut parts = Vec::new();
         if let Some(since) = &query.since {
-            parts.push(format!("since={}", segment(since)));
+            parts.push(format!("since={}", encode(since)));
         }
         if let Some(after) = query.after {
             parts.push(format!("after={after}"));
         }
         if let Some(tenant) = &query.tenant {
-            parts.push(format!("tenant={}", segment(tenant)));
+            parts.push(format!("tenant={}", segment(tenant)?));
         }
         if let Some(action) = &query.action {
-            parts.push(format!("action={}", segment(action)));
+            parts.push(format!("action={}", encode(action)));
         }
         if let Some(limit) = query.limit {
             parts.push(format!("limit={limit}"));
@@ -439,6 +476,13 @@ impl Client {
             format!("/v1/audit/logs?{}", parts.join("&"))
         };
         self.get(&path).await
+    }
+
+    /// Where each shard's log stands and, with `tables`, a digest of every table
+    /// (the live side of `oc-pitr drill --live`).
+    pub async fn admin_digest(&self, tables: bool) -> Result<Value, Error> {
+        let query = if tables { "" } else { "?tables=false" };
+        self.get(&format!("/v1/admin/digest{query}")).await
     }
 
     /// The server's API contract (OpenAPI 3.1).
@@ -455,7 +499,7 @@ impl Client {
             .send()
             .await?;
         let status = response.status().as_u16();
-        let bytes = response.bytes().await?;
+        let bytes = read_capped(response).await?;
         let body = serde_json::from_slice(&bytes)
             .map_err(|e| Error::Decode(format!("GET {path}: {e}")))?;
         Ok((status, body))
@@ -502,15 +546,20 @@ impl Client {
             if attempt >= self.retry.attempts || !retryable(&outcome, replay) {
                 return Err(outcome);
             }
-            let backoff = self.retry.backoff * 2u32.saturating_pow(attempt - 1);
             let wait = match &outcome {
                 Error::Api {
                     retry_after: Some(after),
                     ..
+                } if *after > self.retry.max_wait => return Err(outcome),
+                Error::Api {
+                    retry_after: Some(after),
+                    ..
                 } => *after,
-                _ => backoff,
+                _ => self.retry.backoff * 2u32.saturating_pow(attempt - 1),
             };
-            tokio::time::sleep(wait.min(self.retry.max_wait)).await;
+            // Up to a fifth more, so clients refused together do not return together.
+            let wait = wait.mul_f64(1.0 + fastrand::f64() / 5.0);
+            tokio::time::sleep(wait).await;
             attempt += 1;
         }
     }
@@ -526,8 +575,26 @@ fn retryable(error: &Error, replay: Replay) -> bool {
         }
         // A refused connection never reached the server; anything later may have.
         Error::Transport(e) => e.is_connect() || replay == Replay::Safe,
+        Error::Timeout(_) => replay == Replay::Safe,
         Error::Decode(_) | Error::InvalidArgument(_) => false,
     }
+}
+
+/// The largest answer body read: above the server's largest (`/ask` at its row limit
+/// with wide rows), so a broken or hostile peer cannot exhaust the client's memory.
+const MAX_ANSWER_BYTES: usize = 256 << 20;
+
+async fn read_capped(mut response: reqwest::Response) -> Result<Vec<u8>, Error> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        if body.len() + chunk.len() > MAX_ANSWER_BYTES {
+            return Err(Error::Decode(format!(
+                "an answer longer than {MAX_ANSWER_BYTES} bytes"
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 /// The response when it is a success, else its error body as [`Error::Api`].
@@ -547,7 +614,8 @@ async fn check(response: reqwest::Response) -> Result<reqwest::Response, Error> 
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let text = response.text().await.unwrap_or_default();
+    let bytes = read_capped(response).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&bytes);
     let body: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
     let error = &body["error"];
     let field = |name: &str| error[name].as_str().map(str::to_string);
@@ -565,51 +633,36 @@ async fn check(response: reqwest::Response) -> Result<reqwest::Response, Error> 
     })
 }
 
-fn random_idempotency_key() -> Result<String, Error> {
-    let mut bytes = [0u8; 16];
-    getrandom::getrandom(&mut bytes).map_err(|e| {
-        Error::InvalidArgument(format!("no randomness for an idempotency key: {e}"))
-    })?;
-    Ok(format!(
-        "oc-client-{}",
-        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    ))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn key_segments_are_percent_encoded() {
-        assert_eq!(segment("user 1/ä?%"), "user%201%2F%C3%A4%3F%25");
-        assert_eq!(segment("plain-key_1.x~"), "plain-key_1.x~");
+        assert_eq!(encode("user 1/ä?%"), "user%201%2F%C3%A4%3F%25");
+        assert_eq!(encode("plain-key_1.x~"), "plain-key_1.x~");
     }
 
     #[test]
-    fn a_retried_write_carries_one_idempotency_key() {
-        let client = |attempts| {
-            Client::builder("http://127.0.0.1:1")
-                .retry(RetryPolicy {
-                    attempts,
-                    ..RetryPolicy::default()
-                })
-                .build()
-                .expect("client")
-        };
+    fn only_a_write_with_an_idempotency_key_is_replayed() {
         let batch = WriteBatch::default();
-        let (body, replay) = client(4).prepare(batch.clone()).expect("prepared");
-        assert!(body["idempotency_key"]
-            .as_str()
-            .is_some_and(|k| k.len() == 42));
-        assert!(replay == Replay::Safe);
-        let (body, replay) = client(1).prepare(batch.clone()).expect("prepared");
+        let (body, replay) = Client::prepare(batch.clone()).expect("prepared");
         assert!(body.get("idempotency_key").is_none());
         assert!(replay == Replay::Unsafe);
-        let (body, _) = client(4)
-            .prepare(batch.idempotency_key("mine"))
-            .expect("prepared");
-        assert_eq!(body["idempotency_key"], "mine", "the caller's key is kept");
+        let (body, replay) = Client::prepare(batch.idempotency_key("mine")).expect("prepared");
+        assert_eq!(body["idempotency_key"], "mine");
+        assert!(replay == Replay::Safe);
+    }
+
+    #[test]
+    fn dot_segments_and_empty_names_are_refused() {
+        for bad in ["", ".", ".."] {
+            assert!(
+                matches!(segment(bad), Err(Error::InvalidArgument(_))),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(segment("...").expect("fine"), "...");
     }
 
     #[test]
@@ -623,6 +676,9 @@ mod tests {
         };
         assert!(retryable(&api("rate_limited", 429), Replay::Unsafe));
         assert!(retryable(&api("overloaded", 503), Replay::Unsafe));
+        // The owner shard may have run it before its answer was lost.
+        assert!(!retryable(&api("shard_unavailable", 503), Replay::Unsafe));
+        assert!(retryable(&api("shard_unavailable", 503), Replay::Safe));
         assert!(!retryable(&api("deadline_exceeded", 503), Replay::Unsafe));
         assert!(retryable(&api("deadline_exceeded", 503), Replay::Safe));
         assert!(!retryable(&api("invalid_row", 400), Replay::Safe));

@@ -14,6 +14,8 @@ pub struct WatchOptions {
     pub from_lsn: Option<u64>,
     /// Resume after this event id (`<epoch>-<lsn>`); wins over `from_lsn`.
     pub last_event_id: Option<String>,
+    /// A watch token (`?token=`), for a client without the tenant's key.
+    pub token: Option<String>,
 }
 
 /// One event: `hello`, `change`, `schema`, `progress`, `reset`, … (docs/API.md).
@@ -29,7 +31,11 @@ pub struct WatchEvent {
 pub struct WatchStream {
     body: std::pin::Pin<Box<dyn futures_lite::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
     buffer: Vec<u8>,
+    /// How far `buffer` is known to hold no blank line, so each byte is scanned once.
+    scanned: usize,
     last_event_id: Option<String>,
+    /// Set after an error that ends the stream: `next` answers `None` from then on.
+    ended: bool,
 }
 
 /// The longest event this reader accepts (the server's largest is a change with a
@@ -41,7 +47,9 @@ impl WatchStream {
         WatchStream {
             body: Box::pin(response.bytes_stream()),
             buffer: Vec::new(),
+            scanned: 0,
             last_event_id: None,
+            ended: false,
         }
     }
 
@@ -50,15 +58,37 @@ impl WatchStream {
         self.last_event_id.as_deref()
     }
 
-    /// The next event, `None` at the end of the stream.
+    /// The next event, `None` at the end of the stream. After an error the stream is
+    /// over: reconnect with [`WatchStream::last_event_id`].
     pub async fn next(&mut self) -> Option<Result<WatchEvent, Error>> {
+        if self.ended {
+            return None;
+        }
+        let next = self.next_event().await;
+        if matches!(next, Some(Err(_)) | None) {
+            self.ended = true;
+            self.buffer = Vec::new();
+        }
+        next
+    }
+
+    async fn next_event(&mut self) -> Option<Result<WatchEvent, Error>> {
         loop {
-            if let Some(end) = find_blank_line(&self.buffer) {
-                let block: Vec<u8> = self.buffer.drain(..end.1).collect();
-                match parse_block(&block[..end.0]) {
+            // A blank line may straddle the previous scan's end: look 3 bytes back.
+            let from = self.scanned.saturating_sub(3);
+            if let Some((end, next)) = find_blank_line(&self.buffer[from..]) {
+                let block: Vec<u8> = self.buffer.drain(..from + next).collect();
+                self.scanned = 0;
+                let block = block[..from + end]
+                    .strip_prefix(b"\xEF\xBB\xBF")
+                    .unwrap_or(&block[..from + end]);
+                match parse_block(block) {
                     Ok(Some(event)) => {
                         if event.id.is_some() {
                             self.last_event_id.clone_from(&event.id);
+                        }
+                        if event.event.is_empty() {
+                            continue; // an id alone: the position moved, nothing to report
                         }
                         return Some(Ok(event));
                     }
@@ -66,6 +96,7 @@ impl WatchStream {
                     Err(e) => return Some(Err(e)),
                 }
             }
+            self.scanned = self.buffer.len();
             if self.buffer.len() > MAX_EVENT_BYTES {
                 return Some(Err(Error::Decode(format!(
                     "an event longer than {MAX_EVENT_BYTES} bytes"
@@ -119,13 +150,18 @@ fn parse_block(block: &[u8]) -> Result<Option<WatchEvent>, Error> {
         }
     }
     if event.is_none() && data.is_empty() {
-        return Ok(None);
+        // Per the SSE rules an `id:` moves the resume position even without data.
+        return Ok(id.map(|id| WatchEvent {
+            event: String::new(),
+            data: Value::Null,
+            id: Some(id),
+        }));
     }
-    let data = if data.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(&data)
-            .map_err(|e| Error::Decode(format!("event data is not JSON: {e}: {data}")))?
+    // oc sends JSON; data a newer server might send otherwise is kept as text.
+    let data = match serde_json::from_str(&data) {
+        Ok(json) => json,
+        Err(_) if data.is_empty() => Value::Null,
+        Err(_) => Value::String(data),
     };
     Ok(Some(WatchEvent {
         event: event.unwrap_or_else(|| "message".to_string()),
@@ -146,6 +182,17 @@ mod tests {
         assert_eq!(event.data["lsn"], 3);
         assert_eq!(event.id.as_deref(), Some("1-3"));
         assert_eq!(parse_block(b": heartbeat").expect("parses"), None);
+        let id_only = parse_block(b"id: 1-9")
+            .expect("parses")
+            .expect("a position");
+        assert_eq!(
+            (id_only.event.as_str(), id_only.id.as_deref()),
+            ("", Some("1-9"))
+        );
+        let text = parse_block(b"event: x\ndata: not json")
+            .expect("parses")
+            .expect("event");
+        assert_eq!(text.data, Value::String("not json".into()));
         assert_eq!(find_blank_line(b"a\n\nb"), Some((1, 3)));
         assert_eq!(find_blank_line(b"a\r\n\r\nb"), Some((1, 5)));
         assert_eq!(find_blank_line(b"a\nb"), None);

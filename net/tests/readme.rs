@@ -45,6 +45,7 @@ fn the_readme_first_session_runs_as_written() {
         .env("OC_URL", &server.api)
         .env("OC_OPS_URL", &server.ops)
         .env_remove("OC_TOKEN")
+        .env_remove("OC_CA_CERT")
         .output()
         .expect("bash runs");
     let stdout = String::from_utf8_lossy(&out.stdout);

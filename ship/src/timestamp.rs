@@ -43,7 +43,11 @@ mod tests {
         );
         for bad in ["yesterday", "2026-11-23", "1969-12-31T23:59:59Z"] {
             assert!(parse_rfc3339(bad).is_err(), "{bad}");
+        }
+        for bad in ["yesterday", "2026-11-23"] {
             assert!(parse_rfc3339_lower_bound(bad).is_err(), "{bad}");
         }
+        assert_eq!(parse_rfc3339_lower_bound("1969-12-31T23:59:59Z"), Ok(0));
+        assert_eq!(parse_rfc3339_lower_bound("0607-04-01T14:58:03Z"), Ok(0));
     }
 }

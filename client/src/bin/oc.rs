@@ -9,8 +9,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use oc_client::{
-    AskAnswer, AuditQuery, Client, Error, ErrorClass, PlanStage, TableSchema, WatchOptions,
-    WriteBatch,
+    AskAnswer, AuditQuery, Client, Error, ErrorClass, PlanStage, WatchOptions, WriteBatch,
 };
 use serde_json::{json, Value};
 
@@ -192,6 +191,7 @@ struct Failure {
 impl From<Error> for Failure {
     fn from(e: Error) -> Self {
         let code = match e.class() {
+            _ if matches!(e, Error::InvalidArgument(_)) => 2,
             ErrorClass::Server => 1,
             ErrorClass::Invalid => 3,
             ErrorClass::Auth => 4,
@@ -233,9 +233,11 @@ fn main() -> ExitCode {
     }
 }
 
-fn client(cli: &Cli, url: &str) -> Result<Client, Failure> {
+/// A client of `url`; `with_token` sends the bearer token (never to the ops
+/// listener, which asks for none and is often plain HTTP).
+fn client(cli: &Cli, url: &str, with_token: bool) -> Result<Client, Failure> {
     let mut builder = Client::builder(url);
-    if let Some(token) = &cli.token {
+    if let Some(token) = cli.token.as_ref().filter(|_| with_token) {
         builder = builder.token(token.clone());
     }
     if let Some(path) = &cli.ca_cert {
@@ -247,7 +249,7 @@ fn client(cli: &Cli, url: &str) -> Result<Client, Failure> {
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
-    let oc = client(&cli, &cli.url)?;
+    let oc = client(&cli, &cli.url, true)?;
     let out = cli.output;
     match &cli.command {
         Command::Tenants(Tenants::List) => {
@@ -311,9 +313,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Tables(Tables::Create { tenant, schema }) => {
-            let schema: TableSchema = serde_json::from_value(read_json_arg(schema)?)
-                .map_err(|e| usage(format!("the schema is not a table schema: {e}")))?;
-            let created = oc.create_table(tenant, &schema).await?;
+            // Sent as given: the server names any field it does not know.
+            let created = oc
+                .create_table_json(tenant, &read_json_arg(schema)?)
+                .await?;
             match out {
                 Output::Json => print_json(&json!({"table": created.table, "lsn": created.lsn})),
                 Output::Table => done(
@@ -523,11 +526,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 tables: tables.clone(),
                 from_lsn: *from_lsn,
                 last_event_id: last_event_id.clone(),
+                token: None,
             };
             let mut stream = oc.watch(tenant, &options).await?;
             let mut seen = 0;
             let stdout = std::io::stdout();
-            while let Some(event) = stream.next().await {
+            while limit.is_none_or(|l| seen < l) {
+                let Some(event) = stream.next().await else {
+                    break;
+                };
                 let event = event?;
                 let line = json!({"event": event.event, "data": event.data, "id": event.id});
                 let mut lock = stdout.lock();
@@ -538,9 +545,6 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     break; // the reader went away (a closed pipe)
                 }
                 seen += 1;
-                if limit.is_some_and(|l| seen >= l) {
-                    break;
-                }
             }
         }
         Command::Audit {
@@ -588,7 +592,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Status => {
-            let ops = client(&cli, &cli.ops_url)?;
+            let ops = client(&cli, &cli.ops_url, false)?;
             let (_, health) = ops.get_json("/health").await?;
             let (_, ready) = ops.get_json("/ready").await?;
             let is_ready = ready["ready"] == json!(true);
@@ -777,11 +781,27 @@ fn plan_json(plan: &oc_client::Plan) -> Value {
     })
 }
 
+/// A value as table text. Control characters (a terminal's escape sequences among
+/// them) are shown escaped, never sent to the terminal.
 fn cell(value: &Value) -> String {
-    match value {
-        Value::Null => String::new(),
+    let text = match value {
+        Value::Null => return String::new(),
         Value::String(s) => s.clone(),
         other => other.to_string(),
+    };
+    if text.chars().any(char::is_control) {
+        text.chars()
+            .flat_map(|c| {
+                let escaped: Vec<char> = if c.is_control() {
+                    c.escape_default().collect()
+                } else {
+                    vec![c]
+                };
+                escaped
+            })
+            .collect()
+    } else {
+        text
     }
 }
 

@@ -247,14 +247,27 @@ struct IndexJson {
     columns: Vec<String>,
 }
 
+/// `T` read from a JSON object only: serde's derive also reads a struct from an array
+/// of its fields' values, which the contract (docs/openapi.yaml) does not allow.
+struct FromObject<T>(T);
+
+impl<'de, T: for<'a> Deserialize<'a>> Deserialize<'de> for FromObject<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let object = Map::<String, Json>::deserialize(d)?;
+        serde_json::from_value(Json::Object(object))
+            .map(FromObject)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateTable {
     name: String,
-    columns: Vec<ColumnJson>,
+    columns: Vec<FromObject<ColumnJson>>,
     primary_key: Vec<String>,
     #[serde(default)]
-    indexes: Vec<IndexJson>,
+    indexes: Vec<FromObject<IndexJson>>,
 }
 
 impl CreateTable {
@@ -264,7 +277,7 @@ impl CreateTable {
 
     pub(crate) fn schema(&self) -> Result<TableSchema, ApiError> {
         let mut columns = Vec::with_capacity(self.columns.len());
-        for c in &self.columns {
+        for FromObject(c) in &self.columns {
             let ty = ColumnType::parse(&c.ty).ok_or_else(|| {
                 ApiError::bad_request(
                     "invalid_schema",
@@ -280,13 +293,13 @@ impl CreateTable {
         let index_columns: Vec<Vec<&str>> = self
             .indexes
             .iter()
-            .map(|i| i.columns.iter().map(String::as_str).collect())
+            .map(|FromObject(i)| i.columns.iter().map(String::as_str).collect())
             .collect();
         let indexes: Vec<(&str, &[&str])> = self
             .indexes
             .iter()
             .zip(&index_columns)
-            .map(|(i, cols)| (i.name.as_str(), cols.as_slice()))
+            .map(|(FromObject(i), cols)| (i.name.as_str(), cols.as_slice()))
             .collect();
         Ok(TableSchema::new(&self.name, &columns, &key, &indexes)?)
     }

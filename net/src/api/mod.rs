@@ -311,9 +311,11 @@ async fn open_watch(
     watch::open(ctx, tenant, request, key_id).await
 }
 
-/// The path split into segments (`/v1/tenants/a` → `["v1", "tenants", "a"]`).
+/// The path split into segments (`/v1/tenants/a` → `["v1", "tenants", "a"]`). A
+/// trailing or doubled `/` leaves an empty segment, which no route has: `DELETE
+/// /v1/tenants/a/tables/` must not read as `DELETE /v1/tenants/a`.
 fn segments(path: &str) -> Vec<&str> {
-    path.trim_matches('/').split('/').collect()
+    path.strip_prefix('/').unwrap_or(path).split('/').collect()
 }
 
 /// The metrics label of a request: its route pattern, never a tenant or key.
@@ -748,7 +750,7 @@ fn percent_decode(segment: &str) -> Result<String, ApiError> {
     let bad = || {
         ApiError::bad_request(
             "invalid_key",
-            format!("path segment {segment:?} is not valid percent-encoded UTF-8"),
+            format!("{segment:?} is not valid percent-encoded UTF-8"),
         )
     };
     let bytes = segment.as_bytes();
@@ -757,6 +759,9 @@ fn percent_decode(segment: &str) -> Result<String, ApiError> {
     while i < bytes.len() {
         if bytes[i] == b'%' {
             let hex = bytes.get(i + 1..i + 3).ok_or_else(bad)?;
+            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                return Err(bad());
+            }
             let hex = std::str::from_utf8(hex).map_err(|_| bad())?;
             out.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
             i += 3;

@@ -1,0 +1,110 @@
+//! The `oc` CLI (built next to `oc-server` by `cargo test --workspace`) against a real
+//! server with auth: an exit code per error class, as docs/API.md lists them, and the
+//! server's own message on stderr.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::Server;
+
+const ADMIN: &str = "admin-token-for-cli-0123456789";
+
+fn oc(server: &Server, token: Option<&str>, args: &[&str]) -> Output {
+    let bin = Path::new(env!("CARGO_BIN_EXE_oc-server")).with_file_name("oc");
+    let mut command = Command::new(bin);
+    command
+        .args(args)
+        .env("OC_URL", &server.api)
+        .env("OC_OPS_URL", &server.ops)
+        .env_remove("OC_TOKEN")
+        .env_remove("OC_CA_CERT");
+    if let Some(token) = token {
+        command.env("OC_TOKEN", token);
+    }
+    command.output().expect("oc runs")
+}
+
+fn code(out: &Output) -> i32 {
+    out.status.code().expect("exited")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn exit_codes_follow_the_error_class() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token = dir.path().join("admin-token");
+    std::fs::write(&token, ADMIN).expect("write");
+    let server = Server::start(
+        &dir.path().join("data"),
+        &["--admin-token-file", token.to_str().expect("utf-8")],
+    );
+    let admin = Some(ADMIN);
+    assert_eq!(code(&oc(&server, admin, &["tenants", "create", "acme"])), 0);
+    let items = r#"{"name":"items","columns":[{"name":"id","type":"int"}],"primary_key":["id"]}"#;
+    assert_eq!(
+        code(&oc(&server, admin, &["tables", "create", "acme", items])),
+        0
+    );
+
+    // 3: the request is wrong, and the server says why (an unknown field is named,
+    // not dropped by the client).
+    let typo =
+        r#"{"name":"t2","columns":[{"name":"id","type":"int"}],"primary_key":["id"],"indexs":[]}"#;
+    let refused = oc(&server, admin, &["tables", "create", "acme", typo]);
+    assert_eq!(code(&refused), 3, "{}", stderr(&refused));
+    assert!(stderr(&refused).contains("indexs"), "{}", stderr(&refused));
+    let sql = oc(&server, admin, &["ask", "acme", "SELEC 1"]);
+    assert_eq!(code(&sql), 3, "{}", stderr(&sql));
+    assert!(stderr(&sql).contains("sql_syntax"), "{}", stderr(&sql));
+    // 4: credentials.
+    let anonymous = oc(&server, None, &["tenants", "list"]);
+    assert_eq!(code(&anonymous), 4, "{}", stderr(&anonymous));
+    // 5: not found.
+    let missing = oc(&server, admin, &["rows", "get", "acme", "items", "9"]);
+    assert_eq!(code(&missing), 5, "{}", stderr(&missing));
+    assert_eq!(code(&oc(&server, admin, &["usage", "nobody"])), 5);
+    // 2: usage, before anything is sent: a dot segment, bad JSON, a bad URL.
+    let dots = oc(&server, admin, &["tables", "drop", "acme", ".."]);
+    assert_eq!(code(&dots), 2, "{}", stderr(&dots));
+    assert_eq!(
+        code(&oc(
+            &server,
+            admin,
+            &["rows", "upsert", "acme", "items", "{"]
+        )),
+        2
+    );
+    let bad_url = oc(
+        &server,
+        admin,
+        &["--url", "localhost:7070", "tenants", "list"],
+    );
+    assert_eq!(code(&bad_url), 2, "{}", stderr(&bad_url));
+    // …and the tenant is still there: `tables drop acme ..` never reached it.
+    let listed = oc(&server, admin, &["-o", "json", "tenants", "list"]);
+    assert_eq!(code(&listed), 0);
+    assert_eq!(
+        String::from_utf8_lossy(&listed.stdout).trim(),
+        r#"{"tenants":["acme"]}"#
+    );
+    // status reads the ops listener; 0 when ready.
+    let status = oc(&server, admin, &["status"]);
+    assert_eq!(code(&status), 0, "{}", stderr(&status));
+    assert!(String::from_utf8_lossy(&status.stdout).starts_with("ok "));
+    drop(server);
+    // 6: nothing answers.
+    let dir2 = tempfile::tempdir().expect("tempdir");
+    let gone = Server::start(&dir2.path().join("data"), &[]);
+    let api = gone.api.clone();
+    drop(gone);
+    let out = Command::new(Path::new(env!("CARGO_BIN_EXE_oc-server")).with_file_name("oc"))
+        .args(["--url", &api, "tenants", "list"])
+        .output()
+        .expect("oc runs");
+    assert_eq!(code(&out), 6, "{}", stderr(&out));
+}
