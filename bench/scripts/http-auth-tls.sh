@@ -41,6 +41,9 @@ run() { # config round
   for _ in $(seq 100); do curl -sf 127.0.0.1:17081/ready >/dev/null && break; sleep 0.1; done
   "$bin/oc-bench" http --url "$scheme://127.0.0.1:17080" --rate "$rate" --seconds "$seconds" \
     --rows 20000 "${bench_args[@]}" --json "$out/http-$config-$round.json" >/dev/null
+  # The server's CPU time over the whole run (user + system clock ticks): steadier on a
+  # shared machine than latency, which the neighbours' load moves.
+  awk '{ print $14 + $15 }' "/proc/$server_pid/stat" > "$out/cpu-$config-$round.ticks"
   kill "$server_pid"; wait "$server_pid" || true
   server_pid=
   rm -rf "$data"
@@ -62,9 +65,17 @@ out, rounds = sys.argv[1], int(sys.argv[2])
 # The median over rounds: one disturbed round on a shared machine does not move it.
 def p(config, op, q):
     return statistics.median(json.load(open(f"{out}/http-{config}-{r}.json"))[op][q] for r in range(1, rounds + 1))
-print("| config | read p50 µs | read p99 µs | write p50 µs | write p99 µs | read p99 / plain | write p99 / plain |")
-print("|---|---:|---:|---:|---:|---:|---:|")
+import os
+tick = os.sysconf("SC_CLK_TCK")
+def cpu(config):
+    return statistics.median(int(open(f"{out}/cpu-{config}-{r}.ticks").read()) / tick for r in range(1, rounds + 1))
+def spread(config, op, q):
+    v = [json.load(open(f"{out}/http-{config}-{r}.json"))[op][q] / 1000 for r in range(1, rounds + 1)]
+    return f"{min(v):.1f}–{max(v):.1f}"
+print("| config | server CPU s | vs plain | read p50 ms | read p99 ms (min–max) | vs plain | write p50 ms | write p99 ms (min–max) | vs plain |")
+print("|---|---:|---:|---:|---|---:|---:|---|---:|")
 for c in ["plain", "auth", "tls", "tls-auth"]:
-    print(f"| {c} | {p(c,'reads','p50_us'):.0f} | {p(c,'reads','p99_us'):.0f} | {p(c,'writes','p50_us'):.0f} | {p(c,'writes','p99_us'):.0f} | "
-          f"{p(c,'reads','p99_us')/p('plain','reads','p99_us'):.2f} | {p(c,'writes','p99_us')/p('plain','writes','p99_us'):.2f} |")
+    print(f"| {c} | {cpu(c):.2f} | {cpu(c)/cpu('plain'):.2f}× "
+          f"| {p(c,'reads','p50_us')/1000:.2f} | {p(c,'reads','p99_us')/1000:.2f} ({spread(c,'reads','p99_us')}) | {p(c,'reads','p99_us')/p('plain','reads','p99_us'):.2f}× "
+          f"| {p(c,'writes','p50_us')/1000:.2f} | {p(c,'writes','p99_us')/1000:.2f} ({spread(c,'writes','p99_us')}) | {p(c,'writes','p99_us')/p('plain','writes','p99_us'):.2f}× |")
 PY
