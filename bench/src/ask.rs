@@ -21,6 +21,7 @@ use serde_json::{json, Value};
 
 use crate::http::{parse_url, Connection, Target};
 use crate::latency::histogram;
+use crate::pacer::Pacer;
 use crate::server::Spawned;
 
 #[derive(clap::Args)]
@@ -154,44 +155,37 @@ async fn fixed_rate(
     keep_bodies: u64,
     make: MakeRequest,
 ) -> Result<(Recorder, f64)> {
-    let interval_ns = 1e9 / rate as f64;
-    let warmup = (WARMUP.as_secs_f64() * rate as f64) as u64;
-    let total = warmup + (seconds * rate as f64) as u64;
-    let next = Rc::new(Cell::new(0u64));
+    let pacer = Rc::new(Pacer::new(rate, WARMUP, Duration::from_secs_f64(seconds)));
     let recorder = Rc::new(RefCell::new(Recorder {
         kinds: BTreeMap::new(),
         errors: BTreeMap::new(),
         bodies: Vec::new(),
     }));
-    let start = Instant::now() + Duration::from_millis(200);
     let mut tasks = Vec::new();
     for c in 0..connections {
         let mut conn = Connection::open(target).await?;
-        let (next, recorder, target, make) =
-            (next.clone(), recorder.clone(), target.clone(), make.clone());
+        let (pacer, recorder, target, make) = (
+            pacer.clone(),
+            recorder.clone(),
+            target.clone(),
+            make.clone(),
+        );
         tasks.push(glommio::spawn_local(async move {
             let mut rng = SimRng::new(7000 + c as u64);
-            loop {
-                let i = next.get();
-                if i >= total {
-                    return Ok::<_, anyhow::Error>(());
-                }
-                next.set(i + 1);
-                let due = start + Duration::from_nanos((i as f64 * interval_ns) as u64);
-                let now = Instant::now();
-                if due > now {
-                    glommio::timer::sleep(due - now).await;
-                }
-                let (kind, method, path, body) = make(i, &mut rng);
+            while let Some(slot) = pacer.next().await {
+                let (kind, method, path, body) = make(slot.index, &mut rng);
                 let outcome = conn.request(method, &path, body.as_deref()).await;
-                let latency_us = due.elapsed().as_micros() as u64;
-                if i < keep_bodies {
-                    recorder.borrow_mut().bodies.push((i, conn.body().to_vec()));
+                let latency_us = slot.due.elapsed().as_micros() as u64;
+                if slot.index < keep_bodies {
+                    recorder
+                        .borrow_mut()
+                        .bodies
+                        .push((slot.index, conn.body().to_vec()));
                 }
                 if outcome.is_err() {
                     conn = Connection::reopen(&target).await?;
                 }
-                if i < warmup {
+                if !slot.measured {
                     continue;
                 }
                 let mut r = recorder.borrow_mut();
@@ -210,10 +204,11 @@ async fn fixed_rate(
                     }
                 }
             }
+            Ok::<_, anyhow::Error>(())
         }));
     }
     let mut last = Instant::now();
-    while next.get() < total {
+    while !pacer.done() {
         glommio::timer::sleep(Duration::from_millis(250)).await;
         if last.elapsed() >= Duration::from_secs(1) {
             last = Instant::now();
@@ -225,8 +220,8 @@ async fn fixed_rate(
                 .collect();
             eprintln!(
                 "  [{:>5.1}s] sent {:>8}, {}",
-                start.elapsed().as_secs_f64(),
-                next.get(),
+                pacer.elapsed().as_secs_f64(),
+                pacer.sent(),
                 p99.join(", ")
             );
         }
@@ -234,7 +229,7 @@ async fn fixed_rate(
     for task in tasks {
         task.await?;
     }
-    let elapsed = start.elapsed().saturating_sub(WARMUP).as_secs_f64();
+    let elapsed = pacer.elapsed().saturating_sub(WARMUP).as_secs_f64();
     let recorder = Rc::try_unwrap(recorder)
         .map_err(|_| anyhow::anyhow!("tasks still hold the recorder"))?
         .into_inner();

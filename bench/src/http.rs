@@ -1,10 +1,7 @@
 //! `oc-bench http`: an open-loop load generator against a running `oc-server`.
 //!
-//! Requests are due at a fixed rate (request `i` at `start + i / rate`), whatever the
-//! server's speed. Each keep-alive connection takes the next due request, waits for
-//! its due time if it is early, and records latency from the *due* time, not the send
-//! time: a stalled server makes every request that should have gone out meanwhile
-//! count as waiting (coordinated-omission correction, as in wrk2).
+//! Requests are due at a fixed rate ([`Pacer`]); each keep-alive connection takes the
+//! next due request and records latency from its due time.
 //!
 //! The client is a small hand-written HTTP/1.1 writer/reader over glommio sockets:
 //! it sends fixed-shape requests and reads `content-length` bodies, so its own cost
@@ -12,7 +9,7 @@
 //! `https://` it speaks TLS with rustls (the server's own TLS stack), trusting the
 //! certificate given with `--ca-cert`.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -25,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::latency::{histogram, Percentiles};
+use crate::pacer::Pacer;
 
 #[derive(clap::Args)]
 pub struct HttpArgs {
@@ -434,10 +432,7 @@ pub fn run(args: HttpArgs) -> Result<()> {
             }),
             None => target,
         };
-        let interval_ns = 1e9 / args.rate as f64;
-        let total = ((WARMUP + measured).as_secs_f64() * args.rate as f64) as u64;
-        let warmup_requests = (WARMUP.as_secs_f64() * args.rate as f64) as u64;
-        let next = Rc::new(Cell::new(0u64));
+        let pacer = Rc::new(Pacer::new(args.rate, WARMUP, measured));
         let recorder = Rc::new(RefCell::new(Recorder {
             reads: histogram(),
             writes: histogram(),
@@ -445,27 +440,16 @@ pub fn run(args: HttpArgs) -> Result<()> {
             write_errors: 0,
             errors: Default::default(),
         }));
-        let start = Instant::now() + Duration::from_millis(200);
         let mut tasks = Vec::new();
         for c in 0..args.connections {
             let mut conn = Connection::open(&target).await?;
-            let (next, recorder, target) = (next.clone(), recorder.clone(), target.clone());
+            let (pacer, recorder, target) = (pacer.clone(), recorder.clone(), target.clone());
             let rows = args.rows.max(1);
             tasks.push(glommio::spawn_local(async move {
                 let mut rng = SimRng::new(1000 + c as u64);
                 let read_path = |id: u64| format!("/v1/tenants/{TENANT}/tables/{TABLE}/rows/{id}");
                 let write_path = format!("/v1/tenants/{TENANT}/tables/{TABLE}/rows");
-                loop {
-                    let i = next.get();
-                    if i >= total {
-                        return Ok::<_, anyhow::Error>(());
-                    }
-                    next.set(i + 1);
-                    let due = start + Duration::from_nanos((i as f64 * interval_ns) as u64);
-                    let now = Instant::now();
-                    if due > now {
-                        glommio::timer::sleep(due - now).await;
-                    }
+                while let Some(slot) = pacer.next().await {
                     let is_read = rng.below(reads_share + writes_share) < reads_share;
                     let id = rng.below(rows);
                     let outcome = if is_read {
@@ -474,11 +458,11 @@ pub fn run(args: HttpArgs) -> Result<()> {
                         conn.request("POST", &write_path, Some(&row_body(id, &mut rng)))
                             .await
                     };
-                    let latency_us = due.elapsed().as_micros() as u64;
+                    let latency_us = slot.due.elapsed().as_micros() as u64;
                     if outcome.is_err() {
                         conn = Connection::reopen(&target).await?;
                     }
-                    if i < warmup_requests {
+                    if !slot.measured {
                         continue;
                     }
                     let mut r = recorder.borrow_mut();
@@ -500,18 +484,19 @@ pub fn run(args: HttpArgs) -> Result<()> {
                         }
                     }
                 }
+                Ok::<_, anyhow::Error>(())
             }));
         }
         let mut last_report = Instant::now();
-        while next.get() < total {
+        while !pacer.done() {
             glommio::timer::sleep(Duration::from_millis(250)).await;
             if last_report.elapsed() >= Duration::from_secs(1) {
                 last_report = Instant::now();
                 let r = recorder.borrow();
                 eprintln!(
                     "  [{:>5.1}s] sent {:>8}, read p99 {} µs, write p99 {} µs, errors {}",
-                    start.elapsed().as_secs_f64(),
-                    next.get(),
+                    pacer.elapsed().as_secs_f64(),
+                    pacer.sent(),
                     r.reads.value_at_quantile(0.99),
                     r.writes.value_at_quantile(0.99),
                     r.read_errors + r.write_errors
@@ -521,7 +506,7 @@ pub fn run(args: HttpArgs) -> Result<()> {
         for task in tasks {
             task.await?;
         }
-        let elapsed = start.elapsed().saturating_sub(WARMUP);
+        let elapsed = pacer.elapsed().saturating_sub(WARMUP);
         let r = recorder.borrow();
         let op = |h: &Histogram<u64>, errors: u64| {
             let p = Percentiles::of(h);

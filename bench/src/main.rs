@@ -8,6 +8,7 @@ mod audit;
 mod engine;
 mod http;
 mod latency;
+mod pacer;
 mod peers;
 mod pool;
 mod raw_disk;
