@@ -19,6 +19,11 @@ use oc_io::{Lsn, Pending, RecoveryReport, Storage, TimestampMicros, Wal, WalConf
 
 use crate::apply::{apply, remembered, request_hash};
 pub use crate::apply::{Applied, ShardState};
+
+mod applier;
+mod changes;
+mod checkpoints;
+
 use crate::checkpoint::{self, CheckpointInfo};
 use crate::command::Command;
 use crate::error::EngineError;
@@ -34,41 +39,10 @@ use crate::table::{BatchOutcome, WriteOp};
 use crate::tenant::Tenant;
 use crate::tenant_id::TenantId;
 use crate::value::Value;
+use applier::{run_applier, ApplyQueue, Queued, Slot};
+pub use changes::ChangesRead;
 
 type Outcome = Result<(Lsn, Applied), EngineError>;
-
-/// A caller's slot for the result of its command.
-#[derive(Default)]
-struct Slot {
-    outcome: Option<Outcome>,
-    waker: Option<Waker>,
-}
-
-struct Queued {
-    tenant: TenantId,
-    command: Command,
-    pending: Pending,
-    slot: Rc<RefCell<Slot>>,
-}
-
-/// Commands placed in the log, in LSN order, waiting to be applied.
-#[derive(Default)]
-struct ApplyQueue {
-    queued: VecDeque<Queued>,
-    applier: Option<Waker>,
-}
-
-/// What [`Shard::changes_after`] read.
-#[derive(Debug)]
-pub enum ChangesRead {
-    /// The tenant's changes, in LSN order; the log was read through `through`.
-    Batches {
-        batches: Vec<ChangeBatch>,
-        through: Lsn,
-    },
-    /// The log no longer holds what was asked for (released after a checkpoint).
-    NotHeld { oldest: Option<Lsn> },
-}
 
 /// What opening a shard found and did.
 #[derive(Debug, Clone)]
@@ -211,107 +185,6 @@ impl<S: Storage> Shard<S> {
         ))
     }
 
-    /// Writes a checkpoint of the applied state without stopping writes. When the state
-    /// is exactly the newest checkpoint's (nothing applied since), nothing is written and
-    /// that checkpoint is returned: rewriting one at the same LSN would gain nothing and
-    /// replace a good file with a new one under the same name.
-    pub async fn checkpoint(&self) -> Result<CheckpointInfo, EngineError> {
-        if let Some(info) = self.checkpoint_if_unchanged() {
-            return Ok(info);
-        }
-        let config = self.wal.config();
-        let info =
-            checkpoint::write_checkpoint(&self.storage, &self.state, config.shard, config.epoch)
-                .await?;
-        *self.last_checkpoint.borrow_mut() = Some(info.clone());
-        *self.newest_checkpoint.borrow_mut() = Some(info.clone());
-        // Writes applied while the copy ran are not all in it: the state may differ from
-        // the checkpoint since the moment it started.
-        self.differs_since.set(info.created);
-        let (done, failed) = self.checkpoint_counts.get();
-        self.checkpoint_counts.set((done + 1, failed));
-        Ok(info)
-    }
-
-    /// The newest checkpoint, if the state is still exactly what it holds.
-    fn checkpoint_if_unchanged(&self) -> Option<CheckpointInfo> {
-        let newest = self.newest_checkpoint.borrow();
-        newest
-            .as_ref()
-            .filter(|info| info.lsn == self.applied_lsn())
-            .cloned()
-    }
-
-    /// Whether the state is exactly the newest checkpoint's (an empty shard without one
-    /// counts as unchanged too: there is nothing a checkpoint would cover). While it
-    /// is, the moment the state may start to differ moves with the clock, so the
-    /// checkpoint age of the first write after a long idle counts from about then
-    /// (the scheduler asks every second; a scrape asks too), not from the old
-    /// checkpoint.
-    pub fn unchanged_since_checkpoint(&self) -> bool {
-        let covered = self
-            .newest_checkpoint
-            .borrow()
-            .as_ref()
-            .map_or(Lsn::ZERO, |info| info.lsn);
-        let unchanged = covered == self.applied_lsn();
-        if unchanged {
-            self.differs_since.set(TimestampMicros::now());
-        }
-        unchanged
-    }
-
-    pub(crate) fn count_checkpoint_failure(&self) {
-        let (done, failed) = self.checkpoint_counts.get();
-        self.checkpoint_counts.set((done, failed + 1));
-    }
-
-    /// Checkpoint age, duration, size and counters (`oc_checkpoint_age_s` and friends).
-    /// The age is 0 while the state equals the newest checkpoint (an idle shard is
-    /// never overdue), else the time since it may have started to differ.
-    pub fn checkpoint_metrics(&self) -> crate::scheduler::CheckpointMetrics {
-        let age_s = if self.unchanged_since_checkpoint() {
-            0.0
-        } else {
-            TimestampMicros::now()
-                .0
-                .saturating_sub(self.differs_since.get().0) as f64
-                / 1e6
-        };
-        let last = self.last_checkpoint.borrow();
-        let (checkpoints_total, failures_total) = self.checkpoint_counts.get();
-        crate::scheduler::CheckpointMetrics {
-            age_s,
-            last_duration_s: last.as_ref().map_or(0.0, |i| i.duration.as_secs_f64()),
-            last_bytes: last.as_ref().map_or(0, |i| i.data_bytes),
-            checkpoints_total,
-            failures_total,
-        }
-    }
-
-    /// The last checkpoint this process wrote (for `oc_checkpoint_age_s` and friends).
-    pub fn last_checkpoint(&self) -> Option<CheckpointInfo> {
-        self.last_checkpoint.borrow().clone()
-    }
-
-    /// Releases log segments that every kept checkpoint covers and that lie below the
-    /// release barrier, if one is set.
-    pub async fn release_covered_wal(&self) -> Result<Vec<String>, EngineError> {
-        let kept = checkpoint::list_checkpoints(&self.storage).await?;
-        let Some(oldest) = kept.last() else {
-            return Ok(Vec::new());
-        };
-        let covered = oldest.next();
-        let limit = self
-            .release_barrier
-            .get()
-            .map_or(covered, |barrier| barrier.min(covered));
-        Ok(self.wal.release_before(limit).await?)
-    }
-
-    /// Holds back the release of log segments from `first_kept` on: the hook for the
-    /// archive shipper, which sets it to the first LSN not yet durably archived, so no
-    /// segment leaves the disk before the archive has it. `None` lifts the barrier.
     /// What each tenant of this shard may store (checked when a write is admitted).
     pub fn set_quotas(&self, quotas: TenantQuotas) {
         self.quotas.set(quotas);
@@ -319,10 +192,6 @@ impl<S: Storage> Shard<S> {
 
     pub fn quotas(&self) -> TenantQuotas {
         self.quotas.get()
-    }
-
-    pub fn set_release_barrier(&self, first_kept: Option<Lsn>) {
-        self.release_barrier.set(first_kept);
     }
 
     /// Logs a command and waits until it is durable and applied. A command too large
@@ -583,72 +452,6 @@ impl<S: Storage> Shard<S> {
         &self.feed
     }
 
-    /// `tenant`'s changes with LSN in `(after, upto]`, read back from the log: from one
-    /// segment per call (call again after `through` for more). Commands refused at apply
-    /// are described as if applied (a consumer sees at most a needless invalidation);
-    /// a write whose table was since dropped and created again has a `null` key.
-    pub async fn changes_after(
-        &self,
-        tenant: &TenantId,
-        after: Lsn,
-        upto: Lsn,
-    ) -> Result<ChangesRead, EngineError> {
-        // Resumes read one at a time per shard: each holds a page of frames.
-        let _turn = self
-            .replays
-            .acquire_permit(1)
-            .await
-            .map_err(|e| EngineError::Replay {
-                lsn: after.0,
-                why: format!("the shard is closing: {e}"),
-            })?;
-        let frames = match self.wal.read_after(after, upto).await? {
-            oc_io::LogRead::NotHeld { oldest } => return Ok(ChangesRead::NotHeld { oldest }),
-            oc_io::LogRead::Frames(frames) => frames,
-        };
-        let through = frames.last().map_or(after, |f| f.lsn);
-        let batches = self.describe_frames(tenant, &frames)?;
-        Ok(ChangesRead::Batches { batches, through })
-    }
-
-    /// `tenant`'s changes in `frames` (read back from this shard's log or its archive),
-    /// described as [`Shard::changes_after`] says.
-    pub fn describe_frames(
-        &self,
-        tenant: &TenantId,
-        frames: &[oc_io::OwnedFrame],
-    ) -> Result<Vec<ChangeBatch>, EngineError> {
-        // Tables created within the frames: their writes use that schema.
-        let mut created: HashMap<String, (u64, TableSchema)> = HashMap::new();
-        let state = self.state.borrow();
-        let current = feed::current_schema(&state, tenant);
-        let mut batches = Vec::new();
-        for frame in frames {
-            if frame.tenant != tenant.as_str().as_bytes() {
-                continue;
-            }
-            // Every frame decoded when it was applied; one that does not now is damage
-            // that recovery would refuse too.
-            let command =
-                record::decode(frame.kind, &frame.payload).map_err(|e| EngineError::Replay {
-                    lsn: frame.lsn.0,
-                    why: e.to_string(),
-                })?;
-            if let Command::CreateTable(schema) = &command {
-                created.insert(schema.name.clone(), (frame.lsn.0, schema.clone()));
-            }
-            let schema_of = |table: &str, version: u64| match created.get(table) {
-                Some((created_at, schema)) if *created_at == version => Some(schema.clone()),
-                _ => current(table, version),
-            };
-            let events = feed::describe(frame.lsn, &command, schema_of);
-            if !events.is_empty() {
-                batches.push(ChangeBatch::new(frame.lsn, frame.epoch, None, events));
-            }
-        }
-        Ok(batches)
-    }
-
     /// The shard's log (stats, release of covered segments).
     pub fn wal(&self) -> &Wal<S> {
         &self.wal
@@ -658,59 +461,5 @@ impl<S: Storage> Shard<S> {
     pub async fn close(&self) -> Result<(), EngineError> {
         self.wal.close().await?;
         Ok(())
-    }
-}
-
-/// Applies queued commands in order as each becomes durable, and publishes what each
-/// changed to the feed's listeners.
-async fn run_applier(
-    state: Rc<RefCell<ShardState>>,
-    queue: Rc<RefCell<ApplyQueue>>,
-    feed: Rc<Feed>,
-    epoch: oc_io::Epoch,
-) {
-    loop {
-        let front = poll_fn(|cx| {
-            let mut q = queue.borrow_mut();
-            match q.queued.pop_front() {
-                Some(item) => Poll::Ready(item),
-                None => {
-                    q.applier = Some(cx.waker().clone());
-                    Poll::Pending
-                }
-            }
-        })
-        .await;
-        let outcome = match front.pending.durable_at().await {
-            Ok((lsn, committed)) => {
-                let mut state = state.borrow_mut();
-                // Only a listened-to tenant pays for describing its command; the events
-                // are described before the apply consumes it, and dropped if it refuses.
-                let events = feed.listening(&front.tenant).then(|| {
-                    feed::describe(
-                        lsn,
-                        &front.command,
-                        feed::current_schema(&state, &front.tenant),
-                    )
-                });
-                let applied = apply(&mut state, &front.tenant, lsn, committed, front.command);
-                let changed = applied.as_ref().is_ok_and(|a| feed::changed(lsn, a));
-                if let (Some(events), true) = (events, changed) {
-                    if !events.is_empty() {
-                        let batch =
-                            ChangeBatch::new(lsn, epoch, Some(std::time::Instant::now()), events);
-                        feed.publish(&front.tenant, batch);
-                    }
-                }
-                feed.advance(lsn);
-                applied.map(|a| (lsn, a))
-            }
-            Err(e) => Err(EngineError::from(e)),
-        };
-        let mut slot = front.slot.borrow_mut();
-        slot.outcome = Some(outcome);
-        if let Some(w) = slot.waker.take() {
-            w.wake();
-        }
     }
 }

@@ -1,0 +1,80 @@
+//! The applier: commands placed in the log wait here in LSN order and are applied,
+//! each once its log group is durable, by one task that does not depend on the
+//! callers' futures; each caller's slot then gets its outcome.
+
+use super::*;
+
+/// A caller's slot for the result of its command.
+#[derive(Default)]
+pub(super) struct Slot {
+    pub(super) outcome: Option<Outcome>,
+    pub(super) waker: Option<Waker>,
+}
+
+pub(super) struct Queued {
+    pub(super) tenant: TenantId,
+    pub(super) command: Command,
+    pub(super) pending: Pending,
+    pub(super) slot: Rc<RefCell<Slot>>,
+}
+
+/// Commands placed in the log, in LSN order, waiting to be applied.
+#[derive(Default)]
+pub(super) struct ApplyQueue {
+    pub(super) queued: VecDeque<Queued>,
+    pub(super) applier: Option<Waker>,
+}
+
+/// Applies queued commands in order as each becomes durable, and publishes what each
+/// changed to the feed's listeners.
+pub(super) async fn run_applier(
+    state: Rc<RefCell<ShardState>>,
+    queue: Rc<RefCell<ApplyQueue>>,
+    feed: Rc<Feed>,
+    epoch: oc_io::Epoch,
+) {
+    loop {
+        let front = poll_fn(|cx| {
+            let mut q = queue.borrow_mut();
+            match q.queued.pop_front() {
+                Some(item) => Poll::Ready(item),
+                None => {
+                    q.applier = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+            }
+        })
+        .await;
+        let outcome = match front.pending.durable_at().await {
+            Ok((lsn, committed)) => {
+                let mut state = state.borrow_mut();
+                // Only a listened-to tenant pays for describing its command; the events
+                // are described before the apply consumes it, and dropped if it refuses.
+                let events = feed.listening(&front.tenant).then(|| {
+                    feed::describe(
+                        lsn,
+                        &front.command,
+                        feed::current_schema(&state, &front.tenant),
+                    )
+                });
+                let applied = apply(&mut state, &front.tenant, lsn, committed, front.command);
+                let changed = applied.as_ref().is_ok_and(|a| feed::changed(lsn, a));
+                if let (Some(events), true) = (events, changed) {
+                    if !events.is_empty() {
+                        let batch =
+                            ChangeBatch::new(lsn, epoch, Some(std::time::Instant::now()), events);
+                        feed.publish(&front.tenant, batch);
+                    }
+                }
+                feed.advance(lsn);
+                applied.map(|a| (lsn, a))
+            }
+            Err(e) => Err(EngineError::from(e)),
+        };
+        let mut slot = front.slot.borrow_mut();
+        slot.outcome = Some(outcome);
+        if let Some(w) = slot.waker.take() {
+            w.wake();
+        }
+    }
+}
