@@ -54,6 +54,17 @@ fn start_tls(extra: &[&str]) -> Tls {
     }
 }
 
+impl Tls {
+    /// A client of this server trusting its certificate, with `token`.
+    fn client(&self, token: &str) -> Client {
+        Client::builder(&self.server.api)
+            .token(token)
+            .ca_cert_pem(self.ca_pem.clone())
+            .build()
+            .expect("client")
+    }
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -64,11 +75,7 @@ fn runtime() -> tokio::runtime::Runtime {
 #[test]
 fn every_call_works_over_tls_with_typed_answers_and_errors() {
     let tls = start_tls(&[]);
-    let admin = Client::builder(&tls.server.api)
-        .token(ADMIN)
-        .ca_cert_pem(tls.ca_pem.clone())
-        .build()
-        .expect("client");
+    let admin = tls.client(ADMIN);
     runtime().block_on(async {
         let created = admin.create_tenant("acme").await.expect("tenant");
         assert_eq!(created.tenant, "acme");
@@ -135,11 +142,7 @@ fn every_call_works_over_tls_with_typed_answers_and_errors() {
         // Keys: a tenant key reaches its tenant only, and a revoked one nothing.
         let key = admin.create_key("acme", Some("app")).await.expect("key");
         assert_eq!(admin.list_keys("acme").await.expect("keys").len(), 1);
-        let app = Client::builder(&tls.server.api)
-            .token(key.key.clone())
-            .ca_cert_pem(tls.ca_pem.clone())
-            .build()
-            .expect("client");
+        let app = tls.client(&key.key);
         app.usage("acme").await.expect("a key reads its tenant");
         let refused = app.list_tenants().await.expect_err("admin only");
         assert_eq!(refused.code(), Some(&ErrorCode::Forbidden));
@@ -208,11 +211,7 @@ fn a_client_that_does_not_trust_the_certificate_is_refused() {
 #[test]
 fn rate_limited_calls_wait_for_retry_after_and_succeed() {
     let tls = start_tls(&["--rate-limit-rps", "1", "--rate-limit-burst", "1"]);
-    let admin = Client::builder(&tls.server.api)
-        .token(ADMIN)
-        .ca_cert_pem(tls.ca_pem.clone())
-        .build()
-        .expect("client");
+    let admin = tls.client(ADMIN);
     let rt = runtime();
     let key = rt.block_on(async {
         admin.create_tenant("acme").await.expect("tenant");
@@ -220,11 +219,7 @@ fn rate_limited_calls_wait_for_retry_after_and_succeed() {
         admin.create_table("acme", &items).await.expect("table");
         admin.create_key("acme", None).await.expect("key").key
     });
-    let app = Client::builder(&tls.server.api)
-        .token(key)
-        .ca_cert_pem(tls.ca_pem.clone())
-        .build()
-        .expect("client");
+    let app = tls.client(&key);
     rt.block_on(async {
         let started = Instant::now();
         for id in 0..3 {
@@ -275,11 +270,7 @@ fn rate_limited_calls_wait_for_retry_after_and_succeed() {
 #[test]
 fn watch_streams_changes_as_typed_events() {
     let tls = start_tls(&[]);
-    let admin = Client::builder(&tls.server.api)
-        .token(ADMIN)
-        .ca_cert_pem(tls.ca_pem.clone())
-        .build()
-        .expect("client");
+    let admin = tls.client(ADMIN);
     runtime().block_on(async {
         admin.create_tenant("acme").await.expect("tenant");
         let items = TableSchema::new("items", &[("id", "int"), ("n", "int")], &["id"]);
