@@ -149,12 +149,7 @@ pub struct ShardSnapshot {
 pub fn snapshot(node: &ShardNode) -> ShardSnapshot {
     let shard = node.shard();
     let wal = shard.wal().stats();
-    let (tenants, rows, bytes) = shard.with_state(|state| {
-        state.tenants.values().fold((0, 0, 0), |(t, r, b), tenant| {
-            let usage = tenant.usage();
-            (t + 1, r + usage.rows, b + usage.bytes)
-        })
-    });
+    let (tenants, rows, bytes) = shard.totals();
     ShardSnapshot {
         shard: node.id(),
         http: HTTP.with(|m| m.borrow().clone()),

@@ -16,7 +16,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use oc_engine::digest::{summarize, TableSummary};
+use oc_engine::digest::TableSummary;
 use oc_engine::io::{DmaStorage, WalConfig};
 use oc_engine::placement::shard_dir;
 use oc_engine::Shard;
@@ -311,32 +311,17 @@ fn open_and_check(data_dir: &Path, shard: usize, epoch: u64) -> (ShardDrill, Vec
             ..WalConfig::default()
         };
         let (shard, _) = Shard::open(storage, config).await?;
-        let checked = shard.with_state(|state| {
-            let mut found = (0, 0, 0, Vec::new());
-            for (id, tenant) in &state.tenants {
-                found.0 += 1;
-                for table in tenant.tables() {
-                    found.1 += 1;
-                    match table.check_integrity() {
-                        Ok(rows) => found.2 += rows,
-                        Err(why) => found
-                            .3
-                            .push(format!("tenant {id}, table {}: {why}", table.schema().name)),
-                    }
-                }
-            }
-            (found, summarize(state))
-        });
+        let checked = shard.check();
         shard.close().await?;
         Ok::<_, oc_engine::EngineError>(checked)
     });
     match opened {
-        Ok(((tenants, tables, rows, problems), summaries)) => {
-            report.tenants = tenants;
-            report.tables = tables;
-            report.rows = rows;
-            report.problems = problems;
-            (report, summaries)
+        Ok(checked) => {
+            report.tenants = checked.tenants;
+            report.tables = checked.tables;
+            report.rows = checked.rows;
+            report.problems = checked.problems;
+            (report, checked.summaries)
         }
         Err(e) => {
             report

@@ -438,9 +438,24 @@ impl<S: Storage> Shard<S> {
         self.plan_cache.borrow().stats()
     }
 
-    /// Runs `f` on the whole shard state (tests, checkpoints).
-    pub fn with_state<R>(&self, f: impl FnOnce(&ShardState) -> R) -> R {
+    /// Runs `f` on the whole shard state (inside the engine: other crates read it
+    /// through the methods named for what they need).
+    pub(crate) fn with_state<R>(&self, f: impl FnOnce(&ShardState) -> R) -> R {
         f(&self.state.borrow())
+    }
+
+    /// The ids of this shard's tenants, in order.
+    pub fn tenant_ids(&self) -> Vec<TenantId> {
+        self.state.borrow().tenants.keys().cloned().collect()
+    }
+
+    /// (tenants, rows, bytes as stored) over the whole shard.
+    pub fn totals(&self) -> (usize, usize, usize) {
+        let state = self.state.borrow();
+        state.tenants.values().fold((0, 0, 0), |(t, r, b), tenant| {
+            let usage = tenant.usage();
+            (t + 1, r + usage.rows, b + usage.bytes)
+        })
     }
 
     pub fn applied_lsn(&self) -> Lsn {

@@ -211,13 +211,11 @@ pub async fn list_tenants(router: &ShardRouter, access: &Access) -> Answer {
     for shard in 0..router.shards() {
         let names = router
             .call(shard, |node: Rc<ShardNode>| async move {
-                node.shard().with_state(|state| {
-                    state
-                        .tenants
-                        .keys()
-                        .map(|t| t.as_str().to_string())
-                        .collect::<Vec<_>>()
-                })
+                node.shard()
+                    .tenant_ids()
+                    .iter()
+                    .map(|t| t.as_str().to_string())
+                    .collect::<Vec<_>>()
             })
             .await?;
         tenants.extend(names);
@@ -788,51 +786,13 @@ pub async fn digest(
     layout: &oc_engine::placement::Layout,
     access: &Access,
 ) -> Answer {
-    use oc_engine::digest::TableSummary;
-    use oc_engine::table::TableDigest;
     auth::require_admin(&access.caller)?;
     let mut shards = Vec::new();
     for shard in 0..router.shards() {
         let summed = router
             .call(shard, move |node: Rc<ShardNode>| async move {
-                let s = node.shard();
-                let (applied, last_commit, mut tables) = s.with_state(|state| {
-                    let tables: Vec<(TenantId, TableSummary)> = state
-                        .tenants
-                        .iter()
-                        .filter(|_| with_tables)
-                        .flat_map(|(id, t)| {
-                            t.tables()
-                                .map(|table| (id.clone(), TableSummary::start(id.as_str(), table)))
-                        })
-                        .collect();
-                    (state.applied_lsn.0, state.last_commit.0, tables)
-                });
-                for (tenant, summary) in &mut tables {
-                    let mut digest = TableDigest::default();
-                    loop {
-                        let step = s.with_state(|state| {
-                            let table = state
-                                .tenants
-                                .get(tenant)?
-                                .table(&summary.table)
-                                .ok()
-                                .filter(|t| t.version() == summary.version)?;
-                            (table.written_lsn() == summary.written_lsn)
-                                .then(|| table.digest_rows(&mut digest, DIGEST_SLICE_ROWS))
-                        });
-                        match step {
-                            Some(true) => summary.finish(&digest),
-                            Some(false) => {
-                                glommio::yield_if_needed().await;
-                                continue;
-                            }
-                            None => {}
-                        }
-                        break;
-                    }
-                }
-                let tables: Vec<TableSummary> = tables.into_iter().map(|(_, s)| s).collect();
+                let d = node.shard().digest(with_tables, DIGEST_SLICE_ROWS).await;
+                let (applied, last_commit, tables) = (d.applied_lsn, d.last_commit_us, d.tables);
                 json!({
                     "shard": shard,
                     "applied_lsn": applied,
