@@ -535,7 +535,7 @@ impl Client {
             let outcome = match request.send().await {
                 Ok(response) => match check(response).await {
                     Ok(response) => {
-                        let bytes = response.bytes().await?;
+                        let bytes = read_capped(response).await?;
                         return serde_json::from_slice(&bytes)
                             .map_err(|e| Error::Decode(format!("{method} {path}: {e}")));
                     }
