@@ -197,12 +197,7 @@ impl Client {
     }
 
     pub async fn list_tenants(&self) -> Result<Vec<String>, Error> {
-        #[derive(serde::Deserialize)]
-        struct List {
-            tenants: Vec<String>,
-        }
-        let list: List = self.get("/v1/tenants").await?;
-        Ok(list.tenants)
+        self.get_list("/v1/tenants", "tenants").await
     }
 
     pub async fn usage(&self, tenant: &str) -> Result<Usage, Error> {
@@ -228,14 +223,8 @@ impl Client {
     }
 
     pub async fn list_keys(&self, tenant: &str) -> Result<Vec<KeyInfo>, Error> {
-        #[derive(serde::Deserialize)]
-        struct List {
-            keys: Vec<KeyInfo>,
-        }
-        let list: List = self
-            .get(&format!("/v1/tenants/{}/keys", segment(tenant)?))
-            .await?;
-        Ok(list.keys)
+        let path = format!("/v1/tenants/{}/keys", segment(tenant)?);
+        self.get_list(&path, "keys").await
     }
 
     pub async fn revoke_key(&self, tenant: &str, key_id: &str) -> Result<KeyRevoked, Error> {
@@ -250,10 +239,8 @@ impl Client {
         tenant: &str,
         schema: &TableSchema,
     ) -> Result<TableCreated, Error> {
-        let path = format!("/v1/tenants/{}/tables", segment(tenant)?);
         let body = serde_json::to_value(schema).map_err(|e| Error::Decode(e.to_string()))?;
-        self.call(Method::POST, &path, Some(&body), Replay::Unsafe)
-            .await
+        self.create_table_json(tenant, &body).await
     }
 
     /// As [`Client::create_table`], with the schema as JSON sent as given: the server
@@ -269,14 +256,8 @@ impl Client {
     }
 
     pub async fn list_tables(&self, tenant: &str) -> Result<Vec<TableInfo>, Error> {
-        #[derive(serde::Deserialize)]
-        struct List {
-            tables: Vec<TableInfo>,
-        }
-        let list: List = self
-            .get(&format!("/v1/tenants/{}/tables", segment(tenant)?))
-            .await?;
-        Ok(list.tables)
+        let path = format!("/v1/tenants/{}/tables", segment(tenant)?);
+        self.get_list(&path, "tables").await
     }
 
     pub async fn describe_table(&self, tenant: &str, table: &str) -> Result<TableInfo, Error> {
@@ -509,6 +490,17 @@ impl Client {
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, Error> {
         self.call(Method::GET, path, None, Replay::Safe).await
+    }
+
+    /// The array under `field` of a GET's answer (`{"tables": [...]}`).
+    async fn get_list<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        field: &str,
+    ) -> Result<Vec<T>, Error> {
+        let mut answer: Value = self.get(path).await?;
+        serde_json::from_value(answer[field].take())
+            .map_err(|e| Error::Decode(format!("GET {path}: {field}: {e}")))
     }
 
     fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {

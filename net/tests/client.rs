@@ -27,14 +27,8 @@ struct Tls {
 
 fn start_tls(extra: &[&str]) -> Tls {
     let dir = tempfile::tempdir().expect("tempdir");
-    let certified =
-        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])
-            .expect("certificate");
-    let cert = dir.path().join("cert.pem");
-    let key = dir.path().join("key.pem");
+    let (cert, key, certified) = common::self_signed_cert(dir.path());
     let token = dir.path().join("admin-token");
-    std::fs::write(&cert, certified.cert.pem()).expect("write cert");
-    std::fs::write(&key, certified.key_pair.serialize_pem()).expect("write key");
     std::fs::write(&token, ADMIN).expect("write token");
     let mut args = vec![
         "--tls-cert",

@@ -29,13 +29,7 @@ fn client_trusting(cert_der: &[u8]) -> ureq::Agent {
 #[test]
 fn the_api_serves_tls_to_a_client_that_trusts_the_certificate() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let certified =
-        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])
-            .expect("certificate");
-    let cert = dir.path().join("cert.pem");
-    let key = dir.path().join("key.pem");
-    std::fs::write(&cert, certified.cert.pem()).expect("write cert");
-    std::fs::write(&key, certified.key_pair.serialize_pem()).expect("write key");
+    let (cert, key, certified) = common::self_signed_cert(dir.path());
 
     let server = Server::start(
         &dir.path().join("data"),

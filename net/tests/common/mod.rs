@@ -476,3 +476,16 @@ pub fn promtool_check(scrape: &str) {
         "promtool failed without saying why"
     );
 }
+
+/// A self-signed certificate for 127.0.0.1 and localhost, written as `cert.pem` and
+/// `key.pem` in `dir`: (the certificate's path, the key's path, the certificate).
+pub fn self_signed_cert(dir: &Path) -> (PathBuf, PathBuf, rcgen::CertifiedKey) {
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])
+            .expect("certificate");
+    let cert = dir.join("cert.pem");
+    let key = dir.join("key.pem");
+    std::fs::write(&cert, certified.cert.pem()).expect("write cert");
+    std::fs::write(&key, certified.key_pair.serialize_pem()).expect("write key");
+    (cert, key, certified)
+}
