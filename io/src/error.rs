@@ -54,6 +54,10 @@ pub enum Error {
         configured: crate::wal::Epoch,
         in_log: crate::wal::Epoch,
     },
+    /// A writer's frame handed to a follower's log does not continue it (a gap, an
+    /// older epoch, a broken group). Nothing was written; resume from the durable LSN.
+    #[error("stamped frame refused: {0}")]
+    FrameRefused(String),
     /// A configuration value is out of range.
     #[error("invalid configuration: {0}")]
     Config(String),

@@ -189,6 +189,14 @@ pub fn encode_unstamped(out: &mut [u8], kind: RecordKind, tenant: &[u8], payload
     len
 }
 
+/// Writes a frame's LSN, commit time and epoch, leaving it unsealed: a frame a writer
+/// stamped, waiting in a follower's group until [`stamp`] seals it there.
+pub(crate) fn place(frame: &mut [u8], lsn: Lsn, commit_ts: TimestampMicros, epoch: Epoch) {
+    frame[LSN_AT..TIMESTAMP_AT].copy_from_slice(&lsn.0.to_le_bytes());
+    frame[TIMESTAMP_AT..EPOCH_AT].copy_from_slice(&commit_ts.0.to_le_bytes());
+    frame[EPOCH_AT..GROUP_INDEX_AT].copy_from_slice(&epoch.0.to_le_bytes());
+}
+
 /// Fills in the position fields of an unstamped frame and seals it with its CRC.
 pub fn stamp(
     frame: &mut [u8],
@@ -198,9 +206,7 @@ pub fn stamp(
     group_index: u32,
 ) {
     debug_assert_eq!(read_u32(frame, LEN_AT) as usize, frame.len());
-    frame[LSN_AT..TIMESTAMP_AT].copy_from_slice(&lsn.0.to_le_bytes());
-    frame[TIMESTAMP_AT..EPOCH_AT].copy_from_slice(&commit_ts.0.to_le_bytes());
-    frame[EPOCH_AT..GROUP_INDEX_AT].copy_from_slice(&epoch.0.to_le_bytes());
+    place(frame, lsn, commit_ts, epoch);
     frame[GROUP_INDEX_AT..KIND_AT].copy_from_slice(&group_index.to_le_bytes());
     let crc = frame_crc(frame);
     frame[CRC_AT..LSN_AT].copy_from_slice(&crc.to_le_bytes());
@@ -223,6 +229,22 @@ pub fn encode(frame: &Frame<'_>) -> Vec<u8> {
 /// Reads the length field at the start of `bytes`, if four bytes are there.
 pub fn peek_len(bytes: &[u8]) -> Option<u32> {
     (bytes.len() >= 4).then(|| read_u32(bytes, LEN_AT))
+}
+
+/// A stamped frame's position fields, read without checking its CRC (the group-commit
+/// writer reads back what an appender placed).
+pub(crate) struct Position {
+    pub lsn: Lsn,
+    pub commit_ts: TimestampMicros,
+    pub epoch: Epoch,
+}
+
+pub(crate) fn peek_position(frame: &[u8]) -> Position {
+    Position {
+        lsn: Lsn(read_u64(frame, LSN_AT)),
+        commit_ts: TimestampMicros(read_u64(frame, TIMESTAMP_AT)),
+        epoch: Epoch(read_u64(frame, EPOCH_AT)),
+    }
 }
 
 /// Decodes the frame at the start of `bytes` (which may continue past it). Never

@@ -11,6 +11,14 @@
 //! - a disk-full (ENOSPC) or out-of-descriptors (EMFILE, ENFILE) error while preparing
 //!   a new segment fails only the frames that needed it; the log keeps going and
 //!   retries the segment on the next write.
+//!
+//! A follower's log takes frames the writer already stamped ([`super::Wal::submit_stamped`])
+//! and keeps their LSNs, epochs, commit times and contents; the writer checks that a
+//! stamped batch continues the log before writing it, and each segment holds one
+//! epoch. Its groups are its own: one write is one group, indexed from 0, as on the
+//! writer. Keeping the writer's group indexes instead would put several group starts
+//! in one write, and a crash that kept a later one's sectors but not an earlier one's
+//! would look like corruption to recovery (the stamped-append simulator found this).
 
 use std::cell::RefCell;
 use std::future::poll_fn;
@@ -20,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
-use super::frame::{frame_start_at, peek_len, stamp, Lsn, TimestampMicros};
+use super::frame::{frame_start_at, peek_len, peek_position, stamp, Epoch, Lsn, TimestampMicros};
 use super::recovery::{ActiveSegment, SegmentInfo};
 use super::segment::{
     segment_name, SegmentFooter, SegmentHeader, DATA_START, RECYCLED_NAME, SPARE_PARTIAL_NAME,
@@ -137,6 +145,8 @@ pub(crate) struct Group<B> {
     pub starts: Vec<u32>,
     pub enqueued: Vec<Instant>,
     pub completion: Rc<Completion>,
+    /// The frames are already stamped (a follower's groups).
+    pub stamped: bool,
 }
 
 impl<B> Default for Group<B> {
@@ -147,6 +157,7 @@ impl<B> Default for Group<B> {
             starts: Vec::new(),
             enqueued: Vec::new(),
             completion: Rc::default(),
+            stamped: false,
         }
     }
 }
@@ -160,6 +171,25 @@ pub(crate) enum Spare<F> {
     /// or its next spare (renamed to the same ready name) could replace the taken one.
     Claimed,
     Failed(Error),
+}
+
+/// Who stamps the log's frames. Fixed by the first submission after opening.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stamping {
+    Undecided,
+    /// The log stamps the frames it is given (a writer).
+    Own,
+    /// The log takes frames a writer stamped (a follower).
+    Stamped,
+}
+
+/// Where the next stamped group must continue the log: checked when it is submitted
+/// (the writer checks again before writing, the authority after a failed group).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StampedCursor {
+    pub next_lsn: Lsn,
+    pub epoch: Epoch,
+    pub commit_ts: TimestampMicros,
 }
 
 /// State shared by appenders, the writer and the spare preparer (one executor).
@@ -181,6 +211,8 @@ pub(crate) struct State<S: Storage> {
     pub durable_lsn: Lsn,
     /// End of the durable groups in the newest of `segments` (block-aligned).
     pub durable_end: u64,
+    pub stamping: Stamping,
+    pub cursor: StampedCursor,
 }
 
 pub(crate) struct Shared<S: Storage> {
@@ -227,6 +259,7 @@ struct Batch<B> {
     buf: B,
     len: usize,
     starts: Vec<u32>,
+    stamped: bool,
 }
 
 impl<B: IoBuffer> Batch<B> {
@@ -239,12 +272,26 @@ impl<B: IoBuffer> Batch<B> {
         }
     }
 
-    /// How many leading frames fit in `room` bytes once padded to a block.
+    /// How many leading frames fit in `room` bytes once padded to a block. Only frames
+    /// of a stamped batch's first epoch go in one segment.
     fn frames_fitting(&self, room: u64) -> usize {
-        (0..=self.starts.len())
+        let same_epoch = if self.stamped {
+            let epoch = self.position(0).epoch;
+            (1..self.starts.len())
+                .find(|&k| self.position(k).epoch != epoch)
+                .unwrap_or(self.starts.len())
+        } else {
+            self.starts.len()
+        };
+        (0..=same_epoch)
             .rev()
             .find(|&k| align_up(self.bytes_of(k) as u64) <= room)
             .unwrap_or(0)
+    }
+
+    /// The position fields of stamped frame `k`.
+    fn position(&self, k: usize) -> super::frame::Position {
+        peek_position(&self.buf.as_bytes()[self.starts[k] as usize..])
     }
 
     /// The encoded length of the frame starting at `start`.
@@ -280,7 +327,12 @@ impl<B: IoBuffer> Batch<B> {
         }
         self.len = self.bytes_of(k);
         self.starts.truncate(k);
-        Batch { buf, len, starts }
+        Batch {
+            buf,
+            len,
+            starts,
+            stamped: self.stamped,
+        }
     }
 }
 
@@ -290,6 +342,8 @@ pub(crate) struct Writer<S: Storage> {
     pub active: Option<ActiveSegment<S::File>>,
     pub next_lsn: Lsn,
     pub last_commit_ts: TimestampMicros,
+    /// Epoch of the last frame written (of the newest segment at open).
+    pub last_epoch: Epoch,
 }
 
 enum GroupError {
@@ -304,6 +358,7 @@ impl<S: Storage> Writer<S> {
     pub(crate) async fn run(mut self) {
         while let Some(mut group) = self.next_group().await {
             let completion = group.completion.clone();
+            let stamped = group.stamped;
             let enqueued = std::mem::take(&mut group.enqueued);
             let frames = group.starts.len();
             let first_lsn = self.next_lsn;
@@ -337,10 +392,24 @@ impl<S: Storage> Writer<S> {
                 if let Some(active) = &self.active {
                     state.durable_end = active.write_offset;
                 }
+                if stamped && durable < frames {
+                    // The next stamped group must continue what is durable, not what
+                    // was submitted.
+                    state.cursor = StampedCursor {
+                        next_lsn: self.next_lsn,
+                        epoch: self.last_epoch,
+                        commit_ts: self.last_commit_ts,
+                    };
+                }
             }
             completion.complete(Outcome {
                 first_lsn,
-                commit_ts,
+                // A stamped group's frames keep the writer's times; the last one here.
+                commit_ts: if stamped {
+                    self.last_commit_ts
+                } else {
+                    commit_ts
+                },
                 durable,
                 error,
             });
@@ -407,11 +476,24 @@ impl<S: Storage> Writer<S> {
             buf,
             len: group.len,
             starts: group.starts,
+            stamped: group.stamped,
         };
         let mut done = 0;
         loop {
-            // A segment of an older epoch takes no more frames: each segment has one epoch.
-            let epoch = self.shared.config.epoch;
+            // A segment of another epoch takes no more frames: each segment has one epoch.
+            let epoch = if batch.stamped {
+                let first = batch.position(0);
+                if first.lsn != self.next_lsn || first.epoch < self.last_epoch {
+                    let refused = Error::FrameRefused(format!(
+                        "LSN {} of epoch {} does not continue the log at LSN {} of epoch {}",
+                        first.lsn, first.epoch.0, self.next_lsn, self.last_epoch.0
+                    ));
+                    return Err((done, GroupError::Skipped(refused)));
+                }
+                first.epoch
+            } else {
+                self.shared.config.epoch
+            };
             let room = match &self.active {
                 Some(a) if !a.sealed && a.header.epoch == epoch => {
                     a.header.footer_offset() - a.write_offset
@@ -420,7 +502,7 @@ impl<S: Storage> Writer<S> {
             };
             let fit = batch.frames_fitting(room);
             if fit == 0 {
-                self.rotate().await.map_err(|e| (done, e))?;
+                self.rotate(epoch).await.map_err(|e| (done, e))?;
                 continue;
             }
             let rest =
@@ -446,7 +528,12 @@ impl<S: Storage> Writer<S> {
         mut batch: Batch<S::Buffer>,
         commit_ts: TimestampMicros,
     ) -> Result<()> {
-        let epoch = self.shared.config.epoch;
+        let (epoch, commit_ts) = if batch.stamped {
+            let last = batch.position(batch.starts.len() - 1);
+            (last.epoch, last.commit_ts)
+        } else {
+            (self.shared.config.epoch, commit_ts)
+        };
         let active = self
             .active
             .as_mut()
@@ -469,7 +556,14 @@ impl<S: Storage> Writer<S> {
                         as usize;
                 let lsn = Lsn(self.next_lsn.0 + index as u64);
                 let frame = &mut bytes[start as usize..end];
-                stamp(frame, lsn, commit_ts, epoch, index as u32);
+                if batch.stamped {
+                    // The writer's position stays; the group index becomes this log's.
+                    let at = peek_position(frame);
+                    debug_assert_eq!(at.lsn, lsn, "a stamped batch continues the log");
+                    stamp(frame, lsn, at.commit_ts, at.epoch, index as u32);
+                } else {
+                    stamp(frame, lsn, commit_ts, epoch, index as u32);
+                }
                 // Checked again here as recovery will check it (debug builds).
                 debug_assert!(
                     super::frame::decode(frame)
@@ -492,6 +586,7 @@ impl<S: Storage> Writer<S> {
         active.last_lsn = Lsn(self.next_lsn.0 - 1);
         active.last_commit_ts = commit_ts;
         self.last_commit_ts = commit_ts;
+        self.last_epoch = epoch;
         let mut stats = self.shared.stats.borrow_mut();
         stats.bytes_written += padded as u64;
         stats.syncs += 1;
@@ -499,7 +594,7 @@ impl<S: Storage> Writer<S> {
     }
 
     /// Seals the active segment (if any) and opens the next one from the spare.
-    async fn rotate(&mut self) -> Result<(), GroupError> {
+    async fn rotate(&mut self, epoch: Epoch) -> Result<(), GroupError> {
         if let Some(active) = self.active.as_mut().filter(|a| !a.sealed) {
             let footer = SegmentFooter {
                 first_lsn: active.header.first_lsn,
@@ -536,12 +631,12 @@ impl<S: Storage> Writer<S> {
         let header = SegmentHeader {
             shard: config.shard,
             max_group_bytes: config.max_group_bytes as u32,
-            epoch: config.epoch,
+            epoch,
             first_lsn: self.next_lsn,
             capacity_bytes: config.segment_bytes,
             created: TimestampMicros::now(),
         };
-        let name = segment_name(config.shard, config.epoch, self.next_lsn);
+        let name = segment_name(config.shard, epoch, self.next_lsn);
         let opened = async {
             storage.rename(SPARE_READY_NAME, &name).await?;
             let file = storage.open(&name).await?;

@@ -31,7 +31,7 @@ pub use recovery::{RecoveryReport, TailCut};
 use crate::buffer::{IoBuffer, BLOCK_SIZE};
 use crate::error::{Error, Result};
 use crate::storage::Storage;
-use group_commit::{Group, Shared, Spare, State, Writer};
+use group_commit::{Group, Shared, Spare, StampedCursor, Stamping, State, Writer};
 use segment::{DEFAULT_SEGMENT_BYTES, MIN_SEGMENT_BYTES};
 
 /// Default upper bound of one group commit's bytes.
@@ -177,6 +177,12 @@ impl<S: Storage> Wal<S> {
                 segments: resume.segments,
                 durable_lsn,
                 durable_end,
+                stamping: Stamping::Undecided,
+                cursor: StampedCursor {
+                    next_lsn: resume.next_lsn,
+                    epoch: report.last_epoch,
+                    commit_ts: resume.last_commit_ts,
+                },
             }),
             stats: RefCell::new(WalStats::default()),
         });
@@ -185,6 +191,7 @@ impl<S: Storage> Wal<S> {
             active: resume.active,
             next_lsn: resume.next_lsn,
             last_commit_ts: resume.last_commit_ts,
+            last_epoch: report.last_epoch,
         };
         let wal = Wal {
             _writer: glommio::spawn_local(writer.run()),
@@ -226,21 +233,128 @@ impl<S: Storage> Wal<S> {
                 return Ok(Pending { completion, index });
             }
             // The filling group is full: wait until the writer takes it, then retry.
-            let mut registered = false;
-            poll_fn(|cx| {
-                if registered {
-                    return Poll::Ready(());
-                }
-                registered = true;
-                self.shared
-                    .state
-                    .borrow_mut()
-                    .space_waiters
-                    .push(cx.waker().clone());
-                Poll::Pending
-            })
-            .await;
+            self.wait_for_space().await;
         }
+    }
+
+    /// Places one frame a writer already stamped (a follower's write path): it keeps
+    /// the writer's LSN, epoch, commit time and contents, under the same durability
+    /// contract as [`Wal::submit`]. Frames submitted one after another share group
+    /// commits as [`Wal::submit`]'s do; a group is this log's own unit of writing, so
+    /// a frame's `group_index` (and with it the CRC) is this log's, not the writer's.
+    ///
+    /// The frame must continue the log: its LSN follows the last one submitted, its
+    /// epoch and commit time do not go back. Anything else is [`Error::FrameRefused`]
+    /// and nothing is written; after any failed group the log continues from
+    /// [`Wal::durable_lsn`]. A log takes stamped frames or stamps its own, whichever
+    /// it is given first after opening, never both.
+    pub async fn submit_stamped(&self, frame: &OwnedFrame) -> Result<Pending> {
+        let f = frame.as_frame();
+        if f.kind.0 == 0 {
+            return Err(Error::FrameRefused(format!(
+                "LSN {} has record kind 0",
+                f.lsn
+            )));
+        }
+        if f.tenant.len() > MAX_TENANT_BYTES {
+            return Err(Error::TenantTooLong {
+                bytes: f.tenant.len(),
+                limit: MAX_TENANT_BYTES,
+            });
+        }
+        let len = f.len();
+        let limit = self.shared.config.max_frame_bytes();
+        if len > limit {
+            return Err(Error::RecordTooLarge { bytes: len, limit });
+        }
+        let enqueued = Instant::now();
+        loop {
+            if let Some(pending) = self.try_enqueue_stamped(&f, enqueued)? {
+                self.shared.stats.borrow_mut().append_bytes += len as u64;
+                return Ok(pending);
+            }
+            self.wait_for_space().await;
+        }
+    }
+
+    fn try_enqueue_stamped(&self, f: &Frame<'_>, enqueued: Instant) -> Result<Option<Pending>> {
+        let mut guard = self.shared.state.borrow_mut();
+        let state = &mut *guard;
+        if let Some(e) = &state.failed {
+            return Err(e.clone());
+        }
+        if state.closing {
+            return Err(Error::WalClosed);
+        }
+        if state.stamping == Stamping::Own {
+            return Err(Error::FrameRefused(
+                "this log stamps its own frames (it is a writer's)".into(),
+            ));
+        }
+        let cursor = state.cursor;
+        if f.lsn != cursor.next_lsn || f.epoch < cursor.epoch {
+            return Err(Error::FrameRefused(format!(
+                "LSN {} of epoch {} does not continue the log at LSN {} of epoch {}",
+                f.lsn, f.epoch.0, cursor.next_lsn, cursor.epoch.0
+            )));
+        }
+        if f.commit_ts < cursor.commit_ts {
+            return Err(Error::FrameRefused(format!(
+                "commit time of LSN {} goes back",
+                f.lsn
+            )));
+        }
+        let max = self.shared.config.max_group_bytes;
+        let group = &mut state.filling;
+        let start = frame::frame_start_at(group.len);
+        let end = start + f.len();
+        if end > max {
+            return Ok(None);
+        }
+        let buf = group
+            .buf
+            .get_or_insert_with(|| self.shared.storage.alloc_buffer(max + BLOCK_SIZE));
+        let bytes = buf.as_bytes_mut();
+        bytes[group.len..start].fill(0);
+        // The writer's position goes in now; the group index and the CRC when the
+        // group is written.
+        frame::encode_unstamped(&mut bytes[start..end], f.kind, f.tenant, f.payload);
+        frame::place(&mut bytes[start..end], f.lsn, f.commit_ts, f.epoch);
+        group.len = end;
+        group.starts.push(start as u32);
+        group.enqueued.push(enqueued);
+        group.stamped = true;
+        state.stamping = Stamping::Stamped;
+        state.cursor = StampedCursor {
+            next_lsn: f.lsn.next(),
+            epoch: f.epoch,
+            commit_ts: f.commit_ts,
+        };
+        if let Some(w) = state.writer_waker.take() {
+            w.wake();
+        }
+        Ok(Some(Pending {
+            completion: group.completion.clone(),
+            index: group.starts.len() - 1,
+        }))
+    }
+
+    /// Waits until the writer takes the filling group (it had no room).
+    async fn wait_for_space(&self) {
+        let mut registered = false;
+        poll_fn(|cx| {
+            if registered {
+                return Poll::Ready(());
+            }
+            registered = true;
+            self.shared
+                .state
+                .borrow_mut()
+                .space_waiters
+                .push(cx.waker().clone());
+            Poll::Pending
+        })
+        .await;
     }
 
     /// Copies a frame into the filling group if it has room; returns the group's
@@ -261,6 +375,12 @@ impl<S: Storage> Wal<S> {
         if state.closing {
             return Err(Error::WalClosed);
         }
+        if state.stamping == Stamping::Stamped {
+            return Err(Error::FrameRefused(
+                "this log takes stamped frames (it is a follower's)".into(),
+            ));
+        }
+        state.stamping = Stamping::Own;
         let max = self.shared.config.max_group_bytes;
         let group = &mut state.filling;
         let start = frame::frame_start_at(group.len);

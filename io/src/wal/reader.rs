@@ -7,7 +7,9 @@
 //! left it meanwhile is reported as no longer held rather than trusted (a released file
 //! can be recycled and overwritten while it is read).
 
-use super::frame::{decode, peek_len, Epoch, Lsn, RecordKind, TimestampMicros, MAX_FRAME_BYTES};
+use super::frame::{
+    decode, peek_len, Epoch, Frame, Lsn, RecordKind, TimestampMicros, MAX_FRAME_BYTES,
+};
 use super::segment::{SegmentHeader, DATA_START};
 use super::Wal;
 use crate::buffer::{align_down, align_up, BLOCK_SIZE};
@@ -25,9 +27,27 @@ pub struct OwnedFrame {
     pub lsn: Lsn,
     pub commit_ts: TimestampMicros,
     pub epoch: Epoch,
+    /// Position in the group commit that wrote it (0 starts a group): a follower keeps
+    /// the writer's groups ([`Wal::submit_group`]).
+    pub group_index: u32,
     pub kind: RecordKind,
     pub tenant: Vec<u8>,
     pub payload: Vec<u8>,
+}
+
+impl OwnedFrame {
+    /// The frame, borrowing this one's bytes.
+    pub fn as_frame(&self) -> Frame<'_> {
+        Frame {
+            lsn: self.lsn,
+            commit_ts: self.commit_ts,
+            epoch: self.epoch,
+            group_index: self.group_index,
+            kind: self.kind,
+            tenant: &self.tenant,
+            payload: &self.payload,
+        }
+    }
 }
 
 impl From<&super::frame::Frame<'_>> for OwnedFrame {
@@ -36,6 +56,7 @@ impl From<&super::frame::Frame<'_>> for OwnedFrame {
             lsn: frame.lsn,
             commit_ts: frame.commit_ts,
             epoch: frame.epoch,
+            group_index: frame.group_index,
             kind: frame.kind,
             tenant: frame.tenant.to_vec(),
             payload: frame.payload.to_vec(),

@@ -53,6 +53,8 @@ pub struct RecoveryReport {
     /// LSN of the last valid frame (0 for an empty log).
     pub last_lsn: Lsn,
     pub last_commit_ts: TimestampMicros,
+    /// Epoch of the newest segment (0 for an empty log).
+    pub last_epoch: Epoch,
     /// A torn tail that was cut (normal after a crash).
     pub torn_tail: Option<TailCut>,
     /// Corruption that was cut because the operator asked for it.
@@ -381,6 +383,7 @@ pub(crate) async fn recover<S: Storage>(
     };
     report.segments = segments.iter().map(|s| s.name.clone()).collect();
     let last_commit_ts = report.last_commit_ts;
+    report.last_epoch = last_epoch;
     Ok((
         report,
         Resume {
