@@ -26,6 +26,10 @@
 //!
 //! Not built yet: following `421 not_leader` to the writer and `min_lsn` reads (they
 //! come with replication).
+//!
+//! One file, about 630 lines of code: every route is one short method over the same
+//! request/retry core, and splitting the methods from that core would only add
+//! indirection.
 #![deny(clippy::expect_used)]
 
 mod error;

@@ -10,6 +10,8 @@
 //! created (a restore draws a new one), which the archive's owner record holds so that
 //! one archive has one writing data directory. A layout written before ids existed
 //! gets one at its next start.
+//!
+//! About 390 lines of code; the rest are unit tests.
 
 use std::fmt;
 use std::io::{Read, Write};

@@ -2,6 +2,8 @@
 //! carries the tenant id as its tenant tag and the command's kind as its record kind;
 //! the payload starts with a format version byte. Every decode checks lengths before
 //! slicing and re-validates schemas: a record never panics the decoder.
+//!
+//! About 500 lines of code; the rest are unit tests (round trips and hostile bytes).
 
 use oc_io::wal::frame::frame_len;
 use oc_io::RecordKind;

@@ -15,6 +15,9 @@
 //!
 //! Blocking: the log is written and read on a thread of its own ([`start`]); shards
 //! talk to it through an [`Auditor`], which never blocks them.
+//!
+//! One file, about 810 lines of code: the file format, the writer and the query share
+//! the line format and its limits (FORMAT.md §10).
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};

@@ -23,6 +23,8 @@
 //! absent" or "only if the version I read is still there", so two processes racing
 //! for one archive cannot both win, on S3 (`If-None-Match` / `If-Match`) or a local
 //! directory (hard link / compare-and-swap under a `flock`).
+//!
+//! About 490 lines of code; the rest are unit tests of the owner record's races.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -14,6 +14,9 @@
 //! pieces are deleted), checkpoints (snapshot, then manifest), then the new bytes of
 //! the active segment as one tail piece. The barrier becomes the first LSN of the
 //! oldest segment not archived sealed, so the active segment is never released.
+//!
+//! One file, about 860 lines of code: one shipping round and its ordering rules
+//! (above); the control-executor half is the small `run_shipper` at the end.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};

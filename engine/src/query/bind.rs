@@ -1,6 +1,9 @@
 //! Binding: a parsed statement checked against the tenant's schema and turned into a
 //! [`Bound`] query whose expressions address row positions. Everything outside the
 //! subset is refused here, naming the construct and where it is.
+//!
+//! One file, about 750 lines: one `Binder` walks every construct of the SQL subset, and
+//! each refusal is next to the case it refuses.
 
 use sqlparser::ast::{
     self, BinaryOperator, FunctionArg, FunctionArgExpr, FunctionArguments, GroupByExpr,

@@ -2,6 +2,9 @@
 //! and checked where it landed, its work runs on the tenant's owner shard, and every
 //! response — success or error — carries `x-request-id` and is counted by route and
 //! status.
+//!
+//! One file, about 780 lines of code: routing, method checks, audit wrapping and body
+//! reading, the request path every route shares.
 
 pub mod error;
 pub mod fuzz;

@@ -13,6 +13,10 @@
 //! Streams live outside the request deadline and the per-tenant in-flight limit; they
 //! have their own limits (per tenant and per server), and end with `shutdown` when the
 //! server drains.
+//!
+//! One file, about 1,030 lines of code: the hub, the subscriber and the streaming body
+//! share the stream's end states; the next split, if it grows, is the body (from
+//! `WatchBody`) into its own module.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap, VecDeque};

@@ -8,6 +8,9 @@
 //! offset/limit, projection — each counting rows in and out and the time spent, which
 //! is what EXPLAIN ANALYZE reports. Where rows come from (`access`), how groups are
 //! summed (`aggregate`) and how the plan is reported (`explain`) have files of their own.
+//!
+//! One file, about 650 lines: the slice loop and its resumption state; access paths,
+//! aggregation and EXPLAIN are already in their own modules.
 
 use std::borrow::Cow;
 use std::cmp::Ordering;
