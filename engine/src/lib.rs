@@ -39,7 +39,6 @@ pub mod vectors;
 
 pub use error::{EngineError, FileProblem, UnreadableFile};
 pub use mesh::{MeshError, Router};
-pub use oc_io as io;
 pub use placement::owner_shard;
 pub use pool::{owner_of, stop_all, PoolConfig, ShardNode, ShardPool, ShardRouter};
 pub use quota::{Growth, TenantQuotas};

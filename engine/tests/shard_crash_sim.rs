@@ -356,7 +356,7 @@ async fn run_seed(seed: u64) -> (usize, bool) {
 
 #[test]
 fn crashes_never_lose_acknowledged_commands_or_half_apply_a_batch() {
-    let seeds = oc_engine::io::seeds_from_env(400);
+    let seeds = oc_io::seeds_from_env(400);
     let count = seeds.len();
     let (mut with_writes, mut from_checkpoint) = (0, 0);
     run_local(async {

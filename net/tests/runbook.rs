@@ -72,7 +72,7 @@ fn the_runbooks_restore_block_runs_as_written_and_restores_to_the_target() {
     write_rows(&server, 0..40);
     wait_until_archived(&server, 2);
     std::thread::sleep(Duration::from_millis(20));
-    let target = oc_ship::timestamp::format_rfc3339(oc_engine::io::TimestampMicros::now().0);
+    let target = oc_ship::timestamp::format_rfc3339(oc_io::TimestampMicros::now().0);
     std::thread::sleep(Duration::from_millis(20));
     write_rows(&server, 40..60);
     wait_until_archived(&server, 2);

@@ -295,7 +295,7 @@ fn format_line(group: &[Record], out: &mut Vec<u8>) {
 
 /// Test builds: `audit.sync.err=<path>` fails every sync while that file exists.
 fn sync_failpoint() -> std::io::Result<()> {
-    match oc_engine::io::failpoint::armed("audit.sync.err") {
+    match oc_io::failpoint::armed("audit.sync.err") {
         Some(trigger) if Path::new(trigger).exists() => {
             Err(std::io::Error::from_raw_os_error(libc::EIO))
         }
@@ -304,7 +304,7 @@ fn sync_failpoint() -> std::io::Result<()> {
 }
 
 fn now_us() -> u64 {
-    oc_engine::io::TimestampMicros::now().0
+    oc_io::TimestampMicros::now().0
 }
 
 /// The writer of one data directory's audit log.

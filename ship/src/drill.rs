@@ -17,9 +17,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use oc_engine::digest::TableSummary;
-use oc_engine::io::{DmaStorage, WalConfig};
 use oc_engine::placement::shard_dir;
 use oc_engine::Shard;
+use oc_io::{DmaStorage, WalConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::archive::Archive;
@@ -147,7 +147,7 @@ pub fn drill(
         }
         None => None,
     };
-    let started_us = oc_engine::io::TimestampMicros::now().0;
+    let started_us = oc_io::TimestampMicros::now().0;
     let dir = work_dir.join(format!("oc-drill-{}-{}", std::process::id(), started_us));
     let restore_started = Instant::now();
     let restored = restore::restore(archive, LATEST, &dir, progress);
@@ -303,11 +303,11 @@ fn open_and_check(data_dir: &Path, shard: usize, epoch: u64) -> (ShardDrill, Vec
         problems: Vec::new(),
     };
     let dir = shard_dir(data_dir, shard);
-    let opened = oc_engine::io::executor::run_local(async {
+    let opened = oc_io::executor::run_local(async {
         let storage = DmaStorage::open(&dir).await?;
         // The epoch the restored directory writes: its log may hold newer epochs than 1.
         let config = WalConfig {
-            epoch: oc_engine::io::Epoch(epoch),
+            epoch: oc_io::Epoch(epoch),
             ..WalConfig::default()
         };
         let (shard, _) = Shard::open(storage, config).await?;

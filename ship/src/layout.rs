@@ -15,8 +15,7 @@
 //! segments only) the footer block. A tail piece is the bytes `[start, end)` of the
 //! active segment's file; the first piece starts at 0 and so holds the header.
 
-use oc_io::wal::scan::{scan_segment, ScanEnd, SegmentScan};
-use oc_io::wal::segment::{segment_name, SegmentFooter, SegmentHeader, DATA_START};
+use oc_io::wal::segment::segment_name;
 use oc_io::{Epoch, Lsn, BLOCK_SIZE};
 
 /// Version of the archive layout, recorded in `manifest.json`.
@@ -163,95 +162,6 @@ fn split_shard(key: &str) -> Option<(usize, &str)> {
 fn parse_hex(s: &str) -> Option<u64> {
     (s.len() == 16 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
         .then(|| u64::from_str_radix(s, 16).ok())?
-}
-
-/// A sealed segment file's image: header block, data up to `data_end`, footer block.
-/// Refuses a segment whose footer or data checksum is wrong, so a damaged local file
-/// is never archived as if it were good.
-pub fn sealed_image(
-    header_block: &[u8],
-    data: &[u8],
-    footer_block: &[u8],
-) -> Result<(Vec<u8>, SegmentHeader, SegmentFooter), String> {
-    let header = SegmentHeader::decode(header_block).map_err(|e| format!("header: {e:?}"))?;
-    let footer = SegmentFooter::decode(footer_block).map_err(|e| format!("footer: {e:?}"))?;
-    if footer.data_end != DATA_START + data.len() as u64 {
-        return Err(format!(
-            "footer says data ends at {}, {} bytes were read",
-            footer.data_end,
-            DATA_START + data.len() as u64
-        ));
-    }
-    if crc32c::crc32c(data) != footer.data_crc {
-        return Err("data checksum does not match the footer".into());
-    }
-    let mut image = Vec::with_capacity(2 * BLOCK_SIZE + data.len());
-    image.extend_from_slice(header_block);
-    image.extend_from_slice(data);
-    image.extend_from_slice(footer_block);
-    Ok((image, header, footer))
-}
-
-/// Turns an image (a sealed image, or tail pieces joined from offset 0) back into a
-/// whole segment file: the header's capacity, zeroes where nothing was stored, the
-/// footer in the last block when `sealed`.
-pub fn expand_image(image: &[u8], sealed: bool) -> Result<(Vec<u8>, SegmentHeader), String> {
-    if image.len() < BLOCK_SIZE || !image.len().is_multiple_of(BLOCK_SIZE) {
-        return Err(format!(
-            "{} bytes is not a whole number of blocks",
-            image.len()
-        ));
-    }
-    let header =
-        SegmentHeader::decode(&image[..BLOCK_SIZE]).map_err(|e| format!("header: {e:?}"))?;
-    let capacity = header.capacity_bytes as usize;
-    let data_len = image.len() - if sealed { BLOCK_SIZE } else { 0 };
-    if data_len > capacity - BLOCK_SIZE || (sealed && data_len < BLOCK_SIZE) {
-        return Err(format!(
-            "{} bytes do not fit a {capacity}-byte segment",
-            image.len()
-        ));
-    }
-    let mut file = vec![0u8; capacity];
-    file[..data_len].copy_from_slice(&image[..data_len]);
-    if sealed {
-        file[capacity - BLOCK_SIZE..].copy_from_slice(&image[data_len..]);
-    }
-    Ok((file, header))
-}
-
-/// Where a valid frame sits in a segment file.
-#[derive(Debug, Clone, Copy)]
-pub struct FrameAt {
-    pub lsn: Lsn,
-    pub commit_us: u64,
-    /// Position in its group commit (0 starts a group, always on a block boundary).
-    pub group_index: u32,
-    pub start: u64,
-}
-
-/// Frames of a whole segment file, validated as recovery validates them. A sealed
-/// file must end `Sealed`; an active one `Clean` or `Full`; anything else is damage.
-pub fn scan_file(
-    file: &[u8],
-    header: &SegmentHeader,
-    sealed: bool,
-    mut on_frame: impl FnMut(&FrameAt),
-) -> Result<SegmentScan, String> {
-    let scan = scan_segment(file, header, |f, offset| {
-        on_frame(&FrameAt {
-            lsn: f.lsn,
-            commit_us: f.commit_ts.0,
-            group_index: f.group_index,
-            start: offset,
-        });
-        Ok::<_, ()>(())
-    })
-    .map_err(|()| "scan stopped".to_string())?;
-    match (&scan.end, sealed) {
-        (ScanEnd::Sealed(_), true) | (ScanEnd::Clean | ScanEnd::Full, false) => Ok(scan),
-        (end, _) => Err(format!("the frames end with {end:?}")),
-    }
 }
 
 #[cfg(test)]

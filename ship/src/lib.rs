@@ -19,5 +19,3 @@ pub mod replay;
 pub mod restore;
 pub mod shipper;
 pub mod timestamp;
-
-pub use oc_engine as engine;

@@ -1,15 +1,17 @@
-//! Frames read back from the archive's sealed segments: what a `/watch` resume replays
-//! once the local log no longer reaches back far enough (its segments are released
-//! after checkpoints; the archive keeps them for the retention period).
+//! Frames read back from the archive: sealed segments, then the live segment's tail
+//! pieces. A `/watch` resume replays them once the local log no longer reaches back
+//! far enough (its segments are released after checkpoints; the archive keeps them
+//! for the retention period); a follower's bootstrap reads the same way.
 //!
 //! Blocking, like every archive call: run it on a thread of its own, never on a
 //! shard's executor.
 
-use oc_engine::io::wal::scan::scan_segment;
-use oc_engine::io::{Lsn, OwnedFrame};
+use oc_io::wal::image::frames_in_image;
+use oc_io::{Lsn, OwnedFrame};
 
 use crate::archive::{Archive, ArchiveError};
-use crate::layout::{self, SegmentKey};
+use crate::catalog::contiguous_end;
+use crate::layout::{self, SegmentKey, TailPieceKey};
 
 /// What [`frames_after`] found.
 #[derive(Debug)]
@@ -17,8 +19,8 @@ pub enum ArchiveRead {
     /// Frames with LSN above `after`, in order, up to `upto` and at most to the end of
     /// one archived segment: call again after the last one for more.
     Frames(Vec<OwnedFrame>),
-    /// No archived sealed segment holds the frame after `after`; `oldest` is the first
-    /// LSN the archive holds sealed, if any.
+    /// The archive holds no frame after `after`; `oldest` is the first LSN it holds
+    /// sealed, if any.
     NotHeld { oldest: Option<Lsn> },
 }
 
@@ -32,7 +34,7 @@ pub enum ReplayError {
 }
 
 /// The frames of `shard` with LSN in `(after, upto]` from the archived sealed segment
-/// that holds `after + 1`.
+/// that holds `after + 1`, or else from the newest archived tail of a live segment.
 pub fn frames_after(
     archive: &dyn Archive,
     shard: usize,
@@ -48,55 +50,237 @@ pub fn frames_after(
         .collect();
     segments.sort();
     let oldest = segments.first().map(|s| s.first_lsn);
-    let Some(segment) = segments
+    let not_held = Ok(ArchiveRead::NotHeld { oldest });
+    let (key, image, sealed) = match segments
         .iter()
         .find(|s| s.first_lsn <= wanted && wanted <= s.last_lsn)
-    else {
-        return Ok(ArchiveRead::NotHeld { oldest });
-    };
-    let key = segment.key();
-    let damaged = |why: String| ReplayError::Damaged {
-        key: key.clone(),
-        why,
-    };
-    let Some((image, _)) = archive.get(&key)? else {
-        // Deleted by retention since the list.
-        return Ok(ArchiveRead::NotHeld { oldest });
-    };
-    let (file, header) = layout::expand_image(&image, true).map_err(damaged)?;
-    if header.first_lsn != segment.first_lsn {
-        return Err(damaged(format!(
-            "its header starts at LSN {}, its key at {}",
-            header.first_lsn.0, segment.first_lsn.0
-        )));
-    }
-    let mut frames = Vec::new();
-    let mut expected = wanted;
-    let scanned = scan_segment(&file, &header, |frame, _| {
-        if frame.lsn > upto {
-            return Err(None);
+    {
+        Some(segment) => {
+            let Some((image, _)) = archive.get(&segment.key())? else {
+                return not_held; // deleted by retention since the list
+            };
+            (segment.key(), image, true)
         }
-        if frame.lsn >= wanted {
-            if frame.lsn != expected {
-                return Err(Some(format!(
-                    "LSN {} follows {}",
-                    frame.lsn.0,
-                    expected.0 - 1
-                )));
+        None => {
+            let Some((pieces, image)) = live_tail(archive, shard, wanted)? else {
+                return not_held;
+            };
+            (pieces[0].key(), image, false)
+        }
+    };
+    let frames =
+        frames_in_image(&image, sealed, after, upto).map_err(|why| ReplayError::Damaged {
+            key: key.clone(),
+            why,
+        })?;
+    match frames.first() {
+        Some(first) if first.lsn == wanted => Ok(ArchiveRead::Frames(frames)),
+        None if !sealed => not_held, // the tail ends before `wanted`
+        _ => Err(ReplayError::Damaged {
+            key,
+            why: format!("no valid frame holds LSN {}, which it should", wanted.0),
+        }),
+    }
+}
+
+/// The pieces of the newest archived live segment that starts at or before `wanted`,
+/// and their bytes joined from offset 0 (as far as they are contiguous).
+fn live_tail(
+    archive: &dyn Archive,
+    shard: usize,
+    wanted: Lsn,
+) -> Result<Option<(Vec<TailPieceKey>, Vec<u8>)>, ArchiveError> {
+    let mut pieces: Vec<TailPieceKey> = archive
+        .list(&layout::tails_prefix(shard))?
+        .iter()
+        .filter_map(|key| TailPieceKey::parse(key))
+        .filter(|p| p.shard == shard && p.first_lsn <= wanted)
+        .collect();
+    pieces.sort();
+    let Some(newest) = pieces.last().map(|p| (p.epoch, p.first_lsn)) else {
+        return Ok(None);
+    };
+    pieces.retain(|p| (p.epoch, p.first_lsn) == newest);
+    let end = contiguous_end(&pieces);
+    pieces.retain(|p| p.end <= end);
+    Ok(join_tail(archive, &pieces)?.map(|image| (pieces, image)))
+}
+
+/// Tail pieces joined from offset 0; `None` when one was deleted since it was listed.
+/// A piece that does not continue the ones before it, or whose size differs from
+/// what its key says, is damage.
+pub fn join_tail(
+    archive: &dyn Archive,
+    pieces: &[TailPieceKey],
+) -> Result<Option<Vec<u8>>, ArchiveError> {
+    let mut image = Vec::new();
+    for piece in pieces {
+        let corrupt = |why: String| ArchiveError::Corrupt {
+            key: piece.key(),
+            why,
+        };
+        if piece.start != image.len() as u64 {
+            return Err(corrupt(format!(
+                "does not continue the tail pieces before it (they end at byte {})",
+                image.len()
+            )));
+        }
+        let Some((bytes, _)) = archive.get(&piece.key())? else {
+            return Ok(None);
+        };
+        if bytes.len() as u64 != piece.end - piece.start {
+            return Err(corrupt(format!(
+                "holds {} bytes, its key says {}",
+                bytes.len(),
+                piece.end - piece.start
+            )));
+        }
+        image.extend_from_slice(&bytes);
+    }
+    Ok(Some(image))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::archive::{Condition, LocalDirArchive};
+    use oc_io::executor::run_local;
+    use oc_io::wal::image::sealed_image;
+    use oc_io::wal::segment::{parse_segment_name, SegmentFooter};
+    use oc_io::{RecordKind, SimFaults, SimStorage, Wal, WalConfig, BLOCK_SIZE};
+
+    /// A log of two segments: the first sealed, the second live; returns the files'
+    /// bytes (oldest first), where the live one's durable groups end, and the last LSN.
+    fn two_segments() -> (Vec<(String, Vec<u8>)>, u64, Lsn) {
+        run_local(async {
+            let storage = SimStorage::new(7, SimFaults::default());
+            let config = WalConfig {
+                segment_bytes: 32 * 1024,
+                max_group_bytes: 8 * 1024,
+                ..WalConfig::default()
+            };
+            let (wal, _) = Wal::open(storage.clone(), config, Lsn(1), |_| Ok(()))
+                .await
+                .expect("open");
+            // Until the live segment holds more than two blocks of frames.
+            let live_bytes = |wal: &Wal<SimStorage>| {
+                wal.durable_tail()
+                    .filter(|_| wal.segments().len() == 2)
+                    .map_or(0, |t| t.end)
+            };
+            let mut last = Lsn(0);
+            while live_bytes(&wal) <= 3 * BLOCK_SIZE as u64 {
+                last = wal
+                    .append(RecordKind(1), b"t", &[last.0 as u8; 1000])
+                    .await
+                    .expect("append");
             }
-            expected = frame.lsn.next();
-            frames.push(OwnedFrame::from(frame));
+            let tail = wal.durable_tail().expect("a live segment");
+            let files = wal
+                .segments()
+                .into_iter()
+                .map(|name| {
+                    let bytes = storage.read_file(&name).expect("the file exists");
+                    (name, bytes)
+                })
+                .collect();
+            wal.close().await.expect("close");
+            (files, tail.end, tail.lsn)
+        })
+    }
+
+    #[test]
+    fn frames_come_from_sealed_segments_then_the_live_tail() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let archive = LocalDirArchive::open(dir.path()).expect("archive");
+        let (files, tail_end, last) = two_segments();
+        let (sealed_name, sealed) = &files[0];
+        let footer = &sealed[sealed.len() - BLOCK_SIZE..];
+        let data_end = SegmentFooter::decode(footer).expect("sealed").data_end as usize;
+        let (image, header, footer) = sealed_image(
+            &sealed[..BLOCK_SIZE],
+            &sealed[BLOCK_SIZE..data_end],
+            &sealed[sealed.len() - BLOCK_SIZE..],
+        )
+        .expect("a sealed image");
+        let (_, epoch, first) = parse_segment_name(sealed_name).expect("a segment name");
+        let segment = SegmentKey {
+            shard: 0,
+            epoch,
+            first_lsn: first,
+            last_lsn: footer.last_lsn,
+            last_commit_us: footer.last_commit_ts.0,
+        };
+        assert_eq!(header.first_lsn, first);
+        archive
+            .put(&segment.key(), &image, &Condition::IfAbsent)
+            .expect("put");
+        // The live segment in two pieces, as two shipping rounds leave it.
+        let (live_name, live) = &files[1];
+        let (_, epoch, first_live) = parse_segment_name(live_name).expect("a segment name");
+        let mid = BLOCK_SIZE as u64 * 2;
+        assert!(tail_end > mid, "the live segment holds more than one block");
+        for (start, end) in [(0, mid), (mid, tail_end)] {
+            let piece = TailPieceKey {
+                shard: 0,
+                epoch,
+                first_lsn: first_live,
+                start,
+                end,
+            };
+            archive
+                .put(
+                    &piece.key(),
+                    &live[start as usize..end as usize],
+                    &Condition::IfAbsent,
+                )
+                .expect("put");
         }
-        Ok(())
-    });
-    if let Err(Some(why)) = scanned {
-        return Err(damaged(why));
+
+        // Page by page from the start: the sealed segment, then the tail, gap-free.
+        let mut after = Lsn(0);
+        let mut pages = 0;
+        while after < last {
+            let ArchiveRead::Frames(frames) = frames_after(&archive, 0, after, last).expect("read")
+            else {
+                panic!("the archive holds LSN {}", after.next());
+            };
+            for (i, f) in frames.iter().enumerate() {
+                assert_eq!(f.lsn.0, after.0 + 1 + i as u64);
+                assert_eq!(f.payload, vec![(f.lsn.0 - 1) as u8; 1000]);
+            }
+            after = frames.last().expect("a page has frames").lsn;
+            pages += 1;
+        }
+        assert_eq!(pages, 2, "one page per segment");
+        assert_eq!(segment.last_lsn.next(), first_live);
+        // Past the end of the tail: not held.
+        assert!(matches!(
+            frames_after(&archive, 0, last, Lsn(last.0 + 10)).expect("read"),
+            ArchiveRead::NotHeld {
+                oldest: Some(Lsn(1))
+            }
+        ));
+        // Bounded by `upto`.
+        let ArchiveRead::Frames(frames) =
+            frames_after(&archive, 0, first_live, first_live.next()).expect("read")
+        else {
+            panic!("the tail holds it");
+        };
+        assert_eq!(frames.len(), 1);
+
+        // A second piece whose size differs from its key is damage, named.
+        let bad = TailPieceKey {
+            shard: 0,
+            epoch,
+            first_lsn: first_live,
+            start: tail_end,
+            end: tail_end + BLOCK_SIZE as u64,
+        };
+        archive
+            .put(&bad.key(), &[0; 100], &Condition::IfAbsent)
+            .expect("put");
+        let err = frames_after(&archive, 0, first_live, last).expect_err("damaged");
+        assert!(err.to_string().contains("holds 100 bytes"), "{err}");
     }
-    if frames.is_empty() {
-        return Err(damaged(format!(
-            "its key says it holds LSN {} but no valid frame has it",
-            wanted.0
-        )));
-    }
-    Ok(ArchiveRead::Frames(frames))
 }

@@ -23,12 +23,13 @@ use std::path::Path;
 
 use oc_engine::placement::{create_layout_with_epochs, shard_dir, DataDirId, EpochStart};
 use oc_io::dir_lock::{DirLock, DirLockError, LOCK_FILE};
+use oc_io::wal::image::{self, FrameAt};
 use oc_io::Lsn;
 
 use crate::archive::{Archive, ArchiveError};
 use crate::audit;
 use crate::catalog::{read_archive_manifest, CheckpointManifest, ShardCatalog};
-use crate::layout::{self, FrameAt, SegmentKey, TailPieceKey};
+use crate::layout::{self, SegmentKey, TailPieceKey};
 use crate::timestamp::format_rfc3339;
 
 /// Restore everything the archive has.
@@ -193,29 +194,12 @@ fn fetch(archive: &dyn Archive, key: &str) -> Result<Vec<u8>, PitrError> {
 
 /// Joins tail pieces from offset 0; they must be contiguous.
 fn join_pieces(archive: &dyn Archive, pieces: &[TailPieceKey]) -> Result<Vec<u8>, PitrError> {
-    let mut image = Vec::new();
-    for piece in pieces {
-        if piece.start != image.len() as u64 {
-            return Err(PitrError::Refused(format!(
-                "tail piece {} does not continue the pieces before it (they end at byte {})",
-                piece.key(),
-                image.len()
-            )));
-        }
-        let bytes = fetch(archive, &piece.key())?;
-        if bytes.len() as u64 != piece.end - piece.start {
-            return Err(PitrError::Archive(ArchiveError::Corrupt {
-                key: piece.key(),
-                why: format!(
-                    "holds {} bytes, its key says {}",
-                    bytes.len(),
-                    piece.end - piece.start
-                ),
-            }));
-        }
-        image.extend_from_slice(&bytes);
-    }
-    Ok(image)
+    crate::replay::join_tail(archive, pieces)?.ok_or_else(|| {
+        PitrError::Refused(
+            "a tail piece was listed but is gone (deleted by retention meanwhile?); run the restore again"
+                .into(),
+        )
+    })
 }
 
 /// The log's objects in LSN order: sealed segments by key, then the live tail (its
@@ -258,7 +242,7 @@ fn rebuild(
             why,
         })
     };
-    let (mut file, header) = layout::expand_image(image, sealed).map_err(corrupt)?;
+    let (mut file, header) = image::expand_image(image, sealed).map_err(corrupt)?;
     if header.first_lsn > expected {
         return Err(corrupt(format!(
             "starts at LSN {} where LSN {} was expected",
@@ -267,7 +251,7 @@ fn rebuild(
     }
     let mut last = None;
     let mut cut_at = None;
-    layout::scan_file(&file, &header, sealed, |frame| {
+    image::scan_file(&file, &header, sealed, |frame| {
         if cut_at.is_some() {
             return;
         }
@@ -364,7 +348,7 @@ pub fn restore(
     // again under the same LSNs (a `/watch` id from it gets `reset`). The epoch is
     // above every epoch in the archive and at least the restore's time in seconds, so
     // two restores from one archive (each shipping to a new archive) never share one.
-    let restored_at_s = oc_engine::io::TimestampMicros::now().0 / 1_000_000;
+    let restored_at_s = oc_io::TimestampMicros::now().0 / 1_000_000;
     let mut epochs = Vec::new();
     if newest_epoch > 1 {
         // Where the archive's own epochs began is not recorded here: ids of its newest

@@ -457,8 +457,9 @@ impl Shipper {
         })?;
         let data_len = footer.data_end.saturating_sub(DATA_START) as usize;
         let data = read_at(&file, &path, DATA_START, data_len)?;
-        let (image, _, footer) = layout::sealed_image(&header_block, &data, &footer_block)
-            .map_err(|e| local(&path, e))?;
+        let (image, _, footer) =
+            oc_io::wal::image::sealed_image(&header_block, &data, &footer_block)
+                .map_err(|e| local(&path, e))?;
         let key = SegmentKey {
             shard,
             epoch,

@@ -7,6 +7,7 @@
 
 pub mod frame;
 pub mod group_commit;
+pub mod image;
 pub mod inspect;
 pub mod reader;
 pub mod recovery;

@@ -7,13 +7,11 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use oc_engine::checkpoint::{decode_checkpoint, manifest_name, parse_manifest_name, snapshot_name};
+use oc_io::fail_stop::LineFormat;
+use oc_io::wal::inspect::describe_segment;
 use oc_ship::archive::open_archive;
-use oc_ship::engine::checkpoint::{
-    decode_checkpoint, manifest_name, parse_manifest_name, snapshot_name,
-};
-use oc_ship::engine::io::fail_stop::LineFormat;
-use oc_ship::engine::io::wal::inspect::describe_segment;
-use oc_ship::layout::{self, SegmentKey, TailPieceKey};
+use oc_ship::layout::{SegmentKey, TailPieceKey};
 use oc_ship::timestamp::format_rfc3339;
 
 #[derive(Parser)]
@@ -61,7 +59,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    oc_ship::engine::io::fail_stop::install_panic_hook("oc-ctl", LineFormat::Text);
+    oc_io::fail_stop::install_panic_hook("oc-ctl", LineFormat::Text);
     match run(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {
@@ -96,7 +94,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("no object {key} in the archive"))?;
             let sealed = SegmentKey::parse(&key).is_some();
             if sealed || TailPieceKey::parse(&key).is_some_and(|p| p.start == 0) {
-                let (file, _) = layout::expand_image(&bytes, sealed)
+                let (file, _) = oc_io::wal::image::expand_image(&bytes, sealed)
                     .map_err(|why| anyhow::anyhow!("{key}: {why}"))?;
                 print!("{}", describe_segment(&key, &file));
             } else if key.ends_with(".json") {

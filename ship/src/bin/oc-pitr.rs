@@ -12,10 +12,10 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use oc_io::fail_stop::LineFormat;
 use oc_ship::archive::open_archive;
 use oc_ship::catalog::{read_archive_manifest, ShardCatalog};
 use oc_ship::drill;
-use oc_ship::engine::io::fail_stop::LineFormat;
 use oc_ship::restore::{self, LATEST};
 use oc_ship::timestamp::{format_rfc3339, parse_rfc3339};
 use serde_json::json;
@@ -97,7 +97,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    oc_ship::engine::io::fail_stop::install_panic_hook("oc-pitr", LineFormat::Text);
+    oc_io::fail_stop::install_panic_hook("oc-pitr", LineFormat::Text);
     match run(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {

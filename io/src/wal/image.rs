@@ -1,0 +1,145 @@
+//! Segment *images*: a segment file without its unused space, as the archive stores it
+//! (FORMAT.md §9): the header block, the data area up to the end of the last group,
+//! and (sealed segments only) the footer block. A live segment's tail pieces joined
+//! from offset 0 are an image too. This module turns files into images and back, and
+//! reads frames out of an image, validated as recovery validates a file: the archive's
+//! frame reader for `/watch` resumes past the local log, restore and (later) a
+//! follower's bootstrap.
+
+use super::frame::Lsn;
+use super::reader::OwnedFrame;
+use super::scan::{scan_segment, ScanEnd, SegmentScan};
+use super::segment::{SegmentFooter, SegmentHeader, DATA_START};
+use crate::buffer::BLOCK_SIZE;
+
+/// A sealed segment file's image: header block, data up to `data_end`, footer block.
+/// Refuses a segment whose footer or data checksum is wrong, so a damaged local file
+/// is never archived as if it were good.
+pub fn sealed_image(
+    header_block: &[u8],
+    data: &[u8],
+    footer_block: &[u8],
+) -> Result<(Vec<u8>, SegmentHeader, SegmentFooter), String> {
+    let header = SegmentHeader::decode(header_block).map_err(|e| format!("header: {e:?}"))?;
+    let footer = SegmentFooter::decode(footer_block).map_err(|e| format!("footer: {e:?}"))?;
+    if footer.data_end != DATA_START + data.len() as u64 {
+        return Err(format!(
+            "footer says data ends at {}, {} bytes were read",
+            footer.data_end,
+            DATA_START + data.len() as u64
+        ));
+    }
+    if crc32c::crc32c(data) != footer.data_crc {
+        return Err("data checksum does not match the footer".into());
+    }
+    let mut image = Vec::with_capacity(2 * BLOCK_SIZE + data.len());
+    image.extend_from_slice(header_block);
+    image.extend_from_slice(data);
+    image.extend_from_slice(footer_block);
+    Ok((image, header, footer))
+}
+
+/// Turns an image (a sealed image, or tail pieces joined from offset 0) back into a
+/// whole segment file: the header's capacity, zeroes where nothing was stored, the
+/// footer in the last block when `sealed`.
+pub fn expand_image(image: &[u8], sealed: bool) -> Result<(Vec<u8>, SegmentHeader), String> {
+    if image.len() < BLOCK_SIZE || !image.len().is_multiple_of(BLOCK_SIZE) {
+        return Err(format!(
+            "{} bytes is not a whole number of blocks",
+            image.len()
+        ));
+    }
+    let header =
+        SegmentHeader::decode(&image[..BLOCK_SIZE]).map_err(|e| format!("header: {e:?}"))?;
+    let capacity = header.capacity_bytes as usize;
+    let data_len = image.len() - if sealed { BLOCK_SIZE } else { 0 };
+    if data_len > capacity - BLOCK_SIZE || (sealed && data_len < BLOCK_SIZE) {
+        return Err(format!(
+            "{} bytes do not fit a {capacity}-byte segment",
+            image.len()
+        ));
+    }
+    let mut file = vec![0u8; capacity];
+    file[..data_len].copy_from_slice(&image[..data_len]);
+    if sealed {
+        file[capacity - BLOCK_SIZE..].copy_from_slice(&image[data_len..]);
+    }
+    Ok((file, header))
+}
+
+/// Where a valid frame sits in a segment file.
+#[derive(Debug, Clone, Copy)]
+pub struct FrameAt {
+    pub lsn: Lsn,
+    pub commit_us: u64,
+    /// Position in its group commit (0 starts a group, always on a block boundary).
+    pub group_index: u32,
+    pub start: u64,
+}
+
+/// Frames of a whole segment file, validated as recovery validates them. A sealed
+/// file must end `Sealed`; an active one `Clean` or `Full`; anything else is damage.
+pub fn scan_file(
+    file: &[u8],
+    header: &SegmentHeader,
+    sealed: bool,
+    mut on_frame: impl FnMut(&FrameAt),
+) -> Result<SegmentScan, String> {
+    let scan = scan_segment(file, header, |f, offset| {
+        on_frame(&FrameAt {
+            lsn: f.lsn,
+            commit_us: f.commit_ts.0,
+            group_index: f.group_index,
+            start: offset,
+        });
+        Ok::<_, ()>(())
+    })
+    .map_err(|()| "scan stopped".to_string())?;
+    check_end(&scan, sealed)?;
+    Ok(scan)
+}
+
+/// The frames with LSN in `(after, upto]` of an image (`sealed`: a sealed segment's,
+/// else tail pieces joined from offset 0), in order. Damage, a gap, or an image whose
+/// frames do not end as its kind must is an error naming what is wrong.
+pub fn frames_in_image(
+    image: &[u8],
+    sealed: bool,
+    after: Lsn,
+    upto: Lsn,
+) -> Result<Vec<OwnedFrame>, String> {
+    let (file, header) = expand_image(image, sealed)?;
+    let mut frames = Vec::new();
+    let mut expected = after.next();
+    let scanned = scan_segment(&file, &header, |frame, _| {
+        if frame.lsn > upto {
+            return Err(None);
+        }
+        if frame.lsn > after {
+            if frame.lsn != expected {
+                return Err(Some(format!(
+                    "LSN {} follows {}",
+                    frame.lsn,
+                    expected.0 - 1
+                )));
+            }
+            expected = frame.lsn.next();
+            frames.push(OwnedFrame::from(frame));
+        }
+        Ok(())
+    });
+    match scanned {
+        Err(Some(why)) => return Err(why),
+        // Stopped at `upto`: what was read is whole.
+        Err(None) => return Ok(frames),
+        Ok(scan) => check_end(&scan, sealed)?,
+    }
+    Ok(frames)
+}
+
+fn check_end(scan: &SegmentScan, sealed: bool) -> Result<(), String> {
+    match (&scan.end, sealed) {
+        (ScanEnd::Sealed(_), true) | (ScanEnd::Clean | ScanEnd::Full, false) => Ok(()),
+        (end, _) => Err(format!("the frames end with {end:?}")),
+    }
+}
