@@ -80,6 +80,9 @@ fn chain_from(catalog: &ShardCatalog, need: Lsn, target: u64) -> Result<ShardPla
     let mut next = need;
     let mut segments = Vec::new();
     let mut last_commit = 0;
+    // Stopping early at a gap still restores something when there is a checkpoint
+    // below `need` or segments before the gap; the latest point is then the best one.
+    let something = |segments: &[SegmentKey]| need > Lsn(1) || !segments.is_empty();
     let gap = |next: Lsn, found: Lsn, what: String| {
         format!(
             "LSNs {}..={} are missing from the archive (the next object is {what})",
@@ -96,7 +99,7 @@ fn chain_from(catalog: &ShardCatalog, need: Lsn, target: u64) -> Result<ShardPla
         }
         if segment.first_lsn > next {
             let why = gap(next, segment.first_lsn, segment.key());
-            return if target == LATEST && !segments.is_empty() {
+            return if target == LATEST && something(&segments) {
                 Ok(plan(segments, None, Some(why)))
             } else {
                 Err(why)
@@ -115,14 +118,14 @@ fn chain_from(catalog: &ShardCatalog, need: Lsn, target: u64) -> Result<ShardPla
                     first,
                     format!("the tail of segment {}", pieces[0].file_name()),
                 );
-                if target != LATEST || segments.is_empty() {
+                if target != LATEST || !something(&segments) {
                     return Err(why);
                 }
                 return Ok(plan(segments, None, Some(why)));
             }
-            if first == next {
-                tail = Some(pieces.clone());
-            }
+            // The live segment may have started before the LSN needed (a checkpoint
+            // taken while it was live): its frames past that LSN are still needed.
+            tail = Some(pieces.clone());
         }
     }
     Ok(plan(segments, tail, None))
@@ -278,6 +281,17 @@ fn rebuild(
         last,
         cut: cut_at.is_some(),
     })
+}
+
+/// Whether a rebuilt segment continues the log up to `expected` (the LSN after what
+/// is restored so far): it holds `expected - 1` or later, or starts exactly at
+/// `expected`.
+fn reaches(rebuilt: &Rebuilt, expected: Lsn) -> bool {
+    match rebuilt.last {
+        Some(last) => last.lsn.next() >= expected,
+        None => oc_io::wal::segment::parse_segment_name(&rebuilt.name)
+            .is_some_and(|(_, _, first)| first == expected),
+    }
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), PitrError> {
@@ -534,6 +548,17 @@ fn restore_shard(
     for (index, (key, pieces)) in objects.iter().enumerate() {
         let image = fetch_image(archive, key, *pieces)?;
         let rebuilt = rebuild(key, &image, pieces.is_none(), expected, target)?;
+        if pieces.is_some() && !reaches(&rebuilt, expected) {
+            // The archived tail ends before the checkpoint: nothing in it is needed,
+            // and a log ending below the checkpoint would not open.
+            progress(&format!(
+                "shard {}: the archived tail of {} ends before LSN {}; not needed",
+                plan.shard,
+                rebuilt.name,
+                expected.0.saturating_sub(1)
+            ));
+            continue;
+        }
         let path = dir.join(&rebuilt.name);
         write_synced(&path, &rebuilt.file)?;
         out.segments += 1;
@@ -676,4 +701,73 @@ pub fn verify(
         shards.push(v);
     }
     Ok(shards)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use oc_io::Epoch;
+
+    fn checkpoint(lsn: u64) -> CheckpointManifest {
+        CheckpointManifest {
+            completed_us: Some(10),
+            crc32c: 0,
+            created_us: 10,
+            data_bytes: 0,
+            epoch: 1,
+            format_version: 1,
+            lsn: Lsn(lsn),
+            rows: 0,
+            shard: 0,
+            snapshot: oc_engine::checkpoint::snapshot_name(Lsn(lsn)),
+            tenants: Vec::new(),
+        }
+    }
+
+    fn tail(first: u64) -> TailPieceKey {
+        TailPieceKey {
+            shard: 0,
+            epoch: Epoch(1),
+            first_lsn: Lsn(first),
+            start: 0,
+            end: 8192,
+        }
+    }
+
+    /// A checkpoint taken while the live segment was live: the live segment started
+    /// before the checkpoint's LSN, and the frames after that LSN are only in its
+    /// tail. The plan once dropped that tail and restored the checkpoint alone,
+    /// losing the archived writes after it (found by `ship_restore_sim`, seed 19).
+    #[test]
+    fn a_checkpoint_inside_the_live_segment_keeps_its_tail() {
+        let segment = SegmentKey {
+            shard: 0,
+            epoch: Epoch(1),
+            first_lsn: Lsn(1),
+            last_lsn: Lsn(104),
+            last_commit_us: 5,
+        };
+        let mut catalog = ShardCatalog {
+            shard: 0,
+            checkpoints: vec![checkpoint(113)],
+            segments: vec![segment],
+            ..ShardCatalog::default()
+        };
+        catalog.tails.insert((1, Lsn(105)), vec![tail(105)]);
+        let plan = plan_shard(&catalog, LATEST).expect("a plan");
+        assert_eq!(plan.checkpoint.map(|c| c.lsn), Some(Lsn(113)));
+        assert!(plan.segments.is_empty(), "the sealed segment is all before it");
+        assert_eq!(plan.tail, Some(vec![tail(105)]));
+        // A tail that starts after the checkpoint's next LSN is a gap: the latest
+        // point is the checkpoint alone (not the log from the start, which ends at
+        // 104), and the plan says where it stops.
+        catalog.tails.clear();
+        catalog.tails.insert((1, Lsn(120)), vec![tail(120)]);
+        let plan = plan_shard(&catalog, LATEST).expect("a plan");
+        assert_eq!(plan.checkpoint.map(|c| c.lsn), Some(Lsn(113)));
+        assert_eq!(plan.tail, None);
+        assert!(plan.stops_early.is_some_and(|why| why.contains("114..=119")));
+        // A target before the gap still needs a complete chain.
+        assert!(plan_shard(&catalog, 7).is_err());
+    }
 }

@@ -5,8 +5,11 @@
 //! asks each shard where its log ends ([`ShardView`], one cross-core call), hands the
 //! views to the shipping thread, and moves each shard's release barrier up to what is
 //! now archived. The shipping thread ([`Shipper`]) does every blocking thing: it reads
-//! the shard's files with ordinary reads (every byte it reads is durable and never
-//! rewritten, see `Wal::durable_tail`) and calls the archive. So an archive that is
+//! the shard's files through [`ShardFiles`] (every byte it reads is durable and never
+//! rewritten, see `Wal::durable_tail`) and calls the archive. On a server those are
+//! plain reads on the shipping thread ([`DataDirFiles`]), never a shard's io_uring; in
+//! the simulator they read the simulated disk, so shipping and restore are tested
+//! with crashes (`ship/tests/ship_restore_sim.rs`). So an archive that is
 //! slow or down never blocks a shard: writes go on, segments stay on disk, and the
 //! lag metrics grow until uploads succeed again.
 //!
@@ -169,8 +172,80 @@ struct ShardProgress {
     caught_up: Option<Instant>,
 }
 
+/// The files of the shards' directories, as the shipper reads them: only segments and
+/// checkpoints, only bytes that are durable and never rewritten.
+pub trait ShardFiles {
+    /// Names of the files in `shard`'s directory.
+    fn names(&self, shard: usize) -> std::io::Result<Vec<String>>;
+    /// `len` bytes of `name` from `offset`.
+    fn read_at(
+        &self,
+        shard: usize,
+        name: &str,
+        offset: u64,
+        len: usize,
+    ) -> std::io::Result<Vec<u8>>;
+    /// The whole file; `None` when it is gone (a superseded checkpoint).
+    fn read(&self, shard: usize, name: &str) -> std::io::Result<Option<Vec<u8>>>;
+    fn len(&self, shard: usize, name: &str) -> std::io::Result<u64>;
+    /// The file as error messages name it.
+    fn describe(&self, shard: usize, name: &str) -> String;
+}
+
+/// A server's shard directories, read with ordinary blocking reads.
+#[derive(Debug, Clone)]
+pub struct DataDirFiles {
+    pub data_dir: PathBuf,
+}
+
+impl DataDirFiles {
+    fn path(&self, shard: usize, name: &str) -> PathBuf {
+        shard_dir(&self.data_dir, shard).join(name)
+    }
+}
+
+impl ShardFiles for DataDirFiles {
+    fn names(&self, shard: usize) -> std::io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(shard_dir(&self.data_dir, shard))? {
+            names.push(entry?.file_name().to_string_lossy().into_owned());
+        }
+        Ok(names)
+    }
+
+    fn read_at(
+        &self,
+        shard: usize,
+        name: &str,
+        offset: u64,
+        len: usize,
+    ) -> std::io::Result<Vec<u8>> {
+        let file = File::open(self.path(shard, name))?;
+        let mut buf = vec![0u8; len];
+        file.read_exact_at(&mut buf, offset)?;
+        Ok(buf)
+    }
+
+    fn read(&self, shard: usize, name: &str) -> std::io::Result<Option<Vec<u8>>> {
+        match std::fs::read(self.path(shard, name)) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn len(&self, shard: usize, name: &str) -> std::io::Result<u64> {
+        Ok(std::fs::metadata(self.path(shard, name))?.len())
+    }
+
+    fn describe(&self, shard: usize, name: &str) -> String {
+        self.path(shard, name).display().to_string()
+    }
+}
+
 /// The blocking half: reads shard files, writes the archive.
-pub struct Shipper {
+pub struct Shipper<F: ShardFiles = DataDirFiles> {
+    files: F,
     /// The archive behind this process's hold on the owner record: writes stop when
     /// the hold is lost ([`FencedArchive`]).
     archive: Arc<dyn Archive>,
@@ -191,13 +266,6 @@ fn local(file: &Path, e: impl std::fmt::Display) -> ShipError {
         file: file.display().to_string(),
         why: e.to_string(),
     }
-}
-
-fn read_at(file: &File, path: &Path, offset: u64, len: usize) -> Result<Vec<u8>, ShipError> {
-    let mut buf = vec![0u8; len];
-    file.read_exact_at(&mut buf, offset)
-        .map_err(|e| local(path, e))?;
-    Ok(buf)
 }
 
 fn now_us() -> u64 {
@@ -232,15 +300,30 @@ pub fn claim_archive(archive: &dyn Archive, shards: usize) -> Result<(), ShipErr
     }
 }
 
-impl Shipper {
-    /// Claims the archive for this data directory (refused when another one owns it,
-    /// or another copy of it holds the record) and for this layout, and learns what it
-    /// already holds.
+impl Shipper<DataDirFiles> {
+    /// [`Shipper::open_with`] the server's shard directories.
     pub fn open(
         archive: Arc<dyn Archive>,
         config: ShipperConfig,
         status: ShipStatus,
     ) -> Result<Shipper, ShipError> {
+        let files = DataDirFiles {
+            data_dir: config.data_dir.clone(),
+        };
+        Shipper::open_with(archive, config, status, files)
+    }
+}
+
+impl<F: ShardFiles> Shipper<F> {
+    /// Claims the archive for this data directory (refused when another one owns it,
+    /// or another copy of it holds the record) and for this layout, and learns what it
+    /// already holds; reads the shards' files through `files`.
+    pub fn open_with(
+        archive: Arc<dyn Archive>,
+        config: ShipperConfig,
+        status: ShipStatus,
+        files: F,
+    ) -> Result<Shipper<F>, ShipError> {
         let claim_sent = Instant::now();
         let claim = lease::claim(
             archive.as_ref(),
@@ -292,6 +375,7 @@ impl Shipper {
             m.lag_seconds = vec![0.0; config.shards];
         });
         Ok(Shipper {
+            files,
             archive,
             config,
             shards,
@@ -324,13 +408,12 @@ impl Shipper {
 
     /// Durable bytes of `shard` the archive does not have yet, by the local files.
     fn lag_bytes(&self, shard: usize, view: &ShardView) -> u64 {
-        let dir = shard_dir(&self.config.data_dir, shard);
         let progress = &self.shards[shard];
         let mut lag = 0;
         for name in view.segments.iter().rev().skip(1) {
             if let Some((_, _, first)) = parse_segment_name(name) {
                 if !progress.segments.contains(&first) {
-                    lag += std::fs::metadata(dir.join(name)).map_or(0, |m| m.len());
+                    lag += self.files.len(shard, name).unwrap_or(0);
                 }
             }
         }
@@ -424,42 +507,47 @@ impl Shipper {
     }
 
     fn ship_shard(&mut self, shard: usize, view: &ShardView) -> Result<Lsn, ShipError> {
-        let dir = shard_dir(&self.config.data_dir, shard);
         let sealed = view.segments.len().saturating_sub(1);
         for name in &view.segments[..sealed] {
-            self.ship_sealed(shard, &dir, name)?;
+            self.ship_sealed(shard, name)?;
         }
-        self.ship_checkpoints(shard, &dir)?;
+        self.ship_checkpoints(shard)?;
         let Some(tail) = &view.tail else {
             return Ok(Lsn(1));
         };
-        self.ship_tail(shard, &dir, tail)?;
+        self.ship_tail(shard, tail)?;
         Ok(tail.first_lsn)
     }
 
-    fn ship_sealed(&mut self, shard: usize, dir: &Path, name: &str) -> Result<(), ShipError> {
-        let path = dir.join(name);
+    fn ship_sealed(&mut self, shard: usize, name: &str) -> Result<(), ShipError> {
+        let local = |e: &dyn std::fmt::Display| ShipError::Local {
+            file: self.files.describe(shard, name),
+            why: e.to_string(),
+        };
         let Some((_, epoch, first)) = parse_segment_name(name) else {
-            return Err(local(&path, "not a segment name"));
+            return Err(local(&"not a segment name"));
         };
         if self.shards[shard].segments.contains(&first) {
             return Ok(());
         }
-        let file = File::open(&path).map_err(|e| local(&path, e))?;
-        let header_block = read_at(&file, &path, 0, BLOCK_SIZE)?;
-        let capacity = file.metadata().map_err(|e| local(&path, e))?.len();
-        let footer_block = read_at(&file, &path, capacity - BLOCK_SIZE as u64, BLOCK_SIZE)?;
-        let footer = oc_io::wal::segment::SegmentFooter::decode(&footer_block).map_err(|e| {
-            local(
-                &path,
-                format!("a sealed segment without a valid footer: {e:?}"),
-            )
-        })?;
+        let read = |offset: u64, len: usize| {
+            self.files
+                .read_at(shard, name, offset, len)
+                .map_err(|e| local(&e))
+        };
+        let header_block = read(0, BLOCK_SIZE)?;
+        let capacity = self.files.len(shard, name).map_err(|e| local(&e))?;
+        if capacity < 2 * BLOCK_SIZE as u64 {
+            return Err(local(&format!("a segment of only {capacity} bytes")));
+        }
+        let footer_block = read(capacity - BLOCK_SIZE as u64, BLOCK_SIZE)?;
+        let footer = oc_io::wal::segment::SegmentFooter::decode(&footer_block)
+            .map_err(|e| local(&format!("a sealed segment without a valid footer: {e:?}")))?;
         let data_len = footer.data_end.saturating_sub(DATA_START) as usize;
-        let data = read_at(&file, &path, DATA_START, data_len)?;
+        let data = read(DATA_START, data_len)?;
         let (image, _, footer) =
             oc_io::wal::image::sealed_image(&header_block, &data, &footer_block)
-                .map_err(|e| local(&path, e))?;
+                .map_err(|e| local(&e))?;
         let key = SegmentKey {
             shard,
             epoch,
@@ -485,37 +573,41 @@ impl Shipper {
         Ok(())
     }
 
-    fn ship_checkpoints(&mut self, shard: usize, dir: &Path) -> Result<(), ShipError> {
-        let entries = std::fs::read_dir(dir).map_err(|e| local(dir, e))?;
-        let mut local_checkpoints: Vec<Lsn> = entries
-            .filter_map(|e| e.ok())
-            .filter_map(|e| {
-                let name = e.file_name().to_string_lossy().into_owned();
-                let hex = name.strip_prefix("checkpoint-")?.strip_suffix(".json")?;
-                u64::from_str_radix(hex, 16).ok().map(Lsn)
-            })
+    fn ship_checkpoints(&mut self, shard: usize) -> Result<(), ShipError> {
+        let names = self.files.names(shard).map_err(|e| ShipError::Local {
+            file: self.files.describe(shard, ""),
+            why: e.to_string(),
+        })?;
+        let mut local_checkpoints: Vec<Lsn> = names
+            .iter()
+            .filter_map(|name| oc_engine::checkpoint::parse_manifest_name(name))
             .collect();
         local_checkpoints.sort();
         for lsn in local_checkpoints {
             if self.shards[shard].checkpoints.contains_key(&lsn) {
                 continue;
             }
-            let manifest_path = dir.join(oc_engine::checkpoint::manifest_name(lsn));
-            let snapshot_path = dir.join(oc_engine::checkpoint::snapshot_name(lsn));
+            let manifest_name = oc_engine::checkpoint::manifest_name(lsn);
+            let snapshot_name = oc_engine::checkpoint::snapshot_name(lsn);
+            let read = |name: &str| {
+                self.files.read(shard, name).map_err(|e| ShipError::Local {
+                    file: self.files.describe(shard, name),
+                    why: e.to_string(),
+                })
+            };
             // A checkpoint superseded and removed meanwhile is simply skipped.
-            let (Ok(manifest), Ok(snapshot)) =
-                (std::fs::read(&manifest_path), std::fs::read(&snapshot_path))
+            let (Some(manifest), Some(snapshot)) = (read(&manifest_name)?, read(&snapshot_name)?)
             else {
                 continue;
             };
-            let unreadable = |path: &Path, problem| UnreadableFile {
-                file: path.display().to_string(),
+            let unreadable = |name: &str, problem| UnreadableFile {
+                file: self.files.describe(shard, name),
                 problem,
             };
             let info = crate::catalog::CheckpointManifest::decode_for(&manifest, lsn)
-                .map_err(|problem| unreadable(&manifest_path, problem))?;
+                .map_err(|problem| unreadable(&manifest_name, problem))?;
             info.check_snapshot(&snapshot)
-                .map_err(|problem| unreadable(&snapshot_path, problem))?;
+                .map_err(|problem| unreadable(&snapshot_name, problem))?;
             self.put_once(&layout::checkpoint_snapshot_key(shard, lsn), &snapshot)?;
             self.put_once(&layout::checkpoint_manifest_key(shard, lsn), &manifest)?;
             self.count_upload("checkpoint", snapshot.len() + manifest.len());
@@ -532,10 +624,13 @@ impl Shipper {
         Ok(())
     }
 
-    fn ship_tail(&mut self, shard: usize, dir: &Path, tail: &DurableTail) -> Result<(), ShipError> {
-        let path = dir.join(&tail.segment);
+    fn ship_tail(&mut self, shard: usize, tail: &DurableTail) -> Result<(), ShipError> {
+        let local = |e: &dyn std::fmt::Display| ShipError::Local {
+            file: self.files.describe(shard, &tail.segment),
+            why: e.to_string(),
+        };
         let Some((_, epoch, first)) = parse_segment_name(&tail.segment) else {
-            return Err(local(&path, "not a segment name"));
+            return Err(local(&"not a segment name"));
         };
         if tail.end <= DATA_START || self.shards[shard].segments.contains(&first) {
             return Ok(()); // no frames yet, or already archived sealed
@@ -548,8 +643,10 @@ impl Shipper {
         if tail.end <= shipped {
             return Ok(());
         }
-        let file = File::open(&path).map_err(|e| local(&path, e))?;
-        let bytes = read_at(&file, &path, shipped, (tail.end - shipped) as usize)?;
+        let bytes = self
+            .files
+            .read_at(shard, &tail.segment, shipped, (tail.end - shipped) as usize)
+            .map_err(|e| local(&e))?;
         let piece = TailPieceKey {
             shard,
             epoch,

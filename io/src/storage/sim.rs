@@ -251,7 +251,14 @@ impl SimStorage {
         }
     }
 
-    /// A copy of a file's current contents (for assertions).
+    /// The names of the files as they are now (durable or not), sorted: what another
+    /// process listing the directory would see.
+    pub fn file_names(&self) -> Vec<String> {
+        self.state.borrow().names.keys().cloned().collect()
+    }
+
+    /// A copy of a file's current contents (for assertions, and for another process's
+    /// reads in the simulator: the archive shipper's).
     pub fn read_file(&self, name: &str) -> Option<Vec<u8>> {
         let state = self.state.borrow();
         let ino = state.names.get(name)?;

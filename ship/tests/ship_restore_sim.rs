@@ -1,0 +1,340 @@
+//! Shipping and restore over the simulated disk, with crashes. A shard on `SimStorage`
+//! takes concurrent writes while a checkpointer writes checkpoints and releases the
+//! log behind the shipper's barrier, and the shipper ships sealed segments,
+//! checkpoints and tail pieces to a local-directory archive, reading the simulated
+//! files (`ShardFiles`). The machine crashes at a random storage operation. Then:
+//! - the restarted shard recovers every acknowledged write (as `shard_crash_sim`);
+//! - a new shipper (the restarted process) picks up where the archive is and ships the
+//!   rest, and the shipper never let a segment go before the archive had it;
+//! - `restore` to the latest point yields a shard equal, row for row, to the recovered
+//!   one: nothing acknowledged and archived is lost, nothing is invented.
+//!
+//! Seeds: `OC_SIM_SEED`, `OC_SIM_SEEDS`, `OC_SIM_SEED_START` as for every simulator.
+
+use std::cell::Cell;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use oc_engine::placement::shard_dir;
+use oc_engine::{ColumnType, Shard, TableSchema, TenantId, Value, WriteOp};
+use oc_io::executor::run_local;
+use oc_io::{seeds_from_env, DmaStorage, Lsn, SimFaults, SimRng, SimStorage, WalConfig};
+use oc_ship::archive::{Archive, LocalDirArchive};
+use oc_ship::breaker::BreakerPolicy;
+use oc_ship::lease;
+use oc_ship::restore::{self, LATEST};
+use oc_ship::shipper::{
+    ShardFiles, ShardView, ShipStatus, Shipper, ShipperConfig, DEFAULT_TAIL_WINDOW,
+};
+use serde_json::json;
+
+fn wal_config() -> WalConfig {
+    WalConfig {
+        segment_bytes: 32 * 1024,
+        max_group_bytes: 8 * 1024,
+        ..WalConfig::default()
+    }
+}
+
+fn schema() -> TableSchema {
+    TableSchema::new(
+        "items",
+        &[("id", ColumnType::Int, false), ("n", ColumnType::Int, true)],
+        &["id"],
+        &[],
+    )
+    .expect("valid schema")
+}
+
+fn acme() -> TenantId {
+    TenantId::parse("acme").expect("valid")
+}
+
+/// Shard 0's files on the simulated disk, as the shipping thread would read them.
+struct SimFiles(SimStorage);
+
+fn gone(name: &str) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::NotFound, name.to_string())
+}
+
+impl ShardFiles for SimFiles {
+    fn names(&self, _: usize) -> std::io::Result<Vec<String>> {
+        Ok(self.0.file_names())
+    }
+
+    fn read_at(&self, _: usize, name: &str, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        let bytes = self.0.read_file(name).ok_or_else(|| gone(name))?;
+        let range = offset as usize..offset as usize + len;
+        bytes
+            .get(range)
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::UnexpectedEof))
+    }
+
+    fn read(&self, _: usize, name: &str) -> std::io::Result<Option<Vec<u8>>> {
+        Ok(self.0.read_file(name))
+    }
+
+    fn len(&self, _: usize, name: &str) -> std::io::Result<u64> {
+        Ok(self.0.read_file(name).ok_or_else(|| gone(name))?.len() as u64)
+    }
+
+    fn describe(&self, _: usize, name: &str) -> String {
+        format!("sim:{name}")
+    }
+}
+
+fn ship_config(dir: &std::path::Path) -> ShipperConfig {
+    ShipperConfig {
+        data_dir: dir.join("data"),
+        owner_id: "0123456789abcdef0123456789abcdef".into(),
+        // One host and data directory path for both processes: the restarted one takes
+        // the owner record over at once, as after a kill -9.
+        holder: lease::this_process("ship-sim", &dir.join("data")),
+        lease_renew: lease::LEASE_RENEW_INTERVAL,
+        shards: 1,
+        tail_window: DEFAULT_TAIL_WINDOW,
+        retention: Duration::from_secs(24 * 3600),
+        audit_retention: Duration::from_secs(24 * 3600),
+        breaker: BreakerPolicy::default(),
+    }
+}
+
+/// One shipping round over shard 0; moves its release barrier on success.
+fn ship_round(shipper: &mut Shipper<SimFiles>, shard: &Shard<SimStorage>) -> bool {
+    let view = ShardView {
+        segments: shard.wal().segments(),
+        tail: shard.wal().durable_tail(),
+    };
+    match shipper.round(&[Some(view)], true).remove(0) {
+        Ok(barrier) => {
+            shard.set_release_barrier(Some(barrier));
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+type Rows = Vec<Vec<Value>>;
+
+fn rows<S: oc_io::Storage>(shard: &Shard<S>) -> Option<Rows> {
+    shard
+        .read(&acme(), |t| {
+            t.table("items")
+                .ok()
+                .map(|table| table.rows().cloned().collect())
+        })
+        .ok()
+        .flatten()
+}
+
+#[derive(Default)]
+struct Counts {
+    crashed: usize,
+    acked: usize,
+    segments_released: usize,
+    restored_from_checkpoint: usize,
+}
+
+async fn run_seed(seed: u64, counts: &mut Counts) {
+    let mut rng = SimRng::new(seed);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let archive: Arc<dyn Archive> =
+        Arc::new(LocalDirArchive::open(dir.path().join("archive")).expect("archive"));
+    let storage = SimStorage::new(
+        seed,
+        SimFaults {
+            crash_after_ops: Some(20 + rng.below(300)),
+            sync_error_per_mille: 0,
+            capacity_bytes: u64::MAX,
+            max_files: usize::MAX,
+            yield_per_mille: 300,
+        },
+    );
+    let last_acked = Rc::new(Cell::new(Lsn(0)));
+    let released = Rc::new(Cell::new(0usize));
+
+    // The first process: writers, a checkpointer and the shipper, until the crash.
+    if let Ok((shard, _)) = Shard::open(storage.clone(), wal_config()).await {
+        let shard = Rc::new(shard);
+        shard.set_release_barrier(Some(Lsn(1)));
+        let mut shipper = Shipper::open_with(
+            archive.clone(),
+            ship_config(dir.path()),
+            ShipStatus::default(),
+            SimFiles(storage.clone()),
+        )
+        .expect("the first shipper opens");
+        let ready = async {
+            shard.create_tenant(&acme()).await.ok()?;
+            shard.create_table(&acme(), schema()).await.ok()
+        };
+        if let Some(lsn) = ready.await {
+            last_acked.set(lsn);
+            let done = Rc::new(Cell::new(false));
+            let mut writers = Vec::new();
+            for writer in 0..1 + rng.below(4) {
+                let (shard, last_acked) = (shard.clone(), last_acked.clone());
+                let mut rng = SimRng::new(seed ^ (writer + 1).wrapping_mul(0x9E37_79B9));
+                writers.push(glommio::spawn_local(async move {
+                    for _ in 0..40 {
+                        let ops: Vec<WriteOp> = (0..1 + rng.below(4))
+                            .map(|_| {
+                                let row = json!({"id": rng.below(50), "n": rng.next_u64() >> 12});
+                                WriteOp::Upsert(row.as_object().expect("an object").clone())
+                            })
+                            .collect();
+                        match shard.write(&acme(), "items", &ops, None).await {
+                            Ok((lsn, _)) => last_acked.set(last_acked.get().max(lsn)),
+                            Err(_) => break,
+                        }
+                    }
+                }));
+            }
+            let checkpointer = {
+                let (shard, done, released) = (shard.clone(), done.clone(), released.clone());
+                let pause = 20 + rng.below(100);
+                glommio::spawn_local(async move {
+                    while !done.get() {
+                        for _ in 0..pause {
+                            futures_lite::future::yield_now().await;
+                        }
+                        if shard.checkpoint().await.is_err() {
+                            break;
+                        }
+                        match shard.release_covered_wal().await {
+                            Ok(names) => released.set(released.get() + names.len()),
+                            Err(_) => break,
+                        }
+                    }
+                })
+            };
+            let shipping = {
+                let (shard, done, storage) = (shard.clone(), done.clone(), storage.clone());
+                let pause = 10 + rng.below(60);
+                glommio::spawn_local(async move {
+                    while !done.get() && !storage.crashed() {
+                        for _ in 0..pause {
+                            futures_lite::future::yield_now().await;
+                        }
+                        ship_round(&mut shipper, &shard);
+                    }
+                })
+            };
+            let all = async {
+                for w in writers {
+                    w.await;
+                }
+                done.set(true);
+                checkpointer.await;
+                shipping.await;
+            };
+            let deadline = async {
+                glommio::timer::sleep(Duration::from_secs(30)).await;
+                panic!("seed {seed}: the run hung");
+            };
+            futures_lite::future::or(all, deadline).await;
+        }
+    }
+    counts.crashed += usize::from(storage.crashed());
+    counts.acked += usize::from(last_acked.get() > Lsn(0));
+    counts.segments_released += usize::from(released.get() > 0);
+
+    // The restarted process: recovery, then a new shipper ships what is left.
+    storage.restart(SimFaults::default());
+    let (shard, _) = Shard::open(storage.clone(), wal_config())
+        .await
+        .unwrap_or_else(|e| panic!("seed {seed}: recovery failed: {e}"));
+    assert!(
+        shard.applied_lsn() >= last_acked.get(),
+        "seed {seed}: acknowledged LSN {} lost (recovered {})",
+        last_acked.get(),
+        shard.applied_lsn()
+    );
+    shard.set_release_barrier(Some(Lsn(1)));
+    let mut shipper = Shipper::open_with(
+        archive.clone(),
+        ship_config(dir.path()),
+        ShipStatus::default(),
+        SimFiles(storage.clone()),
+    )
+    .unwrap_or_else(|e| panic!("seed {seed}: the restarted shipper: {e}"));
+    assert!(
+        ship_round(&mut shipper, &shard),
+        "seed {seed}: shipping after the restart failed"
+    );
+    let recovered = rows(&shard);
+    let recovered_lsn = shard.applied_lsn();
+    shard.close().await.expect("close");
+
+    // Restore the latest point and compare.
+    let restored_dir = dir.path().join("restored");
+    let restored = restore::restore(archive.as_ref(), LATEST, &restored_dir, &mut |_| {})
+        .unwrap_or_else(|e| panic!("seed {seed}: restore failed: {e}"));
+    assert_eq!(
+        restored.shards[0].last_lsn, recovered_lsn,
+        "seed {seed}: the restore ends where the shard's log ends ({:?}; archive {:?})",
+        restored.shards[0],
+        archive.list("shard-0/").unwrap_or_default()
+    );
+    counts.restored_from_checkpoint += usize::from(restored.shards[0].checkpoint.is_some());
+    let storage = DmaStorage::open(&shard_dir(&restored_dir, 0))
+        .await
+        .expect("restored storage");
+    let (restored_shard, _) = Shard::open(storage, wal_config())
+        .await
+        .unwrap_or_else(|e| panic!("seed {seed}: the restored shard does not open: {e}"));
+    assert_eq!(
+        rows(&restored_shard),
+        recovered,
+        "seed {seed}: the restored rows differ from the recovered ones"
+    );
+    restored_shard.close().await.expect("close");
+}
+
+#[test]
+fn shipping_through_crashes_restores_exactly_what_recovery_has() {
+    let seeds = seeds_from_env(100);
+    let mut counts = Counts::default();
+    run_local(async {
+        for &seed in &seeds {
+            let mut guard = SeedGuard(Some(seed));
+            run_seed(seed, &mut counts).await;
+            guard.0 = None;
+        }
+    });
+    eprintln!(
+        "{} seeds: {} crashed, {} acknowledged writes, {} released segments behind the \
+         barrier, {} restored from a checkpoint",
+        seeds.len(),
+        counts.crashed,
+        counts.acked,
+        counts.segments_released,
+        counts.restored_from_checkpoint
+    );
+    if seeds.len() >= 100 {
+        let n = seeds.len();
+        assert!(counts.crashed * 3 > n, "too few runs crashed");
+        assert!(counts.acked * 2 > n, "too few runs acknowledged writes");
+        assert!(
+            counts.segments_released * 5 > n,
+            "too few runs released segments"
+        );
+        assert!(
+            counts.restored_from_checkpoint * 5 > n,
+            "too few restores started from a checkpoint"
+        );
+    }
+}
+
+/// Prints the seed if a run panics, so it can be replayed.
+struct SeedGuard(Option<u64>);
+
+impl Drop for SeedGuard {
+    fn drop(&mut self) {
+        if let Some(seed) = self.0 {
+            eprintln!("FAILED SEED: {seed} (replay with OC_SIM_SEED={seed})");
+        }
+    }
+}
