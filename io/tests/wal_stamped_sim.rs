@@ -346,6 +346,8 @@ fn frames_that_do_not_continue_the_log_are_refused_and_nothing_is_written() {
         let fourth = submit(frame(4, 2, 20, 0)).await.expect("taken");
         assert_eq!(fourth.durable().await.expect("durable"), Lsn(4));
         assert!(refused(submit(frame(5, 1, 30, 0)).await).contains("epoch 1"));
+        // An epoch above the log's own would not reopen: refused until it is raised.
+        assert!(refused(submit(frame(5, 3, 30, 0)).await).contains("above this log's epoch 2"));
         // A follower's log never stamps its own frames.
         assert!(refused(wal.submit(KIND, b"t", b"x").await).contains("stamped frames"));
         // A frame larger than this log's groups.

@@ -62,10 +62,10 @@ pub fn frames_after(
             (segment.key(), image, true)
         }
         None => {
-            let Some((pieces, image)) = live_tail(archive, shard, wanted)? else {
+            let Some((key, image)) = live_tail(archive, shard, wanted)? else {
                 return not_held;
             };
-            (pieces[0].key(), image, false)
+            (key, image, false)
         }
     };
     let frames =
@@ -83,13 +83,14 @@ pub fn frames_after(
     }
 }
 
-/// The pieces of the newest archived live segment that starts at or before `wanted`,
-/// and their bytes joined from offset 0 (as far as they are contiguous).
+/// The newest archived live segment that starts at or before `wanted`: its first
+/// piece's key, and its pieces' bytes joined from offset 0 (as far as they are
+/// contiguous).
 fn live_tail(
     archive: &dyn Archive,
     shard: usize,
     wanted: Lsn,
-) -> Result<Option<(Vec<TailPieceKey>, Vec<u8>)>, ArchiveError> {
+) -> Result<Option<(String, Vec<u8>)>, ArchiveError> {
     let mut pieces: Vec<TailPieceKey> = archive
         .list(&layout::tails_prefix(shard))?
         .iter()
@@ -103,7 +104,11 @@ fn live_tail(
     pieces.retain(|p| (p.epoch, p.first_lsn) == newest);
     let end = contiguous_end(&pieces);
     pieces.retain(|p| p.end <= end);
-    Ok(join_tail(archive, &pieces)?.map(|image| (pieces, image)))
+    // No piece at offset 0 (deleted, or never archived): nothing to read.
+    let Some(first) = pieces.first().map(TailPieceKey::key) else {
+        return Ok(None);
+    };
+    Ok(join_tail(archive, &pieces)?.map(|image| (first, image)))
 }
 
 /// Tail pieces joined from offset 0; `None` when one was deleted since it was listed.
@@ -282,5 +287,19 @@ mod tests {
             .expect("put");
         let err = frames_after(&archive, 0, first_live, last).expect_err("damaged");
         assert!(err.to_string().contains("holds 100 bytes"), "{err}");
+
+        // Without the piece at offset 0 the tail cannot be read: not held, no panic.
+        let first_piece = TailPieceKey {
+            shard: 0,
+            epoch,
+            first_lsn: first_live,
+            start: 0,
+            end: mid,
+        };
+        archive.delete(&first_piece.key()).expect("delete");
+        assert!(matches!(
+            frames_after(&archive, 0, first_live, last).expect("read"),
+            ArchiveRead::NotHeld { .. }
+        ));
     }
 }

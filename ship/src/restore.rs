@@ -125,7 +125,11 @@ fn chain_from(catalog: &ShardCatalog, need: Lsn, target: u64) -> Result<ShardPla
             }
             // The live segment may have started before the LSN needed (a checkpoint
             // taken while it was live): its frames past that LSN are still needed.
-            tail = Some(pieces.clone());
+            // After sealed segments only the one that continues them is the live
+            // one; an older folder is left over from a segment archived sealed since.
+            if first == next || segments.is_empty() {
+                tail = Some(pieces.clone());
+            }
         }
     }
     Ok(plan(segments, tail, None))
@@ -756,7 +760,10 @@ mod tests {
         catalog.tails.insert((1, Lsn(105)), vec![tail(105)]);
         let plan = plan_shard(&catalog, LATEST).expect("a plan");
         assert_eq!(plan.checkpoint.map(|c| c.lsn), Some(Lsn(113)));
-        assert!(plan.segments.is_empty(), "the sealed segment is all before it");
+        assert!(
+            plan.segments.is_empty(),
+            "the sealed segment is all before it"
+        );
         assert_eq!(plan.tail, Some(vec![tail(105)]));
         // A tail that starts after the checkpoint's next LSN is a gap: the latest
         // point is the checkpoint alone (not the log from the start, which ends at
@@ -766,7 +773,9 @@ mod tests {
         let plan = plan_shard(&catalog, LATEST).expect("a plan");
         assert_eq!(plan.checkpoint.map(|c| c.lsn), Some(Lsn(113)));
         assert_eq!(plan.tail, None);
-        assert!(plan.stops_early.is_some_and(|why| why.contains("114..=119")));
+        assert!(plan
+            .stops_early
+            .is_some_and(|why| why.contains("114..=119")));
         // A target before the gap still needs a complete chain.
         assert!(plan_shard(&catalog, 7).is_err());
     }

@@ -543,6 +543,12 @@ impl<F: ShardFiles> Shipper<F> {
         let footer_block = read(capacity - BLOCK_SIZE as u64, BLOCK_SIZE)?;
         let footer = oc_io::wal::segment::SegmentFooter::decode(&footer_block)
             .map_err(|e| local(&format!("a sealed segment without a valid footer: {e:?}")))?;
+        if footer.data_end > capacity - BLOCK_SIZE as u64 {
+            return Err(local(&format!(
+                "its footer says the data ends at {}, past the footer",
+                footer.data_end
+            )));
+        }
         let data_len = footer.data_end.saturating_sub(DATA_START) as usize;
         let data = read(DATA_START, data_len)?;
         let (image, _, footer) =

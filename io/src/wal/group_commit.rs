@@ -93,7 +93,8 @@ impl Default for WalStats {
 /// The result of a group, shared by all its appenders.
 struct Outcome {
     first_lsn: Lsn,
-    /// The commit time stamped on every frame of the group.
+    /// The commit time stamped on every frame of the group (of a stamped group, the
+    /// newest of its frames' own times).
     commit_ts: TimestampMicros,
     /// Frames `[0, durable)` are durable; the others failed with `error`.
     durable: usize,

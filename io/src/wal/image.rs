@@ -9,7 +9,7 @@
 use super::frame::Lsn;
 use super::reader::OwnedFrame;
 use super::scan::{scan_segment, ScanEnd, SegmentScan};
-use super::segment::{SegmentFooter, SegmentHeader, DATA_START};
+use super::segment::{SegmentFooter, SegmentHeader, DATA_START, MAX_SEGMENT_BYTES};
 use crate::buffer::BLOCK_SIZE;
 
 /// A sealed segment file's image: header block, data up to `data_end`, footer block.
@@ -51,6 +51,12 @@ pub fn expand_image(image: &[u8], sealed: bool) -> Result<(Vec<u8>, SegmentHeade
     }
     let header =
         SegmentHeader::decode(&image[..BLOCK_SIZE]).map_err(|e| format!("header: {e:?}"))?;
+    if header.capacity_bytes > MAX_SEGMENT_BYTES {
+        return Err(format!(
+            "its header claims a {}-byte segment, above the largest, {MAX_SEGMENT_BYTES}",
+            header.capacity_bytes
+        ));
+    }
     let capacity = header.capacity_bytes as usize;
     let data_len = image.len() - if sealed { BLOCK_SIZE } else { 0 };
     if data_len > capacity - BLOCK_SIZE || (sealed && data_len < BLOCK_SIZE) {

@@ -33,7 +33,7 @@ use crate::buffer::{IoBuffer, BLOCK_SIZE};
 use crate::error::{Error, Result};
 use crate::storage::Storage;
 use group_commit::{Group, Shared, Spare, StampedCursor, Stamping, State, Writer};
-use segment::{DEFAULT_SEGMENT_BYTES, MIN_SEGMENT_BYTES};
+use segment::{DEFAULT_SEGMENT_BYTES, MAX_SEGMENT_BYTES, MIN_SEGMENT_BYTES};
 
 /// Default upper bound of one group commit's bytes.
 pub const DEFAULT_MAX_GROUP_BYTES: usize = 1 << 20;
@@ -73,9 +73,12 @@ impl Default for WalConfig {
 impl WalConfig {
     pub fn validate(&self) -> Result<()> {
         let block = BLOCK_SIZE as u64;
-        if self.segment_bytes < MIN_SEGMENT_BYTES || !self.segment_bytes.is_multiple_of(block) {
+        if self.segment_bytes < MIN_SEGMENT_BYTES
+            || self.segment_bytes > MAX_SEGMENT_BYTES
+            || !self.segment_bytes.is_multiple_of(block)
+        {
             return Err(Error::Config(format!(
-                "segment size {} must be a multiple of {block} and at least {MIN_SEGMENT_BYTES}",
+                "segment size {} must be a multiple of {block} from {MIN_SEGMENT_BYTES} to {MAX_SEGMENT_BYTES}",
                 self.segment_bytes
             )));
         }
@@ -115,7 +118,8 @@ impl Pending {
     }
 
     /// Like [`Pending::durable`], with the commit time stamped on the frame (the same
-    /// time recovery reads back).
+    /// time recovery reads back). For a stamped frame ([`Wal::submit_stamped`]) it is
+    /// the newest commit time of the write that made it durable; the frame has its own.
     pub async fn durable_at(&self) -> Result<(Lsn, TimestampMicros)> {
         self.completion.wait(self.index).await
     }
@@ -291,6 +295,14 @@ impl<S: Storage> Wal<S> {
             return Err(Error::FrameRefused(
                 "this log stamps its own frames (it is a writer's)".into(),
             ));
+        }
+        if f.epoch > self.shared.config.epoch {
+            // Recovery refuses a log holding an epoch above the configured one: the
+            // follower must take the new epoch on first (and reopen with it).
+            return Err(Error::FrameRefused(format!(
+                "LSN {} is of epoch {}, above this log's epoch {}",
+                f.lsn, f.epoch.0, self.shared.config.epoch.0
+            )));
         }
         let cursor = state.cursor;
         if f.lsn != cursor.next_lsn || f.epoch < cursor.epoch {

@@ -27,8 +27,8 @@ pub struct OwnedFrame {
     pub lsn: Lsn,
     pub commit_ts: TimestampMicros,
     pub epoch: Epoch,
-    /// Position in the group commit that wrote it (0 starts a group): a follower keeps
-    /// the writer's groups ([`Wal::submit_group`]).
+    /// Position in the group commit that wrote it (0 starts a group). Groups are each
+    /// log's own: a follower's log re-stamps it ([`Wal::submit_stamped`]).
     pub group_index: u32,
     pub kind: RecordKind,
     pub tenant: Vec<u8>,

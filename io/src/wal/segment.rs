@@ -16,6 +16,9 @@ pub const SEGMENT_FORMAT_VERSION: u32 = 1;
 pub const DATA_START: u64 = BLOCK_SIZE as u64;
 /// Smallest segment: header, one data block, footer.
 pub const MIN_SEGMENT_BYTES: u64 = 3 * BLOCK_SIZE as u64;
+/// Largest segment the log writes and an archive image may expand to (a header that
+/// claims more is refused before anything is allocated for it).
+pub const MAX_SEGMENT_BYTES: u64 = 4 << 30;
 /// Default segment size.
 pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
 
