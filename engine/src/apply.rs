@@ -15,9 +15,9 @@ use oc_io::{Lsn, TimestampMicros};
 use crate::api_key::ApiKey;
 use crate::command::Command;
 use crate::error::EngineError;
-use crate::idempotency::{self, Remembered};
+use crate::idempotency::Remembered;
 use crate::record;
-use crate::table::{BatchOutcome, RowWrite};
+use crate::table::BatchOutcome;
 use crate::tenant::Tenant;
 use crate::tenant_id::TenantId;
 
@@ -36,17 +36,6 @@ pub enum Applied {
         lsn: Lsn,
         outcome: BatchOutcome,
     },
-}
-
-/// The hash of a write request's body, as idempotency keys remember it.
-pub(crate) fn request_hash(table: &str, writes: &[RowWrite]) -> u64 {
-    let body = Command::Write {
-        table: table.to_string(),
-        table_version: 0,
-        writes: writes.to_vec(),
-        idempotency_key: None,
-    };
-    idempotency::request_hash(&[&record::encode(&body).1])
 }
 
 /// The remembered result for `key`, or a conflict if it was used with another body.
@@ -75,14 +64,32 @@ pub struct ShardState {
     pub last_commit: TimestampMicros,
 }
 
-/// Applies one durable command at `lsn`. Total and deterministic: a refused command
-/// changes nothing and reports why, live and in replay alike.
+/// Applies one durable command at `lsn`, encoding it to learn what a keyed write's
+/// idempotency key remembers (tests and tools; the shard uses [`apply_logged`] with
+/// the hash of the bytes it logged or read).
 pub fn apply(
     state: &mut ShardState,
     tenant: &TenantId,
     lsn: Lsn,
     committed: TimestampMicros,
     command: Command,
+) -> Result<Applied, EngineError> {
+    let (kind, payload) = record::encode(&command);
+    let request_hash = record::write_request_hash(kind, &payload);
+    apply_logged(state, tenant, lsn, committed, command, request_hash)
+}
+
+/// Applies one durable command at `lsn`. Total and deterministic: a refused command
+/// changes nothing and reports why, live and in replay alike. `request_hash` is
+/// [`record::write_request_hash`] of the command's logged bytes (`None` for anything
+/// but a keyed write), computed once where the bytes are.
+pub fn apply_logged(
+    state: &mut ShardState,
+    tenant: &TenantId,
+    lsn: Lsn,
+    committed: TimestampMicros,
+    command: Command,
+    request_hash: Option<u64>,
 ) -> Result<Applied, EngineError> {
     assert!(lsn > state.applied_lsn, "commands apply in LSN order");
     state.applied_lsn = lsn;
@@ -125,11 +132,10 @@ pub fn apply(
             idempotency_key,
         } => {
             let t = state.tenants.get_mut(tenant).ok_or_else(missing)?;
-            let Some(key) = idempotency_key else {
+            let (Some(key), Some(hash)) = (idempotency_key, request_hash) else {
                 let outcome = t.apply_writes(&table, table_version, writes, lsn)?;
                 return Ok(Applied::Written { lsn, outcome });
             };
-            let hash = request_hash(&table, &writes);
             if let Some(first) = remembered(t, &key, hash)? {
                 return Ok(Applied::Written {
                     lsn: first.lsn,

@@ -179,6 +179,36 @@ pub fn encode(command: &Command) -> (RecordKind, Vec<u8>) {
     (kind, w.0)
 }
 
+/// The hash an idempotency key remembers of a keyed write: [`idempotency::request_hash`]
+/// of the write's record as if it had no key and table version 0, so the same rows to
+/// the same table hash the same whatever the key and the table's version. It is read
+/// off the record's bytes, so a write's hash is computed once, from what is logged
+/// (live, at recovery, and on a follower alike). `None` for any other record.
+pub fn write_request_hash(kind: RecordKind, payload: &[u8]) -> Option<u64> {
+    if kind != KIND_WRITE {
+        return None;
+    }
+    let version = payload.first()?;
+    let table_len = usize::from(u16::from_le_bytes(payload.get(1..3)?.try_into().ok()?));
+    let table_end = 3 + table_len;
+    let table = payload.get(1..table_end)?;
+    let flag_at = table_end + 8;
+    if *payload.get(flag_at)? != 1 {
+        return None;
+    }
+    let key_len = usize::from(u16::from_le_bytes(
+        payload.get(flag_at + 1..flag_at + 3)?.try_into().ok()?,
+    ));
+    let rest = payload.get(flag_at + 3 + key_len..)?;
+    // version, table, table version 0, no key, then the rows exactly as logged.
+    Some(idempotency::request_hash_joined(&[
+        std::slice::from_ref(version),
+        table,
+        &[0; 9],
+        rest,
+    ]))
+}
+
 /// Decodes a record payload of `kind`.
 pub fn decode(kind: RecordKind, payload: &[u8]) -> Result<Command, RecordError> {
     let mut r = Reader::new(kind, payload);
@@ -509,6 +539,60 @@ impl<'a> Reader<'a> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// The hash a key has always remembered, as first defined: the write's record
+    /// with table version 0 and no key, encoded again.
+    fn hash_by_reencoding(table: &str, writes: &[RowWrite]) -> u64 {
+        let body = Command::Write {
+            table: table.to_string(),
+            table_version: 0,
+            writes: writes.to_vec(),
+            idempotency_key: None,
+        };
+        idempotency::request_hash(&[&encode(&body).1])
+    }
+
+    proptest! {
+        /// Read off the logged bytes, the hash equals the one checkpoints and
+        /// remembered keys already hold, whatever the key and the table version.
+        #[test]
+        fn the_hash_of_the_logged_bytes_is_the_remembered_one(
+            table in "[a-z]{1,20}",
+            key in proptest::option::of("[ -~]{1,128}"),
+            table_version in any::<u64>(),
+            ids in proptest::collection::vec(any::<i64>(), 0..20),
+            text in "[ -~]{0,40}",
+        ) {
+            let writes: Vec<RowWrite> = ids
+                .iter()
+                .map(|&id| RowWrite::Upsert(vec![Value::Int(id), Value::Text(text.clone())]))
+                .chain([RowWrite::Delete(text.as_bytes().to_vec())])
+                .collect();
+            let command = Command::Write {
+                table: table.clone(),
+                table_version,
+                writes: writes.clone(),
+                idempotency_key: key.clone(),
+            };
+            let (kind, payload) = encode(&command);
+            let expected = key.as_ref().map(|_| hash_by_reencoding(&table, &writes));
+            prop_assert_eq!(write_request_hash(kind, &payload), expected);
+            // Cut anywhere, the bytes give no hash or the same one, never a panic.
+            for cut in 0..payload.len() {
+                let _ = write_request_hash(kind, &payload[..cut]);
+            }
+        }
+    }
+
+    #[test]
+    fn only_keyed_writes_have_a_request_hash() {
+        let (kind, payload) = encode(&Command::CreateTenant);
+        assert_eq!(write_request_hash(kind, &payload), None);
+        let (kind, payload) = encode(&Command::DropTable {
+            table: "items".into(),
+        });
+        assert_eq!(write_request_hash(kind, &payload), None);
+    }
 
     fn schema() -> TableSchema {
         TableSchema::new(

@@ -8,6 +8,9 @@
 //! - the follower resumes from its own durable LSN and ends with the writer's whole
 //!   log, one segment per epoch boundary.
 //!
+//! Some runs fill the disk instead: the log is not failed by it, and takes the frame
+//! after its durable LSN again.
+//!
 //! Seeds: `OC_SIM_SEED`, `OC_SIM_SEEDS`, `OC_SIM_SEED_START` as for every simulator.
 
 use std::cell::Cell;
@@ -170,6 +173,7 @@ struct Counts {
     crashed: usize,
     unacked_survived: usize,
     follower_epoch_change: usize,
+    disk_filled: usize,
 }
 
 async fn run_seed(seed: u64, counts: &mut Counts) {
@@ -177,7 +181,15 @@ async fn run_seed(seed: u64, counts: &mut Counts) {
     let writer = writer_log(seed, &mut rng).await;
     let segment_bytes = [24 * 1024, 32 * 1024, 64 * 1024][rng.below(3) as usize];
     let sync_errors = if rng.chance(200) { 30 } else { 0 };
-    let storage = SimStorage::new(seed ^ 0x5eed, faults(Some(1 + rng.below(200)), sync_errors));
+    let mut first_faults = faults(Some(1 + rng.below(200)), sync_errors);
+    // Some runs fill the disk instead of crashing: a new segment cannot be made, which
+    // fails only the frames that needed it, and the log goes on from its durable LSN.
+    let disk_full = rng.chance(150);
+    if disk_full {
+        first_faults.crash_after_ops = None;
+        first_faults.capacity_bytes = 2 * segment_bytes + rng.below(segment_bytes);
+    }
+    let storage = SimStorage::new(seed ^ 0x5eed, first_faults);
 
     // First run: fed from the start until the machine crashes (or everything is in).
     let acked = match Wal::open(
@@ -198,9 +210,25 @@ async fn run_seed(seed: u64, counts: &mut Counts) {
             let (acked, failed) = futures_lite::future::or(run, deadline).await;
             if let Some(e) = failed {
                 assert!(
-                    storage.crashed() || sync_errors > 0,
+                    storage.crashed() || sync_errors > 0 || disk_full,
                     "seed {seed}: a group failed with no fault injected: {e}"
                 );
+                if disk_full && wal.failure().is_none() {
+                    // The log is not failed, and takes the frame after its durable
+                    // LSN again (the cursor went back there), not the next submitted.
+                    counts.disk_filled += 1;
+                    let durable = wal.durable_lsn();
+                    assert!(durable >= acked, "seed {seed}: durable went back");
+                    if let Some(next) = writer.get(durable.0 as usize) {
+                        let again = wal.submit_stamped(next).await;
+                        assert!(
+                            again.is_ok(),
+                            "seed {seed}: LSN {} after the durable end refused: {:?}",
+                            next.lsn,
+                            again.err()
+                        );
+                    }
+                }
             }
             acked
         }
@@ -262,12 +290,13 @@ fn a_followers_log_keeps_the_writers_frames_through_crashes() {
     });
     eprintln!(
         "{} seeds: {} with acknowledged frames, {} crashed, {} kept unacknowledged frames, \
-         {} kept both epochs' segments",
+         {} kept both epochs' segments, {} filled the disk",
         seeds.len(),
         counts.with_acks,
         counts.crashed,
         counts.unacked_survived,
-        counts.follower_epoch_change
+        counts.follower_epoch_change,
+        counts.disk_filled
     );
     if seeds.len() >= 100 {
         let n = seeds.len();
@@ -275,7 +304,7 @@ fn a_followers_log_keeps_the_writers_frames_through_crashes() {
             counts.with_acks * 2 > n,
             "too few runs acknowledged anything"
         );
-        assert!(counts.crashed * 2 > n, "too few runs crashed");
+        assert!(counts.crashed * 3 > n, "too few runs crashed");
         assert!(
             counts.unacked_survived * 20 > n,
             "too few runs crashed with frames in flight"
@@ -284,6 +313,7 @@ fn a_followers_log_keeps_the_writers_frames_through_crashes() {
             counts.follower_epoch_change * 10 > n,
             "too few runs kept segments of both epochs"
         );
+        assert!(counts.disk_filled * 50 > n, "too few runs filled the disk");
     }
 }
 

@@ -14,6 +14,8 @@ pub(super) struct Slot {
 pub(super) struct Queued {
     pub(super) tenant: TenantId,
     pub(super) command: Command,
+    /// `record::write_request_hash` of the logged bytes, for `apply_logged`.
+    pub(super) request_hash: Option<u64>,
     pub(super) pending: Pending,
     pub(super) slot: Rc<RefCell<Slot>>,
 }
@@ -57,7 +59,14 @@ pub(super) async fn run_applier(
                         feed::current_schema(&state, &front.tenant),
                     )
                 });
-                let applied = apply(&mut state, &front.tenant, lsn, committed, front.command);
+                let applied = apply_logged(
+                    &mut state,
+                    &front.tenant,
+                    lsn,
+                    committed,
+                    front.command,
+                    front.request_hash,
+                );
                 let changed = applied.as_ref().is_ok_and(|a| feed::changed(lsn, a));
                 if let (Some(events), true) = (events, changed) {
                     if !events.is_empty() {

@@ -17,7 +17,7 @@ use std::task::{Poll, Waker};
 use glommio::Task;
 use oc_io::{Lsn, Pending, RecoveryReport, Storage, TimestampMicros, Wal, WalConfig};
 
-use crate::apply::{apply, remembered, request_hash};
+use crate::apply::{apply_logged, remembered};
 pub use crate::apply::{Applied, ShardState};
 
 mod applier;
@@ -116,8 +116,16 @@ impl<S: Storage> Shard<S> {
                     format!("bad tenant tag {:?}", String::from_utf8_lossy(frame.tenant))
                 })?;
             let command = record::decode(frame.kind, frame.payload).map_err(|e| e.to_string())?;
+            let request_hash = record::write_request_hash(frame.kind, frame.payload);
             // A refused command was refused live too: it changes nothing either way.
-            let _ = apply(&mut state, &tenant, frame.lsn, frame.commit_ts, command);
+            let _ = apply_logged(
+                &mut state,
+                &tenant,
+                frame.lsn,
+                frame.commit_ts,
+                command,
+                request_hash,
+            );
             Ok(())
         })
         .await;
@@ -199,6 +207,20 @@ impl<S: Storage> Shard<S> {
     /// fault (a limit), never as a failure of the log.
     async fn commit(&self, tenant: &TenantId, command: Command) -> Outcome {
         let (kind, payload) = record::encode(&command);
+        let request_hash = record::write_request_hash(kind, &payload);
+        self.commit_encoded(tenant, command, (kind, payload), request_hash)
+            .await
+    }
+
+    /// [`Shard::commit`] of a command already encoded, with its
+    /// [`record::write_request_hash`].
+    async fn commit_encoded(
+        &self,
+        tenant: &TenantId,
+        command: Command,
+        (kind, payload): (oc_io::RecordKind, Vec<u8>),
+        request_hash: Option<u64>,
+    ) -> Outcome {
         let bytes = oc_io::wal::frame::frame_len(tenant.as_str().len(), payload.len());
         let limit = self.wal.config().max_frame_bytes();
         if bytes > limit {
@@ -224,6 +246,7 @@ impl<S: Storage> Shard<S> {
             queue.queued.push_back(Queued {
                 tenant: tenant.clone(),
                 command,
+                request_hash,
                 pending,
                 slot: slot.clone(),
             });
@@ -338,7 +361,7 @@ impl<S: Storage> Shard<S> {
                 });
             }
         }
-        let (writes, table_version, first) = self.read(tenant, |t| {
+        let (writes, table_version) = self.read(tenant, |t| {
             let target = t.table(table)?;
             let writes = target.validate_batch(ops)?;
             let growth = target.growth(&writes);
@@ -346,23 +369,29 @@ impl<S: Storage> Shard<S> {
                 .get()
                 .admit(tenant.as_str(), &t.totals(), growth)?;
             crate::quota::admit_memory(growth)?;
-            let first = match &idempotency_key {
-                Some(key) => remembered(t, key, request_hash(table, &writes))?,
-                None => None,
-            };
-            Ok::<_, EngineError>((writes, target.version(), first))
+            Ok::<_, EngineError>((writes, target.version()))
         })??;
-        // A repeat of a key already applied is answered without writing anything.
-        if let Some(first) = first {
-            return Ok((first.lsn, first.outcome));
-        }
+        let key = idempotency_key.clone();
         let command = Command::Write {
             table: table.to_string(),
             table_version,
             writes,
             idempotency_key,
         };
-        match self.commit(tenant, command).await? {
+        // The hash a key remembers is read off the record's bytes, here and in apply.
+        let (kind, payload) = record::encode(&command);
+        let request_hash = record::write_request_hash(kind, &payload);
+        if let (Some(key), Some(hash)) = (&key, request_hash) {
+            // A repeat of a key already applied is answered without writing anything.
+            // (No await since the checks above: the same state.)
+            if let Some(first) = self.read(tenant, |t| remembered(t, key, hash))?? {
+                return Ok((first.lsn, first.outcome));
+            }
+        }
+        match self
+            .commit_encoded(tenant, command, (kind, payload), request_hash)
+            .await?
+        {
             (_, Applied::Written { lsn, outcome }) => Ok((lsn, outcome)),
             (_, other) => unreachable!("a write applies as a write, not {other:?}"),
         }
