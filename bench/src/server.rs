@@ -1,7 +1,7 @@
 //! Starting the `oc-server` binary that sits next to `oc-bench` (same build), for
-//! `oc-bench all`'s HTTP phase.
+//! `oc-bench all`'s HTTP phase, and learning its addresses as the integration tests do
+//! (`oc_net::announce`).
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
@@ -32,32 +32,17 @@ impl Spawned {
             .stderr(Stdio::null())
             .spawn()
             .with_context(|| format!("starting {}", server.display()))?;
-        let stdout = child.stdout.take().context("piped stdout")?;
-        // A thread reads stdout to its end, so the server never writes into a closed pipe.
-        let (url_tx, url_rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut api = None;
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let addr = |rest: &str| {
-                    format!("http://{}", rest.split_whitespace().next().unwrap_or(rest))
-                };
-                if let Some(rest) = line.strip_prefix("oc-server: api listening on ") {
-                    api = Some(addr(rest));
-                } else if let Some(rest) = line.strip_prefix("oc-server: ops listening on ") {
-                    let _ = url_tx.send((api.take().unwrap_or_default(), addr(rest)));
-                }
-            }
-        });
-        match url_rx.recv_timeout(std::time::Duration::from_secs(60)) {
-            Ok((url, ops_url)) => Ok(Some(Spawned {
+        // The tests start it the same way (`oc_net::announce`).
+        match oc_net::announce::wait_for(&mut child, std::time::Duration::from_secs(60)) {
+            Ok(endpoints) => Ok(Some(Spawned {
                 child,
-                url,
-                ops_url,
+                url: endpoints.api,
+                ops_url: endpoints.ops,
             })),
-            Err(_) => {
+            Err(why) => {
                 let _ = child.kill();
-                let status = child.wait()?;
-                bail!("oc-server ({status}) did not listen within 60 s")
+                let _ = child.wait();
+                bail!("oc-server did not start: {why}")
             }
         }
     }

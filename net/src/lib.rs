@@ -9,6 +9,7 @@
 //! replication.
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod announce;
 pub mod api;
 pub mod auth;
 pub mod config;

@@ -11,7 +11,6 @@
 //! that overruns its grace period is ended by a watchdog thread that needs nothing
 //! from the executors.
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -262,14 +261,7 @@ pub fn run(config: ServerConfig) -> Result<()> {
     serving_rx
         .recv()
         .map_err(|_| anyhow!("the control executor stopped"))?;
-    let scheme = if settings_tls { "https" } else { "http" };
-    // A closed stdout (a script that read the first line and left) must not stop the
-    // server: write errors are ignored.
-    let mut stdout = std::io::stdout().lock();
-    let _ = writeln!(stdout, "oc-server: api listening on {api_addr} ({scheme})");
-    let _ = writeln!(stdout, "oc-server: ops listening on {ops_addr}");
-    let _ = stdout.flush();
-    drop(stdout);
+    crate::announce::print(api_addr, settings_tls, ops_addr);
     tracing::info!(%api_addr, %ops_addr, shards, "serving");
 
     let control_outcome = control

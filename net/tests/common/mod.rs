@@ -2,10 +2,9 @@
 //! to it over real HTTP.
 #![allow(dead_code)] // each test file uses its own part of the harness
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -82,43 +81,20 @@ impl Server {
             .stderr(stderr)
             .spawn()
             .map_err(|e| e.to_string())?;
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut api = None;
-        let mut ops = None;
-        while api.is_none() || ops.is_none() {
-            match rx.recv_timeout(Duration::from_secs(60)) {
-                Ok(line) => {
-                    if let Some(rest) = line.strip_prefix("oc-server: api listening on ") {
-                        // `<addr> (http)` or `<addr> (https)`
-                        let (addr, scheme) = rest.split_once(' ').unwrap_or((rest, "(http)"));
-                        let scheme = scheme.trim_matches(|c| c == '(' || c == ')');
-                        api = Some(format!("{scheme}://{addr}"));
-                    }
-                    if let Some(addr) = line.strip_prefix("oc-server: ops listening on ") {
-                        ops = Some(format!("http://{addr}"));
-                    }
-                }
-                Err(_) => {
-                    let status = child.wait().ok();
-                    let log = std::fs::read_to_string(&stderr_log).unwrap_or_default();
-                    return Err(format!("exited ({status:?}) before serving:\n{log}"));
-                }
+        match oc_net::announce::wait_for(&mut child, Duration::from_secs(60)) {
+            Ok(endpoints) => Ok(Server {
+                child,
+                api: endpoints.api,
+                ops: endpoints.ops,
+                stderr_log,
+            }),
+            Err(why) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let log = std::fs::read_to_string(&stderr_log).unwrap_or_default();
+                Err(format!("{why}:\n{log}"))
             }
         }
-        Ok(Server {
-            child,
-            api: api.expect("set above"),
-            ops: ops.expect("set above"),
-            stderr_log,
-        })
     }
 
     pub fn stderr(&self) -> String {
