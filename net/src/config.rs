@@ -161,8 +161,8 @@ pub struct ServerConfig {
     #[arg(long, env = "OC_CHECKPOINT_WAL_BYTES", default_value_t = 1 << 30)]
     pub checkpoint_wal_bytes: u64,
     /// Bytes per write-ahead log segment (a multiple of 4096, at least 274432 so that a
-    /// row of the largest legal size fits one log record). Sealed segments are what the
-    /// archive receives whole.
+    /// row of the largest legal size fits one log record, at most 4 GiB). Sealed
+    /// segments are what the archive receives whole.
     #[arg(long, env = "OC_WAL_SEGMENT_BYTES", default_value_t = 64 << 20)]
     pub wal_segment_bytes: u64,
     /// Where sealed segments, checkpoints and tails are shipped: `file://<dir>`,
