@@ -3,7 +3,8 @@
 //! log behind the shipper's barrier, and the shipper ships sealed segments,
 //! checkpoints and tail pieces to a local-directory archive, reading the simulated
 //! files (`ShardFiles`). The machine crashes at a random storage operation. Then:
-//! - the restarted shard recovers every acknowledged write (as `shard_crash_sim`);
+//! - the restarted shard's log reaches at least the last acknowledged LSN (that the
+//!   rows are right is `shard_crash_sim`'s to check);
 //! - a new shipper (the restarted process) picks up where the archive is and ships the
 //!   rest;
 //! - `oc-pitr verify`'s walk finds no problem in the archive;
