@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_lite::future;
-use http_body_util::{BodyExt, Either, Full, Limited};
+use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
@@ -683,6 +683,37 @@ fn has_body<B>(req: &Request<B>) -> bool {
 }
 
 /// Reads a JSON body within the size limit and the body deadline.
+/// Bytes past the body limit still read (and dropped) before answering 413.
+const OVER_LIMIT_DRAIN_BYTES: u64 = 1 << 20;
+
+enum BodyRead {
+    TooLarge,
+    Failed(hyper::Error),
+}
+
+/// The body, if it holds at most `max` bytes. A longer one is read on (and dropped)
+/// up to [`OVER_LIMIT_DRAIN_BYTES`] past the limit, so its sender reads the answer.
+async fn read_capped(mut body: Incoming, max: usize) -> Result<Bytes, BodyRead> {
+    let mut kept = Vec::new();
+    let mut seen: u64 = 0;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(BodyRead::Failed)?.into_data() else {
+            continue; // trailers
+        };
+        seen += data.len() as u64;
+        if seen > max as u64 + OVER_LIMIT_DRAIN_BYTES {
+            break;
+        }
+        if seen <= max as u64 {
+            kept.extend_from_slice(&data);
+        }
+    }
+    if seen > max as u64 {
+        return Err(BodyRead::TooLarge);
+    }
+    Ok(Bytes::from(kept))
+}
+
 async fn read_json<T: for<'de> serde::Deserialize<'de>>(
     ctx: &ApiContext,
     req: Request<Incoming>,
@@ -714,26 +745,31 @@ async fn read_json<T: for<'de> serde::Deserialize<'de>>(
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
+    let timeout = ctx.limits.body_read_timeout;
     if declared.is_some_and(|n| n > max as u64) {
+        // Read what is left of a body a little over the limit, so a client still
+        // sending it reads the 413 instead of a reset; a far larger one is cut.
+        if declared.is_some_and(|n| n <= max as u64 + OVER_LIMIT_DRAIN_BYTES) {
+            future::or(
+                async {
+                    let _ = read_capped(req.into_body(), max).await;
+                },
+                glommio::timer::sleep(timeout),
+            )
+            .await;
+        }
         return Err(too_large());
     }
-    let timeout = ctx.limits.body_read_timeout;
     let body = future::or(
         async {
-            Limited::new(req.into_body(), max)
-                .collect()
-                .await
-                .map(|collected| Ok(collected.to_bytes()))
-                .unwrap_or_else(|e| {
-                    if e.is::<http_body_util::LengthLimitError>() {
-                        Err(too_large())
-                    } else {
-                        Err(ApiError::bad_request(
-                            "body_read_failed",
-                            format!("the body could not be read: {e}"),
-                        ))
-                    }
-                })
+            match read_capped(req.into_body(), max).await {
+                Ok(bytes) => Ok(bytes),
+                Err(BodyRead::TooLarge) => Err(too_large()),
+                Err(BodyRead::Failed(e)) => Err(ApiError::bad_request(
+                    "body_read_failed",
+                    format!("the body could not be read: {e}"),
+                )),
+            }
         },
         async {
             glommio::timer::sleep(timeout).await;
