@@ -361,11 +361,11 @@ fn crashes_never_lose_acknowledged_commands_or_half_apply_a_batch() {
     let (mut with_writes, mut from_checkpoint) = (0, 0);
     run_local(async {
         for seed in seeds {
-            let mut guard = SeedGuard(Some(seed));
+            let guard = oc_io::SeedGuard::new(seed);
             let (writes, checkpointed) = run_seed(seed).await;
             with_writes += usize::from(writes > 0);
             from_checkpoint += usize::from(checkpointed);
-            guard.0 = None;
+            guard.passed();
         }
     });
     eprintln!(
@@ -381,15 +381,5 @@ fn crashes_never_lose_acknowledged_commands_or_half_apply_a_batch() {
             from_checkpoint * 5 > count,
             "too few runs recovered from a checkpoint"
         );
-    }
-}
-
-struct SeedGuard(Option<u64>);
-
-impl Drop for SeedGuard {
-    fn drop(&mut self) {
-        if let Some(seed) = self.0 {
-            eprintln!("FAILED SEED: {seed} (replay with OC_SIM_SEED={seed})");
-        }
     }
 }

@@ -21,7 +21,7 @@ pub use buffer::{align_down, align_up, AlignedBuf, IoBuffer, BLOCK_SIZE};
 pub use error::{Error, Result};
 pub use probe::{probe_io_uring, UringProbe};
 pub use storage::{
-    seeds_from_env, DmaStorage, SimFaults, SimRng, SimStorage, Storage, StorageFile,
+    seeds_from_env, DmaStorage, SeedGuard, SimFaults, SimRng, SimStorage, Storage, StorageFile,
 };
 pub use wal::{
     DurableTail, Epoch, Frame, LogRead, Lsn, OwnedFrame, Pending, RecordKind, RecoveryReport,

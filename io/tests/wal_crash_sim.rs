@@ -280,9 +280,9 @@ fn crashes_at_random_points_never_lose_acknowledged_appends() {
     let (mut with_acks, mut torn, mut unacked_survived, mut recycled) = (0, 0, 0, 0);
     run_local(async {
         for &seed in &seeds {
-            let mut guard = SeedGuard(Some(seed));
+            let guard = oc_io::SeedGuard::new(seed);
             let run = run_seed(seed).await;
-            guard.0 = None;
+            guard.passed();
             with_acks += usize::from(!run.acked.is_empty());
             torn += usize::from(run.torn_tail_cut);
             recycled += usize::from(run.recycled);
@@ -312,17 +312,6 @@ fn crashes_at_random_points_never_lose_acknowledged_appends() {
             unacked_survived * 20 > seeds.len(),
             "too few runs crashed with writes in flight"
         );
-    }
-}
-
-/// Prints the seed if a run panics, so it can be replayed.
-struct SeedGuard(Option<u64>);
-
-impl Drop for SeedGuard {
-    fn drop(&mut self) {
-        if let Some(seed) = self.0 {
-            eprintln!("FAILED SEED: {seed} (replay with OC_SIM_SEED={seed})");
-        }
     }
 }
 

@@ -283,9 +283,9 @@ fn a_followers_log_keeps_the_writers_frames_through_crashes() {
     let mut counts = Counts::default();
     run_local(async {
         for &seed in &seeds {
-            let mut guard = SeedGuard(Some(seed));
+            let guard = oc_io::SeedGuard::new(seed);
             run_seed(seed, &mut counts).await;
-            guard.0 = None;
+            guard.passed();
         }
     });
     eprintln!(
@@ -314,17 +314,6 @@ fn a_followers_log_keeps_the_writers_frames_through_crashes() {
             "too few runs kept segments of both epochs"
         );
         assert!(counts.disk_filled * 50 > n, "too few runs filled the disk");
-    }
-}
-
-/// Prints the seed if a run panics, so it can be replayed.
-struct SeedGuard(Option<u64>);
-
-impl Drop for SeedGuard {
-    fn drop(&mut self) {
-        if let Some(seed) = self.0 {
-            eprintln!("FAILED SEED: {seed} (replay with OC_SIM_SEED={seed})");
-        }
     }
 }
 

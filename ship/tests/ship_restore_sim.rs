@@ -27,7 +27,7 @@ use oc_ship::breaker::BreakerPolicy;
 use oc_ship::lease;
 use oc_ship::restore::{self, LATEST};
 use oc_ship::shipper::{
-    ShardFiles, ShardView, ShipStatus, Shipper, ShipperConfig, DEFAULT_TAIL_WINDOW,
+    ShardFiles, ShardView, ShipError, ShipStatus, Shipper, ShipperConfig, DEFAULT_TAIL_WINDOW,
 };
 use serde_json::json;
 
@@ -103,6 +103,21 @@ fn ship_config(dir: &std::path::Path) -> ShipperConfig {
     }
 }
 
+/// A shipper of this process (same host and data directory path as any before it)
+/// over the simulated disk.
+fn open_shipper(
+    archive: &Arc<dyn Archive>,
+    dir: &std::path::Path,
+    storage: &SimStorage,
+) -> Result<Shipper<SimFiles>, ShipError> {
+    Shipper::open_with(
+        archive.clone(),
+        ship_config(dir),
+        ShipStatus::default(),
+        SimFiles(storage.clone()),
+    )
+}
+
 /// One shipping round over shard 0; moves its release barrier on success.
 fn ship_round(shipper: &mut Shipper<SimFiles>, shard: &Shard<SimStorage>) -> bool {
     let view = ShardView {
@@ -161,13 +176,8 @@ async fn run_seed(seed: u64, counts: &mut Counts) {
     if let Ok((shard, _)) = Shard::open(storage.clone(), wal_config()).await {
         let shard = Rc::new(shard);
         shard.set_release_barrier(Some(Lsn(1)));
-        let mut shipper = Shipper::open_with(
-            archive.clone(),
-            ship_config(dir.path()),
-            ShipStatus::default(),
-            SimFiles(storage.clone()),
-        )
-        .expect("the first shipper opens");
+        let mut shipper = open_shipper(&archive, dir.path(), &storage)
+            .unwrap_or_else(|e| panic!("seed {seed}: the first shipper: {e}"));
         let ready = async {
             shard.create_tenant(&acme()).await.ok()?;
             shard.create_table(&acme(), schema()).await.ok()
@@ -255,13 +265,8 @@ async fn run_seed(seed: u64, counts: &mut Counts) {
         shard.applied_lsn()
     );
     shard.set_release_barrier(Some(Lsn(1)));
-    let mut shipper = Shipper::open_with(
-        archive.clone(),
-        ship_config(dir.path()),
-        ShipStatus::default(),
-        SimFiles(storage.clone()),
-    )
-    .unwrap_or_else(|e| panic!("seed {seed}: the restarted shipper: {e}"));
+    let mut shipper = open_shipper(&archive, dir.path(), &storage)
+        .unwrap_or_else(|e| panic!("seed {seed}: the restarted shipper: {e}"));
     assert!(
         ship_round(&mut shipper, &shard),
         "seed {seed}: shipping after the restart failed"
@@ -313,9 +318,9 @@ fn shipping_through_crashes_restores_exactly_what_recovery_has() {
     let mut counts = Counts::default();
     run_local(async {
         for &seed in &seeds {
-            let mut guard = SeedGuard(Some(seed));
+            let guard = oc_io::SeedGuard::new(seed);
             run_seed(seed, &mut counts).await;
-            guard.0 = None;
+            guard.passed();
         }
     });
     eprintln!(
@@ -339,16 +344,5 @@ fn shipping_through_crashes_restores_exactly_what_recovery_has() {
             counts.restored_from_checkpoint * 5 > n,
             "too few restores started from a checkpoint"
         );
-    }
-}
-
-/// Prints the seed if a run panics, so it can be replayed.
-struct SeedGuard(Option<u64>);
-
-impl Drop for SeedGuard {
-    fn drop(&mut self) {
-        if let Some(seed) = self.0 {
-            eprintln!("FAILED SEED: {seed} (replay with OC_SIM_SEED={seed})");
-        }
     }
 }

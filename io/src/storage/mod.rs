@@ -17,7 +17,7 @@ mod dma;
 mod sim;
 
 pub use dma::DmaStorage;
-pub use sim::{seeds_from_env, SimFaults, SimRng, SimStorage};
+pub use sim::{seeds_from_env, SeedGuard, SimFaults, SimRng, SimStorage};
 
 use crate::buffer::IoBuffer;
 use crate::error::Result;

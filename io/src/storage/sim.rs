@@ -53,6 +53,29 @@ pub fn seeds_from_env(default_count: u64) -> Vec<u64> {
     (start..start.saturating_add(count)).collect()
 }
 
+/// Names the seed of a simulator run that panics, so it can be replayed with
+/// `OC_SIM_SEED=<seed>`: made before the run, [`SeedGuard::passed`] after it.
+pub struct SeedGuard(Option<u64>);
+
+impl SeedGuard {
+    pub fn new(seed: u64) -> Self {
+        SeedGuard(Some(seed))
+    }
+
+    /// The run ended without a panic: nothing to report.
+    pub fn passed(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for SeedGuard {
+    fn drop(&mut self) {
+        if let Some(seed) = self.0 {
+            eprintln!("FAILED SEED: {seed} (replay with OC_SIM_SEED={seed})");
+        }
+    }
+}
+
 /// A small deterministic generator (SplitMix64). Chosen over the `rand` crate because
 /// its output must never change across dependency upgrades: old seeds must replay.
 #[derive(Debug, Clone)]

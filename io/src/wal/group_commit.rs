@@ -220,6 +220,28 @@ pub(crate) struct State<S: Storage> {
     pub cursor: StampedCursor,
 }
 
+impl<S: Storage> State<S> {
+    /// Whether the log takes a frame now: it has not failed, is not closing, and is
+    /// not of the other kind (a writer's log, or a follower's).
+    pub fn admit(&self, frame: Stamping) -> Result<()> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        if self.closing {
+            return Err(Error::WalClosed);
+        }
+        match (self.stamping, frame) {
+            (Stamping::Own, Stamping::Stamped) => Err(Error::FrameRefused(
+                "this log stamps its own frames (it is a writer's)".into(),
+            )),
+            (Stamping::Stamped, Stamping::Own) => Err(Error::FrameRefused(
+                "this log takes stamped frames (it is a follower's)".into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
 pub(crate) struct Shared<S: Storage> {
     pub storage: S,
     pub config: WalConfig,

@@ -285,17 +285,7 @@ impl<S: Storage> Wal<S> {
     fn try_enqueue_stamped(&self, f: &Frame<'_>, enqueued: Instant) -> Result<Option<Pending>> {
         let mut guard = self.shared.state.borrow_mut();
         let state = &mut *guard;
-        if let Some(e) = &state.failed {
-            return Err(e.clone());
-        }
-        if state.closing {
-            return Err(Error::WalClosed);
-        }
-        if state.stamping == Stamping::Own {
-            return Err(Error::FrameRefused(
-                "this log stamps its own frames (it is a writer's)".into(),
-            ));
-        }
+        state.admit(Stamping::Stamped)?;
         if f.epoch > self.shared.config.epoch {
             // Recovery refuses a log holding an epoch above the configured one: the
             // follower must take the new epoch on first (and reopen with it).
@@ -382,17 +372,7 @@ impl<S: Storage> Wal<S> {
     ) -> Result<Option<(Rc<group_commit::Completion>, usize)>> {
         let mut guard = self.shared.state.borrow_mut();
         let state = &mut *guard;
-        if let Some(e) = &state.failed {
-            return Err(e.clone());
-        }
-        if state.closing {
-            return Err(Error::WalClosed);
-        }
-        if state.stamping == Stamping::Stamped {
-            return Err(Error::FrameRefused(
-                "this log takes stamped frames (it is a follower's)".into(),
-            ));
-        }
+        state.admit(Stamping::Own)?;
         state.stamping = Stamping::Own;
         let max = self.shared.config.max_group_bytes;
         let group = &mut state.filling;
