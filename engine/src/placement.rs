@@ -260,6 +260,26 @@ pub fn ensure_layout(data_dir: &Path, shards: usize) -> Result<Layout, EngineErr
     }
 }
 
+/// The layout `data_dir` records, if it records one (naming a version 1 directory as
+/// [`ensure_layout`] does).
+pub fn existing_layout(data_dir: &Path) -> Result<Option<Layout>, EngineError> {
+    let path = data_dir.join(LAYOUT_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            let (shards, _, _) = parse_layout(&bytes).map_err(|problem| UnreadableFile {
+                file: path.display().to_string(),
+                problem,
+            })?;
+            ensure_layout(data_dir, shards).map(Some)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(EngineError::Layout(format!(
+            "cannot read the layout of {}: {e}",
+            data_dir.display()
+        ))),
+    }
+}
+
 /// Records a new layout, with a new id, in `data_dir` (which must not have one). A
 /// restore calls this last, after every shard's files are in place, so a restore that
 /// did not finish leaves a directory `oc-server` refuses to open.
@@ -288,6 +308,41 @@ pub fn create_layout_with_epochs(
     layout.epochs = epochs;
     write_layout(data_dir, &layout).map_err(|e| io_error("cannot record the layout in", e))?;
     Ok(layout)
+}
+
+/// A follower takes on the epochs its writer went through: `epochs` must continue the
+/// ones `layout` (this directory's, as read at start) records, each recorded the same;
+/// the layout file is rewritten with them when they add any. Anything else means the
+/// two histories diverged, and is refused.
+pub fn follow_epochs(
+    data_dir: &Path,
+    layout: &Layout,
+    epochs: Vec<EpochStart>,
+) -> Result<Layout, EngineError> {
+    let continues = epochs.len() >= layout.epochs.len()
+        && epochs[..layout.epochs.len()] == layout.epochs[..]
+        && epochs.iter().all(|e| e.first_lsn.len() == layout.shards);
+    if !continues {
+        return Err(EngineError::Layout(format!(
+            "the writer's epochs {:?} do not continue this data directory's {:?}: the two              histories diverged; start this follower on an empty data directory",
+            epochs.iter().map(|e| e.epoch).collect::<Vec<_>>(),
+            layout.epochs.iter().map(|e| e.epoch).collect::<Vec<_>>()
+        )));
+    }
+    if epochs.len() == layout.epochs.len() {
+        return Ok(layout.clone());
+    }
+    let followed = Layout {
+        epochs,
+        ..layout.clone()
+    };
+    write_layout(data_dir, &followed).map_err(|e| {
+        EngineError::Layout(format!(
+            "cannot record the writer's epochs in {}: {e}",
+            data_dir.display()
+        ))
+    })?;
+    Ok(followed)
 }
 
 fn check_shard_count(shards: usize) -> Result<(), EngineError> {

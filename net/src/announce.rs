@@ -15,12 +15,17 @@ use std::time::Duration;
 
 const API: &str = "oc-server: api listening on ";
 const OPS: &str = "oc-server: ops listening on ";
+const REPLICATION: &str = "oc-server: replication listening on ";
 
-/// Prints the two lines (write errors are ignored: a script that closed stdout must
-/// not stop the server).
-pub fn print(api: SocketAddr, tls: bool, ops: SocketAddr) {
+/// Prints the lines, the replication listener's (when there is one) first, the ops
+/// listener's last (write errors are ignored: a script that closed stdout must not
+/// stop the server).
+pub fn print(api: SocketAddr, tls: bool, ops: SocketAddr, replication: Option<SocketAddr>) {
     let scheme = if tls { "https" } else { "http" };
     let mut stdout = std::io::stdout().lock();
+    if let Some(addr) = replication {
+        let _ = writeln!(stdout, "{REPLICATION}{addr}");
+    }
     let _ = writeln!(stdout, "{API}{api} ({scheme})");
     let _ = writeln!(stdout, "{OPS}{ops}");
     let _ = stdout.flush();
@@ -32,6 +37,8 @@ pub fn print(api: SocketAddr, tls: bool, ops: SocketAddr) {
 pub struct Endpoints {
     pub api: String,
     pub ops: String,
+    /// The replication listener, `host:port`, when the server has one.
+    pub replication: Option<String>,
 }
 
 /// Reads a child `oc-server`'s piped stdout until it has announced both listeners;
@@ -48,7 +55,7 @@ pub fn wait_for(child: &mut Child, within: Duration) -> Result<Endpoints, String
             let _ = tx.send(line);
         }
     });
-    let (mut api, mut ops) = (None, None);
+    let (mut api, mut ops, mut replication) = (None, None, None);
     while api.is_none() || ops.is_none() {
         match rx.recv_timeout(within) {
             Ok(line) => {
@@ -58,6 +65,8 @@ pub fn wait_for(child: &mut Child, within: Duration) -> Result<Endpoints, String
                     api = Some(format!("{scheme}://{addr}"));
                 } else if let Some(addr) = line.strip_prefix(OPS) {
                     ops = Some(format!("http://{addr}"));
+                } else if let Some(addr) = line.strip_prefix(REPLICATION) {
+                    replication = Some(addr.to_string());
                 }
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -72,6 +81,7 @@ pub fn wait_for(child: &mut Child, within: Duration) -> Result<Endpoints, String
     Ok(Endpoints {
         api: api.unwrap_or_default(),
         ops: ops.unwrap_or_default(),
+        replication,
     })
 }
 
@@ -99,6 +109,7 @@ mod tests {
             Endpoints {
                 api: "https://127.0.0.1:4000".into(),
                 ops: "http://127.0.0.1:4001".into(),
+                replication: None,
             }
         );
         child.wait().expect("exits");

@@ -192,6 +192,24 @@ pub struct ServerConfig {
     /// the default (10 s). Hidden from `--help`.
     #[arg(long, env = "OC_LEASE_RENEW_MS", default_value_t = 10_000, hide = true)]
     pub lease_renew_ms: u64,
+    /// `writer` takes writes and serves followers (with --replication-listen);
+    /// `follower` replicates the writer at --leader-addr and serves reads only.
+    #[arg(long, env = "OC_MODE", default_value = "writer", value_parser = ["writer", "follower"])]
+    pub mode: String,
+    /// The writer's replication listener, `host:port` (follower mode).
+    #[arg(long, env = "OC_LEADER_ADDR")]
+    pub leader_addr: Option<String>,
+    /// Where a writer listens for followers (off when absent).
+    #[arg(long, env = "OC_REPLICATION_LISTEN")]
+    pub replication_listen: Option<SocketAddr>,
+    /// File holding the token followers present to the writer (at least 16
+    /// characters); without it, the admin token is the replication token.
+    #[arg(long, env = "OC_REPLICATION_TOKEN_FILE")]
+    pub replication_token_file: Option<PathBuf>,
+    /// A follower further behind the writer than this many frames (on any shard)
+    /// answers `/ready` with 503.
+    #[arg(long, env = "OC_MAX_READY_LAG_LSN", default_value_t = 1000)]
+    pub max_ready_lag_lsn: u64,
     /// PEM certificate chain: serve the data API over TLS (with --tls-key).
     #[arg(long, env = "OC_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -372,6 +390,75 @@ impl ServerConfig {
         Ok(AuthConfig { admin_token: token })
     }
 
+    /// This server's replication role.
+    pub fn role(&self) -> crate::replication::Role {
+        match (self.mode.as_str(), &self.leader_addr) {
+            ("follower", Some(leader)) => crate::replication::Role::Follower {
+                leader: leader.clone(),
+            },
+            _ => crate::replication::Role::Writer,
+        }
+    }
+
+    /// The token a follower presents and a writer expects: the replication token's
+    /// file, or else the admin token; `None` when neither is set.
+    pub fn replication_token(&self) -> Result<Option<String>, String> {
+        match &self.replication_token_file {
+            Some(path) => {
+                let token = std::fs::read_to_string(path)
+                    .map_err(|e| {
+                        format!("reading the replication token file {}: {e}", path.display())
+                    })?
+                    .trim()
+                    .to_string();
+                if token.len() < MIN_ADMIN_TOKEN_BYTES
+                    || !token.bytes().all(|b| b.is_ascii_graphic())
+                {
+                    return Err(format!(
+                        "the replication token must be at least {MIN_ADMIN_TOKEN_BYTES} printable                          ASCII characters without spaces"
+                    ));
+                }
+                Ok(Some(token))
+            }
+            None => Ok(self.auth()?.admin_token),
+        }
+    }
+
+    /// Refuses replication settings that cannot work.
+    fn validate_replication(&self) -> Result<(), String> {
+        let follower = self.mode == "follower";
+        match (follower, &self.leader_addr) {
+            (true, None) => {
+                return Err("--mode follower needs --leader-addr (the writer's                             --replication-listen address)"
+                    .into())
+            }
+            (false, Some(_)) => {
+                return Err(
+                    "--leader-addr is for --mode follower; a writer has no leader".into(),
+                )
+            }
+            _ => {}
+        }
+        if follower && self.replication_listen.is_some() {
+            return Err("--replication-listen is for the writer; a follower serves no                         followers (yet)"
+                .into());
+        }
+        let replicating = follower || self.replication_listen.is_some();
+        if replicating && self.archive_uri().is_none() {
+            return Err("replication needs an archive (its lease lives there, and a promoted                         follower ships to it): drop --archive none"
+                .into());
+        }
+        let token = self.replication_token()?;
+        if let Some(addr) = self.replication_listen {
+            if token.is_none() && !addr.ip().is_loopback() && !self.insecure_no_auth {
+                return Err(format!(
+                    "refusing to serve replication on {addr} without a token: set an admin                      token or --replication-token-file, or pass --insecure-no-auth"
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The TLS acceptor for the data API, when --tls-cert and --tls-key are given.
     pub fn tls(&self) -> Result<Option<futures_rustls::TlsAcceptor>, String> {
         use futures_rustls::rustls;
@@ -405,6 +492,7 @@ impl ServerConfig {
     pub fn validate(&self) -> Result<(), String> {
         let auth = self.auth()?;
         self.tls()?;
+        self.validate_replication()?;
         let exposed = [self.listen, self.ops_listen]
             .into_iter()
             .find(|a| !a.ip().is_loopback());

@@ -5,8 +5,9 @@
 //! Built: the data API (tenants, tables, rows, usage, `/ask`), `/watch` change streams,
 //! authentication (admin token, per-tenant API keys, watch tokens) and per-key rate
 //! limits, `/health`, `/ready`, `/metrics`, limits and timeouts, TLS (rustls), graceful
-//! shutdown, the audit log's API and OTLP export of request spans. Not built yet:
-//! replication.
+//! shutdown, the audit log's API, OTLP export of request spans, and asynchronous
+//! replication to read-only followers. Not built yet: synchronous replication, the
+//! lease's TTL, promotion and fencing.
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod announce;
@@ -22,6 +23,7 @@ pub mod otlp;
 pub mod preflight;
 pub mod process_stats;
 pub mod rate_limit;
+pub mod replication;
 pub mod server;
 
 pub use config::ServerConfig;

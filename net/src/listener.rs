@@ -80,6 +80,8 @@ pub struct ConnectionSettings {
     pub layout: std::sync::Arc<oc_engine::placement::Layout>,
     /// The audit log of operator actions.
     pub auditor: oc_ship::audit::Auditor,
+    /// A follower's writer (its replication address): writes are refused, naming it.
+    pub leader: Option<String>,
 }
 
 thread_local! {
@@ -155,7 +157,7 @@ pub async fn serve_shard(
     let listener = unsafe { TcpListener::from_raw_fd(fd) };
     let state = Rc::new(DrainState::default());
     DRAIN.with(|d| *d.borrow_mut() = Some(state.clone()));
-    let ctx = Rc::new(ApiContext::new(
+    let mut ctx = ApiContext::new(
         router,
         settings.limits,
         settings.auth.clone(),
@@ -163,7 +165,9 @@ pub async fn serve_shard(
         settings.archive.clone(),
         settings.layout.clone(),
         settings.auditor.clone(),
-    ));
+    );
+    ctx.leader = settings.leader.clone();
+    let ctx = Rc::new(ctx);
     let settings = Rc::new(settings);
     let accept_waiter = state.new_waiter();
     loop {

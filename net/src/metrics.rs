@@ -179,6 +179,7 @@ pub struct ControlMetrics {
     pub ready: bool,
     pub ops_http: HttpMetrics,
     pub shipping: Option<ShipMetrics>,
+    pub replication: Option<crate::replication::ReplicationMetrics>,
     /// CPU, memory and descriptors of the process (read on the control executor).
     pub process: ProcessStats,
     /// The data directory's file system, when `statvfs` answered.
@@ -319,6 +320,104 @@ fn control_families(control: &ControlMetrics) -> Vec<MetricFamily> {
     ]
 }
 
+/// The replication families, per shard (`role` says which end this server is).
+fn replication_families(r: &crate::replication::ReplicationMetrics) -> Vec<MetricFamily> {
+    use MetricType::{COUNTER, GAUGE};
+    let role = if r.follower { "follower" } else { "writer" };
+    let direction = if r.follower { "received" } else { "sent" };
+    let each = |make: fn(Vec<LabelPair>, f64) -> Metric,
+                value: &dyn Fn(&crate::replication::ShardLink) -> f64| {
+        r.links
+            .iter()
+            .enumerate()
+            .map(|(shard, link)| {
+                make(
+                    vec![label("role", role), label("shard", &shard.to_string())],
+                    value(link),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let each_direction = |value: &dyn Fn(&crate::replication::ShardLink) -> f64| {
+        r.links
+            .iter()
+            .enumerate()
+            .map(|(shard, link)| {
+                counter(
+                    vec![
+                        label("direction", direction),
+                        label("shard", &shard.to_string()),
+                    ],
+                    value(link),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let mut families = vec![
+        family(
+            "oc_replication_connected",
+            "Follower: 1 while the shard's stream from the writer is up. Writer: follower \
+             streams of the shard open now.",
+            GAUGE,
+            each(gauge, &|l| f64::from(l.connected)),
+        ),
+        family(
+            "oc_replication_frames_total",
+            "Log frames replicated, received by a follower or sent by a writer.",
+            COUNTER,
+            each_direction(&|l| l.frames as f64),
+        ),
+        family(
+            "oc_replication_bytes_total",
+            "Bytes of log frames replicated, received by a follower or sent by a writer.",
+            COUNTER,
+            each_direction(&|l| l.bytes as f64),
+        ),
+    ];
+    // A writer with no follower has no lag to report: only connected streams count.
+    let lag = r
+        .links
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| r.follower || l.connected > 0)
+        .map(|(shard, l)| {
+            gauge(
+                vec![label("role", role), label("shard", &shard.to_string())],
+                l.applied_lag_lsn() as f64,
+            )
+        })
+        .collect();
+    families.push(family(
+        "oc_replication_applied_lag_lsn",
+        "Frames the writer holds durable that the follower has not applied yet (a \
+         follower's view from the writer's last message; a writer's from the last \
+         acknowledgement).",
+        GAUGE,
+        lag,
+    ));
+    if r.follower {
+        let now = std::time::Instant::now();
+        families.push(family(
+            "oc_replication_lag_seconds",
+            "Seconds since the follower last had applied everything the writer had told \
+             it of (0 while caught up; NaN before it ever was).",
+            GAUGE,
+            each(gauge, &|l| match l.caught_up_at {
+                _ if l.applied_lag_lsn() == 0 && l.connected > 0 => 0.0,
+                Some(at) => now.duration_since(at).as_secs_f64(),
+                None => f64::NAN,
+            }),
+        ));
+        families.push(family(
+            "oc_replication_reconnects_total",
+            "Times the follower's stream from the writer ended and was made again.",
+            COUNTER,
+            each(counter, &|l| l.reconnects as f64),
+        ));
+    }
+    families
+}
+
 /// The Prometheus text exposition of every shard's snapshot. A family with no sample
 /// (every per-shard family while the shards are still recovering) is left out: the
 /// exposition format has no way to say "no samples", and the encoder refuses it.
@@ -326,6 +425,9 @@ pub fn render(shards: &[ShardSnapshot], control: &ControlMetrics) -> Result<Stri
     use std::sync::atomic::Ordering::Relaxed;
     use MetricType::{COUNTER, GAUGE, HISTOGRAM};
     let mut families = control_families(control);
+    if let Some(replication) = &control.replication {
+        families.extend(replication_families(replication));
+    }
     let mut requests = BTreeMap::new();
     let mut latency: BTreeMap<&str, LatencyHistogram> = BTreeMap::new();
     let mut fsync_lag = LatencyHistogram::default();
@@ -738,6 +840,7 @@ mod tests {
             ready: false,
             ops_http: HttpMetrics::default(),
             shipping: None,
+            replication: None,
             process: ProcessStats::default(),
             data_disk: None,
         };

@@ -51,6 +51,10 @@ pub struct ControlState {
     pub failure: RefCell<Option<String>>,
     /// The data directory, whose file system `oc_data_disk_free_bytes` reports.
     pub data_dir: PathBuf,
+    /// Replication links (a writer's followers, or a follower's streams).
+    pub replication: Rc<crate::replication::ReplicationStatus>,
+    /// A follower further behind than this (frames, any shard) is not ready.
+    pub max_ready_lag_lsn: u64,
 }
 
 /// Open connections the ops listener serves at once. A new connection past the cap
@@ -240,8 +244,21 @@ async fn ready(state: &ControlState) -> Response<Full<Bytes>> {
             Err(why) => reasons.push(format!("shard {shard}: {why}")),
         }
     }
+    reasons.extend(
+        state
+            .replication
+            .follower_not_ready(state.max_ready_lag_lsn),
+    );
     if reasons.is_empty() {
-        json_response(StatusCode::OK, json!({"ready": true, "shards": shards}))
+        let role = if state.replication.is_follower() {
+            "follower"
+        } else {
+            "writer"
+        };
+        json_response(
+            StatusCode::OK,
+            json!({"ready": true, "role": role, "shards": shards}),
+        )
     } else {
         not_ready(reasons)
     }
@@ -263,6 +280,7 @@ async fn metrics_page(state: &ControlState) -> Response<Full<Bytes>> {
         ready: state.phase.get() == Phase::Serving,
         ops_http: metrics::local_http(),
         shipping: state.ship_status.as_ref().map(|s| s.snapshot()),
+        replication: Some(state.replication.snapshot()),
         // Blocking calls, cheap and on the control executor: never on a shard.
         process: process_stats::process(),
         data_disk: match process_stats::disk(&state.data_dir) {

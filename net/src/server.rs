@@ -38,6 +38,8 @@ use oc_ship::shipper::{self, ShipStatus, ShipperConfig};
 use crate::config::ServerConfig;
 use crate::listener::{self, ConnectionSettings};
 use crate::ops::{self, ControlState, Phase};
+use crate::replication::{receiver, sender, ReplicationStatus, Role};
+use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
 
 /// How often the control executor looks for a shutdown request.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(20);
@@ -109,28 +111,61 @@ pub fn run(config: ServerConfig) -> Result<()> {
         &format!("{PROGRAM} {}", env!("CARGO_PKG_VERSION")),
     )
     .context("refusing to start")?;
-    let shards = config
-        .shards
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let role = config.role();
+    let replication_token = config.replication_token().map_err(|e| anyhow!(e))?;
+    // The data directory's own layout speaks first: its error names the fix. A
+    // follower's is the writer's (its shard count and epochs).
+    let layout = match &role {
+        Role::Writer => {
+            let shards = config
+                .shards
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            oc_engine::placement::ensure_layout(&config.data_dir, shards)
+                .context("checking the data directory")?
+        }
+        Role::Follower { leader } => {
+            follower_layout(&config, leader, replication_token.as_deref(), &shutdown)?
+        }
+    };
+    let shards = layout.shards;
     crate::fd_limit::raise_and_check(crate::fd_limit::needed(config.max_connections, shards))
         .map_err(|e| anyhow!(e))?;
     let memory_budget = oc_engine::quota::start_memory_budget(config.memory_budget_bytes)
         .map_err(|e| anyhow!(e))?;
     tracing::info!(memory_budget, "memory budget set");
-    // The data directory's own layout speaks first: its error names the fix.
-    let layout = oc_engine::placement::ensure_layout(&config.data_dir, shards)
-        .context("checking the data directory")?;
     tracing::info!(data_dir_id = %layout.id, data_dir = %config.data_dir.display(), "data directory locked");
     let auditor = oc_ship::audit::start(&config.data_dir, config.audit_retention)
         .context("opening the audit log")?;
     let (api_fds, api_addr) = listener::bind_shared(config.listen, shards)
         .with_context(|| format!("binding the API on {}", config.listen))?;
+    let replication_listener = match config.replication_listen {
+        Some(addr) => {
+            let bound = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("binding the replication listener on {addr}"))?;
+            bound.set_nonblocking(true)?;
+            Some(bound)
+        }
+        None => None,
+    };
+    let replication_addr = match &replication_listener {
+        Some(bound) => Some(bound.local_addr()?),
+        None => None,
+    };
 
     // The archive is claimed and listed before any shard opens: a wrong, unreachable or
     // foreign archive is a start-up error, not a surprise later.
     let ship_status = ShipStatus::default();
     let mut replay_archive = None;
     let shipper = match config.archive_uri() {
+        // Only the writer ships: a follower reads the archive (`/watch` resumes) and
+        // claims it only once promoted.
+        Some(uri) if role != Role::Writer => {
+            let archive =
+                open_archive(&uri).with_context(|| format!("opening the archive {uri}"))?;
+            replay_archive = Some(archive);
+            tracing::info!(archive = %uri, "follower: not shipping (the writer does)");
+            None
+        }
         Some(uri) => {
             let archive =
                 open_archive(&uri).with_context(|| format!("opening the archive {uri}"))?;
@@ -186,6 +221,13 @@ pub fn run(config: ServerConfig) -> Result<()> {
         let ship_status_for_ops = shipper.as_ref().map(|_| ship_status.clone());
         let ops_listen = config.ops_listen;
         let data_dir = config.data_dir.clone();
+        let replication = ReplicationSetup {
+            role: role.clone(),
+            listener: replication_listener.map(|l| l.into_raw_fd()),
+            token: replication_token,
+            layout: Arc::new(layout.clone()),
+            max_ready_lag_lsn: config.max_ready_lag_lsn,
+        };
         executor_builder(Placement::Unbound)
             .name("oc-control")
             .spawn(move || {
@@ -196,6 +238,7 @@ pub fn run(config: ServerConfig) -> Result<()> {
                     shipper,
                     ship_status: ship_status_for_ops,
                     data_dir,
+                    replication,
                 };
                 control_main(ops_listen, shards, channels, shutdown, grace, format)
             })
@@ -217,6 +260,10 @@ pub fn run(config: ServerConfig) -> Result<()> {
         archive: replay_archive,
         layout: std::sync::Arc::new(layout.clone()),
         auditor,
+        leader: match &role {
+            Role::Follower { leader } => Some(leader.clone()),
+            Role::Writer => None,
+        },
     };
     let pool_config = PoolConfig {
         shards,
@@ -261,7 +308,7 @@ pub fn run(config: ServerConfig) -> Result<()> {
     serving_rx
         .recv()
         .map_err(|_| anyhow!("the control executor stopped"))?;
-    crate::announce::print(api_addr, settings_tls, ops_addr);
+    crate::announce::print(api_addr, settings_tls, ops_addr, replication_addr);
     tracing::info!(%api_addr, %ops_addr, shards, "serving");
 
     let control_outcome = control
@@ -272,6 +319,97 @@ pub fn run(config: ServerConfig) -> Result<()> {
     pool_outcome.context("stopping the shards")?;
     tracing::info!("stopped cleanly; every acknowledged write is durable");
     Ok(())
+}
+
+/// A follower's layout: a new data directory takes the writer's (its shard count and
+/// epochs; the writer must answer, and is asked again every second until it does); an
+/// existing one takes on the epochs the writer went through since (when the writer
+/// answers at once; otherwise it starts on its own and the streams catch up later).
+fn follower_layout(
+    config: &ServerConfig,
+    leader: &str,
+    token: Option<&str>,
+    shutdown: &AtomicBool,
+) -> Result<oc_engine::placement::Layout> {
+    use oc_engine::placement;
+    let local =
+        placement::existing_layout(&config.data_dir).context("checking the data directory")?;
+    let writer = loop {
+        match receiver::fetch_layout(leader, token) {
+            Ok(writer) => break Some(writer),
+            Err(why) if local.is_some() => {
+                tracing::warn!(%why, "the writer did not answer; starting from this directory's own log");
+                break None;
+            }
+            Err(why) => {
+                tracing::warn!(%why, "waiting for the writer to lay out this new follower");
+                if shutdown.load(Ordering::SeqCst) {
+                    bail!("stopped while waiting for the writer at {leader}");
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    };
+    let Some(writer) = writer else {
+        return local.ok_or_else(|| anyhow!("no layout"));
+    };
+    if let Some(wanted) = config.shards {
+        if wanted != writer.shards {
+            bail!(
+                "--shards {wanted}, but the writer at {leader} has {} shards: a follower has the                  writer's shard count (drop --shards)",
+                writer.shards
+            );
+        }
+    }
+    let layout = match local {
+        None => placement::create_layout_with_epochs(&config.data_dir, writer.shards, writer.epochs),
+        Some(local) if local.shards != writer.shards => bail!(
+            "this data directory has {} shards and the writer at {leader} has {}: it was not              made for this writer; start the follower on an empty data directory",
+            local.shards,
+            writer.shards
+        ),
+        Some(local) => placement::follow_epochs(&config.data_dir, &local, writer.epochs),
+    }
+    .context("laying out the follower like its writer")?;
+    tracing::info!(%leader, writer_data_dir_id = %writer.data_dir_id, epoch = layout.epoch(), shards = layout.shards, "following the writer");
+    Ok(layout)
+}
+
+/// Starts the writer's replication listener or the follower's per-shard streams.
+fn start_replication(
+    setup: ReplicationSetup,
+    router: &Rc<ShardRouter>,
+    status: &Rc<ReplicationStatus>,
+) -> Vec<glommio::Task<()>> {
+    match setup.role {
+        Role::Writer => setup
+            .listener
+            .map(|fd| {
+                // SAFETY: `fd` is a bound, listening socket this process owns; it was
+                // given up by its `std` owner (`into_raw_fd`) for this one conversion.
+                let listener = unsafe { TcpListener::from_raw_fd(fd) };
+                let sender = Rc::new(sender::Sender {
+                    router: router.clone(),
+                    layout: setup.layout,
+                    token: setup.token,
+                    status: status.clone(),
+                });
+                glommio::spawn_local(sender::serve(listener, sender))
+            })
+            .into_iter()
+            .collect(),
+        Role::Follower { leader } => {
+            let receiver = Rc::new(receiver::Receiver {
+                router: router.clone(),
+                leader,
+                token: setup.token,
+                status: status.clone(),
+            });
+            (0..router.shards())
+                .map(|shard| glommio::spawn_local(receiver::follow(receiver.clone(), shard)))
+                .collect()
+        }
+    }
 }
 
 fn report_recovery(reports: &[ShardOpenReport], took: Duration) {
@@ -336,6 +474,17 @@ struct ControlChannels {
     shipper: Option<shipper::ShipperLoop>,
     ship_status: Option<ShipStatus>,
     data_dir: std::path::PathBuf,
+    replication: ReplicationSetup,
+}
+
+/// What the control executor needs to replicate: the role, the writer's listener (a
+/// bound socket) and token, the layout it serves followers.
+struct ReplicationSetup {
+    role: Role,
+    listener: Option<RawFd>,
+    token: Option<String>,
+    layout: Arc<oc_engine::placement::Layout>,
+    max_ready_lag_lsn: u64,
 }
 
 /// The control executor: ops endpoints from the start, then, once the shards run, the
@@ -355,7 +504,9 @@ async fn control_main(
         shipper,
         ship_status,
         data_dir,
+        replication,
     } = channels;
+    let replication_status = Rc::new(ReplicationStatus::new(replication.role.clone(), shards));
     let listener = match TcpListener::bind(ops_listen) {
         Ok(listener) => listener,
         Err(e) => {
@@ -377,6 +528,8 @@ async fn control_main(
         ship_status,
         failure: std::cell::RefCell::new(None),
         data_dir,
+        replication: replication_status.clone(),
+        max_ready_lag_lsn: replication.max_ready_lag_lsn,
     });
     let _ops = glommio::spawn_local(ops::serve_ops(listener, state.clone()));
     // Wait for the shards (or for the start-up to fail, which sets `shutdown`).
@@ -390,6 +543,7 @@ async fn control_main(
     let router = Rc::new(client.connect(None).await);
     *state.router.borrow_mut() = Some(router.clone());
     let _shipping = shipper.map(|ship| glommio::spawn_local(ship(router.clone())));
+    let _replication = start_replication(replication, &router, &replication_status);
     state.phase.set(Phase::Serving);
     let _ = serving_tx.send(());
     let mut next_log_check = Instant::now();

@@ -23,6 +23,7 @@ pub use crate::apply::{Applied, ShardState};
 mod applier;
 mod changes;
 mod checkpoints;
+mod replica;
 
 use crate::checkpoint::{self, CheckpointInfo};
 use crate::command::Command;
@@ -52,6 +53,17 @@ pub struct ShardOpenReport {
     /// Newer checkpoints that could not be used, with the reason (recovery fell back).
     pub unusable_checkpoints: Vec<(Lsn, crate::error::UnreadableFile)>,
     pub wal: RecoveryReport,
+}
+
+/// The tenant, command and request hash a log frame holds.
+fn logged_command(frame: &oc_io::Frame<'_>) -> Result<(TenantId, Command, Option<u64>), String> {
+    let tenant = std::str::from_utf8(frame.tenant)
+        .ok()
+        .and_then(|t| TenantId::parse(t).ok())
+        .ok_or_else(|| format!("bad tenant tag {:?}", String::from_utf8_lossy(frame.tenant)))?;
+    let command = record::decode(frame.kind, frame.payload).map_err(|e| e.to_string())?;
+    let request_hash = record::write_request_hash(frame.kind, frame.payload);
+    Ok((tenant, command, request_hash))
 }
 
 /// A shard over `S` storage.
@@ -109,14 +121,7 @@ impl<S: Storage> Shard<S> {
         let checkpoint = newest_checkpoint.as_ref().map(|info| info.lsn);
         let replay_from = state.applied_lsn.next();
         let opened = Wal::open(storage.clone(), config, replay_from, |frame| {
-            let tenant = std::str::from_utf8(frame.tenant)
-                .ok()
-                .and_then(|t| TenantId::parse(t).ok())
-                .ok_or_else(|| {
-                    format!("bad tenant tag {:?}", String::from_utf8_lossy(frame.tenant))
-                })?;
-            let command = record::decode(frame.kind, frame.payload).map_err(|e| e.to_string())?;
-            let request_hash = record::write_request_hash(frame.kind, frame.payload);
+            let (tenant, command, request_hash) = logged_command(frame)?;
             // A refused command was refused live too: it changes nothing either way.
             let _ = apply_logged(
                 &mut state,

@@ -105,6 +105,7 @@ impl WalConfig {
 }
 
 /// A record placed in the log, not yet known durable.
+#[derive(Clone)]
 pub struct Pending {
     completion: Rc<group_commit::Completion>,
     index: usize,
@@ -394,6 +395,15 @@ impl<S: Storage> Wal<S> {
             w.wake();
         }
         Ok(Some((group.completion.clone(), group.starts.len() - 1)))
+    }
+
+    /// For a log that takes stamped frames (a follower's): the last frame placed and
+    /// its epoch (`Lsn(0)` when the log holds none), which the next stamped frame must
+    /// continue. With nothing in flight it is the last durable frame. (A log that
+    /// stamps its own frames does not keep this current.)
+    pub fn last_placed(&self) -> (Lsn, Epoch) {
+        let cursor = self.shared.state.borrow().cursor;
+        (Lsn(cursor.next_lsn.0 - 1), cursor.epoch)
     }
 
     /// The last LSN known durable.

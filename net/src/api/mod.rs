@@ -70,6 +70,9 @@ pub struct ApiContext {
     /// ids of a branch it does not have.
     pub layout: std::sync::Arc<oc_engine::placement::Layout>,
     pub auditor: Auditor,
+    /// Set on a follower: the writer's replication address. Writes are refused with
+    /// `421 not_leader` naming it.
+    pub leader: Option<String>,
     next_request: Cell<u64>,
     known_keys: KnownKeys,
 }
@@ -92,6 +95,7 @@ impl ApiContext {
             archive,
             layout,
             auditor,
+            leader: None,
             next_request: Cell::new(0),
             known_keys: RefCell::new(HashMap::new()),
         }
@@ -367,6 +371,16 @@ fn method_not_allowed(method: &Method, path: &str) -> ApiError {
     )
 }
 
+/// Whether a request changes state (a follower refuses it): every POST and DELETE
+/// but the reads and in-memory tokens that use POST.
+fn changes_state(segments: &[&str], method: &Method) -> bool {
+    let reads = matches!(
+        segments,
+        ["v1", "tenants", _, "ask"] | ["v1", "tenants", _, "watch-tokens"]
+    );
+    (*method == Method::POST || *method == Method::DELETE) && !reads
+}
+
 /// docs/openapi.yaml as JSON, converted by build.rs.
 const OPENAPI_JSON: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/openapi.json"));
 
@@ -380,6 +394,18 @@ async fn dispatch(ctx: &ApiContext, req: Request<Incoming>, request_id: &str) ->
             StatusCode::OK,
             h::Body::Encoded(Bytes::from_static(OPENAPI_JSON)),
         ));
+    }
+    if let Some(leader) = &ctx.leader {
+        if changes_state(&s, &method) {
+            return Err(ApiError::new(
+                StatusCode::MISDIRECTED_REQUEST,
+                "not_leader",
+                format!(
+                    "this server is a follower and serves reads only; send {method} {path} to \
+                     the writer (its replication address is {leader})"
+                ),
+            ));
+        }
     }
     let router = &*ctx.router;
     let access = &h::Access {

@@ -13,6 +13,8 @@ pub struct Server {
     child: Child,
     pub api: String,
     pub ops: String,
+    /// The replication listener (`host:port`), when started with one.
+    pub replication: Option<String>,
     pub stderr_log: PathBuf,
 }
 
@@ -86,6 +88,7 @@ impl Server {
                 child,
                 api: endpoints.api,
                 ops: endpoints.ops,
+                replication: endpoints.replication,
                 stderr_log,
             }),
             Err(why) => {

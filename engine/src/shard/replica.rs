@@ -1,0 +1,43 @@
+//! A follower's write path: frames the writer stamped, placed in this shard's log with
+//! their LSNs, epochs and commit times kept (`Wal::submit_stamped`), then applied by
+//! the same applier, in the same order, as the writer applied them.
+
+use super::*;
+use oc_io::OwnedFrame;
+
+impl<S: Storage> Shard<S> {
+    /// Places `frames` (consecutive, continuing this shard's log) in the log, queues
+    /// each for the applier, and returns once the last is durable: the LSN up to which
+    /// this shard now holds the writer's log. A frame this build cannot decode, or one
+    /// that does not continue the log, is refused with nothing after it placed; the
+    /// frames before it stay (they are the writer's log too).
+    pub async fn replicate(&self, frames: &[OwnedFrame]) -> Result<Lsn, EngineError> {
+        let mut last = None;
+        for frame in frames {
+            let (tenant, command, request_hash) =
+                logged_command(&frame.as_frame()).map_err(|why| EngineError::Replay {
+                    lsn: frame.lsn.0,
+                    why,
+                })?;
+            let pending = self.wal.submit_stamped(frame).await?;
+            last = Some(pending.clone());
+            // No await between the submit and the push: the queue stays in LSN order.
+            // Nobody waits on the slot: the outcome was the writer's too.
+            let mut queue = self.queue.borrow_mut();
+            queue.queued.push_back(Queued {
+                tenant,
+                command,
+                request_hash,
+                pending,
+                slot: Rc::new(RefCell::new(Slot::default())),
+            });
+            if let Some(w) = queue.applier.take() {
+                w.wake();
+            }
+        }
+        match last {
+            Some(pending) => Ok(pending.durable().await?),
+            None => Ok(self.wal.durable_lsn()),
+        }
+    }
+}

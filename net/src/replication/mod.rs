@@ -1,0 +1,137 @@
+//! Replication: a writer streams every shard's durable log frames to its followers;
+//! a follower makes them durable in its own log with the writer's LSNs, epochs and
+//! commit times (`Wal::submit_stamped`), applies them with the same `apply`, acknowledges
+//! what it holds, and serves reads of its applied state. Both ends run on the control
+//! executor and reach the shards through the mesh, so no shard ever blocks on a peer.
+//!
+//! The protocol's bytes are in `wire.rs` (FORMAT.md §10), the writer's side in
+//! `sender.rs`, the follower's in `receiver.rs`. Built so far: asynchronous streaming,
+//! the follower's restart from its own log, read-only followers (`421 not_leader`).
+//! Not yet: synchronous replication, the lease with a TTL, promotion and fencing.
+
+use std::cell::RefCell;
+use std::time::{Duration, Instant};
+
+use oc_io::Lsn;
+
+pub mod receiver;
+pub mod sender;
+pub mod wire;
+
+/// How often a writer with nothing new tells a follower its durable LSN.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_millis(500);
+/// A follower that hears nothing for this long reconnects.
+pub const SILENCE_LIMIT: Duration = Duration::from_secs(5);
+
+/// What this server is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    Writer,
+    /// Follows the writer whose replication listener is at `leader`.
+    Follower {
+        leader: String,
+    },
+}
+
+/// One shard's replication link, as the metrics and `/ready` see it.
+#[derive(Debug, Clone, Default)]
+pub struct ShardLink {
+    /// Follower: connected to the writer now. Writer: follower streams open now.
+    pub connected: u32,
+    /// Follower: the writer's durable LSN as last heard. Writer: its own, as last sent.
+    pub writer_durable: Lsn,
+    /// Follower: what this server holds durable and has applied. Writer: what the
+    /// follower that acknowledged last holds.
+    pub durable: Lsn,
+    pub applied: Lsn,
+    /// Follower: when it last had everything the writer had told it of.
+    pub caught_up_at: Option<Instant>,
+    /// Frames and bytes of frames received (follower) or sent (writer).
+    pub frames: u64,
+    pub bytes: u64,
+    /// Follower: connections that ended and were made again.
+    pub reconnects: u64,
+    /// Follower: why the last connection ended, if it did.
+    pub last_error: Option<String>,
+}
+
+impl ShardLink {
+    /// How many frames the writer has that the follower has not applied.
+    pub fn applied_lag_lsn(&self) -> u64 {
+        self.writer_durable.0.saturating_sub(self.applied.0)
+    }
+}
+
+/// Every shard's link, shared by the replication tasks and the ops endpoints (all on
+/// the control executor).
+#[derive(Debug)]
+pub struct ReplicationStatus {
+    pub role: Role,
+    pub links: Vec<RefCell<ShardLink>>,
+}
+
+impl ReplicationStatus {
+    pub fn new(role: Role, shards: usize) -> ReplicationStatus {
+        ReplicationStatus {
+            role,
+            links: (0..shards)
+                .map(|_| RefCell::new(ShardLink::default()))
+                .collect(),
+        }
+    }
+
+    pub fn is_follower(&self) -> bool {
+        matches!(self.role, Role::Follower { .. })
+    }
+
+    /// Every link, copied (for a scrape).
+    pub fn snapshot(&self) -> ReplicationMetrics {
+        ReplicationMetrics {
+            follower: self.is_follower(),
+            links: self.links.iter().map(|l| l.borrow().clone()).collect(),
+        }
+    }
+
+    /// Why a follower is not ready (not connected, or further behind than
+    /// `max_lag_lsn`), shard by shard; empty when it is, and always for a writer.
+    pub fn follower_not_ready(&self, max_lag_lsn: u64) -> Vec<String> {
+        if !self.is_follower() {
+            return Vec::new();
+        }
+        let mut reasons = Vec::new();
+        for (shard, link) in self.links.iter().enumerate() {
+            let link = link.borrow();
+            if link.connected == 0 {
+                reasons.push(format!(
+                    "shard {shard}: not connected to the writer{}",
+                    link.last_error
+                        .as_ref()
+                        .map(|e| format!(" ({e})"))
+                        .unwrap_or_default()
+                ));
+            } else if link.applied_lag_lsn() > max_lag_lsn {
+                reasons.push(format!(
+                    "shard {shard}: {} frames behind the writer (the bound is {max_lag_lsn})",
+                    link.applied_lag_lsn()
+                ));
+            }
+        }
+        reasons
+    }
+}
+
+/// A scrape's copy of the links.
+#[derive(Debug, Clone, Default)]
+pub struct ReplicationMetrics {
+    pub follower: bool,
+    pub links: Vec<ShardLink>,
+}
+
+/// The token a replication peer proves, compared in constant time.
+pub fn token_matches(expected: Option<&str>, presented: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    match expected {
+        None => true,
+        Some(expected) => expected.as_bytes().ct_eq(presented).into(),
+    }
+}

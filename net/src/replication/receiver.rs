@@ -1,0 +1,237 @@
+//! The follower's side: before the shards open, the writer's layout (its shard count
+//! and epochs) is fetched so a new data directory is laid out like the writer's; then
+//! one task per shard holds a connection to the writer, asks for the frames after the
+//! shard's durable LSN, hands each batch to the shard (`Shard::replicate`: durable in
+//! this server's log, then applied), and acknowledges what it holds. A connection that
+//! fails or falls silent is made again with a back-off; every restart resumes from the
+//! follower's own log.
+
+use std::net::ToSocketAddrs;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use glommio::net::TcpStream;
+use oc_engine::placement::EpochStart;
+use oc_engine::{ShardNode, ShardRouter};
+use oc_io::{Epoch, Lsn};
+
+use super::wire::{self, Message, Want, MAX_MESSAGE_BYTES};
+use super::{ReplicationStatus, SILENCE_LIMIT};
+
+/// Time to set up a connection to the writer.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// The first and the longest wait before connecting again.
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// The writer's layout as its replication listener gives it.
+#[derive(Debug, Clone)]
+pub struct WriterLayout {
+    pub shards: usize,
+    pub data_dir_id: String,
+    pub epochs: Vec<EpochStart>,
+}
+
+/// Asks the writer at `leader` for its layout (a blocking call, made once at start).
+pub fn fetch_layout(leader: &str, token: Option<&str>) -> Result<WriterLayout, String> {
+    use std::io::Write;
+    let addr = leader
+        .to_socket_addrs()
+        .map_err(|e| format!("resolving --leader-addr {leader}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("--leader-addr {leader} resolves to no address"))?;
+    let stream = std::net::TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
+        .map_err(|e| format!("connecting to the writer's replication listener {leader}: {e}"))?;
+    let io_timeout = Some(SILENCE_LIMIT);
+    stream
+        .set_read_timeout(io_timeout)
+        .and_then(|()| stream.set_write_timeout(io_timeout))
+        .map_err(|e| e.to_string())?;
+    let hello = Message::Hello {
+        token: token.unwrap_or_default().as_bytes().to_vec(),
+        epoch: 0,
+        want: Want::Layout,
+    };
+    (&stream)
+        .write_all(&hello.encode())
+        .map_err(|e| format!("asking {leader} for its layout: {e}"))?;
+    let mut reader = futures_lite::io::AssertAsync::new(&stream);
+    let answer = futures_lite::future::block_on(wire::read_message(&mut reader, 1 << 20))
+        .map_err(|e| format!("reading {leader}'s layout: {e}"))?;
+    match answer {
+        Message::Layout {
+            shards,
+            data_dir_id,
+            epochs,
+        } => Ok(WriterLayout {
+            shards: usize::from(shards),
+            data_dir_id,
+            epochs: epochs
+                .into_iter()
+                .map(|e| EpochStart {
+                    epoch: e.epoch,
+                    first_lsn: e.first_lsn,
+                })
+                .collect(),
+        }),
+        Message::Refused { reason, .. } => Err(format!("the writer at {leader} refused: {reason}")),
+        other => Err(format!(
+            "the writer at {leader} answered {other:?} instead of its layout"
+        )),
+    }
+}
+
+/// What the per-shard tasks follow with.
+pub struct Receiver {
+    pub router: Rc<ShardRouter>,
+    pub leader: String,
+    pub token: Option<String>,
+    pub status: Rc<ReplicationStatus>,
+}
+
+/// Follows the writer's log of `shard` until the executor ends.
+pub async fn follow(receiver: Rc<Receiver>, shard: usize) {
+    let mut backoff = BACKOFF_FIRST;
+    loop {
+        let started = Instant::now();
+        let why = match follow_once(&receiver, shard).await {
+            Ok(()) => "the writer closed the connection".to_string(),
+            Err(why) => why,
+        };
+        {
+            let mut link = receiver.status.links[shard].borrow_mut();
+            if link.connected > 0 {
+                link.reconnects += 1;
+            }
+            link.connected = 0;
+            link.last_error = Some(why.clone());
+        }
+        tracing::warn!(shard, leader = %receiver.leader, %why, retry_ms = backoff.as_millis() as u64, "replication from the writer stopped; connecting again");
+        // A connection that lasted a while starts the back-off over.
+        if started.elapsed() > BACKOFF_MAX * 5 {
+            backoff = BACKOFF_FIRST;
+        }
+        glommio::timer::sleep(backoff).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+async fn follow_once(receiver: &Receiver, shard: usize) -> Result<(), String> {
+    let router = &receiver.router;
+    let ((after, epoch), applied) = router
+        .call(shard, |node: Rc<ShardNode>| async move {
+            (node.shard().wal().last_placed(), node.shard().applied_lsn())
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let addr = receiver
+        .leader
+        .to_socket_addrs()
+        .map_err(|e| format!("resolving {}: {e}", receiver.leader))?
+        .next()
+        .ok_or_else(|| format!("{} resolves to no address", receiver.leader))?;
+    let mut stream = TcpStream::connect_timeout(addr, CONNECT_TIMEOUT)
+        .await
+        .map_err(|e| format!("connecting to {}: {e}", receiver.leader))?;
+    let _ = stream.set_nodelay(true);
+    stream
+        .set_read_timeout(Some(SILENCE_LIMIT))
+        .and_then(|()| stream.set_write_timeout(Some(SILENCE_LIMIT)))
+        .map_err(|e| e.to_string())?;
+    let hello = Message::Hello {
+        token: receiver.token.clone().unwrap_or_default().into_bytes(),
+        epoch: hello_epoch(after, epoch),
+        want: Want::Stream {
+            shard: shard as u16,
+            after,
+        },
+    };
+    wire::write_message(&mut stream, &hello)
+        .await
+        .map_err(|e| format!("sending the hello: {e}"))?;
+    let mut first = true;
+    let mut held = (after, applied);
+    loop {
+        let message = wire::read_message(&mut stream, MAX_MESSAGE_BYTES)
+            .await
+            .map_err(|e| format!("reading from the writer: {e}"))?;
+        if first {
+            first = false;
+            if !matches!(message, Message::Refused { .. }) {
+                let mut link = receiver.status.links[shard].borrow_mut();
+                link.connected = 1;
+                link.last_error = None;
+                tracing::info!(shard, leader = %receiver.leader, after = after.0, "following the writer");
+            }
+        }
+        let writer_durable = match message {
+            Message::Frames {
+                durable, frames, ..
+            } => {
+                let count = frames.len() as u64;
+                let bytes: usize = frames.iter().map(|f| f.as_frame().len()).sum();
+                if frames.first().is_some_and(|f| f.lsn != held.0.next()) {
+                    return Err(format!(
+                        "the writer sent LSN {} where LSN {} was due",
+                        frames[0].lsn,
+                        held.0.next()
+                    ));
+                }
+                held = router
+                    .call(shard, move |node: Rc<ShardNode>| async move {
+                        let durable = node.shard().replicate(&frames).await?;
+                        Ok::<_, oc_engine::EngineError>((durable, node.shard().applied_lsn()))
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| format!("placing the writer's frames in this log: {e}"))?;
+                let mut link = receiver.status.links[shard].borrow_mut();
+                link.frames += count;
+                link.bytes += bytes as u64;
+                durable
+            }
+            Message::Heartbeat { durable, .. } => {
+                held.1 = router
+                    .call(shard, |node: Rc<ShardNode>| async move {
+                        node.shard().applied_lsn()
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?;
+                durable
+            }
+            Message::Refused { code, reason } => {
+                return Err(format!("the writer refused ({code:?}): {reason}"))
+            }
+            other => {
+                return Err(format!(
+                    "the writer sent {other:?}, which a follower never gets"
+                ))
+            }
+        };
+        {
+            let mut link = receiver.status.links[shard].borrow_mut();
+            link.writer_durable = link.writer_durable.max(writer_durable);
+            link.durable = held.0;
+            link.applied = held.1;
+            if held.1 >= link.writer_durable {
+                link.caught_up_at = Some(Instant::now());
+            }
+        }
+        let ack = Message::Ack {
+            durable: held.0,
+            applied: held.1,
+        };
+        wire::write_message(&mut stream, &ack)
+            .await
+            .map_err(|e| format!("acknowledging to the writer: {e}"))?;
+    }
+}
+
+/// The epoch of a frame position, as the hello carries it (0: the log holds nothing).
+fn hello_epoch(after: Lsn, epoch: Epoch) -> u64 {
+    if after.0 == 0 {
+        0
+    } else {
+        epoch.0
+    }
+}

@@ -1,0 +1,337 @@
+//! Replication between real `oc-server` processes on loopback: a writer with a
+//! replication listener, followers that replicate it, a reference model of every
+//! acknowledged write, and the refusals (writes on a follower, a wrong token, settings
+//! that cannot work).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{promtool_check, scrape_value, Server};
+use serde_json::{json, Value};
+
+const TENANTS: [&str; 4] = ["alpha", "bravo", "charlie", "delta"];
+
+fn writer(dir: &std::path::Path) -> Server {
+    Server::start(
+        dir,
+        &["--shards", "2", "--replication-listen", "127.0.0.1:0"],
+    )
+}
+
+fn follower(dir: &std::path::Path, leader: &str) -> Server {
+    Server::start(dir, &["--mode", "follower", "--leader-addr", leader])
+}
+
+/// Acknowledged rows: (tenant, id) → name.
+type Model = Arc<Mutex<BTreeMap<(String, i64), String>>>;
+
+/// Writes `count` rows per tenant from one thread per tenant, recording each one the
+/// writer acknowledged (200) in `model`.
+fn write_rows(server: &Server, model: &Model, first_id: i64, count: i64) {
+    std::thread::scope(|scope| {
+        for tenant in TENANTS {
+            let api = server.api.clone();
+            let model = model.clone();
+            scope.spawn(move || {
+                for id in first_id..first_id + count {
+                    let name = format!("{tenant}-{id}-{}", id * 7 % 13);
+                    let reply = common::request(
+                        "POST",
+                        &format!("{api}/v1/tenants/{tenant}/tables/items/rows"),
+                        Some(
+                            &json!({"ops": [{"upsert": {"id": id, "name": name, "batch": id % 5}}]})
+                                .to_string(),
+                        ),
+                    );
+                    assert_eq!(reply.status, 200, "{reply:?}");
+                    model
+                        .lock()
+                        .expect("model")
+                        .insert((tenant.to_string(), id), name);
+                }
+            });
+        }
+    });
+}
+
+/// Every row of `tenant` the server has, by id.
+fn rows_of(server: &Server, tenant: &str) -> BTreeMap<i64, String> {
+    let reply = server.post(
+        &format!("/v1/tenants/{tenant}/ask"),
+        &json!({"sql": "SELECT id, name FROM items ORDER BY id LIMIT 10000"}),
+    );
+    if reply.status != 200 {
+        return BTreeMap::new();
+    }
+    reply.body["rows"]
+        .as_array()
+        .map(|rows| {
+            rows.iter()
+                .filter_map(|r| Some((r[0].as_i64()?, r[1].as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn model_of(model: &Model, tenant: &str) -> BTreeMap<i64, String> {
+    model
+        .lock()
+        .expect("model")
+        .iter()
+        .filter(|((t, _), _)| t == tenant)
+        .map(|((_, id), name)| (*id, name.clone()))
+        .collect()
+}
+
+/// Waits until the follower's rows equal the model for every tenant.
+fn wait_until_matches(follower: &Server, model: &Model) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mismatched: Vec<&str> = TENANTS
+            .into_iter()
+            .filter(|t| rows_of(follower, t) != model_of(model, t))
+            .collect();
+        if mismatched.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the follower still differs from the acknowledged writes for {mismatched:?} after \
+             30 s:\n{}",
+            follower.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The sum over shards of a per-shard series, e.g. `oc_replication_frames_total` with
+/// `direction="received"`.
+fn sum_over_shards(scrape: &str, name: &str, label: &str, shards: usize) -> f64 {
+    (0..shards)
+        .map(|shard| {
+            scrape_value(scrape, &format!("{name}{{{label},shard=\"{shard}\"}}")).unwrap_or(0.0)
+        })
+        .sum()
+}
+
+fn applied_total(server: &Server) -> u64 {
+    let (status, body) = server.ops_get("/ready");
+    assert_eq!(status, 200, "{body}");
+    let ready: Value = serde_json::from_str(&body).expect("json");
+    ready["shards"]
+        .as_array()
+        .expect("shards")
+        .iter()
+        .map(|s| s["applied_lsn"].as_u64().expect("applied"))
+        .sum()
+}
+
+fn setup_tenants(server: &Server) {
+    for tenant in TENANTS {
+        server.create_tenant_with_items(tenant);
+    }
+}
+
+#[test]
+fn a_follower_holds_every_acknowledged_write_and_serves_reads_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let writer = writer(&dir.path().join("writer"));
+    let leader = writer.replication.clone().expect("replication address");
+    setup_tenants(&writer);
+    let model: Model = Arc::default();
+    // Half the writes before the follower exists: it catches up from the writer's log.
+    write_rows(&writer, &model, 0, 60);
+    let follower = follower(&dir.path().join("follower"), &leader);
+    // ...and half while it follows.
+    write_rows(&writer, &model, 60, 60);
+    wait_until_matches(&follower, &model);
+
+    // Reads only: every write is refused with 421, naming the writer.
+    let refused = follower.post(
+        "/v1/tenants/alpha/tables/items/rows",
+        &json!({"ops": [{"upsert": {"id": 1, "name": "x", "batch": 1}}]}),
+    );
+    assert_eq!(refused.status, 421, "{refused:?}");
+    assert_eq!(refused.body["error"]["code"], "not_leader");
+    assert!(
+        refused.body["error"]["message"]
+            .as_str()
+            .expect("message")
+            .contains(&leader),
+        "{refused:?}"
+    );
+    for (method, path) in [
+        ("POST", "/v1/tenants"),
+        ("DELETE", "/v1/tenants/alpha"),
+        ("POST", "/v1/tenants/alpha/tables"),
+        ("DELETE", "/v1/tenants/alpha/tables/items"),
+        ("POST", "/v1/tenants/alpha/keys"),
+    ] {
+        let reply = common::request(method, &format!("{}{path}", follower.api), Some("{}"));
+        assert_eq!(reply.status, 421, "{method} {path}: {reply:?}");
+    }
+    // A row read and the tenant's usage answer from the applied state.
+    let row = follower.get("/v1/tenants/bravo/tables/items/rows/7");
+    assert_eq!(row.status, 200, "{row:?}");
+    assert_eq!(
+        row.body["row"]["name"],
+        json!(model_of(&model, "bravo")[&7])
+    );
+    assert_eq!(applied_total(&follower), applied_total(&writer));
+
+    // /ready says which end it is; the metrics say it is connected, caught up, and
+    // how much it received; the writer's say what it sent.
+    let (status, body) = follower.ops_get("/ready");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(r#""role":"follower""#), "{body}");
+    let (_, scrape) = follower.ops_get("/metrics");
+    promtool_check(&scrape);
+    for shard in 0..2 {
+        let connected = format!("oc_replication_connected{{role=\"follower\",shard=\"{shard}\"}}");
+        assert_eq!(scrape_value(&scrape, &connected), Some(1.0), "{scrape}");
+    }
+    let received = sum_over_shards(
+        &scrape,
+        "oc_replication_frames_total",
+        "direction=\"received\"",
+        2,
+    );
+    assert_eq!(received as u64, applied_total(&writer), "{scrape}");
+    let (_, writer_scrape) = writer.ops_get("/metrics");
+    promtool_check(&writer_scrape);
+    let sent = sum_over_shards(
+        &writer_scrape,
+        "oc_replication_frames_total",
+        "direction=\"sent\"",
+        2,
+    );
+    assert_eq!(sent as u64, applied_total(&writer), "{writer_scrape}");
+}
+
+#[test]
+fn a_follower_killed_and_restarted_resumes_from_its_own_log() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let writer = writer(&dir.path().join("writer"));
+    let leader = writer.replication.clone().expect("replication address");
+    setup_tenants(&writer);
+    let model: Model = Arc::default();
+    let follower_dir = dir.path().join("follower");
+    let first = follower(&follower_dir, &leader);
+    write_rows(&writer, &model, 0, 50);
+    wait_until_matches(&first, &model);
+    let held_at_kill = applied_total(&first);
+    first.kill9();
+
+    // The writer goes on without it.
+    write_rows(&writer, &model, 50, 50);
+    let second = follower(&follower_dir, &leader);
+    wait_until_matches(&second, &model);
+    // It asked only for what its own log did not hold.
+    let (_, scrape) = second.ops_get("/metrics");
+    let received = sum_over_shards(
+        &scrape,
+        "oc_replication_frames_total",
+        "direction=\"received\"",
+        2,
+    ) as u64;
+    let writer_total = applied_total(&writer);
+    assert_eq!(received, writer_total - held_at_kill, "{scrape}");
+}
+
+#[test]
+fn a_follower_with_the_wrong_token_is_refused_and_not_ready() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token_file = dir.path().join("admin-token");
+    std::fs::write(&token_file, "writer-admin-token-0123456789").expect("token");
+    let wrong_file = dir.path().join("wrong-token");
+    std::fs::write(&wrong_file, "not-the-writers-token-98765").expect("token");
+    let writer = Server::start(
+        &dir.path().join("writer"),
+        &[
+            "--replication-listen",
+            "127.0.0.1:0",
+            "--admin-token-file",
+            token_file.to_str().expect("utf-8"),
+        ],
+    );
+    let leader = writer.replication.clone().expect("replication address");
+    // A new follower waits for the writer's layout; one with a directory starts on
+    // its own and keeps trying. Give it a directory first (as a right-token follower).
+    let follower_dir = dir.path().join("follower");
+    let good = Server::start(
+        &follower_dir,
+        &[
+            "--mode",
+            "follower",
+            "--leader-addr",
+            &leader,
+            "--replication-token-file",
+            token_file.to_str().expect("utf-8"),
+        ],
+    );
+    drop(good);
+    let bad = Server::start(
+        &follower_dir,
+        &[
+            "--mode",
+            "follower",
+            "--leader-addr",
+            &leader,
+            "--replication-token-file",
+            wrong_file.to_str().expect("utf-8"),
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = bad.ops_get("/ready");
+        if status == 503 && body.contains("token") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a follower with the wrong token should say why it is not ready: {status} {body}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn settings_that_cannot_replicate_are_refused_at_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let data = data.to_str().expect("utf-8");
+    for (args, says) in [
+        (vec!["--mode", "follower"], "--leader-addr"),
+        (
+            vec!["--leader-addr", "127.0.0.1:9"],
+            "--leader-addr is for --mode follower",
+        ),
+        (
+            vec!["--replication-listen", "127.0.0.1:0", "--archive", "none"],
+            "replication needs an archive",
+        ),
+        (
+            vec![
+                "--mode",
+                "follower",
+                "--leader-addr",
+                "127.0.0.1:9",
+                "--replication-listen",
+                "127.0.0.1:0",
+            ],
+            "--replication-listen is for the writer",
+        ),
+    ] {
+        let mut full = vec!["--data-dir", data, "--listen", "127.0.0.1:0"];
+        full.extend(&args);
+        let run = common::run_expecting_exit(&full, &[], Duration::from_secs(30));
+        assert!(
+            run.status.is_some_and(|s| !s.success()),
+            "{args:?} should be refused: {run:?}"
+        );
+        assert!(run.stderr.contains(says), "{args:?}: {}", run.stderr);
+    }
+}
