@@ -58,6 +58,14 @@ pub enum EngineError {
         "table {table:?} was dropped and created again while the write was in flight; retry it"
     )]
     TableChanged { table: String },
+    /// This server may not acknowledge writes: it is a follower, or a writer whose
+    /// lease lapsed or was taken.
+    #[error("{0}")]
+    NotLeader(String),
+    /// Synchronous replication: the followers did not confirm the write in time. It is
+    /// durable and applied here, but not acknowledged.
+    #[error("{0}")]
+    ReplicationUnavailable(String),
     #[error("the log holds a record that cannot be replayed at LSN {lsn}: {why}")]
     Replay { lsn: u64, why: String },
     #[error("data directory layout: {0}")]

@@ -44,7 +44,7 @@ pub use pool::{owner_of, stop_all, PoolConfig, ShardNode, ShardPool, ShardRouter
 pub use quota::{Growth, TenantQuotas};
 pub use scheduler::{spawn_checkpointer, CheckpointMetrics, CheckpointPolicy, Checkpointer};
 pub use schema::TableSchema;
-pub use shard::{Applied, ChangesRead, Shard, ShardOpenReport, ShardState};
+pub use shard::{AckGate, Applied, ChangesRead, Shard, ShardOpenReport, ShardState};
 pub use table::{BatchOutcome, Row, Table, TableUsage, WriteOp};
 pub use tenant::{Tenant, TenantUsage};
 pub use tenant_id::TenantId;

@@ -206,6 +206,20 @@ pub struct ServerConfig {
     /// characters); without it, the admin token is the replication token.
     #[arg(long, env = "OC_REPLICATION_TOKEN_FILE")]
     pub replication_token_file: Option<PathBuf>,
+    /// Acknowledge a write only once --sync-replicas followers hold it durable.
+    #[arg(long, env = "OC_SYNC_REPLICATION")]
+    pub sync_replication: bool,
+    /// How many followers must hold a write with --sync-replication.
+    #[arg(long, env = "OC_SYNC_REPLICAS", default_value_t = 1)]
+    pub sync_replicas: usize,
+    /// How long a write waits for the followers with --sync-replication.
+    #[arg(long, env = "OC_SYNC_TIMEOUT_MS", default_value_t = 2_000)]
+    pub sync_timeout_ms: u64,
+    /// When the followers do not confirm in time: `refuse` (503
+    /// replication_unavailable: nothing acknowledged that a follower lacks) or
+    /// `degrade` (acknowledge without them until they catch up).
+    #[arg(long, env = "OC_SYNC_ON_TIMEOUT", default_value = "refuse", value_parser = ["refuse", "degrade"])]
+    pub sync_on_timeout: String,
     /// A follower further behind the writer than this many frames (on any shard)
     /// answers `/ready` with 503.
     #[arg(long, env = "OC_MAX_READY_LAG_LSN", default_value_t = 1000)]
@@ -424,6 +438,20 @@ impl ServerConfig {
         }
     }
 
+    /// Synchronous replication's policy, when --sync-replication is on.
+    pub fn sync_policy(&self) -> Option<crate::replication::gate::SyncPolicy> {
+        use crate::replication::gate::{OnTimeout, SyncPolicy};
+        self.sync_replication.then(|| SyncPolicy {
+            replicas: self.sync_replicas,
+            timeout: Duration::from_millis(self.sync_timeout_ms),
+            on_timeout: if self.sync_on_timeout == "degrade" {
+                OnTimeout::Degrade
+            } else {
+                OnTimeout::Refuse
+            },
+        })
+    }
+
     /// Refuses replication settings that cannot work.
     fn validate_replication(&self) -> Result<(), String> {
         let follower = self.mode == "follower";
@@ -442,6 +470,22 @@ impl ServerConfig {
         if follower && self.replication_listen.is_some() {
             return Err("--replication-listen is for the writer; a follower serves no                         followers (yet)"
                 .into());
+        }
+        if self.sync_replication {
+            if self.replication_listen.is_none() || follower {
+                return Err("--sync-replication is for a writer with --replication-listen".into());
+            }
+            if self.sync_replicas == 0
+                || self.sync_replicas > crate::replication::sender::MAX_CONNECTIONS
+            {
+                return Err(format!(
+                    "--sync-replicas must be from 1 to {}",
+                    crate::replication::sender::MAX_CONNECTIONS
+                ));
+            }
+            if self.sync_timeout_ms == 0 {
+                return Err("--sync-timeout-ms must be above 0".into());
+            }
         }
         let replicating = follower || self.replication_listen.is_some();
         if replicating && self.archive_uri().is_none() {

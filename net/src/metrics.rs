@@ -147,6 +147,8 @@ pub struct ShardSnapshot {
     pub tenants: usize,
     pub rows: usize,
     pub bytes: usize,
+    /// The synchronous-replication gate's counters, when the shard has one.
+    pub sync_gate: Option<crate::replication::gate::GateCounters>,
 }
 
 /// Takes this shard's snapshot; runs on the shard.
@@ -168,6 +170,7 @@ pub fn snapshot(node: &ShardNode) -> ShardSnapshot {
         tenants,
         rows,
         bytes,
+        sync_gate: crate::replication::gate::local_counters(),
     }
 }
 
@@ -427,6 +430,36 @@ pub fn render(shards: &[ShardSnapshot], control: &ControlMetrics) -> Result<Stri
     let mut families = control_families(control);
     if let Some(replication) = &control.replication {
         families.extend(replication_families(replication));
+    }
+    let gated: Vec<ShardSnapshot> = shards
+        .iter()
+        .filter(|s| s.sync_gate.is_some())
+        .cloned()
+        .collect();
+    if !gated.is_empty() {
+        let gate = |s: &ShardSnapshot| s.sync_gate.unwrap_or_default();
+        families.push(per_shard(
+            &gated,
+            "oc_replication_sync_waits_total",
+            "Writes that waited for the followers to confirm them (--sync-replication).",
+            COUNTER,
+            |s| gate(s).waits as f64,
+        ));
+        families.push(per_shard(
+            &gated,
+            "oc_replication_sync_timeouts_total",
+            "Writes whose followers did not confirm them within --sync-timeout-ms.",
+            COUNTER,
+            |s| gate(s).timeouts as f64,
+        ));
+        families.push(per_shard(
+            &gated,
+            "oc_replication_degraded",
+            "1 while the shard acknowledges writes without its followers \
+             (--sync-on-timeout degrade, after a timeout).",
+            GAUGE,
+            |s| f64::from(u8::from(gate(s).degraded)),
+        ));
     }
     let mut requests = BTreeMap::new();
     let mut latency: BTreeMap<&str, LatencyHistogram> = BTreeMap::new();

@@ -227,6 +227,7 @@ pub fn run(config: ServerConfig) -> Result<()> {
             token: replication_token,
             layout: Arc::new(layout.clone()),
             max_ready_lag_lsn: config.max_ready_lag_lsn,
+            sync_replicas: config.sync_policy().map(|p| p.replicas),
         };
         executor_builder(Placement::Unbound)
             .name("oc-control")
@@ -285,7 +286,12 @@ pub fn run(config: ServerConfig) -> Result<()> {
     };
     let settings_tls = settings.tls.is_some();
     let started = Instant::now();
+    let sync_policy = config.sync_policy();
     let serve = move |node: Rc<ShardNode>, router| {
+        if let Some(policy) = sync_policy {
+            let gate: Rc<dyn oc_engine::AckGate> = crate::replication::gate::Gate::install(policy);
+            node.shard().set_ack_gate(Some(gate));
+        }
         let fd = api_fds[node.id()];
         listener::serve_shard(node, router, fd, settings.clone())
     };
@@ -393,6 +399,7 @@ fn start_replication(
                     layout: setup.layout,
                     token: setup.token,
                     status: status.clone(),
+                    sync_replicas: setup.sync_replicas,
                 });
                 glommio::spawn_local(sender::serve(listener, sender))
             })
@@ -485,6 +492,7 @@ struct ReplicationSetup {
     token: Option<String>,
     layout: Arc<oc_engine::placement::Layout>,
     max_ready_lag_lsn: u64,
+    sync_replicas: Option<usize>,
 }
 
 /// The control executor: ops endpoints from the start, then, once the shards run, the

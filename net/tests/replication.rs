@@ -335,3 +335,157 @@ fn settings_that_cannot_replicate_are_refused_at_start() {
         assert!(run.stderr.contains(says), "{args:?}: {}", run.stderr);
     }
 }
+
+/// Writes from `threads` threads (two per tenant, disjoint ids) until a request fails,
+/// recording every write the writer acknowledged.
+fn write_until_failure(
+    api: &str,
+    model: &Model,
+    threads: usize,
+    stop: &std::sync::atomic::AtomicBool,
+) {
+    std::thread::scope(|scope| {
+        for t in 0..threads {
+            let tenant = TENANTS[t % TENANTS.len()];
+            let model = model.clone();
+            scope.spawn(move || {
+                for n in 0.. {
+                    if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        return;
+                    }
+                    let id = (t as i64) * 1_000_000 + n;
+                    let name = format!("{tenant}-{id}");
+                    let url = format!("{api}/v1/tenants/{tenant}/tables/items/rows");
+                    let body = json!({"ops": [{"upsert": {"id": id, "name": name, "batch": 1}}]});
+                    match common::try_request("POST", &url, Some(&body.to_string())) {
+                        Ok(reply) if reply.status == 200 => {
+                            model
+                                .lock()
+                                .expect("model")
+                                .insert((tenant.to_string(), id), name);
+                        }
+                        _ => return, // the writer is gone (or refused): stop this writer
+                    }
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn with_synchronous_replication_a_killed_writer_loses_no_acknowledged_write() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let writer = Server::start(
+        &dir.path().join("writer"),
+        &[
+            "--shards",
+            "2",
+            "--replication-listen",
+            "127.0.0.1:0",
+            "--sync-replication",
+        ],
+    );
+    let leader = writer.replication.clone().expect("replication address");
+    // With synchronous replication nothing is acknowledged before a follower holds it.
+    let follower = follower(&dir.path().join("follower"), &leader);
+    setup_tenants(&writer);
+    let model: Model = Arc::default();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let api = writer.api.clone();
+    std::thread::scope(|scope| {
+        scope.spawn(|| write_until_failure(&api, &model, 8, &stop));
+        std::thread::sleep(Duration::from_millis(1500));
+        writer.kill9();
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    let acknowledged = model.lock().expect("model").len();
+    assert!(
+        acknowledged > 50,
+        "only {acknowledged} writes were acknowledged"
+    );
+    // The follower still serves what it holds: every acknowledged write is there.
+    for tenant in TENANTS {
+        let held = rows_of(&follower, tenant);
+        for (id, name) in model_of(&model, tenant) {
+            assert_eq!(
+                held.get(&id),
+                Some(&name),
+                "{tenant}/{id} was acknowledged by the writer but the follower lacks it \
+                 ({acknowledged} acknowledged in all)"
+            );
+        }
+    }
+}
+
+#[test]
+fn without_a_follower_synchronous_writes_are_refused_or_degraded_as_configured() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let refusing = Server::start(
+        &dir.path().join("refusing"),
+        &[
+            "--replication-listen",
+            "127.0.0.1:0",
+            "--sync-replication",
+            "--sync-timeout-ms",
+            "300",
+        ],
+    );
+    // Creating a tenant is a write like any other: it waits for a follower too.
+    let refused = refusing.post("/v1/tenants", &json!({"tenant": "acme"}));
+    assert_eq!(refused.status, 503, "{refused:?}");
+    assert_eq!(refused.body["error"]["code"], "replication_unavailable");
+    assert!(refused.retry_after.is_some(), "{refused:?}");
+    // A follower arrives: the same request, retried, is acknowledged.
+    let leader = refusing.replication.clone().expect("replication address");
+    let _follower = follower(&dir.path().join("follower"), &leader);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let table = refusing.post("/v1/tenants/acme/tables", &common::items_table());
+        if table.status == 201 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{table:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, scrape) = refusing.ops_get("/metrics");
+    promtool_check(&scrape);
+    let timeouts: f64 = (0..4)
+        .filter_map(|s| {
+            scrape_value(
+                &scrape,
+                &format!("oc_replication_sync_timeouts_total{{shard=\"{s}\"}}"),
+            )
+        })
+        .sum();
+    assert!(timeouts >= 1.0, "{scrape}");
+
+    let degrading = Server::start(
+        &dir.path().join("degrading"),
+        &[
+            "--replication-listen",
+            "127.0.0.1:0",
+            "--sync-replication",
+            "--sync-timeout-ms",
+            "300",
+            "--sync-on-timeout",
+            "degrade",
+        ],
+    );
+    let created = degrading.post("/v1/tenants", &json!({"tenant": "acme"}));
+    assert_eq!(created.status, 201, "{created:?}");
+    let (_, scrape) = degrading.ops_get("/metrics");
+    let degraded: f64 = (0..4)
+        .filter_map(|s| {
+            scrape_value(
+                &scrape,
+                &format!("oc_replication_degraded{{shard=\"{s}\"}}"),
+            )
+        })
+        .sum();
+    assert_eq!(degraded, 1.0, "{scrape}");
+    assert!(
+        degrading.stderr().contains("without them"),
+        "{}",
+        degrading.stderr()
+    );
+}

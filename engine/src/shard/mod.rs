@@ -10,7 +10,7 @@
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::rc::Rc;
 use std::task::{Poll, Waker};
 
@@ -66,6 +66,17 @@ fn logged_command(frame: &oc_io::Frame<'_>) -> Result<(TenantId, Command, Option
     Ok((tenant, command, request_hash))
 }
 
+/// What a command waits for once it is durable and applied, before its caller is told
+/// (the server's gate: its lease still held; with synchronous replication, followers
+/// holding the command durable). A refusal leaves the command applied here: the caller
+/// hears it was not acknowledged, and may retry it with its idempotency key.
+pub trait AckGate {
+    fn admit(
+        &self,
+        lsn: Lsn,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), EngineError>> + '_>>;
+}
+
 /// A shard over `S` storage.
 pub struct Shard<S: Storage> {
     storage: S,
@@ -86,6 +97,7 @@ pub struct Shard<S: Storage> {
     replays: glommio::sync::Semaphore,
     plan_cache: RefCell<PlanCache>,
     quotas: std::cell::Cell<TenantQuotas>,
+    ack_gate: RefCell<Option<Rc<dyn AckGate>>>,
     _applier: Task<()>,
 }
 
@@ -184,6 +196,7 @@ impl<S: Storage> Shard<S> {
                 checkpoint_counts: std::cell::Cell::new((0, 0)),
                 release_barrier: std::cell::Cell::new(None),
                 quotas: std::cell::Cell::new(TenantQuotas::default()),
+                ack_gate: RefCell::new(None),
                 state,
                 queue,
                 feed,
@@ -205,6 +218,20 @@ impl<S: Storage> Shard<S> {
 
     pub fn quotas(&self) -> TenantQuotas {
         self.quotas.get()
+    }
+
+    /// What every command waits for before its caller is told (none: nothing).
+    pub fn set_ack_gate(&self, gate: Option<Rc<dyn AckGate>>) {
+        *self.ack_gate.borrow_mut() = gate;
+    }
+
+    /// Passes the gate for a command at `lsn`, if there is a gate.
+    async fn acknowledge(&self, lsn: Lsn) -> Result<(), EngineError> {
+        let gate = self.ack_gate.borrow().clone();
+        match gate {
+            Some(gate) => gate.admit(lsn).await,
+            None => Ok(()),
+        }
     }
 
     /// Logs a command and waits until it is durable and applied. A command too large
@@ -259,7 +286,7 @@ impl<S: Storage> Shard<S> {
                 w.wake();
             }
         }
-        poll_fn(|cx| {
+        let outcome = poll_fn(|cx| {
             let mut slot = slot.borrow_mut();
             match slot.outcome.take() {
                 Some(outcome) => Poll::Ready(outcome),
@@ -269,7 +296,9 @@ impl<S: Storage> Shard<S> {
                 }
             }
         })
-        .await
+        .await?;
+        self.acknowledge(outcome.0).await?;
+        Ok(outcome)
     }
 
     pub async fn create_tenant(&self, tenant: &TenantId) -> Result<Lsn, EngineError> {
@@ -390,6 +419,8 @@ impl<S: Storage> Shard<S> {
             // A repeat of a key already applied is answered without writing anything.
             // (No await since the checks above: the same state.)
             if let Some(first) = self.read(tenant, |t| remembered(t, key, hash))?? {
+                // The first attempt may have been refused its acknowledgement.
+                self.acknowledge(first.lsn).await?;
                 return Ok((first.lsn, first.outcome));
             }
         }

@@ -107,6 +107,10 @@ impl From<EngineError> for ApiError {
                 (StatusCode::SERVICE_UNAVAILABLE, "out_of_descriptors")
             }
             EngineError::Wal(_) => (StatusCode::SERVICE_UNAVAILABLE, "log_failed"),
+            EngineError::NotLeader(_) => (StatusCode::MISDIRECTED_REQUEST, "not_leader"),
+            EngineError::ReplicationUnavailable(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "replication_unavailable")
+            }
             EngineError::Replay { .. } | EngineError::Layout(_) | EngineError::Unreadable(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
             }

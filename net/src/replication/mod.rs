@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use oc_io::Lsn;
 
+pub mod gate;
 pub mod receiver;
 pub mod sender;
 pub mod wire;
@@ -53,6 +54,8 @@ pub struct ShardLink {
     pub reconnects: u64,
     /// Follower: why the last connection ended, if it did.
     pub last_error: Option<String>,
+    /// Writer: where the shard's acknowledgement gate was last moved to.
+    pub gate_at: Lsn,
 }
 
 impl ShardLink {
@@ -68,6 +71,9 @@ impl ShardLink {
 pub struct ReplicationStatus {
     pub role: Role,
     pub links: Vec<RefCell<ShardLink>>,
+    /// Writer: per shard, the durable LSN each open follower stream acknowledged last
+    /// (by connection number), from which the synchronous gate's position is read.
+    pub acks: Vec<RefCell<std::collections::BTreeMap<u64, Lsn>>>,
 }
 
 impl ReplicationStatus {
@@ -77,7 +83,17 @@ impl ReplicationStatus {
             links: (0..shards)
                 .map(|_| RefCell::new(ShardLink::default()))
                 .collect(),
+            acks: (0..shards).map(|_| RefCell::default()).collect(),
         }
+    }
+
+    /// The LSN `replicas` follower streams of `shard` all hold durable (the
+    /// `replicas`-th highest acknowledgement), if that many are open.
+    pub fn held_by(&self, shard: usize, replicas: usize) -> Option<Lsn> {
+        let acks = self.acks[shard].borrow();
+        let mut held: Vec<Lsn> = acks.values().copied().collect();
+        held.sort_unstable_by(|a, b| b.cmp(a));
+        held.get(replicas.checked_sub(1)?).copied()
     }
 
     pub fn is_follower(&self) -> bool {

@@ -22,7 +22,7 @@ use oc_engine::{ShardNode, ShardRouter};
 use oc_io::{LogRead, Lsn, TimestampMicros};
 
 use super::wire::{self, EpochStart, Message, RefusedCode, Want};
-use super::{token_matches, ReplicationStatus, HEARTBEAT_EVERY};
+use super::{gate, token_matches, ReplicationStatus, HEARTBEAT_EVERY};
 
 /// Follower connections served at once; more are refused.
 pub const MAX_CONNECTIONS: usize = 64;
@@ -43,7 +43,13 @@ pub struct Sender {
     /// The token followers must present (`None`: authentication is off).
     pub token: Option<String>,
     pub status: Rc<ReplicationStatus>,
+    /// With synchronous replication: how many followers must hold a write (the shards'
+    /// gates are moved as their acknowledgements arrive).
+    pub sync_replicas: Option<usize>,
 }
+
+/// Numbers the connections (the key of their acknowledgements).
+static NEXT_CONNECTION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Accepts follower connections until the executor ends.
 pub async fn serve(listener: TcpListener, sender: Rc<Sender>) {
@@ -78,7 +84,7 @@ pub async fn serve(listener: TcpListener, sender: Rc<Sender>) {
             let peer = stream
                 .peer_addr()
                 .map_or_else(|_| "?".into(), |a| a.to_string());
-            if let Err(why) = connection(stream, &sender).await {
+            if let Err(why) = connection(stream, sender).await {
                 tracing::info!(%peer, %why, "replication connection ended");
             }
             open.set(open.get() - 1);
@@ -99,7 +105,7 @@ async fn refuse(stream: &mut TcpStream, code: RefusedCode, reason: String) -> Re
     Err(reason)
 }
 
-async fn connection(mut stream: TcpStream, sender: &Sender) -> Result<(), String> {
+async fn connection(mut stream: TcpStream, sender: Rc<Sender>) -> Result<(), String> {
     let _ = stream.set_nodelay(true);
     stream
         .set_read_timeout(Some(HELLO_TIMEOUT))
@@ -187,14 +193,16 @@ async fn connection(mut stream: TcpStream, sender: &Sender) -> Result<(), String
     let link = &sender.status.links[shard];
     link.borrow_mut().connected += 1;
     let ended = Rc::new(RefCell::new(None::<String>));
+    let id = NEXT_CONNECTION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let acks = glommio::spawn_local(read_acks(
         reader,
-        sender.status.clone(),
-        shard,
+        sender.clone(),
+        (shard, id),
         ended.clone(),
     ));
-    let streamed = stream_frames(writer, sender, shard, after, &ended).await;
+    let streamed = stream_frames(writer, &sender, shard, after, &ended).await;
     drop(acks);
+    sender.status.acks[shard].borrow_mut().remove(&id);
     link.borrow_mut().connected -= 1;
     let ack_end = ended.borrow_mut().take();
     streamed.and(ack_end.map_or(Ok(()), Err))
@@ -308,19 +316,42 @@ async fn stream_frames(
     }
 }
 
-/// Reads the follower's acknowledgements into the link until the connection ends.
+/// Reads the follower's acknowledgements into the link (and, with synchronous
+/// replication, moves the shard's gate) until the connection ends.
 async fn read_acks(
     mut reader: futures_lite::io::ReadHalf<TcpStream>,
-    status: Rc<ReplicationStatus>,
-    shard: usize,
+    sender: Rc<Sender>,
+    (shard, id): (usize, u64),
     ended: Rc<RefCell<Option<String>>>,
 ) {
+    let status = &sender.status;
     let why = loop {
         match wire::read_message(&mut reader, 64).await {
             Ok(Message::Ack { durable, applied }) => {
-                let mut link = status.links[shard].borrow_mut();
-                link.durable = durable;
-                link.applied = applied;
+                {
+                    let mut link = status.links[shard].borrow_mut();
+                    link.durable = durable;
+                    link.applied = applied;
+                }
+                status.acks[shard].borrow_mut().insert(id, durable);
+                let Some(replicas) = sender.sync_replicas else {
+                    continue;
+                };
+                let Some(held) = status.held_by(shard, replicas) else {
+                    continue;
+                };
+                if held > status.links[shard].borrow().gate_at {
+                    status.links[shard].borrow_mut().gate_at = held;
+                    let moved = sender
+                        .router
+                        .call(shard, move |_: Rc<ShardNode>| async move {
+                            gate::advance_local(held)
+                        })
+                        .await;
+                    if let Err(e) = moved {
+                        break format!("moving shard {shard}'s acknowledgement gate: {e}");
+                    }
+                }
             }
             Ok(other) => break format!("the follower sent {other:?} where an ack belongs"),
             Err(e) => break format!("reading the follower's acks: {e}"),

@@ -1,0 +1,171 @@
+//! The acknowledgement gate of a writer's shard (`oc_engine::AckGate`): what a
+//! command that is durable and applied here still waits for before its caller is told.
+//! With `--sync-replication`, `--sync-replicas` followers must hold it durable; the
+//! control executor reads their acknowledgements and moves the gate forward through
+//! the mesh. When they do not confirm within `--sync-timeout-ms`, the policy decides:
+//! `refuse` answers `503 replication_unavailable` (the write stays applied here, so a
+//! retry with its idempotency key is answered at once once a follower has it), and
+//! `degrade` acknowledges it anyway, says so in a log line and
+//! `oc_replication_degraded`, and returns to synchronous once the followers hold the
+//! write that timed out (if they are still slow, the next write's timeout degrades
+//! again: each flip costs one write one timeout).
+
+use std::cell::{Cell, RefCell};
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Poll, Waker};
+use std::time::Duration;
+
+use oc_engine::{AckGate, EngineError};
+use oc_io::Lsn;
+
+/// What a follower that does not confirm in time costs a write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnTimeout {
+    /// `503 replication_unavailable`: no write is acknowledged that a follower lacks.
+    Refuse,
+    /// Acknowledge without the followers, until they catch up.
+    Degrade,
+}
+
+/// Synchronous replication's settings.
+#[derive(Debug, Clone, Copy)]
+pub struct SyncPolicy {
+    pub replicas: usize,
+    pub timeout: Duration,
+    pub on_timeout: OnTimeout,
+}
+
+/// Counters of one shard's gate, for `/metrics`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GateCounters {
+    /// Commands that had to wait for the followers.
+    pub waits: u64,
+    /// Waits that ran out (refused, or acknowledged degraded).
+    pub timeouts: u64,
+    pub degraded: bool,
+}
+
+/// One shard's gate (lives on the shard's executor).
+pub struct Gate {
+    policy: SyncPolicy,
+    /// Every LSN up to this is durable on `replicas` followers.
+    replicated: Cell<Lsn>,
+    /// While degraded: the write that timed out, which the followers must hold before
+    /// writes wait for them again.
+    degraded_at: Cell<Lsn>,
+    waiters: RefCell<Vec<Waker>>,
+    counters: Cell<GateCounters>,
+}
+
+thread_local! {
+    /// This shard's gate, for the metrics snapshot.
+    static GATE: RefCell<Option<Rc<Gate>>> = const { RefCell::new(None) };
+}
+
+impl Gate {
+    /// A gate for this shard's thread, registered for [`local_counters`].
+    pub fn install(policy: SyncPolicy) -> Rc<Gate> {
+        let gate = Rc::new(Gate {
+            policy,
+            replicated: Cell::new(Lsn(0)),
+            degraded_at: Cell::new(Lsn(0)),
+            waiters: RefCell::new(Vec::new()),
+            counters: Cell::new(GateCounters::default()),
+        });
+        GATE.with(|g| *g.borrow_mut() = Some(gate.clone()));
+        gate
+    }
+
+    /// The followers now hold every LSN up to `replicated` durable.
+    pub fn advance(&self, replicated: Lsn) {
+        if replicated <= self.replicated.get() {
+            return;
+        }
+        self.replicated.set(replicated);
+        for waker in self.waiters.borrow_mut().drain(..) {
+            waker.wake();
+        }
+        if self.counters.get().degraded && replicated >= self.degraded_at.get() {
+            self.count(|c| c.degraded = false);
+            tracing::warn!(
+                lsn = replicated.0,
+                "the followers caught up: writes are acknowledged synchronously again"
+            );
+        }
+    }
+
+    fn count(&self, update: impl FnOnce(&mut GateCounters)) {
+        let mut counters = self.counters.get();
+        update(&mut counters);
+        self.counters.set(counters);
+    }
+
+    async fn wait_for(&self, lsn: Lsn) -> Result<(), EngineError> {
+        if self.replicated.get() >= lsn || self.counters.get().degraded {
+            return Ok(());
+        }
+        self.count(|c| c.waits += 1);
+        let replicated = poll_fn(|cx| {
+            if self.replicated.get() >= lsn {
+                return Poll::Ready(true);
+            }
+            let mut waiters = self.waiters.borrow_mut();
+            if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                waiters.push(cx.waker().clone());
+            }
+            Poll::Pending
+        });
+        let timeout = async {
+            glommio::timer::sleep(self.policy.timeout).await;
+            false
+        };
+        if futures_lite::future::or(replicated, timeout).await {
+            return Ok(());
+        }
+        self.count(|c| c.timeouts += 1);
+        match self.policy.on_timeout {
+            OnTimeout::Degrade => {
+                if !self.counters.get().degraded {
+                    tracing::warn!(
+                        lsn = lsn.0,
+                        timeout_ms = self.policy.timeout.as_millis() as u64,
+                        "the followers did not confirm in time: acknowledging writes without \
+                         them (--sync-on-timeout degrade) until they catch up"
+                    );
+                }
+                self.count(|c| c.degraded = true);
+                self.degraded_at.set(lsn);
+                Ok(())
+            }
+            OnTimeout::Refuse => Err(EngineError::ReplicationUnavailable(format!(
+                "{} follower(s) did not confirm LSN {lsn} within {} ms (--sync-replication, \
+                 --sync-timeout-ms): the write is durable on the writer but not acknowledged; \
+                 retry it with the same idempotency_key once the follower is back",
+                self.policy.replicas,
+                self.policy.timeout.as_millis()
+            ))),
+        }
+    }
+}
+
+impl AckGate for Gate {
+    fn admit(&self, lsn: Lsn) -> Pin<Box<dyn Future<Output = Result<(), EngineError>> + '_>> {
+        Box::pin(self.wait_for(lsn))
+    }
+}
+
+/// This shard's gate counters, if it has a gate.
+pub fn local_counters() -> Option<GateCounters> {
+    GATE.with(|g| g.borrow().as_ref().map(|g| g.counters.get()))
+}
+
+/// Moves this shard's gate (called through the mesh by the control executor).
+pub fn advance_local(replicated: Lsn) {
+    GATE.with(|g| {
+        if let Some(gate) = g.borrow().as_ref() {
+            gate.advance(replicated);
+        }
+    });
+}
