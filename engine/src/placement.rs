@@ -324,7 +324,7 @@ pub fn follow_epochs(
         && epochs.iter().all(|e| e.first_lsn.len() == layout.shards);
     if !continues {
         return Err(EngineError::Layout(format!(
-            "the writer's epochs {:?} do not continue this data directory's {:?}: the two              histories diverged; start this follower on an empty data directory",
+            "the writer's epochs {:?} do not continue this data directory's {:?}: the two histories diverged; start this follower on an empty data directory",
             epochs.iter().map(|e| e.epoch).collect::<Vec<_>>(),
             layout.epochs.iter().map(|e| e.epoch).collect::<Vec<_>>()
         )));
@@ -343,6 +343,33 @@ pub fn follow_epochs(
         ))
     })?;
     Ok(followed)
+}
+
+/// Records that `data_dir` (laid out as `layout`) starts epoch `start` (a follower's
+/// promotion), and returns the new layout. The epoch must be above every one recorded.
+pub fn start_epoch(
+    data_dir: &Path,
+    layout: &Layout,
+    start: EpochStart,
+) -> Result<Layout, EngineError> {
+    if start.epoch <= layout.epoch() || start.first_lsn.len() != layout.shards {
+        return Err(EngineError::Layout(format!(
+            "epoch {} (first LSNs {:?}) cannot follow epoch {} of a {}-shard directory",
+            start.epoch,
+            start.first_lsn,
+            layout.epoch(),
+            layout.shards
+        )));
+    }
+    let mut started = layout.clone();
+    started.epochs.push(start);
+    write_layout(data_dir, &started).map_err(|e| {
+        EngineError::Layout(format!(
+            "cannot record the new epoch in {}: {e}",
+            data_dir.display()
+        ))
+    })?;
+    Ok(started)
 }
 
 fn check_shard_count(shards: usize) -> Result<(), EngineError> {

@@ -220,6 +220,19 @@ pub struct ServerConfig {
     /// `degrade` (acknowledge without them until they catch up).
     #[arg(long, env = "OC_SYNC_ON_TIMEOUT", default_value = "refuse", value_parser = ["refuse", "degrade"])]
     pub sync_on_timeout: String,
+    /// A replicating server's lease in the archive: how long it holds without a
+    /// renewal. The writer renews every fifth of it and stops acknowledging writes
+    /// --lease-max-drift-ms before it could run out; an asynchronous follower's
+    /// promotion waits it out (plus the drift) since the last renewal.
+    #[arg(long, env = "OC_LEASE_TTL_MS", default_value_t = 10_000)]
+    pub lease_ttl_ms: u64,
+    /// The most two hosts' clocks may disagree, plus a lease write's worst latency.
+    #[arg(long, env = "OC_LEASE_MAX_DRIFT_MS", default_value_t = 1_000)]
+    pub lease_max_drift_ms: u64,
+    /// A promotion is refused (without force) when a shard's applied LSN is further
+    /// behind what the writer last reported than this many frames.
+    #[arg(long, env = "OC_PROMOTE_MAX_LAG_LSN", default_value_t = 1000)]
+    pub promote_max_lag_lsn: u64,
     /// A follower further behind the writer than this many frames (on any shard)
     /// answers `/ready` with 503.
     #[arg(long, env = "OC_MAX_READY_LAG_LSN", default_value_t = 1000)]
@@ -438,6 +451,27 @@ impl ServerConfig {
         }
     }
 
+    /// The lease timing of a replicating server (a writer with --replication-listen,
+    /// or a follower, which holds the lease once promoted); `None` for a lone server.
+    pub fn lease_ttl(&self) -> Option<oc_ship::shipper::LeaseTtl> {
+        (self.mode == "follower" || self.replication_listen.is_some()).then(|| {
+            oc_ship::shipper::LeaseTtl {
+                ttl: Duration::from_millis(self.lease_ttl_ms),
+                max_drift: Duration::from_millis(self.lease_max_drift_ms),
+            }
+        })
+    }
+
+    /// How often the archive's owner record is renewed: --lease-renew-ms, and at least
+    /// five times per lease TTL when replicating.
+    pub fn lease_renew(&self) -> Duration {
+        let renew = Duration::from_millis(self.lease_renew_ms);
+        match self.lease_ttl() {
+            Some(lease) => renew.min(lease.ttl / 5),
+            None => renew,
+        }
+    }
+
     /// Synchronous replication's policy, when --sync-replication is on.
     pub fn sync_policy(&self) -> Option<crate::replication::gate::SyncPolicy> {
         use crate::replication::gate::{OnTimeout, SyncPolicy};
@@ -467,13 +501,13 @@ impl ServerConfig {
             }
             _ => {}
         }
-        if follower && self.replication_listen.is_some() {
-            return Err("--replication-listen is for the writer; a follower serves no                         followers (yet)"
-                .into());
-        }
         if self.sync_replication {
-            if self.replication_listen.is_none() || follower {
-                return Err("--sync-replication is for a writer with --replication-listen".into());
+            if self.replication_listen.is_none() {
+                return Err(
+                    "--sync-replication needs --replication-listen (where followers \
+                            connect; a follower's applies once it is promoted)"
+                        .into(),
+                );
             }
             if self.sync_replicas == 0
                 || self.sync_replicas > crate::replication::sender::MAX_CONNECTIONS
@@ -487,16 +521,24 @@ impl ServerConfig {
                 return Err("--sync-timeout-ms must be above 0".into());
             }
         }
+        if let Some(lease) = self.lease_ttl() {
+            if lease.ttl < lease.max_drift * 3 || lease.ttl < Duration::from_millis(500) {
+                return Err(format!(
+                    "--lease-ttl-ms {} must be at least 500 and 3 times --lease-max-drift-ms {}",
+                    self.lease_ttl_ms, self.lease_max_drift_ms
+                ));
+            }
+        }
         let replicating = follower || self.replication_listen.is_some();
         if replicating && self.archive_uri().is_none() {
-            return Err("replication needs an archive (its lease lives there, and a promoted                         follower ships to it): drop --archive none"
+            return Err("replication needs an archive (its lease lives there, and a promoted follower ships to it): drop --archive none"
                 .into());
         }
         let token = self.replication_token()?;
         if let Some(addr) = self.replication_listen {
             if token.is_none() && !addr.ip().is_loopback() && !self.insecure_no_auth {
                 return Err(format!(
-                    "refusing to serve replication on {addr} without a token: set an admin                      token or --replication-token-file, or pass --insecure-no-auth"
+                    "refusing to serve replication on {addr} without a token: set an admin token or --replication-token-file, or pass --insecure-no-auth"
                 ));
             }
         }

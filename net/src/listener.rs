@@ -80,8 +80,8 @@ pub struct ConnectionSettings {
     pub layout: std::sync::Arc<oc_engine::placement::Layout>,
     /// The audit log of operator actions.
     pub auditor: oc_ship::audit::Auditor,
-    /// A follower's writer (its replication address): writes are refused, naming it.
-    pub leader: Option<String>,
+    /// A follower's role: writes are refused, naming its writer, until it is promoted.
+    pub role: Option<std::sync::Arc<crate::replication::ApiRole>>,
 }
 
 thread_local! {
@@ -166,7 +166,7 @@ pub async fn serve_shard(
         settings.layout.clone(),
         settings.auditor.clone(),
     );
-    ctx.leader = settings.leader.clone();
+    ctx.role = settings.role.clone();
     let ctx = Rc::new(ctx);
     let settings = Rc::new(settings);
     let accept_waiter = state.new_waiter();

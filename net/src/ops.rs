@@ -51,10 +51,10 @@ pub struct ControlState {
     pub failure: RefCell<Option<String>>,
     /// The data directory, whose file system `oc_data_disk_free_bytes` reports.
     pub data_dir: PathBuf,
-    /// Replication links (a writer's followers, or a follower's streams).
-    pub replication: Rc<crate::replication::ReplicationStatus>,
-    /// A follower further behind than this (frames, any shard) is not ready.
-    pub max_ready_lag_lsn: u64,
+    /// Replication: a writer's followers or a follower's streams, the lease, promotion.
+    pub replication: Rc<crate::replication::node::Node>,
+    /// The admin token, which `POST /v1/admin/promote` requires (when one is set).
+    pub admin_token: Option<String>,
 }
 
 /// Open connections the ops listener serves at once. A new connection past the cap
@@ -123,7 +123,8 @@ async fn handle(
         (&Method::GET, "/health") => ("health", health(&state)),
         (&Method::GET, "/ready") => ("ready", ready(&state).await),
         (&Method::GET, "/metrics") => ("metrics", metrics_page(&state).await),
-        (_, "/health" | "/ready" | "/metrics") => {
+        (&Method::POST, "/v1/admin/promote") => ("promote", promote(&state, req).await),
+        (_, "/health" | "/ready" | "/metrics" | "/v1/admin/promote") => {
             let mut response = json_response(
                 StatusCode::METHOD_NOT_ALLOWED,
                 json!({"error": {"code": "method_not_allowed", "message": "only GET is allowed here", "request_id": ""}}),
@@ -143,6 +144,40 @@ async fn handle(
     };
     metrics::record_request(route, response.status().as_u16(), started.elapsed());
     Ok(response)
+}
+
+/// `POST /v1/admin/promote[?force=true]` (admin token): this follower becomes the
+/// writer in place (`replication::node`). Answers the steps taken and their times.
+async fn promote(state: &Rc<ControlState>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let error = |status: u16, code: &str, message: String| {
+        json_response(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            json!({"error": {"code": code, "message": message, "request_id": ""}}),
+        )
+    };
+    if let Some(token) = &state.admin_token {
+        let presented = req
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        if !crate::replication::token_matches(Some(token), presented.as_bytes()) {
+            return error(
+                401,
+                "unauthorized",
+                "promotion needs the admin token (Authorization: Bearer <token>)".into(),
+            );
+        }
+    }
+    let force = req
+        .uri()
+        .query()
+        .is_some_and(|q| q.split('&').any(|p| p == "force=true" || p == "force=1"));
+    match state.replication.promote(force).await {
+        Ok(answer) => json_response(StatusCode::OK, answer),
+        Err(refused) => error(refused.status, refused.code, refused.message),
+    }
 }
 
 /// Liveness: `200 ok` while the process can do its job; `503 failed` with the reason
@@ -244,13 +279,15 @@ async fn ready(state: &ControlState) -> Response<Full<Bytes>> {
             Err(why) => reasons.push(format!("shard {shard}: {why}")),
         }
     }
+    let replication = &state.replication;
     reasons.extend(
-        state
-            .replication
-            .follower_not_ready(state.max_ready_lag_lsn),
+        replication
+            .status
+            .follower_not_ready(replication.max_ready_lag_lsn),
     );
+    reasons.extend(replication.lease_not_ready());
     if reasons.is_empty() {
-        let role = if state.replication.is_follower() {
+        let role = if replication.status.is_follower() {
             "follower"
         } else {
             "writer"
@@ -279,8 +316,12 @@ async fn metrics_page(state: &ControlState) -> Response<Full<Bytes>> {
         uptime_s: state.started.elapsed().as_secs_f64(),
         ready: state.phase.get() == Phase::Serving,
         ops_http: metrics::local_http(),
-        shipping: state.ship_status.as_ref().map(|s| s.snapshot()),
-        replication: Some(state.replication.snapshot()),
+        shipping: state
+            .ship_status
+            .as_ref()
+            .or(state.replication.promoted_ship_status.borrow().as_ref())
+            .map(|s| s.snapshot()),
+        replication: Some(state.replication.status.snapshot()),
         // Blocking calls, cheap and on the control executor: never on a shard.
         process: process_stats::process(),
         data_disk: match process_stats::disk(&state.data_dir) {

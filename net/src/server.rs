@@ -38,8 +38,8 @@ use oc_ship::shipper::{self, ShipStatus, ShipperConfig};
 use crate::config::ServerConfig;
 use crate::listener::{self, ConnectionSettings};
 use crate::ops::{self, ControlState, Phase};
-use crate::replication::{receiver, sender, ReplicationStatus, Role};
-use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
+use crate::replication::{gate, node, receiver, ApiRole, Role};
+use std::os::fd::IntoRawFd;
 
 /// How often the control executor looks for a shutdown request.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(20);
@@ -115,6 +115,9 @@ pub fn run(config: ServerConfig) -> Result<()> {
     let replication_token = config.replication_token().map_err(|e| anyhow!(e))?;
     // The data directory's own layout speaks first: its error names the fix. A
     // follower's is the writer's (its shard count and epochs).
+    // A follower learns from its writer whether it replicates synchronously (a
+    // promotion then need not wait for the old lease to lapse).
+    let mut writer_sync_replicas = 0;
     let layout = match &role {
         Role::Writer => {
             let shards = config
@@ -124,7 +127,10 @@ pub fn run(config: ServerConfig) -> Result<()> {
                 .context("checking the data directory")?
         }
         Role::Follower { leader } => {
-            follower_layout(&config, leader, replication_token.as_deref(), &shutdown)?
+            let (layout, sync) =
+                follower_layout(&config, leader, replication_token.as_deref(), &shutdown)?;
+            writer_sync_replicas = sync;
+            layout
         }
     };
     let shards = layout.shards;
@@ -156,56 +162,48 @@ pub fn run(config: ServerConfig) -> Result<()> {
     // foreign archive is a start-up error, not a surprise later.
     let ship_status = ShipStatus::default();
     let mut replay_archive = None;
+    let mut lease_hold = None;
+    let mut promotion = None;
     let shipper = match config.archive_uri() {
         // Only the writer ships: a follower reads the archive (`/watch` resumes) and
         // claims it only once promoted.
         Some(uri) if role != Role::Writer => {
             let archive =
                 open_archive(&uri).with_context(|| format!("opening the archive {uri}"))?;
-            replay_archive = Some(archive);
+            replay_archive = Some(archive.clone());
             tracing::info!(archive = %uri, "follower: not shipping (the writer does)");
+            promotion = Some(node::PromotionKit {
+                archive,
+                ship_config: ship_config(&config, &layout),
+                ship_status: ship_status.clone(),
+                on_displaced: on_displaced(format),
+                data_dir: config.data_dir.clone(),
+                lease_ttl: config.lease_ttl().unwrap_or(oc_ship::shipper::LeaseTtl {
+                    ttl: Duration::from_millis(config.lease_ttl_ms),
+                    max_drift: Duration::from_millis(config.lease_max_drift_ms),
+                }),
+                writer_sync: writer_sync_replicas > 0,
+                sync_policy: config.sync_policy(),
+                max_lag_lsn: config.promote_max_lag_lsn,
+            });
             None
         }
         Some(uri) => {
             let archive =
                 open_archive(&uri).with_context(|| format!("opening the archive {uri}"))?;
             replay_archive = Some(archive.clone());
-            let ship_config = ShipperConfig {
-                data_dir: config.data_dir.clone(),
-                owner_id: layout.id.to_string(),
-                holder: lease::this_process(
-                    &format!("{PROGRAM} {}", env!("CARGO_PKG_VERSION")),
-                    &config.data_dir,
-                ),
-                lease_renew: Duration::from_millis(config.lease_renew_ms),
-                shards,
-                tail_window: Duration::from_millis(config.tail_window_ms),
-                retention: config.archive_retention,
-                audit_retention: config.audit_retention,
-                breaker: BreakerPolicy {
-                    open_for: Duration::from_millis(config.archive_breaker_open_ms),
-                    ..BreakerPolicy::default()
-                },
-            };
-            // Another copy of this data directory took the archive: the shipper's writes
-            // are already fenced; end the process before anything else happens.
-            let on_displaced: shipper::OnDisplaced = Box::new(move |what| {
-                let line = fail_stop::fatal_line(
-                    PROGRAM,
-                    format,
-                    &format!(
-                        "{what}. Exiting with status {}; every acknowledged write is durable \
-                         in this data directory. See RUNBOOK.md: \"the process exited with \
-                         status 5\"",
-                        fail_stop::EXIT_ARCHIVE_TAKEN
-                    ),
-                );
-                fail_stop::exit_now(fail_stop::EXIT_ARCHIVE_TAKEN, &line);
-            });
-            let start = shipper::start(archive, ship_config, ship_status.clone(), on_displaced)
-                .with_context(|| format!("starting to ship to the archive {uri}"))?;
-            tracing::info!(archive = %uri, "shipping to the archive");
-            Some(start)
+            let start = shipper::start(
+                archive,
+                ship_config(&config, &layout),
+                ship_status.clone(),
+                on_displaced(format),
+            )
+            .with_context(|| format!("starting to ship to the archive {uri}"))?;
+            tracing::info!(archive = %uri, lease_epoch = start.lease_epoch, "shipping to the archive");
+            if config.lease_ttl().is_some() {
+                lease_hold = Some(start.hold.clone());
+            }
+            Some(start.run)
         }
         None => {
             tracing::warn!("no archive (--archive none): losing this machine loses the data");
@@ -216,18 +214,26 @@ pub fn run(config: ServerConfig) -> Result<()> {
     let (client_tx, client_rx) = mpsc::channel::<MeshEndpoints<ShardNode>>();
     let (ops_addr_tx, ops_addr_rx) = mpsc::channel::<std::io::Result<SocketAddr>>();
     let (serving_tx, serving_rx) = mpsc::channel::<()>();
+    let api_role = match &role {
+        Role::Follower { leader } => Some(Arc::new(ApiRole::follower(leader.clone()))),
+        Role::Writer => None,
+    };
     let control = {
         let shutdown = shutdown.clone();
         let ship_status_for_ops = shipper.as_ref().map(|_| ship_status.clone());
         let ops_listen = config.ops_listen;
         let data_dir = config.data_dir.clone();
-        let replication = ReplicationSetup {
+        let admin_token = auth.admin_token.clone();
+        let replication = node::Setup {
             role: role.clone(),
             listener: replication_listener.map(|l| l.into_raw_fd()),
             token: replication_token,
-            layout: Arc::new(layout.clone()),
+            layout: layout.clone(),
             max_ready_lag_lsn: config.max_ready_lag_lsn,
             sync_replicas: config.sync_policy().map(|p| p.replicas),
+            lease_hold: lease_hold.clone(),
+            api_role: api_role.clone(),
+            promotion,
         };
         executor_builder(Placement::Unbound)
             .name("oc-control")
@@ -240,6 +246,7 @@ pub fn run(config: ServerConfig) -> Result<()> {
                     ship_status: ship_status_for_ops,
                     data_dir,
                     replication,
+                    admin_token,
                 };
                 control_main(ops_listen, shards, channels, shutdown, grace, format)
             })
@@ -261,10 +268,7 @@ pub fn run(config: ServerConfig) -> Result<()> {
         archive: replay_archive,
         layout: std::sync::Arc::new(layout.clone()),
         auditor,
-        leader: match &role {
-            Role::Follower { leader } => Some(leader.clone()),
-            Role::Writer => None,
-        },
+        role: api_role,
     };
     let pool_config = PoolConfig {
         shards,
@@ -286,10 +290,12 @@ pub fn run(config: ServerConfig) -> Result<()> {
     };
     let settings_tls = settings.tls.is_some();
     let started = Instant::now();
-    let sync_policy = config.sync_policy();
+    // A writer's acknowledgements wait for its followers (synchronous replication) and
+    // check its lease (replicating); a follower's gate is installed at its promotion.
+    let sync_policy = config.sync_policy().filter(|_| role == Role::Writer);
     let serve = move |node: Rc<ShardNode>, router| {
-        if let Some(policy) = sync_policy {
-            let gate: Rc<dyn oc_engine::AckGate> = crate::replication::gate::Gate::install(policy);
+        if sync_policy.is_some() || lease_hold.is_some() {
+            let gate = gate::Gate::install(sync_policy, lease_hold.clone());
             node.shard().set_ack_gate(Some(gate));
         }
         let fd = api_fds[node.id()];
@@ -327,6 +333,47 @@ pub fn run(config: ServerConfig) -> Result<()> {
     Ok(())
 }
 
+/// The shipper's settings for this server (a writer's at start, a follower's when it
+/// is promoted).
+fn ship_config(config: &ServerConfig, layout: &oc_engine::placement::Layout) -> ShipperConfig {
+    ShipperConfig {
+        data_dir: config.data_dir.clone(),
+        owner_id: layout.id.to_string(),
+        holder: lease::this_process(
+            &format!("{PROGRAM} {}", env!("CARGO_PKG_VERSION")),
+            &config.data_dir,
+        ),
+        lease_renew: config.lease_renew(),
+        shards: layout.shards,
+        tail_window: Duration::from_millis(config.tail_window_ms),
+        retention: config.archive_retention,
+        audit_retention: config.audit_retention,
+        breaker: BreakerPolicy {
+            open_for: Duration::from_millis(config.archive_breaker_open_ms),
+            ..BreakerPolicy::default()
+        },
+        lease_ttl: config.lease_ttl(),
+    }
+}
+
+/// What happens when another process took the archive's owner record: the shipper's
+/// writes are already fenced; the process ends before anything else happens.
+fn on_displaced(format: LineFormat) -> shipper::OnDisplaced {
+    Box::new(move |what| {
+        let line = fail_stop::fatal_line(
+            PROGRAM,
+            format,
+            &format!(
+                "{what}. Exiting with status {}; every acknowledged write is durable \
+                 in this data directory. See RUNBOOK.md: \"the process exited with \
+                 status 5\"",
+                fail_stop::EXIT_ARCHIVE_TAKEN
+            ),
+        );
+        fail_stop::exit_now(fail_stop::EXIT_ARCHIVE_TAKEN, &line);
+    })
+}
+
 /// A follower's layout: a new data directory takes the writer's (its shard count and
 /// epochs; the writer must answer, and is asked again every second until it does); an
 /// existing one takes on the epochs the writer went through since (when the writer
@@ -336,7 +383,7 @@ fn follower_layout(
     leader: &str,
     token: Option<&str>,
     shutdown: &AtomicBool,
-) -> Result<oc_engine::placement::Layout> {
+) -> Result<(oc_engine::placement::Layout, usize)> {
     use oc_engine::placement;
     let local =
         placement::existing_layout(&config.data_dir).context("checking the data directory")?;
@@ -357,12 +404,14 @@ fn follower_layout(
         }
     };
     let Some(writer) = writer else {
-        return local.ok_or_else(|| anyhow!("no layout"));
+        // Not knowing whether the writer replicated synchronously, a promotion waits
+        // for its lease to lapse.
+        return local.map(|l| (l, 0)).ok_or_else(|| anyhow!("no layout"));
     };
     if let Some(wanted) = config.shards {
         if wanted != writer.shards {
             bail!(
-                "--shards {wanted}, but the writer at {leader} has {} shards: a follower has the                  writer's shard count (drop --shards)",
+                "--shards {wanted}, but the writer at {leader} has {} shards: a follower has the writer's shard count (drop --shards)",
                 writer.shards
             );
         }
@@ -370,53 +419,15 @@ fn follower_layout(
     let layout = match local {
         None => placement::create_layout_with_epochs(&config.data_dir, writer.shards, writer.epochs),
         Some(local) if local.shards != writer.shards => bail!(
-            "this data directory has {} shards and the writer at {leader} has {}: it was not              made for this writer; start the follower on an empty data directory",
+            "this data directory has {} shards and the writer at {leader} has {}: it was not made for this writer; start the follower on an empty data directory",
             local.shards,
             writer.shards
         ),
         Some(local) => placement::follow_epochs(&config.data_dir, &local, writer.epochs),
     }
     .context("laying out the follower like its writer")?;
-    tracing::info!(%leader, writer_data_dir_id = %writer.data_dir_id, epoch = layout.epoch(), shards = layout.shards, "following the writer");
-    Ok(layout)
-}
-
-/// Starts the writer's replication listener or the follower's per-shard streams.
-fn start_replication(
-    setup: ReplicationSetup,
-    router: &Rc<ShardRouter>,
-    status: &Rc<ReplicationStatus>,
-) -> Vec<glommio::Task<()>> {
-    match setup.role {
-        Role::Writer => setup
-            .listener
-            .map(|fd| {
-                // SAFETY: `fd` is a bound, listening socket this process owns; it was
-                // given up by its `std` owner (`into_raw_fd`) for this one conversion.
-                let listener = unsafe { TcpListener::from_raw_fd(fd) };
-                let sender = Rc::new(sender::Sender {
-                    router: router.clone(),
-                    layout: setup.layout,
-                    token: setup.token,
-                    status: status.clone(),
-                    sync_replicas: setup.sync_replicas,
-                });
-                glommio::spawn_local(sender::serve(listener, sender))
-            })
-            .into_iter()
-            .collect(),
-        Role::Follower { leader } => {
-            let receiver = Rc::new(receiver::Receiver {
-                router: router.clone(),
-                leader,
-                token: setup.token,
-                status: status.clone(),
-            });
-            (0..router.shards())
-                .map(|shard| glommio::spawn_local(receiver::follow(receiver.clone(), shard)))
-                .collect()
-        }
-    }
+    tracing::info!(%leader, writer_data_dir_id = %writer.data_dir_id, epoch = layout.epoch(), shards = layout.shards, sync_replicas = writer.sync_replicas, "following the writer");
+    Ok((layout, writer.sync_replicas))
 }
 
 fn report_recovery(reports: &[ShardOpenReport], took: Duration) {
@@ -481,18 +492,8 @@ struct ControlChannels {
     shipper: Option<shipper::ShipperLoop>,
     ship_status: Option<ShipStatus>,
     data_dir: std::path::PathBuf,
-    replication: ReplicationSetup,
-}
-
-/// What the control executor needs to replicate: the role, the writer's listener (a
-/// bound socket) and token, the layout it serves followers.
-struct ReplicationSetup {
-    role: Role,
-    listener: Option<RawFd>,
-    token: Option<String>,
-    layout: Arc<oc_engine::placement::Layout>,
-    max_ready_lag_lsn: u64,
-    sync_replicas: Option<usize>,
+    replication: node::Setup,
+    admin_token: Option<String>,
 }
 
 /// The control executor: ops endpoints from the start, then, once the shards run, the
@@ -513,8 +514,9 @@ async fn control_main(
         ship_status,
         data_dir,
         replication,
+        admin_token,
     } = channels;
-    let replication_status = Rc::new(ReplicationStatus::new(replication.role.clone(), shards));
+    let replication = node::Node::new(replication, shards);
     let listener = match TcpListener::bind(ops_listen) {
         Ok(listener) => listener,
         Err(e) => {
@@ -536,8 +538,8 @@ async fn control_main(
         ship_status,
         failure: std::cell::RefCell::new(None),
         data_dir,
-        replication: replication_status.clone(),
-        max_ready_lag_lsn: replication.max_ready_lag_lsn,
+        replication: replication.clone(),
+        admin_token,
     });
     let _ops = glommio::spawn_local(ops::serve_ops(listener, state.clone()));
     // Wait for the shards (or for the start-up to fail, which sets `shutdown`).
@@ -551,7 +553,7 @@ async fn control_main(
     let router = Rc::new(client.connect(None).await);
     *state.router.borrow_mut() = Some(router.clone());
     let _shipping = shipper.map(|ship| glommio::spawn_local(ship(router.clone())));
-    let _replication = start_replication(replication, &router, &replication_status);
+    replication.start(&router);
     state.phase.set(Phase::Serving);
     let _ = serving_tx.send(());
     let mut next_log_check = Instant::now();

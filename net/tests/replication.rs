@@ -314,15 +314,17 @@ fn settings_that_cannot_replicate_are_refused_at_start() {
             "replication needs an archive",
         ),
         (
+            vec!["--sync-replication"],
+            "--sync-replication needs --replication-listen",
+        ),
+        (
             vec![
-                "--mode",
-                "follower",
-                "--leader-addr",
-                "127.0.0.1:9",
                 "--replication-listen",
                 "127.0.0.1:0",
+                "--lease-ttl-ms",
+                "1000",
             ],
-            "--replication-listen is for the writer",
+            "--lease-ttl-ms 1000 must be at least 500 and 3 times",
         ),
     ] {
         let mut full = vec!["--data-dir", data, "--listen", "127.0.0.1:0"];
@@ -488,4 +490,161 @@ fn without_a_follower_synchronous_writes_are_refused_or_degraded_as_configured()
         "{}",
         degrading.stderr()
     );
+}
+
+/// A writer and a follower on one archive (the lease lives there).
+fn pair(dir: &std::path::Path, writer_flags: &[&str]) -> (Server, Server, String) {
+    let archive = format!("file://{}", dir.join("archive").display());
+    let mut flags = vec![
+        "--shards",
+        "2",
+        "--replication-listen",
+        "127.0.0.1:0",
+        "--archive",
+        &archive,
+        "--tail-window-ms",
+        "100",
+    ];
+    flags.extend(writer_flags);
+    let writer = Server::start(&dir.join("writer"), &flags);
+    let leader = writer.replication.clone().expect("replication address");
+    let follower = Server::start(
+        &dir.join("follower"),
+        &[
+            "--mode",
+            "follower",
+            "--leader-addr",
+            &leader,
+            "--archive",
+            &archive,
+            "--tail-window-ms",
+            "100",
+        ],
+    );
+    (writer, follower, archive)
+}
+
+fn promote(server: &Server, force: bool) -> common::Reply {
+    let query = if force { "?force=true" } else { "" };
+    common::request(
+        "POST",
+        &format!("{}/v1/admin/promote{query}", server.ops),
+        None,
+    )
+}
+
+#[test]
+fn a_synchronous_follower_promoted_after_the_writer_dies_has_every_acknowledged_write() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (writer, follower, archive) = pair(dir.path(), &["--sync-replication"]);
+    setup_tenants(&writer);
+    let model: Model = Arc::default();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let api = writer.api.clone();
+    let killed_at = std::thread::scope(|scope| {
+        scope.spawn(|| write_until_failure(&api, &model, 8, &stop));
+        std::thread::sleep(Duration::from_millis(1000));
+        writer.kill9();
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        Instant::now()
+    });
+    // Until promoted, the follower refuses writes.
+    let refused = follower.post("/v1/tenants", &json!({"tenant": "early"}));
+    assert_eq!(refused.status, 421, "{refused:?}");
+    let promoted = promote(&follower, false);
+    assert_eq!(promoted.status, 200, "{promoted:?}\n{}", follower.stderr());
+    assert_eq!(promoted.body["lease_epoch"], 2, "{promoted:?}");
+    let write = follower.post(
+        "/v1/tenants/alpha/tables/items/rows",
+        &json!({"ops": [{"upsert": {"id": -1, "name": "after", "batch": 1}}]}),
+    );
+    assert_eq!(write.status, 200, "{write:?}");
+    let rto = killed_at.elapsed();
+    assert!(
+        rto < Duration::from_secs(2),
+        "from the kill to the first write on the promoted follower took {rto:?}: {promoted:?}"
+    );
+    for tenant in TENANTS {
+        let held = rows_of(&follower, tenant);
+        for (id, name) in model_of(&model, tenant) {
+            assert_eq!(
+                held.get(&id),
+                Some(&name),
+                "{tenant}/{id} lost in the failover"
+            );
+        }
+    }
+    // The new writer ships under its epoch's prefix; the old writer's keys stay its own.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let prefix = dir.path().join("archive").join("epoch-2");
+    let shipped = |prefix: &std::path::Path| {
+        std::fs::read_dir(prefix).is_ok_and(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .any(|e| e.file_name().to_string_lossy().starts_with("shard-"))
+        })
+    };
+    while !shipped(&prefix) {
+        assert!(
+            Instant::now() < deadline,
+            "nothing shipped under {prefix:?}:\n{}",
+            follower.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The old writer comes back: the archive is no longer its own, so it refuses to
+    // start (it can neither ship nor acknowledge anything).
+    let old = Server::try_start(
+        &dir.path().join("writer"),
+        &[
+            "--shards",
+            "2",
+            "--replication-listen",
+            "127.0.0.1:0",
+            "--archive",
+            &archive,
+        ],
+    );
+    let why = old
+        .err()
+        .expect("the old writer must not start on the taken archive");
+    assert!(why.contains("owned by another data directory"), "{why}");
+}
+
+#[test]
+fn promoting_a_synchronous_follower_fences_a_live_writer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut writer, follower, _) = pair(
+        dir.path(),
+        &["--sync-replication", "--sync-timeout-ms", "500"],
+    );
+    setup_tenants(&writer);
+    let model: Model = Arc::default();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let api = writer.api.clone();
+    let promoted = std::thread::scope(|scope| {
+        scope.spawn(|| write_until_failure(&api, &model, 8, &stop));
+        std::thread::sleep(Duration::from_millis(500));
+        let promoted = promote(&follower, false);
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        promoted
+    });
+    assert_eq!(promoted.status, 200, "{promoted:?}");
+    // Every write the old writer acknowledged, the new one has: the old writer could
+    // acknowledge nothing once the follower stopped confirming.
+    for tenant in TENANTS {
+        let held = rows_of(&follower, tenant);
+        for (id, name) in model_of(&model, tenant) {
+            assert_eq!(
+                held.get(&id),
+                Some(&name),
+                "{tenant}/{id} acknowledged by the fenced writer"
+            );
+        }
+    }
+    // Its next lease renewal fails: it exits with status 5.
+    let status = writer
+        .wait_exit(Duration::from_secs(10))
+        .expect("the fenced writer exits");
+    assert_eq!(status.code(), Some(5), "{}", writer.stderr());
 }

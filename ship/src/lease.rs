@@ -207,6 +207,21 @@ pub fn claim(
     now_us: u64,
     stale: Duration,
 ) -> Result<Claim, LeaseError> {
+    claim_with_ttl(archive, owner_id, holder, now_us, stale, None)
+}
+
+/// [`claim`], recording `ttl` as the record's `lease_ttl_ms` (a replicating writer's:
+/// how long its ownership holds without a renewal, which a promoting follower waits
+/// out).
+pub fn claim_with_ttl(
+    archive: &dyn Archive,
+    owner_id: &str,
+    holder: Holder,
+    now_us: u64,
+    stale: Duration,
+    ttl: Option<Duration>,
+) -> Result<Claim, LeaseError> {
+    let ttl_ms = ttl.map(|t| t.as_millis() as u64);
     for _ in 0..MAX_CLAIM_ATTEMPTS {
         let current = read(archive)?;
         let (lease, condition, claimed) = match current {
@@ -218,7 +233,7 @@ pub fn claim(
                     holder: holder.clone(),
                     claimed_at_us: now_us,
                     renewed_at_us: now_us,
-                    lease_ttl_ms: None,
+                    lease_ttl_ms: ttl_ms,
                 },
                 Condition::IfAbsent,
                 Claimed::New,
@@ -251,6 +266,7 @@ pub fn claim(
                     Lease {
                         holder: holder.clone(),
                         renewed_at_us: now_us.max(found.renewed_at_us),
+                        lease_ttl_ms: ttl_ms,
                         ..found
                     },
                     Condition::IfVersion(version),
@@ -271,6 +287,104 @@ pub fn claim(
         }
     }
     Err(LeaseError::Contended)
+}
+
+/// Why a promotion could not take the record.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PromoteError {
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
+    /// The writer's lease may still hold: promoting now could leave two writers.
+    #[error(
+        "the writer's lease may still hold for {}s (renewed at {}, TTL {} ms, plus {} ms for \
+         clock drift); promote once it has lapsed, or with force when the old writer is \
+         known to be stopped (or replication was synchronous)",
+        .left.as_secs_f64().ceil(), crate::timestamp::format_rfc3339(*.renewed_at_us),
+        .ttl_ms, .drift_ms
+    )]
+    StillHeld {
+        renewed_at_us: u64,
+        ttl_ms: u64,
+        drift_ms: u64,
+        left: Duration,
+    },
+}
+
+/// Takes the record for a promoted follower: its data directory becomes the owner,
+/// with the epoch one above the record's. Unless `wait_for_lapse` is false, refused
+/// while the previous holder's lease may still hold: until `renewed_at_us` plus
+/// `lease_ttl_ms` plus `max_drift`, by this host's clock (a record without a TTL always
+/// may). The write is "only if the version read is still there", so the old writer's
+/// renewal after it fails, and it stops.
+pub fn promote(
+    archive: &dyn Archive,
+    owner_id: &str,
+    holder: Holder,
+    now_us: u64,
+    ttl: Duration,
+    max_drift: Duration,
+    wait_for_lapse: bool,
+) -> Result<Claim, PromoteError> {
+    for _ in 0..MAX_CLAIM_ATTEMPTS {
+        let current = read(archive)?;
+        let (epoch, condition) = match current {
+            // Already ours: a promotion retried after its answer was lost.
+            Some((found, version)) if found.owner_id == owner_id => {
+                return Ok(Claim {
+                    claimed: Claimed::Renewed,
+                    lease: found,
+                    version,
+                })
+            }
+            Some((found, version)) => {
+                if wait_for_lapse {
+                    let held_for = match found.lease_ttl_ms {
+                        Some(ttl_ms) => Duration::from_millis(ttl_ms) + max_drift,
+                        None => Duration::MAX,
+                    };
+                    let age = Duration::from_micros(now_us.saturating_sub(found.renewed_at_us));
+                    if age < held_for {
+                        return Err(PromoteError::StillHeld {
+                            renewed_at_us: found.renewed_at_us,
+                            ttl_ms: found.lease_ttl_ms.unwrap_or(u64::MAX),
+                            drift_ms: max_drift.as_millis() as u64,
+                            left: held_for.saturating_sub(age),
+                        });
+                    }
+                }
+                (found.epoch + 1, Condition::IfVersion(version))
+            }
+            None => (2, Condition::IfAbsent),
+        };
+        let lease = Lease {
+            format_version: LEASE_FORMAT_VERSION,
+            owner_id: owner_id.to_string(),
+            epoch,
+            holder: holder.clone(),
+            claimed_at_us: now_us,
+            renewed_at_us: now_us,
+            lease_ttl_ms: Some(ttl.as_millis() as u64),
+        };
+        match archive.put(LEASE_KEY, &lease.encode(), &condition) {
+            Ok(version) => {
+                return Ok(Claim {
+                    claimed: Claimed::New,
+                    lease,
+                    version,
+                })
+            }
+            Err(ArchiveError::PreconditionFailed { .. }) => continue, // renewed meanwhile
+            Err(e) => return Err(LeaseError::from(e).into()),
+        }
+    }
+    Err(LeaseError::Contended.into())
+}
+
+/// Where a writer holding the record ships: the archive's root for epoch 1, and
+/// `epoch-<n>/` for a writer promoted to epoch n, so that two writers' histories never
+/// share keys (FORMAT.md §9.3).
+pub fn namespace(lease_epoch: u64) -> Option<String> {
+    (lease_epoch > 1).then(|| format!("epoch-{lease_epoch}/"))
 }
 
 /// The archive's owner record and its version, if it has one.

@@ -67,6 +67,19 @@ pub struct ShipperConfig {
     /// How long the audit log's archived files are kept.
     pub audit_retention: Duration,
     pub breaker: BreakerPolicy,
+    /// A replicating writer's lease: recorded with its TTL, and this process stops
+    /// writing (the archive, and acknowledgements through [`LeaseHold`]) `max_drift`
+    /// before the TTL runs out since its last renewal. `None`: the owner record of a
+    /// lone server (no TTL; writes stop 2 renewal intervals after the last renewal).
+    pub lease_ttl: Option<LeaseTtl>,
+}
+
+/// A replicating writer's lease timing (FORMAT.md §9.2).
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseTtl {
+    pub ttl: Duration,
+    /// The most two hosts' clocks may disagree (and a renewal's write may take).
+    pub max_drift: Duration,
 }
 
 /// Where one shard's log ends, as the shard saw it.
@@ -259,6 +272,10 @@ pub struct Shipper<F: ShardFiles = DataDirFiles> {
     audit_shipped: BTreeMap<String, u64>,
     /// The owner record's renewals, until [`start`] hands them to their thread.
     renewal: Option<Renewal>,
+    /// This process's hold on the record (shared with the renewals).
+    hold: Arc<LeaseHold>,
+    /// The record's epoch when claimed (above 1: a promoted writer's).
+    lease_epoch: u64,
 }
 
 fn local(file: &Path, e: impl std::fmt::Display) -> ShipError {
@@ -325,12 +342,13 @@ impl<F: ShardFiles> Shipper<F> {
         files: F,
     ) -> Result<Shipper<F>, ShipError> {
         let claim_sent = Instant::now();
-        let claim = lease::claim(
+        let claim = lease::claim_with_ttl(
             archive.as_ref(),
             &config.owner_id,
             config.holder.clone(),
             now_us(),
             config.lease_renew * lease::LEASE_STALE_INTERVALS,
+            config.lease_ttl.map(|l| l.ttl),
         )?;
         match &claim.claimed {
             lease::Claimed::TakenOver { from, idle } => tracing::warn!(
@@ -343,13 +361,25 @@ impl<F: ShardFiles> Shipper<F> {
                 tracing::info!(owner_id = %claim.lease.owner_id, ?claimed, "the archive is this data directory's")
             }
         }
-        // Writes stop one renewal interval before another copy may take over.
-        let hold = Arc::new(LeaseHold::new(
-            claim_sent,
-            config.lease_renew * (lease::LEASE_STALE_INTERVALS - 1),
-        ));
+        // Writes stop one renewal interval before another copy may take over, or (a
+        // replicating writer) the drift margin before the TTL runs out.
+        let fence = match config.lease_ttl {
+            Some(l) => l.ttl.saturating_sub(l.max_drift),
+            None => config.lease_renew * (lease::LEASE_STALE_INTERVALS - 1),
+        };
+        let hold = Arc::new(LeaseHold::new(claim_sent, fence));
+        // A promoted writer ships under its own prefix: the old writer's keys stay its.
+        let namespace = lease::namespace(claim.lease.epoch);
+        let lease_epoch = claim.lease.epoch;
         let renewal = Renewal::new(archive.clone(), claim, hold.clone());
-        let archive: Arc<dyn Archive> = Arc::new(FencedArchive::new(archive, hold));
+        let archive: Arc<dyn Archive> = match namespace {
+            Some(prefix) => {
+                tracing::info!(%prefix, lease_epoch, "shipping under this writer's epoch prefix");
+                Arc::new(crate::archive::Prefixed::new(archive, prefix)?)
+            }
+            None => archive,
+        };
+        let archive: Arc<dyn Archive> = Arc::new(FencedArchive::new(archive, hold.clone()));
         claim_archive(archive.as_ref(), config.shards)?;
         let mut shards = Vec::with_capacity(config.shards);
         for shard in 0..config.shards {
@@ -383,6 +413,8 @@ impl<F: ShardFiles> Shipper<F> {
             last_retention: None,
             audit_shipped: BTreeMap::new(),
             renewal: Some(renewal),
+            hold,
+            lease_epoch,
         })
     }
 
@@ -801,11 +833,13 @@ pub fn start(
     config: ShipperConfig,
     status: ShipStatus,
     on_displaced: OnDisplaced,
-) -> Result<ShipperLoop, ShipError> {
+) -> Result<Started, ShipError> {
     let window = config.tail_window;
     let policy = config.breaker;
     let renew_every = config.lease_renew;
     let mut shipper = Shipper::open(archive, config, status.clone())?;
+    let hold = shipper.hold.clone();
+    let lease_epoch = shipper.lease_epoch;
     let renewal = shipper.renewal.take().ok_or_else(|| ShipError::Local {
         file: "oc-lease thread".into(),
         why: "the owner record's renewal was already started".into(),
@@ -830,10 +864,24 @@ pub fn start(
             file: "oc-ship thread".into(),
             why: e.to_string(),
         })?;
-    Ok(Box::new(move |router: Rc<ShardRouter>| {
+    let run: ShipperLoop = Box::new(move |router: Rc<ShardRouter>| {
         Box::pin(run_shipper(router, jobs, window, policy, status))
             as Pin<Box<dyn Future<Output = ()>>>
-    }))
+    });
+    Ok(Started {
+        run,
+        hold,
+        lease_epoch,
+    })
+}
+
+/// A started shipper: its loop (to spawn on the control executor), this process's
+/// hold on the owner record (a replicating writer checks it before acknowledging), and
+/// the record's epoch.
+pub struct Started {
+    pub run: ShipperLoop,
+    pub hold: Arc<LeaseHold>,
+    pub lease_epoch: u64,
 }
 
 /// The renewal thread: renews the owner record every `every`; an archive error is
@@ -1024,6 +1072,7 @@ mod tests {
             retention: Duration::from_secs(24 * 3600),
             audit_retention: Duration::from_secs(400 * 24 * 3600),
             breaker: BreakerPolicy::default(),
+            lease_ttl: None,
         };
         let mut shipper =
             Shipper::open(archive.clone(), config, ShipStatus::default()).expect("open");

@@ -100,6 +100,7 @@ fn ship_config(dir: &std::path::Path) -> ShipperConfig {
         retention: Duration::from_secs(24 * 3600),
         audit_retention: Duration::from_secs(24 * 3600),
         breaker: BreakerPolicy::default(),
+        lease_ttl: None,
     }
 }
 

@@ -33,7 +33,7 @@ pub(super) async fn run_applier(
     state: Rc<RefCell<ShardState>>,
     queue: Rc<RefCell<ApplyQueue>>,
     feed: Rc<Feed>,
-    epoch: oc_io::Epoch,
+    epoch: Rc<std::cell::Cell<oc_io::Epoch>>,
 ) {
     loop {
         let front = poll_fn(|cx| {
@@ -70,8 +70,12 @@ pub(super) async fn run_applier(
                 let changed = applied.as_ref().is_ok_and(|a| feed::changed(lsn, a));
                 if let (Some(events), true) = (events, changed) {
                     if !events.is_empty() {
-                        let batch =
-                            ChangeBatch::new(lsn, epoch, Some(std::time::Instant::now()), events);
+                        let batch = ChangeBatch::new(
+                            lsn,
+                            epoch.get(),
+                            Some(std::time::Instant::now()),
+                            events,
+                        );
                         feed.publish(&front.tenant, batch);
                     }
                 }

@@ -14,9 +14,13 @@ impl<S: Storage> Shard<S> {
             return Ok(info);
         }
         let config = self.wal.config();
-        let info =
-            checkpoint::write_checkpoint(&self.storage, &self.state, config.shard, config.epoch)
-                .await?;
+        let info = checkpoint::write_checkpoint(
+            &self.storage,
+            &self.state,
+            config.shard,
+            self.wal.epoch(),
+        )
+        .await?;
         *self.last_checkpoint.borrow_mut() = Some(info.clone());
         *self.newest_checkpoint.borrow_mut() = Some(info.clone());
         // Writes applied while the copy ran are not all in it: the state may differ from

@@ -98,6 +98,8 @@ pub struct Shard<S: Storage> {
     plan_cache: RefCell<PlanCache>,
     quotas: std::cell::Cell<TenantQuotas>,
     ack_gate: RefCell<Option<Rc<dyn AckGate>>>,
+    /// The epoch the applier gives change batches (the log's).
+    feed_epoch: Rc<std::cell::Cell<oc_io::Epoch>>,
     _applier: Task<()>,
 }
 
@@ -171,11 +173,12 @@ impl<S: Storage> Shard<S> {
         let state = Rc::new(RefCell::new(state));
         let queue = Rc::new(RefCell::new(ApplyQueue::default()));
         let feed = Rc::new(Feed::new(state.borrow().applied_lsn));
+        let feed_epoch = Rc::new(std::cell::Cell::new(wal.epoch()));
         let applier = glommio::spawn_local(run_applier(
             state.clone(),
             queue.clone(),
             feed.clone(),
-            wal.config().epoch,
+            feed_epoch.clone(),
         ));
         let report = ShardOpenReport {
             checkpoint,
@@ -197,6 +200,7 @@ impl<S: Storage> Shard<S> {
                 release_barrier: std::cell::Cell::new(None),
                 quotas: std::cell::Cell::new(TenantQuotas::default()),
                 ack_gate: RefCell::new(None),
+                feed_epoch,
                 state,
                 queue,
                 feed,

@@ -40,4 +40,17 @@ impl<S: Storage> Shard<S> {
             None => Ok(self.wal.durable_lsn()),
         }
     }
+
+    /// This follower's shard becomes a writer's (promotion): once every frame placed
+    /// is durable and applied, its log stamps its own frames with `epoch` from the
+    /// next LSN on. Refused while frames are still on their way (try again).
+    pub async fn take_writes(&self, epoch: oc_io::Epoch) -> Result<Lsn, EngineError> {
+        let (placed, _) = self.wal.last_placed();
+        if placed > Lsn(0) {
+            self.feed.published_after(Lsn(placed.0 - 1)).await;
+        }
+        self.wal.take_writes(epoch)?;
+        self.feed_epoch.set(epoch);
+        Ok(placed.next())
+    }
 }

@@ -245,6 +245,9 @@ impl<S: Storage> State<S> {
 pub(crate) struct Shared<S: Storage> {
     pub storage: S,
     pub config: WalConfig,
+    /// The epoch this log stamps its own frames with: `config.epoch`, until a
+    /// follower's log becomes a writer's ([`super::Wal::take_writes`]).
+    pub epoch: std::cell::Cell<Epoch>,
     pub state: RefCell<State<S>>,
     pub stats: RefCell<WalStats>,
 }
@@ -519,7 +522,7 @@ impl<S: Storage> Writer<S> {
                 }
                 first.epoch
             } else {
-                self.shared.config.epoch
+                self.shared.epoch.get()
             };
             let room = match &self.active {
                 Some(a) if !a.sealed && a.header.epoch == epoch => {
@@ -559,7 +562,7 @@ impl<S: Storage> Writer<S> {
             let last = batch.position(batch.starts.len() - 1);
             (last.epoch, last.commit_ts)
         } else {
-            (self.shared.config.epoch, commit_ts)
+            (self.shared.epoch.get(), commit_ts)
         };
         let active = self
             .active

@@ -167,6 +167,7 @@ impl<S: Storage> Wal<S> {
             .map_or(segment::DATA_START, |a| a.write_offset);
         let shared = Rc::new(Shared {
             storage,
+            epoch: std::cell::Cell::new(config.epoch),
             config,
             state: RefCell::new(State {
                 filling: Group::default(),
@@ -287,12 +288,14 @@ impl<S: Storage> Wal<S> {
         let mut guard = self.shared.state.borrow_mut();
         let state = &mut *guard;
         state.admit(Stamping::Stamped)?;
-        if f.epoch > self.shared.config.epoch {
+        if f.epoch > self.shared.epoch.get() {
             // Recovery refuses a log holding an epoch above the configured one: the
             // follower must take the new epoch on first (and reopen with it).
             return Err(Error::FrameRefused(format!(
                 "LSN {} is of epoch {}, above this log's epoch {}",
-                f.lsn, f.epoch.0, self.shared.config.epoch.0
+                f.lsn,
+                f.epoch.0,
+                self.shared.epoch.get().0
             )));
         }
         let cursor = state.cursor;
@@ -395,6 +398,39 @@ impl<S: Storage> Wal<S> {
             w.wake();
         }
         Ok(Some((group.completion.clone(), group.starts.len() - 1)))
+    }
+
+    /// The epoch this log stamps its own frames with.
+    pub fn epoch(&self) -> Epoch {
+        self.shared.epoch.get()
+    }
+
+    /// A follower's log becomes a writer's (promotion): from now on it stamps its own
+    /// frames, continuing the LSNs, with `epoch`, in a new segment (each segment has one
+    /// epoch). Refused while stamped frames are still on their way to the disk (wait
+    /// until the last placed one is durable), and unless `epoch` is above every epoch
+    /// the log holds.
+    pub fn take_writes(&self, epoch: Epoch) -> Result<()> {
+        let mut state = self.shared.state.borrow_mut();
+        // A log that has taken no stamped frame yet may change its epoch too.
+        state.admit(Stamping::Stamped)?;
+        let placed = Lsn(state.cursor.next_lsn.0 - 1);
+        if !state.filling.starts.is_empty() || state.durable_lsn != placed {
+            return Err(Error::FrameRefused(format!(
+                "stamped frames up to LSN {} are still being written (durable: {})",
+                placed.0, state.durable_lsn.0
+            )));
+        }
+        let current = self.shared.epoch.get().max(state.cursor.epoch);
+        if epoch <= current {
+            return Err(Error::FrameRefused(format!(
+                "epoch {} is not above the log's epoch {}",
+                epoch.0, current.0
+            )));
+        }
+        state.stamping = Stamping::Own;
+        self.shared.epoch.set(epoch);
+        Ok(())
     }
 
     /// For a log that takes stamped frames (a follower's): the last frame placed and

@@ -70,9 +70,9 @@ pub struct ApiContext {
     /// ids of a branch it does not have.
     pub layout: std::sync::Arc<oc_engine::placement::Layout>,
     pub auditor: Auditor,
-    /// Set on a follower: the writer's replication address. Writes are refused with
-    /// `421 not_leader` naming it.
-    pub leader: Option<String>,
+    /// Set on a follower: while it is one, writes are refused with `421 not_leader`
+    /// naming its writer.
+    pub role: Option<std::sync::Arc<crate::replication::ApiRole>>,
     next_request: Cell<u64>,
     known_keys: KnownKeys,
 }
@@ -95,7 +95,7 @@ impl ApiContext {
             archive,
             layout,
             auditor,
-            leader: None,
+            role: None,
             next_request: Cell::new(0),
             known_keys: RefCell::new(HashMap::new()),
         }
@@ -395,8 +395,9 @@ async fn dispatch(ctx: &ApiContext, req: Request<Incoming>, request_id: &str) ->
             h::Body::Encoded(Bytes::from_static(OPENAPI_JSON)),
         ));
     }
-    if let Some(leader) = &ctx.leader {
+    if let Some(role) = ctx.role.as_ref().filter(|r| r.is_follower()) {
         if changes_state(&s, &method) {
+            let leader = &role.leader;
             return Err(ApiError::new(
                 StatusCode::MISDIRECTED_REQUEST,
                 "not_leader",

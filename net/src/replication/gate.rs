@@ -14,11 +14,13 @@ use std::cell::{Cell, RefCell};
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use oc_engine::{AckGate, EngineError};
 use oc_io::Lsn;
+use oc_ship::lease::LeaseHold;
 
 /// What a follower that does not confirm in time costs a write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,7 +51,12 @@ pub struct GateCounters {
 
 /// One shard's gate (lives on the shard's executor).
 pub struct Gate {
-    policy: SyncPolicy,
+    /// `None`: asynchronous replication (only the lease is checked).
+    policy: Option<SyncPolicy>,
+    /// A replicating writer's hold on the lease: checked after everything else, so a
+    /// writer whose lease may have lapsed (on this host's monotonic clock) acknowledges
+    /// nothing.
+    hold: Option<Arc<LeaseHold>>,
     /// Every LSN up to this is durable on `replicas` followers.
     replicated: Cell<Lsn>,
     /// While degraded: the write that timed out, which the followers must hold before
@@ -66,9 +73,10 @@ thread_local! {
 
 impl Gate {
     /// A gate for this shard's thread, registered for [`local_counters`].
-    pub fn install(policy: SyncPolicy) -> Rc<Gate> {
+    pub fn install(policy: Option<SyncPolicy>, hold: Option<Arc<LeaseHold>>) -> Rc<Gate> {
         let gate = Rc::new(Gate {
             policy,
+            hold,
             replicated: Cell::new(Lsn(0)),
             degraded_at: Cell::new(Lsn(0)),
             waiters: RefCell::new(Vec::new()),
@@ -102,7 +110,22 @@ impl Gate {
         self.counters.set(counters);
     }
 
-    async fn wait_for(&self, lsn: Lsn) -> Result<(), EngineError> {
+    async fn admit_lsn(&self, lsn: Lsn) -> Result<(), EngineError> {
+        if let Some(policy) = self.policy {
+            self.wait_for(lsn, policy).await?;
+        }
+        if let Some(hold) = &self.hold {
+            hold.check().map_err(|why| {
+                EngineError::NotLeader(format!(
+                    "this writer cannot confirm it still holds the lease, so it acknowledges \
+                     nothing (the write at LSN {lsn} is durable here but not acknowledged): {why}"
+                ))
+            })?;
+        }
+        Ok(())
+    }
+
+    async fn wait_for(&self, lsn: Lsn, policy: SyncPolicy) -> Result<(), EngineError> {
         if self.replicated.get() >= lsn || self.counters.get().degraded {
             return Ok(());
         }
@@ -118,19 +141,19 @@ impl Gate {
             Poll::Pending
         });
         let timeout = async {
-            glommio::timer::sleep(self.policy.timeout).await;
+            glommio::timer::sleep(policy.timeout).await;
             false
         };
         if futures_lite::future::or(replicated, timeout).await {
             return Ok(());
         }
         self.count(|c| c.timeouts += 1);
-        match self.policy.on_timeout {
+        match policy.on_timeout {
             OnTimeout::Degrade => {
                 if !self.counters.get().degraded {
                     tracing::warn!(
                         lsn = lsn.0,
-                        timeout_ms = self.policy.timeout.as_millis() as u64,
+                        timeout_ms = policy.timeout.as_millis() as u64,
                         "the followers did not confirm in time: acknowledging writes without \
                          them (--sync-on-timeout degrade) until they catch up"
                     );
@@ -143,8 +166,8 @@ impl Gate {
                 "{} follower(s) did not confirm LSN {lsn} within {} ms (--sync-replication, \
                  --sync-timeout-ms): the write is durable on the writer but not acknowledged; \
                  retry it with the same idempotency_key once the follower is back",
-                self.policy.replicas,
-                self.policy.timeout.as_millis()
+                policy.replicas,
+                policy.timeout.as_millis()
             ))),
         }
     }
@@ -152,7 +175,7 @@ impl Gate {
 
 impl AckGate for Gate {
     fn admit(&self, lsn: Lsn) -> Pin<Box<dyn Future<Output = Result<(), EngineError>> + '_>> {
-        Box::pin(self.wait_for(lsn))
+        Box::pin(self.admit_lsn(lsn))
     }
 }
 

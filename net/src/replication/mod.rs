@@ -5,9 +5,8 @@
 //! executor and reach the shards through the mesh, so no shard ever blocks on a peer.
 //!
 //! The protocol's bytes are in `wire.rs` (FORMAT.md §10), the writer's side in
-//! `sender.rs`, the follower's in `receiver.rs`. Built so far: asynchronous streaming,
-//! the follower's restart from its own log, read-only followers (`421 not_leader`).
-//! Not yet: synchronous replication, the lease with a TTL, promotion and fencing.
+//! `sender.rs`, the follower's in `receiver.rs`, the acknowledgement gate
+//! (synchronous replication, the lease) in `gate.rs`, and promotion in `node.rs`.
 
 use std::cell::RefCell;
 use std::time::{Duration, Instant};
@@ -15,6 +14,7 @@ use std::time::{Duration, Instant};
 use oc_io::Lsn;
 
 pub mod gate;
+pub mod node;
 pub mod receiver;
 pub mod sender;
 pub mod wire;
@@ -65,11 +65,39 @@ impl ShardLink {
     }
 }
 
+/// Whether the data API takes writes: a follower's refuses them (`421 not_leader`,
+/// naming its writer) until it is promoted. Shared by every shard's listener.
+#[derive(Debug)]
+pub struct ApiRole {
+    follower: std::sync::atomic::AtomicBool,
+    /// The writer's replication address, as this follower was started with.
+    pub leader: String,
+}
+
+impl ApiRole {
+    pub fn follower(leader: String) -> ApiRole {
+        ApiRole {
+            follower: std::sync::atomic::AtomicBool::new(true),
+            leader,
+        }
+    }
+
+    pub fn is_follower(&self) -> bool {
+        self.follower.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Promotion: writes are taken from now on.
+    pub fn become_writer(&self) {
+        self.follower
+            .store(false, std::sync::atomic::Ordering::Release);
+    }
+}
+
 /// Every shard's link, shared by the replication tasks and the ops endpoints (all on
 /// the control executor).
 #[derive(Debug)]
 pub struct ReplicationStatus {
-    pub role: Role,
+    pub role: RefCell<Role>,
     pub links: Vec<RefCell<ShardLink>>,
     /// Writer: per shard, the durable LSN each open follower stream acknowledged last
     /// (by connection number), from which the synchronous gate's position is read.
@@ -79,7 +107,7 @@ pub struct ReplicationStatus {
 impl ReplicationStatus {
     pub fn new(role: Role, shards: usize) -> ReplicationStatus {
         ReplicationStatus {
-            role,
+            role: RefCell::new(role),
             links: (0..shards)
                 .map(|_| RefCell::new(ShardLink::default()))
                 .collect(),
@@ -97,7 +125,7 @@ impl ReplicationStatus {
     }
 
     pub fn is_follower(&self) -> bool {
-        matches!(self.role, Role::Follower { .. })
+        matches!(*self.role.borrow(), Role::Follower { .. })
     }
 
     /// Every link, copied (for a scrape).

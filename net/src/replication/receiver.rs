@@ -30,6 +30,8 @@ pub struct WriterLayout {
     pub shards: usize,
     pub data_dir_id: String,
     pub epochs: Vec<EpochStart>,
+    /// Followers the writer waits for (0: it replicates asynchronously).
+    pub sync_replicas: usize,
 }
 
 /// Asks the writer at `leader` for its layout (a blocking call, made once at start).
@@ -63,9 +65,11 @@ pub fn fetch_layout(leader: &str, token: Option<&str>) -> Result<WriterLayout, S
             shards,
             data_dir_id,
             epochs,
+            sync_replicas,
         } => Ok(WriterLayout {
             shards: usize::from(shards),
             data_dir_id,
+            sync_replicas: usize::from(sync_replicas),
             epochs: epochs
                 .into_iter()
                 .map(|e| EpochStart {

@@ -154,6 +154,7 @@ async fn connection(mut stream: TcpStream, sender: Rc<Sender>) -> Result<(), Str
                         first_lsn: e.first_lsn.clone(),
                     })
                     .collect(),
+                sync_replicas: sender.sync_replicas.unwrap_or(0) as u16,
             };
             return wire::write_message(&mut stream, &answer)
                 .await

@@ -85,12 +85,14 @@ pub enum Message {
         epoch: u64,
         want: Want,
     },
-    /// Writer → follower: the writer's layout.
+    /// Writer → follower: the writer's layout, and whether it replicates synchronously.
     Layout {
         shards: u16,
         data_dir_id: String,
         /// Epochs after the first, oldest first.
         epochs: Vec<EpochStart>,
+        /// `--sync-replicas` with `--sync-replication`; 0 when asynchronous.
+        sync_replicas: u16,
     },
     /// Writer → follower: consecutive durable frames, and the writer's durable LSN
     /// and wall clock when they were sent.
@@ -148,6 +150,7 @@ impl Message {
                 shards,
                 data_dir_id,
                 epochs,
+                sync_replicas,
             } => {
                 out.push(LAYOUT);
                 out.extend_from_slice(&shards.to_le_bytes());
@@ -159,6 +162,7 @@ impl Message {
                         out.extend_from_slice(&lsn.to_le_bytes());
                     }
                 }
+                out.extend_from_slice(&sync_replicas.to_le_bytes());
             }
             Message::Frames {
                 durable,
@@ -254,6 +258,7 @@ impl Message {
                     shards,
                     data_dir_id,
                     epochs,
+                    sync_replicas: r.u16()?,
                 }
             }
             FRAMES => {
@@ -433,6 +438,7 @@ mod tests {
                     epoch: 2,
                     first_lsn: vec![10, 20],
                 }],
+                sync_replicas: 1,
             },
             Message::Frames {
                 durable: Lsn(44),

@@ -75,6 +75,56 @@ pub trait Archive: Send + Sync {
     fn delete(&self, key: &str) -> Result<(), ArchiveError>;
 }
 
+/// An archive seen under a key prefix (`epoch-2/`): a promoted writer's namespace, so
+/// that its keys never meet an earlier writer's. Keys and listings are the archive's
+/// own, with the prefix added and removed.
+pub struct Prefixed {
+    inner: Arc<dyn Archive>,
+    prefix: String,
+}
+
+impl Prefixed {
+    /// `prefix` ends with `/` and is a valid key part sequence (`epoch-2/`).
+    pub fn new(inner: Arc<dyn Archive>, prefix: String) -> Result<Prefixed, ArchiveError> {
+        check_key(prefix.trim_end_matches('/'))?;
+        if !prefix.ends_with('/') {
+            return Err(ArchiveError::InvalidKey {
+                key: prefix,
+                why: "a namespace prefix ends with `/`".into(),
+            });
+        }
+        Ok(Prefixed { inner, prefix })
+    }
+}
+
+impl Archive for Prefixed {
+    fn put(
+        &self,
+        key: &str,
+        payload: &[u8],
+        condition: &Condition,
+    ) -> Result<Version, ArchiveError> {
+        self.inner
+            .put(&format!("{}{key}", self.prefix), payload, condition)
+    }
+
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, Version)>, ArchiveError> {
+        self.inner.get(&format!("{}{key}", self.prefix))
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<String>, ArchiveError> {
+        let keys = self.inner.list(&format!("{}{prefix}", self.prefix))?;
+        Ok(keys
+            .into_iter()
+            .filter_map(|k| k.strip_prefix(&self.prefix).map(str::to_string))
+            .collect())
+    }
+
+    fn delete(&self, key: &str) -> Result<(), ArchiveError> {
+        self.inner.delete(&format!("{}{key}", self.prefix))
+    }
+}
+
 /// Checks a key: `/`-separated parts of `[a-z0-9_.-]`, none empty, none starting with
 /// a dot (so no `.` or `..`), at most [`MAX_KEY_BYTES`]. Keys map to file paths in the
 /// local archive, so this is what keeps them inside its directory.

@@ -1,0 +1,498 @@
+//! This server's side of replication, on the control executor: the writer's listener
+//! or the follower's per-shard streams, and a follower's promotion in place.
+//!
+//! Promotion (`POST /v1/admin/promote` on the ops listener, `oc-server promote`), in
+//! this order, each step logged:
+//!
+//! 1. refuse unless this server is a follower, and (without `force`) when a shard's
+//!    applied LSN is more than `--promote-max-lag-lsn` behind what the writer last
+//!    reported;
+//! 2. stop the streams from the writer: from here on this follower acknowledges nothing
+//!    to it, so a synchronous writer can acknowledge nothing more;
+//! 3. take the archive's lease with the next epoch ("only if the version read is still
+//!    there"): the old writer's next renewal fails and it exits (status 5). An
+//!    asynchronous writer's lease is first waited out (its TTL plus the drift margin
+//!    since its last renewal), unless `force` says the operator fenced it;
+//! 4. each shard finishes applying what it holds and its log starts the new epoch in a
+//!    new segment (`Shard::take_writes`); the epoch's first LSNs are recorded in the
+//!    layout file;
+//! 5. acknowledgements are gated by the lease (and followers, with
+//!    `--sync-replication`), shipping starts under the archive prefix of the new epoch
+//!    (`epoch-<n>/`), the replication listener (if configured) starts, and the data API
+//!    takes writes.
+//!
+//! A failure before step 3 restarts the streams and changes nothing. A failure after
+//! it leaves a server that holds the lease but takes no writes: `/ready` says so, and
+//! the operator restarts it in writer mode.
+
+use std::cell::{Cell, RefCell};
+use std::os::fd::{FromRawFd, RawFd};
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use glommio::net::TcpListener;
+use glommio::Task;
+use oc_engine::placement::{self, EpochStart, Layout};
+use oc_engine::{ShardNode, ShardRouter};
+use oc_io::{Epoch, Lsn};
+use oc_ship::archive::Archive;
+use oc_ship::lease::{self, LeaseHold, PromoteError};
+use oc_ship::shipper::{self, LeaseTtl, ShipStatus, ShipperConfig};
+use serde_json::json;
+
+use super::gate::{Gate, SyncPolicy};
+use super::{receiver, sender, ApiRole, ReplicationStatus, Role};
+
+/// What a follower needs to become a writer.
+pub struct PromotionKit {
+    /// The archive's root (the lease lives there).
+    pub archive: Arc<dyn Archive>,
+    pub ship_config: ShipperConfig,
+    pub ship_status: ShipStatus,
+    pub on_displaced: shipper::OnDisplaced,
+    pub data_dir: PathBuf,
+    pub lease_ttl: LeaseTtl,
+    /// The writer said it replicates synchronously: its lease need not be waited out.
+    pub writer_sync: bool,
+    /// This server's own `--sync-replication`, applied once it is the writer.
+    pub sync_policy: Option<SyncPolicy>,
+    pub max_lag_lsn: u64,
+}
+
+/// How the control executor starts replication.
+pub struct Setup {
+    pub role: Role,
+    /// The bound replication listener (a writer serves it at once, a follower once
+    /// promoted).
+    pub listener: Option<RawFd>,
+    pub token: Option<String>,
+    pub layout: Layout,
+    pub max_ready_lag_lsn: u64,
+    pub sync_replicas: Option<usize>,
+    /// A replicating writer's hold on the lease.
+    pub lease_hold: Option<Arc<LeaseHold>>,
+    /// A follower's data API role.
+    pub api_role: Option<Arc<ApiRole>>,
+    pub promotion: Option<PromotionKit>,
+}
+
+/// A promotion refused or failed: the HTTP status, a stable code, and what to do.
+#[derive(Debug)]
+pub struct Refusal {
+    pub status: u16,
+    pub code: &'static str,
+    pub message: String,
+}
+
+fn refusal(status: u16, code: &'static str, message: impl Into<String>) -> Refusal {
+    Refusal {
+        status,
+        code,
+        message: message.into(),
+    }
+}
+
+/// This server's replication, on the control executor.
+pub struct Node {
+    pub status: Rc<ReplicationStatus>,
+    pub max_ready_lag_lsn: u64,
+    router: RefCell<Option<Rc<ShardRouter>>>,
+    listener: Cell<Option<RawFd>>,
+    token: Option<String>,
+    layout: RefCell<Layout>,
+    sync_replicas: Cell<Option<usize>>,
+    lease_hold: RefCell<Option<Arc<LeaseHold>>>,
+    api_role: Option<Arc<ApiRole>>,
+    promotion: RefCell<Option<PromotionKit>>,
+    /// The streams from the writer, or the listener's task.
+    tasks: RefCell<Vec<Task<()>>>,
+    /// A promoted follower's shipping loop and its counters.
+    shipping: RefCell<Option<Task<()>>>,
+    pub promoted_ship_status: RefCell<Option<ShipStatus>>,
+    promoting: Cell<bool>,
+}
+
+impl Node {
+    pub fn new(setup: Setup, shards: usize) -> Rc<Node> {
+        Rc::new(Node {
+            status: Rc::new(ReplicationStatus::new(setup.role, shards)),
+            max_ready_lag_lsn: setup.max_ready_lag_lsn,
+            router: RefCell::new(None),
+            listener: Cell::new(setup.listener),
+            token: setup.token,
+            layout: RefCell::new(setup.layout),
+            sync_replicas: Cell::new(setup.sync_replicas),
+            lease_hold: RefCell::new(setup.lease_hold),
+            api_role: setup.api_role,
+            promotion: RefCell::new(setup.promotion),
+            tasks: RefCell::new(Vec::new()),
+            shipping: RefCell::new(None),
+            promoted_ship_status: RefCell::new(None),
+            promoting: Cell::new(false),
+        })
+    }
+
+    /// Starts serving followers (a writer) or following (a follower).
+    pub fn start(&self, router: &Rc<ShardRouter>) {
+        *self.router.borrow_mut() = Some(router.clone());
+        let role = self.status.role.borrow().clone();
+        match role {
+            Role::Writer => self.serve_followers(router),
+            Role::Follower { .. } => self.follow(router),
+        }
+    }
+
+    fn serve_followers(&self, router: &Rc<ShardRouter>) {
+        let Some(fd) = self.listener.take() else {
+            return;
+        };
+        // SAFETY: `fd` is a bound, listening socket this process owns; it was given up
+        // by its `std` owner (`into_raw_fd`) for this one conversion (`take` above).
+        let listener = unsafe { TcpListener::from_raw_fd(fd) };
+        let sender = Rc::new(sender::Sender {
+            router: router.clone(),
+            layout: Arc::new(self.layout.borrow().clone()),
+            token: self.token.clone(),
+            status: self.status.clone(),
+            sync_replicas: self.sync_replicas.get(),
+        });
+        self.tasks
+            .borrow_mut()
+            .push(glommio::spawn_local(sender::serve(listener, sender)));
+    }
+
+    fn follow(&self, router: &Rc<ShardRouter>) {
+        let Role::Follower { leader } = self.status.role.borrow().clone() else {
+            return;
+        };
+        let receiver = Rc::new(receiver::Receiver {
+            router: router.clone(),
+            leader,
+            token: self.token.clone(),
+            status: self.status.clone(),
+        });
+        let mut tasks = self.tasks.borrow_mut();
+        for shard in 0..router.shards() {
+            tasks.push(glommio::spawn_local(receiver::follow(
+                receiver.clone(),
+                shard,
+            )));
+        }
+    }
+
+    /// Why a writer holding a lease is not ready, if it is not.
+    pub fn lease_not_ready(&self) -> Option<String> {
+        let hold = self.lease_hold.borrow();
+        hold.as_ref()?
+            .check()
+            .err()
+            .map(|why| format!("the lease: {why}"))
+    }
+
+    /// Promotes this follower in place (module comment). Runs as its own task, so a
+    /// client that goes away cannot cancel it half-way.
+    pub async fn promote(self: &Rc<Node>, force: bool) -> Result<serde_json::Value, Refusal> {
+        if !self.status.is_follower() {
+            return Err(refusal(
+                409,
+                "not_follower",
+                "this server is already the writer",
+            ));
+        }
+        if self.promoting.replace(true) {
+            return Err(refusal(
+                409,
+                "promotion_running",
+                "a promotion is already running",
+            ));
+        }
+        let (done_tx, done_rx) = async_channel::bounded(1);
+        let node = self.clone();
+        glommio::spawn_local(async move {
+            let outcome = node.promote_now(force).await;
+            node.promoting.set(false);
+            let _ = done_tx.send(outcome).await;
+        })
+        .detach();
+        done_rx
+            .recv()
+            .await
+            .unwrap_or_else(|_| Err(refusal(500, "internal", "the promotion task ended")))
+    }
+
+    async fn promote_now(self: &Rc<Node>, force: bool) -> Result<serde_json::Value, Refusal> {
+        let started = Instant::now();
+        let mut steps = Vec::new();
+        let mut step = |what: String| {
+            tracing::warn!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "promotion: {what}"
+            );
+            steps.push(json!({"ms": started.elapsed().as_millis() as u64, "step": what}));
+        };
+        let router = self
+            .router
+            .borrow()
+            .clone()
+            .ok_or_else(|| refusal(503, "not_ready", "the shards are not serving yet"))?;
+        let (writer_sync, max_lag) = {
+            let kit = self.promotion.borrow();
+            let kit = kit.as_ref().ok_or_else(|| {
+                refusal(
+                    409,
+                    "no_archive",
+                    "this follower has no archive to hold the lease in",
+                )
+            })?;
+            (kit.writer_sync, kit.max_lag_lsn)
+        };
+        // 1. How far behind is it?
+        let behind: Vec<String> = self
+            .status
+            .links
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.borrow().applied_lag_lsn() > max_lag)
+            .map(|(shard, l)| format!("shard {shard}: {} frames", l.borrow().applied_lag_lsn()))
+            .collect();
+        if !behind.is_empty() && !force {
+            return Err(refusal(
+                409,
+                "follower_behind",
+                format!(
+                    "this follower is behind the writer ({}; the bound is \
+                     --promote-max-lag-lsn {max_lag}): promoting now loses what it lacks. \
+                     Investigate replication first, or promote with force",
+                    behind.join(", ")
+                ),
+            ));
+        }
+        step(format!(
+            "checked the lag (largest: {} frames)",
+            self.status
+                .links
+                .iter()
+                .map(|l| l.borrow().applied_lag_lsn())
+                .max()
+                .unwrap_or(0)
+        ));
+        // 2. Stop following: nothing more is acknowledged to the old writer.
+        self.tasks.borrow_mut().clear();
+        for link in &self.status.links {
+            link.borrow_mut().connected = 0;
+        }
+        step("stopped the streams from the writer".into());
+        // 3. The lease, with the next epoch.
+        let claim = match self.take_lease(!(force || writer_sync)).await {
+            Ok(claim) => claim,
+            Err(refused) => {
+                self.follow(&router);
+                return Err(refused);
+            }
+        };
+        let lease_epoch = claim.lease.epoch;
+        step(format!(
+            "took the archive's lease with epoch {lease_epoch} (the old writer's next renewal fails)"
+        ));
+        // 4. Every shard starts the new epoch where its log ends.
+        let frame_epoch = Epoch(self.layout.borrow().epoch() + 1);
+        let mut first_lsn = Vec::with_capacity(router.shards());
+        for shard in 0..router.shards() {
+            first_lsn.push(take_writes(&router, shard, frame_epoch).await?.0);
+        }
+        let (layout, data_dir) = {
+            let kit = self.promotion.borrow();
+            let data_dir = kit.as_ref().map(|k| k.data_dir.clone()).unwrap_or_default();
+            (self.layout.borrow().clone(), data_dir)
+        };
+        let started_epoch = EpochStart {
+            epoch: frame_epoch.0,
+            first_lsn: first_lsn.clone(),
+        };
+        let recorded = glommio::executor()
+            .spawn_blocking(move || placement::start_epoch(&data_dir, &layout, started_epoch))
+            .await
+            .map_err(|e| {
+                refusal(
+                    500,
+                    "internal",
+                    format!("the lease is taken but recording the new epoch failed: {e}; restart this server in writer mode"),
+                )
+            })?;
+        *self.layout.borrow_mut() = recorded;
+        step(format!(
+            "the logs start epoch {} at LSNs {first_lsn:?}",
+            frame_epoch.0
+        ));
+        // 5. Ship, gate acknowledgements, serve followers, take writes.
+        let hold = self.start_shipping(&router).await?;
+        let sync_policy = self.promotion.borrow().as_ref().and_then(|k| k.sync_policy);
+        for shard in 0..router.shards() {
+            let hold = hold.clone();
+            router
+                .call(shard, move |node: Rc<ShardNode>| async move {
+                    node.shard()
+                        .set_ack_gate(Some(Gate::install(sync_policy, Some(hold))));
+                })
+                .await
+                .map_err(|e| refusal(503, "shard_unavailable", e.to_string()))?;
+        }
+        *self.lease_hold.borrow_mut() = Some(hold);
+        step(format!(
+            "shipping to the archive under {}",
+            lease::namespace(lease_epoch).unwrap_or_else(|| "its root".into())
+        ));
+        *self.status.role.borrow_mut() = Role::Writer;
+        self.sync_replicas.set(sync_policy.map(|p| p.replicas));
+        self.serve_followers(&router);
+        if let Some(role) = &self.api_role {
+            role.become_writer();
+        }
+        step("taking writes".into());
+        Ok(json!({
+            "promoted": true,
+            "lease_epoch": lease_epoch,
+            "epoch": frame_epoch.0,
+            "first_lsn": first_lsn,
+            "took_ms": started.elapsed().as_millis() as u64,
+            "steps": steps,
+        }))
+    }
+
+    /// Takes the lease for this data directory, waiting out an asynchronous writer's
+    /// lease when `wait_for_lapse` (polling until it lapses).
+    async fn take_lease(&self, wait_for_lapse: bool) -> Result<lease::Claim, Refusal> {
+        let (archive, owner, holder, ttl) = {
+            let kit = self.promotion.borrow();
+            let Some(kit) = kit.as_ref() else {
+                return Err(refusal(409, "no_archive", "no archive"));
+            };
+            (
+                kit.archive.clone(),
+                kit.ship_config.owner_id.clone(),
+                kit.ship_config.holder.clone(),
+                kit.lease_ttl,
+            )
+        };
+        // A writer that keeps renewing is alive: waiting longer than one lease for it
+        // to lapse would wait forever.
+        let give_up = Instant::now() + 2 * (ttl.ttl + ttl.max_drift);
+        loop {
+            let (archive, owner, holder) = (archive.clone(), owner.clone(), holder.clone());
+            let taken = glommio::executor()
+                .spawn_blocking(move || {
+                    lease::promote(
+                        archive.as_ref(),
+                        &owner,
+                        holder,
+                        now_us(),
+                        ttl.ttl,
+                        ttl.max_drift,
+                        wait_for_lapse,
+                    )
+                })
+                .await;
+            match taken {
+                Ok(claim) => return Ok(claim),
+                Err(PromoteError::StillHeld { left, .. })
+                    if left <= ttl.ttl + ttl.max_drift && Instant::now() < give_up =>
+                {
+                    tracing::warn!(
+                        wait_ms = left.as_millis() as u64,
+                        "promotion: waiting for the asynchronous writer's lease to lapse"
+                    );
+                    glommio::timer::sleep(left.min(Duration::from_millis(500))).await;
+                }
+                Err(e @ PromoteError::StillHeld { .. }) => {
+                    return Err(refusal(
+                        409,
+                        "lease_held",
+                        format!(
+                            "{e}. The writer is still renewing it, so it is alive: stop it \
+                             (or cut it off) first"
+                        ),
+                    ))
+                }
+                Err(e) => return Err(refusal(409, "lease_held", e.to_string())),
+            }
+        }
+    }
+
+    /// Starts the shipper (which renews the lease from now on) and returns its hold.
+    async fn start_shipping(&self, router: &Rc<ShardRouter>) -> Result<Arc<LeaseHold>, Refusal> {
+        let Some(kit) = self.promotion.borrow_mut().take() else {
+            return Err(refusal(500, "internal", "the promotion kit was used"));
+        };
+        // Nothing leaves the disk unarchived from here on (a follower released freely).
+        for shard in 0..router.shards() {
+            router
+                .call(shard, |node: Rc<ShardNode>| async move {
+                    node.shard().set_release_barrier(Some(Lsn(1)));
+                })
+                .await
+                .map_err(|e| refusal(503, "shard_unavailable", e.to_string()))?;
+        }
+        let status = kit.ship_status.clone();
+        let PromotionKit {
+            archive,
+            ship_config,
+            ship_status,
+            on_displaced,
+            ..
+        } = kit;
+        let started = glommio::executor()
+            .spawn_blocking(move || shipper::start(archive, ship_config, ship_status, on_displaced))
+            .await
+            .map_err(|e| {
+                refusal(
+                    500,
+                    "internal",
+                    format!(
+                        "the lease is taken but shipping could not start: {e}; restart this \
+                         server in writer mode"
+                    ),
+                )
+            })?;
+        *self.shipping.borrow_mut() = Some(glommio::spawn_local((started.run)(router.clone())));
+        *self.promoted_ship_status.borrow_mut() = Some(status);
+        Ok(started.hold)
+    }
+}
+
+/// Switches one shard's log to the new epoch, retrying while frames are in flight.
+async fn take_writes(router: &ShardRouter, shard: usize, epoch: Epoch) -> Result<Lsn, Refusal> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let taken = router
+            .call(shard, move |node: Rc<ShardNode>| async move {
+                node.shard()
+                    .take_writes(epoch)
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+            .await
+            .map_err(|e| refusal(503, "shard_unavailable", e.to_string()))?;
+        match taken {
+            Ok(first) => return Ok(first),
+            Err(why) if Instant::now() < deadline => {
+                tracing::info!(shard, %why, "promotion: the shard's last frames are still being written");
+                glommio::timer::sleep(Duration::from_millis(5)).await;
+            }
+            Err(why) => {
+                return Err(refusal(
+                    500,
+                    "internal",
+                    format!("the lease is taken but shard {shard} could not start the new epoch: {why}; restart this server in writer mode"),
+                ))
+            }
+        }
+    }
+}
+
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
