@@ -147,6 +147,8 @@ pub enum ErrorCode {
     WatchTenantLimit,
     WatchServerLimit,
     ShuttingDown,
+    NotLeader,
+    ReplicationUnavailable,
     Internal,
     Other(String),
 }
@@ -205,6 +207,8 @@ impl ErrorCode {
             "watch_tenant_limit" => WatchTenantLimit,
             "watch_server_limit" => WatchServerLimit,
             "shutting_down" => ShuttingDown,
+            "not_leader" => NotLeader,
+            "replication_unavailable" => ReplicationUnavailable,
             "internal" => Internal,
             other => Other(other.to_string()),
         }
@@ -227,7 +231,15 @@ impl ErrorCode {
         matches!(
             self,
             // shard_unavailable: the owner shard did not take *or did not answer*.
-            DeadlineExceeded | ShardUnavailable | StorageFull | OutOfDescriptors | LogFailed
+            // not_leader: a follower took nothing, but a writer that lost its lease
+            // applied the write without acknowledging it, as replication_unavailable.
+            DeadlineExceeded
+                | ShardUnavailable
+                | StorageFull
+                | OutOfDescriptors
+                | LogFailed
+                | NotLeader
+                | ReplicationUnavailable
         )
     }
 }

@@ -377,16 +377,19 @@ fn replication_families(r: &crate::replication::ReplicationMetrics) -> Vec<Metri
             each_direction(&|l| l.bytes as f64),
         ),
     ];
-    // A writer with no follower has no lag to report: only connected streams count.
+    // A writer with no follower connected reports 0 (it is behind nobody).
     let lag = r
         .links
         .iter()
         .enumerate()
-        .filter(|(_, l)| r.follower || l.connected > 0)
         .map(|(shard, l)| {
             gauge(
                 vec![label("role", role), label("shard", &shard.to_string())],
-                l.applied_lag_lsn() as f64,
+                if r.follower || l.connected > 0 {
+                    l.applied_lag_lsn() as f64
+                } else {
+                    0.0
+                },
             )
         })
         .collect();

@@ -574,7 +574,20 @@ fn a_synchronous_follower_promoted_after_the_writer_dies_has_every_acknowledged_
             );
         }
     }
-    // The new writer ships under its epoch's prefix; the old writer's keys stay its own.
+    // The new writer ships under its epoch's prefix, and that prefix alone restores
+    // everything it holds; the old writer's keys stay its own.
+    common::wait_until_archived(&follower, 2);
+    let restored_dir = dir.path().join("restored");
+    let restored = common::restore_latest(&format!("{archive}/epoch-2"), &restored_dir);
+    assert!(restored.success, "{restored:?}");
+    let restored = Server::start(&restored_dir, &["--archive", "none"]);
+    for tenant in TENANTS {
+        assert_eq!(
+            rows_of(&restored, tenant),
+            rows_of(&follower, tenant),
+            "{tenant}: the restore of epoch-2/ differs from the new writer"
+        );
+    }
     let deadline = Instant::now() + Duration::from_secs(20);
     let prefix = dir.path().join("archive").join("epoch-2");
     let shipped = |prefix: &std::path::Path| {
@@ -647,4 +660,84 @@ fn promoting_a_synchronous_follower_fences_a_live_writer() {
         .wait_exit(Duration::from_secs(10))
         .expect("the fenced writer exits");
     assert_eq!(status.code(), Some(5), "{}", writer.stderr());
+}
+
+#[test]
+fn hostile_bytes_on_the_replication_port_are_refused_and_the_writer_serves_on() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "replication-token-0123456789").expect("token");
+    let writer = Server::start(
+        &dir.path().join("writer"),
+        &[
+            "--replication-listen",
+            "127.0.0.1:0",
+            "--replication-token-file",
+            token_file.to_str().expect("utf-8"),
+        ],
+    );
+    let addr = writer.replication.clone().expect("replication address");
+    let huge_length = [0xffu8, 0xff, 0xff, 0x7f, 1, 2, 3];
+    let mut bad_crc = vec![5u8, 0, 0, 0, 1, b'O', b'C', b'R', b'P'];
+    bad_crc.extend_from_slice(&[0, 0, 0, 0]);
+    let wrong_token = {
+        // A well-formed hello with the wrong token: refused with a reason.
+        let mut body = vec![1u8];
+        body.extend_from_slice(b"OCRP");
+        body.extend_from_slice(&1u16.to_le_bytes());
+        body.extend_from_slice(&5u16.to_le_bytes());
+        body.extend_from_slice(b"wrong");
+        body.extend_from_slice(&0u64.to_le_bytes());
+        body.push(1);
+        let mut message = (body.len() as u32).to_le_bytes().to_vec();
+        message.extend_from_slice(&body);
+        message.extend_from_slice(&crc32c_of(&body).to_le_bytes());
+        message
+    };
+    for (what, bytes) in [
+        (
+            "an HTTP request",
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        ),
+        ("a huge length", huge_length.to_vec()),
+        ("a bad checksum", bad_crc),
+        ("the wrong token", wrong_token),
+    ] {
+        let mut stream = std::net::TcpStream::connect(&addr).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        stream.write_all(&bytes).expect("send");
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer); // the writer answers (or not) and closes
+        if what == "the wrong token" {
+            let text = String::from_utf8_lossy(&answer);
+            assert!(text.contains("token"), "{what}: {text:?}");
+        }
+    }
+    // A client that connects and sends nothing is cut off after the hello timeout,
+    // and the server answers requests meanwhile.
+    let silent = std::net::TcpStream::connect(&addr).expect("connect");
+    let (status, _) = writer.ops_get("/ready");
+    assert_eq!(status, 200);
+    drop(silent);
+    let created = writer.post("/v1/tenants", &json!({"tenant": "still"}));
+    assert_eq!(created.status, 201, "the API still answers: {created:?}");
+}
+
+/// CRC-32C (Castagnoli), bit by bit: the test's own, independent of the server's.
+fn crc32c_of(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0x82F6_3B78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
 }

@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# What replication costs a writer, and how long a failover takes, in one run.
+#
+# Part 1: oc-bench http against a writer alone, with an asynchronous follower, and with
+# a synchronous one, in rounds of A B C, C B A, … so drift on a shared machine falls on
+# every configuration alike. Writes <out>/repl-<config>-<round>.json, counts the writes
+# the writer refused with 421 (a healthy writer fencing itself) and prints the medians.
+# Part 2: RTO. A synchronous pair under load; kill -9 the writer, promote the follower,
+# and time the first acknowledged write on it; TRIALS times (default 5).
+#
+#   bench/scripts/replication.sh <dir on ext4/xfs> <out dir> [rate] [seconds]
+set -euo pipefail
+dir=${1:?a scratch directory on the data disk}
+out=${2:?where the JSON results go}
+rate=${3:-2000}
+seconds=${4:-10}
+bin=${OC_BIN:-target/release}
+mkdir -p "$dir" "$out"
+
+pids=()
+trap 'for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done' EXIT
+
+wait_ready() { # ops address
+  for _ in $(seq 200); do curl -sf "$1/ready" >/dev/null && return 0; sleep 0.05; done
+  echo "not ready: $1" >&2; return 1
+}
+
+start_pair() { # config data-prefix; sets writer_pid follower_pid
+  local config=$1 data=$2
+  local common=(--archive "file://$data/archive" --shards 1 --rate-limit-rps $((rate * 4))
+                --rate-limit-burst $((rate * 4)))
+  local writer_args=(--data-dir "$data/writer" --listen 127.0.0.1:17080
+                     --ops-listen 127.0.0.1:17081 "${common[@]}")
+  [ "$config" != alone ] && writer_args+=(--replication-listen 127.0.0.1:17082)
+  [ "$config" = sync ] && writer_args+=(--sync-replication)
+  "$bin/oc-server" "${writer_args[@]}" >"$data-writer.log" 2>&1 &
+  writer_pid=$!; pids+=("$writer_pid")
+  wait_ready http://127.0.0.1:17081
+  follower_pid=
+  if [ "$config" != alone ]; then
+    "$bin/oc-server" --data-dir "$data/follower" --listen 127.0.0.1:17090 \
+      --ops-listen 127.0.0.1:17091 --mode follower --leader-addr 127.0.0.1:17082 \
+      "${common[@]}" >"$data-follower.log" 2>&1 &
+    follower_pid=$!; pids+=("$follower_pid")
+    wait_ready http://127.0.0.1:17091
+  fi
+}
+
+stop_pair() {
+  for p in $writer_pid $follower_pid; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+}
+
+refused_421() { # ops address
+  curl -s "$1/metrics" | awk '/^oc_http_requests_total\{.*status="421"/ { n += $2 } END { print n + 0 }'
+}
+
+rounds=${ROUNDS:-3}
+for round in $(seq "$rounds"); do
+  order="alone async sync"
+  [ $((round % 2)) = 0 ] && order="sync async alone"
+  for config in $order; do
+    echo "== $config (round $round)"
+    data="$dir/$config-$round"; rm -rf "$data"; mkdir -p "$data"
+    start_pair "$config" "$data"
+    "$bin/oc-bench" http --url http://127.0.0.1:17080 --rate "$rate" --seconds "$seconds" \
+      --mix 50:50 --rows 20000 --json "$out/repl-$config-$round.json" >/dev/null
+    refused_421 http://127.0.0.1:17081 > "$out/fenced-$config-$round.count"
+    stop_pair
+    rm -rf "$data"
+  done
+done
+
+trials=${TRIALS:-5}
+: > "$out/rto.ms"
+for trial in $(seq "$trials"); do
+  echo "== failover (trial $trial)"
+  data="$dir/rto-$trial"; rm -rf "$data"; mkdir -p "$data"
+  start_pair sync "$data"
+  "$bin/oc-bench" http --url http://127.0.0.1:17080 --rate "$rate" --seconds 30 \
+    --mix 50:50 --rows 2000 >/dev/null 2>&1 &
+  load=$!; pids+=("$load")
+  sleep 5
+  kill -9 "$writer_pid"
+  killed=$(date +%s%N)
+  curl -sf -X POST http://127.0.0.1:17091/v1/admin/promote > "$out/promote-$trial.json"
+  # The first acknowledged write on the promoted follower (a new tenant: any write).
+  until curl -sf -X POST -H 'content-type: application/json' \
+      -d "{\"tenant\":\"rto$trial\"}" http://127.0.0.1:17090/v1/tenants >/dev/null; do
+    sleep 0.001
+  done
+  written=$(date +%s%N)
+  echo $(( (written - killed) / 1000000 )) >> "$out/rto.ms"
+  kill -9 "$load" 2>/dev/null || true; wait "$load" 2>/dev/null || true
+  kill "$follower_pid"; wait "$follower_pid" 2>/dev/null || true
+  rm -rf "$data"
+done
+
+python3 - "$out" "$rounds" <<'PY'
+import json, sys, statistics
+out, rounds = sys.argv[1], int(sys.argv[2])
+def runs(config, op, q):
+    return [json.load(open(f"{out}/repl-{config}-{r}.json"))[op][q] / 1000 for r in range(1, rounds + 1)]
+def med(config, op, q):
+    return statistics.median(runs(config, op, q))
+def spread(config, op, q):
+    v = runs(config, op, q)
+    return f"{min(v):.2f}–{max(v):.2f}"
+print("| config | write p50 ms | write p99 ms (min–max) | write p99 vs alone | read p99 ms | 421s (self-fencing) |")
+print("|---|---:|---|---:|---:|---:|")
+for c in ["alone", "async", "sync"]:
+    fenced = sum(int(open(f"{out}/fenced-{c}-{r}.count").read()) for r in range(1, rounds + 1))
+    print(f"| {c} | {med(c,'writes','p50_us'):.2f} | {med(c,'writes','p99_us'):.2f} ({spread(c,'writes','p99_us')}) "
+          f"| {med(c,'writes','p99_us')/med('alone','writes','p99_us'):.2f}× | {med(c,'reads','p99_us'):.2f} | {fenced} |")
+rto = [int(l) for l in open(f"{out}/rto.ms") if l.strip()]
+print(f"\nRTO (kill -9 of the writer to the first write acknowledged by the promoted follower), "
+      f"{len(rto)} trials: median {statistics.median(rto)} ms, min {min(rto)}, max {max(rto)}")
+for t in range(1, len(rto) + 1):
+    p = json.load(open(f"{out}/promote-{t}.json"))
+    print(f"  trial {t}: promotion {p['took_ms']} ms, RTO {rto[t-1]} ms")
+PY
