@@ -214,7 +214,7 @@ pub struct Feed {
     taps: RefCell<HashMap<TenantId, Vec<Tap>>>,
     published: Arc<AtomicU64>,
     /// Tasks of this shard waiting for the published LSN to move (replication senders).
-    waiters: RefCell<Vec<std::task::Waker>>,
+    waiters: crate::wait_list::WaitList,
 }
 
 impl Feed {
@@ -222,7 +222,7 @@ impl Feed {
         Feed {
             taps: RefCell::new(HashMap::new()),
             published: Arc::new(AtomicU64::new(applied.0)),
-            waiters: RefCell::new(Vec::new()),
+            waiters: crate::wait_list::WaitList::default(),
         }
     }
 
@@ -305,26 +305,14 @@ impl Feed {
     /// Marks every command up to `lsn` as published (after its batch, if any, was sent).
     pub fn advance(&self, lsn: Lsn) {
         self.published.store(lsn.0, Ordering::Release);
-        for waker in self.waiters.borrow_mut().drain(..) {
-            waker.wake();
-        }
+        self.waiters.wake_all();
     }
 
-    /// Waits until the published LSN is above `lsn` and returns it. Cancel-safe: a
-    /// task that waits again (after a timeout) is registered once, not once per wait.
+    /// Waits until the published LSN is above `lsn` and returns it. A wait that is
+    /// dropped (a timeout) leaves nothing registered.
     pub async fn published_after(&self, lsn: Lsn) -> Lsn {
-        std::future::poll_fn(|cx| {
-            let published = self.published();
-            if published > lsn {
-                return std::task::Poll::Ready(published);
-            }
-            let mut waiters = self.waiters.borrow_mut();
-            if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
-                waiters.push(cx.waker().clone());
-            }
-            std::task::Poll::Pending
-        })
-        .await
+        self.waiters.wait_until(|| self.published() > lsn).await;
+        self.published()
     }
 
     /// Taps open now (metrics).

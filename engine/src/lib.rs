@@ -36,6 +36,7 @@ pub mod tenant;
 pub mod tenant_id;
 pub mod value;
 pub mod vectors;
+pub mod wait_list;
 
 pub use error::{EngineError, FileProblem, UnreadableFile};
 pub use mesh::{MeshError, Router};

@@ -248,6 +248,9 @@ pub struct ServerConfig {
     pub log_format: String,
 }
 
+/// Most followers a synchronous writer may wait for.
+const MAX_SYNC_REPLICAS: usize = 8;
+
 // The default log takes the largest legal row: only a small segment can refuse it.
 const _: () = assert!(DEFAULT_MAX_GROUP_BYTES >= MAX_ONE_ROW_RECORD_BYTES);
 
@@ -509,12 +512,9 @@ impl ServerConfig {
                         .into(),
                 );
             }
-            if self.sync_replicas == 0
-                || self.sync_replicas > crate::replication::sender::MAX_CONNECTIONS
-            {
+            if self.sync_replicas == 0 || self.sync_replicas > MAX_SYNC_REPLICAS {
                 return Err(format!(
-                    "--sync-replicas must be from 1 to {}",
-                    crate::replication::sender::MAX_CONNECTIONS
+                    "--sync-replicas must be from 1 to {MAX_SYNC_REPLICAS}"
                 ));
             }
             if self.sync_timeout_ms == 0 {

@@ -113,25 +113,27 @@ pub fn run(config: ServerConfig) -> Result<()> {
     .context("refusing to start")?;
     let role = config.role();
     let replication_token = config.replication_token().map_err(|e| anyhow!(e))?;
+    // A follower's writer is looked up once, here: no blocking lookups later.
+    let leader_addr = match &role {
+        Role::Follower { leader } => Some(receiver::resolve(leader).map_err(|e| anyhow!(e))?),
+        Role::Writer => None,
+    };
     // The data directory's own layout speaks first: its error names the fix. A
     // follower's is the writer's (its shard count and epochs).
-    // A follower learns from its writer whether it replicates synchronously (a
-    // promotion then need not wait for the old lease to lapse).
-    let mut writer_sync_replicas = 0;
-    let layout = match &role {
-        Role::Writer => {
+    let layout = match (&role, leader_addr) {
+        (Role::Writer, _) | (_, None) => {
             let shards = config
                 .shards
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
             oc_engine::placement::ensure_layout(&config.data_dir, shards)
                 .context("checking the data directory")?
         }
-        Role::Follower { leader } => {
-            let (layout, sync) =
-                follower_layout(&config, leader, replication_token.as_deref(), &shutdown)?;
-            writer_sync_replicas = sync;
-            layout
-        }
+        (Role::Follower { leader }, Some(addr)) => follower_layout(
+            &config,
+            (leader, addr),
+            replication_token.as_deref(),
+            &shutdown,
+        )?,
     };
     let shards = layout.shards;
     crate::fd_limit::raise_and_check(crate::fd_limit::needed(config.max_connections, shards))
@@ -182,7 +184,6 @@ pub fn run(config: ServerConfig) -> Result<()> {
                     ttl: Duration::from_millis(config.lease_ttl_ms),
                     max_drift: Duration::from_millis(config.lease_max_drift_ms),
                 }),
-                writer_sync: writer_sync_replicas > 0,
                 sync_policy: config.sync_policy(),
                 max_lag_lsn: config.promote_max_lag_lsn,
             });
@@ -230,7 +231,8 @@ pub fn run(config: ServerConfig) -> Result<()> {
             token: replication_token,
             layout: layout.clone(),
             max_ready_lag_lsn: config.max_ready_lag_lsn,
-            sync_replicas: config.sync_policy().map(|p| p.replicas),
+            sync: config.sync_policy(),
+            leader_addr,
             lease_hold: lease_hold.clone(),
             api_role: api_role.clone(),
             promotion,
@@ -380,15 +382,15 @@ fn on_displaced(format: LineFormat) -> shipper::OnDisplaced {
 /// answers at once; otherwise it starts on its own and the streams catch up later).
 fn follower_layout(
     config: &ServerConfig,
-    leader: &str,
+    (leader, addr): (&str, std::net::SocketAddr),
     token: Option<&str>,
     shutdown: &AtomicBool,
-) -> Result<(oc_engine::placement::Layout, usize)> {
+) -> Result<oc_engine::placement::Layout> {
     use oc_engine::placement;
     let local =
         placement::existing_layout(&config.data_dir).context("checking the data directory")?;
     let writer = loop {
-        match receiver::fetch_layout(leader, token) {
+        match receiver::fetch_layout(leader, addr, "new", token) {
             Ok(writer) => break Some(writer),
             Err(why) if local.is_some() => {
                 tracing::warn!(%why, "the writer did not answer; starting from this directory's own log");
@@ -404,9 +406,7 @@ fn follower_layout(
         }
     };
     let Some(writer) = writer else {
-        // Not knowing whether the writer replicated synchronously, a promotion waits
-        // for its lease to lapse.
-        return local.map(|l| (l, 0)).ok_or_else(|| anyhow!("no layout"));
+        return local.ok_or_else(|| anyhow!("no layout"));
     };
     if let Some(wanted) = config.shards {
         if wanted != writer.shards {
@@ -426,8 +426,8 @@ fn follower_layout(
         Some(local) => placement::follow_epochs(&config.data_dir, &local, writer.epochs),
     }
     .context("laying out the follower like its writer")?;
-    tracing::info!(%leader, writer_data_dir_id = %writer.data_dir_id, epoch = layout.epoch(), shards = layout.shards, sync_replicas = writer.sync_replicas, "following the writer");
-    Ok((layout, writer.sync_replicas))
+    tracing::info!(%leader, writer_data_dir_id = %writer.data_dir_id, epoch = layout.epoch(), shards = layout.shards, "following the writer");
+    Ok(layout)
 }
 
 fn report_recovery(reports: &[ShardOpenReport], took: Duration) {

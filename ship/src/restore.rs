@@ -341,6 +341,28 @@ pub fn restore(
     data_dir: &Path,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Restored, PitrError> {
+    restore_as(archive, target, data_dir, RestoreAs::Writer, progress)
+}
+
+/// What a restored directory is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestoreAs {
+    /// A server of its own: it starts a new epoch (below) and ships to a new archive.
+    Writer,
+    /// The start of a follower of the writer that ships to this archive: it keeps the
+    /// archive's history as it is (no new epoch), and takes the writer's epochs from
+    /// the writer when it starts (`--mode follower`), then streams the rest of its log.
+    Follower,
+}
+
+/// [`restore`], for a writer or for a follower's bootstrap.
+pub fn restore_as(
+    archive: &dyn Archive,
+    target: u64,
+    data_dir: &Path,
+    purpose: RestoreAs,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Restored, PitrError> {
     // A directory with other files and no lock file is refused without touching it;
     // otherwise the lock comes first, so a server using it names itself.
     if !data_dir.join(LOCK_FILE).exists() {
@@ -368,6 +390,17 @@ pub fn restore(
     // two restores from one archive (each shipping to a new archive) never share one.
     let restored_at_s = oc_io::TimestampMicros::now().0 / 1_000_000;
     let mut epochs = Vec::new();
+    if purpose == RestoreAs::Follower {
+        // Nothing is written here but the writer's frames: its epochs come from it.
+        restore_audit_log(archive, data_dir, target, newest_epoch, progress);
+        let layout = create_layout_with_epochs(data_dir, manifest.shards, epochs)
+            .map_err(|e| PitrError::Refused(e.to_string()))?;
+        return Ok(Restored {
+            epoch: newest_epoch,
+            shards: restored,
+            data_dir_id: layout.id,
+        });
+    }
     if newest_epoch > 1 {
         // Where the archive's own epochs began is not recorded here: ids of its newest
         // epoch count from 0 (none lies below where it began), older ones get `reset`.

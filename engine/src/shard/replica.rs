@@ -45,10 +45,17 @@ impl<S: Storage> Shard<S> {
     /// is durable and applied, its log stamps its own frames with `epoch` from the
     /// next LSN on. Refused while frames are still on their way (try again).
     pub async fn take_writes(&self, epoch: oc_io::Epoch) -> Result<Lsn, EngineError> {
-        let (placed, _) = self.wal.last_placed();
-        if placed > Lsn(0) {
-            self.feed.published_after(Lsn(placed.0 - 1)).await;
-        }
+        // A replicate call still running may place more while this waits: wait until
+        // what is placed is applied and nothing more came.
+        let placed = loop {
+            let (placed, _) = self.wal.last_placed();
+            if placed > Lsn(0) {
+                self.feed.published_after(Lsn(placed.0 - 1)).await;
+            }
+            if self.wal.last_placed().0 == placed {
+                break placed;
+            }
+        };
         self.wal.take_writes(epoch)?;
         self.feed_epoch.set(epoch);
         Ok(placed.next())

@@ -11,13 +11,13 @@
 //! again: each flip costs one write one timeout).
 
 use std::cell::{Cell, RefCell};
-use std::future::{poll_fn, Future};
+use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::task::{Poll, Waker};
 use std::time::Duration;
 
+use oc_engine::wait_list::WaitList;
 use oc_engine::{AckGate, EngineError};
 use oc_io::Lsn;
 use oc_ship::lease::LeaseHold;
@@ -62,7 +62,7 @@ pub struct Gate {
     /// While degraded: the write that timed out, which the followers must hold before
     /// writes wait for them again.
     degraded_at: Cell<Lsn>,
-    waiters: RefCell<Vec<Waker>>,
+    waiters: WaitList,
     counters: Cell<GateCounters>,
 }
 
@@ -79,7 +79,7 @@ impl Gate {
             hold,
             replicated: Cell::new(Lsn(0)),
             degraded_at: Cell::new(Lsn(0)),
-            waiters: RefCell::new(Vec::new()),
+            waiters: WaitList::default(),
             counters: Cell::new(GateCounters::default()),
         });
         GATE.with(|g| *g.borrow_mut() = Some(gate.clone()));
@@ -92,9 +92,7 @@ impl Gate {
             return;
         }
         self.replicated.set(replicated);
-        for waker in self.waiters.borrow_mut().drain(..) {
-            waker.wake();
-        }
+        self.waiters.wake_all();
         if self.counters.get().degraded && replicated >= self.degraded_at.get() {
             self.count(|c| c.degraded = false);
             tracing::warn!(
@@ -130,16 +128,12 @@ impl Gate {
             return Ok(());
         }
         self.count(|c| c.waits += 1);
-        let replicated = poll_fn(|cx| {
-            if self.replicated.get() >= lsn {
-                return Poll::Ready(true);
-            }
-            let mut waiters = self.waiters.borrow_mut();
-            if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
-                waiters.push(cx.waker().clone());
-            }
-            Poll::Pending
-        });
+        let replicated = async {
+            self.waiters
+                .wait_until(|| self.replicated.get() >= lsn)
+                .await;
+            true
+        };
         let timeout = async {
             glommio::timer::sleep(policy.timeout).await;
             false

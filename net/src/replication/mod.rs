@@ -4,7 +4,7 @@
 //! what it holds, and serves reads of its applied state. Both ends run on the control
 //! executor and reach the shards through the mesh, so no shard ever blocks on a peer.
 //!
-//! The protocol's bytes are in `wire.rs` (FORMAT.md §10), the writer's side in
+//! The protocol's bytes are in `wire.rs` (FORMAT.md §11), the writer's side in
 //! `sender.rs`, the follower's in `receiver.rs`, the acknowledgement gate
 //! (synchronous replication, the lease) in `gate.rs`, and promotion in `node.rs`.
 
@@ -99,9 +99,13 @@ impl ApiRole {
 pub struct ReplicationStatus {
     pub role: RefCell<Role>,
     pub links: Vec<RefCell<ShardLink>>,
-    /// Writer: per shard, the durable LSN each open follower stream acknowledged last
-    /// (by connection number), from which the synchronous gate's position is read.
-    pub acks: Vec<RefCell<std::collections::BTreeMap<u64, Lsn>>>,
+    /// Writer: per shard, each follower's (by its data directory id) current
+    /// connection and the durable LSN it acknowledged last on it, from which the
+    /// synchronous gate's position is read.
+    pub acks: Vec<RefCell<std::collections::BTreeMap<String, (u64, Lsn)>>>,
+    /// Follower: how many followers the writer said must confirm each write (its last
+    /// heartbeat; 0: it may acknowledge without them).
+    pub writer_confirmed_by: std::cell::Cell<u16>,
 }
 
 impl ReplicationStatus {
@@ -112,14 +116,23 @@ impl ReplicationStatus {
                 .map(|_| RefCell::new(ShardLink::default()))
                 .collect(),
             acks: (0..shards).map(|_| RefCell::default()).collect(),
+            writer_confirmed_by: std::cell::Cell::new(0),
         }
+    }
+
+    /// Writer: the followers with a stream open on any shard.
+    pub fn followers(&self) -> std::collections::BTreeSet<String> {
+        self.acks
+            .iter()
+            .flat_map(|acks| acks.borrow().keys().cloned().collect::<Vec<_>>())
+            .collect()
     }
 
     /// The LSN `replicas` follower streams of `shard` all hold durable (the
     /// `replicas`-th highest acknowledgement), if that many are open.
     pub fn held_by(&self, shard: usize, replicas: usize) -> Option<Lsn> {
         let acks = self.acks[shard].borrow();
-        let mut held: Vec<Lsn> = acks.values().copied().collect();
+        let mut held: Vec<Lsn> = acks.values().map(|(_, lsn)| *lsn).collect();
         held.sort_unstable_by(|a, b| b.cmp(a));
         held.get(replicas.checked_sub(1)?).copied()
     }

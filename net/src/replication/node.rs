@@ -54,8 +54,6 @@ pub struct PromotionKit {
     pub on_displaced: shipper::OnDisplaced,
     pub data_dir: PathBuf,
     pub lease_ttl: LeaseTtl,
-    /// The writer said it replicates synchronously: its lease need not be waited out.
-    pub writer_sync: bool,
     /// This server's own `--sync-replication`, applied once it is the writer.
     pub sync_policy: Option<SyncPolicy>,
     pub max_lag_lsn: u64,
@@ -70,7 +68,10 @@ pub struct Setup {
     pub token: Option<String>,
     pub layout: Layout,
     pub max_ready_lag_lsn: u64,
-    pub sync_replicas: Option<usize>,
+    /// The writer's synchronous replication (a follower's applies once promoted).
+    pub sync: Option<SyncPolicy>,
+    /// A follower's writer, resolved at start, and its own data directory id.
+    pub leader_addr: Option<std::net::SocketAddr>,
     /// A replicating writer's hold on the lease.
     pub lease_hold: Option<Arc<LeaseHold>>,
     /// A follower's data API role.
@@ -102,7 +103,8 @@ pub struct Node {
     listener: Cell<Option<RawFd>>,
     token: Option<String>,
     layout: RefCell<Layout>,
-    sync_replicas: Cell<Option<usize>>,
+    sync: Cell<Option<SyncPolicy>>,
+    leader_addr: Option<std::net::SocketAddr>,
     lease_hold: RefCell<Option<Arc<LeaseHold>>>,
     api_role: Option<Arc<ApiRole>>,
     promotion: RefCell<Option<PromotionKit>>,
@@ -123,7 +125,8 @@ impl Node {
             listener: Cell::new(setup.listener),
             token: setup.token,
             layout: RefCell::new(setup.layout),
-            sync_replicas: Cell::new(setup.sync_replicas),
+            sync: Cell::new(setup.sync),
+            leader_addr: setup.leader_addr,
             lease_hold: RefCell::new(setup.lease_hold),
             api_role: setup.api_role,
             promotion: RefCell::new(setup.promotion),
@@ -156,7 +159,7 @@ impl Node {
             layout: Arc::new(self.layout.borrow().clone()),
             token: self.token.clone(),
             status: self.status.clone(),
-            sync_replicas: self.sync_replicas.get(),
+            sync: self.sync.get(),
         });
         self.tasks
             .borrow_mut()
@@ -167,9 +170,14 @@ impl Node {
         let Role::Follower { leader } = self.status.role.borrow().clone() else {
             return;
         };
+        let Some(addr) = self.leader_addr else {
+            return;
+        };
         let receiver = Rc::new(receiver::Receiver {
             router: router.clone(),
             leader,
+            addr,
+            follower_id: self.layout.borrow().id.to_string(),
             token: self.token.clone(),
             status: self.status.clone(),
         });
@@ -237,7 +245,7 @@ impl Node {
             .borrow()
             .clone()
             .ok_or_else(|| refusal(503, "not_ready", "the shards are not serving yet"))?;
-        let (writer_sync, max_lag) = {
+        let max_lag = {
             let kit = self.promotion.borrow();
             let kit = kit.as_ref().ok_or_else(|| {
                 refusal(
@@ -246,8 +254,12 @@ impl Node {
                     "this follower has no archive to hold the lease in",
                 )
             })?;
-            (kit.writer_sync, kit.max_lag_lsn)
+            kit.max_lag_lsn
         };
+        // Only a writer that told this follower it acknowledges nothing without all of
+        // its followers (synchronous, refuse on timeout) is fenced by the streams
+        // stopping; any other must be waited out.
+        let writer_sync = self.status.writer_confirmed_by.get() > 0;
         // 1. How far behind is it?
         let behind: Vec<String> = self
             .status
@@ -296,8 +308,10 @@ impl Node {
         step(format!(
             "took the archive's lease with epoch {lease_epoch} (the old writer's next renewal fails)"
         ));
-        // 4. Every shard starts the new epoch where its log ends.
-        let frame_epoch = Epoch(self.layout.borrow().epoch() + 1);
+        // 4. Every shard starts the new epoch where its log ends. Like a restore's, the
+        // epoch is at least the time in seconds, so two promotions of followers of one
+        // writer (the second forced) do not write the same epoch.
+        let frame_epoch = Epoch((self.layout.borrow().epoch() + 1).max(now_us() / 1_000_000));
         let mut first_lsn = Vec::with_capacity(router.shards());
         for shard in 0..router.shards() {
             first_lsn.push(take_writes(&router, shard, frame_epoch).await?.0);
@@ -345,7 +359,7 @@ impl Node {
             lease::namespace(lease_epoch).unwrap_or_else(|| "its root".into())
         ));
         *self.status.role.borrow_mut() = Role::Writer;
-        self.sync_replicas.set(sync_policy.map(|p| p.replicas));
+        self.sync.set(sync_policy);
         self.serve_followers(&router);
         if let Some(role) = &self.api_role {
             role.become_writer();

@@ -6,7 +6,7 @@
 //! fails or falls silent is made again with a back-off; every restart resumes from the
 //! follower's own log.
 
-use std::net::ToSocketAddrs;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -30,18 +30,26 @@ pub struct WriterLayout {
     pub shards: usize,
     pub data_dir_id: String,
     pub epochs: Vec<EpochStart>,
-    /// Followers the writer waits for (0: it replicates asynchronously).
-    pub sync_replicas: usize,
 }
 
-/// Asks the writer at `leader` for its layout (a blocking call, made once at start).
-pub fn fetch_layout(leader: &str, token: Option<&str>) -> Result<WriterLayout, String> {
-    use std::io::Write;
-    let addr = leader
+/// Resolves `--leader-addr` (once, at start: a blocking lookup has no place on the
+/// control executor).
+pub fn resolve(leader: &str) -> Result<SocketAddr, String> {
+    leader
         .to_socket_addrs()
         .map_err(|e| format!("resolving --leader-addr {leader}: {e}"))?
         .next()
-        .ok_or_else(|| format!("--leader-addr {leader} resolves to no address"))?;
+        .ok_or_else(|| format!("--leader-addr {leader} resolves to no address"))
+}
+
+/// Asks the writer at `leader` for its layout (a blocking call, made once at start).
+pub fn fetch_layout(
+    leader: &str,
+    addr: SocketAddr,
+    follower_id: &str,
+    token: Option<&str>,
+) -> Result<WriterLayout, String> {
+    use std::io::Write;
     let stream = std::net::TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
         .map_err(|e| format!("connecting to the writer's replication listener {leader}: {e}"))?;
     let io_timeout = Some(SILENCE_LIMIT);
@@ -51,6 +59,7 @@ pub fn fetch_layout(leader: &str, token: Option<&str>) -> Result<WriterLayout, S
         .map_err(|e| e.to_string())?;
     let hello = Message::Hello {
         token: token.unwrap_or_default().as_bytes().to_vec(),
+        follower_id: follower_id.to_string(),
         epoch: 0,
         want: Want::Layout,
     };
@@ -65,11 +74,9 @@ pub fn fetch_layout(leader: &str, token: Option<&str>) -> Result<WriterLayout, S
             shards,
             data_dir_id,
             epochs,
-            sync_replicas,
         } => Ok(WriterLayout {
             shards: usize::from(shards),
             data_dir_id,
-            sync_replicas: usize::from(sync_replicas),
             epochs: epochs
                 .into_iter()
                 .map(|e| EpochStart {
@@ -88,7 +95,11 @@ pub fn fetch_layout(leader: &str, token: Option<&str>) -> Result<WriterLayout, S
 /// What the per-shard tasks follow with.
 pub struct Receiver {
     pub router: Rc<ShardRouter>,
+    /// `--leader-addr` as given, and as resolved at start.
     pub leader: String,
+    pub addr: SocketAddr,
+    /// This follower's data directory id (the writer counts followers by it).
+    pub follower_id: String,
     pub token: Option<String>,
     pub status: Rc<ReplicationStatus>,
 }
@@ -122,19 +133,19 @@ pub async fn follow(receiver: Rc<Receiver>, shard: usize) {
 
 async fn follow_once(receiver: &Receiver, shard: usize) -> Result<(), String> {
     let router = &receiver.router;
-    let ((after, epoch), applied) = router
+    // The log continues after its last placed frame; acks say only what is durable.
+    let ((after, epoch), durable, applied) = router
         .call(shard, |node: Rc<ShardNode>| async move {
-            (node.shard().wal().last_placed(), node.shard().applied_lsn())
+            let wal = node.shard().wal();
+            (
+                wal.last_placed(),
+                wal.durable_lsn(),
+                node.shard().applied_lsn(),
+            )
         })
         .await
         .map_err(|e| e.to_string())?;
-    let addr = receiver
-        .leader
-        .to_socket_addrs()
-        .map_err(|e| format!("resolving {}: {e}", receiver.leader))?
-        .next()
-        .ok_or_else(|| format!("{} resolves to no address", receiver.leader))?;
-    let mut stream = TcpStream::connect_timeout(addr, CONNECT_TIMEOUT)
+    let mut stream = TcpStream::connect_timeout(receiver.addr, CONNECT_TIMEOUT)
         .await
         .map_err(|e| format!("connecting to {}: {e}", receiver.leader))?;
     let _ = stream.set_nodelay(true);
@@ -144,6 +155,7 @@ async fn follow_once(receiver: &Receiver, shard: usize) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let hello = Message::Hello {
         token: receiver.token.clone().unwrap_or_default().into_bytes(),
+        follower_id: receiver.follower_id.clone(),
         epoch: hello_epoch(after, epoch),
         want: Want::Stream {
             shard: shard as u16,
@@ -154,7 +166,8 @@ async fn follow_once(receiver: &Receiver, shard: usize) -> Result<(), String> {
         .await
         .map_err(|e| format!("sending the hello: {e}"))?;
     let mut first = true;
-    let mut held = (after, applied);
+    let mut held = (durable, applied);
+    let mut expected = after.next();
     loop {
         let message = wire::read_message(&mut stream, MAX_MESSAGE_BYTES)
             .await
@@ -174,13 +187,13 @@ async fn follow_once(receiver: &Receiver, shard: usize) -> Result<(), String> {
             } => {
                 let count = frames.len() as u64;
                 let bytes: usize = frames.iter().map(|f| f.as_frame().len()).sum();
-                if frames.first().is_some_and(|f| f.lsn != held.0.next()) {
+                if frames.first().is_some_and(|f| f.lsn != expected) {
                     return Err(format!(
-                        "the writer sent LSN {} where LSN {} was due",
-                        frames[0].lsn,
-                        held.0.next()
+                        "the writer sent LSN {} where LSN {expected} was due",
+                        frames[0].lsn
                     ));
                 }
+                expected = frames.last().map_or(expected, |f| f.lsn.next());
                 held = router
                     .call(shard, move |node: Rc<ShardNode>| async move {
                         let durable = node.shard().replicate(&frames).await?;
@@ -194,7 +207,12 @@ async fn follow_once(receiver: &Receiver, shard: usize) -> Result<(), String> {
                 link.bytes += bytes as u64;
                 durable
             }
-            Message::Heartbeat { durable, .. } => {
+            Message::Heartbeat {
+                durable,
+                sync_replicas,
+                ..
+            } => {
+                receiver.status.writer_confirmed_by.set(sync_replicas);
                 held.1 = router
                     .call(shard, |node: Rc<ShardNode>| async move {
                         node.shard().applied_lsn()

@@ -21,11 +21,13 @@ use oc_engine::placement::Layout;
 use oc_engine::{ShardNode, ShardRouter};
 use oc_io::{LogRead, Lsn, TimestampMicros};
 
+use super::gate::{self, OnTimeout, SyncPolicy};
 use super::wire::{self, EpochStart, Message, RefusedCode, Want};
-use super::{gate, token_matches, ReplicationStatus, HEARTBEAT_EVERY};
+use super::{token_matches, ReplicationStatus, HEARTBEAT_EVERY};
 
-/// Follower connections served at once; more are refused.
-pub const MAX_CONNECTIONS: usize = 64;
+/// Follower connections served at once per shard (each follower holds one per shard,
+/// and a connection waiting for its hello counts too); more are refused.
+pub const MAX_CONNECTIONS_PER_SHARD: usize = 16;
 /// Time a peer gets to send its hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest hello (a token and a few numbers).
@@ -43,9 +45,21 @@ pub struct Sender {
     /// The token followers must present (`None`: authentication is off).
     pub token: Option<String>,
     pub status: Rc<ReplicationStatus>,
-    /// With synchronous replication: how many followers must hold a write (the shards'
-    /// gates are moved as their acknowledgements arrive).
-    pub sync_replicas: Option<usize>,
+    /// Synchronous replication: the shards' gates are moved as the followers'
+    /// acknowledgements arrive.
+    pub sync: Option<SyncPolicy>,
+}
+
+impl Sender {
+    /// What the heartbeats say: how many followers must confirm every write for the
+    /// writer to acknowledge it; 0 when it may acknowledge without them (asynchronous,
+    /// or `degrade` after a timeout), so a promotion must wait out its lease.
+    fn confirmed_by(&self) -> u16 {
+        match self.sync {
+            Some(policy) if policy.on_timeout == OnTimeout::Refuse => policy.replicas as u16,
+            _ => 0,
+        }
+    }
 }
 
 /// Numbers the connections (the key of their acknowledgements).
@@ -54,6 +68,7 @@ static NEXT_CONNECTION: std::sync::atomic::AtomicU64 = std::sync::atomic::Atomic
 /// Accepts follower connections until the executor ends.
 pub async fn serve(listener: TcpListener, sender: Rc<Sender>) {
     let open = Rc::new(Cell::new(0usize));
+    let limit = MAX_CONNECTIONS_PER_SHARD * sender.layout.shards;
     loop {
         let stream = match listener.accept().await {
             Ok(stream) => stream,
@@ -63,16 +78,13 @@ pub async fn serve(listener: TcpListener, sender: Rc<Sender>) {
                 continue;
             }
         };
-        if open.get() >= MAX_CONNECTIONS {
-            tracing::warn!(
-                limit = MAX_CONNECTIONS,
-                "refusing a replication connection: too many open"
-            );
+        if open.get() >= limit {
+            tracing::warn!(limit, "refusing a replication connection: too many open");
             let mut stream = stream;
             let _ = refuse(
                 &mut stream,
                 RefusedCode::BadHello,
-                format!("this writer serves at most {MAX_CONNECTIONS} replication connections"),
+                format!("this writer serves at most {limit} replication connections"),
             )
             .await;
             continue;
@@ -111,7 +123,18 @@ async fn connection(mut stream: TcpStream, sender: Rc<Sender>) -> Result<(), Str
         .set_read_timeout(Some(HELLO_TIMEOUT))
         .and_then(|()| stream.set_write_timeout(Some(WRITE_TIMEOUT)))
         .map_err(|e| e.to_string())?;
-    let hello = match wire::read_message(&mut stream, MAX_HELLO_BYTES).await {
+    // One deadline for the whole hello: a peer sending a byte at a time cannot hold
+    // the slot longer.
+    let read = wire::read_message(&mut stream, MAX_HELLO_BYTES);
+    let deadline = async {
+        glommio::timer::sleep(HELLO_TIMEOUT).await;
+        Err(wire::WireError::Malformed(format!(
+            "no complete hello within {} s",
+            HELLO_TIMEOUT.as_secs()
+        )))
+    };
+    let hello = futures_lite::future::or(read, deadline).await;
+    let hello = match hello {
         Ok(hello) => hello,
         Err(e) => {
             return refuse(
@@ -122,7 +145,13 @@ async fn connection(mut stream: TcpStream, sender: Rc<Sender>) -> Result<(), Str
             .await
         }
     };
-    let Message::Hello { token, epoch, want } = hello else {
+    let Message::Hello {
+        token,
+        follower_id,
+        epoch,
+        want,
+    } = hello
+    else {
         return refuse(
             &mut stream,
             RefusedCode::BadHello,
@@ -154,7 +183,6 @@ async fn connection(mut stream: TcpStream, sender: Rc<Sender>) -> Result<(), Str
                         first_lsn: e.first_lsn.clone(),
                     })
                     .collect(),
-                sync_replicas: sender.sync_replicas.unwrap_or(0) as u16,
             };
             return wire::write_message(&mut stream, &answer)
                 .await
@@ -173,6 +201,26 @@ async fn connection(mut stream: TcpStream, sender: Rc<Sender>) -> Result<(), Str
         )
         .await;
     }
+    let durable = sender
+        .router
+        .call(shard, |node: Rc<ShardNode>| async move {
+            node.shard().wal().durable_lsn()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    if after > durable {
+        return refuse(
+            &mut stream,
+            RefusedCode::Diverged,
+            format!(
+                "the follower's shard {shard} ends at LSN {after}, past this writer's log (LSN \
+                 {durable}): it holds frames this writer does not (it is a copy of a newer \
+                 state, or this writer was restored from an older one); start it on an empty \
+                 data directory"
+            ),
+        )
+        .await;
+    }
     if after.0 > 0 && !layout.on_history(shard, epoch, after.0) {
         return refuse(
             &mut stream,
@@ -186,24 +234,54 @@ async fn connection(mut stream: TcpStream, sender: Rc<Sender>) -> Result<(), Str
         )
         .await;
     }
+    // A synchronous writer that needs every follower to confirm serves exactly that
+    // many: one more could confirm writes while another is being promoted.
+    let replicas = usize::from(sender.confirmed_by());
+    if replicas > 0 {
+        let followers = sender.status.followers();
+        if !followers.contains(&follower_id) && followers.len() >= replicas {
+            return refuse(
+                &mut stream,
+                RefusedCode::BadHello,
+                format!(
+                    "this writer acknowledges a write once all {replicas} of its followers hold \
+                     it (--sync-replicas {replicas}) and serves no more than that: another \
+                     follower could keep confirming writes while one is promoted. Raise \
+                     --sync-replicas, or stop a follower"
+                ),
+            )
+            .await;
+        }
+    }
     stream
         .set_read_timeout(Some(ACK_TIMEOUT))
         .map_err(|e| e.to_string())?;
-    tracing::info!(shard, after = after.0, "a follower is streaming");
+    tracing::info!(shard, after = after.0, %follower_id, "a follower is streaming");
     let (reader, writer) = futures_lite::io::split(stream);
     let link = &sender.status.links[shard];
     link.borrow_mut().connected += 1;
     let ended = Rc::new(RefCell::new(None::<String>));
     let id = NEXT_CONNECTION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // This connection replaces any older one of the same follower: only its acks count.
+    sender.status.acks[shard]
+        .borrow_mut()
+        .insert(follower_id.clone(), (id, after));
+    let sent = Rc::new(Cell::new(after));
     let acks = glommio::spawn_local(read_acks(
         reader,
         sender.clone(),
-        (shard, id),
+        (shard, id, follower_id.clone()),
+        sent.clone(),
         ended.clone(),
     ));
-    let streamed = stream_frames(writer, &sender, shard, after, &ended).await;
+    let streamed = stream_frames(writer, &sender, shard, &sent, &ended).await;
     drop(acks);
-    sender.status.acks[shard].borrow_mut().remove(&id);
+    {
+        let mut acks = sender.status.acks[shard].borrow_mut();
+        if acks.get(&follower_id).is_some_and(|(conn, _)| *conn == id) {
+            acks.remove(&follower_id);
+        }
+    }
     link.borrow_mut().connected -= 1;
     let ack_end = ended.borrow_mut().take();
     streamed.and(ack_end.map_or(Ok(()), Err))
@@ -215,12 +293,13 @@ async fn stream_frames(
     mut writer: futures_lite::io::WriteHalf<TcpStream>,
     sender: &Sender,
     shard: usize,
-    mut after: Lsn,
+    sent: &Cell<Lsn>,
     ended: &RefCell<Option<String>>,
 ) -> Result<(), String> {
     let router = &sender.router;
-    // The first message goes out at once, even with nothing to send: it tells the
-    // follower its hello was accepted.
+    let mut after = sent.get();
+    // The first message goes out at once, a heartbeat even when frames are waiting: it
+    // tells the follower its hello was accepted, and how this writer acknowledges.
     let mut answered = false;
     loop {
         if ended.borrow().is_some() {
@@ -238,7 +317,7 @@ async fn stream_frames(
             .await
             .map_err(|e| e.to_string())?;
         let message = match read {
-            Ok((LogRead::Frames(frames), durable)) if !frames.is_empty() => {
+            Ok((LogRead::Frames(frames), durable)) if !frames.is_empty() && answered => {
                 let bytes: usize = frames.iter().map(|f| f.as_frame().len()).sum();
                 let count = frames.len() as u64;
                 after = frames.last().map_or(after, |f| f.lsn);
@@ -270,13 +349,14 @@ async fn stream_frames(
                     })
                     .await
                     .map_err(|e| e.to_string())?;
-                if published > after {
+                if published > after && answered {
                     continue;
                 }
                 sender.status.links[shard].borrow_mut().writer_durable = published;
                 Message::Heartbeat {
                     durable: published,
                     writer_time_us: TimestampMicros::now().0,
+                    sync_replicas: sender.confirmed_by(),
                 }
             }
             Ok((LogRead::NotHeld { oldest }, _)) => {
@@ -310,6 +390,8 @@ async fn stream_frames(
                 return Err(reason);
             }
         };
+        // Acks up to what this message carries count from now on.
+        sent.set(after);
         wire::write_message(&mut writer, &message)
             .await
             .map_err(|e| format!("sending to the follower: {e}"))?;
@@ -322,20 +404,30 @@ async fn stream_frames(
 async fn read_acks(
     mut reader: futures_lite::io::ReadHalf<TcpStream>,
     sender: Rc<Sender>,
-    (shard, id): (usize, u64),
+    (shard, id, follower): (usize, u64, String),
+    sent: Rc<Cell<Lsn>>,
     ended: Rc<RefCell<Option<String>>>,
 ) {
     let status = &sender.status;
     let why = loop {
         match wire::read_message(&mut reader, 64).await {
             Ok(Message::Ack { durable, applied }) => {
+                // A follower cannot hold what it was not sent on this connection.
+                let (durable, applied) = (durable.min(sent.get()), applied.min(sent.get()));
                 {
                     let mut link = status.links[shard].borrow_mut();
                     link.durable = durable;
                     link.applied = applied;
                 }
-                status.acks[shard].borrow_mut().insert(id, durable);
-                let Some(replicas) = sender.sync_replicas else {
+                {
+                    let mut acks = status.acks[shard].borrow_mut();
+                    match acks.get_mut(&follower) {
+                        Some((conn, held)) if *conn == id => *held = durable,
+                        // A newer connection of this follower took over.
+                        _ => break "replaced by a newer connection of the same follower".into(),
+                    }
+                }
+                let Some(replicas) = sender.sync.map(|p| p.replicas) else {
                     continue;
                 };
                 let Some(held) = status.held_by(shard, replicas) else {

@@ -1,4 +1,4 @@
-//! The replication protocol's messages and their bytes (FORMAT.md §10). Every message
+//! The replication protocol's messages and their bytes (FORMAT.md §11). Every message
 //! is `u32 length, body, u32 CRC-32C of the body`, little-endian; the body's first byte
 //! is its type. Decoding never panics and never allocates more than the length it
 //! checked against [`MAX_MESSAGE_BYTES`] first: the peer is untrusted until it has
@@ -81,18 +81,18 @@ pub enum Message {
     /// Follower → writer, first: who it is and what it wants.
     Hello {
         token: Vec<u8>,
-        /// The newest epoch the follower's directory knows.
+        /// The follower's data directory id: a writer counts followers, not connections.
+        follower_id: String,
+        /// The epoch of the follower's last frame (0: it holds none).
         epoch: u64,
         want: Want,
     },
-    /// Writer → follower: the writer's layout, and whether it replicates synchronously.
+    /// Writer → follower: the writer's layout.
     Layout {
         shards: u16,
         data_dir_id: String,
         /// Epochs after the first, oldest first.
         epochs: Vec<EpochStart>,
-        /// `--sync-replicas` with `--sync-replication`; 0 when asynchronous.
-        sync_replicas: u16,
     },
     /// Writer → follower: consecutive durable frames, and the writer's durable LSN
     /// and wall clock when they were sent.
@@ -101,8 +101,15 @@ pub enum Message {
         writer_time_us: u64,
         frames: Vec<OwnedFrame>,
     },
-    /// Writer → follower, when there is nothing new: the same figures.
-    Heartbeat { durable: Lsn, writer_time_us: u64 },
+    /// Writer → follower, first on every stream and when there is nothing new: the
+    /// same figures, and how many followers must confirm each write before the writer
+    /// acknowledges it (0: asynchronous, or synchronous but acknowledging without them
+    /// after a timeout) — what a promotion needs to know.
+    Heartbeat {
+        durable: Lsn,
+        writer_time_us: u64,
+        sync_replicas: u16,
+    },
     /// Follower → writer: what it holds durable and has applied.
     Ack { durable: Lsn, applied: Lsn },
     /// Writer → follower: the refusal, then the connection ends.
@@ -131,11 +138,17 @@ impl Message {
     pub fn encode_body(&self) -> Vec<u8> {
         let mut out = Vec::new();
         match self {
-            Message::Hello { token, epoch, want } => {
+            Message::Hello {
+                token,
+                follower_id,
+                epoch,
+                want,
+            } => {
                 out.push(HELLO);
                 out.extend_from_slice(&MAGIC);
                 out.extend_from_slice(&VERSION.to_le_bytes());
                 put_bytes16(&mut out, token);
+                put_bytes16(&mut out, follower_id.as_bytes());
                 out.extend_from_slice(&epoch.to_le_bytes());
                 match want {
                     Want::Layout => out.push(1),
@@ -150,7 +163,6 @@ impl Message {
                 shards,
                 data_dir_id,
                 epochs,
-                sync_replicas,
             } => {
                 out.push(LAYOUT);
                 out.extend_from_slice(&shards.to_le_bytes());
@@ -162,7 +174,6 @@ impl Message {
                         out.extend_from_slice(&lsn.to_le_bytes());
                     }
                 }
-                out.extend_from_slice(&sync_replicas.to_le_bytes());
             }
             Message::Frames {
                 durable,
@@ -180,10 +191,12 @@ impl Message {
             Message::Heartbeat {
                 durable,
                 writer_time_us,
+                sync_replicas,
             } => {
                 out.push(HEARTBEAT);
                 out.extend_from_slice(&durable.0.to_le_bytes());
                 out.extend_from_slice(&writer_time_us.to_le_bytes());
+                out.extend_from_slice(&sync_replicas.to_le_bytes());
             }
             Message::Ack { durable, applied } => {
                 out.push(ACK);
@@ -229,6 +242,10 @@ impl Message {
                 if token.len() > MAX_TOKEN_BYTES {
                     return Err(malformed("a token over 1024 bytes"));
                 }
+                let follower_id = String::from_utf8(r.bytes16()?.to_vec())
+                    .ok()
+                    .filter(|id| !id.is_empty() && id.len() <= 64)
+                    .ok_or_else(|| malformed("a follower id that is empty, long or not UTF-8"))?;
                 let epoch = r.u64()?;
                 let want = match r.u8()? {
                     1 => Want::Layout,
@@ -238,7 +255,12 @@ impl Message {
                     },
                     other => return Err(malformed(format!("a hello wanting {other}"))),
                 };
-                Message::Hello { token, epoch, want }
+                Message::Hello {
+                    token,
+                    follower_id,
+                    epoch,
+                    want,
+                }
             }
             LAYOUT => {
                 let shards = r.u16()?;
@@ -258,7 +280,6 @@ impl Message {
                     shards,
                     data_dir_id,
                     epochs,
-                    sync_replicas: r.u16()?,
                 }
             }
             FRAMES => {
@@ -291,6 +312,7 @@ impl Message {
             HEARTBEAT => Message::Heartbeat {
                 durable: Lsn(r.u64()?),
                 writer_time_us: r.u64()?,
+                sync_replicas: r.u16()?,
             },
             ACK => Message::Ack {
                 durable: Lsn(r.u64()?),
@@ -420,6 +442,7 @@ mod tests {
         vec![
             Message::Hello {
                 token: b"secret-token-123".to_vec(),
+                follower_id: "5f0c9d7e".into(),
                 epoch: 2,
                 want: Want::Stream {
                     shard: 1,
@@ -428,6 +451,7 @@ mod tests {
             },
             Message::Hello {
                 token: Vec::new(),
+                follower_id: "5f0c9d7e".into(),
                 epoch: 1,
                 want: Want::Layout,
             },
@@ -438,7 +462,6 @@ mod tests {
                     epoch: 2,
                     first_lsn: vec![10, 20],
                 }],
-                sync_replicas: 1,
             },
             Message::Frames {
                 durable: Lsn(44),
@@ -448,6 +471,7 @@ mod tests {
             Message::Heartbeat {
                 durable: Lsn(44),
                 writer_time_us: 8,
+                sync_replicas: 1,
             },
             Message::Ack {
                 durable: Lsn(44),

@@ -93,6 +93,11 @@ enum Command {
         /// Where to write it; must be empty or absent.
         #[arg(long)]
         data_dir: PathBuf,
+        /// Bootstrap a follower of the writer that ships to this archive: keep the
+        /// archive's history as it is (no new epoch); start `oc-server --mode follower`
+        /// on the directory (while the writer is reachable) to stream the rest.
+        #[arg(long)]
+        for_follower: bool,
     },
 }
 
@@ -355,6 +360,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             archive,
             target,
             data_dir,
+            for_follower,
         } => {
             let target_us = if target == "latest" {
                 LATEST
@@ -363,9 +369,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let archive = open_archive(&archive)?;
             let started = Instant::now();
-            let restored = restore::restore(archive.as_ref(), target_us, &data_dir, &mut |line| {
-                eprintln!("{line}")
-            })?;
+            let purpose = if for_follower {
+                restore::RestoreAs::Follower
+            } else {
+                restore::RestoreAs::Writer
+            };
+            let restored = restore::restore_as(
+                archive.as_ref(),
+                target_us,
+                &data_dir,
+                purpose,
+                &mut |line| eprintln!("{line}"),
+            )?;
             let shards = restored.shards;
             let bytes: u64 = shards.iter().map(|s| s.bytes).sum();
             let secs = started.elapsed().as_secs_f64();
@@ -391,10 +406,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         .unwrap_or_default()
                 );
             }
+            let next = if for_follower {
+                "Start `oc-server --mode follower --leader-addr <writer>` on it, with this \
+                 --archive, while the writer is reachable: it streams the rest of the log."
+            } else {
+                "Start oc-server on it with a NEW --archive location: this archive holds the \
+                 old history beyond the target and belongs to the old data directory."
+            };
             println!(
                 "restored {bytes} bytes into {} in {secs:.2} s ({:.1} MB/s) as data directory {}. \
-                 Start oc-server on it with a NEW --archive location: this archive holds the old \
-                 history beyond the target and belongs to the old data directory.",
+                 {next}",
                 data_dir.display(),
                 bytes as f64 / 1e6 / secs.max(1e-9),
                 restored.data_dir_id
