@@ -530,37 +530,54 @@ fn without_a_follower_synchronous_writes_are_refused_or_degraded_as_configured()
     );
 }
 
-/// A writer and a follower on one archive (the lease lives there).
-fn pair(dir: &std::path::Path, writer_flags: &[&str]) -> (Server, Server, String) {
-    let archive = format!("file://{}", dir.join("archive").display());
+/// A `file://` archive under `dir`.
+fn archive_in(dir: &std::path::Path) -> String {
+    format!("file://{}", dir.join("archive").display())
+}
+
+/// A 2-shard writer with a replication listener on `archive`, and `extra` flags.
+fn writer_on(dir: &std::path::Path, archive: &str, extra: &[&str]) -> Server {
     let mut flags = vec![
         "--shards",
         "2",
         "--replication-listen",
         "127.0.0.1:0",
         "--archive",
-        &archive,
+        archive,
         "--tail-window-ms",
         "100",
     ];
-    flags.extend(writer_flags);
-    let writer = Server::start(&dir.join("writer"), &flags);
+    flags.extend(extra);
+    Server::start(dir, &flags)
+}
+
+/// A follower of `leader` on `archive`, with `extra` flags.
+fn follower_on(dir: &std::path::Path, leader: &str, archive: &str, extra: &[&str]) -> Server {
+    let mut flags = vec![
+        "--mode",
+        "follower",
+        "--leader-addr",
+        leader,
+        "--archive",
+        archive,
+        "--tail-window-ms",
+        "100",
+    ];
+    flags.extend(extra);
+    Server::start(dir, &flags)
+}
+
+/// A writer and a follower on one archive (the lease lives there).
+fn pair(dir: &std::path::Path, writer_flags: &[&str]) -> (Server, Server, String) {
+    let archive = archive_in(dir);
+    let writer = writer_on(&dir.join("writer"), &archive, writer_flags);
     let leader = writer.replication.clone().expect("replication address");
-    let follower = Server::start(
+    // Its replication listener serves once it is promoted: the old writer can follow it.
+    let follower = follower_on(
         &dir.join("follower"),
-        &[
-            "--mode",
-            "follower",
-            "--leader-addr",
-            &leader,
-            "--archive",
-            &archive,
-            "--tail-window-ms",
-            "100",
-            // Served once it is promoted: the old writer can follow it then.
-            "--replication-listen",
-            "127.0.0.1:0",
-        ],
+        &leader,
+        &archive,
+        &["--replication-listen", "127.0.0.1:0"],
     );
     (writer, follower, archive)
 }
@@ -814,19 +831,12 @@ fn crc32c_of(bytes: &[u8]) -> u32 {
 #[test]
 fn a_follower_bootstraps_from_the_archive_once_the_writer_released_the_start_of_its_log() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let archive = format!("file://{}", dir.path().join("archive").display());
+    let archive = archive_in(dir.path());
     // Small segments and frequent checkpoints: the writer soon releases LSN 1.
-    let writer = Server::start(
+    let writer = writer_on(
         &dir.path().join("writer"),
+        &archive,
         &[
-            "--shards",
-            "2",
-            "--replication-listen",
-            "127.0.0.1:0",
-            "--archive",
-            &archive,
-            "--tail-window-ms",
-            "100",
             "--wal-segment-bytes",
             "274432",
             "--checkpoint-wal-bytes",
@@ -902,17 +912,7 @@ fn a_follower_bootstraps_from_the_archive_once_the_writer_released_the_start_of_
     ]);
     assert!(restored.success, "{restored:?}");
     write_padded(first);
-    let follower = Server::start(
-        &follower_dir,
-        &[
-            "--mode",
-            "follower",
-            "--leader-addr",
-            &leader,
-            "--archive",
-            &archive,
-        ],
-    );
+    let follower = follower_on(&follower_dir, &leader, &archive, &[]);
     write_padded(first + 100);
     wait_until_matches(&follower, &model);
 }
@@ -920,37 +920,16 @@ fn a_follower_bootstraps_from_the_archive_once_the_writer_released_the_start_of_
 #[test]
 fn two_synchronous_followers_both_hold_every_acknowledged_write() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let archive = format!("file://{}", dir.path().join("archive").display());
-    let writer = Server::start(
+    let archive = archive_in(dir.path());
+    let writer = writer_on(
         &dir.path().join("writer"),
-        &[
-            "--shards",
-            "2",
-            "--replication-listen",
-            "127.0.0.1:0",
-            "--archive",
-            &archive,
-            "--sync-replication",
-            "--sync-replicas",
-            "2",
-        ],
+        &archive,
+        &["--sync-replication", "--sync-replicas", "2"],
     );
     let leader = writer.replication.clone().expect("replication address");
     let followers: Vec<Server> = ["one", "two"]
         .iter()
-        .map(|name| {
-            Server::start(
-                &dir.path().join(name),
-                &[
-                    "--mode",
-                    "follower",
-                    "--leader-addr",
-                    &leader,
-                    "--archive",
-                    &archive,
-                ],
-            )
-        })
+        .map(|name| follower_on(&dir.path().join(name), &leader, &archive, &[]))
         .collect();
     setup_tenants(&writer);
     let model: Model = Arc::default();
@@ -1045,17 +1024,7 @@ fn the_old_writer_rejoins_as_a_follower_of_the_promoted_one() {
         dir.path().join("writer-set-aside"),
     )
     .expect("set aside");
-    let rejoined = Server::start(
-        &dir.path().join("writer"),
-        &[
-            "--mode",
-            "follower",
-            "--leader-addr",
-            &new_leader,
-            "--archive",
-            &archive,
-        ],
-    );
+    let rejoined = follower_on(&dir.path().join("writer"), &new_leader, &archive, &[]);
     wait_until_matches(&rejoined, &model);
     let refused = rejoined.post("/v1/tenants", &json!({"tenant": "nope"}));
     assert_eq!(refused.status, 421, "{refused:?}");
@@ -1066,17 +1035,7 @@ fn a_synchronous_writer_serves_no_more_followers_than_it_waits_for() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (writer, _first, archive) = pair(dir.path(), &["--sync-replication"]);
     let leader = writer.replication.clone().expect("replication address");
-    let second = Server::start(
-        &dir.path().join("second"),
-        &[
-            "--mode",
-            "follower",
-            "--leader-addr",
-            &leader,
-            "--archive",
-            &archive,
-        ],
-    );
+    let second = follower_on(&dir.path().join("second"), &leader, &archive, &[]);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let (status, body) = second.ops_get("/ready");

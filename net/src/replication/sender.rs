@@ -16,6 +16,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_lite::io::AsyncWrite;
 use glommio::net::{TcpListener, TcpStream};
 use oc_engine::placement::Layout;
 use oc_engine::{ShardNode, ShardRouter};
@@ -105,7 +106,13 @@ pub async fn serve(listener: TcpListener, sender: Rc<Sender>) {
     }
 }
 
-async fn refuse(stream: &mut TcpStream, code: RefusedCode, reason: String) -> Result<(), String> {
+/// Sends a refusal (best effort: the peer may be gone) and returns it as the error
+/// that ends the connection.
+async fn refuse<W: AsyncWrite + Unpin>(
+    stream: &mut W,
+    code: RefusedCode,
+    reason: String,
+) -> Result<(), String> {
     let _ = wire::write_message(
         stream,
         &Message::Refused {
@@ -367,27 +374,11 @@ async fn stream_frames(
                     after.0 + 1,
                     oldest.map_or("nothing".into(), |l| l.0.to_string())
                 );
-                let _ = wire::write_message(
-                    &mut writer,
-                    &Message::Refused {
-                        code: RefusedCode::NotHeld,
-                        reason: reason.clone(),
-                    },
-                )
-                .await;
-                return Err(reason);
+                return refuse(&mut writer, RefusedCode::NotHeld, reason).await;
             }
             Err(why) => {
                 let reason = format!("reading shard {shard}'s log failed: {why}");
-                let _ = wire::write_message(
-                    &mut writer,
-                    &Message::Refused {
-                        code: RefusedCode::Failed,
-                        reason: reason.clone(),
-                    },
-                )
-                .await;
-                return Err(reason);
+                return refuse(&mut writer, RefusedCode::Failed, reason).await;
             }
         };
         // Acks up to what this message carries count from now on.
