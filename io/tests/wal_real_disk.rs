@@ -530,3 +530,39 @@ fn durable_tail_bounds_what_another_thread_may_copy() {
         wal.close().await.expect("close");
     });
 }
+
+#[test]
+fn a_segment_being_read_is_kept_by_a_release_until_the_read_is_done() {
+    // glommio's open panics when the file goes between its openat and its statfs, so
+    // a release must never remove or rename a segment a reader is opening.
+    let dir = tempfile::tempdir().expect("tempdir");
+    run_local(async {
+        let (wal, _, _) = open(dir.path(), small_segments(), Lsn(1))
+            .await
+            .expect("open");
+        let wal = Rc::new(wal);
+        append_many(wal.clone(), 1500, 8).await;
+        let segments = wal.segments();
+        let (_, _, second_first) = parse_segment_name(&segments[1]).expect("segment name");
+        let reader = glommio::spawn_local({
+            let wal = wal.clone();
+            async move { wal.read_after(Lsn(0), Lsn(u64::MAX)).await }
+        });
+        // Let the reader start: it marks the oldest segment and waits for its open.
+        futures_lite::future::yield_now().await;
+        let released = wal.release_before(second_first).await.expect("release");
+        assert!(
+            released.is_empty(),
+            "a segment being read was released: {released:?}"
+        );
+        let read = reader.await.expect("read");
+        assert!(
+            matches!(&read, oc_io::LogRead::Frames(frames) if frames.first().is_some_and(|f| f.lsn == Lsn(1))),
+            "{read:?}"
+        );
+        // Once the read is done, the next release takes it.
+        let released = wal.release_before(second_first).await.expect("release");
+        assert_eq!(released, vec![segments[0].clone()]);
+        wal.close().await.expect("close");
+    });
+}

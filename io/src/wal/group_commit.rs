@@ -213,6 +213,12 @@ pub(crate) struct State<S: Storage> {
     /// A released segment waits under [`RECYCLED_NAME`] to become the next spare.
     pub recycled: bool,
     pub segments: Vec<SegmentInfo>,
+    /// Segments a reader is opening or reading now (one entry per reader): a release
+    /// keeps them. glommio's open panics (an `unwrap` of `statfs`) when the file is
+    /// renamed or removed between its `openat` and the `statfs` after it.
+    pub reading: Vec<String>,
+    /// Segments a release is removing or renaming now: a reader does not open them.
+    pub releasing: Vec<String>,
     pub durable_lsn: Lsn,
     /// End of the durable groups in the newest of `segments` (block-aligned).
     pub durable_end: u64,

@@ -182,6 +182,8 @@ impl<S: Storage> Wal<S> {
                 recycled: resume.recycled,
                 writer_needs_spare: false,
                 segments: resume.segments,
+                reading: Vec::new(),
+                releasing: Vec::new(),
                 durable_lsn,
                 durable_end,
                 stamping: Stamping::Undecided,
@@ -486,17 +488,35 @@ impl<S: Storage> Wal<S> {
     /// the newest becomes the next spare (recycled), the others are removed. Returns
     /// the released names.
     pub async fn release_before(&self, lsn: Lsn) -> Result<Vec<String>> {
+        // Oldest first, up to the first one a reader holds (the next release takes
+        // it); readers do not open what is listed here while it goes.
         let doomed: Vec<String> = {
-            let state = self.shared.state.borrow();
-            state
+            let mut state = self.shared.state.borrow_mut();
+            let doomed: Vec<String> = state
                 .segments
                 .windows(2)
-                .take_while(|pair| pair[1].first_lsn <= lsn)
+                .take_while(|pair| {
+                    pair[1].first_lsn <= lsn && !state.reading.contains(&pair[0].name)
+                })
                 .map(|pair| pair[0].name.clone())
-                .collect()
+                .collect();
+            state.releasing.extend(doomed.iter().cloned());
+            doomed
         };
+        let released = self.remove_segments(&doomed).await;
+        let mut state = self.shared.state.borrow_mut();
+        state.releasing.retain(|name| !doomed.contains(name));
+        let recycle = released?;
+        state.segments.retain(|s| !doomed.contains(&s.name));
+        state.recycled |= recycle;
+        Ok(doomed)
+    }
+
+    /// Removes released segments (the newest of them becomes the recycled spare when
+    /// none waits); whether it was recycled.
+    async fn remove_segments(&self, doomed: &[String]) -> Result<bool> {
         let Some((newest, older)) = doomed.split_last() else {
-            return Ok(doomed);
+            return Ok(false);
         };
         let storage = &self.shared.storage;
         for name in older {
@@ -509,10 +529,7 @@ impl<S: Storage> Wal<S> {
             storage.remove(newest).await?;
         }
         storage.sync_dir().await?;
-        let mut state = self.shared.state.borrow_mut();
-        state.segments.retain(|s| !doomed.contains(&s.name));
-        state.recycled |= recycle;
-        Ok(doomed)
+        Ok(recycle)
     }
 
     /// Stops taking appends, writes what is pending, and waits for the writer to stop.

@@ -2,10 +2,13 @@
 //! segment files the log still holds. `/watch` resumes from here; it is the same read a
 //! follower's catch-up needs.
 //!
-//! A reader never pins a segment: the log may release the segment being read (after a
-//! checkpoint). The segment list is checked again after the read, and a segment that
-//! left it meanwhile is reported as no longer held rather than trusted (a released file
-//! can be recycled and overwritten while it is read).
+//! A reader marks the segment it reads, and a release keeps a marked segment for its
+//! next round; a reader does not open a segment a release is taking. This is not only
+//! about trust: glommio's open `unwrap`s a `statfs` of the path after its `openat`, so a
+//! file removed or renamed in between panicked the shard (a `/watch` resume from an old
+//! LSN while checkpoints released segments, found in CI). The segment list is still
+//! checked again after the read, and a segment that left it meanwhile is reported as no
+//! longer held rather than trusted.
 
 use super::frame::{
     decode, peek_len, Epoch, Frame, Lsn, RecordKind, TimestampMicros, MAX_FRAME_BYTES,
@@ -76,6 +79,31 @@ pub enum LogRead {
     NotHeld { oldest: Option<Lsn> },
 }
 
+/// A segment marked as being read, for as long as this lives.
+struct Reading<'a, S: Storage> {
+    wal: &'a Wal<S>,
+    name: String,
+}
+
+impl<'a, S: Storage> Reading<'a, S> {
+    fn start(wal: &'a Wal<S>, name: &str) -> Reading<'a, S> {
+        wal.shared.state.borrow_mut().reading.push(name.to_string());
+        Reading {
+            wal,
+            name: name.to_string(),
+        }
+    }
+}
+
+impl<S: Storage> Drop for Reading<'_, S> {
+    fn drop(&mut self) {
+        let mut state = self.wal.shared.state.borrow_mut();
+        if let Some(at) = state.reading.iter().position(|n| *n == self.name) {
+            state.reading.swap_remove(at);
+        }
+    }
+}
+
 impl<S: Storage> Wal<S> {
     /// The durable frames with LSN in `(after, upto]` from the segment that holds
     /// `after + 1`, read from disk. Frames of other tenants are included: the caller
@@ -93,11 +121,16 @@ impl<S: Storage> Wal<S> {
                 return Ok(LogRead::NotHeld { oldest });
             };
             let segment = &state.segments[index];
+            if state.releasing.contains(&segment.name) {
+                return Ok(LogRead::NotHeld { oldest });
+            }
             let is_last = index + 1 == state.segments.len();
             // Every byte of the newest segment before the durable end is final.
             let end = is_last.then_some(state.durable_end);
             (segment.name.clone(), segment.first_lsn, end)
         };
+        // Held until this read is done (or dropped): a release leaves the file alone.
+        let _reading = Reading::start(self, &name);
         // A release removes files before it updates the list, so a segment that is
         // gone (or recycled) but still listed is one being released. Releases never
         // touch the newest segment.
