@@ -1075,3 +1075,169 @@ fn a_degrading_writer_is_waited_out_before_its_follower_is_promoted() {
         "promoted {waited:?} after the kill of a writer that could acknowledge alone"
     );
 }
+
+/// What one client request to the old writer got, and when.
+struct Answer {
+    status: Option<u16>,
+    received: Instant,
+}
+
+/// Writes to `api` from `threads` threads until `stop`, keeping every answer (a refused
+/// connection counts as no status; the writer may be paused or gone).
+fn record_answers(api: &str, threads: usize, stop: &std::sync::atomic::AtomicBool) -> Vec<Answer> {
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                scope.spawn(move || {
+                    let mut answers = Vec::new();
+                    for n in 0.. {
+                        if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                            break;
+                        }
+                        let id = (t as i64) * 1_000_000 + n;
+                        let body =
+                            json!({"ops": [{"upsert": {"id": id, "name": "x", "batch": 1}}]});
+                        let reply = common::try_request(
+                            "POST",
+                            &format!("{api}/v1/tenants/alpha/tables/items/rows"),
+                            Some(&body.to_string()),
+                        );
+                        let status = reply.as_ref().ok().map(|r| r.status);
+                        answers.push(Answer {
+                            status,
+                            received: Instant::now(),
+                        });
+                        if status.is_none() {
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                    }
+                    answers
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("client thread"))
+            .collect()
+    })
+}
+
+/// One seeded run of the pause-and-clock schedule: an asynchronous writer (1.5 s lease)
+/// and its follower, each with a wall clock offset by -10, 0 or +10 s, the writer under
+/// writes. A promotion while the writer runs is refused; the writer is paused
+/// (SIGSTOP), the follower promoted, the writer resumed at a seeded moment. Returns the
+/// old writer's acknowledgements received after it resumed while the new writer held
+/// the lease (dual-writer acknowledgements: must be none).
+fn pause_and_clock_run(seed: u64) -> usize {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let offsets = ["-10000", "0", "10000"];
+    let (writer_offset, follower_offset) =
+        (rng.choice(offsets).unwrap(), rng.choice(offsets).unwrap());
+    let extra_pause = Duration::from_millis(rng.u64(0..1000));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let archive = archive_in(dir.path());
+    let lease = ["--lease-ttl-ms", "1500", "--lease-max-drift-ms", "300"];
+    let start = |data: &str, flags: &[&str], offset: &str| {
+        let mut all = vec![
+            "--shards",
+            "1",
+            "--archive",
+            &archive,
+            "--replication-listen",
+            "127.0.0.1:0",
+        ];
+        all.extend(lease);
+        all.extend(flags);
+        Server::try_start_with_env(
+            None,
+            &dir.path().join(data),
+            &all,
+            &[("OC_TEST_CLOCK_OFFSET_MS", offset)],
+        )
+        .unwrap_or_else(|e| panic!("seed {seed}: {e}"))
+    };
+    let mut writer = start("writer", &[], writer_offset);
+    let leader = writer.replication.clone().expect("replication address");
+    let follower = start(
+        "follower",
+        &["--mode", "follower", "--leader-addr", &leader],
+        follower_offset,
+    );
+    writer.create_tenant_with_items("alpha");
+    let context = format!(
+        "seed {seed}: writer clock {writer_offset} ms, follower clock {follower_offset} ms, \
+         resumed {extra_pause:?} after the promotion"
+    );
+
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let api = writer.api.clone();
+    let (answers, resumed_at) = std::thread::scope(|scope| {
+        let clients = scope.spawn(|| record_answers(&api, 4, &stop));
+        std::thread::sleep(Duration::from_millis(300));
+        // Alive and renewing: whatever the clocks say, no promotion without force.
+        let refused = promote(&follower, false);
+        assert_eq!(refused.status, 409, "{context}: {refused:?}");
+        assert_eq!(refused.body["error"]["code"], "lease_held", "{context}");
+        // Paused past its lease while the follower is promoted.
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(writer.pid() as i32, libc::SIGSTOP) };
+        let promoted = promote(&follower, false);
+        std::thread::sleep(extra_pause);
+        let resumed_at = Instant::now();
+        // SAFETY: as above.
+        unsafe { libc::kill(writer.pid() as i32, libc::SIGCONT) };
+        assert_eq!(
+            promoted.status,
+            200,
+            "{context}: {promoted:?}\n{}",
+            follower.stderr()
+        );
+        let write = follower.post(
+            "/v1/tenants/alpha/tables/items/rows",
+            &json!({"ops": [{"upsert": {"id": -1, "name": "new", "batch": 1}}]}),
+        );
+        assert_eq!(write.status, 200, "{context}: {write:?}");
+        std::thread::sleep(Duration::from_millis(500));
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        (clients.join().expect("clients"), resumed_at)
+    });
+    let acknowledged = answers.iter().filter(|a| a.status == Some(200)).count();
+    assert!(
+        acknowledged > 0,
+        "{context}: the writer acknowledged nothing before the pause"
+    );
+    let status = writer.wait_exit(Duration::from_secs(10));
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(5),
+        "{context}: the old writer must exit once its renewal fails:\n{}",
+        writer.stderr()
+    );
+    let mut after: BTreeMap<String, usize> = BTreeMap::new();
+    for answer in answers.iter().filter(|a| a.received > resumed_at) {
+        let status = answer.status.map_or("no answer".into(), |s| s.to_string());
+        *after.entry(status).or_default() += 1;
+    }
+    eprintln!("{context}: the old writer's answers after it resumed: {after:?}");
+    after.get("200").copied().unwrap_or(0)
+}
+
+#[test]
+fn a_paused_or_skewed_writer_never_acknowledges_beside_a_promoted_one() {
+    let runs: u64 = std::env::var("OC_FAULT_RUNS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(20);
+    let first: u64 = std::env::var("OC_FAULT_SEED")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1);
+    let dual: Vec<(u64, usize)> = (first..first + runs)
+        .map(|seed| (seed, pause_and_clock_run(seed)))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    assert!(
+        dual.is_empty(),
+        "dual-writer acknowledgements (seed, count): {dual:?}"
+    );
+}

@@ -294,36 +294,33 @@ pub fn claim_with_ttl(
 pub enum PromoteError {
     #[error(transparent)]
     Lease(#[from] LeaseError),
-    /// The writer's lease may still hold: promoting now could leave two writers.
+    /// The record is no longer the one the promoting follower watched lapse: the
+    /// writer renewed it, so it is alive (or another follower was promoted).
     #[error(
-        "the writer's lease may still hold for {}s (renewed at {}, TTL {} ms, plus {} ms for \
-         clock drift); promote once it has lapsed, or with force when the old writer is \
-         known to be stopped (or replication was synchronous)",
-        .left.as_secs_f64().ceil(), crate::timestamp::format_rfc3339(*.renewed_at_us),
-        .ttl_ms, .drift_ms
+        "the archive's lease record changed while this follower waited for it to lapse \
+         (now held by {} at epoch {}, renewed at {}): the writer is alive; stop it or cut it \
+         off from the archive first, or promote with force once it is known to be stopped",
+        .now.holder, .now.epoch, crate::timestamp::format_rfc3339(.now.renewed_at_us)
     )]
-    StillHeld {
-        renewed_at_us: u64,
-        ttl_ms: u64,
-        drift_ms: u64,
-        left: Duration,
-    },
+    Changed { now: Box<Lease> },
 }
 
 /// Takes the record for a promoted follower: its data directory becomes the owner,
-/// with the epoch one above the record's. Unless `wait_for_lapse` is false, refused
-/// while the previous holder's lease may still hold: until `renewed_at_us` plus
-/// `lease_ttl_ms` plus `max_drift`, by this host's clock (a record without a TTL always
-/// may). The write is "only if the version read is still there", so the old writer's
-/// renewal after it fails, and it stops.
+/// with the epoch one above the record's. With `unchanged`, only if the record is
+/// still at that version, which the caller watched stay unchanged for the old lease's
+/// TTL plus the drift margin on its own monotonic clock (so the old writer, which stops
+/// acknowledging before its TTL runs out from the start of its last renewal, has
+/// stopped, whatever the two hosts' wall clocks say). Without it, whatever holds the
+/// record is displaced: the old writer is known to be fenced. Either way the write is
+/// "only if the version read is still there", so the old writer's next renewal fails
+/// and it stops.
 pub fn promote(
     archive: &dyn Archive,
     owner_id: &str,
     holder: Holder,
     now_us: u64,
     ttl: Duration,
-    max_drift: Duration,
-    wait_for_lapse: bool,
+    unchanged: Option<&Version>,
 ) -> Result<Claim, PromoteError> {
     for _ in 0..MAX_CLAIM_ATTEMPTS {
         let current = read(archive)?;
@@ -337,20 +334,10 @@ pub fn promote(
                 })
             }
             Some((found, version)) => {
-                if wait_for_lapse {
-                    let held_for = match found.lease_ttl_ms {
-                        Some(ttl_ms) => Duration::from_millis(ttl_ms) + max_drift,
-                        None => Duration::MAX,
-                    };
-                    let age = Duration::from_micros(now_us.saturating_sub(found.renewed_at_us));
-                    if age < held_for {
-                        return Err(PromoteError::StillHeld {
-                            renewed_at_us: found.renewed_at_us,
-                            ttl_ms: found.lease_ttl_ms.unwrap_or(u64::MAX),
-                            drift_ms: max_drift.as_millis() as u64,
-                            left: held_for.saturating_sub(age),
-                        });
-                    }
+                if unchanged.is_some_and(|watched| *watched != version) {
+                    return Err(PromoteError::Changed {
+                        now: Box::new(found),
+                    });
                 }
                 (found.epoch + 1, Condition::IfVersion(version))
             }

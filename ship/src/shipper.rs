@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use oc_engine::json_file::JsonFile;
 use oc_engine::placement::shard_dir;
@@ -286,9 +286,7 @@ fn local(file: &Path, e: impl std::fmt::Display) -> ShipError {
 }
 
 fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
+    oc_io::TimestampMicros::now().0
 }
 
 /// Checks the archive's `manifest.json` against this layout, writing it if absent.

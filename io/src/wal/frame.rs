@@ -36,12 +36,28 @@ pub struct Epoch(pub u64);
 pub struct TimestampMicros(pub u64);
 
 impl TimestampMicros {
+    /// This host's wall clock (plus the test-only offset [`CLOCK_OFFSET_ENV`]).
     pub fn now() -> Self {
         let since = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
-        TimestampMicros(since.as_micros() as u64)
+        TimestampMicros((since.as_micros() as u64).saturating_add_signed(clock_offset_us()))
     }
+}
+
+/// Test-only fault injection: milliseconds (signed) added to every wall-clock reading
+/// of this process, so replication's tests can run one node with a skewed clock. The
+/// safety of the lease never rests on the wall clock (OPERATIONS.md, "Replication").
+pub const CLOCK_OFFSET_ENV: &str = "OC_TEST_CLOCK_OFFSET_MS";
+
+fn clock_offset_us() -> i64 {
+    static OFFSET_US: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    *OFFSET_US.get_or_init(|| {
+        std::env::var(CLOCK_OFFSET_ENV)
+            .ok()
+            .and_then(|ms| ms.trim().parse::<i64>().ok())
+            .map_or(0, |ms| ms.saturating_mul(1000))
+    })
 }
 
 /// What a frame's payload means; owned by the layer above (0 is never valid).

@@ -37,8 +37,8 @@ use glommio::Task;
 use oc_engine::placement::{self, EpochStart, Layout};
 use oc_engine::{ShardNode, ShardRouter};
 use oc_io::{Epoch, Lsn};
-use oc_ship::archive::Archive;
-use oc_ship::lease::{self, LeaseHold, PromoteError};
+use oc_ship::archive::{Archive, Version};
+use oc_ship::lease::{self, LeaseHold};
 use oc_ship::shipper::{self, LeaseTtl, ShipStatus, ShipperConfig};
 use serde_json::json;
 
@@ -375,8 +375,8 @@ impl Node {
         }))
     }
 
-    /// Takes the lease for this data directory, waiting out an asynchronous writer's
-    /// lease when `wait_for_lapse` (polling until it lapses).
+    /// Takes the lease for this data directory, first waiting out the writer's lease
+    /// when `wait_for_lapse` (its writer could acknowledge writes this follower lacks).
     async fn take_lease(&self, wait_for_lapse: bool) -> Result<lease::Claim, Refusal> {
         let (archive, owner, holder, ttl) = {
             let kit = self.promotion.borrow();
@@ -390,48 +390,24 @@ impl Node {
                 kit.lease_ttl,
             )
         };
-        // A writer that keeps renewing is alive: waiting longer than one lease for it
-        // to lapse would wait forever.
-        let give_up = Instant::now() + 2 * (ttl.ttl + ttl.max_drift);
-        loop {
-            let (archive, owner, holder) = (archive.clone(), owner.clone(), holder.clone());
-            let taken = glommio::executor()
-                .spawn_blocking(move || {
-                    lease::promote(
-                        archive.as_ref(),
-                        &owner,
-                        holder,
-                        now_us(),
-                        ttl.ttl,
-                        ttl.max_drift,
-                        wait_for_lapse,
-                    )
-                })
-                .await;
-            match taken {
-                Ok(claim) => return Ok(claim),
-                Err(PromoteError::StillHeld { left, .. })
-                    if left <= ttl.ttl + ttl.max_drift && Instant::now() < give_up =>
-                {
-                    tracing::warn!(
-                        wait_ms = left.as_millis() as u64,
-                        "promotion: waiting for the asynchronous writer's lease to lapse"
-                    );
-                    glommio::timer::sleep(left.min(Duration::from_millis(500))).await;
-                }
-                Err(e @ PromoteError::StillHeld { .. }) => {
-                    return Err(refusal(
-                        409,
-                        "lease_held",
-                        format!(
-                            "{e}. The writer is still renewing it, so it is alive: stop it \
-                             (or cut it off) first"
-                        ),
-                    ))
-                }
-                Err(e) => return Err(refusal(409, "lease_held", e.to_string())),
-            }
-        }
+        let unchanged = if wait_for_lapse {
+            wait_for_lapse_of(archive.clone(), &owner, ttl.max_drift).await?
+        } else {
+            None
+        };
+        glommio::executor()
+            .spawn_blocking(move || {
+                lease::promote(
+                    archive.as_ref(),
+                    &owner,
+                    holder,
+                    now_us(),
+                    ttl.ttl,
+                    unchanged.as_ref(),
+                )
+            })
+            .await
+            .map_err(|e| refusal(409, "lease_held", e.to_string()))
     }
 
     /// Starts the shipper (which renews the lease from now on) and returns its hold.
@@ -475,6 +451,80 @@ impl Node {
     }
 }
 
+/// Watches the archive's lease record until it has stayed unchanged for its TTL plus
+/// `max_drift`, on this host's monotonic clock, and returns the version watched (`None`
+/// when there is nothing to wait for). The writer holding it stops acknowledging
+/// `max_drift` before its TTL runs out, counted from the start of the renewal that
+/// wrote that version, which is before this host first read it: once the wait is over
+/// it has stopped, whatever the two wall clocks say (only their rates may differ, by
+/// less than the drift margin). A renewal meanwhile means it is alive: refused at once.
+async fn wait_for_lapse_of(
+    archive: Arc<dyn Archive>,
+    owner: &str,
+    max_drift: Duration,
+) -> Result<Option<Version>, Refusal> {
+    let read = || {
+        let archive = archive.clone();
+        async move {
+            glommio::executor()
+                .spawn_blocking(move || lease::read(archive.as_ref()))
+                .await
+                .map_err(|e| refusal(409, "lease_held", e.to_string()))
+        }
+    };
+    let Some((watched, version)) = read().await? else {
+        return Ok(None);
+    };
+    if watched.owner_id == owner {
+        return Ok(None); // a promotion retried after its answer was lost
+    }
+    let Some(ttl_ms) = watched.lease_ttl_ms else {
+        return Err(refusal(
+            409,
+            "lease_held",
+            format!(
+                "the archive's owner record (held by {}) has no TTL: that writer does not \
+                 replicate and holds the archive until it stops; promote with force once it \
+                 is known to be stopped",
+                watched.holder
+            ),
+        ));
+    };
+    let seen_at = Instant::now();
+    let lapses_at = seen_at + Duration::from_millis(ttl_ms) + max_drift;
+    tracing::warn!(
+        wait_ms = (lapses_at - seen_at).as_millis() as u64,
+        holder = %watched.holder,
+        "promotion: waiting for the writer's lease to lapse (its TTL plus the drift margin, \
+         on this host's clock)"
+    );
+    loop {
+        let now = Instant::now();
+        if now >= lapses_at {
+            return Ok(Some(version));
+        }
+        glommio::timer::sleep((lapses_at - now).min(Duration::from_millis(250))).await;
+        match read().await? {
+            Some((_, seen)) if seen == version => {}
+            Some((now, _)) => {
+                return Err(refusal(
+                    409,
+                    "lease_held",
+                    lease::PromoteError::Changed { now: Box::new(now) }.to_string(),
+                ))
+            }
+            None => {
+                return Err(refusal(
+                    409,
+                    "lease_held",
+                    "the archive's lease record disappeared while this follower waited for it \
+                     to lapse; check the archive",
+                ))
+            }
+        }
+    }
+}
+
 /// Switches one shard's log to the new epoch, retrying while frames are in flight.
 async fn take_writes(router: &ShardRouter, shard: usize, epoch: Epoch) -> Result<Lsn, Refusal> {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -506,7 +556,5 @@ async fn take_writes(router: &ShardRouter, shard: usize, epoch: Epoch) -> Result
 }
 
 fn now_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
+    oc_io::TimestampMicros::now().0
 }
