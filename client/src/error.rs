@@ -149,6 +149,8 @@ pub enum ErrorCode {
     ShuttingDown,
     NotLeader,
     ReplicationUnavailable,
+    LsnNotApplied,
+    InvalidMinLsn,
     Internal,
     Other(String),
 }
@@ -209,6 +211,8 @@ impl ErrorCode {
             "shutting_down" => ShuttingDown,
             "not_leader" => NotLeader,
             "replication_unavailable" => ReplicationUnavailable,
+            "lsn_not_applied" => LsnNotApplied,
+            "invalid_min_lsn" => InvalidMinLsn,
             "internal" => Internal,
             other => Other(other.to_string()),
         }

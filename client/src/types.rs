@@ -192,6 +192,9 @@ pub struct AskAnswer {
     pub rows: Vec<Vec<Value>>,
     pub row_count: u64,
     pub rows_scanned: u64,
+    /// The answer saw every write of the tenant's shard up to this LSN.
+    #[serde(default)]
+    pub applied_lsn: u64,
     /// With `explain`: the stage tree (docs/API.md, "EXPLAIN").
     #[serde(default)]
     pub plan: Option<Plan>,

@@ -110,6 +110,10 @@ pub struct ServerConfig {
     /// A request not answered within this long gets 503 `deadline_exceeded`.
     #[arg(long, env = "OC_REQUEST_DEADLINE_MS", default_value_t = 30_000)]
     pub request_deadline_ms: u64,
+    /// How long a read with `min_lsn` waits for this server to apply that LSN (capped
+    /// by the request deadline).
+    #[arg(long, env = "OC_MIN_LSN_WAIT_MS", default_value_t = 2_000)]
+    pub min_lsn_wait_ms: u64,
     /// Rows one /ask query may return.
     #[arg(long, env = "OC_ASK_MAX_ROWS", default_value_t = 10_000)]
     pub ask_max_rows: usize,
@@ -319,6 +323,7 @@ impl ServerConfig {
             max_body_bytes: self.max_body_bytes,
             body_read_timeout: Duration::from_millis(self.body_read_timeout_ms),
             request_deadline: Duration::from_millis(self.request_deadline_ms),
+            min_lsn_wait: Duration::from_millis(self.min_lsn_wait_ms.min(self.request_deadline_ms)),
             max_in_flight_per_tenant: self.max_in_flight_per_tenant,
             ask: AskLimits {
                 max_rows_returned: self.ask_max_rows,

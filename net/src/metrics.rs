@@ -463,6 +463,9 @@ pub fn render(shards: &[ShardSnapshot], control: &ControlMetrics) -> Result<Stri
             GAUGE,
             |s| f64::from(u8::from(gate(s).degraded)),
         ));
+        let open = gated.iter().any(|s| gate(s).circuit_open);
+        let opened: u64 = gated.iter().map(|s| gate(s).circuit_opened_total).sum();
+        add_circuit(&mut families, "replication", open, opened);
     }
     let mut requests = BTreeMap::new();
     let mut latency: BTreeMap<&str, LatencyHistogram> = BTreeMap::new();
@@ -766,7 +769,7 @@ pub fn render(shards: &[ShardSnapshot], control: &ControlMetrics) -> Result<Stri
         ),
     ]);
     if let Some(ship) = &control.shipping {
-        families.extend(shipping_families(ship));
+        add_shipping_families(&mut families, ship);
     }
     families.retain(|f| !f.get_metric().is_empty());
     let mut out = String::new();
@@ -778,7 +781,7 @@ pub fn render(shards: &[ShardSnapshot], control: &ControlMetrics) -> Result<Stri
 
 /// Archive shipping and its circuit breaker. Every label value is always present, so
 /// `rate()` and `increase()` work from the first scrape.
-fn shipping_families(ship: &ShipMetrics) -> Vec<MetricFamily> {
+fn add_shipping_families(families: &mut Vec<MetricFamily>, ship: &ShipMetrics) {
     use MetricType::{COUNTER, GAUGE};
     let by_shard = |values: Vec<f64>| {
         values
@@ -797,8 +800,7 @@ fn shipping_families(ship: &ShipMetrics) -> Vec<MetricFamily> {
             })
             .collect()
     };
-    let archive = || vec![label("downstream", "archive")];
-    vec![
+    families.extend([
         family(
             "oc_archive_lag_bytes",
             "Durable log bytes not yet in the archive, by shard.",
@@ -845,19 +847,40 @@ fn shipping_families(ship: &ShipMetrics) -> Vec<MetricFamily> {
             COUNTER,
             vec![counter(vec![], ship.deleted_by_retention as f64)],
         ),
-        family(
+    ]);
+    add_circuit(
+        families,
+        "archive",
+        ship.circuit_open,
+        ship.circuit_opened_total,
+    );
+}
+
+/// Adds one downstream's breaker to the `oc_circuit_open` families, which the first
+/// downstream creates (one family per name in an exposition).
+fn add_circuit(families: &mut Vec<MetricFamily>, downstream: &str, open: bool, opened: u64) {
+    let labels = || vec![label("downstream", downstream)];
+    let series = [
+        (
             "oc_circuit_open",
-            "1 while the breaker on a downstream is open (no attempts until it half-opens).",
-            GAUGE,
-            vec![gauge(archive(), f64::from(u8::from(ship.circuit_open)))],
+            "1 while the breaker on a downstream is open (the archive: no attempts until it \
+             half-opens; replication: writes refused at once until the followers catch up).",
+            MetricType::GAUGE,
+            gauge(labels(), f64::from(u8::from(open))),
         ),
-        family(
+        (
             "oc_circuit_open_total",
             "Times the breaker on a downstream opened.",
-            COUNTER,
-            vec![counter(archive(), ship.circuit_opened_total as f64)],
+            MetricType::COUNTER,
+            counter(labels(), opened as f64),
         ),
-    ]
+    ];
+    for (name, help, kind, sample) in series {
+        match families.iter_mut().find(|f| f.name() == name) {
+            Some(existing) => existing.mut_metric().push(sample),
+            None => families.push(family(name, help, kind, vec![sample])),
+        }
+    }
 }
 
 /// The content type of [`render`]'s output.

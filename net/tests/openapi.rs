@@ -36,6 +36,9 @@ fn start(dir: &Path) -> Server {
             token_file.to_str().expect("utf-8"),
             "--shards",
             "2",
+            // Generated reads ask for LSNs far ahead: each waits this long, not 2 s.
+            "--min-lsn-wait-ms",
+            "50",
         ],
     )
 }

@@ -444,11 +444,14 @@ fn without_a_follower_synchronous_writes_are_refused_or_degraded_as_configured()
     let refusing = Server::start(
         &dir.path().join("refusing"),
         &[
+            // One shard: the circuit is per shard, and both tenants below land on it.
+            "--shards",
+            "1",
             "--replication-listen",
             "127.0.0.1:0",
             "--sync-replication",
             "--sync-timeout-ms",
-            "300",
+            "2000",
         ],
     );
     // Creating a tenant is a write like any other: it waits for a follower too.
@@ -456,6 +459,27 @@ fn without_a_follower_synchronous_writes_are_refused_or_degraded_as_configured()
     assert_eq!(refused.status, 503, "{refused:?}");
     assert_eq!(refused.body["error"]["code"], "replication_unavailable");
     assert!(refused.retry_after.is_some(), "{refused:?}");
+    // The timeout opened the circuit: the next write is refused at once, not after
+    // another 2 s.
+    let started = Instant::now();
+    let again = refusing.post("/v1/tenants", &json!({"tenant": "other"}));
+    assert_eq!(again.status, 503, "{again:?}");
+    assert!(
+        started.elapsed() < Duration::from_millis(1000),
+        "refused after {:?}: {again:?}",
+        started.elapsed()
+    );
+    let (_, scrape) = refusing.ops_get("/metrics");
+    promtool_check(&scrape);
+    let circuit = |scrape: &str, name: &str| {
+        scrape_value(scrape, &format!("{name}{{downstream=\"replication\"}}"))
+    };
+    assert_eq!(circuit(&scrape, "oc_circuit_open"), Some(1.0), "{scrape}");
+    assert_eq!(
+        circuit(&scrape, "oc_circuit_open_total"),
+        Some(1.0),
+        "{scrape}"
+    );
     // A follower arrives: a write is acknowledged again (the tenant refused above was
     // applied on the writer nevertheless: a retry of it would get 409 already_exists).
     let leader = refusing.replication.clone().expect("replication address");
@@ -489,6 +513,8 @@ fn without_a_follower_synchronous_writes_are_refused_or_degraded_as_configured()
     }
     let (_, scrape) = refusing.ops_get("/metrics");
     promtool_check(&scrape);
+    // The follower caught up: the circuit closed.
+    assert_eq!(circuit(&scrape, "oc_circuit_open"), Some(0.0), "{scrape}");
     let timeouts: f64 = (0..4)
         .filter_map(|s| {
             scrape_value(
@@ -1131,8 +1157,7 @@ fn record_answers(api: &str, threads: usize, stop: &std::sync::atomic::AtomicBoo
 fn pause_and_clock_run(seed: u64) -> usize {
     let mut rng = fastrand::Rng::with_seed(seed);
     let offsets = ["-10000", "0", "10000"];
-    let (writer_offset, follower_offset) =
-        (rng.choice(offsets).unwrap(), rng.choice(offsets).unwrap());
+    let (writer_offset, follower_offset) = (offsets[rng.usize(..3)], offsets[rng.usize(..3)]);
     let extra_pause = Duration::from_millis(rng.u64(0..1000));
     let dir = tempfile::tempdir().expect("tempdir");
     let archive = archive_in(dir.path());
@@ -1239,5 +1264,164 @@ fn a_paused_or_skewed_writer_never_acknowledges_beside_a_promoted_one() {
     assert!(
         dual.is_empty(),
         "dual-writer acknowledgements (seed, count): {dual:?}"
+    );
+}
+
+#[test]
+fn a_read_with_min_lsn_on_a_follower_sees_the_write_it_names() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let writer = writer(&dir.path().join("writer"));
+    let leader = writer.replication.clone().expect("replication address");
+    writer.create_tenant_with_items("alpha");
+    // Enough log that a new follower takes a moment to catch up.
+    let mut last_lsn = 0;
+    for batch in 0..40 {
+        let ops: Vec<Value> = (0..50)
+            .map(|i| json!({"upsert": {"id": batch * 50 + i, "name": format!("n{batch}-{i}"), "batch": batch}}))
+            .collect();
+        let reply = writer.post(
+            "/v1/tenants/alpha/tables/items/rows",
+            &json!({ "ops": ops }),
+        );
+        assert_eq!(reply.status, 200, "{reply:?}");
+        last_lsn = reply.body["lsn"].as_u64().expect("lsn");
+    }
+    // The writer: an acknowledged LSN is applied, and says so.
+    let on_writer = writer.get(&format!(
+        "/v1/tenants/alpha/tables/items/rows/1999?min_lsn={last_lsn}"
+    ));
+    assert_eq!(on_writer.status, 200, "{on_writer:?}");
+    assert!(
+        on_writer.body["applied_lsn"].as_u64() >= Some(last_lsn),
+        "{on_writer:?}"
+    );
+    // An LSN the writer never acknowledged: nothing to wait for there.
+    let ahead = last_lsn + 1_000_000;
+    let never = writer.get(&format!(
+        "/v1/tenants/alpha/tables/items/rows/1?min_lsn={ahead}"
+    ));
+    assert_eq!(never.status, 400, "{never:?}");
+    assert_eq!(never.body["error"]["code"], "invalid_min_lsn", "{never:?}");
+
+    let follower = Server::start(
+        &dir.path().join("follower"),
+        &[
+            "--mode",
+            "follower",
+            "--leader-addr",
+            &leader,
+            "--min-lsn-wait-ms",
+            "10000",
+        ],
+    );
+    // Right after it started: the read waits until the follower holds the last write.
+    let row = follower.get(&format!(
+        "/v1/tenants/alpha/tables/items/rows/1999?min_lsn={last_lsn}"
+    ));
+    assert_eq!(row.status, 200, "{row:?}");
+    assert_eq!(row.body["row"]["name"], "n39-49", "{row:?}");
+    let applied = row.body["applied_lsn"].as_u64().expect("applied_lsn");
+    assert!(applied >= last_lsn, "{row:?}");
+    let ask = follower.post(
+        &format!("/v1/tenants/alpha/ask?min_lsn={last_lsn}"),
+        &json!({"sql": "SELECT COUNT(*) FROM items"}),
+    );
+    assert_eq!(ask.status, 200, "{ask:?}");
+    assert_eq!(ask.body["rows"][0][0], 2000, "{ask:?}");
+    assert!(
+        ask.body["applied_lsn"].as_u64() >= Some(last_lsn),
+        "{ask:?}"
+    );
+
+    // An LSN no write has reached: a bounded wait, then a 503 that says how far it got.
+    let short = Server::start(
+        &dir.path().join("follower-2"),
+        &[
+            "--mode",
+            "follower",
+            "--leader-addr",
+            &leader,
+            "--min-lsn-wait-ms",
+            "300",
+        ],
+    );
+    let started = Instant::now();
+    let waited = short.get(&format!(
+        "/v1/tenants/alpha/tables/items/rows/1?min_lsn={ahead}"
+    ));
+    assert_eq!(waited.status, 503, "{waited:?}");
+    assert_eq!(
+        waited.body["error"]["code"], "lsn_not_applied",
+        "{waited:?}"
+    );
+    assert_eq!(waited.retry_after.as_deref(), Some("1"), "{waited:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        waited.body["error"]["message"]
+            .as_str()
+            .expect("message")
+            .contains(&format!("not min_lsn {ahead}")),
+        "{waited:?}"
+    );
+    for bad in [
+        "min_lsn=-1",
+        "min_lsn=abc",
+        "min_lsn=18446744073709551616",
+        "other=1",
+    ] {
+        let reply = short.get(&format!("/v1/tenants/alpha/tables/items/rows/1?{bad}"));
+        assert_eq!(reply.status, 400, "{bad}: {reply:?}");
+        assert_eq!(
+            reply.body["error"]["code"], "invalid_query_string",
+            "{bad}: {reply:?}"
+        );
+        let reply = short.post(
+            &format!("/v1/tenants/alpha/ask?{bad}"),
+            &json!({"sql": "SELECT id FROM items"}),
+        );
+        assert_eq!(reply.status, 400, "{bad}: {reply:?}");
+    }
+}
+
+#[test]
+fn a_write_retried_with_its_idempotency_key_after_a_failover_gets_the_first_answer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (writer, follower, _) = pair(dir.path(), &["--sync-replication"]);
+    writer.create_tenant_with_items("alpha");
+    let body = json!({
+        "idempotency_key": "order-7",
+        "ops": [{"upsert": {"id": 7, "name": "first", "batch": 1}}, {"upsert": {"id": 8, "name": "first", "batch": 1}}],
+    });
+    let first = writer.post("/v1/tenants/alpha/tables/items/rows", &body);
+    assert_eq!(first.status, 200, "{first:?}");
+    assert_eq!(first.body["inserted"], 2, "{first:?}");
+    // The client never saw that answer (say), the writer dies, the follower takes over.
+    writer.kill9();
+    let promoted = promote(&follower, false);
+    assert_eq!(promoted.status, 200, "{promoted:?}");
+    let retried = follower.post("/v1/tenants/alpha/tables/items/rows", &body);
+    assert_eq!(retried.status, 200, "{retried:?}");
+    assert_eq!(
+        retried.body, first.body,
+        "the retry must get the first answer"
+    );
+    let count = follower.post(
+        "/v1/tenants/alpha/ask",
+        &json!({"sql": "SELECT COUNT(*) FROM items"}),
+    );
+    assert_eq!(count.body["rows"][0][0], 2, "{count:?}");
+    // The same key with another body is still a conflict on the new writer.
+    let other = follower.post(
+        "/v1/tenants/alpha/tables/items/rows",
+        &json!({"idempotency_key": "order-7", "ops": [{"upsert": {"id": 9, "name": "x", "batch": 1}}]}),
+    );
+    assert_eq!(other.status, 409, "{other:?}");
+    assert_eq!(
+        other.body["error"]["code"], "idempotency_conflict",
+        "{other:?}"
     );
 }

@@ -27,7 +27,7 @@ use oc_io::TimestampMicros;
 use super::error::ApiError;
 use super::handlers::{self as h, AskBody, CreateKey, CreateTable, CreateTenant, WriteRows};
 use super::{
-    allowed_methods, client_request_id, explain_requested, has_body, method_not_allowed,
+    allowed_methods, ask_query, client_request_id, has_body, method_not_allowed, min_lsn_only,
     percent_decode, route_name, segments,
 };
 use crate::auth::{self, AuthConfig, Caller};
@@ -159,7 +159,7 @@ fn dispatch_head(
     }
     match (s.as_slice(), method) {
         (["v1", "tenants", _, "ask"], &Method::POST) => {
-            explain_requested(query)?;
+            ask_query(query)?;
         }
         // The owner shard checks that what a DELETE names exists before it logs the
         // command (`Shard::revoke_api_key`, `Shard::drop_table`); so does this.
@@ -179,6 +179,7 @@ fn dispatch_head(
                 .iter()
                 .map(|k| percent_decode(k))
                 .collect::<Result<Vec<_>, _>>()?;
+            min_lsn_only(query)?;
             // `get_row` on the owner, against the fixture's table whatever the path
             // names: its schema decides how the key segments parse.
             let t = &state.tenants[tenant];

@@ -8,6 +8,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::time::Duration;
 
 use hyper::StatusCode;
 use oc_engine::idempotency::MAX_KEY_BYTES as MAX_IDEMPOTENCY_KEY_BYTES;
@@ -15,7 +16,7 @@ use oc_engine::query::{param_from_json, AskAnswer, AskLimits, QueryError, QueryE
 use oc_engine::{
     owner_of, ColumnType, ShardNode, ShardRouter, Table, TableSchema, TenantId, WriteOp,
 };
-use oc_io::failpoint;
+use oc_io::{failpoint, Lsn};
 use serde::Deserialize;
 use serde_json::{json, Map, Value as Json};
 
@@ -453,15 +454,75 @@ pub async fn write_rows(
     .await
 }
 
+/// What a read waits for: its tenant's shard to have applied `min_lsn` (0: nothing),
+/// for at most `wait` on a follower. The LSN of a write's answer, passed to a follower,
+/// gives read-your-writes there.
+#[derive(Debug, Clone, Copy)]
+pub struct Freshness {
+    pub min_lsn: u64,
+    pub wait: Duration,
+    /// A follower waits for what its writer has not sent yet; a writer answers a write
+    /// only once it is applied, so an LSN past its applied one was never acknowledged
+    /// here.
+    pub follower: bool,
+}
+
+/// Waits until `node`'s shard has applied `want.min_lsn`, and returns the LSN up to
+/// which the read that follows sees every write.
+async fn applied_at_least(node: &ShardNode, want: Freshness) -> Result<u64, ApiError> {
+    let applied = node.shard().applied_lsn().0;
+    if applied >= want.min_lsn {
+        return Ok(applied);
+    }
+    if !want.follower {
+        return Err(ApiError::bad_request(
+            "invalid_min_lsn",
+            format!(
+                "min_lsn {} is past LSN {applied}, the newest this writer has applied on the \
+                 tenant's shard: no write it acknowledged has that LSN (pass the lsn of a \
+                 write's answer from this writer; one from a writer that was failed over from \
+                 may have been lost)",
+                want.min_lsn
+            ),
+        ));
+    }
+    let feed = node.shard().feed();
+    let reached = async {
+        feed.published_after(Lsn(want.min_lsn - 1)).await;
+        true
+    };
+    let gave_up = async {
+        glommio::timer::sleep(want.wait).await;
+        false
+    };
+    if !futures_lite::future::or(reached, gave_up).await {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "lsn_not_applied",
+            format!(
+                "this follower has applied its tenant's shard up to LSN {}, not min_lsn {} \
+                 (waited {} ms, --min-lsn-wait-ms): it is still catching up; retry, or read \
+                 from the writer",
+                node.shard().applied_lsn().0,
+                want.min_lsn,
+                want.wait.as_millis()
+            ),
+        ));
+    }
+    Ok(node.shard().applied_lsn().0)
+}
+
 /// `GET .../rows/<k1>/<k2>...`: one path segment per primary-key column, in key order.
 pub async fn get_row(
     router: &ShardRouter,
     tenant: TenantId,
     table: String,
     key: Vec<String>,
+    freshness: Freshness,
     access: &Access,
 ) -> Answer {
-    on_owner(router, access, tenant, |node, tenant| async move {
+    on_owner(router, access, tenant, move |node, tenant| async move {
+        let applied_lsn = applied_at_least(&node, freshness).await?;
         let found = node.shard().read(&tenant, |t| {
             let table = t.table(&table)?;
             let key = key_from_path(table.schema(), &key)?;
@@ -472,11 +533,17 @@ pub async fn get_row(
             Ok::<_, ApiError>(row)
         })??;
         match found {
-            Some(row) => Ok((StatusCode::OK, Body::from(json!({"row": row})))),
+            Some(row) => Ok((
+                StatusCode::OK,
+                Body::from(json!({"row": row, "applied_lsn": applied_lsn})),
+            )),
             None => Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 "row_not_found",
-                format!("table {table:?} has no row with that primary key"),
+                format!(
+                    "table {table:?} has no row with that primary key (as of LSN {applied_lsn} \
+                     on this server)"
+                ),
             )),
         }
     })
@@ -498,16 +565,21 @@ pub async fn ask(
     body: AskBody,
     explain: bool,
     limits: AskLimits,
+    freshness: Freshness,
     access: &Access,
 ) -> Answer {
     let params: Vec<_> = body.params.iter().map(param_from_json).collect();
     on_owner(router, access, tenant, move |node, tenant| async move {
+        let applied_lsn = applied_at_least(&node, freshness).await?;
         let answer = node
             .shard()
             .ask(&tenant, &body.sql, params, explain, limits)
             .await
             .map_err(query_error)?;
-        Ok((StatusCode::OK, Body::Encoded(encode_answer(&answer))))
+        Ok((
+            StatusCode::OK,
+            Body::Encoded(encode_answer(&answer, applied_lsn)),
+        ))
     })
     .await
 }
@@ -515,7 +587,7 @@ pub async fn ask(
 /// An `/ask` answer as JSON text, written value by value: a tree of
 /// `serde_json::Value` would take several times the rows' own size (a vector element
 /// is 4 bytes in a row and 32 in a tree), outside the query's memory budget.
-fn encode_answer(answer: &AskAnswer) -> bytes::Bytes {
+fn encode_answer(answer: &AskAnswer, applied_lsn: u64) -> bytes::Bytes {
     let mut out = Vec::with_capacity(256);
     let text = |out: &mut Vec<u8>, s: &str| {
         // Writing a &str to a Vec cannot fail.
@@ -544,7 +616,7 @@ fn encode_answer(answer: &AskAnswer) -> bytes::Bytes {
     }
     out.extend_from_slice(
         format!(
-            "],\"row_count\":{},\"rows_scanned\":{}",
+            "],\"row_count\":{},\"rows_scanned\":{},\"applied_lsn\":{applied_lsn}",
             answer.rows.len(),
             answer.rows_scanned
         )

@@ -41,6 +41,8 @@ pub struct ApiLimits {
     pub max_body_bytes: usize,
     pub body_read_timeout: Duration,
     pub request_deadline: Duration,
+    /// The longest a read waits for its `min_lsn`.
+    pub min_lsn_wait: Duration,
     pub max_in_flight_per_tenant: usize,
     pub ask: AskLimits,
     pub rate_limit: RateLimit,
@@ -98,6 +100,14 @@ impl ApiContext {
             role: None,
             next_request: Cell::new(0),
             known_keys: RefCell::new(HashMap::new()),
+        }
+    }
+
+    fn freshness(&self, min_lsn: u64) -> h::Freshness {
+        h::Freshness {
+            min_lsn,
+            wait: self.limits.min_lsn_wait,
+            follower: self.role.as_ref().is_some_and(|r| r.is_follower()),
         }
     }
 
@@ -447,9 +457,19 @@ async fn dispatch(ctx: &ApiContext, req: Request<Incoming>, request_id: &str) ->
         }
         (["v1", "tenants", t, "ask"], &Method::POST) => {
             let tenant = h::tenant_id(t)?;
-            let explain = explain_requested(req.uri().query())?;
+            let (explain, min_lsn) = ask_query(req.uri().query())?;
             let body = read_json(ctx, req).await?;
-            h::ask(router, tenant, body, explain, ctx.limits.ask, access).await
+            let freshness = ctx.freshness(min_lsn);
+            h::ask(
+                router,
+                tenant,
+                body,
+                explain,
+                ctx.limits.ask,
+                freshness,
+                access,
+            )
+            .await
         }
         (["v1", "tenants", t, "watch-tokens"], &Method::POST) => {
             let tenant = h::tenant_id(t)?;
@@ -537,7 +557,16 @@ async fn dispatch(ctx: &ApiContext, req: Request<Incoming>, request_id: &str) ->
                 .iter()
                 .map(|k| percent_decode(k))
                 .collect::<Result<Vec<_>, _>>()?;
-            h::get_row(router, h::tenant_id(t)?, table.to_string(), key, access).await
+            let freshness = ctx.freshness(min_lsn_only(req.uri().query())?);
+            h::get_row(
+                router,
+                h::tenant_id(t)?,
+                table.to_string(),
+                key,
+                freshness,
+                access,
+            )
+            .await
         }
         _ if route_name(&method, &path) != "unknown" => Err(method_not_allowed(&method, &path)),
         _ => Err(ApiError::new(
@@ -678,22 +707,56 @@ fn audit_query(query: Option<&str>) -> Result<audit::Query, ApiError> {
     Ok(out)
 }
 
-/// `?explain=true|false` (absent: false); anything else is a 400 naming the value.
-fn explain_requested(query: Option<&str>) -> Result<bool, ApiError> {
-    let mut explain = false;
+/// `/ask`'s `?explain=true|false` (absent: false) and `min_lsn=<n>` (absent: 0);
+/// anything else is a 400 naming the value.
+fn ask_query(query: Option<&str>) -> Result<(bool, u64), ApiError> {
+    let (mut explain, mut min_lsn) = (false, 0);
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         match pair {
             "explain" | "explain=true" => explain = true,
             "explain=false" => explain = false,
+            _ if pair.starts_with("min_lsn=") => min_lsn = parse_min_lsn(pair)?,
             _ => {
                 return Err(ApiError::bad_request(
                     "invalid_query_string",
-                    format!("unknown query parameter {pair:?}; /ask takes only explain=true|false"),
+                    format!(
+                        "unknown query parameter {pair:?}; /ask takes explain=true|false and \
+                         min_lsn=<LSN>"
+                    ),
                 ))
             }
         }
     }
-    Ok(explain)
+    Ok((explain, min_lsn))
+}
+
+/// A row read's only parameter, `?min_lsn=<n>` (absent: 0).
+fn min_lsn_only(query: Option<&str>) -> Result<u64, ApiError> {
+    let mut min_lsn = 0;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        if !pair.starts_with("min_lsn=") {
+            return Err(ApiError::bad_request(
+                "invalid_query_string",
+                format!("unknown query parameter {pair:?}; a row read takes only min_lsn=<LSN>"),
+            ));
+        }
+        min_lsn = parse_min_lsn(pair)?;
+    }
+    Ok(min_lsn)
+}
+
+fn parse_min_lsn(pair: &str) -> Result<u64, ApiError> {
+    let value = &pair["min_lsn=".len()..];
+    value.parse().map_err(|_| {
+        ApiError::bad_request(
+            "invalid_query_string",
+            format!(
+                "min_lsn={value:?} is not an LSN: a whole number from 0 to {} (the lsn of a \
+                 write's answer)",
+                u64::MAX
+            ),
+        )
+    })
 }
 
 /// Whether the request declares a body (`content-length` above 0 or chunked).

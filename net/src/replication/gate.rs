@@ -4,7 +4,10 @@
 //! control executor reads their acknowledgements and moves the gate forward through
 //! the mesh. When they do not confirm within `--sync-timeout-ms`, the policy decides:
 //! `refuse` answers `503 replication_unavailable` (the write stays applied here, so a
-//! retry with its idempotency key is answered at once once a follower has it), and
+//! retry with its idempotency key is answered at once once a follower has it) and opens
+//! a circuit: until the followers hold the write that timed out, later writes are
+//! refused at once instead of each waiting out the timeout (which would hold every
+//! in-flight slot for seconds while no follower is there); and
 //! `degrade` acknowledges it anyway, says so in a log line and
 //! `oc_replication_degraded`, and returns to synchronous once the followers hold the
 //! write that timed out (if they are still slow, the next write's timeout degrades
@@ -47,6 +50,9 @@ pub struct GateCounters {
     /// Waits that ran out (refused, or acknowledged degraded).
     pub timeouts: u64,
     pub degraded: bool,
+    /// Refusing at once (`refuse`, after a timeout, until the followers catch up).
+    pub circuit_open: bool,
+    pub circuit_opened_total: u64,
 }
 
 /// One shard's gate (lives on the shard's executor).
@@ -59,9 +65,9 @@ pub struct Gate {
     hold: Option<Arc<LeaseHold>>,
     /// Every LSN up to this is durable on `replicas` followers.
     replicated: Cell<Lsn>,
-    /// While degraded: the write that timed out, which the followers must hold before
-    /// writes wait for them again.
-    degraded_at: Cell<Lsn>,
+    /// While degraded or the circuit is open: the write that timed out, which the
+    /// followers must hold before writes wait for them again.
+    timed_out_at: Cell<Lsn>,
     waiters: WaitList,
     counters: Cell<GateCounters>,
 }
@@ -78,7 +84,7 @@ impl Gate {
             policy,
             hold,
             replicated: Cell::new(Lsn(0)),
-            degraded_at: Cell::new(Lsn(0)),
+            timed_out_at: Cell::new(Lsn(0)),
             waiters: WaitList::default(),
             counters: Cell::new(GateCounters::default()),
         });
@@ -93,8 +99,9 @@ impl Gate {
         }
         self.replicated.set(replicated);
         self.waiters.wake_all();
-        if self.counters.get().degraded && replicated >= self.degraded_at.get() {
-            self.count(|c| c.degraded = false);
+        let counters = self.counters.get();
+        if (counters.degraded || counters.circuit_open) && replicated >= self.timed_out_at.get() {
+            self.count(|c| (c.degraded, c.circuit_open) = (false, false));
             tracing::warn!(
                 lsn = replicated.0,
                 "the followers caught up: writes are acknowledged synchronously again"
@@ -127,6 +134,16 @@ impl Gate {
         if self.replicated.get() >= lsn || self.counters.get().degraded {
             return Ok(());
         }
+        if self.counters.get().circuit_open {
+            return Err(EngineError::ReplicationUnavailable(format!(
+                "the followers have not confirmed LSN {} yet, which timed out (--sync-timeout-ms \
+                 {} ms): until they hold it, writes are refused at once (they are durable on \
+                 the writer but not acknowledged); retry with the same idempotency_key once a \
+                 follower is back",
+                self.timed_out_at.get(),
+                policy.timeout.as_millis()
+            )));
+        }
         self.count(|c| c.waits += 1);
         let replicated = async {
             self.waiters
@@ -153,16 +170,31 @@ impl Gate {
                     );
                 }
                 self.count(|c| c.degraded = true);
-                self.degraded_at.set(lsn);
+                self.timed_out_at.set(lsn);
                 Ok(())
             }
-            OnTimeout::Refuse => Err(EngineError::ReplicationUnavailable(format!(
-                "{} follower(s) did not confirm LSN {lsn} within {} ms (--sync-replication, \
+            OnTimeout::Refuse => {
+                if !self.counters.get().circuit_open {
+                    tracing::error!(
+                        lsn = lsn.0,
+                        timeout_ms = policy.timeout.as_millis() as u64,
+                        "the followers did not confirm in time: writes are refused at once \
+                         (circuit open) until they hold this one"
+                    );
+                    self.count(|c| {
+                        c.circuit_open = true;
+                        c.circuit_opened_total += 1;
+                    });
+                    self.timed_out_at.set(lsn);
+                }
+                Err(EngineError::ReplicationUnavailable(format!(
+                    "{} follower(s) did not confirm LSN {lsn} within {} ms (--sync-replication, \
                  --sync-timeout-ms): the write is durable on the writer but not acknowledged; \
                  retry it with the same idempotency_key once the follower is back",
-                policy.replicas,
-                policy.timeout.as_millis()
-            ))),
+                    policy.replicas,
+                    policy.timeout.as_millis()
+                )))
+            }
         }
     }
 }
