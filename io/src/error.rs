@@ -29,6 +29,10 @@ pub enum Error {
     /// The log is shutting down.
     #[error("write-ahead log is closed")]
     WalClosed,
+    /// A writer's log that stopped taking its own frames ([`crate::Wal::stop_own_writes`]:
+    /// its writer hands over to a follower).
+    #[error("this log takes no more writes of its own: its writer is handing over")]
+    OwnWritesStopped,
     /// A frame larger than the log can hold in one group or segment.
     #[error("record of {bytes} bytes exceeds the limit of {limit} bytes")]
     RecordTooLarge { bytes: usize, limit: usize },

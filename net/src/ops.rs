@@ -124,14 +124,24 @@ async fn handle(
         (&Method::GET, "/ready") => ("ready", ready(&state).await),
         (&Method::GET, "/metrics") => ("metrics", metrics_page(&state).await),
         (&Method::POST, "/v1/admin/promote") => ("promote", promote(&state, req).await),
-        (_, "/health" | "/ready" | "/metrics" | "/v1/admin/promote") => {
+        (&Method::POST, "/v1/admin/step-down") => ("step_down", step_down(&state, req).await),
+        (
+            _,
+            path
+            @ ("/health" | "/ready" | "/metrics" | "/v1/admin/promote" | "/v1/admin/step-down"),
+        ) => {
+            let allowed = if path.starts_with("/v1/admin/") {
+                "POST"
+            } else {
+                "GET"
+            };
             let mut response = json_response(
                 StatusCode::METHOD_NOT_ALLOWED,
-                json!({"error": {"code": "method_not_allowed", "message": "only GET is allowed here", "request_id": ""}}),
+                json!({"error": {"code": "method_not_allowed", "message": format!("only {allowed} is allowed here"), "request_id": ""}}),
             );
             response
                 .headers_mut()
-                .insert(ALLOW, HeaderValue::from_static("GET"));
+                .insert(ALLOW, HeaderValue::from_static(allowed));
             ("ops_unknown", response)
         }
         (_, path) => (
@@ -146,37 +156,61 @@ async fn handle(
     Ok(response)
 }
 
+fn admin_error(status: u16, code: &str, message: String) -> Response<Full<Bytes>> {
+    json_response(
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        json!({"error": {"code": code, "message": message, "request_id": ""}}),
+    )
+}
+
+/// The 401 for an admin action without the admin token (when one is set).
+fn admin_refusal(state: &ControlState, req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
+    let token = state.admin_token.as_ref()?;
+    let presented = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    (!crate::replication::token_matches(Some(token), presented.as_bytes())).then(|| {
+        admin_error(
+            401,
+            "unauthorized",
+            "this action needs the admin token (Authorization: Bearer <token>)".into(),
+        )
+    })
+}
+
+/// Whether the query string sets `name` to true (`name=true` or `name=1`).
+fn flag(req: &Request<Incoming>, name: &str) -> bool {
+    req.uri().query().is_some_and(|q| {
+        q.split('&')
+            .any(|p| p == format!("{name}=true") || p == format!("{name}=1"))
+    })
+}
+
 /// `POST /v1/admin/promote[?force=true]` (admin token): this follower becomes the
 /// writer in place (`replication::node`). Answers the steps taken and their times.
 async fn promote(state: &Rc<ControlState>, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    let error = |status: u16, code: &str, message: String| {
-        json_response(
-            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-            json!({"error": {"code": code, "message": message, "request_id": ""}}),
-        )
-    };
-    if let Some(token) = &state.admin_token {
-        let presented = req
-            .headers()
-            .get(hyper::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or_default();
-        if !crate::replication::token_matches(Some(token), presented.as_bytes()) {
-            return error(
-                401,
-                "unauthorized",
-                "promotion needs the admin token (Authorization: Bearer <token>)".into(),
-            );
-        }
+    if let Some(refused) = admin_refusal(state, &req) {
+        return refused;
     }
-    let force = req
-        .uri()
-        .query()
-        .is_some_and(|q| q.split('&').any(|p| p == "force=true" || p == "force=1"));
-    match state.replication.promote(force).await {
+    match state.replication.promote(flag(&req, "force")).await {
         Ok(answer) => json_response(StatusCode::OK, answer),
-        Err(refused) => error(refused.status, refused.code, refused.message),
+        Err(refused) => admin_error(refused.status, refused.code, refused.message),
+    }
+}
+
+/// `POST /v1/admin/step-down[?cancel=true]` (admin token): a switchover's first half on
+/// the writer (`replication::node`): writes stop, a follower catches up, and the answer
+/// says where each shard's log ends.
+async fn step_down(state: &Rc<ControlState>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if let Some(refused) = admin_refusal(state, &req) {
+        return refused;
+    }
+    match state.replication.step_down(flag(&req, "cancel")).await {
+        Ok(answer) => json_response(StatusCode::OK, answer),
+        Err(refused) => admin_error(refused.status, refused.code, refused.message),
     }
 }
 
@@ -297,7 +331,10 @@ async fn ready(state: &ControlState) -> Response<Full<Bytes>> {
             json!({"ready": true, "role": role, "shards": shards}),
         )
     } else {
-        not_ready(reasons)
+        json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"ready": false, "reasons": reasons, "shards": shards}),
+        )
     }
 }
 

@@ -79,6 +79,14 @@ pub fn line_format(log_format: &str) -> LineFormat {
 pub fn run(config: ServerConfig) -> Result<()> {
     config.validate().map_err(|e| anyhow!(e))?;
     let auth = config.auth().map_err(|e| anyhow!(e))?;
+    if let Ok(offset) = std::env::var(oc_io::wal::frame::CLOCK_OFFSET_ENV) {
+        tracing::warn!(
+            offset_ms = %offset,
+            "{} is set: this process's wall clock is shifted (test-only fault injection; \
+             never in production)",
+            oc_io::wal::frame::CLOCK_OFFSET_ENV
+        );
+    }
     if auth.admin_token.is_none() {
         tracing::warn!("authentication is OFF (no admin token): anyone who can reach the listeners can read and write every tenant");
     }

@@ -36,7 +36,8 @@ fn start(dir: &Path) -> Server {
             token_file.to_str().expect("utf-8"),
             "--shards",
             "2",
-            // Generated reads ask for LSNs far ahead: each waits this long, not 2 s.
+            // Bounds any wait for a generated min_lsn (a writer refuses one it has not
+            // applied at once; this keeps the run short should that change).
             "--min-lsn-wait-ms",
             "50",
         ],

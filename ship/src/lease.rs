@@ -265,7 +265,7 @@ pub fn claim_with_ttl(
                 (
                     Lease {
                         holder: holder.clone(),
-                        renewed_at_us: now_us.max(found.renewed_at_us),
+                        renewed_at_us: now_us.max(found.renewed_at_us + 1),
                         lease_ttl_ms: ttl_ms,
                         ..found
                     },
@@ -305,22 +305,31 @@ pub enum PromoteError {
     Changed { now: Box<Lease> },
 }
 
+/// What a promotion may displace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expect {
+    /// Whatever holds the record: the old writer is known to be fenced.
+    Any,
+    /// Only the record at this version, which the caller watched stay unchanged for
+    /// the old lease's TTL plus the drift margin on its own monotonic clock (so the old
+    /// writer, which stops acknowledging before its TTL runs out from the start of its
+    /// last renewal, has stopped, whatever the two hosts' wall clocks say).
+    Version(Version),
+    /// Only no record: the caller found none.
+    Absent,
+}
+
 /// Takes the record for a promoted follower: its data directory becomes the owner,
-/// with the epoch one above the record's. With `unchanged`, only if the record is
-/// still at that version, which the caller watched stay unchanged for the old lease's
-/// TTL plus the drift margin on its own monotonic clock (so the old writer, which stops
-/// acknowledging before its TTL runs out from the start of its last renewal, has
-/// stopped, whatever the two hosts' wall clocks say). Without it, whatever holds the
-/// record is displaced: the old writer is known to be fenced. Either way the write is
-/// "only if the version read is still there", so the old writer's next renewal fails
-/// and it stops.
+/// with the epoch one above the record's, if the record is what `expect` allows. The
+/// write is "only if the version read is still there", so the old writer's next
+/// renewal fails and it stops.
 pub fn promote(
     archive: &dyn Archive,
     owner_id: &str,
     holder: Holder,
     now_us: u64,
     ttl: Duration,
-    unchanged: Option<&Version>,
+    expect: &Expect,
 ) -> Result<Claim, PromoteError> {
     for _ in 0..MAX_CLAIM_ATTEMPTS {
         let current = read(archive)?;
@@ -334,7 +343,12 @@ pub fn promote(
                 })
             }
             Some((found, version)) => {
-                if unchanged.is_some_and(|watched| *watched != version) {
+                let allowed = match expect {
+                    Expect::Any => true,
+                    Expect::Version(watched) => *watched == version,
+                    Expect::Absent => false,
+                };
+                if !allowed {
                     return Err(PromoteError::Changed {
                         now: Box::new(found),
                     });
@@ -508,7 +522,10 @@ impl Renewal {
         }
         let started = Instant::now();
         let lease = Lease {
-            renewed_at_us: now_us.max(self.lease.renewed_at_us),
+            // Always above the last one: a renewal must change the record's bytes (and so
+            // its version), or a promotion watching for a change would not see it when
+            // this host's clock stepped back.
+            renewed_at_us: now_us.max(self.lease.renewed_at_us + 1),
             ..self.lease.clone()
         };
         let condition = Condition::IfVersion(self.version.clone());
@@ -653,6 +670,62 @@ mod tests {
         assert!(message.contains("PID 1 on db-1"), "{message}");
         assert!(message.contains("new one"), "{message}");
         assert_eq!(a.get(LEASE_KEY).expect("get"), before);
+    }
+
+    #[test]
+    fn a_renewal_with_a_clock_that_stepped_back_still_changes_the_version() {
+        let (_dir, a) = archive();
+        let a: Arc<dyn Archive> = Arc::new(a);
+        let claim = claim_with_ttl(
+            a.as_ref(),
+            "aa",
+            holder(1),
+            500 * SECOND,
+            STALE,
+            Some(STALE),
+        )
+        .expect("claim");
+        let first = claim.version.clone();
+        let hold = Arc::new(LeaseHold::new(Instant::now(), STALE));
+        let mut renewal = Renewal::new(a.clone(), claim, hold);
+        // The same instant, then an earlier one: a watcher must still see each renewal.
+        assert!(matches!(renewal.renew(500 * SECOND), Renewed::Yes));
+        let (_, second) = read(a.as_ref()).expect("read").expect("present");
+        assert!(matches!(renewal.renew(100 * SECOND), Renewed::Yes));
+        let (record, third) = read(a.as_ref()).expect("read").expect("present");
+        assert!(
+            first != second && second != third,
+            "{first:?} {second:?} {third:?}"
+        );
+        assert_eq!(record.renewed_at_us, 500 * SECOND + 2);
+    }
+
+    #[test]
+    fn a_promotion_displaces_only_what_it_expected() {
+        let ttl = Duration::from_secs(10);
+        let (_dir, a) = archive();
+        // Expected no record, but a writer claimed one meanwhile.
+        let claimed = claim_with_ttl(&a, "aa", holder(1), SECOND, STALE, Some(ttl)).expect("claim");
+        let err = promote(&a, "bb", holder(2), 2 * SECOND, ttl, &Expect::Absent)
+            .expect_err("a record appeared");
+        assert!(matches!(err, PromoteError::Changed { .. }), "{err:?}");
+        // Watched one version, and the writer renewed it.
+        let watched = Expect::Version(claimed.version.clone());
+        claim_with_ttl(&a, "aa", holder(1), 3 * SECOND, STALE, Some(ttl)).expect("renew");
+        let err =
+            promote(&a, "bb", holder(2), 4 * SECOND, ttl, &watched).expect_err("renewed since");
+        assert!(matches!(err, PromoteError::Changed { .. }), "{err:?}");
+        // The version watched is still there: taken, with the next epoch.
+        let (_, now) = read(&a).expect("read").expect("present");
+        let taken =
+            promote(&a, "bb", holder(2), 5 * SECOND, ttl, &Expect::Version(now)).expect("promote");
+        assert_eq!(
+            (taken.lease.owner_id.as_str(), taken.lease.epoch),
+            ("bb", 2)
+        );
+        // Forced: whatever is there.
+        let again = promote(&a, "cc", holder(3), 6 * SECOND, ttl, &Expect::Any).expect("forced");
+        assert_eq!(again.lease.epoch, 3);
     }
 
     /// The stored bytes are exactly what FORMAT.md §9.2 shows (fields in this order).

@@ -274,7 +274,15 @@ impl<S: Storage> Shard<S> {
         let pending = self
             .wal
             .submit(kind, tenant.as_str().as_bytes(), &payload)
-            .await?;
+            .await
+            .map_err(|e| match e {
+                oc_io::Error::OwnWritesStopped => EngineError::NotLeader(
+                    "this writer is handing over to a follower (a switchover): nothing was \
+                     written; send the write to the new writer"
+                        .into(),
+                ),
+                e => e.into(),
+            })?;
         // No await between the submit and the push: the queue stays in LSN order.
         let slot = Rc::new(RefCell::new(Slot::default()));
         {

@@ -41,6 +41,30 @@ impl<S: Storage> Shard<S> {
         }
     }
 
+    /// A writer's shard stops taking writes (a switchover): from now on every write is
+    /// refused with [`EngineError::NotLeader`] before it is logged, and this returns,
+    /// once what was logged before is applied, the LSN where this shard's log ends.
+    /// Gives up after `within` (writes stay stopped: [`Shard::resume_writes`]).
+    pub async fn stop_writes(&self, within: std::time::Duration) -> Result<Lsn, EngineError> {
+        self.wal.stop_own_writes();
+        let deadline = std::time::Instant::now() + within;
+        while !(self.wal.settled() && self.applied_lsn() >= self.wal.durable_lsn()) {
+            if std::time::Instant::now() >= deadline {
+                return Err(EngineError::NotLeader(format!(
+                    "writes taken before the handover were still being applied after {} ms",
+                    within.as_millis()
+                )));
+            }
+            glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        Ok(self.applied_lsn())
+    }
+
+    /// Takes writes again after [`Shard::stop_writes`] (the handover was called off).
+    pub fn resume_writes(&self) {
+        self.wal.resume_own_writes();
+    }
+
     /// This follower's shard becomes a writer's (promotion): once every frame placed
     /// is durable and applied, its log stamps its own frames with `epoch` from the
     /// next LSN on. Refused while frames are still on their way (try again).

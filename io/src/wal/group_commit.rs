@@ -224,6 +224,12 @@ pub(crate) struct State<S: Storage> {
     pub durable_end: u64,
     pub stamping: Stamping,
     pub cursor: StampedCursor,
+    /// Own frames are refused ([`super::Wal::stop_own_writes`]).
+    pub own_writes_stopped: bool,
+    /// Frames taken into a group, and frames whose group was written (or failed):
+    /// equal when nothing is on its way.
+    pub frames_taken: u64,
+    pub frames_settled: u64,
 }
 
 impl<S: Storage> State<S> {
@@ -235,6 +241,9 @@ impl<S: Storage> State<S> {
         }
         if self.closing {
             return Err(Error::WalClosed);
+        }
+        if self.own_writes_stopped && frame == Stamping::Own {
+            return Err(Error::OwnWritesStopped);
         }
         match (self.stamping, frame) {
             (Stamping::Own, Stamping::Stamped) => Err(Error::FrameRefused(
@@ -424,6 +433,7 @@ impl<S: Storage> Writer<S> {
             }
             {
                 let mut state = self.shared.state.borrow_mut();
+                state.frames_settled += frames as u64;
                 state.durable_lsn = Lsn(self.next_lsn.0 - 1);
                 if let Some(active) = &self.active {
                     state.durable_end = active.write_offset;

@@ -187,6 +187,9 @@ impl<S: Storage> Wal<S> {
                 durable_lsn,
                 durable_end,
                 stamping: Stamping::Undecided,
+                own_writes_stopped: false,
+                frames_taken: 0,
+                frames_settled: 0,
                 cursor: StampedCursor {
                     next_lsn: resume.next_lsn,
                     epoch: report.last_epoch,
@@ -333,6 +336,7 @@ impl<S: Storage> Wal<S> {
         group.starts.push(start as u32);
         group.enqueued.push(enqueued);
         group.stamped = true;
+        state.frames_taken += 1;
         state.stamping = Stamping::Stamped;
         state.cursor = StampedCursor {
             next_lsn: f.lsn.next(),
@@ -396,10 +400,13 @@ impl<S: Storage> Wal<S> {
         group.len = start + len;
         group.starts.push(start as u32);
         group.enqueued.push(enqueued);
+        let index = group.starts.len() - 1;
+        let completion = group.completion.clone();
+        state.frames_taken += 1;
         if let Some(w) = state.writer_waker.take() {
             w.wake();
         }
-        Ok(Some((group.completion.clone(), group.starts.len() - 1)))
+        Ok(Some((completion, index)))
     }
 
     /// The epoch this log stamps its own frames with.
@@ -442,6 +449,26 @@ impl<S: Storage> Wal<S> {
     pub fn last_placed(&self) -> (Lsn, Epoch) {
         let cursor = self.shared.state.borrow().cursor;
         (Lsn(cursor.next_lsn.0 - 1), cursor.epoch)
+    }
+
+    /// From now on every [`Wal::submit`] is refused with [`Error::OwnWritesStopped`],
+    /// including one waiting for room in a group; what was taken before is written as
+    /// usual. A writer handing over to a follower (a switchover) calls it so that its
+    /// log ends where the follower's new epoch will start.
+    pub fn stop_own_writes(&self) {
+        self.shared.state.borrow_mut().own_writes_stopped = true;
+    }
+
+    /// Whether every frame taken so far has been written (or its group failed): the
+    /// log is at rest until the next submit.
+    pub fn settled(&self) -> bool {
+        let state = self.shared.state.borrow();
+        state.frames_taken == state.frames_settled
+    }
+
+    /// Undoes [`Wal::stop_own_writes`] (a handover that did not happen).
+    pub fn resume_own_writes(&self) {
+        self.shared.state.borrow_mut().own_writes_stopped = false;
     }
 
     /// The last LSN known durable.

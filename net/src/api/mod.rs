@@ -747,7 +747,8 @@ fn min_lsn_only(query: Option<&str>) -> Result<u64, ApiError> {
 
 fn parse_min_lsn(pair: &str) -> Result<u64, ApiError> {
     let value = &pair["min_lsn=".len()..];
-    value.parse().map_err(|_| {
+    let digits = !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit());
+    value.parse().ok().filter(|_| digits).ok_or_else(|| {
         ApiError::bad_request(
             "invalid_query_string",
             format!(

@@ -46,6 +46,20 @@ enum Command {
         #[arg(long, env = "OC_ADMIN_TOKEN_FILE")]
         admin_token_file: Option<std::path::PathBuf>,
     },
+    /// Planned switchover: the writer stops taking writes, the follower catches up
+    /// and is promoted, each step printed with its time. Called off (the writer takes
+    /// writes again) when the follower does not catch up. Exits 1 when it fails.
+    Switchover {
+        /// The writer's ops address, `host:port`.
+        #[arg(long)]
+        from: String,
+        /// The follower's ops address, `host:port`.
+        #[arg(long)]
+        to: String,
+        /// File holding the admin token of both (or set OC_ADMIN_TOKEN).
+        #[arg(long, env = "OC_ADMIN_TOKEN_FILE")]
+        admin_token_file: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -63,6 +77,14 @@ fn main() -> anyhow::Result<ExitCode> {
     }) = &args.command
     {
         return promote(addr, *force, admin_token_file.as_deref());
+    }
+    if let Some(Command::Switchover {
+        from,
+        to,
+        admin_token_file,
+    }) = &args.command
+    {
+        return switchover(from, to, admin_token_file.as_deref());
     }
     if let Some(Command::Check { config, output }) = args.command {
         let checks = oc_net::preflight::run(config.as_ref());
@@ -91,16 +113,58 @@ fn main() -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn admin_token(token_file: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
+    Ok(match token_file {
+        Some(path) => Some(std::fs::read_to_string(path)?.trim().to_string()),
+        None => std::env::var("OC_ADMIN_TOKEN").ok(),
+    })
+}
+
+/// One request to an ops listener: its JSON answer, or the refusal's code and message.
+fn ops_call(
+    method: &str,
+    url: &str,
+    token: Option<&str>,
+) -> anyhow::Result<Result<serde_json::Value, String>> {
+    let (ok, answer) = ops_answer(method, url, token)?;
+    Ok(if ok {
+        Ok(answer)
+    } else {
+        Err(format!(
+            "{}: {}",
+            answer["error"]["code"].as_str().unwrap_or("refused"),
+            answer["error"]["message"]
+                .as_str()
+                .map_or_else(|| answer.to_string(), str::to_string)
+        ))
+    })
+}
+
+/// One request to an ops listener: whether it succeeded, and its JSON body either way.
+fn ops_answer(
+    method: &str,
+    url: &str,
+    token: Option<&str>,
+) -> anyhow::Result<(bool, serde_json::Value)> {
+    let mut request = ureq::request(method, url).timeout(std::time::Duration::from_secs(120));
+    if let Some(token) = token {
+        request = request.set("Authorization", &format!("Bearer {token}"));
+    }
+    let (ok, body) = match request.call() {
+        Ok(response) => (true, response.into_string()?),
+        Err(ureq::Error::Status(_, response)) => (false, response.into_string()?),
+        Err(e) => anyhow::bail!("asking {url}: {e}"),
+    };
+    Ok((ok, serde_json::from_str(&body)?))
+}
+
 /// `oc-server promote`: one request to the follower's ops listener, its steps printed.
 fn promote(
     addr: &str,
     force: bool,
     token_file: Option<&std::path::Path>,
 ) -> anyhow::Result<ExitCode> {
-    let token = match token_file {
-        Some(path) => Some(std::fs::read_to_string(path)?.trim().to_string()),
-        None => std::env::var("OC_ADMIN_TOKEN").ok(),
-    };
+    let token = admin_token(token_file)?;
     let url = format!(
         "http://{addr}/v1/admin/promote{}",
         if force { "?force=true" } else { "" }
@@ -109,24 +173,18 @@ fn promote(
         "promoting the follower at {addr}{}",
         if force { " (force)" } else { "" }
     );
-    let mut request = ureq::post(&url).timeout(std::time::Duration::from_secs(120));
-    if let Some(token) = &token {
-        request = request.set("Authorization", &format!("Bearer {token}"));
-    }
-    let (ok, body) = match request.call() {
-        Ok(response) => (true, response.into_string()?),
-        Err(ureq::Error::Status(_, response)) => (false, response.into_string()?),
-        Err(e) => anyhow::bail!("asking {url}: {e}"),
+    let answer = match ops_call("POST", &url, token.as_deref())? {
+        Ok(answer) => answer,
+        Err(why) => {
+            eprintln!("refused ({why})");
+            return Ok(ExitCode::FAILURE);
+        }
     };
-    let answer: serde_json::Value = serde_json::from_str(&body)?;
-    if !ok {
-        eprintln!(
-            "refused ({}): {}",
-            answer["error"]["code"].as_str().unwrap_or("?"),
-            answer["error"]["message"].as_str().unwrap_or(&body)
-        );
-        return Ok(ExitCode::FAILURE);
-    }
+    print_promotion(&answer);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_promotion(answer: &serde_json::Value) {
     for step in answer["steps"].as_array().into_iter().flatten() {
         println!(
             "  {:>6} ms  {}",
@@ -138,7 +196,95 @@ fn promote(
         "promoted: epoch {}, lease epoch {}, in {} ms; point clients at this server now",
         answer["epoch"], answer["lease_epoch"], answer["took_ms"]
     );
-    Ok(ExitCode::SUCCESS)
+}
+
+/// `oc-server switchover`: step-down on the writer, wait for the follower to hold
+/// every shard's log to its end, promote it with force (the writer acknowledges
+/// nothing more), or call the step-down off.
+fn switchover(
+    from: &str,
+    to: &str,
+    token_file: Option<&std::path::Path>,
+) -> anyhow::Result<ExitCode> {
+    let token = admin_token(token_file)?;
+    let token = token.as_deref();
+    let started = std::time::Instant::now();
+    let at = || format!("{:>6} ms", started.elapsed().as_millis());
+    match ops_call("GET", &format!("http://{to}/ready"), None)? {
+        Ok(ready) if ready["role"] == "follower" => {
+            println!("{}  the follower at {to} is ready", at())
+        }
+        Ok(ready) => {
+            eprintln!("{to} is not a follower: {ready}");
+            return Ok(ExitCode::FAILURE);
+        }
+        Err(why) => {
+            eprintln!("the follower at {to} is not ready, nothing changed: {why}");
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+    let stepped = match ops_call("POST", &format!("http://{from}/v1/admin/step-down"), token)? {
+        Ok(answer) => answer,
+        Err(why) => {
+            eprintln!("the writer at {from} did not step down (it takes writes as before): {why}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let last: Vec<u64> = stepped["last_lsn"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(serde_json::Value::as_u64)
+        .collect();
+    println!(
+        "{}  the writer at {from} stepped down: writes refused, its logs end at {last:?}",
+        at()
+    );
+    let cancel = |why: String| -> anyhow::Result<ExitCode> {
+        eprintln!("{why}; calling the switchover off");
+        match ops_call(
+            "POST",
+            &format!("http://{from}/v1/admin/step-down?cancel=true"),
+            token,
+        )? {
+            Ok(_) => eprintln!("the writer at {from} takes writes again"),
+            Err(e) => eprintln!("the writer at {from} did not take writes back: {e} (RUNBOOK.md)"),
+        }
+        Ok(ExitCode::FAILURE)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        // A follower that is not ready (lagging) still says how far each shard is.
+        let (_, ready) = ops_answer("GET", &format!("http://{to}/ready"), None)?;
+        let applied: Vec<u64> = ready["shards"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s["applied_lsn"].as_u64())
+            .collect();
+        if applied.len() == last.len() && applied.iter().zip(&last).all(|(a, l)| a >= l) {
+            break;
+        }
+        if std::time::Instant::now() >= deadline {
+            return cancel(format!(
+                "the follower at {to} applied {applied:?}, not {last:?}, within 5 s"
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    println!("{}  the follower holds and applied every write", at());
+    match ops_call(
+        "POST",
+        &format!("http://{to}/v1/admin/promote?force=true"),
+        token,
+    )? {
+        Ok(answer) => {
+            print_promotion(&answer);
+            println!("{}  switched over", at());
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(why) => cancel(format!("the follower at {to} refused the promotion: {why}")),
+    }
 }
 
 /// Logs to stderr; `RUST_LOG` filters (default `info`).

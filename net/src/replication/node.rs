@@ -37,7 +37,7 @@ use glommio::Task;
 use oc_engine::placement::{self, EpochStart, Layout};
 use oc_engine::{ShardNode, ShardRouter};
 use oc_io::{Epoch, Lsn};
-use oc_ship::archive::{Archive, Version};
+use oc_ship::archive::Archive;
 use oc_ship::lease::{self, LeaseHold};
 use oc_ship::shipper::{self, LeaseTtl, ShipStatus, ShipperConfig};
 use serde_json::json;
@@ -114,7 +114,12 @@ pub struct Node {
     shipping: RefCell<Option<Task<()>>>,
     pub promoted_ship_status: RefCell<Option<ShipStatus>>,
     promoting: Cell<bool>,
+    /// A writer that stepped down for a switchover (not ready, writes refused).
+    stepped_down: Cell<bool>,
 }
+
+/// How long a step-down waits for the shards to settle and then for a follower.
+const STEP_DOWN_WAIT: Duration = Duration::from_secs(5);
 
 impl Node {
     pub fn new(setup: Setup, shards: usize) -> Rc<Node> {
@@ -134,6 +139,7 @@ impl Node {
             shipping: RefCell::new(None),
             promoted_ship_status: RefCell::new(None),
             promoting: Cell::new(false),
+            stepped_down: Cell::new(false),
         })
     }
 
@@ -192,6 +198,13 @@ impl Node {
 
     /// Why a writer holding a lease is not ready, if it is not.
     pub fn lease_not_ready(&self) -> Option<String> {
+        if self.stepped_down.get() {
+            return Some(
+                "stepped down for a switchover: writes are refused; the promoted follower \
+                 takes them"
+                    .into(),
+            );
+        }
         let hold = self.lease_hold.borrow();
         hold.as_ref()?
             .check()
@@ -228,6 +241,134 @@ impl Node {
             .recv()
             .await
             .unwrap_or_else(|_| Err(refusal(500, "internal", "the promotion task ended")))
+    }
+
+    /// A switchover's first half, on the writer: every shard stops taking writes (each
+    /// is refused with `421 not_leader` before it is logged), and once a follower holds
+    /// everything logged this answers where each shard's log ends. This writer then
+    /// acknowledges nothing more, so the follower may be promoted with force; its next
+    /// lease renewal finds the record taken and it exits. `cancel` takes writes again
+    /// (a switchover called off before the promotion).
+    pub async fn step_down(self: &Rc<Node>, cancel: bool) -> Result<serde_json::Value, Refusal> {
+        if self.status.is_follower() {
+            return Err(refusal(409, "not_writer", "this server is a follower"));
+        }
+        if self.lease_hold.borrow().is_none() {
+            return Err(refusal(
+                409,
+                "not_replicating",
+                "this writer has no followers to hand over to (no --replication-listen)",
+            ));
+        }
+        if self.promoting.replace(true) {
+            return Err(refusal(
+                409,
+                "promotion_running",
+                "a step-down is already running",
+            ));
+        }
+        let (done_tx, done_rx) = async_channel::bounded(1);
+        let node = self.clone();
+        glommio::spawn_local(async move {
+            let outcome = node.step_down_now(cancel).await;
+            node.promoting.set(false);
+            let _ = done_tx.send(outcome).await;
+        })
+        .detach();
+        done_rx
+            .recv()
+            .await
+            .unwrap_or_else(|_| Err(refusal(500, "internal", "the step-down task ended")))
+    }
+
+    async fn step_down_now(&self, cancel: bool) -> Result<serde_json::Value, Refusal> {
+        let started = Instant::now();
+        let router = self
+            .router
+            .borrow()
+            .clone()
+            .ok_or_else(|| refusal(503, "not_ready", "the shards are not serving yet"))?;
+        let resume = |router: Rc<ShardRouter>| async move {
+            for shard in 0..router.shards() {
+                let _ = router
+                    .call(shard, |node: Rc<ShardNode>| async move {
+                        node.shard().resume_writes();
+                    })
+                    .await;
+            }
+        };
+        if cancel {
+            resume(router).await;
+            self.stepped_down.set(false);
+            tracing::warn!("step-down called off: taking writes again");
+            return Ok(json!({"stepped_down": false}));
+        }
+        self.stepped_down.set(true);
+        let mut last_lsn = Vec::with_capacity(router.shards());
+        for shard in 0..router.shards() {
+            let stopped = router
+                .call(shard, |node: Rc<ShardNode>| async move {
+                    node.shard()
+                        .stop_writes(STEP_DOWN_WAIT)
+                        .await
+                        .map_err(|e| e.to_string())
+                })
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r);
+            match stopped {
+                Ok(lsn) => last_lsn.push(lsn.0),
+                Err(why) => {
+                    resume(router).await;
+                    self.stepped_down.set(false);
+                    return Err(refusal(503, "shard_unavailable", why));
+                }
+            }
+        }
+        // A follower must hold every shard's log to its end.
+        let holding = |status: &ReplicationStatus| -> Vec<String> {
+            status
+                .followers()
+                .into_iter()
+                .filter(|id| {
+                    status.acks.iter().zip(&last_lsn).all(|(acks, last)| {
+                        acks.borrow().get(id).is_some_and(|(_, lsn)| lsn.0 >= *last)
+                    })
+                })
+                .collect()
+        };
+        let deadline = Instant::now() + STEP_DOWN_WAIT;
+        let followers = loop {
+            let held = holding(&self.status);
+            if !held.is_empty() {
+                break held;
+            }
+            if Instant::now() >= deadline {
+                resume(router).await;
+                self.stepped_down.set(false);
+                return Err(refusal(
+                    409,
+                    "followers_behind",
+                    format!(
+                        "no follower held every shard's log up to {last_lsn:?} within {} ms; \
+                         writes are taken again",
+                        STEP_DOWN_WAIT.as_millis()
+                    ),
+                ));
+            }
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+        };
+        tracing::warn!(
+            ?last_lsn,
+            ?followers,
+            "stepped down: writes are refused; promote a follower now (with force)"
+        );
+        Ok(json!({
+            "stepped_down": true,
+            "last_lsn": last_lsn,
+            "followers": followers,
+            "took_ms": started.elapsed().as_millis() as u64,
+        }))
     }
 
     async fn promote_now(self: &Rc<Node>, force: bool) -> Result<serde_json::Value, Refusal> {
@@ -390,21 +531,14 @@ impl Node {
                 kit.lease_ttl,
             )
         };
-        let unchanged = if wait_for_lapse {
+        let expect = if wait_for_lapse {
             wait_for_lapse_of(archive.clone(), &owner, ttl.max_drift).await?
         } else {
-            None
+            lease::Expect::Any
         };
         glommio::executor()
             .spawn_blocking(move || {
-                lease::promote(
-                    archive.as_ref(),
-                    &owner,
-                    holder,
-                    now_us(),
-                    ttl.ttl,
-                    unchanged.as_ref(),
-                )
+                lease::promote(archive.as_ref(), &owner, holder, now_us(), ttl.ttl, &expect)
             })
             .await
             .map_err(|e| refusal(409, "lease_held", e.to_string()))
@@ -452,8 +586,8 @@ impl Node {
 }
 
 /// Watches the archive's lease record until it has stayed unchanged for its TTL plus
-/// `max_drift`, on this host's monotonic clock, and returns the version watched (`None`
-/// when there is nothing to wait for). The writer holding it stops acknowledging
+/// `max_drift`, on this host's monotonic clock, and returns what the promotion may then
+/// displace: that version (or no record, when there was none). The writer holding it stops acknowledging
 /// `max_drift` before its TTL runs out, counted from the start of the renewal that
 /// wrote that version, which is before this host first read it: once the wait is over
 /// it has stopped, whatever the two wall clocks say (only their rates may differ, by
@@ -462,21 +596,28 @@ async fn wait_for_lapse_of(
     archive: Arc<dyn Archive>,
     owner: &str,
     max_drift: Duration,
-) -> Result<Option<Version>, Refusal> {
+) -> Result<lease::Expect, Refusal> {
     let read = || {
         let archive = archive.clone();
         async move {
             glommio::executor()
                 .spawn_blocking(move || lease::read(archive.as_ref()))
                 .await
-                .map_err(|e| refusal(409, "lease_held", e.to_string()))
+                .map_err(|e| {
+                    refusal(
+                        503,
+                        "archive_unavailable",
+                        format!("reading the archive's lease record: {e}; nothing changed, retry"),
+                    )
+                })
         }
     };
     let Some((watched, version)) = read().await? else {
-        return Ok(None);
+        return Ok(lease::Expect::Absent);
     };
     if watched.owner_id == owner {
-        return Ok(None); // a promotion retried after its answer was lost
+        // A promotion retried after its answer was lost (`promote` sees it is ours).
+        return Ok(lease::Expect::Version(version));
     }
     let Some(ttl_ms) = watched.lease_ttl_ms else {
         return Err(refusal(
@@ -501,7 +642,7 @@ async fn wait_for_lapse_of(
     loop {
         let now = Instant::now();
         if now >= lapses_at {
-            return Ok(Some(version));
+            return Ok(lease::Expect::Version(version));
         }
         glommio::timer::sleep((lapses_at - now).min(Duration::from_millis(250))).await;
         match read().await? {
