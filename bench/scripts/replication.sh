@@ -7,6 +7,7 @@
 # the writer refused with 421 (a healthy writer fencing itself) and prints the medians.
 # Part 2: RTO. A synchronous pair under load; kill -9 the writer, promote the follower,
 # and time the first acknowledged write on it; TRIALS times (default 5).
+# Part 3: planned switchover (below).
 #
 #   bench/scripts/replication.sh <dir on ext4/xfs> <out dir> [rate] [seconds]
 set -euo pipefail
@@ -95,6 +96,55 @@ for trial in $(seq "$trials"); do
   rm -rf "$data"
 done
 
+# Part 3: planned switchover. An asynchronous pair; a client writes one row at a time
+# to the writer and, once refused (421) or cut off, to the follower; `oc-server
+# switchover` runs meanwhile. The longest gap between two acknowledged writes is the
+# write unavailability; SWITCHES times (default 10).
+switches=${SWITCHES:-10}
+: > "$out/switchover.ms"
+for trial in $(seq "$switches"); do
+  echo "== switchover (trial $trial)"
+  data="$dir/switch-$trial"; rm -rf "$data"; mkdir -p "$data"
+  start_pair async "$data"
+  curl -sf -X POST -H 'content-type: application/json' -d '{"tenant":"sw"}' \
+    http://127.0.0.1:17080/v1/tenants >/dev/null
+  curl -sf -X POST -H 'content-type: application/json' \
+    -d '{"name":"items","columns":[{"name":"id","type":"int"}],"primary_key":["id"]}' \
+    http://127.0.0.1:17080/v1/tenants/sw/tables >/dev/null
+  python3 - "$out/switchover-$trial.gaps" <<'PY' &
+import http.client, json, sys, time
+targets = [("127.0.0.1", 17080), ("127.0.0.1", 17090)]
+target, acks, deadline, i = 0, [], time.monotonic() + 3.0, 0
+conn = http.client.HTTPConnection(*targets[target], timeout=5)
+while time.monotonic() < deadline:
+    i += 1
+    body = json.dumps({"ops": [{"upsert": {"id": i}}]})
+    try:
+        conn.request("POST", "/v1/tenants/sw/tables/items/rows", body, {"content-type": "application/json"})
+        r = conn.getresponse(); r.read()
+        if r.status == 200:
+            acks.append(time.monotonic())
+            continue
+        if r.status != 421:
+            raise RuntimeError(f"status {r.status}")
+    except (OSError, http.client.HTTPException):
+        pass
+    target = 1
+    conn = http.client.HTTPConnection(*targets[target], timeout=5)
+gaps = [b - a for a, b in zip(acks, acks[1:])]
+open(sys.argv[1], "w").write(f"{max(gaps) * 1000:.1f} {len(acks)}\n")
+PY
+  client=$!
+  sleep 1
+  "$bin/oc-server" switchover --from 127.0.0.1:17081 --to 127.0.0.1:17091 \
+    > "$out/switchover-$trial.txt"
+  wait "$client"
+  cut -d' ' -f1 "$out/switchover-$trial.gaps" >> "$out/switchover.ms"
+  kill "$follower_pid"; wait "$follower_pid" 2>/dev/null || true
+  kill -9 "$writer_pid" 2>/dev/null || true; wait "$writer_pid" 2>/dev/null || true
+  rm -rf "$data"
+done
+
 python3 - "$out" "$rounds" <<'PY'
 import json, sys, statistics
 out, rounds = sys.argv[1], int(sys.argv[2])
@@ -117,4 +167,7 @@ print(f"\nRTO (kill -9 of the writer to the first write acknowledged by the prom
 for t in range(1, len(rto) + 1):
     p = json.load(open(f"{out}/promote-{t}.json"))
     print(f"  trial {t}: promotion {p['took_ms']} ms, RTO {rto[t-1]} ms")
+sw = sorted(float(l) for l in open(f"{out}/switchover.ms") if l.strip())
+print(f"\nSwitchover: longest gap between acknowledged writes, {len(sw)} trials: "
+      f"median {statistics.median(sw):.1f} ms, max {max(sw):.1f} ms")
 PY

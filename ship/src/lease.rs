@@ -29,7 +29,7 @@
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use oc_engine::json_file::JsonFile;
 use oc_engine::FileProblem;
@@ -432,7 +432,8 @@ const DISPLACED: &str = "another copy of this data directory took the archive's 
 #[derive(Debug)]
 pub struct LeaseHold {
     displaced: AtomicBool,
-    confirmed_at: Mutex<Instant>,
+    /// The latest confirmation, on the monotonic clock and on the wall clock.
+    confirmed_at: Mutex<(Instant, SystemTime)>,
     fence: Duration,
 }
 
@@ -442,7 +443,7 @@ impl LeaseHold {
     pub fn new(confirmed_at: Instant, fence: Duration) -> LeaseHold {
         LeaseHold {
             displaced: AtomicBool::new(false),
-            confirmed_at: Mutex::new(confirmed_at),
+            confirmed_at: Mutex::new((confirmed_at, wall_time_of(confirmed_at))),
             fence,
         }
     }
@@ -452,10 +453,14 @@ impl LeaseHold {
         if self.displaced.load(Ordering::SeqCst) {
             return Err(DISPLACED.into());
         }
-        let since = self
-            .confirmed_at
-            .lock()
-            .map_or(Duration::MAX, |at| at.elapsed());
+        // The longer of the two: the monotonic clock ignores the wall clock's steps
+        // back, and the wall clock sees time a paused VM's monotonic clock may not
+        // (once the guest's time is corrected).
+        let since = self.confirmed_at.lock().map_or(Duration::MAX, |at| {
+            let (mono, wall) = *at;
+            mono.elapsed()
+                .max(SystemTime::now().duration_since(wall).unwrap_or_default())
+        });
         if since >= self.fence {
             return Err(format!(
                 "this server's hold on the archive's owner record was last renewed {}s ago \
@@ -472,9 +477,17 @@ impl LeaseHold {
 
     fn confirm(&self, at: Instant) {
         if let Ok(mut confirmed) = self.confirmed_at.lock() {
-            *confirmed = at;
+            *confirmed = (at, wall_time_of(at));
         }
     }
+}
+
+/// The wall-clock time of a moment of the monotonic clock (now, less how long ago it
+/// was).
+fn wall_time_of(at: Instant) -> SystemTime {
+    SystemTime::now()
+        .checked_sub(at.elapsed())
+        .unwrap_or(SystemTime::UNIX_EPOCH)
 }
 
 /// What one renewal found.

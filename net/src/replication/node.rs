@@ -431,14 +431,24 @@ impl Node {
                 .max()
                 .unwrap_or(0)
         ));
-        // 2. Stop following: nothing more is acknowledged to the old writer.
+        // 2. A writer that may acknowledge without this follower is waited out first,
+        // with the streams still running: what it acknowledges meanwhile arrives here.
+        let expect = if force || writer_sync {
+            lease::Expect::Any
+        } else {
+            let (archive, owner, _, ttl) = self.lease_kit()?;
+            let expect = wait_for_lapse_of(archive, &owner, ttl.max_drift).await?;
+            step("the writer's lease lapsed (its record unchanged for its TTL plus the drift margin)".into());
+            expect
+        };
+        // 3. Stop following: nothing more is acknowledged to the old writer.
         self.tasks.borrow_mut().clear();
         for link in &self.status.links {
             link.borrow_mut().connected = 0;
         }
         step("stopped the streams from the writer".into());
-        // 3. The lease, with the next epoch.
-        let claim = match self.take_lease(!(force || writer_sync)).await {
+        // 4. The lease, with the next epoch.
+        let claim = match self.take_lease(expect).await {
             Ok(claim) => claim,
             Err(refused) => {
                 self.follow(&router);
@@ -449,7 +459,7 @@ impl Node {
         step(format!(
             "took the archive's lease with epoch {lease_epoch} (the old writer's next renewal fails)"
         ));
-        // 4. Every shard starts the new epoch where its log ends. Like a restore's, the
+        // 5. Every shard starts the new epoch where its log ends. Like a restore's, the
         // epoch is at least the time in seconds, so two promotions of followers of one
         // writer (the second forced) do not write the same epoch.
         let frame_epoch = Epoch((self.layout.borrow().epoch() + 1).max(now_us() / 1_000_000));
@@ -481,7 +491,7 @@ impl Node {
             "the logs start epoch {} at LSNs {first_lsn:?}",
             frame_epoch.0
         ));
-        // 5. Ship, gate acknowledgements, serve followers, take writes.
+        // 6. Ship, gate acknowledgements, serve followers, take writes.
         let hold = self.start_shipping(&router).await?;
         let sync_policy = self.promotion.borrow().as_ref().and_then(|k| k.sync_policy);
         for shard in 0..router.shards() {
@@ -516,26 +526,24 @@ impl Node {
         }))
     }
 
-    /// Takes the lease for this data directory, first waiting out the writer's lease
-    /// when `wait_for_lapse` (its writer could acknowledge writes this follower lacks).
-    async fn take_lease(&self, wait_for_lapse: bool) -> Result<lease::Claim, Refusal> {
-        let (archive, owner, holder, ttl) = {
-            let kit = self.promotion.borrow();
-            let Some(kit) = kit.as_ref() else {
-                return Err(refusal(409, "no_archive", "no archive"));
-            };
-            (
-                kit.archive.clone(),
-                kit.ship_config.owner_id.clone(),
-                kit.ship_config.holder.clone(),
-                kit.lease_ttl,
-            )
+    /// The archive, this directory's owner id, this process as a holder, and the lease
+    /// settings: what taking the lease needs.
+    fn lease_kit(&self) -> Result<(Arc<dyn Archive>, String, lease::Holder, LeaseTtl), Refusal> {
+        let kit = self.promotion.borrow();
+        let Some(kit) = kit.as_ref() else {
+            return Err(refusal(409, "no_archive", "no archive"));
         };
-        let expect = if wait_for_lapse {
-            wait_for_lapse_of(archive.clone(), &owner, ttl.max_drift).await?
-        } else {
-            lease::Expect::Any
-        };
+        Ok((
+            kit.archive.clone(),
+            kit.ship_config.owner_id.clone(),
+            kit.ship_config.holder.clone(),
+            kit.lease_ttl,
+        ))
+    }
+
+    /// Takes the lease for this data directory, displacing what `expect` allows.
+    async fn take_lease(&self, expect: lease::Expect) -> Result<lease::Claim, Refusal> {
+        let (archive, owner, holder, ttl) = self.lease_kit()?;
         glommio::executor()
             .spawn_blocking(move || {
                 lease::promote(archive.as_ref(), &owner, holder, now_us(), ttl.ttl, &expect)
