@@ -100,6 +100,8 @@ const _: () = assert!(1 + 4 + KEY_ENTRY_MAX_BYTES <= FRAME_PAYLOAD_BUDGET_BYTES)
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckpointInfo {
     pub lsn: Lsn,
+    /// The epoch its shard's log was writing when it was taken.
+    pub epoch: Epoch,
     pub data_bytes: u64,
     pub crc: u32,
     pub tenants: usize,
@@ -480,6 +482,7 @@ async fn write_files<S: Storage>(
     prune_old_checkpoints(storage).await?;
     Ok(CheckpointInfo {
         lsn,
+        epoch,
         data_bytes,
         crc,
         tenants: capture.tenants.len(),
@@ -688,6 +691,7 @@ pub fn decode_checkpoint(
     let completed = manifest.completed_us.unwrap_or(created);
     let info = CheckpointInfo {
         lsn,
+        epoch: Epoch(manifest.epoch),
         data_bytes: manifest.data_bytes,
         crc: manifest.crc32c,
         tenants: state.tenants.len(),

@@ -132,6 +132,12 @@ pub enum FileProblem {
     /// The snapshot stops before its end record.
     #[error("snapshot has no end record")]
     NoEndRecord,
+    /// A checkpoint a returning ex-writer took after its history left its writer's.
+    #[error(
+        "it holds LSN {lsn} of epoch {epoch}, which is not on the writer's history (it was \
+         taken after the two histories diverged)"
+    )]
+    OffHistory { lsn: u64, epoch: u64 },
 }
 
 /// What is wrong with one frame of a checkpoint snapshot (FORMAT.md §6).

@@ -17,6 +17,7 @@ use std::fmt;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
+use oc_io::{Epoch, History, Lsn};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::{EngineError, FileProblem, UnreadableFile};
@@ -174,23 +175,26 @@ impl Layout {
         self.epochs.last().map_or(1, |e| e.epoch)
     }
 
-    /// Whether position (`epoch`, `lsn`) of `shard` is on this directory's history: of
-    /// the current epoch, or of epoch 1 or a recorded one below where the next epoch
-    /// began. An epoch it has no record of is not (when unsure, say no: the caller
-    /// starts over, which is never wrong).
+    /// Whether position (`epoch`, `lsn`) of `shard` is on this directory's history
+    /// ([`History::contains`]).
     pub fn on_history(&self, shard: usize, epoch: u64, lsn: u64) -> bool {
-        if epoch == self.epoch() {
-            return true;
-        }
-        let known = epoch == 1 || self.epochs.iter().any(|e| e.epoch == epoch);
-        if epoch > self.epoch() || !known {
-            return false;
-        }
-        self.epochs
-            .iter()
-            .find(|e| e.epoch > epoch)
-            .and_then(|next| next.first_lsn.get(shard))
-            .is_some_and(|&start| lsn < start)
+        self.history(shard).contains(Epoch(epoch), Lsn(lsn))
+    }
+
+    /// The epochs `shard`'s log went through, as it checks frames against them. A
+    /// shard an epoch does not name began it at LSN 0 (nothing below it is kept).
+    pub fn history(&self, shard: usize) -> History {
+        History::new(
+            self.epochs
+                .iter()
+                .map(|e| {
+                    (
+                        Epoch(e.epoch),
+                        Lsn(e.first_lsn.get(shard).copied().unwrap_or(0)),
+                    )
+                })
+                .collect(),
+        )
     }
 }
 

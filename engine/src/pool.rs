@@ -19,7 +19,7 @@ use oc_io::{executor::executor_builder, DmaStorage, Lsn, WalConfig};
 
 use crate::error::EngineError;
 use crate::mesh::{build_mesh, MeshEndpoints, Router};
-use crate::placement::{ensure_layout, owner_shard, shard_dir};
+use crate::placement::{ensure_layout, owner_shard, shard_dir, Layout};
 use crate::quota::TenantQuotas;
 use crate::scheduler::{spawn_checkpointer, CheckpointPolicy};
 use crate::shard::{Shard, ShardOpenReport};
@@ -49,6 +49,9 @@ pub struct PoolConfig {
     pub hold_wal_for_archive: bool,
     /// What each tenant may store.
     pub quotas: TenantQuotas,
+    /// A follower's writer's layout: each shard's log keeps to its history
+    /// (`WalConfig::history`), so a returning ex-writer's divergent tail is cut.
+    pub writer_history: Option<Layout>,
 }
 
 impl PoolConfig {
@@ -65,6 +68,7 @@ impl PoolConfig {
             spin_before_park: None,
             hold_wal_for_archive: false,
             quotas: TenantQuotas::default(),
+            writer_history: None,
         }
     }
 }
@@ -163,7 +167,10 @@ impl ShardPool {
             let run = ShardRun {
                 id,
                 dir: shard_dir(&config.data_dir, id),
-                wal: config.wal.clone(),
+                wal: WalConfig {
+                    history: config.writer_history.as_ref().map(|l| l.history(id)),
+                    ..config.wal.clone()
+                },
                 checkpoint: config.checkpoint,
                 hold_wal_for_archive: config.hold_wal_for_archive,
                 quotas: config.quotas,

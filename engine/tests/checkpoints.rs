@@ -682,3 +682,84 @@ fn a_tables_last_write_survives_restarts_as_an_upper_bound() {
         shard.close().await.expect("close");
     });
 }
+
+#[test]
+fn a_checkpoint_past_where_the_history_diverged_is_passed_over_and_the_log_cut() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    run_local(async {
+        let (shard, _) = open(dir.path()).await.expect("open");
+        let shard = Rc::new(shard);
+        setup(&shard).await;
+        write_range(&shard, 0, 400).await;
+        let older = shard.checkpoint().await.expect("checkpoint");
+        write_range(&shard, 400, 800).await;
+        let newer = shard.checkpoint().await.expect("checkpoint");
+        write_range(&shard, 800, 900).await;
+        shard.close().await.expect("close");
+        drop(shard);
+
+        // A new writer's epoch 5 began between the two checkpoints: this directory's
+        // frames from there on, and the newer checkpoint, are a dead branch.
+        let start = oc_io::Lsn(older.lsn.0 + 3);
+        assert!(start < newer.lsn);
+        let following = WalConfig {
+            epoch: oc_io::Epoch(5),
+            history: Some(oc_io::History::new(vec![(oc_io::Epoch(5), start)])),
+            ..config()
+        };
+        let storage = DmaStorage::open(dir.path()).await.expect("storage");
+        let (shard, report) = Shard::open(storage, following).await.expect("reopen");
+        assert_eq!(report.checkpoint, Some(older.lsn));
+        let [(passed_over, UnreadableFile { problem, .. })] = &report.unusable_checkpoints[..]
+        else {
+            panic!("{:?}", report.unusable_checkpoints);
+        };
+        assert_eq!(*passed_over, newer.lsn);
+        assert!(
+            matches!(problem, FileProblem::OffHistory { lsn, epoch: 1 } if *lsn == newer.lsn.0),
+            "{problem}"
+        );
+        assert_eq!(shard.applied_lsn().0, start.0 - 1);
+        let cut = report.wal.history_cut.as_ref().expect("a cut");
+        assert_eq!(cut.lsn, start);
+        assert!(!cut.set_aside.is_empty());
+        shard.close().await.expect("close");
+        drop(shard);
+
+        // The cut frames' segments are kept aside, whole.
+        let aside: Vec<String> = std::fs::read_dir(dir.path())
+            .expect("dir")
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with(&format!("diverged-at-{}-", start.0)))
+            .collect();
+        assert_eq!(aside.len(), cut.set_aside.len(), "{aside:?}");
+
+        // Without the older checkpoint's log, nothing on the history is left to start
+        // from: the open is refused and says why.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (shard, _) = open(dir.path()).await.expect("open");
+        let shard = Rc::new(shard);
+        setup(&shard).await;
+        write_range(&shard, 0, 3000).await;
+        let only = shard.checkpoint().await.expect("checkpoint");
+        let released = shard.release_covered_wal().await.expect("release");
+        assert!(!released.is_empty());
+        shard.close().await.expect("close");
+        drop(shard);
+        let following = WalConfig {
+            epoch: oc_io::Epoch(5),
+            history: Some(oc_io::History::new(vec![(
+                oc_io::Epoch(5),
+                oc_io::Lsn(only.lsn.0 - 5),
+            )])),
+            ..config()
+        };
+        let storage = DmaStorage::open(dir.path()).await.expect("storage");
+        let refused = Shard::open(storage, following)
+            .await
+            .err()
+            .expect("refused");
+        let message = refused.to_string();
+        assert!(message.contains("not on the writer's history"), "{message}");
+    });
+}

@@ -58,6 +58,13 @@ pub enum Error {
         configured: crate::wal::Epoch,
         in_log: crate::wal::Epoch,
     },
+    /// A frame a checkpoint already holds is not on the writer's history: cutting the
+    /// log cannot take it back.
+    #[error("LSN {} of epoch {}, which a checkpoint holds, is not on the writer's history", lsn.0, epoch.0)]
+    OffHistory {
+        lsn: crate::wal::Lsn,
+        epoch: crate::wal::Epoch,
+    },
     /// A writer's frame handed to a follower's log does not continue it (a gap, an
     /// older epoch, a broken group). Nothing was written; resume from the durable LSN.
     #[error("stamped frame refused: {0}")]

@@ -292,6 +292,9 @@ pub fn run(config: ServerConfig) -> Result<()> {
         },
         hold_wal_for_archive: shipping,
         quotas: config.tenant_quotas(),
+        // A follower's logs keep to its writer's history: a returning ex-writer's
+        // divergent tail is cut (and kept aside) before anything is replayed.
+        writer_history: matches!(role, Role::Follower { .. }).then(|| layout.clone()),
         checkpoint: Some(CheckpointPolicy {
             interval: Duration::from_secs(config.checkpoint_interval_s),
             wal_bytes: config.checkpoint_wal_bytes,

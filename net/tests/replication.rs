@@ -1056,6 +1056,165 @@ fn the_old_writer_rejoins_as_a_follower_of_the_promoted_one() {
     assert_eq!(refused.status, 421, "{refused:?}");
 }
 
+/// A TCP proxy in front of a writer's replication listener that can cut the link (a
+/// network partition): every connection through it is shut down, and new ones are
+/// closed as soon as they are accepted.
+struct Proxy {
+    addr: String,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+    links: Arc<Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Proxy {
+    fn start(upstream: &str) -> Proxy {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let links: Arc<Mutex<Vec<std::net::TcpStream>>> = Arc::default();
+        let (upstream, thread_cut, thread_links) =
+            (upstream.to_string(), cut.clone(), links.clone());
+        std::thread::spawn(move || {
+            for down in listener.incoming().filter_map(Result::ok) {
+                if thread_cut.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: closed at once
+                }
+                let Ok(up) = std::net::TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                let pipe = |mut from: std::net::TcpStream, mut to: std::net::TcpStream| {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                };
+                let clones = (down.try_clone(), up.try_clone());
+                if let (Ok(down2), Ok(up2)) = clones {
+                    thread_links.lock().expect("links").extend([
+                        down2.try_clone().expect("clone"),
+                        up2.try_clone().expect("clone"),
+                    ]);
+                    pipe(down, up2);
+                    pipe(up, down2);
+                }
+            }
+        });
+        Proxy { addr, cut, links }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for link in self.links.lock().expect("links").drain(..) {
+            let _ = link.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// The files a log set aside when it was cut where it left its writer's history.
+fn set_aside_files(data_dir: &std::path::Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut dirs = vec![data_dir.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            if entry.path().is_dir() {
+                dirs.push(entry.path());
+            } else if name.starts_with("diverged-at-") {
+                found.push(name);
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn a_partitioned_old_writer_cuts_its_divergent_tail_and_rejoins_on_its_own_directory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let archive = archive_in(dir.path());
+    let writer = writer_on(
+        &dir.path().join("writer"),
+        &archive,
+        &["--sync-replication", "--sync-timeout-ms", "300"],
+    );
+    let proxy = Proxy::start(&writer.replication.clone().expect("replication address"));
+    let follower = follower_on(
+        &dir.path().join("follower"),
+        &proxy.addr,
+        &archive,
+        &["--replication-listen", "127.0.0.1:0"],
+    );
+    setup_tenants(&writer);
+    let model: Model = Arc::default();
+    write_rows(&writer, &model, 0, 10);
+    // The partition: the writer logs these writes but no follower confirms them, so
+    // none is acknowledged; they are the old writer's divergent tail.
+    proxy.cut();
+    let mut unacknowledged = Vec::new();
+    for tenant in TENANTS {
+        for id in 1000..1003 {
+            let reply = writer.post(
+                &format!("/v1/tenants/{tenant}/tables/items/rows"),
+                &json!({"ops": [{"upsert": {"id": id, "name": "never acknowledged", "batch": 1}}]}),
+            );
+            assert_eq!(reply.status, 503, "{reply:?}");
+            unacknowledged.push((tenant, id));
+        }
+    }
+    writer.kill9();
+    let promoted = promote(&follower, false);
+    assert_eq!(promoted.status, 200, "{promoted:?}\n{}", follower.stderr());
+    let at_promotion = applied_total(&follower);
+    write_rows(&follower, &model, 10, 10);
+
+    // The old writer follows the new one on its own directory: its log is cut where
+    // the new epoch began, the cut frames kept aside, and nothing is copied again.
+    let new_leader = follower.replication.clone().expect("replication address");
+    let rejoined = follower_on(&dir.path().join("writer"), &new_leader, &archive, &[]);
+    wait_until_matches(&rejoined, &model);
+    for (tenant, id) in &unacknowledged {
+        assert!(
+            !rows_of(&rejoined, tenant).contains_key(id),
+            "{tenant}/{id}, never acknowledged and not on the new writer, survived the rejoin"
+        );
+    }
+    let set_aside = set_aside_files(&dir.path().join("writer"));
+    assert!(
+        !set_aside.is_empty(),
+        "no divergent segment was set aside:\n{}",
+        rejoined.stderr()
+    );
+    assert!(
+        rejoined
+            .stderr()
+            .contains("cut the log where it left the writer's history"),
+        "{}",
+        rejoined.stderr()
+    );
+    let received = sum_over_shards(
+        &rejoined.ops_get("/metrics").1,
+        "oc_replication_frames_total",
+        "direction=\"received\"",
+        2,
+    );
+    let written_since = applied_total(&follower) - at_promotion;
+    assert!(
+        received <= written_since as f64,
+        "the rejoined follower received {received} frames, {written_since} were written since \
+         the promotion: it was copied again\n{}",
+        rejoined.stderr()
+    );
+    // It goes on following, and a restart cuts nothing more.
+    write_rows(&follower, &model, 20, 5);
+    wait_until_matches(&rejoined, &model);
+    drop(rejoined);
+    let restarted = follower_on(&dir.path().join("writer"), &new_leader, &archive, &[]);
+    wait_until_matches(&restarted, &model);
+    assert!(
+        !restarted.stderr().contains("cut the log"),
+        "{}",
+        restarted.stderr()
+    );
+}
+
 #[test]
 fn a_synchronous_writer_serves_no_more_followers_than_it_waits_for() {
     let dir = tempfile::tempdir().expect("tempdir");

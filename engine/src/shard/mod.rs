@@ -15,7 +15,7 @@ use std::rc::Rc;
 use std::task::{Poll, Waker};
 
 use glommio::Task;
-use oc_io::{Lsn, Pending, RecoveryReport, Storage, TimestampMicros, Wal, WalConfig};
+use oc_io::{Epoch, Lsn, Pending, RecoveryReport, Storage, TimestampMicros, Wal, WalConfig};
 
 use crate::apply::{apply_logged, remembered};
 pub use crate::apply::{Applied, ShardState};
@@ -27,7 +27,7 @@ mod replica;
 
 use crate::checkpoint::{self, CheckpointInfo};
 use crate::command::Command;
-use crate::error::EngineError;
+use crate::error::{EngineError, FileProblem, UnreadableFile};
 use crate::feed::{self, ChangeBatch, Feed};
 use crate::idempotency;
 use crate::query::{
@@ -103,6 +103,15 @@ pub struct Shard<S: Storage> {
     _applier: Task<()>,
 }
 
+/// Whether a checkpoint at `lsn`, taken while the log wrote `epoch`, is on the history a
+/// follower's log must keep to (always, when there is none).
+fn on_history(config: &WalConfig, lsn: Lsn, epoch: Epoch) -> bool {
+    config
+        .history
+        .as_ref()
+        .is_none_or(|history| history.contains(epoch, lsn))
+}
+
 impl<S: Storage> Shard<S> {
     /// Loads the newest usable checkpoint (falling back to older ones), replays the
     /// log after it, and starts the applier.
@@ -118,6 +127,15 @@ impl<S: Storage> Shard<S> {
         let mut loaded = None;
         for lsn in checkpoint::list_checkpoints(&storage).await? {
             match checkpoint::load_checkpoint(&storage, lsn).await {
+                Ok((_, info)) if !on_history(&config, info.lsn, info.epoch) => {
+                    let problem = FileProblem::OffHistory {
+                        lsn: info.lsn.0,
+                        epoch: info.epoch.0,
+                    };
+                    tracing::warn!(checkpoint = lsn.0, %problem, "checkpoint unusable; trying an older one");
+                    let file = checkpoint::manifest_name(lsn);
+                    unusable.push((lsn, UnreadableFile { file, problem }));
+                }
                 Ok(loaded_state) => {
                     loaded = Some(loaded_state);
                     break;
@@ -164,6 +182,17 @@ impl<S: Storage> Shard<S> {
                             .map(|(_, why)| why.to_string())
                             .collect::<Vec<_>>()
                             .join("; ")
+                    ),
+                })
+            }
+            Err(oc_io::Error::OffHistory { lsn, epoch }) => {
+                return Err(EngineError::Replay {
+                    lsn: lsn.0,
+                    why: format!(
+                        "the log's frame of epoch {} is not on the writer's history, and a \
+                         checkpoint already holds it: this directory cannot rejoin without \
+                         a re-copy; move it aside and start the follower on an empty one",
+                        epoch.0
                     ),
                 })
             }

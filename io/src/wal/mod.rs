@@ -7,6 +7,7 @@
 
 pub mod frame;
 pub mod group_commit;
+pub mod history;
 pub mod image;
 pub mod inspect;
 pub mod reader;
@@ -26,8 +27,9 @@ pub use frame::{
     Epoch, Frame, Lsn, RecordKind, TimestampMicros, MAX_FRAME_BYTES, MAX_TENANT_BYTES,
 };
 pub use group_commit::WalStats;
+pub use history::History;
 pub use reader::{LogRead, OwnedFrame};
-pub use recovery::{RecoveryReport, TailCut};
+pub use recovery::{HistoryCut, RecoveryReport, TailCut};
 
 use crate::buffer::{IoBuffer, BLOCK_SIZE};
 use crate::error::{Error, Result};
@@ -55,6 +57,10 @@ pub struct WalConfig {
     /// Cut the log at the first corrupt frame instead of refusing to open (loses the
     /// frames after it; an operator's explicit decision).
     pub truncate_corrupt: bool,
+    /// A follower's writer's history: the log is cut at its first frame off it (a
+    /// returning ex-writer's divergent tail), the cut frames set aside as
+    /// `diverged-at-<lsn>-<segment>` files (FORMAT.md §4).
+    pub history: Option<History>,
 }
 
 impl Default for WalConfig {
@@ -66,6 +72,7 @@ impl Default for WalConfig {
             max_group_bytes: DEFAULT_MAX_GROUP_BYTES,
             max_group_delay: Duration::ZERO,
             truncate_corrupt: false,
+            history: None,
         }
     }
 }

@@ -61,6 +61,27 @@ pub struct RecoveryReport {
     pub truncated_corruption: Option<TailCut>,
     /// Files removed: a half-made spare, an empty last segment, segments after a cut.
     pub removed: Vec<String>,
+    /// Where the log left the writer's history and was cut (a returning ex-writer).
+    pub history_cut: Option<HistoryCut>,
+}
+
+/// Frames cut because they are not on the writer's history (`WalConfig::history`):
+/// never acknowledged under synchronous replication, possibly acknowledged under
+/// asynchronous. They are kept, not destroyed: every segment holding one is set aside
+/// whole as `diverged-at-<lsn>-<segment name>` beside the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryCut {
+    /// The first frame cut.
+    pub lsn: Lsn,
+    pub epoch: Epoch,
+    /// The files set aside, oldest first.
+    pub set_aside: Vec<String>,
+}
+
+/// The name `segment`, holding frames off the writer's history from `lsn` on, is set
+/// aside under.
+pub fn set_aside_name(lsn: Lsn, segment: &str) -> String {
+    format!("diverged-at-{}-{segment}", lsn.0)
 }
 
 /// A segment the log keeps, with its first LSN (for releasing old segments).
@@ -144,6 +165,67 @@ async fn zero_tail<S: Storage>(
     Ok(zero_end - valid_end)
 }
 
+/// Why a segment's scan stopped early.
+enum ScanStop {
+    Failed(Error),
+    /// The frame at this offset, LSN and epoch is the first off the writer's history.
+    OffHistory(u64, Lsn, Epoch),
+}
+
+/// Sets aside the segments holding frames off the writer's history, the first cut at
+/// `lsn`: `segments` (that one, then the later ones) are renamed, newest first, so an
+/// interrupted cut leaves a chain that the next open cuts again; the first one is
+/// copied instead (its whole `bytes`) when it keeps frames, and the caller replaces it.
+async fn set_aside<S: Storage>(
+    storage: &S,
+    lsn: Lsn,
+    segments: &[(String, Epoch, Lsn)],
+    bytes: &[u8],
+) -> Result<Vec<String>> {
+    let aside = |name: &str| set_aside_name(lsn, name);
+    for (later, _, _) in segments[1..].iter().rev() {
+        storage.rename(later, &aside(later)).await?;
+    }
+    let (first, _, first_lsn) = &segments[0];
+    if *first_lsn == lsn {
+        storage.rename(first, &aside(first)).await?;
+    } else {
+        write_file(storage, &aside(first), bytes).await?;
+    }
+    storage.sync_dir().await?;
+    Ok(segments.iter().map(|(name, _, _)| aside(name)).collect())
+}
+
+/// Writes `bytes` to a new durable file `name`, replacing what an interrupted attempt
+/// left there.
+async fn write_file<S: Storage>(storage: &S, name: &str, bytes: &[u8]) -> Result<S::File> {
+    if storage.list().await?.iter().any(|n| n == name) {
+        storage.remove(name).await?;
+    }
+    let file = storage.create(name, bytes.len() as u64).await?;
+    let mut at = 0;
+    while at < bytes.len() {
+        let len = (bytes.len() - at).min(ZERO_CHUNK_BYTES);
+        let mut buf = storage.alloc_buffer(len);
+        buf.as_bytes_mut().copy_from_slice(&bytes[at..at + len]);
+        file.write_at(buf, at as u64).await?;
+        at += len;
+    }
+    file.sync().await?;
+    Ok(file)
+}
+
+/// Replaces segment `name` with `bytes` in one rename, so a crash leaves the old one or
+/// the new one, never a mix (zeroing in place could leave a damaged frame before older
+/// ones, which reads as corruption).
+async fn replace_segment<S: Storage>(storage: &S, name: &str, bytes: &[u8]) -> Result<S::File> {
+    let temporary = format!("{name}.cut.tmp");
+    drop(write_file(storage, &temporary, bytes).await?);
+    storage.rename(&temporary, name).await?;
+    storage.sync_dir().await?;
+    storage.open(name).await
+}
+
 /// Reads and repairs the log, calling `on_frame` for every frame with LSN ≥ `replay_from`.
 pub(crate) async fn recover<S: Storage>(
     storage: &S,
@@ -193,7 +275,7 @@ pub(crate) async fn recover<S: Storage>(
     while index < count {
         let (name, name_epoch, name_lsn) = &names[index];
         let is_last = index + 1 == count;
-        let file = storage.open(name).await?;
+        let mut file = storage.open(name).await?;
         read_whole(&file, &mut bytes).await?;
         report.bytes_scanned += bytes.len() as u64;
         let corrupt = |offset: u64, reason: String| Error::Corrupt {
@@ -269,17 +351,52 @@ pub(crate) async fn recover<S: Storage>(
             ));
         }
 
-        let scan = scan_segment(&bytes, &header, |frame, _| {
+        let mut is_last = is_last;
+        let scanned = scan_segment(&bytes, &header, |frame, offset| {
+            if let Some(history) = &config.history {
+                if !history.contains(frame.epoch, frame.lsn) {
+                    return Err(ScanStop::OffHistory(offset, frame.lsn, frame.epoch));
+                }
+            }
             if frame.lsn >= replay_from {
                 report.frames_replayed += 1;
-                on_frame(frame).map_err(|reason| Error::Corrupt {
-                    file: name.clone(),
-                    offset: 0,
-                    reason: format!("replay of LSN {} refused: {reason}", frame.lsn),
+                on_frame(frame).map_err(|reason| {
+                    ScanStop::Failed(Error::Corrupt {
+                        file: name.clone(),
+                        offset: 0,
+                        reason: format!("replay of LSN {} refused: {reason}", frame.lsn),
+                    })
                 })?;
             }
-            Ok::<(), Error>(())
-        })?;
+            Ok(())
+        });
+        let scan = match scanned {
+            Ok(scan) => scan,
+            Err(ScanStop::Failed(e)) => return Err(e),
+            Err(ScanStop::OffHistory(offset, lsn, epoch)) => {
+                if lsn < replay_from {
+                    // A checkpoint holds it: cutting the log cannot take it back.
+                    return Err(Error::OffHistory { lsn, epoch });
+                }
+                let set_aside = set_aside(storage, lsn, &names[index..], &bytes).await?;
+                tracing::warn!(lsn = lsn.0, epoch = epoch.0, ?set_aside, "cut the log where it left the writer's history; the frames cut are kept in the files set aside");
+                report.history_cut = Some(HistoryCut {
+                    lsn,
+                    epoch,
+                    set_aside,
+                });
+                if lsn == header.first_lsn {
+                    // The whole segment was off the history and is set aside: the log
+                    // ends with the previous one.
+                    break;
+                }
+                bytes[offset as usize..].fill(0);
+                file = replace_segment(storage, name, &bytes).await?;
+                is_last = true;
+                index = count - 1;
+                scan_segment(&bytes, &header, |_, _| Ok::<(), Error>(()))?
+            }
+        };
         report.frames_scanned += scan.frames;
         report.first_lsn.get_or_insert(header.first_lsn);
         report.last_lsn = scan.last_lsn;
