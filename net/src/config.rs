@@ -203,6 +203,11 @@ pub struct ServerConfig {
     /// The writer's replication listener, `host:port` (follower mode).
     #[arg(long, env = "OC_LEADER_ADDR")]
     pub leader_addr: Option<String>,
+    /// PEM certificates the writer's certificate must chain to (follower mode): the
+    /// follower then speaks TLS to the writer, whose replication listener serves TLS
+    /// when it has --tls-cert (the API's certificate; a promoted follower's too).
+    #[arg(long, env = "OC_LEADER_CA")]
+    pub leader_ca: Option<PathBuf>,
     /// Where a writer listens for followers (off when absent).
     #[arg(long, env = "OC_REPLICATION_LISTEN")]
     pub replication_listen: Option<SocketAddr>,
@@ -579,10 +584,64 @@ impl ServerConfig {
         )))
     }
 
+    /// How this follower speaks TLS to its writer, when --leader-ca is given.
+    pub fn leader_tls(&self) -> Result<Option<crate::replication::LeaderTls>, String> {
+        use futures_rustls::rustls;
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, ServerName};
+        let Some(ca) = &self.leader_ca else {
+            return Ok(None);
+        };
+        let Some(leader) = self
+            .leader_addr
+            .as_deref()
+            .filter(|_| self.mode == "follower")
+        else {
+            return Err("--leader-ca is for --mode follower with --leader-addr".into());
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        let certs = CertificateDer::pem_file_iter(ca)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| {
+                format!(
+                    "reading certificates from --leader-ca {}: {e}",
+                    ca.display()
+                )
+            })?;
+        for cert in certs {
+            roots
+                .add(cert)
+                .map_err(|e| format!("--leader-ca {}: {e}", ca.display()))?;
+        }
+        if roots.is_empty() {
+            return Err(format!(
+                "--leader-ca {} holds no PEM certificate",
+                ca.display()
+            ));
+        }
+        let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS protocol versions: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let host = leader.rsplit_once(':').map_or(leader, |(host, _)| host);
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let name = ServerName::try_from(host.to_string()).map_err(|e| {
+            format!("the host of --leader-addr {leader} is not a name a certificate can carry: {e}")
+        })?;
+        Ok(Some(crate::replication::LeaderTls {
+            config: std::sync::Arc::new(config),
+            name,
+        }))
+    }
+
     /// Refuses settings that cannot work, with what to change.
     pub fn validate(&self) -> Result<(), String> {
         let auth = self.auth()?;
         self.tls()?;
+        self.leader_tls()?;
         self.validate_replication()?;
         let exposed = [self.listen, self.ops_listen]
             .into_iter()

@@ -121,6 +121,7 @@ pub fn run(config: ServerConfig) -> Result<()> {
     .context("refusing to start")?;
     let role = config.role();
     let replication_token = config.replication_token().map_err(|e| anyhow!(e))?;
+    let leader_tls = config.leader_tls().map_err(|e| anyhow!(e))?;
     // A follower's writer is looked up once, here: no blocking lookups later.
     let leader_addr = match &role {
         Role::Follower { leader } => Some(receiver::resolve(leader).map_err(|e| anyhow!(e))?),
@@ -139,7 +140,7 @@ pub fn run(config: ServerConfig) -> Result<()> {
         (Role::Follower { leader }, Some(addr)) => follower_layout(
             &config,
             (leader, addr),
-            replication_token.as_deref(),
+            (replication_token.as_deref(), leader_tls.as_ref()),
             &shutdown,
         )?,
     };
@@ -237,6 +238,8 @@ pub fn run(config: ServerConfig) -> Result<()> {
             role: role.clone(),
             listener: replication_listener.map(|l| l.into_raw_fd()),
             token: replication_token,
+            tls: config.tls().map_err(|e| anyhow!(e))?,
+            leader_tls,
             layout: layout.clone(),
             max_ready_lag_lsn: config.max_ready_lag_lsn,
             sync: config.sync_policy(),
@@ -394,14 +397,14 @@ fn on_displaced(format: LineFormat) -> shipper::OnDisplaced {
 fn follower_layout(
     config: &ServerConfig,
     (leader, addr): (&str, std::net::SocketAddr),
-    token: Option<&str>,
+    (token, tls): (Option<&str>, Option<&crate::replication::LeaderTls>),
     shutdown: &AtomicBool,
 ) -> Result<oc_engine::placement::Layout> {
     use oc_engine::placement;
     let local =
         placement::existing_layout(&config.data_dir).context("checking the data directory")?;
     let writer = loop {
-        match receiver::fetch_layout(leader, addr, "new", token) {
+        match receiver::fetch_layout(leader, addr, "new", token, tls) {
             Ok(writer) => break Some(writer),
             Err(why) if local.is_some() => {
                 tracing::warn!(%why, "the writer did not answer; starting from this directory's own log");

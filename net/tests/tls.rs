@@ -99,3 +99,128 @@ fn a_bad_certificate_file_is_refused_at_start() {
     .expect("refused");
     assert!(err.contains("cert.pem"), "{err}");
 }
+
+/// Starts `oc-server` with `args` and waits (up to 20 s) until its log says `wanted`;
+/// returns the log. For servers that do not come up (they wait for a writer).
+fn log_until(dir: &std::path::Path, args: &[&str], wanted: &str) -> String {
+    let log = dir.with_extension("log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_oc-server"))
+        .arg("--data-dir")
+        .arg(dir)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--ops-listen",
+            "127.0.0.1:0",
+            "--no-pin",
+        ])
+        .args(common::unsafe_fs_allowance(dir.parent().expect("parent")))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("spawn");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains(wanted) || std::time::Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    text
+}
+
+#[test]
+fn replication_runs_over_tls_to_a_follower_that_trusts_the_writers_certificate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key, certified) = common::self_signed_cert(dir.path());
+    let cert = cert.to_str().expect("path");
+    let writer = Server::start(
+        &dir.path().join("writer"),
+        &[
+            "--shards",
+            "2",
+            "--tls-cert",
+            cert,
+            "--tls-key",
+            key.to_str().expect("path"),
+            "--replication-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let leader = writer.replication.clone().expect("replication address");
+    let follower = Server::start(
+        &dir.path().join("follower"),
+        &[
+            "--mode",
+            "follower",
+            "--leader-addr",
+            &leader,
+            "--leader-ca",
+            cert,
+        ],
+    );
+    let agent = client_trusting(certified.cert.der());
+    let post = |path: &str, body: serde_json::Value| {
+        let reply = agent
+            .post(&format!("{}{path}", writer.api))
+            .set("content-type", "application/json")
+            .send_string(&body.to_string())
+            .expect("a write over TLS");
+        assert!(reply.status() < 300, "{}", reply.status());
+    };
+    post("/v1/tenants", json!({"tenant": "acme"}));
+    post("/v1/tenants/acme/tables", common::items_table());
+    for id in 0..50 {
+        post(
+            "/v1/tenants/acme/tables/items/rows",
+            json!({"ops": [{"upsert": {"id": id, "name": format!("n{id}"), "batch": id % 3}}]}),
+        );
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let counted = follower.post(
+            "/v1/tenants/acme/ask",
+            &json!({"sql": "SELECT count(*) FROM items"}),
+        );
+        if counted.status == 200 && counted.body["rows"][0][0] == 50 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the follower has {counted:?} after 30 s:\n{}",
+            follower.stderr()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+
+    // A follower speaking plain TCP hears that the writer speaks TLS, and what to pass.
+    let plain = log_until(
+        &dir.path().join("plain"),
+        &["--mode", "follower", "--leader-addr", &leader],
+        "--leader-ca",
+    );
+    assert!(plain.contains("speaks TLS"), "{plain}");
+    // One that trusts another certificate refuses the writer's.
+    let other = tempfile::tempdir().expect("tempdir");
+    let (other_cert, _, _) = common::self_signed_cert(other.path());
+    let untrusting = log_until(
+        &dir.path().join("untrusting"),
+        &[
+            "--mode",
+            "follower",
+            "--leader-addr",
+            &leader,
+            "--leader-ca",
+            other_cert.to_str().expect("path"),
+        ],
+        "invalid peer certificate",
+    );
+    assert!(
+        untrusting.contains("invalid peer certificate") && untrusting.contains("--leader-ca"),
+        "{untrusting}"
+    );
+}

@@ -24,6 +24,18 @@ pub const HEARTBEAT_EVERY: Duration = Duration::from_millis(500);
 /// A follower that hears nothing for this long reconnects.
 pub const SILENCE_LIMIT: Duration = Duration::from_secs(5);
 
+/// How a follower speaks TLS to its writer's replication listener (`--leader-ca`).
+#[derive(Debug, Clone)]
+pub struct LeaderTls {
+    pub config: std::sync::Arc<futures_rustls::rustls::ClientConfig>,
+    /// The name the writer's certificate must carry (`--leader-addr`'s host).
+    pub name: rustls_pki_types::ServerName<'static>,
+}
+
+/// The first byte of a TLS connection (a handshake record): a listener that speaks TLS
+/// tells a follower speaking plain TCP why it refuses, and the other way round.
+pub const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
 /// What this server is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Role {

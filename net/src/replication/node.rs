@@ -66,6 +66,10 @@ pub struct Setup {
     /// promoted).
     pub listener: Option<RawFd>,
     pub token: Option<String>,
+    /// The replication listener's TLS (the API's certificate), when it has one.
+    pub tls: Option<futures_rustls::TlsAcceptor>,
+    /// A follower's TLS to its writer (`--leader-ca`).
+    pub leader_tls: Option<super::LeaderTls>,
     pub layout: Layout,
     pub max_ready_lag_lsn: u64,
     /// The writer's synchronous replication (a follower's applies once promoted).
@@ -102,6 +106,8 @@ pub struct Node {
     router: RefCell<Option<Rc<ShardRouter>>>,
     listener: Cell<Option<RawFd>>,
     token: Option<String>,
+    tls: Option<futures_rustls::TlsAcceptor>,
+    leader_tls: Option<super::LeaderTls>,
     layout: RefCell<Layout>,
     sync: Cell<Option<SyncPolicy>>,
     leader_addr: Option<std::net::SocketAddr>,
@@ -129,6 +135,8 @@ impl Node {
             router: RefCell::new(None),
             listener: Cell::new(setup.listener),
             token: setup.token,
+            tls: setup.tls,
+            leader_tls: setup.leader_tls,
             layout: RefCell::new(setup.layout),
             sync: Cell::new(setup.sync),
             leader_addr: setup.leader_addr,
@@ -164,6 +172,7 @@ impl Node {
             router: router.clone(),
             layout: Arc::new(self.layout.borrow().clone()),
             token: self.token.clone(),
+            tls: self.tls.clone(),
             status: self.status.clone(),
             sync: self.sync.get(),
         });
@@ -185,6 +194,7 @@ impl Node {
             addr,
             follower_id: self.layout.borrow().id.to_string(),
             token: self.token.clone(),
+            tls: self.leader_tls.clone(),
             status: self.status.clone(),
         });
         let mut tasks = self.tasks.borrow_mut();

@@ -10,13 +10,14 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use futures_lite::io::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 use oc_engine::placement::EpochStart;
 use oc_engine::{ShardNode, ShardRouter};
 use oc_io::{Epoch, Lsn};
 
 use super::wire::{self, Message, Want, MAX_MESSAGE_BYTES};
-use super::{ReplicationStatus, SILENCE_LIMIT};
+use super::{LeaderTls, ReplicationStatus, SILENCE_LIMIT};
 
 /// Time to set up a connection to the writer.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -48,8 +49,8 @@ pub fn fetch_layout(
     addr: SocketAddr,
     follower_id: &str,
     token: Option<&str>,
+    tls: Option<&LeaderTls>,
 ) -> Result<WriterLayout, String> {
-    use std::io::Write;
     let stream = std::net::TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
         .map_err(|e| format!("connecting to the writer's replication listener {leader}: {e}"))?;
     let io_timeout = Some(SILENCE_LIMIT);
@@ -63,12 +64,20 @@ pub fn fetch_layout(
         epoch: 0,
         want: Want::Layout,
     };
-    (&stream)
-        .write_all(&hello.encode())
-        .map_err(|e| format!("asking {leader} for its layout: {e}"))?;
-    let mut reader = futures_lite::io::AssertAsync::new(&stream);
-    let answer = futures_lite::future::block_on(wire::read_message(&mut reader, 1 << 20))
-        .map_err(|e| format!("reading {leader}'s layout: {e}"))?;
+    let answer = match tls {
+        None => ask_layout(stream, &hello),
+        Some(tls) => {
+            let connection =
+                futures_rustls::rustls::ClientConnection::new(tls.config.clone(), tls.name.clone())
+                    .map_err(|e| format!("TLS to {leader}: {e}"))?;
+            ask_layout(
+                futures_rustls::rustls::StreamOwned::new(connection, stream),
+                &hello,
+            )
+            .map_err(|e| tls_failure(leader, e))
+        }
+    }
+    .map_err(|e| format!("asking {leader} for its layout: {e}"))?;
     match answer {
         Message::Layout {
             shards,
@@ -92,6 +101,20 @@ pub fn fetch_layout(
     }
 }
 
+/// Sends `hello` and reads the one answer.
+fn ask_layout<S: std::io::Read + std::io::Write>(
+    mut stream: S,
+    hello: &Message,
+) -> Result<Message, String> {
+    stream
+        .write_all(&hello.encode())
+        .and_then(|()| stream.flush())
+        .map_err(|e| e.to_string())?;
+    let mut reader = futures_lite::io::AssertAsync::new(&mut stream);
+    futures_lite::future::block_on(wire::read_message(&mut reader, 1 << 20))
+        .map_err(|e| e.to_string())
+}
+
 /// What the per-shard tasks follow with.
 pub struct Receiver {
     pub router: Rc<ShardRouter>,
@@ -101,6 +124,8 @@ pub struct Receiver {
     /// This follower's data directory id (the writer counts followers by it).
     pub follower_id: String,
     pub token: Option<String>,
+    /// TLS to the writer (`--leader-ca`).
+    pub tls: Option<LeaderTls>,
     pub status: Rc<ReplicationStatus>,
 }
 
@@ -145,7 +170,7 @@ async fn follow_once(receiver: &Receiver, shard: usize) -> Result<(), String> {
         })
         .await
         .map_err(|e| e.to_string())?;
-    let mut stream = TcpStream::connect_timeout(receiver.addr, CONNECT_TIMEOUT)
+    let stream = TcpStream::connect_timeout(receiver.addr, CONNECT_TIMEOUT)
         .await
         .map_err(|e| format!("connecting to {}: {e}", receiver.leader))?;
     let _ = stream.set_nodelay(true);
@@ -153,6 +178,47 @@ async fn follow_once(receiver: &Receiver, shard: usize) -> Result<(), String> {
         .set_read_timeout(Some(SILENCE_LIMIT))
         .and_then(|()| stream.set_write_timeout(Some(SILENCE_LIMIT)))
         .map_err(|e| e.to_string())?;
+    let position = (after, epoch, durable, applied);
+    let Some(tls) = &receiver.tls else {
+        return exchange(receiver, shard, stream, position).await;
+    };
+    let connector = futures_rustls::TlsConnector::from(tls.config.clone());
+    let handshake = async {
+        connector
+            .connect(tls.name.clone(), stream)
+            .await
+            .map_err(|e| tls_failure(&receiver.leader, e))
+    };
+    let deadline = async {
+        glommio::timer::sleep(CONNECT_TIMEOUT).await;
+        Err(format!(
+            "no TLS handshake with {} within {} s",
+            receiver.leader,
+            CONNECT_TIMEOUT.as_secs()
+        ))
+    };
+    let stream = futures_lite::future::or(handshake, deadline).await?;
+    exchange(receiver, shard, stream, position).await
+}
+
+/// Why TLS with the writer failed, with the likely fix.
+fn tls_failure(leader: &str, e: impl std::fmt::Display) -> String {
+    format!(
+        "TLS with {leader}: {e} (a writer's replication listener speaks TLS only when it \
+         has --tls-cert, and its certificate must chain to --leader-ca and name \
+         --leader-addr's host)"
+    )
+}
+
+/// Says hello from `position` (the log's last placed frame and its epoch, what is
+/// durable and applied) and places what the writer sends until the connection ends.
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    receiver: &Receiver,
+    shard: usize,
+    mut stream: S,
+    (after, epoch, durable, applied): (Lsn, Epoch, Lsn, Lsn),
+) -> Result<(), String> {
+    let router = &receiver.router;
     let hello = Message::Hello {
         token: receiver.token.clone().unwrap_or_default().into_bytes(),
         follower_id: receiver.follower_id.clone(),

@@ -16,7 +16,8 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_lite::io::AsyncWrite;
+use futures_lite::io::{AsyncRead, AsyncWrite};
+use futures_rustls::TlsAcceptor;
 use glommio::net::{TcpListener, TcpStream};
 use oc_engine::placement::Layout;
 use oc_engine::{ShardNode, ShardRouter};
@@ -24,7 +25,7 @@ use oc_io::{LogRead, Lsn, TimestampMicros};
 
 use super::gate::{self, OnTimeout, SyncPolicy};
 use super::wire::{self, EpochStart, Message, RefusedCode, Want};
-use super::{token_matches, ReplicationStatus, HEARTBEAT_EVERY};
+use super::{token_matches, ReplicationStatus, HEARTBEAT_EVERY, TLS_HANDSHAKE_RECORD};
 
 /// Follower connections served at once per shard (each follower holds one per shard,
 /// and a connection waiting for its hello counts too); more are refused.
@@ -45,6 +46,8 @@ pub struct Sender {
     pub layout: Arc<Layout>,
     /// The token followers must present (`None`: authentication is off).
     pub token: Option<String>,
+    /// TLS, with the API's certificate (`--tls-cert`).
+    pub tls: Option<TlsAcceptor>,
     pub status: Rc<ReplicationStatus>,
     /// Synchronous replication: the shards' gates are moved as the followers'
     /// acknowledgements arrive.
@@ -97,7 +100,7 @@ pub async fn serve(listener: TcpListener, sender: Rc<Sender>) {
             let peer = stream
                 .peer_addr()
                 .map_or_else(|_| "?".into(), |a| a.to_string());
-            if let Err(why) = connection(stream, sender).await {
+            if let Err(why) = accepted(stream, sender).await {
                 tracing::info!(%peer, %why, "replication connection ended");
             }
             open.set(open.get() - 1);
@@ -124,12 +127,54 @@ async fn refuse<W: AsyncWrite + Unpin>(
     Err(reason)
 }
 
-async fn connection(mut stream: TcpStream, sender: Rc<Sender>) -> Result<(), String> {
+/// Sets up an accepted connection, with TLS when the listener has it, and serves it.
+async fn accepted(mut stream: TcpStream, sender: Rc<Sender>) -> Result<(), String> {
     let _ = stream.set_nodelay(true);
     stream
-        .set_read_timeout(Some(HELLO_TIMEOUT))
+        .set_read_timeout(Some(ACK_TIMEOUT))
         .and_then(|()| stream.set_write_timeout(Some(WRITE_TIMEOUT)))
         .map_err(|e| e.to_string())?;
+    let Some(tls) = sender.tls.clone() else {
+        return connection(stream, sender).await;
+    };
+    let handshake = async {
+        // A follower speaking plain TCP hears why it is refused, in plain TCP.
+        let mut first = [0u8; 1];
+        if stream.peek(&mut first).await.map_err(|e| e.to_string())? != 1
+            || first[0] != TLS_HANDSHAKE_RECORD
+        {
+            return refuse(
+                &mut stream,
+                RefusedCode::BadHello,
+                "this writer's replication listener speaks TLS (it has --tls-cert): start the \
+                 follower with --leader-ca naming the certificate (or its CA)"
+                    .into(),
+            )
+            .await
+            .map(|()| None);
+        }
+        tls.accept(stream)
+            .await
+            .map(Some)
+            .map_err(|e| format!("TLS handshake: {e}"))
+    };
+    let deadline = async {
+        glommio::timer::sleep(HELLO_TIMEOUT).await;
+        Err(format!(
+            "no TLS handshake within {} s",
+            HELLO_TIMEOUT.as_secs()
+        ))
+    };
+    match futures_lite::future::or(handshake, deadline).await? {
+        Some(stream) => connection(stream, sender).await,
+        None => Ok(()),
+    }
+}
+
+async fn connection<S: AsyncRead + AsyncWrite + Unpin + 'static>(
+    mut stream: S,
+    sender: Rc<Sender>,
+) -> Result<(), String> {
     // One deadline for the whole hello: a peer sending a byte at a time cannot hold
     // the slot longer.
     let read = wire::read_message(&mut stream, MAX_HELLO_BYTES);
@@ -260,9 +305,6 @@ async fn connection(mut stream: TcpStream, sender: Rc<Sender>) -> Result<(), Str
             .await;
         }
     }
-    stream
-        .set_read_timeout(Some(ACK_TIMEOUT))
-        .map_err(|e| e.to_string())?;
     tracing::info!(shard, after = after.0, %follower_id, "a follower is streaming");
     let (reader, writer) = futures_lite::io::split(stream);
     let link = &sender.status.links[shard];
@@ -296,8 +338,8 @@ async fn connection(mut stream: TcpStream, sender: Rc<Sender>) -> Result<(), Str
 
 /// Sends the frames of `shard` after `after`, then follows the log, until the
 /// connection fails or the ack reader ends it.
-async fn stream_frames(
-    mut writer: futures_lite::io::WriteHalf<TcpStream>,
+async fn stream_frames<S: AsyncRead + AsyncWrite + Unpin>(
+    mut writer: futures_lite::io::WriteHalf<S>,
     sender: &Sender,
     shard: usize,
     sent: &Cell<Lsn>,
@@ -392,8 +434,8 @@ async fn stream_frames(
 
 /// Reads the follower's acknowledgements into the link (and, with synchronous
 /// replication, moves the shard's gate) until the connection ends.
-async fn read_acks(
-    mut reader: futures_lite::io::ReadHalf<TcpStream>,
+async fn read_acks<S: AsyncRead + AsyncWrite + Unpin>(
+    mut reader: futures_lite::io::ReadHalf<S>,
     sender: Rc<Sender>,
     (shard, id, follower): (usize, u64, String),
     sent: Rc<Cell<Lsn>>,
