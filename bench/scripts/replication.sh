@@ -8,6 +8,7 @@
 # Part 2: RTO. A synchronous pair under load; kill -9 the writer, promote the follower,
 # and time the first acknowledged write on it; TRIALS times (default 5).
 # Part 3: planned switchover (below).
+# PARTS (default 123) picks the parts to run, e.g. PARTS=3.
 #
 #   bench/scripts/replication.sh <dir on ext4/xfs> <out dir> [rate] [seconds]
 set -euo pipefail
@@ -55,7 +56,9 @@ refused_421() { # ops address
   curl -s "$1/metrics" | awk '/^oc_http_requests_total\{.*status="421"/ { n += $2 } END { print n + 0 }'
 }
 
+parts=${PARTS:-123}
 rounds=${ROUNDS:-3}
+[[ $parts == *1* ]] || rounds=0
 for round in $(seq "$rounds"); do
   order="alone async sync"
   [ $((round % 2)) = 0 ] && order="sync async alone"
@@ -72,6 +75,7 @@ for round in $(seq "$rounds"); do
 done
 
 trials=${TRIALS:-5}
+[[ $parts == *2* ]] || trials=0
 : > "$out/rto.ms"
 for trial in $(seq "$trials"); do
   echo "== failover (trial $trial)"
@@ -101,6 +105,7 @@ done
 # switchover` runs meanwhile. The longest gap between two acknowledged writes is the
 # write unavailability; SWITCHES times (default 10).
 switches=${SWITCHES:-10}
+[[ $parts == *3* ]] || switches=0
 : > "$out/switchover.ms"
 for trial in $(seq "$switches"); do
   echo "== switchover (trial $trial)"
@@ -155,19 +160,22 @@ def med(config, op, q):
 def spread(config, op, q):
     v = runs(config, op, q)
     return f"{min(v):.2f}–{max(v):.2f}"
-print("| config | write p50 ms | write p99 ms (min–max) | write p99 vs alone | read p99 ms | 421s (self-fencing) |")
-print("|---|---:|---|---:|---:|---:|")
-for c in ["alone", "async", "sync"]:
+if rounds:
+  print("| config | write p50 ms | write p99 ms (min–max) | write p99 vs alone | read p99 ms | 421s (self-fencing) |")
+  print("|---|---:|---|---:|---:|---:|")
+  for c in ["alone", "async", "sync"]:
     fenced = sum(int(open(f"{out}/fenced-{c}-{r}.count").read()) for r in range(1, rounds + 1))
     print(f"| {c} | {med(c,'writes','p50_us'):.2f} | {med(c,'writes','p99_us'):.2f} ({spread(c,'writes','p99_us')}) "
           f"| {med(c,'writes','p99_us')/med('alone','writes','p99_us'):.2f}× | {med(c,'reads','p99_us'):.2f} | {fenced} |")
 rto = [int(l) for l in open(f"{out}/rto.ms") if l.strip()]
-print(f"\nRTO (kill -9 of the writer to the first write acknowledged by the promoted follower), "
-      f"{len(rto)} trials: median {statistics.median(rto)} ms, min {min(rto)}, max {max(rto)}")
-for t in range(1, len(rto) + 1):
+if rto:
+  print(f"\nRTO (kill -9 of the writer to the first write acknowledged by the promoted follower), "
+        f"{len(rto)} trials: median {statistics.median(rto)} ms, min {min(rto)}, max {max(rto)}")
+  for t in range(1, len(rto) + 1):
     p = json.load(open(f"{out}/promote-{t}.json"))
     print(f"  trial {t}: promotion {p['took_ms']} ms, RTO {rto[t-1]} ms")
 sw = sorted(float(l) for l in open(f"{out}/switchover.ms") if l.strip())
-print(f"\nSwitchover: longest gap between acknowledged writes, {len(sw)} trials: "
-      f"median {statistics.median(sw):.1f} ms, max {max(sw):.1f} ms")
+if sw:
+  print(f"\nSwitchover: longest gap between acknowledged writes, {len(sw)} trials: "
+        f"median {statistics.median(sw):.1f} ms, max {max(sw):.1f} ms")
 PY
