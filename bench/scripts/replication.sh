@@ -8,7 +8,8 @@
 # Part 2: RTO. A synchronous pair under load; kill -9 the writer, promote the follower,
 # and time the first acknowledged write on it; TRIALS times (default 5).
 # Part 3: planned switchover (below).
-# PARTS (default 123) picks the parts to run, e.g. PARTS=3.
+# Part 4: how long an acknowledged write takes to be readable on the follower (below).
+# PARTS (default 1234) picks the parts to run, e.g. PARTS=3.
 #
 #   bench/scripts/replication.sh <dir on ext4/xfs> <out dir> [rate] [seconds]
 set -euo pipefail
@@ -56,7 +57,7 @@ refused_421() { # ops address
   curl -s "$1/metrics" | awk '/^oc_http_requests_total\{.*status="421"/ { n += $2 } END { print n + 0 }'
 }
 
-parts=${PARTS:-123}
+parts=${PARTS:-1234}
 rounds=${ROUNDS:-3}
 [[ $parts == *1* ]] || rounds=0
 for round in $(seq "$rounds"); do
@@ -150,6 +151,59 @@ PY
   rm -rf "$data"
 done
 
+# Part 4: visibility lag. A pair (asynchronous, then synchronous) under the Part 1 load
+# on the writer; one client writes a row, then reads it from the follower with
+# `min_lsn` = the LSN the write answered (the follower waits until it has applied it);
+# the time from the write's answer to the read's is how long the follower lagged, plus
+# one read's round trip, measured alone on the same connection (a row already there).
+lag_samples=${LAG_SAMPLES:-1000}
+[[ $parts == *4* ]] || lag_samples=0
+for config in async sync; do
+  [ "$lag_samples" = 0 ] && break
+  echo "== visibility lag ($config)"
+  data="$dir/lag-$config"; rm -rf "$data"; mkdir -p "$data"
+  start_pair "$config" "$data"
+  curl -sf -X POST -H 'content-type: application/json' -d '{"tenant":"lag"}' \
+    http://127.0.0.1:17080/v1/tenants >/dev/null
+  curl -sf -X POST -H 'content-type: application/json' \
+    -d '{"name":"items","columns":[{"name":"id","type":"int"}],"primary_key":["id"]}' \
+    http://127.0.0.1:17080/v1/tenants/lag/tables >/dev/null
+  "$bin/oc-bench" http --url http://127.0.0.1:17080 --rate "$rate" --seconds 60 \
+    --mix 50:50 --rows 20000 >/dev/null 2>&1 &
+  load=$!; pids+=("$load")
+  sleep 3
+  python3 - "$lag_samples" "$out/lag-$config.json" <<'PY'
+import http.client, json, sys, time
+n, out = int(sys.argv[1]), sys.argv[2]
+writer = http.client.HTTPConnection("127.0.0.1", 17080, timeout=10)
+follower = http.client.HTTPConnection("127.0.0.1", 17090, timeout=10)
+def call(conn, method, path, body=None):
+    conn.request(method, path, body, {"content-type": "application/json"})
+    r = conn.getresponse()
+    return r.status, r.read()
+lags, trips = [], []
+for i in range(n):
+    status, body = call(writer, "POST", "/v1/tenants/lag/tables/items/rows",
+                        json.dumps({"ops": [{"upsert": {"id": i}}]}))
+    assert status == 200, (status, body)
+    acked = time.monotonic()
+    status, body = call(follower, "GET", f"/v1/tenants/lag/tables/items/rows/{i}?min_lsn={json.loads(body)['lsn']}")
+    assert status == 200, (status, body)
+    seen = time.monotonic()
+    status, _ = call(follower, "GET", f"/v1/tenants/lag/tables/items/rows/{i}")
+    trips.append(time.monotonic() - seen)
+    lags.append(seen - acked)
+def q(v, p):
+    v = sorted(v)
+    return v[min(len(v) - 1, int(p * len(v)))] * 1000
+json.dump({"samples": n, "lag_ms": {"p50": q(lags, .5), "p99": q(lags, .99), "max": q(lags, 1)},
+           "read_ms": {"p50": q(trips, .5), "p99": q(trips, .99)}}, open(out, "w"))
+PY
+  kill -9 "$load" 2>/dev/null || true; wait "$load" 2>/dev/null || true
+  stop_pair
+  rm -rf "$data"
+done
+
 python3 - "$out" "$rounds" <<'PY'
 import json, sys, statistics
 out, rounds = sys.argv[1], int(sys.argv[2])
@@ -174,6 +228,13 @@ if rto:
   for t in range(1, len(rto) + 1):
     p = json.load(open(f"{out}/promote-{t}.json"))
     print(f"  trial {t}: promotion {p['took_ms']} ms, RTO {rto[t-1]} ms")
+import os
+for c in ["async", "sync"]:
+  if os.path.exists(f"{out}/lag-{c}.json"):
+    l = json.load(open(f"{out}/lag-{c}.json"))
+    print(f"\nVisibility lag, {c}, {l['samples']} writes: write answered → read with min_lsn answered "
+          f"p50 {l['lag_ms']['p50']:.2f} ms, p99 {l['lag_ms']['p99']:.2f} ms, max {l['lag_ms']['max']:.2f} ms "
+          f"(a read alone: p50 {l['read_ms']['p50']:.2f} ms, p99 {l['read_ms']['p99']:.2f} ms)")
 sw = sorted(float(l) for l in open(f"{out}/switchover.ms") if l.strip())
 if sw:
   print(f"\nSwitchover: longest gap between acknowledged writes, {len(sw)} trials: "

@@ -655,6 +655,18 @@ pub(crate) async fn list_checkpoints<S: Storage>(storage: &S) -> Result<Vec<Lsn>
 /// Loads the checkpoint at `lsn`, checking the manifest, the data CRC and every frame;
 /// returns the state and what the manifest says of the checkpoint. The error names
 /// the file that is wrong and what in it.
+/// Sets the checkpoint at `lsn` aside as `diverged-<name>` (a returning ex-writer's
+/// checkpoint past where its history left the writer's): nothing lists, loads, prunes
+/// or ships it again. The manifest goes first: a crash before the snapshot follows
+/// leaves a snapshot without a manifest, which the next open removes.
+pub(crate) async fn set_aside<S: Storage>(storage: &S, lsn: Lsn) -> Result<(), EngineError> {
+    for name in [manifest_name(lsn), snapshot_name(lsn)] {
+        storage.rename(&name, &format!("diverged-{name}")).await?;
+    }
+    storage.sync_dir().await?;
+    Ok(())
+}
+
 pub(crate) async fn load_checkpoint<S: Storage>(
     storage: &S,
     lsn: Lsn,

@@ -726,7 +726,15 @@ fn a_checkpoint_past_where_the_history_diverged_is_passed_over_and_the_log_cut()
         shard.close().await.expect("close");
         drop(shard);
 
-        // The cut frames' segments are kept aside, whole.
+        // The passed-over checkpoint is set aside (nothing loads or ships it again),
+        // and the cut frames' segments are kept aside, whole.
+        assert!(!dir.path().join(manifest_name(newer.lsn)).exists());
+        for name in [manifest_name(newer.lsn), snapshot_name(newer.lsn)] {
+            assert!(
+                dir.path().join(format!("diverged-{name}")).exists(),
+                "{name}"
+            );
+        }
         let aside: Vec<String> = std::fs::read_dir(dir.path())
             .expect("dir")
             .filter_map(|e| e.ok()?.file_name().into_string().ok())
@@ -760,6 +768,10 @@ fn a_checkpoint_past_where_the_history_diverged_is_passed_over_and_the_log_cut()
             .err()
             .expect("refused");
         let message = refused.to_string();
-        assert!(message.contains("not on the writer's history"), "{message}");
+        assert!(
+            message.contains("not on the writer's history")
+                && message.contains("cannot rejoin its writer without a re-copy"),
+            "{message}"
+        );
     });
 }

@@ -27,6 +27,10 @@ pub const EXIT_SHUTDOWN_OVERRAN: i32 = 4;
 /// another copy of this data directory ships to the same archive. Continuing would
 /// let two writers mix two histories there.
 pub const EXIT_ARCHIVE_TAKEN: i32 = 5;
+/// Exit status when a follower's writer refused it as diverged (its log holds frames
+/// off the writer's history): a restart takes the writer's epochs and cuts its log
+/// where it left that history, which a running follower cannot do.
+pub const EXIT_DIVERGED: i32 = 6;
 
 /// How the fatal line is written: like the text logs, or one JSON object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

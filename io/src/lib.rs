@@ -24,6 +24,6 @@ pub use storage::{
     seeds_from_env, DmaStorage, SeedGuard, SimFaults, SimRng, SimStorage, Storage, StorageFile,
 };
 pub use wal::{
-    DurableTail, Epoch, Frame, History, LogRead, Lsn, OwnedFrame, Pending, RecordKind,
+    DurableTail, Epoch, Frame, History, LogRead, Lsn, OwnedFrame, Pending, Position, RecordKind,
     RecoveryReport, TimestampMicros, Wal, WalConfig, WalStats,
 };

@@ -240,6 +240,7 @@ pub fn run(config: ServerConfig) -> Result<()> {
             token: replication_token,
             tls: config.tls().map_err(|e| anyhow!(e))?,
             leader_tls,
+            on_diverged: on_diverged(format),
             layout: layout.clone(),
             max_ready_lag_lsn: config.max_ready_lag_lsn,
             sync: config.sync_policy(),
@@ -374,6 +375,19 @@ fn ship_config(config: &ServerConfig, layout: &oc_engine::placement::Layout) -> 
 
 /// What happens when another process took the archive's owner record: the shipper's
 /// writes are already fenced; the process ends before anything else happens.
+/// What happens when the writer refuses this follower as diverged: the process ends,
+/// and its restart cuts the log where it left the writer's history.
+fn on_diverged(format: LineFormat) -> receiver::OnDiverged {
+    Arc::new(move |what| {
+        let line = fail_stop::fatal_line(
+            PROGRAM,
+            format,
+            &format!("{what}. Exiting with status {}", fail_stop::EXIT_DIVERGED),
+        );
+        fail_stop::exit_now(fail_stop::EXIT_DIVERGED, &line);
+    })
+}
+
 fn on_displaced(format: LineFormat) -> shipper::OnDisplaced {
     Box::new(move |what| {
         let line = fail_stop::fatal_line(
@@ -406,11 +420,14 @@ fn follower_layout(
     let writer = loop {
         match receiver::fetch_layout(leader, addr, "new", token, tls) {
             Ok(writer) => break Some(writer),
-            Err(why) if local.is_some() => {
+            // Waiting would not change the answer (and starting from this directory's
+            // own layout would skip the cut of a divergent log).
+            Err(receiver::LayoutError::Refused(why)) => bail!("{why}"),
+            Err(receiver::LayoutError::Unreachable(why)) if local.is_some() => {
                 tracing::warn!(%why, "the writer did not answer; starting from this directory's own log");
                 break None;
             }
-            Err(why) => {
+            Err(receiver::LayoutError::Unreachable(why)) => {
                 tracing::warn!(%why, "waiting for the writer to lay out this new follower");
                 if shutdown.load(Ordering::SeqCst) {
                     bail!("stopped while waiting for the writer at {leader}");

@@ -103,13 +103,19 @@ pub struct Shard<S: Storage> {
     _applier: Task<()>,
 }
 
-/// Whether a checkpoint at `lsn`, taken while the log wrote `epoch`, is on the history a
-/// follower's log must keep to (always, when there is none).
-fn on_history(config: &WalConfig, lsn: Lsn, epoch: Epoch) -> bool {
+/// What to do with a follower's directory whose checkpoints all hold writes off its
+/// writer's history.
+const REJOIN_NEEDS_A_COPY: &str = "this directory cannot rejoin its writer without a \
+    re-copy; move it aside and start the follower on an empty one (RUNBOOK.md, \
+    re-adding the old writer)";
+
+/// Whether a checkpoint at `lsn`, taken while the log wrote `epoch`, is past where its
+/// epoch ended on the history a follower's log keeps to (never, when there is none).
+fn off_history(config: &WalConfig, lsn: Lsn, epoch: Epoch) -> bool {
     config
         .history
         .as_ref()
-        .is_none_or(|history| history.contains(epoch, lsn))
+        .is_some_and(|history| history.position(epoch, lsn) == oc_io::Position::Off)
 }
 
 impl<S: Storage> Shard<S> {
@@ -127,12 +133,13 @@ impl<S: Storage> Shard<S> {
         let mut loaded = None;
         for lsn in checkpoint::list_checkpoints(&storage).await? {
             match checkpoint::load_checkpoint(&storage, lsn).await {
-                Ok((_, info)) if !on_history(&config, info.lsn, info.epoch) => {
+                Ok((_, info)) if off_history(&config, info.lsn, info.epoch) => {
                     let problem = FileProblem::OffHistory {
                         lsn: info.lsn.0,
                         epoch: info.epoch.0,
                     };
-                    tracing::warn!(checkpoint = lsn.0, %problem, "checkpoint unusable; trying an older one");
+                    tracing::warn!(checkpoint = lsn.0, %problem, "checkpoint set aside as diverged-checkpoint-*; trying an older one");
+                    checkpoint::set_aside(&storage, lsn).await?;
                     let file = checkpoint::manifest_name(lsn);
                     unusable.push((lsn, UnreadableFile { file, problem }));
                 }
@@ -176,12 +183,20 @@ impl<S: Storage> Shard<S> {
                     lsn: wanted.0,
                     why: format!(
                         "no usable checkpoint covers the log before LSN {first_available} \
-                         (unusable: [{}]); restore from a replica or the archive",
+                         (unusable: [{}]); {}",
                         unusable
                             .iter()
                             .map(|(_, why)| why.to_string())
                             .collect::<Vec<_>>()
-                            .join("; ")
+                            .join("; "),
+                        if unusable
+                            .iter()
+                            .any(|(_, why)| matches!(why.problem, FileProblem::OffHistory { .. }))
+                        {
+                            REJOIN_NEEDS_A_COPY
+                        } else {
+                            "restore from a replica or the archive"
+                        }
                     ),
                 })
             }
@@ -190,8 +205,7 @@ impl<S: Storage> Shard<S> {
                     lsn: lsn.0,
                     why: format!(
                         "the log's frame of epoch {} is not on the writer's history, and a \
-                         checkpoint already holds it: this directory cannot rejoin without \
-                         a re-copy; move it aside and start the follower on an empty one",
+                         checkpoint already holds it: {REJOIN_NEEDS_A_COPY}",
                         epoch.0
                     ),
                 })

@@ -24,21 +24,41 @@ impl History {
 
     /// Whether position (`epoch`, `lsn`) is on this history: of the newest epoch, or of
     /// epoch 1 or a recorded one below where the next epoch began. An epoch it has no
-    /// record of is not (when unsure, say no: the caller starts over or cuts, which
-    /// loses nothing the history holds).
+    /// record of, or whose end it does not know, is not (when unsure, say no: the
+    /// caller starts over, which is never wrong).
     pub fn contains(&self, epoch: Epoch, lsn: Lsn) -> bool {
+        self.position(epoch, lsn) == Position::On
+    }
+
+    /// Where (`epoch`, `lsn`) stands: [`Position::Off`] only when this history knows
+    /// the epoch and where the next one began, at or before `lsn` — what a log may be
+    /// cut for.
+    pub fn position(&self, epoch: Epoch, lsn: Lsn) -> Position {
         if epoch == self.epoch() {
-            return true;
+            return Position::On;
         }
         let known = epoch == Epoch(1) || self.later.iter().any(|(e, _)| *e == epoch);
         if epoch > self.epoch() || !known {
-            return false;
+            return Position::Unknown;
         }
-        self.later
-            .iter()
-            .find(|(e, _)| *e > epoch)
-            .is_some_and(|&(_, start)| lsn < start)
+        match self.later.iter().find(|(e, _)| *e > epoch) {
+            // A restore records an archive's epoch as beginning at LSN 0 when it does
+            // not know where the one before it ended.
+            Some(&(_, Lsn(0))) | None => Position::Unknown,
+            Some(&(_, start)) if lsn < start => Position::On,
+            Some(_) => Position::Off,
+        }
     }
+}
+
+/// Where a log position stands against a [`History`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Position {
+    On,
+    /// Past where its epoch ended: a divergent branch.
+    Off,
+    /// An epoch the history does not know, or whose end it does not know.
+    Unknown,
 }
 
 #[cfg(test)]
@@ -64,11 +84,19 @@ mod tests {
     }
 
     #[test]
-    fn unknown_newer_or_unrecorded_epochs_are_off_history() {
+    fn unknown_newer_or_unrecorded_epochs_are_off_history_but_never_cut() {
         let h = two_failovers();
         assert!(!h.contains(Epoch(8), Lsn(1)));
         assert!(!h.contains(Epoch(10), Lsn(1)));
+        assert_eq!(h.position(Epoch(8), Lsn(1)), Position::Unknown);
+        assert_eq!(h.position(Epoch(10), Lsn(1)), Position::Unknown);
+        assert_eq!(h.position(Epoch(7), Lsn(15)), Position::Off);
         assert!(History::default().contains(Epoch(1), Lsn(u64::MAX)));
         assert!(!History::default().contains(Epoch(2), Lsn(1)));
+        // A restored layout: epoch 3's archive, where epoch 1 ended unknown.
+        let restored = History::new(vec![(Epoch(3), Lsn(0)), (Epoch(9), Lsn(50))]);
+        assert!(!restored.contains(Epoch(1), Lsn(5)));
+        assert_eq!(restored.position(Epoch(1), Lsn(5)), Position::Unknown);
+        assert_eq!(restored.position(Epoch(3), Lsn(50)), Position::Off);
     }
 }

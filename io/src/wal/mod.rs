@@ -27,7 +27,7 @@ pub use frame::{
     Epoch, Frame, Lsn, RecordKind, TimestampMicros, MAX_FRAME_BYTES, MAX_TENANT_BYTES,
 };
 pub use group_commit::WalStats;
-pub use history::History;
+pub use history::{History, Position};
 pub use reader::{LogRead, OwnedFrame};
 pub use recovery::{HistoryCut, RecoveryReport, TailCut};
 

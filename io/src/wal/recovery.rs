@@ -14,6 +14,7 @@
 //!   older frames from a recycled file.
 
 use super::frame::{self, Epoch, Frame, Lsn, TimestampMicros};
+use super::history::Position;
 use super::scan::{scan_segment, ScanEnd};
 use super::segment::{
     parse_segment_name, SegmentHeader, DATA_START, RECYCLED_NAME, SPARE_PARTIAL_NAME,
@@ -26,6 +27,8 @@ use crate::storage::{Storage, StorageFile};
 
 /// Segments are read in chunks of this size.
 const READ_CHUNK_BYTES: usize = 1 << 20;
+/// A segment's cut copy before it replaces the segment (removed at open if left).
+const CUT_SUFFIX: &str = ".cut.tmp";
 /// Repairs write zeroes in chunks of this size.
 const ZERO_CHUNK_BYTES: usize = 1 << 20;
 
@@ -66,8 +69,8 @@ pub struct RecoveryReport {
 }
 
 /// Frames cut because they are not on the writer's history (`WalConfig::history`):
-/// never acknowledged under synchronous replication, possibly acknowledged under
-/// asynchronous. They are kept, not destroyed: every segment holding one is set aside
+/// never acknowledged under synchronous replication that refuses on timeout (though
+/// readable on the old writer), possibly acknowledged otherwise. They are kept, not destroyed: every segment holding one is set aside
 /// whole as `diverged-at-<lsn>-<segment name>` beside the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HistoryCut {
@@ -183,8 +186,10 @@ async fn set_aside<S: Storage>(
     bytes: &[u8],
 ) -> Result<Vec<String>> {
     let aside = |name: &str| set_aside_name(lsn, name);
+    // Each rename durable before the next: a file system may persist them out of order.
     for (later, _, _) in segments[1..].iter().rev() {
         storage.rename(later, &aside(later)).await?;
+        storage.sync_dir().await?;
     }
     let (first, _, first_lsn) = &segments[0];
     if *first_lsn == lsn {
@@ -219,7 +224,7 @@ async fn write_file<S: Storage>(storage: &S, name: &str, bytes: &[u8]) -> Result
 /// the new one, never a mix (zeroing in place could leave a damaged frame before older
 /// ones, which reads as corruption).
 async fn replace_segment<S: Storage>(storage: &S, name: &str, bytes: &[u8]) -> Result<S::File> {
-    let temporary = format!("{name}.cut.tmp");
+    let temporary = format!("{name}{CUT_SUFFIX}");
     drop(write_file(storage, &temporary, bytes).await?);
     storage.rename(&temporary, name).await?;
     storage.sync_dir().await?;
@@ -251,7 +256,7 @@ pub(crate) async fn recover<S: Storage>(
             drop(file);
             storage.remove(&name).await?;
             report.removed.push(name);
-        } else if name == SPARE_PARTIAL_NAME {
+        } else if name == SPARE_PARTIAL_NAME || name.ends_with(CUT_SUFFIX) {
             storage.remove(&name).await?;
             report.removed.push(name);
         } else if let Some((shard, epoch, first_lsn)) = parse_segment_name(&name) {
@@ -354,7 +359,7 @@ pub(crate) async fn recover<S: Storage>(
         let mut is_last = is_last;
         let scanned = scan_segment(&bytes, &header, |frame, offset| {
             if let Some(history) = &config.history {
-                if !history.contains(frame.epoch, frame.lsn) {
+                if history.position(frame.epoch, frame.lsn) == Position::Off {
                     return Err(ScanStop::OffHistory(offset, frame.lsn, frame.epoch));
                 }
             }

@@ -70,6 +70,8 @@ pub struct Setup {
     pub tls: Option<futures_rustls::TlsAcceptor>,
     /// A follower's TLS to its writer (`--leader-ca`).
     pub leader_tls: Option<super::LeaderTls>,
+    /// A follower refused as diverged ends the process.
+    pub on_diverged: receiver::OnDiverged,
     pub layout: Layout,
     pub max_ready_lag_lsn: u64,
     /// The writer's synchronous replication (a follower's applies once promoted).
@@ -108,6 +110,7 @@ pub struct Node {
     token: Option<String>,
     tls: Option<futures_rustls::TlsAcceptor>,
     leader_tls: Option<super::LeaderTls>,
+    on_diverged: receiver::OnDiverged,
     layout: RefCell<Layout>,
     sync: Cell<Option<SyncPolicy>>,
     leader_addr: Option<std::net::SocketAddr>,
@@ -137,6 +140,7 @@ impl Node {
             token: setup.token,
             tls: setup.tls,
             leader_tls: setup.leader_tls,
+            on_diverged: setup.on_diverged,
             layout: RefCell::new(setup.layout),
             sync: Cell::new(setup.sync),
             leader_addr: setup.leader_addr,
@@ -196,6 +200,7 @@ impl Node {
             token: self.token.clone(),
             tls: self.leader_tls.clone(),
             status: self.status.clone(),
+            on_diverged: self.on_diverged.clone(),
         });
         let mut tasks = self.tasks.borrow_mut();
         for shard in 0..router.shards() {

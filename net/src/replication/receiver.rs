@@ -16,7 +16,7 @@ use oc_engine::placement::EpochStart;
 use oc_engine::{ShardNode, ShardRouter};
 use oc_io::{Epoch, Lsn};
 
-use super::wire::{self, Message, Want, MAX_MESSAGE_BYTES};
+use super::wire::{self, Message, RefusedCode, Want, MAX_MESSAGE_BYTES};
 use super::{LeaderTls, ReplicationStatus, SILENCE_LIMIT};
 
 /// Time to set up a connection to the writer.
@@ -50,34 +50,45 @@ pub fn fetch_layout(
     follower_id: &str,
     token: Option<&str>,
     tls: Option<&LeaderTls>,
-) -> Result<WriterLayout, String> {
-    let stream = std::net::TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
-        .map_err(|e| format!("connecting to the writer's replication listener {leader}: {e}"))?;
+) -> Result<WriterLayout, LayoutError> {
+    let unreachable = LayoutError::Unreachable;
+    let refused = LayoutError::Refused;
+    let stream = std::net::TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(|e| {
+        unreachable(format!(
+            "connecting to the writer's replication listener {leader}: {e}"
+        ))
+    })?;
     let io_timeout = Some(SILENCE_LIMIT);
     stream
         .set_read_timeout(io_timeout)
         .and_then(|()| stream.set_write_timeout(io_timeout))
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| unreachable(e.to_string()))?;
     let hello = Message::Hello {
         token: token.unwrap_or_default().as_bytes().to_vec(),
         follower_id: follower_id.to_string(),
         epoch: 0,
         want: Want::Layout,
     };
-    let answer = match tls {
+    let asked = match tls {
         None => ask_layout(stream, &hello),
         Some(tls) => {
             let connection =
                 futures_rustls::rustls::ClientConnection::new(tls.config.clone(), tls.name.clone())
-                    .map_err(|e| format!("TLS to {leader}: {e}"))?;
+                    .map_err(|e| refused(tls_failure(leader, e)))?;
             ask_layout(
                 futures_rustls::rustls::StreamOwned::new(connection, stream),
                 &hello,
             )
-            .map_err(|e| tls_failure(leader, e))
+            .map_err(|e| match e {
+                LayoutError::Refused(e) => refused(tls_failure(leader, e)),
+                silent => silent,
+            })
         }
-    }
-    .map_err(|e| format!("asking {leader} for its layout: {e}"))?;
+    };
+    let answer = asked.map_err(|e| match e {
+        LayoutError::Unreachable(e) => unreachable(format!("asking {leader} for its layout: {e}")),
+        LayoutError::Refused(e) => refused(format!("asking {leader} for its layout: {e}")),
+    })?;
     match answer {
         Message::Layout {
             shards,
@@ -94,25 +105,35 @@ pub fn fetch_layout(
                 })
                 .collect(),
         }),
-        Message::Refused { reason, .. } => Err(format!("the writer at {leader} refused: {reason}")),
-        other => Err(format!(
+        Message::Refused { reason, .. } => {
+            Err(refused(format!("the writer at {leader} refused: {reason}")))
+        }
+        other => Err(refused(format!(
             "the writer at {leader} answered {other:?} instead of its layout"
-        )),
+        ))),
     }
 }
 
-/// Sends `hello` and reads the one answer.
+/// Sends `hello` and reads the one answer. Data that is not the protocol (a TLS
+/// certificate refused, a listener speaking TLS to plain TCP) is a refusal; a silent or
+/// closed connection is not.
 fn ask_layout<S: std::io::Read + std::io::Write>(
     mut stream: S,
     hello: &Message,
-) -> Result<Message, String> {
+) -> Result<Message, LayoutError> {
+    let classify = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::InvalidData => LayoutError::Refused(e.to_string()),
+        _ => LayoutError::Unreachable(e.to_string()),
+    };
     stream
         .write_all(&hello.encode())
         .and_then(|()| stream.flush())
-        .map_err(|e| e.to_string())?;
+        .map_err(classify)?;
     let mut reader = futures_lite::io::AssertAsync::new(&mut stream);
-    futures_lite::future::block_on(wire::read_message(&mut reader, 1 << 20))
-        .map_err(|e| e.to_string())
+    futures_lite::future::block_on(wire::read_message(&mut reader, 1 << 20)).map_err(|e| match e {
+        wire::WireError::Io(e) => classify(e),
+        other => LayoutError::Refused(other.to_string()),
+    })
 }
 
 /// What the per-shard tasks follow with.
@@ -127,6 +148,22 @@ pub struct Receiver {
     /// TLS to the writer (`--leader-ca`).
     pub tls: Option<LeaderTls>,
     pub status: Rc<ReplicationStatus>,
+    /// Ends the process when the writer refuses this follower as diverged.
+    pub on_diverged: OnDiverged,
+}
+
+/// What a follower does when its writer says its log left the writer's history.
+pub type OnDiverged = std::sync::Arc<dyn Fn(&str) + Send + Sync>;
+
+/// Why asking for the writer's layout failed.
+#[derive(Debug)]
+pub enum LayoutError {
+    /// No answer (not listening, gone silent): a follower with a directory may start
+    /// from its own layout meanwhile.
+    Unreachable(String),
+    /// An answer that will not change by waiting: a refusal, a TLS certificate
+    /// problem, a protocol error.
+    Refused(String),
 }
 
 /// Follows the writer's log of `shard` until the executor ends.
@@ -286,6 +323,18 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
                     .await
                     .map_err(|e| e.to_string())?;
                 durable
+            }
+            Message::Refused {
+                code: RefusedCode::Diverged,
+                reason,
+            } => {
+                (receiver.on_diverged)(&format!(
+                    "the writer at {} refused shard {shard}: {reason}. Restart this follower: \
+                     at start it takes the writer's epochs and cuts its log where it left the \
+                     writer's history (RUNBOOK.md, re-adding the old writer)",
+                    receiver.leader
+                ));
+                return Err(reason);
             }
             Message::Refused { code, reason } => {
                 return Err(format!("the writer refused ({code:?}): {reason}"))

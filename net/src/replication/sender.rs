@@ -138,11 +138,17 @@ async fn accepted(mut stream: TcpStream, sender: Rc<Sender>) -> Result<(), Strin
         return connection(stream, sender).await;
     };
     let handshake = async {
-        // A follower speaking plain TCP hears why it is refused, in plain TCP.
-        let mut first = [0u8; 1];
-        if stream.peek(&mut first).await.map_err(|e| e.to_string())? != 1
-            || first[0] != TLS_HANDSHAKE_RECORD
-        {
+        // A follower speaking plain TCP hears why it is refused, in plain TCP. A TLS
+        // record starts with its type and version 3.x; a plain hello with its length,
+        // whose third byte is 0 (a hello is at most 2 KiB).
+        let mut first = [0u8; 3];
+        let peeked = stream.peek(&mut first).await.map_err(|e| e.to_string())?;
+        let tls_record = match peeked {
+            0 => return Ok(None),
+            1 | 2 => first[0] == TLS_HANDSHAKE_RECORD,
+            _ => first[0] == TLS_HANDSHAKE_RECORD && first[1] == 3 && first[2] != 0,
+        };
+        if !tls_record {
             return refuse(
                 &mut stream,
                 RefusedCode::BadHello,
