@@ -70,8 +70,9 @@ pub struct RecoveryReport {
 
 /// Frames cut because they are not on the writer's history (`WalConfig::history`):
 /// never acknowledged under synchronous replication that refuses on timeout (though
-/// readable on the old writer), possibly acknowledged otherwise. They are kept, not destroyed: every segment holding one is set aside
-/// whole as `diverged-at-<lsn>-<segment name>` beside the log.
+/// readable on the old writer), possibly acknowledged otherwise. They are kept, not
+/// destroyed: every segment holding one is set aside whole as
+/// `diverged-at-<lsn>-<segment name>` beside the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HistoryCut {
     /// The first frame cut.
