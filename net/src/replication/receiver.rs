@@ -58,11 +58,12 @@ pub fn fetch_layout(
             "connecting to the writer's replication listener {leader}: {e}"
         ))
     })?;
-    let io_timeout = Some(SILENCE_LIMIT);
-    stream
-        .set_read_timeout(io_timeout)
-        .and_then(|()| stream.set_write_timeout(io_timeout))
-        .map_err(|e| unreachable(e.to_string()))?;
+    // One deadline for the whole exchange: a writer trickling bytes cannot hold the
+    // start longer.
+    let stream = Deadline {
+        stream,
+        until: Instant::now() + SILENCE_LIMIT,
+    };
     let hello = Message::Hello {
         token: token.unwrap_or_default().as_bytes().to_vec(),
         follower_id: follower_id.to_string(),
@@ -111,6 +112,39 @@ pub fn fetch_layout(
         other => Err(refused(format!(
             "the writer at {leader} answered {other:?} instead of its layout"
         ))),
+    }
+}
+
+/// A blocking stream whose every read and write ends by one moment.
+struct Deadline {
+    stream: std::net::TcpStream,
+    until: Instant,
+}
+
+impl Deadline {
+    fn remaining(&self) -> std::io::Result<Option<Duration>> {
+        match self.until.checked_duration_since(Instant::now()) {
+            Some(left) if !left.is_zero() => Ok(Some(left)),
+            _ => Err(std::io::ErrorKind::TimedOut.into()),
+        }
+    }
+}
+
+impl std::io::Read for Deadline {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.stream.set_read_timeout(self.remaining()?)?;
+        std::io::Read::read(&mut self.stream, buf)
+    }
+}
+
+impl std::io::Write for Deadline {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.stream.set_write_timeout(self.remaining()?)?;
+        std::io::Write::write(&mut self.stream, buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::Write::flush(&mut self.stream)
     }
 }
 

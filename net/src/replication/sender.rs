@@ -30,7 +30,7 @@ use super::{token_matches, ReplicationStatus, HEARTBEAT_EVERY, TLS_HANDSHAKE_REC
 /// Follower connections served at once per shard (each follower holds one per shard,
 /// and a connection waiting for its hello counts too); more are refused.
 pub const MAX_CONNECTIONS_PER_SHARD: usize = 16;
-/// Time a peer gets to send its hello.
+/// Time a peer gets to send its hello, from connecting (a TLS handshake included).
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest hello (a token and a few numbers).
 const MAX_HELLO_BYTES: usize = 2048;
@@ -134,8 +134,11 @@ async fn accepted(mut stream: TcpStream, sender: Rc<Sender>) -> Result<(), Strin
         .set_read_timeout(Some(ACK_TIMEOUT))
         .and_then(|()| stream.set_write_timeout(Some(WRITE_TIMEOUT)))
         .map_err(|e| e.to_string())?;
+    // One deadline for the handshake and the hello: a peer sending a byte at a time
+    // cannot hold the slot longer.
+    let hello_by = std::time::Instant::now() + HELLO_TIMEOUT;
     let Some(tls) = sender.tls.clone() else {
-        return connection(stream, sender).await;
+        return connection(stream, sender, hello_by).await;
     };
     let handshake = async {
         // A follower speaking plain TCP hears why it is refused, in plain TCP. A TLS
@@ -165,27 +168,30 @@ async fn accepted(mut stream: TcpStream, sender: Rc<Sender>) -> Result<(), Strin
             .map_err(|e| format!("TLS handshake: {e}"))
     };
     let deadline = async {
-        glommio::timer::sleep(HELLO_TIMEOUT).await;
+        sleep_until(hello_by).await;
         Err(format!(
             "no TLS handshake within {} s",
             HELLO_TIMEOUT.as_secs()
         ))
     };
     match futures_lite::future::or(handshake, deadline).await? {
-        Some(stream) => connection(stream, sender).await,
+        Some(stream) => connection(stream, sender, hello_by).await,
         None => Ok(()),
     }
+}
+
+async fn sleep_until(at: std::time::Instant) {
+    glommio::timer::sleep(at.saturating_duration_since(std::time::Instant::now())).await;
 }
 
 async fn connection<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     mut stream: S,
     sender: Rc<Sender>,
+    hello_by: std::time::Instant,
 ) -> Result<(), String> {
-    // One deadline for the whole hello: a peer sending a byte at a time cannot hold
-    // the slot longer.
     let read = wire::read_message(&mut stream, MAX_HELLO_BYTES);
     let deadline = async {
-        glommio::timer::sleep(HELLO_TIMEOUT).await;
+        sleep_until(hello_by).await;
         Err(wire::WireError::Malformed(format!(
             "no complete hello within {} s",
             HELLO_TIMEOUT.as_secs()
