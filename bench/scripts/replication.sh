@@ -9,7 +9,8 @@
 # and time the first acknowledged write on it; TRIALS times (default 5).
 # Part 3: planned switchover (below).
 # Part 4: how long an acknowledged write takes to be readable on the follower (below).
-# PARTS (default 1234) picks the parts to run, e.g. PARTS=3.
+# Part 5: write throughput at 64 concurrent writers, alone / async / sync (below).
+# PARTS (default 12345) picks the parts to run, e.g. PARTS=3.
 #
 #   bench/scripts/replication.sh <dir on ext4/xfs> <out dir> [rate] [seconds]
 set -euo pipefail
@@ -57,7 +58,7 @@ refused_421() { # ops address
   curl -s "$1/metrics" | awk '/^oc_http_requests_total\{.*status="421"/ { n += $2 } END { print n + 0 }'
 }
 
-parts=${PARTS:-1234}
+parts=${PARTS:-12345}
 rounds=${ROUNDS:-3}
 [[ $parts == *1* ]] || rounds=0
 for round in $(seq "$rounds"); do
@@ -204,9 +205,31 @@ PY
   rm -rf "$data"
 done
 
-python3 - "$out" "$rounds" <<'PY'
+# Part 5: throughput. 64 keep-alive connections each keep one single-row write in
+# flight, offered above what each configuration absorbs (TP_RATES; the generator
+# sends its whole schedule, so an offer far above capacity only makes the run long),
+# in rounds of A B C, C B A, ...; the writes answered per second. A rate answered
+# below 95% of the offer is saturated (the summary says which are not).
+rounds5=${ROUNDS5:-3}
+[[ $parts == *5* ]] || rounds5=0
+for round in $(seq "$rounds5"); do
+  order="alone async sync"
+  [ $((round % 2)) = 0 ] && order="sync async alone"
+  for config in $order; do
+    echo "== throughput $config (round $round)"
+    data="$dir/tp-$config-$round"; rm -rf "$data"; mkdir -p "$data"
+    start_pair "$config" "$data"
+    offer=$(tr ' ' '\n' <<< "${TP_RATES:-alone:24000 async:12000 sync:4000}" | sed -n "s/^$config://p")
+    "$bin/oc-bench" http --url http://127.0.0.1:17080 --rate "$offer" --seconds 5 \
+      --mix 0:100 --connections 64 --rows 20000 --json "$out/tp-$config-$round.json" >/dev/null
+    stop_pair
+    rm -rf "$data"
+  done
+done
+
+python3 - "$out" "$rounds" "$rounds5" <<'PY'
 import json, sys, statistics
-out, rounds = sys.argv[1], int(sys.argv[2])
+out, rounds, rounds5 = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 def runs(config, op, q):
     return [json.load(open(f"{out}/repl-{config}-{r}.json"))[op][q] / 1000 for r in range(1, rounds + 1)]
 def med(config, op, q):
@@ -235,6 +258,17 @@ for c in ["async", "sync"]:
     print(f"\nVisibility lag, {c}, {l['samples']} writes: write answered → read with min_lsn answered "
           f"p50 {l['lag_ms']['p50']:.2f} ms, p99 {l['lag_ms']['p99']:.2f} ms, max {l['lag_ms']['max']:.2f} ms "
           f"(a read alone: p50 {l['read_ms']['p50']:.2f} ms, p99 {l['read_ms']['p99']:.2f} ms)")
+if rounds5:
+  tp = {c: [json.load(open(f"{out}/tp-{c}-{r}.json")) for r in range(1, rounds5 + 1)] for c in ["alone", "async", "sync"]}
+  rate = {c: statistics.median(j["achieved_rate"] for j in tp[c]) for c in tp}
+  print("\n| 64 writers | writes/s (median) | min–max | vs alone | offered | saturated | errors |")
+  print("|---|---:|---|---:|---:|---|---:|")
+  for c in tp:
+    v = [j["achieved_rate"] for j in tp[c]]
+    offered = tp[c][0]["offered_rate"]
+    saturated = all(j["achieved_rate"] < 0.95 * j["offered_rate"] for j in tp[c])
+    errors = sum(j["writes"]["errors"] for j in tp[c])
+    print(f"| {c} | {rate[c]:.0f} | {min(v):.0f}–{max(v):.0f} | {rate[c]/rate['alone']:.2f}× | {offered} | {'yes' if saturated else 'NO'} | {errors} |")
 sw = sorted(float(l) for l in open(f"{out}/switchover.ms") if l.strip())
 if sw:
   print(f"\nSwitchover: longest gap between acknowledged writes, {len(sw)} trials: "
