@@ -219,7 +219,7 @@ for round in $(seq "$rounds5"); do
     echo "== throughput $config (round $round)"
     data="$dir/tp-$config-$round"; rm -rf "$data"; mkdir -p "$data"
     start_pair "$config" "$data"
-    offer=$(tr ' ' '\n' <<< "${TP_RATES:-alone:24000 async:12000 sync:4000}" | sed -n "s/^$config://p")
+    offer=$(tr ' ' '\n' <<< "${TP_RATES:-alone:24000 async:24000 sync:12000}" | sed -n "s/^$config://p")
     "$bin/oc-bench" http --url http://127.0.0.1:17080 --rate "$offer" --seconds 5 \
       --mix 0:100 --connections 64 --rows 20000 --json "$out/tp-$config-$round.json" >/dev/null
     stop_pair

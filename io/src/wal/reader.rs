@@ -110,7 +110,7 @@ impl<S: Storage> Wal<S> {
     /// filters.
     pub async fn read_after(&self, after: Lsn, upto: Lsn) -> Result<LogRead> {
         let wanted = after.next();
-        let (name, first_lsn, end) = {
+        let (name, first_lsn, start, end) = {
             let state = self.shared.state.borrow();
             let upto_durable = upto.min(state.durable_lsn);
             if wanted > upto_durable {
@@ -127,7 +127,16 @@ impl<S: Storage> Wal<S> {
             let is_last = index + 1 == state.segments.len();
             // Every byte of the newest segment before the durable end is final.
             let end = is_last.then_some(state.durable_end);
-            (segment.name.clone(), segment.first_lsn, end)
+            // Where to start reading: the newest segment's last group start at or
+            // before `wanted`, else the segment's first frame.
+            let start = if is_last {
+                let starts = &state.group_starts;
+                let at = starts.partition_point(|(lsn, _)| *lsn <= wanted);
+                at.checked_sub(1).map_or(DATA_START, |i| starts[i].1)
+            } else {
+                DATA_START
+            };
+            (segment.name.clone(), segment.first_lsn, start, end)
         };
         // Held until this read is done (or dropped): a release leaves the file alone.
         let _reading = Reading::start(self, &name);
@@ -159,7 +168,7 @@ impl<S: Storage> Wal<S> {
             Some(end) => end,
             None => sealed_end(&file, &header).await?,
         };
-        let frames = match read_frames(&file, end, wanted, upto).await {
+        let frames = match read_frames(&file, start, end, wanted, upto).await {
             Ok(frames) => frames,
             // Nothing read can be trusted if the segment was released meanwhile.
             Err(_) if !self.segment_listed(&name) => return Ok(self.not_held()),
@@ -204,6 +213,7 @@ impl<S: Storage> Wal<S> {
 /// resume costs a bounded amount of memory and never holds the shard for long.
 async fn read_frames<F: StorageFile>(
     file: &F,
+    start: u64,
     end: u64,
     wanted: Lsn,
     upto: Lsn,
@@ -214,8 +224,9 @@ async fn read_frames<F: StorageFile>(
         offset: offset as u64,
         reason,
     };
-    // `buf` holds the file's bytes from offset `base` (a block boundary).
-    let mut base = DATA_START as usize;
+    // `buf` holds the file's bytes from offset `base` (a block boundary; a group starts
+    // on one).
+    let mut base = align_down(start.max(DATA_START)) as usize;
     let mut buf: Vec<u8> = Vec::new();
     let mut pos = base;
     let mut frames = Vec::new();

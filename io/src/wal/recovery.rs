@@ -105,6 +105,8 @@ pub(crate) struct Resume<F> {
     pub spare: Option<F>,
     /// A released segment left by the previous run, ready to be recycled.
     pub recycled: bool,
+    /// Where the active segment's groups start (first LSN, offset), oldest first.
+    pub group_starts: Vec<(Lsn, u64)>,
 }
 
 /// The segment the writer appends to.
@@ -274,6 +276,7 @@ pub(crate) async fn recover<S: Storage>(
     let mut bytes = Vec::new();
     let mut segments = Vec::new();
     let mut active: Option<ActiveSegment<S::File>> = None;
+    let mut group_starts = Vec::new();
     let mut next_lsn: Option<Lsn> = None;
     let mut last_epoch = Epoch(0);
     let count = names.len();
@@ -358,11 +361,15 @@ pub(crate) async fn recover<S: Storage>(
         }
 
         let mut is_last = is_last;
+        let mut starts = Vec::new();
         let scanned = scan_segment(&bytes, &header, |frame, offset| {
             if let Some(history) = &config.history {
                 if history.position(frame.epoch, frame.lsn) == Position::Off {
                     return Err(ScanStop::OffHistory(offset, frame.lsn, frame.epoch));
                 }
+            }
+            if frame.group_index == 0 {
+                starts.push((frame.lsn, offset));
             }
             if frame.lsn >= replay_from {
                 report.frames_replayed += 1;
@@ -473,6 +480,7 @@ pub(crate) async fn recover<S: Storage>(
         });
         next_lsn = Some(scan.last_lsn.next());
         let data_crc = crc32c::crc32c(&bytes[DATA_START as usize..write_offset as usize]);
+        group_starts = starts;
         active = Some(ActiveSegment {
             file,
             header,
@@ -516,6 +524,7 @@ pub(crate) async fn recover<S: Storage>(
             last_commit_ts,
             spare,
             recycled,
+            group_starts,
         },
     ))
 }
