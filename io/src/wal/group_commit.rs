@@ -222,11 +222,6 @@ pub(crate) struct State<S: Storage> {
     pub durable_lsn: Lsn,
     /// End of the durable groups in the newest of `segments` (block-aligned).
     pub durable_end: u64,
-    /// Where each group of the newest segment starts: its first LSN and offset, oldest
-    /// first. A read of that segment starts at the last one at or before the LSN it
-    /// wants, not at the segment's start (which made every round of a follower's
-    /// stream re-read the segment so far). At most one per block of the segment.
-    pub group_starts: Vec<(Lsn, u64)>,
     pub stamping: Stamping,
     pub cursor: StampedCursor,
     /// Own frames are refused ([`super::Wal::stop_own_writes`]).
@@ -630,11 +625,9 @@ impl<S: Storage> Writer<S> {
         debug_assert!(offset + padded as u64 <= active.header.footer_offset());
         active.file.write_at(batch.buf, offset).await?;
         active.file.sync().await?;
-        self.shared
-            .state
-            .borrow_mut()
-            .group_starts
-            .push((self.next_lsn, offset));
+        if let Some(segment) = self.shared.state.borrow_mut().segments.last_mut() {
+            segment.group_starts.push((self.next_lsn, offset));
+        }
         let frames = batch.starts.len() as u64;
         active.write_offset += padded as u64;
         active.data_crc = crc;
@@ -718,9 +711,9 @@ impl<S: Storage> Writer<S> {
             state.segments.push(SegmentInfo {
                 name,
                 first_lsn: self.next_lsn,
+                group_starts: Vec::new(),
             });
             state.durable_end = DATA_START;
-            state.group_starts.clear();
         }
         self.shared.stats.borrow_mut().segments_created += 1;
         self.active = Some(ActiveSegment {

@@ -193,7 +193,6 @@ impl<S: Storage> Wal<S> {
                 releasing: Vec::new(),
                 durable_lsn,
                 durable_end,
-                group_starts: resume.group_starts,
                 stamping: Stamping::Undecided,
                 own_writes_stopped: false,
                 frames_taken: 0,

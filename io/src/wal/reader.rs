@@ -127,15 +127,11 @@ impl<S: Storage> Wal<S> {
             let is_last = index + 1 == state.segments.len();
             // Every byte of the newest segment before the durable end is final.
             let end = is_last.then_some(state.durable_end);
-            // Where to start reading: the newest segment's last group start at or
-            // before `wanted`, else the segment's first frame.
-            let start = if is_last {
-                let starts = &state.group_starts;
-                let at = starts.partition_point(|(lsn, _)| *lsn <= wanted);
-                at.checked_sub(1).map_or(DATA_START, |i| starts[i].1)
-            } else {
-                DATA_START
-            };
+            // Where to start reading: the segment's last group start at or before
+            // `wanted`, else its first frame.
+            let starts = &segment.group_starts;
+            let at = starts.partition_point(|(lsn, _)| *lsn <= wanted);
+            let start = at.checked_sub(1).map_or(DATA_START, |i| starts[i].1);
             (segment.name.clone(), segment.first_lsn, start, end)
         };
         // Held until this read is done (or dropped): a release leaves the file alone.

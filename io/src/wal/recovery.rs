@@ -93,6 +93,11 @@ pub fn set_aside_name(lsn: Lsn, segment: &str) -> String {
 pub(crate) struct SegmentInfo {
     pub name: String,
     pub first_lsn: Lsn,
+    /// Where each of its groups starts (first LSN, offset), oldest first: a read starts
+    /// at the last one at or before the LSN it wants, not at the segment's first frame
+    /// (which made every round of a follower's stream re-read the segment so far). At
+    /// most one per block of the segment.
+    pub group_starts: Vec<(Lsn, u64)>,
 }
 
 /// Where the writer continues.
@@ -105,8 +110,6 @@ pub(crate) struct Resume<F> {
     pub spare: Option<F>,
     /// A released segment left by the previous run, ready to be recycled.
     pub recycled: bool,
-    /// Where the active segment's groups start (first LSN, offset), oldest first.
-    pub group_starts: Vec<(Lsn, u64)>,
 }
 
 /// The segment the writer appends to.
@@ -276,7 +279,6 @@ pub(crate) async fn recover<S: Storage>(
     let mut bytes = Vec::new();
     let mut segments = Vec::new();
     let mut active: Option<ActiveSegment<S::File>> = None;
-    let mut group_starts = Vec::new();
     let mut next_lsn: Option<Lsn> = None;
     let mut last_epoch = Epoch(0);
     let count = names.len();
@@ -477,10 +479,10 @@ pub(crate) async fn recover<S: Storage>(
         segments.push(SegmentInfo {
             name: name.clone(),
             first_lsn: header.first_lsn,
+            group_starts: starts,
         });
         next_lsn = Some(scan.last_lsn.next());
         let data_crc = crc32c::crc32c(&bytes[DATA_START as usize..write_offset as usize]);
-        group_starts = starts;
         active = Some(ActiveSegment {
             file,
             header,
@@ -524,7 +526,6 @@ pub(crate) async fn recover<S: Storage>(
             last_commit_ts,
             spare,
             recycled,
-            group_starts,
         },
     ))
 }
