@@ -237,17 +237,33 @@ impl Node {
                 "this server is already the writer",
             ));
         }
+        self.run_alone("promotion", move |node| async move {
+            node.promote_now(force).await
+        })
+        .await
+    }
+
+    /// Runs `work` as its own task, so a client that goes away cannot cancel it
+    /// half-way, and one promotion or step-down at a time.
+    async fn run_alone<F>(
+        self: &Rc<Node>,
+        what: &'static str,
+        work: impl FnOnce(Rc<Node>) -> F + 'static,
+    ) -> Result<serde_json::Value, Refusal>
+    where
+        F: std::future::Future<Output = Result<serde_json::Value, Refusal>> + 'static,
+    {
         if self.promoting.replace(true) {
             return Err(refusal(
                 409,
                 "promotion_running",
-                "a promotion is already running",
+                format!("a {what} is already running"),
             ));
         }
         let (done_tx, done_rx) = async_channel::bounded(1);
         let node = self.clone();
         glommio::spawn_local(async move {
-            let outcome = node.promote_now(force).await;
+            let outcome = work(node.clone()).await;
             node.promoting.set(false);
             let _ = done_tx.send(outcome).await;
         })
@@ -255,7 +271,7 @@ impl Node {
         done_rx
             .recv()
             .await
-            .unwrap_or_else(|_| Err(refusal(500, "internal", "the promotion task ended")))
+            .unwrap_or_else(|_| Err(refusal(500, "internal", format!("the {what} task ended"))))
     }
 
     /// A switchover's first half, on the writer: every shard stops taking writes (each
@@ -275,25 +291,10 @@ impl Node {
                 "this writer has no followers to hand over to (no --replication-listen)",
             ));
         }
-        if self.promoting.replace(true) {
-            return Err(refusal(
-                409,
-                "promotion_running",
-                "a step-down is already running",
-            ));
-        }
-        let (done_tx, done_rx) = async_channel::bounded(1);
-        let node = self.clone();
-        glommio::spawn_local(async move {
-            let outcome = node.step_down_now(cancel).await;
-            node.promoting.set(false);
-            let _ = done_tx.send(outcome).await;
+        self.run_alone("step-down", move |node| async move {
+            node.step_down_now(cancel).await
         })
-        .detach();
-        done_rx
-            .recv()
-            .await
-            .unwrap_or_else(|_| Err(refusal(500, "internal", "the step-down task ended")))
+        .await
     }
 
     async fn step_down_now(&self, cancel: bool) -> Result<serde_json::Value, Refusal> {
