@@ -16,6 +16,7 @@ use crate::api_key::ApiKey;
 use crate::command::Command;
 use crate::error::EngineError;
 use crate::idempotency::Remembered;
+use crate::migration::{self, MigrationState};
 use crate::record;
 use crate::table::BatchOutcome;
 use crate::tenant::Tenant;
@@ -30,6 +31,12 @@ pub enum Applied {
     TableDropped,
     ApiKeyCreated,
     ApiKeyRevoked,
+    /// A migration started; its id is the record's LSN.
+    MigrationStarted {
+        id: u64,
+    },
+    /// A migration record applied; the migration is now in this state.
+    Migration(MigrationState),
     /// A write batch applied at `lsn`; for a repeat of an idempotency key, the LSN and
     /// outcome of the first request.
     Written {
@@ -172,6 +179,27 @@ pub fn apply_logged(
             let t = state.tenants.get_mut(tenant).ok_or_else(missing)?;
             t.api_keys_mut().remove(&key_id)?;
             Ok(Applied::ApiKeyRevoked)
+        }
+        Command::StartMigration {
+            table,
+            table_version,
+            steps,
+        } => {
+            let t = state.tenants.get_mut(tenant).ok_or_else(missing)?;
+            let id = migration::start(t, &table, table_version, steps, lsn, committed)?;
+            Ok(Applied::MigrationStarted { id })
+        }
+        Command::Backfill { table, id, upto } => {
+            let t = state.tenants.get_mut(tenant).ok_or_else(missing)?;
+            migration::backfill(t, &table, id, &upto, lsn, committed).map(Applied::Migration)
+        }
+        Command::Cutover { table, id } => {
+            let t = state.tenants.get_mut(tenant).ok_or_else(missing)?;
+            migration::cutover(t, &table, id, lsn, committed).map(Applied::Migration)
+        }
+        Command::AbortMigration { table, id } => {
+            let t = state.tenants.get_mut(tenant).ok_or_else(missing)?;
+            migration::abort(t, &table, id, committed).map(Applied::Migration)
         }
     }
 }

@@ -39,6 +39,7 @@ use crate::error::{EngineError, FileProblem, SnapshotProblem, UnreadableFile};
 use crate::idempotency::{self, Remembered};
 use crate::json_file::JsonFile;
 use crate::limits::{MAX_NAME_BYTES, MAX_ROW_BYTES};
+use crate::migration::{self, ActiveMigration, MigrationInfo, MigrationState};
 use crate::record::{self, Reader, Writer, SCHEMA_MAX_BYTES};
 use crate::shard::ShardState;
 use crate::table::{BatchOutcome, RowWrite, Table};
@@ -92,6 +93,31 @@ const KIND_ROWS: RecordKind = RecordKind(19);
 const KIND_END: RecordKind = RecordKind(20);
 const KIND_KEYS: RecordKind = RecordKind(21);
 const KIND_API_KEYS: RecordKind = RecordKind(22);
+/// An active migration of the table copied just before it (after its rows).
+const KIND_ACTIVE_MIGRATION: RecordKind = RecordKind(23);
+/// A tenant's finished migrations.
+const KIND_FINISHED_MIGRATIONS: RecordKind = RecordKind(24);
+/// Payload bytes of one migration's description at most.
+const MIGRATION_INFO_MAX_BYTES: usize = 8
+    + (2 + MAX_NAME_BYTES)
+    + 4
+    + crate::migration::MAX_STEPS_JSON_BYTES
+    + 1
+    + 1
+    + 4
+    + 1024
+    + 4 * 8;
+const _: () = assert!(
+    1 + 2 + crate::migration::MIGRATION_HISTORY * MIGRATION_INFO_MAX_BYTES
+        <= FRAME_PAYLOAD_BUDGET_BYTES
+);
+const _: () = assert!(
+    1 + 8 + MIGRATION_INFO_MAX_BYTES + 2 * (1 + 4 + crate::limits::MAX_KEY_BYTES)
+        <= FRAME_PAYLOAD_BUDGET_BYTES
+);
+/// Times one table's copy starts again because the table changed incarnation (a
+/// cutover) meanwhile, before the checkpoint gives up and is retried later.
+const MAX_TABLE_COPY_RESTARTS: usize = 3;
 /// Idempotency entries per frame at most.
 const KEYS_PER_FRAME: usize = 1000;
 const _: () = assert!(1 + 4 + KEY_ENTRY_MAX_BYTES <= FRAME_PAYLOAD_BUDGET_BYTES);
@@ -522,41 +548,161 @@ async fn copy_tenant<S: Storage>(
     for (table, version) in tables {
         rows += copy_table(out, state, tenant, &table, version).await?;
     }
+    // Finished migrations as they are now, after the tables: a migration that ended
+    // during the copy is listed, and the replay's records for it change nothing.
+    let finished = match state.borrow().tenants.get(tenant) {
+        Some(t) => encode_finished_migrations(t),
+        None => return Ok(rows),
+    };
+    out.push(KIND_FINISHED_MIGRATIONS, tag, &finished)?;
     Ok(rows)
 }
 
-/// Copies one table: its schema frame, then one rows frame per turn. Stops early when
-/// the table is dropped or created again meanwhile (the replay rebuilds it).
+fn encode_migration_info(w: &mut Writer, info: &MigrationInfo) {
+    w.u64(info.id);
+    w.str16(&info.table);
+    w.bytes32(crate::migration::steps_json(&info.steps).as_bytes());
+    w.u8(info.state.code());
+    match &info.reason {
+        Some(why) => {
+            w.u8(1);
+            w.bytes32(why.as_bytes());
+        }
+        None => w.u8(0),
+    }
+    w.u64(info.started.0);
+    w.u64(info.finished.0);
+    w.u64(info.rows_total);
+    w.u64(info.rows_done);
+}
+
+fn decode_migration_info(r: &mut Reader<'_>) -> Result<MigrationInfo, SnapshotProblem> {
+    let id = r.u64()?;
+    let table = r.str16()?;
+    let json = r.bytes32()?;
+    let steps = crate::migration::parse_steps(json)
+        .map_err(|why| r.error(format!("bad migration steps: {why}")))?;
+    let code = r.u8()?;
+    let state = MigrationState::from_code(code)
+        .ok_or_else(|| r.error(format!("bad migration state {code}")))?;
+    let reason = match r.u8()? {
+        0 => None,
+        1 => {
+            let b = r.bytes32()?;
+            Some(r.utf8(b)?)
+        }
+        other => return Err(r.error(format!("bad reason flag {other}")).into()),
+    };
+    Ok(MigrationInfo {
+        id,
+        table,
+        steps,
+        state,
+        reason,
+        started: TimestampMicros(r.u64()?),
+        finished: TimestampMicros(r.u64()?),
+        rows_total: r.u64()?,
+        rows_done: r.u64()?,
+    })
+}
+
+fn optional_key(w: &mut Writer, key: Option<&[u8]>) {
+    match key {
+        Some(k) => {
+            w.u8(1);
+            w.bytes32(k);
+        }
+        None => w.u8(0),
+    }
+}
+
+fn read_optional_key(r: &mut Reader<'_>) -> Result<Option<Vec<u8>>, SnapshotProblem> {
+    match r.u8()? {
+        0 => Ok(None),
+        1 => Ok(Some(r.bytes32()?.to_vec())),
+        other => Err(r.error(format!("bad key flag {other}")).into()),
+    }
+}
+
+/// A tenant's finished migrations as a checkpoint record (FORMAT.md §6).
+fn encode_finished_migrations(tenant: &Tenant) -> Vec<u8> {
+    let mut w = Writer(vec![CHECKPOINT_FORMAT_VERSION]);
+    let finished: Vec<&MigrationInfo> = tenant.migrations().finished().collect();
+    w.count16(finished.len());
+    for info in finished {
+        encode_migration_info(&mut w, info);
+    }
+    w.0
+}
+
+/// The active migration of a table as a checkpoint record: its description, the
+/// table incarnation it migrates, its cursor and end key (FORMAT.md §6).
+fn encode_active_migration(m: &ActiveMigration) -> Vec<u8> {
+    let mut w = Writer(vec![CHECKPOINT_FORMAT_VERSION]);
+    w.u64(m.table_version);
+    encode_migration_info(&mut w, &m.info);
+    optional_key(&mut w, m.cursor());
+    optional_key(&mut w, m.end_key());
+    w.0
+}
+
+/// Copies one table: its schema frame, one rows frame per turn, then the migration
+/// active on it when the copy began. Stops early when the table is dropped (the replay
+/// drops it too). When the table becomes another incarnation meanwhile (created again,
+/// or a migration cut over), the copy starts again with a new table frame, which
+/// replaces the first when loaded: a cutover replayed over a half-copied base would
+/// otherwise lose the rows the copy had not reached.
 async fn copy_table<S: Storage>(
     out: &mut SnapshotWriter<S>,
     state: &std::cell::RefCell<ShardState>,
     tenant: &TenantId,
     table: &str,
-    version: u64,
+    mut version: u64,
 ) -> Result<u64, EngineError> {
     let tag = tenant.as_str().as_bytes();
     let mut after: Option<Vec<u8>> = None;
     let mut first = true;
     let mut rows_total = 0u64;
+    let mut restarts = 0;
+    let mut active: Option<Vec<u8>> = None;
     loop {
         let frame = {
             let s = state.borrow();
-            let Some(t) = s.tenants.get(tenant).and_then(|t| t.table(table).ok()) else {
+            let Some(t) = s.tenants.get(tenant) else {
                 break;
             };
-            if t.version() != version {
+            let Ok(base) = t.table(table) else {
                 break;
+            };
+            if base.version() != version {
+                restarts += 1;
+                if restarts > MAX_TABLE_COPY_RESTARTS {
+                    return Err(EngineError::Replay {
+                        lsn: 0,
+                        why: format!(
+                            "table {table:?} changed incarnation {restarts} times during the \
+                             checkpoint; the checkpoint is retried later"
+                        ),
+                    });
+                }
+                version = base.version();
+                first = true;
+                after = None;
             }
             if first {
                 let mut w = Writer(vec![CHECKPOINT_FORMAT_VERSION]);
                 w.u64(version);
-                w.schema(t.schema());
+                w.schema(base.schema());
                 out.push(KIND_TABLE, tag, &w.0)?;
+                active = t.migrations().active(table).map(encode_active_migration);
                 first = false;
             }
-            next_rows_frame(t, table, after.as_deref())
+            next_rows_frame(base, table, after.as_deref())
         };
         let Some((payload, rows, last)) = frame else {
+            if let Some(active) = &active {
+                out.push(KIND_ACTIVE_MIGRATION, tag, active)?;
+            }
             break;
         };
         out.push(KIND_ROWS, tag, &payload)?;
@@ -789,6 +935,8 @@ fn decode_frame(
                 .get_mut(&tenant()?)
                 .ok_or(SnapshotProblem::BeforeTenant("table"))?;
             let name = schema.name.clone();
+            // A table copied again after a cutover during the copy: the later copy wins.
+            t.forget_table_for_reload(&name);
             t.create_table(schema, version).map_err(refused)?;
             // Its last write is not recorded, only that it came at or before the
             // checkpoint (an emptied table has no rows frame to say so).
@@ -820,8 +968,7 @@ fn decode_frame(
                 let row = (0..n).map(|_| r.value()).collect::<Result<Vec<_>, _>>()?;
                 rows.push(RowWrite::Upsert(row));
             }
-            t.apply_writes(&table, version, rows, upto)
-                .map_err(refused)?;
+            t.load_rows(&table, version, rows, upto).map_err(refused)?;
         }
         KIND_KEYS => {
             let count = r.u32()? as usize;
@@ -867,6 +1014,40 @@ fn decode_frame(
                     created: TimestampMicros(r.u64()?),
                 };
                 t.api_keys_mut().insert(key_id, key).map_err(refused)?;
+            }
+        }
+        KIND_ACTIVE_MIGRATION => {
+            let table_version = r.u64()?;
+            let info = decode_migration_info(&mut r)?;
+            let cursor = read_optional_key(&mut r)?;
+            let end_key = read_optional_key(&mut r)?;
+            if !info.state.is_active() {
+                return Err(r
+                    .error("an active migration in a finished state".into())
+                    .into());
+            }
+            let upto = state.applied_lsn;
+            let t = state
+                .tenants
+                .get_mut(&tenant()?)
+                .ok_or(SnapshotProblem::BeforeTenant("migration"))?;
+            migration::restore_active(t, info, table_version, cursor, end_key, upto)
+                .map_err(refused)?;
+        }
+        KIND_FINISHED_MIGRATIONS => {
+            let count = r.u16()? as usize;
+            let t = state
+                .tenants
+                .get_mut(&tenant()?)
+                .ok_or(SnapshotProblem::BeforeTenant("migrations"))?;
+            for _ in 0..count {
+                let info = decode_migration_info(&mut r)?;
+                if info.state.is_active() {
+                    return Err(r
+                        .error("a finished migration in an active state".into())
+                        .into());
+                }
+                t.migrations_mut().remember(info);
             }
         }
         KIND_END => {

@@ -5,6 +5,7 @@
 //! and reports a refused command as a result instead of failing. Live apply and crash
 //! replay therefore build the same state from the same log.
 
+use crate::migration::Step;
 use crate::schema::TableSchema;
 use crate::table::RowWrite;
 
@@ -34,5 +35,27 @@ pub enum Command {
     },
     RevokeApiKey {
         key_id: String,
+    },
+    /// Starts a migration of `table` (the incarnation `table_version`); its id is the
+    /// record's LSN.
+    StartMigration {
+        table: String,
+        table_version: u64,
+        steps: Vec<Step>,
+    },
+    /// Converts the base rows after the migration's cursor up to the key `upto`.
+    Backfill {
+        table: String,
+        id: u64,
+        upto: Vec<u8>,
+    },
+    /// The migrated table replaces the base table.
+    Cutover {
+        table: String,
+        id: u64,
+    },
+    AbortMigration {
+        table: String,
+        id: u64,
     },
 }

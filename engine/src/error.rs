@@ -55,9 +55,23 @@ pub enum EngineError {
     #[error("idempotency key {key:?} was first used with a different request body")]
     IdempotencyConflict { key: String },
     #[error(
-        "table {table:?} was dropped and created again while the write was in flight; retry it"
+        "table {table:?} was dropped, created again or migrated while the write was in flight; retry it"
     )]
     TableChanged { table: String },
+    /// A migration's steps that cannot be carried out (`400`).
+    #[error("invalid migration: {0}")]
+    InvalidMigration(String),
+    /// A migration request that conflicts with the migration's state (`409`).
+    #[error("{0}")]
+    MigrationConflict(String),
+    /// A v0 write that an active migration cannot carry into the v1 shape.
+    #[error("row {row} of the batch cannot be carried by migration {id} of table {table:?}: {why}; fix the row, or abort the migration")]
+    MigrationRefused {
+        id: u64,
+        table: String,
+        row: usize,
+        why: String,
+    },
     /// This server may not acknowledge writes: it is a follower, or a writer whose
     /// lease lapsed or was taken.
     #[error("{0}")]

@@ -364,7 +364,14 @@ pub fn describe(
             table: "".into(),
             data: key_id.as_str().into(),
         }],
-        Command::CreateTenant | Command::CreateApiKey { .. } => Vec::new(),
+        // The table takes its new shape at the cutover; the other migration records
+        // change no row anyone reads.
+        Command::Cutover { table, .. } => vec![schema_event("migrate_table", table)],
+        Command::CreateTenant
+        | Command::CreateApiKey { .. }
+        | Command::StartMigration { .. }
+        | Command::Backfill { .. }
+        | Command::AbortMigration { .. } => Vec::new(),
     }
 }
 

@@ -23,6 +23,7 @@ pub mod json_file;
 pub mod key;
 pub mod limits;
 pub mod mesh;
+pub mod migration;
 pub mod placement;
 pub mod pool;
 pub mod query;
@@ -45,7 +46,10 @@ pub use pool::{owner_of, stop_all, PoolConfig, ShardNode, ShardPool, ShardRouter
 pub use quota::{Growth, TenantQuotas};
 pub use scheduler::{spawn_checkpointer, CheckpointMetrics, CheckpointPolicy, Checkpointer};
 pub use schema::TableSchema;
-pub use shard::{AckGate, Applied, ChangesRead, Shard, ShardOpenReport, ShardState};
+pub use shard::{
+    AckGate, Applied, BackfillProgress, ChangesRead, MigrationMetrics, Shard, ShardOpenReport,
+    ShardState,
+};
 pub use table::{BatchOutcome, Row, Table, TableUsage, WriteOp};
 pub use tenant::{Tenant, TenantUsage};
 pub use tenant_id::TenantId;

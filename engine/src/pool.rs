@@ -315,6 +315,7 @@ impl ShardRun {
         let checkpointer = self
             .checkpoint
             .map(|policy| spawn_checkpointer(shard.clone(), policy));
+        let _backfill = crate::shard::spawn_backfill(shard.clone());
         let _serving = glommio::spawn_local(serve(node.clone(), router));
         tracing::info!(shard = self.id, "shard serving");
         node.stopped().await;

@@ -88,6 +88,23 @@ pub const KIND_DROP_TABLE: RecordKind = RecordKind(4);
 pub const KIND_WRITE: RecordKind = RecordKind(5);
 pub const KIND_CREATE_API_KEY: RecordKind = RecordKind(6);
 pub const KIND_REVOKE_API_KEY: RecordKind = RecordKind(7);
+pub const KIND_START_MIGRATION: RecordKind = RecordKind(8);
+pub const KIND_BACKFILL: RecordKind = RecordKind(9);
+pub const KIND_CUTOVER: RecordKind = RecordKind(10);
+pub const KIND_ABORT_MIGRATION: RecordKind = RecordKind(11);
+// Migration records fit under the record limit's floor too.
+const _: () = assert!(
+    frame_len(
+        MAX_TENANT_ID_BYTES,
+        1 + (2 + MAX_NAME_BYTES) + 8 + 4 + crate::migration::MAX_STEPS_JSON_BYTES
+    ) <= MAX_ONE_ROW_RECORD_BYTES
+);
+const _: () = assert!(
+    frame_len(
+        MAX_TENANT_ID_BYTES,
+        1 + (2 + MAX_NAME_BYTES) + 8 + 4 + MAX_KEY_BYTES
+    ) <= MAX_ONE_ROW_RECORD_BYTES
+);
 
 // Value tags.
 const V_NULL: u8 = 0;
@@ -175,6 +192,32 @@ pub fn encode(command: &Command) -> (RecordKind, Vec<u8>) {
             w.str16(key_id);
             KIND_REVOKE_API_KEY
         }
+        Command::StartMigration {
+            table,
+            table_version,
+            steps,
+        } => {
+            w.str16(table);
+            w.u64(*table_version);
+            w.bytes32(crate::migration::steps_json(steps).as_bytes());
+            KIND_START_MIGRATION
+        }
+        Command::Backfill { table, id, upto } => {
+            w.str16(table);
+            w.u64(*id);
+            w.bytes32(upto);
+            KIND_BACKFILL
+        }
+        Command::Cutover { table, id } => {
+            w.str16(table);
+            w.u64(*id);
+            KIND_CUTOVER
+        }
+        Command::AbortMigration { table, id } => {
+            w.str16(table);
+            w.u64(*id);
+            KIND_ABORT_MIGRATION
+        }
     };
     (kind, w.0)
 }
@@ -258,6 +301,31 @@ pub fn decode(kind: RecordKind, payload: &[u8]) -> Result<Command, RecordError> 
             secret_sha256: r.array()?,
         },
         KIND_REVOKE_API_KEY => Command::RevokeApiKey { key_id: r.str16()? },
+        KIND_START_MIGRATION => {
+            let table = r.str16()?;
+            let table_version = r.u64()?;
+            let json = r.bytes32()?;
+            let steps = crate::migration::parse_steps(json)
+                .map_err(|why| r.error(format!("bad migration steps: {why}")))?;
+            Command::StartMigration {
+                table,
+                table_version,
+                steps,
+            }
+        }
+        KIND_BACKFILL => Command::Backfill {
+            table: r.str16()?,
+            id: r.u64()?,
+            upto: r.bytes32()?.to_vec(),
+        },
+        KIND_CUTOVER => Command::Cutover {
+            table: r.str16()?,
+            id: r.u64()?,
+        },
+        KIND_ABORT_MIGRATION => Command::AbortMigration {
+            table: r.str16()?,
+            id: r.u64()?,
+        },
         other => return Err(r.error(format!("unknown record kind {}", other.0))),
     };
     r.finish()?;

@@ -189,6 +189,11 @@ impl Table {
         &self.schema
     }
 
+    /// Makes this table a new incarnation (a migration's table at its cutover).
+    pub(crate) fn set_version(&mut self, version: u64) {
+        self.version = version;
+    }
+
     pub fn version(&self) -> u64 {
         self.version
     }

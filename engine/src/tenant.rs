@@ -7,6 +7,7 @@ use crate::api_key::ApiKeys;
 use crate::error::EngineError;
 use crate::idempotency::IdempotencyStore;
 use crate::limits::MAX_TABLES_PER_TENANT;
+use crate::migration::Migrations;
 use crate::schema::TableSchema;
 use crate::table::{BatchOutcome, Table, TableUsage, WriteOp};
 use crate::tenant_id::TenantId;
@@ -31,6 +32,7 @@ pub struct Tenant {
     schema_version: u64,
     idempotency: IdempotencyStore,
     api_keys: ApiKeys,
+    migrations: Migrations,
 }
 
 impl Tenant {
@@ -41,6 +43,7 @@ impl Tenant {
             schema_version: 0,
             idempotency: IdempotencyStore::default(),
             api_keys: ApiKeys::default(),
+            migrations: Migrations::default(),
         }
     }
 
@@ -70,6 +73,31 @@ impl Tenant {
         &mut self.api_keys
     }
 
+    /// The tenant's schema migrations.
+    pub fn migrations(&self) -> &Migrations {
+        &self.migrations
+    }
+
+    pub(crate) fn migrations_mut(&mut self) -> &mut Migrations {
+        &mut self.migrations
+    }
+
+    /// A table and the migrations, borrowed together (a backfill reads one and
+    /// changes the other).
+    pub(crate) fn base_and_migrations(
+        &mut self,
+        table: &str,
+    ) -> Result<(&Table, &mut Migrations), EngineError> {
+        let base = self.tables.get(table).ok_or_else(|| not_found(table))?;
+        Ok((base, &mut self.migrations))
+    }
+
+    /// Puts a migrated table in place of its base (a cutover at `lsn`).
+    pub(crate) fn replace_table(&mut self, table: Table, lsn: u64) {
+        self.tables.insert(table.schema().name.clone(), table);
+        self.schema_version = self.schema_version.max(lsn);
+    }
+
     /// Adds a table; `version` identifies this incarnation (the creating LSN).
     pub fn create_table(&mut self, schema: TableSchema, version: u64) -> Result<(), EngineError> {
         if self.tables.contains_key(&schema.name) {
@@ -94,6 +122,7 @@ impl Tenant {
     /// Drops a table; `lsn` is the dropping command's.
     pub fn drop_table(&mut self, name: &str, lsn: u64) -> Result<(), EngineError> {
         self.tables.remove(name).ok_or_else(|| not_found(name))?;
+        self.migrations.forget_table(name);
         self.schema_version = self.schema_version.max(lsn);
         Ok(())
     }
@@ -140,7 +169,39 @@ impl Tenant {
             });
         }
         target.check_writes(&writes)?;
+        let shadow = self.migrations.shadow_writes(table, &writes)?;
+        let outcome = target.apply(writes, lsn.0);
+        if let Some(shadow) = shadow {
+            self.migrations.apply_shadow(table, shadow, lsn.0);
+        }
+        Ok(outcome)
+    }
+
+    /// Loads rows of a checkpoint into a table: like [`Tenant::apply_writes`], but a
+    /// migration's shadow is rebuilt once the table is whole, not row by row.
+    pub(crate) fn load_rows(
+        &mut self,
+        table: &str,
+        version: u64,
+        writes: Vec<crate::table::RowWrite>,
+        lsn: Lsn,
+    ) -> Result<BatchOutcome, EngineError> {
+        let target = self.tables.get_mut(table).ok_or_else(|| not_found(table))?;
+        if target.version() != version {
+            return Err(EngineError::TableChanged {
+                table: table.to_string(),
+            });
+        }
+        target.check_writes(&writes)?;
         Ok(target.apply(writes, lsn.0))
+    }
+
+    /// A table frame of a checkpoint for a table already loaded: the checkpoint copied
+    /// the table again after it changed incarnation (a cutover) during the copy, and
+    /// the later copy wins.
+    pub(crate) fn forget_table_for_reload(&mut self, name: &str) {
+        self.tables.remove(name);
+        self.migrations.forget_table(name);
     }
 
     /// Rows, bytes and vectors over all tables, without the per-table breakdown (the

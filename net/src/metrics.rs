@@ -147,6 +147,7 @@ pub struct ShardSnapshot {
     pub tenants: usize,
     pub rows: usize,
     pub bytes: usize,
+    pub migrations: oc_engine::MigrationMetrics,
     /// The synchronous-replication gate's counters, when the shard has one.
     pub sync_gate: Option<crate::replication::gate::GateCounters>,
 }
@@ -170,6 +171,7 @@ pub fn snapshot(node: &ShardNode) -> ShardSnapshot {
         tenants,
         rows,
         bytes,
+        migrations: shard.migration_metrics(),
         sync_gate: crate::replication::gate::local_counters(),
     }
 }
@@ -724,6 +726,42 @@ pub fn render(shards: &[ShardSnapshot], control: &ControlMetrics) -> Result<Stri
             "Data bytes of the last checkpoint.",
             GAUGE,
             |s| s.checkpoint.last_bytes as f64,
+        ),
+        family(
+            "oc_migrations",
+            "Schema migrations by state: the active ones and those the tenants remember.",
+            GAUGE,
+            shards
+                .iter()
+                .flat_map(|s| {
+                    oc_engine::migration::MigrationState::ALL
+                        .iter()
+                        .zip(s.migrations.by_state)
+                        .map(|(state, n)| {
+                            gauge(
+                                vec![
+                                    label("shard", &s.shard.to_string()),
+                                    label("state", state.name()),
+                                ],
+                                n as f64,
+                            )
+                        })
+                })
+                .collect(),
+        ),
+        per_shard(
+            shards,
+            "oc_backfill_rows_total",
+            "Rows migration backfills converted.",
+            COUNTER,
+            |s| s.migrations.backfill_rows as f64,
+        ),
+        per_shard(
+            shards,
+            "oc_backfill_share",
+            "Backfill bytes per byte the shard's writers logged, over the last second.",
+            GAUGE,
+            |s| s.migrations.backfill_share,
         ),
         per_shard(
             shards,

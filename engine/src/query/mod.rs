@@ -14,7 +14,7 @@
 mod bind;
 mod cache;
 mod exec;
-mod expr;
+pub(crate) mod expr;
 mod like;
 mod normalize;
 mod plan;
@@ -218,6 +218,43 @@ pub fn ask_now(
     let mut run = Execution::new(std::rc::Rc::new(plan), params, limits)?;
     while !run.step(tenant)? {}
     run.finish(false)
+}
+
+/// Compiles one expression over a table's rows, in the `/ask` expression language
+/// (a migration's default or transform): the expression and the values of its
+/// literals, which it reads as parameters. The text is checked by the same limits and
+/// binder as a query's `SELECT` list, and must be one plain expression: no aggregate,
+/// no placeholder, nothing after it.
+pub(crate) fn compile_row_expr(
+    schema: &crate::schema::TableSchema,
+    text: &str,
+) -> Result<(expr::Expr, Vec<crate::value::Value>), String> {
+    let mut tenant = crate::tenant::Tenant::new(
+        crate::tenant_id::TenantId::parse("migration").map_err(|e| e.to_string())?,
+    );
+    tenant
+        .create_table(schema.clone(), 1)
+        .map_err(|e| e.to_string())?;
+    let sql = format!("SELECT {text} FROM {}", schema.name);
+    let normalized = normalize(&sql).map_err(|e| e.message)?;
+    if normalized.user_params > 0 {
+        return Err("an expression cannot use placeholders ($1, …)".into());
+    }
+    let plan = prepare(&tenant, &normalized).map_err(|e| e.message)?;
+    let q = &plan.query;
+    let plain = q.filter.is_none()
+        && q.aggregation.is_none()
+        && q.order_by.is_empty()
+        && q.limit.is_none()
+        && q.offset.is_none()
+        && matches!(q.explain, bind::ExplainMode::Run);
+    match q.projection.as_slice() {
+        [one] if plain => Ok((one.clone(), normalized.literals)),
+        _ => Err(format!(
+            "{:?} is not one expression over the row (no aggregates, clauses or lists)",
+            text.chars().take(80).collect::<String>()
+        )),
+    }
 }
 
 /// Fuzzing entry (and its corpus replay): any text through normalization, parsing

@@ -23,7 +23,9 @@ pub use crate::apply::{Applied, ShardState};
 mod applier;
 mod changes;
 mod checkpoints;
+mod migrations;
 mod replica;
+pub use migrations::{spawn_backfill, BackfillProgress, BackfillRateLimiter, MigrationMetrics};
 
 use crate::checkpoint::{self, CheckpointInfo};
 use crate::command::Command;
@@ -100,6 +102,13 @@ pub struct Shard<S: Storage> {
     ack_gate: RefCell<Option<Rc<dyn AckGate>>>,
     /// The epoch the applier gives change batches (the log's).
     feed_epoch: Rc<std::cell::Cell<oc_io::Epoch>>,
+    /// Bytes of write records this shard logged for its clients (the backfill
+    /// limiter's input).
+    foreground_bytes: std::cell::Cell<u64>,
+    /// The backfill driver's account of each migration it advanced.
+    backfill: RefCell<HashMap<(TenantId, u64), migrations::BackfillAccount>>,
+    backfill_rows: std::cell::Cell<u64>,
+    backfill_share: std::cell::Cell<f64>,
     _applier: Task<()>,
 }
 
@@ -252,6 +261,10 @@ impl<S: Storage> Shard<S> {
                     query::PLAN_CACHE_ENTRIES,
                     query::PLAN_CACHE_BYTES,
                 )),
+                foreground_bytes: std::cell::Cell::new(0),
+                backfill: RefCell::new(HashMap::new()),
+                backfill_rows: std::cell::Cell::new(0),
+                backfill_share: std::cell::Cell::new(0.0),
                 _applier: applier,
             },
             report,
@@ -453,6 +466,8 @@ impl<S: Storage> Shard<S> {
         let (writes, table_version) = self.read(tenant, |t| {
             let target = t.table(table)?;
             let writes = target.validate_batch(ops)?;
+            // A write an active migration cannot carry is refused before it is logged.
+            t.migrations().shadow_writes(table, &writes)?;
             let growth = target.growth(&writes);
             self.quotas
                 .get()
@@ -470,6 +485,7 @@ impl<S: Storage> Shard<S> {
         // The hash a key remembers is read off the record's bytes, here and in apply.
         let (kind, payload) = record::encode(&command);
         let request_hash = record::write_request_hash(kind, &payload);
+        self.count_foreground(payload.len());
         if let (Some(key), Some(hash)) = (&key, request_hash) {
             // A repeat of a key already applied is answered without writing anything.
             // (No await since the checks above: the same state.)

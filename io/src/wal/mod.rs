@@ -458,6 +458,12 @@ impl<S: Storage> Wal<S> {
         (Lsn(cursor.next_lsn.0 - 1), cursor.epoch)
     }
 
+    /// Whether a [`Wal::submit`] would be taken now: the log stamps its own frames (a
+    /// writer's), has not stopped them for a handover, and has not failed.
+    pub fn takes_own_writes(&self) -> bool {
+        self.shared.state.borrow().admit(Stamping::Own).is_ok()
+    }
+
     /// From now on every [`Wal::submit`] is refused with [`Error::OwnWritesStopped`],
     /// including one waiting for room in a group; what was taken before is written as
     /// usual. A writer handing over to a follower (a switchover) calls it so that its

@@ -83,6 +83,9 @@ impl From<EngineError> for ApiError {
                 (StatusCode::CONFLICT, "idempotency_conflict")
             }
             EngineError::TableChanged { .. } => (StatusCode::CONFLICT, "table_changed"),
+            EngineError::InvalidMigration(_) => (StatusCode::BAD_REQUEST, "invalid_migration"),
+            EngineError::MigrationConflict(_) => (StatusCode::CONFLICT, "migration_conflict"),
+            EngineError::MigrationRefused { .. } => (StatusCode::BAD_REQUEST, "migration_refused"),
             EngineError::LimitExceeded { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "limit_exceeded"),
             // Not 413 (which tells a client to split its request) and not retryable:
             // the tenant must delete data or have its quota raised.

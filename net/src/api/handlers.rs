@@ -325,6 +325,124 @@ pub async fn create_table(
     .await
 }
 
+/// `POST /v1/tenants/:t/migrations`: the table and its steps.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartMigration {
+    table: String,
+    steps: Json,
+}
+
+impl StartMigration {
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+}
+
+/// A migration as the API shows it; `progress` adds what this process's backfill
+/// measured (rate and the share of the writers' throughput it used).
+fn migration_json(
+    info: &oc_engine::migration::MigrationInfo,
+    progress: Option<oc_engine::BackfillProgress>,
+) -> Json {
+    let time = |us: u64| (us > 0).then(|| oc_ship::timestamp::format_rfc3339(us));
+    json!({
+        "id": info.id,
+        "table": info.table,
+        "state": info.state.name(),
+        "reason": info.reason,
+        "steps": info.steps,
+        "started": time(info.started.0),
+        "finished": time(info.finished.0),
+        "progress": {
+            "rows_done": info.rows_done,
+            "rows_total": info.rows_total,
+            "rows_per_second": progress.map(|p| p.rows_per_second()),
+        },
+        "writer_share_used": progress.and_then(|p| p.share()),
+    })
+}
+
+fn migration_id(id: &str) -> Result<u64, ApiError> {
+    id.parse::<u64>().map_err(|_| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!(
+                "migration {:?} does not exist (ids are numbers)",
+                id.chars().take(40).collect::<String>()
+            ),
+        )
+    })
+}
+
+pub async fn start_migration(
+    router: &ShardRouter,
+    tenant: TenantId,
+    body: StartMigration,
+    access: &Access,
+) -> Answer {
+    let steps_json = serde_json::to_vec(&body.steps).unwrap_or_default();
+    let steps = oc_engine::migration::parse_steps(&steps_json)
+        .map_err(|why| ApiError::bad_request("invalid_migration", format!("steps: {why}")))?;
+    on_owner(router, access, tenant, |node, tenant| async move {
+        let info = node
+            .shard()
+            .start_migration(&tenant, &body.table, steps)
+            .await?;
+        Ok((
+            StatusCode::ACCEPTED,
+            Body::from(migration_json(&info, None)),
+        ))
+    })
+    .await
+}
+
+pub async fn list_migrations(router: &ShardRouter, tenant: TenantId, access: &Access) -> Answer {
+    on_owner(router, access, tenant, |node, tenant| async move {
+        let shard = node.shard();
+        let all: Vec<Json> = shard
+            .migrations(&tenant)?
+            .iter()
+            .map(|m| migration_json(m, shard.backfill_progress(&tenant, m.id)))
+            .collect();
+        Ok((StatusCode::OK, Body::from(json!({"migrations": all}))))
+    })
+    .await
+}
+
+pub async fn get_migration(
+    router: &ShardRouter,
+    tenant: TenantId,
+    id: &str,
+    access: &Access,
+) -> Answer {
+    let id = migration_id(id)?;
+    on_owner(router, access, tenant, move |node, tenant| async move {
+        let shard = node.shard();
+        let info = shard.migration(&tenant, id)?;
+        let progress = shard.backfill_progress(&tenant, id);
+        Ok((StatusCode::OK, Body::from(migration_json(&info, progress))))
+    })
+    .await
+}
+
+pub async fn abort_migration(
+    router: &ShardRouter,
+    tenant: TenantId,
+    id: &str,
+    access: &Access,
+) -> Answer {
+    let id = migration_id(id)?;
+    on_owner(router, access, tenant, move |node, tenant| async move {
+        let shard = node.shard();
+        let info = shard.abort_migration(&tenant, id).await?;
+        let progress = shard.backfill_progress(&tenant, id);
+        Ok((StatusCode::OK, Body::from(migration_json(&info, progress))))
+    })
+    .await
+}
+
 pub async fn drop_table(
     router: &ShardRouter,
     tenant: TenantId,

@@ -347,6 +347,9 @@ fn route_name(method: &Method, path: &str) -> &'static str {
         (["v1", "tenants", _, "ask"], _) => "ask",
         (["v1", "tenants", _, "keys"], _) => "keys",
         (["v1", "tenants", _, "keys", _], _) => "key",
+        (["v1", "tenants", _, "migrations"], _) => "migrations",
+        (["v1", "tenants", _, "migrations", _], _) => "migration",
+        (["v1", "tenants", _, "migrations", _, "abort"], _) => "migration_abort",
         (["v1", "tenants", _, "tables"], _) => "tables",
         (["v1", "tenants", _, "tables", _], _) => "table",
         (["v1", "tenants", _, "tables", _, "rows"], _) => "rows_write",
@@ -361,11 +364,13 @@ fn route_name(method: &Method, path: &str) -> &'static str {
 /// The `Allow` header for a known route.
 fn allowed_methods(path: &str) -> Option<&'static str> {
     Some(match route_name(&Method::GET, path) {
-        "tenants" | "tables" | "keys" => "GET, POST",
+        "tenants" | "tables" | "keys" | "migrations" => "GET, POST",
         "key" => "DELETE",
         "tenant" | "table" => "GET, DELETE",
-        "usage" | "row_get" | "watch" | "audit_logs" | "admin_digest" | "openapi" => "GET",
-        "rows_write" | "ask" | "watch_tokens" => "POST",
+        "usage" | "row_get" | "watch" | "audit_logs" | "admin_digest" | "openapi" | "migration" => {
+            "GET"
+        }
+        "rows_write" | "ask" | "watch_tokens" | "migration_abort" => "POST",
         _ => return None,
     })
 }
@@ -510,6 +515,25 @@ async fn dispatch(ctx: &ApiContext, req: Request<Incoming>, request_id: &str) ->
             let body: h::CreateTable = read_json(ctx, req).await?;
             let did = Did::new("table.create", Some(t), Some(body.name()));
             let run = h::create_table(router, tenant, body, access);
+            audited(ctx, access, request_id, did, run).await
+        }
+        (["v1", "tenants", t, "migrations"], &Method::GET) => {
+            h::list_migrations(router, h::tenant_id(t)?, access).await
+        }
+        (["v1", "tenants", t, "migrations"], &Method::POST) => {
+            let tenant = h::tenant_id(t)?;
+            let body: h::StartMigration = read_json(ctx, req).await?;
+            let did = Did::new("migration.start", Some(t), Some(body.table()));
+            let run = h::start_migration(router, tenant, body, access);
+            audited(ctx, access, request_id, did, run).await
+        }
+        (["v1", "tenants", t, "migrations", id], &Method::GET) => {
+            h::get_migration(router, h::tenant_id(t)?, id, access).await
+        }
+        (["v1", "tenants", t, "migrations", id, "abort"], &Method::POST) => {
+            let tenant = h::tenant_id(t)?;
+            let did = Did::new("migration.abort", Some(t), Some(id));
+            let run = h::abort_migration(router, tenant, id, access);
             audited(ctx, access, request_id, did, run).await
         }
         (["v1", "tenants", t, "tables", table], &Method::GET) => {

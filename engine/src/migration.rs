@@ -1,0 +1,1165 @@
+//! Online schema migrations: a list of steps on one table, planned into the table's
+//! next shape (v1) and a row transform from the current shape (v0), then carried out
+//! by log records so the live shard, recovery, restore and followers all agree.
+//!
+//! While a migration is active the tenant keeps a *shadow*: a table in the v1 shape
+//! holding the transform of every base row converted so far. Writers keep writing the
+//! v0 shape to the base table; each write is also transformed into the shadow when it
+//! applies (a write the transform cannot carry is refused whole, naming the
+//! migration). The backfill converts the rows that existed at the start, in key order,
+//! up to the last key the table held then (`end_key`): rows after it were all written
+//! during the migration and are in the shadow already, so the backfill always ends.
+//! Cutover is one record: the shadow becomes the table. Abort drops the shadow: the
+//! base table was never touched.
+//!
+//! Records (FORMAT.md §5): start (table, table version, the steps as JSON), backfill
+//! chunk (convert base rows after the cursor up to a key), cutover, abort. Each apply
+//! is deterministic; a chunk whose row does not transform puts the migration in
+//! `Failed` with the reason, live and in replay alike.
+
+use std::collections::VecDeque;
+
+use oc_io::{Lsn, TimestampMicros};
+use serde::{Deserialize, Serialize};
+
+use crate::error::EngineError;
+use crate::query::compile_row_expr;
+use crate::query::expr::Expr;
+use crate::schema::{check_name, TableSchema};
+use crate::table::{Row, RowWrite, Table};
+use crate::tenant::Tenant;
+use crate::value::{ColumnType, Value};
+
+/// Steps one migration may hold.
+pub const MAX_MIGRATION_STEPS: usize = 64;
+/// Bytes of a migration's steps as compact JSON (they travel in one log record).
+pub const MAX_STEPS_JSON_BYTES: usize = 16 * 1024;
+/// Bytes of one default or transform expression.
+pub const MAX_EXPRESSION_BYTES: usize = 4096;
+/// Finished migrations a tenant remembers (for `GET …/migrations`).
+pub const MIGRATION_HISTORY: usize = 32;
+/// Bytes of a failure reason kept (it names a row key, which may be long).
+const MAX_REASON_BYTES: usize = 1024;
+
+/// One step, as the API takes it (`{"op": "add_column", …}`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Step {
+    /// A new column; `default` is an expression over the v0 columns (a constant
+    /// included). Without one the column must be nullable and starts NULL.
+    AddColumn {
+        name: String,
+        #[serde(rename = "type")]
+        ty: String,
+        #[serde(default = "nullable_by_default")]
+        nullable: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        default: Option<String>,
+    },
+    DropColumn {
+        name: String,
+    },
+    RenameColumn {
+        from: String,
+        to: String,
+    },
+    /// A new type for a column, its values computed by `using` over the v0 columns.
+    ChangeType {
+        column: String,
+        #[serde(rename = "type")]
+        ty: String,
+        using: String,
+    },
+    AddIndex {
+        name: String,
+        columns: Vec<String>,
+    },
+    DropIndex {
+        name: String,
+    },
+}
+
+fn nullable_by_default() -> bool {
+    true
+}
+
+impl Step {
+    fn op(&self) -> &'static str {
+        match self {
+            Step::AddColumn { .. } => "add_column",
+            Step::DropColumn { .. } => "drop_column",
+            Step::RenameColumn { .. } => "rename_column",
+            Step::ChangeType { .. } => "change_type",
+            Step::AddIndex { .. } => "add_index",
+            Step::DropIndex { .. } => "drop_index",
+        }
+    }
+}
+
+/// The steps as the compact JSON the log and checkpoints hold.
+pub fn steps_json(steps: &[Step]) -> String {
+    serde_json::to_string(steps).unwrap_or_else(|_| "[]".into())
+}
+
+/// Parses steps from their JSON (API body or log record), bounding size and count.
+pub fn parse_steps(json: &[u8]) -> Result<Vec<Step>, String> {
+    if json.len() > MAX_STEPS_JSON_BYTES {
+        return Err(format!(
+            "the steps take {} bytes of JSON, above the limit of {MAX_STEPS_JSON_BYTES}",
+            json.len()
+        ));
+    }
+    let steps: Vec<Step> = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+    check_step_count(steps.len())?;
+    Ok(steps)
+}
+
+fn check_step_count(n: usize) -> Result<(), String> {
+    if n == 0 {
+        return Err("a migration needs at least one step".into());
+    }
+    if n > MAX_MIGRATION_STEPS {
+        return Err(format!(
+            "{n} steps, above the limit of {MAX_MIGRATION_STEPS}"
+        ));
+    }
+    Ok(())
+}
+
+/// Where one v1 column's value comes from.
+#[derive(Debug, Clone)]
+enum Source {
+    /// The v0 value at this position, unchanged.
+    Column(usize),
+    /// An expression over the v0 row (`params` are its literals).
+    Computed { expr: Expr, params: Vec<Value> },
+}
+
+/// A validated migration: the v1 schema and how to build a v1 row from a v0 row.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub target: TableSchema,
+    sources: Vec<Source>,
+}
+
+struct WorkColumn {
+    name: String,
+    ty: ColumnType,
+    nullable: bool,
+    source: Source,
+}
+
+/// Plans `steps` over `v0`, validating all of them before anything starts; the error
+/// names the step (counted from 0) and what to fix.
+pub fn plan(v0: &TableSchema, steps: &[Step]) -> Result<Plan, EngineError> {
+    let invalid = |why: String| EngineError::InvalidMigration(why);
+    check_step_count(steps.len()).map_err(invalid)?;
+    let mut cols: Vec<WorkColumn> = v0
+        .columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| WorkColumn {
+            name: c.name.clone(),
+            ty: c.ty,
+            nullable: c.nullable,
+            source: Source::Column(i),
+        })
+        .collect();
+    let names = |positions: &[usize]| -> Vec<String> {
+        positions
+            .iter()
+            .map(|&p| v0.columns[p].name.clone())
+            .collect()
+    };
+    let mut primary_key = names(&v0.primary_key);
+    let mut indexes: Vec<(String, Vec<String>)> = v0
+        .indexes
+        .iter()
+        .map(|i| (i.name.clone(), names(&i.columns)))
+        .collect();
+    for (n, step) in steps.iter().enumerate() {
+        let bad = |why: String| invalid(format!("step {n} ({}): {why}", step.op()));
+        let find = |cols: &[WorkColumn], name: &str| {
+            cols.iter().position(|c| c.name == name).ok_or_else(|| {
+                bad(format!(
+                    "column {name:?} does not exist at this step (columns: {})",
+                    cols.iter()
+                        .map(|c| c.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })
+        };
+        let in_key = |pk: &[String], name: &str| pk.iter().any(|k| k == name);
+        let column_type = |ty: &str| {
+            ColumnType::parse(ty).ok_or_else(|| {
+                bad(format!(
+                    "unknown type {:?}; use text, int, float, bool, json or vector(N)",
+                    ty.chars().take(40).collect::<String>()
+                ))
+            })
+        };
+        let compile = |text: &str| -> Result<Source, EngineError> {
+            if text.len() > MAX_EXPRESSION_BYTES {
+                return Err(bad(format!(
+                    "the expression is {} bytes, above the limit of {MAX_EXPRESSION_BYTES}",
+                    text.len()
+                )));
+            }
+            let (expr, params) = compile_row_expr(v0, text).map_err(|e| bad(e))?;
+            Ok(Source::Computed { expr, params })
+        };
+        match step {
+            Step::AddColumn {
+                name,
+                ty,
+                nullable,
+                default,
+            } => {
+                check_name("column name", name).map_err(|e| bad(e.to_string()))?;
+                if cols.iter().any(|c| c.name == *name) {
+                    return Err(bad(format!("column {name:?} already exists")));
+                }
+                let ty = column_type(ty)?;
+                let source = match default {
+                    Some(text) => compile(text)?,
+                    None if *nullable => Source::Computed {
+                        expr: Expr::Const(Value::Null),
+                        params: Vec::new(),
+                    },
+                    None => {
+                        return Err(bad(format!(
+                            "column {name:?} is not nullable, so it needs a default"
+                        )))
+                    }
+                };
+                cols.push(WorkColumn {
+                    name: name.clone(),
+                    ty,
+                    nullable: *nullable,
+                    source,
+                });
+            }
+            Step::DropColumn { name } => {
+                let at = find(&cols, name)?;
+                if in_key(&primary_key, name) {
+                    return Err(bad(format!(
+                        "column {name:?} is part of the primary key; a key cannot change online"
+                    )));
+                }
+                if let Some((index, _)) = indexes.iter().find(|(_, c)| c.contains(name)) {
+                    return Err(bad(format!(
+                        "column {name:?} is used by index {index:?}; drop the index in an earlier step"
+                    )));
+                }
+                cols.remove(at);
+            }
+            Step::RenameColumn { from, to } => {
+                let at = find(&cols, from)?;
+                check_name("column name", to).map_err(|e| bad(e.to_string()))?;
+                if cols.iter().any(|c| c.name == *to) {
+                    return Err(bad(format!("column {to:?} already exists")));
+                }
+                cols[at].name = to.clone();
+                for name in primary_key
+                    .iter_mut()
+                    .chain(indexes.iter_mut().flat_map(|(_, c)| c.iter_mut()))
+                {
+                    if name == from {
+                        name.clone_from(to);
+                    }
+                }
+            }
+            Step::ChangeType { column, ty, using } => {
+                let at = find(&cols, column)?;
+                if in_key(&primary_key, column) {
+                    return Err(bad(format!(
+                        "column {column:?} is part of the primary key; a key cannot change online"
+                    )));
+                }
+                cols[at].ty = column_type(ty)?;
+                cols[at].source = compile(using)?;
+            }
+            Step::AddIndex { name, columns } => {
+                check_name("index name", name).map_err(|e| bad(e.to_string()))?;
+                if indexes.iter().any(|(i, _)| i == name) {
+                    return Err(bad(format!("index {name:?} already exists")));
+                }
+                for c in columns {
+                    find(&cols, c)?;
+                }
+                indexes.push((name.clone(), columns.clone()));
+            }
+            Step::DropIndex { name } => {
+                let at = indexes
+                    .iter()
+                    .position(|(i, _)| i == name)
+                    .ok_or_else(|| bad(format!("index {name:?} does not exist at this step")))?;
+                indexes.remove(at);
+            }
+        }
+    }
+    let column_specs: Vec<(&str, ColumnType, bool)> = cols
+        .iter()
+        .map(|c| (c.name.as_str(), c.ty, c.nullable))
+        .collect();
+    let key: Vec<&str> = primary_key.iter().map(String::as_str).collect();
+    let index_columns: Vec<Vec<&str>> = indexes
+        .iter()
+        .map(|(_, c)| c.iter().map(String::as_str).collect())
+        .collect();
+    let index_specs: Vec<(&str, &[&str])> = indexes
+        .iter()
+        .zip(&index_columns)
+        .map(|((name, _), c)| (name.as_str(), c.as_slice()))
+        .collect();
+    let target = TableSchema::new(&v0.name, &column_specs, &key, &index_specs)
+        .map_err(|e| invalid(format!("the migrated table would be invalid: {e}")))?;
+    Ok(Plan {
+        target,
+        sources: cols.into_iter().map(|c| c.source).collect(),
+    })
+}
+
+impl Plan {
+    /// The v1 row of a v0 row, or why it has none. The values are converted to each
+    /// column's type by the rules a JSON write follows (an int fills a float column;
+    /// anything fills a json column); the row is then checked against the v1 table.
+    pub fn transform(&self, row: &Row) -> Result<Row, String> {
+        let mut out = Row::with_capacity(self.sources.len());
+        for (source, column) in self.sources.iter().zip(&self.target.columns) {
+            let value = match source {
+                Source::Column(i) => row.get(*i).cloned().unwrap_or(Value::Null),
+                Source::Computed { expr, params } => {
+                    let v = crate::query::with_stack(|| expr.eval(row, params))
+                        .map_err(|e| format!("column {:?}: {e}", column.name))?
+                        .into_owned();
+                    if v.is_null() {
+                        Value::Null
+                    } else {
+                        Value::from_json(&v.to_json(), column.ty)
+                            .map_err(|e| format!("column {:?}: {e}", column.name))?
+                    }
+                }
+            };
+            if value.is_null() && !column.nullable {
+                return Err(format!(
+                    "column {:?} would be null but is not nullable",
+                    column.name
+                ));
+            }
+            out.push(value);
+        }
+        Ok(out)
+    }
+}
+
+/// Where a migration is (the API's names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigrationState {
+    /// Logged; no chunk converted yet.
+    Pending,
+    Backfilling,
+    /// Every row that existed at the start is converted; the cutover is next.
+    CutoverReady,
+    Done,
+    Aborted,
+    Failed,
+}
+
+impl MigrationState {
+    pub const ALL: [MigrationState; 6] = [
+        MigrationState::Pending,
+        MigrationState::Backfilling,
+        MigrationState::CutoverReady,
+        MigrationState::Done,
+        MigrationState::Aborted,
+        MigrationState::Failed,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            MigrationState::Pending => "pending",
+            MigrationState::Backfilling => "backfilling",
+            MigrationState::CutoverReady => "cutover_ready",
+            MigrationState::Done => "done",
+            MigrationState::Aborted => "aborted",
+            MigrationState::Failed => "failed",
+        }
+    }
+
+    pub fn is_active(self) -> bool {
+        matches!(
+            self,
+            MigrationState::Pending | MigrationState::Backfilling | MigrationState::CutoverReady
+        )
+    }
+
+    pub(crate) fn code(self) -> u8 {
+        match self {
+            MigrationState::Pending => 1,
+            MigrationState::Backfilling => 2,
+            MigrationState::CutoverReady => 3,
+            MigrationState::Done => 4,
+            MigrationState::Aborted => 5,
+            MigrationState::Failed => 6,
+        }
+    }
+
+    pub(crate) fn from_code(code: u8) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.code() == code)
+    }
+}
+
+/// What `GET …/migrations/:id` reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MigrationInfo {
+    /// The LSN of the start record.
+    pub id: u64,
+    pub table: String,
+    pub steps: Vec<Step>,
+    pub state: MigrationState,
+    pub reason: Option<String>,
+    pub started: TimestampMicros,
+    /// Zero while active.
+    pub finished: TimestampMicros,
+    /// Rows the table held at the start (the backfill's work).
+    pub rows_total: u64,
+    /// Rows the backfill has converted.
+    pub rows_done: u64,
+}
+
+/// A migration in progress and its shadow table.
+#[derive(Debug, Clone)]
+pub struct ActiveMigration {
+    pub info: MigrationInfo,
+    /// The base table incarnation it migrates.
+    pub table_version: u64,
+    plan: Plan,
+    shadow: Table,
+    /// The last base key converted by the backfill (`None`: none yet).
+    cursor: Option<Vec<u8>>,
+    /// The last base key when the migration started (`None`: the table was empty).
+    end_key: Option<Vec<u8>>,
+}
+
+impl ActiveMigration {
+    pub fn cursor(&self) -> Option<&[u8]> {
+        self.cursor.as_deref()
+    }
+
+    pub fn end_key(&self) -> Option<&[u8]> {
+        self.end_key.as_deref()
+    }
+
+    /// Whether the backfill has converted every row up to `end_key`.
+    pub fn caught_up(&self) -> bool {
+        match (&self.end_key, &self.cursor) {
+            (None, _) => true,
+            (Some(end), Some(cursor)) => cursor >= end,
+            (Some(_), None) => false,
+        }
+    }
+
+    /// The v1 writes of a v0 batch, or why the migration cannot carry it.
+    fn shadow_writes(&self, writes: &[RowWrite]) -> Result<Vec<RowWrite>, EngineError> {
+        let refused = |row: usize, why: String| EngineError::MigrationRefused {
+            id: self.info.id,
+            table: self.info.table.clone(),
+            row,
+            why,
+        };
+        let mut out = Vec::with_capacity(writes.len());
+        for (row, write) in writes.iter().enumerate() {
+            out.push(match write {
+                RowWrite::Upsert(values) => {
+                    let v1 = self
+                        .plan
+                        .transform(values)
+                        .map_err(|why| refused(row, why))?;
+                    self.shadow
+                        .check_writes(std::slice::from_ref(&RowWrite::Upsert(v1.clone())))
+                        .map_err(|e| refused(row, e.to_string()))?;
+                    RowWrite::Upsert(v1)
+                }
+                RowWrite::Delete(key) => RowWrite::Delete(key.clone()),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Converts the base rows after the cursor up to `upto` (and not past `end_key`)
+    /// into the shadow; returns the rows and v1 bytes converted.
+    fn convert(&mut self, base: &Table, upto: &[u8], lsn: u64) -> Result<(u64, u64), String> {
+        let limit = match &self.end_key {
+            Some(end) if end.as_slice() < upto => end.clone(),
+            Some(_) => upto.to_vec(),
+            None => return Ok((0, 0)),
+        };
+        let mut writes = Vec::new();
+        let mut bytes = 0u64;
+        for (key, row) in base.rows_after(self.cursor.as_deref()) {
+            if key > limit.as_slice() {
+                break;
+            }
+            let v1 = self.plan.transform(row).map_err(|why| {
+                format!("row with key {} does not migrate: {why}", render_key(key))
+            })?;
+            self.shadow
+                .check_writes(std::slice::from_ref(&RowWrite::Upsert(v1.clone())))
+                .map_err(|e| format!("row with key {} does not migrate: {e}", render_key(key)))?;
+            bytes += crate::record::row_entry_bytes(&v1) as u64;
+            writes.push(RowWrite::Upsert(v1));
+        }
+        let rows = writes.len() as u64;
+        self.shadow.apply(writes, lsn);
+        if self.cursor.as_deref().is_none_or(|c| c < limit.as_slice()) {
+            self.cursor = Some(limit);
+        }
+        Ok((rows, bytes))
+    }
+}
+
+/// A key for a message: hex, cut short.
+fn render_key(key: &[u8]) -> String {
+    let hex: String = key.iter().take(32).map(|b| format!("{b:02x}")).collect();
+    if key.len() > 32 {
+        format!("{hex}…")
+    } else {
+        hex
+    }
+}
+
+fn reason(why: String) -> String {
+    if why.len() <= MAX_REASON_BYTES {
+        return why;
+    }
+    let mut end = MAX_REASON_BYTES;
+    while !why.is_char_boundary(end) {
+        end -= 1;
+    }
+    why[..end].to_string()
+}
+
+/// A tenant's migrations: the active one per table and the finished ones.
+#[derive(Debug, Clone, Default)]
+pub struct Migrations {
+    pub(crate) active: std::collections::BTreeMap<String, ActiveMigration>,
+    pub(crate) finished: VecDeque<MigrationInfo>,
+}
+
+impl Migrations {
+    pub fn active(&self, table: &str) -> Option<&ActiveMigration> {
+        self.active.get(table)
+    }
+
+    pub fn all_active(&self) -> impl Iterator<Item = &ActiveMigration> {
+        self.active.values()
+    }
+
+    pub fn finished(&self) -> impl Iterator<Item = &MigrationInfo> {
+        self.finished.iter()
+    }
+
+    /// Every migration, oldest first.
+    pub fn list(&self) -> Vec<MigrationInfo> {
+        let mut all: Vec<MigrationInfo> = self
+            .finished
+            .iter()
+            .cloned()
+            .chain(self.active.values().map(|m| m.info.clone()))
+            .collect();
+        all.sort_by_key(|m| m.id);
+        all
+    }
+
+    pub fn get(&self, id: u64) -> Option<MigrationInfo> {
+        self.active
+            .values()
+            .map(|m| &m.info)
+            .chain(self.finished.iter())
+            .find(|m| m.id == id)
+            .cloned()
+    }
+
+    pub(crate) fn remember(&mut self, info: MigrationInfo) {
+        self.finished.retain(|m| m.id != info.id);
+        self.finished.push_back(info);
+        while self.finished.len() > MIGRATION_HISTORY {
+            self.finished.pop_front();
+        }
+    }
+
+    /// The shadow writes of a batch to `table`, if a migration is active on it.
+    pub(crate) fn shadow_writes(
+        &self,
+        table: &str,
+        writes: &[RowWrite],
+    ) -> Result<Option<Vec<RowWrite>>, EngineError> {
+        self.active
+            .get(table)
+            .map(|m| m.shadow_writes(writes))
+            .transpose()
+    }
+
+    pub(crate) fn apply_shadow(&mut self, table: &str, writes: Vec<RowWrite>, lsn: u64) {
+        if let Some(m) = self.active.get_mut(table) {
+            m.shadow.apply(writes, lsn);
+        }
+    }
+
+    /// Drops the active migration of a table that is dropped or replaced.
+    pub(crate) fn forget_table(&mut self, table: &str) {
+        self.active.remove(table);
+    }
+}
+
+fn conflict(why: String) -> EngineError {
+    EngineError::MigrationConflict(why)
+}
+
+/// Applies a start record at `lsn`: the migration's id.
+pub(crate) fn start(
+    tenant: &mut Tenant,
+    table: &str,
+    table_version: u64,
+    steps: Vec<Step>,
+    lsn: Lsn,
+    committed: TimestampMicros,
+) -> Result<u64, EngineError> {
+    let base = tenant.table(table)?;
+    if base.version() != table_version {
+        return Err(EngineError::TableChanged {
+            table: table.to_string(),
+        });
+    }
+    if let Some(m) = tenant.migrations().active(table) {
+        return Err(conflict(format!(
+            "table {table:?} is already migrating (migration {}); wait for it or abort it",
+            m.info.id
+        )));
+    }
+    let plan = plan(base.schema(), &steps)?;
+    let end_key = base.rows_after(None).last().map(|(k, _)| k.to_vec());
+    let rows_total = base.usage().rows as u64;
+    let shadow = Table::new(plan.target.clone(), lsn.0);
+    let info = MigrationInfo {
+        id: lsn.0,
+        table: table.to_string(),
+        steps,
+        state: MigrationState::Pending,
+        reason: None,
+        started: committed,
+        finished: TimestampMicros(0),
+        rows_total,
+        rows_done: 0,
+    };
+    let active = ActiveMigration {
+        info,
+        table_version,
+        plan,
+        shadow,
+        cursor: None,
+        end_key,
+    };
+    tenant
+        .migrations_mut()
+        .active
+        .insert(table.to_string(), active);
+    Ok(lsn.0)
+}
+
+/// Whether `id` is the active migration of `table`, or why there is none to act on.
+fn check_active(tenant: &Tenant, table: &str, id: u64) -> Result<(), EngineError> {
+    let migrations = tenant.migrations();
+    match migrations.active.get(table) {
+        Some(m) if m.info.id == id => Ok(()),
+        _ => Err(match migrations.get(id) {
+            Some(info) => conflict(format!(
+                "migration {id} is {}, not in progress",
+                info.state.name()
+            )),
+            None => EngineError::NotFound {
+                what: "migration",
+                name: id.to_string(),
+            },
+        }),
+    }
+}
+
+/// Ends the active migration of `table` in `state`.
+fn finish(
+    tenant: &mut Tenant,
+    table: &str,
+    state: MigrationState,
+    why: Option<String>,
+    committed: TimestampMicros,
+) -> Option<ActiveMigration> {
+    let migrations = tenant.migrations_mut();
+    let mut m = migrations.active.remove(table)?;
+    m.info.state = state;
+    m.info.reason = why.map(reason);
+    m.info.finished = committed;
+    migrations.remember(m.info.clone());
+    Some(m)
+}
+
+/// Applies a backfill chunk: the rows converted, or the migration fails.
+pub(crate) fn backfill(
+    tenant: &mut Tenant,
+    table: &str,
+    id: u64,
+    upto: &[u8],
+    lsn: Lsn,
+    committed: TimestampMicros,
+) -> Result<MigrationState, EngineError> {
+    check_active(tenant, table, id)?;
+    let (base, migrations) = tenant.base_and_migrations(table)?;
+    let Some(m) = migrations.active.get_mut(table) else {
+        unreachable!("checked above")
+    };
+    match m.convert(base, upto, lsn.0) {
+        Ok((rows, _)) => {
+            m.info.rows_done += rows;
+            m.info.state = if m.caught_up() {
+                MigrationState::CutoverReady
+            } else {
+                MigrationState::Backfilling
+            };
+            Ok(m.info.state)
+        }
+        Err(why) => {
+            finish(tenant, table, MigrationState::Failed, Some(why), committed);
+            Ok(MigrationState::Failed)
+        }
+    }
+}
+
+/// Applies a cutover: what the backfill had not reached yet is converted (nothing,
+/// when the backfill caught up, as the driver waits for), then the shadow becomes the
+/// table, a new incarnation whose version is the cutover's LSN.
+pub(crate) fn cutover(
+    tenant: &mut Tenant,
+    table: &str,
+    id: u64,
+    lsn: Lsn,
+    committed: TimestampMicros,
+) -> Result<MigrationState, EngineError> {
+    check_active(tenant, table, id)?;
+    let (base, migrations) = tenant.base_and_migrations(table)?;
+    let Some(m) = migrations.active.get_mut(table) else {
+        unreachable!("checked above")
+    };
+    let rest = m.end_key.clone().unwrap_or_default();
+    if let Err(why) = m.convert(base, &rest, lsn.0) {
+        finish(tenant, table, MigrationState::Failed, Some(why), committed);
+        return Ok(MigrationState::Failed);
+    }
+    let Some(m) = finish(tenant, table, MigrationState::Done, None, committed) else {
+        unreachable!("checked above")
+    };
+    let mut shadow = m.shadow;
+    shadow.set_version(lsn.0);
+    tenant.replace_table(shadow, lsn.0);
+    Ok(MigrationState::Done)
+}
+
+/// Applies an abort: the shadow goes; the base table is as it was.
+pub(crate) fn abort(
+    tenant: &mut Tenant,
+    table: &str,
+    id: u64,
+    committed: TimestampMicros,
+) -> Result<MigrationState, EngineError> {
+    check_active(tenant, table, id)?;
+    finish(tenant, table, MigrationState::Aborted, None, committed);
+    Ok(MigrationState::Aborted)
+}
+
+/// Attaches a migration loaded from a checkpoint to its (already loaded) table and
+/// rebuilds its shadow: the transform of every base row up to the cursor and after
+/// `end_key` (rows after it were written during the migration).
+pub(crate) fn restore_active(
+    tenant: &mut Tenant,
+    info: MigrationInfo,
+    table_version: u64,
+    cursor: Option<Vec<u8>>,
+    end_key: Option<Vec<u8>>,
+    loaded_at: Lsn,
+) -> Result<(), EngineError> {
+    let base = tenant.table(&info.table)?;
+    if base.version() != table_version {
+        return Err(EngineError::TableChanged {
+            table: info.table.clone(),
+        });
+    }
+    let plan = plan(base.schema(), &info.steps)?;
+    let mut shadow = Table::new(plan.target.clone(), info.id);
+    let mut writes = Vec::new();
+    for (key, row) in base.rows_after(None) {
+        let converted = cursor.as_deref().is_some_and(|c| key <= c);
+        let written_during = end_key.as_deref().is_none_or(|e| key > e);
+        if !(converted || written_during) {
+            continue;
+        }
+        let v1 = plan.transform(row).map_err(|why| EngineError::Replay {
+            lsn: loaded_at.0,
+            why: format!(
+                "migration {} cannot rebuild its shadow: row {} does not migrate: {why}",
+                info.id,
+                render_key(key)
+            ),
+        })?;
+        writes.push(RowWrite::Upsert(v1));
+    }
+    shadow.check_writes(&writes)?;
+    shadow.apply(writes, loaded_at.0);
+    let table = info.table.clone();
+    let active = ActiveMigration {
+        info,
+        table_version,
+        plan,
+        shadow,
+        cursor,
+        end_key,
+    };
+    tenant.migrations_mut().active.insert(table, active);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ColumnType::*;
+
+    fn v0() -> TableSchema {
+        TableSchema::new(
+            "items",
+            &[("id", Int, false), ("name", Text, true), ("n", Int, true)],
+            &["id"],
+            &[("by_n", &["n"])],
+        )
+        .expect("valid")
+    }
+
+    fn steps(json: &str) -> Vec<Step> {
+        parse_steps(json.as_bytes()).expect("steps parse")
+    }
+
+    fn err(json: &str) -> String {
+        plan(&v0(), &steps(json)).expect_err("invalid").to_string()
+    }
+
+    #[test]
+    fn a_plan_builds_the_v1_shape_and_transforms_rows() {
+        let p = plan(
+            &v0(),
+            &steps(
+                r#"[{"op":"add_column","name":"twice","type":"int","default":"n * 2"},
+                    {"op":"drop_index","name":"by_n"},
+                    {"op":"change_type","column":"n","type":"float","using":"n + 0.5"},
+                    {"op":"rename_column","from":"name","to":"title"},
+                    {"op":"add_index","name":"by_title","columns":["title"]}]"#,
+            ),
+        )
+        .expect("plan");
+        let names: Vec<&str> = p.target.columns.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["id", "title", "n", "twice"]);
+        assert_eq!(p.target.columns[2].ty, Float);
+        assert_eq!(p.target.indexes.len(), 1);
+        assert_eq!(p.target.indexes[0].name, "by_title");
+        let row = vec![Value::Int(1), Value::Text("a".into()), Value::Int(20)];
+        assert_eq!(
+            p.transform(&row).expect("transforms"),
+            vec![
+                Value::Int(1),
+                Value::Text("a".into()),
+                Value::Float(20.5),
+                Value::Int(40)
+            ]
+        );
+        let null_n = vec![Value::Int(2), Value::Null, Value::Null];
+        assert_eq!(
+            p.transform(&null_n).expect("nulls propagate"),
+            vec![Value::Int(2), Value::Null, Value::Null, Value::Null]
+        );
+    }
+
+    #[test]
+    fn invalid_steps_are_named_with_what_to_fix() {
+        assert!(err(r#"[{"op":"drop_column","name":"id"}]"#).contains("primary key"));
+        assert!(err(r#"[{"op":"drop_column","name":"n"}]"#).contains("index \"by_n\""));
+        assert!(err(r#"[{"op":"drop_column","name":"zz"}]"#).contains("step 0 (drop_column)"));
+        assert!(
+            err(r#"[{"op":"add_column","name":"x","type":"int","nullable":false}]"#)
+                .contains("needs a default")
+        );
+        assert!(
+            err(r#"[{"op":"add_column","name":"x","type":"int","default":"nope + 1"}]"#)
+                .contains("nope")
+        );
+        assert!(err(r#"[{"op":"add_column","name":"x","type":"blob"}]"#).contains("unknown type"));
+        assert!(err(
+            r#"[{"op":"rename_column","from":"name","to":"t"},{"op":"rename_column","from":"name","to":"u"}]"#
+        )
+        .contains("step 1"));
+        assert!(
+            err(r#"[{"op":"change_type","column":"id","type":"text","using":"id"}]"#)
+                .contains("primary key")
+        );
+        assert!(
+            err(r#"[{"op":"add_index","name":"by_n","columns":["n"]}]"#).contains("already exists")
+        );
+        assert!(parse_steps(b"[]").is_err());
+        assert!(parse_steps(br#"[{"op":"drop_column","name":"n","extra":1}]"#).is_err());
+        assert!(parse_steps(br#"[{"op":"explode"}]"#).is_err());
+    }
+
+    #[test]
+    fn a_value_the_new_type_cannot_hold_is_a_transform_error() {
+        let p = plan(
+            &v0(),
+            &steps(r#"[{"op":"change_type","column":"name","type":"int","using":"name"}]"#),
+        )
+        .expect("plan");
+        let row = vec![Value::Int(1), Value::Text("abc".into()), Value::Null];
+        let why = p.transform(&row).expect_err("text is not an int");
+        assert!(why.contains("column \"name\""), "{why}");
+    }
+}
+
+#[cfg(test)]
+mod apply_tests {
+    use super::*;
+    use crate::apply::{apply, Applied, ShardState};
+    use crate::command::Command;
+    use crate::tenant_id::TenantId;
+    use ColumnType::*;
+
+    struct Log {
+        state: ShardState,
+        tenant: TenantId,
+        next: u64,
+    }
+
+    impl Log {
+        fn new() -> Self {
+            let mut log = Log {
+                state: ShardState::default(),
+                tenant: TenantId::parse("acme").expect("valid"),
+                next: 1,
+            };
+            log.run(Command::CreateTenant).expect("tenant");
+            let schema = TableSchema::new(
+                "items",
+                &[("id", Int, false), ("n", Int, true), ("gone", Text, true)],
+                &["id"],
+                &[],
+            )
+            .expect("valid");
+            log.run(Command::CreateTable(schema)).expect("table");
+            log
+        }
+
+        fn run(&mut self, command: Command) -> Result<Applied, EngineError> {
+            let lsn = Lsn(self.next);
+            self.next += 1;
+            apply(
+                &mut self.state,
+                &self.tenant,
+                lsn,
+                TimestampMicros(lsn.0),
+                command,
+            )
+        }
+
+        fn tenant(&self) -> &Tenant {
+            &self.state.tenants[&self.tenant]
+        }
+
+        fn rows(&self) -> Vec<Row> {
+            self.tenant()
+                .table("items")
+                .expect("table")
+                .rows()
+                .cloned()
+                .collect()
+        }
+
+        fn upsert(&mut self, id: i64, n: i64) -> Result<Applied, EngineError> {
+            let version = self.tenant().table("items").expect("table").version();
+            self.run(Command::Write {
+                table: "items".into(),
+                table_version: version,
+                writes: vec![RowWrite::Upsert(vec![
+                    Value::Int(id),
+                    Value::Int(n),
+                    Value::Text(format!("row {id}")),
+                ])],
+                idempotency_key: None,
+            })
+        }
+
+        fn start(&mut self, steps: &str) -> u64 {
+            let version = self.tenant().table("items").expect("table").version();
+            match self
+                .run(Command::StartMigration {
+                    table: "items".into(),
+                    table_version: version,
+                    steps: parse_steps(steps.as_bytes()).expect("steps"),
+                })
+                .expect("started")
+            {
+                Applied::MigrationStarted { id } => id,
+                other => panic!("{other:?}"),
+            }
+        }
+
+        fn key(&self, id: i64) -> Vec<u8> {
+            crate::value::encode_key(&[&Value::Int(id)])
+        }
+
+        fn chunk(&mut self, id: u64, upto: i64) -> MigrationState {
+            let upto = self.key(upto);
+            match self.run(Command::Backfill {
+                table: "items".into(),
+                id,
+                upto,
+            }) {
+                Ok(Applied::Migration(state)) => state,
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    const STEPS: &str = r#"[{"op":"add_column","name":"double","type":"int","default":"n * 2"},
+        {"op":"drop_column","name":"gone"},
+        {"op":"add_index","name":"by_double","columns":["double"]}]"#;
+
+    #[test]
+    fn backfill_and_cutover_give_every_row_the_v1_shape_exactly_once() {
+        let mut log = Log::new();
+        for id in 0..10 {
+            log.upsert(id, id).expect("write");
+        }
+        let id = log.start(STEPS);
+        assert_eq!(log.chunk(id, 3), MigrationState::Backfilling);
+        // Writes during the backfill: behind the cursor, ahead of it, and past the
+        // end key (a new row), all carried into the shadow as they apply.
+        log.upsert(1, 100).expect("behind");
+        log.upsert(7, 700).expect("ahead");
+        log.upsert(50, 5).expect("new");
+        assert_eq!(log.chunk(id, 9), MigrationState::CutoverReady);
+        let before = log.rows();
+        assert_eq!(
+            before[0].len(),
+            3,
+            "the base keeps the v0 shape until cutover"
+        );
+        match log.run(Command::Cutover {
+            table: "items".into(),
+            id,
+        }) {
+            Ok(Applied::Migration(MigrationState::Done)) => {}
+            other => panic!("{other:?}"),
+        }
+        let rows = log.rows();
+        assert_eq!(rows.len(), 11);
+        for row in &rows {
+            let (Value::Int(k), Value::Int(n), Value::Int(d)) = (&row[0], &row[1], &row[2]) else {
+                panic!("{row:?}")
+            };
+            let expected_n = match k {
+                1 => 100,
+                7 => 700,
+                50 => 5,
+                k => *k,
+            };
+            assert_eq!((*n, *d), (expected_n, expected_n * 2), "row {k}");
+            assert_eq!(row.len(), 3, "the dropped column is gone");
+        }
+        let table = log.tenant().table("items").expect("table");
+        assert_eq!(table.schema().indexes[0].name, "by_double");
+        assert_eq!(
+            table.check_integrity(),
+            Ok(11),
+            "the new index covers every row"
+        );
+        assert_eq!(
+            log.tenant().migrations().get(id).expect("kept").state,
+            MigrationState::Done
+        );
+        // A write validated against v0 and applied after the cutover is refused.
+        let stale = log.run(Command::Write {
+            table: "items".into(),
+            table_version: 2,
+            writes: vec![RowWrite::Upsert(vec![
+                Value::Int(1),
+                Value::Int(1),
+                Value::Null,
+            ])],
+            idempotency_key: None,
+        });
+        assert!(
+            matches!(stale, Err(EngineError::TableChanged { .. })),
+            "{stale:?}"
+        );
+    }
+
+    #[test]
+    fn abort_leaves_the_base_exactly_as_it_was() {
+        let mut log = Log::new();
+        for id in 0..5 {
+            log.upsert(id, id).expect("write");
+        }
+        let before = log.rows();
+        let id = log.start(STEPS);
+        log.chunk(id, 2);
+        match log.run(Command::AbortMigration {
+            table: "items".into(),
+            id,
+        }) {
+            Ok(Applied::Migration(MigrationState::Aborted)) => {}
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(log.rows(), before);
+        assert!(log.tenant().migrations().active("items").is_none());
+        let again = log.run(Command::Cutover {
+            table: "items".into(),
+            id,
+        });
+        assert!(
+            matches!(&again, Err(EngineError::MigrationConflict(m)) if m.contains("aborted")),
+            "{again:?}"
+        );
+    }
+
+    #[test]
+    fn a_row_that_does_not_transform_fails_the_migration_and_refuses_new_such_writes() {
+        let mut log = Log::new();
+        log.upsert(1, 5).expect("write");
+        log.upsert(2, 0).expect("write");
+        let before = log.rows();
+        // 10 / n fails for n = 0 (division by zero), at row 2.
+        let id = log.start(r#"[{"op":"add_column","name":"inv","type":"int","default":"10 / n"}]"#);
+        // A new write the transform cannot carry is refused whole, naming the migration.
+        let refused = log.upsert(3, 0);
+        assert!(
+            matches!(&refused, Err(EngineError::MigrationRefused { id: m, row: 0, .. }) if *m == id),
+            "{refused:?}"
+        );
+        assert_eq!(log.chunk(id, 2), MigrationState::Failed);
+        let info = log.tenant().migrations().get(id).expect("kept");
+        assert!(
+            info.reason
+                .as_deref()
+                .is_some_and(|r| r.contains("does not migrate")),
+            "{info:?}"
+        );
+        assert_eq!(
+            log.rows(),
+            before,
+            "a failed migration leaves v0 as an abort would"
+        );
+    }
+}

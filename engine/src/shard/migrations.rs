@@ -1,0 +1,400 @@
+//! A shard's migrations: starting and aborting them, and the backfill driver that
+//! logs their chunks and cutovers at a rate the [`BackfillRateLimiter`] sets.
+//!
+//! Only a shard that takes its own writes drives a backfill (a follower applies the
+//! writer's records; its commits are refused as `NotLeader` and the driver waits), so
+//! after a promotion the new writer's driver picks each migration up at its cursor:
+//! at most the chunk in flight at the failover is redone.
+
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::migration::{self, MigrationInfo, MigrationState, Step};
+
+/// How often the driver looks for work and refills its budget.
+const TICK: Duration = Duration::from_millis(5);
+/// Rows and bytes (of v0 rows) one chunk converts at most: a chunk's apply holds the
+/// shard for about a millisecond at most.
+const MAX_CHUNK_ROWS: usize = 2048;
+const MAX_CHUNK_BYTES: usize = 512 << 10;
+
+/// Holds a backfill to a share of the shard's foreground write traffic: a closed loop
+/// on the bytes of rows the shard's writers logged in the last window. A token bucket
+/// fills at `share` × that rate (at `idle_floor` bytes/s when the foreground is below
+/// `idle_below` bytes/s, so an idle shard finishes quickly) and a chunk spends the v0
+/// bytes of the rows it converts. The bucket holds at most one window's worth, so a
+/// quiet spell does not bank a burst.
+#[derive(Debug, Clone)]
+pub struct BackfillRateLimiter {
+    share: f64,
+    idle_below: f64,
+    idle_floor: f64,
+    window: Duration,
+    window_start: Instant,
+    foreground_at_start: u64,
+    /// Foreground bytes/s over the last whole window.
+    foreground_rate: f64,
+    tokens: f64,
+    refilled: Instant,
+}
+
+impl BackfillRateLimiter {
+    /// The documented policy: 10 % of the foreground, in 100 ms windows; below 256 KiB/s
+    /// of foreground writes the shard counts as idle and backfills at 16 MiB/s.
+    pub fn standard(now: Instant, foreground_bytes: u64) -> Self {
+        Self::new(
+            0.10,
+            256.0 * 1024.0,
+            16.0 * 1024.0 * 1024.0,
+            now,
+            foreground_bytes,
+        )
+    }
+
+    pub fn new(
+        share: f64,
+        idle_below: f64,
+        idle_floor: f64,
+        now: Instant,
+        foreground_bytes: u64,
+    ) -> Self {
+        BackfillRateLimiter {
+            share,
+            idle_below,
+            idle_floor,
+            window: Duration::from_millis(100),
+            window_start: now,
+            foreground_at_start: foreground_bytes,
+            foreground_rate: 0.0,
+            tokens: 0.0,
+            refilled: now,
+        }
+    }
+
+    /// The backfill's rate now, bytes/s.
+    pub fn rate(&self) -> f64 {
+        if self.foreground_rate < self.idle_below {
+            self.idle_floor
+        } else {
+            self.share * self.foreground_rate
+        }
+    }
+
+    /// Takes in the foreground's byte count at `now` and refills the bucket; returns
+    /// the bytes a chunk may convert now (zero or less: wait).
+    pub fn budget(&mut self, now: Instant, foreground_bytes: u64) -> f64 {
+        let in_window = now.saturating_duration_since(self.window_start);
+        if in_window >= self.window {
+            let bytes = foreground_bytes.saturating_sub(self.foreground_at_start);
+            self.foreground_rate = bytes as f64 / in_window.as_secs_f64();
+            self.window_start = now;
+            self.foreground_at_start = foreground_bytes;
+        }
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.refilled = now;
+        let rate = self.rate();
+        self.tokens = (self.tokens + rate * elapsed).min(rate * self.window.as_secs_f64());
+        self.tokens
+    }
+
+    /// Spends what a chunk converted (the bucket may go below zero for a large row).
+    pub fn spend(&mut self, bytes: usize) {
+        self.tokens -= bytes as f64;
+    }
+}
+
+/// What a migration's backfill has done on this shard since it (or this process)
+/// started: the share of the writers' throughput it actually used.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BackfillProgress {
+    /// v0 bytes of the rows converted.
+    pub backfill_bytes: u64,
+    /// Bytes the writers logged meanwhile.
+    pub foreground_bytes: u64,
+    pub rows: u64,
+    pub seconds: f64,
+}
+
+impl BackfillProgress {
+    /// Backfill bytes per foreground byte (`None` while the foreground wrote nothing).
+    pub fn share(&self) -> Option<f64> {
+        (self.foreground_bytes > 0)
+            .then(|| self.backfill_bytes as f64 / self.foreground_bytes as f64)
+    }
+
+    pub fn rows_per_second(&self) -> f64 {
+        if self.seconds > 0.0 {
+            self.rows as f64 / self.seconds
+        } else {
+            0.0
+        }
+    }
+}
+
+/// The driver's running account of one migration.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct BackfillAccount {
+    started: Instant,
+    foreground_at_start: u64,
+    backfill_bytes: u64,
+    rows: u64,
+}
+
+/// The next chunk of a migration: the key it converts up to and the v0 bytes and rows
+/// it covers; `None` once the backfill has caught up.
+fn next_chunk(
+    tenant: &Tenant,
+    m: &migration::ActiveMigration,
+    budget: f64,
+) -> Option<(Vec<u8>, usize, usize)> {
+    if m.caught_up() {
+        return None;
+    }
+    let end = m.end_key()?;
+    let base = tenant.table(&m.info.table).ok()?;
+    let mut upto = end;
+    let (mut rows, mut bytes) = (0, 0);
+    for (key, row) in base.rows_after(m.cursor()) {
+        if key > end || rows == MAX_CHUNK_ROWS {
+            break;
+        }
+        let size = record::row_entry_bytes(row);
+        if rows > 0 && (bytes + size) as f64 > budget.min(MAX_CHUNK_BYTES as f64) {
+            break;
+        }
+        rows += 1;
+        bytes += size;
+        upto = key;
+    }
+    // With no row left before the end key (deleted meanwhile) the chunk reaches it.
+    Some((upto.to_vec(), rows, bytes))
+}
+
+impl<S: Storage> Shard<S> {
+    /// Validates and logs the start of a migration; returns it as started.
+    pub async fn start_migration(
+        &self,
+        tenant: &TenantId,
+        table: &str,
+        steps: Vec<Step>,
+    ) -> Result<MigrationInfo, EngineError> {
+        let table_version = self.read(tenant, |t| {
+            let base = t.table(table)?;
+            if let Some(m) = t.migrations().active(table) {
+                return Err(EngineError::MigrationConflict(format!(
+                    "table {table:?} is already migrating (migration {}, {}); wait for it to \
+                     finish or abort it",
+                    m.info.id,
+                    m.info.state.name()
+                )));
+            }
+            migration::plan(base.schema(), &steps)?;
+            Ok(base.version())
+        })??;
+        let command = Command::StartMigration {
+            table: table.to_string(),
+            table_version,
+            steps,
+        };
+        match self.commit(tenant, command).await? {
+            (_, Applied::MigrationStarted { id }) => self.migration(tenant, id),
+            (_, other) => unreachable!("a start applies as a start, not {other:?}"),
+        }
+    }
+
+    /// Logs the abort of an active migration; returns it as aborted.
+    pub async fn abort_migration(
+        &self,
+        tenant: &TenantId,
+        id: u64,
+    ) -> Result<MigrationInfo, EngineError> {
+        let info = self.migration(tenant, id)?;
+        match info.state {
+            s if s.is_active() => {}
+            MigrationState::Done => {
+                return Err(EngineError::MigrationConflict(format!(
+                    "migration {id} of table {:?} has cut over, so it cannot be aborted; to \
+                     undo it, start the inverse migration (for example drop the column it \
+                     added, or change the type back with a transform)",
+                    info.table
+                )))
+            }
+            other => {
+                return Err(EngineError::MigrationConflict(format!(
+                    "migration {id} of table {:?} is already {}",
+                    info.table,
+                    other.name()
+                )))
+            }
+        }
+        let command = Command::AbortMigration {
+            table: info.table,
+            id,
+        };
+        self.commit(tenant, command).await?;
+        self.migration(tenant, id)
+    }
+
+    /// One migration of `tenant`.
+    pub fn migration(&self, tenant: &TenantId, id: u64) -> Result<MigrationInfo, EngineError> {
+        self.read(tenant, |t| t.migrations().get(id))?
+            .ok_or_else(|| EngineError::NotFound {
+                what: "migration",
+                name: id.to_string(),
+            })
+    }
+
+    /// Every migration `tenant` remembers, oldest first.
+    pub fn migrations(&self, tenant: &TenantId) -> Result<Vec<MigrationInfo>, EngineError> {
+        self.read(tenant, |t| t.migrations().list())
+    }
+
+    /// What the backfill of migration `id` did here (`None` before its first chunk on
+    /// this process).
+    pub fn backfill_progress(&self, tenant: &TenantId, id: u64) -> Option<BackfillProgress> {
+        let account = *self.backfill.borrow().get(&(tenant.clone(), id))?;
+        Some(BackfillProgress {
+            backfill_bytes: account.backfill_bytes,
+            foreground_bytes: self
+                .foreground_bytes
+                .get()
+                .saturating_sub(account.foreground_at_start),
+            rows: account.rows,
+            seconds: account.started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Migrations per state, the backfill's rows so far and its share of the foreground
+    /// in the last second (for `/metrics`).
+    pub fn migration_metrics(&self) -> MigrationMetrics {
+        let mut by_state = [0u64; MigrationState::ALL.len()];
+        for tenant in self.state.borrow().tenants.values() {
+            for info in tenant
+                .migrations()
+                .all_active()
+                .map(|m| &m.info)
+                .chain(tenant.migrations().finished())
+            {
+                if let Some(i) = MigrationState::ALL.iter().position(|s| *s == info.state) {
+                    by_state[i] += 1;
+                }
+            }
+        }
+        MigrationMetrics {
+            by_state,
+            backfill_rows: self.backfill_rows.get(),
+            backfill_share: self.backfill_share.get(),
+        }
+    }
+
+    /// Counts the foreground bytes a write logged (the limiter's input).
+    pub(super) fn count_foreground(&self, bytes: usize) {
+        self.foreground_bytes
+            .set(self.foreground_bytes.get() + bytes as u64);
+    }
+}
+
+/// `/metrics` figures of a shard's migrations.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MigrationMetrics {
+    /// Indexed like [`MigrationState::ALL`].
+    pub by_state: [u64; 6],
+    pub backfill_rows: u64,
+    /// Backfill bytes per foreground byte over the last whole second.
+    pub backfill_share: f64,
+}
+
+/// Runs the backfill driver of `shard` until the returned task is dropped.
+pub fn spawn_backfill<S: Storage + 'static>(shard: Rc<Shard<S>>) -> Task<()> {
+    glommio::spawn_local(async move { drive_backfill(shard).await })
+}
+
+async fn drive_backfill<S: Storage>(shard: Rc<Shard<S>>) {
+    let mut limiter = BackfillRateLimiter::standard(Instant::now(), shard.foreground_bytes.get());
+    let mut second = (Instant::now(), shard.foreground_bytes.get(), 0u64);
+    loop {
+        glommio::timer::sleep(TICK).await;
+        if shard.wal().failure().is_some() {
+            return; // the shard needs a restart
+        }
+        let now = Instant::now();
+        let foreground = shard.foreground_bytes.get();
+        if now.duration_since(second.0) >= Duration::from_secs(1) {
+            let fg = foreground.saturating_sub(second.1);
+            shard.backfill_share.set(if fg > 0 {
+                second.2 as f64 / fg as f64
+            } else {
+                0.0
+            });
+            second = (now, foreground, 0);
+        }
+        let work: Vec<(TenantId, String, u64, bool)> = shard
+            .state
+            .borrow()
+            .tenants
+            .iter()
+            .flat_map(|(id, t)| {
+                t.migrations()
+                    .all_active()
+                    .map(|m| (id.clone(), m.info.table.clone(), m.info.id, m.caught_up()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let mut budget = limiter.budget(now, foreground);
+        // A follower applies its writer's migration records; it logs none of its own.
+        if work.is_empty() || !shard.wal().takes_own_writes() {
+            continue;
+        }
+        for (tenant, table, id, caught_up) in work {
+            let command = if caught_up {
+                Command::Cutover { table, id }
+            } else {
+                if budget <= 0.0 {
+                    continue;
+                }
+                let chunk = shard
+                    .read(&tenant, |t| {
+                        t.migrations()
+                            .active(&table)
+                            .filter(|m| m.info.id == id)
+                            .and_then(|m| next_chunk(t, m, budget))
+                    })
+                    .ok()
+                    .flatten();
+                let Some((upto, rows, bytes)) = chunk else {
+                    continue;
+                };
+                limiter.spend(bytes);
+                budget -= bytes as f64;
+                second.2 += bytes as u64;
+                shard
+                    .backfill_rows
+                    .set(shard.backfill_rows.get() + rows as u64);
+                let mut accounts = shard.backfill.borrow_mut();
+                let account =
+                    accounts
+                        .entry((tenant.clone(), id))
+                        .or_insert_with(|| BackfillAccount {
+                            started: now,
+                            foreground_at_start: foreground,
+                            backfill_bytes: 0,
+                            rows: 0,
+                        });
+                account.backfill_bytes += bytes as u64;
+                account.rows += rows as u64;
+                drop(accounts);
+                Command::Backfill { table, id, upto }
+            };
+            match shard.commit(&tenant, command).await {
+                Ok(_) => {}
+                // A follower or a fenced writer: the writer drives the backfill.
+                Err(EngineError::NotLeader(_)) => {
+                    glommio::timer::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => {
+                    tracing::warn!(tenant = %tenant, migration = id, error = %e, "backfill step refused")
+                }
+            }
+        }
+    }
+}
