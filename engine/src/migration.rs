@@ -206,7 +206,7 @@ pub fn plan(v0: &TableSchema, steps: &[Step]) -> Result<Plan, EngineError> {
                     text.len()
                 )));
             }
-            let (expr, params) = compile_row_expr(v0, text).map_err(|e| bad(e))?;
+            let (expr, params) = compile_row_expr(v0, text).map_err(&bad)?;
             Ok(Source::Computed { expr, params })
         };
         match step {
@@ -720,7 +720,9 @@ pub(crate) fn backfill(
     };
     match m.convert(base, upto, lsn.0) {
         Ok((rows, _)) => {
-            m.info.rows_done += rows;
+            // Rows written during the migration below the end key are converted again;
+            // progress counts up to the rows there were.
+            m.info.rows_done = (m.info.rows_done + rows).min(m.info.rows_total);
             m.info.state = if m.caught_up() {
                 MigrationState::CutoverReady
             } else {
@@ -755,6 +757,7 @@ pub(crate) fn cutover(
         finish(tenant, table, MigrationState::Failed, Some(why), committed);
         return Ok(MigrationState::Failed);
     }
+    m.info.rows_done = m.info.rows_total;
     let Some(m) = finish(tenant, table, MigrationState::Done, None, committed) else {
         unreachable!("checked above")
     };

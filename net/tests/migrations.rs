@@ -1,0 +1,421 @@
+//! Online schema migrations through the real server: a migration under 8 concurrent
+//! writers reaches every acknowledged row exactly once in the new shape; an abort in
+//! the middle of a backfill leaves the table exactly as it was; an abort after the
+//! cutover is refused; a kill -9 in the middle of a backfill resumes after restart;
+//! `/ask` over the migrated table answers as over a table created in that shape.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{request, scrape_value, Server};
+use serde_json::{json, Value};
+
+/// How long a migration may take on a loaded 2-core machine.
+const PATIENCE: Duration = Duration::from_secs(120);
+
+/// Adds `double` = batch * 2, renames `name` to `title`, indexes `double`.
+fn steps() -> Value {
+    json!([
+        {"op": "add_column", "name": "double", "type": "int", "default": "batch * 2"},
+        {"op": "rename_column", "from": "name", "to": "title"},
+        {"op": "add_index", "name": "by_double", "columns": ["double"]}
+    ])
+}
+
+fn fill(server: &Server, tenant: &str, ids: std::ops::Range<i64>) {
+    let ids: Vec<i64> = ids.collect();
+    for chunk in ids.chunks(500) {
+        let ops: Vec<Value> = chunk
+            .iter()
+            .map(|id| json!({"upsert": {"id": id, "name": format!("item {id}"), "batch": id % 97}}))
+            .collect();
+        let r = server.post(
+            &format!("/v1/tenants/{tenant}/tables/items/rows"),
+            &json!({"ops": ops}),
+        );
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+}
+
+fn start(server: &Server, tenant: &str) -> u64 {
+    let r = server.post(
+        &format!("/v1/tenants/{tenant}/migrations"),
+        &json!({"table": "items", "steps": steps()}),
+    );
+    assert_eq!(r.status, 202, "{r:?}");
+    r.body["id"].as_u64().expect("an id")
+}
+
+fn state(server: &Server, tenant: &str, id: u64) -> Value {
+    let r = server.get(&format!("/v1/tenants/{tenant}/migrations/{id}"));
+    assert_eq!(r.status, 200, "{r:?}");
+    r.body
+}
+
+fn wait_for(server: &Server, tenant: &str, id: u64, wanted: &str) -> Value {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let m = state(server, tenant, id);
+        if m["state"] == wanted {
+            return m;
+        }
+        assert!(
+            Instant::now() < deadline
+                && ["pending", "backfilling", "cutover_ready"]
+                    .contains(&m["state"].as_str().unwrap_or("")),
+            "migration never reached {wanted}: {m}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Every row of the table, by id, through `/ask` (in pages under the answer limit).
+fn dump(server: &Server, tenant: &str, columns: &str) -> BTreeMap<i64, Value> {
+    let mut all = BTreeMap::new();
+    let mut after = -1i64;
+    loop {
+        let r = server.post(
+            &format!("/v1/tenants/{tenant}/ask"),
+            &json!({"sql": format!("SELECT {columns} FROM items WHERE id > $1 ORDER BY id LIMIT 5000"),
+                    "params": [after]}),
+        );
+        assert_eq!(r.status, 200, "{r:?}");
+        let rows = r.body["rows"].as_array().expect("rows").clone();
+        let Some(last) = rows.last() else {
+            return all;
+        };
+        after = last[0].as_i64().expect("id");
+        for row in rows {
+            all.insert(row[0].as_i64().expect("id"), row);
+        }
+    }
+}
+
+#[test]
+fn a_migration_under_eight_writers_reaches_every_acknowledged_row_once_in_the_new_shape() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    server.create_tenant_with_items("shop");
+    fill(&server, "shop", 0..20_000);
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked: Arc<Mutex<BTreeMap<i64, i64>>> = Arc::default();
+    let writers: Vec<_> = (0..8)
+        .map(|w| {
+            let (stop, acked, api) = (stop.clone(), acked.clone(), server.api.clone());
+            std::thread::spawn(move || {
+                let mut n = 0i64;
+                while !stop.load(Ordering::Relaxed) {
+                    // Updates of old rows and inserts of new ones, interleaved.
+                    let id = if n % 2 == 0 { (n * 8 + w) % 20_000 } else { 100_000 + n * 8 + w };
+                    let batch = 1000 + n;
+                    let body = json!({"ops": [{"upsert": {"id": id, "name": format!("w{w}"), "batch": batch}}]});
+                    let r = request(
+                        "POST",
+                        &format!("{api}/v1/tenants/shop/tables/items/rows"),
+                        Some(&body.to_string()),
+                    );
+                    match r.status {
+                        200 => {
+                            acked.lock().expect("lock").insert(id, batch);
+                        }
+                        // A write validated against v0 that reaches the log after the
+                        // cutover: refused whole, to be retried.
+                        409 if r.body["error"]["code"] == "table_changed" => {}
+                        // After the cutover the v0 body is no longer the table's shape.
+                        400 if r.body["error"]["code"] == "invalid_row" => break,
+                        other => panic!("write {id}: {other} {r:?}"),
+                    }
+                    n += 1;
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let id = start(&server, "shop");
+    let done = wait_for(&server, "shop", id, "done");
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.join().expect("writer");
+    }
+    assert!(
+        done["progress"]["rows_total"].as_u64() >= Some(20_000),
+        "{done}"
+    );
+    assert_eq!(
+        done["progress"]["rows_done"], done["progress"]["rows_total"],
+        "{done}"
+    );
+    let rows = dump(&server, "shop", "id, title, batch, double");
+    let acked = acked.lock().expect("lock").clone();
+    for id in 0..20_000 {
+        let row = &rows[&id];
+        let batch = acked.get(&id).copied().unwrap_or(id % 97);
+        assert_eq!(row[2], batch, "row {id}: the last acknowledged write");
+        assert_eq!(
+            row[3],
+            batch * 2,
+            "row {id}: transformed exactly once, from its last value"
+        );
+    }
+    for (id, batch) in acked.iter().filter(|(id, _)| **id >= 100_000) {
+        let row = rows
+            .get(id)
+            .unwrap_or_else(|| panic!("acknowledged row {id} is missing"));
+        assert_eq!(
+            (row[2].clone(), row[3].clone()),
+            (json!(batch), json!(batch * 2))
+        );
+    }
+    assert_eq!(
+        rows.len(),
+        20_000 + acked.keys().filter(|id| **id >= 100_000).count()
+    );
+    // The new index serves queries; the old column name is gone.
+    let r = server.post(
+        "/v1/tenants/shop/ask",
+        &json!({"sql": "SELECT count(*) FROM items WHERE double = 10"}),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    let old = server.post(
+        "/v1/tenants/shop/ask",
+        &json!({"sql": "SELECT name FROM items"}),
+    );
+    assert_eq!(old.status, 400, "{old:?}");
+    // An abort after the cutover is refused, pointing to an inverse migration.
+    let abort = server.post(
+        &format!("/v1/tenants/shop/migrations/{id}/abort"),
+        &json!({}),
+    );
+    assert_eq!(abort.status, 409, "{abort:?}");
+    assert!(abort.body["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .contains("inverse migration"));
+    let (_, scrape) = server.ops_get("/metrics");
+    assert_eq!(
+        scrape_value(&scrape, "oc_migrations{shard=\"0\",state=\"done\"}").unwrap_or(0.0)
+            + scrape_value(&scrape, "oc_migrations{shard=\"1\",state=\"done\"}").unwrap_or(0.0),
+        1.0
+    );
+    assert!(scrape.contains("oc_backfill_rows_total"));
+}
+
+/// Keeps the tenant's shard busy with writes to another table, so the backfill runs
+/// at its share of them (slowly) instead of at the idle floor.
+fn busy(server: &Server, tenant: &str) -> (Arc<AtomicBool>, Vec<std::thread::JoinHandle<()>>) {
+    let other =
+        json!({"name": "noise", "columns": [{"name": "k", "type": "int"}], "primary_key": ["k"]});
+    let r = server.post(&format!("/v1/tenants/{tenant}/tables"), &other);
+    assert_eq!(r.status, 201, "{r:?}");
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads = (0..4)
+        .map(|w| {
+            let (stop, url) = (
+                stop.clone(),
+                format!("{}/v1/tenants/{tenant}/tables/noise/rows", server.api),
+            );
+            std::thread::spawn(move || {
+                let mut k = w;
+                while !stop.load(Ordering::Relaxed) {
+                    let body = json!({"ops": [{"upsert": {"k": k}}]}).to_string();
+                    let _ = common::try_request("POST", &url, Some(&body));
+                    k += 4;
+                }
+            })
+        })
+        .collect();
+    (stop, threads)
+}
+
+fn wait_backfilling(server: &Server, tenant: &str, id: u64) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let m = state(server, tenant, id);
+        if m["state"] == "backfilling" && m["progress"]["rows_done"].as_u64() > Some(0) {
+            return;
+        }
+        assert!(Instant::now() < deadline && m["state"] != "done", "{m}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn abort_in_the_middle_of_a_backfill_leaves_the_table_exactly_as_it_was() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    server.create_tenant_with_items("shop");
+    fill(&server, "shop", 0..20_000);
+    let before = dump(&server, "shop", "id, name, batch");
+    let (stop, noise) = busy(&server, "shop");
+    let id = start(&server, "shop");
+    wait_backfilling(&server, "shop", id);
+    let asked = Instant::now();
+    let abort = server.post(
+        &format!("/v1/tenants/shop/migrations/{id}/abort"),
+        &json!({}),
+    );
+    let took = asked.elapsed();
+    assert_eq!(abort.status, 200, "{abort:?}");
+    assert_eq!(abort.body["state"], "aborted");
+    eprintln!("abort answered in {took:?}");
+    stop.store(true, Ordering::Relaxed);
+    for t in noise {
+        t.join().expect("noise");
+    }
+    assert_eq!(
+        dump(&server, "shop", "id, name, batch"),
+        before,
+        "v0 exactly as it was"
+    );
+    let again = server.post(
+        &format!("/v1/tenants/shop/migrations/{id}/abort"),
+        &json!({}),
+    );
+    assert_eq!(again.status, 409, "{again:?}");
+    // The table can be migrated again, and a second migration of it meanwhile is refused.
+    let second = start(&server, "shop");
+    let third = server.post(
+        "/v1/tenants/shop/migrations",
+        &json!({"table": "items", "steps": steps()}),
+    );
+    assert!(third.status == 409 || third.status == 400, "{third:?}");
+    wait_for(&server, "shop", second, "done");
+}
+
+#[test]
+fn a_kill_9_in_the_middle_of_a_backfill_resumes_after_restart_and_finishes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    server.create_tenant_with_items("shop");
+    fill(&server, "shop", 0..20_000);
+    let (stop, noise) = busy(&server, "shop");
+    let id = start(&server, "shop");
+    wait_backfilling(&server, "shop", id);
+    server.kill9();
+    stop.store(true, Ordering::Relaxed);
+    for t in noise {
+        t.join().expect("noise");
+    }
+    let server = Server::start(dir.path(), &[]);
+    let resumed = state(&server, "shop", id);
+    assert!(
+        ["backfilling", "cutover_ready", "done"].contains(&resumed["state"].as_str().unwrap_or("")),
+        "{resumed}"
+    );
+    wait_for(&server, "shop", id, "done");
+    let rows = dump(&server, "shop", "id, title, batch, double");
+    assert_eq!(rows.len(), 20_000);
+    for (id, row) in &rows {
+        assert_eq!(row[2], id % 97);
+        assert_eq!(row[3], (id % 97) * 2, "row {id}");
+        assert_eq!(row[1], format!("item {id}"));
+    }
+    // The migrated table survives another restart (its new shape is in the log and
+    // in checkpoints).
+    drop(server);
+    let server = Server::start(dir.path(), &[]);
+    assert_eq!(dump(&server, "shop", "id, title, batch, double"), rows);
+}
+
+#[test]
+fn ask_over_a_migrated_table_equals_ask_over_a_table_created_in_that_shape() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    server.create_tenant_with_items("a");
+    fill(&server, "a", 0..3000);
+    let id = start(&server, "a");
+    wait_for(&server, "a", id, "done");
+    let created = server.post("/v1/tenants", &json!({"tenant": "b"}));
+    assert_eq!(created.status, 201, "{created:?}");
+    let v1 = json!({
+        "name": "items",
+        "columns": [
+            {"name": "id", "type": "int"},
+            {"name": "title", "type": "text"},
+            {"name": "batch", "type": "int"},
+            {"name": "double", "type": "int"}
+        ],
+        "primary_key": ["id"],
+        "indexes": [{"name": "by_batch", "columns": ["batch"]}, {"name": "by_double", "columns": ["double"]}]
+    });
+    assert_eq!(server.post("/v1/tenants/b/tables", &v1).status, 201);
+    let ids: Vec<i64> = (0..3000).collect();
+    for chunk in ids.chunks(500) {
+        let ops: Vec<Value> = chunk
+            .iter()
+            .map(|id| json!({"upsert": {"id": id, "title": format!("item {id}"), "batch": id % 97, "double": (id % 97) * 2}}))
+            .collect();
+        assert_eq!(
+            server
+                .post("/v1/tenants/b/tables/items/rows", &json!({"ops": ops}))
+                .status,
+            200
+        );
+    }
+    for sql in [
+        "SELECT id, title, double FROM items WHERE double BETWEEN 20 AND 40 ORDER BY id LIMIT 50",
+        "SELECT double, count(*) FROM items GROUP BY double ORDER BY double",
+        "SELECT sum(double), min(title), max(batch) FROM items WHERE id < 1000",
+        "SELECT id FROM items WHERE title LIKE 'item 12%' AND double > 100 ORDER BY id",
+    ] {
+        let a = server.post("/v1/tenants/a/ask", &json!({"sql": sql}));
+        let b = server.post("/v1/tenants/b/ask", &json!({"sql": sql}));
+        assert_eq!(
+            (a.status, &a.body["rows"]),
+            (200, &b.body["rows"]),
+            "{sql}: {a:?} vs {b:?}"
+        );
+    }
+}
+
+#[test]
+fn bad_migrations_are_refused_whole_naming_the_step() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    server.create_tenant_with_items("shop");
+    let cases = [
+        (
+            json!({"table": "items", "steps": [{"op": "drop_column", "name": "id"}]}),
+            400,
+            "primary key",
+        ),
+        (
+            json!({"table": "items", "steps": [{"op": "rename_column", "from": "name", "to": "title"}, {"op": "drop_column", "name": "nope"}]}),
+            400,
+            "step 1",
+        ),
+        (
+            json!({"table": "items", "steps": []}),
+            400,
+            "at least one step",
+        ),
+        (
+            json!({"table": "items", "steps": [{"op": "teleport"}]}),
+            400,
+            "teleport",
+        ),
+        (
+            json!({"table": "items", "steps": [{"op": "add_column", "name": "x", "type": "int", "default": "1; DROP TABLE items"}]}),
+            400,
+            "step 0",
+        ),
+        (json!({"table": "ghost", "steps": steps()}), 404, "ghost"),
+        (json!({"table": "items"}), 400, "steps"),
+    ];
+    for (body, status, needle) in cases {
+        let r = server.post("/v1/tenants/shop/migrations", &body);
+        assert_eq!(r.status, status, "{body}: {r:?}");
+        let message = r.body["error"]["message"].as_str().unwrap_or("");
+        assert!(message.contains(needle), "{body}: {message}");
+    }
+    assert_eq!(server.get("/v1/tenants/shop/migrations/12345").status, 404);
+    assert_eq!(server.get("/v1/tenants/shop/migrations/x").status, 404);
+    assert_eq!(
+        server.get("/v1/tenants/shop/migrations").body["migrations"],
+        json!([])
+    );
+}
