@@ -130,6 +130,7 @@ pub fn apply_logged(
         Command::DropTable { table } => {
             let t = state.tenants.get_mut(tenant).ok_or_else(missing)?;
             t.drop_table(&table, lsn.0)?;
+            migration::end_with_table(t, &table, committed);
             Ok(Applied::TableDropped)
         }
         Command::Write {

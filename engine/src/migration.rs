@@ -640,7 +640,7 @@ pub(crate) fn start(
         )));
     }
     let plan = plan(base.schema(), &steps)?;
-    let end_key = base.rows_after(None).last().map(|(k, _)| k.to_vec());
+    let end_key = base.last_key().map(<[u8]>::to_vec);
     let rows_total = base.usage().rows as u64;
     let shadow = Table::new(plan.target.clone(), lsn.0);
     let info = MigrationInfo {
@@ -765,6 +765,12 @@ pub(crate) fn cutover(
     shadow.set_version(lsn.0);
     tenant.replace_table(shadow, lsn.0);
     Ok(MigrationState::Done)
+}
+
+/// Ends the active migration of a dropped table as aborted, saying why.
+pub(crate) fn end_with_table(tenant: &mut Tenant, table: &str, committed: TimestampMicros) {
+    let why = Some(format!("table {table:?} was dropped"));
+    finish(tenant, table, MigrationState::Aborted, why, committed);
 }
 
 /// Applies an abort: the shadow goes; the base table is as it was.
@@ -1135,6 +1141,24 @@ mod apply_tests {
             matches!(&again, Err(EngineError::MigrationConflict(m)) if m.contains("aborted")),
             "{again:?}"
         );
+    }
+
+    #[test]
+    fn dropping_a_migrating_table_ends_its_migration_as_aborted() {
+        let mut log = Log::new();
+        log.upsert(1, 1).expect("write");
+        let id = log.start(STEPS);
+        log.run(Command::DropTable {
+            table: "items".into(),
+        })
+        .expect("dropped");
+        let info = log.tenant().migrations().get(id).expect("kept");
+        assert_eq!(info.state, MigrationState::Aborted);
+        assert!(info
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("dropped")));
+        assert!(log.tenant().migrations().active("items").is_none());
     }
 
     #[test]

@@ -724,6 +724,11 @@ impl Table {
             .map(|(k, r)| (k.as_bytes(), r))
     }
 
+    /// The encoded primary key of the last row, if any.
+    pub fn last_key(&self) -> Option<&[u8]> {
+        self.rows.keys().next_back().map(Key::as_bytes)
+    }
+
     /// Every row in primary-key order.
     pub fn rows(&self) -> impl Iterator<Item = &Row> {
         self.rows.values()

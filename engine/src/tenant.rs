@@ -122,7 +122,6 @@ impl Tenant {
     /// Drops a table; `lsn` is the dropping command's.
     pub fn drop_table(&mut self, name: &str, lsn: u64) -> Result<(), EngineError> {
         self.tables.remove(name).ok_or_else(|| not_found(name))?;
-        self.migrations.forget_table(name);
         self.schema_version = self.schema_version.max(lsn);
         Ok(())
     }
