@@ -713,17 +713,12 @@ pub(crate) fn backfill(
     lsn: Lsn,
     committed: TimestampMicros,
 ) -> Result<MigrationState, EngineError> {
-    check_active(tenant, table, id)?;
-    let (base, migrations) = tenant.base_and_migrations(table)?;
-    let Some(m) = migrations.active.get_mut(table) else {
-        unreachable!("checked above")
-    };
-    match m.convert(base, upto, lsn.0) {
-        Ok((rows, _)) => {
+    match convert_active(tenant, table, id, Some(upto), lsn)? {
+        Ok((rows, caught_up, m)) => {
             // Rows written during the migration below the end key are converted again;
             // progress counts up to the rows there were.
             m.info.rows_done = (m.info.rows_done + rows).min(m.info.rows_total);
-            m.info.state = if m.caught_up() {
+            m.info.state = if caught_up {
                 MigrationState::CutoverReady
             } else {
                 MigrationState::Backfilling
@@ -737,6 +732,28 @@ pub(crate) fn backfill(
     }
 }
 
+/// Converts the rows of the active migration `id` of `table` up to `upto` (its end
+/// key when `None`): the rows converted, whether the backfill has caught up, and the
+/// migration; or why a row does not migrate.
+fn convert_active<'a>(
+    tenant: &'a mut Tenant,
+    table: &str,
+    id: u64,
+    upto: Option<&[u8]>,
+    lsn: Lsn,
+) -> Result<Result<(u64, bool, &'a mut ActiveMigration), String>, EngineError> {
+    check_active(tenant, table, id)?;
+    let (base, migrations) = tenant.base_and_migrations(table)?;
+    let Some(m) = migrations.active.get_mut(table) else {
+        unreachable!("checked above")
+    };
+    let upto = upto.map_or_else(|| m.end_key.clone().unwrap_or_default(), <[u8]>::to_vec);
+    Ok(m.convert(base, &upto, lsn.0).map(|(rows, _)| {
+        let caught_up = m.caught_up();
+        (rows, caught_up, m)
+    }))
+}
+
 /// Applies a cutover: what the backfill had not reached yet is converted (nothing,
 /// when the backfill caught up, as the driver waits for), then the shadow becomes the
 /// table, a new incarnation whose version is the cutover's LSN.
@@ -747,17 +764,13 @@ pub(crate) fn cutover(
     lsn: Lsn,
     committed: TimestampMicros,
 ) -> Result<MigrationState, EngineError> {
-    check_active(tenant, table, id)?;
-    let (base, migrations) = tenant.base_and_migrations(table)?;
-    let Some(m) = migrations.active.get_mut(table) else {
-        unreachable!("checked above")
-    };
-    let rest = m.end_key.clone().unwrap_or_default();
-    if let Err(why) = m.convert(base, &rest, lsn.0) {
-        finish(tenant, table, MigrationState::Failed, Some(why), committed);
-        return Ok(MigrationState::Failed);
+    match convert_active(tenant, table, id, None, lsn)? {
+        Ok((_, _, m)) => m.info.rows_done = m.info.rows_total,
+        Err(why) => {
+            finish(tenant, table, MigrationState::Failed, Some(why), committed);
+            return Ok(MigrationState::Failed);
+        }
     }
-    m.info.rows_done = m.info.rows_total;
     let Some(m) = finish(tenant, table, MigrationState::Done, None, committed) else {
         unreachable!("checked above")
     };
