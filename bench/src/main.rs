@@ -8,6 +8,7 @@ mod audit;
 mod engine;
 mod http;
 mod latency;
+mod migration;
 mod pacer;
 mod peers;
 mod pool;
@@ -52,6 +53,10 @@ enum Command {
     /// What recording operator actions in the audit log costs: table creation and drop
     /// against a one-row write, and reading the log back (through an oc-server it starts).
     Audit(audit::AuditArgs),
+    /// Online schema migrations: writers' throughput and p99 during a backfill against
+    /// without, the backfill's share of their bytes, the cutover, aborts, an idle
+    /// backfill (through an oc-server it starts).
+    Migration(migration::MigrationArgs),
     /// Re-render Markdown tables and SVG charts from a directory of JSON results.
     Report(report::ReportArgs),
     /// Run wal, engine, peers and http (against an oc-server it starts), then render
@@ -172,6 +177,7 @@ fn main() -> anyhow::Result<()> {
         Command::Ask(args) => ask::run(args),
         Command::Watch(args) => watch::run(args),
         Command::Audit(args) => audit::run(args),
+        Command::Migration(args) => migration::run(args),
         Command::Report(args) => report::run(args),
         Command::All(args) => run_all(args),
     }

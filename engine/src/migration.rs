@@ -541,11 +541,26 @@ fn reason(why: String) -> String {
     why[..end].to_string()
 }
 
+/// What carries a write across the cutover that replaced table incarnation
+/// `from_version`.
+#[derive(Debug, Clone)]
+struct Carried {
+    id: u64,
+    from_version: u64,
+    plan: Plan,
+}
+
 /// A tenant's migrations: the active one per table and the finished ones.
 #[derive(Debug, Clone, Default)]
 pub struct Migrations {
     pub(crate) active: std::collections::BTreeMap<String, ActiveMigration>,
     pub(crate) finished: VecDeque<MigrationInfo>,
+    /// The plan of each table's last cutover, by the incarnation it replaced: a write
+    /// validated against that incarnation whose apply came after the cutover is
+    /// carried into the new shape and logged again ([`Migrations::carry_across_cutover`]).
+    /// Memory only: no apply reads it, so replay needs none of it, and a restart
+    /// leaves no write in flight to carry.
+    carried: std::collections::BTreeMap<String, Carried>,
 }
 
 impl Migrations {
@@ -611,6 +626,36 @@ impl Migrations {
     /// Drops the active migration of a table that is dropped or replaced.
     pub(crate) fn forget_table(&mut self, table: &str) {
         self.active.remove(table);
+        self.carried.remove(table);
+    }
+
+    /// `writes`, validated against incarnation `from_version` of `table`, in the shape
+    /// the migration that replaced that incarnation gave it (`None`: no cutover
+    /// replaced it). The rows are checked against the new table by the caller.
+    pub(crate) fn carry_across_cutover(
+        &self,
+        table: &str,
+        from_version: u64,
+        writes: &[RowWrite],
+    ) -> Option<Result<Vec<RowWrite>, EngineError>> {
+        let carried = self.carried.get(table)?;
+        if carried.from_version != from_version {
+            return None;
+        }
+        let carry = |(row, write): (usize, &RowWrite)| match write {
+            RowWrite::Upsert(values) => carried
+                .plan
+                .transform(values)
+                .map(RowWrite::Upsert)
+                .map_err(|why| EngineError::MigrationRefused {
+                    id: carried.id,
+                    table: table.to_string(),
+                    row,
+                    why,
+                }),
+            RowWrite::Delete(key) => Ok(RowWrite::Delete(key.clone())),
+        };
+        Some(writes.iter().enumerate().map(carry).collect())
     }
 }
 
@@ -777,6 +822,15 @@ pub(crate) fn cutover(
     let mut shadow = m.shadow;
     shadow.set_version(lsn.0);
     tenant.replace_table(shadow, lsn.0);
+    let carried = Carried {
+        id,
+        from_version: m.table_version,
+        plan: m.plan,
+    };
+    tenant
+        .migrations_mut()
+        .carried
+        .insert(table.to_string(), carried);
     Ok(MigrationState::Done)
 }
 

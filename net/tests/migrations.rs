@@ -2,7 +2,8 @@
 //! writers reaches every acknowledged row exactly once in the new shape; an abort in
 //! the middle of a backfill leaves the table exactly as it was; an abort after the
 //! cutover is refused; a kill -9 in the middle of a backfill resumes after restart;
-//! `/ask` over the migrated table answers as over a table created in that shape.
+//! `/ask` over the migrated table answers as over a table created in that shape; a
+//! planned failover waits for a migration, a forced one carries it over.
 
 mod common;
 
@@ -122,9 +123,8 @@ fn a_migration_under_eight_writers_reaches_every_acknowledged_row_once_in_the_ne
                         200 => {
                             acked.lock().expect("lock").insert(id, batch);
                         }
-                        // A write validated against v0 that reaches the log after the
-                        // cutover: refused whole, to be retried.
-                        409 if r.body["error"]["code"] == "table_changed" => {}
+                        // No 409 table_changed: a write validated against v0 whose
+                        // apply comes after the cutover is carried into v1.
                         // After the cutover the v0 body is no longer the table's shape.
                         400 if r.body["error"]["code"] == "invalid_row" => break,
                         other => panic!("write {id}: {other} {r:?}"),
@@ -418,4 +418,90 @@ fn bad_migrations_are_refused_whole_naming_the_step() {
         server.get("/v1/tenants/shop/migrations").body["migrations"],
         json!([])
     );
+}
+
+#[test]
+fn a_planned_failover_waits_for_a_migration_and_a_forced_one_carries_it_over() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let archive = format!("file://{}", dir.path().join("archive").display());
+    let writer = Server::start(
+        &dir.path().join("writer"),
+        &[
+            "--replication-listen",
+            "127.0.0.1:0",
+            "--sync-replication",
+            "--archive",
+            &archive,
+            "--tail-window-ms",
+            "100",
+        ],
+    );
+    let leader = writer.replication.clone().expect("replication address");
+    let follower = Server::start(
+        &dir.path().join("follower"),
+        &[
+            "--mode",
+            "follower",
+            "--leader-addr",
+            &leader,
+            "--archive",
+            &archive,
+            "--tail-window-ms",
+            "100",
+        ],
+    );
+    writer.create_tenant_with_items("shop");
+    fill(&writer, "shop", 0..20_000);
+    let (stop, noise) = busy(&writer, "shop");
+    let id = start(&writer, "shop");
+    wait_backfilling(&writer, "shop", id);
+    // The follower applies the writer's migration records: it knows it is running.
+    wait_backfilling(&follower, "shop", id);
+
+    let promote = |force: bool| {
+        request(
+            "POST",
+            &format!(
+                "{}/v1/admin/promote{}",
+                follower.ops,
+                if force { "?force=true" } else { "" }
+            ),
+            None,
+        )
+    };
+    let refused = promote(false);
+    assert_eq!(refused.status, 409, "{refused:?}");
+    assert_eq!(refused.body["error"]["code"], "migration_running", "{refused:?}");
+    let why = refused.body["error"]["message"].as_str().unwrap_or("");
+    assert!(why.contains(&format!("migration {id}")) && why.contains("abort"), "{why}");
+    let step_down = request("POST", &format!("{}/v1/admin/step-down", writer.ops), None);
+    assert_eq!(step_down.status, 409, "{step_down:?}");
+    assert_eq!(step_down.body["error"]["code"], "migration_running");
+    // Neither refusal changed anything: the writer still takes writes.
+    let write = writer.post(
+        "/v1/tenants/shop/tables/items/rows",
+        &json!({"ops": [{"upsert": {"id": 19_999, "name": "after the refusals", "batch": 5}}]}),
+    );
+    assert_eq!(write.status, 200, "{write:?}");
+
+    // The writer is lost mid-backfill; a forced promotion carries the migration over.
+    writer.kill9();
+    stop.store(true, Ordering::Relaxed);
+    for t in noise {
+        t.join().expect("noise");
+    }
+    let promoted = promote(true);
+    assert_eq!(promoted.status, 200, "{promoted:?}\n{}", follower.stderr());
+    let done = wait_for(&follower, "shop", id, "done");
+    assert_eq!(
+        done["progress"]["rows_done"], done["progress"]["rows_total"],
+        "{done}"
+    );
+    let rows = dump(&follower, "shop", "id, title, batch, double");
+    assert_eq!(rows.len(), 20_000);
+    for (id, row) in &rows {
+        let batch = row[2].as_i64().expect("batch");
+        assert_eq!(row[3], batch * 2, "row {id}: transformed once");
+    }
+    assert_eq!(rows[&19_999][1], "after the refusals");
 }

@@ -19,7 +19,9 @@ const MAX_CHUNK_ROWS: usize = 2048;
 const MAX_CHUNK_BYTES: usize = 512 << 10;
 
 /// Holds a backfill to a share of the shard's foreground write traffic: a closed loop
-/// on the bytes of rows the shard's writers logged in the last window. A token bucket
+/// on the bytes of rows the shard's writers logged in the last window (row bytes as the
+/// log stores them, the unit a chunk spends, so the share is the same in rows and bytes
+/// when old and new rows are alike). A token bucket
 /// fills at `share` × that rate (at `idle_floor` bytes/s when the foreground is below
 /// `idle_below` bytes/s, so an idle shard finishes quickly) and a chunk spends the v0
 /// bytes of the rows it converts. The bucket holds at most one window's worth, so a
@@ -243,6 +245,22 @@ impl<S: Storage> Shard<S> {
     /// Every migration `tenant` remembers, oldest first.
     pub fn migrations(&self, tenant: &TenantId) -> Result<Vec<MigrationInfo>, EngineError> {
         self.read(tenant, |t| t.migrations().list())
+    }
+
+    /// The migrations still running on this shard, with their tenants (a planned
+    /// promotion or switchover waits for them).
+    pub fn running_migrations(&self) -> Vec<(TenantId, MigrationInfo)> {
+        self.state
+            .borrow()
+            .tenants
+            .iter()
+            .flat_map(|(id, t)| {
+                t.migrations()
+                    .all_active()
+                    .map(|m| (id.clone(), m.info.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
     }
 
     /// What the backfill of migration `id` did here (`None` before its first chunk on

@@ -463,18 +463,91 @@ impl<S: Storage> Shard<S> {
                 });
             }
         }
-        let (writes, table_version) = self.read(tenant, |t| {
+        let (writes, table_version, migrating) = self.read(tenant, |t| {
             let target = t.table(table)?;
             let writes = target.validate_batch(ops)?;
-            // A write an active migration cannot carry is refused before it is logged.
-            t.migrations().shadow_writes(table, &writes)?;
-            let growth = target.growth(&writes);
-            self.quotas
-                .get()
-                .admit(tenant.as_str(), &t.totals(), growth)?;
-            crate::quota::admit_memory(growth)?;
-            Ok::<_, EngineError>((writes, target.version()))
+            self.admit_writes(tenant, t, table, &writes)?;
+            let migrating = t.migrations().active(table).is_some();
+            Ok::<_, EngineError>((writes, target.version(), migrating))
         })??;
+        // Only a migrating table can be cut over under this write: keep its rows to
+        // carry them into the new shape then.
+        let v0 = migrating.then(|| writes.clone());
+        let key = idempotency_key.clone();
+        match self
+            .log_write(tenant, table, table_version, writes, key)
+            .await
+        {
+            Err(EngineError::TableChanged { table: changed }) => {
+                // The cutover applied between this write's validation and its apply
+                // (its record was logged and refused): the write is carried into the
+                // new shape and logged again, so the cutover costs the writer a frame,
+                // not an error.
+                let carried = v0.map(|v0| {
+                    self.read(tenant, |t| {
+                        let Some(carried) =
+                            t.migrations()
+                                .carry_across_cutover(table, table_version, &v0)
+                        else {
+                            return Ok(None);
+                        };
+                        let writes = carried?;
+                        let target = t.table(table)?;
+                        target.check_writes(&writes)?;
+                        self.admit_writes(tenant, t, table, &writes)?;
+                        Ok::<_, EngineError>(Some((writes, target.version())))
+                    })
+                });
+                match carried.transpose()?.transpose()?.flatten() {
+                    Some((writes, version)) => {
+                        self.log_write(tenant, table, version, writes, idempotency_key)
+                            .await
+                    }
+                    None => Err(EngineError::TableChanged { table: changed }),
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// The checks every write passes before it is logged: an active migration can carry
+    /// it, the tenant's quota and the shard's memory budget admit its growth.
+    fn admit_writes(
+        &self,
+        tenant: &TenantId,
+        t: &Tenant,
+        table: &str,
+        writes: &[crate::table::RowWrite],
+    ) -> Result<(), EngineError> {
+        // A write an active migration cannot carry is refused before it is logged.
+        t.migrations().shadow_writes(table, writes)?;
+        let growth = t.table(table)?.growth(writes);
+        self.quotas
+            .get()
+            .admit(tenant.as_str(), &t.totals(), growth)?;
+        crate::quota::admit_memory(growth)
+    }
+
+    /// Logs validated writes against incarnation `table_version` of `table`; returns
+    /// their LSN and outcome once durable and applied.
+    async fn log_write(
+        &self,
+        tenant: &TenantId,
+        table: &str,
+        table_version: u64,
+        writes: Vec<crate::table::RowWrite>,
+        idempotency_key: Option<String>,
+    ) -> Result<(Lsn, BatchOutcome), EngineError> {
+        // The limiter's input, in the unit a backfill chunk spends: row bytes.
+        self.count_foreground(
+            writes
+                .iter()
+                .map(|w| match w {
+                    crate::table::RowWrite::Upsert(row) => record::row_entry_bytes(row),
+                    crate::table::RowWrite::Delete(key) => key.len(),
+                })
+                .sum(),
+        );
         let key = idempotency_key.clone();
         let command = Command::Write {
             table: table.to_string(),
@@ -485,10 +558,9 @@ impl<S: Storage> Shard<S> {
         // The hash a key remembers is read off the record's bytes, here and in apply.
         let (kind, payload) = record::encode(&command);
         let request_hash = record::write_request_hash(kind, &payload);
-        self.count_foreground(payload.len());
         if let (Some(key), Some(hash)) = (&key, request_hash) {
             // A repeat of a key already applied is answered without writing anything.
-            // (No await since the checks above: the same state.)
+            // (No await since the caller's checks: the same state.)
             if let Some(first) = self.read(tenant, |t| remembered(t, key, hash))?? {
                 // The first attempt may have been refused its acknowledgement.
                 self.acknowledge(first.lsn).await?;

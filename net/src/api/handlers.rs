@@ -358,6 +358,8 @@ fn migration_json(
             "rows_done": info.rows_done,
             "rows_total": info.rows_total,
             "rows_per_second": progress.map(|p| p.rows_per_second()),
+            "backfill_bytes": progress.map(|p| p.backfill_bytes),
+            "foreground_bytes": progress.map(|p| p.foreground_bytes),
         },
         "writer_share_used": progress.and_then(|p| p.share()),
     })

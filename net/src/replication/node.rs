@@ -319,6 +319,7 @@ impl Node {
             tracing::warn!("step-down called off: taking writes again");
             return Ok(json!({"stepped_down": false}));
         }
+        refuse_while_migrating(&router, "promote a follower with force instead, without a step-down (each migration then resumes there from its last chunk)").await?;
         self.stepped_down.set(true);
         let mut last_lsn = Vec::with_capacity(router.shards());
         for shard in 0..router.shards() {
@@ -426,6 +427,13 @@ impl Node {
             .filter(|(_, l)| l.borrow().applied_lag_lsn() > max_lag)
             .map(|(shard, l)| format!("shard {shard}: {} frames", l.borrow().applied_lag_lsn()))
             .collect();
+        if !force {
+            refuse_while_migrating(
+                &router,
+                "promote with force (each migration then resumes here from its last chunk)",
+            )
+            .await?;
+        }
         if !behind.is_empty() && !force {
             return Err(refusal(
                 409,
@@ -722,4 +730,42 @@ async fn take_writes(router: &ShardRouter, shard: usize, epoch: Epoch) -> Result
 
 fn now_us() -> u64 {
     oc_io::TimestampMicros::now().0
+}
+
+/// A planned promotion or switchover waits while a schema migration runs: its backfill
+/// is paced by the writer's own traffic, and moving it mid-way restarts that pacing and
+/// risks the failover drill on a table that is half converted. `otherwise` says how to
+/// go ahead anyway.
+async fn refuse_while_migrating(router: &ShardRouter, otherwise: &str) -> Result<(), Refusal> {
+    let mut running = Vec::new();
+    for shard in 0..router.shards() {
+        let on_shard = router
+            .call(shard, |node: Rc<ShardNode>| async move {
+                node.shard().running_migrations()
+            })
+            .await
+            .map_err(|e| refusal(503, "shard_unavailable", e.to_string()))?;
+        running.extend(on_shard.into_iter().map(|(tenant, m)| {
+            format!(
+                "tenant {tenant}, table {:?}: migration {} is {} ({} of {} rows)",
+                m.table,
+                m.id,
+                m.state.name(),
+                m.rows_done,
+                m.rows_total
+            )
+        }));
+    }
+    if running.is_empty() {
+        return Ok(());
+    }
+    Err(refusal(
+        409,
+        "migration_running",
+        format!(
+            "{}: a planned failover waits until no migration runs. Wait for it to finish \
+             (GET /v1/tenants/:t/migrations/:id), abort it on the writer, or {otherwise}",
+            running.join("; ")
+        ),
+    ))
 }
