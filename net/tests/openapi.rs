@@ -109,7 +109,8 @@ fn every_documented_operation_is_routed() {
             .replace("{tenant}", "acme")
             .replace("{table}", "items")
             .replace("{key_id}", "k0")
-            .replace("{key}", "1");
+            .replace("{key}", "1")
+            .replace("{id}", "1");
         if item.get("servers").is_some() {
             // The ops listener's routes: GET only, and /metrics is not JSON.
             seen += 1;
