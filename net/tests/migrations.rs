@@ -472,9 +472,15 @@ fn a_planned_failover_waits_for_a_migration_and_a_forced_one_carries_it_over() {
     };
     let refused = promote(false);
     assert_eq!(refused.status, 409, "{refused:?}");
-    assert_eq!(refused.body["error"]["code"], "migration_running", "{refused:?}");
+    assert_eq!(
+        refused.body["error"]["code"], "migration_running",
+        "{refused:?}"
+    );
     let why = refused.body["error"]["message"].as_str().unwrap_or("");
-    assert!(why.contains(&format!("migration {id}")) && why.contains("abort"), "{why}");
+    assert!(
+        why.contains(&format!("migration {id}")) && why.contains("abort"),
+        "{why}"
+    );
     let step_down = request("POST", &format!("{}/v1/admin/step-down", writer.ops), None);
     assert_eq!(step_down.status, 409, "{step_down:?}");
     assert_eq!(step_down.body["error"]["code"], "migration_running");
@@ -597,7 +603,39 @@ fn a_restore_to_an_instant_in_the_middle_of_a_backfill_has_the_migration_and_row
             Some(batch) => (format!("p{}", batch - 5_000), *batch),
             None => (format!("item {id}"), id % 97),
         };
-        assert_eq!((row[1].clone(), row[2].clone()), (json!(name), json!(batch)), "row {id}");
+        assert_eq!(
+            (row[1].clone(), row[2].clone()),
+            (json!(name), json!(batch)),
+            "row {id}"
+        );
         assert_eq!(row[3], batch * 2, "row {id}");
     }
+}
+
+#[test]
+fn a_migration_the_memory_budget_has_no_room_for_is_refused_naming_the_budget() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    server.create_tenant_with_items("shop");
+    fill(&server, "shop", 0..2_000);
+    assert!(server.terminate().success());
+    // The process is over a 1 MB budget at once: no room for a second copy.
+    let server = Server::start(dir.path(), &["--memory-budget-bytes", "1000000"]);
+    let r = server.post(
+        "/v1/tenants/shop/migrations",
+        &json!({"table": "items", "steps": steps()}),
+    );
+    assert_eq!(r.status, 413, "{r:?}");
+    assert_eq!(r.body["error"]["code"], "limit_exceeded", "{r:?}");
+    let why = r.body["error"]["message"].as_str().unwrap_or("");
+    assert!(
+        why.contains("second copy") && why.contains("--memory-budget-bytes"),
+        "{why}"
+    );
+    let listed = server.get("/v1/tenants/shop/migrations");
+    assert_eq!(
+        listed.body["migrations"],
+        json!([]),
+        "nothing started: {listed:?}"
+    );
 }

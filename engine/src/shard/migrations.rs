@@ -13,6 +13,9 @@ use crate::migration::{self, MigrationInfo, MigrationState, Step};
 
 /// How often the driver looks for work and refills its budget.
 const TICK: Duration = Duration::from_millis(5);
+/// Resident bytes a table costs per byte of its rows (BENCHMARKS.md measures about 2):
+/// the estimate of a migration's shadow copy.
+const SHADOW_RESIDENT_PER_ROW_BYTE: u64 = 2;
 /// Rows and bytes (of v0 rows) one chunk converts at most: a chunk's apply holds the
 /// shard for about a millisecond at most.
 const MAX_CHUNK_ROWS: usize = 2048;
@@ -187,6 +190,20 @@ impl<S: Storage> Shard<S> {
                 )));
             }
             migration::plan(base.schema(), &steps)?;
+            // The table is held twice until the cutover: refuse a second copy the
+            // memory budget has no room for, rather than run the process out of memory.
+            let (budget, resident) = crate::quota::memory_usage();
+            let needed = SHADOW_RESIDENT_PER_ROW_BYTE * base.usage().bytes as u64;
+            let room = budget.saturating_sub(resident);
+            if budget > 0 && needed > room {
+                return Err(EngineError::LimitExceeded {
+                    what: "memory a migration's second copy of the table needs until its \
+                           cutover, in bytes (against the room left in the memory budget; \
+                           free memory or raise --memory-budget-bytes)",
+                    actual: needed as usize,
+                    limit: room as usize,
+                });
+            }
             Ok(base.version())
         })??;
         let command = Command::StartMigration {
@@ -326,6 +343,7 @@ pub fn spawn_backfill<S: Storage + 'static>(shard: Rc<Shard<S>>) -> Task<()> {
 async fn drive_backfill<S: Storage>(shard: Rc<Shard<S>>) {
     let mut limiter = BackfillRateLimiter::standard(Instant::now(), shard.foreground_bytes.get());
     let mut second = (Instant::now(), shard.foreground_bytes.get(), 0u64);
+    let mut paused_for_memory = false;
     loop {
         glommio::timer::sleep(TICK).await;
         if shard.wal().failure().is_some() {
@@ -358,6 +376,25 @@ async fn drive_backfill<S: Storage>(shard: Rc<Shard<S>>) {
         // A follower applies its writer's migration records; it logs none of its own.
         if work.is_empty() || !shard.wal().takes_own_writes() {
             continue;
+        }
+        // Over the memory budget the backfill waits (it only grows the shadow); a
+        // cutover, which frees the old copy, goes ahead.
+        let (limit, resident) = crate::quota::memory_usage();
+        let memory_full = limit > 0 && resident > limit;
+        if memory_full != paused_for_memory {
+            paused_for_memory = memory_full;
+            if memory_full {
+                tracing::warn!(
+                    resident,
+                    limit,
+                    "backfills wait: the process is over its memory budget"
+                );
+            } else {
+                tracing::info!("backfills resume: the process is back under its memory budget");
+            }
+        }
+        if memory_full {
+            budget = 0.0;
         }
         for (tenant, table, id, caught_up) in work {
             let command = if caught_up {
