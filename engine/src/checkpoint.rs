@@ -647,7 +647,7 @@ fn encode_active_migration(m: &ActiveMigration) -> Vec<u8> {
 }
 
 /// Copies one table: its schema frame, one rows frame per turn, then the migration
-/// active on it when the copy began. Stops early when the table is dropped (the replay
+/// active on it when the copy began, if it still is. Stops early when the table is dropped (the replay
 /// drops it too). When the table becomes another incarnation meanwhile (created again,
 /// or a migration cut over), the copy starts again with a new table frame, which
 /// replaces the first when loaded: a cutover replayed over a half-copied base would
@@ -664,7 +664,8 @@ async fn copy_table<S: Storage>(
     let mut first = true;
     let mut rows_total = 0u64;
     let mut restarts = 0;
-    let mut active: Option<Vec<u8>> = None;
+    // The migration active on the table when its copy began: its id and record.
+    let mut active: Option<(u64, Vec<u8>)> = None;
     loop {
         let frame = {
             let s = state.borrow();
@@ -688,20 +689,36 @@ async fn copy_table<S: Storage>(
                 version = base.version();
                 first = true;
                 after = None;
+                rows_total = 0;
             }
             if first {
                 let mut w = Writer(vec![CHECKPOINT_FORMAT_VERSION]);
                 w.u64(version);
                 w.schema(base.schema());
                 out.push(KIND_TABLE, tag, &w.0)?;
-                active = t.migrations().active(table).map(encode_active_migration);
+                active = t
+                    .migrations()
+                    .active(table)
+                    .map(|m| (m.info.id, encode_active_migration(m)));
                 first = false;
             }
             next_rows_frame(base, table, after.as_deref())
         };
         let Some((payload, rows, last)) = frame else {
-            if let Some(active) = &active {
-                out.push(KIND_ACTIVE_MIGRATION, tag, active)?;
+            // Only a migration still active now: one that ended during the copy is in
+            // the tenant's finished list, and rows written after its end may not carry
+            // into its shape (its shadow could not be rebuilt from them).
+            let still_active = |id: u64| {
+                state.borrow().tenants.get(tenant).is_some_and(|t| {
+                    t.migrations()
+                        .active(table)
+                        .is_some_and(|m| m.info.id == id)
+                })
+            };
+            if let Some((id, record)) = &active {
+                if still_active(*id) {
+                    out.push(KIND_ACTIVE_MIGRATION, tag, record)?;
+                }
             }
             break;
         };

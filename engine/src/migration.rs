@@ -478,8 +478,8 @@ impl ActiveMigration {
                         .transform(values)
                         .map_err(|why| refused(row, why))?;
                     self.shadow
-                        .check_writes(std::slice::from_ref(&RowWrite::Upsert(v1.clone())))
-                        .map_err(|e| refused(row, e.to_string()))?;
+                        .check_transformed_row(&v1)
+                        .map_err(|why| refused(row, why))?;
                     RowWrite::Upsert(v1)
                 }
                 RowWrite::Delete(key) => RowWrite::Delete(key.clone()),
@@ -506,7 +506,7 @@ impl ActiveMigration {
                 format!("row with key {} does not migrate: {why}", render_key(key))
             })?;
             self.shadow
-                .check_writes(std::slice::from_ref(&RowWrite::Upsert(v1.clone())))
+                .check_transformed_row(&v1)
                 .map_err(|e| format!("row with key {} does not migrate: {e}", render_key(key)))?;
             bytes += crate::record::row_entry_bytes(&v1) as u64;
             writes.push(RowWrite::Upsert(v1));
@@ -546,7 +546,11 @@ fn reason(why: String) -> String {
 #[derive(Debug, Clone)]
 struct Carried {
     id: u64,
+    /// The shape it replaced.
+    v0: TableSchema,
     from_version: u64,
+    /// The incarnation the cutover made (its LSN).
+    to_version: u64,
     plan: Plan,
 }
 
@@ -629,33 +633,74 @@ impl Migrations {
         self.carried.remove(table);
     }
 
-    /// `writes`, validated against incarnation `from_version` of `table`, in the shape
-    /// the migration that replaced that incarnation gave it (`None`: no cutover
-    /// replaced it). The rows are checked against the new table by the caller.
+    /// `writes`, validated against incarnation `from_version` of `target`, in the shape
+    /// of `target` as it is now, when a migration's cutover replaced that incarnation
+    /// with this one (`None`: it did not).
     pub(crate) fn carry_across_cutover(
         &self,
-        table: &str,
+        target: &Table,
         from_version: u64,
         writes: &[RowWrite],
     ) -> Option<Result<Vec<RowWrite>, EngineError>> {
+        let table = &target.schema().name;
         let carried = self.carried.get(table)?;
-        if carried.from_version != from_version {
+        if carried.from_version != from_version || carried.to_version != target.version() {
             return None;
         }
-        let carry = |(row, write): (usize, &RowWrite)| match write {
-            RowWrite::Upsert(values) => carried
-                .plan
-                .transform(values)
-                .map(RowWrite::Upsert)
-                .map_err(|why| EngineError::MigrationRefused {
-                    id: carried.id,
-                    table: table.to_string(),
-                    row,
-                    why,
-                }),
-            RowWrite::Delete(key) => Ok(RowWrite::Delete(key.clone())),
+        let carry = |(row, write): (usize, &RowWrite)| {
+            let refused = |why| EngineError::MigrationRefused {
+                id: carried.id,
+                table: table.clone(),
+                row,
+                why,
+            };
+            match write {
+                RowWrite::Upsert(values) => {
+                    let v1 = carried.plan.transform(values).map_err(refused)?;
+                    target.check_transformed_row(&v1).map_err(refused)?;
+                    Ok(RowWrite::Upsert(v1))
+                }
+                RowWrite::Delete(key) => Ok(RowWrite::Delete(key.clone())),
+            }
         };
         Some(writes.iter().enumerate().map(carry).collect())
+    }
+
+    /// The write records a keyed request `ops` to `target` would have been logged as
+    /// when first sent before the cutover that made `target`: as it was (the old
+    /// shape), and as carried across the cutover. A retry of it is validated against
+    /// the new shape, so its record, and the hash its key remembers, differ from the
+    /// first attempt's; these are what the first attempt's hash is compared with.
+    pub(crate) fn first_attempts_across_cutover(
+        &self,
+        target: &Table,
+        ops: &[crate::table::WriteOp],
+        key: &str,
+    ) -> Vec<crate::command::Command> {
+        let table = &target.schema().name;
+        let Some(carried) = self
+            .carried
+            .get(table)
+            .filter(|c| c.to_version == target.version())
+        else {
+            return Vec::new();
+        };
+        let v0 = Table::new(carried.v0.clone(), carried.from_version);
+        let Ok(writes) = v0.validate_batch(ops) else {
+            return Vec::new();
+        };
+        let write = |table_version, writes| crate::command::Command::Write {
+            table: table.clone(),
+            table_version,
+            writes,
+            idempotency_key: Some(key.to_string()),
+        };
+        let mut attempts = Vec::with_capacity(2);
+        if let Some(Ok(v1)) = self.carry_across_cutover(target, carried.from_version, &writes) {
+            attempts.push(write(carried.to_version, v1));
+        }
+        attempts.push(write(carried.from_version, writes));
+        attempts
     }
 }
 
@@ -672,6 +717,12 @@ pub(crate) fn start(
     lsn: Lsn,
     committed: TimestampMicros,
 ) -> Result<u64, EngineError> {
+    if tenant.migrations().get(lsn.0).is_some() {
+        // Replayed over a checkpoint that holds this migration already (active, or
+        // ended while the checkpoint was copied): it stands as the checkpoint has it.
+        // (Live, an id is its start's own LSN: never known before.)
+        return Ok(lsn.0);
+    }
     let base = tenant.table(table)?;
     if base.version() != table_version {
         return Err(EngineError::TableChanged {
@@ -821,10 +872,15 @@ pub(crate) fn cutover(
     };
     let mut shadow = m.shadow;
     shadow.set_version(lsn.0);
+    // Every row changed shape here.
+    shadow.set_written_lsn(lsn.0);
+    let v0 = tenant.table(table)?.schema().clone();
     tenant.replace_table(shadow, lsn.0);
     let carried = Carried {
         id,
+        v0,
         from_version: m.table_version,
+        to_version: lsn.0,
         plan: m.plan,
     };
     tenant

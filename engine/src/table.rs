@@ -228,13 +228,19 @@ impl Table {
             }
             row.push(value);
         }
-        let bytes = row_bytes(&row);
+        self.check_row_limits(&row)?;
+        Ok(row)
+    }
+
+    /// The size limits of a row: its bytes, its primary key's and each index key's.
+    fn check_row_limits(&self, row: &Row) -> Result<(), String> {
+        let bytes = row_bytes(row);
         if bytes > MAX_ROW_BYTES {
             return Err(format!(
                 "row is {bytes} bytes, above the limit of {MAX_ROW_BYTES}"
             ));
         }
-        let key = key_bytes(&row, &self.schema.primary_key);
+        let key = key_bytes(row, &self.schema.primary_key);
         if key.len() > MAX_KEY_BYTES {
             return Err(format!(
                 "primary key is {} bytes encoded, above the limit of {MAX_KEY_BYTES}",
@@ -242,7 +248,7 @@ impl Table {
             ));
         }
         for index in &self.schema.indexes {
-            let len = key_bytes(&row, &index.columns).len();
+            let len = key_bytes(row, &index.columns).len();
             if len > MAX_KEY_BYTES {
                 return Err(format!(
                     "key of index {:?} is {len} bytes, above the limit of {MAX_KEY_BYTES}",
@@ -250,7 +256,15 @@ impl Table {
                 ));
             }
         }
-        Ok(row)
+        Ok(())
+    }
+
+    /// Checks a row a migration's transform made: what [`Table::check_writes`] checks,
+    /// and the size limits [`Table::validate_upsert`] holds a client's row to (a
+    /// transform can widen a row past them).
+    pub fn check_transformed_row(&self, row: &Row) -> Result<(), String> {
+        self.check_row(row)?;
+        self.check_row_limits(row)
     }
 
     /// Encodes the primary key named by a JSON object holding exactly the key columns.

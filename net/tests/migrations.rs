@@ -206,10 +206,12 @@ fn a_migration_under_eight_writers_reaches_every_acknowledged_row_once_in_the_ne
 }
 
 /// Keeps the tenant's shard busy with writes to another table, so the backfill runs
-/// at its share of them (slowly) instead of at the idle floor.
+/// at its share of them (slowly) instead of at the idle floor: 2 KiB rows, so that even
+/// a few hundred writes a second are well above where the floor fades out.
 fn busy(server: &Server, tenant: &str) -> (Arc<AtomicBool>, Vec<std::thread::JoinHandle<()>>) {
-    let other =
-        json!({"name": "noise", "columns": [{"name": "k", "type": "int"}], "primary_key": ["k"]});
+    let other = json!({"name": "noise",
+        "columns": [{"name": "k", "type": "int"}, {"name": "pad", "type": "text"}],
+        "primary_key": ["k"]});
     let r = server.post(&format!("/v1/tenants/{tenant}/tables"), &other);
     assert_eq!(r.status, 201, "{r:?}");
     let stop = Arc::new(AtomicBool::new(false));
@@ -221,8 +223,10 @@ fn busy(server: &Server, tenant: &str) -> (Arc<AtomicBool>, Vec<std::thread::Joi
             );
             std::thread::spawn(move || {
                 let mut k = w;
+                let pad = "x".repeat(2048);
                 while !stop.load(Ordering::Relaxed) {
-                    let body = json!({"ops": [{"upsert": {"k": k}}]}).to_string();
+                    let body =
+                        json!({"ops": [{"upsert": {"k": k % 1000, "pad": pad}}]}).to_string();
                     let _ = common::try_request("POST", &url, Some(&body));
                     k += 4;
                 }
@@ -538,7 +542,8 @@ fn a_restore_to_an_instant_in_the_middle_of_a_backfill_has_the_migration_and_row
         ],
     );
     server.create_tenant_with_items("shop");
-    fill(&server, "shop", 0..20_000);
+    // Enough rows for the backfill, at a tenth of the noise, to outlast the steps below.
+    fill(&server, "shop", 0..60_000);
     let (stop, noise) = busy(&server, "shop");
     let id = start(&server, "shop");
     wait_backfilling(&server, "shop", id);
@@ -597,7 +602,7 @@ fn a_restore_to_an_instant_in_the_middle_of_a_backfill_has_the_migration_and_row
     );
     // Every row in the new shape, transformed once from its value at the target.
     let rows = dump(&server, "shop", "id, title, batch, double");
-    assert_eq!(rows.len(), 20_000);
+    assert_eq!(rows.len(), 60_000);
     for (id, row) in &rows {
         let (name, batch) = match before.get(id) {
             Some(batch) => (format!("p{}", batch - 5_000), *batch),
@@ -638,4 +643,33 @@ fn a_migration_the_memory_budget_has_no_room_for_is_refused_naming_the_budget() 
         json!([]),
         "nothing started: {listed:?}"
     );
+}
+
+#[test]
+fn a_write_retried_with_its_idempotency_key_after_a_cutover_gets_the_first_answer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    server.create_tenant_with_items("shop");
+    fill(&server, "shop", 0..100);
+    let body = json!({"idempotency_key": "order-1",
+        "ops": [{"upsert": {"id": 5_000, "name": "first", "batch": 3}}]});
+    let first = server.post("/v1/tenants/shop/tables/items/rows", &body);
+    assert_eq!(first.status, 200, "{first:?}");
+    let id = start(&server, "shop");
+    wait_for(&server, "shop", id, "done");
+    // The same request again, in the old shape (`name` is `title` now): the first
+    // answer, and nothing written twice.
+    let again = server.post("/v1/tenants/shop/tables/items/rows", &body);
+    assert_eq!(again.status, 200, "{again:?}");
+    assert_eq!(again.body["lsn"], first.body["lsn"], "{again:?}");
+    // The key with another request is still refused.
+    let other = server.post(
+        "/v1/tenants/shop/tables/items/rows",
+        &json!({"idempotency_key": "order-1",
+            "ops": [{"upsert": {"id": 5_000, "title": "second", "batch": 4}}]}),
+    );
+    assert_eq!(other.status, 409, "{other:?}");
+    assert_eq!(other.body["error"]["code"], "idempotency_conflict");
+    let row = dump(&server, "shop", "id, title, batch, double");
+    assert_eq!(row[&5_000], json!([5_000, "first", 3, 6]));
 }

@@ -24,11 +24,11 @@ const MAX_CHUNK_BYTES: usize = 512 << 10;
 /// Holds a backfill to a share of the shard's foreground write traffic: a closed loop
 /// on the bytes of rows the shard's writers logged in the last window (row bytes as the
 /// log stores them, the unit a chunk spends, so the share is the same in rows and bytes
-/// when old and new rows are alike). A token bucket
-/// fills at `share` × that rate (at `idle_floor` bytes/s when the foreground is below
-/// `idle_below` bytes/s, so an idle shard finishes quickly) and a chunk spends the v0
-/// bytes of the rows it converts. The bucket holds at most one window's worth, so a
-/// quiet spell does not bank a burst.
+/// when old and new rows are alike). A token bucket fills at `share` × that rate, or
+/// at a floor that fades out as the foreground grows: `idle_floor` bytes/s on an idle
+/// shard, nothing from `idle_below` bytes/s of foreground on, so a lightly loaded
+/// shard still finishes quickly. A chunk spends the v0 bytes of the rows it converts.
+/// The bucket holds at most one window's worth, so a quiet spell does not bank a burst.
 #[derive(Debug, Clone)]
 pub struct BackfillRateLimiter {
     share: f64,
@@ -44,12 +44,17 @@ pub struct BackfillRateLimiter {
 }
 
 impl BackfillRateLimiter {
-    /// The documented policy: 10 % of the foreground, in 100 ms windows; a window in
-    /// which the shard's writers logged nothing counts as idle, and the backfill then
-    /// runs at 16 MiB/s. (A trickle of writes leaves most windows idle, so the backfill
-    /// of a nearly idle shard still finishes quickly.)
+    /// The documented policy, in 100 ms windows: 10 % of the foreground, and a floor of
+    /// 16 MiB/s on an idle shard that fades to nothing at 256 KiB/s of foreground (a
+    /// few thousand small writes a second), where the 10 % takes over.
     pub fn standard(now: Instant, foreground_bytes: u64) -> Self {
-        Self::new(0.10, 1.0, 16.0 * 1024.0 * 1024.0, now, foreground_bytes)
+        Self::new(
+            0.10,
+            256.0 * 1024.0,
+            16.0 * 1024.0 * 1024.0,
+            now,
+            foreground_bytes,
+        )
     }
 
     pub fn new(
@@ -74,11 +79,8 @@ impl BackfillRateLimiter {
 
     /// The backfill's rate now, bytes/s.
     pub fn rate(&self) -> f64 {
-        if self.foreground_rate < self.idle_below {
-            self.idle_floor
-        } else {
-            self.share * self.foreground_rate
-        }
+        let idle = (1.0 - self.foreground_rate / self.idle_below).max(0.0);
+        (self.share * self.foreground_rate).max(self.idle_floor * idle)
     }
 
     /// Takes in the foreground's byte count at `now` and refills the bucket; returns
@@ -447,5 +449,63 @@ async fn drive_backfill<S: Storage>(shard: Rc<Shard<S>>) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The rate after one whole window in which the writers logged `bytes_per_s`.
+    fn rate_at(bytes_per_s: f64) -> f64 {
+        let start = Instant::now();
+        let mut limiter = BackfillRateLimiter::standard(start, 0);
+        let window = Duration::from_millis(100);
+        limiter.budget(start + window, (bytes_per_s * 0.1) as u64);
+        limiter.rate()
+    }
+
+    #[test]
+    fn the_share_holds_under_load_and_the_floor_fades_in_as_the_shard_goes_idle() {
+        const MIB: f64 = 1024.0 * 1024.0;
+        assert_eq!(rate_at(0.0), 16.0 * MIB, "an idle shard: the floor");
+        let light = rate_at(1_000.0); // ten 100-byte writes a second
+        assert!(light > 15.0 * MIB, "a trickle barely slows it: {light}");
+        let half = rate_at(128.0 * 1024.0);
+        assert!((half - 8.0 * MIB).abs() < 0.01 * MIB, "{half}");
+        for busy in [256.0 * 1024.0, 2.0 * MIB, 50.0 * MIB] {
+            let rate = rate_at(busy);
+            assert!(
+                (rate - 0.10 * busy).abs() < 1.0,
+                "at {busy} B/s of writes the backfill gets 10 %, not {rate}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_bucket_spends_what_chunks_convert_and_banks_at_most_one_window() {
+        let start = Instant::now();
+        let mut limiter = BackfillRateLimiter::standard(start, 0);
+        let window = Duration::from_millis(100);
+        // 2 MB/s of writes: 200 KB/s of backfill, 20 KB a window.
+        let mut written = 0;
+        let mut now = start;
+        for _ in 0..3 {
+            now += window;
+            written += 200_000;
+            limiter.budget(now, written);
+        }
+        let budget = limiter.budget(now, written);
+        assert!(
+            (budget - 20_000.0).abs() < 1.0,
+            "one window's worth: {budget}"
+        );
+        limiter.spend(15_000);
+        let left = limiter.budget(now, written);
+        assert!((left - 5_000.0).abs() < 1.0, "{left}");
+        // A long quiet spell (the floor) still banks one window only.
+        let later = now + Duration::from_secs(10);
+        let banked = limiter.budget(later, written);
+        assert!(banked <= 16.0 * 1024.0 * 1024.0 * 0.1 + 1.0, "{banked}");
     }
 }

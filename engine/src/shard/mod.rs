@@ -463,6 +463,14 @@ impl<S: Storage> Shard<S> {
                 });
             }
         }
+        if let Some(key) = &idempotency_key {
+            // A retry of a write first sent before a migration's cutover.
+            let first = self.read(tenant, |t| first_answer_across_cutover(t, table, ops, key))?;
+            if let Some(first) = first {
+                self.acknowledge(first.lsn).await?;
+                return Ok((first.lsn, first.outcome));
+            }
+        }
         let (writes, table_version, migrating) = self.read(tenant, |t| {
             let target = t.table(table)?;
             let writes = target.validate_batch(ops)?;
@@ -485,15 +493,14 @@ impl<S: Storage> Shard<S> {
                 // not an error.
                 let carried = v0.map(|v0| {
                     self.read(tenant, |t| {
+                        let target = t.table(table)?;
                         let Some(carried) =
                             t.migrations()
-                                .carry_across_cutover(table, table_version, &v0)
+                                .carry_across_cutover(target, table_version, &v0)
                         else {
                             return Ok(None);
                         };
                         let writes = carried?;
-                        let target = t.table(table)?;
-                        target.check_writes(&writes)?;
                         self.admit_writes(tenant, t, table, &writes)?;
                         Ok::<_, EngineError>(Some((writes, target.version())))
                     })
@@ -685,4 +692,26 @@ impl<S: Storage> Shard<S> {
         self.wal.close().await?;
         Ok(())
     }
+}
+
+/// What a keyed write's first attempt answered, when that attempt was sent before the
+/// cutover of a migration of `table` and was applied (in the old shape, or carried
+/// into the new one): its key remembers the hash of a record the retry, validated
+/// against the new shape, cannot reproduce.
+fn first_answer_across_cutover(
+    t: &Tenant,
+    table: &str,
+    ops: &[WriteOp],
+    key: &str,
+) -> Option<crate::idempotency::Remembered> {
+    let first = *t.idempotency().get(key)?;
+    let target = t.table(table).ok()?;
+    t.migrations()
+        .first_attempts_across_cutover(target, ops, key)
+        .iter()
+        .any(|command| {
+            let (kind, payload) = record::encode(command);
+            record::write_request_hash(kind, &payload) == Some(first.request_hash)
+        })
+        .then_some(first)
 }
