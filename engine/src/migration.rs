@@ -521,7 +521,7 @@ impl ActiveMigration {
 }
 
 /// A key for a message: hex, cut short.
-fn render_key(key: &[u8]) -> String {
+pub(crate) fn render_key(key: &[u8]) -> String {
     let hex: String = key.iter().take(32).map(|b| format!("{b:02x}")).collect();
     if key.len() > 32 {
         format!("{hex}…")
@@ -1162,6 +1162,44 @@ mod apply_tests {
                 other => panic!("{other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn a_transform_that_widens_rows_past_the_row_limit_fails_and_refuses_writes() {
+        let mut log = Log::new();
+        let version = log.tenant().table("items").expect("table").version();
+        let wide = |id: i64| Command::Write {
+            table: "items".into(),
+            table_version: version,
+            writes: vec![RowWrite::Upsert(vec![
+                Value::Int(id),
+                Value::Int(id),
+                Value::Text("w".repeat(crate::limits::MAX_ROW_BYTES / 2)),
+            ])],
+            idempotency_key: None,
+        };
+        log.upsert(0, 0).expect("a narrow row");
+        log.run(wide(1)).expect("a wide row, under the limit");
+        let id = log.start(
+            r#"[{"op":"add_column","name":"a","type":"text","default":"gone"},
+                {"op":"add_column","name":"b","type":"text","default":"gone"}]"#,
+        );
+        // A write the new shape cannot hold is refused whole, naming the limit.
+        match log.run(wide(2)) {
+            Err(EngineError::MigrationRefused { why, .. }) => {
+                assert!(why.contains("above the limit"), "{why}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // The backfill reaches the wide row: the migration fails, v0 untouched.
+        assert_eq!(log.chunk(id, 1), MigrationState::Failed);
+        let info = log.tenant().migrations().get(id).expect("known");
+        assert!(
+            info.reason.as_deref().unwrap_or("").contains("above the limit"),
+            "{info:?}"
+        );
+        assert_eq!(log.rows().len(), 2);
+        assert_eq!(log.tenant().table("items").expect("table").version(), version);
     }
 
     const STEPS: &str = r#"[{"op":"add_column","name":"double","type":"int","default":"n * 2"},

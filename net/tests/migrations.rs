@@ -382,7 +382,13 @@ fn bad_migrations_are_refused_whole_naming_the_step() {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = Server::start(dir.path(), &[]);
     server.create_tenant_with_items("shop");
+    fill(&server, "shop", 0..10); // row 0 has batch 0
     let cases = [
+        (
+            json!({"table": "items", "steps": [{"op": "add_column", "name": "inverse", "type": "int", "default": "10 / batch"}]}),
+            400,
+            "does not migrate",
+        ),
         (
             json!({"table": "items", "steps": [{"op": "drop_column", "name": "id"}]}),
             400,
@@ -672,4 +678,25 @@ fn a_write_retried_with_its_idempotency_key_after_a_cutover_gets_the_first_answe
     assert_eq!(other.body["error"]["code"], "idempotency_conflict");
     let row = dump(&server, "shop", "id, title, batch, double");
     assert_eq!(row[&5_000], json!([5_000, "first", 3, 6]));
+}
+
+#[test]
+fn a_migration_that_would_take_the_tenant_past_its_quota_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &["--tenant-max-bytes", "8000"]);
+    server.create_tenant_with_items("shop");
+    fill(&server, "shop", 0..100);
+    let used = server.get("/v1/tenants/shop/usage").body["bytes"]
+        .as_u64()
+        .expect("bytes");
+    assert!(used < 8000, "{used}");
+    // 100 bytes more in every row: about 10 kB more in all.
+    let wide = json!({"table": "items", "steps": [{"op": "add_column", "name": "note",
+        "type": "text", "default": format!("'{}'", "n".repeat(100))}]});
+    let r = server.post("/v1/tenants/shop/migrations", &wide);
+    assert_eq!(r.status, 403, "{r:?}");
+    assert_eq!(r.body["error"]["code"], "quota_exceeded", "{r:?}");
+    // One that keeps rows about as they are fits.
+    let id = start(&server, "shop");
+    wait_for(&server, "shop", id, "done");
 }

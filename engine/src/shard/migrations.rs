@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use super::*;
 use crate::migration::{self, MigrationInfo, MigrationState, Step};
+use crate::quota::Growth;
+use crate::table::Table;
 
 /// How often the driver looks for work and refills its budget.
 const TICK: Duration = Duration::from_millis(5);
@@ -143,6 +145,34 @@ pub(super) struct BackfillAccount {
     rows: u64,
 }
 
+/// Rows a migration's start transforms to try it and to learn how rows grow.
+const SAMPLE_ROWS: usize = 64;
+
+/// New-shape bytes per old-shape byte over the table's first rows (1 for an empty
+/// table); a sampled row that does not migrate refuses the migration at once.
+fn sample_growth(base: &Table, plan: &migration::Plan) -> Result<f64, EngineError> {
+    let shadow = Table::new(plan.target.clone(), 0);
+    let (mut before, mut after) = (0usize, 0usize);
+    for (key, row) in base.rows_after(None).take(SAMPLE_ROWS) {
+        let v1 = plan
+            .transform(row)
+            .and_then(|v1| shadow.check_transformed_row(&v1).map(|()| v1))
+            .map_err(|why| {
+                EngineError::InvalidMigration(format!(
+                    "the table's row with key {} does not migrate: {why}",
+                    migration::render_key(key)
+                ))
+            })?;
+        before += record::row_entry_bytes(row);
+        after += record::row_entry_bytes(&v1);
+    }
+    Ok(if before == 0 {
+        1.0
+    } else {
+        after as f64 / before as f64
+    })
+}
+
 /// The next chunk of a migration: the key it converts up to and the v0 bytes and rows
 /// it covers; `None` once the backfill has caught up.
 fn next_chunk(
@@ -191,11 +221,13 @@ impl<S: Storage> Shard<S> {
                     m.info.state.name()
                 )));
             }
-            migration::plan(base.schema(), &steps)?;
+            let plan = migration::plan(base.schema(), &steps)?;
+            let growth = sample_growth(base, &plan)?;
             // The table is held twice until the cutover: refuse a second copy the
             // memory budget has no room for, rather than run the process out of memory.
             let (budget, resident) = crate::quota::memory_usage();
-            let needed = SHADOW_RESIDENT_PER_ROW_BYTE * base.usage().bytes as u64;
+            let shadow_bytes = base.usage().bytes as f64 * growth;
+            let needed = (SHADOW_RESIDENT_PER_ROW_BYTE as f64 * shadow_bytes) as u64;
             let room = budget.saturating_sub(resident);
             if budget > 0 && needed > room {
                 return Err(EngineError::LimitExceeded {
@@ -206,6 +238,15 @@ impl<S: Storage> Shard<S> {
                     limit: room as usize,
                 });
             }
+            // After the cutover the table holds the new shape: within the quota.
+            let bytes = Growth {
+                rows: 0,
+                bytes: shadow_bytes as i64 - base.usage().bytes as i64,
+                vectors: 0,
+            };
+            self.quotas
+                .get()
+                .admit(tenant.as_str(), &t.totals(), bytes)?;
             Ok(base.version())
         })??;
         let command = Command::StartMigration {
