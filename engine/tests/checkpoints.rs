@@ -775,3 +775,92 @@ fn a_checkpoint_past_where_the_history_diverged_is_passed_over_and_the_log_cut()
         );
     });
 }
+
+/// A migration aborted while a checkpoint copies its table, then a row its transform
+/// could not carry, written where the copy has not reached: the checkpoint must not
+/// record the migration as active (loading would try to carry that row and fail).
+#[test]
+fn a_migration_that_ends_while_its_table_is_copied_is_not_recorded_as_active() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    run_local(async {
+        let open = |dir: &Path| {
+            let dir = dir.to_path_buf();
+            async move {
+                let storage = DmaStorage::open(&dir).await.expect("storage");
+                Shard::open(storage, large_config()).await
+            }
+        };
+        let (shard, _) = open(dir.path()).await.expect("open");
+        let shard = Rc::new(shard);
+        setup(&shard).await;
+        const ROWS: i64 = 100_000;
+        // Wide enough rows that copying them outlasts two commits.
+        let pad = "v".repeat(200);
+        for start in (0..ROWS).step_by(500) {
+            let ops: Vec<WriteOp> = (start..start + 500)
+                .map(|k| {
+                    WriteOp::Upsert(json!({"k": k, "v": pad}).as_object().expect("o").clone())
+                })
+                .collect();
+            shard.write(&acme(), "kv", &ops, None).await.expect("fill");
+        }
+        let steps = oc_engine::migration::parse_steps(
+            br#"[{"op":"add_column","name":"q","type":"int","default":"1000000 / (k - 1000000000)"}]"#,
+        )
+        .expect("steps");
+        let m = shard
+            .start_migration(&acme(), "kv", steps)
+            .await
+            .expect("start");
+        // (No backfill driver runs here: the migration stays where it started.)
+        let copying = {
+            let shard = shard.clone();
+            glommio::spawn_local(async move { shard.checkpoint().await })
+        };
+        // Once the snapshot holds some rows, the table's copy has begun (with the
+        // migration active): abort it then.
+        let snapshot_bytes = || {
+            std::fs::read_dir(dir.path())
+                .expect("dir")
+                .filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".snap.tmp"))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum::<u64>()
+        };
+        while snapshot_bytes() < 256 * 1024 {
+            glommio::timer::sleep(std::time::Duration::from_micros(100)).await;
+        }
+        shard.abort_migration(&acme(), m.id).await.expect("abort");
+        let poison = WriteOp::Upsert(
+            json!({"k": 1_000_000_000, "v": "after the abort"})
+                .as_object()
+                .expect("o")
+                .clone(),
+        );
+        shard
+            .write(&acme(), "kv", &[poison], None)
+            .await
+            .expect("no migration refuses it now");
+        let info = copying.await.expect("checkpoint");
+        assert_eq!(
+            info.rows,
+            ROWS as u64 + 1,
+            "the copy must reach the last key after the abort and the write (else this test \
+             proves nothing)"
+        );
+        shard.close().await.expect("close");
+        drop(shard);
+
+        let (shard, report) = open(dir.path()).await.expect("reopen");
+        assert!(
+            report.unusable_checkpoints.is_empty(),
+            "{:?}",
+            report.unusable_checkpoints
+        );
+        assert_eq!(report.checkpoint, Some(info.lsn));
+        let state = shard.migration(&acme(), m.id).expect("known").state;
+        assert_eq!(state, oc_engine::migration::MigrationState::Aborted);
+        assert_eq!(rows(&shard).len(), ROWS as usize + 1);
+    });
+}
