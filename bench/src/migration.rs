@@ -10,11 +10,13 @@
 //! - the backfill's share of the writers' bytes in ~1 s windows, from the server's own
 //!   counters (`progress.backfill_bytes` / `foreground_bytes`, sampled every 25 ms), and
 //!   as rows converted per row written, counted by this client;
-//! - write p99 in the second around the cutover (±0.5 s) against the second before, and
-//!   the writes the cutover refused (`409 table_changed`).
+//! - write p99 in the second around the cutover (±0.5 s) against the second before, the
+//!   slowest write in flight across it (a stall shows there, not in a p99), and the
+//!   writes the cutover refused (`409 table_changed`).
 //!
-//! Then aborts under the same load (request → `aborted`, the table back to its v0-only
-//! state), and the backfill of a larger table on an idle shard (rows/s and MB/s).
+//! Then aborts under the same load, each half way through its backfill (request →
+//! `aborted`, then the table's schema is checked to be the old one), and the backfill
+//! of a larger table on an idle shard (rows/s and MB/s).
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -120,8 +122,14 @@ struct Round {
     /// Write p99 in [cutover − 1.5 s, cutover − 0.5 s) and [cutover ± 0.5 s).
     cutover_before_p99_us: u64,
     cutover_around_p99_us: u64,
-    /// Writes refused in the second around the cutover (409 `table_changed`: validated
-    /// against the old shape, logged after the cutover; a client retries them).
+    /// Write p999 in the second around the cutover.
+    cutover_around_p999_us: u64,
+    /// Writes in flight at some point between the last poll that saw the migration
+    /// active and the first that saw it done (the cutover applied in between), and the
+    /// slowest of them: a stall at the cutover shows here, not in a p99.
+    cutover_in_flight: u64,
+    cutover_in_flight_max_us: u64,
+    /// Writes refused in the second around the cutover (409 `table_changed`).
     cutover_refused: u64,
     write_errors: u64,
 }
@@ -173,6 +181,8 @@ pub fn run(args: MigrationArgs) -> Result<()> {
         let abort = measure_aborts(&target, &mut conn, &args).await?;
         eprintln!("backfill of {} rows on an idle shard...", args.idle_rows);
         preload(&mut conn, "idle", args.idle_rows, args.value_bytes).await?;
+        // The shard has been idle for a while (its limiter has seen it).
+        glommio::timer::sleep(Duration::from_secs(2)).await;
         let idle = measure_idle(&mut conn, args.idle_rows, args.max_seconds).await?;
         let stats = |f: &dyn Fn(&Round) -> f64| median_min_max(rounds.iter().map(f).collect());
         Ok::<_, anyhow::Error>(MigrationReport {
@@ -383,7 +393,8 @@ async fn measure_round(
     let id = start_migration(conn, table).await?;
     let polls = until_done(conn, id, args.max_seconds).await?;
     let last_pending = polls[polls.len().saturating_sub(2)].at;
-    let cutover = last_pending + (polls[polls.len() - 1].at - last_pending) / 2;
+    let first_done = polls[polls.len() - 1].at;
+    let cutover = last_pending + (first_done - last_pending) / 2;
     glommio::timer::sleep(Duration::from_millis(1500)).await;
     let samples = load.finish().await?;
 
@@ -395,6 +406,13 @@ async fn measure_round(
     let half = Duration::from_millis(500);
     let (_, before) = percentiles(&samples, cutover - 3 * half, cutover - half);
     let (_, around) = percentiles(&samples, cutover - half, cutover + half);
+    let in_flight: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| {
+            let sent = s.done - Duration::from_micros(s.latency_us);
+            sent <= first_done && s.done >= last_pending
+        })
+        .collect();
     let cutover_refused = samples
         .iter()
         .filter(|s| s.done >= cutover - half && s.done < cutover + half && s.status == 409)
@@ -424,6 +442,9 @@ async fn measure_round(
         share_max,
         cutover_before_p99_us: before.p99_us,
         cutover_around_p99_us: around.p99_us,
+        cutover_around_p999_us: around.p999_us,
+        cutover_in_flight: in_flight.len() as u64,
+        cutover_in_flight_max_us: in_flight.iter().map(|s| s.latency_us).max().unwrap_or(0),
         cutover_refused,
         write_errors: samples
             .iter()
@@ -478,10 +499,10 @@ async fn measure_aborts(
     let mut latency = histogram();
     for _ in 0..args.aborts {
         let id = start_migration(conn, "aborts").await?;
-        // Abort once the backfill is under way, as an operator would.
+        // Abort half way through the backfill, when the new shape holds half the table.
         loop {
             let p = progress(conn, id).await?;
-            if p.rows_done > 0 {
+            if p.rows_done * 2 >= args.rows {
                 break;
             }
             if p.state != "pending" && p.state != "backfilling" {
@@ -501,6 +522,15 @@ async fn measure_aborts(
         let answer: Value = serde_json::from_slice(conn.body())?;
         if status != 200 || answer["state"] != "aborted" {
             bail!("aborting migration {id} answered {status}: {answer}");
+        }
+        // Nothing of the new shape is left: the table's schema is the old one.
+        let status = conn
+            .request("GET", &format!("/v1/tenants/{TENANT}/tables/aborts"), None)
+            .await?;
+        let table: Value = serde_json::from_slice(conn.body())?;
+        let schema = table["schema"].to_string();
+        if status != 200 || schema.contains("score") {
+            bail!("after aborting migration {id} the table is {status}: {table}");
         }
     }
     let samples = load.finish().await?;
@@ -537,13 +567,13 @@ fn print_markdown(r: &MigrationReport) {
         r.value_bytes + 20,
         r.writers
     );
-    println!("| round | writes/s base → backfill | ratio | p99 base → backfill | ratio | backfill s | share median (min–max), bytes | share median, rows | cutover p99 before → around | refused at cutover |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("| round | writes/s base → backfill | ratio | p99 base → backfill | ratio | backfill s | share median (min–max), bytes | share median, rows | cutover p99 before → around | in flight at cutover: n, max | refused at cutover |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for (i, round) in r.rounds.iter().enumerate() {
         let mut rows: Vec<f64> = round.share_windows.iter().map(|w| w.rows_share).collect();
         rows.sort_by(f64::total_cmp);
         println!(
-            "| {} | {:.0} → {:.0} | {:.2} | {:.2} → {:.2} ms | {:.2} | {:.1} | {:.1} % ({:.1}–{:.1}) | {:.1} % | {:.2} → {:.2} ms | {} |",
+            "| {} | {:.0} → {:.0} | {:.2} | {:.2} → {:.2} ms | {:.2} | {:.1} | {:.1} % ({:.1}–{:.1}) | {:.1} % | {:.2} → {:.2} ms | {}, {:.2} ms | {} |",
             i + 1,
             round.baseline_writes_per_s,
             round.backfill_writes_per_s,
@@ -558,6 +588,8 @@ fn print_markdown(r: &MigrationReport) {
             rows.get(rows.len() / 2).copied().unwrap_or(f64::NAN) * 100.0,
             ms(round.cutover_before_p99_us),
             ms(round.cutover_around_p99_us),
+            round.cutover_in_flight,
+            ms(round.cutover_in_flight_max_us),
             round.cutover_refused,
         );
     }

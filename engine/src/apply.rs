@@ -119,7 +119,7 @@ pub fn apply_logged(
             Ok(Applied::TenantCreated)
         }
         Command::DropTenant => {
-            state.tenants.remove(tenant).ok_or_else(missing)?;
+            crate::reclaim::later(state.tenants.remove(tenant).ok_or_else(missing)?);
             Ok(Applied::TenantDropped)
         }
         Command::CreateTable(schema) => {

@@ -28,6 +28,7 @@ pub mod placement;
 pub mod pool;
 pub mod query;
 pub mod quota;
+pub mod reclaim;
 pub mod record;
 pub mod scheduler;
 pub mod schema;

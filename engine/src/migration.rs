@@ -784,6 +784,8 @@ fn check_active(tenant: &Tenant, table: &str, id: u64) -> Result<(), EngineError
 }
 
 /// Ends the active migration of `table` in `state`.
+/// Ends the active migration of `table` in `state`; returns it when it cut over (its
+/// shadow becomes the table).
 fn finish(
     tenant: &mut Tenant,
     table: &str,
@@ -797,7 +799,12 @@ fn finish(
     m.info.reason = why.map(reason);
     m.info.finished = committed;
     migrations.remember(m.info.clone());
-    Some(m)
+    if state == MigrationState::Done {
+        return Some(m);
+    }
+    // The shadow goes, off the shard thread.
+    crate::reclaim::later(m.shadow);
+    None
 }
 
 /// Applies a backfill chunk: the rows converted, or the migration fails.
@@ -1195,11 +1202,17 @@ mod apply_tests {
         assert_eq!(log.chunk(id, 1), MigrationState::Failed);
         let info = log.tenant().migrations().get(id).expect("known");
         assert!(
-            info.reason.as_deref().unwrap_or("").contains("above the limit"),
+            info.reason
+                .as_deref()
+                .unwrap_or("")
+                .contains("above the limit"),
             "{info:?}"
         );
         assert_eq!(log.rows().len(), 2);
-        assert_eq!(log.tenant().table("items").expect("table").version(), version);
+        assert_eq!(
+            log.tenant().table("items").expect("table").version(),
+            version
+        );
     }
 
     const STEPS: &str = r#"[{"op":"add_column","name":"double","type":"int","default":"n * 2"},

@@ -94,7 +94,9 @@ impl Tenant {
 
     /// Puts a migrated table in place of its base (a cutover at `lsn`).
     pub(crate) fn replace_table(&mut self, table: Table, lsn: u64) {
-        self.tables.insert(table.schema().name.clone(), table);
+        if let Some(old) = self.tables.insert(table.schema().name.clone(), table) {
+            crate::reclaim::later(old);
+        }
         self.schema_version = self.schema_version.max(lsn);
     }
 
@@ -121,7 +123,7 @@ impl Tenant {
 
     /// Drops a table; `lsn` is the dropping command's.
     pub fn drop_table(&mut self, name: &str, lsn: u64) -> Result<(), EngineError> {
-        self.tables.remove(name).ok_or_else(|| not_found(name))?;
+        crate::reclaim::later(self.tables.remove(name).ok_or_else(|| not_found(name))?);
         self.schema_version = self.schema_version.max(lsn);
         Ok(())
     }

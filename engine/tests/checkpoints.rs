@@ -798,9 +798,7 @@ fn a_migration_that_ends_while_its_table_is_copied_is_not_recorded_as_active() {
         let pad = "v".repeat(200);
         for start in (0..ROWS).step_by(500) {
             let ops: Vec<WriteOp> = (start..start + 500)
-                .map(|k| {
-                    WriteOp::Upsert(json!({"k": k, "v": pad}).as_object().expect("o").clone())
-                })
+                .map(|k| WriteOp::Upsert(json!({"k": k, "v": pad}).as_object().expect("o").clone()))
                 .collect();
             shard.write(&acme(), "kv", &ops, None).await.expect("fill");
         }

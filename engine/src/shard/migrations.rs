@@ -23,6 +23,10 @@ const SHADOW_RESIDENT_PER_ROW_BYTE: u64 = 2;
 const MAX_CHUNK_ROWS: usize = 2048;
 const MAX_CHUNK_BYTES: usize = 512 << 10;
 
+/// How far the limiter's held view of the foreground moves towards a lower window's
+/// rate per window (about a second to forget a load that stopped).
+const FOREGROUND_DECAY: f64 = 0.3;
+
 /// Holds a backfill to a share of the shard's foreground write traffic: a closed loop
 /// on the bytes of rows the shard's writers logged in the last window (row bytes as the
 /// log stores them, the unit a chunk spends, so the share is the same in rows and bytes
@@ -39,8 +43,11 @@ pub struct BackfillRateLimiter {
     window: Duration,
     window_start: Instant,
     foreground_at_start: u64,
-    /// Foreground bytes/s over the last whole window.
+    /// Foreground bytes/s over the last whole window (the share is of this).
     foreground_rate: f64,
+    /// The same, held: the last window's when it rose, else decaying towards it by
+    /// [`FOREGROUND_DECAY`] per window (whether the floor applies is judged on this).
+    foreground_held: f64,
     tokens: f64,
     refilled: Instant,
 }
@@ -74,6 +81,7 @@ impl BackfillRateLimiter {
             window_start: now,
             foreground_at_start: foreground_bytes,
             foreground_rate: 0.0,
+            foreground_held: 0.0,
             tokens: 0.0,
             refilled: now,
         }
@@ -81,7 +89,7 @@ impl BackfillRateLimiter {
 
     /// The backfill's rate now, bytes/s.
     pub fn rate(&self) -> f64 {
-        let idle = (1.0 - self.foreground_rate / self.idle_below).max(0.0);
+        let idle = (1.0 - self.foreground_held / self.idle_below).max(0.0);
         (self.share * self.foreground_rate).max(self.idle_floor * idle)
     }
 
@@ -92,6 +100,12 @@ impl BackfillRateLimiter {
         if in_window >= self.window {
             let bytes = foreground_bytes.saturating_sub(self.foreground_at_start);
             self.foreground_rate = bytes as f64 / in_window.as_secs_f64();
+            // Quick to see load arrive, slow to believe it gone: one quiet window in a
+            // steady load does not let the idle floor in.
+            self.foreground_held = self.foreground_rate.max(
+                (1.0 - FOREGROUND_DECAY) * self.foreground_held
+                    + FOREGROUND_DECAY * self.foreground_rate,
+            );
             self.window_start = now;
             self.foreground_at_start = foreground_bytes;
         }
@@ -521,6 +535,28 @@ mod tests {
                 "at {busy} B/s of writes the backfill gets 10 %, not {rate}"
             );
         }
+    }
+
+    #[test]
+    fn a_quiet_window_in_a_steady_load_does_not_let_the_floor_in() {
+        let start = Instant::now();
+        let mut limiter = BackfillRateLimiter::standard(start, 0);
+        let window = Duration::from_millis(100);
+        let mut written = 0;
+        let mut now = start;
+        for per_window in [40_000, 40_000, 10_000, 40_000] {
+            now += window;
+            written += per_window;
+            limiter.budget(now, written);
+            // 400 kB/s, with a window at 100 kB/s: the floor stays out.
+            assert!(limiter.rate() < 50_000.0, "{}", limiter.rate());
+        }
+        // Once the load is gone for good, the floor comes back within about a second.
+        for _ in 0..15 {
+            now += window;
+            limiter.budget(now, written);
+        }
+        assert!(limiter.rate() > 8.0 * 1024.0 * 1024.0, "{}", limiter.rate());
     }
 
     #[test]
