@@ -444,6 +444,11 @@ pub struct ActiveMigration {
 }
 
 impl ActiveMigration {
+    /// A v0 row in the new shape (what a chunk does to each row).
+    pub fn transform(&self, row: &Row) -> Result<Row, String> {
+        self.plan.transform(row)
+    }
+
     pub fn cursor(&self) -> Option<&[u8]> {
         self.cursor.as_deref()
     }
