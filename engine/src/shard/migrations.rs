@@ -13,8 +13,13 @@ use crate::migration::{self, MigrationInfo, MigrationState, Step};
 use crate::quota::Growth;
 use crate::table::Table;
 
-/// How often the driver looks for work and refills its budget.
+/// How often the driver looks for work and refills its budget while migrations run,
+/// and while none does.
 const TICK: Duration = Duration::from_millis(5);
+const IDLE_TICK: Duration = Duration::from_millis(100);
+/// Backfill accounts (for `GET …/migrations/:id`) kept before they are forgotten, once
+/// no migration runs.
+const MAX_BACKFILL_ACCOUNTS: usize = 1024;
 /// Resident bytes a table costs per byte of its rows (BENCHMARKS.md measures about 2):
 /// the estimate of a migration's shadow copy.
 const SHADOW_RESIDENT_PER_ROW_BYTE: u64 = 2;
@@ -414,8 +419,9 @@ async fn drive_backfill<S: Storage>(shard: Rc<Shard<S>>) {
     let mut limiter = BackfillRateLimiter::standard(Instant::now(), shard.foreground_bytes.get());
     let mut second = (Instant::now(), shard.foreground_bytes.get(), 0u64);
     let mut paused_for_memory = false;
+    let mut tick = TICK;
     loop {
-        glommio::timer::sleep(TICK).await;
+        glommio::timer::sleep(tick).await;
         if shard.wal().failure().is_some() {
             return; // the shard needs a restart
         }
@@ -443,6 +449,15 @@ async fn drive_backfill<S: Storage>(shard: Rc<Shard<S>>) {
             })
             .collect();
         let mut budget = limiter.budget(now, foreground);
+        // Looking for work walks every tenant: seldom while there is none.
+        tick = if work.is_empty() { IDLE_TICK } else { TICK };
+        if work.is_empty() {
+            // What the finished migrations' backfills did is kept for a while.
+            let mut accounts = shard.backfill.borrow_mut();
+            if accounts.len() > MAX_BACKFILL_ACCOUNTS {
+                accounts.clear();
+            }
+        }
         // A follower applies its writer's migration records; it logs none of its own.
         if work.is_empty() || !shard.wal().takes_own_writes() {
             continue;
