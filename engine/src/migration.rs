@@ -466,7 +466,10 @@ impl ActiveMigration {
         }
     }
 
-    /// The v1 writes of a v0 batch, or why the migration cannot carry it.
+    /// The v1 writes of a v0 batch that belong in the shadow, or why the migration
+    /// cannot carry the batch. Every row is transformed and checked; only rows behind
+    /// the cursor or past the end key go to the shadow: the backfill converts the
+    /// others later, from the base, as they are then.
     fn shadow_writes(&self, writes: &[RowWrite]) -> Result<Vec<RowWrite>, EngineError> {
         let refused = |row: usize, why: String| EngineError::MigrationRefused {
             id: self.info.id,
@@ -476,7 +479,7 @@ impl ActiveMigration {
         };
         let mut out = Vec::with_capacity(writes.len());
         for (row, write) in writes.iter().enumerate() {
-            out.push(match write {
+            let (key, v1) = match write {
                 RowWrite::Upsert(values) => {
                     let v1 = self
                         .plan
@@ -485,10 +488,13 @@ impl ActiveMigration {
                     self.shadow
                         .check_transformed_row(&v1)
                         .map_err(|why| refused(row, why))?;
-                    RowWrite::Upsert(v1)
+                    (self.shadow.key_of(&v1), RowWrite::Upsert(v1))
                 }
-                RowWrite::Delete(key) => RowWrite::Delete(key.clone()),
-            });
+                RowWrite::Delete(key) => (key.clone(), RowWrite::Delete(key.clone())),
+            };
+            if in_shadow(self.cursor.as_deref(), self.end_key.as_deref(), &key) {
+                out.push(v1);
+            }
         }
         Ok(out)
     }
@@ -523,6 +529,13 @@ impl ActiveMigration {
         }
         Ok((rows, bytes))
     }
+}
+
+/// Whether the shadow holds the row at `key`: converted by the backfill already (at or
+/// behind the cursor), or written during the migration past the table's last key at
+/// its start. Rows in between are the backfill's to convert.
+fn in_shadow(cursor: Option<&[u8]>, end_key: Option<&[u8]>, key: &[u8]) -> bool {
+    cursor.is_some_and(|c| key <= c) || end_key.is_none_or(|e| key > e)
 }
 
 /// A key for a message: hex, cut short.
@@ -941,9 +954,7 @@ pub(crate) fn restore_active(
     let mut shadow = Table::new(plan.target.clone(), info.id);
     let mut writes = Vec::new();
     for (key, row) in base.rows_after(None) {
-        let converted = cursor.as_deref().is_some_and(|c| key <= c);
-        let written_during = end_key.as_deref().is_none_or(|e| key > e);
-        if !(converted || written_during) {
+        if !in_shadow(cursor.as_deref(), end_key.as_deref(), key) {
             continue;
         }
         let v1 = plan.transform(row).map_err(|why| EngineError::Replay {

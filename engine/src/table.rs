@@ -259,6 +259,11 @@ impl Table {
         Ok(())
     }
 
+    /// The encoded primary key of a row of this table.
+    pub(crate) fn key_of(&self, row: &Row) -> Vec<u8> {
+        key_bytes(row, &self.schema.primary_key)
+    }
+
     /// Checks a row a migration's transform made: what [`Table::check_writes`] checks,
     /// and the size limits [`Table::validate_upsert`] holds a client's row to (a
     /// transform can widen a row past them).

@@ -414,7 +414,7 @@ fn bad_migrations_are_refused_whole_naming_the_step() {
             400,
             "step 0",
         ),
-        (json!({"table": "ghost", "steps": steps()}), 404, "ghost"),
+        (json!({"table": "ghost", "steps": steps()}), 400, "ghost"),
         (json!({"table": "items"}), 400, "steps"),
     ];
     for (body, status, needle) in cases {

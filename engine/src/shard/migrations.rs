@@ -244,7 +244,13 @@ impl<S: Storage> Shard<S> {
         steps: Vec<Step>,
     ) -> Result<MigrationInfo, EngineError> {
         let table_version = self.read(tenant, |t| {
-            let base = t.table(table)?;
+            // The table is named in the body, not the path: a 400 like any other step
+            // problem (the tenant, in the path, is still a 404).
+            let base = t.table(table).map_err(|_| {
+                EngineError::InvalidMigration(format!(
+                    "table {table:?} does not exist; name one of the tenant's tables"
+                ))
+            })?;
             if let Some(m) = t.migrations().active(table) {
                 return Err(EngineError::MigrationConflict(format!(
                     "table {table:?} is already migrating (migration {}, {}); wait for it to \
