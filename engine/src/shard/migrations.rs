@@ -23,8 +23,9 @@ const MAX_BACKFILL_ACCOUNTS: usize = 1024;
 /// Resident bytes a table costs per byte of its rows (BENCHMARKS.md measures about 2):
 /// the estimate of a migration's shadow copy.
 const SHADOW_RESIDENT_PER_ROW_BYTE: u64 = 2;
-/// About how long converting one chunk may take (judged on its first row).
+/// About how long converting one chunk may take, judged on its first rows.
 const CHUNK_TIME: Duration = Duration::from_millis(2);
+const TIMED_ROWS: usize = 16;
 /// Rows and bytes (of v0 rows) one chunk converts at most: a chunk's apply holds the
 /// shard for about a millisecond at most.
 const MAX_CHUNK_ROWS: usize = 2048;
@@ -208,15 +209,16 @@ fn next_chunk(
     let base = tenant.table(&m.info.table).ok()?;
     // Rows whose transform is costly (wide expressions over large vectors) make a
     // chunk of fewer rows: its apply holds the shard for about CHUNK_TIME at most.
-    let max_rows = base
-        .rows_after(m.cursor())
-        .next()
-        .map_or(MAX_CHUNK_ROWS, |(_, row)| {
-            let started = Instant::now();
+    let max_rows = {
+        let started = Instant::now();
+        let mut sampled = 0u32;
+        for (_, row) in base.rows_after(m.cursor()).take(TIMED_ROWS) {
             let _ = m.transform(row);
-            let per_row = started.elapsed().max(Duration::from_nanos(100));
-            (CHUNK_TIME.as_nanos() / per_row.as_nanos()).clamp(1, MAX_CHUNK_ROWS as u128) as usize
-        });
+            sampled += 1;
+        }
+        let per_row = (started.elapsed() / sampled.max(1)).max(Duration::from_nanos(100));
+        (CHUNK_TIME.as_nanos() / per_row.as_nanos()).clamp(1, MAX_CHUNK_ROWS as u128) as usize
+    };
     let mut upto = end;
     let (mut rows, mut bytes) = (0, 0);
     for (key, row) in base.rows_after(m.cursor()) {
