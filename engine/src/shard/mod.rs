@@ -546,15 +546,13 @@ impl<S: Storage> Shard<S> {
         idempotency_key: Option<String>,
     ) -> Result<(Lsn, BatchOutcome), EngineError> {
         // The limiter's input, in the unit a backfill chunk spends: row bytes.
-        self.count_foreground(
-            writes
-                .iter()
-                .map(|w| match w {
-                    crate::table::RowWrite::Upsert(row) => record::row_entry_bytes(row),
-                    crate::table::RowWrite::Delete(key) => key.len(),
-                })
-                .sum(),
-        );
+        let row_bytes = writes
+            .iter()
+            .map(|w| match w {
+                crate::table::RowWrite::Upsert(row) => record::row_entry_bytes(row),
+                crate::table::RowWrite::Delete(key) => key.len(),
+            })
+            .sum();
         let key = idempotency_key.clone();
         let command = Command::Write {
             table: table.to_string(),
@@ -574,6 +572,7 @@ impl<S: Storage> Shard<S> {
                 return Ok((first.lsn, first.outcome));
             }
         }
+        self.count_foreground(row_bytes);
         match self
             .commit_encoded(tenant, command, (kind, payload), request_hash)
             .await?
