@@ -1121,6 +1121,19 @@ fn set_aside_files(data_dir: &std::path::Path) -> Vec<String> {
     found
 }
 
+/// Waits (up to 30 s) until a follower's `/ready` says it is connected and caught up.
+fn wait_until_follower_ready(follower: &Server) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = follower.ops_get("/ready");
+        if status == 200 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the follower never got ready: {body}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn a_partitioned_old_writer_cuts_its_divergent_tail_and_rejoins_on_its_own_directory() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1137,6 +1150,9 @@ fn a_partitioned_old_writer_cuts_its_divergent_tail_and_rejoins_on_its_own_direc
         &archive,
         &["--replication-listen", "127.0.0.1:0"],
     );
+    // With a 300 ms sync timeout, the first writes must not race the follower's
+    // connection (on a loaded machine it can take longer than that).
+    wait_until_follower_ready(&follower);
     setup_tenants(&writer);
     let model: Model = Arc::default();
     write_rows(&writer, &model, 0, 10);
