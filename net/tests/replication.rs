@@ -1129,7 +1129,10 @@ fn wait_until_follower_ready(follower: &Server) {
         if status == 200 {
             return;
         }
-        assert!(Instant::now() < deadline, "the follower never got ready: {body}");
+        assert!(
+            Instant::now() < deadline,
+            "the follower never got ready: {body}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
