@@ -1301,6 +1301,9 @@ fn a_degrading_writer_is_waited_out_before_its_follower_is_promoted() {
 struct Answer {
     status: Option<u16>,
     sent: Instant,
+    answered: Instant,
+    /// The answer's body (or the client's error), kept to diagnose a failure.
+    body: String,
 }
 
 /// Writes to `api` from `threads` threads until `stop`, keeping every answer (a refused
@@ -1325,7 +1328,16 @@ fn record_answers(api: &str, threads: usize, stop: &std::sync::atomic::AtomicBoo
                             Some(&body.to_string()),
                         );
                         let status = reply.as_ref().ok().map(|r| r.status);
-                        answers.push(Answer { status, sent });
+                        let body = match &reply {
+                            Ok(r) => r.body.to_string(),
+                            Err(e) => e.clone(),
+                        };
+                        answers.push(Answer {
+                            status,
+                            sent,
+                            answered: Instant::now(),
+                            body,
+                        });
                         if status.is_none() {
                             std::thread::sleep(Duration::from_millis(20));
                         }
@@ -1388,6 +1400,7 @@ fn pause_and_clock_run(seed: u64) -> usize {
     );
 
     let stop = std::sync::atomic::AtomicBool::new(false);
+    let resumed_at = std::sync::Mutex::new(None::<Instant>);
     let api = writer.api.clone();
     let (answers, stopped_at) = std::thread::scope(|scope| {
         let clients = scope.spawn(|| record_answers(&api, 4, &stop));
@@ -1404,6 +1417,7 @@ fn pause_and_clock_run(seed: u64) -> usize {
         std::thread::sleep(extra_pause);
         // SAFETY: as above.
         unsafe { libc::kill(writer.pid() as i32, libc::SIGCONT) };
+        *resumed_at.lock().expect("resumed_at") = Some(Instant::now());
         assert_eq!(
             promoted.status,
             200,
@@ -1443,7 +1457,36 @@ fn pause_and_clock_run(seed: u64) -> usize {
     eprintln!(
         "{context}: the old writer's answers to requests sent while it was paused: {after:?}"
     );
-    after.get("200").copied().unwrap_or(0)
+    let dual: Vec<&Answer> = answers
+        .iter()
+        .filter(|a| a.sent > paused && a.status == Some(200))
+        .collect();
+    if !dual.is_empty() {
+        // Evidence for the failure: when each was sent and answered, relative to the
+        // pause and the resume, what it said, and both servers' logs.
+        let resumed_at = resumed_at.lock().expect("resumed_at").unwrap_or(stopped_at);
+        let ms = |at: Instant, from: Instant| {
+            at.checked_duration_since(from).map_or_else(
+                || -(from.duration_since(at).as_millis() as i64),
+                |d| d.as_millis() as i64,
+            )
+        };
+        for a in &dual {
+            eprintln!(
+                "{context}: acknowledged: sent {} ms after the pause, answered {} ms after the                  resume: {}",
+                ms(a.sent, stopped_at),
+                ms(a.answered, resumed_at),
+                a.body
+            );
+        }
+        eprintln!(
+            "--- old writer (pid {}):\n{}\n--- promoted follower:\n{}",
+            writer.pid(),
+            writer.stderr(),
+            follower.stderr()
+        );
+    }
+    dual.len()
 }
 
 #[test]
@@ -1742,4 +1785,144 @@ fn a_switchover_hands_writes_to_the_follower_with_a_short_gap_and_the_old_writer
         2,
     ) as u64;
     assert_eq!(received, applied_total(&follower) - ended_at, "{scrape}");
+}
+
+/// The ids of table `items` of tenant `alpha` in a directory `oc-pitr` restored.
+fn restored_ids(data_dir: &std::path::Path) -> Vec<i64> {
+    let server = Server::start(data_dir, &["--shards", "2", "--archive", "none"]);
+    let ask = server.post(
+        "/v1/tenants/alpha/ask",
+        &json!({"sql": "SELECT id FROM items ORDER BY id"}),
+    );
+    assert_eq!(ask.status, 200, "{ask:?}");
+    ask.body["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| r[0].as_i64().expect("id"))
+        .collect()
+}
+
+fn upsert_ids(server: &Server, ids: std::ops::Range<i64>, name: &str) {
+    for id in ids {
+        let reply = server.post(
+            "/v1/tenants/alpha/tables/items/rows",
+            &json!({"ops": [{"upsert": {"id": id, "name": name, "batch": 1}}]}),
+        );
+        assert_eq!(reply.status, 200, "{reply:?}");
+    }
+}
+
+/// After a failover the archive holds two histories: the old writer's at its root,
+/// with what it acknowledged after its follower's last frame (a dead branch), and the
+/// promoted writer's under `epoch-2/`. A restore of the archive follows the new one; to
+/// an instant its retention no longer reaches, it falls back to the old one cut at the
+/// branch point, so the dead branch is never restored.
+#[test]
+fn a_restore_follows_the_promoted_timeline_and_never_restores_the_dead_branch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let archive = archive_in(dir.path());
+    let writer = writer_on(&dir.path().join("writer"), &archive, &[]);
+    let proxy = Proxy::start(&writer.replication.clone().expect("replication address"));
+    // Once promoted it checkpoints every second and keeps one second of archive, so its
+    // own history soon stops reaching back before the promotion.
+    let follower = follower_on(
+        &dir.path().join("follower"),
+        &proxy.addr,
+        &archive,
+        &["--checkpoint-interval-s", "1", "--archive-retention", "1s"],
+    );
+    writer.create_tenant_with_items("alpha");
+    upsert_ids(&writer, 0..20, "shared");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while follower
+        .get("/v1/tenants/alpha/tables/items/rows/19")
+        .status
+        != 200
+    {
+        assert!(Instant::now() < deadline, "the follower never caught up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The dead branch: acknowledged by the writer and archived, never replicated.
+    proxy.cut();
+    upsert_ids(&writer, 100..110, "dead");
+    common::wait_until_archived(&writer, 2);
+    let before_promotion = oc_io::TimestampMicros::now().0;
+    std::thread::sleep(Duration::from_millis(20));
+    let one_history = dir.path().join("one-history");
+    let run = common::restore_latest(&archive, &one_history);
+    assert!(run.success, "{run:?}");
+    let ids = restored_ids(&one_history);
+    assert!(
+        ids.contains(&0) && ids.contains(&105),
+        "before the failover the archive restores everything the writer acknowledged: {ids:?}"
+    );
+
+    writer.kill9();
+    let promoted = promote(&follower, true);
+    assert_eq!(promoted.status, 200, "{promoted:?}");
+    upsert_ids(&follower, 200..210, "new");
+
+    // Latest: the promoted writer's history, without the dead branch.
+    common::wait_until_archived(&follower, 2);
+    let latest = dir.path().join("latest");
+    let run = common::restore_latest(&archive, &latest);
+    assert!(run.success, "{run:?}");
+    let expected: Vec<i64> = (0..20).chain(200..210).collect();
+    assert_eq!(restored_ids(&latest), expected, "{run:?}");
+    let list = common::oc_pitr(&["list", "--archive", &archive, "--output", "json"]);
+    assert!(list.success, "{list:?}");
+    let listing: Value = serde_json::from_str(&list.stdout).expect("list json");
+    assert_eq!(listing["timelines"][0]["name"], "epoch-2/", "{listing}");
+    assert_eq!(listing["timelines"][1]["lease_epoch"], 1, "{listing}");
+    let verify = common::oc_pitr(&["verify", "--archive", &archive]);
+    assert!(verify.success, "{verify:?}");
+
+    // An instant before the promotion, once the new history no longer reaches it: the
+    // old history, cut where the new one began.
+    let root: Arc<dyn oc_ship::archive::Archive> =
+        oc_ship::archive::open_archive(&archive).expect("archive");
+    let waiting = Instant::now();
+    let deadline = waiting + Duration::from_secs(120);
+    let mut n = 300;
+    loop {
+        let plan = oc_ship::restore::plan_timeline(&root, before_promotion).expect("a plan");
+        if plan.timeline.lease_epoch == 1 {
+            eprintln!(
+                "the new history stopped reaching back after {:?}",
+                waiting.elapsed()
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the promoted writer's retention (1 s) never dropped its start"
+        );
+        // Checkpoints need new writes.
+        upsert_ids(&follower, n..n + 1, "later");
+        n += 1;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let target = oc_ship::timestamp::format_rfc3339(before_promotion);
+    let at_target = dir.path().join("at-target");
+    let run = common::oc_pitr(&[
+        "restore",
+        "--archive",
+        &archive,
+        "--target",
+        &target,
+        "--data-dir",
+        at_target.to_str().expect("utf-8"),
+    ]);
+    assert!(run.success, "{run:?}");
+    assert!(
+        run.stderr
+            .contains("restoring from the archive's root (lease epoch 1), up to the branch point"),
+        "{run:?}"
+    );
+    assert_eq!(
+        restored_ids(&at_target),
+        (0..20).collect::<Vec<_>>(),
+        "the dead branch (100..110) is not the archive's history: {run:?}"
+    );
 }

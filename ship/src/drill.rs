@@ -14,6 +14,7 @@
 //! own, one after another.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use oc_engine::digest::TableSummary;
@@ -122,7 +123,7 @@ pub struct DrillReport {
 
 /// Runs the drill into a new directory under `work_dir`.
 pub fn drill(
-    archive: &dyn Archive,
+    archive: &Arc<dyn Archive>,
     work_dir: &Path,
     keep: bool,
     live: Option<&LiveServer>,
@@ -132,7 +133,7 @@ pub fn drill(
     let live_before = match live {
         Some(server) => {
             let before = server.digest(false)?;
-            let owner = crate::lease::read(archive)
+            let owner = crate::lease::read(archive.as_ref())
                 .map_err(|e| PitrError::Refused(format!("reading the archive's owner: {e}")))?
                 .map(|(lease, _)| lease.owner_id);
             if owner.as_deref() != Some(before.data_dir_id.as_str()) {

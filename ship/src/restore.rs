@@ -20,6 +20,7 @@
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::Path;
+use std::sync::Arc;
 
 use oc_engine::placement::{create_layout_with_epochs, shard_dir, DataDirId, EpochStart};
 use oc_io::dir_lock::{DirLock, DirLockError, LOCK_FILE};
@@ -30,6 +31,7 @@ use crate::archive::{Archive, ArchiveError};
 use crate::audit;
 use crate::catalog::{read_archive_manifest, CheckpointManifest, ShardCatalog};
 use crate::layout::{self, SegmentKey, TailPieceKey};
+use crate::timeline::{self, Timeline};
 use crate::timestamp::format_rfc3339;
 
 /// Restore everything the archive has.
@@ -69,7 +71,12 @@ pub struct ShardPlan {
 }
 
 /// The log an archive holds from `need` on, up to `target` (a plan without its base).
-fn chain_from(catalog: &ShardCatalog, need: Lsn, target: u64) -> Result<ShardPlan, String> {
+fn chain_from(
+    catalog: &ShardCatalog,
+    need: Lsn,
+    target: u64,
+    cap: Lsn,
+) -> Result<ShardPlan, String> {
     let plan = |segments, tail, stops_early| ShardPlan {
         shard: catalog.shard,
         checkpoint: None,
@@ -94,7 +101,7 @@ fn chain_from(catalog: &ShardCatalog, need: Lsn, target: u64) -> Result<ShardPla
         if segment.last_lsn < next || segment.last_lsn.0 + 1 == segment.first_lsn.0 {
             continue; // before what is needed, or empty
         }
-        if last_commit > target {
+        if last_commit > target || segment.first_lsn > cap {
             break;
         }
         if segment.first_lsn > next {
@@ -110,8 +117,10 @@ fn chain_from(catalog: &ShardCatalog, need: Lsn, target: u64) -> Result<ShardPla
         last_commit = segment.last_commit_us;
     }
     let mut tail = None;
-    if last_commit <= target {
-        if let Some((&(_, first), pieces)) = catalog.live_tail() {
+    if last_commit <= target && next <= cap {
+        if let Some((&(_, first), pieces)) =
+            catalog.live_tail().filter(|((_, first), _)| *first <= cap)
+        {
             if first > next {
                 let why = gap(
                     next,
@@ -137,12 +146,21 @@ fn chain_from(catalog: &ShardCatalog, need: Lsn, target: u64) -> Result<ShardPla
 
 /// Chooses what to restore for one shard (see the module comment).
 pub fn plan_shard(catalog: &ShardCatalog, target: u64) -> Result<ShardPlan, String> {
+    plan_shard_capped(catalog, target, Lsn(u64::MAX))
+}
+
+/// [`plan_shard`], restoring no LSN above `cap` (a timeline's branch point).
+pub fn plan_shard_capped(
+    catalog: &ShardCatalog,
+    target: u64,
+    cap: Lsn,
+) -> Result<ShardPlan, String> {
     let mut reasons = Vec::new();
     let bases = catalog
         .checkpoints
         .iter()
         .rev()
-        .filter(|c| c.restorable_from_us() <= target)
+        .filter(|c| c.restorable_from_us() <= target && c.lsn <= cap)
         .map(Some)
         .chain([None]);
     for base in bases {
@@ -161,7 +179,7 @@ pub fn plan_shard(catalog: &ShardCatalog, target: u64) -> Result<ShardPlan, Stri
                 stops_early: None,
             });
         }
-        match chain_from(catalog, need, target) {
+        match chain_from(catalog, need, target, cap) {
             Ok(plan) => {
                 return Ok(ShardPlan {
                     checkpoint: base.cloned(),
@@ -235,13 +253,13 @@ fn fetch_image(
 }
 
 /// Expands and validates an image, checking it continues at `expected`, and cuts it
-/// before the first group committed after `target`.
+/// before the first group committed after `target` or past `cap`.
 fn rebuild(
     key: &str,
     image: &[u8],
     sealed: bool,
     expected: Lsn,
-    target: u64,
+    (target, cap): (u64, Lsn),
 ) -> Result<Rebuilt, PitrError> {
     let corrupt = |why: String| {
         PitrError::Archive(ArchiveError::Corrupt {
@@ -262,7 +280,7 @@ fn rebuild(
         if cut_at.is_some() {
             return;
         }
-        if frame.commit_us > target {
+        if frame.commit_us > target || frame.lsn > cap {
             cut_at = Some(*frame);
         } else {
             last = Some(*frame);
@@ -273,7 +291,8 @@ fn rebuild(
     if let Some(frame) = cut_at {
         if frame.group_index != 0 || !frame.start.is_multiple_of(oc_io::BLOCK_SIZE as u64) {
             return Err(corrupt(format!(
-                "the target falls inside a group commit at LSN {} (commit times differ within it)",
+                "the target falls inside a group commit at LSN {} (commit times differ within \
+                 it, or a timeline's branch point cuts it)",
                 frame.lsn.0
             )));
         }
@@ -334,14 +353,93 @@ pub struct Restored {
 
 /// Restores the archive as of `target` (µs since the epoch, or [`LATEST`]) into
 /// `data_dir`, which must be empty or absent (or hold only a lock file nobody holds).
-/// `progress` gets one line per object.
+/// `progress` gets one line per object. The archive's current timeline is followed
+/// (see [`crate::timeline`]).
 pub fn restore(
-    archive: &dyn Archive,
+    archive: &Arc<dyn Archive>,
     target: u64,
     data_dir: &Path,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Restored, PitrError> {
     restore_as(archive, target, data_dir, RestoreAs::Writer, progress)
+}
+
+/// What a restore of `root` at `target` reads: the timeline, each shard's plan, and
+/// the LSN each shard stops at (its branch point, or none).
+pub struct TimelinePlan {
+    pub timeline: Timeline,
+    pub plans: Vec<ShardPlan>,
+    pub caps: Vec<Lsn>,
+    /// The newest frame epoch in the chosen timeline's objects.
+    pub timeline_epoch: u64,
+    /// The newest frame epoch in any history the archive holds.
+    pub newest_epoch: u64,
+}
+
+/// Chooses the timeline that restores `target`: the current one if it reaches back to
+/// it, else its parent capped at the branch point, and so on; a target after a
+/// promotion is only restored from the timelines that promotion started.
+pub fn plan_timeline(root: &Arc<dyn Archive>, target: u64) -> Result<TimelinePlan, PitrError> {
+    let chain = timeline::chain(root)?;
+    let shards = read_archive_manifest(chain[0].archive.as_ref())?.shards;
+    let mut catalogs = Vec::with_capacity(chain.len());
+    for timeline in &chain {
+        let shard_catalogs = (0..shards)
+            .map(|shard| ShardCatalog::load(timeline.archive.as_ref(), shard))
+            .collect::<Result<Vec<_>, _>>()?;
+        catalogs.push(shard_catalogs);
+    }
+    let epoch_of = |shard_catalogs: &[ShardCatalog]| {
+        shard_catalogs
+            .iter()
+            .map(ShardCatalog::newest_epoch)
+            .fold(1, u64::max)
+    };
+    let newest_epoch = catalogs.iter().map(|c| epoch_of(c)).fold(1, u64::max);
+    let mut reasons = Vec::new();
+    for (i, shard_catalogs) in catalogs.iter().enumerate() {
+        if i > 0 {
+            // Only a target before the newer timeline began is in its parent's history.
+            let newer = &chain[i - 1];
+            if let Some(record) = newer.record.as_ref().filter(|r| target >= r.promoted_at_us) {
+                reasons.push(format!(
+                    "{} began at {} (a promotion), so {} holds nothing of the target's",
+                    newer.name(),
+                    format_rfc3339(record.promoted_at_us),
+                    chain[i].name()
+                ));
+                break;
+            }
+        }
+        let caps = match timeline::caps(&chain, i, shards) {
+            Ok(caps) => caps,
+            Err(why) => {
+                reasons.push(why);
+                break;
+            }
+        };
+        let planned: Result<Vec<ShardPlan>, String> = shard_catalogs
+            .iter()
+            .zip(&caps)
+            .map(|(catalog, cap)| plan_shard_capped(catalog, target, *cap))
+            .collect();
+        match planned {
+            Ok(plans) => {
+                let timeline = chain.into_iter().nth(i).ok_or_else(|| {
+                    PitrError::Refused("the timeline chain changed while planning".into())
+                })?;
+                return Ok(TimelinePlan {
+                    timeline,
+                    plans,
+                    caps,
+                    timeline_epoch: epoch_of(shard_catalogs),
+                    newest_epoch,
+                });
+            }
+            Err(why) => reasons.push(format!("{}: {why}", chain[i].name())),
+        }
+    }
+    Err(PitrError::Refused(reasons.join("; ")))
 }
 
 /// What a restored directory is for.
@@ -357,7 +455,7 @@ pub enum RestoreAs {
 
 /// [`restore`], for a writer or for a follower's bootstrap.
 pub fn restore_as(
-    archive: &dyn Archive,
+    root: &Arc<dyn Archive>,
     target: u64,
     data_dir: &Path,
     purpose: RestoreAs,
@@ -370,42 +468,64 @@ pub fn restore_as(
     }
     let _lock = DirLock::acquire(data_dir, "oc-pitr restore")?;
     refuse_unless_empty(data_dir)?;
+    let TimelinePlan {
+        timeline,
+        plans,
+        caps,
+        timeline_epoch,
+        newest_epoch,
+    } = plan_timeline(root, target)?;
+    let archive = timeline.archive.as_ref();
     let manifest = read_archive_manifest(archive)?;
-    let mut plans = Vec::new();
-    let mut newest_epoch = 1;
-    for shard in 0..manifest.shards {
-        let catalog = ShardCatalog::load(archive, shard)?;
-        newest_epoch = newest_epoch.max(catalog.newest_epoch());
-        plans.push(plan_shard(&catalog, target).map_err(PitrError::Refused)?);
+    if timeline.lease_epoch > 1 || caps.iter().any(|c| *c < Lsn(u64::MAX)) {
+        progress(&format!(
+            "restoring from {} (lease epoch {}){}",
+            timeline.name(),
+            timeline.lease_epoch,
+            if caps.iter().any(|c| *c < Lsn(u64::MAX)) {
+                format!(
+                    ", up to the branch point of the newer timeline: LSNs {:?}",
+                    caps.iter().map(|c| c.0).collect::<Vec<_>>()
+                )
+            } else {
+                String::new()
+            }
+        ));
     }
     let mut restored = Vec::new();
-    for plan in plans {
-        restored.push(restore_shard(archive, &plan, target, data_dir, progress)?);
+    for (plan, cap) in plans.iter().zip(&caps) {
+        restored.push(restore_shard(
+            archive,
+            plan,
+            (target, *cap),
+            data_dir,
+            progress,
+        )?);
     }
     sync_dir(data_dir)?;
     // The restored directory writes a new epoch from the LSN after the restore point:
     // the old history past it (a dead branch) is never confused with what it writes
     // again under the same LSNs (a `/watch` id from it gets `reset`). The epoch is
-    // above every epoch in the archive and at least the restore's time in seconds, so
+    // above every epoch in the archive (in every timeline) and at least the restore's time in seconds, so
     // two restores from one archive (each shipping to a new archive) never share one.
     let restored_at_s = oc_io::TimestampMicros::now().0 / 1_000_000;
     let mut epochs = Vec::new();
     if purpose == RestoreAs::Follower {
         // Nothing is written here but the writer's frames: its epochs come from it.
-        restore_audit_log(archive, data_dir, target, newest_epoch, progress);
+        restore_audit_log(archive, data_dir, target, timeline_epoch, progress);
         let layout = create_layout_with_epochs(data_dir, manifest.shards, epochs)
             .map_err(|e| PitrError::Refused(e.to_string()))?;
         return Ok(Restored {
-            epoch: newest_epoch,
+            epoch: timeline_epoch,
             shards: restored,
             data_dir_id: layout.id,
         });
     }
-    if newest_epoch > 1 {
-        // Where the archive's own epochs began is not recorded here: ids of its newest
+    if timeline_epoch > 1 {
+        // Where the timeline's own epochs began is not recorded here: ids of its newest
         // epoch count from 0 (none lies below where it began), older ones get `reset`.
         epochs.push(EpochStart {
-            epoch: newest_epoch,
+            epoch: timeline_epoch,
             first_lsn: vec![0; manifest.shards],
         });
     }
@@ -534,7 +654,7 @@ fn refuse_unless_empty(data_dir: &Path) -> Result<(), PitrError> {
 fn restore_shard(
     archive: &dyn Archive,
     plan: &ShardPlan,
-    target: u64,
+    (target, cap): (u64, Lsn),
     data_dir: &Path,
     progress: &mut dyn FnMut(&str),
 ) -> Result<ShardRestored, PitrError> {
@@ -584,7 +704,7 @@ fn restore_shard(
     let objects = log_objects(&plan.segments, plan.tail.as_deref());
     for (index, (key, pieces)) in objects.iter().enumerate() {
         let image = fetch_image(archive, key, *pieces)?;
-        let rebuilt = rebuild(key, &image, pieces.is_none(), expected, target)?;
+        let rebuilt = rebuild(key, &image, pieces.is_none(), expected, (target, cap))?;
         if pieces.is_some() && !reaches(&rebuilt, expected) {
             // The archived tail ends before the checkpoint: nothing in it is needed,
             // and a log ending below the checkpoint would not open.
@@ -684,7 +804,7 @@ pub fn verify(
             let checked = image.and_then(|image| {
                 v.objects += 1;
                 v.bytes += image.len() as u64;
-                rebuild(&key, &image, sealed, Lsn(u64::MAX), LATEST)
+                rebuild(&key, &image, sealed, Lsn(u64::MAX), (LATEST, Lsn(u64::MAX)))
             });
             let rebuilt = match checked {
                 Ok(r) => r,

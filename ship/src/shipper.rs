@@ -48,7 +48,8 @@ use crate::lease::{self, FencedArchive, Holder, Lease, LeaseError, LeaseHold, Re
 pub const DEFAULT_TAIL_WINDOW: Duration = Duration::from_millis(500);
 /// Default time archived checkpoints and segments are kept.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
-/// How often retention runs.
+/// How often retention runs, at most (and at least twice per retention window, so a
+/// short window is kept to).
 const RETENTION_EVERY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone)]
@@ -518,10 +519,9 @@ impl<F: ShardFiles> Shipper<F> {
         if upload && outcomes.iter().all(Result::is_ok) {
             self.status
                 .update(|m| m.last_success_unix_s = now_us() as f64 / 1e6);
-            if self
-                .last_retention
-                .is_none_or(|at| now.duration_since(at) >= RETENTION_EVERY)
-            {
+            if self.last_retention.is_none_or(|at| {
+                now.duration_since(at) >= RETENTION_EVERY.min(self.config.retention / 2)
+            }) {
                 self.last_retention = Some(now);
                 for shard in 0..self.shards.len() {
                     if let Err(e) = self.retain(shard, now_us()) {

@@ -289,7 +289,7 @@ async fn run_seed(seed: u64, counts: &mut Counts) {
 
     // Restore the latest point and compare.
     let restored_dir = dir.path().join("restored");
-    let restored = restore::restore(archive.as_ref(), LATEST, &restored_dir, &mut |_| {})
+    let restored = restore::restore(&archive, LATEST, &restored_dir, &mut |_| {})
         .unwrap_or_else(|e| panic!("seed {seed}: restore failed: {e}"));
     assert_eq!(
         restored.shards[0].last_lsn,

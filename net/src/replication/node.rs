@@ -40,6 +40,7 @@ use oc_io::{Epoch, Lsn};
 use oc_ship::archive::Archive;
 use oc_ship::lease::{self, LeaseHold};
 use oc_ship::shipper::{self, LeaseTtl, ShipStatus, ShipperConfig};
+use oc_ship::timeline::{self, TimelineRecord};
 use serde_json::json;
 
 use super::gate::{Gate, SyncPolicy};
@@ -515,7 +516,40 @@ impl Node {
             "the logs start epoch {} at LSNs {first_lsn:?}",
             frame_epoch.0
         ));
-        // 6. Ship, gate acknowledgements, serve followers, take writes.
+        // 6. The branch point, in the new namespace before anything ships there: a
+        // restore of the archive follows this history, and falls back to the old one
+        // only below it.
+        let (archive, ..) = self.lease_kit()?;
+        let branch = TimelineRecord {
+            first_lsn: first_lsn.clone(),
+            format_version: timeline::TIMELINE_FORMAT_VERSION,
+            frame_epoch: frame_epoch.0,
+            lease_epoch,
+            parent_lease_epoch: lease_epoch - 1,
+            promoted_at_us: claim.lease.claimed_at_us,
+        };
+        let recorded = glommio::executor()
+            .spawn_blocking(move || {
+                timeline::namespaced(&archive, lease_epoch)
+                    .and_then(|ns| timeline::record(ns.as_ref(), &branch))
+            })
+            .await;
+        match recorded {
+            Ok(()) => step(format!(
+                "recorded the branch point in {}timeline.json",
+                lease::namespace(lease_epoch).unwrap_or_default()
+            )),
+            // Not worth failing a promotion whose lease is taken: the history is whole
+            // in its namespace; only restores to before it cannot fall back through it.
+            Err(e) => {
+                tracing::error!(error = %e, "promotion: recording the branch point failed");
+                step(format!(
+                    "could not record the branch point ({e}): restores of this archive to \
+                     before this promotion must name the old history's location"
+                ))
+            }
+        }
+        // 7. Ship, gate acknowledgements, serve followers, take writes.
         let hold = self.start_shipping(&router).await?;
         let sync_policy = self.promotion.borrow().as_ref().and_then(|k| k.sync_policy);
         for shard in 0..router.shards() {

@@ -17,6 +17,7 @@ use oc_ship::archive::open_archive;
 use oc_ship::catalog::{read_archive_manifest, ShardCatalog};
 use oc_ship::drill;
 use oc_ship::restore::{self, LATEST};
+use oc_ship::timeline::{self, Timeline};
 use oc_ship::timestamp::{format_rfc3339, parse_rfc3339};
 use serde_json::json;
 
@@ -127,10 +128,50 @@ fn when(us: u64) -> String {
     }
 }
 
+/// A timeline of the archive's chain (current first), for `list` and `verify`.
+fn timeline_json(t: &Timeline) -> serde_json::Value {
+    json!({
+        "name": t.name(),
+        "lease_epoch": t.lease_epoch,
+        "promoted_at": t.record.as_ref().map(|r| format_rfc3339(r.promoted_at_us)),
+        "continues": t.record.as_ref().map(|r| json!({
+            "lease_epoch": r.parent_lease_epoch,
+            "below_lsn": r.first_lsn,
+        })),
+    })
+}
+
+fn print_timelines(timelines: &[serde_json::Value]) {
+    if timelines.len() == 1 && timelines[0]["lease_epoch"] == 1 {
+        return;
+    }
+    for (i, t) in timelines.iter().enumerate() {
+        println!(
+            "timeline {} (lease epoch {}){}{}",
+            text(&t["name"]),
+            t["lease_epoch"],
+            if i == 0 { ", current" } else { "" },
+            match (t["promoted_at"].as_str(), t["continues"].as_object()) {
+                (Some(at), Some(c)) => format!(
+                    ": promoted {at}, continues lease epoch {} below LSNs {} (per shard)",
+                    c["lease_epoch"], c["below_lsn"]
+                ),
+                _ if t["lease_epoch"] != 1 => {
+                    ": records no branch point; nothing before it is restored through it".into()
+                }
+                _ => String::new(),
+            }
+        );
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::List { archive, output } => {
-            let archive = open_archive(&archive)?;
+            let root = open_archive(&archive)?;
+            let chain = timeline::chain(&root)?;
+            let timelines: Vec<_> = chain.iter().map(timeline_json).collect();
+            let archive = chain[0].archive.clone();
             let manifest = read_archive_manifest(archive.as_ref())?;
             let mut shards = Vec::new();
             for shard in 0..manifest.shards {
@@ -160,7 +201,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 shards.push(json!({"shard": shard, "checkpoints": checkpoints, "segments": segments, "tail": tail, "latest": restorable}));
             }
             if output == Output::Json {
-                let listing = json!({"shards": manifest.shards, "created": format_rfc3339(manifest.created_us), "per_shard": shards});
+                let listing = json!({"shards": manifest.shards, "created": format_rfc3339(manifest.created_us), "timelines": timelines, "per_shard": shards});
                 println!("{}", serde_json::to_string_pretty(&listing)?);
                 return Ok(ExitCode::SUCCESS);
             }
@@ -169,6 +210,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 manifest.shards,
                 format_rfc3339(manifest.created_us)
             );
+            print_timelines(&timelines);
             for shard in &shards {
                 println!("shard {}:", shard["shard"]);
                 for cp in shard["checkpoints"].as_array().into_iter().flatten() {
@@ -220,13 +262,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Verify { archive, output } => {
-            let archive = open_archive(&archive)?;
+            let root = open_archive(&archive)?;
             let started = Instant::now();
-            let shards = restore::verify(archive.as_ref(), &mut |line| eprintln!("{line}"))?;
-            let bad = shards.iter().any(|s| !s.problems.is_empty());
-            let (objects, bytes) = shards
+            let chain = timeline::chain(&root)?;
+            let timelines: Vec<_> = chain.iter().map(timeline_json).collect();
+            // Every history the current one continues is checked; the current one's
+            // window is the one reported per shard.
+            let mut verified = Vec::with_capacity(chain.len());
+            for t in &chain {
+                eprintln!("verifying {}", t.name());
+                verified.push(restore::verify(t.archive.as_ref(), &mut |line| {
+                    eprintln!("{line}")
+                })?);
+            }
+            let bad = verified.iter().flatten().any(|s| !s.problems.is_empty());
+            let (objects, bytes) = verified
                 .iter()
+                .flatten()
                 .fold((0, 0), |(o, b), s| (o + s.objects, b + s.bytes));
+            let shards = &verified[0];
             let seconds = started.elapsed().as_secs_f64();
             if output == Output::Json {
                 let per_shard: Vec<_> = shards
@@ -242,10 +296,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         })
                     })
                     .collect();
-                let report = json!({"ok": !bad, "objects": objects, "bytes": bytes, "seconds": seconds, "shards": per_shard});
+                let older_problems: Vec<_> = chain
+                    .iter()
+                    .zip(&verified)
+                    .skip(1)
+                    .flat_map(|(t, shards)| {
+                        shards.iter().flat_map(move |s| {
+                            s.problems
+                                .iter()
+                                .map(move |p| format!("{}: shard {}: {p}", t.name(), s.shard))
+                        })
+                    })
+                    .collect();
+                let report = json!({"ok": !bad, "objects": objects, "bytes": bytes, "seconds": seconds, "timelines": timelines, "shards": per_shard, "older_timeline_problems": older_problems});
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                for s in &shards {
+                print_timelines(&timelines);
+                for s in shards {
                     match s.window {
                         Some((from, to)) => println!(
                             "shard {}: restorable from {} to {}",
@@ -257,6 +324,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                     for p in &s.problems {
                         println!("shard {}: PROBLEM {p}", s.shard);
+                    }
+                }
+                for (t, shards) in chain.iter().zip(&verified).skip(1) {
+                    for s in shards {
+                        for p in &s.problems {
+                            println!("{}: shard {}: PROBLEM {p}", t.name(), s.shard);
+                        }
                     }
                 }
                 println!(
@@ -294,13 +368,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 None => None,
             };
-            let report = drill::drill(
-                archive.as_ref(),
-                &work_dir,
-                keep,
-                live.as_ref(),
-                &mut |line| eprintln!("{line}"),
-            )?;
+            let report = drill::drill(&archive, &work_dir, keep, live.as_ref(), &mut |line| {
+                eprintln!("{line}")
+            })?;
             if output == Output::Json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -374,13 +444,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 restore::RestoreAs::Writer
             };
-            let restored = restore::restore_as(
-                archive.as_ref(),
-                target_us,
-                &data_dir,
-                purpose,
-                &mut |line| eprintln!("{line}"),
-            )?;
+            let restored =
+                restore::restore_as(&archive, target_us, &data_dir, purpose, &mut |line| {
+                    eprintln!("{line}")
+                })?;
             let shards = restored.shards;
             let bytes: u64 = shards.iter().map(|s| s.bytes).sum();
             let secs = started.elapsed().as_secs_f64();
