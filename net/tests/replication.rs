@@ -1868,6 +1868,11 @@ fn a_restore_follows_the_promoted_timeline_and_never_restores_the_dead_branch() 
     let latest = dir.path().join("latest");
     let run = common::restore_latest(&archive, &latest);
     assert!(run.success, "{run:?}");
+    assert!(
+        run.stderr
+            .contains("restoring from epoch-2/ (lease epoch 2)"),
+        "{run:?}"
+    );
     let expected: Vec<i64> = (0..20).chain(200..210).collect();
     assert_eq!(restored_ids(&latest), expected, "{run:?}");
     let list = common::oc_pitr(&["list", "--archive", &archive, "--output", "json"]);

@@ -152,10 +152,15 @@ impl ShardCatalog {
 
     /// The newest active-segment folder that was not archived sealed since.
     pub fn live_tail(&self) -> Option<(&(u64, Lsn), &Vec<TailPieceKey>)> {
-        self.tails
-            .iter()
-            .rev()
-            .find(|((_, first), _)| !self.segments.iter().any(|s| s.first_lsn == *first))
+        self.tail_from_at_most(Lsn(u64::MAX))
+    }
+
+    /// The newest active-segment folder not archived sealed since that starts at or
+    /// below `cap` (a capped restore needs the one holding the cap).
+    pub fn tail_from_at_most(&self, cap: Lsn) -> Option<(&(u64, Lsn), &Vec<TailPieceKey>)> {
+        self.tails.iter().rev().find(|((_, first), _)| {
+            *first <= cap && !self.segments.iter().any(|s| s.first_lsn == *first)
+        })
     }
 }
 

@@ -88,7 +88,7 @@ pub struct Lease {
     pub format_version: u64,
     /// The owning data directory's id (`oc-layout.json`'s `data_dir_id`).
     pub owner_id: String,
-    /// The owner's replication epoch; always 1 until replication exists.
+    /// The owner's lease epoch: 1, and one more at each promotion.
     pub epoch: u64,
     pub holder: Holder,
     /// When this owner first claimed the archive (µs since the Unix epoch).

@@ -156,11 +156,23 @@ pub fn plan_shard_capped(
     cap: Lsn,
 ) -> Result<ShardPlan, String> {
     let mut reasons = Vec::new();
+    // A checkpoint is fuzzy: its rows may hold commands logged while it was copied,
+    // after its LSN. Below a branch point only one completed before a commit at or
+    // below the cap is sure to hold nothing past it.
+    let before_cap = |c: &CheckpointManifest| {
+        cap == Lsn(u64::MAX)
+            || c.completed_us.is_some_and(|done| {
+                catalog
+                    .segments
+                    .iter()
+                    .any(|s| s.last_lsn <= cap && s.last_commit_us >= done)
+            })
+    };
     let bases = catalog
         .checkpoints
         .iter()
         .rev()
-        .filter(|c| c.restorable_from_us() <= target && c.lsn <= cap)
+        .filter(|c| c.restorable_from_us() <= target && c.lsn <= cap && before_cap(c))
         .map(Some)
         .chain([None]);
     for base in bases {
@@ -206,6 +218,8 @@ struct Rebuilt {
     last: Option<FrameAt>,
     /// The target cut this segment: later segments are not wanted.
     cut: bool,
+    /// Why it ends before the cap it was cut at, if it does.
+    short: Option<String>,
 }
 
 fn fetch(archive: &dyn Archive, key: &str) -> Result<Vec<u8>, PitrError> {
@@ -274,11 +288,18 @@ fn rebuild(
             header.first_lsn.0, expected.0
         )));
     }
-    let mut last = None;
+    let mut last: Option<FrameAt> = None;
     let mut cut_at = None;
+    // The current group's first frame, and the frame before it: a branch point may
+    // fall inside one of the old writer's groups (the follower's groups are its own),
+    // and a log can only end where a group ends.
+    let mut group_first: Option<(FrameAt, Option<FrameAt>)> = None;
     image::scan_file(&file, &header, sealed, |frame| {
         if cut_at.is_some() {
             return;
+        }
+        if frame.group_index == 0 {
+            group_first = Some((*frame, last));
         }
         if frame.commit_us > target || frame.lsn > cap {
             cut_at = Some(*frame);
@@ -288,11 +309,36 @@ fn rebuild(
     })
     .map_err(corrupt)?;
     let name = oc_io::wal::segment::segment_name(header.shard, header.epoch, header.first_lsn);
-    if let Some(frame) = cut_at {
-        if frame.group_index != 0 || !frame.start.is_multiple_of(oc_io::BLOCK_SIZE as u64) {
+    let mut short = None;
+    if let Some(mut frame) = cut_at {
+        let inside_group =
+            frame.group_index != 0 || !frame.start.is_multiple_of(oc_io::BLOCK_SIZE as u64);
+        if inside_group && frame.lsn > cap && frame.commit_us <= target {
+            // Cut at the start of the group instead: its frames up to the cap are
+            // shared with the newer history, but half a group is not a log.
+            match group_first {
+                Some((first, before)) if first.lsn >= expected => {
+                    short = Some(format!(
+                        "the branch point (LSN {}) falls inside a group commit of the old \
+                         history that starts at LSN {}: LSNs {}..={} are restored only from \
+                         the newer history",
+                        cap.0, first.lsn.0, first.lsn.0, cap.0
+                    ));
+                    last = before;
+                    frame = first;
+                }
+                _ => {
+                    return Err(corrupt(format!(
+                        "the branch point (LSN {}) falls inside a group commit that begins \
+                         before what this restore reads",
+                        cap.0
+                    )))
+                }
+            }
+        } else if inside_group {
             return Err(corrupt(format!(
                 "the target falls inside a group commit at LSN {} (commit times differ within \
-                 it, or a timeline's branch point cuts it)",
+                 it)",
                 frame.lsn.0
             )));
         }
@@ -303,6 +349,7 @@ fn rebuild(
         name,
         last,
         cut: cut_at.is_some(),
+        short,
     })
 }
 
@@ -376,28 +423,37 @@ pub struct TimelinePlan {
     pub newest_epoch: u64,
 }
 
+/// The highest LSN a plan restores at least (its tail may hold more).
+fn plan_end(plan: &ShardPlan) -> Lsn {
+    let checkpoint = plan.checkpoint.as_ref().map_or(Lsn(0), |c| c.lsn);
+    let segments = plan.segments.last().map_or(Lsn(0), |s| s.last_lsn);
+    let tail = plan
+        .tail
+        .as_ref()
+        .and_then(|pieces| pieces.first())
+        .map_or(Lsn(0), |p| Lsn(p.first_lsn.0.saturating_sub(1)));
+    checkpoint.max(segments).max(tail)
+}
+
+/// Whether a plan is cut by the target (it holds a commit after it).
+fn passes_target(plan: &ShardPlan, target: u64) -> bool {
+    plan.segments
+        .last()
+        .is_some_and(|s| s.last_commit_us > target)
+}
+
 /// Chooses the timeline that restores `target`: the current one if it reaches back to
 /// it, else its parent capped at the branch point, and so on; a target after a
-/// promotion is only restored from the timelines that promotion started.
+/// promotion is only restored from the timelines that promotion started. A history
+/// still receiving what its writer inherited (just promoted) does not count as
+/// reaching back past what it holds.
 pub fn plan_timeline(root: &Arc<dyn Archive>, target: u64) -> Result<TimelinePlan, PitrError> {
     let chain = timeline::chain(root)?;
-    let shards = read_archive_manifest(chain[0].archive.as_ref())?.shards;
-    let mut catalogs = Vec::with_capacity(chain.len());
-    for timeline in &chain {
-        let shard_catalogs = (0..shards)
-            .map(|shard| ShardCatalog::load(timeline.archive.as_ref(), shard))
-            .collect::<Result<Vec<_>, _>>()?;
-        catalogs.push(shard_catalogs);
-    }
-    let epoch_of = |shard_catalogs: &[ShardCatalog]| {
-        shard_catalogs
-            .iter()
-            .map(ShardCatalog::newest_epoch)
-            .fold(1, u64::max)
-    };
-    let newest_epoch = catalogs.iter().map(|c| epoch_of(c)).fold(1, u64::max);
+    let mut shards = None;
+    let mut newest_epoch = 1;
     let mut reasons = Vec::new();
-    for (i, shard_catalogs) in catalogs.iter().enumerate() {
+    for i in 0..chain.len() {
+        let t = &chain[i];
         if i > 0 {
             // Only a target before the newer timeline began is in its parent's history.
             let newer = &chain[i - 1];
@@ -406,38 +462,108 @@ pub fn plan_timeline(root: &Arc<dyn Archive>, target: u64) -> Result<TimelinePla
                     "{} began at {} (a promotion), so {} holds nothing of the target's",
                     newer.name(),
                     format_rfc3339(record.promoted_at_us),
-                    chain[i].name()
+                    t.name()
                 ));
                 break;
             }
         }
-        let caps = match timeline::caps(&chain, i, shards) {
+        let n = t.shards()?;
+        if *shards.get_or_insert(n) != n {
+            return Err(PitrError::Refused(format!(
+                "{} has {n} shard(s) where {} has {}: not one archive's histories",
+                t.name(),
+                chain[0].name(),
+                shards.unwrap_or_default()
+            )));
+        }
+        let caps = match timeline::caps(&chain, i, n) {
             Ok(caps) => caps,
             Err(why) => {
                 reasons.push(why);
                 break;
             }
         };
-        let planned: Result<Vec<ShardPlan>, String> = shard_catalogs
+        let catalogs = (0..n)
+            .map(|shard| match t.shipped {
+                true => ShardCatalog::load(t.archive.as_ref(), shard),
+                false => Ok(ShardCatalog {
+                    shard,
+                    ..ShardCatalog::default()
+                }),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let timeline_epoch = catalogs
+            .iter()
+            .map(ShardCatalog::newest_epoch)
+            .chain(t.record.as_ref().map(|r| r.frame_epoch))
+            .fold(1, u64::max);
+        newest_epoch = newest_epoch.max(timeline_epoch);
+        let planned: Result<Vec<ShardPlan>, String> = catalogs
             .iter()
             .zip(&caps)
             .map(|(catalog, cap)| plan_shard_capped(catalog, target, *cap))
             .collect();
-        match planned {
-            Ok(plans) => {
-                let timeline = chain.into_iter().nth(i).ok_or_else(|| {
-                    PitrError::Refused("the timeline chain changed while planning".into())
-                })?;
-                return Ok(TimelinePlan {
-                    timeline,
-                    plans,
-                    caps,
-                    timeline_epoch: epoch_of(shard_catalogs),
-                    newest_epoch,
-                });
+        let mut plans = match planned {
+            Ok(plans) => plans,
+            Err(why) => {
+                reasons.push(format!("{}: {why}", t.name()));
+                continue;
             }
-            Err(why) => reasons.push(format!("{}: {why}", chain[i].name())),
+        };
+        // A promoted writer ships what it inherited first: until that is there, its
+        // history does not reach back past what it holds.
+        if let Some(record) = &t.record {
+            let short: Vec<String> = plans
+                .iter()
+                .zip(&record.first_lsn)
+                .filter(|(p, first)| !passes_target(p, target) && plan_end(p) < Lsn(**first - 1))
+                .map(|(p, first)| {
+                    format!(
+                        "shard {} up to LSN {} of {}",
+                        p.shard,
+                        plan_end(p).0,
+                        first - 1
+                    )
+                })
+                .collect();
+            if !short.is_empty() {
+                reasons.push(format!(
+                    "{} does not yet hold the history it continues ({}): its writer is \
+                     still shipping it, or stopped first",
+                    t.name(),
+                    short.join(", ")
+                ));
+                continue;
+            }
         }
+        // Below a branch point, an old history that ends before it restores less than
+        // the newer one holds there: say so.
+        for (plan, cap) in plans.iter_mut().zip(&caps) {
+            if *cap < Lsn(u64::MAX)
+                && plan.stops_early.is_none()
+                && plan.tail.is_none()
+                && !passes_target(plan, target)
+                && plan_end(plan) < *cap
+            {
+                plan.stops_early = Some(format!(
+                    "{}'s archive ends at LSN {}, below the branch point {}: its writer \
+                     never shipped the rest",
+                    t.name(),
+                    plan_end(plan).0,
+                    cap.0
+                ));
+            }
+        }
+        let timeline = chain.into_iter().nth(i).ok_or_else(|| {
+            PitrError::Refused("the timeline chain changed while planning".into())
+        })?;
+        return Ok(TimelinePlan {
+            timeline,
+            plans,
+            caps,
+            timeline_epoch,
+            newest_epoch,
+        });
     }
     Err(PitrError::Refused(reasons.join("; ")))
 }
@@ -727,6 +853,9 @@ fn restore_shard(
                 expected = last.lsn.next();
             }
         }
+        if let Some(why) = &rebuilt.short {
+            out.stops_early = Some(why.clone());
+        }
         progress(&format!(
             "shard {}: segment {} of {}: {} ({} bytes{})",
             plan.shard,
@@ -931,5 +1060,83 @@ mod tests {
             .is_some_and(|why| why.contains("114..=119")));
         // A target before the gap still needs a complete chain.
         assert!(plan_shard(&catalog, 7).is_err());
+    }
+
+    /// A promotion that recorded its branch point but shipped nothing yet (or stopped
+    /// first): a restore to after it is refused, not answered from the old history
+    /// (whose tail past the branch point is a dead branch); one to before it falls
+    /// back to the old history, capped at the branch point.
+    #[test]
+    fn a_promoted_history_that_shipped_nothing_is_never_bypassed() {
+        use crate::catalog::ArchiveManifest;
+        use crate::lease::{Holder, Lease};
+        use crate::timeline::{self, TimelineRecord};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = crate::archive::open_archive(&format!("file://{}", dir.path().display()))
+            .expect("archive");
+        let put = |key: &str, bytes: Vec<u8>| {
+            root.put(key, &bytes, &crate::archive::Condition::Always)
+                .expect("put");
+        };
+        put(
+            crate::layout::MANIFEST_KEY,
+            oc_engine::json_file::JsonFile::encode(&ArchiveManifest::new(2, 1)),
+        );
+        let lease = Lease {
+            format_version: crate::lease::LEASE_FORMAT_VERSION,
+            owner_id: "follower".into(),
+            epoch: 3,
+            holder: Holder {
+                host: "h".into(),
+                pid: 1,
+                program: "oc-server".into(),
+                data_dir: "/d".into(),
+            },
+            claimed_at_us: 1_000,
+            renewed_at_us: 1_000,
+            lease_ttl_ms: Some(1500),
+        };
+        put(crate::lease::LEASE_KEY, lease.encode());
+        // Epoch 2 took the lease and failed before writing anything; epoch 3 recorded
+        // its branch point and shipped nothing.
+        let record = TimelineRecord {
+            first_lsn: vec![5, 1],
+            format_version: timeline::TIMELINE_FORMAT_VERSION,
+            frame_epoch: 9,
+            lease_epoch: 3,
+            parent_lease_epoch: 2,
+            promoted_at_us: 1_000,
+        };
+        let ns = timeline::namespaced(&root, 3).expect("namespace");
+        timeline::record(ns.as_ref(), &record).expect("record");
+        timeline::record(ns.as_ref(), &record).expect("the same record again");
+        let chain = timeline::chain(&root).expect("chain");
+        let epochs: Vec<u64> = chain.iter().map(|t| t.lease_epoch).collect();
+        assert_eq!(
+            epochs,
+            vec![3, 1],
+            "epoch 2 left nothing: epoch 3 continues the root"
+        );
+
+        let refused = plan_timeline(&root, LATEST).err().expect("refused");
+        let why = refused.to_string();
+        assert!(why.contains("epoch-3/ does not yet hold"), "{why}");
+        assert!(why.contains("holds nothing of the target's"), "{why}");
+
+        let plan = plan_timeline(&root, 999).expect("a plan before the promotion");
+        assert_eq!(plan.timeline.lease_epoch, 1);
+        assert_eq!(plan.caps, vec![Lsn(4), Lsn(0)]);
+        assert!(
+            plan.plans[0]
+                .stops_early
+                .as_deref()
+                .is_some_and(|w| w.contains("below the branch point 4")),
+            "{:?}",
+            plan.plans[0]
+        );
+        assert_eq!(
+            plan.newest_epoch, 9,
+            "the new epoch counts though nothing shipped"
+        );
     }
 }

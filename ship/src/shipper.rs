@@ -48,8 +48,9 @@ use crate::lease::{self, FencedArchive, Holder, Lease, LeaseError, LeaseHold, Re
 pub const DEFAULT_TAIL_WINDOW: Duration = Duration::from_millis(500);
 /// Default time archived checkpoints and segments are kept.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
-/// How often retention runs, at most (and at least twice per retention window, so a
-/// short window is kept to).
+/// How often retention runs, at most. It runs after a successful shipping round, and
+/// no less often than twice per retention window while rounds succeed (a short window
+/// is kept to).
 const RETENTION_EVERY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone)]

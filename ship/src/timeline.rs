@@ -132,6 +132,8 @@ pub struct Timeline {
     /// Where it leaves its parent (none for the root, or a namespace whose promotion
     /// did not get to write it: then nothing before it can be restored through it).
     pub record: Option<TimelineRecord>,
+    /// Whether anything was shipped to it (its `manifest.json`).
+    pub shipped: bool,
 }
 
 impl Timeline {
@@ -139,13 +141,66 @@ impl Timeline {
     pub fn name(&self) -> String {
         lease::namespace(self.lease_epoch).unwrap_or_else(|| "the archive's root".into())
     }
+
+    /// Its shard count: the manifest's, or the record's when nothing was shipped yet.
+    pub fn shards(&self) -> Result<usize, ArchiveError> {
+        match (&self.record, self.shipped) {
+            (Some(record), false) => Ok(record.first_lsn.len()),
+            _ => Ok(read_archive_manifest(self.archive.as_ref())?.shards),
+        }
+    }
+}
+
+/// The namespace of lease epoch `epoch`, if a writer of that epoch left anything there
+/// (a manifest or a branch record): a promotion that took the lease and failed before
+/// both leaves nothing, and the history it would have started does not exist.
+fn timeline_at(root: &Arc<dyn Archive>, epoch: u64) -> Result<Option<Timeline>, ArchiveError> {
+    let archive = namespaced(root, epoch)?;
+    let shipped = archive.get(MANIFEST_KEY)?.is_some();
+    let record = if epoch > 1 {
+        read(archive.as_ref()).map_err(|e| match e {
+            ArchiveError::Unreadable { problem, .. } => ArchiveError::Unreadable {
+                key: format!(
+                    "{}{TIMELINE_KEY}",
+                    lease::namespace(epoch).unwrap_or_default()
+                ),
+                problem,
+            },
+            e => e,
+        })?
+    } else {
+        None
+    };
+    if let Some(r) = &record {
+        if r.lease_epoch != epoch {
+            return Err(ArchiveError::Unreadable {
+                key: format!(
+                    "{}{TIMELINE_KEY}",
+                    lease::namespace(epoch).unwrap_or_default()
+                ),
+                problem: FileProblem::BadField {
+                    field: "lease_epoch",
+                    why: format!("{} where its prefix says {epoch}", r.lease_epoch),
+                },
+            });
+        }
+    }
+    Ok(
+        (epoch == 1 || shipped || record.is_some()).then_some(Timeline {
+            lease_epoch: epoch,
+            archive,
+            record,
+            shipped,
+        }),
+    )
 }
 
 /// The chain of histories a restore of `root` follows, current first: the newest lease
-/// epoch's namespace that holds a manifest, then its parent, and so on to the root.
+/// epoch's namespace with anything in it, then its parent, and so on to the root.
 /// An archive without a lease record, or whose lease is at epoch 1, is one timeline:
 /// the root. So is an archive named by its namespace (`…/epoch-2`), which has no lease
-/// record of its own.
+/// record of its own. Only small records are read here; catalogs are listed when a
+/// restore needs that history.
 pub fn chain(root: &Arc<dyn Archive>) -> Result<Vec<Timeline>, ArchiveError> {
     let newest = match lease::read(root.as_ref()) {
         Ok(Some((lease, _))) => lease.epoch,
@@ -164,61 +219,19 @@ pub fn chain(root: &Arc<dyn Archive>) -> Result<Vec<Timeline>, ArchiveError> {
             })
         }
     };
-    // A promotion that took the lease but shipped nothing yet has an empty namespace:
-    // the newest one with a manifest is the current history.
-    let mut epoch = newest;
-    while epoch > 1 {
-        let archive = namespaced(root, epoch)?;
-        if archive.get(MANIFEST_KEY)?.is_some() {
-            break;
-        }
-        epoch -= 1;
-    }
     let mut chain = Vec::new();
+    let mut epoch = newest;
     loop {
-        let archive = namespaced(root, epoch)?;
-        let record = if epoch > 1 {
-            read(archive.as_ref())?
-        } else {
-            None
+        // Epochs strictly decrease (a record's parent is below its epoch): this ends.
+        let Some(timeline) = timeline_at(root, epoch)? else {
+            epoch -= 1; // never 0: epoch 1 (the root) is always a timeline
+            continue;
         };
-        let parent = record.as_ref().map(|r| r.parent_lease_epoch);
-        if let Some(r) = &record {
-            if r.lease_epoch != epoch {
-                return Err(ArchiveError::Unreadable {
-                    key: format!(
-                        "{}{TIMELINE_KEY}",
-                        lease::namespace(epoch).unwrap_or_default()
-                    ),
-                    problem: FileProblem::BadField {
-                        field: "lease_epoch",
-                        why: format!("{} where its prefix says {epoch}", r.lease_epoch),
-                    },
-                });
-            }
-        }
-        chain.push(Timeline {
-            lease_epoch: epoch,
-            archive,
-            record,
-        });
+        let parent = timeline.record.as_ref().map(|r| r.parent_lease_epoch);
+        chain.push(timeline);
         match parent {
             Some(p) => epoch = p,
             None => break,
-        }
-    }
-    // Every history of one archive has the layout of its first.
-    let shards = read_archive_manifest(chain[0].archive.as_ref())?.shards;
-    for timeline in &chain[1..] {
-        let theirs = read_archive_manifest(timeline.archive.as_ref())?.shards;
-        if theirs != shards {
-            return Err(ArchiveError::Uri {
-                uri: timeline.name(),
-                why: format!(
-                    "has {theirs} shard(s) where {} has {shards}: not one archive's histories",
-                    chain[0].name()
-                ),
-            });
         }
     }
     Ok(chain)

@@ -530,8 +530,18 @@ impl Node {
         };
         let recorded = glommio::executor()
             .spawn_blocking(move || {
-                timeline::namespaced(&archive, lease_epoch)
-                    .and_then(|ns| timeline::record(ns.as_ref(), &branch))
+                let mut attempt = 0;
+                loop {
+                    let done = timeline::namespaced(&archive, lease_epoch)
+                        .and_then(|ns| timeline::record(ns.as_ref(), &branch));
+                    attempt += 1;
+                    match done {
+                        Err(oc_ship::archive::ArchiveError::Io { .. }) if attempt < 5 => {
+                            std::thread::sleep(Duration::from_millis(100 << attempt));
+                        }
+                        done => return done,
+                    }
+                }
             })
             .await;
         match recorded {

@@ -133,6 +133,7 @@ fn timeline_json(t: &Timeline) -> serde_json::Value {
     json!({
         "name": t.name(),
         "lease_epoch": t.lease_epoch,
+        "shipped": t.shipped,
         "promoted_at": t.record.as_ref().map(|r| format_rfc3339(r.promoted_at_us)),
         "continues": t.record.as_ref().map(|r| json!({
             "lease_epoch": r.parent_lease_epoch,
@@ -171,7 +172,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let root = open_archive(&archive)?;
             let chain = timeline::chain(&root)?;
             let timelines: Vec<_> = chain.iter().map(timeline_json).collect();
-            let archive = chain[0].archive.clone();
+            // The newest history anything was shipped to (the root always counts).
+            let listed = chain
+                .iter()
+                .find(|t| t.shipped)
+                .unwrap_or(&chain[chain.len() - 1]);
+            let archive = listed.archive.clone();
             let manifest = read_archive_manifest(archive.as_ref())?;
             let mut shards = Vec::new();
             for shard in 0..manifest.shards {
@@ -270,6 +276,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // window is the one reported per shard.
             let mut verified = Vec::with_capacity(chain.len());
             for t in &chain {
+                if !t.shipped && t.lease_epoch > 1 {
+                    eprintln!("{}: nothing shipped yet", t.name());
+                    verified.push(Vec::new());
+                    continue;
+                }
                 eprintln!("verifying {}", t.name());
                 verified.push(restore::verify(t.archive.as_ref(), &mut |line| {
                     eprintln!("{line}")
@@ -280,7 +291,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .iter()
                 .flatten()
                 .fold((0, 0), |(o, b), s| (o + s.objects, b + s.bytes));
-            let shards = &verified[0];
+            let current = chain
+                .iter()
+                .position(|t| t.shipped || t.lease_epoch == 1)
+                .unwrap_or(0);
+            let shards = &verified[current];
             let seconds = started.elapsed().as_secs_f64();
             if output == Output::Json {
                 let per_shard: Vec<_> = shards
