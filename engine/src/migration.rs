@@ -444,9 +444,15 @@ pub struct ActiveMigration {
 }
 
 impl ActiveMigration {
-    /// A v0 row in the new shape (what a chunk does to each row).
+    /// A v0 row in the new shape (what a chunk does to each row, and a read during
+    /// the migration to every row it returns).
     pub fn transform(&self, row: &Row) -> Result<Row, String> {
         self.plan.transform(row)
+    }
+
+    /// The new shape (columns in their new order, names and types; its indexes).
+    pub fn target_schema(&self) -> &TableSchema {
+        &self.plan.target
     }
 
     pub fn cursor(&self) -> Option<&[u8]> {
@@ -583,11 +589,25 @@ pub struct Migrations {
     /// Memory only: no apply reads it, so replay needs none of it, and a restart
     /// leaves no write in flight to carry.
     carried: std::collections::BTreeMap<String, Carried>,
+    /// Counts starts and ends: what a read sees of a table changes with them (dual
+    /// read), so cached plans are keyed on it too.
+    generation: u64,
 }
 
 impl Migrations {
     pub fn active(&self, table: &str) -> Option<&ActiveMigration> {
         self.active.get(table)
+    }
+
+    /// Moves on at every start and end of a migration (memory only).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Puts a migration in place, active.
+    fn activate(&mut self, table: String, active: ActiveMigration) {
+        self.generation += 1;
+        self.active.insert(table, active);
     }
 
     pub fn all_active(&self) -> impl Iterator<Item = &ActiveMigration> {
@@ -776,10 +796,7 @@ pub(crate) fn start(
         cursor: None,
         end_key,
     };
-    tenant
-        .migrations_mut()
-        .active
-        .insert(table.to_string(), active);
+    tenant.migrations_mut().activate(table.to_string(), active);
     Ok(lsn.0)
 }
 
@@ -813,6 +830,7 @@ fn finish(
 ) -> Option<ActiveMigration> {
     let migrations = tenant.migrations_mut();
     let mut m = migrations.active.remove(table)?;
+    migrations.generation += 1;
     m.info.state = state;
     m.info.reason = why.map(reason);
     m.info.finished = committed;
@@ -978,7 +996,7 @@ pub(crate) fn restore_active(
         cursor,
         end_key,
     };
-    tenant.migrations_mut().active.insert(table, active);
+    tenant.migrations_mut().activate(table, active);
     Ok(())
 }
 

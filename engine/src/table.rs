@@ -547,12 +547,7 @@ impl Table {
 
     /// A row as a JSON object keyed by column name.
     pub fn row_to_json(&self, row: &Row) -> serde_json::Map<String, serde_json::Value> {
-        self.schema
-            .columns
-            .iter()
-            .zip(row)
-            .map(|(column, value)| (column.name.clone(), value.to_json()))
-            .collect()
+        row_to_json(&self.schema, row)
     }
 
     /// The row with this primary key (values in key-column order).
@@ -919,4 +914,14 @@ mod digest_tests {
         assert_ne!(whole(&a).crc, whole(&b).crc);
         assert_eq!(table().written_lsn(), 1, "a new table: its creation's LSN");
     }
+}
+
+/// A row of `schema` as a JSON object, column name to value.
+pub fn row_to_json(schema: &TableSchema, row: &Row) -> serde_json::Map<String, serde_json::Value> {
+    schema
+        .columns
+        .iter()
+        .zip(row)
+        .map(|(column, value)| (column.name.clone(), value.to_json()))
+        .collect()
 }

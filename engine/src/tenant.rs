@@ -9,7 +9,7 @@ use crate::idempotency::IdempotencyStore;
 use crate::limits::MAX_TABLES_PER_TENANT;
 use crate::migration::Migrations;
 use crate::schema::TableSchema;
-use crate::table::{BatchOutcome, Table, TableUsage, WriteOp};
+use crate::table::{BatchOutcome, Row, Table, TableUsage, WriteOp};
 use crate::tenant_id::TenantId;
 use oc_io::Lsn;
 
@@ -76,6 +76,33 @@ impl Tenant {
     /// The tenant's schema migrations.
     pub fn migrations(&self) -> &Migrations {
         &self.migrations
+    }
+
+    /// A row of `table` as reads see it: in the new shape while a migration of the
+    /// table runs (dual read; the row is stored in the old one until the cutover).
+    pub fn row_as_read(
+        &self,
+        table: &Table,
+        row: &Row,
+    ) -> Result<serde_json::Map<String, serde_json::Value>, EngineError> {
+        let migration = self
+            .migrations
+            .active(&table.schema().name)
+            .filter(|m| m.table_version == table.version());
+        match migration {
+            None => Ok(table.row_to_json(row)),
+            Some(m) => {
+                let reshaped = m.transform(row).map_err(|why| {
+                    EngineError::MigrationConflict(format!(
+                        "this row cannot be read in the new shape of migration {}, which \
+                         runs on table {:?}: {why}",
+                        m.info.id,
+                        table.schema().name
+                    ))
+                })?;
+                Ok(crate::table::row_to_json(m.target_schema(), &reshaped))
+            }
+        }
     }
 
     pub(crate) fn migrations_mut(&mut self) -> &mut Migrations {

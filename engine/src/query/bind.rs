@@ -14,7 +14,6 @@ use sqlparser::ast::{
 use super::expr::{ArithOp, CmpOp, Expr, Metric};
 use super::{position, QueryError, QueryErrorKind};
 use crate::schema::TableSchema;
-use crate::table::Table;
 use crate::tenant::Tenant;
 use crate::value::Value;
 
@@ -79,6 +78,9 @@ pub struct SortKey {
 pub struct Bound {
     pub table: String,
     pub table_version: u64,
+    /// The migration whose new shape the query reads (dual read): the table's rows
+    /// are transformed as they are read, until its cutover.
+    pub dual_read: Option<u64>,
     pub filter: Option<Expr>,
     pub aggregation: Option<Aggregation>,
     pub output_names: Vec<String>,
@@ -155,7 +157,7 @@ pub fn bind(tenant: &Tenant, statement: &Statement) -> Result<Bound, QueryError>
     }
     let (table, aliases) = from_table(tenant, select)?;
     let mut binder = Binder {
-        schema: table.schema(),
+        schema: table.schema,
         aliases,
         agg: None,
         clause: "WHERE",
@@ -233,7 +235,7 @@ pub fn bind(tenant: &Tenant, statement: &Statement) -> Result<Bound, QueryError>
                         position(item.span())
                     )));
                 }
-                for (i, c) in table.schema().columns.iter().enumerate() {
+                for (i, c) in table.schema.columns.iter().enumerate() {
                     output_names.push(c.name.clone());
                     projection.push(Expr::Column(i));
                 }
@@ -304,7 +306,7 @@ pub fn bind(tenant: &Tenant, statement: &Statement) -> Result<Bound, QueryError>
     };
 
     let row_names: Vec<String> = table
-        .schema()
+        .schema
         .columns
         .iter()
         .map(|c| c.name.clone())
@@ -328,8 +330,9 @@ pub fn bind(tenant: &Tenant, statement: &Statement) -> Result<Bound, QueryError>
         }
     };
     Ok(Bound {
-        table: table.schema().name.clone(),
-        table_version: table.version(),
+        table: table.schema.name.clone(),
+        table_version: table.version,
+        dual_read: table.dual_read,
         filter,
         aggregation,
         output_names,
@@ -354,11 +357,20 @@ fn not_a_select(statement: &Statement) -> QueryError {
     )
 }
 
+/// The table a query reads, as reads see it.
+struct ReadTable<'t> {
+    /// Its shape: the new one while a migration of it runs (dual read).
+    schema: &'t TableSchema,
+    /// The incarnation whose rows are read.
+    version: u64,
+    dual_read: Option<u64>,
+}
+
 /// The one table of the FROM clause, and the names it may be referred to by.
 fn from_table<'t>(
     tenant: &'t Tenant,
     select: &ast::Select,
-) -> Result<(&'t Table, Vec<String>), QueryError> {
+) -> Result<(ReadTable<'t>, Vec<String>), QueryError> {
     let [from] = select.from.as_slice() else {
         return Err(match select.from.len() {
             0 => QueryError::invalid("the query needs FROM <table>"),
@@ -412,7 +424,16 @@ fn from_table<'t>(
         }
         names.push(a.name.value.clone());
     }
-    Ok((table, names))
+    let migration = tenant
+        .migrations()
+        .active(&ident.value)
+        .filter(|m| m.table_version == table.version());
+    let read = ReadTable {
+        schema: migration.map_or(table.schema(), |m| m.target_schema()),
+        version: table.version(),
+        dual_read: migration.map(|m| m.info.id),
+    };
+    Ok((read, names))
 }
 
 /// The output column name of an unaliased select item.

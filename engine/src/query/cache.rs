@@ -1,7 +1,8 @@
 //! The plan cache of one shard: normalized text → plan, per tenant and schema stamp,
 //! least recently used evicted first. A schema change moves the tenant to a new stamp
-//! (the LSN of the change), so plans made against the old schema are never used again
-//! and age out.
+//! (the LSN of the change, and the count of migration starts and ends: a migration
+//! changes the shape reads see), so plans made against the old schema are never used
+//! again and age out.
 
 use std::num::NonZeroUsize;
 use std::rc::Rc;
@@ -41,7 +42,7 @@ pub struct PlanCacheStats {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct CacheKey {
     tenant: TenantId,
-    schema_stamp: u64,
+    schema_stamp: (u64, u64),
     text: String,
 }
 
@@ -66,7 +67,7 @@ impl PlanCache {
     pub fn get_or_prepare<E>(
         &mut self,
         tenant: &TenantId,
-        schema_stamp: u64,
+        schema_stamp: (u64, u64),
         text: &str,
         make: impl FnOnce() -> Result<Prepared, E>,
     ) -> Result<(Rc<Prepared>, bool), E> {
@@ -136,7 +137,7 @@ mod tests {
         for i in 0..5 {
             let q = query(1000 + i);
             let (_, cached) = cache
-                .get_or_prepare(&id, 1, &q.text, || prepare(&tenant, &q))
+                .get_or_prepare(&id, (1, 0), &q.text, || prepare(&tenant, &q))
                 .expect("plans");
             assert!(!cached);
         }
@@ -147,7 +148,7 @@ mod tests {
         let huge = query(12_000);
         assert!(plan_cost(&huge.text) > budget);
         cache
-            .get_or_prepare(&id, 1, &huge.text, || prepare(&tenant, &huge))
+            .get_or_prepare(&id, (1, 0), &huge.text, || prepare(&tenant, &huge))
             .expect("plans");
         assert_eq!(cache.stats().entries, 3, "an oversized plan is not cached");
     }

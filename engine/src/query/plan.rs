@@ -144,11 +144,29 @@ fn prepare_on_this_stack(tenant: &Tenant, normalized: &Normalized) -> Result<Pre
         }
     };
     let query = bind(tenant, statement)?;
-    let schema = tenant
+    let table = tenant
         .table(&query.table)
-        .map_err(|e| QueryError::new(QueryErrorKind::UnknownTable, e.to_string()))?
-        .schema();
-    let (access, order, access_detail) = choose(schema, &query);
+        .map_err(|e| QueryError::new(QueryErrorKind::UnknownTable, e.to_string()))?;
+    let (access, order, access_detail) = match query.dual_read {
+        None => choose(table.schema(), &query, true),
+        Some(id) => {
+            // The new shape over the old rows: their key is the same (a migration never
+            // changes it), but the new indexes are not complete until the cutover and
+            // the old ones index the old shape, so only the key can find rows.
+            let mut schema = tenant
+                .migrations()
+                .active(&query.table)
+                .map_or(table.schema(), |m| m.target_schema())
+                .clone();
+            schema.indexes.clear();
+            let (access, order, detail) = choose(&schema, &query, false);
+            let detail = format!(
+                "{detail}; dual read: migration {id} runs on this table, so each row read is \
+                 transformed to its new shape (indexes are used again after its cutover)"
+            );
+            (access, order, detail)
+        }
+    };
     Ok(Prepared {
         query,
         access,
@@ -298,10 +316,12 @@ impl Candidate {
     }
 }
 
-fn choose(schema: &TableSchema, q: &Bound) -> (Access, OrderBy, String) {
+/// The access path and order of a bound query; `knn`: whether a vector column's store
+/// may serve an ORDER BY distance (not over a shape the store does not hold).
+fn choose(schema: &TableSchema, q: &Bound, knn: bool) -> (Access, OrderBy, String) {
     let names = &q.row_names;
     let render = |e: &Expr| e.render(names);
-    if q.aggregation.is_none() && q.limit.is_some() {
+    if knn && q.aggregation.is_none() && q.limit.is_some() {
         if let [key] = q.order_by.as_slice() {
             if let Expr::Distance(metric, a, b) = &key.expr {
                 let vector = |e: &Expr| match e {

@@ -623,7 +623,7 @@ impl<S: Storage> Shard<S> {
             let t = state.tenants.get(tenant).ok_or_else(unknown)?;
             self.plan_cache.borrow_mut().get_or_prepare(
                 tenant,
-                t.schema_version(),
+                (t.schema_version(), t.migrations().generation()),
                 &normalized.text,
                 || query::prepare(t, &normalized),
             )?

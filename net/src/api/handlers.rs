@@ -649,7 +649,8 @@ pub async fn get_row(
             let row = table
                 .get_by_json_key(&key)
                 .map_err(|why| ApiError::bad_request("invalid_key", why))?
-                .map(|row| table.row_to_json(row));
+                .map(|row| t.row_as_read(table, row))
+                .transpose()?;
             Ok::<_, ApiError>(row)
         })??;
         match found {

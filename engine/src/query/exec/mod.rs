@@ -239,12 +239,35 @@ impl Execution {
         }
     }
 
+    /// The migration whose new shape a dual-read plan reads; it must still run.
+    fn dual_read<'t>(
+        &self,
+        tenant: &'t Tenant,
+    ) -> Result<Option<&'t crate::migration::ActiveMigration>, QueryError> {
+        let q = &self.plan.query;
+        let Some(id) = q.dual_read else {
+            return Ok(None);
+        };
+        match tenant.migrations().active(&q.table) {
+            Some(m) if m.info.id == id => Ok(Some(m)),
+            _ => Err(QueryError::new(
+                QueryErrorKind::TableChanged,
+                format!(
+                    "migration {id} of table {:?} ended while the query ran (cut over, \
+                     aborted or failed), so the shape it reads changed; retry it",
+                    q.table
+                ),
+            )),
+        }
+    }
+
     /// Runs one slice; returns whether the scan is finished (then call `finish`).
     pub fn step(&mut self, tenant: &Tenant) -> Result<bool, QueryError> {
         if self.plan_only() {
             return Ok(true);
         }
         let table = self.table(tenant)?;
+        let migration = self.dual_read(tenant)?;
         self.stats.slices += 1;
         if matches!(self.source, Source::NotStarted) {
             self.source = self.start(table)?;
@@ -266,7 +289,25 @@ impl Execution {
                 self.stats.access.elapsed += t.elapsed();
                 self.stats.access.rows_out += batch.len() as u64;
                 self.check_scanned()?;
-                self.consume(batch)?;
+                match migration {
+                    None => self.consume(batch)?,
+                    Some(m) => {
+                        let t = Instant::now();
+                        let reshaped = batch
+                            .iter()
+                            .map(|row| m.transform(row))
+                            .collect::<Result<Vec<Row>, String>>()
+                            .map_err(|why| {
+                                QueryError::eval(format!(
+                                    "a row cannot be read in the new shape of migration {}: \
+                                     {why}",
+                                    m.info.id
+                                ))
+                            })?;
+                        self.stats.access.elapsed += t.elapsed();
+                        self.consume(reshaped.iter().collect())?;
+                    }
+                }
                 if !ranges.is_empty() && !self.output_full() {
                     self.source = Source::Ranges(ranges);
                 }
