@@ -455,6 +455,24 @@ impl ActiveMigration {
         &self.plan.target
     }
 
+    /// A stored row as a read during the migration sees it: transformed, and held to
+    /// the limits the backfill holds it to (a row that fails either fails the
+    /// migration when the backfill reaches it).
+    pub fn read_transform(&self, row: &Row) -> Result<Row, String> {
+        let reshaped = self.plan.transform(row)?;
+        self.shadow.check_transformed_row(&reshaped)?;
+        Ok(reshaped)
+    }
+
+    /// The new position of old column `v0`, if the migration keeps its values as they
+    /// are (renamed or not); `None` when it drops or recomputes it.
+    pub fn unchanged_position(&self, v0: usize) -> Option<usize> {
+        self.plan
+            .sources
+            .iter()
+            .position(|s| matches!(s, Source::Column(c) if *c == v0))
+    }
+
     pub fn cursor(&self) -> Option<&[u8]> {
         self.cursor.as_deref()
     }
@@ -667,6 +685,7 @@ impl Migrations {
 
     /// Drops the active migration of a table that is dropped or replaced.
     pub(crate) fn forget_table(&mut self, table: &str) {
+        self.generation += 1;
         self.active.remove(table);
         self.carried.remove(table);
     }

@@ -92,7 +92,7 @@ impl Tenant {
         match migration {
             None => Ok(table.row_to_json(row)),
             Some(m) => {
-                let reshaped = m.transform(row).map_err(|why| {
+                let reshaped = m.read_transform(row).map_err(|why| {
                     EngineError::MigrationConflict(format!(
                         "this row cannot be read in the new shape of migration {}, which \
                          runs on table {:?}: {why}",

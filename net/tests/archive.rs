@@ -179,15 +179,7 @@ fn restore_to_an_instant_cuts_exactly_there() {
     assert!(status.success());
     let target = format_rfc3339(unix_us(gap_starts));
     let restored_dir = dir.path().join("restored");
-    let restored = oc_pitr(&[
-        "restore",
-        "--archive",
-        &uri,
-        "--target",
-        &target,
-        "--data-dir",
-        restored_dir.to_str().expect("utf-8 path"),
-    ]);
+    let restored = common::restore_at(&uri, &target, &restored_dir);
     assert!(restored.success, "restore to {target} failed: {restored:?}");
     assert!(
         restored.stdout.contains("checkpoint"),
@@ -422,15 +414,7 @@ fn a_damaged_archive_is_named_and_refused() {
         verified.stdout.contains(&key),
         "verify should name {key}: {verified:?}"
     );
-    let restored = oc_pitr(&[
-        "restore",
-        "--archive",
-        &uri,
-        "--target",
-        "latest",
-        "--data-dir",
-        dir.path().join("restored").to_str().expect("utf-8"),
-    ]);
+    let restored = common::restore_latest(&uri, &dir.path().join("restored"));
     assert!(!restored.success, "restore went past damage: {restored:?}");
     let drilled = oc_pitr(&["drill", "--archive", &uri, "--work-dir", scratch_arg]);
     assert!(!drilled.success, "the drill missed the damage: {drilled:?}");

@@ -209,7 +209,10 @@ fn a_migration_under_eight_writers_reaches_every_acknowledged_row_once_in_the_ne
 /// Keeps the tenant's shard busy with writes to another table, so the backfill runs
 /// at its share of them (slowly) instead of at the idle floor: 2 KiB rows, so that even
 /// a few hundred writes a second are well above where the floor fades out.
-fn busy(server: &Server, tenant: &str) -> (Arc<AtomicBool>, Vec<std::thread::JoinHandle<()>>) {
+/// Writers to stop (set the flag, join the threads).
+type Noise = (Arc<AtomicBool>, Vec<std::thread::JoinHandle<()>>);
+
+fn busy(server: &Server, tenant: &str) -> Noise {
     let other = json!({"name": "noise",
         "columns": [{"name": "k", "type": "int"}, {"name": "pad", "type": "text"}],
         "primary_key": ["k"]});
@@ -235,6 +238,19 @@ fn busy(server: &Server, tenant: &str) -> (Arc<AtomicBool>, Vec<std::thread::Joi
         })
         .collect();
     (stop, threads)
+}
+
+/// A server whose `shop.items` (20,000 rows) is in the middle of a migration's
+/// backfill, slowed by writes to another table: the server, the migration's id, and
+/// the writers to stop.
+fn in_the_middle_of_a_backfill(dir: &std::path::Path) -> (Server, u64, Noise) {
+    let server = Server::start(dir, &[]);
+    server.create_tenant_with_items("shop");
+    fill(&server, "shop", 0..20_000);
+    let noise = busy(&server, "shop");
+    let id = start(&server, "shop");
+    wait_backfilling(&server, "shop", id);
+    (server, id, noise)
 }
 
 fn wait_backfilling(server: &Server, tenant: &str, id: u64) {
@@ -295,12 +311,7 @@ fn abort_in_the_middle_of_a_backfill_leaves_the_table_exactly_as_it_was() {
 #[test]
 fn a_kill_9_in_the_middle_of_a_backfill_resumes_after_restart_and_finishes() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = Server::start(dir.path(), &[]);
-    server.create_tenant_with_items("shop");
-    fill(&server, "shop", 0..20_000);
-    let (stop, noise) = busy(&server, "shop");
-    let id = start(&server, "shop");
-    wait_backfilling(&server, "shop", id);
+    let (server, id, (stop, noise)) = in_the_middle_of_a_backfill(dir.path());
     server.kill9();
     stop.store(true, Ordering::Relaxed);
     for t in noise {
@@ -587,15 +598,7 @@ fn a_restore_to_an_instant_in_the_middle_of_a_backfill_has_the_migration_and_row
     assert!(server.terminate().success());
 
     let restored_dir = dir.path().join("restored");
-    let restored = common::oc_pitr(&[
-        "restore",
-        "--archive",
-        &archive,
-        "--target",
-        &target,
-        "--data-dir",
-        restored_dir.to_str().expect("utf-8 path"),
-    ]);
+    let restored = common::restore_at(&archive, &target, &restored_dir);
     assert!(restored.success, "restore to {target}: {restored:?}");
     let (restarted_us, _) = rfc3339_now();
     let server = Server::start(&restored_dir, &["--archive", "none"]);
@@ -708,12 +711,7 @@ fn a_migration_that_would_take_the_tenant_past_its_quota_is_refused() {
 #[test]
 fn during_a_backfill_reads_see_the_new_shape_and_an_abort_takes_it_back() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = Server::start(dir.path(), &[]);
-    server.create_tenant_with_items("shop");
-    fill(&server, "shop", 0..20_000);
-    let (stop, noise) = busy(&server, "shop");
-    let id = start(&server, "shop");
-    wait_backfilling(&server, "shop", id);
+    let (server, id, (stop, noise)) = in_the_middle_of_a_backfill(dir.path());
 
     let row = |id: i64| server.get(&format!("/v1/tenants/shop/tables/items/rows/{id}"));
     let r = row(1234);
@@ -753,6 +751,11 @@ fn during_a_backfill_reads_see_the_new_shape_and_an_abort_takes_it_back() {
             .contains(&format!("dual read: migration {id}")),
         "{r:?}"
     );
+    // An index over columns the migration keeps as they are still serves.
+    let r = ask("EXPLAIN SELECT COUNT(*) FROM items WHERE batch = 5");
+    assert!(r.body.to_string().contains("by_batch"), "{r:?}");
+    let r = ask("SELECT COUNT(*) FROM items WHERE batch = 5");
+    assert_eq!(r.body["rows"][0][0], tens, "{r:?}");
     let old_name = ask("SELECT name FROM items WHERE id = 1");
     assert_eq!(
         old_name.status, 400,

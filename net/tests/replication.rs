@@ -1910,15 +1910,7 @@ fn a_restore_follows_the_promoted_timeline_and_never_restores_the_dead_branch() 
     }
     let target = oc_ship::timestamp::format_rfc3339(before_promotion);
     let at_target = dir.path().join("at-target");
-    let run = common::oc_pitr(&[
-        "restore",
-        "--archive",
-        &archive,
-        "--target",
-        &target,
-        "--data-dir",
-        at_target.to_str().expect("utf-8"),
-    ]);
+    let run = common::restore_at(&archive, &target, &at_target);
     assert!(run.success, "{run:?}");
     assert!(
         run.stderr

@@ -916,15 +916,7 @@ fn after_a_restore_old_ids_resume_on_the_shared_history_and_reset_past_the_fork(
     // right after the restore point, and LSNs of the lost writes are used again.
     let restored = dir.path().join("restored");
     let target = oc_ship::timestamp::format_rfc3339(cut_us);
-    let run = common::oc_pitr(&[
-        "restore",
-        "--archive",
-        &archive,
-        "--target",
-        &target,
-        "--data-dir",
-        restored.to_str().expect("utf-8"),
-    ]);
+    let run = common::restore_at(&archive, &target, &restored);
     assert!(run.success, "{run:?}");
     let archive2 = format!("file://{}", dir.path().join("archive2").display());
     let restored_args = [
@@ -1004,15 +996,7 @@ fn after_a_restore_old_ids_resume_on_the_shared_history_and_reset_past_the_fork(
     common::wait_until_archived(&server, 1);
     assert!(server.terminate().success());
     let twice = dir.path().join("twice");
-    let run = common::oc_pitr(&[
-        "restore",
-        "--archive",
-        &archive2,
-        "--target",
-        "latest",
-        "--data-dir",
-        twice.to_str().expect("utf-8"),
-    ]);
+    let run = common::restore_latest(&archive2, &twice);
     assert!(run.success, "{run:?}");
     let server = Server::start(&twice, &["--shards", "1", "--archive", "none"]);
     let on_branch = format!("{epoch}-{}", again[0]);

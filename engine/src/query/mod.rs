@@ -116,6 +116,8 @@ pub enum QueryErrorKind {
     /// Past the bytes a query may hold (buffered rows, sort keys, groups).
     MemoryLimit,
     Timeout,
+    /// A stored row the running migration of its table cannot read in its new shape.
+    MigrationConflict,
 }
 
 impl QueryErrorKind {
@@ -135,6 +137,7 @@ impl QueryErrorKind {
             QueryErrorKind::ScanLimit => "scan_limit_exceeded",
             QueryErrorKind::MemoryLimit => "query_memory_exceeded",
             QueryErrorKind::Timeout => "query_timeout",
+            QueryErrorKind::MigrationConflict => "migration_conflict",
         }
     }
 }

@@ -143,29 +143,13 @@ fn prepare_on_this_stack(tenant: &Tenant, normalized: &Normalized) -> Result<Pre
             ))
         }
     };
-    let query = bind(tenant, statement)?;
+    let mut query = bind(tenant, statement)?;
     let table = tenant
         .table(&query.table)
         .map_err(|e| QueryError::new(QueryErrorKind::UnknownTable, e.to_string()))?;
     let (access, order, access_detail) = match query.dual_read {
         None => choose(table.schema(), &query, true),
-        Some(id) => {
-            // The new shape over the old rows: their key is the same (a migration never
-            // changes it), but the new indexes are not complete until the cutover and
-            // the old ones index the old shape, so only the key can find rows.
-            let mut schema = tenant
-                .migrations()
-                .active(&query.table)
-                .map_or(table.schema(), |m| m.target_schema())
-                .clone();
-            schema.indexes.clear();
-            let (access, order, detail) = choose(&schema, &query, false);
-            let detail = format!(
-                "{detail}; dual read: migration {id} runs on this table, so each row read is \
-                 transformed to its new shape (indexes are used again after its cutover)"
-            );
-            (access, order, detail)
-        }
+        Some(id) => dual_read_plan(tenant, table, &mut query, id)?,
     };
     Ok(Prepared {
         query,
@@ -175,6 +159,78 @@ fn prepare_on_this_stack(tenant: &Tenant, normalized: &Normalized) -> Result<Pre
         normalized: normalized.text.clone(),
         user_params: normalized.user_params,
     })
+}
+
+/// The plan of a query that reads a table's new shape while migration `id` runs on it
+/// (dual read): the rows are the old ones, transformed as they are read. Their key is
+/// the same (a migration never changes it); an old index serves only if every column
+/// it indexes keeps its values (the table maintains it over the old shape); the new
+/// indexes are not complete until the cutover. The vector store holds the old shape,
+/// so an ORDER BY distance sorts the rows read instead, leaving out those without a
+/// distance as the kNN path does.
+fn dual_read_plan(
+    tenant: &Tenant,
+    table: &crate::table::Table,
+    query: &mut Bound,
+    id: u64,
+) -> Result<(Access, OrderBy, String), QueryError> {
+    let migration = tenant
+        .migrations()
+        .active(&query.table)
+        .filter(|m| m.info.id == id)
+        .ok_or_else(|| {
+            QueryError::new(
+                QueryErrorKind::TableChanged,
+                format!(
+                    "migration {id} of table {:?} ended meanwhile; retry",
+                    query.table
+                ),
+            )
+        })?;
+    let mut schema = migration.target_schema().clone();
+    let mut old_ids = Vec::new();
+    schema.indexes.clear();
+    for (old_id, index) in table.schema().indexes.iter().enumerate() {
+        let columns: Option<Vec<usize>> = index
+            .columns
+            .iter()
+            .map(|&c| migration.unchanged_position(c))
+            .collect();
+        if let Some(columns) = columns {
+            schema.indexes.push(crate::schema::IndexDef {
+                name: index.name.clone(),
+                columns,
+            });
+            old_ids.push(old_id);
+        }
+    }
+    if let ([key], true, None) = (
+        query.order_by.as_slice(),
+        query.limit.is_some(),
+        &query.aggregation,
+    ) {
+        if matches!(key.expr, Expr::Distance(..)) && !key.desc {
+            let has_distance = Expr::IsNull(Box::new(key.expr.clone()), true);
+            query.filter = Some(match query.filter.take() {
+                Some(f) => Expr::And(Box::new(f), Box::new(has_distance)),
+                None => has_distance,
+            });
+        }
+    }
+    let (mut access, order, detail) = choose(&schema, query, false);
+    if let Access::Keys {
+        target: ScanTarget::Index(i),
+        ..
+    } = &mut access
+    {
+        *i = old_ids[*i];
+    }
+    let detail = format!(
+        "{detail}; dual read: migration {id} runs on this table, so each row read is \
+         transformed to its new shape (until its cutover only the key and the indexes of \
+         columns it keeps as they are serve)"
+    );
+    Ok((access, order, detail))
 }
 
 /// One condition that can bound a key column.

@@ -754,7 +754,7 @@ fn encode_answer(answer: &AskAnswer, applied_lsn: u64) -> bytes::Bytes {
 fn query_error(e: QueryError) -> ApiError {
     let status = match e.kind {
         QueryErrorKind::UnknownTable | QueryErrorKind::UnknownTenant => StatusCode::NOT_FOUND,
-        QueryErrorKind::TableChanged => StatusCode::CONFLICT,
+        QueryErrorKind::TableChanged | QueryErrorKind::MigrationConflict => StatusCode::CONFLICT,
         QueryErrorKind::ResultTooLarge
         | QueryErrorKind::ScanLimit
         | QueryErrorKind::MemoryLimit => StatusCode::PAYLOAD_TOO_LARGE,

@@ -350,13 +350,19 @@ pub fn wait_until_archived(server: &Server, shards: usize) {
 
 /// `oc-pitr restore --target latest` from `archive_uri` into `data_dir`.
 pub fn restore_latest(archive_uri: &str, data_dir: &Path) -> PitrRun {
+    restore_at(archive_uri, "latest", data_dir)
+}
+
+/// `oc-pitr restore --target <target>` (RFC 3339 or `latest`) from `archive_uri`
+/// into `data_dir`.
+pub fn restore_at(archive_uri: &str, target: &str, data_dir: &Path) -> PitrRun {
     let data_dir = data_dir.to_str().expect("utf-8 path");
     oc_pitr(&[
         "restore",
         "--archive",
         archive_uri,
         "--target",
-        "latest",
+        target,
         "--data-dir",
         data_dir,
     ])

@@ -293,17 +293,21 @@ impl Execution {
                     None => self.consume(batch)?,
                     Some(m) => {
                         let t = Instant::now();
-                        let reshaped = batch
-                            .iter()
-                            .map(|row| m.transform(row))
-                            .collect::<Result<Vec<Row>, String>>()
-                            .map_err(|why| {
-                                QueryError::eval(format!(
-                                    "a row cannot be read in the new shape of migration {}: \
-                                     {why}",
-                                    m.info.id
-                                ))
-                            })?;
+                        let mut reshaped = Vec::with_capacity(batch.len());
+                        for (n, row) in batch.iter().enumerate() {
+                            self.check_deadline_at(n)?;
+                            reshaped.push(m.read_transform(row).map_err(|why| {
+                                QueryError::new(
+                                    QueryErrorKind::MigrationConflict,
+                                    format!(
+                                        "a stored row cannot be read in the new shape of \
+                                         migration {}, which runs on table {:?} (its backfill \
+                                         will fail on it; abort it, or fix the row): {why}",
+                                        m.info.id, self.plan.query.table
+                                    ),
+                                )
+                            })?);
+                        }
                         self.stats.access.elapsed += t.elapsed();
                         self.consume(reshaped.iter().collect())?;
                     }
