@@ -751,6 +751,26 @@ fn during_a_backfill_reads_see_the_new_shape_and_an_abort_takes_it_back() {
             .contains(&format!("dual read: migration {id}")),
         "{r:?}"
     );
+    let described = server.get("/v1/tenants/shop/tables/items");
+    assert_eq!(described.body["migration"]["id"], id, "{described:?}");
+    let columns = |schema: &Value| -> Vec<String> {
+        schema["columns"]
+            .as_array()
+            .expect("columns")
+            .iter()
+            .map(|c| c["name"].as_str().expect("name").to_string())
+            .collect()
+    };
+    assert_eq!(
+        columns(&described.body["schema"]),
+        ["id", "name", "batch"],
+        "writes use the current shape"
+    );
+    assert_eq!(
+        columns(&described.body["migration"]["read_schema"]),
+        ["id", "title", "batch", "double"],
+        "reads see the new one"
+    );
     // An index over columns the migration keeps as they are still serves.
     let r = ask("EXPLAIN SELECT COUNT(*) FROM items WHERE batch = 5");
     assert!(r.body.to_string().contains("by_batch"), "{r:?}");
@@ -780,4 +800,6 @@ fn during_a_backfill_reads_see_the_new_shape_and_an_abort_takes_it_back() {
     assert_eq!(r.body["rows"], json!([["renamed"]]), "{r:?}");
     let r = ask("SELECT double FROM items WHERE id = 1234");
     assert_eq!(r.status, 400, "{r:?}");
+    let described = server.get("/v1/tenants/shop/tables/items");
+    assert!(described.body.get("migration").is_none(), "{described:?}");
 }

@@ -14,7 +14,7 @@ use hyper::StatusCode;
 use oc_engine::idempotency::MAX_KEY_BYTES as MAX_IDEMPOTENCY_KEY_BYTES;
 use oc_engine::query::{param_from_json, AskAnswer, AskLimits, QueryError, QueryErrorKind};
 use oc_engine::{
-    owner_of, ColumnType, ShardNode, ShardRouter, Table, TableSchema, TenantId, WriteOp,
+    owner_of, ColumnType, ShardNode, ShardRouter, Table, TableSchema, Tenant, TenantId, WriteOp,
 };
 use oc_io::{failpoint, Lsn};
 use serde::Deserialize;
@@ -462,21 +462,36 @@ pub async fn drop_table(
 }
 
 /// A table's schema and usage, as list and describe answer it.
-fn describe(table: &Table) -> Json {
+/// A table: its schema (the shape writes use), usage, and while a migration runs on
+/// it, the shape reads see (dual read).
+fn describe(tenant: &Tenant, table: &Table) -> Json {
     let usage = table.usage();
-    json!({
+    let mut described = json!({
         "schema": table.schema().to_json(),
         "rows": usage.rows,
         "bytes": usage.bytes,
         "vectors": usage.vectors,
-    })
+    });
+    let migration = tenant
+        .migrations()
+        .active(&table.schema().name)
+        .filter(|m| m.table_version == table.version());
+    if let Some(m) = migration {
+        described["migration"] = json!({
+            "id": m.info.id,
+            "read_schema": m.target_schema().to_json(),
+        });
+    }
+    described
 }
 
 pub async fn list_tables(router: &ShardRouter, tenant: TenantId, access: &Access) -> Answer {
     on_owner(router, access, tenant, |node, tenant| async move {
-        let tables = node
-            .shard()
-            .read(&tenant, |t| t.tables().map(describe).collect::<Vec<_>>())?;
+        let tables = node.shard().read(&tenant, |t| {
+            t.tables()
+                .map(|table| describe(t, table))
+                .collect::<Vec<_>>()
+        })?;
         Ok((StatusCode::OK, Body::from(json!({"tables": tables}))))
     })
     .await
@@ -491,7 +506,7 @@ pub async fn describe_table(
     on_owner(router, access, tenant, |node, tenant| async move {
         let described = node
             .shard()
-            .read(&tenant, |t| t.table(&table).map(describe))??;
+            .read(&tenant, |t| t.table(&table).map(|table| describe(t, table)))??;
         Ok((StatusCode::OK, Body::from(described)))
     })
     .await
