@@ -56,6 +56,10 @@ pub struct HttpArgs {
     /// For an `https://` URL: the PEM certificate (or CA) to trust.
     #[arg(long)]
     pub(crate) ca_cert: Option<std::path::PathBuf>,
+    /// Skip the floor: `GET /v1/ping` at the same rate right after the mix, the HTTP
+    /// path with no engine state, which the read and write p99 are quoted against.
+    #[arg(long)]
+    pub(crate) no_floor: bool,
 }
 
 pub(crate) const TENANT: &str = "bench-http";
@@ -84,6 +88,16 @@ pub(crate) struct HttpReport {
     rows: u64,
     reads: OpResult,
     writes: OpResult,
+    /// `GET /v1/ping` at the same rate and connections right after the mix: the HTTP
+    /// stack's own latency, with no engine state (absent with `--no-floor`).
+    #[serde(default)]
+    floor: Option<OpResult>,
+    /// Read p99 over the floor's p99.
+    #[serde(default)]
+    read_p99_over_floor: Option<f64>,
+    /// Write p99 minus the floor's p99, µs.
+    #[serde(default)]
+    write_p99_over_floor_us: Option<i64>,
     /// Non-2xx statuses and transport errors, by kind.
     errors: std::collections::BTreeMap<String, u64>,
     /// `none`, or `api key` when the load authenticated with one.
@@ -383,8 +397,10 @@ pub(crate) async fn prepare(target: &Target, rows: u64) -> Result<()> {
 struct Recorder {
     reads: Histogram<u64>,
     writes: Histogram<u64>,
+    pings: Histogram<u64>,
     read_errors: u64,
     write_errors: u64,
+    ping_errors: u64,
     errors: std::collections::BTreeMap<String, u64>,
 }
 
@@ -408,6 +424,133 @@ async fn make_key(admin: &Target) -> Result<String> {
         .ok_or_else(|| anyhow!("the key answer has no key"))
 }
 
+/// One request kind of a load.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Read,
+    Write,
+    /// `GET /v1/ping`: the HTTP path with no engine state (the floor).
+    Ping,
+}
+
+/// Runs one paced load of `shares` (reads, writes, pings) at `args.rate` and returns
+/// what it recorded.
+async fn load(
+    target: &Rc<Target>,
+    args: &HttpArgs,
+    shares: (u64, u64, u64),
+    label: &str,
+) -> Result<(Recorder, Duration)> {
+    let measured = Duration::from_secs_f64(args.seconds);
+    let pacer = Rc::new(Pacer::new(args.rate, WARMUP, measured));
+    let recorder = Rc::new(RefCell::new(Recorder {
+        reads: histogram(),
+        writes: histogram(),
+        pings: histogram(),
+        read_errors: 0,
+        write_errors: 0,
+        ping_errors: 0,
+        errors: Default::default(),
+    }));
+    let (reads, writes, pings) = shares;
+    let mut tasks = Vec::new();
+    for c in 0..args.connections {
+        let mut conn = Connection::open(target).await?;
+        let (pacer, recorder, target) = (pacer.clone(), recorder.clone(), target.clone());
+        let rows = args.rows.max(1);
+        tasks.push(glommio::spawn_local(async move {
+            let mut rng = SimRng::new(1000 + c as u64);
+            let read_path = |id: u64| format!("/v1/tenants/{TENANT}/tables/{TABLE}/rows/{id}");
+            let write_path = format!("/v1/tenants/{TENANT}/tables/{TABLE}/rows");
+            while let Some(slot) = pacer.next().await {
+                let pick = rng.below(reads + writes + pings);
+                let op = if pick < reads {
+                    Op::Read
+                } else if pick < reads + writes {
+                    Op::Write
+                } else {
+                    Op::Ping
+                };
+                let id = rng.below(rows);
+                let outcome = match op {
+                    Op::Read => conn.request("GET", &read_path(id), None).await,
+                    Op::Write => {
+                        conn.request("POST", &write_path, Some(&row_body(id, &mut rng)))
+                            .await
+                    }
+                    Op::Ping => conn.request("GET", "/v1/ping", None).await,
+                };
+                let latency_us = slot.due.elapsed().as_micros() as u64;
+                if outcome.is_err() {
+                    conn = Connection::reopen(&target).await?;
+                }
+                if !slot.measured {
+                    continue;
+                }
+                let mut r = recorder.borrow_mut();
+                let error = match &outcome {
+                    Ok(status) if (200..300).contains(status) => None,
+                    Ok(status) => Some(format!("status {status}")),
+                    Err(e) => Some(format!("transport: {e}")),
+                };
+                let r = &mut *r;
+                let (histogram, errors) = match op {
+                    Op::Read => (&mut r.reads, &mut r.read_errors),
+                    Op::Write => (&mut r.writes, &mut r.write_errors),
+                    Op::Ping => (&mut r.pings, &mut r.ping_errors),
+                };
+                match error {
+                    None => histogram.saturating_record(latency_us),
+                    Some(kind) => {
+                        *errors += 1;
+                        *r.errors.entry(kind).or_default() += 1;
+                    }
+                }
+            }
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    let mut last_report = Instant::now();
+    while !pacer.done() {
+        glommio::timer::sleep(Duration::from_millis(250)).await;
+        if last_report.elapsed() >= Duration::from_secs(1) {
+            last_report = Instant::now();
+            let r = recorder.borrow();
+            eprintln!(
+                "  {label} [{:>5.1}s] sent {:>8}, read p99 {} µs, write p99 {} µs, ping p99 {} µs, errors {}",
+                pacer.elapsed().as_secs_f64(),
+                pacer.sent(),
+                r.reads.value_at_quantile(0.99),
+                r.writes.value_at_quantile(0.99),
+                r.pings.value_at_quantile(0.99),
+                r.read_errors + r.write_errors + r.ping_errors
+            );
+        }
+    }
+    for task in tasks {
+        task.await?;
+    }
+    let elapsed = pacer.elapsed().saturating_sub(WARMUP);
+    drop(pacer);
+    let recorder = Rc::try_unwrap(recorder)
+        .map_err(|_| anyhow!("a load task outlived its load"))?
+        .into_inner();
+    Ok((recorder, elapsed))
+}
+
+fn op_result(h: &Histogram<u64>, errors: u64) -> OpResult {
+    let p = Percentiles::of(h);
+    OpResult {
+        requests: h.len(),
+        errors,
+        p50_us: p.p50_us,
+        p95_us: h.value_at_quantile(0.95),
+        p99_us: p.p99_us,
+        p999_us: p.p999_us,
+        max_us: h.max(),
+    }
+}
+
 pub fn run(args: HttpArgs) -> Result<()> {
     let mut target = parse_url_trusting(&args.url, args.ca_cert.as_deref())?;
     if let Some(path) = &args.admin_token_file {
@@ -419,7 +562,6 @@ pub fn run(args: HttpArgs) -> Result<()> {
     if args.rate == 0 || args.connections == 0 {
         bail!("--rate and --connections must be above 0");
     }
-    let measured = Duration::from_secs_f64(args.seconds);
     let target = Rc::new(target);
     let report = oc_io::executor::run_local(async {
         eprintln!("preloading {} rows into {TENANT}/{TABLE}...", args.rows);
@@ -432,95 +574,17 @@ pub fn run(args: HttpArgs) -> Result<()> {
             }),
             None => target,
         };
-        let pacer = Rc::new(Pacer::new(args.rate, WARMUP, measured));
-        let recorder = Rc::new(RefCell::new(Recorder {
-            reads: histogram(),
-            writes: histogram(),
-            read_errors: 0,
-            write_errors: 0,
-            errors: Default::default(),
-        }));
-        let mut tasks = Vec::new();
-        for c in 0..args.connections {
-            let mut conn = Connection::open(&target).await?;
-            let (pacer, recorder, target) = (pacer.clone(), recorder.clone(), target.clone());
-            let rows = args.rows.max(1);
-            tasks.push(glommio::spawn_local(async move {
-                let mut rng = SimRng::new(1000 + c as u64);
-                let read_path = |id: u64| format!("/v1/tenants/{TENANT}/tables/{TABLE}/rows/{id}");
-                let write_path = format!("/v1/tenants/{TENANT}/tables/{TABLE}/rows");
-                while let Some(slot) = pacer.next().await {
-                    let is_read = rng.below(reads_share + writes_share) < reads_share;
-                    let id = rng.below(rows);
-                    let outcome = if is_read {
-                        conn.request("GET", &read_path(id), None).await
-                    } else {
-                        conn.request("POST", &write_path, Some(&row_body(id, &mut rng)))
-                            .await
-                    };
-                    let latency_us = slot.due.elapsed().as_micros() as u64;
-                    if outcome.is_err() {
-                        conn = Connection::reopen(&target).await?;
-                    }
-                    if !slot.measured {
-                        continue;
-                    }
-                    let mut r = recorder.borrow_mut();
-                    let error = match &outcome {
-                        Ok(status) if (200..300).contains(status) => None,
-                        Ok(status) => Some(format!("status {status}")),
-                        Err(e) => Some(format!("transport: {e}")),
-                    };
-                    match (is_read, error) {
-                        (true, None) => r.reads.saturating_record(latency_us),
-                        (false, None) => r.writes.saturating_record(latency_us),
-                        (read, Some(kind)) => {
-                            if read {
-                                r.read_errors += 1;
-                            } else {
-                                r.write_errors += 1;
-                            }
-                            *r.errors.entry(kind).or_default() += 1;
-                        }
-                    }
-                }
-                Ok::<_, anyhow::Error>(())
-            }));
-        }
-        let mut last_report = Instant::now();
-        while !pacer.done() {
-            glommio::timer::sleep(Duration::from_millis(250)).await;
-            if last_report.elapsed() >= Duration::from_secs(1) {
-                last_report = Instant::now();
-                let r = recorder.borrow();
-                eprintln!(
-                    "  [{:>5.1}s] sent {:>8}, read p99 {} µs, write p99 {} µs, errors {}",
-                    pacer.elapsed().as_secs_f64(),
-                    pacer.sent(),
-                    r.reads.value_at_quantile(0.99),
-                    r.writes.value_at_quantile(0.99),
-                    r.read_errors + r.write_errors
-                );
-            }
-        }
-        for task in tasks {
-            task.await?;
-        }
-        let elapsed = pacer.elapsed().saturating_sub(WARMUP);
-        let r = recorder.borrow();
-        let op = |h: &Histogram<u64>, errors: u64| {
-            let p = Percentiles::of(h);
-            OpResult {
-                requests: h.len(),
-                errors,
-                p50_us: p.p50_us,
-                p95_us: h.value_at_quantile(0.95),
-                p99_us: p.p99_us,
-                p999_us: p.p999_us,
-                max_us: h.max(),
-            }
+        let (r, elapsed) = load(&target, &args, (reads_share, writes_share, 0), "mix").await?;
+        // The floor, at the same rate over the same connections, right after.
+        let floor = if args.no_floor {
+            None
+        } else {
+            let (f, _) = load(&target, &args, (0, 0, 1), "floor").await?;
+            Some(op_result(&f.pings, f.ping_errors))
         };
         let answered = r.reads.len() + r.writes.len() + r.read_errors + r.write_errors;
+        let reads = op_result(&r.reads, r.read_errors);
+        let writes = op_result(&r.writes, r.write_errors);
         Ok::<_, anyhow::Error>(HttpReport {
             url: args.url.clone(),
             offered_rate: args.rate,
@@ -529,8 +593,15 @@ pub fn run(args: HttpArgs) -> Result<()> {
             connections: args.connections,
             mix: args.mix.clone(),
             rows: args.rows,
-            reads: op(&r.reads, r.read_errors),
-            writes: op(&r.writes, r.write_errors),
+            read_p99_over_floor: floor
+                .as_ref()
+                .map(|f| reads.p99_us as f64 / f.p99_us.max(1) as f64),
+            write_p99_over_floor_us: floor
+                .as_ref()
+                .map(|f| writes.p99_us as i64 - f.p99_us as i64),
+            reads,
+            writes,
+            floor,
             errors: r.errors.clone(),
             auth: if args.admin_token_file.is_some() {
                 "api key".into()
@@ -561,10 +632,20 @@ pub(crate) fn markdown(r: &HttpReport) -> String {
         r.rows
     );
     out += "| operation | requests | errors | p50 µs | p95 µs | p99 µs | p999 µs | max µs |\n|---|---:|---:|---:|---:|---:|---:|---:|\n";
-    for (name, o) in [("point read", &r.reads), ("single-row write", &r.writes)] {
+    let rows = [
+        Some(("point read", &r.reads)),
+        Some(("single-row write", &r.writes)),
+        r.floor.as_ref().map(|f| ("floor: `GET /v1/ping` alone", f)),
+    ];
+    for (name, o) in rows.into_iter().flatten() {
         out += &format!(
             "| {name} | {} | {} | {} | {} | {} | {} | {} |\n",
             o.requests, o.errors, o.p50_us, o.p95_us, o.p99_us, o.p999_us, o.max_us
+        );
+    }
+    if let (Some(read), Some(write)) = (r.read_p99_over_floor, r.write_p99_over_floor_us) {
+        out += &format!(
+            "\nread p99 = {read:.2} × the floor's; write p99 = the floor's + {write} µs\n"
         );
     }
     if !r.errors.is_empty() {

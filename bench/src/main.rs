@@ -137,6 +137,7 @@ fn run_all(args: AllArgs) -> anyhow::Result<()> {
                 json: Some(args.out.join("http.json")),
                 admin_token_file: None,
                 ca_cert: None,
+                no_floor: false,
             });
             server.stop()?;
             outcome?;

@@ -51,7 +51,7 @@ fn served_contract(server: &Server) -> Value {
 }
 
 #[test]
-fn the_contract_is_served_without_credentials_and_matches_the_build() {
+fn the_contract_and_the_ping_are_served_without_credentials_and_match_the_build() {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = start(dir.path());
     let spec = served_contract(&server);
@@ -65,6 +65,18 @@ fn the_contract_is_served_without_credentials_and_matches_the_build() {
     for route in ["/v1/tenants", "/v1/tenants/{tenant}/ask", "/health"] {
         assert!(paths.contains_key(route), "{route} is missing");
     }
+    // So is the data port's ping, which touches no engine state.
+    let ping = common::request("GET", &format!("{}/v1/ping", server.api), None);
+    assert_eq!(ping.status, 200, "{ping:?}");
+    assert_eq!(ping.body, serde_json::json!({"pong": true}));
+    let post = common::request_as(
+        "POST",
+        &format!("{}/v1/ping", server.api),
+        Some("{}"),
+        ADMIN,
+    );
+    assert_eq!(post.status, 405, "{post:?}");
+    assert_eq!(post.allow.as_deref(), Some("GET"), "{post:?}");
     // Anything else under /v1 still needs credentials.
     let other = common::request("GET", &format!("{}/v1/tenants", server.api), None);
     assert_eq!(other.status, 401, "{other:?}");
