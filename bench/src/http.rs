@@ -60,6 +60,11 @@ pub struct HttpArgs {
     /// path with no engine state, which the read and write p99 are quoted against.
     #[arg(long)]
     pub(crate) no_floor: bool,
+    /// The server's ops listener (`http://127.0.0.1:7071`): its `oc_wal_fsync_lag_ms`
+    /// is scraped before and after the mix, and write p99 is judged against the floor
+    /// plus twice the log's fsync-lag p99 over the same window.
+    #[arg(long)]
+    pub(crate) metrics_url: Option<String>,
 }
 
 pub(crate) const TENANT: &str = "bench-http";
@@ -98,6 +103,10 @@ pub(crate) struct HttpReport {
     /// Write p99 minus the floor's p99, µs.
     #[serde(default)]
     write_p99_over_floor_us: Option<i64>,
+    /// The log's fsync-lag p99 over the mix (all shards), ms, from the server's
+    /// `oc_wal_fsync_lag_ms` buckets as Prometheus' `histogram_quantile` estimates it.
+    #[serde(default)]
+    fsync_lag_p99_ms: Option<f64>,
     /// Non-2xx statuses and transport errors, by kind.
     errors: std::collections::BTreeMap<String, u64>,
     /// `none`, or `api key` when the load authenticated with one.
@@ -538,6 +547,75 @@ async fn load(
     Ok((recorder, elapsed))
 }
 
+/// The histogram the write goal is judged against.
+const FSYNC_LAG: &str = "oc_wal_fsync_lag_ms";
+
+/// One scrape of the server's `/metrics`.
+async fn scrape(ops: &Target) -> Result<String> {
+    let mut conn = Connection::open(ops).await?;
+    let status = conn.request("GET", "/metrics", None).await?;
+    if status != 200 {
+        bail!("GET /metrics answered {status}");
+    }
+    Ok(String::from_utf8_lossy(conn.body()).into_owned())
+}
+
+/// A histogram's cumulative buckets in a scrape: (upper bound, count), by bound.
+fn buckets(scrape: &str, name: &str) -> Vec<(f64, f64)> {
+    let prefix = format!("{name}_bucket{{le=\"");
+    let mut out: Vec<(f64, f64)> = scrape
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(&prefix)?;
+            let (le, count) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.total_cmp(&b.0));
+    out
+}
+
+/// Quantile `q` of what a histogram counted between two scrapes, interpolated
+/// linearly inside the bucket that holds it (as `histogram_quantile` does); `None`
+/// without observations or when the buckets differ.
+fn quantile_between(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> Option<f64> {
+    if before.len() != after.len() || after.is_empty() {
+        return None;
+    }
+    let delta: Vec<(f64, f64)> = after
+        .iter()
+        .zip(before)
+        .map(|(a, b)| (a.0, a.1 - b.1))
+        .collect();
+    let total = delta.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let mut lower = (0.0, 0.0);
+    for &(le, count) in &delta {
+        if count >= rank {
+            if le.is_infinite() {
+                return Some(lower.0);
+            }
+            let width = count - lower.1;
+            let within = if width > 0.0 {
+                (rank - lower.1) / width
+            } else {
+                1.0
+            };
+            return Some(lower.0 + (le - lower.0) * within);
+        }
+        lower = (le, count);
+    }
+    None
+}
+
 fn op_result(h: &Histogram<u64>, errors: u64) -> OpResult {
     let p = Percentiles::of(h);
     OpResult {
@@ -574,7 +652,23 @@ pub fn run(args: HttpArgs) -> Result<()> {
             }),
             None => target,
         };
+        let metrics = args.metrics_url.as_deref().map(parse_url).transpose()?;
+        let lag_before = match &metrics {
+            Some(m) => Some(scrape(m).await?),
+            None => None,
+        };
         let (r, elapsed) = load(&target, &args, (reads_share, writes_share, 0), "mix").await?;
+        let fsync_lag_p99_ms = match (&metrics, lag_before) {
+            (Some(m), Some(before)) => {
+                let after = scrape(m).await?;
+                quantile_between(
+                    &buckets(&before, FSYNC_LAG),
+                    &buckets(&after, FSYNC_LAG),
+                    0.99,
+                )
+            }
+            _ => None,
+        };
         // The floor, at the same rate over the same connections, right after.
         let floor = if args.no_floor {
             None
@@ -599,6 +693,7 @@ pub fn run(args: HttpArgs) -> Result<()> {
             write_p99_over_floor_us: floor
                 .as_ref()
                 .map(|f| writes.p99_us as i64 - f.p99_us as i64),
+            fsync_lag_p99_ms,
             reads,
             writes,
             floor,
@@ -648,6 +743,19 @@ pub(crate) fn markdown(r: &HttpReport) -> String {
             "\nread p99 = {read:.2} × the floor's; write p99 = the floor's + {write} µs\n"
         );
     }
+    if let (Some(lag), Some(floor)) = (r.fsync_lag_p99_ms, &r.floor) {
+        let goal_us = floor.p99_us as f64 + 2.0 * lag * 1e3;
+        out += &format!(
+            "log fsync-lag p99 over the mix ≈ {lag:.2} ms: write p99 {} µs against the goal \
+             floor + 2 × that = {goal_us:.0} µs ({})\n",
+            r.writes.p99_us,
+            if (r.writes.p99_us as f64) <= goal_us {
+                "met"
+            } else {
+                "not met"
+            }
+        );
+    }
     if !r.errors.is_empty() {
         out += &format!("\nerrors: {:?}\n", r.errors);
     }
@@ -675,4 +783,37 @@ pub(crate) fn svgs(r: &HttpReport) -> Vec<(String, String)> {
             ],
         }),
     )]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_quantile_between_two_scrapes_counts_only_what_came_between() {
+        let scrape = |counts: [u64; 4]| {
+            format!(
+                "# TYPE oc_wal_fsync_lag_ms histogram\n\
+                 oc_wal_fsync_lag_ms_bucket{{le=\"0.5\"}} {}\n\
+                 oc_wal_fsync_lag_ms_bucket{{le=\"1\"}} {}\n\
+                 oc_wal_fsync_lag_ms_bucket{{le=\"2\"}} {}\n\
+                 oc_wal_fsync_lag_ms_bucket{{le=\"+Inf\"}} {}\n",
+                counts[0], counts[1], counts[2], counts[3]
+            )
+        };
+        // Before: 1000 fast syncs. Between: 100 more, 90 under 0.5 ms and 10 in 1–2 ms.
+        let before = buckets(&scrape([1000, 1000, 1000, 1000]), FSYNC_LAG);
+        let after = buckets(&scrape([1090, 1090, 1100, 1100]), FSYNC_LAG);
+        assert_eq!(before.len(), 4);
+        let p50 = quantile_between(&before, &after, 0.5).expect("p50");
+        assert!((p50 - 0.5 * 50.0 / 90.0).abs() < 1e-9, "{p50}");
+        let p99 = quantile_between(&before, &after, 0.99).expect("p99");
+        assert!((p99 - 1.9).abs() < 1e-9, "{p99}");
+        assert_eq!(
+            quantile_between(&after, &after, 0.99),
+            None,
+            "nothing between"
+        );
+        assert_eq!(quantile_between(&before, &after[..2], 0.99), None);
+    }
 }

@@ -138,6 +138,7 @@ fn run_all(args: AllArgs) -> anyhow::Result<()> {
                 admin_token_file: None,
                 ca_cert: None,
                 no_floor: false,
+                metrics_url: Some(server.ops_url.clone()),
             });
             server.stop()?;
             outcome?;
