@@ -28,6 +28,9 @@ use crate::lease;
 pub const TIMELINE_KEY: &str = "timeline.json";
 /// The record's format version.
 pub const TIMELINE_FORMAT_VERSION: u64 = 1;
+/// Lease epochs that left nothing (failed promotions) a chain steps over before it
+/// calls the lease record wrong: each costs two reads.
+const MAX_EMPTY_EPOCHS: u64 = 100;
 
 /// `epoch-<n>/timeline.json`: where a promoted writer's history leaves its parent's.
 /// Fields in alphabetical order (the order of the bytes written); do not reorder.
@@ -221,9 +224,21 @@ pub fn chain(root: &Arc<dyn Archive>) -> Result<Vec<Timeline>, ArchiveError> {
     };
     let mut chain = Vec::new();
     let mut epoch = newest;
+    let mut skipped = 0;
     loop {
         // Epochs strictly decrease (a record's parent is below its epoch): this ends.
         let Some(timeline) = timeline_at(root, epoch)? else {
+            skipped += 1;
+            if skipped > MAX_EMPTY_EPOCHS {
+                return Err(ArchiveError::Uri {
+                    uri: lease::LEASE_KEY.into(),
+                    why: format!(
+                        "names lease epoch {newest}, but more than {MAX_EMPTY_EPOCHS} epochs \
+                         up to it hold nothing: a failed promotion leaves one such epoch, \
+                         not this many; check the record"
+                    ),
+                });
+            }
             epoch -= 1; // never 0: epoch 1 (the root) is always a timeline
             continue;
         };

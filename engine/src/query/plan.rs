@@ -204,18 +204,14 @@ fn dual_read_plan(
             old_ids.push(old_id);
         }
     }
-    if let ([key], true, None) = (
-        query.order_by.as_slice(),
-        query.limit.is_some(),
-        &query.aggregation,
-    ) {
-        if matches!(key.expr, Expr::Distance(..)) && !key.desc {
-            let has_distance = Expr::IsNull(Box::new(key.expr.clone()), true);
-            query.filter = Some(match query.filter.take() {
-                Some(f) => Expr::And(Box::new(f), Box::new(has_distance)),
-                None => has_distance,
-            });
-        }
+    // Where the new shape's own table would walk its vector store (the query kNN
+    // answers), the sort must leave out what kNN leaves out.
+    if let (Access::Knn { .. }, [key]) = (&choose(&schema, query, true).0, &*query.order_by) {
+        let has_distance = Expr::IsNull(Box::new(key.expr.clone()), true);
+        query.filter = Some(match query.filter.take() {
+            Some(f) => Expr::And(Box::new(f), Box::new(has_distance)),
+            None => has_distance,
+        });
     }
     let (mut access, order, detail) = choose(&schema, query, false);
     if let Access::Keys {

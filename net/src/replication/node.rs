@@ -525,11 +525,14 @@ impl Node {
             format_version: timeline::TIMELINE_FORMAT_VERSION,
             frame_epoch: frame_epoch.0,
             lease_epoch,
-            parent_lease_epoch: lease_epoch - 1,
+            parent_lease_epoch: lease_epoch.saturating_sub(1),
             promoted_at_us: claim.lease.claimed_at_us,
         };
         let recorded = glommio::executor()
             .spawn_blocking(move || {
+                if lease_epoch < 2 {
+                    return Ok(()); // the root's history has no branch point
+                }
                 let mut attempt = 0;
                 loop {
                     let done = timeline::namespaced(&archive, lease_epoch)
@@ -555,7 +558,7 @@ impl Node {
                 tracing::error!(error = %e, "promotion: recording the branch point failed");
                 step(format!(
                     "could not record the branch point ({e}): restores of this archive to \
-                     before this promotion must name the old history's location"
+                     before this promotion are refused (FORMAT.md §9.4)"
                 ))
             }
         }
