@@ -15,6 +15,8 @@ pub enum Error {
         request_id: String,
         /// The server's `Retry-After`, when it sent one.
         retry_after: Option<Duration>,
+        /// On `421 not_leader`: whether that server wrote the request (docs/API.md).
+        taken: Option<bool>,
     },
     /// No answer: the connection failed, timed out or TLS was refused.
     #[error("transport: {}", chain(.0))]
@@ -67,7 +69,7 @@ impl Error {
                 (401 | 403, ErrorCode::QuotaExceeded) => ErrorClass::Invalid,
                 (401 | 403, _) => ErrorClass::Auth,
                 (404, _) => ErrorClass::NotFound,
-                (429 | 503 | 507, _) | (408, _) => ErrorClass::Unavailable,
+                (421 | 429 | 503 | 507, _) | (408, _) => ErrorClass::Unavailable,
                 (400..=499, _) => ErrorClass::Invalid,
                 _ => ErrorClass::Server,
             },
@@ -87,7 +89,8 @@ pub enum ErrorClass {
     Auth,
     /// No such tenant, table, row or key (404).
     NotFound,
-    /// Try again later: rate limits, overload, deadlines, no connection.
+    /// Try again later (or elsewhere): not the writer, rate limits, overload,
+    /// deadlines, no connection.
     Unavailable,
     /// The server failed (500) or answered off contract.
     Server,
@@ -230,7 +233,7 @@ impl ErrorCode {
         use ErrorCode::*;
         matches!(
             self,
-            RateLimited | TenantBusy | Overloaded | TooManyConnections
+            RateLimited | TenantBusy | Overloaded | TooManyConnections | LsnNotApplied
         )
     }
 
@@ -241,8 +244,9 @@ impl ErrorCode {
         matches!(
             self,
             // shard_unavailable: the owner shard did not take *or did not answer*.
-            // not_leader: a follower took nothing, but a writer that lost its lease
-            // applied the write without acknowledging it, as replication_unavailable.
+            // not_leader: a writer that lost its lease applied the write without
+            // acknowledging it, as replication_unavailable (a follower's or a handing
+            // over writer's refusal says `taken: false`: nothing was written).
             DeadlineExceeded
                 | ShardUnavailable
                 | StorageFull

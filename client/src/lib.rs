@@ -24,8 +24,14 @@
 //! twice. Operator actions (tenants, tables, keys) are never sent again once they may
 //! have run.
 //!
-//! Not built yet: following `421 not_leader` to the writer and `min_lsn` reads (they
-//! come with replication).
+//! With replication, give the client every server, writer and followers
+//! (`Client::builder("https://a:7070,https://b:7070")`): calls go to one of them and
+//! move on to the next when it refuses a write as not the writer (`421 not_leader`)
+//! or cannot be reached, so writes find the writer again after a failover or a
+//! switchover. A refusal that wrote nothing (a follower, a writer handing over) is
+//! sent on whatever the write; one from a writer that lost its lease after logging
+//! the write only with an idempotency key. Reads that must see a write pass its `lsn`
+//! as [`ReadOptions::min_lsn`] (read-your-writes on a follower).
 //!
 //! One file, about 630 lines of code: every route is one short method over the same
 //! request/retry core, and splitting the methods from that core would only add
@@ -36,6 +42,8 @@ mod error;
 mod types;
 mod watch;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
@@ -128,13 +136,17 @@ impl ClientBuilder {
     }
 
     pub fn build(self) -> Result<Client, Error> {
-        let base = self.base.trim_end_matches('/').to_string();
-        let url = reqwest::Url::parse(&base)
-            .map_err(|e| Error::InvalidArgument(format!("server URL {base:?}: {e}")))?;
-        if url.scheme() != "http" && url.scheme() != "https" {
-            return Err(Error::InvalidArgument(format!(
-                "server URL {base:?} must start with http:// or https://"
-            )));
+        let mut endpoints = Vec::new();
+        for base in self.base.split(',').map(str::trim) {
+            let base = base.trim_end_matches('/').to_string();
+            let url = reqwest::Url::parse(&base)
+                .map_err(|e| Error::InvalidArgument(format!("server URL {base:?}: {e}")))?;
+            if url.scheme() != "http" && url.scheme() != "https" {
+                return Err(Error::InvalidArgument(format!(
+                    "server URL {base:?} must start with http:// or https://"
+                )));
+            }
+            endpoints.push(base);
         }
         let mut http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
@@ -149,7 +161,8 @@ impl ClientBuilder {
             .map_err(|e| Error::InvalidArgument(format!("HTTP client: {e}")))?;
         Ok(Client {
             http,
-            base,
+            endpoints: endpoints.into(),
+            current: Arc::default(),
             token: self.token,
             timeout: self.timeout,
             retry: self.retry,
@@ -157,11 +170,15 @@ impl ClientBuilder {
     }
 }
 
-/// A connection pool to one oc server. Cheap to clone.
+/// A connection pool to an oc server, or to a writer and its followers. Cheap to
+/// clone; clones share which server they take for the writer.
 #[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
-    base: String,
+    endpoints: Arc<[String]>,
+    /// The index in `endpoints` calls go to: the last one that did not refuse a write
+    /// as a follower nor fail to answer.
+    current: Arc<AtomicUsize>,
     token: Option<String>,
     timeout: Duration,
     retry: RetryPolicy,
@@ -177,6 +194,8 @@ enum Replay {
 }
 
 impl Client {
+    /// `base_url`: one server's data API, or several separated by commas (a writer
+    /// and its followers, in any order).
     pub fn builder(base_url: impl Into<String>) -> ClientBuilder {
         ClientBuilder {
             base: base_url.into(),
@@ -187,9 +206,10 @@ impl Client {
         }
     }
 
-    /// The server's base URL, as given.
+    /// The base URL calls go to now (with several servers, the one last found
+    /// taking writes or answering).
     pub fn base_url(&self) -> &str {
-        &self.base
+        &self.endpoints[self.current.load(Ordering::Relaxed) % self.endpoints.len()]
     }
 
     // --- tenants ---
@@ -322,6 +342,18 @@ impl Client {
         table: &str,
         key: &[Value],
     ) -> Result<Option<Row>, Error> {
+        self.get_row_with(tenant, table, key, &ReadOptions::default())
+            .await
+    }
+
+    /// As [`Client::get_row`], with `options` (`min_lsn`; `explain` does not apply).
+    pub async fn get_row_with(
+        &self,
+        tenant: &str,
+        table: &str,
+        key: &[Value],
+        options: &ReadOptions,
+    ) -> Result<Option<Row>, Error> {
         if key.is_empty() {
             return Err(Error::InvalidArgument(
                 "a row key needs one value per primary-key column".into(),
@@ -346,6 +378,9 @@ impl Client {
             path.push('/');
             path.push_str(&segment(&text)?);
         }
+        if let Some(lsn) = options.min_lsn {
+            path.push_str(&format!("?min_lsn={lsn}"));
+        }
         #[derive(serde::Deserialize)]
         struct Found {
             row: Row,
@@ -361,7 +396,8 @@ impl Client {
 
     /// Runs one SELECT; `params` fill `$1`, `$2`, ….
     pub async fn ask(&self, tenant: &str, sql: &str, params: &[Value]) -> Result<AskAnswer, Error> {
-        self.ask_with(tenant, sql, params, false).await
+        self.ask_with(tenant, sql, params, &ReadOptions::default())
+            .await
     }
 
     /// As [`Client::ask`], with the plan and its per-stage figures in `plan`.
@@ -371,20 +407,33 @@ impl Client {
         sql: &str,
         params: &[Value],
     ) -> Result<AskAnswer, Error> {
-        self.ask_with(tenant, sql, params, true).await
+        let options = ReadOptions {
+            explain: true,
+            ..ReadOptions::default()
+        };
+        self.ask_with(tenant, sql, params, &options).await
     }
 
-    async fn ask_with(
+    /// As [`Client::ask`], with `options`.
+    pub async fn ask_with(
         &self,
         tenant: &str,
         sql: &str,
         params: &[Value],
-        explain: bool,
+        options: &ReadOptions,
     ) -> Result<AskAnswer, Error> {
+        let mut query = Vec::new();
+        if options.explain {
+            query.push("explain=true".to_string());
+        }
+        if let Some(lsn) = options.min_lsn {
+            query.push(format!("min_lsn={lsn}"));
+        }
         let path = format!(
-            "/v1/tenants/{}/ask{}",
+            "/v1/tenants/{}/ask{}{}",
             segment(tenant)?,
-            if explain { "?explain=true" } else { "" }
+            if query.is_empty() { "" } else { "?" },
+            query.join("&")
         );
         let body = json!({ "sql": sql, "params": params });
         self.call(Method::POST, &path, Some(&body), Replay::Safe)
@@ -508,7 +557,11 @@ impl Client {
     }
 
     fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
-        let mut request = self.http.request(method, format!("{}{path}", self.base));
+        self.request_to(self.base_url(), method, path)
+    }
+
+    fn request_to(&self, base: &str, method: Method, path: &str) -> reqwest::RequestBuilder {
+        let mut request = self.http.request(method, format!("{base}{path}"));
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
         }
@@ -523,8 +576,14 @@ impl Client {
         replay: Replay,
     ) -> Result<T, Error> {
         let mut attempt = 1;
+        // Servers tried in a row without an answer worth keeping: until each was
+        // tried once, moving on costs no wait.
+        let mut moved = 0;
         loop {
-            let mut request = self.request(method.clone(), path).timeout(self.timeout);
+            let at = self.current.load(Ordering::Relaxed) % self.endpoints.len();
+            let mut request = self
+                .request_to(&self.endpoints[at], method.clone(), path)
+                .timeout(self.timeout);
             if let Some(body) = body {
                 request = request.json(body);
             }
@@ -539,9 +598,23 @@ impl Client {
                 },
                 Err(e) => Error::Transport(e),
             };
+            let move_on = self.endpoints.len() > 1 && elsewhere(&outcome);
+            if move_on {
+                // Another call may have moved on already: never skip past its choice.
+                let next = (at + 1) % self.endpoints.len();
+                let _ =
+                    self.current
+                        .compare_exchange(at, next, Ordering::Relaxed, Ordering::Relaxed);
+            }
             if attempt >= self.retry.attempts || !retryable(&outcome, replay) {
                 return Err(outcome);
             }
+            attempt += 1;
+            if move_on && moved + 1 < self.endpoints.len() {
+                moved += 1;
+                continue;
+            }
+            moved = 0;
             let wait = match &outcome {
                 Error::Api {
                     retry_after: Some(after),
@@ -556,16 +629,31 @@ impl Client {
             // Up to a fifth more, so clients refused together do not return together.
             let wait = wait.mul_f64(1.0 + fastrand::f64() / 5.0);
             tokio::time::sleep(wait).await;
-            attempt += 1;
         }
+    }
+}
+
+/// Whether another server may answer what this one did not: it is not the writer,
+/// it is behind the LSN a read asked for, or it did not answer.
+fn elsewhere(error: &Error) -> bool {
+    match error {
+        Error::Api { code, .. } => matches!(code, ErrorCode::NotLeader | ErrorCode::LsnNotApplied),
+        Error::Transport(_) | Error::Timeout(_) => true,
+        Error::Decode(_) | Error::InvalidArgument(_) => false,
     }
 }
 
 /// Whether `error` may be answered by sending the same request again.
 fn retryable(error: &Error, replay: Replay) -> bool {
     match error {
-        Error::Api { code, status, .. } => {
+        Error::Api {
+            code,
+            status,
+            taken,
+            ..
+        } => {
             code.not_taken()
+                || *taken == Some(false)
                 || (replay == Replay::Safe
                     && (code.outcome_unknown() || *status == StatusCode::BAD_GATEWAY.as_u16()))
         }
@@ -616,6 +704,7 @@ async fn check(response: reqwest::Response) -> Result<reqwest::Response, Error> 
     let error = &body["error"];
     let field = |name: &str| error[name].as_str().map(str::to_string);
     Err(Error::Api {
+        taken: error["taken"].as_bool(),
         status: status.as_u16(),
         code: ErrorCode::parse(
             &field("code").unwrap_or_else(|| format!("http_{}", status.as_u16())),
@@ -669,6 +758,7 @@ mod tests {
             message: String::new(),
             request_id: String::new(),
             retry_after: None,
+            taken: None,
         };
         assert!(retryable(&api("rate_limited", 429), Replay::Unsafe));
         assert!(retryable(&api("overloaded", 503), Replay::Unsafe));
@@ -679,5 +769,52 @@ mod tests {
         assert!(retryable(&api("deadline_exceeded", 503), Replay::Safe));
         assert!(!retryable(&api("invalid_row", 400), Replay::Safe));
         assert!(!retryable(&api("internal", 500), Replay::Safe));
+    }
+
+    #[test]
+    fn a_write_refused_as_not_the_writer_is_sent_on_only_when_nothing_was_written() {
+        let not_leader = |taken| Error::Api {
+            status: 421,
+            code: ErrorCode::NotLeader,
+            message: String::new(),
+            request_id: String::new(),
+            retry_after: None,
+            taken,
+        };
+        // A follower or a writer handing over wrote nothing.
+        assert!(retryable(&not_leader(Some(false)), Replay::Unsafe));
+        // A writer that lost its lease logged the write: only a keyed one goes again.
+        assert!(!retryable(&not_leader(Some(true)), Replay::Unsafe));
+        assert!(retryable(&not_leader(Some(true)), Replay::Safe));
+        assert!(!retryable(&not_leader(None), Replay::Unsafe));
+        // Each sends the call to the next server, as does a server that did not answer.
+        assert!(elsewhere(&not_leader(Some(false))));
+        assert!(elsewhere(&Error::Timeout(Duration::from_secs(1))));
+        let overloaded = Error::Api {
+            status: 503,
+            code: ErrorCode::Overloaded,
+            message: String::new(),
+            request_id: String::new(),
+            retry_after: None,
+            taken: None,
+        };
+        assert!(!elsewhere(&overloaded));
+    }
+
+    #[test]
+    fn several_servers_are_one_comma_separated_url() {
+        let oc = Client::builder("http://a:7070/, http://b:7071")
+            .build()
+            .expect("client");
+        assert_eq!(&*oc.endpoints, ["http://a:7070", "http://b:7071"]);
+        assert_eq!(oc.base_url(), "http://a:7070");
+        assert!(matches!(
+            Client::builder("http://a:7070,ftp://b").build(),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            Client::builder("http://a:7070,").build(),
+            Err(Error::InvalidArgument(_))
+        ));
     }
 }

@@ -248,3 +248,14 @@ pub struct AuditPage {
     pub next_after: Option<u64>,
     pub problems: Vec<String>,
 }
+
+/// How a read is answered.
+#[derive(Debug, Clone, Default)]
+pub struct ReadOptions {
+    /// Read-your-writes: the `lsn` of a write of this tenant. The server answers once
+    /// it has applied that far (a follower waits a bounded time, then answers `503
+    /// lsn_not_applied` and the client tries the next server).
+    pub min_lsn: Option<u64>,
+    /// `/ask` only: the plan and its per-stage figures in [`AskAnswer::plan`].
+    pub explain: bool,
+}

@@ -76,6 +76,10 @@ pub enum EngineError {
     /// lease lapsed or was taken.
     #[error("{0}")]
     NotLeader(String),
+    /// A writer handing over to a follower (a switchover) refused the write before
+    /// logging it: nothing was written, so it may be sent to the new writer as is.
+    #[error("{0}")]
+    HandingOver(String),
     /// Synchronous replication: the followers did not confirm the write in time. It is
     /// durable and applied here, but not acknowledged.
     #[error("{0}")]

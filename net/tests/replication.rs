@@ -173,6 +173,7 @@ fn a_follower_holds_every_acknowledged_write_and_serves_reads_only() {
     );
     assert_eq!(refused.status, 421, "{refused:?}");
     assert_eq!(refused.body["error"]["code"], "not_leader");
+    assert_eq!(refused.body["error"]["taken"], false, "{refused:?}");
     assert!(
         refused.body["error"]["message"]
             .as_str()
@@ -1921,5 +1922,156 @@ fn a_restore_follows_the_promoted_timeline_and_never_restores_the_dead_branch() 
         restored_ids(&at_target),
         (0..20).collect::<Vec<_>>(),
         "the dead branch (100..110) is not the archive's history: {run:?}"
+    );
+}
+
+/// `oc-client` given both servers: a write sent to the follower reaches the writer, a
+/// follower read with the write's LSN sees it, and writes without idempotency keys
+/// keep landing through a switchover, every acknowledged one on the new writer.
+#[test]
+fn the_client_finds_the_writer_through_a_switchover_and_reads_its_writes_on_a_follower() {
+    use oc_client::{Client, ReadOptions, RetryPolicy, WriteBatch};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (writer, follower, _) = pair(dir.path(), &[]);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let retry = RetryPolicy {
+        attempts: 30,
+        backoff: Duration::from_millis(20),
+        max_wait: Duration::from_secs(2),
+    };
+    let both = Client::builder(format!("{},{}", follower.api, writer.api))
+        .retry(retry)
+        .build()
+        .expect("client");
+    let only_follower = Client::builder(&follower.api)
+        .retry(RetryPolicy {
+            attempts: 1,
+            ..retry
+        })
+        .build()
+        .expect("client");
+    let row = |id: i64| {
+        json!({"id": id, "name": format!("n{id}"), "batch": 1})
+            .as_object()
+            .cloned()
+            .expect("an object")
+    };
+    runtime.block_on(async {
+        // Operator actions too: the follower wrote nothing, so they are sent on.
+        both.create_tenant("alpha").await.expect("tenant");
+        assert_eq!(
+            both.base_url(),
+            writer.api,
+            "the client stays on the writer"
+        );
+        both.create_table_json("alpha", &common::items_table())
+            .await
+            .expect("table");
+        let written = both
+            .write_rows("alpha", "items", WriteBatch::default().upsert(row(1)))
+            .await
+            .expect("write");
+        assert_eq!(written.inserted, 1);
+        // Read-your-writes on the follower.
+        let at_least = ReadOptions {
+            min_lsn: Some(written.lsn),
+            ..ReadOptions::default()
+        };
+        let found = only_follower
+            .get_row_with("alpha", "items", &[json!(1)], &at_least)
+            .await
+            .expect("read on the follower");
+        assert_eq!(found.expect("the row")["name"], "n1");
+        let counted = only_follower
+            .ask_with("alpha", "SELECT COUNT(*) FROM items", &[], &at_least)
+            .await
+            .expect("ask on the follower");
+        assert_eq!(counted.rows[0][0], 1);
+        assert!(counted.applied_lsn >= written.lsn, "{counted:?}");
+        // The follower's refusal says it wrote nothing.
+        let refused = only_follower
+            .write_rows("alpha", "items", WriteBatch::default().upsert(row(2)))
+            .await
+            .expect_err("a follower refuses writes");
+        assert!(
+            matches!(
+                refused,
+                oc_client::Error::Api {
+                    status: 421,
+                    taken: Some(false),
+                    ..
+                }
+            ),
+            "{refused:?}"
+        );
+    });
+
+    // Writes through a switchover: one writer thread on the client, no keys.
+    let acknowledged: Arc<Mutex<Vec<i64>>> = Arc::default();
+    let failed: Arc<Mutex<Vec<String>>> = Arc::default();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let host = |url: &str| url.trim_start_matches("http://").to_string();
+    let switched = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            runtime.block_on(async {
+                let mut id = 100;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    match both
+                        .write_rows("alpha", "items", WriteBatch::default().upsert(row(id)))
+                        .await
+                    {
+                        Ok(_) => acknowledged.lock().expect("acks").push(id),
+                        Err(e) => failed.lock().expect("failures").push(e.to_string()),
+                    }
+                    id += 1;
+                }
+            })
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let switched = std::process::Command::new(env!("CARGO_BIN_EXE_oc-server"))
+            .args([
+                "switchover",
+                "--from",
+                &host(&writer.ops),
+                "--to",
+                &host(&follower.ops),
+            ])
+            .output()
+            .expect("oc-server switchover");
+        std::thread::sleep(Duration::from_millis(500));
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        switched
+    });
+    assert!(
+        switched.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&switched.stdout),
+        String::from_utf8_lossy(&switched.stderr)
+    );
+    let failed = failed.lock().expect("failures").clone();
+    assert!(
+        failed.is_empty(),
+        "writes failed across the switchover: {failed:?}"
+    );
+    assert_eq!(
+        both.base_url(),
+        follower.api,
+        "the client moved to the new writer"
+    );
+    let acknowledged = acknowledged.lock().expect("acks").clone();
+    let held = rows_of(&follower, "alpha");
+    for id in &acknowledged {
+        assert!(held.contains_key(id), "acknowledged row {id} is missing");
+    }
+    let after = runtime
+        .block_on(both.write_rows("alpha", "items", WriteBatch::default().upsert(row(-1))))
+        .expect("a write after the switchover");
+    assert!(after.lsn > 0);
+    eprintln!(
+        "{} writes acknowledged across the switchover",
+        acknowledged.len()
     );
 }

@@ -531,8 +531,9 @@ async fn drive_backfill<S: Storage>(shard: Rc<Shard<S>>) {
             };
             match shard.commit(&tenant, command).await {
                 Ok(_) => {}
-                // A follower or a fenced writer: the writer drives the backfill.
-                Err(EngineError::NotLeader(_)) => {
+                // A follower, a fenced writer or one handing over: the writer drives
+                // the backfill.
+                Err(EngineError::NotLeader(_) | EngineError::HandingOver(_)) => {
                     glommio::timer::sleep(Duration::from_millis(100)).await;
                 }
                 Err(e) => {

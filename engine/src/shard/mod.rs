@@ -332,7 +332,7 @@ impl<S: Storage> Shard<S> {
             .submit(kind, tenant.as_str().as_bytes(), &payload)
             .await
             .map_err(|e| match e {
-                oc_io::Error::OwnWritesStopped => EngineError::NotLeader(
+                oc_io::Error::OwnWritesStopped => EngineError::HandingOver(
                     "this writer is handing over to a follower (a switchover): nothing was \
                      written; send the write to the new writer"
                         .into(),

@@ -18,6 +18,11 @@ pub struct ApiError {
     /// A stable, machine-readable reason (documented in docs/API.md).
     pub code: &'static str,
     pub message: String,
+    /// Set on `421 not_leader` only: `false` when this server wrote nothing (a
+    /// follower, a writer handing over), so a client may send any write on to the
+    /// writer; `true` when the write is durable here but unacknowledged (a writer that
+    /// lost its lease), so only a write with an idempotency key may be sent again.
+    pub taken: Option<bool>,
 }
 
 impl ApiError {
@@ -26,6 +31,15 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            taken: None,
+        }
+    }
+
+    /// `421 not_leader`, saying whether this server wrote the request.
+    pub fn not_leader(taken: bool, message: impl Into<String>) -> Self {
+        ApiError {
+            taken: Some(taken),
+            ..Self::new(StatusCode::MISDIRECTED_REQUEST, "not_leader", message)
         }
     }
 
@@ -51,11 +65,14 @@ impl ApiError {
 
     /// The JSON response, tagged with the request's id.
     pub fn into_response(self, request_id: &str) -> Response<Full<Bytes>> {
-        let body = json!({"error": {
+        let mut body = json!({"error": {
             "code": self.code,
             "message": self.message,
             "request_id": request_id,
         }});
+        if let Some(taken) = self.taken {
+            body["error"]["taken"] = taken.into();
+        }
         let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
         *response.status_mut() = self.status;
         let headers = response.headers_mut();
@@ -74,6 +91,8 @@ impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         let message = e.to_string();
         let (status, code) = match &e {
+            EngineError::NotLeader(_) => return ApiError::not_leader(true, message),
+            EngineError::HandingOver(_) => return ApiError::not_leader(false, message),
             EngineError::InvalidName { .. } => (StatusCode::BAD_REQUEST, "invalid_name"),
             EngineError::InvalidSchema { .. } => (StatusCode::BAD_REQUEST, "invalid_schema"),
             EngineError::InvalidRow { .. } => (StatusCode::BAD_REQUEST, "invalid_row"),
@@ -110,7 +129,6 @@ impl From<EngineError> for ApiError {
                 (StatusCode::SERVICE_UNAVAILABLE, "out_of_descriptors")
             }
             EngineError::Wal(_) => (StatusCode::SERVICE_UNAVAILABLE, "log_failed"),
-            EngineError::NotLeader(_) => (StatusCode::MISDIRECTED_REQUEST, "not_leader"),
             EngineError::ReplicationUnavailable(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "replication_unavailable")
             }

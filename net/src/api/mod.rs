@@ -422,12 +422,11 @@ async fn dispatch(ctx: &ApiContext, req: Request<Incoming>, request_id: &str) ->
     if let Some(role) = ctx.role.as_ref().filter(|r| r.is_follower()) {
         if changes_state(&s, &method) {
             let leader = &role.leader;
-            return Err(ApiError::new(
-                StatusCode::MISDIRECTED_REQUEST,
-                "not_leader",
+            return Err(ApiError::not_leader(
+                false,
                 format!(
                     "this server is a follower and serves reads only; send {method} {path} to \
-                     the writer (its replication address is {leader})"
+                 the writer (its replication address is {leader})"
                 ),
             ));
         }

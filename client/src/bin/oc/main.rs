@@ -4,7 +4,8 @@
 //!
 //! Exit codes: 0 done, 1 the server failed (500) or answered off contract, 2 bad
 //! usage, 3 the request is invalid (400/409/413/415, quota), 4 credentials (401/403),
-//! 5 not found (404), 6 unavailable (429/503/507, no connection): try again later.
+//! 5 not found (404), 6 unavailable (421/429/503/507, no connection): try again later
+//! (or elsewhere).
 //!
 //! One file, about 700 lines: the command tree and its dispatch read best side by side;
 //! the printing already lives in `output`.
@@ -13,7 +14,7 @@ use std::io::{Read, Write};
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
-use oc_client::{AuditQuery, Client, Error, ErrorClass, WatchOptions, WriteBatch};
+use oc_client::{AuditQuery, Client, Error, ErrorClass, ReadOptions, WatchOptions, WriteBatch};
 use serde_json::{json, Value};
 
 mod output;
@@ -23,7 +24,8 @@ use output::{done, print_answer, print_json, print_table};
 #[derive(Parser)]
 #[command(name = "oc", version, about = "Talk to an oc server", long_about = None)]
 struct Cli {
-    /// The server's data API.
+    /// The server's data API; with replication, the writer's and its followers'
+    /// separated by commas (writes find the writer, reads go to the server in use).
     #[arg(
         long,
         env = "OC_URL",
@@ -82,6 +84,9 @@ enum Command {
         /// Print the plan tree with rows and times per stage.
         #[arg(long)]
         explain: bool,
+        /// Answer only once the server has applied this LSN (a write's `lsn`).
+        #[arg(long)]
+        min_lsn: Option<u64>,
     },
     /// What a tenant stores, its quotas and load.
     Usage { tenant: String },
@@ -186,6 +191,9 @@ enum Rows {
         table: String,
         #[arg(required = true)]
         key: Vec<String>,
+        /// Answer only once the server has applied this LSN (a write's `lsn`).
+        #[arg(long)]
+        min_lsn: Option<u64>,
     },
 }
 
@@ -442,10 +450,19 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
             write(&oc, out, tenant, table, batch, idempotency_key).await?;
         }
-        Command::Rows(Rows::Get { tenant, table, key }) => {
+        Command::Rows(Rows::Get {
+            tenant,
+            table,
+            key,
+            min_lsn,
+        }) => {
             // Key parts go as text: the server reads each against its column's type.
             let parts: Vec<Value> = key.iter().map(|k| json!(k)).collect();
-            match oc.get_row(tenant, table, &parts).await? {
+            let options = ReadOptions {
+                min_lsn: *min_lsn,
+                ..ReadOptions::default()
+            };
+            match oc.get_row_with(tenant, table, &parts, &options).await? {
                 Some(row) => match out {
                     Output::Json => print_json(&json!({ "row": row })),
                     Output::Table => {
@@ -466,6 +483,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             sql,
             params,
             explain,
+            min_lsn,
         } => {
             let params = params
                 .iter()
@@ -477,11 +495,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     })
                 })
                 .collect::<Result<Vec<Value>, Failure>>()?;
-            let answer = if *explain {
-                oc.ask_explain(tenant, sql, &params).await?
-            } else {
-                oc.ask(tenant, sql, &params).await?
+            let options = ReadOptions {
+                min_lsn: *min_lsn,
+                explain: *explain,
             };
+            let answer = oc.ask_with(tenant, sql, &params, &options).await?;
             print_answer(out, &answer);
         }
         Command::Usage { tenant } => {
