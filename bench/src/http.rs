@@ -112,6 +112,10 @@ pub(crate) struct HttpReport {
     /// `oc_wal_fsync_lag_ms` buckets as Prometheus' `histogram_quantile` estimates it.
     #[serde(default)]
     fsync_lag_p99_ms: Option<f64>,
+    /// Where sampled writes spent their time over the mix, per stage, from the server's
+    /// `oc_write_stage_seconds` (with `--metrics-url`).
+    #[serde(default)]
+    write_stages: Vec<StageTime>,
     /// Non-2xx statuses and transport errors, by kind.
     errors: std::collections::BTreeMap<String, u64>,
     /// The CPUs the generator was pinned to (`--client-cpus`), if it was.
@@ -123,6 +127,16 @@ pub(crate) struct HttpReport {
     /// Whether the load ran over TLS.
     #[serde(default)]
     tls: bool,
+}
+
+/// One stage of the sampled writes over the mix (`oc_engine::stages`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct StageTime {
+    stage: String,
+    samples: u64,
+    mean_us: f64,
+    p50_us: f64,
+    p99_us: f64,
 }
 
 #[derive(Clone)]
@@ -603,9 +617,58 @@ async fn scrape(ops: &Target) -> Result<String> {
     Ok(String::from_utf8_lossy(conn.body()).into_owned())
 }
 
-/// A histogram's cumulative buckets in a scrape: (upper bound, count), by bound.
-fn buckets(scrape: &str, name: &str) -> Vec<(f64, f64)> {
-    let prefix = format!("{name}_bucket{{le=\"");
+/// The stages of `oc_write_stage_seconds`, in the order a write passes them.
+const STAGES: [&str; 9] = [
+    "parse",
+    "forward",
+    "admit",
+    "log_submit",
+    "durable",
+    "apply",
+    "wake",
+    "ack",
+    "respond",
+];
+
+/// Each write stage's samples, mean and quantiles between two scrapes.
+fn stage_times(before: &str, after: &str) -> Vec<StageTime> {
+    let series = "oc_write_stage_seconds";
+    STAGES
+        .iter()
+        .filter_map(|stage| {
+            let labels = format!("stage=\"{stage}\",");
+            let (b, a) = (
+                buckets(before, series, &labels),
+                buckets(after, series, &labels),
+            );
+            let sample = |scrape: &str, suffix: &str| {
+                let prefix = format!("{series}_{suffix}{{stage=\"{stage}\"}} ");
+                scrape
+                    .lines()
+                    .find_map(|l| l.strip_prefix(&prefix)?.trim().parse::<f64>().ok())
+                    .unwrap_or(0.0)
+            };
+            let samples = sample(after, "count") - sample(before, "count");
+            let seconds = sample(after, "sum") - sample(before, "sum");
+            Some(StageTime {
+                stage: stage.to_string(),
+                samples: samples as u64,
+                mean_us: if samples > 0.0 {
+                    seconds / samples * 1e6
+                } else {
+                    0.0
+                },
+                p50_us: quantile_between(&b, &a, 0.5)? * 1e6,
+                p99_us: quantile_between(&b, &a, 0.99)? * 1e6,
+            })
+        })
+        .collect()
+}
+
+/// A histogram's cumulative buckets in a scrape: (upper bound, count), by bound, for
+/// the series whose labels before `le` are `labels` (each `name="value",`).
+fn buckets(scrape: &str, name: &str, labels: &str) -> Vec<(f64, f64)> {
+    let prefix = format!("{name}_bucket{{{labels}le=\"");
     let mut out: Vec<(f64, f64)> = scrape
         .lines()
         .filter_map(|line| {
@@ -699,21 +762,22 @@ pub fn run(args: HttpArgs) -> Result<()> {
             None => target,
         };
         let metrics = args.metrics_url.as_deref().map(parse_url).transpose()?;
-        let lag_before = match &metrics {
+        let before = match &metrics {
             Some(m) => Some(scrape(m).await?),
             None => None,
         };
         let (r, elapsed) = load(&target, &args, (reads_share, writes_share, 0), "mix").await?;
-        let fsync_lag_p99_ms = match (&metrics, lag_before) {
+        let (fsync_lag_p99_ms, write_stages) = match (&metrics, before) {
             (Some(m), Some(before)) => {
                 let after = scrape(m).await?;
-                quantile_between(
-                    &buckets(&before, FSYNC_LAG),
-                    &buckets(&after, FSYNC_LAG),
+                let lag = quantile_between(
+                    &buckets(&before, FSYNC_LAG, ""),
+                    &buckets(&after, FSYNC_LAG, ""),
                     0.99,
-                )
+                );
+                (lag, stage_times(&before, &after))
             }
-            _ => None,
+            _ => (None, Vec::new()),
         };
         // The floor, at the same rate over the same connections, right after.
         let floor = if args.no_floor {
@@ -740,6 +804,7 @@ pub fn run(args: HttpArgs) -> Result<()> {
                 .as_ref()
                 .map(|f| writes.p99_us as i64 - f.p99_us as i64),
             fsync_lag_p99_ms,
+            write_stages,
             client_cpus: args.client_cpus.clone(),
             reads,
             writes,
@@ -807,6 +872,17 @@ pub(crate) fn markdown(r: &HttpReport) -> String {
             }
         );
     }
+    if !r.write_stages.is_empty() {
+        out += "\nWhere sampled writes spent their time (server side, `oc_write_stage_seconds`; \
+                p50/p99 interpolated inside the buckets):\n\n\
+                | stage | samples | mean µs | p50 µs | p99 µs |\n|---|---:|---:|---:|---:|\n";
+        for t in &r.write_stages {
+            out += &format!(
+                "| {} | {} | {:.0} | {:.0} | {:.0} |\n",
+                t.stage, t.samples, t.mean_us, t.p50_us, t.p99_us
+            );
+        }
+    }
     if !r.errors.is_empty() {
         out += &format!("\nerrors: {:?}\n", r.errors);
     }
@@ -853,8 +929,8 @@ mod tests {
             )
         };
         // Before: 1000 fast syncs. Between: 100 more, 90 under 0.5 ms and 10 in 1–2 ms.
-        let before = buckets(&scrape([1000, 1000, 1000, 1000]), FSYNC_LAG);
-        let after = buckets(&scrape([1090, 1090, 1100, 1100]), FSYNC_LAG);
+        let before = buckets(&scrape([1000, 1000, 1000, 1000]), FSYNC_LAG, "");
+        let after = buckets(&scrape([1090, 1090, 1100, 1100]), FSYNC_LAG, "");
         assert_eq!(before.len(), 4);
         let p50 = quantile_between(&before, &after, 0.5).expect("p50");
         assert!((p50 - 0.5 * 50.0 / 90.0).abs() < 1e-9, "{p50}");
@@ -866,5 +942,34 @@ mod tests {
             "nothing between"
         );
         assert_eq!(quantile_between(&before, &after[..2], 0.99), None);
+    }
+
+    #[test]
+    fn stage_times_read_each_labelled_series_between_two_scrapes() {
+        let scrape = |durable: [u64; 3], sum: f64| {
+            format!(
+                "oc_write_stage_seconds_bucket{{stage=\"apply\",le=\"0.00001\"}} 5\n\
+                 oc_write_stage_seconds_bucket{{stage=\"apply\",le=\"+Inf\"}} 5\n\
+                 oc_write_stage_seconds_sum{{stage=\"apply\"}} 0.00002\n\
+                 oc_write_stage_seconds_count{{stage=\"apply\"}} 5\n\
+                 oc_write_stage_seconds_bucket{{stage=\"durable\",le=\"0.001\"}} {}\n\
+                 oc_write_stage_seconds_bucket{{stage=\"durable\",le=\"0.002\"}} {}\n\
+                 oc_write_stage_seconds_bucket{{stage=\"durable\",le=\"+Inf\"}} {}\n\
+                 oc_write_stage_seconds_sum{{stage=\"durable\"}} {sum}\n\
+                 oc_write_stage_seconds_count{{stage=\"durable\"}} {}\n",
+                durable[0], durable[1], durable[2], durable[2]
+            )
+        };
+        // Between: 10 durable stages, 8 under 1 ms and 2 in 1–2 ms, 12 ms in all.
+        let times = stage_times(&scrape([10, 10, 10], 0.005), &scrape([18, 20, 20], 0.017));
+        let durable = times
+            .iter()
+            .find(|t| t.stage == "durable")
+            .expect("durable");
+        assert_eq!(durable.samples, 10);
+        assert!((durable.mean_us - 1200.0).abs() < 1e-6, "{durable:?}");
+        assert!((durable.p99_us - 1950.0).abs() < 1e-6, "{durable:?}");
+        // A stage with nothing between the scrapes, or not in them, is left out.
+        assert!(times.iter().all(|t| t.stage == "durable"), "{times:?}");
     }
 }

@@ -33,6 +33,7 @@ pub mod record;
 pub mod scheduler;
 pub mod schema;
 pub mod shard;
+pub mod stages;
 pub mod table;
 pub mod tenant;
 pub mod tenant_id;

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use oc_engine::query::PlanCacheStats;
+use oc_engine::stages::{self, Stage, StageHistogram, StageHistograms};
 use oc_engine::{CheckpointMetrics, ShardNode};
 use oc_ship::shipper::ShipMetrics;
 
@@ -150,6 +151,8 @@ pub struct ShardSnapshot {
     pub migrations: oc_engine::MigrationMetrics,
     /// The synchronous-replication gate's counters, when the shard has one.
     pub sync_gate: Option<crate::replication::gate::GateCounters>,
+    /// Sampled row writes' time per stage, timed on this shard.
+    pub write_stages: StageHistograms,
 }
 
 /// Takes this shard's snapshot; runs on the shard.
@@ -173,6 +176,7 @@ pub fn snapshot(node: &ShardNode) -> ShardSnapshot {
         bytes,
         migrations: shard.migration_metrics(),
         sync_gate: crate::replication::gate::local_counters(),
+        write_stages: stages::snapshot(),
     }
 }
 
@@ -225,6 +229,29 @@ fn counter(labels: Vec<LabelPair>, value: f64) -> Metric {
     c.set_value(value);
     let mut m = Metric::from_label(labels);
     m.set_counter(c);
+    m
+}
+
+/// A stage histogram (microsecond buckets) in seconds.
+fn stage_histogram(stage: Stage, h: &StageHistogram) -> Metric {
+    let mut cumulative = 0;
+    let buckets = stages::BUCKETS_US
+        .iter()
+        .zip(h.buckets)
+        .map(|(&le, n)| {
+            cumulative += n;
+            let mut b = Bucket::default();
+            b.set_upper_bound(le as f64 / 1e6);
+            b.set_cumulative_count(cumulative);
+            b
+        })
+        .collect();
+    let mut proto = Histogram::default();
+    proto.set_bucket(buckets);
+    proto.set_sample_count(h.count);
+    proto.set_sample_sum(h.sum_us as f64 / 1e6);
+    let mut m = Metric::from_label(vec![label("stage", stage.name())]);
+    m.set_histogram(proto);
     m
 }
 
@@ -490,9 +517,22 @@ pub fn render(shards: &[ShardSnapshot], control: &ControlMetrics) -> Result<Stri
             latency.entry(route).or_default().merge(h);
         }
     }
+    let mut write_stages = StageHistograms::default();
     for s in shards {
         fsync_lag.merge(&s.fsync_lag);
+        for (all, one) in write_stages.iter_mut().zip(&s.write_stages) {
+            all.merge(one);
+        }
     }
+    families.push(family(
+        "oc_write_stage_seconds",
+        "Row writes' time per stage, one write in 8 per shard sampled, all shards.",
+        HISTOGRAM,
+        Stage::ALL
+            .iter()
+            .map(|&stage| stage_histogram(stage, &write_stages[stage as usize]))
+            .collect(),
+    ));
     families.push(family(
         "oc_http_requests_total",
         "HTTP requests answered, by route and status.",

@@ -62,6 +62,64 @@ fn health_ready_and_a_scrape_promtool_accepts() {
     promtool_check(&scrape);
 }
 
+#[test]
+fn sampled_row_writes_are_timed_once_per_stage() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // One shard: the HTTP side and the owner count the same writes in the same order,
+    // so they sample the same ones.
+    let server = Server::start(&dir.path().join("data"), &["--shards", "1"]);
+    server.create_tenant_with_items("acme");
+    let writes: usize = 64;
+    for id in 0..writes {
+        let row = json!({"ops": [{"upsert": {"id": id, "name": "x"}}]});
+        let reply = server.post("/v1/tenants/acme/tables/items/rows", &row);
+        assert_eq!(reply.status, 200, "{reply:?}");
+    }
+    // The 65th write is sampled too, and refused by validation on its owner: timed up
+    // to there (parse and forward), never past.
+    let refused = server.post(
+        "/v1/tenants/acme/tables/items/rows",
+        &json!({"ops": [{"upsert": {"id": "not a number"}}]}),
+    );
+    assert_eq!(refused.status, 400, "{refused:?}");
+    let (_, scrape) = server.ops_get("/metrics");
+    promtool_check(&scrape);
+    let value = |series: &str| {
+        common::scrape_value(&scrape, series).unwrap_or_else(|| panic!("no {series}\n{scrape}"))
+    };
+    let mut timed = 0.0;
+    for stage in [
+        "parse",
+        "forward",
+        "admit",
+        "log_submit",
+        "durable",
+        "apply",
+        "wake",
+        "ack",
+        "respond",
+    ] {
+        let count = value(&format!(
+            "oc_write_stage_seconds_count{{stage=\"{stage}\"}}"
+        ));
+        // Writes 0, 8, …, 56, and the refused one where it got.
+        let reached = usize::from(matches!(stage, "parse" | "forward"));
+        assert_eq!(count, (writes / 8 + reached) as f64, "stage {stage}");
+        let inf = value(&format!(
+            "oc_write_stage_seconds_bucket{{stage=\"{stage}\",le=\"+Inf\"}}"
+        ));
+        assert_eq!(inf, count, "stage {stage}");
+        timed += value(&format!("oc_write_stage_seconds_sum{{stage=\"{stage}\"}}"));
+    }
+    // The stages lie inside their requests, and a write's log wait is one of them.
+    let requests = value("oc_http_request_duration_seconds_sum{route=\"rows_write\"}");
+    assert!(
+        timed > 0.0 && timed <= requests,
+        "stages {timed} s, requests {requests} s"
+    );
+    assert!(value("oc_write_stage_seconds_sum{stage=\"durable\"}") > 0.0);
+}
+
 /// Batches of three rows sharing a batch number; each batch is all or nothing.
 const ROWS_PER_BATCH: u64 = 3;
 

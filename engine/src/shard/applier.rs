@@ -9,6 +9,11 @@ use super::*;
 pub(super) struct Slot {
     pub(super) outcome: Option<Outcome>,
     pub(super) waker: Option<Waker>,
+    /// Set by a timed write (`stages`): the applier stamps when it found the command
+    /// durable and when it had applied it.
+    pub(super) timed: bool,
+    pub(super) durable_at: Option<std::time::Instant>,
+    pub(super) applied_at: Option<std::time::Instant>,
 }
 
 pub(super) struct Queued {
@@ -47,8 +52,12 @@ pub(super) async fn run_applier(
             }
         })
         .await;
+        let timed = front.slot.borrow().timed;
         let outcome = match front.pending.durable_at().await {
             Ok((lsn, committed)) => {
+                if timed {
+                    front.slot.borrow_mut().durable_at = Some(std::time::Instant::now());
+                }
                 let mut state = state.borrow_mut();
                 // Only a listened-to tenant pays for describing its command; the events
                 // are described before the apply consumes it, and dropped if it refuses.
@@ -85,6 +94,9 @@ pub(super) async fn run_applier(
             Err(e) => Err(EngineError::from(e)),
         };
         let mut slot = front.slot.borrow_mut();
+        if timed {
+            slot.applied_at = Some(std::time::Instant::now());
+        }
         slot.outcome = Some(outcome);
         if let Some(w) = slot.waker.take() {
             w.wake();

@@ -38,6 +38,7 @@ use crate::query::{
 use crate::quota::TenantQuotas;
 use crate::record;
 use crate::schema::TableSchema;
+use crate::stages::{Laps, Side, Stage};
 use crate::table::{BatchOutcome, WriteOp};
 use crate::tenant::Tenant;
 use crate::tenant_id::TenantId;
@@ -300,18 +301,25 @@ impl<S: Storage> Shard<S> {
     async fn commit(&self, tenant: &TenantId, command: Command) -> Outcome {
         let (kind, payload) = record::encode(&command);
         let request_hash = record::write_request_hash(kind, &payload);
-        self.commit_encoded(tenant, command, (kind, payload), request_hash)
-            .await
+        self.commit_encoded(
+            tenant,
+            command,
+            (kind, payload),
+            request_hash,
+            Laps::stopped(),
+        )
+        .await
     }
 
     /// [`Shard::commit`] of a command already encoded, with its
-    /// [`record::write_request_hash`].
+    /// [`record::write_request_hash`]; `laps` times its stages from admission on.
     async fn commit_encoded(
         &self,
         tenant: &TenantId,
         command: Command,
         (kind, payload): (oc_io::RecordKind, Vec<u8>),
         request_hash: Option<u64>,
+        mut laps: Laps,
     ) -> Outcome {
         let bytes = oc_io::wal::frame::frame_len(tenant.as_str().len(), payload.len());
         let limit = self.wal.config().max_frame_bytes();
@@ -327,6 +335,7 @@ impl<S: Storage> Shard<S> {
                 },
             });
         }
+        laps.lap(Stage::Admit);
         let pending = self
             .wal
             .submit(kind, tenant.as_str().as_bytes(), &payload)
@@ -339,8 +348,12 @@ impl<S: Storage> Shard<S> {
                 ),
                 e => e.into(),
             })?;
+        laps.lap(Stage::LogSubmit);
         // No await between the submit and the push: the queue stays in LSN order.
-        let slot = Rc::new(RefCell::new(Slot::default()));
+        let slot = Rc::new(RefCell::new(Slot {
+            timed: laps.is_running(),
+            ..Slot::default()
+        }));
         {
             let mut queue = self.queue.borrow_mut();
             queue.queued.push_back(Queued {
@@ -365,7 +378,16 @@ impl<S: Storage> Shard<S> {
             }
         })
         .await?;
+        if let (Some(durable), Some(applied)) = {
+            let slot = slot.borrow();
+            (slot.durable_at, slot.applied_at)
+        } {
+            laps.lap_at(Stage::Durable, durable);
+            laps.lap_at(Stage::Apply, applied);
+            laps.lap(Stage::Wake);
+        }
         self.acknowledge(outcome.0).await?;
+        laps.lap(Stage::Ack);
         Ok(outcome)
     }
 
@@ -453,6 +475,7 @@ impl<S: Storage> Shard<S> {
         ops: &[WriteOp],
         idempotency_key: Option<String>,
     ) -> Result<(Lsn, BatchOutcome), EngineError> {
+        let laps = Laps::start(Side::Owner);
         if let Some(key) = &idempotency_key {
             // The API refuses an empty key; the log format bounds the length.
             if key.len() > idempotency::MAX_KEY_BYTES {
@@ -483,7 +506,7 @@ impl<S: Storage> Shard<S> {
         let v0 = migrating.then(|| writes.clone());
         let key = idempotency_key.clone();
         match self
-            .log_write(tenant, table, table_version, writes, key)
+            .log_write(tenant, table, table_version, writes, key, laps)
             .await
         {
             Err(EngineError::TableChanged { table: changed }) => {
@@ -507,7 +530,7 @@ impl<S: Storage> Shard<S> {
                 });
                 match carried.transpose()?.transpose()?.flatten() {
                     Some((writes, version)) => {
-                        self.log_write(tenant, table, version, writes, idempotency_key)
+                        self.log_write(tenant, table, version, writes, idempotency_key, laps)
                             .await
                     }
                     None => Err(EngineError::TableChanged { table: changed }),
@@ -544,6 +567,7 @@ impl<S: Storage> Shard<S> {
         table_version: u64,
         writes: Vec<crate::table::RowWrite>,
         idempotency_key: Option<String>,
+        laps: Laps,
     ) -> Result<(Lsn, BatchOutcome), EngineError> {
         // The limiter's input, in the unit a backfill chunk spends: row bytes.
         let row_bytes = writes
@@ -574,7 +598,7 @@ impl<S: Storage> Shard<S> {
         }
         self.count_foreground(row_bytes);
         match self
-            .commit_encoded(tenant, command, (kind, payload), request_hash)
+            .commit_encoded(tenant, command, (kind, payload), request_hash, laps)
             .await?
         {
             (_, Applied::Written { lsn, outcome }) => Ok((lsn, outcome)),

@@ -13,6 +13,7 @@ use std::time::Duration;
 use hyper::StatusCode;
 use oc_engine::idempotency::MAX_KEY_BYTES as MAX_IDEMPOTENCY_KEY_BYTES;
 use oc_engine::query::{param_from_json, AskAnswer, AskLimits, QueryError, QueryErrorKind};
+use oc_engine::stages::{Laps, Stage};
 use oc_engine::{
     owner_of, ColumnType, ShardNode, ShardRouter, Table, TableSchema, Tenant, TenantId, WriteOp,
 };
@@ -113,15 +114,16 @@ pub async fn key_is_known(router: &ShardRouter, claim: &KeyClaim) -> Result<bool
 
 /// Runs `work` on the owner of `tenant`: there the caller's key is checked against the
 /// tenant's stored hashes and its rate limit, and the work holds an in-flight slot.
-async fn on_owner<F, Fut>(
+async fn on_owner<F, Fut, R>(
     router: &ShardRouter,
     access: &Access,
     tenant: TenantId,
     work: F,
-) -> Answer
+) -> Result<R, ApiError>
 where
     F: FnOnce(Rc<ShardNode>, TenantId) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = Answer> + 'static,
+    Fut: std::future::Future<Output = Result<R, ApiError>> + 'static,
+    R: Send + 'static,
 {
     if let Caller::Key(claim) = &access.caller {
         if claim.tenant != tenant {
@@ -547,12 +549,14 @@ pub(crate) fn check_idempotency_key(key: Option<&str>) -> Result<(), ApiError> {
     }
 }
 
+/// `laps` times the write's stages (`oc_engine::stages`) when it is sampled.
 pub async fn write_rows(
     router: &ShardRouter,
     tenant: TenantId,
     table: String,
     body: WriteRows,
     access: &Access,
+    mut laps: Laps,
 ) -> Answer {
     if body.ops.is_empty() {
         return Err(ApiError::bad_request(
@@ -570,23 +574,27 @@ pub async fn write_rows(
         .collect();
     check_idempotency_key(body.idempotency_key.as_deref())?;
     let key = body.idempotency_key;
-    on_owner(router, access, tenant, |node, tenant| async move {
-        if failpoint::armed("shard.panic") == Some(tenant.as_str()) {
-            panic!("failpoint shard.panic: a row write to tenant {tenant}");
-        }
-        let (lsn, outcome) = node.shard().write(&tenant, &table, &ops, key).await?;
-        Ok((
-            StatusCode::OK,
-            Body::from(json!({
-                "lsn": lsn.0,
-                "inserted": outcome.inserted,
-                "updated": outcome.updated,
-                "deleted": outcome.deleted,
-                "missing": outcome.missing,
-            })),
-        ))
-    })
-    .await
+    let (lsn, outcome, mut laps) =
+        on_owner(router, access, tenant, move |node, tenant| async move {
+            laps.lap(Stage::Forward);
+            if failpoint::armed("shard.panic") == Some(tenant.as_str()) {
+                panic!("failpoint shard.panic: a row write to tenant {tenant}");
+            }
+            let (lsn, outcome) = node.shard().write(&tenant, &table, &ops, key).await?;
+            // The owner's part is timed on its own clock (`Shard::write`).
+            laps.restart();
+            Ok((lsn, outcome, laps))
+        })
+        .await?;
+    let body = Body::from(json!({
+        "lsn": lsn.0,
+        "inserted": outcome.inserted,
+        "updated": outcome.updated,
+        "deleted": outcome.deleted,
+        "missing": outcome.missing,
+    }));
+    laps.lap(Stage::Respond);
+    Ok((StatusCode::OK, body))
 }
 
 /// What a read waits for: its tenant's shard to have applied `min_lsn` (0: nothing),

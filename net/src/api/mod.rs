@@ -24,6 +24,7 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use oc_engine::query::AskLimits;
+use oc_engine::stages::{Laps, Side, Stage};
 use oc_engine::{ShardRouter, TenantId};
 use tracing::Instrument;
 
@@ -579,8 +580,10 @@ async fn dispatch(ctx: &ApiContext, req: Request<Incoming>, request_id: &str) ->
         (["v1", "tenants", t, "tables", table, "rows"], &Method::POST) => {
             let tenant = h::tenant_id(t)?;
             let table = table.to_string();
+            let mut laps = Laps::start(Side::Http);
             let body = read_json(ctx, req).await?;
-            h::write_rows(router, tenant, table, body, access).await
+            laps.lap(Stage::Parse);
+            h::write_rows(router, tenant, table, body, access, laps).await
         }
         (["v1", "tenants", t, "tables", table, "rows", key @ ..], &Method::GET)
             if !key.is_empty() =>
