@@ -137,7 +137,13 @@ impl ClientBuilder {
 
     pub fn build(self) -> Result<Client, Error> {
         let mut endpoints = Vec::new();
-        for base in self.base.split(',').map(str::trim) {
+        // Empty entries (a trailing comma in a templated setting) are skipped.
+        for base in self
+            .base
+            .split(',')
+            .map(str::trim)
+            .filter(|b| !b.is_empty())
+        {
             let base = base.trim_end_matches('/').to_string();
             let url = reqwest::Url::parse(&base)
                 .map_err(|e| Error::InvalidArgument(format!("server URL {base:?}: {e}")))?;
@@ -147,6 +153,11 @@ impl ClientBuilder {
                 )));
             }
             endpoints.push(base);
+        }
+        if endpoints.is_empty() {
+            return Err(Error::InvalidArgument(
+                "no server URL given (one, or several separated by commas)".into(),
+            ));
         }
         let mut http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
@@ -187,7 +198,9 @@ pub struct Client {
 /// Whether a call may be sent again once it might have run.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Replay {
-    /// A read, or a write carrying an idempotency key.
+    /// A read: sent again, to the same server when it was only slow.
+    Read,
+    /// A write carrying an idempotency key.
     Safe,
     /// An operator action: retried only when the server did not take it.
     Unsafe,
@@ -436,7 +449,7 @@ impl Client {
             query.join("&")
         );
         let body = json!({ "sql": sql, "params": params });
-        self.call(Method::POST, &path, Some(&body), Replay::Safe)
+        self.call(Method::POST, &path, Some(&body), Replay::Read)
             .await
     }
 
@@ -542,7 +555,7 @@ impl Client {
     // --- plumbing ---
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, Error> {
-        self.call(Method::GET, path, None, Replay::Safe).await
+        self.call(Method::GET, path, None, Replay::Read).await
     }
 
     /// The array under `field` of a GET's answer (`{"tables": [...]}`).
@@ -575,10 +588,12 @@ impl Client {
         body: Option<&Value>,
         replay: Replay,
     ) -> Result<T, Error> {
+        let several = self.endpoints.len() > 1;
         let mut attempt = 1;
         // Servers tried in a row without an answer worth keeping: until each was
         // tried once, moving on costs no wait.
         let mut moved = 0;
+        let mut waits = 0;
         loop {
             let at = self.current.load(Ordering::Relaxed) % self.endpoints.len();
             let mut request = self
@@ -598,7 +613,7 @@ impl Client {
                 },
                 Err(e) => Error::Transport(e),
             };
-            let move_on = self.endpoints.len() > 1 && elsewhere(&outcome);
+            let move_on = several && elsewhere(&outcome, replay);
             if move_on {
                 // Another call may have moved on already: never skip past its choice.
                 let next = (at + 1) % self.endpoints.len();
@@ -606,7 +621,7 @@ impl Client {
                     self.current
                         .compare_exchange(at, next, Ordering::Relaxed, Ordering::Relaxed);
             }
-            if attempt >= self.retry.attempts || !retryable(&outcome, replay) {
+            if attempt >= self.retry.attempts || !retryable(&outcome, replay, several) {
                 return Err(outcome);
             }
             attempt += 1;
@@ -624,8 +639,9 @@ impl Client {
                     retry_after: Some(after),
                     ..
                 } => *after,
-                _ => self.retry.backoff * 2u32.saturating_pow(attempt - 1),
+                _ => (self.retry.backoff * 2u32.saturating_pow(waits)).min(self.retry.max_wait),
             };
+            waits += 1;
             // Up to a fifth more, so clients refused together do not return together.
             let wait = wait.mul_f64(1.0 + fastrand::f64() / 5.0);
             tokio::time::sleep(wait).await;
@@ -634,17 +650,21 @@ impl Client {
 }
 
 /// Whether another server may answer what this one did not: it is not the writer,
-/// it is behind the LSN a read asked for, or it did not answer.
-fn elsewhere(error: &Error) -> bool {
+/// it is behind the LSN a read asked for, or it cannot be reached. A server that was
+/// only slow keeps a read (a write may find it paused or cut off, and move on).
+fn elsewhere(error: &Error, replay: Replay) -> bool {
     match error {
         Error::Api { code, .. } => matches!(code, ErrorCode::NotLeader | ErrorCode::LsnNotApplied),
-        Error::Transport(_) | Error::Timeout(_) => true,
+        Error::Transport(e) if e.is_connect() => true,
+        Error::Transport(_) | Error::Timeout(_) => replay != Replay::Read,
         Error::Decode(_) | Error::InvalidArgument(_) => false,
     }
 }
 
-/// Whether `error` may be answered by sending the same request again.
-fn retryable(error: &Error, replay: Replay) -> bool {
+/// Whether `error` may be answered by sending the same request again (`several`:
+/// there is another server to send it to).
+fn retryable(error: &Error, replay: Replay, several: bool) -> bool {
+    let replayable = replay != Replay::Unsafe;
     match error {
         Error::Api {
             code,
@@ -653,13 +673,14 @@ fn retryable(error: &Error, replay: Replay) -> bool {
             ..
         } => {
             code.not_taken()
-                || *taken == Some(false)
-                || (replay == Replay::Safe
+                // Nothing was written, but only another server would take it.
+                || (*taken == Some(false) && several)
+                || (replayable
                     && (code.outcome_unknown() || *status == StatusCode::BAD_GATEWAY.as_u16()))
         }
         // A refused connection never reached the server; anything later may have.
-        Error::Transport(e) => e.is_connect() || replay == Replay::Safe,
-        Error::Timeout(_) => replay == Replay::Safe,
+        Error::Transport(e) => e.is_connect() || replayable,
+        Error::Timeout(_) => replayable,
         Error::Decode(_) | Error::InvalidArgument(_) => false,
     }
 }
@@ -760,15 +781,42 @@ mod tests {
             retry_after: None,
             taken: None,
         };
-        assert!(retryable(&api("rate_limited", 429), Replay::Unsafe));
-        assert!(retryable(&api("overloaded", 503), Replay::Unsafe));
-        // The owner shard may have run it before its answer was lost.
-        assert!(!retryable(&api("shard_unavailable", 503), Replay::Unsafe));
-        assert!(retryable(&api("shard_unavailable", 503), Replay::Safe));
-        assert!(!retryable(&api("deadline_exceeded", 503), Replay::Unsafe));
-        assert!(retryable(&api("deadline_exceeded", 503), Replay::Safe));
-        assert!(!retryable(&api("invalid_row", 400), Replay::Safe));
-        assert!(!retryable(&api("internal", 500), Replay::Safe));
+        for several in [false, true] {
+            assert!(retryable(
+                &api("rate_limited", 429),
+                Replay::Unsafe,
+                several
+            ));
+            assert!(retryable(&api("overloaded", 503), Replay::Unsafe, several));
+            // The owner shard may have run it before its answer was lost.
+            assert!(!retryable(
+                &api("shard_unavailable", 503),
+                Replay::Unsafe,
+                several
+            ));
+            assert!(retryable(
+                &api("shard_unavailable", 503),
+                Replay::Safe,
+                several
+            ));
+            assert!(!retryable(
+                &api("deadline_exceeded", 503),
+                Replay::Unsafe,
+                several
+            ));
+            assert!(retryable(
+                &api("deadline_exceeded", 503),
+                Replay::Safe,
+                several
+            ));
+            assert!(retryable(
+                &api("deadline_exceeded", 503),
+                Replay::Read,
+                several
+            ));
+            assert!(!retryable(&api("invalid_row", 400), Replay::Safe, several));
+            assert!(!retryable(&api("internal", 500), Replay::Read, several));
+        }
     }
 
     #[test]
@@ -781,15 +829,19 @@ mod tests {
             retry_after: None,
             taken,
         };
-        // A follower or a writer handing over wrote nothing.
-        assert!(retryable(&not_leader(Some(false)), Replay::Unsafe));
+        // A follower or a writer handing over wrote nothing: any write goes on to the
+        // next server, when there is one.
+        assert!(retryable(&not_leader(Some(false)), Replay::Unsafe, true));
+        assert!(!retryable(&not_leader(Some(false)), Replay::Unsafe, false));
         // A writer that lost its lease logged the write: only a keyed one goes again.
-        assert!(!retryable(&not_leader(Some(true)), Replay::Unsafe));
-        assert!(retryable(&not_leader(Some(true)), Replay::Safe));
-        assert!(!retryable(&not_leader(None), Replay::Unsafe));
-        // Each sends the call to the next server, as does a server that did not answer.
-        assert!(elsewhere(&not_leader(Some(false))));
-        assert!(elsewhere(&Error::Timeout(Duration::from_secs(1))));
+        assert!(!retryable(&not_leader(Some(true)), Replay::Unsafe, true));
+        assert!(retryable(&not_leader(Some(true)), Replay::Safe, true));
+        assert!(!retryable(&not_leader(None), Replay::Unsafe, true));
+        // Each sends the call to the next server; a slow server keeps a read only.
+        assert!(elsewhere(&not_leader(Some(false)), Replay::Unsafe));
+        let slow = Error::Timeout(Duration::from_secs(1));
+        assert!(elsewhere(&slow, Replay::Safe));
+        assert!(!elsewhere(&slow, Replay::Read));
         let overloaded = Error::Api {
             status: 503,
             code: ErrorCode::Overloaded,
@@ -798,7 +850,7 @@ mod tests {
             retry_after: None,
             taken: None,
         };
-        assert!(!elsewhere(&overloaded));
+        assert!(!elsewhere(&overloaded, Replay::Read));
     }
 
     #[test]
@@ -812,8 +864,11 @@ mod tests {
             Client::builder("http://a:7070,ftp://b").build(),
             Err(Error::InvalidArgument(_))
         ));
+        // A trailing comma is forgiven; no URL at all is not.
+        let oc = Client::builder("http://a:7070,").build().expect("client");
+        assert_eq!(oc.endpoints.len(), 1);
         assert!(matches!(
-            Client::builder("http://a:7070,").build(),
+            Client::builder(" , ").build(),
             Err(Error::InvalidArgument(_))
         ));
     }

@@ -254,7 +254,7 @@ pub struct AuditPage {
 pub struct ReadOptions {
     /// Read-your-writes: the `lsn` of a write of this tenant. The server answers once
     /// it has applied that far (a follower waits a bounded time, then answers `503
-    /// lsn_not_applied` and the client tries the next server).
+    /// lsn_not_applied`: the client retries, on the next server when it has several).
     pub min_lsn: Option<u64>,
     /// `/ask` only: the plan and its per-stage figures in [`AskAnswer::plan`].
     pub explain: bool,

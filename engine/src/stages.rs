@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 pub enum Stage {
     /// The request's body read and decoded (on the shard that took the connection).
     Parse,
-    /// Handed to the tenant's owner shard until it runs there (0 when local).
+    /// Handed to the tenant's owner shard until it runs there, with the API key's
+    /// check, the rate limit and the in-flight slot taken on the owner (no hop when
+    /// the connection's shard owns the tenant).
     Forward,
     /// Validation, quota and memory admission, encoding the log record.
     Admit,
@@ -25,14 +27,15 @@ pub enum Stage {
     /// From placed to durable and reached by the applier (the group's write and
     /// fdatasync, and the commands queued ahead of it).
     Durable,
-    /// Applying it to the tables.
+    /// Applying it to the tables, and publishing it to the tenant's change streams.
     Apply,
     /// From applied to the writer's task running again.
     Wake,
-    /// The acknowledgement gate: synchronous replication and the lease check.
+    /// The acknowledgement gate: synchronous replication and the lease check (timed
+    /// whether the write passes it or not).
     Ack,
-    /// From the owner's answer to the response handed to hyper (the hop back and the
-    /// JSON answer).
+    /// From the owner's answer to the JSON answer built on the connection's shard
+    /// (the hop back).
     Respond,
 }
 
@@ -165,7 +168,10 @@ impl Laps {
 
     /// Counts the time since the previous lap for `stage`.
     pub fn lap(&mut self, stage: Stage) {
-        self.lap_at(stage, Instant::now());
+        // A stopped clock reads no time: unsampled writes pay nothing.
+        if self.0.is_some() {
+            self.lap_at(stage, Instant::now());
+        }
     }
 
     /// As [`Laps::lap`], for a stage that ended at `at` (stamped by another task).

@@ -2,7 +2,7 @@
 //! logs their chunks and cutovers at a rate the [`BackfillRateLimiter`] sets.
 //!
 //! Only a shard that takes its own writes drives a backfill (a follower applies the
-//! writer's records; its commits are refused as `NotLeader` and the driver waits), so
+//! writer's records, and its driver waits while its log takes none of its own), so
 //! after a promotion the new writer's driver picks each migration up at its cursor:
 //! at most the chunk in flight at the failover is redone.
 

@@ -306,7 +306,7 @@ impl<S: Storage> Shard<S> {
             command,
             (kind, payload),
             request_hash,
-            Laps::stopped(),
+            &mut Laps::stopped(),
         )
         .await
     }
@@ -319,7 +319,7 @@ impl<S: Storage> Shard<S> {
         command: Command,
         (kind, payload): (oc_io::RecordKind, Vec<u8>),
         request_hash: Option<u64>,
-        mut laps: Laps,
+        laps: &mut Laps,
     ) -> Outcome {
         let bytes = oc_io::wal::frame::frame_len(tenant.as_str().len(), payload.len());
         let limit = self.wal.config().max_frame_bytes();
@@ -386,8 +386,11 @@ impl<S: Storage> Shard<S> {
             laps.lap_at(Stage::Apply, applied);
             laps.lap(Stage::Wake);
         }
-        self.acknowledge(outcome.0).await?;
+        // Timed whether it passes or not: a synchronous write that timed out waiting
+        // for its followers is among the slowest.
+        let acknowledged = self.acknowledge(outcome.0).await;
         laps.lap(Stage::Ack);
+        acknowledged?;
         Ok(outcome)
     }
 
@@ -475,7 +478,7 @@ impl<S: Storage> Shard<S> {
         ops: &[WriteOp],
         idempotency_key: Option<String>,
     ) -> Result<(Lsn, BatchOutcome), EngineError> {
-        let laps = Laps::start(Side::Owner);
+        let mut laps = Laps::start(Side::Owner);
         if let Some(key) = &idempotency_key {
             // The API refuses an empty key; the log format bounds the length.
             if key.len() > idempotency::MAX_KEY_BYTES {
@@ -506,7 +509,7 @@ impl<S: Storage> Shard<S> {
         let v0 = migrating.then(|| writes.clone());
         let key = idempotency_key.clone();
         match self
-            .log_write(tenant, table, table_version, writes, key, laps)
+            .log_write(tenant, table, table_version, writes, key, &mut laps)
             .await
         {
             Err(EngineError::TableChanged { table: changed }) => {
@@ -530,7 +533,7 @@ impl<S: Storage> Shard<S> {
                 });
                 match carried.transpose()?.transpose()?.flatten() {
                     Some((writes, version)) => {
-                        self.log_write(tenant, table, version, writes, idempotency_key, laps)
+                        self.log_write(tenant, table, version, writes, idempotency_key, &mut laps)
                             .await
                     }
                     None => Err(EngineError::TableChanged { table: changed }),
@@ -567,7 +570,7 @@ impl<S: Storage> Shard<S> {
         table_version: u64,
         writes: Vec<crate::table::RowWrite>,
         idempotency_key: Option<String>,
-        laps: Laps,
+        laps: &mut Laps,
     ) -> Result<(Lsn, BatchOutcome), EngineError> {
         // The limiter's input, in the unit a backfill chunk spends: row bytes.
         let row_bytes = writes

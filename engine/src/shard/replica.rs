@@ -42,7 +42,7 @@ impl<S: Storage> Shard<S> {
     }
 
     /// A writer's shard stops taking writes (a switchover): from now on every write is
-    /// refused with [`EngineError::NotLeader`] before it is logged, and this returns,
+    /// refused with [`EngineError::HandingOver`] before it is logged, and this returns,
     /// once what was logged before is applied, the LSN where this shard's log ends.
     /// Gives up after `within` (writes stay stopped: [`Shard::resume_writes`]).
     pub async fn stop_writes(&self, within: std::time::Duration) -> Result<Lsn, EngineError> {
