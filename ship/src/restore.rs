@@ -270,7 +270,7 @@ fn fetch_image(
 /// before the first group committed after `target` or past `cap`.
 fn rebuild(
     key: &str,
-    image: &[u8],
+    image: Vec<u8>,
     sealed: bool,
     expected: Lsn,
     (target, cap): (u64, Lsn),
@@ -281,7 +281,7 @@ fn rebuild(
             why,
         })
     };
-    let (mut file, header) = image::expand_image(image, sealed).map_err(corrupt)?;
+    let (mut file, header) = image::expand_image_owned(image, sealed).map_err(corrupt)?;
     if header.first_lsn > expected {
         return Err(corrupt(format!(
             "starts at LSN {} where LSN {} was expected",
@@ -618,16 +618,7 @@ pub fn restore_as(
             }
         ));
     }
-    let mut restored = Vec::new();
-    for (plan, cap) in plans.iter().zip(&caps) {
-        restored.push(restore_shard(
-            archive,
-            plan,
-            (target, *cap),
-            data_dir,
-            progress,
-        )?);
-    }
+    let restored = restore_shards(archive, &plans, &caps, target, data_dir, progress)?;
     sync_dir(data_dir)?;
     // The restored directory writes a new epoch from the LSN after the restore point:
     // the old history past it (a dead branch) is never confused with what it writes
@@ -668,6 +659,62 @@ pub fn restore_as(
         shards: restored,
         data_dir_id: layout.id,
     })
+}
+
+/// Restores every shard, as many at once as the machine has CPUs: a shard's objects
+/// are fetched, checked and written by one thread, in LSN order, and shards share
+/// nothing. Each thread holds one segment image at a time (up to the segment size,
+/// 64 MiB by default). Progress lines come back here, so `progress` need not be
+/// `Send`; the first failing shard (in shard order) is the error.
+fn restore_shards(
+    archive: &dyn Archive,
+    plans: &[ShardPlan],
+    caps: &[Lsn],
+    target: u64,
+    data_dir: &Path,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Vec<ShardRestored>, PitrError> {
+    let jobs = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(plans.len())
+        .max(1);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<std::sync::Mutex<Option<Result<ShardRestored, PitrError>>>> =
+        plans.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    let (lines, printed) = std::sync::mpsc::channel::<String>();
+    std::thread::scope(|scope| {
+        for _ in 0..jobs {
+            let lines = lines.clone();
+            let (next, results) = (&next, &results);
+            scope.spawn(move || loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(plan) = plans.get(i) else { break };
+                let mut report = |line: &str| {
+                    let _ = lines.send(line.to_string());
+                };
+                let outcome =
+                    restore_shard(archive, plan, (target, caps[i]), data_dir, &mut report);
+                if let Ok(mut slot) = results[i].lock() {
+                    *slot = Some(outcome);
+                }
+            });
+        }
+        drop(lines);
+        // Ends once every thread is done and has dropped its sender.
+        for line in printed {
+            progress(&line);
+        }
+    });
+    results
+        .into_iter()
+        .map(|slot| {
+            slot.into_inner().ok().flatten().unwrap_or_else(|| {
+                Err(PitrError::Refused(
+                    "a shard's restore ended without a result".into(),
+                ))
+            })
+        })
+        .collect()
 }
 
 /// Brings the archive's copy of the audit log into the new directory and records the
@@ -830,7 +877,8 @@ fn restore_shard(
     let objects = log_objects(&plan.segments, plan.tail.as_deref());
     for (index, (key, pieces)) in objects.iter().enumerate() {
         let image = fetch_image(archive, key, *pieces)?;
-        let rebuilt = rebuild(key, &image, pieces.is_none(), expected, (target, cap))?;
+        let image_bytes = image.len() as u64;
+        let rebuilt = rebuild(key, image, pieces.is_none(), expected, (target, cap))?;
         if pieces.is_some() && !reaches(&rebuilt, expected) {
             // The archived tail ends before the checkpoint: nothing in it is needed,
             // and a log ending below the checkpoint would not open.
@@ -845,7 +893,7 @@ fn restore_shard(
         let path = dir.join(&rebuilt.name);
         write_synced(&path, &rebuilt.file)?;
         out.segments += 1;
-        out.bytes += image.len() as u64;
+        out.bytes += image_bytes;
         if let Some(last) = rebuilt.last {
             if last.lsn >= expected {
                 out.last_lsn = last.lsn;
@@ -862,7 +910,7 @@ fn restore_shard(
             index + 1,
             objects.len(),
             rebuilt.name,
-            image.len(),
+            image_bytes,
             if rebuilt.cut {
                 ", cut at the target"
             } else {
@@ -933,7 +981,7 @@ pub fn verify(
             let checked = image.and_then(|image| {
                 v.objects += 1;
                 v.bytes += image.len() as u64;
-                rebuild(&key, &image, sealed, Lsn(u64::MAX), (LATEST, Lsn(u64::MAX)))
+                rebuild(&key, image, sealed, Lsn(u64::MAX), (LATEST, Lsn(u64::MAX)))
             });
             let rebuilt = match checked {
                 Ok(r) => r,

@@ -43,6 +43,16 @@ pub fn sealed_image(
 /// whole segment file: the header's capacity, zeroes where nothing was stored, the
 /// footer in the last block when `sealed`.
 pub fn expand_image(image: &[u8], sealed: bool) -> Result<(Vec<u8>, SegmentHeader), String> {
+    expand_image_owned(image.to_vec(), sealed)
+}
+
+/// [`expand_image`] in the image's own buffer: it grows to the segment's capacity
+/// (a large allocation grows in place, without a copy) and only the footer moves, so
+/// a restore neither copies nor zeroes a segment's worth of bytes a second time.
+pub fn expand_image_owned(
+    mut image: Vec<u8>,
+    sealed: bool,
+) -> Result<(Vec<u8>, SegmentHeader), String> {
     if image.len() < BLOCK_SIZE || !image.len().is_multiple_of(BLOCK_SIZE) {
         return Err(format!(
             "{} bytes is not a whole number of blocks",
@@ -65,12 +75,13 @@ pub fn expand_image(image: &[u8], sealed: bool) -> Result<(Vec<u8>, SegmentHeade
             image.len()
         ));
     }
-    let mut file = vec![0u8; capacity];
-    file[..data_len].copy_from_slice(&image[..data_len]);
-    if sealed {
-        file[capacity - BLOCK_SIZE..].copy_from_slice(&image[data_len..]);
+    let footer = sealed.then(|| image[data_len..].to_vec());
+    image.truncate(data_len);
+    image.resize(capacity, 0);
+    if let Some(footer) = footer {
+        image[capacity - BLOCK_SIZE..].copy_from_slice(&footer);
     }
-    Ok((file, header))
+    Ok((image, header))
 }
 
 /// Where a valid frame sits in a segment file.
@@ -147,5 +158,57 @@ fn check_end(scan: &SegmentScan, sealed: bool) -> Result<(), String> {
     match (&scan.end, sealed) {
         (ScanEnd::Sealed(_), true) | (ScanEnd::Clean | ScanEnd::Full, false) => Ok(()),
         (end, _) => Err(format!("the frames end with {end:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wal::frame::{Epoch, TimestampMicros};
+
+    /// The whole file an image stands for, built the slow way: zeroes, the stored data,
+    /// the footer in the last block.
+    fn expanded_by_copy(image: &[u8], capacity: usize, sealed: bool) -> Vec<u8> {
+        let data_len = image.len() - if sealed { BLOCK_SIZE } else { 0 };
+        let mut file = vec![0u8; capacity];
+        file[..data_len].copy_from_slice(&image[..data_len]);
+        if sealed {
+            file[capacity - BLOCK_SIZE..].copy_from_slice(&image[data_len..]);
+        }
+        file
+    }
+
+    #[test]
+    fn an_image_expands_in_its_own_buffer_to_the_file_it_stands_for() {
+        let capacity = 16 * BLOCK_SIZE;
+        let header = SegmentHeader {
+            shard: 3,
+            max_group_bytes: BLOCK_SIZE as u32,
+            epoch: Epoch(1),
+            first_lsn: Lsn(7),
+            capacity_bytes: capacity as u64,
+            created: TimestampMicros(1),
+        };
+        for (sealed, data_blocks) in [(true, 3), (false, 3), (true, 1), (false, 0)] {
+            let mut image = header.encode().to_vec();
+            for block in 0..data_blocks {
+                image.extend(std::iter::repeat_n(0xA0 + block as u8, BLOCK_SIZE));
+            }
+            if sealed {
+                image.extend(std::iter::repeat_n(0xFF, BLOCK_SIZE));
+            }
+            let (file, decoded) = expand_image_owned(image.clone(), sealed).expect("expands");
+            assert_eq!(decoded, header);
+            assert_eq!(
+                file,
+                expanded_by_copy(&image, capacity, sealed),
+                "sealed {sealed}, {data_blocks} data blocks"
+            );
+        }
+        // More than the capacity holds is refused, not truncated.
+        let too_long = vec![0u8; capacity + BLOCK_SIZE];
+        let mut too_long_image = header.encode().to_vec();
+        too_long_image.extend_from_slice(&too_long[BLOCK_SIZE..]);
+        assert!(expand_image_owned(too_long_image, true).is_err());
     }
 }
