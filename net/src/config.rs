@@ -242,6 +242,12 @@ pub struct ServerConfig {
     /// behind what the writer last reported than this many frames.
     #[arg(long, env = "OC_PROMOTE_MAX_LAG_LSN", default_value_t = 1000)]
     pub promote_max_lag_lsn: u64,
+    /// A follower promotes itself once it has lost every stream from the writer and
+    /// the writer's lease has lapsed (its TTL plus the drift margin), when it is within
+    /// --promote-max-lag-lsn and no migration runs. Off by default: a failover is an
+    /// operator's decision unless this is set.
+    #[arg(long, env = "OC_AUTO_PROMOTE")]
+    pub auto_promote: bool,
     /// A follower further behind the writer than this many frames (on any shard)
     /// answers `/ready` with 503.
     #[arg(long, env = "OC_MAX_READY_LAG_LSN", default_value_t = 1000)]
@@ -504,15 +510,19 @@ impl ServerConfig {
         let follower = self.mode == "follower";
         match (follower, &self.leader_addr) {
             (true, None) => {
-                return Err("--mode follower needs --leader-addr (the writer's                             --replication-listen address)"
-                    .into())
-            }
-            (false, Some(_)) => {
                 return Err(
-                    "--leader-addr is for --mode follower; a writer has no leader".into(),
+                    "--mode follower needs --leader-addr (the writer's --replication-listen \
+                     address)"
+                        .into(),
                 )
             }
+            (false, Some(_)) => {
+                return Err("--leader-addr is for --mode follower; a writer has no leader".into())
+            }
             _ => {}
+        }
+        if self.auto_promote && !follower {
+            return Err("--auto-promote is for --mode follower (a writer is already one)".into());
         }
         if self.sync_replication {
             if self.replication_listen.is_none() {

@@ -195,6 +195,7 @@ pub fn run(config: ServerConfig) -> Result<()> {
                 }),
                 sync_policy: config.sync_policy(),
                 max_lag_lsn: config.promote_max_lag_lsn,
+                automatic: config.auto_promote,
             });
             None
         }

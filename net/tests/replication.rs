@@ -339,6 +339,10 @@ fn settings_that_cannot_replicate_are_refused_at_start() {
             ],
             "--lease-ttl-ms 1000 must be at least 500 and 3 times",
         ),
+        (
+            vec!["--auto-promote"],
+            "--auto-promote is for --mode follower",
+        ),
     ] {
         let mut full = vec!["--data-dir", data, "--listen", "127.0.0.1:0"];
         full.extend(&args);
@@ -2080,5 +2084,84 @@ fn the_client_finds_the_writer_through_a_switchover_and_reads_its_writes_on_a_fo
     eprintln!(
         "{} writes acknowledged across the switchover",
         acknowledged.len()
+    );
+}
+
+/// `--auto-promote`: a follower cut off from a writer that lives (and renews its
+/// lease) stays a follower; once the writer is killed, the follower promotes itself
+/// after the lease lapses (never before its TTL), with every acknowledged write, and
+/// takes writes.
+#[test]
+fn an_auto_promoting_follower_takes_over_only_once_the_writers_lease_lapsed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let archive = archive_in(dir.path());
+    let lease = ["--lease-ttl-ms", "1500", "--lease-max-drift-ms", "500"];
+    let writer = writer_on(&dir.path().join("writer"), &archive, &lease);
+    let proxy = Proxy::start(&writer.replication.clone().expect("replication address"));
+    let mut follower_flags = vec!["--auto-promote", "--replication-listen", "127.0.0.1:0"];
+    follower_flags.extend(lease);
+    let follower = follower_on(
+        &dir.path().join("follower"),
+        &proxy.addr,
+        &archive,
+        &follower_flags,
+    );
+    setup_tenants(&writer);
+    let model: Model = Arc::default();
+    write_rows(&writer, &model, 0, 20);
+    wait_until_matches(&follower, &model);
+    // Cut off from a writer that lives: three lease TTLs, and it is still a follower.
+    proxy.cut();
+    std::thread::sleep(Duration::from_millis(4_500));
+    let write = |server: &Server| {
+        server.post(
+            "/v1/tenants/alpha/tables/items/rows",
+            &json!({"ops": [{"upsert": {"id": -1, "name": "after", "batch": 1}}]}),
+        )
+    };
+    assert_eq!(write(&follower).status, 421, "{}", follower.stderr());
+    assert!(
+        follower
+            .stderr()
+            .contains("automatic promotion refused; watching the writer again"),
+        "the follower should have tried and been refused:\n{}",
+        follower.stderr()
+    );
+    assert_eq!(write(&writer).status, 200, "the writer still takes writes");
+
+    writer.kill9();
+    let killed = Instant::now();
+    let took = loop {
+        let reply = write(&follower);
+        if reply.status == 200 {
+            break killed.elapsed();
+        }
+        assert_eq!(reply.status, 421, "{reply:?}");
+        assert!(
+            killed.elapsed() < Duration::from_secs(20),
+            "no automatic promotion within 20 s:\n{}",
+            follower.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!("automatic promotion: first write taken {took:?} after the kill");
+    assert!(
+        took >= Duration::from_millis(1_500),
+        "promoted {took:?} after the kill, before the lease could have lapsed"
+    );
+    for tenant in TENANTS {
+        let held = rows_of(&follower, tenant);
+        for (id, name) in model_of(&model, tenant) {
+            assert_eq!(
+                held.get(&id),
+                Some(&name),
+                "{tenant}/{id} lost in the failover"
+            );
+        }
+    }
+    let logs = follower.stderr();
+    assert!(
+        logs.contains("automatic promotion: this server is the writer"),
+        "{logs}"
     );
 }

@@ -58,6 +58,8 @@ pub struct PromotionKit {
     /// This server's own `--sync-replication`, applied once it is the writer.
     pub sync_policy: Option<SyncPolicy>,
     pub max_lag_lsn: u64,
+    /// `--auto-promote`: promote without an operator once the writer's lease lapsed.
+    pub automatic: bool,
 }
 
 /// How the control executor starts replication.
@@ -122,6 +124,8 @@ pub struct Node {
     tasks: RefCell<Vec<Task<()>>>,
     /// A promoted follower's shipping loop and its counters.
     shipping: RefCell<Option<Task<()>>>,
+    /// `--auto-promote`'s watch on the writer (a follower's).
+    auto_promotion: RefCell<Option<Task<()>>>,
     pub promoted_ship_status: RefCell<Option<ShipStatus>>,
     promoting: Cell<bool>,
     /// A writer that stepped down for a switchover (not ready, writes refused).
@@ -150,6 +154,7 @@ impl Node {
             promotion: RefCell::new(setup.promotion),
             tasks: RefCell::new(Vec::new()),
             shipping: RefCell::new(None),
+            auto_promotion: RefCell::new(None),
             promoted_ship_status: RefCell::new(None),
             promoting: Cell::new(false),
             stepped_down: Cell::new(false),
@@ -157,12 +162,24 @@ impl Node {
     }
 
     /// Starts serving followers (a writer) or following (a follower).
-    pub fn start(&self, router: &Rc<ShardRouter>) {
+    pub fn start(self: &Rc<Node>, router: &Rc<ShardRouter>) {
         *self.router.borrow_mut() = Some(router.clone());
         let role = self.status.role.borrow().clone();
         match role {
             Role::Writer => self.serve_followers(router),
-            Role::Follower { .. } => self.follow(router),
+            Role::Follower { .. } => {
+                self.follow(router);
+                let automatic = self
+                    .promotion
+                    .borrow()
+                    .as_ref()
+                    .is_some_and(|k| k.automatic);
+                if automatic {
+                    *self.auto_promotion.borrow_mut() = Some(glommio::spawn_local(
+                        promote_when_the_writer_is_gone(self.clone()),
+                    ));
+                }
+            }
         }
     }
 
@@ -239,7 +256,7 @@ impl Node {
             ));
         }
         self.run_alone("promotion", move |node| async move {
-            node.promote_now(force).await
+            node.promote_now(force, false).await
         })
         .await
     }
@@ -389,7 +406,14 @@ impl Node {
         }))
     }
 
-    async fn promote_now(self: &Rc<Node>, force: bool) -> Result<serde_json::Value, Refusal> {
+    /// `automatic`: `--auto-promote` decided it, so the writer's lease must have lapsed
+    /// whatever the replication mode (a writer that only lost this follower's streams
+    /// is alive, and stays the writer).
+    async fn promote_now(
+        self: &Rc<Node>,
+        force: bool,
+        automatic: bool,
+    ) -> Result<serde_json::Value, Refusal> {
         let started = Instant::now();
         let mut steps = Vec::new();
         let mut step = |what: String| {
@@ -458,7 +482,7 @@ impl Node {
         ));
         // 2. A writer that may acknowledge without this follower is waited out first,
         // with the streams still running: what it acknowledges meanwhile arrives here.
-        let expect = if force || writer_sync {
+        let expect = if force || (writer_sync && !automatic) {
             lease::Expect::Any
         } else {
             let (archive, owner, _, ttl) = self.lease_kit()?;
@@ -740,6 +764,63 @@ async fn wait_for_lapse_of(
                     "the archive's lease record disappeared while this follower waited for it \
                      to lapse; check the archive",
                 ))
+            }
+        }
+    }
+}
+
+/// `--auto-promote`: watches the streams from the writer, and once every one has been
+/// gone for two lease renewal intervals (a reconnect is usually quicker), promotes
+/// this follower the way `POST /v1/admin/promote` does without force, waiting for the
+/// writer's lease to lapse first. A refusal (the writer renewed: it is alive; the
+/// follower is behind; a migration runs) is logged and the watch goes on. Only a
+/// follower that has been caught up with the writer on every shard since it started
+/// promotes itself: before that its lag behind the writer is unknown.
+async fn promote_when_the_writer_is_gone(node: Rc<Node>) {
+    let interval = node
+        .promotion
+        .borrow()
+        .as_ref()
+        .map_or(Duration::from_secs(2), |k| k.lease_ttl.ttl / 5)
+        .max(Duration::from_millis(100));
+    let mut gone_since: Option<Instant> = None;
+    loop {
+        glommio::timer::sleep(interval).await;
+        if !node.status.is_follower() {
+            return;
+        }
+        let links = &node.status.links;
+        let connected = links.iter().any(|l| l.borrow().connected > 0);
+        let known_lag = links.iter().all(|l| l.borrow().caught_up_at.is_some());
+        if connected || !known_lag {
+            gone_since = None;
+            continue;
+        }
+        let since = *gone_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < interval * 2 {
+            continue;
+        }
+        tracing::warn!(
+            gone_ms = since.elapsed().as_millis() as u64,
+            "automatic promotion: no stream from the writer; promoting once its lease lapses"
+        );
+        let outcome = node
+            .run_alone("promotion", |node| async move {
+                node.promote_now(false, true).await
+            })
+            .await;
+        match outcome {
+            Ok(answer) => {
+                tracing::warn!(lease_epoch = %answer["lease_epoch"], took_ms = %answer["took_ms"], "automatic promotion: this server is the writer");
+                return;
+            }
+            Err(refused) => {
+                tracing::warn!(
+                    code = refused.code,
+                    reason = %refused.message,
+                    "automatic promotion refused; watching the writer again"
+                );
+                gone_since = None;
             }
         }
     }
