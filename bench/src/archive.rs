@@ -25,13 +25,13 @@ use crate::server::Spawned;
 #[derive(clap::Args)]
 pub struct ArchiveArgs {
     #[command(flatten)]
-    common: crate::RunArgs,
+    pub(crate) common: crate::RunArgs,
     /// Kill-and-restore cycles for the RPO figures.
     #[arg(long, default_value_t = 5)]
-    kills: usize,
+    pub(crate) kills: usize,
     /// Concurrent writers (one keep-alive connection each).
     #[arg(long, default_value_t = 32)]
-    writers: usize,
+    pub(crate) writers: usize,
 }
 
 #[derive(Serialize)]

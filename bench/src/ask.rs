@@ -28,25 +28,25 @@ use crate::server::Spawned;
 pub struct AskArgs {
     /// Data directory for the server it starts (wiped first).
     #[arg(long, default_value = "/tmp/oc-bench-ask")]
-    dir: std::path::PathBuf,
+    pub(crate) dir: std::path::PathBuf,
     #[arg(long, default_value_t = 100_000)]
-    rows: u64,
+    pub(crate) rows: u64,
     #[arg(long, default_value_t = 128)]
-    dim: usize,
+    pub(crate) dim: usize,
     /// Offered point/range/aggregate/REST queries per second.
     #[arg(long, default_value_t = 5000)]
-    rate: u64,
+    pub(crate) rate: u64,
     #[arg(long, default_value_t = 10.0)]
-    seconds: f64,
+    pub(crate) seconds: f64,
     #[arg(long, default_value_t = 32)]
-    connections: usize,
+    pub(crate) connections: usize,
     /// Offered kNN queries per second.
     #[arg(long, default_value_t = 40)]
-    knn_rate: u64,
+    pub(crate) knn_rate: u64,
     #[arg(long, default_value_t = 10.0)]
-    knn_seconds: f64,
+    pub(crate) knn_seconds: f64,
     #[arg(long)]
-    json: Option<std::path::PathBuf>,
+    pub(crate) json: Option<std::path::PathBuf>,
 }
 
 const TENANT: &str = "bench-ask";
@@ -78,6 +78,9 @@ impl Latency {
 
 #[derive(Serialize, Deserialize)]
 pub(crate) struct AskReport {
+    /// `--server-cpus` and `--client-cpus`, as given.
+    #[serde(default)]
+    pinning: crate::pinning::Pinning,
     rows: u64,
     dim: usize,
     load_rows_per_s: f64,
@@ -407,6 +410,7 @@ pub fn run(args: AskArgs) -> Result<()> {
     }
     let knn_latency = knn.kinds.get("knn").map(|(h, e)| Latency::of(h, *e));
     let report = AskReport {
+        pinning: crate::pinning::current(),
         rows,
         dim,
         load_rows_per_s,

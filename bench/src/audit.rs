@@ -31,6 +31,9 @@ const TENANT: &str = "bench-audit";
 
 #[derive(Serialize)]
 struct AuditReport {
+    /// `--server-cpus` and `--client-cpus`, as given.
+    #[serde(default)]
+    pinning: crate::pinning::Pinning,
     rounds: usize,
     row_write: Percentiles,
     table_create: Percentiles,
@@ -109,6 +112,7 @@ pub fn run(args: AuditArgs) -> Result<()> {
             h.value_at_quantile(0.5) as f64 / write.value_at_quantile(0.5).max(1) as f64
         };
         Ok::<_, anyhow::Error>(AuditReport {
+            pinning: crate::pinning::current(),
             rounds: args.rounds,
             row_write: Percentiles::of(&write),
             table_create: Percentiles::of(&create),

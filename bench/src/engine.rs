@@ -61,6 +61,9 @@ pub(crate) struct WriteResult {
 
 #[derive(Serialize, Deserialize)]
 pub(crate) struct EngineReport {
+    /// `--server-cpus` and `--client-cpus`, as given.
+    #[serde(default)]
+    pinning: crate::pinning::Pinning,
     shards: usize,
     seconds_per_phase: f64,
     writes: Vec<WriteResult>,
@@ -337,6 +340,7 @@ pub fn run(args: EngineArgs) -> Result<()> {
             checkpoint_bytes as f64 / 1e6
         );
         Ok::<_, anyhow::Error>(EngineReport {
+            pinning: crate::pinning::current(),
             shards: 1,
             seconds_per_phase: phase.as_secs_f64(),
             writes,

@@ -65,11 +65,6 @@ pub struct HttpArgs {
     /// plus twice the log's fsync-lag p99 over the same window.
     #[arg(long)]
     pub(crate) metrics_url: Option<String>,
-    /// CPUs the load generator runs on (`1`, `0,2`, `2-3`): with the server's shards
-    /// on others (`taskset` or its own pinning), generator noise and server tails can be
-    /// told apart. Recorded in the results.
-    #[arg(long)]
-    pub(crate) client_cpus: Option<String>,
 }
 
 pub(crate) const TENANT: &str = "bench-http";
@@ -121,6 +116,10 @@ pub(crate) struct HttpReport {
     /// The CPUs the generator was pinned to (`--client-cpus`), if it was.
     #[serde(default)]
     client_cpus: Option<String>,
+    /// The CPUs of the servers oc-bench started (`--server-cpus`; this subcommand uses
+    /// a server started elsewhere, pinned or not by whoever started it).
+    #[serde(default)]
+    server_cpus: Option<String>,
     /// `none`, or `api key` when the load authenticated with one.
     #[serde(default)]
     auth: String,
@@ -569,41 +568,6 @@ async fn load(
     Ok((recorder, elapsed))
 }
 
-/// Pins the calling thread, and the threads it starts later, to the CPUs of `list`
-/// (`1`, `0,2`, `2-3`).
-fn pin_this_thread(list: &str) -> Result<()> {
-    let mut cpus = Vec::new();
-    for part in list.split(',') {
-        let (first, last) = match part.split_once('-') {
-            Some((a, b)) => (a.trim().parse::<usize>()?, b.trim().parse::<usize>()?),
-            None => {
-                let one = part.trim().parse::<usize>()?;
-                (one, one)
-            }
-        };
-        if first > last || last >= libc::CPU_SETSIZE as usize {
-            bail!("--client-cpus {list:?}: {part:?} is not a CPU range");
-        }
-        cpus.extend(first..=last);
-    }
-    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes inside it (every CPU
-    // is under CPU_SETSIZE, checked above); sched_setaffinity reads it for this thread.
-    let rc = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        for &cpu in &cpus {
-            libc::CPU_SET(cpu, &mut set);
-        }
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
-    };
-    if rc != 0 {
-        bail!(
-            "--client-cpus {list:?}: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    Ok(())
-}
-
 /// The histogram the write goal is judged against.
 const FSYNC_LAG: &str = "oc_wal_fsync_lag_ms";
 
@@ -746,9 +710,6 @@ pub fn run(args: HttpArgs) -> Result<()> {
     if args.rate == 0 || args.connections == 0 {
         bail!("--rate and --connections must be above 0");
     }
-    if let Some(cpus) = &args.client_cpus {
-        pin_this_thread(cpus)?;
-    }
     let target = Rc::new(target);
     let report = oc_io::executor::run_local(async {
         eprintln!("preloading {} rows into {TENANT}/{TABLE}...", args.rows);
@@ -805,7 +766,8 @@ pub fn run(args: HttpArgs) -> Result<()> {
                 .map(|f| writes.p99_us as i64 - f.p99_us as i64),
             fsync_lag_p99_ms,
             write_stages,
-            client_cpus: args.client_cpus.clone(),
+            client_cpus: crate::pinning::current().client_cpus,
+            server_cpus: crate::pinning::current().server_cpus,
             reads,
             writes,
             floor,

@@ -11,6 +11,7 @@ mod latency;
 mod migration;
 mod pacer;
 mod peers;
+mod pinning;
 mod pool;
 mod raw_disk;
 mod report;
@@ -27,6 +28,14 @@ use clap::{Parser, Subcommand};
     about = "Benchmarks for oc against raw-disk baselines"
 )]
 struct Cli {
+    /// CPUs the `oc-server` processes oc-bench starts may use (`1`, `0,2`, `2-3`); such
+    /// a server takes one shard per CPU. Recorded in the results.
+    #[arg(long, global = true)]
+    server_cpus: Option<String>,
+    /// CPUs oc-bench itself runs on (the load generator and every thread it starts).
+    /// Recorded in the results.
+    #[arg(long, global = true)]
+    client_cpus: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -59,8 +68,8 @@ enum Command {
     Migration(migration::MigrationArgs),
     /// Re-render Markdown tables and SVG charts from a directory of JSON results.
     Report(report::ReportArgs),
-    /// Run wal, engine, peers and http (against an oc-server it starts), then render
-    /// the report (`--quick`: small sizes, a few minutes).
+    /// Run wal, engine, peers, http, ask and archive (the last three against oc-servers
+    /// it starts), then render the report (`--quick`: small sizes, a few minutes).
     All(AllArgs),
 }
 
@@ -139,12 +148,48 @@ fn run_all(args: AllArgs) -> anyhow::Result<()> {
                 ca_cert: None,
                 no_floor: false,
                 metrics_url: Some(server.ops_url.clone()),
-                client_cpus: None,
             });
             server.stop()?;
             outcome?;
         }
         None => eprintln!("no oc-server next to oc-bench: skipping http (build it with `cargo build --release --bin oc-server`)"),
+    }
+    let next_to_us = |bin: &str| {
+        std::env::current_exe()
+            .map(|exe| exe.with_file_name(bin).exists())
+            .unwrap_or(false)
+    };
+    if !next_to_us("oc-server") {
+        eprintln!("no oc-server next to oc-bench: skipping ask and archive");
+    } else {
+        eprintln!(
+            "== oc-bench ask ({:.0} s so far)",
+            started.elapsed().as_secs_f64()
+        );
+        ask::run(ask::AskArgs {
+            dir: args.dir.join("ask"),
+            rows: if args.quick { 10_000 } else { 100_000 },
+            dim: 128,
+            rate: if args.quick { 1_000 } else { 5_000 },
+            seconds: if args.quick { 3.0 } else { 10.0 },
+            connections: 32,
+            knn_rate: if args.quick { 10 } else { 40 },
+            knn_seconds: if args.quick { 3.0 } else { 10.0 },
+            json: Some(args.out.join("ask.json")),
+        })?;
+        if next_to_us("oc-pitr") {
+            eprintln!(
+                "== oc-bench archive ({:.0} s so far)",
+                started.elapsed().as_secs_f64()
+            );
+            archive::run(archive::ArchiveArgs {
+                common: common("archive"),
+                kills: if args.quick { 1 } else { 5 },
+                writers: 32,
+            })?;
+        } else {
+            eprintln!("no oc-pitr next to oc-bench: skipping archive");
+        }
     }
     let rendered = report::render_dir(&args.out, &args.out)?;
     eprintln!(
@@ -171,7 +216,12 @@ pub struct RunArgs {
 }
 
 fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    pinning::apply(pinning::Pinning {
+        server_cpus: cli.server_cpus,
+        client_cpus: cli.client_cpus,
+    })?;
+    match cli.command {
         Command::Wal(args) => wal::run(args),
         Command::Engine(args) => engine::run(args),
         Command::Http(args) => http::run(args),

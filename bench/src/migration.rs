@@ -144,6 +144,9 @@ struct Idle {
 
 #[derive(Serialize)]
 struct MigrationReport {
+    /// `--server-cpus` and `--client-cpus`, as given.
+    #[serde(default)]
+    pinning: crate::pinning::Pinning,
     rows: u64,
     value_bytes: usize,
     writers: usize,
@@ -186,6 +189,7 @@ pub fn run(args: MigrationArgs) -> Result<()> {
         let idle = measure_idle(&mut conn, args.idle_rows, args.max_seconds).await?;
         let stats = |f: &dyn Fn(&Round) -> f64| median_min_max(rounds.iter().map(f).collect());
         Ok::<_, anyhow::Error>(MigrationReport {
+            pinning: crate::pinning::current(),
             rows: args.rows,
             value_bytes: args.value_bytes,
             writers: args.writers,

@@ -23,13 +23,16 @@ impl Spawned {
         if !server.exists() {
             return Ok(None);
         }
-        let mut child = Command::new(&server)
+        let mut command = Command::new(&server);
+        command
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--listen", "127.0.0.1:0", "--ops-listen", "127.0.0.1:0"])
             .args(extra)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::null());
+        crate::pinning::pin_server(&mut command)?;
+        let mut child = command
             .spawn()
             .with_context(|| format!("starting {}", server.display()))?;
         // The tests start it the same way (`oc_net::announce`).

@@ -83,6 +83,9 @@ pub(crate) struct Machine {
     pub(crate) cores: usize,
     pub(crate) kernel: String,
     pub(crate) file_system: String,
+    /// `--server-cpus` and `--client-cpus`, as given.
+    #[serde(default)]
+    pub(crate) pinning: crate::pinning::Pinning,
 }
 
 pub(crate) fn machine(dir: &Path) -> Machine {
@@ -93,6 +96,7 @@ pub(crate) fn machine(dir: &Path) -> Machine {
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         kernel,
         file_system: file_system_of(dir),
+        pinning: crate::pinning::current(),
     }
 }
 

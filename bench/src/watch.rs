@@ -80,6 +80,9 @@ struct CostRound {
 
 #[derive(Serialize)]
 struct WatchReport {
+    /// `--server-cpus` and `--client-cpus`, as given.
+    #[serde(default)]
+    pinning: crate::pinning::Pinning,
     latency: Vec<LatencyRun>,
     idle_subscribers: usize,
     writers: usize,
@@ -152,6 +155,7 @@ pub fn run(args: WatchArgs) -> Result<()> {
         .collect();
     ratios.sort_by(f64::total_cmp);
     let report = WatchReport {
+        pinning: crate::pinning::current(),
         latency,
         idle_subscribers: args.idle_subscribers,
         writers: args.writers,

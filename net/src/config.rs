@@ -521,9 +521,6 @@ impl ServerConfig {
             }
             _ => {}
         }
-        if self.auto_promote && !follower {
-            return Err("--auto-promote is for --mode follower (a writer is already one)".into());
-        }
         if self.sync_replication {
             if self.replication_listen.is_none() {
                 return Err(

@@ -171,6 +171,10 @@ pub fn run(config: ServerConfig) -> Result<()> {
 
     // The archive is claimed and listed before any shard opens: a wrong, unreachable or
     // foreign archive is a start-up error, not a surprise later.
+    if config.auto_promote && role == Role::Writer {
+        // Not refused: a promoted follower restarted in writer mode keeps its settings.
+        tracing::warn!("--auto-promote has no effect on a writer");
+    }
     let ship_status = ShipStatus::default();
     let mut replay_archive = None;
     let mut lease_hold = None;

@@ -339,10 +339,6 @@ fn settings_that_cannot_replicate_are_refused_at_start() {
             ],
             "--lease-ttl-ms 1000 must be at least 500 and 3 times",
         ),
-        (
-            vec!["--auto-promote"],
-            "--auto-promote is for --mode follower",
-        ),
     ] {
         let mut full = vec!["--data-dir", data, "--listen", "127.0.0.1:0"];
         full.extend(&args);

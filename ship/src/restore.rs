@@ -37,6 +37,9 @@ use crate::timestamp::format_rfc3339;
 /// Restore everything the archive has.
 pub const LATEST: u64 = u64::MAX;
 
+/// The most shards a restore writes at once: each holds a segment in memory.
+const RESTORE_JOBS: usize = 4;
+
 #[derive(Debug, thiserror::Error)]
 pub enum PitrError {
     #[error(transparent)]
@@ -661,11 +664,12 @@ pub fn restore_as(
     })
 }
 
-/// Restores every shard, as many at once as the machine has CPUs: a shard's objects
-/// are fetched, checked and written by one thread, in LSN order, and shards share
-/// nothing. Each thread holds one segment image at a time (up to the segment size,
-/// 64 MiB by default). Progress lines come back here, so `progress` need not be
-/// `Send`; the first failing shard (in shard order) is the error.
+/// Restores every shard, as many at once as the machine has CPUs (at most
+/// [`RESTORE_JOBS`]): a shard's objects are fetched, checked and written by one
+/// thread, in LSN order, and shards share nothing. Each thread holds one segment
+/// (its whole capacity, 64 MiB by default) at a time. Progress lines come back here,
+/// so `progress` need not be `Send`. Once a shard fails no other shard is started;
+/// the first failing shard (in shard order) is the error.
 fn restore_shards(
     archive: &dyn Archive,
     plans: &[ShardPlan],
@@ -676,17 +680,22 @@ fn restore_shards(
 ) -> Result<Vec<ShardRestored>, PitrError> {
     let jobs = std::thread::available_parallelism()
         .map_or(1, usize::from)
+        .min(RESTORE_JOBS)
         .min(plans.len())
         .max(1);
     let next = std::sync::atomic::AtomicUsize::new(0);
+    let failed = std::sync::atomic::AtomicBool::new(false);
     let results: Vec<std::sync::Mutex<Option<Result<ShardRestored, PitrError>>>> =
         plans.iter().map(|_| std::sync::Mutex::new(None)).collect();
     let (lines, printed) = std::sync::mpsc::channel::<String>();
     std::thread::scope(|scope| {
         for _ in 0..jobs {
             let lines = lines.clone();
-            let (next, results) = (&next, &results);
+            let (next, results, failed) = (&next, &results, &failed);
             scope.spawn(move || loop {
+                if failed.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let Some(plan) = plans.get(i) else { break };
                 let mut report = |line: &str| {
@@ -694,6 +703,9 @@ fn restore_shards(
                 };
                 let outcome =
                     restore_shard(archive, plan, (target, caps[i]), data_dir, &mut report);
+                if outcome.is_err() {
+                    failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
                 if let Ok(mut slot) = results[i].lock() {
                     *slot = Some(outcome);
                 }
@@ -709,8 +721,9 @@ fn restore_shards(
         .into_iter()
         .map(|slot| {
             slot.into_inner().ok().flatten().unwrap_or_else(|| {
+                // Never started: a shard before it failed (its error comes first).
                 Err(PitrError::Refused(
-                    "a shard's restore ended without a result".into(),
+                    "not restored: another shard's restore failed first".into(),
                 ))
             })
         })

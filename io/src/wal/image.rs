@@ -43,16 +43,38 @@ pub fn sealed_image(
 /// whole segment file: the header's capacity, zeroes where nothing was stored, the
 /// footer in the last block when `sealed`.
 pub fn expand_image(image: &[u8], sealed: bool) -> Result<(Vec<u8>, SegmentHeader), String> {
-    expand_image_owned(image.to_vec(), sealed)
+    let (header, capacity, data_len) = image_layout(image, sealed)?;
+    // A fresh zeroed allocation: the pages nothing is copied into stay untouched.
+    let mut file = vec![0u8; capacity];
+    file[..data_len].copy_from_slice(&image[..data_len]);
+    if sealed {
+        file[capacity - BLOCK_SIZE..].copy_from_slice(&image[data_len..]);
+    }
+    Ok((file, header))
 }
 
 /// [`expand_image`] in the image's own buffer: it grows to the segment's capacity
 /// (a large allocation grows in place, without a copy) and only the footer moves, so
-/// a restore neither copies nor zeroes a segment's worth of bytes a second time.
+/// a restore copies no segment's worth of bytes a second time. The space past the
+/// data is zeroed in memory (a whole segment resident), which suits a caller about to
+/// write the whole file.
 pub fn expand_image_owned(
     mut image: Vec<u8>,
     sealed: bool,
 ) -> Result<(Vec<u8>, SegmentHeader), String> {
+    let (header, capacity, data_len) = image_layout(&image, sealed)?;
+    let footer = sealed.then(|| image[data_len..].to_vec());
+    image.truncate(data_len);
+    image.resize(capacity, 0);
+    if let Some(footer) = footer {
+        image[capacity - BLOCK_SIZE..].copy_from_slice(&footer);
+    }
+    Ok((image, header))
+}
+
+/// An image's header, its segment's capacity and the length of its stored data,
+/// checked to fit that capacity.
+fn image_layout(image: &[u8], sealed: bool) -> Result<(SegmentHeader, usize, usize), String> {
     if image.len() < BLOCK_SIZE || !image.len().is_multiple_of(BLOCK_SIZE) {
         return Err(format!(
             "{} bytes is not a whole number of blocks",
@@ -75,13 +97,7 @@ pub fn expand_image_owned(
             image.len()
         ));
     }
-    let footer = sealed.then(|| image[data_len..].to_vec());
-    image.truncate(data_len);
-    image.resize(capacity, 0);
-    if let Some(footer) = footer {
-        image[capacity - BLOCK_SIZE..].copy_from_slice(&footer);
-    }
-    Ok((image, header))
+    Ok((header, capacity, data_len))
 }
 
 /// Where a valid frame sits in a segment file.
@@ -204,6 +220,8 @@ mod tests {
                 expanded_by_copy(&image, capacity, sealed),
                 "sealed {sealed}, {data_blocks} data blocks"
             );
+            let (borrowed, _) = expand_image(&image, sealed).expect("expands");
+            assert_eq!(borrowed, file);
         }
         // More than the capacity holds is refused, not truncated.
         let too_long = vec![0u8; capacity + BLOCK_SIZE];

@@ -128,6 +128,9 @@ pub struct Node {
     auto_promotion: RefCell<Option<Task<()>>>,
     pub promoted_ship_status: RefCell<Option<ShipStatus>>,
     promoting: Cell<bool>,
+    /// A promotion took the lease; set for good (a later failure leaves the server
+    /// between roles: only a restart in writer mode finishes it).
+    lease_taken: Cell<bool>,
     /// A writer that stepped down for a switchover (not ready, writes refused).
     stepped_down: Cell<bool>,
 }
@@ -157,6 +160,7 @@ impl Node {
             auto_promotion: RefCell::new(None),
             promoted_ship_status: RefCell::new(None),
             promoting: Cell::new(false),
+            lease_taken: Cell::new(false),
             stepped_down: Cell::new(false),
         })
     }
@@ -486,7 +490,7 @@ impl Node {
             lease::Expect::Any
         } else {
             let (archive, owner, _, ttl) = self.lease_kit()?;
-            let expect = wait_for_lapse_of(archive, &owner, ttl.max_drift).await?;
+            let expect = wait_for_lapse_of(archive, &owner, ttl.max_drift, automatic).await?;
             step("the writer's lease lapsed (its record unchanged for its TTL plus the drift margin)".into());
             expect
         };
@@ -504,6 +508,7 @@ impl Node {
                 return Err(refused);
             }
         };
+        self.lease_taken.set(true);
         let lease_epoch = claim.lease.epoch;
         step(format!(
             "took the archive's lease with epoch {lease_epoch} (the old writer's next renewal fails)"
@@ -695,10 +700,13 @@ impl Node {
 /// wrote that version, which is before this host first read it: once the wait is over
 /// it has stopped, whatever the two wall clocks say (only their rates may differ, by
 /// less than the drift margin). A renewal meanwhile means it is alive: refused at once.
+/// `automatic`: only a record of another owner that lapsed will do (an operator's
+/// promotion also takes an absent record, or its own).
 async fn wait_for_lapse_of(
     archive: Arc<dyn Archive>,
     owner: &str,
     max_drift: Duration,
+    automatic: bool,
 ) -> Result<lease::Expect, Refusal> {
     let read = || {
         let archive = archive.clone();
@@ -716,8 +724,26 @@ async fn wait_for_lapse_of(
         }
     };
     let Some((watched, version)) = read().await? else {
+        if automatic {
+            // Not the writer's archive, or its record was removed: nothing says the
+            // writer is gone.
+            return Err(refusal(
+                409,
+                "lease_missing",
+                "the archive holds no lease record, so nothing shows the writer's lease \
+                 lapsed: check that this follower's --archive is the writer's",
+            ));
+        }
         return Ok(lease::Expect::Absent);
     };
+    if watched.owner_id == owner && automatic {
+        return Err(refusal(
+            409,
+            "lease_held",
+            "the archive's lease record names this data directory (a copy of the writer's?): \
+             an automatic promotion cannot tell the writer is gone",
+        ));
+    }
     if watched.owner_id == owner {
         // A promotion retried after its answer was lost (`promote` sees it is ours).
         return Ok(lease::Expect::Version(version));
@@ -773,9 +799,11 @@ async fn wait_for_lapse_of(
 /// gone for two lease renewal intervals (a reconnect is usually quicker), promotes
 /// this follower the way `POST /v1/admin/promote` does without force, waiting for the
 /// writer's lease to lapse first. A refusal (the writer renewed: it is alive; the
-/// follower is behind; a migration runs) is logged and the watch goes on. Only a
-/// follower that has been caught up with the writer on every shard since it started
-/// promotes itself: before that its lag behind the writer is unknown.
+/// follower is behind; a migration runs) is logged and the watch goes on, trying
+/// again less often each time (up to once a minute). Only a follower that has been
+/// caught up with the writer on every shard since it started promotes itself: before
+/// that its lag behind the writer is unknown. A promotion that failed after taking
+/// the lease is not tried again: the server is between roles (logged).
 async fn promote_when_the_writer_is_gone(node: Rc<Node>) {
     let interval = node
         .promotion
@@ -784,6 +812,7 @@ async fn promote_when_the_writer_is_gone(node: Rc<Node>) {
         .map_or(Duration::from_secs(2), |k| k.lease_ttl.ttl / 5)
         .max(Duration::from_millis(100));
     let mut gone_since: Option<Instant> = None;
+    let mut patience = interval * 2;
     loop {
         glommio::timer::sleep(interval).await;
         if !node.status.is_follower() {
@@ -794,10 +823,11 @@ async fn promote_when_the_writer_is_gone(node: Rc<Node>) {
         let known_lag = links.iter().all(|l| l.borrow().caught_up_at.is_some());
         if connected || !known_lag {
             gone_since = None;
+            patience = interval * 2;
             continue;
         }
         let since = *gone_since.get_or_insert_with(Instant::now);
-        if since.elapsed() < interval * 2 {
+        if since.elapsed() < patience {
             continue;
         }
         tracing::warn!(
@@ -814,6 +844,15 @@ async fn promote_when_the_writer_is_gone(node: Rc<Node>) {
                 tracing::warn!(lease_epoch = %answer["lease_epoch"], took_ms = %answer["took_ms"], "automatic promotion: this server is the writer");
                 return;
             }
+            Err(failed) if node.lease_taken.get() => {
+                tracing::error!(
+                    code = failed.code,
+                    reason = %failed.message,
+                    "automatic promotion failed after taking the lease: restart this server \
+                     in writer mode (RUNBOOK.md, \"Failover\")"
+                );
+                return;
+            }
             Err(refused) => {
                 tracing::warn!(
                     code = refused.code,
@@ -821,6 +860,7 @@ async fn promote_when_the_writer_is_gone(node: Rc<Node>) {
                     "automatic promotion refused; watching the writer again"
                 );
                 gone_since = None;
+                patience = (patience * 2).min(Duration::from_secs(60));
             }
         }
     }
