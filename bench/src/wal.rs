@@ -93,7 +93,11 @@ pub(crate) fn machine(dir: &Path) -> Machine {
         .map(|s| s.trim().to_string())
         .unwrap_or_default();
     Machine {
-        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        // The machine's, not this process's (`--client-cpus` narrows that).
+        // SAFETY: sysconf only reads a system value.
+        cores: usize::try_from(unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) })
+            .unwrap_or(1)
+            .max(1),
         kernel,
         file_system: file_system_of(dir),
         pinning: crate::pinning::current(),
