@@ -101,6 +101,11 @@ pub(crate) struct AskReport {
     knn_raw_p95_us: u64,
     knn_checked: usize,
     knn_mismatches: usize,
+    /// Latency by percentile of each query kind and kNN (`latency::percentile_curve`),
+    /// for the percentile plot; the same histograms are written as `.hgrm` beside the
+    /// JSON.
+    #[serde(default)]
+    percentiles: Vec<(String, crate::latency::PercentileCurve)>,
 }
 
 /// The deterministic dataset: row `id`'s group, price and vector.
@@ -409,6 +414,12 @@ pub fn run(args: AskArgs) -> Result<()> {
         raw.saturating_record(t.elapsed().as_micros() as u64);
     }
     let knn_latency = knn.kinds.get("knn").map(|(h, e)| Latency::of(h, *e));
+    let histograms: Vec<(&str, Histogram<u64>)> = mixed
+        .kinds
+        .iter()
+        .chain(knn.kinds.iter())
+        .map(|(k, (h, _))| (*k, h.clone()))
+        .collect();
     let report = AskReport {
         pinning: crate::pinning::current(),
         rows,
@@ -433,13 +444,22 @@ pub fn run(args: AskArgs) -> Result<()> {
         knn_raw_p95_us: raw.value_at_quantile(0.95),
         knn_checked: knn.bodies.len(),
         knn_mismatches: mismatches,
+        percentiles: histograms
+            .iter()
+            .filter(|(_, h)| !h.is_empty())
+            .map(|(k, h)| (k.to_string(), crate::latency::percentile_curve(h)))
+            .collect(),
     };
     crate::report::write_outputs(
         &report,
         args.json.as_deref(),
         markdown(&report),
         svgs(&report),
-    )
+    )?;
+    if let Some(json) = &args.json {
+        crate::report::write_hgrms(json, &histograms)?;
+    }
+    Ok(())
 }
 
 fn ms(us: u64) -> String {
@@ -518,7 +538,7 @@ pub(crate) fn svgs(r: &AskReport) -> Vec<(String, String)> {
         .map(|(k, l)| (k.clone(), values(l)))
         .collect();
     series.push(("knn k=10".into(), values(&r.knn)));
-    vec![(
+    let mut charts = vec![(
         "latency".to_string(),
         bar_chart(&Bars {
             title: format!(
@@ -529,5 +549,15 @@ pub(crate) fn svgs(r: &AskReport) -> Vec<(String, String)> {
             groups: ["p50", "p95", "p99"].map(String::from).to_vec(),
             series,
         }),
-    )]
+    )];
+    if !r.percentiles.is_empty() {
+        charts.push((
+            "percentiles".to_string(),
+            crate::report::percentile_plot(
+                &format!("/ask at {} req/s: latency by percentile", r.offered_rate),
+                &r.percentiles,
+            ),
+        ));
+    }
+    charts
 }

@@ -111,6 +111,10 @@ pub(crate) struct HttpReport {
     /// `oc_write_stage_seconds` (with `--metrics-url`).
     #[serde(default)]
     write_stages: Vec<StageTime>,
+    /// Latency by percentile of each operation (`latency::percentile_curve`), for the
+    /// percentile plot; the same histograms are written as `.hgrm` beside the JSON.
+    #[serde(default)]
+    percentiles: Vec<(String, crate::latency::PercentileCurve)>,
     /// Non-2xx statuses and transport errors, by kind.
     errors: std::collections::BTreeMap<String, u64>,
     /// The CPUs the generator was pinned to (`--client-cpus`), if it was.
@@ -741,16 +745,23 @@ pub fn run(args: HttpArgs) -> Result<()> {
             _ => (None, Vec::new()),
         };
         // The floor, at the same rate over the same connections, right after.
+        let mut histograms = vec![("reads", r.reads.clone()), ("writes", r.writes.clone())];
         let floor = if args.no_floor {
             None
         } else {
             let (f, _) = load(&target, &args, (0, 0, 1), "floor").await?;
+            histograms.push(("floor", f.pings.clone()));
             Some(op_result(&f.pings, f.ping_errors))
         };
+        let percentiles = histograms
+            .iter()
+            .filter(|(_, h)| !h.is_empty())
+            .map(|(name, h)| (name.to_string(), crate::latency::percentile_curve(h)))
+            .collect();
         let answered = r.reads.len() + r.writes.len() + r.read_errors + r.write_errors;
         let reads = op_result(&r.reads, r.read_errors);
         let writes = op_result(&r.writes, r.write_errors);
-        Ok::<_, anyhow::Error>(HttpReport {
+        let report = HttpReport {
             url: args.url.clone(),
             offered_rate: args.rate,
             achieved_rate: answered as f64 / elapsed.as_secs_f64(),
@@ -766,6 +777,7 @@ pub fn run(args: HttpArgs) -> Result<()> {
                 .map(|f| writes.p99_us as i64 - f.p99_us as i64),
             fsync_lag_p99_ms,
             write_stages,
+            percentiles,
             client_cpus: crate::pinning::current().client_cpus,
             server_cpus: crate::pinning::current().server_cpus,
             reads,
@@ -778,14 +790,20 @@ pub fn run(args: HttpArgs) -> Result<()> {
                 "none".into()
             },
             tls: args.url.starts_with("https://"),
-        })
+        };
+        Ok::<_, anyhow::Error>((report, histograms))
     })?;
+    let (report, histograms) = report;
     crate::report::write_outputs(
         &report,
         args.json.as_deref(),
         markdown(&report),
         svgs(&report),
-    )
+    )?;
+    if let Some(json) = &args.json {
+        crate::report::write_hgrms(json, &histograms)?;
+    }
+    Ok(())
 }
 
 pub(crate) fn markdown(r: &HttpReport) -> String {
@@ -860,7 +878,7 @@ pub(crate) fn svgs(r: &HttpReport) -> Vec<(String, String)> {
             .map(|v| Some(v as f64))
             .collect()
     };
-    vec![(
+    let mut charts = vec![(
         "latency".to_string(),
         bar_chart(&Bars {
             title: format!("{} req/s offered ({} reads:writes)", r.offered_rate, r.mix),
@@ -871,7 +889,20 @@ pub(crate) fn svgs(r: &HttpReport) -> Vec<(String, String)> {
                 ("single-row write".into(), values(&r.writes)),
             ],
         }),
-    )]
+    )];
+    if !r.percentiles.is_empty() {
+        charts.push((
+            "percentiles".to_string(),
+            crate::report::percentile_plot(
+                &format!(
+                    "{} req/s offered ({} reads:writes): latency by percentile",
+                    r.offered_rate, r.mix
+                ),
+                &r.percentiles,
+            ),
+        ));
+    }
+    charts
 }
 
 #[cfg(test)]

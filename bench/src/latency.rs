@@ -27,3 +27,88 @@ impl Percentiles {
         }
     }
 }
+
+/// A latency-by-percentile curve: (percentile in `[0, 100]`, µs), HdrHistogram's
+/// percentile distribution with 5 steps per halving of the distance to 100 %.
+pub type PercentileCurve = Vec<(f64, u64)>;
+
+pub fn percentile_curve(h: &Histogram<u64>) -> PercentileCurve {
+    if h.is_empty() {
+        return Vec::new();
+    }
+    h.iter_quantiles(5)
+        .map(|v| (v.quantile_iterated_to() * 100.0, v.value_iterated_to()))
+        .collect()
+}
+
+/// The histogram as HdrHistogram's percentile distribution text (`.hgrm`, values in
+/// milliseconds), which HdrHistogram's plotter and most latency tooling read.
+pub fn hgrm(h: &Histogram<u64>) -> String {
+    use std::fmt::Write;
+    let mut out = String::from("       Value     Percentile TotalCount 1/(1-Percentile)\n\n");
+    if !h.is_empty() {
+        for v in h.iter_quantiles(5) {
+            let q = v.quantile_iterated_to();
+            let value = v.value_iterated_to();
+            // Recordings at or below this value.
+            let total = h.count_between(0, value);
+            let _ = write!(out, "{:12.3} {q:14.12} {total:10}", value as f64 / 1000.0);
+            if q < 1.0 {
+                let _ = write!(out, " {:14.2}", 1.0 / (1.0 - q));
+            }
+            out.push('\n');
+        }
+    }
+    let _ = writeln!(
+        out,
+        "#[Mean    = {:12.3}, StdDeviation   = {:12.3}]",
+        h.mean() / 1000.0,
+        h.stdev() / 1000.0
+    );
+    let _ = writeln!(
+        out,
+        "#[Max     = {:12.3}, Total count    = {:12}]",
+        h.max() as f64 / 1000.0,
+        h.len()
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_percentile_distribution_climbs_to_the_max_and_counts_everything() {
+        let mut h = histogram();
+        for us in 1..=1000 {
+            h.record(us).expect("in range");
+        }
+        let curve = percentile_curve(&h);
+        assert!(curve
+            .windows(2)
+            .all(|w| w[0].0 <= w[1].0 && w[0].1 <= w[1].1));
+        let last = curve.last().expect("points");
+        assert_eq!(last.0, 100.0);
+        assert_eq!(last.1, h.max());
+        let text = hgrm(&h);
+        let rows: Vec<Vec<f64>> = text
+            .lines()
+            .skip(2)
+            .take_while(|l| !l.starts_with('#'))
+            .map(|l| {
+                l.split_whitespace()
+                    .map(|f| f.parse().expect("a number"))
+                    .collect()
+            })
+            .collect();
+        assert_eq!(rows.len(), curve.len());
+        // Values in ms, the last row holds every recording and has no 1/(1-p).
+        let last = rows.last().expect("rows");
+        assert_eq!(last.len(), 3);
+        assert!((last[0] - 1.0).abs() < 0.01, "{last:?}");
+        assert_eq!(last[2], 1000.0);
+        assert!(rows[rows.len() - 2].len() == 4);
+        assert!(text.contains("Total count    =         1000"), "{text}");
+    }
+}

@@ -147,6 +147,121 @@ pub fn bar_chart(chart: &Bars) -> String {
     svg
 }
 
+/// Latency by percentile, the plot latency work is read from: x is the percentile on
+/// a log scale of 1/(1 − p) (0 %, 90 %, 99 %, 99.9 %, …), y the latency in µs; one
+/// line per series (`latency::percentile_curve`). The 100 % point (the max) sits at
+/// the right edge.
+pub fn percentile_plot(
+    title: &str,
+    series: &[(String, crate::latency::PercentileCurve)],
+) -> String {
+    let (width, height) = (760.0, 420.0);
+    let (left, right, top, bottom) = (80.0, 200.0, 50.0, 60.0);
+    let plot_w = width - left - right;
+    let plot_h = height - top - bottom;
+    let nines = |p: f64| (1.0 / (1.0 - p / 100.0)).log10();
+    let x_max = series
+        .iter()
+        .flat_map(|(_, curve)| curve.iter())
+        .filter(|(p, _)| *p < 100.0)
+        .map(|(p, _)| nines(*p))
+        .fold(3.0f64, f64::max)
+        .ceil()
+        .min(7.0);
+    let y_max = nice_max(
+        series
+            .iter()
+            .flat_map(|(_, curve)| curve.iter())
+            .map(|(_, us)| *us as f64)
+            .fold(0.0, f64::max),
+    );
+    let x = |p: f64| {
+        left + plot_w
+            * (if p >= 100.0 {
+                x_max
+            } else {
+                nines(p).min(x_max)
+            })
+            / x_max
+    };
+    let y = |v: f64| top + plot_h * (1.0 - v / y_max);
+    let mut svg = String::new();
+    let _ = write!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = write!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = write!(
+        svg,
+        r#"<text x="{}" y="24" font-size="15" text-anchor="middle">{}</text>"#,
+        left + plot_w / 2.0,
+        escape(title)
+    );
+    for i in 0..=5 {
+        let v = y_max * f64::from(i) / 5.0;
+        let yv = y(v);
+        let _ = write!(
+            svg,
+            r##"<line x1="{left}" x2="{}" y1="{yv:.1}" y2="{yv:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
+            left + plot_w,
+            left - 6.0,
+            yv + 4.0,
+            format_tick(v),
+        );
+    }
+    for n in 0..=x_max as i32 {
+        let xv = left + plot_w * f64::from(n) / x_max;
+        let label = match n {
+            0 => "0%".to_string(),
+            n => format!("{}%", 100.0 - 100.0 / 10f64.powi(n)),
+        };
+        let _ = write!(
+            svg,
+            r##"<line x1="{xv:.1}" x2="{xv:.1}" y1="{top}" y2="{}" stroke="#eee"/><text x="{xv:.1}" y="{}" text-anchor="middle">{label}</text>"##,
+            top + plot_h,
+            top + plot_h + 20.0,
+        );
+    }
+    let _ = write!(
+        svg,
+        r#"<text transform="translate(18,{}) rotate(-90)" text-anchor="middle">µs</text><text x="{}" y="{}" text-anchor="middle">percentile</text>"#,
+        top + plot_h / 2.0,
+        left + plot_w / 2.0,
+        height - 12.0
+    );
+    for (s, (name, curve)) in series.iter().enumerate() {
+        let points: Vec<String> = curve
+            .iter()
+            .map(|(p, us)| format!("{:.1},{:.1}", x(*p), y(*us as f64)))
+            .collect();
+        let colour = PALETTE[s % PALETTE.len()];
+        let _ = write!(
+            svg,
+            r#"<polyline fill="none" stroke="{colour}" stroke-width="2" points="{}"/>"#,
+            points.join(" ")
+        );
+        let ly = top + 10.0 + 20.0 * s as f64;
+        let lx = left + plot_w + 16.0;
+        let _ = write!(
+            svg,
+            r#"<rect x="{lx}" y="{}" width="12" height="12" fill="{colour}"/><text x="{}" y="{ly}">{}</text>"#,
+            ly - 10.0,
+            lx + 18.0,
+            escape(name)
+        );
+    }
+    let _ = write!(
+        svg,
+        r##"<line x1="{left}" x2="{left}" y1="{top}" y2="{}" stroke="#333"/><line x1="{left}" x2="{}" y1="{}" y2="{}" stroke="#333"/>"##,
+        top + plot_h,
+        left + plot_w,
+        top + plot_h,
+        top + plot_h
+    );
+    svg.push_str("</svg>\n");
+    svg
+}
+
 /// Prints the Markdown; with a JSON path, writes the JSON there and the Markdown and
 /// charts beside it (`<stem>.md`, `<stem>-<chart>.svg`).
 pub fn write_outputs<R: Serialize>(
@@ -167,6 +282,21 @@ pub fn write_outputs<R: Serialize>(
         .file_stem()
         .map_or_else(|| "report".into(), |s| s.to_string_lossy().into_owned());
     write_rendered(dir, &stem, &markdown, &svgs)
+}
+
+/// Writes each histogram as `<json stem>-<name>.hgrm` beside the JSON
+/// (`latency::hgrm`).
+pub fn write_hgrms(json: &Path, histograms: &[(&str, hdrhistogram::Histogram<u64>)]) -> Result<()> {
+    let dir = json.parent().unwrap_or(Path::new("."));
+    let stem = json
+        .file_stem()
+        .map_or_else(|| "report".into(), |s| s.to_string_lossy().into_owned());
+    for (name, h) in histograms.iter().filter(|(_, h)| !h.is_empty()) {
+        let path = dir.join(format!("{stem}-{name}.hgrm"));
+        std::fs::write(&path, crate::latency::hgrm(h))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }
 
 fn write_rendered(dir: &Path, stem: &str, markdown: &str, svgs: &[(String, String)]) -> Result<()> {
