@@ -65,6 +65,11 @@ pub struct HttpArgs {
     /// plus twice the log's fsync-lag p99 over the same window.
     #[arg(long)]
     pub(crate) metrics_url: Option<String>,
+    /// After the mix and its floor, the same mix at each of these offered rates
+    /// (comma-separated, same seconds and connections): p50 and p99 against offered
+    /// rate, where the knee is.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) sweep: Vec<u64>,
 }
 
 pub(crate) const TENANT: &str = "bench-http";
@@ -115,6 +120,9 @@ pub(crate) struct HttpReport {
     /// percentile plot; the same histograms are written as `.hgrm` beside the JSON.
     #[serde(default)]
     percentiles: Vec<(String, crate::latency::PercentileCurve)>,
+    /// `--sweep`: the mix at each offered rate.
+    #[serde(default)]
+    sweep: Vec<SweepPoint>,
     /// Non-2xx statuses and transport errors, by kind.
     errors: std::collections::BTreeMap<String, u64>,
     /// The CPUs the generator was pinned to (`--client-cpus`), if it was.
@@ -130,6 +138,18 @@ pub(crate) struct HttpReport {
     /// Whether the load ran over TLS.
     #[serde(default)]
     tls: bool,
+}
+
+/// The mix at one offered rate (`--sweep`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct SweepPoint {
+    offered_rate: u64,
+    achieved_rate: f64,
+    read_p50_us: u64,
+    read_p99_us: u64,
+    write_p50_us: u64,
+    write_p99_us: u64,
+    errors: u64,
 }
 
 /// One stage of the sampled writes over the mix (`oc_engine::stages`).
@@ -467,16 +487,17 @@ enum Op {
     Ping,
 }
 
-/// Runs one paced load of `shares` (reads, writes, pings) at `args.rate` and returns
+/// Runs one paced load of `shares` (reads, writes, pings) at `rate` and returns
 /// what it recorded.
 async fn load(
     target: &Rc<Target>,
     args: &HttpArgs,
+    rate: u64,
     shares: (u64, u64, u64),
     label: &str,
 ) -> Result<(Recorder, Duration)> {
     let measured = Duration::from_secs_f64(args.seconds);
-    let pacer = Rc::new(Pacer::new(args.rate, WARMUP, measured));
+    let pacer = Rc::new(Pacer::new(rate, WARMUP, measured));
     let recorder = Rc::new(RefCell::new(Recorder {
         reads: histogram(),
         writes: histogram(),
@@ -711,7 +732,7 @@ pub fn run(args: HttpArgs) -> Result<()> {
         target.bearer = Some(token.trim().to_string());
     }
     let (reads_share, writes_share) = parse_mix(&args.mix)?;
-    if args.rate == 0 || args.connections == 0 {
+    if args.rate == 0 || args.connections == 0 || args.sweep.contains(&0) {
         bail!("--rate and --connections must be above 0");
     }
     let target = Rc::new(target);
@@ -731,7 +752,14 @@ pub fn run(args: HttpArgs) -> Result<()> {
             Some(m) => Some(scrape(m).await?),
             None => None,
         };
-        let (r, elapsed) = load(&target, &args, (reads_share, writes_share, 0), "mix").await?;
+        let (r, elapsed) = load(
+            &target,
+            &args,
+            args.rate,
+            (reads_share, writes_share, 0),
+            "mix",
+        )
+        .await?;
         let (fsync_lag_p99_ms, write_stages) = match (&metrics, before) {
             (Some(m), Some(before)) => {
                 let after = scrape(m).await?;
@@ -749,10 +777,32 @@ pub fn run(args: HttpArgs) -> Result<()> {
         let floor = if args.no_floor {
             None
         } else {
-            let (f, _) = load(&target, &args, (0, 0, 1), "floor").await?;
+            let (f, _) = load(&target, &args, args.rate, (0, 0, 1), "floor").await?;
             histograms.push(("floor", f.pings.clone()));
             Some(op_result(&f.pings, f.ping_errors))
         };
+        let mut sweep = Vec::new();
+        for &rate in &args.sweep {
+            let (s, took) = load(
+                &target,
+                &args,
+                rate,
+                (reads_share, writes_share, 0),
+                "sweep",
+            )
+            .await?;
+            let errors = s.read_errors + s.write_errors;
+            sweep.push(SweepPoint {
+                offered_rate: rate,
+                achieved_rate: (s.reads.len() + s.writes.len() + errors) as f64
+                    / took.as_secs_f64(),
+                read_p50_us: s.reads.value_at_quantile(0.5),
+                read_p99_us: s.reads.value_at_quantile(0.99),
+                write_p50_us: s.writes.value_at_quantile(0.5),
+                write_p99_us: s.writes.value_at_quantile(0.99),
+                errors,
+            });
+        }
         let percentiles = histograms
             .iter()
             .filter(|(_, h)| !h.is_empty())
@@ -778,6 +828,7 @@ pub fn run(args: HttpArgs) -> Result<()> {
             fsync_lag_p99_ms,
             write_stages,
             percentiles,
+            sweep,
             client_cpus: crate::pinning::current().client_cpus,
             server_cpus: crate::pinning::current().server_cpus,
             reads,
@@ -863,6 +914,23 @@ pub(crate) fn markdown(r: &HttpReport) -> String {
             );
         }
     }
+    if !r.sweep.is_empty() {
+        out += "\nThe same mix at other offered rates (`--sweep`):\n\n\
+                | offered req/s | answered req/s | read p50 µs | read p99 µs | write p50 µs | write p99 µs | errors |\n\
+                |---:|---:|---:|---:|---:|---:|---:|\n";
+        for p in &r.sweep {
+            out += &format!(
+                "| {} | {:.0} | {} | {} | {} | {} | {} |\n",
+                p.offered_rate,
+                p.achieved_rate,
+                p.read_p50_us,
+                p.read_p99_us,
+                p.write_p50_us,
+                p.write_p99_us,
+                p.errors
+            );
+        }
+    }
     if !r.errors.is_empty() {
         out += &format!("\nerrors: {:?}\n", r.errors);
     }
@@ -890,6 +958,29 @@ pub(crate) fn svgs(r: &HttpReport) -> Vec<(String, String)> {
             ],
         }),
     )];
+    if !r.sweep.is_empty() {
+        let line = |f: fn(&SweepPoint) -> u64| {
+            r.sweep
+                .iter()
+                .map(|p| (p.offered_rate as f64, f(p) as f64))
+                .collect::<Vec<_>>()
+        };
+        charts.push((
+            "sweep".to_string(),
+            crate::report::line_chart(&crate::report::Lines {
+                title: format!("{} reads:writes: latency against offered rate", r.mix),
+                x_label: "offered req/s".into(),
+                y_label: "µs".into(),
+                x_ticks: Vec::new(),
+                series: vec![
+                    ("read p50".into(), line(|p| p.read_p50_us)),
+                    ("read p99".into(), line(|p| p.read_p99_us)),
+                    ("write p50".into(), line(|p| p.write_p50_us)),
+                    ("write p99".into(), line(|p| p.write_p99_us)),
+                ],
+            }),
+        ));
+    }
     if !r.percentiles.is_empty() {
         charts.push((
             "percentiles".to_string(),

@@ -148,6 +148,7 @@ fn run_all(args: AllArgs) -> anyhow::Result<()> {
                 ca_cert: None,
                 no_floor: false,
                 metrics_url: Some(server.ops_url.clone()),
+                sweep: Vec::new(),
             });
             server.stop()?;
             outcome?;

@@ -147,43 +147,39 @@ pub fn bar_chart(chart: &Bars) -> String {
     svg
 }
 
-/// Latency by percentile, the plot latency work is read from: x is the percentile on
-/// a log scale of 1/(1 − p) (0 %, 90 %, 99 %, 99.9 %, …), y the latency in µs; one
-/// line per series (`latency::percentile_curve`). The 100 % point (the max) sits at
-/// the right edge.
-pub fn percentile_plot(
-    title: &str,
-    series: &[(String, crate::latency::PercentileCurve)],
-) -> String {
+/// A line chart: one polyline per series over a linear y axis from 0.
+pub struct Lines {
+    pub title: String,
+    pub x_label: String,
+    pub y_label: String,
+    /// Where the x axis is labelled, and with what; empty: five round steps from 0 to
+    /// the largest x. With ticks, the axis ends at the last one.
+    pub x_ticks: Vec<(f64, String)>,
+    /// (series name, (x, y) points in x order).
+    pub series: Vec<(String, Vec<(f64, f64)>)>,
+}
+
+/// The chart as an SVG document.
+pub fn line_chart(chart: &Lines) -> String {
     let (width, height) = (760.0, 420.0);
     let (left, right, top, bottom) = (80.0, 200.0, 50.0, 60.0);
     let plot_w = width - left - right;
     let plot_h = height - top - bottom;
-    let nines = |p: f64| (1.0 / (1.0 - p / 100.0)).log10();
-    let x_max = series
-        .iter()
-        .flat_map(|(_, curve)| curve.iter())
-        .filter(|(p, _)| *p < 100.0)
-        .map(|(p, _)| nines(*p))
-        .fold(3.0f64, f64::max)
-        .ceil()
-        .min(7.0);
-    let y_max = nice_max(
-        series
-            .iter()
-            .flat_map(|(_, curve)| curve.iter())
-            .map(|(_, us)| *us as f64)
-            .fold(0.0, f64::max),
-    );
-    let x = |p: f64| {
-        left + plot_w
-            * (if p >= 100.0 {
-                x_max
-            } else {
-                nines(p).min(x_max)
+    let points = || chart.series.iter().flat_map(|(_, points)| points.iter());
+    let ticks = if chart.x_ticks.is_empty() {
+        let x_max = nice_max(points().map(|p| p.0).fold(0.0, f64::max));
+        (0..=5)
+            .map(|i| {
+                let v = x_max * f64::from(i) / 5.0;
+                (v, format_tick(v))
             })
-            / x_max
+            .collect()
+    } else {
+        chart.x_ticks.clone()
     };
+    let x_max = ticks.last().map_or(1.0, |t| t.0).max(f64::MIN_POSITIVE);
+    let y_max = nice_max(points().map(|p| p.1).fold(0.0, f64::max));
+    let x = |v: f64| left + plot_w * v.min(x_max) / x_max;
     let y = |v: f64| top + plot_h * (1.0 - v / y_max);
     let mut svg = String::new();
     let _ = write!(
@@ -195,7 +191,7 @@ pub fn percentile_plot(
         svg,
         r#"<text x="{}" y="24" font-size="15" text-anchor="middle">{}</text>"#,
         left + plot_w / 2.0,
-        escape(title)
+        escape(&chart.title)
     );
     for i in 0..=5 {
         let v = y_max * f64::from(i) / 5.0;
@@ -209,36 +205,35 @@ pub fn percentile_plot(
             format_tick(v),
         );
     }
-    for n in 0..=x_max as i32 {
-        let xv = left + plot_w * f64::from(n) / x_max;
-        let label = match n {
-            0 => "0%".to_string(),
-            n => format!("{}%", 100.0 - 100.0 / 10f64.powi(n)),
-        };
+    for (v, label) in &ticks {
+        let xv = x(*v);
         let _ = write!(
             svg,
-            r##"<line x1="{xv:.1}" x2="{xv:.1}" y1="{top}" y2="{}" stroke="#eee"/><text x="{xv:.1}" y="{}" text-anchor="middle">{label}</text>"##,
+            r##"<line x1="{xv:.1}" x2="{xv:.1}" y1="{top}" y2="{}" stroke="#eee"/><text x="{xv:.1}" y="{}" text-anchor="middle">{}</text>"##,
             top + plot_h,
             top + plot_h + 20.0,
+            escape(label)
         );
     }
     let _ = write!(
         svg,
-        r#"<text transform="translate(18,{}) rotate(-90)" text-anchor="middle">µs</text><text x="{}" y="{}" text-anchor="middle">percentile</text>"#,
+        r#"<text transform="translate(18,{}) rotate(-90)" text-anchor="middle">{}</text><text x="{}" y="{}" text-anchor="middle">{}</text>"#,
         top + plot_h / 2.0,
+        escape(&chart.y_label),
         left + plot_w / 2.0,
-        height - 12.0
+        height - 12.0,
+        escape(&chart.x_label)
     );
-    for (s, (name, curve)) in series.iter().enumerate() {
-        let points: Vec<String> = curve
+    for (s, (name, points)) in chart.series.iter().enumerate() {
+        let line: Vec<String> = points
             .iter()
-            .map(|(p, us)| format!("{:.1},{:.1}", x(*p), y(*us as f64)))
+            .map(|(px, py)| format!("{:.1},{:.1}", x(*px), y(*py)))
             .collect();
         let colour = PALETTE[s % PALETTE.len()];
         let _ = write!(
             svg,
             r#"<polyline fill="none" stroke="{colour}" stroke-width="2" points="{}"/>"#,
-            points.join(" ")
+            line.join(" ")
         );
         let ly = top + 10.0 + 20.0 * s as f64;
         let lx = left + plot_w + 16.0;
@@ -260,6 +255,50 @@ pub fn percentile_plot(
     );
     svg.push_str("</svg>\n");
     svg
+}
+
+/// Latency by percentile, the plot latency work is read from: x is the percentile on
+/// a log scale of 1/(1 − p) (0 %, 90 %, 99 %, 99.9 %, …), y the latency in µs; one
+/// line per series (`latency::percentile_curve`). The 100 % point (the max) sits at
+/// the right edge.
+pub fn percentile_plot(
+    title: &str,
+    series: &[(String, crate::latency::PercentileCurve)],
+) -> String {
+    let nines = |p: f64| (1.0 / (1.0 - p / 100.0)).log10();
+    let x_max = series
+        .iter()
+        .flat_map(|(_, curve)| curve.iter())
+        .filter(|(p, _)| *p < 100.0)
+        .map(|(p, _)| nines(*p))
+        .fold(3.0f64, f64::max)
+        .ceil()
+        .min(7.0);
+    let x_ticks = (0..=x_max as i32)
+        .map(|n| {
+            let label = match n {
+                0 => "0%".to_string(),
+                n => format!("{}%", 100.0 - 100.0 / 10f64.powi(n)),
+            };
+            (f64::from(n), label)
+        })
+        .collect();
+    line_chart(&Lines {
+        title: title.to_string(),
+        x_label: "percentile".into(),
+        y_label: "µs".into(),
+        x_ticks,
+        series: series
+            .iter()
+            .map(|(name, curve)| {
+                let points = curve
+                    .iter()
+                    .map(|(p, us)| (if *p >= 100.0 { x_max } else { nines(*p) }, *us as f64))
+                    .collect();
+                (name.clone(), points)
+            })
+            .collect(),
+    })
 }
 
 /// Prints the Markdown; with a JSON path, writes the JSON there and the Markdown and
@@ -448,5 +487,38 @@ mod tests {
         assert!(svg.contains("writes &lt;durable&gt;"));
         assert!(svg.contains(">oc</text>") && svg.contains(">sqlite</text>"));
         assert!(svg.starts_with("<svg") && svg.ends_with("</svg>\n"));
+    }
+
+    #[test]
+    fn a_percentile_plot_has_a_line_per_series_inside_the_plot_and_nines_on_x() {
+        let curve = |scale: u64| {
+            vec![
+                (0.0, scale),
+                (90.0, 2 * scale),
+                (99.9, 5 * scale),
+                (100.0, 9 * scale),
+            ]
+        };
+        let svg = percentile_plot(
+            "reads & writes",
+            &[("reads".into(), curve(100)), ("writes".into(), curve(300))],
+        );
+        assert_eq!(svg.matches("<polyline").count(), 2);
+        assert!(svg.contains(">reads</text>") && svg.contains(">writes</text>"));
+        assert!(svg.contains("reads &amp; writes"));
+        for tick in [">0%<", ">90%<", ">99%<", ">99.9%<"] {
+            assert!(svg.contains(tick), "{tick}");
+        }
+        // Every point lies in the plot area (x 80–560, y 50–360).
+        for line in svg.split("points=\"").skip(1) {
+            for point in line.split('"').next().expect("points").split(' ') {
+                let (x, y) = point.split_once(',').expect("x,y");
+                let (x, y): (f64, f64) = (x.parse().expect("x"), y.parse().expect("y"));
+                assert!(
+                    (80.0..=560.0).contains(&x) && (50.0..=360.0).contains(&y),
+                    "{point}"
+                );
+            }
+        }
     }
 }
