@@ -54,62 +54,109 @@ fn format_tick(v: f64) -> String {
     }
 }
 
+/// The frame every chart shares: canvas, margins (the legend sits on the right) and
+/// the y axis from 0 to a round maximum.
+struct Frame {
+    y_max: f64,
+}
+
+const WIDTH: f64 = 760.0;
+const HEIGHT: f64 = 420.0;
+const LEFT: f64 = 80.0;
+const TOP: f64 = 50.0;
+const PLOT_W: f64 = WIDTH - LEFT - 200.0;
+const PLOT_H: f64 = HEIGHT - TOP - 60.0;
+
+impl Frame {
+    /// Opens the SVG with the title, the y grid and the y label.
+    fn open(title: &str, y_label: &str, y_max: f64) -> (Frame, String) {
+        let frame = Frame {
+            y_max: nice_max(y_max),
+        };
+        let mut svg = String::new();
+        let _ = write!(
+            svg,
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" font-family="sans-serif" font-size="12">"#
+        );
+        let _ = write!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
+        let _ = write!(
+            svg,
+            r#"<text x="{}" y="24" font-size="15" text-anchor="middle">{}</text>"#,
+            LEFT + PLOT_W / 2.0,
+            escape(title)
+        );
+        for i in 0..=5 {
+            let v = frame.y_max * f64::from(i) / 5.0;
+            let yv = frame.y(v);
+            let _ = write!(
+                svg,
+                r##"<line x1="{LEFT}" x2="{}" y1="{yv:.1}" y2="{yv:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
+                LEFT + PLOT_W,
+                LEFT - 6.0,
+                yv + 4.0,
+                format_tick(v),
+            );
+        }
+        let _ = write!(
+            svg,
+            r#"<text transform="translate(18,{}) rotate(-90)" text-anchor="middle">{}</text>"#,
+            TOP + PLOT_H / 2.0,
+            escape(y_label)
+        );
+        (frame, svg)
+    }
+
+    fn y(&self, v: f64) -> f64 {
+        TOP + PLOT_H * (1.0 - v / self.y_max)
+    }
+
+    /// Closes the SVG: both axes and a legend entry per series name.
+    fn close<'a>(svg: &mut String, names: impl Iterator<Item = &'a str>) {
+        let _ = write!(
+            svg,
+            r##"<line x1="{LEFT}" x2="{LEFT}" y1="{TOP}" y2="{}" stroke="#333"/><line x1="{LEFT}" x2="{}" y1="{}" y2="{}" stroke="#333"/>"##,
+            TOP + PLOT_H,
+            LEFT + PLOT_W,
+            TOP + PLOT_H,
+            TOP + PLOT_H
+        );
+        for (s, name) in names.enumerate() {
+            let ly = TOP + 10.0 + 20.0 * s as f64;
+            let lx = LEFT + PLOT_W + 16.0;
+            let _ = write!(
+                svg,
+                r#"<rect x="{lx}" y="{}" width="12" height="12" fill="{}"/><text x="{}" y="{ly}">{}</text>"#,
+                ly - 10.0,
+                PALETTE[s % PALETTE.len()],
+                lx + 18.0,
+                escape(name)
+            );
+        }
+        svg.push_str("</svg>\n");
+    }
+}
+
 /// The chart as an SVG document.
 pub fn bar_chart(chart: &Bars) -> String {
-    let (width, height) = (760.0, 420.0);
-    let (left, right, top, bottom) = (80.0, 200.0, 50.0, 60.0);
-    let plot_w = width - left - right;
-    let plot_h = height - top - bottom;
     let max = chart
         .series
         .iter()
         .flat_map(|(_, values)| values.iter().flatten())
         .fold(0.0f64, |m, &v| m.max(v));
-    let y_max = nice_max(max);
-    let y = |v: f64| top + plot_h * (1.0 - v / y_max);
-    let mut svg = String::new();
-    let _ = write!(
-        svg,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = write!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = write!(
-        svg,
-        r#"<text x="{}" y="24" font-size="15" text-anchor="middle">{}</text>"#,
-        left + plot_w / 2.0,
-        escape(&chart.title)
-    );
-    for i in 0..=5 {
-        let v = y_max * f64::from(i) / 5.0;
-        let yv = y(v);
-        let _ = write!(
-            svg,
-            r##"<line x1="{left}" x2="{}" y1="{yv:.1}" y2="{yv:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
-            left + plot_w,
-            left - 6.0,
-            yv + 4.0,
-            format_tick(v),
-        );
-    }
-    let _ = write!(
-        svg,
-        r#"<text transform="translate(18,{}) rotate(-90)" text-anchor="middle">{}</text>"#,
-        top + plot_h / 2.0,
-        escape(&chart.y_label)
-    );
-    let group_w = plot_w / chart.groups.len().max(1) as f64;
+    let (frame, mut svg) = Frame::open(&chart.title, &chart.y_label, max);
+    let group_w = PLOT_W / chart.groups.len().max(1) as f64;
     let bar_w = group_w * 0.8 / chart.series.len().max(1) as f64;
     for (g, group) in chart.groups.iter().enumerate() {
-        let x0 = left + group_w * g as f64 + group_w * 0.1;
+        let x0 = LEFT + group_w * g as f64 + group_w * 0.1;
         for (s, (_, values)) in chart.series.iter().enumerate() {
             if let Some(Some(v)) = values.get(g) {
                 let x = x0 + bar_w * s as f64;
                 let _ = write!(
                     svg,
                     r#"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{}"><title>{}</title></rect>"#,
-                    y(*v),
+                    frame.y(*v),
                     bar_w * 0.95,
-                    (top + plot_h - y(*v)).max(0.0),
+                    (TOP + PLOT_H - frame.y(*v)).max(0.0),
                     PALETTE[s % PALETTE.len()],
                     escape(&format!("{}: {v:.0}", chart.series[s].0))
                 );
@@ -118,32 +165,12 @@ pub fn bar_chart(chart: &Bars) -> String {
         let _ = write!(
             svg,
             r#"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"#,
-            left + group_w * (g as f64 + 0.5),
-            top + plot_h + 20.0,
+            LEFT + group_w * (g as f64 + 0.5),
+            TOP + PLOT_H + 20.0,
             escape(group)
         );
     }
-    let _ = write!(
-        svg,
-        r##"<line x1="{left}" x2="{left}" y1="{top}" y2="{}" stroke="#333"/><line x1="{left}" x2="{}" y1="{}" y2="{}" stroke="#333"/>"##,
-        top + plot_h,
-        left + plot_w,
-        top + plot_h,
-        top + plot_h
-    );
-    for (s, (name, _)) in chart.series.iter().enumerate() {
-        let ly = top + 10.0 + 20.0 * s as f64;
-        let lx = left + plot_w + 16.0;
-        let _ = write!(
-            svg,
-            r#"<rect x="{lx}" y="{}" width="12" height="12" fill="{}"/><text x="{}" y="{ly}">{}</text>"#,
-            ly - 10.0,
-            PALETTE[s % PALETTE.len()],
-            lx + 18.0,
-            escape(name)
-        );
-    }
-    svg.push_str("</svg>\n");
+    Frame::close(&mut svg, chart.series.iter().map(|(name, _)| name.as_str()));
     svg
 }
 
@@ -161,10 +188,6 @@ pub struct Lines {
 
 /// The chart as an SVG document.
 pub fn line_chart(chart: &Lines) -> String {
-    let (width, height) = (760.0, 420.0);
-    let (left, right, top, bottom) = (80.0, 200.0, 50.0, 60.0);
-    let plot_w = width - left - right;
-    let plot_h = height - top - bottom;
     let points = || chart.series.iter().flat_map(|(_, points)| points.iter());
     let ticks = if chart.x_ticks.is_empty() {
         let x_max = nice_max(points().map(|p| p.0).fold(0.0, f64::max));
@@ -178,82 +201,42 @@ pub fn line_chart(chart: &Lines) -> String {
         chart.x_ticks.clone()
     };
     let x_max = ticks.last().map_or(1.0, |t| t.0).max(f64::MIN_POSITIVE);
-    let y_max = nice_max(points().map(|p| p.1).fold(0.0, f64::max));
-    let x = |v: f64| left + plot_w * v.min(x_max) / x_max;
-    let y = |v: f64| top + plot_h * (1.0 - v / y_max);
-    let mut svg = String::new();
-    let _ = write!(
-        svg,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">"#
+    let x = |v: f64| LEFT + PLOT_W * v.min(x_max) / x_max;
+    let (frame, mut svg) = Frame::open(
+        &chart.title,
+        &chart.y_label,
+        points().map(|p| p.1).fold(0.0, f64::max),
     );
-    let _ = write!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = write!(
-        svg,
-        r#"<text x="{}" y="24" font-size="15" text-anchor="middle">{}</text>"#,
-        left + plot_w / 2.0,
-        escape(&chart.title)
-    );
-    for i in 0..=5 {
-        let v = y_max * f64::from(i) / 5.0;
-        let yv = y(v);
-        let _ = write!(
-            svg,
-            r##"<line x1="{left}" x2="{}" y1="{yv:.1}" y2="{yv:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
-            left + plot_w,
-            left - 6.0,
-            yv + 4.0,
-            format_tick(v),
-        );
-    }
     for (v, label) in &ticks {
         let xv = x(*v);
         let _ = write!(
             svg,
-            r##"<line x1="{xv:.1}" x2="{xv:.1}" y1="{top}" y2="{}" stroke="#eee"/><text x="{xv:.1}" y="{}" text-anchor="middle">{}</text>"##,
-            top + plot_h,
-            top + plot_h + 20.0,
+            r##"<line x1="{xv:.1}" x2="{xv:.1}" y1="{TOP}" y2="{}" stroke="#eee"/><text x="{xv:.1}" y="{}" text-anchor="middle">{}</text>"##,
+            TOP + PLOT_H,
+            TOP + PLOT_H + 20.0,
             escape(label)
         );
     }
     let _ = write!(
         svg,
-        r#"<text transform="translate(18,{}) rotate(-90)" text-anchor="middle">{}</text><text x="{}" y="{}" text-anchor="middle">{}</text>"#,
-        top + plot_h / 2.0,
-        escape(&chart.y_label),
-        left + plot_w / 2.0,
-        height - 12.0,
+        r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
+        LEFT + PLOT_W / 2.0,
+        HEIGHT - 12.0,
         escape(&chart.x_label)
     );
-    for (s, (name, points)) in chart.series.iter().enumerate() {
+    for (s, (_, points)) in chart.series.iter().enumerate() {
         let line: Vec<String> = points
             .iter()
-            .map(|(px, py)| format!("{:.1},{:.1}", x(*px), y(*py)))
+            .map(|(px, py)| format!("{:.1},{:.1}", x(*px), frame.y(*py)))
             .collect();
-        let colour = PALETTE[s % PALETTE.len()];
         let _ = write!(
             svg,
-            r#"<polyline fill="none" stroke="{colour}" stroke-width="2" points="{}"/>"#,
+            r#"<polyline fill="none" stroke="{}" stroke-width="2" points="{}"/>"#,
+            PALETTE[s % PALETTE.len()],
             line.join(" ")
         );
-        let ly = top + 10.0 + 20.0 * s as f64;
-        let lx = left + plot_w + 16.0;
-        let _ = write!(
-            svg,
-            r#"<rect x="{lx}" y="{}" width="12" height="12" fill="{colour}"/><text x="{}" y="{ly}">{}</text>"#,
-            ly - 10.0,
-            lx + 18.0,
-            escape(name)
-        );
     }
-    let _ = write!(
-        svg,
-        r##"<line x1="{left}" x2="{left}" y1="{top}" y2="{}" stroke="#333"/><line x1="{left}" x2="{}" y1="{}" y2="{}" stroke="#333"/>"##,
-        top + plot_h,
-        left + plot_w,
-        top + plot_h,
-        top + plot_h
-    );
-    svg.push_str("</svg>\n");
+    Frame::close(&mut svg, chart.series.iter().map(|(name, _)| name.as_str()));
     svg
 }
 

@@ -33,7 +33,7 @@
 //! the write only with an idempotency key. Reads that must see a write pass its `lsn`
 //! as [`ReadOptions::min_lsn`] (read-your-writes on a follower).
 //!
-//! One file, about 630 lines of code: every route is one short method over the same
+//! One file, about 570 lines of code: every route is one short method over the same
 //! request/retry core, and splitting the methods from that core would only add
 //! indirection.
 #![deny(clippy::expect_used)]

@@ -124,6 +124,21 @@ fn wait_until_holds(follower: &Server, model: &Model) {
     }
 }
 
+/// Asserts that `server` holds every acknowledged row of the model, naming the first
+/// one `event` lost.
+fn assert_holds_every_acknowledged(server: &Server, model: &Model, event: &str) {
+    for tenant in TENANTS {
+        let held = rows_of(server, tenant);
+        for (id, name) in model_of(model, tenant) {
+            assert_eq!(
+                held.get(&id),
+                Some(&name),
+                "{tenant}/{id} lost in the {event}"
+            );
+        }
+    }
+}
+
 /// The sum over shards of a per-shard series, e.g. `oc_replication_frames_total` with
 /// `direction="received"`.
 fn sum_over_shards(scrape: &str, name: &str, label: &str, shards: usize) -> f64 {
@@ -644,16 +659,7 @@ fn a_synchronous_follower_promoted_after_the_writer_dies_has_every_acknowledged_
         rto < Duration::from_secs(2),
         "from the kill to the first write on the promoted follower took {rto:?}: {promoted:?}"
     );
-    for tenant in TENANTS {
-        let held = rows_of(&follower, tenant);
-        for (id, name) in model_of(&model, tenant) {
-            assert_eq!(
-                held.get(&id),
-                Some(&name),
-                "{tenant}/{id} lost in the failover"
-            );
-        }
-    }
+    assert_holds_every_acknowledged(&follower, &model, "failover");
     // The new writer ships under its epoch's prefix, and that prefix alone restores
     // everything it holds; the old writer's keys stay its own.
     common::wait_until_archived(&follower, 2);
@@ -1678,7 +1684,6 @@ fn a_switchover_hands_writes_to_the_follower_with_a_short_gap_and_the_old_writer
     write_rows(&writer, &model, 0, 20);
     let acked_at: Arc<Mutex<Vec<Instant>>> = Arc::default();
     let stop = std::sync::atomic::AtomicBool::new(false);
-    let host = |url: &str| url.trim_start_matches("http://").to_string();
     let switched = std::thread::scope(|scope| {
         for (t, tenant) in TENANTS.into_iter().enumerate() {
             let (model, acked_at, stop) = (model.clone(), acked_at.clone(), &stop);
@@ -1709,16 +1714,7 @@ fn a_switchover_hands_writes_to_the_follower_with_a_short_gap_and_the_old_writer
             });
         }
         std::thread::sleep(Duration::from_millis(500));
-        let switched = std::process::Command::new(env!("CARGO_BIN_EXE_oc-server"))
-            .args([
-                "switchover",
-                "--from",
-                &host(&writer.ops),
-                "--to",
-                &host(&follower.ops),
-            ])
-            .output()
-            .expect("oc-server switchover");
+        let switched = switchover(&writer, &follower);
         std::thread::sleep(Duration::from_millis(500));
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
         switched
@@ -1735,16 +1731,7 @@ fn a_switchover_hands_writes_to_the_follower_with_a_short_gap_and_the_old_writer
         "{printed}"
     );
     // Every acknowledged write, from either writer, is on the new one.
-    for tenant in TENANTS {
-        let held = rows_of(&follower, tenant);
-        for (id, name) in model_of(&model, tenant) {
-            assert_eq!(
-                held.get(&id),
-                Some(&name),
-                "{tenant}/{id} lost in the switchover"
-            );
-        }
-    }
+    assert_holds_every_acknowledged(&follower, &model, "switchover");
     let mut acks = acked_at.lock().expect("acks").clone();
     acks.sort();
     let gap = acks
@@ -1786,6 +1773,21 @@ fn a_switchover_hands_writes_to_the_follower_with_a_short_gap_and_the_old_writer
         2,
     ) as u64;
     assert_eq!(received, applied_total(&follower) - ended_at, "{scrape}");
+}
+
+/// Runs `oc-server switchover` from `writer` to `follower` (their ops listeners).
+fn switchover(writer: &Server, follower: &Server) -> std::process::Output {
+    let host = |url: &str| url.trim_start_matches("http://").to_string();
+    std::process::Command::new(env!("CARGO_BIN_EXE_oc-server"))
+        .args([
+            "switchover",
+            "--from",
+            &host(&writer.ops),
+            "--to",
+            &host(&follower.ops),
+        ])
+        .output()
+        .expect("oc-server switchover")
 }
 
 /// The ids of table `items` of tenant `alpha` in a directory `oc-pitr` restored.
@@ -2013,7 +2015,6 @@ fn the_client_finds_the_writer_through_a_switchover_and_reads_its_writes_on_a_fo
     let acknowledged: Arc<Mutex<Vec<i64>>> = Arc::default();
     let failed: Arc<Mutex<Vec<String>>> = Arc::default();
     let stop = std::sync::atomic::AtomicBool::new(false);
-    let host = |url: &str| url.trim_start_matches("http://").to_string();
     let switched = std::thread::scope(|scope| {
         scope.spawn(|| {
             runtime.block_on(async {
@@ -2038,16 +2039,7 @@ fn the_client_finds_the_writer_through_a_switchover_and_reads_its_writes_on_a_fo
             })
         });
         std::thread::sleep(Duration::from_millis(300));
-        let switched = std::process::Command::new(env!("CARGO_BIN_EXE_oc-server"))
-            .args([
-                "switchover",
-                "--from",
-                &host(&writer.ops),
-                "--to",
-                &host(&follower.ops),
-            ])
-            .output()
-            .expect("oc-server switchover");
+        let switched = switchover(&writer, &follower);
         std::thread::sleep(Duration::from_millis(500));
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
         switched
@@ -2145,16 +2137,7 @@ fn an_auto_promoting_follower_takes_over_only_once_the_writers_lease_lapsed() {
         took >= Duration::from_millis(1_500),
         "promoted {took:?} after the kill, before the lease could have lapsed"
     );
-    for tenant in TENANTS {
-        let held = rows_of(&follower, tenant);
-        for (id, name) in model_of(&model, tenant) {
-            assert_eq!(
-                held.get(&id),
-                Some(&name),
-                "{tenant}/{id} lost in the failover"
-            );
-        }
-    }
+    assert_holds_every_acknowledged(&follower, &model, "failover");
     let logs = follower.stderr();
     assert!(
         logs.contains("automatic promotion: this server is the writer"),
