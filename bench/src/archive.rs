@@ -1,8 +1,9 @@
 //! `oc-bench archive`: what archive shipping costs and what it saves.
 //!
 //! - Overhead: closed-loop durable single-row writes through the real `oc-server`, with
-//!   `--archive none` and with a local-directory archive, alternated (none, archive,
-//!   none, archive) so drift on a shared machine hits both; the ratio of commits/s.
+//!   `--archive none` and with a local-directory archive, alternated in `--pairs`
+//!   pairs (none, archive, none, archive, …) so drift on a shared machine hits both;
+//!   the cost is the median of the pairs' `1 - with / without`, with its range.
 //! - RPO: writers run, the server is killed with SIGKILL at a random moment, the data
 //!   directory is wiped, `oc-pitr restore --target latest` rebuilds it and a fresh
 //!   server reads back every acknowledged write. RPO = kill time minus the ack time of
@@ -32,6 +33,10 @@ pub struct ArchiveArgs {
     /// Concurrent writers (one keep-alive connection each).
     #[arg(long, default_value_t = 32)]
     pub(crate) writers: usize,
+    /// Runs without and with shipping, alternated: the cost is the median of the
+    /// pairs' costs (a few percent needs several pairs on a noisy host).
+    #[arg(long, default_value_t = 6)]
+    pub(crate) pairs: usize,
 }
 
 #[derive(Serialize)]
@@ -41,6 +46,10 @@ struct ArchiveReport {
     seconds: f64,
     commits_per_s_without: Vec<f64>,
     commits_per_s_with: Vec<f64>,
+    /// Each pair's cost, `1 - with / without`, in %, in run order.
+    #[serde(default)]
+    pair_costs_pct: Vec<f64>,
+    /// The median of `pair_costs_pct`.
     overhead_pct: f64,
     tail_window_ms: u64,
     rpo_ms: Vec<u64>,
@@ -165,7 +174,10 @@ pub fn run(args: ArchiveArgs) -> Result<()> {
     let window = TAIL_WINDOW_MS.to_string();
     let (mut without, mut with) = (Vec::new(), Vec::new());
     let mut restore = (0, 0.0);
-    for round in 0..2 {
+    if args.pairs == 0 {
+        anyhow::bail!("--pairs must be at least 1");
+    }
+    for round in 0..args.pairs {
         for shipping in [false, true] {
             let data = fresh(&root.join("data"))?;
             let archive_dir = fresh(&root.join("archive"))?;
@@ -201,8 +213,12 @@ pub fn run(args: ArchiveArgs) -> Result<()> {
             }
         }
     }
-    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-    let overhead_pct = (1.0 - mean(&with) / mean(&without)) * 100.0;
+    let pair_costs_pct: Vec<f64> = without
+        .iter()
+        .zip(&with)
+        .map(|(base, shipped)| (1.0 - shipped / base) * 100.0)
+        .collect();
+    let overhead_pct = median(&pair_costs_pct);
 
     let (mut rpo_ms, mut lost_writes, mut acked_writes) = (Vec::new(), Vec::new(), Vec::new());
     for kill in 0..args.kills {
@@ -252,6 +268,7 @@ pub fn run(args: ArchiveArgs) -> Result<()> {
         seconds,
         commits_per_s_without: without,
         commits_per_s_with: with,
+        pair_costs_pct,
         overhead_pct,
         tail_window_ms: TAIL_WINDOW_MS,
         rpo_ms,
@@ -270,6 +287,17 @@ pub fn run(args: ArchiveArgs) -> Result<()> {
     Ok(())
 }
 
+/// The middle value (the mean of the two middle ones for an even count).
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
 fn fastrand_below(n: u64) -> u64 {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -282,20 +310,29 @@ fn markdown(r: &ArchiveReport) -> String {
     sorted.sort_unstable();
     let p50 = sorted.get(sorted.len() / 2).copied().unwrap_or(0);
     let max = sorted.last().copied().unwrap_or(0);
+    let (low, high) = r
+        .pair_costs_pct
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &c| {
+            (lo.min(c), hi.max(c))
+        });
     format!(
         "| measure | value |\n|---|---|\n\
-         | commits/s without an archive ({} writers, {} s, 2 runs) | {:.0} |\n\
+         | commits/s without an archive, median ({} writers, {} s per run, {} runs alternated with the next row) | {:.0} |\n\
          | commits/s shipping to a local archive | {:.0} |\n\
-         | shipping overhead on throughput | {:.1} % |\n\
+         | shipping's cost on throughput, median of the pairs (min–max) | {:.1} % ({:.1} to {:.1} %) |\n\
          | RPO over {} kill -9 cycles, tail window {} ms: p50 / max | {} ms / {} ms |\n\
          | acknowledged writes lost per cycle | {:?} of {:?} |\n\
          | restore from the local archive | {:.1} MB in {:.2} s = {:.0} MB/s |\n\n\
          Machine: {} cores, kernel {}, {}.\n",
         r.writers,
         r.seconds,
-        r.commits_per_s_without.iter().sum::<f64>() / r.commits_per_s_without.len() as f64,
-        r.commits_per_s_with.iter().sum::<f64>() / r.commits_per_s_with.len() as f64,
+        r.commits_per_s_without.len(),
+        median(&r.commits_per_s_without),
+        median(&r.commits_per_s_with),
         r.overhead_pct,
+        low,
+        high,
         r.rpo_ms.len(),
         r.tail_window_ms,
         p50,
@@ -309,4 +346,16 @@ fn markdown(r: &ArchiveReport) -> String {
         r.machine.kernel,
         r.machine.file_system
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_median_is_the_middle_value() {
+        assert_eq!(median(&[3.0, -1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(&[]), 0.0);
+    }
 }

@@ -187,6 +187,7 @@ fn run_all(args: AllArgs) -> anyhow::Result<()> {
                 common: common("archive"),
                 kills: if args.quick { 1 } else { 5 },
                 writers: 32,
+                pairs: if args.quick { 2 } else { 6 },
             })?;
         } else {
             eprintln!("no oc-pitr next to oc-bench: skipping archive");
