@@ -288,7 +288,7 @@ pub fn run(args: ArchiveArgs) -> Result<()> {
 }
 
 /// The middle value (the mean of the two middle ones for an even count).
-fn median(values: &[f64]) -> f64 {
+pub(crate) fn median(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
     match sorted.len() {

@@ -78,7 +78,7 @@ pub(crate) struct EngineReport {
     checkpoint_load_mb_s: f64,
 }
 
-fn acme() -> TenantId {
+pub(crate) fn acme() -> TenantId {
     TenantId::parse("bench").expect("a valid tenant id")
 }
 
@@ -108,7 +108,7 @@ pub(crate) fn rows_schema() -> Result<TableSchema, oc_engine::EngineError> {
     )
 }
 
-async fn fresh_shard(dir: &Path) -> Result<Rc<Shard<DmaStorage>>> {
+pub(crate) async fn fresh_shard(dir: &Path) -> Result<Rc<Shard<DmaStorage>>> {
     if dir.exists() {
         std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
     }
@@ -174,7 +174,7 @@ async fn write_load(
     Ok((commits.get(), started.elapsed(), latency))
 }
 
-fn dir_bytes(dir: &Path, suffix: &str) -> u64 {
+pub(crate) fn dir_bytes(dir: &Path, suffix: &str) -> u64 {
     std::fs::read_dir(dir)
         .map(|entries| {
             entries

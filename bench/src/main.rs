@@ -14,6 +14,7 @@ mod peers;
 mod pinning;
 mod pool;
 mod raw_disk;
+mod recovery;
 mod report;
 mod server;
 mod wal;
@@ -46,6 +47,9 @@ enum Command {
     Wal(wal::WalArgs),
     /// Durable row writes through a shard, latency during checkpoints, recovery speed.
     Engine(engine::EngineArgs),
+    /// Recovery speed: one log reopened with no checkpoint (replay) and from a
+    /// checkpoint, several times each, alternated; medians with the range.
+    Recovery(recovery::RecoveryArgs),
     /// Open-loop HTTP load (fixed arrival rate) against a running oc-server.
     Http(http::HttpArgs),
     /// The same durable-write workload on oc, SQLite, RocksDB (feature) and the raw disk.
@@ -68,7 +72,7 @@ enum Command {
     Migration(migration::MigrationArgs),
     /// Re-render Markdown tables and SVG charts from a directory of JSON results.
     Report(report::ReportArgs),
-    /// Run wal, engine, peers, http, ask and archive (the last three against oc-servers
+    /// Run wal, engine, recovery, peers, http, ask and archive (the last three against oc-servers
     /// it starts), then render the report (`--quick`: small sizes, a few minutes).
     All(AllArgs),
 }
@@ -117,6 +121,17 @@ fn run_all(args: AllArgs) -> anyhow::Result<()> {
         },
         shards: None,
         no_pin: false,
+    })?;
+    eprintln!(
+        "== oc-bench recovery ({:.0} s so far)",
+        started.elapsed().as_secs_f64()
+    );
+    recovery::run(recovery::RecoveryArgs {
+        dir: args.dir.join("recovery"),
+        rows: if args.quick { 100_000 } else { 1_000_000 },
+        runs: 3,
+        reuse: false,
+        json: Some(args.out.join("recovery.json")),
     })?;
     eprintln!(
         "== oc-bench peers ({:.0} s so far)",
@@ -226,6 +241,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Wal(args) => wal::run(args),
         Command::Engine(args) => engine::run(args),
+        Command::Recovery(args) => recovery::run(args),
         Command::Http(args) => http::run(args),
         Command::Peers(args) => peers::run(args),
         Command::Archive(args) => archive::run(args),

@@ -372,7 +372,7 @@ fn render_one<R: DeserializeOwned>(
 
 /// Renders every known result file in `input` into `out`; returns what it rendered.
 pub fn render_dir(input: &Path, out: &Path) -> Result<Vec<String>> {
-    use crate::{ask, engine, http, peers, wal};
+    use crate::{ask, engine, http, peers, recovery, wal};
     let rendered = [
         (
             "wal",
@@ -381,6 +381,10 @@ pub fn render_dir(input: &Path, out: &Path) -> Result<Vec<String>> {
         (
             "engine",
             render_one(input, out, "engine", engine::markdown, engine::svgs)?,
+        ),
+        (
+            "recovery",
+            render_one(input, out, "recovery", recovery::markdown, |_| Vec::new())?,
         ),
         (
             "peers",
@@ -406,7 +410,7 @@ pub fn run(args: ReportArgs) -> Result<()> {
     let rendered = render_dir(&args.input, &args.out)?;
     if rendered.is_empty() {
         anyhow::bail!(
-            "{} holds none of wal.json, engine.json, peers.json, http.json",
+            "{} holds none of wal.json, engine.json, recovery.json, peers.json, http.json, ask.json",
             args.input.display()
         );
     }
@@ -427,7 +431,7 @@ mod tests {
         let committed = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/bench");
         let out = std::env::temp_dir().join(format!("oc-bench-report-{}", std::process::id()));
         let rendered = render_dir(&committed, &out).expect("renders");
-        for name in ["wal", "engine", "http", "ask"] {
+        for name in ["wal", "engine", "recovery", "http", "ask"] {
             assert!(
                 rendered.iter().any(|r| r == name),
                 "{name} not rendered: {rendered:?}"

@@ -982,7 +982,11 @@ fn decode_frame(
                         columns,
                     });
                 }
-                let row = (0..n).map(|_| r.value()).collect::<Result<Vec<_>, _>>()?;
+                // Sized once (a value takes at least its tag byte), not grown per value.
+                let mut row = Vec::with_capacity(n.min(r.remaining()));
+                for _ in 0..n {
+                    row.push(r.value()?);
+                }
                 rows.push(RowWrite::Upsert(row));
             }
             t.load_rows(&table, version, rows, upto).map_err(refused)?;

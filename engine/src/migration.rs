@@ -1208,7 +1208,7 @@ mod apply_tests {
         }
 
         fn key(&self, id: i64) -> Vec<u8> {
-            crate::value::encode_key(&[&Value::Int(id)])
+            crate::value::encode_key([&Value::Int(id)])
         }
 
         fn chunk(&mut self, id: u64, upto: i64) -> MigrationState {

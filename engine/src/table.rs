@@ -5,6 +5,7 @@
 //! One file, about 790 lines of code: the primary B-tree and its indexes change
 //! together under one all-or-nothing batch, so their bookkeeping stays in one type.
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
 
@@ -85,8 +86,7 @@ pub struct TableDigest {
 
 /// The encoded key of `row` over `columns`.
 fn key_bytes(row: &Row, columns: &[usize]) -> Vec<u8> {
-    let values: Vec<&Value> = columns.iter().map(|&c| &row[c]).collect();
-    encode_key(&values)
+    encode_key(columns.iter().map(|&c| &row[c]))
 }
 
 /// The same, as the B-trees hold it.
@@ -304,7 +304,7 @@ impl Table {
                 "{extra:?} is not a primary key column; a delete names only the key"
             ));
         }
-        Ok(encode_key(&values.iter().collect::<Vec<_>>()))
+        Ok(encode_key(values.iter()))
     }
 
     /// Validates a whole batch; the error names the first bad row.
@@ -426,12 +426,10 @@ impl Table {
             match write {
                 RowWrite::Upsert(row) => {
                     let key = key_of(&row, &self.schema.primary_key);
-                    match self.replace_row(&key, row) {
-                        Ok(()) => outcome.updated += 1,
-                        Err(row) => {
-                            outcome.inserted += 1;
-                            self.insert_row(key, row);
-                        }
+                    if self.upsert_row(key, row) {
+                        outcome.updated += 1;
+                    } else {
+                        outcome.inserted += 1;
                     }
                 }
                 RowWrite::Delete(key) => match self.remove_row(&Key::new(key)) {
@@ -443,25 +441,10 @@ impl Table {
         outcome
     }
 
-    fn insert_row(&mut self, key: Key, row: Row) {
-        for (i, index) in self.schema.indexes.iter().enumerate() {
-            let entry = (key_of(&row, &index.columns), key.clone());
-            let fresh = self.indexes[i].insert(entry);
-            debug_assert!(fresh, "an index entry exists once");
-        }
-        for store in &mut self.vectors {
-            store.set(&key, vector_in(&row, store.column()));
-        }
-        self.usage.rows += 1;
-        self.usage.bytes += row_bytes(&row);
-        self.usage.vectors += row_vectors(&row);
-        let previous = self.rows.insert(key, row);
-        debug_assert!(previous.is_none(), "insert_row follows remove_row");
-    }
-
-    /// Replaces the row at `key` in place if it exists (one tree walk), touching only
-    /// the index entries whose keys changed; hands the row back if there is none.
-    fn replace_row(&mut self, key: &Key, row: Row) -> Result<(), Row> {
+    /// Inserts the row at `key`, or replaces the one there in place, in one walk of
+    /// the tree (replay and checkpoint loads do this for every row), touching only the
+    /// index entries whose keys changed. True when a row was replaced.
+    fn upsert_row(&mut self, key: Key, row: Row) -> bool {
         let Table {
             schema,
             rows,
@@ -470,28 +453,45 @@ impl Table {
             usage,
             ..
         } = self;
-        let Some(old) = rows.get_mut(key) else {
-            return Err(row);
-        };
-        for (i, index) in schema.indexes.iter().enumerate() {
-            let before = key_of(old, &index.columns);
-            let after = key_of(&row, &index.columns);
-            if before != after {
-                let existed = indexes[i].remove(&(before, key.clone()));
-                debug_assert!(existed, "every row has its index entries");
-                indexes[i].insert((after, key.clone()));
+        match rows.entry(key) {
+            Entry::Occupied(mut slot) => {
+                let old = slot.get();
+                for (i, index) in schema.indexes.iter().enumerate() {
+                    let before = key_of(old, &index.columns);
+                    let after = key_of(&row, &index.columns);
+                    if before != after {
+                        let existed = indexes[i].remove(&(before, slot.key().clone()));
+                        debug_assert!(existed, "every row has its index entries");
+                        indexes[i].insert((after, slot.key().clone()));
+                    }
+                }
+                for store in vectors.iter_mut() {
+                    let column = store.column();
+                    if old[column] != row[column] {
+                        store.set(slot.key(), vector_in(&row, column));
+                    }
+                }
+                usage.bytes = usage.bytes - row_bytes(old) + row_bytes(&row);
+                usage.vectors = usage.vectors - row_vectors(old) + row_vectors(&row);
+                *slot.get_mut() = row;
+                true
+            }
+            Entry::Vacant(slot) => {
+                for (i, index) in schema.indexes.iter().enumerate() {
+                    let fresh =
+                        indexes[i].insert((key_of(&row, &index.columns), slot.key().clone()));
+                    debug_assert!(fresh, "an index entry exists once");
+                }
+                for store in vectors.iter_mut() {
+                    store.set(slot.key(), vector_in(&row, store.column()));
+                }
+                usage.rows += 1;
+                usage.bytes += row_bytes(&row);
+                usage.vectors += row_vectors(&row);
+                slot.insert(row);
+                false
             }
         }
-        for store in vectors.iter_mut() {
-            let column = store.column();
-            if old[column] != row[column] {
-                store.set(key, vector_in(&row, column));
-            }
-        }
-        usage.bytes = usage.bytes - row_bytes(old) + row_bytes(&row);
-        usage.vectors = usage.vectors - row_vectors(old) + row_vectors(&row);
-        *old = row;
-        Ok(())
     }
 
     fn remove_row(&mut self, key: &Key) -> Option<Row> {
@@ -552,8 +552,7 @@ impl Table {
 
     /// The row with this primary key (values in key-column order).
     pub fn get(&self, key: &[Value]) -> Option<&Row> {
-        self.rows
-            .get(&Key::new(encode_key(&key.iter().collect::<Vec<_>>())))
+        self.rows.get(&Key::new(encode_key(key.iter())))
     }
 
     /// Rows in primary-key order between two key prefixes (values of the leading key
@@ -800,7 +799,7 @@ fn prefix_bounds(
     lower: Bound<&[Value]>,
     upper: Bound<&[Value]>,
 ) -> (Bound<Vec<u8>>, Option<Vec<u8>>, Stop) {
-    let encode = |values: &[Value]| encode_key(&values.iter().collect::<Vec<_>>());
+    let encode = |values: &[Value]| encode_key(values.iter());
     let (start, skip) = match lower {
         Bound::Unbounded => (Bound::Unbounded, None),
         Bound::Included(v) => (Bound::Included(encode(v)), None),

@@ -184,6 +184,17 @@ impl Value {
         }
     }
 
+    /// Bytes [`Value::encode_key`] appends.
+    pub fn key_len(&self) -> usize {
+        match self {
+            Value::Null => 1,
+            Value::Bool(_) => 2,
+            Value::Int(_) | Value::Float(_) => 9,
+            Value::Text(s) => 3 + s.len() + s.bytes().filter(|&b| b == 0).count(),
+            Value::Json(_) | Value::Vector(_) => 0,
+        }
+    }
+
     /// Appends the order-preserving encoding of a keyable value (see module doc).
     pub fn encode_key(&self, out: &mut Vec<u8>) {
         match self {
@@ -248,12 +259,16 @@ fn json_kind(v: &serde_json::Value) -> &'static str {
     }
 }
 
-/// Encodes a composite key from values in key-column order.
-pub fn encode_key(values: &[&Value]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(16 * values.len());
+/// Encodes a composite key from values in key-column order, in a buffer of exactly
+/// its length (a key is built for every row written and replayed: one allocation,
+/// and none more when the B-tree boxes it).
+pub fn encode_key<'a>(values: impl IntoIterator<Item = &'a Value> + Clone) -> Vec<u8> {
+    let len = values.clone().into_iter().map(Value::key_len).sum();
+    let mut out = Vec::with_capacity(len);
     for v in values {
         v.encode_key(&mut out);
     }
+    debug_assert_eq!(out.len(), len, "key_len matches encode_key");
     out
 }
 
@@ -342,8 +357,8 @@ mod tests {
         #[test]
         fn key_encoding_preserves_order(a in keyable(), b in keyable(), c in keyable(), d in keyable()) {
             prop_assume!(same_type(&a, &c) && same_type(&b, &d));
-            let left = encode_key(&[&a, &b]);
-            let right = encode_key(&[&c, &d]);
+            let left = encode_key([&a, &b]);
+            let right = encode_key([&c, &d]);
             let expected = a.key_cmp(&c).then(b.key_cmp(&d));
             prop_assert_eq!(left.cmp(&right), expected, "{:?},{:?} vs {:?},{:?}", a, b, c, d);
         }
@@ -356,7 +371,7 @@ mod tests {
                 Value::Float(_) => ColumnType::Float,
                 _ => ColumnType::Text,
             };
-            let bytes = encode_key(&[&a, &b]);
+            let bytes = encode_key([&a, &b]);
             let decoded = decode_key(&bytes, &[ty(&a), ty(&b)]).expect("a key decodes");
             // -0.0 encodes as 0.0; every other value comes back as it went in.
             let norm = |v: &Value| match v {
@@ -368,9 +383,19 @@ mod tests {
         }
 
         #[test]
+        fn a_key_is_built_in_a_buffer_of_exactly_its_length(a in keyable(), b in keyable()) {
+            let mut grown = Vec::new();
+            a.encode_key(&mut grown);
+            b.encode_key(&mut grown);
+            let exact = encode_key([&a, &b]);
+            prop_assert_eq!(exact.capacity(), grown.len());
+            prop_assert_eq!(exact, grown);
+        }
+
+        #[test]
         fn a_key_prefix_encodes_to_a_byte_prefix(a in keyable(), b in keyable()) {
-            let full = encode_key(&[&a, &b]);
-            prop_assert!(full.starts_with(&encode_key(&[&a])));
+            let full = encode_key([&a, &b]);
+            prop_assert!(full.starts_with(&encode_key([&a])));
         }
     }
 

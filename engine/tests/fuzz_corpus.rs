@@ -95,7 +95,7 @@ fn record_seeds() -> Vec<(&'static str, Vec<u8>)> {
         vec![RowWrite::Upsert(row(3, "c")), RowWrite::Upsert(row(1, "a"))],
         None,
     );
-    let delete_key = oc_engine::value::encode_key(&[&Value::Int(2), &Value::Text("b".into())]);
+    let delete_key = oc_engine::value::encode_key([&Value::Int(2), &Value::Text("b".into())]);
     let deletes = write_to_fixture(
         vec![
             RowWrite::Delete(delete_key),
