@@ -133,6 +133,8 @@ fn run_all(args: AllArgs) -> anyhow::Result<()> {
         reuse: false,
         json: Some(args.out.join("recovery.json")),
     })?;
+    // Its log and checkpoint (most of a gigabyte at full size) are not needed again.
+    std::fs::remove_dir_all(args.dir.join("recovery"))?;
     eprintln!(
         "== oc-bench peers ({:.0} s so far)",
         started.elapsed().as_secs_f64()

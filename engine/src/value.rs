@@ -191,7 +191,9 @@ impl Value {
             Value::Bool(_) => 2,
             Value::Int(_) | Value::Float(_) => 9,
             Value::Text(s) => 3 + s.len() + s.bytes().filter(|&b| b == 0).count(),
-            Value::Json(_) | Value::Vector(_) => 0,
+            Value::Json(_) | Value::Vector(_) => {
+                unreachable!("schema validation keeps json and vector out of keys")
+            }
         }
     }
 
