@@ -81,9 +81,10 @@ const _: () = assert!(
 const WRITE_CHUNK_BYTES: usize = 256 << 10;
 /// ...synced every this many bytes...
 const SYNC_EVERY_BYTES: u64 = 1 << 20;
-/// ...at no more than this rate (bytes per second). Every group commit's fdatasync
-/// also flushes whatever the checkpoint wrote since the last flush: written flat out,
-/// a 40 MB checkpoint raised the log's p99 from 1.4 ms to 35 ms (`oc-bench engine`).
+/// ...at no more than this rate (bytes per second). Every group commit's durable write
+/// also flushes whatever the checkpoint wrote since the last flush (a cache flush on a
+/// device without FUA): written flat out, a 40 MB checkpoint raised the log's p99 from
+/// 1.4 ms to 35 ms (`oc-bench engine`).
 const WRITE_BYTES_PER_S: f64 = 32e6;
 
 const KIND_HEADER: RecordKind = RecordKind(16);

@@ -24,8 +24,8 @@ pub enum Stage {
     Admit,
     /// Placing the record in the log (waits while the log's buffers are full).
     LogSubmit,
-    /// From placed to durable and reached by the applier (the group's write and
-    /// fdatasync, and the commands queued ahead of it).
+    /// From placed to durable and reached by the applier (the group's durable write,
+    /// and the commands queued ahead of it).
     Durable,
     /// Applying it to the tables, and publishing it to the tenant's change streams.
     Apply,

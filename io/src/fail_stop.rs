@@ -6,7 +6,7 @@
 //! destructor that waits for the dead thread (a channel, a join, a log close) could
 //! hang forever, which is what "half alive" looked like: a shard's thread gone, its
 //! tenants' writes hanging, SIGTERM ignored. Nothing is lost by exiting: a write is
-//! acknowledged only after its group's `fdatasync`, and a restart's recovery rebuilds
+//! acknowledged only after its group's write is durable, and a restart's recovery rebuilds
 //! the state from the log. The same exit is used for the other fatal conditions
 //! (a failed log, a shutdown that overran its grace, an archive taken over by another
 //! copy of the data directory), each with its own status so a supervisor's record

@@ -11,7 +11,7 @@
 //! | name | arg | effect |
 //! |---|---|---|
 //! | `shard.panic` | a tenant id | a row write to that tenant panics on its owner shard |
-//! | `wal.sync.err` | a file path | every `fdatasync` of the real storage fails with EIO while that file exists (a blocking `stat` per sync: test builds only) |
+//! | `wal.sync.err` | a file path | every `fdatasync` and every durable log write (`write_durable_at`, which replaces the group's `fdatasync` on an `O_DSYNC` segment) of the real storage fails with EIO while that file exists (a blocking `stat` per sync: test builds only) |
 //! | `shutdown.hang` | anything | the orderly shutdown never finishes (the watchdog must end it) |
 //! | `audit.sync.err` | a file path | every sync of the audit log fails with EIO while that file exists |
 

@@ -566,3 +566,80 @@ fn a_segment_being_read_is_kept_by_a_release_until_the_read_is_done() {
         wal.close().await.expect("close");
     });
 }
+
+/// The descriptors this process holds on `dir`'s segment files, with their open flags
+/// as `/proc/self/fdinfo` reports them.
+fn segment_descriptor_flags(dir: &Path) -> Vec<(String, i32)> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/fd").expect("/proc/self/fd") {
+        let fd = entry.expect("fd entry").file_name();
+        let Ok(target) = std::fs::read_link(Path::new("/proc/self/fd").join(&fd)) else {
+            continue; // closed since it was listed
+        };
+        if target.parent() != Some(dir) {
+            continue;
+        }
+        let name = target
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
+        if parse_segment_name(&name).is_none() {
+            continue;
+        }
+        let info =
+            std::fs::read_to_string(Path::new("/proc/self/fdinfo").join(&fd)).expect("fdinfo");
+        let flags = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .map(|f| i32::from_str_radix(f.trim(), 8).expect("octal flags"))
+            .expect("a flags line");
+        found.push((name, flags));
+    }
+    found
+}
+
+/// A group is acknowledged when its one write completes: that holds only because the
+/// active segment is open with O_DSYNC, whether the log created it, rotated into it or
+/// reopened it in recovery.
+#[test]
+fn the_active_segment_is_written_through_an_o_dsync_descriptor() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dir_path = std::fs::canonicalize(dir.path()).expect("canonical dir");
+    run_local(async {
+        let assert_active_is_dsync = |wal: &Wal<DmaStorage>, when: &str| {
+            let active = wal.segments().last().cloned().expect("an active segment");
+            let descriptors = segment_descriptor_flags(&dir_path);
+            let flags: Vec<i32> = descriptors
+                .iter()
+                .filter(|(name, _)| *name == active)
+                .map(|(_, flags)| *flags)
+                .collect();
+            assert!(
+                !flags.is_empty(),
+                "{when}: {active} not open: {descriptors:?}"
+            );
+            for f in flags {
+                assert_eq!(f & libc::O_DSYNC, libc::O_DSYNC, "{when}: {active} {f:o}");
+                assert_eq!(f & libc::O_DIRECT, libc::O_DIRECT, "{when}: {active} {f:o}");
+            }
+        };
+        let (wal, _, _) = open(&dir_path, small_segments(), Lsn(1))
+            .await
+            .expect("open");
+        let wal = Rc::new(wal);
+        append_many(wal.clone(), 10, 1).await;
+        assert_active_is_dsync(&wal, "new log");
+        append_many(wal.clone(), 600, 4).await;
+        assert!(wal.stats().segments_sealed > 0, "64 KiB segments rotate");
+        assert_active_is_dsync(&wal, "after rotation");
+        wal.close().await.expect("close");
+        drop(wal);
+
+        let (wal, frames, _) = open(&dir_path, small_segments(), Lsn(1))
+            .await
+            .expect("reopen");
+        assert!(!frames.is_empty());
+        assert_active_is_dsync(&wal, "after recovery");
+    });
+}

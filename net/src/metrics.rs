@@ -678,7 +678,7 @@ pub fn render(shards: &[ShardSnapshot], control: &ControlMetrics) -> Result<Stri
     ]);
     families.push(family(
         "oc_wal_fsync_lag_ms",
-        "Time from a write's append to its group's fdatasync returning, all shards.",
+        "Time from a write's append to its group's durable write (O_DSYNC) returning, all shards.",
         HISTOGRAM,
         vec![histogram(vec![], &fsync_lag, 1.0)],
     ));
@@ -728,7 +728,7 @@ pub fn render(shards: &[ShardSnapshot], control: &ControlMetrics) -> Result<Stri
         per_shard(
             shards,
             "oc_wal_syncs_total",
-            "Group commits (one write and one fdatasync each).",
+            "Group commits (one durable O_DSYNC write each).",
             COUNTER,
             |s| s.wal_syncs as f64,
         ),

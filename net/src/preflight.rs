@@ -1,8 +1,8 @@
 //! `oc-server check`: what an operator should know before the first start, each finding
 //! with its fix. The kernel and io_uring (not disabled by sysctl or seccomp), the data
 //! directory's file system (tmpfs, ramfs and overlay lose or may not honour what
-//! `fdatasync` promises), O_DIRECT honoured there, `fdatasync` latency of the data disk
-//! against the 50 ms alert, the memlock and open-files limits, and the archive reachable
+//! `fdatasync` and `O_DSYNC` promise), O_DIRECT honoured there, the latency of a durable
+//! (`O_DSYNC`) write on the data disk against the 50 ms alert, the memlock and open-files limits, and the archive reachable
 //! and writable.
 //!
 //! The file-system rule also guards every start: the server refuses an unsafe file
@@ -48,8 +48,8 @@ fn finding(name: &'static str, verdict: &'static str, found: String, fix: &str) 
     }
 }
 
-/// Syncs timed by the latency check.
-const SYNC_SAMPLES: usize = 200;
+/// Durable writes timed by the latency check.
+const DURABLE_WRITE_SAMPLES: usize = 200;
 /// The documents' alert on fsync lag.
 const FSYNC_ALERT_MS: f64 = 50.0;
 
@@ -202,8 +202,8 @@ fn io_uring() -> Check {
     ok("io_uring", "available with read, write and fsync".into())
 }
 
-/// O_DIRECT honoured in the data directory, and the latency of a 4 KiB write and its
-/// fdatasync there (what every group commit waits for).
+/// O_DIRECT honoured in the data directory, and the latency of a durable 4 KiB write
+/// there (what every group commit waits for: one O_DIRECT write to an O_DSYNC file).
 fn disk(data_dir: &Path) -> Vec<Check> {
     let absolute = std::path::absolute(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
     let Some(dir) = absolute
@@ -219,7 +219,7 @@ fn disk(data_dir: &Path) -> Vec<Check> {
         )];
     };
     let probe = dir.join(format!(".oc-check-{}", std::process::id()));
-    let result = measure_syncs(&probe);
+    let result = measure_durable_writes(&probe);
     let _ = std::fs::remove_file(&probe);
     match result {
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => vec![finding(
@@ -243,26 +243,26 @@ fn disk(data_dir: &Path) -> Vec<Check> {
             let pct = |q: f64| us[((us.len() - 1) as f64 * q) as usize] as f64 / 1000.0;
             let (p50, p99) = (pct(0.5), pct(0.99));
             let found = format!(
-                "4 KiB write + fdatasync in {}: p50 {p50:.2} ms, p99 {p99:.2} ms over {} syncs",
+                "4 KiB O_DSYNC write in {}: p50 {p50:.2} ms, p99 {p99:.2} ms over {} writes",
                 dir.display(),
                 us.len()
             );
             let latency = if p99 > FSYNC_ALERT_MS {
                 finding(
-                    "fdatasync latency",
+                    "durable write latency",
                     "fail",
                     found,
                     "this disk's p99 is above the 50 ms fsync-lag alert: use a local NVMe disk, not network storage or a throttled volume",
                 )
             } else if p99 > FSYNC_ALERT_MS / 5.0 {
                 finding(
-                    "fdatasync latency",
+                    "durable write latency",
                     "warn",
                     found,
                     "a p99 over 10 ms makes every write wait that long: prefer local NVMe",
                 )
             } else {
-                ok("fdatasync latency", found)
+                ok("durable write latency", found)
             };
             vec![
                 ok("O_DIRECT", format!("honoured in {}", dir.display())),
@@ -272,21 +272,20 @@ fn disk(data_dir: &Path) -> Vec<Check> {
     }
 }
 
-/// Microseconds of each (O_DIRECT 4 KiB write, fdatasync) on a new file at `path`.
-fn measure_syncs(path: &Path) -> std::io::Result<Vec<u64>> {
+/// Microseconds of each O_DIRECT + O_DSYNC 4 KiB write on a new file at `path`.
+fn measure_durable_writes(path: &Path) -> std::io::Result<Vec<u64>> {
     let file = OpenOptions::new()
         .create(true)
         .truncate(true)
         .write(true)
-        .custom_flags(libc::O_DIRECT)
+        .custom_flags(libc::O_DIRECT | libc::O_DSYNC)
         .open(path)?;
     let mut block = AlignedBuf::zeroed(4096);
     block.as_bytes_mut().fill(0x6f);
-    let mut samples = Vec::with_capacity(SYNC_SAMPLES);
-    for i in 0..SYNC_SAMPLES as u64 {
+    let mut samples = Vec::with_capacity(DURABLE_WRITE_SAMPLES);
+    for i in 0..DURABLE_WRITE_SAMPLES as u64 {
         let started = Instant::now();
         file.write_all_at(block.as_bytes(), (i % 64) * 4096)?;
-        file.sync_data()?;
         samples.push(started.elapsed().as_micros() as u64);
     }
     Ok(samples)

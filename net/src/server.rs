@@ -51,7 +51,7 @@ const LOG_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// (at most the shutdown grace).
 const LOG_FAILED_DRAIN: Duration = Duration::from_secs(2);
 /// What an orderly shutdown may take beyond the grace period (closing the logs: one
-/// `fdatasync` each) before the watchdog ends the process.
+/// durable write each) before the watchdog ends the process.
 pub const SHUTDOWN_MARGIN: Duration = Duration::from_secs(2);
 /// The program name in lock files, owner records and fatal lines.
 const PROGRAM: &str = "oc-server";

@@ -66,7 +66,7 @@ fn check_passes_on_a_disk_and_names_each_finding() {
     assert_ne!(verdict("data directory file system"), "fail", "{report:#}");
     // Latency depends on the disk: present, measured, never an unreadable verdict.
     assert!(
-        ["ok", "warn", "fail"].contains(&verdict("fdatasync latency").as_str()),
+        ["ok", "warn", "fail"].contains(&verdict("durable write latency").as_str()),
         "{report:#}"
     );
     assert!(report.to_string().contains("p99"), "{report:#}");

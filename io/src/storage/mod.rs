@@ -4,7 +4,8 @@
 //! same code runs in production and in the crash simulator.
 //!
 //! The contract every implementation keeps, and the WAL relies on:
-//! - a write is visible to reads at once, but durable only after `sync` returns Ok;
+//! - a write is visible to reads at once, but durable only after `sync` returns Ok, or
+//!   when it was made with `write_durable_at` and returned Ok;
 //! - a crash may lose, keep or tear (at 512-byte sector granularity) any write not yet
 //!   synced, and never touches synced bytes;
 //! - a name (create, rename, remove) is durable only after `sync_dir` returns Ok;
@@ -40,6 +41,12 @@ pub trait Storage: Clone + 'static {
     async fn create(&self, name: &str, len: u64) -> Result<Self::File>;
     /// Opens an existing file for reading and writing.
     async fn open(&self, name: &str) -> Result<Self::File>;
+    /// [`Storage::open`], for a file written with [`StorageFile::write_durable_at`]
+    /// (a log segment): storage that can make a write durable as part of the write
+    /// itself opens it so.
+    async fn open_durable(&self, name: &str) -> Result<Self::File> {
+        self.open(name).await
+    }
     /// Renames a file; durable after [`Storage::sync_dir`].
     async fn rename(&self, from: &str, to: &str) -> Result<()>;
     /// Removes a file; durable after [`Storage::sync_dir`].
@@ -66,6 +73,15 @@ pub trait StorageFile: 'static {
     async fn read_at(&self, offset: u64, out: &mut [u8]) -> Result<()>;
     /// `fdatasync`: makes every completed write durable.
     async fn sync(&self) -> Result<()>;
+    /// Writes the whole buffer at `offset` and makes it durable, as [`write_at`] then
+    /// [`sync`] do; a file from [`Storage::open_durable`] may do both in one operation.
+    ///
+    /// [`write_at`]: StorageFile::write_at
+    /// [`sync`]: StorageFile::sync
+    async fn write_durable_at(&self, buf: Self::Buffer, offset: u64) -> Result<()> {
+        self.write_at(buf, offset).await?;
+        self.sync().await
+    }
     /// The file's length in bytes.
     async fn len(&self) -> Result<u64>;
     /// True when the file has no bytes.

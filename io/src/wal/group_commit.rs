@@ -1,12 +1,14 @@
 //! Group commit: appenders copy unstamped frames into the *filling* group; one writer
 //! task per log takes the whole group, stamps it (LSNs, commit time, CRCs), writes it
-//! with one aligned O_DIRECT write and makes it durable with one `fdatasync`, then wakes
-//! every appender of the group. While one group is being written the next one fills.
+//! with one aligned O_DIRECT write that is durable when it completes (the segment is open
+//! with `O_DSYNC`: the write and its `fdatasync` in one trip through the ring), then
+//! wakes every appender of the group. While one group is being written the next one
+//! fills.
 //!
 //! What must stay true:
-//! - a group is acknowledged only after its `fdatasync` returned Ok;
+//! - a group is acknowledged only after its durable write returned Ok;
 //! - LSNs are assigned at write time, so a group that cannot be written leaves no gap;
-//! - after a failed write or `fdatasync` the log accepts nothing more (the kernel may
+//! - after a failed write (or `fdatasync`) the log accepts nothing more (the kernel may
 //!   have dropped the dirty pages; retrying would acknowledge lost data);
 //! - a disk-full (ENOSPC) or out-of-descriptors (EMFILE, ENFILE) error while preparing
 //!   a new segment fails only the frames that needed it; the log keeps going and
@@ -61,7 +63,7 @@ pub struct WalStats {
     pub spares_recycled: u64,
     /// Append → durable, per frame, in microseconds (`oc_wal_fsync_lag_ms`).
     pub fsync_lag_us: Histogram<u64>,
-    /// Write + `fdatasync` of one group, in microseconds.
+    /// The durable write of one group, in microseconds.
     pub group_write_us: Histogram<u64>,
     /// Frames per group.
     pub group_frames: Histogram<u64>,
@@ -623,8 +625,7 @@ impl<S: Storage> Writer<S> {
         batch.buf.trim_to(padded + end_marker);
         let offset = active.write_offset;
         debug_assert!(offset + padded as u64 <= active.header.footer_offset());
-        active.file.write_at(batch.buf, offset).await?;
-        active.file.sync().await?;
+        active.file.write_durable_at(batch.buf, offset).await?;
         if let Some(segment) = self.shared.state.borrow_mut().segments.last_mut() {
             segment.group_starts.push((self.next_lsn, offset));
         }
@@ -657,10 +658,9 @@ impl<S: Storage> Writer<S> {
             let at = active.header.footer_offset();
             active
                 .file
-                .write_at(buf, at)
+                .write_durable_at(buf, at)
                 .await
                 .map_err(GroupError::Fatal)?;
-            active.file.sync().await.map_err(GroupError::Fatal)?;
             active.sealed = true;
             self.shared.stats.borrow_mut().segments_sealed += 1;
         }
@@ -688,12 +688,11 @@ impl<S: Storage> Writer<S> {
         let name = segment_name(config.shard, epoch, self.next_lsn);
         let opened = async {
             storage.rename(SPARE_READY_NAME, &name).await?;
-            let file = storage.open(&name).await?;
+            let file = storage.open_durable(&name).await?;
             // The header is durable before any frame: recovery relies on it.
             let mut buf = storage.alloc_buffer(BLOCK_SIZE);
             buf.as_bytes_mut().copy_from_slice(&header.encode());
-            file.write_at(buf, 0).await?;
-            file.sync().await?;
+            file.write_durable_at(buf, 0).await?;
             storage.sync_dir().await?;
             Ok::<_, Error>(file)
         };
@@ -805,9 +804,10 @@ pub(crate) async fn run_preparer<S: Storage>(shared: Rc<Shared<S>>) {
     }
 }
 
-/// Zero-fill writes go out in chunks of this size: each group commit's fdatasync
-/// also flushes the fill written since the previous one, so small chunks keep the
-/// latency a fill adds to a group small.
+/// Zero-fill writes go out in chunks of this size: each group commit's durable write
+/// also flushes the fill written since the previous one from the device's cache (on a
+/// device without FUA, as here, an `O_DSYNC` write is a write and a cache flush), so
+/// small chunks keep the latency a fill adds to a group small.
 const ZERO_FILL_CHUNK_BYTES: usize = 128 << 10;
 /// The zero-fill runs at least this fast (bytes per second)...
 const ZERO_FILL_MIN_BYTES_PER_S: f64 = 32e6;
@@ -816,7 +816,7 @@ const ZERO_FILL_MIN_BYTES_PER_S: f64 = 32e6;
 const ZERO_FILL_LOG_RATE_FACTOR: f64 = 4.0;
 
 /// Makes a new spare by writing real zeroes over a new file: written extents keep later
-/// fdatasyncs free of extent conversion (the design brief's fio figures: ~9.5 k vs ~5 k
+/// durable writes free of extent conversion (the design brief's fio figures: ~9.5 k vs ~5 k
 /// syncs/s). The fill is paced against the log's own write rate so it does not crowd
 /// out group commits, and runs at full speed when the writer is waiting for it.
 async fn zero_fill<S: Storage>(shared: &Shared<S>) -> Result<S::File> {

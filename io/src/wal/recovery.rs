@@ -234,7 +234,7 @@ async fn replace_segment<S: Storage>(storage: &S, name: &str, bytes: &[u8]) -> R
     drop(write_file(storage, &temporary, bytes).await?);
     storage.rename(&temporary, name).await?;
     storage.sync_dir().await?;
-    storage.open(name).await
+    storage.open_durable(name).await
 }
 
 /// Reads and repairs the log, calling `on_frame` for every frame with LSN ≥ `replay_from`.
@@ -286,7 +286,8 @@ pub(crate) async fn recover<S: Storage>(
     while index < count {
         let (name, name_epoch, name_lsn) = &names[index];
         let is_last = index + 1 == count;
-        let mut file = storage.open(name).await?;
+        // The last one stays open as the active segment, which groups are written to.
+        let mut file = storage.open_durable(name).await?;
         read_whole(&file, &mut bytes).await?;
         report.bytes_scanned += bytes.len() as u64;
         let corrupt = |offset: u64, reason: String| Error::Corrupt {

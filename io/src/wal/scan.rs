@@ -2,7 +2,7 @@
 //! Pure (no I/O), so the fuzz target feeds it arbitrary bytes.
 //!
 //! How a tear is told from corruption: only the last group commit can be torn (the
-//! next group is written only after the previous one's `fdatasync` returned). Every
+//! next group is written only after the previous one's durable write returned). Every
 //! group starts on a block boundary with a frame whose `group_index` is 0. So after the
 //! first bad frame, a valid group-start frame at any later block boundary proves that a
 //! *newer* group was written: the bad frame was durable once and is now damaged.

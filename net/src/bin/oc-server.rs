@@ -22,7 +22,7 @@ struct Args {
 #[derive(Subcommand)]
 enum Command {
     /// Preflight: checks the kernel and io_uring, the data directory's file system and
-    /// O_DIRECT, the data disk's fdatasync latency, the memlock and open-files limits,
+    /// O_DIRECT, the data disk's durable-write latency, the memlock and open-files limits,
     /// and the archive, each with its fix. Takes the flags the server would run with.
     /// Exits 1 when a check fails.
     Check {
