@@ -2,8 +2,9 @@
 //! with its fix. The kernel and io_uring (not disabled by sysctl or seccomp), the data
 //! directory's file system (tmpfs, ramfs and overlay lose or may not honour what
 //! `fdatasync` and `O_DSYNC` promise), O_DIRECT honoured there, the latency of a durable
-//! (`O_DSYNC`) write on the data disk against the 50 ms alert, the memlock and open-files limits, and the archive reachable
-//! and writable.
+//! (`O_DSYNC`) write on the data disk against the 50 ms alert, the memlock limit against
+//! what registering the I/O buffers needs, the open-files limit, and the archive
+//! reachable and writable.
 //!
 //! The file-system rule also guards every start: the server refuses an unsafe file
 //! system for `--data-dir` unless `--allow-unsafe-fs` ([`unsafe_file_system`]).
@@ -140,7 +141,7 @@ pub fn run(config: &ServerConfig) -> Vec<Check> {
         ),
     });
     checks.extend(disk(&config.data_dir));
-    checks.push(memlock());
+    checks.push(memlock(config));
     checks.push(open_files(config));
     checks.push(archive(config));
     checks
@@ -300,22 +301,24 @@ fn limit(resource: libc::__rlimit_resource_t) -> Option<(u64, u64)> {
     (unsafe { libc::getrlimit(resource, &mut l) } == 0).then_some((l.rlim_cur, l.rlim_max))
 }
 
-fn memlock() -> Check {
-    const WANTED: u64 = 64 << 20;
+/// Room to register every executor's I/O memory: one executor per shard and the
+/// control executor.
+fn memlock(config: &ServerConfig) -> Check {
+    let wanted = oc_io::executor::registered_bytes(shard_count(config) as u64 + 1);
     match limit(libc::RLIMIT_MEMLOCK) {
-        Some((soft, _)) if soft == libc::RLIM_INFINITY || soft >= WANTED => ok(
+        Some((soft, _)) if soft == libc::RLIM_INFINITY || soft >= wanted => ok(
             "memlock limit",
             if soft == libc::RLIM_INFINITY {
                 "unlimited".into()
             } else {
-                format!("{} MiB", soft >> 20)
+                format!("{} MiB, {} MiB needed", soft >> 20, wanted >> 20)
             },
         ),
         Some((soft, _)) => finding(
             "memlock limit",
             "warn",
-            format!("{} KiB", soft >> 10),
-            "io_uring buffers count against it on older kernels: raise it (systemd LimitMEMLOCK=infinity, or ulimit -l unlimited)",
+            format!("{} KiB, {} MiB needed", soft >> 10, wanted >> 20),
+            "below it the I/O buffers are not registered with io_uring and every write pins its pages (slower): raise it (systemd LimitMEMLOCK=infinity, or ulimit -l unlimited)",
         ),
         None => finding(
             "memlock limit",
@@ -326,10 +329,15 @@ fn memlock() -> Check {
     }
 }
 
-fn open_files(config: &ServerConfig) -> Check {
-    let shards = config
+/// The shards the server would run: `--shards`, or one per CPU.
+fn shard_count(config: &ServerConfig) -> usize {
+    config
         .shards
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+fn open_files(config: &ServerConfig) -> Check {
+    let shards = shard_count(config);
     let needed = crate::fd_limit::needed(config.max_connections, shards);
     match limit(libc::RLIMIT_NOFILE) {
         Some((_, hard)) if hard >= needed => ok(
