@@ -167,8 +167,8 @@ pub fn run(args: WalArgs) -> Result<()> {
             .await?;
             let wal_seq_mb_s =
                 seq.appends as f64 * LARGE_RECORD_BYTES as f64 / seq.elapsed.as_secs_f64() / 1e6;
-            // Where a group's period goes: its durable write, or the rest (stamping,
-            // checksums, hand-offs), which the log does between writes.
+            // Where a group's period goes: the log's writing of it (stamping and the
+            // durable write, `group_write_us`), or what happens between groups.
             let groups_per_s =
                 seq.appends as f64 / seq.frames_per_group / seq.elapsed.as_secs_f64();
             eprintln!(
@@ -280,7 +280,8 @@ pub(crate) struct PhaseResult {
     pub(crate) elapsed: Duration,
     latency: Histogram<u64>,
     frames_per_group: f64,
-    /// Mean time of a group's durable write (the log's `group_write_us`).
+    /// Mean time the log took to write a group: stamping and the durable write (its
+    /// `group_write_us`).
     group_write_mean_us: f64,
     spares: SpareCounts,
 }

@@ -409,6 +409,34 @@ impl Table {
                 }
             }
         }
+        for store in &self.vectors {
+            let name = &self.schema.columns[store.column()].name;
+            let mut held = 0;
+            for (key, row) in &self.rows {
+                let in_row = vector_in(row, store.column());
+                // Bitwise: the store holds a copy, so even a zero's sign must match.
+                let same = match (in_row, store.get(key)) {
+                    (Some(a), Some(b)) => a
+                        .iter()
+                        .map(|x| x.to_bits())
+                        .eq(b.iter().map(|x| x.to_bits())),
+                    (None, None) => true,
+                    _ => false,
+                };
+                if !same {
+                    return Err(format!(
+                        "the vector store of column {name} disagrees with a row's vector"
+                    ));
+                }
+                held += usize::from(in_row.is_some());
+            }
+            if store.len() != held {
+                return Err(format!(
+                    "the vector store of column {name} holds {} vectors for {held} rows with one",
+                    store.len()
+                ));
+            }
+        }
         if usage != self.usage {
             return Err(format!(
                 "usage says {} rows and {} bytes, the rows are {} and {} bytes",
@@ -849,6 +877,55 @@ mod tests {
         table.indexes[0].insert(entry);
         table.usage.rows += 1;
         assert!(table.check_integrity().is_err_and(|e| e.contains("usage")));
+    }
+
+    #[test]
+    fn integrity_checks_find_a_vector_store_that_disagrees_with_the_rows() {
+        let schema = TableSchema::new(
+            "t",
+            &[
+                ("id", ColumnType::Int, false),
+                ("v", ColumnType::Vector(2), true),
+            ],
+            &["id"],
+            &[],
+        )
+        .expect("schema");
+        let mut table = Table::new(schema, 1);
+        let ops: Vec<WriteOp> = (0..6)
+            .map(|i| {
+                // Every third row has no vector.
+                let v = (i % 3 != 0).then(|| vec![i as f32, 0.5]);
+                let row = serde_json::json!({"id": i, "v": v});
+                WriteOp::Upsert(row.as_object().expect("object").clone())
+            })
+            .collect();
+        let writes = table.validate_batch(&ops).expect("valid");
+        table.apply(writes, 2);
+        assert_eq!(table.check_integrity(), Ok(6));
+        let first = table
+            .rows
+            .keys()
+            .nth(1)
+            .cloned()
+            .expect("a row with a vector");
+
+        table.vectors[0].set(&first, Some(&[9.0, 9.0]));
+        assert!(table
+            .check_integrity()
+            .is_err_and(|e| e.contains("column v disagrees")));
+        table.vectors[0].remove(&first);
+        assert!(table
+            .check_integrity()
+            .is_err_and(|e| e.contains("column v disagrees")));
+        let row = table.rows.get(&first).cloned().expect("the row");
+        table.vectors[0].set(&first, vector_in(&row, 1));
+        assert_eq!(table.check_integrity(), Ok(6));
+        // A vector left behind for a row that no longer exists.
+        table.vectors[0].set(&Key::new(b"gone".to_vec()), Some(&[1.0, 2.0]));
+        assert!(table
+            .check_integrity()
+            .is_err_and(|e| e.contains("holds 5 vectors for 4 rows")));
     }
 }
 

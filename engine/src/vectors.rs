@@ -102,6 +102,12 @@ impl VectorColumn {
         }
     }
 
+    /// The vector of the row with primary key `key`, if it has one.
+    pub fn get(&self, key: &Key) -> Option<&[f32]> {
+        let slot = *self.slot_of.get(key)? as usize;
+        Some(&self.data[slot * self.dim..(slot + 1) * self.dim])
+    }
+
     /// Vectors stored.
     pub fn len(&self) -> usize {
         self.slot_of.len()

@@ -2,14 +2,16 @@
 //!
 //! Each executor keeps a pool of I/O memory for its DMA buffers and registers it with
 //! each of its three rings; the pages are pinned and count against `RLIMIT_MEMLOCK` three
-//! times ([`registered_bytes`]). Under a smaller limit glommio skips the registration
+//! times ([`registered_bytes`]), summed over all the processes of the user, unless the
+//! process has `CAP_IPC_LOCK`. Under a smaller limit glommio skips the registration
 //! (a warning in the log) and keeps using the pool unregistered: every write then pins
 //! its pages itself, a little slower. A buffer the pool cannot place comes from the heap,
 //! fresh pages every time, which is much slower for a 1 MiB group (below).
 
 use glommio::{LocalExecutor, LocalExecutorBuilder, Placement};
 
-/// I/O memory per executor: room for two full group commits. The pool is a buddy
+/// I/O memory per executor: room for three group buffers (the filling group, the one
+/// being written, and the part of a group split off at a rotation). The pool is a buddy
 /// allocator, so a group's buffer (1 MiB and its end-marker block) takes a 2 MiB block,
 /// and the allocator keeps its own bookkeeping inside the pool: 4 MiB held one such
 /// block, and the second group in flight came from the heap. 8 MiB holds both; it took
@@ -18,6 +20,35 @@ use glommio::{LocalExecutor, LocalExecutorBuilder, Placement};
 pub const DEFAULT_IO_MEMORY_BYTES: usize = 8 << 20;
 /// The rings per executor that each register the I/O memory.
 const RINGS_PER_EXECUTOR: u64 = 3;
+
+/// glommio refuses to build an executor under a smaller `RLIMIT_MEMLOCK` (whatever the
+/// process's capabilities), and the thread it was to run on dies without a useful error.
+pub const GLOMMIO_MIN_MEMLOCK_BYTES: u64 = 512 << 10;
+
+/// The soft `RLIMIT_MEMLOCK` in bytes; `None` when unlimited or unreadable.
+pub fn memlock_limit() -> Option<u64> {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct we own.
+    let read = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut l) } == 0;
+    (read && l.rlim_cur != libc::RLIM_INFINITY).then_some(l.rlim_cur)
+}
+
+/// Refuses, with the fix, a memlock limit under which no executor can start.
+pub fn check_memlock_floor() -> Result<(), String> {
+    match memlock_limit() {
+        Some(limit) if limit < GLOMMIO_MIN_MEMLOCK_BYTES => Err(format!(
+            "the memlock limit (RLIMIT_MEMLOCK) is {} KiB and glommio needs at least {} KiB \
+             to start an executor: raise it (systemd LimitMEMLOCK=infinity, or ulimit -l \
+             unlimited)",
+            limit >> 10,
+            GLOMMIO_MIN_MEMLOCK_BYTES >> 10
+        )),
+        _ => Ok(()),
+    }
+}
 
 /// Locked memory the registration of `executors` executors' I/O memory needs.
 pub fn registered_bytes(executors: u64) -> u64 {

@@ -302,9 +302,29 @@ fn limit(resource: libc::__rlimit_resource_t) -> Option<(u64, u64)> {
 }
 
 /// Room to register every executor's I/O memory: one executor per shard and the
-/// control executor.
+/// control executor. The limit binds only a process without `CAP_IPC_LOCK`.
 fn memlock(config: &ServerConfig) -> Check {
     let wanted = oc_io::executor::registered_bytes(shard_count(config) as u64 + 1);
+    // Whatever the capabilities: glommio checks this floor itself.
+    let floor = oc_io::executor::GLOMMIO_MIN_MEMLOCK_BYTES;
+    if let Some(limit) = oc_io::executor::memlock_limit().filter(|&l| l < floor) {
+        return finding(
+            "memlock limit",
+            "fail",
+            format!(
+                "{} KiB: no executor starts below {} KiB (the server refuses to start)",
+                limit >> 10,
+                floor >> 10
+            ),
+            "raise it (systemd LimitMEMLOCK=infinity, or ulimit -l unlimited)",
+        );
+    }
+    if has_ipc_lock() {
+        return ok(
+            "memlock limit",
+            "not enforced: the process has CAP_IPC_LOCK".into(),
+        );
+    }
     match limit(libc::RLIMIT_MEMLOCK) {
         Some((soft, _)) if soft == libc::RLIM_INFINITY || soft >= wanted => ok(
             "memlock limit",
@@ -327,6 +347,19 @@ fn memlock(config: &ServerConfig) -> Check {
             "check ulimit -l",
         ),
     }
+}
+
+/// True when this process's effective capabilities hold `CAP_IPC_LOCK` (root outside a
+/// container usually does; a container's root often does not).
+fn has_ipc_lock() -> bool {
+    const CAP_IPC_LOCK: u32 = 14;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+            u64::from_str_radix(hex.trim(), 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << CAP_IPC_LOCK) != 0)
 }
 
 /// The shards the server would run: `--shards`, or one per CPU.

@@ -105,6 +105,7 @@ pub fn run(config: ServerConfig) -> Result<()> {
             "this build has test failpoints compiled in: never run it in production"
         );
     }
+    oc_io::executor::check_memlock_floor().map_err(|e| anyhow!("refusing to start: {e}"))?;
     if !config.allow_unsafe_fs {
         if let Some(fs) = crate::preflight::unsafe_file_system(&config.data_dir) {
             bail!(

@@ -70,6 +70,8 @@ fn check_passes_on_a_disk_and_names_each_finding() {
         "{report:#}"
     );
     assert!(report.to_string().contains("p99"), "{report:#}");
+    // The test's own memlock limit starts executors, so it is never a failure here.
+    assert_ne!(verdict("memlock limit"), "fail", "{report:#}");
     assert_eq!(
         passed,
         report["ok"] == true,

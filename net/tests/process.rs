@@ -536,3 +536,31 @@ fn a_shutdown_that_hangs_is_ended_by_the_watchdog() {
         fatal[0]
     );
 }
+
+/// Under a memlock limit glommio cannot start an executor with, the server refuses to
+/// start with one line naming the limit and its fix, before touching the data directory
+/// (not a dead thread and an empty error).
+#[test]
+fn a_memlock_limit_too_small_for_any_executor_is_refused_naming_the_fix() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let output = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(r#"ulimit -l 256 && exec "$0" "$@""#)
+        .arg(env!("CARGO_BIN_EXE_oc-server"))
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--archive", "none", "--listen", "127.0.0.1:0"])
+        .args(["--ops-listen", "127.0.0.1:0"])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("run oc-server under sh");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("refusing to start: the memlock limit (RLIMIT_MEMLOCK) is 256 KiB"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("LimitMEMLOCK=infinity"), "{stderr}");
+    assert!(!data.exists(), "the data directory was touched");
+}
