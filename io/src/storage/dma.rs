@@ -47,6 +47,22 @@ impl DmaStorage {
         })
     }
 
+    /// Opens an existing file for reading and writing, with `O_DSYNC` when `dsync`.
+    async fn open_existing(&self, name: &str, dsync: bool) -> Result<DmaStorageFile> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(if dsync { libc::O_DSYNC } else { 0 })
+            .dma_open(self.path(name))
+            .await
+            .map_err(|e| glommio_err("opening", name, e))?;
+        Ok(DmaStorageFile {
+            file,
+            name: name.to_string(),
+            dsync,
+        })
+    }
+
     fn path(&self, name: &str) -> PathBuf {
         debug_assert!(!name.contains('/'), "storage names are flat: {name}");
         self.dir.join(name)
@@ -116,17 +132,7 @@ impl Storage for DmaStorage {
     }
 
     async fn open(&self, name: &str) -> Result<DmaStorageFile> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .dma_open(self.path(name))
-            .await
-            .map_err(|e| glommio_err("opening", name, e))?;
-        Ok(DmaStorageFile {
-            file,
-            name: name.to_string(),
-            dsync: false,
-        })
+        self.open_existing(name, false).await
     }
 
     /// With `O_DSYNC`: a write completes once it is durable, data and the metadata
@@ -134,18 +140,7 @@ impl Storage for DmaStorage {
     /// `fdatasync` would leave it, in one trip through the ring instead of two. One
     /// appender commits 1.36–1.42× as often with it (`oc-bench wal`, BENCHMARKS.md).
     async fn open_durable(&self, name: &str) -> Result<DmaStorageFile> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_DSYNC)
-            .dma_open(self.path(name))
-            .await
-            .map_err(|e| glommio_err("opening", name, e))?;
-        Ok(DmaStorageFile {
-            file,
-            name: name.to_string(),
-            dsync: true,
-        })
+        self.open_existing(name, true).await
     }
 
     async fn rename(&self, from: &str, to: &str) -> Result<()> {
