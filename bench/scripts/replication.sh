@@ -10,7 +10,8 @@
 # Part 3: planned switchover (below).
 # Part 4: how long an acknowledged write takes to be readable on the follower (below).
 # Part 5: write throughput at 64 concurrent writers, alone / async / sync (below).
-# PARTS (default 12345) picks the parts to run, e.g. PARTS=3.
+# Part 6: a new follower's bootstrap, from the writer and from the archive (below).
+# PARTS (default 123456) picks the parts to run, e.g. PARTS=3.
 #
 #   bench/scripts/replication.sh <dir on ext4/xfs> <out dir> [rate] [seconds]
 set -euo pipefail
@@ -58,7 +59,7 @@ refused_421() { # ops address
   curl -s "$1/metrics" | awk '/^oc_http_requests_total\{.*status="421"/ { n += $2 } END { print n + 0 }'
 }
 
-parts=${PARTS:-12345}
+parts=${PARTS:-123456}
 rounds=${ROUNDS:-3}
 [[ $parts == *1* ]] || rounds=0
 for round in $(seq "$rounds"); do
@@ -227,6 +228,63 @@ for round in $(seq "$rounds5"); do
   done
 done
 
+# Part 6: a new follower's bootstrap. A writer (1 shard) is loaded with BOOT_ROWS rows
+# and left idle until its newest checkpoint holds them all and the archive has it;
+# then, in rounds alternating the order, a follower starts on an empty directory and
+# copies the checkpoint from the writer ("writer"), or starts on a directory restored
+# from the archive with `oc-pitr restore --for-follower` ("archive", the restore
+# counted in). Each time is from the start (of the restore, or the server) to the
+# follower's /ready answering 200. The raw copy of the same snapshot file (cp, then
+# sync) is the floor, measured in the same round.
+boot_rounds=${BOOT_ROUNDS:-3}
+[[ $parts == *6* ]] || boot_rounds=0
+if [ "$boot_rounds" != 0 ]; then
+  echo "== bootstrap: loading ${BOOT_ROWS:-1000000} rows"
+  data="$dir/boot"; rm -rf "$data"; mkdir -p "$data"
+  "$bin/oc-server" --data-dir "$data/writer" --listen 127.0.0.1:17080 --ops-listen 127.0.0.1:17081 \
+    --archive "file://$data/archive" --shards 1 --replication-listen 127.0.0.1:17082 \
+    --checkpoint-interval-s 1 >"$data-writer.log" 2>&1 &
+  writer_pid=$!; pids+=("$writer_pid")
+  wait_ready http://127.0.0.1:17081
+  "$bin/oc-bench" http --url http://127.0.0.1:17080 --rate 100 --seconds 1 --mix 100:0 \
+    --rows "${BOOT_ROWS:-1000000}" >/dev/null
+  until curl -s http://127.0.0.1:17081/metrics | grep -q '^oc_checkpoint_age_s{shard="0"} 0$' \
+      && ls "$data"/archive/shard-0/checkpoint/*.snap >/dev/null 2>&1; do sleep 0.5; done
+  sleep 2
+  snap=$(ls -t "$data"/writer/shard-0/checkpoint-*.snap | head -1)
+  : > "$out/bootstrap.txt"
+  ms() { echo $(( ($(date +%s%N) - $1) / 1000000 )); }
+  for round in $(seq "$boot_rounds"); do
+    order="writer archive raw"
+    [ $((round % 2)) = 0 ] && order="raw archive writer"
+    for how in $order; do
+      rm -rf "$data/f" "$data/raw"; sync
+      echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
+      started=$(date +%s%N)
+      if [ "$how" = raw ]; then
+        mkdir -p "$data/raw"; cp "$snap" "$data/raw/"; sync -f "$data/raw"
+      else
+        if [ "$how" = archive ]; then
+          "$bin/oc-pitr" restore --archive "file://$data/archive" --target latest \
+            --data-dir "$data/f" --for-follower >/dev/null
+        fi
+        "$bin/oc-server" --data-dir "$data/f" --listen 127.0.0.1:17090 --ops-listen 127.0.0.1:17091 \
+          --mode follower --leader-addr 127.0.0.1:17082 --archive "file://$data/archive" \
+          >"$data-follower.log" 2>&1 &
+        follower_pid=$!; pids+=("$follower_pid")
+        for _ in $(seq 6000); do curl -sf http://127.0.0.1:17091/ready >/dev/null && break; sleep 0.01; done
+      fi
+      took=$(ms "$started")
+      copied=$(grep -o 'bytes=[0-9]* took_ms=[0-9]*' "$data-follower.log" 2>/dev/null | tail -1 || true)
+      [ "$how" = raw ] && copied="bytes=$(stat -c %s "$snap")"
+      echo "$round $how $took $copied" | tee -a "$out/bootstrap.txt"
+      if [ "$how" != raw ]; then kill "$follower_pid"; wait "$follower_pid" 2>/dev/null || true; fi
+    done
+  done
+  kill "$writer_pid"; wait "$writer_pid" 2>/dev/null || true
+  rm -rf "$data"
+fi
+
 python3 - "$out" "$rounds" "$rounds5" <<'PY'
 import json, sys, statistics
 out, rounds, rounds5 = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -273,4 +331,11 @@ sw = sorted(float(l) for l in open(f"{out}/switchover.ms") if l.strip())
 if sw:
   print(f"\nSwitchover: longest gap between acknowledged writes, {len(sw)} trials: "
         f"median {statistics.median(sw):.1f} ms, max {max(sw):.1f} ms")
+if os.path.exists(f"{out}/bootstrap.txt"):
+  lines = [l.split() for l in open(f"{out}/bootstrap.txt") if l.strip()]
+  print("\nA new follower's bootstrap, start to /ready (ms), median (min–max) of the rounds:")
+  for how in ["writer", "archive", "raw"]:
+    v = [int(l[2]) for l in lines if l[1] == how]
+    if v:
+      print(f"  {how}: {statistics.median(v)} ({min(v)}–{max(v)})")
 PY

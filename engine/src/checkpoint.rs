@@ -240,7 +240,7 @@ impl<S: Storage> SnapshotWriter<S> {
 }
 
 /// Reads a whole file (its length is a block multiple).
-async fn read_file<S: Storage>(storage: &S, name: &str) -> oc_io::Result<Vec<u8>> {
+pub(crate) async fn read_file<S: Storage>(storage: &S, name: &str) -> oc_io::Result<Vec<u8>> {
     let file = storage.open(name).await?;
     let len = file.len().await? as usize;
     let mut bytes = vec![0u8; len];

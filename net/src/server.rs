@@ -454,7 +454,23 @@ fn follower_layout(
         }
     }
     let layout = match local {
-        None => placement::create_layout_with_epochs(&config.data_dir, writer.shards, writer.epochs),
+        None => {
+            if crate::replication::bootstrap::is_new(&config.data_dir)
+                .with_context(|| format!("listing {}", config.data_dir.display()))?
+            {
+                copy_writer_checkpoints(config, (leader, addr), (token, tls), writer.shards, shutdown)?;
+            }
+            let layout = placement::create_layout_with_epochs(
+                &config.data_dir,
+                writer.shards,
+                writer.epochs,
+            );
+            if layout.is_ok() && config.data_dir.join(crate::replication::bootstrap::MARKER).exists() {
+                crate::replication::bootstrap::finish(&config.data_dir)
+                    .context("ending the new follower's bootstrap")?;
+            }
+            layout
+        }
         Some(local) if local.shards != writer.shards => bail!(
             "this data directory has {} shards and the writer at {leader} has {}: it was not made for this writer; start the follower on an empty data directory",
             local.shards,
@@ -465,6 +481,36 @@ fn follower_layout(
     .context("laying out the follower like its writer")?;
     tracing::info!(%leader, writer_data_dir_id = %writer.data_dir_id, epoch = layout.epoch(), shards = layout.shards, "following the writer");
     Ok(layout)
+}
+
+/// A new follower copies each shard's newest checkpoint from its writer (asked again
+/// every second while the writer does not answer; a refusal ends the start).
+fn copy_writer_checkpoints(
+    config: &ServerConfig,
+    (leader, addr): (&str, std::net::SocketAddr),
+    (token, tls): (Option<&str>, Option<&crate::replication::LeaderTls>),
+    shards: usize,
+    shutdown: &AtomicBool,
+) -> Result<()> {
+    use crate::replication::bootstrap;
+    loop {
+        let copied = bootstrap::copy_checkpoints(&config.data_dir, shards, |shard, dir| {
+            receiver::fetch_checkpoint((leader, addr), ("new", token, tls), shard, dir)
+        });
+        match copied {
+            Ok(_) => return Ok(()),
+            Err(receiver::LayoutError::Refused(why)) => {
+                bail!("bootstrapping this new follower from the writer: {why}")
+            }
+            Err(receiver::LayoutError::Unreachable(why)) => {
+                tracing::warn!(%why, "copying the writer's checkpoints; trying again");
+                if shutdown.load(Ordering::SeqCst) {
+                    bail!("stopped while copying the writer's checkpoints");
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
 }
 
 fn report_recovery(reports: &[ShardOpenReport], took: Duration) {

@@ -856,74 +856,225 @@ fn crc32c_of(bytes: &[u8]) -> u32 {
     !crc
 }
 
+/// One protocol message as the wire carries it: length, body, CRC-32C.
+fn envelope(body: &[u8]) -> Vec<u8> {
+    let mut message = (body.len() as u32).to_le_bytes().to_vec();
+    message.extend_from_slice(body);
+    message.extend_from_slice(&crc32c_of(body).to_le_bytes());
+    message
+}
+
+/// A fake writer: answers each hello on `listener` with its layout (1 shard) or with a
+/// checkpoint whose snapshot does not match its manifest's CRC.
+fn serve_a_corrupt_checkpoint(listener: std::net::TcpListener) {
+    use std::io::{Read, Write};
+    let data = vec![7u8; 4096];
+    let manifest = json!({
+        "crc32c": crc32c_of(&data) ^ 1, "created_us": 1, "data_bytes": 4096, "epoch": 1,
+        "format_version": 1, "lsn": 9, "rows": 1, "shard": 0,
+        "snapshot": "checkpoint-0000000000000009.snap", "tenants": ["acme"]
+    })
+    .to_string();
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else { return };
+        let mut len = [0u8; 4];
+        if stream.read_exact(&mut len).is_err() {
+            continue;
+        }
+        let mut hello = vec![0u8; u32::from_le_bytes(len) as usize + 4];
+        if stream.read_exact(&mut hello).is_err() {
+            continue;
+        }
+        // type, magic, version, token, follower id, epoch: then what it wants.
+        let token_len = usize::from(u16::from_le_bytes([hello[7], hello[8]]));
+        let id_at = 9 + token_len;
+        let id_len = usize::from(u16::from_le_bytes([hello[id_at], hello[id_at + 1]]));
+        let want = hello[id_at + 2 + id_len + 8];
+        let mut answer = Vec::new();
+        if want == 1 {
+            let mut body = vec![2u8];
+            body.extend_from_slice(&1u16.to_le_bytes());
+            body.extend_from_slice(&4u16.to_le_bytes());
+            body.extend_from_slice(b"fake");
+            body.extend_from_slice(&0u16.to_le_bytes());
+            answer.extend(envelope(&body));
+        } else {
+            let mut body = vec![7u8];
+            body.extend_from_slice(&9u64.to_le_bytes());
+            body.extend_from_slice(&(data.len() as u64).to_le_bytes());
+            body.extend_from_slice(&(manifest.len() as u32).to_le_bytes());
+            body.extend_from_slice(manifest.as_bytes());
+            answer.extend(envelope(&body));
+            let mut part = vec![8u8];
+            part.extend_from_slice(&(data.len() as u32).to_le_bytes());
+            part.extend_from_slice(&data);
+            answer.extend(envelope(&part));
+        }
+        let _ = stream.write_all(&answer);
+    }
+}
+
 #[test]
-fn a_follower_bootstraps_from_the_archive_once_the_writer_released_the_start_of_its_log() {
+fn a_new_follower_refuses_a_checkpoint_that_does_not_match_its_manifest_and_keeps_no_layout() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let archive = archive_in(dir.path());
-    // Small segments and frequent checkpoints: the writer soon releases LSN 1.
-    let writer = writer_on(
-        &dir.path().join("writer"),
-        &archive,
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let leader = listener.local_addr().expect("addr").to_string();
+    std::thread::spawn(move || serve_a_corrupt_checkpoint(listener));
+    let data_dir = dir.path().join("follower");
+    let refused = Server::try_start(&data_dir, &["--mode", "follower", "--leader-addr", &leader])
+        .err()
+        .expect("a corrupt checkpoint stops the start");
+    assert!(
+        refused.contains("copying shard 0's checkpoint") && refused.contains("CRC-32C"),
+        "{refused}"
+    );
+    // No layout: the next start is a new follower's again, and begins the copy anew.
+    assert!(!data_dir.join("oc-layout.json").exists());
+    assert!(data_dir.join("bootstrap.partial").exists());
+}
+
+/// A writer (2 shards, local archive) with small segments and frequent checkpoints, so
+/// it soon releases the start of its log.
+fn releasing_writer(dir: &std::path::Path, archive: &str) -> Server {
+    writer_on(
+        &dir.join("writer"),
+        archive,
         &[
             "--wal-segment-bytes",
             "274432",
             "--checkpoint-wal-bytes",
             "300000",
         ],
-    );
+    )
+}
+
+/// Upserts 100 rows of ~900 bytes per tenant from `first` on, recording them.
+fn write_padded(writer: &Server, model: &Model, first: i64) {
+    let padding = "p".repeat(900);
+    for tenant in TENANTS {
+        let ops: Vec<Value> = (first..first + 100)
+            .map(|id| json!({"upsert": {"id": id, "name": format!("{tenant}-{id}-{padding}"), "batch": 1}}))
+            .collect();
+        for chunk in ops.chunks(10) {
+            let reply = writer.post(
+                &format!("/v1/tenants/{tenant}/tables/items/rows"),
+                &json!({"ops": chunk}),
+            );
+            assert_eq!(reply.status, 200, "{reply:?}");
+        }
+        let mut model = model.lock().expect("model");
+        for id in first..first + 100 {
+            model.insert((tenant.to_string(), id), format!("{tenant}-{id}-{padding}"));
+        }
+    }
+}
+
+/// The first LSN each shard's log in `data_dir` still holds (`u64::MAX`: no segment
+/// yet, as on a shard that owns no tenant).
+fn oldest_held(data_dir: &std::path::Path, shards: usize) -> Vec<u64> {
+    (0..shards)
+        .map(|shard| {
+            std::fs::read_dir(data_dir.join(format!("shard-{shard}")))
+                .expect("shard dir")
+                .flatten()
+                .filter_map(|e| {
+                    oc_io::wal::segment::parse_segment_name(&e.file_name().to_string_lossy())
+                })
+                .map(|(_, _, first)| first.0)
+                .min()
+                .unwrap_or(u64::MAX)
+        })
+        .collect()
+}
+
+/// Writes until every shard of the writer has released LSN 1; returns the next id.
+fn write_until_released(writer: &Server, model: &Model, data_dir: &std::path::Path) -> i64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut first = 0;
+    while oldest_held(data_dir, 2).iter().any(|&lsn| lsn <= 1) {
+        assert!(
+            Instant::now() < deadline,
+            "the writer never released the start of its log: {:?}",
+            oldest_held(data_dir, 2)
+        );
+        write_padded(writer, model, first);
+        first += 100;
+    }
+    first
+}
+
+#[test]
+fn a_new_follower_copies_the_writers_checkpoints_when_the_log_no_longer_starts_at_lsn_1() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let archive = archive_in(dir.path());
+    let writer = releasing_writer(dir.path(), &archive);
     let leader = writer.replication.clone().expect("replication address");
     setup_tenants(&writer);
     let model: Model = Arc::default();
-    let padding = "p".repeat(900);
-    let write_padded = |first: i64| {
-        for tenant in TENANTS {
-            let ops: Vec<Value> = (first..first + 100)
-                .map(|id| json!({"upsert": {"id": id, "name": format!("{tenant}-{id}-{padding}"), "batch": 1}}))
-                .collect();
-            for chunk in ops.chunks(10) {
-                let reply = writer.post(
-                    &format!("/v1/tenants/{tenant}/tables/items/rows"),
-                    &json!({"ops": chunk}),
-                );
-                assert_eq!(reply.status, 200, "{reply:?}");
-            }
-            let mut model = model.lock().expect("model");
-            for id in first..first + 100 {
-                model.insert((tenant.to_string(), id), format!("{tenant}-{id}-{padding}"));
-            }
-        }
-    };
-    // A new follower is refused once the writer's log no longer starts at LSN 1.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut first = 0;
-    let refused_reason = loop {
-        write_padded(first);
-        first += 100;
-        let fresh_dir = dir.path().join(format!("fresh-{first}"));
-        let fresh = follower(&fresh_dir, &leader);
-        let started = Instant::now();
-        let reason = loop {
-            let (status, body) = fresh.ops_get("/ready");
-            if body.contains("no longer holds") {
-                break Some(body);
-            }
-            if status == 200 || started.elapsed() > Duration::from_secs(5) {
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        if let Some(reason) = reason {
-            break reason;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the writer never released the start of its log"
-        );
-    };
-    assert!(
-        refused_reason.contains("oc-pitr restore"),
-        "{refused_reason}"
+    let next = write_until_released(&writer, &model, &dir.path().join("writer"));
+
+    // Streaming from LSN 1 is impossible now: the follower starts from the writer's
+    // newest checkpoints and streams the log after them, while the writer goes on.
+    let follower_dir = dir.path().join("follower");
+    let follower = follower_on(&follower_dir, &leader, &archive, &[]);
+    wait_until_matches(&follower, &model);
+    write_padded(&writer, &model, next);
+    wait_until_matches(&follower, &model);
+    let log = follower.stderr();
+    assert_eq!(
+        log.matches("copied the writer's newest checkpoint").count(),
+        2,
+        "one copy per shard:\n{log}"
     );
+    assert!(!follower_dir.join("bootstrap.partial").exists());
+
+    // A restart resumes from its own directory: nothing is copied again.
+    drop(follower);
+    let follower = follower_on(&follower_dir, &leader, &archive, &[]);
+    write_padded(&writer, &model, next + 100);
+    wait_until_matches(&follower, &model);
+    assert!(
+        !follower
+            .stderr()
+            .contains("copied the writer's newest checkpoint"),
+        "{}",
+        follower.stderr()
+    );
+}
+
+#[test]
+fn a_follower_left_far_behind_is_told_its_way_back_and_bootstraps_from_the_archive() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let archive = archive_in(dir.path());
+    let writer = releasing_writer(dir.path(), &archive);
+    let leader = writer.replication.clone().expect("replication address");
+    setup_tenants(&writer);
+    let model: Model = Arc::default();
+    // A follower that holds the start of the log, then is gone while the writer
+    // releases it.
+    let stale_dir = dir.path().join("stale");
+    let stale = follower(&stale_dir, &leader);
+    write_padded(&writer, &model, 0);
+    wait_until_matches(&stale, &model);
+    stale.kill9();
+    let first = write_until_released(&writer, &model, &dir.path().join("writer"));
+    let stale = follower(&stale_dir, &leader);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let refused_reason = loop {
+        let (status, body) = stale.ops_get("/ready");
+        assert_ne!(
+            status, 200,
+            "a follower the writer cannot serve is not ready"
+        );
+        if body.contains("no longer holds") {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "not refused: {body}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    for fix in ["empty one", "oc-pitr restore --for-follower"] {
+        assert!(refused_reason.contains(fix), "{refused_reason}");
+    }
 
     // Bootstrap from the archive, then stream the rest while the writer goes on.
     common::wait_until_archived(&writer, 2);
@@ -939,10 +1090,16 @@ fn a_follower_bootstraps_from_the_archive_once_the_writer_released_the_start_of_
         "--for-follower",
     ]);
     assert!(restored.success, "{restored:?}");
-    write_padded(first);
+    write_padded(&writer, &model, first);
     let follower = follower_on(&follower_dir, &leader, &archive, &[]);
-    write_padded(first + 100);
+    write_padded(&writer, &model, first + 100);
     wait_until_matches(&follower, &model);
+    assert!(
+        !follower
+            .stderr()
+            .contains("copied the writer's newest checkpoint"),
+        "a restored directory is not new: nothing is copied from the writer"
+    );
 }
 
 #[test]

@@ -3,6 +3,7 @@
 //! by the archive shipper's barrier).
 
 use super::*;
+use oc_io::StorageFile;
 
 impl<S: Storage> Shard<S> {
     /// Writes a checkpoint of the applied state without stopping writes. When the state
@@ -85,6 +86,44 @@ impl<S: Storage> Shard<S> {
             checkpoints_total,
             failures_total,
         }
+    }
+
+    /// The newest checkpoint on disk, as a new follower copies it: its LSN, its
+    /// manifest file's bytes and its snapshot file's length. Kept checkpoints hold the
+    /// log after them (segments go only once every kept checkpoint covers them), so
+    /// the log after the newest stays long enough for the follower to stream it.
+    pub async fn newest_checkpoint_files(
+        &self,
+    ) -> Result<Option<(Lsn, Vec<u8>, u64)>, EngineError> {
+        let Some(&lsn) = checkpoint::list_checkpoints(&self.storage).await?.first() else {
+            return Ok(None);
+        };
+        let manifest =
+            checkpoint::read_file(&self.storage, &checkpoint::manifest_name(lsn)).await?;
+        let snapshot = self.storage.open(&checkpoint::snapshot_name(lsn)).await?;
+        Ok(Some((lsn, manifest, snapshot.len().await?)))
+    }
+
+    /// `len` bytes of the snapshot of the checkpoint at `lsn`, from `offset`.
+    pub async fn read_checkpoint_snapshot(
+        &self,
+        lsn: Lsn,
+        offset: u64,
+        len: usize,
+    ) -> Result<Vec<u8>, EngineError> {
+        let file = self.storage.open(&checkpoint::snapshot_name(lsn)).await?;
+        let mut bytes = vec![0u8; len];
+        file.read_at(offset, &mut bytes).await?;
+        Ok(bytes)
+    }
+
+    /// The epoch of the newest checkpoint loaded or written (a follower whose log
+    /// holds no frame after it names its position with this epoch).
+    pub fn newest_checkpoint_epoch(&self) -> Option<Epoch> {
+        self.newest_checkpoint
+            .borrow()
+            .as_ref()
+            .map(|info| info.epoch)
     }
 
     /// The last checkpoint this process wrote (for `oc_checkpoint_age_s` and friends).

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use oc_io::Lsn;
 
+pub mod bootstrap;
 pub mod gate;
 pub mod node;
 pub mod receiver;

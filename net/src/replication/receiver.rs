@@ -51,45 +51,18 @@ pub fn fetch_layout(
     token: Option<&str>,
     tls: Option<&LeaderTls>,
 ) -> Result<WriterLayout, LayoutError> {
-    let unreachable = LayoutError::Unreachable;
-    let refused = LayoutError::Refused;
-    let stream = std::net::TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(|e| {
-        unreachable(format!(
-            "connecting to the writer's replication listener {leader}: {e}"
-        ))
-    })?;
-    // One deadline for the whole exchange: a writer trickling bytes cannot hold the
-    // start longer.
-    let stream = Deadline {
-        stream,
-        until: Instant::now() + SILENCE_LIMIT,
-    };
     let hello = Message::Hello {
         token: token.unwrap_or_default().as_bytes().to_vec(),
         follower_id: follower_id.to_string(),
         epoch: 0,
         want: Want::Layout,
     };
-    let asked = match tls {
-        None => ask_layout(stream, &hello),
-        Some(tls) => {
-            let connection =
-                futures_rustls::rustls::ClientConnection::new(tls.config.clone(), tls.name.clone())
-                    .map_err(|e| refused(tls_failure(leader, e)))?;
-            ask_layout(
-                futures_rustls::rustls::StreamOwned::new(connection, stream),
-                &hello,
-            )
-            .map_err(|e| match e {
-                LayoutError::Refused(e) => refused(tls_failure(leader, e)),
-                silent => silent,
-            })
-        }
-    };
-    let answer = asked.map_err(|e| match e {
-        LayoutError::Unreachable(e) => unreachable(format!("asking {leader} for its layout: {e}")),
-        LayoutError::Refused(e) => refused(format!("asking {leader} for its layout: {e}")),
-    })?;
+    // One deadline for the whole exchange: a writer trickling bytes cannot hold the
+    // start longer.
+    let answer = ask_writer((leader, addr, tls), &hello, Patience::Whole, |stream| {
+        read_blocking(stream, 1 << 20)
+    })
+    .map_err(|e| e.context(&format!("asking {leader} for its layout")))?;
     match answer {
         Message::Layout {
             shards,
@@ -106,23 +79,229 @@ pub fn fetch_layout(
                 })
                 .collect(),
         }),
-        Message::Refused { reason, .. } => {
-            Err(refused(format!("the writer at {leader} refused: {reason}")))
-        }
-        other => Err(refused(format!(
+        Message::Refused { reason, .. } => Err(LayoutError::Refused(format!(
+            "the writer at {leader} refused: {reason}"
+        ))),
+        other => Err(LayoutError::Refused(format!(
             "the writer at {leader} answered {other:?} instead of its layout"
         ))),
     }
 }
 
-/// A blocking stream whose every read and write ends by one moment.
+/// Copies the writer's newest checkpoint of `shard` into `dir` (a new follower's shard
+/// directory), its snapshot and manifest files durable under their usual names, and
+/// returns its LSN (`None`: the writer has none yet). The snapshot is written as it
+/// arrives and checked against the manifest's size and CRC-32C before it counts.
+pub fn fetch_checkpoint(
+    (leader, addr): (&str, SocketAddr),
+    (follower_id, token, tls): (&str, Option<&str>, Option<&LeaderTls>),
+    shard: usize,
+    dir: &std::path::Path,
+) -> Result<Option<Lsn>, LayoutError> {
+    let hello = Message::Hello {
+        token: token.unwrap_or_default().as_bytes().to_vec(),
+        follower_id: follower_id.to_string(),
+        epoch: 0,
+        want: Want::Checkpoint {
+            shard: shard as u16,
+        },
+    };
+    // A checkpoint may take long to copy: the writer must only never fall silent.
+    ask_writer((leader, addr, tls), &hello, Patience::EachCall, |stream| {
+        receive_checkpoint(stream, dir)
+    })
+    .map_err(|e| e.context(&format!("copying shard {shard}'s checkpoint from {leader}")))
+}
+
+fn receive_checkpoint(
+    stream: &mut dyn Duplex,
+    dir: &std::path::Path,
+) -> Result<Option<Lsn>, LayoutError> {
+    use oc_engine::checkpoint::{manifest_name, snapshot_name, CheckpointManifest};
+    use std::io::Write;
+    let refused = LayoutError::Refused;
+    let (lsn, manifest_bytes, snapshot_bytes) = match read_blocking(stream, MAX_MESSAGE_BYTES)? {
+        Message::Checkpoint {
+            lsn,
+            manifest,
+            snapshot_bytes,
+        } => (lsn, manifest, snapshot_bytes),
+        Message::Refused { reason, .. } => return Err(refused(format!("refused: {reason}"))),
+        other => {
+            return Err(refused(format!(
+                "answered {other:?} instead of a checkpoint"
+            )))
+        }
+    };
+    if lsn == Lsn(0) {
+        return match (manifest_bytes.is_empty(), snapshot_bytes) {
+            (true, 0) => Ok(None),
+            _ => Err(refused("a checkpoint at LSN 0 with contents".into())),
+        };
+    }
+    let manifest = CheckpointManifest::decode_for(&manifest_bytes, lsn)
+        .map_err(|problem| refused(format!("its manifest: {problem}")))?;
+    // (`manifest.shard` is not checked: every shard writes 0 there, FORMAT.md §6.)
+    if manifest.data_bytes > snapshot_bytes {
+        return Err(refused(format!(
+            "its manifest names {} bytes of data in a snapshot of {snapshot_bytes}",
+            manifest.data_bytes
+        )));
+    }
+    let local = |path: &std::path::Path, e: std::io::Error| {
+        refused(format!("writing {}: {e}", path.display()))
+    };
+    let snapshot_path = dir.join(snapshot_name(lsn));
+    let mut file = std::fs::File::create(&snapshot_path).map_err(|e| local(&snapshot_path, e))?;
+    let (mut received, mut crc) = (0u64, 0u32);
+    while received < snapshot_bytes {
+        let bytes = match read_blocking(stream, MAX_MESSAGE_BYTES)? {
+            Message::CheckpointPart { bytes } => bytes,
+            other => return Err(refused(format!("sent {other:?} inside a checkpoint"))),
+        };
+        if bytes.is_empty() || received + bytes.len() as u64 > snapshot_bytes {
+            return Err(refused(format!(
+                "sent a part of {} bytes at byte {received} of a {snapshot_bytes}-byte snapshot",
+                bytes.len()
+            )));
+        }
+        let data_left = manifest.data_bytes.saturating_sub(received);
+        let data = &bytes[..bytes
+            .len()
+            .min(usize::try_from(data_left).unwrap_or(usize::MAX))];
+        crc = crc32c::crc32c_append(crc, data);
+        file.write_all(&bytes)
+            .map_err(|e| local(&snapshot_path, e))?;
+        received += bytes.len() as u64;
+    }
+    if crc != manifest.crc32c {
+        return Err(refused(format!(
+            "the snapshot's CRC-32C is {crc:#010x}, its manifest says {:#010x}",
+            manifest.crc32c
+        )));
+    }
+    file.sync_all().map_err(|e| local(&snapshot_path, e))?;
+    let manifest_path = dir.join(manifest_name(lsn));
+    std::fs::write(&manifest_path, &manifest_bytes)
+        .and_then(|()| std::fs::File::open(&manifest_path)?.sync_all())
+        .map_err(|e| local(&manifest_path, e))?;
+    Ok(Some(lsn))
+}
+
+/// A blocking byte stream to the writer, plain or TLS.
+trait Duplex: std::io::Read + std::io::Write {}
+impl<T: std::io::Read + std::io::Write> Duplex for T {}
+
+/// How long a blocking exchange with the writer may take.
+#[derive(Debug, Clone, Copy)]
+enum Patience {
+    /// [`SILENCE_LIMIT`] for the whole exchange.
+    Whole,
+    /// [`SILENCE_LIMIT`] for each read and write.
+    EachCall,
+}
+
+/// Connects to the writer (TLS when `tls`), sends `hello`, and hands the connection
+/// to `then`. Data that is not the protocol (a TLS certificate refused, a listener
+/// speaking TLS to plain TCP) is a refusal; a silent or closed connection is not.
+fn ask_writer<T>(
+    (leader, addr, tls): (&str, SocketAddr, Option<&LeaderTls>),
+    hello: &Message,
+    patience: Patience,
+    then: impl FnOnce(&mut dyn Duplex) -> Result<T, LayoutError>,
+) -> Result<T, LayoutError> {
+    let stream = std::net::TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(|e| {
+        LayoutError::Unreachable(format!(
+            "connecting to the writer's replication listener {leader}: {e}"
+        ))
+    })?;
+    let mut stream = Deadline {
+        stream,
+        until: Instant::now() + SILENCE_LIMIT,
+        patience,
+    };
+    let Some(tls) = tls else {
+        return say_hello(&mut stream, hello).and_then(|()| then(&mut stream));
+    };
+    let connection =
+        futures_rustls::rustls::ClientConnection::new(tls.config.clone(), tls.name.clone())
+            .map_err(|e| LayoutError::Refused(tls_failure(leader, e)))?;
+    let mut stream = TlsExplained {
+        stream: futures_rustls::rustls::StreamOwned::new(connection, stream),
+        leader,
+    };
+    say_hello(&mut stream, hello).and_then(|()| then(&mut stream))
+}
+
+/// A TLS stream whose TLS errors (invalid data) say what to check.
+struct TlsExplained<'a, S> {
+    stream: S,
+    leader: &'a str,
+}
+
+impl<S> TlsExplained<'_, S> {
+    fn explain(&self, e: std::io::Error) -> std::io::Error {
+        match e.kind() {
+            std::io::ErrorKind::InvalidData => {
+                std::io::Error::new(e.kind(), tls_failure(self.leader, e))
+            }
+            _ => e,
+        }
+    }
+}
+
+impl<S: std::io::Read> std::io::Read for TlsExplained<'_, S> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.stream.read(buf).map_err(|e| self.explain(e))
+    }
+}
+
+impl<S: std::io::Write> std::io::Write for TlsExplained<'_, S> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.stream.write(buf).map_err(|e| self.explain(e))
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.stream.flush().map_err(|e| self.explain(e))
+    }
+}
+
+fn say_hello(stream: &mut dyn Duplex, hello: &Message) -> Result<(), LayoutError> {
+    stream
+        .write_all(&hello.encode())
+        .and_then(|()| stream.flush())
+        .map_err(classify_io)
+}
+
+/// Reads one message from a blocking stream.
+fn read_blocking(stream: &mut dyn Duplex, limit: usize) -> Result<Message, LayoutError> {
+    let mut reader = futures_lite::io::AssertAsync::new(stream);
+    futures_lite::future::block_on(wire::read_message(&mut reader, limit)).map_err(|e| match e {
+        wire::WireError::Io(e) => classify_io(e),
+        other => LayoutError::Refused(other.to_string()),
+    })
+}
+
+fn classify_io(e: std::io::Error) -> LayoutError {
+    match e.kind() {
+        std::io::ErrorKind::InvalidData => LayoutError::Refused(e.to_string()),
+        _ => LayoutError::Unreachable(e.to_string()),
+    }
+}
+
+/// A blocking stream whose reads and writes end by a deadline: one for the whole
+/// exchange, or one per call.
 struct Deadline {
     stream: std::net::TcpStream,
     until: Instant,
+    patience: Patience,
 }
 
 impl Deadline {
     fn remaining(&self) -> std::io::Result<Option<Duration>> {
+        if let Patience::EachCall = self.patience {
+            return Ok(Some(SILENCE_LIMIT));
+        }
         match self.until.checked_duration_since(Instant::now()) {
             Some(left) if !left.is_zero() => Ok(Some(left)),
             _ => Err(std::io::ErrorKind::TimedOut.into()),
@@ -148,28 +327,6 @@ impl std::io::Write for Deadline {
     }
 }
 
-/// Sends `hello` and reads the one answer. Data that is not the protocol (a TLS
-/// certificate refused, a listener speaking TLS to plain TCP) is a refusal; a silent or
-/// closed connection is not.
-fn ask_layout<S: std::io::Read + std::io::Write>(
-    mut stream: S,
-    hello: &Message,
-) -> Result<Message, LayoutError> {
-    let classify = |e: std::io::Error| match e.kind() {
-        std::io::ErrorKind::InvalidData => LayoutError::Refused(e.to_string()),
-        _ => LayoutError::Unreachable(e.to_string()),
-    };
-    stream
-        .write_all(&hello.encode())
-        .and_then(|()| stream.flush())
-        .map_err(classify)?;
-    let mut reader = futures_lite::io::AssertAsync::new(&mut stream);
-    futures_lite::future::block_on(wire::read_message(&mut reader, 1 << 20)).map_err(|e| match e {
-        wire::WireError::Io(e) => classify(e),
-        other => LayoutError::Refused(other.to_string()),
-    })
-}
-
 /// What the per-shard tasks follow with.
 pub struct Receiver {
     pub router: Rc<ShardRouter>,
@@ -189,7 +346,7 @@ pub struct Receiver {
 /// What a follower does when its writer says its log left the writer's history.
 pub type OnDiverged = std::sync::Arc<dyn Fn(&str) + Send + Sync>;
 
-/// Why asking for the writer's layout failed.
+/// Why asking the writer for its layout or a checkpoint failed.
 #[derive(Debug)]
 pub enum LayoutError {
     /// No answer (not listening, gone silent): a follower with a directory may start
@@ -198,6 +355,24 @@ pub enum LayoutError {
     /// An answer that will not change by waiting: a refusal, a TLS certificate
     /// problem, a protocol error.
     Refused(String),
+}
+
+impl LayoutError {
+    /// The same error, saying what was being done.
+    fn context(self, doing: &str) -> LayoutError {
+        match self {
+            LayoutError::Unreachable(e) => LayoutError::Unreachable(format!("{doing}: {e}")),
+            LayoutError::Refused(e) => LayoutError::Refused(format!("{doing}: {e}")),
+        }
+    }
+}
+
+impl std::fmt::Display for LayoutError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LayoutError::Unreachable(e) | LayoutError::Refused(e) => f.write_str(e),
+        }
+    }
 }
 
 /// Follows the writer's log of `shard` until the executor ends.
@@ -233,8 +408,15 @@ async fn follow_once(receiver: &Receiver, shard: usize) -> Result<(), String> {
     let ((after, epoch), durable, applied) = router
         .call(shard, |node: Rc<ShardNode>| async move {
             let wal = node.shard().wal();
+            let (after, epoch) = wal.last_placed();
+            // A log holding no frame yet continues a checkpoint (a new follower's copy
+            // of the writer's): its position is on the history in that epoch.
+            let epoch = match node.shard().newest_checkpoint_epoch() {
+                Some(checkpoint) if epoch == Epoch(0) => checkpoint,
+                _ => epoch,
+            };
             (
-                wal.last_placed(),
+                (after, epoch),
                 wal.durable_lsn(),
                 node.shard().applied_lsn(),
             )

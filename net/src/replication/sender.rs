@@ -252,7 +252,8 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                 .await
                 .map_err(|e| e.to_string());
         }
-        Want::Stream { shard, after } => (usize::from(shard), after),
+        Want::Stream { shard, after } => (usize::from(shard), Some(after)),
+        Want::Checkpoint { shard } => (usize::from(shard), None),
     };
     if shard >= layout.shards {
         return refuse(
@@ -265,6 +266,9 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin + 'static>(
         )
         .await;
     }
+    let Some(after) = after else {
+        return send_checkpoint(&mut stream, &sender.router, shard).await;
+    };
     let durable = sender
         .router
         .call(shard, |node: Rc<ShardNode>| async move {
@@ -348,6 +352,66 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     streamed.and(ack_end.map_or(Ok(()), Err))
 }
 
+/// Sends the newest checkpoint of `shard` to a new follower: its manifest, then its
+/// snapshot part by part, each read on the shard as it is sent (a checkpoint can be
+/// far larger than memory allows to hold twice). The follower checks the snapshot
+/// against the manifest's CRC; a part that cannot be read ends the connection.
+async fn send_checkpoint<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    router: &ShardRouter,
+    shard: usize,
+) -> Result<(), String> {
+    let newest = router
+        .call(shard, |node: Rc<ShardNode>| async move {
+            node.shard()
+                .newest_checkpoint_files()
+                .await
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let (lsn, manifest, snapshot_bytes) = match newest {
+        Ok(Some(newest)) => newest,
+        Ok(None) => (Lsn(0), Vec::new(), 0),
+        Err(why) => {
+            let reason = format!("reading shard {shard}'s newest checkpoint failed: {why}");
+            return refuse(stream, RefusedCode::Failed, reason).await;
+        }
+    };
+    let header = Message::Checkpoint {
+        lsn,
+        manifest,
+        snapshot_bytes,
+    };
+    let failed = |e: wire::WireError| format!("sending a checkpoint to the follower: {e}");
+    wire::write_message(stream, &header).await.map_err(failed)?;
+    let mut offset = 0u64;
+    while offset < snapshot_bytes {
+        let len = (snapshot_bytes - offset).min(wire::CHECKPOINT_PART_BYTES as u64) as usize;
+        let bytes = router
+            .call(shard, move |node: Rc<ShardNode>| async move {
+                node.shard()
+                    .read_checkpoint_snapshot(lsn, offset, len)
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|why| format!("reading shard {shard}'s checkpoint at LSN {lsn}: {why}"))?;
+        wire::write_message(stream, &Message::CheckpointPart { bytes })
+            .await
+            .map_err(failed)?;
+        offset += len as u64;
+    }
+    tracing::info!(
+        shard,
+        lsn = lsn.0,
+        bytes = snapshot_bytes,
+        "sent a checkpoint to a new follower"
+    );
+    Ok(())
+}
+
 /// Sends the frames of `shard` after `after`, then follows the log, until the
 /// connection fails or the ack reader ends it.
 async fn stream_frames<S: AsyncRead + AsyncWrite + Unpin>(
@@ -423,8 +487,9 @@ async fn stream_frames<S: AsyncRead + AsyncWrite + Unpin>(
             Ok((LogRead::NotHeld { oldest }, _)) => {
                 let reason = format!(
                     "this writer's log of shard {shard} no longer holds LSN {} (it starts at {}): \
-                     start the follower from the archive (oc-pitr restore) or an empty directory \
-                     while the log still holds LSN 1",
+                     move the follower's data directory aside and start it on an empty one (a \
+                     new follower copies this writer's newest checkpoints), or restore one from \
+                     the archive (oc-pitr restore --for-follower)",
                     after.0 + 1,
                     oldest.map_or("nothing".into(), |l| l.0.to_string())
                 );

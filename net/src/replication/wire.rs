@@ -26,6 +26,10 @@ const FRAMES: u8 = 3;
 const HEARTBEAT: u8 = 4;
 const ACK: u8 = 5;
 const REFUSED: u8 = 6;
+const CHECKPOINT: u8 = 7;
+const CHECKPOINT_PART: u8 = 8;
+/// Snapshot bytes in one [`Message::CheckpointPart`].
+pub const CHECKPOINT_PART_BYTES: usize = 1 << 20;
 
 /// What a follower asks for in its hello.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +38,9 @@ pub enum Want {
     Layout,
     /// The frames of `shard` after `after` (the follower's durable LSN), continuously.
     Stream { shard: u16, after: Lsn },
+    /// The newest checkpoint of `shard` (a new follower starts from it), then the
+    /// connection ends.
+    Checkpoint { shard: u16 },
 }
 
 /// One epoch's start on every shard, as the layout file records it.
@@ -114,6 +121,16 @@ pub enum Message {
     Ack { durable: Lsn, applied: Lsn },
     /// Writer → follower: the refusal, then the connection ends.
     Refused { code: RefusedCode, reason: String },
+    /// Writer → follower, the answer to [`Want::Checkpoint`]: the checkpoint's LSN and
+    /// manifest file (`Lsn(0)` and empty: the shard has none yet), and the size of its
+    /// snapshot file, which follows in [`Message::CheckpointPart`]s.
+    Checkpoint {
+        lsn: Lsn,
+        manifest: Vec<u8>,
+        snapshot_bytes: u64,
+    },
+    /// The next bytes of the snapshot (at most [`CHECKPOINT_PART_BYTES`]).
+    CheckpointPart { bytes: Vec<u8> },
 }
 
 /// Why bytes are not a message.
@@ -156,6 +173,10 @@ impl Message {
                         out.push(2);
                         out.extend_from_slice(&shard.to_le_bytes());
                         out.extend_from_slice(&after.0.to_le_bytes());
+                    }
+                    Want::Checkpoint { shard } => {
+                        out.push(3);
+                        out.extend_from_slice(&shard.to_le_bytes());
                     }
                 }
             }
@@ -209,6 +230,20 @@ impl Message {
                 let reason = truncate_utf8(reason, MAX_REASON_BYTES);
                 put_bytes16(&mut out, reason.as_bytes());
             }
+            Message::Checkpoint {
+                lsn,
+                manifest,
+                snapshot_bytes,
+            } => {
+                out.push(CHECKPOINT);
+                out.extend_from_slice(&lsn.0.to_le_bytes());
+                out.extend_from_slice(&snapshot_bytes.to_le_bytes());
+                put_bytes32(&mut out, manifest);
+            }
+            Message::CheckpointPart { bytes } => {
+                out.push(CHECKPOINT_PART);
+                put_bytes32(&mut out, bytes);
+            }
         }
         out
     }
@@ -253,6 +288,7 @@ impl Message {
                         shard: r.u16()?,
                         after: Lsn(r.u64()?),
                     },
+                    3 => Want::Checkpoint { shard: r.u16()? },
                     other => return Err(malformed(format!("a hello wanting {other}"))),
                 };
                 Message::Hello {
@@ -325,6 +361,23 @@ impl Message {
                 let reason = String::from_utf8_lossy(r.bytes16()?).into_owned();
                 Message::Refused { code, reason }
             }
+            CHECKPOINT => Message::Checkpoint {
+                lsn: Lsn(r.u64()?),
+                snapshot_bytes: r.u64()?,
+                manifest: r.bytes32()?.to_vec(),
+            },
+            CHECKPOINT_PART => {
+                let bytes = r.bytes32()?;
+                if bytes.len() > CHECKPOINT_PART_BYTES {
+                    return Err(malformed(format!(
+                        "a checkpoint part of {} bytes (at most {CHECKPOINT_PART_BYTES})",
+                        bytes.len()
+                    )));
+                }
+                Message::CheckpointPart {
+                    bytes: bytes.to_vec(),
+                }
+            }
             other => return Err(malformed(format!("message type {other}"))),
         };
         if !r.0.is_empty() {
@@ -373,6 +426,11 @@ fn put_bytes16(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(bytes);
 }
 
+fn put_bytes32(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    out.extend_from_slice(bytes);
+}
+
 fn truncate_utf8(s: &str, max: usize) -> &str {
     let mut end = s.len().min(max);
     while !s.is_char_boundary(end) {
@@ -417,6 +475,11 @@ impl<'a> Reader<'a> {
 
     fn bytes16(&mut self) -> Result<&'a [u8], WireError> {
         let n = usize::from(self.u16()?);
+        self.take(n)
+    }
+
+    fn bytes32(&mut self) -> Result<&'a [u8], WireError> {
+        let n = self.u32()? as usize;
         self.take(n)
     }
 }
@@ -480,6 +543,20 @@ mod tests {
             Message::Refused {
                 code: RefusedCode::NotHeld,
                 reason: "oldest LSN 90".into(),
+            },
+            Message::Hello {
+                token: Vec::new(),
+                follower_id: "5f0c9d7e".into(),
+                epoch: 0,
+                want: Want::Checkpoint { shard: 1 },
+            },
+            Message::Checkpoint {
+                lsn: Lsn(77),
+                manifest: b"{\"lsn\": 77}".to_vec(),
+                snapshot_bytes: 8192,
+            },
+            Message::CheckpointPart {
+                bytes: vec![7; 300],
             },
         ]
     }
