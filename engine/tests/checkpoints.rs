@@ -287,6 +287,75 @@ fn covered_segments_are_released_and_without_a_checkpoint_recovery_refuses_clear
 }
 
 #[test]
+fn a_checkpoint_copy_outlives_its_pruning_and_holds_the_log_after_it_until_a_stream_comes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    run_local(async {
+        let (shard, _) = open(dir.path()).await.expect("open");
+        let shard = Rc::new(shard);
+        setup(&shard).await;
+        write_range(&shard, 0, 1000).await;
+        let copied = shard.checkpoint().await.expect("checkpoint").lsn;
+        let (lsn, manifest, send) = shard
+            .open_checkpoint_copy(std::time::Duration::from_secs(60))
+            .await
+            .expect("open the copy")
+            .expect("there is a checkpoint");
+        assert_eq!(lsn, copied);
+        let on_disk = std::fs::read(dir.path().join(snapshot_name(lsn))).expect("snapshot");
+        assert_eq!(
+            manifest,
+            std::fs::read(dir.path().join(manifest_name(lsn))).expect("m")
+        );
+
+        // Two newer checkpoints prune the copied one; the log after it would go.
+        write_range(&shard, 1000, 3000).await;
+        shard.checkpoint().await.expect("checkpoint 2");
+        write_range(&shard, 3000, 5000).await;
+        shard.checkpoint().await.expect("checkpoint 3");
+        assert!(!dir.path().join(snapshot_name(lsn)).exists(), "pruned");
+        let mut copy = Vec::new();
+        while (copy.len() as u64) < send {
+            let len = (send - copy.len() as u64).min(64 * 1024) as usize;
+            copy.extend(
+                shard
+                    .read_checkpoint_copy(copy.len() as u64, len)
+                    .await
+                    .expect("read the open copy"),
+            );
+        }
+        assert_eq!(
+            copy,
+            on_disk[..send as usize],
+            "the copy is the file as it was"
+        );
+        assert_eq!(send % 4096, 0, "whole blocks");
+        shard.close_checkpoint_copy();
+
+        shard.release_covered_wal().await.expect("release");
+        assert!(
+            matches!(
+                shard.wal().read_after(lsn, oc_io::Lsn(u64::MAX)).await.expect("read"),
+                oc_io::LogRead::Frames(frames) if frames.first().map(|f| f.lsn) == Some(lsn.next())
+            ),
+            "the log after the copied checkpoint is held"
+        );
+        // A follower's stream from there ends the hold.
+        shard.follower_streams_from(lsn);
+        let released = shard.release_covered_wal().await.expect("release");
+        assert!(!released.is_empty(), "released once the follower streams");
+        assert!(matches!(
+            shard
+                .wal()
+                .read_after(lsn, oc_io::Lsn(u64::MAX))
+                .await
+                .expect("read"),
+            oc_io::LogRead::NotHeld { .. }
+        ));
+        shard.close().await.expect("close");
+    });
+}
+
+#[test]
 fn the_scheduler_checkpoints_on_log_growth_and_reports_metrics() {
     let dir = tempfile::tempdir().expect("tempdir");
     run_local(async {

@@ -38,7 +38,7 @@ use oc_ship::shipper::{self, ShipStatus, ShipperConfig};
 use crate::config::ServerConfig;
 use crate::listener::{self, ConnectionSettings};
 use crate::ops::{self, ControlState, Phase};
-use crate::replication::{gate, node, receiver, ApiRole, Role};
+use crate::replication::{bootstrap, gate, node, receiver, ApiRole, Role};
 use std::os::fd::IntoRawFd;
 
 /// How often the control executor looks for a shutdown request.
@@ -121,6 +121,8 @@ pub fn run(config: ServerConfig) -> Result<()> {
     )
     .context("refusing to start")?;
     let role = config.role();
+    bootstrap::settle_marker(&config.data_dir, role == Role::Writer)
+        .map_err(|e| anyhow!("refusing to start: {e}"))?;
     let replication_token = config.replication_token().map_err(|e| anyhow!(e))?;
     let leader_tls = config.leader_tls().map_err(|e| anyhow!(e))?;
     // A follower's writer is looked up once, here: no blocking lookups later.
@@ -455,21 +457,26 @@ fn follower_layout(
     }
     let layout = match local {
         None => {
-            if crate::replication::bootstrap::is_new(&config.data_dir)
+            if let Some(entry) = bootstrap::blocker(&config.data_dir)
                 .with_context(|| format!("listing {}", config.data_dir.display()))?
             {
-                copy_writer_checkpoints(config, (leader, addr), (token, tls), writer.shards, shutdown)?;
+                bail!(
+                    "{} holds {entry} but no {}: a new follower starts on an empty data \
+                     directory (it copies the writer's checkpoints) or on one restored with \
+                     oc-pitr restore --for-follower; move what is there aside",
+                    config.data_dir.display(),
+                    placement::LAYOUT_FILE
+                );
             }
+            copy_writer_checkpoints(config, (leader, addr), (token, tls), writer.shards, shutdown)?;
             let layout = placement::create_layout_with_epochs(
                 &config.data_dir,
                 writer.shards,
                 writer.epochs,
-            );
-            if layout.is_ok() && config.data_dir.join(crate::replication::bootstrap::MARKER).exists() {
-                crate::replication::bootstrap::finish(&config.data_dir)
-                    .context("ending the new follower's bootstrap")?;
-            }
-            layout
+            )
+            .context("laying out the follower like its writer")?;
+            bootstrap::finish(&config.data_dir).context("ending the new follower's bootstrap")?;
+            Ok(layout)
         }
         Some(local) if local.shards != writer.shards => bail!(
             "this data directory has {} shards and the writer at {leader} has {}: it was not made for this writer; start the follower on an empty data directory",
@@ -483,8 +490,9 @@ fn follower_layout(
     Ok(layout)
 }
 
-/// A new follower copies each shard's newest checkpoint from its writer (asked again
-/// every second while the writer does not answer; a refusal ends the start).
+/// A new follower copies each shard's newest checkpoint from its writer. A shard's
+/// copy that finds the writer gone or busy starts that shard over a second later; a
+/// refusal ends the start.
 fn copy_writer_checkpoints(
     config: &ServerConfig,
     (leader, addr): (&str, std::net::SocketAddr),
@@ -492,25 +500,26 @@ fn copy_writer_checkpoints(
     shards: usize,
     shutdown: &AtomicBool,
 ) -> Result<()> {
-    use crate::replication::bootstrap;
-    loop {
-        let copied = bootstrap::copy_checkpoints(&config.data_dir, shards, |shard, dir| {
-            receiver::fetch_checkpoint((leader, addr), ("new", token, tls), shard, dir)
-        });
-        match copied {
-            Ok(_) => return Ok(()),
-            Err(receiver::LayoutError::Refused(why)) => {
-                bail!("bootstrapping this new follower from the writer: {why}")
-            }
+    let copied = bootstrap::copy_checkpoints(&config.data_dir, shards, |shard, dir| loop {
+        match receiver::fetch_checkpoint((leader, addr), ("new", token, tls), shard, dir) {
             Err(receiver::LayoutError::Unreachable(why)) => {
-                tracing::warn!(%why, "copying the writer's checkpoints; trying again");
+                tracing::warn!(shard, %why, "copying the writer's checkpoint; trying again");
                 if shutdown.load(Ordering::SeqCst) {
-                    bail!("stopped while copying the writer's checkpoints");
+                    return Err(receiver::LayoutError::Refused(
+                        "stopped while copying the writer's checkpoints".into(),
+                    ));
                 }
                 std::thread::sleep(Duration::from_secs(1));
+                bootstrap::empty_dir(dir).map_err(|e| {
+                    receiver::LayoutError::Refused(format!("emptying {}: {e}", dir.display()))
+                })?;
             }
+            done => return done,
         }
-    }
+    });
+    copied
+        .map(|_| ())
+        .map_err(|e| anyhow!("bootstrapping this new follower from the writer: {e}"))
 }
 
 fn report_recovery(reports: &[ShardOpenReport], took: Duration) {

@@ -88,33 +88,72 @@ impl<S: Storage> Shard<S> {
         }
     }
 
-    /// The newest checkpoint on disk, as a new follower copies it: its LSN, its
-    /// manifest file's bytes and its snapshot file's length. Kept checkpoints hold the
-    /// log after them (segments go only once every kept checkpoint covers them), so
-    /// the log after the newest stays long enough for the follower to stream it.
-    pub async fn newest_checkpoint_files(
+    /// Opens the newest checkpoint for a new follower to copy: its LSN, its manifest
+    /// file's bytes and how many bytes of its snapshot to send (its data, to the end of
+    /// its last block). The snapshot stays open until [`Shard::close_checkpoint_copy`],
+    /// so a newer checkpoint pruning it cannot cut the copy short, and the log after it
+    /// is held (below the shipper's barrier and the checkpoints' own) until a stream
+    /// reaches it or `hold` has passed, so the follower can stream from it.
+    pub async fn open_checkpoint_copy(
         &self,
+        hold: std::time::Duration,
     ) -> Result<Option<(Lsn, Vec<u8>, u64)>, EngineError> {
         let Some(&lsn) = checkpoint::list_checkpoints(&self.storage).await?.first() else {
             return Ok(None);
         };
-        let manifest =
+        let manifest_bytes =
             checkpoint::read_file(&self.storage, &checkpoint::manifest_name(lsn)).await?;
+        let manifest = checkpoint::CheckpointManifest::decode_for(&manifest_bytes, lsn).map_err(
+            |problem| crate::error::UnreadableFile {
+                file: checkpoint::manifest_name(lsn),
+                problem,
+            },
+        )?;
         let snapshot = self.storage.open(&checkpoint::snapshot_name(lsn)).await?;
-        Ok(Some((lsn, manifest, snapshot.len().await?)))
+        let send = oc_io::align_up(manifest.data_bytes).min(snapshot.len().await?);
+        *self.checkpoint_copy.borrow_mut() = Some(Rc::new(snapshot));
+        let until = std::time::Instant::now() + hold;
+        let held = match self.follower_hold.get() {
+            Some((older, expires)) if expires > std::time::Instant::now() => older.min(lsn.next()),
+            _ => lsn.next(),
+        };
+        self.follower_hold.set(Some((held, until)));
+        Ok(Some((lsn, manifest_bytes, send)))
     }
 
-    /// `len` bytes of the snapshot of the checkpoint at `lsn`, from `offset`.
-    pub async fn read_checkpoint_snapshot(
+    /// `len` bytes from `offset` of the snapshot [`Shard::open_checkpoint_copy`] opened.
+    pub async fn read_checkpoint_copy(
         &self,
-        lsn: Lsn,
         offset: u64,
         len: usize,
     ) -> Result<Vec<u8>, EngineError> {
-        let file = self.storage.open(&checkpoint::snapshot_name(lsn)).await?;
+        let file = self
+            .checkpoint_copy
+            .borrow()
+            .clone()
+            .ok_or_else(|| EngineError::NotFound {
+                what: "checkpoint copy",
+                name: "open".into(),
+            })?;
         let mut bytes = vec![0u8; len];
         file.read_at(offset, &mut bytes).await?;
         Ok(bytes)
+    }
+
+    /// Ends a copy (the log stays held as [`Shard::open_checkpoint_copy`] said).
+    pub fn close_checkpoint_copy(&self) {
+        self.checkpoint_copy.borrow_mut().take();
+    }
+
+    /// A follower streams from `after`: a hold at or below it is no longer needed.
+    pub fn follower_streams_from(&self, after: Lsn) {
+        if self
+            .follower_hold
+            .get()
+            .is_some_and(|(held, _)| after.next() >= held)
+        {
+            self.follower_hold.set(None);
+        }
     }
 
     /// The epoch of the newest checkpoint loaded or written (a follower whose log
@@ -132,17 +171,24 @@ impl<S: Storage> Shard<S> {
     }
 
     /// Releases log segments that every kept checkpoint covers and that lie below the
-    /// release barrier, if one is set.
+    /// release barrier and a new follower's hold, if they are set.
     pub async fn release_covered_wal(&self) -> Result<Vec<String>, EngineError> {
         let kept = checkpoint::list_checkpoints(&self.storage).await?;
         let Some(oldest) = kept.last() else {
             return Ok(Vec::new());
         };
         let covered = oldest.next();
-        let limit = self
+        let mut limit = self
             .release_barrier
             .get()
             .map_or(covered, |barrier| barrier.min(covered));
+        if let Some((held, until)) = self.follower_hold.get() {
+            if until > std::time::Instant::now() {
+                limit = limit.min(held);
+            } else {
+                self.follower_hold.set(None);
+            }
+        }
         Ok(self.wal.release_before(limit).await?)
     }
 

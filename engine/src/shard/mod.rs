@@ -94,6 +94,10 @@ pub struct Shard<S: Storage> {
     differs_since: std::cell::Cell<TimestampMicros>,
     checkpoint_counts: std::cell::Cell<(u64, u64)>,
     release_barrier: std::cell::Cell<Option<Lsn>>,
+    /// A new follower's copy of the newest checkpoint: its snapshot, open.
+    checkpoint_copy: RefCell<Option<Rc<S::File>>>,
+    /// The log from this LSN on is kept for a new follower until then.
+    follower_hold: std::cell::Cell<Option<(Lsn, std::time::Instant)>>,
     state: Rc<RefCell<ShardState>>,
     queue: Rc<RefCell<ApplyQueue>>,
     feed: Rc<Feed>,
@@ -251,6 +255,8 @@ impl<S: Storage> Shard<S> {
                 newest_checkpoint: RefCell::new(newest_checkpoint),
                 checkpoint_counts: std::cell::Cell::new((0, 0)),
                 release_barrier: std::cell::Cell::new(None),
+                checkpoint_copy: RefCell::new(None),
+                follower_hold: std::cell::Cell::new(None),
                 quotas: std::cell::Cell::new(TenantQuotas::default()),
                 ack_gate: RefCell::new(None),
                 feed_epoch,

@@ -18,24 +18,46 @@ use super::receiver::LayoutError;
 /// Present from the first copied byte until the layout is recorded.
 pub const MARKER: &str = "bootstrap.partial";
 
-/// Whether `data_dir` is a new follower's to bootstrap: nothing in it but the lock
-/// file, or only what a bootstrap cut short left (its marker and shard directories).
-pub fn is_new(data_dir: &Path) -> std::io::Result<bool> {
+/// What keeps `data_dir` from being a new follower's to bootstrap: the first entry
+/// that is not the lock file, `lost+found` (a fresh file system's root) or what a
+/// bootstrap cut short left (its marker and shard directories). `None`: it is new.
+pub fn blocker(data_dir: &Path) -> std::io::Result<Option<String>> {
     let interrupted = data_dir.join(MARKER).exists();
     let entries = match std::fs::read_dir(data_dir) {
         Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
     for entry in entries {
-        let name = entry?.file_name();
-        let name = name.to_string_lossy();
-        let left_by_bootstrap = name == MARKER || name.starts_with("shard-");
-        if name != oc_io::dir_lock::LOCK_FILE && !(interrupted && left_by_bootstrap) {
-            return Ok(false);
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        let left_by_bootstrap = interrupted && (name == MARKER || name.starts_with("shard-"));
+        let expected = name == oc_io::dir_lock::LOCK_FILE || name == "lost+found";
+        if !(expected || left_by_bootstrap) {
+            return Ok(Some(name));
         }
     }
-    Ok(true)
+    Ok(None)
+}
+
+/// Settles a marker at start: one beside a layout is a finished bootstrap's (the
+/// process ended before removing it) and goes; one without is refused to a writer,
+/// which would lay its own layout over half-copied shards.
+pub fn settle_marker(data_dir: &Path, writer: bool) -> Result<(), String> {
+    let marker = data_dir.join(MARKER);
+    if !marker.exists() {
+        return Ok(());
+    }
+    if data_dir.join(oc_engine::placement::LAYOUT_FILE).exists() {
+        return finish(data_dir).map_err(|e| format!("removing {}: {e}", marker.display()));
+    }
+    if writer {
+        return Err(format!(
+            "{} holds a follower's bootstrap that did not finish ({MARKER}): start it as a \
+             follower again to finish it, or start the writer on an empty directory",
+            data_dir.display()
+        ));
+    }
+    Ok(())
 }
 
 /// Copies every shard's newest checkpoint into `data_dir` with `fetch(shard, dir)`,
@@ -93,6 +115,14 @@ pub fn finish(data_dir: &Path) -> std::io::Result<()> {
     sync_dir(data_dir)
 }
 
+/// Removes everything in `dir` (a shard's copy that is starting over).
+pub fn empty_dir(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        std::fs::remove_file(entry?.path())?;
+    }
+    Ok(())
+}
+
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
@@ -105,19 +135,39 @@ mod tests {
     fn only_an_empty_directory_or_an_interrupted_bootstrap_is_new() {
         let dir = tempfile::tempdir().expect("tempdir");
         let data = dir.path().join("data");
-        assert!(is_new(&data).expect("absent"));
+        assert_eq!(blocker(&data).expect("absent"), None);
         std::fs::create_dir(&data).expect("mkdir");
         std::fs::write(data.join(oc_io::dir_lock::LOCK_FILE), b"pid").expect("lock");
-        assert!(is_new(&data).expect("only the lock"));
+        std::fs::create_dir(data.join("lost+found")).expect("mkdir");
+        assert_eq!(blocker(&data).expect("the lock, lost+found"), None);
         std::fs::create_dir(data.join("shard-0")).expect("mkdir");
-        assert!(
-            !is_new(&data).expect("a shard without a marker"),
+        assert_eq!(
+            blocker(&data).expect("a shard without a marker"),
+            Some("shard-0".into()),
             "a shard directory not left by a bootstrap is someone's data"
         );
         std::fs::write(data.join(MARKER), b"").expect("marker");
-        assert!(is_new(&data).expect("an interrupted bootstrap"));
+        assert_eq!(blocker(&data).expect("an interrupted bootstrap"), None);
         std::fs::write(data.join("notes.txt"), b"mine").expect("write");
-        assert!(!is_new(&data).expect("anything else"));
+        assert_eq!(
+            blocker(&data).expect("anything else"),
+            Some("notes.txt".into())
+        );
+    }
+
+    #[test]
+    fn a_marker_beside_a_layout_goes_and_one_without_is_refused_to_a_writer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path();
+        settle_marker(data, true).expect("no marker: nothing to do");
+        std::fs::write(data.join(MARKER), b"").expect("marker");
+        let refused = settle_marker(data, true).expect_err("half-copied shards");
+        assert!(refused.contains("did not finish"), "{refused}");
+        settle_marker(data, false).expect("a follower starts the copy over");
+        assert!(data.join(MARKER).exists());
+        std::fs::write(data.join(oc_engine::placement::LAYOUT_FILE), b"{}").expect("layout");
+        settle_marker(data, true).expect("a finished bootstrap");
+        assert!(!data.join(MARKER).exists());
     }
 
     #[test]

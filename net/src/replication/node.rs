@@ -201,6 +201,9 @@ impl Node {
             tls: self.tls.clone(),
             status: self.status.clone(),
             sync: self.sync.get(),
+            copying: (0..self.status.links.len())
+                .map(|_| Cell::new(false))
+                .collect(),
         });
         self.tasks
             .borrow_mut()

@@ -106,8 +106,8 @@ pub fn fetch_checkpoint(
             shard: shard as u16,
         },
     };
-    // A checkpoint may take long to copy: the writer must only never fall silent.
-    ask_writer((leader, addr, tls), &hello, Patience::EachCall, |stream| {
+    // A checkpoint may take long to copy: the writer must only keep sending.
+    ask_writer((leader, addr, tls), &hello, Patience::Progress, |stream| {
         receive_checkpoint(stream, dir)
     })
     .map_err(|e| e.context(&format!("copying shard {shard}'s checkpoint from {leader}")))
@@ -126,6 +126,11 @@ fn receive_checkpoint(
             manifest,
             snapshot_bytes,
         } => (lsn, manifest, snapshot_bytes),
+        // A read that failed on the writer, or another follower's copy under way.
+        Message::Refused {
+            code: RefusedCode::Failed,
+            reason,
+        } => return Err(LayoutError::Unreachable(format!("not now: {reason}"))),
         Message::Refused { reason, .. } => return Err(refused(format!("refused: {reason}"))),
         other => {
             return Err(refused(format!(
@@ -142,10 +147,18 @@ fn receive_checkpoint(
     let manifest = CheckpointManifest::decode_for(&manifest_bytes, lsn)
         .map_err(|problem| refused(format!("its manifest: {problem}")))?;
     // (`manifest.shard` is not checked: every shard writes 0 there, FORMAT.md §6.)
-    if manifest.data_bytes > snapshot_bytes {
+    if snapshot_bytes != oc_io::align_up(manifest.data_bytes) {
         return Err(refused(format!(
-            "its manifest names {} bytes of data in a snapshot of {snapshot_bytes}",
+            "its manifest names {} bytes of data, and the writer would send {snapshot_bytes} \
+             (the data to the end of its last block is due)",
             manifest.data_bytes
+        )));
+    }
+    let free = free_bytes(dir).map_err(|e| refused(format!("{}: {e}", dir.display())))?;
+    if free < snapshot_bytes {
+        return Err(refused(format!(
+            "its snapshot takes {snapshot_bytes} bytes and {} has {free} free",
+            dir.display()
         )));
     }
     let local = |path: &std::path::Path, e: std::io::Error| {
@@ -188,6 +201,20 @@ fn receive_checkpoint(
     Ok(Some(lsn))
 }
 
+/// Bytes an unprivileged writer may still put on the file system holding `dir`.
+fn free_bytes(dir: &std::path::Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: `path` is a NUL-terminated string and `stat` a zeroed out-parameter that
+    // statvfs(3) fills; both outlive the call.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
 /// A blocking byte stream to the writer, plain or TLS.
 trait Duplex: std::io::Read + std::io::Write {}
 impl<T: std::io::Read + std::io::Write> Duplex for T {}
@@ -197,9 +224,13 @@ impl<T: std::io::Read + std::io::Write> Duplex for T {}
 enum Patience {
     /// [`SILENCE_LIMIT`] for the whole exchange.
     Whole,
-    /// [`SILENCE_LIMIT`] for each read and write.
-    EachCall,
+    /// [`SILENCE_LIMIT`] for each [`PROGRESS_BYTES`] received: a long copy goes on
+    /// while the writer keeps sending, and one trickling bytes is cut off.
+    Progress,
 }
+
+/// What a writer must send within each [`SILENCE_LIMIT`] under [`Patience::Progress`].
+const PROGRESS_BYTES: usize = 64 << 10;
 
 /// Connects to the writer (TLS when `tls`), sends `hello`, and hands the connection
 /// to `then`. Data that is not the protocol (a TLS certificate refused, a listener
@@ -219,6 +250,7 @@ fn ask_writer<T>(
         stream,
         until: Instant::now() + SILENCE_LIMIT,
         patience,
+        progress: 0,
     };
     let Some(tls) = tls else {
         return say_hello(&mut stream, hello).and_then(|()| then(&mut stream));
@@ -289,19 +321,17 @@ fn classify_io(e: std::io::Error) -> LayoutError {
     }
 }
 
-/// A blocking stream whose reads and writes end by a deadline: one for the whole
-/// exchange, or one per call.
+/// A blocking stream whose reads and writes end by a deadline (see [`Patience`]).
 struct Deadline {
     stream: std::net::TcpStream,
     until: Instant,
     patience: Patience,
+    /// Bytes read since the deadline last moved.
+    progress: usize,
 }
 
 impl Deadline {
     fn remaining(&self) -> std::io::Result<Option<Duration>> {
-        if let Patience::EachCall = self.patience {
-            return Ok(Some(SILENCE_LIMIT));
-        }
         match self.until.checked_duration_since(Instant::now()) {
             Some(left) if !left.is_zero() => Ok(Some(left)),
             _ => Err(std::io::ErrorKind::TimedOut.into()),
@@ -312,7 +342,15 @@ impl Deadline {
 impl std::io::Read for Deadline {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         self.stream.set_read_timeout(self.remaining()?)?;
-        std::io::Read::read(&mut self.stream, buf)
+        let n = std::io::Read::read(&mut self.stream, buf)?;
+        self.progress += n;
+        if let Patience::Progress = self.patience {
+            if self.progress >= PROGRESS_BYTES {
+                self.progress = 0;
+                self.until = Instant::now() + SILENCE_LIMIT;
+            }
+        }
+        Ok(n)
     }
 }
 

@@ -52,6 +52,8 @@ pub struct Sender {
     /// Synchronous replication: the shards' gates are moved as the followers'
     /// acknowledgements arrive.
     pub sync: Option<SyncPolicy>,
+    /// Per shard: a new follower is copying its checkpoint now.
+    pub copying: Vec<Cell<bool>>,
 }
 
 impl Sender {
@@ -267,7 +269,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin + 'static>(
         .await;
     }
     let Some(after) = after else {
-        return send_checkpoint(&mut stream, &sender.router, shard).await;
+        return send_checkpoint(&mut stream, &sender, shard).await;
     };
     let durable = sender
         .router
@@ -322,6 +324,12 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin + 'static>(
         }
     }
     tracing::info!(shard, after = after.0, %follower_id, "a follower is streaming");
+    let _ = sender
+        .router
+        .call(shard, move |node: Rc<ShardNode>| async move {
+            node.shard().follower_streams_from(after)
+        })
+        .await;
     let (reader, writer) = futures_lite::io::split(stream);
     let link = &sender.status.links[shard];
     link.borrow_mut().connected += 1;
@@ -352,11 +360,39 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     streamed.and(ack_end.map_or(Ok(()), Err))
 }
 
+/// How long the log after a checkpoint sent to a new follower is held for it, at
+/// most: its other shards' copies, opening its shards and connecting its streams take
+/// far less; its first stream from there ends the hold.
+const FOLLOWER_HOLD: Duration = Duration::from_secs(30 * 60);
+
 /// Sends the newest checkpoint of `shard` to a new follower: its manifest, then its
-/// snapshot part by part, each read on the shard as it is sent (a checkpoint can be
-/// far larger than memory allows to hold twice). The follower checks the snapshot
-/// against the manifest's CRC; a part that cannot be read ends the connection.
+/// snapshot part by part, each read on the shard from the file held open for the copy
+/// (a checkpoint can be far larger than memory allows to hold twice). One copy per
+/// shard at a time; another follower asking meanwhile is told to try again. The
+/// follower checks the snapshot against the manifest's CRC.
 async fn send_checkpoint<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    sender: &Sender,
+    shard: usize,
+) -> Result<(), String> {
+    let copying = &sender.copying[shard];
+    if copying.replace(true) {
+        let reason =
+            format!("another follower is copying shard {shard}'s checkpoint; try again shortly");
+        return refuse(stream, RefusedCode::Failed, reason).await;
+    }
+    let router = &sender.router;
+    let sent = copy_checkpoint(stream, router, shard).await;
+    let _ = router
+        .call(shard, |node: Rc<ShardNode>| async move {
+            node.shard().close_checkpoint_copy()
+        })
+        .await;
+    copying.set(false);
+    sent
+}
+
+async fn copy_checkpoint<S: AsyncWrite + Unpin>(
     stream: &mut S,
     router: &ShardRouter,
     shard: usize,
@@ -364,7 +400,7 @@ async fn send_checkpoint<S: AsyncWrite + Unpin>(
     let newest = router
         .call(shard, |node: Rc<ShardNode>| async move {
             node.shard()
-                .newest_checkpoint_files()
+                .open_checkpoint_copy(FOLLOWER_HOLD)
                 .await
                 .map_err(|e| e.to_string())
         })
@@ -385,23 +421,37 @@ async fn send_checkpoint<S: AsyncWrite + Unpin>(
     };
     let failed = |e: wire::WireError| format!("sending a checkpoint to the follower: {e}");
     wire::write_message(stream, &header).await.map_err(failed)?;
-    let mut offset = 0u64;
-    while offset < snapshot_bytes {
+    // The next part is read on the shard while this one is sent: one part at a time
+    // left the disk and the connection each idle half the time.
+    let read = |offset: u64| async move {
+        if offset >= snapshot_bytes {
+            return Ok(None);
+        }
         let len = (snapshot_bytes - offset).min(wire::CHECKPOINT_PART_BYTES as u64) as usize;
-        let bytes = router
+        router
             .call(shard, move |node: Rc<ShardNode>| async move {
                 node.shard()
-                    .read_checkpoint_snapshot(lsn, offset, len)
+                    .read_checkpoint_copy(offset, len)
                     .await
                     .map_err(|e| e.to_string())
             })
             .await
             .map_err(|e| e.to_string())?
-            .map_err(|why| format!("reading shard {shard}'s checkpoint at LSN {lsn}: {why}"))?;
-        wire::write_message(stream, &Message::CheckpointPart { bytes })
-            .await
-            .map_err(failed)?;
-        offset += len as u64;
+            .map(Some)
+            .map_err(|why| format!("reading shard {shard}'s checkpoint at LSN {lsn}: {why}"))
+    };
+    let mut offset = 0u64;
+    let mut part = read(offset).await?;
+    while let Some(bytes) = part {
+        offset += bytes.len() as u64;
+        let send = async {
+            wire::write_message(&mut *stream, &Message::CheckpointPart { bytes })
+                .await
+                .map_err(failed)
+        };
+        let (sent, next) = futures_lite::future::zip(send, read(offset)).await;
+        sent?;
+        part = next?;
     }
     tracing::info!(
         shard,
