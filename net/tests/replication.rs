@@ -4,6 +4,8 @@
 //! that cannot work).
 
 mod common;
+#[path = "../../ship/tests/common_s3.rs"]
+mod common_s3;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -1218,31 +1220,58 @@ fn the_old_writer_rejoins_as_a_follower_of_the_promoted_one() {
 /// A TCP proxy in front of a writer's replication listener that can cut the link (a
 /// network partition): every connection through it is shut down, and new ones are
 /// closed as soon as they are accepted.
+/// A TCP proxy can also hold one direction back (an asymmetric partition: what is sent
+/// that way waits in the proxy, as TCP retransmits would wait, and flows on heal).
 struct Proxy {
     addr: String,
     cut: Arc<std::sync::atomic::AtomicBool>,
+    /// Holds back bytes from the writer to the follower, and from the follower back.
+    held: [Arc<std::sync::atomic::AtomicBool>; 2],
     links: Arc<Mutex<Vec<std::net::TcpStream>>>,
 }
 
 impl Proxy {
     fn start(upstream: &str) -> Proxy {
+        use std::sync::atomic::{AtomicBool, Ordering};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr").to_string();
-        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let cut = Arc::new(AtomicBool::new(false));
+        let held = [
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        ];
         let links: Arc<Mutex<Vec<std::net::TcpStream>>> = Arc::default();
-        let (upstream, thread_cut, thread_links) =
-            (upstream.to_string(), cut.clone(), links.clone());
+        let (upstream, thread_cut, thread_links, thread_held) = (
+            upstream.to_string(),
+            cut.clone(),
+            links.clone(),
+            held.clone(),
+        );
         std::thread::spawn(move || {
             for down in listener.incoming().filter_map(Result::ok) {
-                if thread_cut.load(std::sync::atomic::Ordering::SeqCst) {
+                if thread_cut.load(Ordering::SeqCst) {
                     continue; // dropped: closed at once
                 }
                 let Ok(up) = std::net::TcpStream::connect(&upstream) else {
                     continue;
                 };
-                let pipe = |mut from: std::net::TcpStream, mut to: std::net::TcpStream| {
+                let pipe = |mut from: std::net::TcpStream,
+                            mut to: std::net::TcpStream,
+                            held: Arc<AtomicBool>| {
+                    use std::io::{Read, Write};
                     std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut from, &mut to);
+                        let mut buf = vec![0u8; 64 << 10];
+                        while let Ok(n) = from.read(&mut buf) {
+                            if n == 0 {
+                                break;
+                            }
+                            while held.load(Ordering::SeqCst) {
+                                std::thread::sleep(Duration::from_millis(2));
+                            }
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
                         let _ = to.shutdown(std::net::Shutdown::Both);
                     });
                 };
@@ -1252,18 +1281,36 @@ impl Proxy {
                         down2.try_clone().expect("clone"),
                         up2.try_clone().expect("clone"),
                     ]);
-                    pipe(down, up2);
-                    pipe(up, down2);
+                    pipe(down, up2, thread_held[1].clone());
+                    pipe(up, down2, thread_held[0].clone());
                 }
             }
         });
-        Proxy { addr, cut, links }
+        Proxy {
+            addr,
+            cut,
+            held,
+            links,
+        }
     }
 
     fn cut(&self) {
         self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
         for link in self.links.lock().expect("links").drain(..) {
             let _ = link.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Holds back one direction: 0 from the writer, 1 from the follower.
+    fn hold(&self, direction: usize) {
+        self.held[direction].store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Ends every cut and hold.
+    fn heal(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+        for held in &self.held {
+            held.store(false, std::sync::atomic::Ordering::SeqCst);
         }
     }
 }
@@ -1416,6 +1463,256 @@ fn a_partitioned_old_writer_cuts_its_divergent_tail_and_rejoins_on_its_own_direc
     );
 }
 
+/// Every id of `tenant`'s items on `server`, read page by page.
+fn ids_of(server: &Server, tenant: &str) -> std::collections::BTreeSet<i64> {
+    let mut ids = std::collections::BTreeSet::new();
+    loop {
+        let after = ids.last().copied().unwrap_or(i64::MIN);
+        let reply = server.post(
+            &format!("/v1/tenants/{tenant}/ask"),
+            &json!({"sql": format!("SELECT id FROM items WHERE id > {after} ORDER BY id LIMIT 10000")}),
+        );
+        assert_eq!(reply.status, 200, "{reply:?}");
+        let page: Vec<i64> = reply.body["rows"]
+            .as_array()
+            .expect("rows")
+            .iter()
+            .filter_map(|r| r[0].as_i64())
+            .collect();
+        if page.is_empty() {
+            return ids;
+        }
+        ids.extend(page);
+    }
+}
+
+/// One seeded run: a synchronous writer and its follower through a proxy whose link
+/// flaps between healthy, cut, and held back one way or the other, every 100–600 ms
+/// for 5 s, under 8 writing clients. The link heals and writes must be acknowledged
+/// again; it flaps for 2 s more, and the writer is killed while the link is down
+/// (cut or held) and the follower promoted. Returns (acknowledged writes, link
+/// changes) after checking that the promoted follower holds every write the writer
+/// acknowledged.
+fn flapping_partition_run(seed: u64) -> (usize, usize) {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let archive = archive_in(dir.path());
+    let writer = writer_on(
+        &dir.path().join("writer"),
+        &archive,
+        &["--sync-replication", "--sync-timeout-ms", "1000"],
+    );
+    let proxy = Proxy::start(&writer.replication.clone().expect("replication address"));
+    let follower = follower_on(&dir.path().join("follower"), &proxy.addr, &archive, &[]);
+    wait_until_follower_ready(&follower);
+    writer.create_tenant_with_items("alpha");
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let mut changes = 0;
+    let mut flap = |rng: &mut fastrand::Rng, seconds: u64, healthy_allowed: bool| {
+        let until = Instant::now() + Duration::from_secs(seconds);
+        while Instant::now() < until {
+            proxy.heal();
+            match rng.usize(usize::from(!healthy_allowed)..4) {
+                0 => {}
+                1 => proxy.cut(),
+                direction => proxy.hold(direction - 2),
+            }
+            changes += 1;
+            std::thread::sleep(Duration::from_millis(rng.u64(100..600)));
+        }
+    };
+    let api = writer.api.clone();
+    let answers = std::thread::scope(|scope| {
+        let clients = scope.spawn(|| record_answers(&api, 8, &stop));
+        flap(&mut rng, 5, true);
+        proxy.heal();
+        let healed = Instant::now();
+        loop {
+            let reply = writer.post(
+                "/v1/tenants/alpha/tables/items/rows",
+                &json!({"ops": [{"upsert": {"id": -1, "name": "healed", "batch": 1}}]}),
+            );
+            if reply.status == 200 {
+                break;
+            }
+            assert!(
+                healed.elapsed() < Duration::from_secs(30),
+                "seed {seed}: no write acknowledged 30 s after the link healed: {reply:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // Down again, and the writer dies while it is.
+        flap(&mut rng, 2, false);
+        // SAFETY: kill(2) on a child process this test started.
+        unsafe { libc::kill(writer.pid() as i32, libc::SIGKILL) };
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        clients.join().expect("clients")
+    });
+    let unexpected: Vec<(Option<u16>, &String)> = answers
+        .iter()
+        .filter(|a| !matches!(a.status, None | Some(200) | Some(503)))
+        .map(|a| (a.status, &a.body))
+        .collect();
+    assert!(
+        unexpected.is_empty(),
+        "seed {seed}: writes answered other than 200 or 503: {:?}",
+        &unexpected[..unexpected.len().min(3)]
+    );
+    drop(writer);
+    let promoted = promote(&follower, false);
+    assert_eq!(promoted.status, 200, "seed {seed}: {promoted:?}");
+    let held = ids_of(&follower, "alpha");
+    let acknowledged: Vec<i64> = answers
+        .iter()
+        .filter(|a| a.status == Some(200))
+        .map(|a| a.id)
+        .collect();
+    let lost: Vec<&i64> = acknowledged
+        .iter()
+        .filter(|id| !held.contains(id))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "seed {seed}: the promoted follower lacks {} of {} acknowledged writes, e.g. {:?}",
+        lost.len(),
+        acknowledged.len(),
+        &lost[..lost.len().min(5)]
+    );
+    (acknowledged.len(), changes)
+}
+
+#[test]
+fn a_flapping_and_asymmetric_partition_loses_no_acknowledged_write_with_synchronous_replication() {
+    let mut total = (0, 0);
+    for seed in [7, 1009] {
+        let (acknowledged, faults) = flapping_partition_run(seed);
+        assert!(acknowledged > 0, "seed {seed}: nothing was acknowledged");
+        total = (total.0 + acknowledged, total.1 + faults);
+    }
+    eprintln!(
+        "{} acknowledged writes across {} link changes, none lost",
+        total.0, total.1
+    );
+}
+
+/// The network cut, with the archive behind the cut too: an asynchronous writer
+/// reaches S3 (moto) and its follower through proxies the test controls, the follower
+/// reaches S3 directly. Once both of the writer's links are cut it cannot renew its
+/// lease, so it stops acknowledging (421, not ready) before the lease could run out; the
+/// follower's promotion waits the lease out, and no write the old writer acknowledged
+/// is answered after the moment the new writer took the lease.
+#[test]
+fn a_writer_cut_off_from_its_archive_fences_itself_before_its_follower_takes_over() {
+    let Some(moto) = common_s3::Moto::start() else {
+        return;
+    };
+    moto.create_bucket("oc-cut");
+    let s3_proxy = Proxy::start(moto.endpoint.trim_start_matches("http://"));
+    let direct = moto.uri("oc-cut", "prod");
+    let through_proxy = direct.replace(&moto.endpoint, &format!("http://{}", s3_proxy.addr));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lease = ["--lease-ttl-ms", "3000", "--lease-max-drift-ms", "500"];
+    let start = |data: &str, archive: &str, flags: &[&str]| {
+        let mut all = vec![
+            "--shards",
+            "1",
+            "--archive",
+            archive,
+            "--replication-listen",
+            "127.0.0.1:0",
+            "--tail-window-ms",
+            "100",
+        ];
+        all.extend(lease);
+        all.extend(flags);
+        Server::try_start_with_env(None, &dir.path().join(data), &all, &common_s3::Moto::ENV)
+            .unwrap_or_else(|e| panic!("{data}: {e}"))
+    };
+    let mut writer = start("writer", &through_proxy, &[]);
+    let link = Proxy::start(&writer.replication.clone().expect("replication address"));
+    let follower = start(
+        "follower",
+        &direct,
+        &["--mode", "follower", "--leader-addr", &link.addr],
+    );
+    wait_until_follower_ready(&follower);
+    writer.create_tenant_with_items("alpha");
+
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let api = writer.api.clone();
+    let (answers, cut_at, lease_taken_by) = std::thread::scope(|scope| {
+        let clients = scope.spawn(|| record_answers(&api, 4, &stop));
+        std::thread::sleep(Duration::from_millis(500));
+        s3_proxy.cut();
+        link.cut();
+        let cut_at = Instant::now();
+        // Fenced within the lease: refusing writes, and not ready, saying why.
+        let fenced = loop {
+            let (status, body) = writer.ops_get("/ready");
+            if status == 503 && body.contains("lease") {
+                break cut_at.elapsed();
+            }
+            assert!(
+                cut_at.elapsed() < Duration::from_secs(10),
+                "the cut writer still says it is ready: {body}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(
+            fenced < Duration::from_millis(3000),
+            "fenced {fenced:?} after the cut: later than its lease could last"
+        );
+        let refused = writer.post(
+            "/v1/tenants/alpha/tables/items/rows",
+            &json!({"ops": [{"upsert": {"id": -2, "name": "cut", "batch": 1}}]}),
+        );
+        assert_eq!(refused.status, 421, "{refused:?}");
+        assert_eq!(refused.body["error"]["code"], "not_leader", "{refused:?}");
+        // The follower waits the old lease out, then takes over.
+        let promoted = promote(&follower, false);
+        assert_eq!(promoted.status, 200, "{promoted:?}\n{}", follower.stderr());
+        let lease_taken_by = Instant::now();
+        let write = follower.post(
+            "/v1/tenants/alpha/tables/items/rows",
+            &json!({"ops": [{"upsert": {"id": -1, "name": "new writer", "batch": 1}}]}),
+        );
+        assert_eq!(write.status, 200, "{write:?}");
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        (clients.join().expect("clients"), cut_at, lease_taken_by)
+    });
+    let acknowledged: Vec<&Answer> = answers.iter().filter(|a| a.status == Some(200)).collect();
+    assert!(
+        !acknowledged.is_empty(),
+        "nothing was written before the cut"
+    );
+    let last = acknowledged.iter().map(|a| a.answered).max().expect("some");
+    assert!(
+        last < lease_taken_by,
+        "the old writer acknowledged a write {:?} after the new one held the lease",
+        last - lease_taken_by
+    );
+    assert!(
+        last < cut_at + Duration::from_millis(3000),
+        "the old writer acknowledged a write {:?} after the cut, past its lease",
+        last - cut_at
+    );
+    // Healed, the old writer finds the lease taken and never acknowledges again.
+    s3_proxy.heal();
+    link.heal();
+    std::thread::sleep(Duration::from_millis(1000));
+    let after_heal = common::try_request(
+        "POST",
+        &format!("{}/v1/tenants/alpha/tables/items/rows", writer.api),
+        Some(&json!({"ops": [{"upsert": {"id": -3, "name": "healed", "batch": 1}}]}).to_string()),
+    );
+    assert!(
+        !matches!(&after_heal, Ok(reply) if reply.status == 200),
+        "the old writer acknowledged after the heal: {after_heal:?}"
+    );
+    let _ = writer.wait_exit(Duration::from_secs(1));
+}
+
 #[test]
 fn a_synchronous_writer_serves_no_more_followers_than_it_waits_for() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1464,6 +1761,8 @@ fn a_degrading_writer_is_waited_out_before_its_follower_is_promoted() {
 
 /// What one client request to the old writer got, and when it was sent.
 struct Answer {
+    /// The row the request upserted.
+    id: i64,
     status: Option<u16>,
     sent: Instant,
     answered: Instant,
@@ -1498,6 +1797,7 @@ fn record_answers(api: &str, threads: usize, stop: &std::sync::atomic::AtomicBoo
                             Err(e) => e.clone(),
                         };
                         answers.push(Answer {
+                            id,
                             status,
                             sent,
                             answered: Instant::now(),
