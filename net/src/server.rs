@@ -188,6 +188,9 @@ pub fn run(config: ServerConfig) -> Result<()> {
         Some(uri) if role != Role::Writer => {
             let archive =
                 open_archive(&uri).with_context(|| format!("opening the archive {uri}"))?;
+            // Its lease, once promoted, fences the old writer only through conditions.
+            oc_ship::lease::check_conditions(archive.as_ref())
+                .with_context(|| format!("checking the archive {uri}"))?;
             replay_archive = Some(archive.clone());
             tracing::info!(archive = %uri, "follower: not shipping (the writer does)");
             promotion = Some(node::PromotionKit {

@@ -989,11 +989,20 @@ fn oldest_held(data_dir: &std::path::Path, shards: usize) -> Vec<u64> {
         .collect()
 }
 
-/// Writes until every shard of the writer has released LSN 1; returns the next id.
-fn write_until_released(writer: &Server, model: &Model, data_dir: &std::path::Path) -> i64 {
+/// Writes (ids from `first` on) until every shard of the writer has released the LSN
+/// after `held[shard]`; returns the next id.
+fn write_until_released(
+    writer: &Server,
+    model: &Model,
+    data_dir: &std::path::Path,
+    (held, mut first): ([u64; 2], i64),
+) -> i64 {
     let deadline = Instant::now() + Duration::from_secs(60);
-    let mut first = 0;
-    while oldest_held(data_dir, 2).iter().any(|&lsn| lsn <= 1) {
+    while oldest_held(data_dir, 2)
+        .iter()
+        .zip(held)
+        .any(|(&oldest, held)| oldest <= held + 1)
+    {
         assert!(
             Instant::now() < deadline,
             "the writer never released the start of its log: {:?}",
@@ -1013,7 +1022,7 @@ fn a_new_follower_copies_the_writers_checkpoints_when_the_log_no_longer_starts_a
     let leader = writer.replication.clone().expect("replication address");
     setup_tenants(&writer);
     let model: Model = Arc::default();
-    let next = write_until_released(&writer, &model, &dir.path().join("writer"));
+    let next = write_until_released(&writer, &model, &dir.path().join("writer"), ([0, 0], 0));
 
     // Streaming from LSN 1 is impossible now: the follower starts from the writer's
     // newest checkpoints and streams the log after them, while the writer goes on.
@@ -1058,8 +1067,16 @@ fn a_follower_left_far_behind_is_told_its_way_back_and_bootstraps_from_the_archi
     let stale = follower(&stale_dir, &leader);
     write_padded(&writer, &model, 0);
     wait_until_matches(&stale, &model);
+    let (_, ready) = stale.ops_get("/ready");
+    let ready: Value = serde_json::from_str(&ready).expect("json");
+    let position = |shard: usize| ready["shards"][shard]["applied_lsn"].as_u64().expect("lsn");
     stale.kill9();
-    let first = write_until_released(&writer, &model, &dir.path().join("writer"));
+    let first = write_until_released(
+        &writer,
+        &model,
+        &dir.path().join("writer"),
+        ([position(0), position(1)], 100),
+    );
     let stale = follower(&stale_dir, &leader);
     let deadline = Instant::now() + Duration::from_secs(10);
     let refused_reason = loop {

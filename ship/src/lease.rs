@@ -135,6 +135,48 @@ pub enum LeaseError {
     Unreadable { problem: FileProblem },
     #[error("the archive's {LEASE_KEY} kept changing while this server claimed it ({MAX_CLAIM_ATTEMPTS} attempts): another process is claiming it too")]
     Contended,
+    /// The store took a put its condition forbids: it cannot fence an old writer.
+    #[error(
+        "the archive ignores conditional writes ({which} was not refused on a probe object): \
+         a lease there cannot fence an old writer, so replication refuses it. Use an object \
+         store that honours If-None-Match and If-Match (S3 does), or a local or shared \
+         directory archive"
+    )]
+    ConditionsIgnored { which: &'static str },
+}
+
+/// Where [`check_conditions`] writes its probe objects (one per call, removed after).
+pub const CONDITIONS_PROBE_PREFIX: &str = "preflight/conditions-";
+
+/// Checks that `archive` refuses puts whose condition does not hold ("only if absent"
+/// over an object, "only if this version" with another version), as the lease needs:
+/// a store that ignores them would let two writers both believe they hold it. Writes,
+/// overwrites and removes one probe object.
+pub fn check_conditions(archive: &dyn Archive) -> Result<(), LeaseError> {
+    let key = format!(
+        "{CONDITIONS_PROBE_PREFIX}{}-{}",
+        std::process::id(),
+        oc_io::TimestampMicros::now().0
+    );
+    let version = archive.put(&key, b"probe", &Condition::IfAbsent)?;
+    let outcome = (|| {
+        let refused = |put: Result<Version, ArchiveError>, which| match put {
+            Err(ArchiveError::PreconditionFailed { .. }) => Ok(()),
+            Ok(_) => Err(LeaseError::ConditionsIgnored { which }),
+            Err(e) => Err(e.into()),
+        };
+        refused(
+            archive.put(&key, b"again", &Condition::IfAbsent),
+            "If-None-Match: * over an existing object",
+        )?;
+        let stale = Version(format!("{}-not", version.0));
+        refused(
+            archive.put(&key, b"again", &Condition::IfVersion(stale)),
+            "If-Match with another version",
+        )
+    })();
+    archive.delete(&key)?;
+    outcome
 }
 
 impl Lease {
@@ -222,6 +264,10 @@ pub fn claim_with_ttl(
     ttl: Option<Duration>,
 ) -> Result<Claim, LeaseError> {
     let ttl_ms = ttl.map(|t| t.as_millis() as u64);
+    if ttl.is_some() {
+        // A replicating writer's lease fences only if the store honours conditions.
+        check_conditions(archive)?;
+    }
     for _ in 0..MAX_CLAIM_ATTEMPTS {
         let current = read(archive)?;
         let (lease, condition, claimed) = match current {
@@ -624,6 +670,60 @@ mod tests {
 
     const STALE: Duration = Duration::from_secs(30);
     const SECOND: u64 = 1_000_000;
+
+    /// An object store that takes every put whatever its condition.
+    struct Unconditional(LocalDirArchive);
+
+    impl Archive for Unconditional {
+        fn put(&self, key: &str, payload: &[u8], _: &Condition) -> Result<Version, ArchiveError> {
+            self.0.put(key, payload, &Condition::Always)
+        }
+
+        fn get(&self, key: &str) -> Result<Option<(Vec<u8>, Version)>, ArchiveError> {
+            self.0.get(key)
+        }
+
+        fn list(&self, prefix: &str) -> Result<Vec<String>, ArchiveError> {
+            self.0.list(prefix)
+        }
+
+        fn delete(&self, key: &str) -> Result<(), ArchiveError> {
+            self.0.delete(key)
+        }
+    }
+
+    #[test]
+    fn a_store_that_ignores_conditions_is_refused_for_a_lease_and_the_probe_leaves_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let honest = LocalDirArchive::open(dir.path().join("honest")).expect("open");
+        check_conditions(&honest).expect("a local directory honours conditions");
+        assert!(
+            honest.list("").expect("list").is_empty(),
+            "the probe is removed"
+        );
+        let ignoring =
+            Unconditional(LocalDirArchive::open(dir.path().join("ignoring")).expect("open"));
+        let refused = check_conditions(&ignoring).expect_err("refused");
+        assert!(
+            matches!(refused, LeaseError::ConditionsIgnored { .. }),
+            "{refused}"
+        );
+        assert!(ignoring.list("").expect("list").is_empty());
+        let claim = claim_with_ttl(
+            &ignoring,
+            "dir-a",
+            holder(1),
+            SECOND,
+            STALE,
+            Some(Duration::from_secs(10)),
+        );
+        assert!(
+            matches!(claim, Err(LeaseError::ConditionsIgnored { .. })),
+            "a replicating writer's claim probes first: {claim:?}"
+        );
+        claim_with_ttl(&ignoring, "dir-a", holder(1), SECOND, STALE, None)
+            .expect("a lone writer's owner record does not fence anyone: no probe");
+    }
 
     fn holder(pid: u32) -> Holder {
         Holder {

@@ -102,6 +102,14 @@ fn s3_archive_keeps_the_archive_contract() {
     use oc_ship::lease::{self, Claimed, LeaseHold, Renewal, Renewed};
     let stale = lease::LEASE_STALE;
     let holder = lease::this_process("test", std::path::Path::new("/var/lib/oc/data"));
+    lease::check_conditions(other.as_ref()).expect("S3 honours If-None-Match and If-Match");
+    assert!(
+        other
+            .list(lease::CONDITIONS_PROBE_PREFIX)
+            .expect("list")
+            .is_empty(),
+        "the probe object is removed"
+    );
     let first = lease::claim(other.as_ref(), "aa", holder.clone(), 1, stale).expect("claim");
     assert_eq!(first.claimed, Claimed::New);
     let renewed = lease::claim(other.as_ref(), "aa", holder.clone(), 2, stale).expect("renew");
