@@ -8,6 +8,7 @@ mod audit;
 mod engine;
 mod http;
 mod latency;
+mod lease;
 mod migration;
 mod pacer;
 mod peers;
@@ -70,6 +71,9 @@ enum Command {
     /// without, the backfill's share of their bytes, the cutover, aborts, an idle
     /// backfill (through an oc-server it starts).
     Migration(migration::MigrationArgs),
+    /// One lease renewal (a conditional put) on an archive: its latency percentiles
+    /// against the drift margin a writer keeps before its lease could run out.
+    Lease(lease::LeaseArgs),
     /// Re-render Markdown tables and SVG charts from a directory of JSON results.
     Report(report::ReportArgs),
     /// Run wal, engine, recovery, peers, http, ask and archive (the last three against oc-servers
@@ -251,6 +255,7 @@ fn main() -> anyhow::Result<()> {
         Command::Watch(args) => watch::run(args),
         Command::Audit(args) => audit::run(args),
         Command::Migration(args) => migration::run(args),
+        Command::Lease(args) => lease::run(args),
         Command::Report(args) => report::run(args),
         Command::All(args) => run_all(args),
     }
