@@ -184,13 +184,22 @@ pub fn run(config: ServerConfig) -> Result<()> {
     let mut promotion = None;
     let shipper = match config.archive_uri() {
         // Only the writer ships: a follower reads the archive (`/watch` resumes) and
-        // claims it only once promoted.
+        // claims it only once promoted (after probing it here: its lease would fence
+        // the old writer only through conditional puts).
         Some(uri) if role != Role::Writer => {
             let archive =
                 open_archive(&uri).with_context(|| format!("opening the archive {uri}"))?;
-            // Its lease, once promoted, fences the old writer only through conditions.
-            oc_ship::lease::check_conditions(archive.as_ref())
-                .with_context(|| format!("checking the archive {uri}"))?;
+            match oc_ship::lease::check_conditions(archive.as_ref()) {
+                Err(e @ oc_ship::lease::LeaseError::ConditionsIgnored { .. }) => {
+                    bail!("refusing to start: the archive {uri}: {e}")
+                }
+                // Unreachable now: a follower still starts (it reads the archive only
+                // for `/watch` resumes); its promotion will need it.
+                Err(e) => {
+                    tracing::warn!(archive = %uri, error = %e, "could not check that the archive honours conditional writes (it will be needed to promote this follower)")
+                }
+                Ok(()) => {}
+            }
             replay_archive = Some(archive.clone());
             tracing::info!(archive = %uri, "follower: not shipping (the writer does)");
             promotion = Some(node::PromotionKit {
@@ -212,6 +221,12 @@ pub fn run(config: ServerConfig) -> Result<()> {
         Some(uri) => {
             let archive =
                 open_archive(&uri).with_context(|| format!("opening the archive {uri}"))?;
+            if config.lease_ttl().is_some() {
+                // A replicating writer's lease fences only if the store honours
+                // conditional puts.
+                oc_ship::lease::check_conditions(archive.as_ref())
+                    .with_context(|| format!("checking the archive {uri}"))?;
+            }
             replay_archive = Some(archive.clone());
             let start = shipper::start(
                 archive,

@@ -129,7 +129,7 @@ fn is_precondition<E: ProvideErrorMetadata>(
     matches!(
         e.code(),
         Some("PreconditionFailed" | "ConditionalRequestConflict")
-    ) || matches!(status, Some(412 | 409))
+    ) || status == Some(412)
 }
 
 impl S3Archive {
