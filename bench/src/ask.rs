@@ -102,8 +102,8 @@ pub(crate) struct AskReport {
     knn_checked: usize,
     knn_mismatches: usize,
     /// Latency by percentile of each query kind and kNN (`latency::percentile_curve`),
-    /// for the percentile plot; the same histograms are written as `.hgrm` beside the
-    /// JSON.
+    /// for the percentile plot; the same histograms are written as `.hgrm` and `.hlog`
+    /// beside the JSON.
     #[serde(default)]
     percentiles: Vec<(String, crate::latency::PercentileCurve)>,
 }
@@ -324,6 +324,7 @@ async fn plan_cache(ops: &Rc<Target>) -> Result<(u64, u64)> {
 }
 
 pub fn run(args: AskArgs) -> Result<()> {
+    let started = Instant::now();
     if args.rate == 0 || args.knn_rate == 0 || args.connections == 0 || args.rows == 0 {
         bail!("--rate, --knn-rate, --connections and --rows must be above 0");
     }
@@ -457,7 +458,7 @@ pub fn run(args: AskArgs) -> Result<()> {
         svgs(&report),
     )?;
     if let Some(json) = &args.json {
-        crate::report::write_hgrms(json, &histograms)?;
+        crate::report::write_histograms(json, &histograms, started.elapsed())?;
     }
     Ok(())
 }

@@ -117,7 +117,8 @@ pub(crate) struct HttpReport {
     #[serde(default)]
     write_stages: Vec<StageTime>,
     /// Latency by percentile of each operation (`latency::percentile_curve`), for the
-    /// percentile plot; the same histograms are written as `.hgrm` beside the JSON.
+    /// percentile plot; the same histograms are written as `.hgrm` and `.hlog` beside
+    /// the JSON.
     #[serde(default)]
     percentiles: Vec<(String, crate::latency::PercentileCurve)>,
     /// `--sweep`: the mix at each offered rate.
@@ -725,6 +726,7 @@ fn op_result(h: &Histogram<u64>, errors: u64) -> OpResult {
 }
 
 pub fn run(args: HttpArgs) -> Result<()> {
+    let started = Instant::now();
     let mut target = parse_url_trusting(&args.url, args.ca_cert.as_deref())?;
     if let Some(path) = &args.admin_token_file {
         let token =
@@ -852,7 +854,7 @@ pub fn run(args: HttpArgs) -> Result<()> {
         svgs(&report),
     )?;
     if let Some(json) = &args.json {
-        crate::report::write_hgrms(json, &histograms)?;
+        crate::report::write_histograms(json, &histograms, started.elapsed())?;
     }
     Ok(())
 }

@@ -74,6 +74,34 @@ pub fn hgrm(h: &Histogram<u64>) -> String {
     out
 }
 
+/// Histograms of microseconds as an HdrHistogram interval log (`.hlog`: V2 compressed
+/// histograms, values in milliseconds), one interval from `started` lasting `run` per
+/// histogram, tagged with its name. HdrHistogram's `HistogramLogProcessor` and the
+/// other HdrHistogram ports read it.
+pub fn hlog(
+    histograms: &[&(&str, Histogram<u64>)],
+    started: std::time::SystemTime,
+    run: std::time::Duration,
+) -> anyhow::Result<Vec<u8>> {
+    use hdrhistogram::serialization::interval_log::{IntervalLogWriterBuilder, Tag};
+    use hdrhistogram::serialization::V2DeflateSerializer;
+    let mut out = Vec::new();
+    let mut serializer = V2DeflateSerializer::new();
+    let mut log = IntervalLogWriterBuilder::new()
+        .with_start_time(started)
+        .with_base_time(started)
+        .with_max_value_divisor(1000.0)
+        .begin_log_with(&mut out, &mut serializer)
+        .map_err(|e| anyhow::anyhow!("starting the log: {e}"))?;
+    for (name, h) in histograms {
+        let tag = Tag::new(name).ok_or_else(|| anyhow::anyhow!("{name:?} cannot be a tag"))?;
+        log.write_histogram(h, std::time::Duration::ZERO, run, Some(tag))
+            .map_err(|e| anyhow::anyhow!("writing {name}: {e}"))?;
+    }
+    drop(log);
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,5 +138,47 @@ mod tests {
         assert_eq!(last[2], 1000.0);
         assert!(rows[rows.len() - 2].len() == 4);
         assert!(text.contains("Total count    =         1000"), "{text}");
+    }
+
+    #[test]
+    fn an_hlog_reads_back_as_the_histograms_it_was_written_from() {
+        use hdrhistogram::serialization::interval_log::{IntervalLogIterator, LogEntry};
+        use hdrhistogram::serialization::Deserializer;
+        let mut reads = histogram();
+        let mut writes = histogram();
+        for v in 1..=1000u64 {
+            reads.record(v * 10).expect("in range");
+            writes.record(v * 1000).expect("in range");
+        }
+        let (a, b) = (("reads", reads), ("writes", writes));
+        let bytes = hlog(
+            &[&a, &b],
+            std::time::SystemTime::now(),
+            std::time::Duration::from_secs(10),
+        )
+        .expect("log");
+        let text = std::str::from_utf8(&bytes).expect("text");
+        assert!(text.contains("#[MaxValueDivisor: 1000.000]"), "{text}");
+        let mut found = Vec::new();
+        for entry in IntervalLogIterator::new(&bytes) {
+            if let Ok(LogEntry::Interval(interval)) = entry {
+                let decoded: Histogram<u64> = Deserializer::new()
+                    .deserialize(&mut base64_decoded(interval.encoded_histogram()).as_slice())
+                    .expect("decodes");
+                found.push((interval.tag().map(|t| t.as_str().to_string()), decoded));
+            }
+        }
+        assert_eq!(found.len(), 2);
+        assert_eq!(found[0].0.as_deref(), Some("reads"));
+        assert_eq!(found[0].1, a.1);
+        assert_eq!(found[1].0.as_deref(), Some("writes"));
+        assert_eq!(found[1].1, b.1);
+    }
+
+    fn base64_decoded(text: &str) -> Vec<u8> {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .expect("base64")
     }
 }

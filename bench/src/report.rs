@@ -307,17 +307,28 @@ pub fn write_outputs<R: Serialize>(
 }
 
 /// Writes each histogram as `<json stem>-<name>.hgrm` beside the JSON
-/// (`latency::hgrm`).
-pub fn write_hgrms(json: &Path, histograms: &[(&str, hdrhistogram::Histogram<u64>)]) -> Result<()> {
+/// (`latency::hgrm`), and all of them in `<json stem>.hlog` (`latency::hlog`), the
+/// run (`run` long, which they cover) as one interval per histogram, tagged with its
+/// name.
+pub fn write_histograms(
+    json: &Path,
+    histograms: &[(&str, hdrhistogram::Histogram<u64>)],
+    run: std::time::Duration,
+) -> Result<()> {
     let dir = json.parent().unwrap_or(Path::new("."));
     let stem = json
         .file_stem()
         .map_or_else(|| "report".into(), |s| s.to_string_lossy().into_owned());
-    for (name, h) in histograms.iter().filter(|(_, h)| !h.is_empty()) {
+    let kept: Vec<_> = histograms.iter().filter(|(_, h)| !h.is_empty()).collect();
+    for (name, h) in &kept {
         let path = dir.join(format!("{stem}-{name}.hgrm"));
         std::fs::write(&path, crate::latency::hgrm(h))
             .with_context(|| format!("writing {}", path.display()))?;
     }
+    let path = dir.join(format!("{stem}.hlog"));
+    let started = std::time::SystemTime::now() - run;
+    std::fs::write(&path, crate::latency::hlog(&kept, started, run)?)
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 
