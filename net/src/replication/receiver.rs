@@ -83,7 +83,8 @@ pub fn fetch_layout(
             "the writer at {leader} refused: {reason}"
         ))),
         other => Err(LayoutError::Refused(format!(
-            "the writer at {leader} answered {other:?} instead of its layout"
+            "the writer at {leader} answered {} instead of its layout",
+            other.kind()
         ))),
     }
 }
@@ -134,7 +135,8 @@ fn receive_checkpoint(
         Message::Refused { reason, .. } => return Err(refused(format!("refused: {reason}"))),
         other => {
             return Err(refused(format!(
-                "answered {other:?} instead of a checkpoint"
+                "answered {} instead of a checkpoint",
+                other.kind()
             )))
         }
     };
@@ -170,7 +172,12 @@ fn receive_checkpoint(
     while received < snapshot_bytes {
         let bytes = match read_blocking(stream, MAX_MESSAGE_BYTES)? {
             Message::CheckpointPart { bytes } => bytes,
-            other => return Err(refused(format!("sent {other:?} inside a checkpoint"))),
+            other => {
+                return Err(refused(format!(
+                    "sent {} inside a checkpoint",
+                    other.kind()
+                )))
+            }
         };
         if bytes.is_empty() || received + bytes.len() as u64 > snapshot_bytes {
             return Err(refused(format!(
@@ -595,7 +602,8 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
             }
             other => {
                 return Err(format!(
-                    "the writer sent {other:?}, which a follower never gets"
+                    "the writer sent {}, which a follower never gets",
+                    other.kind()
                 ))
             }
         };

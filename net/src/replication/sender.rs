@@ -606,7 +606,7 @@ async fn read_acks<S: AsyncRead + AsyncWrite + Unpin>(
                     }
                 }
             }
-            Ok(other) => break format!("the follower sent {other:?} where an ack belongs"),
+            Ok(other) => break format!("the follower sent {} where an ack belongs", other.kind()),
             Err(e) => break format!("reading the follower's acks: {e}"),
         }
     };

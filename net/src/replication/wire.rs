@@ -151,6 +151,21 @@ fn malformed(what: impl Into<String>) -> WireError {
 }
 
 impl Message {
+    /// The message's type, for an error that must not print its contents (a frames
+    /// message or a checkpoint part is up to 8 MiB).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "a hello",
+            Message::Layout { .. } => "a layout",
+            Message::Frames { .. } => "frames",
+            Message::Heartbeat { .. } => "a heartbeat",
+            Message::Ack { .. } => "an ack",
+            Message::Refused { .. } => "a refusal",
+            Message::Checkpoint { .. } => "a checkpoint",
+            Message::CheckpointPart { .. } => "a checkpoint part",
+        }
+    }
+
     /// The message's body (type byte first), without length and checksum.
     pub fn encode_body(&self) -> Vec<u8> {
         let mut out = Vec::new();
