@@ -57,6 +57,9 @@ pub(crate) struct WriteResult {
     commit_p50_us: u64,
     commit_p99_us: u64,
     commit_p999_us: u64,
+    /// Where one write in 8 spent its time on the shard (`oc_engine::stages`).
+    #[serde(default)]
+    stages: Vec<crate::http::StageTime>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -256,8 +259,14 @@ pub fn run(args: EngineArgs) -> Result<()> {
             for (&c, &wal_rate) in concurrency.iter().zip(&wal_rates) {
                 let shard = fresh_shard(&base.join("writes")).await?;
                 write_load(&shard, c, rows_per_batch, 1 << 40, warmup).await?;
+                // The shard runs on this thread: its stage timings are this thread's.
+                let stages_before = oc_engine::stages::snapshot();
                 let (commits, elapsed, lat) =
                     write_load(&shard, c, rows_per_batch, 1 << 40, phase).await?;
+                let stages = crate::http::stage_times_in_process(
+                    &stages_before,
+                    &oc_engine::stages::snapshot(),
+                );
                 shard.close().await?;
                 let p = Percentiles::of(&lat);
                 let commits_per_s = commits as f64 / elapsed.as_secs_f64();
@@ -275,6 +284,7 @@ pub fn run(args: EngineArgs) -> Result<()> {
                     commit_p50_us: p.p50_us,
                     commit_p99_us: p.p99_us,
                     commit_p999_us: p.p999_us,
+                    stages,
                 });
             }
         }
@@ -385,6 +395,28 @@ pub(crate) fn markdown(r: &EngineReport) -> String {
             w.commit_p50_us,
             w.commit_p99_us,
             w.commit_p999_us
+        );
+    }
+    out += "\nWhere a write's time went on the shard (one in 8 timed; mean / p99 µs, the \
+            p99 interpolated inside buckets of 10 µs to 10 s):\n\n| upserts | admit | log_submit | durable | apply | wake |\n|---|---|---|---|---|---|\n";
+    for w in r.writes.iter().filter(|w| !w.stages.is_empty()) {
+        let stage = |name: &str| {
+            w.stages
+                .iter()
+                .find(|t| t.stage == name)
+                .map_or("—".to_string(), |t| {
+                    format!("{:.0} / {:.0}", t.mean_us, t.p99_us)
+                })
+        };
+        out += &format!(
+            "| {} writers × {} row(s) | {} | {} | {} | {} | {} |\n",
+            w.concurrency,
+            w.rows_per_batch,
+            stage("admit"),
+            stage("log_submit"),
+            stage("durable"),
+            stage("apply"),
+            stage("wake")
         );
     }
     out += "\n| pool, single-row upserts | commits/s | × 1 shard | p50 µs | p99 µs | p999 µs | refused |\n|---|---:|---:|---:|---:|---:|---:|\n";

@@ -156,11 +156,11 @@ pub(crate) struct SweepPoint {
 /// One stage of the sampled writes over the mix (`oc_engine::stages`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct StageTime {
-    stage: String,
+    pub(crate) stage: String,
     samples: u64,
-    mean_us: f64,
+    pub(crate) mean_us: f64,
     p50_us: f64,
-    p99_us: f64,
+    pub(crate) p99_us: f64,
 }
 
 #[derive(Clone)]
@@ -648,6 +648,46 @@ fn stage_times(before: &str, after: &str) -> Vec<StageTime> {
                 } else {
                     0.0
                 },
+                p50_us: quantile_between(&b, &a, 0.5)? * 1e6,
+                p99_us: quantile_between(&b, &a, 0.99)? * 1e6,
+            })
+        })
+        .collect()
+}
+
+/// The same figures for writes timed in this process, on this thread, between two
+/// snapshots of `oc_engine::stages` (the engine benchmark's shard runs on its thread).
+pub(crate) fn stage_times_in_process(
+    before: &oc_engine::stages::StageHistograms,
+    after: &oc_engine::stages::StageHistograms,
+) -> Vec<StageTime> {
+    use oc_engine::stages::{Stage, BUCKETS_US};
+    // Cumulative, in seconds, as a scrape has them.
+    let cumulative = |h: &oc_engine::stages::StageHistogram| {
+        let mut sum = 0.0;
+        let mut out: Vec<(f64, f64)> = BUCKETS_US
+            .iter()
+            .zip(h.buckets)
+            .map(|(&le, n)| {
+                sum += n as f64;
+                (le as f64 / 1e6, sum)
+            })
+            .collect();
+        out.push((f64::INFINITY, h.count as f64));
+        out
+    };
+    Stage::ALL
+        .iter()
+        .zip(before.iter().zip(after))
+        .filter_map(|(stage, (b, a))| {
+            let samples = a.count - b.count;
+            (samples > 0).then_some(())?;
+            let mean_us = (a.sum_us - b.sum_us) as f64 / samples as f64;
+            let (b, a) = (cumulative(b), cumulative(a));
+            Some(StageTime {
+                stage: stage.name().to_string(),
+                samples,
+                mean_us,
                 p50_us: quantile_between(&b, &a, 0.5)? * 1e6,
                 p99_us: quantile_between(&b, &a, 0.99)? * 1e6,
             })

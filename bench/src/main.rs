@@ -9,6 +9,7 @@ mod engine;
 mod http;
 mod latency;
 mod lease;
+mod memory;
 mod migration;
 mod pacer;
 mod peers;
@@ -74,6 +75,9 @@ enum Command {
     /// One lease renewal (a conditional put) on an archive: its latency percentiles
     /// against the drift margin a writer keeps before its lease could run out.
     Lease(lease::LeaseArgs),
+    /// Resident memory per stored row byte: the server's resident growth over the
+    /// tenant's stored bytes after loading rows (through an oc-server it starts).
+    Memory(memory::MemoryArgs),
     /// Re-render Markdown tables and SVG charts from a directory of JSON results.
     Report(report::ReportArgs),
     /// Run wal, engine, recovery, peers, http, ask and archive (the last three against oc-servers
@@ -256,6 +260,7 @@ fn main() -> anyhow::Result<()> {
         Command::Audit(args) => audit::run(args),
         Command::Migration(args) => migration::run(args),
         Command::Lease(args) => lease::run(args),
+        Command::Memory(args) => memory::run(args),
         Command::Report(args) => report::run(args),
         Command::All(args) => run_all(args),
     }

@@ -50,6 +50,11 @@ impl Spawned {
         }
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL: the machine is lost, as far as the server can tell.
     pub fn kill9(mut self) -> Result<()> {
         self.child.kill()?;

@@ -565,6 +565,23 @@ impl Table {
         g
     }
 
+    /// The most `writes` could add to any table: every upsert taken as a new row, every
+    /// delete as removing nothing. Each figure is at least [`Table::growth`]'s, so a
+    /// batch this admits is admitted; it looks nothing up (the lookups of the exact
+    /// figure cost as much as the apply's own on a large table).
+    pub fn growth_bound(writes: &[RowWrite]) -> crate::quota::Growth {
+        let mut g = crate::quota::Growth::default();
+        let signed = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        for write in writes {
+            if let RowWrite::Upsert(row) = write {
+                g.rows += 1;
+                g.bytes = g.bytes.saturating_add(signed(row_bytes(row)));
+                g.vectors += signed(row_vectors(row));
+            }
+        }
+        g
+    }
+
     /// The row whose primary key is named by a JSON object of the key columns.
     pub fn get_by_json_key(
         &self,

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
-use oc_engine::{ColumnType, EngineError, TableSchema, Tenant, TenantId, Value, WriteOp};
+use oc_engine::{ColumnType, EngineError, Table, TableSchema, Tenant, TenantId, Value, WriteOp};
 use proptest::prelude::*;
 use serde_json::{json, Map};
 
@@ -117,6 +117,33 @@ proptest! {
         let usage = t.usage();
         prop_assert_eq!(usage.rows, model.len());
         prop_assert_eq!(usage.vectors, model.values().filter(|v| v.2).count());
+    }
+
+    #[test]
+    fn admission_bound_is_never_below_the_growth_a_batch_makes(
+        before in proptest::collection::vec(op(), 0..30),
+        batch in proptest::collection::vec(op(), 1..8),
+    ) {
+        let mut t = tenant();
+        t.write("items", &before.iter().map(to_write).collect::<Vec<_>>()).expect("valid batch");
+        let ops: Vec<WriteOp> = batch.iter().map(to_write).collect();
+        let (growth, bound) = {
+            let table = t.table("items").expect("table");
+            let writes = table.validate_batch(&ops).expect("valid batch");
+            (table.growth(&writes), Table::growth_bound(&writes))
+        };
+        let used = t.usage();
+        t.write("items", &ops).expect("valid batch");
+        let after = t.usage();
+        // What the batch really added is never more than the bound: a batch the bound
+        // admits cannot take the tenant past a limit.
+        prop_assert!(after.rows as i64 - used.rows as i64 <= bound.rows);
+        prop_assert!(after.bytes as i64 - used.bytes as i64 <= bound.bytes);
+        prop_assert!(after.vectors as i64 - used.vectors as i64 <= bound.vectors);
+        prop_assert!(bound.rows >= growth.rows, "{:?} {:?}", bound, growth);
+        prop_assert!(bound.bytes >= growth.bytes, "{:?} {:?}", bound, growth);
+        prop_assert!(bound.vectors >= growth.vectors, "{:?} {:?}", bound, growth);
+        prop_assert_eq!(bound.grows(), batch.iter().any(|op| matches!(op, Op::Upsert { .. })));
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! The `oc` CLI (built next to `oc-server` by `cargo test --workspace`) against a real
+//! The `oc` CLI (built next to `oc-server` by `cargo test --workspace`, because the
+//! client crate has an integration test of its own) against a real
 //! server with auth: an exit code per error class, as docs/API.md lists them, and the
 //! server's own message on stderr.
 

@@ -39,7 +39,7 @@ use crate::quota::TenantQuotas;
 use crate::record;
 use crate::schema::TableSchema;
 use crate::stages::{Laps, Side, Stage};
-use crate::table::{BatchOutcome, WriteOp};
+use crate::table::{BatchOutcome, Table, WriteOp};
 use crate::tenant::Tenant;
 use crate::tenant_id::TenantId;
 use crate::value::Value;
@@ -560,11 +560,15 @@ impl<S: Storage> Shard<S> {
     ) -> Result<(), EngineError> {
         // A write an active migration cannot carry is refused before it is logged.
         t.migrations().shadow_writes(table, writes)?;
-        let growth = t.table(table)?.growth(writes);
-        self.quotas
-            .get()
-            .admit(tenant.as_str(), &t.totals(), growth)?;
-        crate::quota::admit_memory(growth)
+        let quotas = self.quotas.get();
+        let totals = t.totals();
+        let admit = |growth| {
+            quotas.admit(tenant.as_str(), &totals, growth)?;
+            crate::quota::admit_memory(growth)
+        };
+        // Most batches are far from every limit: the bound admits them without a
+        // lookup; one it refuses is judged on its exact growth.
+        admit(Table::growth_bound(writes)).or_else(|_| admit(t.table(table)?.growth(writes)))
     }
 
     /// Logs validated writes against incarnation `table_version` of `table`; returns

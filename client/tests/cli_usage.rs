@@ -1,0 +1,45 @@
+//! The `oc` binary's usage errors, which need no server: exit code 2 and a message that
+//! names what to fix (docs/API.md lists the codes). The exit codes that need a real
+//! server are tested in `net/tests/cli.rs`, which runs this same binary: an integration
+//! test here is also what makes `cargo test --workspace` build `oc` on a fresh machine.
+
+use std::process::{Command, Output};
+
+fn oc(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_oc"))
+        .args(args)
+        .env_remove("OC_URL")
+        .env_remove("OC_TOKEN")
+        .env_remove("OC_CA_CERT")
+        .output()
+        .expect("oc runs")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_url_that_is_not_http_is_a_usage_error_naming_the_schemes() {
+    let out = oc(&["--url", "ftp://example.invalid", "tenants", "list"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("http:// or https://"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn an_unknown_command_is_a_usage_error() {
+    let out = oc(&["no-such-command"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("no-such-command"), "{}", stderr(&out));
+}
+
+#[test]
+fn nothing_listening_is_unavailable() {
+    // Port 1 on loopback: nothing listens there unless root started something on it.
+    let out = oc(&["--url", "http://127.0.0.1:1", "tenants", "list"]);
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+}
