@@ -11,7 +11,7 @@ OUT=${OUT:-docs/bench/issue21}
 ROUNDS=${ROUNDS:-3}
 PORT=${PORT:-7070}
 OPS_PORT=${OPS_PORT:-7071}
-mkdir -p "$OUT"
+mkdir -p "$OUT" "$DIR"
 log() { echo "== $(date +%T) $*" >&2; }
 
 # One HTTP round: oc-server (args after the setup's name) and the 10k req/s 90:10 mix

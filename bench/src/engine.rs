@@ -60,6 +60,12 @@ pub(crate) struct WriteResult {
     /// Where one write in 8 spent its time on the shard (`oc_engine::stages`).
     #[serde(default)]
     stages: Vec<crate::http::StageTime>,
+    /// The log's own figures over the phase: append → durable per frame, and one
+    /// group's durable write.
+    #[serde(default)]
+    wal_fsync_lag_p99_us: u64,
+    #[serde(default)]
+    wal_group_write_p99_us: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -261,12 +267,22 @@ pub fn run(args: EngineArgs) -> Result<()> {
                 write_load(&shard, c, rows_per_batch, 1 << 40, warmup).await?;
                 // The shard runs on this thread: its stage timings are this thread's.
                 let stages_before = oc_engine::stages::snapshot();
+                let wal_before = shard.wal().stats();
                 let (commits, elapsed, lat) =
                     write_load(&shard, c, rows_per_batch, 1 << 40, phase).await?;
                 let stages = crate::http::stage_times_in_process(
                     &stages_before,
                     &oc_engine::stages::snapshot(),
                 );
+                let wal_after = shard.wal().stats();
+                let phase_p99 = |after: &Histogram<u64>, before: &Histogram<u64>| {
+                    let mut h = after.clone();
+                    h.subtract(before).map_or(0, |()| h.value_at_quantile(0.99))
+                };
+                let wal_fsync_lag_p99_us =
+                    phase_p99(&wal_after.fsync_lag_us, &wal_before.fsync_lag_us);
+                let wal_group_write_p99_us =
+                    phase_p99(&wal_after.group_write_us, &wal_before.group_write_us);
                 shard.close().await?;
                 let p = Percentiles::of(&lat);
                 let commits_per_s = commits as f64 / elapsed.as_secs_f64();
@@ -285,6 +301,8 @@ pub fn run(args: EngineArgs) -> Result<()> {
                     commit_p99_us: p.p99_us,
                     commit_p999_us: p.p999_us,
                     stages,
+                    wal_fsync_lag_p99_us,
+                    wal_group_write_p99_us,
                 });
             }
         }
@@ -398,7 +416,8 @@ pub(crate) fn markdown(r: &EngineReport) -> String {
         );
     }
     out += "\nWhere a write's time went on the shard (one in 8 timed; mean / p99 µs, the \
-            p99 interpolated inside buckets of 10 µs to 10 s):\n\n| upserts | admit | log_submit | durable | apply | wake |\n|---|---|---|---|---|---|\n";
+            p99 interpolated inside buckets of 10 µs to 10 s), and the log's own p99s over \
+            the phase:\n\n| upserts | admit | log_submit | durable | apply | wake | log: fsync lag p99 | log: group write p99 |\n|---|---|---|---|---|---|---:|---:|\n";
     for w in r.writes.iter().filter(|w| !w.stages.is_empty()) {
         let stage = |name: &str| {
             w.stages
@@ -409,14 +428,16 @@ pub(crate) fn markdown(r: &EngineReport) -> String {
                 })
         };
         out += &format!(
-            "| {} writers × {} row(s) | {} | {} | {} | {} | {} |\n",
+            "| {} writers × {} row(s) | {} | {} | {} | {} | {} | {} | {} |\n",
             w.concurrency,
             w.rows_per_batch,
             stage("admit"),
             stage("log_submit"),
             stage("durable"),
             stage("apply"),
-            stage("wake")
+            stage("wake"),
+            w.wal_fsync_lag_p99_us,
+            w.wal_group_write_p99_us
         );
     }
     out += "\n| pool, single-row upserts | commits/s | × 1 shard | p50 µs | p99 µs | p999 µs | refused |\n|---|---:|---:|---:|---:|---:|---:|\n";

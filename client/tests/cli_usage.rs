@@ -39,7 +39,12 @@ fn an_unknown_command_is_a_usage_error() {
 
 #[test]
 fn nothing_listening_is_unavailable() {
-    // Port 1 on loopback: nothing listens there unless root started something on it.
-    let out = oc(&["--url", "http://127.0.0.1:1", "tenants", "list"]);
+    // A port the kernel just handed out and that was closed again.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let out = oc(&["--url", &url, "tenants", "list"]);
     assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
 }

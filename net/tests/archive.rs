@@ -206,6 +206,46 @@ fn restore_to_an_instant_cuts_exactly_there() {
 
 /// The archive vanishes for a while: writes go on, lag and failures show in /metrics,
 /// and when it comes back shipping catches up and the archive verifies.
+/// Each thread of process `pid` as (name, nice), from `/proc/<pid>/task/*/stat`.
+fn thread_priorities(pid: u32) -> Vec<(String, i64)> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("the server's threads")
+        .filter_map(|task| {
+            let stat = std::fs::read_to_string(task.ok()?.path().join("stat")).ok()?;
+            // "tid (name) state ppid ...": the name may hold spaces; fields after it
+            // are counted from the closing parenthesis (nice is field 19 of stat).
+            let (head, rest) = stat.rsplit_once(')')?;
+            let name = head.split_once('(')?.1.to_string();
+            let nice = rest.split_whitespace().nth(16)?.parse().ok()?;
+            Some((name, nice))
+        })
+        .collect()
+}
+
+#[test]
+fn shipping_runs_below_the_shards() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let uri = file_uri(&dir.path().join("archive"));
+    let server = Server::start(&dir.path().join("data"), &archive_args(&uri, &[]));
+    let threads = thread_priorities(server.pid());
+    let nice_of = |name: &str| {
+        threads
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, nice)| *nice)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(nice_of("oc-ship"), vec![19], "{threads:?}");
+    // Everything else (the shards, the control executor, the lease) at the default.
+    assert!(
+        threads
+            .iter()
+            .filter(|(n, _)| n != "oc-ship" && n != "oc-reclaim")
+            .all(|(_, nice)| *nice == 0),
+        "{threads:?}"
+    );
+}
+
 #[test]
 fn an_archive_outage_grows_lag_but_never_blocks_writes() {
     let dir = tempfile::tempdir().expect("tempdir");

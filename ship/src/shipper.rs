@@ -855,6 +855,12 @@ pub fn start(
     std::thread::Builder::new()
         .name("oc-ship".into())
         .spawn(move || {
+            // Below the shards: a round's reads, copies and checksums would otherwise
+            // take a shard's core for milliseconds every window, which is the read
+            // tail's p99 (BENCHMARKS.md, "Shipping at nice 19"). Nice, not SCHED_IDLE:
+            // a shard busy all the time must not stop shipping.
+            // SAFETY: setpriority on this thread's own id with a valid value.
+            unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19) };
             for job in inbox {
                 let _ = job.reply.send(shipper.round(&job.views, job.upload));
             }
