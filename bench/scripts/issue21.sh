@@ -27,7 +27,9 @@ http_round() {
         curl -sf "http://127.0.0.1:$OPS_PORT/ready" >/dev/null && break
         sleep 0.1
     done
-    taskset -c "$client_cpus" "$BIN/oc-bench" http --url "http://127.0.0.1:$PORT" \
+    # --client-cpus pins the generator and records it in the JSON; the server's CPUs
+    # (set here with taskset) are named by the setup, which the file name carries.
+    "$BIN/oc-bench" http --client-cpus "$client_cpus" --url "http://127.0.0.1:$PORT" \
         --rate 10000 --seconds 10 --mix 90:10 --metrics-url "http://127.0.0.1:$OPS_PORT" \
         --json "$OUT/http-$name-$round.json" >/dev/null
     kill -TERM "$pid"

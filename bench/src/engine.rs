@@ -62,10 +62,11 @@ pub(crate) struct WriteResult {
     stages: Vec<crate::http::StageTime>,
     /// The log's own figures over the phase: append → durable per frame, and one
     /// group's durable write.
+    /// None in results written before these were recorded.
     #[serde(default)]
-    wal_fsync_lag_p99_us: u64,
+    wal_fsync_lag_p99_us: Option<u64>,
     #[serde(default)]
-    wal_group_write_p99_us: u64,
+    wal_group_write_p99_us: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -277,7 +278,7 @@ pub fn run(args: EngineArgs) -> Result<()> {
                 let wal_after = shard.wal().stats();
                 let phase_p99 = |after: &Histogram<u64>, before: &Histogram<u64>| {
                     let mut h = after.clone();
-                    h.subtract(before).map_or(0, |()| h.value_at_quantile(0.99))
+                    h.subtract(before).ok().map(|()| h.value_at_quantile(0.99))
                 };
                 let wal_fsync_lag_p99_us =
                     phase_p99(&wal_after.fsync_lag_us, &wal_before.fsync_lag_us);
@@ -436,8 +437,10 @@ pub(crate) fn markdown(r: &EngineReport) -> String {
             stage("durable"),
             stage("apply"),
             stage("wake"),
-            w.wal_fsync_lag_p99_us,
+            w.wal_fsync_lag_p99_us
+                .map_or("—".to_string(), |us| us.to_string()),
             w.wal_group_write_p99_us
+                .map_or("—".to_string(), |us| us.to_string())
         );
     }
     out += "\n| pool, single-row upserts | commits/s | × 1 shard | p50 µs | p99 µs | p999 µs | refused |\n|---|---:|---:|---:|---:|---:|---:|\n";

@@ -538,37 +538,40 @@ impl Table {
         Some(row)
     }
 
-    /// How applying `writes` would change this table's usage, each write taken against
-    /// the table as it is now (a key written twice in one batch counts twice).
+    /// How applying `writes` would change this table's usage, exactly: each write is
+    /// taken against the table as the batch's earlier writes left it (a delete and a
+    /// re-insert of one key in one batch is an update, not a row freed).
     pub fn growth(&self, writes: &[RowWrite]) -> crate::quota::Growth {
         let mut g = crate::quota::Growth::default();
         let signed = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        let figures = |row: &Row| (signed(row_bytes(row)), signed(row_vectors(row)));
+        // Keys this batch wrote already: their (bytes, vectors) after it, None if deleted.
+        let mut written: BTreeMap<Key, Option<(i64, i64)>> = BTreeMap::new();
         for write in writes {
-            match write {
+            let (key, new) = match write {
                 RowWrite::Upsert(row) => {
-                    let key = key_of(row, &self.schema.primary_key);
-                    let old = self.rows.get(&key);
-                    g.rows += i64::from(old.is_none());
-                    g.bytes += signed(row_bytes(row)) - old.map_or(0, |o| signed(row_bytes(o)));
-                    g.vectors +=
-                        signed(row_vectors(row)) - old.map_or(0, |o| signed(row_vectors(o)));
+                    (key_of(row, &self.schema.primary_key), Some(figures(row)))
                 }
-                RowWrite::Delete(key) => {
-                    if let Some(old) = self.rows.get(&Key::new(key.clone())) {
-                        g.rows -= 1;
-                        g.bytes -= signed(row_bytes(old));
-                        g.vectors -= signed(row_vectors(old));
-                    }
-                }
-            }
+                RowWrite::Delete(key) => (Key::new(key.clone()), None),
+            };
+            let old = match written.get(&key) {
+                Some(earlier) => *earlier,
+                None => self.rows.get(&key).map(figures),
+            };
+            g.rows += i64::from(new.is_some()) - i64::from(old.is_some());
+            let (new_bytes, new_vectors) = new.unwrap_or_default();
+            let (old_bytes, old_vectors) = old.unwrap_or_default();
+            g.bytes = g.bytes.saturating_add(new_bytes - old_bytes);
+            g.vectors += new_vectors - old_vectors;
+            written.insert(key, new);
         }
         g
     }
 
     /// The most `writes` could add to any table: every upsert taken as a new row, every
     /// delete as removing nothing. Each figure is at least [`Table::growth`]'s, so a
-    /// batch this admits is admitted; it looks nothing up (the lookups of the exact
-    /// figure cost as much as the apply's own on a large table).
+    /// batch this admits the exact figure admits too; it looks nothing up (the exact
+    /// figure's lookups cost as much as the apply's own on a large table).
     pub fn growth_bound(writes: &[RowWrite]) -> crate::quota::Growth {
         let mut g = crate::quota::Growth::default();
         let signed = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);

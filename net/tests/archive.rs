@@ -204,20 +204,21 @@ fn restore_to_an_instant_cuts_exactly_there() {
     assert!(has_row(&server, "acme", 10_000));
 }
 
-/// The archive vanishes for a while: writes go on, lag and failures show in /metrics,
-/// and when it comes back shipping catches up and the archive verifies.
-/// Each thread of process `pid` as (name, nice), from `/proc/<pid>/task/*/stat`.
-fn thread_priorities(pid: u32) -> Vec<(String, i64)> {
+/// Each thread of process `pid` as (thread id, name, nice), from
+/// `/proc/<pid>/task/*/stat`.
+fn thread_priorities(pid: u32) -> Vec<(u32, String, i64)> {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .expect("the server's threads")
         .filter_map(|task| {
-            let stat = std::fs::read_to_string(task.ok()?.path().join("stat")).ok()?;
+            let task = task.ok()?;
+            let tid = task.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
             // "tid (name) state ppid ...": the name may hold spaces; fields after it
             // are counted from the closing parenthesis (nice is field 19 of stat).
             let (head, rest) = stat.rsplit_once(')')?;
             let name = head.split_once('(')?.1.to_string();
             let nice = rest.split_whitespace().nth(16)?.parse().ok()?;
-            Some((name, nice))
+            Some((tid, name, nice))
         })
         .collect()
 }
@@ -227,25 +228,35 @@ fn shipping_runs_below_the_shards() {
     let dir = tempfile::tempdir().expect("tempdir");
     let uri = file_uri(&dir.path().join("archive"));
     let server = Server::start(&dir.path().join("data"), &archive_args(&uri, &[]));
-    let threads = thread_priorities(server.pid());
+    let pid = server.pid();
+    let threads = thread_priorities(pid);
+    // Relative to the main thread: the test runner itself may run under `nice`.
+    let base = threads
+        .iter()
+        .find(|(tid, _, _)| *tid == pid)
+        .map(|(_, _, nice)| *nice)
+        .expect("the main thread");
     let nice_of = |name: &str| {
         threads
             .iter()
-            .filter(|(n, _)| n == name)
-            .map(|(_, nice)| *nice)
+            .filter(|(_, n, _)| n == name)
+            .map(|(_, _, nice)| *nice)
             .collect::<Vec<_>>()
     };
     assert_eq!(nice_of("oc-ship"), vec![19], "{threads:?}");
-    // Everything else (the shards, the control executor, the lease) at the default.
+    // Everything else (the shards, the control executor, the lease) where it started
+    // (`oc-reclaim` is `SCHED_IDLE`, a policy of its own, when it has started).
     assert!(
         threads
             .iter()
-            .filter(|(n, _)| n != "oc-ship" && n != "oc-reclaim")
-            .all(|(_, nice)| *nice == 0),
+            .filter(|(_, n, _)| n != "oc-ship" && n != "oc-reclaim")
+            .all(|(_, _, nice)| *nice == base),
         "{threads:?}"
     );
 }
 
+/// The archive vanishes for a while: writes go on, lag and failures show in /metrics,
+/// and when it comes back shipping catches up and the archive verifies.
 #[test]
 fn an_archive_outage_grows_lag_but_never_blocks_writes() {
     let dir = tempfile::tempdir().expect("tempdir");

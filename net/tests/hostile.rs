@@ -380,6 +380,22 @@ fn tenant_quotas_refuse_the_write_that_would_pass_them_and_deletes_free_room() {
         "quota_exceeded",
         "bytes",
     );
+    // Deleting a row and writing it again in the same batch is an update, not a row
+    // freed first. Counted as freed, doubling a 10,000-byte row this way looked like
+    // no growth at all and took the tenant past its 20,000 bytes.
+    assert_eq!(
+        write_row(&server, "acme", 3, &"w".repeat(10_000)).status,
+        200
+    );
+    let delete_then_grow = server.post(
+        "/v1/tenants/acme/tables/docs/rows",
+        &json!({"ops": [
+            {"delete": {"id": 3}},
+            {"upsert": {"id": 3, "body": "z".repeat(19_950), "grp": 0}},
+        ]}),
+    );
+    assert_error(&delete_then_grow, 403, "quota_exceeded", "bytes");
+    assert_eq!(write_row(&server, "acme", 3, "y").status, 200);
     let deleted = server.post(
         "/v1/tenants/acme/tables/docs/rows",
         &json!({"ops": [{"delete": {"id": 0}}]}),

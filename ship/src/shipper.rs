@@ -860,7 +860,14 @@ pub fn start(
             // tail's p99 (BENCHMARKS.md, "Shipping at nice 19"). Nice, not SCHED_IDLE:
             // a shard busy all the time must not stop shipping.
             // SAFETY: setpriority on this thread's own id with a valid value.
-            unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19) };
+            let lowered =
+                unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19) };
+            if lowered != 0 {
+                tracing::warn!(
+                    error = %std::io::Error::last_os_error(),
+                    "could not lower the shipping thread's priority: shipping shares the shards' cores as an equal"
+                );
+            }
             for job in inbox {
                 let _ = job.reply.send(shipper.round(&job.views, job.upload));
             }
