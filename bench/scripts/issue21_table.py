@@ -108,7 +108,7 @@ if wals:
         [r["steady_state"]["wal_seq_mb_s"] / r["raw_durable_seq_mb_s"] for r in wals], "≥ 0.9",
         lambda v: v >= 0.9)
     row("WAL one appender ÷ raw 4 KiB write + fdatasync (fresh log)",
-        [r["small_appends"][0]["ratio_to_raw_fsync"] for r in wals], "(context)", lambda v: v >= 0.9)
+        [r["small_appends"][0]["ratio_to_raw_fsync"] for r in wals], "≥ 0.9 (the one-writer goal, for the log alone)", lambda v: v >= 0.9)
 
 for r in load("recovery.json"):
     row("log replay, MB/s (median of the reopenings)", [r["replay_mb_s"]["median"]], "≥ 300",
