@@ -152,17 +152,17 @@ impl ShardPool {
         ensure_layout(&config.data_dir, config.shards)?;
         let mut endpoints = build_mesh(config.shards, config.clients, config.forward_capacity);
         let clients = endpoints.split_off(config.shards);
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cpus = allowed_cpus();
         let (opened_tx, opened_rx) = mpsc::channel();
         let mut go_senders = Vec::new();
         let mut threads = Vec::new();
         for (id, ends) in endpoints.into_iter().enumerate() {
             let (go_tx, go_rx) = mpsc::channel::<bool>();
             go_senders.push(go_tx);
-            let placement = if config.pin_to_cores {
-                Placement::Fixed(id % cpus)
-            } else {
-                Placement::Unbound
+            let placement = match cpus.len() {
+                0 => Placement::Unbound,
+                n if config.pin_to_cores => Placement::Fixed(cpus[id % n]),
+                _ => Placement::Unbound,
             };
             let run = ShardRun {
                 id,
@@ -232,6 +232,23 @@ impl ShardPool {
     /// Waits for every shard to exit (after [`stop_all`]); the first error wins.
     pub fn join(self) -> Result<(), EngineError> {
         join_all(self.threads)
+    }
+}
+
+/// The CPUs this process may run on, in order: its affinity mask, which `taskset`,
+/// systemd's `CPUAffinity=` and a container's cpuset set. Shard `i` is pinned to the
+/// `i mod n`-th of them, never to a CPU the operator did not give the process. Empty
+/// when the mask cannot be read (the shards then run unpinned).
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: sched_getaffinity writes at most the size given into a set we own.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&cpu| libc::CPU_ISSET(cpu, &set))
+            .collect()
     }
 }
 

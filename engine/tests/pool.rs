@@ -214,3 +214,69 @@ fn a_shard_that_cannot_open_fails_the_whole_start() {
     let err = start(config(dir.path(), 2)).err().expect("start refused");
     assert!(matches!(err, EngineError::Wal(_)), "{err}");
 }
+
+/// The CPUs the calling thread may run on.
+fn affinity() -> Vec<usize> {
+    // SAFETY: sched_getaffinity writes at most the size given into a set we own.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        assert_eq!(
+            libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set),
+            0
+        );
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&cpu| libc::CPU_ISSET(cpu, &set))
+            .collect()
+    }
+}
+
+#[test]
+fn shards_are_pinned_within_the_cpus_the_process_was_given() {
+    let all = affinity();
+    if all.len() < 2 {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs this on 2 CPUs or more"
+        );
+        eprintln!("skipped: one CPU, nothing to choose from");
+        return;
+    }
+    // As `taskset -c <last>` (or a cpuset) would: this thread, and the shard threads it
+    // starts, may only use the last CPU.
+    let given = all[all.len() - 1];
+    // SAFETY: sched_setaffinity on this thread with a set we built.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(given, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0
+        );
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (seen_tx, seen_rx) = mpsc::channel();
+    let pinned = PoolConfig {
+        pin_to_cores: true,
+        ..config(dir.path(), 2)
+    };
+    let (mut pool, _) = ShardPool::start(pinned, move |node, _router| {
+        let seen = seen_tx.clone();
+        async move {
+            let _ = seen.send((node.id(), affinity()));
+        }
+    })
+    .expect("start");
+    let mut seen: Vec<_> = (0..2)
+        .map(|_| {
+            seen_rx
+                .recv_timeout(Duration::from_secs(10))
+                .expect("each shard reports")
+        })
+        .collect();
+    seen.sort_by_key(|(id, _)| *id);
+    // Both on the one CPU given, not on CPUs 0 and 1 of the machine.
+    assert_eq!(seen, vec![(0, vec![given]), (1, vec![given])]);
+    let client = pool.take_client().expect("a client");
+    run_local(async move { stop_all(&client.connect(None).await).await }).expect("stop");
+    pool.join().expect("clean stop");
+}
