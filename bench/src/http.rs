@@ -681,7 +681,9 @@ pub(crate) fn stage_times_in_process(
         .zip(before.iter().zip(after))
         .filter_map(|(stage, (b, a))| {
             let samples = a.count - b.count;
-            (samples > 0).then_some(())?;
+            if samples == 0 {
+                return None;
+            }
             let mean_us = (a.sum_us - b.sum_us) as f64 / samples as f64;
             let (b, a) = (cumulative(b), cumulative(a));
             Some(StageTime {

@@ -159,10 +159,10 @@ impl ShardPool {
         for (id, ends) in endpoints.into_iter().enumerate() {
             let (go_tx, go_rx) = mpsc::channel::<bool>();
             go_senders.push(go_tx);
-            let placement = match cpus.len() {
-                0 => Placement::Unbound,
-                n if config.pin_to_cores => Placement::Fixed(cpus[id % n]),
-                _ => Placement::Unbound,
+            let placement = if config.pin_to_cores && !cpus.is_empty() {
+                Placement::Fixed(cpus[id % cpus.len()])
+            } else {
+                Placement::Unbound
             };
             let run = ShardRun {
                 id,
