@@ -245,7 +245,7 @@ mod tests {
         let stale = Command::Write {
             table: "items".into(),
             table_version: 2,
-            writes: vec![RowWrite::Upsert(vec![Value::Int(7)])],
+            writes: vec![RowWrite::upsert(&[Value::Int(7)])],
             idempotency_key: None,
         };
         apply(
@@ -288,7 +288,7 @@ mod tests {
         Command::Write {
             table: "items".into(),
             table_version: 2,
-            writes: vec![RowWrite::Upsert(vec![Value::Int(id)])],
+            writes: vec![RowWrite::upsert(&[Value::Int(id)])],
             idempotency_key: Some(key.into()),
         }
     }
@@ -341,7 +341,7 @@ mod tests {
         let stale = Command::Write {
             table: "items".into(),
             table_version: 99,
-            writes: vec![RowWrite::Upsert(vec![Value::Int(9)])],
+            writes: vec![RowWrite::upsert(&[Value::Int(9)])],
             idempotency_key: Some("k2".into()),
         };
         assert!(apply(&mut state, &acme, Lsn(6), TimestampMicros(6), stale).is_err());

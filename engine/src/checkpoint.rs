@@ -975,18 +975,13 @@ fn decode_frame(
             // two-byte value count), never by the claimed count or the snapshot.
             let mut rows = Vec::with_capacity(count.min(r.remaining() / 2));
             for _ in 0..count {
-                let n = r.u16()? as usize;
-                if n != columns {
+                let row = r.row()?;
+                if row.len() != columns {
                     return Err(SnapshotProblem::RowWidth {
                         table,
-                        values: n,
+                        values: row.len(),
                         columns,
                     });
-                }
-                // Sized once (a value takes at least its tag byte), not grown per value.
-                let mut row = Vec::with_capacity(n.min(r.remaining()));
-                for _ in 0..n {
-                    row.push(r.value()?);
                 }
                 rows.push(RowWrite::Upsert(row));
             }

@@ -20,7 +20,7 @@ use crate::command::Command;
 use crate::schema::TableSchema;
 use crate::table::RowWrite;
 use crate::tenant_id::TenantId;
-use crate::value::{decode_key, Value};
+use crate::value::decode_key;
 
 /// What kind of event a change is (its SSE `event:` name).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -389,7 +389,7 @@ fn change_event(
             schema.map(|s| {
                 s.primary_key
                     .iter()
-                    .map(|&c| row.get(c).cloned().unwrap_or(Value::Null))
+                    .map(|&c| row.get(c).to_value())
                     .collect::<Vec<_>>()
             }),
         ),

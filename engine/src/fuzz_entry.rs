@@ -59,14 +59,14 @@ pub fn fixture_schema() -> TableSchema {
 /// [`FIXTURE_TABLE_VERSION`].
 pub fn fixture_commands() -> Vec<Command> {
     let row = |id: i64, name: &str, emb: [f32; 3]| {
-        RowWrite::Upsert(vec![
+        RowWrite::Upsert(crate::row::Row::from_values(&[
             Value::Int(id),
             Value::Text(name.into()),
             Value::Float(1.5),
             Value::Bool(true),
             Value::Json("{\"k\":[1,2]}".into()),
             Value::Vector(emb.to_vec()),
-        ])
+        ]))
     };
     vec![
         Command::CreateTenant,

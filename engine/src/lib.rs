@@ -30,6 +30,7 @@ pub mod query;
 pub mod quota;
 pub mod reclaim;
 pub mod record;
+pub mod row;
 pub mod scheduler;
 pub mod schema;
 pub mod shard;
@@ -46,13 +47,14 @@ pub use mesh::{MeshError, Router};
 pub use placement::owner_shard;
 pub use pool::{owner_of, stop_all, PoolConfig, ShardNode, ShardPool, ShardRouter};
 pub use quota::{Growth, TenantQuotas};
+pub use row::{Row, ValueRef};
 pub use scheduler::{spawn_checkpointer, CheckpointMetrics, CheckpointPolicy, Checkpointer};
 pub use schema::TableSchema;
 pub use shard::{
     AckGate, Applied, BackfillProgress, ChangesRead, MigrationMetrics, Shard, ShardOpenReport,
     ShardState,
 };
-pub use table::{BatchOutcome, Row, Table, TableUsage, WriteOp};
+pub use table::{BatchOutcome, Table, TableUsage, WriteOp};
 pub use tenant::{Tenant, TenantUsage};
 pub use tenant_id::TenantId;
 pub use value::{ColumnType, Value};

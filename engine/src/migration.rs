@@ -326,10 +326,10 @@ impl Plan {
     /// column's type by the rules a JSON write follows (an int fills a float column;
     /// anything fills a json column); the row is then checked against the v1 table.
     pub fn transform(&self, row: &Row) -> Result<Row, String> {
-        let mut out = Row::with_capacity(self.sources.len());
+        let mut out = Vec::with_capacity(self.sources.len());
         for (source, column) in self.sources.iter().zip(&self.target.columns) {
             let value = match source {
-                Source::Column(i) => row.get(*i).cloned().unwrap_or(Value::Null),
+                Source::Column(i) => row.get(*i).to_value(),
                 Source::Computed { expr, params } => {
                     let v = crate::query::with_stack(|| expr.eval(row, params))
                         .map_err(|e| format!("column {:?}: {e}", column.name))?
@@ -350,7 +350,7 @@ impl Plan {
             }
             out.push(value);
         }
-        Ok(out)
+        Ok(Row::from_values(&out))
     }
 }
 
@@ -1060,9 +1060,9 @@ mod tests {
         assert_eq!(p.target.columns[2].ty, Float);
         assert_eq!(p.target.indexes.len(), 1);
         assert_eq!(p.target.indexes[0].name, "by_title");
-        let row = vec![Value::Int(1), Value::Text("a".into()), Value::Int(20)];
+        let row = Row::from_values(&[Value::Int(1), Value::Text("a".into()), Value::Int(20)]);
         assert_eq!(
-            p.transform(&row).expect("transforms"),
+            p.transform(&row).expect("transforms").to_values(),
             vec![
                 Value::Int(1),
                 Value::Text("a".into()),
@@ -1070,9 +1070,9 @@ mod tests {
                 Value::Int(40)
             ]
         );
-        let null_n = vec![Value::Int(2), Value::Null, Value::Null];
+        let null_n = Row::from_values(&[Value::Int(2), Value::Null, Value::Null]);
         assert_eq!(
-            p.transform(&null_n).expect("nulls propagate"),
+            p.transform(&null_n).expect("nulls propagate").to_values(),
             vec![Value::Int(2), Value::Null, Value::Null, Value::Null]
         );
     }
@@ -1114,7 +1114,7 @@ mod tests {
             &steps(r#"[{"op":"change_type","column":"name","type":"int","using":"name"}]"#),
         )
         .expect("plan");
-        let row = vec![Value::Int(1), Value::Text("abc".into()), Value::Null];
+        let row = Row::from_values(&[Value::Int(1), Value::Text("abc".into()), Value::Null]);
         let why = p.transform(&row).expect_err("text is not an int");
         assert!(why.contains("column \"name\""), "{why}");
     }
@@ -1125,6 +1125,7 @@ mod apply_tests {
     use super::*;
     use crate::apply::{apply, Applied, ShardState};
     use crate::command::Command;
+    use crate::row::ValueRef;
     use crate::tenant_id::TenantId;
     use ColumnType::*;
 
@@ -1183,7 +1184,7 @@ mod apply_tests {
             self.run(Command::Write {
                 table: "items".into(),
                 table_version: version,
-                writes: vec![RowWrite::Upsert(vec![
+                writes: vec![RowWrite::upsert(&[
                     Value::Int(id),
                     Value::Int(n),
                     Value::Text(format!("row {id}")),
@@ -1231,7 +1232,7 @@ mod apply_tests {
         let wide = |id: i64| Command::Write {
             table: "items".into(),
             table_version: version,
-            writes: vec![RowWrite::Upsert(vec![
+            writes: vec![RowWrite::upsert(&[
                 Value::Int(id),
                 Value::Int(id),
                 Value::Text("w".repeat(crate::limits::MAX_ROW_BYTES / 2)),
@@ -1302,16 +1303,18 @@ mod apply_tests {
         let rows = log.rows();
         assert_eq!(rows.len(), 11);
         for row in &rows {
-            let (Value::Int(k), Value::Int(n), Value::Int(d)) = (&row[0], &row[1], &row[2]) else {
+            let (ValueRef::Int(k), ValueRef::Int(n), ValueRef::Int(d)) =
+                (row.get(0), row.get(1), row.get(2))
+            else {
                 panic!("{row:?}")
             };
             let expected_n = match k {
                 1 => 100,
                 7 => 700,
                 50 => 5,
-                k => *k,
+                k => k,
             };
-            assert_eq!((*n, *d), (expected_n, expected_n * 2), "row {k}");
+            assert_eq!((n, d), (expected_n, expected_n * 2), "row {k}");
             assert_eq!(row.len(), 3, "the dropped column is gone");
         }
         let table = log.tenant().table("items").expect("table");
@@ -1329,7 +1332,7 @@ mod apply_tests {
         let stale = log.run(Command::Write {
             table: "items".into(),
             table_version: 2,
-            writes: vec![RowWrite::Upsert(vec![
+            writes: vec![RowWrite::upsert(&[
                 Value::Int(1),
                 Value::Int(1),
                 Value::Null,

@@ -15,10 +15,11 @@ use crate::limits::{
     MAX_BATCH_ROWS, MAX_COLUMNS_PER_TABLE, MAX_INDEXES_PER_TABLE, MAX_KEY_BYTES, MAX_KEY_COLUMNS,
     MAX_NAME_BYTES, MAX_ROW_BYTES, MAX_VECTOR_DIM,
 };
+use crate::row::Row;
 use crate::schema::TableSchema;
 use crate::table::RowWrite;
 use crate::tenant_id::MAX_TENANT_ID_BYTES;
-use crate::value::{ColumnType, Value};
+use crate::value::ColumnType;
 
 /// Payload format version of every engine record.
 pub const RECORD_FORMAT_VERSION: u8 = 1;
@@ -42,8 +43,8 @@ const _: () = assert!(MAX_VECTOR_DIM as usize <= MAX_ROW_BYTES);
 /// Bytes a row takes inside a record: its `u16` value count, then its values.
 /// [`Value::stored_bytes`] is exactly a value's encoding, so this is what
 /// `MAX_ROW_BYTES` bounds, plus 2 (a test holds the two together).
-pub fn row_entry_bytes(row: &[Value]) -> usize {
-    2 + row.iter().map(Value::stored_bytes).sum::<usize>()
+pub fn row_entry_bytes(row: &Row) -> usize {
+    row.encoded().len()
 }
 
 /// Payload bytes of a write record before its first row write, at most: version,
@@ -106,14 +107,6 @@ const _: () = assert!(
     ) <= MAX_ONE_ROW_RECORD_BYTES
 );
 
-// Value tags.
-const V_NULL: u8 = 0;
-const V_BOOL: u8 = 1;
-const V_INT: u8 = 2;
-const V_FLOAT: u8 = 3;
-const V_TEXT: u8 = 4;
-const V_JSON: u8 = 5;
-const V_VECTOR: u8 = 6;
 // Column type tags.
 const T_TEXT: u8 = 1;
 const T_INT: u8 = 2;
@@ -276,14 +269,7 @@ pub fn decode(kind: RecordKind, payload: &[u8]) -> Result<Command, RecordError> 
             let mut writes = Vec::with_capacity(count.min(r.remaining()));
             for _ in 0..count {
                 writes.push(match r.u8()? {
-                    W_UPSERT => {
-                        let n = r.u16()? as usize;
-                        let mut row = Vec::with_capacity(n.min(r.remaining()));
-                        for _ in 0..n {
-                            row.push(r.value()?);
-                        }
-                        RowWrite::Upsert(row)
-                    }
+                    W_UPSERT => RowWrite::Upsert(r.row()?),
                     W_DELETE => RowWrite::Delete(r.bytes32()?.to_vec()),
                     other => return Err(r.error(format!("bad row write tag {other}"))),
                 });
@@ -373,44 +359,8 @@ impl Writer {
         self.0.extend_from_slice(b);
     }
     /// A row as [`row_entry_bytes`] counts it: `u16` value count, then the values.
-    pub(crate) fn row(&mut self, row: &[Value]) {
-        self.count16(row.len());
-        for v in row {
-            self.value(v);
-        }
-    }
-    pub(crate) fn value(&mut self, v: &Value) {
-        match v {
-            Value::Null => self.u8(V_NULL),
-            Value::Bool(b) => {
-                self.u8(V_BOOL);
-                self.u8(u8::from(*b));
-            }
-            Value::Int(i) => {
-                self.u8(V_INT);
-                self.u64(*i as u64);
-            }
-            Value::Float(f) => {
-                self.u8(V_FLOAT);
-                self.u64(f.to_bits());
-            }
-            Value::Text(s) => {
-                self.u8(V_TEXT);
-                self.bytes32(s.as_bytes());
-            }
-            Value::Json(s) => {
-                self.u8(V_JSON);
-                self.bytes32(s.as_bytes());
-            }
-            Value::Vector(v) => {
-                self.u8(V_VECTOR);
-                assert!(v.len() <= u32::MAX as usize, "vector of {} floats", v.len());
-                self.u32(v.len() as u32);
-                for x in v {
-                    self.0.extend_from_slice(&x.to_le_bytes());
-                }
-            }
-        }
+    pub(crate) fn row(&mut self, row: &Row) {
+        self.0.extend_from_slice(row.encoded());
     }
     pub(crate) fn schema(&mut self, s: &TableSchema) {
         self.str16(&s.name);
@@ -514,38 +464,18 @@ impl<'a> Reader<'a> {
         let n = self.u32()? as usize;
         self.take(n)
     }
-    #[expect(
-        clippy::expect_used,
-        reason = "take returned exactly the bytes asked for; chunks_exact yields 4-byte chunks"
-    )]
-    pub(crate) fn value(&mut self) -> Result<Value, RecordError> {
-        Ok(match self.u8()? {
-            V_NULL => Value::Null,
-            V_BOOL => Value::Bool(self.u8()? != 0),
-            V_INT => Value::Int(self.u64()? as i64),
-            V_FLOAT => Value::Float(f64::from_bits(self.u64()?)),
-            V_TEXT => {
-                let b = self.bytes32()?;
-                Value::Text(self.utf8(b)?)
+    /// A row as [`Writer::row`] writes it, checked (`Row::read`).
+    pub(crate) fn row(&mut self) -> Result<Row, RecordError> {
+        match Row::read(&self.bytes[self.at..]) {
+            Ok((row, len)) => {
+                self.at += len;
+                Ok(row)
             }
-            V_JSON => {
-                let b = self.bytes32()?;
-                Value::Json(self.utf8(b)?)
+            Err((at, why)) => {
+                self.at += at;
+                Err(self.error(why))
             }
-            V_VECTOR => {
-                let n = self.u32()? as usize;
-                let raw = self.take(
-                    n.checked_mul(4)
-                        .ok_or_else(|| self.error("vector too long".into()))?,
-                )?;
-                Value::Vector(
-                    raw.chunks_exact(4)
-                        .map(|c| f32::from_le_bytes(c.try_into().expect("chunks of 4")))
-                        .collect(),
-                )
-            }
-            other => return Err(self.error(format!("bad value tag {other}"))),
-        })
+        }
     }
     pub(crate) fn schema(&mut self) -> Result<TableSchema, RecordError> {
         let name = self.str16()?;
@@ -606,6 +536,7 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::value::Value;
     use proptest::prelude::*;
 
     /// The hash a key has always remembered, as first defined: the write's record
@@ -633,7 +564,7 @@ mod tests {
         ) {
             let writes: Vec<RowWrite> = ids
                 .iter()
-                .map(|&id| RowWrite::Upsert(vec![Value::Int(id), Value::Text(text.clone())]))
+                .map(|&id| RowWrite::upsert(&[Value::Int(id), Value::Text(text.clone())]))
                 .chain([RowWrite::Delete(text.as_bytes().to_vec())])
                 .collect();
             let command = Command::Write {
@@ -692,7 +623,7 @@ mod tests {
                 table_version: 42,
                 idempotency_key: Some("req-1".into()),
                 writes: vec![
-                    RowWrite::Upsert(vec![
+                    RowWrite::upsert(&[
                         Value::Int(-5),
                         Value::Text("a\0b".into()),
                         Value::Vector(vec![1.5, -2.0]),
@@ -751,14 +682,14 @@ mod tests {
             Value::Json("{\"a\":[1,2]}".into()),
             Value::Vector(vec![1.0, 2.0, 3.0]),
         ] {
-            let mut w = Writer(Vec::new());
-            w.value(&v);
-            assert_eq!(w.0.len(), v.stored_bytes(), "{v:?}");
+            let row = Row::from_values(std::slice::from_ref(&v));
+            assert_eq!(row.encoded_values().len(), v.stored_bytes(), "{v:?}");
         }
-        let row = vec![Value::Int(1), Value::Text("abc".into()), Value::Null];
+        let row = Row::from_values(&[Value::Int(1), Value::Text("abc".into()), Value::Null]);
         let mut w = Writer(Vec::new());
         w.row(&row);
         assert_eq!(w.0.len(), row_entry_bytes(&row));
+        assert_eq!(row_entry_bytes(&row), 2 + 9 + 8 + 1);
     }
 
     /// A one-row write at every limit at once: longest tenant, table and key, and a row
@@ -774,7 +705,7 @@ mod tests {
         let command = Command::Write {
             table: "t".repeat(MAX_NAME_BYTES),
             table_version: u64::MAX,
-            writes: vec![RowWrite::Upsert(row)],
+            writes: vec![RowWrite::Upsert(Row::from_values(&row))],
             idempotency_key: Some("k".repeat(idempotency::MAX_KEY_BYTES)),
         };
         let (kind, payload) = encode(&command);

@@ -12,12 +12,11 @@ use std::ops::Bound;
 use crate::error::EngineError;
 use crate::key::Key;
 use crate::limits::{MAX_BATCH_ROWS, MAX_KEY_BYTES, MAX_ROW_BYTES};
+pub use crate::row::Row;
+use crate::row::ValueRef;
 use crate::schema::TableSchema;
 use crate::value::{encode_key, ColumnType, Value};
 use crate::vectors::VectorColumn;
-
-/// A row: one value per column, in schema order.
-pub type Row = Vec<Value>;
 
 /// A requested row operation, as received (JSON objects keyed by column name).
 #[derive(Debug, Clone, PartialEq)]
@@ -34,6 +33,14 @@ pub enum RowWrite {
     Upsert(Row),
     /// The encoded primary key.
     Delete(Vec<u8>),
+}
+
+impl RowWrite {
+    /// An upsert of these values (tests and fixtures; a client's row comes through
+    /// [`Table::validate_batch`]).
+    pub fn upsert(values: &[Value]) -> RowWrite {
+        RowWrite::Upsert(Row::from_values(values))
+    }
 }
 
 /// What a batch changed.
@@ -84,44 +91,17 @@ pub struct TableDigest {
     resume: Option<Vec<u8>>,
 }
 
-/// The encoded key of `row` over `columns`.
-fn key_bytes(row: &Row, columns: &[usize]) -> Vec<u8> {
-    encode_key(columns.iter().map(|&c| &row[c]))
-}
-
-/// The same, as the B-trees hold it.
+/// The encoded key of `row` over `columns`, as the B-trees hold it.
 fn key_of(row: &Row, columns: &[usize]) -> Key {
-    Key::new(key_bytes(row, columns))
+    Key::new(row.key(columns))
 }
 
-fn row_bytes(row: &Row) -> usize {
-    row.iter().map(Value::stored_bytes).sum()
-}
-
-fn vector_in(row: &Row, column: usize) -> Option<&[f32]> {
-    match &row[column] {
-        Value::Vector(v) => Some(v),
+/// The little-endian bytes of `row`'s vector in `column`, if it has one.
+fn vector_in(row: &Row, column: usize) -> Option<&[u8]> {
+    match row.get(column) {
+        ValueRef::Vector(v) => Some(v),
         _ => None,
     }
-}
-
-/// The kind of a value, for messages (never the value: it may be large).
-fn value_kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "bool",
-        Value::Int(_) => "int",
-        Value::Float(f) if f.is_finite() => "float",
-        Value::Float(_) => "non-finite float",
-        Value::Text(_) => "text",
-        Value::Json(_) => "json",
-        Value::Vector(v) if v.iter().all(|x| x.is_finite()) => "vector",
-        Value::Vector(_) => "non-finite vector",
-    }
-}
-
-fn row_vectors(row: &Row) -> usize {
-    row.iter().filter(|v| matches!(v, Value::Vector(_))).count()
 }
 
 impl Table {
@@ -168,10 +148,8 @@ impl Table {
             }
             bytes.0.clear();
             bytes.bytes32(key);
-            for value in row {
-                bytes.value(value);
-            }
             digest.crc = crc32c::crc32c_append(digest.crc, &bytes.0);
+            digest.crc = crc32c::crc32c_append(digest.crc, row.encoded_values());
             digest.rows += 1;
             taken += 1;
             last = Some(key);
@@ -213,7 +191,7 @@ impl Table {
                 self.schema.name
             ));
         }
-        let mut row = Row::with_capacity(self.schema.columns.len());
+        let mut row = Vec::with_capacity(self.schema.columns.len());
         for column in &self.schema.columns {
             let value = match object.get(&column.name) {
                 Some(json) => Value::from_json(json, column.ty)
@@ -228,19 +206,20 @@ impl Table {
             }
             row.push(value);
         }
+        let row = Row::from_values(&row);
         self.check_row_limits(&row)?;
         Ok(row)
     }
 
     /// The size limits of a row: its bytes, its primary key's and each index key's.
     fn check_row_limits(&self, row: &Row) -> Result<(), String> {
-        let bytes = row_bytes(row);
+        let bytes = row.stored_bytes();
         if bytes > MAX_ROW_BYTES {
             return Err(format!(
                 "row is {bytes} bytes, above the limit of {MAX_ROW_BYTES}"
             ));
         }
-        let key = key_bytes(row, &self.schema.primary_key);
+        let key = row.key(&self.schema.primary_key);
         if key.len() > MAX_KEY_BYTES {
             return Err(format!(
                 "primary key is {} bytes encoded, above the limit of {MAX_KEY_BYTES}",
@@ -248,7 +227,7 @@ impl Table {
             ));
         }
         for index in &self.schema.indexes {
-            let len = key_bytes(row, &index.columns).len();
+            let len = row.key(&index.columns).len();
             if len > MAX_KEY_BYTES {
                 return Err(format!(
                     "key of index {:?} is {len} bytes, above the limit of {MAX_KEY_BYTES}",
@@ -261,7 +240,7 @@ impl Table {
 
     /// The encoded primary key of a row of this table.
     pub(crate) fn key_of(&self, row: &Row) -> Vec<u8> {
-        key_bytes(row, &self.schema.primary_key)
+        row.key(&self.schema.primary_key)
     }
 
     /// Checks a row a migration's transform made: what [`Table::check_writes`] checks,
@@ -353,26 +332,14 @@ impl Table {
                 self.schema.name
             ));
         }
-        for (value, column) in row.iter().zip(columns) {
-            let fits = match (value, column.ty) {
-                (Value::Null, _) => column.nullable,
-                (Value::Bool(_), ColumnType::Bool)
-                | (Value::Int(_), ColumnType::Int)
-                | (Value::Text(_), ColumnType::Text)
-                | (Value::Json(_), ColumnType::Json) => true,
-                (Value::Float(f), ColumnType::Float) => f.is_finite(),
-                (Value::Vector(v), ColumnType::Vector(dim)) => {
-                    v.len() == dim as usize && v.iter().all(|x| x.is_finite())
-                }
-                _ => false,
-            };
-            if !fits {
+        for (value, column) in row.values().zip(columns) {
+            if !value.fits(column.ty, column.nullable) {
                 return Err(format!(
                     "column {:?} ({}{}) cannot hold a {} value",
                     column.name,
                     column.ty,
                     if column.nullable { "" } else { ", not null" },
-                    value_kind(value)
+                    value.kind()
                 ));
             }
         }
@@ -390,8 +357,8 @@ impl Table {
                 return Err("a row is stored under a key that is not its primary key".into());
             }
             usage.rows += 1;
-            usage.bytes += row_bytes(row);
-            usage.vectors += row_vectors(row);
+            usage.bytes += row.stored_bytes();
+            usage.vectors += row.vectors();
         }
         for (i, index) in self.schema.indexes.iter().enumerate() {
             let entries = &self.indexes[i];
@@ -416,9 +383,8 @@ impl Table {
                 let in_row = vector_in(row, store.column());
                 // Bitwise: the store holds a copy, so even a zero's sign must match.
                 let same = match (in_row, store.get(key)) {
-                    (Some(a), Some(b)) => a
-                        .iter()
-                        .map(|x| x.to_bits())
+                    (Some(a), Some(b)) => ValueRef::floats(a)
+                        .map(f32::to_bits)
                         .eq(b.iter().map(|x| x.to_bits())),
                     (None, None) => true,
                     _ => false,
@@ -495,12 +461,13 @@ impl Table {
                 }
                 for store in vectors.iter_mut() {
                     let column = store.column();
-                    if old[column] != row[column] {
-                        store.set(slot.key(), vector_in(&row, column));
+                    let new = vector_in(&row, column);
+                    if vector_in(old, column) != new {
+                        store.set_le_bytes(slot.key(), new);
                     }
                 }
-                usage.bytes = usage.bytes - row_bytes(old) + row_bytes(&row);
-                usage.vectors = usage.vectors - row_vectors(old) + row_vectors(&row);
+                usage.bytes = usage.bytes - old.stored_bytes() + row.stored_bytes();
+                usage.vectors = usage.vectors - old.vectors() + row.vectors();
                 *slot.get_mut() = row;
                 true
             }
@@ -511,11 +478,11 @@ impl Table {
                     debug_assert!(fresh, "an index entry exists once");
                 }
                 for store in vectors.iter_mut() {
-                    store.set(slot.key(), vector_in(&row, store.column()));
+                    store.set_le_bytes(slot.key(), vector_in(&row, store.column()));
                 }
                 usage.rows += 1;
-                usage.bytes += row_bytes(&row);
-                usage.vectors += row_vectors(&row);
+                usage.bytes += row.stored_bytes();
+                usage.vectors += row.vectors();
                 slot.insert(row);
                 false
             }
@@ -533,8 +500,8 @@ impl Table {
             store.remove(key);
         }
         self.usage.rows -= 1;
-        self.usage.bytes -= row_bytes(&row);
-        self.usage.vectors -= row_vectors(&row);
+        self.usage.bytes -= row.stored_bytes();
+        self.usage.vectors -= row.vectors();
         Some(row)
     }
 
@@ -544,7 +511,7 @@ impl Table {
     pub fn growth(&self, writes: &[RowWrite]) -> crate::quota::Growth {
         let mut g = crate::quota::Growth::default();
         let signed = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
-        let figures = |row: &Row| (signed(row_bytes(row)), signed(row_vectors(row)));
+        let figures = |row: &Row| (signed(row.stored_bytes()), signed(row.vectors()));
         // Keys this batch wrote already: their (bytes, vectors) after it, None if deleted.
         let mut written: BTreeMap<Key, Option<(i64, i64)>> = BTreeMap::new();
         for write in writes {
@@ -578,8 +545,8 @@ impl Table {
         for write in writes {
             if let RowWrite::Upsert(row) = write {
                 g.rows += 1;
-                g.bytes = g.bytes.saturating_add(signed(row_bytes(row)));
-                g.vectors += signed(row_vectors(row));
+                g.bytes = g.bytes.saturating_add(signed(row.stored_bytes()));
+                g.vectors += signed(row.vectors());
             }
         }
         g
@@ -939,7 +906,7 @@ mod tests {
             .check_integrity()
             .is_err_and(|e| e.contains("column v disagrees")));
         let row = table.rows.get(&first).cloned().expect("the row");
-        table.vectors[0].set(&first, vector_in(&row, 1));
+        table.vectors[0].set_le_bytes(&first, vector_in(&row, 1));
         assert_eq!(table.check_integrity(), Ok(6));
         // A vector left behind for a row that no longer exists.
         table.vectors[0].set(&Key::new(b"gone".to_vec()), Some(&[1.0, 2.0]));
@@ -1017,7 +984,7 @@ pub fn row_to_json(schema: &TableSchema, row: &Row) -> serde_json::Map<String, s
     schema
         .columns
         .iter()
-        .zip(row)
-        .map(|(column, value)| (column.name.clone(), value.to_json()))
+        .zip(row.values())
+        .map(|(column, value)| (column.name.clone(), value.to_value().to_json()))
         .collect()
 }

@@ -11,6 +11,8 @@
 
 use std::cmp::Ordering;
 
+use crate::row::ValueRef;
+
 /// The type of a column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ColumnType {
@@ -184,54 +186,28 @@ impl Value {
         }
     }
 
-    /// Bytes [`Value::encode_key`] appends.
-    pub fn key_len(&self) -> usize {
+    /// The value as a row would hold it, for a keyable value.
+    fn keyable(&self) -> ValueRef<'_> {
         match self {
-            Value::Null => 1,
-            Value::Bool(_) => 2,
-            Value::Int(_) | Value::Float(_) => 9,
-            Value::Text(s) => 3 + s.len() + s.bytes().filter(|&b| b == 0).count(),
+            Value::Null => ValueRef::Null,
+            Value::Bool(b) => ValueRef::Bool(*b),
+            Value::Int(i) => ValueRef::Int(*i),
+            Value::Float(f) => ValueRef::Float(*f),
+            Value::Text(s) => ValueRef::Text(s),
             Value::Json(_) | Value::Vector(_) => {
                 unreachable!("schema validation keeps json and vector out of keys")
             }
         }
     }
 
+    /// Bytes [`Value::encode_key`] appends.
+    pub fn key_len(&self) -> usize {
+        self.keyable().key_len()
+    }
+
     /// Appends the order-preserving encoding of a keyable value (see module doc).
     pub fn encode_key(&self, out: &mut Vec<u8>) {
-        match self {
-            Value::Null => out.push(0x00),
-            Value::Bool(b) => out.extend_from_slice(&[0x01, u8::from(*b)]),
-            Value::Int(i) => {
-                out.push(0x02);
-                out.extend_from_slice(&((*i as u64) ^ (1 << 63)).to_be_bytes());
-            }
-            Value::Float(f) => {
-                out.push(0x03);
-                let f = if *f == 0.0 { 0.0 } else { *f };
-                let bits = f.to_bits();
-                let ordered = if bits >> 63 == 1 {
-                    !bits
-                } else {
-                    bits | (1 << 63)
-                };
-                out.extend_from_slice(&ordered.to_be_bytes());
-            }
-            Value::Text(s) => {
-                out.push(0x04);
-                for &b in s.as_bytes() {
-                    if b == 0 {
-                        out.extend_from_slice(&[0x00, 0xFF]);
-                    } else {
-                        out.push(b);
-                    }
-                }
-                out.extend_from_slice(&[0x00, 0x00]);
-            }
-            Value::Json(_) | Value::Vector(_) => {
-                unreachable!("schema validation keeps json and vector out of keys")
-            }
-        }
+        self.keyable().encode_key(out);
     }
 
     /// Total order of keyable values of one type, NULL first (the order the key

@@ -67,15 +67,32 @@ impl VectorColumn {
 
     /// Sets (or with `None` clears) the vector of the row with primary key `key`.
     pub fn set(&mut self, key: &Key, vector: Option<&[f32]>) {
-        let Some(vector) = vector else {
-            self.remove(key);
-            return;
-        };
-        debug_assert_eq!(
-            vector.len(),
-            self.dim,
-            "rows are validated against the schema"
-        );
+        match vector {
+            Some(vector) => self.slot_for(key).copy_from_slice(vector),
+            None => self.remove(key),
+        }
+    }
+
+    /// The same from a row's little-endian bytes (`ValueRef::Vector`).
+    pub fn set_le_bytes(&mut self, key: &Key, vector: Option<&[u8]>) {
+        match vector {
+            Some(bytes) => {
+                let slot = self.slot_for(key);
+                debug_assert_eq!(
+                    bytes.len(),
+                    4 * slot.len(),
+                    "rows are validated against the schema"
+                );
+                for (x, b) in slot.iter_mut().zip(crate::row::ValueRef::floats(bytes)) {
+                    *x = b;
+                }
+            }
+            None => self.remove(key),
+        }
+    }
+
+    /// The floats of `key`'s slot, taking a free or new slot if it has none.
+    fn slot_for(&mut self, key: &Key) -> &mut [f32] {
         let slot = match self.slot_of.get(key) {
             Some(&slot) => slot as usize,
             None => {
@@ -92,7 +109,7 @@ impl VectorColumn {
                 slot
             }
         };
-        self.data[slot * self.dim..(slot + 1) * self.dim].copy_from_slice(vector);
+        &mut self.data[slot * self.dim..(slot + 1) * self.dim]
     }
 
     pub fn remove(&mut self, key: &Key) {

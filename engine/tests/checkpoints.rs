@@ -10,7 +10,7 @@ use std::rc::Rc;
 use oc_engine::checkpoint::{manifest_name, snapshot_name, FRAME_PAYLOAD_BUDGET_BYTES};
 use oc_engine::limits::{MAX_ROW_BYTES, MAX_VECTOR_DIM};
 use oc_engine::{
-    ColumnType, EngineError, FileProblem, Shard, TableSchema, TenantId, UnreadableFile, Value,
+    ColumnType, EngineError, FileProblem, Row, Shard, TableSchema, TenantId, UnreadableFile, Value,
     WriteOp,
 };
 use oc_io::executor::run_local;
@@ -80,7 +80,11 @@ async fn write_range(shard: &Rc<Shard<DmaStorage>>, from: i64, to: i64) {
 fn rows(shard: &Shard<DmaStorage>) -> Vec<Vec<Value>> {
     shard
         .read(&acme(), |t| {
-            t.table("kv").expect("table").rows().cloned().collect()
+            t.table("kv")
+                .expect("table")
+                .rows()
+                .map(Row::to_values)
+                .collect()
         })
         .expect("tenant")
 }
@@ -504,7 +508,11 @@ fn max_row(k: i64) -> serde_json::Map<String, serde_json::Value> {
 fn wide_rows(shard: &Shard<DmaStorage>) -> Vec<Vec<Value>> {
     shard
         .read(&acme(), |t| {
-            t.table("wide").expect("table").rows().cloned().collect()
+            t.table("wide")
+                .expect("table")
+                .rows()
+                .map(Row::to_values)
+                .collect()
         })
         .expect("tenant")
 }

@@ -82,14 +82,14 @@ fn write_to_fixture(writes: Vec<RowWrite>, key: Option<&str>) -> Command {
 /// and a sequence that creates, writes, drops and creates again.
 fn record_seeds() -> Vec<(&'static str, Vec<u8>)> {
     let row = |id: i64, name: &str| {
-        vec![
+        oc_engine::Row::from_values(&[
             Value::Int(id),
             Value::Text(name.into()),
             Value::Float(-0.25),
             Value::Null,
             Value::Json("[1,{\"a\":null}]".into()),
             Value::Vector(vec![0.0, 0.5, -1.0]),
-        ]
+        ])
     };
     let upserts = write_to_fixture(
         vec![RowWrite::Upsert(row(3, "c")), RowWrite::Upsert(row(1, "a"))],

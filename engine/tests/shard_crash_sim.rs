@@ -88,10 +88,10 @@ impl Model {
                 for w in writes {
                     match w {
                         RowWrite::Upsert(row) => {
-                            let Value::Int(id) = row[0] else {
+                            let oc_engine::ValueRef::Int(id) = row.get(0) else {
                                 panic!("int id")
                             };
-                            rows.insert(id, row);
+                            rows.insert(id, row.to_values());
                         }
                         RowWrite::Delete(key) => {
                             rows.remove(&key_to_id(&key));
@@ -115,7 +115,7 @@ fn shard_rows<S: oc_io::Storage>(shard: &Shard<S>) -> Option<Rows> {
         .read(&acme(), |t| {
             t.table("items")
                 .ok()
-                .map(|table| table.rows().cloned().collect())
+                .map(|table| table.rows().map(oc_engine::Row::to_values).collect())
         })
         .ok()
         .flatten()

@@ -12,7 +12,11 @@ use serde_json::json;
 fn rows_of(shard: &Shard<DmaStorage>, tenant: &TenantId) -> Vec<Vec<Value>> {
     shard
         .read(tenant, |t| {
-            t.table("events").expect("table").rows().cloned().collect()
+            t.table("events")
+                .expect("table")
+                .rows()
+                .map(oc_engine::Row::to_values)
+                .collect()
         })
         .expect("tenant")
 }

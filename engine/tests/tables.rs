@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
-use oc_engine::{ColumnType, EngineError, Table, TableSchema, Tenant, TenantId, Value, WriteOp};
+use oc_engine::{
+    ColumnType, EngineError, Row, Table, TableSchema, Tenant, TenantId, Value, ValueRef, WriteOp,
+};
 use proptest::prelude::*;
 use serde_json::{json, Map};
 
@@ -64,10 +66,10 @@ fn to_write(op: &Op) -> WriteOp {
     }
 }
 
-fn ids(rows: impl Iterator<Item = Vec<Value>>) -> Vec<i64> {
-    rows.map(|r| match r[0] {
-        Value::Int(i) => i,
-        ref other => panic!("id is an int, got {other:?}"),
+fn ids<'a>(rows: impl Iterator<Item = &'a Row>) -> Vec<i64> {
+    rows.map(|r| match r.get(0) {
+        ValueRef::Int(i) => i,
+        other => panic!("id is an int, got {other:?}"),
     })
     .collect()
 }
@@ -89,25 +91,25 @@ proptest! {
         }
         let table = t.table("items").expect("table");
         // Full scan in key order.
-        prop_assert_eq!(ids(table.rows().cloned()), model.keys().copied().collect::<Vec<_>>());
+        prop_assert_eq!(ids(table.rows()), model.keys().copied().collect::<Vec<_>>());
         // Point gets.
         for id in 0..40 {
             prop_assert_eq!(table.get(&[Value::Int(id)]).is_some(), model.contains_key(&id));
         }
         // Primary-key range [10, 30).
-        let got = ids(table.scan_primary(Bound::Included(&[Value::Int(10)]), Bound::Excluded(&[Value::Int(30)])).cloned());
+        let got = ids(table.scan_primary(Bound::Included(&[Value::Int(10)]), Bound::Excluded(&[Value::Int(30)])));
         prop_assert_eq!(got, model.range(10..30).map(|(k, _)| *k).collect::<Vec<_>>());
         // Index equality on grp, including NULL, in (grp, id) order.
         for g in [None, Some(""), Some("a"), Some("ab"), Some("b")] {
             let key = [g.map_or(Value::Null, |s| Value::Text(s.into()))];
-            let got = ids(table.scan_index("by_grp", Bound::Included(&key), Bound::Included(&key)).expect("index").cloned());
+            let got = ids(table.scan_index("by_grp", Bound::Included(&key), Bound::Included(&key)).expect("index"));
             let want: Vec<i64> = model.iter().filter(|(_, v)| v.0.as_deref() == g).map(|(k, _)| *k).collect();
             prop_assert_eq!(got, want, "grp {:?}", g);
         }
         // Composite index prefix: grp = "a" and n > 0, ordered by n then id.
         let got = ids(table.scan_index("by_grp_n",
             Bound::Excluded(&[Value::Text("a".into()), Value::Int(0)]),
-            Bound::Included(&[Value::Text("a".into())])).expect("index").cloned());
+            Bound::Included(&[Value::Text("a".into())])).expect("index"));
         let mut want: Vec<(i64, i64)> = model.iter()
             .filter(|(_, v)| v.0.as_deref() == Some("a") && v.1.is_some_and(|n| n > 0))
             .map(|(k, v)| (v.1.unwrap_or_default(), *k)).collect();
@@ -234,8 +236,8 @@ fn upserts_replace_and_deletes_report_missing_keys() {
     );
     let table = t.table("items").expect("table");
     assert_eq!(
-        table.get(&[Value::Int(1)]).expect("row")[1],
-        Value::Text("b".into())
+        table.get(&[Value::Int(1)]).expect("row").get(1),
+        ValueRef::Text("b")
     );
     let in_a = table.scan_index(
         "by_grp",

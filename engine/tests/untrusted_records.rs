@@ -28,7 +28,7 @@ fn replay_write(rows: Vec<Vec<Value>>) -> (Result<(), EngineError>, usize) {
     let command = Command::Write {
         table: FIXTURE_TABLE.into(),
         table_version: FIXTURE_TABLE_VERSION,
-        writes: rows.into_iter().map(RowWrite::Upsert).collect(),
+        writes: rows.iter().map(|r| RowWrite::upsert(r)).collect(),
         idempotency_key: None,
     };
     let (kind, payload) = record::encode(&command);

@@ -141,7 +141,7 @@ fn rows<S: oc_io::Storage>(shard: &Shard<S>) -> Option<Rows> {
         .read(&acme(), |t| {
             t.table("items")
                 .ok()
-                .map(|table| table.rows().cloned().collect())
+                .map(|table| table.rows().map(oc_engine::Row::to_values).collect())
         })
         .ok()
         .flatten()

@@ -131,6 +131,37 @@ pub enum Expr {
     Distance(Metric, Box<Expr>, Box<Expr>),
 }
 
+/// Where an expression reads its columns: a stored row, decoding only the values the
+/// expression names, or values already decoded (an aggregated row, a test's).
+pub trait Columns {
+    fn column(&self, i: usize) -> Cow<'_, Value>;
+}
+
+impl Columns for [Value] {
+    fn column(&self, i: usize) -> Cow<'_, Value> {
+        Cow::Borrowed(&self[i])
+    }
+}
+
+impl Columns for Vec<Value> {
+    fn column(&self, i: usize) -> Cow<'_, Value> {
+        Cow::Borrowed(&self[i])
+    }
+}
+
+/// A constant expression's (no columns).
+impl<const N: usize> Columns for [Value; N] {
+    fn column(&self, i: usize) -> Cow<'_, Value> {
+        Cow::Borrowed(&self[i])
+    }
+}
+
+impl Columns for crate::row::Row {
+    fn column(&self, i: usize) -> Cow<'_, Value> {
+        Cow::Owned(self.get(i).to_value())
+    }
+}
+
 type Eval<'a> = Result<Cow<'a, Value>, String>;
 
 impl Expr {
@@ -172,13 +203,13 @@ impl Expr {
         }
     }
 
-    pub fn eval<'a>(&'a self, row: &'a [Value], params: &'a [Value]) -> Eval<'a> {
+    pub fn eval<'a, R: Columns + ?Sized>(&'a self, row: &'a R, params: &'a [Value]) -> Eval<'a> {
         super::with_stack(|| self.eval_node(row, params))
     }
 
-    fn eval_node<'a>(&'a self, row: &'a [Value], params: &'a [Value]) -> Eval<'a> {
+    fn eval_node<'a, R: Columns + ?Sized>(&'a self, row: &'a R, params: &'a [Value]) -> Eval<'a> {
         Ok(match self {
-            Expr::Column(i) => Cow::Borrowed(&row[*i]),
+            Expr::Column(i) => row.column(*i),
             Expr::Param(i) => Cow::Borrowed(&params[*i]),
             Expr::Const(v) => Cow::Borrowed(v),
             Expr::Neg(e) => Cow::Owned(match &*e.eval(row, params)? {

@@ -161,7 +161,7 @@ impl Execution {
         let mut key_bytes = Vec::new();
         for (i, row) in batch.iter().enumerate() {
             self.check_deadline_at(i)?;
-            let (keys, keys_size) = self.materialize(agg.group_by.iter(), row)?;
+            let (keys, keys_size) = self.materialize(agg.group_by.iter(), *row)?;
             group_key(&keys, &mut key_bytes);
             let known = self
                 .groups
@@ -187,7 +187,7 @@ impl Execution {
             for (state, a) in states.iter_mut().zip(&agg.aggregates) {
                 kept += match &a.arg {
                     None => state.add(None),
-                    Some(e) => state.add(Some(&*e.eval(row, &self.params).map_err(eval_err)?)),
+                    Some(e) => state.add(Some(&*e.eval(*row, &self.params).map_err(eval_err)?)),
                 }
                 .map_err(eval_err)?;
             }

@@ -23,7 +23,9 @@ use ahash::AHashMap;
 use serde_json::json;
 
 use super::bind::{AggFunc, Aggregate, ExplainMode, SortKey};
-use super::expr::{as_f64, as_vector, check_dims, compare, sort_cmp, truth, type_name, Expr};
+use super::expr::{
+    as_f64, as_vector, check_dims, compare, sort_cmp, truth, type_name, Columns, Expr,
+};
 use super::plan::{Access, OrderBy, Prepared};
 use super::{AskLimits, QueryError, QueryErrorKind, SLICE_ROWS, SLICE_TARGET, SLICE_VECTORS};
 use crate::key::Key;
@@ -433,19 +435,19 @@ impl Execution {
     /// The projection of `row` and its size. Evaluation borrows columns and
     /// parameters, so a projection that would copy a huge value many times is refused
     /// before the copy, not after.
-    fn project(&self, row: &[Value]) -> Result<(Vec<Value>, usize), QueryError> {
+    fn project<R: Columns + ?Sized>(&self, row: &R) -> Result<(Vec<Value>, usize), QueryError> {
         self.materialize(self.plan.query.projection.iter(), row)
     }
 
-    fn sort_keys(&self, row: &[Value]) -> Result<(Vec<Value>, usize), QueryError> {
+    fn sort_keys<R: Columns + ?Sized>(&self, row: &R) -> Result<(Vec<Value>, usize), QueryError> {
         self.materialize(self.plan.query.order_by.iter().map(|k| &k.expr), row)
     }
 
     /// Evaluates `exprs` over `row`; copies them only if they fit the memory budget.
-    fn materialize<'e>(
+    fn materialize<'e, R: Columns + ?Sized>(
         &self,
         exprs: impl Iterator<Item = &'e Expr>,
-        row: &[Value],
+        row: &R,
     ) -> Result<(Vec<Value>, usize), QueryError> {
         let values = exprs
             .map(|e| e.eval(row, &self.params).map_err(eval_err))
@@ -489,7 +491,7 @@ impl Execution {
                         return false;
                     }
                     match f
-                        .eval(row, params)
+                        .eval(*row, params)
                         .map_err(eval_err)
                         .and_then(|v| truth(&v).map_err(eval_err))
                     {
@@ -526,7 +528,7 @@ impl Execution {
     }
 
     /// One row (a table row, or an aggregated row) into the output.
-    fn emit(&mut self, row: &[Value]) -> Result<(), QueryError> {
+    fn emit<R: Columns + ?Sized>(&mut self, row: &R) -> Result<(), QueryError> {
         if self.streams() {
             let t = Instant::now();
             self.stats.limit.rows_in += 1;
