@@ -244,6 +244,10 @@ pub struct RunArgs {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // The shards it runs in-process allocate as the server's do.
+    if let Err(why) = oc_io::malloc_tuning::reexec_with_larger_thread_cache() {
+        eprintln!("oc-bench: {why}");
+    }
     pinning::apply(pinning::Pinning {
         server_cpus: cli.server_cpus,
         client_cpus: cli.client_cpus,

@@ -254,9 +254,12 @@ async fn drive_shard(
                 let began = Instant::now();
                 let outcome = router
                     .call(target_shard, move |owner: Rc<ShardNode>| async move {
-                        owner.shard().write(&tenant, "rows", &ops, None).await
+                        let written = owner.shard().write(&tenant, "rows", &ops, None).await;
+                        // Freed where they were allocated, as the server does.
+                        (written, ops)
                     })
-                    .await;
+                    .await
+                    .map(|(written, _ops)| written);
                 if !measuring.get() {
                     continue;
                 }

@@ -3,6 +3,7 @@
 //! one big-endian `u128` beside them, so most comparisons are one integer compare
 //! instead of a `memcmp` call: int keys (9 bytes) and short text keys never reach the
 //! bytes. The profile of `oc-bench engine` had `memcmp` on `Vec<u8>` keys at 11–19%.
+//! A key of at most 16 bytes lives in its head alone: no allocation of its own.
 
 use std::borrow::Borrow;
 use std::cmp::Ordering;
@@ -12,29 +13,60 @@ const HEAD_BYTES: usize = 16;
 
 #[derive(Clone, Debug)]
 pub struct Key {
-    /// The first 16 bytes, big-endian, zero-padded.
-    head: u128,
-    bytes: Box<[u8]>,
+    /// The first 16 bytes, zero-padded: the whole key when it is that short, so an int
+    /// key or a short text key needs no allocation of its own.
+    head: [u8; HEAD_BYTES],
+    len: u32,
+    /// The whole key when it is longer than the head; empty (no allocation) otherwise.
+    long: Box<[u8]>,
 }
 
 impl Key {
     pub fn new(bytes: Vec<u8>) -> Self {
+        if bytes.len() <= HEAD_BYTES {
+            return Key::new_short(&bytes);
+        }
         let mut head = [0u8; HEAD_BYTES];
-        let n = bytes.len().min(HEAD_BYTES);
-        head[..n].copy_from_slice(&bytes[..n]);
+        head.copy_from_slice(&bytes[..HEAD_BYTES]);
+        // Keys are bounded far below (MAX_KEY_BYTES; a log's delete key by its u32).
+        let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
         Key {
-            head: u128::from_be_bytes(head),
-            bytes: bytes.into_boxed_slice(),
+            head,
+            len,
+            long: bytes.into_boxed_slice(),
+        }
+    }
+
+    /// The same from borrowed bytes: copied only into the head when they fit it.
+    pub fn from_slice(bytes: &[u8]) -> Self {
+        if bytes.len() > HEAD_BYTES {
+            Key::new(bytes.to_vec())
+        } else {
+            Key::new_short(bytes)
+        }
+    }
+
+    fn new_short(bytes: &[u8]) -> Self {
+        let mut head = [0u8; HEAD_BYTES];
+        head[..bytes.len()].copy_from_slice(bytes);
+        Key {
+            head,
+            len: bytes.len() as u32,
+            long: Box::default(),
         }
     }
 
     pub fn as_bytes(&self) -> &[u8] {
-        &self.bytes
+        if self.long.is_empty() {
+            &self.head[..self.len as usize]
+        } else {
+            &self.long
+        }
     }
 
     /// The bytes after the head.
     fn tail(&self) -> &[u8] {
-        &self.bytes[self.bytes.len().min(HEAD_BYTES)..]
+        self.long.get(HEAD_BYTES..).unwrap_or_default()
     }
 }
 
@@ -42,10 +74,10 @@ impl Ord for Key {
     fn cmp(&self, other: &Self) -> Ordering {
         // Equal heads mean equal first min(len, 16) bytes with zero padding: the tails
         // and then the lengths (a prefix sorts first) settle the rest.
-        self.head
-            .cmp(&other.head)
+        u128::from_be_bytes(self.head)
+            .cmp(&u128::from_be_bytes(other.head))
             .then_with(|| self.tail().cmp(other.tail()))
-            .then_with(|| self.bytes.len().cmp(&other.bytes.len()))
+            .then_with(|| self.len.cmp(&other.len))
     }
 }
 
@@ -57,7 +89,7 @@ impl PartialOrd for Key {
 
 impl PartialEq for Key {
     fn eq(&self, other: &Self) -> bool {
-        self.head == other.head && self.bytes == other.bytes
+        self.head == other.head && self.len == other.len && self.tail() == other.tail()
     }
 }
 
@@ -65,14 +97,14 @@ impl Eq for Key {}
 
 impl std::hash::Hash for Key {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.bytes.hash(state);
+        self.as_bytes().hash(state);
     }
 }
 
 /// Lookups by plain bytes order the same way (byte order), as `Borrow` requires.
 impl Borrow<[u8]> for Key {
     fn borrow(&self) -> &[u8] {
-        &self.bytes
+        self.as_bytes()
     }
 }
 
@@ -92,6 +124,8 @@ mod tests {
             let (ka, kb) = (Key::new(a.clone()), Key::new(b.clone()));
             prop_assert_eq!(ka.cmp(&kb), a.cmp(&b));
             prop_assert_eq!(ka == kb, a == b);
+            prop_assert_eq!((ka.as_bytes(), kb.as_bytes()), (&a[..], &b[..]));
+            prop_assert_eq!(Key::from_slice(&a), ka);
         }
     }
 

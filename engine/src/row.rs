@@ -115,19 +115,70 @@ fn check_value(bytes: &[u8]) -> Result<usize, String> {
     }
 }
 
+/// Writes one row's values, in column order (see [`Row::build`]).
+pub(crate) struct RowWriter<'a> {
+    out: &'a mut Vec<u8>,
+    count: usize,
+}
+
+impl RowWriter<'_> {
+    pub(crate) fn value(&mut self, v: &Value) {
+        encode_value(self.out, v);
+        self.count += 1;
+    }
+
+    /// A text value straight from borrowed text (no `String` on the way).
+    pub(crate) fn text(&mut self, s: &str) {
+        self.out.push(V_TEXT);
+        let len = u32::try_from(s.len()).unwrap_or_else(|_| panic!("{} bytes of text", s.len()));
+        self.out.extend_from_slice(&len.to_le_bytes());
+        self.out.extend_from_slice(s.as_bytes());
+        self.count += 1;
+    }
+}
+
+thread_local! {
+    /// Where rows and keys are encoded before they are copied out at their exact size,
+    /// so building one costs one allocation, not a growing buffer's several.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on this thread's scratch buffer, emptied.
+fn with_scratch<T>(f: impl FnOnce(&mut Vec<u8>) -> T) -> T {
+    SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+        Ok(mut buf) => {
+            buf.clear();
+            f(&mut buf)
+        }
+        // Only a nested call finds it taken; it gets a buffer of its own.
+        Err(_) => f(&mut Vec::new()),
+    })
+}
+
 impl Row {
     /// Encodes values into a row.
     pub fn from_values(values: &[Value]) -> Row {
-        let len = 2 + values.iter().map(Value::stored_bytes).sum::<usize>();
-        let mut out = Vec::with_capacity(len);
-        let count = u16::try_from(values.len())
-            .unwrap_or_else(|_| panic!("{} values do not fit a row", values.len()));
-        out.extend_from_slice(&count.to_le_bytes());
-        for v in values {
-            encode_value(&mut out, v);
+        let built = Row::build(|w| {
+            values.iter().for_each(|v| w.value(v));
+            Ok::<(), std::convert::Infallible>(())
+        });
+        match built {
+            Ok(row) => row,
+            Err(never) => match never {},
         }
-        debug_assert_eq!(out.len(), len, "stored_bytes is a value's encoded length");
-        Row(out.into_boxed_slice())
+    }
+
+    /// A row from the values `f` writes, or `f`'s error.
+    pub(crate) fn build<E>(f: impl FnOnce(&mut RowWriter) -> Result<(), E>) -> Result<Row, E> {
+        with_scratch(|out| {
+            out.extend_from_slice(&[0, 0]);
+            let mut w = RowWriter { out, count: 0 };
+            f(&mut w)?;
+            let count = u16::try_from(w.count)
+                .unwrap_or_else(|_| panic!("{} values do not fit a row", w.count));
+            out[..2].copy_from_slice(&count.to_le_bytes());
+            Ok(Row(out.as_slice().into()))
+        })
     }
 
     /// Reads the row encoded at the start of untrusted `bytes`: the row and the bytes it
@@ -189,16 +240,31 @@ impl Row {
         self.values().map(ValueRef::to_value).collect()
     }
 
-    /// The order-preserving key (`value.rs`) of the values in `columns`, in that order,
-    /// in a buffer of exactly its length.
+    /// The order-preserving key (`value.rs`) of the values in `columns`, in that order.
     pub fn key(&self, columns: &[usize]) -> Vec<u8> {
-        let len = columns.iter().map(|&c| self.get(c).key_len()).sum();
-        let mut out = Vec::with_capacity(len);
+        with_scratch(|out| {
+            self.encode_key(columns, out);
+            out.to_vec()
+        })
+    }
+
+    /// The same as the B-trees hold it: a short key is not allocated at all.
+    pub(crate) fn tree_key(&self, columns: &[usize]) -> crate::key::Key {
+        with_scratch(|out| {
+            self.encode_key(columns, out);
+            crate::key::Key::from_slice(out)
+        })
+    }
+
+    /// The length of [`Row::key`], computed without building the key.
+    pub fn key_len(&self, columns: &[usize]) -> usize {
+        columns.iter().map(|&c| self.get(c).key_len()).sum()
+    }
+
+    fn encode_key(&self, columns: &[usize], out: &mut Vec<u8>) {
         for &c in columns {
-            self.get(c).encode_key(&mut out);
+            self.get(c).encode_key(out);
         }
-        debug_assert_eq!(out.len(), len, "key_len matches encode_key");
-        out
     }
 
     /// Non-null vector values.
@@ -510,9 +576,10 @@ mod tests {
         ];
         let row = Row::from_values(&values);
         let columns = [3, 1, 0, 2, 4];
-        assert_eq!(
-            row.key(&columns),
-            crate::value::encode_key(columns.iter().map(|&c| &values[c]))
-        );
+        let key = crate::value::encode_key(columns.iter().map(|&c| &values[c]));
+        assert_eq!(row.key(&columns), key);
+        assert_eq!(row.key_len(&columns), key.len());
+        assert_eq!(row.tree_key(&columns).as_bytes(), key);
+        assert_eq!(row.tree_key(&[0]).as_bytes(), row.key(&[0]));
     }
 }

@@ -93,7 +93,7 @@ pub struct TableDigest {
 
 /// The encoded key of `row` over `columns`, as the B-trees hold it.
 fn key_of(row: &Row, columns: &[usize]) -> Key {
-    Key::new(row.key(columns))
+    row.tree_key(columns)
 }
 
 /// The little-endian bytes of `row`'s vector in `column`, if it has one.
@@ -191,22 +191,29 @@ impl Table {
                 self.schema.name
             ));
         }
-        let mut row = Vec::with_capacity(self.schema.columns.len());
-        for column in &self.schema.columns {
-            let value = match object.get(&column.name) {
-                Some(json) => Value::from_json(json, column.ty)
-                    .map_err(|e| format!("column {:?}: {e}", column.name))?,
-                None => Value::Null,
-            };
-            if value.is_null() && !column.nullable {
-                return Err(format!(
-                    "column {:?} is part of the primary key and cannot be null or missing",
-                    column.name
-                ));
+        let row = Row::build(|row| {
+            for column in &self.schema.columns {
+                let json = object.get(&column.name);
+                // Text, the common case, is copied once: into the row.
+                if let (Some(serde_json::Value::String(s)), ColumnType::Text) = (json, column.ty) {
+                    row.text(s);
+                    continue;
+                }
+                let value = match json {
+                    Some(json) => Value::from_json(json, column.ty)
+                        .map_err(|e| format!("column {:?}: {e}", column.name))?,
+                    None => Value::Null,
+                };
+                if value.is_null() && !column.nullable {
+                    return Err(format!(
+                        "column {:?} is part of the primary key and cannot be null or missing",
+                        column.name
+                    ));
+                }
+                row.value(&value);
             }
-            row.push(value);
-        }
-        let row = Row::from_values(&row);
+            Ok(())
+        })?;
         self.check_row_limits(&row)?;
         Ok(row)
     }
@@ -219,15 +226,14 @@ impl Table {
                 "row is {bytes} bytes, above the limit of {MAX_ROW_BYTES}"
             ));
         }
-        let key = row.key(&self.schema.primary_key);
-        if key.len() > MAX_KEY_BYTES {
+        let key = row.key_len(&self.schema.primary_key);
+        if key > MAX_KEY_BYTES {
             return Err(format!(
-                "primary key is {} bytes encoded, above the limit of {MAX_KEY_BYTES}",
-                key.len()
+                "primary key is {key} bytes encoded, above the limit of {MAX_KEY_BYTES}"
             ));
         }
         for index in &self.schema.indexes {
-            let len = row.key(&index.columns).len();
+            let len = row.key_len(&index.columns);
             if len > MAX_KEY_BYTES {
                 return Err(format!(
                     "key of index {:?} is {len} bytes, above the limit of {MAX_KEY_BYTES}",

@@ -13,6 +13,7 @@ pub mod executor;
 pub mod fail_stop;
 pub mod failpoint;
 pub mod fuzz_entry;
+pub mod malloc_tuning;
 pub mod probe;
 pub mod storage;
 pub mod wal;

@@ -564,3 +564,46 @@ fn a_memlock_limit_too_small_for_any_executor_is_refused_naming_the_fix() {
     assert!(stderr.contains("LimitMEMLOCK=infinity"), "{stderr}");
     assert!(!data.exists(), "the data directory was touched");
 }
+
+/// The server's environment once it serves (`/proc/<pid>/environ`) as text. glibc
+/// splits `GLIBC_TUNABLES` at its colons in place while parsing it, so the tunables
+/// show as separate entries.
+fn environment_of(server: &Server) -> String {
+    let raw = std::fs::read(format!("/proc/{}/environ", server.pid())).expect("environ");
+    String::from_utf8_lossy(&raw).replace('\0', "\n")
+}
+
+/// glibc's per-thread cache is enlarged by one re-execution at start-up
+/// (io/src/malloc_tuning.rs), keeping the other tunables; an operator's own cache
+/// count is left alone.
+#[test]
+fn the_server_runs_with_glibcs_larger_thread_cache_unless_told_otherwise() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::try_start_with_env(
+        None,
+        &dir.path().join("a"),
+        &[],
+        &[("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1000000")],
+    )
+    .expect("server");
+    let env = environment_of(&server);
+    assert!(
+        env.contains("\nGLIBC_TUNABLES=glibc.malloc.trim_threshold=1000000\n")
+            && env.contains(&format!("\n{}\n", oc_io::malloc_tuning::TCACHE_TUNABLE)),
+        "{env}"
+    );
+    drop(server);
+    let server = Server::try_start_with_env(
+        None,
+        &dir.path().join("b"),
+        &[],
+        &[("GLIBC_TUNABLES", "glibc.malloc.tcache_count=50")],
+    )
+    .expect("server");
+    let env = environment_of(&server);
+    assert!(
+        env.contains("\nGLIBC_TUNABLES=glibc.malloc.tcache_count=50\n")
+            && !env.contains(oc_io::malloc_tuning::TCACHE_TUNABLE),
+        "{env}"
+    );
+}

@@ -103,6 +103,11 @@ fn main() -> anyhow::Result<ExitCode> {
             ExitCode::FAILURE
         });
     }
+    // Before any thread starts (the serving path only: the subcommands above are
+    // one-shot clients).
+    if let Err(why) = oc_io::malloc_tuning::reexec_with_larger_thread_cache() {
+        eprintln!("oc-server: {why}");
+    }
     // First: a panic on any thread from here on ends the process (fail-stop).
     oc_io::fail_stop::install_panic_hook(
         "oc-server",
