@@ -1,6 +1,6 @@
 //! The per-query memory budget holds before values are copied: a projection that
-//! would copy one large parameter hundreds of times is refused without the process
-//! ever holding those copies. Alone in its binary: it reads the process's peak RSS.
+//! would copy one large parameter, or one large stored column, hundreds of times is
+//! refused without the process ever holding those copies. Alone in its binary: it reads the process's peak RSS.
 
 use oc_engine::query::{ask_now, AskLimits, QueryErrorKind};
 use oc_engine::{ColumnType, TableSchema, Tenant, TenantId, Value, WriteOp};
@@ -34,6 +34,24 @@ fn a_projection_is_refused_before_it_copies_past_the_budget() {
         &[WriteOp::Upsert(row.as_object().expect("object").clone())],
     )
     .expect("written");
+    // A stored column of 200 KiB: a stored row's columns are copied when read.
+    let wide = TableSchema::new(
+        "w",
+        &[
+            ("id", ColumnType::Int, false),
+            ("big", ColumnType::Text, true),
+        ],
+        &["id"],
+        &[],
+    )
+    .expect("valid");
+    t.create_table(wide, 2).expect("created");
+    let row = json!({"id": 1, "big": "y".repeat(200 << 10)});
+    t.write(
+        "w",
+        &[WriteOp::Upsert(row.as_object().expect("object").clone())],
+    )
+    .expect("written");
     let limits = AskLimits {
         max_memory_bytes: 1 << 20,
         ..AskLimits::default()
@@ -55,8 +73,17 @@ fn a_projection_is_refused_before_it_copies_past_the_budget() {
         let e = ask_now(&t, &sql, params, limits).expect_err("over the budget");
         assert_eq!(e.kind, QueryErrorKind::MemoryLimit, "{e}");
     }
+    let bigs = vec!["big"; 1000].join(", ");
+    for sql in [
+        format!("SELECT {bigs} FROM w"),
+        format!("SELECT {bigs} FROM w ORDER BY id DESC"),
+    ] {
+        let e = ask_now(&t, &sql, vec![], limits).expect_err("over the budget");
+        assert_eq!(e.kind, QueryErrorKind::MemoryLimit, "{e}");
+    }
     let grown_mib = (peak_rss_kib() - before) / 1024;
-    // The copies would have been 300 MiB per query.
+    // The copies would have been 300 MiB per query with a parameter, 200 MiB with
+    // the column.
     assert!(
         grown_mib < 64,
         "queries with a 1 MiB budget grew the process by {grown_mib} MiB"

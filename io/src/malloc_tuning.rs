@@ -10,12 +10,19 @@
 /// The tunable, as glibc spells it.
 pub const TCACHE_TUNABLE: &str = "glibc.malloc.tcache_count=1000";
 
+/// Set in the re-executed process's environment: at most one re-execution, even when
+/// glibc drops the tunable (secure-execution mode strips `GLIBC_TUNABLES`).
+pub const REEXECUTED_MARKER: &str = "OC_MALLOC_REEXECUTED";
+
 /// Re-executes the running binary with [`TCACHE_TUNABLE`] added to `GLIBC_TUNABLES`,
-/// unless `GLIBC_TUNABLES` already sets a cache count (an operator's choice, or this
-/// process after its re-execution). Call it first thing in `main`, before any thread
-/// starts. Returns only when it did not re-execute (then with why, if it failed).
+/// unless `GLIBC_TUNABLES` already sets a cache count (an operator's choice), this is
+/// the re-executed process ([`REEXECUTED_MARKER`]) or it runs in secure-execution mode
+/// (setuid or file capabilities: glibc ignores the tunable there). Call it first thing
+/// in `main`, before any thread starts. Returns only when it did not re-execute (then with why, if it failed).
 pub fn reexec_with_larger_thread_cache() -> Result<(), String> {
-    if !cfg!(target_env = "gnu") {
+    // SAFETY: getauxval reads the process's auxiliary vector; it has no preconditions.
+    let secure = unsafe { libc::getauxval(libc::AT_SECURE) } != 0;
+    if !cfg!(target_env = "gnu") || secure || std::env::var_os(REEXECUTED_MARKER).is_some() {
         return Ok(());
     }
     let current = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
@@ -34,6 +41,7 @@ pub fn reexec_with_larger_thread_cache() -> Result<(), String> {
         .arg0(argv0)
         .args(args)
         .env("GLIBC_TUNABLES", tunables)
+        .env(REEXECUTED_MARKER, "1")
         .exec();
     Err(format!(
         "could not re-execute with {TCACHE_TUNABLE} ({err}); running with glibc's default thread cache"

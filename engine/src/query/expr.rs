@@ -135,6 +135,15 @@ pub enum Expr {
 /// expression names, or values already decoded (an aggregated row, a test's).
 pub trait Columns {
     fn column(&self, i: usize) -> Cow<'_, Value>;
+
+    /// Whether reading a column copies it: a stored row's do, so a query sizes them
+    /// against its memory budget before it reads them.
+    const COPIES: bool = false;
+
+    /// The heap bytes a copy of column `i` takes (`Self::COPIES` only).
+    fn column_bytes(&self, _i: usize) -> usize {
+        0
+    }
 }
 
 impl Columns for [Value] {
@@ -159,6 +168,17 @@ impl<const N: usize> Columns for [Value; N] {
 impl Columns for crate::row::Row {
     fn column(&self, i: usize) -> Cow<'_, Value> {
         Cow::Owned(self.get(i).to_value())
+    }
+
+    const COPIES: bool = true;
+
+    fn column_bytes(&self, i: usize) -> usize {
+        std::mem::size_of::<Value>()
+            + match self.get(i) {
+                crate::row::ValueRef::Text(s) | crate::row::ValueRef::Json(s) => s.len(),
+                crate::row::ValueRef::Vector(v) => v.len(),
+                _ => 0,
+            }
     }
 }
 

@@ -432,9 +432,10 @@ impl Execution {
         Ok(())
     }
 
-    /// The projection of `row` and its size. Evaluation borrows columns and
-    /// parameters, so a projection that would copy a huge value many times is refused
-    /// before the copy, not after.
+    /// The projection of `row` and its size. A projection that would copy a huge value
+    /// many times is refused before the copies, not after: parameters and decoded
+    /// values are borrowed until the budget is checked, and a stored row's columns are
+    /// sized before they are read.
     fn project<R: Columns + ?Sized>(&self, row: &R) -> Result<(Vec<Value>, usize), QueryError> {
         self.materialize(self.plan.query.projection.iter(), row)
     }
@@ -446,9 +447,21 @@ impl Execution {
     /// Evaluates `exprs` over `row`; copies them only if they fit the memory budget.
     fn materialize<'e, R: Columns + ?Sized>(
         &self,
-        exprs: impl Iterator<Item = &'e Expr>,
+        exprs: impl Iterator<Item = &'e Expr> + Clone,
         row: &R,
     ) -> Result<(Vec<Value>, usize), QueryError> {
+        if R::COPIES {
+            let copies = exprs
+                .clone()
+                .filter_map(|e| match e {
+                    Expr::Column(i) => Some(row.column_bytes(*i)),
+                    _ => None,
+                })
+                .fold(0usize, usize::saturating_add);
+            if self.held_bytes.saturating_add(copies) > self.limits.max_memory_bytes {
+                return Err(self.over_memory_budget());
+            }
+        }
         let values = exprs
             .map(|e| e.eval(row, &self.params).map_err(eval_err))
             .collect::<Result<Vec<_>, QueryError>>()?;
