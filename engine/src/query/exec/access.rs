@@ -61,7 +61,7 @@ impl Execution {
                 let store = table
                     .vector_column(*column)
                     .ok_or_else(|| QueryError::eval("kNN needs a vector column"))?;
-                let value = query.eval(&[], &self.params).map_err(eval_err)?;
+                let value = query.eval(NO_COLUMNS, &self.params).map_err(eval_err)?;
                 let Some(query) = as_vector(&value).map_err(eval_err)? else {
                     return Err(QueryError::eval(
                         "the kNN query vector is NULL; pass a vector (a JSON array of numbers)",
@@ -86,7 +86,9 @@ impl Execution {
                 upper,
             } => {
                 let eval = |e: &Expr| -> Result<Value, QueryError> {
-                    Ok(e.eval(&[], &self.params).map_err(eval_err)?.into_owned())
+                    Ok(e.eval(NO_COLUMNS, &self.params)
+                        .map_err(eval_err)?
+                        .into_owned())
                 };
                 let mut prefix = Vec::with_capacity(eq.len() + 1);
                 let mut widened = false;

@@ -24,7 +24,7 @@ use serde_json::json;
 
 use super::bind::{AggFunc, Aggregate, ExplainMode, SortKey};
 use super::expr::{
-    as_f64, as_vector, check_dims, compare, sort_cmp, truth, type_name, Columns, Expr,
+    as_f64, as_vector, check_dims, compare, sort_cmp, truth, type_name, Columns, Expr, NO_COLUMNS,
 };
 use super::plan::{Access, OrderBy, Prepared};
 use super::{AskLimits, QueryError, QueryErrorKind, SLICE_ROWS, SLICE_TARGET, SLICE_VECTORS};
@@ -193,7 +193,7 @@ impl Execution {
         decode_vector_params(&plan, &mut params)?;
         let count = |e: &Option<Expr>, what: &str| -> Result<Option<usize>, QueryError> {
             let Some(e) = e else { return Ok(None) };
-            match &*e.eval(&[], &params).map_err(eval_err)? {
+            match &*e.eval(NO_COLUMNS, &params).map_err(eval_err)? {
                 Value::Null => Ok(None),
                 Value::Int(n) if *n >= 0 => Ok(Some(*n as usize)),
                 other => Err(QueryError::eval(format!(
@@ -667,8 +667,8 @@ impl Execution {
                 self.check_deadline_at(i)?;
                 if let Some(h) = &agg.having {
                     self.stats.having.rows_in += 1;
-                    let keep =
-                        truth(&*h.eval(&row, &self.params).map_err(eval_err)?).map_err(eval_err)?;
+                    let keep = truth(&*h.eval(row.as_slice(), &self.params).map_err(eval_err)?)
+                        .map_err(eval_err)?;
                     if keep != Some(true) {
                         continue;
                     }
@@ -676,7 +676,7 @@ impl Execution {
                 }
                 // Aggregated rows go through ORDER BY and OFFSET/LIMIT like table rows
                 // (`groups` is taken, so `emit` no longer sees an aggregating query).
-                self.emit(&row)?;
+                self.emit(row.as_slice())?;
             }
         }
         if !self.streams() && self.plan.order != OrderBy::Knn {
