@@ -40,7 +40,7 @@ use crate::idempotency::{self, Remembered};
 use crate::json_file::JsonFile;
 use crate::limits::{MAX_NAME_BYTES, MAX_ROW_BYTES};
 use crate::migration::{self, ActiveMigration, MigrationInfo, MigrationState};
-use crate::record::{self, Reader, Writer, SCHEMA_MAX_BYTES};
+use crate::record::{Reader, Writer, SCHEMA_MAX_BYTES};
 use crate::shard::ShardState;
 use crate::table::{BatchOutcome, RowWrite, Table};
 use crate::tenant::Tenant;
@@ -336,18 +336,26 @@ fn next_rows_frame(
     table: &Table,
     name: &str,
     after: Option<&[u8]>,
+    migrating: bool,
 ) -> Option<(Vec<u8>, usize, Vec<u8>)> {
     let mut head = Writer(vec![CHECKPOINT_FORMAT_VERSION]);
     head.str16(name);
     head.u64(table.version());
     let mut payload = CountedPayload::new(head, ROWS_PER_CHUNK);
     let mut last = None;
+    // Values a migration appended to a row and no migration reads any more (it
+    // ended without a cutover) are left out: the row as the table's shape has it.
+    let slots = if migrating {
+        usize::MAX
+    } else {
+        table.schema().columns.len()
+    };
     for (key, row) in table.rows_after(after) {
-        let bytes = record::row_entry_bytes(row);
+        let bytes = 2 + row.encoded_prefix(slots).len();
         if !payload.has_room(bytes) {
             break;
         }
-        payload.add(bytes, |w| w.row(row));
+        payload.add(bytes, |w| w.row_prefix(row, slots));
         last = Some(key);
     }
     let last = last?.to_vec();
@@ -703,12 +711,13 @@ async fn copy_table<S: Storage>(
                     .map(|m| (m.info.id, encode_active_migration(m)));
                 first = false;
             }
-            next_rows_frame(base, table, after.as_deref())
+            let migrating = t.migrations().active(table).is_some();
+            next_rows_frame(base, table, after.as_deref(), migrating)
         };
         let Some((payload, rows, last)) = frame else {
             // Only a migration still active now: one that ended during the copy is in
-            // the tenant's finished list, and rows written after its end may not carry
-            // into its shape (its shadow could not be rebuilt from them).
+            // the tenant's finished list, and rows written after its end may not be
+            // in its shape.
             let still_active = |id: u64| {
                 state.borrow().tenants.get(tenant).is_some_and(|t| {
                     t.migrations()

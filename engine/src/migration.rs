@@ -2,15 +2,19 @@
 //! next shape (v1) and a row transform from the current shape (v0), then carried out
 //! by log records so the live shard, recovery, restore and followers all agree.
 //!
-//! While a migration is active the tenant keeps a *shadow*: a table in the v1 shape
-//! holding the transform of every base row converted so far. Writers keep writing the
-//! v0 shape to the base table; each write is also transformed into the shadow when it
-//! applies (a write the transform cannot carry is refused whole, naming the
-//! migration). The backfill converts the rows that existed at the start, in key order,
-//! up to the last key the table held then (`end_key`): rows after it were all written
-//! during the migration and are in the shadow already, so the backfill always ends.
-//! Cutover is one record: the shadow becomes the table. Abort drops the shadow: the
-//! base table was never touched.
+//! The table is stored once. Columns keep their slots: the new shape holds every slot
+//! of the old one (a dropped or retyped column's slot is marked dropped) and appends a
+//! slot per column the migration adds or retypes, so a row converted to the new shape
+//! is its old row with values appended. Read as v0 it is the row it was; read as v1 it
+//! is the new row. The backfill converts the rows that existed at the start in place,
+//! in key order, up to the last key the table held then (`end_key`); a write to a row
+//! the backfill has passed, or past `end_key`, is stored converted as it applies (a
+//! write the transform cannot carry is refused whole, naming the migration), so the
+//! backfill always ends. The new shape's own indexes and vector stores are built over
+//! the converted rows on the side. Writers keep writing the v0 shape; reads see v1
+//! (a row not converted yet is transformed as it is read). Cutover is one record: the
+//! table takes the new schema and the built structures, touching no row. Abort drops
+//! the built structures: the table reads as v0 again at once.
 //!
 //! Records (FORMAT.md §5): start (table, table version, the steps as JSON), backfill
 //! chunk (convert base rows after the cursor up to a key), cutover, abort. Each apply
@@ -25,8 +29,11 @@ use serde::{Deserialize, Serialize};
 use crate::error::EngineError;
 use crate::query::compile_row_expr;
 use crate::query::expr::Expr;
-use crate::schema::{check_name, TableSchema};
-use crate::table::{Row, RowWrite, Table};
+use crate::schema::{check_name, Column, TableSchema};
+use std::borrow::Cow;
+
+use crate::key::Key;
+use crate::table::{check_transformed_row, BatchOutcome, NewStructures, Row, RowWrite, Table};
 use crate::tenant::Tenant;
 use crate::value::{ColumnType, Value};
 
@@ -126,27 +133,44 @@ fn check_step_count(n: usize) -> Result<(), String> {
     Ok(())
 }
 
-/// Where one v1 column's value comes from.
+/// A value an appended column computes from the v0 row: an expression (`params` are
+/// its literals).
 #[derive(Debug, Clone)]
-enum Source {
-    /// The v0 value at this position, unchanged.
-    Column(usize),
-    /// An expression over the v0 row (`params` are its literals).
-    Computed { expr: Expr, params: Vec<Value> },
+struct Computed {
+    expr: Expr,
+    params: Vec<Value>,
 }
 
-/// A validated migration: the v1 schema and how to build a v1 row from a v0 row.
+/// Where a column of the new shape keeps its values.
+#[derive(Debug, Clone)]
+enum Slot {
+    /// The v0 slot at this position, values as they are.
+    Old(usize),
+    /// A slot appended after the v0 ones, its values computed.
+    New(Computed),
+}
+
+/// A validated migration: the v1 schema and how to convert a v0 row into it.
+///
+/// Columns keep their slots (FORMAT.md §5, "Rows during a migration"): v1 holds every
+/// slot of v0, those of dropped columns marked dropped, then one appended slot per
+/// column the migration adds or retypes. A converted row is therefore its v0 row with
+/// values appended: read as v0 it is the row it was (an abort reads it so), read as v1
+/// it is the new row (a cutover reads it so). The table is stored once, in place.
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub target: TableSchema,
-    sources: Vec<Source>,
+    /// Slots of the v0 shape.
+    old_slots: usize,
+    /// What each appended slot computes, in slot order.
+    appended: Vec<Computed>,
 }
 
 struct WorkColumn {
     name: String,
     ty: ColumnType,
     nullable: bool,
-    source: Source,
+    slot: Slot,
 }
 
 /// Plans `steps` over `v0`, validating all of them before anything starts; the error
@@ -155,14 +179,12 @@ pub fn plan(v0: &TableSchema, steps: &[Step]) -> Result<Plan, EngineError> {
     let invalid = |why: String| EngineError::InvalidMigration(why);
     check_step_count(steps.len()).map_err(invalid)?;
     let mut cols: Vec<WorkColumn> = v0
-        .columns
-        .iter()
-        .enumerate()
+        .live_columns()
         .map(|(i, c)| WorkColumn {
             name: c.name.clone(),
             ty: c.ty,
             nullable: c.nullable,
-            source: Source::Column(i),
+            slot: Slot::Old(i),
         })
         .collect();
     let names = |positions: &[usize]| -> Vec<String> {
@@ -199,7 +221,7 @@ pub fn plan(v0: &TableSchema, steps: &[Step]) -> Result<Plan, EngineError> {
                 ))
             })
         };
-        let compile = |text: &str| -> Result<Source, EngineError> {
+        let compile = |text: &str| -> Result<Computed, EngineError> {
             if text.len() > MAX_EXPRESSION_BYTES {
                 return Err(bad(format!(
                     "the expression is {} bytes, above the limit of {MAX_EXPRESSION_BYTES}",
@@ -207,7 +229,7 @@ pub fn plan(v0: &TableSchema, steps: &[Step]) -> Result<Plan, EngineError> {
                 )));
             }
             let (expr, params) = compile_row_expr(v0, text).map_err(&bad)?;
-            Ok(Source::Computed { expr, params })
+            Ok(Computed { expr, params })
         };
         match step {
             Step::AddColumn {
@@ -221,9 +243,9 @@ pub fn plan(v0: &TableSchema, steps: &[Step]) -> Result<Plan, EngineError> {
                     return Err(bad(format!("column {name:?} already exists")));
                 }
                 let ty = column_type(ty)?;
-                let source = match default {
+                let computed = match default {
                     Some(text) => compile(text)?,
-                    None if *nullable => Source::Computed {
+                    None if *nullable => Computed {
                         expr: Expr::Const(Value::Null),
                         params: Vec::new(),
                     },
@@ -237,7 +259,7 @@ pub fn plan(v0: &TableSchema, steps: &[Step]) -> Result<Plan, EngineError> {
                     name: name.clone(),
                     ty,
                     nullable: *nullable,
-                    source,
+                    slot: Slot::New(computed),
                 });
             }
             Step::DropColumn { name } => {
@@ -277,8 +299,14 @@ pub fn plan(v0: &TableSchema, steps: &[Step]) -> Result<Plan, EngineError> {
                         "column {column:?} is part of the primary key; a key cannot change online"
                     )));
                 }
-                cols[at].ty = column_type(ty)?;
-                cols[at].source = compile(using)?;
+                // The old values stay in their slot until the cutover (an abort reads
+                // them); the new ones go to a slot of their own, appended.
+                let old = cols.remove(at);
+                cols.push(WorkColumn {
+                    ty: column_type(ty)?,
+                    slot: Slot::New(compile(using)?),
+                    ..old
+                });
             }
             Step::AddIndex { name, columns } => {
                 check_name("index name", name).map_err(|e| bad(e.to_string()))?;
@@ -299,58 +327,87 @@ pub fn plan(v0: &TableSchema, steps: &[Step]) -> Result<Plan, EngineError> {
             }
         }
     }
-    let column_specs: Vec<(&str, ColumnType, bool)> = cols
+    // Every v0 slot stays, dropped unless a column still lives in it; then the new.
+    let old_slots = v0.columns.len();
+    let mut slots: Vec<Column> = v0
+        .columns
         .iter()
-        .map(|c| (c.name.as_str(), c.ty, c.nullable))
+        .map(|c| Column {
+            dropped: true,
+            ..c.clone()
+        })
         .collect();
-    let key: Vec<&str> = primary_key.iter().map(String::as_str).collect();
-    let index_columns: Vec<Vec<&str>> = indexes
-        .iter()
-        .map(|(_, c)| c.iter().map(String::as_str).collect())
+    let mut appended = Vec::new();
+    let mut slot_of = Vec::with_capacity(cols.len());
+    for c in cols {
+        let column = Column {
+            name: c.name,
+            ty: c.ty,
+            nullable: c.nullable,
+            dropped: false,
+        };
+        match c.slot {
+            Slot::Old(i) => {
+                slot_of.push((column.name.clone(), i));
+                slots[i] = column;
+            }
+            Slot::New(computed) => {
+                slot_of.push((column.name.clone(), slots.len()));
+                slots.push(column);
+                appended.push(computed);
+            }
+        }
+    }
+    let position = |name: &String| {
+        slot_of
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(usize::MAX, |&(_, slot)| slot)
+    };
+    let key = primary_key.iter().map(position).collect();
+    let indexes = indexes
+        .into_iter()
+        .map(|(name, columns)| (name, columns.iter().map(position).collect()))
         .collect();
-    let index_specs: Vec<(&str, &[&str])> = indexes
-        .iter()
-        .zip(&index_columns)
-        .map(|((name, _), c)| (name.as_str(), c.as_slice()))
-        .collect();
-    let target = TableSchema::new(&v0.name, &column_specs, &key, &index_specs)
+    let target = TableSchema::from_slots(&v0.name, slots, key, indexes)
         .map_err(|e| invalid(format!("the migrated table would be invalid: {e}")))?;
     Ok(Plan {
         target,
-        sources: cols.into_iter().map(|c| c.source).collect(),
+        old_slots,
+        appended,
     })
 }
 
 impl Plan {
-    /// The v1 row of a v0 row, or why it has none. The values are converted to each
-    /// column's type by the rules a JSON write follows (an int fills a float column;
-    /// anything fills a json column); the row is then checked against the v1 table.
+    /// The v1 row of a v0 row, or why it has none: the v0 slots as they are, then the
+    /// appended values, converted to each column's type by the rules a JSON write
+    /// follows (an int fills a float column; anything fills a json column). A row
+    /// holding values past the v0 slots (appended by a migration that did not cut
+    /// over) has them replaced. The caller checks the row against the v1 table.
     pub fn transform(&self, row: &Row) -> Result<Row, String> {
-        let mut out = Vec::with_capacity(self.sources.len());
-        for (source, column) in self.sources.iter().zip(&self.target.columns) {
-            let value = match source {
-                Source::Column(i) => row.get(*i).to_value(),
-                Source::Computed { expr, params } => {
-                    let v = crate::query::with_stack(|| expr.eval(row, params))
+        let new_columns = &self.target.columns[self.old_slots..];
+        Row::build(|out| {
+            out.values_of(row, self.old_slots);
+            for (computed, column) in self.appended.iter().zip(new_columns) {
+                let v = crate::query::with_stack(|| computed.expr.eval(row, &computed.params))
+                    .map_err(|e| format!("column {:?}: {e}", column.name))?
+                    .into_owned();
+                let value = if v.is_null() {
+                    Value::Null
+                } else {
+                    Value::from_json(&v.to_json(), column.ty)
                         .map_err(|e| format!("column {:?}: {e}", column.name))?
-                        .into_owned();
-                    if v.is_null() {
-                        Value::Null
-                    } else {
-                        Value::from_json(&v.to_json(), column.ty)
-                            .map_err(|e| format!("column {:?}: {e}", column.name))?
-                    }
+                };
+                if value.is_null() && !column.nullable {
+                    return Err(format!(
+                        "column {:?} would be null but is not nullable",
+                        column.name
+                    ));
                 }
-            };
-            if value.is_null() && !column.nullable {
-                return Err(format!(
-                    "column {:?} would be null but is not nullable",
-                    column.name
-                ));
+                out.value(&value);
             }
-            out.push(value);
-        }
-        Ok(Row::from_values(&out))
+            Ok(())
+        })
     }
 }
 
@@ -429,14 +486,15 @@ pub struct MigrationInfo {
     pub rows_done: u64,
 }
 
-/// A migration in progress and its shadow table.
+/// A migration in progress: its plan, how far its backfill got, and the new shape's
+/// indexes and vector stores built over the rows converted so far.
 #[derive(Debug, Clone)]
 pub struct ActiveMigration {
     pub info: MigrationInfo,
     /// The base table incarnation it migrates.
     pub table_version: u64,
     plan: Plan,
-    shadow: Table,
+    built: NewStructures,
     /// The last base key converted by the backfill (`None`: none yet).
     cursor: Option<Vec<u8>>,
     /// The last base key when the migration started (`None`: the table was empty).
@@ -444,33 +502,47 @@ pub struct ActiveMigration {
 }
 
 impl ActiveMigration {
+    fn new(info: MigrationInfo, table_version: u64, base: &TableSchema, plan: Plan) -> Self {
+        ActiveMigration {
+            info,
+            table_version,
+            built: NewStructures::new(base, &plan.target),
+            plan,
+            cursor: None,
+            end_key: None,
+        }
+    }
+
     /// A v0 row in the new shape (what a chunk does to each row, and a read during
-    /// the migration to every row it returns).
+    /// the migration to every row not converted yet).
     pub fn transform(&self, row: &Row) -> Result<Row, String> {
         self.plan.transform(row)
     }
 
-    /// The new shape (columns in their new order, names and types; its indexes).
+    /// The new shape: the v0 slots (dropped columns marked), then the appended ones;
+    /// its indexes.
     pub fn target_schema(&self) -> &TableSchema {
         &self.plan.target
     }
 
-    /// A stored row as a read during the migration sees it: transformed, and held to
-    /// the limits the backfill holds it to (a row that fails either fails the
-    /// migration when the backfill reaches it).
-    pub fn read_transform(&self, row: &Row) -> Result<Row, String> {
+    /// A stored row as a read during the migration sees it: as it is when the
+    /// migration converted it already; else transformed, and held to the limits the
+    /// backfill holds it to (a row that fails either fails the migration when the
+    /// backfill reaches it).
+    pub fn read_view<'r>(&self, row: &'r Row) -> Result<Cow<'r, Row>, String> {
+        let target = &self.plan.target;
+        if row.len() == target.columns.len() && self.converted(&row.key(&target.primary_key)) {
+            return Ok(Cow::Borrowed(row));
+        }
         let reshaped = self.plan.transform(row)?;
-        self.shadow.check_transformed_row(&reshaped)?;
-        Ok(reshaped)
+        check_transformed_row(target, &reshaped)?;
+        Ok(Cow::Owned(reshaped))
     }
 
-    /// The new position of old column `v0`, if the migration keeps its values as they
-    /// are (renamed or not); `None` when it drops or recomputes it.
+    /// The slot of old column `v0` in the new shape if the migration keeps its values
+    /// as they are (renamed or not): its own; `None` when it drops or retypes it.
     pub fn unchanged_position(&self, v0: usize) -> Option<usize> {
-        self.plan
-            .sources
-            .iter()
-            .position(|s| matches!(s, Source::Column(c) if *c == v0))
+        (v0 < self.plan.old_slots && !self.plan.target.columns[v0].dropped).then_some(v0)
     }
 
     pub fn cursor(&self) -> Option<&[u8]> {
@@ -490,11 +562,20 @@ impl ActiveMigration {
         }
     }
 
-    /// The v1 writes of a v0 batch that belong in the shadow, or why the migration
-    /// cannot carry the batch. Every row is transformed and checked; only rows behind
-    /// the cursor or past the end key go to the shadow: the backfill converts the
-    /// others later, from the base, as they are then.
-    fn shadow_writes(&self, writes: &[RowWrite]) -> Result<Vec<RowWrite>, EngineError> {
+    /// Whether the row at `key` is stored converted: by the backfill already (at or
+    /// behind the cursor), or written during the migration past the table's last key
+    /// at its start. Rows in between are the backfill's to convert; they are stored
+    /// as v0 rows, and a write to one stores a v0 row.
+    fn converted(&self, key: &[u8]) -> bool {
+        self.cursor.as_deref().is_some_and(|c| key <= c)
+            || self.end_key.as_deref().is_none_or(|e| key > e)
+    }
+
+    /// How each write of a v0 batch is stored, or why the migration cannot carry the
+    /// batch: every upsert is transformed and checked, and one whose row is stored
+    /// converted is stored as its v1 row (`Some`); the others are stored as written.
+    fn carry(&self, writes: &[RowWrite]) -> Result<Vec<Option<Row>>, EngineError> {
+        let target = &self.plan.target;
         let refused = |row: usize, why: String| EngineError::MigrationRefused {
             id: self.info.id,
             table: self.info.table.clone(),
@@ -503,36 +584,67 @@ impl ActiveMigration {
         };
         let mut out = Vec::with_capacity(writes.len());
         for (row, write) in writes.iter().enumerate() {
-            let (key, v1) = match write {
+            out.push(match write {
                 RowWrite::Upsert(values) => {
                     let v1 = self
                         .plan
                         .transform(values)
                         .map_err(|why| refused(row, why))?;
-                    self.shadow
-                        .check_transformed_row(&v1)
-                        .map_err(|why| refused(row, why))?;
-                    (self.shadow.key_of(&v1), RowWrite::Upsert(v1))
+                    check_transformed_row(target, &v1).map_err(|why| refused(row, why))?;
+                    let key = v1.key(&target.primary_key);
+                    self.converted(&key).then_some(v1)
                 }
-                RowWrite::Delete(key) => (key.clone(), RowWrite::Delete(key.clone())),
-            };
-            if in_shadow(self.cursor.as_deref(), self.end_key.as_deref(), &key) {
-                out.push(v1);
-            }
+                RowWrite::Delete(_) => None,
+            });
         }
         Ok(out)
     }
 
+    /// Applies carried writes to `base` one at a time, keeping the new shape's
+    /// structures in step with the converted rows they replace, add or delete.
+    fn apply(
+        &mut self,
+        base: &mut Table,
+        writes: Vec<RowWrite>,
+        carried: Vec<Option<Row>>,
+        lsn: u64,
+    ) -> BatchOutcome {
+        let target = &self.plan.target;
+        let mut outcome = BatchOutcome::default();
+        base.set_written_lsn(lsn);
+        for (write, v1) in writes.into_iter().zip(carried) {
+            let write = match v1 {
+                Some(v1) => RowWrite::Upsert(v1),
+                None => write,
+            };
+            let key = match &write {
+                RowWrite::Upsert(row) => row.key(&target.primary_key),
+                RowWrite::Delete(key) => key.clone(),
+            };
+            if self.converted(&key) {
+                if let Some(old) = base.row_by_key(&Key::new(key)) {
+                    self.built.remove(target, old);
+                }
+                if let RowWrite::Upsert(row) = &write {
+                    self.built.insert(target, row);
+                }
+            }
+            base.apply_one(write, &mut outcome);
+        }
+        outcome
+    }
+
     /// Converts the base rows after the cursor up to `upto` (and not past `end_key`)
-    /// into the shadow; returns the rows and v1 bytes converted.
-    fn convert(&mut self, base: &Table, upto: &[u8], lsn: u64) -> Result<(u64, u64), String> {
+    /// in place; returns the rows converted. Every row is transformed before any is
+    /// stored: a row that does not migrate leaves the table as it was.
+    fn convert(&mut self, base: &mut Table, upto: &[u8], lsn: u64) -> Result<u64, String> {
+        let target = &self.plan.target;
         let limit = match &self.end_key {
             Some(end) if end.as_slice() < upto => end.clone(),
             Some(_) => upto.to_vec(),
-            None => return Ok((0, 0)),
+            None => return Ok(0),
         };
-        let mut writes = Vec::new();
-        let mut bytes = 0u64;
+        let mut converted = Vec::new();
         for (key, row) in base.rows_after(self.cursor.as_deref()) {
             if key > limit.as_slice() {
                 break;
@@ -540,26 +652,22 @@ impl ActiveMigration {
             let v1 = self.plan.transform(row).map_err(|why| {
                 format!("row with key {} does not migrate: {why}", render_key(key))
             })?;
-            self.shadow
-                .check_transformed_row(&v1)
+            check_transformed_row(target, &v1)
                 .map_err(|e| format!("row with key {} does not migrate: {e}", render_key(key)))?;
-            bytes += crate::record::row_entry_bytes(&v1) as u64;
-            writes.push(RowWrite::Upsert(v1));
+            converted.push(v1);
         }
-        let rows = writes.len() as u64;
-        self.shadow.apply(writes, lsn);
+        let rows = converted.len() as u64;
+        base.set_written_lsn(lsn);
+        let mut outcome = BatchOutcome::default();
+        for v1 in converted {
+            self.built.insert(target, &v1);
+            base.apply_one(RowWrite::Upsert(v1), &mut outcome);
+        }
         if self.cursor.as_deref().is_none_or(|c| c < limit.as_slice()) {
             self.cursor = Some(limit);
         }
-        Ok((rows, bytes))
+        Ok(rows)
     }
-}
-
-/// Whether the shadow holds the row at `key`: converted by the backfill already (at or
-/// behind the cursor), or written during the migration past the table's last key at
-/// its start. Rows in between are the backfill's to convert.
-fn in_shadow(cursor: Option<&[u8]>, end_key: Option<&[u8]>, key: &[u8]) -> bool {
-    cursor.is_some_and(|c| key <= c) || end_key.is_none_or(|e| key > e)
 }
 
 /// A key for a message: hex, cut short.
@@ -665,21 +773,34 @@ impl Migrations {
         }
     }
 
-    /// The shadow writes of a batch to `table`, if a migration is active on it.
-    pub(crate) fn shadow_writes(
+    /// How a batch to `table` is stored when a migration is active on it (see
+    /// [`ActiveMigration::carry`]), or why the migration cannot carry it.
+    pub(crate) fn carry(
         &self,
         table: &str,
         writes: &[RowWrite],
-    ) -> Result<Option<Vec<RowWrite>>, EngineError> {
-        self.active
-            .get(table)
-            .map(|m| m.shadow_writes(writes))
-            .transpose()
+    ) -> Result<Option<Vec<Option<Row>>>, EngineError> {
+        self.active.get(table).map(|m| m.carry(writes)).transpose()
     }
 
-    pub(crate) fn apply_shadow(&mut self, table: &str, writes: Vec<RowWrite>, lsn: u64) {
-        if let Some(m) = self.active.get_mut(table) {
-            m.shadow.apply(writes, lsn);
+    /// Applies a batch to `base`, through the migration active on it if there is one
+    /// for this incarnation; all or nothing.
+    pub(crate) fn apply_writes(
+        &mut self,
+        base: &mut Table,
+        writes: Vec<RowWrite>,
+        lsn: u64,
+    ) -> Result<BatchOutcome, EngineError> {
+        match self
+            .active
+            .get_mut(&base.schema().name)
+            .filter(|m| m.table_version == base.version())
+        {
+            None => Ok(base.apply(writes, lsn)),
+            Some(m) => {
+                let carried = m.carry(&writes)?;
+                Ok(m.apply(base, writes, carried, lsn))
+            }
         }
     }
 
@@ -795,7 +916,6 @@ pub(crate) fn start(
     let plan = plan(base.schema(), &steps)?;
     let end_key = base.last_key().map(<[u8]>::to_vec);
     let rows_total = base.usage().rows as u64;
-    let shadow = Table::new(plan.target.clone(), lsn.0);
     let info = MigrationInfo {
         id: lsn.0,
         table: table.to_string(),
@@ -808,12 +928,8 @@ pub(crate) fn start(
         rows_done: 0,
     };
     let active = ActiveMigration {
-        info,
-        table_version,
-        plan,
-        shadow,
-        cursor: None,
         end_key,
+        ..ActiveMigration::new(info, table_version, base.schema(), plan)
     };
     tenant.migrations_mut().activate(table.to_string(), active);
     Ok(lsn.0)
@@ -837,9 +953,8 @@ fn check_active(tenant: &Tenant, table: &str, id: u64) -> Result<(), EngineError
     }
 }
 
-/// Ends the active migration of `table` in `state`.
 /// Ends the active migration of `table` in `state`; returns it when it cut over (its
-/// shadow becomes the table).
+/// structures become the table's).
 fn finish(
     tenant: &mut Tenant,
     table: &str,
@@ -857,8 +972,10 @@ fn finish(
     if state == MigrationState::Done {
         return Some(m);
     }
-    // The shadow goes, off the shard thread.
-    crate::reclaim::later(m.shadow);
+    // What it built goes, off the shard thread. Rows it converted keep the values
+    // it appended: the table's shape does not read them, the next write of the row
+    // or a checkpoint's copy leaves them out, and a later migration replaces them.
+    crate::reclaim::later(m.built);
     None
 }
 
@@ -906,15 +1023,16 @@ fn convert_active<'a>(
         unreachable!("checked above")
     };
     let upto = upto.map_or_else(|| m.end_key.clone().unwrap_or_default(), <[u8]>::to_vec);
-    Ok(m.convert(base, &upto, lsn.0).map(|(rows, _)| {
+    Ok(m.convert(base, &upto, lsn.0).map(|rows| {
         let caught_up = m.caught_up();
         (rows, caught_up, m)
     }))
 }
 
 /// Applies a cutover: what the backfill had not reached yet is converted (nothing,
-/// when the backfill caught up, as the driver waits for), then the shadow becomes the
-/// table, a new incarnation whose version is the cutover's LSN.
+/// when the backfill caught up, as the driver waits for), then the table takes the new
+/// shape, a new incarnation whose version is the cutover's LSN. Its rows are converted
+/// already, so this touches none of them.
 pub(crate) fn cutover(
     tenant: &mut Tenant,
     table: &str,
@@ -932,12 +1050,7 @@ pub(crate) fn cutover(
     let Some(m) = finish(tenant, table, MigrationState::Done, None, committed) else {
         unreachable!("checked above")
     };
-    let mut shadow = m.shadow;
-    shadow.set_version(lsn.0);
-    // Every row changed shape here.
-    shadow.set_written_lsn(lsn.0);
-    let v0 = tenant.table(table)?.schema().clone();
-    tenant.replace_table(shadow, lsn.0);
+    let v0 = tenant.cut_over_table(table, m.plan.target.clone(), m.built, lsn.0)?;
     let carried = Carried {
         id,
         v0,
@@ -958,7 +1071,7 @@ pub(crate) fn end_with_table(tenant: &mut Tenant, table: &str, committed: Timest
     finish(tenant, table, MigrationState::Aborted, why, committed);
 }
 
-/// Applies an abort: the shadow goes; the base table is as it was.
+/// Applies an abort: what the migration built goes; the table reads as it was.
 pub(crate) fn abort(
     tenant: &mut Tenant,
     table: &str,
@@ -971,8 +1084,9 @@ pub(crate) fn abort(
 }
 
 /// Attaches a migration loaded from a checkpoint to its (already loaded) table and
-/// rebuilds its shadow: the transform of every base row up to the cursor and after
-/// `end_key` (rows after it were written during the migration).
+/// builds the new shape's structures over the rows it converted: those up to the
+/// cursor and after `end_key` (rows after it were written during the migration). Each
+/// is checked against the new shape first (the checkpoint's bytes are untrusted).
 pub(crate) fn restore_active(
     tenant: &mut Tenant,
     info: MigrationInfo,
@@ -988,34 +1102,47 @@ pub(crate) fn restore_active(
         });
     }
     let plan = plan(base.schema(), &info.steps)?;
-    let mut shadow = Table::new(plan.target.clone(), info.id);
-    let mut writes = Vec::new();
-    for (key, row) in base.rows_after(None) {
-        if !in_shadow(cursor.as_deref(), end_key.as_deref(), key) {
-            continue;
-        }
-        let v1 = plan.transform(row).map_err(|why| EngineError::Replay {
-            lsn: loaded_at.0,
-            why: format!(
-                "migration {} cannot rebuild its shadow: row {} does not migrate: {why}",
-                info.id,
-                render_key(key)
-            ),
-        })?;
-        writes.push(RowWrite::Upsert(v1));
-    }
-    shadow.check_writes(&writes)?;
-    shadow.apply(writes, loaded_at.0);
     let table = info.table.clone();
-    let active = ActiveMigration {
-        info,
-        table_version,
-        plan,
-        shadow,
+    let mut m = ActiveMigration {
         cursor,
         end_key,
+        ..ActiveMigration::new(info, table_version, base.schema(), plan)
     };
-    tenant.migrations_mut().activate(table, active);
+    let target = &m.plan.target;
+    let bad = |key: &[u8], why: String| EngineError::Replay {
+        lsn: loaded_at.0,
+        why: format!(
+            "migration {}: the converted row {} does not fit the new shape: {why}",
+            m.info.id,
+            render_key(key)
+        ),
+    };
+    // A checkpoint of a build that kept the new shape apart holds these rows
+    // unconverted: they are converted here, as that build had them.
+    let mut unconverted = Vec::new();
+    for (key, row) in base.rows_after(None) {
+        if !m.converted(key) {
+            continue;
+        }
+        if row.len() == target.columns.len() {
+            check_transformed_row(target, row).map_err(|why| bad(key, why))?;
+        } else {
+            let v1 = m.plan.transform(row).map_err(|why| bad(key, why))?;
+            check_transformed_row(target, &v1).map_err(|why| bad(key, why))?;
+            unconverted.push(v1);
+        }
+    }
+    let base = tenant.table_mut(&table)?;
+    let mut outcome = BatchOutcome::default();
+    for v1 in unconverted {
+        base.apply_one(RowWrite::Upsert(v1), &mut outcome);
+    }
+    for (key, row) in base.rows_after(None) {
+        if m.converted(key) {
+            m.built.insert(target, row);
+        }
+    }
+    tenant.migrations_mut().activate(table, m);
     Ok(())
 }
 
@@ -1055,26 +1182,65 @@ mod tests {
             ),
         )
         .expect("plan");
-        let names: Vec<&str> = p.target.columns.iter().map(|c| c.name.as_str()).collect();
-        assert_eq!(names, ["id", "title", "n", "twice"]);
-        assert_eq!(p.target.columns[2].ty, Float);
+        // Every v0 slot stays (the retyped column's old slot dropped), the added and
+        // the retyped columns are appended.
+        let slots: Vec<(&str, bool)> = p
+            .target
+            .columns
+            .iter()
+            .map(|c| (c.name.as_str(), c.dropped))
+            .collect();
+        assert_eq!(
+            slots,
+            [
+                ("id", false),
+                ("title", false),
+                ("n", true),
+                ("twice", false),
+                ("n", false)
+            ]
+        );
+        assert_eq!(p.target.columns[4].ty, Float);
+        assert_eq!(p.target.column("n"), Some(4));
         assert_eq!(p.target.indexes.len(), 1);
         assert_eq!(p.target.indexes[0].name, "by_title");
+        assert_eq!(p.target.indexes[0].columns, [1]);
         let row = Row::from_values(&[Value::Int(1), Value::Text("a".into()), Value::Int(20)]);
+        let v1 = p.transform(&row).expect("transforms");
         assert_eq!(
-            p.transform(&row).expect("transforms").to_values(),
+            v1.to_values(),
             vec![
                 Value::Int(1),
                 Value::Text("a".into()),
-                Value::Float(20.5),
-                Value::Int(40)
+                Value::Int(20),
+                Value::Int(40),
+                Value::Float(20.5)
             ]
+        );
+        assert_eq!(
+            v1.encoded_prefix(3),
+            row.encoded_values(),
+            "a converted row read as v0 is the row it was"
+        );
+        let json = crate::table::row_to_json(&p.target, &v1);
+        assert_eq!(
+            serde_json::Value::Object(json),
+            serde_json::json!({"id": 1, "title": "a", "twice": 40, "n": 20.5})
         );
         let null_n = Row::from_values(&[Value::Int(2), Value::Null, Value::Null]);
         assert_eq!(
             p.transform(&null_n).expect("nulls propagate").to_values(),
-            vec![Value::Int(2), Value::Null, Value::Null, Value::Null]
+            vec![
+                Value::Int(2),
+                Value::Null,
+                Value::Null,
+                Value::Null,
+                Value::Null
+            ]
         );
+        // Converting again (a chunk replayed over a row converted already) replaces
+        // the appended values: the same row.
+        assert_eq!(p.transform(&v1).expect("again"), v1);
     }
 
     #[test]
@@ -1171,12 +1337,11 @@ mod apply_tests {
         }
 
         fn rows(&self) -> Vec<Row> {
-            self.tenant()
-                .table("items")
-                .expect("table")
-                .rows()
-                .cloned()
-                .collect()
+            self.rows_in_place().cloned().collect()
+        }
+
+        fn rows_in_place(&self) -> impl Iterator<Item = &Row> {
+            self.tenant().table("items").expect("table").rows()
         }
 
         fn upsert(&mut self, id: i64, n: i64) -> Result<Applied, EngineError> {
@@ -1281,18 +1446,20 @@ mod apply_tests {
         }
         let id = log.start(STEPS);
         assert_eq!(log.chunk(id, 3), MigrationState::Backfilling);
+        // Rows the backfill passed are stored converted (v0 slots, then the appended
+        // column); the others are v0 rows still.
+        let arity = |log: &Log| log.rows().iter().map(Row::len).collect::<Vec<_>>();
+        assert_eq!(arity(&log), [4, 4, 4, 4, 3, 3, 3, 3, 3, 3]);
         // Writes during the backfill: behind the cursor, ahead of it, and past the
-        // end key (a new row), all carried into the shadow as they apply.
+        // end key (a new row); those behind and past are stored converted.
         log.upsert(1, 100).expect("behind");
         log.upsert(7, 700).expect("ahead");
         log.upsert(50, 5).expect("new");
+        assert_eq!(arity(&log), [4, 4, 4, 4, 3, 3, 3, 3, 3, 3, 4]);
         assert_eq!(log.chunk(id, 9), MigrationState::CutoverReady);
-        let before = log.rows();
-        assert_eq!(
-            before[0].len(),
-            3,
-            "the base keeps the v0 shape until cutover"
-        );
+        assert!(arity(&log).iter().all(|&n| n == 4));
+        // The table is stored once: the cutover touches no row, it changes the schema.
+        let buffers: Vec<*const u8> = log.rows_in_place().map(|r| r.encoded().as_ptr()).collect();
         match log.run(Command::Cutover {
             table: "items".into(),
             id,
@@ -1300,11 +1467,14 @@ mod apply_tests {
             Ok(Applied::Migration(MigrationState::Done)) => {}
             other => panic!("{other:?}"),
         }
+        let after: Vec<*const u8> = log.rows_in_place().map(|r| r.encoded().as_ptr()).collect();
+        assert_eq!(after, buffers, "no row was copied at the cutover");
         let rows = log.rows();
         assert_eq!(rows.len(), 11);
+        let table = log.tenant().table("items").expect("table");
         for row in &rows {
             let (ValueRef::Int(k), ValueRef::Int(n), ValueRef::Int(d)) =
-                (row.get(0), row.get(1), row.get(2))
+                (row.get(0), row.get(1), row.get(3))
             else {
                 panic!("{row:?}")
             };
@@ -1315,9 +1485,10 @@ mod apply_tests {
                 k => k,
             };
             assert_eq!((n, d), (expected_n, expected_n * 2), "row {k}");
-            assert_eq!(row.len(), 3, "the dropped column is gone");
+            let json = table.row_to_json(row);
+            assert!(!json.contains_key("gone"), "the dropped column is not seen");
+            assert_eq!(json.len(), 3);
         }
-        let table = log.tenant().table("items").expect("table");
         assert_eq!(table.schema().indexes[0].name, "by_double");
         assert_eq!(
             table.check_integrity(),
@@ -1352,8 +1523,17 @@ mod apply_tests {
             log.upsert(id, id).expect("write");
         }
         let before = log.rows();
+        let digest = |t: &Table| {
+            let mut d = crate::table::TableDigest::default();
+            while !t.digest_rows(&mut d, usize::MAX) {}
+            d
+        };
+        let digest_before = digest(log.tenant().table("items").expect("table"));
+        let schema_before = log.tenant().table("items").expect("table").schema().clone();
         let id = log.start(STEPS);
         log.chunk(id, 2);
+        log.upsert(9, 9)
+            .expect("a row written during the migration");
         match log.run(Command::AbortMigration {
             table: "items".into(),
             id,
@@ -1361,7 +1541,26 @@ mod apply_tests {
             Ok(Applied::Migration(MigrationState::Aborted)) => {}
             other => panic!("{other:?}"),
         }
-        assert_eq!(log.rows(), before);
+        let version = log.tenant().table("items").expect("table").version();
+        log.run(Command::Write {
+            table: "items".into(),
+            table_version: version,
+            writes: vec![RowWrite::Delete(log.key(9))],
+            idempotency_key: None,
+        })
+        .expect("delete the row written during the migration");
+        // The rows it converted keep the values it appended, but the table's shape
+        // does not read them: each row reads as it did, and digests the same.
+        let table = log.tenant().table("items").expect("table");
+        assert_eq!(table.schema(), &schema_before);
+        let rows = log.rows();
+        assert_eq!(rows.len(), before.len());
+        for (row, was) in rows.iter().zip(&before) {
+            assert_eq!(row.encoded_prefix(3), was.encoded_values());
+            assert_eq!(table.row_to_json(row), table.row_to_json(was));
+        }
+        assert_eq!(digest(table), digest_before);
+        assert_eq!(table.check_integrity(), Ok(5));
         assert!(log.tenant().migrations().active("items").is_none());
         let again = log.run(Command::Cutover {
             table: "items".into(),

@@ -47,6 +47,25 @@ impl Growth {
     pub fn grows(&self) -> bool {
         self.rows > 0 || self.bytes > 0 || self.vectors > 0
     }
+
+    /// `growth` of `writes`, taken on their rows as written, plus what a migration
+    /// that stores some of them converted (`carried`, see `Migrations::carry`) adds
+    /// to those rows.
+    pub fn carried(
+        mut growth: Growth,
+        writes: &[crate::table::RowWrite],
+        carried: Option<&[Option<crate::table::Row>]>,
+    ) -> Growth {
+        let signed = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        for (write, v1) in writes.iter().zip(carried.unwrap_or_default()) {
+            if let (crate::table::RowWrite::Upsert(v0), Some(v1)) = (write, v1) {
+                let more = signed(v1.stored_bytes()) - signed(v0.stored_bytes());
+                growth.bytes = growth.bytes.saturating_add(more);
+                growth.vectors += signed(v1.vectors()) - signed(v0.vectors());
+            }
+        }
+        growth
+    }
 }
 
 impl TenantQuotas {

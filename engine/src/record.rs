@@ -16,7 +16,7 @@ use crate::limits::{
     MAX_NAME_BYTES, MAX_ROW_BYTES, MAX_VECTOR_DIM,
 };
 use crate::row::Row;
-use crate::schema::TableSchema;
+use crate::schema::{Column, TableSchema};
 use crate::table::RowWrite;
 use crate::tenant_id::MAX_TENANT_ID_BYTES;
 use crate::value::ColumnType;
@@ -114,6 +114,8 @@ const T_FLOAT: u8 = 3;
 const T_BOOL: u8 = 4;
 const T_JSON: u8 = 5;
 const T_VECTOR: u8 = 6;
+/// A column's flags byte: bit 0 nullable, bit 1 dropped (FORMAT.md §5).
+const COLUMN_FLAGS: u8 = 0b11;
 // Row write tags.
 const W_UPSERT: u8 = 1;
 const W_DELETE: u8 = 2;
@@ -393,6 +395,15 @@ impl Writer {
     pub(crate) fn row(&mut self, row: &Row) {
         self.0.extend_from_slice(row.encoded());
     }
+    /// The first `n` values of a row, as a row of `n` values (all of it when it
+    /// holds no more).
+    pub(crate) fn row_prefix(&mut self, row: &Row, n: usize) {
+        if n >= row.len() {
+            return self.row(row);
+        }
+        self.count16(n);
+        self.0.extend_from_slice(row.encoded_prefix(n));
+    }
     pub(crate) fn schema(&mut self, s: &TableSchema) {
         self.str16(&s.name);
         self.count16(s.columns.len());
@@ -409,7 +420,7 @@ impl Writer {
                     self.u32(d);
                 }
             }
-            self.u8(u8::from(c.nullable));
+            self.u8(u8::from(c.nullable) | (u8::from(c.dropped) << 1));
         }
         self.count8(s.primary_key.len());
         for &p in &s.primary_key {
@@ -523,19 +534,20 @@ impl<'a> Reader<'a> {
                 T_VECTOR => ColumnType::Vector(self.u32()?),
                 other => return Err(self.error(format!("bad column type tag {other}"))),
             };
-            columns.push((col, ty, self.u8()? != 0));
+            let flags = self.u8()?;
+            if flags > COLUMN_FLAGS {
+                return Err(self.error(format!("bad column flags {flags}")));
+            }
+            columns.push(Column {
+                name: col,
+                ty,
+                nullable: flags & 1 != 0,
+                dropped: flags & 2 != 0,
+            });
         }
-        let positions = |r: &mut Self| -> Result<Vec<String>, RecordError> {
+        let positions = |r: &mut Self| -> Result<Vec<usize>, RecordError> {
             let n = r.u8()? as usize;
-            (0..n)
-                .map(|_| {
-                    let p = r.u16()? as usize;
-                    columns
-                        .get(p)
-                        .map(|c| c.0.clone())
-                        .ok_or_else(|| r.error(format!("column position {p} out of range")))
-                })
-                .collect()
+            (0..n).map(|_| Ok(r.u16()? as usize)).collect()
         };
         let primary_key = positions(self)?;
         let n = self.u8()? as usize;
@@ -546,21 +558,8 @@ impl<'a> Reader<'a> {
         }
         // Rebuilt through the validating constructor: what was checked before logging
         // is checked again after reading.
-        let cols: Vec<(&str, ColumnType, bool)> = columns
-            .iter()
-            .map(|(n, t, b)| (n.as_str(), *t, *b))
-            .collect();
-        let pk: Vec<&str> = primary_key.iter().map(String::as_str).collect();
-        let index_cols: Vec<Vec<&str>> = indexes
-            .iter()
-            .map(|(_, c)| c.iter().map(String::as_str).collect())
-            .collect();
-        let ix: Vec<(&str, &[&str])> = indexes
-            .iter()
-            .zip(&index_cols)
-            .map(|((n, _), c)| (n.as_str(), c.as_slice()))
-            .collect();
-        TableSchema::new(&name, &cols, &pk, &ix).map_err(|e| self.error(e.to_string()))
+        TableSchema::from_slots(&name, columns, primary_key, indexes)
+            .map_err(|e| self.error(e.to_string()))
     }
 }
 

@@ -133,6 +133,13 @@ impl RowWriter<'_> {
         self.count += 1;
     }
 
+    /// The first `n` values of `row` (all of them when it holds fewer), copied as
+    /// they are encoded.
+    pub(crate) fn values_of(&mut self, row: &Row, n: usize) {
+        self.out.extend_from_slice(row.encoded_prefix(n));
+        self.count += n.min(row.len());
+    }
+
     /// A text value straight from borrowed text (no `String` on the way).
     pub(crate) fn text(&mut self, s: &str) {
         self.out.push(V_TEXT);
@@ -213,6 +220,20 @@ impl Row {
     /// The values' encodings without the count.
     pub fn encoded_values(&self) -> &[u8] {
         &self.0[2..]
+    }
+
+    /// The encodings of the first `n` values (all of them when the row holds fewer):
+    /// a row a migration converted, read in the shape it had before.
+    pub fn encoded_prefix(&self, n: usize) -> &[u8] {
+        let all = self.encoded_values();
+        if n >= self.len() {
+            return all;
+        }
+        let mut rest = all;
+        for _ in 0..n {
+            rest = &rest[ValueRef::encoded_len(rest)..];
+        }
+        &all[..all.len() - rest.len()]
     }
 
     /// Bytes of the values as stored: what row size limits and usage count.

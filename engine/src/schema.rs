@@ -14,13 +14,17 @@ pub struct Column {
     pub ty: ColumnType,
     /// Primary-key columns are never nullable.
     pub nullable: bool,
+    /// Dropped by a migration: the slot stays (rows written before the drop still hold
+    /// a value in it, rows written after hold NULL), but no client sees it, names it or
+    /// writes it, and a new column may take its name.
+    pub dropped: bool,
 }
 
 /// A secondary index over one or more columns.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IndexDef {
     pub name: String,
-    /// Positions of the indexed columns in [`TableSchema::columns`].
+    /// Slots of the indexed columns in [`TableSchema::columns`].
     pub columns: Vec<usize>,
 }
 
@@ -28,8 +32,10 @@ pub struct IndexDef {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TableSchema {
     pub name: String,
+    /// Every column slot, in the order rows hold their values: dropped columns keep
+    /// theirs (a migration appends the columns it adds or retypes).
     pub columns: Vec<Column>,
-    /// Positions of the primary-key columns, in key order.
+    /// Slots of the primary-key columns, in key order.
     pub primary_key: Vec<usize>,
     pub indexes: Vec<IndexDef>,
 }
@@ -80,54 +86,90 @@ impl TableSchema {
         if columns.is_empty() {
             return Err(bad("a table needs at least one column".into()));
         }
-        if columns.len() > MAX_COLUMNS_PER_TABLE {
-            return Err(EngineError::LimitExceeded {
-                what: "columns per table",
-                actual: columns.len(),
-                limit: MAX_COLUMNS_PER_TABLE,
-            });
-        }
-        let mut cols: Vec<Column> = Vec::with_capacity(columns.len());
-        for &(col, ty, nullable) in columns {
-            check_name("column name", col)?;
-            if cols.iter().any(|c| c.name == col) {
-                return Err(bad(format!("column {col:?} appears twice")));
-            }
-            if let ColumnType::Vector(dim) = ty {
-                if dim == 0 || dim > MAX_VECTOR_DIM {
-                    return Err(bad(format!(
-                        "vector column {col:?} has dimension {dim}; allowed 1..={MAX_VECTOR_DIM}"
-                    )));
-                }
-            }
-            cols.push(Column {
+        let position = |col: &str| {
+            columns
+                .iter()
+                .position(|c| c.0 == col)
+                .ok_or_else(|| bad(format!("unknown column {col:?}")))
+        };
+        let positions = |names: &[&str]| -> Result<Vec<usize>, EngineError> {
+            names.iter().map(|n| position(n)).collect()
+        };
+        let cols = columns
+            .iter()
+            .map(|&(col, ty, nullable)| Column {
                 name: col.to_string(),
                 ty,
                 nullable,
+                dropped: false,
+            })
+            .collect();
+        let indexes = indexes
+            .iter()
+            .map(|&(index, names)| Ok((index.to_string(), positions(names)?)))
+            .collect::<Result<Vec<_>, EngineError>>()?;
+        TableSchema::from_slots(name, cols, positions(primary_key)?, indexes)
+    }
+
+    /// Builds and validates a schema from its column slots (dropped ones included: a
+    /// migration's shape), and the primary key and (index name, columns) by position.
+    pub(crate) fn from_slots(
+        name: &str,
+        mut cols: Vec<Column>,
+        primary_key: Vec<usize>,
+        indexes: Vec<(String, Vec<usize>)>,
+    ) -> Result<Self, EngineError> {
+        check_name("table name", name)?;
+        let bad = |why: String| EngineError::InvalidSchema {
+            table: name.to_string(),
+            why,
+        };
+        if cols.iter().all(|c| c.dropped) {
+            return Err(bad("a table needs at least one column".into()));
+        }
+        if cols.len() > MAX_COLUMNS_PER_TABLE {
+            return Err(EngineError::LimitExceeded {
+                what: "columns per table (a dropped column keeps its slot)",
+                actual: cols.len(),
+                limit: MAX_COLUMNS_PER_TABLE,
             });
         }
-        let position = |col: &str| {
-            cols.iter()
-                .position(|c| c.name == col)
-                .ok_or_else(|| bad(format!("unknown column {col:?}")))
-        };
-        let key_columns = |what: &str, names: &[&str]| -> Result<Vec<usize>, EngineError> {
-            if names.is_empty() || names.len() > MAX_KEY_COLUMNS {
-                return Err(bad(format!("{what} needs 1 to {MAX_KEY_COLUMNS} columns")));
-            }
-            let mut positions = Vec::with_capacity(names.len());
-            for n in names {
-                let p = position(n)?;
-                if positions.contains(&p) {
-                    return Err(bad(format!("{what} lists column {n:?} twice")));
-                }
-                if !cols[p].ty.is_keyable() {
+        for i in 0..cols.len() {
+            // A dropped column's slot holds NULL in every row written after its drop.
+            cols[i].nullable |= cols[i].dropped;
+            let col = &cols[i];
+            check_name("column name", &col.name)?;
+            if let ColumnType::Vector(dim) = col.ty {
+                if dim == 0 || dim > MAX_VECTOR_DIM {
                     return Err(bad(format!(
-                        "{what} cannot use column {n:?} of type {} (keys are text, int, float or bool)",
-                        cols[p].ty
+                        "vector column {:?} has dimension {dim}; allowed 1..={MAX_VECTOR_DIM}",
+                        col.name
                     )));
                 }
-                positions.push(p);
+            }
+            let named = |c: &Column| !c.dropped && c.name == col.name;
+            if !col.dropped && cols[..i].iter().any(named) {
+                return Err(bad(format!("column {:?} appears twice", col.name)));
+            }
+        }
+        let key_columns = |what: &str, positions: Vec<usize>| -> Result<Vec<usize>, EngineError> {
+            if positions.is_empty() || positions.len() > MAX_KEY_COLUMNS {
+                return Err(bad(format!("{what} needs 1 to {MAX_KEY_COLUMNS} columns")));
+            }
+            for (n, &p) in positions.iter().enumerate() {
+                let col = cols
+                    .get(p)
+                    .filter(|c| !c.dropped)
+                    .ok_or_else(|| bad(format!("{what} names column slot {p}, not a column")))?;
+                if positions[..n].contains(&p) {
+                    return Err(bad(format!("{what} lists column {:?} twice", col.name)));
+                }
+                if !col.ty.is_keyable() {
+                    return Err(bad(format!(
+                        "{what} cannot use column {:?} of type {} (keys are text, int, float or bool)",
+                        col.name, col.ty
+                    )));
+                }
             }
             Ok(positions)
         };
@@ -148,14 +190,15 @@ impl TableSchema {
             });
         }
         let mut defs: Vec<IndexDef> = Vec::with_capacity(indexes.len());
-        for &(index, names) in indexes {
-            check_name("index name", index)?;
+        for (index, positions) in indexes {
+            check_name("index name", &index)?;
             if defs.iter().any(|d| d.name == index) {
                 return Err(bad(format!("index {index:?} appears twice")));
             }
+            let columns = key_columns(&format!("index {index:?}"), positions)?;
             defs.push(IndexDef {
-                name: index.to_string(),
-                columns: key_columns(&format!("index {index:?}"), names)?,
+                name: index,
+                columns,
             });
         }
         for &p in &primary_key {
@@ -169,7 +212,12 @@ impl TableSchema {
         })
     }
 
-    /// The schema as the JSON the API accepts to create it.
+    /// The columns a client sees, with their slots: every one but the dropped.
+    pub fn live_columns(&self) -> impl Iterator<Item = (usize, &Column)> {
+        self.columns.iter().enumerate().filter(|(_, c)| !c.dropped)
+    }
+
+    /// The schema as the JSON the API accepts to create it (dropped columns left out).
     pub fn to_json(&self) -> serde_json::Value {
         let names = |positions: &[usize]| -> Vec<String> {
             positions
@@ -179,7 +227,7 @@ impl TableSchema {
         };
         serde_json::json!({
             "name": self.name,
-            "columns": self.columns.iter().map(|c| serde_json::json!({
+            "columns": self.live_columns().map(|(_, c)| serde_json::json!({
                 "name": c.name,
                 "type": c.ty.to_string(),
                 "nullable": c.nullable,
@@ -192,9 +240,11 @@ impl TableSchema {
         })
     }
 
-    /// Position of a column by name.
+    /// Slot of a (live) column by name.
     pub fn column(&self, name: &str) -> Option<usize> {
-        self.columns.iter().position(|c| c.name == name)
+        self.live_columns()
+            .find(|(_, c)| c.name == name)
+            .map(|(i, _)| i)
     }
 }
 
@@ -274,7 +324,7 @@ mod tests {
         assert!(matches!(
             TableSchema::new("t", &many, &["c0"], &[]),
             Err(EngineError::LimitExceeded {
-                what: "columns per table",
+                what: "columns per table (a dropped column keeps its slot)",
                 actual: 300,
                 ..
             })

@@ -112,7 +112,7 @@ impl Table {
             .iter()
             .enumerate()
             .filter_map(|(i, c)| match c.ty {
-                ColumnType::Vector(dim) => Some(VectorColumn::new(i, dim as usize)),
+                ColumnType::Vector(dim) if !c.dropped => Some(VectorColumn::new(i, dim as usize)),
                 _ => None,
             })
             .collect();
@@ -149,7 +149,10 @@ impl Table {
             bytes.0.clear();
             bytes.bytes32(key);
             digest.crc = crc32c::crc32c_append(digest.crc, &bytes.0);
-            digest.crc = crc32c::crc32c_append(digest.crc, row.encoded_values());
+            // The values of the table's shape: a copy that left out those a migration
+            // appended and no longer reads holds the same rows.
+            let values = row.encoded_prefix(self.schema.columns.len());
+            digest.crc = crc32c::crc32c_append(digest.crc, values);
             digest.rows += 1;
             taken += 1;
             last = Some(key);
@@ -165,11 +168,6 @@ impl Table {
 
     pub fn schema(&self) -> &TableSchema {
         &self.schema
-    }
-
-    /// Makes this table a new incarnation (a migration's table at its cutover).
-    pub(crate) fn set_version(&mut self, version: u64) {
-        self.version = version;
     }
 
     pub fn version(&self) -> u64 {
@@ -193,6 +191,10 @@ impl Table {
         }
         let row = Row::build(|row| {
             for column in &self.schema.columns {
+                if column.dropped {
+                    row.value(&Value::Null);
+                    continue;
+                }
                 let json = object.get(&column.name);
                 // Text, the common case, is copied once: into the row.
                 if let (Some(serde_json::Value::String(s)), ColumnType::Text) = (json, column.ty) {
@@ -214,47 +216,15 @@ impl Table {
             }
             Ok(())
         })?;
-        self.check_row_limits(&row)?;
+        check_row_limits(&self.schema, &row)?;
         Ok(row)
-    }
-
-    /// The size limits of a row: its bytes, its primary key's and each index key's.
-    fn check_row_limits(&self, row: &Row) -> Result<(), String> {
-        let bytes = row.stored_bytes();
-        if bytes > MAX_ROW_BYTES {
-            return Err(format!(
-                "row is {bytes} bytes, above the limit of {MAX_ROW_BYTES}"
-            ));
-        }
-        let key = row.key_len(&self.schema.primary_key);
-        if key > MAX_KEY_BYTES {
-            return Err(format!(
-                "primary key is {key} bytes encoded, above the limit of {MAX_KEY_BYTES}"
-            ));
-        }
-        for index in &self.schema.indexes {
-            let len = row.key_len(&index.columns);
-            if len > MAX_KEY_BYTES {
-                return Err(format!(
-                    "key of index {:?} is {len} bytes, above the limit of {MAX_KEY_BYTES}",
-                    index.name
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    /// The encoded primary key of a row of this table.
-    pub(crate) fn key_of(&self, row: &Row) -> Vec<u8> {
-        row.key(&self.schema.primary_key)
     }
 
     /// Checks a row a migration's transform made: what [`Table::check_writes`] checks,
     /// and the size limits [`Table::validate_upsert`] holds a client's row to (a
     /// transform can widen a row past them).
     pub fn check_transformed_row(&self, row: &Row) -> Result<(), String> {
-        self.check_row(row)?;
-        self.check_row_limits(row)
+        check_transformed_row(&self.schema, row)
     }
 
     /// Encodes the primary key named by a JSON object holding exactly the key columns.
@@ -321,32 +291,31 @@ impl Table {
     pub fn check_writes(&self, writes: &[RowWrite]) -> Result<(), EngineError> {
         for (row, write) in writes.iter().enumerate() {
             if let RowWrite::Upsert(values) = write {
-                self.check_row(values)
+                check_row(&self.schema, values)
                     .map_err(|why| EngineError::InvalidRow { row, why })?;
             }
         }
         Ok(())
     }
 
-    fn check_row(&self, row: &Row) -> Result<(), String> {
-        let columns = &self.schema.columns;
-        if row.len() != columns.len() {
-            return Err(format!(
-                "{} values for the {} columns of table {:?}",
-                row.len(),
-                columns.len(),
-                self.schema.name
-            ));
-        }
-        for (value, column) in row.values().zip(columns) {
-            if !value.fits(column.ty, column.nullable) {
-                return Err(format!(
-                    "column {:?} ({}{}) cannot hold a {} value",
-                    column.name,
-                    column.ty,
-                    if column.nullable { "" } else { ", not null" },
-                    value.kind()
-                ));
+    /// Checks rows as a checkpoint stored them: a migration converts rows in place,
+    /// appending its columns' values, so a stored row may hold more values than the
+    /// table's columns (the migration that appended them checks them when it is
+    /// restored; those of one that ended without a cutover are never read).
+    pub(crate) fn check_stored_rows(&self, writes: &[RowWrite]) -> Result<(), EngineError> {
+        for (row, write) in writes.iter().enumerate() {
+            if let RowWrite::Upsert(values) = write {
+                let columns = self.schema.columns.len();
+                let checked = if values.len() < columns {
+                    Err(format!(
+                        "{} values for the {columns} columns of table {:?}",
+                        values.len(),
+                        self.schema.name
+                    ))
+                } else {
+                    check_values(&self.schema, values)
+                };
+                checked.map_err(|why| EngineError::InvalidRow { row, why })?;
             }
         }
         Ok(())
@@ -423,22 +392,28 @@ impl Table {
         self.written_lsn = lsn;
         let mut outcome = BatchOutcome::default();
         for write in writes {
-            match write {
-                RowWrite::Upsert(row) => {
-                    let key = key_of(&row, &self.schema.primary_key);
-                    if self.upsert_row(key, row) {
-                        outcome.updated += 1;
-                    } else {
-                        outcome.inserted += 1;
-                    }
-                }
-                RowWrite::Delete(key) => match self.remove_row(&Key::new(key)) {
-                    Some(_) => outcome.deleted += 1,
-                    None => outcome.missing += 1,
-                },
-            }
+            self.apply_one(write, &mut outcome);
         }
         outcome
+    }
+
+    /// Applies one validated write, counting it in `outcome` (the caller sets the
+    /// written LSN).
+    pub(crate) fn apply_one(&mut self, write: RowWrite, outcome: &mut BatchOutcome) {
+        match write {
+            RowWrite::Upsert(row) => {
+                let key = key_of(&row, &self.schema.primary_key);
+                if self.upsert_row(key, row) {
+                    outcome.updated += 1;
+                } else {
+                    outcome.inserted += 1;
+                }
+            }
+            RowWrite::Delete(key) => match self.remove_row(&Key::new(key)) {
+                Some(_) => outcome.deleted += 1,
+                None => outcome.missing += 1,
+            },
+        }
     }
 
     /// Inserts the row at `key`, or replaces the one there in place, in one walk of
@@ -774,6 +749,178 @@ impl Table {
     }
 }
 
+/// The indexes and vector stores a migration's new shape has and its table does not:
+/// built over the rows the migration has converted in place, then handed to the table
+/// at the cutover ([`Table::cut_over`]). An index the new shape keeps as it is (same
+/// name, same column slots) and the store of a vector column it keeps are the table's
+/// own already: those hold the same entries in either shape.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct NewStructures {
+    /// (position in the new shape's indexes, its entries).
+    indexes: Vec<(usize, BTreeSet<(Key, Key)>)>,
+    vectors: Vec<VectorColumn>,
+}
+
+impl NewStructures {
+    /// Empty structures for what `target` has and `table` lacks.
+    pub(crate) fn new(table: &TableSchema, target: &TableSchema) -> Self {
+        let indexes = target
+            .indexes
+            .iter()
+            .enumerate()
+            .filter(|(_, def)| !table.indexes.contains(def))
+            .map(|(i, _)| (i, BTreeSet::new()))
+            .collect();
+        let vectors = target
+            .live_columns()
+            .filter(|&(slot, _)| slot >= table.columns.len())
+            .filter_map(|(slot, c)| match c.ty {
+                ColumnType::Vector(dim) => Some(VectorColumn::new(slot, dim as usize)),
+                _ => None,
+            })
+            .collect();
+        NewStructures { indexes, vectors }
+    }
+
+    /// Adds the entries of a row converted to `target`'s shape.
+    pub(crate) fn insert(&mut self, target: &TableSchema, row: &Row) {
+        let key = key_of(row, &target.primary_key);
+        for (i, entries) in &mut self.indexes {
+            let fresh = entries.insert((key_of(row, &target.indexes[*i].columns), key.clone()));
+            debug_assert!(fresh, "an index entry exists once");
+        }
+        for store in &mut self.vectors {
+            store.set_le_bytes(&key, vector_in(row, store.column()));
+        }
+    }
+
+    /// Takes out the entries of a converted row that is replaced or deleted.
+    pub(crate) fn remove(&mut self, target: &TableSchema, row: &Row) {
+        let key = key_of(row, &target.primary_key);
+        for (i, entries) in &mut self.indexes {
+            let existed = entries.remove(&(key_of(row, &target.indexes[*i].columns), key.clone()));
+            debug_assert!(existed, "every converted row has its entries");
+        }
+        for store in &mut self.vectors {
+            store.remove(&key);
+        }
+    }
+}
+
+impl Table {
+    /// Makes this table the new shape of a migration whose backfill converted every
+    /// row in place: the schema changes, the indexes and vector stores the new shape
+    /// keeps stay, `built` supplies the others, and the table becomes incarnation
+    /// `version`. No row is touched: the cost is that of the structures dropped, which
+    /// go off the shard thread.
+    pub(crate) fn cut_over(&mut self, target: TableSchema, built: NewStructures, version: u64) {
+        let mut old_indexes: Vec<Option<BTreeSet<(Key, Key)>>> = std::mem::take(&mut self.indexes)
+            .into_iter()
+            .map(Some)
+            .collect();
+        let mut built_indexes = built.indexes;
+        let mut indexes = Vec::with_capacity(target.indexes.len());
+        for (i, def) in target.indexes.iter().enumerate() {
+            let entries = match built_indexes.iter().position(|(at, _)| *at == i) {
+                Some(at) => Some(built_indexes.swap_remove(at).1),
+                None => self
+                    .schema
+                    .indexes
+                    .iter()
+                    .position(|old| old == def)
+                    .and_then(|old| old_indexes[old].take()),
+            };
+            debug_assert!(entries.is_some(), "index {} has no entries", def.name);
+            indexes.push(entries.unwrap_or_default());
+        }
+        let mut old_vectors = std::mem::take(&mut self.vectors);
+        let mut built_vectors = built.vectors;
+        let mut vectors = Vec::new();
+        for (slot, _) in target
+            .live_columns()
+            .filter(|(_, c)| matches!(c.ty, ColumnType::Vector(_)))
+        {
+            let from = |stores: &mut Vec<VectorColumn>| {
+                let at = stores.iter().position(|v| v.column() == slot)?;
+                Some(stores.swap_remove(at))
+            };
+            if let Some(store) = from(&mut built_vectors).or_else(|| from(&mut old_vectors)) {
+                vectors.push(store);
+            }
+        }
+        crate::reclaim::later((old_indexes, old_vectors));
+        self.schema = target;
+        self.indexes = indexes;
+        self.vectors = vectors;
+        self.version = version;
+        // Every row changed shape here.
+        self.written_lsn = version;
+    }
+}
+
+/// What [`Table::check_transformed_row`] checks, against `schema` (a migration's new
+/// shape, which has no table of its own until its cutover).
+pub(crate) fn check_transformed_row(schema: &TableSchema, row: &Row) -> Result<(), String> {
+    check_row(schema, row)?;
+    check_row_limits(schema, row)
+}
+
+fn check_row(schema: &TableSchema, row: &Row) -> Result<(), String> {
+    let columns = &schema.columns;
+    if row.len() != columns.len() {
+        return Err(format!(
+            "{} values for the {} columns of table {:?}",
+            row.len(),
+            columns.len(),
+            schema.name
+        ));
+    }
+    check_values(schema, row)
+}
+
+/// Whether each value fits its column (values past the last column are not looked at).
+fn check_values(schema: &TableSchema, row: &Row) -> Result<(), String> {
+    for (value, column) in row.values().zip(&schema.columns) {
+        if !value.fits(column.ty, column.nullable) {
+            return Err(format!(
+                "column {:?} ({}{}) cannot hold a {} value",
+                column.name,
+                column.ty,
+                if column.nullable { "" } else { ", not null" },
+                value.kind()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The size limits of a row of `schema`: its bytes, its primary key's and each index
+/// key's.
+fn check_row_limits(schema: &TableSchema, row: &Row) -> Result<(), String> {
+    let bytes = row.stored_bytes();
+    if bytes > MAX_ROW_BYTES {
+        return Err(format!(
+            "row is {bytes} bytes, above the limit of {MAX_ROW_BYTES}"
+        ));
+    }
+    let key = row.key_len(&schema.primary_key);
+    if key > MAX_KEY_BYTES {
+        return Err(format!(
+            "primary key is {key} bytes encoded, above the limit of {MAX_KEY_BYTES}"
+        ));
+    }
+    for index in &schema.indexes {
+        let len = row.key_len(&index.columns);
+        if len > MAX_KEY_BYTES {
+            return Err(format!(
+                "key of index {:?} is {len} bytes, above the limit of {MAX_KEY_BYTES}",
+                index.name
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Which B-tree a [`RangeScan`] walks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ScanTarget {
@@ -991,6 +1138,7 @@ pub fn row_to_json(schema: &TableSchema, row: &Row) -> serde_json::Map<String, s
         .columns
         .iter()
         .zip(row.values())
+        .filter(|(column, _)| !column.dropped)
         .map(|(column, value)| (column.name.clone(), value.to_value().to_json()))
         .collect()
 }

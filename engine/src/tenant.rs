@@ -79,7 +79,8 @@ impl Tenant {
     }
 
     /// A row of `table` as reads see it: in the new shape while a migration of the
-    /// table runs (dual read; the row is stored in the old one until the cutover).
+    /// table runs (dual read; a row the migration has not converted yet is
+    /// transformed as it is read).
     pub fn row_as_read(
         &self,
         table: &Table,
@@ -92,7 +93,7 @@ impl Tenant {
         match migration {
             None => Ok(table.row_to_json(row)),
             Some(m) => {
-                let reshaped = m.read_transform(row).map_err(|why| {
+                let reshaped = m.read_view(row).map_err(|why| {
                     EngineError::MigrationConflict(format!(
                         "this row cannot be read in the new shape of migration {}, which \
                          runs on table {:?}: {why}",
@@ -114,17 +115,29 @@ impl Tenant {
     pub(crate) fn base_and_migrations(
         &mut self,
         table: &str,
-    ) -> Result<(&Table, &mut Migrations), EngineError> {
-        let base = self.tables.get(table).ok_or_else(|| not_found(table))?;
+    ) -> Result<(&mut Table, &mut Migrations), EngineError> {
+        let base = self.tables.get_mut(table).ok_or_else(|| not_found(table))?;
         Ok((base, &mut self.migrations))
     }
 
-    /// Puts a migrated table in place of its base (a cutover at `lsn`).
-    pub(crate) fn replace_table(&mut self, table: Table, lsn: u64) {
-        if let Some(old) = self.tables.insert(table.schema().name.clone(), table) {
-            crate::reclaim::later(old);
-        }
+    pub(crate) fn table_mut(&mut self, name: &str) -> Result<&mut Table, EngineError> {
+        self.tables.get_mut(name).ok_or_else(|| not_found(name))
+    }
+
+    /// Gives `table` a migration's new shape (a cutover at `lsn`); returns the shape
+    /// it replaced.
+    pub(crate) fn cut_over_table(
+        &mut self,
+        table: &str,
+        target: TableSchema,
+        built: crate::table::NewStructures,
+        lsn: u64,
+    ) -> Result<TableSchema, EngineError> {
+        let base = self.table_mut(table)?;
+        let v0 = base.schema().clone();
+        base.cut_over(target, built, lsn);
         self.schema_version = self.schema_version.max(lsn);
+        Ok(v0)
     }
 
     /// Adds a table; `version` identifies this incarnation (the creating LSN).
@@ -197,16 +210,12 @@ impl Tenant {
             });
         }
         target.check_writes(&writes)?;
-        let shadow = self.migrations.shadow_writes(table, &writes)?;
-        let outcome = target.apply(writes, lsn.0);
-        if let Some(shadow) = shadow {
-            self.migrations.apply_shadow(table, shadow, lsn.0);
-        }
-        Ok(outcome)
+        self.migrations.apply_writes(target, writes, lsn.0)
     }
 
-    /// Loads rows of a checkpoint into a table: like [`Tenant::apply_writes`], but a
-    /// migration's shadow is rebuilt once the table is whole, not row by row.
+    /// Loads rows of a checkpoint into a table: like [`Tenant::apply_writes`], but rows
+    /// are stored as they were (a migration converts rows in place, and is attached
+    /// once the table is whole).
     pub(crate) fn load_rows(
         &mut self,
         table: &str,
@@ -220,7 +229,7 @@ impl Tenant {
                 table: table.to_string(),
             });
         }
-        target.check_writes(&writes)?;
+        target.check_stored_rows(&writes)?;
         Ok(target.apply(writes, lsn.0))
     }
 

@@ -20,9 +20,9 @@ const IDLE_TICK: Duration = Duration::from_millis(100);
 /// Backfill accounts (for `GET …/migrations/:id`) kept before they are forgotten, once
 /// no migration runs.
 const MAX_BACKFILL_ACCOUNTS: usize = 1024;
-/// Resident bytes a table costs per byte of its rows (BENCHMARKS.md measures about 2):
-/// the estimate of a migration's shadow copy.
-const SHADOW_RESIDENT_PER_ROW_BYTE: u64 = 2;
+/// Resident bytes a row's growth costs per byte (its allocation grows with it; 2 is
+/// generous): the estimate of what converting the table in place adds.
+const RESIDENT_PER_ROW_BYTE: u64 = 2;
 /// About how long converting one chunk may take, judged on its first rows.
 const CHUNK_TIME: Duration = Duration::from_millis(2);
 const TIMED_ROWS: usize = 16;
@@ -170,15 +170,14 @@ pub(super) struct BackfillAccount {
 /// Rows a migration's start transforms to try it and to learn how rows grow.
 const SAMPLE_ROWS: usize = 64;
 
-/// New-shape bytes per old-shape byte over the table's first rows (1 for an empty
+/// Converted-row bytes per old-row byte over the table's first rows (1 for an empty
 /// table); a sampled row that does not migrate refuses the migration at once.
 fn sample_growth(base: &Table, plan: &migration::Plan) -> Result<f64, EngineError> {
-    let shadow = Table::new(plan.target.clone(), 0);
     let (mut before, mut after) = (0usize, 0usize);
     for (key, row) in base.rows_after(None).take(SAMPLE_ROWS) {
         let v1 = plan
             .transform(row)
-            .and_then(|v1| shadow.check_transformed_row(&v1).map(|()| v1))
+            .and_then(|v1| crate::table::check_transformed_row(&plan.target, &v1).map(|()| v1))
             .map_err(|why| {
                 EngineError::InvalidMigration(format!(
                     "the table's row with key {} does not migrate: {why}",
@@ -263,25 +262,27 @@ impl<S: Storage> Shard<S> {
             }
             let plan = migration::plan(base.schema(), &steps)?;
             let growth = sample_growth(base, &plan)?;
-            // The table is held twice until the cutover: refuse a second copy the
-            // memory budget has no room for, rather than run the process out of memory.
+            // The rows grow in place by what the migration appends to them: refuse
+            // growth the memory budget has no room for, rather than run the process
+            // out of memory half way.
             let (budget, resident) = crate::quota::memory_usage();
-            let shadow_bytes = base.usage().bytes as f64 * growth;
-            let needed = (SHADOW_RESIDENT_PER_ROW_BYTE as f64 * shadow_bytes) as u64;
+            let converted_bytes = base.usage().bytes as f64 * growth;
+            let more = (converted_bytes - base.usage().bytes as f64).max(0.0);
+            let needed = (RESIDENT_PER_ROW_BYTE as f64 * more) as u64;
             let room = budget.saturating_sub(resident);
             if budget > 0 && needed > room {
                 return Err(EngineError::LimitExceeded {
-                    what: "memory a migration's second copy of the table needs until its \
-                           cutover, in bytes (against the room left in the memory budget; \
-                           free memory or raise --memory-budget-bytes)",
+                    what: "memory the migration's converted rows need, in bytes (against \
+                           the room left in the memory budget; free memory or raise \
+                           --memory-budget-bytes)",
                     actual: needed as usize,
                     limit: room as usize,
                 });
             }
-            // After the cutover the table holds the new shape: within the quota.
+            // Converted, the table holds the new shape: within the quota.
             let bytes = Growth {
                 rows: 0,
-                bytes: shadow_bytes as i64 - base.usage().bytes as i64,
+                bytes: more as i64,
                 vectors: 0,
             };
             self.quotas

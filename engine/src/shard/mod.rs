@@ -558,11 +558,13 @@ impl<S: Storage> Shard<S> {
         table: &str,
         writes: &[crate::table::RowWrite],
     ) -> Result<(), EngineError> {
-        // A write an active migration cannot carry is refused before it is logged.
-        t.migrations().shadow_writes(table, writes)?;
+        // A write an active migration cannot carry is refused before it is logged; one
+        // it carries grows by the values the migration appends to its row.
+        let carried = t.migrations().carry(table, writes)?;
         let quotas = self.quotas.get();
         let totals = t.totals();
         let admit = |growth| {
+            let growth = crate::quota::Growth::carried(growth, writes, carried.as_deref());
             quotas.admit(tenant.as_str(), &totals, growth)?;
             crate::quota::admit_memory(growth)
         };

@@ -298,7 +298,7 @@ impl Execution {
                         let mut reshaped = Vec::with_capacity(batch.len());
                         for (n, row) in batch.iter().enumerate() {
                             self.check_deadline_at(n)?;
-                            reshaped.push(m.read_transform(row).map_err(|why| {
+                            reshaped.push(m.read_view(row).map_err(|why| {
                                 QueryError::new(
                                     QueryErrorKind::MigrationConflict,
                                     format!(
@@ -311,7 +311,7 @@ impl Execution {
                             })?);
                         }
                         self.stats.access.elapsed += t.elapsed();
-                        self.consume(reshaped.iter().collect())?;
+                        self.consume(reshaped.iter().map(AsRef::as_ref).collect())?;
                     }
                 }
                 if !ranges.is_empty() && !self.output_full() {
