@@ -262,7 +262,7 @@ pub fn read_everything(state: &ShardState) {
             let schema = table.schema();
             let scan = format!("SELECT * FROM {}", schema.name);
             let _ = ask_now(tenant, &scan, Vec::new(), AskLimits::default());
-            for column in &schema.columns {
+            for (_, column) in schema.live_columns() {
                 if let ColumnType::Vector(dim) = column.ty {
                     let knn = format!(
                         "SELECT * FROM {} ORDER BY {} <-> $1 LIMIT 3",

@@ -939,3 +939,127 @@ fn a_migration_that_ends_while_its_table_is_copied_is_not_recorded_as_active() {
         assert_eq!(rows(&shard).len(), ROWS as usize + 1);
     });
 }
+
+/// A checkpoint taken while a backfill converts rows in place holds them as they were
+/// copied, converted or not; the reopened shard carries the migration on and finishes
+/// it. A checkpoint after an abort leaves out the values the aborted migration had
+/// appended: the table reads and digests as before it.
+#[test]
+fn a_checkpoint_during_a_backfill_resumes_it_and_one_after_an_abort_leaves_no_trace() {
+    use oc_engine::migration::{parse_steps, MigrationState};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let digest = |shard: &Shard<DmaStorage>| {
+        shard
+            .read(&acme(), |t| {
+                let table = t.table("kv").expect("table");
+                let mut d = oc_engine::table::TableDigest::default();
+                while !table.digest_rows(&mut d, usize::MAX) {}
+                (d, table.check_integrity())
+            })
+            .expect("tenant")
+    };
+    let state = |shard: &Shard<DmaStorage>, id| shard.migration(&acme(), id).expect("known");
+    const ROWS: i64 = 40_000;
+    let id = run_local(async {
+        let (shard, _) = open(dir.path()).await.expect("open");
+        let shard = Rc::new(shard);
+        setup(&shard).await;
+        write_range(&shard, 0, ROWS).await;
+        let steps = parse_steps(
+            br#"[{"op":"add_column","name":"q","type":"int","default":"k * 2"},
+                 {"op":"add_index","name":"by_q","columns":["q"]}]"#,
+        )
+        .expect("steps");
+        let m = shard
+            .start_migration(&acme(), "kv", steps)
+            .await
+            .expect("start");
+        let driver = oc_engine::shard::spawn_backfill(shard.clone());
+        while state(&shard, m.id).rows_done == 0 {
+            glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        // Copied while the backfill runs: some rows converted before their copy,
+        // some after.
+        let info = shard.checkpoint().await.expect("checkpoint");
+        let done = state(&shard, m.id);
+        assert_eq!(done.state, MigrationState::Backfilling, "{done:?}");
+        assert!(
+            done.rows_done < ROWS as u64,
+            "the checkpoint caught the backfill half way"
+        );
+        assert!(info.rows >= ROWS as u64);
+        drop(driver);
+        shard.close().await.expect("close");
+        m.id
+    });
+    run_local(async {
+        let (shard, report) = open(dir.path()).await.expect("reopen");
+        assert!(
+            report.unusable_checkpoints.is_empty(),
+            "{:?}",
+            report.unusable_checkpoints
+        );
+        let shard = Rc::new(shard);
+        assert!(state(&shard, id).state.is_active());
+        assert_eq!(digest(&shard).1, Ok(ROWS as usize));
+        let _driver = oc_engine::shard::spawn_backfill(shard.clone());
+        while state(&shard, id).state != MigrationState::Done {
+            glommio::timer::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let converted = shard
+            .read(&acme(), |t| {
+                let table = t.table("kv").expect("table");
+                assert_eq!(
+                    table.check_integrity(),
+                    Ok(ROWS as usize),
+                    "the new index is whole"
+                );
+                let q = table.schema().column("q").expect("q");
+                table
+                    .rows()
+                    .filter(|r| match (r.get(0).to_value(), r.get(q).to_value()) {
+                        (Value::Int(k), Value::Int(q)) => q == 2 * k,
+                        _ => false,
+                    })
+                    .count()
+            })
+            .expect("tenant");
+        assert_eq!(converted, ROWS as usize, "every row has q = 2k, once");
+
+        // An aborted migration's appended values stay in the rows it converted
+        // until a checkpoint leaves them out.
+        let before = digest(&shard);
+        let steps =
+            parse_steps(br#"[{"op":"add_column","name":"r","type":"text","default":"'x'"}]"#)
+                .expect("steps");
+        let m = shard
+            .start_migration(&acme(), "kv", steps)
+            .await
+            .expect("start");
+        while state(&shard, m.id).rows_done < ROWS as u64 / 2 {
+            glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        shard.abort_migration(&acme(), m.id).await.expect("abort");
+        assert_eq!(digest(&shard), before, "the abort is immediate");
+        shard.checkpoint().await.expect("checkpoint");
+        shard.close().await.expect("close");
+    });
+    run_local(async {
+        let (shard, _) = open(dir.path()).await.expect("reopen");
+        let (widest, slots) = shard
+            .read(&acme(), |t| {
+                let table = t.table("kv").expect("table");
+                (
+                    table.rows().map(Row::len).max(),
+                    table.schema().columns.len(),
+                )
+            })
+            .expect("tenant");
+        assert_eq!(
+            widest,
+            Some(slots),
+            "no row holds the aborted migration's values"
+        );
+        assert_eq!(digest(&shard).1, Ok(ROWS as usize));
+    });
+}

@@ -235,7 +235,7 @@ pub fn bind(tenant: &Tenant, statement: &Statement) -> Result<Bound, QueryError>
                         position(item.span())
                     )));
                 }
-                for (i, c) in table.schema.columns.iter().enumerate() {
+                for (i, c) in table.schema.live_columns() {
                     output_names.push(c.name.clone());
                     projection.push(Expr::Column(i));
                 }
@@ -646,9 +646,8 @@ impl Binder<'_> {
         let Some(c) = self.schema.column(&id.value) else {
             let known: Vec<&str> = self
                 .schema
-                .columns
-                .iter()
-                .map(|c| c.name.as_str())
+                .live_columns()
+                .map(|(_, c)| c.name.as_str())
                 .collect();
             return Err(QueryError::invalid(format!(
                 "column {:?}{} does not exist in table {:?}; its columns: {}",
