@@ -46,7 +46,7 @@ struct MemoryReport {
 }
 
 /// The resident set of process `pid` (`VmRSS` in `/proc/<pid>/status`).
-fn resident_bytes(pid: u32) -> Result<u64> {
+pub(crate) fn resident_bytes(pid: u32) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kib: u64 = status
         .lines()

@@ -140,6 +140,12 @@ struct Idle {
     seconds: f64,
     rows_per_s: f64,
     mb_per_s: f64,
+    /// The table's row bytes before the migration (its usage).
+    table_bytes: u64,
+    /// The server's resident set just before the start, and its peak until the
+    /// cutover (sampled at every progress poll).
+    resident_before: u64,
+    resident_peak: u64,
 }
 
 #[derive(Serialize)]
@@ -186,7 +192,7 @@ pub fn run(args: MigrationArgs) -> Result<()> {
         preload(&mut conn, "idle", args.idle_rows, args.value_bytes).await?;
         // The shard has been idle for a while (its limiter has seen it).
         glommio::timer::sleep(Duration::from_secs(2)).await;
-        let idle = measure_idle(&mut conn, args.idle_rows, args.max_seconds).await?;
+        let idle = measure_idle(&mut conn, server.pid(), args.idle_rows, args.max_seconds).await?;
         let stats = |f: &dyn Fn(&Round) -> f64| median_min_max(rounds.iter().map(f).collect());
         Ok::<_, anyhow::Error>(MigrationReport {
             pinning: crate::pinning::current(),
@@ -544,10 +550,32 @@ async fn measure_aborts(
     Ok(Percentiles::of(&latency))
 }
 
-async fn measure_idle(conn: &mut Connection, rows: u64, max_seconds: f64) -> Result<Idle> {
+async fn measure_idle(
+    conn: &mut Connection,
+    server: u32,
+    rows: u64,
+    max_seconds: f64,
+) -> Result<Idle> {
+    let table_bytes = table_bytes(conn, "idle").await?;
+    let resident_before = crate::memory::resident_bytes(server)?;
     let started = Instant::now();
     let id = start_migration(conn, "idle").await?;
-    let polls = until_done(conn, id, max_seconds).await?;
+    let mut resident_peak = resident_before;
+    let deadline = Instant::now() + Duration::from_secs_f64(max_seconds);
+    let mut polls = Vec::new();
+    loop {
+        resident_peak = resident_peak.max(crate::memory::resident_bytes(server)?);
+        let p = progress(conn, id).await?;
+        let state = p.state.clone();
+        polls.push(p);
+        match state.as_str() {
+            "done" => break,
+            "failed" | "aborted" => bail!("migration {id} ended {state}"),
+            _ if Instant::now() > deadline => bail!("migration {id} did not cut over in time"),
+            // Often enough to see a peak that lasts as long as the backfill.
+            _ => glommio::timer::sleep(Duration::from_millis(10)).await,
+        }
+    }
     let seconds = (polls[polls.len() - 1].at - started).as_secs_f64();
     // The last counted sample: bytes converted before the cutover.
     let bytes = polls
@@ -560,7 +588,24 @@ async fn measure_idle(conn: &mut Connection, rows: u64, max_seconds: f64) -> Res
         seconds,
         rows_per_s: rows as f64 / seconds,
         mb_per_s: bytes as f64 / seconds / 1e6,
+        table_bytes,
+        resident_before,
+        resident_peak,
     })
+}
+
+/// The row bytes table `table` holds (`GET …/tables/:table`).
+async fn table_bytes(conn: &mut Connection, table: &str) -> Result<u64> {
+    let status = conn
+        .request("GET", &format!("/v1/tenants/{TENANT}/tables/{table}"), None)
+        .await?;
+    if status != 200 {
+        bail!("describing {table} answered {status}");
+    }
+    let body: Value = serde_json::from_slice(conn.body())?;
+    body["bytes"]
+        .as_u64()
+        .context("no bytes in the table's description")
 }
 
 fn print_markdown(r: &MigrationReport) {
@@ -613,5 +658,13 @@ fn print_markdown(r: &MigrationReport) {
         r.idle.seconds,
         r.idle.rows_per_s,
         r.idle.mb_per_s
+    );
+    let mib = |b: u64| b as f64 / f64::from(1 << 20);
+    println!(
+        "resident during the idle migration: {:.1} → peak {:.1} MiB (+{:.1} MiB) for a table of {:.1} MiB of rows",
+        mib(r.idle.resident_before),
+        mib(r.idle.resident_peak),
+        mib(r.idle.resident_peak.saturating_sub(r.idle.resident_before)),
+        mib(r.idle.table_bytes)
     );
 }

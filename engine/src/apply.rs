@@ -185,9 +185,10 @@ pub fn apply_logged(
             table,
             table_version,
             steps,
+            layout,
         } => {
             let t = state.tenants.get_mut(tenant).ok_or_else(missing)?;
-            let id = migration::start(t, &table, table_version, steps, lsn, committed)?;
+            let id = migration::start(t, &table, table_version, steps, layout, lsn, committed)?;
             Ok(Applied::MigrationStarted { id })
         }
         Command::Backfill { table, id, upto } => {

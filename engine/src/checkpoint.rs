@@ -94,8 +94,11 @@ const KIND_ROWS: RecordKind = RecordKind(19);
 const KIND_END: RecordKind = RecordKind(20);
 const KIND_KEYS: RecordKind = RecordKind(21);
 const KIND_API_KEYS: RecordKind = RecordKind(22);
-/// An active migration of the table copied just before it (after its rows).
+/// An active migration of the table copied just before it (after its rows), one an
+/// earlier build started (it cuts over to the compact layout, `Layout::Compact`).
 const KIND_ACTIVE_MIGRATION: RecordKind = RecordKind(23);
+/// The same for a migration whose columns keep their slots (`Layout::InPlace`).
+const KIND_ACTIVE_MIGRATION_IN_PLACE: RecordKind = RecordKind(25);
 /// A tenant's finished migrations.
 const KIND_FINISHED_MIGRATIONS: RecordKind = RecordKind(24);
 /// Payload bytes of one migration's description at most.
@@ -646,13 +649,17 @@ fn encode_finished_migrations(tenant: &Tenant) -> Vec<u8> {
 
 /// The active migration of a table as a checkpoint record: its description, the
 /// table incarnation it migrates, its cursor and end key (FORMAT.md §6).
-fn encode_active_migration(m: &ActiveMigration) -> Vec<u8> {
+fn encode_active_migration(m: &ActiveMigration) -> (RecordKind, Vec<u8>) {
     let mut w = Writer(vec![CHECKPOINT_FORMAT_VERSION]);
     w.u64(m.table_version);
     encode_migration_info(&mut w, &m.info);
     optional_key(&mut w, m.cursor());
     optional_key(&mut w, m.end_key());
-    w.0
+    let kind = match m.layout() {
+        migration::Layout::InPlace => KIND_ACTIVE_MIGRATION_IN_PLACE,
+        migration::Layout::Compact => KIND_ACTIVE_MIGRATION,
+    };
+    (kind, w.0)
 }
 
 /// Copies one table: its schema frame, one rows frame per turn, then the migration
@@ -674,7 +681,7 @@ async fn copy_table<S: Storage>(
     let mut rows_total = 0u64;
     let mut restarts = 0;
     // The migration active on the table when its copy began: its id and record.
-    let mut active: Option<(u64, Vec<u8>)> = None;
+    let mut active: Option<(u64, (RecordKind, Vec<u8>))> = None;
     loop {
         let frame = {
             let s = state.borrow();
@@ -725,9 +732,9 @@ async fn copy_table<S: Storage>(
                         .is_some_and(|m| m.info.id == id)
                 })
             };
-            if let Some((id, record)) = &active {
+            if let Some((id, (kind, record))) = &active {
                 if still_active(*id) {
-                    out.push(KIND_ACTIVE_MIGRATION, tag, record)?;
+                    out.push(*kind, tag, record)?;
                 }
             }
             break;
@@ -980,6 +987,15 @@ fn decode_frame(
                 .get_mut(&tenant()?)
                 .ok_or(SnapshotProblem::BeforeTenant("rows"))?;
             let columns = t.table(&table).map_err(refused)?.schema().columns.len();
+            // A table's active migration comes after all its rows: it is attached to
+            // them as they are.
+            if t.migrations().active(&table).is_some() {
+                return Err(r
+                    .error(format!(
+                        "rows of table {table:?} after its active migration"
+                    ))
+                    .into());
+            }
             // Reserve by the bytes left in this frame (a row takes at least its
             // two-byte value count), never by the claimed count or the snapshot.
             let mut rows = Vec::with_capacity(count.min(r.remaining() / 2));
@@ -1043,7 +1059,12 @@ fn decode_frame(
                 t.api_keys_mut().insert(key_id, key).map_err(refused)?;
             }
         }
-        KIND_ACTIVE_MIGRATION => {
+        KIND_ACTIVE_MIGRATION | KIND_ACTIVE_MIGRATION_IN_PLACE => {
+            let layout = if f.kind == KIND_ACTIVE_MIGRATION {
+                migration::Layout::Compact
+            } else {
+                migration::Layout::InPlace
+            };
             let table_version = r.u64()?;
             let info = decode_migration_info(&mut r)?;
             let cursor = read_optional_key(&mut r)?;
@@ -1058,7 +1079,15 @@ fn decode_frame(
                 .tenants
                 .get_mut(&tenant()?)
                 .ok_or(SnapshotProblem::BeforeTenant("migration"))?;
-            migration::restore_active(t, info, table_version, cursor, end_key, upto)
+            if t.migrations().active(&info.table).is_some() {
+                return Err(r
+                    .error(format!(
+                        "a second active migration of table {:?}",
+                        info.table
+                    ))
+                    .into());
+            }
+            migration::restore_active(t, info, table_version, cursor, end_key, layout, upto)
                 .map_err(refused)?;
         }
         KIND_FINISHED_MIGRATIONS => {

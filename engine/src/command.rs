@@ -42,6 +42,9 @@ pub enum Command {
         table: String,
         table_version: u64,
         steps: Vec<Step>,
+        /// `InPlace` for every start this build logs (record kind 12); `Compact` for
+        /// one an earlier build logged (kind 8).
+        layout: crate::migration::Layout,
     },
     /// Converts the base rows after the migration's cursor up to the key `upto`.
     Backfill {

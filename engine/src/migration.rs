@@ -150,6 +150,28 @@ enum Slot {
     New(Computed),
 }
 
+/// How a migration leaves its table at the cutover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Columns keep their slots (every migration this build starts: start record kind
+    /// 12).
+    InPlace,
+    /// The table is rewritten at the cutover with only its live columns, a retyped one
+    /// in its old place: what a migration an earlier build started (start record kind
+    /// 8, which that build carried out on a second copy of the table) cut over to, so
+    /// its records, and the writes logged after it in that layout, replay as they were
+    /// acknowledged.
+    Compact,
+}
+
+/// The compact layout of a [`Layout::Compact`] migration's new shape.
+#[derive(Debug, Clone)]
+struct Compact {
+    schema: TableSchema,
+    /// The slot of the in-place shape each compact column reads.
+    slots: Vec<usize>,
+}
+
 /// A validated migration: the v1 schema and how to convert a v0 row into it.
 ///
 /// Columns keep their slots (FORMAT.md §5, "Rows during a migration"): v1 holds every
@@ -164,6 +186,8 @@ pub struct Plan {
     old_slots: usize,
     /// What each appended slot computes, in slot order.
     appended: Vec<Computed>,
+    /// Set for a [`Layout::Compact`] migration: the table's shape after its cutover.
+    compact: Option<Compact>,
 }
 
 struct WorkColumn {
@@ -175,7 +199,7 @@ struct WorkColumn {
 
 /// Plans `steps` over `v0`, validating all of them before anything starts; the error
 /// names the step (counted from 0) and what to fix.
-pub fn plan(v0: &TableSchema, steps: &[Step]) -> Result<Plan, EngineError> {
+pub fn plan(v0: &TableSchema, steps: &[Step], layout: Layout) -> Result<Plan, EngineError> {
     let invalid = |why: String| EngineError::InvalidMigration(why);
     check_step_count(steps.len()).map_err(invalid)?;
     let mut cols: Vec<WorkColumn> = v0
@@ -194,6 +218,8 @@ pub fn plan(v0: &TableSchema, steps: &[Step]) -> Result<Plan, EngineError> {
             .collect()
     };
     let mut primary_key = names(&v0.primary_key);
+    // The columns' order in the compact layout: a retyped column keeps its place.
+    let mut compact_order: Vec<String> = cols.iter().map(|c| c.name.clone()).collect();
     let mut indexes: Vec<(String, Vec<String>)> = v0
         .indexes
         .iter()
@@ -261,6 +287,7 @@ pub fn plan(v0: &TableSchema, steps: &[Step]) -> Result<Plan, EngineError> {
                     nullable: *nullable,
                     slot: Slot::New(computed),
                 });
+                compact_order.push(name.clone());
             }
             Step::DropColumn { name } => {
                 let at = find(&cols, name)?;
@@ -275,6 +302,7 @@ pub fn plan(v0: &TableSchema, steps: &[Step]) -> Result<Plan, EngineError> {
                     )));
                 }
                 cols.remove(at);
+                compact_order.retain(|n| n != name);
             }
             Step::RenameColumn { from, to } => {
                 let at = find(&cols, from)?;
@@ -286,6 +314,7 @@ pub fn plan(v0: &TableSchema, steps: &[Step]) -> Result<Plan, EngineError> {
                 for name in primary_key
                     .iter_mut()
                     .chain(indexes.iter_mut().flat_map(|(_, c)| c.iter_mut()))
+                    .chain(compact_order.iter_mut())
                 {
                     if name == from {
                         name.clone_from(to);
@@ -365,20 +394,68 @@ pub fn plan(v0: &TableSchema, steps: &[Step]) -> Result<Plan, EngineError> {
             .map_or(usize::MAX, |&(_, slot)| slot)
     };
     let key = primary_key.iter().map(position).collect();
-    let indexes = indexes
-        .into_iter()
-        .map(|(name, columns)| (name, columns.iter().map(position).collect()))
+    let index_slots = indexes
+        .iter()
+        .map(|(name, columns)| (name.clone(), columns.iter().map(position).collect()))
         .collect();
-    let target = TableSchema::from_slots(&v0.name, slots, key, indexes)
-        .map_err(|e| invalid(format!("the migrated table would be invalid: {e}")))?;
+    let invalid_target =
+        |e: EngineError| invalid(format!("the migrated table would be invalid: {e}"));
+    let target =
+        TableSchema::from_slots(&v0.name, slots, key, index_slots).map_err(invalid_target)?;
+    let compact = match layout {
+        Layout::InPlace => None,
+        Layout::Compact => {
+            let slots: Vec<usize> = compact_order.iter().map(position).collect();
+            let columns: Vec<(&str, ColumnType, bool)> = slots
+                .iter()
+                .map(|&s| {
+                    let c = &target.columns[s];
+                    (c.name.as_str(), c.ty, c.nullable)
+                })
+                .collect();
+            let key: Vec<&str> = primary_key.iter().map(String::as_str).collect();
+            let index_columns: Vec<Vec<&str>> = indexes
+                .iter()
+                .map(|(_, c)| c.iter().map(String::as_str).collect())
+                .collect();
+            let index_specs: Vec<(&str, &[&str])> = indexes
+                .iter()
+                .zip(&index_columns)
+                .map(|((name, _), c)| (name.as_str(), c.as_slice()))
+                .collect();
+            let schema =
+                TableSchema::new(&v0.name, &columns, &key, &index_specs).map_err(invalid_target)?;
+            Some(Compact { schema, slots })
+        }
+    };
     Ok(Plan {
         target,
         old_slots,
         appended,
+        compact,
     })
 }
 
 impl Plan {
+    pub fn layout(&self) -> Layout {
+        match self.compact {
+            None => Layout::InPlace,
+            Some(_) => Layout::Compact,
+        }
+    }
+
+    /// A row of the in-place v1 shape as the table holds it after the cutover: itself,
+    /// or for a [`Layout::Compact`] migration its live values in the compact order.
+    fn after_cutover(&self, row: Row) -> Row {
+        match &self.compact {
+            None => row,
+            Some(c) => {
+                let values: Vec<Value> = c.slots.iter().map(|&s| row.get(s).to_value()).collect();
+                Row::from_values(&values)
+            }
+        }
+    }
+
     /// The v1 row of a v0 row, or why it has none: the v0 slots as they are, then the
     /// appended values, converted to each column's type by the rules a JSON write
     /// follows (an int fills a float column; anything fills a json column). A row
@@ -519,6 +596,10 @@ impl ActiveMigration {
         self.plan.transform(row)
     }
 
+    pub fn layout(&self) -> Layout {
+        self.plan.layout()
+    }
+
     /// The new shape: the v0 slots (dropped columns marked), then the appended ones;
     /// its indexes.
     pub fn target_schema(&self) -> &TableSchema {
@@ -531,7 +612,9 @@ impl ActiveMigration {
     /// backfill reaches it).
     pub fn read_view<'r>(&self, row: &'r Row) -> Result<Cow<'r, Row>, String> {
         let target = &self.plan.target;
-        if row.len() == target.columns.len() && self.converted(&row.key(&target.primary_key)) {
+        let stored_converted = row.len() == target.columns.len()
+            && self.converted(row.tree_key(&target.primary_key).as_bytes());
+        if stored_converted {
             return Ok(Cow::Borrowed(row));
         }
         let reshaped = self.plan.transform(row)?;
@@ -835,6 +918,7 @@ impl Migrations {
             match write {
                 RowWrite::Upsert(values) => {
                     let v1 = carried.plan.transform(values).map_err(refused)?;
+                    let v1 = carried.plan.after_cutover(v1);
                     target.check_transformed_row(&v1).map_err(refused)?;
                     Ok(RowWrite::Upsert(v1))
                 }
@@ -892,6 +976,7 @@ pub(crate) fn start(
     table: &str,
     table_version: u64,
     steps: Vec<Step>,
+    layout: Layout,
     lsn: Lsn,
     committed: TimestampMicros,
 ) -> Result<u64, EngineError> {
@@ -913,7 +998,7 @@ pub(crate) fn start(
             m.info.id
         )));
     }
-    let plan = plan(base.schema(), &steps)?;
+    let plan = plan(base.schema(), &steps, layout)?;
     let end_key = base.last_key().map(<[u8]>::to_vec);
     let rows_total = base.usage().rows as u64;
     let info = MigrationInfo {
@@ -1032,7 +1117,8 @@ fn convert_active<'a>(
 /// Applies a cutover: what the backfill had not reached yet is converted (nothing,
 /// when the backfill caught up, as the driver waits for), then the table takes the new
 /// shape, a new incarnation whose version is the cutover's LSN. Its rows are converted
-/// already, so this touches none of them.
+/// already, so this touches none of them (but for a [`Layout::Compact`] migration of
+/// an earlier build's log, whose table is rewritten in that layout).
 pub(crate) fn cutover(
     tenant: &mut Tenant,
     table: &str,
@@ -1050,7 +1136,21 @@ pub(crate) fn cutover(
     let Some(m) = finish(tenant, table, MigrationState::Done, None, committed) else {
         unreachable!("checked above")
     };
-    let v0 = tenant.cut_over_table(table, m.plan.target.clone(), m.built, lsn.0)?;
+    let v0 = match &m.plan.compact {
+        None => tenant.cut_over_table(table, m.plan.target.clone(), m.built, lsn.0)?,
+        Some(compact) => {
+            crate::reclaim::later(m.built);
+            let base = tenant.table(table)?;
+            let v0 = base.schema().clone();
+            let mut rewritten = Table::new(compact.schema.clone(), lsn.0);
+            let rows = base
+                .rows()
+                .map(|r| RowWrite::Upsert(m.plan.after_cutover(r.clone())));
+            rewritten.apply(rows.collect(), lsn.0);
+            tenant.replace_table(rewritten, lsn.0);
+            v0
+        }
+    };
     let carried = Carried {
         id,
         v0,
@@ -1093,6 +1193,7 @@ pub(crate) fn restore_active(
     table_version: u64,
     cursor: Option<Vec<u8>>,
     end_key: Option<Vec<u8>>,
+    layout: Layout,
     loaded_at: Lsn,
 ) -> Result<(), EngineError> {
     let base = tenant.table(&info.table)?;
@@ -1101,7 +1202,7 @@ pub(crate) fn restore_active(
             table: info.table.clone(),
         });
     }
-    let plan = plan(base.schema(), &info.steps)?;
+    let plan = plan(base.schema(), &info.steps, layout)?;
     let table = info.table.clone();
     let mut m = ActiveMigration {
         cursor,
@@ -1166,7 +1267,9 @@ mod tests {
     }
 
     fn err(json: &str) -> String {
-        plan(&v0(), &steps(json)).expect_err("invalid").to_string()
+        plan(&v0(), &steps(json), Layout::InPlace)
+            .expect_err("invalid")
+            .to_string()
     }
 
     #[test]
@@ -1180,6 +1283,7 @@ mod tests {
                     {"op":"rename_column","from":"name","to":"title"},
                     {"op":"add_index","name":"by_title","columns":["title"]}]"#,
             ),
+            Layout::InPlace,
         )
         .expect("plan");
         // Every v0 slot stays (the retyped column's old slot dropped), the added and
@@ -1278,6 +1382,7 @@ mod tests {
         let p = plan(
             &v0(),
             &steps(r#"[{"op":"change_type","column":"name","type":"int","using":"name"}]"#),
+            Layout::InPlace,
         )
         .expect("plan");
         let row = Row::from_values(&[Value::Int(1), Value::Text("abc".into()), Value::Null]);
@@ -1359,12 +1464,17 @@ mod apply_tests {
         }
 
         fn start(&mut self, steps: &str) -> u64 {
+            self.start_in(steps, Layout::InPlace)
+        }
+
+        fn start_in(&mut self, steps: &str, layout: Layout) -> u64 {
             let version = self.tenant().table("items").expect("table").version();
             match self
                 .run(Command::StartMigration {
                     table: "items".into(),
                     table_version: version,
                     steps: parse_steps(steps.as_bytes()).expect("steps"),
+                    layout,
                 })
                 .expect("started")
             {
@@ -1570,6 +1680,136 @@ mod apply_tests {
             matches!(&again, Err(EngineError::MigrationConflict(m)) if m.contains("aborted")),
             "{again:?}"
         );
+    }
+
+    /// An earlier build's log: a start of kind 8 cut over to the compact layout, and
+    /// the writes after it were logged (and acknowledged) in that layout. Replayed
+    /// here, they must apply as they did.
+    #[test]
+    fn a_migration_an_earlier_build_logged_replays_to_the_compact_layout_it_acknowledged() {
+        let mut log = Log::new();
+        for id in 0..6 {
+            log.upsert(id, id).expect("write");
+        }
+        let id = log.start_in(
+            r#"[{"op":"change_type","column":"n","type":"float","using":"n + 0.5"},
+                {"op":"drop_column","name":"gone"},
+                {"op":"add_column","name":"tag","type":"text","default":"'t'"}]"#,
+            Layout::Compact,
+        );
+        log.chunk(id, 2);
+        log.upsert(1, 10).expect("behind the cursor");
+        log.upsert(4, 40).expect("ahead of it");
+        match log.run(Command::Cutover {
+            table: "items".into(),
+            id,
+        }) {
+            Ok(Applied::Migration(MigrationState::Done)) => {}
+            other => panic!("{other:?}"),
+        }
+        let table = log.tenant().table("items").expect("table");
+        let shape: Vec<(&str, ColumnType, bool)> = table
+            .schema()
+            .columns
+            .iter()
+            .map(|c| (c.name.as_str(), c.ty, c.dropped))
+            .collect();
+        assert_eq!(
+            shape,
+            [
+                ("id", Int, false),
+                ("n", Float, false),
+                ("tag", Text, false)
+            ],
+            "the retyped column in its old place, the dropped one gone"
+        );
+        let values: Vec<Vec<Value>> = log.rows().iter().map(Row::to_values).collect();
+        assert_eq!(
+            values[1],
+            [Value::Int(1), Value::Float(10.5), Value::Text("t".into())]
+        );
+        assert_eq!(
+            values[4],
+            [Value::Int(4), Value::Float(40.5), Value::Text("t".into())]
+        );
+        assert_eq!(table.check_integrity(), Ok(6));
+        // The next record that build logged: a write in the compact layout.
+        let version = table.version();
+        log.run(Command::Write {
+            table: "items".into(),
+            table_version: version,
+            writes: vec![RowWrite::upsert(&[
+                Value::Int(9),
+                Value::Float(1.0),
+                Value::Text("w".into()),
+            ])],
+            idempotency_key: None,
+        })
+        .expect("a write of that layout applies");
+        assert_eq!(log.rows().len(), 7);
+    }
+
+    /// An earlier build's checkpoint of a migration half way: its rows are all v0
+    /// rows (that build kept the new shape apart), the cursor past some of them.
+    /// Attached here, those rows are converted, and the migration goes on.
+    #[test]
+    fn a_migration_restored_from_an_earlier_builds_checkpoint_converts_its_passed_rows() {
+        let mut log = Log::new();
+        for id in 0..6 {
+            log.upsert(id, id).expect("write");
+        }
+        let version = log.tenant().table("items").expect("table").version();
+        let steps = r#"[{"op":"add_column","name":"double","type":"int","default":"n * 2"},
+                        {"op":"add_index","name":"by_double","columns":["double"]}]"#;
+        let info = MigrationInfo {
+            id: 100,
+            table: "items".into(),
+            steps: parse_steps(steps.as_bytes()).expect("steps"),
+            state: MigrationState::Backfilling,
+            reason: None,
+            started: TimestampMicros(1),
+            finished: TimestampMicros(0),
+            rows_total: 6,
+            rows_done: 3,
+        };
+        let (cursor, end) = (log.key(2), log.key(5));
+        let tenant = log.state.tenants.get_mut(&log.tenant).expect("tenant");
+        restore_active(
+            tenant,
+            info,
+            version,
+            Some(cursor),
+            Some(end),
+            Layout::Compact,
+            Lsn(50),
+        )
+        .expect("restored");
+        let widths: Vec<usize> = log.rows().iter().map(Row::len).collect();
+        assert_eq!(
+            widths,
+            [4, 4, 4, 3, 3, 3],
+            "the rows it had passed are converted"
+        );
+        assert_eq!(log.chunk(100, 5), MigrationState::CutoverReady);
+        match log.run(Command::Cutover {
+            table: "items".into(),
+            id: 100,
+        }) {
+            Ok(Applied::Migration(MigrationState::Done)) => {}
+            other => panic!("{other:?}"),
+        }
+        let table = log.tenant().table("items").expect("table");
+        assert_eq!(
+            table.check_integrity(),
+            Ok(6),
+            "the new index covers every row"
+        );
+        for row in log.rows() {
+            let (ValueRef::Int(n), ValueRef::Int(d)) = (row.get(1), row.get(3)) else {
+                panic!("{row:?}")
+            };
+            assert_eq!(d, 2 * n);
+        }
     }
 
     #[test]

@@ -15,6 +15,7 @@ use crate::limits::{
     MAX_BATCH_ROWS, MAX_COLUMNS_PER_TABLE, MAX_INDEXES_PER_TABLE, MAX_KEY_BYTES, MAX_KEY_COLUMNS,
     MAX_NAME_BYTES, MAX_ROW_BYTES, MAX_VECTOR_DIM,
 };
+use crate::migration::Layout;
 use crate::row::Row;
 use crate::schema::{Column, TableSchema};
 use crate::table::RowWrite;
@@ -93,6 +94,9 @@ pub const KIND_START_MIGRATION: RecordKind = RecordKind(8);
 pub const KIND_BACKFILL: RecordKind = RecordKind(9);
 pub const KIND_CUTOVER: RecordKind = RecordKind(10);
 pub const KIND_ABORT_MIGRATION: RecordKind = RecordKind(11);
+/// A start of a migration whose columns keep their slots (kind 8 is one an earlier
+/// build started, which cuts over to the compact layout).
+pub const KIND_START_MIGRATION_IN_PLACE: RecordKind = RecordKind(12);
 // Migration records fit under the record limit's floor too.
 const _: () = assert!(
     frame_len(
@@ -222,11 +226,15 @@ pub fn encode(command: &Command) -> (RecordKind, Vec<u8>) {
             table,
             table_version,
             steps,
+            layout,
         } => {
             w.str16(table);
             w.u64(*table_version);
             w.bytes32(crate::migration::steps_json(steps).as_bytes());
-            KIND_START_MIGRATION
+            match layout {
+                Layout::InPlace => KIND_START_MIGRATION_IN_PLACE,
+                Layout::Compact => KIND_START_MIGRATION,
+            }
         }
         Command::Backfill { table, id, upto } => {
             w.str16(table);
@@ -320,7 +328,7 @@ pub fn decode(kind: RecordKind, payload: &[u8]) -> Result<Command, RecordError> 
             secret_sha256: r.array()?,
         },
         KIND_REVOKE_API_KEY => Command::RevokeApiKey { key_id: r.str16()? },
-        KIND_START_MIGRATION => {
+        KIND_START_MIGRATION | KIND_START_MIGRATION_IN_PLACE => {
             let table = r.str16()?;
             let table_version = r.u64()?;
             let json = r.bytes32()?;
@@ -330,6 +338,11 @@ pub fn decode(kind: RecordKind, payload: &[u8]) -> Result<Command, RecordError> 
                 table,
                 table_version,
                 steps,
+                layout: if kind == KIND_START_MIGRATION {
+                    Layout::Compact
+                } else {
+                    Layout::InPlace
+                },
             }
         }
         KIND_BACKFILL => Command::Backfill {
@@ -672,7 +685,33 @@ mod tests {
             Command::RevokeApiKey {
                 key_id: "k7f3a".into(),
             },
+            start_migration(Layout::InPlace),
+            start_migration(Layout::Compact),
         ]
+    }
+
+    fn start_migration(layout: Layout) -> Command {
+        Command::StartMigration {
+            table: "items".into(),
+            table_version: 3,
+            steps: crate::migration::parse_steps(br#"[{"op":"drop_column","name":"doc"}]"#)
+                .expect("steps"),
+            layout,
+        }
+    }
+
+    /// Kind 8 is a start an earlier build logged, which cut over to the compact layout;
+    /// this build logs kind 12.
+    #[test]
+    fn a_start_records_its_layout_in_its_kind() {
+        assert_eq!(
+            encode(&start_migration(Layout::Compact)).0,
+            KIND_START_MIGRATION
+        );
+        assert_eq!(
+            encode(&start_migration(Layout::InPlace)).0,
+            KIND_START_MIGRATION_IN_PLACE
+        );
     }
 
     #[test]
@@ -681,6 +720,38 @@ mod tests {
             let (kind, payload) = encode(&c);
             assert_eq!(decode(kind, &payload), Ok(c));
         }
+    }
+
+    /// A migrated shape: a dropped slot whose name a live column took again.
+    #[test]
+    fn a_schema_with_dropped_slots_round_trips_and_bad_flags_are_refused() {
+        let mut columns = schema().columns;
+        columns[1].dropped = true;
+        columns.push(crate::schema::Column {
+            name: "name".into(),
+            ty: ColumnType::Int,
+            nullable: true,
+            dropped: false,
+        });
+        let migrated =
+            TableSchema::from_slots("items", columns, vec![0], Vec::new()).expect("valid");
+        assert_eq!(migrated.column("name"), Some(6));
+        let (kind, payload) = encode(&Command::CreateTable(migrated.clone()));
+        assert_eq!(decode(kind, &payload), Ok(Command::CreateTable(migrated)));
+        // The flags byte of the dropped slot (after its name and type tag) is 3.
+        let at = payload
+            .windows(6)
+            .position(|w| w == b"\x04\0name")
+            .expect("the dropped slot's name")
+            + 6;
+        assert_eq!((payload[at], payload[at + 1]), (T_TEXT, 0b11));
+        let mut bad = payload.clone();
+        bad[at + 1] = 4;
+        let refused = decode(kind, &bad).expect_err("unknown flag");
+        assert!(
+            refused.to_string().contains("bad column flags 4"),
+            "{refused}"
+        );
     }
 
     #[test]

@@ -120,6 +120,15 @@ impl Tenant {
         Ok((base, &mut self.migrations))
     }
 
+    /// Puts a rewritten table in place of the one of its name (a compact cutover at
+    /// `lsn`).
+    pub(crate) fn replace_table(&mut self, table: Table, lsn: u64) {
+        if let Some(old) = self.tables.insert(table.schema().name.clone(), table) {
+            crate::reclaim::later(old);
+        }
+        self.schema_version = self.schema_version.max(lsn);
+    }
+
     pub(crate) fn table_mut(&mut self, name: &str) -> Result<&mut Table, EngineError> {
         self.tables.get_mut(name).ok_or_else(|| not_found(name))
     }
@@ -182,7 +191,7 @@ impl Tenant {
         let target = self.tables.get_mut(table).ok_or_else(|| not_found(table))?;
         let writes = target.validate_batch(ops)?;
         let lsn = target.written_lsn();
-        Ok(target.apply(writes, lsn))
+        self.migrations.apply_writes(target, writes, lsn)
     }
 
     /// Marks `table` as loaded from a checkpoint at `lsn`: written at or before it.

@@ -260,7 +260,7 @@ impl<S: Storage> Shard<S> {
                     m.info.state.name()
                 )));
             }
-            let plan = migration::plan(base.schema(), &steps)?;
+            let plan = migration::plan(base.schema(), &steps, migration::Layout::InPlace)?;
             let growth = sample_growth(base, &plan)?;
             // The rows grow in place by what the migration appends to them: refuse
             // growth the memory budget has no room for, rather than run the process
@@ -294,6 +294,7 @@ impl<S: Storage> Shard<S> {
             table: table.to_string(),
             table_version,
             steps,
+            layout: migration::Layout::InPlace,
         };
         match self.commit(tenant, command).await? {
             (_, Applied::MigrationStarted { id }) => self.migration(tenant, id),
