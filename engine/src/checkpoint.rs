@@ -38,9 +38,9 @@ use crate::api_key::{ApiKey, MAX_API_KEYS_PER_TENANT, MAX_KEY_ID_BYTES, MAX_KEY_
 use crate::error::{EngineError, FileProblem, SnapshotProblem, UnreadableFile};
 use crate::idempotency::{self, Remembered};
 use crate::json_file::JsonFile;
-use crate::limits::{MAX_NAME_BYTES, MAX_ROW_BYTES};
+use crate::limits::{MAX_COLUMNS_PER_TABLE, MAX_NAME_BYTES, MAX_ROW_BYTES};
 use crate::migration::{self, ActiveMigration, MigrationInfo, MigrationState};
-use crate::record::{Reader, Writer, SCHEMA_MAX_BYTES};
+use crate::record::{self, Reader, Writer, SCHEMA_MAX_BYTES};
 use crate::shard::ShardState;
 use crate::table::{BatchOutcome, RowWrite, Table};
 use crate::tenant::Tenant;
@@ -66,11 +66,16 @@ const KEY_ENTRY_MAX_BYTES: usize = (2 + idempotency::MAX_KEY_BYTES) + 8 + 8 + 8 
 /// Payload bytes of one API key entry at most.
 const API_KEY_ENTRY_MAX_BYTES: usize = (2 + MAX_KEY_ID_BYTES) + (2 + MAX_KEY_NAME_BYTES) + 32 + 8;
 // The largest frame each kind can build stays inside the format's frame limit: a full
-// budget, or a lone largest row over it (a row in memory came through a log frame of
-// at most MAX_FRAME_BYTES, so even a row from an older, larger limit fits).
+// budget, or a lone largest row over it. A row in memory came through a log frame of
+// at most MAX_FRAME_BYTES, so even a row from an older, larger limit fits; a row a
+// migration converted holds its old values (at most the limit) and its new ones (at
+// most the limit again), and NULL in each other slot.
 const _: () = assert!(frame_len(MAX_TENANT_BYTES, FRAME_PAYLOAD_BUDGET_BYTES) <= MAX_FRAME_BYTES);
 const _: () = assert!(
-    frame_len(MAX_TENANT_BYTES, ROWS_HEAD_MAX_BYTES + 2 + MAX_ROW_BYTES) <= MAX_FRAME_BYTES
+    frame_len(
+        MAX_TENANT_BYTES,
+        ROWS_HEAD_MAX_BYTES + 2 + 2 * MAX_ROW_BYTES + MAX_COLUMNS_PER_TABLE
+    ) <= MAX_FRAME_BYTES
 );
 // The table and API key frames are single frames whose size the limits bound.
 const _: () = assert!(1 + 8 + SCHEMA_MAX_BYTES <= FRAME_PAYLOAD_BUDGET_BYTES);
@@ -313,12 +318,12 @@ impl CountedPayload {
                 && self.w.0.len() + bytes <= FRAME_PAYLOAD_BUDGET_BYTES)
     }
 
-    /// Adds the entry `write` encodes, which is `bytes` long.
+    /// Adds the entry `write` encodes, which is at most `bytes` long.
     fn add(&mut self, bytes: usize, write: impl FnOnce(&mut Writer)) {
         debug_assert!(self.has_room(bytes));
         let before = self.w.0.len();
         write(&mut self.w);
-        debug_assert_eq!(self.w.0.len() - before, bytes, "entry size miscounted");
+        debug_assert!(self.w.0.len() - before <= bytes, "entry size miscounted");
         self.count += 1;
     }
 
@@ -346,19 +351,21 @@ fn next_rows_frame(
     head.u64(table.version());
     let mut payload = CountedPayload::new(head, ROWS_PER_CHUNK);
     let mut last = None;
-    // Values a migration appended to a row and no migration reads any more (it
-    // ended without a cutover) are left out: the row as the table's shape has it.
+    // What no shape reads is left out: a dropped column's values (NULL in their
+    // slot), and values a migration appended to a row when none runs on the table
+    // any more (it ended without a cutover).
     let slots = if migrating {
         usize::MAX
     } else {
         table.schema().columns.len()
     };
+    let dead = table.schema().dead_slots();
     for (key, row) in table.rows_after(after) {
-        let bytes = 2 + row.encoded_prefix(slots).len();
+        let bytes = record::row_entry_bytes(row);
         if !payload.has_room(bytes) {
             break;
         }
-        payload.add(bytes, |w| w.row_prefix(row, slots));
+        payload.add(bytes, |w| w.row_values(row, slots, &dead));
         last = Some(key);
     }
     let last = last?.to_vec();
@@ -986,7 +993,6 @@ fn decode_frame(
                 .tenants
                 .get_mut(&tenant()?)
                 .ok_or(SnapshotProblem::BeforeTenant("rows"))?;
-            let columns = t.table(&table).map_err(refused)?.schema().columns.len();
             // A table's active migration comes after all its rows: it is attached to
             // them as they are.
             if t.migrations().active(&table).is_some() {
@@ -1000,17 +1006,9 @@ fn decode_frame(
             // two-byte value count), never by the claimed count or the snapshot.
             let mut rows = Vec::with_capacity(count.min(r.remaining() / 2));
             for _ in 0..count {
-                let row = r.row()?;
-                // A migration appends values to the rows it converts in place.
-                if row.len() < columns {
-                    return Err(SnapshotProblem::RowWidth {
-                        table,
-                        values: row.len(),
-                        columns,
-                    });
-                }
-                rows.push(RowWrite::Upsert(row));
+                rows.push(RowWrite::Upsert(r.row()?));
             }
+            // Each row's width and values are checked there.
             t.load_rows(&table, version, rows, upto).map_err(refused)?;
         }
         KIND_KEYS => {

@@ -180,12 +180,6 @@ pub enum SnapshotProblem {
     Record(#[from] RecordError),
     #[error("{0} before its tenant")]
     BeforeTenant(&'static str),
-    #[error("a row of {table:?} has {values} values, the table {columns} columns")]
-    RowWidth {
-        table: String,
-        values: usize,
-        columns: usize,
-    },
     /// The state machine refused what the frame holds (a bad schema, a duplicate key).
     #[error("refused: {0}")]
     Refused(Box<EngineError>),

@@ -184,6 +184,9 @@ pub struct Plan {
     pub target: TableSchema,
     /// Slots of the v0 shape.
     old_slots: usize,
+    /// The v0 slots already dropped (empty when none is): a converted row holds NULL
+    /// there, whatever value the row held from before the drop.
+    old_dead: Vec<bool>,
     /// What each appended slot computes, in slot order.
     appended: Vec<Computed>,
     /// Set for a [`Layout::Compact`] migration: the table's shape after its cutover.
@@ -431,6 +434,7 @@ pub fn plan(v0: &TableSchema, steps: &[Step], layout: Layout) -> Result<Plan, En
     Ok(Plan {
         target,
         old_slots,
+        old_dead: v0.dead_slots(),
         appended,
         compact,
     })
@@ -464,7 +468,7 @@ impl Plan {
     pub fn transform(&self, row: &Row) -> Result<Row, String> {
         let new_columns = &self.target.columns[self.old_slots..];
         Row::build(|out| {
-            out.values_of(row, self.old_slots);
+            out.values_of(row, self.old_slots, &self.old_dead);
             for (computed, column) in self.appended.iter().zip(new_columns) {
                 let v = crate::query::with_stack(|| computed.expr.eval(row, &computed.params))
                     .map_err(|e| format!("column {:?}: {e}", column.name))?
@@ -1810,6 +1814,70 @@ mod apply_tests {
             };
             assert_eq!(d, 2 * n);
         }
+    }
+
+    /// A dropped column's values stay in the rows written before the drop, but nothing
+    /// reads them: the digest counts them as NULL, the next migration's conversion
+    /// leaves NULL there, and the row limit does not count them.
+    #[test]
+    fn a_dropped_columns_values_are_never_read_and_the_next_conversion_clears_them() {
+        let mut log = Log::new();
+        for id in 0..4 {
+            log.upsert(id, id).expect("write");
+        }
+        let digest = |log: &Log| {
+            let mut d = crate::table::TableDigest::default();
+            let table = log.tenant().table("items").expect("table");
+            while !table.digest_rows(&mut d, usize::MAX) {}
+            d
+        };
+        let first = log.start(STEPS);
+        log.chunk(first, 3);
+        log.run(Command::Cutover {
+            table: "items".into(),
+            id: first,
+        })
+        .expect("cut over");
+        assert_eq!(log.rows()[1].get(2), ValueRef::Text("row 1"), "kept in its slot");
+        let after_drop = digest(&log);
+        let second = log.start(r#"[{"op":"add_column","name":"x","type":"int","default":"1"}]"#);
+        assert_eq!(log.chunk(second, 3), MigrationState::CutoverReady);
+        for row in log.rows() {
+            assert_eq!(row.get(2), ValueRef::Null, "{row:?}");
+        }
+        assert_eq!(digest(&log), after_drop, "the same rows as the table reads them");
+    }
+
+    /// A retyped column's old and new values are both in the row until the cutover;
+    /// only the values the new shape reads count toward the row limit.
+    #[test]
+    fn retyping_a_large_column_is_held_to_the_row_limit_on_its_new_values_only() {
+        let mut log = Log::new();
+        let version = log.tenant().table("items").expect("table").version();
+        let large = "w".repeat(crate::limits::MAX_ROW_BYTES * 3 / 5);
+        log.run(Command::Write {
+            table: "items".into(),
+            table_version: version,
+            writes: vec![RowWrite::upsert(&[
+                Value::Int(1),
+                Value::Int(1),
+                Value::Text(large.clone()),
+            ])],
+            idempotency_key: None,
+        })
+        .expect("a large row");
+        let id = log.start(r#"[{"op":"change_type","column":"gone","type":"json","using":"gone"}]"#);
+        assert_eq!(log.chunk(id, 1), MigrationState::CutoverReady);
+        let row = &log.rows()[0];
+        assert!(row.stored_bytes() > crate::limits::MAX_ROW_BYTES, "both values held");
+        log.run(Command::Cutover {
+            table: "items".into(),
+            id,
+        })
+        .expect("cut over");
+        let table = log.tenant().table("items").expect("table");
+        let json = table.row_to_json(&log.rows()[0]);
+        assert_eq!(json["gone"], serde_json::Value::String(large));
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! Freeing large structures off the shard threads. Dropping a table of a million rows
 //! frees millions of allocations: tens of milliseconds during which a shard would
-//! answer nothing. A dropped table, a migration's discarded shadow, the table a cutover
-//! replaced and a dropped tenant go to one background thread (`oc-reclaim`) instead,
-//! so the shard pays a channel send. Nothing observable depends on when the memory
+//! answer nothing. A dropped table, the indexes a migration built and then discarded,
+//! what a cutover drops or replaces, and a dropped tenant go to one background thread
+//! (`oc-reclaim`) instead, so the shard pays a channel send. Nothing observable depends on when the memory
 //! comes back, except the resident size, which lags by that thread's work.
 
 use std::sync::mpsc::{channel, Sender};

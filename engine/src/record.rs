@@ -408,14 +408,14 @@ impl Writer {
     pub(crate) fn row(&mut self, row: &Row) {
         self.0.extend_from_slice(row.encoded());
     }
-    /// The first `n` values of a row, as a row of `n` values (all of it when it
-    /// holds no more).
-    pub(crate) fn row_prefix(&mut self, row: &Row, n: usize) {
-        if n >= row.len() {
+    /// The first `n` values of a row (all of it when it holds no more) as a row, NULL
+    /// in each slot `dead` marks (see [`Row::copy_values`]).
+    pub(crate) fn row_values(&mut self, row: &Row, n: usize, dead: &[bool]) {
+        if n >= row.len() && dead.is_empty() {
             return self.row(row);
         }
-        self.count16(n);
-        self.0.extend_from_slice(row.encoded_prefix(n));
+        self.count16(n.min(row.len()));
+        row.copy_values(n, dead, &mut self.0);
     }
     pub(crate) fn schema(&mut self, s: &TableSchema) {
         self.str16(&s.name);

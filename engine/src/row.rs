@@ -134,10 +134,9 @@ impl RowWriter<'_> {
     }
 
     /// The first `n` values of `row` (all of them when it holds fewer), copied as
-    /// they are encoded.
-    pub(crate) fn values_of(&mut self, row: &Row, n: usize) {
-        self.out.extend_from_slice(row.encoded_prefix(n));
-        self.count += n.min(row.len());
+    /// they are encoded, NULL in each slot `dead` marks (see [`Row::copy_values`]).
+    pub(crate) fn values_of(&mut self, row: &Row, n: usize, dead: &[bool]) {
+        self.count += row.copy_values(n, dead, self.out);
     }
 
     /// A text value straight from borrowed text (no `String` on the way).
@@ -234,6 +233,44 @@ impl Row {
             rest = &rest[ValueRef::encoded_len(rest)..];
         }
         &all[..all.len() - rest.len()]
+    }
+
+    /// Appends the encodings of the first `n` values (all of them when the row holds
+    /// fewer) to `out`, with NULL in place of each slot `dead` marks (a dropped
+    /// column's: no shape reads it, so a copy need not keep its value); returns how
+    /// many. `dead` is empty when no slot is.
+    pub(crate) fn copy_values(&self, n: usize, dead: &[bool], out: &mut Vec<u8>) -> usize {
+        let n = n.min(self.len());
+        if dead.is_empty() {
+            out.extend_from_slice(self.encoded_prefix(n));
+            return n;
+        }
+        let mut rest = self.encoded_values();
+        for i in 0..n {
+            let len = ValueRef::encoded_len(rest);
+            if dead.get(i).copied().unwrap_or(false) {
+                out.push(V_NULL);
+            } else {
+                out.extend_from_slice(&rest[..len]);
+            }
+            rest = &rest[len..];
+        }
+        n
+    }
+
+    /// Bytes of the values of the first `n` slots but those `dead` marks: what the
+    /// row limit holds a row of a table with dropped columns to.
+    pub fn live_bytes(&self, n: usize, dead: &[bool]) -> usize {
+        let mut rest = self.encoded_values();
+        let mut live = 0;
+        for i in 0..n.min(self.len()) {
+            let len = ValueRef::encoded_len(rest);
+            if !dead.get(i).copied().unwrap_or(false) {
+                live += len;
+            }
+            rest = &rest[len..];
+        }
+        live
     }
 
     /// Bytes of the values as stored: what row size limits and usage count.

@@ -240,6 +240,16 @@ impl TableSchema {
         })
     }
 
+    /// Which slots are dropped, by slot; empty when none is (the common case, which
+    /// then costs nothing per row).
+    pub fn dead_slots(&self) -> Vec<bool> {
+        if self.columns.iter().any(|c| c.dropped) {
+            self.columns.iter().map(|c| c.dropped).collect()
+        } else {
+            Vec::new()
+        }
+    }
+
     /// Slot of a (live) column by name.
     pub fn column(&self, name: &str) -> Option<usize> {
         self.live_columns()

@@ -11,7 +11,7 @@ use std::ops::Bound;
 
 use crate::error::EngineError;
 use crate::key::Key;
-use crate::limits::{MAX_BATCH_ROWS, MAX_KEY_BYTES, MAX_ROW_BYTES};
+use crate::limits::{MAX_BATCH_ROWS, MAX_COLUMNS_PER_TABLE, MAX_KEY_BYTES, MAX_ROW_BYTES};
 pub use crate::row::Row;
 use crate::row::ValueRef;
 use crate::schema::TableSchema;
@@ -140,6 +140,8 @@ impl Table {
     /// Adds up to `max_rows` more rows to `digest`; true once every row is in.
     pub fn digest_rows(&self, digest: &mut TableDigest, max_rows: usize) -> bool {
         let mut bytes = crate::record::Writer(Vec::new());
+        let mut values = Vec::new();
+        let dead = self.schema.dead_slots();
         let mut taken = 0;
         let mut last = None;
         for (key, row) in self.rows_after(digest.resume.as_deref()) {
@@ -149,10 +151,11 @@ impl Table {
             bytes.0.clear();
             bytes.bytes32(key);
             digest.crc = crc32c::crc32c_append(digest.crc, &bytes.0);
-            // The values of the table's shape: a copy that left out those a migration
-            // appended and no longer reads holds the same rows.
-            let values = row.encoded_prefix(self.schema.columns.len());
-            digest.crc = crc32c::crc32c_append(digest.crc, values);
+            // The values of the table's shape, a dropped column's as NULL: a copy that
+            // left out what no shape reads holds the same rows.
+            values.clear();
+            row.copy_values(self.schema.columns.len(), &dead, &mut values);
+            digest.crc = crc32c::crc32c_append(digest.crc, &values);
             digest.rows += 1;
             taken += 1;
             last = Some(key);
@@ -306,7 +309,12 @@ impl Table {
         for (row, write) in writes.iter().enumerate() {
             if let RowWrite::Upsert(values) = write {
                 let columns = self.schema.columns.len();
-                let checked = if values.len() < columns {
+                let checked = if values.len() > MAX_COLUMNS_PER_TABLE {
+                    Err(format!(
+                        "{} values, above the {MAX_COLUMNS_PER_TABLE} columns a table may have",
+                        values.len()
+                    ))
+                } else if values.len() < columns {
                     Err(format!(
                         "{} values for the {columns} columns of table {:?}",
                         values.len(),
@@ -742,11 +750,6 @@ impl Table {
     pub fn rows(&self) -> impl Iterator<Item = &Row> {
         self.rows.values()
     }
-
-    /// The type of each column (for callers that convert values).
-    pub fn column_types(&self) -> impl Iterator<Item = ColumnType> + '_ {
-        self.schema.columns.iter().map(|c| c.ty)
-    }
 }
 
 /// The indexes and vector stores a migration's new shape has and its table does not:
@@ -780,6 +783,15 @@ impl NewStructures {
             })
             .collect();
         NewStructures { indexes, vectors }
+    }
+
+    /// About the resident bytes these take once they cover `rows` rows: an index entry
+    /// (two keys in a B-tree node) about 128 bytes, a vector its floats plus its slot's
+    /// key and map entry (about 96 bytes).
+    pub(crate) fn resident_estimate(&self, rows: usize) -> u64 {
+        let per_row =
+            128 * self.indexes.len() + self.vectors.iter().map(|v| 4 * v.dim() + 96).sum::<usize>();
+        (per_row as u64).saturating_mul(rows as u64)
     }
 
     /// Adds the entries of a row converted to `target`'s shape.
@@ -830,8 +842,11 @@ impl Table {
                     .position(|old| old == def)
                     .and_then(|old| old_indexes[old].take()),
             };
-            debug_assert!(entries.is_some(), "index {} has no entries", def.name);
-            indexes.push(entries.unwrap_or_default());
+            // Every index of the new shape is one of the two (NewStructures::new): an
+            // empty one would answer queries wrongly from here on, so stop instead.
+            let entries = entries
+                .unwrap_or_else(|| panic!("the cutover found no entries for index {}", def.name));
+            indexes.push(entries);
         }
         let mut old_vectors = std::mem::take(&mut self.vectors);
         let mut built_vectors = built.vectors;
@@ -897,7 +912,15 @@ fn check_values(schema: &TableSchema, row: &Row) -> Result<(), String> {
 /// The size limits of a row of `schema`: its bytes, its primary key's and each index
 /// key's.
 fn check_row_limits(schema: &TableSchema, row: &Row) -> Result<(), String> {
-    let bytes = row.stored_bytes();
+    // The values the table's shape reads: a migration keeps the old values of the
+    // columns it drops or retypes in their slots until its cutover, and those count
+    // toward no limit.
+    let dead = schema.dead_slots();
+    let bytes = if dead.is_empty() {
+        row.stored_bytes()
+    } else {
+        row.live_bytes(schema.columns.len(), &dead)
+    };
     if bytes > MAX_ROW_BYTES {
         return Err(format!(
             "row is {bytes} bytes, above the limit of {MAX_ROW_BYTES}"

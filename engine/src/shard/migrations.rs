@@ -268,13 +268,15 @@ impl<S: Storage> Shard<S> {
             let (budget, resident) = crate::quota::memory_usage();
             let converted_bytes = base.usage().bytes as f64 * growth;
             let more = (converted_bytes - base.usage().bytes as f64).max(0.0);
-            let needed = (RESIDENT_PER_ROW_BYTE as f64 * more) as u64;
+            let built = crate::table::NewStructures::new(base.schema(), &plan.target);
+            let needed = (RESIDENT_PER_ROW_BYTE as f64 * more) as u64
+                + built.resident_estimate(base.usage().rows);
             let room = budget.saturating_sub(resident);
             if budget > 0 && needed > room {
                 return Err(EngineError::LimitExceeded {
-                    what: "memory the migration's converted rows need, in bytes (against \
-                           the room left in the memory budget; free memory or raise \
-                           --memory-budget-bytes)",
+                    what: "memory the migration's converted rows and new indexes need, in \
+                           bytes (against the room left in the memory budget; free memory \
+                           or raise --memory-budget-bytes)",
                     actual: needed as usize,
                     limit: room as usize,
                 });
@@ -472,8 +474,8 @@ async fn drive_backfill<S: Storage>(shard: Rc<Shard<S>>) {
         if work.is_empty() || !shard.wal().takes_own_writes() {
             continue;
         }
-        // Over the memory budget the backfill waits (it only grows the shadow); a
-        // cutover, which frees the old copy, goes ahead.
+        // Over the memory budget the backfill waits (it grows rows and new indexes);
+        // a cutover, which grows nothing, goes ahead.
         let (limit, resident) = crate::quota::memory_usage();
         let memory_full = limit > 0 && resident > limit;
         if memory_full != paused_for_memory {
