@@ -448,11 +448,25 @@ impl Plan {
         }
     }
 
-    /// A row of the in-place v1 shape as the table holds it after the cutover: itself,
-    /// or for a [`Layout::Compact`] migration its live values in the compact order.
+    /// A row of the in-place v1 shape as the table holds it after the cutover: with
+    /// NULL in its dropped slots (no abort can read them any more), or for a
+    /// [`Layout::Compact`] migration its live values in the compact order.
     fn after_cutover(&self, row: Row) -> Row {
         match &self.compact {
-            None => row,
+            None => {
+                let dead = self.target.dead_slots();
+                if dead.is_empty() {
+                    return row;
+                }
+                let cleared = Row::build(|out| {
+                    out.values_of(&row, dead.len(), &dead);
+                    Ok::<(), std::convert::Infallible>(())
+                });
+                match cleared {
+                    Ok(cleared) => cleared,
+                    Err(never) => match never {},
+                }
+            }
             Some(c) => {
                 let values: Vec<Value> = c.slots.iter().map(|&s| row.get(s).to_value()).collect();
                 Row::from_values(&values)
@@ -1838,14 +1852,22 @@ mod apply_tests {
             id: first,
         })
         .expect("cut over");
-        assert_eq!(log.rows()[1].get(2), ValueRef::Text("row 1"), "kept in its slot");
+        assert_eq!(
+            log.rows()[1].get(2),
+            ValueRef::Text("row 1"),
+            "kept in its slot"
+        );
         let after_drop = digest(&log);
         let second = log.start(r#"[{"op":"add_column","name":"x","type":"int","default":"1"}]"#);
         assert_eq!(log.chunk(second, 3), MigrationState::CutoverReady);
         for row in log.rows() {
             assert_eq!(row.get(2), ValueRef::Null, "{row:?}");
         }
-        assert_eq!(digest(&log), after_drop, "the same rows as the table reads them");
+        assert_eq!(
+            digest(&log),
+            after_drop,
+            "the same rows as the table reads them"
+        );
     }
 
     /// A retyped column's old and new values are both in the row until the cutover;
@@ -1866,10 +1888,14 @@ mod apply_tests {
             idempotency_key: None,
         })
         .expect("a large row");
-        let id = log.start(r#"[{"op":"change_type","column":"gone","type":"json","using":"gone"}]"#);
+        let id =
+            log.start(r#"[{"op":"change_type","column":"gone","type":"json","using":"gone"}]"#);
         assert_eq!(log.chunk(id, 1), MigrationState::CutoverReady);
         let row = &log.rows()[0];
-        assert!(row.stored_bytes() > crate::limits::MAX_ROW_BYTES, "both values held");
+        assert!(
+            row.stored_bytes() > crate::limits::MAX_ROW_BYTES,
+            "both values held"
+        );
         log.run(Command::Cutover {
             table: "items".into(),
             id,

@@ -700,6 +700,50 @@ mod tests {
         }
     }
 
+    fn fixture(hex: &str) -> Vec<u8> {
+        hex.split_whitespace()
+            .map(|h| u8::from_str_radix(h, 16).expect("fixture is hex"))
+            .collect()
+    }
+
+    /// `tools/golden_fixtures.py` encodes these independently of this module.
+    #[test]
+    fn golden_bytes_of_a_schema_with_dropped_slots_and_of_a_start_match_the_fixtures() {
+        let column = |name: &str, ty, nullable, dropped| crate::schema::Column {
+            name: name.into(),
+            ty,
+            nullable,
+            dropped,
+        };
+        let schema = TableSchema::from_slots(
+            "items",
+            vec![
+                column("id", ColumnType::Int, false, false),
+                column("name", ColumnType::Text, true, true),
+                column("n", ColumnType::Text, true, true),
+                column("n", ColumnType::Int, true, false),
+                column("name", ColumnType::Text, true, false),
+            ],
+            vec![0],
+            vec![("by_n".into(), vec![3])],
+        )
+        .expect("valid");
+        let create = Command::CreateTable(schema);
+        let expected = fixture(include_str!(
+            "../tests/fixtures/create_table_with_dropped_slots_v1.hex"
+        ));
+        assert_eq!(encode(&create), (KIND_CREATE_TABLE, expected.clone()));
+        assert_eq!(decode(KIND_CREATE_TABLE, &expected), Ok(create));
+        let expected = fixture(include_str!("../tests/fixtures/start_migration_v1.hex"));
+        for (layout, kind) in [
+            (Layout::Compact, KIND_START_MIGRATION),
+            (Layout::InPlace, KIND_START_MIGRATION_IN_PLACE),
+        ] {
+            assert_eq!(encode(&start_migration(layout)), (kind, expected.clone()));
+            assert_eq!(decode(kind, &expected), Ok(start_migration(layout)));
+        }
+    }
+
     /// Kind 8 is a start an earlier build logged, which cut over to the compact layout;
     /// this build logs kind 12.
     #[test]
