@@ -74,7 +74,7 @@ const _: () = assert!(frame_len(MAX_TENANT_BYTES, FRAME_PAYLOAD_BUDGET_BYTES) <=
 const _: () = assert!(
     frame_len(
         MAX_TENANT_BYTES,
-        ROWS_HEAD_MAX_BYTES + 2 + 2 * MAX_ROW_BYTES + MAX_COLUMNS_PER_TABLE
+        ROWS_HEAD_MAX_BYTES + 2 + 2 * MAX_ROW_BYTES + 2 * MAX_COLUMNS_PER_TABLE
     ) <= MAX_FRAME_BYTES
 );
 // The table and API key frames are single frames whose size the limits bound.

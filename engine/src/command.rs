@@ -52,7 +52,7 @@ pub enum Command {
         id: u64,
         upto: Vec<u8>,
     },
-    /// The migrated table replaces the base table.
+    /// The table takes the migration's new shape.
     Cutover {
         table: String,
         id: u64,

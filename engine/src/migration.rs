@@ -403,8 +403,13 @@ pub fn plan(v0: &TableSchema, steps: &[Step], layout: Layout) -> Result<Plan, En
         .collect();
     let invalid_target =
         |e: EngineError| invalid(format!("the migrated table would be invalid: {e}"));
-    let target =
-        TableSchema::from_slots(&v0.name, slots, key, index_slots).map_err(invalid_target)?;
+    let max_slots = match layout {
+        Layout::InPlace => crate::limits::MAX_COLUMNS_PER_TABLE,
+        // What limits that build held it to: the compact table's columns, below.
+        Layout::Compact => 2 * crate::limits::MAX_COLUMNS_PER_TABLE,
+    };
+    let target = TableSchema::from_slots_up_to(&v0.name, slots, key, index_slots, max_slots)
+        .map_err(invalid_target)?;
     let compact = match layout {
         Layout::InPlace => None,
         Layout::Compact => {
@@ -445,6 +450,16 @@ impl Plan {
         match self.compact {
             None => Layout::InPlace,
             Some(_) => Layout::Compact,
+        }
+    }
+
+    /// Checks a converted row against the limits and types of the shape it is read
+    /// in: the v1 shape, or for a [`Layout::Compact`] migration the compact row it
+    /// becomes at the cutover (the row that build checked).
+    pub fn check(&self, row: &Row) -> Result<(), String> {
+        match &self.compact {
+            None => check_transformed_row(&self.target, row),
+            Some(c) => check_transformed_row(&c.schema, &self.after_cutover(row.clone())),
         }
     }
 
@@ -636,7 +651,7 @@ impl ActiveMigration {
             return Ok(Cow::Borrowed(row));
         }
         let reshaped = self.plan.transform(row)?;
-        check_transformed_row(target, &reshaped)?;
+        self.plan.check(&reshaped)?;
         Ok(Cow::Owned(reshaped))
     }
 
@@ -691,7 +706,7 @@ impl ActiveMigration {
                         .plan
                         .transform(values)
                         .map_err(|why| refused(row, why))?;
-                    check_transformed_row(target, &v1).map_err(|why| refused(row, why))?;
+                    self.plan.check(&v1).map_err(|why| refused(row, why))?;
                     let key = v1.key(&target.primary_key);
                     self.converted(&key).then_some(v1)
                 }
@@ -753,7 +768,8 @@ impl ActiveMigration {
             let v1 = self.plan.transform(row).map_err(|why| {
                 format!("row with key {} does not migrate: {why}", render_key(key))
             })?;
-            check_transformed_row(target, &v1)
+            self.plan
+                .check(&v1)
                 .map_err(|e| format!("row with key {} does not migrate: {e}", render_key(key)))?;
             converted.push(v1);
         }
@@ -1236,18 +1252,21 @@ pub(crate) fn restore_active(
             render_key(key)
         ),
     };
-    // A checkpoint of a build that kept the new shape apart holds these rows
-    // unconverted: they are converted here, as that build had them.
+    // A checkpoint of a build that kept the new shape apart (a compact migration's)
+    // holds these rows unconverted: they are converted here, as that build had them.
+    // This build's checkpoints hold them converted.
     let mut unconverted = Vec::new();
     for (key, row) in base.rows_after(None) {
         if !m.converted(key) {
             continue;
         }
         if row.len() == target.columns.len() {
-            check_transformed_row(target, row).map_err(|why| bad(key, why))?;
+            m.plan.check(row).map_err(|why| bad(key, why))?;
+        } else if layout == Layout::InPlace {
+            return Err(bad(key, format!("{} values, not converted", row.len())));
         } else {
             let v1 = m.plan.transform(row).map_err(|why| bad(key, why))?;
-            check_transformed_row(target, &v1).map_err(|why| bad(key, why))?;
+            m.plan.check(&v1).map_err(|why| bad(key, why))?;
             unconverted.push(v1);
         }
     }
@@ -1363,6 +1382,83 @@ mod tests {
         // Converting again (a chunk replayed over a row converted already) replaces
         // the appended values: the same row.
         assert_eq!(p.transform(&v1).expect("again"), v1);
+    }
+
+    /// The shape the shadow design (4ec16f7) cut over to, for an earlier build's log:
+    /// live columns only, a retyped column in its old place, indexes by name.
+    #[test]
+    fn a_compact_plan_is_the_shape_an_earlier_build_cut_over_to() {
+        let p = plan(
+            &v0(),
+            &steps(
+                r#"[{"op":"drop_index","name":"by_n"},
+                    {"op":"change_type","column":"n","type":"float","using":"n + 0.5"},
+                    {"op":"add_column","name":"a","type":"int","default":"n"},
+                    {"op":"rename_column","from":"name","to":"title"},
+                    {"op":"add_index","name":"by_a","columns":["a"]},
+                    {"op":"add_index","name":"by_n2","columns":["n"]}]"#,
+            ),
+            Layout::Compact,
+        )
+        .expect("plan");
+        let expected = TableSchema::new(
+            "items",
+            &[
+                ("id", Int, false),
+                ("title", Text, true),
+                ("n", Float, true),
+                ("a", Int, true),
+            ],
+            &["id"],
+            &[("by_a", &["a"]), ("by_n2", &["n"])],
+        )
+        .expect("valid");
+        let compact = p.compact.as_ref().expect("compact");
+        assert_eq!(compact.schema, expected);
+        let row = Row::from_values(&[Value::Int(1), Value::Text("x".into()), Value::Int(20)]);
+        let v1 = p.transform(&row).expect("transforms");
+        assert_eq!(
+            p.after_cutover(v1).to_values(),
+            [
+                Value::Int(1),
+                Value::Text("x".into()),
+                Value::Float(20.5),
+                Value::Int(20)
+            ]
+        );
+    }
+
+    /// A full table: its compact shape stays within the column limit (a drop frees a
+    /// column), though its slots until the cutover do not; in place, they must.
+    #[test]
+    fn a_full_table_migrates_compact_but_its_slots_bound_an_in_place_migration() {
+        let names: Vec<String> = (0..crate::limits::MAX_COLUMNS_PER_TABLE)
+            .map(|i| format!("c{i}"))
+            .collect();
+        let columns: Vec<(&str, ColumnType, bool)> =
+            names.iter().map(|n| (n.as_str(), Int, true)).collect();
+        let full = TableSchema::new("wide", &columns, &["c0"], &[]).expect("valid");
+        let steps = steps(
+            r#"[{"op":"drop_column","name":"c1"},{"op":"add_column","name":"z","type":"int"}]"#,
+        );
+        let compact = plan(&full, &steps, Layout::Compact).expect("compact");
+        assert_eq!(
+            compact
+                .compact
+                .as_ref()
+                .expect("compact")
+                .schema
+                .columns
+                .len(),
+            crate::limits::MAX_COLUMNS_PER_TABLE
+        );
+        let refused = plan(&full, &steps, Layout::InPlace).expect_err("one slot too many");
+        assert!(
+            refused
+                .to_string()
+                .contains("a dropped column keeps its slot"),
+            "{refused}"
+        );
     }
 
     #[test]

@@ -258,19 +258,18 @@ impl Row {
         n
     }
 
-    /// Bytes of the values of the first `n` slots but those `dead` marks: what the
-    /// row limit holds a row of a table with dropped columns to.
-    pub fn live_bytes(&self, n: usize, dead: &[bool]) -> usize {
+    /// Bytes of the first `n` values with each slot `dead` marks taken as the NULL a
+    /// write stores there (one byte): what the row limit holds a row to, whatever a
+    /// migration keeps in those slots until its cutover.
+    pub fn shape_bytes(&self, n: usize, dead: impl Fn(usize) -> bool) -> usize {
         let mut rest = self.encoded_values();
-        let mut live = 0;
+        let mut bytes = 0;
         for i in 0..n.min(self.len()) {
             let len = ValueRef::encoded_len(rest);
-            if !dead.get(i).copied().unwrap_or(false) {
-                live += len;
-            }
+            bytes += if dead(i) { 1 } else { len };
             rest = &rest[len..];
         }
-        live
+        bytes
     }
 
     /// Bytes of the values as stored: what row size limits and usage count.

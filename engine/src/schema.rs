@@ -115,9 +115,22 @@ impl TableSchema {
     /// migration's shape), and the primary key and (index name, columns) by position.
     pub(crate) fn from_slots(
         name: &str,
+        cols: Vec<Column>,
+        primary_key: Vec<usize>,
+        indexes: Vec<(String, Vec<usize>)>,
+    ) -> Result<Self, EngineError> {
+        Self::from_slots_up_to(name, cols, primary_key, indexes, MAX_COLUMNS_PER_TABLE)
+    }
+
+    /// [`TableSchema::from_slots`] with room for `max_slots` slots: a migration of an
+    /// earlier build's log (`Layout::Compact`) holds the old slots and the new ones
+    /// until its cutover leaves only the live columns, which the limit bounds.
+    pub(crate) fn from_slots_up_to(
+        name: &str,
         mut cols: Vec<Column>,
         primary_key: Vec<usize>,
         indexes: Vec<(String, Vec<usize>)>,
+        max_slots: usize,
     ) -> Result<Self, EngineError> {
         check_name("table name", name)?;
         let bad = |why: String| EngineError::InvalidSchema {
@@ -127,11 +140,11 @@ impl TableSchema {
         if cols.iter().all(|c| c.dropped) {
             return Err(bad("a table needs at least one column".into()));
         }
-        if cols.len() > MAX_COLUMNS_PER_TABLE {
+        if cols.len() > max_slots {
             return Err(EngineError::LimitExceeded {
                 what: "columns per table (a dropped column keeps its slot)",
                 actual: cols.len(),
-                limit: MAX_COLUMNS_PER_TABLE,
+                limit: max_slots,
             });
         }
         for i in 0..cols.len() {

@@ -309,9 +309,11 @@ impl Table {
         for (row, write) in writes.iter().enumerate() {
             if let RowWrite::Upsert(values) = write {
                 let columns = self.schema.columns.len();
-                let checked = if values.len() > MAX_COLUMNS_PER_TABLE {
+                // A converted row holds its old slots and the new ones.
+                let checked = if values.len() > 2 * MAX_COLUMNS_PER_TABLE {
                     Err(format!(
-                        "{} values, above the {MAX_COLUMNS_PER_TABLE} columns a table may have",
+                        "{} values, above twice the {MAX_COLUMNS_PER_TABLE} columns a table \
+                         may have",
                         values.len()
                     ))
                 } else if values.len() < columns {
@@ -912,14 +914,13 @@ fn check_values(schema: &TableSchema, row: &Row) -> Result<(), String> {
 /// The size limits of a row of `schema`: its bytes, its primary key's and each index
 /// key's.
 fn check_row_limits(schema: &TableSchema, row: &Row) -> Result<(), String> {
-    // The values the table's shape reads: a migration keeps the old values of the
-    // columns it drops or retypes in their slots until its cutover, and those count
-    // toward no limit.
-    let dead = schema.dead_slots();
-    let bytes = if dead.is_empty() {
-        row.stored_bytes()
+    // A dropped slot counts as the NULL a write stores there: a migration keeps the
+    // old values of the columns it drops or retypes until its cutover, and those
+    // count toward no limit. So a write's row is exactly this long.
+    let bytes = if schema.columns.iter().any(|c| c.dropped) {
+        row.shape_bytes(schema.columns.len(), |i| schema.columns[i].dropped)
     } else {
-        row.live_bytes(schema.columns.len(), &dead)
+        row.stored_bytes()
     };
     if bytes > MAX_ROW_BYTES {
         return Err(format!(

@@ -177,7 +177,7 @@ fn sample_growth(base: &Table, plan: &migration::Plan) -> Result<f64, EngineErro
     for (key, row) in base.rows_after(None).take(SAMPLE_ROWS) {
         let v1 = plan
             .transform(row)
-            .and_then(|v1| crate::table::check_transformed_row(&plan.target, &v1).map(|()| v1))
+            .and_then(|v1| plan.check(&v1).map(|()| v1))
             .map_err(|why| {
                 EngineError::InvalidMigration(format!(
                     "the table's row with key {} does not migrate: {why}",
