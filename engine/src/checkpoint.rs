@@ -1132,3 +1132,129 @@ fn encode_api_keys(tenant: &Tenant) -> Vec<u8> {
     }
     w.0
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::value::{ColumnType, Value};
+
+    const LSN: Lsn = Lsn(40);
+
+    /// Frames `records` (kind, tenant, payload) as a snapshot at [`LSN`], between a
+    /// header and an end frame.
+    fn snapshot(records: &[(RecordKind, &[u8], Vec<u8>)]) -> Vec<u8> {
+        let mut header = Writer(vec![CHECKPOINT_FORMAT_VERSION]);
+        header.u32(0);
+        header.u64(0);
+        let mut end = Writer(vec![CHECKPOINT_FORMAT_VERSION]);
+        end.u32(records.len() as u32 + 2);
+        let all = std::iter::once((KIND_HEADER, &b""[..], header.0))
+            .chain(records.iter().map(|(k, t, p)| (*k, *t, p.clone())))
+            .chain(std::iter::once((KIND_END, &b""[..], end.0)));
+        let mut out = Vec::new();
+        for (index, (kind, tenant, payload)) in all.enumerate() {
+            out.extend_from_slice(&frame::encode(&Frame {
+                lsn: LSN,
+                commit_ts: TimestampMicros(0),
+                epoch: Epoch(1),
+                group_index: index as u32,
+                kind,
+                tenant,
+                payload: &payload,
+            }));
+        }
+        out
+    }
+
+    fn table_frame() -> Vec<u8> {
+        let schema = crate::schema::TableSchema::new(
+            "kv",
+            &[("k", ColumnType::Int, false), ("v", ColumnType::Int, true)],
+            &["k"],
+            &[],
+        )
+        .expect("valid");
+        let mut w = Writer(vec![CHECKPOINT_FORMAT_VERSION]);
+        w.u64(3);
+        w.schema(&schema);
+        w.0
+    }
+
+    fn rows_frame(keys: std::ops::Range<i64>) -> Vec<u8> {
+        let mut w = Writer(vec![CHECKPOINT_FORMAT_VERSION]);
+        w.str16("kv");
+        w.u64(3);
+        w.u32(keys.clone().count() as u32);
+        for k in keys {
+            w.row(&crate::row::Row::from_values(&[
+                Value::Int(k),
+                Value::Int(k),
+            ]));
+        }
+        w.0
+    }
+
+    fn active_frame(id: u64) -> Vec<u8> {
+        let mut w = Writer(vec![CHECKPOINT_FORMAT_VERSION]);
+        w.u64(3);
+        let steps = crate::migration::parse_steps(
+            br#"[{"op":"add_column","name":"d","type":"int","default":"v * 2"}]"#,
+        )
+        .expect("steps");
+        encode_migration_info(
+            &mut w,
+            &MigrationInfo {
+                id,
+                table: "kv".into(),
+                steps,
+                state: MigrationState::Pending,
+                reason: None,
+                started: TimestampMicros(1),
+                finished: TimestampMicros(0),
+                rows_total: 4,
+                rows_done: 0,
+            },
+        );
+        optional_key(&mut w, None);
+        optional_key(&mut w, Some(&crate::value::encode_key([&Value::Int(3)])));
+        w.0
+    }
+
+    fn load(records: &[(RecordKind, &[u8], Vec<u8>)]) -> Result<ShardState, FileProblem> {
+        decode_snapshot(&snapshot(records), LSN)
+    }
+
+    /// What the writer writes loads; a second active migration of the table, or rows
+    /// of it after its migration (which would be stored past the migration's say), do
+    /// not.
+    #[test]
+    fn one_active_migration_per_table_after_all_its_rows() {
+        let tenant = &b"acme"[..];
+        let version = vec![CHECKPOINT_FORMAT_VERSION];
+        let good = [
+            (KIND_TENANT, tenant, version.clone()),
+            (KIND_TABLE, tenant, table_frame()),
+            (KIND_ROWS, tenant, rows_frame(0..4)),
+            (KIND_ACTIVE_MIGRATION_IN_PLACE, tenant, active_frame(30)),
+        ];
+        let state = load(&good).expect("the writer's layout loads");
+        let id = TenantId::parse("acme").expect("valid");
+        assert!(state.tenants[&id].migrations().active("kv").is_some());
+
+        let mut twice = good.to_vec();
+        twice.push((KIND_ACTIVE_MIGRATION, tenant, active_frame(31)));
+        let refused = load(&twice).expect_err("a second active migration");
+        assert!(
+            refused.to_string().contains("a second active migration"),
+            "{refused}"
+        );
+
+        let mut late_rows = good.to_vec();
+        late_rows.push((KIND_ROWS, tenant, rows_frame(4..6)));
+        let refused = load(&late_rows).expect_err("rows after the migration");
+        assert!(
+            refused.to_string().contains("after its active migration"),
+            "{refused}"
+        );
+    }
+}
