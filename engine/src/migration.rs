@@ -1861,6 +1861,30 @@ mod apply_tests {
         })
         .expect("a write of that layout applies");
         assert_eq!(log.rows().len(), 7);
+        // A write validated against the old shape whose apply came after the cutover
+        // is carried into the compact layout.
+        let v0_write = vec![RowWrite::upsert(&[
+            Value::Int(2),
+            Value::Int(7),
+            Value::Text("gone".into()),
+        ])];
+        let table = log.tenant().table("items").expect("table");
+        let carried = log
+            .tenant()
+            .migrations()
+            .carry_across_cutover(table, 2, &v0_write)
+            .expect("this cutover replaced version 2")
+            .expect("carried");
+        table
+            .check_writes(&carried)
+            .expect("fits the compact layout");
+        let RowWrite::Upsert(row) = &carried[0] else {
+            panic!("{carried:?}")
+        };
+        assert_eq!(
+            row.to_values(),
+            [Value::Int(2), Value::Float(7.5), Value::Text("t".into())]
+        );
     }
 
     /// An earlier build's checkpoint of a migration half way: its rows are all v0
