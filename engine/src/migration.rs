@@ -16,23 +16,23 @@
 //! table takes the new schema and the built structures, touching no row. Abort drops
 //! the built structures: the table reads as v0 again at once.
 //!
-//! Records (FORMAT.md §5): start (table, table version, the steps as JSON), backfill
+//! Records (FORMAT.md §5): start (kind 12; kind 8 is an earlier build's, see
+//! [`Layout::Compact`]: table, table version, the steps as JSON), backfill
 //! chunk (convert base rows after the cursor up to a key), cutover, abort. Each apply
 //! is deterministic; a chunk whose row does not transform puts the migration in
 //! `Failed` with the reason, live and in replay alike.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 
 use oc_io::{Lsn, TimestampMicros};
 use serde::{Deserialize, Serialize};
 
 use crate::error::EngineError;
+use crate::key::Key;
 use crate::query::compile_row_expr;
 use crate::query::expr::Expr;
 use crate::schema::{check_name, Column, TableSchema};
-use std::borrow::Cow;
-
-use crate::key::Key;
 use crate::table::{check_transformed_row, BatchOutcome, NewStructures, Row, RowWrite, Table};
 use crate::tenant::Tenant;
 use crate::value::{ColumnType, Value};
