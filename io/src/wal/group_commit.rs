@@ -804,11 +804,15 @@ pub(crate) async fn run_preparer<S: Storage>(shared: Rc<Shared<S>>) {
     }
 }
 
-/// Zero-fill writes go out in chunks of this size: each group commit's durable write
-/// also flushes the fill written since the previous one from the device's cache (on a
-/// device without FUA, as here, an `O_DSYNC` write is a write and a cache flush), so
-/// small chunks keep the latency a fill adds to a group small.
-const ZERO_FILL_CHUNK_BYTES: usize = 128 << 10;
+/// Zero-fill writes go out in chunks of this size. Each one lands on an unwritten
+/// extent, and their number, not their bytes, is what a fill costs the log's own writes:
+/// with 128 KiB chunks, 64 writers of 100-row batches waited 66–74 ms at p99 on a fresh
+/// log (the log's fsync lag 56–60 ms), with 512 KiB–8 MiB chunks 15–21 ms, and pausing
+/// only every 1 MiB between 128 KiB chunks did not help (BENCHMARKS.md, "Zero-fill in
+/// 512 KiB writes"). Each group commit's durable write also flushes the fill written
+/// since the previous one from the device's cache (no FUA here), which bounds it from
+/// above: 512 KiB is a fraction of a millisecond at this disk's rate.
+const ZERO_FILL_CHUNK_BYTES: usize = 512 << 10;
 /// The zero-fill runs at least this fast (bytes per second)...
 const ZERO_FILL_MIN_BYTES_PER_S: f64 = 32e6;
 /// ...and otherwise this many times faster than the log itself is writing, so the
