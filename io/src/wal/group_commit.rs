@@ -806,8 +806,8 @@ pub(crate) async fn run_preparer<S: Storage>(shared: Rc<Shared<S>>) {
 
 /// Zero-fill writes go out in chunks of this size. Each one lands on an unwritten
 /// extent, and their number, not their bytes, is what a fill costs the log's own writes:
-/// with 128 KiB chunks, 64 writers of 100-row batches waited 66–74 ms at p99 on a fresh
-/// log (the log's fsync lag 56–60 ms), with 512 KiB–8 MiB chunks 15–21 ms, and pausing
+/// with 128 KiB chunks, 64 writers of 100-row batches waited 66–71 ms at p99 on a fresh
+/// log (the log's fsync lag 56–61 ms), with 512 KiB–8 MiB chunks 15–22 ms, and pausing
 /// only every 1 MiB between 128 KiB chunks did not help (BENCHMARKS.md, "Zero-fill in
 /// 512 KiB writes"). Each group commit's durable write also flushes the fill written
 /// since the previous one from the device's cache (no FUA here), which bounds it from
@@ -818,6 +818,8 @@ const ZERO_FILL_MIN_BYTES_PER_S: f64 = 32e6;
 /// ...and otherwise this many times faster than the log itself is writing, so the
 /// spare is ready long before the active segment is full.
 const ZERO_FILL_LOG_RATE_FACTOR: f64 = 4.0;
+/// The longest the fill sleeps before looking whether the writer waits for it.
+const ZERO_FILL_PAUSE_STEP: Duration = Duration::from_millis(2);
 
 /// Makes a new spare by writing real zeroes over a new file: written extents keep later
 /// durable writes free of extent conversion (the design brief's fio figures: ~9.5 k vs ~5 k
@@ -855,9 +857,15 @@ async fn zero_fill<S: Storage>(shared: &Shared<S>) -> Result<S::File> {
         let log_rate =
             (shared.stats.borrow().bytes_written - log_bytes_at_start) as f64 / elapsed.max(1e-3);
         let rate = (log_rate * ZERO_FILL_LOG_RATE_FACTOR).max(ZERO_FILL_MIN_BYTES_PER_S);
-        let due = offset as f64 / rate;
-        if due > elapsed {
-            glommio::timer::sleep(Duration::from_secs_f64(due - elapsed)).await;
+        // Paused in short steps, so a writer that starts waiting for the spare waits
+        // at most one step for the fill to go full speed (a 512 KiB chunk at the
+        // slowest rate is a 16 ms pause).
+        let due = Duration::from_secs_f64(offset as f64 / rate);
+        while !shared.state.borrow().writer_needs_spare {
+            let Some(left) = due.checked_sub(started.elapsed()).filter(|d| !d.is_zero()) else {
+                break;
+            };
+            glommio::timer::sleep(left.min(ZERO_FILL_PAUSE_STEP)).await;
         }
     }
     file.sync().await?;
