@@ -804,15 +804,19 @@ pub(crate) async fn run_preparer<S: Storage>(shared: Rc<Shared<S>>) {
     }
 }
 
-/// Zero-fill writes go out in chunks of this size. Each one lands on an unwritten
-/// extent, and their number, not their bytes, is what a fill costs the log's own writes:
-/// with 128 KiB chunks, 64 writers of 100-row batches waited 66–71 ms at p99 on a fresh
-/// log (the log's fsync lag 56–61 ms), with 512 KiB–8 MiB chunks 15–22 ms, and pausing
-/// only every 1 MiB between 128 KiB chunks did not help (BENCHMARKS.md, "Zero-fill in
-/// 512 KiB writes"). Each group commit's durable write also flushes the fill written
-/// since the previous one from the device's cache (no FUA here), which bounds it from
-/// above: 512 KiB is a fraction of a millisecond at this disk's rate.
-const ZERO_FILL_CHUNK_BYTES: usize = 512 << 10;
+/// Zero-fill writes are sized to the fill's rate: about [`ZERO_FILL_WRITES_PER_S`] of
+/// them a second, between these two sizes. Each lands on an unwritten extent, and their
+/// number, not their bytes, is what a fast fill costs the log's own writes: with 128 KiB
+/// writes at 4× a log writing 110 MB/s, 64 writers of 100-row batches waited 66–71 ms
+/// at p99 (the log's fsync lag 56–61 ms), with 512 KiB–8 MiB writes 15–22 ms, and
+/// pausing only every 1 MiB between 128 KiB writes did not help. A slow fill keeps
+/// small writes: each group commit's durable write also flushes the fill written since
+/// the previous one from the device's cache (no FUA here), and with 512 KiB writes at
+/// the floor rate a server's HTTP read and write p99 were worse (BENCHMARKS.md,
+/// "Zero-fill in writes sized to its rate").
+const ZERO_FILL_MIN_CHUNK_BYTES: usize = 128 << 10;
+const ZERO_FILL_MAX_CHUNK_BYTES: usize = 512 << 10;
+const ZERO_FILL_WRITES_PER_S: f64 = 1000.0;
 /// The zero-fill runs at least this fast (bytes per second)...
 const ZERO_FILL_MIN_BYTES_PER_S: f64 = 32e6;
 /// ...and otherwise this many times faster than the log itself is writing, so the
@@ -841,11 +845,18 @@ async fn zero_fill<S: Storage>(shared: &Shared<S>) -> Result<S::File> {
     let started = Instant::now();
     let log_bytes_at_start = shared.stats.borrow().bytes_written;
     let mut offset = 0;
+    let mut rate = ZERO_FILL_MIN_BYTES_PER_S;
     while offset < segment_bytes {
         if shared.state.borrow().writer_done {
             return Err(Error::WalClosed);
         }
-        let chunk = (segment_bytes - offset).min(ZERO_FILL_CHUNK_BYTES as u64) as usize;
+        let full_speed = shared.state.borrow().writer_needs_spare;
+        let chunk = if full_speed {
+            ZERO_FILL_MAX_CHUNK_BYTES
+        } else {
+            fill_chunk_bytes(rate)
+        };
+        let chunk = (segment_bytes - offset).min(chunk as u64) as usize;
         let mut zeroes = storage.alloc_buffer(chunk);
         zeroes.as_bytes_mut().fill(0);
         file.write_at(zeroes, offset).await?;
@@ -856,10 +867,9 @@ async fn zero_fill<S: Storage>(shared: &Shared<S>) -> Result<S::File> {
         let elapsed = started.elapsed().as_secs_f64();
         let log_rate =
             (shared.stats.borrow().bytes_written - log_bytes_at_start) as f64 / elapsed.max(1e-3);
-        let rate = (log_rate * ZERO_FILL_LOG_RATE_FACTOR).max(ZERO_FILL_MIN_BYTES_PER_S);
+        rate = (log_rate * ZERO_FILL_LOG_RATE_FACTOR).max(ZERO_FILL_MIN_BYTES_PER_S);
         // Paused in short steps, so a writer that starts waiting for the spare waits
-        // at most one step for the fill to go full speed (a 512 KiB chunk at the
-        // slowest rate is a 16 ms pause).
+        // at most one step for the fill to go full speed.
         let due = Duration::from_secs_f64(offset as f64 / rate);
         while !shared.state.borrow().writer_needs_spare {
             let Some(left) = due.checked_sub(started.elapsed()).filter(|d| !d.is_zero()) else {
@@ -873,6 +883,14 @@ async fn zero_fill<S: Storage>(shared: &Shared<S>) -> Result<S::File> {
     // start can be used as is.
     storage.rename(SPARE_PARTIAL_NAME, SPARE_READY_NAME).await?;
     Ok(file)
+}
+
+/// The size of the fill's next write at `rate` bytes per second: a power of two, so a
+/// segment (a whole number of blocks) is filled in whole blocks.
+fn fill_chunk_bytes(rate: f64) -> usize {
+    ((rate / ZERO_FILL_WRITES_PER_S) as usize)
+        .next_power_of_two()
+        .clamp(ZERO_FILL_MIN_CHUNK_BYTES, ZERO_FILL_MAX_CHUNK_BYTES)
 }
 
 /// Makes a spare from a released segment: its blocks are already written (no extents
@@ -897,4 +915,27 @@ async fn recycle<S: Storage>(storage: &S, segment_bytes: u64) -> Result<Option<S
     file.sync().await?;
     storage.rename(SPARE_PARTIAL_NAME, SPARE_READY_NAME).await?;
     Ok(Some(file))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fill_writes_are_small_when_the_fill_is_slow_and_large_when_it_is_fast() {
+        // The floor rate keeps the small writes a quiet log always had.
+        assert_eq!(fill_chunk_bytes(ZERO_FILL_MIN_BYTES_PER_S), 128 << 10);
+        // 4 × a log writing 37 MB/s (64 single-row writers) and 110 MB/s (64 × 100 rows).
+        assert_eq!(fill_chunk_bytes(4.0 * 37e6), 256 << 10);
+        assert_eq!(fill_chunk_bytes(4.0 * 110e6), 512 << 10);
+        assert_eq!(fill_chunk_bytes(1e12), ZERO_FILL_MAX_CHUNK_BYTES);
+        // Every size fills a segment in whole blocks.
+        for rate in [1.0, 3e7, 1e8, 2.5e8, 7e8, 1e10] {
+            let chunk = fill_chunk_bytes(rate);
+            assert!(
+                chunk.is_power_of_two() && chunk.is_multiple_of(BLOCK_SIZE),
+                "{rate}: {chunk}"
+            );
+        }
+    }
 }
