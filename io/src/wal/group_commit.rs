@@ -889,8 +889,9 @@ async fn zero_fill<S: Storage>(shared: &Shared<S>) -> Result<S::File> {
 /// segment (a whole number of blocks) is filled in whole blocks.
 fn fill_chunk_bytes(rate: f64) -> usize {
     ((rate / ZERO_FILL_WRITES_PER_S) as usize)
+        .min(ZERO_FILL_MAX_CHUNK_BYTES)
         .next_power_of_two()
-        .clamp(ZERO_FILL_MIN_CHUNK_BYTES, ZERO_FILL_MAX_CHUNK_BYTES)
+        .max(ZERO_FILL_MIN_CHUNK_BYTES)
 }
 
 /// Makes a spare from a released segment: its blocks are already written (no extents
@@ -930,7 +931,17 @@ mod tests {
         assert_eq!(fill_chunk_bytes(4.0 * 110e6), 512 << 10);
         assert_eq!(fill_chunk_bytes(1e12), ZERO_FILL_MAX_CHUNK_BYTES);
         // Every size fills a segment in whole blocks.
-        for rate in [1.0, 3e7, 1e8, 2.5e8, 7e8, 1e10] {
+        for rate in [
+            0.0,
+            1.0,
+            3e7,
+            1e8,
+            2.5e8,
+            7e8,
+            1e10,
+            f64::MAX,
+            f64::INFINITY,
+        ] {
             let chunk = fill_chunk_bytes(rate);
             assert!(
                 chunk.is_power_of_two() && chunk.is_multiple_of(BLOCK_SIZE),
