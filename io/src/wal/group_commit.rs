@@ -810,10 +810,10 @@ pub(crate) async fn run_preparer<S: Storage>(shared: Rc<Shared<S>>) {
 /// writes at 4× a log writing 110 MB/s, 64 writers of 100-row batches waited 66–71 ms
 /// at p99 (the log's fsync lag 56–61 ms), with 512 KiB–8 MiB writes 15–22 ms, and
 /// pausing only every 1 MiB between 128 KiB writes did not help. A slow fill keeps
-/// small writes: each group commit's durable write also flushes the fill written since
-/// the previous one from the device's cache (no FUA here), and with 512 KiB writes at
-/// the floor rate a server's HTTP read and write p99 were worse (BENCHMARKS.md,
-/// "Zero-fill in writes sized to its rate").
+/// small writes: it gains nothing from large ones, and each group commit's durable
+/// write also flushes the fill written since the previous one from the device's cache
+/// (no FUA here), so a quiet log's writes carry less of it (BENCHMARKS.md, "Zero-fill
+/// in writes sized to its rate").
 const ZERO_FILL_MIN_CHUNK_BYTES: usize = 128 << 10;
 const ZERO_FILL_MAX_CHUNK_BYTES: usize = 512 << 10;
 const ZERO_FILL_WRITES_PER_S: f64 = 1000.0;
