@@ -32,14 +32,29 @@ pub(super) struct ApplyQueue {
     pub(super) applier: Option<Waker>,
 }
 
+/// The fewest commands worth splitting into two groups of the log (see below).
+const COHORT_TO_SPLIT: usize = 4;
+
 /// Applies queued commands in order as each becomes durable, and publishes what each
 /// changed to the feed's listeners.
-pub(super) async fn run_applier(
+///
+/// When the commands durable now are all the log has (nothing else being written or
+/// waiting to be), their callers are one cohort: each writes again once applied, and
+/// the log would write their next group only after all were applied and written
+/// again, its disk idle meanwhile. So the applier yields once halfway through: the
+/// first half's next writes go to the log as one group while the second half is
+/// applied, and the log writes the second half's next group while the first is still
+/// on its way (`oc_io`'s group commit keeps two writes in flight). The two cohorts
+/// then stay apart on their own.
+pub(super) async fn run_applier<S: Storage>(
     state: Rc<RefCell<ShardState>>,
     queue: Rc<RefCell<ApplyQueue>>,
     feed: Rc<Feed>,
     epoch: Rc<std::cell::Cell<oc_io::Epoch>>,
+    wal: Rc<Wal<S>>,
 ) {
+    // Commands left to apply before the applier yields to split a cohort.
+    let mut split_in: Option<usize> = None;
     loop {
         let front = poll_fn(|cx| {
             let mut q = queue.borrow_mut();
@@ -55,6 +70,10 @@ pub(super) async fn run_applier(
         let timed = front.slot.borrow().timed;
         let outcome = match front.pending.durable_at().await {
             Ok((lsn, committed)) => {
+                if split_in.is_none() && wal.settled() {
+                    let cohort = queue.borrow().queued.len() + 1;
+                    split_in = (cohort >= COHORT_TO_SPLIT).then_some(cohort / 2);
+                }
                 if timed {
                     front.slot.borrow_mut().durable_at = Some(std::time::Instant::now());
                 }
@@ -100,6 +119,15 @@ pub(super) async fn run_applier(
         slot.outcome = Some(outcome);
         if let Some(w) = slot.waker.take() {
             w.wake();
+        }
+        drop(slot);
+        if let Some(left) = split_in {
+            if left <= 1 {
+                futures_lite::future::yield_now().await;
+                split_in = None;
+            } else {
+                split_in = Some(left - 1);
+            }
         }
     }
 }

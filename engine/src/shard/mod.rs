@@ -236,6 +236,7 @@ impl<S: Storage> Shard<S> {
             queue.clone(),
             feed.clone(),
             feed_epoch.clone(),
+            wal.clone(),
         ));
         let report = ShardOpenReport {
             checkpoint,

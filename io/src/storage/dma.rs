@@ -208,6 +208,10 @@ impl DmaStorageFile {
 }
 
 impl StorageFile for DmaStorageFile {
+    fn durable_writes_independent(&self) -> bool {
+        self.dsync
+    }
+
     type Buffer = DmaBuffer;
 
     fn name(&self) -> &str {

@@ -82,6 +82,15 @@ pub trait StorageFile: 'static {
         self.write_at(buf, offset).await?;
         self.sync().await
     }
+    /// Whether each [`write_durable_at`] is durable on its own completion, whatever the
+    /// file's other writes on their way do (one `O_DSYNC` write, not a write and then a
+    /// file-wide `fdatasync`, whose error one caller could see and another miss), so
+    /// two may be on their way at once.
+    ///
+    /// [`write_durable_at`]: StorageFile::write_durable_at
+    fn durable_writes_independent(&self) -> bool {
+        false
+    }
     /// The file's length in bytes.
     async fn len(&self) -> Result<u64>;
     /// True when the file has no bytes.

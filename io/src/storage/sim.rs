@@ -357,6 +357,7 @@ impl Storage for SimStorage {
             ino,
             generation,
             name: name.to_string(),
+            dsync: false,
         })
     }
 
@@ -368,6 +369,14 @@ impl Storage for SimStorage {
             ino,
             generation,
             name: name.to_string(),
+            dsync: false,
+        })
+    }
+
+    async fn open_durable(&self, name: &str) -> Result<SimFile> {
+        Ok(SimFile {
+            dsync: true,
+            ..self.open(name).await?
         })
     }
 
@@ -406,6 +415,9 @@ pub struct SimFile {
     ino: u64,
     generation: u64,
     name: String,
+    /// Opened by `open_durable`: each `write_durable_at` is one `O_DSYNC` write, durable
+    /// on its own completion whatever else is pending on the file.
+    dsync: bool,
 }
 
 impl SimFile {
@@ -420,6 +432,10 @@ impl SimFile {
 }
 
 impl StorageFile for SimFile {
+    fn durable_writes_independent(&self) -> bool {
+        self.dsync
+    }
+
     type Buffer = AlignedBuf;
 
     fn name(&self) -> &str {
@@ -482,6 +498,48 @@ impl StorageFile for SimFile {
         clippy::expect_used,
         reason = "open handles point at live inodes (the simulator never frees one that is open)"
     )]
+    #[expect(
+        clippy::expect_used,
+        reason = "open handles point at live inodes (the simulator never frees one that is open)"
+    )]
+    async fn write_durable_at(&self, buf: AlignedBuf, offset: u64) -> Result<()> {
+        if !self.dsync {
+            self.write_at(buf, offset).await?;
+            return self.sync().await;
+        }
+        // Written, then completed durable: a crash in between leaves it pending (kept,
+        // lost or torn), an I/O error settles it at random. Either way only this write:
+        // the other writes on their way to the file complete on their own.
+        self.write_at(buf, offset).await?;
+        self.begin("dsync", offset).await?;
+        let mut guard = self.storage.state.borrow_mut();
+        let state = &mut *guard;
+        let fail = state.rng.chance(state.faults.sync_error_per_mille);
+        let inode = state
+            .inodes
+            .get_mut(&self.ino)
+            .expect("open handles point at live inodes");
+        let Some(at) = inode.pending.iter().rposition(|(o, _)| *o == offset) else {
+            // A plain sync of the file already made it durable.
+            return Ok(());
+        };
+        let write = inode.pending.remove(at);
+        let others = std::mem::replace(&mut inode.pending, vec![write]);
+        if fail {
+            SimState::settle(&mut state.rng, inode);
+            inode.pending = others;
+            let err = std::io::Error::from_raw_os_error(libc::EIO);
+            return Err(Error::io("writing (O_DSYNC)", &self.name, err));
+        }
+        let (offset, data) = std::mem::replace(&mut inode.pending, others).remove(0);
+        let end = offset as usize + data.len();
+        if inode.durable.len() < end {
+            inode.durable.resize(end, 0);
+        }
+        inode.durable[offset as usize..end].copy_from_slice(&data);
+        Ok(())
+    }
+
     async fn sync(&self) -> Result<()> {
         self.begin("sync", 0).await?;
         let mut guard = self.storage.state.borrow_mut();

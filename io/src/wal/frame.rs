@@ -78,6 +78,11 @@ const FLAGS_AT: usize = TENANT_LEN_AT + 1;
 pub const FRAME_HEADER_BYTES: usize = FLAGS_AT + 1;
 const _: () = assert!(FRAME_HEADER_BYTES == 40);
 
+/// `flags` bit 0, on a group's first frame only: the group was written while the
+/// previous group's durable write was still on its way, so after a crash either may be
+/// on disk without the other (FORMAT.md §2, §3.3). Segments of version 2 only.
+pub const FLAG_OVERLAPPED: u8 = 1;
+
 /// Longest tenant tag a frame carries.
 pub const MAX_TENANT_BYTES: usize = 64;
 /// Largest frame the format allows (header, tenant and payload).
@@ -228,6 +233,23 @@ pub fn stamp(
     frame[CRC_AT..LSN_AT].copy_from_slice(&crc.to_le_bytes());
 }
 
+/// Marks an unsealed group-start frame as written while the previous group was on its
+/// way ([`FLAG_OVERLAPPED`]); [`stamp`] then seals it.
+pub(crate) fn mark_overlapped(frame: &mut [u8]) {
+    frame[FLAGS_AT] = FLAG_OVERLAPPED;
+}
+
+/// Whether a frame that [`decode`] accepted carries [`FLAG_OVERLAPPED`].
+pub fn is_overlapped(frame: &[u8]) -> bool {
+    frame.get(FLAGS_AT) == Some(&FLAG_OVERLAPPED)
+}
+
+/// The CRC a frame's header field should hold (tests that hand-build frames).
+#[cfg(test)]
+pub(crate) fn frame_crc_for_tests(frame: &[u8]) -> u32 {
+    frame_crc(frame)
+}
+
 /// Encodes a complete frame into a new vector (tests, tools and fuzz seeds).
 pub fn encode(frame: &Frame<'_>) -> Vec<u8> {
     let mut out = vec![0; frame.len()];
@@ -285,8 +307,10 @@ pub fn decode(bytes: &[u8]) -> Result<Frame<'_>, FrameError> {
     {
         return Err(FrameError::BadTenantLength(tenant_len));
     }
-    if frame[FLAGS_AT] != 0 {
-        return Err(FrameError::BadFlags(frame[FLAGS_AT]));
+    let flags = frame[FLAGS_AT];
+    let group_index = read_u32(frame, GROUP_INDEX_AT);
+    if flags != 0 && (flags != FLAG_OVERLAPPED || group_index != 0) {
+        return Err(FrameError::BadFlags(flags));
     }
     let kind = read_u16(frame, KIND_AT);
     if kind == 0 {
@@ -297,7 +321,7 @@ pub fn decode(bytes: &[u8]) -> Result<Frame<'_>, FrameError> {
         lsn: Lsn(read_u64(frame, LSN_AT)),
         commit_ts: TimestampMicros(read_u64(frame, TIMESTAMP_AT)),
         epoch: Epoch(read_u64(frame, EPOCH_AT)),
-        group_index: read_u32(frame, GROUP_INDEX_AT),
+        group_index,
         kind: RecordKind(kind),
         tenant: &frame[FRAME_HEADER_BYTES..tenant_end],
         payload: &frame[tenant_end..],

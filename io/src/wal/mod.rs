@@ -185,7 +185,12 @@ impl<S: Storage> Wal<S> {
                 preparer_waker: None,
                 space_waiters: Vec::new(),
                 close_waiters: Vec::new(),
-                spare: resume.spare.map_or(Spare::Wanted, Spare::Ready),
+                // A spare found at start may be a recycled one (both are renamed to
+                // the same ready name): its bytes are not known to be zero.
+                spare: resume.spare.map_or(Spare::Wanted, |file| Spare::Ready {
+                    file,
+                    zeroed: false,
+                }),
                 recycled: resume.recycled,
                 writer_needs_spare: false,
                 segments: resume.segments,

@@ -13,9 +13,11 @@
 //!   header is synced before any frame is written) and is removed, even when it holds
 //!   older frames from a recycled file.
 
+use std::rc::Rc;
+
 use super::frame::{self, Epoch, Frame, Lsn, TimestampMicros};
 use super::history::Position;
-use super::scan::{scan_segment, ScanEnd};
+use super::scan::{scan_segment, ScanEnd, GROUPS_IN_FLIGHT};
 use super::segment::{
     parse_segment_name, SegmentHeader, DATA_START, RECYCLED_NAME, SPARE_PARTIAL_NAME,
     SPARE_READY_NAME,
@@ -114,7 +116,8 @@ pub(crate) struct Resume<F> {
 
 /// The segment the writer appends to.
 pub(crate) struct ActiveSegment<F> {
-    pub file: F,
+    /// Shared with the durable writes on their way (`group_commit`).
+    pub file: Rc<F>,
     pub header: SegmentHeader,
     /// Where the next group goes (block-aligned).
     pub write_offset: u64,
@@ -123,6 +126,10 @@ pub(crate) struct ActiveSegment<F> {
     pub last_lsn: Lsn,
     pub last_commit_ts: TimestampMicros,
     pub sealed: bool,
+    /// Every byte past `write_offset` is zero (a zero-filled spare, this process):
+    /// groups need no zero block after them to end the log, and one may be written
+    /// while the previous one is still on its way (FORMAT.md §3).
+    pub zeroed: bool,
 }
 
 async fn read_whole<F: StorageFile>(file: &F, out: &mut Vec<u8>) -> Result<()> {
@@ -447,13 +454,15 @@ pub(crate) async fn recover<S: Storage>(
 
         let write_offset = align_up(scan.valid_end);
         if let Some((offset, reason, is_corruption)) = cut {
-            // A torn group can only have touched its own extent: at most the header's
-            // max group bytes plus the zero block after it. A cut for corruption wipes
-            // the whole rest of the file, footer included (valid newer frames lie there).
+            // Torn groups can only have touched their own extents: at most the writes
+            // on their way at once, each at most the header's max group bytes, plus
+            // the zero block after the last. A cut for corruption wipes the whole
+            // rest of the file, footer included (valid newer frames lie there).
             let limit = if is_corruption {
                 header.capacity_bytes
             } else {
-                let extent = u64::from(header.max_group_bytes) + BLOCK_SIZE as u64;
+                let extent =
+                    GROUPS_IN_FLIGHT as u64 * u64::from(header.max_group_bytes) + BLOCK_SIZE as u64;
                 (write_offset + extent).min(header.footer_offset())
             };
             let zeroed = zero_tail(storage, &file, &mut bytes, scan.valid_end, limit).await?;
@@ -485,13 +494,15 @@ pub(crate) async fn recover<S: Storage>(
         next_lsn = Some(scan.last_lsn.next());
         let data_crc = crc32c::crc32c(&bytes[DATA_START as usize..write_offset as usize]);
         active = Some(ActiveSegment {
-            file,
+            file: Rc::new(file),
             header,
             write_offset,
             data_crc,
             last_lsn: scan.last_lsn,
             last_commit_ts: scan.last_commit_ts,
             sealed,
+            // Past a recovered segment's end may lie a recycled file's older frames.
+            zeroed: false,
         });
         index += 1;
     }

@@ -1,17 +1,27 @@
 //! Scanning one segment's bytes: which frames are valid, and how the valid part ends.
 //! Pure (no I/O), so the fuzz target feeds it arbitrary bytes.
 //!
-//! How a tear is told from corruption: only the last group commit can be torn (the
-//! next group is written only after the previous one's durable write returned). Every
-//! group starts on a block boundary with a frame whose `group_index` is 0. So after the
-//! first bad frame, a valid group-start frame at any later block boundary proves that a
-//! *newer* group was written: the bad frame was durable once and is now damaged.
-//! Frames with LSNs at or below the last valid one are leftovers of a recycled file
-//! and prove nothing.
+//! How a tear is told from corruption: only the last group commits can be torn. At
+//! most [`GROUPS_IN_FLIGHT`] groups' writes are on their way at once, and a group
+//! written while the one before it was still on its way carries
+//! [`frame::FLAG_OVERLAPPED`] on its first frame; any other group was written only
+//! after every earlier one's durable write returned. Every group starts on a block
+//! boundary with a frame whose `group_index` is 0. So after the first bad frame, a
+//! valid group-start frame at a later block boundary proves that a *newer* group was
+//! written, and so that the bad frame was durable once and is now damaged, unless it
+//! is the only one, is marked overlapped, and starts within one group's extent of the
+//! damaged group: then the two were on their way together, and neither was
+//! acknowledged (a group is acknowledged only after every earlier one). Frames with
+//! LSNs at or below the last valid one are leftovers of a recycled file and prove
+//! nothing.
 
 use super::frame::{self, Epoch, Frame, FrameError, Lsn, TimestampMicros};
 use super::segment::{BlockError, SegmentFooter, SegmentHeader, DATA_START};
 use crate::buffer::{align_up, BLOCK_SIZE};
+
+/// At most this many groups' durable writes are on their way at once, so a crash can
+/// tear at most this many groups at the end of the log (FORMAT.md §3.3).
+pub const GROUPS_IN_FLIGHT: usize = 2;
 
 /// How the valid frames of a segment end.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,26 +142,34 @@ pub fn scan_segment<E>(
             reason: format!("{reason} inside a sealed segment"),
         },
         (None, Some(f)) => check_footer(bytes, &scan, f),
-        (Some(reason), None) => match later_group_start(bytes, pos, footer_at, scan.last_lsn) {
-            Some(at) => ScanEnd::Corrupt {
-                offset: pos as u64,
-                reason: format!("{reason}; a later group starts at offset {at}"),
-            },
-            None => ScanEnd::Torn {
-                offset: pos as u64,
-                reason,
-            },
-        },
         (None, None) if pos >= footer_at => ScanEnd::Full,
-        (None, None) => match later_group_start(bytes, pos, footer_at, scan.last_lsn) {
-            Some(at) => ScanEnd::Corrupt {
-                offset: pos as u64,
-                reason: format!(
-                    "zeroes where a frame was expected; a later group starts at offset {at}"
-                ),
-            },
-            None => ScanEnd::Clean,
-        },
+        (bad, None) => {
+            let newer = later_group_start(bytes, pos, footer_at, scan.last_lsn);
+            match (bad, newer) {
+                (Some(reason), None) => ScanEnd::Torn {
+                    offset: pos as u64,
+                    reason,
+                },
+                (None, None) => ScanEnd::Clean,
+                (bad, Some(at)) => {
+                    let what = bad.unwrap_or_else(|| "zeroes where a frame was expected".into());
+                    if written_together(bytes, pos, at, footer_at, header, scan.last_lsn) {
+                        ScanEnd::Torn {
+                            offset: pos as u64,
+                            reason: format!(
+                                "{what}; the group at offset {at} was written while this \
+                                 one was on its way, and neither was acknowledged"
+                            ),
+                        }
+                    } else {
+                        ScanEnd::Corrupt {
+                            offset: pos as u64,
+                            reason: format!("{what}; a later group starts at offset {at}"),
+                        }
+                    }
+                }
+            }
+        }
     };
     Ok(scan)
 }
@@ -222,6 +240,26 @@ fn check_footer(bytes: &[u8], scan: &SegmentScan, footer: SegmentFooter) -> Scan
     ScanEnd::Sealed(footer)
 }
 
+/// Whether the newer group at `at` was on its way together with the damaged group
+/// that `pos` lies in, so that a crash may have kept it and torn the damaged one: it
+/// is marked overlapped, starts within one group's extent of `pos` (the damaged group
+/// starts at or before `pos`), and no other newer group follows it (a third group is
+/// written only after the first one's durable write returned).
+fn written_together(
+    bytes: &[u8],
+    pos: usize,
+    at: u64,
+    limit: usize,
+    header: &SegmentHeader,
+    last_lsn: Lsn,
+) -> bool {
+    let at = at as usize;
+    let overlapped = frame::decode(&bytes[at..limit]).is_ok() && frame::is_overlapped(&bytes[at..]);
+    overlapped
+        && at <= pos + header.max_group_bytes as usize
+        && later_group_start(bytes, at, limit, last_lsn).is_none()
+}
+
 /// The offset of a valid group-start frame newer than `last_lsn` at a block boundary
 /// after `pos`, if any. Older frames are leftovers of a recycled file.
 fn later_group_start(bytes: &[u8], pos: usize, limit: usize, last_lsn: Lsn) -> Option<u64> {
@@ -235,4 +273,77 @@ fn later_group_start(bytes: &[u8], pos: usize, limit: usize, last_lsn: Lsn) -> O
         at += BLOCK_SIZE;
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wal::frame::{encode, Frame, RecordKind, FLAG_OVERLAPPED};
+
+    const SEGMENT: usize = 16 * BLOCK_SIZE;
+
+    fn header() -> SegmentHeader {
+        SegmentHeader {
+            shard: 0,
+            max_group_bytes: 2 * BLOCK_SIZE as u32,
+            epoch: Epoch(1),
+            first_lsn: Lsn(1),
+            capacity_bytes: SEGMENT as u64,
+            created: TimestampMicros(1),
+        }
+    }
+
+    /// Writes a one-frame group with LSN `lsn` at block `block`, marked overlapped
+    /// when asked (the flag is part of what the CRC covers).
+    fn group(bytes: &mut [u8], block: usize, lsn: u64, overlapped: bool) {
+        let mut frame = encode(&Frame {
+            lsn: Lsn(lsn),
+            commit_ts: TimestampMicros(lsn),
+            epoch: Epoch(1),
+            group_index: 0,
+            kind: RecordKind(1),
+            tenant: b"t",
+            payload: &[7; 100],
+        });
+        if overlapped {
+            frame[39] = FLAG_OVERLAPPED;
+            let crc = crate::wal::frame::frame_crc_for_tests(&frame);
+            frame[4..8].copy_from_slice(&crc.to_le_bytes());
+        }
+        let at = block * BLOCK_SIZE;
+        bytes[at..at + frame.len()].copy_from_slice(&frame);
+    }
+
+    fn scan(bytes: &[u8]) -> ScanEnd {
+        scan_segment(bytes, &header(), |_, _| Ok::<(), ()>(()))
+            .expect("no callback error")
+            .end
+    }
+
+    #[test]
+    fn a_lost_group_before_one_written_with_it_is_a_tear_and_anything_more_is_corruption() {
+        // LSN 1 at block 1; LSN 2 (block 2) lost; LSN 3 at block 3.
+        let mut bytes = vec![0; SEGMENT];
+        group(&mut bytes, 1, 1, false);
+        group(&mut bytes, 3, 3, true);
+        assert!(
+            matches!(scan(&bytes), ScanEnd::Torn { offset, .. } if offset == 2 * BLOCK_SIZE as u64)
+        );
+
+        // The same newer group without the mark was written after LSN 2 was durable.
+        let mut unmarked = vec![0; SEGMENT];
+        group(&mut unmarked, 1, 1, false);
+        group(&mut unmarked, 3, 3, false);
+        assert!(matches!(scan(&unmarked), ScanEnd::Corrupt { .. }));
+
+        // A third group proves the damaged one's write had returned.
+        group(&mut bytes, 4, 4, true);
+        assert!(matches!(scan(&bytes), ScanEnd::Corrupt { .. }));
+
+        // Marked, but farther than one group's extent from the damage.
+        let mut far = vec![0; SEGMENT];
+        group(&mut far, 1, 1, false);
+        group(&mut far, 6, 3, true);
+        assert!(matches!(scan(&far), ScanEnd::Corrupt { .. }));
+    }
 }

@@ -10,8 +10,13 @@ use crate::buffer::BLOCK_SIZE;
 pub const SEGMENT_MAGIC: [u8; 8] = *b"OCWALSEG";
 /// Segment footer magic.
 pub const FOOTER_MAGIC: [u8; 8] = *b"OCWALEND";
-/// Current segment format version; readers refuse other versions.
-pub const SEGMENT_FORMAT_VERSION: u32 = 1;
+/// Segment format version this build writes. Version 2 added the overlapped flag of a
+/// group's first frame (FORMAT.md §2, §3.3); version 1 segments have no such frames and
+/// read the same way. Readers refuse versions outside `OLDEST..=this`, so a build that
+/// knows only version 1 refuses a version 2 log instead of cutting it.
+pub const SEGMENT_FORMAT_VERSION: u32 = 2;
+/// The oldest segment format version this build reads.
+pub const OLDEST_SEGMENT_FORMAT_VERSION: u32 = 1;
 /// Frames start after the header block.
 pub const DATA_START: u64 = BLOCK_SIZE as u64;
 /// Smallest segment: header, one data block, footer.
@@ -114,7 +119,7 @@ impl SegmentHeader {
             return Err(BlockError::Invalid("segment header crc mismatch".into()));
         }
         let version = u32_at(b, H_VERSION);
-        if version != SEGMENT_FORMAT_VERSION {
+        if !(OLDEST_SEGMENT_FORMAT_VERSION..=SEGMENT_FORMAT_VERSION).contains(&version) {
             return Err(BlockError::Invalid(format!(
                 "unsupported segment version {version}"
             )));
@@ -203,7 +208,7 @@ impl SegmentFooter {
             return Err(BlockError::Invalid("footer crc mismatch".into()));
         }
         let version = u32_at(b, F_VERSION);
-        if version != SEGMENT_FORMAT_VERSION {
+        if !(OLDEST_SEGMENT_FORMAT_VERSION..=SEGMENT_FORMAT_VERSION).contains(&version) {
             return Err(BlockError::Invalid(format!(
                 "unsupported footer version {version}"
             )));
@@ -290,18 +295,36 @@ mod tests {
         ));
     }
 
+    fn fixture_bytes(hex: &str) -> Vec<u8> {
+        hex.split_whitespace()
+            .map(|h| u8::from_str_radix(h, 16).expect("fixture is hex"))
+            .collect()
+    }
+
     #[test]
     fn golden_header_bytes_match_the_fixture() {
-        let fixture = include_str!("../../tests/fixtures/segment_header_v1.hex");
-        let expected: Vec<u8> = fixture
-            .split_whitespace()
-            .map(|h| u8::from_str_radix(h, 16).expect("fixture is hex"))
-            .collect();
+        let expected = fixture_bytes(include_str!("../../tests/fixtures/segment_header_v2.hex"));
         assert_eq!(
             &header().encode()[..HEADER_BYTES],
             &expected[..],
             "segment header format changed"
         );
+    }
+
+    #[test]
+    fn a_version_1_header_still_reads() {
+        let mut block = fixture_bytes(include_str!("../../tests/fixtures/segment_header_v1.hex"));
+        block.resize(BLOCK_SIZE, 0);
+        assert_eq!(SegmentHeader::decode(&block), Ok(header()));
+        // A version this build does not know is refused, not guessed at.
+        let mut future = header().encode();
+        future[H_VERSION..H_BLOCK].copy_from_slice(&3u32.to_le_bytes());
+        let crc = crc32c::crc32c(&future[..H_CRC]);
+        future[H_CRC..H_CRC + 4].copy_from_slice(&crc.to_le_bytes());
+        assert!(matches!(
+            SegmentHeader::decode(&future),
+            Err(BlockError::Invalid(m)) if m.contains("version 3")
+        ));
     }
 
     #[test]
