@@ -12,14 +12,17 @@ def crc32c(data: bytes, crc: int = 0) -> int:
             crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
     return crc ^ 0xFFFFFFFF
 
-def frame_v1(lsn, ts, epoch, group_index, kind, tenant: bytes, payload: bytes) -> bytes:
+def frame_v1(lsn, ts, epoch, group_index, kind, tenant: bytes, payload: bytes, flags=0) -> bytes:
+    """FORMAT.md §2; flags bit 0 (overlapped) only on a group's first frame, in
+    segments of version 2."""
     length = 40 + len(tenant) + len(payload)
-    rest = struct.pack("<QQQIHBB", lsn, ts, epoch, group_index, kind, len(tenant), 0) + tenant + payload
+    rest = struct.pack("<QQQIHBB", lsn, ts, epoch, group_index, kind, len(tenant), flags) + tenant + payload
     crc = crc32c(struct.pack("<I", length) + rest)
     return struct.pack("<II", length, crc) + rest
 
-def segment_header_v1(shard, max_group, epoch, first_lsn, capacity, created) -> bytes:
-    body = b"OCWALSEG" + struct.pack("<IIIIQQQQ", 1, 4096, shard, max_group, epoch, first_lsn, capacity, created)
+def segment_header(version, shard, max_group, epoch, first_lsn, capacity, created) -> bytes:
+    """FORMAT.md §3.1: versions 1 and 2 share the layout (2 allows overlapped groups)."""
+    body = b"OCWALSEG" + struct.pack("<IIIIQQQQ", version, 4096, shard, max_group, epoch, first_lsn, capacity, created)
     return body + struct.pack("<I", crc32c(body))
 
 def str16(s: str) -> bytes:
@@ -48,8 +51,11 @@ def hexdump(b: bytes) -> str:
 assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
 with open("io/tests/fixtures/frame_v1.hex", "w") as f:
     f.write(hexdump(frame_v1(7, 1_700_000_000_000_000, 3, 2, 0x0102, b"acme", b"hello, wal")))
-with open("io/tests/fixtures/segment_header_v1.hex", "w") as f:
-    f.write(hexdump(segment_header_v1(3, 1 << 16, 2, 1000, 1 << 20, 1_700_000_000_000_000)))
+with open("io/tests/fixtures/frame_overlapped.hex", "w") as f:
+    f.write(hexdump(frame_v1(7, 1_700_000_000_000_000, 3, 0, 0x0102, b"acme", b"hello, wal", flags=1)))
+for version in (1, 2):
+    with open(f"io/tests/fixtures/segment_header_v{version}.hex", "w") as f:
+        f.write(hexdump(segment_header(version, 3, 1 << 16, 2, 1000, 1 << 20, 1_700_000_000_000_000)))
 # A table after a migration dropped `name` and retyped `n` (text -> int): both old
 # slots dropped (flags 3), then `n` appended; a later column took the name `name`.
 with open("engine/tests/fixtures/create_table_with_dropped_slots_v1.hex", "w") as f:

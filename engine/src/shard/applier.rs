@@ -112,15 +112,16 @@ pub(super) async fn run_applier<S: Storage>(
             }
             Err(e) => Err(EngineError::from(e)),
         };
-        let mut slot = front.slot.borrow_mut();
-        if timed {
-            slot.applied_at = Some(std::time::Instant::now());
+        {
+            let mut slot = front.slot.borrow_mut();
+            if timed {
+                slot.applied_at = Some(std::time::Instant::now());
+            }
+            slot.outcome = Some(outcome);
+            if let Some(w) = slot.waker.take() {
+                w.wake();
+            }
         }
-        slot.outcome = Some(outcome);
-        if let Some(w) = slot.waker.take() {
-            w.wake();
-        }
-        drop(slot);
         if let Some(left) = split_in {
             if left <= 1 {
                 futures_lite::future::yield_now().await;

@@ -498,10 +498,6 @@ impl StorageFile for SimFile {
         clippy::expect_used,
         reason = "open handles point at live inodes (the simulator never frees one that is open)"
     )]
-    #[expect(
-        clippy::expect_used,
-        reason = "open handles point at live inodes (the simulator never frees one that is open)"
-    )]
     async fn write_durable_at(&self, buf: AlignedBuf, offset: u64) -> Result<()> {
         if !self.dsync {
             self.write_at(buf, offset).await?;
@@ -540,6 +536,10 @@ impl StorageFile for SimFile {
         Ok(())
     }
 
+    #[expect(
+        clippy::expect_used,
+        reason = "open handles point at live inodes (the simulator never frees one that is open)"
+    )]
     async fn sync(&self) -> Result<()> {
         self.begin("sync", 0).await?;
         let mut guard = self.storage.state.borrow_mut();

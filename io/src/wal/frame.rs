@@ -244,10 +244,20 @@ pub fn is_overlapped(frame: &[u8]) -> bool {
     frame.get(FLAGS_AT) == Some(&FLAG_OVERLAPPED)
 }
 
-/// The CRC a frame's header field should hold (tests that hand-build frames).
+/// [`encode`] of a group's first frame marked [`FLAG_OVERLAPPED`] (tests).
 #[cfg(test)]
-pub(crate) fn frame_crc_for_tests(frame: &[u8]) -> u32 {
-    frame_crc(frame)
+pub(crate) fn encode_overlapped(frame: &Frame<'_>) -> Vec<u8> {
+    let mut out = vec![0; frame.len()];
+    encode_unstamped(&mut out, frame.kind, frame.tenant, frame.payload);
+    mark_overlapped(&mut out);
+    stamp(
+        &mut out,
+        frame.lsn,
+        frame.commit_ts,
+        frame.epoch,
+        frame.group_index,
+    );
+    out
 }
 
 /// Encodes a complete frame into a new vector (tests, tools and fuzz seeds).
@@ -343,6 +353,29 @@ mod tests {
             tenant: b"acme",
             payload: b"hello, wal",
         }
+    }
+
+    #[test]
+    fn an_overlapped_group_start_matches_its_fixture_and_no_other_frame_carries_the_flag() {
+        let expected: Vec<u8> = include_str!("../../tests/fixtures/frame_overlapped.hex")
+            .split_whitespace()
+            .map(|h| u8::from_str_radix(h, 16).expect("fixture is hex"))
+            .collect();
+        let start = Frame {
+            group_index: 0,
+            ..sample()
+        };
+        assert_eq!(encode_overlapped(&start), expected);
+        assert_eq!(decode(&expected), Ok(start));
+        assert!(is_overlapped(&expected));
+        assert!(!is_overlapped(&encode(&start)));
+        // Only a group's first frame may carry it, and no other bit is known.
+        let later = encode_overlapped(&sample());
+        assert_eq!(decode(&later), Err(FrameError::BadFlags(FLAG_OVERLAPPED)));
+        let mut unknown = encode(&start);
+        unknown[FLAGS_AT] = 2;
+        stamp(&mut unknown, start.lsn, start.commit_ts, start.epoch, 0);
+        assert_eq!(decode(&unknown), Err(FrameError::BadFlags(2)));
     }
 
     #[test]

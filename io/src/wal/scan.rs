@@ -278,7 +278,7 @@ fn later_group_start(bytes: &[u8], pos: usize, limit: usize, last_lsn: Lsn) -> O
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wal::frame::{encode, Frame, RecordKind, FLAG_OVERLAPPED};
+    use crate::wal::frame::{encode, encode_overlapped, Frame, RecordKind};
 
     const SEGMENT: usize = 16 * BLOCK_SIZE;
 
@@ -294,9 +294,9 @@ mod tests {
     }
 
     /// Writes a one-frame group with LSN `lsn` at block `block`, marked overlapped
-    /// when asked (the flag is part of what the CRC covers).
+    /// when asked.
     fn group(bytes: &mut [u8], block: usize, lsn: u64, overlapped: bool) {
-        let mut frame = encode(&Frame {
+        let frame = Frame {
             lsn: Lsn(lsn),
             commit_ts: TimestampMicros(lsn),
             epoch: Epoch(1),
@@ -304,12 +304,12 @@ mod tests {
             kind: RecordKind(1),
             tenant: b"t",
             payload: &[7; 100],
-        });
-        if overlapped {
-            frame[39] = FLAG_OVERLAPPED;
-            let crc = crate::wal::frame::frame_crc_for_tests(&frame);
-            frame[4..8].copy_from_slice(&crc.to_le_bytes());
-        }
+        };
+        let frame = if overlapped {
+            encode_overlapped(&frame)
+        } else {
+            encode(&frame)
+        };
         let at = block * BLOCK_SIZE;
         bytes[at..at + frame.len()].copy_from_slice(&frame);
     }
