@@ -952,6 +952,12 @@ pub(crate) fn decode_snapshot(data: &[u8], lsn: Lsn) -> Result<ShardState, FileP
             problem,
         };
         let f = frame::decode(&data[pos..]).map_err(|e| at(SnapshotProblem::Frame(e)))?;
+        // The overlapped flag belongs to log segments only (FORMAT.md §2).
+        if frame::is_overlapped(&data[pos..]) {
+            return Err(at(SnapshotProblem::Frame(frame::FrameError::BadFlags(
+                frame::FLAG_OVERLAPPED,
+            ))));
+        }
         if f.lsn != lsn || f.group_index != index {
             return Err(at(SnapshotProblem::OutOfPlace {
                 lsn: f.lsn,

@@ -132,6 +132,92 @@ fn appends_from_many_tasks_survive_a_reopen_in_lsn_order() {
 }
 
 #[test]
+fn groups_written_while_another_is_on_its_way_survive_a_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    run_local(async {
+        let (wal, _, _) = open(dir.path(), small_segments(), Lsn(1))
+            .await
+            .expect("open");
+        let wal = Rc::new(wal);
+        // Appenders that pause between appends arrive while a group is on its way,
+        // so the next group is written before the first returns.
+        let mut handles = Vec::new();
+        for t in 0..16u64 {
+            let wal = wal.clone();
+            handles.push(glommio::spawn_local(async move {
+                let mut acked = Vec::new();
+                for i in (t..3000).step_by(16) {
+                    let p = payload(i);
+                    let lsn = wal.append(KIND, b"tenant-a", &p).await.expect("append");
+                    acked.push((lsn.0, p));
+                    glommio::timer::sleep(std::time::Duration::from_micros(20 * (i % 7))).await;
+                }
+                acked
+            }));
+        }
+        let mut acked = BTreeMap::new();
+        for h in handles {
+            acked.extend(h.await);
+        }
+        let stats = wal.stats();
+        assert!(
+            stats.groups_overlapped > 0,
+            "no group was written while another was on its way ({} groups)",
+            stats.groups
+        );
+        assert!(stats.segments_created > 1, "the log rotated meanwhile");
+        wal.close().await.expect("close");
+        drop(wal);
+        let (_wal, frames, report) = open(dir.path(), small_segments(), Lsn(1))
+            .await
+            .expect("reopen");
+        assert_eq!(report.torn_tail, None);
+        assert_eq!(frames.len(), 3000);
+        assert_payloads_match(&frames, &acked);
+    });
+}
+
+#[test]
+fn a_larger_group_setting_after_a_restart_starts_a_new_segment() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    run_local(async {
+        let small = WalConfig {
+            segment_bytes: 1 << 20,
+            max_group_bytes: 16 * 1024,
+            ..WalConfig::default()
+        };
+        let (wal, _, _) = open(dir.path(), small.clone(), Lsn(1)).await.expect("open");
+        let wal = Rc::new(wal);
+        let mut acked = append_many(wal.clone(), 50, 4).await;
+        wal.close().await.expect("close");
+        drop(wal);
+        let before = segment_files(dir.path());
+
+        // The active segment's header promises groups of at most 16 KiB; groups of
+        // up to 64 KiB go to a new segment, so a tear stays within what the header says.
+        let large = WalConfig {
+            max_group_bytes: 64 * 1024,
+            ..small
+        };
+        let (wal, _, _) = open(dir.path(), large.clone(), Lsn(1))
+            .await
+            .expect("reopen");
+        let wal = Rc::new(wal);
+        let big = vec![9u8; 40 * 1024];
+        let lsn = wal.append(KIND, b"tenant-a", &big).await.expect("append");
+        acked.insert(lsn.0, big);
+        wal.close().await.expect("close");
+        drop(wal);
+        let after = segment_files(dir.path());
+        assert_eq!(after.len(), before.len() + 1, "{before:?} then {after:?}");
+
+        let (_wal, frames, _) = open(dir.path(), large, Lsn(1)).await.expect("reopen");
+        assert_payloads_match(&frames, &acked);
+        assert_eq!(frames.len(), acked.len());
+    });
+}
+
+#[test]
 fn full_segments_are_sealed_rotated_and_released() {
     let dir = tempfile::tempdir().expect("tempdir");
     run_local(async {

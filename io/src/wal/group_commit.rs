@@ -3,10 +3,15 @@
 //! with one aligned O_DIRECT write that is durable when it completes (the segment is open
 //! with `O_DSYNC`: the write and its `fdatasync` in one trip through the ring), then
 //! wakes every appender of the group. While one group is being written the next one
-//! fills.
+//! fills, and a small one may be written before the first returns (at most
+//! [`GROUPS_IN_FLIGHT`] writes on their way; FORMAT.md §3.3).
 //!
 //! What must stay true:
-//! - a group is acknowledged only after its durable write returned Ok;
+//! - a group is acknowledged only after its durable write, and every earlier group's,
+//!   returned Ok;
+//! - a group written while another is on its way is marked overlapped, lies in a
+//!   zero-filled segment, and its file's durable writes each report their own
+//!   durability (`O_DSYNC`): recovery's tell between a tear and corruption rests on it;
 //! - LSNs are assigned at write time, so a group that cannot be written leaves no gap;
 //! - after a failed write (or `fdatasync`) the log accepts nothing more (the kernel may
 //!   have dropped the dirty pages; retrying would acknowledge lost data);
@@ -22,7 +27,7 @@
 //! in one write, and a crash that kept a later one's sectors but not an earlier one's
 //! would look like corruption to recovery (the stamped-append simulator found this).
 //!
-//! One file, about 840 lines: the appenders' group, the writer task and the spare
+//! One file, about 1,200 lines: the appenders' group, the writer task and the spare
 //! preparer share one state and one set of invariants (above), which are easier to
 //! check in one place.
 
@@ -44,9 +49,15 @@ use super::recovery::{ActiveSegment, SegmentInfo};
 // while the CPU works and the CPU idle while the disk does. Recovery's tell between a
 // tear and corruption rests on this bound (FORMAT.md §3.3).
 use super::scan::GROUPS_IN_FLIGHT;
+// Only small groups are written while another is on its way: a small durable write
+// costs the disk's fixed time per write (about 110 µs here, and a second one in flight
+// nearly doubles the writes a second), a large one its transfer, which a second write
+// only shares. 64 writers of 100-row batches (700 KB groups) had a commit p99 of
+// 37–42 ms with every group overlapped, 15–20 ms without.
+use super::scan::OVERLAPPED_GROUP_MAX_BYTES;
 use super::segment::{
-    segment_name, SegmentFooter, SegmentHeader, DATA_START, RECYCLED_NAME, SPARE_PARTIAL_NAME,
-    SPARE_READY_NAME,
+    segment_name, SegmentFooter, SegmentHeader, DATA_START, RECYCLED_NAME, SEGMENT_FORMAT_VERSION,
+    SPARE_PARTIAL_NAME, SPARE_READY_NAME,
 };
 use super::WalConfig;
 use crate::buffer::{align_up, IoBuffer, BLOCK_SIZE};
@@ -60,6 +71,8 @@ pub struct WalStats {
     pub append_bytes: u64,
     pub append_failures: u64,
     pub groups: u64,
+    /// Groups written while the previous group's write was on its way.
+    pub groups_overlapped: u64,
     /// Bytes written for frames, including the padding to block boundaries.
     pub bytes_written: u64,
     pub syncs: u64,
@@ -87,6 +100,7 @@ impl Default for WalStats {
             append_bytes: 0,
             append_failures: 0,
             groups: 0,
+            groups_overlapped: 0,
             bytes_written: 0,
             syncs: 0,
             segments_created: 0,
@@ -413,13 +427,6 @@ enum GroupError {
     Skipped(Error),
 }
 
-/// Only groups up to this size are written while another is on its way: a small
-/// durable write costs the disk's fixed time per write (about 110 µs here, and a
-/// second one in flight nearly doubles the writes a second), a large one its transfer,
-/// which a second write in flight only shares. 64 writers of 100-row batches (700 KB
-/// groups) had a commit p99 of 37–42 ms with large groups overlapped, 15–20 ms without.
-const OVERLAP_MAX_GROUP_BYTES: usize = 128 << 10;
-
 /// A group whose durable write is on its way.
 struct InFlight {
     write: glommio::Task<Result<()>>,
@@ -554,7 +561,7 @@ impl<S: Storage> Writer<S> {
     fn may_overlap(&self, group: &Group<S::Buffer>) -> bool {
         let epoch = self.shared.epoch.get();
         !group.stamped
-            && group.len <= OVERLAP_MAX_GROUP_BYTES
+            && align_up(group.len as u64) <= OVERLAPPED_GROUP_MAX_BYTES as u64
             && self.active.as_ref().is_some_and(|a| {
                 a.zeroed
                     && a.file.durable_writes_independent()
@@ -588,6 +595,7 @@ impl<S: Storage> Writer<S> {
         let (offset, file) = (active.write_offset, active.file.clone());
         let padded = self.seal(&mut batch, epoch, commit_ts, overlapped);
         self.advance(frames, padded, epoch, commit_ts);
+        self.shared.stats.borrow_mut().groups_overlapped += u64::from(overlapped);
         let buf = batch.buf;
         InFlight {
             write: glommio::spawn_local(async move { file.write_durable_at(buf, offset).await }),
@@ -792,8 +800,16 @@ impl<S: Storage> Writer<S> {
             } else {
                 self.shared.epoch.get()
             };
+            // A segment whose header promises smaller groups than this log now writes
+            // (a restart with a larger setting) takes no more: recovery bounds a
+            // tear by the header's figure.
+            let max_group = self.shared.config.max_group_bytes;
             let room = match &self.active {
-                Some(a) if !a.sealed && a.header.epoch == epoch => {
+                Some(a)
+                    if !a.sealed
+                        && a.header.epoch == epoch
+                        && a.header.max_group_bytes as usize >= max_group =>
+                {
                     a.header.footer_offset() - a.write_offset
                 }
                 _ => 0,
@@ -943,7 +959,8 @@ impl<S: Storage> Writer<S> {
                 data_crc: active.data_crc,
             };
             let mut buf = self.shared.storage.alloc_buffer(BLOCK_SIZE);
-            buf.as_bytes_mut().copy_from_slice(&footer.encode());
+            buf.as_bytes_mut()
+                .copy_from_slice(&footer.encode_as(active.version));
             let at = active.header.footer_offset();
             active
                 .file
@@ -1012,6 +1029,7 @@ impl<S: Storage> Writer<S> {
             last_lsn: Lsn(self.next_lsn.0 - 1),
             last_commit_ts: self.last_commit_ts,
             sealed: false,
+            version: SEGMENT_FORMAT_VERSION,
             zeroed,
         });
         Ok(())

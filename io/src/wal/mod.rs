@@ -402,7 +402,8 @@ impl<S: Storage> Wal<S> {
         if start + len > max {
             return Ok(None);
         }
-        // One block more than a group: room for the zero block that ends every write.
+        // One block more than a group: room for the zero block that ends a write into
+        // a recycled segment.
         let buf = group
             .buf
             .get_or_insert_with(|| self.shared.storage.alloc_buffer(max + BLOCK_SIZE));

@@ -8,7 +8,9 @@
 //!   are zeroed on disk (so stale frames can never reappear after new writes), and the
 //!   cut is reported.
 //! - Damage followed by valid data is corruption: opening fails naming the file and the
-//!   offset, unless the operator asked to truncate there.
+//!   offset, unless the operator asked to truncate there. The one exception is a
+//!   single group marked overlapped right after the damage, which was on its way with
+//!   the damaged group (`scan`, FORMAT.md §4): that is a torn tail of two groups.
 //! - A last segment whose header never became durable holds no acknowledged frame (the
 //!   header is synced before any frame is written) and is removed, even when it holds
 //!   older frames from a recycled file.
@@ -19,8 +21,8 @@ use super::frame::{self, Epoch, Frame, Lsn, TimestampMicros};
 use super::history::Position;
 use super::scan::{scan_segment, ScanEnd, GROUPS_IN_FLIGHT};
 use super::segment::{
-    parse_segment_name, SegmentHeader, DATA_START, RECYCLED_NAME, SPARE_PARTIAL_NAME,
-    SPARE_READY_NAME,
+    header_version, parse_segment_name, SegmentHeader, DATA_START, RECYCLED_NAME,
+    SEGMENT_FORMAT_VERSION, SPARE_PARTIAL_NAME, SPARE_READY_NAME,
 };
 use super::WalConfig;
 use crate::buffer::{align_down, align_up, IoBuffer, BLOCK_SIZE};
@@ -126,6 +128,8 @@ pub(crate) struct ActiveSegment<F> {
     pub last_lsn: Lsn,
     pub last_commit_ts: TimestampMicros,
     pub sealed: bool,
+    /// The segment's format version (its footer is written with the same).
+    pub version: u32,
     /// Every byte past `write_offset` is zero (a zero-filled spare, this process):
     /// groups need no zero block after them to end the log, and one may be written
     /// while the previous one is still on its way (FORMAT.md §3).
@@ -501,6 +505,7 @@ pub(crate) async fn recover<S: Storage>(
             last_lsn: scan.last_lsn,
             last_commit_ts: scan.last_commit_ts,
             sealed,
+            version: header_version(&bytes).unwrap_or(SEGMENT_FORMAT_VERSION),
             // Past a recovered segment's end may lie a recycled file's older frames.
             zeroed: false,
         });

@@ -16,12 +16,16 @@
 //! nothing.
 
 use super::frame::{self, Epoch, Frame, FrameError, Lsn, TimestampMicros};
-use super::segment::{BlockError, SegmentFooter, SegmentHeader, DATA_START};
+use super::segment::{header_version, BlockError, SegmentFooter, SegmentHeader, DATA_START};
 use crate::buffer::{align_up, BLOCK_SIZE};
 
 /// At most this many groups' durable writes are on their way at once, so a crash can
 /// tear at most this many groups at the end of the log (FORMAT.md §3.3).
 pub const GROUPS_IN_FLIGHT: usize = 2;
+/// The largest group written while another is on its way, and so the largest group
+/// on its way before an overlapped one (FORMAT.md §3.3): recovery's window for a torn
+/// pair rests on it.
+pub const OVERLAPPED_GROUP_MAX_BYTES: usize = 128 << 10;
 
 /// How the valid frames of a segment end.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,7 +36,8 @@ pub enum ScanEnd {
     Clean,
     /// The data area is full up to the footer block (not yet sealed).
     Full,
-    /// Damage after the last good frame with nothing valid after it: a torn write.
+    /// Damage after the last good frame with nothing valid after it, or only a group
+    /// that was on its way together with the damaged one: a torn write.
     Torn { offset: u64, reason: String },
     /// Damage that a crash cannot explain.
     Corrupt { offset: u64, reason: String },
@@ -83,6 +88,8 @@ pub fn scan_segment<E>(
     let mut pos = DATA_START as usize;
     // The LSN that started the group `pos` is in, or None at a group boundary.
     let mut group_first: Option<Lsn> = None;
+    // Where the last group start read is.
+    let mut group_at = pos;
     let bad = loop {
         if pos >= limit {
             break None;
@@ -104,7 +111,8 @@ pub fn scan_segment<E>(
         let expected = scan.last_lsn.next();
         match frame::decode(&bytes[pos..limit]) {
             Err(FrameError::Zero) if pos.is_multiple_of(BLOCK_SIZE) => {
-                // Every group write ends with a zero block, so the log ends at an
+                // Every group write into a recycled file ends with a zero block (a
+                // zero-filled one is zero past its groups), so the log ends at an
                 // all-zero block even in a recycled file full of older frames.
                 let block_end = (pos + BLOCK_SIZE).min(limit);
                 if bytes[pos..block_end].iter().all(|&b| b == 0) {
@@ -125,6 +133,9 @@ pub fn scan_segment<E>(
                     break Some(reason);
                 }
                 on_frame(&f, pos as u64)?;
+                if f.group_index == 0 {
+                    group_at = pos;
+                }
                 group_first = Some(f.group_first_lsn());
                 scan.frames += 1;
                 scan.last_lsn = f.lsn;
@@ -153,12 +164,13 @@ pub fn scan_segment<E>(
                 (None, None) => ScanEnd::Clean,
                 (bad, Some(at)) => {
                     let what = bad.unwrap_or_else(|| "zeroes where a frame was expected".into());
-                    if written_together(bytes, pos, at, footer_at, header, scan.last_lsn) {
+                    if written_together(bytes, pos, group_at, at, footer_at, header, &scan) {
                         ScanEnd::Torn {
                             offset: pos as u64,
                             reason: format!(
-                                "{what}; the group at offset {at} was written while this \
-                                 one was on its way, and neither was acknowledged"
+                                "{what}; the group at offset {at} is marked as written while \
+                                 this one was on its way, so a crash can leave this, and \
+                                 then neither was acknowledged: both cut"
                             ),
                         }
                     } else {
@@ -241,23 +253,45 @@ fn check_footer(bytes: &[u8], scan: &SegmentScan, footer: SegmentFooter) -> Scan
 }
 
 /// Whether the newer group at `at` was on its way together with the damaged group
-/// that `pos` lies in, so that a crash may have kept it and torn the damaged one: it
-/// is marked overlapped, starts within one group's extent of `pos` (the damaged group
-/// starts at or before `pos`), and no other newer group follows it (a third group is
-/// written only after the first one's durable write returned).
+/// that `pos` lies in, so that a crash may have kept it and torn the damaged one. Every
+/// condition is one the writer guarantees for such a pair (FORMAT.md §3.3, §4):
+/// - the segment is of version 2 (no earlier writer overlapped groups);
+/// - the group is marked overlapped, of the segment's epoch, and is the only newer
+///   group start (a third group is written only after the first's write returned);
+/// - it starts within [`OVERLAPPED_GROUP_MAX_BYTES`] of the damaged group's start (the
+///   group in flight before an overlapped one is at most that size): of `pos` when
+///   the damage is at a block boundary (the damaged group starts there, or earlier),
+///   else of the start of the group the scan was inside;
+/// - the frames it skips fit between the last valid frame and it.
 fn written_together(
     bytes: &[u8],
     pos: usize,
+    group_at: usize,
     at: u64,
     limit: usize,
     header: &SegmentHeader,
-    last_lsn: Lsn,
+    scan: &SegmentScan,
 ) -> bool {
     let at = at as usize;
-    let overlapped = frame::decode(&bytes[at..limit]).is_ok() && frame::is_overlapped(&bytes[at..]);
-    overlapped
-        && at <= pos + header.max_group_bytes as usize
-        && later_group_start(bytes, at, limit, last_lsn).is_none()
+    if header_version(bytes).is_none_or(|v| v < 2) {
+        return false;
+    }
+    let Ok(f) = frame::decode(&bytes[at..limit]) else {
+        return false;
+    };
+    let damaged_at = if pos.is_multiple_of(BLOCK_SIZE) {
+        pos
+    } else {
+        group_at
+    };
+    let skipped = f.lsn.0.saturating_sub(scan.last_lsn.0 + 1);
+    frame::is_overlapped(&bytes[at..])
+        && f.epoch == header.epoch
+        && at <= damaged_at + OVERLAPPED_GROUP_MAX_BYTES
+        && skipped >= 1
+        && skipped.saturating_mul(frame::FRAME_HEADER_BYTES as u64)
+            <= (at as u64).saturating_sub(scan.valid_end)
+        && later_group_start(bytes, at, limit, scan.last_lsn).is_none()
 }
 
 /// The offset of a valid group-start frame newer than `last_lsn` at a block boundary
@@ -280,7 +314,7 @@ mod tests {
     use super::*;
     use crate::wal::frame::{encode, encode_overlapped, Frame, RecordKind};
 
-    const SEGMENT: usize = 16 * BLOCK_SIZE;
+    const SEGMENT: usize = 64 * BLOCK_SIZE;
 
     fn header() -> SegmentHeader {
         SegmentHeader {
@@ -314,6 +348,13 @@ mod tests {
         bytes[at..at + frame.len()].copy_from_slice(&frame);
     }
 
+    /// A segment of `header()` with its header block written.
+    fn segment() -> Vec<u8> {
+        let mut bytes = vec![0; SEGMENT];
+        bytes[..BLOCK_SIZE].copy_from_slice(&header().encode());
+        bytes
+    }
+
     fn scan(bytes: &[u8]) -> ScanEnd {
         scan_segment(bytes, &header(), |_, _| Ok::<(), ()>(()))
             .expect("no callback error")
@@ -323,7 +364,7 @@ mod tests {
     #[test]
     fn a_lost_group_before_one_written_with_it_is_a_tear_and_anything_more_is_corruption() {
         // LSN 1 at block 1; LSN 2 (block 2) lost; LSN 3 at block 3.
-        let mut bytes = vec![0; SEGMENT];
+        let mut bytes = segment();
         group(&mut bytes, 1, 1, false);
         group(&mut bytes, 3, 3, true);
         assert!(
@@ -331,7 +372,7 @@ mod tests {
         );
 
         // The same newer group without the mark was written after LSN 2 was durable.
-        let mut unmarked = vec![0; SEGMENT];
+        let mut unmarked = segment();
         group(&mut unmarked, 1, 1, false);
         group(&mut unmarked, 3, 3, false);
         assert!(matches!(scan(&unmarked), ScanEnd::Corrupt { .. }));
@@ -340,10 +381,22 @@ mod tests {
         group(&mut bytes, 4, 4, true);
         assert!(matches!(scan(&bytes), ScanEnd::Corrupt { .. }));
 
+        // Only a version 2 segment can hold overlapped groups.
+        let mut v1 = segment();
+        v1[8..12].copy_from_slice(&1u32.to_le_bytes());
+        group(&mut v1, 1, 1, false);
+        group(&mut v1, 3, 3, true);
+        assert!(matches!(scan(&v1), ScanEnd::Corrupt { .. }));
+
         // Marked, but farther than one group's extent from the damage.
-        let mut far = vec![0; SEGMENT];
+        let mut far = segment();
         group(&mut far, 1, 1, false);
-        group(&mut far, 6, 3, true);
+        group(
+            &mut far,
+            2 + OVERLAPPED_GROUP_MAX_BYTES / BLOCK_SIZE + 1,
+            3,
+            true,
+        );
         assert!(matches!(scan(&far), ScanEnd::Corrupt { .. }));
     }
 }

@@ -17,6 +17,11 @@ pub const FOOTER_MAGIC: [u8; 8] = *b"OCWALEND";
 pub const SEGMENT_FORMAT_VERSION: u32 = 2;
 /// The oldest segment format version this build reads.
 pub const OLDEST_SEGMENT_FORMAT_VERSION: u32 = 1;
+/// The format version a header block claims, read without decoding the header.
+pub fn header_version(block: &[u8]) -> Option<u32> {
+    (block.len() >= H_BLOCK).then(|| u32_at(block, H_VERSION))
+}
+
 /// Frames start after the header block.
 pub const DATA_START: u64 = BLOCK_SIZE as u64;
 /// Smallest segment: header, one data block, footer.
@@ -68,8 +73,9 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SegmentHeader {
     pub shard: u32,
-    /// Largest group commit written into this segment: a torn write can only have
-    /// touched this many bytes (plus the trailing zero block) after the last valid frame.
+    /// Largest group commit written into this segment: the torn writes of a crash can
+    /// only have touched twice this many bytes (two writes on their way, plus the
+    /// trailing zero block) after the last valid frame.
     pub max_group_bytes: u32,
     pub epoch: Epoch,
     pub first_lsn: Lsn,
@@ -181,9 +187,15 @@ pub struct SegmentFooter {
 
 impl SegmentFooter {
     pub fn encode(&self) -> [u8; BLOCK_SIZE] {
+        self.encode_as(SEGMENT_FORMAT_VERSION)
+    }
+
+    /// Encodes the footer with `version`: the version of the header it seals, so a
+    /// version 1 segment stays readable as a whole by a build that knows only that.
+    pub fn encode_as(&self, version: u32) -> [u8; BLOCK_SIZE] {
         let mut b = [0u8; BLOCK_SIZE];
         b[F_MAGIC..F_VERSION].copy_from_slice(&FOOTER_MAGIC);
-        b[F_VERSION..F_RESERVED].copy_from_slice(&SEGMENT_FORMAT_VERSION.to_le_bytes());
+        b[F_VERSION..F_RESERVED].copy_from_slice(&version.to_le_bytes());
         b[F_FIRST_LSN..F_LAST_LSN].copy_from_slice(&self.first_lsn.0.to_le_bytes());
         b[F_LAST_LSN..F_DATA_END].copy_from_slice(&self.last_lsn.0.to_le_bytes());
         b[F_DATA_END..F_LAST_TS].copy_from_slice(&self.data_end.to_le_bytes());
