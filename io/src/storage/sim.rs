@@ -136,6 +136,19 @@ struct Inode {
     pending: Vec<(u64, Vec<u8>)>,
 }
 
+impl Inode {
+    /// Makes every pending write durable, in the order they were made.
+    fn persist_pending(&mut self) {
+        for (offset, data) in std::mem::take(&mut self.pending) {
+            let end = offset as usize + data.len();
+            if self.durable.len() < end {
+                self.durable.resize(end, 0);
+            }
+            self.durable[offset as usize..end].copy_from_slice(&data);
+        }
+    }
+}
+
 struct SimState {
     rng: SimRng,
     faults: SimFaults,
@@ -409,6 +422,17 @@ impl Storage for SimStorage {
     }
 }
 
+/// The inode an open handle points at.
+#[expect(
+    clippy::expect_used,
+    reason = "open handles point at live inodes (the simulator never frees one that is open)"
+)]
+fn live_inode(inodes: &mut BTreeMap<u64, Inode>, ino: u64) -> &mut Inode {
+    inodes
+        .get_mut(&ino)
+        .expect("open handles point at live inodes")
+}
+
 /// A handle on a simulated file; dead after a crash.
 pub struct SimFile {
     storage: SimStorage,
@@ -442,10 +466,6 @@ impl StorageFile for SimFile {
         &self.name
     }
 
-    #[expect(
-        clippy::expect_used,
-        reason = "open handles point at live inodes (the simulator never frees one that is open)"
-    )]
     async fn write_at(&self, buf: AlignedBuf, offset: u64) -> Result<()> {
         assert_eq!(offset % BLOCK_SIZE as u64, 0, "unaligned write offset");
         assert_eq!(buf.len() % BLOCK_SIZE, 0, "unaligned write length");
@@ -462,10 +482,7 @@ impl StorageFile for SimFile {
         let end = offset as usize + buf.len();
         let used = state.used_bytes();
         let capacity = state.faults.capacity_bytes;
-        let inode = state
-            .inodes
-            .get_mut(&self.ino)
-            .expect("open handles point at live inodes");
+        let inode = live_inode(&mut state.inodes, self.ino);
         let growth = end.saturating_sub(inode.current.len()) as u64;
         if !crashing_now && used + growth > capacity {
             return Err(Error::StorageFull {
@@ -494,10 +511,6 @@ impl StorageFile for SimFile {
         Ok(())
     }
 
-    #[expect(
-        clippy::expect_used,
-        reason = "open handles point at live inodes (the simulator never frees one that is open)"
-    )]
     async fn write_durable_at(&self, buf: AlignedBuf, offset: u64) -> Result<()> {
         if !self.dsync {
             self.write_at(buf, offset).await?;
@@ -511,56 +524,37 @@ impl StorageFile for SimFile {
         let mut guard = self.storage.state.borrow_mut();
         let state = &mut *guard;
         let fail = state.rng.chance(state.faults.sync_error_per_mille);
-        let inode = state
-            .inodes
-            .get_mut(&self.ino)
-            .expect("open handles point at live inodes");
+        let inode = live_inode(&mut state.inodes, self.ino);
         let Some(at) = inode.pending.iter().rposition(|(o, _)| *o == offset) else {
             // A plain sync of the file already made it durable.
             return Ok(());
         };
         let write = inode.pending.remove(at);
         let others = std::mem::replace(&mut inode.pending, vec![write]);
-        if fail {
+        let result = if fail {
             SimState::settle(&mut state.rng, inode);
-            inode.pending = others;
             let err = std::io::Error::from_raw_os_error(libc::EIO);
-            return Err(Error::io("writing (O_DSYNC)", &self.name, err));
-        }
-        let (offset, data) = std::mem::replace(&mut inode.pending, others).remove(0);
-        let end = offset as usize + data.len();
-        if inode.durable.len() < end {
-            inode.durable.resize(end, 0);
-        }
-        inode.durable[offset as usize..end].copy_from_slice(&data);
-        Ok(())
+            Err(Error::io("writing (O_DSYNC)", &self.name, err))
+        } else {
+            inode.persist_pending();
+            Ok(())
+        };
+        inode.pending = others;
+        result
     }
 
-    #[expect(
-        clippy::expect_used,
-        reason = "open handles point at live inodes (the simulator never frees one that is open)"
-    )]
     async fn sync(&self) -> Result<()> {
         self.begin("sync", 0).await?;
         let mut guard = self.storage.state.borrow_mut();
         let state = &mut *guard;
         let fail = state.rng.chance(state.faults.sync_error_per_mille);
-        let inode = state
-            .inodes
-            .get_mut(&self.ino)
-            .expect("open handles point at live inodes");
+        let inode = live_inode(&mut state.inodes, self.ino);
         if fail {
             SimState::settle(&mut state.rng, inode);
             let err = std::io::Error::from_raw_os_error(libc::EIO);
             return Err(Error::io("fdatasync", &self.name, err));
         }
-        for (offset, data) in std::mem::take(&mut inode.pending) {
-            let end = offset as usize + data.len();
-            if inode.durable.len() < end {
-                inode.durable.resize(end, 0);
-            }
-            inode.durable[offset as usize..end].copy_from_slice(&data);
-        }
+        inode.persist_pending();
         Ok(())
     }
 

@@ -247,23 +247,20 @@ pub fn is_overlapped(frame: &[u8]) -> bool {
 /// [`encode`] of a group's first frame marked [`FLAG_OVERLAPPED`] (tests).
 #[cfg(test)]
 pub(crate) fn encode_overlapped(frame: &Frame<'_>) -> Vec<u8> {
-    let mut out = vec![0; frame.len()];
-    encode_unstamped(&mut out, frame.kind, frame.tenant, frame.payload);
-    mark_overlapped(&mut out);
-    stamp(
-        &mut out,
-        frame.lsn,
-        frame.commit_ts,
-        frame.epoch,
-        frame.group_index,
-    );
-    out
+    encode_flagged(frame, true)
 }
 
 /// Encodes a complete frame into a new vector (tests, tools and fuzz seeds).
 pub fn encode(frame: &Frame<'_>) -> Vec<u8> {
+    encode_flagged(frame, false)
+}
+
+fn encode_flagged(frame: &Frame<'_>, overlapped: bool) -> Vec<u8> {
     let mut out = vec![0; frame.len()];
     encode_unstamped(&mut out, frame.kind, frame.tenant, frame.payload);
+    if overlapped {
+        mark_overlapped(&mut out);
+    }
     stamp(
         &mut out,
         frame.lsn,
