@@ -418,6 +418,10 @@ pub(crate) struct Writer<S: Storage> {
     pub last_commit_ts: TimestampMicros,
     /// Epoch of the last frame written (of the newest segment at open).
     pub last_epoch: Epoch,
+    /// When the filling group is taken at the latest (`max_group_delay` after the
+    /// writer first saw it), kept across looks so a write landing meanwhile does not
+    /// restart the delay.
+    pub group_due: std::cell::Cell<Option<Instant>>,
 }
 
 enum GroupError {
@@ -735,7 +739,6 @@ impl<S: Storage> Writer<S> {
     /// Waits for a non-empty filling group and takes it; None when the log closes.
     async fn next_group(&self) -> Option<Group<S::Buffer>> {
         let delay = self.shared.config.max_group_delay;
-        let mut delayed = delay.is_zero();
         loop {
             let ready = poll_fn(|cx| {
                 let mut state = self.shared.state.borrow_mut();
@@ -752,11 +755,20 @@ impl<S: Storage> Writer<S> {
                 Poll::Pending
             })
             .await?;
-            if !delayed && ready < self.shared.config.max_group_bytes {
-                glommio::timer::sleep(delay).await;
-                delayed = true;
-                continue;
+            if !delay.is_zero() && ready < self.shared.config.max_group_bytes {
+                let due = self
+                    .group_due
+                    .get()
+                    .unwrap_or_else(|| Instant::now() + delay);
+                self.group_due.set(Some(due));
+                if let Some(left) = due.checked_duration_since(Instant::now()) {
+                    if !left.is_zero() {
+                        glommio::timer::sleep(left).await;
+                        continue;
+                    }
+                }
             }
+            self.group_due.set(None);
             let mut state = self.shared.state.borrow_mut();
             let group = std::mem::take(&mut state.filling);
             for waker in state.space_waiters.drain(..) {

@@ -216,6 +216,7 @@ impl<S: Storage> Wal<S> {
             next_lsn: resume.next_lsn,
             last_commit_ts: resume.last_commit_ts,
             last_epoch: report.last_epoch,
+            group_due: std::cell::Cell::new(None),
         };
         let wal = Wal {
             _writer: glommio::spawn_local(writer.run()),
