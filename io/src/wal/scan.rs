@@ -284,7 +284,7 @@ fn written_together(
     } else {
         group_at
     };
-    let skipped = f.lsn.0.saturating_sub(scan.last_lsn.0 + 1);
+    let skipped = f.lsn.0.saturating_sub(scan.last_lsn.0.saturating_add(1));
     frame::is_overlapped(&bytes[at..])
         && f.epoch == header.epoch
         && at <= damaged_at + OVERLAPPED_GROUP_MAX_BYTES
