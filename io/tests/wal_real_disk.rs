@@ -45,6 +45,16 @@ async fn open(
 
 /// Appends `n` payloads from `tasks` concurrent tasks; returns LSN → payload.
 async fn append_many(wal: Rc<Wal<DmaStorage>>, n: u64, tasks: u64) -> BTreeMap<u64, Vec<u8>> {
+    append_pausing(wal, n, tasks, |_| std::time::Duration::ZERO).await
+}
+
+/// [`append_many`], each task pausing `pause(i)` after its append of payload `i`.
+async fn append_pausing(
+    wal: Rc<Wal<DmaStorage>>,
+    n: u64,
+    tasks: u64,
+    pause: fn(u64) -> std::time::Duration,
+) -> BTreeMap<u64, Vec<u8>> {
     let mut handles = Vec::new();
     for t in 0..tasks {
         let wal = wal.clone();
@@ -54,6 +64,10 @@ async fn append_many(wal: Rc<Wal<DmaStorage>>, n: u64, tasks: u64) -> BTreeMap<u
                 let p = payload(i);
                 let lsn = wal.append(KIND, b"tenant-a", &p).await.expect("append");
                 acked.push((lsn.0, p));
+                let pause = pause(i);
+                if !pause.is_zero() {
+                    glommio::timer::sleep(pause).await;
+                }
             }
             acked
         }));
@@ -141,24 +155,10 @@ fn groups_written_while_another_is_on_its_way_survive_a_reopen() {
         let wal = Rc::new(wal);
         // Appenders that pause between appends arrive while a group is on its way,
         // so the next group is written before the first returns.
-        let mut handles = Vec::new();
-        for t in 0..16u64 {
-            let wal = wal.clone();
-            handles.push(glommio::spawn_local(async move {
-                let mut acked = Vec::new();
-                for i in (t..3000).step_by(16) {
-                    let p = payload(i);
-                    let lsn = wal.append(KIND, b"tenant-a", &p).await.expect("append");
-                    acked.push((lsn.0, p));
-                    glommio::timer::sleep(std::time::Duration::from_micros(20 * (i % 7))).await;
-                }
-                acked
-            }));
-        }
-        let mut acked = BTreeMap::new();
-        for h in handles {
-            acked.extend(h.await);
-        }
+        let acked = append_pausing(wal.clone(), 3000, 16, |i| {
+            std::time::Duration::from_micros(20 * (i % 7))
+        })
+        .await;
         let stats = wal.stats();
         assert!(
             stats.groups_overlapped > 0,
