@@ -4,8 +4,8 @@
 //! Phases (each `--seconds` after a warm-up):
 //! 1. upserts of ~200-byte rows with random keys, batches of 1 and 100 rows, at each
 //!    concurrency (closed loop: each writer waits for its commit);
-//! 2. single-row upserts at 64 writers over a preloaded table, without and then with
-//!    checkpoints running back to back;
+//! 2. single-row upserts at 64 writers over a preloaded table, in alternating windows
+//!    with checkpoints running back to back and without;
 //! 3. recovery: the log replayed with no checkpoint (MB/s of log), and a checkpoint
 //!    loaded (MB/s of checkpoint).
 
@@ -57,6 +57,13 @@ pub(crate) struct WriteResult {
     commit_p50_us: u64,
     commit_p99_us: u64,
     commit_p999_us: u64,
+    #[serde(flatten)]
+    times: PhaseTimes,
+}
+
+/// Where a phase's writes spent their time.
+#[derive(Serialize, Deserialize, Default)]
+pub(crate) struct PhaseTimes {
     /// Where one write in 8 spent its time on the shard (`oc_engine::stages`).
     #[serde(default)]
     stages: Vec<crate::http::StageTime>,
@@ -80,6 +87,15 @@ pub(crate) struct EngineReport {
     pool: Vec<crate::pool::PoolResult>,
     no_checkpoint_p99_us: u64,
     during_checkpoint_p99_us: u64,
+    /// The log's timings in the same two kinds of window; absent in older results.
+    #[serde(default)]
+    no_checkpoint_times: PhaseTimes,
+    #[serde(default)]
+    during_checkpoint_times: PhaseTimes,
+    /// Windows of each kind, alternated; 0 in results from before they were (one
+    /// phase without checkpoints, then one with).
+    #[serde(default)]
+    checkpoint_windows: u64,
     checkpoints_during_phase: u64,
     checkpoint_bytes: u64,
     checkpoint_seconds: f64,
@@ -136,17 +152,42 @@ async fn write_load(
     key_space: u64,
     duration: Duration,
 ) -> Result<(u64, Duration, Histogram<u64>)> {
+    let started = Instant::now();
+    let window = Rc::new(Cell::new(QUIET));
+    let (commits, elapsed, [latency, _]) =
+        windowed_load(shard, writers, rows_per_batch, key_space, window, || {
+            started.elapsed() >= duration
+        })
+        .await?;
+    Ok((commits, elapsed, latency))
+}
+
+/// The windows of the checkpoint phase: a commit counts in the one it started in.
+const QUIET: usize = 0;
+const CHECKPOINTING: usize = 1;
+
+/// Closed-loop writers until `done()` (checked every 100 ms): (commits, elapsed, commit
+/// latency µs in each window `window` named while the commit started).
+async fn windowed_load(
+    shard: &Rc<Shard<DmaStorage>>,
+    writers: usize,
+    rows_per_batch: usize,
+    key_space: u64,
+    window: Rc<Cell<usize>>,
+    done: impl Fn() -> bool,
+) -> Result<(u64, Duration, [Histogram<u64>; 2])> {
     let stop = Rc::new(Cell::new(false));
-    let latency = Rc::new(RefCell::new(histogram()));
+    let latency = Rc::new(RefCell::new([histogram(), histogram()]));
     let commits = Rc::new(Cell::new(0u64));
     let started = Instant::now();
     let mut tasks = Vec::new();
     for w in 0..writers {
-        let (shard, stop, latency, commits) = (
+        let (shard, stop, latency, commits, window) = (
             shard.clone(),
             stop.clone(),
             latency.clone(),
             commits.clone(),
+            window.clone(),
         );
         tasks.push(glommio::spawn_local(async move {
             let mut rng = SimRng::new(w as u64 + 1);
@@ -154,10 +195,9 @@ async fn write_load(
                 let ops: Vec<WriteOp> = (0..rows_per_batch)
                     .map(|_| row(rng.below(key_space)))
                     .collect();
-                let began = Instant::now();
+                let (began, in_window) = (Instant::now(), window.get());
                 shard.write(&acme(), "rows", &ops, None).await?;
-                latency
-                    .borrow_mut()
+                latency.borrow_mut()[in_window]
                     .saturating_record(began.elapsed().as_micros() as u64);
                 commits.set(commits.get() + 1);
             }
@@ -166,13 +206,16 @@ async fn write_load(
     }
     // A progress line per second, so a long phase shows it is alive.
     let mut last = (Instant::now(), commits.get());
-    while started.elapsed() < duration {
-        glommio::timer::sleep((duration - started.elapsed()).min(Duration::from_secs(1))).await;
+    while !done() {
+        glommio::timer::sleep(Duration::from_millis(100)).await;
+        if last.0.elapsed() < Duration::from_secs(1) {
+            continue;
+        }
         let now = (Instant::now(), commits.get());
         let rate = (now.1 - last.1) as f64 / now.0.duration_since(last.0).as_secs_f64();
         eprintln!(
             "  [{writers:>4} writers x {rows_per_batch} rows] {rate:>9.0} commits/s, p99 so far {} µs",
-            latency.borrow().value_at_quantile(0.99)
+            latency.borrow()[window.get()].value_at_quantile(0.99)
         );
         last = now;
     }
@@ -182,6 +225,120 @@ async fn write_load(
     }
     let latency = latency.borrow().clone();
     Ok((commits.get(), started.elapsed(), latency))
+}
+
+/// What the checkpoint phase measured, per window ([`QUIET`], [`CHECKPOINTING`]).
+struct CheckpointWindows {
+    latency: [Histogram<u64>; 2],
+    /// The log's append → durable and group-write histograms over each kind of window.
+    wal_fsync_lag: [Option<Histogram<u64>>; 2],
+    wal_group_write: [Option<Histogram<u64>>; 2],
+    windows: u64,
+    checkpoints: u64,
+    last: oc_engine::checkpoint::CheckpointInfo,
+}
+
+/// Checkpoints run back to back for at least this long, then none for as long again.
+const CHECKPOINT_WINDOW: Duration = Duration::from_secs(1);
+
+/// 64 single-row writers over the preloaded table, in alternating windows until the
+/// quiet ones add up to `phase`: checkpoints back to back for at least
+/// [`CHECKPOINT_WINDOW`] (whole checkpoints), then as long without. Two phases one after
+/// the other put the host's drift between them: the quiet phase's p99 alone moved by
+/// 1.3× between runs of one build, more than the effect measured.
+async fn checkpoint_windows(
+    shard: &Rc<Shard<DmaStorage>>,
+    phase: Duration,
+) -> Result<CheckpointWindows> {
+    let window = Rc::new(Cell::new(QUIET));
+    let finished = Rc::new(Cell::new(false));
+    let controller = {
+        let (shard, window, finished) = (shard.clone(), window.clone(), finished.clone());
+        glommio::spawn_local(async move {
+            let mut lag: [Option<Histogram<u64>>; 2] = [None, None];
+            let mut write: [Option<Histogram<u64>>; 2] = [None, None];
+            let (mut windows, mut checkpoints, mut last, mut quiet) = (0, 0, None, Duration::ZERO);
+            let mut record = |kind: usize, before: &oc_io::WalStats, after: oc_io::WalStats| {
+                for (sum, after, before) in [
+                    (&mut lag[kind], after.fsync_lag_us, &before.fsync_lag_us),
+                    (
+                        &mut write[kind],
+                        after.group_write_us,
+                        &before.group_write_us,
+                    ),
+                ] {
+                    let mut h = after;
+                    if h.subtract(before).is_err() {
+                        continue;
+                    }
+                    match sum {
+                        // Same bounds on both sides: adding cannot fail.
+                        Some(sum) => sum.add(&h).expect("histograms of one log"),
+                        None => *sum = Some(h),
+                    }
+                }
+            };
+            while quiet < phase {
+                let before = shard.wal().stats();
+                window.set(CHECKPOINTING);
+                let began = Instant::now();
+                while last.is_none() || began.elapsed() < CHECKPOINT_WINDOW {
+                    last = Some(shard.checkpoint().await?);
+                    shard.release_covered_wal().await?;
+                    checkpoints += 1;
+                }
+                let busy = began.elapsed();
+                record(CHECKPOINTING, &before, shard.wal().stats());
+                let before = shard.wal().stats();
+                window.set(QUIET);
+                glommio::timer::sleep(busy).await;
+                record(QUIET, &before, shard.wal().stats());
+                quiet += busy;
+                windows += 1;
+            }
+            finished.set(true);
+            Ok::<_, oc_engine::EngineError>((lag, write, windows, checkpoints, last))
+        })
+    };
+    let (_, _, latency) =
+        windowed_load(shard, 64, 1, PRELOAD_ROWS, window, || finished.get()).await?;
+    let (wal_fsync_lag, wal_group_write, windows, checkpoints, last) = controller.await?;
+    Ok(CheckpointWindows {
+        latency,
+        wal_fsync_lag,
+        wal_group_write,
+        windows,
+        checkpoints,
+        last: last.context("at least one checkpoint ran")?,
+    })
+}
+
+/// [`write_load`], with where the phase's writes spent their time.
+async fn timed_load(
+    shard: &Rc<Shard<DmaStorage>>,
+    writers: usize,
+    rows_per_batch: usize,
+    key_space: u64,
+    duration: Duration,
+) -> Result<(u64, Duration, Histogram<u64>, PhaseTimes)> {
+    // The shard runs on this thread: its stage timings are this thread's.
+    let stages_before = oc_engine::stages::snapshot();
+    let wal_before = shard.wal().stats();
+    let (commits, elapsed, latency) =
+        write_load(shard, writers, rows_per_batch, key_space, duration).await?;
+    let stages =
+        crate::http::stage_times_in_process(&stages_before, &oc_engine::stages::snapshot());
+    let wal_after = shard.wal().stats();
+    let phase_p99 = |after: &Histogram<u64>, before: &Histogram<u64>| {
+        let mut h = after.clone();
+        h.subtract(before).ok().map(|()| h.value_at_quantile(0.99))
+    };
+    let times = PhaseTimes {
+        stages,
+        wal_fsync_lag_p99_us: phase_p99(&wal_after.fsync_lag_us, &wal_before.fsync_lag_us),
+        wal_group_write_p99_us: phase_p99(&wal_after.group_write_us, &wal_before.group_write_us),
+    };
+    Ok((commits, elapsed, latency, times))
 }
 
 pub(crate) fn dir_bytes(dir: &Path, suffix: &str) -> u64 {
@@ -266,24 +423,8 @@ pub fn run(args: EngineArgs) -> Result<()> {
             for (&c, &wal_rate) in concurrency.iter().zip(&wal_rates) {
                 let shard = fresh_shard(&base.join("writes")).await?;
                 write_load(&shard, c, rows_per_batch, 1 << 40, warmup).await?;
-                // The shard runs on this thread: its stage timings are this thread's.
-                let stages_before = oc_engine::stages::snapshot();
-                let wal_before = shard.wal().stats();
-                let (commits, elapsed, lat) =
-                    write_load(&shard, c, rows_per_batch, 1 << 40, phase).await?;
-                let stages = crate::http::stage_times_in_process(
-                    &stages_before,
-                    &oc_engine::stages::snapshot(),
-                );
-                let wal_after = shard.wal().stats();
-                let phase_p99 = |after: &Histogram<u64>, before: &Histogram<u64>| {
-                    let mut h = after.clone();
-                    h.subtract(before).ok().map(|()| h.value_at_quantile(0.99))
-                };
-                let wal_fsync_lag_p99_us =
-                    phase_p99(&wal_after.fsync_lag_us, &wal_before.fsync_lag_us);
-                let wal_group_write_p99_us =
-                    phase_p99(&wal_after.group_write_us, &wal_before.group_write_us);
+                let (commits, elapsed, lat, times) =
+                    timed_load(&shard, c, rows_per_batch, 1 << 40, phase).await?;
                 shard.close().await?;
                 let p = Percentiles::of(&lat);
                 let commits_per_s = commits as f64 / elapsed.as_secs_f64();
@@ -301,9 +442,7 @@ pub fn run(args: EngineArgs) -> Result<()> {
                     commit_p50_us: p.p50_us,
                     commit_p99_us: p.p99_us,
                     commit_p999_us: p.p999_us,
-                    stages,
-                    wal_fsync_lag_p99_us,
-                    wal_group_write_p99_us,
+                    times,
                 });
             }
         }
@@ -318,32 +457,28 @@ pub fn run(args: EngineArgs) -> Result<()> {
             id += 500;
         }
         write_load(&shard, 64, 1, PRELOAD_ROWS, warmup).await?;
-        let (_, _, quiet) = write_load(&shard, 64, 1, PRELOAD_ROWS, phase).await?;
-        let checkpointing = Rc::new(Cell::new(true));
-        let checkpoints = Rc::new(Cell::new(0u64));
-        let checkpointer = {
-            let (shard, on, count) = (shard.clone(), checkpointing.clone(), checkpoints.clone());
-            glommio::spawn_local(async move {
-                let mut last = None;
-                while on.get() {
-                    last = Some(shard.checkpoint().await?);
-                    shard.release_covered_wal().await?;
-                    count.set(count.get() + 1);
-                }
-                Ok::<_, oc_engine::EngineError>(last)
-            })
-        };
-        let (_, _, busy) = write_load(&shard, 64, 1, PRELOAD_ROWS, phase).await?;
-        checkpointing.set(false);
-        let last = checkpointer.await?.context("at least one checkpoint ran")?;
+        let windows = checkpoint_windows(&shard, phase).await?;
+        // The phase ends without checkpoints: one more, so the load below replays a short
+        // log after it, as it did when the phase ended with them.
+        shard.checkpoint().await?;
+        shard.release_covered_wal().await?;
+        let [quiet, busy] = &windows.latency;
+        let last = &windows.last;
         eprintln!(
-            "64 writers: p99 {} µs without checkpoints, {} µs with {} checkpoints of {:.1} MB ({:.2} s each)",
+            "64 writers: p99 {} µs without checkpoints, {} µs with {} checkpoints of {:.1} MB ({:.2} s each), in {} windows of each",
             quiet.value_at_quantile(0.99),
             busy.value_at_quantile(0.99),
-            checkpoints.get(),
+            windows.checkpoints,
             last.data_bytes as f64 / 1e6,
-            last.duration.as_secs_f64()
+            last.duration.as_secs_f64(),
+            windows.windows
         );
+        let p99 = |h: &Option<Histogram<u64>>| h.as_ref().map(|h| h.value_at_quantile(0.99));
+        let times = |kind: usize| PhaseTimes {
+            stages: Vec::new(),
+            wal_fsync_lag_p99_us: p99(&windows.wal_fsync_lag[kind]),
+            wal_group_write_p99_us: p99(&windows.wal_group_write[kind]),
+        };
         shard.close().await?;
         drop(shard);
 
@@ -376,7 +511,10 @@ pub fn run(args: EngineArgs) -> Result<()> {
             pool,
             no_checkpoint_p99_us: quiet.value_at_quantile(0.99),
             during_checkpoint_p99_us: busy.value_at_quantile(0.99),
-            checkpoints_during_phase: checkpoints.get(),
+            no_checkpoint_times: times(QUIET),
+            during_checkpoint_times: times(CHECKPOINTING),
+            checkpoint_windows: windows.windows,
+            checkpoints_during_phase: windows.checkpoints,
             checkpoint_bytes: last.data_bytes,
             checkpoint_seconds: last.duration.as_secs_f64(),
             wal_replay_mb_s: replayed_mb / replay_s,
@@ -419,29 +557,43 @@ pub(crate) fn markdown(r: &EngineReport) -> String {
     out += "\nWhere a write's time went on the shard (one in 8 timed; mean / p99 µs, the \
             p99 interpolated inside buckets of 10 µs to 10 s), and the log's own p99s over \
             the phase:\n\n| upserts | admit | log_submit | durable | apply | wake | log: fsync lag p99 | log: group write p99 |\n|---|---|---|---|---|---|---:|---:|\n";
-    for w in r.writes.iter().filter(|w| !w.stages.is_empty()) {
+    let stage_row = |label: String, t: &PhaseTimes| {
         let stage = |name: &str| {
-            w.stages
+            t.stages
                 .iter()
-                .find(|t| t.stage == name)
-                .map_or("—".to_string(), |t| {
-                    format!("{:.0} / {:.0}", t.mean_us, t.p99_us)
+                .find(|s| s.stage == name)
+                .map_or("—".to_string(), |s| {
+                    format!("{:.0} / {:.0}", s.mean_us, s.p99_us)
                 })
         };
-        out += &format!(
-            "| {} writers × {} row(s) | {} | {} | {} | {} | {} | {} | {} |\n",
-            w.concurrency,
-            w.rows_per_batch,
+        let or_dash = |us: Option<u64>| us.map_or("—".to_string(), |us| us.to_string());
+        format!(
+            "| {label} | {} | {} | {} | {} | {} | {} | {} |\n",
             stage("admit"),
             stage("log_submit"),
             stage("durable"),
             stage("apply"),
             stage("wake"),
-            w.wal_fsync_lag_p99_us
-                .map_or("—".to_string(), |us| us.to_string()),
-            w.wal_group_write_p99_us
-                .map_or("—".to_string(), |us| us.to_string())
+            or_dash(t.wal_fsync_lag_p99_us),
+            or_dash(t.wal_group_write_p99_us)
+        )
+    };
+    for w in r.writes.iter().filter(|w| !w.times.stages.is_empty()) {
+        out += &stage_row(
+            format!("{} writers × {} row(s)", w.concurrency, w.rows_per_batch),
+            &w.times,
         );
+    }
+    for (label, t) in [
+        ("64 writers, no checkpoint", &r.no_checkpoint_times),
+        (
+            "64 writers, checkpoints back to back",
+            &r.during_checkpoint_times,
+        ),
+    ] {
+        if t.wal_fsync_lag_p99_us.is_some() {
+            out += &stage_row(label.to_string(), t);
+        }
     }
     out += "\n| pool, single-row upserts | commits/s | × 1 shard | p50 µs | p99 µs | p999 µs | refused |\n|---|---:|---:|---:|---:|---:|---:|\n";
     for p in &r.pool {

@@ -370,6 +370,51 @@ fn fsync_failure_fails_the_log_for_good() {
 }
 
 #[test]
+fn a_failed_log_is_settled_once_what_was_on_its_way_is_answered() {
+    run_local(async {
+        let faults = SimFaults {
+            sync_error_per_mille: 1000,
+            // Every storage call yields, so the first group is still on its way while
+            // the other appenders place their frames.
+            yield_per_mille: 1000,
+            ..SimFaults::default()
+        };
+        let storage = SimStorage::new(6, faults);
+        let (wal, _) = recover_all(&storage, config()).await;
+        let wal = Rc::new(wal);
+        let append = |i: u32| {
+            let wal = wal.clone();
+            glommio::spawn_local(async move { wal.append(KIND, b"t", &i.to_le_bytes()).await })
+        };
+        let mut appends = vec![append(0)];
+        // A few turns: the first frame is placed and its group's write is on its way.
+        for _ in 0..3 {
+            futures_lite::future::yield_now().await;
+        }
+        appends.extend((1..32).map(append));
+        for append in appends {
+            let outcome = append.await;
+            assert!(
+                matches!(outcome, Err(Error::WalFailed { .. })),
+                "{outcome:?}"
+            );
+        }
+        let written: u64 = wal
+            .stats()
+            .group_frames
+            .iter_recorded()
+            .map(|v| v.value_iterated_to() * v.count_at_value())
+            .sum();
+        assert!(
+            written < 32,
+            "some frames were still waiting for a group when the log failed"
+        );
+        // A switchover waits for this: a failed log must not look busy for ever.
+        assert!(wal.settled(), "every frame taken was answered");
+    });
+}
+
+#[test]
 fn running_out_of_descriptors_fails_appends_cleanly_and_the_log_retries() {
     run_local(async {
         let cfg = config();

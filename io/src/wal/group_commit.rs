@@ -312,6 +312,8 @@ impl<S: Storage> Shared<S> {
         let mut state = self.state.borrow_mut();
         state.failed = Some(failed.clone());
         let filling = std::mem::take(&mut state.filling);
+        // Answered here, so [`super::Wal::settled`] holds once the groups on their way land.
+        state.frames_settled += filling.starts.len() as u64;
         for waker in state.space_waiters.drain(..) {
             waker.wake();
         }
