@@ -5,7 +5,8 @@
 //! 1. upserts of ~200-byte rows with random keys, batches of 1 and 100 rows, at each
 //!    concurrency (closed loop: each writer waits for its commit);
 //! 2. single-row upserts at 64 writers over a preloaded table, in alternating windows
-//!    with checkpoints running back to back and without;
+//!    with checkpoints running back to back and without (about twice `--seconds`: the
+//!    windows without add up to it);
 //! 3. recovery: the log replayed with no checkpoint (MB/s of log), and a checkpoint
 //!    loaded (MB/s of checkpoint).
 
@@ -235,17 +236,72 @@ struct CheckpointWindows {
     wal_group_write: [Option<Histogram<u64>>; 2],
     windows: u64,
     checkpoints: u64,
-    last: oc_engine::checkpoint::CheckpointInfo,
+    last: Option<oc_engine::checkpoint::CheckpointInfo>,
 }
 
 /// Checkpoints run back to back for at least this long, then none for as long again.
 const CHECKPOINT_WINDOW: Duration = Duration::from_secs(1);
 
+/// The windows of [`checkpoint_windows`], all but the writers' latency.
+async fn alternate_windows(
+    shard: &Rc<Shard<DmaStorage>>,
+    window: &Cell<usize>,
+    phase: Duration,
+) -> Result<CheckpointWindows, oc_engine::EngineError> {
+    let mut lag: [Option<Histogram<u64>>; 2] = [None, None];
+    let mut write: [Option<Histogram<u64>>; 2] = [None, None];
+    let (mut windows, mut checkpoints, mut last, mut quiet_so_far) = (0, 0, None, Duration::ZERO);
+    let mut record = |kind: usize, before: &oc_io::WalStats, after: oc_io::WalStats| {
+        for (sum, after, before) in [
+            (&mut lag[kind], after.fsync_lag_us, &before.fsync_lag_us),
+            (
+                &mut write[kind],
+                after.group_write_us,
+                &before.group_write_us,
+            ),
+        ] {
+            let mut h = after;
+            // The log's histograms only grow, and keep their bounds.
+            h.subtract(before)
+                .expect("a later copy of the same histogram");
+            match sum {
+                Some(sum) => sum.add(&h).expect("histograms of one log"),
+                None => *sum = Some(h),
+            }
+        }
+    };
+    while quiet_so_far < phase {
+        let before = shard.wal().stats();
+        window.set(CHECKPOINTING);
+        let began = Instant::now();
+        while began.elapsed() < CHECKPOINT_WINDOW {
+            last = Some(shard.checkpoint().await?);
+            shard.release_covered_wal().await?;
+            checkpoints += 1;
+        }
+        let busy = began.elapsed();
+        record(CHECKPOINTING, &before, shard.wal().stats());
+        let before = shard.wal().stats();
+        window.set(QUIET);
+        glommio::timer::sleep(busy).await;
+        record(QUIET, &before, shard.wal().stats());
+        quiet_so_far += busy;
+        windows += 1;
+    }
+    Ok(CheckpointWindows {
+        latency: [histogram(), histogram()],
+        wal_fsync_lag: lag,
+        wal_group_write: write,
+        windows,
+        checkpoints,
+        last,
+    })
+}
+
 /// 64 single-row writers over the preloaded table, in alternating windows until the
 /// quiet ones add up to `phase`: checkpoints back to back for at least
-/// [`CHECKPOINT_WINDOW`] (whole checkpoints), then as long without. Two phases one after
-/// the other put the host's drift between them: the quiet phase's p99 alone moved by
-/// 1.3× between runs of one build, more than the effect measured.
+/// [`CHECKPOINT_WINDOW`] (whole checkpoints), then as long without, so that whatever
+/// the host does over the run falls on both kinds of window alike.
 async fn checkpoint_windows(
     shard: &Rc<Shard<DmaStorage>>,
     phase: Duration,
@@ -255,61 +311,17 @@ async fn checkpoint_windows(
     let controller = {
         let (shard, window, finished) = (shard.clone(), window.clone(), finished.clone());
         glommio::spawn_local(async move {
-            let mut lag: [Option<Histogram<u64>>; 2] = [None, None];
-            let mut write: [Option<Histogram<u64>>; 2] = [None, None];
-            let (mut windows, mut checkpoints, mut last, mut quiet) = (0, 0, None, Duration::ZERO);
-            let mut record = |kind: usize, before: &oc_io::WalStats, after: oc_io::WalStats| {
-                for (sum, after, before) in [
-                    (&mut lag[kind], after.fsync_lag_us, &before.fsync_lag_us),
-                    (
-                        &mut write[kind],
-                        after.group_write_us,
-                        &before.group_write_us,
-                    ),
-                ] {
-                    let mut h = after;
-                    if h.subtract(before).is_err() {
-                        continue;
-                    }
-                    match sum {
-                        // Same bounds on both sides: adding cannot fail.
-                        Some(sum) => sum.add(&h).expect("histograms of one log"),
-                        None => *sum = Some(h),
-                    }
-                }
-            };
-            while quiet < phase {
-                let before = shard.wal().stats();
-                window.set(CHECKPOINTING);
-                let began = Instant::now();
-                while last.is_none() || began.elapsed() < CHECKPOINT_WINDOW {
-                    last = Some(shard.checkpoint().await?);
-                    shard.release_covered_wal().await?;
-                    checkpoints += 1;
-                }
-                let busy = began.elapsed();
-                record(CHECKPOINTING, &before, shard.wal().stats());
-                let before = shard.wal().stats();
-                window.set(QUIET);
-                glommio::timer::sleep(busy).await;
-                record(QUIET, &before, shard.wal().stats());
-                quiet += busy;
-                windows += 1;
-            }
+            let windows = alternate_windows(&shard, &window, phase).await;
+            // Also when a checkpoint failed: the writers stop, and the error is reported.
             finished.set(true);
-            Ok::<_, oc_engine::EngineError>((lag, write, windows, checkpoints, last))
+            windows
         })
     };
     let (_, _, latency) =
         windowed_load(shard, 64, 1, PRELOAD_ROWS, window, || finished.get()).await?;
-    let (wal_fsync_lag, wal_group_write, windows, checkpoints, last) = controller.await?;
     Ok(CheckpointWindows {
         latency,
-        wal_fsync_lag,
-        wal_group_write,
-        windows,
-        checkpoints,
-        last: last.context("at least one checkpoint ran")?,
+        ..controller.await?
     })
 }
 
@@ -463,7 +475,10 @@ pub fn run(args: EngineArgs) -> Result<()> {
         shard.checkpoint().await?;
         shard.release_covered_wal().await?;
         let [quiet, busy] = &windows.latency;
-        let last = &windows.last;
+        let last = windows
+            .last
+            .as_ref()
+            .context("at least one checkpoint ran")?;
         eprintln!(
             "64 writers: p99 {} µs without checkpoints, {} µs with {} checkpoints of {:.1} MB ({:.2} s each), in {} windows of each",
             quiet.value_at_quantile(0.99),

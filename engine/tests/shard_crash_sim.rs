@@ -383,3 +383,32 @@ fn crashes_never_lose_acknowledged_commands_or_half_apply_a_batch() {
         );
     }
 }
+
+#[test]
+fn a_switchover_from_a_failed_log_is_refused_at_once() {
+    run_local(async {
+        let faults = SimFaults {
+            sync_error_per_mille: 1000,
+            ..SimFaults::default()
+        };
+        let (shard, _) = Shard::open(SimStorage::new(9, faults), config())
+            .await
+            .expect("opening writes nothing durable");
+        let failed = shard.create_tenant(&acme()).await;
+        assert!(failed.is_err(), "every durable write fails: {failed:?}");
+        let began = std::time::Instant::now();
+        let stopped = shard.stop_writes(Duration::from_secs(30)).await;
+        // Not a hand-over at the durable LSN: frames of the failed write may be on disk.
+        assert!(
+            matches!(
+                stopped,
+                Err(EngineError::Wal(oc_io::Error::WalFailed { .. }))
+            ),
+            "{stopped:?}"
+        );
+        assert!(
+            began.elapsed() < Duration::from_secs(5),
+            "refused, not timed out"
+        );
+    });
+}

@@ -44,11 +44,20 @@ impl<S: Storage> Shard<S> {
     /// A writer's shard stops taking writes (a switchover): from now on every write is
     /// refused with [`EngineError::HandingOver`] before it is logged, and this returns,
     /// once what was logged before is applied, the LSN where this shard's log ends.
-    /// Gives up after `within` (writes stay stopped: [`Shard::resume_writes`]).
+    /// Gives up after `within`, or at once if the log has failed (writes stay stopped:
+    /// [`Shard::resume_writes`]).
     pub async fn stop_writes(&self, within: std::time::Duration) -> Result<Lsn, EngineError> {
         self.wal.stop_own_writes();
         let deadline = std::time::Instant::now() + within;
-        while !(self.wal.settled() && self.applied_lsn() >= self.wal.durable_lsn()) {
+        loop {
+            // A failed log's end is not known: frames of a failed write may be on disk
+            // past its durable LSN, so it cannot hand over where a new epoch would start.
+            if let Some(failed) = self.wal.failure() {
+                return Err(failed.into());
+            }
+            if self.wal.settled() && self.applied_lsn() >= self.wal.durable_lsn() {
+                break;
+            }
             if std::time::Instant::now() >= deadline {
                 return Err(EngineError::NotLeader(format!(
                     "writes taken before the handover were still being applied after {} ms",
