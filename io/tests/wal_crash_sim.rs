@@ -411,7 +411,7 @@ fn a_failed_log_is_settled_once_what_was_on_its_way_is_answered() {
             in_groups < 32,
             "some frames were still waiting for a group when the log failed"
         );
-        // A switchover waits for this: a failed log must not look busy for ever.
+        // The applier reads this: a failed log must not look busy for ever.
         assert!(wal.settled(), "every frame taken was answered");
     });
 }
