@@ -21,6 +21,7 @@ pub mod fuzz_entry;
 pub mod idempotency;
 pub mod json_file;
 pub mod key;
+pub mod key_map;
 pub mod limits;
 pub mod mesh;
 pub mod migration;

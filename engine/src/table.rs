@@ -1,16 +1,16 @@
-//! One table's rows: a B-tree from encoded primary key to row, and one B-tree per
-//! secondary index from (encoded index key, encoded primary key). A write batch is
+//! One table's rows: a B+ tree from encoded primary key to row ([`KeyMap`]), and one
+//! B-tree per secondary index from (encoded index key, encoded primary key). A write batch is
 //! validated whole before any of it is applied, so it applies all or nothing.
 //!
 //! One file, about 790 lines of code: the primary B-tree and its indexes change
 //! together under one all-or-nothing batch, so their bookkeeping stays in one type.
 
-use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
 
 use crate::error::EngineError;
 use crate::key::Key;
+use crate::key_map::KeyMap;
 use crate::limits::{MAX_BATCH_ROWS, MAX_COLUMNS_PER_TABLE, MAX_KEY_BYTES, MAX_ROW_BYTES};
 pub use crate::row::Row;
 use crate::row::ValueRef;
@@ -69,7 +69,7 @@ pub struct Table {
     /// The LSN of the command that created this table: a write validated against one
     /// incarnation of a table is refused by a later one.
     version: u64,
-    rows: BTreeMap<Key, Row>,
+    rows: KeyMap<Row>,
     indexes: Vec<BTreeSet<(Key, Key)>>,
     /// One contiguous store per vector column (the rows hold their vectors too).
     vectors: Vec<VectorColumn>,
@@ -119,7 +119,7 @@ impl Table {
         Table {
             schema,
             version,
-            rows: BTreeMap::new(),
+            rows: KeyMap::new(),
             indexes,
             vectors,
             usage: TableUsage::default(),
@@ -438,46 +438,41 @@ impl Table {
             usage,
             ..
         } = self;
-        match rows.entry(key) {
-            Entry::Occupied(mut slot) => {
-                let old = slot.get();
-                for (i, index) in schema.indexes.iter().enumerate() {
-                    let before = key_of(old, &index.columns);
-                    let after = key_of(&row, &index.columns);
-                    if before != after {
-                        let existed = indexes[i].remove(&(before, slot.key().clone()));
-                        debug_assert!(existed, "every row has its index entries");
-                        indexes[i].insert((after, slot.key().clone()));
+        let replaced = rows.upsert(key, row, |key, old, row| {
+            for (i, index) in schema.indexes.iter().enumerate() {
+                let after = key_of(row, &index.columns);
+                match old {
+                    Some(old) => {
+                        let before = key_of(old, &index.columns);
+                        if before != after {
+                            let existed = indexes[i].remove(&(before, key.clone()));
+                            debug_assert!(existed, "every row has its index entries");
+                            indexes[i].insert((after, key.clone()));
+                        }
+                    }
+                    None => {
+                        let fresh = indexes[i].insert((after, key.clone()));
+                        debug_assert!(fresh, "an index entry exists once");
                     }
                 }
-                for store in vectors.iter_mut() {
-                    let column = store.column();
-                    let new = vector_in(&row, column);
-                    if vector_in(old, column) != new {
-                        store.set_le_bytes(slot.key(), new);
-                    }
-                }
-                usage.bytes = usage.bytes - old.stored_bytes() + row.stored_bytes();
-                usage.vectors = usage.vectors - old.vectors() + row.vectors();
-                *slot.get_mut() = row;
-                true
             }
-            Entry::Vacant(slot) => {
-                for (i, index) in schema.indexes.iter().enumerate() {
-                    let fresh =
-                        indexes[i].insert((key_of(&row, &index.columns), slot.key().clone()));
-                    debug_assert!(fresh, "an index entry exists once");
+            for store in vectors.iter_mut() {
+                let column = store.column();
+                let new = vector_in(row, column);
+                if old.is_none_or(|old| vector_in(old, column) != new) {
+                    store.set_le_bytes(key, new);
                 }
-                for store in vectors.iter_mut() {
-                    store.set_le_bytes(slot.key(), vector_in(&row, store.column()));
-                }
+            }
+            if let Some(old) = old {
+                usage.bytes -= old.stored_bytes();
+                usage.vectors -= old.vectors();
+            } else {
                 usage.rows += 1;
-                usage.bytes += row.stored_bytes();
-                usage.vectors += row.vectors();
-                slot.insert(row);
-                false
             }
-        }
+            usage.bytes += row.stored_bytes();
+            usage.vectors += row.vectors();
+        });
+        replaced.is_some()
     }
 
     fn remove_row(&mut self, key: &Key) -> Option<Row> {
@@ -571,7 +566,7 @@ impl Table {
         let (start, skip, stop) = prefix_bounds(lower, upper);
         let start = start.map(Key::new);
         self.rows
-            .range((start, Bound::Unbounded))
+            .range_from(start.as_ref())
             .skip_while(move |(k, _)| skip.as_ref().is_some_and(|p| k.as_bytes().starts_with(p)))
             .take_while(move |(k, _)| stop.admits(k.as_bytes()))
             .map(|(_, row)| row)
@@ -659,14 +654,18 @@ impl Table {
         let mut last = None;
         match scan.target {
             ScanTarget::Primary => {
+                let from_start = match scan.resume {
+                    Some(_) => Bound::Unbounded,
+                    None => scan.start.as_ref().map(|k| Key::from_slice(k)),
+                };
                 let start = match &scan.resume {
-                    Some((pk, _)) => Bound::Excluded(pk.as_bytes()),
-                    None => scan.start.as_ref().map(Vec::as_slice),
+                    Some((pk, _)) => Bound::Excluded(pk),
+                    None => from_start.as_ref(),
                 };
                 let skip = scan.skip.as_deref().filter(|_| scan.resume.is_none());
                 for (k, row) in self
                     .rows
-                    .range::<[u8], _>((start, Bound::Unbounded))
+                    .range_from(start)
                     .skip_while(|(k, _)| skip.is_some_and(|p| k.as_bytes().starts_with(p)))
                 {
                     if !scan.stop.admits(k.as_bytes()) {
@@ -737,15 +736,15 @@ impl Table {
         &'a self,
         after: Option<&'a [u8]>,
     ) -> impl Iterator<Item = (&'a [u8], &'a Row)> + 'a {
-        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let after = after.map(Key::from_slice);
         self.rows
-            .range::<[u8], _>((start, Bound::Unbounded))
+            .range_from(after.as_ref().map_or(Bound::Unbounded, Bound::Excluded))
             .map(|(k, r)| (k.as_bytes(), r))
     }
 
     /// The encoded primary key of the last row, if any.
     pub fn last_key(&self) -> Option<&[u8]> {
-        self.rows.keys().next_back().map(Key::as_bytes)
+        self.rows.last_key().map(Key::as_bytes)
     }
 
     /// Every row in primary-key order.
@@ -1069,9 +1068,9 @@ mod tests {
         assert_eq!(table.check_integrity(), Ok(6));
         let first = table
             .rows
-            .keys()
+            .iter()
             .nth(1)
-            .cloned()
+            .map(|(k, _)| k.clone())
             .expect("a row with a vector");
 
         table.vectors[0].set(&first, Some(&[9.0, 9.0]));
