@@ -144,6 +144,7 @@ impl<V> Node<V> {
 impl<V> Inner<V> {
     /// The child whose range holds `key`.
     fn child_for(&self, key: &Key) -> usize {
+        prefetch(&self.keys);
         self.keys.partition_point(|separator| separator <= key)
     }
 
@@ -186,6 +187,39 @@ impl<V> Inner<V> {
             i - 1
         };
         self.join_children(left);
+    }
+}
+
+/// Where `key` is in a node's keys, or would go.
+fn search(keys: &[Key], key: &Key) -> Result<usize, usize> {
+    prefetch(keys);
+    keys.binary_search(key)
+}
+
+/// Asks the CPU for every cache line of `keys` at once. A binary search over a node's
+/// keys is a chain of dependent loads, each a likely cache miss in a large table (in
+/// `perf` of `oc-bench engine` at 256 writers, 74 % of the insert's samples were on one
+/// load in that search); requested together, the misses overlap.
+#[inline]
+fn prefetch(keys: &[Key]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        const LINE: usize = 64;
+        let start = keys.as_ptr().cast::<i8>();
+        let bytes = std::mem::size_of_val(keys);
+        let mut offset = 0;
+        while offset < bytes {
+            // SAFETY: the address is inside `keys`; a prefetch only hints, it neither
+            // faults nor changes memory.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.add(offset)) };
+            offset += LINE;
+        }
+        if bytes > 0 {
+            // SAFETY: as above: the last byte of `keys`, whose line the steps above
+            // miss when `keys` does not start on a line.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.add(bytes - 1)) };
+        }
     }
 }
 
@@ -235,7 +269,7 @@ impl<V> KeyMap<V> {
             match node {
                 Node::Inner(inner) => node = &inner.children[inner.child_for(key)],
                 Node::Leaf(leaf) => {
-                    return leaf.keys.binary_search(key).ok().map(|i| &leaf.values[i]);
+                    return search(&leaf.keys, key).ok().map(|i| &leaf.values[i]);
                 }
             }
         }
@@ -422,7 +456,7 @@ fn insert_into<V>(
     before: impl FnOnce(&Key, Option<&V>, &V),
 ) -> (Option<V>, Option<(Key, Node<V>)>) {
     let inserted_at = match node {
-        Node::Leaf(leaf) => match leaf.keys.binary_search(&key) {
+        Node::Leaf(leaf) => match search(&leaf.keys, &key) {
             Ok(i) => {
                 before(&leaf.keys[i], Some(&leaf.values[i]), &value);
                 return (Some(std::mem::replace(&mut leaf.values[i], value)), None);
@@ -459,7 +493,7 @@ fn insert_into<V>(
 fn remove_from<V>(node: &mut Node<V>, key: &Key) -> Option<V> {
     match node {
         Node::Leaf(leaf) => {
-            let i = leaf.keys.binary_search(key).ok()?;
+            let i = search(&leaf.keys, key).ok()?;
             leaf.keys.remove(i);
             Some(leaf.values.remove(i))
         }
