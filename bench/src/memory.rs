@@ -23,6 +23,11 @@ pub struct MemoryArgs {
     rows: usize,
     #[arg(long, default_value_t = 200)]
     text_bytes: usize,
+    /// Write the keys in a scattered order (each id a fixed stride after the last,
+    /// modulo `--rows`) instead of ascending: the row tree's nodes then fill as they do
+    /// under random keys, not as under in-order ones.
+    #[arg(long)]
+    shuffled: bool,
     #[arg(long)]
     json: Option<std::path::PathBuf>,
 }
@@ -37,6 +42,8 @@ struct MemoryReport {
     pinning: crate::pinning::Pinning,
     rows: usize,
     text_bytes: usize,
+    /// "ascending" or "shuffled" (`--shuffled`).
+    key_order: &'static str,
     /// The tenant's stored bytes as the server counts them.
     stored_bytes: u64,
     resident_before_bytes: u64,
@@ -59,6 +66,28 @@ pub(crate) fn resident_bytes(pid: u32) -> Result<u64> {
     Ok(kib * 1024)
 }
 
+/// A stride through `0..rows` that visits every id once (coprime with `rows`) and puts
+/// consecutive writes far apart (near the golden ratio of `rows`).
+fn scattering_stride(rows: usize) -> usize {
+    fn gcd(a: usize, b: usize) -> usize {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
+    }
+    let mut stride = (rows as f64 * 0.618_034) as usize;
+    while gcd(stride.max(1), rows) != 1 {
+        stride += 1;
+    }
+    stride.max(1)
+}
+
+/// The `i`-th id written: `i × stride` modulo `rows`, without overflow.
+fn scattered(i: usize, stride: usize, rows: usize) -> usize {
+    (i as u128 * stride as u128 % rows as u128) as usize
+}
+
 pub fn run(args: MemoryArgs) -> Result<()> {
     if args.rows == 0 {
         bail!("--rows must be above 0");
@@ -70,6 +99,11 @@ pub fn run(args: MemoryArgs) -> Result<()> {
     let target = parse_url(&server.url)?;
     let pid = server.pid();
     let text = "x".repeat(args.text_bytes);
+    let stride = if args.shuffled {
+        scattering_stride(args.rows)
+    } else {
+        1
+    };
     let (before, stored) = oc_io::executor::run_local(async {
         let mut conn = Connection::open(&target).await?;
         let table = json!({
@@ -84,7 +118,7 @@ pub fn run(args: MemoryArgs) -> Result<()> {
         let path = format!("/v1/tenants/{TENANT}/tables/rows/rows");
         for start in (0..args.rows).step_by(BATCH_ROWS) {
             let ops: Vec<_> = (start..(start + BATCH_ROWS).min(args.rows))
-                .map(|id| json!({"upsert": {"id": id, "body": text}}))
+                .map(|i| json!({"upsert": {"id": scattered(i, stride, args.rows), "body": text}}))
                 .collect();
             let status = conn
                 .request("POST", &path, Some(&json!({ "ops": ops }).to_string()))
@@ -114,6 +148,11 @@ pub fn run(args: MemoryArgs) -> Result<()> {
         pinning: crate::pinning::current(),
         rows: args.rows,
         text_bytes: args.text_bytes,
+        key_order: if args.shuffled {
+            "shuffled"
+        } else {
+            "ascending"
+        },
         stored_bytes: stored,
         resident_before_bytes: before,
         resident_after_bytes: after,
@@ -125,4 +164,21 @@ pub fn run(args: MemoryArgs) -> Result<()> {
         std::fs::write(path, text)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{scattered, scattering_stride};
+
+    #[test]
+    fn the_scattered_order_writes_every_id_once() {
+        for rows in [1, 2, 10, 500, 200_000, 1_000_003] {
+            let stride = scattering_stride(rows);
+            let mut seen = vec![false; rows];
+            for i in 0..rows {
+                seen[scattered(i, stride, rows)] = true;
+            }
+            assert!(seen.iter().all(|&s| s), "rows {rows}, stride {stride}");
+        }
+    }
 }

@@ -4,37 +4,93 @@
 //! Why not the standard library's `BTreeMap`: `oc-bench memory` found about 110 bytes of
 //! its B-tree per stored row. Its nodes hold 11 entries and a full node splits in the
 //! middle wherever the new key goes, so keys that arrive in order (the usual primary
-//! key: an id, a timestamp) leave every node about half full. Here a full node that
-//! overflows at its last (or first) position keeps its old entries together and starts
-//! a new node beside them, so rows written in key order, or in reverse order, fill their
-//! nodes; an overflow anywhere else splits in the middle. Wider nodes also mean fewer
-//! levels: 4 instead of 6 or 7 for a million keys, each level a likely cache miss.
+//! key: an id, a timestamp) leave every node about half full. Here a node on the tree's
+//! right edge that overflows at its last position keeps its old entries together and
+//! starts a new node beside them, and likewise on the left edge at the first position,
+//! so rows written in key order, or in reverse order, fill their nodes; every other
+//! overflow splits in the middle. Wider nodes also mean fewer levels: 4 instead of 6 or
+//! 7 for a million keys, each level a likely cache miss.
 //!
-//! Invariants ([`KeyMap::check`] asserts them in tests): keys ascend across each node
-//! and the whole tree; an inner node's key `i` separates child `i` (keys below it) from
-//! child `i + 1` (keys at or above it); every leaf is at the same depth; every inner
-//! node has at least two children and every leaf but a root one at least one entry. A
-//! removal that leaves a node under a quarter full joins it with a neighbour (and splits
-//! the join in the middle if it overflows), so deletes do not leave a sparse tree.
+//! Invariants ([`KeyMap::check`] checks them; a table's integrity check runs it): keys
+//! ascend across the whole tree; an inner node's key `i` separates child `i` (keys below
+//! it) from child `i + 1` (keys at or above it); every leaf is at the same depth; every
+//! inner node has at least two children and every leaf but a root one at least one
+//! entry; and every node off the tree's leftmost and rightmost paths holds at least a
+//! quarter of its capacity (the edges may hold less: a new node there starts with one
+//! entry or two children). A removal that leaves a node under a quarter full joins it
+//! with a neighbour (and splits the join in the middle if it overflows).
 
 use std::ops::Bound;
 
 use crate::key::Key;
 
-/// Most entries in a leaf.
-const LEAF_CAPACITY: usize = 64;
-/// Most children of an inner node.
-const INNER_CAPACITY: usize = 64;
-/// A leaf below this many entries after a removal is joined with a neighbour.
-const LEAF_MINIMUM: usize = LEAF_CAPACITY / 4;
-/// An inner node below this many children after a removal is joined with a neighbour.
-const INNER_MINIMUM: usize = INNER_CAPACITY / 4;
+/// Most entries in a leaf and most children of an inner node.
+const CAPACITY: usize = 64;
+
+/// How wide a tree's nodes are: [`CAPACITY`] in a table; tests build narrow trees too,
+/// so that a few thousand keys make a deep one.
+#[derive(Clone, Copy, Debug)]
+struct Shape {
+    leaf: usize,
+    inner: usize,
+}
+
+impl Shape {
+    /// A leaf below this many entries after a removal is joined with a neighbour.
+    fn leaf_minimum(self) -> usize {
+        (self.leaf / 4).max(1)
+    }
+
+    /// An inner node below this many children after a removal is joined with a
+    /// neighbour; one child is always too few.
+    fn inner_minimum(self) -> usize {
+        (self.inner / 4).max(2)
+    }
+
+    fn capacity<V>(self, node: &Node<V>) -> usize {
+        match node {
+            Node::Leaf(_) => self.leaf,
+            Node::Inner(_) => self.inner,
+        }
+    }
+
+    fn minimum<V>(self, node: &Node<V>) -> usize {
+        match node {
+            Node::Leaf(_) => self.leaf_minimum(),
+            Node::Inner(_) => self.inner_minimum(),
+        }
+    }
+}
+
+/// Whether a node is on the tree's leftmost or rightmost path: only there does an
+/// overflow at the node's first or last position mean keys arriving in order.
+#[derive(Clone, Copy, Debug)]
+struct Edges {
+    leftmost: bool,
+    rightmost: bool,
+}
+
+impl Edges {
+    const ROOT: Edges = Edges {
+        leftmost: true,
+        rightmost: true,
+    };
+
+    /// The edges of child `i` of `children`.
+    fn of_child(self, i: usize, children: usize) -> Edges {
+        Edges {
+            leftmost: self.leftmost && i == 0,
+            rightmost: self.rightmost && i + 1 == children,
+        }
+    }
+}
 
 /// An ordered map from [`Key`] to `V` (see the module doc).
 #[derive(Clone, Debug)]
 pub struct KeyMap<V> {
     root: Node<V>,
     len: usize,
+    shape: Shape,
 }
 
 #[derive(Clone, Debug)]
@@ -89,54 +145,53 @@ impl<V> Node<V> {
         }
     }
 
-    fn is_underfull(&self) -> bool {
-        match self {
-            Node::Leaf(leaf) => leaf.keys.len() < LEAF_MINIMUM,
-            Node::Inner(inner) => inner.children.len() < INNER_MINIMUM,
-        }
-    }
-
     /// Splits an overflowing node (one more than its capacity) in two, given where the
-    /// entry or child that overflowed it went; returns the separator and the right half.
+    /// entry or child that overflowed it went and whether the node is on an edge of the
+    /// tree; returns the separator and the right half.
+    ///
+    /// At the tree's right edge an overflow at the last position keeps the old entries
+    /// together and gives the new one a node of its own (each side of an inner node
+    /// keeps at least two children), and likewise at the left edge and the first
+    /// position: keys arriving in order then fill their nodes. Anywhere else the node
+    /// splits in the middle. Off the edges that rule would be wrong: keys arriving in
+    /// reverse order just above a full leaf would land last in it every time, and each
+    /// would get a leaf of its own.
     #[expect(clippy::expect_used, reason = "an overflowing inner node has keys")]
-    fn split(&mut self, inserted_at: usize) -> (Key, Node<V>) {
+    fn split(&mut self, inserted_at: usize, edges: Edges, shape: Shape) -> (Key, Node<V>) {
+        let len = self.width();
+        let at = match self {
+            Node::Leaf(_) if edges.rightmost && inserted_at == len - 1 => len - 1,
+            Node::Leaf(_) if edges.leftmost && inserted_at == 0 => 1,
+            Node::Inner(_) if edges.rightmost && inserted_at == len - 1 => len - 2,
+            Node::Inner(_) if edges.leftmost && inserted_at == 1 => 2,
+            _ => len / 2,
+        };
         match self {
             Node::Leaf(leaf) => {
-                let len = leaf.keys.len();
-                let at = if inserted_at == len - 1 {
-                    len - 1
-                } else if inserted_at == 0 {
-                    1
-                } else {
-                    len / 2
-                };
-                let keys = split_off(&mut leaf.keys, at, LEAF_CAPACITY);
-                let values = split_off(&mut leaf.values, at, LEAF_CAPACITY);
+                let keys = split_off(&mut leaf.keys, at, shape.leaf);
+                let values = split_off(&mut leaf.values, at, shape.leaf);
                 (keys[0].clone(), Node::Leaf(Leaf { keys, values }))
             }
             Node::Inner(inner) => {
-                // Each side keeps at least two children.
-                let len = inner.children.len();
-                let at = if inserted_at == len - 1 {
-                    len - 2
-                } else if inserted_at == 1 {
-                    2
-                } else {
-                    len / 2
-                };
-                let children = split_off(&mut inner.children, at, INNER_CAPACITY);
-                let keys = split_off(&mut inner.keys, at, INNER_CAPACITY);
+                let children = split_off(&mut inner.children, at, shape.inner);
+                let keys = split_off(&mut inner.keys, at, shape.inner);
                 let separator = inner.keys.pop().expect("a split inner node keeps a key");
                 (separator, Node::Inner(Inner { keys, children }))
             }
         }
     }
 
-    /// Whether the node holds one more than its capacity.
-    fn overflows(&self) -> bool {
+    /// Gives back what a join grew the node's vectors to beyond a full node.
+    fn shrink(&mut self, shape: Shape) {
         match self {
-            Node::Leaf(leaf) => leaf.keys.len() > LEAF_CAPACITY,
-            Node::Inner(inner) => inner.children.len() > INNER_CAPACITY,
+            Node::Leaf(leaf) => {
+                leaf.keys.shrink_to(shape.leaf + 1);
+                leaf.values.shrink_to(shape.leaf + 1);
+            }
+            Node::Inner(inner) => {
+                inner.keys.shrink_to(shape.inner + 1);
+                inner.children.shrink_to(shape.inner + 1);
+            }
         }
     }
 }
@@ -148,13 +203,19 @@ impl<V> Inner<V> {
         self.keys.partition_point(|separator| separator <= key)
     }
 
-    /// Joins child `left + 1` into child `left`, or, when the two hold more than one
-    /// node can, shares their entries evenly between them.
-    fn join_children(&mut self, left: usize) {
+    /// Rebalances child `i` after a removal left it under its minimum: joins it with a
+    /// neighbour, or, when the two hold more than one node can, shares their entries
+    /// evenly between them.
+    fn repair(&mut self, i: usize, shape: Shape) {
+        // An inner node has at least two children (the module doc).
+        let left = if i + 1 < self.children.len() {
+            i
+        } else {
+            i - 1
+        };
         let separator = self.keys.remove(left);
         let right = self.children.remove(left + 1);
-        let node = &mut self.children[left];
-        match (node, right) {
+        match (&mut self.children[left], right) {
             (Node::Leaf(l), Node::Leaf(r)) => {
                 l.keys.extend(r.keys);
                 l.values.extend(r.values);
@@ -167,26 +228,13 @@ impl<V> Inner<V> {
             _ => unreachable!("every leaf is at the same depth"),
         }
         let node = &mut self.children[left];
-        if node.width() > node_capacity(node) {
+        if node.width() > shape.capacity(node) {
             let middle = node.width() / 2;
-            let (separator, right) = node.split(middle);
+            let (separator, right) = node.split(middle, Edges::ROOT, shape);
             self.keys.insert(left, separator);
             self.children.insert(left + 1, right);
         }
-        shrink(&mut self.children[left]);
-    }
-
-    /// Rebalances child `i` after a removal left it under its minimum.
-    fn repair(&mut self, i: usize) {
-        if self.children.len() < 2 {
-            return;
-        }
-        let left = if i + 1 < self.children.len() {
-            i
-        } else {
-            i - 1
-        };
-        self.join_children(left);
+        self.children[left].shrink(shape);
     }
 }
 
@@ -223,35 +271,27 @@ fn prefetch(keys: &[Key]) {
     }
 }
 
-fn node_capacity<V>(node: &Node<V>) -> usize {
-    match node {
-        Node::Leaf(_) => LEAF_CAPACITY,
-        Node::Inner(_) => INNER_CAPACITY,
-    }
-}
-
-/// Gives back what a join grew a node's vectors to beyond a full node.
-fn shrink<V>(node: &mut Node<V>) {
-    match node {
-        Node::Leaf(leaf) => {
-            leaf.keys.shrink_to(LEAF_CAPACITY + 1);
-            leaf.values.shrink_to(LEAF_CAPACITY + 1);
-        }
-        Node::Inner(inner) => {
-            inner.keys.shrink_to(INNER_CAPACITY + 1);
-            inner.children.shrink_to(INNER_CAPACITY + 1);
-        }
-    }
-}
-
 impl<V> KeyMap<V> {
     pub fn new() -> Self {
+        KeyMap::with_shape(Shape {
+            leaf: CAPACITY,
+            inner: CAPACITY,
+        })
+    }
+
+    fn with_shape(shape: Shape) -> Self {
+        assert!(shape.leaf >= 2, "a leaf splits into two non-empty halves");
+        assert!(
+            shape.inner >= 4,
+            "an inner node splits into halves of two children"
+        );
         KeyMap {
             root: Node::Leaf(Leaf {
                 keys: Vec::new(),
                 values: Vec::new(),
             }),
             len: 0,
+            shape,
         }
     }
 
@@ -288,7 +328,8 @@ impl<V> KeyMap<V> {
         value: V,
         before: impl FnOnce(&Key, Option<&V>, &V),
     ) -> Option<V> {
-        let (replaced, split) = insert_into(&mut self.root, key, value, before);
+        let shape = self.shape;
+        let (replaced, split) = insert_into(&mut self.root, Edges::ROOT, shape, key, value, before);
         if let Some((separator, right)) = split {
             let left = std::mem::replace(
                 &mut self.root,
@@ -297,9 +338,9 @@ impl<V> KeyMap<V> {
                     children: Vec::new(),
                 }),
             );
-            let mut keys = Vec::with_capacity(INNER_CAPACITY + 1);
+            let mut keys = Vec::with_capacity(shape.inner + 1);
             keys.push(separator);
-            let mut children = Vec::with_capacity(INNER_CAPACITY + 1);
+            let mut children = Vec::with_capacity(shape.inner + 1);
             children.push(left);
             children.push(right);
             self.root = Node::Inner(Inner { keys, children });
@@ -316,7 +357,7 @@ impl<V> KeyMap<V> {
 
     #[expect(clippy::expect_used, reason = "the loop's condition")]
     pub fn remove(&mut self, key: &Key) -> Option<V> {
-        let removed = remove_from(&mut self.root, key)?;
+        let removed = remove_from(&mut self.root, self.shape, key)?;
         self.len -= 1;
         while let Node::Inner(inner) = &mut self.root {
             if inner.children.len() > 1 {
@@ -376,57 +417,94 @@ impl<V> KeyMap<V> {
         }
     }
 
-    /// Asserts the invariants in the module doc; returns the depth.
-    #[cfg(test)]
-    fn check(&self) -> usize {
-        fn walk<V>(
-            node: &Node<V>,
-            low: Option<&Key>,
-            high: Option<&Key>,
+    /// Checks the invariants in the module doc, in one pass over the tree: keys ascend
+    /// across nodes and separators, every leaf is at one depth, node widths are within
+    /// bounds (every node off the tree's left and right edges holds at least its
+    /// minimum), and the count matches. Returns the depth, or what is wrong.
+    pub fn check(&self) -> Result<usize, String> {
+        struct Walk<'a> {
+            shape: Shape,
+            /// The last key seen, in key order.
+            last: Option<&'a Key>,
+            entries: usize,
+        }
+        fn walk<'a, V>(
+            w: &mut Walk<'a>,
+            node: &'a Node<V>,
+            edges: Edges,
             root: bool,
-        ) -> (usize, usize) {
-            let in_range = |k: &Key| low.is_none_or(|l| l <= k) && high.is_none_or(|h| k < h);
+            (low, high): (Option<&'a Key>, Option<&'a Key>),
+        ) -> Result<usize, String> {
+            let width = node.width();
+            if width > w.shape.capacity(node) {
+                return Err(format!("a node holds {width}, over its capacity"));
+            }
+            let on_edge = edges.leftmost || edges.rightmost;
+            if !root && !on_edge && width < w.shape.minimum(node) {
+                return Err(format!(
+                    "a node off the edges holds {width}, under its minimum"
+                ));
+            }
+            // Every key of a subtree is at or above the separator on its left and below
+            // the one on its right.
+            let in_range =
+                |key: &Key| low.is_none_or(|low| low <= key) && high.is_none_or(|high| key < high);
             match node {
                 Node::Leaf(leaf) => {
-                    assert_eq!(leaf.keys.len(), leaf.values.len());
-                    assert!(leaf.keys.len() <= LEAF_CAPACITY);
-                    assert!(root || !leaf.keys.is_empty(), "a non-root leaf is empty");
-                    assert!(leaf.keys.capacity() <= LEAF_CAPACITY + 1);
-                    assert!(leaf.keys.windows(2).all(|w| w[0] < w[1]));
-                    assert!(leaf.keys.iter().all(in_range));
-                    (1, leaf.keys.len())
+                    if leaf.keys.len() != leaf.values.len() {
+                        return Err("a leaf's keys and values differ in number".into());
+                    }
+                    if !root && leaf.keys.is_empty() {
+                        return Err("a leaf other than the root is empty".into());
+                    }
+                    for key in &leaf.keys {
+                        if w.last.is_some_and(|last| last >= key) {
+                            return Err("keys out of order".into());
+                        }
+                        if !in_range(key) {
+                            return Err("a key outside its separators".into());
+                        }
+                        w.last = Some(key);
+                    }
+                    w.entries += leaf.keys.len();
+                    Ok(1)
                 }
                 Node::Inner(inner) => {
-                    assert_eq!(inner.keys.len() + 1, inner.children.len());
-                    assert!(inner.children.len() >= 2, "an inner node has one child");
-                    assert!(inner.children.len() <= INNER_CAPACITY);
-                    assert!(inner.children.capacity() <= INNER_CAPACITY + 1);
-                    assert!(inner.keys.windows(2).all(|w| w[0] < w[1]));
-                    assert!(inner.keys.iter().all(in_range));
-                    let mut depth = None;
-                    let mut len = 0;
-                    for (i, child) in inner.children.iter().enumerate() {
-                        let lo = if i == 0 {
-                            low
-                        } else {
-                            Some(&inner.keys[i - 1])
-                        };
-                        let hi = inner.keys.get(i).or(high);
-                        let (d, n) = walk(child, lo, hi, false);
-                        assert!(
-                            depth.is_none_or(|depth| depth == d),
-                            "leaves at different depths"
-                        );
-                        depth = Some(d);
-                        len += n;
+                    if inner.keys.len() + 1 != inner.children.len() {
+                        return Err("an inner node's keys and children disagree".into());
                     }
-                    (depth.unwrap_or(0) + 1, len)
+                    if width < 2 {
+                        return Err("an inner node has one child".into());
+                    }
+                    if !inner.keys.iter().all(in_range)
+                        || !inner.keys.windows(2).all(|w| w[0] < w[1])
+                    {
+                        return Err("separators out of order".into());
+                    }
+                    let mut depth = None;
+                    for (i, child) in inner.children.iter().enumerate() {
+                        let left = i.checked_sub(1).map(|j| &inner.keys[j]).or(low);
+                        let right = inner.keys.get(i).or(high);
+                        let d = walk(w, child, edges.of_child(i, width), false, (left, right))?;
+                        if depth.is_some_and(|depth| depth != d) {
+                            return Err("leaves at different depths".into());
+                        }
+                        depth = Some(d);
+                    }
+                    Ok(depth.unwrap_or(0) + 1)
                 }
             }
         }
-        let (depth, len) = walk(&self.root, None, None, true);
-        assert_eq!(len, self.len);
-        depth
+        let mut w = Walk {
+            shape: self.shape,
+            last: None,
+            entries: 0,
+        };
+        let depth = walk(&mut w, &self.root, Edges::ROOT, true, (None, None))?;
+        if w.entries != self.len {
+            return Err(format!("{} entries counted as {}", w.entries, self.len));
+        }
+        Ok(depth)
     }
 
     /// (leaves, entries): how full the leaves are.
@@ -451,6 +529,8 @@ impl<V> KeyMap<V> {
 /// overflowed, the separator and new right sibling its parent must take.
 fn insert_into<V>(
     node: &mut Node<V>,
+    edges: Edges,
+    shape: Shape,
     key: Key,
     value: V,
     before: impl FnOnce(&Key, Option<&V>, &V),
@@ -463,8 +543,8 @@ fn insert_into<V>(
             }
             Err(i) => {
                 before(&key, None, &value);
-                room_for_one(&mut leaf.keys, LEAF_CAPACITY);
-                room_for_one(&mut leaf.values, LEAF_CAPACITY);
+                room_for_one(&mut leaf.keys, shape.leaf);
+                room_for_one(&mut leaf.values, shape.leaf);
                 leaf.keys.insert(i, key);
                 leaf.values.insert(i, value);
                 i
@@ -472,25 +552,33 @@ fn insert_into<V>(
         },
         Node::Inner(inner) => {
             let i = inner.child_for(&key);
-            let (replaced, split) = insert_into(&mut inner.children[i], key, value, before);
+            let child_edges = edges.of_child(i, inner.children.len());
+            let (replaced, split) = insert_into(
+                &mut inner.children[i],
+                child_edges,
+                shape,
+                key,
+                value,
+                before,
+            );
             let Some((separator, right)) = split else {
                 return (replaced, None);
             };
-            room_for_one(&mut inner.keys, INNER_CAPACITY);
-            room_for_one(&mut inner.children, INNER_CAPACITY);
+            room_for_one(&mut inner.keys, shape.inner);
+            room_for_one(&mut inner.children, shape.inner);
             inner.keys.insert(i, separator);
             inner.children.insert(i + 1, right);
             i + 1
         }
     };
-    if node.overflows() {
-        (None, Some(node.split(inserted_at)))
+    if node.width() > shape.capacity(node) {
+        (None, Some(node.split(inserted_at, edges, shape)))
     } else {
         (None, None)
     }
 }
 
-fn remove_from<V>(node: &mut Node<V>, key: &Key) -> Option<V> {
+fn remove_from<V>(node: &mut Node<V>, shape: Shape, key: &Key) -> Option<V> {
     match node {
         Node::Leaf(leaf) => {
             let i = search(&leaf.keys, key).ok()?;
@@ -499,9 +587,10 @@ fn remove_from<V>(node: &mut Node<V>, key: &Key) -> Option<V> {
         }
         Node::Inner(inner) => {
             let i = inner.child_for(key);
-            let removed = remove_from(&mut inner.children[i], key)?;
-            if inner.children[i].is_underfull() {
-                inner.repair(i);
+            let removed = remove_from(&mut inner.children[i], shape, key)?;
+            let child = &inner.children[i];
+            if child.width() < shape.minimum(child) {
+                inner.repair(i, shape);
             }
             Some(removed)
         }
@@ -574,9 +663,25 @@ mod tests {
         Key::from_slice(&n.to_be_bytes())
     }
 
-    /// The map against the standard library's, after each step of `ops`.
-    fn agrees(ops: &[(bool, u32)], check_every: usize) {
-        let mut map = KeyMap::new();
+    /// Trees of nodes this wide reach depth 5 or more with a few thousand keys, so every
+    /// inner-node path (splits at each position, joins, re-splits, the root's collapse)
+    /// runs in a short test.
+    const NARROW: Shape = Shape { leaf: 4, inner: 4 };
+
+    fn full_width() -> Shape {
+        KeyMap::<()>::new().shape
+    }
+
+    fn checked<V>(map: &KeyMap<V>) -> usize {
+        match map.check() {
+            Ok(depth) => depth,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// The map against the standard library's, step by step.
+    fn agrees(shape: Shape, ops: &[(bool, u32)], check_every: usize) {
+        let mut map = KeyMap::with_shape(shape);
         let mut model = BTreeMap::new();
         for (step, &(insert, k)) in ops.iter().enumerate() {
             if insert {
@@ -590,10 +695,10 @@ mod tests {
                 assert_eq!(map.remove(&key(k)), model.remove(&k));
             }
             if step % check_every == 0 {
-                map.check();
+                checked(&map);
             }
         }
-        map.check();
+        checked(&map);
         assert_eq!(map.len(), model.len());
         let all: Vec<_> = map.iter().map(|(k, v)| (k.clone(), *v)).collect();
         let expected: Vec<_> = model.iter().map(|(k, v)| (key(*k), *v)).collect();
@@ -602,38 +707,67 @@ mod tests {
             map.last_key(),
             model.keys().next_back().map(|k| key(*k)).as_ref()
         );
-        for probe in (0..=ops.len() as u32 + 2).step_by(7) {
+        let top = model.keys().next_back().copied().unwrap_or(0) + 2;
+        for probe in (0..=top).step_by(3) {
             assert_eq!(map.get(&key(probe)), model.get(&probe));
+            assert_eq!(map.contains_key(&key(probe)), model.contains_key(&probe));
             let from: Vec<_> = map
                 .range_from(Bound::Included(&key(probe)))
                 .map(|(_, v)| *v)
-                .take(100)
+                .take(50)
                 .collect();
-            let expected: Vec<_> = model.range(probe..).map(|(_, v)| *v).take(100).collect();
+            let expected: Vec<_> = model.range(probe..).map(|(_, v)| *v).take(50).collect();
             assert_eq!(from, expected, "from {probe} included");
             let after: Vec<_> = map
                 .range_from(Bound::Excluded(&key(probe)))
                 .map(|(_, v)| *v)
-                .take(100)
+                .take(50)
                 .collect();
             let expected: Vec<_> = model
                 .range((Bound::Excluded(probe), Bound::Unbounded))
                 .map(|(_, v)| *v)
-                .take(100)
+                .take(50)
                 .collect();
             assert_eq!(after, expected, "after {probe}");
         }
     }
 
+    /// Operations on keys below `keys`: inserts with a probability drawn per case, in
+    /// runs that go up or down (as keys often arrive) or jump at random.
+    fn operations(keys: u32, most: usize) -> impl Strategy<Value = Vec<(bool, u32)>> {
+        let step = (
+            prop::bool::ANY,
+            0..keys,
+            prop::sample::select(vec![1u32, 4, 32]),
+            prop::sample::select(vec![-1i64, 0, 1]),
+        );
+        (0.2f64..0.9, prop::collection::vec(step, 0..most / 8)).prop_map(move |(inserts, runs)| {
+            let mut ops = Vec::new();
+            let mut coin = 0.0f64;
+            for (_, start, len, direction) in runs {
+                for i in 0..len {
+                    coin = (coin + 0.618_034) % 1.0;
+                    let k =
+                        (i64::from(start) + direction * i64::from(i)).rem_euclid(i64::from(keys));
+                    ops.push((coin < inserts, k as u32));
+                }
+            }
+            ops
+        })
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
         #[test]
-        fn agrees_with_the_standard_map(
-            ops in (0.2f64..0.9).prop_flat_map(|inserts| {
-                prop::collection::vec((prop::bool::weighted(inserts), 0u32..3000), 0..6000)
-            })
+        fn a_narrow_tree_agrees_with_the_standard_map_at_every_step(
+            ops in operations(600, 2_000)
         ) {
-            agrees(&ops, 97);
+            agrees(NARROW, &ops, 1);
+        }
+
+        #[test]
+        fn a_full_width_tree_agrees_with_the_standard_map(ops in operations(30_000, 20_000)) {
+            agrees(full_width(), &ops, 501);
         }
     }
 
@@ -646,15 +780,37 @@ mod tests {
                 let k = if reverse { n - i } else { i };
                 map.insert(key(k), ());
             }
-            let depth = map.check();
+            let depth = checked(&map);
             let (leaves, entries) = map.leaf_fill();
             assert_eq!(entries, n as usize);
             // Every leaf but one at each end is full.
             assert!(
-                leaves <= (n as usize).div_ceil(LEAF_CAPACITY) + 2,
+                leaves <= (n as usize).div_ceil(CAPACITY) + 2,
                 "{leaves} leaves, reverse {reverse}"
             );
             assert!(depth <= 4, "depth {depth}");
+        }
+    }
+
+    /// Keys in reverse order just above a full leaf land last in it each time: split
+    /// as if they arrived in order, each would get a leaf of its own.
+    #[test]
+    fn keys_in_reverse_above_a_full_leaf_fill_their_leaves_at_least_half() {
+        for shape in [NARROW, full_width()] {
+            let mut map = KeyMap::with_shape(shape);
+            for i in 0..shape.leaf as u32 {
+                map.insert(key(i), ());
+            }
+            for i in (0..50_000u32).rev() {
+                map.insert(key(1_000_000 + i), ());
+            }
+            checked(&map);
+            let (leaves, entries) = map.leaf_fill();
+            assert!(
+                entries * 2 >= leaves * shape.leaf,
+                "{entries} entries in {leaves} leaves of {}",
+                shape.leaf
+            );
         }
     }
 
@@ -669,10 +825,10 @@ mod tests {
             x ^= x << 5;
             map.insert(key(x), ());
         }
-        map.check();
+        checked(&map);
         let (leaves, entries) = map.leaf_fill();
         assert!(
-            entries * 100 / (leaves * LEAF_CAPACITY) >= 60,
+            entries * 100 / (leaves * CAPACITY) >= 60,
             "{entries} in {leaves} leaves"
         );
     }
@@ -696,19 +852,36 @@ mod tests {
         for i in doomed {
             assert_eq!(map.remove(&key(i)), Some(i));
         }
-        map.check();
+        checked(&map);
         let (leaves, entries) = map.leaf_fill();
         assert_eq!(entries, 5_000);
         assert!(
-            entries >= leaves * LEAF_MINIMUM,
+            entries >= leaves * map.shape.leaf_minimum(),
             "{entries} in {leaves} leaves"
         );
         for i in (0..n).step_by(10) {
             assert_eq!(map.remove(&key(i)), Some(i));
         }
-        assert_eq!(map.check(), 1);
+        assert_eq!(checked(&map), 1);
         assert!(map.is_empty());
         assert_eq!(map.iter().count(), 0);
         assert_eq!(map.last_key(), None);
+    }
+
+    #[test]
+    fn the_check_finds_a_broken_tree() {
+        let mut map = KeyMap::with_shape(NARROW);
+        for i in 0..100 {
+            map.insert(key(i), ());
+        }
+        assert!(map.check().is_ok());
+        let mut broken = map.clone();
+        broken.len += 1;
+        assert!(broken.check().is_err_and(|e| e.contains("entries counted")));
+        let mut broken = map.clone();
+        if let Node::Inner(inner) = &mut broken.root {
+            inner.keys.swap(0, 1);
+        }
+        assert!(broken.check().is_err());
     }
 }

@@ -331,11 +331,14 @@ impl Table {
         Ok(())
     }
 
-    /// Checks that the table agrees with itself: each row is stored under its primary
-    /// key, each index holds exactly one entry per row, and the usage counters match
+    /// Checks that the table agrees with itself: the row tree is well formed
+    /// ([`KeyMap::check`]), each row is stored under its primary key, each index holds exactly one entry per row, and the usage counters match
     /// the rows. Returns the rows checked, or what disagrees (a restore drill runs it on
     /// every table it restores).
     pub fn check_integrity(&self) -> Result<usize, String> {
+        self.rows
+            .check()
+            .map_err(|e| format!("the row tree is malformed: {e}"))?;
         let mut usage = TableUsage::default();
         for (key, row) in &self.rows {
             if key_of(row, &self.schema.primary_key) != *key {
