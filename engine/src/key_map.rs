@@ -7,8 +7,10 @@
 //! key: an id, a timestamp) leave every node about half full. Here a node on the tree's
 //! right edge that overflows at its last position keeps its old entries together and
 //! starts a new node beside them, and likewise on the left edge at the first position,
-//! so rows written in key order, or in reverse order, fill their nodes; every other
-//! overflow splits in the middle. Wider nodes also mean fewer levels: 4 instead of 6 or
+//! so rows written in key order, or in reverse order, fill their nodes. Any other
+//! overflowing leaf first moves entries to a neighbour with room, and only splits in
+//! the middle when neither has any: keys in random order fill leaves about 86 % (about
+//! 69 % when splitting at once). Wider nodes also mean fewer levels: 4 instead of 6 or
 //! 7 for a million keys, each level a likely cache miss.
 //!
 //! Invariants ([`KeyMap::check`] checks them; a table's integrity check runs it): keys
@@ -203,6 +205,51 @@ impl<V> Inner<V> {
         self.keys.partition_point(|separator| separator <= key)
     }
 
+    /// Makes room in leaf `i`, overflowing with a new entry at `at`, by moving entries
+    /// to a neighbour that has room (the right one first), so that the two hold
+    /// about as many; false when it is not a leaf, neither neighbour has room, or the
+    /// entry is at the tree's edge in the direction keys arriving in order take (the
+    /// leaf is then split so that the next ones fill a new leaf). Under keys in random
+    /// order this fills leaves fuller than splitting at once: `oc-bench memory
+    /// --shuffled`.
+    fn shift_to_a_sibling(&mut self, i: usize, at: usize, edges: Edges, shape: Shape) -> bool {
+        let Node::Leaf(leaf) = &self.children[i] else {
+            return false;
+        };
+        let width = leaf.keys.len();
+        if (edges.rightmost && at == width - 1) || (edges.leftmost && at == 0) {
+            return false;
+        }
+        let has_room = |node: &Node<V>| node.width() < shape.leaf;
+        if self.children.get(i + 1).is_some_and(has_room) {
+            let (left, right) = self.children.split_at_mut(i + 1);
+            if let (Node::Leaf(l), Node::Leaf(r)) = (&mut left[i], &mut right[0]) {
+                let total = l.keys.len() + r.keys.len();
+                let keep = total.div_ceil(2);
+                reserve_for(&mut r.keys, total - keep);
+                reserve_for(&mut r.values, total - keep);
+                r.keys.splice(0..0, l.keys.drain(keep..));
+                r.values.splice(0..0, l.values.drain(keep..));
+                self.keys[i] = r.keys[0].clone();
+                return true;
+            }
+        }
+        if i > 0 && has_room(&self.children[i - 1]) {
+            let (left, right) = self.children.split_at_mut(i);
+            if let (Node::Leaf(l), Node::Leaf(c)) = (&mut left[i - 1], &mut right[0]) {
+                let total = l.keys.len() + c.keys.len();
+                let moved = c.keys.len() - total / 2;
+                reserve_for(&mut l.keys, total - total / 2);
+                reserve_for(&mut l.values, total - total / 2);
+                l.keys.extend(c.keys.drain(..moved));
+                l.values.extend(c.values.drain(..moved));
+                self.keys[i - 1] = c.keys[0].clone();
+                return true;
+            }
+        }
+        false
+    }
+
     /// Rebalances child `i` after a removal left it under its minimum: joins it with a
     /// neighbour, or, when the two hold more than one node can, shares their entries
     /// evenly between them.
@@ -329,26 +376,37 @@ impl<V> KeyMap<V> {
         before: impl FnOnce(&Key, Option<&V>, &V),
     ) -> Option<V> {
         let shape = self.shape;
-        let (replaced, split) = insert_into(&mut self.root, Edges::ROOT, shape, key, value, before);
-        if let Some((separator, right)) = split {
-            let left = std::mem::replace(
-                &mut self.root,
-                Node::Inner(Inner {
-                    keys: Vec::new(),
-                    children: Vec::new(),
-                }),
-            );
-            let mut keys = Vec::with_capacity(shape.inner + 1);
-            keys.push(separator);
-            let mut children = Vec::with_capacity(shape.inner + 1);
-            children.push(left);
-            children.push(right);
-            self.root = Node::Inner(Inner { keys, children });
-        }
+        let replaced = match insert_into(&mut self.root, Edges::ROOT, shape, key, value, before) {
+            Inserted::Replaced(old) => Some(old),
+            Inserted::Added => None,
+            Inserted::Overflowed(at) => {
+                self.grow(at);
+                None
+            }
+        };
         if replaced.is_none() {
             self.len += 1;
         }
         replaced
+    }
+
+    /// Splits an overflowing root under a new one.
+    fn grow(&mut self, at: usize) {
+        let shape = self.shape;
+        let (separator, right) = self.root.split(at, Edges::ROOT, shape);
+        let left = std::mem::replace(
+            &mut self.root,
+            Node::Inner(Inner {
+                keys: Vec::new(),
+                children: Vec::new(),
+            }),
+        );
+        let mut keys = Vec::with_capacity(shape.inner + 1);
+        keys.push(separator);
+        let mut children = Vec::with_capacity(shape.inner + 1);
+        children.push(left);
+        children.push(right);
+        self.root = Node::Inner(Inner { keys, children });
     }
 
     pub fn insert(&mut self, key: Key, value: V) -> Option<V> {
@@ -525,8 +583,18 @@ impl<V> KeyMap<V> {
     }
 }
 
-/// Inserts into the subtree at `node`; returns the replaced value and, when the node
-/// overflowed, the separator and new right sibling its parent must take.
+/// What an insert did to a subtree.
+enum Inserted<V> {
+    /// The key was there: its old value.
+    Replaced(V),
+    Added,
+    /// The subtree's root now holds one more than its capacity; the new entry (or the
+    /// new child) is at this position in it. Its parent makes room: by moving entries
+    /// to a sibling or by splitting it.
+    Overflowed(usize),
+}
+
+/// Inserts into the subtree at `node`.
 fn insert_into<V>(
     node: &mut Node<V>,
     edges: Edges,
@@ -534,12 +602,12 @@ fn insert_into<V>(
     key: Key,
     value: V,
     before: impl FnOnce(&Key, Option<&V>, &V),
-) -> (Option<V>, Option<(Key, Node<V>)>) {
-    let inserted_at = match node {
+) -> Inserted<V> {
+    let at = match node {
         Node::Leaf(leaf) => match search(&leaf.keys, &key) {
             Ok(i) => {
                 before(&leaf.keys[i], Some(&leaf.values[i]), &value);
-                return (Some(std::mem::replace(&mut leaf.values[i], value)), None);
+                return Inserted::Replaced(std::mem::replace(&mut leaf.values[i], value));
             }
             Err(i) => {
                 before(&key, None, &value);
@@ -553,17 +621,21 @@ fn insert_into<V>(
         Node::Inner(inner) => {
             let i = inner.child_for(&key);
             let child_edges = edges.of_child(i, inner.children.len());
-            let (replaced, split) = insert_into(
+            let at = match insert_into(
                 &mut inner.children[i],
                 child_edges,
                 shape,
                 key,
                 value,
                 before,
-            );
-            let Some((separator, right)) = split else {
-                return (replaced, None);
+            ) {
+                Inserted::Overflowed(at) => at,
+                done => return done,
             };
+            if inner.shift_to_a_sibling(i, at, child_edges, shape) {
+                return Inserted::Added;
+            }
+            let (separator, right) = inner.children[i].split(at, child_edges, shape);
             room_for_one(&mut inner.keys, shape.inner);
             room_for_one(&mut inner.children, shape.inner);
             inner.keys.insert(i, separator);
@@ -572,10 +644,15 @@ fn insert_into<V>(
         }
     };
     if node.width() > shape.capacity(node) {
-        (None, Some(node.split(inserted_at, edges, shape)))
+        Inserted::Overflowed(at)
     } else {
-        (None, None)
+        Inserted::Added
     }
+}
+
+/// Grows `v`'s capacity to hold `len` elements, exactly (not by doubling).
+fn reserve_for<T>(v: &mut Vec<T>, len: usize) {
+    v.reserve_exact(len.saturating_sub(v.len()));
 }
 
 fn remove_from<V>(node: &mut Node<V>, shape: Shape, key: &Key) -> Option<V> {
@@ -814,8 +891,10 @@ mod tests {
         }
     }
 
+    /// An overflowing leaf moves entries to a neighbour with room before it splits
+    /// (splitting at once leaves about 69 % under random keys).
     #[test]
-    fn random_keys_fill_their_leaves_more_than_half() {
+    fn random_keys_fill_their_leaves_four_fifths_full() {
         let mut map = KeyMap::new();
         let mut x = 0x9e37_79b9_u32;
         for _ in 0..100_000 {
@@ -828,7 +907,7 @@ mod tests {
         checked(&map);
         let (leaves, entries) = map.leaf_fill();
         assert!(
-            entries * 100 / (leaves * CAPACITY) >= 60,
+            entries * 100 / (leaves * CAPACITY) >= 80,
             "{entries} in {leaves} leaves"
         );
     }
