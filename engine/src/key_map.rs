@@ -77,6 +77,11 @@ impl Edges {
         leftmost: true,
         rightmost: true,
     };
+    /// For a split that must be in the middle whatever the position.
+    const NONE: Edges = Edges {
+        leftmost: false,
+        rightmost: false,
+    };
 
     /// The edges of child `i` of `children`.
     fn of_child(self, i: usize, children: usize) -> Edges {
@@ -277,7 +282,7 @@ impl<V> Inner<V> {
         let node = &mut self.children[left];
         if node.width() > shape.capacity(node) {
             let middle = node.width() / 2;
-            let (separator, right) = node.split(middle, Edges::ROOT, shape);
+            let (separator, right) = node.split(middle, Edges::NONE, shape);
             self.keys.insert(left, separator);
             self.children.insert(left + 1, right);
         }
@@ -543,7 +548,13 @@ impl<V> KeyMap<V> {
                     for (i, child) in inner.children.iter().enumerate() {
                         let left = i.checked_sub(1).map(|j| &inner.keys[j]).or(low);
                         let right = inner.keys.get(i).or(high);
-                        let d = walk(w, child, edges.of_child(i, width), false, (left, right))?;
+                        // Worked out here, not with `Edges::of_child`: a mistake there
+                        // would move the insert's split rule and this exemption together.
+                        let child_edges = Edges {
+                            leftmost: edges.leftmost && i == 0,
+                            rightmost: edges.rightmost && i == width - 1,
+                        };
+                        let d = walk(w, child, child_edges, false, (left, right))?;
                         if depth.is_some_and(|depth| depth != d) {
                             return Err("leaves at different depths".into());
                         }
@@ -740,10 +751,16 @@ mod tests {
         Key::from_slice(&n.to_be_bytes())
     }
 
-    /// Trees of nodes this wide reach depth 5 or more with a few thousand keys, so every
-    /// inner-node path (splits at each position, joins, re-splits, the root's collapse)
-    /// runs in a short test.
+    /// Trees of nodes this narrow reach depth 5 or more with a few thousand keys, so the
+    /// inner-node paths (splits at each position, joins, re-splits, the root's collapse)
+    /// run in a short test. Their minimums are the floors (one entry, two children).
     const NARROW: Shape = Shape { leaf: 4, inner: 4 };
+    /// Nodes with minimums above those floors (three), so that a node off the edges
+    /// left too small is caught, and a leaf's join can overflow and re-split.
+    const MEDIUM: Shape = Shape {
+        leaf: 12,
+        inner: 12,
+    };
 
     fn full_width() -> Shape {
         KeyMap::<()>::new().shape
@@ -807,6 +824,30 @@ mod tests {
                 .collect();
             assert_eq!(after, expected, "after {probe}");
         }
+        // Then every key, in a scattered order: joins, re-splits and the root's
+        // collapse all the way down to one leaf.
+        let keys: Vec<u32> = model.keys().copied().collect();
+        let stride = (keys.len() * 5 / 8) | 1;
+        let stride = (stride..)
+            .find(|s| gcd(*s, keys.len().max(1)) == 1)
+            .unwrap_or(1);
+        for (step, i) in (0..keys.len()).map(|i| i * stride % keys.len()).enumerate() {
+            let k = keys[i];
+            assert_eq!(map.remove(&key(k)), model.remove(&k), "draining {k}");
+            if step % check_every == 0 {
+                checked(&map);
+            }
+        }
+        assert!(map.is_empty());
+        assert_eq!(checked(&map), 1);
+    }
+
+    fn gcd(a: usize, b: usize) -> usize {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
     }
 
     /// Operations on keys below `keys`: inserts with a probability drawn per case, in
@@ -836,10 +877,11 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
         #[test]
-        fn a_narrow_tree_agrees_with_the_standard_map_at_every_step(
+        fn narrow_trees_agree_with_the_standard_map_at_every_step(
             ops in operations(600, 2_000)
         ) {
             agrees(NARROW, &ops, 1);
+            agrees(MEDIUM, &ops, 1);
         }
 
         #[test]
@@ -962,5 +1004,24 @@ mod tests {
             inner.keys.swap(0, 1);
         }
         assert!(broken.check().is_err());
+
+        // A leaf off the edges with fewer entries than its minimum.
+        let mut map = KeyMap::with_shape(MEDIUM);
+        for i in 0..1_000 {
+            map.insert(key(i), ());
+        }
+        assert!(map.check().is_ok());
+        let mut node = &mut map.root;
+        while let Node::Inner(inner) = node {
+            node = &mut inner.children[1];
+        }
+        let Node::Leaf(leaf) = node else {
+            unreachable!("the loop ends on a leaf")
+        };
+        let removed = leaf.keys.len() - 1;
+        leaf.keys.truncate(1);
+        leaf.values.truncate(1);
+        map.len -= removed;
+        assert!(map.check().is_err_and(|e| e.contains("under its minimum")));
     }
 }

@@ -332,9 +332,10 @@ impl Table {
     }
 
     /// Checks that the table agrees with itself: the row tree is well formed
-    /// ([`KeyMap::check`]), each row is stored under its primary key, each index holds exactly one entry per row, and the usage counters match
-    /// the rows. Returns the rows checked, or what disagrees (a restore drill runs it on
-    /// every table it restores).
+    /// ([`KeyMap::check`]), each row is stored under its primary key, each index holds
+    /// exactly one entry per row, and the usage counters match the rows. Returns the
+    /// rows checked, or what disagrees (a restore drill runs it on every table it
+    /// restores).
     pub fn check_integrity(&self) -> Result<usize, String> {
         self.rows
             .check()
