@@ -1,6 +1,6 @@
 //! One table's rows: a B+ tree from encoded primary key to row ([`KeyMap`]), and one
-//! B-tree per secondary index from (encoded index key, encoded primary key). A write batch is
-//! validated whole before any of it is applied, so it applies all or nothing.
+//! B-tree per secondary index from (encoded index key, encoded primary key). A write
+//! batch is validated whole before any of it is applied, so it applies all or nothing.
 //!
 //! One file, about 790 lines of code: the primary B-tree and its indexes change
 //! together under one all-or-nothing batch, so their bookkeeping stays in one type.
