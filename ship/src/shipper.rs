@@ -7,7 +7,8 @@
 //! now archived. The shipping thread ([`Shipper`]) does every blocking thing: it reads
 //! the shard's files through [`ShardFiles`] (every byte it reads is durable and never
 //! rewritten, see `Wal::durable_tail`) and calls the archive. On a server those are
-//! plain reads on the shipping thread ([`DataDirFiles`]), never a shard's io_uring; in
+//! blocking reads on the shipping thread, segments without readahead
+//! ([`DataDirFiles`]), never a shard's io_uring; in
 //! the simulator they read the simulated disk, so shipping and restore are tested
 //! with crashes (`ship/tests/ship_restore_sim.rs`). So an archive that is
 //! slow or down never blocks a shard: writes go on, segments stay on disk, and the
@@ -207,7 +208,7 @@ pub trait ShardFiles {
     fn describe(&self, shard: usize, name: &str) -> String;
 }
 
-/// A server's shard directories, read with ordinary blocking reads.
+/// A server's shard directories, read with blocking reads (segments without readahead).
 #[derive(Debug, Clone)]
 pub struct DataDirFiles {
     pub data_dir: PathBuf,
@@ -228,6 +229,15 @@ impl ShardFiles for DataDirFiles {
         Ok(names)
     }
 
+    /// Read through the page cache with the file's readahead off. The shard writes the
+    /// same segments with `O_DIRECT`, and the kernel refuses a non-blocking `O_DIRECT`
+    /// write into a range with cached pages: io_uring then hands the log's write to a
+    /// blocking worker on the shard's CPU. Readahead would cache megabytes past the
+    /// durable end, where the log writes next; without it only durable blocks are
+    /// cached, which the log never writes again (its groups end on 4 KiB blocks, pages
+    /// here). `O_DIRECT` reads were tried and cost more: a sealed segment then comes from
+    /// the disk, not the cache (BENCHMARKS.md, "The shipper's reads and the log's
+    /// writes").
     fn read_at(
         &self,
         shard: usize,
@@ -235,7 +245,15 @@ impl ShardFiles for DataDirFiles {
         offset: u64,
         len: usize,
     ) -> std::io::Result<Vec<u8>> {
+        use std::os::fd::AsRawFd;
         let file = File::open(self.path(shard, name))?;
+        // SAFETY: advice on a descriptor this function owns; it changes no memory.
+        let advised =
+            unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+        if advised != 0 {
+            // Only a cost: the log's writes into a range read ahead go through a worker.
+            tracing::debug!(errno = advised, "posix_fadvise(RANDOM) failed on a segment");
+        }
         let mut buf = vec![0u8; len];
         file.read_exact_at(&mut buf, offset)?;
         Ok(buf)
@@ -1110,5 +1128,84 @@ mod tests {
         shipper.config.retention = Duration::from_secs(1000 * 3600);
         shipper.retain(0, now).expect("retain");
         assert_eq!(archive.list("shard-0/").expect("list").len(), 6);
+    }
+
+    /// Pages of `file` in the page cache.
+    fn resident_pages(file: &File, len: usize) -> usize {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a shared read-only mapping of an open file, unmapped below; mincore
+        // writes one byte per page of the mapping into a vector of that many.
+        unsafe {
+            let map = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            );
+            assert_ne!(map, libc::MAP_FAILED, "mmap");
+            let mut pages = vec![0u8; len.div_ceil(4096)];
+            assert_eq!(libc::mincore(map, len, pages.as_mut_ptr()), 0, "mincore");
+            libc::munmap(map, len);
+            pages.iter().filter(|&&p| p & 1 == 1).count()
+        }
+    }
+
+    /// Segment bytes come back exact, an end past the file is an error, and a read
+    /// caches the pages it read and nothing past them (where the file system has a
+    /// page cache apart from the file: not tmpfs).
+    #[test]
+    fn segment_reads_are_exact_and_read_nothing_ahead() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data_dir = dir.path().to_path_buf();
+        std::fs::create_dir_all(shard_dir(&data_dir, 0)).expect("shard dir");
+        let name = "segment";
+        let total = (4 << 20) + 100;
+        let bytes: Vec<u8> = (0..total).map(|i| (i % 251) as u8).collect();
+        let path = shard_dir(&data_dir, 0).join(name);
+        std::fs::write(&path, &bytes).expect("write");
+        let file = File::open(&path).expect("open");
+        file.sync_all().expect("sync");
+        // SAFETY: advice on an open descriptor.
+        unsafe {
+            use std::os::fd::AsRawFd;
+            libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+        }
+        let cache_apart = resident_pages(&file, total) == 0;
+        let files = DataDirFiles { data_dir };
+        let read = files.read_at(0, name, 0, 4 * BLOCK_SIZE).expect("read");
+        assert!(read == bytes[..4 * BLOCK_SIZE]);
+        if cache_apart {
+            assert_eq!(
+                resident_pages(&file, total),
+                4,
+                "pages cached by one read of 4"
+            );
+        } else {
+            eprintln!("this file system keeps files in the page cache: readahead not checked");
+        }
+        for (offset, len) in [
+            (1000, 9000),
+            (total - 100, 100),
+            (1000, total - 1000),
+            (total, 0),
+        ] {
+            let read = files.read_at(0, name, offset as u64, len).expect("read");
+            assert!(
+                read == bytes[offset..offset + len],
+                "{len} bytes at {offset}"
+            );
+        }
+        for (offset, len) in [(total - 50, 100), (total + 5000, 1)] {
+            let past = files
+                .read_at(0, name, offset as u64, len)
+                .expect_err("past the end");
+            assert_eq!(
+                past.kind(),
+                std::io::ErrorKind::UnexpectedEof,
+                "{len} bytes at {offset}"
+            );
+        }
     }
 }
