@@ -281,8 +281,8 @@ pub fn run(args: ArchiveArgs) -> Result<()> {
     let markdown = markdown(&report);
     println!("{markdown}");
     if let Some(json_path) = &args.common.json {
-        std::fs::write(json_path, serde_json::to_string_pretty(&report)?)?;
-        std::fs::write(json_path.with_extension("md"), &markdown)?;
+        crate::report::write_output(json_path, &serde_json::to_string_pretty(&report)?)?;
+        crate::report::write_output(&json_path.with_extension("md"), &markdown)?;
     }
     Ok(())
 }

@@ -127,7 +127,7 @@ pub fn run(args: AuditArgs) -> Result<()> {
     let text = serde_json::to_string_pretty(&report)?;
     println!("{text}");
     if let Some(path) = &args.json {
-        std::fs::write(path, text)?;
+        crate::report::write_output(path, &text)?;
     }
     Ok(())
 }

@@ -106,7 +106,7 @@ pub fn run(args: LeaseArgs) -> Result<()> {
     let text = serde_json::to_string_pretty(&report)?;
     println!("{text}");
     if let Some(path) = &args.json {
-        std::fs::write(path, text)?;
+        crate::report::write_output(path, &text)?;
     }
     Ok(())
 }

@@ -161,7 +161,7 @@ pub fn run(args: MemoryArgs) -> Result<()> {
     let text = serde_json::to_string_pretty(&report)?;
     println!("{text}");
     if let Some(path) = &args.json {
-        std::fs::write(path, text)?;
+        crate::report::write_output(path, &text)?;
     }
     Ok(())
 }

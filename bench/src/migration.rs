@@ -213,7 +213,7 @@ pub fn run(args: MigrationArgs) -> Result<()> {
     server.stop()?;
     print_markdown(&report);
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+        crate::report::write_output(path, &serde_json::to_string_pretty(&report)?)?;
     }
     Ok(())
 }

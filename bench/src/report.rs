@@ -296,14 +296,21 @@ pub fn write_outputs<R: Serialize>(
     let Some(json) = json else {
         return Ok(());
     };
+    write_output(json, &serde_json::to_string_pretty(report)?)?;
     let dir = json.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    std::fs::write(json, serde_json::to_string_pretty(report)?)
-        .with_context(|| format!("writing {}", json.display()))?;
     let stem = json
         .file_stem()
         .map_or_else(|| "report".into(), |s| s.to_string_lossy().into_owned());
     write_rendered(dir, &stem, &markdown, &svgs)
+}
+
+/// Writes one output file, creating its directory first, so a result is not lost at the
+/// end of a long run for a directory not made yet; an error names the file.
+pub fn write_output(path: &Path, text: &str) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
 /// Writes each histogram as `<json stem>-<name>.hgrm` beside the JSON
@@ -436,6 +443,23 @@ pub fn run(args: ReportArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A results path in a directory not made yet is made; one that cannot be written
+    /// is an error naming it.
+    #[test]
+    fn outputs_make_their_directory_and_name_the_file_they_fail_on() {
+        let root = std::env::temp_dir().join(format!("oc-bench-output-{}", std::process::id()));
+        let path = root.join("a/b/run.json");
+        write_output(&path, "{}").expect("written");
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), "{}");
+        let under_a_file = path.join("x.json");
+        let error = write_output(&under_a_file, "{}").expect_err("a file is not a directory");
+        assert!(
+            format!("{error:#}").contains(&path.display().to_string()),
+            "{error:#}"
+        );
+        std::fs::remove_dir_all(&root).expect("cleaned up");
+    }
 
     #[test]
     fn the_committed_results_still_load_and_render() {

@@ -164,7 +164,7 @@ pub fn run(args: WatchArgs) -> Result<()> {
     };
     print_markdown(&report);
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+        crate::report::write_output(path, &serde_json::to_string_pretty(&report)?)?;
     }
     Ok(())
 }
