@@ -189,7 +189,8 @@ struct ShardProgress {
 }
 
 /// The files of the shards' directories, as the shipper reads them: only segments and
-/// checkpoints, only bytes that are durable and never rewritten.
+/// checkpoints, only bytes that are durable and not rewritten while the file has its
+/// name (a released segment's file may become a later segment).
 pub trait ShardFiles {
     /// Names of the files in `shard`'s directory.
     fn names(&self, shard: usize) -> std::io::Result<Vec<String>>;
@@ -206,6 +207,26 @@ pub trait ShardFiles {
     fn len(&self, shard: usize, name: &str) -> std::io::Result<u64>;
     /// The file as error messages name it.
     fn describe(&self, shard: usize, name: &str) -> String;
+    /// Done with segment `name` for good (it is archived sealed): what reading it left
+    /// cached can go. The log reuses a released segment's file for a later segment,
+    /// whose writes must not meet those pages (see [`DataDirFiles`]'s `read_at`).
+    fn forget(&self, _shard: usize, _name: &str) {}
+}
+
+/// Gives the kernel `advice` about `file`; a failure only costs speed (the log's writes
+/// into cached pages go through a worker), so it is logged, once per process.
+fn advise(file: &File, advice: libc::c_int) {
+    use std::os::fd::AsRawFd;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    // SAFETY: advice on an open descriptor; it changes no memory.
+    let errno = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, advice) };
+    if errno != 0 && !WARNED.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            error = %std::io::Error::from_raw_os_error(errno),
+            "posix_fadvise on a log segment failed: the log's writes may go through a worker thread while shipping"
+        );
+    }
 }
 
 /// A server's shard directories, read with blocking reads (segments without readahead).
@@ -234,10 +255,12 @@ impl ShardFiles for DataDirFiles {
     /// write into a range with cached pages: io_uring then hands the log's write to a
     /// blocking worker on the shard's CPU. Readahead would cache megabytes past the
     /// durable end, where the log writes next; without it only durable blocks are
-    /// cached, which the log never writes again (its groups end on 4 KiB blocks, pages
-    /// here). `O_DIRECT` reads were tried and cost more: a sealed segment then comes from
-    /// the disk, not the cache (BENCHMARKS.md, "The shipper's reads and the log's
-    /// writes").
+    /// cached, which the log does not write again while the file is this segment (its
+    /// groups end on 4 KiB blocks: pages on x86-64; a larger page straddling the
+    /// durable end costs one hand-off per round). Once the segment is archived sealed,
+    /// [`ShardFiles::forget`] drops them, before the log may reuse the file. `O_DIRECT`
+    /// reads were tried instead and had far longer latency maxima (BENCHMARKS.md, "The
+    /// shipper's reads and the log's writes").
     fn read_at(
         &self,
         shard: usize,
@@ -245,15 +268,8 @@ impl ShardFiles for DataDirFiles {
         offset: u64,
         len: usize,
     ) -> std::io::Result<Vec<u8>> {
-        use std::os::fd::AsRawFd;
         let file = File::open(self.path(shard, name))?;
-        // SAFETY: advice on a descriptor this function owns; it changes no memory.
-        let advised =
-            unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
-        if advised != 0 {
-            // Only a cost: the log's writes into a range read ahead go through a worker.
-            tracing::debug!(errno = advised, "posix_fadvise(RANDOM) failed on a segment");
-        }
+        advise(&file, libc::POSIX_FADV_RANDOM);
         let mut buf = vec![0u8; len];
         file.read_exact_at(&mut buf, offset)?;
         Ok(buf)
@@ -273,6 +289,13 @@ impl ShardFiles for DataDirFiles {
 
     fn describe(&self, shard: usize, name: &str) -> String {
         self.path(shard, name).display().to_string()
+    }
+
+    /// Its pages are clean (the shard writes past the cache), so they drop.
+    fn forget(&self, shard: usize, name: &str) {
+        if let Ok(file) = File::open(self.path(shard, name)) {
+            advise(&file, libc::POSIX_FADV_DONTNEED);
+        }
     }
 }
 
@@ -577,6 +600,8 @@ impl<F: ShardFiles> Shipper<F> {
             return Err(local(&"not a segment name"));
         };
         if self.shards[shard].segments.contains(&first) {
+            // Archived by this process or an earlier one, whose reads may still be cached.
+            self.files.forget(shard, name);
             return Ok(());
         }
         let read = |offset: u64, len: usize| {
@@ -613,6 +638,7 @@ impl<F: ShardFiles> Shipper<F> {
         self.put_once(&key.key(), &image)?;
         self.count_upload("segment", image.len());
         self.shards[shard].segments.insert(first);
+        self.files.forget(shard, name);
         // The sealed image supersedes the tail pieces of the same segment.
         let folder = layout::tail_prefix(shard, epoch, first);
         for piece in self.archive.list(&folder)? {
@@ -1130,11 +1156,16 @@ mod tests {
         assert_eq!(archive.list("shard-0/").expect("list").len(), 6);
     }
 
-    /// Pages of `file` in the page cache.
-    fn resident_pages(file: &File, len: usize) -> usize {
+    fn page_size() -> usize {
+        // SAFETY: sysconf has no preconditions.
+        unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
+    }
+
+    /// Which pages of `file`'s first `len` bytes are in the page cache.
+    fn resident_pages(file: &File, len: usize) -> Vec<bool> {
         use std::os::fd::AsRawFd;
-        // SAFETY: a shared read-only mapping of an open file, unmapped below; mincore
-        // writes one byte per page of the mapping into a vector of that many.
+        // SAFETY: a shared read-only mapping of an open file (len > 0), unmapped below;
+        // mincore writes one byte per page of the mapping into a vector of that many.
         unsafe {
             let map = libc::mmap(
                 std::ptr::null_mut(),
@@ -1145,18 +1176,20 @@ mod tests {
                 0,
             );
             assert_ne!(map, libc::MAP_FAILED, "mmap");
-            let mut pages = vec![0u8; len.div_ceil(4096)];
-            assert_eq!(libc::mincore(map, len, pages.as_mut_ptr()), 0, "mincore");
+            let mut pages = vec![0u8; len.div_ceil(page_size())];
+            let status = libc::mincore(map, len, pages.as_mut_ptr());
             libc::munmap(map, len);
-            pages.iter().filter(|&&p| p & 1 == 1).count()
+            assert_eq!(status, 0, "mincore");
+            pages.iter().map(|&p| p & 1 == 1).collect()
         }
     }
 
-    /// Segment bytes come back exact, an end past the file is an error, and a read
-    /// caches the pages it read and nothing past them (where the file system has a
-    /// page cache apart from the file: not tmpfs).
+    /// Segment bytes come back exact, an end past the file is an error, a read caches
+    /// the pages it read and none after them, and `forget` drops what reads cached
+    /// (where the file system caches pages apart from the file: not tmpfs, not a
+    /// network file system without a cache).
     #[test]
-    fn segment_reads_are_exact_and_read_nothing_ahead() {
+    fn segment_reads_are_exact_read_nothing_ahead_and_are_forgotten() {
         let dir = tempfile::tempdir().expect("tempdir");
         let data_dir = dir.path().to_path_buf();
         std::fs::create_dir_all(shard_dir(&data_dir, 0)).expect("shard dir");
@@ -1167,25 +1200,31 @@ mod tests {
         std::fs::write(&path, &bytes).expect("write");
         let file = File::open(&path).expect("open");
         file.sync_all().expect("sync");
-        // SAFETY: advice on an open descriptor.
-        unsafe {
-            use std::os::fd::AsRawFd;
-            libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
-        }
-        let cache_apart = resident_pages(&file, total) == 0;
+        advise(&file, libc::POSIX_FADV_DONTNEED);
+        let dropped = !resident_pages(&file, total).contains(&true);
         let files = DataDirFiles { data_dir };
-        let read = files.read_at(0, name, 0, 4 * BLOCK_SIZE).expect("read");
-        assert!(read == bytes[..4 * BLOCK_SIZE]);
-        if cache_apart {
-            assert_eq!(
-                resident_pages(&file, total),
-                4,
-                "pages cached by one read of 4"
+        // Tail pieces one after the other, as shipping rounds read them: with the pieces
+        // before it cached, the kernel would take each for a sequential stream.
+        let (page, at, piece) = (page_size(), 1 << 20, 256 << 10);
+        for start in [at, at + piece, at + 2 * piece] {
+            let read = files.read_at(0, name, start as u64, piece).expect("read");
+            assert!(read == bytes[start..start + piece]);
+        }
+        let end = at + 3 * piece;
+        let resident = resident_pages(&file, total);
+        let cached = |from: usize, to: usize| resident[from / page..to / page].contains(&true);
+        if dropped && cached(at, end) {
+            assert!(!cached(end, total), "pages past the reads were cached");
+            files.forget(0, name);
+            assert!(
+                !resident_pages(&file, total).contains(&true),
+                "forgotten pages stayed"
             );
         } else {
-            eprintln!("this file system keeps files in the page cache: readahead not checked");
+            eprintln!("this file system does not cache pages apart from the file: not checked");
         }
         for (offset, len) in [
+            (0, 1),
             (1000, 9000),
             (total - 100, 100),
             (1000, total - 1000),
