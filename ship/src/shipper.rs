@@ -186,6 +186,9 @@ struct ShardProgress {
     tail_ends: BTreeMap<(u64, Lsn), u64>,
     /// When the archive last held all of this shard's durable log.
     caught_up: Option<Instant>,
+    /// Archived sealed segments still on the local disk whose cached pages this
+    /// process has dropped ([`ShardFiles::forget`]), so each is dropped once.
+    forgotten: BTreeSet<Lsn>,
 }
 
 /// The files of the shards' directories, as the shipper reads them: only segments and
@@ -583,6 +586,14 @@ impl<F: ShardFiles> Shipper<F> {
         for name in &view.segments[..sealed] {
             self.ship_sealed(shard, name)?;
         }
+        // Released segments are gone from the view: nothing of theirs to drop again.
+        let local: BTreeSet<Lsn> = view.segments[..sealed]
+            .iter()
+            .filter_map(|name| parse_segment_name(name).map(|(_, _, first)| first))
+            .collect();
+        self.shards[shard]
+            .forgotten
+            .retain(|first| local.contains(first));
         self.ship_checkpoints(shard)?;
         let Some(tail) = &view.tail else {
             return Ok(Lsn(1));
@@ -600,8 +611,10 @@ impl<F: ShardFiles> Shipper<F> {
             return Err(local(&"not a segment name"));
         };
         if self.shards[shard].segments.contains(&first) {
-            // Archived by this process or an earlier one, whose reads may still be cached.
-            self.files.forget(shard, name);
+            // Archived by an earlier process, whose reads may still be cached.
+            if self.shards[shard].forgotten.insert(first) {
+                self.files.forget(shard, name);
+            }
             return Ok(());
         }
         let read = |offset: u64, len: usize| {
@@ -639,6 +652,7 @@ impl<F: ShardFiles> Shipper<F> {
         self.count_upload("segment", image.len());
         self.shards[shard].segments.insert(first);
         self.files.forget(shard, name);
+        self.shards[shard].forgotten.insert(first);
         // The sealed image supersedes the tail pieces of the same segment.
         let folder = layout::tail_prefix(shard, epoch, first);
         for piece in self.archive.list(&folder)? {
@@ -1246,5 +1260,72 @@ mod tests {
                 "{len} bytes at {offset}"
             );
         }
+    }
+
+    /// Files that answer nothing but remember which segments were forgotten.
+    #[derive(Default)]
+    struct Forgetful(std::cell::RefCell<Vec<String>>);
+
+    impl ShardFiles for Forgetful {
+        fn names(&self, _: usize) -> std::io::Result<Vec<String>> {
+            Ok(Vec::new())
+        }
+        fn read_at(&self, _: usize, _: &str, _: u64, _: usize) -> std::io::Result<Vec<u8>> {
+            Err(std::io::ErrorKind::NotFound.into())
+        }
+        fn read(&self, _: usize, _: &str) -> std::io::Result<Option<Vec<u8>>> {
+            Ok(None)
+        }
+        fn len(&self, _: usize, _: &str) -> std::io::Result<u64> {
+            Ok(0)
+        }
+        fn describe(&self, _: usize, name: &str) -> String {
+            name.to_string()
+        }
+        fn forget(&self, _: usize, name: &str) {
+            self.0.borrow_mut().push(name.to_string());
+        }
+    }
+
+    /// A segment archived by an earlier process has its cached pages dropped once, not
+    /// every round, and is no longer tracked once released.
+    #[test]
+    fn an_archived_segment_is_forgotten_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let archive: Arc<dyn Archive> =
+            Arc::new(crate::archive::LocalDirArchive::open(dir.path().join("a")).expect("archive"));
+        let config = ShipperConfig {
+            data_dir: dir.path().join("data"),
+            owner_id: "0123456789abcdef0123456789abcdef".into(),
+            holder: lease::this_process("test", dir.path()),
+            lease_renew: lease::LEASE_RENEW_INTERVAL,
+            shards: 1,
+            tail_window: DEFAULT_TAIL_WINDOW,
+            retention: Duration::from_secs(24 * 3600),
+            audit_retention: Duration::from_secs(400 * 24 * 3600),
+            breaker: BreakerPolicy::default(),
+            lease_ttl: None,
+        };
+        let mut shipper =
+            Shipper::open_with(archive, config, ShipStatus::default(), Forgetful::default())
+                .expect("open");
+        let sealed = oc_io::wal::segment::segment_name(0, Epoch(1), Lsn(1));
+        let active = oc_io::wal::segment::segment_name(0, Epoch(1), Lsn(100));
+        shipper.shards[0].segments.insert(Lsn(1)); // archived before this process
+        let view = |segments: Vec<String>| ShardView {
+            segments,
+            tail: None,
+        };
+        for _ in 0..3 {
+            shipper
+                .ship_shard(0, &view(vec![sealed.clone(), active.clone()]))
+                .expect("round");
+        }
+        assert_eq!(*shipper.files.0.borrow(), vec![sealed.clone()]);
+        shipper.ship_shard(0, &view(vec![active])).expect("round");
+        assert!(
+            shipper.shards[0].forgotten.is_empty(),
+            "a released segment stays tracked"
+        );
     }
 }
