@@ -1088,6 +1088,22 @@ mod tests {
     use super::*;
     use oc_io::Epoch;
 
+    /// One shard's shipper under `dir` (data in `data/`), keeping 24 hours.
+    fn test_config(dir: &Path) -> ShipperConfig {
+        ShipperConfig {
+            data_dir: dir.join("data"),
+            owner_id: "0123456789abcdef0123456789abcdef".into(),
+            holder: lease::this_process("test", dir),
+            lease_renew: lease::LEASE_RENEW_INTERVAL,
+            shards: 1,
+            tail_window: DEFAULT_TAIL_WINDOW,
+            retention: Duration::from_secs(24 * 3600),
+            audit_retention: Duration::from_secs(400 * 24 * 3600),
+            breaker: BreakerPolicy::default(),
+            lease_ttl: None,
+        }
+    }
+
     fn manifest(lsn: u64, completed_us: u64) -> Vec<u8> {
         serde_json::json!({
             "format_version": 1, "shard": 0, "lsn": lsn, "epoch": 1,
@@ -1132,18 +1148,7 @@ mod tests {
                 .put(&s.key(), b"image", &Condition::Always)
                 .expect("put");
         }
-        let config = ShipperConfig {
-            data_dir: dir.path().join("data"),
-            owner_id: "0123456789abcdef0123456789abcdef".into(),
-            holder: lease::this_process("test", dir.path()),
-            lease_renew: lease::LEASE_RENEW_INTERVAL,
-            shards: 1,
-            tail_window: DEFAULT_TAIL_WINDOW,
-            retention: Duration::from_secs(24 * 3600),
-            audit_retention: Duration::from_secs(400 * 24 * 3600),
-            breaker: BreakerPolicy::default(),
-            lease_ttl: None,
-        };
+        let config = test_config(dir.path());
         let mut shipper =
             Shipper::open(archive.clone(), config, ShipStatus::default()).expect("open");
         shipper.retain(0, now).expect("retain");
@@ -1294,18 +1299,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let archive: Arc<dyn Archive> =
             Arc::new(crate::archive::LocalDirArchive::open(dir.path().join("a")).expect("archive"));
-        let config = ShipperConfig {
-            data_dir: dir.path().join("data"),
-            owner_id: "0123456789abcdef0123456789abcdef".into(),
-            holder: lease::this_process("test", dir.path()),
-            lease_renew: lease::LEASE_RENEW_INTERVAL,
-            shards: 1,
-            tail_window: DEFAULT_TAIL_WINDOW,
-            retention: Duration::from_secs(24 * 3600),
-            audit_retention: Duration::from_secs(400 * 24 * 3600),
-            breaker: BreakerPolicy::default(),
-            lease_ttl: None,
-        };
+        let config = test_config(dir.path());
         let mut shipper =
             Shipper::open_with(archive, config, ShipStatus::default(), Forgetful::default())
                 .expect("open");
