@@ -46,6 +46,11 @@ pub enum PitrError {
     Archive(#[from] ArchiveError),
     #[error("{0}")]
     Refused(String),
+    /// Listed a moment ago, gone when read: a live writer deleted it meanwhile (its
+    /// retention, or the tail pieces a sealed segment replaced). A fresh listing no
+    /// longer has it.
+    #[error("{what} was listed but is gone (a live writer's retention or sealing deleted it meanwhile?); run again")]
+    Vanished { what: String },
     #[error(transparent)]
     Locked(#[from] DirLockError),
     #[error("writing {path}: {source}")]
@@ -228,19 +233,18 @@ struct Rebuilt {
 fn fetch(archive: &dyn Archive, key: &str) -> Result<Vec<u8>, PitrError> {
     match archive.get(key)? {
         Some((bytes, _)) => Ok(bytes),
-        None => Err(PitrError::Refused(format!(
-            "{key} was listed but is gone (deleted by retention meanwhile?); run the restore again"
-        ))),
+        None => Err(PitrError::Vanished {
+            what: key.to_string(),
+        }),
     }
 }
 
 /// Joins tail pieces from offset 0; they must be contiguous.
 fn join_pieces(archive: &dyn Archive, pieces: &[TailPieceKey]) -> Result<Vec<u8>, PitrError> {
-    crate::replay::join_tail(archive, pieces)?.ok_or_else(|| {
-        PitrError::Refused(
-            "a tail piece was listed but is gone (deleted by retention meanwhile?); run the restore again"
-                .into(),
-        )
+    crate::replay::join_tail(archive, pieces)?.ok_or_else(|| PitrError::Vanished {
+        what: pieces.first().map_or("a tail piece".into(), |p| {
+            format!("a tail piece from {}", p.key())
+        }),
     })
 }
 
@@ -949,8 +953,15 @@ pub struct ShardVerified {
     pub window: Option<(u64, u64)>,
 }
 
+/// How many listings of a shard `verify` makes when objects it listed are gone by the
+/// time it reads them: a live writer's retention deletes its oldest objects, and its
+/// sealing deletes the tail pieces a sealed segment replaces, while `verify` runs.
+pub const VERIFY_LISTINGS: usize = 3;
+
 /// Reads every object of the archive: every checksum, every frame, LSN continuity from
-/// each checkpoint to the newest tail.
+/// each checkpoint to the newest tail. A shard whose listed objects vanish before they
+/// are read is verified again from a fresh listing, at most [`VERIFY_LISTINGS`] times
+/// in all; objects still vanishing then are problems.
 pub fn verify(
     archive: &dyn Archive,
     progress: &mut dyn FnMut(&str),
@@ -958,96 +969,122 @@ pub fn verify(
     let manifest = read_archive_manifest(archive)?;
     let mut shards = Vec::new();
     for shard in 0..manifest.shards {
-        let catalog = ShardCatalog::load(archive, shard)?;
-        let mut v = ShardVerified {
-            shard,
-            ..ShardVerified::default()
-        };
-        for key in &catalog.unknown {
-            v.problems.push(format!("{key}: not an object oc writes"));
-        }
-        for checkpoint in &catalog.checkpoints {
-            let key = layout::checkpoint_snapshot_key(shard, checkpoint.lsn);
-            match archive.get(&key) {
-                Ok(Some((bytes, _))) => {
-                    v.objects += 2;
-                    v.bytes += bytes.len() as u64;
-                    if let Err(why) = checkpoint.check_snapshot(&bytes) {
-                        v.problems.push(format!("{key}: {why}"));
-                    }
-                }
-                Ok(None) => v
-                    .problems
-                    .push(format!("{key}: missing (its manifest is there)")),
-                Err(e) => v.problems.push(e.to_string()),
+        let mut listing = 1;
+        loop {
+            let (mut verified, vanished) = verify_shard(archive, shard, progress)?;
+            if vanished.is_empty() || listing == VERIFY_LISTINGS {
+                verified.problems.extend(vanished);
+                shards.push(verified);
+                break;
             }
+            progress(&format!(
+                "shard {shard}: {} listed object(s) were gone when read (a live writer deleted them?); listing again",
+                vanished.len()
+            ));
+            listing += 1;
         }
-        // Every segment, and the live tail, in LSN order; `runs` are gap-free stretches.
-        let mut runs: Vec<(Lsn, Lsn, u64)> = Vec::new(); // first, last, last commit
-        let objects = log_objects(
-            &catalog.segments,
-            catalog.live_tail().map(|(_, p)| p.as_slice()),
-        );
-        for (key, pieces) in objects {
-            let sealed = pieces.is_none();
-            let image = fetch_image(archive, &key, pieces);
-            let checked = image.and_then(|image| {
-                v.objects += 1;
-                v.bytes += image.len() as u64;
-                rebuild(&key, image, sealed, Lsn(u64::MAX), (LATEST, Lsn(u64::MAX)))
-            });
-            let rebuilt = match checked {
-                Ok(r) => r,
-                Err(e) => {
-                    v.problems.push(e.to_string());
-                    continue;
-                }
-            };
-            let header_first = oc_io::wal::segment::parse_segment_name(&rebuilt.name)
-                .map_or(Lsn(0), |(_, _, first)| first);
-            if let Some(segment) = SegmentKey::parse(&key) {
-                let last = rebuilt.last.map_or(Lsn(segment.first_lsn.0 - 1), |f| f.lsn);
-                if last != segment.last_lsn {
-                    v.problems.push(format!(
-                        "{key}: its frames end at LSN {}, its key says {}",
-                        last.0, segment.last_lsn.0
-                    ));
-                }
-            }
-            let Some(last) = rebuilt.last else { continue };
-            match runs.last_mut() {
-                Some(run) if header_first.0 == run.1 .0 + 1 => {
-                    run.1 = last.lsn;
-                    run.2 = last.commit_us;
-                }
-                Some(run) if header_first <= run.1 => {}
-                Some(run) => {
-                    v.problems.push(format!(
-                        "gap: LSNs {}..={} are missing before {key}",
-                        run.1 .0 + 1,
-                        header_first.0 - 1
-                    ));
-                    runs.push((header_first, last.lsn, last.commit_us));
-                }
-                None => runs.push((header_first, last.lsn, last.commit_us)),
-            }
-            progress(&format!("shard {shard}: {key} ok"));
-        }
-        if let Some(&(first, last, last_commit)) = runs.last() {
-            let earliest = catalog
-                .checkpoints
-                .iter()
-                .filter(|c| c.lsn.next() >= first && c.lsn <= last)
-                .filter_map(|c| c.completed_us)
-                .min();
-            let earliest = if first == Lsn(1) { Some(0) } else { earliest };
-            v.window = earliest.map(|e| (e, last_commit));
-        } else if let Some(c) = catalog.checkpoints.last() {
-            v.window = Some((c.restorable_from_us(), c.restorable_from_us()));
-        }
-        shards.push(v);
     }
     Ok(shards)
+}
+
+/// One shard's [`verify`] from one listing; also returns the listed objects that were
+/// gone when read, each as the problem it is if it stays so.
+fn verify_shard(
+    archive: &dyn Archive,
+    shard: usize,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(ShardVerified, Vec<String>), PitrError> {
+    let catalog = ShardCatalog::load(archive, shard)?;
+    let mut v = ShardVerified {
+        shard,
+        ..ShardVerified::default()
+    };
+    let mut vanished = Vec::new();
+    for key in &catalog.unknown {
+        v.problems.push(format!("{key}: not an object oc writes"));
+    }
+    for checkpoint in &catalog.checkpoints {
+        let key = layout::checkpoint_snapshot_key(shard, checkpoint.lsn);
+        match archive.get(&key) {
+            Ok(Some((bytes, _))) => {
+                v.objects += 2;
+                v.bytes += bytes.len() as u64;
+                if let Err(why) = checkpoint.check_snapshot(&bytes) {
+                    v.problems.push(format!("{key}: {why}"));
+                }
+            }
+            Ok(None) => vanished.push(format!("{key}: missing (its manifest is there)")),
+            Err(e) => v.problems.push(e.to_string()),
+        }
+    }
+    // Every segment, and the live tail, in LSN order; `runs` are gap-free stretches.
+    let mut runs: Vec<(Lsn, Lsn, u64)> = Vec::new(); // first, last, last commit
+    let objects = log_objects(
+        &catalog.segments,
+        catalog.live_tail().map(|(_, p)| p.as_slice()),
+    );
+    for (key, pieces) in objects {
+        let sealed = pieces.is_none();
+        let image = fetch_image(archive, &key, pieces);
+        let checked = image.and_then(|image| {
+            v.objects += 1;
+            v.bytes += image.len() as u64;
+            rebuild(&key, image, sealed, Lsn(u64::MAX), (LATEST, Lsn(u64::MAX)))
+        });
+        let rebuilt = match checked {
+            Ok(r) => r,
+            Err(PitrError::Vanished { what }) => {
+                vanished.push(format!("{what}: listed, but missing when read"));
+                continue;
+            }
+            Err(e) => {
+                v.problems.push(e.to_string());
+                continue;
+            }
+        };
+        let header_first = oc_io::wal::segment::parse_segment_name(&rebuilt.name)
+            .map_or(Lsn(0), |(_, _, first)| first);
+        if let Some(segment) = SegmentKey::parse(&key) {
+            let last = rebuilt.last.map_or(Lsn(segment.first_lsn.0 - 1), |f| f.lsn);
+            if last != segment.last_lsn {
+                v.problems.push(format!(
+                    "{key}: its frames end at LSN {}, its key says {}",
+                    last.0, segment.last_lsn.0
+                ));
+            }
+        }
+        let Some(last) = rebuilt.last else { continue };
+        match runs.last_mut() {
+            Some(run) if header_first.0 == run.1 .0 + 1 => {
+                run.1 = last.lsn;
+                run.2 = last.commit_us;
+            }
+            Some(run) if header_first <= run.1 => {}
+            Some(run) => {
+                v.problems.push(format!(
+                    "gap: LSNs {}..={} are missing before {key}",
+                    run.1 .0 + 1,
+                    header_first.0 - 1
+                ));
+                runs.push((header_first, last.lsn, last.commit_us));
+            }
+            None => runs.push((header_first, last.lsn, last.commit_us)),
+        }
+        progress(&format!("shard {shard}: {key} ok"));
+    }
+    if let Some(&(first, last, last_commit)) = runs.last() {
+        let earliest = catalog
+            .checkpoints
+            .iter()
+            .filter(|c| c.lsn.next() >= first && c.lsn <= last)
+            .filter_map(|c| c.completed_us)
+            .min();
+        let earliest = if first == Lsn(1) { Some(0) } else { earliest };
+        v.window = earliest.map(|e| (e, last_commit));
+    } else if let Some(c) = catalog.checkpoints.last() {
+        v.window = Some((c.restorable_from_us(), c.restorable_from_us()));
+    }
+    Ok((v, vanished))
 }
 
 #[cfg(test)]

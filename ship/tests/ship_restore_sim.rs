@@ -22,7 +22,7 @@ use oc_engine::placement::shard_dir;
 use oc_engine::{ColumnType, Shard, TableSchema, TenantId, Value, WriteOp};
 use oc_io::executor::run_local;
 use oc_io::{seeds_from_env, DmaStorage, Lsn, SimFaults, SimRng, SimStorage, WalConfig};
-use oc_ship::archive::{Archive, LocalDirArchive};
+use oc_ship::archive::{Archive, ArchiveError, Condition, LocalDirArchive, Version};
 use oc_ship::breaker::BreakerPolicy;
 use oc_ship::lease;
 use oc_ship::restore::{self, LATEST};
@@ -153,6 +153,7 @@ struct Counts {
     acked: usize,
     segments_released: usize,
     restored_from_checkpoint: usize,
+    deletions_verified: usize,
 }
 
 async fn run_seed(seed: u64, counts: &mut Counts) {
@@ -311,6 +312,149 @@ async fn run_seed(seed: u64, counts: &mut Counts) {
         "seed {seed}: the restored rows differ from the recovered ones"
     );
     restored_shard.close().await.expect("close");
+
+    verify_outlives_a_live_writers_deletions(seed, &archive, counts);
+}
+
+/// `verify` against an archive a live writer deletes from while it runs: an object
+/// deleted between the listing and its read is not a problem (a fresh listing no
+/// longer has it), but one listed every time and never readable is.
+fn verify_outlives_a_live_writers_deletions(
+    seed: u64,
+    archive: &Arc<dyn Archive>,
+    counts: &mut Counts,
+) {
+    let walk = |archive: &dyn Archive| {
+        let mut lines = Vec::new();
+        let verified = restore::verify(archive, &mut |line| lines.push(line.to_string()))
+            .unwrap_or_else(|e| panic!("seed {seed}: verify failed: {e}"));
+        let listings_again = lines.iter().filter(|l| l.contains("listing again")).count();
+        (
+            verified.into_iter().next().expect("one shard"),
+            listings_again,
+        )
+    };
+    let (whole, _) = walk(archive.as_ref());
+    let segments = archive.list("shard-0/wal/").expect("list");
+    let Some(doomed) = segments.first() else {
+        return;
+    };
+    counts.deletions_verified += 1;
+
+    let deleting = DeletedOnFirstRead {
+        inner: archive.clone(),
+        doomed: doomed.clone(),
+        deleted: std::sync::atomic::AtomicBool::new(false),
+    };
+    let (verified, listings_again) = walk(&deleting);
+    assert!(
+        verified.problems.is_empty(),
+        "seed {seed}: a deleted object counted as a problem: {:?}",
+        verified.problems
+    );
+    assert_eq!(listings_again, 1, "seed {seed}: one more listing");
+    assert_eq!(
+        verified.objects,
+        whole.objects - 1,
+        "seed {seed}: every object but the deleted one is read"
+    );
+
+    let ghost = format!(
+        "shard-0/wal/{:016x}-{:016x}-{:016x}-{:016x}",
+        1,
+        u64::MAX - 9,
+        u64::MAX - 1,
+        0
+    );
+    let (verified, listings_again) = walk(&ListsAGhost {
+        inner: archive.clone(),
+        ghost: ghost.clone(),
+    });
+    assert_eq!(
+        listings_again,
+        restore::VERIFY_LISTINGS - 1,
+        "seed {seed}: listed again until the listings run out"
+    );
+    assert!(
+        verified
+            .problems
+            .iter()
+            .any(|p| p.contains(&ghost) && p.contains("missing")),
+        "seed {seed}: an object listed every time and never readable is a problem: {:?}",
+        verified.problems
+    );
+}
+
+/// Deletes `doomed` just before its first read, as a live writer's retention can
+/// between `verify`'s listing and its read.
+struct DeletedOnFirstRead {
+    inner: Arc<dyn Archive>,
+    doomed: String,
+    deleted: std::sync::atomic::AtomicBool,
+}
+
+impl Archive for DeletedOnFirstRead {
+    fn put(
+        &self,
+        key: &str,
+        payload: &[u8],
+        condition: &Condition,
+    ) -> Result<Version, ArchiveError> {
+        self.inner.put(key, payload, condition)
+    }
+
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, Version)>, ArchiveError> {
+        if key == self.doomed
+            && !self
+                .deleted
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            self.inner.delete(key)?;
+        }
+        self.inner.get(key)
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<String>, ArchiveError> {
+        self.inner.list(prefix)
+    }
+
+    fn delete(&self, key: &str) -> Result<(), ArchiveError> {
+        self.inner.delete(key)
+    }
+}
+
+/// Lists a segment that no read ever finds.
+struct ListsAGhost {
+    inner: Arc<dyn Archive>,
+    ghost: String,
+}
+
+impl Archive for ListsAGhost {
+    fn put(
+        &self,
+        key: &str,
+        payload: &[u8],
+        condition: &Condition,
+    ) -> Result<Version, ArchiveError> {
+        self.inner.put(key, payload, condition)
+    }
+
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, Version)>, ArchiveError> {
+        self.inner.get(key)
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<String>, ArchiveError> {
+        let mut keys = self.inner.list(prefix)?;
+        if self.ghost.starts_with(prefix) {
+            keys.push(self.ghost.clone());
+            keys.sort();
+        }
+        Ok(keys)
+    }
+
+    fn delete(&self, key: &str) -> Result<(), ArchiveError> {
+        self.inner.delete(key)
+    }
 }
 
 #[test]
@@ -326,12 +470,13 @@ fn shipping_through_crashes_restores_exactly_what_recovery_has() {
     });
     eprintln!(
         "{} seeds: {} crashed, {} acknowledged writes, {} released segments behind the \
-         barrier, {} restored from a checkpoint",
+         barrier, {} restored from a checkpoint, {} verified through deletions",
         seeds.len(),
         counts.crashed,
         counts.acked,
         counts.segments_released,
-        counts.restored_from_checkpoint
+        counts.restored_from_checkpoint,
+        counts.deletions_verified
     );
     if seeds.len() >= 100 {
         let n = seeds.len();
@@ -344,6 +489,10 @@ fn shipping_through_crashes_restores_exactly_what_recovery_has() {
         assert!(
             counts.restored_from_checkpoint * 5 > n,
             "too few restores started from a checkpoint"
+        );
+        assert!(
+            counts.deletions_verified * 5 > n,
+            "too few archives had a sealed segment to delete under verify"
         );
     }
 }
