@@ -91,6 +91,9 @@ pub struct ShardCatalog {
     pub unknown: Vec<String>,
     /// Checkpoint snapshots without a manifest (an interrupted upload).
     pub orphan_snapshots: Vec<String>,
+    /// Checkpoint manifests listed but gone when read: deleted by retention meanwhile,
+    /// or lost (verify tells the two apart by listing again).
+    pub unreadable_manifests: Vec<String>,
 }
 
 impl ShardCatalog {
@@ -111,7 +114,8 @@ impl ShardCatalog {
                     .push(piece);
             } else if let Some((_, lsn)) = layout::parse_checkpoint_manifest_key(&key) {
                 let Some((bytes, _)) = archive.get(&key)? else {
-                    continue; // deleted by retention meanwhile
+                    catalog.unreadable_manifests.push(key);
+                    continue;
                 };
                 let manifest = CheckpointManifest::decode_for(&bytes, lsn).map_err(|problem| {
                     ArchiveError::Unreadable {

@@ -108,16 +108,18 @@ fn live_tail(
     let Some(first) = pieces.first().map(TailPieceKey::key) else {
         return Ok(None);
     };
-    Ok(join_tail(archive, &pieces)?.map(|image| (first, image)))
+    Ok(join_tail(archive, &pieces)?
+        .ok()
+        .map(|image| (first, image)))
 }
 
-/// Tail pieces joined from offset 0; `None` when one was deleted since it was listed.
+/// Tail pieces joined from offset 0, or the key of one that was gone when read.
 /// A piece that does not continue the ones before it, or whose size differs from
 /// what its key says, is damage.
 pub fn join_tail(
     archive: &dyn Archive,
     pieces: &[TailPieceKey],
-) -> Result<Option<Vec<u8>>, ArchiveError> {
+) -> Result<Result<Vec<u8>, String>, ArchiveError> {
     let mut image = Vec::new();
     for piece in pieces {
         let corrupt = |why: String| ArchiveError::Corrupt {
@@ -131,7 +133,7 @@ pub fn join_tail(
             )));
         }
         let Some((bytes, _)) = archive.get(&piece.key())? else {
-            return Ok(None);
+            return Ok(Err(piece.key()));
         };
         if bytes.len() as u64 != piece.end - piece.start {
             return Err(corrupt(format!(
@@ -142,7 +144,7 @@ pub fn join_tail(
         }
         image.extend_from_slice(&bytes);
     }
-    Ok(Some(image))
+    Ok(Ok(image))
 }
 
 #[cfg(test)]

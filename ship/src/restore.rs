@@ -17,6 +17,7 @@
 //! One file, about 690 lines: restore and verify walk the same chain of objects, so
 //! they share the planning code.
 
+use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::Path;
@@ -47,10 +48,9 @@ pub enum PitrError {
     #[error("{0}")]
     Refused(String),
     /// Listed a moment ago, gone when read: a live writer deleted it meanwhile (its
-    /// retention, or the tail pieces a sealed segment replaced). A fresh listing no
-    /// longer has it.
-    #[error("{what} was listed but is gone (a live writer's retention or sealing deleted it meanwhile?); run again")]
-    Vanished { what: String },
+    /// retention, or the tail pieces a sealed segment replaced), or it is lost.
+    #[error("{key} was listed but is gone when read (a live writer's retention or sealing deleted it meanwhile?)")]
+    Vanished { key: String },
     #[error(transparent)]
     Locked(#[from] DirLockError),
     #[error("writing {path}: {source}")]
@@ -234,18 +234,14 @@ fn fetch(archive: &dyn Archive, key: &str) -> Result<Vec<u8>, PitrError> {
     match archive.get(key)? {
         Some((bytes, _)) => Ok(bytes),
         None => Err(PitrError::Vanished {
-            what: key.to_string(),
+            key: key.to_string(),
         }),
     }
 }
 
 /// Joins tail pieces from offset 0; they must be contiguous.
 fn join_pieces(archive: &dyn Archive, pieces: &[TailPieceKey]) -> Result<Vec<u8>, PitrError> {
-    crate::replay::join_tail(archive, pieces)?.ok_or_else(|| PitrError::Vanished {
-        what: pieces.first().map_or("a tail piece".into(), |p| {
-            format!("a tail piece from {}", p.key())
-        }),
-    })
+    crate::replay::join_tail(archive, pieces)?.map_err(|key| PitrError::Vanished { key })
 }
 
 /// The log's objects in LSN order: sealed segments by key, then the live tail (its
@@ -625,7 +621,15 @@ pub fn restore_as(
             }
         ));
     }
-    let restored = restore_shards(archive, &plans, &caps, target, data_dir, progress)?;
+    let restored = restore_shards(archive, &plans, &caps, target, data_dir, progress).map_err(
+        |e| match e {
+            PitrError::Vanished { .. } => PitrError::Refused(format!(
+                "{e}; {} holds a partial restore: remove it and run the restore again",
+                data_dir.display()
+            )),
+            e => e,
+        },
+    )?;
     sync_dir(data_dir)?;
     // The restored directory writes a new epoch from the LSN after the restore point:
     // the old history past it (a dead branch) is never confused with what it writes
@@ -953,15 +957,19 @@ pub struct ShardVerified {
     pub window: Option<(u64, u64)>,
 }
 
-/// How many listings of a shard `verify` makes when objects it listed are gone by the
-/// time it reads them: a live writer's retention deletes its oldest objects, and its
-/// sealing deletes the tail pieces a sealed segment replaces, while `verify` runs.
+/// How many listings of a shard `verify` reads at most while a live writer keeps
+/// deleting what it listed: its retention deletes its oldest objects, and its sealing
+/// the tail pieces a sealed segment replaces.
 pub const VERIFY_LISTINGS: usize = 3;
 
 /// Reads every object of the archive: every checksum, every frame, LSN continuity from
-/// each checkpoint to the newest tail. A shard whose listed objects vanish before they
-/// are read is verified again from a fresh listing, at most [`VERIFY_LISTINGS`] times
-/// in all; objects still vanishing then are problems.
+/// each checkpoint to the newest tail.
+///
+/// An object listed but gone when read is a problem only if a fresh listing still
+/// names it. If every such object has left the listing, a live writer deleted them,
+/// and the shard is verified again from that fresh listing (at most
+/// [`VERIFY_LISTINGS`] listings per shard; after the last one, what stayed is what
+/// was verified).
 pub fn verify(
     archive: &dyn Archive,
     progress: &mut dyn FnMut(&str),
@@ -971,35 +979,69 @@ pub fn verify(
     for shard in 0..manifest.shards {
         let mut listing = 1;
         loop {
-            let (mut verified, vanished) = verify_shard(archive, shard, progress)?;
-            if vanished.is_empty() || listing == VERIFY_LISTINGS {
-                verified.problems.extend(vanished);
+            let (mut verified, gone) = verify_shard(archive, shard, progress)?;
+            if gone.is_empty() {
                 shards.push(verified);
                 break;
             }
-            progress(&format!(
-                "shard {shard}: {} listed object(s) were gone when read (a live writer deleted them?); listing again",
-                vanished.len()
-            ));
+            let listed: HashSet<String> = archive
+                .list(&layout::shard_prefix(shard))?
+                .into_iter()
+                .collect();
+            let (lost, deleted): (Vec<_>, Vec<_>) = gone
+                .into_iter()
+                .partition(|g| listed.contains(&g.listed_as));
+            if !lost.is_empty() || listing == VERIFY_LISTINGS {
+                if !deleted.is_empty() {
+                    progress(&format!(
+                        "shard {shard}: {} object(s) left the listing while it was read (a live writer deleted them); the rest is verified",
+                        deleted.len()
+                    ));
+                }
+                verified
+                    .problems
+                    .extend(lost.into_iter().map(|g| g.problem));
+                shards.push(verified);
+                break;
+            }
             listing += 1;
+            progress(&format!(
+                "shard {shard}: {} object(s) left the listing while it was read (a live writer deleted them); listing {listing} of at most {VERIFY_LISTINGS}",
+                deleted.len()
+            ));
         }
     }
     Ok(shards)
 }
 
-/// One shard's [`verify`] from one listing; also returns the listed objects that were
-/// gone when read, each as the problem it is if it stays so.
+/// A listed object that was gone when read.
+struct Gone {
+    /// The key whose presence in a fresh listing makes it a problem.
+    listed_as: String,
+    /// The problem it is then.
+    problem: String,
+}
+
+/// One shard's [`verify`] from one listing, and the listed objects gone when read.
 fn verify_shard(
     archive: &dyn Archive,
     shard: usize,
     progress: &mut dyn FnMut(&str),
-) -> Result<(ShardVerified, Vec<String>), PitrError> {
+) -> Result<(ShardVerified, Vec<Gone>), PitrError> {
     let catalog = ShardCatalog::load(archive, shard)?;
     let mut v = ShardVerified {
         shard,
         ..ShardVerified::default()
     };
-    let mut vanished = Vec::new();
+    let gone_when_read = |key: &str| Gone {
+        listed_as: key.to_string(),
+        problem: format!("{key}: listed, but missing when read"),
+    };
+    let mut vanished: Vec<Gone> = catalog
+        .unreadable_manifests
+        .iter()
+        .map(|key| gone_when_read(key))
+        .collect();
     for key in &catalog.unknown {
         v.problems.push(format!("{key}: not an object oc writes"));
     }
@@ -1013,7 +1055,10 @@ fn verify_shard(
                     v.problems.push(format!("{key}: {why}"));
                 }
             }
-            Ok(None) => vanished.push(format!("{key}: missing (its manifest is there)")),
+            Ok(None) => vanished.push(Gone {
+                listed_as: layout::checkpoint_manifest_key(shard, checkpoint.lsn),
+                problem: format!("{key}: missing (its manifest is there)"),
+            }),
             Err(e) => v.problems.push(e.to_string()),
         }
     }
@@ -1033,8 +1078,8 @@ fn verify_shard(
         });
         let rebuilt = match checked {
             Ok(r) => r,
-            Err(PitrError::Vanished { what }) => {
-                vanished.push(format!("{what}: listed, but missing when read"));
+            Err(PitrError::Vanished { key }) => {
+                vanished.push(gone_when_read(&key));
                 continue;
             }
             Err(e) => {
