@@ -386,7 +386,10 @@ fn verify_outlives_a_live_writers_deletions(
     // Without the oldest segment the window may have no start left (no checkpoint
     // before the rest); where it has one, it reaches as far.
     if let (Some((_, to)), Some((_, whole_to))) = (verified.window, whole.window) {
-        assert_eq!(to, whole_to, "seed {seed}: the second listing reaches as far");
+        assert_eq!(
+            to, whole_to,
+            "seed {seed}: the second listing reaches as far"
+        );
     }
 }
 
