@@ -23,6 +23,9 @@ pub struct MemoryArgs {
     rows: usize,
     #[arg(long, default_value_t = 200)]
     text_bytes: usize,
+    /// Give each row a `vector(DIM)` column too (0: none).
+    #[arg(long, default_value_t = 0)]
+    dim: usize,
     /// Write the keys in a scattered order (each id a fixed stride after the last,
     /// modulo `--rows`) instead of ascending: the row tree's nodes then fill as they do
     /// under random keys, not as under in-order ones.
@@ -35,6 +38,8 @@ pub struct MemoryArgs {
 const TENANT: &str = "bench-memory";
 /// Upserts per request: well under the server's batch limit.
 const BATCH_ROWS: usize = 500;
+/// Request bytes per batch, about: well under the server's body limit.
+const BATCH_BYTES: usize = 256 * 1024;
 
 #[derive(Serialize)]
 struct MemoryReport {
@@ -42,6 +47,9 @@ struct MemoryReport {
     pinning: crate::pinning::Pinning,
     rows: usize,
     text_bytes: usize,
+    /// The vector column's dimension (0: the table has none).
+    #[serde(default)]
+    dim: usize,
     /// "ascending" or "shuffled" (`--shuffled`).
     key_order: &'static str,
     /// The tenant's stored bytes as the server counts them.
@@ -106,19 +114,34 @@ pub fn run(args: MemoryArgs) -> Result<()> {
     };
     let (before, stored) = oc_io::executor::run_local(async {
         let mut conn = Connection::open(&target).await?;
-        let table = json!({
-            "name": "rows",
-            "columns": [{"name": "id", "type": "int"}, {"name": "body", "type": "text"}],
-            "primary_key": ["id"],
-        });
+        let mut columns = vec![
+            json!({"name": "id", "type": "int"}),
+            json!({"name": "body", "type": "text"}),
+        ];
+        if args.dim > 0 {
+            columns.push(json!({"name": "emb", "type": format!("vector({})", args.dim)}));
+        }
+        let table = json!({"name": "rows", "columns": columns, "primary_key": ["id"]});
+        // A float is written in at most 8 characters below.
+        let batch = (BATCH_BYTES / (args.text_bytes + 9 * args.dim + 32)).clamp(1, BATCH_ROWS);
         create_tenant_and_table(&mut conn, TENANT, &table).await?;
         // Let the server settle (its first requests allocate buffers of their own).
         glommio::timer::sleep(Duration::from_millis(500)).await;
         let before = resident_bytes(pid)?;
         let path = format!("/v1/tenants/{TENANT}/tables/rows/rows");
-        for start in (0..args.rows).step_by(BATCH_ROWS) {
-            let ops: Vec<_> = (start..(start + BATCH_ROWS).min(args.rows))
-                .map(|i| json!({"upsert": {"id": scattered(i, stride, args.rows), "body": text}}))
+        for start in (0..args.rows).step_by(batch) {
+            let ops: Vec<_> = (start..(start + batch).min(args.rows))
+                .map(|i| {
+                    let id = scattered(i, stride, args.rows);
+                    let mut row = json!({"id": id, "body": text});
+                    if args.dim > 0 {
+                        let emb: Vec<f64> = (0..args.dim)
+                            .map(|j| ((id * 31 + j * 17) % 1000) as f64 / 1000.0)
+                            .collect();
+                        row["emb"] = json!(emb);
+                    }
+                    json!({ "upsert": row })
+                })
                 .collect();
             let status = conn
                 .request("POST", &path, Some(&json!({ "ops": ops }).to_string()))
@@ -148,6 +171,7 @@ pub fn run(args: MemoryArgs) -> Result<()> {
         pinning: crate::pinning::current(),
         rows: args.rows,
         text_bytes: args.text_bytes,
+        dim: args.dim,
         key_order: if args.shuffled {
             "shuffled"
         } else {

@@ -299,9 +299,10 @@ fn search(keys: &[Key], key: &Key) -> Result<usize, usize> {
 /// Asks the CPU for every cache line of `keys` at once. A binary search over a node's
 /// keys is a chain of dependent loads, each a likely cache miss in a large table (in
 /// `perf` of `oc-bench engine` at 256 writers, 74 % of the insert's samples were on one
-/// load in that search); requested together, the misses overlap.
+/// load in that search); requested together, the misses overlap. A kNN scan asks for
+/// the rows it reads next the same way.
 #[inline]
-fn prefetch(keys: &[Key]) {
+pub(crate) fn prefetch<T>(keys: &[T]) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};

@@ -6,7 +6,7 @@
 //! primary-key and secondary-index B-trees), commands as WAL records, shards with
 //! durable writes, fuzzy checkpoints and recovery, idempotency keys, and the pool of
 //! shards (one executor per core) with tenant placement and cross-shard calls, and
-//! the query engine behind `/ask` ([`query`]) with contiguous vector stores
+//! the query engine behind `/ask` ([`query`]) with exact vector search
 //! ([`vectors`]).
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 

@@ -10,7 +10,7 @@
 //! in key order, up to the last key the table held then (`end_key`); a write to a row
 //! the backfill has passed, or past `end_key`, is stored converted as it applies (a
 //! write the transform cannot carry is refused whole, naming the migration), so the
-//! backfill always ends. The new shape's own indexes and vector stores are built over
+//! backfill always ends. The new shape's own indexes are built over
 //! the converted rows on the side. Writers keep writing the v0 shape; reads see v1
 //! (a row not converted yet is transformed as it is read). Cutover is one record: the
 //! table takes the new schema and the built structures, touching no row. Abort drops
@@ -597,7 +597,7 @@ pub struct MigrationInfo {
 }
 
 /// A migration in progress: its plan, how far its backfill got, and the new shape's
-/// indexes and vector stores built over the rows converted so far.
+/// indexes built over the rows converted so far.
 #[derive(Debug, Clone)]
 pub struct ActiveMigration {
     pub info: MigrationInfo,

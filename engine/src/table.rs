@@ -13,10 +13,8 @@ use crate::key::Key;
 use crate::key_map::KeyMap;
 use crate::limits::{MAX_BATCH_ROWS, MAX_COLUMNS_PER_TABLE, MAX_KEY_BYTES, MAX_ROW_BYTES};
 pub use crate::row::Row;
-use crate::row::ValueRef;
 use crate::schema::TableSchema;
 use crate::value::{encode_key, ColumnType, Value};
-use crate::vectors::VectorColumn;
 
 /// A requested row operation, as received (JSON objects keyed by column name).
 #[derive(Debug, Clone, PartialEq)]
@@ -71,8 +69,6 @@ pub struct Table {
     version: u64,
     rows: KeyMap<Row>,
     indexes: Vec<BTreeSet<(Key, Key)>>,
-    /// One contiguous store per vector column (the rows hold their vectors too).
-    vectors: Vec<VectorColumn>,
     usage: TableUsage,
     /// The LSN of the newest write applied to the table: its creation's LSN before any,
     /// and the checkpoint's LSN when loaded from one (then an upper bound).
@@ -96,32 +92,14 @@ fn key_of(row: &Row, columns: &[usize]) -> Key {
     row.tree_key(columns)
 }
 
-/// The little-endian bytes of `row`'s vector in `column`, if it has one.
-fn vector_in(row: &Row, column: usize) -> Option<&[u8]> {
-    match row.get(column) {
-        ValueRef::Vector(v) => Some(v),
-        _ => None,
-    }
-}
-
 impl Table {
     pub fn new(schema: TableSchema, version: u64) -> Self {
         let indexes = vec![BTreeSet::new(); schema.indexes.len()];
-        let vectors = schema
-            .columns
-            .iter()
-            .enumerate()
-            .filter_map(|(i, c)| match c.ty {
-                ColumnType::Vector(dim) if !c.dropped => Some(VectorColumn::new(i, dim as usize)),
-                _ => None,
-            })
-            .collect();
         Table {
             schema,
             version,
             rows: KeyMap::new(),
             indexes,
-            vectors,
             usage: TableUsage::default(),
             written_lsn: version,
         }
@@ -365,37 +343,15 @@ impl Table {
                 }
             }
         }
-        for store in &self.vectors {
-            let name = &self.schema.columns[store.column()].name;
-            let mut held = 0;
-            for (key, row) in &self.rows {
-                let in_row = vector_in(row, store.column());
-                // Bitwise: the store holds a copy, so even a zero's sign must match.
-                let same = match (in_row, store.get(key)) {
-                    (Some(a), Some(b)) => ValueRef::floats(a)
-                        .map(f32::to_bits)
-                        .eq(b.iter().map(|x| x.to_bits())),
-                    (None, None) => true,
-                    _ => false,
-                };
-                if !same {
-                    return Err(format!(
-                        "the vector store of column {name} disagrees with a row's vector"
-                    ));
-                }
-                held += usize::from(in_row.is_some());
-            }
-            if store.len() != held {
-                return Err(format!(
-                    "the vector store of column {name} holds {} vectors for {held} rows with one",
-                    store.len()
-                ));
-            }
-        }
         if usage != self.usage {
             return Err(format!(
-                "usage says {} rows and {} bytes, the rows are {} and {} bytes",
-                self.usage.rows, self.usage.bytes, usage.rows, usage.bytes
+                "usage says {} rows, {} bytes and {} vectors, the rows are {}, {} bytes and {} vectors",
+                self.usage.rows,
+                self.usage.bytes,
+                self.usage.vectors,
+                usage.rows,
+                usage.bytes,
+                usage.vectors
             ));
         }
         Ok(usage.rows)
@@ -438,7 +394,6 @@ impl Table {
             schema,
             rows,
             indexes,
-            vectors,
             usage,
             ..
         } = self;
@@ -460,13 +415,6 @@ impl Table {
                     }
                 }
             }
-            for store in vectors.iter_mut() {
-                let column = store.column();
-                let new = vector_in(row, column);
-                if old.is_none_or(|old| vector_in(old, column) != new) {
-                    store.set_le_bytes(key, new);
-                }
-            }
             if let Some(old) = old {
                 usage.bytes -= old.stored_bytes();
                 usage.vectors -= old.vectors();
@@ -485,9 +433,6 @@ impl Table {
             let entry = (key_of(&row, &index.columns), key.clone());
             let existed = self.indexes[i].remove(&entry);
             debug_assert!(existed, "every row has its index entries");
-        }
-        for store in &mut self.vectors {
-            store.remove(key);
         }
         self.usage.rows -= 1;
         self.usage.bytes -= row.stored_bytes();
@@ -608,11 +553,6 @@ impl Table {
             .map(|(_, pk)| self.rows.get(pk).expect("index entries point at live rows")))
     }
 
-    /// The contiguous store of vector column `column`, if it is one.
-    pub fn vector_column(&self, column: usize) -> Option<&VectorColumn> {
-        self.vectors.iter().find(|v| v.column() == column)
-    }
-
     /// The row with this encoded primary key.
     pub fn row_by_key(&self, key: &Key) -> Option<&Row> {
         self.rows.get(key)
@@ -684,7 +624,10 @@ impl Table {
                 }
                 if let Some(k) = last {
                     scan.resume = Some((k.clone(), Key::new(Vec::new())));
-                } else if out.len() - before < max {
+                }
+                // Fewer rows than asked: the tree ended (a row added after it later
+                // is one written meanwhile, which a scan may miss).
+                if out.len() - before < max {
                     scan.done = true;
                 }
             }
@@ -723,10 +666,11 @@ impl Table {
                     );
                     last_entry = Some(entry);
                 }
-                match last_entry {
-                    Some(entry) => scan.resume = Some(entry.clone()),
-                    None if out.len() - before < max => scan.done = true,
-                    None => {}
+                if let Some(entry) = last_entry {
+                    scan.resume = Some(entry.clone());
+                }
+                if out.len() - before < max {
+                    scan.done = true;
                 }
             }
         }
@@ -757,16 +701,14 @@ impl Table {
     }
 }
 
-/// The indexes and vector stores a migration's new shape has and its table does not:
-/// built over the rows the migration has converted in place, then handed to the table
-/// at the cutover ([`Table::cut_over`]). An index the new shape keeps as it is (same
-/// name, same column slots) and the store of a vector column it keeps are the table's
-/// own already: those hold the same entries in either shape.
+/// The indexes a migration's new shape has and its table does not: built over the
+/// rows the migration has converted in place, then handed to the table at the cutover
+/// ([`Table::cut_over`]). An index the new shape keeps as it is (same name, same column
+/// slots) is the table's own already: it holds the same entries in either shape.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct NewStructures {
     /// (position in the new shape's indexes, its entries).
     indexes: Vec<(usize, BTreeSet<(Key, Key)>)>,
-    vectors: Vec<VectorColumn>,
 }
 
 impl NewStructures {
@@ -779,24 +721,14 @@ impl NewStructures {
             .filter(|(_, def)| !table.indexes.contains(def))
             .map(|(i, _)| (i, BTreeSet::new()))
             .collect();
-        let vectors = target
-            .live_columns()
-            .filter(|&(slot, _)| slot >= table.columns.len())
-            .filter_map(|(slot, c)| match c.ty {
-                ColumnType::Vector(dim) => Some(VectorColumn::new(slot, dim as usize)),
-                _ => None,
-            })
-            .collect();
-        NewStructures { indexes, vectors }
+        NewStructures { indexes }
     }
 
     /// About the resident bytes these take once they cover `rows` rows: an index entry
-    /// (two keys in a B-tree node) about 128 bytes, a vector its floats plus its slot's
-    /// key and map entry (about 96 bytes).
+    /// (two keys in a B-tree node) about 128 bytes. (An appended vector lives in its
+    /// row, whose bytes the migration counts as stored.)
     pub(crate) fn resident_estimate(&self, rows: usize) -> u64 {
-        let per_row =
-            128 * self.indexes.len() + self.vectors.iter().map(|v| 4 * v.dim() + 96).sum::<usize>();
-        (per_row as u64).saturating_mul(rows as u64)
+        (128 * self.indexes.len() as u64).saturating_mul(rows as u64)
     }
 
     /// Adds the entries of a row converted to `target`'s shape.
@@ -805,9 +737,6 @@ impl NewStructures {
         for (i, entries) in &mut self.indexes {
             let fresh = entries.insert((key_of(row, &target.indexes[*i].columns), key.clone()));
             debug_assert!(fresh, "an index entry exists once");
-        }
-        for store in &mut self.vectors {
-            store.set_le_bytes(&key, vector_in(row, store.column()));
         }
     }
 
@@ -818,16 +747,12 @@ impl NewStructures {
             let existed = entries.remove(&(key_of(row, &target.indexes[*i].columns), key.clone()));
             debug_assert!(existed, "every converted row has its entries");
         }
-        for store in &mut self.vectors {
-            store.remove(&key);
-        }
     }
 }
 
 impl Table {
     /// Makes this table the new shape of a migration whose backfill converted every
-    /// row in place: the schema changes, the indexes and vector stores the new shape
-    /// keeps stay, `built` supplies the others, and the table becomes incarnation
+    /// row in place: the schema changes, the indexes the new shape keeps stay, `built` supplies the others, and the table becomes incarnation
     /// `version`. No row is touched: the cost is that of the structures dropped, which
     /// go off the shard thread.
     pub(crate) fn cut_over(&mut self, target: TableSchema, built: NewStructures, version: u64) {
@@ -853,25 +778,9 @@ impl Table {
                 .unwrap_or_else(|| panic!("the cutover found no entries for index {}", def.name));
             indexes.push(entries);
         }
-        let mut old_vectors = std::mem::take(&mut self.vectors);
-        let mut built_vectors = built.vectors;
-        let mut vectors = Vec::new();
-        for (slot, _) in target
-            .live_columns()
-            .filter(|(_, c)| matches!(c.ty, ColumnType::Vector(_)))
-        {
-            let from = |stores: &mut Vec<VectorColumn>| {
-                let at = stores.iter().position(|v| v.column() == slot)?;
-                Some(stores.swap_remove(at))
-            };
-            if let Some(store) = from(&mut built_vectors).or_else(|| from(&mut old_vectors)) {
-                vectors.push(store);
-            }
-        }
-        crate::reclaim::later((old_indexes, old_vectors));
+        crate::reclaim::later(old_indexes);
         self.schema = target;
         self.indexes = indexes;
-        self.vectors = vectors;
         self.version = version;
         // Every row changed shape here.
         self.written_lsn = version;
@@ -1044,55 +953,6 @@ mod tests {
         table.indexes[0].insert(entry);
         table.usage.rows += 1;
         assert!(table.check_integrity().is_err_and(|e| e.contains("usage")));
-    }
-
-    #[test]
-    fn integrity_checks_find_a_vector_store_that_disagrees_with_the_rows() {
-        let schema = TableSchema::new(
-            "t",
-            &[
-                ("id", ColumnType::Int, false),
-                ("v", ColumnType::Vector(2), true),
-            ],
-            &["id"],
-            &[],
-        )
-        .expect("schema");
-        let mut table = Table::new(schema, 1);
-        let ops: Vec<WriteOp> = (0..6)
-            .map(|i| {
-                // Every third row has no vector.
-                let v = (i % 3 != 0).then(|| vec![i as f32, 0.5]);
-                let row = serde_json::json!({"id": i, "v": v});
-                WriteOp::Upsert(row.as_object().expect("object").clone())
-            })
-            .collect();
-        let writes = table.validate_batch(&ops).expect("valid");
-        table.apply(writes, 2);
-        assert_eq!(table.check_integrity(), Ok(6));
-        let first = table
-            .rows
-            .iter()
-            .nth(1)
-            .map(|(k, _)| k.clone())
-            .expect("a row with a vector");
-
-        table.vectors[0].set(&first, Some(&[9.0, 9.0]));
-        assert!(table
-            .check_integrity()
-            .is_err_and(|e| e.contains("column v disagrees")));
-        table.vectors[0].remove(&first);
-        assert!(table
-            .check_integrity()
-            .is_err_and(|e| e.contains("column v disagrees")));
-        let row = table.rows.get(&first).cloned().expect("the row");
-        table.vectors[0].set_le_bytes(&first, vector_in(&row, 1));
-        assert_eq!(table.check_integrity(), Ok(6));
-        // A vector left behind for a row that no longer exists.
-        table.vectors[0].set(&Key::new(b"gone".to_vec()), Some(&[1.0, 2.0]));
-        assert!(table
-            .check_integrity()
-            .is_err_and(|e| e.contains("holds 5 vectors for 4 rows")));
     }
 }
 

@@ -9,7 +9,7 @@ use std::borrow::Cow;
 use std::cmp::Ordering;
 
 use crate::value::Value;
-use crate::vectors::{cosine_distance, l2_squared};
+use crate::vectors::{cosine_distance, l2_squared, Floats};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CmpOp {
@@ -94,7 +94,7 @@ impl Metric {
 
     /// The distance between two vectors of one dimension, in the form kNN ranks by
     /// (squared for L2: same order, no square root per row).
-    pub fn rank(self, a: &[f32], b: &[f32]) -> Option<f32> {
+    pub fn rank<B: Floats + ?Sized>(self, a: &[f32], b: &B) -> Option<f32> {
         match self {
             Metric::L2 => Some(l2_squared(a, b)),
             Metric::Cosine => cosine_distance(a, b),
@@ -313,7 +313,7 @@ impl Expr {
                     return Ok(Cow::Owned(Value::Null));
                 };
                 check_dims(&a, &b)?;
-                Cow::Owned(match metric.rank(&a, &b) {
+                Cow::Owned(match metric.rank(&a, &*b) {
                     Some(rank) => Value::Float(metric.distance_from_rank(rank)),
                     None => Value::Null,
                 })

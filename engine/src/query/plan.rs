@@ -38,7 +38,7 @@ pub enum Access {
         lower: Option<(Expr, bool)>,
         upper: Option<(Expr, bool)>,
     },
-    /// An exact nearest-neighbour scan of a vector column's contiguous store.
+    /// An exact nearest-neighbour scan of every row's vector in a vector column.
     Knn {
         column: usize,
         query: Expr,
@@ -165,9 +165,9 @@ fn prepare_on_this_stack(tenant: &Tenant, normalized: &Normalized) -> Result<Pre
 /// (dual read): the rows are the old ones, transformed as they are read. Their key is
 /// the same (a migration never changes it); an old index serves only if every column
 /// it indexes keeps its values (the table maintains it over the old shape); the new
-/// indexes are not complete until the cutover. The vector store holds the old shape,
-/// so an ORDER BY distance sorts the rows read instead, leaving out those without a
-/// distance as the kNN path does.
+/// indexes are not complete until the cutover. The kNN scan reads vectors as stored,
+/// not in the new shape, so an ORDER BY distance sorts the rows read instead, leaving
+/// out those without a distance as the kNN path does.
 fn dual_read_plan(
     tenant: &Tenant,
     table: &crate::table::Table,
@@ -204,8 +204,8 @@ fn dual_read_plan(
             old_ids.push(old_id);
         }
     }
-    // Where the new shape's own table would walk its vector store (the query kNN
-    // answers), the sort must leave out what kNN leaves out.
+    // Where the new shape's own table would take the kNN path, the sort must leave
+    // out what kNN leaves out.
     if let (Access::Knn { .. }, [key]) = (&choose(&schema, query, true).0, &*query.order_by) {
         let has_distance = Expr::IsNull(Box::new(key.expr.clone()), true);
         query.filter = Some(match query.filter.take() {
@@ -389,7 +389,7 @@ fn choose(schema: &TableSchema, q: &Bound, knn: bool) -> (Access, OrderBy, Strin
                 };
                 if let (Some((column, query)), false) = (pick, key.desc) {
                     let detail = format!(
-                        "vector kNN: exact {} scan of {}'s contiguous store, keeping the nearest OFFSET+LIMIT{}",
+                        "vector kNN: exact {} scan of every row's {}, keeping the nearest OFFSET+LIMIT{}",
                         if *metric == Metric::L2 { "L2" } else { "cosine" },
                         names[column],
                         if q.filter.is_some() { "; WHERE checked on each candidate that would enter the top k" } else { "" }

@@ -3,6 +3,9 @@
 //! plan's bounds and read a slice at a time.
 
 use super::*;
+use crate::row::ValueRef;
+use crate::table::ScanTarget;
+use crate::vectors::LeFloats;
 
 pub(super) enum Source {
     NotStarted,
@@ -13,10 +16,18 @@ pub(super) enum Source {
 
 pub(super) struct KnnScan {
     pub(super) query: Vec<f32>,
-    pub(super) next_slot: usize,
+    /// Every row in primary-key order: a scan that yields and resumes after the last
+    /// key it read sees every row that exists for its whole duration exactly once.
+    pub(super) rows: RangeScan,
+    pub(super) finished: bool,
     pub(super) k: usize,
     pub(super) best: BinaryHeap<Candidate>,
 }
+
+/// How far ahead of the row it ranks a kNN scan asks for a row's memory.
+const PREFETCH_ROWS_AHEAD: usize = 8;
+/// ...and how much of it (the CPU's own prefetcher follows a longer row).
+const PREFETCH_BYTES: usize = 1024;
 
 /// A kNN candidate; the heap's top is the worst kept (largest distance, then key).
 pub(super) struct Candidate {
@@ -58,21 +69,26 @@ impl Execution {
         }
         match &self.plan.access {
             Access::Knn { query, column, .. } => {
-                let store = table
-                    .vector_column(*column)
-                    .ok_or_else(|| QueryError::eval("kNN needs a vector column"))?;
+                let ColumnType::Vector(dim) = table.schema().columns[*column].ty else {
+                    return Err(QueryError::eval("kNN needs a vector column"));
+                };
                 let value = query.eval(NO_COLUMNS, &self.params).map_err(eval_err)?;
                 let Some(query) = as_vector(&value).map_err(eval_err)? else {
                     return Err(QueryError::eval(
                         "the kNN query vector is NULL; pass a vector (a JSON array of numbers)",
                     ));
                 };
-                let probe = vec![0.0f32; store.dim()];
+                let probe = vec![0.0f32; dim as usize];
                 check_dims(&probe, &query).map_err(eval_err)?;
                 let k = self.offset.saturating_add(self.limit.unwrap_or(usize::MAX));
                 Ok(Source::Knn(KnnScan {
                     query: query.into_owned(),
-                    next_slot: 0,
+                    rows: table.range_scan(
+                        ScanTarget::Primary,
+                        KeyBound::Unbounded,
+                        KeyBound::Unbounded,
+                    ),
+                    finished: false,
                     k,
                     best: BinaryHeap::with_capacity(k.min(SLICE_VECTORS) + 1),
                 }))
@@ -186,43 +202,55 @@ impl Execution {
         let Access::Knn { column, metric, .. } = &plan.access else {
             unreachable!("a kNN source comes from a kNN plan")
         };
-        let store = table
-            .vector_column(*column)
-            .ok_or_else(|| QueryError::eval("kNN needs a vector column"))?;
-        let to = knn.next_slot.saturating_add(self.slice_size);
         let t = Instant::now();
+        let mut rows = Vec::with_capacity(self.slice_size);
+        knn.finished = table.next_rows(&mut knn.rows, self.slice_size, &mut rows);
+        let primary_key = &table.schema().primary_key;
         let filter = plan.query.filter.as_ref();
-        let mut scanned = 0u64;
         let (mut checked, mut passed) = (0u64, 0u64);
-        for (key, vector) in store.live_slots(knn.next_slot, to) {
-            self.check_deadline_at(scanned as usize)?;
-            scanned += 1;
-            let Some(rank) = metric.rank(&knn.query, vector) else {
+        for (n, row) in rows.iter().enumerate() {
+            self.check_deadline_at(n)?;
+            // Each row is its own allocation: ask for a later one's lines while this
+            // one is ranked, so their misses overlap.
+            if let Some(ahead) = rows.get(n + PREFETCH_ROWS_AHEAD) {
+                let bytes = ahead.encoded();
+                crate::key_map::prefetch(&bytes[..bytes.len().min(PREFETCH_BYTES)]);
+            }
+            let ValueRef::Vector(bytes) = row.get(*column) else {
+                continue; // NULL: no distance
+            };
+            let Some(rank) = metric.rank(&knn.query, &LeFloats(bytes)) else {
                 continue;
             };
-            if knn.best.len() == knn.k {
-                match knn.best.peek() {
-                    Some(worst) if worst.cmp_to(rank, key) == Ordering::Greater => {}
-                    _ => continue,
-                }
-            }
-            let Some(row) = table.row_by_key(key) else {
-                continue;
+            // Keys are built only for rows that may enter the heap.
+            let key = match knn.best.peek() {
+                Some(worst) if knn.best.len() == knn.k => match worst.rank.total_cmp(&rank) {
+                    Ordering::Less => continue,
+                    Ordering::Greater => row.tree_key(primary_key),
+                    Ordering::Equal => {
+                        let key = row.tree_key(primary_key);
+                        if worst.key <= key {
+                            continue;
+                        }
+                        key
+                    }
+                },
+                _ => row.tree_key(primary_key),
             };
             if let Some(f) = filter {
                 checked += 1;
-                if truth(&*f.eval(row, &self.params).map_err(eval_err)?).map_err(eval_err)?
+                if truth(&*f.eval(*row, &self.params).map_err(eval_err)?).map_err(eval_err)?
                     != Some(true)
                 {
                     continue;
                 }
                 passed += 1;
             }
-            let (output, bytes) = self.project(row)?;
+            let (output, bytes) = self.project(*row)?;
             self.hold(bytes)?;
             knn.best.push(Candidate {
                 rank,
-                key: key.clone(),
+                key,
                 output,
                 bytes,
             });
@@ -232,12 +260,11 @@ impl Execution {
                 }
             }
         }
-        knn.next_slot = to.min(store.slots());
         self.stats.access.elapsed += t.elapsed();
-        self.stats.access.rows_in += scanned;
+        self.stats.access.rows_in += rows.len() as u64;
         self.stats.filter.rows_in += checked;
         self.stats.filter.rows_out += passed;
-        if knn.next_slot >= store.slots() {
+        if knn.finished {
             let best = std::mem::take(&mut knn.best).into_sorted_vec();
             self.stats.access.rows_out = best.len() as u64;
             self.output = best.into_iter().map(|c| (Vec::new(), c.output)).collect();

@@ -1,7 +1,7 @@
 //! Execution: a plan run in slices. Each slice reads at most [`SLICE_ROWS`] rows (or
 //! [`SLICE_VECTORS`] vectors) while the caller holds the shard state, then hands
-//! control back so the shard can yield; the next slice resumes after the last key (or
-//! slot) read. A row present for the whole query is seen exactly once; rows written
+//! control back so the shard can yield; the next slice resumes after the last key
+//! read. A row present for the whole query is seen exactly once; rows written
 //! meanwhile may or may not be seen.
 //!
 //! Rows flow through stages — access, filter, aggregate, having, sort or top-k,
@@ -37,7 +37,7 @@ mod access;
 mod aggregate;
 mod explain;
 
-use access::{KnnScan, Source};
+use access::Source;
 use aggregate::{AggState, Groups};
 
 /// What a query returns.
@@ -321,14 +321,7 @@ impl Execution {
             Source::Knn(mut knn) => {
                 self.knn_slice(table, &mut knn)?;
                 self.check_scanned()?;
-                if knn.next_slot < self.vector_slots(table) {
-                    self.source = Source::Knn(knn);
-                } else {
-                    self.source = Source::Knn(KnnScan {
-                        next_slot: usize::MAX,
-                        ..knn
-                    });
-                }
+                self.source = Source::Knn(knn);
             }
             Source::NotStarted | Source::Done => {}
         }
@@ -339,7 +332,7 @@ impl Execution {
         self.slice_size = next_slice_size(self.slice_size, slice_started.elapsed(), max);
         self.check_deadline()?;
         Ok(match &self.source {
-            Source::Knn(k) => k.next_slot == usize::MAX,
+            Source::Knn(k) => k.finished,
             Source::Done => true,
             _ => false,
         })
@@ -409,13 +402,6 @@ impl Execution {
             _ => SLICE_ROWS,
         };
         wanted.min(self.slice_size)
-    }
-
-    fn vector_slots(&self, table: &Table) -> usize {
-        match &self.plan.access {
-            Access::Knn { column, .. } => table.vector_column(*column).map_or(0, |c| c.slots()),
-            _ => 0,
-        }
     }
 
     fn check_scanned(&self) -> Result<(), QueryError> {
