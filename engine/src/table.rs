@@ -594,6 +594,7 @@ impl Table {
         if scan.done {
             return true;
         }
+        debug_assert!(max > 0, "a scan asked for no rows cannot tell it ended");
         let before = out.len();
         let mut last = None;
         match scan.target {
@@ -953,6 +954,11 @@ mod tests {
         table.indexes[0].insert(entry);
         table.usage.rows += 1;
         assert!(table.check_integrity().is_err_and(|e| e.contains("usage")));
+        table.usage.rows -= 1;
+        table.usage.vectors += 1;
+        assert!(table
+            .check_integrity()
+            .is_err_and(|e| e.contains("1 vectors")));
     }
 }
 

@@ -78,8 +78,8 @@ pub(crate) fn with_plan_stack<R>(f: impl FnOnce() -> R) -> R {
 
 /// Rows a query reads between two chances to yield, at most...
 pub const SLICE_ROWS: usize = 1024;
-/// ...and vectors a kNN scan reads...
-pub const SLICE_VECTORS: usize = 8192;
+/// ...and rows a kNN scan reads (a cheap distance each, nothing else for most)...
+pub const SLICE_KNN_ROWS: usize = 8192;
 /// ...while a slice takes about this long: a slice whose rows are expensive (long
 /// texts under LIKE, wide vectors) reads fewer of them, so no query holds its shard
 /// for long between yields whatever its rows cost.

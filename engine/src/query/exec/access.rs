@@ -69,7 +69,9 @@ impl Execution {
         }
         match &self.plan.access {
             Access::Knn { query, column, .. } => {
-                let ColumnType::Vector(dim) = table.schema().columns[*column].ty else {
+                let Some(ColumnType::Vector(dim)) =
+                    table.schema().columns.get(*column).map(|c| c.ty)
+                else {
                     return Err(QueryError::eval("kNN needs a vector column"));
                 };
                 let value = query.eval(NO_COLUMNS, &self.params).map_err(eval_err)?;
@@ -90,7 +92,7 @@ impl Execution {
                     ),
                     finished: false,
                     k,
-                    best: BinaryHeap::with_capacity(k.min(SLICE_VECTORS) + 1),
+                    best: BinaryHeap::with_capacity(k.min(SLICE_KNN_ROWS) + 1),
                 }))
             }
             Access::Keys {

@@ -1,5 +1,5 @@
 //! Execution: a plan run in slices. Each slice reads at most [`SLICE_ROWS`] rows (or
-//! [`SLICE_VECTORS`] vectors) while the caller holds the shard state, then hands
+//! [`SLICE_KNN_ROWS`] for kNN) while the caller holds the shard state, then hands
 //! control back so the shard can yield; the next slice resumes after the last key
 //! read. A row present for the whole query is seen exactly once; rows written
 //! meanwhile may or may not be seen.
@@ -27,7 +27,7 @@ use super::expr::{
     as_f64, as_vector, check_dims, compare, sort_cmp, truth, type_name, Columns, Expr, NO_COLUMNS,
 };
 use super::plan::{Access, OrderBy, Prepared};
-use super::{AskLimits, QueryError, QueryErrorKind, SLICE_ROWS, SLICE_TARGET, SLICE_VECTORS};
+use super::{AskLimits, QueryError, QueryErrorKind, SLICE_KNN_ROWS, SLICE_ROWS, SLICE_TARGET};
 use crate::key::Key;
 use crate::table::{RangeScan, Row, Table};
 use crate::tenant::Tenant;
@@ -94,7 +94,7 @@ pub struct Execution {
     /// Rows skipped for OFFSET so far (streaming output).
     skipped: usize,
     stats: Stats,
-    /// Rows (or vectors) the next slice reads: sized so a slice takes about
+    /// Rows the next slice reads: sized so a slice takes about
     /// [`SLICE_TARGET`].
     slice_size: usize,
     /// Bytes held in `output` and `groups`, against `limits.max_memory_bytes`.
@@ -326,7 +326,7 @@ impl Execution {
             Source::NotStarted | Source::Done => {}
         }
         let max = match self.source {
-            Source::Knn(_) => SLICE_VECTORS,
+            Source::Knn(_) => SLICE_KNN_ROWS,
             _ => SLICE_ROWS,
         };
         self.slice_size = next_slice_size(self.slice_size, slice_started.elapsed(), max);
