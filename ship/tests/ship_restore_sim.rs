@@ -507,3 +507,149 @@ fn shipping_through_crashes_restores_exactly_what_recovery_has() {
         );
     }
 }
+
+/// `verify` while the writer seals the segment whose tail pieces it listed: the pieces
+/// are gone when read, and the sealed segment that replaced them is in a second
+/// listing, so nothing is a problem and the walk ends where the sealed archive's does.
+#[test]
+fn verify_outlives_a_segment_sealed_under_it() {
+    run_local(async {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let root = dir.path().join("archive");
+        let archive: Arc<dyn Archive> = Arc::new(LocalDirArchive::open(&root).expect("archive"));
+        let storage = SimStorage::new(7, SimFaults::default());
+        let (shard, _) = Shard::open(storage.clone(), wal_config())
+            .await
+            .expect("open");
+        shard.set_release_barrier(Some(Lsn(1)));
+        let mut shipper = open_shipper(&archive, dir.path(), &storage).expect("shipper");
+        shard.create_tenant(&acme()).await.expect("tenant");
+        shard.create_table(&acme(), schema()).await.expect("table");
+        let mut id = 0;
+        let mut write = || {
+            id += 1;
+            let row = json!({"id": id, "n": id});
+            let ops = [WriteOp::Upsert(row.as_object().expect("object").clone())];
+            let shard = &shard;
+            async move {
+                shard
+                    .write(&acme(), "items", &ops, None)
+                    .await
+                    .expect("written")
+            }
+        };
+        write().await;
+        assert!(ship_round(&mut shipper, &shard), "shipped");
+        let tails = oc_ship::layout::tails_prefix(0);
+        let pieces = archive.list(&tails).expect("list");
+        let sealing = pieces
+            .iter()
+            .filter_map(|k| oc_ship::layout::TailPieceKey::parse(k))
+            .map(|p| p.first_lsn)
+            .next()
+            .expect("the active segment's tail went out in pieces");
+        let before_seal = dir.path().join("before-seal");
+        copy_dir(&root, &before_seal);
+
+        let sealed = |shard: &Shard<SimStorage>| shard.wal().segments().len() > 1;
+        for _ in 0..1000 {
+            if sealed(&shard) {
+                break;
+            }
+            write().await;
+        }
+        assert!(sealed(&shard), "the segment sealed");
+        assert!(ship_round(&mut shipper, &shard), "shipped sealed");
+        let segments = archive.list("shard-0/wal/").expect("list");
+        assert!(
+            segments
+                .iter()
+                .filter_map(|k| oc_ship::layout::SegmentKey::parse(k))
+                .any(|s| s.first_lsn == sealing),
+            "the segment is archived sealed: {segments:?}"
+        );
+        let left = archive.list(&tails).expect("list");
+        assert!(
+            pieces.iter().all(|p| !left.contains(p)),
+            "its pieces are gone: {left:?}"
+        );
+        shard.close().await.expect("close");
+
+        let after = restore::verify(archive.as_ref(), &mut |_| {}).expect("verify");
+        let mut relistings = 0;
+        let during = restore::verify(
+            &SealedWhileRead {
+                before: Arc::new(LocalDirArchive::open(&before_seal).expect("archive")),
+                after: archive.clone(),
+                sealed: std::sync::atomic::AtomicBool::new(false),
+            },
+            &mut |line| relistings += usize::from(line.contains("listing 2 of")),
+        )
+        .expect("verify");
+        let (during, after) = (&during[0], &after[0]);
+        assert!(during.problems.is_empty(), "{:?}", during.problems);
+        assert_eq!(relistings, 1, "verified again from a second listing");
+        assert_eq!(during.objects, after.objects);
+        assert_eq!(during.window, after.window);
+    });
+}
+
+/// Copies a local archive's directory as it is at one moment.
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).expect("dir");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).expect("copy");
+        }
+    }
+}
+
+/// The archive `before` a segment sealed until the first read of a tail piece, and
+/// the archive `after` it from then on: the seal lands between `verify`'s listing and
+/// its reads.
+struct SealedWhileRead {
+    before: Arc<dyn Archive>,
+    after: Arc<dyn Archive>,
+    sealed: std::sync::atomic::AtomicBool,
+}
+
+impl SealedWhileRead {
+    fn now(&self) -> &dyn Archive {
+        if self.sealed.load(std::sync::atomic::Ordering::Relaxed) {
+            self.after.as_ref()
+        } else {
+            self.before.as_ref()
+        }
+    }
+}
+
+impl Archive for SealedWhileRead {
+    fn put(
+        &self,
+        key: &str,
+        payload: &[u8],
+        condition: &Condition,
+    ) -> Result<Version, ArchiveError> {
+        self.now().put(key, payload, condition)
+    }
+
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, Version)>, ArchiveError> {
+        if oc_ship::layout::TailPieceKey::parse(key).is_some() {
+            self.sealed
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.now().get(key)
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<String>, ArchiveError> {
+        self.now().list(prefix)
+    }
+
+    fn delete(&self, key: &str) -> Result<(), ArchiveError> {
+        self.now().delete(key)
+    }
+}
