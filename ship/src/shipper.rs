@@ -197,6 +197,14 @@ struct ShardProgress {
 pub trait ShardFiles {
     /// Names of the files in `shard`'s directory.
     fn names(&self, shard: usize) -> std::io::Result<Vec<String>>;
+    /// `buf.len()` bytes of `name` from `offset`, into `buf`.
+    fn read_exact_at(
+        &self,
+        shard: usize,
+        name: &str,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> std::io::Result<()>;
     /// `len` bytes of `name` from `offset`.
     fn read_at(
         &self,
@@ -204,7 +212,11 @@ pub trait ShardFiles {
         name: &str,
         offset: u64,
         len: usize,
-    ) -> std::io::Result<Vec<u8>>;
+    ) -> std::io::Result<Vec<u8>> {
+        let mut buf = vec![0; len];
+        self.read_exact_at(shard, name, offset, &mut buf)?;
+        Ok(buf)
+    }
     /// The whole file; `None` when it is gone (a superseded checkpoint).
     fn read(&self, shard: usize, name: &str) -> std::io::Result<Option<Vec<u8>>>;
     fn len(&self, shard: usize, name: &str) -> std::io::Result<u64>;
@@ -264,18 +276,16 @@ impl ShardFiles for DataDirFiles {
     /// [`ShardFiles::forget`] drops them, before the log may reuse the file. `O_DIRECT`
     /// reads were tried instead and had far longer latency maxima (BENCHMARKS.md, "The
     /// shipper's reads and the log's writes").
-    fn read_at(
+    fn read_exact_at(
         &self,
         shard: usize,
         name: &str,
         offset: u64,
-        len: usize,
-    ) -> std::io::Result<Vec<u8>> {
+        buf: &mut [u8],
+    ) -> std::io::Result<()> {
         let file = File::open(self.path(shard, name))?;
         advise(&file, libc::POSIX_FADV_RANDOM);
-        let mut buf = vec![0u8; len];
-        file.read_exact_at(&mut buf, offset)?;
-        Ok(buf)
+        file.read_exact_at(buf, offset)
     }
 
     fn read(&self, shard: usize, name: &str) -> std::io::Result<Option<Vec<u8>>> {
@@ -622,7 +632,6 @@ impl<F: ShardFiles> Shipper<F> {
                 .read_at(shard, name, offset, len)
                 .map_err(|e| local(&e))
         };
-        let header_block = read(0, BLOCK_SIZE)?;
         let capacity = self.files.len(shard, name).map_err(|e| local(&e))?;
         if capacity < 2 * BLOCK_SIZE as u64 {
             return Err(local(&format!("a segment of only {capacity} bytes")));
@@ -636,11 +645,16 @@ impl<F: ShardFiles> Shipper<F> {
                 footer.data_end
             )));
         }
+        // The image (header block, data, footer block: FORMAT.md §9) read in place,
+        // one buffer from the file to the archive: a segment is 64 MiB.
         let data_len = footer.data_end.saturating_sub(DATA_START) as usize;
-        let data = read(DATA_START, data_len)?;
-        let (image, _, footer) =
-            oc_io::wal::image::sealed_image(&header_block, &data, &footer_block)
-                .map_err(|e| local(&e))?;
+        let mut image = vec![0; DATA_START as usize + data_len + BLOCK_SIZE];
+        let (head, footer_room) = image.split_at_mut(DATA_START as usize + data_len);
+        self.files
+            .read_exact_at(shard, name, 0, head)
+            .map_err(|e| local(&e))?;
+        footer_room.copy_from_slice(&footer_block);
+        let (_, footer) = oc_io::wal::image::check_sealed_image(&image).map_err(|e| local(&e))?;
         let key = SegmentKey {
             shard,
             epoch,
@@ -1275,7 +1289,7 @@ mod tests {
         fn names(&self, _: usize) -> std::io::Result<Vec<String>> {
             Ok(Vec::new())
         }
-        fn read_at(&self, _: usize, _: &str, _: u64, _: usize) -> std::io::Result<Vec<u8>> {
+        fn read_exact_at(&self, _: usize, _: &str, _: u64, _: &mut [u8]) -> std::io::Result<()> {
             Err(std::io::ErrorKind::NotFound.into())
         }
         fn read(&self, _: usize, _: &str) -> std::io::Result<Option<Vec<u8>>> {

@@ -65,13 +65,20 @@ impl ShardFiles for SimFiles {
         Ok(self.0.file_names())
     }
 
-    fn read_at(&self, _: usize, name: &str, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    fn read_exact_at(
+        &self,
+        _: usize,
+        name: &str,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> std::io::Result<()> {
         let bytes = self.0.read_file(name).ok_or_else(|| gone(name))?;
-        let range = offset as usize..offset as usize + len;
-        bytes
+        let range = offset as usize..offset as usize + buf.len();
+        let read = bytes
             .get(range)
-            .map(<[u8]>::to_vec)
-            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::UnexpectedEof))
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::UnexpectedEof))?;
+        buf.copy_from_slice(read);
+        Ok(())
     }
 
     fn read(&self, _: usize, name: &str) -> std::io::Result<Option<Vec<u8>>> {

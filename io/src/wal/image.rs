@@ -20,6 +20,28 @@ pub fn sealed_image(
     data: &[u8],
     footer_block: &[u8],
 ) -> Result<(Vec<u8>, SegmentHeader, SegmentFooter), String> {
+    if header_block.len() != BLOCK_SIZE || footer_block.len() != BLOCK_SIZE {
+        return Err("header and footer are one block each".into());
+    }
+    let mut image = Vec::with_capacity(2 * BLOCK_SIZE + data.len());
+    image.extend_from_slice(header_block);
+    image.extend_from_slice(data);
+    image.extend_from_slice(footer_block);
+    let (header, footer) = check_sealed_image(&image)?;
+    Ok((image, header, footer))
+}
+
+/// [`sealed_image`]'s checks on an image already laid out (a writer that reads the
+/// file straight into it saves a copy of the segment).
+pub fn check_sealed_image(image: &[u8]) -> Result<(SegmentHeader, SegmentFooter), String> {
+    let Some(data_len) = image.len().checked_sub(2 * BLOCK_SIZE) else {
+        return Err(format!(
+            "{} bytes cannot hold a header and a footer",
+            image.len()
+        ));
+    };
+    let (header_block, rest) = image.split_at(BLOCK_SIZE);
+    let (data, footer_block) = rest.split_at(data_len);
     let header = SegmentHeader::decode(header_block).map_err(|e| format!("header: {e:?}"))?;
     let footer = SegmentFooter::decode(footer_block).map_err(|e| format!("footer: {e:?}"))?;
     if footer.data_end != DATA_START + data.len() as u64 {
@@ -32,11 +54,7 @@ pub fn sealed_image(
     if crc32c::crc32c(data) != footer.data_crc {
         return Err("data checksum does not match the footer".into());
     }
-    let mut image = Vec::with_capacity(2 * BLOCK_SIZE + data.len());
-    image.extend_from_slice(header_block);
-    image.extend_from_slice(data);
-    image.extend_from_slice(footer_block);
-    Ok((image, header, footer))
+    Ok((header, footer))
 }
 
 /// Turns an image (a sealed image, or tail pieces joined from offset 0) back into a

@@ -21,15 +21,36 @@ const _: () = assert!(TRAILER_BYTES == 4 + 2 + 2 + 8 + 4 + 4);
 pub fn seal(payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(payload.len() + TRAILER_BYTES);
     out.extend_from_slice(payload);
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&VERSION.to_le_bytes());
-    out.extend_from_slice(&0u16.to_le_bytes());
-    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    out.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
-    let trailer_crc = crc32c::crc32c(&out[payload.len()..]);
-    out.extend_from_slice(&trailer_crc.to_le_bytes());
-    debug_assert_eq!(out.len(), payload.len() + TRAILER_BYTES);
+    out.extend_from_slice(&trailer(payload).bytes);
     out
+}
+
+/// The trailer that follows `payload`, for a writer that stores the two without
+/// joining them (a join is a copy of the whole payload).
+pub struct Trailer {
+    pub bytes: [u8; TRAILER_BYTES],
+    /// The CRC-32C of the payload (bytes 16..20).
+    pub payload_crc: u32,
+}
+
+impl Trailer {
+    /// The CRC-32C of the whole object, payload and trailer, without reading the
+    /// payload again.
+    pub fn object_crc(&self) -> u32 {
+        crc32c::crc32c_combine(self.payload_crc, crc32c::crc32c(&self.bytes), TRAILER_BYTES)
+    }
+}
+
+pub fn trailer(payload: &[u8]) -> Trailer {
+    let payload_crc = crc32c::crc32c(payload);
+    let mut bytes = [0u8; TRAILER_BYTES];
+    bytes[..4].copy_from_slice(MAGIC);
+    bytes[4..6].copy_from_slice(&VERSION.to_le_bytes());
+    bytes[8..16].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+    bytes[16..20].copy_from_slice(&payload_crc.to_le_bytes());
+    let trailer_crc = crc32c::crc32c(&bytes[..20]);
+    bytes[20..].copy_from_slice(&trailer_crc.to_le_bytes());
+    Trailer { bytes, payload_crc }
 }
 
 /// The payload of a sealed object, after checking its trailer and checksum.
@@ -82,6 +103,15 @@ mod tests {
     fn sealed_objects_open_to_their_payload() {
         for payload in [&b""[..], b"x", &[7u8; 5000]] {
             assert_eq!(open(&seal(payload)), Ok(payload));
+        }
+    }
+
+    #[test]
+    fn an_objects_crc_from_its_trailer_is_the_crc_of_its_bytes() {
+        for payload in [&b""[..], b"x", &[7u8; 5000], &[0xa5; 1 << 20]] {
+            let trailer = trailer(payload);
+            assert_eq!(trailer.object_crc(), crc32c::crc32c(&seal(payload)));
+            assert_eq!(trailer.payload_crc, crc32c::crc32c(payload));
         }
     }
 

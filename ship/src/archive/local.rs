@@ -36,7 +36,12 @@ fn io(key: &str) -> impl Fn(std::io::Error) -> ArchiveError + '_ {
 }
 
 fn version_of(sealed: &[u8]) -> Version {
-    Version(format!("{:08x}-{}", crc32c::crc32c(sealed), sealed.len()))
+    version(crc32c::crc32c(sealed), sealed.len())
+}
+
+/// An object's version: its CRC-32C and length, so two puts of the same bytes agree.
+fn version(object_crc: u32, len: usize) -> Version {
+    Version(format!("{object_crc:08x}-{len}"))
 }
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
@@ -76,8 +81,13 @@ impl LocalDirArchive {
         Ok(self.root.join(key))
     }
 
-    /// Writes the sealed object to a synced temporary file.
-    fn stage(&self, key: &str, sealed: &[u8]) -> Result<PathBuf, ArchiveError> {
+    /// Writes the object (payload, then its trailer) to a synced temporary file.
+    fn stage(
+        &self,
+        key: &str,
+        payload: &[u8],
+        trailer: &envelope::Trailer,
+    ) -> Result<PathBuf, ArchiveError> {
         let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
         let tmp = self
             .root
@@ -88,7 +98,8 @@ impl LocalDirArchive {
             .create_new(true)
             .open(&tmp)
             .map_err(io(key))?;
-        file.write_all(sealed).map_err(io(key))?;
+        file.write_all(payload).map_err(io(key))?;
+        file.write_all(&trailer.bytes).map_err(io(key))?;
         file.sync_all().map_err(io(key))?;
         Ok(tmp)
     }
@@ -135,9 +146,12 @@ impl Archive for LocalDirArchive {
         let path = self.path(key)?;
         let parent = path.parent().expect("keys are below the root");
         self.make_dirs(parent).map_err(io(key))?;
-        let sealed = envelope::seal(payload);
-        let version = version_of(&sealed);
-        let tmp = self.stage(key, &sealed)?;
+        let trailer = envelope::trailer(payload);
+        let version = version(
+            trailer.object_crc(),
+            payload.len() + envelope::TRAILER_BYTES,
+        );
+        let tmp = self.stage(key, payload, &trailer)?;
         // Check-and-place is one step for every process (and thread: each put opens
         // its own file description) using this archive.
         let _serialised = match condition {
