@@ -224,7 +224,7 @@ pub trait ShardFiles {
     fn describe(&self, shard: usize, name: &str) -> String;
     /// Done with segment `name` for good (it is archived sealed): what reading it left
     /// cached can go. The log reuses a released segment's file for a later segment,
-    /// whose writes must not meet those pages (see [`DataDirFiles`]'s `read_at`).
+    /// whose writes must not meet those pages (see [`DataDirFiles`]'s `read_exact_at`).
     fn forget(&self, _shard: usize, _name: &str) {}
 }
 

@@ -31,6 +31,9 @@ pub fn sealed_image(
     Ok((image, header, footer))
 }
 
+// An image is the file's first block (the header), its data, then the footer block.
+const _: () = assert!(DATA_START == BLOCK_SIZE as u64);
+
 /// [`sealed_image`]'s checks on an image already laid out (a writer that reads the
 /// file straight into it saves a copy of the segment).
 pub fn check_sealed_image(image: &[u8]) -> Result<(SegmentHeader, SegmentFooter), String> {
