@@ -863,6 +863,25 @@ fn knn_matches_brute_force_with_ties_filters_and_both_metrics() {
     assert_eq!(plan["rows_out"], json!(4));
 }
 
+/// The int ids a finished scan returned, in its order and sorted; no id twice.
+fn distinct_ids(run: oc_engine::query::Execution) -> (Vec<i64>, Vec<i64>) {
+    let ids: Vec<i64> = run
+        .finish(false)
+        .expect("finishes")
+        .rows
+        .into_iter()
+        .map(|r| match r[0] {
+            Value::Int(i) => i,
+            _ => panic!("int"),
+        })
+        .collect();
+    let mut sorted = ids.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(sorted.len(), ids.len(), "no row twice");
+    (ids, sorted)
+}
+
 #[test]
 fn a_scan_resumes_across_slices_while_rows_change() {
     use oc_engine::query::{normalize, prepare, Execution};
@@ -898,20 +917,7 @@ fn a_scan_resumes_across_slices_while_rows_change() {
             t.write("t", &[gone, fresh]).expect("written");
         }
         assert!(steps >= 4, "{sql}: the scan took several slices");
-        let ids: Vec<i64> = run
-            .finish(false)
-            .expect("finishes")
-            .rows
-            .into_iter()
-            .map(|r| match r[0] {
-                Value::Int(i) => i,
-                _ => panic!("int"),
-            })
-            .collect();
-        let mut sorted = ids.clone();
-        sorted.sort_unstable();
-        sorted.dedup();
-        assert_eq!(sorted.len(), ids.len(), "{sql}: no row twice");
+        let (_, sorted) = distinct_ids(run);
         // Every row present throughout (not deleted, original) was seen.
         for id in 0..(4999 - steps as i64) {
             assert!(sorted.binary_search(&id).is_ok(), "{sql}: row {id} missed");
@@ -970,20 +976,7 @@ fn a_knn_scan_resumes_across_slices_while_rows_change() {
         t.write("t", &[gone, fresh, moved]).expect("written");
     }
     assert!(steps >= 4, "the scan took several slices");
-    let ids: Vec<i64> = run
-        .finish(false)
-        .expect("finishes")
-        .rows
-        .into_iter()
-        .map(|r| match r[0] {
-            Value::Int(i) => i,
-            _ => panic!("int"),
-        })
-        .collect();
-    let mut sorted = ids.clone();
-    sorted.sort_unstable();
-    sorted.dedup();
-    assert_eq!(sorted.len(), ids.len(), "no row twice");
+    let (ids, sorted) = distinct_ids(run);
     // Every row with a vector present throughout was found, and none without one.
     for id in 0..(4999 - steps as i64) {
         assert_eq!(
