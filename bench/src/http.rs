@@ -188,6 +188,9 @@ pub(crate) fn parse_url_trusting(url: &str, ca_cert: Option<&std::path::Path>) -
         _ => bail!("the URL must start with http:// or https://, not {url:?}"),
     };
     let host = rest.trim_end_matches('/').to_string();
+    if let Some((_, path)) = host.split_once('/') {
+        bail!("give the server's address without a path (drop /{path} from {url:?})");
+    }
     let addr = std::net::ToSocketAddrs::to_socket_addrs(&host)
         .with_context(|| format!("resolving {host}"))?
         .next()
@@ -1043,6 +1046,21 @@ pub(crate) fn svgs(r: &HttpReport) -> Vec<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_server_url_with_a_path_is_refused_with_what_to_drop() {
+        let refused = parse_url("http://127.0.0.1:7071/metrics")
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            refused
+                .as_deref()
+                .is_some_and(|e| e.contains("drop /metrics")),
+            "{refused:?}"
+        );
+        assert!(parse_url("http://127.0.0.1:7071/").is_ok());
+        assert!(parse_url("http://127.0.0.1:7071").is_ok());
+    }
 
     #[test]
     fn the_quantile_between_two_scrapes_counts_only_what_came_between() {
