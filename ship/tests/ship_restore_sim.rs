@@ -15,6 +15,8 @@
 
 use std::cell::Cell;
 use std::rc::Rc;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -347,10 +349,7 @@ fn verify_outlives_a_live_writers_deletions(
     if segments.len() >= 3 {
         let hidden = &segments[1];
         counts.lost_segments_verified += 1;
-        let (verified, relistings) = walk(&HidesAnObject {
-            inner: archive.clone(),
-            hidden: hidden.clone(),
-        });
+        let (verified, relistings) = walk(&hides_an_object(archive, hidden));
         assert_eq!(
             relistings, 0,
             "seed {seed}: still listed, so not listed again"
@@ -371,11 +370,7 @@ fn verify_outlives_a_live_writers_deletions(
         return;
     };
     counts.deletions_verified += 1;
-    let (verified, relistings) = walk(&DeletedOnFirstRead {
-        inner: archive.clone(),
-        doomed: doomed.clone(),
-        deleted: std::sync::atomic::AtomicBool::new(false),
-    });
+    let (verified, relistings) = walk(&deleted_on_first_read(archive, doomed));
     assert!(
         verified.problems.is_empty(),
         "seed {seed}: a deleted object counted as a problem: {:?}",
@@ -400,73 +395,63 @@ fn verify_outlives_a_live_writers_deletions(
     }
 }
 
-/// Deletes `doomed` just before its first read, as a live writer's retention can
-/// between `verify`'s listing and its read.
-struct DeletedOnFirstRead {
-    inner: Arc<dyn Archive>,
-    doomed: String,
-    deleted: std::sync::atomic::AtomicBool,
+type GetHook = Box<dyn Fn(&str) -> Result<Option<(Vec<u8>, Version)>, ArchiveError> + Send + Sync>;
+type ListHook = Box<dyn Fn(&str) -> Result<Vec<String>, ArchiveError> + Send + Sync>;
+
+/// An archive as `verify` sees it while something changes it between its listing and
+/// its reads: reads and listings go through the hooks. `verify` only reads, so a
+/// write is a failure of the test.
+struct Changing {
+    get: GetHook,
+    list: ListHook,
 }
 
-impl Archive for DeletedOnFirstRead {
-    fn put(
-        &self,
-        key: &str,
-        payload: &[u8],
-        condition: &Condition,
-    ) -> Result<Version, ArchiveError> {
-        self.inner.put(key, payload, condition)
+impl Archive for Changing {
+    fn put(&self, key: &str, _: &[u8], _: &Condition) -> Result<Version, ArchiveError> {
+        panic!("verify wrote {key}")
     }
 
     fn get(&self, key: &str) -> Result<Option<(Vec<u8>, Version)>, ArchiveError> {
-        if key == self.doomed
-            && !self
-                .deleted
-                .swap(true, std::sync::atomic::Ordering::Relaxed)
-        {
-            self.inner.delete(key)?;
-        }
-        self.inner.get(key)
+        (self.get)(key)
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<String>, ArchiveError> {
-        self.inner.list(prefix)
+        (self.list)(prefix)
     }
 
     fn delete(&self, key: &str) -> Result<(), ArchiveError> {
-        self.inner.delete(key)
+        panic!("verify deleted {key}")
+    }
+}
+
+/// Deletes `doomed` just before its first read, as a live writer's retention can
+/// between `verify`'s listing and its read.
+fn deleted_on_first_read(inner: &Arc<dyn Archive>, doomed: &str) -> Changing {
+    let deleted = AtomicBool::new(false);
+    let (reader, lister, doomed) = (inner.clone(), inner.clone(), doomed.to_string());
+    Changing {
+        get: Box::new(move |key| {
+            if key == doomed && !deleted.swap(true, Relaxed) {
+                reader.delete(key)?;
+            }
+            reader.get(key)
+        }),
+        list: Box::new(move |prefix| lister.list(prefix)),
     }
 }
 
 /// Lists `hidden` but never finds it when read: a lost object.
-struct HidesAnObject {
-    inner: Arc<dyn Archive>,
-    hidden: String,
-}
-
-impl Archive for HidesAnObject {
-    fn put(
-        &self,
-        key: &str,
-        payload: &[u8],
-        condition: &Condition,
-    ) -> Result<Version, ArchiveError> {
-        self.inner.put(key, payload, condition)
-    }
-
-    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, Version)>, ArchiveError> {
-        if key == self.hidden {
-            return Ok(None);
-        }
-        self.inner.get(key)
-    }
-
-    fn list(&self, prefix: &str) -> Result<Vec<String>, ArchiveError> {
-        self.inner.list(prefix)
-    }
-
-    fn delete(&self, key: &str) -> Result<(), ArchiveError> {
-        self.inner.delete(key)
+fn hides_an_object(inner: &Arc<dyn Archive>, hidden: &str) -> Changing {
+    let (reader, lister, hidden) = (inner.clone(), inner.clone(), hidden.to_string());
+    Changing {
+        get: Box::new(move |key| {
+            if key == hidden {
+                Ok(None)
+            } else {
+                reader.get(key)
+            }
+        }),
+        list: Box::new(move |prefix| lister.list(prefix)),
     }
 }
 
@@ -585,11 +570,10 @@ fn verify_outlives_a_segment_sealed_under_it() {
         let after = restore::verify(archive.as_ref(), &mut |_| {}).expect("verify");
         let mut relistings = 0;
         let during = restore::verify(
-            &SealedWhileRead {
-                before: Arc::new(LocalDirArchive::open(&before_seal).expect("archive")),
-                after: archive.clone(),
-                sealed: std::sync::atomic::AtomicBool::new(false),
-            },
+            &sealed_while_read(
+                Arc::new(LocalDirArchive::open(&before_seal).expect("archive")),
+                archive.clone(),
+            ),
             &mut |line| relistings += usize::from(line.contains("listing 2 of")),
         )
         .expect("verify");
@@ -618,45 +602,26 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
 /// The archive `before` a segment sealed until the first read of a tail piece, and
 /// the archive `after` it from then on: the seal lands between `verify`'s listing and
 /// its reads.
-struct SealedWhileRead {
-    before: Arc<dyn Archive>,
-    after: Arc<dyn Archive>,
-    sealed: std::sync::atomic::AtomicBool,
-}
-
-impl SealedWhileRead {
-    fn now(&self) -> &dyn Archive {
-        if self.sealed.load(std::sync::atomic::Ordering::Relaxed) {
-            self.after.as_ref()
-        } else {
-            self.before.as_ref()
+fn sealed_while_read(before: Arc<dyn Archive>, after: Arc<dyn Archive>) -> Changing {
+    let sealed = Arc::new(AtomicBool::new(false));
+    let now = {
+        let sealed = sealed.clone();
+        move || {
+            if sealed.load(Relaxed) {
+                after.clone()
+            } else {
+                before.clone()
+            }
         }
-    }
-}
-
-impl Archive for SealedWhileRead {
-    fn put(
-        &self,
-        key: &str,
-        payload: &[u8],
-        condition: &Condition,
-    ) -> Result<Version, ArchiveError> {
-        self.now().put(key, payload, condition)
-    }
-
-    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, Version)>, ArchiveError> {
-        if oc_ship::layout::TailPieceKey::parse(key).is_some() {
-            self.sealed
-                .store(true, std::sync::atomic::Ordering::Relaxed);
-        }
-        self.now().get(key)
-    }
-
-    fn list(&self, prefix: &str) -> Result<Vec<String>, ArchiveError> {
-        self.now().list(prefix)
-    }
-
-    fn delete(&self, key: &str) -> Result<(), ArchiveError> {
-        self.now().delete(key)
+    };
+    let lister = now.clone();
+    Changing {
+        get: Box::new(move |key| {
+            if oc_ship::layout::TailPieceKey::parse(key).is_some() {
+                sealed.store(true, Relaxed);
+            }
+            now().get(key)
+        }),
+        list: Box::new(move |prefix| lister().list(prefix)),
     }
 }
