@@ -351,6 +351,25 @@ fn a_damaged_archive_is_named_and_refused() {
         verified.stdout
     );
 
+    // One write per group pads each row to a 4 KiB block of mostly zeros: sealed
+    // segments are stored LZ4-encoded (FORMAT.md §8), in a fraction of their bytes.
+    let sealed: Vec<_> = walk(&archive)
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains("/wal/"))
+        .collect();
+    assert!(!sealed.is_empty(), "no sealed segment was archived");
+    for path in &sealed {
+        let object = std::fs::read(path).expect("read");
+        let trailer = &object[object.len() - 24..];
+        assert_eq!(&trailer[4..8], &[2, 0, 1, 0], "{path:?} is not LZ4-encoded");
+        let decoded = u64::from_le_bytes(object[..8].try_into().expect("8 bytes"));
+        assert!(
+            decoded > 4 * object.len() as u64,
+            "{path:?}: {} bytes stored for {decoded}",
+            object.len()
+        );
+    }
+
     let verified = oc_pitr(&["verify", "--archive", &uri, "--output", "json"]);
     let report: serde_json::Value = serde_json::from_str(&verified.stdout).expect("JSON");
     assert_eq!(report["ok"], true, "{report}");

@@ -81,13 +81,8 @@ impl LocalDirArchive {
         Ok(self.root.join(key))
     }
 
-    /// Writes the object (payload, then its trailer) to a synced temporary file.
-    fn stage(
-        &self,
-        key: &str,
-        payload: &[u8],
-        trailer: &envelope::Trailer,
-    ) -> Result<PathBuf, ArchiveError> {
+    /// Writes the object (its body, then its trailer) to a synced temporary file.
+    fn stage(&self, key: &str, sealed: &envelope::Sealed) -> Result<PathBuf, ArchiveError> {
         let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
         let tmp = self
             .root
@@ -98,8 +93,8 @@ impl LocalDirArchive {
             .create_new(true)
             .open(&tmp)
             .map_err(io(key))?;
-        file.write_all(payload).map_err(io(key))?;
-        file.write_all(&trailer.bytes).map_err(io(key))?;
+        file.write_all(&sealed.body).map_err(io(key))?;
+        file.write_all(&sealed.trailer).map_err(io(key))?;
         file.sync_all().map_err(io(key))?;
         Ok(tmp)
     }
@@ -146,12 +141,9 @@ impl Archive for LocalDirArchive {
         let path = self.path(key)?;
         let parent = path.parent().expect("keys are below the root");
         self.make_dirs(parent).map_err(io(key))?;
-        let trailer = envelope::trailer(payload);
-        let version = version(
-            trailer.object_crc(),
-            payload.len() + envelope::TRAILER_BYTES,
-        );
-        let tmp = self.stage(key, payload, &trailer)?;
+        let sealed = envelope::seal(payload);
+        let version = version(sealed.object_crc(), sealed.len());
+        let tmp = self.stage(key, &sealed)?;
         // Check-and-place is one step for every process (and thread: each put opens
         // its own file description) using this archive.
         let _serialised = match condition {
@@ -202,11 +194,11 @@ impl Archive for LocalDirArchive {
             Err(e) => return Err(io(key)(e)),
         };
         let version = version_of(&sealed);
-        let payload = envelope::open(&sealed).map_err(|why| ArchiveError::Corrupt {
+        let payload = envelope::open(sealed).map_err(|why| ArchiveError::Corrupt {
             key: key.to_string(),
             why,
         })?;
-        Ok(Some((payload.to_vec(), version)))
+        Ok(Some((payload, version)))
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<String>, ArchiveError> {
@@ -371,14 +363,15 @@ mod tests {
         a.put("seg", &[9u8; 4096], &Condition::Always).expect("put");
         let path = dir.path().join("archive/seg");
         let mut bytes = fs::read(&path).expect("read");
-        bytes[100] ^= 1;
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 1;
         fs::write(&path, &bytes).expect("damage");
         let err = a.get("seg").expect_err("damaged");
         assert!(
             matches!(&err, ArchiveError::Corrupt { key, .. } if key == "seg"),
             "{err}"
         );
-        fs::write(&path, &bytes[..50]).expect("truncate");
+        fs::write(&path, &bytes[..middle]).expect("truncate");
         assert!(matches!(a.get("seg"), Err(ArchiveError::Corrupt { .. })));
     }
 

@@ -276,11 +276,12 @@ async fn serve(shared: Arc<(Client, S3Location)>, request: Request) {
                     .await
                     .map_err(|e| io_error(&key, e))?
                     .into_bytes();
-                let payload = envelope::open(&sealed).map_err(|why| ArchiveError::Corrupt {
-                    key: key.clone(),
-                    why,
-                })?;
-                Ok(Some((payload.to_vec(), version)))
+                let payload =
+                    envelope::open(Vec::from(sealed)).map_err(|why| ArchiveError::Corrupt {
+                        key: key.clone(),
+                        why,
+                    })?;
+                Ok(Some((payload, version)))
             };
             let _ = reply.send(outcome.await);
         }
@@ -330,7 +331,7 @@ impl Archive for S3Archive {
         condition: &Condition,
     ) -> Result<Version, ArchiveError> {
         check_key(key)?;
-        let body = envelope::seal(payload);
+        let body = envelope::seal(payload).into_bytes();
         self.call(key, |reply| Request::Put {
             key: key.into(),
             body,
