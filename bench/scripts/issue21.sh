@@ -4,6 +4,7 @@
 # "Issue 21, every row"). Needs a release build:
 #   cargo build --release -p oc-net -p oc-bench -p oc-ship --bins
 # DIR must be on the disk to measure (not tmpfs). Writes JSON (and .hlog) to OUT.
+# ONLY=http runs the HTTP rounds alone.
 set -euo pipefail
 BIN=${BIN:-target/release}
 DIR=${DIR:-/tmp/oc-issue21}
@@ -11,6 +12,7 @@ OUT=${OUT:-docs/bench/issue21}
 ROUNDS=${ROUNDS:-3}
 PORT=${PORT:-7070}
 OPS_PORT=${OPS_PORT:-7071}
+ONLY=${ONLY:-all}
 mkdir -p "$OUT" "$DIR"
 log() { echo "== $(date +%T) $*" >&2; }
 
@@ -42,6 +44,7 @@ for round in $(seq "$ROUNDS"); do
     http_round pinned "$round" 0 1 --shards 1 --archive "file://$DIR/http-archive"
     http_round pinned-no-archive "$round" 0 1 --shards 1 --archive none
 done
+[ "$ONLY" = http ] && exit 0
 
 log "ask"
 "$BIN/oc-bench" ask --dir "$DIR/ask" --rows 100000 --dim 128 --rate 5000 --json "$OUT/ask.json" >/dev/null
