@@ -9,7 +9,7 @@ use oc_engine::FileProblem;
 use oc_io::Lsn;
 use serde::{Deserialize, Serialize};
 
-use crate::archive::{Archive, ArchiveError};
+use crate::archive::{Archive, ArchiveError, Version};
 use crate::layout::{self, SegmentKey, TailPieceKey};
 
 /// A checkpoint's manifest (FORMAT.md §6): the archive stores the server's byte for byte.
@@ -29,7 +29,8 @@ pub struct ArchiveManifest {
 }
 
 impl JsonFile for ArchiveManifest {
-    const VERSIONS: &'static [u64] = &[layout::ARCHIVE_FORMAT_VERSION];
+    /// 1: every object stored as is; 2: objects may be LZ4-encoded (FORMAT.md §8).
+    const VERSIONS: &'static [u64] = &[1, layout::ARCHIVE_FORMAT_VERSION];
     const REQUIRED_FIELDS: &'static [&'static str] =
         &["created_us", "format_version", "placement", "shards"];
 }
@@ -65,16 +66,25 @@ impl ArchiveManifest {
 }
 
 pub fn read_archive_manifest(archive: &dyn Archive) -> Result<ArchiveManifest, ArchiveError> {
-    let Some((bytes, _)) = archive.get(layout::MANIFEST_KEY)? else {
+    read_archive_manifest_versioned(archive).map(|(manifest, _)| manifest)
+}
+
+/// The archive's manifest and the version of the object holding it.
+pub fn read_archive_manifest_versioned(
+    archive: &dyn Archive,
+) -> Result<(ArchiveManifest, Version), ArchiveError> {
+    let Some((bytes, version)) = archive.get(layout::MANIFEST_KEY)? else {
         return Err(ArchiveError::Uri {
             uri: layout::MANIFEST_KEY.into(),
             why: "this archive has no manifest.json: nothing was ever shipped to it".into(),
         });
     };
-    ArchiveManifest::decode_checked(&bytes).map_err(|problem| ArchiveError::Unreadable {
-        key: layout::MANIFEST_KEY.into(),
-        problem,
-    })
+    let manifest =
+        ArchiveManifest::decode_checked(&bytes).map_err(|problem| ArchiveError::Unreadable {
+            key: layout::MANIFEST_KEY.into(),
+            problem,
+        })?;
+    Ok((manifest, version))
 }
 
 /// One shard's part of the archive.
@@ -185,7 +195,7 @@ mod tests {
     use super::*;
     use crate::archive::{Condition, LocalDirArchive};
 
-    const GOLDEN: &str = r#"{"created_us":1764000000000000,"format_version":1,"placement":"fnv1a64-mod","shards":4}"#;
+    const GOLDEN: &str = r#"{"created_us":1764000000000000,"format_version":2,"placement":"fnv1a64-mod","shards":4}"#;
 
     /// The bytes are those of the writer before the struct: a `serde_json::json!` map.
     #[test]
@@ -235,7 +245,7 @@ mod tests {
         let archive = LocalDirArchive::open(dir.path().join("a")).expect("archive");
         for (text, wanted) in [
             (
-                GOLDEN.replace("\"format_version\":1", "\"format_version\":2"),
+                GOLDEN.replace("\"format_version\":2", "\"format_version\":3"),
                 "version",
             ),
             (GOLDEN.replace(",\"shards\":4", ""), "shards"),
@@ -250,7 +260,7 @@ mod tests {
             };
             assert_eq!(key, layout::MANIFEST_KEY);
             match (wanted, problem) {
-                ("version", FileProblem::UnsupportedVersion { found: 2, .. }) => {}
+                ("version", FileProblem::UnsupportedVersion { found: 3, .. }) => {}
                 ("shards", FileProblem::MissingField("shards")) => {}
                 (
                     "placement",

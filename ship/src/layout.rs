@@ -18,8 +18,9 @@
 use oc_io::wal::segment::segment_name;
 use oc_io::{Epoch, Lsn, BLOCK_SIZE};
 
-/// Version of the archive layout, recorded in `manifest.json`.
-pub const ARCHIVE_FORMAT_VERSION: u64 = 1;
+/// Version of the archive layout, recorded in `manifest.json`: 2 since objects may be
+/// LZ4-encoded (FORMAT.md §8); this build also reads 1.
+pub const ARCHIVE_FORMAT_VERSION: u64 = 2;
 pub const MANIFEST_KEY: &str = "manifest.json";
 
 /// Where the audit log's files are copied (`audit/<file name>`, see `audit.rs`).

@@ -17,8 +17,9 @@
 //! those zeros twice (as a tail piece, then in the sealed segment) on the disk the log
 //! syncs to. Why LZ4: it runs at memory speed on that padding, so the shipping thread
 //! spends less time compressing than it saves writing. An object that does not shrink
-//! by an eighth is stored as is (version 1, as every object was before encodings), so
-//! small records (`lease.json`, manifests) stay readable by older builds.
+//! by an eighth is stored as is (version 1, as every object was before encodings). A
+//! build that reads only version 1 refuses an encoded object by its version, and an
+//! archive holding them by its manifest's `format_version` (FORMAT.md §9).
 
 use std::borrow::Cow;
 
@@ -34,11 +35,12 @@ const ENCODING_LZ4: u16 = 1;
 const LZ4_HEADER_BYTES: usize = 8 + 4;
 /// Smaller payloads are stored as is: too little to save.
 const COMPRESS_FROM_BYTES: usize = 4096;
-/// Larger payloads are stored as is: one LZ4 block addresses its input with 32-bit
-/// offsets, and an object this big is a checkpoint of mostly distinct rows anyway.
-const COMPRESS_UP_TO_BYTES: usize = 1 << 30;
+/// Larger payloads are stored as is. This bounds the encoder's scratch buffer (it
+/// wants 1.1 times the payload) and what a reader allocates for a claimed length: a
+/// log segment is 64 MiB by default, so only a large checkpoint is stored as is.
+const COMPRESS_UP_TO_BYTES: usize = 256 << 20;
 /// LZ4 encodes a run of up to 255 more bytes in each further byte, so no block
-/// decodes to more than this many times its size (plus a literal's worth): a larger
+/// decodes to more than this many times its size (plus a sequence's worth): a larger
 /// claimed length is damage, refused before anything is allocated for it.
 const LZ4_MAX_RATIO: usize = 256;
 
@@ -59,6 +61,11 @@ impl Sealed<'_> {
         self.body.len() + TRAILER_BYTES
     }
 
+    /// Never: an object holds at least its trailer.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
     /// The CRC-32C of the whole object, body and trailer, without reading the body
     /// again.
     pub fn object_crc(&self) -> u32 {
@@ -75,11 +82,14 @@ impl Sealed<'_> {
 
 /// Seals `payload`: LZ4-encoded when that saves at least an eighth, as is otherwise.
 pub fn seal(payload: &[u8]) -> Sealed<'_> {
-    let (body, version, encoding) = match lz4_encode(payload) {
-        Some(encoded) => (Cow::Owned(encoded), VERSION_ENCODED, ENCODING_LZ4),
-        None => (Cow::Borrowed(payload), VERSION_PLAIN, 0),
+    let payload_crc = crc32c::crc32c(payload);
+    let (body, body_crc, version, encoding) = match lz4_encode(payload, payload_crc) {
+        Some(encoded) => {
+            let crc = crc32c::crc32c(&encoded);
+            (Cow::Owned(encoded), crc, VERSION_ENCODED, ENCODING_LZ4)
+        }
+        None => (Cow::Borrowed(payload), payload_crc, VERSION_PLAIN, 0),
     };
-    let body_crc = crc32c::crc32c(&body);
     Sealed {
         trailer: trailer(&body, body_crc, version, encoding),
         body,
@@ -99,24 +109,27 @@ fn trailer(body: &[u8], body_crc: u32, version: u16, encoding: u16) -> [u8; TRAI
     trailer
 }
 
-/// The LZ4 encoding of `payload` with its header, unless the payload is outside the
-/// sizes worth encoding or does not shrink by an eighth.
-fn lz4_encode(payload: &[u8]) -> Option<Vec<u8>> {
+/// The LZ4 encoding of `payload` (whose CRC-32C is `payload_crc`) with its header,
+/// unless the payload is outside the sizes worth encoding or does not shrink by an
+/// eighth.
+fn lz4_encode(payload: &[u8], payload_crc: u32) -> Option<Vec<u8>> {
     if !(COMPRESS_FROM_BYTES..=COMPRESS_UP_TO_BYTES).contains(&payload.len()) {
         return None;
     }
-    // The encoder wants room for its worst case; pages it never writes are never
-    // touched, so the allocation costs what the output uses.
+    // The encoder insists on room for its worst case. A large `vec![0; n]` comes
+    // zeroed from the kernel, so only the pages the encoder writes cost memory: the
+    // output's, or about the payload's size for a payload that does not shrink.
     let room = LZ4_HEADER_BYTES + lz4_flex::block::get_maximum_output_size(payload.len());
     let mut out = vec![0u8; room];
     out[..8].copy_from_slice(&(payload.len() as u64).to_le_bytes());
-    out[8..12].copy_from_slice(&crc32c::crc32c(payload).to_le_bytes());
+    out[8..12].copy_from_slice(&payload_crc.to_le_bytes());
     let written = lz4_flex::block::compress_into(payload, &mut out[LZ4_HEADER_BYTES..]).ok()?;
     let encoded = LZ4_HEADER_BYTES + written;
     if encoded > payload.len() - payload.len() / 8 {
         return None;
     }
     out.truncate(encoded);
+    out.shrink_to_fit();
     Some(out)
 }
 
@@ -188,6 +201,12 @@ fn lz4_decode(body: &[u8]) -> Result<Vec<u8>, String> {
     length.copy_from_slice(&header[..8]);
     let length = u64::from_le_bytes(length);
     let crc = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
+    if length > COMPRESS_UP_TO_BYTES as u64 {
+        return Err(format!(
+            "the LZ4 header claims {length} decoded bytes, more than any writer encodes \
+             ({COMPRESS_UP_TO_BYTES})"
+        ));
+    }
     let most = block.len().saturating_mul(LZ4_MAX_RATIO).saturating_add(64);
     let length = usize::try_from(length)
         .ok()
@@ -263,10 +282,11 @@ mod tests {
 
     #[test]
     fn sealed_objects_open_to_their_payload_encoded_only_when_it_pays() {
-        let cases: [(Vec<u8>, u16); 6] = [
+        let cases: [(Vec<u8>, u16); 7] = [
             (Vec::new(), VERSION_PLAIN),
             (b"x".to_vec(), VERSION_PLAIN),
             (vec![7u8; COMPRESS_FROM_BYTES - 1], VERSION_PLAIN),
+            (vec![7u8; COMPRESS_FROM_BYTES], VERSION_ENCODED),
             (vec![7u8; 5000], VERSION_ENCODED),
             (noise(1 << 16), VERSION_PLAIN),
             (padded_groups(256), VERSION_ENCODED),
@@ -362,7 +382,19 @@ mod tests {
         let mut huge = body.to_vec();
         huge[..8].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
         let huge = refusal(&huge, VERSION_ENCODED, ENCODING_LZ4);
-        assert!(huge.contains("more than LZ4 can encode"), "{huge}");
+        assert!(huge.contains("more than any writer encodes"), "{huge}");
+
+        // One past what the block could hold is refused unallocated; the bound itself
+        // passes that check and fails on what the block decodes to.
+        let most = (body.len() - LZ4_HEADER_BYTES) * LZ4_MAX_RATIO + 64;
+        let mut past = body.to_vec();
+        past[..8].copy_from_slice(&(most as u64 + 1).to_le_bytes());
+        let past = refusal(&past, VERSION_ENCODED, ENCODING_LZ4);
+        assert!(past.contains("more than LZ4 can encode"), "{past}");
+        let mut at = body.to_vec();
+        at[..8].copy_from_slice(&(most as u64).to_le_bytes());
+        let at = refusal(&at, VERSION_ENCODED, ENCODING_LZ4);
+        assert!(at.contains(&format!("its header says {most}")), "{at}");
 
         let mut longer = body.to_vec();
         longer[..8].copy_from_slice(&(payload.len() as u64 + 1).to_le_bytes());
@@ -380,7 +412,7 @@ mod tests {
         let mut broken = body.to_vec();
         broken.truncate(body.len() - 3);
         let broken = refusal(&broken, VERSION_ENCODED, ENCODING_LZ4);
-        assert!(broken.contains("decode"), "{broken}");
+        assert!(broken.contains("the LZ4 block does not decode"), "{broken}");
 
         let unknown = refusal(body, VERSION_ENCODED, 2);
         assert!(unknown.contains("encoding 2 is not supported"), "{unknown}");

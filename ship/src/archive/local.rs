@@ -308,6 +308,26 @@ mod tests {
         assert!(a.list("").expect("list").iter().all(|k| !k.contains("tmp")));
     }
 
+    #[test]
+    fn an_encoded_objects_version_is_the_one_get_and_conditions_see() {
+        let (dir, a) = archive();
+        let first = vec![1u8; 64 << 10];
+        let put = a.put("big", &first, &Condition::Always).expect("put");
+        let stored = fs::read(dir.path().join("archive/big")).expect("read");
+        assert!(
+            stored.len() < first.len() / 8,
+            "stored as is: {}",
+            stored.len()
+        );
+        assert_eq!(a.get("big").expect("get"), Some((first, put.clone())));
+        let second = vec![2u8; 64 << 10];
+        let next = a
+            .put("big", &second, &Condition::IfVersion(put.clone()))
+            .expect("the version put returned is the one stored");
+        assert_ne!(next, put);
+        assert_eq!(a.get("big").expect("get"), Some((second, next)));
+    }
+
     /// Two openers of one directory stand for two processes: of many racing
     /// compare-and-swaps from the same version, exactly one wins.
     #[test]
