@@ -905,9 +905,15 @@ fn add_shipping_families(families: &mut Vec<MetricFamily>, ship: &ShipMetrics) {
         ),
         family(
             "oc_archive_uploaded_bytes_total",
-            "Bytes uploaded to the archive.",
+            "Payload bytes handed to the archive, before its encoding.",
             COUNTER,
             vec![counter(vec![], ship.uploaded_bytes as f64)],
+        ),
+        family(
+            "oc_archive_stored_bytes_total",
+            "Bytes the archive stored for them: LZ4-encoded bodies and trailers.",
+            COUNTER,
+            vec![counter(vec![], ship.stored_bytes as f64)],
         ),
         family(
             "oc_archive_failures_total",

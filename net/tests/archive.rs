@@ -342,6 +342,22 @@ fn a_damaged_archive_is_named_and_refused() {
         assert!(write_row(&api, "acme", id));
     }
     std::thread::sleep(Duration::from_millis(2 * TAIL_WINDOW_MS + 500));
+    let (status, metrics) = server.ops_get("/metrics");
+    assert_eq!(status, 200);
+    let counter = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /metrics"))
+    };
+    let (uploaded, stored) = (
+        counter("oc_archive_uploaded_bytes_total"),
+        counter("oc_archive_stored_bytes_total"),
+    );
+    assert!(
+        stored > 0.0 && stored * 4.0 < uploaded,
+        "a padded log is stored encoded: {stored} bytes stored for {uploaded} uploaded"
+    );
     assert!(server.terminate().success());
     let verified = oc_pitr(&["verify", "--archive", &uri]);
     assert!(verified.success, "{verified:?}");

@@ -664,14 +664,14 @@ impl FencedArchive {
 }
 
 impl Archive for FencedArchive {
-    fn put(
+    fn put_sealed(
         &self,
         key: &str,
-        payload: &[u8],
+        object: &crate::archive::envelope::Sealed,
         condition: &Condition,
     ) -> Result<Version, ArchiveError> {
         self.check(key)?;
-        self.inner.put(key, payload, condition)
+        self.inner.put_sealed(key, object, condition)
     }
 
     fn get(&self, key: &str) -> Result<Option<(Vec<u8>, Version)>, ArchiveError> {
@@ -700,8 +700,13 @@ mod tests {
     struct Unconditional(LocalDirArchive);
 
     impl Archive for Unconditional {
-        fn put(&self, key: &str, payload: &[u8], _: &Condition) -> Result<Version, ArchiveError> {
-            self.0.put(key, payload, &Condition::Always)
+        fn put_sealed(
+            &self,
+            key: &str,
+            object: &crate::archive::envelope::Sealed,
+            _: &Condition,
+        ) -> Result<Version, ArchiveError> {
+            self.0.put_sealed(key, object, &Condition::Always)
         }
 
         fn get(&self, key: &str) -> Result<Option<(Vec<u8>, Version)>, ArchiveError> {
@@ -1072,10 +1077,10 @@ mod tests {
             down: AtomicBool,
         }
         impl Archive for Flaky {
-            fn put(
+            fn put_sealed(
                 &self,
                 key: &str,
-                payload: &[u8],
+                object: &crate::archive::envelope::Sealed,
                 condition: &Condition,
             ) -> Result<Version, ArchiveError> {
                 if self.down.load(Ordering::SeqCst) {
@@ -1084,7 +1089,7 @@ mod tests {
                         source: Arc::new(std::io::Error::other("connection refused")),
                     });
                 }
-                self.inner.put(key, payload, condition)
+                self.inner.put_sealed(key, object, condition)
             }
             fn get(&self, key: &str) -> Result<Option<(Vec<u8>, Version)>, ArchiveError> {
                 self.inner.get(key)

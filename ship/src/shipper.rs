@@ -39,7 +39,7 @@ use oc_io::wal::segment::{parse_segment_name, DATA_START};
 use oc_io::wal::DurableTail;
 use oc_io::{Lsn, BLOCK_SIZE};
 
-use crate::archive::{Archive, ArchiveError, Condition};
+use crate::archive::{envelope, Archive, ArchiveError, Condition};
 use crate::audit;
 use crate::breaker::{Breaker, BreakerPolicy};
 use crate::layout::{self, SegmentKey, TailPieceKey};
@@ -151,7 +151,10 @@ pub struct ShipMetrics {
     /// Unix seconds of the last round that uploaded everything it had to.
     pub last_success_unix_s: f64,
     pub uploads: BTreeMap<&'static str, u64>,
+    /// Payload bytes handed to the archive.
     pub uploaded_bytes: u64,
+    /// Bytes the archive stored for them: encoded bodies and trailers (FORMAT.md §8).
+    pub stored_bytes: u64,
     pub failures: BTreeMap<&'static str, u64>,
     pub circuit_open: bool,
     pub circuit_opened_total: u64,
@@ -359,7 +362,8 @@ fn now_us() -> u64 {
     oc_io::TimestampMicros::now().0
 }
 
-/// Checks the archive's `manifest.json` against this layout, writing it if absent.
+/// Checks the archive's `manifest.json` against this layout, writing it if absent and
+/// marking a format-1 archive format 2 (FORMAT.md §9) before anything is shipped.
 pub fn claim_archive(archive: &dyn Archive, shards: usize) -> Result<(), ShipError> {
     let manifest = crate::catalog::ArchiveManifest::new(shards, now_us());
     match archive.put(
@@ -388,16 +392,38 @@ pub fn claim_archive(archive: &dyn Archive, shards: usize) -> Result<(), ShipErr
                     format_version: layout::ARCHIVE_FORMAT_VERSION,
                     ..found
                 };
-                archive.put(
+                match archive.put(
                     layout::MANIFEST_KEY,
                     &upgraded.encode(),
                     &Condition::IfVersion(version),
-                )?;
-                tracing::info!(
-                    from = found.format_version,
-                    to = layout::ARCHIVE_FORMAT_VERSION,
-                    "archive manifest format upgraded"
-                );
+                ) {
+                    Ok(_) => tracing::info!(
+                        from = found.format_version,
+                        to = layout::ARCHIVE_FORMAT_VERSION,
+                        "archive manifest format upgraded"
+                    ),
+                    // Another put got there first (a retried request that had landed):
+                    // what counts is what the manifest says now.
+                    Err(ArchiveError::PreconditionFailed { .. }) => {
+                        let now = crate::catalog::read_archive_manifest(archive)?;
+                        if now.format_version < layout::ARCHIVE_FORMAT_VERSION
+                            || now.shards != shards
+                        {
+                            return Err(ShipError::Archive(ArchiveError::PreconditionFailed {
+                                key: layout::MANIFEST_KEY.into(),
+                                why: format!(
+                                    "marking the archive format {} (objects may be \
+                                     LZ4-encoded) found it changed under it: it now says \
+                                     format {} and {} shards",
+                                    layout::ARCHIVE_FORMAT_VERSION,
+                                    now.format_version,
+                                    now.shards
+                                ),
+                            }));
+                        }
+                    }
+                    Err(e) => return Err(e.into()),
+                }
             }
             Ok(())
         }
@@ -506,23 +532,34 @@ impl<F: ShardFiles> Shipper<F> {
         })
     }
 
-    fn count_upload(&self, what: &'static str, bytes: usize) {
+    fn count_upload(&self, what: &'static str, payload_bytes: usize, stored_bytes: usize) {
         self.status.update(|m| {
             *m.uploads.entry(what).or_default() += 1;
-            m.uploaded_bytes += bytes as u64;
+            m.uploaded_bytes += payload_bytes as u64;
+            m.stored_bytes += stored_bytes as u64;
         });
     }
 
+    /// Puts `payload` under `key` (sealed here, so the bytes stored are known);
+    /// returns them.
+    fn put(&self, key: &str, payload: &[u8], condition: &Condition) -> Result<usize, ShipError> {
+        let object = envelope::seal(payload);
+        self.archive.put_sealed(key, &object, condition)?;
+        Ok(object.len())
+    }
+
     /// Puts `payload` under `key` unless the archive already has it; an existing,
-    /// different object is a conflict (never overwritten).
-    fn put_once(&self, key: &str, payload: &[u8]) -> Result<(), ShipError> {
-        match self.archive.put(key, payload, &Condition::IfAbsent) {
-            Ok(_) => Ok(()),
-            Err(ArchiveError::PreconditionFailed { .. }) => match self.archive.get(key)? {
-                Some((existing, _)) if existing == payload => Ok(()),
-                _ => Err(ShipError::Conflict { key: key.into() }),
-            },
-            Err(e) => Err(e.into()),
+    /// different object is a conflict (never overwritten). Returns the bytes stored
+    /// (none when the archive had it).
+    fn put_once(&self, key: &str, payload: &[u8]) -> Result<usize, ShipError> {
+        match self.put(key, payload, &Condition::IfAbsent) {
+            Err(ShipError::Archive(ArchiveError::PreconditionFailed { .. })) => {
+                match self.archive.get(key)? {
+                    Some((existing, _)) if existing == payload => Ok(0),
+                    _ => Err(ShipError::Conflict { key: key.into() }),
+                }
+            }
+            other => other,
         }
     }
 
@@ -696,8 +733,8 @@ impl<F: ShardFiles> Shipper<F> {
             last_lsn: footer.last_lsn,
             last_commit_us: footer.last_commit_ts.0,
         };
-        self.put_once(&key.key(), &image)?;
-        self.count_upload("segment", image.len());
+        let stored = self.put_once(&key.key(), &image)?;
+        self.count_upload("segment", image.len(), stored);
         self.shards[shard].segments.insert(first);
         self.files.forget(shard, name);
         self.shards[shard].forgotten.insert(first);
@@ -751,9 +788,9 @@ impl<F: ShardFiles> Shipper<F> {
                 .map_err(|problem| unreadable(&manifest_name, problem))?;
             info.check_snapshot(&snapshot)
                 .map_err(|problem| unreadable(&snapshot_name, problem))?;
-            self.put_once(&layout::checkpoint_snapshot_key(shard, lsn), &snapshot)?;
-            self.put_once(&layout::checkpoint_manifest_key(shard, lsn), &manifest)?;
-            self.count_upload("checkpoint", snapshot.len() + manifest.len());
+            let stored = self.put_once(&layout::checkpoint_snapshot_key(shard, lsn), &snapshot)?
+                + self.put_once(&layout::checkpoint_manifest_key(shard, lsn), &manifest)?;
+            self.count_upload("checkpoint", snapshot.len() + manifest.len(), stored);
             self.shards[shard]
                 .checkpoints
                 .insert(lsn, info.restorable_from_us());
@@ -797,8 +834,8 @@ impl<F: ShardFiles> Shipper<F> {
             start: shipped,
             end: tail.end,
         };
-        self.archive.put(&piece.key(), &bytes, &Condition::Always)?;
-        self.count_upload("tail", bytes.len());
+        let stored = self.put(&piece.key(), &bytes, &Condition::Always)?;
+        self.count_upload("tail", bytes.len(), stored);
         self.shards[shard]
             .tail_ends
             .insert((epoch.0, first), tail.end);
@@ -829,12 +866,12 @@ impl<F: ShardFiles> Shipper<F> {
             if self.audit_shipped.get(&name) == Some(&(complete as u64)) {
                 continue;
             }
-            self.archive.put(
+            let stored = self.put(
                 &layout::audit_key(&name),
                 &bytes[..complete],
                 &Condition::Always,
             )?;
-            self.count_upload("audit", complete);
+            self.count_upload("audit", complete, stored);
             self.audit_shipped.insert(name, complete as u64);
         }
         Ok(())

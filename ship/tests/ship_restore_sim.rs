@@ -24,6 +24,7 @@ use oc_engine::placement::shard_dir;
 use oc_engine::{ColumnType, Shard, TableSchema, TenantId, Value, WriteOp};
 use oc_io::executor::run_local;
 use oc_io::{seeds_from_env, DmaStorage, Lsn, SimFaults, SimRng, SimStorage, WalConfig};
+use oc_ship::archive::envelope::Sealed;
 use oc_ship::archive::{Archive, ArchiveError, Condition, LocalDirArchive, Version};
 use oc_ship::breaker::BreakerPolicy;
 use oc_ship::lease;
@@ -407,7 +408,7 @@ struct Changing {
 }
 
 impl Archive for Changing {
-    fn put(&self, key: &str, _: &[u8], _: &Condition) -> Result<Version, ArchiveError> {
+    fn put_sealed(&self, key: &str, _: &Sealed, _: &Condition) -> Result<Version, ArchiveError> {
         panic!("verify wrote {key}")
     }
 

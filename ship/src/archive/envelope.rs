@@ -73,10 +73,22 @@ impl Sealed<'_> {
     }
 
     /// The whole object in one buffer.
-    pub fn into_bytes(self) -> Vec<u8> {
-        let mut out = self.body.into_owned();
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.len());
+        out.extend_from_slice(&self.body);
         out.extend_from_slice(&self.trailer);
         out
+    }
+}
+
+/// Seals `payload` as is (trailer version 1): for records every build must read, such
+/// as `lease.json` and the manifests that say which format the rest is in.
+pub fn seal_plain(payload: &[u8]) -> Sealed<'_> {
+    let body_crc = crc32c::crc32c(payload);
+    Sealed {
+        trailer: trailer(payload, body_crc, VERSION_PLAIN, 0),
+        body: Cow::Borrowed(payload),
+        body_crc,
     }
 }
 
@@ -292,7 +304,7 @@ mod tests {
             (padded_groups(256), VERSION_ENCODED),
         ];
         for (payload, version) in cases {
-            let object = seal(&payload).into_bytes();
+            let object = seal(&payload).to_bytes();
             assert_eq!(version_of(&object), version, "{} bytes", payload.len());
             assert_eq!(open(object), Ok(payload));
         }
@@ -313,7 +325,7 @@ mod tests {
     #[test]
     fn the_most_compressible_payload_decodes_within_the_ratio_bound() {
         let payload = vec![0u8; 16 << 20];
-        let object = seal(&payload).into_bytes();
+        let object = seal(&payload).to_bytes();
         assert_eq!(version_of(&object), VERSION_ENCODED);
         let block = object.len() - TRAILER_BYTES - LZ4_HEADER_BYTES;
         assert!(
@@ -336,7 +348,7 @@ mod tests {
             let sealed = seal(&payload);
             let crc = sealed.object_crc();
             let len = sealed.len();
-            let object = sealed.into_bytes();
+            let object = sealed.to_bytes();
             assert_eq!(crc, crc32c::crc32c(&object));
             assert_eq!(len, object.len());
         }
@@ -344,8 +356,8 @@ mod tests {
 
     #[test]
     fn every_single_bit_flip_and_every_truncation_is_refused() {
-        let plain = seal(b"segment bytes that must not change").into_bytes();
-        let encoded = seal(&padded_groups(2)).into_bytes();
+        let plain = seal(b"segment bytes that must not change").to_bytes();
+        let encoded = seal(&padded_groups(2)).to_bytes();
         assert_eq!(version_of(&encoded), VERSION_ENCODED);
         for sealed in [plain, encoded] {
             for byte in 0..sealed.len() {
@@ -370,7 +382,7 @@ mod tests {
     #[test]
     fn an_encoded_body_that_checks_but_does_not_decode_is_refused_by_name() {
         let payload = padded_groups(4);
-        let object = seal(&payload).into_bytes();
+        let object = seal(&payload).to_bytes();
         let body = &object[..object.len() - TRAILER_BYTES];
         let refusal = |body: &[u8], version, encoding| {
             open(wrapped(body, version, encoding)).expect_err("opened")
@@ -424,7 +436,7 @@ mod tests {
 
     #[test]
     fn the_trailer_layout_is_the_documented_one() {
-        let sealed = seal(b"abc").into_bytes();
+        let sealed = seal(b"abc").to_bytes();
         let t = &sealed[3..];
         assert_eq!(&t[..4], b"OCAR");
         assert_eq!(&t[4..8], &[1, 0, 0, 0]);
@@ -433,7 +445,7 @@ mod tests {
         assert_eq!(&t[20..24], &crc32c::crc32c(&t[..20]).to_le_bytes());
 
         let payload = vec![0u8; 8192];
-        let sealed = seal(&payload).into_bytes();
+        let sealed = seal(&payload).to_bytes();
         let (body, t) = sealed.split_at(sealed.len() - TRAILER_BYTES);
         assert_eq!(&t[..4], b"OCAR");
         assert_eq!(&t[4..8], &[2, 0, 1, 0], "version 2, encoding 1 (LZ4)");

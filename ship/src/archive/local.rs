@@ -132,18 +132,17 @@ impl Archive for LocalDirArchive {
         clippy::expect_used,
         reason = "every key path is built below the archive root, so it has a parent"
     )]
-    fn put(
+    fn put_sealed(
         &self,
         key: &str,
-        payload: &[u8],
+        object: &envelope::Sealed,
         condition: &Condition,
     ) -> Result<Version, ArchiveError> {
         let path = self.path(key)?;
         let parent = path.parent().expect("keys are below the root");
         self.make_dirs(parent).map_err(io(key))?;
-        let sealed = envelope::seal(payload);
-        let version = version(sealed.object_crc(), sealed.len());
-        let tmp = self.stage(key, &sealed)?;
+        let version = version(object.object_crc(), object.len());
+        let tmp = self.stage(key, object)?;
         // Check-and-place is one step for every process (and thread: each put opens
         // its own file description) using this archive.
         let _serialised = match condition {
@@ -309,10 +308,23 @@ mod tests {
     }
 
     #[test]
+    fn records_are_stored_as_is_however_well_they_would_compress() {
+        let (dir, a) = archive();
+        let record = vec![b' '; 64 << 10];
+        a.put("lease.json", &record, &Condition::Always)
+            .expect("put");
+        let stored = fs::read(dir.path().join("archive/lease.json")).expect("read");
+        assert_eq!(stored.len(), record.len() + envelope::TRAILER_BYTES);
+        assert_eq!(&stored[stored.len() - 20..stored.len() - 16], &[1, 0, 0, 0]);
+    }
+
+    #[test]
     fn an_encoded_objects_version_is_the_one_get_and_conditions_see() {
         let (dir, a) = archive();
         let first = vec![1u8; 64 << 10];
-        let put = a.put("big", &first, &Condition::Always).expect("put");
+        let put = a
+            .put_sealed("big", &envelope::seal(&first), &Condition::Always)
+            .expect("put");
         let stored = fs::read(dir.path().join("archive/big")).expect("read");
         assert!(
             stored.len() < first.len() / 8,
@@ -322,7 +334,11 @@ mod tests {
         assert_eq!(a.get("big").expect("get"), Some((first, put.clone())));
         let second = vec![2u8; 64 << 10];
         let next = a
-            .put("big", &second, &Condition::IfVersion(put.clone()))
+            .put_sealed(
+                "big",
+                &envelope::seal(&second),
+                &Condition::IfVersion(put.clone()),
+            )
             .expect("the version put returned is the one stored");
         assert_ne!(next, put);
         assert_eq!(a.get("big").expect("get"), Some((second, next)));

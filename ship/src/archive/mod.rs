@@ -60,13 +60,26 @@ pub enum ArchiveError {
 /// An object store. Calls block: archives are used from the shipping and restore
 /// threads, never from a data shard's executor.
 pub trait Archive: Send + Sync {
-    /// Stores `payload` under `key` if `condition` holds; returns the new version.
+    /// Stores `object` (a payload sealed by [`envelope::seal`]) under `key` if
+    /// `condition` holds; returns the new version.
+    fn put_sealed(
+        &self,
+        key: &str,
+        object: &envelope::Sealed,
+        condition: &Condition,
+    ) -> Result<Version, ArchiveError>;
+    /// Stores `payload` as is (`envelope::seal_plain`) under `key` if `condition`
+    /// holds; returns the new version. For records (the owner record, manifests,
+    /// timelines): any build reads them, whatever format the rest of the archive is
+    /// in. The shipper encodes what it ships with `envelope::seal` and `put_sealed`.
     fn put(
         &self,
         key: &str,
         payload: &[u8],
         condition: &Condition,
-    ) -> Result<Version, ArchiveError>;
+    ) -> Result<Version, ArchiveError> {
+        self.put_sealed(key, &envelope::seal_plain(payload), condition)
+    }
     /// The payload under `key` (checksum verified) and its version.
     fn get(&self, key: &str) -> Result<Option<(Vec<u8>, Version)>, ArchiveError>;
     /// Keys starting with `prefix`, in byte order (so LSN-named keys list in LSN order).
@@ -98,14 +111,14 @@ impl Prefixed {
 }
 
 impl Archive for Prefixed {
-    fn put(
+    fn put_sealed(
         &self,
         key: &str,
-        payload: &[u8],
+        object: &envelope::Sealed,
         condition: &Condition,
     ) -> Result<Version, ArchiveError> {
         self.inner
-            .put(&format!("{}{key}", self.prefix), payload, condition)
+            .put_sealed(&format!("{}{key}", self.prefix), object, condition)
     }
 
     fn get(&self, key: &str) -> Result<Option<(Vec<u8>, Version)>, ArchiveError> {

@@ -324,14 +324,14 @@ async fn serve(shared: Arc<(Client, S3Location)>, request: Request) {
 }
 
 impl Archive for S3Archive {
-    fn put(
+    fn put_sealed(
         &self,
         key: &str,
-        payload: &[u8],
+        object: &envelope::Sealed,
         condition: &Condition,
     ) -> Result<Version, ArchiveError> {
         check_key(key)?;
-        let body = envelope::seal(payload).into_bytes();
+        let body = object.to_bytes();
         self.call(key, |reply| Request::Put {
             key: key.into(),
             body,
