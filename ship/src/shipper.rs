@@ -383,49 +383,54 @@ pub fn claim_archive(archive: &dyn Archive, shards: usize) -> Result<(), ShipErr
                     ),
                 }));
             }
-            if found.format_version < layout::ARCHIVE_FORMAT_VERSION {
-                // This build's objects may be LZ4-encoded, which a build reading format 1
-                // cannot open: the manifest says so before the first one is written, so
-                // such a build refuses the archive when it starts (DEPLOY.md, "Rollback")
-                // instead of on the first encoded object it meets.
-                let upgraded = crate::catalog::ArchiveManifest {
-                    format_version: layout::ARCHIVE_FORMAT_VERSION,
-                    ..found
-                };
-                match archive.put(
-                    layout::MANIFEST_KEY,
-                    &upgraded.encode(),
-                    &Condition::IfVersion(version),
-                ) {
-                    Ok(_) => tracing::info!(
-                        from = found.format_version,
-                        to = layout::ARCHIVE_FORMAT_VERSION,
-                        "archive manifest format upgraded"
-                    ),
-                    // Another put got there first (a retried request that had landed):
-                    // what counts is what the manifest says now.
-                    Err(ArchiveError::PreconditionFailed { .. }) => {
-                        let now = crate::catalog::read_archive_manifest(archive)?;
-                        if now.format_version < layout::ARCHIVE_FORMAT_VERSION
-                            || now.shards != shards
-                        {
-                            return Err(ShipError::Archive(ArchiveError::PreconditionFailed {
-                                key: layout::MANIFEST_KEY.into(),
-                                why: format!(
-                                    "marking the archive format {} (objects may be \
-                                     LZ4-encoded) found it changed under it: it now says \
-                                     format {} and {} shards",
-                                    layout::ARCHIVE_FORMAT_VERSION,
-                                    now.format_version,
-                                    now.shards
-                                ),
-                            }));
-                        }
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
+            mark_current_format(archive, found, version)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Marks a format-1 archive format 2 before this build ships into it. Its objects may
+/// be LZ4-encoded, which a build reading format 1 cannot open: such a build then
+/// refuses the archive when it starts (DEPLOY.md, "Rollback") instead of failing on the
+/// first encoded object it meets.
+fn mark_current_format(
+    archive: &dyn Archive,
+    found: crate::catalog::ArchiveManifest,
+    version: crate::archive::Version,
+) -> Result<(), ShipError> {
+    let current = layout::ARCHIVE_FORMAT_VERSION;
+    if found.format_version >= current {
+        return Ok(());
+    }
+    let (from, shards) = (found.format_version, found.shards);
+    let marked = crate::catalog::ArchiveManifest {
+        format_version: current,
+        ..found
+    };
+    match archive.put(
+        layout::MANIFEST_KEY,
+        &marked.encode(),
+        &Condition::IfVersion(version),
+    ) {
+        Ok(_) => {
+            tracing::info!(from, to = current, "archive format marked");
             Ok(())
+        }
+        // Another put got there first (a retried request that had landed): what counts
+        // is what the manifest says now.
+        Err(ArchiveError::PreconditionFailed { .. }) => {
+            let now = crate::catalog::read_archive_manifest(archive)?;
+            if now.format_version >= current && now.shards == shards {
+                return Ok(());
+            }
+            Err(ShipError::Archive(ArchiveError::PreconditionFailed {
+                key: layout::MANIFEST_KEY.into(),
+                why: format!(
+                    "marking the archive format {current} (objects may be LZ4-encoded) found \
+                     it changed under it: it now says format {} and {} shards",
+                    now.format_version, now.shards
+                ),
+            }))
         }
         Err(e) => Err(e.into()),
     }

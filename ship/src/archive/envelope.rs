@@ -17,9 +17,11 @@
 //! those zeros twice (as a tail piece, then in the sealed segment) on the disk the log
 //! syncs to. Why LZ4: it runs at memory speed on that padding, so the shipping thread
 //! spends less time compressing than it saves writing. An object that does not shrink
-//! by an eighth is stored as is (version 1, as every object was before encodings). A
-//! build that reads only version 1 refuses an encoded object by its version, and an
-//! archive holding them by its manifest's `format_version` (FORMAT.md §9).
+//! by an eighth is stored as is (version 1, as every object was before encodings), and
+//! so is every record (`seal_plain`: the owner record, manifests, timelines), which any
+//! build must be able to read. A build that reads only version 1 refuses an encoded
+//! object by its version, and an archive holding them by its manifest's
+//! `format_version` (FORMAT.md §9).
 
 use std::borrow::Cow;
 
