@@ -99,6 +99,11 @@ if peers:
         "≥ 0.9", lambda v: v >= 0.9)
     row("one writer: oc ÷ SQLite (WAL, FULL)", [rate(r, "oc") / rate(r, "sqlite") for r in peers],
         "> 1", lambda v: v > 1)
+    # RocksDB is in a run only when oc-bench was built with `--features peers-rocksdb`.
+    with_rocksdb = [r for r in peers if rate(r, "rocksdb")]
+    if with_rocksdb:
+        row("one writer: oc ÷ RocksDB (sync writes)",
+            [rate(r, "oc") / rate(r, "rocksdb") for r in with_rocksdb], "> 1", lambda v: v > 1)
 
 wals = load("wal-*.json")
 if wals:

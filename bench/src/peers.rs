@@ -14,6 +14,12 @@
 //!   put, concurrent writer threads (RocksDB groups concurrent writers into one WAL
 //!   write and sync itself), default options otherwise;
 //! - the raw disk: one 4 KiB O_DIRECT write + fdatasync per operation, one at a time.
+//!
+//! At one writer every engine's writer runs on the same CPU: the one oc's pool pins its
+//! shard 0 (and so the writer) to, the first this process may use. Where a lone writer
+//! runs decides its rate on a machine whose disk interrupts one CPU (BENCHMARKS.md,
+//! "One writer on the disk's CPU"); unpinned, the peers ran where the scheduler put
+//! them and oc did not. More writers run unpinned, as oc's shards use every CPU.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -63,6 +69,10 @@ pub struct PeersReport {
     pub results: Vec<PeerResult>,
     /// Engines compiled out of this build (e.g. RocksDB without the feature).
     pub skipped: Vec<String>,
+    /// The CPU every engine's lone writer ran on (the raw disk's loop too); None in
+    /// runs before 2026-12-05, which left the peers' lone writer unpinned.
+    #[serde(default)]
+    pub one_writer_cpu: Option<usize>,
 }
 
 fn result(
@@ -90,6 +100,15 @@ fn fresh_dir(dir: &Path) -> Result<PathBuf> {
     Ok(dir.to_path_buf())
 }
 
+/// The CPU a lone writer runs on (see the module's doc), or None for more writers.
+fn writer_cpu(concurrency: usize) -> Option<usize> {
+    if concurrency == 1 {
+        crate::pinning::first_allowed_cpu()
+    } else {
+        None
+    }
+}
+
 /// Runs `write` from `concurrency` threads for warm-up + `duration`; each thread gets
 /// its own state from `open` (a connection, a handle). Returns (writes, elapsed, µs).
 fn threaded<S, O, W>(
@@ -107,12 +126,16 @@ where
     let measuring = AtomicBool::new(false);
     let progress = AtomicU64::new(0);
     let value = vec![b'v'; VALUE_BYTES];
+    let cpu = writer_cpu(concurrency);
     std::thread::scope(|scope| {
         let threads: Vec<_> = (0..concurrency)
             .map(|t| {
                 let (stop, measuring, open, write, value, progress) =
                     (&stop, &measuring, &open, &write, &value, &progress);
                 scope.spawn(move || -> Result<(u64, Histogram<u64>)> {
+                    if let Some(cpu) = cpu {
+                        crate::pinning::pin_this_thread(cpu)?;
+                    }
                     let mut state = open()?;
                     let mut rng = SimRng::new(t as u64 + 1);
                     let mut h = histogram();
@@ -220,7 +243,19 @@ fn raw_disk(dir: &Path, duration: Duration) -> Result<PeerResult> {
     let dir = fresh_dir(dir)?;
     let bytes = 64 << 20;
     let file = crate::raw_disk::zero_filled_file(&dir.join("raw.dat"), bytes)?;
-    let (per_s, h) = crate::raw_disk::write_fdatasync(&file, bytes, 4096, duration)?;
+    let cpu = writer_cpu(1);
+    // On a thread of its own: pinning the main thread would pin the pools it starts.
+    let (per_s, h) = std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                if let Some(cpu) = cpu {
+                    crate::pinning::pin_this_thread(cpu)?;
+                }
+                crate::raw_disk::write_fdatasync(&file, bytes, 4096, duration)
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("the raw disk's writer panicked"))?
+    })?;
     Ok(PeerResult {
         engine: "raw disk".into(),
         concurrency: 1,
@@ -284,6 +319,7 @@ pub fn measure(args: &PeersArgs) -> Result<PeersReport> {
         shards,
         results,
         skipped,
+        one_writer_cpu: writer_cpu(1),
     })
 }
 
@@ -358,7 +394,13 @@ pub fn markdown(r: &PeersReport) -> String {
         "Durable single-row upserts (16-byte random keys, 200-byte values), {} s per run, oc with {} shard(s). Machine: {} cores, kernel {}, {}.\n\n",
         r.seconds_per_run, r.shards, r.machine.cores, r.machine.kernel, r.machine.file_system
     );
-    out += "`raw disk` is one 4 KiB O_DIRECT write + fdatasync per operation, one at a time.\n\n";
+    out += "`raw disk` is one 4 KiB O_DIRECT write + fdatasync per operation, one at a time.";
+    match r.one_writer_cpu {
+        Some(cpu) => {
+            out += &format!(" Every engine's lone writer (the raw disk's too) ran on CPU {cpu}, where oc's shard 0 runs.\n\n")
+        }
+        None => out += " The peers' lone writers ran unpinned.\n\n",
+    }
     out += "| engine | writers | writes/s | p50 µs | p99 µs | p999 µs |\n|---|---:|---:|---:|---:|---:|\n";
     for x in &r.results {
         out += &format!(
