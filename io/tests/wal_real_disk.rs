@@ -730,9 +730,8 @@ fn the_active_segment_is_written_through_an_o_dsync_descriptor() {
     });
 }
 
-/// Payload `i` of [`large_frames_sealed_from_their_bodies_crcs_recover_and_verify`]:
-/// sizes on both sides of the length above which a body's CRC is taken at encoding
-/// (the tenant tag adds 8 bytes to the body), up to most of a group.
+/// Payload `i` of [`large_frames_of_many_sizes_recover_and_sealed_segments_verify`]: from a few
+/// bytes to most of a group.
 fn mixed_payload(i: u64) -> Vec<u8> {
     const SIZES: [usize; 9] = [
         300,
@@ -754,7 +753,7 @@ fn mixed_payload(i: u64) -> Vec<u8> {
 }
 
 #[test]
-fn large_frames_sealed_from_their_bodies_crcs_recover_and_verify() {
+fn large_frames_of_many_sizes_recover_and_sealed_segments_verify() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = WalConfig {
         segment_bytes: 2 << 20,

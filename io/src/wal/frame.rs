@@ -233,43 +233,6 @@ pub fn stamp(
     frame[CRC_AT..LSN_AT].copy_from_slice(&crc.to_le_bytes());
 }
 
-/// Frames whose body (tenant and payload) is at least this long have the body's CRC taken
-/// when they are encoded ([`body_crc`]), by their appender, so the group's writer seals
-/// them by reading only their headers ([`stamp_with_body_crc`]). Below it, reading the
-/// body again costs less than combining CRCs (about a microsecond).
-pub(crate) const BODY_CRC_MIN_BYTES: usize = 16 << 10;
-
-/// The CRC-32C of an encoded frame's body: the bytes after its header, which stamping
-/// leaves as they are.
-pub(crate) fn body_crc(frame: &[u8]) -> u32 {
-    crc32c::crc32c(&frame[FRAME_HEADER_BYTES..])
-}
-
-/// [`stamp`], for a frame whose body's CRC is `body_crc` ([`body_crc`]): the frame's
-/// CRC is combined from its header's and its body's, without reading the body.
-pub(crate) fn stamp_with_body_crc(
-    frame: &mut [u8],
-    lsn: Lsn,
-    commit_ts: TimestampMicros,
-    epoch: Epoch,
-    group_index: u32,
-    body_crc: u32,
-) {
-    debug_assert_eq!(read_u32(frame, LEN_AT) as usize, frame.len());
-    place(frame, lsn, commit_ts, epoch);
-    frame[GROUP_INDEX_AT..KIND_AT].copy_from_slice(&group_index.to_le_bytes());
-    let head = crc32c::crc32c(&frame[LEN_AT..CRC_AT]);
-    let head = crc32c::crc32c_append(head, &frame[LSN_AT..FRAME_HEADER_BYTES]);
-    let crc = super::crc::combine(head, body_crc, frame.len() - FRAME_HEADER_BYTES);
-    frame[CRC_AT..LSN_AT].copy_from_slice(&crc.to_le_bytes());
-}
-
-/// `crc32c_append(crc, frame)` for a frame whose body's CRC is `body_crc`.
-pub(crate) fn append_crc_with_body_crc(crc: u32, frame: &[u8], body_crc: u32) -> u32 {
-    let head = crc32c::crc32c_append(crc, &frame[..FRAME_HEADER_BYTES]);
-    super::crc::combine(head, body_crc, frame.len() - FRAME_HEADER_BYTES)
-}
-
 /// Marks an unsealed group-start frame as written while the previous group was on its
 /// way ([`FLAG_OVERLAPPED`]); [`stamp`] then seals it.
 pub(crate) fn mark_overlapped(frame: &mut [u8]) {

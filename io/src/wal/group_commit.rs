@@ -41,8 +41,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 
 use super::frame::{
-    append_crc_with_body_crc, frame_start_at, mark_overlapped, peek_len, peek_position, stamp,
-    stamp_with_body_crc, Epoch, Lsn, TimestampMicros,
+    frame_start_at, mark_overlapped, peek_len, peek_position, stamp, Epoch, Lsn, TimestampMicros,
 };
 use super::recovery::{ActiveSegment, SegmentInfo};
 // Why a second write: a closed loop of writers that each work between commits (a shard
@@ -173,9 +172,6 @@ pub(crate) struct Group<B> {
     pub len: usize,
     /// Start offset of each frame in `buf`.
     pub starts: Vec<u32>,
-    /// Each frame's [`frame::body_crc`], when its body is large enough to have it
-    /// taken at encoding ([`frame::BODY_CRC_MIN_BYTES`]).
-    pub body_crcs: Vec<Option<u32>>,
     pub enqueued: Vec<Instant>,
     pub completion: Rc<Completion>,
     /// The frames are already stamped (a follower's groups).
@@ -188,7 +184,6 @@ impl<B> Default for Group<B> {
             buf: None,
             len: 0,
             starts: Vec::new(),
-            body_crcs: Vec::new(),
             enqueued: Vec::new(),
             completion: Rc::default(),
             stamped: false,
@@ -340,7 +335,6 @@ struct Batch<B> {
     buf: B,
     len: usize,
     starts: Vec<u32>,
-    body_crcs: Vec<Option<u32>>,
     stamped: bool,
 }
 
@@ -413,7 +407,6 @@ impl<B: IoBuffer> Batch<B> {
             buf,
             len,
             starts,
-            body_crcs: self.body_crcs.split_off(k),
             stamped: self.stamped,
         }
     }
@@ -599,7 +592,6 @@ impl<S: Storage> Writer<S> {
             buf: group.buf.expect("a non-empty group has a buffer"),
             len: group.len,
             starts: group.starts,
-            body_crcs: group.body_crcs,
             stamped: false,
         };
         let active = self
@@ -804,7 +796,6 @@ impl<S: Storage> Writer<S> {
             buf,
             len: group.len,
             starts: group.starts,
-            body_crcs: group.body_crcs,
             stamped: group.stamped,
         };
         let mut done = 0;
@@ -919,38 +910,22 @@ impl<S: Storage> Writer<S> {
             0
         };
         let bytes = batch.buf.as_bytes_mut();
-        bytes[batch.len..padded + end_marker].fill(0);
-        // The segment's CRC runs over the batch's bytes in order: each gap before a
-        // frame, the frame once stamped, then the padding.
-        let mut data_crc = active.data_crc;
-        let mut covered = 0;
         for (index, &start) in batch.starts.iter().enumerate() {
-            let start = start as usize;
-            let end =
-                start + peek_len(&bytes[start..]).expect("the group holds whole frames") as usize;
+            let end = start as usize
+                + peek_len(&bytes[start as usize..]).expect("the group holds whole frames")
+                    as usize;
             let lsn = Lsn(self.next_lsn.0 + index as u64);
-            data_crc = crc32c::crc32c_append(data_crc, &bytes[covered..start]);
-            let frame = &mut bytes[start..end];
+            let frame = &mut bytes[start as usize..end];
             if index == 0 && overlapped {
                 mark_overlapped(frame);
             }
-            let (commit_ts, epoch) = if batch.stamped {
+            if batch.stamped {
                 // The writer's position stays; the group index becomes this log's.
                 let at = peek_position(frame);
                 debug_assert_eq!(at.lsn, lsn, "a stamped batch continues the log");
-                (at.commit_ts, at.epoch)
+                stamp(frame, lsn, at.commit_ts, at.epoch, index as u32);
             } else {
-                (commit_ts, epoch)
-            };
-            match batch.body_crcs[index] {
-                Some(body_crc) => {
-                    stamp_with_body_crc(frame, lsn, commit_ts, epoch, index as u32, body_crc);
-                    data_crc = append_crc_with_body_crc(data_crc, frame, body_crc);
-                }
-                None => {
-                    stamp(frame, lsn, commit_ts, epoch, index as u32);
-                    data_crc = crc32c::crc32c_append(data_crc, frame);
-                }
+                stamp(frame, lsn, commit_ts, epoch, index as u32);
             }
             // Checked again here as recovery will check it (debug builds).
             debug_assert!(
@@ -958,15 +933,9 @@ impl<S: Storage> Writer<S> {
                     .is_ok_and(|f| f.lsn == lsn && f.group_index == index as u32),
                 "a stamped frame must decode"
             );
-            covered = end;
         }
-        data_crc = crc32c::crc32c_append(data_crc, &bytes[covered..padded]);
-        debug_assert_eq!(
-            data_crc,
-            crc32c::crc32c_append(active.data_crc, &bytes[..padded]),
-            "the segment's CRC, combined, is the CRC of the bytes"
-        );
-        active.data_crc = data_crc;
+        bytes[batch.len..padded + end_marker].fill(0);
+        active.data_crc = crc32c::crc32c_append(active.data_crc, &bytes[..padded]);
         batch.buf.trim_to(padded + end_marker);
         debug_assert!(active.write_offset + padded as u64 <= active.header.footer_offset());
         padded

@@ -5,7 +5,6 @@
 //! [`Wal::append`] returns a frame's LSN once it is durable, and [`Wal::read_after`]
 //! reads durable frames back ([`reader`]).
 
-mod crc;
 pub mod frame;
 pub mod group_commit;
 pub mod history;
@@ -346,7 +345,6 @@ impl<S: Storage> Wal<S> {
         // group is written.
         frame::encode_unstamped(&mut bytes[start..end], f.kind, f.tenant, f.payload);
         frame::place(&mut bytes[start..end], f.lsn, f.commit_ts, f.epoch);
-        group.body_crcs.push(large_body_crc(&bytes[start..end]));
         group.len = end;
         group.starts.push(start as u32);
         group.enqueued.push(enqueued);
@@ -413,9 +411,6 @@ impl<S: Storage> Wal<S> {
         let bytes = buf.as_bytes_mut();
         bytes[group.len..start].fill(0);
         frame::encode_unstamped(&mut bytes[start..], kind, tenant, payload);
-        group
-            .body_crcs
-            .push(large_body_crc(&bytes[start..start + len]));
         group.len = start + len;
         group.starts.push(start as u32);
         group.enqueued.push(enqueued);
@@ -611,11 +606,4 @@ impl<S: Storage> Wal<S> {
             None => Ok(()),
         }
     }
-}
-
-/// A frame's [`frame::body_crc`] when its body is long enough to be worth taking now,
-/// by its appender, instead of by the group's writer ([`frame::BODY_CRC_MIN_BYTES`]).
-fn large_body_crc(frame: &[u8]) -> Option<u32> {
-    (frame.len() - frame::FRAME_HEADER_BYTES >= frame::BODY_CRC_MIN_BYTES)
-        .then(|| frame::body_crc(frame))
 }
