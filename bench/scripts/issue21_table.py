@@ -107,11 +107,16 @@ if peers:
 
 wals = load("wal-*.json")
 if wals:
+    def baseline(r, around):
+        # The raw durable rate right before and after the phase when the run has it
+        # (oc-bench since 2026-12-05), else the one measured first.
+        return sum(around) / 2 if around else r["raw_durable_seq_mb_s"]
     row("WAL 256 KiB records ÷ raw 1 MiB write + fdatasync, fresh log (spares zero-filled meanwhile)",
-        [r["wal_seq_mb_s"] / r["raw_durable_seq_mb_s"] for r in wals], "≥ 0.9", lambda v: v >= 0.9)
+        [r["wal_seq_mb_s"] / baseline(r, r.get("raw_durable_around_fresh_mb_s")) for r in wals],
+        "≥ 0.9", lambda v: v >= 0.9)
     row("same, steady state (released segments recycled as spares)",
-        [r["steady_state"]["wal_seq_mb_s"] / r["raw_durable_seq_mb_s"] for r in wals], "≥ 0.9",
-        lambda v: v >= 0.9)
+        [r["steady_state"]["wal_seq_mb_s"] / baseline(r, r["steady_state"].get("raw_durable_around_mb_s"))
+         for r in wals], "≥ 0.9", lambda v: v >= 0.9)
     row("WAL one appender ÷ raw 4 KiB write + fdatasync (fresh log)",
         [r["small_appends"][0]["ratio_to_raw_fsync"] for r in wals], "≥ 0.9 (the one-writer goal, for the log alone)", lambda v: v >= 0.9)
 

@@ -64,6 +64,10 @@ pub(crate) struct WalReport {
     raw_fsync_p999_us: u64,
     /// Fresh log: 256 KiB records, 8 appenders.
     wal_seq_mb_s: f64,
+    /// Raw durable MB/s measured again right before and right after the fresh log's
+    /// 256 KiB-record phase: that phase's baseline (absent before 2026-12-05).
+    #[serde(default)]
+    raw_durable_around_fresh_mb_s: Option<[f64; 2]>,
     /// Fresh log: nothing released, new segments zero-filled during the run.
     small_appends: Vec<ConcurrencyResult>,
     fresh_wal_seq_spares: SpareCounts,
@@ -74,6 +78,9 @@ pub(crate) struct WalReport {
 #[derive(Serialize, Deserialize)]
 pub(crate) struct SteadyReport {
     wal_seq_mb_s: f64,
+    /// As `raw_durable_around_fresh_mb_s`, around this phase.
+    #[serde(default)]
+    raw_durable_around_mb_s: Option<[f64; 2]>,
     wal_seq_spares: SpareCounts,
     small_appends: Vec<ConcurrencyResult>,
 }
@@ -144,18 +151,24 @@ pub fn run(args: WalArgs) -> Result<()> {
         "raw 4 KiB write+fdatasync: {raw_fsync_per_s:.0}/s, p50 {} µs, p99 {} µs, p999 {} µs",
         raw_fsync.p50_us, raw_fsync.p99_us, raw_fsync.p999_us
     );
-    let (durable_per_s, _) = raw_disk::write_fdatasync(&raw, RAW_FILE_BYTES, 1 << 20, phase)?;
-    let raw_durable_seq_mb_s = durable_per_s * (1 << 20) as f64 / 1e6;
-    eprintln!("raw 1 MiB write+fdatasync: {raw_durable_seq_mb_s:.0} MB/s");
-    drop(raw);
-    std::fs::remove_file(&raw_path).context("removing the raw baseline file")?;
+    // This disk's durable bandwidth drifts by a third between minutes, so the
+    // 256 KiB-record phases are compared with it measured right before and right after
+    // each of them (blocking the executor meanwhile: nothing else runs on it then).
+    let raw_durable_mb_s = || -> Result<f64> {
+        let (per_s, _) = raw_disk::write_fdatasync(&raw, RAW_FILE_BYTES, 1 << 20, phase)?;
+        let mb_s = per_s * (1 << 20) as f64 / 1e6;
+        eprintln!("raw 1 MiB write+fdatasync: {mb_s:.0} MB/s");
+        Ok(mb_s)
+    };
+    let raw_durable_seq_mb_s = raw_durable_mb_s()?;
 
     let dir = args.common.dir.clone();
     let concurrency = args.concurrency.clone();
-    let modes = oc_io::executor::run_local(async move {
+    let modes = oc_io::executor::run_local(async {
         let mut modes = Vec::new();
         for mode in [Mode::Fresh, Mode::Steady] {
             eprintln!("WAL, {}:", mode.describe());
+            let before = raw_durable_mb_s()?;
             let seq = wal_phase(
                 &dir,
                 mode,
@@ -165,6 +178,7 @@ pub fn run(args: WalArgs) -> Result<()> {
                 phase,
             )
             .await?;
+            let raw_around = [before, raw_durable_mb_s()?];
             let wal_seq_mb_s =
                 seq.appends as f64 * LARGE_RECORD_BYTES as f64 / seq.elapsed.as_secs_f64() / 1e6;
             // Where a group's period goes: the log's writing of it (stamping and the
@@ -185,35 +199,39 @@ pub fn run(args: WalArgs) -> Result<()> {
                     wal_phase(&dir, mode, c, SMALL_RECORD_BYTES, warmup, phase).await?,
                 ));
             }
-            modes.push((mode, wal_seq_mb_s, seq.spares, small));
+            modes.push((mode, wal_seq_mb_s, raw_around, seq.spares, small));
         }
         Ok::<_, anyhow::Error>(modes)
     })?;
+    drop(raw);
+    std::fs::remove_file(&raw_path).context("removing the raw baseline file")?;
 
-    let mut reports = modes
-        .into_iter()
-        .map(|(_, wal_seq_mb_s, seq_spares, small)| ModeReport {
-            wal_seq_mb_s,
-            wal_seq_spares: seq_spares,
-            small_appends: small
-                .into_iter()
-                .map(|(c, r)| {
-                    let lag = Percentiles::of(&r.latency);
-                    let appends_per_s = r.appends as f64 / r.elapsed.as_secs_f64();
-                    ConcurrencyResult {
-                        concurrency: c,
-                        appends_per_s,
-                        lag_p50_us: lag.p50_us,
-                        lag_p99_us: lag.p99_us,
-                        lag_p999_us: lag.p999_us,
-                        lag_max_us: lag.max_us,
-                        frames_per_group: r.frames_per_group,
-                        ratio_to_raw_fsync: appends_per_s / raw_fsync_per_s,
-                        spares: r.spares,
-                    }
-                })
-                .collect(),
-        });
+    let mut reports =
+        modes.into_iter().map(
+            |(_, wal_seq_mb_s, raw_around, seq_spares, small)| ModeReport {
+                wal_seq_mb_s,
+                raw_around,
+                wal_seq_spares: seq_spares,
+                small_appends: small
+                    .into_iter()
+                    .map(|(c, r)| {
+                        let lag = Percentiles::of(&r.latency);
+                        let appends_per_s = r.appends as f64 / r.elapsed.as_secs_f64();
+                        ConcurrencyResult {
+                            concurrency: c,
+                            appends_per_s,
+                            lag_p50_us: lag.p50_us,
+                            lag_p99_us: lag.p99_us,
+                            lag_p999_us: lag.p999_us,
+                            lag_max_us: lag.max_us,
+                            frames_per_group: r.frames_per_group,
+                            ratio_to_raw_fsync: appends_per_s / raw_fsync_per_s,
+                            spares: r.spares,
+                        }
+                    })
+                    .collect(),
+            },
+        );
     let fresh = reports.next().expect("fresh mode ran");
     let steady = reports.next().expect("steady mode ran");
     let report = WalReport {
@@ -227,9 +245,11 @@ pub fn run(args: WalArgs) -> Result<()> {
         raw_fsync_p99_us: raw_fsync.p99_us,
         raw_fsync_p999_us: raw_fsync.p999_us,
         wal_seq_mb_s: fresh.wal_seq_mb_s,
+        raw_durable_around_fresh_mb_s: Some(fresh.raw_around),
         small_appends: fresh.small_appends,
         steady_state: SteadyReport {
             wal_seq_mb_s: steady.wal_seq_mb_s,
+            raw_durable_around_mb_s: Some(steady.raw_around),
             wal_seq_spares: steady.wal_seq_spares,
             small_appends: steady.small_appends,
         },
@@ -271,6 +291,7 @@ pub(crate) struct SpareCounts {
 
 pub(crate) struct ModeReport {
     wal_seq_mb_s: f64,
+    raw_around: [f64; 2],
     wal_seq_spares: SpareCounts,
     small_appends: Vec<ConcurrencyResult>,
 }
@@ -426,25 +447,40 @@ pub(crate) fn markdown(r: &WalReport) -> String {
         "Machine: {} cores, kernel {}, {}; {} s per phase.\n\n",
         r.machine.cores, r.machine.kernel, r.machine.file_system, r.seconds_per_phase
     );
-    out +=
-        "| sequential bandwidth | MB/s | × raw depth 8 | × raw durable |\n|---|---:|---:|---:|\n";
-    let row = |name: &str, v: f64| {
+    out += "| sequential bandwidth | MB/s | × raw depth 8 | × raw durable | × raw durable right before and after it |\n|---|---:|---:|---:|---:|\n";
+    let row = |name: &str, v: f64, around: Option<[f64; 2]>| {
+        let around = around.map_or("—".to_string(), |[before, after]| {
+            format!(
+                "{:.2} ({before:.0} and {after:.0} MB/s)",
+                2.0 * v / (before + after)
+            )
+        });
         format!(
-            "| {name} | {v:.0} | {:.2} | {:.2} |\n",
+            "| {name} | {v:.0} | {:.2} | {:.2} | {around} |\n",
             v / r.raw_seq_mb_s,
             v / r.raw_durable_seq_mb_s
         )
     };
-    out += &row("raw O_DIRECT 1 MiB writes, depth 8", r.raw_seq_mb_s);
-    out += &row("raw O_DIRECT 1 MiB writes, depth 1", r.raw_seq_qd1_mb_s);
+    out += &row("raw O_DIRECT 1 MiB writes, depth 8", r.raw_seq_mb_s, None);
+    out += &row(
+        "raw O_DIRECT 1 MiB writes, depth 1",
+        r.raw_seq_qd1_mb_s,
+        None,
+    );
     out += &row(
         "raw O_DIRECT 1 MiB write + fdatasync (raw durable)",
         r.raw_durable_seq_mb_s,
+        None,
     );
-    out += &row("WAL 256 KiB records, fresh log", r.wal_seq_mb_s);
+    out += &row(
+        "WAL 256 KiB records, fresh log",
+        r.wal_seq_mb_s,
+        r.raw_durable_around_fresh_mb_s,
+    );
     out += &row(
         "WAL 256 KiB records, steady state",
         r.steady_state.wal_seq_mb_s,
+        r.steady_state.raw_durable_around_mb_s,
     );
     out += "\n| durable small writes | ops/s | × raw fsync/s | p50 µs | p99 µs | p999 µs | frames/group | spares filled / recycled |\n";
     out += "|---|---:|---:|---:|---:|---:|---:|---:|\n";
