@@ -104,6 +104,10 @@ if peers:
     if with_rocksdb:
         row("one writer: oc ÷ RocksDB (sync writes)",
             [rate(r, "oc") / rate(r, "rocksdb") for r in with_rocksdb], "> 1", lambda v: v > 1)
+    # Since 2026-12-05 every lone writer runs on shard 0's CPU (`one_writer_cpu`);
+    # earlier runs left the peers to the scheduler. Their ratios do not mix.
+    if len({r.get("one_writer_cpu") is None for r in peers}) > 1:
+        print("note: these peers runs mix pinned and unpinned lone writers", file=sys.stderr)
 
 wals = load("wal-*.json")
 if wals:

@@ -424,6 +424,7 @@ pub fn run(args: EngineArgs) -> Result<()> {
                 record_bytes,
                 warmup,
                 phase,
+                None,
             )
             .await?;
             let rate = r.appends as f64 / r.elapsed.as_secs_f64();

@@ -69,8 +69,9 @@ pub struct PeersReport {
     pub results: Vec<PeerResult>,
     /// Engines compiled out of this build (e.g. RocksDB without the feature).
     pub skipped: Vec<String>,
-    /// The CPU every engine's lone writer ran on (the raw disk's loop too); None in
-    /// runs before 2026-12-05, which left the peers' lone writer unpinned.
+    /// The CPU every engine's lone writer ran on (the raw disk's loop too). None when
+    /// oc-bench did not pin them: runs before 2026-12-05, or this thread's CPU mask
+    /// could not be read (oc's pool then runs unpinned too).
     #[serde(default)]
     pub one_writer_cpu: Option<usize>,
 }
@@ -399,7 +400,7 @@ pub fn markdown(r: &PeersReport) -> String {
         Some(cpu) => {
             out += &format!(" Every engine's lone writer (the raw disk's too) ran on CPU {cpu}, where oc's shard 0 runs.\n\n")
         }
-        None => out += " The peers' lone writers ran unpinned.\n\n",
+        None => out += " oc-bench did not pin the lone writers.\n\n",
     }
     out += "| engine | writers | writes/s | p50 µs | p99 µs | p999 µs |\n|---|---:|---:|---:|---:|---:|\n";
     for x in &r.results {

@@ -137,6 +137,8 @@ pub fn run(args: WalArgs) -> Result<()> {
 
     eprintln!("raw disk: zero-filling a {} MiB file", RAW_FILE_BYTES >> 20);
     let raw_path = args.common.dir.join("raw-baseline.dat");
+    // Kept until the last WAL phase's baseline, and removed however the run ends.
+    let _remove_raw = RemovedOnDrop(raw_path.clone());
     let raw = raw_disk::zero_filled_file(&raw_path, RAW_FILE_BYTES)?;
     raw_disk::sequential_write_mb_s(&raw, RAW_FILE_BYTES, 1 << 20, 8, warmup)?;
     let raw_seq_mb_s = raw_disk::sequential_write_mb_s(&raw, RAW_FILE_BYTES, 1 << 20, 8, phase)?;
@@ -168,7 +170,6 @@ pub fn run(args: WalArgs) -> Result<()> {
         let mut modes = Vec::new();
         for mode in [Mode::Fresh, Mode::Steady] {
             eprintln!("WAL, {}:", mode.describe());
-            let before = raw_durable_mb_s()?;
             let seq = wal_phase(
                 &dir,
                 mode,
@@ -176,9 +177,10 @@ pub fn run(args: WalArgs) -> Result<()> {
                 LARGE_RECORD_BYTES,
                 warmup,
                 phase,
+                Some(&raw_durable_mb_s),
             )
             .await?;
-            let raw_around = [before, raw_durable_mb_s()?];
+            let raw_around = seq.baseline_around.expect("measured when asked for");
             let wal_seq_mb_s =
                 seq.appends as f64 * LARGE_RECORD_BYTES as f64 / seq.elapsed.as_secs_f64() / 1e6;
             // Where a group's period goes: the log's writing of it (stamping and the
@@ -196,7 +198,7 @@ pub fn run(args: WalArgs) -> Result<()> {
             for &c in &concurrency {
                 small.push((
                     c,
-                    wal_phase(&dir, mode, c, SMALL_RECORD_BYTES, warmup, phase).await?,
+                    wal_phase(&dir, mode, c, SMALL_RECORD_BYTES, warmup, phase, None).await?,
                 ));
             }
             modes.push((mode, wal_seq_mb_s, raw_around, seq.spares, small));
@@ -204,7 +206,6 @@ pub fn run(args: WalArgs) -> Result<()> {
         Ok::<_, anyhow::Error>(modes)
     })?;
     drop(raw);
-    std::fs::remove_file(&raw_path).context("removing the raw baseline file")?;
 
     let mut reports =
         modes.into_iter().map(
@@ -263,6 +264,19 @@ pub fn run(args: WalArgs) -> Result<()> {
     )
 }
 
+/// A scratch file, removed when this is dropped.
+struct RemovedOnDrop(std::path::PathBuf);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.0) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                eprintln!("removing {}: {e}", self.0.display());
+            }
+        }
+    }
+}
+
 /// How segments are provided during a WAL phase.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Mode {
@@ -305,6 +319,9 @@ pub(crate) struct PhaseResult {
     /// `group_write_us`).
     group_write_mean_us: f64,
     spares: SpareCounts,
+    /// The baseline [`wal_phase`] was given, measured right before and right after the
+    /// measured load.
+    baseline_around: Option<[f64; 2]>,
 }
 
 /// Longest warm-up of the steady mode while waiting for a segment to be recycled.
@@ -320,6 +337,7 @@ pub(crate) async fn wal_phase(
     record_bytes: usize,
     warmup: Duration,
     phase: Duration,
+    baseline: Option<&dyn Fn() -> Result<f64>>,
 ) -> Result<PhaseResult> {
     let dir = base.join(format!("wal-{writers}-{record_bytes}"));
     if dir.exists() {
@@ -354,9 +372,16 @@ pub(crate) async fn wal_phase(
             load.run(warmup, false).await?;
         }
     }
+    // A baseline blocks this executor: the log's own tasks (its zero-fill, the
+    // releaser) wait meanwhile, and only the measured load is bracketed.
+    let baseline_before = baseline.map(|measure| measure()).transpose()?;
     let before = wal.stats();
     let (appends, elapsed, latency) = load.run(phase, true).await?;
     let after = wal.stats();
+    let baseline_around = match (baseline, baseline_before) {
+        (Some(measure), Some(before)) => Some([before, measure()?]),
+        _ => None,
+    };
     drop(releaser);
     wal.close().await?;
     drop(load);
@@ -375,6 +400,7 @@ pub(crate) async fn wal_phase(
             zero_filled: after.spares_zero_filled - before.spares_zero_filled,
             recycled: after.spares_recycled - before.spares_recycled,
         },
+        baseline_around,
     })
 }
 

@@ -730,8 +730,9 @@ fn the_active_segment_is_written_through_an_o_dsync_descriptor() {
     });
 }
 
-/// Payload `i` of [`large_frames_of_many_sizes_recover_and_sealed_segments_verify`]: from a few
-/// bytes to most of a group.
+/// Payload `i` of [`large_frames_of_many_sizes_recover_and_sealed_segments_verify`]:
+/// from a few bytes to most of a group, around 16 KiB and the 256 KiB records of
+/// `oc-bench wal` among them.
 fn mixed_payload(i: u64) -> Vec<u8> {
     const SIZES: [usize; 9] = [
         300,
@@ -782,12 +783,14 @@ fn large_frames_of_many_sizes_recover_and_sealed_segments_verify() {
         for h in handles {
             acked.extend(h.await);
         }
-        assert!(wal.stats().segments_sealed >= 5, "{:?}", wal.stats());
+        let sealed = wal.stats().segments_sealed as usize;
+        assert!(sealed >= 5, "{:?}", wal.stats());
         wal.close().await.expect("close");
         drop(wal);
 
         // Every sealed segment's data CRC, in its footer, is the CRC of its bytes.
         let segments = segment_files(dir.path());
+        assert_eq!(segments.len() - 1, sealed, "{segments:?}");
         for name in &segments[..segments.len() - 1] {
             let file = std::fs::read(dir.path().join(name)).expect("read segment");
             let footer_at = file.len() - oc_io::buffer::BLOCK_SIZE;
