@@ -93,9 +93,16 @@ impl LocalDirArchive {
             .create_new(true)
             .open(&tmp)
             .map_err(io(key))?;
-        file.write_all(&sealed.body).map_err(io(key))?;
-        file.write_all(&sealed.trailer).map_err(io(key))?;
-        file.sync_all().map_err(io(key))?;
+        let written = file
+            .write_all(&sealed.body)
+            .and_then(|()| file.write_all(&sealed.trailer))
+            .and_then(|()| file.sync_all());
+        if let Err(e) = written {
+            // A full disk fails every retry the same way: none may leave its part behind.
+            drop(file);
+            let _ = fs::remove_file(&tmp);
+            return Err(io(key)(e));
+        }
         Ok(tmp)
     }
 
@@ -382,6 +389,68 @@ mod tests {
             refused,
             Err(ArchiveError::PreconditionFailed { .. })
         ));
+    }
+
+    /// Set in the child process [`a_failed_write_leaves_no_temporary_file`] starts.
+    const FILE_SIZE_LIMITED: &str = "OC_TEST_FILE_SIZE_LIMITED";
+
+    /// Runs in a child process whose files may not grow past 64 KiB (`RLIMIT_FSIZE`, so
+    /// a write fails as on a full disk), and only there.
+    #[test]
+    fn put_larger_than_the_file_size_limit() {
+        let Some(root) = std::env::var_os(FILE_SIZE_LIMITED) else {
+            return;
+        };
+        let archive = LocalDirArchive::open(&root).expect("open");
+        let big: Vec<u8> = (0..1u32 << 20)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 7) as u8)
+            .collect();
+        let err = archive
+            .put("seg", &big, &Condition::Always)
+            .expect_err("a file-size limit of 64 KiB");
+        assert!(matches!(err, ArchiveError::Io { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_failed_write_leaves_no_temporary_file() {
+        use std::os::unix::process::CommandExt;
+        let (dir, _a) = archive();
+        let root = dir.path().join("archive");
+        let mut child = std::process::Command::new(std::env::current_exe().expect("test binary"));
+        child
+            .args([
+                "--exact",
+                "archive::local::tests::put_larger_than_the_file_size_limit",
+            ])
+            .env(FILE_SIZE_LIMITED, &root);
+        // SAFETY: between fork and exec only setrlimit and signal, both
+        // async-signal-safe, on values built before the fork.
+        unsafe {
+            child.pre_exec(|| {
+                let limit = libc::rlimit {
+                    rlim_cur: 64 << 10,
+                    rlim_max: 64 << 10,
+                };
+                if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // Past the limit a write fails with EFBIG instead of killing the process.
+                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                Ok(())
+            });
+        }
+        let out = child.output().expect("run the child");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("1 passed"),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let left: Vec<_> = fs::read_dir(root.join(TMP_DIR))
+            .expect("temporary files")
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+        assert!(!root.join("seg").exists());
     }
 
     #[test]
