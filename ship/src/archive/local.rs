@@ -395,12 +395,11 @@ mod tests {
     const FILE_SIZE_LIMITED: &str = "OC_TEST_FILE_SIZE_LIMITED";
 
     /// Runs in a child process whose files may not grow past 64 KiB (`RLIMIT_FSIZE`, so
-    /// a write fails as on a full disk), and only there.
+    /// a write fails as on a full disk).
     #[test]
+    #[ignore = "run by a_failed_write_leaves_no_temporary_file in a child process"]
     fn put_larger_than_the_file_size_limit() {
-        let Some(root) = std::env::var_os(FILE_SIZE_LIMITED) else {
-            return;
-        };
+        let root = std::env::var_os(FILE_SIZE_LIMITED).expect("started by its parent test");
         let archive = LocalDirArchive::open(&root).expect("open");
         let big: Vec<u8> = (0..1u32 << 20)
             .map(|i| (i.wrapping_mul(2_654_435_761) >> 7) as u8)
@@ -420,6 +419,7 @@ mod tests {
         child
             .args([
                 "--exact",
+                "--ignored",
                 "archive::local::tests::put_larger_than_the_file_size_limit",
             ])
             .env(FILE_SIZE_LIMITED, &root);
