@@ -26,6 +26,10 @@ const STALE_TMP_AGE: Duration = Duration::from_secs(3600);
 pub struct LocalDirArchive {
     root: PathBuf,
     next_tmp: AtomicU64,
+    /// This opener's temporary names: the process id and a random token, so neither
+    /// another opener in this process nor a restarted process that got the same id
+    /// (PID 1 in a container) meets a name a crash left in `.tmp/`.
+    tmp_prefix: String,
 }
 
 fn io(key: &str) -> impl Fn(std::io::Error) -> ArchiveError + '_ {
@@ -73,6 +77,7 @@ impl LocalDirArchive {
         Ok(LocalDirArchive {
             root,
             next_tmp: AtomicU64::new(0),
+            tmp_prefix: format!("{}-{:016x}", std::process::id(), fastrand::u64(..)),
         })
     }
 
@@ -87,7 +92,7 @@ impl LocalDirArchive {
         let tmp = self
             .root
             .join(TMP_DIR)
-            .join(format!("{}-{n}", std::process::id()));
+            .join(format!("{}-{n}", self.tmp_prefix));
         let mut file = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -395,11 +400,13 @@ mod tests {
     const FILE_SIZE_LIMITED: &str = "OC_TEST_FILE_SIZE_LIMITED";
 
     /// Runs in a child process whose files may not grow past 64 KiB (`RLIMIT_FSIZE`, so
-    /// a write fails as on a full disk).
+    /// a write fails as on a full disk); elsewhere it has nothing to do.
     #[test]
     #[ignore = "run by a_failed_write_leaves_no_temporary_file in a child process"]
     fn put_larger_than_the_file_size_limit() {
-        let root = std::env::var_os(FILE_SIZE_LIMITED).expect("started by its parent test");
+        let Some(root) = std::env::var_os(FILE_SIZE_LIMITED) else {
+            return;
+        };
         let archive = LocalDirArchive::open(&root).expect("open");
         let big: Vec<u8> = (0..1u32 << 20)
             .map(|i| (i.wrapping_mul(2_654_435_761) >> 7) as u8)
@@ -407,7 +414,11 @@ mod tests {
         let err = archive
             .put("seg", &big, &Condition::Always)
             .expect_err("a file-size limit of 64 KiB");
-        assert!(matches!(err, ArchiveError::Io { .. }), "{err}");
+        // The write past the limit failed, after the temporary file was created.
+        assert!(
+            matches!(&err, ArchiveError::Io { source, .. } if source.raw_os_error() == Some(libc::EFBIG)),
+            "{err}"
+        );
     }
 
     #[test]
@@ -424,7 +435,7 @@ mod tests {
             ])
             .env(FILE_SIZE_LIMITED, &root);
         // SAFETY: between fork and exec only setrlimit and signal, both
-        // async-signal-safe, on values built before the fork.
+        // async-signal-safe, on a value on the stack.
         unsafe {
             child.pre_exec(|| {
                 let limit = libc::rlimit {
@@ -442,7 +453,7 @@ mod tests {
         let out = child.output().expect("run the child");
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
-            out.status.success() && stdout.contains("1 passed"),
+            out.status.success() && stdout.contains("test result: ok. 1 passed;"),
             "{stdout}{}",
             String::from_utf8_lossy(&out.stderr)
         );
@@ -451,6 +462,21 @@ mod tests {
             .collect();
         assert!(left.is_empty(), "{left:?}");
         assert!(!root.join("seg").exists());
+    }
+
+    #[test]
+    fn a_crashed_process_with_the_same_id_leaves_no_name_in_the_way() {
+        let (dir, _) = archive();
+        let tmp = dir.path().join("archive").join(TMP_DIR);
+        // What an earlier process with this id (PID 1 in a container) may have left.
+        for n in 0..4 {
+            fs::write(tmp.join(format!("{}-{n}", std::process::id())), b"partial").expect("write");
+        }
+        for opener in 0..2 {
+            let a = LocalDirArchive::open(dir.path().join("archive")).expect("open");
+            a.put(&format!("seg-{opener}"), b"payload", &Condition::Always)
+                .expect("a put beside leftovers");
+        }
     }
 
     #[test]
