@@ -101,10 +101,11 @@ fn fresh_dir(dir: &Path) -> Result<PathBuf> {
     Ok(dir.to_path_buf())
 }
 
-/// The CPU a lone writer runs on (see the module's doc), or None for more writers.
+/// The CPU a lone writer runs on: the one the pool pins its shard 0 to (see the
+/// module's doc); None for more writers.
 fn writer_cpu(concurrency: usize) -> Option<usize> {
     if concurrency == 1 {
-        crate::pinning::first_allowed_cpu()
+        oc_engine::pool::allowed_cpus().first().copied()
     } else {
         None
     }

@@ -88,19 +88,6 @@ fn cpu_set(cpus: &[usize]) -> libc::cpu_set_t {
     }
 }
 
-/// The first CPU this thread may run on (its affinity mask, which `taskset` and
-/// `--client-cpus` set): where a pool pins its shard 0. None when the mask cannot be read.
-pub fn first_allowed_cpu() -> Option<usize> {
-    // SAFETY: sched_getaffinity writes at most the size given into a set we own.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
-            return None;
-        }
-        (0..libc::CPU_SETSIZE as usize).find(|&cpu| libc::CPU_ISSET(cpu, &set))
-    }
-}
-
 /// Pins the calling thread (only it) to `cpu`.
 pub fn pin_this_thread(cpu: usize) -> Result<()> {
     set_affinity(&[cpu], "pinning a writer", &cpu.to_string())

@@ -239,7 +239,7 @@ impl ShardPool {
 /// systemd's `CPUAffinity=` and a container's cpuset set. Shard `i` is pinned to the
 /// `i mod n`-th of them, never to a CPU the operator did not give the process. Empty
 /// when the mask cannot be read (the shards then run unpinned).
-fn allowed_cpus() -> Vec<usize> {
+pub fn allowed_cpus() -> Vec<usize> {
     // SAFETY: sched_getaffinity writes at most the size given into a set we own.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
