@@ -87,6 +87,11 @@ pub struct TableDigest {
     resume: Option<Vec<u8>>,
 }
 
+/// Rows whose paths in the row tree [`Table::apply`] asks for at once before applying
+/// them: enough for their cache misses to overlap, few enough for their paths to stay
+/// in the core's cache until they are used.
+const PREFETCH_CHUNK: usize = 32;
+
 /// The encoded key of `row` over `columns`, as the B-trees hold it.
 fn key_of(row: &Row, columns: &[usize]) -> Key {
     row.tree_key(columns)
@@ -361,10 +366,42 @@ impl Table {
     pub fn apply(&mut self, writes: Vec<RowWrite>, lsn: u64) -> BatchOutcome {
         self.written_lsn = lsn;
         let mut outcome = BatchOutcome::default();
+        let mut writes = writes.into_iter();
+        while writes.len() > 0 {
+            let chunk = writes.len().min(PREFETCH_CHUNK);
+            if writes.len() > 1 {
+                self.prefetch(&writes.as_slice()[..chunk]);
+            }
+            for write in writes.by_ref().take(chunk) {
+                self.apply_one(write, &mut outcome);
+            }
+        }
+        outcome
+    }
+
+    /// [`Table::apply`] for rows a checkpoint stored, which come in key order: each
+    /// row's path in the tree is the one before's, already in cache, so asking for it
+    /// ahead would only walk it twice (checkpoint loads were 5 % slower doing so).
+    pub(crate) fn apply_in_key_order(&mut self, writes: Vec<RowWrite>, lsn: u64) -> BatchOutcome {
+        self.written_lsn = lsn;
+        let mut outcome = BatchOutcome::default();
         for write in writes {
             self.apply_one(write, &mut outcome);
         }
         outcome
+    }
+
+    /// Starts loading the parts of the row tree that `writes` will change, without
+    /// waiting for them ([`KeyMap::prefetch_paths`]).
+    fn prefetch(&self, writes: &[RowWrite]) {
+        let keys: Vec<Key> = writes
+            .iter()
+            .map(|write| match write {
+                RowWrite::Upsert(row) => key_of(row, &self.schema.primary_key),
+                RowWrite::Delete(key) => Key::from_slice(key),
+            })
+            .collect();
+        self.rows.prefetch_paths(&keys);
     }
 
     /// Applies one validated write, counting it in `outcome` (the caller sets the
@@ -959,6 +996,60 @@ mod tests {
         assert!(table
             .check_integrity()
             .is_err_and(|e| e.contains("1 vectors")));
+    }
+
+    /// A batch longer than the rows asked for at once, of inserts, replacements and
+    /// deletes in scattered key order, applies every write once and in order.
+    #[test]
+    fn a_batch_over_several_prefetch_chunks_applies_every_write_in_order() {
+        let schema = TableSchema::new(
+            "t",
+            &[
+                ("id", ColumnType::Int, false),
+                ("g", ColumnType::Text, true),
+            ],
+            &["id"],
+            &[("by_g", &["g"])],
+        )
+        .expect("schema");
+        let mut table = Table::new(schema, 1);
+        let scattered = |i: i64| (i * 7919) % 1000;
+        let upserts = |ids: &mut dyn Iterator<Item = i64>, g: &str| -> Vec<WriteOp> {
+            ids.map(|id| {
+                let row = serde_json::json!({"id": id, "g": g});
+                WriteOp::Upsert(row.as_object().expect("object").clone())
+            })
+            .collect()
+        };
+        let first = upserts(&mut (0..1000).map(scattered), "a");
+        let writes = table.validate_batch(&first).expect("valid");
+        let outcome = table.apply(writes, 2);
+        assert_eq!((outcome.inserted, outcome.updated), (1000, 0));
+
+        // Each id is written twice in one batch (the later write wins), and every
+        // third id is then deleted: 3 * PREFETCH_CHUNK + 5 writes per kind.
+        let n = 3 * PREFETCH_CHUNK as i64 + 5;
+        let mut ops = upserts(&mut (0..n).map(scattered), "b");
+        ops.extend(upserts(&mut (0..n).map(scattered), "c"));
+        ops.extend((0..n).step_by(3).map(|i| {
+            let key = serde_json::json!({"id": scattered(i)});
+            WriteOp::Delete(key.as_object().expect("object").clone())
+        }));
+        let writes = table.validate_batch(&ops).expect("valid");
+        let outcome = table.apply(writes, 3);
+        let deleted = (0..n).step_by(3).count();
+        assert_eq!(outcome.updated, 2 * n as usize);
+        assert_eq!((outcome.deleted, outcome.missing), (deleted, 0));
+        assert_eq!(table.check_integrity(), Ok(1000 - deleted));
+        for i in 0..n {
+            let key = Key::new(encode_key(&[Value::Int(scattered(i))]));
+            let g = table.rows.get(&key).map(|row| row.get(1).to_value());
+            if i % 3 == 0 {
+                assert_eq!(g, None, "id {} was deleted", scattered(i));
+            } else {
+                assert_eq!(g, Some(Value::Text("c".into())), "id {}", scattered(i));
+            }
+        }
     }
 }
 
