@@ -239,7 +239,7 @@ impl Tenant {
             });
         }
         target.check_stored_rows(&writes)?;
-        Ok(target.apply_in_key_order(writes, lsn.0))
+        Ok(target.apply(writes, lsn.0))
     }
 
     /// A table frame of a checkpoint for a table already loaded: the checkpoint copied
