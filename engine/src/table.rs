@@ -967,8 +967,8 @@ mod tests {
     use super::*;
     use crate::value::ColumnType;
 
-    #[test]
-    fn integrity_checks_find_a_missing_index_entry_and_wrong_usage() {
+    /// An int key and a text column with an index on it.
+    fn indexed_table() -> Table {
         let schema = TableSchema::new(
             "t",
             &[
@@ -979,7 +979,12 @@ mod tests {
             &[("by_g", &["g"])],
         )
         .expect("schema");
-        let mut table = Table::new(schema, 1);
+        Table::new(schema, 1)
+    }
+
+    #[test]
+    fn integrity_checks_find_a_missing_index_entry_and_wrong_usage() {
+        let mut table = indexed_table();
         let ops: Vec<WriteOp> = (0..10)
             .map(|i| {
                 let row = serde_json::json!({"id": i, "g": format!("g{}", i % 3)});
@@ -1008,17 +1013,7 @@ mod tests {
     /// and some are then deleted in the same batch.
     #[test]
     fn a_batch_over_several_prefetch_chunks_applies_every_write_in_order() {
-        let schema = TableSchema::new(
-            "t",
-            &[
-                ("id", ColumnType::Int, false),
-                ("g", ColumnType::Text, true),
-            ],
-            &["id"],
-            &[("by_g", &["g"])],
-        )
-        .expect("schema");
-        let mut table = Table::new(schema, 1);
+        let mut table = indexed_table();
         let scattered = |i: i64| (i * 7919) % 1000;
         let upsert = |id: i64, g: &str| {
             let row = serde_json::json!({"id": id, "g": g});
