@@ -395,6 +395,15 @@ impl Table {
         outcome
     }
 
+    /// Asks the CPU for the paths through the row tree of the rows `writes` change, which
+    /// are about to be applied one command at a time (see [`KeyMap::prefetch_paths`]).
+    pub(crate) fn prefetch_writes<'a>(&self, writes: impl IntoIterator<Item = &'a RowWrite>) {
+        let keys: Vec<Key> = writes.into_iter().map(|w| self.key_of_write(w)).collect();
+        if !keys.is_sorted() {
+            self.rows.prefetch_paths(&keys);
+        }
+    }
+
     /// The key of the row `write` changes.
     fn key_of_write(&self, write: &RowWrite) -> Key {
         match write {

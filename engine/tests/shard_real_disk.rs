@@ -120,3 +120,125 @@ fn durable_writes_survive_a_restart_and_reads_see_only_applied_state() {
         );
     });
 }
+
+/// The applier asks for the row-tree paths of up to 32 queued single-row commands of
+/// one table at once, then applies them one by one. With many writers the queue holds
+/// single-row and multi-row commands to several tables of several tenants, inserts,
+/// rewrites and deletes: every table must end exactly as its writes say, live and
+/// after a restart.
+#[test]
+fn single_row_writes_queued_across_tables_and_tenants_apply_as_written() {
+    use std::collections::BTreeMap;
+    const WRITERS: i64 = 48;
+    const STEPS: i64 = 40;
+    let dir = tempfile::tempdir().expect("tempdir");
+    run_local(async {
+        let tenants = [
+            TenantId::parse("acme").expect("valid"),
+            TenantId::parse("globex").expect("valid"),
+        ];
+        let tables = ["left", "right"];
+        let storage = DmaStorage::open(dir.path()).await.expect("storage");
+        let (shard, _) = Shard::open(storage, WalConfig::default())
+            .await
+            .expect("open");
+        let shard = Rc::new(shard);
+        for tenant in &tenants {
+            shard.create_tenant(tenant).await.expect("tenant");
+            for table in tables {
+                let schema = TableSchema::new(
+                    table,
+                    &[
+                        ("id", ColumnType::Int, false),
+                        ("n", ColumnType::Int, false),
+                    ],
+                    &["id"],
+                    &[],
+                )
+                .expect("schema");
+                shard.create_table(tenant, schema).await.expect("table");
+            }
+        }
+        let mut tasks = Vec::new();
+        for w in 0..WRITERS {
+            let (shard, tenant) = (shard.clone(), tenants[(w % 2) as usize].clone());
+            let table = tables[(w / 2 % 2) as usize];
+            tasks.push(glommio::spawn_local(async move {
+                // This writer's ids only, scattered over the table's key space.
+                let id = |i: i64| (i * 7_919 + 13) % 1_000 * WRITERS + w;
+                let mut expected = BTreeMap::new();
+                for step in 0..STEPS {
+                    let ops: Vec<WriteOp> = if step % 5 == 4 {
+                        // A rewrite of an earlier row, and a delete of another.
+                        expected.insert(id(step - 4), step);
+                        expected.remove(&id(step - 3));
+                        vec![
+                            WriteOp::Upsert(object(json!({"id": id(step - 4), "n": step}))),
+                            WriteOp::Delete(object(json!({"id": id(step - 3)}))),
+                        ]
+                    } else if w % 8 == 7 {
+                        // Some writers send batches of three new rows.
+                        (0..3)
+                            .map(|k| {
+                                let row = id(1_000 + step * 3 + k);
+                                expected.insert(row, step);
+                                WriteOp::Upsert(object(json!({"id": row, "n": step})))
+                            })
+                            .collect()
+                    } else {
+                        expected.insert(id(step), step);
+                        vec![WriteOp::Upsert(object(json!({"id": id(step), "n": step})))]
+                    };
+                    shard
+                        .write(&tenant, table, &ops, None)
+                        .await
+                        .expect("write");
+                }
+                (w, expected)
+            }));
+        }
+        let mut expected: BTreeMap<(usize, &str), BTreeMap<i64, i64>> = BTreeMap::new();
+        for task in tasks {
+            let (w, rows) = task.await;
+            expected
+                .entry(((w % 2) as usize, tables[(w / 2 % 2) as usize]))
+                .or_default()
+                .extend(rows);
+        }
+        let contents = |shard: &Shard<DmaStorage>| {
+            let mut found = BTreeMap::new();
+            for (t, tenant) in tenants.iter().enumerate() {
+                for table in tables {
+                    let rows = shard
+                        .read(tenant, |tenant| {
+                            tenant
+                                .table(table)
+                                .expect("table")
+                                .rows()
+                                .map(|row| match row.to_values()[..] {
+                                    [Value::Int(id), Value::Int(n)] => (id, n),
+                                    ref other => panic!("unexpected row {other:?}"),
+                                })
+                                .collect::<BTreeMap<i64, i64>>()
+                        })
+                        .expect("tenant");
+                    found.insert((t, table), rows);
+                }
+            }
+            found
+        };
+        assert_eq!(contents(&shard), expected);
+        shard.close().await.expect("close");
+        drop(shard);
+
+        let storage = DmaStorage::open(dir.path()).await.expect("storage");
+        let (shard, _) = Shard::open(storage, WalConfig::default())
+            .await
+            .expect("reopen");
+        assert_eq!(contents(&shard), expected);
+    });
+}
+
+fn object(value: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
+    value.as_object().expect("an object").clone()
+}

@@ -32,6 +32,42 @@ pub(super) struct ApplyQueue {
     pub(super) applier: Option<Waker>,
 }
 
+/// Single-row commands whose paths through their table's row tree the applier asks
+/// for at once, as [`Table::apply`] does for the rows of one batch.
+const ASK_AHEAD: usize = 32;
+
+/// Asks for the row-tree paths of `front` and of the single-row writes queued behind
+/// it to the same table, among the next [`ASK_AHEAD`] commands, so that their cache
+/// misses overlap instead of following one another command after command. Returns how
+/// many commands, `front` included, that covered.
+fn ask_ahead(state: &ShardState, front: &Queued, queue: &ApplyQueue) -> usize {
+    let Command::Write { table, writes, .. } = &front.command else {
+        return 1;
+    };
+    if writes.len() != 1 {
+        return 1;
+    }
+    let Some(target) = state
+        .tenants
+        .get(&front.tenant)
+        .and_then(|t| t.table(table).ok())
+    else {
+        return 1;
+    };
+    let behind = queue.queued.iter().take(ASK_AHEAD - 1);
+    let covered = 1 + behind.len();
+    let same_table = behind.filter_map(|q| match &q.command {
+        Command::Write {
+            table: other,
+            writes,
+            ..
+        } if q.tenant == front.tenant && other == table && writes.len() == 1 => writes.first(),
+        _ => None,
+    });
+    target.prefetch_writes(writes.iter().chain(same_table));
+    covered
+}
+
 /// The fewest commands worth splitting into two groups of the log (see below).
 const COHORT_TO_SPLIT: usize = 4;
 
@@ -55,6 +91,8 @@ pub(super) async fn run_applier<S: Storage>(
 ) {
     // Commands left to apply before the applier yields to split a cohort.
     let mut split_in: Option<usize> = None;
+    // Commands, from the front, whose paths were asked for already.
+    let mut asked_for = 0usize;
     loop {
         let front = poll_fn(|cx| {
             let mut q = queue.borrow_mut();
@@ -78,6 +116,10 @@ pub(super) async fn run_applier<S: Storage>(
                     front.slot.borrow_mut().durable_at = Some(std::time::Instant::now());
                 }
                 let mut state = state.borrow_mut();
+                if asked_for == 0 {
+                    asked_for = ask_ahead(&state, &front, &queue.borrow());
+                }
+                asked_for -= 1;
                 // Only a listened-to tenant pays for describing its command; the events
                 // are described before the apply consumes it, and dropped if it refuses.
                 let events = feed.listening(&front.tenant).then(|| {
