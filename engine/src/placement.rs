@@ -463,10 +463,18 @@ fn parse_layout(bytes: &[u8]) -> Result<ParsedLayout, FileProblem> {
 /// leaves either the old layout (or none) or a whole new one.
 fn write_layout(data_dir: &Path, layout: &Layout) -> std::io::Result<()> {
     let tmp = data_dir.join(format!("{LAYOUT_FILE}.tmp"));
-    let mut file = std::fs::File::create(&tmp)?;
-    file.write_all(LayoutFile::of(layout).text().as_bytes())?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, data_dir.join(LAYOUT_FILE))?;
+    let written = (|| {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(LayoutFile::of(layout).text().as_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, data_dir.join(LAYOUT_FILE))
+    })();
+    if written.is_err() {
+        // A disk that filled up mid-write should not also keep the partial file; a
+        // crash here leaves it, and the next write replaces it.
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
     std::fs::File::open(data_dir)?.sync_all()
 }
 
@@ -581,6 +589,21 @@ mod tests {
         .expect("write");
         let err = ensure_layout(dir.path(), 1).expect_err("future version");
         assert!(err.to_string().contains("not supported"), "{err}");
+    }
+
+    /// A write that fails (here the rename: the layout's name is taken by a directory)
+    /// reports the error and leaves no partial `.tmp` file behind.
+    #[test]
+    fn a_failed_layout_write_leaves_no_temporary_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::create_dir(dir.path().join(LAYOUT_FILE)).expect("a directory in the way");
+        let layout = Layout {
+            shards: 2,
+            id: DataDirId(7),
+            epochs: Vec::new(),
+        };
+        assert!(write_layout(dir.path(), &layout).is_err());
+        assert!(!dir.path().join(format!("{LAYOUT_FILE}.tmp")).exists());
     }
 
     /// The bytes are those of the writer before the struct: a pretty `json!` map.
