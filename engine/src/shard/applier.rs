@@ -3,6 +3,7 @@
 //! callers' futures; each caller's slot then gets its outcome.
 
 use super::*;
+use crate::table::PREFETCH_CHUNK;
 
 /// A caller's slot for the result of its command.
 #[derive(Default)]
@@ -32,14 +33,11 @@ pub(super) struct ApplyQueue {
     pub(super) applier: Option<Waker>,
 }
 
-/// Single-row commands whose paths through their table's row tree the applier asks
-/// for at once, as [`Table::apply`] does for the rows of one batch.
-const ASK_AHEAD: usize = 32;
-
-/// Asks for the row-tree paths of `front` and of the single-row writes queued behind
-/// it to the same table, among the next [`ASK_AHEAD`] commands, so that their cache
-/// misses overlap instead of following one another command after command. Returns how
-/// many commands, `front` included, that covered.
+/// Asks for the row-tree paths of `front`, a single-row write, and of the single-row
+/// writes to the same table queued behind it among the next commands
+/// ([`PREFETCH_CHUNK`] in all), so that their cache misses overlap instead of following
+/// one another command after command. A batch asks for its own rows
+/// ([`Table::apply`]). Returns how many commands, `front` included, the ask covered.
 fn ask_ahead(state: &ShardState, front: &Queued, queue: &ApplyQueue) -> usize {
     let Command::Write { table, writes, .. } = &front.command else {
         return 1;
@@ -54,17 +52,22 @@ fn ask_ahead(state: &ShardState, front: &Queued, queue: &ApplyQueue) -> usize {
     else {
         return 1;
     };
-    let behind = queue.queued.iter().take(ASK_AHEAD - 1);
+    let behind = queue.queued.iter().take(PREFETCH_CHUNK - 1);
     let covered = 1 + behind.len();
-    let same_table = behind.filter_map(|q| match &q.command {
-        Command::Write {
-            table: other,
-            writes,
-            ..
-        } if q.tenant == front.tenant && other == table && writes.len() == 1 => writes.first(),
-        _ => None,
-    });
-    target.prefetch_writes(writes.iter().chain(same_table));
+    let single_rows = std::iter::once(front)
+        .chain(behind)
+        .filter_map(|q| match &q.command {
+            Command::Write {
+                table: other,
+                table_version,
+                writes,
+                ..
+            } if q.tenant == front.tenant && other == table && writes.len() == 1 => {
+                Some((*table_version, writes.as_slice()))
+            }
+            _ => None,
+        });
+    target.prefetch_writes(single_rows);
     covered
 }
 
@@ -91,8 +94,9 @@ pub(super) async fn run_applier<S: Storage>(
 ) {
     // Commands left to apply before the applier yields to split a cohort.
     let mut split_in: Option<usize> = None;
-    // Commands, from the front, whose paths were asked for already.
-    let mut asked_for = 0usize;
+    // Commands, from the front, that the last ask covered (other tables' among them,
+    // passed over): the next ask is at the first command after them.
+    let mut covered = 0usize;
     loop {
         let front = poll_fn(|cx| {
             let mut q = queue.borrow_mut();
@@ -116,10 +120,9 @@ pub(super) async fn run_applier<S: Storage>(
                     front.slot.borrow_mut().durable_at = Some(std::time::Instant::now());
                 }
                 let mut state = state.borrow_mut();
-                if asked_for == 0 {
-                    asked_for = ask_ahead(&state, &front, &queue.borrow());
+                if covered == 0 {
+                    covered = ask_ahead(&state, &front, &queue.borrow());
                 }
-                asked_for -= 1;
                 // Only a listened-to tenant pays for describing its command; the events
                 // are described before the apply consumes it, and dropped if it refuses.
                 let events = feed.listening(&front.tenant).then(|| {
@@ -154,6 +157,7 @@ pub(super) async fn run_applier<S: Storage>(
             }
             Err(e) => Err(EngineError::from(e)),
         };
+        covered = covered.saturating_sub(1);
         {
             let mut slot = front.slot.borrow_mut();
             if timed {
