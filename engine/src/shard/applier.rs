@@ -33,11 +33,12 @@ pub(super) struct ApplyQueue {
     pub(super) applier: Option<Waker>,
 }
 
-/// The fewest queued commands (the front's included) for [`ask_ahead`] to ask. With
-/// fewer, the shard is keeping up and a commit waits on the disk, so what the ask saves
-/// barely shows: at 64 single-row writers, asking always gave 0.89–1.08× the commits/s
-/// of not asking in 10 alternated pairs (BENCHMARKS "Single-row commands' paths asked
-/// for ahead").
+/// The fewest commands queued behind the front for [`ask_ahead`] to ask: two asks'
+/// worth. With fewer, the shard keeps up with its writers, a commit waits on the disk
+/// rather than on the applier, and what the ask saves did not show: at 64 single-row
+/// writers (at most 63 queued behind the front), asking always gave 0.89–1.08× the
+/// commits/s of not asking in 10 alternated pairs (BENCHMARKS "Single-row commands'
+/// paths asked for ahead").
 const BACKLOG_TO_ASK: usize = 2 * PREFETCH_CHUNK;
 
 /// Asks for the row-tree paths of `front`, a single-row write, and of the single-row
@@ -49,7 +50,7 @@ fn ask_ahead(state: &ShardState, front: &Queued, queue: &ApplyQueue) -> usize {
     let Command::Write { table, writes, .. } = &front.command else {
         return 1;
     };
-    if writes.len() != 1 || queue.queued.len() + 1 < BACKLOG_TO_ASK {
+    if writes.len() != 1 || queue.queued.len() < BACKLOG_TO_ASK {
         return 1;
     }
     let Some(target) = state
