@@ -88,11 +88,10 @@ pub struct TableDigest {
 }
 
 /// Rows whose paths in the row tree [`Table::apply`] asks for at once before applying
-/// them (and the shard's applier, across single-row commands): enough for their cache
-/// misses to overlap, few enough for their paths to stay in the core's L2 cache until
-/// they are used (32 leaves of about 2.5 KiB and their inner nodes). Not tuned: 8, 32
-/// and 100 at once were level in a scratch measurement.
-pub(crate) const PREFETCH_CHUNK: usize = 32;
+/// them: enough for their cache misses to overlap, few enough for their paths to stay
+/// in the core's L2 cache until they are used (32 leaves of about 2.5 KiB and their
+/// inner nodes). Not tuned: 8, 32 and 100 at once were level in a scratch measurement.
+const PREFETCH_CHUNK: usize = 32;
 
 /// The encoded key of `row` over `columns`, as the B-trees hold it.
 fn key_of(row: &Row, columns: &[usize]) -> Key {
@@ -382,44 +381,18 @@ impl Table {
                 .iter()
                 .map(|write| self.key_of_write(write))
                 .collect();
-            self.prefetch_keys(&keys);
+            // Keys in ascending order (a checkpoint's rows, ids written in order) mostly
+            // take the path the key before took, already in cache: asking for them
+            // would walk the tree twice (checkpoint loads were 6.8 % slower). Scattered
+            // ids sent sorted lose the prefetch; a hint is all it is.
+            if !keys.is_sorted() {
+                self.rows.prefetch_paths(&keys);
+            }
             for (write, key) in writes.by_ref().take(chunk).zip(keys) {
                 self.apply_keyed(write, key, &mut outcome);
             }
         }
         outcome
-    }
-
-    /// Asks the CPU for the paths of `keys` through the row tree, all at once
-    /// ([`KeyMap::prefetch_paths`]).
-    fn prefetch_keys(&self, keys: &[Key]) {
-        // Keys in ascending order (a checkpoint's rows, ids written in order) mostly take
-        // the path the key before took, already in cache: asking for them would walk the
-        // tree twice (checkpoint loads were 6.8 % slower). Scattered ids sent sorted lose
-        // the prefetch; a hint is all it is. One key has nothing to overlap with.
-        if keys.len() > 1 && !keys.is_sorted() {
-            self.rows.prefetch_paths(keys);
-        }
-    }
-
-    /// Asks for the paths of the rows that queued commands, each `(table_version,
-    /// writes)`, will change when they are applied one after the other. Only commands
-    /// this table would apply are asked for: of its incarnation, and rows that pass
-    /// [`Table::check_writes`]. A queued command may have been validated against a
-    /// table since dropped and created again, or (on a follower) decoded from untrusted
-    /// bytes, and the key of a row that does not fit the schema would panic.
-    pub(crate) fn prefetch_writes<'a>(
-        &self,
-        commands: impl IntoIterator<Item = (u64, &'a [RowWrite])>,
-    ) {
-        let keys: Vec<Key> = commands
-            .into_iter()
-            .filter(|&(version, writes)| {
-                version == self.version && self.check_writes(writes).is_ok()
-            })
-            .flat_map(|(_, writes)| writes.iter().map(|w| self.key_of_write(w)))
-            .collect();
-        self.prefetch_keys(&keys);
     }
 
     /// The key of the row `write` changes.
@@ -1032,32 +1005,6 @@ mod tests {
         assert!(table
             .check_integrity()
             .is_err_and(|e| e.contains("1 vectors")));
-    }
-
-    /// The applier asks ahead for queued commands that apply may still refuse: one
-    /// validated against an older incarnation of the table, or (on a follower) a row
-    /// decoded from the log that does not fit. The key of such a row can panic (a JSON
-    /// value where the int key should be); the ask passes those over.
-    #[test]
-    fn asking_ahead_passes_over_rows_the_table_would_refuse() {
-        let table = indexed_table();
-        let misfit = [RowWrite::upsert(&[Value::Json("{}".into()), Value::Null])];
-        let fits = [RowWrite::upsert(&[Value::Int(5), Value::Null])];
-        let also_fits = [RowWrite::Delete(
-            key_of(
-                &Row::from_values(&[Value::Int(1), Value::Null]),
-                &table.schema.primary_key,
-            )
-            .as_bytes()
-            .to_vec(),
-        )];
-        let v = table.version();
-        table.prefetch_writes([
-            (v, &misfit[..]),
-            (v + 1, &misfit[..]),
-            (v, &fits[..]),
-            (v, &also_fits[..]),
-        ]);
     }
 
     /// A batch longer than the rows asked for at once, of inserts, replacements,

@@ -121,15 +121,12 @@ fn durable_writes_survive_a_restart_and_reads_see_only_applied_state() {
     });
 }
 
-/// With a backlog, the applier asks for the row-tree paths of up to 32 queued
-/// single-row commands of one table at once, then applies them one by one. With many writers the queue holds
-/// single-row and multi-row commands to several tables of several tenants, inserts,
-/// rewrites and deletes: every table must end exactly as its writes say, live and
-/// after a restart.
+/// Many writers keep the applier's queue full of single-row and multi-row commands to
+/// several tables of several tenants, inserts, rewrites and deletes, interleaved:
+/// every table must end exactly as its writes say, live and after a restart.
 #[test]
 fn single_row_writes_queued_across_tables_and_tenants_apply_as_written() {
     use std::collections::BTreeMap;
-    // More than the backlog the applier asks ahead at (64 commands).
     const WRITERS: i64 = 96;
     const STEPS: i64 = 40;
     let dir = tempfile::tempdir().expect("tempdir");
