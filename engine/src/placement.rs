@@ -463,19 +463,20 @@ fn parse_layout(bytes: &[u8]) -> Result<ParsedLayout, FileProblem> {
 /// leaves either the old layout (or none) or a whole new one.
 fn write_layout(data_dir: &Path, layout: &Layout) -> std::io::Result<()> {
     let tmp = data_dir.join(format!("{LAYOUT_FILE}.tmp"));
-    let written = (|| {
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(LayoutFile::of(layout).text().as_bytes())?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, data_dir.join(LAYOUT_FILE))
-    })();
-    if written.is_err() {
+    if let Err(e) = write_synced_then_rename(&tmp, &data_dir.join(LAYOUT_FILE), layout) {
         // A disk that filled up mid-write should not also keep the partial file; a
         // crash here leaves it, and the next write replaces it.
         let _ = std::fs::remove_file(&tmp);
+        return Err(e);
     }
-    written?;
     std::fs::File::open(data_dir)?.sync_all()
+}
+
+fn write_synced_then_rename(tmp: &Path, to: &Path, layout: &Layout) -> std::io::Result<()> {
+    let mut file = std::fs::File::create(tmp)?;
+    file.write_all(LayoutFile::of(layout).text().as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(tmp, to)
 }
 
 #[cfg(test)]

@@ -61,7 +61,7 @@ fn durable_writes_survive_a_restart_and_reads_see_only_applied_state() {
                     let id = w * 100 + i;
                     let kind = if id % 3 == 0 { "click" } else { "view" };
                     let row = json!({"id": id, "kind": kind, "body": {"n": id}});
-                    let ops = [WriteOp::Upsert(row.as_object().expect("object").clone())];
+                    let ops = [WriteOp::Upsert(object(row))];
                     let (lsn, outcome) = shard
                         .write(&acme, "events", &ops, None)
                         .await
@@ -82,9 +82,7 @@ fn durable_writes_survive_a_restart_and_reads_see_only_applied_state() {
         for t in tasks {
             t.await;
         }
-        let bad = [WriteOp::Upsert(
-            json!({"id": "x"}).as_object().expect("object").clone(),
-        )];
+        let bad = [WriteOp::Upsert(object(json!({"id": "x"})))];
         assert!(matches!(
             shard.write(&acme, "events", &bad, None).await,
             Err(EngineError::InvalidRow { row: 0, .. })
