@@ -202,6 +202,34 @@ fn queries_plans_cache_and_metrics_through_the_server() {
         "buckets in ms"
     );
 
+    // A literal and the caller's own `$1` in the same place normalize to the same text
+    // but bind differently: each gets its plan, whichever came first.
+    let literal = ask(&server, "SELECT id FROM products WHERE id > 197", json!([]));
+    let placeholder = ask(
+        &server,
+        "SELECT id FROM products WHERE id > $1",
+        json!([197]),
+    );
+    for reply in [&literal, &placeholder] {
+        assert_eq!(reply.status, 200, "{reply:?}");
+        assert_eq!(reply.body["rows"], json!([[198], [199]]), "{reply:?}");
+    }
+    let nearest = |sql: &str, params: Value| {
+        let reply = ask(&server, sql, params);
+        assert_eq!(reply.status, 200, "{reply:?}");
+        reply.body["rows"].clone()
+    };
+    let by_param = nearest(
+        "SELECT id FROM products ORDER BY embedding <-> $1 LIMIT 2",
+        json!([[7.0, 1.0, 1.0, -0.7]]),
+    );
+    let by_text = nearest(
+        "SELECT id FROM products ORDER BY embedding <-> '[7, 1, 1, -0.7]' LIMIT 2",
+        json!([]),
+    );
+    assert_eq!(by_param, by_text);
+    assert_eq!(by_text[0], json!([7]));
+
     // After a restart the same queries answer the same from recovered state.
     server.terminate();
     let server = Server::start(&data, &["--shards", "2"]);

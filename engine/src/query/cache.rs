@@ -1,5 +1,7 @@
-//! The plan cache of one shard: normalized text → plan, per tenant and schema stamp,
-//! least recently used evicted first. A schema change moves the tenant to a new stamp
+//! The plan cache of one shard: normalized text → plan, per tenant, schema stamp and
+//! count of the caller's own placeholders (`id > 5` and `id > $1` normalize to the same
+//! text, but the first plan binds its `$1` from the literal and the second from the
+//! caller's params), least recently used evicted first. A schema change moves the tenant to a new stamp
 //! (the LSN of the change, and the count of migration starts and ends: a migration
 //! changes the shape reads see), so plans made against the old schema are never used
 //! again and age out.
@@ -9,6 +11,7 @@ use std::rc::Rc;
 
 use lru::LruCache;
 
+use super::normalize::Normalized;
 use super::plan::Prepared;
 use crate::tenant_id::TenantId;
 
@@ -44,6 +47,7 @@ struct CacheKey {
     tenant: TenantId,
     schema_stamp: (u64, u64),
     text: String,
+    user_params: usize,
 }
 
 pub struct PlanCache {
@@ -68,13 +72,14 @@ impl PlanCache {
         &mut self,
         tenant: &TenantId,
         schema_stamp: (u64, u64),
-        text: &str,
+        query: &Normalized,
         make: impl FnOnce() -> Result<Prepared, E>,
     ) -> Result<(Rc<Prepared>, bool), E> {
         let key = CacheKey {
             tenant: tenant.clone(),
             schema_stamp,
-            text: text.to_string(),
+            text: query.text.clone(),
+            user_params: query.user_params,
         };
         if let Some(plan) = self.plans.get(&key) {
             self.stats.hits += 1;
@@ -137,7 +142,7 @@ mod tests {
         for i in 0..5 {
             let q = query(1000 + i);
             let (_, cached) = cache
-                .get_or_prepare(&id, (1, 0), &q.text, || prepare(&tenant, &q))
+                .get_or_prepare(&id, (1, 0), &q, || prepare(&tenant, &q))
                 .expect("plans");
             assert!(!cached);
         }
@@ -148,7 +153,7 @@ mod tests {
         let huge = query(12_000);
         assert!(plan_cost(&huge.text) > budget);
         cache
-            .get_or_prepare(&id, (1, 0), &huge.text, || prepare(&tenant, &huge))
+            .get_or_prepare(&id, (1, 0), &huge, || prepare(&tenant, &huge))
             .expect("plans");
         assert_eq!(cache.stats().entries, 3, "an oversized plan is not cached");
     }

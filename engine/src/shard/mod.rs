@@ -664,7 +664,7 @@ impl<S: Storage> Shard<S> {
             self.plan_cache.borrow_mut().get_or_prepare(
                 tenant,
                 (t.schema_version(), t.migrations().generation()),
-                &normalized.text,
+                &normalized,
                 || query::prepare(t, &normalized),
             )?
         };
