@@ -8,6 +8,11 @@
 //! else in the directory: a second process must be refused before it recovers, and
 //! so rewrites, a log another process is appending to.
 //!
+//! The directory itself is locked too, first: deleting or replacing `oc.lock` (an
+//! operator "unlocking" a directory) would otherwise let a second process lock a new
+//! file of that name while the first still writes, and the directory cannot be
+//! replaced under a running process without moving its data along.
+//!
 //! `flock` is per open file description and local to one machine: a directory on a
 //! network file system shared by two machines is not protected by it (OPERATIONS.md).
 
@@ -45,6 +50,7 @@ pub enum DirLockError {
 pub struct DirLock {
     dir: PathBuf,
     _file: File,
+    _dir_handle: File,
 }
 
 impl DirLock {
@@ -64,16 +70,25 @@ impl DirLock {
             .truncate(false) // the holder's text stays readable until we hold the lock
             .open(&path)
             .map_err(io(&path))?;
-        if let Err(e) = try_lock_exclusive(&file) {
-            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                let text = read_text(&mut file);
-                return Err(DirLockError::Held {
-                    dir: dir.to_path_buf(),
-                    pid: text.as_deref().and_then(parse_pid),
-                    holder: text.as_deref().and_then(describe),
-                });
+        let held = |file: &mut File| {
+            let text = read_text(file);
+            DirLockError::Held {
+                dir: dir.to_path_buf(),
+                pid: text.as_deref().and_then(parse_pid),
+                holder: text.as_deref().and_then(describe),
             }
-            return Err(io(&path)(e));
+        };
+        // The directory first (see the module doc), then the file, which processes of
+        // builds that lock only the file also take.
+        let dir_handle = File::open(dir).map_err(io(dir))?;
+        let locked = try_lock_exclusive(&dir_handle)
+            .map_err(|e| (e, dir))
+            .and_then(|()| try_lock_exclusive(&file).map_err(|e| (e, path.as_path())));
+        if let Err((e, what)) = locked {
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Err(held(&mut file));
+            }
+            return Err(io(what)(e));
         }
         let text = format!("{}\n{holder}\n", std::process::id());
         file.set_len(0).map_err(io(&path))?;
@@ -82,6 +97,7 @@ impl DirLock {
         Ok(DirLock {
             dir: dir.to_path_buf(),
             _file: file,
+            _dir_handle: dir_handle,
         })
     }
 
@@ -183,6 +199,21 @@ mod tests {
         let text = std::fs::read_to_string(data.join(LOCK_FILE)).expect("read");
         assert_eq!(text, format!("{me}\noc-pitr restore\n"));
         assert_eq!(again.dir(), data.as_path());
+    }
+
+    #[test]
+    fn a_deleted_or_replaced_lock_file_does_not_unlock_the_directory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        let first = DirLock::acquire(&data, "oc-server").expect("first");
+        std::fs::remove_file(data.join(LOCK_FILE)).expect("deleted");
+        let err = DirLock::acquire(&data, "oc-server").expect_err("the directory is held");
+        assert!(matches!(err, DirLockError::Held { .. }), "{err:?}");
+        std::fs::write(data.join(LOCK_FILE), "1\nsomething else\n").expect("replaced");
+        let err = DirLock::acquire(&data, "oc-server").expect_err("still held");
+        assert!(matches!(err, DirLockError::Held { pid: Some(1), .. }), "{err:?}");
+        drop(first);
+        DirLock::acquire(&data, "oc-server").expect("released on drop");
     }
 
     #[test]

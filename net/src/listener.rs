@@ -3,7 +3,9 @@
 //!
 //! Sockets are made before the shards start: one `SO_REUSEPORT` socket per shard on the
 //! same address (port 0 is resolved by the first), so the kernel spreads connections
-//! over shards and a test can bind port 0 and still get one port.
+//! over shards and a test can bind port 0 and still get one port. `SO_REUSEPORT` would
+//! as gladly let a second server of the same user join the group and take part of the
+//! traffic, so the address is first bound alone ([`refuse_if_taken`]).
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -37,9 +39,46 @@ const MAX_IDLE_CHECK: Duration = Duration::from_secs(1);
 /// Pending connections per socket.
 const LISTEN_BACKLOG: i32 = 1024;
 
-/// Binds `count` `SO_REUSEPORT` listening sockets on `addr`; returns their descriptors
-/// and the address they share.
+/// Fails when another socket listens on `addr`: binding it without `SO_REUSEPORT`
+/// fails then, whether or not that socket has the option. (A server started in the
+/// same instant could still slip between this check and the group's bind.)
+pub fn refuse_if_taken(addr: SocketAddr) -> std::io::Result<()> {
+    if addr.port() == 0 {
+        return Ok(()); // the kernel picks a free port
+    }
+    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // Not refused for a port whose old connections linger in TIME_WAIT after a restart.
+    probe.set_reuse_address(true)?;
+    probe.bind(&addr.into()).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "{addr} is in use by another process (another oc-server?): stop it or \
+                     choose another address"
+                ),
+            )
+        } else {
+            e
+        }
+    })
+}
+
+/// Binds one listening socket on `addr` that no other socket may share (the ops
+/// listener's).
+pub fn bind_exclusive(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    refuse_if_taken(addr)?;
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}
+
+/// Binds `count` `SO_REUSEPORT` listening sockets on `addr`, refusing an address another
+/// process listens on; returns their descriptors and the address they share.
 pub fn bind_shared(addr: SocketAddr, count: usize) -> std::io::Result<(Vec<RawFd>, SocketAddr)> {
+    refuse_if_taken(addr)?;
     let mut bound = addr;
     let mut fds = Vec::with_capacity(count);
     for _ in 0..count {

@@ -39,7 +39,7 @@ use crate::config::ServerConfig;
 use crate::listener::{self, ConnectionSettings};
 use crate::ops::{self, ControlState, Phase};
 use crate::replication::{bootstrap, gate, node, receiver, ApiRole, Role};
-use std::os::fd::IntoRawFd;
+use std::os::fd::{FromRawFd, IntoRawFd};
 
 /// How often the control executor looks for a shutdown request.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(20);
@@ -627,8 +627,10 @@ async fn control_main(
         admin_token,
     } = channels;
     let replication = node::Node::new(replication, shards);
-    let listener = match TcpListener::bind(ops_listen) {
-        Ok(listener) => listener,
+    let listener = match listener::bind_exclusive(ops_listen) {
+        // SAFETY: the descriptor of a listening socket made just now, owned from here on
+        // by the glommio listener alone.
+        Ok(listener) => unsafe { TcpListener::from_raw_fd(listener.into_raw_fd()) },
         Err(e) => {
             let _ = ops_addr_tx.send(Err(std::io::Error::other(e.to_string())));
             return Ok(());

@@ -116,6 +116,53 @@ fn a_second_server_on_the_same_data_directory_is_refused_naming_the_pid() {
     assert!(has_row(&again, "acme", 2));
 }
 
+/// A second server with a data directory of its own but a running one's API or ops
+/// address is refused: with `SO_REUSEPORT` it would have joined the address and taken
+/// part of the traffic, answering for tenants it does not hold.
+#[test]
+fn a_second_server_on_a_running_ones_addresses_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let first = Server::start(&dir.path().join("first"), &["--shards", "2"]);
+    first.create_tenant_with_items("acme");
+    let (api, ops) = (
+        first.api.trim_start_matches("http://").to_string(),
+        first.ops.trim_start_matches("http://").to_string(),
+    );
+    let second = dir.path().join("second");
+    let allowance = common::unsafe_fs_allowance(dir.path());
+    for (listen, ops_listen, taken) in [(&*api, "127.0.0.1:0", &api), ("127.0.0.1:0", &*ops, &ops)]
+    {
+        let mut args = vec![
+            "--data-dir",
+            second.to_str().expect("utf-8"),
+            "--listen",
+            listen,
+            "--ops-listen",
+            ops_listen,
+            "--no-pin",
+        ];
+        args.extend(&allowance);
+        let refused = run_expecting_exit(&args, &[], EXIT_DEADLINE);
+        assert!(
+            refused.status.is_some_and(|s| !s.success()),
+            "a server on {taken} too did not refuse: {refused:?}"
+        );
+        assert!(
+            refused
+                .stderr
+                .contains(&format!("{taken} is in use by another process")),
+            "{}",
+            refused.stderr
+        );
+        assert!(refused.stdout.is_empty(), "{}", refused.stdout);
+    }
+    // Every request still reaches the first server.
+    for _ in 0..32 {
+        assert_eq!(first.get("/v1/tenants/acme").status, 200);
+        assert_eq!(first.ops_get("/health").0, 200);
+    }
+}
+
 /// An archive belongs to the data directory that claimed it, running or not.
 #[test]
 fn a_second_data_directory_on_a_claimed_archive_is_refused() {
