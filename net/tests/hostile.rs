@@ -446,3 +446,42 @@ fn over_the_memory_budget_writes_that_add_data_are_refused_and_deletes_pass() {
     promtool_check(&scrape);
     assert_alive_and_ready(&server);
 }
+
+/// Sends `request` whole, shuts the sending side, and reads the answer to the end.
+fn send_then_half_close(addr: &str, request: &str) -> String {
+    let mut stream = TcpStream::connect(addr.trim_start_matches("http://")).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    stream.write_all(request.as_bytes()).expect("send");
+    stream
+        .shutdown(std::net::Shutdown::Write)
+        .expect("half-close");
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).expect("the answer, then the close");
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[test]
+fn a_client_that_half_closes_after_its_request_still_gets_the_answer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&dir.path().join("data"), &[]);
+    server.create_tenant_with_items("acme");
+    for id in 0..8 {
+        let body = json!({"ops": [{"upsert": {"id": id, "name": "half", "batch": 0}}]}).to_string();
+        let answer = send_then_half_close(
+            &server.api,
+            &format!(
+                "POST /v1/tenants/acme/tables/items/rows HTTP/1.1\r\nhost: oc\r\n\
+                 content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            ),
+        );
+        assert!(answer.starts_with("HTTP/1.1 200"), "write {id}: {answer:?}");
+        assert!(answer.contains("\"inserted\":1"), "{answer}");
+    }
+    assert_eq!(server.get("/v1/tenants/acme/usage").body["rows"], 8);
+    let health = send_then_half_close(&server.ops, "GET /health HTTP/1.1\r\nhost: oc\r\n\r\n");
+    assert!(health.starts_with("HTTP/1.1 200"), "{health:?}");
+    assert_alive_and_ready(&server);
+}
