@@ -98,6 +98,7 @@ impl<S: Storage> Shard<S> {
                 .collect();
             (state.applied_lsn.0, state.last_commit.0, tables)
         });
+        let mut turns = oc_io::executor::Turns::new(crate::query::SLICE_TARGET);
         for (tenant, summary) in &mut tables {
             let mut digest = TableDigest::default();
             loop {
@@ -114,7 +115,7 @@ impl<S: Storage> Shard<S> {
                 match step {
                     Some(true) => summary.finish(&digest),
                     Some(false) => {
-                        glommio::yield_if_needed().await;
+                        turns.between_slices().await;
                         continue;
                     }
                     None => {}

@@ -75,3 +75,38 @@ pub fn run_local<T>(fut: impl std::future::Future<Output = T>) -> T {
         .expect("an executor can be built with oc's memory settings");
     ex.run(fut)
 }
+
+/// Turns given back to the executor by a long computation on a shard (a scan, a
+/// digest) between its slices.
+///
+/// `glommio::yield_if_needed` yields only once the preempt timer (100 ms) fires, and a
+/// plain yield keeps the task runnable, so the executor runs it again before it next
+/// polls its rings: either way the other connections' reads and completions on the
+/// shard waited up to 100 ms behind one query. A turn here sleeps on a timer instead,
+/// so the executor runs every other ready task, polls its rings, and only then comes
+/// back (a sleeping task also makes the latency ring preempt a busy executor).
+pub struct Turns {
+    every: std::time::Duration,
+    since: std::time::Instant,
+}
+
+impl Turns {
+    /// Gives a turn after every `every` of computation.
+    pub fn new(every: std::time::Duration) -> Turns {
+        Turns {
+            every,
+            since: std::time::Instant::now(),
+        }
+    }
+
+    /// Called between slices: gives a turn when one is due, else yields only if the
+    /// executor asks.
+    pub async fn between_slices(&mut self) {
+        if self.since.elapsed() >= self.every {
+            glommio::timer::sleep(std::time::Duration::from_micros(1)).await;
+            self.since = std::time::Instant::now();
+        } else {
+            glommio::yield_if_needed().await;
+        }
+    }
+}

@@ -485,3 +485,48 @@ fn a_client_that_half_closes_after_its_request_still_gets_the_answer() {
     assert!(health.starts_with("HTTP/1.1 200"), "{health:?}");
     assert_alive_and_ready(&server);
 }
+
+/// A long query gives its shard back between its slices: another tenant's point reads
+/// on the same shard are answered in milliseconds meanwhile, not once per preemption
+/// quantum of the executor (100 ms, which a neighbour's median read took before).
+#[test]
+fn a_long_query_leaves_its_shard_to_other_tenants_between_slices() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(
+        &dir.path().join("data"),
+        &["--shards", "1", "--ask-timeout-ms", "6000"],
+    );
+    create_texts(&server, "big", 2000, 10_000);
+    create_texts(&server, "small", 1, 10);
+    let pattern = format!("{}b", "%a".repeat(127));
+    let api = server.api.clone();
+    let slow = std::thread::spawn(move || {
+        common::request(
+            "POST",
+            &format!("{api}/v1/tenants/big/ask"),
+            Some(
+                &json!({"sql": "SELECT COUNT(*) FROM docs WHERE body LIKE $1", "params": [pattern]})
+                    .to_string(),
+            ),
+        )
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let mut reads = Vec::new();
+    while !slow.is_finished() {
+        let started = Instant::now();
+        let read = server.get("/v1/tenants/small/tables/docs/rows/0");
+        assert_eq!(read.status, 200, "{read:?}");
+        reads.push(started.elapsed());
+    }
+    let reply = slow.join().expect("the query thread");
+    assert!(
+        reply.status == 200 || reply.body["error"]["code"] == "query_timeout",
+        "{reply:?}"
+    );
+    reads.sort();
+    println!("{} neighbour reads during the query: {reads:?}", reads.len());
+    assert!(reads.len() >= 10, "the query ran too briefly to tell: {reads:?}");
+    let median = reads[reads.len() / 2];
+    assert!(median < Duration::from_millis(40), "median {median:?}");
+    assert_alive_and_ready(&server);
+}

@@ -673,6 +673,7 @@ impl<S: Storage> Shard<S> {
         if explain {
             run.analyze();
         }
+        let mut turns = oc_io::executor::Turns::new(query::SLICE_TARGET);
         loop {
             let done = {
                 let state = self.state.borrow();
@@ -682,7 +683,7 @@ impl<S: Storage> Shard<S> {
             if done {
                 break;
             }
-            glommio::yield_if_needed().await;
+            turns.between_slices().await;
         }
         run.finish(cached)
     }
