@@ -145,6 +145,7 @@ pub enum ErrorCode {
     ResultTooLarge,
     ScanLimitExceeded,
     QueryMemoryExceeded,
+    QueryMemoryBusy,
     QueryTooComplex,
     QueryTimeout,
     AuditUnavailable,
@@ -210,6 +211,7 @@ impl ErrorCode {
             "result_too_large" => ResultTooLarge,
             "scan_limit_exceeded" => ScanLimitExceeded,
             "query_memory_exceeded" => QueryMemoryExceeded,
+            "query_memory_busy" => QueryMemoryBusy,
             "query_too_complex" => QueryTooComplex,
             "query_timeout" => QueryTimeout,
             "audit_unavailable" => AuditUnavailable,
@@ -233,7 +235,12 @@ impl ErrorCode {
         use ErrorCode::*;
         matches!(
             self,
-            RateLimited | TenantBusy | Overloaded | TooManyConnections | LsnNotApplied
+            RateLimited
+                | TenantBusy
+                | Overloaded
+                | TooManyConnections
+                | LsnNotApplied
+                | QueryMemoryBusy
         )
     }
 

@@ -8,6 +8,14 @@
 //! Both are checked at admission: batches in flight at the same moment may together
 //! overshoot a quota by at most what they carry (bounded by the per-tenant in-flight
 //! limit times the batch limit).
+//!
+//! Read queries hold memory too (rows buffered to sort or return, groups), for as
+//! long as they run. What they hold together is bounded on its own ([`QueryMemory`]:
+//! past the shared bound a query gets 429 `query_memory_busy`), and it is left out of
+//! the resident size that writes are admitted against: otherwise any tenant's reads
+//! could refuse every tenant's writes. Freed memory that the allocator keeps is handed
+//! back to the kernel (`malloc_trim`) while the process is over its budget, so deleting
+//! rows brings writes back without a restart.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -97,16 +105,90 @@ impl TenantQuotas {
     }
 }
 
-/// The process's memory budget and its resident size, sampled off the shards.
+/// The process's memory budget and its resident size, sampled off the shards; and what
+/// the running queries hold, with the most they may hold together.
 struct MemoryBudget {
     limit_bytes: AtomicU64,
     resident_bytes: AtomicU64,
+    query_bytes: AtomicU64,
+    query_limit_bytes: AtomicU64,
 }
 
 static MEMORY: MemoryBudget = MemoryBudget {
     limit_bytes: AtomicU64::new(0),
     resident_bytes: AtomicU64::new(0),
+    query_bytes: AtomicU64::new(0),
+    query_limit_bytes: AtomicU64::new(0),
 };
+
+/// The share of the memory budget the running queries may hold together, unless
+/// configured.
+pub const DEFAULT_QUERY_MEMORY_DIVISOR: u64 = 4;
+/// A query takes its share of the shared bound in steps of this many bytes, so that
+/// buffering a row does not touch a counter every shard shares.
+const QUERY_MEMORY_STEP: u64 = 1 << 20;
+/// How often, at most, freed memory is handed back while over the budget: a trim walks
+/// the allocator's free lists under their locks.
+const TRIM_EVERY: Duration = Duration::from_secs(5);
+
+/// Sets the most the running queries may hold together (0: no bound).
+pub fn set_query_memory_limit(bytes: u64) {
+    MEMORY.query_limit_bytes.store(bytes, Ordering::Relaxed);
+}
+
+/// (held by the running queries, the most they may hold together; 0 for none).
+pub fn query_memory_usage() -> (u64, u64) {
+    (
+        MEMORY.query_bytes.load(Ordering::Relaxed),
+        MEMORY.query_limit_bytes.load(Ordering::Relaxed),
+    )
+}
+
+/// One query's share of the memory the running queries hold together; dropping it
+/// gives the share back.
+#[derive(Debug, Default)]
+pub struct QueryMemory {
+    taken: u64,
+}
+
+/// Taking more would pass the shared bound: (held by all queries, the bound).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueryMemoryBusy {
+    pub held_bytes: u64,
+    pub limit_bytes: u64,
+}
+
+impl QueryMemory {
+    /// Makes this query's share cover `bytes` (in whole steps, taken or given back).
+    pub fn cover(&mut self, bytes: usize) -> Result<(), QueryMemoryBusy> {
+        let wanted = (bytes as u64).div_ceil(QUERY_MEMORY_STEP) * QUERY_MEMORY_STEP;
+        if wanted <= self.taken {
+            if wanted + QUERY_MEMORY_STEP < self.taken {
+                MEMORY.query_bytes.fetch_sub(self.taken - wanted, Ordering::Relaxed);
+                self.taken = wanted;
+            }
+            return Ok(());
+        }
+        let more = wanted - self.taken;
+        let before = MEMORY.query_bytes.fetch_add(more, Ordering::Relaxed);
+        let limit = MEMORY.query_limit_bytes.load(Ordering::Relaxed);
+        if limit > 0 && before + more > limit {
+            MEMORY.query_bytes.fetch_sub(more, Ordering::Relaxed);
+            return Err(QueryMemoryBusy {
+                held_bytes: before,
+                limit_bytes: limit,
+            });
+        }
+        self.taken = wanted;
+        Ok(())
+    }
+}
+
+impl Drop for QueryMemory {
+    fn drop(&mut self) {
+        MEMORY.query_bytes.fetch_sub(self.taken, Ordering::Relaxed);
+    }
+}
 
 /// How often the resident size is read from `/proc/self/statm`.
 pub const MEMORY_SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
@@ -131,9 +213,18 @@ pub fn start_memory_budget(limit_bytes: u64) -> Result<u64, String> {
     sample_resident();
     std::thread::Builder::new()
         .name("oc-memory".into())
-        .spawn(|| loop {
-            std::thread::sleep(MEMORY_SAMPLE_INTERVAL);
-            sample_resident();
+        .spawn(move || {
+            let mut trimmed: Option<std::time::Instant> = None;
+            loop {
+                std::thread::sleep(MEMORY_SAMPLE_INTERVAL);
+                sample_resident();
+                let (_, resident) = memory_usage();
+                if resident > limit && trimmed.is_none_or(|at| at.elapsed() >= TRIM_EVERY) {
+                    trimmed = Some(std::time::Instant::now());
+                    trim_freed_memory();
+                    sample_resident();
+                }
+            }
         })
         .map_err(|e| format!("cannot start the memory sampler: {e}"))?;
     Ok(limit)
@@ -147,16 +238,27 @@ pub fn memory_usage() -> (u64, u64) {
     )
 }
 
-/// Refuses a write that could grow memory while the process is over its budget.
+/// Refuses a write that could grow memory while the process is over its budget, not
+/// counting what the running queries hold (bounded on its own).
 pub fn admit_memory(growth: Growth) -> Result<(), EngineError> {
     let (limit, resident) = memory_usage();
-    if limit > 0 && resident > limit && growth.grows() {
+    let (queries, _) = query_memory_usage();
+    if limit > 0 && resident.saturating_sub(queries) > limit && growth.grows() {
         return Err(EngineError::MemoryFull {
             resident_bytes: resident,
             budget_bytes: limit,
         });
     }
     Ok(())
+}
+
+/// Hands the pages of freed memory the allocator keeps back to the kernel.
+fn trim_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks and releases the allocator's own free memory.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 fn sample_resident() {

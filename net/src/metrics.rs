@@ -832,7 +832,20 @@ pub fn render(shards: &[ShardSnapshot], control: &ControlMetrics) -> Result<Stri
         ),
     ]);
     let (budget, resident) = oc_engine::quota::memory_usage();
+    let (query_held, query_limit) = oc_engine::quota::query_memory_usage();
     families.extend([
+        family(
+            "oc_ask_memory_bytes",
+            "Bytes the running /ask queries hold together (their estimates, in 1 MiB steps); not counted against the memory budget for writes.",
+            GAUGE,
+            vec![gauge(vec![], query_held as f64)],
+        ),
+        family(
+            "oc_ask_memory_limit_bytes",
+            "Bytes the running /ask queries may hold together; past it a query gets 429 query_memory_busy.",
+            GAUGE,
+            vec![gauge(vec![], query_limit as f64)],
+        ),
         family(
             "oc_memory_budget_bytes",
             "Resident memory the process may reach before writes that add data are refused.",

@@ -152,7 +152,12 @@ pub fn run(config: ServerConfig) -> Result<()> {
         .map_err(|e| anyhow!(e))?;
     let memory_budget = oc_engine::quota::start_memory_budget(config.memory_budget_bytes)
         .map_err(|e| anyhow!(e))?;
-    tracing::info!(memory_budget, "memory budget set");
+    let query_memory = match config.ask_shared_memory_bytes {
+        0 => memory_budget / oc_engine::quota::DEFAULT_QUERY_MEMORY_DIVISOR,
+        n => n,
+    };
+    oc_engine::quota::set_query_memory_limit(query_memory);
+    tracing::info!(memory_budget, query_memory, "memory budget set");
     tracing::info!(data_dir_id = %layout.id, data_dir = %config.data_dir.display(), "data directory locked");
     let auditor = oc_ship::audit::start(&config.data_dir, config.audit_retention)
         .context("opening the audit log")?;

@@ -530,3 +530,90 @@ fn a_long_query_leaves_its_shard_to_other_tenants_between_slices() {
     assert!(median < Duration::from_millis(40), "median {median:?}");
     assert_alive_and_ready(&server);
 }
+
+/// The running queries share a memory bound of their own: a query that would pass it
+/// gets 429 `query_memory_busy`, writes are not refused because of what queries hold,
+/// and the share is given back when a query ends.
+#[test]
+fn queries_past_their_shared_memory_get_a_429_and_leave_writes_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let shared = 8 << 20;
+    let server = Server::start(
+        &dir.path().join("data"),
+        &["--ask-shared-memory-bytes", &shared.to_string()],
+    );
+    create_texts(&server, "big", 1000, 10_000);
+    let busy = ask(&server, "big", "SELECT body FROM docs ORDER BY body", json!([]));
+    assert_error(
+        &busy,
+        429,
+        "query_memory_busy",
+        "--ask-shared-memory-bytes",
+    );
+    assert_eq!(busy.retry_after.as_deref(), Some("1"), "{busy:?}");
+    let fits = ask(
+        &server,
+        "big",
+        "SELECT id FROM docs WHERE id < 100 ORDER BY body",
+        json!([]),
+    );
+    assert_eq!(fits.status, 200, "{fits:?}");
+    assert_eq!(write_row(&server, "big", 5000, "after").status, 200);
+    let (_, scrape) = server.ops_get("/metrics");
+    assert_eq!(common::scrape_value(&scrape, "oc_ask_memory_bytes"), Some(0.0));
+    assert_eq!(
+        common::scrape_value(&scrape, "oc_ask_memory_limit_bytes"),
+        Some(shared as f64)
+    );
+    promtool_check(&scrape);
+    assert_alive_and_ready(&server);
+}
+
+/// Over the memory budget, deleting rows brings writes back without a restart: the
+/// freed memory is handed back to the kernel, and the resident size falls under the
+/// budget again.
+#[test]
+fn deleting_rows_under_a_full_memory_budget_brings_writes_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let base = {
+        let probe = Server::start(&data, &[]);
+        let (_, scrape) = probe.ops_get("/metrics");
+        common::scrape_value(&scrape, "oc_memory_resident_bytes").expect("resident")
+    };
+    let budget = (base as u64 + (48 << 20)).to_string();
+    let server = Server::start(&data, &["--memory-budget-bytes", &budget]);
+    create_texts(&server, "acme", 0, 0);
+    let body = "x".repeat(20_000);
+    let mut batches = 0;
+    loop {
+        let ops: Vec<Value> = (0..50)
+            .map(|i| json!({"upsert": {"id": batches * 50 + i, "body": body, "grp": 0}}))
+            .collect();
+        let written = server.post("/v1/tenants/acme/tables/docs/rows", &json!({"ops": ops}));
+        if written.status == 507 {
+            break;
+        }
+        assert_eq!(written.status, 200, "{written:?}");
+        batches += 1;
+        assert!(batches < 400, "never reached the budget of {budget} bytes");
+    }
+    for b in 0..batches {
+        let ops: Vec<Value> = (0..50)
+            .map(|i| json!({"delete": {"id": b * 50 + i}}))
+            .collect();
+        let deleted = server.post("/v1/tenants/acme/tables/docs/rows", &json!({"ops": ops}));
+        assert_eq!(deleted.status, 200, "{deleted:?}");
+    }
+    let started = Instant::now();
+    let written = loop {
+        let written = write_row(&server, "acme", 1, "back");
+        if written.status != 507 || started.elapsed() > Duration::from_secs(30) {
+            break written;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(written.status, 200, "still refused after the deletes: {written:?}");
+    println!("writes came back {:?} after the deletes", started.elapsed());
+    assert_alive_and_ready(&server);
+}

@@ -115,6 +115,8 @@ pub enum QueryErrorKind {
     ScanLimit,
     /// Past the bytes a query may hold (buffered rows, sort keys, groups).
     MemoryLimit,
+    /// Past the bytes the running queries may hold together: retry shortly.
+    MemoryBusy,
     Timeout,
     /// A stored row the running migration of its table cannot read in its new shape.
     MigrationConflict,
@@ -136,6 +138,7 @@ impl QueryErrorKind {
             QueryErrorKind::ResultTooLarge => "result_too_large",
             QueryErrorKind::ScanLimit => "scan_limit_exceeded",
             QueryErrorKind::MemoryLimit => "query_memory_exceeded",
+            QueryErrorKind::MemoryBusy => "query_memory_busy",
             QueryErrorKind::Timeout => "query_timeout",
             QueryErrorKind::MigrationConflict => "migration_conflict",
         }

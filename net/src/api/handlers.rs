@@ -787,6 +787,7 @@ fn query_error(e: QueryError) -> ApiError {
         | QueryErrorKind::ScanLimit
         | QueryErrorKind::MemoryLimit => StatusCode::PAYLOAD_TOO_LARGE,
         QueryErrorKind::Timeout => StatusCode::SERVICE_UNAVAILABLE,
+        QueryErrorKind::MemoryBusy => StatusCode::TOO_MANY_REQUESTS,
         QueryErrorKind::Syntax
         | QueryErrorKind::TooComplex
         | QueryErrorKind::Unsupported

@@ -99,6 +99,8 @@ pub struct Execution {
     slice_size: usize,
     /// Bytes held in `output` and `groups`, against `limits.max_memory_bytes`.
     held_bytes: usize,
+    /// The same, as this query's share of what all running queries may hold.
+    shared_memory: crate::quota::QueryMemory,
 }
 
 /// Rows a query's first slice reads, before it knows what a row costs.
@@ -219,6 +221,7 @@ impl Execution {
             stats: Stats::default(),
             slice_size: FIRST_SLICE_ROWS,
             held_bytes: 0,
+            shared_memory: crate::quota::QueryMemory::default(),
         })
     }
 
@@ -361,18 +364,29 @@ impl Execution {
         Ok(())
     }
 
-    /// Adds `bytes` to what the query holds; past the budget the query fails.
+    /// Adds `bytes` to what the query holds; past its own budget, or past what the
+    /// running queries may hold together, the query fails.
     fn hold(&mut self, bytes: usize) -> Result<(), QueryError> {
         self.held_bytes = self.held_bytes.saturating_add(bytes);
         if self.held_bytes > self.limits.max_memory_bytes {
             return Err(self.over_memory_budget());
         }
-        Ok(())
+        self.shared_memory.cover(self.held_bytes).map_err(|busy| {
+            QueryError::new(
+                QueryErrorKind::MemoryBusy,
+                format!(
+                    "the running queries hold {} of the {} bytes they may hold together (--ask-shared-memory-bytes), too few left for this one; retry shortly",
+                    busy.held_bytes, busy.limit_bytes
+                ),
+            )
+        })
     }
 
     /// Gives back what [`hold`](Self::hold) took (a row that left a top-k heap).
     fn release(&mut self, bytes: usize) {
         self.held_bytes = self.held_bytes.saturating_sub(bytes);
+        // Covering less never fails.
+        let _ = self.shared_memory.cover(self.held_bytes);
     }
 
     fn over_memory_budget(&self) -> QueryError {
