@@ -462,21 +462,132 @@ fn parse_layout(bytes: &[u8]) -> Result<ParsedLayout, FileProblem> {
 /// Written to a temporary name, synced, renamed, and the directory synced, so a crash
 /// leaves either the old layout (or none) or a whole new one.
 fn write_layout(data_dir: &Path, layout: &Layout) -> std::io::Result<()> {
-    let tmp = data_dir.join(format!("{LAYOUT_FILE}.tmp"));
-    if let Err(e) = write_synced_then_rename(&tmp, &data_dir.join(LAYOUT_FILE), layout) {
+    write_file_durably(data_dir, LAYOUT_FILE, LayoutFile::of(layout).text().as_bytes())
+}
+
+/// Writes `dir/name` under a temporary name, syncs it, renames it into place and syncs
+/// `dir`.
+fn write_file_durably(dir: &Path, name: &str, text: &[u8]) -> std::io::Result<()> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    if let Err(e) = write_synced_then_rename(&tmp, &dir.join(name), text) {
         // A disk that filled up mid-write should not also keep the partial file; a
         // crash here leaves it, and the next write replaces it.
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
-    std::fs::File::open(data_dir)?.sync_all()
+    std::fs::File::open(dir)?.sync_all()
 }
 
-fn write_synced_then_rename(tmp: &Path, to: &Path, layout: &Layout) -> std::io::Result<()> {
+fn write_synced_then_rename(tmp: &Path, to: &Path, text: &[u8]) -> std::io::Result<()> {
     let mut file = std::fs::File::create(tmp)?;
-    file.write_all(LayoutFile::of(layout).text().as_bytes())?;
+    file.write_all(text)?;
     file.sync_all()?;
     std::fs::rename(tmp, to)
+}
+
+/// The file in each shard directory that says which shard of which data directory it
+/// holds (FORMAT.md §7.2).
+pub const SHARD_MARKER_FILE: &str = "oc-shard.json";
+/// The version of [`SHARD_MARKER_FILE`].
+const SHARD_MARKER_VERSION: u64 = 1;
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+struct ShardMarker {
+    format_version: u64,
+    shard: usize,
+    data_dir_id: String,
+}
+
+/// What a shard directory's marker says, `None` when it has none.
+fn read_shard_marker(data_dir: &Path, shard: usize) -> Result<Option<ShardMarker>, EngineError> {
+    let path = shard_dir(data_dir, shard).join(SHARD_MARKER_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(EngineError::Layout(format!(
+                "cannot read {}: {e}",
+                path.display()
+            )))
+        }
+    };
+    let unreadable = |problem: String| UnreadableFile {
+        file: path.display().to_string(),
+        problem: FileProblem::Malformed(problem),
+    };
+    let marker: ShardMarker =
+        serde_json::from_slice(&bytes).map_err(|e| unreadable(e.to_string()))?;
+    if marker.format_version != SHARD_MARKER_VERSION {
+        return Err(unreadable(format!(
+            "format_version {} (this build reads {SHARD_MARKER_VERSION})",
+            marker.format_version
+        ))
+        .into());
+    }
+    Ok(Some(marker))
+}
+
+/// Refuses a data directory whose shard directories are not all its own: once any of
+/// them has its marker (the directory was opened before by a build that writes them),
+/// every one must have it, naming its own shard and this data directory. A shard
+/// directory that was deleted or emptied, swapped with another, or copied from another
+/// data directory would otherwise open as an empty or a wrong shard: its tenants gone
+/// without a word, or unreachable under the placement rule.
+pub fn check_shard_dirs(data_dir: &Path, layout: &Layout) -> Result<(), EngineError> {
+    let markers = (0..layout.shards)
+        .map(|shard| read_shard_marker(data_dir, shard))
+        .collect::<Result<Vec<_>, _>>()?;
+    if markers.iter().all(Option::is_none) {
+        return Ok(()); // new, restored, bootstrapped or from before markers
+    }
+    let id = layout.id.to_string();
+    for (shard, marker) in markers.iter().enumerate() {
+        let dir = shard_dir(data_dir, shard);
+        let problem = match marker {
+            None if !dir.exists() => "is missing".to_string(),
+            None => format!("has lost its {SHARD_MARKER_FILE} (was it emptied or replaced?)"),
+            Some(m) if m.shard != shard => format!("holds shard {}'s files", m.shard),
+            Some(m) if m.data_dir_id != id => format!(
+                "holds a shard of another data directory ({}, this one is {id})",
+                m.data_dir_id
+            ),
+            Some(_) => continue,
+        };
+        return Err(EngineError::Layout(format!(
+            "shard directory {} {problem}: its tenants' data is not there. Put the \
+             directory's own files back, or restore the data directory from the archive \
+             (RUNBOOK.md, \"A shard directory is missing or not its own\")",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Gives every shard directory of `layout` its marker, once its shard opened.
+pub fn mark_shard_dirs(data_dir: &Path, layout: &Layout) -> Result<(), EngineError> {
+    let id = layout.id.to_string();
+    for shard in 0..layout.shards {
+        if read_shard_marker(data_dir, shard)?.is_some() {
+            continue;
+        }
+        let marker = ShardMarker {
+            format_version: SHARD_MARKER_VERSION,
+            shard,
+            data_dir_id: id.clone(),
+        };
+        let mut text = serde_json::to_vec_pretty(&marker)
+            .map_err(|e| EngineError::Layout(format!("cannot encode a shard marker: {e}")))?;
+        text.push(b'\n');
+        let dir = shard_dir(data_dir, shard);
+        write_file_durably(&dir, SHARD_MARKER_FILE, &text).map_err(|e| {
+            EngineError::Layout(format!(
+                "cannot write {}: {e}",
+                dir.join(SHARD_MARKER_FILE).display()
+            ))
+        })?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -605,6 +716,52 @@ mod tests {
         };
         assert!(write_layout(dir.path(), &layout).is_err());
         assert!(!dir.path().join(format!("{LAYOUT_FILE}.tmp")).exists());
+    }
+
+    /// Once marked, a data directory refuses every shard directory that is not its own
+    /// (missing, emptied, swapped, another directory's); unmarked ones all pass.
+    #[test]
+    fn shard_directories_that_are_not_their_own_are_refused_once_marked() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data = dir.path();
+        let layout = Layout {
+            shards: 3,
+            id: DataDirId(7),
+            epochs: Vec::new(),
+        };
+        for shard in 0..3 {
+            std::fs::create_dir_all(shard_dir(data, shard)).expect("mkdir");
+        }
+        check_shard_dirs(data, &layout).expect("nothing marked yet");
+        mark_shard_dirs(data, &layout).expect("marked");
+        check_shard_dirs(data, &layout).expect("each its own");
+        let refused = |why: &str| {
+            let e = check_shard_dirs(data, &layout).expect_err(why).to_string();
+            assert!(e.contains(why), "{e} should say {why:?}");
+        };
+        let (one, two) = (shard_dir(data, 1), shard_dir(data, 2));
+        let aside = data.join("aside");
+        std::fs::rename(&one, &aside).expect("moved away");
+        refused("shard-1 is missing");
+        std::fs::create_dir(&one).expect("an empty one");
+        refused("shard-1 has lost its oc-shard.json");
+        std::fs::remove_dir(&one).expect("rmdir");
+        std::fs::rename(&two, &one).expect("2 to 1");
+        std::fs::rename(&aside, &two).expect("1 to 2");
+        refused("holds shard 2's files");
+        std::fs::rename(&one, &aside).expect("swap back");
+        std::fs::rename(&two, &one).expect("swap back");
+        std::fs::rename(&aside, &two).expect("swap back");
+        check_shard_dirs(data, &layout).expect("each its own again");
+        let other = Layout {
+            id: DataDirId(8),
+            ..layout.clone()
+        };
+        let e = check_shard_dirs(data, &other).expect_err("another directory's");
+        assert!(e.to_string().contains("another data directory"), "{e}");
+        std::fs::write(one.join(SHARD_MARKER_FILE), b"{").expect("damaged");
+        let e = check_shard_dirs(data, &layout).expect_err("unreadable");
+        assert!(e.to_string().contains(SHARD_MARKER_FILE), "{e}");
     }
 
     /// The bytes are those of the writer before the struct: a pretty `json!` map.

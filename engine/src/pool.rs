@@ -19,7 +19,9 @@ use oc_io::{executor::executor_builder, DmaStorage, Lsn, WalConfig};
 
 use crate::error::EngineError;
 use crate::mesh::{build_mesh, MeshEndpoints, Router};
-use crate::placement::{ensure_layout, owner_shard, shard_dir, Layout};
+use crate::placement::{
+    check_shard_dirs, ensure_layout, mark_shard_dirs, owner_shard, shard_dir, Layout,
+};
 use crate::quota::TenantQuotas;
 use crate::scheduler::{spawn_checkpointer, CheckpointPolicy};
 use crate::shard::{Shard, ShardOpenReport};
@@ -149,7 +151,8 @@ impl ShardPool {
         F: Fn(Rc<ShardNode>, Rc<ShardRouter>) -> Fut + Send + Clone + 'static,
         Fut: Future<Output = ()> + 'static,
     {
-        ensure_layout(&config.data_dir, config.shards)?;
+        let layout = ensure_layout(&config.data_dir, config.shards)?;
+        check_shard_dirs(&config.data_dir, &layout)?;
         let mut endpoints = build_mesh(config.shards, config.clients, config.forward_capacity);
         let clients = endpoints.split_off(config.shards);
         let cpus = allowed_cpus();
@@ -208,6 +211,11 @@ impl ShardPool {
             }
         }
         let reports: Option<Vec<ShardOpenReport>> = reports.into_iter().collect();
+        if first_error.is_none() && reports.is_some() {
+            if let Err(e) = mark_shard_dirs(&config.data_dir, &layout) {
+                first_error = Some(e);
+            }
+        }
         match (first_error, reports) {
             (None, Some(reports)) => {
                 for go in go_senders {

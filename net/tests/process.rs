@@ -163,6 +163,45 @@ fn a_second_server_on_a_running_ones_addresses_is_refused() {
     }
 }
 
+/// A shard directory emptied (or swapped with another) between two runs is refused at
+/// start, naming it, instead of opening as an empty shard whose tenants are gone; with
+/// its own files back, the server starts with every row.
+#[test]
+fn a_shard_directory_that_is_not_its_own_is_refused_at_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let args = ["--shards", "2", "--archive", "none"];
+    let server = Server::start(&data, &args);
+    server.create_tenant_with_items("acme");
+    assert_eq!(write_row(&server, "acme", 1).expect("write").status, 200);
+    assert!(server.terminate().success());
+    for shard in ["shard-0", "shard-1"] {
+        assert!(data.join(shard).join("oc-shard.json").exists(), "{shard}");
+    }
+    let (one, aside) = (data.join("shard-1"), dir.path().join("aside"));
+    std::fs::rename(&one, &aside).expect("files moved away");
+    std::fs::create_dir(&one).expect("an empty shard-1");
+    let refused = Server::try_start(&data, &args)
+        .err()
+        .expect("an emptied shard directory must be refused");
+    assert!(refused.contains("shard-1 has lost its oc-shard.json"), "{refused}");
+    std::fs::remove_dir(&one).expect("rmdir");
+    std::fs::rename(&aside, &one).expect("files back");
+    let (zero, one) = (data.join("shard-0"), data.join("shard-1"));
+    std::fs::rename(&zero, &aside).expect("swap");
+    std::fs::rename(&one, &zero).expect("swap");
+    std::fs::rename(&aside, &one).expect("swap");
+    let refused = Server::try_start(&data, &args)
+        .err()
+        .expect("swapped shard directories must be refused");
+    assert!(refused.contains("holds shard 1's files"), "{refused}");
+    std::fs::rename(&one, &aside).expect("swap back");
+    std::fs::rename(&zero, &one).expect("swap back");
+    std::fs::rename(&aside, &zero).expect("swap back");
+    let again = Server::start(&data, &args);
+    assert!(has_row(&again, "acme", 1));
+}
+
 /// An archive belongs to the data directory that claimed it, running or not.
 #[test]
 fn a_second_data_directory_on_a_claimed_archive_is_refused() {
