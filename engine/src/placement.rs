@@ -462,7 +462,11 @@ fn parse_layout(bytes: &[u8]) -> Result<ParsedLayout, FileProblem> {
 /// Written to a temporary name, synced, renamed, and the directory synced, so a crash
 /// leaves either the old layout (or none) or a whole new one.
 fn write_layout(data_dir: &Path, layout: &Layout) -> std::io::Result<()> {
-    write_file_durably(data_dir, LAYOUT_FILE, LayoutFile::of(layout).text().as_bytes())
+    write_file_durably(
+        data_dir,
+        LAYOUT_FILE,
+        LayoutFile::of(layout).text().as_bytes(),
+    )
 }
 
 /// Writes `dir/name` under a temporary name, syncs it, renames it into place and syncs

@@ -164,7 +164,9 @@ impl QueryMemory {
         let wanted = (bytes as u64).div_ceil(QUERY_MEMORY_STEP) * QUERY_MEMORY_STEP;
         if wanted <= self.taken {
             if wanted + QUERY_MEMORY_STEP < self.taken {
-                MEMORY.query_bytes.fetch_sub(self.taken - wanted, Ordering::Relaxed);
+                MEMORY
+                    .query_bytes
+                    .fetch_sub(self.taken - wanted, Ordering::Relaxed);
                 self.taken = wanted;
             }
             return Ok(());

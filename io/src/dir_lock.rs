@@ -211,7 +211,10 @@ mod tests {
         assert!(matches!(err, DirLockError::Held { .. }), "{err:?}");
         std::fs::write(data.join(LOCK_FILE), "1\nsomething else\n").expect("replaced");
         let err = DirLock::acquire(&data, "oc-server").expect_err("still held");
-        assert!(matches!(err, DirLockError::Held { pid: Some(1), .. }), "{err:?}");
+        assert!(
+            matches!(err, DirLockError::Held { pid: Some(1), .. }),
+            "{err:?}"
+        );
         drop(first);
         DirLock::acquire(&data, "oc-server").expect("released on drop");
     }

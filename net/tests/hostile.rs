@@ -458,7 +458,9 @@ fn send_then_half_close(addr: &str, request: &str) -> String {
         .shutdown(std::net::Shutdown::Write)
         .expect("half-close");
     let mut answer = Vec::new();
-    stream.read_to_end(&mut answer).expect("the answer, then the close");
+    stream
+        .read_to_end(&mut answer)
+        .expect("the answer, then the close");
     String::from_utf8_lossy(&answer).into_owned()
 }
 
@@ -524,8 +526,14 @@ fn a_long_query_leaves_its_shard_to_other_tenants_between_slices() {
         "{reply:?}"
     );
     reads.sort();
-    println!("{} neighbour reads during the query: {reads:?}", reads.len());
-    assert!(reads.len() >= 10, "the query ran too briefly to tell: {reads:?}");
+    println!(
+        "{} neighbour reads during the query: {reads:?}",
+        reads.len()
+    );
+    assert!(
+        reads.len() >= 10,
+        "the query ran too briefly to tell: {reads:?}"
+    );
     let median = reads[reads.len() / 2];
     assert!(median < Duration::from_millis(40), "median {median:?}");
     assert_alive_and_ready(&server);
@@ -543,13 +551,13 @@ fn queries_past_their_shared_memory_get_a_429_and_leave_writes_alone() {
         &["--ask-shared-memory-bytes", &shared.to_string()],
     );
     create_texts(&server, "big", 1000, 10_000);
-    let busy = ask(&server, "big", "SELECT body FROM docs ORDER BY body", json!([]));
-    assert_error(
-        &busy,
-        429,
-        "query_memory_busy",
-        "--ask-shared-memory-bytes",
+    let busy = ask(
+        &server,
+        "big",
+        "SELECT body FROM docs ORDER BY body",
+        json!([]),
     );
+    assert_error(&busy, 429, "query_memory_busy", "--ask-shared-memory-bytes");
     assert_eq!(busy.retry_after.as_deref(), Some("1"), "{busy:?}");
     let fits = ask(
         &server,
@@ -560,7 +568,10 @@ fn queries_past_their_shared_memory_get_a_429_and_leave_writes_alone() {
     assert_eq!(fits.status, 200, "{fits:?}");
     assert_eq!(write_row(&server, "big", 5000, "after").status, 200);
     let (_, scrape) = server.ops_get("/metrics");
-    assert_eq!(common::scrape_value(&scrape, "oc_ask_memory_bytes"), Some(0.0));
+    assert_eq!(
+        common::scrape_value(&scrape, "oc_ask_memory_bytes"),
+        Some(0.0)
+    );
     assert_eq!(
         common::scrape_value(&scrape, "oc_ask_memory_limit_bytes"),
         Some(shared as f64)
@@ -613,7 +624,10 @@ fn deleting_rows_under_a_full_memory_budget_brings_writes_back() {
         }
         std::thread::sleep(Duration::from_millis(200));
     };
-    assert_eq!(written.status, 200, "still refused after the deletes: {written:?}");
+    assert_eq!(
+        written.status, 200,
+        "still refused after the deletes: {written:?}"
+    );
     println!("writes came back {:?} after the deletes", started.elapsed());
     assert_alive_and_ready(&server);
 }

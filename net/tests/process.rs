@@ -184,7 +184,10 @@ fn a_shard_directory_that_is_not_its_own_is_refused_at_start() {
     let refused = Server::try_start(&data, &args)
         .err()
         .expect("an emptied shard directory must be refused");
-    assert!(refused.contains("shard-1 has lost its oc-shard.json"), "{refused}");
+    assert!(
+        refused.contains("shard-1 has lost its oc-shard.json"),
+        "{refused}"
+    );
     std::fs::remove_dir(&one).expect("rmdir");
     std::fs::rename(&aside, &one).expect("files back");
     let (zero, one) = (data.join("shard-0"), data.join("shard-1"));
