@@ -1,12 +1,13 @@
 """Pathological LIKE against a real oc-server: how long the query holds its shard, and
 what a point read of another tenant on the same shard waits meanwhile.
 
-Usage: python3 tools/hostile_like.py <path to oc-server> <pattern characters>
-(docs/BENCHMARKS.md, "Hardening"). Starts the server on a fresh temporary data
+Usage: python3 tools/hostile_like.py <path to oc-server> <pattern characters> [queries]
+(docs/BENCHMARKS.md, "Hardening"); `queries` long queries run at once (default 1). Starts the server on a fresh temporary data
 directory with one shard and no archive, and stops it at the end."""
 import json, shutil, subprocess, sys, tempfile, threading, time, urllib.request, urllib.error
 
 server_bin, pattern_len = sys.argv[1], int(sys.argv[2])
+queries = int(sys.argv[3]) if len(sys.argv) > 3 else 1
 workdir = tempfile.mkdtemp(prefix="oc-hostile-like-")
 data = workdir + "/data"
 proc = subprocess.Popen([server_bin, "--data-dir", data, "--listen", "127.0.0.1:0",
@@ -39,22 +40,26 @@ for start in range(0, 1000, 50):
     call("POST", "/v1/tenants/big/tables/docs/rows", {"ops": ops})
 call("POST", "/v1/tenants/small/tables/docs/rows", {"ops": [{"upsert": {"id": 0, "body": "x"}}]})
 pattern = "%" + ("a_" * ((pattern_len - 2) // 2)) + "b"
-result = {}
+results = []
 def slow():
-    result["query"] = call("POST", "/v1/tenants/big/ask",
-                           {"sql": "SELECT COUNT(*) FROM docs WHERE body LIKE $1", "params": [pattern]})
-th = threading.Thread(target=slow); th.start()
+    results.append(call("POST", "/v1/tenants/big/ask",
+                        {"sql": "SELECT COUNT(*) FROM docs WHERE body LIKE $1", "params": [pattern]}))
+threads = [threading.Thread(target=slow) for _ in range(queries)]
+for th in threads:
+    th.start()
 time.sleep(0.05)
 reads = []
-while th.is_alive():
+while any(th.is_alive() for th in threads):
     reads.append(call("GET", "/v1/tenants/small/tables/docs/rows/0")[1])
     time.sleep(0.01)
-th.join()
+for th in threads:
+    th.join()
 proc.terminate(); proc.wait()
 shutil.rmtree(workdir, ignore_errors=True)
-status, secs = result["query"]
+status, secs = max(results, key=lambda r: r[1])
 reads.sort()
-print(json.dumps({"pattern_chars": pattern_len, "query_status": status, "query_s": round(secs, 3),
+print(json.dumps({"pattern_chars": pattern_len, "queries": queries,
+                  "query_status": sorted(r[0] for r in results), "query_s": round(secs, 3),
                   "neighbour_reads": len(reads),
                   "neighbour_read_max_ms": round(1e3 * reads[-1], 1) if reads else None,
                   "neighbour_read_p50_ms": round(1e3 * reads[len(reads)//2], 1) if reads else None}))
