@@ -534,10 +534,12 @@ fn read_shard_marker(data_dir: &Path, shard: usize) -> Result<Option<ShardMarker
 
 /// Refuses a data directory whose shard directories are not all its own: once any of
 /// them has its marker (the directory was opened before by a build that writes them),
-/// every one must have it, naming its own shard and this data directory. A shard
-/// directory that was deleted or emptied, swapped with another, or copied from another
-/// data directory would otherwise open as an empty or a wrong shard: its tenants gone
-/// without a word, or unreachable under the placement rule.
+/// every one must exist and hold its own shard's files: a marker naming its shard and
+/// this data directory, or, not marked yet (a start that stopped while it wrote the
+/// markers), log segments of its own shard or a checkpoint. A shard directory that was
+/// deleted or emptied, swapped with another, or copied from another data directory
+/// would otherwise open as an empty or a wrong shard: its tenants gone without a word,
+/// or unreachable under the placement rule.
 pub fn check_shard_dirs(data_dir: &Path, layout: &Layout) -> Result<(), EngineError> {
     let markers = (0..layout.shards)
         .map(|shard| read_shard_marker(data_dir, shard))
@@ -550,7 +552,14 @@ pub fn check_shard_dirs(data_dir: &Path, layout: &Layout) -> Result<(), EngineEr
         let dir = shard_dir(data_dir, shard);
         let problem = match marker {
             None if !dir.exists() => "is missing".to_string(),
-            None => format!("has lost its {SHARD_MARKER_FILE} (was it emptied or replaced?)"),
+            None => match unmarked_contents(&dir, shard)? {
+                Unmarked::Own => continue,
+                Unmarked::Shard(other) => format!("holds shard {other}'s files"),
+                Unmarked::Empty => format!(
+                    "has lost its {SHARD_MARKER_FILE} and holds no log or checkpoint (was it \
+                     emptied or replaced?)"
+                ),
+            },
             Some(m) if m.shard != shard => format!("holds shard {}'s files", m.shard),
             Some(m) if m.data_dir_id != id => format!(
                 "holds a shard of another data directory ({}, this one is {id})",
@@ -566,6 +575,35 @@ pub fn check_shard_dirs(data_dir: &Path, layout: &Layout) -> Result<(), EngineEr
         )));
     }
     Ok(())
+}
+
+/// What a shard directory without a marker holds.
+enum Unmarked {
+    /// Log segments of its own shard, or a checkpoint.
+    Own,
+    /// Log segments of another shard.
+    Shard(usize),
+    /// Neither.
+    Empty,
+}
+
+fn unmarked_contents(dir: &Path, shard: usize) -> Result<Unmarked, EngineError> {
+    let listed = std::fs::read_dir(dir)
+        .map_err(|e| EngineError::Layout(format!("cannot list {}: {e}", dir.display())))?;
+    let mut own = false;
+    for entry in listed {
+        let entry = entry
+            .map_err(|e| EngineError::Layout(format!("cannot list {}: {e}", dir.display())))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some((of, _, _)) = oc_io::wal::segment::parse_segment_name(&name) {
+            if of as usize != shard {
+                return Ok(Unmarked::Shard(of as usize));
+            }
+            own = true;
+        }
+        own |= crate::checkpoint::parse_manifest_name(&name).is_some();
+    }
+    Ok(if own { Unmarked::Own } else { Unmarked::Empty })
 }
 
 /// Gives every shard directory of `layout` its marker, once its shard opened.
@@ -748,8 +786,15 @@ mod tests {
         std::fs::rename(&one, &aside).expect("moved away");
         refused("shard-1 is missing");
         std::fs::create_dir(&one).expect("an empty one");
-        refused("shard-1 has lost its oc-shard.json");
-        std::fs::remove_dir(&one).expect("rmdir");
+        refused("shard-1 has lost its oc-shard.json and holds no log");
+        // Not marked yet, but its own log: a start stopped while writing the markers.
+        std::fs::write(one.join(oc_io::wal::segment::segment_name(1, Epoch(1), Lsn(1))), b"")
+            .expect("a segment");
+        check_shard_dirs(data, &layout).expect("its own segments");
+        std::fs::write(one.join(oc_io::wal::segment::segment_name(2, Epoch(1), Lsn(9))), b"")
+            .expect("another shard's segment");
+        refused("shard-1 holds shard 2's files");
+        std::fs::remove_dir_all(&one).expect("rm");
         std::fs::rename(&two, &one).expect("2 to 1");
         std::fs::rename(&aside, &two).expect("1 to 2");
         refused("holds shard 2's files");

@@ -12,10 +12,12 @@
 //! Read queries hold memory too (rows buffered to sort or return, groups), for as
 //! long as they run. What they hold together is bounded on its own ([`QueryMemory`]:
 //! past the shared bound a query gets 429 `query_memory_busy`), and it is left out of
-//! the resident size that writes are admitted against: otherwise any tenant's reads
-//! could refuse every tenant's writes. Freed memory that the allocator keeps is handed
-//! back to the kernel (`malloc_trim`) while the process is over its budget, so deleting
-//! rows brings writes back without a restart.
+//! the resident size that growth of the data is weighed against
+//! ([`memory_for_data`]): otherwise any tenant's reads could refuse every tenant's
+//! writes. The data then stays within the budget and the queries within their bound on
+//! top of it (by default an eighth of the budget). Freed memory that the allocator
+//! keeps is handed back to the kernel (`malloc_trim`) while writes are refused, so
+//! deleting rows brings them back without a restart.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -121,15 +123,21 @@ static MEMORY: MemoryBudget = MemoryBudget {
     query_limit_bytes: AtomicU64::new(0),
 };
 
-/// The share of the memory budget the running queries may hold together, unless
-/// configured.
-pub const DEFAULT_QUERY_MEMORY_DIVISOR: u64 = 4;
+/// The share of the memory budget the running queries may hold together on top of it,
+/// unless configured.
+pub const DEFAULT_QUERY_MEMORY_DIVISOR: u64 = 8;
 /// A query takes its share of the shared bound in steps of this many bytes, so that
-/// buffering a row does not touch a counter every shard shares.
+/// buffering a row does not touch a counter every shard shares; its first step is
+/// free, so that many small queries cannot fill the bound with steps they do not use.
 const QUERY_MEMORY_STEP: u64 = 1 << 20;
-/// How often, at most, freed memory is handed back while over the budget: a trim walks
-/// the allocator's free lists under their locks.
-const TRIM_EVERY: Duration = Duration::from_secs(5);
+/// How soon freed memory is handed back once writes are refused, and the longest wait
+/// between two tries while a try frees almost nothing (the process is full of live
+/// data): a trim walks the allocator's free lists under their locks.
+const TRIM_FIRST: Duration = Duration::from_secs(1);
+const TRIM_MOST: Duration = Duration::from_secs(60);
+
+/// Trims that ran (`oc_memory_trims_total`).
+static TRIMS: AtomicU64 = AtomicU64::new(0);
 
 /// Sets the most the running queries may hold together (0: no bound).
 pub fn set_query_memory_limit(bytes: u64) {
@@ -151,17 +159,22 @@ pub struct QueryMemory {
     taken: u64,
 }
 
-/// Taking more would pass the shared bound: (held by all queries, the bound).
+/// Why a query's share cannot grow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct QueryMemoryBusy {
-    pub held_bytes: u64,
-    pub limit_bytes: u64,
+pub enum QueryMemoryRefused {
+    /// Taking more would pass the shared bound while other queries hold part of it:
+    /// (held by all queries, the bound).
+    Busy { held_bytes: u64, limit_bytes: u64 },
+    /// The query alone needs more than the whole bound.
+    AloneOver { limit_bytes: u64 },
 }
 
 impl QueryMemory {
-    /// Makes this query's share cover `bytes` (in whole steps, taken or given back).
-    pub fn cover(&mut self, bytes: usize) -> Result<(), QueryMemoryBusy> {
-        let wanted = (bytes as u64).div_ceil(QUERY_MEMORY_STEP) * QUERY_MEMORY_STEP;
+    /// Makes this query's share cover `bytes`: every step past the first, taken or given
+    /// back whole.
+    pub fn cover(&mut self, bytes: usize) -> Result<(), QueryMemoryRefused> {
+        let wanted = (bytes as u64).saturating_sub(QUERY_MEMORY_STEP) / QUERY_MEMORY_STEP
+            * QUERY_MEMORY_STEP;
         if wanted <= self.taken {
             if wanted + QUERY_MEMORY_STEP < self.taken {
                 MEMORY
@@ -176,9 +189,13 @@ impl QueryMemory {
         let limit = MEMORY.query_limit_bytes.load(Ordering::Relaxed);
         if limit > 0 && before + more > limit {
             MEMORY.query_bytes.fetch_sub(more, Ordering::Relaxed);
-            return Err(QueryMemoryBusy {
-                held_bytes: before,
-                limit_bytes: limit,
+            return Err(if wanted > limit {
+                QueryMemoryRefused::AloneOver { limit_bytes: limit }
+            } else {
+                QueryMemoryRefused::Busy {
+                    held_bytes: before,
+                    limit_bytes: limit,
+                }
             });
         }
         self.taken = wanted;
@@ -216,16 +233,30 @@ pub fn start_memory_budget(limit_bytes: u64) -> Result<u64, String> {
     std::thread::Builder::new()
         .name("oc-memory".into())
         .spawn(move || {
-            let mut trimmed: Option<std::time::Instant> = None;
+            // (when the last trim ran, how long until the next may)
+            let mut trimmed: Option<(std::time::Instant, Duration)> = None;
             loop {
                 std::thread::sleep(MEMORY_SAMPLE_INTERVAL);
                 sample_resident();
-                let (_, resident) = memory_usage();
-                if resident > limit && trimmed.is_none_or(|at| at.elapsed() >= TRIM_EVERY) {
-                    trimmed = Some(std::time::Instant::now());
-                    trim_freed_memory();
-                    sample_resident();
+                let (_, before) = memory_for_data();
+                if before <= limit {
+                    trimmed = None;
+                    continue;
                 }
+                if trimmed.is_some_and(|(at, wait)| at.elapsed() < wait) {
+                    continue;
+                }
+                trim_freed_memory();
+                sample_resident();
+                let (_, after) = memory_for_data();
+                // Little freed: the memory is live data; try again less often.
+                let wait = match trimmed {
+                    Some((_, wait)) if before.saturating_sub(after) < before / 100 => {
+                        (wait * 2).min(TRIM_MOST)
+                    }
+                    _ => TRIM_FIRST,
+                };
+                trimmed = Some((std::time::Instant::now(), wait));
             }
         })
         .map_err(|e| format!("cannot start the memory sampler: {e}"))?;
@@ -240,12 +271,25 @@ pub fn memory_usage() -> (u64, u64) {
     )
 }
 
-/// Refuses a write that could grow memory while the process is over its budget, not
-/// counting what the running queries hold (bounded on its own).
-pub fn admit_memory(growth: Growth) -> Result<(), EngineError> {
+/// (budget, resident bytes less what the running queries hold): what growth of the
+/// data (writes, streams' buffers, migrations) is weighed against. Queries count no
+/// more than they hold (their first step is free), so the data never passes the budget.
+pub fn memory_for_data() -> (u64, u64) {
     let (limit, resident) = memory_usage();
     let (queries, _) = query_memory_usage();
-    if limit > 0 && resident.saturating_sub(queries) > limit && growth.grows() {
+    (limit, resident.saturating_sub(queries))
+}
+
+/// Trims of freed memory so far.
+pub fn memory_trims() -> u64 {
+    TRIMS.load(Ordering::Relaxed)
+}
+
+/// Refuses a write that could grow memory while the data is over the budget (see
+/// [`memory_for_data`]).
+pub fn admit_memory(growth: Growth) -> Result<(), EngineError> {
+    let (limit, resident) = memory_for_data();
+    if limit > 0 && resident > limit && growth.grows() {
         return Err(EngineError::MemoryFull {
             resident_bytes: resident,
             budget_bytes: limit,
@@ -261,6 +305,7 @@ fn trim_freed_memory() {
     unsafe {
         libc::malloc_trim(0);
     }
+    TRIMS.fetch_add(1, Ordering::Relaxed);
 }
 
 fn sample_resident() {

@@ -207,7 +207,11 @@ fn a_shard_that_cannot_open_fails_the_whole_start() {
             pool.join()
         })
         .expect("first start");
-    // Shard 1's directory becomes a file: its storage cannot open.
+    // Shard 1's directory becomes a file: its storage cannot open. (Without the shard
+    // markers, so that the start gets as far as opening the shards.)
+    for shard in ["shard-0", "shard-1"] {
+        std::fs::remove_file(dir.path().join(shard).join("oc-shard.json")).expect("unmarked");
+    }
     let shard1 = dir.path().join("shard-1");
     std::fs::remove_dir_all(&shard1).expect("rm");
     std::fs::write(&shard1, b"not a directory").expect("write");

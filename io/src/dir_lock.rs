@@ -30,7 +30,7 @@ const MAX_LOCK_TEXT_BYTES: u64 = 4096;
 #[derive(Debug, thiserror::Error)]
 pub enum DirLockError {
     /// Another process holds the lock.
-    #[error("{} is locked by {}: another process is using it. Stop that process first, or give this one another directory (RUNBOOK.md: \"data directory is locked by PID N\")", dir.display(), holder.as_deref().unwrap_or("a process that has not written its PID yet (it is starting)"))]
+    #[error("{} is locked by {}: another process is using it. Stop that process first, or give this one another directory (RUNBOOK.md: \"data directory is locked by PID N\")", dir.display(), holder.as_deref().unwrap_or("a process that has not written its PID yet (it is starting), or whose oc.lock was removed (`fuser -v <dir>` names it)"))]
     Held {
         dir: PathBuf,
         /// `PID <n> (<what>)` as the holder wrote it, when it has.
@@ -63,6 +63,25 @@ impl DirLock {
         };
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let path = dir.join(LOCK_FILE);
+        let held = |file: Option<&mut File>| {
+            let text = file.and_then(read_text);
+            DirLockError::Held {
+                dir: dir.to_path_buf(),
+                pid: text.as_deref().and_then(parse_pid),
+                holder: text.as_deref().and_then(describe),
+            }
+        };
+        // The directory first (see the module doc), before the file is even created:
+        // a refused process must not leave a new, empty `oc.lock` in a directory whose
+        // holder runs.
+        let dir_handle = File::open(dir).map_err(io(dir))?;
+        if let Err(e) = try_lock_exclusive(&dir_handle) {
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Err(held(File::open(&path).ok().as_mut()));
+            }
+            return Err(io(dir)(e));
+        }
+        // Then the file, which processes of builds that lock only the file take.
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -70,25 +89,11 @@ impl DirLock {
             .truncate(false) // the holder's text stays readable until we hold the lock
             .open(&path)
             .map_err(io(&path))?;
-        let held = |file: &mut File| {
-            let text = read_text(file);
-            DirLockError::Held {
-                dir: dir.to_path_buf(),
-                pid: text.as_deref().and_then(parse_pid),
-                holder: text.as_deref().and_then(describe),
-            }
-        };
-        // The directory first (see the module doc), then the file, which processes of
-        // builds that lock only the file also take.
-        let dir_handle = File::open(dir).map_err(io(dir))?;
-        let locked = try_lock_exclusive(&dir_handle)
-            .map_err(|e| (e, dir))
-            .and_then(|()| try_lock_exclusive(&file).map_err(|e| (e, path.as_path())));
-        if let Err((e, what)) = locked {
+        if let Err(e) = try_lock_exclusive(&file) {
             if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                return Err(held(&mut file));
+                return Err(held(Some(&mut file)));
             }
-            return Err(io(what)(e));
+            return Err(io(&path)(e));
         }
         let text = format!("{}\n{holder}\n", std::process::id());
         file.set_len(0).map_err(io(&path))?;
@@ -208,7 +213,8 @@ mod tests {
         let first = DirLock::acquire(&data, "oc-server").expect("first");
         std::fs::remove_file(data.join(LOCK_FILE)).expect("deleted");
         let err = DirLock::acquire(&data, "oc-server").expect_err("the directory is held");
-        assert!(matches!(err, DirLockError::Held { .. }), "{err:?}");
+        assert!(matches!(err, DirLockError::Held { pid: None, .. }), "{err:?}");
+        assert!(!data.join(LOCK_FILE).exists(), "a refused process creates nothing");
         std::fs::write(data.join(LOCK_FILE), "1\nsomething else\n").expect("replaced");
         let err = DirLock::acquire(&data, "oc-server").expect_err("still held");
         assert!(

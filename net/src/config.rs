@@ -654,6 +654,13 @@ impl ServerConfig {
         self.tls()?;
         self.leader_tls()?;
         self.validate_replication()?;
+        if self.listen == self.ops_listen && self.listen.port() != 0 {
+            return Err(format!(
+                "--listen and --ops-listen are both {}: give the ops endpoints an address of \
+                 their own (default port 7071)",
+                self.listen
+            ));
+        }
         let exposed = [self.listen, self.ops_listen]
             .into_iter()
             .find(|a| !a.ip().is_loopback());

@@ -320,10 +320,6 @@ async fn serve_http<S>(
         .timer(GlommioTimer)
         .header_read_timeout(settings.header_read_timeout)
         .keep_alive(true)
-        // A client that shuts its sending side once its request is out (`nc -N`,
-        // `curl` over some proxies) still gets the answer: hyper's default dropped it,
-        // after the write may well have been applied.
-        .half_close(true)
         // hyper's read and write buffers per connection (default ~400 KiB): a request
         // head is far smaller, a whole answer is queued as one buffer regardless, and
         // a `/watch` reader that stops must not hold 400 KiB of events here.

@@ -836,9 +836,15 @@ pub fn render(shards: &[ShardSnapshot], control: &ControlMetrics) -> Result<Stri
     families.extend([
         family(
             "oc_ask_memory_bytes",
-            "Bytes the running /ask queries hold together (their estimates, in 1 MiB steps); not counted against the memory budget for writes.",
+            "Bytes the running /ask queries hold together (their estimates, in whole MiB past each query's first); not counted against the memory budget for data.",
             GAUGE,
             vec![gauge(vec![], query_held as f64)],
+        ),
+        family(
+            "oc_memory_trims_total",
+            "Times freed memory was handed back to the kernel (malloc_trim) while writes were refused for memory.",
+            COUNTER,
+            vec![counter(vec![], oc_engine::quota::memory_trims() as f64)],
         ),
         family(
             "oc_ask_memory_limit_bytes",

@@ -96,8 +96,7 @@ pub async fn serve_ops(listener: TcpListener, state: Rc<ControlState>) {
             let mut builder = http1::Builder::new();
             builder
                 .timer(GlommioTimer)
-                .header_read_timeout(OPS_HEADER_TIMEOUT)
-                .half_close(true);
+                .header_read_timeout(OPS_HEADER_TIMEOUT);
             let _ = builder.serve_connection(io, service).await;
             registry.borrow_mut().retain(|(other, _)| *other != id);
         })

@@ -339,3 +339,24 @@ fn non_loopback_listeners_need_an_explicit_insecure_flag() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("--insecure-no-auth"), "{stderr}");
 }
+
+#[test]
+fn the_api_and_ops_endpoints_on_one_address_are_refused() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_oc-server"))
+        .args([
+            "--listen",
+            "127.0.0.1:17999",
+            "--ops-listen",
+            "127.0.0.1:17999",
+            "--data-dir",
+            "/nonexistent-never-created",
+        ])
+        .output()
+        .expect("run");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--listen and --ops-listen are both 127.0.0.1:17999"),
+        "{stderr}"
+    );
+}

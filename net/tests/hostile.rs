@@ -128,6 +128,18 @@ fn expression_trees_of_every_shape_up_to_the_size_limit_get_a_400() {
     assert_alive_and_ready(&server);
 }
 
+/// Counts `tenant`'s docs matching the worst `LIKE` pattern under the length cap, in a
+/// thread of its own.
+fn worst_like_under_the_cap(
+    server: &Server,
+    tenant: &str,
+) -> std::thread::JoinHandle<common::Reply> {
+    let pattern = format!("{}b", "%a".repeat(127));
+    let url = format!("{}/v1/tenants/{tenant}/ask", server.api);
+    let body = json!({"sql": "SELECT COUNT(*) FROM docs WHERE body LIKE $1", "params": [pattern]});
+    std::thread::spawn(move || common::request("POST", &url, Some(&body.to_string())))
+}
+
 #[test]
 fn a_pathological_like_neither_freezes_the_shard_nor_outlives_its_deadline() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -151,19 +163,8 @@ fn a_pathological_like_neither_freezes_the_shard_nor_outlives_its_deadline() {
     );
     // The worst pattern under the cap, over 10 MB of text, with another tenant's
     // point read on the same shard meanwhile.
-    let pattern = format!("{}b", "%a".repeat(127));
-    let api = server.api.clone();
     let started = Instant::now();
-    let slow = std::thread::spawn(move || {
-        common::request(
-            "POST",
-            &format!("{api}/v1/tenants/big/ask"),
-            Some(
-                &json!({"sql": "SELECT COUNT(*) FROM docs WHERE body LIKE $1", "params": [pattern]})
-                    .to_string(),
-            ),
-        )
-    });
+    let slow = worst_like_under_the_cap(&server, "big");
     let read = server.get("/v1/tenants/small/tables/docs/rows/0");
     assert_eq!(read.status, 200, "{read:?}");
     let reply = slow.join().expect("the query thread");
@@ -447,47 +448,6 @@ fn over_the_memory_budget_writes_that_add_data_are_refused_and_deletes_pass() {
     assert_alive_and_ready(&server);
 }
 
-/// Sends `request` whole, shuts the sending side, and reads the answer to the end.
-fn send_then_half_close(addr: &str, request: &str) -> String {
-    let mut stream = TcpStream::connect(addr.trim_start_matches("http://")).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
-    stream.write_all(request.as_bytes()).expect("send");
-    stream
-        .shutdown(std::net::Shutdown::Write)
-        .expect("half-close");
-    let mut answer = Vec::new();
-    stream
-        .read_to_end(&mut answer)
-        .expect("the answer, then the close");
-    String::from_utf8_lossy(&answer).into_owned()
-}
-
-#[test]
-fn a_client_that_half_closes_after_its_request_still_gets_the_answer() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let server = Server::start(&dir.path().join("data"), &[]);
-    server.create_tenant_with_items("acme");
-    for id in 0..8 {
-        let body = json!({"ops": [{"upsert": {"id": id, "name": "half", "batch": 0}}]}).to_string();
-        let answer = send_then_half_close(
-            &server.api,
-            &format!(
-                "POST /v1/tenants/acme/tables/items/rows HTTP/1.1\r\nhost: oc\r\n\
-                 content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-                body.len()
-            ),
-        );
-        assert!(answer.starts_with("HTTP/1.1 200"), "write {id}: {answer:?}");
-        assert!(answer.contains("\"inserted\":1"), "{answer}");
-    }
-    assert_eq!(server.get("/v1/tenants/acme/usage").body["rows"], 8);
-    let health = send_then_half_close(&server.ops, "GET /health HTTP/1.1\r\nhost: oc\r\n\r\n");
-    assert!(health.starts_with("HTTP/1.1 200"), "{health:?}");
-    assert_alive_and_ready(&server);
-}
-
 /// A long query gives its shard back between its slices: another tenant's point reads
 /// on the same shard are answered in milliseconds meanwhile, not once per preemption
 /// quantum of the executor (100 ms, which a neighbour's median read took before).
@@ -500,18 +460,7 @@ fn a_long_query_leaves_its_shard_to_other_tenants_between_slices() {
     );
     create_texts(&server, "big", 2000, 10_000);
     create_texts(&server, "small", 1, 10);
-    let pattern = format!("{}b", "%a".repeat(127));
-    let api = server.api.clone();
-    let slow = std::thread::spawn(move || {
-        common::request(
-            "POST",
-            &format!("{api}/v1/tenants/big/ask"),
-            Some(
-                &json!({"sql": "SELECT COUNT(*) FROM docs WHERE body LIKE $1", "params": [pattern]})
-                    .to_string(),
-            ),
-        )
-    });
+    let slow = worst_like_under_the_cap(&server, "big");
     std::thread::sleep(Duration::from_millis(100));
     let mut reads = Vec::new();
     while !slow.is_finished() {
@@ -539,39 +488,63 @@ fn a_long_query_leaves_its_shard_to_other_tenants_between_slices() {
     assert_alive_and_ready(&server);
 }
 
-/// The running queries share a memory bound of their own: a query that would pass it
-/// gets 429 `query_memory_busy`, writes are not refused because of what queries hold,
-/// and the share is given back when a query ends.
+/// The running queries share a memory bound of their own: a query that alone needs
+/// more than it gets 413; queries that together would pass it get 429
+/// `query_memory_busy` (retry) for all but what fits; the share is given back when a
+/// query ends.
 #[test]
-fn queries_past_their_shared_memory_get_a_429_and_leave_writes_alone() {
+fn running_queries_share_a_memory_bound() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let shared = 8 << 20;
+    let shared: usize = 12 << 20;
     let server = Server::start(
         &dir.path().join("data"),
-        &["--ask-shared-memory-bytes", &shared.to_string()],
+        &[
+            "--shards",
+            "1",
+            "--ask-shared-memory-bytes",
+            &shared.to_string(),
+        ],
     );
-    create_texts(&server, "big", 1000, 10_000);
-    let busy = ask(
-        &server,
-        "big",
-        "SELECT body FROM docs ORDER BY body",
-        json!([]),
+    create_texts(&server, "big", 2000, 10_000);
+    // 20 MB of bodies to sort: more than the bound on its own.
+    let alone = ask(&server, "big", "SELECT body FROM docs ORDER BY body", json!([]));
+    assert_error(
+        &alone,
+        413,
+        "query_memory_exceeded",
+        "--ask-shared-memory-bytes",
     );
-    assert_error(&busy, 429, "query_memory_busy", "--ask-shared-memory-bytes");
-    assert_eq!(busy.retry_after.as_deref(), Some("1"), "{busy:?}");
-    let fits = ask(
-        &server,
-        "big",
-        "SELECT id FROM docs WHERE id < 100 ORDER BY body",
-        json!([]),
+    // Two that sort 10 MB each, slowed by a LIKE on every row so that they overlap:
+    // together they need more than the bound.
+    let pattern = format!("{}b", "%a".repeat(127));
+    let sql = "SELECT id FROM docs WHERE id < 1000 AND body NOT LIKE $1 ORDER BY body";
+    let queries: Vec<_> = (0..2)
+        .map(|_| {
+            let url = format!("{}/v1/tenants/big/ask", server.api);
+            let body = json!({"sql": sql, "params": [pattern]}).to_string();
+            std::thread::spawn(move || common::request("POST", &url, Some(&body)))
+        })
+        .collect();
+    let replies: Vec<common::Reply> = queries
+        .into_iter()
+        .map(|q| q.join().expect("query thread"))
+        .collect();
+    let busy: Vec<&common::Reply> = replies.iter().filter(|r| r.status == 429).collect();
+    assert!(!busy.is_empty(), "no query was refused: {replies:?}");
+    assert!(
+        replies.iter().all(|r| r.status == 429 || r.status == 200),
+        "{replies:?}"
     );
+    for reply in &busy {
+        assert_error(reply, 429, "query_memory_busy", "--ask-shared-memory-bytes");
+        assert_eq!(reply.retry_after.as_deref(), Some("1"), "{reply:?}");
+    }
+    // Alone, the same query fits.
+    let fits = ask(&server, "big", sql, json!([pattern]));
     assert_eq!(fits.status, 200, "{fits:?}");
-    assert_eq!(write_row(&server, "big", 5000, "after").status, 200);
+    assert_eq!(fits.body["row_count"], 1000, "{fits:?}");
     let (_, scrape) = server.ops_get("/metrics");
-    assert_eq!(
-        common::scrape_value(&scrape, "oc_ask_memory_bytes"),
-        Some(0.0)
-    );
+    assert_eq!(common::scrape_value(&scrape, "oc_ask_memory_bytes"), Some(0.0));
     assert_eq!(
         common::scrape_value(&scrape, "oc_ask_memory_limit_bytes"),
         Some(shared as f64)
@@ -629,5 +602,8 @@ fn deleting_rows_under_a_full_memory_budget_brings_writes_back() {
         "still refused after the deletes: {written:?}"
     );
     println!("writes came back {:?} after the deletes", started.elapsed());
+    let (_, scrape) = server.ops_get("/metrics");
+    let trims = common::scrape_value(&scrape, "oc_memory_trims_total").expect("trims");
+    assert!(trims >= 1.0, "no trim ran: {trims}");
     assert_alive_and_ready(&server);
 }

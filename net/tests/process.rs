@@ -185,7 +185,7 @@ fn a_shard_directory_that_is_not_its_own_is_refused_at_start() {
         .err()
         .expect("an emptied shard directory must be refused");
     assert!(
-        refused.contains("shard-1 has lost its oc-shard.json"),
+        refused.contains("shard-1 has lost its oc-shard.json and holds no log"),
         "{refused}"
     );
     std::fs::remove_dir(&one).expect("rmdir");

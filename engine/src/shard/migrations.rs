@@ -265,7 +265,7 @@ impl<S: Storage> Shard<S> {
             // The rows grow in place by what the migration appends to them: refuse
             // growth the memory budget has no room for, rather than run the process
             // out of memory half way.
-            let (budget, resident) = crate::quota::memory_usage();
+            let (budget, resident) = crate::quota::memory_for_data();
             let converted_bytes = base.usage().bytes as f64 * growth;
             let more = (converted_bytes - base.usage().bytes as f64).max(0.0);
             let built = crate::table::NewStructures::new(base.schema(), &plan.target);
@@ -476,7 +476,7 @@ async fn drive_backfill<S: Storage>(shard: Rc<Shard<S>>) {
         }
         // Over the memory budget the backfill waits (it grows rows and new indexes);
         // a cutover, which grows nothing, goes ahead.
-        let (limit, resident) = crate::quota::memory_usage();
+        let (limit, resident) = crate::quota::memory_for_data();
         let memory_full = limit > 0 && resident > limit;
         if memory_full != paused_for_memory {
             paused_for_memory = memory_full;

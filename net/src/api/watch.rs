@@ -531,7 +531,7 @@ pub async fn open(
     }
     // A stream holds up to its buffer: none opens while the process is over its
     // memory budget.
-    let (budget, resident) = oc_engine::quota::memory_usage();
+    let (budget, resident) = oc_engine::quota::memory_for_data();
     if budget > 0 && resident > budget {
         return Err(ApiError::from(oc_engine::EngineError::MemoryFull {
             resident_bytes: resident,

@@ -28,6 +28,7 @@ use super::expr::{
 };
 use super::plan::{Access, OrderBy, Prepared};
 use super::{AskLimits, QueryError, QueryErrorKind, SLICE_KNN_ROWS, SLICE_ROWS, SLICE_TARGET};
+use crate::quota::{QueryMemory, QueryMemoryRefused};
 use crate::key::Key;
 use crate::table::{RangeScan, Row, Table};
 use crate::tenant::Tenant;
@@ -100,7 +101,7 @@ pub struct Execution {
     /// Bytes held in `output` and `groups`, against `limits.max_memory_bytes`.
     held_bytes: usize,
     /// The same, as this query's share of what all running queries may hold.
-    shared_memory: crate::quota::QueryMemory,
+    shared_memory: QueryMemory,
 }
 
 /// Rows a query's first slice reads, before it knows what a row costs.
@@ -221,7 +222,7 @@ impl Execution {
             stats: Stats::default(),
             slice_size: FIRST_SLICE_ROWS,
             held_bytes: 0,
-            shared_memory: crate::quota::QueryMemory::default(),
+            shared_memory: QueryMemory::default(),
         })
     }
 
@@ -371,15 +372,25 @@ impl Execution {
         if self.held_bytes > self.limits.max_memory_bytes {
             return Err(self.over_memory_budget());
         }
-        self.shared_memory.cover(self.held_bytes).map_err(|busy| {
-            QueryError::new(
-                QueryErrorKind::MemoryBusy,
-                format!(
-                    "the running queries hold {} of the {} bytes they may hold together (--ask-shared-memory-bytes), too few left for this one; retry shortly",
-                    busy.held_bytes, busy.limit_bytes
+        self.shared_memory
+            .cover(self.held_bytes)
+            .map_err(|refused| match refused {
+                QueryMemoryRefused::Busy {
+                    held_bytes,
+                    limit_bytes,
+                } => QueryError::new(
+                    QueryErrorKind::MemoryBusy,
+                    format!(
+                        "the running queries hold {held_bytes} of the {limit_bytes} bytes they may hold together (--ask-shared-memory-bytes), too few left for this one; retry shortly"
+                    ),
                 ),
-            )
-        })
+                QueryMemoryRefused::AloneOver { limit_bytes } => QueryError::new(
+                    QueryErrorKind::MemoryLimit,
+                    format!(
+                        "the query needs more than the {limit_bytes} bytes all running queries may hold together (--ask-shared-memory-bytes); add a LIMIT, narrow the WHERE or group by fewer values"
+                    ),
+                ),
+            })
     }
 
     /// Gives back what [`hold`](Self::hold) took (a row that left a top-k heap).
