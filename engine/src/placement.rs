@@ -788,11 +788,17 @@ mod tests {
         std::fs::create_dir(&one).expect("an empty one");
         refused("shard-1 has lost its oc-shard.json and holds no log");
         // Not marked yet, but its own log: a start stopped while writing the markers.
-        std::fs::write(one.join(oc_io::wal::segment::segment_name(1, Epoch(1), Lsn(1))), b"")
-            .expect("a segment");
+        std::fs::write(
+            one.join(oc_io::wal::segment::segment_name(1, Epoch(1), Lsn(1))),
+            b"",
+        )
+        .expect("a segment");
         check_shard_dirs(data, &layout).expect("its own segments");
-        std::fs::write(one.join(oc_io::wal::segment::segment_name(2, Epoch(1), Lsn(9))), b"")
-            .expect("another shard's segment");
+        std::fs::write(
+            one.join(oc_io::wal::segment::segment_name(2, Epoch(1), Lsn(9))),
+            b"",
+        )
+        .expect("another shard's segment");
         refused("shard-1 holds shard 2's files");
         std::fs::remove_dir_all(&one).expect("rm");
         std::fs::rename(&two, &one).expect("2 to 1");

@@ -213,8 +213,14 @@ mod tests {
         let first = DirLock::acquire(&data, "oc-server").expect("first");
         std::fs::remove_file(data.join(LOCK_FILE)).expect("deleted");
         let err = DirLock::acquire(&data, "oc-server").expect_err("the directory is held");
-        assert!(matches!(err, DirLockError::Held { pid: None, .. }), "{err:?}");
-        assert!(!data.join(LOCK_FILE).exists(), "a refused process creates nothing");
+        assert!(
+            matches!(err, DirLockError::Held { pid: None, .. }),
+            "{err:?}"
+        );
+        assert!(
+            !data.join(LOCK_FILE).exists(),
+            "a refused process creates nothing"
+        );
         std::fs::write(data.join(LOCK_FILE), "1\nsomething else\n").expect("replaced");
         let err = DirLock::acquire(&data, "oc-server").expect_err("still held");
         assert!(

@@ -507,7 +507,12 @@ fn running_queries_share_a_memory_bound() {
     );
     create_texts(&server, "big", 2000, 10_000);
     // 20 MB of bodies to sort: more than the bound on its own.
-    let alone = ask(&server, "big", "SELECT body FROM docs ORDER BY body", json!([]));
+    let alone = ask(
+        &server,
+        "big",
+        "SELECT body FROM docs ORDER BY body",
+        json!([]),
+    );
     assert_error(
         &alone,
         413,
@@ -544,7 +549,10 @@ fn running_queries_share_a_memory_bound() {
     assert_eq!(fits.status, 200, "{fits:?}");
     assert_eq!(fits.body["row_count"], 1000, "{fits:?}");
     let (_, scrape) = server.ops_get("/metrics");
-    assert_eq!(common::scrape_value(&scrape, "oc_ask_memory_bytes"), Some(0.0));
+    assert_eq!(
+        common::scrape_value(&scrape, "oc_ask_memory_bytes"),
+        Some(0.0)
+    );
     assert_eq!(
         common::scrape_value(&scrape, "oc_ask_memory_limit_bytes"),
         Some(shared as f64)

@@ -28,8 +28,8 @@ use super::expr::{
 };
 use super::plan::{Access, OrderBy, Prepared};
 use super::{AskLimits, QueryError, QueryErrorKind, SLICE_KNN_ROWS, SLICE_ROWS, SLICE_TARGET};
-use crate::quota::{QueryMemory, QueryMemoryRefused};
 use crate::key::Key;
+use crate::quota::{QueryMemory, QueryMemoryRefused};
 use crate::table::{RangeScan, Row, Table};
 use crate::tenant::Tenant;
 use crate::value::{ColumnType, Value};
