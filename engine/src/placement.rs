@@ -508,7 +508,15 @@ fn read_shard_marker(data_dir: &Path, shard: usize) -> Result<Option<ShardMarker
     let path = shard_dir(data_dir, shard).join(SHARD_MARKER_FILE);
     let bytes = match std::fs::read(&path) {
         Ok(bytes) => bytes,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        // No directory, or not a directory (which then fails to open as a shard).
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+            ) =>
+        {
+            return Ok(None)
+        }
         Err(e) => {
             return Err(EngineError::Layout(format!(
                 "cannot read {}: {e}",
