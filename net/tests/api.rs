@@ -324,37 +324,32 @@ fn a_different_shard_count_is_refused_at_start() {
     assert!(err.contains("--shards 2"), "{err}");
 }
 
-#[test]
-fn non_loopback_listeners_need_an_explicit_insecure_flag() {
+/// Runs `oc-server` with `args` on a data directory never created, which it must refuse
+/// before touching; returns its stderr.
+fn refused_config(args: &[&str]) -> String {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_oc-server"))
-        .args([
-            "--listen",
-            "0.0.0.0:0",
-            "--data-dir",
-            "/nonexistent-never-created",
-        ])
+        .args(args)
+        .args(["--data-dir", "/nonexistent-never-created"])
         .output()
         .expect("run");
     assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn non_loopback_listeners_need_an_explicit_insecure_flag() {
+    let stderr = refused_config(&["--listen", "0.0.0.0:0"]);
     assert!(stderr.contains("--insecure-no-auth"), "{stderr}");
 }
 
 #[test]
 fn the_api_and_ops_endpoints_on_one_address_are_refused() {
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_oc-server"))
-        .args([
-            "--listen",
-            "127.0.0.1:17999",
-            "--ops-listen",
-            "127.0.0.1:17999",
-            "--data-dir",
-            "/nonexistent-never-created",
-        ])
-        .output()
-        .expect("run");
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = refused_config(&[
+        "--listen",
+        "127.0.0.1:17999",
+        "--ops-listen",
+        "127.0.0.1:17999",
+    ]);
     assert!(
         stderr.contains("--listen and --ops-listen are both 127.0.0.1:17999"),
         "{stderr}"
