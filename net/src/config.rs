@@ -127,8 +127,8 @@ pub struct ServerConfig {
     /// return, sort keys, groups); more gets 413 `query_memory_exceeded`.
     #[arg(long, env = "OC_ASK_MAX_MEMORY_BYTES", default_value_t = 64 << 20)]
     pub ask_max_memory_bytes: usize,
-    /// Bytes all running `/ask` queries may hold together (0: a quarter of the memory
-    /// budget); a query that would pass it gets 429 `query_memory_busy`.
+    /// Bytes all running `/ask` queries may hold together, on top of the memory budget
+    /// (0: an eighth of it); a query that would pass it gets 429 `query_memory_busy`.
     #[arg(long, env = "OC_ASK_SHARED_MEMORY_BYTES", default_value_t = 0)]
     pub ask_shared_memory_bytes: u64,
     /// Rows one tenant may store; a write past it gets 403 `quota_exceeded`.

@@ -46,10 +46,24 @@ pub fn refuse_if_taken(addr: SocketAddr) -> std::io::Result<()> {
     if addr.port() == 0 {
         return Ok(()); // the kernel picks a free port
     }
-    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    bound_alone(addr).map(drop)
+}
+
+/// Binds one listening socket on `addr` that no other socket may share (the ops
+/// listener's).
+pub fn bind_exclusive(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = bound_alone(addr)?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}
+
+/// A socket bound to `addr` without `SO_REUSEPORT`; an address in use is refused
+/// naming it.
+fn bound_alone(addr: SocketAddr) -> std::io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     // Not refused for a port whose old connections linger in TIME_WAIT after a restart.
-    probe.set_reuse_address(true)?;
-    probe.bind(&addr.into()).map_err(|e| {
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into()).map_err(|e| {
         if e.kind() == std::io::ErrorKind::AddrInUse {
             std::io::Error::new(
                 e.kind(),
@@ -61,18 +75,8 @@ pub fn refuse_if_taken(addr: SocketAddr) -> std::io::Result<()> {
         } else {
             e
         }
-    })
-}
-
-/// Binds one listening socket on `addr` that no other socket may share (the ops
-/// listener's).
-pub fn bind_exclusive(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    refuse_if_taken(addr)?;
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_reuse_address(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(LISTEN_BACKLOG)?;
-    Ok(socket.into())
+    })?;
+    Ok(socket)
 }
 
 /// Binds `count` `SO_REUSEPORT` listening sockets on `addr`, refusing an address another
