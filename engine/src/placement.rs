@@ -556,13 +556,18 @@ pub fn check_shard_dirs(data_dir: &Path, layout: &Layout) -> Result<(), EngineEr
         return Ok(()); // new, restored, bootstrapped or from before markers
     }
     let id = layout.id.to_string();
+    // Markers being written when a start stopped (a crash, a full disk): a shard not
+    // written to yet then has neither marker nor files, legitimately.
+    let marking = data_dir.join(MARKING_FILE).exists();
     for (shard, marker) in markers.iter().enumerate() {
         let dir = shard_dir(data_dir, shard);
         let problem = match marker {
             None if !dir.exists() => "is missing".to_string(),
+            None if !dir.is_dir() => "is not a directory".to_string(),
             None => match unmarked_contents(&dir, shard)? {
                 Unmarked::Own => continue,
                 Unmarked::Shard(other) => format!("holds shard {other}'s files"),
+                Unmarked::Empty if marking => continue,
                 Unmarked::Empty => format!(
                     "has lost its {SHARD_MARKER_FILE} and holds no log or checkpoint (was it \
                      emptied or replaced?)"
@@ -614,10 +619,29 @@ fn unmarked_contents(dir: &Path, shard: usize) -> Result<Unmarked, EngineError> 
     Ok(if own { Unmarked::Own } else { Unmarked::Empty })
 }
 
+/// Present in the data directory while [`mark_shard_dirs`] writes markers.
+const MARKING_FILE: &str = "oc-shard-markers.partial";
+
 /// Gives every shard directory of `layout` its marker, once its shard opened.
 pub fn mark_shard_dirs(data_dir: &Path, layout: &Layout) -> Result<(), EngineError> {
-    let id = layout.id.to_string();
+    let mut unmarked = Vec::new();
     for shard in 0..layout.shards {
+        if read_shard_marker(data_dir, shard)?.is_none() {
+            unmarked.push(shard);
+        }
+    }
+    if unmarked.is_empty() {
+        return Ok(());
+    }
+    let failed = |what: &str, e: std::io::Error| {
+        EngineError::Layout(format!(
+            "cannot write {}: {e}",
+            data_dir.join(what).display()
+        ))
+    };
+    write_file_durably(data_dir, MARKING_FILE, b"").map_err(|e| failed(MARKING_FILE, e))?;
+    let id = layout.id.to_string();
+    for shard in unmarked {
         if read_shard_marker(data_dir, shard)?.is_some() {
             continue;
         }
@@ -637,7 +661,9 @@ pub fn mark_shard_dirs(data_dir: &Path, layout: &Layout) -> Result<(), EngineErr
             ))
         })?;
     }
-    Ok(())
+    std::fs::remove_file(data_dir.join(MARKING_FILE))
+        .and_then(|()| std::fs::File::open(data_dir)?.sync_all())
+        .map_err(|e| failed(MARKING_FILE, e))
 }
 
 #[cfg(test)]
@@ -816,6 +842,24 @@ mod tests {
         std::fs::rename(&two, &one).expect("swap back");
         std::fs::rename(&aside, &two).expect("swap back");
         check_shard_dirs(data, &layout).expect("each its own again");
+        // A start that stopped while it wrote the markers: a shard not written to yet
+        // has neither; only then does an empty one pass.
+        let (zero, zero_aside) = (shard_dir(data, 0), data.join("zero-aside"));
+        std::fs::rename(&zero, &zero_aside).expect("aside");
+        std::fs::create_dir(&zero).expect("an empty shard-0");
+        refused("shard-0 has lost its oc-shard.json");
+        std::fs::write(data.join(MARKING_FILE), b"").expect("marking");
+        check_shard_dirs(data, &layout).expect("an interrupted marking");
+        mark_shard_dirs(data, &layout).expect("marked");
+        assert!(!data.join(MARKING_FILE).exists());
+        std::fs::remove_dir_all(&zero).expect("rm");
+        std::fs::rename(&zero_aside, &zero).expect("back");
+        let file = data.join("file");
+        std::fs::rename(&two, &file).expect("aside");
+        std::fs::write(&two, b"").expect("a file in its place");
+        refused("shard-2 is not a directory");
+        std::fs::remove_file(&two).expect("rm");
+        std::fs::rename(&file, &two).expect("back");
         let other = Layout {
             id: DataDirId(8),
             ..layout.clone()

@@ -176,7 +176,7 @@ impl QueryMemory {
         let wanted = (bytes as u64).saturating_sub(QUERY_MEMORY_STEP) / QUERY_MEMORY_STEP
             * QUERY_MEMORY_STEP;
         if wanted <= self.taken {
-            if wanted + QUERY_MEMORY_STEP < self.taken {
+            if wanted < self.taken {
                 MEMORY
                     .query_bytes
                     .fetch_sub(self.taken - wanted, Ordering::Relaxed);
@@ -233,30 +233,26 @@ pub fn start_memory_budget(limit_bytes: u64) -> Result<u64, String> {
     std::thread::Builder::new()
         .name("oc-memory".into())
         .spawn(move || {
-            // (when the last trim ran, how long until the next may)
-            let mut trimmed: Option<(std::time::Instant, Duration)> = None;
+            // When the last trim ran, and how long until the next may.
+            let mut trimmed: Option<std::time::Instant> = None;
+            let mut wait = TRIM_FIRST;
             loop {
                 std::thread::sleep(MEMORY_SAMPLE_INTERVAL);
                 sample_resident();
                 let (_, before) = memory_for_data();
-                if before <= limit {
-                    trimmed = None;
-                    continue;
-                }
-                if trimmed.is_some_and(|(at, wait)| at.elapsed() < wait) {
+                if before <= limit || trimmed.is_some_and(|at| at.elapsed() < wait) {
                     continue;
                 }
                 trim_freed_memory();
+                trimmed = Some(std::time::Instant::now());
                 sample_resident();
                 let (_, after) = memory_for_data();
                 // Little freed: the memory is live data; try again less often.
-                let wait = match trimmed {
-                    Some((_, wait)) if before.saturating_sub(after) < before / 100 => {
-                        (wait * 2).min(TRIM_MOST)
-                    }
-                    _ => TRIM_FIRST,
+                wait = if before.saturating_sub(after) < before / 100 {
+                    (wait * 2).min(TRIM_MOST)
+                } else {
+                    TRIM_FIRST
                 };
-                trimmed = Some((std::time::Instant::now(), wait));
             }
         })
         .map_err(|e| format!("cannot start the memory sampler: {e}"))?;
@@ -273,7 +269,8 @@ pub fn memory_usage() -> (u64, u64) {
 
 /// (budget, resident bytes less what the running queries hold): what growth of the
 /// data (writes, streams' buffers, migrations) is weighed against. Queries count no
-/// more than they hold (their first step is free), so the data never passes the budget.
+/// more than they hold (whole steps past their first), so the data passes the budget
+/// by at most a step per running query.
 pub fn memory_for_data() -> (u64, u64) {
     let (limit, resident) = memory_usage();
     let (queries, _) = query_memory_usage();

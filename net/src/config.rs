@@ -128,7 +128,8 @@ pub struct ServerConfig {
     #[arg(long, env = "OC_ASK_MAX_MEMORY_BYTES", default_value_t = 64 << 20)]
     pub ask_max_memory_bytes: usize,
     /// Bytes all running `/ask` queries may hold together, on top of the memory budget
-    /// (0: an eighth of it); a query that would pass it gets 429 `query_memory_busy`.
+    /// (0: an eighth of it); a query that would pass it gets 429 `query_memory_busy`, one
+    /// that alone needs more 413 `query_memory_exceeded`.
     #[arg(long, env = "OC_ASK_SHARED_MEMORY_BYTES", default_value_t = 0)]
     pub ask_shared_memory_bytes: u64,
     /// Rows one tenant may store; a write past it gets 403 `quota_exceeded`.
@@ -140,8 +141,9 @@ pub struct ServerConfig {
     /// Vectors one tenant may store.
     #[arg(long, env = "OC_TENANT_MAX_VECTORS", default_value_t = 5_000_000)]
     pub tenant_max_vectors: usize,
-    /// Resident memory the process may reach before writes that add data are refused
-    /// (507 `memory_full`); 0: 80% of the machine's or the cgroup's memory.
+    /// Resident memory, less what running `/ask` queries hold, past which writes that add
+    /// data are refused (507 `memory_full`); 0: 80% of the machine's or the cgroup's
+    /// memory.
     #[arg(long, env = "OC_MEMORY_BUDGET_BYTES", default_value_t = 0)]
     pub memory_budget_bytes: u64,
     /// `/watch` streams the whole server may serve at once; more get 503
@@ -654,11 +656,13 @@ impl ServerConfig {
         self.tls()?;
         self.leader_tls()?;
         self.validate_replication()?;
-        if self.listen == self.ops_listen && self.listen.port() != 0 {
+        let (api, ops) = (self.listen, self.ops_listen);
+        let overlap =
+            api.ip() == ops.ip() || api.ip().is_unspecified() || ops.ip().is_unspecified();
+        if api.port() == ops.port() && api.port() != 0 && overlap {
             return Err(format!(
-                "--listen and --ops-listen are both {}: give the ops endpoints an address of \
-                 their own (default port 7071)",
-                self.listen
+                "--listen {api} and --ops-listen {ops} share a port: give the ops endpoints \
+                 one of their own (default 7071)"
             ));
         }
         let exposed = [self.listen, self.ops_listen]

@@ -854,7 +854,7 @@ pub fn render(shards: &[ShardSnapshot], control: &ControlMetrics) -> Result<Stri
         ),
         family(
             "oc_memory_budget_bytes",
-            "Resident memory the process may reach before writes that add data are refused.",
+            "Resident memory, less what running /ask queries hold, past which writes that add data are refused.",
             GAUGE,
             vec![gauge(vec![], budget as f64)],
         ),

@@ -351,7 +351,7 @@ fn the_api_and_ops_endpoints_on_one_address_are_refused() {
         "127.0.0.1:17999",
     ]);
     assert!(
-        stderr.contains("--listen and --ops-listen are both 127.0.0.1:17999"),
+        stderr.contains("--listen 127.0.0.1:17999 and --ops-listen 127.0.0.1:17999 share a port"),
         "{stderr}"
     );
 }

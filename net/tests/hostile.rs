@@ -501,6 +501,8 @@ fn running_queries_share_a_memory_bound() {
         &[
             "--shards",
             "1",
+            "--ask-timeout-ms",
+            "30000",
             "--ask-shared-memory-bytes",
             &shared.to_string(),
         ],
