@@ -633,18 +633,15 @@ pub fn mark_shard_dirs(data_dir: &Path, layout: &Layout) -> Result<(), EngineErr
     if unmarked.is_empty() {
         return Ok(());
     }
-    let failed = |what: &str, e: std::io::Error| {
-        EngineError::Layout(format!(
-            "cannot write {}: {e}",
-            data_dir.join(what).display()
-        ))
+    let failed = |path: PathBuf| {
+        move |e: std::io::Error| {
+            EngineError::Layout(format!("cannot write {}: {e}", path.display()))
+        }
     };
-    write_file_durably(data_dir, MARKING_FILE, b"").map_err(|e| failed(MARKING_FILE, e))?;
+    let marking = data_dir.join(MARKING_FILE);
+    write_file_durably(data_dir, MARKING_FILE, b"").map_err(failed(marking.clone()))?;
     let id = layout.id.to_string();
     for shard in unmarked {
-        if read_shard_marker(data_dir, shard)?.is_some() {
-            continue;
-        }
         let marker = ShardMarker {
             format_version: SHARD_MARKER_VERSION,
             shard,
@@ -654,16 +651,12 @@ pub fn mark_shard_dirs(data_dir: &Path, layout: &Layout) -> Result<(), EngineErr
             .map_err(|e| EngineError::Layout(format!("cannot encode a shard marker: {e}")))?;
         text.push(b'\n');
         let dir = shard_dir(data_dir, shard);
-        write_file_durably(&dir, SHARD_MARKER_FILE, &text).map_err(|e| {
-            EngineError::Layout(format!(
-                "cannot write {}: {e}",
-                dir.join(SHARD_MARKER_FILE).display()
-            ))
-        })?;
+        write_file_durably(&dir, SHARD_MARKER_FILE, &text)
+            .map_err(failed(dir.join(SHARD_MARKER_FILE)))?;
     }
-    std::fs::remove_file(data_dir.join(MARKING_FILE))
+    std::fs::remove_file(&marking)
         .and_then(|()| std::fs::File::open(data_dir)?.sync_all())
-        .map_err(|e| failed(MARKING_FILE, e))
+        .map_err(failed(marking))
 }
 
 #[cfg(test)]
