@@ -77,6 +77,8 @@ struct RunOutcome {
     recovered_last: u64,
     trace: u64,
     torn_tail_cut: bool,
+    /// Recovery sealed a segment left unsealed while its successor was being made.
+    sealed_at_open: bool,
     recycled: bool,
 }
 
@@ -225,6 +227,7 @@ async fn finish(
         recovered_last,
         trace,
         torn_tail_cut: report.torn_tail.is_some(),
+        sealed_at_open: report.sealed_at_open.is_some(),
         recycled: false,
     }
 }
@@ -278,6 +281,7 @@ fn seeds() -> Vec<u64> {
 fn crashes_at_random_points_never_lose_acknowledged_appends() {
     let seeds = seeds();
     let (mut with_acks, mut torn, mut unacked_survived, mut recycled) = (0, 0, 0, 0);
+    let mut sealed_at_open = 0;
     run_local(async {
         for &seed in &seeds {
             let guard = oc_io::SeedGuard::new(seed);
@@ -285,6 +289,7 @@ fn crashes_at_random_points_never_lose_acknowledged_appends() {
             guard.passed();
             with_acks += usize::from(!run.acked.is_empty());
             torn += usize::from(run.torn_tail_cut);
+            sealed_at_open += usize::from(run.sealed_at_open);
             recycled += usize::from(run.recycled);
             let last_acked = run.acked.keys().last().copied().unwrap_or(0);
             unacked_survived += usize::from(run.recovered_last > last_acked);
@@ -293,7 +298,8 @@ fn crashes_at_random_points_never_lose_acknowledged_appends() {
     eprintln!(
         "{} seeds: {with_acks} with acknowledged appends, {torn} torn tails cut, \
          {unacked_survived} where unacknowledged frames survived, \
-         {recycled} that recycled a segment",
+         {recycled} that recycled a segment, \
+         {sealed_at_open} that crashed between making a segment and sealing the one before",
         seeds.len()
     );
     // The runs must really exercise crashes mid-write, not only clean stops.
@@ -307,6 +313,10 @@ fn crashes_at_random_points_never_lose_acknowledged_appends() {
         assert!(
             recycled * 10 > seeds.len(),
             "too few runs recycled a segment"
+        );
+        assert!(
+            sealed_at_open * 100 > seeds.len(),
+            "too few runs crashed between making a segment and sealing the one before"
         );
         assert!(
             unacked_survived * 20 > seeds.len(),

@@ -256,6 +256,105 @@ fn full_segments_are_sealed_rotated_and_released() {
 }
 
 #[test]
+fn a_lost_newest_segment_is_refused_unless_the_operator_truncates() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    run_local(async {
+        let (wal, _, _) = open(dir.path(), small_segments(), Lsn(1))
+            .await
+            .expect("open");
+        let wal = Rc::new(wal);
+        let acked = append_many(wal.clone(), 600, 4).await;
+        wal.close().await.expect("close");
+        drop(wal);
+        let segments = segment_files(dir.path());
+        assert!(segments.len() >= 3, "64 KiB segments rotate: {segments:?}");
+        let (newest, sealed) = (&segments[segments.len() - 1], &segments[segments.len() - 2]);
+        let (_, _, lost_from) = parse_segment_name(newest).expect("segment name");
+        std::fs::remove_file(dir.path().join(newest)).expect("delete the newest segment");
+
+        // The segment before it says, in its footer, that a successor was made.
+        let refused = open(dir.path(), small_segments(), Lsn(1)).await;
+        match refused {
+            Err(Error::Corrupt { file, reason, .. }) => {
+                assert_eq!(&file, sealed);
+                assert!(
+                    reason.contains("newest segment was deleted or lost"),
+                    "{reason}"
+                );
+                assert!(reason.contains(&format!("LSN {}", lost_from.0)), "{reason}");
+            }
+            other => panic!("expected a refusal, got {:?}", other.map(|(_, _, r)| r)),
+        }
+        assert_eq!(
+            segment_files(dir.path()).len(),
+            segments.len() - 1,
+            "nothing removed"
+        );
+
+        // The operator may accept the loss: the log goes on from the sealed segment.
+        let truncate = WalConfig {
+            truncate_corrupt: true,
+            ..small_segments()
+        };
+        let (wal, frames, report) = open(dir.path(), truncate, Lsn(1)).await.expect("truncate");
+        let cut = report.truncated_corruption.expect("the loss is reported");
+        assert_eq!(&cut.file, sealed);
+        assert_eq!(frames.len() as u64, lost_from.0 - 1);
+        assert_payloads_match(&frames, &acked);
+        wal.close().await.expect("close");
+        drop(wal);
+        // Accepted once: the next open needs no option, before any new write.
+        let (wal, frames, report) = open(dir.path(), small_segments(), Lsn(1))
+            .await
+            .expect("reopen after the truncation");
+        assert_eq!(report.truncated_corruption, None);
+        assert_eq!(frames.len() as u64, lost_from.0 - 1);
+        assert_eq!(
+            wal.append(KIND, b"", b"next").await.expect("append"),
+            lost_from
+        );
+    });
+}
+
+#[test]
+fn a_log_sealed_by_a_build_before_the_successor_flag_still_opens() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    run_local(async {
+        let (wal, _, _) = open(dir.path(), small_segments(), Lsn(1))
+            .await
+            .expect("open");
+        let wal = Rc::new(wal);
+        let acked = append_many(wal.clone(), 600, 4).await;
+        wal.close().await.expect("close");
+        drop(wal);
+        // An older build sealed before making the next segment, without the flag: a
+        // crash between the two left its last segment sealed.
+        let segments = segment_files(dir.path());
+        let newest = &segments[segments.len() - 1];
+        let (_, _, next) = parse_segment_name(newest).expect("segment name");
+        std::fs::remove_file(dir.path().join(newest)).expect("remove");
+        let sealed = dir.path().join(&segments[segments.len() - 2]);
+        let len = std::fs::metadata(&sealed).expect("metadata").len();
+        let footer_at = len - oc_io::BLOCK_SIZE as u64;
+        let mut footer = vec![0u8; oc_io::BLOCK_SIZE];
+        std::fs::File::open(&sealed)
+            .and_then(|f| f.read_exact_at(&mut footer, footer_at))
+            .expect("read the footer");
+        let legacy =
+            oc_io::wal::segment::footer_without_successor(&footer).expect("flagged footer");
+        damage(&sealed, footer_at, &legacy);
+
+        let (wal, frames, report) = open(dir.path(), small_segments(), Lsn(1))
+            .await
+            .expect("a legacy sealed end opens");
+        assert_eq!(report.truncated_corruption, None);
+        assert_eq!(frames.len() as u64, next.0 - 1);
+        assert_payloads_match(&frames, &acked);
+        assert_eq!(wal.append(KIND, b"", b"next").await.expect("append"), next);
+    });
+}
+
+#[test]
 fn torn_tail_is_truncated_and_reported() {
     let dir = tempfile::tempdir().expect("tempdir");
     run_local(async {

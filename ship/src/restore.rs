@@ -896,6 +896,8 @@ fn restore_shard(
     }
     let mut expected = out.last_lsn.next();
     let objects = log_objects(&plan.segments, plan.tail.as_deref());
+    // The last segment written, when it is sealed and was not cut at the target.
+    let mut sealed_end = None;
     for (index, (key, pieces)) in objects.iter().enumerate() {
         let image = fetch_image(archive, key, *pieces)?;
         let image_bytes = image.len() as u64;
@@ -913,6 +915,7 @@ fn restore_shard(
         }
         let path = dir.join(&rebuilt.name);
         write_synced(&path, &rebuilt.file)?;
+        sealed_end = (pieces.is_none() && !rebuilt.cut).then(|| path.clone());
         out.segments += 1;
         out.bytes += image_bytes;
         if let Some(last) = rebuilt.last {
@@ -942,8 +945,35 @@ fn restore_shard(
             break;
         }
     }
+    if let Some(path) = sealed_end {
+        end_log_here(&path)?;
+    }
     sync_dir(&dir)?;
     Ok(out)
+}
+
+/// Clears the successor flag of the sealed segment at `path`, the last one restored:
+/// a log that ends at a segment sealed with it has lost its newest segment (FORMAT.md
+/// §4), and this one ends there on purpose.
+fn end_log_here(path: &Path) -> Result<(), PitrError> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(io_err(path))?;
+    let mut block = [0u8; oc_io::BLOCK_SIZE];
+    let at = file
+        .seek(SeekFrom::End(-(oc_io::BLOCK_SIZE as i64)))
+        .and_then(|at| file.read_exact(&mut block).map(|()| at))
+        .map_err(io_err(path))?;
+    if let Some(cleared) = oc_io::wal::segment::footer_without_successor(&block) {
+        file.seek(SeekFrom::Start(at))
+            .and_then(|_| file.write_all(&cleared))
+            .and_then(|()| file.sync_all())
+            .map_err(io_err(path))?;
+    }
+    Ok(())
 }
 
 /// What `oc-pitr verify` found in one shard.

@@ -962,28 +962,12 @@ impl<S: Storage> Writer<S> {
         stats.syncs += 1;
     }
 
-    /// Seals the active segment (if any) and opens the next one from the spare.
+    /// Opens the next segment from the spare, then seals the active one (if any). The
+    /// next segment's header is durable before the footer that says so: a log whose
+    /// newest segment is sealed with that flag has lost a segment, and recovery can
+    /// tell (FORMAT.md §3.2, §4). A crash between the two leaves the active segment
+    /// unsealed before an empty one, which recovery seals.
     async fn rotate(&mut self, epoch: Epoch) -> Result<(), GroupError> {
-        if let Some(active) = self.active.as_mut().filter(|a| !a.sealed) {
-            let footer = SegmentFooter {
-                first_lsn: active.header.first_lsn,
-                last_lsn: active.last_lsn,
-                data_end: active.write_offset,
-                last_commit_ts: active.last_commit_ts,
-                data_crc: active.data_crc,
-            };
-            let mut buf = self.shared.storage.alloc_buffer(BLOCK_SIZE);
-            buf.as_bytes_mut()
-                .copy_from_slice(&footer.encode_as(active.version));
-            let at = active.header.footer_offset();
-            active
-                .file
-                .write_durable_at(buf, at)
-                .await
-                .map_err(GroupError::Fatal)?;
-            active.sealed = true;
-            self.shared.stats.borrow_mut().segments_sealed += 1;
-        }
         let (spare, zeroed) = self.take_spare().await.map_err(|e| {
             // Preparing the next segment touched no acknowledged data: a full disk or
             // a full descriptor table fails only the frames that needed the segment,
@@ -1024,6 +1008,27 @@ impl<S: Storage> Writer<S> {
             wake(&mut state.preparer_waker);
         }
         let file = opened.map_err(GroupError::Fatal)?;
+        if let Some(active) = self.active.as_mut().filter(|a| !a.sealed) {
+            let footer = SegmentFooter {
+                first_lsn: active.header.first_lsn,
+                last_lsn: active.last_lsn,
+                data_end: active.write_offset,
+                last_commit_ts: active.last_commit_ts,
+                data_crc: active.data_crc,
+                successor: true,
+            };
+            let mut buf = self.shared.storage.alloc_buffer(BLOCK_SIZE);
+            buf.as_bytes_mut()
+                .copy_from_slice(&footer.encode_as(active.version));
+            let at = active.header.footer_offset();
+            active
+                .file
+                .write_durable_at(buf, at)
+                .await
+                .map_err(GroupError::Fatal)?;
+            active.sealed = true;
+            self.shared.stats.borrow_mut().segments_sealed += 1;
+        }
         tracing::debug!(segment = %name, "opened write-ahead log segment");
         {
             let mut state = self.shared.state.borrow_mut();

@@ -14,6 +14,10 @@
 //! - A last segment whose header never became durable holds no acknowledged frame (the
 //!   header is synced before any frame is written) and is removed, even when it holds
 //!   older frames from a recycled file.
+//! - The next segment is made before the active one is sealed, and the seal says so:
+//!   an unsealed segment followed by an empty last one is a crash between the two and
+//!   is sealed now; a last segment sealed with that flag means the newest segment was
+//!   lost, and opening fails unless the operator asked to truncate.
 
 use std::rc::Rc;
 
@@ -21,8 +25,8 @@ use super::frame::{self, Epoch, Frame, Lsn, TimestampMicros};
 use super::history::Position;
 use super::scan::{scan_segment, ScanEnd, GROUPS_IN_FLIGHT};
 use super::segment::{
-    header_version, parse_segment_name, SegmentHeader, DATA_START, RECYCLED_NAME,
-    SEGMENT_FORMAT_VERSION, SPARE_PARTIAL_NAME, SPARE_READY_NAME,
+    footer_without_successor, header_version, parse_segment_name, SegmentFooter, SegmentHeader,
+    DATA_START, RECYCLED_NAME, SEGMENT_FORMAT_VERSION, SPARE_PARTIAL_NAME, SPARE_READY_NAME,
 };
 use super::WalConfig;
 use crate::buffer::{align_down, align_up, IoBuffer, BLOCK_SIZE};
@@ -68,6 +72,8 @@ pub struct RecoveryReport {
     pub truncated_corruption: Option<TailCut>,
     /// Files removed: a half-made spare, an empty last segment, segments after a cut.
     pub removed: Vec<String>,
+    /// A segment a crash left unsealed while its successor was being made, sealed now.
+    pub sealed_at_open: Option<String>,
     /// Where the log left the writer's history and was cut (a returning ex-writer).
     pub history_cut: Option<HistoryCut>,
 }
@@ -248,6 +254,60 @@ async fn replace_segment<S: Storage>(storage: &S, name: &str, bytes: &[u8]) -> R
     storage.open_durable(name).await
 }
 
+/// The error for an unsealed segment (`previous`, the active one so far, named
+/// `name`) followed by segment `next`, which holds frames.
+fn previous_unsealed<F>(name: &str, previous: Option<&ActiveSegment<F>>, next: &str) -> Error {
+    Error::Corrupt {
+        file: name.to_string(),
+        offset: previous.map_or(0, |p| p.header.footer_offset()),
+        reason: format!("segment is not sealed but the next one, {next}, holds frames"),
+    }
+}
+
+/// Seals `segment`, whose successor exists, as the writer would have had the crash
+/// not come between making the successor and sealing this one.
+async fn seal_left_unsealed<S: Storage>(
+    storage: &S,
+    segment: &mut ActiveSegment<S::File>,
+) -> Result<()> {
+    let footer = SegmentFooter {
+        first_lsn: segment.header.first_lsn,
+        last_lsn: segment.last_lsn,
+        data_end: segment.write_offset,
+        last_commit_ts: segment.last_commit_ts,
+        data_crc: segment.data_crc,
+        successor: true,
+    };
+    let mut buf = storage.alloc_buffer(BLOCK_SIZE);
+    buf.as_bytes_mut()
+        .copy_from_slice(&footer.encode_as(segment.version));
+    segment
+        .file
+        .write_durable_at(buf, segment.header.footer_offset())
+        .await?;
+    segment.sealed = true;
+    Ok(())
+}
+
+/// Rewrites the footer of a sealed segment (`file`, its header `header`) without the
+/// successor flag: the log ends there on purpose now. A torn rewrite reads as an
+/// unsealed segment, which is as good.
+async fn clear_successor<S: Storage>(
+    storage: &S,
+    file: &S::File,
+    header: &SegmentHeader,
+) -> Result<()> {
+    let at = header.footer_offset();
+    let mut block = [0u8; BLOCK_SIZE];
+    file.read_at(at, &mut block).await?;
+    if let Some(cleared) = footer_without_successor(&block) {
+        let mut buf = storage.alloc_buffer(BLOCK_SIZE);
+        buf.as_bytes_mut().copy_from_slice(&cleared);
+        file.write_durable_at(buf, at).await?;
+    }
+    Ok(())
+}
+
 /// Reads and repairs the log, calling `on_frame` for every frame with LSN ≥ `replay_from`.
 pub(crate) async fn recover<S: Storage>(
     storage: &S,
@@ -294,6 +354,8 @@ pub(crate) async fn recover<S: Storage>(
     let mut last_epoch = Epoch(0);
     let count = names.len();
     let mut index = 0;
+    // The previous segment is unsealed and this, the last, must hold no frame.
+    let mut seal_previous = false;
     while index < count {
         let (name, name_epoch, name_lsn) = &names[index];
         let is_last = index + 1 == count;
@@ -400,10 +462,25 @@ pub(crate) async fn recover<S: Storage>(
         let scan = match scanned {
             Ok(scan) => scan,
             Err(ScanStop::Failed(e)) => return Err(e),
+            Err(ScanStop::OffHistory(..)) if seal_previous => {
+                return Err(previous_unsealed(
+                    &names[index - 1].0,
+                    active.as_ref(),
+                    name,
+                ));
+            }
             Err(ScanStop::OffHistory(offset, lsn, epoch)) => {
                 if lsn < replay_from {
                     // A checkpoint holds it: cutting the log cannot take it back.
                     return Err(Error::OffHistory { lsn, epoch });
+                }
+                if lsn == header.first_lsn {
+                    // The whole segment goes: the log ends with the previous one, on
+                    // purpose (before the renames, so a crash between leaves the cut
+                    // to do again).
+                    if let Some(previous) = &active {
+                        clear_successor(storage, &previous.file, &previous.header).await?;
+                    }
                 }
                 let set_aside = set_aside(storage, lsn, &names[index..], &bytes).await?;
                 tracing::warn!(lsn = lsn.0, epoch = epoch.0, ?set_aside, "cut the log where it left the writer's history; the frames cut are kept in the files set aside");
@@ -432,9 +509,57 @@ pub(crate) async fn recover<S: Storage>(
         }
         last_epoch = scan.last_epoch.max(header.epoch);
 
+        if seal_previous {
+            let empty = scan.frames == 0 && matches!(scan.end, ScanEnd::Clean | ScanEnd::Full);
+            if !empty {
+                return Err(previous_unsealed(
+                    &names[index - 1].0,
+                    active.as_ref(),
+                    name,
+                ));
+            }
+            let previous = active
+                .as_mut()
+                .expect("the previous segment is the active one until this one is read");
+            seal_left_unsealed(storage, previous).await?;
+            tracing::warn!(segment = %names[index - 1].0, "sealed a segment a crash left unsealed while the next one was being made");
+            report.sealed_at_open = Some(names[index - 1].0.clone());
+        }
+
         let (sealed, cut) = match scan.end {
+            ScanEnd::Sealed(footer) if is_last && footer.successor => {
+                let reason = format!(
+                    "sealed after the next segment (from LSN {}) was made, but no later \
+                     segment exists: the log's newest segment was deleted or lost",
+                    footer.last_lsn.next()
+                );
+                if !config.truncate_corrupt {
+                    return Err(corrupt(
+                        header.footer_offset(),
+                        format!(
+                            "{reason} (restore it, or start with the truncate option to \
+                             continue the log from here without it)"
+                        ),
+                    ));
+                }
+                tracing::warn!(file = %name, %reason, "continuing the write-ahead log without its newest segment, as the truncate option asks");
+                clear_successor(storage, &file, &header).await?;
+                report.truncated_corruption = Some(TailCut {
+                    file: name.clone(),
+                    offset: header.footer_offset(),
+                    reason,
+                    bytes_zeroed: 0,
+                });
+                (true, None)
+            }
             ScanEnd::Sealed(_) => (true, None),
             ScanEnd::Clean | ScanEnd::Full if is_last => (false, None),
+            // A crash between making the last segment and sealing this one, if the
+            // last holds no frame (checked when it is read).
+            ScanEnd::Clean | ScanEnd::Full if index + 2 == count => {
+                seal_previous = true;
+                (false, None)
+            }
             ScanEnd::Clean | ScanEnd::Full => {
                 return Err(corrupt(
                     header.footer_offset(),

@@ -50,8 +50,8 @@ const _: () = assert!(HEADER_BYTES == 60);
 // Footer layout (FORMAT.md §3.2).
 const F_MAGIC: usize = 0;
 const F_VERSION: usize = F_MAGIC + 8;
-const F_RESERVED: usize = F_VERSION + 4;
-const F_FIRST_LSN: usize = F_RESERVED + 4;
+const F_FLAGS: usize = F_VERSION + 4;
+const F_FIRST_LSN: usize = F_FLAGS + 4;
 const F_LAST_LSN: usize = F_FIRST_LSN + 8;
 const F_DATA_END: usize = F_LAST_LSN + 8;
 const F_LAST_TS: usize = F_DATA_END + 8;
@@ -60,6 +60,8 @@ const F_CRC: usize = F_DATA_CRC + 4;
 /// Bytes of the footer that carry meaning; the rest of its block is zero.
 pub const FOOTER_BYTES: usize = F_CRC + 4;
 const _: () = assert!(FOOTER_BYTES == 56);
+/// Footer flag: the next segment's header was durable before this footer was written.
+const FOOTER_FLAG_SUCCESSOR: u32 = 1;
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
@@ -183,6 +185,10 @@ pub struct SegmentFooter {
     pub last_commit_ts: TimestampMicros,
     /// CRC32C of the bytes `[DATA_START, data_end)`.
     pub data_crc: u32,
+    /// The next segment existed, its header durable, before this footer was written:
+    /// the log goes on in a later segment, so a log that ends here lost its newest
+    /// segment (FORMAT.md §4). False in footers written before the flag existed.
+    pub successor: bool,
 }
 
 impl SegmentFooter {
@@ -195,7 +201,13 @@ impl SegmentFooter {
     pub fn encode_as(&self, version: u32) -> [u8; BLOCK_SIZE] {
         let mut b = [0u8; BLOCK_SIZE];
         b[F_MAGIC..F_VERSION].copy_from_slice(&FOOTER_MAGIC);
-        b[F_VERSION..F_RESERVED].copy_from_slice(&version.to_le_bytes());
+        b[F_VERSION..F_FLAGS].copy_from_slice(&version.to_le_bytes());
+        let flags = if self.successor {
+            FOOTER_FLAG_SUCCESSOR
+        } else {
+            0
+        };
+        b[F_FLAGS..F_FIRST_LSN].copy_from_slice(&flags.to_le_bytes());
         b[F_FIRST_LSN..F_LAST_LSN].copy_from_slice(&self.first_lsn.0.to_le_bytes());
         b[F_LAST_LSN..F_DATA_END].copy_from_slice(&self.last_lsn.0.to_le_bytes());
         b[F_DATA_END..F_LAST_TS].copy_from_slice(&self.data_end.to_le_bytes());
@@ -225,14 +237,35 @@ impl SegmentFooter {
                 "unsupported footer version {version}"
             )));
         }
+        let flags = u32_at(b, F_FLAGS);
+        if flags & !FOOTER_FLAG_SUCCESSOR != 0 {
+            return Err(BlockError::Invalid(format!(
+                "unknown footer flags {flags:#x}"
+            )));
+        }
         Ok(SegmentFooter {
             first_lsn: Lsn(u64_at(b, F_FIRST_LSN)),
             last_lsn: Lsn(u64_at(b, F_LAST_LSN)),
             data_end: u64_at(b, F_DATA_END),
             last_commit_ts: TimestampMicros(u64_at(b, F_LAST_TS)),
             data_crc: u32_at(b, F_DATA_CRC),
+            successor: flags & FOOTER_FLAG_SUCCESSOR != 0,
         })
     }
+}
+
+/// `block`, a footer with the successor flag, re-encoded without it (same version);
+/// None when `block` is not such a footer. For a log that ends at a sealed segment on
+/// purpose: restored from an archive, or the segments after it set aside or cut.
+pub fn footer_without_successor(block: &[u8]) -> Option<[u8; BLOCK_SIZE]> {
+    let footer = SegmentFooter::decode(block).ok()?;
+    footer.successor.then(|| {
+        SegmentFooter {
+            successor: false,
+            ..footer
+        }
+        .encode_as(u32_at(block, F_VERSION))
+    })
 }
 
 /// The name of a segment file: shard, epoch and first LSN in fixed-width hex, so a
@@ -289,8 +322,23 @@ mod tests {
             data_end: 65536,
             last_commit_ts: TimestampMicros(42),
             data_crc: 0xdead_beef,
+            successor: false,
         };
         assert_eq!(SegmentFooter::decode(&footer.encode()), Ok(footer));
+        let followed = SegmentFooter {
+            successor: true,
+            ..footer
+        };
+        assert_eq!(SegmentFooter::decode(&followed.encode()), Ok(followed));
+        // A flag this build does not know is refused, checksum valid or not.
+        let mut unknown = followed.encode();
+        unknown[F_FLAGS] = 0b11;
+        let crc = crc32c::crc32c(&unknown[..F_CRC]);
+        unknown[F_CRC..FOOTER_BYTES].copy_from_slice(&crc.to_le_bytes());
+        assert!(matches!(
+            SegmentFooter::decode(&unknown),
+            Err(BlockError::Invalid(_))
+        ));
     }
 
     #[test]
