@@ -77,8 +77,8 @@ struct RunOutcome {
     recovered_last: u64,
     trace: u64,
     torn_tail_cut: bool,
-    /// Recovery sealed a segment left unsealed while its successor was being made.
-    sealed_at_open: bool,
+    /// Recovery removed a segment a crash left empty while the log rotated into it.
+    unfinished_rotation: bool,
     recycled: bool,
 }
 
@@ -227,7 +227,7 @@ async fn finish(
         recovered_last,
         trace,
         torn_tail_cut: report.torn_tail.is_some(),
-        sealed_at_open: report.sealed_at_open.is_some(),
+        unfinished_rotation: report.unfinished_rotation.is_some(),
         recycled: false,
     }
 }
@@ -281,7 +281,7 @@ fn seeds() -> Vec<u64> {
 fn crashes_at_random_points_never_lose_acknowledged_appends() {
     let seeds = seeds();
     let (mut with_acks, mut torn, mut unacked_survived, mut recycled) = (0, 0, 0, 0);
-    let mut sealed_at_open = 0;
+    let mut unfinished_rotation = 0;
     run_local(async {
         for &seed in &seeds {
             let guard = oc_io::SeedGuard::new(seed);
@@ -289,7 +289,7 @@ fn crashes_at_random_points_never_lose_acknowledged_appends() {
             guard.passed();
             with_acks += usize::from(!run.acked.is_empty());
             torn += usize::from(run.torn_tail_cut);
-            sealed_at_open += usize::from(run.sealed_at_open);
+            unfinished_rotation += usize::from(run.unfinished_rotation);
             recycled += usize::from(run.recycled);
             let last_acked = run.acked.keys().last().copied().unwrap_or(0);
             unacked_survived += usize::from(run.recovered_last > last_acked);
@@ -299,7 +299,7 @@ fn crashes_at_random_points_never_lose_acknowledged_appends() {
         "{} seeds: {with_acks} with acknowledged appends, {torn} torn tails cut, \
          {unacked_survived} where unacknowledged frames survived, \
          {recycled} that recycled a segment, \
-         {sealed_at_open} that crashed between making a segment and sealing the one before",
+         {unfinished_rotation} that crashed between making a segment and sealing the one before",
         seeds.len()
     );
     // The runs must really exercise crashes mid-write, not only clean stops.
@@ -315,7 +315,7 @@ fn crashes_at_random_points_never_lose_acknowledged_appends() {
             "too few runs recycled a segment"
         );
         assert!(
-            sealed_at_open * 100 > seeds.len(),
+            unfinished_rotation * 100 > seeds.len(),
             "too few runs crashed between making a segment and sealing the one before"
         );
         assert!(

@@ -40,8 +40,9 @@ pub struct ServerConfig {
     /// latency when shards have cores to themselves; wastes CPU when they do not.
     #[arg(long, env = "OC_SPIN_BEFORE_PARK_US", default_value_t = 0)]
     pub spin_before_park_us: u64,
-    /// Cut the write-ahead log at the first corrupt frame instead of refusing to start.
-    /// Frames after the cut are lost: use only after reading the error and the runbook.
+    /// Cut the write-ahead log at the first corrupt frame (or go on without a lost
+    /// newest segment) instead of refusing to start. Frames after the cut are lost: use
+    /// only after reading the error and the runbook.
     #[arg(long, env = "OC_TRUNCATE_CORRUPT_WAL")]
     pub truncate_corrupt_wal: bool,
     /// File holding the admin token (at least 16 bytes; surrounding whitespace is

@@ -205,6 +205,77 @@ fn a_shard_directory_that_is_not_its_own_is_refused_at_start() {
     assert!(has_row(&again, "acme", 1));
 }
 
+/// A log segment deleted by hand is refused at start, naming the segment sealed before
+/// it, instead of starting without the writes it held; the truncate option accepts the
+/// loss once, and then the server starts as usual.
+#[test]
+fn a_deleted_newest_log_segment_is_refused_at_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let args = [
+        "--shards",
+        "1",
+        "--archive",
+        "none",
+        "--wal-segment-bytes",
+        "274432",
+    ];
+    let server = Server::start(&data, &args);
+    server.create_tenant_with_items("acme");
+    let shard = data.join("shard-0");
+    let segments = || {
+        let mut names: Vec<String> = std::fs::read_dir(&shard)
+            .expect("shard dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("wal-0000-") && n.ends_with(".seg"))
+            .collect();
+        names.sort();
+        names
+    };
+    let name = "z".repeat(4000);
+    let mut id = 0;
+    while segments().len() < 3 {
+        let ops: Vec<_> = (id..id + 20)
+            .map(|i| json!({"upsert": {"id": i, "name": name, "batch": 0}}))
+            .collect();
+        id += 20;
+        let reply = server.post("/v1/tenants/acme/tables/items/rows", &json!({ "ops": ops }));
+        assert_eq!(reply.status, 200, "{reply:?}");
+        assert!(id < 4000, "the log never rotated twice");
+    }
+    // One more write lands in the newest segment; no shutdown checkpoint covers it.
+    assert_eq!(
+        write_row(&server, "acme", 100_000).expect("write").status,
+        200
+    );
+    server.kill9();
+    let all = segments();
+    let (newest, sealed) = (&all[all.len() - 1], &all[all.len() - 2]);
+    std::fs::remove_file(shard.join(newest)).expect("delete the newest segment");
+
+    let refused = Server::try_start(&data, &args)
+        .err()
+        .expect("a lost newest segment must be refused");
+    assert!(
+        refused.contains(sealed.as_str())
+            && refused.contains("the log's newest segment was deleted or lost"),
+        "{refused}"
+    );
+    let truncating = [&args[..], &["--truncate-corrupt-wal"]].concat();
+    let accepted = Server::start(&data, &truncating);
+    assert!(
+        has_row(&accepted, "acme", 0),
+        "rows before the lost segment stay"
+    );
+    assert!(
+        !has_row(&accepted, "acme", 100_000),
+        "the lost segment's row is gone"
+    );
+    assert!(accepted.terminate().success());
+    let again = Server::start(&data, &args);
+    assert!(has_row(&again, "acme", 0));
+}
+
 /// An archive belongs to the data directory that claimed it, running or not.
 #[test]
 fn a_second_data_directory_on_a_claimed_archive_is_refused() {

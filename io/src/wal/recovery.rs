@@ -15,9 +15,9 @@
 //!   header is synced before any frame is written) and is removed, even when it holds
 //!   older frames from a recycled file.
 //! - The next segment is made before the active one is sealed, and the seal says so:
-//!   an unsealed segment followed by an empty last one is a crash between the two and
-//!   is sealed now; a last segment sealed with that flag means the newest segment was
-//!   lost, and opening fails unless the operator asked to truncate.
+//!   an unsealed segment followed by an empty last one is a crash between the two, and
+//!   the empty one is removed; a last segment sealed with that flag means the newest
+//!   segment was lost, and opening fails unless the operator asked to truncate.
 
 use std::rc::Rc;
 
@@ -25,8 +25,8 @@ use super::frame::{self, Epoch, Frame, Lsn, TimestampMicros};
 use super::history::Position;
 use super::scan::{scan_segment, ScanEnd, GROUPS_IN_FLIGHT};
 use super::segment::{
-    footer_without_successor, header_version, parse_segment_name, SegmentFooter, SegmentHeader,
-    DATA_START, RECYCLED_NAME, SEGMENT_FORMAT_VERSION, SPARE_PARTIAL_NAME, SPARE_READY_NAME,
+    footer_without_successor, header_version, parse_segment_name, SegmentHeader, DATA_START,
+    RECYCLED_NAME, SEGMENT_FORMAT_VERSION, SPARE_PARTIAL_NAME, SPARE_READY_NAME,
 };
 use super::WalConfig;
 use crate::buffer::{align_down, align_up, IoBuffer, BLOCK_SIZE};
@@ -72,8 +72,9 @@ pub struct RecoveryReport {
     pub truncated_corruption: Option<TailCut>,
     /// Files removed: a half-made spare, an empty last segment, segments after a cut.
     pub removed: Vec<String>,
-    /// A segment a crash left unsealed while its successor was being made, sealed now.
-    pub sealed_at_open: Option<String>,
+    /// A segment a crash left empty (and the one before it unsealed) while the log was
+    /// rotating into it: removed, and the one before stays the active segment.
+    pub unfinished_rotation: Option<String>,
     /// Where the log left the writer's history and was cut (a returning ex-writer).
     pub history_cut: Option<HistoryCut>,
 }
@@ -264,31 +265,6 @@ fn previous_unsealed<F>(name: &str, previous: Option<&ActiveSegment<F>>, next: &
     }
 }
 
-/// Seals `segment`, whose successor exists, as the writer would have had the crash
-/// not come between making the successor and sealing this one.
-async fn seal_left_unsealed<S: Storage>(
-    storage: &S,
-    segment: &mut ActiveSegment<S::File>,
-) -> Result<()> {
-    let footer = SegmentFooter {
-        first_lsn: segment.header.first_lsn,
-        last_lsn: segment.last_lsn,
-        data_end: segment.write_offset,
-        last_commit_ts: segment.last_commit_ts,
-        data_crc: segment.data_crc,
-        successor: true,
-    };
-    let mut buf = storage.alloc_buffer(BLOCK_SIZE);
-    buf.as_bytes_mut()
-        .copy_from_slice(&footer.encode_as(segment.version));
-    segment
-        .file
-        .write_durable_at(buf, segment.header.footer_offset())
-        .await?;
-    segment.sealed = true;
-    Ok(())
-}
-
 /// Rewrites the footer of a sealed segment (`file`, its header `header`) without the
 /// successor flag: the log ends there on purpose now. A torn rewrite reads as an
 /// unsealed segment, which is as good.
@@ -354,8 +330,8 @@ pub(crate) async fn recover<S: Storage>(
     let mut last_epoch = Epoch(0);
     let count = names.len();
     let mut index = 0;
-    // The previous segment is unsealed and this, the last, must hold no frame.
-    let mut seal_previous = false;
+    // The previous segment is unsealed, so this one, the last, must hold no frame.
+    let mut previous_open = false;
     while index < count {
         let (name, name_epoch, name_lsn) = &names[index];
         let is_last = index + 1 == count;
@@ -462,7 +438,7 @@ pub(crate) async fn recover<S: Storage>(
         let scan = match scanned {
             Ok(scan) => scan,
             Err(ScanStop::Failed(e)) => return Err(e),
-            Err(ScanStop::OffHistory(..)) if seal_previous => {
+            Err(ScanStop::OffHistory(..)) if previous_open => {
                 return Err(previous_unsealed(
                     &names[index - 1].0,
                     active.as_ref(),
@@ -501,6 +477,23 @@ pub(crate) async fn recover<S: Storage>(
                 scan_segment(&bytes, &header, |_, _| Ok::<(), Error>(()))?
             }
         };
+        if previous_open {
+            // Made but never used: the rotation did not finish, and the previous
+            // segment stays the active one, as if it had not begun.
+            if scan.frames > 0 || !matches!(scan.end, ScanEnd::Clean | ScanEnd::Full) {
+                return Err(previous_unsealed(
+                    &names[index - 1].0,
+                    active.as_ref(),
+                    name,
+                ));
+            }
+            drop(file);
+            storage.remove(name).await?;
+            tracing::warn!(segment = %name, "removed a segment a crash left empty while the log was rotating into it; the one before it stays the active one");
+            report.removed.push(name.clone());
+            report.unfinished_rotation = Some(name.clone());
+            break;
+        }
         report.frames_scanned += scan.frames;
         report.first_lsn.get_or_insert(header.first_lsn);
         report.last_lsn = scan.last_lsn;
@@ -508,23 +501,6 @@ pub(crate) async fn recover<S: Storage>(
             report.last_commit_ts = scan.last_commit_ts;
         }
         last_epoch = scan.last_epoch.max(header.epoch);
-
-        if seal_previous {
-            let empty = scan.frames == 0 && matches!(scan.end, ScanEnd::Clean | ScanEnd::Full);
-            if !empty {
-                return Err(previous_unsealed(
-                    &names[index - 1].0,
-                    active.as_ref(),
-                    name,
-                ));
-            }
-            let previous = active
-                .as_mut()
-                .expect("the previous segment is the active one until this one is read");
-            seal_left_unsealed(storage, previous).await?;
-            tracing::warn!(segment = %names[index - 1].0, "sealed a segment a crash left unsealed while the next one was being made");
-            report.sealed_at_open = Some(names[index - 1].0.clone());
-        }
 
         let (sealed, cut) = match scan.end {
             ScanEnd::Sealed(footer) if is_last && footer.successor => {
@@ -557,7 +533,7 @@ pub(crate) async fn recover<S: Storage>(
             // A crash between making the last segment and sealing this one, if the
             // last holds no frame (checked when it is read).
             ScanEnd::Clean | ScanEnd::Full if index + 2 == count => {
-                seal_previous = true;
+                previous_open = true;
                 (false, None)
             }
             ScanEnd::Clean | ScanEnd::Full => {
