@@ -204,6 +204,108 @@ fn restore_to_an_instant_cuts_exactly_there() {
     assert!(has_row(&server, "acme", 10_000));
 }
 
+/// A restore whose target falls after a segment's last write and before the next
+/// segment's first writes no empty segment, and everything the restored server writes
+/// (in a new epoch, from that LSN) reaches its own archive and restores again. Both
+/// once failed: the empty old-epoch segment was sealed when the new epoch began, and
+/// the shipper, which knew archived segments by first LSN alone, took the new epoch's
+/// first segment (same first LSN) for archived and never shipped it.
+#[test]
+fn a_restore_between_two_segments_ships_all_the_restored_server_writes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let uri = file_uri(&dir.path().join("archive"));
+    let args = |uri: &str| -> Vec<String> {
+        [
+            "--shards",
+            "1",
+            "--archive",
+            uri,
+            "--tail-window-ms",
+            "500",
+            "--wal-segment-bytes",
+            "274432",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
+    };
+    let start = |data: &Path, uri: &str| {
+        let args = args(uri);
+        Server::start(data, &args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let server = start(&data, &uri);
+    server.create_tenant_with_items("acme");
+    let segments = |data: &Path| {
+        std::fs::read_dir(data.join("shard-0"))
+            .expect("shard dir")
+            .filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".seg"))
+            })
+            .count()
+    };
+    let big =
+        |id: u64| json!({"ops": [{"upsert": {"id": id, "name": "z".repeat(2000), "batch": 0}}]});
+    let before = segments(&data);
+    let mut target = None;
+    for id in 0..1000 {
+        let sent = SystemTime::now();
+        std::thread::sleep(Duration::from_millis(3));
+        let reply = server.post("/v1/tenants/acme/tables/items/rows", &big(id));
+        assert_eq!(reply.status, 200, "{reply:?}");
+        if segments(&data) > before.max(1) {
+            // This write was the first of a new segment: the target falls just before.
+            target = Some((id, sent));
+            break;
+        }
+    }
+    let (first_of_new, sent) = target.expect("the log rotated");
+    assert!(first_of_new > 0);
+    std::thread::sleep(Duration::from_millis(2 * TAIL_WINDOW_MS + 500)); // all shipped
+    assert!(server.terminate().success());
+
+    let restored_dir = dir.path().join("restored");
+    let target = format_rfc3339(unix_us(sent));
+    let restored = common::restore_at(&uri, &target, &restored_dir);
+    assert!(restored.success, "restore to {target} failed: {restored:?}");
+    assert!(
+        restored
+            .stderr
+            .contains("holds nothing up to the target; not written"),
+        "the new segment's tail holds nothing before the target: {restored:?}"
+    );
+    let second_uri = file_uri(&dir.path().join("archive-2"));
+    let server = start(&restored_dir, &second_uri);
+    assert!(has_row(&server, "acme", first_of_new - 1));
+    assert!(!has_row(&server, "acme", first_of_new));
+    for id in 5000..5010 {
+        assert_eq!(
+            server
+                .post("/v1/tenants/acme/tables/items/rows", &big(id))
+                .status,
+            200
+        );
+    }
+    std::thread::sleep(Duration::from_millis(2 * TAIL_WINDOW_MS + 500));
+    common::wait_until_archived(&server, 1);
+    assert!(server.terminate().success());
+
+    let again_dir = dir.path().join("restored-again");
+    let again = restore_latest(&second_uri, &again_dir);
+    assert!(
+        again.success,
+        "restore of the restored server's archive failed: {again:?}"
+    );
+    let server = start(&again_dir, &file_uri(&dir.path().join("archive-3")));
+    for id in (0..first_of_new).chain(5000..5010) {
+        assert!(
+            has_row(&server, "acme", id),
+            "row {id} missing from the second archive"
+        );
+    }
+}
+
 /// Each thread of process `pid` as (thread id, name, nice), from
 /// `/proc/<pid>/task/*/stat`.
 fn thread_priorities(pid: u32) -> Vec<(u32, String, i64)> {

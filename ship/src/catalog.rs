@@ -172,8 +172,14 @@ impl ShardCatalog {
     /// The newest active-segment folder not archived sealed since that starts at or
     /// below `cap` (a capped restore needs the one holding the cap).
     pub fn tail_from_at_most(&self, cap: Lsn) -> Option<(&(u64, Lsn), &Vec<TailPieceKey>)> {
-        self.tails.iter().rev().find(|((_, first), _)| {
-            *first <= cap && !self.segments.iter().any(|s| s.first_lsn == *first)
+        // By epoch and LSN: an empty segment sealed when a new epoch began starts at
+        // the LSN the new epoch's first segment starts at.
+        self.tails.iter().rev().find(|((epoch, first), _)| {
+            *first <= cap
+                && !self
+                    .segments
+                    .iter()
+                    .any(|s| s.epoch.0 == *epoch && s.first_lsn == *first)
         })
     }
 }

@@ -356,17 +356,6 @@ fn rebuild(
     })
 }
 
-/// Whether a rebuilt segment continues the log up to `expected` (the LSN after what
-/// is restored so far): it holds `expected - 1` or later, or starts exactly at
-/// `expected`.
-fn reaches(rebuilt: &Rebuilt, expected: Lsn) -> bool {
-    match rebuilt.last {
-        Some(last) => last.lsn.next() >= expected,
-        None => oc_io::wal::segment::parse_segment_name(&rebuilt.name)
-            .is_some_and(|(_, _, first)| first == expected),
-    }
-}
-
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), PitrError> {
     let mut f = File::create(path).map_err(io_err(path))?;
     f.write_all(bytes).map_err(io_err(path))?;
@@ -902,7 +891,20 @@ fn restore_shard(
         let image = fetch_image(archive, key, *pieces)?;
         let image_bytes = image.len() as u64;
         let rebuilt = rebuild(key, image, pieces.is_none(), expected, (target, cap))?;
-        if pieces.is_some() && !reaches(&rebuilt, expected) {
+        if rebuilt.last.is_none() {
+            // No frame of it is restored. A log needs no empty segment, and one left
+            // last would be sealed empty when the restored server begins its epoch,
+            // at the same first LSN as the segment it writes next.
+            progress(&format!(
+                "shard {}: {} holds nothing up to the target; not written",
+                plan.shard, rebuilt.name
+            ));
+            if rebuilt.cut {
+                break;
+            }
+            continue;
+        }
+        if pieces.is_some() && rebuilt.last.is_some_and(|last| last.lsn.next() < expected) {
             // The archived tail ends before the checkpoint: nothing in it is needed,
             // and a log ending below the checkpoint would not open.
             progress(&format!(

@@ -181,8 +181,9 @@ impl ShipStatus {
 /// One shard's archive progress, as the shipping thread knows it.
 #[derive(Debug, Default)]
 struct ShardProgress {
-    /// First LSNs of the sealed segments in the archive.
-    segments: BTreeSet<Lsn>,
+    /// The sealed segments in the archive, by epoch and first LSN (an empty segment
+    /// sealed when a new epoch began shares its first LSN with the next one).
+    segments: BTreeSet<(u64, Lsn)>,
     /// Checkpoint LSN → completion time (µs), for those in the archive.
     checkpoints: BTreeMap<Lsn, u64>,
     /// Active segment (its tail folder) → end of the pieces shipped from offset 0.
@@ -191,7 +192,7 @@ struct ShardProgress {
     caught_up: Option<Instant>,
     /// Archived sealed segments still on the local disk whose cached pages this
     /// process has dropped ([`ShardFiles::forget`]), so each is dropped once.
-    forgotten: BTreeSet<Lsn>,
+    forgotten: BTreeSet<(u64, Lsn)>,
 }
 
 /// The files of the shards' directories, as the shipper reads them: only segments and
@@ -504,7 +505,11 @@ impl<F: ShardFiles> Shipper<F> {
         for shard in 0..config.shards {
             let catalog = crate::catalog::ShardCatalog::load(archive.as_ref(), shard)?;
             let mut progress = ShardProgress {
-                segments: catalog.segments.iter().map(|s| s.first_lsn).collect(),
+                segments: catalog
+                    .segments
+                    .iter()
+                    .map(|s| (s.epoch.0, s.first_lsn))
+                    .collect(),
                 checkpoints: catalog
                     .checkpoints
                     .iter()
@@ -573,8 +578,8 @@ impl<F: ShardFiles> Shipper<F> {
         let progress = &self.shards[shard];
         let mut lag = 0;
         for name in view.segments.iter().rev().skip(1) {
-            if let Some((_, _, first)) = parse_segment_name(name) {
-                if !progress.segments.contains(&first) {
+            if let Some((_, epoch, first)) = parse_segment_name(name) {
+                if !progress.segments.contains(&(epoch.0, first)) {
                     lag += self.files.len(shard, name).unwrap_or(0);
                 }
             }
@@ -673,13 +678,13 @@ impl<F: ShardFiles> Shipper<F> {
             self.ship_sealed(shard, name)?;
         }
         // Released segments are gone from the view: nothing of theirs to drop again.
-        let local: BTreeSet<Lsn> = view.segments[..sealed]
+        let local: BTreeSet<(u64, Lsn)> = view.segments[..sealed]
             .iter()
-            .filter_map(|name| parse_segment_name(name).map(|(_, _, first)| first))
+            .filter_map(|name| parse_segment_name(name).map(|(_, epoch, first)| (epoch.0, first)))
             .collect();
         self.shards[shard]
             .forgotten
-            .retain(|first| local.contains(first));
+            .retain(|segment| local.contains(segment));
         self.ship_checkpoints(shard)?;
         let Some(tail) = &view.tail else {
             return Ok(Lsn(1));
@@ -696,9 +701,9 @@ impl<F: ShardFiles> Shipper<F> {
         let Some((_, epoch, first)) = parse_segment_name(name) else {
             return Err(local(&"not a segment name"));
         };
-        if self.shards[shard].segments.contains(&first) {
+        if self.shards[shard].segments.contains(&(epoch.0, first)) {
             // Archived by an earlier process, whose reads may still be cached.
-            if self.shards[shard].forgotten.insert(first) {
+            if self.shards[shard].forgotten.insert((epoch.0, first)) {
                 self.files.forget(shard, name);
             }
             return Ok(());
@@ -740,9 +745,9 @@ impl<F: ShardFiles> Shipper<F> {
         };
         let stored = self.put_once(&key.key(), &image)?;
         self.count_upload("segment", image.len(), stored);
-        self.shards[shard].segments.insert(first);
+        self.shards[shard].segments.insert((epoch.0, first));
         self.files.forget(shard, name);
-        self.shards[shard].forgotten.insert(first);
+        self.shards[shard].forgotten.insert((epoch.0, first));
         // The sealed image supersedes the tail pieces of the same segment.
         let folder = layout::tail_prefix(shard, epoch, first);
         for piece in self.archive.list(&folder)? {
@@ -817,7 +822,7 @@ impl<F: ShardFiles> Shipper<F> {
         let Some((_, epoch, first)) = parse_segment_name(&tail.segment) else {
             return Err(local(&"not a segment name"));
         };
-        if tail.end <= DATA_START || self.shards[shard].segments.contains(&first) {
+        if tail.end <= DATA_START || self.shards[shard].segments.contains(&(epoch.0, first)) {
             return Ok(()); // no frames yet, or already archived sealed
         }
         let shipped = self.shards[shard]
@@ -936,7 +941,9 @@ impl<F: ShardFiles> Shipper<F> {
             if let Some(segment) = SegmentKey::parse(&key) {
                 if segment.last_lsn <= keep {
                     self.archive.delete(&key)?;
-                    self.shards[shard].segments.remove(&segment.first_lsn);
+                    self.shards[shard]
+                        .segments
+                        .remove(&(segment.epoch.0, segment.first_lsn));
                     deleted += 1;
                 }
             }
@@ -1423,6 +1430,92 @@ mod tests {
         }
     }
 
+    /// An empty segment sealed when a new epoch began starts at the LSN the new
+    /// epoch's first segment starts at: the new one's tail still ships, and a restore
+    /// plan takes it as the live tail.
+    #[test]
+    fn a_new_epochs_segment_at_the_lsn_of_an_empty_sealed_one_still_ships() {
+        use oc_io::wal::segment::{segment_name, SegmentFooter, SegmentHeader};
+        use oc_io::{DmaStorage, RecordKind, TimestampMicros, Wal, WalConfig};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let shard = shard_dir(&dir.path().join("data"), 0);
+        std::fs::create_dir_all(&shard).expect("shard dir");
+        let (capacity, max_group) = (64 * 1024, 16 * 1024);
+        // The old epoch's segment, sealed empty (as a crash right after its rotation,
+        // then a new epoch, leaves it).
+        let mut empty = vec![0u8; capacity as usize];
+        let header = SegmentHeader {
+            shard: 0,
+            max_group_bytes: max_group as u32,
+            epoch: Epoch(1),
+            first_lsn: Lsn(1),
+            capacity_bytes: capacity,
+            created: TimestampMicros(1),
+        };
+        empty[..BLOCK_SIZE].copy_from_slice(&header.encode());
+        let footer = SegmentFooter {
+            first_lsn: Lsn(1),
+            last_lsn: Lsn(0),
+            data_end: DATA_START,
+            last_commit_ts: TimestampMicros(1),
+            data_crc: 0,
+            successor: false,
+        };
+        empty[capacity as usize - BLOCK_SIZE..].copy_from_slice(&footer.encode());
+        std::fs::write(shard.join(segment_name(0, Epoch(1), Lsn(1))), empty).expect("write");
+        // The new epoch's writer: its first segment starts at LSN 1 as well.
+        let view = oc_io::executor::run_local(async {
+            let storage = DmaStorage::open(&shard).await.expect("storage");
+            let config = WalConfig {
+                epoch: Epoch(2),
+                segment_bytes: capacity,
+                max_group_bytes: max_group,
+                ..WalConfig::default()
+            };
+            let (wal, _) = Wal::open(storage, config, Lsn(1), |_| Ok(()))
+                .await
+                .expect("open");
+            for _ in 0..3 {
+                wal.append(RecordKind(1), b"t", b"a row")
+                    .await
+                    .expect("append");
+            }
+            let view = ShardView {
+                segments: wal.segments(),
+                tail: wal.durable_tail(),
+            };
+            wal.close().await.expect("close");
+            view
+        });
+        assert_eq!(
+            view.segments,
+            vec![
+                segment_name(0, Epoch(1), Lsn(1)),
+                segment_name(0, Epoch(2), Lsn(1))
+            ]
+        );
+        let archive: Arc<dyn Archive> =
+            Arc::new(crate::archive::LocalDirArchive::open(dir.path().join("a")).expect("archive"));
+        let mut shipper = Shipper::open(
+            archive.clone(),
+            test_config(dir.path()),
+            ShipStatus::default(),
+        )
+        .expect("open");
+        shipper.ship_shard(0, &view).expect("round");
+        let catalog = crate::catalog::ShardCatalog::load(archive.as_ref(), 0).expect("catalog");
+        assert_eq!(
+            catalog.segments.len(),
+            1,
+            "the empty segment is archived sealed"
+        );
+        assert_eq!(
+            catalog.live_tail().map(|(segment, _)| *segment),
+            Some((2, Lsn(1))),
+            "the new epoch's tail is archived and is the live one"
+        );
+    }
+
     /// A segment archived by an earlier process has its cached pages dropped once, not
     /// every round, and is no longer tracked once released.
     #[test]
@@ -1436,7 +1529,7 @@ mod tests {
                 .expect("open");
         let sealed = oc_io::wal::segment::segment_name(0, Epoch(1), Lsn(1));
         let active = oc_io::wal::segment::segment_name(0, Epoch(1), Lsn(100));
-        shipper.shards[0].segments.insert(Lsn(1)); // archived before this process
+        shipper.shards[0].segments.insert((1, Lsn(1))); // archived before this process
         let view = |segments: Vec<String>| ShardView {
             segments,
             tail: None,
