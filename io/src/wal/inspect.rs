@@ -45,8 +45,15 @@ pub fn describe_segment(name: &str, bytes: &[u8]) -> String {
     };
     let end = match &scan.end {
         ScanEnd::Sealed(f) => format!(
-            "sealed: last LSN {}, data end {}, data crc {:#010x} verified",
-            f.last_lsn, f.data_end, f.data_crc
+            "sealed: last LSN {}, data end {}, data crc {:#010x} verified{}",
+            f.last_lsn,
+            f.data_end,
+            f.data_crc,
+            if f.successor {
+                "; the next segment was made first (a log must not end here)"
+            } else {
+                ""
+            }
         ),
         ScanEnd::Clean => format!("open: the log ends cleanly at offset {}", scan.valid_end),
         ScanEnd::Full => "open: the data area is full (not yet sealed)".to_string(),
