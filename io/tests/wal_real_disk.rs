@@ -317,6 +317,37 @@ fn a_lost_newest_segment_is_refused_unless_the_operator_truncates() {
 }
 
 #[test]
+fn a_damaged_header_after_a_seal_that_promised_it_is_corruption_not_removed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    run_local(async {
+        let (wal, _, _) = open(dir.path(), small_segments(), Lsn(1))
+            .await
+            .expect("open");
+        let wal = Rc::new(wal);
+        append_many(wal.clone(), 600, 4).await;
+        wal.close().await.expect("close");
+        drop(wal);
+        let segments = segment_files(dir.path());
+        let newest = dir.path().join(&segments[segments.len() - 1]);
+        // The header and the first group both damaged: by the file alone it would
+        // pass for a segment renamed from the spare and never written.
+        damage(&newest, 0, &[0x5a; 2 * oc_io::BLOCK_SIZE]);
+        let refused = open(dir.path(), small_segments(), Lsn(1)).await;
+        match refused {
+            Err(Error::Corrupt { file, reason, .. }) => {
+                assert_eq!(file, segments[segments.len() - 1]);
+                assert!(
+                    reason.contains("previous segment's seal says it was written"),
+                    "{reason}"
+                );
+            }
+            other => panic!("expected corruption, got {:?}", other.map(|(_, _, r)| r)),
+        }
+        assert_eq!(segment_files(dir.path()), segments, "nothing removed");
+    });
+}
+
+#[test]
 fn a_log_sealed_by_a_build_before_the_successor_flag_still_opens() {
     let dir = tempfile::tempdir().expect("tempdir");
     run_local(async {

@@ -554,6 +554,8 @@ fn report_recovery(reports: &[ShardOpenReport], took: Duration) {
             segments = report.wal.segments.len(),
             frames_replayed = report.wal.frames_replayed,
             torn_tail = ?report.wal.torn_tail,
+            truncated = ?report.wal.truncated_corruption,
+            removed = ?report.wal.removed,
             "shard recovered"
         );
     }

@@ -966,7 +966,7 @@ impl<S: Storage> Writer<S> {
     /// next segment's header is durable before the footer that says so: a log whose
     /// newest segment is sealed with that flag has lost a segment, and recovery can
     /// tell (FORMAT.md §3.2, §4). A crash between the two leaves the active segment
-    /// unsealed before an empty one, which recovery seals.
+    /// unsealed before an empty one, which recovery removes (the active one stays).
     async fn rotate(&mut self, epoch: Epoch) -> Result<(), GroupError> {
         let (spare, zeroed) = self.take_spare().await.map_err(|e| {
             // Preparing the next segment touched no acknowledged data: a full disk or

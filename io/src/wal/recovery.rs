@@ -255,6 +255,16 @@ async fn replace_segment<S: Storage>(storage: &S, name: &str, bytes: &[u8]) -> R
     storage.open_durable(name).await
 }
 
+/// The first LSN of a segment a history cut set aside whole, from the set-aside name
+/// (`diverged-at-<lsn>-<segment name>` where the segment starts at `<lsn>`).
+fn set_aside_whole_from(name: &str) -> Option<Lsn> {
+    let rest = name.strip_prefix("diverged-at-")?;
+    let (lsn, segment) = rest.split_once('-')?;
+    let lsn = Lsn(lsn.parse().ok()?);
+    let (_, _, first) = parse_segment_name(segment)?;
+    (first == lsn).then_some(lsn)
+}
+
 /// The error for an unsealed segment (`previous`, the active one so far, named
 /// `name`) followed by segment `next`, which holds frames.
 fn previous_unsealed<F>(name: &str, previous: Option<&ActiveSegment<F>>, next: &str) -> Error {
@@ -293,6 +303,8 @@ pub(crate) async fn recover<S: Storage>(
 ) -> Result<(RecoveryReport, Resume<S::File>)> {
     let mut report = RecoveryReport::default();
     let mut names = Vec::new();
+    // Segments a history cut set aside whole, by first LSN (rule 8).
+    let mut set_aside_whole = Vec::new();
     let mut spare = None;
     let mut recycled = false;
     for name in storage.list().await? {
@@ -312,6 +324,8 @@ pub(crate) async fn recover<S: Storage>(
         } else if name == SPARE_PARTIAL_NAME || name.ends_with(CUT_SUFFIX) {
             storage.remove(&name).await?;
             report.removed.push(name);
+        } else if let Some(lsn) = set_aside_whole_from(&name) {
+            set_aside_whole.push(lsn);
         } else if let Some((shard, epoch, first_lsn)) = parse_segment_name(&name) {
             if shard != config.shard {
                 return Err(Error::Config(format!(
@@ -332,6 +346,8 @@ pub(crate) async fn recover<S: Storage>(
     let mut index = 0;
     // The previous segment is unsealed, so this one, the last, must hold no frame.
     let mut previous_open = false;
+    // The previous segment's seal says this one's header was durable.
+    let mut previous_promised = false;
     while index < count {
         let (name, name_epoch, name_lsn) = &names[index];
         let is_last = index + 1 == count;
@@ -356,7 +372,7 @@ pub(crate) async fn recover<S: Storage>(
                     .get(DATA_START as usize..)
                     .and_then(|data| frame::decode(data).ok())
                     .is_some_and(|f| f.lsn == *name_lsn && f.group_index == 0);
-                if is_last && !real_frames {
+                if is_last && !real_frames && !previous_promised {
                     drop(file);
                     storage.remove(name).await?;
                     report.removed.push(name.clone());
@@ -364,7 +380,14 @@ pub(crate) async fn recover<S: Storage>(
                 }
                 return Err(corrupt(
                     0,
-                    format!("segment header unreadable ({err:?}) but frames follow"),
+                    if real_frames || !previous_promised {
+                        format!("segment header unreadable ({err:?}) but frames follow")
+                    } else {
+                        format!(
+                            "segment header unreadable ({err:?}), yet the previous segment's \
+                             seal says it was written"
+                        )
+                    },
                 ));
             }
         };
@@ -450,14 +473,6 @@ pub(crate) async fn recover<S: Storage>(
                     // A checkpoint holds it: cutting the log cannot take it back.
                     return Err(Error::OffHistory { lsn, epoch });
                 }
-                if lsn == header.first_lsn {
-                    // The whole segment goes: the log ends with the previous one, on
-                    // purpose (before the renames, so a crash between leaves the cut
-                    // to do again).
-                    if let Some(previous) = &active {
-                        clear_successor(storage, &previous.file, &previous.header).await?;
-                    }
-                }
                 let set_aside = set_aside(storage, lsn, &names[index..], &bytes).await?;
                 tracing::warn!(lsn = lsn.0, epoch = epoch.0, ?set_aside, "cut the log where it left the writer's history; the frames cut are kept in the files set aside");
                 report.history_cut = Some(HistoryCut {
@@ -467,7 +482,11 @@ pub(crate) async fn recover<S: Storage>(
                 });
                 if lsn == header.first_lsn {
                     // The whole segment was off the history and is set aside: the log
-                    // ends with the previous one.
+                    // ends with the previous one, on purpose. (A crash before this
+                    // leaves the set-aside file to say so.)
+                    if let Some(previous) = &active {
+                        clear_successor(storage, &previous.file, &previous.header).await?;
+                    }
                     break;
                 }
                 bytes[offset as usize..].fill(0);
@@ -502,7 +521,18 @@ pub(crate) async fn recover<S: Storage>(
         }
         last_epoch = scan.last_epoch.max(header.epoch);
 
+        previous_promised = matches!(scan.end, ScanEnd::Sealed(f) if f.successor);
         let (sealed, cut) = match scan.end {
+            ScanEnd::Sealed(footer)
+                if is_last
+                    && footer.successor
+                    && set_aside_whole.contains(&footer.last_lsn.next()) =>
+            {
+                // A history cut set its successor aside whole and crashed before
+                // clearing the flag: the log ends here on purpose.
+                clear_successor(storage, &file, &header).await?;
+                (true, None)
+            }
             ScanEnd::Sealed(footer) if is_last && footer.successor => {
                 let reason = format!(
                     "sealed after the next segment (from LSN {}) was made, but no later \
