@@ -43,6 +43,16 @@ async fn open(
     Ok((wal, frames, report))
 }
 
+/// A log in small segments (several sealed) holding 600 appends from 4 tasks, closed;
+/// returns LSN → payload.
+async fn closed_log_of_600(dir: &Path) -> BTreeMap<u64, Vec<u8>> {
+    let (wal, _, _) = open(dir, small_segments(), Lsn(1)).await.expect("open");
+    let wal = Rc::new(wal);
+    let acked = append_many(wal.clone(), 600, 4).await;
+    wal.close().await.expect("close");
+    acked
+}
+
 /// Appends `n` payloads from `tasks` concurrent tasks; returns LSN → payload.
 async fn append_many(wal: Rc<Wal<DmaStorage>>, n: u64, tasks: u64) -> BTreeMap<u64, Vec<u8>> {
     append_pausing(wal, n, tasks, |_| std::time::Duration::ZERO).await
@@ -259,13 +269,7 @@ fn full_segments_are_sealed_rotated_and_released() {
 fn a_lost_newest_segment_is_refused_unless_the_operator_truncates() {
     let dir = tempfile::tempdir().expect("tempdir");
     run_local(async {
-        let (wal, _, _) = open(dir.path(), small_segments(), Lsn(1))
-            .await
-            .expect("open");
-        let wal = Rc::new(wal);
-        let acked = append_many(wal.clone(), 600, 4).await;
-        wal.close().await.expect("close");
-        drop(wal);
+        let acked = closed_log_of_600(dir.path()).await;
         let segments = segment_files(dir.path());
         assert!(segments.len() >= 3, "64 KiB segments rotate: {segments:?}");
         let (newest, sealed) = (&segments[segments.len() - 1], &segments[segments.len() - 2]);
@@ -320,13 +324,7 @@ fn a_lost_newest_segment_is_refused_unless_the_operator_truncates() {
 fn a_damaged_header_after_a_seal_that_promised_it_is_corruption_not_removed() {
     let dir = tempfile::tempdir().expect("tempdir");
     run_local(async {
-        let (wal, _, _) = open(dir.path(), small_segments(), Lsn(1))
-            .await
-            .expect("open");
-        let wal = Rc::new(wal);
-        append_many(wal.clone(), 600, 4).await;
-        wal.close().await.expect("close");
-        drop(wal);
+        closed_log_of_600(dir.path()).await;
         let segments = segment_files(dir.path());
         let newest = dir.path().join(&segments[segments.len() - 1]);
         // The header and the first group both damaged: by the file alone it would
@@ -351,13 +349,7 @@ fn a_damaged_header_after_a_seal_that_promised_it_is_corruption_not_removed() {
 fn a_log_sealed_by_a_build_before_the_successor_flag_still_opens() {
     let dir = tempfile::tempdir().expect("tempdir");
     run_local(async {
-        let (wal, _, _) = open(dir.path(), small_segments(), Lsn(1))
-            .await
-            .expect("open");
-        let wal = Rc::new(wal);
-        let acked = append_many(wal.clone(), 600, 4).await;
-        wal.close().await.expect("close");
-        drop(wal);
+        let acked = closed_log_of_600(dir.path()).await;
         // An older build sealed before making the next segment, without the flag: a
         // crash between the two left its last segment sealed.
         let segments = segment_files(dir.path());
@@ -492,13 +484,7 @@ fn bad_frame_followed_by_valid_frames_refuses_to_start() {
 fn damage_inside_a_sealed_segment_is_corruption() {
     let dir = tempfile::tempdir().expect("tempdir");
     run_local(async {
-        let (wal, _, _) = open(dir.path(), small_segments(), Lsn(1))
-            .await
-            .expect("open");
-        let wal = Rc::new(wal);
-        append_many(wal.clone(), 600, 4).await;
-        wal.close().await.expect("close");
-        drop(wal);
+        closed_log_of_600(dir.path()).await;
         let names = segment_files(dir.path());
         assert!(names.len() >= 2);
         // Damage the last frame bytes of the first (sealed) segment.
