@@ -125,6 +125,19 @@ fn bad_input_gets_the_documented_error_and_the_server_keeps_serving() {
         "invalid_json",
     );
     assert_error(&server.post(rows, &json!({"ops": []})), 400, "invalid_row");
+    // A column named twice in one row is refused, not read as its last value.
+    let twice = server.post_raw(
+        rows,
+        r#"{"ops": [{"upsert": {"id": 12, "name": "first", "name": "second"}}]}"#,
+    );
+    assert_error(&twice, 400, "invalid_json");
+    assert!(
+        twice.body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("column \"name\" is given twice")),
+        "{twice:?}"
+    );
+    assert_error(&server.get(&format!("{rows}/12")), 404, "row_not_found");
     assert_error(
         &server.post(
             rows,

@@ -518,8 +518,38 @@ pub async fn describe_table(
 #[derive(Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub(crate) enum OpJson {
-    Upsert(Map<String, Json>),
-    Delete(Map<String, Json>),
+    Upsert(#[serde(deserialize_with = "columns_once")] Map<String, Json>),
+    Delete(#[serde(deserialize_with = "columns_once")] Map<String, Json>),
+}
+
+/// A row object that names each column once. JSON leaves a repeated name to the reader;
+/// keeping the last value silently would write what the client may not have meant.
+fn columns_once<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Map<String, Json>, D::Error> {
+    struct Columns;
+    impl<'de> serde::de::Visitor<'de> for Columns {
+        type Value = Map<String, Json>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON object of column values")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut columns: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut row = Map::new();
+            while let Some((name, value)) = columns.next_entry::<String, Json>()? {
+                if row.contains_key(&name) {
+                    return Err(serde::de::Error::custom(format!(
+                        "column {name:?} is given twice in one row"
+                    )));
+                }
+                row.insert(name, value);
+            }
+            Ok(row)
+        }
+    }
+    deserializer.deserialize_map(Columns)
 }
 
 #[derive(Deserialize)]
