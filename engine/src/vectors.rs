@@ -102,6 +102,31 @@ pub fn cosine_distance<A: Floats + ?Sized, B: Floats + ?Sized>(a: &A, b: &B) -> 
     (norms > 0.0).then(|| 1.0 - dot(a, b) / norms.sqrt())
 }
 
+/// [`l2_squared`] in `f64`, one float at a time: for the rare pair whose `f32` sum
+/// overflows (components beyond about 1e19). No pair of `f32` vectors of the largest
+/// dimension overflows it.
+pub fn l2_squared_f64<A: Floats + ?Sized, B: Floats + ?Sized>(a: &A, b: &B) -> f64 {
+    (0..a.count().min(b.count()))
+        .map(|i| {
+            let d = f64::from(a.at(i)) - f64::from(b.at(i));
+            d * d
+        })
+        .sum()
+}
+
+/// [`cosine_distance`] in `f64`: for the rare pair whose `f32` norms overflow or
+/// vanish (components beyond about 1e9, or below about 1e-19); `None` only for a
+/// vector that is all zeroes.
+pub fn cosine_distance_f64<A: Floats + ?Sized, B: Floats + ?Sized>(a: &A, b: &B) -> Option<f64> {
+    let n = a.count().min(b.count());
+    let dot = |x: &dyn Fn(usize) -> f32, y: &dyn Fn(usize) -> f32| -> f64 {
+        (0..n).map(|i| f64::from(x(i)) * f64::from(y(i))).sum()
+    };
+    let (at_a, at_b) = (|i| a.at(i), |i| b.at(i));
+    let norms = dot(&at_a, &at_a) * dot(&at_b, &at_b);
+    (norms > 0.0).then(|| 1.0 - dot(&at_a, &at_b) / norms.sqrt())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

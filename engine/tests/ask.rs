@@ -341,6 +341,34 @@ fn aggregates_group_by_and_having() {
     );
 }
 
+/// A float SUM or AVG past `f64`'s range is refused as `1e308 * 10` is, not answered
+/// with an infinity that JSON cannot carry.
+#[test]
+fn float_sums_that_overflow_are_refused() {
+    let mut t = tenant();
+    write(
+        &mut t,
+        "people",
+        &[
+            json!({"id": 7, "name": "big", "score": 1.5e308}),
+            json!({"id": 8, "name": "bigger", "score": 1.7e308}),
+        ],
+    );
+    for sql in [
+        "SELECT SUM(score) FROM people",
+        "SELECT AVG(score) FROM people",
+    ] {
+        let e = err(&t, sql, vec![]);
+        assert_eq!(e.kind, QueryErrorKind::Evaluation, "{sql}: {e}");
+        assert!(e.message.contains("float overflow"), "{sql}: {e}");
+    }
+    // Below the range both still answer.
+    assert_eq!(
+        rows(&t, "SELECT SUM(score) FROM people WHERE id < 7"),
+        vec![vec![Value::Float(11.5)]]
+    );
+}
+
 #[test]
 fn parameters_bind_positionally_and_are_checked() {
     let t = tenant();
@@ -760,7 +788,7 @@ fn brute_force(
     k: usize,
     grp: Option<i64>,
 ) -> Vec<i64> {
-    let mut scored: Vec<(f32, i64)> = data
+    let mut scored: Vec<(f64, i64)> = data
         .iter()
         .filter(|(_, _, g)| grp.is_none_or(|w| *g == w))
         .filter_map(|(id, v, _)| Some((metric.rank(v.as_ref()?, q)?, *id)))
@@ -768,6 +796,80 @@ fn brute_force(
     // Ties by primary key, ascending (int keys order like their values).
     scored.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
     scored.into_iter().take(k).map(|(_, id)| id).collect()
+}
+
+/// Vectors whose distances overflow (or vanish in) `f32` still get their true
+/// distances and order, computed here in `f64` from the definition.
+#[test]
+fn distances_beyond_f32_range_are_exact_and_ordered() {
+    let mut t = Tenant::new(TenantId::parse("acme").expect("valid"));
+    let schema = TableSchema::new(
+        "docs",
+        &[
+            ("id", ColumnType::Int, false),
+            ("emb", ColumnType::Vector(4), true),
+        ],
+        &["id"],
+        &[],
+    )
+    .expect("valid");
+    t.create_table(schema, 10).expect("created");
+    let vectors: Vec<[f32; 4]> = vec![
+        [3e38, -3e38, 1e30, 0.0],
+        [1e20, 1e20, 1e20, 1e20],
+        [2e20, 0.0, 0.0, 0.0],
+        [1e-30, 2e-30, 0.0, 0.0],
+        [1.0, 1.0, 1.0, 1.0],
+    ];
+    let rows: Vec<Json> = vectors
+        .iter()
+        .enumerate()
+        .map(|(id, v)| json!({"id": id, "emb": v.to_vec()}))
+        .collect();
+    write(&mut t, "docs", &rows);
+    let q = [-1e20f32, 5e19, 0.0, 1e-30];
+    let l2 = |v: &[f32; 4]| -> f64 {
+        v.iter()
+            .zip(q)
+            .map(|(a, b)| (f64::from(*a) - f64::from(b)).powi(2))
+            .sum::<f64>()
+            .sqrt()
+    };
+    let cosine = |v: &[f32; 4]| -> f64 {
+        let dot = |x: &[f32], y: &[f32]| -> f64 {
+            x.iter()
+                .zip(y)
+                .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                .sum()
+        };
+        1.0 - dot(v, &q) / (dot(v, v) * dot(&q, &q)).sqrt()
+    };
+    for (op, reference) in [("<->", &l2 as &dyn Fn(&[f32; 4]) -> f64), ("<=>", &cosine)] {
+        let answer = run(
+            &t,
+            &format!("SELECT id, emb {op} $1 AS d FROM docs ORDER BY emb {op} $1 LIMIT 10"),
+            vec![Value::Vector(q.to_vec())],
+        );
+        let mut want: Vec<(f64, i64)> = vectors
+            .iter()
+            .enumerate()
+            .map(|(id, v)| (reference(v), id as i64))
+            .collect();
+        want.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        assert_eq!(answer.rows.len(), want.len(), "{op}");
+        for (row, (distance, id)) in answer.rows.iter().zip(&want) {
+            assert_eq!(row[0], Value::Int(*id), "{op}: {:?}", answer.rows);
+            let Value::Float(got) = row[1] else {
+                panic!("{op}: a distance, got {:?}", row[1]);
+            };
+            assert!(got.is_finite(), "{op}: row {id}: {got}");
+            // The f32 kernels serve the pairs in range: close, not bit-equal.
+            assert!(
+                (got - distance).abs() <= distance.abs() * 1e-5 + 1e-6,
+                "{op}: row {id}: {got} against {distance}"
+            );
+        }
+    }
 }
 
 #[test]

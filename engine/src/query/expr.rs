@@ -9,7 +9,7 @@ use std::borrow::Cow;
 use std::cmp::Ordering;
 
 use crate::value::Value;
-use crate::vectors::{cosine_distance, l2_squared, Floats};
+use crate::vectors::{cosine_distance_f64, dot, l2_squared, l2_squared_f64, Floats};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CmpOp {
@@ -93,19 +93,36 @@ impl Metric {
     }
 
     /// The distance between two vectors of one dimension, in the form kNN ranks by
-    /// (squared for L2: same order, no square root per row).
-    pub fn rank<B: Floats + ?Sized>(self, a: &[f32], b: &B) -> Option<f32> {
+    /// (squared for L2: same order, no square root per row). The `f32` kernels serve
+    /// every pair whose sums stay in `f32`'s range; the others are computed again in
+    /// `f64`, so a legal vector never gets an infinite or made-up distance.
+    pub fn rank<B: Floats + ?Sized>(self, a: &[f32], b: &B) -> Option<f64> {
         match self {
-            Metric::L2 => Some(l2_squared(a, b)),
-            Metric::Cosine => cosine_distance(a, b),
+            Metric::L2 => {
+                let rank = l2_squared(a, b);
+                Some(if rank.is_finite() {
+                    f64::from(rank)
+                } else {
+                    l2_squared_f64(a, b)
+                })
+            }
+            Metric::Cosine => {
+                let norms = dot(a, a) * dot(b, b);
+                let across = dot(a, b);
+                if norms.is_normal() && across.is_finite() {
+                    Some(f64::from(1.0 - across / norms.sqrt()))
+                } else {
+                    cosine_distance_f64(a, b)
+                }
+            }
         }
     }
 
     /// The distance users see, from the rank.
-    pub fn distance_from_rank(self, rank: f32) -> f64 {
+    pub fn distance_from_rank(self, rank: f64) -> f64 {
         match self {
-            Metric::L2 => f64::from(rank.sqrt()),
-            Metric::Cosine => f64::from(rank),
+            Metric::L2 => rank.sqrt(),
+            Metric::Cosine => rank,
         }
     }
 }

@@ -31,7 +31,7 @@ const PREFETCH_BYTES: usize = 1024;
 
 /// A kNN candidate; the heap's top is the worst kept (largest distance, then key).
 pub(super) struct Candidate {
-    rank: f32,
+    rank: f64,
     key: Key,
     output: Vec<Value>,
     /// What `output` is charged to the memory budget.
@@ -39,7 +39,7 @@ pub(super) struct Candidate {
 }
 
 impl Candidate {
-    fn cmp_to(&self, rank: f32, key: &Key) -> Ordering {
+    fn cmp_to(&self, rank: f64, key: &Key) -> Ordering {
         self.rank.total_cmp(&rank).then_with(|| self.key.cmp(key))
     }
 }

@@ -76,11 +76,18 @@ impl AggState {
                     }
                     _ => *is_float = true,
                 }
+                // As `*` does: an infinite sum has no JSON number to answer with.
+                if *is_float && !float.is_finite() {
+                    return Err("float overflow in sum".into());
+                }
             }
             AggState::Avg { sum, n } => {
                 numeric("avg")?;
                 *sum += as_f64(v);
                 *n += 1;
+                if !sum.is_finite() {
+                    return Err("float overflow in avg".into());
+                }
             }
             AggState::Min(best) => {
                 if best
