@@ -819,7 +819,9 @@ fn distances_beyond_f32_range_are_exact_and_ordered() {
         [1e20, 1e20, 1e20, 1e20],
         [2e20, 0.0, 0.0, 0.0],
         [1e-30, 2e-30, 0.0, 0.0],
+        [3e-22, 0.0, 0.0, 1e-24],
         [1.0, 1.0, 1.0, 1.0],
+        [1e4, 1e-21, 0.0, 0.0],
     ];
     let rows: Vec<Json> = vectors
         .iter()
@@ -827,47 +829,55 @@ fn distances_beyond_f32_range_are_exact_and_ordered() {
         .map(|(id, v)| json!({"id": id, "emb": v.to_vec()}))
         .collect();
     write(&mut t, "docs", &rows);
-    let q = [-1e20f32, 5e19, 0.0, 1e-30];
-    let l2 = |v: &[f32; 4]| -> f64 {
+    let dot = |x: &[f32], y: &[f32]| -> f64 {
+        x.iter()
+            .zip(y)
+            .map(|(a, b)| f64::from(*a) * f64::from(*b))
+            .sum()
+    };
+    let l2 = |v: &[f32; 4], q: &[f32; 4]| -> f64 {
         v.iter()
             .zip(q)
-            .map(|(a, b)| (f64::from(*a) - f64::from(b)).powi(2))
+            .map(|(a, b)| (f64::from(*a) - f64::from(*b)).powi(2))
             .sum::<f64>()
             .sqrt()
     };
-    let cosine = |v: &[f32; 4]| -> f64 {
-        let dot = |x: &[f32], y: &[f32]| -> f64 {
-            x.iter()
-                .zip(y)
-                .map(|(a, b)| f64::from(*a) * f64::from(*b))
-                .sum()
-        };
-        1.0 - dot(v, &q) / (dot(v, v) * dot(&q, &q)).sqrt()
-    };
-    for (op, reference) in [("<->", &l2 as &dyn Fn(&[f32; 4]) -> f64), ("<=>", &cosine)] {
-        let answer = run(
-            &t,
-            &format!("SELECT id, emb {op} $1 AS d FROM docs ORDER BY emb {op} $1 LIMIT 10"),
-            vec![Value::Vector(q.to_vec())],
-        );
-        let mut want: Vec<(f64, i64)> = vectors
-            .iter()
-            .enumerate()
-            .map(|(id, v)| (reference(v), id as i64))
-            .collect();
-        want.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-        assert_eq!(answer.rows.len(), want.len(), "{op}");
-        for (row, (distance, id)) in answer.rows.iter().zip(&want) {
-            assert_eq!(row[0], Value::Int(*id), "{op}: {:?}", answer.rows);
-            let Value::Float(got) = row[1] else {
-                panic!("{op}: a distance, got {:?}", row[1]);
-            };
-            assert!(got.is_finite(), "{op}: row {id}: {got}");
-            // The f32 kernels serve the pairs in range: close, not bit-equal.
-            assert!(
-                (got - distance).abs() <= distance.abs() * 1e-5 + 1e-6,
-                "{op}: row {id}: {got} against {distance}"
+    let cosine =
+        |v: &[f32; 4], q: &[f32; 4]| -> f64 { 1.0 - dot(v, q) / (dot(v, v) * dot(q, q)).sqrt() };
+    type Reference<'a> = &'a dyn Fn(&[f32; 4], &[f32; 4]) -> f64;
+    let metrics: [(&str, Reference); 2] = [("<->", &l2), ("<=>", &cosine)];
+    // A query far out of range, an ordinary one, a tiny one.
+    let queries = [
+        [-1e20f32, 5e19, 0.0, 1e-30],
+        [1e4, 0.0, 0.0, 0.0],
+        [2e-22, 0.0, 0.0, 0.0],
+    ];
+    for q in &queries {
+        for (op, reference) in metrics {
+            let answer = run(
+                &t,
+                &format!("SELECT id, emb {op} $1 AS d FROM docs ORDER BY emb {op} $1 LIMIT 10"),
+                vec![Value::Vector(q.to_vec())],
             );
+            let mut want: Vec<(f64, i64)> = vectors
+                .iter()
+                .enumerate()
+                .map(|(id, v)| (reference(v, q), id as i64))
+                .collect();
+            want.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            assert_eq!(answer.rows.len(), want.len(), "{op} {q:?}");
+            for (row, (distance, id)) in answer.rows.iter().zip(&want) {
+                let Value::Float(got) = row[1] else {
+                    panic!("{op} {q:?}: a distance, got {:?}", row[1]);
+                };
+                assert!(got.is_finite(), "{op} {q:?}: row {id}: {got}");
+                // The f32 kernels serve the pairs in range: close, not bit-equal.
+                assert!(
+                    (got - distance).abs() <= distance.abs() * 1e-5 + 1e-6,
+                    "{op} {q:?}: {:?} against {want:?}",
+                    answer.rows
+                );
+            }
         }
     }
 }

@@ -342,6 +342,25 @@ fn a_damaged_header_after_a_seal_that_promised_it_is_corruption_not_removed() {
             other => panic!("expected corruption, got {:?}", other.map(|(_, _, r)| r)),
         }
         assert_eq!(segment_files(dir.path()), segments, "nothing removed");
+
+        // The truncate option cuts the log before it, and the next open needs none.
+        let truncate = WalConfig {
+            truncate_corrupt: true,
+            ..small_segments()
+        };
+        let (wal, frames, report) = open(dir.path(), truncate, Lsn(1)).await.expect("truncate");
+        let cut = report.truncated_corruption.expect("the cut is reported");
+        assert_eq!(cut.file, segments[segments.len() - 1]);
+        let (_, _, lost_from) =
+            parse_segment_name(&segments[segments.len() - 1]).expect("segment name");
+        assert_eq!(frames.len() as u64, lost_from.0 - 1);
+        assert_eq!(segment_files(dir.path()), segments[..segments.len() - 1]);
+        wal.close().await.expect("close");
+        drop(wal);
+        let (_wal, frames, _) = open(dir.path(), small_segments(), Lsn(1))
+            .await
+            .expect("reopen after the cut");
+        assert_eq!(frames.len() as u64, lost_from.0 - 1);
     });
 }
 

@@ -77,6 +77,11 @@ impl ArithOp {
     }
 }
 
+/// The smallest sum of squares the `f32` kernels are trusted with: what squares below
+/// `f32`'s normal range (about 1.2e-38) lose, at most 4096 of them (the largest
+/// dimension), is under a billionth of it.
+const SMALLEST_F32_SUM: f32 = 1e-25;
+
 /// A vector distance: `<->` (Euclidean) or `<=>` (cosine).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Metric {
@@ -94,22 +99,28 @@ impl Metric {
 
     /// The distance between two vectors of one dimension, in the form kNN ranks by
     /// (squared for L2: same order, no square root per row). The `f32` kernels serve
-    /// every pair whose sums stay in `f32`'s range; the others are computed again in
-    /// `f64`, so a legal vector never gets an infinite or made-up distance.
+    /// every pair whose sums stay well inside `f32`'s range; the others (sums that
+    /// overflow, or so small that squares of the components fall below `f32`'s normal
+    /// floats) are computed again in `f64`, so a legal vector never gets an infinite or
+    /// made-up distance.
     pub fn rank<B: Floats + ?Sized>(self, a: &[f32], b: &B) -> Option<f64> {
         match self {
             Metric::L2 => {
                 let rank = l2_squared(a, b);
-                Some(if rank.is_finite() {
+                Some(if rank.is_finite() && rank >= SMALLEST_F32_SUM {
                     f64::from(rank)
                 } else {
                     l2_squared_f64(a, b)
                 })
             }
             Metric::Cosine => {
-                let norms = dot(a, a) * dot(b, b);
-                let across = dot(a, b);
-                if norms.is_normal() && across.is_finite() {
+                let (aa, bb) = (dot(a, a), dot(b, b));
+                let (norms, across) = (aa * bb, dot(a, b));
+                if aa >= SMALLEST_F32_SUM
+                    && bb >= SMALLEST_F32_SUM
+                    && norms.is_finite()
+                    && across.is_finite()
+                {
                     Some(f64::from(1.0 - across / norms.sqrt()))
                 } else {
                     cosine_distance_f64(a, b)

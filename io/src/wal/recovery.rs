@@ -255,14 +255,23 @@ async fn replace_segment<S: Storage>(storage: &S, name: &str, bytes: &[u8]) -> R
     storage.open_durable(name).await
 }
 
-/// The first LSN of a segment a history cut set aside whole, from the set-aside name
-/// (`diverged-at-<lsn>-<segment name>` where the segment starts at `<lsn>`).
-fn set_aside_whole_from(name: &str) -> Option<Lsn> {
-    let rest = name.strip_prefix("diverged-at-")?;
-    let (lsn, segment) = rest.split_once('-')?;
-    let lsn = Lsn(lsn.parse().ok()?);
-    let (_, _, first) = parse_segment_name(segment)?;
-    (first == lsn).then_some(lsn)
+/// Clears the successor flag of sealed `segment` (file `name`) in one rename: the log
+/// will end at it while its successor is still there, where a torn rewrite in place
+/// would read as an unsealed segment followed by one holding frames.
+async fn clear_successor_atomically<S: Storage>(
+    storage: &S,
+    name: &str,
+    segment: &mut ActiveSegment<S::File>,
+) -> Result<()> {
+    let mut whole = Vec::new();
+    read_whole(&*segment.file, &mut whole).await?;
+    let at = segment.header.footer_offset() as usize;
+    let Some(cleared) = whole.get(at..).and_then(footer_without_successor) else {
+        return Ok(());
+    };
+    whole[at..at + BLOCK_SIZE].copy_from_slice(&cleared);
+    segment.file = Rc::new(replace_segment(storage, name, &whole).await?);
+    Ok(())
 }
 
 /// The error for an unsealed segment (`previous`, the active one so far, named
@@ -303,8 +312,6 @@ pub(crate) async fn recover<S: Storage>(
 ) -> Result<(RecoveryReport, Resume<S::File>)> {
     let mut report = RecoveryReport::default();
     let mut names = Vec::new();
-    // Segments a history cut set aside whole, by first LSN (rule 8).
-    let mut set_aside_whole = Vec::new();
     let mut spare = None;
     let mut recycled = false;
     for name in storage.list().await? {
@@ -324,8 +331,6 @@ pub(crate) async fn recover<S: Storage>(
         } else if name == SPARE_PARTIAL_NAME || name.ends_with(CUT_SUFFIX) {
             storage.remove(&name).await?;
             report.removed.push(name);
-        } else if let Some(lsn) = set_aside_whole_from(&name) {
-            set_aside_whole.push(lsn);
         } else if let Some((shard, epoch, first_lsn)) = parse_segment_name(&name) {
             if shard != config.shard {
                 return Err(Error::Config(format!(
@@ -378,17 +383,42 @@ pub(crate) async fn recover<S: Storage>(
                     report.removed.push(name.clone());
                     break;
                 }
-                return Err(corrupt(
-                    0,
-                    if real_frames || !previous_promised {
-                        format!("segment header unreadable ({err:?}) but frames follow")
-                    } else {
+                let reason = if real_frames || !previous_promised {
+                    format!("segment header unreadable ({err:?}) but frames follow")
+                } else {
+                    format!(
+                        "segment header unreadable ({err:?}), yet the previous segment's seal \
+                         says it was written"
+                    )
+                };
+                if !config.truncate_corrupt {
+                    return Err(corrupt(
+                        0,
                         format!(
-                            "segment header unreadable ({err:?}), yet the previous segment's \
-                             seal says it was written"
-                        )
-                    },
-                ));
+                            "{reason} (start with the truncate option to cut the log before \
+                             this segment, losing it and what follows)"
+                        ),
+                    ));
+                }
+                // Cut before this segment: it and every later one go, and the log ends
+                // with the previous one (its flag cleared once its successors are gone).
+                drop(file);
+                for (later, _, _) in &names[index..] {
+                    storage.remove(later).await?;
+                    report.removed.push(later.clone());
+                }
+                storage.sync_dir().await?;
+                if let Some(previous) = &active {
+                    clear_successor(storage, &previous.file, &previous.header).await?;
+                }
+                tracing::warn!(file = %name, %reason, "cut the write-ahead log before a segment whose header is unreadable, as the truncate option asks");
+                report.truncated_corruption = Some(TailCut {
+                    file: name.clone(),
+                    offset: 0,
+                    reason,
+                    bytes_zeroed: 0,
+                });
+                break;
             }
         };
         if header.epoch != *name_epoch
@@ -473,6 +503,14 @@ pub(crate) async fn recover<S: Storage>(
                     // A checkpoint holds it: cutting the log cannot take it back.
                     return Err(Error::OffHistory { lsn, epoch });
                 }
+                if lsn == header.first_lsn {
+                    // The log will end with the previous segment, on purpose: its
+                    // flag goes first, in one rename (a torn rewrite in place would
+                    // read as an unsealed segment before this one, which holds frames).
+                    if let Some(previous) = active.as_mut() {
+                        clear_successor_atomically(storage, &names[index - 1].0, previous).await?;
+                    }
+                }
                 let set_aside = set_aside(storage, lsn, &names[index..], &bytes).await?;
                 tracing::warn!(lsn = lsn.0, epoch = epoch.0, ?set_aside, "cut the log where it left the writer's history; the frames cut are kept in the files set aside");
                 report.history_cut = Some(HistoryCut {
@@ -482,11 +520,7 @@ pub(crate) async fn recover<S: Storage>(
                 });
                 if lsn == header.first_lsn {
                     // The whole segment was off the history and is set aside: the log
-                    // ends with the previous one, on purpose. (A crash before this
-                    // leaves the set-aside file to say so.)
-                    if let Some(previous) = &active {
-                        clear_successor(storage, &previous.file, &previous.header).await?;
-                    }
+                    // ends with the previous one.
                     break;
                 }
                 bytes[offset as usize..].fill(0);
@@ -523,16 +557,6 @@ pub(crate) async fn recover<S: Storage>(
 
         previous_promised = matches!(scan.end, ScanEnd::Sealed(f) if f.successor);
         let (sealed, cut) = match scan.end {
-            ScanEnd::Sealed(footer)
-                if is_last
-                    && footer.successor
-                    && set_aside_whole.contains(&footer.last_lsn.next()) =>
-            {
-                // A history cut set its successor aside whole and crashed before
-                // clearing the flag: the log ends here on purpose.
-                clear_successor(storage, &file, &header).await?;
-                (true, None)
-            }
             ScanEnd::Sealed(footer) if is_last && footer.successor => {
                 let reason = format!(
                     "sealed after the next segment (from LSN {}) was made, but no later \
