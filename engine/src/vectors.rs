@@ -95,17 +95,21 @@ pub fn dot<A: Floats + ?Sized, B: Floats + ?Sized>(a: &A, b: &B) -> f32 {
     sum
 }
 
-/// Cosine distance `1 - cos(a, b)`; `None` when either vector is all zeroes (the
-/// angle is undefined).
-pub fn cosine_distance<A: Floats + ?Sized, B: Floats + ?Sized>(a: &A, b: &B) -> Option<f32> {
-    let norms = dot(a, a) * dot(b, b);
-    (norms > 0.0).then(|| 1.0 - dot(a, b) / norms.sqrt())
-}
+/// The smallest sum of squares the `f32` kernels are trusted with: what squares below
+/// `f32`'s normal range (about 1.2e-38) lose, at most 4096 of them (the largest
+/// dimension), is under a billionth of it.
+const SMALLEST_F32_SUM: f32 = 1e-25;
 
-/// [`l2_squared`] in `f64`, one float at a time: for the rare pair whose `f32` sum
-/// overflows (components beyond about 1e19). No pair of `f32` vectors of the largest
-/// dimension overflows it.
-pub fn l2_squared_f64<A: Floats + ?Sized, B: Floats + ?Sized>(a: &A, b: &B) -> f64 {
+/// Squared Euclidean distance as kNN ranks by: [`l2_squared`] for every pair whose
+/// sum stays well inside `f32`'s range, computed again in `f64` for the others (a sum
+/// that overflows, with components beyond about 1e19, or one so small that squares
+/// fall below `f32`'s normal floats). No pair of `f32` vectors of the largest
+/// dimension overflows `f64`.
+pub fn l2_rank<A: Floats + ?Sized, B: Floats + ?Sized>(a: &A, b: &B) -> f64 {
+    let rank = l2_squared(a, b);
+    if rank.is_finite() && rank >= SMALLEST_F32_SUM {
+        return f64::from(rank);
+    }
     (0..a.count().min(b.count()))
         .map(|i| {
             let d = f64::from(a.at(i)) - f64::from(b.at(i));
@@ -114,17 +118,26 @@ pub fn l2_squared_f64<A: Floats + ?Sized, B: Floats + ?Sized>(a: &A, b: &B) -> f
         .sum()
 }
 
-/// [`cosine_distance`] in `f64`: for the rare pair whose `f32` norms overflow or
-/// vanish (components beyond about 1e9, or below about 1e-19); `None` only for a
-/// vector that is all zeroes.
-pub fn cosine_distance_f64<A: Floats + ?Sized, B: Floats + ?Sized>(a: &A, b: &B) -> Option<f64> {
-    let n = a.count().min(b.count());
-    let dot = |x: &dyn Fn(usize) -> f32, y: &dyn Fn(usize) -> f32| -> f64 {
-        (0..n).map(|i| f64::from(x(i)) * f64::from(y(i))).sum()
-    };
-    let (at_a, at_b) = (|i| a.at(i), |i| b.at(i));
-    let norms = dot(&at_a, &at_a) * dot(&at_b, &at_b);
-    (norms > 0.0).then(|| 1.0 - dot(&at_a, &at_b) / norms.sqrt())
+/// Cosine distance `1 - cos(a, b)`; `None` when either vector is all zeroes (the
+/// angle is undefined). In `f32` for every pair whose norms stay well inside its
+/// range, in `f64` for the others (components beyond about 1e9, or below about 1e-12),
+/// as [`l2_rank`] does.
+pub fn cosine_distance<A: Floats + ?Sized, B: Floats + ?Sized>(a: &A, b: &B) -> Option<f64> {
+    let (aa, bb, across) = (dot(a, a), dot(b, b), dot(a, b));
+    let norms = aa * bb;
+    if aa >= SMALLEST_F32_SUM && bb >= SMALLEST_F32_SUM && norms.is_finite() && across.is_finite() {
+        return Some(f64::from(1.0 - across / norms.sqrt()));
+    }
+    let (aa, bb) = (dot_f64(a, a), dot_f64(b, b));
+    let norms = aa * bb;
+    (norms > 0.0).then(|| 1.0 - dot_f64(a, b) / norms.sqrt())
+}
+
+/// [`dot`] in `f64`, one float at a time (the rare pairs out of `f32`'s range).
+fn dot_f64<A: Floats + ?Sized, B: Floats + ?Sized>(a: &A, b: &B) -> f64 {
+    (0..a.count().min(b.count()))
+        .map(|i| f64::from(a.at(i)) * f64::from(b.at(i)))
+        .sum()
 }
 
 #[cfg(test)]
@@ -151,8 +164,8 @@ mod tests {
             prop_assert_eq!(l2_squared(a, &le).to_bits(), l2_squared(a, b).to_bits());
             prop_assert_eq!(dot(a, &le).to_bits(), dot(a, b).to_bits());
             prop_assert_eq!(
-                cosine_distance(a, &le).map(f32::to_bits),
-                cosine_distance(a, b).map(f32::to_bits)
+                cosine_distance(a, &le).map(f64::to_bits),
+                cosine_distance(a, b).map(f64::to_bits)
             );
         }
     }

@@ -9,7 +9,7 @@ use std::borrow::Cow;
 use std::cmp::Ordering;
 
 use crate::value::Value;
-use crate::vectors::{cosine_distance_f64, dot, l2_squared, l2_squared_f64, Floats};
+use crate::vectors::{cosine_distance, l2_rank, Floats};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CmpOp {
@@ -77,11 +77,6 @@ impl ArithOp {
     }
 }
 
-/// The smallest sum of squares the `f32` kernels are trusted with: what squares below
-/// `f32`'s normal range (about 1.2e-38) lose, at most 4096 of them (the largest
-/// dimension), is under a billionth of it.
-const SMALLEST_F32_SUM: f32 = 1e-25;
-
 /// A vector distance: `<->` (Euclidean) or `<=>` (cosine).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Metric {
@@ -98,34 +93,13 @@ impl Metric {
     }
 
     /// The distance between two vectors of one dimension, in the form kNN ranks by
-    /// (squared for L2: same order, no square root per row). The `f32` kernels serve
-    /// every pair whose sums stay well inside `f32`'s range; the others (sums that
-    /// overflow, or so small that squares of the components fall below `f32`'s normal
-    /// floats) are computed again in `f64`, so a legal vector never gets an infinite or
-    /// made-up distance.
+    /// (squared for L2: same order, no square root per row). Computed in `f32`, and in
+    /// `f64` for the rare pair out of `f32`'s range (`vectors`), so a legal vector never
+    /// gets an infinite or made-up distance.
     pub fn rank<B: Floats + ?Sized>(self, a: &[f32], b: &B) -> Option<f64> {
         match self {
-            Metric::L2 => {
-                let rank = l2_squared(a, b);
-                Some(if rank.is_finite() && rank >= SMALLEST_F32_SUM {
-                    f64::from(rank)
-                } else {
-                    l2_squared_f64(a, b)
-                })
-            }
-            Metric::Cosine => {
-                let (aa, bb) = (dot(a, a), dot(b, b));
-                let (norms, across) = (aa * bb, dot(a, b));
-                if aa >= SMALLEST_F32_SUM
-                    && bb >= SMALLEST_F32_SUM
-                    && norms.is_finite()
-                    && across.is_finite()
-                {
-                    Some(f64::from(1.0 - across / norms.sqrt()))
-                } else {
-                    cosine_distance_f64(a, b)
-                }
-            }
+            Metric::L2 => Some(l2_rank(a, b)),
+            Metric::Cosine => cosine_distance(a, b),
         }
     }
 
