@@ -19,7 +19,9 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// The lock file's name inside a locked directory.
 pub const LOCK_FILE: &str = "oc.lock";
@@ -124,26 +126,81 @@ fn try_lock_exclusive(file: &File) -> std::io::Result<()> {
     }
 }
 
-/// `flock(LOCK_EX)`, waiting for other holders: serialises short critical sections
-/// between processes (the local archive's conditional puts). Released on drop.
-pub fn lock_exclusive_blocking(path: &Path) -> std::io::Result<File> {
+/// `flock(LOCK_EX)`, waiting at most `limit` for other holders: serialises short
+/// critical sections between processes (the local archive's conditional puts).
+/// Released on drop.
+///
+/// The wait is bounded because a holder can stop without exiting (SIGSTOP, a frozen
+/// container, a debugger) and keep the lock for as long as it stays stopped: every
+/// other process would then hang with it, at start or inside a promotion. Past
+/// `limit` the error (`TimedOut`) names the holder's PID and state as `/proc/locks`
+/// and `/proc/<pid>/status` give them.
+pub fn lock_exclusive_within(path: &Path, limit: Duration) -> std::io::Result<File> {
     let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .open(path)?;
+    let deadline = Instant::now() + limit;
+    let mut pause = Duration::from_micros(200);
     loop {
-        // SAFETY: flock(2) on a descriptor owned by `file`.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
-        if rc == 0 {
-            return Ok(file);
+        match try_lock_exclusive(&file) {
+            Ok(()) => return Ok(file),
+            Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
         }
-        let e = std::io::Error::last_os_error();
-        if e.kind() != std::io::ErrorKind::Interrupted {
-            return Err(e);
+        let now = Instant::now();
+        if now >= deadline {
+            let holder = file
+                .metadata()
+                .ok()
+                .and_then(|m| flock_holder(m.ino()))
+                .map_or_else(
+                    || "another process".to_string(),
+                    |pid| format!("PID {pid}{}", process_state(pid)),
+                );
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "the lock {} has been held for over {} s by {holder}: a process that \
+                     stopped (SIGSTOP, a frozen container) while holding it blocks everyone \
+                     else until it resumes or exits",
+                    path.display(),
+                    limit.as_secs_f64()
+                ),
+            ));
         }
+        std::thread::sleep(pause.min(deadline - now));
+        pause = (pause * 2).min(Duration::from_millis(20));
     }
+}
+
+/// The PID holding an `flock` on the file with inode `inode`, from `/proc/locks`
+/// (lines such as `1: FLOCK  ADVISORY  WRITE 4321 08:01:123456 0 EOF`; waiters are
+/// marked `->` and skipped).
+fn flock_holder(inode: u64) -> Option<u32> {
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    locks.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [_, "FLOCK", _, _, pid, device, ..] = fields.as_slice() else {
+            return None;
+        };
+        let lock_inode: u64 = device.rsplit(':').next()?.parse().ok()?;
+        (lock_inode == inode).then(|| pid.parse().ok())?
+    })
+}
+
+/// ` (state T (stopped))` from `/proc/<pid>/status`, or nothing when unreadable.
+fn process_state(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            let state = status.lines().find_map(|l| l.strip_prefix("State:"))?;
+            Some(format!(" (state {})", state.trim()))
+        })
+        .unwrap_or_default()
 }
 
 fn read_text(file: &mut File) -> Option<String> {
@@ -229,6 +286,26 @@ mod tests {
         );
         drop(first);
         DirLock::acquire(&data, "oc-server").expect("released on drop");
+    }
+
+    #[test]
+    fn a_bounded_wait_for_a_held_lock_names_the_holder() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(".cas-lock");
+        let held = lock_exclusive_within(&path, Duration::from_secs(1)).expect("free");
+        // A second open file description waits, then names this process.
+        let started = Instant::now();
+        let err = lock_exclusive_within(&path, Duration::from_millis(300)).expect_err("held");
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        let message = err.to_string();
+        let me = std::process::id();
+        assert!(
+            message.contains(&format!("by PID {me} (state ")),
+            "{message}"
+        );
+        drop(held);
+        lock_exclusive_within(&path, Duration::from_millis(300)).expect("released on drop");
     }
 
     #[test]

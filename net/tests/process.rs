@@ -324,9 +324,37 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-fn signal(server: &Server, signal: i32) {
-    // SAFETY: plain kill(2) on our own child's pid.
-    assert_eq!(unsafe { libc::kill(server.pid() as i32, signal) }, 0);
+/// A process stopped while it holds the local archive's lock (here the test holds it,
+/// standing in for a SIGSTOPped server) keeps it for as long as it stays stopped. A
+/// server starting on that archive gives up after the bounded wait, naming the lock and
+/// the holder's PID, instead of hanging at start; once the lock is free it starts.
+#[test]
+fn a_stopped_holder_of_the_archive_lock_fails_a_start_naming_it_instead_of_hanging() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let archive = dir.path().join("archive");
+    std::fs::create_dir_all(&archive).expect("archive dir");
+    let lock = archive.join(oc_ship::archive::local::CAS_LOCK_FILE);
+    let held = oc_io::dir_lock::lock_exclusive_within(&lock, Duration::ZERO).expect("free");
+    let args = ["--shards", "1", "--archive", &file_uri(&archive)];
+    let started = Instant::now();
+    let refused = Server::try_start(&dir.path().join("data"), &args)
+        .err()
+        .expect("the start must fail while the lock is held");
+    let waited = started.elapsed();
+    for needed in [
+        format!("the lock {} has been held for over 10 s", lock.display()),
+        format!("by PID {} (state ", std::process::id()),
+    ] {
+        assert!(refused.contains(&needed), "{needed:?} in:\n{refused}");
+    }
+    assert!(
+        (Duration::from_secs(10)..Duration::from_secs(40)).contains(&waited),
+        "gave up after {waited:?}"
+    );
+    drop(held);
+    let server = Server::start(&dir.path().join("data"), &args);
+    server.create_tenant_with_items("acme");
+    assert_eq!(write_row(&server, "acme", 1).expect("write").status, 200);
 }
 
 /// A file-level copy of a data directory keeps its id, so the archive's owner record
@@ -381,7 +409,7 @@ fn a_copy_of_a_data_directory_is_refused_while_the_original_runs_and_displaces_i
     assert_eq!(write_row(&original, "acme", 2).expect("write").status, 200);
 
     // The original stops renewing (paused) for longer than the stale window.
-    signal(&original, libc::SIGSTOP);
+    let paused = original.pause_outside_archive_lock(&archive);
     std::thread::sleep(Duration::from_secs(5));
     let copy_server = Server::start(&copy, &args);
     assert!(has_row(&copy_server, "acme", 1));
@@ -393,7 +421,7 @@ fn a_copy_of_a_data_directory_is_refused_while_the_original_runs_and_displaces_i
         copy_server.stderr()
     );
     let resumed = Instant::now();
-    signal(&original, libc::SIGCONT);
+    drop(paused);
     let status = original
         .wait_exit(EXIT_DEADLINE)
         .expect("the displaced original must exit");

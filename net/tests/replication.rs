@@ -1412,11 +1412,9 @@ fn a_partitioned_old_writer_cuts_its_divergent_tail_and_rejoins_on_its_own_direc
     // from its own layout; once the new writer refuses it as diverged, it exits with
     // status 6 so that its restart can cut its log.
     let new_leader = follower.replication.clone().expect("replication address");
-    // SAFETY: kill(2) on a child process this test started.
-    unsafe { libc::kill(follower.pid() as i32, libc::SIGSTOP) };
+    let paused = follower.pause_outside_archive_lock(&dir.path().join("archive"));
     let mut early = follower_on(&dir.path().join("writer"), &new_leader, &archive, &[]);
-    // SAFETY: as above.
-    unsafe { libc::kill(follower.pid() as i32, libc::SIGCONT) };
+    drop(paused);
     let status = early.wait_exit(Duration::from_secs(30));
     assert_eq!(
         status.and_then(|s| s.code()),
@@ -1782,6 +1780,15 @@ fn a_degrading_writer_is_waited_out_before_its_follower_is_promoted() {
     );
 }
 
+/// Sets the flag when dropped, on success or in a panic's unwinding.
+struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// What one client request to the old writer got, and when it was sent.
 struct Answer {
     /// The row the request upserted.
@@ -1855,6 +1862,7 @@ fn pause_and_clock_run(seed: u64) -> usize {
     let extra_pause = Duration::from_millis(rng.u64(0..1000));
     let dir = tempfile::tempdir().expect("tempdir");
     let archive = archive_in(dir.path());
+    let archive_dir = dir.path().join("archive");
     let lease = ["--lease-ttl-ms", "1500", "--lease-max-drift-ms", "300"];
     let start = |data: &str, flags: &[&str], offset: &str| {
         let mut all = vec![
@@ -1898,14 +1906,15 @@ fn pause_and_clock_run(seed: u64) -> usize {
         let refused = promote(&follower, false);
         assert_eq!(refused.status, 409, "{context}: {refused:?}");
         assert_eq!(refused.body["error"]["code"], "lease_held", "{context}");
-        // Paused past its lease while the follower is promoted.
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(writer.pid() as i32, libc::SIGSTOP) };
+        // Paused past its lease while the follower is promoted. If anything below
+        // panics, the guard resumes the writer and `stop` ends the clients: a failure
+        // shows its message instead of hanging on a stopped writer.
+        let stop_clients = StopOnDrop(&stop);
+        let paused = writer.pause_outside_archive_lock(&archive_dir);
         let stopped_at = Instant::now();
         let promoted = promote(&follower, false);
         std::thread::sleep(extra_pause);
-        // SAFETY: as above.
-        unsafe { libc::kill(writer.pid() as i32, libc::SIGCONT) };
+        drop(paused);
         *resumed_at.lock().expect("resumed_at") = Some(Instant::now());
         assert_eq!(
             promoted.status,
@@ -1919,7 +1928,7 @@ fn pause_and_clock_run(seed: u64) -> usize {
         );
         assert_eq!(write.status, 200, "{context}: {write:?}");
         std::thread::sleep(Duration::from_millis(500));
-        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        drop(stop_clients);
         (clients.join().expect("clients"), stopped_at)
     });
     let acknowledged = answers.iter().filter(|a| a.status == Some(200)).count();

@@ -37,7 +37,7 @@ use glommio::Task;
 use oc_engine::placement::{self, EpochStart, Layout};
 use oc_engine::{ShardNode, ShardRouter};
 use oc_io::{Epoch, Lsn};
-use oc_ship::archive::Archive;
+use oc_ship::archive::{Archive, ArchiveError};
 use oc_ship::lease::{self, LeaseHold};
 use oc_ship::shipper::{self, LeaseTtl, ShipStatus, ShipperConfig};
 use oc_ship::timeline::{self, TimelineRecord};
@@ -571,7 +571,7 @@ impl Node {
                         .and_then(|ns| timeline::record(ns.as_ref(), &branch));
                     attempt += 1;
                     match done {
-                        Err(oc_ship::archive::ArchiveError::Io { .. }) if attempt < 5 => {
+                        Err(ArchiveError::Io { .. }) if attempt < 5 => {
                             std::thread::sleep(Duration::from_millis(100 << attempt));
                         }
                         done => return done,
@@ -652,7 +652,21 @@ impl Node {
                 lease::promote(archive.as_ref(), &owner, holder, now_us(), ttl.ttl, &expect)
             })
             .await
-            .map_err(|e| refusal(409, "lease_held", e.to_string()))
+            .map_err(|e| match e {
+                // The archive did not answer, or its lock stayed held: not a lease
+                // another writer holds.
+                lease::PromoteError::Lease(lease::LeaseError::Archive(
+                    ArchiveError::Io { .. } | ArchiveError::Uri { .. },
+                )) => refusal(
+                    503,
+                    "archive_unavailable",
+                    format!(
+                        "taking the archive's lease record: {e}; retry the promotion (a \
+                         retry also finds the record if this attempt wrote it)"
+                    ),
+                ),
+                e => refusal(409, "lease_held", e.to_string()),
+            })
     }
 
     /// Starts the shipper (which renews the lease from now on) and returns its hold.

@@ -141,6 +141,31 @@ impl Server {
         }
     }
 
+    /// Stops the server (SIGSTOP) at a moment it does not hold the local archive's
+    /// lock (`<archive_dir>/.cas-lock`), as a process paused between two archive
+    /// operations. (One stopped inside that lock holds up every other process's
+    /// conditional put until they give up, 10 s later: a different fault.) The server
+    /// is resumed (SIGCONT) when the returned guard drops, so a failed assertion while
+    /// it is stopped fails the test instead of hanging clients waiting on it.
+    pub fn pause_outside_archive_lock(&self, archive_dir: &Path) -> Paused {
+        let lock = archive_dir.join(oc_ship::archive::local::CAS_LOCK_FILE);
+        for _ in 0..1000 {
+            let paused = Paused::stop(self.pid());
+            match oc_io::dir_lock::lock_exclusive_within(&lock, Duration::ZERO) {
+                Ok(_released_on_drop) => return paused,
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                    drop(paused);
+                    std::thread::sleep(Duration::from_millis(fastrand::u64(1..10)));
+                }
+                Err(e) => panic!("cannot test {}: {e}", lock.display()),
+            }
+        }
+        panic!(
+            "the server held {} at every one of 1000 pauses",
+            lock.display()
+        )
+    }
+
     pub fn get(&self, path: &str) -> Reply {
         request("GET", &format!("{}{path}", self.api), None)
     }
@@ -179,6 +204,50 @@ impl Server {
             Err(e) => panic!("GET {path}: {e}"),
         }
     }
+}
+
+/// A process stopped with SIGSTOP, resumed with SIGCONT when dropped.
+pub struct Paused {
+    pid: u32,
+}
+
+impl Paused {
+    /// Stops `pid` and returns once every one of its threads is stopped.
+    pub fn stop(pid: u32) -> Paused {
+        // SAFETY: kill(2) on a child process this test started.
+        assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGSTOP) }, 0);
+        let paused = Paused { pid };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !all_threads_stopped(pid) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "PID {pid} did not stop"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        paused
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        // SAFETY: as in `stop`.
+        unsafe { libc::kill(self.pid as i32, libc::SIGCONT) };
+    }
+}
+
+/// Whether every thread of `pid` is in state `T` (stopped) in `/proc`.
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|task| {
+        std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+            // `pid (comm) S ...`: the state follows the last `)`, comm may hold any byte.
+            stat.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
+        })
+    })
 }
 
 impl Drop for Server {

@@ -19,7 +19,10 @@ use super::{check_key, envelope, Archive, ArchiveError, Condition, Version};
 
 const TMP_DIR: &str = ".tmp";
 /// The file whose `flock` serialises conditional puts between processes.
-const CAS_LOCK_FILE: &str = ".cas-lock";
+pub const CAS_LOCK_FILE: &str = ".cas-lock";
+/// Longest wait for [`CAS_LOCK_FILE`]: its holders keep it for a read, a compare and a
+/// rename, so a longer wait means a holder that stopped (see `lock_exclusive_within`).
+const CAS_LOCK_WAIT: Duration = Duration::from_secs(10);
 /// A temporary file this old was left by a crash: no put takes this long.
 const STALE_TMP_AGE: Duration = Duration::from_secs(3600);
 
@@ -157,10 +160,11 @@ impl Archive for LocalDirArchive {
         let tmp = self.stage(key, object)?;
         // Check-and-place is one step for every process (and thread: each put opens
         // its own file description) using this archive.
-        let _serialised = match condition {
+        let serialised = match condition {
             Condition::Always => None,
             Condition::IfAbsent | Condition::IfVersion(_) => {
-                match oc_io::dir_lock::lock_exclusive_blocking(&self.root.join(CAS_LOCK_FILE)) {
+                let lock = self.root.join(CAS_LOCK_FILE);
+                match oc_io::dir_lock::lock_exclusive_within(&lock, CAS_LOCK_WAIT) {
                     Ok(file) => Some(file),
                     Err(e) => {
                         let _ = fs::remove_file(&tmp);
@@ -192,6 +196,9 @@ impl Archive for LocalDirArchive {
             },
         };
         let _ = fs::remove_file(&tmp); // already renamed away, or linked, or refused
+                                       // The lock covers the compare and the place, not the directory sync: a shorter
+                                       // hold is a smaller window for a holder to be stopped inside.
+        drop(serialised);
         placed?;
         sync_dir(parent).map_err(io(key))?;
         Ok(version)
