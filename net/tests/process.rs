@@ -324,17 +324,38 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-/// A process stopped while it holds the local archive's lock (here the test holds it,
-/// standing in for a SIGSTOPped server) keeps it for as long as it stays stopped. A
-/// server starting on that archive gives up after the bounded wait, naming the lock and
-/// the holder's PID, instead of hanging at start; once the lock is free it starts.
+/// A process stopped while it holds the local archive's lock (a Python child taking
+/// it, then SIGSTOPped) keeps it for as long as it stays stopped. A server starting on
+/// that archive gives up after the bounded wait, naming the lock, the holder's PID and
+/// its stopped state, instead of hanging at start; once the holder resumes and exits,
+/// the server starts.
 #[test]
 fn a_stopped_holder_of_the_archive_lock_fails_a_start_naming_it_instead_of_hanging() {
+    use std::io::BufRead;
     let dir = tempfile::tempdir().expect("tempdir");
     let archive = dir.path().join("archive");
     std::fs::create_dir_all(&archive).expect("archive dir");
     let lock = archive.join(oc_ship::archive::local::CAS_LOCK_FILE);
-    let held = oc_io::dir_lock::lock_exclusive_within(&lock, Duration::ZERO).expect("free");
+    let mut holder = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import fcntl, sys, time\n\
+             f = open(sys.argv[1], 'a')\n\
+             fcntl.flock(f, fcntl.LOCK_EX)\n\
+             print('held', flush=True)\n\
+             time.sleep(600)",
+        ])
+        .arg(&lock)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    std::io::BufReader::new(holder.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read");
+    assert_eq!(line.trim(), "held");
+    let paused = common::Paused::stop(holder.id());
+
     let args = ["--shards", "1", "--archive", &file_uri(&archive)];
     let started = Instant::now();
     let refused = Server::try_start(&dir.path().join("data"), &args)
@@ -342,8 +363,13 @@ fn a_stopped_holder_of_the_archive_lock_fails_a_start_naming_it_instead_of_hangi
         .expect("the start must fail while the lock is held");
     let waited = started.elapsed();
     for needed in [
-        format!("the lock {} has been held for over 10 s", lock.display()),
-        format!("by PID {} (state ", std::process::id()),
+        format!("could not take the lock {} within 10 s", lock.display()),
+        format!(
+            "PID {} (as this process's PID namespace sees it; state T (stopped)) holds it",
+            holder.id()
+        ),
+        "it is stopped and keeps the lock until it resumes (SIGCONT) or exits".to_string(),
+        "RUNBOOK.md: \"could not take the lock\"".to_string(),
     ] {
         assert!(refused.contains(&needed), "{needed:?} in:\n{refused}");
     }
@@ -351,7 +377,9 @@ fn a_stopped_holder_of_the_archive_lock_fails_a_start_naming_it_instead_of_hangi
         (Duration::from_secs(10)..Duration::from_secs(40)).contains(&waited),
         "gave up after {waited:?}"
     );
-    drop(held);
+    drop(paused);
+    holder.kill().expect("kill the holder");
+    holder.wait().expect("wait");
     let server = Server::start(&dir.path().join("data"), &args);
     server.create_tenant_with_items("acme");
     assert_eq!(write_row(&server, "acme", 1).expect("write").status, 200);

@@ -733,6 +733,10 @@ fn promoting_a_synchronous_follower_fences_a_live_writer() {
         promoted
     });
     assert_eq!(promoted.status, 200, "{promoted:?}");
+    assert!(
+        !model.lock().expect("model").is_empty(),
+        "the writer acknowledged nothing before the promotion"
+    );
     // Every write the old writer acknowledged, the new one has: the old writer could
     // acknowledge nothing once the follower stopped confirming.
     for tenant in TENANTS {
@@ -1913,7 +1917,7 @@ fn pause_and_clock_run(seed: u64) -> usize {
         // shows its message instead of hanging on a stopped writer.
         let stop_clients = StopOnDrop(&stop);
         let paused = writer.pause_outside_archive_lock(&archive_dir);
-        let stopped_at = Instant::now();
+        let stopped_at = paused.stopped_at();
         let promoted = promote(&follower, false);
         std::thread::sleep(extra_pause);
         drop(paused);

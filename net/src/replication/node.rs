@@ -571,7 +571,10 @@ impl Node {
                         .and_then(|ns| timeline::record(ns.as_ref(), &branch));
                     attempt += 1;
                     match done {
-                        Err(ArchiveError::Io { .. }) if attempt < 5 => {
+                        // Not past a lock that stayed held: each attempt waited 10 s.
+                        Err(ArchiveError::Io { source, .. })
+                            if attempt < 5 && source.kind() != std::io::ErrorKind::TimedOut =>
+                        {
                             std::thread::sleep(Duration::from_millis(100 << attempt));
                         }
                         done => return done,
@@ -655,15 +658,12 @@ impl Node {
             .map_err(|e| match e {
                 // The archive did not answer, or its lock stayed held: not a lease
                 // another writer holds.
-                lease::PromoteError::Lease(lease::LeaseError::Archive(
-                    ArchiveError::Io { .. } | ArchiveError::Uri { .. },
-                )) => refusal(
+                lease::PromoteError::Lease(lease::LeaseError::Archive(ArchiveError::Io {
+                    ..
+                })) => refusal(
                     503,
                     "archive_unavailable",
-                    format!(
-                        "taking the archive's lease record: {e}; retry the promotion (a \
-                         retry also finds the record if this attempt wrote it)"
-                    ),
+                    format!("taking the archive's lease record: {e}; retry the promotion"),
                 ),
                 e => refusal(409, "lease_held", e.to_string()),
             })

@@ -209,23 +209,37 @@ impl Server {
 /// A process stopped with SIGSTOP, resumed with SIGCONT when dropped.
 pub struct Paused {
     pid: u32,
+    stopped_at: std::time::Instant,
 }
 
 impl Paused {
     /// Stops `pid` and returns once every one of its threads is stopped.
     pub fn stop(pid: u32) -> Paused {
+        let stopped_at = std::time::Instant::now();
         // SAFETY: kill(2) on a child process this test started.
         assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGSTOP) }, 0);
-        let paused = Paused { pid };
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !all_threads_stopped(pid) {
+        let paused = Paused { pid, stopped_at };
+        let deadline = stopped_at + Duration::from_secs(10);
+        loop {
+            match thread_states(pid) {
+                Some(states) if states.iter().all(|&s| s == 'T') => return paused,
+                Some(states) if states.contains(&'Z') || states.is_empty() => {
+                    panic!("PID {pid} exited instead of stopping")
+                }
+                None => panic!("PID {pid} exited instead of stopping"),
+                Some(_) => {}
+            }
             assert!(
                 std::time::Instant::now() < deadline,
                 "PID {pid} did not stop"
             );
             std::thread::sleep(Duration::from_millis(1));
         }
-        paused
+    }
+
+    /// When SIGSTOP was sent.
+    pub fn stopped_at(&self) -> std::time::Instant {
+        self.stopped_at
     }
 }
 
@@ -236,18 +250,20 @@ impl Drop for Paused {
     }
 }
 
-/// Whether every thread of `pid` is in state `T` (stopped) in `/proc`.
-fn all_threads_stopped(pid: u32) -> bool {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return false;
-    };
-    tasks.flatten().all(|task| {
-        std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
-            // `pid (comm) S ...`: the state follows the last `)`, comm may hold any byte.
-            stat.rsplit_once(')')
-                .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
-        })
-    })
+/// The state letter of each thread of `pid` in `/proc` (`T` stopped, `Z` zombie...);
+/// `None` once the process is gone.
+fn thread_states(pid: u32) -> Option<Vec<char>> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    Some(
+        tasks
+            .flatten()
+            .filter_map(|task| {
+                let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+                // `pid (comm) S ...`: the state follows the last `)`; comm may hold any byte.
+                stat.rsplit_once(')')?.1.trim_start().chars().next()
+            })
+            .collect(),
+    )
 }
 
 impl Drop for Server {

@@ -195,12 +195,19 @@ impl Archive for LocalDirArchive {
                 Err(e) => Err(e),
             },
         };
-        let _ = fs::remove_file(&tmp); // already renamed away, or linked, or refused
-                                       // The lock covers the compare and the place, not the directory sync: a shorter
-                                       // hold is a smaller window for a holder to be stopped inside.
+        // The lock covers the compare and the place, not the directory sync: a shorter
+        // hold is a smaller window for a holder to be stopped inside.
         drop(serialised);
+        let _ = fs::remove_file(&tmp); // already renamed away, or linked, or refused
+                                       // A refusal syncs too: the object it found may be another put's, placed but not
+                                       // yet synced, which a caller finding the same bytes takes for its own.
+        if matches!(
+            placed,
+            Ok(()) | Err(ArchiveError::PreconditionFailed { .. })
+        ) {
+            sync_dir(parent).map_err(io(key))?;
+        }
         placed?;
-        sync_dir(parent).map_err(io(key))?;
         Ok(version)
     }
 
