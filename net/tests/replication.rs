@@ -2643,3 +2643,71 @@ fn an_auto_promoting_follower_takes_over_only_once_the_writers_lease_lapsed() {
         "{logs}"
     );
 }
+
+/// An automatic promotion whose write of the lease record landed but whose answer was
+/// lost (failpoint: the archive "failed" after the write) finds the record naming this
+/// data directory, from this host and path, on its next attempt: its own, so it takes
+/// it over instead of refusing it for ever as a copy of the writer's directory.
+#[test]
+fn an_auto_promotion_whose_lease_answer_was_lost_takes_over_on_its_retry() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let archive = archive_in(dir.path());
+    let lease = ["--lease-ttl-ms", "1500", "--lease-max-drift-ms", "500"];
+    let writer = writer_on(&dir.path().join("writer"), &archive, &lease);
+    let leader = writer.replication.clone().expect("replication address");
+    let mut flags = vec![
+        "--mode",
+        "follower",
+        "--leader-addr",
+        &leader,
+        "--archive",
+        &archive,
+        "--tail-window-ms",
+        "100",
+        "--auto-promote",
+        "--replication-listen",
+        "127.0.0.1:0",
+    ];
+    flags.extend(lease);
+    let follower = Server::try_start_with_env(
+        None,
+        &dir.path().join("follower"),
+        &flags,
+        &[("OC_FAILPOINTS", "promote.lease_answer_lost=1")],
+    )
+    .expect("follower");
+    setup_tenants(&writer);
+    let model: Model = Arc::default();
+    write_rows(&writer, &model, 0, 20);
+    wait_until_matches(&follower, &model);
+
+    writer.kill9();
+    let killed = Instant::now();
+    loop {
+        let reply = follower.post(
+            "/v1/tenants/alpha/tables/items/rows",
+            &json!({"ops": [{"upsert": {"id": -1, "name": "after", "batch": 1}}]}),
+        );
+        if reply.status == 200 {
+            break;
+        }
+        assert_eq!(reply.status, 421, "{reply:?}");
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "no automatic promotion within 30 s:\n{}",
+            follower.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let logs = follower.stderr();
+    assert!(
+        logs.contains("failpoint promote.lease_answer_lost")
+            && logs.contains("automatic promotion refused; watching the writer again"),
+        "the first attempt should have lost its answer:\n{logs}"
+    );
+    assert!(
+        logs.contains("automatic promotion: this server is the writer"),
+        "{logs}"
+    );
+    assert_holds_every_acknowledged(&follower, &model, "failover");
+}

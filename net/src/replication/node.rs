@@ -36,7 +36,7 @@ use glommio::net::TcpListener;
 use glommio::Task;
 use oc_engine::placement::{self, EpochStart, Layout};
 use oc_engine::{ShardNode, ShardRouter};
-use oc_io::{Epoch, Lsn};
+use oc_io::{failpoint, Epoch, Lsn};
 use oc_ship::archive::{Archive, ArchiveError};
 use oc_ship::lease::{self, LeaseHold};
 use oc_ship::shipper::{self, LeaseTtl, ShipStatus, ShipperConfig};
@@ -492,8 +492,9 @@ impl Node {
         let expect = if force || (writer_sync && !automatic) {
             lease::Expect::Any
         } else {
-            let (archive, owner, _, ttl) = self.lease_kit()?;
-            let expect = wait_for_lapse_of(archive, &owner, ttl.max_drift, automatic).await?;
+            let (archive, owner, holder, ttl) = self.lease_kit()?;
+            let expect =
+                wait_for_lapse_of(archive, &owner, &holder, ttl.max_drift, automatic).await?;
             step("the writer's lease lapsed (its record unchanged for its TTL plus the drift margin)".into());
             expect
         };
@@ -652,7 +653,10 @@ impl Node {
         let (archive, owner, holder, ttl) = self.lease_kit()?;
         glommio::executor()
             .spawn_blocking(move || {
-                lease::promote(archive.as_ref(), &owner, holder, now_us(), ttl.ttl, &expect)
+                let claim =
+                    lease::promote(archive.as_ref(), &owner, holder, now_us(), ttl.ttl, &expect)?;
+                lost_answer_failpoint()?;
+                Ok(claim)
             })
             .await
             .map_err(|e| match e {
@@ -722,6 +726,7 @@ impl Node {
 async fn wait_for_lapse_of(
     archive: Arc<dyn Archive>,
     owner: &str,
+    holder: &lease::Holder,
     max_drift: Duration,
     automatic: bool,
 ) -> Result<lease::Expect, Refusal> {
@@ -753,7 +758,11 @@ async fn wait_for_lapse_of(
         }
         return Ok(lease::Expect::Absent);
     };
-    if watched.owner_id == owner && automatic {
+    // This directory's own record, written from this host and path: a promotion here
+    // took it and lost its answer (the directory's lock says no other process there
+    // runs). From anywhere else it is a copy of the writer's directory.
+    let ours_from_here = watched.owner_id == owner && watched.holder.same_place(holder);
+    if watched.owner_id == owner && automatic && !ours_from_here {
         return Err(refusal(
             409,
             "lease_held",
@@ -881,6 +890,24 @@ async fn promote_when_the_writer_is_gone(node: Rc<Node>) {
             }
         }
     }
+}
+
+/// Failpoint `promote.lease_answer_lost`: the first promotion's write of the lease
+/// record lands, and its answer is lost (an I/O error, as a timed-out S3 request).
+fn lost_answer_failpoint() -> Result<(), lease::PromoteError> {
+    static FIRED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if failpoint::armed("promote.lease_answer_lost").is_some()
+        && !FIRED.swap(true, std::sync::atomic::Ordering::SeqCst)
+    {
+        return Err(lease::LeaseError::Archive(ArchiveError::Io {
+            key: lease::LEASE_KEY.to_string(),
+            source: Arc::new(std::io::Error::other(
+                "failpoint promote.lease_answer_lost: the answer was lost",
+            )),
+        })
+        .into());
+    }
+    Ok(())
 }
 
 /// Switches one shard's log to the new epoch, retrying while frames are in flight.
