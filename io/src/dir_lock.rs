@@ -174,17 +174,31 @@ pub fn lock_exclusive_within(path: &Path, limit: Duration) -> std::io::Result<Fi
 /// The PID holding an `flock` on the file `dev`:`inode`, from `/proc/locks` (lines
 /// such as `1: FLOCK  ADVISORY  WRITE 4321 08:01:123456 0 EOF`, the device's major and
 /// minor in hex; waiters are marked `->` and skipped). The PID is as this process's PID
-/// namespace sees it; a holder outside it is not listed.
+/// namespace sees it; a holder outside it is not listed. On btrfs `stat`'s device is
+/// the subvolume's, not the one `/proc/locks` prints: there a lone lock on the inode
+/// is taken for the file's.
 fn flock_holder(dev: u64, inode: u64) -> Option<u32> {
-    let file = format!("{:02x}:{:02x}:{inode}", libc::major(dev), libc::minor(dev));
+    let device = format!("{:02x}:{:02x}:{inode}", libc::major(dev), libc::minor(dev));
+    let same_inode = format!(":{inode}");
     let locks = std::fs::read_to_string("/proc/locks").ok()?;
-    locks.lines().find_map(|line| {
+    let mut on_inode = Vec::new();
+    for line in locks.lines() {
         let fields: Vec<&str> = line.split_whitespace().collect();
-        match fields.as_slice() {
-            [_, "FLOCK", _, _, pid, device, ..] if *device == file => pid.parse().ok(),
-            _ => None,
+        let [_, "FLOCK", _, _, pid, file, ..] = fields.as_slice() else {
+            continue;
+        };
+        let Ok(pid) = pid.parse() else { continue };
+        if *file == device {
+            return Some(pid);
         }
-    })
+        if file.ends_with(&same_inode) {
+            on_inode.push(pid);
+        }
+    }
+    match on_inode.as_slice() {
+        [pid] => Some(*pid),
+        _ => None,
+    }
 }
 
 /// What to do about a holder that kept the lock past the wait, by its state in
@@ -201,7 +215,9 @@ fn describe_holder(pid: u32) -> String {
         });
     let why = match state.as_deref().and_then(|s| s.chars().next()) {
         Some('T' | 't') => "it is stopped and keeps the lock until it resumes (SIGCONT) or exits",
-        Some('D') => "it is waiting on storage that does not answer",
+        Some('D') => {
+            "it is waiting on storage that does not answer, or is frozen by a cgroup freezer"
+        }
         Some(_) => "it is holding the lock far longer than the few milliseconds a write takes",
         None => "it may have released the lock since",
     };

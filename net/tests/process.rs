@@ -14,7 +14,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{restore_latest, run_expecting_exit, try_request, Server};
+use common::{copy_dir, restore_latest, run_expecting_exit, try_request, Server};
 use serde_json::{json, Value};
 
 /// Generous bounds for a loaded 2-core machine; the tests print what they measured.
@@ -309,21 +309,6 @@ fn a_second_data_directory_on_a_claimed_archive_is_refused() {
     drop(owner);
 }
 
-/// `cp -a` of a stopped data directory, as a volume snapshot or "stop, copy, start"
-/// would make it: every file, the lock file and the layout (with its id) included.
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("mkdir");
-    for entry in std::fs::read_dir(from).expect("read_dir") {
-        let entry = entry.expect("entry");
-        let target = to.join(entry.file_name());
-        if entry.file_type().expect("file type").is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).expect("copy");
-        }
-    }
-}
-
 /// A process stopped while it holds the local archive's lock (a Python child taking
 /// it, then SIGSTOPped) keeps it for as long as it stays stopped. A server starting on
 /// that archive gives up after the bounded wait, naming the lock, the holder's PID and
@@ -336,7 +321,7 @@ fn a_stopped_holder_of_the_archive_lock_fails_a_start_naming_it_instead_of_hangi
     let archive = dir.path().join("archive");
     std::fs::create_dir_all(&archive).expect("archive dir");
     let lock = archive.join(oc_ship::archive::local::CAS_LOCK_FILE);
-    let mut holder = std::process::Command::new("python3")
+    let holder = std::process::Command::new("python3")
         .args([
             "-c",
             "import fcntl, sys, time\n\
@@ -349,12 +334,13 @@ fn a_stopped_holder_of_the_archive_lock_fails_a_start_naming_it_instead_of_hangi
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("python3");
+    let mut holder = KilledOnDrop(holder);
     let mut line = String::new();
-    std::io::BufReader::new(holder.stdout.take().expect("stdout"))
+    std::io::BufReader::new(holder.0.stdout.take().expect("stdout"))
         .read_line(&mut line)
         .expect("read");
     assert_eq!(line.trim(), "held");
-    let paused = common::Paused::stop(holder.id());
+    let paused = common::Paused::stop(holder.0.id());
 
     let args = ["--shards", "1", "--archive", &file_uri(&archive)];
     let started = Instant::now();
@@ -366,7 +352,7 @@ fn a_stopped_holder_of_the_archive_lock_fails_a_start_naming_it_instead_of_hangi
         format!("could not take the lock {} within 10 s", lock.display()),
         format!(
             "PID {} (as this process's PID namespace sees it; state T (stopped)) holds it",
-            holder.id()
+            holder.0.id()
         ),
         "it is stopped and keeps the lock until it resumes (SIGCONT) or exits".to_string(),
         "RUNBOOK.md: \"could not take the lock\"".to_string(),
@@ -378,11 +364,20 @@ fn a_stopped_holder_of_the_archive_lock_fails_a_start_naming_it_instead_of_hangi
         "gave up after {waited:?}"
     );
     drop(paused);
-    holder.kill().expect("kill the holder");
-    holder.wait().expect("wait");
+    drop(holder);
     let server = Server::start(&dir.path().join("data"), &args);
     server.create_tenant_with_items("acme");
     assert_eq!(write_row(&server, "acme", 1).expect("write").status, 200);
+}
+
+/// A child process killed (and reaped) when dropped, failed assertion or not.
+struct KilledOnDrop(std::process::Child);
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// A file-level copy of a data directory keeps its id, so the archive's owner record

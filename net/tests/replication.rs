@@ -2711,3 +2711,52 @@ fn an_auto_promotion_whose_lease_answer_was_lost_takes_over_on_its_retry() {
     );
     assert_holds_every_acknowledged(&follower, &model, "failover");
 }
+
+/// A follower on a file-level copy of the writer's directory (its id, so the lease
+/// record names "its" directory) never promotes itself: not while the writer, cut off
+/// only from it, renews the record, and not after the writer dies. Only a record this
+/// very process wrote counts as its own; anything else with its id may be the writer.
+#[test]
+fn an_auto_promoting_follower_on_a_copy_of_the_writers_directory_never_takes_over() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let archive = archive_in(dir.path());
+    let lease = ["--lease-ttl-ms", "1500", "--lease-max-drift-ms", "500"];
+    let writer_dir = dir.path().join("writer");
+    let writer = writer_on(&writer_dir, &archive, &lease);
+    setup_tenants(&writer);
+    let model: Model = Arc::default();
+    write_rows(&writer, &model, 0, 5);
+    assert!(writer.terminate().success());
+    let copy = dir.path().join("copy");
+    common::copy_dir(&writer_dir, &copy);
+    let writer = writer_on(&writer_dir, &archive, &lease);
+    let proxy = Proxy::start(&writer.replication.clone().expect("replication address"));
+    let mut flags = vec!["--auto-promote", "--replication-listen", "127.0.0.1:0"];
+    flags.extend(lease);
+    let follower = follower_on(&copy, &proxy.addr, &archive, &flags);
+    write_rows(&writer, &model, 5, 5);
+    wait_until_matches(&follower, &model);
+
+    let write = |server: &Server| {
+        server.post(
+            "/v1/tenants/alpha/tables/items/rows",
+            &json!({"ops": [{"upsert": {"id": -1, "name": "after", "batch": 1}}]}),
+        )
+    };
+    proxy.cut();
+    std::thread::sleep(Duration::from_millis(4_500));
+    assert_eq!(write(&writer).status, 200, "the writer still takes writes");
+    writer.kill9();
+    std::thread::sleep(Duration::from_millis(6_000));
+    assert_eq!(write(&follower).status, 421, "{}", follower.stderr());
+    let logs = follower.stderr();
+    assert!(
+        logs.contains("names this data directory (a copy of the writer's?)")
+            && logs.contains("automatic promotion refused; watching the writer again"),
+        "the follower should have tried and been refused:\n{logs}"
+    );
+    assert!(
+        !logs.contains("automatic promotion: this server is the writer"),
+        "{logs}"
+    );
+}

@@ -131,6 +131,10 @@ pub struct Node {
     /// A promotion took the lease; set for good (a later failure leaves the server
     /// between roles: only a restart in writer mode finishes it).
     lease_taken: Cell<bool>,
+    /// The claim time this process's latest promotion wrote (or tried to write) into
+    /// the lease record: a record carrying it and this process's holder is this
+    /// process's own write, whatever answer that write got.
+    attempted_claim_us: Cell<Option<u64>>,
     /// A writer that stepped down for a switchover (not ready, writes refused).
     stepped_down: Cell<bool>,
 }
@@ -161,6 +165,7 @@ impl Node {
             promoted_ship_status: RefCell::new(None),
             promoting: Cell::new(false),
             lease_taken: Cell::new(false),
+            attempted_claim_us: Cell::new(None),
             stepped_down: Cell::new(false),
         })
     }
@@ -493,8 +498,12 @@ impl Node {
             lease::Expect::Any
         } else {
             let (archive, owner, holder, ttl) = self.lease_kit()?;
+            let ours = OwnAttempt {
+                holder,
+                claimed_at_us: self.attempted_claim_us.get(),
+            };
             let expect =
-                wait_for_lapse_of(archive, &owner, &holder, ttl.max_drift, automatic).await?;
+                wait_for_lapse_of(archive, &owner, &ours, ttl.max_drift, automatic).await?;
             step("the writer's lease lapsed (its record unchanged for its TTL plus the drift margin)".into());
             expect
         };
@@ -651,10 +660,18 @@ impl Node {
     /// Takes the lease for this data directory, displacing what `expect` allows.
     async fn take_lease(&self, expect: lease::Expect) -> Result<lease::Claim, Refusal> {
         let (archive, owner, holder, ttl) = self.lease_kit()?;
+        let claimed_at_us = now_us();
+        self.attempted_claim_us.set(Some(claimed_at_us));
         glommio::executor()
             .spawn_blocking(move || {
-                let claim =
-                    lease::promote(archive.as_ref(), &owner, holder, now_us(), ttl.ttl, &expect)?;
+                let claim = lease::promote(
+                    archive.as_ref(),
+                    &owner,
+                    holder,
+                    claimed_at_us,
+                    ttl.ttl,
+                    &expect,
+                )?;
                 lost_answer_failpoint()?;
                 Ok(claim)
             })
@@ -726,7 +743,7 @@ impl Node {
 async fn wait_for_lapse_of(
     archive: Arc<dyn Archive>,
     owner: &str,
-    holder: &lease::Holder,
+    ours: &OwnAttempt,
     max_drift: Duration,
     automatic: bool,
 ) -> Result<lease::Expect, Refusal> {
@@ -758,11 +775,14 @@ async fn wait_for_lapse_of(
         }
         return Ok(lease::Expect::Absent);
     };
-    // This directory's own record, written from this host and path: a promotion here
-    // took it and lost its answer (the directory's lock says no other process there
-    // runs). From anywhere else it is a copy of the writer's directory.
-    let ours_from_here = watched.owner_id == owner && watched.holder.same_place(holder);
-    if watched.owner_id == owner && automatic && !ours_from_here {
+    // This directory's id with this process's holder and the claim time of its own
+    // latest attempt: that attempt's write landed and its answer was lost. Any other
+    // record with this id is a copy of the writer's directory (a cloned VM keeps the
+    // id, the host name and the path), which may be the writer itself, alive.
+    let own_write = watched.owner_id == owner
+        && watched.holder == ours.holder
+        && Some(watched.claimed_at_us) == ours.claimed_at_us;
+    if watched.owner_id == owner && automatic && !own_write {
         return Err(refusal(
             409,
             "lease_held",
@@ -890,6 +910,13 @@ async fn promote_when_the_writer_is_gone(node: Rc<Node>) {
             }
         }
     }
+}
+
+/// What this process wrote, or tried to write, into the lease record.
+struct OwnAttempt {
+    holder: lease::Holder,
+    /// `None` before this process's first attempt.
+    claimed_at_us: Option<u64>,
 }
 
 /// Failpoint `promote.lease_answer_lost`: the first promotion's write of the lease

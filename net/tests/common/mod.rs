@@ -222,11 +222,11 @@ impl Paused {
         let deadline = stopped_at + Duration::from_secs(10);
         loop {
             match thread_states(pid) {
-                Some(states) if states.iter().all(|&s| s == 'T') => return paused,
-                Some(states) if states.contains(&'Z') || states.is_empty() => {
+                None => panic!("PID {pid} exited instead of stopping"),
+                Some(states) if states.is_empty() || states.contains(&'Z') => {
                     panic!("PID {pid} exited instead of stopping")
                 }
-                None => panic!("PID {pid} exited instead of stopping"),
+                Some(states) if states.iter().all(|&s| s == 'T') => return paused,
                 Some(_) => {}
             }
             assert!(
@@ -558,4 +558,19 @@ pub fn self_signed_cert(dir: &Path) -> (PathBuf, PathBuf, rcgen::CertifiedKey) {
     std::fs::write(&cert, certified.cert.pem()).expect("write cert");
     std::fs::write(&key, certified.key_pair.serialize_pem()).expect("write key");
     (cert, key, certified)
+}
+
+/// `cp -a` of a stopped data directory, as a volume snapshot or "stop, copy, start"
+/// would make it: every file, the lock file and the layout (with its id) included.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read_dir") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("file type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
 }
