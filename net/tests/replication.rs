@@ -592,6 +592,17 @@ fn writer_on(dir: &std::path::Path, archive: &str, extra: &[&str]) -> Server {
 
 /// A follower of `leader` on `archive`, with `extra` flags.
 fn follower_on(dir: &std::path::Path, leader: &str, archive: &str, extra: &[&str]) -> Server {
+    follower_with_env(dir, leader, archive, extra, &[])
+}
+
+/// [`follower_on`] with `env` set for the server process (failpoints).
+fn follower_with_env(
+    dir: &std::path::Path,
+    leader: &str,
+    archive: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Server {
     let mut flags = vec![
         "--mode",
         "follower",
@@ -603,7 +614,8 @@ fn follower_on(dir: &std::path::Path, leader: &str, archive: &str, extra: &[&str
         "100",
     ];
     flags.extend(extra);
-    Server::start(dir, &flags)
+    Server::try_start_with_env(None, dir, &flags, env)
+        .unwrap_or_else(|e| panic!("follower did not start: {e}"))
 }
 
 /// A writer and a follower on one archive (the lease lives there).
@@ -2655,27 +2667,15 @@ fn an_auto_promotion_whose_lease_answer_was_lost_takes_over_on_its_retry() {
     let lease = ["--lease-ttl-ms", "1500", "--lease-max-drift-ms", "500"];
     let writer = writer_on(&dir.path().join("writer"), &archive, &lease);
     let leader = writer.replication.clone().expect("replication address");
-    let mut flags = vec![
-        "--mode",
-        "follower",
-        "--leader-addr",
-        &leader,
-        "--archive",
-        &archive,
-        "--tail-window-ms",
-        "100",
-        "--auto-promote",
-        "--replication-listen",
-        "127.0.0.1:0",
-    ];
+    let mut flags = vec!["--auto-promote", "--replication-listen", "127.0.0.1:0"];
     flags.extend(lease);
-    let follower = Server::try_start_with_env(
-        None,
+    let follower = follower_with_env(
         &dir.path().join("follower"),
+        &leader,
+        &archive,
         &flags,
         &[("OC_FAILPOINTS", "promote.lease_answer_lost=1")],
-    )
-    .expect("follower");
+    );
     setup_tenants(&writer);
     let model: Model = Arc::default();
     write_rows(&writer, &model, 0, 20);
@@ -2743,17 +2743,31 @@ fn an_auto_promoting_follower_on_a_copy_of_the_writers_directory_never_takes_ove
             &json!({"ops": [{"upsert": {"id": -1, "name": "after", "batch": 1}}]}),
         )
     };
+    let refusals = |server: &Server| {
+        server
+            .stderr()
+            .matches("names this data directory (a copy of the writer's?)")
+            .count()
+    };
     proxy.cut();
     std::thread::sleep(Duration::from_millis(4_500));
     assert_eq!(write(&writer).status, 200, "the writer still takes writes");
+    let while_alive = refusals(&follower);
+    assert!(
+        while_alive > 0,
+        "the follower should have tried and been refused while the writer lived:\n{}",
+        follower.stderr()
+    );
     writer.kill9();
-    std::thread::sleep(Duration::from_millis(6_000));
+    // Its attempts come less often after each refusal (about 0.8, 2.4, 5, 10 s after
+    // the cut): 8 s after the kill at least one more has been refused.
+    std::thread::sleep(Duration::from_millis(8_000));
     assert_eq!(write(&follower).status, 421, "{}", follower.stderr());
     let logs = follower.stderr();
     assert!(
-        logs.contains("names this data directory (a copy of the writer's?)")
+        refusals(&follower) > while_alive
             && logs.contains("automatic promotion refused; watching the writer again"),
-        "the follower should have tried and been refused:\n{logs}"
+        "the follower should have been refused again after the writer died:\n{logs}"
     );
     assert!(
         !logs.contains("automatic promotion: this server is the writer"),

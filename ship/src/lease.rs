@@ -376,6 +376,14 @@ pub enum PromoteError {
     Changed { now: Box<Lease> },
 }
 
+/// Whether `found` is a claim this process wrote: this data directory, this process's
+/// holder (host, PID, program, path) and one of the claim times it used.
+pub fn is_own_claim(found: &Lease, owner_id: &str, holder: &Holder, own_claims: &[u64]) -> bool {
+    found.owner_id == owner_id
+        && found.holder == *holder
+        && own_claims.contains(&found.claimed_at_us)
+}
+
 /// What a promotion may displace.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Expect {
@@ -394,6 +402,12 @@ pub enum Expect {
 /// with the epoch one above the record's, if the record is what `expect` allows. The
 /// write is "only if the version read is still there", so the old writer's next
 /// renewal fails and it stops.
+///
+/// `own_claims` are the claim times this process has written or tried to write with
+/// `holder` (`now_us` among them): a record carrying one of them is this process's own
+/// write, whose answer was lost, and is returned as it is. Any other record, even one
+/// naming this data directory (a copy of it elsewhere, or a clone with the same host
+/// name and path, may hold it), is displaced only as `expect` allows.
 pub fn promote(
     archive: &dyn Archive,
     owner_id: &str,
@@ -401,12 +415,12 @@ pub fn promote(
     now_us: u64,
     ttl: Duration,
     expect: &Expect,
+    own_claims: &[u64],
 ) -> Result<Claim, PromoteError> {
     for _ in 0..MAX_CLAIM_ATTEMPTS {
         let current = read(archive)?;
         let (epoch, condition) = match current {
-            // Already ours: a promotion retried after its answer was lost.
-            Some((found, version)) if found.owner_id == owner_id => {
+            Some((found, version)) if is_own_claim(&found, owner_id, &holder, own_claims) => {
                 return Ok(Claim {
                     claimed: Claimed::Renewed,
                     lease: found,
@@ -835,26 +849,125 @@ mod tests {
         let (_dir, a) = archive();
         // Expected no record, but a writer claimed one meanwhile.
         let claimed = claim_with_ttl(&a, "aa", holder(1), SECOND, STALE, Some(ttl)).expect("claim");
-        let err = promote(&a, "bb", holder(2), 2 * SECOND, ttl, &Expect::Absent)
-            .expect_err("a record appeared");
+        let err = promote(
+            &a,
+            "bb",
+            holder(2),
+            2 * SECOND,
+            ttl,
+            &Expect::Absent,
+            &[2 * SECOND],
+        )
+        .expect_err("a record appeared");
         assert!(matches!(err, PromoteError::Changed { .. }), "{err:?}");
         // Watched one version, and the writer renewed it.
         let watched = Expect::Version(claimed.version.clone());
         claim_with_ttl(&a, "aa", holder(1), 3 * SECOND, STALE, Some(ttl)).expect("renew");
-        let err =
-            promote(&a, "bb", holder(2), 4 * SECOND, ttl, &watched).expect_err("renewed since");
+        let err = promote(
+            &a,
+            "bb",
+            holder(2),
+            4 * SECOND,
+            ttl,
+            &watched,
+            &[4 * SECOND],
+        )
+        .expect_err("renewed since");
         assert!(matches!(err, PromoteError::Changed { .. }), "{err:?}");
         // The version watched is still there: taken, with the next epoch.
         let (_, now) = read(&a).expect("read").expect("present");
-        let taken =
-            promote(&a, "bb", holder(2), 5 * SECOND, ttl, &Expect::Version(now)).expect("promote");
+        let taken = promote(
+            &a,
+            "bb",
+            holder(2),
+            5 * SECOND,
+            ttl,
+            &Expect::Version(now),
+            &[5 * SECOND],
+        )
+        .expect("promote");
         assert_eq!(
             (taken.lease.owner_id.as_str(), taken.lease.epoch),
             ("bb", 2)
         );
         // Forced: whatever is there.
-        let again = promote(&a, "cc", holder(3), 6 * SECOND, ttl, &Expect::Any).expect("forced");
+        let again = promote(
+            &a,
+            "cc",
+            holder(3),
+            6 * SECOND,
+            ttl,
+            &Expect::Any,
+            &[6 * SECOND],
+        )
+        .expect("forced");
         assert_eq!(again.lease.epoch, 3);
+    }
+
+    /// A promotion whose write landed but whose answer was lost finds its own claim on
+    /// its retry and gets it back unchanged; a record naming the same data directory
+    /// and holder with a claim time this process never used (a clone: same id, host
+    /// name and path) is displaced only as `expect` allows, like any other.
+    #[test]
+    fn a_promotion_takes_back_only_its_own_lost_claim() {
+        let ttl = Duration::from_secs(10);
+        let (_dir, a) = archive();
+        claim_with_ttl(&a, "aa", holder(1), SECOND, STALE, Some(ttl)).expect("claim");
+        let (_, writers) = read(&a).expect("read").expect("present");
+        let watched = Expect::Version(writers);
+        let first = promote(
+            &a,
+            "bb",
+            holder(2),
+            2 * SECOND,
+            ttl,
+            &watched,
+            &[2 * SECOND],
+        )
+        .expect("promote");
+        assert_eq!(
+            (first.claimed.clone(), first.lease.epoch),
+            (Claimed::New, 2)
+        );
+        // The retry of the same process (its answer lost): its own claim, unchanged.
+        let retry = promote(
+            &a,
+            "bb",
+            holder(2),
+            3 * SECOND,
+            ttl,
+            &watched,
+            &[2 * SECOND, 3 * SECOND],
+        )
+        .expect("its own claim");
+        assert_eq!(retry.claimed, Claimed::Renewed);
+        assert_eq!(retry.version, first.version);
+        assert_eq!(retry.lease, first.lease);
+        // A clone that watched the same writer's record: the record changed since.
+        let err = promote(
+            &a,
+            "bb",
+            holder(2),
+            4 * SECOND,
+            ttl,
+            &watched,
+            &[4 * SECOND],
+        )
+        .expect_err("a clone's promotion");
+        assert!(matches!(err, PromoteError::Changed { .. }), "{err:?}");
+        // One that waited out the record now there: a new claim, with the next epoch.
+        let (_, now) = read(&a).expect("read").expect("present");
+        let taken = promote(
+            &a,
+            "bb",
+            holder(2),
+            5 * SECOND,
+            ttl,
+            &Expect::Version(now),
+            &[5 * SECOND],
+        )
+        .expect("after its lapse");
+        assert_eq!((taken.claimed, taken.lease.epoch), (Claimed::New, 3));
     }
 
     /// The stored bytes are exactly what FORMAT.md §9.2 shows (fields in this order).

@@ -131,10 +131,10 @@ pub struct Node {
     /// A promotion took the lease; set for good (a later failure leaves the server
     /// between roles: only a restart in writer mode finishes it).
     lease_taken: Cell<bool>,
-    /// The claim time this process's latest promotion wrote (or tried to write) into
-    /// the lease record: a record carrying it and this process's holder is this
+    /// The claim times this process's promotions wrote (or tried to write) into the
+    /// lease record: a record carrying one of them and this process's holder is this
     /// process's own write, whatever answer that write got.
-    attempted_claim_us: Cell<Option<u64>>,
+    attempted_claims: RefCell<Vec<u64>>,
     /// A writer that stepped down for a switchover (not ready, writes refused).
     stepped_down: Cell<bool>,
 }
@@ -165,7 +165,7 @@ impl Node {
             promoted_ship_status: RefCell::new(None),
             promoting: Cell::new(false),
             lease_taken: Cell::new(false),
-            attempted_claim_us: Cell::new(None),
+            attempted_claims: RefCell::new(Vec::new()),
             stepped_down: Cell::new(false),
         })
     }
@@ -498,13 +498,13 @@ impl Node {
             lease::Expect::Any
         } else {
             let (archive, owner, holder, ttl) = self.lease_kit()?;
-            let ours = OwnAttempt {
+            let ours = OwnClaims {
                 holder,
-                claimed_at_us: self.attempted_claim_us.get(),
+                claims: self.attempted_claims.borrow().clone(),
             };
-            let expect =
+            let (expect, found) =
                 wait_for_lapse_of(archive, &owner, &ours, ttl.max_drift, automatic).await?;
-            step("the writer's lease lapsed (its record unchanged for its TTL plus the drift margin)".into());
+            step(found.into());
             expect
         };
         // 3. Stop following: nothing more is acknowledged to the old writer.
@@ -661,7 +661,8 @@ impl Node {
     async fn take_lease(&self, expect: lease::Expect) -> Result<lease::Claim, Refusal> {
         let (archive, owner, holder, ttl) = self.lease_kit()?;
         let claimed_at_us = now_us();
-        self.attempted_claim_us.set(Some(claimed_at_us));
+        self.attempted_claims.borrow_mut().push(claimed_at_us);
+        let own_claims = self.attempted_claims.borrow().clone();
         glommio::executor()
             .spawn_blocking(move || {
                 let claim = lease::promote(
@@ -671,6 +672,7 @@ impl Node {
                     claimed_at_us,
                     ttl.ttl,
                     &expect,
+                    &own_claims,
                 )?;
                 lost_answer_failpoint()?;
                 Ok(claim)
@@ -738,15 +740,17 @@ impl Node {
 /// wrote that version, which is before this host first read it: once the wait is over
 /// it has stopped, whatever the two wall clocks say (only their rates may differ, by
 /// less than the drift margin). A renewal meanwhile means it is alive: refused at once.
-/// `automatic`: only a record of another owner that lapsed will do (an operator's
-/// promotion also takes an absent record, or its own).
+/// A record this process wrote itself (a promotion whose answer was lost) is returned
+/// at once. Any other record naming this data directory may be a live writer on a copy
+/// of it: `automatic` refuses it; an operator's promotion waits it out like any other.
+/// `automatic` also refuses an absent record. Returns what was found, for the steps.
 async fn wait_for_lapse_of(
     archive: Arc<dyn Archive>,
     owner: &str,
-    ours: &OwnAttempt,
+    ours: &OwnClaims,
     max_drift: Duration,
     automatic: bool,
-) -> Result<lease::Expect, Refusal> {
+) -> Result<(lease::Expect, &'static str), Refusal> {
     let read = || {
         let archive = archive.clone();
         async move {
@@ -773,26 +777,25 @@ async fn wait_for_lapse_of(
                  lapsed: check that this follower's --archive is the writer's",
             ));
         }
-        return Ok(lease::Expect::Absent);
+        return Ok((lease::Expect::Absent, "the archive holds no lease record"));
     };
-    // This directory's id with this process's holder and the claim time of its own
-    // latest attempt: that attempt's write landed and its answer was lost. Any other
-    // record with this id is a copy of the writer's directory (a cloned VM keeps the
-    // id, the host name and the path), which may be the writer itself, alive.
-    let own_write = watched.owner_id == owner
-        && watched.holder == ours.holder
-        && Some(watched.claimed_at_us) == ours.claimed_at_us;
-    if watched.owner_id == owner && automatic && !own_write {
+    // A copy of this directory (a cloned VM keeps the id, the host name and the path)
+    // may be the writer itself, alive: only this process's own claims are its own.
+    if lease::is_own_claim(&watched, owner, &ours.holder, &ours.claims) {
+        return Ok((
+            lease::Expect::Version(version),
+            "the archive's lease record is this process's own claim (an earlier \
+             promotion's answer was lost)",
+        ));
+    }
+    if watched.owner_id == owner && automatic {
         return Err(refusal(
             409,
             "lease_held",
             "the archive's lease record names this data directory (a copy of the writer's?): \
-             an automatic promotion cannot tell the writer is gone",
+             an automatic promotion cannot tell the writer is gone. If no copy of this \
+             directory runs, promote by hand: it waits the record's lease out",
         ));
-    }
-    if watched.owner_id == owner {
-        // A promotion retried after its answer was lost (`promote` sees it is ours).
-        return Ok(lease::Expect::Version(version));
     }
     let Some(ttl_ms) = watched.lease_ttl_ms else {
         return Err(refusal(
@@ -817,7 +820,11 @@ async fn wait_for_lapse_of(
     loop {
         let now = Instant::now();
         if now >= lapses_at {
-            return Ok(lease::Expect::Version(version));
+            return Ok((
+                lease::Expect::Version(version),
+                "the writer's lease lapsed (its record unchanged for its TTL plus the drift \
+                 margin)",
+            ));
         }
         glommio::timer::sleep((lapses_at - now).min(Duration::from_millis(250))).await;
         match read().await? {
@@ -913,10 +920,10 @@ async fn promote_when_the_writer_is_gone(node: Rc<Node>) {
 }
 
 /// What this process wrote, or tried to write, into the lease record.
-struct OwnAttempt {
+struct OwnClaims {
     holder: lease::Holder,
-    /// `None` before this process's first attempt.
-    claimed_at_us: Option<u64>,
+    /// Every claim time this process's promotions used.
+    claims: Vec<u64>,
 }
 
 /// Failpoint `promote.lease_answer_lost`: the first promotion's write of the lease
