@@ -794,7 +794,7 @@ async fn wait_for_lapse_of(
             "lease_held",
             "the archive's lease record names this data directory (a copy of the writer's?): \
              an automatic promotion cannot tell the writer is gone. If no copy of this \
-             directory runs, promote by hand: it waits the record's lease out",
+             directory runs, promote by hand: it treats the record like any writer's",
         ));
     }
     let Some(ttl_ms) = watched.lease_ttl_ms else {
