@@ -843,64 +843,49 @@ mod tests {
         assert_eq!(record.renewed_at_us, 500 * SECOND + 2);
     }
 
+    /// `promote` by data directory `owner` with holder PID `pid` at `at_s` seconds,
+    /// which is its only claim time.
+    fn promote_at(
+        a: &LocalDirArchive,
+        owner: &str,
+        pid: u32,
+        at_s: u64,
+        expect: &Expect,
+    ) -> Result<Claim, PromoteError> {
+        let ttl = Duration::from_secs(10);
+        promote(
+            a,
+            owner,
+            holder(pid),
+            at_s * SECOND,
+            ttl,
+            expect,
+            &[at_s * SECOND],
+        )
+    }
+
     #[test]
     fn a_promotion_displaces_only_what_it_expected() {
         let ttl = Duration::from_secs(10);
         let (_dir, a) = archive();
         // Expected no record, but a writer claimed one meanwhile.
         let claimed = claim_with_ttl(&a, "aa", holder(1), SECOND, STALE, Some(ttl)).expect("claim");
-        let err = promote(
-            &a,
-            "bb",
-            holder(2),
-            2 * SECOND,
-            ttl,
-            &Expect::Absent,
-            &[2 * SECOND],
-        )
-        .expect_err("a record appeared");
+        let err = promote_at(&a, "bb", 2, 2, &Expect::Absent).expect_err("a record appeared");
         assert!(matches!(err, PromoteError::Changed { .. }), "{err:?}");
         // Watched one version, and the writer renewed it.
         let watched = Expect::Version(claimed.version.clone());
         claim_with_ttl(&a, "aa", holder(1), 3 * SECOND, STALE, Some(ttl)).expect("renew");
-        let err = promote(
-            &a,
-            "bb",
-            holder(2),
-            4 * SECOND,
-            ttl,
-            &watched,
-            &[4 * SECOND],
-        )
-        .expect_err("renewed since");
+        let err = promote_at(&a, "bb", 2, 4, &watched).expect_err("renewed since");
         assert!(matches!(err, PromoteError::Changed { .. }), "{err:?}");
         // The version watched is still there: taken, with the next epoch.
         let (_, now) = read(&a).expect("read").expect("present");
-        let taken = promote(
-            &a,
-            "bb",
-            holder(2),
-            5 * SECOND,
-            ttl,
-            &Expect::Version(now),
-            &[5 * SECOND],
-        )
-        .expect("promote");
+        let taken = promote_at(&a, "bb", 2, 5, &Expect::Version(now)).expect("promote");
         assert_eq!(
             (taken.lease.owner_id.as_str(), taken.lease.epoch),
             ("bb", 2)
         );
         // Forced: whatever is there.
-        let again = promote(
-            &a,
-            "cc",
-            holder(3),
-            6 * SECOND,
-            ttl,
-            &Expect::Any,
-            &[6 * SECOND],
-        )
-        .expect("forced");
+        let again = promote_at(&a, "cc", 3, 6, &Expect::Any).expect("forced");
         assert_eq!(again.lease.epoch, 3);
     }
 
@@ -915,58 +900,24 @@ mod tests {
         claim_with_ttl(&a, "aa", holder(1), SECOND, STALE, Some(ttl)).expect("claim");
         let (_, writers) = read(&a).expect("read").expect("present");
         let watched = Expect::Version(writers);
-        let first = promote(
-            &a,
-            "bb",
-            holder(2),
-            2 * SECOND,
-            ttl,
-            &watched,
-            &[2 * SECOND],
-        )
-        .expect("promote");
+        let first = promote_at(&a, "bb", 2, 2, &watched).expect("promote");
         assert_eq!(
             (first.claimed.clone(), first.lease.epoch),
             (Claimed::New, 2)
         );
         // The retry of the same process (its answer lost): its own claim, unchanged.
-        let retry = promote(
-            &a,
-            "bb",
-            holder(2),
-            3 * SECOND,
-            ttl,
-            &watched,
-            &[2 * SECOND, 3 * SECOND],
-        )
-        .expect("its own claim");
+        let own = [2 * SECOND, 3 * SECOND];
+        let retry =
+            promote(&a, "bb", holder(2), 3 * SECOND, ttl, &watched, &own).expect("its own claim");
         assert_eq!(retry.claimed, Claimed::Renewed);
         assert_eq!(retry.version, first.version);
         assert_eq!(retry.lease, first.lease);
         // A clone that watched the same writer's record: the record changed since.
-        let err = promote(
-            &a,
-            "bb",
-            holder(2),
-            4 * SECOND,
-            ttl,
-            &watched,
-            &[4 * SECOND],
-        )
-        .expect_err("a clone's promotion");
+        let err = promote_at(&a, "bb", 2, 4, &watched).expect_err("a clone's promotion");
         assert!(matches!(err, PromoteError::Changed { .. }), "{err:?}");
         // One that waited out the record now there: a new claim, with the next epoch.
         let (_, now) = read(&a).expect("read").expect("present");
-        let taken = promote(
-            &a,
-            "bb",
-            holder(2),
-            5 * SECOND,
-            ttl,
-            &Expect::Version(now),
-            &[5 * SECOND],
-        )
-        .expect("after its lapse");
+        let taken = promote_at(&a, "bb", 2, 5, &Expect::Version(now)).expect("after its lapse");
         assert_eq!((taken.claimed, taken.lease.epoch), (Claimed::New, 3));
     }
 
