@@ -232,8 +232,8 @@ fn describe_holder(pid: u32) -> String {
 /// system whose device numbers `stat` and `/proc/locks` give differently).
 fn unknown_holder(path: &Path) -> String {
     format!(
-        "another process holds it (`fuser -v {}` on the host names it). See RUNBOOK.md: \
-         \"could not take the lock\"",
+        "another process holds it (`lslocks -o PID,PATH` on each host using {} names \
+         it). See RUNBOOK.md: \"could not take the lock\"",
         path.display()
     )
 }
