@@ -2680,6 +2680,10 @@ fn an_auto_promotion_whose_lease_answer_was_lost_takes_over_on_its_retry() {
     let model: Model = Arc::default();
     write_rows(&writer, &model, 0, 20);
     wait_until_matches(&follower, &model);
+    // An automatic promotion waits until the follower knew itself caught up: a message
+    // from the writer (a heartbeat every 500 ms) found everything applied.
+    wait_until_follower_ready(&follower);
+    std::thread::sleep(Duration::from_millis(1_200));
 
     writer.kill9();
     let killed = Instant::now();
@@ -2736,6 +2740,10 @@ fn an_auto_promoting_follower_on_a_copy_of_the_writers_directory_never_takes_ove
     let follower = follower_on(&copy, &proxy.addr, &archive, &flags);
     write_rows(&writer, &model, 5, 5);
     wait_until_matches(&follower, &model);
+    // An automatic promotion waits until the follower knew itself caught up: a message
+    // from the writer (a heartbeat every 500 ms) found everything applied.
+    wait_until_follower_ready(&follower);
+    std::thread::sleep(Duration::from_millis(1_200));
 
     let write = |server: &Server| {
         server.post(
