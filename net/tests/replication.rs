@@ -2629,20 +2629,7 @@ fn an_auto_promoting_follower_takes_over_only_once_the_writers_lease_lapsed() {
     assert_eq!(write(&writer).status, 200, "the writer still takes writes");
 
     writer.kill9();
-    let killed = Instant::now();
-    let took = loop {
-        let reply = write(&follower);
-        if reply.status == 200 {
-            break killed.elapsed();
-        }
-        assert_eq!(reply.status, 421, "{reply:?}");
-        assert!(
-            killed.elapsed() < Duration::from_secs(20),
-            "no automatic promotion within 20 s:\n{}",
-            follower.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let took = first_write_taken(&follower, Duration::from_secs(20));
     eprintln!("automatic promotion: first write taken {took:?} after the kill");
     assert!(
         took >= Duration::from_millis(1_500),
@@ -2654,6 +2641,28 @@ fn an_auto_promoting_follower_takes_over_only_once_the_writers_lease_lapsed() {
         logs.contains("automatic promotion: this server is the writer"),
         "{logs}"
     );
+}
+
+/// Writes to `follower` until it takes one (it promoted itself), refused with 421
+/// meanwhile; returns how long that took. Fails after `within`.
+fn first_write_taken(follower: &Server, within: Duration) -> Duration {
+    let since = Instant::now();
+    loop {
+        let reply = follower.post(
+            "/v1/tenants/alpha/tables/items/rows",
+            &json!({"ops": [{"upsert": {"id": -1, "name": "after", "batch": 1}}]}),
+        );
+        if reply.status == 200 {
+            return since.elapsed();
+        }
+        assert_eq!(reply.status, 421, "{reply:?}");
+        assert!(
+            since.elapsed() < within,
+            "no automatic promotion within {within:?}:\n{}",
+            follower.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// An automatic promotion whose write of the lease record landed but whose answer was
@@ -2686,23 +2695,7 @@ fn an_auto_promotion_whose_lease_answer_was_lost_takes_over_on_its_retry() {
     std::thread::sleep(Duration::from_millis(1_200));
 
     writer.kill9();
-    let killed = Instant::now();
-    loop {
-        let reply = follower.post(
-            "/v1/tenants/alpha/tables/items/rows",
-            &json!({"ops": [{"upsert": {"id": -1, "name": "after", "batch": 1}}]}),
-        );
-        if reply.status == 200 {
-            break;
-        }
-        assert_eq!(reply.status, 421, "{reply:?}");
-        assert!(
-            killed.elapsed() < Duration::from_secs(30),
-            "no automatic promotion within 30 s:\n{}",
-            follower.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    first_write_taken(&follower, Duration::from_secs(30));
     let logs = follower.stderr();
     assert!(
         logs.contains("failpoint promote.lease_answer_lost")
