@@ -401,6 +401,7 @@ fn ship_config(config: &ServerConfig, layout: &oc_engine::placement::Layout) -> 
             ..BreakerPolicy::default()
         },
         lease_ttl: config.lease_ttl(),
+        held: None,
     }
 }
 

@@ -133,6 +133,10 @@ pub enum LeaseError {
         "the archive's {LEASE_KEY} is unreadable: {problem}; it was not written by this version of oc"
     )]
     Unreadable { problem: FileProblem },
+    /// The record this process held was written by someone else before it started
+    /// shipping.
+    #[error("{message}")]
+    Displaced { message: String },
     #[error("the archive's {LEASE_KEY} kept changing while this server claimed it ({MAX_CLAIM_ATTEMPTS} attempts): another process is claiming it too")]
     Contended,
     /// The store took a put its condition forbids: it cannot fence an old writer.

@@ -75,6 +75,19 @@ pub struct ShipperConfig {
     /// before the TTL runs out since its last renewal. `None`: the owner record of a
     /// lone server (no TTL; writes stop 2 renewal intervals after the last renewal).
     pub lease_ttl: Option<LeaseTtl>,
+    /// The record this process already took (a promotion's claim): shipping renews it
+    /// from that version instead of claiming again, so a record written since (a clone
+    /// of this directory promoted meanwhile) displaces this process rather than being
+    /// overwritten. `None`: claim at start.
+    pub held: Option<HeldClaim>,
+}
+
+/// A claim this process wrote, and when its write was sent (the hold's first
+/// confirmation).
+#[derive(Debug, Clone)]
+pub struct HeldClaim {
+    pub claim: lease::Claim,
+    pub sent: Instant,
 }
 
 /// A replicating writer's lease timing (FORMAT.md §9.2).
@@ -461,15 +474,21 @@ impl<F: ShardFiles> Shipper<F> {
         status: ShipStatus,
         files: F,
     ) -> Result<Shipper<F>, ShipError> {
-        let claim_sent = Instant::now();
-        let claim = lease::claim_with_ttl(
-            archive.as_ref(),
-            &config.owner_id,
-            config.holder.clone(),
-            now_us(),
-            config.lease_renew * lease::LEASE_STALE_INTERVALS,
-            config.lease_ttl.map(|l| l.ttl),
-        )?;
+        let (claim, claim_sent) = match config.held.clone() {
+            Some(HeldClaim { claim, sent }) => (claim, sent),
+            None => {
+                let sent = Instant::now();
+                let claim = lease::claim_with_ttl(
+                    archive.as_ref(),
+                    &config.owner_id,
+                    config.holder.clone(),
+                    now_us(),
+                    config.lease_renew * lease::LEASE_STALE_INTERVALS,
+                    config.lease_ttl.map(|l| l.ttl),
+                )?;
+                (claim, sent)
+            }
+        };
         match &claim.claimed {
             lease::Claimed::TakenOver { from, idle } => tracing::warn!(
                 owner_id = %claim.lease.owner_id,
@@ -491,7 +510,22 @@ impl<F: ShardFiles> Shipper<F> {
         // A promoted writer ships under its own prefix: the old writer's keys stay its.
         let namespace = lease::namespace(claim.lease.epoch);
         let lease_epoch = claim.lease.epoch;
-        let renewal = Renewal::new(archive.clone(), claim, hold.clone());
+        let mut renewal = Renewal::new(archive.clone(), claim, hold.clone());
+        if config.held.is_some() {
+            // Time has passed since the claim (the promotion's other steps): renewing
+            // it now both refreshes the hold and proves nobody took the record since.
+            match renewal.renew(now_us()) {
+                Renewed::Yes => {}
+                Renewed::Failed(e) => return Err(e.into()),
+                Renewed::Displaced(found) => {
+                    let mine = &renewal.lease().holder;
+                    return Err(LeaseError::Displaced {
+                        message: displaced_message(mine, &config.owner_id, found),
+                    }
+                    .into());
+                }
+            }
+        }
         let archive: Arc<dyn Archive> = match namespace {
             Some(prefix) => {
                 tracing::info!(%prefix, lease_epoch, "shipping under this writer's epoch prefix");
@@ -991,7 +1025,15 @@ pub fn start(
     let window = config.tail_window;
     let policy = config.breaker;
     let renew_every = config.lease_renew;
-    let mut shipper = Shipper::open(archive, config, status.clone())?;
+    let mut shipper = match Shipper::open(archive, config, status.clone()) {
+        // The record this process took was taken from it: as displaced as a renewal
+        // finding so later.
+        Err(ShipError::Owner(LeaseError::Displaced { message })) => {
+            on_displaced(message.clone());
+            return Err(LeaseError::Displaced { message }.into());
+        }
+        opened => opened?,
+    };
     let hold = shipper.hold.clone();
     let lease_epoch = shipper.lease_epoch;
     let renewal = shipper.renewal.take().ok_or_else(|| ShipError::Local {
@@ -1239,6 +1281,7 @@ mod tests {
             audit_retention: Duration::from_secs(400 * 24 * 3600),
             breaker: BreakerPolicy::default(),
             lease_ttl: None,
+            held: None,
         }
     }
 
@@ -1545,5 +1588,84 @@ mod tests {
             shipper.shards[0].forgotten.is_empty(),
             "a released segment stays tracked"
         );
+    }
+
+    /// A promotion's claim is renewed from its version when shipping starts: a record
+    /// written since (a clone of this directory, same id and holder, promoted once this
+    /// one's lease lapsed) displaces this process instead of being claimed again.
+    #[test]
+    fn shipping_renews_a_promotions_claim_and_never_overwrites_a_later_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let archive: Arc<dyn Archive> =
+            Arc::new(crate::archive::LocalDirArchive::open(dir.path().join("a")).expect("archive"));
+        let config = test_config(dir.path());
+        let promote = |at_us: u64, expect: &lease::Expect| {
+            lease::promote(
+                archive.as_ref(),
+                &config.owner_id,
+                config.holder.clone(),
+                at_us,
+                Duration::from_secs(10),
+                expect,
+                &[],
+            )
+            .expect("promote")
+        };
+        let start_us = now_us();
+        let first = promote(start_us, &lease::Expect::Absent);
+        let clone = promote(start_us + 1, &lease::Expect::Version(first.version.clone()));
+        assert_eq!((first.lease.epoch, clone.lease.epoch), (2, 3));
+
+        let late = ShipperConfig {
+            held: Some(HeldClaim {
+                claim: first,
+                sent: Instant::now(),
+            }),
+            ..config.clone()
+        };
+        let refused = Shipper::open_with(
+            archive.clone(),
+            late,
+            ShipStatus::default(),
+            Forgetful::default(),
+        )
+        .err()
+        .expect("the first promotion's shipping must not start");
+        assert!(
+            matches!(refused, ShipError::Owner(LeaseError::Displaced { .. })),
+            "{refused}"
+        );
+        let (now, _) = lease::read(archive.as_ref())
+            .expect("read")
+            .expect("a record");
+        assert_eq!(
+            now, clone.lease,
+            "the later promotion's record is left as it was"
+        );
+
+        let current = ShipperConfig {
+            held: Some(HeldClaim {
+                claim: clone.clone(),
+                sent: Instant::now(),
+            }),
+            ..config
+        };
+        let shipper = Shipper::open_with(
+            archive.clone(),
+            current,
+            ShipStatus::default(),
+            Forgetful::default(),
+        )
+        .expect("the current holder ships");
+        assert_eq!(shipper.lease_epoch, 3);
+        let (renewed, _) = lease::read(archive.as_ref())
+            .expect("read")
+            .expect("a record");
+        assert_eq!(
+            (renewed.epoch, renewed.claimed_at_us),
+            (3, clone.lease.claimed_at_us),
+            "renewed, not claimed anew"
+        );
+        assert!(renewed.renewed_at_us > clone.lease.renewed_at_us);
     }
 }

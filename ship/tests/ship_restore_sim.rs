@@ -111,6 +111,7 @@ fn ship_config(dir: &std::path::Path) -> ShipperConfig {
         audit_retention: Duration::from_secs(24 * 3600),
         breaker: BreakerPolicy::default(),
         lease_ttl: None,
+        held: None,
     }
 }
 

@@ -39,7 +39,7 @@ use oc_engine::{ShardNode, ShardRouter};
 use oc_io::{failpoint, Epoch, Lsn};
 use oc_ship::archive::{Archive, ArchiveError};
 use oc_ship::lease::{self, LeaseHold};
-use oc_ship::shipper::{self, LeaseTtl, ShipStatus, ShipperConfig};
+use oc_ship::shipper::{self, HeldClaim, LeaseTtl, ShipError, ShipStatus, ShipperConfig};
 use oc_ship::timeline::{self, TimelineRecord};
 use serde_json::json;
 
@@ -133,8 +133,9 @@ pub struct Node {
     lease_taken: Cell<bool>,
     /// The claim times this process's promotions wrote (or tried to write) into the
     /// lease record: a record carrying one of them and this process's holder is this
-    /// process's own write, whatever answer that write got.
-    attempted_claims: RefCell<Vec<u64>>,
+    /// process's own write, whatever answer that write got. Each with when its write
+    /// was sent.
+    attempted_claims: RefCell<Vec<(u64, Instant)>>,
     /// A writer that stepped down for a switchover (not ready, writes refused).
     stepped_down: Cell<bool>,
 }
@@ -500,7 +501,7 @@ impl Node {
             let (archive, owner, holder, ttl) = self.lease_kit()?;
             let ours = OwnClaims {
                 holder,
-                claims: self.attempted_claims.borrow().clone(),
+                claims: self.claim_times(),
             };
             let (expect, found) =
                 wait_for_lapse_of(archive, &owner, &ours, ttl.max_drift, automatic).await?;
@@ -514,14 +515,15 @@ impl Node {
         }
         step("stopped the streams from the writer".into());
         // 4. The lease, with the next epoch.
-        let claim = match self.take_lease(expect).await {
-            Ok(claim) => claim,
+        let held = match self.take_lease(expect).await {
+            Ok(held) => held,
             Err(refused) => {
                 self.follow(&router);
                 return Err(refused);
             }
         };
         self.lease_taken.set(true);
+        let claim = &held.claim;
         let lease_epoch = claim.lease.epoch;
         step(format!(
             "took the archive's lease with epoch {lease_epoch} (the old writer's next renewal fails)"
@@ -608,7 +610,7 @@ impl Node {
             }
         }
         // 7. Ship, gate acknowledgements, serve followers, take writes.
-        let hold = self.start_shipping(&router).await?;
+        let hold = self.start_shipping(&router, held).await?;
         let sync_policy = self.promotion.borrow().as_ref().and_then(|k| k.sync_policy);
         for shard in 0..router.shards() {
             let hold = hold.clone();
@@ -657,13 +659,25 @@ impl Node {
         ))
     }
 
-    /// Takes the lease for this data directory, displacing what `expect` allows.
-    async fn take_lease(&self, expect: lease::Expect) -> Result<lease::Claim, Refusal> {
+    /// The claim times this process's promotions wrote or tried to write.
+    fn claim_times(&self) -> Vec<u64> {
+        self.attempted_claims
+            .borrow()
+            .iter()
+            .map(|(at, _)| *at)
+            .collect()
+    }
+
+    /// Takes the lease for this data directory, displacing what `expect` allows, and
+    /// returns it with when the write that made it was sent.
+    async fn take_lease(&self, expect: lease::Expect) -> Result<HeldClaim, Refusal> {
         let (archive, owner, holder, ttl) = self.lease_kit()?;
         let claimed_at_us = now_us();
-        self.attempted_claims.borrow_mut().push(claimed_at_us);
-        let own_claims = self.attempted_claims.borrow().clone();
-        glommio::executor()
+        self.attempted_claims
+            .borrow_mut()
+            .push((claimed_at_us, Instant::now()));
+        let own_claims = self.claim_times();
+        let claim = glommio::executor()
             .spawn_blocking(move || {
                 let claim = lease::promote(
                     archive.as_ref(),
@@ -689,11 +703,31 @@ impl Node {
                     format!("taking the archive's lease record: {e}; retry the promotion"),
                 ),
                 e => refusal(409, "lease_held", e.to_string()),
-            })
+            })?;
+        // An earlier attempt's claim, whose answer was lost, was sent when it was.
+        let sent = self
+            .attempted_claims
+            .borrow()
+            .iter()
+            .find(|(at, _)| *at == claim.lease.claimed_at_us)
+            .map(|(_, sent)| *sent)
+            .ok_or_else(|| {
+                refusal(
+                    500,
+                    "internal",
+                    "the lease taken carries no claim time of this process",
+                )
+            })?;
+        Ok(HeldClaim { claim, sent })
     }
 
-    /// Starts the shipper (which renews the lease from now on) and returns its hold.
-    async fn start_shipping(&self, router: &Rc<ShardRouter>) -> Result<Arc<LeaseHold>, Refusal> {
+    /// Starts the shipper, which renews `held` from now on (and fails if someone else
+    /// wrote the record since), and returns its hold.
+    async fn start_shipping(
+        &self,
+        router: &Rc<ShardRouter>,
+        held: HeldClaim,
+    ) -> Result<Arc<LeaseHold>, Refusal> {
         let Some(kit) = self.promotion.borrow_mut().take() else {
             return Err(refusal(500, "internal", "the promotion kit was used"));
         };
@@ -709,23 +743,32 @@ impl Node {
         let status = kit.ship_status.clone();
         let PromotionKit {
             archive,
-            ship_config,
+            mut ship_config,
             ship_status,
             on_displaced,
             ..
         } = kit;
+        ship_config.held = Some(held);
         let started = glommio::executor()
             .spawn_blocking(move || shipper::start(archive, ship_config, ship_status, on_displaced))
             .await
-            .map_err(|e| {
-                refusal(
+            .map_err(|e| match e {
+                ShipError::Owner(lease::LeaseError::Displaced { .. }) => refusal(
+                    409,
+                    "lease_lost",
+                    format!(
+                        "the lease was taken, then written by another process before shipping \
+                         started: {e}; this server takes no writes: stop it"
+                    ),
+                ),
+                e => refusal(
                     500,
                     "internal",
                     format!(
                         "the lease is taken but shipping could not start: {e}; restart this \
                          server in writer mode"
                     ),
-                )
+                ),
             })?;
         *self.shipping.borrow_mut() = Some(glommio::spawn_local((started.run)(router.clone())));
         *self.promoted_ship_status.borrow_mut() = Some(status);
