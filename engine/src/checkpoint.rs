@@ -84,8 +84,13 @@ const _: () = assert!(1 + 8 + SCHEMA_MAX_BYTES <= FRAME_PAYLOAD_BUDGET_BYTES);
 const _: () = assert!(
     1 + 2 + MAX_API_KEYS_PER_TENANT * API_KEY_ENTRY_MAX_BYTES <= FRAME_PAYLOAD_BUDGET_BYTES
 );
-/// The snapshot is written in aligned chunks of this size...
-const WRITE_CHUNK_BYTES: usize = 256 << 10;
+/// The snapshot is written in aligned chunks of this size... Small, because on a device
+/// without FUA every durable log write ends in a cache flush, and the flush carries
+/// whatever the checkpoint wrote since the last one: in 256 KiB chunks about 1 in 70 of
+/// the log's flushes carried a whole chunk, which is where the log's p99 sat (64
+/// writers' p99 with checkpoints ÷ without: 1.41 by the median of 13 alternated rounds,
+/// 1.23 with 16 KiB; BENCHMARKS.md "Checkpoint writes in 16 KiB chunks").
+const WRITE_CHUNK_BYTES: usize = 16 << 10;
 /// A checkpoint is read in reads of this size, this many at a time. One 256 KiB read at
 /// a time, a 160 MB snapshot took 200–214 ms of a 0.51–0.57 s restart, 0.8 GB/s from a
 /// disk that reads 3 GB/s (BENCHMARKS.md "Checkpoint load: reads in flight").
@@ -212,14 +217,15 @@ impl<S: Storage> SnapshotWriter<S> {
         Ok(())
     }
 
-    async fn write_out(&mut self, len: usize) -> Result<(), EngineError> {
+    /// Writes `len` bytes of `pending` from `from` (zero-padded past its end); the caller
+    /// drains what was written.
+    async fn write_out(&mut self, from: usize, len: usize) -> Result<(), EngineError> {
         let mut buf = self.storage.alloc_buffer(len);
         let bytes = buf.as_bytes_mut();
-        let take = len.min(self.pending.len());
-        bytes[..take].copy_from_slice(&self.pending[..take]);
+        let take = len.min(self.pending.len() - from);
+        bytes[..take].copy_from_slice(&self.pending[from..from + take]);
         bytes[take..].fill(0);
         self.file.write_at(buf, self.flushed).await?;
-        self.pending.drain(..take);
         self.flushed += len as u64;
         if self.flushed - self.synced >= SYNC_EVERY_BYTES {
             self.file.sync().await?;
@@ -233,11 +239,16 @@ impl<S: Storage> SnapshotWriter<S> {
         Ok(())
     }
 
-    /// Writes whole chunks once enough frames are pending.
+    /// Writes whole chunks once enough frames are pending. Drained once at the end: a
+    /// frame of up to a MiB is many chunks, and draining each would move the rest every
+    /// time.
     async fn write_full_chunks(&mut self) -> Result<(), EngineError> {
-        while self.pending.len() >= WRITE_CHUNK_BYTES {
-            self.write_out(WRITE_CHUNK_BYTES).await?;
+        let mut written = 0;
+        while self.pending.len() - written >= WRITE_CHUNK_BYTES {
+            self.write_out(written, WRITE_CHUNK_BYTES).await?;
+            written += WRITE_CHUNK_BYTES;
         }
+        self.pending.drain(..written);
         Ok(())
     }
 
@@ -247,7 +258,7 @@ impl<S: Storage> SnapshotWriter<S> {
         let data_bytes = self.flushed + self.pending.len() as u64;
         if !self.pending.is_empty() {
             let len = align_up(self.pending.len() as u64) as usize;
-            self.write_out(len).await?;
+            self.write_out(0, len).await?;
         }
         self.file.sync().await?;
         Ok((data_bytes, self.crc, self.file))
