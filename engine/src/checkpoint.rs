@@ -86,10 +86,10 @@ const _: () = assert!(
 );
 /// The snapshot is written in aligned chunks of this size... Small, because on a device
 /// without FUA every durable log write ends in a cache flush, and the flush carries
-/// whatever the checkpoint wrote since the last one: in 256 KiB chunks about 1 in 70 of
+/// whatever the checkpoint wrote since the last one: in 256 KiB chunks 1 in 40 to 70 of
 /// the log's flushes carried a whole chunk, which is where the log's p99 sat (64
-/// writers' p99 with checkpoints ÷ without: 1.41 by the median of 13 alternated rounds,
-/// 1.23 with 16 KiB; BENCHMARKS.md "Checkpoint writes in 16 KiB chunks").
+/// writers' p99 with checkpoints ÷ without: 1.41 with 256 KiB, 1.18 with 16 KiB, by the
+/// medians of 6 alternated pairs; BENCHMARKS.md "Checkpoint writes in 16 KiB chunks").
 const WRITE_CHUNK_BYTES: usize = 16 << 10;
 /// A checkpoint is read in reads of this size, this many at a time. One 256 KiB read at
 /// a time, a 160 MB snapshot took 200–214 ms of a 0.51–0.57 s restart, 0.8 GB/s from a

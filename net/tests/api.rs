@@ -464,10 +464,10 @@ fn every_double_comes_back_bit_for_bit_through_writes_queries_a_checkpoint_and_a
     let shard = data.join("shard-0");
     let deadline = Instant::now() + Duration::from_secs(60);
     while !std::fs::read_dir(&shard).expect("shard dir").any(|e| {
-        e.expect("entry")
-            .file_name()
-            .to_string_lossy()
-            .ends_with(".snap")
+        let name = e.expect("entry").file_name();
+        let name = name.to_string_lossy();
+        // The manifest is written last: the checkpoint is whole.
+        name.starts_with("checkpoint-") && name.ends_with(".json")
     }) {
         assert!(Instant::now() < deadline, "no checkpoint within 60 s");
         std::thread::sleep(Duration::from_millis(100));

@@ -514,15 +514,25 @@ impl<F: ShardFiles> Shipper<F> {
         if config.held.is_some() {
             // Time has passed since the claim (the promotion's other steps): renewing
             // it now both refreshes the hold and proves nobody took the record since.
-            match renewal.renew(now_us()) {
-                Renewed::Yes => {}
-                Renewed::Failed(e) => return Err(e.into()),
-                Renewed::Displaced(found) => {
-                    let mine = &renewal.lease().holder;
-                    return Err(LeaseError::Displaced {
-                        message: displaced_message(mine, &config.owner_id, found),
+            // An archive error is tried again a few times: the lease is already taken,
+            // and failing here leaves the server between roles.
+            let mut attempt = 0;
+            loop {
+                match renewal.renew(now_us()) {
+                    Renewed::Yes => break,
+                    Renewed::Failed(e) if attempt >= FIRST_RENEWAL_RETRIES => return Err(e.into()),
+                    Renewed::Failed(e) => {
+                        tracing::warn!(error = %e, "renewing the promotion's lease record failed; trying again");
+                        std::thread::sleep(Duration::from_millis(100 << attempt));
+                        attempt += 1;
                     }
-                    .into());
+                    Renewed::Displaced(found) => {
+                        let mine = &renewal.lease().holder;
+                        return Err(LeaseError::Displaced {
+                            message: displaced_message(mine, &config.owner_id, found),
+                        }
+                        .into());
+                    }
                 }
             }
         }
@@ -995,6 +1005,13 @@ impl<F: ShardFiles> Shipper<F> {
     }
 }
 
+/// How often the first renewal of a promotion's claim is tried again after an archive
+/// error (100 ms, then doubling: 1.5 s in all).
+const FIRST_RENEWAL_RETRIES: u32 = 4;
+/// How long a process that finds its promotion's claim taken lives on, to answer the
+/// promotion request, before `on_displaced` ends it.
+const DISPLACED_AT_START_GRACE: Duration = Duration::from_secs(1);
+
 /// The control executor's half, made on the main thread and run where the router is.
 pub type ShipperLoop = Box<dyn FnOnce(Rc<ShardRouter>) -> Pin<Box<dyn Future<Output = ()>>> + Send>;
 
@@ -1027,9 +1044,20 @@ pub fn start(
     let renew_every = config.lease_renew;
     let mut shipper = match Shipper::open(archive, config, status.clone()) {
         // The record this process took was taken from it: as displaced as a renewal
-        // finding so later.
+        // finding so later. The end comes a moment later, so that the caller (a
+        // promotion request) can still answer why.
         Err(ShipError::Owner(LeaseError::Displaced { message })) => {
-            on_displaced(message.clone());
+            let last_words = message.clone();
+            std::thread::Builder::new()
+                .name("oc-lease".into())
+                .spawn(move || {
+                    std::thread::sleep(DISPLACED_AT_START_GRACE);
+                    on_displaced(last_words);
+                })
+                .map_err(|e| ShipError::Local {
+                    file: "oc-lease thread".into(),
+                    why: e.to_string(),
+                })?;
             return Err(LeaseError::Displaced { message }.into());
         }
         opened => opened?,
@@ -1618,7 +1646,7 @@ mod tests {
 
         let late = ShipperConfig {
             held: Some(HeldClaim {
-                claim: first,
+                claim: first.clone(),
                 sent: Instant::now(),
             }),
             ..config.clone()
@@ -1642,6 +1670,31 @@ mod tests {
             now, clone.lease,
             "the later promotion's record is left as it was"
         );
+
+        // Through `start`, as the server runs it: refused, then ended a moment later
+        // as a displaced writer is.
+        let (told, heard) = mpsc::channel();
+        let late = ShipperConfig {
+            held: Some(HeldClaim {
+                claim: first,
+                sent: Instant::now(),
+            }),
+            ..config.clone()
+        };
+        let on_displaced: OnDisplaced = Box::new(move |why| {
+            let _ = told.send(why);
+        });
+        let refused = start(archive.clone(), late, ShipStatus::default(), on_displaced)
+            .err()
+            .expect("the first promotion's shipping must not start");
+        assert!(
+            matches!(refused, ShipError::Owner(LeaseError::Displaced { .. })),
+            "{refused}"
+        );
+        let why = heard
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the displaced process is ended");
+        assert!(why.contains("another copy of this data directory"), "{why}");
 
         let current = ShipperConfig {
             held: Some(HeldClaim {

@@ -758,7 +758,8 @@ impl Node {
                     "lease_lost",
                     format!(
                         "the lease was taken, then written by another process before shipping \
-                         started: {e}; this server takes no writes: stop it"
+                         started: {e}; this server takes no writes and exits with status 5 in a \
+                         second"
                     ),
                 ),
                 e => refusal(
