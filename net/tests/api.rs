@@ -419,22 +419,18 @@ fn every_double_comes_back_bit_for_bit_through_writes_queries_a_checkpoint_and_a
     let data = dir.path().join("data");
     let args = ["--shards", "1", "--checkpoint-wal-bytes", "65536"];
     let server = Server::start(&data, &args);
-    assert_eq!(
-        server
-            .post("/v1/tenants", &json!({"tenant": "acme"}))
-            .status,
-        201
+    server.create_tenant_with(
+        "acme",
+        &json!({
+            "name": "f",
+            "columns": [
+                {"name": "id", "type": "int", "nullable": false},
+                {"name": "x", "type": "float"},
+                {"name": "j", "type": "json"}
+            ],
+            "primary_key": ["id"]
+        }),
     );
-    let table = json!({
-        "name": "f",
-        "columns": [
-            {"name": "id", "type": "int", "nullable": false},
-            {"name": "x", "type": "float"},
-            {"name": "j", "type": "json"}
-        ],
-        "primary_key": ["id"]
-    });
-    assert_eq!(server.post("/v1/tenants/acme/tables", &table).status, 201);
     let floats = hard_floats(2000);
     for (batch, chunk) in floats.chunks(200).enumerate() {
         let ops: Vec<_> = chunk
@@ -485,21 +481,17 @@ fn every_double_comes_back_bit_for_bit_through_writes_queries_a_checkpoint_and_a
 fn a_vector_read_back_and_written_again_keeps_every_f32() {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = Server::start(&dir.path().join("data"), &[]);
-    assert_eq!(
-        server
-            .post("/v1/tenants", &json!({"tenant": "acme"}))
-            .status,
-        201
+    server.create_tenant_with(
+        "acme",
+        &json!({
+            "name": "v",
+            "columns": [
+                {"name": "id", "type": "int", "nullable": false},
+                {"name": "e", "type": "vector(4)"}
+            ],
+            "primary_key": ["id"]
+        }),
     );
-    let table = json!({
-        "name": "v",
-        "columns": [
-            {"name": "id", "type": "int", "nullable": false},
-            {"name": "e", "type": "vector(4)"}
-        ],
-        "primary_key": ["id"]
-    });
-    assert_eq!(server.post("/v1/tenants/acme/tables", &table).status, 201);
     // 0x15ae43fd's shortest decimal, 7.038531e-26, names another f32 once read as a
     // double: answering it would change the value on a client's read-modify-write.
     let stored: Vec<f32> = [0x15ae_43fd, 0x3dcc_cccd, 0x7f7f_ffff, 0x0000_0001]

@@ -188,9 +188,14 @@ impl Server {
 
     /// Creates `tenant` with the items table (see [`items_table`]).
     pub fn create_tenant_with_items(&self, tenant: &str) {
+        self.create_tenant_with(tenant, &items_table());
+    }
+
+    /// Creates `tenant` with one table, `table` being its schema as the API takes it.
+    pub fn create_tenant_with(&self, tenant: &str, table: &Value) {
         let created = self.post("/v1/tenants", &serde_json::json!({"tenant": tenant}));
         assert_eq!(created.status, 201, "{created:?}");
-        let table = self.post(&format!("/v1/tenants/{tenant}/tables"), &items_table());
+        let table = self.post(&format!("/v1/tenants/{tenant}/tables"), table);
         assert_eq!(table.status, 201, "{table:?}");
     }
 
