@@ -650,11 +650,17 @@ fn after_a_long_idle_the_first_write_does_not_look_hours_overdue() {
         // Idle for a while, with only the scheduler looking (no scrapes).
         glommio::timer::sleep(std::time::Duration::from_millis(1500)).await;
         assert!(shard.unchanged_since_checkpoint());
+        let began = std::time::Instant::now();
         write_range(&shard, 10, 11).await;
-        let age = shard.checkpoint_metrics().age_s;
+        // As old as the write (which a loaded disk can stall for a second), not as
+        // old as the checkpoint (1.5 s more).
+        let (age, took) = (
+            shard.checkpoint_metrics().age_s,
+            began.elapsed().as_secs_f64(),
+        );
         assert!(
-            age < 1.0,
-            "the first write after 1.5 s idle counts from the checkpoint: {age} s"
+            age <= took + 0.1,
+            "the first write after 1.5 s idle counts from the checkpoint: {age} s, the write took {took} s"
         );
         shard.close().await.expect("close");
     });
