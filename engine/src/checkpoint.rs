@@ -25,6 +25,7 @@
 //! the next step if a format version 2 comes.
 
 mod manifest;
+mod pace;
 
 use std::future::Future;
 use std::task::Poll;
@@ -96,13 +97,8 @@ const WRITE_CHUNK_BYTES: usize = 16 << 10;
 /// disk that reads 3 GB/s (BENCHMARKS.md "Checkpoint load: reads in flight").
 const READ_CHUNK_BYTES: usize = 1 << 20;
 const READS_IN_FLIGHT: usize = 8;
-/// ...synced every this many bytes...
+/// ...synced every this many bytes, at the pace [`pace`] sets.
 const SYNC_EVERY_BYTES: u64 = 1 << 20;
-/// ...at no more than this rate (bytes per second). Every group commit's durable write
-/// also flushes whatever the checkpoint wrote since the last flush (a cache flush on a
-/// device without FUA): written flat out, a 40 MB checkpoint raised the log's p99 from
-/// 1.4 ms to 35 ms (`oc-bench engine`).
-const WRITE_BYTES_PER_S: f64 = 32e6;
 
 const KIND_HEADER: RecordKind = RecordKind(16);
 const KIND_TENANT: RecordKind = RecordKind(17);
@@ -176,7 +172,7 @@ pub fn parse_manifest_name(name: &str) -> Option<Lsn> {
 }
 
 /// Frames of a snapshot, streamed to its file in aligned chunks.
-struct SnapshotWriter<S: Storage> {
+struct SnapshotWriter<'a, S: Storage> {
     storage: S,
     file: S::File,
     lsn: Lsn,
@@ -186,10 +182,10 @@ struct SnapshotWriter<S: Storage> {
     synced: u64,
     crc: u32,
     frames: u32,
-    started: Instant,
+    pacer: pace::Pacer<'a>,
 }
 
-impl<S: Storage> SnapshotWriter<S> {
+impl<S: Storage> SnapshotWriter<'_, S> {
     /// Appends one frame. The constants above keep every frame this module builds in
     /// bounds; should one ever not be, the checkpoint fails (and backs off) and the shard
     /// keeps running on its log, rather than `frame::encode` stopping the shard.
@@ -225,16 +221,16 @@ impl<S: Storage> SnapshotWriter<S> {
         let take = len.min(self.pending.len() - from);
         bytes[..take].copy_from_slice(&self.pending[from..from + take]);
         bytes[take..].fill(0);
+        let started = Instant::now();
         self.file.write_at(buf, self.flushed).await?;
         self.flushed += len as u64;
         if self.flushed - self.synced >= SYNC_EVERY_BYTES {
             self.file.sync().await?;
             self.synced = self.flushed;
         }
-        let due = self.flushed as f64 / WRITE_BYTES_PER_S;
-        let elapsed = self.started.elapsed().as_secs_f64();
-        if due > elapsed {
-            glommio::timer::sleep(Duration::from_secs_f64(due - elapsed)).await;
+        let wait = self.pacer.wait_after(len, started, Instant::now());
+        if !wait.is_zero() {
+            glommio::timer::sleep(wait).await;
         }
         Ok(())
     }
@@ -484,6 +480,14 @@ impl Capture {
     }
 }
 
+/// The log a checkpoint paces itself by ([`pace`]).
+pub(crate) struct PaceBy<'a> {
+    /// The log's bytes written so far.
+    pub log_bytes: &'a dyn Fn() -> u64,
+    /// Log bytes between two checkpoints (the scheduler's `wal_bytes`).
+    pub log_budget: u64,
+}
+
 /// Writes a checkpoint of `state` (read afresh between chunks) at its applied LSN. On
 /// failure it removes what the attempt left, so a failing disk does not fill up with
 /// partial snapshots, and returns the error.
@@ -492,11 +496,12 @@ pub(crate) async fn write_checkpoint<S: Storage>(
     state: &std::cell::RefCell<ShardState>,
     shard: u32,
     epoch: Epoch,
+    pace_by: PaceBy<'_>,
 ) -> Result<CheckpointInfo, EngineError> {
     let started = Instant::now();
     let capture = Capture::take(&state.borrow());
     let lsn = capture.lsn;
-    let written = write_files(storage, state, shard, epoch, capture, started).await;
+    let written = write_files(storage, state, shard, epoch, capture, started, pace_by).await;
     if written.is_err() {
         discard_attempt(storage, lsn).await;
     }
@@ -512,6 +517,7 @@ async fn write_files<S: Storage>(
     epoch: Epoch,
     capture: Capture,
     started: Instant,
+    pace_by: PaceBy<'_>,
 ) -> Result<CheckpointInfo, EngineError> {
     let (lsn, created) = (capture.lsn, capture.created);
     let snap_tmp = temporary_name(&snapshot_name(lsn));
@@ -531,7 +537,12 @@ async fn write_files<S: Storage>(
         synced: 0,
         crc: 0,
         frames: 0,
-        started: Instant::now(),
+        pacer: pace::Pacer::new(
+            pace_by.log_bytes,
+            capture.data_bytes as u64,
+            pace_by.log_budget,
+            Instant::now(),
+        ),
     };
     let mut header = Writer(vec![CHECKPOINT_FORMAT_VERSION]);
     header.u32(shard);
@@ -587,7 +598,7 @@ async fn write_files<S: Storage>(
 /// Copies one tenant: its tenant, API key and idempotency frames, then its tables in
 /// turns, yielding between them. Returns the rows copied.
 async fn copy_tenant<S: Storage>(
-    out: &mut SnapshotWriter<S>,
+    out: &mut SnapshotWriter<'_, S>,
     state: &std::cell::RefCell<ShardState>,
     tenant: &TenantId,
     keys: &[(String, Remembered)],
@@ -723,7 +734,7 @@ fn encode_active_migration(m: &ActiveMigration) -> (RecordKind, Vec<u8>) {
 /// replaces the first when loaded: a cutover replayed over a half-copied base would
 /// otherwise lose the rows the copy had not reached.
 async fn copy_table<S: Storage>(
-    out: &mut SnapshotWriter<S>,
+    out: &mut SnapshotWriter<'_, S>,
     state: &std::cell::RefCell<ShardState>,
     tenant: &TenantId,
     table: &str,

@@ -141,8 +141,9 @@ pub fn spawn_checkpointer<S: Storage>(
 ) -> Checkpointer {
     let stopped = Rc::new(Cell::new(false));
     let stop = stopped.clone();
+    shard.set_checkpoint_log_budget(policy.wal_bytes);
     let task = glommio::spawn_local(async move {
-        let mut schedule = Schedule::new(policy, shard.wal().stats().bytes_written);
+        let mut schedule = Schedule::new(policy, shard.wal().bytes_written());
         loop {
             glommio::timer::sleep(CHECK_EVERY.min(policy.interval)).await;
             if stop.get() {
@@ -151,7 +152,7 @@ pub fn spawn_checkpointer<S: Storage>(
             if shard.wal().failure().is_some() {
                 return; // the shard needs a restart; nothing more will be applied
             }
-            let bytes_written = shard.wal().stats().bytes_written;
+            let bytes_written = shard.wal().bytes_written();
             if shard.unchanged_since_checkpoint() {
                 schedule.unchanged(bytes_written);
                 continue;

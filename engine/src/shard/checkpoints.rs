@@ -15,11 +15,16 @@ impl<S: Storage> Shard<S> {
             return Ok(info);
         }
         let config = self.wal.config();
+        let log_bytes = || self.wal.bytes_written();
         let info = checkpoint::write_checkpoint(
             &self.storage,
             &self.state,
             config.shard,
             self.wal.epoch(),
+            checkpoint::PaceBy {
+                log_bytes: &log_bytes,
+                log_budget: self.checkpoint_log_budget.get(),
+            },
         )
         .await?;
         *self.last_checkpoint.borrow_mut() = Some(info.clone());
@@ -58,6 +63,12 @@ impl<S: Storage> Shard<S> {
             self.differs_since.set(TimestampMicros::now());
         }
         unchanged
+    }
+
+    /// Log bytes between two checkpoints: a checkpoint is paced to end before the log
+    /// has grown by this much again (`checkpoint::pace`).
+    pub fn set_checkpoint_log_budget(&self, bytes: u64) {
+        self.checkpoint_log_budget.set(bytes);
     }
 
     pub(crate) fn count_checkpoint_failure(&self) {

@@ -93,6 +93,9 @@ pub struct Shard<S: Storage> {
     /// there is no checkpoint. `oc_checkpoint_age_s` counts from here.
     differs_since: std::cell::Cell<TimestampMicros>,
     checkpoint_counts: std::cell::Cell<(u64, u64)>,
+    /// Log bytes between two checkpoints, which a checkpoint's pace keeps to (the
+    /// scheduler's `wal_bytes`).
+    checkpoint_log_budget: std::cell::Cell<u64>,
     release_barrier: std::cell::Cell<Option<Lsn>>,
     /// A new follower's copy of the newest checkpoint: its snapshot, open.
     checkpoint_copy: RefCell<Option<Rc<S::File>>>,
@@ -255,6 +258,9 @@ impl<S: Storage> Shard<S> {
                 ),
                 newest_checkpoint: RefCell::new(newest_checkpoint),
                 checkpoint_counts: std::cell::Cell::new((0, 0)),
+                checkpoint_log_budget: std::cell::Cell::new(
+                    crate::scheduler::CheckpointPolicy::default().wal_bytes,
+                ),
                 release_barrier: std::cell::Cell::new(None),
                 checkpoint_copy: RefCell::new(None),
                 follower_hold: std::cell::Cell::new(None),

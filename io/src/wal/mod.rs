@@ -515,6 +515,12 @@ impl<S: Storage> Wal<S> {
         self.shared.state.borrow().failed.clone()
     }
 
+    /// Bytes written for frames so far (`WalStats::bytes_written`), without copying the
+    /// histograms `stats` copies.
+    pub fn bytes_written(&self) -> u64 {
+        self.shared.stats.borrow().bytes_written
+    }
+
     /// A copy of the log's counters and histograms.
     pub fn stats(&self) -> WalStats {
         self.shared.stats.borrow().clone()
