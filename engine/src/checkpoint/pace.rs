@@ -3,9 +3,10 @@
 //! On a disk without FUA every durable log write ends in a cache flush, and the flush
 //! carries whatever the checkpoint wrote since the previous one. While the log writes,
 //! a checkpoint therefore writes at half the full pace: 64 writers' p99 with
-//! checkpoints back to back ÷ without was 1.30 with main's flat 32 MB/s and 1.10 with
-//! this pace, by the medians of 8 alternated rounds (BENCHMARKS.md "Checkpoints at half
-//! pace while the log writes"). A pace that followed the log's rate of the moment (a
+//! checkpoints back to back ÷ without was 1.20 with a flat 32 MB/s and 1.09 with this
+//! pace, by the medians of 16 alternated rounds, in a run-to-run spread of about ±0.15
+//! (BENCHMARKS.md "Checkpoints at half pace while the log writes"). A pace that
+//! followed the log's rate of the moment (a
 //! fifth of it) did worse than fixed paces of 8 or 16 MB/s there: this log's rate
 //! swings from one 100 ms window to the next, and that pace sped up exactly when the
 //! log's writes came thickest. With the log quiet a checkpoint writes at the full pace.
