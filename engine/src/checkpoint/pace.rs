@@ -6,10 +6,10 @@
 //! checkpoints back to back ÷ without was 1.20 with a flat 32 MB/s and 1.09 with this
 //! pace, by the medians of 16 alternated rounds, in a run-to-run spread of about ±0.15
 //! (BENCHMARKS.md "Checkpoints at half pace while the log writes"). A pace that
-//! followed the log's rate of the moment (a
-//! fifth of it) did worse than fixed paces of 8 or 16 MB/s there: this log's rate
-//! swings from one 100 ms window to the next, and that pace sped up exactly when the
-//! log's writes came thickest. With the log quiet a checkpoint writes at the full pace.
+//! followed the log's rate of the moment (a fifth of it) did worse than fixed paces of
+//! 8 or 16 MB/s there: this log's rate swings from one 100 ms window to the next, and
+//! that pace sped up exactly when the log's writes came thickest. With the log quiet a
+//! checkpoint writes at the full pace.
 //!
 //! Two bounds keep a slow checkpoint from costing more than it saves: it aims to end
 //! before the log grows by the scheduler's `wal_bytes` since it started, and within
