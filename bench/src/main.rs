@@ -129,6 +129,7 @@ fn run_all(args: AllArgs) -> anyhow::Result<()> {
         },
         shards: None,
         no_pin: false,
+        checkpoint_only: false,
     })?;
     eprintln!(
         "== oc-bench recovery ({:.0} s so far)",

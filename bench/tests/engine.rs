@@ -1,0 +1,48 @@
+//! `oc-bench engine --checkpoint-only`, run as a user runs it: the checkpoint phase and
+//! its checkpoint's load, and nothing else, in its JSON and Markdown.
+
+use std::process::Command;
+
+#[test]
+fn checkpoint_only_runs_the_checkpoint_phase_and_its_load_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json = dir.path().join("engine.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_oc-bench"))
+        .args(["engine", "--checkpoint-only", "--seconds", "0.2", "--dir"])
+        .arg(dir.path().join("data"))
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .expect("oc-bench runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "oc-bench failed: {stderr}");
+    assert!(
+        !stderr.contains("WAL alone") && !stderr.contains("pool of"),
+        "only the checkpoint phase runs: {stderr}"
+    );
+
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("the JSON result")).expect("JSON");
+    assert_eq!(report["writes"], serde_json::json!([]), "{report}");
+    assert_eq!(report["pool"], serde_json::json!([]), "{report}");
+    assert!(report["wal_replay_mb_s"].is_null(), "{report}");
+    assert!(
+        report["checkpoints_during_phase"].as_u64() >= Some(1),
+        "{report}"
+    );
+    assert!(report["checkpoint_bytes"].as_u64() > Some(0), "{report}");
+    for p99 in ["no_checkpoint_p99_us", "during_checkpoint_p99_us"] {
+        assert!(report[p99].as_u64() > Some(0), "{p99}: {report}");
+    }
+    assert!(
+        report["checkpoint_load_mb_s"].as_f64() > Some(0.0),
+        "{report}"
+    );
+
+    let markdown = std::fs::read_to_string(json.with_extension("md")).expect("the Markdown");
+    assert!(markdown.contains("| checkpoint load |"), "{markdown}");
+    assert!(
+        !markdown.contains("log replay") && !markdown.contains("| upserts | commits/s"),
+        "{markdown}"
+    );
+}
