@@ -518,6 +518,65 @@ fn damage_inside_a_sealed_segment_is_corruption() {
 }
 
 #[test]
+fn sealed_segments_before_the_replay_point_are_checked_when_read_not_at_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    run_local(async {
+        let acked = closed_log_of_600(dir.path()).await;
+        let names = segment_files(dir.path());
+        assert!(names.len() >= 4, "{names:?}");
+        let first_of = |name: &str| parse_segment_name(name).expect("segment name").2;
+        let (second_first, third_first) = (first_of(&names[1]), first_of(&names[2]));
+        // A frame of the first segment, which the replay point leaves behind.
+        damage(&dir.path().join(&names[0]), DATA_START + 50, &[0xAB; 4]);
+        let (wal, frames, report) = open(dir.path(), small_segments(), third_first)
+            .await
+            .expect("the open reads from the segment holding the replay point");
+        assert_eq!(report.segments_not_read, 2);
+        assert_eq!(report.frames_replayed, 601 - third_first.0);
+        assert_eq!(frames.keys().next(), Some(&third_first.0));
+        assert_eq!(report.last_lsn, Lsn(600));
+        assert_payloads_match(&frames, &acked);
+
+        // A read checks every frame it passes: the damage is found there.
+        let read = wal.read_after(Lsn(0), Lsn(u64::MAX)).await;
+        assert!(
+            matches!(&read, Err(Error::Corrupt { file, .. }) if *file == names[0]),
+            "{read:?}"
+        );
+        // The second segment, also not read at the open, reads back whole, a few frames
+        // at a time (each read starting at a group start an earlier read passed).
+        let mut after = Lsn(second_first.0 - 1);
+        while after < Lsn(600) {
+            let oc_io::LogRead::Frames(page) =
+                wal.read_after(after, Lsn(after.0 + 7)).await.expect("read")
+            else {
+                panic!("the log holds LSN {}", after.0 + 1);
+            };
+            assert!(!page.is_empty(), "nothing after LSN {after}");
+            for frame in page {
+                assert_eq!(frame.lsn, after.next());
+                assert_eq!(Some(&frame.payload), acked.get(&frame.lsn.0));
+                after = frame.lsn;
+            }
+        }
+        wal.close().await.expect("close");
+        drop(wal);
+
+        // A footer that fails its CRC sends the open through the whole segment, which
+        // then reads as unsealed with a later segment: corruption, as from the start.
+        let second = dir.path().join(&names[1]);
+        let footer_at = std::fs::metadata(&second).expect("size").len() - 4096;
+        damage(&second, footer_at + 20, &[0xCD; 4]);
+        let refused = open(dir.path(), small_segments(), third_first).await;
+        assert!(
+            matches!(&refused, Err(Error::Corrupt { file, .. }) if *file == names[1]),
+            "{:?}",
+            refused.err()
+        );
+    });
+}
+
+#[test]
 fn a_newer_epoch_in_the_log_fences_an_old_writer() {
     let dir = tempfile::tempdir().expect("tempdir");
     run_local(async {

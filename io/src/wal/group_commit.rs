@@ -1036,6 +1036,7 @@ impl<S: Storage> Writer<S> {
                 name,
                 first_lsn: self.next_lsn,
                 group_starts: Vec::new(),
+                starts_from_reads: false,
             });
             state.durable_end = DATA_START;
         }

@@ -110,7 +110,7 @@ impl<S: Storage> Wal<S> {
     /// filters.
     pub async fn read_after(&self, after: Lsn, upto: Lsn) -> Result<LogRead> {
         let wanted = after.next();
-        let (name, first_lsn, start, end) = {
+        let (name, first_lsn, start, end, learn) = {
             let state = self.shared.state.borrow();
             let upto_durable = upto.min(state.durable_lsn);
             if wanted > upto_durable {
@@ -132,7 +132,8 @@ impl<S: Storage> Wal<S> {
             let starts = &segment.group_starts;
             let at = starts.partition_point(|(lsn, _)| *lsn <= wanted);
             let start = at.checked_sub(1).map_or(DATA_START, |i| starts[i].1);
-            (segment.name.clone(), segment.first_lsn, start, end)
+            let learn = segment.starts_from_reads;
+            (segment.name.clone(), segment.first_lsn, start, end, learn)
         };
         // Held until this read is done (or dropped): a release leaves the file alone.
         let _reading = Reading::start(self, &name);
@@ -164,7 +165,8 @@ impl<S: Storage> Wal<S> {
             Some(end) => end,
             None => sealed_end(&file, &header).await?,
         };
-        let frames = match read_frames(&file, start, end, wanted, upto).await {
+        let mut passed = Vec::new();
+        let frames = match read_frames(&file, start, end, wanted, upto, &mut passed).await {
             Ok(frames) => frames,
             // Nothing read can be trusted if the segment was released meanwhile.
             Err(_) if !self.segment_listed(&name) => return Ok(self.not_held()),
@@ -172,6 +174,9 @@ impl<S: Storage> Wal<S> {
         };
         if !self.segment_listed(&name) {
             return Ok(self.not_held());
+        }
+        if learn {
+            self.learn_group_starts(&name, passed);
         }
         if frames.is_empty() {
             return Err(Error::Corrupt {
@@ -184,6 +189,22 @@ impl<S: Storage> Wal<S> {
             });
         }
         Ok(LogRead::Frames(frames))
+    }
+
+    /// Adds the group starts a read of segment `name` passed (in order, every one from
+    /// where it began) past the last one known: the list stays every start up to the
+    /// furthest any read went, so the next read begins near what it wants.
+    fn learn_group_starts(&self, name: &str, passed: Vec<(Lsn, u64)>) {
+        let mut state = self.shared.state.borrow_mut();
+        let Some(segment) = state.segments.iter_mut().find(|s| s.name == name) else {
+            return;
+        };
+        let known = segment.group_starts.last().map(|&(lsn, _)| lsn);
+        segment.group_starts.extend(
+            passed
+                .into_iter()
+                .filter(|&(lsn, _)| known.is_none_or(|known| lsn > known)),
+        );
     }
 
     fn segment_listed(&self, name: &str) -> bool {
@@ -206,13 +227,15 @@ impl<S: Storage> Wal<S> {
 /// The frames with LSN in `[wanted, upto]` among the frames of a segment file that end
 /// at `end`, at most about [`PAGE_BYTES`] of them. Reads the file in chunks and decodes
 /// frame by frame (the layout rules of FORMAT.md §3.3), yielding between chunks, so a
-/// resume costs a bounded amount of memory and never holds the shard for long.
+/// resume costs a bounded amount of memory and never holds the shard for long. Every
+/// group start it passes (first LSN, offset) goes to `passed`, in order.
 async fn read_frames<F: StorageFile>(
     file: &F,
     start: u64,
     end: u64,
     wanted: Lsn,
     upto: Lsn,
+    passed: &mut Vec<(Lsn, u64)>,
 ) -> Result<Vec<OwnedFrame>> {
     let end = align_up(end.max(DATA_START)) as usize;
     let corrupt = |offset: usize, reason: String| Error::Corrupt {
@@ -281,6 +304,9 @@ async fn read_frames<F: StorageFile>(
         let frame = decode(&buf[pos - base..]).map_err(|e| corrupt(pos, e.to_string()))?;
         if frame.lsn > upto {
             return Ok(frames);
+        }
+        if frame.group_index == 0 {
+            passed.push((frame.lsn, pos as u64));
         }
         if frame.lsn >= wanted {
             let expected = frames.last().map_or(wanted, |f: &OwnedFrame| f.lsn.next());

@@ -22,11 +22,12 @@
 use std::rc::Rc;
 
 use super::frame::{self, Epoch, Frame, Lsn, TimestampMicros};
-use super::history::Position;
+use super::history::{History, Position};
 use super::scan::{scan_segment, ScanEnd, GROUPS_IN_FLIGHT};
 use super::segment::{
-    footer_without_successor, header_version, parse_segment_name, SegmentHeader, DATA_START,
-    RECYCLED_NAME, SEGMENT_FORMAT_VERSION, SPARE_PARTIAL_NAME, SPARE_READY_NAME,
+    footer_without_successor, header_version, parse_segment_name, SegmentFooter, SegmentHeader,
+    DATA_START, MIN_SEGMENT_BYTES, RECYCLED_NAME, SEGMENT_FORMAT_VERSION, SPARE_PARTIAL_NAME,
+    SPARE_READY_NAME,
 };
 use super::WalConfig;
 use crate::buffer::{align_down, align_up, IoBuffer, BLOCK_SIZE};
@@ -58,6 +59,9 @@ pub struct RecoveryReport {
     pub segments: Vec<String>,
     pub bytes_scanned: u64,
     pub frames_scanned: u64,
+    /// Sealed segments wholly before the replay point, checked by their header and
+    /// footer alone: their frames are checked when something reads them.
+    pub segments_not_read: u64,
     /// Frames handed to the caller (those at or after the requested LSN).
     pub frames_replayed: u64,
     pub first_lsn: Option<Lsn>,
@@ -109,6 +113,9 @@ pub(crate) struct SegmentInfo {
     /// (which made every round of a follower's stream re-read the segment so far). At
     /// most one per block of the segment.
     pub group_starts: Vec<(Lsn, u64)>,
+    /// Recovery did not read the segment, so `group_starts` holds only the starts
+    /// reads have passed since (readers add them, in order).
+    pub starts_from_reads: bool,
 }
 
 /// Where the writer continues.
@@ -161,6 +168,55 @@ async fn read_whole<F: StorageFile>(file: &F, out: &mut Vec<u8>) -> Result<()> {
         at += chunk;
     }
     Ok(())
+}
+
+/// The ends of a sealed segment recovery need not read: one whose frames all lie
+/// before the replay point.
+struct SealedEnds {
+    header: SegmentHeader,
+    footer: SegmentFooter,
+    version: u32,
+}
+
+/// Reads only the header and footer of `file` when they say it is a sealed segment that
+/// ends right before `next_first` (the next segment's first LSN), with every frame on
+/// `history`. Its frames are not checked here; readers check each one (its CRC) and the
+/// shipper the whole image before archiving it. None when anything does not fit: the
+/// caller reads the segment whole, which says what is wrong.
+async fn sealed_ends<F: StorageFile>(
+    file: &F,
+    next_first: Lsn,
+    history: Option<&History>,
+) -> Result<Option<SealedEnds>> {
+    let len = file.len().await?;
+    if len % BLOCK_SIZE as u64 != 0 || len < MIN_SEGMENT_BYTES {
+        return Ok(None);
+    }
+    let mut block = vec![0u8; BLOCK_SIZE];
+    file.read_at(0, &mut block).await?;
+    let (Ok(header), Some(version)) = (SegmentHeader::decode(&block), header_version(&block))
+    else {
+        return Ok(None);
+    };
+    if header.capacity_bytes != len {
+        return Ok(None);
+    }
+    file.read_at(header.footer_offset(), &mut block).await?;
+    let Ok(footer) = SegmentFooter::decode(&block) else {
+        return Ok(None);
+    };
+    let fits = footer.first_lsn == header.first_lsn
+        && footer.last_lsn.next() == next_first
+        && (DATA_START..=header.footer_offset()).contains(&footer.data_end)
+        && footer.data_end % BLOCK_SIZE as u64 == 0
+        // Every frame has the header's epoch, and a position of one epoch is off a
+        // history only from some LSN on: the last frame decides for all.
+        && history.is_none_or(|h| h.position(header.epoch, footer.last_lsn) != Position::Off);
+    Ok(fits.then_some(SealedEnds {
+        header,
+        footer,
+        version,
+    }))
 }
 
 /// Zeroes `[valid_end, end of the nonzero bytes)` on disk and in `bytes`, then syncs.
@@ -303,6 +359,51 @@ async fn clear_successor<S: Storage>(
     Ok(())
 }
 
+/// Checks segment `named`'s header (its file `len` bytes) against its name, the shard
+/// and where the segments before it ended (`next_lsn`, `last_epoch`; none yet: the
+/// first, which must start at or before `replay_from`).
+fn check_header(
+    header: &SegmentHeader,
+    (name, name_epoch, name_lsn): &(String, Epoch, Lsn),
+    shard: u32,
+    len: u64,
+    next_lsn: Option<Lsn>,
+    replay_from: Lsn,
+    last_epoch: Epoch,
+) -> Result<()> {
+    let corrupt = |reason: String| Error::Corrupt {
+        file: name.clone(),
+        offset: 0,
+        reason,
+    };
+    if header.epoch != *name_epoch || header.first_lsn != *name_lsn || header.shard != shard {
+        return Err(corrupt(
+            "segment header does not match its file name".into(),
+        ));
+    }
+    if header.capacity_bytes != len {
+        return Err(corrupt(format!(
+            "header says {} bytes, file has {len}",
+            header.capacity_bytes
+        )));
+    }
+    match next_lsn {
+        None if header.first_lsn > replay_from.max(Lsn(1)) => Err(Error::MissingFrames {
+            wanted: replay_from,
+            first_available: header.first_lsn,
+        }),
+        Some(expected) if header.first_lsn != expected => Err(corrupt(format!(
+            "segment starts at LSN {} but the previous one ended before {}",
+            header.first_lsn, expected
+        ))),
+        _ if header.epoch < last_epoch => Err(corrupt(format!(
+            "epoch {} after epoch {}",
+            header.epoch.0, last_epoch.0
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Reads and repairs the log, calling `on_frame` for every frame with LSN ≥ `replay_from`.
 pub(crate) async fn recover<S: Storage>(
     storage: &S,
@@ -354,10 +455,64 @@ pub(crate) async fn recover<S: Storage>(
     // The previous segment's seal says this one's header was durable.
     let mut previous_promised = false;
     while index < count {
-        let (name, name_epoch, name_lsn) = &names[index];
+        let (name, _, name_lsn) = &names[index];
         let is_last = index + 1 == count;
         // The last one stays open as the active segment, which groups are written to.
         let mut file = storage.open_durable(name).await?;
+        let wholly_before_replay = match names.get(index + 1) {
+            Some(&(_, _, next_first)) if next_first <= replay_from => {
+                sealed_ends(&file, next_first, config.history.as_ref()).await?
+            }
+            _ => None,
+        };
+        if let Some(SealedEnds {
+            header,
+            footer,
+            version,
+        }) = wholly_before_replay
+        {
+            let len = header.capacity_bytes;
+            check_header(
+                &header,
+                &names[index],
+                config.shard,
+                len,
+                next_lsn,
+                replay_from,
+                last_epoch,
+            )?;
+            report.segments_not_read += 1;
+            report.bytes_scanned += 2 * BLOCK_SIZE as u64;
+            report.first_lsn.get_or_insert(header.first_lsn);
+            report.last_lsn = footer.last_lsn;
+            if footer.last_lsn >= header.first_lsn {
+                report.last_commit_ts = footer.last_commit_ts;
+            }
+            last_epoch = header.epoch;
+            previous_promised = footer.successor;
+            segments.push(SegmentInfo {
+                name: name.clone(),
+                first_lsn: header.first_lsn,
+                group_starts: Vec::new(),
+                starts_from_reads: true,
+            });
+            next_lsn = Some(footer.last_lsn.next());
+            // The active segment only if every later one is cut; sealed, so never
+            // written to.
+            active = Some(ActiveSegment {
+                file: Rc::new(file),
+                header,
+                write_offset: footer.data_end,
+                data_crc: footer.data_crc,
+                last_lsn: footer.last_lsn,
+                last_commit_ts: footer.last_commit_ts,
+                sealed: true,
+                version,
+                zeroed: false,
+            });
+            index += 1;
+            continue;
+        }
         read_whole(&file, &mut bytes).await?;
         report.bytes_scanned += bytes.len() as u64;
         let corrupt = |offset: u64, reason: String| Error::Corrupt {
@@ -421,49 +576,15 @@ pub(crate) async fn recover<S: Storage>(
                 break;
             }
         };
-        if header.epoch != *name_epoch
-            || header.first_lsn != *name_lsn
-            || header.shard != config.shard
-        {
-            return Err(corrupt(
-                0,
-                "segment header does not match its file name".into(),
-            ));
-        }
-        if header.capacity_bytes != bytes.len() as u64 {
-            return Err(corrupt(
-                0,
-                format!(
-                    "header says {} bytes, file has {}",
-                    header.capacity_bytes,
-                    bytes.len()
-                ),
-            ));
-        }
-        match next_lsn {
-            None if header.first_lsn > replay_from.max(Lsn(1)) => {
-                return Err(Error::MissingFrames {
-                    wanted: replay_from,
-                    first_available: header.first_lsn,
-                })
-            }
-            Some(expected) if header.first_lsn != expected => {
-                return Err(corrupt(
-                    0,
-                    format!(
-                        "segment starts at LSN {} but the previous one ended before {}",
-                        header.first_lsn, expected
-                    ),
-                ))
-            }
-            _ => {}
-        }
-        if header.epoch < last_epoch {
-            return Err(corrupt(
-                0,
-                format!("epoch {} after epoch {}", header.epoch.0, last_epoch.0),
-            ));
-        }
+        check_header(
+            &header,
+            &names[index],
+            config.shard,
+            bytes.len() as u64,
+            next_lsn,
+            replay_from,
+            last_epoch,
+        )?;
 
         let mut is_last = is_last;
         let mut starts = Vec::new();
@@ -649,6 +770,7 @@ pub(crate) async fn recover<S: Storage>(
             name: name.clone(),
             first_lsn: header.first_lsn,
             group_starts: starts,
+            starts_from_reads: false,
         });
         next_lsn = Some(scan.last_lsn.next());
         let data_crc = crc32c::crc32c(&bytes[DATA_START as usize..write_offset as usize]);
