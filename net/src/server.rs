@@ -553,6 +553,7 @@ fn report_recovery(reports: &[ShardOpenReport], took: Duration) {
             checkpoint = ?report.checkpoint.map(|l| l.0),
             unusable_checkpoints = report.unusable_checkpoints.len(),
             segments = report.wal.segments.len(),
+            segments_not_read = report.wal.segments_not_read,
             frames_replayed = report.wal.frames_replayed,
             torn_tail = ?report.wal.torn_tail,
             truncated = ?report.wal.truncated_corruption,
