@@ -562,6 +562,19 @@ fn sealed_segments_before_the_replay_point_are_checked_when_read_not_at_open() {
         wal.close().await.expect("close");
         drop(wal);
 
+        // The check after an open reads what the open did not and finds the damage.
+        let (wal, _, _) = open(dir.path(), small_segments(), third_first)
+            .await
+            .expect("open");
+        assert_eq!(wal.stats().segments_damaged, 0);
+        assert_eq!(
+            wal.check_unread_segments(u64::MAX).await,
+            vec![names[0].clone()]
+        );
+        assert_eq!(wal.stats().segments_damaged, 1);
+        wal.close().await.expect("close");
+        drop(wal);
+
         // A footer that fails its CRC sends the open through the whole segment, which
         // then reads as unsealed with a later segment: corruption, as from the start.
         let second = dir.path().join(&names[1]);
@@ -573,6 +586,41 @@ fn sealed_segments_before_the_replay_point_are_checked_when_read_not_at_open() {
             "{:?}",
             refused.err()
         );
+    });
+}
+
+#[test]
+fn the_check_after_an_open_reads_the_unread_segments_and_keeps_to_its_pace() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    run_local(async {
+        let acked = closed_log_of_600(dir.path()).await;
+        let names = segment_files(dir.path());
+        let last_first = parse_segment_name(names.last().expect("segments"))
+            .expect("segment name")
+            .2;
+        let (wal, _, report) = open(dir.path(), small_segments(), last_first)
+            .await
+            .expect("open");
+        let unread = report.segments_not_read;
+        assert_eq!(unread as usize, names.len() - 1);
+        // At 1 MB/s, what the frames before the last segment take.
+        let frames_bytes: usize = acked
+            .range(..last_first.0)
+            .map(|(_, p)| oc_io::wal::frame::frame_len(b"tenant-a".len(), p.len()))
+            .sum();
+        let started = std::time::Instant::now();
+        assert!(wal.check_unread_segments(1_000_000).await.is_empty());
+        let took = started.elapsed();
+        assert!(
+            took.as_secs_f64() >= frames_bytes as f64 / 1e6 * 0.9,
+            "{unread} segments checked in {took:?}: faster than the pace allows"
+        );
+        assert_eq!(wal.stats().segments_damaged, 0);
+        // Once checked, nothing is left unread: a second check reads nothing.
+        let started = std::time::Instant::now();
+        assert!(wal.check_unread_segments(1_000).await.is_empty());
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        wal.close().await.expect("close");
     });
 }
 

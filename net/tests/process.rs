@@ -276,6 +276,112 @@ fn a_deleted_newest_log_segment_is_refused_at_start() {
     assert!(has_row(&again, "acme", 0));
 }
 
+/// A damaged log segment that the newest checkpoint covers does not stop a start: the
+/// open reads the log only from the checkpoint on, every acknowledged row is served,
+/// and the check after the start reports the damage (`oc_wal_segments_damaged_total`,
+/// the OcWalSegmentDamaged alert) with a line naming the segment.
+#[test]
+fn a_damaged_segment_behind_the_checkpoint_is_reported_after_the_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let args = [
+        "--shards",
+        "1",
+        "--archive",
+        "none",
+        "--wal-segment-bytes",
+        "274432",
+    ];
+    let checkpointing = [&args[..], &["--checkpoint-interval-s", "1"]].concat();
+    let shard = data.join("shard-0");
+    let segments = || {
+        let mut names: Vec<String> = std::fs::read_dir(&shard)
+            .expect("shard dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("wal-0000-") && n.ends_with(".seg"))
+            .collect();
+        names.sort();
+        names
+    };
+    let scrape = |server: &Server, series: &str| {
+        let text = ureq::get(&format!("{}/metrics", server.ops))
+            .call()
+            .expect("GET /metrics")
+            .into_string()
+            .expect("a text scrape");
+        common::scrape_value(&text, series)
+    };
+    // Starts a server that checkpoints within a second and stops it once its
+    // checkpoint holds everything logged.
+    let checkpoint = || {
+        let server = Server::start(&data, &checkpointing);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while scrape(&server, "oc_checkpoint_age_s{shard=\"0\"}") != Some(0.0) {
+            assert!(Instant::now() < deadline, "no checkpoint");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(server.terminate().success());
+    };
+
+    let server = Server::start(&data, &args);
+    server.create_tenant_with_items("acme");
+    assert!(server.terminate().success());
+    checkpoint();
+    // Three more segments, then a second checkpoint: the log between the two is kept
+    // (a segment goes once both cover it), and the newest covers all but the last.
+    let server = Server::start(&data, &args);
+    let name = "z".repeat(4000);
+    let mut id = 0;
+    let before = segments().len();
+    while segments().len() < before + 3 {
+        let ops: Vec<_> = (id..id + 20)
+            .map(|i| json!({"upsert": {"id": i, "name": name, "batch": 0}}))
+            .collect();
+        id += 20;
+        let reply = server.post("/v1/tenants/acme/tables/items/rows", &json!({ "ops": ops }));
+        assert_eq!(reply.status, 200, "{reply:?}");
+        assert!(id < 4000, "the log never rotated three times");
+    }
+    assert!(server.terminate().success());
+    checkpoint();
+    let kept = segments();
+    assert!(kept.len() >= 3, "{kept:?}");
+    // 8 KiB of a sealed segment's frames (a group's padding is under 4 KiB).
+    let damaged = &kept[0];
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(shard.join(damaged))
+        .expect("open the oldest segment");
+    std::os::unix::fs::FileExt::write_all_at(&file, &[0xAB; 8192], 100_000).expect("damage");
+    file.sync_all().expect("sync");
+
+    let server = Server::start(&data, &args);
+    for i in [0, id / 2, id - 1] {
+        assert!(has_row(&server, "acme", i), "row {i} after the restart");
+    }
+    let scrape_damaged = || scrape(&server, "oc_wal_segments_damaged_total{shard=\"0\"}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while scrape_damaged() != Some(1.0) {
+        assert!(
+            Instant::now() < deadline,
+            "the damage was not reported: {:?}\n{}",
+            scrape_damaged(),
+            server.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let stderr = server.stderr();
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains("is damaged") && l.contains(damaged.as_str())),
+        "{stderr}"
+    );
+    let (ready, _) = server.ops_get("/ready");
+    assert_eq!(ready, 200);
+    assert!(has_row(&server, "acme", 0));
+}
+
 /// An archive belongs to the data directory that claimed it, running or not.
 #[test]
 fn a_second_data_directory_on_a_claimed_archive_is_refused() {

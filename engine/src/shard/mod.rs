@@ -118,7 +118,14 @@ pub struct Shard<S: Storage> {
     backfill_rows: std::cell::Cell<u64>,
     backfill_share: std::cell::Cell<f64>,
     _applier: Task<()>,
+    /// Checks the log segments the open did not read (`Wal::check_unread_segments`).
+    _unread_log_check: Task<()>,
 }
+
+/// How fast the log the open did not read is checked afterwards: a few seconds for
+/// the log a shard keeps by default, in reads light enough to go beside the log's
+/// writes.
+const UNREAD_LOG_CHECK_BYTES_PER_S: u64 = 64_000_000;
 
 /// What to do with a follower's directory whose checkpoints all hold writes off its
 /// writer's history.
@@ -241,6 +248,13 @@ impl<S: Storage> Shard<S> {
             feed_epoch.clone(),
             wal.clone(),
         ));
+        let unread_log_check = glommio::spawn_local({
+            let wal = wal.clone();
+            async move {
+                wal.check_unread_segments(UNREAD_LOG_CHECK_BYTES_PER_S)
+                    .await;
+            }
+        });
         let report = ShardOpenReport {
             checkpoint,
             unusable_checkpoints: unusable,
@@ -280,6 +294,7 @@ impl<S: Storage> Shard<S> {
                 backfill_rows: std::cell::Cell::new(0),
                 backfill_share: std::cell::Cell::new(0.0),
                 _applier: applier,
+                _unread_log_check: unread_log_check,
             },
             report,
         ))

@@ -82,6 +82,9 @@ pub struct WalStats {
     pub spares_zero_filled: u64,
     /// Spares made from a released segment.
     pub spares_recycled: u64,
+    /// Segments recovery did not read that a later check found damaged
+    /// (`Wal::check_unread_segments`).
+    pub segments_damaged: u64,
     /// Append → durable, per frame, in microseconds (`oc_wal_fsync_lag_ms`).
     pub fsync_lag_us: Histogram<u64>,
     /// The durable write of one group, in microseconds.
@@ -107,6 +110,7 @@ impl Default for WalStats {
             segments_sealed: 0,
             spares_zero_filled: 0,
             spares_recycled: 0,
+            segments_damaged: 0,
             fsync_lag_us: hist(),
             group_write_us: hist(),
             group_frames: hist(),

@@ -11,7 +11,7 @@
 //! longer held rather than trusted.
 
 use super::frame::{
-    decode, peek_len, Epoch, Frame, Lsn, RecordKind, TimestampMicros, MAX_FRAME_BYTES,
+    decode, frame_len, peek_len, Epoch, Frame, Lsn, RecordKind, TimestampMicros, MAX_FRAME_BYTES,
 };
 use super::segment::{SegmentHeader, DATA_START};
 use super::Wal;
@@ -191,6 +191,60 @@ impl<S: Storage> Wal<S> {
         Ok(LogRead::Frames(frames))
     }
 
+    /// Reads every segment recovery left unread (`RecoveryReport::segments_not_read`)
+    /// as [`Wal::read_after`] does, every frame checked, at most `bytes_per_s` of
+    /// frames: damage there is found soon after a start, not first when a follower, a
+    /// `/watch` resume or the shipper needs the segment, or when the older checkpoint
+    /// needs its log. A damaged segment is logged and counted
+    /// ([`WalStats::segments_damaged`](super::WalStats)); one released meanwhile is
+    /// left. Returns the damaged ones' names.
+    pub async fn check_unread_segments(&self, bytes_per_s: u64) -> Vec<String> {
+        let unread: Vec<(String, Lsn, Lsn)> = {
+            let state = self.shared.state.borrow();
+            state
+                .segments
+                .windows(2)
+                .filter(|pair| pair[0].starts_from_reads)
+                .map(|pair| (pair[0].name.clone(), pair[0].first_lsn, pair[1].first_lsn))
+                .collect()
+        };
+        let mut damaged = Vec::new();
+        for (name, first_lsn, next_first) in unread {
+            let last = Lsn(next_first.0 - 1);
+            let mut after = Lsn(first_lsn.0 - 1);
+            while after < last {
+                let started = std::time::Instant::now();
+                let page = match self.read_after(after, last).await {
+                    Ok(LogRead::Frames(page)) if !page.is_empty() => page,
+                    // Released since (or the log has nothing durable there: not one of
+                    // these segments).
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::error!(segment = %name, after = after.0, error = %e, "a log segment the open did not read is damaged: the frames it holds are covered by the newest checkpoint, but not a follower's catch-up, a /watch resume from them, the archive if it was not shipped, or a fallback to the older checkpoint (RUNBOOK.md)");
+                        self.shared.stats.borrow_mut().segments_damaged += 1;
+                        damaged.push(name.clone());
+                        break;
+                    }
+                };
+                let bytes: usize = page
+                    .iter()
+                    .map(|f| frame_len(f.tenant.len(), f.payload.len()))
+                    .sum();
+                after = page.last().map_or(last, |f| f.lsn);
+                let due = std::time::Duration::from_secs_f64(bytes as f64 / bytes_per_s as f64);
+                glommio::timer::sleep(due.saturating_sub(started.elapsed())).await;
+            }
+            if after == last {
+                let mut state = self.shared.state.borrow_mut();
+                if let Some(segment) = state.segments.iter_mut().find(|s| s.name == name) {
+                    // Every start is known now.
+                    segment.starts_from_reads = false;
+                }
+            }
+        }
+        damaged
+    }
+
     /// Adds the group starts a read of segment `name` passed (in order, every one from
     /// where it began) past the last one known: the list stays every start up to the
     /// furthest any read went, so the next read begins near what it wants.
@@ -199,12 +253,17 @@ impl<S: Storage> Wal<S> {
         let Some(segment) = state.segments.iter_mut().find(|s| s.name == name) else {
             return;
         };
-        let known = segment.group_starts.last().map(|&(lsn, _)| lsn);
-        segment.group_starts.extend(
-            passed
-                .into_iter()
-                .filter(|&(lsn, _)| known.is_none_or(|known| lsn > known)),
-        );
+        for (lsn, offset) in passed {
+            // In order, each a block boundary: anything else (a misplaced block that
+            // checks out) is left for the read that meets it again to report.
+            let after_known = segment
+                .group_starts
+                .last()
+                .is_none_or(|&(known, at)| lsn > known && offset > at);
+            if after_known && offset.is_multiple_of(BLOCK_SIZE as u64) {
+                segment.group_starts.push((lsn, offset));
+            }
+        }
     }
 
     fn segment_listed(&self, name: &str) -> bool {

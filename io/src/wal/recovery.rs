@@ -25,9 +25,9 @@ use super::frame::{self, Epoch, Frame, Lsn, TimestampMicros};
 use super::history::{History, Position};
 use super::scan::{scan_segment, ScanEnd, GROUPS_IN_FLIGHT};
 use super::segment::{
-    footer_without_successor, header_version, parse_segment_name, SegmentFooter, SegmentHeader,
-    DATA_START, MIN_SEGMENT_BYTES, RECYCLED_NAME, SEGMENT_FORMAT_VERSION, SPARE_PARTIAL_NAME,
-    SPARE_READY_NAME,
+    footer_version, footer_without_successor, header_version, parse_segment_name, SegmentFooter,
+    SegmentHeader, DATA_START, MIN_SEGMENT_BYTES, RECYCLED_NAME, SEGMENT_FORMAT_VERSION,
+    SPARE_PARTIAL_NAME, SPARE_READY_NAME,
 };
 use super::WalConfig;
 use crate::buffer::{align_down, align_up, IoBuffer, BLOCK_SIZE};
@@ -205,10 +205,14 @@ async fn sealed_ends<F: StorageFile>(
     let Ok(footer) = SegmentFooter::decode(&block) else {
         return Ok(None);
     };
-    let fits = footer.first_lsn == header.first_lsn
+    let empty = footer.last_lsn < header.first_lsn;
+    let fits = footer_version(&block) == Some(version)
+        && footer.first_lsn == header.first_lsn
+        && footer.last_lsn.0 + 1 >= header.first_lsn.0
         && footer.last_lsn.next() == next_first
         && (DATA_START..=header.footer_offset()).contains(&footer.data_end)
         && footer.data_end % BLOCK_SIZE as u64 == 0
+        && empty == (footer.data_end == DATA_START)
         // Every frame has the header's epoch, and a position of one epoch is off a
         // history only from some LSN on: the last frame decides for all.
         && history.is_none_or(|h| h.position(header.epoch, footer.last_lsn) != Position::Off);

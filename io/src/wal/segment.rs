@@ -22,6 +22,11 @@ pub fn header_version(block: &[u8]) -> Option<u32> {
     (block.len() >= H_BLOCK).then(|| u32_at(block, H_VERSION))
 }
 
+/// The format version a footer block claims, read without decoding the footer.
+pub fn footer_version(block: &[u8]) -> Option<u32> {
+    (block.len() >= F_FLAGS).then(|| u32_at(block, F_VERSION))
+}
+
 /// Frames start after the header block.
 pub const DATA_START: u64 = BLOCK_SIZE as u64;
 /// Smallest segment: header, one data block, footer.
