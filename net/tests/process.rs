@@ -52,6 +52,34 @@ fn data_dir_id(data: &Path) -> String {
         .to_string()
 }
 
+/// A shard directory's log segment files, oldest first.
+fn segment_files(shard: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(shard)
+        .expect("shard dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("wal-0000-") && n.ends_with(".seg"))
+        .collect();
+    names.sort();
+    names
+}
+
+/// Writes rows of tenant `acme`'s items table, 20 of about 4 KB a request from id 0,
+/// until `enough`; returns the number written.
+fn write_until(server: &Server, enough: impl Fn() -> bool) -> u64 {
+    let name = "z".repeat(4000);
+    let mut id = 0;
+    while !enough() {
+        let ops: Vec<_> = (id..id + 20)
+            .map(|i| json!({"upsert": {"id": i, "name": name, "batch": 0}}))
+            .collect();
+        id += 20;
+        let reply = server.post("/v1/tenants/acme/tables/items/rows", &json!({ "ops": ops }));
+        assert_eq!(reply.status, 200, "{reply:?}");
+        assert!(id < 4000, "the log did not rotate as often as wanted");
+    }
+    id
+}
+
 fn fatal_lines(stderr: &str) -> Vec<&str> {
     stderr.lines().filter(|l| l.contains("FATAL")).collect()
 }
@@ -223,26 +251,8 @@ fn a_deleted_newest_log_segment_is_refused_at_start() {
     let server = Server::start(&data, &args);
     server.create_tenant_with_items("acme");
     let shard = data.join("shard-0");
-    let segments = || {
-        let mut names: Vec<String> = std::fs::read_dir(&shard)
-            .expect("shard dir")
-            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with("wal-0000-") && n.ends_with(".seg"))
-            .collect();
-        names.sort();
-        names
-    };
-    let name = "z".repeat(4000);
-    let mut id = 0;
-    while segments().len() < 3 {
-        let ops: Vec<_> = (id..id + 20)
-            .map(|i| json!({"upsert": {"id": i, "name": name, "batch": 0}}))
-            .collect();
-        id += 20;
-        let reply = server.post("/v1/tenants/acme/tables/items/rows", &json!({ "ops": ops }));
-        assert_eq!(reply.status, 200, "{reply:?}");
-        assert!(id < 4000, "the log never rotated twice");
-    }
+    let segments = || segment_files(&shard);
+    write_until(&server, || segments().len() >= 3);
     // One more write lands in the newest segment; no shutdown checkpoint covers it.
     assert_eq!(
         write_row(&server, "acme", 100_000).expect("write").status,
@@ -294,15 +304,7 @@ fn a_damaged_segment_behind_the_checkpoint_is_reported_after_the_start() {
     ];
     let checkpointing = [&args[..], &["--checkpoint-interval-s", "1"]].concat();
     let shard = data.join("shard-0");
-    let segments = || {
-        let mut names: Vec<String> = std::fs::read_dir(&shard)
-            .expect("shard dir")
-            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with("wal-0000-") && n.ends_with(".seg"))
-            .collect();
-        names.sort();
-        names
-    };
+    let segments = || segment_files(&shard);
     let scrape = |server: &Server, series: &str| {
         let text = ureq::get(&format!("{}/metrics", server.ops))
             .call()
@@ -330,18 +332,8 @@ fn a_damaged_segment_behind_the_checkpoint_is_reported_after_the_start() {
     // Three more segments, then a second checkpoint: the log between the two is kept
     // (a segment goes once both cover it), and the newest covers all but the last.
     let server = Server::start(&data, &args);
-    let name = "z".repeat(4000);
-    let mut id = 0;
     let before = segments().len();
-    while segments().len() < before + 3 {
-        let ops: Vec<_> = (id..id + 20)
-            .map(|i| json!({"upsert": {"id": i, "name": name, "batch": 0}}))
-            .collect();
-        id += 20;
-        let reply = server.post("/v1/tenants/acme/tables/items/rows", &json!({ "ops": ops }));
-        assert_eq!(reply.status, 200, "{reply:?}");
-        assert!(id < 4000, "the log never rotated three times");
-    }
+    let id = write_until(&server, || segments().len() >= before + 3);
     assert!(server.terminate().success());
     checkpoint();
     let kept = segments();

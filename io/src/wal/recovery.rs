@@ -60,7 +60,8 @@ pub struct RecoveryReport {
     pub bytes_scanned: u64,
     pub frames_scanned: u64,
     /// Sealed segments wholly before the replay point, checked by their header and
-    /// footer alone: their frames are checked when something reads them.
+    /// footer alone: their frames are checked after the open
+    /// (`Wal::check_unread_segments`) and by every read that passes them.
     pub segments_not_read: u64,
     /// Frames handed to the caller (those at or after the requested LSN).
     pub frames_replayed: u64,
@@ -180,9 +181,10 @@ struct SealedEnds {
 
 /// Reads only the header and footer of `file` when they say it is a sealed segment that
 /// ends right before `next_first` (the next segment's first LSN), with every frame on
-/// `history`. Its frames are not checked here; readers check each one (its CRC) and the
-/// shipper the whole image before archiving it. None when anything does not fit: the
-/// caller reads the segment whole, which says what is wrong.
+/// `history`. Its frames are not checked here but after the open
+/// (`Wal::check_unread_segments`); readers check each one they pass, and the shipper the
+/// whole image before archiving it. None when anything does not fit: the caller reads
+/// the segment whole, which says what is wrong.
 async fn sealed_ends<F: StorageFile>(
     file: &F,
     next_first: Lsn,
