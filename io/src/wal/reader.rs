@@ -17,12 +17,19 @@ use super::segment::{SegmentHeader, DATA_START};
 use super::Wal;
 use crate::buffer::{align_down, align_up, BLOCK_SIZE};
 use crate::error::{Error, Result};
+use crate::executor::Turns;
 use crate::storage::{Storage, StorageFile};
 
 /// Segments are read in chunks of this size...
 const READ_CHUNK_BYTES: usize = 1 << 20;
 /// ...and one read returns about this many bytes of frames at most.
 pub const PAGE_BYTES: usize = 1 << 20;
+/// Decoding a page of small frames takes a millisecond or more: a read gives the shard
+/// a turn after this much of it (checked every [`FRAMES_PER_TURN_CHECK`] frames), so
+/// requests on the shard do not wait behind a `/watch` resume, a follower's catch-up or
+/// the check after an open.
+const DECODE_SLICE: std::time::Duration = std::time::Duration::from_micros(250);
+const FRAMES_PER_TURN_CHECK: usize = 64;
 
 /// A durable frame, owned.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -309,6 +316,8 @@ async fn read_frames<F: StorageFile>(
     let mut pos = base;
     let mut frames = Vec::new();
     let mut page_bytes = 0;
+    let mut turns = Turns::new(DECODE_SLICE);
+    let mut decoded = 0usize;
     // Makes the bytes `[pos, pos + n)` available; false when the segment ends first.
     async fn fill<F: StorageFile>(
         file: &F,
@@ -359,6 +368,10 @@ async fn read_frames<F: StorageFile>(
                 pos,
                 format!("a frame of {len} bytes does not fit the durable log"),
             ));
+        }
+        decoded += 1;
+        if decoded.is_multiple_of(FRAMES_PER_TURN_CHECK) {
+            turns.between_slices().await;
         }
         let frame = decode(&buf[pos - base..]).map_err(|e| corrupt(pos, e.to_string()))?;
         if frame.lsn > upto {
