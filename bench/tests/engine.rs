@@ -38,6 +38,10 @@ fn checkpoint_only_runs_the_checkpoint_phase_and_its_load_alone() {
         report["checkpoint_load_mb_s"].as_f64() > Some(0.0),
         "{report}"
     );
+    let after = &report["after_reopen"];
+    assert!(after["commits_per_s"].as_f64() > Some(0.0), "{report}");
+    assert!(after["commit_p99_us"].as_u64() > Some(0), "{report}");
+    assert!(after["segments_not_read"].is_u64(), "{report}");
 
     let markdown = std::fs::read_to_string(json.with_extension("md")).expect("the Markdown");
     assert!(markdown.contains("| checkpoint load |"), "{markdown}");
