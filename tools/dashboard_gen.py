@@ -36,7 +36,7 @@ rows = [
    ("WAL segments held by shard", "oc_wal_segments", "short", "shard {{shard}}"),
    ("Checkpoint age by shard", "oc_checkpoint_age_s", "s", "shard {{shard}}"),
    ("Data disk free", "oc_data_disk_free_bytes", "bytes", "free"),
-   ("Failed logs, damaged segments", ["sum(oc_wal_failed)", "sum(oc_wal_segments_damaged_total)"], "short", ["failed logs", "damaged segments"]),
+   ("Failed logs, damaged segments", ["sum(oc_wal_failed)", "sum(oc_wal_segments_damaged)"], "short", ["failed logs", "damaged segments"]),
  ]),
  ("Archive", [
    ("Archive lag (RPO)", "oc_archive_lag_seconds", "s", "shard {{shard}}"),

@@ -288,7 +288,7 @@ fn a_deleted_newest_log_segment_is_refused_at_start() {
 
 /// A damaged log segment that the newest checkpoint covers does not stop a start: the
 /// open reads the log only from the checkpoint on, every acknowledged row is served,
-/// and the check after the start reports the damage (`oc_wal_segments_damaged_total`,
+/// and the check after the start reports the damage (`oc_wal_segments_damaged`,
 /// the OcWalSegmentDamaged alert) with a line naming the segment.
 #[test]
 fn a_damaged_segment_behind_the_checkpoint_is_reported_after_the_start() {
@@ -351,7 +351,7 @@ fn a_damaged_segment_behind_the_checkpoint_is_reported_after_the_start() {
     for i in [0, id / 2, id - 1] {
         assert!(has_row(&server, "acme", i), "row {i} after the restart");
     }
-    let scrape_damaged = || scrape(&server, "oc_wal_segments_damaged_total{shard=\"0\"}");
+    let scrape_damaged = || scrape(&server, "oc_wal_segments_damaged{shard=\"0\"}");
     let deadline = Instant::now() + Duration::from_secs(60);
     while scrape_damaged() != Some(1.0) {
         assert!(

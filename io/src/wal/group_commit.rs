@@ -82,9 +82,6 @@ pub struct WalStats {
     pub spares_zero_filled: u64,
     /// Spares made from a released segment.
     pub spares_recycled: u64,
-    /// Segments recovery did not read that a later check found damaged
-    /// (`Wal::check_unread_segments`).
-    pub segments_damaged: u64,
     /// Append → durable, per frame, in microseconds (`oc_wal_fsync_lag_ms`).
     pub fsync_lag_us: Histogram<u64>,
     /// The durable write of one group, in microseconds.
@@ -110,7 +107,6 @@ impl Default for WalStats {
             segments_sealed: 0,
             spares_zero_filled: 0,
             spares_recycled: 0,
-            segments_damaged: 0,
             fsync_lag_us: hist(),
             group_write_us: hist(),
             group_frames: hist(),
@@ -252,6 +248,9 @@ pub(crate) struct State<S: Storage> {
     pub reading: Vec<String>,
     /// Segments a release is removing or renaming now: a reader does not open them.
     pub releasing: Vec<String>,
+    /// Segments `Wal::check_unread_segments` found damaged (names; those released
+    /// since are skipped when read).
+    pub damaged: Vec<String>,
     pub durable_lsn: Lsn,
     /// End of the durable groups in the newest of `segments` (block-aligned).
     pub durable_end: u64,

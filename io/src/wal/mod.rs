@@ -196,6 +196,7 @@ impl<S: Storage> Wal<S> {
                 segments: resume.segments,
                 reading: Vec::new(),
                 releasing: Vec::new(),
+                damaged: Vec::new(),
                 durable_lsn,
                 durable_end,
                 stamping: Stamping::Undecided,

@@ -200,46 +200,64 @@ impl<S: Storage> Wal<S> {
 
     /// Reads every segment recovery left unread (`RecoveryReport::segments_not_read`)
     /// as [`Wal::read_after`] does, every frame checked, at most `bytes_per_s` of
-    /// frames: damage there is found soon after a start, not first when a follower, a
-    /// `/watch` resume or the shipper needs the segment, or when the older checkpoint
-    /// needs its log. A damaged segment is logged and counted
-    /// ([`WalStats::segments_damaged`](super::WalStats)); one released meanwhile is
-    /// left. Returns the damaged ones' names.
+    /// frames (the disk reads up to twice that: each read starts at a group start and
+    /// reads whole chunks): damage there is found soon after a start, not first when a
+    /// follower, a `/watch` resume or the shipper needs the segment, or when the older
+    /// checkpoint needs its log. A damaged segment is logged and kept in
+    /// [`Wal::damaged_segments`] while the log holds it; one released meanwhile is
+    /// left, and one that cannot be read for another reason (an I/O error) is logged
+    /// and left unchecked. Returns the damaged ones' names.
     pub async fn check_unread_segments(&self, bytes_per_s: u64) -> Vec<String> {
         let unread: Vec<(String, Lsn, Lsn)> = {
             let state = self.shared.state.borrow();
-            state
-                .segments
-                .windows(2)
-                .filter(|pair| pair[0].starts_from_reads)
-                .map(|pair| (pair[0].name.clone(), pair[0].first_lsn, pair[1].first_lsn))
+            let segments = &state.segments;
+            segments
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.starts_from_reads)
+                .map(|(i, s)| {
+                    // The last one only after a cut made it so; it ends where the log does.
+                    let last = segments
+                        .get(i + 1)
+                        .map_or(state.durable_lsn, |next| Lsn(next.first_lsn.0 - 1));
+                    (s.name.clone(), s.first_lsn, last)
+                })
                 .collect()
         };
         let mut damaged = Vec::new();
-        for (name, first_lsn, next_first) in unread {
-            let last = Lsn(next_first.0 - 1);
+        for (name, first_lsn, last) in unread {
             let mut after = Lsn(first_lsn.0 - 1);
             while after < last {
                 let started = std::time::Instant::now();
-                let page = match self.read_after(after, last).await {
-                    Ok(LogRead::Frames(page)) if !page.is_empty() => page,
-                    // Released since (or the log has nothing durable there: not one of
-                    // these segments).
+                let why = match self.read_after(after, last).await {
+                    Ok(LogRead::Frames(page)) if !page.is_empty() => {
+                        let bytes: usize = page
+                            .iter()
+                            .map(|f| frame_len(f.tenant.len(), f.payload.len()))
+                            .sum();
+                        after = page.last().map_or(last, |f| f.lsn);
+                        let due = bytes as f64 / bytes_per_s.max(1) as f64;
+                        let due = std::time::Duration::from_secs_f64(due);
+                        glommio::timer::sleep(due.saturating_sub(started.elapsed())).await;
+                        continue;
+                    }
+                    // Still listed and not being released, yet not readable as held:
+                    // its header no longer matches, or its file is gone.
+                    Ok(_) if self.held_and_kept(&name) => {
+                        format!("LSN {} is not readable in it", after.0 + 1)
+                    }
+                    // Released since.
                     Ok(_) => break,
+                    Err(e @ Error::Corrupt { .. }) => e.to_string(),
                     Err(e) => {
-                        tracing::error!(segment = %name, after = after.0, error = %e, "a log segment the open did not read is damaged: the frames it holds are covered by the newest checkpoint, but not a follower's catch-up, a /watch resume from them, the archive if it was not shipped, or a fallback to the older checkpoint (RUNBOOK.md)");
-                        self.shared.stats.borrow_mut().segments_damaged += 1;
-                        damaged.push(name.clone());
+                        tracing::warn!(segment = %name, after = after.0, error = %e, "could not check a log segment the open did not read; it stays unchecked");
                         break;
                     }
                 };
-                let bytes: usize = page
-                    .iter()
-                    .map(|f| frame_len(f.tenant.len(), f.payload.len()))
-                    .sum();
-                after = page.last().map_or(last, |f| f.lsn);
-                let due = std::time::Duration::from_secs_f64(bytes as f64 / bytes_per_s as f64);
-                glommio::timer::sleep(due.saturating_sub(started.elapsed())).await;
+                tracing::error!(segment = %name, after = after.0, error = %why, "a log segment the open did not read is damaged: the checkpoint the shard opened from holds its writes, but a follower's catch-up, a /watch resume from them, shipping it (if the archive does not have it) and a fallback to the older checkpoint cannot use it (RUNBOOK.md, OcWalSegmentDamaged)");
+                self.shared.state.borrow_mut().damaged.push(name.clone());
+                damaged.push(name.clone());
+                break;
             }
             if after == last {
                 let mut state = self.shared.state.borrow_mut();
@@ -250,6 +268,24 @@ impl<S: Storage> Wal<S> {
             }
         }
         damaged
+    }
+
+    /// The segments [`Wal::check_unread_segments`] found damaged that the log still
+    /// holds (a release drops them from this list).
+    pub fn damaged_segments(&self) -> Vec<String> {
+        let state = self.shared.state.borrow();
+        state
+            .damaged
+            .iter()
+            .filter(|name| state.segments.iter().any(|s| s.name == **name))
+            .cloned()
+            .collect()
+    }
+
+    /// Whether segment `name` is listed and no release is taking it.
+    fn held_and_kept(&self, name: &str) -> bool {
+        let state = self.shared.state.borrow();
+        state.segments.iter().any(|s| s.name == name) && !state.releasing.iter().any(|r| r == name)
     }
 
     /// Adds the group starts a read of segment `name` passed (in order, every one from
