@@ -52,6 +52,17 @@ fn data_dir_id(data: &Path) -> String {
         .to_string()
 }
 
+/// One shard without an archive, in segments of 268 KiB: a few thousand 4 KB rows
+/// fill several.
+const SMALL_SEGMENTS: [&str; 6] = [
+    "--shards",
+    "1",
+    "--archive",
+    "none",
+    "--wal-segment-bytes",
+    "274432",
+];
+
 /// A shard directory's log segment files, oldest first.
 fn segment_files(shard: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(shard)
@@ -240,14 +251,7 @@ fn a_shard_directory_that_is_not_its_own_is_refused_at_start() {
 fn a_deleted_newest_log_segment_is_refused_at_start() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
-    let args = [
-        "--shards",
-        "1",
-        "--archive",
-        "none",
-        "--wal-segment-bytes",
-        "274432",
-    ];
+    let args = SMALL_SEGMENTS;
     let server = Server::start(&data, &args);
     server.create_tenant_with_items("acme");
     let shard = data.join("shard-0");
@@ -294,14 +298,7 @@ fn a_deleted_newest_log_segment_is_refused_at_start() {
 fn a_damaged_segment_behind_the_checkpoint_is_reported_after_the_start() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
-    let args = [
-        "--shards",
-        "1",
-        "--archive",
-        "none",
-        "--wal-segment-bytes",
-        "274432",
-    ];
+    let args = SMALL_SEGMENTS;
     let checkpointing = [&args[..], &["--checkpoint-interval-s", "1"]].concat();
     let shard = data.join("shard-0");
     let segments = || segment_files(&shard);

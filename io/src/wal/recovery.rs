@@ -477,12 +477,12 @@ pub(crate) async fn recover<S: Storage>(
             version,
         }) = wholly_before_replay
         {
-            let len = header.capacity_bytes;
+            // Its length was checked against the header's capacity while reading it.
             check_header(
                 &header,
                 &names[index],
                 config.shard,
-                len,
+                header.capacity_bytes,
                 next_lsn,
                 replay_from,
                 last_epoch,
