@@ -784,6 +784,88 @@ fn released_segments_are_recycled_into_new_segments() {
 }
 
 #[test]
+fn a_log_of_large_groups_gets_preallocated_spares_and_one_of_small_groups_zero_filled_ones() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    run_local(async {
+        let config = WalConfig {
+            segment_bytes: 2 << 20,
+            ..WalConfig::default()
+        };
+        let (wal, _, _) = open(dir.path(), config.clone(), Lsn(1))
+            .await
+            .expect("open");
+        let mut acked = BTreeMap::new();
+        // One appender of 600 KiB records: every group is one of them.
+        for i in 0..20u64 {
+            let mut p = payload(i);
+            p.resize(600 << 10, i as u8);
+            let lsn = wal.append(KIND, b"tenant-a", &p).await.expect("append");
+            acked.insert(lsn.0, p);
+        }
+        let large = wal.stats();
+        assert!(large.spares_preallocated >= 2, "{large:?}");
+        // Then small groups: once a whole segment of them is written, the spares are
+        // zero-filled again.
+        for i in 0..12_000u64 {
+            let p = payload(100 + i);
+            let lsn = wal.append(KIND, b"tenant-a", &p).await.expect("append");
+            acked.insert(lsn.0, p);
+        }
+        let small = wal.stats();
+        assert!(
+            small.spares_zero_filled >= large.spares_zero_filled + 2,
+            "{large:?}\n{small:?}"
+        );
+        wal.close().await.expect("close");
+        drop(wal);
+        // Segments made from preallocated spares read back whole, and the log ends where
+        // their unwritten blocks begin.
+        let (wal, frames, report) = open(dir.path(), config, Lsn(1)).await.expect("reopen");
+        assert_eq!(report.torn_tail, None);
+        assert_eq!(frames.len(), acked.len());
+        assert_payloads_match(&frames, &acked);
+        let lsn = wal.append(KIND, b"tenant-a", b"after").await.expect("append");
+        assert_eq!(lsn.0, acked.len() as u64 + 1);
+    });
+}
+
+#[test]
+fn a_release_that_fails_part_way_lists_only_the_segments_whose_files_remain() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    run_local(async {
+        let (wal, _, _) = open(dir.path(), small_segments(), Lsn(1))
+            .await
+            .expect("open");
+        let wal = Rc::new(wal);
+        append_many(wal.clone(), 600, 4).await;
+        let before = wal.segments();
+        assert!(before.len() >= 4, "{before:?}");
+        // The second-oldest segment cannot be removed: a directory stands in its place.
+        let blocked = &before[1];
+        std::fs::remove_file(dir.path().join(blocked)).expect("remove");
+        std::fs::create_dir(dir.path().join(blocked)).expect("mkdir");
+        std::fs::write(dir.path().join(blocked).join("x"), b"x").expect("write");
+        let err = wal
+            .release_before(wal.durable_lsn())
+            .await
+            .expect_err("the removal of a directory fails");
+        assert!(err.to_string().contains(blocked.as_str()), "{err}");
+        // The oldest one's file is gone, and it left the list; the rest stay listed.
+        assert!(!dir.path().join(&before[0]).exists());
+        assert_eq!(wal.segments(), before[1..].to_vec());
+        // Once the obstacle is gone the next release goes on from there.
+        std::fs::remove_dir_all(dir.path().join(blocked)).expect("rmdir");
+        std::fs::write(dir.path().join(blocked), b"").expect("stand-in");
+        let released = wal
+            .release_before(wal.durable_lsn())
+            .await
+            .expect("release");
+        assert_eq!(released, before[1..before.len() - 1].to_vec());
+        assert_eq!(wal.segments(), vec![before[before.len() - 1].clone()]);
+    });
+}
+
+#[test]
 fn full_groups_make_appenders_wait_and_lose_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     run_local(async {

@@ -557,24 +557,31 @@ impl<S: Storage> Wal<S> {
             state.releasing.extend(doomed.iter().cloned());
             doomed
         };
-        let released = self.remove_segments(&doomed).await;
+        let mut gone = 0;
+        let released = self.remove_segments(&doomed, &mut gone).await;
         let mut state = self.shared.state.borrow_mut();
         state.releasing.retain(|name| !doomed.contains(name));
+        // A segment whose file is gone leaves the list even when a later removal
+        // failed: the log lists only segments it can read (a reader or the check after
+        // an open would take a listed segment without its file for a damaged one).
+        let gone = &doomed[..gone];
+        state.segments.retain(|s| !gone.contains(&s.name));
         let recycle = released?;
-        state.segments.retain(|s| !doomed.contains(&s.name));
         state.recycled |= recycle;
         Ok(doomed)
     }
 
-    /// Removes released segments (the newest of them becomes the recycled spare when
-    /// none waits); whether it was recycled.
-    async fn remove_segments(&self, doomed: &[String]) -> Result<bool> {
+    /// Removes released segments, oldest first (the newest of them becomes the recycled
+    /// spare when none waits), counting in `gone` those whose file is gone; whether it
+    /// was recycled.
+    async fn remove_segments(&self, doomed: &[String], gone: &mut usize) -> Result<bool> {
         let Some((newest, older)) = doomed.split_last() else {
             return Ok(false);
         };
         let storage = &self.shared.storage;
         for name in older {
             storage.remove(name).await?;
+            *gone += 1;
         }
         let recycle = !self.shared.state.borrow().recycled;
         if recycle {
@@ -582,6 +589,9 @@ impl<S: Storage> Wal<S> {
         } else {
             storage.remove(newest).await?;
         }
+        *gone += 1;
+        // Renamed to the recycled spare's name: a failed sync below leaves it there
+        // unclaimed, and the next release's rename replaces it.
         storage.sync_dir().await?;
         Ok(recycle)
     }
