@@ -804,10 +804,29 @@ fn a_log_of_large_groups_gets_preallocated_spares_and_one_of_small_groups_zero_f
         }
         let large = wal.stats();
         assert!(large.spares_preallocated >= 2, "{large:?}");
+        // The open segment was a preallocated spare: its groups are followed by blocks
+        // never written, and the reopened log ends where they begin.
+        wal.close().await.expect("close");
+        drop(wal);
+        let (wal, frames, report) = open(dir.path(), config.clone(), Lsn(1))
+            .await
+            .expect("reopen");
+        assert_eq!(report.torn_tail, None);
+        assert_eq!(report.last_lsn, Lsn(20));
+        assert_eq!(frames.len(), acked.len());
+        assert_payloads_match(&frames, &acked);
         // Then small groups: once a whole segment of them is written, the spares are
         // zero-filled again.
+        for i in 0..24u64 {
+            let mut p = payload(100 + i);
+            p.resize(600 << 10, i as u8);
+            let lsn = wal.append(KIND, b"tenant-a", &p).await.expect("append");
+            acked.insert(lsn.0, p);
+        }
+        let large = wal.stats();
+        assert!(large.spares_preallocated >= 2, "{large:?}");
         for i in 0..12_000u64 {
-            let p = payload(100 + i);
+            let p = payload(1_000 + i);
             let lsn = wal.append(KIND, b"tenant-a", &p).await.expect("append");
             acked.insert(lsn.0, p);
         }
@@ -816,15 +835,21 @@ fn a_log_of_large_groups_gets_preallocated_spares_and_one_of_small_groups_zero_f
             small.spares_zero_filled >= large.spares_zero_filled + 2,
             "{large:?}\n{small:?}"
         );
+        // At most the segment where the sizes changed still averaged large groups.
+        assert!(
+            small.spares_preallocated <= large.spares_preallocated + 1,
+            "{large:?}\n{small:?}"
+        );
         wal.close().await.expect("close");
         drop(wal);
-        // Segments made from preallocated spares read back whole, and the log ends where
-        // their unwritten blocks begin.
         let (wal, frames, report) = open(dir.path(), config, Lsn(1)).await.expect("reopen");
         assert_eq!(report.torn_tail, None);
         assert_eq!(frames.len(), acked.len());
         assert_payloads_match(&frames, &acked);
-        let lsn = wal.append(KIND, b"tenant-a", b"after").await.expect("append");
+        let lsn = wal
+            .append(KIND, b"tenant-a", b"after")
+            .await
+            .expect("append");
         assert_eq!(lsn.0, acked.len() as u64 + 1);
     });
 }
@@ -853,9 +878,9 @@ fn a_release_that_fails_part_way_lists_only_the_segments_whose_files_remain() {
         // The oldest one's file is gone, and it left the list; the rest stay listed.
         assert!(!dir.path().join(&before[0]).exists());
         assert_eq!(wal.segments(), before[1..].to_vec());
-        // Once the obstacle is gone the next release goes on from there.
+        // Once the obstacle is gone (and with it the file: a file already gone counts as
+        // removed) the next release goes on from there.
         std::fs::remove_dir_all(dir.path().join(blocked)).expect("rmdir");
-        std::fs::write(dir.path().join(blocked), b"").expect("stand-in");
         let released = wal
             .release_before(wal.durable_lsn())
             .await

@@ -10,14 +10,19 @@
 //! - a group is acknowledged only after its durable write, and every earlier group's,
 //!   returned Ok;
 //! - a group written while another is on its way is marked overlapped, lies in a
-//!   zero-filled segment, and its file's durable writes each report their own
+//!   segment made from a new spare (zero-filled or preallocated: it reads as zero past
+//!   its groups), and its file's durable writes each report their own
 //!   durability (`O_DSYNC`): recovery's tell between a tear and corruption rests on it;
 //! - LSNs are assigned at write time, so a group that cannot be written leaves no gap;
 //! - after a failed write (or `fdatasync`) the log accepts nothing more (the kernel may
 //!   have dropped the dirty pages; retrying would acknowledge lost data);
 //! - a disk-full (ENOSPC) or out-of-descriptors (EMFILE, ENFILE) error while preparing
 //!   a new segment fails only the frames that needed it; the log keeps going and
-//!   retries the segment on the next write.
+//!   retries the segment on the next write. (A write into a preallocated segment
+//!   converts its extents, which the file system does from blocks it keeps in reserve
+//!   for that, ext4's reserved clusters and XFS's reserve pool, and a log's sequential
+//!   writes only grow one written extent; a conversion that failed anyway would fail
+//!   the log like any failed write.)
 //!
 //! A follower's log takes frames the writer already stamped ([`super::Wal::submit_stamped`])
 //! and keeps their LSNs, epochs, commit times and contents; the writer checks that a
@@ -1094,9 +1099,10 @@ impl<S: Storage> Writer<S> {
 
 /// Keeps a spare segment ready so rotation never waits for one to be made.
 pub(crate) async fn run_preparer<S: Storage>(shared: Rc<Shared<S>>) {
-    // The log's bytes and groups when the previous spare was wanted: what it wrote
-    // since is one segment's worth of its groups.
+    // The log's bytes and groups when the previous spare was made: what it wrote since
+    // is one segment's worth of its groups. And what that spare was.
     let mut written_at_last = (0, 0);
+    let mut large_groups = false;
     loop {
         let go = poll_fn(|cx| {
             let mut state = shared.state.borrow_mut();
@@ -1118,9 +1124,10 @@ pub(crate) async fn run_preparer<S: Storage>(shared: Rc<Shared<S>>) {
             let stats = shared.stats.borrow();
             (stats.bytes_written, stats.groups)
         };
-        let large_groups = mean_group_bytes(written_at_last, written)
-            .is_some_and(|mean| mean >= PREALLOCATED_SPARE_MIN_GROUP_BYTES);
-        written_at_last = written;
+        // Nothing written since (a retry after a failed attempt): as the last time.
+        if let Some(mean) = mean_group_bytes(written_at_last, written) {
+            large_groups = mean >= PREALLOCATED_SPARE_MIN_GROUP_BYTES;
+        }
         let recycled = std::mem::take(&mut shared.state.borrow_mut().recycled);
         let created = async {
             if recycled {
@@ -1139,7 +1146,10 @@ pub(crate) async fn run_preparer<S: Storage>(shared: Rc<Shared<S>>) {
             Ok((file, true))
         };
         let spare = match created.await {
-            Ok((file, zeroed)) => Spare::Ready { file, zeroed },
+            Ok((file, zeroed)) => {
+                written_at_last = written;
+                Spare::Ready { file, zeroed }
+            }
             // The log closed mid-fill: the half-made spare is removed at the next start.
             Err(Error::WalClosed) => return,
             Err(e) => {
@@ -1159,11 +1169,12 @@ pub(crate) async fn run_preparer<S: Storage>(shared: Rc<Shared<S>>) {
 /// its extents, about one more journal commit per group. That makes small groups' syncs
 /// about half as fast (the design brief's fio figures: ~5 k against ~9.5 k syncs/s), so
 /// a log of small groups keeps the zero-fill. The fill costs per byte and the conversion
-/// per group: on this project's test disk a 1 MiB group's write took 2.4–2.7 ms into
+/// per group: on this project's test disk a 1 MiB group's write took 2.2–2.9 ms into
 /// a recycled segment, 4.2–5.2 ms while a fill ran and 3.0–4.2 ms into a preallocated
 /// one, so the fill cost about 2 ms per MiB and the conversion 0.5–1.5 ms per group,
-/// and the two break even between 256 and 768 KiB groups (BENCHMARKS.md, "Spares
-/// preallocated for large groups").
+/// and the two would break even between about 256 and 768 KiB groups (BENCHMARKS.md,
+/// "Spares preallocated for large groups"). The mean is the statistic that weighs
+/// them: over a segment the fill costs its bytes, the conversions its groups.
 const PREALLOCATED_SPARE_MIN_GROUP_BYTES: u64 = 512 << 10;
 
 /// The mean bytes of the groups written between two readings of (bytes written, groups);
@@ -1278,8 +1289,8 @@ fn fill_chunk_bytes(rate: f64) -> usize {
 }
 
 /// Makes a spare from a released segment: its blocks are already written (no extents
-/// to convert, no zero-fill competing with the log for the disk), so only its header
-/// and footer are cleared. Older frames stay behind the zero block that ends every
+/// to convert, but for a preallocated segment's unwritten end, no zero-fill competing
+/// with the log for the disk), so only its header and footer are cleared. Older frames stay behind the zero block that ends every
 /// group, and carry LSNs below the new segment's. None if the file has the wrong size.
 async fn recycle<S: Storage>(storage: &S, segment_bytes: u64) -> Result<Option<S::File>> {
     // Claim the file first: once it has left the shared name, a concurrent release can

@@ -579,15 +579,21 @@ impl<S: Storage> Wal<S> {
             return Ok(false);
         };
         let storage = &self.shared.storage;
+        // A file found gone already (removed by hand, or by a release whose directory
+        // sync failed) counts as removed: kept listed, it would fail every release.
+        let removed = |result: Result<()>| match result {
+            Err(e) if e.is_not_found() => Ok(false),
+            other => other.map(|()| true),
+        };
         for name in older {
-            storage.remove(name).await?;
+            removed(storage.remove(name).await)?;
             *gone += 1;
         }
-        let recycle = !self.shared.state.borrow().recycled;
+        let mut recycle = !self.shared.state.borrow().recycled;
         if recycle {
-            storage.rename(newest, segment::RECYCLED_NAME).await?;
+            recycle = removed(storage.rename(newest, segment::RECYCLED_NAME).await)?;
         } else {
-            storage.remove(newest).await?;
+            removed(storage.remove(newest).await)?;
         }
         *gone += 1;
         // Renamed to the recycled spare's name: a failed sync below leaves it there
