@@ -80,6 +80,7 @@ struct RunOutcome {
     /// Recovery removed a segment a crash left empty while the log rotated into it.
     unfinished_rotation: bool,
     recycled: bool,
+    preallocated: bool,
 }
 
 async fn run_seed(seed: u64) -> RunOutcome {
@@ -95,8 +96,14 @@ async fn run_seed(seed: u64) -> RunOutcome {
     let storage = SimStorage::new(seed, faults);
     let acked: Rc<RefCell<BTreeMap<u64, Vec<u8>>>> = Rc::default();
     let attempted: Rc<RefCell<BTreeSet<Vec<u8>>>> = Rc::default();
+    // Half the seeds preallocate every spare but the first instead of zero-filling it
+    // (a log of large groups does; this one's groups are small).
+    let writing = WalConfig {
+        preallocated_spare_min_group_bytes: if seed % 2 == 0 { 0 } else { u64::MAX },
+        ..config()
+    };
     // The crash may come during the very first open; then nothing was written.
-    let opened = Wal::open(storage.clone(), config(), Lsn(1), |_| Ok(())).await;
+    let opened = Wal::open(storage.clone(), writing, Lsn(1), |_| Ok(())).await;
     let wal = match opened {
         Ok((wal, _)) => Rc::new(wal),
         Err(Error::SimulatedCrash) => {
@@ -171,9 +178,11 @@ async fn run_seed(seed: u64) -> RunOutcome {
     };
     futures_lite::future::or(all, deadline).await;
     let recycled = wal.stats().spares_recycled > 0;
+    let preallocated = wal.stats().spares_preallocated > 0;
     drop(wal);
     let mut outcome = finish(seed, &mut rng, storage, acked, attempted, released_to.get()).await;
     outcome.recycled = recycled;
+    outcome.preallocated = preallocated;
     outcome
 }
 
@@ -229,6 +238,7 @@ async fn finish(
         torn_tail_cut: report.torn_tail.is_some(),
         unfinished_rotation: report.unfinished_rotation.is_some(),
         recycled: false,
+        preallocated: false,
     }
 }
 
@@ -281,7 +291,7 @@ fn seeds() -> Vec<u64> {
 fn crashes_at_random_points_never_lose_acknowledged_appends() {
     let seeds = seeds();
     let (mut with_acks, mut torn, mut unacked_survived, mut recycled) = (0, 0, 0, 0);
-    let mut unfinished_rotation = 0;
+    let (mut unfinished_rotation, mut preallocated) = (0, 0);
     run_local(async {
         for &seed in &seeds {
             let guard = oc_io::SeedGuard::new(seed);
@@ -291,6 +301,7 @@ fn crashes_at_random_points_never_lose_acknowledged_appends() {
             torn += usize::from(run.torn_tail_cut);
             unfinished_rotation += usize::from(run.unfinished_rotation);
             recycled += usize::from(run.recycled);
+            preallocated += usize::from(run.preallocated);
             let last_acked = run.acked.keys().last().copied().unwrap_or(0);
             unacked_survived += usize::from(run.recovered_last > last_acked);
         }
@@ -298,7 +309,7 @@ fn crashes_at_random_points_never_lose_acknowledged_appends() {
     eprintln!(
         "{} seeds: {with_acks} with acknowledged appends, {torn} torn tails cut, \
          {unacked_survived} where unacknowledged frames survived, \
-         {recycled} that recycled a segment, \
+         {recycled} that recycled a segment, {preallocated} that preallocated a spare, \
          {unfinished_rotation} that crashed between making a segment and sealing the one before",
         seeds.len()
     );
@@ -313,6 +324,10 @@ fn crashes_at_random_points_never_lose_acknowledged_appends() {
         assert!(
             recycled * 10 > seeds.len(),
             "too few runs recycled a segment"
+        );
+        assert!(
+            preallocated * 10 > seeds.len(),
+            "too few runs preallocated a spare"
         );
         assert!(
             unfinished_rotation * 100 > seeds.len(),

@@ -1126,7 +1126,7 @@ pub(crate) async fn run_preparer<S: Storage>(shared: Rc<Shared<S>>) {
         };
         // Nothing written since (a retry after a failed attempt): as the last time.
         if let Some(mean) = mean_group_bytes(written_at_last, written) {
-            large_groups = mean >= PREALLOCATED_SPARE_MIN_GROUP_BYTES;
+            large_groups = mean >= shared.config.preallocated_spare_min_group_bytes;
         }
         let recycled = std::mem::take(&mut shared.state.borrow_mut().recycled);
         let created = async {
@@ -1175,7 +1175,7 @@ pub(crate) async fn run_preparer<S: Storage>(shared: Rc<Shared<S>>) {
 /// and the two would break even between about 256 and 768 KiB groups (BENCHMARKS.md,
 /// "Spares preallocated for large groups"). The mean is the statistic that weighs
 /// them: over a segment the fill costs its bytes, the conversions its groups.
-const PREALLOCATED_SPARE_MIN_GROUP_BYTES: u64 = 512 << 10;
+pub const DEFAULT_PREALLOCATED_SPARE_MIN_GROUP_BYTES: u64 = 512 << 10;
 
 /// The mean bytes of the groups written between two readings of (bytes written, groups);
 /// `None` when none was.

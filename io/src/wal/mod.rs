@@ -61,6 +61,11 @@ pub struct WalConfig {
     /// returning ex-writer's divergent tail), the cut frames set aside as
     /// `diverged-at-<lsn>-<segment>` files (FORMAT.md §4).
     pub history: Option<History>,
+    /// When the groups written since the last spare averaged at least this many bytes,
+    /// the next spare is preallocated instead of zero-filled
+    /// ([`group_commit::DEFAULT_PREALLOCATED_SPARE_MIN_GROUP_BYTES`] says why; tests
+    /// set 0 to preallocate every spare but the first).
+    pub preallocated_spare_min_group_bytes: u64,
 }
 
 impl Default for WalConfig {
@@ -73,6 +78,8 @@ impl Default for WalConfig {
             max_group_delay: Duration::ZERO,
             truncate_corrupt: false,
             history: None,
+            preallocated_spare_min_group_bytes:
+                group_commit::DEFAULT_PREALLOCATED_SPARE_MIN_GROUP_BYTES,
         }
     }
 }
