@@ -99,7 +99,7 @@ async fn run_seed(seed: u64) -> RunOutcome {
     // Half the seeds preallocate every spare but the first instead of zero-filling it
     // (a log of large groups does; this one's groups are small).
     let writing = WalConfig {
-        preallocated_spare_min_group_bytes: if seed % 2 == 0 { 0 } else { u64::MAX },
+        preallocated_spare_min_group_bytes: if seed.is_multiple_of(2) { 0 } else { u64::MAX },
         ..config()
     };
     // The crash may come during the very first open; then nothing was written.
