@@ -79,6 +79,12 @@ pub(crate) struct PhaseTimes {
     wal_fsync_lag_p99_us: Option<u64>,
     #[serde(default)]
     wal_group_write_p99_us: Option<u64>,
+    /// The log's mean group over the phase, in bytes (padding included)...
+    #[serde(default)]
+    wal_mean_group_bytes: Option<u64>,
+    /// ...and the spares it made meanwhile: zero-filled, preallocated, recycled.
+    #[serde(default)]
+    wal_spares: Option<[u64; 3]>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -392,6 +398,13 @@ async fn timed_load(
         stages,
         wal_fsync_lag_p99_us: phase_p99(&wal_after.fsync_lag_us, &wal_before.fsync_lag_us),
         wal_group_write_p99_us: phase_p99(&wal_after.group_write_us, &wal_before.group_write_us),
+        wal_mean_group_bytes: (wal_after.bytes_written - wal_before.bytes_written)
+            .checked_div(wal_after.groups - wal_before.groups),
+        wal_spares: Some([
+            wal_after.spares_zero_filled - wal_before.spares_zero_filled,
+            wal_after.spares_preallocated - wal_before.spares_preallocated,
+            wal_after.spares_recycled - wal_before.spares_recycled,
+        ]),
     };
     Ok((commits, elapsed, latency, times))
 }
@@ -547,6 +560,7 @@ pub fn run(args: EngineArgs) -> Result<()> {
             stages: Vec::new(),
             wal_fsync_lag_p99_us: p99(&windows.wal_fsync_lag[kind]),
             wal_group_write_p99_us: p99(&windows.wal_group_write[kind]),
+            ..PhaseTimes::default()
         };
         shard.close().await?;
         drop(shard);
@@ -648,7 +662,8 @@ pub(crate) fn markdown(r: &EngineReport) -> String {
     }
     out += "\nWhere a write's time went on the shard (one in 8 timed; mean / p99 µs, the \
             p99 interpolated inside buckets of 10 µs to 10 s), and the log's own p99s over \
-            the phase:\n\n| upserts | admit | log_submit | durable | apply | wake | log: fsync lag p99 | log: group write p99 |\n|---|---|---|---|---|---|---:|---:|\n";
+            the phase, its mean group and the spares it made (zero-filled / preallocated / \
+            recycled):\n\n| upserts | admit | log_submit | durable | apply | wake | log: fsync lag p99 | log: group write p99 | log: mean group KiB | log: spares |\n|---|---|---|---|---|---|---:|---:|---:|---:|\n";
     let stage_row = |label: String, t: &PhaseTimes| {
         let stage = |name: &str| {
             t.stages
@@ -660,14 +675,17 @@ pub(crate) fn markdown(r: &EngineReport) -> String {
         };
         let or_dash = |us: Option<u64>| us.map_or("—".to_string(), |us| us.to_string());
         format!(
-            "| {label} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {label} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             stage("admit"),
             stage("log_submit"),
             stage("durable"),
             stage("apply"),
             stage("wake"),
             or_dash(t.wal_fsync_lag_p99_us),
-            or_dash(t.wal_group_write_p99_us)
+            or_dash(t.wal_group_write_p99_us),
+            or_dash(t.wal_mean_group_bytes.map(|b| b >> 10)),
+            t.wal_spares
+                .map_or("—".to_string(), |[z, p, r]| format!("{z} / {p} / {r}"))
         )
     };
     for w in r.writes.iter().filter(|w| !w.times.stages.is_empty()) {

@@ -50,3 +50,36 @@ fn checkpoint_only_runs_the_checkpoint_phase_and_its_load_alone() {
         "{markdown}"
     );
 }
+
+#[test]
+fn each_write_phase_records_the_logs_mean_group_and_the_spares_it_made() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json = dir.path().join("engine.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_oc-bench"))
+        .args(["engine", "--seconds", "0.2", "--concurrency", "1", "--dir"])
+        .arg(dir.path().join("data"))
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .expect("oc-bench runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "oc-bench failed: {stderr}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("the JSON result")).expect("JSON");
+    let writes = report["writes"].as_array().expect("write phases");
+    assert!(!writes.is_empty(), "{report}");
+    for phase in writes {
+        // One writer's single rows and 100-row batches: a group holds one command.
+        let mean = phase["wal_mean_group_bytes"].as_u64().expect("mean group");
+        let rows = phase["rows_per_batch"].as_u64().expect("rows");
+        assert!(mean >= 4096 && mean < rows * 4096 + 8192, "{phase}");
+        let spares = phase["wal_spares"].as_array().expect("spares");
+        assert_eq!(spares.len(), 3, "{phase}");
+        assert!(spares.iter().all(|n| n.is_u64()), "{phase}");
+    }
+    let markdown = std::fs::read_to_string(json.with_extension("md")).expect("the Markdown");
+    assert!(
+        markdown.contains("| log: mean group KiB | log: spares |"),
+        "{markdown}"
+    );
+}
