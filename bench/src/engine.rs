@@ -398,12 +398,20 @@ async fn timed_load(
         stages,
         wal_fsync_lag_p99_us: phase_p99(&wal_after.fsync_lag_us, &wal_before.fsync_lag_us),
         wal_group_write_p99_us: phase_p99(&wal_after.group_write_us, &wal_before.group_write_us),
-        wal_mean_group_bytes: (wal_after.bytes_written - wal_before.bytes_written)
-            .checked_div(wal_after.groups - wal_before.groups),
+        wal_mean_group_bytes: (wal_after
+            .bytes_written
+            .saturating_sub(wal_before.bytes_written))
+        .checked_div(wal_after.groups.saturating_sub(wal_before.groups)),
         wal_spares: Some([
-            wal_after.spares_zero_filled - wal_before.spares_zero_filled,
-            wal_after.spares_preallocated - wal_before.spares_preallocated,
-            wal_after.spares_recycled - wal_before.spares_recycled,
+            wal_after
+                .spares_zero_filled
+                .saturating_sub(wal_before.spares_zero_filled),
+            wal_after
+                .spares_preallocated
+                .saturating_sub(wal_before.spares_preallocated),
+            wal_after
+                .spares_recycled
+                .saturating_sub(wal_before.spares_recycled),
         ]),
     };
     Ok((commits, elapsed, latency, times))

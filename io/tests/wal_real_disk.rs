@@ -815,8 +815,9 @@ fn a_log_of_large_groups_gets_preallocated_spares_and_one_of_small_groups_zero_f
         assert_eq!(report.last_lsn, Lsn(20));
         assert_eq!(frames.len(), acked.len());
         assert_payloads_match(&frames, &acked);
-        // Then small groups: once a whole segment of them is written, the spares are
-        // zero-filled again.
+        // More large groups on the reopened log (a spare made before it wrote any group
+        // is zero-filled: no history yet), then small ones: once a whole segment of
+        // them is written, the spares are zero-filled again.
         for i in 0..24u64 {
             let mut p = payload(100 + i);
             p.resize(600 << 10, i as u8);

@@ -1099,8 +1099,8 @@ impl<S: Storage> Writer<S> {
 
 /// Keeps a spare segment ready so rotation never waits for one to be made.
 pub(crate) async fn run_preparer<S: Storage>(shared: Rc<Shared<S>>) {
-    // The log's bytes and groups when the previous spare was made: what it wrote since
-    // is one segment's worth of its groups. And what that spare was.
+    // The log's bytes and groups when the previous spare's preparation started: what
+    // it wrote since is one segment's worth of its groups. And what that spare was.
     let mut written_at_last = (0, 0);
     let mut large_groups = false;
     loop {

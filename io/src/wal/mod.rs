@@ -586,10 +586,13 @@ impl<S: Storage> Wal<S> {
             return Ok(false);
         };
         let storage = &self.shared.storage;
-        // A file found gone already (removed by hand, or by a release whose directory
-        // sync failed) counts as removed: kept listed, it would fail every release.
+        // A file found gone already (removed from outside the log) counts as removed:
+        // kept listed, it would fail every release.
         let removed = |result: Result<()>| match result {
-            Err(e) if e.is_not_found() => Ok(false),
+            Err(e) if e.is_not_found() => {
+                tracing::warn!(error = %e, "a released log segment's file was already gone");
+                Ok(false)
+            }
             other => other.map(|()| true),
         };
         for name in older {
