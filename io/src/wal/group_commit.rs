@@ -1290,8 +1290,9 @@ fn fill_chunk_bytes(rate: f64) -> usize {
 
 /// Makes a spare from a released segment: its blocks are already written (no extents
 /// to convert, but for a preallocated segment's unwritten end, no zero-fill competing
-/// with the log for the disk), so only its header and footer are cleared. Older frames stay behind the zero block that ends every
-/// group, and carry LSNs below the new segment's. None if the file has the wrong size.
+/// with the log for the disk), so only its header and footer are cleared. Older frames
+/// stay behind the zero block that ends every group, and carry LSNs below the new
+/// segment's. None if the file has the wrong size.
 async fn recycle<S: Storage>(storage: &S, segment_bytes: u64) -> Result<Option<S::File>> {
     // Claim the file first: once it has left the shared name, a concurrent release can
     // put the next released segment there without touching this one.
