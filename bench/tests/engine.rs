@@ -1,28 +1,37 @@
-//! `oc-bench engine --checkpoint-only`, run as a user runs it: the checkpoint phase and
-//! its checkpoint's load, and nothing else, in its JSON and Markdown.
+//! `oc-bench engine`, run as a user runs it: what `--checkpoint-only` runs and leaves
+//! out, and what each write phase records, in its JSON and Markdown.
 
 use std::process::Command;
 
-#[test]
-fn checkpoint_only_runs_the_checkpoint_phase_and_its_load_alone() {
+/// Runs `oc-bench engine` with `args` (0.2 s phases) in a fresh directory; its stderr,
+/// JSON result and Markdown table.
+fn run_engine(args: &[&str]) -> (String, serde_json::Value, String) {
     let dir = tempfile::tempdir().expect("tempdir");
     let json = dir.path().join("engine.json");
     let out = Command::new(env!("CARGO_BIN_EXE_oc-bench"))
-        .args(["engine", "--checkpoint-only", "--seconds", "0.2", "--dir"])
+        .arg("engine")
+        .args(args)
+        .args(["--seconds", "0.2", "--dir"])
         .arg(dir.path().join("data"))
         .arg("--json")
         .arg(&json)
         .output()
         .expect("oc-bench runs");
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "oc-bench failed: {stderr}");
+    let report =
+        serde_json::from_slice(&std::fs::read(&json).expect("the JSON result")).expect("JSON");
+    let markdown = std::fs::read_to_string(json.with_extension("md")).expect("the Markdown");
+    (stderr, report, markdown)
+}
+
+#[test]
+fn checkpoint_only_runs_the_checkpoint_phase_and_its_load_alone() {
+    let (stderr, report, markdown) = run_engine(&["--checkpoint-only"]);
     assert!(
         !stderr.contains("WAL alone") && !stderr.contains("pool of"),
         "only the checkpoint phase runs: {stderr}"
     );
-
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&json).expect("the JSON result")).expect("JSON");
     assert_eq!(report["writes"], serde_json::json!([]), "{report}");
     assert_eq!(report["pool"], serde_json::json!([]), "{report}");
     assert!(report["wal_replay_mb_s"].is_null(), "{report}");
@@ -42,8 +51,6 @@ fn checkpoint_only_runs_the_checkpoint_phase_and_its_load_alone() {
     assert!(after["commits_per_s"].as_f64() > Some(0.0), "{report}");
     assert!(after["commit_p99_us"].as_u64() > Some(0), "{report}");
     assert!(after["segments_not_read"].is_u64(), "{report}");
-
-    let markdown = std::fs::read_to_string(json.with_extension("md")).expect("the Markdown");
     assert!(markdown.contains("| checkpoint load |"), "{markdown}");
     assert!(
         !markdown.contains("log replay") && !markdown.contains("| upserts | commits/s"),
@@ -53,19 +60,7 @@ fn checkpoint_only_runs_the_checkpoint_phase_and_its_load_alone() {
 
 #[test]
 fn each_write_phase_records_the_logs_mean_group_and_the_spares_it_made() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let json = dir.path().join("engine.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_oc-bench"))
-        .args(["engine", "--seconds", "0.2", "--concurrency", "1", "--dir"])
-        .arg(dir.path().join("data"))
-        .arg("--json")
-        .arg(&json)
-        .output()
-        .expect("oc-bench runs");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "oc-bench failed: {stderr}");
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&json).expect("the JSON result")).expect("JSON");
+    let (_, report, markdown) = run_engine(&["--concurrency", "1"]);
     let writes = report["writes"].as_array().expect("write phases");
     assert!(!writes.is_empty(), "{report}");
     for phase in writes {
@@ -77,7 +72,6 @@ fn each_write_phase_records_the_logs_mean_group_and_the_spares_it_made() {
         assert_eq!(spares.len(), 3, "{phase}");
         assert!(spares.iter().all(|n| n.is_u64()), "{phase}");
     }
-    let markdown = std::fs::read_to_string(json.with_extension("md")).expect("the Markdown");
     assert!(
         markdown.contains("| log: mean group KiB | log: spares |"),
         "{markdown}"
