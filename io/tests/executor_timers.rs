@@ -1,0 +1,76 @@
+//! The executor's timers after the vendored glommio patch (`vendor/glommio/OC-PATCH.md`):
+//! it keeps the latency ring's timer between wake-ups instead of cancelling and arming
+//! it again each time, so these check the two things that rule must never cost. A
+//! sleep wakes at its own deadline even when a later timer is pending, and a busy task
+//! that yields when asked is still preempted for a timer that falls due.
+
+use std::cell::Cell;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+/// glommio's default preemption period: the timer the executor arms while it runs tasks.
+const PREEMPT_PERIOD: Duration = Duration::from_millis(100);
+
+#[test]
+fn a_short_sleep_wakes_at_its_deadline_though_the_preemption_timer_is_later() {
+    const SLEEP: Duration = Duration::from_millis(5);
+    let overslept = oc_io::executor::run_local(async {
+        let mut late = Vec::new();
+        for _ in 0..40 {
+            // A runnable second task makes the executor run its task queue with the
+            // preemption timer armed (100 ms), then the sleep needs one 5 ms away.
+            glommio::spawn_local(async { futures_lite::future::yield_now().await }).detach();
+            futures_lite::future::yield_now().await;
+            let began = Instant::now();
+            glommio::timer::sleep(SLEEP).await;
+            late.push(began.elapsed().saturating_sub(SLEEP));
+        }
+        late
+    });
+    let worst = overslept.iter().max().copied().unwrap_or_default();
+    // Waking at the pending preemption timer instead would oversleep by ~95 ms each time;
+    // a loaded machine may delay a few wake-ups, never most of them by half that.
+    let far_late = overslept
+        .iter()
+        .filter(|late| **late >= PREEMPT_PERIOD / 2)
+        .count();
+    assert!(
+        far_late <= 2,
+        "{far_late} of 40 sleeps of 5 ms woke ≥ 50 ms late (worst {worst:?}): a pending \
+         later timer held the executor"
+    );
+}
+
+#[test]
+fn a_busy_task_that_yields_when_asked_is_preempted_for_a_timer_that_falls_due() {
+    const BUSY_FOR: Duration = Duration::from_millis(400);
+    let (woke_after, busy_ran) = oc_io::executor::run_local(async {
+        let started = Instant::now();
+        let woke_after = Rc::new(Cell::new(None));
+        let sleeper = {
+            let woke_after = woke_after.clone();
+            glommio::spawn_local(async move {
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+                woke_after.set(Some(started.elapsed()));
+            })
+        };
+        let busy = glommio::spawn_local(async move {
+            let began = Instant::now();
+            while began.elapsed() < BUSY_FOR {
+                std::hint::spin_loop();
+                glommio::yield_if_needed().await;
+            }
+            began.elapsed()
+        });
+        let busy_ran = busy.await;
+        sleeper.await;
+        (woke_after.get(), busy_ran)
+    });
+    let woke_after = woke_after.expect("the sleeper ran");
+    // Preempted at the latest when the 100 ms period ends; never only after the busy task.
+    assert!(
+        woke_after < BUSY_FOR.saturating_sub(PREEMPT_PERIOD),
+        "a 10 ms sleep woke after {woke_after:?}, the busy task ran {busy_ran:?}: it was \
+         not preempted"
+    );
+}
