@@ -121,8 +121,14 @@ if wals:
     row("same, steady state (released segments recycled as spares)",
         [r["steady_state"]["wal_seq_mb_s"] / baseline(r, r["steady_state"].get("raw_durable_around_mb_s"))
          for r in wals], "≥ 0.9", lambda v: v >= 0.9)
+    def one_appender(c):
+        # Against the raw rate right before and after the phase when the run has it
+        # (oc-bench since 2026-12-06), else against the one measured first.
+        return c.get("ratio_to_raw_fsync_around") or c["ratio_to_raw_fsync"]
     row("WAL one appender ÷ raw 4 KiB write + fdatasync (fresh log)",
-        [r["small_appends"][0]["ratio_to_raw_fsync"] for r in wals], "≥ 0.9 (the one-writer goal, for the log alone)", lambda v: v >= 0.9)
+        [one_appender(r["small_appends"][0]) for r in wals], "≥ 0.9 (the one-writer goal, for the log alone)", lambda v: v >= 0.9)
+    row("same, steady state",
+        [one_appender(r["steady_state"]["small_appends"][0]) for r in wals], "≥ 0.9", lambda v: v >= 0.9)
 
 for r in load("recovery.json"):
     row("log replay, MB/s (median of the reopenings)", [r["replay_mb_s"]["median"]], "≥ 300",

@@ -45,6 +45,13 @@ pub(crate) struct ConcurrencyResult {
     frames_per_group: f64,
     /// appends/s divided by the raw disk's write+fdatasync/s.
     ratio_to_raw_fsync: f64,
+    /// One appender only: the raw 4 KiB write + fdatasync/s measured right before and
+    /// right after the phase (absent before 2026-12-06, and at other concurrencies).
+    #[serde(default)]
+    raw_fsync_around_per_s: Option<[f64; 2]>,
+    /// appends/s divided by the mean of `raw_fsync_around_per_s`.
+    #[serde(default)]
+    ratio_to_raw_fsync_around: Option<f64>,
     /// New segments prepared during the measured phase, and how.
     spares: SpareCounts,
 }
@@ -163,6 +170,12 @@ pub fn run(args: WalArgs) -> Result<()> {
         Ok(mb_s)
     };
     let raw_durable_seq_mb_s = raw_durable_mb_s()?;
+    // The one-appender phases' baseline, measured around each of them for the same reason.
+    let raw_fsync_per_s_now = || -> Result<f64> {
+        let (per_s, _) = raw_disk::write_fdatasync(&raw, RAW_FILE_BYTES, 4096, phase)?;
+        eprintln!("raw 4 KiB write+fdatasync: {per_s:.0}/s");
+        Ok(per_s)
+    };
 
     let dir = args.common.dir.clone();
     let concurrency = args.concurrency.clone();
@@ -199,9 +212,10 @@ pub fn run(args: WalArgs) -> Result<()> {
             );
             let mut small = Vec::new();
             for &c in &concurrency {
+                let baseline = (c == 1).then_some(&raw_fsync_per_s_now as &dyn Fn() -> Result<f64>);
                 small.push((
                     c,
-                    wal_phase(&dir, mode, c, SMALL_RECORD_BYTES, warmup, phase, None).await?,
+                    wal_phase(&dir, mode, c, SMALL_RECORD_BYTES, warmup, phase, baseline).await?,
                 ));
             }
             modes.push((mode, wal_seq_mb_s, raw_around, seq.spares, small));
@@ -221,6 +235,7 @@ pub fn run(args: WalArgs) -> Result<()> {
                     .map(|(c, r)| {
                         let lag = Percentiles::of(&r.latency);
                         let appends_per_s = r.appends as f64 / r.elapsed.as_secs_f64();
+                        let raw_around = r.baseline_around;
                         ConcurrencyResult {
                             concurrency: c,
                             appends_per_s,
@@ -230,6 +245,9 @@ pub fn run(args: WalArgs) -> Result<()> {
                             lag_max_us: lag.max_us,
                             frames_per_group: r.frames_per_group,
                             ratio_to_raw_fsync: appends_per_s / raw_fsync_per_s,
+                            raw_fsync_around_per_s: raw_around,
+                            ratio_to_raw_fsync_around: raw_around
+                                .map(|[before, after]| 2.0 * appends_per_s / (before + after)),
                             spares: r.spares,
                         }
                     })
@@ -515,10 +533,10 @@ pub(crate) fn markdown(r: &WalReport) -> String {
         r.steady_state.wal_seq_mb_s,
         r.steady_state.raw_durable_around_mb_s,
     );
-    out += "\n| durable small writes | ops/s | × raw fsync/s | p50 µs | p99 µs | p999 µs | frames/group | spares filled / recycled |\n";
-    out += "|---|---:|---:|---:|---:|---:|---:|---:|\n";
+    out += "\n| durable small writes | ops/s | × raw fsync/s | × raw fsync/s right before and after it | p50 µs | p99 µs | p999 µs | frames/group | spares filled / recycled |\n";
+    out += "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n";
     out += &format!(
-        "| raw 4 KiB write + fdatasync | {:.0} | 1.0 | {} | {} | {} | 1 | |\n",
+        "| raw 4 KiB write + fdatasync | {:.0} | 1.0 | — | {} | {} | {} | 1 | |\n",
         r.raw_fsync_per_s, r.raw_fsync_p50_us, r.raw_fsync_p99_us, r.raw_fsync_p999_us
     );
     for (label, rows) in [
@@ -526,8 +544,14 @@ pub(crate) fn markdown(r: &WalReport) -> String {
         ("steady", &r.steady_state.small_appends),
     ] {
         for c in rows {
+            let around = match (c.ratio_to_raw_fsync_around, c.raw_fsync_around_per_s) {
+                (Some(ratio), Some([before, after])) => {
+                    format!("{ratio:.2} ({before:.0} and {after:.0}/s)")
+                }
+                _ => "—".to_string(),
+            };
             out += &format!(
-                "| WAL 256 B, {} appenders, {label} | {:.0} | {:.1} | {} | {} | {} | {:.1} | {} / {} |\n",
+                "| WAL 256 B, {} appenders, {label} | {:.0} | {:.2} | {around} | {} | {} | {} | {:.1} | {} / {} |\n",
                 c.concurrency,
                 c.appends_per_s,
                 c.ratio_to_raw_fsync,
