@@ -1,8 +1,9 @@
-//! The executor's timers after the vendored glommio patch (`vendor/glommio/OC-PATCH.md`):
-//! it keeps the latency ring's timer between wake-ups instead of cancelling and arming
-//! it again each time, so these check the two things that rule must never cost. A
-//! sleep wakes at its own deadline even when a later timer is pending, and a busy task
-//! that yields when asked is still preempted for a timer that falls due.
+//! The executor's latency-ring timer rules, which a patch of the vendored glommio must
+//! keep (`vendor/glommio/OC-PATCH.md`): a sleep wakes at its own deadline even when a
+//! later timer is pending, and a busy task that yields when asked is still preempted for
+//! a timer that falls due. A first cut of the patch kept that timer between wake-ups;
+//! done wrong, each of these fails (both checked), and that cut was dropped for another
+//! reason (OC-PATCH.md, "Tried and dropped").
 
 use std::cell::Cell;
 use std::rc::Rc;

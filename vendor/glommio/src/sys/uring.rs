@@ -1221,9 +1221,7 @@ pub(crate) struct Reactor {
     latency_ring: RefCell<SleepableRing>,
     poll_ring: RefCell<PollRing>,
 
-    // oc patch: the latency ring's timer and when it fires, kept across calls to
-    // `wait` while it is pending and no later than needed (see `arm_latency_timer`).
-    latency_preemption_timeout_src: Cell<Option<(Source, Instant)>>,
+    latency_preemption_timeout_src: Cell<Option<Source>>,
     throughput_preemption_timeout_src: Cell<Option<Source>>,
 
     link_fd: RawFd,
@@ -1816,13 +1814,20 @@ impl Reactor {
         // consume all events from the rings
         consume_rings!(into &mut woke; lat_ring, poll_ring, main_ring);
 
-        // oc patch: upstream cancels the latency ring's timer here and arms it again
-        // below on every call, and replaces the throughput timer too: five
-        // submissions (two of them cancellations) and as many `io_uring_enter`s per
-        // wake-up. Both are kept while pending instead. A kept latency timer fires
-        // no later than the one upstream would arm (at worst a spurious wake-up or
-        // an earlier preemption); a kept throughput timer counts its completions
-        // from when it was armed.
+        // Cancel the old timer regardless of whether we can sleep:
+        // if we won't sleep, we will register the new timer with its new
+        // value.
+        //
+        // But if we will sleep, there might be a timer registered that needs
+        // to be removed otherwise we'll wake up when it expires.
+        drop(self.latency_preemption_timeout_src.take());
+
+        // oc patch: upstream replaced the throughput timer here on every call (a
+        // cancellation, a timeout and its linked eventfd write: three submissions per
+        // wake-up). It is kept while pending instead, so it counts its completions
+        // from when it was armed. If it fires between this call and the task queues'
+        // first preemption check, the eventfd read it completes is no longer
+        // installed when the executor next tries to sleep, so it does not sleep.
         let throughput = match self.throughput_preemption_timeout_src.take() {
             Some(pending) if pending.result().is_none() => pending,
             _ => main_ring.prepare_throughput_preemption_timer(
@@ -1852,9 +1857,9 @@ impl Reactor {
             // We are about to go to sleep. It's ok to sleep, but if there
             // is a timer set, we need to make sure we wake up to handle it.
             if let Some(dur) = user_timer {
-                if self.arm_latency_timer(&mut lat_ring, dur) {
-                    assert!(flush_rings!(lat_ring)? > 0);
-                }
+                self.latency_preemption_timeout_src
+                    .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
+                assert!(flush_rings!(lat_ring)? > 0);
             }
             // From this moment on the remote executors are aware that we are sleeping
             // We have to sweep the remote channels function once more because since
@@ -1881,9 +1886,9 @@ impl Reactor {
         }
 
         if let Some(preempt) = preempt_timer() {
-            if self.arm_latency_timer(&mut lat_ring, preempt) {
-                flush_rings!(lat_ring, main_ring)?;
-            }
+            self.latency_preemption_timeout_src
+                .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
+            flush_rings!(lat_ring, main_ring)?;
         }
 
         // A Note about `need_preempt`:
@@ -1894,22 +1899,6 @@ impl Reactor {
         // need_preempt() should be false at this point. As soon as the next event
         // in the preempt ring completes, though, then it will be true.
         Ok(should_sleep)
-    }
-
-    /// oc patch: makes the latency ring flare within `dur` from now. A pending timer
-    /// that fires by then is kept; otherwise it is cancelled and a new one armed.
-    /// Returns whether a timer was armed (and needs flushing).
-    fn arm_latency_timer(&self, lat_ring: &mut SleepableRing, dur: Duration) -> bool {
-        let wanted = Instant::now() + dur;
-        if let Some((src, fires)) = self.latency_preemption_timeout_src.take() {
-            if src.result().is_none() && fires <= wanted {
-                self.latency_preemption_timeout_src.set(Some((src, fires)));
-                return false;
-            }
-        }
-        self.latency_preemption_timeout_src
-            .set(Some((lat_ring.prepare_latency_preemption_timer(dur), wanted)));
-        true
     }
 
     pub(crate) fn flush_syscall_thread(&self) -> usize {
