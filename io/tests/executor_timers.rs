@@ -1,9 +1,8 @@
-//! The executor's latency-ring timer rules, which a patch of the vendored glommio must
-//! keep (`vendor/glommio/OC-PATCH.md`): a sleep wakes at its own deadline even when a
-//! later timer is pending, and a busy task that yields when asked is still preempted for
-//! a timer that falls due. A first cut of the patch kept that timer between wake-ups;
-//! done wrong, each of these fails (both checked), and that cut was dropped for another
-//! reason (OC-PATCH.md, "Tried and dropped").
+//! The executor's latency-ring timer rules that oc relies on: a sleep wakes at its own
+//! deadline even when a later timer is pending, and a busy task that yields when asked
+//! is still preempted for a timer that falls due. A patch of glommio that kept that timer
+//! between wake-ups was tried (BENCHMARKS.md, "glommio's timers kept between wake-ups,
+//! tried"); each of these fails when the rule it names is broken (both checked then).
 
 use std::cell::Cell;
 use std::rc::Rc;
