@@ -1,8 +1,9 @@
 //! The executor's latency-ring timer rules that oc relies on: a sleep wakes at its own
-//! deadline even when a later timer is pending, and a busy task that yields when asked
-//! is still preempted for a timer that falls due. A patch of glommio that kept that timer
-//! between wake-ups was tried (BENCHMARKS.md, "glommio's timers kept between wake-ups,
-//! tried"); each of these fails when the rule it names is broken (both checked then).
+//! deadline even when a later timer is pending, a busy task that yields when asked is
+//! still preempted for a timer that falls due, and an executor whose preemption timer
+//! fires before its runnable tasks ran does not sleep. oc's glommio keeps that timer
+//! between wake-ups (vendor/glommio/OC-PATCH.md); each test here fails when the rule
+//! it names is broken (each checked against a build that broke it).
 
 use std::cell::Cell;
 use std::rc::Rc;
@@ -73,4 +74,59 @@ fn a_busy_task_that_yields_when_asked_is_preempted_for_a_timer_that_falls_due() 
         "a 10 ms sleep woke after {woke_after:?}, the busy task ran {busy_ran:?}: it was \
          not preempted"
     );
+}
+
+#[test]
+fn a_preemption_timer_firing_before_the_task_queues_run_does_not_put_runnable_tasks_to_sleep() {
+    // A task that works a little and then reads a cached file (the read completes as
+    // it is submitted), on an executor that spins before it parks, keeps the executor
+    // polling without ever parking: it finds the read complete while it spins and
+    // polls again, and a kept preemption timer fires at random points of that loop.
+    // One that fires between the reactor's last look at the rings and the task queues
+    // used to stop them before they ran (verified: this test then hung), and the
+    // executor went to sleep with the task runnable and nothing left to wake it.
+    const RUN_FOR: Duration = Duration::from_secs(2);
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let executor = oc_io::executor::executor_builder(glommio::Placement::Unbound)
+            .preempt_timer(Duration::from_micros(300))
+            .spin_before_park(Duration::from_millis(1))
+            .make()
+            .expect("an executor can be built");
+        let turns = executor.run(async {
+            let path =
+                std::env::temp_dir().join(format!("oc-executor-timers-{}", std::process::id()));
+            let file = glommio::io::BufferedFile::create(&path)
+                .await
+                .expect("a temporary file");
+            file.write_at(vec![7; 64], 0).await.expect("written");
+            file.close().await.expect("closed");
+            let file = glommio::io::BufferedFile::open(&path)
+                .await
+                .expect("reopened");
+            let started = Instant::now();
+            let mut turns = 0u64;
+            while started.elapsed() < RUN_FOR {
+                let worked = Instant::now();
+                while worked.elapsed() < Duration::from_micros(5) {
+                    std::hint::spin_loop();
+                }
+                file.read_at(0, 64).await.expect("a cached read");
+                turns += 1;
+            }
+            let _ = std::fs::remove_file(&path);
+            turns
+        });
+        let _ = done.send(turns);
+    });
+    match finished.recv_timeout(RUN_FOR + Duration::from_secs(30)) {
+        Ok(turns) => assert!(turns > 0, "the task never ran"),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            panic!("the executor's thread panicked (above)")
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!(
+            "the executor stopped running a runnable task: it slept for 30 s past the \
+             task's {RUN_FOR:?}"
+        ),
+    }
 }
