@@ -325,6 +325,9 @@ pub(crate) struct SpareCounts {
     #[serde(default)]
     preallocated: u64,
     recycled: u64,
+    /// Rotations that waited for the spare (absent in older results).
+    #[serde(default)]
+    waited: u64,
 }
 
 pub(crate) struct ModeReport {
@@ -424,6 +427,7 @@ pub(crate) async fn wal_phase(
             zero_filled: after.spares_zero_filled - before.spares_zero_filled,
             preallocated: after.spares_preallocated - before.spares_preallocated,
             recycled: after.spares_recycled - before.spares_recycled,
+            waited: after.spare_waits - before.spare_waits,
         },
         baseline_around,
     })

@@ -265,6 +265,44 @@ fn full_segments_are_sealed_rotated_and_released() {
     });
 }
 
+/// The log's segment and spare counters, for assertion messages.
+fn spares(wal: &Wal<DmaStorage>) -> String {
+    let s = wal.stats();
+    format!(
+        "segments created {}, spares zero-filled {}, spare waits {}",
+        s.segments_created, s.spares_zero_filled, s.spare_waits
+    )
+}
+
+#[test]
+fn a_rotation_that_waits_for_the_spare_is_counted_and_one_that_finds_it_ready_is_not() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    run_local(async {
+        let (wal, _, _) = open(dir.path(), small_segments(), Lsn(1))
+            .await
+            .expect("open");
+        // A fresh log has no segment: its first append waits for the first spare,
+        // whose fill only started at the open.
+        wal.append(KIND, b"tenant-a", &payload(0))
+            .await
+            .expect("append");
+        assert_eq!(wal.stats().spare_waits, 1, "{}", spares(&wal));
+        // Once the next spare is ready, the rotation into it does not wait.
+        while wal.stats().spares_zero_filled < 2 {
+            glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        let mut i = 1;
+        while wal.stats().segments_created < 2 {
+            wal.append(KIND, b"tenant-a", &payload(i))
+                .await
+                .expect("append");
+            i += 1;
+        }
+        assert_eq!(wal.stats().spare_waits, 1, "{}", spares(&wal));
+        wal.close().await.expect("close");
+    });
+}
+
 #[test]
 fn a_lost_newest_segment_is_refused_unless_the_operator_truncates() {
     let dir = tempfile::tempdir().expect("tempdir");

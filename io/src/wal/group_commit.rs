@@ -89,6 +89,9 @@ pub struct WalStats {
     pub spares_preallocated: u64,
     /// Spares made from a released segment.
     pub spares_recycled: u64,
+    /// Rotations that found no spare ready and waited for one: each held the log's
+    /// appends meanwhile (the fill fell behind the log).
+    pub spare_waits: u64,
     /// Append → durable, per frame, in microseconds (`oc_wal_fsync_lag_ms`).
     pub fsync_lag_us: Histogram<u64>,
     /// The durable write of one group, in microseconds.
@@ -115,6 +118,7 @@ impl Default for WalStats {
             spares_zero_filled: 0,
             spares_preallocated: 0,
             spares_recycled: 0,
+            spare_waits: 0,
             fsync_lag_us: hist(),
             group_write_us: hist(),
             group_frames: hist(),
@@ -1071,7 +1075,8 @@ impl<S: Storage> Writer<S> {
     /// reflects the disk as it is (space may have been freed since).
     async fn take_spare(&self) -> Result<(S::File, bool)> {
         let mut retried = false;
-        poll_fn(|cx| {
+        let mut waited = false;
+        let taken = poll_fn(|cx| {
             let mut state = self.shared.state.borrow_mut();
             match std::mem::replace(&mut state.spare, Spare::Wanted) {
                 Spare::Ready { file, zeroed } => {
@@ -1091,9 +1096,14 @@ impl<S: Storage> Writer<S> {
             state.writer_needs_spare = true;
             wake(&mut state.preparer_waker);
             state.writer_waker = Some(cx.waker().clone());
+            waited = true;
             Poll::Pending
         })
-        .await
+        .await;
+        if waited {
+            self.shared.stats.borrow_mut().spare_waits += 1;
+        }
+        taken
     }
 }
 
