@@ -46,6 +46,7 @@ fn health_ready_and_a_scrape_promtool_accepts() {
     for expected in [
         "oc_wal_fsync_lag_ms_count 22", // tenant + table + 20 rows
         "oc_checkpoint_age_s{shard=\"0\"}",
+        "oc_wal_spare_waits_total{shard=\"1\"}",
         "oc_http_requests_total{route=\"rows_write\",status=\"200\"} 20",
         "oc_http_requests_total{route=\"usage\",status=\"404\"} 1",
         "oc_rows{shard=",
