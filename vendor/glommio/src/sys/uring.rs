@@ -1826,7 +1826,8 @@ impl Reactor {
         // executor is not woken by it. A kept timer can fire after this call's last
         // look at the rings; the executor's `run_task_queues` then reports the
         // runnable queues it did not get to run, so the executor polls again instead
-        // of sleeping (upstream's fresh 100 ms timer never fired that soon).
+        // of sleeping (upstream's fresh 100 ms timer fires that soon only when the thread
+        // is off the CPU for those 100 ms).
         if preempt_timer().is_none() {
             drop(self.latency_preemption_timeout_src.take());
         }
