@@ -288,7 +288,13 @@ fn a_rotation_that_waits_for_the_spare_is_counted_and_one_that_finds_it_ready_is
             .expect("append");
         assert_eq!(wal.stats().spare_waits, 1, "{}", spares(&wal));
         // Once the next spare is ready, the rotation into it does not wait.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         while wal.stats().spares_zero_filled < 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the next spare was not ready within 30 s: {}",
+                spares(&wal)
+            );
             glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
         }
         let mut i = 1;
