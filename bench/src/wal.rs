@@ -45,10 +45,12 @@ pub(crate) struct ConcurrencyResult {
     frames_per_group: f64,
     /// appends/s divided by the raw disk's write+fdatasync/s.
     ratio_to_raw_fsync: f64,
-    /// One appender only: the raw 4 KiB write + fdatasync/s measured right before and
-    /// right after the phase (absent before 2026-12-06, and at other concurrencies).
+    /// One appender only: the raw 4 KiB write + fdatasync/s measured around and between
+    /// the phase's slices, in order ([`BASELINE_SLICES`]; right before and right after
+    /// the whole phase until the night of 2026-12-06; absent before 2026-12-06, and at
+    /// other concurrencies).
     #[serde(default)]
-    raw_fsync_around_per_s: Option<[f64; 2]>,
+    raw_fsync_around_per_s: Option<Vec<f64>>,
     /// appends/s divided by the mean of `raw_fsync_around_per_s`.
     #[serde(default)]
     ratio_to_raw_fsync_around: Option<f64>,
@@ -71,10 +73,12 @@ pub(crate) struct WalReport {
     raw_fsync_p999_us: u64,
     /// Fresh log: 256 KiB records, 8 appenders.
     wal_seq_mb_s: f64,
-    /// Raw durable MB/s measured again right before and right after the fresh log's
-    /// 256 KiB-record phase: that phase's baseline (absent before 2026-12-05).
+    /// Raw durable MB/s measured again around and between the slices of the fresh log's
+    /// 256 KiB-record phase, in order ([`BASELINE_SLICES`]); their mean is that phase's
+    /// baseline. Before the night of 2026-12-06 two figures, right before and right
+    /// after the whole phase; absent before 2026-12-05.
     #[serde(default)]
-    raw_durable_around_fresh_mb_s: Option<[f64; 2]>,
+    raw_durable_around_fresh_mb_s: Option<Vec<f64>>,
     /// Fresh log: nothing released, new segments zero-filled during the run.
     small_appends: Vec<ConcurrencyResult>,
     fresh_wal_seq_spares: SpareCounts,
@@ -85,9 +89,9 @@ pub(crate) struct WalReport {
 #[derive(Serialize, Deserialize)]
 pub(crate) struct SteadyReport {
     wal_seq_mb_s: f64,
-    /// As `raw_durable_around_fresh_mb_s`, around this phase.
+    /// As `raw_durable_around_fresh_mb_s`, around and between this phase's slices.
     #[serde(default)]
-    raw_durable_around_mb_s: Option<[f64; 2]>,
+    raw_durable_around_mb_s: Option<Vec<f64>>,
     wal_seq_spares: SpareCounts,
     small_appends: Vec<ConcurrencyResult>,
 }
@@ -161,20 +165,17 @@ pub fn run(args: WalArgs) -> Result<()> {
         raw_fsync.p50_us, raw_fsync.p99_us, raw_fsync.p999_us
     );
     // This disk's durable bandwidth drifts by a third between minutes, so the
-    // 256 KiB-record phases are compared with it measured right before and right after
-    // each of them (blocking the executor meanwhile: nothing else runs on it then).
-    let raw_durable_mb_s = || -> Result<f64> {
-        let (per_s, _) = raw_disk::write_fdatasync(&raw, RAW_FILE_BYTES, 1 << 20, phase)?;
-        let mb_s = per_s * (1 << 20) as f64 / 1e6;
-        eprintln!("raw 1 MiB write+fdatasync: {mb_s:.0} MB/s");
-        Ok(mb_s)
+    // 256 KiB-record phases are compared with it measured around and between their
+    // slices (blocking the executor meanwhile: nothing else runs on it then).
+    let raw_durable_mb_s = |length: Duration| -> Result<f64> {
+        let (per_s, _) = raw_disk::write_fdatasync(&raw, RAW_FILE_BYTES, 1 << 20, length)?;
+        Ok(per_s * (1 << 20) as f64 / 1e6)
     };
-    let raw_durable_seq_mb_s = raw_durable_mb_s()?;
+    let raw_durable_seq_mb_s = raw_durable_mb_s(phase)?;
+    eprintln!("raw 1 MiB write+fdatasync: {raw_durable_seq_mb_s:.0} MB/s");
     // The one-appender phases' baseline, measured around each of them for the same reason.
-    let raw_fsync_per_s_now = || -> Result<f64> {
-        let (per_s, _) = raw_disk::write_fdatasync(&raw, RAW_FILE_BYTES, 4096, phase)?;
-        eprintln!("raw 4 KiB write+fdatasync: {per_s:.0}/s");
-        Ok(per_s)
+    let raw_fsync_per_s_now = |length: Duration| -> Result<f64> {
+        Ok(raw_disk::write_fdatasync(&raw, RAW_FILE_BYTES, 4096, length)?.0)
     };
 
     let dir = args.common.dir.clone();
@@ -194,6 +195,10 @@ pub fn run(args: WalArgs) -> Result<()> {
             )
             .await?;
             let raw_around = seq.baseline_around.expect("measured when asked for");
+            eprintln!(
+                "  raw 1 MiB write+fdatasync around and between its slices: {} MB/s",
+                rates(&raw_around)
+            );
             let wal_seq_mb_s =
                 seq.appends as f64 * LARGE_RECORD_BYTES as f64 / seq.elapsed.as_secs_f64() / 1e6;
             // Where a group's period goes: the log's writing of it (stamping and the
@@ -212,11 +217,17 @@ pub fn run(args: WalArgs) -> Result<()> {
             );
             let mut small = Vec::new();
             for &c in &concurrency {
-                let baseline = (c == 1).then_some(&raw_fsync_per_s_now as &dyn Fn() -> Result<f64>);
-                small.push((
-                    c,
-                    wal_phase(&dir, mode, c, SMALL_RECORD_BYTES, warmup, phase, baseline).await?,
-                ));
+                let baseline =
+                    (c == 1).then_some(&raw_fsync_per_s_now as &dyn Fn(Duration) -> Result<f64>);
+                let r =
+                    wal_phase(&dir, mode, c, SMALL_RECORD_BYTES, warmup, phase, baseline).await?;
+                if let Some(around) = &r.baseline_around {
+                    eprintln!(
+                        "  raw 4 KiB write+fdatasync around and between its slices: {}/s",
+                        rates(around)
+                    );
+                }
+                small.push((c, r));
             }
             modes.push((mode, wal_seq_mb_s, raw_around, seq.spares, small));
         }
@@ -245,9 +256,10 @@ pub fn run(args: WalArgs) -> Result<()> {
                             lag_max_us: lag.max_us,
                             frames_per_group: r.frames_per_group,
                             ratio_to_raw_fsync: appends_per_s / raw_fsync_per_s,
-                            raw_fsync_around_per_s: raw_around,
                             ratio_to_raw_fsync_around: raw_around
-                                .map(|[before, after]| 2.0 * appends_per_s / (before + after)),
+                                .as_deref()
+                                .map(|around| appends_per_s / mean(around)),
+                            raw_fsync_around_per_s: raw_around,
                             spares: r.spares,
                         }
                     })
@@ -332,7 +344,7 @@ pub(crate) struct SpareCounts {
 
 pub(crate) struct ModeReport {
     wal_seq_mb_s: f64,
-    raw_around: [f64; 2],
+    raw_around: Vec<f64>,
     wal_seq_spares: SpareCounts,
     small_appends: Vec<ConcurrencyResult>,
 }
@@ -346,9 +358,26 @@ pub(crate) struct PhaseResult {
     /// `group_write_us`).
     group_write_mean_us: f64,
     spares: SpareCounts,
-    /// The baseline [`wal_phase`] was given, measured right before and right after the
-    /// measured load.
-    baseline_around: Option<[f64; 2]>,
+    /// The baseline [`wal_phase`] was given, measured before each slice of the
+    /// measured load and after the last, in order.
+    baseline_around: Option<Vec<f64>>,
+}
+
+/// A phase with a baseline runs its measured load in this many slices, the baseline
+/// measured before each and after the last. This disk's durable rate moved by a third
+/// between the two ends of a phase, the same way every time (BENCHMARKS.md, "The stamping's CRCs
+/// moved to the appenders, tried"): slices put the baseline in the same minutes as the
+/// load it is compared with.
+const BASELINE_SLICES: u32 = 5;
+
+fn mean(rates: &[f64]) -> f64 {
+    rates.iter().sum::<f64>() / rates.len().max(1) as f64
+}
+
+/// Rates for a log line: "a, b, c (mean m)".
+fn rates(rates: &[f64]) -> String {
+    let each: Vec<String> = rates.iter().map(|r| format!("{r:.0}")).collect();
+    format!("{} (mean {:.0})", each.join(", "), mean(rates))
 }
 
 /// Longest warm-up of the steady mode while waiting for a segment to be recycled.
@@ -364,7 +393,7 @@ pub(crate) async fn wal_phase(
     record_bytes: usize,
     warmup: Duration,
     phase: Duration,
-    baseline: Option<&dyn Fn() -> Result<f64>>,
+    baseline: Option<&dyn Fn(Duration) -> Result<f64>>,
 ) -> Result<PhaseResult> {
     let dir = base.join(format!("wal-{writers}-{record_bytes}"));
     if dir.exists() {
@@ -400,15 +429,28 @@ pub(crate) async fn wal_phase(
         }
     }
     // A baseline blocks this executor: the log's own tasks (its zero-fill, the
-    // releaser) wait meanwhile, and only the measured load is bracketed.
-    let baseline_before = baseline.map(|measure| measure()).transpose()?;
+    // releaser) wait meanwhile, and only the measured load's slices are timed.
     let before = wal.stats();
-    let (appends, elapsed, latency) = load.run(phase, true).await?;
-    let after = wal.stats();
-    let baseline_around = match (baseline, baseline_before) {
-        (Some(measure), Some(before)) => Some([before, measure()?]),
-        _ => None,
+    let (appends, elapsed, latency, baseline_around) = match baseline {
+        None => {
+            let (appends, elapsed, latency) = load.run(phase, true).await?;
+            (appends, elapsed, latency, None)
+        }
+        Some(measure) => {
+            let slice = phase / BASELINE_SLICES;
+            let mut around = vec![measure(slice)?];
+            let (mut appends, mut elapsed, mut latency) = (0, Duration::ZERO, histogram());
+            for _ in 0..BASELINE_SLICES {
+                let (a, e, l) = load.run(slice, true).await?;
+                appends += a;
+                elapsed += e;
+                latency.add(&l).context("merging the slices' latencies")?;
+                around.push(measure(slice)?);
+            }
+            (appends, elapsed, latency, Some(around))
+        }
     };
+    let after = wal.stats();
     drop(releaser);
     wal.close().await?;
     drop(load);
@@ -473,16 +515,18 @@ impl Load {
             }));
         }
         let (mut last, mut ticks) = (0, 0u64);
+        let tick = Duration::from_secs(1).min(duration);
         while started.elapsed() < duration {
-            glommio::timer::sleep(Duration::from_secs(1).min(duration)).await;
+            let ticked = Instant::now();
+            glommio::timer::sleep(tick).await;
             ticks += 1;
             if progress {
                 let now = count.get();
                 let p99 = latency.borrow().value_at_quantile(0.99);
                 eprintln!(
-                    "  [{:>3} writers, {ticks:>3}s] {:>8} appends/s, p99 so far {p99} µs",
+                    "  [{:>3} writers, tick {ticks:>3}] {:>8.0} appends/s, p99 so far {p99} µs",
                     self.writers,
-                    now - last
+                    (now - last) as f64 / ticked.elapsed().as_secs_f64()
                 );
                 last = now;
             }
@@ -502,13 +546,10 @@ pub(crate) fn markdown(r: &WalReport) -> String {
         "Machine: {} cores, kernel {}, {}; {} s per phase.\n\n",
         r.machine.cores, r.machine.kernel, r.machine.file_system, r.seconds_per_phase
     );
-    out += "| sequential bandwidth | MB/s | × raw depth 8 | × raw durable | × raw durable right before and after it |\n|---|---:|---:|---:|---:|\n";
-    let row = |name: &str, v: f64, around: Option<[f64; 2]>| {
-        let around = around.map_or("—".to_string(), |[before, after]| {
-            format!(
-                "{:.2} ({before:.0} and {after:.0} MB/s)",
-                2.0 * v / (before + after)
-            )
+    out += "| sequential bandwidth | MB/s | × raw depth 8 | × raw durable | × raw durable around and between its slices |\n|---|---:|---:|---:|---:|\n";
+    let row = |name: &str, v: f64, around: Option<&[f64]>| {
+        let around = around.map_or("—".to_string(), |around| {
+            format!("{:.2} ({} MB/s)", v / mean(around), rates(around))
         });
         format!(
             "| {name} | {v:.0} | {:.2} | {:.2} | {around} |\n",
@@ -530,14 +571,14 @@ pub(crate) fn markdown(r: &WalReport) -> String {
     out += &row(
         "WAL 256 KiB records, fresh log",
         r.wal_seq_mb_s,
-        r.raw_durable_around_fresh_mb_s,
+        r.raw_durable_around_fresh_mb_s.as_deref(),
     );
     out += &row(
         "WAL 256 KiB records, steady state",
         r.steady_state.wal_seq_mb_s,
-        r.steady_state.raw_durable_around_mb_s,
+        r.steady_state.raw_durable_around_mb_s.as_deref(),
     );
-    out += "\n| durable small writes | ops/s | × raw fsync/s | × raw fsync/s right before and after it | p50 µs | p99 µs | p999 µs | frames/group | spares filled / recycled |\n";
+    out += "\n| durable small writes | ops/s | × raw fsync/s | × raw fsync/s around and between its slices | p50 µs | p99 µs | p999 µs | frames/group | spares filled / recycled |\n";
     out += "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n";
     out += &format!(
         "| raw 4 KiB write + fdatasync | {:.0} | 1.0 | — | {} | {} | {} | 1 | |\n",
@@ -548,10 +589,8 @@ pub(crate) fn markdown(r: &WalReport) -> String {
         ("steady", &r.steady_state.small_appends),
     ] {
         for c in rows {
-            let around = match (c.ratio_to_raw_fsync_around, c.raw_fsync_around_per_s) {
-                (Some(ratio), Some([before, after])) => {
-                    format!("{ratio:.2} ({before:.0} and {after:.0}/s)")
-                }
+            let around = match (c.ratio_to_raw_fsync_around, &c.raw_fsync_around_per_s) {
+                (Some(ratio), Some(around)) => format!("{ratio:.2} ({}/s)", rates(around)),
                 _ => "—".to_string(),
             };
             out += &format!(
