@@ -365,9 +365,9 @@ pub(crate) struct PhaseResult {
 
 /// A phase with a baseline runs its measured load in this many slices, the baseline
 /// measured before each and after the last. This disk's durable rate moved by a third
-/// between the two ends of a phase, the same way every time (BENCHMARKS.md, "The stamping's CRCs
-/// moved to the appenders, tried"): slices put the baseline in the same minutes as the
-/// load it is compared with.
+/// between the two ends of a steady-state phase (BENCHMARKS.md, "The stamping's CRCs
+/// moved to the appenders, tried"): slices measure the baseline in the seconds between
+/// the load's own, not only at its two ends.
 const BASELINE_SLICES: u32 = 5;
 
 fn mean(rates: &[f64]) -> f64 {
@@ -514,17 +514,18 @@ impl Load {
                 Ok::<(), oc_io::Error>(())
             }));
         }
-        let (mut last, mut ticks) = (0, 0u64);
-        let tick = Duration::from_secs(1).min(duration);
-        while started.elapsed() < duration {
+        let mut last = 0;
+        while let Some(left) = duration
+            .checked_sub(started.elapsed())
+            .filter(|d| !d.is_zero())
+        {
             let ticked = Instant::now();
-            glommio::timer::sleep(tick).await;
-            ticks += 1;
+            glommio::timer::sleep(left.min(Duration::from_secs(1))).await;
             if progress {
                 let now = count.get();
                 let p99 = latency.borrow().value_at_quantile(0.99);
                 eprintln!(
-                    "  [{:>3} writers, tick {ticks:>3}] {:>8.0} appends/s, p99 so far {p99} µs",
+                    "  [{:>3} writers] {:>8.0} appends/s, p99 so far {p99} µs",
                     self.writers,
                     (now - last) as f64 / ticked.elapsed().as_secs_f64()
                 );
