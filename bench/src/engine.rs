@@ -85,6 +85,18 @@ pub(crate) struct PhaseTimes {
     /// ...and the spares it made meanwhile: zero-filled, preallocated, recycled.
     #[serde(default)]
     wal_spares: Option<[u64; 3]>,
+    /// The log's frames per group and its mean durable write over the phase, in µs:
+    /// with the shard's busy share below, what a closed loop of writers waits on
+    /// (each writer's turn is its group's write plus the shard's work for its cohort).
+    #[serde(default)]
+    wal_frames_per_group: Option<f64>,
+    #[serde(default)]
+    wal_group_write_mean_us: Option<f64>,
+    /// The share of the phase the shard's thread was on a CPU (its user and system
+    /// time over the phase's wall time; the writers run on that thread too). Below 1
+    /// the shard waited for the disk with nothing to do.
+    #[serde(default)]
+    shard_cpu_busy: Option<f64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -385,15 +397,21 @@ async fn timed_load(
     // The shard runs on this thread: its stage timings are this thread's.
     let stages_before = oc_engine::stages::snapshot();
     let wal_before = shard.wal().stats();
+    let cpu_before = thread_cpu_time();
     let (commits, elapsed, latency) =
         write_load(shard, writers, rows_per_batch, key_space, duration).await?;
+    let cpu = thread_cpu_time().saturating_sub(cpu_before);
     let stages =
         crate::http::stage_times_in_process(&stages_before, &oc_engine::stages::snapshot());
     let wal_after = shard.wal().stats();
-    let phase_p99 = |after: &Histogram<u64>, before: &Histogram<u64>| {
+    let in_phase = |after: &Histogram<u64>, before: &Histogram<u64>| {
         let mut h = after.clone();
-        h.subtract(before).ok().map(|()| h.value_at_quantile(0.99))
+        h.subtract(before).ok().map(|()| h)
     };
+    let phase_p99 = |after: &Histogram<u64>, before: &Histogram<u64>| {
+        in_phase(after, before).map(|h| h.value_at_quantile(0.99))
+    };
+    let groups = wal_after.groups.saturating_sub(wal_before.groups);
     let times = PhaseTimes {
         stages,
         wal_fsync_lag_p99_us: phase_p99(&wal_after.fsync_lag_us, &wal_before.fsync_lag_us),
@@ -401,7 +419,7 @@ async fn timed_load(
         wal_mean_group_bytes: (wal_after
             .bytes_written
             .saturating_sub(wal_before.bytes_written))
-        .checked_div(wal_after.groups.saturating_sub(wal_before.groups)),
+        .checked_div(groups),
         wal_spares: Some([
             wal_after
                 .spares_zero_filled
@@ -413,8 +431,28 @@ async fn timed_load(
                 .spares_recycled
                 .saturating_sub(wal_before.spares_recycled),
         ]),
+        wal_frames_per_group: (groups > 0)
+            .then(|| wal_after.appends.saturating_sub(wal_before.appends) as f64 / groups as f64),
+        wal_group_write_mean_us: in_phase(&wal_after.group_write_us, &wal_before.group_write_us)
+            .filter(|h| !h.is_empty())
+            .map(|h| h.mean()),
+        shard_cpu_busy: Some(cpu.as_secs_f64() / elapsed.as_secs_f64()),
     };
     Ok((commits, elapsed, latency, times))
+}
+
+/// User and system time of the calling thread so far.
+fn thread_cpu_time() -> Duration {
+    // SAFETY: `getrusage` fills the zeroed struct it is given and reads nothing else.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_THREAD, &mut usage);
+        usage
+    };
+    let time = |t: libc::timeval| {
+        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+    };
+    time(usage.ru_utime) + time(usage.ru_stime)
 }
 
 pub(crate) fn dir_bytes(dir: &Path, suffix: &str) -> u64 {
@@ -671,7 +709,8 @@ pub(crate) fn markdown(r: &EngineReport) -> String {
     out += "\nWhere a write's time went on the shard (one in 8 timed; mean / p99 µs, the \
             p99 interpolated inside buckets of 10 µs to 10 s), and the log's own p99s over \
             the phase, its mean group and the spares it made (zero-filled / preallocated / \
-            recycled):\n\n| upserts | admit | log_submit | durable | apply | wake | log: fsync lag p99 | log: group write p99 | log: mean group KiB | log: spares |\n|---|---|---|---|---|---|---:|---:|---:|---:|\n";
+            recycled), its frames per group and mean group write, and the share of the \
+            phase the shard's thread was on a CPU:\n\n| upserts | admit | log_submit | durable | apply | wake | log: fsync lag p99 | log: group write p99 | log: mean group KiB | log: spares | log: frames per group | log: group write mean µs | shard busy |\n|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n";
     let stage_row = |label: String, t: &PhaseTimes| {
         let stage = |name: &str| {
             t.stages
@@ -682,8 +721,11 @@ pub(crate) fn markdown(r: &EngineReport) -> String {
                 })
         };
         let or_dash = |us: Option<u64>| us.map_or("—".to_string(), |us| us.to_string());
+        let or_dash_f = |x: Option<f64>, digits: usize| {
+            x.map_or("—".to_string(), |x| format!("{x:.digits$}"))
+        };
         format!(
-            "| {label} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {label} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             stage("admit"),
             stage("log_submit"),
             stage("durable"),
@@ -693,7 +735,10 @@ pub(crate) fn markdown(r: &EngineReport) -> String {
             or_dash(t.wal_group_write_p99_us),
             or_dash(t.wal_mean_group_bytes.map(|b| b >> 10)),
             t.wal_spares
-                .map_or("—".to_string(), |[z, p, r]| format!("{z} / {p} / {r}"))
+                .map_or("—".to_string(), |[z, p, r]| format!("{z} / {p} / {r}")),
+            or_dash_f(t.wal_frames_per_group, 1),
+            or_dash_f(t.wal_group_write_mean_us, 0),
+            or_dash_f(t.shard_cpu_busy, 2),
         )
     };
     for w in r.writes.iter().filter(|w| !w.times.stages.is_empty()) {

@@ -59,7 +59,7 @@ fn checkpoint_only_runs_the_checkpoint_phase_and_its_load_alone() {
 }
 
 #[test]
-fn each_write_phase_records_the_logs_mean_group_and_the_spares_it_made() {
+fn each_write_phase_records_the_logs_groups_and_spares_and_the_shards_busy_share() {
     let (_, report, markdown) = run_engine(&["--concurrency", "1"]);
     let writes = report["writes"].as_array().expect("write phases");
     assert!(!writes.is_empty(), "{report}");
@@ -71,9 +71,18 @@ fn each_write_phase_records_the_logs_mean_group_and_the_spares_it_made() {
         let spares = phase["wal_spares"].as_array().expect("spares");
         assert_eq!(spares.len(), 3, "{phase}");
         assert!(spares.iter().all(|n| n.is_u64()), "{phase}");
+        assert_eq!(phase["wal_frames_per_group"].as_f64(), Some(1.0), "{phase}");
+        let write_us = phase["wal_group_write_mean_us"]
+            .as_f64()
+            .expect("write mean");
+        assert!(write_us > 0.0, "{phase}");
+        // Thread time cannot pass the wall time it was counted over (the kernel counts
+        // it in ticks: a tick of slack).
+        let busy = phase["shard_cpu_busy"].as_f64().expect("busy share");
+        assert!(busy > 0.0 && busy <= 1.02, "{phase}");
     }
     assert!(
-        markdown.contains("| log: mean group KiB | log: spares |"),
+        markdown.contains("| log: mean group KiB | log: spares | log: frames per group | log: group write mean µs | shard busy |"),
         "{markdown}"
     );
 }

@@ -8,6 +8,20 @@
 //!
 //! Every constructor checks or produces a well-formed encoding (known tags, lengths in
 //! bounds, text that is UTF-8), so reading a value back needs no error path.
+//!
+//! The allocation is exactly the encoding, behind a thin pointer: its length is not
+//! kept anywhere but walked from the value headers when the whole encoding is wanted
+//! (the log, a checkpoint, usage). A `Box<[u8]>` kept it in a second word of every
+//! entry of the table's tree: 8 of each leaf entry's 40 bytes, which an insert shifts
+//! and a search asks the CPU for (`oc-bench engine`: the tree waits on those cache
+//! lines), and 8 bytes of every stored row. A length stored at the front of the
+//! allocation instead would cost the row the same 8 bytes and more where the
+//! allocator rounds the larger block up (`oc-bench memory`: 16 more bytes a row of
+//! 216 encoded bytes). Reading values walks from the front anyway and needs no length.
+
+use std::alloc::{alloc, dealloc, handle_alloc_error, Layout};
+use std::marker::PhantomData;
+use std::ptr::NonNull;
 
 use crate::value::{ColumnType, Value};
 
@@ -20,9 +34,15 @@ const V_TEXT: u8 = 4;
 const V_JSON: u8 = 5;
 const V_VECTOR: u8 = 6;
 
-/// A stored row: see the module documentation.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Row(Box<[u8]>);
+/// A stored row: see the module documentation. Points at an allocation of exactly
+/// [`Row::encoded`]'s bytes, which never change.
+pub struct Row(NonNull<u8>);
+
+// SAFETY: a `Row` owns its allocation alone (as a `Box<[u8]>` does) and never writes
+// to it after it is built.
+unsafe impl Send for Row {}
+// SAFETY: as above; shared references only read.
+unsafe impl Sync for Row {}
 
 /// One value of a stored row, borrowed from it.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -35,6 +55,50 @@ pub enum ValueRef<'a> {
     Json(&'a str),
     /// The floats as little-endian bytes: a row's buffer keeps no alignment for `f32`.
     Vector(&'a [u8]),
+}
+
+/// The length of a value's encoding from its tag and, for the counted kinds, its
+/// count (FORMAT.md §5).
+fn value_len(tag: u8, counted: impl FnOnce() -> usize) -> usize {
+    match tag {
+        V_NULL => 1,
+        V_BOOL => 2,
+        V_INT | V_FLOAT => 9,
+        V_VECTOR => 5 + 4 * counted(),
+        _ => 5 + counted(),
+    }
+}
+
+/// The length of the well-formed value encoding at `p`.
+///
+/// # Safety
+/// `p` points at a value encoding that a row's constructor checked or produced, inside
+/// that row's allocation.
+unsafe fn value_len_at(p: *const u8) -> usize {
+    // SAFETY: a well-formed value starts with its tag, and a counted one's next 4
+    // bytes are its count; `[u8; N]` reads need no alignment.
+    unsafe {
+        value_len(p.read(), || {
+            u32::from_le_bytes(p.add(1).cast::<[u8; 4]>().read()) as usize
+        })
+    }
+}
+
+/// The length of the well-formed row encoding at `p`: its count and every value's.
+///
+/// # Safety
+/// `p` points at a row's allocation (see [`Row`]).
+unsafe fn row_len_at(p: *const u8) -> usize {
+    // SAFETY: a row's encoding starts with its `u16` count, and each of that many
+    // values follows the last inside the allocation.
+    unsafe {
+        let count = u16::from_le_bytes(p.cast::<[u8; 2]>().read());
+        let mut at = 2;
+        for _ in 0..count {
+            at += value_len_at(p.add(at));
+        }
+        at
+    }
 }
 
 /// Appends a value's encoding (FORMAT.md §5); [`Value::stored_bytes`] is its length.
@@ -194,7 +258,7 @@ impl Row {
             let count = u16::try_from(w.count)
                 .unwrap_or_else(|_| panic!("{} values do not fit a row", w.count));
             out[..2].copy_from_slice(&count.to_le_bytes());
-            Ok(Row(out.as_slice().into()))
+            Ok(Row::copy_of(out))
         })
     }
 
@@ -208,17 +272,66 @@ impl Row {
         for _ in 0..u16::from_le_bytes(*count) {
             at += check_value(&bytes[at..]).map_err(|why| (at, why))?;
         }
-        Ok((Row(bytes[..at].into()), at))
+        Ok((Row::copy_of(&bytes[..at]), at))
+    }
+
+    /// A row holding a copy of `encoding`, which a constructor above checked or
+    /// produced: [`row_len_at`] walks it to exactly its length.
+    fn copy_of(encoding: &[u8]) -> Row {
+        let layout = Row::layout(encoding.len());
+        // SAFETY: every encoding holds at least its 2-byte count, so the size is not
+        // zero.
+        let Some(ptr) = NonNull::new(unsafe { alloc(layout) }) else {
+            handle_alloc_error(layout)
+        };
+        // SAFETY: the allocation holds `encoding.len()` bytes, and a fresh allocation
+        // cannot overlap the source.
+        unsafe {
+            std::ptr::copy_nonoverlapping(encoding.as_ptr(), ptr.as_ptr(), encoding.len());
+        }
+        let row = Row(ptr);
+        debug_assert_eq!(row.encoded().len(), encoding.len());
+        row
+    }
+
+    #[expect(clippy::expect_used, reason = "rows are bounded far below isize::MAX")]
+    fn layout(len: usize) -> Layout {
+        Layout::from_size_align(len, 1).expect("a row's length fits a layout")
     }
 
     /// The row's encoding, value count included: what the log and checkpoints hold.
     pub fn encoded(&self) -> &[u8] {
-        &self.0
+        // SAFETY: the allocation holds a well-formed encoding of exactly the walked
+        // length, unchanged while `self` lives.
+        unsafe {
+            let p = self.0.as_ptr();
+            std::slice::from_raw_parts(p, row_len_at(p))
+        }
     }
 
     /// The values' encodings without the count.
     pub fn encoded_values(&self) -> &[u8] {
-        &self.0[2..]
+        &self.encoded()[2..]
+    }
+
+    /// Asks the CPU for the cache lines of the row's first `bytes` bytes (or fewer,
+    /// past its end: a hint reads nothing), without waiting for its first line as
+    /// [`Row::encoded`]'s walk would: a scan asks for a later row while it reads this
+    /// one.
+    pub(crate) fn prefetch(&self, bytes: usize) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            let start = self.0.as_ptr().cast::<i8>().cast_const();
+            for offset in (0..bytes).step_by(64) {
+                // SAFETY: a prefetch only hints: it neither faults nor reads into the
+                // program, wherever the address points (`wrapping_add`: no pointer
+                // arithmetic past the allocation is assumed in bounds).
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(offset)) };
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = bytes;
     }
 
     /// The encodings of the first `n` values (all of them when the row holds fewer):
@@ -274,12 +387,15 @@ impl Row {
 
     /// Bytes of the values as stored: what row size limits and usage count.
     pub fn stored_bytes(&self) -> usize {
-        self.0.len() - 2
+        self.encoded().len() - 2
     }
 
     /// Number of values.
     pub fn len(&self) -> usize {
-        usize::from(u16::from_le_bytes([self.0[0], self.0[1]]))
+        // SAFETY: every row's allocation starts with its 2-byte count.
+        usize::from(u16::from_le_bytes(unsafe {
+            self.0.as_ptr().cast::<[u8; 2]>().read()
+        }))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -288,8 +404,11 @@ impl Row {
 
     pub fn values(&self) -> Values<'_> {
         Values {
-            bytes: self.encoded_values(),
+            // SAFETY: the first value follows the 2-byte count (or the allocation ends
+            // there, and `left` is 0).
+            next: unsafe { self.0.as_ptr().add(2) },
             left: self.len(),
+            row: PhantomData,
         }
     }
 
@@ -349,33 +468,70 @@ impl From<Vec<Value>> for Row {
     }
 }
 
+impl Drop for Row {
+    fn drop(&mut self) {
+        let layout = Row::layout(self.encoded().len());
+        // SAFETY: allocated in `copy_of` with this same layout (the encoding's
+        // length, walked again), and dropped once.
+        unsafe { dealloc(self.0.as_ptr(), layout) }
+    }
+}
+
+impl Clone for Row {
+    fn clone(&self) -> Row {
+        Row::copy_of(self.encoded())
+    }
+}
+
+impl PartialEq for Row {
+    fn eq(&self, other: &Row) -> bool {
+        self.encoded() == other.encoded()
+    }
+}
+
+impl Eq for Row {}
+
 impl std::fmt::Debug for Row {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_list().entries(self.values()).finish()
     }
 }
 
-/// The values of a row, in column order.
+/// The values of a row, in column order. Walks the row from its front without its
+/// length (see the module documentation).
 pub struct Values<'a> {
-    bytes: &'a [u8],
+    /// The next value's encoding, when `left` is not 0.
+    next: *const u8,
     left: usize,
+    row: PhantomData<&'a Row>,
+}
+
+impl<'a> Values<'a> {
+    /// Takes the next value's encoding, when one is left.
+    fn take(&mut self) -> Option<&'a [u8]> {
+        self.left = self.left.checked_sub(1)?;
+        // SAFETY: `left` was not 0, so `next` points at one of the row's well-formed
+        // values, inside the allocation the row borrowed for 'a holds; the one after
+        // it (or the allocation's end) is `len` bytes on.
+        unsafe {
+            let len = value_len_at(self.next);
+            let bytes = std::slice::from_raw_parts(self.next, len);
+            self.next = self.next.add(len);
+            Some(bytes)
+        }
+    }
 }
 
 impl<'a> Iterator for Values<'a> {
     type Item = ValueRef<'a>;
 
     fn next(&mut self) -> Option<ValueRef<'a>> {
-        self.left = self.left.checked_sub(1)?;
-        let (value, len) = ValueRef::decode(self.bytes);
-        self.bytes = &self.bytes[len..];
-        Some(value)
+        self.take().map(|bytes| ValueRef::decode(bytes).0)
     }
 
     fn nth(&mut self, n: usize) -> Option<ValueRef<'a>> {
         for _ in 0..n {
-            self.left = self.left.checked_sub(1)?;
-            let len = ValueRef::encoded_len(self.bytes);
-            self.bytes = &self.bytes[len..];
+            self.take()?;
         }
         self.next()
     }
@@ -401,13 +557,7 @@ impl<'a> ValueRef<'a> {
     /// The length of the value encoded at the start of `bytes` (checked at the row's
     /// construction).
     fn encoded_len(bytes: &[u8]) -> usize {
-        match bytes[0] {
-            V_NULL => 1,
-            V_BOOL => 2,
-            V_INT | V_FLOAT => 9,
-            V_VECTOR => 5 + 4 * Self::counted(bytes),
-            _ => 5 + Self::counted(bytes),
-        }
+        value_len(bytes[0], || Self::counted(bytes))
     }
 
     /// The value encoded at the start of `bytes` (checked at the row's construction),
@@ -645,6 +795,48 @@ mod tests {
         );
         assert!(Row::read(&[1, 0, V_VECTOR, 0xFF, 0xFF, 0xFF, 0xFF])
             .is_err_and(|(_, why)| why.contains("more bytes")));
+    }
+
+    /// The walk that finds a row's length (it is stored nowhere) over counts of every
+    /// width: long text and vectors, and the most values a row can hold.
+    #[test]
+    fn rows_find_their_length_from_their_values() {
+        let long_text = "é".repeat(40_000);
+        let shapes: Vec<Vec<Value>> = vec![
+            vec![],
+            vec![Value::Null; 256],
+            vec![Value::Text(long_text.clone()), Value::Int(7)],
+            vec![
+                Value::Vector(vec![0.5; 4096]),
+                Value::Json("{}".into()),
+                Value::Null,
+            ],
+            (0..256).map(|i| Value::Text("x".repeat(i))).collect(),
+        ];
+        for values in shapes {
+            let row = Row::from_values(&values);
+            let expected = 2 + values.iter().map(Value::stored_bytes).sum::<usize>();
+            assert_eq!(row.encoded().len(), expected);
+            assert_eq!(row.stored_bytes(), expected - 2);
+            assert_eq!(
+                (row.len(), row.values().len()),
+                (values.len(), values.len())
+            );
+            assert!(row
+                .values()
+                .map(ValueRef::to_value)
+                .eq(values.iter().cloned()));
+            assert_eq!(row.values().nth(values.len()), None);
+            let copy = row.clone();
+            drop(row);
+            assert_eq!(copy.to_values(), values);
+        }
+        let a = Row::from_values(&[Value::Text(long_text.clone())]);
+        let mut other = long_text;
+        other.pop();
+        other.push('f');
+        assert_ne!(a, Row::from_values(&[Value::Text(other)]));
+        assert_eq!(a, a.clone());
     }
 
     #[test]

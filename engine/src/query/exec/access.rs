@@ -215,8 +215,7 @@ impl Execution {
             // Each row is its own allocation: ask for a later one's lines while this
             // one is ranked, so their misses overlap.
             if let Some(ahead) = rows.get(n + PREFETCH_ROWS_AHEAD) {
-                let bytes = ahead.encoded();
-                crate::key_map::prefetch(&bytes[..bytes.len().min(PREFETCH_BYTES)]);
+                ahead.prefetch(PREFETCH_BYTES);
             }
             let ValueRef::Vector(bytes) = row.get(*column) else {
                 continue; // NULL: no distance
