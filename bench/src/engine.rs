@@ -400,7 +400,9 @@ async fn timed_load(
     let cpu_before = thread_cpu_time();
     let (commits, elapsed, latency) =
         write_load(shard, writers, rows_per_batch, key_space, duration).await?;
-    let cpu = thread_cpu_time().saturating_sub(cpu_before);
+    let cpu = thread_cpu_time()
+        .zip(cpu_before)
+        .map(|(after, before)| after.saturating_sub(before));
     let stages =
         crate::http::stage_times_in_process(&stages_before, &oc_engine::stages::snapshot());
     let wal_after = shard.wal().stats();
@@ -436,23 +438,23 @@ async fn timed_load(
         wal_group_write_mean_us: in_phase(&wal_after.group_write_us, &wal_before.group_write_us)
             .filter(|h| !h.is_empty())
             .map(|h| h.mean()),
-        shard_cpu_busy: Some(cpu.as_secs_f64() / elapsed.as_secs_f64()),
+        shard_cpu_busy: cpu.map(|cpu| cpu.as_secs_f64() / elapsed.as_secs_f64()),
     };
     Ok((commits, elapsed, latency, times))
 }
 
-/// User and system time of the calling thread so far.
-fn thread_cpu_time() -> Duration {
+/// User and system time of the calling thread so far (None if the kernel refuses).
+fn thread_cpu_time() -> Option<Duration> {
     // SAFETY: `getrusage` fills the zeroed struct it is given and reads nothing else.
-    let usage = unsafe {
+    let (rc, usage) = unsafe {
         let mut usage: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_THREAD, &mut usage);
-        usage
+        let rc = libc::getrusage(libc::RUSAGE_THREAD, &mut usage);
+        (rc, usage)
     };
     let time = |t: libc::timeval| {
         Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
     };
-    time(usage.ru_utime) + time(usage.ru_stime)
+    (rc == 0).then(|| time(usage.ru_utime) + time(usage.ru_stime))
 }
 
 pub(crate) fn dir_bytes(dir: &Path, suffix: &str) -> u64 {

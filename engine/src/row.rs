@@ -13,8 +13,8 @@
 //! kept anywhere but walked from the value headers when the whole encoding is wanted
 //! (the log, a checkpoint, usage). A `Box<[u8]>` kept it in a second word of every
 //! entry of the table's tree: 8 of each leaf entry's 40 bytes, which an insert shifts
-//! and a search asks the CPU for (`oc-bench engine`: the tree waits on those cache
-//! lines), and 8 bytes of every stored row. A length stored at the front of the
+//! and a batch's path prefetch asks the CPU for (`oc-bench engine`: the tree waits on
+//! those cache lines), and 8 bytes of every stored row. A length stored at the front of the
 //! allocation instead would cost the row the same 8 bytes and more where the
 //! allocator rounds the larger block up (`oc-bench memory`: 16 more bytes a row of
 //! 216 encoded bytes). Reading values walks from the front anyway and needs no length.
@@ -289,9 +289,11 @@ impl Row {
         unsafe {
             std::ptr::copy_nonoverlapping(encoding.as_ptr(), ptr.as_ptr(), encoding.len());
         }
-        let row = Row(ptr);
-        debug_assert_eq!(row.encoded().len(), encoding.len());
-        row
+        // Checked before the pointer becomes a `Row`, whose drop would free it with
+        // the walked length.
+        // SAFETY: the allocation holds the copied encoding.
+        debug_assert_eq!(unsafe { row_len_at(ptr.as_ptr()) }, encoding.len());
+        Row(ptr)
     }
 
     #[expect(clippy::expect_used, reason = "rows are bounded far below isize::MAX")]
@@ -314,10 +316,10 @@ impl Row {
         &self.encoded()[2..]
     }
 
-    /// Asks the CPU for the cache lines of the row's first `bytes` bytes (or fewer,
-    /// past its end: a hint reads nothing), without waiting for its first line as
-    /// [`Row::encoded`]'s walk would: a scan asks for a later row while it reads this
-    /// one.
+    /// Asks the CPU for the cache lines of the `bytes` bytes from the row's start,
+    /// without waiting for its first line as [`Row::encoded`]'s walk would: a scan asks
+    /// for a later row while it reads this one. Past a short row's end the hint fills
+    /// lines of whatever the heap holds there; it reads nothing into the program.
     pub(crate) fn prefetch(&self, bytes: usize) {
         #[cfg(target_arch = "x86_64")]
         {
