@@ -14,8 +14,8 @@
 //! (the log, a checkpoint, usage). A `Box<[u8]>` kept it in a second word of every
 //! entry of the table's tree: 8 of each leaf entry's 40 bytes, which an insert shifts
 //! and a batch's path prefetch asks the CPU for (`oc-bench engine`: the tree waits on
-//! those cache lines), and 8 bytes of every stored row. A length stored at the front of the
-//! allocation instead would cost the row the same 8 bytes and more where the
+//! those cache lines), and 8 bytes of every stored row. A length stored at the front
+//! of the allocation instead would cost the row the same 8 bytes and more where the
 //! allocator rounds the larger block up (`oc-bench memory`: 16 more bytes a row of
 //! 216 encoded bytes). Reading values walks from the front anyway and needs no length.
 
