@@ -5,24 +5,41 @@
 //! `BufReader` over rustls for TLS) and copies what arrived into hyper's buffer, so
 //! nothing is zeroed per read and a read error stays an error (glommio's example
 //! adapter gets both wrong).
+//!
+//! A plain connection can also be taken apart between requests
+//! ([`PlainStream::into_moving`]) and served again from a duplicate of its socket on
+//! another shard ([`PlainStream::resume`]), with the bytes already read from it in front.
 
 use std::cell::Cell;
 use std::future::Future;
 use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::{Buf, Bytes, BytesMut};
 use futures_lite::io::BufReader;
 use futures_lite::{AsyncBufRead, AsyncWrite};
 use futures_rustls::server::TlsStream;
 use glommio::net::{Preallocated, TcpStream};
 
-/// A buffered byte stream as hyper I/O, noting when bytes last moved (for idle timeouts).
+/// A buffered byte stream as hyper I/O, noting when bytes last moved (for idle timeouts)
+/// and whether its last write had to wait.
 pub struct HyperStream<S> {
     stream: S,
-    last_activity: Rc<Cell<Instant>>,
+    /// Bytes read from the socket before this stream took it over, served first.
+    prefix: Bytes,
+    watch: Rc<StreamWatch>,
+}
+
+/// What a connection's owner can see of its stream while hyper holds it.
+pub struct StreamWatch {
+    /// When bytes last moved either way.
+    pub last_activity: Cell<Instant>,
+    /// The last write found the socket full: hyper still holds bytes to send.
+    pub write_blocked: Cell<bool>,
 }
 
 /// Plain TCP.
@@ -31,27 +48,58 @@ pub type PlainStream = HyperStream<TcpStream<Preallocated>>;
 pub type SecureStream = HyperStream<BufReader<TlsStream<TcpStream>>>;
 
 impl<S> HyperStream<S> {
-    fn wrap(stream: S) -> (Self, Rc<Cell<Instant>>) {
-        let last_activity = Rc::new(Cell::new(Instant::now()));
-        (
-            HyperStream {
-                stream,
-                last_activity: last_activity.clone(),
-            },
-            last_activity,
-        )
+    fn wrap(stream: S, prefix: Bytes) -> (Self, Rc<StreamWatch>) {
+        let watch = Rc::new(StreamWatch {
+            last_activity: Cell::new(Instant::now()),
+            write_blocked: Cell::new(false),
+        });
+        let stream = HyperStream {
+            stream,
+            prefix,
+            watch: watch.clone(),
+        };
+        (stream, watch)
     }
 }
 
 impl PlainStream {
-    pub fn new(stream: TcpStream) -> (Self, Rc<Cell<Instant>>) {
-        Self::wrap(stream.buffered())
+    pub fn new(stream: TcpStream) -> (Self, Rc<StreamWatch>) {
+        Self::wrap(stream.buffered(), Bytes::new())
+    }
+
+    /// Serves a connection that another stream read `prefix` from already.
+    pub fn resume(stream: TcpStream, prefix: Bytes) -> (Self, Rc<StreamWatch>) {
+        Self::wrap(stream.buffered(), prefix)
+    }
+
+    /// Takes the connection apart for serving elsewhere, given what hyper read from it
+    /// and did not parse: returns a duplicate of the socket and every byte read from it
+    /// and not yet served, in order (`hyper_unparsed`, then this stream's buffers, then
+    /// whatever had arrived in the socket). `None` when the client has left or the
+    /// socket failed. This stream keeps its own descriptor: the caller drops it once
+    /// the duplicate is served elsewhere, or resumes with the bytes if it is not.
+    pub fn into_moving(mut self, hyper_unparsed: Bytes) -> Option<(OwnedFd, Bytes)> {
+        let mut unread = BytesMut::from(&self.prefix[..]);
+        unread.extend_from_slice(&hyper_unparsed);
+        // Only what glommio buffered or the socket holds right now: a stream that
+        // would wait has nothing more to give, and no waker is needed.
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match Pin::new(&mut self.stream).poll_fill_buf(&mut cx) {
+            Poll::Ready(Ok([])) | Poll::Ready(Err(_)) => return None,
+            Poll::Ready(Ok(buffered)) => unread.extend_from_slice(buffered),
+            Poll::Pending => {}
+        }
+        // SAFETY: the descriptor is this stream's socket, open while `self` lives; the
+        // borrow ends before `self` is dropped.
+        let socket = unsafe { BorrowedFd::borrow_raw(self.stream.as_raw_fd()) };
+        let duplicate = socket.try_clone_to_owned().ok()?;
+        Some((duplicate, unread.freeze()))
     }
 }
 
 impl SecureStream {
-    pub fn new(stream: TlsStream<TcpStream>) -> (Self, Rc<Cell<Instant>>) {
-        Self::wrap(BufReader::new(stream))
+    pub fn new(stream: TlsStream<TcpStream>) -> (Self, Rc<StreamWatch>) {
+        Self::wrap(BufReader::new(stream), Bytes::new())
     }
 }
 
@@ -62,6 +110,13 @@ impl<S: AsyncBufRead + Unpin> hyper::rt::Read for HyperStream<S> {
         mut buf: hyper::rt::ReadBufCursor<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix[..n]);
+            this.prefix.advance(n);
+            this.watch.last_activity.set(Instant::now());
+            return Poll::Ready(Ok(()));
+        }
         let mut stream = Pin::new(&mut this.stream);
         let available = match stream.as_mut().poll_fill_buf(cx) {
             Poll::Ready(Ok(available)) => available,
@@ -72,7 +127,7 @@ impl<S: AsyncBufRead + Unpin> hyper::rt::Read for HyperStream<S> {
         buf.put_slice(&available[..n]);
         stream.consume(n);
         if n > 0 {
-            this.last_activity.set(Instant::now());
+            this.watch.last_activity.set(Instant::now());
         }
         Poll::Ready(Ok(()))
     }
@@ -86,9 +141,10 @@ impl<S: AsyncWrite + Unpin> hyper::rt::Write for HyperStream<S> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let written = Pin::new(&mut this.stream).poll_write(cx, buf);
+        this.watch.write_blocked.set(written.is_pending());
         if let Poll::Ready(Ok(n)) = written {
             if n > 0 {
-                this.last_activity.set(Instant::now());
+                this.watch.last_activity.set(Instant::now());
             }
         }
         written

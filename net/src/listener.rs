@@ -6,28 +6,38 @@
 //! over shards and a test can bind port 0 and still get one port. `SO_REUSEPORT` would
 //! as gladly let a second server of the same user join the group and take part of the
 //! traffic, so the address is first bound alone ([`refuse_if_taken`]).
+//!
+//! A connection lands on whichever shard accepted it, and a request for a tenant
+//! another shard owns is forwarded there and back. A plain (not TLS) connection whose
+//! requests keep going to one other shard is moved there between two requests: its
+//! socket is duplicated onto that shard, which serves it from then on with the bytes
+//! already read put back in front ([`Affinity`]). The client sees one connection.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
-use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
-use std::pin::{pin, Pin};
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use futures_lite::{future, AsyncWriteExt};
 use futures_rustls::TlsAcceptor;
 use glommio::net::{TcpListener, TcpStream};
+use http_body_util::Either;
+use hyper::body::{Body, Incoming};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use oc_engine::{ShardNode, ShardRouter};
+use hyper::Request;
+use oc_engine::{owner_of, ShardNode, ShardRouter, TenantId};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::api::{self, ApiContext, ApiLimits};
 use crate::auth::AuthConfig;
-use crate::hyper_glommio::{GlommioTimer, HyperStream, PlainStream, SecureStream};
+use crate::hyper_glommio::{GlommioTimer, HyperStream, PlainStream, SecureStream, StreamWatch};
 use crate::metrics;
 
 /// hyper's per-connection buffer limit (its minimum is 8 KiB).
@@ -38,6 +48,12 @@ const MIN_IDLE_CHECK: Duration = Duration::from_millis(100);
 const MAX_IDLE_CHECK: Duration = Duration::from_secs(1);
 /// Pending connections per socket.
 const LISTEN_BACKLOG: i32 = 1024;
+/// Requests in a row for one other shard's tenants before a connection moves there;
+/// doubled after each move, up to [`MOST_MOVE_DOUBLINGS`] times (64 in a row), so the
+/// connection of a client that switches between tenants of different shards settles
+/// instead of moving back and forth.
+const MOVE_AFTER: u32 = 4;
+const MOST_MOVE_DOUBLINGS: u32 = 4;
 
 /// Fails when another socket listens on `addr`: binding it without `SO_REUSEPORT`
 /// fails then, whether or not that socket has the option. (A server started in the
@@ -130,6 +146,43 @@ pub struct ConnectionSettings {
 thread_local! {
     /// This shard's listener state, for the drain call from the control executor.
     static DRAIN: RefCell<Option<Rc<DrainState>>> = const { RefCell::new(None) };
+    /// What this shard serves connections with, for those other shards move here.
+    static SERVER: RefCell<Option<Rc<ShardServer>>> = const { RefCell::new(None) };
+}
+
+/// What a shard serves its connections with.
+struct ShardServer {
+    ctx: Rc<ApiContext>,
+    settings: Rc<ConnectionSettings>,
+    state: Rc<DrainState>,
+}
+
+impl ShardServer {
+    fn full(&self) -> bool {
+        self.state.open.get() >= self.settings.max_connections
+    }
+
+    /// Serves `stream` on this shard until it closes or moves on.
+    fn serve(self: &Rc<Self>, stream: TcpStream, arrival: Arrival) {
+        self.state.open.set(self.state.open.get() + 1);
+        metrics::with_http(|m| m.connections_open += 1);
+        let server = self.clone();
+        glommio::spawn_local(async move {
+            serve_connection(stream, arrival, &server).await;
+            server.state.open.set(server.state.open.get() - 1);
+            metrics::with_http(|m| m.connections_open -= 1);
+        })
+        .detach();
+    }
+}
+
+/// How a connection came to a shard: accepted there, or moved from another.
+#[derive(Default)]
+struct Arrival {
+    /// Bytes read from the socket on the shards before, not yet served.
+    unread: Bytes,
+    /// Times the connection has moved.
+    moves: u32,
 }
 
 #[derive(Default)]
@@ -210,8 +263,12 @@ pub async fn serve_shard(
         settings.auditor.clone(),
     );
     ctx.role = settings.role.clone();
-    let ctx = Rc::new(ctx);
-    let settings = Rc::new(settings);
+    let server = Rc::new(ShardServer {
+        ctx: Rc::new(ctx),
+        settings: Rc::new(settings),
+        state: state.clone(),
+    });
+    SERVER.with(|s| *s.borrow_mut() = Some(server.clone()));
     let accept_waiter = state.new_waiter();
     loop {
         let drained = poll_fn(|cx| {
@@ -231,24 +288,15 @@ pub async fn serve_shard(
                 continue;
             }
         };
-        if state.open.get() >= settings.max_connections {
+        if server.full() {
             metrics::with_http(|m| m.connections_refused += 1);
             glommio::spawn_local(refuse(stream)).detach();
             continue;
         }
-        metrics::with_http(|m| {
-            m.connections_accepted += 1;
-            m.connections_open += 1;
-        });
-        state.open.set(state.open.get() + 1);
-        let (ctx, state, settings) = (ctx.clone(), state.clone(), settings.clone());
-        glommio::spawn_local(async move {
-            serve_connection(stream, ctx, &settings, &state).await;
-            state.open.set(state.open.get() - 1);
-            metrics::with_http(|m| m.connections_open -= 1);
-        })
-        .detach();
+        metrics::with_http(|m| m.connections_accepted += 1);
+        server.serve(stream, Arrival::default());
     }
+    SERVER.with(|s| s.borrow_mut().take());
     drop(listener);
     state.listener_closed.set(true);
     tracing::info!(shard = node.id(), "listener closed for shutdown");
@@ -266,57 +314,212 @@ pub(crate) async fn refuse(mut stream: TcpStream) {
     let _ = stream.close().await;
 }
 
-async fn serve_connection(
-    stream: TcpStream,
-    ctx: Rc<ApiContext>,
-    settings: &ConnectionSettings,
-    state: &DrainState,
-) {
+async fn serve_connection(stream: TcpStream, arrival: Arrival, server: &ShardServer) {
     let _ = stream.set_nodelay(true);
-    let shard = ctx.shard;
-    let Some(tls) = &settings.tls else {
-        let (io, last_activity) = PlainStream::new(stream);
-        return serve_http(io, last_activity, ctx, settings, state).await;
+    let shard = server.ctx.shard;
+    let Some(tls) = &server.settings.tls else {
+        return serve_plain(stream, arrival, server).await;
     };
     // The handshake gets the header-read budget: a client that stalls in it is cut off.
     let handshake = future::or(async { Some(tls.accept(stream).await) }, async {
-        glommio::timer::sleep(settings.header_read_timeout).await;
+        glommio::timer::sleep(server.settings.header_read_timeout).await;
         None
     })
     .await;
     match handshake {
         Some(Ok(stream)) => {
-            let (io, last_activity) = SecureStream::new(stream);
-            serve_http(io, last_activity, ctx, settings, state).await
+            // A TLS session's state lives in this shard's memory: it stays here.
+            let (io, watch) = SecureStream::new(stream);
+            serve_http(io, watch, server, None).await;
         }
         Some(Err(e)) => tracing::debug!(shard, error = %e, "TLS handshake failed"),
         None => tracing::debug!(shard, "TLS handshake timed out"),
     }
 }
 
+/// Serves a plain connection, moving it to the shard its requests belong to when they
+/// keep going to one other shard ([`Affinity`]).
+async fn serve_plain(mut stream: TcpStream, mut arrival: Arrival, server: &ShardServer) {
+    loop {
+        let (io, watch) = PlainStream::resume(stream, std::mem::take(&mut arrival.unread));
+        let affinity = Affinity::new(arrival.moves);
+        let Some(leaving) = serve_http(io, watch, server, Some(affinity)).await else {
+            return;
+        };
+        let Some((socket, unread)) = leaving.io.into_moving(leaving.unread) else {
+            return; // the client left
+        };
+        arrival.moves += 1;
+        if move_to(
+            &server.ctx.router,
+            leaving.owner,
+            &socket,
+            &unread,
+            arrival.moves,
+        )
+        .await
+        {
+            metrics::with_http(|m| m.connections_moved += 1);
+            return; // the owner serves its own duplicate of the socket
+        }
+        // Refused (the owner is full or draining): served here again, and the streak
+        // the next attempt needs has doubled.
+        // SAFETY: `socket` is an open descriptor of a connected TCP socket this
+        // function owns; ownership passes to the stream.
+        stream = unsafe { TcpStream::from_raw_fd(socket.into_raw_fd()) };
+        arrival.unread = unread;
+    }
+}
+
+/// Asks shard `owner` to serve a duplicate of `socket`, with `unread` in front;
+/// whether it took it.
+async fn move_to(
+    router: &ShardRouter,
+    owner: usize,
+    socket: &OwnedFd,
+    unread: &Bytes,
+    moves: u32,
+) -> bool {
+    let Ok(duplicate) = socket.try_clone() else {
+        return false;
+    };
+    let unread = unread.clone();
+    router
+        .call(owner, move |_: Rc<ShardNode>| async move {
+            adopt(duplicate, unread, moves)
+        })
+        .await
+        .unwrap_or(false)
+}
+
+/// Runs on the owner shard: serves a connection another shard moved here, unless this
+/// shard is at its connection limit or shutting down.
+fn adopt(socket: OwnedFd, unread: Bytes, moves: u32) -> bool {
+    let Some(server) = SERVER.with(|s| s.borrow().clone()) else {
+        return false;
+    };
+    if server.state.draining.get() || server.full() {
+        return false;
+    }
+    // SAFETY: `socket` is an open descriptor of a connected TCP socket, a duplicate
+    // made for this shard alone; ownership passes to the stream.
+    let stream = unsafe { TcpStream::from_raw_fd(socket.into_raw_fd()) };
+    server.serve(stream, Arrival { unread, moves });
+    true
+}
+
+/// Which shard a connection's requests are for, to move the connection there when
+/// they keep going to one other shard: after [`MOVE_AFTER`] requests in a row for
+/// that shard's tenants (more after each move), and only between two requests, when
+/// hyper has read nothing of the next one (the last request had no body) and sent all
+/// of the last answer. A connection that carried an event stream stays.
+struct Affinity {
+    owner: Cell<Option<usize>>,
+    streak: Cell<u32>,
+    needed: u32,
+    /// The last request is answered, had no body and was not an event stream.
+    settled: Cell<bool>,
+    stays: Cell<bool>,
+}
+
+impl Affinity {
+    fn new(moves: u32) -> Rc<Self> {
+        Rc::new(Affinity {
+            owner: Cell::new(None),
+            streak: Cell::new(0),
+            needed: MOVE_AFTER << moves.min(MOST_MOVE_DOUBLINGS),
+            settled: Cell::new(false),
+            stays: Cell::new(false),
+        })
+    }
+
+    /// A request arrived; `owner` is the shard of its tenant, if it names one.
+    fn arrived(&self, owner: Option<usize>) {
+        self.settled.set(false);
+        let Some(owner) = owner else {
+            return;
+        };
+        if self.owner.get() == Some(owner) {
+            self.streak.set(self.streak.get().saturating_add(1));
+        } else {
+            self.owner.set(Some(owner));
+            self.streak.set(1);
+        }
+    }
+
+    fn answered(&self, bodiless: bool, streamed: bool) {
+        self.settled.set(bodiless && !streamed);
+        if streamed {
+            self.stays.set(true);
+        }
+    }
+
+    /// The shard to move to now, if any.
+    fn destination(&self, here: usize) -> Option<usize> {
+        let owner = self.owner.get()?;
+        let ready = owner != here
+            && self.settled.get()
+            && !self.stays.get()
+            && self.streak.get() >= self.needed;
+        ready.then_some(owner)
+    }
+}
+
+/// The shard that owns the tenant `path` names (`/v1/tenants/{tenant}/…`), when there
+/// is more than one.
+fn owner_of_path(router: &ShardRouter, path: &str) -> Option<usize> {
+    if router.shards() < 2 {
+        return None;
+    }
+    let tenant = path.strip_prefix("/v1/tenants/")?.split('/').next()?;
+    let tenant = TenantId::parse(tenant).ok()?;
+    Some(owner_of(router, &tenant))
+}
+
+/// A connection hyper let go of between two requests, to move to `owner`.
+struct Leaving<S> {
+    owner: usize,
+    io: HyperStream<S>,
+    /// What hyper read from the socket and did not parse.
+    unread: Bytes,
+}
+
 /// Serves HTTP/1.1 on one connection until the client leaves, it idles out, or the
-/// shard drains.
+/// shard drains; or, given an [`Affinity`], until it is time to move the connection
+/// to the shard its requests are for: then hyper lets go of it between two requests
+/// and the connection is returned.
 async fn serve_http<S>(
     io: HyperStream<S>,
-    last_activity: Rc<Cell<Instant>>,
-    ctx: Rc<ApiContext>,
-    settings: &ConnectionSettings,
-    state: &DrainState,
-) where
+    watch: Rc<StreamWatch>,
+    server: &ShardServer,
+    affinity: Option<Rc<Affinity>>,
+) -> Option<Leaving<S>>
+where
     HyperStream<S>: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
 {
-    let shard = ctx.shard;
+    let (shard, settings, state) = (server.ctx.shard, &server.settings, &server.state);
     let in_flight = Rc::new(Cell::new(0usize));
     let service = {
-        let in_flight = in_flight.clone();
-        service_fn(move |req| {
-            let (ctx, in_flight) = (ctx.clone(), in_flight.clone());
+        let (ctx, in_flight, affinity) = (server.ctx.clone(), in_flight.clone(), affinity.clone());
+        service_fn(move |req: Request<Incoming>| {
+            let (ctx, in_flight, affinity) = (ctx.clone(), in_flight.clone(), affinity.clone());
             in_flight.set(in_flight.get() + 1);
-            async move {
+            let bodiless = req.body().is_end_stream();
+            if let Some(affinity) = &affinity {
+                affinity.arrived(owner_of_path(&ctx.router, req.uri().path()));
+            }
+            // Boxed so that hyper can hand the connection back (`poll_without_shutdown`
+            // wants an `Unpin` future); hyper boxes each request's future anyway.
+            Box::pin(async move {
                 let response = api::handle(ctx, req).await;
+                if let Some(affinity) = &affinity {
+                    let streamed =
+                        matches!(&response, Ok(r) if matches!(r.body(), Either::Right(_)));
+                    affinity.answered(bodiless, streamed);
+                }
                 in_flight.set(in_flight.get() - 1);
                 response
-            }
+            })
         })
     };
     let mut builder = http1::Builder::new();
@@ -328,34 +531,130 @@ async fn serve_http<S>(
         // head is far smaller, a whole answer is queued as one buffer regardless, and
         // a `/watch` reader that stops must not hold 400 KiB of events here.
         .max_buf_size(HYPER_BUFFER_BYTES);
-    let mut conn = pin!(builder.serve_connection(io, service));
+    let mut conn = builder.serve_connection(io, service);
     // Idleness is checked a few times per idle timeout: a thousand open `/watch`
     // streams must not mean ten thousand wake-ups a second.
     let tick_every = (settings.idle_timeout / 4).clamp(MIN_IDLE_CHECK, MAX_IDLE_CHECK);
     let mut tick = glommio::timer::Timer::new(tick_every);
     let mut shutting_down = false;
+    let mut moving_to = None;
     let waiter = state.new_waiter();
     let outcome = poll_fn(|cx| {
+        if moving_to.is_some() {
+            return conn.poll_without_shutdown(cx);
+        }
         if state.draining.get() && !shutting_down {
             shutting_down = true;
-            conn.as_mut().graceful_shutdown();
+            Pin::new(&mut conn).graceful_shutdown();
         }
         if !shutting_down {
             state.watch(waiter, cx);
         }
         while Pin::new(&mut tick).poll(cx).is_ready() {
             tick = glommio::timer::Timer::new(tick_every);
-            let idle = last_activity.get().elapsed() >= settings.idle_timeout;
+            let idle = watch.last_activity.get().elapsed() >= settings.idle_timeout;
             if in_flight.get() == 0 && idle {
                 return Poll::Ready(Ok(()));
             }
         }
-        conn.as_mut().poll(cx)
+        let polled = Pin::new(&mut conn).poll(cx);
+        // Between two requests, with the last answer sent: hyper is idle, so its
+        // graceful shutdown just closes the connection (no `Connection: close` on an
+        // answer), and `poll_without_shutdown` hands the socket back unshut.
+        let between_requests = polled.is_pending()
+            && !shutting_down
+            && in_flight.get() == 0
+            && !watch.write_blocked.get();
+        if between_requests {
+            moving_to = affinity.as_ref().and_then(|a| a.destination(shard));
+            if moving_to.is_some() {
+                Pin::new(&mut conn).graceful_shutdown();
+                return conn.poll_without_shutdown(cx);
+            }
+        }
+        polled
     })
     .await;
     state.forget(waiter);
-    if let Err(e) = outcome {
-        // Clients that leave mid-request or never finish their headers end up here.
-        tracing::debug!(shard, error = %e, "connection closed with an error");
+    match (outcome, moving_to) {
+        (Ok(()), Some(owner)) => {
+            let parts = conn.into_parts();
+            Some(Leaving {
+                owner,
+                io: parts.io,
+                unread: parts.read_buf,
+            })
+        }
+        (Ok(()), None) => None,
+        (Err(e), _) => {
+            // Clients that leave mid-request or never finish their headers end up here.
+            tracing::debug!(shard, error = %e, "connection closed with an error");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Requests for `owner`'s tenants, each answered without a body.
+    fn answer(affinity: &Affinity, owner: Option<usize>, count: u32) {
+        for _ in 0..count {
+            affinity.arrived(owner);
+            affinity.answered(true, false);
+        }
+    }
+
+    #[test]
+    fn a_connection_moves_after_a_streak_for_another_shard_and_the_streak_doubles() {
+        for moves in 0..8 {
+            let needed = MOVE_AFTER << moves.min(MOST_MOVE_DOUBLINGS);
+            let affinity = Affinity::new(moves);
+            answer(&affinity, Some(1), needed - 1);
+            assert_eq!(affinity.destination(0), None, "{moves} moves");
+            answer(&affinity, Some(1), 1);
+            assert_eq!(affinity.destination(0), Some(1), "{moves} moves");
+            // Already on the owner: nowhere to go.
+            assert_eq!(affinity.destination(1), None);
+        }
+        assert_eq!(MOVE_AFTER << MOST_MOVE_DOUBLINGS, 64);
+    }
+
+    #[test]
+    fn another_shards_request_restarts_the_streak_and_untenanted_ones_leave_it() {
+        let affinity = Affinity::new(0);
+        answer(&affinity, Some(1), MOVE_AFTER - 1);
+        answer(&affinity, None, 10); // `/v1/tenants`, `/v1/admin/…`
+        answer(&affinity, Some(1), 1);
+        assert_eq!(affinity.destination(0), Some(1));
+        answer(&affinity, Some(2), 1);
+        answer(&affinity, Some(1), MOVE_AFTER - 1);
+        assert_eq!(affinity.destination(0), None);
+    }
+
+    #[test]
+    fn only_an_answered_request_without_a_body_lets_the_connection_move() {
+        let affinity = Affinity::new(0);
+        answer(&affinity, Some(1), MOVE_AFTER);
+        affinity.arrived(Some(1));
+        assert_eq!(affinity.destination(0), None, "a request still in flight");
+        affinity.answered(false, false);
+        assert_eq!(
+            affinity.destination(0),
+            None,
+            "hyper may not have read all its body"
+        );
+        answer(&affinity, Some(1), 1);
+        assert_eq!(affinity.destination(0), Some(1));
+    }
+
+    #[test]
+    fn a_connection_that_carried_an_event_stream_stays() {
+        let affinity = Affinity::new(0);
+        affinity.arrived(Some(1));
+        affinity.answered(true, true);
+        answer(&affinity, Some(1), 100);
+        assert_eq!(affinity.destination(0), None);
     }
 }

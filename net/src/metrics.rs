@@ -100,6 +100,7 @@ pub struct HttpMetrics {
     pub connections_open: u64,
     pub connections_accepted: u64,
     pub connections_refused: u64,
+    pub connections_moved: u64,
     pub rate_limit_rejections: u64,
     /// `/watch` streams opened, events written to them, streams ended by overflow.
     pub watch_streams_opened: u64,
@@ -707,6 +708,13 @@ pub fn render(shards: &[ShardSnapshot], control: &ControlMetrics) -> Result<Stri
             "Client connections refused at the connection limit.",
             COUNTER,
             |s| s.http.connections_refused as f64,
+        ),
+        per_shard(
+            shards,
+            "oc_http_connections_moved_total",
+            "Client connections this shard moved to the shard that owns their requests' tenant.",
+            COUNTER,
+            |s| s.http.connections_moved as f64,
         ),
         per_shard(
             shards,

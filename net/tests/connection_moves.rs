@@ -1,0 +1,292 @@
+//! A plain connection whose requests keep going to one other shard's tenants is moved
+//! to that shard between two requests, and keeps answering as one connection: over
+//! one real socket to a 2-shard server, with requests sent whole, split around a move
+//! and pipelined.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::{scrape_value, Server};
+use oc_engine::{owner_shard, TenantId};
+use serde_json::{json, Value};
+
+const SHARDS: usize = 2;
+/// Requests in a row for one tenant: more than the fourth move needs (32).
+const STREAK: u64 = 40;
+
+/// One keep-alive HTTP/1.1 connection, written and read by hand so that the test knows
+/// every request went over the same socket.
+struct Connection {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+    host: String,
+}
+
+struct Answer {
+    status: u16,
+    body: Value,
+    /// The shard that answered: the request id starts with it (hex).
+    shard: usize,
+}
+
+impl Connection {
+    fn open(api: &str) -> Connection {
+        let host = api.trim_start_matches("http://").to_string();
+        let stream = TcpStream::connect(&host).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        Connection {
+            reader: BufReader::new(stream.try_clone().expect("clone")),
+            writer: stream,
+            host,
+        }
+    }
+
+    fn request_bytes(&self, method: &str, path: &str, body: Option<&Value>) -> Vec<u8> {
+        let body = body.map(Value::to_string).unwrap_or_default();
+        let mut bytes = format!("{method} {path} HTTP/1.1\r\nhost: {}\r\n", self.host);
+        if !body.is_empty() {
+            bytes += &format!(
+                "content-type: application/json\r\ncontent-length: {}\r\n",
+                body.len()
+            );
+        }
+        bytes += "\r\n";
+        bytes += &body;
+        bytes.into_bytes()
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        self.writer
+            .write_all(bytes)
+            .expect("the connection takes the request");
+    }
+
+    fn answer(&mut self) -> Answer {
+        let mut status_line = String::new();
+        self.reader
+            .read_line(&mut status_line)
+            .expect("a status line");
+        assert!(
+            status_line.starts_with("HTTP/1.1 "),
+            "the connection was closed or answered garbage: {status_line:?}"
+        );
+        let status = status_line[9..12].parse().expect("a status code");
+        let (mut length, mut shard) = (0, None);
+        loop {
+            let mut line = String::new();
+            self.reader.read_line(&mut line).expect("a header line");
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            let (name, value) = line.split_once(':').expect("a header");
+            let value = value.trim();
+            match name.to_ascii_lowercase().as_str() {
+                "content-length" => length = value.parse().expect("a length"),
+                "x-request-id" => {
+                    let prefix = value.split('-').next().expect("an id");
+                    shard = Some(usize::from_str_radix(prefix, 16).expect("a shard"));
+                }
+                "connection" => assert_ne!(value, "close", "the server closed the connection"),
+                _ => {}
+            }
+        }
+        let mut body = vec![0; length];
+        self.reader.read_exact(&mut body).expect("the body");
+        Answer {
+            status,
+            body: serde_json::from_slice(&body).expect("a JSON body"),
+            shard: shard.expect("every answer carries its request id"),
+        }
+    }
+
+    fn call(&mut self, method: &str, path: &str, body: Option<&Value>) -> Answer {
+        let bytes = self.request_bytes(method, path, body);
+        self.send(&bytes);
+        self.answer()
+    }
+}
+
+/// A tenant name owned by each shard.
+fn tenants_of_each_shard() -> Vec<String> {
+    (0..SHARDS)
+        .map(|shard| {
+            (0..)
+                .map(|i| format!("moves{i}"))
+                .find(|name| {
+                    owner_shard(&TenantId::parse(name).expect("a tenant id"), SHARDS) == shard
+                })
+                .expect("some name lands on every shard")
+        })
+        .collect()
+}
+
+fn moved_total(server: &Server) -> f64 {
+    let (_, scrape) = server.ops_get("/metrics");
+    (0..SHARDS)
+        .map(|shard| {
+            scrape_value(
+                &scrape,
+                &format!("oc_http_connections_moved_total{{shard=\"{shard}\"}}"),
+            )
+            .expect("the moved connections are counted per shard")
+        })
+        .sum()
+}
+
+fn row_path(tenant: &str, id: u64) -> String {
+    format!("/v1/tenants/{tenant}/tables/items/rows/{id}")
+}
+
+/// The row `id` of `tenant` as the items table stores it.
+fn expected_name(tenant: &str, id: u64) -> String {
+    format!("{tenant}-item-{id}")
+}
+
+/// Rows `0..rows` of `tenant`'s items table.
+fn write_items(server: &Server, tenant: &str, rows: u64) {
+    let ops: Vec<Value> = (0..rows)
+        .map(|id| json!({"upsert": {"id": id, "name": expected_name(tenant, id), "batch": id}}))
+        .collect();
+    let written = server.post(
+        &format!("/v1/tenants/{tenant}/tables/items/rows"),
+        &json!({ "ops": ops }),
+    );
+    assert_eq!(written.status, 200, "{written:?}");
+}
+
+fn assert_row(answer: &Answer, tenant: &str, id: u64) {
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(
+        answer.body["row"]["name"],
+        json!(expected_name(tenant, id)),
+        "{}",
+        answer.body
+    );
+}
+
+#[test]
+fn a_connection_moves_to_the_shard_its_requests_are_for_and_stays_one_connection() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&dir.path().join("data"), &["--shards", "2"]);
+    let tenants = tenants_of_each_shard();
+    for tenant in &tenants {
+        server.create_tenant_with_items(tenant);
+        write_items(&server, tenant, STREAK);
+    }
+    assert_eq!(moved_total(&server), 0.0);
+
+    let mut connection = Connection::open(&server.api);
+    let mut moves_seen = 0;
+    // Each tenant in turn, twice: whichever shard accepted the connection, a streak
+    // for the other shard's tenant moves it (after 4 requests in a row, then 8, 16, 32).
+    for round in 0..2 {
+        for (owner, tenant) in tenants.iter().enumerate() {
+            let mut answered_by = Vec::new();
+            for id in 0..STREAK {
+                let answer = connection.call("GET", &row_path(tenant, id), None);
+                assert_row(&answer, tenant, id);
+                answered_by.push(answer.shard);
+            }
+            // Once the owner answers, it keeps answering: the connection moved once.
+            let first_at_owner = answered_by
+                .iter()
+                .position(|&s| s == owner)
+                .unwrap_or_else(|| {
+                    panic!("round {round}: {tenant}'s requests never reached shard {owner}: {answered_by:?}")
+                });
+            assert!(
+                answered_by[first_at_owner..].iter().all(|&s| s == owner),
+                "round {round}: {tenant}'s requests left their owner again: {answered_by:?}"
+            );
+            moves_seen += usize::from(first_at_owner > 0);
+        }
+    }
+    // 3 or 4 moves: the first streak needs none when the connection landed on its owner.
+    assert!(moves_seen >= 3, "the connection moved {moves_seen} times");
+    assert_eq!(moved_total(&server), moves_seen as f64);
+
+    // A write (a request with a body) in the middle of a streak: answered wherever the
+    // connection is, and the row reads back through the same socket.
+    let tenant = &tenants[0];
+    let write =
+        json!({"ops": [{"upsert": {"id": 100, "name": expected_name(tenant, 100), "batch": 1}}]});
+    let written = connection.call(
+        "POST",
+        &format!("/v1/tenants/{tenant}/tables/items/rows"),
+        Some(&write),
+    );
+    assert_eq!(written.status, 200, "{}", written.body);
+    assert_row(
+        &connection.call("GET", &row_path(tenant, 100), None),
+        tenant,
+        100,
+    );
+    server.terminate();
+}
+
+#[test]
+fn requests_split_or_pipelined_across_a_move_are_answered_whole_and_in_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&dir.path().join("data"), &["--shards", "2"]);
+    let tenants = tenants_of_each_shard();
+    for tenant in &tenants {
+        server.create_tenant_with_items(tenant);
+        write_items(&server, tenant, 64);
+    }
+    for attempt in 0..8 {
+        let mut connection = Connection::open(&server.api);
+        // Whichever tenant is not on the accepting shard: learn the shard first.
+        let first = connection.call("GET", &row_path(&tenants[0], 0), None);
+        let tenant = &tenants[1 - first.shard];
+        let owner = 1 - first.shard;
+        // Three requests, then a fourth sent in two pieces with a pause between: the
+        // move happens right after the fourth answer, so this one's first piece may
+        // arrive before, during or after it.
+        for id in 1..4 {
+            assert_row(
+                &connection.call("GET", &row_path(tenant, id), None),
+                tenant,
+                id,
+            );
+        }
+        let bytes = connection.request_bytes("GET", &row_path(tenant, 4), None);
+        let (head, tail) = bytes.split_at(bytes.len() / 2);
+        connection.send(head);
+        std::thread::sleep(Duration::from_millis(20 + attempt * 10));
+        connection.send(tail);
+        assert_row(&connection.answer(), tenant, 4);
+        // The next request's first bytes, sent before the move can finish.
+        let bytes = connection.request_bytes("GET", &row_path(tenant, 5), None);
+        let (head, tail) = bytes.split_at(7);
+        connection.send(head);
+        std::thread::sleep(Duration::from_millis(5 * attempt));
+        connection.send(tail);
+        let answer = connection.answer();
+        assert_row(&answer, tenant, 5);
+        // Sixteen requests in one write: all answered, in order, by the owner once it
+        // has the connection.
+        let burst: Vec<u8> = (6..22)
+            .flat_map(|id| connection.request_bytes("GET", &row_path(tenant, id), None))
+            .collect();
+        connection.send(&burst);
+        let mut answered_by = Vec::new();
+        for id in 6..22 {
+            let answer = connection.answer();
+            assert_row(&answer, tenant, id);
+            answered_by.push(answer.shard);
+        }
+        assert_eq!(
+            answered_by.last(),
+            Some(&owner),
+            "attempt {attempt}: the burst ended on shard {answered_by:?}"
+        );
+    }
+    assert!(moved_total(&server) >= 8.0);
+    server.terminate();
+}
