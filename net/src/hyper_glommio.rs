@@ -67,33 +67,47 @@ impl PlainStream {
         Self::wrap(stream.buffered(), Bytes::new())
     }
 
-    /// Serves a connection that another stream read `prefix` from already.
-    pub fn resume(stream: TcpStream, prefix: Bytes) -> (Self, Rc<StreamWatch>) {
-        Self::wrap(stream.buffered(), prefix)
+    /// Serves a connection that another stream read `unread` from already.
+    pub(crate) fn resume(stream: TcpStream, unread: Bytes) -> (Self, Rc<StreamWatch>) {
+        Self::wrap(stream.buffered(), unread)
     }
 
-    /// Takes the connection apart for serving elsewhere, given what hyper read from it
-    /// and did not parse: returns a duplicate of the socket and every byte read from it
-    /// and not yet served, in order (`hyper_unparsed`, then this stream's buffers, then
-    /// whatever had arrived in the socket). `None` when the client has left or the
-    /// socket failed. This stream keeps its own descriptor: the caller drops it once
-    /// the duplicate is served elsewhere, or resumes with the bytes if it is not.
-    pub fn into_moving(mut self, hyper_unparsed: Bytes) -> Option<(OwnedFd, Bytes)> {
-        let mut unread = BytesMut::from(&self.prefix[..]);
-        unread.extend_from_slice(&hyper_unparsed);
-        // Only what glommio buffered or the socket holds right now: a stream that
-        // would wait has nothing more to give, and no waker is needed.
+    /// Takes out every byte read from the socket and not yet parsed, in the order the
+    /// client sent them, given what hyper read and did not parse: `hyper_unparsed`
+    /// (read first), then what this stream had not handed to hyper yet, then what
+    /// glommio buffered or the socket holds right now. The flag is false when the
+    /// socket reached its end or failed: the connection should then finish where it
+    /// is, with these bytes. (The end may also be found only by the next reader, which
+    /// then answers what it was given before it closes.)
+    pub(crate) fn take_unread(&mut self, hyper_unparsed: Bytes) -> (Bytes, bool) {
+        let mut unread = BytesMut::from(&hyper_unparsed[..]);
+        unread.extend_from_slice(&std::mem::take(&mut self.prefix));
+        // A stream that would wait has nothing more to give: no waker is needed.
         let mut cx = Context::from_waker(std::task::Waker::noop());
-        match Pin::new(&mut self.stream).poll_fill_buf(&mut cx) {
-            Poll::Ready(Ok([])) | Poll::Ready(Err(_)) => return None,
-            Poll::Ready(Ok(buffered)) => unread.extend_from_slice(buffered),
-            Poll::Pending => {}
-        }
+        let mut stream = Pin::new(&mut self.stream);
+        let open = match stream.as_mut().poll_fill_buf(&mut cx) {
+            Poll::Ready(Ok([]) | Err(_)) => false,
+            Poll::Ready(Ok(buffered)) => {
+                unread.extend_from_slice(buffered);
+                let taken = buffered.len();
+                stream.consume(taken);
+                true
+            }
+            Poll::Pending => true,
+        };
+        (unread.freeze(), open)
+    }
+
+    /// A second descriptor of the socket, for another shard to serve it from.
+    pub(crate) fn duplicate(&self) -> io::Result<OwnedFd> {
         // SAFETY: the descriptor is this stream's socket, open while `self` lives; the
-        // borrow ends before `self` is dropped.
-        let socket = unsafe { BorrowedFd::borrow_raw(self.stream.as_raw_fd()) };
-        let duplicate = socket.try_clone_to_owned().ok()?;
-        Some((duplicate, unread.freeze()))
+        // borrow ends within this call.
+        unsafe { BorrowedFd::borrow_raw(self.stream.as_raw_fd()) }.try_clone_to_owned()
+    }
+
+    /// Serves the same socket again, with `unread` in front.
+    pub(crate) fn restart(self, unread: Bytes) -> (Self, Rc<StreamWatch>) {
+        Self::wrap(self.stream, unread)
     }
 }
 
@@ -210,3 +224,73 @@ impl Future for ShardSleep {
 }
 
 impl hyper::rt::Sleep for ShardSleep {}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::time::Duration;
+
+    use glommio::net::TcpListener;
+
+    use super::*;
+
+    /// A loopback connection: the client's socket and the server's plain stream, with
+    /// `sent` written by the client (then its side closed, if `close`) and read by the
+    /// stream up to `served` bytes, as hyper would have.
+    async fn stream_that_read(
+        sent: &[u8],
+        served: usize,
+        close: bool,
+    ) -> (PlainStream, std::net::TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let mut client =
+            std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (mut plain, _) = PlainStream::new(listener.accept().await.expect("accept"));
+        client.write_all(sent).expect("send");
+        if close {
+            client
+                .shutdown(std::net::Shutdown::Write)
+                .expect("half-close");
+        }
+        glommio::timer::sleep(Duration::from_millis(50)).await;
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut stream = Pin::new(&mut plain.stream);
+        let Poll::Ready(Ok(buffered)) = stream.as_mut().poll_fill_buf(&mut cx) else {
+            panic!("the bytes arrived");
+        };
+        assert_eq!(buffered.len(), sent.len(), "one read takes them all");
+        stream.consume(served);
+        (plain, client)
+    }
+
+    #[test]
+    fn unread_bytes_come_out_in_the_order_they_were_sent() {
+        oc_io::executor::run_local(async {
+            let (mut plain, _client) = stream_that_read(b"cdef", 1, false).await;
+            // The stream's prefix is what an earlier hyper left; hyper read "a" from it.
+            plain.prefix = Bytes::from_static(b"b");
+            let (unread, open) = plain.take_unread(Bytes::from_static(b"a"));
+            // hyper's unparsed bytes, the prefix's rest, glommio's buffer ("c" went to
+            // hyper with "a" in this made-up history, and came back through it).
+            assert_eq!(&unread[..], b"abdef");
+            assert!(open);
+            // Taken out: served again, the stream starts after them.
+            let (unread, open) = plain.take_unread(Bytes::new());
+            assert_eq!(&unread[..], b"");
+            assert!(open, "nothing more yet, and the client is still there");
+        });
+    }
+
+    #[test]
+    fn a_stream_at_its_end_says_so_and_keeps_what_it_read() {
+        oc_io::executor::run_local(async {
+            let (mut plain, _client) = stream_that_read(b"GET / HTTP/1.1\r\n\r\n", 18, true).await;
+            // glommio asked the ring whether more can be read; its answer arrives while
+            // the shard runs (until then the end is found by whoever reads next).
+            glommio::timer::sleep(Duration::from_millis(50)).await;
+            let (unread, open) = plain.take_unread(Bytes::from_static(b"GET /"));
+            assert_eq!(&unread[..], b"GET /");
+            assert!(!open, "the client closed its side");
+        });
+    }
+}

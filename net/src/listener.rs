@@ -27,11 +27,10 @@ use bytes::Bytes;
 use futures_lite::{future, AsyncWriteExt};
 use futures_rustls::TlsAcceptor;
 use glommio::net::{TcpListener, TcpStream};
-use http_body_util::Either;
 use hyper::body::{Body, Incoming};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper::Request;
+use hyper::{Request, StatusCode};
 use oc_engine::{owner_of, ShardNode, ShardRouter, TenantId};
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -49,7 +48,7 @@ const MAX_IDLE_CHECK: Duration = Duration::from_secs(1);
 /// Pending connections per socket.
 const LISTEN_BACKLOG: i32 = 1024;
 /// Requests in a row for one other shard's tenants before a connection moves there;
-/// doubled after each move, up to [`MOST_MOVE_DOUBLINGS`] times (64 in a row), so the
+/// doubled after each attempt, up to [`MOST_MOVE_DOUBLINGS`] times (64 in a row), so the
 /// connection of a client that switches between tenants of different shards settles
 /// instead of moving back and forth.
 const MOVE_AFTER: u32 = 4;
@@ -162,6 +161,13 @@ impl ShardServer {
         self.state.open.get() >= self.settings.max_connections
     }
 
+    /// Connections moved here may take three quarters of this shard's connection
+    /// limit: the clients of one busy tenant gathering on its shard must leave room
+    /// for the connections the kernel hands this shard.
+    fn room_for_moved(&self) -> bool {
+        self.state.open.get() < self.settings.max_connections / 4 * 3
+    }
+
     /// Serves `stream` on this shard until it closes or moves on.
     fn serve(self: &Rc<Self>, stream: TcpStream, arrival: Arrival) {
         self.state.open.set(self.state.open.get() + 1);
@@ -176,12 +182,29 @@ impl ShardServer {
     }
 }
 
+/// [`SERVER`] while this shard serves: cleared when it stops accepting, or when its
+/// listener is dropped without a drain.
+struct Registered;
+
+impl Registered {
+    fn new(server: Rc<ShardServer>) -> Registered {
+        SERVER.with(|s| *s.borrow_mut() = Some(server));
+        Registered
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        SERVER.with(|s| s.borrow_mut().take());
+    }
+}
+
 /// How a connection came to a shard: accepted there, or moved from another.
 #[derive(Default)]
 struct Arrival {
     /// Bytes read from the socket on the shards before, not yet served.
     unread: Bytes,
-    /// Times the connection has moved.
+    /// Times the connection was offered to another shard.
     moves: u32,
 }
 
@@ -268,7 +291,7 @@ pub async fn serve_shard(
         settings: Rc::new(settings),
         state: state.clone(),
     });
-    SERVER.with(|s| *s.borrow_mut() = Some(server.clone()));
+    let _registered = Registered::new(server.clone());
     let accept_waiter = state.new_waiter();
     loop {
         let drained = poll_fn(|cx| {
@@ -296,7 +319,7 @@ pub async fn serve_shard(
         metrics::with_http(|m| m.connections_accepted += 1);
         server.serve(stream, Arrival::default());
     }
-    SERVER.with(|s| s.borrow_mut().take());
+    drop(_registered);
     drop(listener);
     state.listener_closed.set(true);
     tracing::info!(shard = node.id(), "listener closed for shutdown");
@@ -337,56 +360,44 @@ async fn serve_connection(stream: TcpStream, arrival: Arrival, server: &ShardSer
     }
 }
 
-/// Serves a plain connection, moving it to the shard its requests belong to when they
+/// Serves a plain connection, moving it to the shard its requests are for when they
 /// keep going to one other shard ([`Affinity`]).
-async fn serve_plain(mut stream: TcpStream, mut arrival: Arrival, server: &ShardServer) {
+async fn serve_plain(stream: TcpStream, arrival: Arrival, server: &ShardServer) {
+    let Arrival { unread, mut moves } = arrival;
+    let (mut io, mut watch) = PlainStream::resume(stream, unread);
     loop {
-        let (io, watch) = PlainStream::resume(stream, std::mem::take(&mut arrival.unread));
-        let affinity = Affinity::new(arrival.moves);
+        let affinity = Affinity::new(moves);
         let Some(leaving) = serve_http(io, watch, server, Some(affinity)).await else {
             return;
         };
-        let Some((socket, unread)) = leaving.io.into_moving(leaving.unread) else {
-            return; // the client left
-        };
-        arrival.moves += 1;
-        if move_to(
-            &server.ctx.router,
-            leaving.owner,
-            &socket,
-            &unread,
-            arrival.moves,
-        )
-        .await
-        {
-            metrics::with_http(|m| m.connections_moved += 1);
-            return; // the owner serves its own duplicate of the socket
+        let mut plain = leaving.io;
+        let (unread, open) = plain.take_unread(leaving.unread);
+        // Attempts count, refused ones too: the streak the next one needs doubles.
+        moves += 1;
+        // A socket at its end stays: hyper answers what it holds, then closes.
+        if open {
+            if let Ok(duplicate) = plain.duplicate() {
+                let arrival = Arrival {
+                    unread: unread.clone(),
+                    moves,
+                };
+                if move_to(&server.ctx.router, leaving.owner, duplicate, arrival).await {
+                    metrics::with_http(|m| m.connections_moved += 1);
+                    return; // the owner serves its own descriptor of the socket
+                }
+            }
         }
-        // Refused (the owner is full or draining): served here again, and the streak
-        // the next attempt needs has doubled.
-        // SAFETY: `socket` is an open descriptor of a connected TCP socket this
-        // function owns; ownership passes to the stream.
-        stream = unsafe { TcpStream::from_raw_fd(socket.into_raw_fd()) };
-        arrival.unread = unread;
+        (io, watch) = plain.restart(unread);
     }
 }
 
-/// Asks shard `owner` to serve a duplicate of `socket`, with `unread` in front;
-/// whether it took it.
-async fn move_to(
-    router: &ShardRouter,
-    owner: usize,
-    socket: &OwnedFd,
-    unread: &Bytes,
-    moves: u32,
-) -> bool {
-    let Ok(duplicate) = socket.try_clone() else {
-        return false;
-    };
-    let unread = unread.clone();
+/// Asks shard `owner` to serve `socket`; whether it took it. Not bounded by a timeout:
+/// once the call is sent the owner may yet take the socket, and two shards must never
+/// read one connection. A call to a stopped shard fails at once.
+async fn move_to(router: &ShardRouter, owner: usize, socket: OwnedFd, arrival: Arrival) -> bool {
     router
         .call(owner, move |_: Rc<ShardNode>| async move {
-            adopt(duplicate, unread, moves)
+            adopt(socket, arrival)
         })
         .await
         .unwrap_or(false)
@@ -394,32 +405,43 @@ async fn move_to(
 
 /// Runs on the owner shard: serves a connection another shard moved here, unless this
 /// shard is at its connection limit or shutting down.
-fn adopt(socket: OwnedFd, unread: Bytes, moves: u32) -> bool {
+fn adopt(socket: OwnedFd, arrival: Arrival) -> bool {
     let Some(server) = SERVER.with(|s| s.borrow().clone()) else {
         return false;
     };
-    if server.state.draining.get() || server.full() {
+    if server.state.draining.get() || !server.room_for_moved() {
         return false;
     }
     // SAFETY: `socket` is an open descriptor of a connected TCP socket, a duplicate
     // made for this shard alone; ownership passes to the stream.
     let stream = unsafe { TcpStream::from_raw_fd(socket.into_raw_fd()) };
-    server.serve(stream, Arrival { unread, moves });
+    server.serve(stream, arrival);
     true
 }
 
 /// Which shard a connection's requests are for, to move the connection there when
-/// they keep going to one other shard: after [`MOVE_AFTER`] requests in a row for
-/// that shard's tenants (more after each move), and only between two requests, when
-/// hyper has read nothing of the next one (the last request had no body) and sent all
-/// of the last answer. A connection that carried an event stream stays.
+/// they keep going to one other shard: after [`MOVE_AFTER`] answered requests in a row
+/// for that shard's tenants (more after each attempt; requests that name no tenant
+/// leave the streak as it is, and requests refused for their credentials do not
+/// count), and only between two requests: when the last one had no body (hyper has
+/// read all of it) and its answer a known length (hyper has queued all of it). A
+/// connection that carried an event stream stays.
 struct Affinity {
     owner: Cell<Option<usize>>,
     streak: Cell<u32>,
     needed: u32,
-    /// The last request is answered, had no body and was not an event stream.
     settled: Cell<bool>,
     stays: Cell<bool>,
+}
+
+/// How a request went, for [`Affinity::answered`].
+struct Answered {
+    /// The shard of the tenant it named.
+    owner: Option<usize>,
+    status: StatusCode,
+    bodiless: bool,
+    /// The answer's length was known: a whole answer, not a stream.
+    sized: bool,
 }
 
 impl Affinity {
@@ -433,10 +455,20 @@ impl Affinity {
         })
     }
 
-    /// A request arrived; `owner` is the shard of its tenant, if it names one.
-    fn arrived(&self, owner: Option<usize>) {
+    fn arrived(&self) {
         self.settled.set(false);
-        let Some(owner) = owner else {
+    }
+
+    fn answered(&self, answered: &Answered) {
+        self.settled.set(answered.bodiless && answered.sized);
+        if !answered.sized {
+            self.stays.set(true);
+        }
+        let refused = matches!(
+            answered.status,
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
+        );
+        let Some(owner) = answered.owner.filter(|_| !refused) else {
             return;
         };
         if self.owner.get() == Some(owner) {
@@ -444,13 +476,6 @@ impl Affinity {
         } else {
             self.owner.set(Some(owner));
             self.streak.set(1);
-        }
-    }
-
-    fn answered(&self, bodiless: bool, streamed: bool) {
-        self.settled.set(bodiless && !streamed);
-        if streamed {
-            self.stays.set(true);
         }
     }
 
@@ -504,18 +529,22 @@ where
         service_fn(move |req: Request<Incoming>| {
             let (ctx, in_flight, affinity) = (ctx.clone(), in_flight.clone(), affinity.clone());
             in_flight.set(in_flight.get() + 1);
-            let bodiless = req.body().is_end_stream();
-            if let Some(affinity) = &affinity {
-                affinity.arrived(owner_of_path(&ctx.router, req.uri().path()));
-            }
-            // Boxed so that hyper can hand the connection back (`poll_without_shutdown`
-            // wants an `Unpin` future); hyper boxes each request's future anyway.
+            let moving = affinity.map(|affinity| {
+                affinity.arrived();
+                let owner = owner_of_path(&ctx.router, req.uri().path());
+                (affinity, owner, req.body().is_end_stream())
+            });
+            // Boxed (an allocation per request) because `poll_without_shutdown`, which
+            // hands the connection back, wants an `Unpin` future.
             Box::pin(async move {
                 let response = api::handle(ctx, req).await;
-                if let Some(affinity) = &affinity {
-                    let streamed =
-                        matches!(&response, Ok(r) if matches!(r.body(), Either::Right(_)));
-                    affinity.answered(bodiless, streamed);
+                if let (Some((affinity, owner, bodiless)), Ok(answer)) = (moving, &response) {
+                    affinity.answered(&Answered {
+                        owner,
+                        status: answer.status(),
+                        bodiless,
+                        sized: answer.body().size_hint().exact().is_some(),
+                    });
                 }
                 in_flight.set(in_flight.get() - 1);
                 response
@@ -558,9 +587,11 @@ where
             }
         }
         let polled = Pin::new(&mut conn).poll(cx);
-        // Between two requests, with the last answer sent: hyper is idle, so its
-        // graceful shutdown just closes the connection (no `Connection: close` on an
-        // answer), and `poll_without_shutdown` hands the socket back unshut.
+        // Between two requests, with the last answer sent: hyper is idle (it writes an
+        // answer's head in the poll that finishes the request, and flushes all it holds
+        // unless the socket is full: `pipeline_flush` stays off), so its graceful
+        // shutdown just closes the connection (no `Connection: close` on an answer) and
+        // `poll_without_shutdown` hands the socket back unshut.
         let between_requests = polled.is_pending()
             && !shutting_down
             && in_flight.get() == 0
@@ -598,63 +629,93 @@ where
 mod tests {
     use super::*;
 
-    /// Requests for `owner`'s tenants, each answered without a body.
-    fn answer(affinity: &Affinity, owner: Option<usize>, count: u32) {
+    const OK: StatusCode = StatusCode::OK;
+
+    /// `count` requests for `owner`'s tenants, each without a body and answered whole
+    /// with `status`.
+    fn answer(affinity: &Affinity, owner: Option<usize>, status: StatusCode, count: u32) {
         for _ in 0..count {
-            affinity.arrived(owner);
-            affinity.answered(true, false);
+            affinity.arrived();
+            affinity.answered(&Answered {
+                owner,
+                status,
+                bodiless: true,
+                sized: true,
+            });
         }
     }
+
+    const _: () = assert!(MOVE_AFTER << MOST_MOVE_DOUBLINGS == 64);
 
     #[test]
     fn a_connection_moves_after_a_streak_for_another_shard_and_the_streak_doubles() {
         for moves in 0..8 {
             let needed = MOVE_AFTER << moves.min(MOST_MOVE_DOUBLINGS);
             let affinity = Affinity::new(moves);
-            answer(&affinity, Some(1), needed - 1);
+            answer(&affinity, Some(1), OK, needed - 1);
             assert_eq!(affinity.destination(0), None, "{moves} moves");
-            answer(&affinity, Some(1), 1);
+            answer(&affinity, Some(1), OK, 1);
             assert_eq!(affinity.destination(0), Some(1), "{moves} moves");
             // Already on the owner: nowhere to go.
             assert_eq!(affinity.destination(1), None);
         }
-        assert_eq!(MOVE_AFTER << MOST_MOVE_DOUBLINGS, 64);
     }
 
     #[test]
     fn another_shards_request_restarts_the_streak_and_untenanted_ones_leave_it() {
         let affinity = Affinity::new(0);
-        answer(&affinity, Some(1), MOVE_AFTER - 1);
-        answer(&affinity, None, 10); // `/v1/tenants`, `/v1/admin/…`
-        answer(&affinity, Some(1), 1);
+        answer(&affinity, Some(1), OK, MOVE_AFTER - 1);
+        answer(&affinity, None, OK, 10); // `/v1/tenants`, `/v1/admin/…`
+        answer(&affinity, Some(1), OK, 1);
         assert_eq!(affinity.destination(0), Some(1));
-        answer(&affinity, Some(2), 1);
-        answer(&affinity, Some(1), MOVE_AFTER - 1);
+        answer(&affinity, Some(2), OK, 1);
+        answer(&affinity, Some(1), OK, MOVE_AFTER - 1);
         assert_eq!(affinity.destination(0), None);
+    }
+
+    #[test]
+    fn requests_refused_for_their_credentials_do_not_count() {
+        let affinity = Affinity::new(0);
+        answer(&affinity, Some(1), StatusCode::UNAUTHORIZED, 100);
+        answer(&affinity, Some(1), StatusCode::FORBIDDEN, 100);
+        assert_eq!(affinity.destination(0), None);
+        // Any other answer counts: a missing row is a request for the tenant's data.
+        answer(&affinity, Some(1), StatusCode::NOT_FOUND, MOVE_AFTER);
+        assert_eq!(affinity.destination(0), Some(1));
     }
 
     #[test]
     fn only_an_answered_request_without_a_body_lets_the_connection_move() {
         let affinity = Affinity::new(0);
-        answer(&affinity, Some(1), MOVE_AFTER);
-        affinity.arrived(Some(1));
-        assert_eq!(affinity.destination(0), None, "a request still in flight");
-        affinity.answered(false, false);
+        answer(&affinity, Some(1), OK, MOVE_AFTER);
+        affinity.arrived();
+        assert_eq!(affinity.destination(0), None, "a request in flight");
+        affinity.answered(&Answered {
+            owner: Some(1),
+            status: OK,
+            bodiless: false,
+            sized: true,
+        });
         assert_eq!(
             affinity.destination(0),
             None,
             "hyper may not have read all its body"
         );
-        answer(&affinity, Some(1), 1);
+        answer(&affinity, Some(1), OK, 1);
         assert_eq!(affinity.destination(0), Some(1));
     }
 
     #[test]
-    fn a_connection_that_carried_an_event_stream_stays() {
+    fn a_connection_that_carried_a_stream_stays() {
         let affinity = Affinity::new(0);
-        affinity.arrived(Some(1));
-        affinity.answered(true, true);
-        answer(&affinity, Some(1), 100);
+        affinity.arrived();
+        affinity.answered(&Answered {
+            owner: Some(1),
+            status: OK,
+            bodiless: true,
+            sized: false,
+        });
+        answer(&affinity, Some(1), OK, 100);
         assert_eq!(affinity.destination(0), None);
     }
 }
