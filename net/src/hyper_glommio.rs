@@ -7,7 +7,7 @@
 //! adapter gets both wrong).
 //!
 //! A plain connection can also be taken apart between requests
-//! ([`PlainStream::into_moving`]) and served again from a duplicate of its socket on
+//! ([`PlainStream::take_unread`]) and served again from a duplicate of its socket on
 //! another shard ([`PlainStream::resume`]), with the bytes already read from it in front.
 
 use std::cell::Cell;

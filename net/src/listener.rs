@@ -373,7 +373,7 @@ async fn serve_plain(stream: TcpStream, arrival: Arrival, server: &ShardServer) 
         let mut plain = leaving.io;
         let (unread, open) = plain.take_unread(leaving.unread);
         // Attempts count, refused ones too: the streak the next one needs doubles.
-        moves += 1;
+        moves = moves.saturating_add(1);
         // A socket at its end stays: hyper answers what it holds, then closes.
         if open {
             if let Ok(duplicate) = plain.duplicate() {

@@ -318,36 +318,28 @@ fn pipelined_requests_move_with_the_connection_twice_and_are_answered_in_order()
         Row(String, u64),
         Pong,
     }
-    let mut expected = Vec::new();
-    let mut bytes = Vec::new();
+    let plan = [
+        (Some(&away), 0..4),
+        (None, 0..20),
+        (Some(&home), 0..8),
+        (None, 0..80),
+        (Some(&home), 8..40),
+    ];
     let ping = ping_bytes(&connection);
-    let mut add = |request: Vec<u8>, expect: Expect| {
-        bytes.extend(request);
-        expected.push(expect);
-    };
-    for id in 0..4 {
-        add(
-            connection.request_bytes("GET", &row_path(&away, id), None),
-            Expect::Row(away.clone(), id),
-        );
-    }
-    for _ in 0..20 {
-        add(ping.clone(), Expect::Pong);
-    }
-    for id in 0..8 {
-        add(
-            connection.request_bytes("GET", &row_path(&home, id), None),
-            Expect::Row(home.clone(), id),
-        );
-    }
-    for _ in 0..80 {
-        add(ping.clone(), Expect::Pong);
-    }
-    for id in 8..40 {
-        add(
-            connection.request_bytes("GET", &row_path(&home, id), None),
-            Expect::Row(home.clone(), id),
-        );
+    let (mut bytes, mut expected) = (Vec::new(), Vec::new());
+    for (tenant, ids) in plan {
+        for id in ids {
+            match tenant {
+                Some(tenant) => {
+                    bytes.extend(connection.request_bytes("GET", &row_path(tenant, id), None));
+                    expected.push(Expect::Row(tenant.clone(), id));
+                }
+                None => {
+                    bytes.extend_from_slice(&ping);
+                    expected.push(Expect::Pong);
+                }
+            }
+        }
     }
     assert!(bytes.len() > 24 << 10, "{} bytes", bytes.len());
     connection.send(&bytes);
