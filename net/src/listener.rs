@@ -165,7 +165,7 @@ impl ShardServer {
     /// limit: the clients of one busy tenant gathering on its shard must leave room
     /// for the connections the kernel hands this shard.
     fn room_for_moved(&self) -> bool {
-        self.state.open.get() < self.settings.max_connections / 4 * 3
+        self.state.open.get() < self.settings.max_connections * 3 / 4
     }
 
     /// Serves `stream` on this shard until it closes or moves on.

@@ -359,3 +359,72 @@ fn pipelined_requests_move_with_the_connection_twice_and_are_answered_in_order()
     assert_eq!(moved_total(&server), 2.0);
     server.terminate();
 }
+
+fn open_connections(server: &Server, shard: usize) -> f64 {
+    let (_, scrape) = server.ops_get("/metrics");
+    scrape_value(
+        &scrape,
+        &format!("oc_http_connections_open{{shard=\"{shard}\"}}"),
+    )
+    .expect("open connections are a gauge per shard")
+}
+
+#[test]
+fn a_shard_takes_moved_connections_up_to_three_quarters_of_its_share_and_the_rest_stay() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // 8 connections a shard; moved ones only while the owner has fewer than 6 open.
+    let server = Server::start(
+        &dir.path().join("data"),
+        &["--shards", "2", "--max-connections", "16"],
+    );
+    let tenant = &tenants_of_each_shard()[0];
+    server.create_tenant_with_items(tenant);
+    write_items(&server, tenant, 16);
+    // The set-up's connections are closed by the client; the shards see it shortly.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while open_connections(&server, 0) + open_connections(&server, 1) > 0.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the set-up's connections stay open"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // 8 connections cannot pass either shard's share, however the kernel spreads them.
+    let mut connections: Vec<Connection> = (0..8)
+        .map(|_| {
+            let mut connection = Connection::open(&server.api);
+            assert_pong(&connection.call("GET", "/v1/ping", None));
+            connection
+        })
+        .collect();
+    let at_owner = open_connections(&server, 0) as usize;
+    // One connection at a time: 4 requests for the tenant of shard 0, then a fifth.
+    // Those away from it move while shard 0 has room; the rest are refused and go on
+    // being served (forwarded) where they are.
+    for connection in &mut connections {
+        for id in 0..5 {
+            assert_row(
+                &connection.call("GET", &row_path(tenant, id), None),
+                tenant,
+                id,
+            );
+        }
+    }
+    let moved = 6usize.saturating_sub(at_owner);
+    assert_eq!(
+        moved_total(&server),
+        moved as f64,
+        "{at_owner} were at the owner"
+    );
+    assert_eq!(open_connections(&server, 0), (at_owner + moved) as f64);
+    assert_eq!(open_connections(&server, 1), (8 - at_owner - moved) as f64);
+    // Every connection still answers, the refused ones from where they were.
+    for connection in &mut connections {
+        assert_row(
+            &connection.call("GET", &row_path(tenant, 15), None),
+            tenant,
+            15,
+        );
+    }
+    server.terminate();
+}
