@@ -34,7 +34,7 @@ use hyper::{Request, StatusCode};
 use oc_engine::{owner_of, ShardNode, ShardRouter, TenantId};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::api::{self, ApiContext, ApiLimits};
+use crate::api::{self, ApiContext, ApiLimits, BodyReadToEnd};
 use crate::auth::AuthConfig;
 use crate::hyper_glommio::{GlommioTimer, HyperStream, PlainStream, SecureStream, StreamWatch};
 use crate::metrics;
@@ -423,9 +423,10 @@ fn adopt(socket: OwnedFd, arrival: Arrival) -> bool {
 /// they keep going to one other shard: after [`MOVE_AFTER`] answered requests in a row
 /// for that shard's tenants (more after each attempt; requests that name no tenant
 /// leave the streak as it is, and requests refused for their credentials do not
-/// count), and only between two requests: when the last one had no body (hyper has
-/// read all of it) and its answer a known length (hyper has queued all of it). A
-/// connection that carried an event stream stays.
+/// count), and only between two requests: when hyper has read all of the last one (it
+/// had no body, or its handler read the body to the end: [`api::BodyReadToEnd`]) and
+/// its answer had a known length (hyper has queued all of it). A connection that
+/// carried an event stream stays.
 struct Affinity {
     owner: Cell<Option<usize>>,
     streak: Cell<u32>,
@@ -439,7 +440,8 @@ struct Answered {
     /// The shard of the tenant it named.
     owner: Option<usize>,
     status: StatusCode,
-    bodiless: bool,
+    /// It had no body, or the handler read its body to the end.
+    body_read: bool,
     /// The answer's length was known: a whole answer, not a stream.
     sized: bool,
 }
@@ -460,7 +462,7 @@ impl Affinity {
     }
 
     fn answered(&self, answered: &Answered) {
-        self.settled.set(answered.bodiless && answered.sized);
+        self.settled.set(answered.body_read && answered.sized);
         if !answered.sized {
             self.stays.set(true);
         }
@@ -529,20 +531,27 @@ where
         service_fn(move |req: Request<Incoming>| {
             let (ctx, in_flight, affinity) = (ctx.clone(), in_flight.clone(), affinity.clone());
             in_flight.set(in_flight.get() + 1);
+            let mut req = req;
             let moving = affinity.map(|affinity| {
                 affinity.arrived();
                 let owner = owner_of_path(&ctx.router, req.uri().path());
-                (affinity, owner, req.body().is_end_stream())
+                // A body counts as read once the handler read it to its end.
+                let read_to_end = (!req.body().is_end_stream()).then(|| {
+                    let flag = BodyReadToEnd::default();
+                    req.extensions_mut().insert(flag.clone());
+                    flag
+                });
+                (affinity, owner, read_to_end)
             });
             // Boxed (an allocation per request) because `poll_without_shutdown`, which
             // hands the connection back, wants an `Unpin` future.
             Box::pin(async move {
                 let response = api::handle(ctx, req).await;
-                if let (Some((affinity, owner, bodiless)), Ok(answer)) = (moving, &response) {
+                if let (Some((affinity, owner, read_to_end)), Ok(answer)) = (moving, &response) {
                     affinity.answered(&Answered {
                         owner,
                         status: answer.status(),
-                        bodiless,
+                        body_read: read_to_end.as_ref().is_none_or(BodyReadToEnd::get),
                         sized: answer.body().size_hint().exact().is_some(),
                     });
                 }
@@ -631,15 +640,15 @@ mod tests {
 
     const OK: StatusCode = StatusCode::OK;
 
-    /// `count` requests for `owner`'s tenants, each without a body and answered whole
-    /// with `status`.
+    /// `count` requests for `owner`'s tenants, each read whole and answered whole with
+    /// `status`.
     fn answer(affinity: &Affinity, owner: Option<usize>, status: StatusCode, count: u32) {
         for _ in 0..count {
             affinity.arrived();
             affinity.answered(&Answered {
                 owner,
                 status,
-                bodiless: true,
+                body_read: true,
                 sized: true,
             });
         }
@@ -685,7 +694,7 @@ mod tests {
     }
 
     #[test]
-    fn only_an_answered_request_without_a_body_lets_the_connection_move() {
+    fn only_an_answered_request_whose_body_was_read_lets_the_connection_move() {
         let affinity = Affinity::new(0);
         answer(&affinity, Some(1), OK, MOVE_AFTER);
         affinity.arrived();
@@ -693,7 +702,7 @@ mod tests {
         affinity.answered(&Answered {
             owner: Some(1),
             status: OK,
-            bodiless: false,
+            body_read: false,
             sized: true,
         });
         assert_eq!(
@@ -712,7 +721,7 @@ mod tests {
         affinity.answered(&Answered {
             owner: Some(1),
             status: OK,
-            bodiless: true,
+            body_read: true,
             sized: false,
         });
         answer(&affinity, Some(1), OK, 100);

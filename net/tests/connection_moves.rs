@@ -428,3 +428,52 @@ fn a_shard_takes_moved_connections_up_to_three_quarters_of_its_share_and_the_res
     }
     server.terminate();
 }
+
+#[test]
+fn a_connection_moves_after_a_request_whose_body_was_read_and_not_after_one_whose_body_was_not() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, tenants) = server_with_both_tenants(dir.path(), 8);
+    // Writes only: each body is read to its end, so the fourth write moves the
+    // connection.
+    let (mut connection, here, tenant) = connection_away_from_its_tenant(&server, &tenants);
+    let rows = format!("/v1/tenants/{tenant}/tables/items/rows");
+    let mut answered_by = Vec::new();
+    for id in 100..106 {
+        let write = json!({"ops": [{"upsert": {"id": id, "name": expected_name(&tenant, id), "batch": 0}}]});
+        let answer = connection.call("POST", &rows, Some(&write));
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        answered_by.push(answer.shard);
+    }
+    assert_eq!(answered_by, [here, here, here, here, 1 - here, 1 - here]);
+    assert_row(
+        &connection.call("GET", &row_path(&tenant, 105), None),
+        &tenant,
+        105,
+    );
+
+    // Bodies refused unread (not JSON: 415): hyper may still hold them, so the
+    // connection waits for a request it has read whole (a GET) before it moves.
+    let (mut connection, here, tenant) = connection_away_from_its_tenant(&server, &tenants);
+    let body = "id,name\n7,seven\n";
+    let not_json = format!(
+        "POST /v1/tenants/{tenant}/tables/items/rows HTTP/1.1\r\nhost: {}\r\ncontent-type: text/csv\r\ncontent-length: {}\r\n\r\n{body}",
+        connection.host,
+        body.len()
+    );
+    for _ in 0..4 {
+        connection.send(not_json.as_bytes());
+        let answer = connection.answer();
+        assert_eq!(answer.status, 415, "{}", answer.body);
+        assert_eq!(answer.shard, here);
+    }
+    let answer = connection.call("GET", &row_path(&tenant, 1), None);
+    assert_row(&answer, &tenant, 1);
+    assert_eq!(
+        answer.shard, here,
+        "no move right after a body that was not read"
+    );
+    let answer = connection.call("GET", &row_path(&tenant, 2), None);
+    assert_row(&answer, &tenant, 2);
+    assert_eq!(answer.shard, 1 - here, "moved after the GET");
+    server.terminate();
+}

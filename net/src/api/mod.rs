@@ -817,6 +817,18 @@ enum BodyRead {
     Failed(hyper::Error),
 }
 
+/// Set by the handler that reads a request's body to its end, when the listener put
+/// one in the request's extensions: hyper then holds nothing of that request, and the
+/// connection may move between shards after it (`listener.rs`, `Affinity`).
+#[derive(Clone, Default)]
+pub struct BodyReadToEnd(pub std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl BodyReadToEnd {
+    pub fn get(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// The body, if it holds at most `max` bytes. A longer one is read on (and dropped)
 /// up to [`OVER_LIMIT_DRAIN_BYTES`] past the limit, so its sender reads the answer.
 async fn read_capped(mut body: Incoming, max: usize) -> Result<Bytes, BodyRead> {
@@ -886,10 +898,16 @@ async fn read_json<T: for<'de> serde::Deserialize<'de>>(
         }
         return Err(too_large());
     }
+    let read_to_end = req.extensions().get::<BodyReadToEnd>().cloned();
     let body = future::or(
         async {
             match read_capped(req.into_body(), max).await {
-                Ok(bytes) => Ok(bytes),
+                Ok(bytes) => {
+                    if let Some(BodyReadToEnd(flag)) = read_to_end {
+                        flag.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Ok(bytes)
+                }
                 Err(BodyRead::TooLarge) => Err(too_large()),
                 Err(BodyRead::Failed(e)) => Err(ApiError::bad_request(
                     "body_read_failed",
