@@ -71,7 +71,7 @@ fn drive_writes(
 ) -> Result<Vec<(u64, Instant)>> {
     let target = parse_url(url)?;
     oc_io::executor::run_local(async move {
-        prepare(&target, 0).await?;
+        prepare(&target, TENANT, 0).await?;
         let acked = Rc::new(RefCell::new(Vec::new()));
         let until = Instant::now() + Duration::from_secs_f64(seconds);
         let target = Rc::new(target);

@@ -44,6 +44,10 @@ pub struct HttpArgs {
     /// Rows preloaded (reads hit them; writes upsert over them).
     #[arg(long, default_value_t = 100_000)]
     pub(crate) rows: u64,
+    /// The tenant the load reads and writes (created if missing). Two runs at once
+    /// with tenants of different shards load a server as two clients would.
+    #[arg(long, default_value = TENANT)]
+    pub(crate) tenant: String,
     /// Where to write the JSON results.
     #[arg(long)]
     pub(crate) json: Option<std::path::PathBuf>,
@@ -428,15 +432,15 @@ pub(crate) async fn create_tenant_and_table(
 }
 
 /// Creates the tenant and table (if missing) and preloads `rows` rows.
-pub(crate) async fn prepare(target: &Target, rows: u64) -> Result<()> {
+pub(crate) async fn prepare(target: &Target, tenant: &str, rows: u64) -> Result<()> {
     let mut conn = Connection::open(target).await?;
     let table = json!({
         "name": TABLE,
         "columns": [{"name": "id", "type": "int"}, {"name": "body", "type": "text"}],
         "primary_key": ["id"],
     });
-    create_tenant_and_table(&mut conn, TENANT, &table).await?;
-    let path = format!("/v1/tenants/{TENANT}/tables/{TABLE}/rows");
+    create_tenant_and_table(&mut conn, tenant, &table).await?;
+    let path = format!("/v1/tenants/{tenant}/tables/{TABLE}/rows");
     let mut rng = SimRng::new(7);
     for start in (0..rows).step_by(500) {
         let ops: Vec<_> = (start..(start + 500).min(rows))
@@ -462,13 +466,13 @@ struct Recorder {
     errors: std::collections::BTreeMap<String, u64>,
 }
 
-/// Makes an API key for the benchmark tenant (with the admin token) and returns it.
-async fn make_key(admin: &Target) -> Result<String> {
+/// Makes an API key for `tenant` (with the admin token) and returns it.
+async fn make_key(admin: &Target, tenant: &str) -> Result<String> {
     let mut conn = Connection::open(admin).await?;
     let status = conn
         .request(
             "POST",
-            &format!("/v1/tenants/{TENANT}/keys"),
+            &format!("/v1/tenants/{tenant}/keys"),
             Some(r#"{"name":"oc-bench"}"#),
         )
         .await?;
@@ -517,10 +521,11 @@ async fn load(
         let mut conn = Connection::open(target).await?;
         let (pacer, recorder, target) = (pacer.clone(), recorder.clone(), target.clone());
         let rows = args.rows.max(1);
+        let tenant = args.tenant.clone();
         tasks.push(glommio::spawn_local(async move {
             let mut rng = SimRng::new(1000 + c as u64);
-            let read_path = |id: u64| format!("/v1/tenants/{TENANT}/tables/{TABLE}/rows/{id}");
-            let write_path = format!("/v1/tenants/{TENANT}/tables/{TABLE}/rows");
+            let read_path = |id: u64| format!("/v1/tenants/{tenant}/tables/{TABLE}/rows/{id}");
+            let write_path = format!("/v1/tenants/{tenant}/tables/{TABLE}/rows");
             while let Some(slot) = pacer.next().await {
                 let pick = rng.below(reads + writes + pings);
                 let op = if pick < reads {
@@ -784,12 +789,15 @@ pub fn run(args: HttpArgs) -> Result<()> {
     }
     let target = Rc::new(target);
     let report = oc_io::executor::run_local(async {
-        eprintln!("preloading {} rows into {TENANT}/{TABLE}...", args.rows);
-        prepare(&target, args.rows).await?;
+        eprintln!(
+            "preloading {} rows into {}/{TABLE}...",
+            args.rows, args.tenant
+        );
+        prepare(&target, &args.tenant, args.rows).await?;
         // The load authenticates as a tenant's client does: with its API key.
         let target = match &target.bearer {
             Some(_) => Rc::new(Target {
-                bearer: Some(make_key(&target).await?),
+                bearer: Some(make_key(&target, &args.tenant).await?),
                 ..(*target).clone()
             }),
             None => target,

@@ -169,6 +169,7 @@ fn run_all(args: AllArgs) -> anyhow::Result<()> {
                 mix: "90:10".into(),
                 connections: 64,
                 rows: if args.quick { 10_000 } else { 100_000 },
+                tenant: http::TENANT.into(),
                 json: Some(args.out.join("http.json")),
                 admin_token_file: None,
                 ca_cert: None,

@@ -161,11 +161,12 @@ impl ShardServer {
         self.state.open.get() >= self.settings.max_connections
     }
 
-    /// Connections moved here may take three quarters of this shard's connection
-    /// limit: the clients of one busy tenant gathering on its shard must leave room
-    /// for the connections the kernel hands this shard.
-    fn room_for_moved(&self) -> bool {
-        self.state.open.get() < self.settings.max_connections * 3 / 4
+    fn takes_moved(&self, sender_open: usize) -> bool {
+        takes_moved(
+            self.state.open.get(),
+            sender_open,
+            self.settings.max_connections,
+        )
     }
 
     /// Serves `stream` on this shard until it closes or moves on.
@@ -180,6 +181,17 @@ impl ShardServer {
         })
         .detach();
     }
+}
+
+/// Whether a shard with `open` of its `max_connections` open takes a connection moved
+/// from a shard with `sender_open`: only when it has no more connections than the
+/// sender, so that the clients of one busy tenant do not gather on its shard and leave
+/// the other cores idle (the two hops of a forwarded request cost less than one core
+/// doing all the parsing: BENCHMARKS.md, "Connections moved to their tenant's shard"),
+/// while tenants of different shards swap their connections home; and never past
+/// three quarters of its limit, room kept for the connections the kernel hands it.
+fn takes_moved(open: usize, sender_open: usize, max_connections: usize) -> bool {
+    open <= sender_open && open < max_connections * 3 / 4
 }
 
 /// [`SERVER`] while this shard serves: cleared when it stops accepting, or when its
@@ -381,7 +393,7 @@ async fn serve_plain(stream: TcpStream, arrival: Arrival, server: &ShardServer) 
                     unread: unread.clone(),
                     moves,
                 };
-                if move_to(&server.ctx.router, leaving.owner, duplicate, arrival).await {
+                if move_to(server, leaving.owner, duplicate, arrival).await {
                     metrics::with_http(|m| m.connections_moved += 1);
                     return; // the owner serves its own descriptor of the socket
                 }
@@ -394,22 +406,26 @@ async fn serve_plain(stream: TcpStream, arrival: Arrival, server: &ShardServer) 
 /// Asks shard `owner` to serve `socket`; whether it took it. Not bounded by a timeout:
 /// once the call is sent the owner may yet take the socket, and two shards must never
 /// read one connection. A call to a stopped shard fails at once.
-async fn move_to(router: &ShardRouter, owner: usize, socket: OwnedFd, arrival: Arrival) -> bool {
-    router
+async fn move_to(server: &ShardServer, owner: usize, socket: OwnedFd, arrival: Arrival) -> bool {
+    let sender_open = server.state.open.get();
+    server
+        .ctx
+        .router
         .call(owner, move |_: Rc<ShardNode>| async move {
-            adopt(socket, arrival)
+            adopt(socket, arrival, sender_open)
         })
         .await
         .unwrap_or(false)
 }
 
 /// Runs on the owner shard: serves a connection another shard moved here, unless this
-/// shard is at its connection limit or shutting down.
-fn adopt(socket: OwnedFd, arrival: Arrival) -> bool {
+/// shard has more connections than the sender, is near its connection limit or is
+/// shutting down ([`ShardServer::takes_moved`]).
+fn adopt(socket: OwnedFd, arrival: Arrival, sender_open: usize) -> bool {
     let Some(server) = SERVER.with(|s| s.borrow().clone()) else {
         return false;
     };
-    if server.state.draining.get() || !server.room_for_moved() {
+    if server.state.draining.get() || !server.takes_moved(sender_open) {
         return false;
     }
     // SAFETY: `socket` is an open descriptor of a connected TCP socket, a duplicate
@@ -655,6 +671,23 @@ mod tests {
     }
 
     const _: () = assert!(MOVE_AFTER << MOST_MOVE_DOUBLINGS == 64);
+
+    #[test]
+    fn a_shard_takes_a_moved_connection_only_with_no_more_open_than_the_sender_and_room_left() {
+        assert!(takes_moved(0, 1, 512));
+        assert!(takes_moved(31, 32, 512));
+        assert!(
+            takes_moved(32, 32, 512),
+            "even: the move leaves it one ahead"
+        );
+        assert!(!takes_moved(33, 32, 512), "a busier shard takes no more");
+        assert!(takes_moved(383, 400, 512));
+        assert!(!takes_moved(384, 400, 512), "three quarters of 512 reached");
+        assert!(
+            !takes_moved(0, 5, 1),
+            "a share of one keeps no room for moves"
+        );
+    }
 
     #[test]
     fn a_connection_moves_after_a_streak_for_another_shard_and_the_streak_doubles() {
