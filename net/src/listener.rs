@@ -154,6 +154,9 @@ struct ShardServer {
     ctx: Rc<ApiContext>,
     settings: Rc<ConnectionSettings>,
     state: Rc<DrainState>,
+    /// Connections offered to other shards and not yet answered: still open here, but
+    /// not counted when an owner compares its connections with this shard's.
+    moving_out: Cell<usize>,
 }
 
 impl ShardServer {
@@ -184,12 +187,13 @@ impl ShardServer {
 }
 
 /// Whether a shard with `open` of its `max_connections` open takes a connection moved
-/// from a shard with `sender_open`: only when it has no more connections than the
-/// sender, so that the clients of one busy tenant do not gather on its shard and leave
-/// the other cores idle (the two hops of a forwarded request cost less than one core
-/// doing all the parsing: BENCHMARKS.md, "Connections moved to their tenant's shard"),
-/// while tenants of different shards swap their connections home; and never past
-/// three quarters of its limit, room kept for the connections the kernel hands it.
+/// from a shard with `sender_open` (the moving one included): only when it has no more
+/// connections than the sender, so that the clients of one busy tenant mostly stay
+/// spread over the cores (all of them on one core raised that tenant's write and
+/// `/ask` p99s: BENCHMARKS.md, "Connections moved to their tenant's shard") while
+/// tenants of different shards swap their connections home; and never past three
+/// quarters of its limit, room kept for the connections the kernel hands it. Two
+/// shards at par end two apart; a strict rule would never let them swap.
 fn takes_moved(open: usize, sender_open: usize, max_connections: usize) -> bool {
     open <= sender_open && open < max_connections * 3 / 4
 }
@@ -302,6 +306,7 @@ pub async fn serve_shard(
         ctx: Rc::new(ctx),
         settings: Rc::new(settings),
         state: state.clone(),
+        moving_out: Cell::new(0),
     });
     let _registered = Registered::new(server.clone());
     let accept_waiter = state.new_waiter();
@@ -407,15 +412,22 @@ async fn serve_plain(stream: TcpStream, arrival: Arrival, server: &ShardServer) 
 /// once the call is sent the owner may yet take the socket, and two shards must never
 /// read one connection. A call to a stopped shard fails at once.
 async fn move_to(server: &ShardServer, owner: usize, socket: OwnedFd, arrival: Arrival) -> bool {
-    let sender_open = server.state.open.get();
-    server
+    // Moves already on their way are as good as gone from here.
+    let sender_open = server.state.open.get() - server.moving_out.get();
+    server.moving_out.set(server.moving_out.get() + 1);
+    let taken = server
         .ctx
         .router
         .call(owner, move |_: Rc<ShardNode>| async move {
             adopt(socket, arrival, sender_open)
         })
         .await
-        .unwrap_or(false)
+        .unwrap_or(false);
+    server.moving_out.set(server.moving_out.get() - 1);
+    if !taken {
+        metrics::with_http(|m| m.connection_moves_refused += 1);
+    }
+    taken
 }
 
 /// Runs on the owner shard: serves a connection another shard moved here, unless this
@@ -678,7 +690,7 @@ mod tests {
         assert!(takes_moved(31, 32, 512));
         assert!(
             takes_moved(32, 32, 512),
-            "even: the move leaves it one ahead"
+            "at par: the move leaves it two ahead"
         );
         assert!(!takes_moved(33, 32, 512), "a busier shard takes no more");
         assert!(takes_moved(383, 400, 512));

@@ -101,6 +101,7 @@ pub struct HttpMetrics {
     pub connections_accepted: u64,
     pub connections_refused: u64,
     pub connections_moved: u64,
+    pub connection_moves_refused: u64,
     pub rate_limit_rejections: u64,
     /// `/watch` streams opened, events written to them, streams ended by overflow.
     pub watch_streams_opened: u64,
@@ -715,6 +716,13 @@ pub fn render(shards: &[ShardSnapshot], control: &ControlMetrics) -> Result<Stri
             "Client connections this shard moved to the shard that owns their requests' tenant.",
             COUNTER,
             |s| s.http.connections_moved as f64,
+        ),
+        per_shard(
+            shards,
+            "oc_http_connection_moves_refused_total",
+            "Moves of a connection to its tenant's shard that the shard refused (busier than this one, near its connection limit, or draining); the connection stays here.",
+            COUNTER,
+            |s| s.http.connection_moves_refused as f64,
         ),
         per_shard(
             shards,

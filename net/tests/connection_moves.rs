@@ -180,6 +180,7 @@ fn a_connection_moves_to_the_shard_its_requests_are_for_and_stays_one_connection
         write_items(&server, tenant, STREAK);
     }
     assert_eq!(moved_total(&server), 0.0);
+    until_setup_connections_closed(&server);
 
     let mut connection = Connection::open(&server.api);
     let mut moves_seen = 0;
@@ -246,6 +247,7 @@ fn connection_away_from_its_tenant(
     server: &Server,
     tenants: &[String],
 ) -> (Connection, usize, String) {
+    until_setup_connections_closed(server);
     let mut connection = Connection::open(&server.api);
     let pong = connection.call("GET", "/v1/ping", None);
     assert_eq!(pong.status, 200);
@@ -369,6 +371,24 @@ fn open_connections(server: &Server, shard: usize) -> f64 {
     .expect("open connections are a gauge per shard")
 }
 
+/// Waits until the shards have seen the set-up's connections closed (the harness's
+/// client closes each one after its request): a connection still counted on a shard
+/// would turn a move away.
+fn until_setup_connections_closed(server: &Server) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while (0..SHARDS)
+        .map(|shard| open_connections(server, shard))
+        .sum::<f64>()
+        > 0.0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the set-up's connections stay open"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn connections_move_only_to_a_shard_with_no_more_open_and_the_rest_stay_where_they_are() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -379,15 +399,7 @@ fn connections_move_only_to_a_shard_with_no_more_open_and_the_rest_stay_where_th
     let tenant = &tenants_of_each_shard()[0];
     server.create_tenant_with_items(tenant);
     write_items(&server, tenant, 16);
-    // The set-up's connections are closed by the client; the shards see it shortly.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while open_connections(&server, 0) + open_connections(&server, 1) > 0.0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the set-up's connections stay open"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    until_setup_connections_closed(&server);
     // 8 connections (the shards' shares are 8 each, however the kernel spreads them).
     let mut connections: Vec<Connection> = (0..8)
         .map(|_| {
@@ -418,6 +430,17 @@ fn connections_move_only_to_a_shard_with_no_more_open_and_the_rest_stay_where_th
         moved as f64,
         "{at_owner} were at the owner"
     );
+    let (_, scrape) = server.ops_get("/metrics");
+    let refused: f64 = (0..SHARDS)
+        .map(|shard| {
+            scrape_value(
+                &scrape,
+                &format!("oc_http_connection_moves_refused_total{{shard=\"{shard}\"}}"),
+            )
+            .expect("refused moves are counted per shard")
+        })
+        .sum();
+    assert_eq!(refused, (8 - at_owner - moved) as f64, "one attempt each");
     assert_eq!(open_connections(&server, 0), owner as f64);
     assert_eq!(open_connections(&server, 1), other as f64);
     // Every connection still answers, the refused ones from where they were.
@@ -453,6 +476,7 @@ fn a_connection_moves_after_a_request_whose_body_was_read_and_not_after_one_whos
         105,
     );
 
+    drop(connection);
     // Bodies refused unread (not JSON: 415): hyper may still hold them, so the
     // connection waits for a request it has read whole (a GET) before it moves.
     let (mut connection, here, tenant) = connection_away_from_its_tenant(&server, &tenants);
