@@ -126,17 +126,22 @@ fn tenants_of_each_shard() -> Vec<String> {
         .collect()
 }
 
-fn moved_total(server: &Server) -> f64 {
+/// `metric`'s value on `shard`, scraped from `/metrics`.
+fn shard_value(server: &Server, metric: &str, shard: usize) -> f64 {
     let (_, scrape) = server.ops_get("/metrics");
+    scrape_value(&scrape, &format!("{metric}{{shard=\"{shard}\"}}"))
+        .unwrap_or_else(|| panic!("{metric} is reported per shard"))
+}
+
+/// `metric` summed over the shards.
+fn all_shards(server: &Server, metric: &str) -> f64 {
     (0..SHARDS)
-        .map(|shard| {
-            scrape_value(
-                &scrape,
-                &format!("oc_http_connections_moved_total{{shard=\"{shard}\"}}"),
-            )
-            .expect("the moved connections are counted per shard")
-        })
+        .map(|shard| shard_value(server, metric, shard))
         .sum()
+}
+
+fn moved_total(server: &Server) -> f64 {
+    all_shards(server, "oc_http_connections_moved_total")
 }
 
 fn row_path(tenant: &str, id: u64) -> String {
@@ -363,12 +368,7 @@ fn pipelined_requests_move_with_the_connection_twice_and_are_answered_in_order()
 }
 
 fn open_connections(server: &Server, shard: usize) -> f64 {
-    let (_, scrape) = server.ops_get("/metrics");
-    scrape_value(
-        &scrape,
-        &format!("oc_http_connections_open{{shard=\"{shard}\"}}"),
-    )
-    .expect("open connections are a gauge per shard")
+    shard_value(server, "oc_http_connections_open", shard)
 }
 
 /// Waits until the shards have seen the set-up's connections closed (the harness's
@@ -430,16 +430,7 @@ fn connections_move_only_to_a_shard_with_no_more_open_and_the_rest_stay_where_th
         moved as f64,
         "{at_owner} were at the owner"
     );
-    let (_, scrape) = server.ops_get("/metrics");
-    let refused: f64 = (0..SHARDS)
-        .map(|shard| {
-            scrape_value(
-                &scrape,
-                &format!("oc_http_connection_moves_refused_total{{shard=\"{shard}\"}}"),
-            )
-            .expect("refused moves are counted per shard")
-        })
-        .sum();
+    let refused = all_shards(&server, "oc_http_connection_moves_refused_total");
     assert_eq!(refused, (8 - at_owner - moved) as f64, "one attempt each");
     assert_eq!(open_connections(&server, 0), owner as f64);
     assert_eq!(open_connections(&server, 1), other as f64);
