@@ -9,14 +9,24 @@
 //! A plain connection can also be taken apart between requests
 //! ([`PlainStream::take_unread`]) and served again from a duplicate of its socket on
 //! another shard ([`PlainStream::resume`]), with the bytes already read from it in front.
+//!
+//! A client may half-close its side after its last request and still read the
+//! answer. hyper, told to allow that (`half_close`), stops watching for the client's
+//! end for the rest of a request, which would keep a `/watch` stream to a departed
+//! client open; told not to, it drops a request whose answer is not yet made when it
+//! finds the end. So the adapter holds the end back from hyper while an answer is
+//! owed ([`StreamWatch::request_arrived`]), and hands it over once the answer is made:
+//! streams still end when their client leaves. A half-close and a client that left
+//! look alike, so the hold is bounded ([`HALF_CLOSE_GRACE`]): a departed client's
+//! request is then cancelled, as it is at once on a reset (an error, not an end).
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -24,6 +34,12 @@ use futures_lite::io::BufReader;
 use futures_lite::{AsyncBufRead, AsyncWrite};
 use futures_rustls::server::TlsStream;
 use glommio::net::{Preallocated, TcpStream};
+
+/// How long a request may still take to answer once its client's end of stream is
+/// found: enough for writes and ordinary reads on a loaded shard, short enough that the
+/// requests of clients that gave up and left do not pile up for a whole request
+/// deadline.
+pub const HALF_CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// A buffered byte stream as hyper I/O, noting when bytes last moved (for idle timeouts)
 /// and whether its last write had to wait.
@@ -40,6 +56,49 @@ pub struct StreamWatch {
     pub last_activity: Cell<Instant>,
     /// The last write found the socket full: hyper still holds bytes to send.
     pub write_blocked: Cell<bool>,
+    /// hyper handed over a request whose answer is not made yet.
+    answer_owed: Cell<bool>,
+    /// The client's end of stream, found while an answer was owed.
+    held_end: RefCell<Option<HeldEnd>>,
+}
+
+/// A client's end of stream kept from hyper until the answer it is owed is made.
+struct HeldEnd {
+    /// hyper gets the end anyway when this fires.
+    grace: glommio::timer::Timer,
+    /// hyper's read, woken when the answer is made.
+    read: Waker,
+}
+
+impl StreamWatch {
+    /// hyper handed over a request: until [`StreamWatch::answered`], and for at most
+    /// [`HALF_CLOSE_GRACE`] after it is found, the client's end of stream is held back
+    /// from hyper, so that it answers before it closes.
+    pub(crate) fn request_arrived(&self) {
+        self.answer_owed.set(true);
+    }
+
+    /// The answer to the request is made: the end of stream, if found, goes to hyper.
+    pub(crate) fn answered(&self) {
+        self.answer_owed.set(false);
+        if let Some(end) = self.held_end.borrow_mut().take() {
+            end.read.wake();
+        }
+    }
+
+    /// Whether a read that found the end should keep it from hyper for now.
+    fn holds_end(&self, cx: &mut Context<'_>) -> bool {
+        if !self.answer_owed.get() {
+            return false;
+        }
+        let mut held = self.held_end.borrow_mut();
+        let end = held.get_or_insert_with(|| HeldEnd {
+            grace: glommio::timer::Timer::new(HALF_CLOSE_GRACE),
+            read: cx.waker().clone(),
+        });
+        end.read.clone_from(cx.waker());
+        Pin::new(&mut end.grace).poll(cx).is_pending()
+    }
 }
 
 /// Plain TCP.
@@ -52,6 +111,8 @@ impl<S> HyperStream<S> {
         let watch = Rc::new(StreamWatch {
             last_activity: Cell::new(Instant::now()),
             write_blocked: Cell::new(false),
+            answer_owed: Cell::new(false),
+            held_end: RefCell::new(None),
         });
         let stream = HyperStream {
             stream,
@@ -137,6 +198,9 @@ impl<S: AsyncBufRead + Unpin> hyper::rt::Read for HyperStream<S> {
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             Poll::Pending => return Poll::Pending,
         };
+        if available.is_empty() && this.watch.holds_end(cx) {
+            return Poll::Pending;
+        }
         let n = available.len().min(buf.remaining());
         buf.put_slice(&available[..n]);
         stream.consume(n);
@@ -292,5 +356,66 @@ mod tests {
             assert_eq!(&unread[..], b"GET /");
             assert!(!open, "the client closed its side");
         });
+    }
+
+    /// Serves one connection with hyper over the adapter, answering its request after
+    /// `delay`, to a client that sends one request and half-closes: what the client
+    /// read, and how long after its half-close the connection ended.
+    fn half_closing_client_and_a_request_taking(delay: Duration) -> (String, Duration) {
+        oc_io::executor::run_local(async move {
+            let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let client = std::thread::spawn(move || {
+                let mut client = std::net::TcpStream::connect(addr).expect("connect");
+                client
+                    .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+                    .expect("send");
+                client
+                    .shutdown(std::net::Shutdown::Write)
+                    .expect("half-close");
+                let half_closed = Instant::now();
+                let mut answer = String::new();
+                std::io::Read::read_to_string(&mut client, &mut answer).expect("read");
+                (answer, half_closed.elapsed())
+            });
+            let (io, watch) = PlainStream::new(listener.accept().await.expect("accept"));
+            let service = hyper::service::service_fn(move |_req| {
+                let watch = watch.clone();
+                watch.request_arrived();
+                async move {
+                    glommio::timer::sleep(delay).await;
+                    watch.answered();
+                    let body = http_body_util::Full::new(Bytes::from_static(b"answered"));
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(GlommioTimer)
+                .serve_connection(io, service)
+                .await;
+            client.join().expect("client")
+        })
+    }
+
+    #[test]
+    fn a_half_closed_client_reads_an_answer_made_within_the_grace() {
+        let (answer, took) = half_closing_client_and_a_request_taking(Duration::from_millis(300));
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+        assert!(answer.ends_with("answered"), "{answer:?}");
+        assert!(took < HALF_CLOSE_GRACE, "closed after its answer: {took:?}");
+    }
+
+    #[test]
+    fn a_request_whose_client_ended_its_side_is_dropped_after_the_grace() {
+        let (answer, took) = half_closing_client_and_a_request_taking(Duration::from_secs(60));
+        assert_eq!(answer, "", "no answer: the request was dropped");
+        assert!(
+            took >= HALF_CLOSE_GRACE - Duration::from_millis(100),
+            "dropped before the grace: {took:?}"
+        );
+        assert!(
+            took < Duration::from_secs(20),
+            "held far past the grace, towards the request's own end: {took:?}"
+        );
     }
 }

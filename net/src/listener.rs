@@ -556,9 +556,12 @@ where
     let in_flight = Rc::new(Cell::new(0usize));
     let service = {
         let (ctx, in_flight, affinity) = (server.ctx.clone(), in_flight.clone(), affinity.clone());
+        let watch = watch.clone();
         service_fn(move |req: Request<Incoming>| {
             let (ctx, in_flight, affinity) = (ctx.clone(), in_flight.clone(), affinity.clone());
+            let watch = watch.clone();
             in_flight.set(in_flight.get() + 1);
+            watch.request_arrived();
             let mut req = req;
             let moving = affinity.map(|affinity| {
                 affinity.arrived();
@@ -583,6 +586,7 @@ where
                         sized: answer.body().size_hint().exact().is_some(),
                     });
                 }
+                watch.answered();
                 in_flight.set(in_flight.get() - 1);
                 response
             })

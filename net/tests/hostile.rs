@@ -8,6 +8,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::{promtool_check, Server};
+use oc_engine::{owner_shard, TenantId};
 use serde_json::{json, Value};
 
 fn assert_alive_and_ready(server: &Server) {
@@ -615,5 +616,139 @@ fn deleting_rows_under_a_full_memory_budget_brings_writes_back() {
     let (_, scrape) = server.ops_get("/metrics");
     let trims = common::scrape_value(&scrape, "oc_memory_trims_total").expect("trims");
     assert!(trims >= 1.0, "no trim ran: {trims}");
+    assert_alive_and_ready(&server);
+}
+
+/// Sends `requests` on one new connection, shuts its sending side (a half-close, as
+/// `nc -N` does) and reads until the server closes: the statuses of the answers, in
+/// order, and the shard that answered them (the first hex digits of the request id).
+fn half_closing_client(api: &str, requests: &[u8]) -> (Vec<u16>, Vec<String>) {
+    let addr = api.trim_start_matches("http://");
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    stream.write_all(requests).expect("send the requests");
+    stream
+        .shutdown(std::net::Shutdown::Write)
+        .expect("half-close");
+    let mut answers = Vec::new();
+    stream
+        .read_to_end(&mut answers)
+        .expect("the server answers, then closes");
+    let answers = String::from_utf8_lossy(&answers).into_owned();
+    let statuses = answers
+        .match_indices("HTTP/1.1 ")
+        .map(|(at, _)| answers[at + 9..at + 12].parse().expect("a status"))
+        .collect();
+    let shards = answers
+        .match_indices("x-request-id: ")
+        .map(|(at, found)| {
+            let id = &answers[at + found.len()..];
+            id[..id.find('-').expect("shard-counter-nonce")].to_string()
+        })
+        .collect();
+    (statuses, shards)
+}
+
+#[test]
+fn a_client_that_half_closes_after_its_requests_reads_every_answer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&dir.path().join("data"), &["--shards", "2"]);
+    // One tenant on each shard.
+    let tenants: Vec<String> = (0..2)
+        .map(|shard| {
+            (0..)
+                .map(|i| format!("half{i}"))
+                .find(|name| owner_shard(&TenantId::parse(name).expect("an id"), 2) == shard)
+                .expect("a name for every shard")
+        })
+        .collect();
+    for tenant in &tenants {
+        server.create_tenant_with_items(tenant);
+    }
+    let host = server.api.trim_start_matches("http://");
+    let mut landed = std::collections::BTreeSet::new();
+    for round in 0..12 {
+        for tenant in &tenants {
+            // Writes (their answers wait for a durable group write) and a read,
+            // pipelined, then the half-close.
+            let mut requests = Vec::new();
+            for id in 0..3 {
+                let body = json!({"ops": [{"upsert": {"id": round * 3 + id, "name": "half"}}]})
+                    .to_string();
+                requests.extend_from_slice(
+                    format!(
+                        "POST /v1/tenants/{tenant}/tables/items/rows HTTP/1.1\r\nhost: {host}\r\n\
+                         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .as_bytes(),
+                );
+            }
+            requests.extend_from_slice(
+                format!("GET /v1/tenants/{tenant}/tables/items/rows/{} HTTP/1.1\r\nhost: {host}\r\n\r\n", round * 3)
+                    .as_bytes(),
+            );
+            let (statuses, shards) = half_closing_client(&server.api, &requests);
+            assert_eq!(
+                statuses,
+                [200, 200, 200, 200],
+                "round {round}, {tenant}: every pipelined request is answered before the close"
+            );
+            landed.insert((tenant, shards[0].clone()));
+        }
+    }
+    // Both tenants were reached from both shards: answered where they live, and
+    // forwarded (the kernel spreads connections over the shards' listeners).
+    assert_eq!(
+        landed.len(),
+        4,
+        "connections landed on one shard only: {landed:?}"
+    );
+    // Every write was applied, once.
+    for tenant in &tenants {
+        let count = ask(
+            &server,
+            tenant,
+            "SELECT COUNT(*) AS n FROM items",
+            json!([]),
+        );
+        assert_eq!(count.status, 200, "{count:?}");
+        assert_eq!(count.body["rows"][0][0], 36, "{count:?}");
+    }
+    assert_alive_and_ready(&server);
+}
+
+#[test]
+fn a_client_that_half_closes_in_the_middle_of_a_body_is_told_after_a_grace() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(
+        &dir.path().join("data"),
+        &["--body-read-timeout-ms", "20000"],
+    );
+    server.create_tenant_with_items("acme");
+    let host = server.api.trim_start_matches("http://");
+    let body = json!({"ops": [{"upsert": {"id": 1, "name": "cut"}}]}).to_string();
+    let request = format!(
+        "POST /v1/tenants/acme/tables/items/rows HTTP/1.1\r\nhost: {host}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len() + 10
+    );
+    let started = Instant::now();
+    let (statuses, _) = half_closing_client(&server.api, request.as_bytes());
+    let took = started.elapsed();
+    assert_eq!(statuses, [400], "the cut body is refused as unreadable");
+    // The end of stream was held for the grace (2 s), in case the request was whole,
+    // and not for the whole body-read timeout.
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_secs(15),
+        "answered after {took:?}"
+    );
+    let row = server.get("/v1/tenants/acme/tables/items/rows/1");
+    assert_eq!(
+        row.status, 404,
+        "nothing of the cut body was written: {row:?}"
+    );
     assert_alive_and_ready(&server);
 }
