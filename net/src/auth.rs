@@ -91,6 +91,14 @@ pub fn unknown_key() -> ApiError {
     unauthorized("the API key is unknown or revoked")
 }
 
+/// A key its tenant holds, used on another tenant.
+pub fn key_of_another_tenant(claim: &KeyClaim, tenant: &str) -> ApiError {
+    forbidden(format!(
+        "this API key belongs to tenant {}, not {tenant}",
+        claim.tenant
+    ))
+}
+
 /// Only the operator may do this.
 pub fn require_admin(caller: &Caller) -> Result<(), ApiError> {
     match caller {

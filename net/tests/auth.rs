@@ -123,11 +123,33 @@ fn keys_reach_only_their_tenant_survive_restarts_and_can_be_revoked() {
         &key[..key.len() - 1],
         if key.ends_with('0') { '1' } else { '0' }
     );
-    assert_eq!(
-        api.call("GET", "/v1/tenants/acme/usage", None, &forged)
-            .status,
-        401
-    );
+    // A key that is not its tenant's (a changed secret, or a real key's tenant part
+    // changed) is 401 wherever it is used: never 403, which says the key is good.
+    let retargeted = key.replacen(".acme.", ".beta.", 1);
+    assert_ne!(retargeted, key);
+    for bad in [&forged, &retargeted] {
+        for (method, path, body) in [
+            ("GET", "/v1/tenants/acme/usage", None),
+            ("GET", "/v1/tenants/beta/usage", None),
+            (
+                "POST",
+                "/v1/tenants/acme/tables/items/rows",
+                Some(write.clone()),
+            ),
+            (
+                "POST",
+                "/v1/tenants/beta/tables/items/rows",
+                Some(write.clone()),
+            ),
+            ("GET", "/v1/tenants", None),
+            ("POST", "/v1/tenants", Some(json!({"tenant": "mine"}))),
+            ("GET", "/v1/tenants/beta/watch", None),
+        ] {
+            let answer = api.call(method, path, body, bad);
+            assert_eq!(answer.status, 401, "{method} {path}: {answer:?}");
+            assert_eq!(answer.body["error"]["code"], "unauthorized");
+        }
+    }
 
     let second = api.call("POST", "/v1/tenants/acme/keys", None, ADMIN);
     assert_eq!(second.status, 201, "{second:?}");

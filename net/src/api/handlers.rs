@@ -127,10 +127,7 @@ where
 {
     if let Caller::Key(claim) = &access.caller {
         if claim.tenant != tenant {
-            return Err(auth::forbidden(format!(
-                "this API key belongs to tenant {}, not {tenant}",
-                claim.tenant
-            )));
+            return Err(auth::key_of_another_tenant(claim, tenant.as_str()));
         }
     }
     let owner = owner_of(router, &tenant);

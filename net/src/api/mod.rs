@@ -50,9 +50,10 @@ pub struct ApiLimits {
     pub watch: watch::WatchLimits,
 }
 
-/// API keys this shard saw the owner accept lately, so a body is read only for a
-/// caller whose key exists: (tenant, key id, secret digest) → when it was accepted.
-type KnownKeys = RefCell<HashMap<(TenantId, String, [u8; 32]), Instant>>;
+/// API keys this shard saw the owner accept lately, so that a caller whose key does
+/// not exist is refused before its body is read: secret digest → (tenant, key id, when
+/// it was accepted).
+type KnownKeys = RefCell<HashMap<[u8; 32], (TenantId, String, Instant)>>;
 /// How long an accepted key is trusted before the next body without asking again...
 const KNOWN_KEY_TTL: Duration = Duration::from_secs(5);
 /// ...and how many are remembered (the map is cleared when full).
@@ -112,26 +113,17 @@ impl ApiContext {
         }
     }
 
-    /// Refuses a key caller before its body is read: a key for another tenant (403),
-    /// or a well-formed key its tenant does not hold (401). An unknown key with a huge,
-    /// slow body then costs one header read, not a body read and a connection held.
-    async fn check_key_before_body(&self, claim: &KeyClaim, tenant: &str) -> Result<(), ApiError> {
-        if claim.tenant.as_str() != tenant {
-            return Err(auth::forbidden(format!(
-                "this API key belongs to tenant {}, not {tenant}",
-                claim.tenant
-            )));
-        }
-        let id = (
-            claim.tenant.clone(),
-            claim.key_id.clone(),
-            claim.secret_sha256,
-        );
+    /// Refuses an API key its tenant does not hold (never did, revoked, or forged: 401),
+    /// before anything else is done for its caller. An unknown key with a huge, slow
+    /// body then costs one header read, not a body read and a connection held.
+    async fn verify_key(&self, claim: &KeyClaim) -> Result<(), ApiError> {
         let fresh = self
             .known_keys
             .borrow()
-            .get(&id)
-            .is_some_and(|seen| seen.elapsed() < KNOWN_KEY_TTL);
+            .get(&claim.secret_sha256)
+            .is_some_and(|(tenant, key_id, seen)| {
+                *tenant == claim.tenant && *key_id == claim.key_id && seen.elapsed() < KNOWN_KEY_TTL
+            });
         if fresh {
             return Ok(());
         }
@@ -142,7 +134,10 @@ impl ApiContext {
         if known.len() >= KNOWN_KEYS_MAX {
             known.clear();
         }
-        known.insert(id, Instant::now());
+        known.insert(
+            claim.secret_sha256,
+            (claim.tenant.clone(), claim.key_id.clone(), Instant::now()),
+        );
         Ok(())
     }
 
@@ -321,7 +316,10 @@ async fn open_watch(
         Some(token) => key_id = crate::auth::check_watch_token(token, &tenant, &ctx.auth)?,
         None => {
             if let Caller::Key(claim) = auth::identify(req.headers(), &ctx.auth)? {
-                ctx.check_key_before_body(&claim, t).await?;
+                ctx.verify_key(&claim).await?;
+                if claim.tenant != tenant {
+                    return Err(auth::key_of_another_tenant(&claim, tenant.as_str()));
+                }
                 key_id = Some(claim.key_id);
             }
         }
@@ -439,15 +437,20 @@ async fn dispatch(ctx: &ApiContext, req: Request<Incoming>, request_id: &str) ->
         rate_limit: ctx.limits.rate_limit,
     };
     if let Caller::Key(claim) = &access.caller {
+        // A key its tenant does not hold is 401 whatever it asks for; only then does
+        // the tenant it names decide 403.
+        ctx.verify_key(claim).await?;
         // Operator actions (DELETE among them) are recorded before they run: only a
-        // key its tenant holds gets that far.
+        // key allowed to ask gets that far. A body is refused before it is read.
         if has_body(&req) || method == Method::POST || method == Method::DELETE {
             match s.as_slice() {
-                ["v1", "tenants", t, ..] => ctx.check_key_before_body(claim, t).await?,
+                ["v1", "tenants", t, ..] if claim.tenant.as_str() != *t => {
+                    return Err(auth::key_of_another_tenant(claim, t));
+                }
                 ["v1", "tenants"] | ["v1", "audit" | "admin", ..] => {
                     auth::require_admin(&access.caller)?
                 }
-                _ => {} // no such route: answered without reading the body
+                _ => {} // its own tenant's route, or no such route
             }
         }
     }
