@@ -9,7 +9,7 @@ use std::sync::Arc;
 use common::Server;
 use serde_json::json;
 
-fn client_trusting(cert_der: &[u8]) -> ureq::Agent {
+fn config_trusting(cert_der: &[u8]) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     roots
         .add(rustls::pki_types::CertificateDer::from(cert_der.to_vec()))
@@ -21,8 +21,12 @@ fn client_trusting(cert_der: &[u8]) -> ureq::Agent {
     .expect("versions")
     .with_root_certificates(roots)
     .with_no_client_auth();
+    Arc::new(config)
+}
+
+fn client_trusting(cert_der: &[u8]) -> ureq::Agent {
     ureq::AgentBuilder::new()
-        .tls_config(Arc::new(config))
+        .tls_config(config_trusting(cert_der))
         .build()
 }
 
@@ -223,4 +227,60 @@ fn replication_runs_over_tls_to_a_follower_that_trusts_the_writers_certificate()
         untrusting.contains("invalid peer certificate") && untrusting.contains("--leader-ca"),
         "{untrusting}"
     );
+}
+
+#[test]
+fn a_tls_client_that_half_closes_after_its_requests_reads_their_answers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key, certified) = common::self_signed_cert(dir.path());
+    let server = Server::start(
+        &dir.path().join("data"),
+        &[
+            "--tls-cert",
+            cert.to_str().expect("path"),
+            "--tls-key",
+            key.to_str().expect("path"),
+        ],
+    );
+    let config = config_trusting(certified.cert.der());
+    let addr = server.api.trim_start_matches("https://").to_string();
+    let body = json!({"tenant": "acme"}).to_string();
+    let requests = format!(
+        "POST /v1/tenants HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n{body}GET /v1/tenants HTTP/1.1\r\nhost: localhost\r\n\r\n",
+        body.len()
+    );
+    // With the TLS close_notify before the TCP half-close, and with the bare half-close.
+    for (round, close_notify) in [true, false].into_iter().enumerate() {
+        let mut tcp = std::net::TcpStream::connect(&addr).expect("connect");
+        tcp.set_read_timeout(Some(std::time::Duration::from_secs(15)))
+            .expect("timeout");
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+        let mut conn = rustls::ClientConnection::new(config.clone(), name).expect("client");
+        rustls::Stream::new(&mut conn, &mut tcp)
+            .write_all(requests.as_bytes())
+            .expect("send over TLS");
+        if close_notify {
+            conn.send_close_notify();
+        }
+        while conn.wants_write() {
+            conn.write_tls(&mut tcp).expect("flush TLS");
+        }
+        tcp.shutdown(std::net::Shutdown::Write).expect("half-close");
+        let mut answers = Vec::new();
+        // The server closes without a close_notify of its own: the error ends the read.
+        let _ = rustls::Stream::new(&mut conn, &mut tcp).read_to_end(&mut answers);
+        let answers = String::from_utf8_lossy(&answers);
+        let statuses: Vec<&str> = answers
+            .match_indices("HTTP/1.1 ")
+            .map(|(at, _)| &answers[at + 9..at + 12])
+            .collect();
+        let created = if round == 0 { "201" } else { "409" };
+        assert_eq!(
+            statuses,
+            [created, "200"],
+            "close_notify {close_notify}: {answers}"
+        );
+        assert!(answers.contains(r#"{"tenants":["acme"]}"#), "{answers}");
+    }
 }
