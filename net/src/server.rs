@@ -226,6 +226,20 @@ pub fn run(config: ServerConfig) -> Result<()> {
         Some(uri) => {
             let archive =
                 open_archive(&uri).with_context(|| format!("opening the archive {uri}"))?;
+            // Checked before the log is opened, so a refusal cuts nothing.
+            if config.truncate_corrupt_wal
+                && shipper::shipped_to(archive.as_ref())
+                    .with_context(|| format!("reading the archive {uri}"))?
+            {
+                bail!(
+                    "refusing to start: --truncate-corrupt-wal may cut frames the archive {uri} \
+                     already holds, and the log would then write other frames under their LSNs \
+                     and object names there. For the start that cuts, point --archive at a new, \
+                     empty location (or use --archive none); leave the option out afterwards \
+                     (RUNBOOK.md, \"The server refuses to start with \"corruption in <file> at \
+                     offset <n>\"\")"
+                );
+            }
             if config.lease_ttl().is_some() {
                 // A replicating writer's lease fences only if the store honours
                 // conditional puts.

@@ -290,6 +290,57 @@ fn a_deleted_newest_log_segment_is_refused_at_start() {
     assert!(has_row(&again, "acme", 0));
 }
 
+/// The truncate option may cut frames an archive already holds, after which the log
+/// would write other frames under their LSNs and object names: with an archive that
+/// was shipped to, the start is refused before the log is opened (nothing is cut); a
+/// new, empty archive is accepted.
+#[test]
+fn the_truncate_option_refuses_an_archive_that_was_shipped_to() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let with_archive = |archive: &str| {
+        let uri = format!("file://{}", dir.path().join(archive).display());
+        let mut args: Vec<String> = SMALL_SEGMENTS.iter().map(|a| a.to_string()).collect();
+        args[3] = uri;
+        args
+    };
+    let shipped = with_archive("archive");
+    fn as_strs(args: &[String]) -> Vec<&str> {
+        args.iter().map(String::as_str).collect()
+    }
+    fn truncating(args: &[String]) -> Vec<&str> {
+        [as_strs(args), vec!["--truncate-corrupt-wal"]].concat()
+    }
+    let server = Server::start(&data, &as_strs(&shipped));
+    server.create_tenant_with_items("acme");
+    let shard = data.join("shard-0");
+    write_until(&server, || segment_files(&shard).len() >= 3);
+    common::wait_until_archived(&server, 1);
+    server.kill9();
+    let all = segment_files(&shard);
+    std::fs::remove_file(shard.join(&all[all.len() - 1])).expect("delete the newest segment");
+
+    let refused = Server::try_start(&data, &truncating(&shipped))
+        .err()
+        .expect("the truncate option with a shipped-to archive must be refused");
+    assert!(
+        refused.contains("--truncate-corrupt-wal may cut frames the archive")
+            && refused.contains("new, empty location"),
+        "{refused}"
+    );
+    // Nothing was cut: the loss is still found and refused.
+    let still = Server::try_start(&data, &as_strs(&shipped))
+        .err()
+        .expect("still refused without the option");
+    assert!(
+        still.contains("the log's newest segment was deleted or lost"),
+        "{still}"
+    );
+    let accepted = Server::start(&data, &truncating(&with_archive("fresh-archive")));
+    assert!(has_row(&accepted, "acme", 0), "rows before the loss stay");
+    assert!(accepted.terminate().success());
+}
+
 /// A damaged log segment that the newest checkpoint covers does not stop a start: the
 /// open reads the log only from the checkpoint on, every acknowledged row is served,
 /// and the check after the start reports the damage (`oc_wal_segments_damaged`,

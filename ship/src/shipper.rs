@@ -1025,6 +1025,14 @@ struct Job {
 /// What a displaced process is told: one sentence naming who holds the record now.
 pub type OnDisplaced = Box<dyn FnOnce(String) + Send>;
 
+/// Whether a server has claimed or shipped to `archive`: it holds an owner record or
+/// a manifest (a writer writes both before anything else). Read at start, before the
+/// log is opened: a start that may cut the log must not ship into an archive that can
+/// hold the frames it cuts.
+pub fn shipped_to(archive: &dyn Archive) -> Result<bool, ArchiveError> {
+    Ok(archive.get(lease::LEASE_KEY)?.is_some() || archive.get(layout::MANIFEST_KEY)?.is_some())
+}
+
 /// Starts the shipping thread and the owner record's renewal thread, and returns the
 /// control executor's loop, to be spawned there. The archive is claimed and listed
 /// before this returns, so a wrong archive (another layout, unreachable at start, held
