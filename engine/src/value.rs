@@ -102,7 +102,11 @@ impl Value {
                     .iter()
                     .map(|x| match x.as_f64() {
                         Some(f) if (f as f32).is_finite() => Ok(f as f32),
-                        _ => Err(format!("vector elements must be finite numbers, got {x}")),
+                        _ => Err(format!(
+                            "vector elements must be numbers that fit a 32-bit float \
+                             (magnitude at most {:e}), got {x}",
+                            f32::MAX
+                        )),
                     })
                     .collect::<Result<Vec<f32>, String>>()
                     .map(Value::Vector)
@@ -408,8 +412,8 @@ mod tests {
                 ColumnType::Vector(2),
                 "expected 2 numbers, got 1",
             ),
-            (json!([1, "x"]), ColumnType::Vector(2), "finite numbers"),
-            (json!([1e300, 1]), ColumnType::Vector(2), "finite numbers"),
+            (json!([1, "x"]), ColumnType::Vector(2), "fit a 32-bit float"),
+            (json!([1e300, 1]), ColumnType::Vector(2), "fit a 32-bit float"),
             (
                 json!(true),
                 ColumnType::Float,
