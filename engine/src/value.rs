@@ -413,7 +413,11 @@ mod tests {
                 "expected 2 numbers, got 1",
             ),
             (json!([1, "x"]), ColumnType::Vector(2), "fit a 32-bit float"),
-            (json!([1e300, 1]), ColumnType::Vector(2), "fit a 32-bit float"),
+            (
+                json!([1e300, 1]),
+                ColumnType::Vector(2),
+                "fit a 32-bit float",
+            ),
             (
                 json!(true),
                 ColumnType::Float,

@@ -30,13 +30,11 @@ fn client_trusting(cert_der: &[u8]) -> ureq::Agent {
         .build()
 }
 
-#[test]
-fn the_api_serves_tls_to_a_client_that_trusts_the_certificate() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (cert, key, certified) = common::self_signed_cert(dir.path());
-
+/// A server in `dir` serving the data API over TLS with a fresh self-signed certificate.
+fn tls_server(dir: &std::path::Path) -> (Server, rcgen::CertifiedKey) {
+    let (cert, key, certified) = common::self_signed_cert(dir);
     let server = Server::start(
-        &dir.path().join("data"),
+        &dir.join("data"),
         &[
             "--tls-cert",
             cert.to_str().expect("path"),
@@ -44,6 +42,13 @@ fn the_api_serves_tls_to_a_client_that_trusts_the_certificate() {
             key.to_str().expect("path"),
         ],
     );
+    (server, certified)
+}
+
+#[test]
+fn the_api_serves_tls_to_a_client_that_trusts_the_certificate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, certified) = tls_server(dir.path());
     assert!(server.api.starts_with("https://"), "{}", server.api);
     let agent = client_trusting(certified.cert.der());
     let created = agent
@@ -232,16 +237,7 @@ fn replication_runs_over_tls_to_a_follower_that_trusts_the_writers_certificate()
 #[test]
 fn a_tls_client_that_half_closes_after_its_requests_reads_their_answers() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (cert, key, certified) = common::self_signed_cert(dir.path());
-    let server = Server::start(
-        &dir.path().join("data"),
-        &[
-            "--tls-cert",
-            cert.to_str().expect("path"),
-            "--tls-key",
-            key.to_str().expect("path"),
-        ],
-    );
+    let (server, certified) = tls_server(dir.path());
     let config = config_trusting(certified.cert.der());
     let addr = server.api.trim_start_matches("https://").to_string();
     let body = json!({"tenant": "acme"}).to_string();
