@@ -54,7 +54,7 @@ pub struct HyperStream<S> {
 pub struct StreamWatch {
     /// When bytes last moved either way.
     pub last_activity: Cell<Instant>,
-    /// The last write found the socket full: hyper still holds bytes to send.
+    /// The last write or flush found the socket full: bytes wait to be sent.
     pub write_blocked: Cell<bool>,
     /// hyper handed over a request whose answer is not made yet.
     answer_owed: Cell<bool>,
@@ -263,7 +263,14 @@ impl<S: AsyncWrite + Unpin> hyper::rt::Write for HyperStream<S> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+        let this = self.get_mut();
+        // TLS takes bytes into its own buffer and sends them in the flush.
+        let flushed = Pin::new(&mut this.stream).poll_flush(cx);
+        this.watch.write_blocked.set(flushed.is_pending());
+        if flushed.is_ready() {
+            this.watch.release_end_when_settled();
+        }
+        flushed
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -234,6 +234,59 @@ fn replication_runs_over_tls_to_a_follower_that_trusts_the_writers_certificate()
     );
 }
 
+/// Sends `requests` over a new TLS connection to `addr`, then ends its sending side
+/// (with the TLS close_notify first, or the bare TCP half-close) and reads until the
+/// server closes: all it read. Read `slowly`, it pauses 100 ms every 256 KiB and has
+/// a small receive buffer, so that a large answer fills the server's socket.
+fn half_closing_tls_client(
+    addr: &str,
+    config: &Arc<rustls::ClientConfig>,
+    requests: &[u8],
+    close_notify: bool,
+    slowly: bool,
+) -> Vec<u8> {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    if slowly {
+        socket
+            .set_recv_buffer_size(16 << 10)
+            .expect("receive buffer");
+    }
+    let addr: std::net::SocketAddr = addr.parse().expect("address");
+    socket.connect(&addr.into()).expect("connect");
+    let mut tcp: std::net::TcpStream = socket.into();
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(15)))
+        .expect("timeout");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let mut conn = rustls::ClientConnection::new(config.clone(), name).expect("client");
+    rustls::Stream::new(&mut conn, &mut tcp)
+        .write_all(requests)
+        .expect("send over TLS");
+    if close_notify {
+        conn.send_close_notify();
+    }
+    while conn.wants_write() {
+        conn.write_tls(&mut tcp).expect("flush TLS");
+    }
+    tcp.shutdown(std::net::Shutdown::Write).expect("half-close");
+    let mut answers = Vec::new();
+    let mut chunk = vec![0u8; 64 << 10];
+    let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
+    let mut paused_at = 0;
+    loop {
+        if slowly && answers.len() >= paused_at {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            paused_at = answers.len() + (256 << 10);
+        }
+        // The read ends at the server's close, with or without its close_notify.
+        match tls.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => answers.extend_from_slice(&chunk[..n]),
+        }
+    }
+    answers
+}
+
 #[test]
 fn a_tls_client_that_half_closes_after_its_requests_reads_their_answers() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -248,24 +301,8 @@ fn a_tls_client_that_half_closes_after_its_requests_reads_their_answers() {
     );
     // With the TLS close_notify before the TCP half-close, and with the bare half-close.
     for (round, close_notify) in [true, false].into_iter().enumerate() {
-        let mut tcp = std::net::TcpStream::connect(&addr).expect("connect");
-        tcp.set_read_timeout(Some(std::time::Duration::from_secs(15)))
-            .expect("timeout");
-        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
-        let mut conn = rustls::ClientConnection::new(config.clone(), name).expect("client");
-        rustls::Stream::new(&mut conn, &mut tcp)
-            .write_all(requests.as_bytes())
-            .expect("send over TLS");
-        if close_notify {
-            conn.send_close_notify();
-        }
-        while conn.wants_write() {
-            conn.write_tls(&mut tcp).expect("flush TLS");
-        }
-        tcp.shutdown(std::net::Shutdown::Write).expect("half-close");
-        let mut answers = Vec::new();
-        // The server closes without a close_notify of its own: the error ends the read.
-        let _ = rustls::Stream::new(&mut conn, &mut tcp).read_to_end(&mut answers);
+        let answers =
+            half_closing_tls_client(&addr, &config, requests.as_bytes(), close_notify, false);
         let answers = String::from_utf8_lossy(&answers);
         let statuses: Vec<&str> = answers
             .match_indices("HTTP/1.1 ")
@@ -279,4 +316,52 @@ fn a_tls_client_that_half_closes_after_its_requests_reads_their_answers() {
         );
         assert!(answers.contains(r#"{"tenants":["acme"]}"#), "{answers}");
     }
+}
+
+#[test]
+fn a_tls_client_that_half_closes_and_reads_slowly_gets_all_of_a_large_answer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, certified) = tls_server(dir.path());
+    let config = config_trusting(certified.cert.der());
+    let agent = client_trusting(certified.cert.der());
+    let post = |path: &str, body: serde_json::Value| {
+        agent
+            .post(&format!("{}{path}", server.api))
+            .set("content-type", "application/json")
+            .send_string(&body.to_string())
+            .expect("accepted over TLS")
+            .status()
+    };
+    assert_eq!(post("/v1/tenants", json!({"tenant": "acme"})), 201);
+    let table = json!({
+        "name": "docs",
+        "columns": [{"name": "id", "type": "int"}, {"name": "body", "type": "text"}],
+        "primary_key": ["id"]
+    });
+    assert_eq!(post("/v1/tenants/acme/tables", table), 201);
+    // 40 rows of 200 KB: an 8 MB answer, far more than the sockets and TLS buffer hold.
+    let text = "x".repeat(200_000);
+    for id in 0..40 {
+        let row = json!({"ops": [{"upsert": {"id": id, "body": text}}]});
+        assert_eq!(post("/v1/tenants/acme/tables/docs/rows", row), 200);
+    }
+    let ask = json!({"sql": "SELECT id, body FROM docs ORDER BY id"}).to_string();
+    let request = format!(
+        "POST /v1/tenants/acme/ask HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n{ask}",
+        ask.len()
+    );
+    let addr = server.api.trim_start_matches("https://").to_string();
+    let started = std::time::Instant::now();
+    let answer = half_closing_tls_client(&addr, &config, request.as_bytes(), false, true);
+    let took = started.elapsed();
+    let at = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("an answer's head");
+    let body: serde_json::Value = serde_json::from_slice(&answer[at + 4..])
+        .unwrap_or_else(|e| panic!("the answer was cut short ({} bytes): {e}", answer.len()));
+    assert_eq!(body["row_count"], 40, "{}", body["row_count"]);
+    // Read over longer than the 2 s grace: the end was held while bytes moved.
+    assert!(took > std::time::Duration::from_secs(2), "read in {took:?}");
 }
