@@ -939,6 +939,16 @@ fn add_shipping_families(families: &mut Vec<MetricFamily>, ship: &ShipMetrics) {
             by_shard(ship.lag_bytes.iter().map(|&b| b as f64).collect()),
         ),
         family(
+            "oc_archive_segments_skipped_total",
+            "Damaged sealed log segments left out of the archive because a checkpoint covers them, by shard.",
+            COUNTER,
+            ship.segments_skipped
+                .iter()
+                .enumerate()
+                .map(|(shard, &n)| counter(vec![label("shard", &shard.to_string())], n as f64))
+                .collect(),
+        ),
+        family(
             "oc_archive_lag_seconds",
             "Seconds since the archive last held everything the shard had made durable.",
             GAUGE,

@@ -428,6 +428,100 @@ fn an_archive_outage_grows_lag_but_never_blocks_writes() {
     drop(server);
 }
 
+/// A sealed segment damaged on the local disk before the archive had it: once a
+/// checkpoint covers it, shipping leaves it out (logged, counted) and goes on with the
+/// segments after it, so the log behind it does not pile up; `verify` reports the gap.
+#[test]
+fn a_damaged_unarchived_segment_is_left_out_once_a_checkpoint_covers_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let archive = dir.path().join("archive");
+    let uri = file_uri(&archive);
+    let server = Server::start(
+        &data,
+        &archive_args(
+            &uri,
+            &[
+                "--archive-breaker-open-ms",
+                "500",
+                "--checkpoint-interval-s",
+                "1",
+            ],
+        ),
+    );
+    let created = server.post("/v1/tenants", &json!({"tenant": "acme"}));
+    let shard = created.body["shard"].as_u64().expect("shard");
+    let table = common::items_table();
+    assert_eq!(server.post("/v1/tenants/acme/tables", &table).status, 201);
+    assert!(write_row(&server.api, "acme", 0));
+    common::wait_until_archived(&server, 2);
+
+    // The archive goes away; segments seal meanwhile and are kept for it.
+    let aside = dir.path().join("archive-away");
+    std::fs::rename(&archive, &aside).expect("take the archive away");
+    let shard_dir = data.join(format!("shard-{shard}"));
+    let segments = || {
+        let mut names: Vec<String> = std::fs::read_dir(&shard_dir)
+            .expect("shard dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("wal-") && n.ends_with(".seg"))
+            .collect();
+        names.sort();
+        names
+    };
+    let mut id = 1;
+    while segments().len() < 4 {
+        let ops: Vec<_> = (0..40)
+            .map(|i| json!({"upsert": {"id": id + i, "name": "d".repeat(2000), "batch": 1}}))
+            .collect();
+        let written = server.post("/v1/tenants/acme/tables/items/rows", &json!({"ops": ops}));
+        assert_eq!(written.status, 200, "{written:?}");
+        id += 40;
+    }
+    let all = segments();
+    let victim = shard_dir.join(&all[all.len() - 2]);
+    let mut bytes = std::fs::read(&victim).expect("read the segment");
+    bytes[4096 + 64] ^= 0xff;
+    std::fs::write(&victim, bytes).expect("damage the segment");
+    // A checkpoint covering it (one a second), then the archive comes back.
+    std::thread::sleep(Duration::from_millis(2500));
+    std::fs::rename(&aside, &archive).expect("bring the archive back");
+    let back = Instant::now();
+    let skipped = format!("oc_archive_segments_skipped_total{{shard=\"{shard}\"}}");
+    loop {
+        let (_, scrape) = server.ops_get("/metrics");
+        let lag = scrape_value(
+            &scrape,
+            &format!("oc_archive_lag_bytes{{shard=\"{shard}\"}}"),
+        );
+        if lag == Some(0.0) && scrape_value(&scrape, &skipped) == Some(1.0) {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(60),
+            "shipping did not go on past the damaged segment:\n{scrape}\n{}",
+            server.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        server
+            .stderr()
+            .contains("a damaged log segment the archive lacks is left out of it"),
+        "{}",
+        server.stderr()
+    );
+    // Every acknowledged row is still served, and the rows written after the gap
+    // reached the archive.
+    assert!(has_row(&server, "acme", id - 1));
+    let verified = oc_pitr(&["verify", "--archive", &uri]);
+    assert!(
+        format!("{verified:?}").contains("missing"),
+        "verify names the gap: {verified:?}"
+    );
+    drop(server);
+}
+
 /// A damaged object is named by `verify`, and `restore` refuses rather than restore
 /// around it. A non-empty target directory is refused before anything is written.
 #[test]

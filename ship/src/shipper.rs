@@ -123,6 +123,9 @@ pub enum ShipError {
     Archive(#[from] ArchiveError),
     #[error("reading {file}: {why}")]
     Local { file: String, why: String },
+    /// A sealed segment that fails its checks: never shipped as it is.
+    #[error("{file} is damaged: {why}")]
+    Damaged { file: String, why: String },
     /// A local checkpoint file this build cannot ship (it would not restore either).
     #[error(transparent)]
     Unreadable(#[from] UnreadableFile),
@@ -144,7 +147,9 @@ impl ShipError {
             ShipError::Archive(ArchiveError::PreconditionFailed { .. })
             | ShipError::Conflict { .. } => "conflict",
             ShipError::Archive(_) => "config",
-            ShipError::Local { .. } | ShipError::Unreadable(_) => "local",
+            ShipError::Local { .. } | ShipError::Damaged { .. } | ShipError::Unreadable(_) => {
+                "local"
+            }
             ShipError::CircuitOpen => "circuit_open",
             // Only at start and renewal: a round never claims.
             ShipError::Owner(LeaseError::Archive(e)) => ShipError::Archive(e.clone()).kind(),
@@ -172,6 +177,9 @@ pub struct ShipMetrics {
     pub circuit_open: bool,
     pub circuit_opened_total: u64,
     pub deleted_by_retention: u64,
+    /// Per shard: damaged sealed segments left out of the archive, a checkpoint
+    /// covering them ([`Shipper::skip_damaged`]).
+    pub segments_skipped: Vec<u64>,
 }
 
 /// The shared view of [`ShipMetrics`]: written by the shipping thread, read at scrape
@@ -195,7 +203,8 @@ impl ShipStatus {
 #[derive(Debug, Default)]
 struct ShardProgress {
     /// The sealed segments in the archive, by epoch and first LSN (an empty segment
-    /// sealed when a new epoch began shares its first LSN with the next one).
+    /// sealed when a new epoch began shares its first LSN with the next one), and the
+    /// damaged ones left out of it for good.
     segments: BTreeSet<(u64, Lsn)>,
     /// Checkpoint LSN → completion time (µs), for those in the archive.
     checkpoints: BTreeMap<Lsn, u64>,
@@ -571,6 +580,7 @@ impl<F: ShardFiles> Shipper<F> {
         status.update(|m| {
             m.lag_bytes = vec![0; config.shards];
             m.lag_seconds = vec![0.0; config.shards];
+            m.segments_skipped = vec![0; config.shards];
         });
         Ok(Shipper {
             files,
@@ -718,8 +728,15 @@ impl<F: ShardFiles> Shipper<F> {
 
     fn ship_shard(&mut self, shard: usize, view: &ShardView) -> Result<Lsn, ShipError> {
         let sealed = view.segments.len().saturating_sub(1);
-        for name in &view.segments[..sealed] {
-            self.ship_sealed(shard, name)?;
+        for (i, name) in view.segments[..sealed].iter().enumerate() {
+            match self.ship_sealed(shard, name) {
+                Err(damaged @ ShipError::Damaged { .. }) => {
+                    // Segments are contiguous: the next one starts after its last LSN.
+                    let next = parse_segment_name(&view.segments[i + 1]).map(|(_, _, f)| f);
+                    self.skip_damaged(shard, name, next, damaged)?;
+                }
+                other => other?,
+            }
         }
         // Released segments are gone from the view: nothing of theirs to drop again.
         let local: BTreeSet<(u64, Lsn)> = view.segments[..sealed]
@@ -752,6 +769,10 @@ impl<F: ShardFiles> Shipper<F> {
             }
             return Ok(());
         }
+        let damaged = |why: &dyn std::fmt::Display| ShipError::Damaged {
+            file: self.files.describe(shard, name),
+            why: why.to_string(),
+        };
         let read = |offset: u64, len: usize| {
             self.files
                 .read_at(shard, name, offset, len)
@@ -759,13 +780,13 @@ impl<F: ShardFiles> Shipper<F> {
         };
         let capacity = self.files.len(shard, name).map_err(|e| local(&e))?;
         if capacity < 2 * BLOCK_SIZE as u64 {
-            return Err(local(&format!("a segment of only {capacity} bytes")));
+            return Err(damaged(&format!("a segment of only {capacity} bytes")));
         }
         let footer_block = read(capacity - BLOCK_SIZE as u64, BLOCK_SIZE)?;
         let footer = oc_io::wal::segment::SegmentFooter::decode(&footer_block)
-            .map_err(|e| local(&format!("a sealed segment without a valid footer: {e:?}")))?;
+            .map_err(|e| damaged(&format!("a sealed segment without a valid footer: {e:?}")))?;
         if footer.data_end > capacity - BLOCK_SIZE as u64 {
-            return Err(local(&format!(
+            return Err(damaged(&format!(
                 "its footer says the data ends at {}, past the footer",
                 footer.data_end
             )));
@@ -779,7 +800,7 @@ impl<F: ShardFiles> Shipper<F> {
             .read_exact_at(shard, name, 0, head)
             .map_err(|e| local(&e))?;
         footer_room.copy_from_slice(&footer_block);
-        let (_, footer) = oc_io::wal::image::check_sealed_image(&image).map_err(|e| local(&e))?;
+        let (_, footer) = oc_io::wal::image::check_sealed_image(&image).map_err(|e| damaged(&e))?;
         let key = SegmentKey {
             shard,
             epoch,
@@ -807,17 +828,65 @@ impl<F: ShardFiles> Shipper<F> {
         Ok(())
     }
 
-    fn ship_checkpoints(&mut self, shard: usize) -> Result<(), ShipError> {
+    /// Leaves a damaged sealed segment (`damaged`, the error its checks gave) out of
+    /// the archive for good once a local checkpoint covers every LSN it holds (below
+    /// `next`, where the following segment starts): the shard's state no longer needs
+    /// it, and that checkpoint ships in the same round. The archive then has a gap
+    /// there, which restores and `oc-pitr verify` report. Otherwise shipping stops at
+    /// it, as before, and the log behind it is kept.
+    fn skip_damaged(
+        &mut self,
+        shard: usize,
+        name: &str,
+        next: Option<Lsn>,
+        damaged: ShipError,
+    ) -> Result<(), ShipError> {
+        let (Some((_, epoch, first)), Some(next)) = (parse_segment_name(name), next) else {
+            return Err(damaged);
+        };
+        let last = Lsn(next.0.saturating_sub(1));
+        let Some(checkpoint) = self
+            .local_checkpoints(shard)?
+            .into_iter()
+            .find(|lsn| *lsn >= last)
+        else {
+            return Err(damaged);
+        };
+        tracing::error!(
+            shard,
+            segment = name,
+            error = %damaged,
+            first_lsn = first.0,
+            last_lsn = last.0,
+            checkpoint = checkpoint.0,
+            "a damaged log segment the archive lacks is left out of it: a checkpoint covers it; \
+             restores to times inside its LSNs are impossible"
+        );
+        self.shards[shard].segments.insert((epoch.0, first));
+        self.status.update(|m| {
+            if let Some(skipped) = m.segments_skipped.get_mut(shard) {
+                *skipped += 1;
+            }
+        });
+        Ok(())
+    }
+
+    /// The LSNs of the checkpoints in `shard`'s directory, oldest first.
+    fn local_checkpoints(&self, shard: usize) -> Result<Vec<Lsn>, ShipError> {
         let names = self.files.names(shard).map_err(|e| ShipError::Local {
             file: self.files.describe(shard, ""),
             why: e.to_string(),
         })?;
-        let mut local_checkpoints: Vec<Lsn> = names
+        let mut lsns: Vec<Lsn> = names
             .iter()
             .filter_map(|name| oc_engine::checkpoint::parse_manifest_name(name))
             .collect();
-        local_checkpoints.sort();
-        for lsn in local_checkpoints {
+        lsns.sort();
+        Ok(lsns)
+    }
+
+    fn ship_checkpoints(&mut self, shard: usize) -> Result<(), ShipError> {
+        for lsn in self.local_checkpoints(shard)? {
             if self.shards[shard].checkpoints.contains_key(&lsn) {
                 continue;
             }
