@@ -729,7 +729,13 @@ impl<F: ShardFiles> Shipper<F> {
     fn ship_shard(&mut self, shard: usize, view: &ShardView) -> Result<Lsn, ShipError> {
         let sealed = view.segments.len().saturating_sub(1);
         for (i, name) in view.segments[..sealed].iter().enumerate() {
-            match self.ship_sealed(shard, name) {
+            let mut shipped = self.ship_sealed(shard, name);
+            if matches!(shipped, Err(ShipError::Damaged { .. })) {
+                // Read once more from the disk, not the page cache, before it counts.
+                self.files.forget(shard, name);
+                shipped = self.ship_sealed(shard, name);
+            }
+            match shipped {
                 Err(damaged @ ShipError::Damaged { .. }) => {
                     // Segments are contiguous: the next one starts after its last LSN.
                     let next = parse_segment_name(&view.segments[i + 1]).map(|(_, _, f)| f);
@@ -828,12 +834,14 @@ impl<F: ShardFiles> Shipper<F> {
         Ok(())
     }
 
-    /// Leaves a damaged sealed segment (`damaged`, the error its checks gave) out of
-    /// the archive for good once a local checkpoint covers every LSN it holds (below
-    /// `next`, where the following segment starts): the shard's state no longer needs
-    /// it, and that checkpoint ships in the same round. The archive then has a gap
-    /// there, which restores and `oc-pitr verify` report. Otherwise shipping stops at
-    /// it, as before, and the log behind it is kept.
+    /// Leaves a damaged sealed segment (`damaged`, the error its checks gave twice) out
+    /// of the archive for good once an archived checkpoint covers every LSN it holds
+    /// (below `next`, where the following segment starts): neither the shard's state
+    /// nor a restore after that checkpoint needs it. The local checkpoints ship first,
+    /// for that. The archive then has a gap: restores to targets from the segment's
+    /// first commit until that checkpoint completed are refused, and `oc-pitr verify`
+    /// reports it until retention passes it. Otherwise shipping stops at the segment,
+    /// as before, and the log behind it is kept.
     fn skip_damaged(
         &mut self,
         shard: usize,
@@ -845,10 +853,12 @@ impl<F: ShardFiles> Shipper<F> {
             return Err(damaged);
         };
         let last = Lsn(next.0.saturating_sub(1));
-        let Some(checkpoint) = self
-            .local_checkpoints(shard)?
-            .into_iter()
-            .find(|lsn| *lsn >= last)
+        self.ship_checkpoints(shard)?;
+        let Some(&checkpoint) = self.shards[shard]
+            .checkpoints
+            .range(last..)
+            .next()
+            .map(|(lsn, _)| lsn)
         else {
             return Err(damaged);
         };
@@ -859,10 +869,13 @@ impl<F: ShardFiles> Shipper<F> {
             first_lsn = first.0,
             last_lsn = last.0,
             checkpoint = checkpoint.0,
-            "a damaged log segment the archive lacks is left out of it: a checkpoint covers it; \
-             restores to times inside its LSNs are impossible"
+            "a damaged log segment the archive lacks is left out of it: an archived checkpoint \
+             covers it; restores to times before that checkpoint completed and after the \
+             segment began are impossible"
         );
         self.shards[shard].segments.insert((epoch.0, first));
+        self.files.forget(shard, name);
+        self.shards[shard].forgotten.insert((epoch.0, first));
         self.status.update(|m| {
             if let Some(skipped) = m.segments_skipped.get_mut(shard) {
                 *skipped += 1;
