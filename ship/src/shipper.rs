@@ -215,6 +215,9 @@ struct ShardProgress {
     /// Archived sealed segments still on the local disk whose cached pages this
     /// process has dropped ([`ShardFiles::forget`]), so each is dropped once.
     forgotten: BTreeSet<(u64, Lsn)>,
+    /// Sealed segments found damaged twice by this process, the second time read from
+    /// the disk: not read again while they wait for a checkpoint to cover them.
+    damaged: BTreeMap<(u64, Lsn), ShipError>,
 }
 
 /// The files of the shards' directories, as the shipper reads them: only segments and
@@ -729,12 +732,25 @@ impl<F: ShardFiles> Shipper<F> {
     fn ship_shard(&mut self, shard: usize, view: &ShardView) -> Result<Lsn, ShipError> {
         let sealed = view.segments.len().saturating_sub(1);
         for (i, name) in view.segments[..sealed].iter().enumerate() {
-            let mut shipped = self.ship_sealed(shard, name);
-            if matches!(shipped, Err(ShipError::Damaged { .. })) {
-                // Read once more from the disk, not the page cache, before it counts.
-                self.files.forget(shard, name);
-                shipped = self.ship_sealed(shard, name);
-            }
+            let id = parse_segment_name(name).map(|(_, epoch, first)| (epoch.0, first));
+            let known = id.and_then(|id| self.shards[shard].damaged.get(&id).cloned());
+            let shipped = match known {
+                Some(damaged) => Err(damaged),
+                None => {
+                    let mut shipped = self.ship_sealed(shard, name);
+                    if matches!(shipped, Err(ShipError::Damaged { .. })) {
+                        // Read once more from the disk, not the page cache, before it
+                        // counts.
+                        self.files.forget(shard, name);
+                        shipped = self.ship_sealed(shard, name);
+                        if let (Err(damaged @ ShipError::Damaged { .. }), Some(id)) = (&shipped, id)
+                        {
+                            self.shards[shard].damaged.insert(id, damaged.clone());
+                        }
+                    }
+                    shipped
+                }
+            };
             match shipped {
                 Err(damaged @ ShipError::Damaged { .. }) => {
                     // Segments are contiguous: the next one starts after its last LSN.
@@ -749,9 +765,11 @@ impl<F: ShardFiles> Shipper<F> {
             .iter()
             .filter_map(|name| parse_segment_name(name).map(|(_, epoch, first)| (epoch.0, first)))
             .collect();
-        self.shards[shard]
-            .forgotten
-            .retain(|segment| local.contains(segment));
+        let progress = &mut self.shards[shard];
+        progress.forgotten.retain(|segment| local.contains(segment));
+        progress
+            .damaged
+            .retain(|segment, _| local.contains(segment));
         self.ship_checkpoints(shard)?;
         let Some(tail) = &view.tail else {
             return Ok(Lsn(1));
@@ -837,11 +855,11 @@ impl<F: ShardFiles> Shipper<F> {
     /// Leaves a damaged sealed segment (`damaged`, the error its checks gave twice) out
     /// of the archive for good once an archived checkpoint covers every LSN it holds
     /// (below `next`, where the following segment starts): neither the shard's state
-    /// nor a restore after that checkpoint needs it. The local checkpoints ship first,
-    /// for that. The archive then has a gap: restores to targets from the segment's
-    /// first commit until that checkpoint completed are refused, and `oc-pitr verify`
-    /// reports it until retention passes it. Otherwise shipping stops at the segment,
-    /// as before, and the log behind it is kept.
+    /// nor a restore after that checkpoint needs it (the local checkpoints ship first
+    /// when none in the archive does). The archive then has a gap: restores to targets
+    /// from the last commit archived before it until that checkpoint completed are
+    /// refused, and `oc-pitr verify` reports it. Otherwise shipping stops at the
+    /// segment, as before, and the log behind it is kept.
     fn skip_damaged(
         &mut self,
         shard: usize,
@@ -853,13 +871,17 @@ impl<F: ShardFiles> Shipper<F> {
             return Err(damaged);
         };
         let last = Lsn(next.0.saturating_sub(1));
-        self.ship_checkpoints(shard)?;
-        let Some(&checkpoint) = self.shards[shard]
-            .checkpoints
-            .range(last..)
-            .next()
-            .map(|(lsn, _)| lsn)
-        else {
+        let covering = |shipper: &Self| {
+            shipper.shards[shard]
+                .checkpoints
+                .range(last..)
+                .next()
+                .map(|(lsn, _)| *lsn)
+        };
+        if covering(self).is_none() {
+            self.ship_checkpoints(shard)?;
+        }
+        let Some(checkpoint) = covering(self) else {
             return Err(damaged);
         };
         tracing::error!(
@@ -870,8 +892,8 @@ impl<F: ShardFiles> Shipper<F> {
             last_lsn = last.0,
             checkpoint = checkpoint.0,
             "a damaged log segment the archive lacks is left out of it: an archived checkpoint \
-             covers it; restores to times before that checkpoint completed and after the \
-             segment began are impossible"
+             covers it; restores to times from the last commit archived before it until that \
+             checkpoint completed are impossible"
         );
         self.shards[shard].segments.insert((epoch.0, first));
         self.files.forget(shard, name);
