@@ -177,8 +177,8 @@ pub struct ShipMetrics {
     pub circuit_open: bool,
     pub circuit_opened_total: u64,
     pub deleted_by_retention: u64,
-    /// Per shard: damaged sealed segments left out of the archive, a checkpoint
-    /// covering them ([`Shipper::skip_damaged`]).
+    /// Per shard: damaged sealed segments left out of the archive, an archived
+    /// checkpoint covering them ([`Shipper::skip_damaged`]).
     pub segments_skipped: Vec<u64>,
 }
 
