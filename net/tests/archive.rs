@@ -460,15 +460,7 @@ fn a_damaged_unarchived_segment_is_left_out_once_a_checkpoint_covers_it() {
     let aside = dir.path().join("archive-away");
     std::fs::rename(&archive, &aside).expect("take the archive away");
     let shard_dir = data.join(format!("shard-{shard}"));
-    let segments = || {
-        let mut names: Vec<String> = std::fs::read_dir(&shard_dir)
-            .expect("shard dir")
-            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with("wal-") && n.ends_with(".seg"))
-            .collect();
-        names.sort();
-        names
-    };
+    let segments = || common::segment_files(&shard_dir);
     let mut id = 1;
     while segments().len() < 4 {
         let ops: Vec<_> = (0..40)

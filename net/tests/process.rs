@@ -14,7 +14,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{copy_dir, restore_latest, run_expecting_exit, try_request, Server};
+use common::{copy_dir, restore_latest, run_expecting_exit, segment_files, try_request, Server};
 use serde_json::{json, Value};
 
 /// Generous bounds for a loaded 2-core machine; the tests print what they measured.
@@ -62,17 +62,6 @@ const SMALL_SEGMENTS: [&str; 6] = [
     "--wal-segment-bytes",
     "274432",
 ];
-
-/// A shard directory's log segment files, oldest first.
-fn segment_files(shard: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(shard)
-        .expect("shard dir")
-        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("wal-0000-") && n.ends_with(".seg"))
-        .collect();
-    names.sort();
-    names
-}
 
 /// Writes rows of tenant `acme`'s items table, 20 of about 4 KB a request from id 0,
 /// until `enough`; returns the number written.

@@ -579,3 +579,14 @@ pub fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// A shard directory's log segment files, oldest first.
+pub fn segment_files(shard: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(shard)
+        .expect("shard dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("wal-0000-") && n.ends_with(".seg"))
+        .collect();
+    names.sort();
+    names
+}
