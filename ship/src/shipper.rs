@@ -25,6 +25,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
 use std::future::Future;
+use std::ops::Bound;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -37,7 +38,7 @@ use oc_engine::placement::shard_dir;
 use oc_engine::{ShardNode, ShardRouter, UnreadableFile};
 use oc_io::wal::segment::{parse_segment_name, DATA_START};
 use oc_io::wal::DurableTail;
-use oc_io::{Lsn, BLOCK_SIZE};
+use oc_io::{Epoch, Lsn, BLOCK_SIZE};
 
 use crate::archive::{envelope, Archive, ArchiveError, Condition};
 use crate::audit;
@@ -1058,8 +1059,9 @@ impl<F: ShardFiles> Shipper<F> {
     }
 
     /// Deletes what no restore point inside the retention window needs: checkpoints
-    /// older than the newest one completed before the window starts, and segments whose
-    /// frames that checkpoint already covers. Without such a checkpoint, nothing goes.
+    /// older than the newest one completed before the window starts, and segments and
+    /// tail folders whose frames that checkpoint already covers. Without such a
+    /// checkpoint, nothing goes.
     fn retain(&mut self, shard: usize, now_us: u64) -> Result<(), ShipError> {
         let cutoff = now_us.saturating_sub(self.config.retention.as_micros() as u64);
         let progress = &self.shards[shard];
@@ -1076,7 +1078,30 @@ impl<F: ShardFiles> Shipper<F> {
             .range(..keep)
             .map(|(l, _)| *l)
             .collect();
+        // A tail folder's frames end before the next segment starts. Folders a sealed
+        // image did not replace (a skipped damaged segment's, or one left by a crash
+        // between the image's upload and the pieces' deletion) go when that start is
+        // covered too.
+        let starts: BTreeSet<Lsn> = (progress.segments.iter())
+            .chain(progress.tail_ends.keys())
+            .map(|&(_, first)| first)
+            .collect();
+        let old_tails: Vec<(u64, Lsn)> = (progress.tail_ends.keys())
+            .filter(|&&(_, first)| {
+                let mut later = starts.range((Bound::Excluded(first), Bound::Unbounded));
+                later.next().is_some_and(|next| next.0 <= keep.0 + 1)
+            })
+            .copied()
+            .collect();
         let mut deleted = 0;
+        for (epoch, first) in old_tails {
+            let folder = layout::tail_prefix(shard, Epoch(epoch), first);
+            for piece in self.archive.list(&folder)? {
+                self.archive.delete(&piece)?;
+                deleted += 1;
+            }
+            self.shards[shard].tail_ends.remove(&(epoch, first));
+        }
         for lsn in old_checkpoints {
             self.archive
                 .delete(&layout::checkpoint_manifest_key(shard, lsn))?;
@@ -1436,7 +1461,8 @@ mod tests {
     }
 
     /// Retention keeps the newest checkpoint completed before the window, everything
-    /// newer, and the log after that checkpoint; older checkpoints and segments go.
+    /// newer, and the log after that checkpoint; older checkpoints, segments and tail
+    /// folders go.
     #[test]
     fn retention_keeps_the_oldest_restore_point_inside_the_window() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1469,12 +1495,34 @@ mod tests {
                 .put(&s.key(), b"image", &Condition::Always)
                 .expect("put");
         }
+        // Tail pieces no sealed image replaced: the segments starting at 151 and 201
+        // (left by a crash before their deletion, or damaged and skipped) and the active
+        // one at 401.
+        let piece = |first: u64, start: u64| TailPieceKey {
+            shard: 0,
+            epoch: Epoch(1),
+            first_lsn: Lsn(first),
+            start,
+            end: start + BLOCK_SIZE as u64,
+        };
+        let pieces = [
+            piece(151, 0),
+            piece(151, 4096),
+            piece(201, 0),
+            piece(401, 0),
+        ];
+        for p in &pieces {
+            archive
+                .put(&p.key(), &[0; BLOCK_SIZE], &Condition::Always)
+                .expect("put");
+        }
         let config = test_config(dir.path());
         let mut shipper =
             Shipper::open(archive.clone(), config, ShipStatus::default()).expect("open");
         shipper.retain(0, now).expect("retain");
         // The window starts 24 h ago: checkpoint 200 (30 h) is the oldest restore point
-        // needed; 100 goes, and so do segments wholly at or below LSN 200.
+        // needed; 100 goes, and so do segments wholly at or below LSN 200, and the tail
+        // folder whose frames end before 201.
         let left = archive.list("shard-0/").expect("list");
         let expected: Vec<String> = {
             let mut keys = vec![
@@ -1484,16 +1532,22 @@ mod tests {
                 layout::checkpoint_snapshot_key(0, Lsn(300)),
                 segments[2].key(),
                 segments[3].key(),
+                pieces[2].key(),
+                pieces[3].key(),
             ];
             keys.sort();
             keys
         };
         assert_eq!(left, expected);
-        assert_eq!(shipper.status.snapshot().deleted_by_retention, 4);
+        assert_eq!(shipper.status.snapshot().deleted_by_retention, 6);
+        assert_eq!(
+            shipper.shards[0].tail_ends.keys().collect::<Vec<_>>(),
+            [&(1, Lsn(201)), &(1, Lsn(401))]
+        );
         // A window longer than the archive's history deletes nothing.
         shipper.config.retention = Duration::from_secs(1000 * 3600);
         shipper.retain(0, now).expect("retain");
-        assert_eq!(archive.list("shard-0/").expect("list").len(), 6);
+        assert_eq!(archive.list("shard-0/").expect("list").len(), 8);
     }
 
     fn page_size() -> usize {
