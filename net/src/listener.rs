@@ -72,26 +72,55 @@ pub fn bind_exclusive(addr: SocketAddr) -> std::io::Result<std::net::TcpListener
     Ok(socket.into())
 }
 
-/// A socket bound to `addr` without `SO_REUSEPORT`; an address in use is refused
-/// naming it.
+/// A socket bound to `addr` without `SO_REUSEPORT`; an address still in use after
+/// [`ADDR_IN_USE_WAIT`] is refused naming it.
 fn bound_alone(addr: SocketAddr) -> std::io::Result<Socket> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    // Not refused for a port whose old connections linger in TIME_WAIT after a restart.
-    socket.set_reuse_address(true)?;
-    socket.bind(&addr.into()).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::AddrInUse {
-            std::io::Error::new(
-                e.kind(),
-                format!(
-                    "{addr} is in use by another process (another oc-server?): stop it or \
-                     choose another address"
-                ),
-            )
-        } else {
-            e
-        }
+    let socket = wait_while_in_use(addr, || {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        // Not refused for a port whose old connections linger in TIME_WAIT after a restart.
+        socket.set_reuse_address(true)?;
+        socket.bind(&addr.into())?;
+        Ok(socket)
     })?;
     Ok(socket)
+}
+
+/// How long a start waits for an address another socket listens on. A server killed
+/// just before (kill -9) keeps its listening sockets for a few more milliseconds, until
+/// the kernel has torn down its io_uring (13–34 ms seen), and a supervisor may restart
+/// it at once: the data directory's lock is already free by then.
+pub const ADDR_IN_USE_WAIT: Duration = Duration::from_secs(3);
+
+/// Runs `bind` until it does not fail with "address in use", for at most
+/// [`ADDR_IN_USE_WAIT`]; then the error names the address and the fix.
+pub fn wait_while_in_use<T>(
+    addr: SocketAddr,
+    mut bind: impl FnMut() -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    let deadline = std::time::Instant::now() + ADDR_IN_USE_WAIT;
+    let mut said = false;
+    loop {
+        match bind() {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(std::io::Error::new(
+                        e.kind(),
+                        format!(
+                            "{addr} is in use by another process (another oc-server?), \
+                             still after {} s: stop it or choose another address",
+                            ADDR_IN_USE_WAIT.as_secs()
+                        ),
+                    ));
+                }
+                if !said {
+                    said = true;
+                    tracing::info!(%addr, "address in use; waiting for it (a process just stopped closes its sockets late)");
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Binds `count` `SO_REUSEPORT` listening sockets on `addr`, refusing an address another
@@ -687,6 +716,31 @@ mod tests {
     }
 
     const _: () = assert!(MOVE_AFTER << MOST_MOVE_DOUBLINGS == 64);
+
+    #[test]
+    fn an_address_freed_within_the_wait_is_bound_and_one_held_past_it_is_refused_naming_it() {
+        let held = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = held.local_addr().expect("addr");
+        let freed = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            drop(held);
+        });
+        let started = std::time::Instant::now();
+        bind_exclusive(addr).expect("bound once the other socket closed");
+        assert!(started.elapsed() >= Duration::from_millis(250));
+        freed.join().expect("join");
+
+        let held = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = held.local_addr().expect("addr");
+        let started = std::time::Instant::now();
+        let refused = bind_shared(addr, 2).expect_err("held for good");
+        assert!(started.elapsed() >= ADDR_IN_USE_WAIT);
+        assert_eq!(refused.kind(), std::io::ErrorKind::AddrInUse);
+        assert!(
+            refused.to_string().contains(&format!("{addr} is in use")),
+            "{refused}"
+        );
+    }
 
     #[test]
     fn a_shard_takes_a_moved_connection_only_with_no_more_open_than_the_sender_and_room_left() {

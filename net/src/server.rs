@@ -165,7 +165,7 @@ pub fn run(config: ServerConfig) -> Result<()> {
         .with_context(|| format!("binding the API on {}", config.listen))?;
     let replication_listener = match config.replication_listen {
         Some(addr) => {
-            let bound = std::net::TcpListener::bind(addr)
+            let bound = listener::wait_while_in_use(addr, || std::net::TcpListener::bind(addr))
                 .with_context(|| format!("binding the replication listener on {addr}"))?;
             bound.set_nonblocking(true)?;
             Some(bound)

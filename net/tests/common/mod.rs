@@ -66,16 +66,16 @@ impl Server {
         if let Some(cwd) = cwd {
             command.current_dir(cwd);
         }
+        // Ports chosen by the kernel unless the test names its own.
+        for flag in ["--listen", "--ops-listen"] {
+            if !extra.contains(&flag) {
+                command.args([flag, "127.0.0.1:0"]);
+            }
+        }
         let mut child = command
             .arg("--data-dir")
             .arg(data_dir)
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--ops-listen",
-                "127.0.0.1:0",
-                "--no-pin",
-            ])
+            .arg("--no-pin")
             .args(unsafe_fs_allowance(&log_base))
             .args(extra)
             .envs(env.iter().copied())
