@@ -54,6 +54,9 @@ pub struct PoolConfig {
     /// A follower's writer's layout: each shard's log keeps to its history
     /// (`WalConfig::history`), so a returning ex-writer's divergent tail is cut.
     pub writer_history: Option<Layout>,
+    /// How far the archive holds each shard's log (a shipping writer's, by shard):
+    /// recovery refuses a log that ends before it.
+    pub archived_logs: Vec<oc_io::wal::ArchivedLog>,
 }
 
 impl PoolConfig {
@@ -71,6 +74,7 @@ impl PoolConfig {
             hold_wal_for_archive: false,
             quotas: TenantQuotas::default(),
             writer_history: None,
+            archived_logs: Vec::new(),
         }
     }
 }
@@ -172,6 +176,7 @@ impl ShardPool {
                 dir: shard_dir(&config.data_dir, id),
                 wal: WalConfig {
                     history: config.writer_history.as_ref().map(|l| l.history(id)),
+                    archived: config.archived_logs.get(id).copied(),
                     ..config.wal.clone()
                 },
                 checkpoint: config.checkpoint,

@@ -1226,3 +1226,89 @@ fn large_frames_of_many_sizes_recover_and_sealed_segments_verify() {
         assert_payloads_match(&frames, &acked);
     });
 }
+
+/// A shipping writer's log that ends before what the archive holds of it (the archive
+/// took only durable groups) is refused, whichever way it falls short; one that reaches
+/// as far opens.
+#[test]
+fn a_log_ending_before_its_archived_copy_is_refused() {
+    use oc_io::wal::{ArchivedLog, ArchivedTail};
+    let dir = tempfile::tempdir().expect("tempdir");
+    run_local(async {
+        closed_log_of_600(dir.path()).await;
+        let (wal, _, _) = open(dir.path(), small_segments(), Lsn(1))
+            .await
+            .expect("open");
+        let tail = wal.durable_tail().expect("a durable tail");
+        assert_eq!(tail.lsn, Lsn(600));
+        assert!(tail.end > DATA_START);
+        wal.close().await.expect("close");
+        drop(wal);
+        let (_, epoch, first_lsn) = parse_segment_name(&tail.segment).expect("segment name");
+        let as_far = ArchivedTail {
+            epoch,
+            first_lsn,
+            end: tail.end,
+        };
+        let with = |archived: ArchivedLog| WalConfig {
+            archived: Some(archived),
+            ..small_segments()
+        };
+        let reaching = ArchivedLog {
+            sealed_lsn: Lsn(first_lsn.0 - 1),
+            tail: Some(as_far),
+        };
+        let cases = [
+            (
+                ArchivedLog {
+                    tail: Some(ArchivedTail {
+                        end: tail.end + 4096,
+                        ..as_far
+                    }),
+                    ..reaching
+                },
+                format!(
+                    "the archive holds this segment to offset {}",
+                    tail.end + 4096
+                ),
+            ),
+            (
+                ArchivedLog {
+                    tail: Some(ArchivedTail {
+                        first_lsn: Lsn(601),
+                        end: DATA_START + 4096,
+                        ..as_far
+                    }),
+                    ..reaching
+                },
+                "the archive holds a segment from LSN 601".to_string(),
+            ),
+            (
+                ArchivedLog {
+                    sealed_lsn: Lsn(601),
+                    ..reaching
+                },
+                "the archive holds sealed segments to LSN 601".to_string(),
+            ),
+        ];
+        for (archived, expected) in cases {
+            match open(dir.path(), with(archived), Lsn(1)).await {
+                Err(Error::Corrupt { file, reason, .. }) => {
+                    assert_eq!(file, tail.segment);
+                    assert!(reason.contains(&expected), "{reason}");
+                    assert!(reason.contains("Restore from the archive"), "{reason}");
+                }
+                other => panic!(
+                    "{archived:?}: expected a refusal, got {:?}",
+                    other.map(|(_, _, r)| r)
+                ),
+            }
+        }
+        // Refusals change nothing: an archive that reaches as far opens every frame.
+        let (wal, frames, _) = open(dir.path(), with(reaching), Lsn(1))
+            .await
+            .expect("open with the archive as far");
+        assert_eq!(frames.len(), 600);
+        wal.close().await.expect("close");
+    });
+}

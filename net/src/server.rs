@@ -187,6 +187,7 @@ pub fn run(config: ServerConfig) -> Result<()> {
     let mut replay_archive = None;
     let mut lease_hold = None;
     let mut promotion = None;
+    let mut archived_logs = Vec::new();
     let shipper = match config.archive_uri() {
         // Only the writer ships: a follower reads the archive (`/watch` resumes) and
         // claims it only once promoted (after probing it here: its lease would fence
@@ -258,6 +259,7 @@ pub fn run(config: ServerConfig) -> Result<()> {
             if config.lease_ttl().is_some() {
                 lease_hold = Some(start.hold.clone());
             }
+            archived_logs = start.archived;
             Some(start.run)
         }
         None => {
@@ -344,6 +346,7 @@ pub fn run(config: ServerConfig) -> Result<()> {
         // A follower's logs keep to its writer's history: a returning ex-writer's
         // divergent tail is cut (and kept aside) before anything is replayed.
         writer_history: matches!(role, Role::Follower { .. }).then(|| layout.clone()),
+        archived_logs,
         checkpoint: Some(CheckpointPolicy {
             interval: Duration::from_secs(config.checkpoint_interval_s),
             wal_bytes: config.checkpoint_wal_bytes,

@@ -514,6 +514,59 @@ fn a_damaged_unarchived_segment_is_left_out_once_a_checkpoint_covers_it() {
     drop(server);
 }
 
+/// The newest frames damaged on the local disk after the archive received them read
+/// like a torn write, but the shipper archives only durable groups: the start is
+/// refused (twice: the refusal cuts nothing), and a restore from the archive has every
+/// acknowledged row.
+#[test]
+fn a_log_that_ends_before_the_archive_is_refused_not_cut() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let uri = file_uri(&dir.path().join("archive"));
+    let server = Server::start(&data, &archive_args(&uri, &[]));
+    let created = server.post("/v1/tenants", &json!({"tenant": "acme"}));
+    let shard = created.body["shard"].as_u64().expect("shard");
+    let table = common::items_table();
+    assert_eq!(server.post("/v1/tenants/acme/tables", &table).status, 201);
+    for id in 0..20 {
+        assert!(write_row(&server.api, "acme", id));
+    }
+    common::wait_until_archived(&server, 2);
+    server.kill9();
+
+    // The last block holding frames in the newest segment is zeroed: the log reads as
+    // ending cleanly, or torn, before the last acknowledged rows.
+    let shard_dir = data.join(format!("shard-{shard}"));
+    let newest = shard_dir.join(common::segment_files(&shard_dir).pop().expect("a segment"));
+    let mut bytes = std::fs::read(&newest).expect("read the segment");
+    let footer = bytes.len() - 4096;
+    let last = (4096..footer)
+        .step_by(4096)
+        .rev()
+        .find(|&at| bytes[at..at + 4096].iter().any(|&b| b != 0))
+        .expect("a block with frames");
+    bytes[last..last + 4096].fill(0);
+    std::fs::write(&newest, bytes).expect("damage the segment");
+
+    for attempt in ["first", "second"] {
+        let refused = Server::try_start(&data, &archive_args(&uri, &[]))
+            .err()
+            .unwrap_or_else(|| panic!("the {attempt} start was not refused"));
+        assert!(
+            refused.contains("but the archive holds this segment to offset")
+                && refused.contains("The archive holds frames the log lacks"),
+            "{refused}"
+        );
+    }
+    let restored_dir = dir.path().join("restored");
+    let restored = restore_latest(&uri, &restored_dir);
+    assert!(restored.success, "restore failed: {restored:?}");
+    let server = Server::start(&restored_dir, &["--shards", "2", "--archive", "none"]);
+    for id in 0..20 {
+        assert!(has_row(&server, "acme", id), "row {id} lost");
+    }
+}
+
 /// A damaged object is named by `verify`, and `restore` refuses rather than restore
 /// around it. A non-empty target directory is refused before anything is written.
 #[test]

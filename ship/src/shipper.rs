@@ -37,7 +37,7 @@ use oc_engine::json_file::JsonFile;
 use oc_engine::placement::shard_dir;
 use oc_engine::{ShardNode, ShardRouter, UnreadableFile};
 use oc_io::wal::segment::{parse_segment_name, DATA_START};
-use oc_io::wal::DurableTail;
+use oc_io::wal::{ArchivedLog, ArchivedTail, DurableTail};
 use oc_io::{Epoch, Lsn, BLOCK_SIZE};
 
 use crate::archive::{envelope, Archive, ArchiveError, Condition};
@@ -376,6 +376,8 @@ pub struct Shipper<F: ShardFiles = DataDirFiles> {
     hold: Arc<LeaseHold>,
     /// The record's epoch when claimed (above 1: a promoted writer's).
     lease_epoch: u64,
+    /// How far the archive held each shard's log when this process listed it.
+    archived: Vec<ArchivedLog>,
 }
 
 fn local(file: &Path, e: impl std::fmt::Display) -> ShipError {
@@ -559,8 +561,10 @@ impl<F: ShardFiles> Shipper<F> {
         let archive: Arc<dyn Archive> = Arc::new(FencedArchive::new(archive, hold.clone()));
         claim_archive(archive.as_ref(), config.shards)?;
         let mut shards = Vec::with_capacity(config.shards);
+        let mut archived = Vec::with_capacity(config.shards);
         for shard in 0..config.shards {
             let catalog = crate::catalog::ShardCatalog::load(archive.as_ref(), shard)?;
+            archived.push(archived_log(&catalog));
             let mut progress = ShardProgress {
                 segments: catalog
                     .segments
@@ -597,6 +601,7 @@ impl<F: ShardFiles> Shipper<F> {
             renewal: Some(renewal),
             hold,
             lease_epoch,
+            archived,
         })
     }
 
@@ -1134,6 +1139,24 @@ impl<F: ShardFiles> Shipper<F> {
     }
 }
 
+/// How far `catalog` holds its shard's log: recovery refuses a log that ends before it
+/// (`WalConfig::archived`).
+fn archived_log(catalog: &crate::catalog::ShardCatalog) -> ArchivedLog {
+    let sealed_lsn = catalog.segments.iter().map(|s| s.last_lsn).max();
+    let tail = (catalog.tails.iter())
+        .map(|(&(epoch, first_lsn), pieces)| ArchivedTail {
+            epoch: Epoch(epoch),
+            first_lsn,
+            end: crate::catalog::contiguous_end(pieces),
+        })
+        .filter(|t| t.end > DATA_START)
+        .max_by_key(|t| (t.first_lsn, t.epoch));
+    ArchivedLog {
+        sealed_lsn: sealed_lsn.unwrap_or(Lsn(0)),
+        tail,
+    }
+}
+
 /// How often the first renewal of a promotion's claim is tried again after an archive
 /// error (100 ms, then doubling: 1.5 s in all).
 const FIRST_RENEWAL_RETRIES: u32 = 4;
@@ -1201,6 +1224,7 @@ pub fn start(
     };
     let hold = shipper.hold.clone();
     let lease_epoch = shipper.lease_epoch;
+    let archived = std::mem::take(&mut shipper.archived);
     let renewal = shipper.renewal.take().ok_or_else(|| ShipError::Local {
         file: "oc-lease thread".into(),
         why: "the owner record's renewal was already started".into(),
@@ -1246,16 +1270,18 @@ pub fn start(
         run,
         hold,
         lease_epoch,
+        archived,
     })
 }
 
 /// A started shipper: its loop (to spawn on the control executor), this process's
-/// hold on the owner record (a replicating writer checks it before acknowledging), and
-/// the record's epoch.
+/// hold on the owner record (a replicating writer checks it before acknowledging), the
+/// record's epoch, and how far the archive held each shard's log (for recovery).
 pub struct Started {
     pub run: ShipperLoop,
     pub hold: Arc<LeaseHold>,
     pub lease_epoch: u64,
+    pub archived: Vec<ArchivedLog>,
 }
 
 /// The renewal thread: renews the owner record every `every`; an archive error is

@@ -66,6 +66,26 @@ pub struct WalConfig {
     /// ([`group_commit::DEFAULT_PREALLOCATED_SPARE_MIN_GROUP_BYTES`] says why; tests
     /// set 0 to preallocate every spare but the first).
     pub preallocated_spare_min_group_bytes: u64,
+    /// How far the archive holds this log (a shipping writer's): recovery refuses a
+    /// log that ends before it rather than cut or reuse frames that were durable.
+    pub archived: Option<ArchivedLog>,
+}
+
+/// How far the archive holds one shard's log, from its listing at start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ArchivedLog {
+    /// The last LSN of the newest archived sealed segment (0: none).
+    pub sealed_lsn: Lsn,
+    /// The newest archived tail with frames: its segment's epoch and first LSN, and
+    /// where its pieces end (contiguous from offset 0), past `DATA_START`.
+    pub tail: Option<ArchivedTail>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ArchivedTail {
+    pub epoch: Epoch,
+    pub first_lsn: Lsn,
+    pub end: u64,
 }
 
 impl Default for WalConfig {
@@ -80,6 +100,7 @@ impl Default for WalConfig {
             history: None,
             preallocated_spare_min_group_bytes:
                 group_commit::DEFAULT_PREALLOCATED_SPARE_MIN_GROUP_BYTES,
+            archived: None,
         }
     }
 }

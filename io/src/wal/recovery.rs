@@ -25,9 +25,9 @@ use super::frame::{self, Epoch, Frame, Lsn, TimestampMicros};
 use super::history::{History, Position};
 use super::scan::{scan_segment, ScanEnd, GROUPS_IN_FLIGHT};
 use super::segment::{
-    footer_version, footer_without_successor, header_version, parse_segment_name, SegmentFooter,
-    SegmentHeader, DATA_START, MIN_SEGMENT_BYTES, RECYCLED_NAME, SEGMENT_FORMAT_VERSION,
-    SPARE_PARTIAL_NAME, SPARE_READY_NAME,
+    footer_version, footer_without_successor, header_version, parse_segment_name, segment_name,
+    SegmentFooter, SegmentHeader, DATA_START, MIN_SEGMENT_BYTES, RECYCLED_NAME,
+    SEGMENT_FORMAT_VERSION, SPARE_PARTIAL_NAME, SPARE_READY_NAME,
 };
 use super::WalConfig;
 use crate::buffer::{align_down, align_up, IoBuffer, BLOCK_SIZE};
@@ -410,6 +410,78 @@ fn check_header(
     }
 }
 
+/// Refuses segment `name` when the archive holds it further than `end`, where its frames
+/// end here: the shipper archives only durable groups, so the bytes past `end` were
+/// durable (and may have been acknowledged). Neither a torn write nor a clean end: the
+/// frames are damaged or missing here, and cutting them would lose them.
+fn check_archived_tail(
+    config: &WalConfig,
+    header: &SegmentHeader,
+    name: &str,
+    end: u64,
+) -> Result<()> {
+    match config.archived.and_then(|a| a.tail) {
+        Some(tail)
+            if (tail.epoch, tail.first_lsn) == (header.epoch, header.first_lsn)
+                && tail.end > end =>
+        {
+            Err(Error::Corrupt {
+                file: name.to_string(),
+                offset: end,
+                reason: format!(
+                    "the log ends here, but the archive holds this segment to offset {}, \
+                     shipped once it was durable: durable (possibly acknowledged) frames are \
+                     damaged or missing here. Not a torn write: the log is not cut. Restore \
+                     from the archive (RUNBOOK.md, \"The archive holds frames the log lacks\")",
+                    tail.end
+                ),
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Refuses a log that ends (before `next_lsn`, in segment `active`) before what the
+/// archive holds of it: a newer segment's tail, or a sealed segment reaching further.
+fn check_archived_log<F>(
+    config: &WalConfig,
+    active: &ActiveSegment<F>,
+    next_lsn: Lsn,
+) -> Result<()> {
+    let Some(archived) = config.archived else {
+        return Ok(());
+    };
+    let header = &active.header;
+    let name = segment_name(config.shard, header.epoch, header.first_lsn);
+    check_archived_tail(config, header, &name, active.write_offset)?;
+    let newer_tail = archived
+        .tail
+        .filter(|t| (t.first_lsn, t.epoch) > (header.first_lsn, header.epoch));
+    let missing = match newer_tail {
+        Some(t) => Some(format!(
+            "a segment from LSN {} (epoch {}) with frames",
+            t.first_lsn, t.epoch.0
+        )),
+        None if archived.sealed_lsn >= next_lsn => {
+            Some(format!("sealed segments to LSN {}", archived.sealed_lsn))
+        }
+        None => None,
+    };
+    match missing {
+        Some(what) => Err(Error::Corrupt {
+            file: name,
+            offset: active.write_offset,
+            reason: format!(
+                "the log ends at LSN {} here, but the archive holds {what}, shipped once \
+                 durable: durable (possibly acknowledged) frames are missing here. Restore \
+                 from the archive (RUNBOOK.md, \"The archive holds frames the log lacks\")",
+                next_lsn.0.saturating_sub(1)
+            ),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Reads and repairs the log, calling `on_frame` for every frame with LSN ≥ `replay_from`.
 pub(crate) async fn recover<S: Storage>(
     storage: &S,
@@ -739,6 +811,8 @@ pub(crate) async fn recover<S: Storage>(
         };
 
         let write_offset = align_up(scan.valid_end);
+        // Before anything is cut: what the archive holds of this segment was durable.
+        check_archived_tail(config, &header, name, write_offset)?;
         if let Some((offset, reason, is_corruption)) = cut {
             // Torn groups can only have touched their own extents: at most the writes
             // on their way at once, each at most the header's max group bytes, plus
@@ -814,6 +888,9 @@ pub(crate) async fn recover<S: Storage>(
         Some(next) => next,
         None => replay_from.max(Lsn(1)),
     };
+    if let Some(active) = &active {
+        check_archived_log(config, active, next_lsn)?;
+    }
     report.segments = segments.iter().map(|s| s.name.clone()).collect();
     let last_commit_ts = report.last_commit_ts;
     report.last_epoch = last_epoch;
