@@ -564,6 +564,98 @@ fn running_queries_share_a_memory_bound() {
     assert_alive_and_ready(&server);
 }
 
+/// Answers their clients do not read hold their share of the queries' memory until sent
+/// or until the connection closes: unread answers cannot grow the process past the
+/// bound, and queries get it back once those clients leave.
+#[test]
+fn answers_not_read_by_their_clients_count_toward_the_queries_memory_bound() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let shared: usize = 24 << 20;
+    let server = Server::start(
+        &dir.path().join("data"),
+        &[
+            "--shards",
+            "1",
+            "--ask-shared-memory-bytes",
+            &shared.to_string(),
+        ],
+    );
+    // Answers of 12 MB: more than the kernel's socket buffers take (4 MB at most).
+    create_texts(&server, "big", 1200, 10_000);
+    let body = json!({"sql": "SELECT body FROM docs"}).to_string();
+    let request = format!(
+        "POST /v1/tenants/big/ask HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let addr: std::net::SocketAddr = server
+        .api
+        .trim_start_matches("http://")
+        .parse()
+        .expect("api address");
+    let held = || {
+        let (_, scrape) = server.ops_get("/metrics");
+        common::scrape_value(&scrape, "oc_ask_memory_bytes").unwrap_or(0.0)
+    };
+    let mut unread = Vec::new();
+    for i in 1..=2 {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        socket
+            .set_recv_buffer_size(4096)
+            .expect("a small receive buffer");
+        socket.connect(&addr.into()).expect("connect");
+        let mut stream = TcpStream::from(socket);
+        stream.write_all(request.as_bytes()).expect("send");
+        unread.push(stream);
+        let waited = Instant::now();
+        while held() < (i * 10 << 20) as f64 {
+            assert!(
+                waited.elapsed() < Duration::from_secs(30),
+                "unread answer {i} holds no query memory: {} bytes held",
+                held()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    // Two unread answers hold 22 MiB of the 24: the same query from a client that reads
+    // is refused, not answered past the bound.
+    let refused = ask(&server, "big", "SELECT body FROM docs", json!([]));
+    assert_error(
+        &refused,
+        429,
+        "query_memory_busy",
+        "--ask-shared-memory-bytes",
+    );
+    assert_eq!(
+        ask(
+            &server,
+            "big",
+            "SELECT id FROM docs WHERE id = 1",
+            json!([])
+        )
+        .status,
+        200,
+        "small queries still run"
+    );
+    // The clients leave: their answers' memory comes back.
+    drop(unread);
+    let waited = Instant::now();
+    while held() > 0.0 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(30),
+            "closed connections still hold {} bytes",
+            held()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let sql = "SELECT body FROM docs WHERE id < 600";
+    let answered = ask(&server, "big", sql, json!([]));
+    assert_eq!(answered.status, 200);
+    assert_eq!(answered.body["row_count"], 600);
+    assert_alive_and_ready(&server);
+}
+
 /// Over the memory budget, deleting rows brings writes back without a restart: the
 /// freed memory is handed back to the kernel, and the resident size falls under the
 /// budget again.

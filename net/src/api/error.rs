@@ -2,7 +2,6 @@
 //! the status that tells a client what to do (fix the request, authenticate, retry).
 
 use bytes::Bytes;
-use http_body_util::Full;
 use hyper::{Response, StatusCode};
 use oc_engine::{EngineError, MeshError};
 use oc_io::Error as IoError;
@@ -64,7 +63,7 @@ impl ApiError {
     }
 
     /// The JSON response, tagged with the request's id.
-    pub fn into_response(self, request_id: &str) -> Response<Full<Bytes>> {
+    pub fn into_response(self, request_id: &str) -> Response<Bytes> {
         let mut body = json!({"error": {
             "code": self.code,
             "message": self.message,
@@ -73,7 +72,7 @@ impl ApiError {
         if let Some(taken) = self.taken {
             body["error"]["taken"] = taken.into();
         }
-        let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+        let mut response = Response::new(Bytes::from(body.to_string()));
         *response.status_mut() = self.status;
         let headers = response.headers_mut();
         headers.insert(

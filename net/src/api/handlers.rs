@@ -13,6 +13,7 @@ use std::time::Duration;
 use hyper::StatusCode;
 use oc_engine::idempotency::MAX_KEY_BYTES as MAX_IDEMPOTENCY_KEY_BYTES;
 use oc_engine::query::{param_from_json, AskAnswer, AskLimits, QueryError, QueryErrorKind};
+use oc_engine::quota::QueryMemoryRefused;
 use oc_engine::stages::{Laps, Stage};
 use oc_engine::{
     owner_of, ColumnType, ShardNode, ShardRouter, Table, TableSchema, Tenant, TenantId, WriteOp,
@@ -752,18 +753,65 @@ pub async fn ask(
             .ask(&tenant, &body.sql, params, explain, limits)
             .await
             .map_err(query_error)?;
-        Ok((
-            StatusCode::OK,
-            Body::Encoded(encode_answer(&answer, applied_lsn)),
-        ))
+        let encoded = encode_answer(&answer, applied_lsn);
+        drop(answer);
+        Ok((StatusCode::OK, Body::Encoded(charged_answer(encoded)?)))
     })
     .await
+}
+
+/// An encoded `/ask` answer holding its share of the memory the running queries may hold
+/// together (`--ask-shared-memory-bytes`) until the connection has sent it or closed:
+/// answers a client does not read would otherwise stay in memory counted nowhere (40
+/// unread answers of 52 MB held 2 GB, and writes were refused for the memory).
+struct ChargedAnswer {
+    bytes: Vec<u8>,
+    _memory: oc_engine::quota::QueryMemory,
+}
+
+impl AsRef<[u8]> for ChargedAnswer {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+fn charged_answer(bytes: Vec<u8>) -> Result<bytes::Bytes, ApiError> {
+    let mut memory = oc_engine::quota::QueryMemory::default();
+    let len = bytes.len();
+    memory.cover(len).map_err(|refused| {
+        query_error(match refused {
+            QueryMemoryRefused::Busy {
+                held_bytes,
+                limit_bytes,
+            } => QueryError::new(
+                QueryErrorKind::MemoryBusy,
+                format!(
+                    "the running queries and the answers not yet read by their clients hold \
+                     {held_bytes} of the {limit_bytes} bytes they may hold together \
+                     (--ask-shared-memory-bytes), too few left for this answer's {len} bytes; \
+                     retry shortly"
+                ),
+            ),
+            QueryMemoryRefused::AloneOver { limit_bytes } => QueryError::new(
+                QueryErrorKind::MemoryLimit,
+                format!(
+                    "the answer's {len} bytes pass the {limit_bytes} bytes all running queries \
+                     and unsent answers may hold together (--ask-shared-memory-bytes); add a \
+                     LIMIT or select fewer columns"
+                ),
+            ),
+        })
+    })?;
+    Ok(bytes::Bytes::from_owner(ChargedAnswer {
+        bytes,
+        _memory: memory,
+    }))
 }
 
 /// An `/ask` answer as JSON text, written value by value: a tree of
 /// `serde_json::Value` would take several times the rows' own size (a vector element
 /// is 4 bytes in a row and 32 in a tree), outside the query's memory budget.
-fn encode_answer(answer: &AskAnswer, applied_lsn: u64) -> bytes::Bytes {
+fn encode_answer(answer: &AskAnswer, applied_lsn: u64) -> Vec<u8> {
     let mut out = Vec::with_capacity(256);
     let text = |out: &mut Vec<u8>, s: &str| {
         // Writing a &str to a Vec cannot fail.
@@ -803,7 +851,7 @@ fn encode_answer(answer: &AskAnswer, applied_lsn: u64) -> bytes::Bytes {
         let _ = serde_json::to_writer(&mut out, plan);
     }
     out.push(b'}');
-    bytes::Bytes::from(out)
+    out
 }
 
 fn query_error(e: QueryError) -> ApiError {

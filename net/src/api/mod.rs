@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_lite::future;
-use http_body_util::{BodyExt, Either, Full};
+use http_body_util::{BodyExt, Either};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
@@ -171,7 +171,52 @@ fn client_request_id<B>(req: &Request<B>) -> Option<String> {
 }
 
 /// A response body: a whole JSON answer, or a `/watch` event stream.
-pub type ApiBody = Either<Full<Bytes>, watch::WatchBody>;
+pub type ApiBody = Either<SlicedBody, watch::WatchBody>;
+
+/// The most of a whole answer handed to hyper at once.
+const SLICE_BYTES: usize = 64 << 10;
+
+/// A whole answer handed to hyper a slice at a time. hyper copies each data frame into
+/// its write buffer (these streams do not write vectored) and asks for the next only
+/// once that buffer has room, so the part a client has not read yet stays here, in the
+/// answer's own `Bytes`, rather than copied whole into hyper's buffer: whatever is
+/// charged to the answer until it is sent (an `/ask` answer's share of the queries'
+/// memory) is let go only then, or when the connection closes.
+pub struct SlicedBody {
+    rest: Bytes,
+}
+
+impl SlicedBody {
+    pub fn new(whole: Bytes) -> SlicedBody {
+        SlicedBody { rest: whole }
+    }
+}
+
+impl hyper::body::Body for SlicedBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        if self.rest.is_empty() {
+            return std::task::Poll::Ready(None);
+        }
+        let slice = self.rest.len().min(SLICE_BYTES);
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(
+            self.rest.split_to(slice),
+        ))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.rest.is_empty()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.rest.len() as u64)
+    }
+}
 
 /// Answers one request; never fails (errors become JSON responses).
 pub async fn handle(
@@ -234,7 +279,7 @@ pub async fn handle(
                 h::Body::Json(json) => Bytes::from(json.to_string()),
                 h::Body::Encoded(bytes) => bytes,
             };
-            let mut response = Response::new(Either::Left(Full::new(body)));
+            let mut response = Response::new(Either::Left(SlicedBody::new(body)));
             *response.status_mut() = status;
             response
                 .headers_mut()
@@ -258,7 +303,9 @@ pub async fn handle(
             let allow = (e.status == StatusCode::METHOD_NOT_ALLOWED)
                 .then(|| allowed_methods(&path))
                 .flatten();
-            let mut response = e.into_response(&request_id).map(Either::Left);
+            let mut response = e
+                .into_response(&request_id)
+                .map(|body| Either::Left(SlicedBody::new(body)));
             if let Some(allow) = allow {
                 response
                     .headers_mut()
