@@ -376,7 +376,8 @@ pub fn describe(
 }
 
 /// `{"table","op","key":{...},"lsn"}`; the key is `null` when the write's schema is no
-/// longer known (its table was dropped and created again since).
+/// longer known (its table was dropped since, or cut over by more than its last
+/// migration, or by one before this process started: replaced shapes are memory only).
 fn change_event(
     table: &str,
     lsn: Lsn,
@@ -433,14 +434,19 @@ fn change_event(
 }
 
 /// The schema a write of `table` validated against `version` had, from the current
-/// state (the live applier: the table it just applied to).
+/// state (the live applier: the table it just applied to), or the shape the table's
+/// last cutover replaced (a replay of writes from before a migration).
 pub fn current_schema<'a>(
     state: &'a ShardState,
     tenant: &TenantId,
 ) -> impl Fn(&str, u64) -> Option<TableSchema> + 'a {
     let t = state.tenants.get(tenant);
-    move |table, version| {
-        let table = t?.table(table).ok()?;
-        (table.version() == version).then(|| table.schema().clone())
+    move |name, version| {
+        let t = t?;
+        let table = t.table(name).ok()?;
+        if table.version() == version {
+            return Some(table.schema().clone());
+        }
+        t.migrations().replaced_schema(name, version).cloned()
     }
 }

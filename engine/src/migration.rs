@@ -842,6 +842,13 @@ impl Migrations {
         self.active.get(table)
     }
 
+    /// The shape `table` had as incarnation `version`, when its last cutover (applied
+    /// by this process) replaced that incarnation.
+    pub fn replaced_schema(&self, table: &str, version: u64) -> Option<&TableSchema> {
+        let carried = self.carried.get(table)?;
+        (carried.from_version == version).then_some(&carried.v0)
+    }
+
     /// Moves on at every start and end of a migration (memory only).
     pub fn generation(&self) -> u64 {
         self.generation
