@@ -14,6 +14,7 @@
 //! | `wal.sync.err` | a file path | every `fdatasync` and every durable log write (`write_durable_at`, which replaces the group's `fdatasync` on an `O_DSYNC` segment) of the real storage fails with EIO while that file exists (a blocking `stat` per sync: test builds only) |
 //! | `shutdown.hang` | anything | the orderly shutdown never finishes (the watchdog must end it) |
 //! | `audit.sync.err` | a file path | every sync of the audit log fails with EIO while that file exists |
+//! | `digest.slow_ms` | milliseconds | each shard's part of `GET /v1/admin/digest` waits that long first |
 //! | `promote.lease_answer_lost` | anything | the first promotion's write of the archive's lease record succeeds, and the promotion is answered as if the archive had failed (`503 archive_unavailable`) |
 
 /// The environment variable that arms failpoints.

@@ -656,6 +656,51 @@ fn answers_not_read_by_their_clients_count_toward_the_queries_memory_bound() {
     assert_alive_and_ready(&server);
 }
 
+/// Digests asked for and abandoned over and over cannot pile up: two run at once, each
+/// holding its place until the shards have finished it, whether or not its caller
+/// stayed; a third is told to retry.
+#[test]
+fn abandoned_digests_hold_their_places_until_done_and_a_third_is_told_to_retry() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Each digest takes 3 s at least, so the two below overlap the third.
+    let server = Server::try_start_with_env(
+        None,
+        &dir.path().join("data"),
+        &["--shards", "1"],
+        &[("OC_FAILPOINTS", "digest.slow_ms=3000")],
+    )
+    .expect("start");
+    server.create_tenant_with_items("acme");
+    let digest = || server.get("/v1/admin/digest");
+    // Two callers ask and leave at once; a third, right after, is refused while they
+    // still run.
+    let asked = Instant::now();
+    for _ in 0..2 {
+        let addr = server.api.trim_start_matches("http://");
+        let mut stream = TcpStream::connect(addr).expect("connect");
+        stream
+            .write_all(b"GET /v1/admin/digest HTTP/1.1\r\nhost: x\r\n\r\n")
+            .expect("send");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let refused = digest();
+    assert!(asked.elapsed() < Duration::from_secs(3), "too slow to tell");
+    assert_error(&refused, 429, "digest_busy", "retry once they finish");
+    assert_eq!(refused.retry_after.as_deref(), Some("1"), "{refused:?}");
+    // Once they have run to their end, the places are free again.
+    let waited = Instant::now();
+    loop {
+        let reply = digest();
+        if reply.status == 200 {
+            break;
+        }
+        assert_eq!(reply.status, 429, "{reply:?}");
+        assert!(waited.elapsed() < Duration::from_secs(20), "{reply:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_alive_and_ready(&server);
+}
+
 /// Over the memory budget, deleting rows brings writes back without a restart: the
 /// freed memory is handed back to the kernel, and the resident size falls under the
 /// budget again.

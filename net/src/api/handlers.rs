@@ -1080,6 +1080,43 @@ const DIGEST_SLICE_ROWS: usize = 4096;
 /// `GET /v1/admin/digest`: where each shard's log stands and, unless `tables` is false,
 /// every table summed up (`oc_engine::digest`), for `oc-pitr drill --live`. Tables are
 /// digested a slice at a time; one written to meanwhile gets no digest.
+/// Digests that may run at once. Each reads every row of the server a slice at a time,
+/// and one whose caller has left runs on to its end on the shards: callers that ask and
+/// leave, over and over, would otherwise pile digests up until every tenant's requests
+/// wait seconds behind them.
+const DIGESTS_AT_ONCE: usize = 2;
+static DIGESTS_RUNNING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// One of the [`DIGESTS_AT_ONCE`] places, held until the last shard's part has finished.
+struct DigestPlace;
+
+impl DigestPlace {
+    fn take() -> Result<std::sync::Arc<DigestPlace>, ApiError> {
+        use std::sync::atomic::Ordering;
+        DIGESTS_RUNNING
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < DIGESTS_AT_ONCE).then_some(n + 1)
+            })
+            .map_err(|running| {
+                ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "digest_busy",
+                    format!(
+                        "{running} digests are running, the most at once; retry once they \
+                         finish (one whose caller left still runs to its end)"
+                    ),
+                )
+            })?;
+        Ok(std::sync::Arc::new(DigestPlace))
+    }
+}
+
+impl Drop for DigestPlace {
+    fn drop(&mut self) {
+        DIGESTS_RUNNING.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 pub async fn digest(
     router: &ShardRouter,
     with_tables: bool,
@@ -1087,10 +1124,16 @@ pub async fn digest(
     access: &Access,
 ) -> Answer {
     auth::require_admin(&access.caller)?;
+    let place = DigestPlace::take()?;
     let mut shards = Vec::new();
     for shard in 0..router.shards() {
+        let place = place.clone();
         let summed = router
             .call(shard, move |node: Rc<ShardNode>| async move {
+                let _place = place;
+                if let Some(ms) = failpoint::armed("digest.slow_ms").and_then(|v| v.parse().ok()) {
+                    glommio::timer::sleep(Duration::from_millis(ms)).await;
+                }
                 let d = node.shard().digest(with_tables, DIGEST_SLICE_ROWS).await;
                 let (applied, last_commit, tables) = (d.applied_lsn, d.last_commit_us, d.tables);
                 json!({
