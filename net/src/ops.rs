@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_lite::future;
-use glommio::net::TcpListener;
+use glommio::net::{TcpListener, TcpStream};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
@@ -58,13 +58,14 @@ pub struct ControlState {
 }
 
 /// Open connections the ops listener serves at once. A new connection past the cap
-/// closes the oldest one instead of being refused: an idle scraper or a stalled
-/// client gives way, and a health probe, which is always the newest connection, is
-/// served. A flood cannot take the control executor's descriptors, and cannot make a
-/// healthy server fail its probes either.
+/// closes the oldest one that is not being answered instead of being refused: an idle
+/// scraper or a stalled client gives way, and a health probe, which sends its request
+/// at once, is answered. A flood cannot take the control executor's descriptors, and
+/// cannot make a healthy server fail its probes either.
 pub const MAX_OPS_CONNECTIONS: usize = 64;
-/// The ops listener's connections, oldest first: (id, the task serving it).
-type OpenConnections = Rc<RefCell<VecDeque<(u64, glommio::task::JoinHandle<()>)>>>;
+/// The ops listener's connections, oldest first: (id, whether a request of it is being
+/// answered, the task serving it).
+type OpenConnections = Rc<RefCell<VecDeque<(u64, Rc<Cell<bool>>, glommio::task::JoinHandle<()>)>>>;
 
 /// Time for an ops client to send its request headers (probes send them at once).
 const OPS_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
@@ -83,26 +84,58 @@ pub async fn serve_ops(listener: TcpListener, state: Rc<ControlState>) {
             }
         };
         if open.borrow().len() >= MAX_OPS_CONNECTIONS {
-            if let Some((_, oldest)) = open.borrow_mut().pop_front() {
+            let mut open = open.borrow_mut();
+            // A flood of connections that send nothing must not close one whose
+            // request is being answered (a probe's, usually).
+            let idle = open.iter().position(|(_, answering, _)| !answering.get());
+            if let Some((_, _, oldest)) = open.remove(idle.unwrap_or(0)) {
                 oldest.cancel(); // drops its connection
             }
         }
         let id = next_id;
         next_id += 1;
         let (state, registry) = (state.clone(), open.clone());
+        // A probe's request is usually there by the time its connection is accepted
+        // (the client sends it as soon as its connect returns); a flood's is not.
+        let answering = Rc::new(Cell::new(has_bytes_waiting(&stream)));
+        let marker = answering.clone();
         let handle = glommio::spawn_local(async move {
             let (io, _) = PlainStream::new(stream);
-            let service = service_fn(move |req| handle(state.clone(), req));
+            let service = service_fn(move |req| {
+                let (state, marker) = (state.clone(), marker.clone());
+                async move {
+                    marker.set(true);
+                    let answer = handle(state, req).await;
+                    marker.set(false);
+                    answer
+                }
+            });
             let mut builder = http1::Builder::new();
             builder
                 .timer(GlommioTimer)
                 .header_read_timeout(OPS_HEADER_TIMEOUT);
             let _ = builder.serve_connection(io, service).await;
-            registry.borrow_mut().retain(|(other, _)| *other != id);
+            registry.borrow_mut().retain(|(other, _, _)| *other != id);
         })
         .detach();
-        open.borrow_mut().push_back((id, handle));
+        open.borrow_mut().push_back((id, answering, handle));
     }
+}
+
+/// Whether the peer has sent bytes the connection has not read yet.
+fn has_bytes_waiting(stream: &TcpStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut byte = 0u8;
+    // SAFETY: a one-byte buffer we own; MSG_PEEK leaves the byte in the socket.
+    let n = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n > 0
 }
 
 fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {

@@ -328,6 +328,42 @@ fn a_flood_of_ops_connections_cannot_starve_the_probes() {
     let mut buf = [0u8; 16];
     assert_eq!(first.read(&mut buf).expect("closed, not timed out"), 0);
     drop(held);
+    // New idle connections arriving without pause (thousands a second) close the oldest
+    // idle ones, never a probe whose request is being answered.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let opened = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        for _ in 0..4 {
+            scope.spawn(|| {
+                let mut held = std::collections::VecDeque::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if let Ok(stream) = TcpStream::connect(&addr) {
+                        held.push_back(stream);
+                        opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    if held.len() > 100 {
+                        held.pop_front();
+                    }
+                }
+            });
+        }
+        let failed: Vec<String> = (0..40)
+            .filter_map(|_| {
+                std::thread::sleep(Duration::from_millis(25));
+                match common::try_request("GET", &format!("{}/health", server.ops), None) {
+                    Ok(reply) if reply.status == 200 => None,
+                    other => Some(format!("{other:?}")),
+                }
+            })
+            .collect();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let opened = opened.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(opened > 1000, "the flood opened only {opened} connections");
+        assert!(
+            failed.is_empty(),
+            "probes failed under the flood: {failed:?}"
+        );
+    });
     assert_alive_and_ready(&server);
 }
 
