@@ -119,6 +119,24 @@ fn expression_trees_of_every_shape_up_to_the_size_limit_get_a_400() {
         let reply = ask(&server, "acme", &sql, json!([]));
         assert_eq!(reply.status, 400, "{prefix:?}: {reply:?}");
     }
+    // Up to 64 levels parse, whichever kind; past them, every kind is refused alike.
+    for (open, close) in [("NOT ", ""), ("(", ")"), ("NOT (", ")"), ("- ", "")] {
+        let nested = |levels: usize| {
+            let (opening, closing) = (open.repeat(levels), close.repeat(levels));
+            let operand = if open.contains('N') { "TRUE" } else { "id" };
+            let sql = format!("SELECT id FROM docs WHERE {opening}{operand}{closing} IS NOT NULL");
+            ask(&server, "acme", &sql, json!([]))
+        };
+        let levels_of = |n: usize| if open == "NOT (" { n / 2 } else { n };
+        let fits = nested(levels_of(64));
+        assert_eq!(fits.status, 200, "{open:?} × 64 levels: {fits:?}");
+        assert_error(
+            &nested(levels_of(66)),
+            400,
+            "query_too_complex",
+            "nests deeper than 64 levels",
+        );
+    }
     let list: Vec<String> = (0..10_000).map(|i| (-i).to_string()).collect();
     let sql = format!("SELECT id FROM docs WHERE id IN ({})", list.join(","));
     let reply = ask(&server, "acme", &sql, json!([]));

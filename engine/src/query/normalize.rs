@@ -19,6 +19,11 @@ pub const MAX_SQL_BYTES: usize = 64 * 1024;
 /// (binding, evaluation, dropping) recurses over that depth: the limit is checked
 /// here, on tokens, before any tree exists.
 pub const MAX_QUERY_OPERATORS: usize = 500;
+/// Levels a query may nest: parentheses (function calls' included) and prefix operators
+/// (`NOT`, unary `-` and `+`) in a row, each a recursion of the parser. Counted here, on
+/// tokens, so the limit is the same whatever the parser's own accounting (which counts
+/// some constructs twice, and turns some overruns into a syntax error).
+pub const MAX_NESTING: usize = 64;
 
 /// A query ready for the plan cache.
 #[derive(Debug, Clone)]
@@ -74,6 +79,7 @@ pub fn normalize(sql: &str) -> Result<Normalized, QueryError> {
         literals: Vec::new(),
     };
     let mut operators = 0;
+    let mut nesting = Nesting::default();
     let mut tokens = tokens
         .into_iter()
         .filter(|t| !matches!(t.token, Token::Whitespace(_) | Token::EOF))
@@ -99,6 +105,21 @@ pub fn normalize(sql: &str) -> Result<Normalized, QueryError> {
             }
             other => other,
         };
+        let prefix = match &token {
+            Token::Word(w) => w.quote_style.is_none() && w.keyword == Keyword::NOT,
+            Token::Minus | Token::Plus => minus_is_unary(out.tokens.last().map(|t| &t.token)),
+            _ => false,
+        };
+        if nesting.next(&token, prefix) > MAX_NESTING {
+            return Err(QueryError::new(
+                QueryErrorKind::TooComplex,
+                format!(
+                    "the query nests deeper than {MAX_NESTING} levels{} (parentheses, NOT, \
+                     function calls); flatten it",
+                    position(span)
+                ),
+            ));
+        }
         if is_operator(&token) {
             operators += 1;
             if operators > MAX_QUERY_OPERATORS {
@@ -118,6 +139,39 @@ pub fn normalize(sql: &str) -> Result<Normalized, QueryError> {
         out.tokens.push(TokenWithSpan { token, span });
     }
     Ok(out)
+}
+
+/// How deep the tokens so far nest: open parentheses, and the prefix operators in a
+/// row before each operand (`NOT NOT (- x)` is four levels at `x`).
+#[derive(Default)]
+struct Nesting {
+    /// The prefix run in front of each open parenthesis.
+    open: Vec<usize>,
+    /// Prefix operators in a row just before this token.
+    run: usize,
+    /// The sum of `open`.
+    outer_runs: usize,
+}
+
+impl Nesting {
+    /// Takes `token` (a prefix operator when `prefix`) and returns the depth there.
+    fn next(&mut self, token: &Token, prefix: bool) -> usize {
+        match token {
+            Token::LParen => {
+                self.open.push(self.run);
+                self.outer_runs += self.run;
+                self.run = 0;
+            }
+            Token::RParen => {
+                let outer = self.open.pop().unwrap_or(0);
+                self.outer_runs -= outer;
+                self.run = 0;
+            }
+            _ if prefix => self.run += 1,
+            _ => self.run = 0,
+        }
+        self.open.len() + self.outer_runs + self.run
+    }
 }
 
 /// Keywords the parser reads as infix operators (sqlparser's precedence table for

@@ -13,15 +13,17 @@ use sqlparser::parser::{Parser, ParserError};
 
 use super::bind::{bind, Bound};
 use super::expr::{CmpOp, Expr, Metric};
-use super::normalize::Normalized;
+use super::normalize::{Normalized, MAX_NESTING};
 use super::{QueryError, QueryErrorKind};
 use crate::schema::TableSchema;
 use crate::table::ScanTarget;
 use crate::tenant::Tenant;
 use crate::value::ColumnType;
 
-/// Nesting depth the parser accepts (deeper input is refused, not a stack overflow).
-const MAX_NESTING: usize = 64;
+/// The parser's own bound on its recursion (deeper input is refused, not a stack
+/// overflow): a backstop above [`MAX_NESTING`], which `normalize` checks on tokens first,
+/// because the parser counts some levels twice.
+const PARSER_RECURSION_LIMIT: usize = 2 * MAX_NESTING;
 
 /// How rows are found.
 #[derive(Debug, Clone, PartialEq)]
@@ -118,13 +120,13 @@ pub fn prepare(tenant: &Tenant, normalized: &Normalized) -> Result<Prepared, Que
 fn prepare_on_this_stack(tenant: &Tenant, normalized: &Normalized) -> Result<Prepared, QueryError> {
     let dialect = PostgreSqlDialect {};
     let statements = Parser::new(&dialect)
-        .with_recursion_limit(MAX_NESTING)
+        .with_recursion_limit(PARSER_RECURSION_LIMIT)
         .with_tokens_with_locations(normalized.tokens.clone())
         .parse_statements()
         .map_err(|e| match e {
             ParserError::RecursionLimitExceeded => QueryError::new(
                 QueryErrorKind::TooComplex,
-                format!("the query nests deeper than {MAX_NESTING} levels (parentheses, NOT, function calls); flatten it"),
+                format!("the query nests too deep for the parser (parentheses, NOT, function calls: at most {MAX_NESTING} levels); flatten it"),
             ),
             e => QueryError::new(QueryErrorKind::Syntax, format!("SQL syntax error: {e}")),
         })?;
