@@ -147,6 +147,38 @@ fn expression_trees_of_every_shape_up_to_the_size_limit_get_a_400() {
     assert_alive_and_ready(&server);
 }
 
+/// An int and a float compare exactly, past 2^53 too, and the key path agrees with a
+/// full scan (through `f64`, 2^53 + 1 would equal 2^53.0).
+#[test]
+fn ints_and_floats_compare_exactly_through_the_key_and_a_scan() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&dir.path().join("data"), &["--shards", "1"]);
+    create_texts(&server, "acme", 1, 1);
+    let two_53: usize = 1 << 53;
+    for id in [two_53, two_53 + 1] {
+        assert_eq!(write_row(&server, "acme", id, "x").status, 200);
+    }
+    for (filter, expected) in [
+        ("id = 9007199254740992.0", vec![two_53]),
+        ("id + 0 = 9007199254740992.0", vec![two_53]),
+        ("id > 9007199254740992.0", vec![two_53 + 1]),
+        ("id + 0 > 9007199254740992.0", vec![two_53 + 1]),
+        ("id >= 9223372036854775807.0", vec![]),
+        ("id > 4503599627370495.5", vec![two_53, two_53 + 1]),
+    ] {
+        let sql = format!("SELECT id FROM docs WHERE {filter} ORDER BY id");
+        let reply = ask(&server, "acme", &sql, json!([]));
+        assert_eq!(reply.status, 200, "{filter}: {reply:?}");
+        let ids: Vec<usize> = reply.body["rows"]
+            .as_array()
+            .expect("rows")
+            .iter()
+            .map(|r| r[0].as_u64().expect("id") as usize)
+            .collect();
+        assert_eq!(ids, expected, "{filter}");
+    }
+}
+
 /// Counts `tenant`'s docs matching the worst `LIKE` pattern under the length cap, in a
 /// thread of its own.
 fn worst_like_under_the_cap(

@@ -402,8 +402,8 @@ pub fn compare(a: &Value, b: &Value) -> Result<Option<Ordering>, String> {
         (Value::Int(x), Value::Int(y)) => x.cmp(y),
         // Floats are always finite here (JSON numbers, checked arithmetic), so
         // `partial_cmp` is total; it also makes -0.0 equal 0.0 as SQL wants.
-        (Value::Int(x), Value::Float(y)) => float_cmp(*x as f64, *y),
-        (Value::Float(x), Value::Int(y)) => float_cmp(*x, *y as f64),
+        (Value::Int(x), Value::Float(y)) => int_float_cmp(*x, *y),
+        (Value::Float(x), Value::Int(y)) => int_float_cmp(*y, *x).reverse(),
         (Value::Float(x), Value::Float(y)) => float_cmp(*x, *y),
         (Value::Text(x), Value::Text(y)) => x.as_bytes().cmp(y.as_bytes()),
         (Value::Bool(x), Value::Bool(y)) => x.cmp(y),
@@ -445,6 +445,24 @@ pub fn sort_cmp(a: &Value, b: &Value) -> Ordering {
 
 fn float_cmp(x: f64, y: f64) -> Ordering {
     x.partial_cmp(&y).unwrap_or(Ordering::Equal)
+}
+
+/// `i` against `f` exactly, as SQLite compares them: not through `f64`, which rounds
+/// integers past 2^53 (2^53 + 1 would equal 2^53 as a float).
+fn int_float_cmp(i: i64, f: f64) -> Ordering {
+    const TWO_TO_63: f64 = 9_223_372_036_854_775_808.0;
+    if f >= TWO_TO_63 {
+        return Ordering::Less;
+    }
+    if f < -TWO_TO_63 {
+        return Ordering::Greater;
+    }
+    let whole = f.trunc();
+    // In [-2^63, 2^63): the conversion is exact.
+    match i.cmp(&(whole as i64)) {
+        Ordering::Equal => float_cmp(0.0, f - whole),
+        unequal => unequal,
+    }
 }
 
 fn arith(op: ArithOp, a: &Value, b: &Value) -> Result<Value, String> {
@@ -567,6 +585,30 @@ mod tests {
 
     fn c(v: Value) -> Box<Expr> {
         Box::new(Expr::Const(v))
+    }
+
+    #[test]
+    fn ints_and_floats_compare_exactly_past_two_to_the_53() {
+        use Ordering::*;
+        let cmp = |i: i64, f: f64| compare(&Value::Int(i), &Value::Float(f)).expect("compares");
+        let two_53 = 1i64 << 53;
+        assert_eq!(cmp(two_53 + 1, two_53 as f64), Some(Greater));
+        assert_eq!(cmp(two_53, two_53 as f64), Some(Equal));
+        assert_eq!(
+            cmp(i64::MAX - 1, i64::MAX as f64),
+            Some(Less),
+            "i64::MAX as f64 is 2^63"
+        );
+        assert_eq!(cmp(i64::MAX, 1e300), Some(Less));
+        assert_eq!(cmp(i64::MIN, i64::MIN as f64), Some(Equal));
+        assert_eq!(cmp(i64::MIN, -1e300), Some(Greater));
+        assert_eq!(cmp(2, 2.5), Some(Less));
+        assert_eq!(cmp(3, 2.5), Some(Greater));
+        assert_eq!(cmp(-2, -2.5), Some(Greater));
+        assert_eq!(cmp(-3, -2.5), Some(Less));
+        assert_eq!(cmp(0, -0.0), Some(Equal));
+        let reversed = compare(&Value::Float(two_53 as f64), &Value::Int(two_53 + 1));
+        assert_eq!(reversed.expect("compares"), Some(Less));
     }
 
     #[test]
