@@ -266,6 +266,18 @@ impl<S: Storage> SnapshotWriter<'_, S> {
 pub(crate) async fn read_file<S: Storage>(storage: &S, name: &str) -> oc_io::Result<Vec<u8>> {
     let file = storage.open(name).await?;
     let len = file.len().await? as usize;
+    if !len.is_multiple_of(oc_io::BLOCK_SIZE) {
+        // Direct reads of it would fail with a bare EINVAL.
+        return Err(oc_io::Error::Corrupt {
+            file: name.to_string(),
+            offset: len as u64,
+            reason: format!(
+                "its length ({len} bytes) is not a whole number of {}-byte blocks: it was cut \
+                 short, or written by something other than oc",
+                oc_io::BLOCK_SIZE
+            ),
+        });
+    }
     let mut bytes = vec![0u8; len];
     let file = &file;
     let mut reads = bytes

@@ -287,6 +287,34 @@ fn covered_segments_are_released_and_without_a_checkpoint_recovery_refuses_clear
             refused.to_string().contains("no usable checkpoint"),
             "{refused}"
         );
+
+        // Manifests cut short are named as such, not as a failed read.
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        for name in names.iter().filter(|n| n.ends_with(".json")) {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(dir.path().join(name))
+                .expect("open");
+            file.set_len(100).expect("cut the manifest short");
+        }
+        let refused = open(dir.path()).await.err().expect("refused").to_string();
+        assert!(
+            refused.contains("is not a whole number of 4096-byte blocks: it was cut short"),
+            "{refused}"
+        );
+
+        // Without any checkpoint file, the message says they are missing.
+        for name in names.iter().filter(|n| n.starts_with("checkpoint-")) {
+            std::fs::remove_file(dir.path().join(name)).expect("remove");
+        }
+        let refused = open(dir.path()).await.err().expect("refused").to_string();
+        assert!(
+            refused.contains("no checkpoint file is in the shard's directory"),
+            "{refused}"
+        );
     });
 }
 

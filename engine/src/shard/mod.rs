@@ -208,12 +208,16 @@ impl<S: Storage> Shard<S> {
                     lsn: wanted.0,
                     why: format!(
                         "no usable checkpoint covers the log before LSN {first_available} \
-                         (unusable: [{}]); {}",
-                        unusable
-                            .iter()
-                            .map(|(_, why)| why.to_string())
-                            .collect::<Vec<_>>()
-                            .join("; "),
+                         ({}); {}",
+                        if unusable.is_empty() {
+                            "no checkpoint file is in the shard's directory: were they \
+                             deleted?"
+                                .to_string()
+                        } else {
+                            let unusable: Vec<_> =
+                                unusable.iter().map(|(_, why)| why.to_string()).collect();
+                            format!("unusable: {}", unusable.join("; "))
+                        },
                         if unusable
                             .iter()
                             .any(|(_, why)| matches!(why.problem, FileProblem::OffHistory { .. }))

@@ -157,7 +157,10 @@ async fn read_whole<F: StorageFile>(file: &F, out: &mut Vec<u8>) -> Result<()> {
         return Err(Error::Corrupt {
             file: file.name().to_string(),
             offset: len,
-            reason: "segment length is not a whole number of blocks".into(),
+            reason: "segment length is not a whole number of blocks: the file was cut short \
+                     or written by something other than oc; do not delete it (RUNBOOK.md, \
+                     \"The server refuses to start with \"corruption in <file> at offset <n>\"\")"
+                .into(),
         });
     }
     out.clear();
