@@ -202,6 +202,48 @@ fn restore_to_an_instant_cuts_exactly_there() {
     // The restored server takes new writes after the cut.
     assert!(write_row(&server.api, "acme", 10_000));
     assert!(has_row(&server, "acme", 10_000));
+
+    // A target before the first commit would restore an empty directory (a mistyped
+    // year): refused, and nothing is left behind.
+    let early = dir.path().join("early");
+    let refused = common::restore_at(&uri, "1999-01-01T00:00:00Z", &early);
+    assert!(!refused.success, "{refused:?}");
+    assert!(
+        refused
+            .stderr
+            .contains("is before the first commit the archive holds"),
+        "{refused:?}"
+    );
+    assert!(
+        !early.exists(),
+        "a refused restore left {}",
+        early.display()
+    );
+    // A mistyped archive is named as missing, and neither made nor read into a directory.
+    let typo = dir.path().join("archvie");
+    let typo_uri = file_uri(&typo);
+    let early_arg = early.to_str().expect("utf-8");
+    for args in [
+        vec!["list", "--archive", &typo_uri],
+        vec!["verify", "--archive", &typo_uri],
+        vec![
+            "restore",
+            "--archive",
+            &typo_uri,
+            "--target",
+            "latest",
+            "--data-dir",
+            early_arg,
+        ],
+    ] {
+        let run = oc_pitr(&args);
+        assert!(!run.success, "{args:?}: {run:?}");
+        assert!(
+            run.stderr.contains("no such directory"),
+            "{args:?}: {run:?}"
+        );
+    }
+    assert!(!typo.exists() && !early.exists());
 }
 
 /// A restore whose target falls after a segment's last write and before the next

@@ -74,10 +74,7 @@ pub fn read_archive_manifest_versioned(
     archive: &dyn Archive,
 ) -> Result<(ArchiveManifest, Version), ArchiveError> {
     let Some((bytes, version)) = archive.get(layout::MANIFEST_KEY)? else {
-        return Err(ArchiveError::Uri {
-            uri: layout::MANIFEST_KEY.into(),
-            why: "this archive has no manifest.json: nothing was ever shipped to it".into(),
-        });
+        return Err(ArchiveError::NotAnArchive);
     };
     let manifest =
         ArchiveManifest::decode_checked(&bytes).map_err(|problem| ArchiveError::Unreadable {

@@ -579,6 +579,23 @@ pub fn restore_as(
     purpose: RestoreAs,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Restored, PitrError> {
+    let made_here = !data_dir.exists();
+    let restored = restore_into(root, target, data_dir, purpose, progress);
+    if restored.is_err() && made_here {
+        // A refused or failed restore leaves no directory it made (a half-written
+        // one, or one holding only its lock file, would be mistaken for data).
+        let _ = fs::remove_dir_all(data_dir);
+    }
+    restored
+}
+
+fn restore_into(
+    root: &Arc<dyn Archive>,
+    target: u64,
+    data_dir: &Path,
+    purpose: RestoreAs,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Restored, PitrError> {
     // A directory with other files and no lock file is refused without touching it;
     // otherwise the lock comes first, so a server using it names itself.
     if !data_dir.join(LOCK_FILE).exists() {
@@ -619,6 +636,30 @@ pub fn restore_as(
             e => e,
         },
     )?;
+    let archived_frames = plans
+        .iter()
+        .any(|p| !p.segments.is_empty() || p.tail.is_some());
+    let nothing_restored = restored
+        .iter()
+        .all(|s| s.checkpoint.is_none() && s.last_lsn == Lsn(0));
+    if target != LATEST && archived_frames && nothing_restored {
+        // An empty directory reported as a restore looks like data loss (a mistyped
+        // year): refused, and what this restore made is removed.
+        remove_restore_output(data_dir)?;
+        return Err(PitrError::Refused(format!(
+            "the target {} is before the first commit the archive holds: the restore would \
+             be empty. Nothing was written. Pick a later target (`oc-pitr list` shows each \
+             segment's last commit), or --target latest",
+            format_rfc3339(target)
+        )));
+    }
+    if target != LATEST && target > oc_io::TimestampMicros::now().0 {
+        progress(&format!(
+            "the target {} is in the future: everything archived is restored, as --target \
+             latest does",
+            format_rfc3339(target)
+        ));
+    }
     sync_dir(data_dir)?;
     // The restored directory writes a new epoch from the LSN after the restore point:
     // the old history past it (a dead branch) is never confused with what it writes
@@ -819,6 +860,23 @@ fn restore_audit_log(
 }
 
 /// Refuses a directory holding anything but the lock file.
+/// Removes what a refused restore wrote into `data_dir` (empty before it, but for the
+/// lock file this process holds).
+fn remove_restore_output(data_dir: &Path) -> Result<(), PitrError> {
+    for entry in fs::read_dir(data_dir).map_err(io_err(data_dir))?.flatten() {
+        if entry.file_name() == std::ffi::OsStr::new(LOCK_FILE) {
+            continue;
+        }
+        let path = entry.path();
+        match entry.file_type() {
+            Ok(t) if t.is_dir() => fs::remove_dir_all(&path),
+            _ => fs::remove_file(&path),
+        }
+        .map_err(io_err(&path))?;
+    }
+    Ok(())
+}
+
 fn refuse_unless_empty(data_dir: &Path) -> Result<(), PitrError> {
     let occupied = fs::read_dir(data_dir).is_ok_and(|entries| {
         entries

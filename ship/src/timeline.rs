@@ -216,8 +216,8 @@ pub fn chain(root: &Arc<dyn Archive>) -> Result<Vec<Timeline>, ArchiveError> {
             })
         }
         Err(e) => {
-            return Err(ArchiveError::Uri {
-                uri: lease::LEASE_KEY.into(),
+            return Err(ArchiveError::Unusable {
+                key: lease::LEASE_KEY.into(),
                 why: e.to_string(),
             })
         }
@@ -230,8 +230,8 @@ pub fn chain(root: &Arc<dyn Archive>) -> Result<Vec<Timeline>, ArchiveError> {
         let Some(timeline) = timeline_at(root, epoch)? else {
             skipped += 1;
             if skipped > MAX_EMPTY_EPOCHS {
-                return Err(ArchiveError::Uri {
-                    uri: lease::LEASE_KEY.into(),
+                return Err(ArchiveError::Unusable {
+                    key: lease::LEASE_KEY.into(),
                     why: format!(
                         "names lease epoch {newest}, but more than {MAX_EMPTY_EPOCHS} epochs \
                          up to it hold nothing: a failed promotion leaves one such epoch, \

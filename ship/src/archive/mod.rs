@@ -55,6 +55,12 @@ pub enum ArchiveError {
     },
     #[error("unsupported archive URI {uri:?}: {why}")]
     Uri { uri: String, why: String },
+    /// An archive object that is readable but cannot be used as it is.
+    #[error("archive object {key:?}: {why}")]
+    Unusable { key: String, why: String },
+    /// No archive here: nothing was ever shipped to this location.
+    #[error("no archive here: it holds no manifest.json, so nothing was ever shipped to it (is the location mistyped?)")]
+    NotAnArchive,
 }
 
 /// An object store. Calls block: archives are used from the shipping and restore
@@ -185,6 +191,20 @@ pub fn open_archive(uri: &str) -> Result<Arc<dyn Archive>, ArchiveError> {
         uri: uri.into(),
         why: "use file://<dir> or s3://bucket/prefix".into(),
     })
+}
+
+/// Opens an archive that must exist already (the tools that read one): a `file://`
+/// directory that is not there is refused, not made.
+pub fn open_existing_archive(uri: &str) -> Result<Arc<dyn Archive>, ArchiveError> {
+    if let Some(dir) = uri.strip_prefix("file://") {
+        if !dir.is_empty() && !std::path::Path::new(dir).is_dir() {
+            return Err(ArchiveError::Uri {
+                uri: uri.into(),
+                why: "no such directory: nothing was ever shipped there (is it mistyped?)".into(),
+            });
+        }
+    }
+    open_archive(uri)
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use oc_engine::checkpoint::{decode_checkpoint, manifest_name, parse_manifest_name, snapshot_name};
 use oc_io::fail_stop::LineFormat;
 use oc_io::wal::inspect::describe_segment;
-use oc_ship::archive::open_archive;
+use oc_ship::archive::open_existing_archive;
 use oc_ship::layout::{SegmentKey, TailPieceKey};
 use oc_ship::timestamp::format_rfc3339;
 
@@ -81,14 +81,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Checkpoints { dir } => checkpoints(&dir),
         Command::ArchiveLs { archive, prefix } => {
-            let archive = open_archive(&archive)?;
+            let archive = open_existing_archive(&archive)?;
             for key in archive.list(&prefix)? {
                 println!("{key}");
             }
             Ok(ExitCode::SUCCESS)
         }
         Command::ArchiveShow { archive, key } => {
-            let archive = open_archive(&archive)?;
+            let archive = open_existing_archive(&archive)?;
             let (bytes, _) = archive
                 .get(&key)?
                 .with_context(|| format!("no object {key} in the archive"))?;

@@ -13,7 +13,7 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use oc_io::fail_stop::LineFormat;
-use oc_ship::archive::open_archive;
+use oc_ship::archive::open_existing_archive;
 use oc_ship::catalog::{read_archive_manifest, ShardCatalog};
 use oc_ship::drill;
 use oc_ship::restore::{self, LATEST};
@@ -169,7 +169,7 @@ fn print_timelines(timelines: &[serde_json::Value]) {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::List { archive, output } => {
-            let root = open_archive(&archive)?;
+            let root = open_existing_archive(&archive)?;
             let chain = timeline::chain(&root)?;
             let timelines: Vec<_> = chain.iter().map(timeline_json).collect();
             // The newest history anything was shipped to (the root always counts).
@@ -268,7 +268,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Verify { archive, output } => {
-            let root = open_archive(&archive)?;
+            let root = open_existing_archive(&archive)?;
             let started = Instant::now();
             let chain = timeline::chain(&root)?;
             let timelines: Vec<_> = chain.iter().map(timeline_json).collect();
@@ -367,7 +367,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             keep,
             output,
         } => {
-            let archive = open_archive(&archive)?;
+            let archive = open_existing_archive(&archive)?;
             let live = match live {
                 Some(url) => {
                     let admin_token = match admin_token_file {
@@ -452,7 +452,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 parse_rfc3339(&target).map_err(anyhow::Error::msg)?
             };
-            let archive = open_archive(&archive)?;
+            let archive = open_existing_archive(&archive)?;
             let started = Instant::now();
             let purpose = if for_follower {
                 restore::RestoreAs::Follower
