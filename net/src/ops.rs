@@ -353,12 +353,12 @@ async fn ready(state: &ControlState) -> Response<Full<Bytes>> {
             .follower_not_ready(replication.max_ready_lag_lsn),
     );
     reasons.extend(replication.lease_not_ready());
+    let role = if replication.status.is_follower() {
+        "follower"
+    } else {
+        "writer"
+    };
     if reasons.is_empty() {
-        let role = if replication.status.is_follower() {
-            "follower"
-        } else {
-            "writer"
-        };
         json_response(
             StatusCode::OK,
             json!({"ready": true, "role": role, "shards": shards}),
@@ -366,7 +366,7 @@ async fn ready(state: &ControlState) -> Response<Full<Bytes>> {
     } else {
         json_response(
             StatusCode::SERVICE_UNAVAILABLE,
-            json!({"ready": false, "reasons": reasons, "shards": shards}),
+            json!({"ready": false, "role": role, "reasons": reasons, "shards": shards}),
         )
     }
 }
