@@ -214,12 +214,32 @@ fn admin_refusal(state: &ControlState, req: &Request<Incoming>) -> Option<Respon
     })
 }
 
-/// Whether the query string sets `name` to true (`name=true` or `name=1`).
-fn flag(req: &Request<Incoming>, name: &str) -> bool {
-    req.uri().query().is_some_and(|q| {
-        q.split('&')
-            .any(|p| p == format!("{name}=true") || p == format!("{name}=1"))
-    })
+/// Whether the query string sets `name` (its only parameter) to true: `true` or `1`,
+/// against `false`, `0` or nothing; anything else is a 400 naming what it takes.
+#[allow(clippy::result_large_err)] // the refusal is the response itself
+fn flag(req: &Request<Incoming>, name: &str) -> Result<bool, Response<Full<Bytes>>> {
+    let mut set = false;
+    for pair in req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        set =
+            match pair.split_once('=') {
+                Some((key, "true" | "1")) if key == name => true,
+                Some((key, "false" | "0")) if key == name => false,
+                _ => return Err(admin_error(
+                    400,
+                    "invalid_query_string",
+                    format!(
+                        "unknown query parameter {pair:?}: this endpoint takes {name}=true|false"
+                    ),
+                )),
+            };
+    }
+    Ok(set)
 }
 
 /// `POST /v1/admin/promote[?force=true]` (admin token): this follower becomes the
@@ -228,7 +248,11 @@ async fn promote(state: &Rc<ControlState>, req: Request<Incoming>) -> Response<F
     if let Some(refused) = admin_refusal(state, &req) {
         return refused;
     }
-    match state.replication.promote(flag(&req, "force")).await {
+    let force = match flag(&req, "force") {
+        Ok(force) => force,
+        Err(refused) => return refused,
+    };
+    match state.replication.promote(force).await {
         Ok(answer) => json_response(StatusCode::OK, answer),
         Err(refused) => admin_error(refused.status, refused.code, refused.message),
     }
@@ -241,7 +265,11 @@ async fn step_down(state: &Rc<ControlState>, req: Request<Incoming>) -> Response
     if let Some(refused) = admin_refusal(state, &req) {
         return refused;
     }
-    match state.replication.step_down(flag(&req, "cancel")).await {
+    let cancel = match flag(&req, "cancel") {
+        Ok(cancel) => cancel,
+        Err(refused) => return refused,
+    };
+    match state.replication.step_down(cancel).await {
         Ok(answer) => json_response(StatusCode::OK, answer),
         Err(refused) => admin_error(refused.status, refused.code, refused.message),
     }
