@@ -45,6 +45,9 @@ pub enum DirLockError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// The path names something other than a directory.
+    #[error("{} is not a directory: give a directory (absent ones are made)", path.display())]
+    NotADirectory { path: PathBuf },
 }
 
 /// A held lock; dropping it (or the process ending in any way) releases it.
@@ -63,6 +66,11 @@ impl DirLock {
             let path = path.to_path_buf();
             move |source| DirLockError::Io { path, source }
         };
+        if dir.exists() && !dir.is_dir() {
+            return Err(DirLockError::NotADirectory {
+                path: dir.to_path_buf(),
+            });
+        }
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let path = dir.join(LOCK_FILE);
         let held = |file: Option<&mut File>| {

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::builder::BoolishValueParser;
 use clap::Args;
 use oc_engine::limits::MAX_ROW_BYTES;
 use oc_engine::record::MAX_ONE_ROW_RECORD_BYTES;
@@ -34,7 +35,7 @@ pub struct ServerConfig {
     #[arg(long, env = "OC_SHARDS")]
     pub shards: Option<usize>,
     /// Do not pin shards to CPUs (for machines shared with other heavy processes).
-    #[arg(long, env = "OC_NO_PIN")]
+    #[arg(long, env = "OC_NO_PIN", value_parser = BoolishValueParser::new())]
     pub no_pin: bool,
     /// Microseconds an idle shard spins before parking (0: park at once). Lowers
     /// latency when shards have cores to themselves; wastes CPU when they do not.
@@ -43,7 +44,7 @@ pub struct ServerConfig {
     /// Cut the write-ahead log at the first corrupt frame (or go on without a lost
     /// newest segment) instead of refusing to start. Frames after the cut are lost: use
     /// only after reading the error and the runbook.
-    #[arg(long, env = "OC_TRUNCATE_CORRUPT_WAL")]
+    #[arg(long, env = "OC_TRUNCATE_CORRUPT_WAL", value_parser = BoolishValueParser::new())]
     pub truncate_corrupt_wal: bool,
     /// File holding the admin token (at least 16 bytes; surrounding whitespace is
     /// trimmed), or set the token itself in OC_ADMIN_TOKEN. With a token, every API
@@ -60,10 +61,10 @@ pub struct ServerConfig {
     pub admin_token: Option<String>,
     /// Start even when --data-dir is on tmpfs, ramfs or overlay (a container's writable
     /// layer), where writes are not durable: for throwaway servers only.
-    #[arg(long, env = "OC_ALLOW_UNSAFE_FS")]
+    #[arg(long, env = "OC_ALLOW_UNSAFE_FS", value_parser = BoolishValueParser::new())]
     pub allow_unsafe_fs: bool,
     /// Serve on a non-loopback address without authentication (no admin token).
-    #[arg(long, env = "OC_INSECURE_NO_AUTH")]
+    #[arg(long, env = "OC_INSECURE_NO_AUTH", value_parser = BoolishValueParser::new())]
     pub insecure_no_auth: bool,
     /// Export each request's span to this OTLP/HTTP traces endpoint
     /// (`http://collector:4318/v1/traces`; `/v1/traces` is added to a bare
@@ -226,7 +227,7 @@ pub struct ServerConfig {
     #[arg(long, env = "OC_REPLICATION_TOKEN_FILE")]
     pub replication_token_file: Option<PathBuf>,
     /// Acknowledge a write only once --sync-replicas followers hold it durable.
-    #[arg(long, env = "OC_SYNC_REPLICATION")]
+    #[arg(long, env = "OC_SYNC_REPLICATION", value_parser = BoolishValueParser::new())]
     pub sync_replication: bool,
     /// How many followers must hold a write with --sync-replication.
     #[arg(long, env = "OC_SYNC_REPLICAS", default_value_t = 1)]
@@ -256,7 +257,7 @@ pub struct ServerConfig {
     /// the writer's lease has lapsed (its TTL plus the drift margin), when it is within
     /// --promote-max-lag-lsn and no migration runs. Off by default: a failover is an
     /// operator's decision unless this is set.
-    #[arg(long, env = "OC_AUTO_PROMOTE")]
+    #[arg(long, env = "OC_AUTO_PROMOTE", value_parser = BoolishValueParser::new())]
     pub auto_promote: bool,
     /// A follower further behind the writer than this many frames (on any shard)
     /// answers `/ready` with 503.
@@ -367,21 +368,7 @@ impl ServerConfig {
 
     /// The OTLP exporter's settings, when `--otlp-endpoint` is set.
     pub fn otlp(&self) -> Result<Option<crate::otlp::OtlpConfig>, String> {
-        let Some(endpoint) = &self.otlp_endpoint else {
-            return Ok(None);
-        };
-        let Some(rest) = endpoint
-            .strip_prefix("http://")
-            .or_else(|| endpoint.strip_prefix("https://"))
-        else {
-            return Err(format!(
-                "--otlp-endpoint {endpoint:?} must be an http:// or https:// URL of an OTLP/HTTP receiver"
-            ));
-        };
-        let endpoint = match rest.split_once('/') {
-            Some((_, path)) if !path.is_empty() => endpoint.clone(),
-            _ => format!("{}/v1/traces", endpoint.trim_end_matches('/')),
-        };
+        // Checked with or without an endpoint: a bad value is a mistake either way.
         if !(0.0..=1.0).contains(&self.otlp_sample_ratio) {
             return Err(format!(
                 "--otlp-sample-ratio {} must be from 0 to 1",
@@ -407,6 +394,21 @@ impl ServerConfig {
             }
             resource.push((key.to_string(), value.trim().to_string()));
         }
+        let Some(endpoint) = &self.otlp_endpoint else {
+            return Ok(None);
+        };
+        let Some(rest) = endpoint
+            .strip_prefix("http://")
+            .or_else(|| endpoint.strip_prefix("https://"))
+        else {
+            return Err(format!(
+                "--otlp-endpoint {endpoint:?} must be an http:// or https:// URL of an OTLP/HTTP receiver"
+            ));
+        };
+        let endpoint = match rest.split_once('/') {
+            Some((_, path)) if !path.is_empty() => endpoint.clone(),
+            _ => format!("{}/v1/traces", endpoint.trim_end_matches('/')),
+        };
         if !resource.iter().any(|(k, _)| k == "host.name") {
             let host = oc_ship::lease::hostname();
             resource.push(("host.name".into(), host));
@@ -682,6 +684,13 @@ impl ServerConfig {
             }
         }
         self.otlp()?;
+        if let Some(shards) = self.shards {
+            let most = oc_engine::placement::MAX_SHARDS;
+            if shards == 0 || shards > most {
+                // Before the data directory is made: a refused start leaves nothing.
+                return Err(format!("--shards must be from 1 to {most}, not {shards}"));
+            }
+        }
         if !(self.rate_limit_rps > 0.0 && self.rate_limit_burst >= 1.0) {
             return Err(
                 "--rate-limit-rps must be above 0 and --rate-limit-burst at least 1".into(),
@@ -734,8 +743,9 @@ impl ServerConfig {
             ));
         }
         let wal = self.wal_config();
-        wal.validate()
-            .map_err(|e| format!("--wal-segment-bytes: {e}"))?;
+        wal.validate().map_err(|e| {
+            format!("--wal-segment-bytes: {e}, and here at least {min_segment} (the largest row)")
+        })?;
         assert!(
             wal.max_frame_bytes() >= MAX_ONE_ROW_RECORD_BYTES,
             "a segment of at least {min_segment} bytes takes the largest row"

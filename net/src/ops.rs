@@ -226,18 +226,19 @@ fn flag(req: &Request<Incoming>, name: &str) -> Result<bool, Response<Full<Bytes
         .split('&')
         .filter(|p| !p.is_empty())
     {
-        set =
-            match pair.split_once('=') {
-                Some((key, "true" | "1")) if key == name => true,
-                Some((key, "false" | "0")) if key == name => false,
-                _ => return Err(admin_error(
+        set = match pair.split_once('=') {
+            Some((key, "true" | "1")) if key == name => true,
+            Some((key, "false" | "0")) if key == name => false,
+            _ => {
+                return Err(admin_error(
                     400,
                     "invalid_query_string",
                     format!(
                         "unknown query parameter {pair:?}: this endpoint takes {name}=true|false"
                     ),
-                )),
-            };
+                ))
+            }
+        };
     }
     Ok(set)
 }

@@ -189,7 +189,7 @@ pub fn open_archive(uri: &str) -> Result<Arc<dyn Archive>, ArchiveError> {
     }
     Err(ArchiveError::Uri {
         uri: uri.into(),
-        why: "use file://<dir> or s3://bucket/prefix".into(),
+        why: "use file://<dir> or s3://bucket/prefix (oc-server --archive also takes none)".into(),
     })
 }
 
