@@ -61,6 +61,30 @@ impl Error {
         }
     }
 
+    /// Whether TLS refused the server's certificate (not trusted, expired, another
+    /// name): a setting to fix (`--ca-cert`, the URL's host), not an outage to retry.
+    pub fn certificate_refused(&self) -> bool {
+        let Error::Transport(e) = self else {
+            return false;
+        };
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        while let Some(cause) = source {
+            // An io::Error's source() skips the error it wraps: look inside it too.
+            let mut inner = Some(cause);
+            while let Some(e) = inner {
+                if let Some(rustls::Error::InvalidCertificate(_)) = e.downcast_ref() {
+                    return true;
+                }
+                inner = e
+                    .downcast_ref::<std::io::Error>()
+                    .and_then(|io| io.get_ref())
+                    .map(|wrapped| wrapped as &(dyn std::error::Error + 'static));
+            }
+            source = cause.source();
+        }
+        false
+    }
+
     /// What kind of failure this is, for callers that act per class (the CLI's exit
     /// codes).
     pub fn class(&self) -> ErrorClass {
@@ -146,6 +170,7 @@ pub enum ErrorCode {
     ScanLimitExceeded,
     QueryMemoryExceeded,
     QueryMemoryBusy,
+    DigestBusy,
     QueryTooComplex,
     QueryTimeout,
     AuditUnavailable,
@@ -212,6 +237,7 @@ impl ErrorCode {
             "scan_limit_exceeded" => ScanLimitExceeded,
             "query_memory_exceeded" => QueryMemoryExceeded,
             "query_memory_busy" => QueryMemoryBusy,
+            "digest_busy" => DigestBusy,
             "query_too_complex" => QueryTooComplex,
             "query_timeout" => QueryTimeout,
             "audit_unavailable" => AuditUnavailable,
@@ -241,6 +267,7 @@ impl ErrorCode {
                 | TooManyConnections
                 | LsnNotApplied
                 | QueryMemoryBusy
+                | DigestBusy
         )
     }
 

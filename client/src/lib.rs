@@ -39,6 +39,7 @@
 #![deny(clippy::expect_used)]
 
 mod error;
+mod tls;
 mod types;
 mod watch;
 
@@ -163,9 +164,9 @@ impl ClientBuilder {
             .connect_timeout(Duration::from_secs(5))
             .user_agent(concat!("oc-client/", env!("CARGO_PKG_VERSION")));
         if let Some(pem) = &self.ca_pem {
-            let cert = reqwest::Certificate::from_pem(pem)
+            let tls = tls::trusting(pem)
                 .map_err(|e| Error::InvalidArgument(format!("CA certificate: {e}")))?;
-            http = http.add_root_certificate(cert);
+            http = http.use_preconfigured_tls(tls);
         }
         let http = http
             .build()

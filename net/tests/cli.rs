@@ -109,3 +109,62 @@ fn exit_codes_follow_the_error_class() {
         .expect("oc runs");
     assert_eq!(code(&out), 6, "{}", stderr(&out));
 }
+
+/// A self-signed certificate for `names`, marked as a CA (as `openssl req -x509` makes
+/// them by default) or not, written as PEM files in `dir`: (certificate, key).
+fn self_signed(dir: &Path, stem: &str, names: &[&str], ca: bool) -> (String, String) {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params =
+        rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+            .expect("params");
+    if ca {
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    }
+    let cert = params.self_signed(&key).expect("certificate");
+    let (cert_path, key_path) = (
+        dir.join(format!("{stem}.pem")),
+        dir.join(format!("{stem}.key")),
+    );
+    std::fs::write(&cert_path, cert.pem()).expect("write");
+    std::fs::write(&key_path, key.serialize_pem()).expect("write");
+    let path = |p: std::path::PathBuf| p.to_str().expect("utf-8").to_string();
+    (path(cert_path), path(key_path))
+}
+
+/// `--ca-cert` takes the server's own self-signed certificate whether or not it is
+/// marked as a CA (curl does too), and still checks its name; a certificate the server
+/// does not present is refused as a usage error (2), not an outage to retry (6).
+#[test]
+fn the_ca_cert_option_trusts_a_self_signed_ca_certificate_for_the_right_name_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = self_signed(dir.path(), "server", &["127.0.0.1", "localhost"], true);
+    let server = Server::start(
+        &dir.path().join("data"),
+        &["--tls-cert", &cert, "--tls-key", &key],
+    );
+    assert!(server.api.starts_with("https://"), "{}", server.api);
+    let trusted = oc(&server, None, &["--ca-cert", &cert, "tenants", "list"]);
+    assert_eq!(code(&trusted), 0, "{}", stderr(&trusted));
+
+    // The same kind of certificate, for another name, presented by the server: refused.
+    let (other_name, other_key) = self_signed(dir.path(), "other", &["example.com"], true);
+    drop(server);
+    let server = Server::start(
+        &dir.path().join("data2"),
+        &["--tls-cert", &other_name, "--tls-key", &other_key],
+    );
+    let wrong_name = oc(
+        &server,
+        None,
+        &["--ca-cert", &other_name, "tenants", "list"],
+    );
+    assert_eq!(code(&wrong_name), 2, "{}", stderr(&wrong_name));
+    assert!(
+        stderr(&wrong_name).contains("certificate"),
+        "{}",
+        stderr(&wrong_name)
+    );
+    // A file holding some other certificate: the server's is not trusted.
+    let unrelated = oc(&server, None, &["--ca-cert", &cert, "tenants", "list"]);
+    assert_eq!(code(&unrelated), 2, "{}", stderr(&unrelated));
+}

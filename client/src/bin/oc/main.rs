@@ -206,7 +206,7 @@ struct Failure {
 impl From<Error> for Failure {
     fn from(e: Error) -> Self {
         let code = match e.class() {
-            _ if matches!(e, Error::InvalidArgument(_)) => 2,
+            _ if matches!(e, Error::InvalidArgument(_)) || e.certificate_refused() => 2,
             ErrorClass::Server => 1,
             ErrorClass::Invalid => 3,
             ErrorClass::Auth => 4,
