@@ -179,6 +179,33 @@ fn ints_and_floats_compare_exactly_through_the_key_and_a_scan() {
     }
 }
 
+/// A LIKE pattern over the limit is refused before any row is read, so the answer does
+/// not depend on whether the table has rows for it to reach.
+#[test]
+fn a_like_pattern_over_the_limit_is_refused_with_or_without_rows() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&dir.path().join("data"), &["--shards", "1"]);
+    create_texts(&server, "acme", 0, 1);
+    let long = "a".repeat(300);
+    for (sql, params) in [
+        (
+            format!("SELECT id FROM docs WHERE body LIKE '{long}'"),
+            json!([]),
+        ),
+        (
+            "SELECT id FROM docs WHERE body LIKE $1".to_string(),
+            json!([long]),
+        ),
+    ] {
+        assert_error(
+            &ask(&server, "acme", &sql, params),
+            400,
+            "query_evaluation",
+            "256",
+        );
+    }
+}
+
 /// Counts `tenant`'s docs matching the worst `LIKE` pattern under the length cap, in a
 /// thread of its own.
 fn worst_like_under_the_cap(

@@ -186,6 +186,27 @@ fn decode_vector_params(plan: &Prepared, params: &mut [Value]) -> Result<(), Que
     Ok(())
 }
 
+/// Checks, before any row is read, every LIKE pattern given as a literal or a
+/// parameter (a pattern over the limit is refused whether or not a row would reach it).
+fn check_like_patterns(plan: &Prepared, params: &[Value]) -> Result<(), QueryError> {
+    let mut refused = None;
+    plan.visit_exprs(&mut |e| {
+        let Expr::Like(_, pattern, _) = e else { return };
+        let text = match &**pattern {
+            Expr::Const(Value::Text(t)) => t,
+            Expr::Param(i) => match params.get(*i) {
+                Some(Value::Text(t)) => t,
+                _ => return,
+            },
+            _ => return,
+        };
+        if let Err(why) = super::like::LikePattern::new(text) {
+            refused.get_or_insert(why);
+        }
+    });
+    refused.map_or(Ok(()), |why| Err(QueryError::eval(why)))
+}
+
 impl Execution {
     /// Binds the parameters (the caller's, then the literals moved out of the text).
     pub fn new(
@@ -194,6 +215,7 @@ impl Execution {
         limits: AskLimits,
     ) -> Result<Self, QueryError> {
         decode_vector_params(&plan, &mut params)?;
+        check_like_patterns(&plan, &params)?;
         let count = |e: &Option<Expr>, what: &str| -> Result<Option<usize>, QueryError> {
             let Some(e) = e else { return Ok(None) };
             match &*e.eval(NO_COLUMNS, &params).map_err(eval_err)? {
