@@ -168,3 +168,90 @@ fn the_ca_cert_option_trusts_a_self_signed_ca_certificate_for_the_right_name_onl
     let unrelated = oc(&server, None, &["--ca-cert", &cert, "tenants", "list"]);
     assert_eq!(code(&unrelated), 2, "{}", stderr(&unrelated));
 }
+
+/// `oc watch` resumes a stream the server ends (a restart's `shutdown`) from its last
+/// id, as an EventSource does: changes written after the restart arrive, and none
+/// before it is printed twice but for the batch the id was on.
+#[test]
+fn oc_watch_resumes_across_a_server_restart() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let free = || {
+        let socket = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        socket.local_addr().expect("addr").to_string()
+    };
+    let (api, ops) = (free(), free());
+    let args = [
+        "--shards",
+        "1",
+        "--archive",
+        "none",
+        "--listen",
+        &api,
+        "--ops-listen",
+        &ops,
+    ];
+    let server = Server::start(&data, &args);
+    server.create_tenant_with_items("acme");
+    let write = |server: &Server, id: u64| {
+        let body = serde_json::json!({"ops": [{"upsert": {"id": id, "name": "n", "batch": 1}}]});
+        let reply = server.post("/v1/tenants/acme/tables/items/rows", &body);
+        assert_eq!(reply.status, 200, "{reply:?}");
+    };
+    write(&server, 1);
+    let bin = Path::new(env!("CARGO_BIN_EXE_oc-server")).with_file_name("oc");
+    let mut watch = Command::new(bin)
+        .args(["watch", "acme", "--from-lsn", "0"])
+        .env("OC_URL", &server.api)
+        .env_remove("OC_TOKEN")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("oc watch runs");
+    let (lines_tx, lines) = std::sync::mpsc::channel::<serde_json::Value>();
+    let stdout = watch.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines_tx.send(serde_json::from_str(&line).expect("a JSON line"));
+        }
+    });
+    let wait_for = |id: u64, events: &mut Vec<serde_json::Value>| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !events
+            .iter()
+            .any(|e| e["event"] == "change" && e["data"]["key"]["id"] == id)
+        {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(event) => events.push(event),
+                Err(_) => panic!("no change for row {id}: {events:?}"),
+            }
+        }
+    };
+    let mut events = Vec::new();
+    wait_for(1, &mut events);
+    assert!(server.terminate().success());
+    let server = Server::start(&data, &args);
+    write(&server, 2);
+    wait_for(2, &mut events);
+    let _ = watch.kill();
+    let out = watch.wait_with_output().expect("oc watch ends");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("resuming after"), "{stderr}");
+    assert!(
+        events.iter().any(|e| e["event"] == "shutdown"),
+        "{events:?}"
+    );
+    let changes_of_1 = events
+        .iter()
+        .filter(|e| e["event"] == "change" && e["data"]["key"]["id"] == 1)
+        .count();
+    assert_eq!(
+        changes_of_1, 1,
+        "row 1 printed again after the resume: {events:?}"
+    );
+}

@@ -722,7 +722,7 @@ fn answers_not_read_by_their_clients_count_toward_the_queries_memory_bound() {
         stream.write_all(request.as_bytes()).expect("send");
         unread.push(stream);
         let waited = Instant::now();
-        while held() < (i * 10 << 20) as f64 {
+        while held() < ((i * 10) << 20) as f64 {
             assert!(
                 waited.elapsed() < Duration::from_secs(30),
                 "unread answer {i} holds no query memory: {} bytes held",

@@ -234,12 +234,8 @@ struct ColumnJson {
     name: String,
     #[serde(rename = "type")]
     ty: String,
-    #[serde(default = "nullable_by_default")]
-    nullable: bool,
-}
-
-fn nullable_by_default() -> bool {
-    true
+    /// Absent: nullable, but for primary-key columns, which never are.
+    nullable: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -289,7 +285,17 @@ impl CreateTable {
                     ),
                 )
             })?;
-            columns.push((c.name.as_str(), ty, c.nullable));
+            if c.nullable == Some(true) && self.primary_key.contains(&c.name) {
+                return Err(ApiError::bad_request(
+                    "invalid_schema",
+                    format!(
+                        "column {:?} is part of the primary key, which is never NULL: leave \
+                         \"nullable\" out or set it false",
+                        c.name
+                    ),
+                ));
+            }
+            columns.push((c.name.as_str(), ty, c.nullable.unwrap_or(true)));
         }
         let key: Vec<&str> = self.primary_key.iter().map(String::as_str).collect();
         let index_columns: Vec<Vec<&str>> = self

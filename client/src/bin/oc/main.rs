@@ -105,6 +105,11 @@ enum Command {
         /// Stop after this many events.
         #[arg(long)]
         limit: Option<u64>,
+        /// Stop when the stream ends instead of resuming it (by default a stream the
+        /// server ends, or a lost connection, is resumed from its last id, as an
+        /// EventSource does).
+        #[arg(long)]
+        once: bool,
     },
     /// Entries of the audit log (admin).
     Audit {
@@ -196,6 +201,11 @@ enum Rows {
         min_lsn: Option<u64>,
     },
 }
+
+/// How long `oc watch` waits before resuming a stream that ended, doubling up to the
+/// most while no event arrives.
+const WATCH_FIRST_PAUSE: std::time::Duration = std::time::Duration::from_millis(250);
+const WATCH_MOST_PAUSE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A failure of the command itself, with its exit code.
 struct Failure {
@@ -546,30 +556,77 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             last_event_id,
             from_lsn,
             limit,
+            once,
         } => {
-            let options = WatchOptions {
+            let mut position = WatchOptions {
                 tables: tables.clone(),
                 from_lsn: *from_lsn,
                 last_event_id: last_event_id.clone(),
                 token: None,
             };
-            let mut stream = oc.watch(tenant, &options).await?;
             let mut seen = 0;
+            let mut pause = WATCH_FIRST_PAUSE;
             let stdout = std::io::stdout();
-            while limit.is_none_or(|l| seen < l) {
-                let Some(event) = stream.next().await else {
-                    break;
+            loop {
+                let ended = match oc.watch(tenant, &position).await {
+                    Ok(mut stream) => {
+                        let mut ended = None;
+                        while limit.is_none_or(|l| seen < l) {
+                            let event = match stream.next().await {
+                                None => break,
+                                Some(Err(e)) => {
+                                    ended = Some(e.to_string());
+                                    break;
+                                }
+                                Some(Ok(event)) => event,
+                            };
+                            pause = WATCH_FIRST_PAUSE;
+                            let line =
+                                json!({"event": event.event, "data": event.data, "id": event.id});
+                            let mut lock = stdout.lock();
+                            if writeln!(lock, "{line}")
+                                .and_then(|()| lock.flush())
+                                .is_err()
+                            {
+                                return Ok(()); // the reader went away (a closed pipe)
+                            }
+                            seen += 1;
+                            match event.event.as_str() {
+                                // The stream ends for good: nothing to resume.
+                                "tenant_dropped" => return Ok(()),
+                                "revoked" => {
+                                    return Err(Failure {
+                                        code: 4,
+                                        message: format!(
+                                            "the stream's API key was revoked: {}",
+                                            event.data
+                                        ),
+                                    })
+                                }
+                                _ => {}
+                            }
+                        }
+                        if let Some(id) = stream.last_event_id() {
+                            position.last_event_id = Some(id.to_string());
+                        }
+                        ended.unwrap_or_else(|| "the server ended the stream".into())
+                    }
+                    Err(e) if e.class() == ErrorClass::Unavailable && !once => e.to_string(),
+                    Err(e) => return Err(e.into()),
                 };
-                let event = event?;
-                let line = json!({"event": event.event, "data": event.data, "id": event.id});
-                let mut lock = stdout.lock();
-                if writeln!(lock, "{line}")
-                    .and_then(|()| lock.flush())
-                    .is_err()
-                {
-                    break; // the reader went away (a closed pipe)
+                if *once || limit.is_some_and(|l| seen >= l) {
+                    return Ok(());
                 }
-                seen += 1;
+                eprintln!(
+                    "oc: watch: {ended}; resuming after {} in {} ms",
+                    position
+                        .last_event_id
+                        .as_deref()
+                        .unwrap_or("the start position"),
+                    pause.as_millis()
+                );
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(WATCH_MOST_PAUSE);
             }
         }
         Command::Audit {
