@@ -204,14 +204,6 @@ fn bad_input_gets_the_documented_error_and_the_server_keeps_serving() {
         400,
         "invalid_schema",
     );
-    assert_error(
-        &server.post(
-            "/v1/tenants/acme/tables",
-            &json!({"name": "t", "columns": [{"name": "id", "type": "int", "nullable": true}], "primary_key": ["id"]}),
-        ),
-        400,
-        "invalid_schema",
-    );
     let huge = json!({"ops": [{"upsert": {"id": 1, "name": "x".repeat(5000)}}]});
     assert_error(&server.post(rows, &huge), 413, "body_too_large");
     assert_error(&server.get(&format!("{rows}/1/2")), 400, "invalid_key");

@@ -234,8 +234,14 @@ struct ColumnJson {
     name: String,
     #[serde(rename = "type")]
     ty: String,
-    /// Absent: nullable, but for primary-key columns, which never are.
-    nullable: Option<bool>,
+    /// Ignored for primary-key columns, which are never null: clients send the default
+    /// (`true`) for every column, and refusing it would break them.
+    #[serde(default = "nullable_by_default")]
+    nullable: bool,
+}
+
+fn nullable_by_default() -> bool {
+    true
 }
 
 #[derive(Deserialize)]
@@ -285,17 +291,7 @@ impl CreateTable {
                     ),
                 )
             })?;
-            if c.nullable == Some(true) && self.primary_key.contains(&c.name) {
-                return Err(ApiError::bad_request(
-                    "invalid_schema",
-                    format!(
-                        "column {:?} is part of the primary key, which is never NULL: leave \
-                         \"nullable\" out or set it false",
-                        c.name
-                    ),
-                ));
-            }
-            columns.push((c.name.as_str(), ty, c.nullable.unwrap_or(true)));
+            columns.push((c.name.as_str(), ty, c.nullable));
         }
         let key: Vec<&str> = self.primary_key.iter().map(String::as_str).collect();
         let index_columns: Vec<Vec<&str>> = self
