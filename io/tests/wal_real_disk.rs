@@ -1310,5 +1310,63 @@ fn a_log_ending_before_its_archived_copy_is_refused() {
             .expect("open with the archive as far");
         assert_eq!(frames.len(), 600);
         wal.close().await.expect("close");
+        drop(wal);
+
+        // A log with no segment left, where the archive holds some.
+        for name in segment_files(dir.path()) {
+            std::fs::remove_file(dir.path().join(name)).expect("remove");
+        }
+        match open(dir.path(), with(reaching), Lsn(1)).await {
+            Err(Error::Corrupt { reason, .. }) => {
+                assert!(reason.contains("it has no segment"), "{reason}");
+            }
+            other => panic!("expected a refusal, got {:?}", other.map(|(_, _, r)| r)),
+        }
+    });
+
+    // A log's only segment with its header and first group damaged reads like a segment
+    // made but never used, which recovery removes: not when the archive holds its frames.
+    let dir = tempfile::tempdir().expect("tempdir");
+    run_local(async {
+        let (wal, _, _) = open(dir.path(), WalConfig::default(), Lsn(1))
+            .await
+            .expect("open");
+        for i in 0..10 {
+            wal.append(KIND, b"", &payload(i)).await.expect("append");
+        }
+        let tail = wal.durable_tail().expect("a durable tail");
+        wal.close().await.expect("close");
+        drop(wal);
+        let (_, epoch, first_lsn) = parse_segment_name(&tail.segment).expect("segment name");
+        let only = dir.path().join(&tail.segment);
+        damage(&only, 0, &[0; 8192]);
+        let archived = ArchivedLog {
+            sealed_lsn: Lsn(0),
+            tail: Some(ArchivedTail {
+                epoch,
+                first_lsn,
+                end: tail.end,
+            }),
+        };
+        let config = WalConfig {
+            archived: Some(archived),
+            ..WalConfig::default()
+        };
+        match open(dir.path(), config, Lsn(1)).await {
+            Err(Error::Corrupt { file, reason, .. }) => {
+                assert_eq!(file, tail.segment);
+                assert!(
+                    reason.contains("the archive holds frames of this segment"),
+                    "{reason}"
+                );
+            }
+            other => panic!("expected a refusal, got {:?}", other.map(|(_, _, r)| r)),
+        }
+        assert!(only.exists(), "the refusal removed the segment");
+        // Without an archive it reads as never used, as before.
+        let (_, frames, report) = open(dir.path(), WalConfig::default(), Lsn(1))
+            .await
+            .expect("open");
+        assert!(frames.is_empty() && report.removed == vec![tail.segment.clone()]);
     });
 }

@@ -627,8 +627,9 @@ where
         .header_read_timeout(settings.header_read_timeout)
         .keep_alive(true)
         // hyper's read and write buffers per connection (default ~400 KiB): a request
-        // head is far smaller, a whole answer is queued as one buffer regardless, and
-        // a `/watch` reader that stops must not hold 400 KiB of events here.
+        // head is far smaller, a whole answer is handed over 64 KiB at a time
+        // (`api::SlicedBody`), and a `/watch` reader that stops must not hold 400 KiB
+        // of events here.
         .max_buf_size(HYPER_BUFFER_BYTES);
     let mut conn = builder.serve_connection(io, service);
     // Idleness is checked a few times per idle timeout: a thousand open `/watch`

@@ -63,9 +63,22 @@ pub struct ControlState {
 /// at once, is answered. A flood cannot take the control executor's descriptors, and
 /// cannot make a healthy server fail its probes either.
 pub const MAX_OPS_CONNECTIONS: usize = 64;
-/// The ops listener's connections, oldest first: (id, whether a request of it is being
-/// answered, the task serving it).
-type OpenConnections = Rc<RefCell<VecDeque<(u64, Rc<Cell<bool>>, glommio::task::JoinHandle<()>)>>>;
+/// The ops listener's connections, oldest first: (id, how far it got, the task serving
+/// it).
+type OpenConnections =
+    Rc<RefCell<VecDeque<(u64, Rc<Cell<OpsStage>>, glommio::task::JoinHandle<()>)>>>;
+
+/// How far an ops connection got, in the order connections are closed to make room: the
+/// oldest of the first stage present goes.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum OpsStage {
+    /// Nothing sent when accepted, nothing being answered (an idle flood's).
+    Quiet,
+    /// Bytes were waiting when it was accepted (a probe sends at once), not answered yet.
+    Sent,
+    /// A request of it is being answered.
+    Answering,
+}
 
 /// Time for an ops client to send its request headers (probes send them at once).
 const OPS_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
@@ -85,10 +98,12 @@ pub async fn serve_ops(listener: TcpListener, state: Rc<ControlState>) {
         };
         if open.borrow().len() >= MAX_OPS_CONNECTIONS {
             let mut open = open.borrow_mut();
-            // A flood of connections that send nothing must not close one whose
-            // request is being answered (a probe's, usually).
-            let idle = open.iter().position(|(_, answering, _)| !answering.get());
-            if let Some((_, _, oldest)) = open.remove(idle.unwrap_or(0)) {
+            // A flood of connections that send nothing, or a byte, must not close one
+            // whose request is being answered (a probe's, usually).
+            let stages = open.iter().map(|(_, stage, _)| stage.get());
+            let first = stages.clone().min().unwrap_or(OpsStage::Quiet);
+            let victim = stages.clone().position(|s| s == first).unwrap_or(0);
+            if let Some((_, _, oldest)) = open.remove(victim) {
                 oldest.cancel(); // drops its connection
             }
         }
@@ -97,16 +112,20 @@ pub async fn serve_ops(listener: TcpListener, state: Rc<ControlState>) {
         let (state, registry) = (state.clone(), open.clone());
         // A probe's request is usually there by the time its connection is accepted
         // (the client sends it as soon as its connect returns); a flood's is not.
-        let answering = Rc::new(Cell::new(has_bytes_waiting(&stream)));
-        let marker = answering.clone();
+        let stage = Rc::new(Cell::new(if has_bytes_waiting(&stream) {
+            OpsStage::Sent
+        } else {
+            OpsStage::Quiet
+        }));
+        let marker = stage.clone();
         let handle = glommio::spawn_local(async move {
             let (io, _) = PlainStream::new(stream);
             let service = service_fn(move |req| {
                 let (state, marker) = (state.clone(), marker.clone());
                 async move {
-                    marker.set(true);
+                    marker.set(OpsStage::Answering);
                     let answer = handle(state, req).await;
-                    marker.set(false);
+                    marker.set(OpsStage::Quiet);
                     answer
                 }
             });
@@ -118,7 +137,7 @@ pub async fn serve_ops(listener: TcpListener, state: Rc<ControlState>) {
             registry.borrow_mut().retain(|(other, _, _)| *other != id);
         })
         .detach();
-        open.borrow_mut().push_back((id, answering, handle));
+        open.borrow_mut().push_back((id, stage, handle));
     }
 }
 

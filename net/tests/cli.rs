@@ -255,3 +255,34 @@ fn oc_watch_resumes_across_a_server_restart() {
         "row 1 printed again after the resume: {events:?}"
     );
 }
+
+/// A server never reached is reported, not waited for: `oc watch` resumes only a stream
+/// that was open.
+#[test]
+fn oc_watch_reports_a_server_it_never_reached() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let bin = Path::new(env!("CARGO_BIN_EXE_oc-server")).with_file_name("oc");
+    let mut child = Command::new(bin)
+        .args(["watch", "acme"])
+        .env("OC_URL", format!("http://127.0.0.1:{port}"))
+        .env_remove("OC_TOKEN")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("oc watch runs");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("oc watch kept waiting for a server it never reached");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(6));
+}

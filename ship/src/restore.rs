@@ -579,7 +579,13 @@ pub fn restore_as(
     purpose: RestoreAs,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Restored, PitrError> {
-    let made_here = !data_dir.exists();
+    // Made here only if this call creates it (not a dangling symlink, nor a directory
+    // another process made in the meantime).
+    let made_here = fs::symlink_metadata(data_dir).is_err()
+        && data_dir
+            .parent()
+            .is_none_or(|parent| fs::create_dir_all(parent).is_ok())
+        && fs::create_dir(data_dir).is_ok();
     let restored = restore_into(root, target, data_dir, purpose, progress);
     if restored.is_err() && made_here {
         // A refused or failed restore leaves no directory it made (a half-written

@@ -105,8 +105,11 @@ pub fn normalize(sql: &str) -> Result<Normalized, QueryError> {
             }
             other => other,
         };
+        // In prefix position only: the NOT of `x NOT LIKE y` or `IS NOT NULL` joins.
         let prefix = match &token {
-            Token::Word(w) => w.quote_style.is_none() && w.keyword == Keyword::NOT,
+            Token::Word(w) if w.quote_style.is_none() && w.keyword == Keyword::NOT => {
+                minus_is_unary(out.tokens.last().map(|t| &t.token))
+            }
             Token::Minus | Token::Plus => minus_is_unary(out.tokens.last().map(|t| &t.token)),
             _ => false,
         };
@@ -230,6 +233,12 @@ fn minus_is_unary(prev: Option<&Token>) -> bool {
                     w.keyword,
                     Keyword::SELECT
                         | Keyword::WHERE
+                        | Keyword::WHEN
+                        | Keyword::THEN
+                        | Keyword::ELSE
+                        | Keyword::BY
+                        | Keyword::LIMIT
+                        | Keyword::OFFSET
                         | Keyword::AND
                         | Keyword::OR
                         | Keyword::NOT

@@ -209,7 +209,12 @@ impl<S: Storage> Shard<S> {
                     why: format!(
                         "no usable checkpoint covers the log before LSN {first_available} \
                          ({}); {}",
-                        if unusable.is_empty() {
+                        if let Some(lsn) = checkpoint {
+                            format!(
+                                "the checkpoint at LSN {lsn} loaded, but the log after it is \
+                                 missing: were segments deleted?"
+                            )
+                        } else if unusable.is_empty() {
                             "no checkpoint file is in the shard's directory: were they \
                              deleted?"
                                 .to_string()

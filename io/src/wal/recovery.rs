@@ -614,6 +614,21 @@ pub(crate) async fn recover<S: Storage>(
                     .and_then(|data| frame::decode(data).ok())
                     .is_some_and(|f| f.lsn == *name_lsn && f.group_index == 0);
                 if is_last && !real_frames && !previous_promised {
+                    let (_, name_epoch, _) = &names[index];
+                    let archived = config.archived.and_then(|a| a.tail);
+                    if archived.is_some_and(|t| (t.epoch, t.first_lsn) == (*name_epoch, *name_lsn))
+                    {
+                        return Err(corrupt(
+                            0,
+                            format!(
+                                "segment header unreadable ({err:?}), but the archive holds \
+                                 frames of this segment, shipped once they were durable: it was \
+                                 damaged after it was written, and is not removed. Restore from \
+                                 the archive (RUNBOOK.md, \"The archive holds frames the log \
+                                 lacks\")"
+                            ),
+                        ));
+                    }
                     drop(file);
                     storage.remove(name).await?;
                     report.removed.push(name.clone());
@@ -891,8 +906,28 @@ pub(crate) async fn recover<S: Storage>(
         Some(next) => next,
         None => replay_from.max(Lsn(1)),
     };
-    if let Some(active) = &active {
-        check_archived_log(config, active, next_lsn)?;
+    match &active {
+        Some(active) => check_archived_log(config, active, next_lsn)?,
+        // The active segment is never released: a log without one that the archive
+        // holds anything of has lost its files.
+        None => match config.archived {
+            Some(a) if a.sealed_lsn > Lsn(0) || a.tail.is_some() => {
+                return Err(Error::Corrupt {
+                    file: format!("the write-ahead log of shard {}", config.shard),
+                    offset: 0,
+                    reason: format!(
+                        "it has no segment, but the archive holds {}, shipped once durable: \
+                         the log's files were lost. Restore from the archive (RUNBOOK.md, \
+                         \"The archive holds frames the log lacks\")",
+                        match a.tail {
+                            Some(t) => format!("a segment from LSN {} with frames", t.first_lsn),
+                            None => format!("sealed segments to LSN {}", a.sealed_lsn),
+                        }
+                    ),
+                })
+            }
+            _ => {}
+        },
     }
     report.segments = segments.iter().map(|s| s.name.clone()).collect();
     let last_commit_ts = report.last_commit_ts;

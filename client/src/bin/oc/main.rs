@@ -566,14 +566,19 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             };
             let mut seen = 0;
             let mut pause = WATCH_FIRST_PAUSE;
+            let mut connected = false;
             let stdout = std::io::stdout();
             loop {
                 let ended = match oc.watch(tenant, &position).await {
                     Ok(mut stream) => {
+                        connected = true;
                         let mut ended = None;
                         while limit.is_none_or(|l| seen < l) {
                             let event = match stream.next().await {
                                 None => break,
+                                // An event this client cannot read would be read again.
+                                Some(Err(e @ Error::Decode(_))) => return Err(e.into()),
+                                Some(Err(e)) if *once => return Err(e.into()),
                                 Some(Err(e)) => {
                                     ended = Some(e.to_string());
                                     break;
@@ -611,7 +616,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                         }
                         ended.unwrap_or_else(|| "the server ended the stream".into())
                     }
-                    Err(e) if e.class() == ErrorClass::Unavailable && !once => e.to_string(),
+                    // Resumed only once a stream was open: a server never reached (a
+                    // wrong URL or port, a refused certificate) is an error to report.
+                    Err(e)
+                        if connected
+                            && !once
+                            && e.class() == ErrorClass::Unavailable
+                            && !e.certificate_refused() =>
+                    {
+                        e.to_string()
+                    }
                     Err(e) => return Err(e.into()),
                 };
                 if *once || limit.is_some_and(|l| seen >= l) {
