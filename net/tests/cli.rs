@@ -177,21 +177,8 @@ fn oc_watch_resumes_across_a_server_restart() {
     use std::io::BufRead;
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
-    let free = || {
-        let socket = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        socket.local_addr().expect("addr").to_string()
-    };
-    let (api, ops) = (free(), free());
-    let args = [
-        "--shards",
-        "1",
-        "--archive",
-        "none",
-        "--listen",
-        &api,
-        "--ops-listen",
-        &ops,
-    ];
+    let (api, ops) = (common::free_addr(), common::free_addr());
+    let args = common::fixed_addr_args(&api, &ops, "1");
     let server = Server::start(&data, &args);
     server.create_tenant_with_items("acme");
     let write = |server: &Server, id: u64| {
@@ -260,14 +247,11 @@ fn oc_watch_resumes_across_a_server_restart() {
 /// that was open.
 #[test]
 fn oc_watch_reports_a_server_it_never_reached() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
+    let nobody = common::free_addr();
     let bin = Path::new(env!("CARGO_BIN_EXE_oc-server")).with_file_name("oc");
     let mut child = Command::new(bin)
         .args(["watch", "acme"])
-        .env("OC_URL", format!("http://127.0.0.1:{port}"))
+        .env("OC_URL", format!("http://{nobody}"))
         .env_remove("OC_TOKEN")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())

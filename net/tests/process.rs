@@ -92,21 +92,8 @@ fn fatal_lines(stderr: &str) -> Vec<&str> {
 fn a_restart_right_after_a_kill_9_on_the_same_ports_comes_up() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
-    let free = || {
-        let socket = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        socket.local_addr().expect("addr").to_string()
-    };
-    let (api, ops) = (free(), free());
-    let args = [
-        "--shards",
-        "2",
-        "--archive",
-        "none",
-        "--listen",
-        &api,
-        "--ops-listen",
-        &ops,
-    ];
+    let (api, ops) = (common::free_addr(), common::free_addr());
+    let args = common::fixed_addr_args(&api, &ops, "2");
     for id in 1..=20 {
         let server = Server::start(&data, &args);
         if id == 1 {

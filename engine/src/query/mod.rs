@@ -20,7 +20,7 @@ mod normalize;
 mod plan;
 
 pub use cache::{PlanCache, PlanCacheStats, PLAN_CACHE_BYTES, PLAN_CACHE_ENTRIES};
-pub use exec::{AskAnswer, Execution};
+pub use exec::{shared_memory_refusal, AskAnswer, Execution};
 pub use expr::{param_from_json, Metric};
 pub use like::MAX_LIKE_PATTERN_CHARS;
 pub use normalize::{normalize, Normalized, MAX_QUERY_OPERATORS};

@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use hyper::StatusCode;
 use oc_engine::idempotency::MAX_KEY_BYTES as MAX_IDEMPOTENCY_KEY_BYTES;
-use oc_engine::query::{param_from_json, AskAnswer, AskLimits, QueryError, QueryErrorKind};
-use oc_engine::quota::QueryMemoryRefused;
+use oc_engine::query::{
+    param_from_json, shared_memory_refusal, AskAnswer, AskLimits, QueryError, QueryErrorKind,
+};
 use oc_engine::stages::{Laps, Stage};
 use oc_engine::{
     owner_of, ColumnType, ShardNode, ShardRouter, Table, TableSchema, Tenant, TenantId, WriteOp,
@@ -781,28 +782,11 @@ fn charged_answer(bytes: Vec<u8>) -> Result<bytes::Bytes, ApiError> {
     let mut memory = oc_engine::quota::QueryMemory::default();
     let len = bytes.len();
     memory.cover(len).map_err(|refused| {
-        query_error(match refused {
-            QueryMemoryRefused::Busy {
-                held_bytes,
-                limit_bytes,
-            } => QueryError::new(
-                QueryErrorKind::MemoryBusy,
-                format!(
-                    "the running queries and the answers not yet read by their clients hold \
-                     {held_bytes} of the {limit_bytes} bytes they may hold together \
-                     (--ask-shared-memory-bytes), too few left for this answer's {len} bytes; \
-                     retry shortly"
-                ),
-            ),
-            QueryMemoryRefused::AloneOver { limit_bytes } => QueryError::new(
-                QueryErrorKind::MemoryLimit,
-                format!(
-                    "the answer's {len} bytes pass the {limit_bytes} bytes all running queries \
-                     and unsent answers may hold together (--ask-shared-memory-bytes); add a \
-                     LIMIT or select fewer columns"
-                ),
-            ),
-        })
+        query_error(shared_memory_refusal(
+            refused,
+            &format!("this answer's {len} bytes"),
+            "add a LIMIT or select fewer columns",
+        ))
     })?;
     Ok(bytes::Bytes::from_owner(ChargedAnswer {
         bytes,

@@ -565,6 +565,27 @@ pub fn self_signed_cert(dir: &Path) -> (PathBuf, PathBuf, rcgen::CertifiedKey) {
     (cert, key, certified)
 }
 
+/// A loopback address with a port free now (for a server restarted on the same ports).
+pub fn free_addr() -> String {
+    let socket = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    socket.local_addr().expect("addr").to_string()
+}
+
+/// Arguments that put a server on `api` and `ops` with `shards` shards and no archive:
+/// restarts of it answer on the same addresses.
+pub fn fixed_addr_args<'a>(api: &'a str, ops: &'a str, shards: &'a str) -> [&'a str; 8] {
+    [
+        "--shards",
+        shards,
+        "--archive",
+        "none",
+        "--listen",
+        api,
+        "--ops-listen",
+        ops,
+    ]
+}
+
 /// `cp -a` of a stopped data directory, as a volume snapshot or "stop, copy, start"
 /// would make it: every file, the lock file and the layout (with its id) included.
 pub fn copy_dir(from: &Path, to: &Path) {

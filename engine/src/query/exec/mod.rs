@@ -207,6 +207,31 @@ fn check_like_patterns(plan: &Prepared, params: &[Value]) -> Result<(), QueryErr
     refused.map_or(Ok(()), |why| Err(QueryError::eval(why)))
 }
 
+/// The error for `what` (a query, an answer) that the memory running queries and unread
+/// answers share (`--ask-shared-memory-bytes`) cannot cover; `fix` says how to need less.
+pub fn shared_memory_refusal(refused: QueryMemoryRefused, what: &str, fix: &str) -> QueryError {
+    match refused {
+        QueryMemoryRefused::Busy {
+            held_bytes,
+            limit_bytes,
+        } => QueryError::new(
+            QueryErrorKind::MemoryBusy,
+            format!(
+                "the running queries and the answers not yet read by their clients hold \
+                 {held_bytes} of the {limit_bytes} bytes they may hold together \
+                 (--ask-shared-memory-bytes), too few left for {what}; retry shortly"
+            ),
+        ),
+        QueryMemoryRefused::AloneOver { limit_bytes } => QueryError::new(
+            QueryErrorKind::MemoryLimit,
+            format!(
+                "{what} needs more than the {limit_bytes} bytes all running queries and unsent \
+                 answers may hold together (--ask-shared-memory-bytes); {fix}"
+            ),
+        ),
+    }
+}
+
 impl Execution {
     /// Binds the parameters (the caller's, then the literals moved out of the text).
     pub fn new(
@@ -396,22 +421,12 @@ impl Execution {
         }
         self.shared_memory
             .cover(self.held_bytes)
-            .map_err(|refused| match refused {
-                QueryMemoryRefused::Busy {
-                    held_bytes,
-                    limit_bytes,
-                } => QueryError::new(
-                    QueryErrorKind::MemoryBusy,
-                    format!(
-                        "the running queries hold {held_bytes} of the {limit_bytes} bytes they may hold together (--ask-shared-memory-bytes), too few left for this one; retry shortly"
-                    ),
-                ),
-                QueryMemoryRefused::AloneOver { limit_bytes } => QueryError::new(
-                    QueryErrorKind::MemoryLimit,
-                    format!(
-                        "the query needs more than the {limit_bytes} bytes all running queries may hold together (--ask-shared-memory-bytes); add a LIMIT, narrow the WHERE or group by fewer values"
-                    ),
-                ),
+            .map_err(|refused| {
+                shared_memory_refusal(
+                    refused,
+                    "this query",
+                    "add a LIMIT, narrow the WHERE or group by fewer values",
+                )
             })
     }
 
