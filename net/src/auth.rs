@@ -58,6 +58,10 @@ pub fn identify(headers: &HeaderMap, config: &AuthConfig) -> Result<Caller, ApiE
             "send `Authorization: Bearer <API key or admin token>`",
         ));
     };
+    // A proxy in front may take another of them than this server would: ambiguous.
+    if headers.get_all(AUTHORIZATION).iter().nth(1).is_some() {
+        return Err(unauthorized("send one Authorization header, not several"));
+    }
     let token = value
         .to_str()
         .ok()
@@ -285,6 +289,18 @@ mod tests {
         }
         let e = identify(&HeaderMap::new(), &config).expect_err("missing");
         assert_eq!(e.status, StatusCode::UNAUTHORIZED);
+        let mut twice = headers("s3cret-admin-token");
+        twice.append(
+            AUTHORIZATION,
+            "Bearer s3cret-admin-token".parse().expect("header"),
+        );
+        let e = identify(&twice, &config).expect_err("two headers");
+        assert_eq!(e.status, StatusCode::UNAUTHORIZED);
+        assert!(
+            e.message.contains("one Authorization header"),
+            "{}",
+            e.message
+        );
         assert!(matches!(
             identify(&HeaderMap::new(), &AuthConfig::default()),
             Ok(Caller::Anyone)
