@@ -168,9 +168,13 @@ fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Full<B
 
 async fn handle(
     state: Rc<ControlState>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let started = Instant::now();
+    // HEAD is answered as GET (a probe that only looks at the status); hyper sends no body.
+    if req.method() == Method::HEAD {
+        *req.method_mut() = Method::GET;
+    }
     let (route, response) = match (req.method(), req.uri().path()) {
         (&Method::GET, "/health") => ("health", health(&state)),
         (&Method::GET, "/ready") => ("ready", ready(&state).await),

@@ -1018,3 +1018,42 @@ fn a_client_that_half_closes_in_the_middle_of_a_body_is_told_after_a_grace() {
     );
     assert_alive_and_ready(&server);
 }
+
+/// HEAD is answered as GET without a body, on both listeners: a pipelined GET after it
+/// reads its own answer (a body sent for the HEAD would be read as the next answer).
+#[test]
+fn head_requests_get_the_get_answer_without_its_body() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&dir.path().join("data"), &["--shards", "1"]);
+    server.create_tenant_with_items("acme");
+    for (base, path) in [
+        (&server.api, "/v1/ping"),
+        (&server.api, "/v1/tenants/acme/tables"),
+        (&server.ops, "/health"),
+    ] {
+        let addr = base.trim_start_matches("http://");
+        let mut stream = TcpStream::connect(addr).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let requests = format!(
+            "HEAD {path} HTTP/1.1\r\nhost: x\r\n\r\nGET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+        );
+        stream.write_all(requests.as_bytes()).expect("send");
+        let mut answers = String::new();
+        stream.read_to_string(&mut answers).expect("read");
+        let heads: Vec<&str> = answers.matches("HTTP/1.1 200").collect();
+        assert_eq!(heads.len(), 2, "{path}: {answers}");
+        let (head, get) = answers.split_at(answers.rfind("HTTP/1.1 200").expect("second"));
+        assert!(
+            head.ends_with("\r\n\r\n"),
+            "{path}: the HEAD answer has a body: {head:?}"
+        );
+        let length: usize = get
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .and_then(|n| n.trim().parse().ok())
+            .expect("content-length");
+        assert!(length > 0 && get.ends_with('}'), "{path}: {get:?}");
+    }
+}

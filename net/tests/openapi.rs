@@ -76,7 +76,7 @@ fn the_contract_and_the_ping_are_served_without_credentials_and_match_the_build(
         ADMIN,
     );
     assert_eq!(post.status, 405, "{post:?}");
-    assert_eq!(post.allow.as_deref(), Some("GET"), "{post:?}");
+    assert_eq!(post.allow.as_deref(), Some("GET, HEAD"), "{post:?}");
     // A body it never reads (2 MiB): it answers and closes the connection (the client
     // may see only the close, mid-send), and the server serves on.
     let padded = "x".repeat(2 << 20);

@@ -221,9 +221,14 @@ impl hyper::body::Body for SlicedBody {
 /// Answers one request; never fails (errors become JSON responses).
 pub async fn handle(
     ctx: Rc<ApiContext>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Result<Response<ApiBody>, Infallible> {
     let started = Instant::now();
+    // HEAD is answered as GET; hyper, which read the request as HEAD, sends the head
+    // (Content-Length included) without the body.
+    if req.method() == Method::HEAD {
+        *req.method_mut() = Method::GET;
+    }
     let request_id = client_request_id(&req).unwrap_or_else(|| ctx.new_request_id());
     let method = req.method().clone();
     let path = req.uri().path().to_string();
@@ -411,11 +416,11 @@ fn route_name(method: &Method, path: &str) -> &'static str {
 /// The `Allow` header for a known route.
 fn allowed_methods(path: &str) -> Option<&'static str> {
     Some(match route_name(&Method::GET, path) {
-        "tenants" | "tables" | "keys" | "migrations" => "GET, POST",
+        "tenants" | "tables" | "keys" | "migrations" => "GET, HEAD, POST",
         "key" => "DELETE",
-        "tenant" | "table" => "GET, DELETE",
+        "tenant" | "table" => "GET, HEAD, DELETE",
         "usage" | "row_get" | "watch" | "audit_logs" | "admin_digest" | "openapi" | "migration"
-        | "ping" => "GET",
+        | "ping" => "GET, HEAD",
         "rows_write" | "ask" | "watch_tokens" | "migration_abort" => "POST",
         _ => return None,
     })
