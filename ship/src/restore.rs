@@ -865,7 +865,6 @@ fn restore_audit_log(
     }
 }
 
-/// Refuses a directory holding anything but the lock file.
 /// Removes what a refused restore wrote into `data_dir` (empty before it, but for the
 /// lock file this process holds).
 fn remove_restore_output(data_dir: &Path) -> Result<(), PitrError> {
@@ -883,6 +882,7 @@ fn remove_restore_output(data_dir: &Path) -> Result<(), PitrError> {
     Ok(())
 }
 
+/// Refuses a directory holding anything but the lock file.
 fn refuse_unless_empty(data_dir: &Path) -> Result<(), PitrError> {
     let occupied = fs::read_dir(data_dir).is_ok_and(|entries| {
         entries

@@ -1063,9 +1063,6 @@ pub async fn revoke_key(
 /// something else.
 const DIGEST_SLICE_ROWS: usize = 4096;
 
-/// `GET /v1/admin/digest`: where each shard's log stands and, unless `tables` is false,
-/// every table summed up (`oc_engine::digest`), for `oc-pitr drill --live`. Tables are
-/// digested a slice at a time; one written to meanwhile gets no digest.
 /// Digests that may run at once. Each reads every row of the server a slice at a time,
 /// and one whose caller has left runs on to its end on the shards: callers that ask and
 /// leave, over and over, would otherwise pile digests up until every tenant's requests
@@ -1103,6 +1100,9 @@ impl Drop for DigestPlace {
     }
 }
 
+/// `GET /v1/admin/digest`: where each shard's log stands and, unless `tables` is false,
+/// every table summed up (`oc_engine::digest`), for `oc-pitr drill --live`. Tables are
+/// digested a slice at a time; one written to meanwhile gets no digest.
 pub async fn digest(
     router: &ShardRouter,
     with_tables: bool,
