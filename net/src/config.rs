@@ -109,6 +109,11 @@ pub struct ServerConfig {
     /// Idle keep-alive connections are closed after this long.
     #[arg(long, env = "OC_IDLE_TIMEOUT_MS", default_value_t = 60_000)]
     pub idle_timeout_ms: u64,
+    /// The least a client must take of an answer or a `/watch` stream, in bytes a
+    /// second, while the server waits on it: slower for 10 s and it is disconnected
+    /// (0: no minimum).
+    #[arg(long, env = "OC_MIN_SEND_BYTES_PER_S", default_value_t = 65_536)]
+    pub min_send_bytes_per_s: u64,
     /// A request not answered within this long gets 503 `deadline_exceeded`.
     #[arg(long, env = "OC_REQUEST_DEADLINE_MS", default_value_t = 30_000)]
     pub request_deadline_ms: u64,

@@ -23,7 +23,7 @@
 use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
@@ -52,10 +52,14 @@ pub struct HyperStream<S> {
 
 /// What a connection's owner can see of its stream while hyper holds it.
 pub struct StreamWatch {
+    /// The connection's socket (open while the stream lives).
+    socket: RawFd,
     /// When bytes last moved either way.
     pub last_activity: Cell<Instant>,
     /// The last write or flush found the socket full: bytes wait to be sent.
     pub write_blocked: Cell<bool>,
+    /// Bytes the socket (or TLS) took from hyper, in all.
+    pub sent_bytes: Cell<u64>,
     /// hyper handed over a request whose answer is not made yet.
     answer_owed: Cell<bool>,
     /// The client's end of stream, found while hyper owed it an answer.
@@ -85,6 +89,17 @@ impl StreamWatch {
     pub(crate) fn answered(&self) {
         self.answer_owed.set(false);
         self.release_end_when_settled();
+    }
+
+    /// Makes the socket's close a reset: the bytes it still holds for the client are
+    /// dropped at once instead of sent on, at the client's pace, by the kernel.
+    pub(crate) fn reset_on_close(&self) {
+        // SAFETY: the socket is open while its stream lives, and the stream outlives
+        // this call (its connection is closed after).
+        let socket = unsafe { BorrowedFd::borrow_raw(self.socket) };
+        if let Err(e) = socket2::SockRef::from(&socket).set_linger(Some(Duration::ZERO)) {
+            tracing::debug!(error = %e, "cannot make a connection's close a reset");
+        }
     }
 
     /// hyper owes the client: an answer not made yet, or bytes it could not send yet.
@@ -133,10 +148,12 @@ pub type PlainStream = HyperStream<TcpStream<Preallocated>>;
 pub type SecureStream = HyperStream<BufReader<TlsStream<TcpStream>>>;
 
 impl<S> HyperStream<S> {
-    fn wrap(stream: S, prefix: Bytes) -> (Self, Rc<StreamWatch>) {
+    fn wrap(stream: S, socket: RawFd, prefix: Bytes) -> (Self, Rc<StreamWatch>) {
         let watch = Rc::new(StreamWatch {
+            socket,
             last_activity: Cell::new(Instant::now()),
             write_blocked: Cell::new(false),
+            sent_bytes: Cell::new(0),
             answer_owed: Cell::new(false),
             held_end: RefCell::new(None),
         });
@@ -151,12 +168,14 @@ impl<S> HyperStream<S> {
 
 impl PlainStream {
     pub fn new(stream: TcpStream) -> (Self, Rc<StreamWatch>) {
-        Self::wrap(stream.buffered(), Bytes::new())
+        let socket = stream.as_raw_fd();
+        Self::wrap(stream.buffered(), socket, Bytes::new())
     }
 
     /// Serves a connection that another stream read `unread` from already.
     pub(crate) fn resume(stream: TcpStream, unread: Bytes) -> (Self, Rc<StreamWatch>) {
-        Self::wrap(stream.buffered(), unread)
+        let socket = stream.as_raw_fd();
+        Self::wrap(stream.buffered(), socket, unread)
     }
 
     /// Takes out every byte read from the socket and not yet parsed, in the order the
@@ -194,13 +213,15 @@ impl PlainStream {
 
     /// Serves the same socket again, with `unread` in front.
     pub(crate) fn restart(self, unread: Bytes) -> (Self, Rc<StreamWatch>) {
-        Self::wrap(self.stream, unread)
+        let socket = self.stream.as_raw_fd();
+        Self::wrap(self.stream, socket, unread)
     }
 }
 
 impl SecureStream {
     pub fn new(stream: TlsStream<TcpStream>) -> (Self, Rc<StreamWatch>) {
-        Self::wrap(BufReader::new(stream), Bytes::new())
+        let socket = stream.get_ref().0.as_raw_fd();
+        Self::wrap(BufReader::new(stream), socket, Bytes::new())
     }
 }
 
@@ -256,6 +277,8 @@ impl<S: AsyncWrite + Unpin> hyper::rt::Write for HyperStream<S> {
         if let Poll::Ready(Ok(n)) = written {
             if n > 0 {
                 this.watch.last_activity.set(Instant::now());
+                let sent = &this.watch.sent_bytes;
+                sent.set(sent.get() + n as u64);
             }
             this.watch.release_end_when_settled();
         }

@@ -45,6 +45,9 @@ const HYPER_BUFFER_BYTES: usize = 64 << 10;
 /// these bounds.
 const MIN_IDLE_CHECK: Duration = Duration::from_millis(100);
 const MAX_IDLE_CHECK: Duration = Duration::from_secs(1);
+/// A client whose socket stays full this long while it takes less than
+/// `--min-send-bytes-per-s` is disconnected.
+const SEND_RATE_WINDOW: Duration = Duration::from_secs(10);
 /// Pending connections per socket.
 const LISTEN_BACKLOG: i32 = 1024;
 /// Requests in a row for one other shard's tenants before a connection moves there;
@@ -155,6 +158,9 @@ pub fn bind_shared(addr: SocketAddr, count: usize) -> std::io::Result<(Vec<RawFd
 pub struct ConnectionSettings {
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
+    /// The least a client must take of what it is sent, in bytes a second, while the
+    /// server waits on it (0: no minimum).
+    pub min_send_bytes_per_s: u64,
     /// Open connections this shard serves; more are answered 503 and closed.
     pub max_connections: usize,
     pub limits: ApiLimits,
@@ -560,6 +566,39 @@ fn owner_of_path(router: &ShardRouter, path: &str) -> Option<usize> {
     Some(owner_of(router, &tenant))
 }
 
+/// Whether a client takes what it is sent fast enough. Measured over windows of
+/// [`SEND_RATE_WINDOW`] in which every check found its socket full, so that only the
+/// client, not the server, is what the bytes wait for: a client that reads an answer a
+/// byte at a time would otherwise keep the answer (and its share of the queries'
+/// memory) for as long as it likes, and the idle timeout never fires while bytes move.
+#[derive(Debug, Default)]
+struct SendPace {
+    /// Since when every check found the socket full, and the bytes sent by then.
+    blocked_since: Option<(Instant, u64)>,
+}
+
+impl SendPace {
+    /// False once the client took less than `min_per_s` bytes a second over a whole
+    /// window of a full socket.
+    fn keeps_up(&mut self, blocked: bool, sent: u64, now: Instant, min_per_s: u64) -> bool {
+        if !blocked || min_per_s == 0 {
+            self.blocked_since = None;
+            return true;
+        }
+        let (since, sent_then) = *self.blocked_since.get_or_insert((now, sent));
+        let waited = now.saturating_duration_since(since);
+        if waited < SEND_RATE_WINDOW {
+            return true;
+        }
+        let owed = (u128::from(min_per_s) * waited.as_millis() / 1000) as u64;
+        if sent - sent_then < owed {
+            return false;
+        }
+        self.blocked_since = Some((now, sent));
+        true
+    }
+}
+
 /// A connection hyper let go of between two requests, to move to `owner`.
 struct Leaving<S> {
     owner: usize,
@@ -636,6 +675,7 @@ where
     // streams must not mean ten thousand wake-ups a second.
     let tick_every = (settings.idle_timeout / 4).clamp(MIN_IDLE_CHECK, MAX_IDLE_CHECK);
     let mut tick = glommio::timer::Timer::new(tick_every);
+    let mut pace = SendPace::default();
     let mut shutting_down = false;
     let mut moving_to = None;
     let waiter = state.new_waiter();
@@ -654,6 +694,19 @@ where
             tick = glommio::timer::Timer::new(tick_every);
             let idle = watch.last_activity.get().elapsed() >= settings.idle_timeout;
             if in_flight.get() == 0 && idle {
+                return Poll::Ready(Ok(()));
+            }
+            let (blocked, sent) = (watch.write_blocked.get(), watch.sent_bytes.get());
+            if !pace.keeps_up(blocked, sent, Instant::now(), settings.min_send_bytes_per_s) {
+                // What it was sent (an answer charged to the queries' memory, a
+                // `/watch` backlog) is let go with the connection.
+                tracing::debug!(
+                    shard,
+                    sent,
+                    "closing a connection whose client reads too slowly"
+                );
+                metrics::with_http(|m| m.slow_readers_closed += 1);
+                watch.reset_on_close();
                 return Poll::Ready(Ok(()));
             }
         }
@@ -717,6 +770,40 @@ mod tests {
     }
 
     const _: () = assert!(MOVE_AFTER << MOST_MOVE_DOUBLINGS == 64);
+
+    #[test]
+    fn a_client_is_too_slow_only_after_a_whole_window_of_a_full_socket_below_the_minimum() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let window = SEND_RATE_WINDOW.as_millis() as u64;
+        // 1000 bytes a second asked; a full socket from 0 on.
+        let mut pace = SendPace::default();
+        assert!(pace.keeps_up(true, 0, at(0), 1000));
+        assert!(
+            pace.keeps_up(true, 10, at(window - 1), 1000),
+            "not a window yet"
+        );
+        assert!(
+            !pace.keeps_up(true, 10, at(window), 1000),
+            "10 bytes in a window"
+        );
+        // Exactly the minimum passes, and the next window starts from there.
+        let mut pace = SendPace::default();
+        assert!(pace.keeps_up(true, 0, at(0), 1000));
+        assert!(pace.keeps_up(true, window, at(window), 1000));
+        assert!(!pace.keeps_up(true, window + 5, at(2 * window), 1000));
+        // A socket with room at one check starts the window again.
+        let mut pace = SendPace::default();
+        assert!(pace.keeps_up(true, 0, at(0), 1000));
+        assert!(pace.keeps_up(false, 0, at(window - 1), 1000));
+        assert!(pace.keeps_up(true, 0, at(window), 1000));
+        assert!(pace.keeps_up(true, 0, at(2 * window - 1), 1000));
+        assert!(!pace.keeps_up(true, 0, at(2 * window - 1 + window), 1000));
+        // No minimum: never too slow.
+        let mut pace = SendPace::default();
+        assert!(pace.keeps_up(true, 0, at(0), 0));
+        assert!(pace.keeps_up(true, 0, at(10 * window), 0));
+    }
 
     #[test]
     fn an_address_freed_within_the_wait_is_bound_and_one_held_past_it_is_refused_naming_it() {

@@ -102,6 +102,9 @@ pub struct HttpMetrics {
     pub connections_refused: u64,
     pub connections_moved: u64,
     pub connection_moves_refused: u64,
+    /// Connections closed because their client took answers slower than
+    /// `--min-send-bytes-per-s`.
+    pub slow_readers_closed: u64,
     pub rate_limit_rejections: u64,
     /// `/watch` streams opened, events written to them, streams ended by overflow.
     pub watch_streams_opened: u64,
@@ -723,6 +726,13 @@ pub fn render(shards: &[ShardSnapshot], control: &ControlMetrics) -> Result<Stri
             "Moves of a connection to its tenant's shard that the shard refused (busier than this one, near its connection limit, or draining); the connection stays here.",
             COUNTER,
             |s| s.http.connection_moves_refused as f64,
+        ),
+        per_shard(
+            shards,
+            "oc_http_slow_readers_closed_total",
+            "Client connections closed because the client took what it was sent slower than --min-send-bytes-per-s.",
+            COUNTER,
+            |s| s.http.slow_readers_closed as f64,
         ),
         per_shard(
             shards,

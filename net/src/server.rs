@@ -322,6 +322,7 @@ pub fn run(config: ServerConfig) -> Result<()> {
     let settings = ConnectionSettings {
         header_read_timeout: Duration::from_millis(config.header_read_timeout_ms),
         idle_timeout: Duration::from_millis(config.idle_timeout_ms),
+        min_send_bytes_per_s: config.min_send_bytes_per_s,
         max_connections: config.max_connections.div_ceil(shards),
         limits: config.api_limits(),
         auth,

@@ -680,10 +680,9 @@ fn running_queries_share_a_memory_bound() {
 /// Answers their clients do not read hold their share of the queries' memory until sent
 /// or until the connection closes: unread answers cannot grow the process past the
 /// bound, and queries get it back once those clients leave.
-#[test]
-fn answers_not_read_by_their_clients_count_toward_the_queries_memory_bound() {
-    // The answers below (12 MB) must not fit the kernel's send buffer: on a host tuned
-    // for larger ones the case cannot be set up, and says so.
+/// Whether the kernel's send buffers are smaller than the 12 MB answers of the tests
+/// below: on a host tuned for larger ones their case cannot be set up, and says so.
+fn answers_outgrow_socket_buffers() -> bool {
     let wmem = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem").unwrap_or_default();
     let wmem_max: usize = wmem
         .split_whitespace()
@@ -692,21 +691,14 @@ fn answers_not_read_by_their_clients_count_toward_the_queries_memory_bound() {
         .unwrap_or(0);
     if wmem_max > 8 << 20 {
         eprintln!("skipped: tcp_wmem allows {wmem_max}-byte send buffers, above 8 MiB");
-        return;
+        return false;
     }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let shared: usize = 24 << 20;
-    let server = Server::start(
-        &dir.path().join("data"),
-        &[
-            "--shards",
-            "1",
-            "--ask-shared-memory-bytes",
-            &shared.to_string(),
-        ],
-    );
-    // Answers of 12 MB: more than the kernel's socket buffers take (4 MB at most).
-    create_texts(&server, "big", 1200, 10_000);
+    true
+}
+
+/// Sends the `/ask` of every row of `create_texts(server, "big", 1200, 10_000)` (a
+/// 12 MB answer) on a new connection with a 4 KiB receive buffer, and returns it unread.
+fn ask_everything_unread(server: &Server) -> TcpStream {
     let body = json!({"sql": "SELECT body FROM docs"}).to_string();
     let request = format!(
         "POST /v1/tenants/big/ask HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
@@ -718,21 +710,48 @@ fn answers_not_read_by_their_clients_count_toward_the_queries_memory_bound() {
         .trim_start_matches("http://")
         .parse()
         .expect("api address");
-    let held = || {
-        let (_, scrape) = server.ops_get("/metrics");
-        common::scrape_value(&scrape, "oc_ask_memory_bytes").unwrap_or(0.0)
-    };
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket
+        .set_recv_buffer_size(4096)
+        .expect("a small receive buffer");
+    socket.connect(&addr.into()).expect("connect");
+    let mut stream = TcpStream::from(socket);
+    stream.write_all(request.as_bytes()).expect("send");
+    stream
+}
+
+/// What the running queries and unsent answers hold (`oc_ask_memory_bytes`).
+fn ask_memory_held(server: &Server) -> f64 {
+    let (_, scrape) = server.ops_get("/metrics");
+    common::scrape_value(&scrape, "oc_ask_memory_bytes").unwrap_or(0.0)
+}
+
+#[test]
+fn answers_not_read_by_their_clients_count_toward_the_queries_memory_bound() {
+    if !answers_outgrow_socket_buffers() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let shared: usize = 24 << 20;
+    let server = Server::start(
+        &dir.path().join("data"),
+        &[
+            "--shards",
+            "1",
+            "--ask-shared-memory-bytes",
+            &shared.to_string(),
+            // Clients that read nothing are not disconnected here (see the next test).
+            "--min-send-bytes-per-s",
+            "0",
+        ],
+    );
+    // Answers of 12 MB: more than the kernel's socket buffers take (4 MB at most).
+    create_texts(&server, "big", 1200, 10_000);
+    let held = || ask_memory_held(&server);
     let mut unread = Vec::new();
     for i in 1..=2 {
-        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-            .expect("socket");
-        socket
-            .set_recv_buffer_size(4096)
-            .expect("a small receive buffer");
-        socket.connect(&addr.into()).expect("connect");
-        let mut stream = TcpStream::from(socket);
-        stream.write_all(request.as_bytes()).expect("send");
-        unread.push(stream);
+        unread.push(ask_everything_unread(&server));
         let waited = Instant::now();
         while held() < ((i * 10) << 20) as f64 {
             assert!(
@@ -778,6 +797,78 @@ fn answers_not_read_by_their_clients_count_toward_the_queries_memory_bound() {
     let answered = ask(&server, "big", sql, json!([]));
     assert_eq!(answered.status, 200);
     assert_eq!(answered.body["row_count"], 600);
+    assert_alive_and_ready(&server);
+}
+
+/// A client that reads an answer slower than `--min-send-bytes-per-s` is disconnected
+/// once its socket has stayed full for the 10 s window: the answer's share of the
+/// queries' memory comes back, and the client finds the connection reset instead of
+/// the rest of the answer. A client that reads at speed gets its whole answer.
+#[test]
+fn a_client_reading_an_answer_a_few_bytes_at_a_time_is_disconnected() {
+    if !answers_outgrow_socket_buffers() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(
+        &dir.path().join("data"),
+        &["--shards", "1", "--min-send-bytes-per-s", "65536"],
+    );
+    create_texts(&server, "big", 1200, 10_000);
+    let mut slow = ask_everything_unread(&server);
+    slow.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("read timeout");
+    let asked = Instant::now();
+    // 16 bytes every 20 ms: 800 bytes a second, each read moving the connection on.
+    let (mut taken, mut chunk, mut ended) = (0usize, [0u8; 16], None);
+    while ended.is_none() && asked.elapsed() < Duration::from_secs(60) {
+        match slow.read(&mut chunk) {
+            Ok(0) => ended = Some(Ok(())),
+            Ok(n) => taken += n,
+            Err(e) => ended = Some(Err(e)),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        if taken == 16 {
+            assert!(
+                ask_memory_held(&server) >= (10 << 20) as f64,
+                "the answer being read is charged: {}",
+                ask_memory_held(&server)
+            );
+        }
+    }
+    let took = asked.elapsed();
+    let ended = ended.expect("the server kept a client reading 800 bytes a second for 60 s");
+    assert_eq!(
+        ended.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "the slow client is reset after {taken} bytes"
+    );
+    assert!(
+        took >= Duration::from_secs(10),
+        "disconnected before a whole window: {took:?}"
+    );
+    assert!(taken < 12_000_000, "the whole answer was read: {taken}");
+    let waited = Instant::now();
+    while ask_memory_held(&server) > 0.0 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(10),
+            "the disconnected client's answer still holds {} bytes",
+            ask_memory_held(&server)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (_, scrape) = server.ops_get("/metrics");
+    assert_eq!(
+        common::scrape_value(&scrape, "oc_http_slow_readers_closed_total{shard=\"0\"}"),
+        Some(1.0),
+        "{scrape}"
+    );
+    // 6 MB, more than the socket buffers hold, read at speed (the test client reads
+    // at most 10 MB).
+    let sql = "SELECT body FROM docs WHERE id < 600";
+    let fast = ask(&server, "big", sql, json!([]));
+    assert_eq!(fast.status, 200, "{fast:?}");
+    assert_eq!(fast.body["row_count"], 600);
     assert_alive_and_ready(&server);
 }
 

@@ -522,7 +522,19 @@ fn stalled_readers_run(
     dir: &std::path::Path,
     stalled: usize,
 ) -> (Server, Sse, Vec<(u64, i64)>, f64) {
-    let server = Server::start(dir, &["--archive", "none", "--watch-buffer-bytes", "65536"]);
+    // Stalled readers stay connected however long the writes take (no minimum send
+    // rate): what they hold is what is measured.
+    let server = Server::start(
+        dir,
+        &[
+            "--archive",
+            "none",
+            "--watch-buffer-bytes",
+            "65536",
+            "--min-send-bytes-per-s",
+            "0",
+        ],
+    );
     server.create_tenant_with_items("acme");
     let mut sse = Sse::open(&watch_url(&server, "acme", ""), &[]).expect("opens");
     assert_eq!(sse.next().expect("hello").event, "hello");

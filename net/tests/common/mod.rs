@@ -220,18 +220,24 @@ pub struct Paused {
 impl Paused {
     /// Stops `pid` and returns once every one of its threads is stopped.
     pub fn stop(pid: u32) -> Paused {
-        let stopped_at = std::time::Instant::now();
+        let sent_at = std::time::Instant::now();
         // SAFETY: kill(2) on a child process this test started.
         assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGSTOP) }, 0);
-        let paused = Paused { pid, stopped_at };
-        let deadline = stopped_at + Duration::from_secs(10);
+        let mut paused = Paused {
+            pid,
+            stopped_at: sent_at,
+        };
+        let deadline = sent_at + Duration::from_secs(10);
         loop {
             match thread_states(pid) {
                 None => panic!("PID {pid} exited instead of stopping"),
                 Some(states) if states.is_empty() || states.contains(&'Z') => {
                     panic!("PID {pid} exited instead of stopping")
                 }
-                Some(states) if states.iter().all(|&s| s == 'T') => return paused,
+                Some(states) if states.iter().all(|&s| s == 'T') => {
+                    paused.stopped_at = std::time::Instant::now();
+                    return paused;
+                }
                 Some(_) => {}
             }
             assert!(
@@ -242,7 +248,9 @@ impl Paused {
         }
     }
 
-    /// When SIGSTOP was sent.
+    /// When every thread was seen stopped. Not when SIGSTOP was sent: the group stop
+    /// begins only once one thread takes the signal, and on a loaded machine the
+    /// others run on (and may answer requests) until then.
     pub fn stopped_at(&self) -> std::time::Instant {
         self.stopped_at
     }
