@@ -222,12 +222,18 @@ fn admin_error(status: u16, code: &str, message: String) -> Response<Full<Bytes>
 /// The 401 for an admin action without the admin token (when one is set).
 fn admin_refusal(state: &ControlState, req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
     let token = state.admin_token.as_ref()?;
-    let presented = req
-        .headers()
-        .get(hyper::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default();
+    let mut given = req.headers().get_all(hyper::header::AUTHORIZATION).iter();
+    // Several headers are refused, as on the API listener: a proxy in front may read
+    // another of them than this server would.
+    let presented = match (given.next(), given.next()) {
+        (Some(value), None) => value
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .unwrap_or_default(),
+        _ => "",
+    };
     (!crate::replication::token_matches(Some(token), presented.as_bytes())).then(|| {
         admin_error(
             401,
@@ -241,7 +247,7 @@ fn admin_refusal(state: &ControlState, req: &Request<Incoming>) -> Option<Respon
 /// against `false`, `0` or nothing; anything else is a 400 naming what it takes.
 #[allow(clippy::result_large_err)] // the refusal is the response itself
 fn flag(req: &Request<Incoming>, name: &str) -> Result<bool, Response<Full<Bytes>>> {
-    let mut set = false;
+    let mut set = None;
     for pair in req
         .uri()
         .query()
@@ -249,7 +255,14 @@ fn flag(req: &Request<Incoming>, name: &str) -> Result<bool, Response<Full<Bytes
         .split('&')
         .filter(|p| !p.is_empty())
     {
-        set = match pair.split_once('=') {
+        if set.is_some() {
+            return Err(admin_error(
+                400,
+                "invalid_query_string",
+                format!("{name} is given more than once; give it once"),
+            ));
+        }
+        set = Some(match pair.split_once('=') {
             Some((key, "true" | "1")) if key == name => true,
             Some((key, "false" | "0")) if key == name => false,
             _ => {
@@ -261,9 +274,9 @@ fn flag(req: &Request<Incoming>, name: &str) -> Result<bool, Response<Full<Bytes
                     ),
                 ))
             }
-        };
+        });
     }
-    Ok(set)
+    Ok(set.unwrap_or(false))
 }
 
 /// `POST /v1/admin/promote[?force=true]` (admin token): this follower becomes the

@@ -758,8 +758,7 @@ fn audit_query(query: Option<&str>) -> Result<audit::Query, ApiError> {
         limit: 100,
         ..audit::Query::default()
     };
-    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+    for (name, value) in query_pairs(query)? {
         let value = percent_decode(value).map_err(|e| bad(e.message))?;
         match name {
             "since" => {
@@ -801,17 +800,17 @@ fn audit_query(query: Option<&str>) -> Result<audit::Query, ApiError> {
 /// anything else is a 400 naming the value.
 fn ask_query(query: Option<&str>) -> Result<(bool, u64), ApiError> {
     let (mut explain, mut min_lsn) = (false, 0);
-    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        match pair {
-            "explain" | "explain=true" => explain = true,
-            "explain=false" => explain = false,
-            _ if pair.starts_with("min_lsn=") => min_lsn = parse_min_lsn(pair)?,
+    for (name, value) in query_pairs(query)? {
+        match (name, value) {
+            ("explain", "" | "true") => explain = true,
+            ("explain", "false") => explain = false,
+            ("min_lsn", value) => min_lsn = parse_min_lsn(value)?,
             _ => {
                 return Err(ApiError::bad_request(
                     "invalid_query_string",
                     format!(
-                        "unknown query parameter {pair:?}; /ask takes explain=true|false and \
-                         min_lsn=<LSN>"
+                        "unknown query parameter {name}={value:?}; /ask takes explain=true|false \
+                         and min_lsn=<LSN>"
                     ),
                 ))
             }
@@ -823,20 +822,36 @@ fn ask_query(query: Option<&str>) -> Result<(bool, u64), ApiError> {
 /// A row read's only parameter, `?min_lsn=<n>` (absent: 0).
 fn min_lsn_only(query: Option<&str>) -> Result<u64, ApiError> {
     let mut min_lsn = 0;
-    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        if !pair.starts_with("min_lsn=") {
+    for (name, value) in query_pairs(query)? {
+        if name != "min_lsn" {
             return Err(ApiError::bad_request(
                 "invalid_query_string",
-                format!("unknown query parameter {pair:?}; a row read takes only min_lsn=<LSN>"),
+                format!("unknown query parameter {name:?}; a row read takes only min_lsn=<LSN>"),
             ));
         }
-        min_lsn = parse_min_lsn(pair)?;
+        min_lsn = parse_min_lsn(value)?;
     }
     Ok(min_lsn)
 }
 
-fn parse_min_lsn(pair: &str) -> Result<u64, ApiError> {
-    let value = &pair["min_lsn=".len()..];
+/// A query string's `name=value` pairs (a name alone has the value ""), each name at
+/// most once: a repeated parameter is refused rather than one of its values picked.
+pub(crate) fn query_pairs(query: Option<&str>) -> Result<Vec<(&str, &str)>, ApiError> {
+    let mut pairs: Vec<(&str, &str)> = Vec::new();
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if pairs.iter().any(|(seen, _)| *seen == name) {
+            return Err(ApiError::bad_request(
+                "invalid_query_string",
+                format!("query parameter {name:?} is given more than once; give it once"),
+            ));
+        }
+        pairs.push((name, value));
+    }
+    Ok(pairs)
+}
+
+fn parse_min_lsn(value: &str) -> Result<u64, ApiError> {
     let digits = !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit());
     value.parse().ok().filter(|_| digits).ok_or_else(|| {
         ApiError::bad_request(
@@ -907,6 +922,31 @@ async fn read_capped(mut body: Incoming, max: usize) -> Result<Bytes, BodyRead> 
     Ok(Bytes::from(kept))
 }
 
+/// A body coded other than as plain JSON (gzip and the like) is refused by name: its
+/// bytes would otherwise fail as JSON, with a message that does not say why.
+fn refuse_unknown_encodings(headers: &hyper::HeaderMap) -> Result<(), ApiError> {
+    for (header, accepted) in [
+        (hyper::header::TRANSFER_ENCODING, "chunked"),
+        (hyper::header::CONTENT_ENCODING, "identity"),
+    ] {
+        for value in headers.get_all(&header) {
+            let value = value.to_str().unwrap_or("");
+            let codings = value.split(',').map(str::trim).filter(|c| !c.is_empty());
+            if codings
+                .into_iter()
+                .any(|c| !c.eq_ignore_ascii_case(accepted))
+            {
+                return Err(ApiError::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "unsupported_encoding",
+                    format!("{header}: {value:?} is not taken; send the JSON body as it is ({header}: {accepted} or none)"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 async fn read_json<T: for<'de> serde::Deserialize<'de>>(
     ctx: &ApiContext,
     req: Request<Incoming>,
@@ -925,6 +965,7 @@ async fn read_json<T: for<'de> serde::Deserialize<'de>>(
             ));
         }
     }
+    refuse_unknown_encodings(req.headers())?;
     let max = ctx.limits.max_body_bytes;
     let too_large = || {
         ApiError::new(

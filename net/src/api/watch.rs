@@ -450,8 +450,7 @@ pub fn parse_request(
 ) -> Result<WatchRequest, ApiError> {
     let bad = |code: &'static str, message: String| ApiError::bad_request(code, message);
     let mut request = WatchRequest::default();
-    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+    for (name, value) in super::query_pairs(query)? {
         let value = &super::percent_decode(value)
             .map_err(|e| bad("invalid_query_string", format!("{name}=: {}", e.message)))?;
         match name {
@@ -1049,6 +1048,7 @@ mod tests {
             (Some("tables=A"), None, "invalid_name"),
             (Some("from_lsn=-1"), None, "invalid_query_string"),
             (Some("nope=1"), None, "invalid_query_string"),
+            (Some("from_lsn=1&from_lsn=2"), None, "invalid_query_string"),
             (None, Some("abc"), "invalid_last_event_id"),
         ] {
             let err = parse_request(query, id, 1).expect_err("refused");
