@@ -121,6 +121,7 @@ pub fn run(config: ServerConfig) -> Result<()> {
     )
     .context("refusing to start")?;
     let role = config.role();
+    let mut fresh_start = FreshStart::note(&config.data_dir, &role);
     bootstrap::settle_marker(&config.data_dir, role == Role::Writer)
         .map_err(|e| anyhow!("refusing to start: {e}"))?;
     let replication_token = config.replication_token().map_err(|e| anyhow!(e))?;
@@ -267,6 +268,8 @@ pub fn run(config: ServerConfig) -> Result<()> {
             None
         }
     };
+    // From here on the directory is this server's: the shards make their logs next.
+    fresh_start.keep();
     let shipping = shipper.is_some();
     let (client_tx, client_rx) = mpsc::channel::<MeshEndpoints<ShardNode>>();
     let (ops_addr_tx, ops_addr_rx) = mpsc::channel::<std::io::Result<SocketAddr>>();
@@ -401,6 +404,56 @@ pub fn run(config: ServerConfig) -> Result<()> {
 
 /// The shipper's settings for this server (a writer's at start, a follower's when it
 /// is promoted).
+/// What a writer's start that fails before its shards open leaves of a data directory
+/// that had no layout: nothing but the lock file. (A new follower's layout records a
+/// finished bootstrap: it stays.) The layout it wrote would otherwise pin the
+/// shard count and the id (which an archive is owned by) of a start that never served,
+/// and the next start, its mistake fixed (another archive, a free port), would inherit
+/// them.
+struct FreshStart {
+    /// What this start is to remove if it fails: the layout file and the audit log's
+    /// directory, when neither existed before it.
+    made: Vec<std::path::PathBuf>,
+}
+
+impl FreshStart {
+    fn note(data_dir: &std::path::Path, role: &Role) -> FreshStart {
+        let layout = data_dir.join(oc_engine::placement::LAYOUT_FILE);
+        let audit = data_dir.join(oc_ship::audit::AUDIT_DIR);
+        let made = if *role != Role::Writer || layout.exists() || audit.exists() {
+            Vec::new()
+        } else {
+            vec![layout, audit]
+        };
+        FreshStart { made }
+    }
+
+    fn keep(&mut self) {
+        self.made.clear();
+    }
+}
+
+impl Drop for FreshStart {
+    fn drop(&mut self) {
+        for path in &self.made {
+            let removed = if path.is_dir() {
+                std::fs::remove_dir_all(path)
+            } else {
+                std::fs::remove_file(path)
+            };
+            match removed {
+                Ok(()) => {
+                    tracing::info!(path = %path.display(), "removed what the failed start made")
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remove what the failed start made")
+                }
+            }
+        }
+    }
+}
+
 fn ship_config(config: &ServerConfig, layout: &oc_engine::placement::Layout) -> ShipperConfig {
     ShipperConfig {
         data_dir: config.data_dir.clone(),

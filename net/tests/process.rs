@@ -459,6 +459,20 @@ fn a_second_data_directory_on_a_claimed_archive_is_refused() {
         .err()
         .expect("still owned after the owner stopped");
     assert!(refused.contains(&owner_id), "{refused}");
+    // The refused start leaves no layout or audit log behind: nothing of it is
+    // inherited by the next start, once the archive is fixed.
+    for left in ["oc-layout.json", "audit"] {
+        assert!(
+            !data_b.join(left).exists(),
+            "the refused start left {left} in {}",
+            data_b.display()
+        );
+    }
+    let own = file_uri(&dir.path().join("archive-b"));
+    let second = Server::start(&data_b, &["--shards", "2", "--archive", &own]);
+    second.create_tenant_with_items("acme");
+    assert_ne!(data_dir_id(&data_b), owner_id);
+    drop(second);
     // The owner itself restarts on it.
     let owner = Server::start(&data_a, &args);
     assert_eq!(data_dir_id(&data_a), owner_id, "the id survives restarts");
