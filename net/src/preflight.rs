@@ -3,8 +3,9 @@
 //! directory's file system (tmpfs, ramfs and overlay lose or may not honour what
 //! `fdatasync` and `O_DSYNC` promise), O_DIRECT honoured there, the latency of a durable
 //! (`O_DSYNC`) write on the data disk against the 50 ms alert, the memlock limit against
-//! what registering the I/O buffers needs, the open-files limit, and the archive
-//! reachable and writable.
+//! what registering the I/O buffers needs, the open-files limit, the archive reachable
+//! and writable (a local one neither in memory nor on the data's own disk), and no
+//! server already running on the data directory.
 //!
 //! The file-system rule also guards every start: the server refuses an unsafe file
 //! system for `--data-dir` unless `--allow-unsafe-fs` ([`unsafe_file_system`]).
@@ -140,11 +141,77 @@ pub fn run(config: &ServerConfig) -> Vec<Check> {
             "check that its parent directory exists and is readable",
         ),
     });
+    checks.push(lock(&config.data_dir));
     checks.extend(disk(&config.data_dir));
     checks.push(memlock(config));
     checks.push(open_files(config));
     checks.push(archive(config));
+    checks.extend(local_archive_placement(config));
     checks
+}
+
+/// Whether a server already runs on the data directory (it holds the lock): a start
+/// would be refused.
+fn lock(data_dir: &Path) -> Check {
+    const NAME: &str = "data directory lock";
+    if !data_dir.is_dir() {
+        return ok(NAME, format!("{} is new", data_dir.display()));
+    }
+    match oc_io::dir_lock::DirLock::acquire(data_dir, "oc-server check") {
+        Ok(_released) => ok(NAME, format!("no process holds {}", data_dir.display())),
+        Err(e @ oc_io::dir_lock::DirLockError::Held { .. }) => finding(
+            NAME,
+            "fail",
+            e.to_string(),
+            "a server runs on this directory: a second one is refused; check another directory or stop that one first",
+        ),
+        Err(e) => finding(
+            NAME,
+            "fail",
+            e.to_string(),
+            "make the data directory a directory the server's user can write",
+        ),
+    }
+}
+
+/// Where a local (`file://`) archive lives: not in memory, and not on the data
+/// directory's own file system, where one lost disk takes the data and its archive.
+fn local_archive_placement(config: &ServerConfig) -> Option<Check> {
+    use std::os::unix::fs::MetadataExt;
+    const NAME: &str = "archive file system";
+    let uri = config.archive_uri()?;
+    let dir = Path::new(uri.strip_prefix("file://")?);
+    if let Some(fs) = unsafe_file_system(dir) {
+        return Some(finding(
+            NAME,
+            "fail",
+            format!("{} is on {fs}", dir.display()),
+            "an archive in memory is gone after a restart, with every restore it was for: put it on a disk or in S3",
+        ));
+    }
+    let device = |path: &Path| {
+        let absolute = std::path::absolute(path).ok()?;
+        let existing = absolute.ancestors().find(|p| p.exists())?;
+        std::fs::metadata(existing).ok().map(|m| m.dev())
+    };
+    Some(match (device(dir), device(&config.data_dir)) {
+        (Some(archive), Some(data)) if archive == data => finding(
+            NAME,
+            "warn",
+            format!("{} is on the data directory's file system", dir.display()),
+            "losing that disk loses the data and its archive together: in production ship to S3 (or another machine's disk)",
+        ),
+        (Some(_), Some(_)) => ok(
+            NAME,
+            format!("{} is on another file system than the data directory", dir.display()),
+        ),
+        _ => finding(
+            NAME,
+            "warn",
+            format!("cannot tell where {} is", dir.display()),
+            "check that its parent directory exists and is readable",
+        ),
+    })
 }
 
 fn kernel() -> Check {

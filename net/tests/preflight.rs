@@ -59,9 +59,17 @@ fn check_passes_on_a_disk_and_names_each_finding() {
             .expect("verdict")
             .to_string()
     };
-    for name in ["kernel", "io_uring", "O_DIRECT", "archive"] {
+    for name in [
+        "kernel",
+        "io_uring",
+        "O_DIRECT",
+        "archive",
+        "data directory lock",
+    ] {
         assert_eq!(verdict(name), "ok", "{report:#}");
     }
+    // The archive beside the data, on one disk: said, not refused.
+    assert_eq!(verdict("archive file system"), "warn", "{report:#}");
     // ext4 or XFS is ok; another disk file system (btrfs, …) a warning, never a failure.
     assert_ne!(verdict("data directory file system"), "fail", "{report:#}");
     // Latency depends on the disk: present, measured, never an unreadable verdict.
@@ -124,4 +132,31 @@ fn a_data_directory_in_memory_is_refused_unless_allowed() {
     assert_eq!(common::unsafe_fs_allowance(&data), ["--allow-unsafe-fs"]);
     let server = Server::start(&data, &["--archive", "none"]);
     assert_eq!(server.get("/v1/tenants").status, 200);
+}
+
+/// The check names what a start would run into: a server already running on the data
+/// directory (by its PID), and a local archive in memory.
+#[test]
+fn check_fails_on_a_locked_data_directory_and_an_archive_in_memory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let data_arg = data.to_str().expect("utf-8");
+    let server = Server::start(&data, &["--archive", "none"]);
+    let (passed, text, _) = check(&["--data-dir", data_arg, "--archive", "none"]);
+    assert!(!passed, "{text}");
+    assert!(text.contains("FAIL  data directory lock"), "{text}");
+    assert!(text.contains(&format!("PID {}", server.pid())), "{text}");
+    drop(server);
+    let (_, text, _) = check(&["--data-dir", data_arg, "--archive", "none"]);
+    assert!(!text.contains("FAIL  data directory lock"), "{text}");
+
+    let Some(shm) = tmpfs_dir() else {
+        eprintln!("skipped the archive part: /dev/shm is not tmpfs here");
+        return;
+    };
+    let archive = format!("file://{}", shm.path().join("archive").display());
+    let (passed, text, _) = check(&["--data-dir", data_arg, "--archive", &archive]);
+    assert!(!passed, "{text}");
+    assert!(text.contains("FAIL  archive file system"), "{text}");
+    assert!(text.contains("is on tmpfs"), "{text}");
 }
