@@ -93,6 +93,32 @@ fn exit_codes_follow_the_error_class() {
         String::from_utf8_lossy(&listed.stdout).trim(),
         r#"{"tenants":["acme"]}"#
     );
+    // The audit log pages with --after: oldest first from 0, each page naming the next.
+    let page = |after: &str| {
+        let out = oc(
+            &server,
+            admin,
+            &["-o", "json", "audit", "--after", after, "--limit", "1"],
+        );
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("json")
+    };
+    let first = page("0");
+    assert_eq!(first["entries"][0]["action"], "tenant.create", "{first}");
+    let next = first["next_after"].as_u64().expect("next_after");
+    assert_eq!(first["entries"][0]["seq"], next, "{first}");
+    let second = page(&next.to_string());
+    assert_eq!(second["entries"][0]["action"], "table.create", "{second}");
+    assert!(
+        second["entries"][0]["seq"].as_u64() > Some(next),
+        "{second}"
+    );
+    let table = oc(&server, admin, &["audit", "--after", "0", "--limit", "1"]);
+    assert!(
+        stderr(&table).contains(&format!("next page: --after {next}")),
+        "{}",
+        stderr(&table)
+    );
     // status reads the ops listener; 0 when ready.
     let status = oc(&server, admin, &["status"]);
     assert_eq!(code(&status), 0, "{}", stderr(&status));

@@ -120,6 +120,9 @@ enum Command {
         /// RFC 3339.
         #[arg(long)]
         since: Option<String>,
+        /// Entries after this seq: the next page after one that printed `--after N`.
+        #[arg(long)]
+        after: Option<u64>,
         #[arg(long)]
         limit: Option<u32>,
     },
@@ -647,12 +650,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             tenant,
             action,
             since,
+            after,
             limit,
         } => {
             let page = oc
                 .audit_logs(&AuditQuery {
                     since: since.clone(),
-                    after: None,
+                    after: *after,
                     tenant: tenant.clone(),
                     action: action.clone(),
                     limit: *limit,
@@ -684,6 +688,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                         ],
                         &rows,
                     );
+                    // The table has no room for it: the next page's start, on stderr.
+                    if let (Some(next), false) = (page.next_after, page.entries.is_empty()) {
+                        eprintln!("next page: --after {next}");
+                    }
                 }
             }
         }
