@@ -130,6 +130,17 @@ impl WalConfig {
         if self.shard > 0xffff {
             return Err(Error::Config(format!("shard {} above 65535", self.shard)));
         }
+        // Checked here, before recovery reads (and may cut) anything: the cut frames'
+        // LSNs and object names would be written again with other frames.
+        let holds_frames = self
+            .archived
+            .is_some_and(|a| a.sealed_lsn > Lsn(0) || a.tail.is_some());
+        if self.truncate_corrupt && holds_frames {
+            return Err(Error::Config(
+                "cutting a corrupt log is refused for a log the archive already holds frames of"
+                    .into(),
+            ));
+        }
         Ok(())
     }
 
@@ -658,6 +669,43 @@ impl<S: Storage> Wal<S> {
         match self.failure() {
             Some(e) => Err(e),
             None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cutting_a_corrupt_log_is_refused_only_when_the_archive_holds_frames_of_it() {
+        let config = |archived| WalConfig {
+            truncate_corrupt: true,
+            archived,
+            ..WalConfig::default()
+        };
+        assert!(config(None).validate().is_ok());
+        assert!(config(Some(ArchivedLog::default())).validate().is_ok());
+        let sealed = ArchivedLog {
+            sealed_lsn: Lsn(7),
+            tail: None,
+        };
+        let tail = ArchivedLog {
+            sealed_lsn: Lsn(0),
+            tail: Some(ArchivedTail {
+                epoch: Epoch(1),
+                first_lsn: Lsn(1),
+                end: 8192,
+            }),
+        };
+        for archived in [sealed, tail] {
+            let refused = config(Some(archived)).validate().expect_err("refused");
+            assert!(refused.to_string().contains("archive"), "{refused}");
+            let kept = WalConfig {
+                truncate_corrupt: false,
+                ..config(Some(archived))
+            };
+            assert!(kept.validate().is_ok());
         }
     }
 }
