@@ -122,6 +122,35 @@ impl DirLock {
     }
 }
 
+/// Who holds `dir`'s lock (`PID <n> (<what>)` as the holder wrote it, or a sentence
+/// when it has not), or `None` when nobody does. Probes without creating or writing
+/// anything, and holds the lock only for the probe: a check, not a claim.
+pub fn holder_of(dir: &Path) -> std::io::Result<Option<String>> {
+    let held = |file: Option<&mut File>| {
+        file.and_then(read_text)
+            .as_deref()
+            .and_then(describe)
+            .unwrap_or_else(|| {
+                "a process that has not written its PID (or whose oc.lock was removed)".into()
+            })
+    };
+    let mut lock_file = File::open(dir.join(LOCK_FILE)).ok();
+    for handle in [
+        Some(File::open(dir)?),
+        lock_file.as_ref().map(File::try_clone).transpose()?,
+    ] {
+        let Some(handle) = handle else { continue };
+        match try_lock_exclusive(&handle) {
+            Ok(()) => {} // released as the handle closes
+            Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {
+                return Ok(Some(held(lock_file.as_mut())));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(None)
+}
+
 /// `flock(LOCK_EX | LOCK_NB)`: fails with `EWOULDBLOCK` when another open file
 /// description holds the lock.
 fn try_lock_exclusive(file: &File) -> std::io::Result<()> {

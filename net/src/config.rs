@@ -94,7 +94,8 @@ pub struct ServerConfig {
     /// Largest request body accepted (bytes); larger gets 413.
     #[arg(long, env = "OC_MAX_BODY_BYTES", default_value_t = 4 << 20)]
     pub max_body_bytes: usize,
-    /// Open client connections across all shards; more are answered 503 and closed.
+    /// Open client connections across all shards; at the limit the connection idle the
+    /// longest makes room, and with none idle a new one is answered 503 and closed.
     #[arg(long, env = "OC_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
     /// Requests one tenant may have running at once; more get 429.

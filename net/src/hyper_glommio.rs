@@ -60,6 +60,8 @@ pub struct StreamWatch {
     pub write_blocked: Cell<bool>,
     /// Bytes the socket (or TLS) took from hyper, in all.
     pub sent_bytes: Cell<u64>,
+    /// An answer of no known length (a `/watch` stream) was handed over on it.
+    pub streamed: Cell<bool>,
     /// hyper handed over a request whose answer is not made yet.
     answer_owed: Cell<bool>,
     /// The client's end of stream, found while hyper owed it an answer.
@@ -93,9 +95,13 @@ impl StreamWatch {
 
     /// Makes the socket's close a reset: the bytes it still holds for the client are
     /// dropped at once instead of sent on, at the client's pace, by the kernel.
-    pub(crate) fn reset_on_close(&self) {
-        // SAFETY: the socket is open while its stream lives, and the stream outlives
-        // this call (its connection is closed after).
+    ///
+    /// # Safety
+    ///
+    /// The stream this watch was made with must still be open: the descriptor is
+    /// borrowed by number, and another file could take the number once it closed.
+    pub(crate) unsafe fn reset_on_close(&self) {
+        // SAFETY: the caller keeps the stream, and so the socket, open.
         let socket = unsafe { BorrowedFd::borrow_raw(self.socket) };
         if let Err(e) = socket2::SockRef::from(&socket).set_linger(Some(Duration::ZERO)) {
             tracing::debug!(error = %e, "cannot make a connection's close a reset");
@@ -154,6 +160,7 @@ impl<S> HyperStream<S> {
             last_activity: Cell::new(Instant::now()),
             write_blocked: Cell::new(false),
             sent_bytes: Cell::new(0),
+            streamed: Cell::new(false),
             answer_owed: Cell::new(false),
             held_end: RefCell::new(None),
         });

@@ -48,6 +48,9 @@ const MAX_IDLE_CHECK: Duration = Duration::from_secs(1);
 /// A client whose socket stays full this long while it takes less than
 /// `--min-send-bytes-per-s` is disconnected.
 const SEND_RATE_WINDOW: Duration = Duration::from_secs(10);
+/// How long a connection must have been idle (no request being answered, nothing
+/// moved) before a new connection at the limit may take its place.
+const EVICTABLE_AFTER: Duration = Duration::from_secs(1);
 /// Pending connections per socket.
 const LISTEN_BACKLOG: i32 = 1024;
 /// Requests in a row for one other shard's tenants before a connection moves there;
@@ -268,6 +271,31 @@ struct DrainState {
     /// once instead of at their next idle check.
     wakers: RefCell<HashMap<u64, Waker>>,
     next_waiter: Cell<u64>,
+    /// Every connection this shard serves, by its waiter id: what the connection limit
+    /// weighs when it makes room ([`DrainState::evict_idlest`]).
+    connections: RefCell<HashMap<u64, Rc<Occupancy>>>,
+}
+
+/// What a connection is doing, as the connection limit sees it.
+struct Occupancy {
+    watch: Rc<StreamWatch>,
+    /// Requests handed to the service and not answered yet.
+    in_flight: Rc<Cell<usize>>,
+    /// Asked to close (to make room for a new one): it finishes what it is answering.
+    evicted: Cell<bool>,
+}
+
+impl Occupancy {
+    /// Nothing owed either way for a while: no request being answered, no answer or
+    /// stream being sent, no byte moved for [`EVICTABLE_AFTER`].
+    fn idle_for(&self, now: Instant) -> Option<Duration> {
+        let idle = now.saturating_duration_since(self.watch.last_activity.get());
+        let quiet = self.in_flight.get() == 0
+            && !self.watch.write_blocked.get()
+            && !self.watch.streamed.get()
+            && !self.evicted.get();
+        (quiet && idle >= EVICTABLE_AFTER).then_some(idle)
+    }
 }
 
 impl DrainState {
@@ -290,6 +318,28 @@ impl DrainState {
 
     fn forget(&self, id: u64) {
         self.wakers.borrow_mut().remove(&id);
+        self.connections.borrow_mut().remove(&id);
+    }
+
+    /// At the connection limit: asks the connection idle the longest (nothing owed
+    /// either way for [`EVICTABLE_AFTER`] at least) to close, and says whether there
+    /// was one. Held idle keep-alive connections would otherwise lock new clients out
+    /// (nginx reuses its idle keep-alive connections likewise when it runs out).
+    fn evict_idlest(&self) -> bool {
+        let now = Instant::now();
+        let connections = self.connections.borrow();
+        let idlest = connections
+            .iter()
+            .filter_map(|(id, c)| c.idle_for(now).map(|idle| (idle, *id, c)))
+            .max_by_key(|(idle, ..)| *idle);
+        let Some((_, id, connection)) = idlest else {
+            return false;
+        };
+        connection.evicted.set(true);
+        if let Some(waker) = self.wakers.borrow().get(&id) {
+            waker.wake_by_ref();
+        }
+        true
     }
 
     fn start_draining(&self) {
@@ -364,9 +414,14 @@ pub async fn serve_shard(
             }
         };
         if server.full() {
-            metrics::with_http(|m| m.connections_refused += 1);
-            glommio::spawn_local(refuse(stream)).detach();
-            continue;
+            if !server.state.evict_idlest() {
+                metrics::with_http(|m| m.connections_refused += 1);
+                glommio::spawn_local(refuse(stream)).detach();
+                continue;
+            }
+            // The evicted one closes at its next poll, at once: until then the shard
+            // holds one more than its limit.
+            metrics::with_http(|m| m.connections_evicted += 1);
         }
         metrics::with_http(|m| m.connections_accepted += 1);
         server.serve(stream, Arrival::default());
@@ -590,7 +645,8 @@ impl SendPace {
         if waited < SEND_RATE_WINDOW {
             return true;
         }
-        let owed = (u128::from(min_per_s) * waited.as_millis() / 1000) as u64;
+        let owed =
+            u64::try_from(u128::from(min_per_s) * waited.as_millis() / 1000).unwrap_or(u64::MAX);
         if sent - sent_then < owed {
             return false;
         }
@@ -646,6 +702,12 @@ where
             // hands the connection back, wants an `Unpin` future.
             Box::pin(async move {
                 let response = api::handle(ctx, req).await;
+                if response
+                    .as_ref()
+                    .is_ok_and(|answer| answer.body().size_hint().exact().is_none())
+                {
+                    watch.streamed.set(true);
+                }
                 if let (Some((affinity, owner, read_to_end)), Ok(answer)) = (moving, &response) {
                     affinity.answered(&Answered {
                         owner,
@@ -679,38 +741,55 @@ where
     let mut shutting_down = false;
     let mut moving_to = None;
     let waiter = state.new_waiter();
+    let occupancy = Rc::new(Occupancy {
+        watch: watch.clone(),
+        in_flight: in_flight.clone(),
+        evicted: Cell::new(false),
+    });
+    state
+        .connections
+        .borrow_mut()
+        .insert(waiter, occupancy.clone());
     let outcome = poll_fn(|cx| {
         if moving_to.is_some() {
             return conn.poll_without_shutdown(cx);
         }
-        if state.draining.get() && !shutting_down {
+        if (state.draining.get() || occupancy.evicted.get()) && !shutting_down {
             shutting_down = true;
             Pin::new(&mut conn).graceful_shutdown();
         }
         if !shutting_down {
             state.watch(waiter, cx);
         }
+        let mut ticked = false;
         while Pin::new(&mut tick).poll(cx).is_ready() {
             tick = glommio::timer::Timer::new(tick_every);
+            ticked = true;
             let idle = watch.last_activity.get().elapsed() >= settings.idle_timeout;
             if in_flight.get() == 0 && idle {
                 return Poll::Ready(Ok(()));
             }
-            let (blocked, sent) = (watch.write_blocked.get(), watch.sent_bytes.get());
-            if !pace.keeps_up(blocked, sent, Instant::now(), settings.min_send_bytes_per_s) {
-                // What it was sent (an answer charged to the queries' memory, a
-                // `/watch` backlog) is let go with the connection.
-                tracing::debug!(
-                    shard,
-                    sent,
-                    "closing a connection whose client reads too slowly"
-                );
-                metrics::with_http(|m| m.slow_readers_closed += 1);
-                watch.reset_on_close();
-                return Poll::Ready(Ok(()));
-            }
         }
         let polled = Pin::new(&mut conn).poll(cx);
+        // After hyper's poll, which wrote what the socket would take: a shard that was
+        // held up must not blame the client for bytes it did not offer.
+        let (blocked, sent) = (watch.write_blocked.get(), watch.sent_bytes.get());
+        let min_rate = settings.min_send_bytes_per_s;
+        if ticked && polled.is_pending() && !pace.keeps_up(blocked, sent, Instant::now(), min_rate)
+        {
+            // What it was sent (an answer charged to the queries' memory, a `/watch`
+            // backlog) is let go with the connection.
+            tracing::debug!(
+                shard,
+                sent,
+                "closing a connection whose client reads too slowly"
+            );
+            metrics::with_http(|m| m.slow_readers_closed += 1);
+            // SAFETY: `conn`, which owns the stream and its socket, lives until this
+            // function returns.
+            unsafe { watch.reset_on_close() };
+            return Poll::Ready(Ok(()));
+        }
         // Between two requests, with the last answer sent: hyper is idle (it writes an
         // answer's head in the poll that finishes the request, and flushes all it holds
         // unless the socket is full: `pipeline_flush` stays off), so its graceful

@@ -100,6 +100,8 @@ pub struct HttpMetrics {
     pub connections_open: u64,
     pub connections_accepted: u64,
     pub connections_refused: u64,
+    /// Idle connections closed at the connection limit to make room for a new one.
+    pub connections_evicted: u64,
     pub connections_moved: u64,
     pub connection_moves_refused: u64,
     /// Connections closed because their client took answers slower than
@@ -712,6 +714,13 @@ pub fn render(shards: &[ShardSnapshot], control: &ControlMetrics) -> Result<Stri
             "Client connections refused at the connection limit.",
             COUNTER,
             |s| s.http.connections_refused as f64,
+        ),
+        per_shard(
+            shards,
+            "oc_http_connections_evicted_total",
+            "Idle client connections closed at the connection limit to make room for a new one.",
+            COUNTER,
+            |s| s.http.connections_evicted as f64,
         ),
         per_shard(
             shards,

@@ -150,26 +150,27 @@ pub fn run(config: &ServerConfig) -> Vec<Check> {
     checks
 }
 
-/// Whether a server already runs on the data directory (it holds the lock): a start
-/// would be refused.
+/// Whether a server already runs on the data directory (it holds the lock). A warning,
+/// not a failure: an upgrade runs this check before it stops the old server. The probe
+/// creates and writes nothing.
 fn lock(data_dir: &Path) -> Check {
     const NAME: &str = "data directory lock";
     if !data_dir.is_dir() {
         return ok(NAME, format!("{} is new", data_dir.display()));
     }
-    match oc_io::dir_lock::DirLock::acquire(data_dir, "oc-server check") {
-        Ok(_released) => ok(NAME, format!("no process holds {}", data_dir.display())),
-        Err(e @ oc_io::dir_lock::DirLockError::Held { .. }) => finding(
+    match oc_io::dir_lock::holder_of(data_dir) {
+        Ok(None) => ok(NAME, format!("no process holds {}", data_dir.display())),
+        Ok(Some(holder)) => finding(
             NAME,
-            "fail",
-            e.to_string(),
-            "a server runs on this directory: a second one is refused; check another directory or stop that one first",
+            "warn",
+            format!("{} is locked by {holder}", data_dir.display()),
+            "a server runs on this directory: another one is refused until it stops, and the latency above includes its load",
         ),
         Err(e) => finding(
             NAME,
             "fail",
-            e.to_string(),
-            "make the data directory a directory the server's user can write",
+            format!("cannot read the lock of {}: {e}", data_dir.display()),
+            "make the data directory a directory the server's user can read",
         ),
     }
 }

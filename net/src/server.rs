@@ -249,13 +249,19 @@ pub fn run(config: ServerConfig) -> Result<()> {
                     .with_context(|| format!("checking the archive {uri}"))?;
             }
             replay_archive = Some(archive.clone());
-            let start = shipper::start(
-                archive,
+            let started = shipper::start(
+                archive.clone(),
                 ship_config(&config, &layout),
                 ship_status.clone(),
                 on_displaced(format),
-            )
-            .with_context(|| format!("starting to ship to the archive {uri}"))?;
+            );
+            if started.is_err() && !archive_names_another_owner(archive.as_ref(), &layout) {
+                // Failed after its claim (or cannot tell): the archive names this
+                // directory's id, which only its layout holds.
+                fresh_start.keep();
+            }
+            let start =
+                started.with_context(|| format!("starting to ship to the archive {uri}"))?;
             tracing::info!(archive = %uri, lease_epoch = start.lease_epoch, "shipping to the archive");
             if config.lease_ttl().is_some() {
                 lease_hold = Some(start.hold.clone());
@@ -402,8 +408,6 @@ pub fn run(config: ServerConfig) -> Result<()> {
     Ok(())
 }
 
-/// The shipper's settings for this server (a writer's at start, a follower's when it
-/// is promoted).
 /// What a writer's start that fails before its shards open leaves of a data directory
 /// that had no layout: nothing but the lock file. (A new follower's layout records a
 /// finished bootstrap: it stays.) The layout it wrote would otherwise pin the
@@ -454,6 +458,21 @@ impl Drop for FreshStart {
     }
 }
 
+/// Whether the archive's owner record names another data directory than `layout`'s, or
+/// no owner at all; false when it names this one or cannot be read.
+fn archive_names_another_owner(
+    archive: &dyn oc_ship::archive::Archive,
+    layout: &oc_engine::placement::Layout,
+) -> bool {
+    match lease::read(archive) {
+        Ok(Some((lease, _))) => lease.owner_id != layout.id.to_string(),
+        Ok(None) => true,
+        Err(_) => false,
+    }
+}
+
+/// The shipper's settings for this server (a writer's at start, a follower's when it
+/// is promoted).
 fn ship_config(config: &ServerConfig, layout: &oc_engine::placement::Layout) -> ShipperConfig {
     ShipperConfig {
         data_dir: config.data_dir.clone(),

@@ -277,6 +277,107 @@ fn slow_headers_are_cut_off_while_other_clients_are_served() {
     assert_eq!(server.get("/v1/tenants").status, 200);
 }
 
+/// Waits until the one-shard `server` has no client connection open (the set-up's
+/// have closed).
+fn until_no_connections(server: &Server) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !server
+        .ops_get("/metrics")
+        .1
+        .contains("oc_http_connections_open{shard=\"0\"} 0")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the set-up's connections stay open"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One `GET /v1/ping` on a kept-alive connection: its status, or `None` when the
+/// server closed the connection instead.
+fn ping_on(stream: &mut TcpStream) -> Option<u16> {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    if stream
+        .write_all(b"GET /v1/ping HTTP/1.1\r\nhost: x\r\n\r\n")
+        .is_err()
+    {
+        return None;
+    }
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut chunk).unwrap_or(0);
+        if n == 0 {
+            return None;
+        }
+        answer.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&answer).to_string();
+        let Some((head, body)) = text.split_once("\r\n\r\n") else {
+            continue;
+        };
+        let length: usize = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length: ")
+                    .map(str::to_string)
+            })
+            .and_then(|n| n.trim().parse().ok())
+            .expect("content-length");
+        if body.len() >= length {
+            return head.get(9..12).and_then(|s| s.parse().ok());
+        }
+    }
+}
+
+/// At the connection limit a new connection takes the place of the one idle the
+/// longest (nothing owed either way for a second): held idle keep-alive connections
+/// cannot lock new clients out. Connections that went quiet only just now keep theirs.
+#[test]
+fn at_the_limit_a_new_connection_takes_the_place_of_the_idlest_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(
+        &dir.path().join("data"),
+        &["--shards", "1", "--max-connections", "2"],
+    );
+    until_no_connections(&server);
+    let addr = server.api.trim_start_matches("http://").to_string();
+    let mut oldest = TcpStream::connect(&addr).expect("connect");
+    assert_eq!(ping_on(&mut oldest), Some(200));
+    std::thread::sleep(Duration::from_millis(300));
+    let mut younger = TcpStream::connect(&addr).expect("connect");
+    assert_eq!(ping_on(&mut younger), Some(200));
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut new = TcpStream::connect(&addr).expect("connect");
+    assert_eq!(ping_on(&mut new), Some(200), "the new connection is served");
+    assert_eq!(ping_on(&mut oldest), None, "the idlest one made room");
+    assert_eq!(
+        ping_on(&mut younger),
+        Some(200),
+        "the other keeps its place"
+    );
+    let (_, metrics) = server.ops_get("/metrics");
+    assert!(
+        metrics.contains("oc_http_connections_evicted_total{shard=\"0\"} 1"),
+        "{metrics}"
+    );
+    // Both in use just now: no room is made, and the next one is refused.
+    assert_eq!(ping_on(&mut new), Some(200));
+    assert_eq!(ping_on(&mut younger), Some(200));
+    let mut refused = TcpStream::connect(&addr).expect("connect");
+    let mut answer = String::new();
+    refused
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    refused.read_to_string(&mut answer).expect("the refusal");
+    assert!(answer.contains("too_many_connections"), "{answer}");
+    assert_eq!(ping_on(&mut new), Some(200));
+    assert_eq!(ping_on(&mut younger), Some(200));
+}
+
 #[test]
 fn connections_beyond_the_limit_get_503_and_are_closed() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -284,9 +385,17 @@ fn connections_beyond_the_limit_get_503_and_are_closed() {
         &dir.path().join("data"),
         &["--shards", "1", "--max-connections", "1"],
     );
+    server.create_tenant_with_items("acme");
+    until_no_connections(&server);
     let addr = server.api.trim_start_matches("http://").to_string();
-    let held = TcpStream::connect(&addr).expect("first connection");
-    std::thread::sleep(Duration::from_millis(200));
+    // The one connection carries a stream: never idle, so it keeps its place.
+    let mut held = TcpStream::connect(&addr).expect("first connection");
+    held.write_all(b"GET /v1/tenants/acme/watch HTTP/1.1\r\nhost: x\r\n\r\n")
+        .expect("watch");
+    let mut head = [0u8; 12];
+    held.read_exact(&mut head).expect("the stream's head");
+    assert_eq!(&head, b"HTTP/1.1 200");
+    std::thread::sleep(Duration::from_millis(1500));
     let mut second = TcpStream::connect(&addr).expect("second connection");
     second
         .set_read_timeout(Some(Duration::from_secs(10)))

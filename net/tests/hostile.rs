@@ -1184,14 +1184,8 @@ fn ambiguous_requests_are_refused_rather_than_read_one_way() {
     let created = raw_exchange(
         &server.api,
         &format!(
-            "POST /v1/tenants HTTP/1.1
-host: x
-{auth}content-type: application/json
-\
-             content-length: {}
-connection: close
-
-{tenant}",
+            "POST /v1/tenants HTTP/1.1\r\nhost: x\r\n{auth}content-type: application/json\r\n\
+             content-length: {}\r\nconnection: close\r\n\r\n{tenant}",
             tenant.len()
         ),
     );
@@ -1240,6 +1234,14 @@ connection: close
         (
             format!(
                 "content-encoding: gzip\r\ncontent-length: {}\r\n\r\n{ask}",
+                ask.len()
+            ),
+            "content-encoding",
+        ),
+        // Not text: no coding it knows either.
+        (
+            format!(
+                "content-encoding: gzip\u{ff}\r\ncontent-length: {}\r\n\r\n{ask}",
                 ask.len()
             ),
             "content-encoding",

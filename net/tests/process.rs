@@ -471,12 +471,39 @@ fn a_second_data_directory_on_a_claimed_archive_is_refused() {
     let own = file_uri(&dir.path().join("archive-b"));
     let second = Server::start(&data_b, &["--shards", "2", "--archive", &own]);
     second.create_tenant_with_items("acme");
-    assert_ne!(data_dir_id(&data_b), owner_id);
     drop(second);
     // The owner itself restarts on it.
     let owner = Server::start(&data_a, &args);
     assert_eq!(data_dir_id(&data_a), owner_id, "the id survives restarts");
     drop(owner);
+}
+
+/// A first start that fails after it claimed its archive (a damaged object in it)
+/// keeps its layout: the archive now names that directory's id, and the start after
+/// the repair must be the same directory's, not one the archive refuses.
+#[test]
+fn a_first_start_that_fails_after_claiming_its_archive_keeps_its_layout() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let archive = dir.path().join("archive");
+    let damaged = archive.join("shard-0/checkpoint/0000000000000001.json");
+    std::fs::create_dir_all(damaged.parent().expect("parent")).expect("mkdir");
+    std::fs::write(&damaged, b"not a manifest").expect("write");
+    let uri = file_uri(&archive);
+    let args = ["--shards", "1", "--archive", &uri];
+    let refused = Server::try_start(&data, &args)
+        .err()
+        .expect("a damaged manifest refuses the start");
+    assert!(refused.contains("0000000000000001.json"), "{refused}");
+    assert!(
+        data.join("oc-layout.json").exists(),
+        "the layout the archive names was removed: {refused}"
+    );
+    let id = data_dir_id(&data);
+    std::fs::remove_file(&damaged).expect("repair");
+    let server = Server::start(&data, &args);
+    assert_eq!(data_dir_id(&data), id);
+    server.create_tenant_with_items("acme");
 }
 
 /// A process stopped while it holds the local archive's lock (a Python child taking

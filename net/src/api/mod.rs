@@ -930,7 +930,8 @@ fn refuse_unknown_encodings(headers: &hyper::HeaderMap) -> Result<(), ApiError> 
         (hyper::header::CONTENT_ENCODING, "identity"),
     ] {
         for value in headers.get_all(&header) {
-            let value = value.to_str().unwrap_or("");
+            // Bytes that are not text name no coding this server knows either.
+            let value = value.to_str().unwrap_or("\u{fffd}");
             let codings = value.split(',').map(str::trim).filter(|c| !c.is_empty());
             if codings
                 .into_iter()

@@ -688,8 +688,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                         ],
                         &rows,
                     );
-                    // The table has no room for it: the next page's start, on stderr.
-                    if let (Some(next), false) = (page.next_after, page.entries.is_empty()) {
+                    // The table has no room for it: where a next page would start, on
+                    // stderr, when this one is full (a page without `--after` or
+                    // `--since` is the newest entries: nothing comes after it).
+                    let full = page.entries.len() >= limit.unwrap_or(100) as usize;
+                    let paging = after.is_some() || since.is_some();
+                    if let (Some(next), true) = (page.next_after, full && paging) {
                         eprintln!("next page: --after {next}");
                     }
                 }
