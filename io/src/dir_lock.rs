@@ -336,6 +336,28 @@ mod tests {
     }
 
     #[test]
+    fn a_probe_names_the_holder_and_neither_takes_nor_writes_the_lock() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert_eq!(holder_of(dir.path()).expect("probe"), None);
+        assert!(
+            !dir.path().join(LOCK_FILE).exists(),
+            "the probe made oc.lock"
+        );
+        let held = DirLock::acquire(dir.path(), "oc-server").expect("lock");
+        let text = std::fs::read_to_string(dir.path().join(LOCK_FILE)).expect("read");
+        let holder = holder_of(dir.path()).expect("probe").expect("held");
+        assert!(
+            holder.contains(&format!("PID {}", std::process::id())),
+            "{holder}"
+        );
+        let after = std::fs::read_to_string(dir.path().join(LOCK_FILE)).expect("read");
+        assert_eq!(after, text, "the probe wrote the holder's lock file");
+        drop(held);
+        assert_eq!(holder_of(dir.path()).expect("probe"), None);
+        DirLock::acquire(dir.path(), "oc-server").expect("the probe left it free");
+    }
+
+    #[test]
     fn a_deleted_or_replaced_lock_file_does_not_unlock_the_directory() {
         let dir = tempfile::tempdir().expect("tempdir");
         let data = dir.path().join("data");
