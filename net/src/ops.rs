@@ -62,7 +62,7 @@ pub struct ControlState {
 /// scraper or a stalled client gives way, and a health probe, which sends its request
 /// at once, is answered. A flood cannot take the control executor's descriptors, and
 /// cannot make a healthy server fail its probes either.
-pub const MAX_OPS_CONNECTIONS: usize = 64;
+pub const MAX_OPS_CONNECTIONS: usize = 256;
 /// The ops listener's connections, oldest first: (id, how far it got, the task serving
 /// it).
 type OpenConnections =
@@ -138,6 +138,10 @@ pub async fn serve_ops(listener: TcpListener, state: Rc<ControlState>) {
         })
         .detach();
         open.borrow_mut().push_back((id, stage, handle));
+        // The new connection's task reads its request before the next accept: under a
+        // flood of accepts a probe's would otherwise wait behind dozens more, and be the
+        // oldest quiet one before its request was seen.
+        futures_lite::future::yield_now().await;
     }
 }
 
