@@ -164,7 +164,8 @@ pub struct ConnectionSettings {
     /// The least a client must take of what it is sent, in bytes a second, while the
     /// server waits on it (0: no minimum).
     pub min_send_bytes_per_s: u64,
-    /// Open connections this shard serves; more are answered 503 and closed.
+    /// Open connections this shard serves: past it the idlest one makes room, and with
+    /// none idle a new one is answered 503 and closed.
     pub max_connections: usize,
     pub limits: ApiLimits,
     pub auth: AuthConfig,

@@ -164,7 +164,7 @@ fn lock(data_dir: &Path) -> Check {
             NAME,
             "warn",
             format!("{} is locked by {holder}", data_dir.display()),
-            "a server runs on this directory: another one is refused until it stops, and the latency above includes its load",
+            "a server runs on this directory: another one is refused until it stops, and the durable-write latency includes its load",
         ),
         Err(e) => finding(
             NAME,
