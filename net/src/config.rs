@@ -107,7 +107,9 @@ pub struct ServerConfig {
     /// Time for a client to send a request's body; then 408.
     #[arg(long, env = "OC_BODY_READ_TIMEOUT_MS", default_value_t = 30_000)]
     pub body_read_timeout_ms: u64,
-    /// Idle keep-alive connections are closed after this long.
+    /// A connection with no request in flight and no byte moved for this long is closed
+    /// (an idle keep-alive connection goes at the header-read timeout first: hyper
+    /// counts that from the end of the last answer).
     #[arg(long, env = "OC_IDLE_TIMEOUT_MS", default_value_t = 60_000)]
     pub idle_timeout_ms: u64,
     /// The least a client must take of an answer or a `/watch` stream, in bytes a

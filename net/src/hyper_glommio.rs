@@ -60,8 +60,8 @@ pub struct StreamWatch {
     pub write_blocked: Cell<bool>,
     /// Bytes the socket (or TLS) took from hyper, in all.
     pub sent_bytes: Cell<u64>,
-    /// An answer of no known length (a `/watch` stream) was handed over on it.
-    pub streamed: Cell<bool>,
+    /// Answers of no known length (`/watch` streams) being sent on it.
+    pub streams: Cell<u32>,
     /// hyper handed over a request whose answer is not made yet.
     answer_owed: Cell<bool>,
     /// The client's end of stream, found while hyper owed it an answer.
@@ -160,7 +160,7 @@ impl<S> HyperStream<S> {
             last_activity: Cell::new(Instant::now()),
             write_blocked: Cell::new(false),
             sent_bytes: Cell::new(0),
-            streamed: Cell::new(false),
+            streams: Cell::new(0),
             answer_owed: Cell::new(false),
             held_end: RefCell::new(None),
         });

@@ -51,6 +51,8 @@ const SEND_RATE_WINDOW: Duration = Duration::from_secs(10);
 /// How long a connection must have been idle (no request being answered, nothing
 /// moved) before a new connection at the limit may take its place.
 const EVICTABLE_AFTER: Duration = Duration::from_secs(1);
+/// Connections asked to make room at once, at most, before new ones are refused.
+const MOST_EVICTIONS_UNDER_WAY: usize = 8;
 /// Pending connections per socket.
 const LISTEN_BACKLOG: i32 = 1024;
 /// Requests in a row for one other shard's tenants before a connection moves there;
@@ -275,11 +277,16 @@ struct DrainState {
     /// Every connection this shard serves, by its waiter id: what the connection limit
     /// weighs when it makes room ([`DrainState::evict_idlest`]).
     connections: RefCell<HashMap<u64, Rc<Occupancy>>>,
+    /// Connections asked to make room that have not closed yet.
+    evicting: Cell<usize>,
 }
 
 /// What a connection is doing, as the connection limit sees it.
 struct Occupancy {
-    watch: Rc<StreamWatch>,
+    /// `None` while its TLS handshake runs.
+    watch: Option<Rc<StreamWatch>>,
+    /// When it was accepted.
+    since: Instant,
     /// Requests handed to the service and not answered yet.
     in_flight: Rc<Cell<usize>>,
     /// Asked to close (to make room for a new one): it finishes what it is answering.
@@ -288,14 +295,17 @@ struct Occupancy {
 
 impl Occupancy {
     /// Nothing owed either way for a while: no request being answered, no answer or
-    /// stream being sent, no byte moved for [`EVICTABLE_AFTER`].
+    /// stream being sent, no byte moved for [`EVICTABLE_AFTER`]; or a TLS handshake
+    /// still running after that long.
     fn idle_for(&self, now: Instant) -> Option<Duration> {
-        let idle = now.saturating_duration_since(self.watch.last_activity.get());
-        let quiet = self.in_flight.get() == 0
-            && !self.watch.write_blocked.get()
-            && !self.watch.streamed.get()
-            && !self.evicted.get();
-        (quiet && idle >= EVICTABLE_AFTER).then_some(idle)
+        let (idle, quiet) = match &self.watch {
+            None => (now.saturating_duration_since(self.since), true),
+            Some(watch) => (
+                now.saturating_duration_since(watch.last_activity.get()),
+                self.in_flight.get() == 0 && !watch.write_blocked.get() && watch.streams.get() == 0,
+            ),
+        };
+        (quiet && !self.evicted.get() && idle >= EVICTABLE_AFTER).then_some(idle)
     }
 }
 
@@ -319,7 +329,10 @@ impl DrainState {
 
     fn forget(&self, id: u64) {
         self.wakers.borrow_mut().remove(&id);
-        self.connections.borrow_mut().remove(&id);
+        let gone = self.connections.borrow_mut().remove(&id);
+        if gone.is_some_and(|c| c.evicted.get()) {
+            self.evicting.set(self.evicting.get() - 1);
+        }
     }
 
     /// At the connection limit: asks the connection idle the longest (nothing owed
@@ -327,6 +340,11 @@ impl DrainState {
     /// was one. Held idle keep-alive connections would otherwise lock new clients out
     /// (nginx reuses its idle keep-alive connections likewise when it runs out).
     fn evict_idlest(&self) -> bool {
+        // Each closes at its next poll; more on their way would mean they do not, and
+        // the shard would run past its limit (and its descriptors) instead.
+        if self.evicting.get() >= MOST_EVICTIONS_UNDER_WAY {
+            return false;
+        }
         let now = Instant::now();
         let connections = self.connections.borrow();
         let idlest = connections
@@ -337,6 +355,7 @@ impl DrainState {
             return false;
         };
         connection.evicted.set(true);
+        self.evicting.set(self.evicting.get() + 1);
         if let Some(waker) = self.wakers.borrow().get(&id) {
             waker.wake_by_ref();
         }
@@ -417,7 +436,12 @@ pub async fn serve_shard(
         if server.full() {
             if !server.state.evict_idlest() {
                 metrics::with_http(|m| m.connections_refused += 1);
-                glommio::spawn_local(refuse(stream)).detach();
+                if server.settings.tls.is_some() {
+                    // A plaintext 503 would read as garbage to a TLS client: closed.
+                    drop(stream);
+                } else {
+                    glommio::spawn_local(refuse(stream)).detach();
+                }
                 continue;
             }
             // The evicted one closes at its next poll, at once: until then the shard
@@ -451,12 +475,37 @@ async fn serve_connection(stream: TcpStream, arrival: Arrival, server: &ShardSer
     let Some(tls) = &server.settings.tls else {
         return serve_plain(stream, arrival, server).await;
     };
-    // The handshake gets the header-read budget: a client that stalls in it is cut off.
-    let handshake = future::or(async { Some(tls.accept(stream).await) }, async {
+    // The handshake gets the header-read budget: a client that stalls in it is cut off,
+    // and after a second it may be made to give its place to a new connection.
+    let state = &server.state;
+    let waiter = state.new_waiter();
+    let occupancy = Rc::new(Occupancy {
+        watch: None,
+        since: Instant::now(),
+        in_flight: Rc::default(),
+        evicted: Cell::new(false),
+    });
+    state
+        .connections
+        .borrow_mut()
+        .insert(waiter, occupancy.clone());
+    let evicted = poll_fn(|cx| {
+        if occupancy.evicted.get() {
+            return Poll::Ready(None);
+        }
+        state.watch(waiter, cx);
+        Poll::Pending
+    });
+    let timed_out = async {
         glommio::timer::sleep(server.settings.header_read_timeout).await;
         None
-    })
+    };
+    let handshake = future::or(
+        async { Some(tls.accept(stream).await) },
+        future::or(timed_out, evicted),
+    )
     .await;
+    state.forget(waiter);
     match handshake {
         Some(Ok(stream)) => {
             // A TLS session's state lives in this shard's memory: it stays here.
@@ -464,7 +513,7 @@ async fn serve_connection(stream: TcpStream, arrival: Arrival, server: &ShardSer
             serve_http(io, watch, server, None).await;
         }
         Some(Err(e)) => tracing::debug!(shard, error = %e, "TLS handshake failed"),
-        None => tracing::debug!(shard, "TLS handshake timed out"),
+        None => tracing::debug!(shard, "TLS handshake timed out or made room"),
     }
 }
 
@@ -656,6 +705,56 @@ impl SendPace {
     }
 }
 
+/// An answer's body that counts, while it lives, as a stream its connection carries
+/// when it has no known length (`StreamWatch::streams`): such a connection is never
+/// idle. hyper drops the body once sent, or at once for HEAD.
+struct Tracked {
+    body: api::ApiBody,
+    _stream: Option<StreamCount>,
+}
+
+/// One stream counted on its connection until dropped.
+struct StreamCount(Rc<StreamWatch>);
+
+impl Drop for StreamCount {
+    fn drop(&mut self) {
+        self.0.streams.set(self.0.streams.get() - 1);
+    }
+}
+
+impl Tracked {
+    fn new(body: api::ApiBody, watch: &Rc<StreamWatch>) -> Tracked {
+        let stream = body.size_hint().exact().is_none().then(|| {
+            watch.streams.set(watch.streams.get() + 1);
+            StreamCount(watch.clone())
+        });
+        Tracked {
+            body,
+            _stream: stream,
+        }
+    }
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = <api::ApiBody as Body>::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// A connection hyper let go of between two requests, to move to `owner`.
 struct Leaving<S> {
     owner: usize,
@@ -703,12 +802,6 @@ where
             // hands the connection back, wants an `Unpin` future.
             Box::pin(async move {
                 let response = api::handle(ctx, req).await;
-                if response
-                    .as_ref()
-                    .is_ok_and(|answer| answer.body().size_hint().exact().is_none())
-                {
-                    watch.streamed.set(true);
-                }
                 if let (Some((affinity, owner, read_to_end)), Ok(answer)) = (moving, &response) {
                     affinity.answered(&Answered {
                         owner,
@@ -719,7 +812,7 @@ where
                 }
                 watch.answered();
                 in_flight.set(in_flight.get() - 1);
-                response
+                response.map(|answer| answer.map(|body| Tracked::new(body, &watch)))
             })
         })
     };
@@ -743,7 +836,8 @@ where
     let mut moving_to = None;
     let waiter = state.new_waiter();
     let occupancy = Rc::new(Occupancy {
-        watch: watch.clone(),
+        watch: Some(watch.clone()),
+        since: Instant::now(),
         in_flight: in_flight.clone(),
         evicted: Cell::new(false),
     });
@@ -754,6 +848,11 @@ where
     let outcome = poll_fn(|cx| {
         if moving_to.is_some() {
             return conn.poll_without_shutdown(cx);
+        }
+        if occupancy.evicted.get() && in_flight.get() == 0 && !watch.write_blocked.get() {
+            // Owing nothing, it closes now: hyper's graceful shutdown would wait out the
+            // header timeout for a request head begun but not finished.
+            return Poll::Ready(Ok(()));
         }
         if (state.draining.get() || occupancy.evicted.get()) && !shutting_down {
             shutting_down = true;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_lite::future;
-use glommio::net::{TcpListener, TcpStream};
+use glommio::net::TcpListener;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
@@ -58,28 +58,20 @@ pub struct ControlState {
 }
 
 /// Open connections the ops listener serves at once. A new connection past the cap
-/// closes the oldest one that is not being answered instead of being refused: an idle
-/// scraper or a stalled client gives way, and a health probe, which sends its request
-/// at once, is answered. A flood cannot take the control executor's descriptors, and
-/// cannot make a healthy server fail its probes either.
+/// closes the oldest one whose request is not being answered instead of being refused:
+/// an idle scraper or a stalled client gives way, and a health probe, which sends its
+/// request at once and is read before the next accept, is answered long before 256
+/// newer connections make it the oldest. A flood cannot take the control executor's
+/// descriptors, and cannot make a healthy server fail its probes either. (Ranking by
+/// what a connection had sent when accepted let a flood that sends one byte each push
+/// probes, accepted before their bytes arrived, to the front.)
 pub const MAX_OPS_CONNECTIONS: usize = 256;
-/// The ops listener's connections, oldest first: (id, how far it got, the task serving
-/// it).
-type OpenConnections =
-    Rc<RefCell<VecDeque<(u64, Rc<Cell<OpsStage>>, glommio::task::JoinHandle<()>)>>>;
+/// The ops listener's connections, oldest first: (id, whether a request of it is being
+/// answered, the task serving it).
+type OpenConnections = Rc<RefCell<VecDeque<(u64, Rc<Cell<bool>>, glommio::task::JoinHandle<()>)>>>;
 
-/// How far an ops connection got, in the order connections are closed to make room: the
-/// oldest of the first stage present goes.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum OpsStage {
-    /// Nothing sent when accepted, nothing being answered (an idle flood's).
-    Quiet,
-    /// Bytes were waiting when it was accepted (a probe sends at once), not answered yet.
-    Sent,
-    /// A request of it is being answered.
-    Answering,
-}
-
+/// How long the ops listener's accept loop pauses between accepts past half its cap.
+const FLOOD_PAUSE: Duration = Duration::from_micros(100);
 /// Time for an ops client to send its request headers (probes send them at once).
 const OPS_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -98,11 +90,12 @@ pub async fn serve_ops(listener: TcpListener, state: Rc<ControlState>) {
         };
         if open.borrow().len() >= MAX_OPS_CONNECTIONS {
             let mut open = open.borrow_mut();
-            // A flood of connections that send nothing, or a byte, must not close one
-            // whose request is being answered (a probe's, usually).
-            let stages = open.iter().map(|(_, stage, _)| stage.get());
-            let first = stages.clone().min().unwrap_or(OpsStage::Quiet);
-            let victim = stages.clone().position(|s| s == first).unwrap_or(0);
+            // A flood must not close one whose request is being answered (a probe's,
+            // usually); with every one being answered, the oldest goes.
+            let victim = open
+                .iter()
+                .position(|(_, answering, _)| !answering.get())
+                .unwrap_or(0);
             if let Some((_, _, oldest)) = open.remove(victim) {
                 oldest.cancel(); // drops its connection
             }
@@ -110,22 +103,16 @@ pub async fn serve_ops(listener: TcpListener, state: Rc<ControlState>) {
         let id = next_id;
         next_id += 1;
         let (state, registry) = (state.clone(), open.clone());
-        // A probe's request is usually there by the time its connection is accepted
-        // (the client sends it as soon as its connect returns); a flood's is not.
-        let stage = Rc::new(Cell::new(if has_bytes_waiting(&stream) {
-            OpsStage::Sent
-        } else {
-            OpsStage::Quiet
-        }));
-        let marker = stage.clone();
+        let answering = Rc::new(Cell::new(false));
+        let marker = answering.clone();
         let handle = glommio::spawn_local(async move {
             let (io, _) = PlainStream::new(stream);
             let service = service_fn(move |req| {
                 let (state, marker) = (state.clone(), marker.clone());
                 async move {
-                    marker.set(OpsStage::Answering);
+                    marker.set(true);
                     let answer = handle(state, req).await;
-                    marker.set(OpsStage::Quiet);
+                    marker.set(false);
                     answer
                 }
             });
@@ -137,28 +124,18 @@ pub async fn serve_ops(listener: TcpListener, state: Rc<ControlState>) {
             registry.borrow_mut().retain(|(other, _, _)| *other != id);
         })
         .detach();
-        open.borrow_mut().push_back((id, stage, handle));
+        open.borrow_mut().push_back((id, answering, handle));
         // The new connection's task reads its request before the next accept: under a
         // flood of accepts a probe's would otherwise wait behind dozens more, and be the
-        // oldest quiet one before its request was seen.
-        futures_lite::future::yield_now().await;
+        // oldest one before its request was seen. Past half the cap the loop also lets
+        // the reactor run (a pause, not a turn), or the bytes of a probe accepted before
+        // they arrived are never reaped while accepts keep succeeding.
+        if open.borrow().len() >= MAX_OPS_CONNECTIONS / 2 {
+            glommio::timer::sleep(FLOOD_PAUSE).await;
+        } else {
+            futures_lite::future::yield_now().await;
+        }
     }
-}
-
-/// Whether the peer has sent bytes the connection has not read yet.
-fn has_bytes_waiting(stream: &TcpStream) -> bool {
-    use std::os::fd::AsRawFd;
-    let mut byte = 0u8;
-    // SAFETY: a one-byte buffer we own; MSG_PEEK leaves the byte in the socket.
-    let n = unsafe {
-        libc::recv(
-            stream.as_raw_fd(),
-            (&mut byte as *mut u8).cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    n > 0
 }
 
 fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {

@@ -378,6 +378,95 @@ fn at_the_limit_a_new_connection_takes_the_place_of_the_idlest_one() {
     assert_eq!(ping_on(&mut younger), Some(200));
 }
 
+/// What may not hold a place at the limit: a request head begun and never finished
+/// (closed at once when it makes room, not after the header timeout, so a flood of them
+/// cannot run the shard past its limit), and a stream that ended at once (a HEAD of
+/// `/watch`). A stream still being sent keeps its place.
+#[test]
+fn unfinished_heads_and_ended_streams_make_room_and_live_streams_keep_theirs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(
+        &dir.path().join("data"),
+        &["--shards", "1", "--max-connections", "3"],
+    );
+    server.create_tenant_with_items("acme");
+    until_no_connections(&server);
+    let addr = server.api.trim_start_matches("http://").to_string();
+    let open = || {
+        let (_, scrape) = server.ops_get("/metrics");
+        common::scrape_value(&scrape, "oc_http_connections_open{shard=\"0\"}").expect("open")
+    };
+    // A live stream, a HEAD of the stream (answered, nothing more to send) and a head
+    // never finished.
+    let mut live = TcpStream::connect(&addr).expect("connect");
+    live.write_all(b"GET /v1/tenants/acme/watch HTTP/1.1\r\nhost: x\r\n\r\n")
+        .expect("watch");
+    let mut head = [0u8; 12];
+    live.read_exact(&mut head).expect("the stream's head");
+    assert_eq!(&head, b"HTTP/1.1 200");
+    let mut headed = TcpStream::connect(&addr).expect("connect");
+    headed
+        .write_all(b"HEAD /v1/tenants/acme/watch HTTP/1.1\r\nhost: x\r\n\r\n")
+        .expect("head");
+    headed
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    // The whole answer: a head without a body.
+    let mut answer = Vec::new();
+    while !answer.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        headed.read_exact(&mut byte).expect("the HEAD's answer");
+        answer.push(byte[0]);
+    }
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    let mut unfinished = TcpStream::connect(&addr).expect("connect");
+    unfinished
+        .write_all(b"GET /v1/ping HTTP/1.1\r\nhost: x\r\n")
+        .expect("half a head");
+    unfinished
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    std::thread::sleep(Duration::from_millis(1500));
+    // The ended stream's connection is the idlest: it goes first.
+    let mut first = TcpStream::connect(&addr).expect("connect");
+    assert_eq!(ping_on(&mut first), Some(200));
+    assert_eq!(
+        ping_on(&mut headed),
+        None,
+        "the HEAD's connection made room"
+    );
+    // Then the unfinished head, closed at once rather than after the header timeout.
+    std::thread::sleep(Duration::from_millis(1200));
+    let asked = Instant::now();
+    let mut second = TcpStream::connect(&addr).expect("connect");
+    assert_eq!(ping_on(&mut second), Some(200));
+    let mut rest = [0u8; 64];
+    assert_eq!(
+        unfinished.read(&mut rest).unwrap_or(0),
+        0,
+        "the unfinished head made room"
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "it took {:?} to close",
+        asked.elapsed()
+    );
+    assert!(open() <= 3.0, "{} open at a limit of 3", open());
+    // The live stream, the idlest now, keeps its place: `first` makes room instead.
+    std::thread::sleep(Duration::from_millis(1200));
+    let mut third = TcpStream::connect(&addr).expect("connect");
+    assert_eq!(ping_on(&mut third), Some(200));
+    assert_eq!(
+        ping_on(&mut first),
+        None,
+        "the idle one made room, not the stream"
+    );
+    live.set_nonblocking(true).expect("nonblocking");
+    let still_open = !matches!(live.read(&mut rest), Ok(0));
+    assert!(still_open, "the live stream was closed");
+}
+
 #[test]
 fn connections_beyond_the_limit_get_503_and_are_closed() {
     let dir = tempfile::tempdir().expect("tempdir");
