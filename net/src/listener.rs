@@ -415,6 +415,7 @@ pub async fn serve_shard(
     });
     let _registered = Registered::new(server.clone());
     let accept_waiter = state.new_waiter();
+    let mut accept_failures = AcceptFailures::new("api", Some(node.id()));
     loop {
         let drained = poll_fn(|cx| {
             if state.draining.get() {
@@ -428,7 +429,7 @@ pub async fn serve_shard(
             None => break,
             Some(Ok(stream)) => stream,
             Some(Err(e)) => {
-                tracing::warn!(shard = node.id(), error = %e, "accept failed");
+                accept_failures.note(&e);
                 glommio::timer::sleep(Duration::from_millis(10)).await;
                 continue;
             }
@@ -455,6 +456,41 @@ pub async fn serve_shard(
     drop(listener);
     state.listener_closed.set(true);
     tracing::info!(shard = node.id(), "listener closed for shutdown");
+}
+
+/// Failed accepts (out of descriptors, mostly), logged at most once a second with how
+/// many went unlogged: a loop retrying every 10 ms must not flood the log.
+pub(crate) struct AcceptFailures {
+    /// Which listener (`api`, `ops`), and the shard of an API one.
+    listener: &'static str,
+    shard: Option<usize>,
+    last_logged: Option<Instant>,
+    unlogged: u64,
+}
+
+impl AcceptFailures {
+    pub(crate) fn new(listener: &'static str, shard: Option<usize>) -> AcceptFailures {
+        AcceptFailures {
+            listener,
+            shard,
+            last_logged: None,
+            unlogged: 0,
+        }
+    }
+
+    pub(crate) fn note(&mut self, error: &dyn std::fmt::Display) {
+        if self
+            .last_logged
+            .is_some_and(|at| at.elapsed() < Duration::from_secs(1))
+        {
+            self.unlogged += 1;
+            return;
+        }
+        let (listener, shard, unlogged) = (self.listener, self.shard, self.unlogged);
+        tracing::warn!(listener, ?shard, %error, more_since_last_line = unlogged, "accept failed");
+        self.last_logged = Some(Instant::now());
+        self.unlogged = 0;
+    }
 }
 
 /// Answers a connection over the limit with a 503 and closes it.
@@ -949,6 +985,27 @@ mod tests {
     }
 
     const _: () = assert!(MOVE_AFTER << MOST_MOVE_DOUBLINGS == 64);
+
+    #[test]
+    fn failed_accepts_are_logged_once_a_second_with_the_count_left_out() {
+        let mut failures = AcceptFailures::new("api", Some(0));
+        let error = std::io::Error::from_raw_os_error(libc::EMFILE);
+        failures.note(&error);
+        assert_eq!(failures.unlogged, 0, "the first is logged");
+        for _ in 0..5 {
+            failures.note(&error);
+        }
+        assert_eq!(
+            failures.unlogged, 5,
+            "within the second: counted, not logged"
+        );
+        failures.last_logged = Some(Instant::now() - Duration::from_secs(2));
+        failures.note(&error);
+        assert_eq!(
+            failures.unlogged, 0,
+            "a second later: logged with the count"
+        );
+    }
 
     #[test]
     fn a_client_is_too_slow_only_after_a_whole_window_of_a_full_socket_below_the_minimum() {

@@ -79,11 +79,12 @@ const OPS_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
 pub async fn serve_ops(listener: TcpListener, state: Rc<ControlState>) {
     let open: OpenConnections = Rc::default();
     let mut next_id = 0u64;
+    let mut accept_failures = crate::listener::AcceptFailures::new("ops", None);
     loop {
         let stream = match listener.accept().await {
             Ok(stream) => stream,
             Err(e) => {
-                tracing::warn!(error = %e, "ops accept failed");
+                accept_failures.note(&e);
                 glommio::timer::sleep(Duration::from_millis(10)).await;
                 continue;
             }

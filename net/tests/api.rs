@@ -470,27 +470,33 @@ fn unfinished_heads_and_ended_streams_make_room_and_live_streams_keep_theirs() {
 #[test]
 fn connections_beyond_the_limit_get_503_and_are_closed() {
     let dir = tempfile::tempdir().expect("tempdir");
+    // Two: the set-up's requests, one after the other, may overlap a closing one.
     let server = Server::start(
         &dir.path().join("data"),
-        &["--shards", "1", "--max-connections", "1"],
+        &["--shards", "1", "--max-connections", "2"],
     );
     server.create_tenant_with_items("acme");
     until_no_connections(&server);
     let addr = server.api.trim_start_matches("http://").to_string();
-    // The one connection carries a stream: never idle, so it keeps its place.
-    let mut held = TcpStream::connect(&addr).expect("first connection");
-    held.write_all(b"GET /v1/tenants/acme/watch HTTP/1.1\r\nhost: x\r\n\r\n")
-        .expect("watch");
-    let mut head = [0u8; 12];
-    held.read_exact(&mut head).expect("the stream's head");
-    assert_eq!(&head, b"HTTP/1.1 200");
+    // Both connections carry a stream: never idle, so they keep their places.
+    let held: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut held = TcpStream::connect(&addr).expect("a connection");
+            held.write_all(b"GET /v1/tenants/acme/watch HTTP/1.1\r\nhost: x\r\n\r\n")
+                .expect("watch");
+            let mut head = [0u8; 12];
+            held.read_exact(&mut head).expect("the stream's head");
+            assert_eq!(&head, b"HTTP/1.1 200");
+            held
+        })
+        .collect();
     std::thread::sleep(Duration::from_millis(1500));
-    let mut second = TcpStream::connect(&addr).expect("second connection");
-    second
+    let mut third = TcpStream::connect(&addr).expect("third connection");
+    third
         .set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
     let mut answer = String::new();
-    second.read_to_string(&mut answer).expect("the refusal");
+    third.read_to_string(&mut answer).expect("the refusal");
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
     assert!(
         answer.to_ascii_lowercase().contains("retry-after: 1"),
@@ -498,7 +504,7 @@ fn connections_beyond_the_limit_get_503_and_are_closed() {
     );
     assert!(answer.contains("too_many_connections"), "{answer}");
     drop(held);
-    std::thread::sleep(Duration::from_millis(200));
+    until_no_connections(&server);
     assert_eq!(server.get("/v1/tenants").status, 200);
     let (_, metrics) = server.ops_get("/metrics");
     assert!(
