@@ -167,7 +167,8 @@ pub struct ConnectionSettings {
     /// server waits on it (0: no minimum).
     pub min_send_bytes_per_s: u64,
     /// Open connections this shard serves: past it the idlest one makes room, and with
-    /// none idle a new one is answered 503 and closed.
+    /// none idle (or [`MOST_EVICTIONS_UNDER_WAY`] still closing) a new one is answered
+    /// 503 and closed, or closed at once over TLS.
     pub max_connections: usize,
     pub limits: ApiLimits,
     pub auth: AuthConfig,
@@ -427,7 +428,10 @@ pub async fn serve_shard(
         let accepted = future::or(async { Some(listener.accept().await) }, drained).await;
         let stream = match accepted {
             None => break,
-            Some(Ok(stream)) => stream,
+            Some(Ok(stream)) => {
+                accept_failures.accepted();
+                stream
+            }
             Some(Err(e)) => {
                 accept_failures.note(&e);
                 glommio::timer::sleep(Duration::from_millis(10)).await;
@@ -475,6 +479,20 @@ impl AcceptFailures {
             shard,
             last_logged: None,
             unlogged: 0,
+        }
+    }
+
+    /// An accept succeeded: the failures left unlogged, if any, are logged now.
+    pub(crate) fn accepted(&mut self) {
+        if self.unlogged > 0 {
+            let (listener, shard, unlogged) = (self.listener, self.shard, self.unlogged);
+            tracing::warn!(
+                listener,
+                ?shard,
+                more_since_last_line = unlogged,
+                "accepts work again"
+            );
+            self.unlogged = 0;
         }
     }
 
@@ -537,10 +555,13 @@ async fn serve_connection(stream: TcpStream, arrival: Arrival, server: &ShardSer
         None
     };
     let handshake = future::or(
-        async { Some(tls.accept(stream).await) },
-        future::or(timed_out, evicted),
+        evicted,
+        future::or(timed_out, async { Some(tls.accept(stream).await) }),
     )
     .await;
+    // A handshake that finished in the turn that asked it to make room still makes it:
+    // served, it would keep the shard one past its limit.
+    let handshake = handshake.filter(|_| !occupancy.evicted.get());
     state.forget(waiter);
     match handshake {
         Some(Ok(stream)) => {
@@ -885,12 +906,7 @@ where
         if moving_to.is_some() {
             return conn.poll_without_shutdown(cx);
         }
-        if occupancy.evicted.get() && in_flight.get() == 0 && !watch.write_blocked.get() {
-            // Owing nothing, it closes now: hyper's graceful shutdown would wait out the
-            // header timeout for a request head begun but not finished.
-            return Poll::Ready(Ok(()));
-        }
-        if (state.draining.get() || occupancy.evicted.get()) && !shutting_down {
+        if state.draining.get() && !shutting_down {
             shutting_down = true;
             Pin::new(&mut conn).graceful_shutdown();
         }
@@ -907,6 +923,19 @@ where
             }
         }
         let polled = Pin::new(&mut conn).poll(cx);
+        if occupancy.evicted.get() && !shutting_down && polled.is_pending() {
+            // Asked to make room. hyper has just read what arrived: a request that came
+            // meanwhile is answered (with `Connection: close`); owing nothing, the
+            // connection closes now, as hyper's graceful shutdown would wait out the
+            // header timeout for a request head begun but not finished.
+            let owes = in_flight.get() > 0 || watch.write_blocked.get() || watch.streams.get() > 0;
+            if !owes {
+                return Poll::Ready(Ok(()));
+            }
+            shutting_down = true;
+            Pin::new(&mut conn).graceful_shutdown();
+            return Pin::new(&mut conn).poll(cx);
+        }
         // After hyper's poll, which wrote what the socket would take: a shard that was
         // held up must not blame the client for bytes it did not offer.
         let (blocked, sent) = (watch.write_blocked.get(), watch.sent_bytes.get());

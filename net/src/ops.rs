@@ -67,10 +67,17 @@ pub struct ControlState {
 /// probes, accepted before their bytes arrived, to the front.)
 pub const MAX_OPS_CONNECTIONS: usize = 256;
 /// The ops listener's connections, oldest first: (id, whether a request of it is being
-/// answered, the task serving it).
-type OpenConnections = Rc<RefCell<VecDeque<(u64, Rc<Cell<bool>>, glommio::task::JoinHandle<()>)>>>;
+/// answered, its stream's state (an answer not all sent yet), the task serving it).
+type OpenConnections = Rc<RefCell<VecDeque<OpenConnection>>>;
+type OpenConnection = (
+    u64,
+    Rc<Cell<bool>>,
+    Rc<crate::hyper_glommio::StreamWatch>,
+    glommio::task::JoinHandle<()>,
+);
 
-/// How long the ops listener's accept loop pauses between accepts past half its cap.
+/// How long, at least, the ops listener's accept loop pauses between accepts past half
+/// its cap (timer granularity made it about 0.8 ms in the measurements).
 const FLOOD_PAUSE: Duration = Duration::from_micros(100);
 /// Time for an ops client to send its request headers (probes send them at once).
 const OPS_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
@@ -82,7 +89,10 @@ pub async fn serve_ops(listener: TcpListener, state: Rc<ControlState>) {
     let mut accept_failures = crate::listener::AcceptFailures::new("ops", None);
     loop {
         let stream = match listener.accept().await {
-            Ok(stream) => stream,
+            Ok(stream) => {
+                accept_failures.accepted();
+                stream
+            }
             Err(e) => {
                 accept_failures.note(&e);
                 glommio::timer::sleep(Duration::from_millis(10)).await;
@@ -92,12 +102,13 @@ pub async fn serve_ops(listener: TcpListener, state: Rc<ControlState>) {
         if open.borrow().len() >= MAX_OPS_CONNECTIONS {
             let mut open = open.borrow_mut();
             // A flood must not close one whose request is being answered (a probe's,
-            // usually); with every one being answered, the oldest goes.
+            // usually) or whose answer is still being sent; with every one busy, the
+            // oldest goes.
             let victim = open
                 .iter()
-                .position(|(_, answering, _)| !answering.get())
+                .position(|(_, answering, watch, _)| !answering.get() && !watch.write_blocked.get())
                 .unwrap_or(0);
-            if let Some((_, _, oldest)) = open.remove(victim) {
+            if let Some((.., oldest)) = open.remove(victim) {
                 oldest.cancel(); // drops its connection
             }
         }
@@ -106,8 +117,8 @@ pub async fn serve_ops(listener: TcpListener, state: Rc<ControlState>) {
         let (state, registry) = (state.clone(), open.clone());
         let answering = Rc::new(Cell::new(false));
         let marker = answering.clone();
+        let (io, watch) = PlainStream::new(stream);
         let handle = glommio::spawn_local(async move {
-            let (io, _) = PlainStream::new(stream);
             let service = service_fn(move |req| {
                 let (state, marker) = (state.clone(), marker.clone());
                 async move {
@@ -122,10 +133,10 @@ pub async fn serve_ops(listener: TcpListener, state: Rc<ControlState>) {
                 .timer(GlommioTimer)
                 .header_read_timeout(OPS_HEADER_TIMEOUT);
             let _ = builder.serve_connection(io, service).await;
-            registry.borrow_mut().retain(|(other, _, _)| *other != id);
+            registry.borrow_mut().retain(|(other, ..)| *other != id);
         })
         .detach();
-        open.borrow_mut().push_back((id, answering, handle));
+        open.borrow_mut().push_back((id, answering, watch, handle));
         // The new connection's task reads its request before the next accept: under a
         // flood of accepts a probe's would otherwise wait behind dozens more, and be the
         // oldest one before its request was seen. Past half the cap the loop also lets

@@ -32,17 +32,83 @@ fn client_trusting(cert_der: &[u8]) -> ureq::Agent {
 
 /// A server in `dir` serving the data API over TLS with a fresh self-signed certificate.
 fn tls_server(dir: &std::path::Path) -> (Server, rcgen::CertifiedKey) {
+    tls_server_with(dir, &[])
+}
+
+/// [`tls_server`] with more flags.
+fn tls_server_with(dir: &std::path::Path, more: &[&str]) -> (Server, rcgen::CertifiedKey) {
     let (cert, key, certified) = common::self_signed_cert(dir);
-    let server = Server::start(
-        &dir.join("data"),
-        &[
-            "--tls-cert",
-            cert.to_str().expect("path"),
-            "--tls-key",
-            key.to_str().expect("path"),
-        ],
-    );
+    let mut args = vec![
+        "--tls-cert",
+        cert.to_str().expect("path"),
+        "--tls-key",
+        key.to_str().expect("path"),
+    ];
+    args.extend_from_slice(more);
+    let server = Server::start(&dir.join("data"), &args);
     (server, certified)
+}
+
+/// At the connection limit over TLS, a handshake not finished after a second makes room
+/// for a new connection; with nothing to make room, the new one is closed without an
+/// answer (a plaintext 503 would read as garbage to a TLS client).
+#[test]
+fn stalled_tls_handshakes_make_room_and_a_refusal_over_tls_sends_no_plaintext() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, certified) =
+        tls_server_with(dir.path(), &["--shards", "1", "--max-connections", "2"]);
+    let addr = server.api.trim_start_matches("https://").to_string();
+    let open = || {
+        let (_, scrape) = server.ops_get("/metrics");
+        common::scrape_value(&scrape, "oc_http_connections_open{shard=\"0\"}").expect("open")
+    };
+    let wait_for_open = |wanted: f64| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while open() != wanted {
+            assert!(std::time::Instant::now() < deadline, "{} open", open());
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    wait_for_open(0.0);
+    // Two connections that never start their handshake hold both places...
+    let stalled: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| std::net::TcpStream::connect(&addr).expect("connect"))
+        .collect();
+    wait_for_open(2.0);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // ...until a real client needs one.
+    let agent = client_trusting(certified.cert.der());
+    let ping = agent
+        .get(&format!("{}/v1/ping", server.api))
+        .call()
+        .expect("served at the limit");
+    assert_eq!(ping.status(), 200);
+    let (_, scrape) = server.ops_get("/metrics");
+    assert_eq!(
+        common::scrape_value(&scrape, "oc_http_connections_evicted_total{shard=\"0\"}"),
+        Some(1.0),
+        "{scrape}"
+    );
+    drop((agent, stalled));
+    wait_for_open(0.0);
+    // Both places taken just now: the third connection is closed with no bytes.
+    let _taken: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| std::net::TcpStream::connect(&addr).expect("connect"))
+        .collect();
+    wait_for_open(2.0);
+    let mut refused = std::net::TcpStream::connect(&addr).expect("connect");
+    refused
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    let mut answer = Vec::new();
+    let _ = refused.read_to_end(&mut answer);
+    assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+    let (_, scrape) = server.ops_get("/metrics");
+    assert_eq!(
+        common::scrape_value(&scrape, "oc_http_connections_refused_total{shard=\"0\"}"),
+        Some(1.0),
+        "{scrape}"
+    );
 }
 
 #[test]
