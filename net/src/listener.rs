@@ -328,6 +328,24 @@ impl DrainState {
         }
     }
 
+    /// Counts a connection for the connection limit, under a new waiter id (given back
+    /// with [`DrainState::forget`]).
+    fn occupy(
+        &self,
+        watch: Option<Rc<StreamWatch>>,
+        in_flight: Rc<Cell<usize>>,
+    ) -> (u64, Rc<Occupancy>) {
+        let id = self.new_waiter();
+        let occupancy = Rc::new(Occupancy {
+            watch,
+            since: Instant::now(),
+            in_flight,
+            evicted: Cell::new(false),
+        });
+        self.connections.borrow_mut().insert(id, occupancy.clone());
+        (id, occupancy)
+    }
+
     fn forget(&self, id: u64) {
         self.wakers.borrow_mut().remove(&id);
         let gone = self.connections.borrow_mut().remove(&id);
@@ -532,17 +550,7 @@ async fn serve_connection(stream: TcpStream, arrival: Arrival, server: &ShardSer
     // The handshake gets the header-read budget: a client that stalls in it is cut off,
     // and after a second it may be made to give its place to a new connection.
     let state = &server.state;
-    let waiter = state.new_waiter();
-    let occupancy = Rc::new(Occupancy {
-        watch: None,
-        since: Instant::now(),
-        in_flight: Rc::default(),
-        evicted: Cell::new(false),
-    });
-    state
-        .connections
-        .borrow_mut()
-        .insert(waiter, occupancy.clone());
+    let (waiter, occupancy) = state.occupy(None, Rc::default());
     let evicted = poll_fn(|cx| {
         if occupancy.evicted.get() {
             return Poll::Ready(None);
@@ -891,17 +899,7 @@ where
     let mut pace = SendPace::default();
     let mut shutting_down = false;
     let mut moving_to = None;
-    let waiter = state.new_waiter();
-    let occupancy = Rc::new(Occupancy {
-        watch: Some(watch.clone()),
-        since: Instant::now(),
-        in_flight: in_flight.clone(),
-        evicted: Cell::new(false),
-    });
-    state
-        .connections
-        .borrow_mut()
-        .insert(waiter, occupancy.clone());
+    let (waiter, occupancy) = state.occupy(Some(watch.clone()), in_flight.clone());
     let outcome = poll_fn(|cx| {
         if moving_to.is_some() {
             return conn.poll_without_shutdown(cx);
