@@ -79,6 +79,26 @@ struct Stats {
     slices: u32,
 }
 
+/// How two rows' sort keys order under ORDER BY `keys` (directions, NULLs first or
+/// last).
+fn sort_order(keys: &[SortKey], a: &[Value], b: &[Value]) -> Ordering {
+    for ((x, y), k) in a.iter().zip(b).zip(keys) {
+        let o = match (x.is_null(), y.is_null()) {
+            (true, true) => Ordering::Equal,
+            (true, false) if k.nulls_first => Ordering::Less,
+            (true, false) => Ordering::Greater,
+            (false, true) if k.nulls_first => Ordering::Greater,
+            (false, true) => Ordering::Less,
+            (false, false) if k.desc => sort_cmp(y, x),
+            (false, false) => sort_cmp(x, y),
+        };
+        if o != Ordering::Equal {
+            return o;
+        }
+    }
+    Ordering::Equal
+}
+
 /// A projected output row and the values it sorts by.
 type OutRow = (Vec<Value>, Vec<Value>);
 
@@ -102,6 +122,10 @@ pub struct Execution {
     held_bytes: usize,
     /// The same, as this query's share of what all running queries may hold.
     shared_memory: QueryMemory,
+    /// ORDER BY with LIMIT, once the output was cut to the rows kept: the sort keys of
+    /// the last one, which a new row must sort before to matter, and the bytes the
+    /// kept rows hold.
+    top_k: Option<(Vec<Value>, usize)>,
 }
 
 /// Rows a query's first slice reads, before it knows what a row costs.
@@ -270,6 +294,7 @@ impl Execution {
             slice_size: FIRST_SLICE_ROWS,
             held_bytes: 0,
             shared_memory: QueryMemory::default(),
+            top_k: None,
         })
     }
 
@@ -609,11 +634,24 @@ impl Execution {
         let t = Instant::now();
         self.stats.order.rows_in += 1;
         let (keys, key_bytes) = self.sort_keys(row)?;
+        if let Some((last_kept, _)) = &self.top_k {
+            // Not before the last row kept: it cannot be in the answer (ties among
+            // equal keys come in no promised order).
+            if sort_order(&self.plan.query.order_by, &keys, last_kept) != Ordering::Less {
+                self.stats.order.elapsed += t.elapsed();
+                return Ok(());
+            }
+        }
         let (out, out_bytes) = self.project(row)?;
         self.held_bytes += key_bytes + out_bytes;
         self.output.push((keys, out));
         let keep = self.limit.map(|l| l.saturating_add(self.offset));
-        let crowded = self.held_bytes > self.limits.max_memory_bytes / 2;
+        // Cut again once the rows added since the last cut take half the memory left
+        // beside the kept ones: each cut then buys room for as many again, instead of
+        // one cut (a whole sort) per row once the kept rows alone take half the limit.
+        let kept_bytes = self.top_k.as_ref().map_or(0, |(_, bytes)| *bytes);
+        let room = self.limits.max_memory_bytes.saturating_sub(kept_bytes);
+        let crowded = self.held_bytes.saturating_sub(kept_bytes) > room / 2;
         match keep {
             Some(keep)
                 if self.output.len() >= keep.saturating_mul(2).max(1024)
@@ -626,6 +664,13 @@ impl Execution {
                     .iter()
                     .map(|(k, o)| values_bytes(k) + values_bytes(o))
                     .sum();
+                self.top_k = (self.output.len() == keep && keep > 0)
+                    .then(|| {
+                        self.output
+                            .last()
+                            .map(|(k, _)| (k.clone(), self.held_bytes))
+                    })
+                    .flatten();
             }
             None if self.output.len()
                 > self.offset.saturating_add(self.limits.max_rows_returned) =>
@@ -651,23 +696,7 @@ impl Execution {
 
     fn sort_output(&mut self) {
         let keys: &[SortKey] = &self.plan.query.order_by;
-        self.output.sort_by(|a, b| {
-            for ((x, y), k) in a.0.iter().zip(&b.0).zip(keys) {
-                let o = match (x.is_null(), y.is_null()) {
-                    (true, true) => Ordering::Equal,
-                    (true, false) if k.nulls_first => Ordering::Less,
-                    (true, false) => Ordering::Greater,
-                    (false, true) if k.nulls_first => Ordering::Greater,
-                    (false, true) => Ordering::Less,
-                    (false, false) if k.desc => sort_cmp(y, x),
-                    (false, false) => sort_cmp(x, y),
-                };
-                if o != Ordering::Equal {
-                    return o;
-                }
-            }
-            Ordering::Equal
-        });
+        self.output.sort_by(|a, b| sort_order(keys, &a.0, &b.0));
     }
 
     /// Aggregation output, HAVING, ORDER BY, OFFSET/LIMIT: the rows of the answer.
