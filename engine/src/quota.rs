@@ -11,7 +11,9 @@
 //!
 //! Read queries hold memory too (rows buffered to sort or return, groups), for as
 //! long as they run. What they hold together is bounded on its own ([`QueryMemory`]:
-//! past the shared bound a query gets 429 `query_memory_busy`), and it is left out of
+//! past the shared bound a query gets 429 `query_memory_busy`), and so is each tenant's
+//! part of it (by default half), so one tenant's queries and unread answers cannot
+//! refuse every other tenant's reads. What they hold is left out of
 //! the resident size that growth of the data is weighed against
 //! ([`memory_for_data`]): otherwise any tenant's reads could refuse every tenant's
 //! writes. The data then stays within the budget and the queries within their bound on
@@ -20,6 +22,7 @@
 //! deleting rows brings them back without a restart.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::EngineError;
@@ -114,6 +117,8 @@ struct MemoryBudget {
     resident_bytes: AtomicU64,
     query_bytes: AtomicU64,
     query_limit_bytes: AtomicU64,
+    /// The most one tenant's queries may hold of `query_limit_bytes` (0: no bound).
+    tenant_query_limit_bytes: AtomicU64,
 }
 
 static MEMORY: MemoryBudget = MemoryBudget {
@@ -121,6 +126,7 @@ static MEMORY: MemoryBudget = MemoryBudget {
     resident_bytes: AtomicU64::new(0),
     query_bytes: AtomicU64::new(0),
     query_limit_bytes: AtomicU64::new(0),
+    tenant_query_limit_bytes: AtomicU64::new(0),
 };
 
 /// The share of the memory budget the running queries may hold together on top of it,
@@ -139,9 +145,13 @@ const TRIM_MOST: Duration = Duration::from_secs(60);
 /// Trims that ran (`oc_memory_trims_total`).
 static TRIMS: AtomicU64 = AtomicU64::new(0);
 
-/// Sets the most the running queries may hold together (0: no bound).
-pub fn set_query_memory_limit(bytes: u64) {
-    MEMORY.query_limit_bytes.store(bytes, Ordering::Relaxed);
+/// Sets the most the running queries may hold together, and the most one tenant's
+/// may hold of that (0: no bound of its own).
+pub fn set_query_memory_limits(all_bytes: u64, tenant_bytes: u64) {
+    MEMORY.query_limit_bytes.store(all_bytes, Ordering::Relaxed);
+    MEMORY
+        .tenant_query_limit_bytes
+        .store(tenant_bytes, Ordering::Relaxed);
 }
 
 /// (held by the running queries, the most they may hold together; 0 for none).
@@ -152,24 +162,61 @@ pub fn query_memory_usage() -> (u64, u64) {
     )
 }
 
-/// One query's share of the memory the running queries hold together; dropping it
-/// gives the share back.
+/// What one tenant's running queries and unsent answers hold, shared by its queries
+/// and by the answers they leave for the connections (which may drop them on another
+/// shard's thread).
+#[derive(Debug, Clone, Default)]
+pub struct TenantQueryMemory(Arc<AtomicU64>);
+
+impl TenantQueryMemory {
+    pub fn held_bytes(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// One query's share of the memory the running queries hold together, and of its
+/// tenant's part of it; dropping it gives both back.
 #[derive(Debug, Default)]
 pub struct QueryMemory {
     taken: u64,
+    tenant: Option<TenantQueryMemory>,
+}
+
+/// Which bound a query's share cannot grow past.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueryMemoryBound {
+    /// What all running queries may hold together (`--ask-shared-memory-bytes`).
+    AllTenants,
+    /// What one tenant's may hold of that (`--ask-tenant-memory-bytes`).
+    OneTenant,
 }
 
 /// Why a query's share cannot grow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QueryMemoryRefused {
-    /// Taking more would pass the shared bound while other queries hold part of it:
-    /// (held by all queries, the bound).
-    Busy { held_bytes: u64, limit_bytes: u64 },
+    /// Taking more would pass a bound while other queries hold part of it: (held
+    /// under that bound, the bound).
+    Busy {
+        bound: QueryMemoryBound,
+        held_bytes: u64,
+        limit_bytes: u64,
+    },
     /// The query alone needs more than the whole bound.
-    AloneOver { limit_bytes: u64 },
+    AloneOver {
+        bound: QueryMemoryBound,
+        limit_bytes: u64,
+    },
 }
 
 impl QueryMemory {
+    /// A share that counts toward `tenant`'s part as well as the whole.
+    pub fn for_tenant(tenant: &TenantQueryMemory) -> Self {
+        QueryMemory {
+            taken: 0,
+            tenant: Some(tenant.clone()),
+        }
+    }
+
     /// Makes this query's share cover `bytes`: every step past the first, taken or given
     /// back whole.
     pub fn cover(&mut self, bytes: usize) -> Result<(), QueryMemoryRefused> {
@@ -177,35 +224,78 @@ impl QueryMemory {
             * QUERY_MEMORY_STEP;
         if wanted <= self.taken {
             if wanted < self.taken {
-                MEMORY
-                    .query_bytes
-                    .fetch_sub(self.taken - wanted, Ordering::Relaxed);
+                self.give_back(self.taken - wanted);
                 self.taken = wanted;
             }
             return Ok(());
         }
-        let more = wanted - self.taken;
-        let before = MEMORY.query_bytes.fetch_add(more, Ordering::Relaxed);
-        let limit = MEMORY.query_limit_bytes.load(Ordering::Relaxed);
-        if limit > 0 && before + more > limit {
-            MEMORY.query_bytes.fetch_sub(more, Ordering::Relaxed);
-            return Err(if wanted > limit {
-                QueryMemoryRefused::AloneOver { limit_bytes: limit }
-            } else {
-                QueryMemoryRefused::Busy {
-                    held_bytes: before,
+        let all_limit = MEMORY.query_limit_bytes.load(Ordering::Relaxed);
+        let tenant_limit = match &self.tenant {
+            Some(_) => MEMORY.tenant_query_limit_bytes.load(Ordering::Relaxed),
+            None => 0,
+        };
+        for (limit, bound) in [
+            (all_limit, QueryMemoryBound::AllTenants),
+            (tenant_limit, QueryMemoryBound::OneTenant),
+        ] {
+            if limit > 0 && wanted > limit {
+                return Err(QueryMemoryRefused::AloneOver {
+                    bound,
                     limit_bytes: limit,
-                }
-            });
+                });
+            }
+        }
+        let more = wanted - self.taken;
+        // The tenant's own part first: a tenant at its bound is refused without
+        // touching the counter every shard shares.
+        if let Some(tenant) = &self.tenant {
+            take(&tenant.0, more, tenant_limit, QueryMemoryBound::OneTenant)?;
+        }
+        if let Err(refused) = take(
+            &MEMORY.query_bytes,
+            more,
+            all_limit,
+            QueryMemoryBound::AllTenants,
+        ) {
+            if let Some(tenant) = &self.tenant {
+                tenant.0.fetch_sub(more, Ordering::Relaxed);
+            }
+            return Err(refused);
         }
         self.taken = wanted;
         Ok(())
     }
+
+    fn give_back(&self, bytes: u64) {
+        MEMORY.query_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        if let Some(tenant) = &self.tenant {
+            tenant.0.fetch_sub(bytes, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Adds `more` to `held` unless that passes `limit` (0: none).
+fn take(
+    held: &AtomicU64,
+    more: u64,
+    limit: u64,
+    bound: QueryMemoryBound,
+) -> Result<(), QueryMemoryRefused> {
+    let before = held.fetch_add(more, Ordering::Relaxed);
+    if limit == 0 || before + more <= limit {
+        return Ok(());
+    }
+    held.fetch_sub(more, Ordering::Relaxed);
+    Err(QueryMemoryRefused::Busy {
+        bound,
+        held_bytes: before,
+        limit_bytes: limit,
+    })
 }
 
 impl Drop for QueryMemory {
     fn drop(&mut self) {
-        MEMORY.query_bytes.fetch_sub(self.taken, Ordering::Relaxed);
+        self.give_back(self.taken);
     }
 }
 

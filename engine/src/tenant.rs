@@ -8,6 +8,7 @@ use crate::error::EngineError;
 use crate::idempotency::IdempotencyStore;
 use crate::limits::MAX_TABLES_PER_TENANT;
 use crate::migration::Migrations;
+use crate::quota::TenantQueryMemory;
 use crate::schema::TableSchema;
 use crate::table::{BatchOutcome, Row, Table, TableUsage, WriteOp};
 use crate::tenant_id::TenantId;
@@ -33,6 +34,8 @@ pub struct Tenant {
     idempotency: IdempotencyStore,
     api_keys: ApiKeys,
     migrations: Migrations,
+    /// What this tenant's running queries and unsent answers hold.
+    query_memory: TenantQueryMemory,
 }
 
 impl Tenant {
@@ -44,7 +47,13 @@ impl Tenant {
             idempotency: IdempotencyStore::default(),
             api_keys: ApiKeys::default(),
             migrations: Migrations::default(),
+            query_memory: TenantQueryMemory::default(),
         }
+    }
+
+    /// The share of the queries' memory this tenant's queries and answers count toward.
+    pub fn query_memory(&self) -> &TenantQueryMemory {
+        &self.query_memory
     }
 
     pub fn id(&self) -> &TenantId {

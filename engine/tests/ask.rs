@@ -1066,8 +1066,9 @@ fn a_scan_resumes_across_slices_while_rows_change() {
     for sql in ["SELECT id FROM t", "SELECT id FROM t WHERE v >= 0"] {
         let n = normalize(sql).expect("valid");
         let plan = std::rc::Rc::new(prepare(&t, &n).expect("plans"));
+        let memory = t.query_memory().clone();
         let mut run =
-            Execution::new(plan, n.literals.clone(), AskLimits::default()).expect("binds");
+            Execution::new(plan, n.literals.clone(), AskLimits::default(), &memory).expect("binds");
         let mut steps = 0;
         let mut next_new = 10_000;
         while !run.step(&t).expect("step") {
@@ -1123,7 +1124,8 @@ fn a_knn_scan_resumes_across_slices_while_rows_change() {
         n.literals.clone(),
     )
     .expect("binds");
-    let mut run = Execution::new(plan, params, AskLimits::default()).expect("binds");
+    let memory = t.query_memory().clone();
+    let mut run = Execution::new(plan, params, AskLimits::default(), &memory).expect("binds");
     let mut steps = 0;
     let mut next_new = 10_000;
     while !run.step(&t).expect("step") {

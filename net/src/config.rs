@@ -142,6 +142,11 @@ pub struct ServerConfig {
     /// that alone needs more 413 `query_memory_exceeded`.
     #[arg(long, env = "OC_ASK_SHARED_MEMORY_BYTES", default_value_t = 0)]
     pub ask_shared_memory_bytes: u64,
+    /// Bytes one tenant's running `/ask` queries and unread answers may hold of
+    /// `--ask-shared-memory-bytes` (0: half of it), so one tenant cannot take it all;
+    /// past it 429 `query_memory_busy`.
+    #[arg(long, env = "OC_ASK_TENANT_MEMORY_BYTES", default_value_t = 0)]
+    pub ask_tenant_memory_bytes: u64,
     /// Rows one tenant may store; a write past it gets 403 `quota_exceeded`.
     #[arg(long, env = "OC_TENANT_MAX_ROWS", default_value_t = 50_000_000)]
     pub tenant_max_rows: usize,

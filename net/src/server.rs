@@ -157,8 +157,19 @@ pub fn run(config: ServerConfig) -> Result<()> {
         0 => memory_budget / oc_engine::quota::DEFAULT_QUERY_MEMORY_DIVISOR,
         n => n,
     };
-    oc_engine::quota::set_query_memory_limit(query_memory);
-    tracing::info!(memory_budget, query_memory, "memory budget set");
+    // A tenant's part as large as the whole is no part of its own (0 for the engine).
+    let tenant_query_memory = match config.ask_tenant_memory_bytes {
+        0 => query_memory / 2,
+        n if n >= query_memory => 0,
+        n => n,
+    };
+    oc_engine::quota::set_query_memory_limits(query_memory, tenant_query_memory);
+    tracing::info!(
+        memory_budget,
+        query_memory,
+        tenant_query_memory,
+        "memory budget set"
+    );
     tracing::info!(data_dir_id = %layout.id, data_dir = %config.data_dir.display(), "data directory locked");
     let auditor = oc_ship::audit::start(&config.data_dir, config.audit_retention)
         .context("opening the audit log")?;

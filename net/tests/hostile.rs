@@ -619,6 +619,9 @@ fn running_queries_share_a_memory_bound() {
             "30000",
             "--ask-shared-memory-bytes",
             &shared.to_string(),
+            // One tenant may take it all: this test is of the bound all tenants share.
+            "--ask-tenant-memory-bytes",
+            &shared.to_string(),
         ],
     );
     create_texts(&server, "big", 2000, 10_000);
@@ -696,12 +699,12 @@ fn answers_outgrow_socket_buffers() -> bool {
     true
 }
 
-/// Sends the `/ask` of every row of `create_texts(server, "big", 1200, 10_000)` (a
+/// Sends the `/ask` of every row of `create_texts(server, tenant, 1200, 10_000)` (a
 /// 12 MB answer) on a new connection with a 4 KiB receive buffer, and returns it unread.
-fn ask_everything_unread(server: &Server) -> TcpStream {
+fn ask_everything_unread(server: &Server, tenant: &str) -> TcpStream {
     let body = json!({"sql": "SELECT body FROM docs"}).to_string();
     let request = format!(
-        "POST /v1/tenants/big/ask HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+        "POST /v1/tenants/{tenant}/ask HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
          content-length: {}\r\n\r\n{body}",
         body.len()
     );
@@ -741,6 +744,8 @@ fn answers_not_read_by_their_clients_count_toward_the_queries_memory_bound() {
             "1",
             "--ask-shared-memory-bytes",
             &shared.to_string(),
+            "--ask-tenant-memory-bytes",
+            &shared.to_string(),
             // Clients that read nothing are not disconnected here (see the next test).
             "--min-send-bytes-per-s",
             "0",
@@ -751,7 +756,7 @@ fn answers_not_read_by_their_clients_count_toward_the_queries_memory_bound() {
     let held = || ask_memory_held(&server);
     let mut unread = Vec::new();
     for i in 1..=2 {
-        unread.push(ask_everything_unread(&server));
+        unread.push(ask_everything_unread(&server, "big"));
         let waited = Instant::now();
         while held() < ((i * 10) << 20) as f64 {
             assert!(
@@ -800,6 +805,77 @@ fn answers_not_read_by_their_clients_count_toward_the_queries_memory_bound() {
     assert_alive_and_ready(&server);
 }
 
+/// One tenant's queries and unread answers may hold only their part of the shared
+/// bound (`--ask-tenant-memory-bytes`, by default half): a tenant whose clients do not
+/// read its answers gets 429 for its own next big query, and another tenant's same
+/// query still runs.
+#[test]
+fn one_tenants_unread_answers_do_not_refuse_another_tenants_queries() {
+    if !answers_outgrow_socket_buffers() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let shared: usize = 24 << 20;
+    let server = Server::start(
+        &dir.path().join("data"),
+        &[
+            "--shards",
+            "1",
+            "--ask-shared-memory-bytes",
+            &shared.to_string(),
+            "--min-send-bytes-per-s",
+            "0",
+        ],
+    );
+    create_texts(&server, "greedy", 1200, 10_000);
+    create_texts(&server, "other", 1200, 10_000);
+    // An unread answer of 12 MB holds 10 MiB (whole MiB past its first) of the greedy
+    // tenant's 12 MiB, half of what all tenants share: its next query of 9 MB does not
+    // fit in what is left of its part, though it would fit in the whole.
+    let first = ask_everything_unread(&server, "greedy");
+    let waited = Instant::now();
+    while ask_memory_held(&server) < (10 << 20) as f64 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(30),
+            "the unread answer holds no query memory"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let most = "SELECT body FROM docs WHERE id < 900";
+    let refused = ask(&server, "greedy", most, json!([]));
+    // Not the whole reply in the message: an answered one is 9 MB.
+    assert_eq!(refused.status, 429, "{}", refused.body["error"]);
+    assert_error(
+        &refused,
+        429,
+        "query_memory_busy",
+        "--ask-tenant-memory-bytes",
+    );
+    assert!(
+        refused.body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("this tenant")),
+        "{refused:?}"
+    );
+    let answered = ask(&server, "other", most, json!([]));
+    assert_eq!(answered.status, 200, "{answered:?}");
+    assert_eq!(answered.body["row_count"], 900);
+    // The greedy tenant's client leaves: its share comes back, and its query runs.
+    drop(first);
+    let waited = Instant::now();
+    while ask_memory_held(&server) > 0.0 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(30),
+            "a closed connection still holds {} bytes",
+            ask_memory_held(&server)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let answered = ask(&server, "greedy", most, json!([]));
+    assert_eq!(answered.status, 200, "{answered:?}");
+    assert_alive_and_ready(&server);
+}
+
 /// A client that reads an answer slower than `--min-send-bytes-per-s` is disconnected
 /// once its socket has stayed full for the 10 s window: the answer's share of the
 /// queries' memory comes back, and the client finds the connection reset instead of
@@ -815,7 +891,7 @@ fn a_client_reading_an_answer_a_few_bytes_at_a_time_is_disconnected() {
         &["--shards", "1", "--min-send-bytes-per-s", "65536"],
     );
     create_texts(&server, "big", 1200, 10_000);
-    let mut slow = ask_everything_unread(&server);
+    let mut slow = ask_everything_unread(&server, "big");
     slow.set_read_timeout(Some(Duration::from_secs(5)))
         .expect("read timeout");
     let asked = Instant::now();

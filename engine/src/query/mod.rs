@@ -221,7 +221,12 @@ pub fn ask_now(
     let normalized = normalize(sql)?;
     let plan = prepare(tenant, &normalized)?;
     let params = bind_params(&plan, params, normalized.literals)?;
-    let mut run = Execution::new(std::rc::Rc::new(plan), params, limits)?;
+    let mut run = Execution::new(
+        std::rc::Rc::new(plan),
+        params,
+        limits,
+        tenant.query_memory(),
+    )?;
     while !run.step(tenant)? {}
     run.finish(false)
 }

@@ -35,7 +35,7 @@ use crate::idempotency;
 use crate::query::{
     self, AskAnswer, AskLimits, Execution, PlanCache, PlanCacheStats, QueryError, QueryErrorKind,
 };
-use crate::quota::TenantQuotas;
+use crate::quota::{TenantQueryMemory, TenantQuotas};
 use crate::record;
 use crate::schema::TableSchema;
 use crate::stages::{Laps, Side, Stage};
@@ -689,18 +689,19 @@ impl<S: Storage> Shard<S> {
             )
         };
         let normalized = query::normalize(sql)?;
-        let (plan, cached) = {
+        let (plan, cached, memory) = {
             let state = self.state.borrow();
             let t = state.tenants.get(tenant).ok_or_else(unknown)?;
-            self.plan_cache.borrow_mut().get_or_prepare(
+            let (plan, cached) = self.plan_cache.borrow_mut().get_or_prepare(
                 tenant,
                 (t.schema_version(), t.migrations().generation()),
                 &normalized,
                 || query::prepare(t, &normalized),
-            )?
+            )?;
+            (plan, cached, t.query_memory().clone())
         };
         let params = query::bind_params(&plan, params, normalized.literals)?;
-        let mut run = Execution::new(plan, params, limits)?;
+        let mut run = Execution::new(plan, params, limits, &memory)?;
         if explain {
             run.analyze();
         }
@@ -717,6 +718,12 @@ impl<S: Storage> Shard<S> {
             turns.between_slices().await;
         }
         run.finish(cached)
+    }
+
+    /// The share of the queries' memory `tenant`'s answers count toward, while it exists.
+    pub fn tenant_query_memory(&self, tenant: &TenantId) -> Option<TenantQueryMemory> {
+        let state = self.state.borrow();
+        state.tenants.get(tenant).map(|t| t.query_memory().clone())
     }
 
     /// Hits, misses and size of this shard's plan cache.

@@ -758,13 +758,18 @@ pub async fn ask(
             .map_err(query_error)?;
         let encoded = encode_answer(&answer, applied_lsn);
         drop(answer);
-        Ok((StatusCode::OK, Body::Encoded(charged_answer(encoded)?)))
+        let memory = node.shard().tenant_query_memory(&tenant);
+        Ok((
+            StatusCode::OK,
+            Body::Encoded(charged_answer(encoded, memory)?),
+        ))
     })
     .await
 }
 
 /// An encoded `/ask` answer holding its share of the memory the running queries may hold
-/// together (`--ask-shared-memory-bytes`) until the connection has sent it or closed:
+/// together (`--ask-shared-memory-bytes`), and of its tenant's part of it, until the
+/// connection has sent it or closed:
 /// answers a client does not read would otherwise stay in memory counted nowhere (40
 /// unread answers of 52 MB held 2 GB, and writes were refused for the memory).
 struct ChargedAnswer {
@@ -778,8 +783,13 @@ impl AsRef<[u8]> for ChargedAnswer {
     }
 }
 
-fn charged_answer(bytes: Vec<u8>) -> Result<bytes::Bytes, ApiError> {
-    let mut memory = oc_engine::quota::QueryMemory::default();
+fn charged_answer(
+    bytes: Vec<u8>,
+    tenant: Option<oc_engine::quota::TenantQueryMemory>,
+) -> Result<bytes::Bytes, ApiError> {
+    let mut memory = tenant.map_or_else(Default::default, |t| {
+        oc_engine::quota::QueryMemory::for_tenant(&t)
+    });
     let len = bytes.len();
     memory.cover(len).map_err(|refused| {
         query_error(shared_memory_refusal(

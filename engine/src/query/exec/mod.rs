@@ -29,7 +29,7 @@ use super::expr::{
 use super::plan::{Access, OrderBy, Prepared};
 use super::{AskLimits, QueryError, QueryErrorKind, SLICE_KNN_ROWS, SLICE_ROWS, SLICE_TARGET};
 use crate::key::Key;
-use crate::quota::{QueryMemory, QueryMemoryRefused};
+use crate::quota::{QueryMemory, QueryMemoryBound, QueryMemoryRefused, TenantQueryMemory};
 use crate::table::{RangeScan, Row, Table};
 use crate::tenant::Tenant;
 use crate::value::{ColumnType, Value};
@@ -232,36 +232,54 @@ fn check_like_patterns(plan: &Prepared, params: &[Value]) -> Result<(), QueryErr
 }
 
 /// The error for `what` (a query, an answer) that the memory running queries and unread
-/// answers share (`--ask-shared-memory-bytes`) cannot cover; `fix` says how to need less.
+/// answers share (`--ask-shared-memory-bytes`), or its tenant's part of it
+/// (`--ask-tenant-memory-bytes`), cannot cover; `fix` says how to need less.
 pub fn shared_memory_refusal(refused: QueryMemoryRefused, what: &str, fix: &str) -> QueryError {
+    let whose = |bound| match bound {
+        QueryMemoryBound::AllTenants => {
+            "the running queries and the answers not yet read by their clients"
+        }
+        QueryMemoryBound::OneTenant => {
+            "this tenant's running queries and the answers its clients have not yet read"
+        }
+    };
+    let flag = |bound| match bound {
+        QueryMemoryBound::AllTenants => "--ask-shared-memory-bytes",
+        QueryMemoryBound::OneTenant => "--ask-tenant-memory-bytes",
+    };
     match refused {
         QueryMemoryRefused::Busy {
+            bound,
             held_bytes,
             limit_bytes,
         } => QueryError::new(
             QueryErrorKind::MemoryBusy,
             format!(
-                "the running queries and the answers not yet read by their clients hold \
-                 {held_bytes} of the {limit_bytes} bytes they may hold together \
-                 (--ask-shared-memory-bytes), too few left for {what}; retry shortly"
+                "{} hold {held_bytes} of the {limit_bytes} bytes they may hold together \
+                 ({}), too few left for {what}; retry shortly",
+                whose(bound),
+                flag(bound)
             ),
         ),
-        QueryMemoryRefused::AloneOver { limit_bytes } => QueryError::new(
+        QueryMemoryRefused::AloneOver { bound, limit_bytes } => QueryError::new(
             QueryErrorKind::MemoryLimit,
             format!(
-                "{what} needs more than the {limit_bytes} bytes all running queries and unsent \
-                 answers may hold together (--ask-shared-memory-bytes); {fix}"
+                "{what} needs more than the {limit_bytes} bytes {} may hold together ({}); {fix}",
+                whose(bound),
+                flag(bound)
             ),
         ),
     }
 }
 
 impl Execution {
-    /// Binds the parameters (the caller's, then the literals moved out of the text).
+    /// Binds the parameters (the caller's, then the literals moved out of the text);
+    /// what the query holds counts toward `memory`, its tenant's share.
     pub fn new(
         plan: Rc<Prepared>,
         mut params: Vec<Value>,
         limits: AskLimits,
+        memory: &TenantQueryMemory,
     ) -> Result<Self, QueryError> {
         decode_vector_params(&plan, &mut params)?;
         check_like_patterns(&plan, &params)?;
@@ -293,7 +311,7 @@ impl Execution {
             stats: Stats::default(),
             slice_size: FIRST_SLICE_ROWS,
             held_bytes: 0,
-            shared_memory: QueryMemory::default(),
+            shared_memory: QueryMemory::for_tenant(memory),
             top_k: None,
         })
     }
