@@ -40,6 +40,10 @@ pub struct Usage {
     pub quotas: Counts,
     pub in_flight_requests: u64,
     pub watch_streams: u64,
+    /// What its running `/ask` queries and unread answers hold (0 from servers that
+    /// do not say).
+    #[serde(default)]
+    pub ask_memory_bytes: u64,
     pub applied_lsn: u64,
 }
 

@@ -841,6 +841,16 @@ fn one_tenants_unread_answers_do_not_refuse_another_tenants_queries() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    // `/usage` names the tenant that holds it.
+    let held = |tenant: &str| {
+        let usage = server.get(&format!("/v1/tenants/{tenant}/usage"));
+        assert_eq!(usage.status, 200, "{usage:?}");
+        usage.body["ask_memory_bytes"]
+            .as_u64()
+            .expect("ask_memory_bytes")
+    };
+    assert_eq!(held("greedy"), 10 << 20);
+    assert_eq!(held("other"), 0);
     let most = "SELECT body FROM docs WHERE id < 900";
     let refused = ask(&server, "greedy", most, json!([]));
     // Not the whole reply in the message: an answered one is 9 MB.

@@ -913,7 +913,9 @@ pub async fn usage(router: &ShardRouter, tenant: TenantId, access: &Access) -> A
     on_owner(router, access, tenant, |node, tenant| async move {
         // This request holds one of the slots; report the others.
         let in_flight = InFlight::count(&tenant).saturating_sub(1);
-        let usage = node.shard().read(&tenant, |t| t.usage())?;
+        let (usage, ask_memory) = node
+            .shard()
+            .read(&tenant, |t| (t.usage(), t.query_memory().held_bytes()))?;
         let quotas = node.shard().quotas();
         let tables: Map<String, Json> = usage
             .tables
@@ -941,6 +943,7 @@ pub async fn usage(router: &ShardRouter, tenant: TenantId, access: &Access) -> A
                 },
                 "in_flight_requests": in_flight,
                 "watch_streams": super::watch::open_streams(&tenant),
+                "ask_memory_bytes": ask_memory,
                 "applied_lsn": node.shard().applied_lsn().0,
             })),
         ))
