@@ -522,6 +522,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     "tenant": usage.tenant, "shard": usage.shard, "rows": usage.rows, "bytes": usage.bytes,
                     "vectors": usage.vectors, "applied_lsn": usage.applied_lsn,
                     "in_flight_requests": usage.in_flight_requests, "watch_streams": usage.watch_streams,
+                    "ask_memory_bytes": usage.ask_memory_bytes,
                     "quotas": {"rows": usage.quotas.rows, "bytes": usage.quotas.bytes, "vectors": usage.quotas.vectors},
                     "tables": usage.tables.iter().map(|(name, c)| (name.clone(), json!({"rows": c.rows, "bytes": c.bytes, "vectors": c.vectors}))).collect::<serde_json::Map<_, _>>(),
                 })),
@@ -547,8 +548,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     ]);
                     print_table(&["table", "rows", "bytes", "vectors"], &rows);
                     println!(
-                        "tenant {} on shard {}, applied LSN {}, {} requests in flight, {} watch streams",
-                        usage.tenant, usage.shard, usage.applied_lsn, usage.in_flight_requests, usage.watch_streams
+                        "tenant {} on shard {}, applied LSN {}, {} requests in flight, {} watch streams, \
+                         {} bytes held by /ask queries and unread answers",
+                        usage.tenant,
+                        usage.shard,
+                        usage.applied_lsn,
+                        usage.in_flight_requests,
+                        usage.watch_streams,
+                        usage.ask_memory_bytes
                     );
                 }
             }
