@@ -120,6 +120,58 @@ impl DirLock {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+
+    /// What to look at, from any thread, to notice the directory or its lock file
+    /// removed, moved or replaced while this process holds them.
+    pub fn watch(&self) -> std::io::Result<LockWatch> {
+        let id = |file: &File| file.metadata().map(|m| (m.dev(), m.ino()));
+        Ok(LockWatch {
+            dir: self.dir.clone(),
+            dir_id: id(&self._dir_handle)?,
+            file_id: id(&self._file)?,
+        })
+    }
+}
+
+/// Where a held lock's directory and file are (device and inode). A process writing a
+/// directory that was deleted (`rm -rf`) keeps writing the unlinked files, and fsyncs
+/// them as usual: its writes would be acknowledged and then lost with the files, and
+/// nothing would keep a second process from locking a new directory of that name.
+#[derive(Debug, Clone)]
+pub struct LockWatch {
+    dir: PathBuf,
+    dir_id: (u64, u64),
+    file_id: (u64, u64),
+}
+
+impl LockWatch {
+    /// Whether the directory and its lock file are still where they were locked; the
+    /// error says which is not. Only an absent path or another file under it counts:
+    /// any other error of the look (a permission, an I/O error) is not taken for one.
+    pub fn check(&self) -> Result<(), String> {
+        let lock_file = self.dir.join(LOCK_FILE);
+        for (path, id, what) in [
+            (&self.dir, self.dir_id, "the data directory"),
+            (&lock_file, self.file_id, "the data directory's lock file"),
+        ] {
+            match std::fs::metadata(path) {
+                Ok(m) if (m.dev(), m.ino()) != id => {
+                    return Err(format!(
+                        "{what} {} was replaced by another while this process held it",
+                        path.display()
+                    ))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(format!(
+                        "{what} {} was removed or moved while this process held it",
+                        path.display()
+                    ))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Who holds `dir`'s lock (`PID <n> (<what>)` as the holder wrote it, or a sentence
@@ -310,6 +362,34 @@ fn describe(text: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_watch_notices_the_directory_moved_and_the_lock_file_replaced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        let lock = DirLock::acquire(&data, "oc-server").expect("lock");
+        let watch = lock.watch().expect("watch");
+        assert_eq!(watch.check(), Ok(()));
+        // Replaced: a new file of the same name (an editor's save, an "unlock").
+        std::fs::remove_file(data.join(LOCK_FILE)).expect("remove");
+        std::fs::write(data.join(LOCK_FILE), b"1\n").expect("new file");
+        let replaced = watch.check().expect_err("replaced");
+        assert!(
+            replaced.contains("lock file") && replaced.contains("replaced"),
+            "{replaced}"
+        );
+        // Moved away: the path is gone, wherever the directory went.
+        std::fs::rename(&data, dir.path().join("moved")).expect("move");
+        let moved = watch.check().expect_err("moved");
+        assert!(moved.contains("removed or moved"), "{moved}");
+        // A new directory in its place is another directory.
+        std::fs::create_dir(&data).expect("a new one");
+        let other = watch.check().expect_err("another directory");
+        assert!(
+            other.contains("the data directory") && other.contains("replaced"),
+            "{other}"
+        );
+    }
 
     #[test]
     fn a_second_holder_is_refused_with_the_first_ones_pid() {

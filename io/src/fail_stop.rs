@@ -9,7 +9,8 @@
 //! acknowledged only after its group's write is durable, and a restart's recovery rebuilds
 //! the state from the log. The same exit is used for the other fatal conditions
 //! (a failed log, a shutdown that overran its grace, an archive taken over by another
-//! copy of the data directory), each with its own status so a supervisor's record
+//! copy of the data directory, a data directory removed under it), each with its own
+//! status so a supervisor's record
 //! says which it was (OPERATIONS.md lists them).
 //!
 //! The line is written with one `write(2)` to descriptor 2, without taking the stderr
@@ -31,6 +32,10 @@ pub const EXIT_ARCHIVE_TAKEN: i32 = 5;
 /// off the writer's history): a restart takes the writer's epochs and cuts its log
 /// where it left that history, which a running follower cannot do.
 pub const EXIT_DIVERGED: i32 = 6;
+/// Exit status when the data directory, or its lock file, was removed, moved or
+/// replaced under the running process: the log's files may be unlinked, so writes
+/// acknowledged from then on would be lost with them.
+pub const EXIT_DATA_DIR_GONE: i32 = 7;
 
 /// How the fatal line is written: like the text logs, or one JSON object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

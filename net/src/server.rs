@@ -27,7 +27,7 @@ use oc_engine::{
 use oc_io::executor::executor_builder;
 use oc_io::WalConfig;
 
-use oc_io::dir_lock::DirLock;
+use oc_io::dir_lock::{DirLock, LockWatch};
 use oc_io::fail_stop::{self, LineFormat};
 use oc_io::failpoint;
 use oc_ship::archive::open_archive;
@@ -115,11 +115,14 @@ pub fn run(config: ServerConfig) -> Result<()> {
         }
     }
     // One writer per data directory, before anything in it is touched.
-    let _lock = DirLock::acquire(
+    let lock = DirLock::acquire(
         &config.data_dir,
         &format!("{PROGRAM} {}", env!("CARGO_PKG_VERSION")),
     )
     .context("refusing to start")?;
+    let lock_watch = lock
+        .watch()
+        .context("refusing to start: looking at the data directory's lock")?;
     let role = config.role();
     let mut fresh_start = FreshStart::note(&config.data_dir, &role);
     bootstrap::settle_marker(&config.data_dir, role == Role::Writer)
@@ -300,6 +303,7 @@ pub fn run(config: ServerConfig) -> Result<()> {
         let ship_status_for_ops = shipper.as_ref().map(|_| ship_status.clone());
         let ops_listen = config.ops_listen;
         let data_dir = config.data_dir.clone();
+        let lock_watch = lock_watch.clone();
         let admin_token = auth.admin_token.clone();
         let replication = node::Setup {
             role: role.clone(),
@@ -326,6 +330,7 @@ pub fn run(config: ServerConfig) -> Result<()> {
                     shipper,
                     ship_status: ship_status_for_ops,
                     data_dir,
+                    lock_watch,
                     replication,
                     admin_token,
                 };
@@ -712,6 +717,7 @@ struct ControlChannels {
     shipper: Option<shipper::ShipperLoop>,
     ship_status: Option<ShipStatus>,
     data_dir: std::path::PathBuf,
+    lock_watch: LockWatch,
     replication: node::Setup,
     admin_token: Option<String>,
 }
@@ -733,6 +739,7 @@ async fn control_main(
         shipper,
         ship_status,
         data_dir,
+        lock_watch,
         replication,
         admin_token,
     } = channels;
@@ -781,6 +788,9 @@ async fn control_main(
     let mut next_log_check = Instant::now();
     while !shutdown.load(Ordering::SeqCst) {
         if Instant::now() >= next_log_check {
+            if let Err(gone) = lock_watch.check() {
+                fail_on_data_dir_gone(&state, &router, &gone, grace, format).await;
+            }
             if let Some((shard, failure)) = failed_log(&router).await {
                 fail_on_log_failure(&state, &router, shard, &failure, grace, format).await;
             }
@@ -863,23 +873,94 @@ async fn fail_on_log_failure(
     failure: &str,
     grace: Duration,
     format: LineFormat,
-) {
+) -> ! {
     let reason = format!("the write-ahead log of shard {shard} failed: {failure}");
     tracing::error!(shard, %failure, "the write-ahead log failed: answering what is in flight, then exiting");
+    let consequence = format!(
+        "only a restart's recovery knows what is durable, so the process exits with status \
+         {} (requests in flight were answered 503 log_failed; every acknowledged write is \
+         durable)",
+        fail_stop::EXIT_LOG_FAILED
+    );
+    answer_in_flight_then_exit(
+        state,
+        router,
+        reason,
+        grace,
+        format,
+        fail_stop::EXIT_LOG_FAILED,
+        &consequence,
+    )
+    .await
+}
+
+/// The data directory, or its lock file, was removed, moved or replaced under the
+/// running process (`gone` says which): the logs may be writing unlinked files, so every
+/// shard's log is failed at once (what is in flight is answered `503 log_failed`) and
+/// the process ends with [`fail_stop::EXIT_DATA_DIR_GONE`]. Writes acknowledged between
+/// the removal and this check (made every [`LOG_CHECK_EVERY`]) went to the removed files.
+async fn fail_on_data_dir_gone(
+    state: &ControlState,
+    router: &Rc<ShardRouter>,
+    gone: &str,
+    grace: Duration,
+    format: LineFormat,
+) -> ! {
+    tracing::error!(%gone, "the data directory is gone: refusing writes, then exiting");
+    for shard in 0..router.shards() {
+        let cause = oc_io::Error::Io {
+            op: "keeping the data directory",
+            file: state.data_dir.display().to_string(),
+            source: Arc::new(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                gone.to_string(),
+            )),
+        };
+        let call = async {
+            let failed = router.call(shard, move |node: Rc<ShardNode>| async move {
+                node.shard().wal().fail_with(cause);
+            });
+            let _ = failed.await;
+        };
+        // A shard that does not answer in time is past helping; the exit ends it.
+        futures_lite::future::or(call, glommio::timer::sleep(LOG_CHECK_TIMEOUT)).await;
+    }
+    let reason = format!("{gone}; its write-ahead logs may be writing removed files");
+    let consequence = format!(
+        "exiting with status {}: writes acknowledged since it went may be lost with the \
+         removed files. Restore the directory (oc-pitr restore from the archive) before \
+         restarting; a restart on an empty directory starts an empty server. See \
+         RUNBOOK.md: \"the process exited with status 7\"",
+        fail_stop::EXIT_DATA_DIR_GONE
+    );
+    answer_in_flight_then_exit(
+        state,
+        router,
+        reason,
+        grace,
+        format,
+        fail_stop::EXIT_DATA_DIR_GONE,
+        &consequence,
+    )
+    .await
+}
+
+/// Says `reason` on `/health`, answers the requests in flight (within
+/// [`LOG_FAILED_DRAIN`]), and ends the process with `status` and one fatal line.
+async fn answer_in_flight_then_exit(
+    state: &ControlState,
+    router: &Rc<ShardRouter>,
+    reason: String,
+    grace: Duration,
+    format: LineFormat,
+    status: i32,
+    consequence: &str,
+) -> ! {
     *state.failure.borrow_mut() = Some(reason.clone());
     state.phase.set(Phase::Failed);
     if let Err(e) = drain_all(router, grace.min(LOG_FAILED_DRAIN)).await {
-        tracing::warn!(error = %e, "draining after the log failed");
+        tracing::warn!(error = %e, "draining before the exit");
     }
-    let line = fail_stop::fatal_line(
-        PROGRAM,
-        format,
-        &format!(
-            "{reason}; only a restart's recovery knows what is durable, so the process exits \
-             with status {} (requests in flight were answered 503 log_failed; every \
-             acknowledged write is durable)",
-            fail_stop::EXIT_LOG_FAILED
-        ),
-    );
-    fail_stop::exit_now(fail_stop::EXIT_LOG_FAILED, &line)
+    let line = fail_stop::fatal_line(PROGRAM, format, &format!("{reason}; {consequence}"));
+    fail_stop::exit_now(status, &line)
 }

@@ -14,7 +14,7 @@ fn the_systemd_unit_verifies_cleanly() {
         "LimitNOFILE=",
         "LimitMEMLOCK=",
         "EnvironmentFile=",
-        "RestartPreventExitStatus=5",
+        "RestartPreventExitStatus=5 7",
         "io_uring_setup io_uring_enter io_uring_register",
     ] {
         assert!(text.contains(needed), "the unit lacks {needed}");

@@ -804,6 +804,56 @@ fn a_shard_panic_ends_the_process_and_a_restart_recovers_every_acknowledged_writ
     assert_eq!(write_row(&server, "doomed", 1).expect("write").status, 200);
 }
 
+/// A data directory removed under the running server (`rm -rf`): its logs would go on
+/// writing and syncing the unlinked files, acknowledging writes that no restart can
+/// find. The server notices within a check (100 ms), refuses writes from then on, and
+/// exits with status 7 and one line that says what happened and what to do.
+#[test]
+fn a_data_directory_removed_under_the_server_ends_it_with_status_7() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let mut server = Server::start(&data, &["--shards", "2", "--archive", "none"]);
+    server.create_tenant_with_items("acme");
+    for id in 0..10 {
+        assert_eq!(write_row(&server, "acme", id).expect("write").status, 200);
+    }
+    std::fs::remove_dir_all(&data).expect("remove the data directory");
+    let removed = Instant::now();
+    // Writes sent once the check has had a few chances are not acknowledged.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut acknowledged_late = Vec::new();
+    for id in 100..200 {
+        match write_row(&server, "acme", id) {
+            Ok(reply) if reply.status == 200 => acknowledged_late.push(id),
+            Ok(reply) => {
+                assert_eq!(reply.status, 503, "{reply:?}");
+                assert_eq!(reply.body["error"]["code"], "log_failed", "{reply:?}");
+            }
+            Err(_) => break, // the process is gone
+        }
+    }
+    assert!(
+        acknowledged_late.is_empty(),
+        "acknowledged after the directory was removed: {acknowledged_late:?}"
+    );
+    let status = server
+        .wait_exit(EXIT_DEADLINE)
+        .expect("the process must exit once its data directory is gone");
+    println!(
+        "exited {status:?} {} ms after the removal",
+        removed.elapsed().as_millis()
+    );
+    assert_eq!(status.code(), Some(7), "{status:?}\n{}", server.stderr());
+    let stderr = server.stderr();
+    let fatal = fatal_lines(&stderr);
+    assert_eq!(fatal.len(), 1, "one clear line:\n{stderr}");
+    assert!(
+        fatal[0].contains("was removed or moved") && fatal[0].contains("oc-pitr restore"),
+        "{}",
+        fatal[0]
+    );
+}
+
 /// A failed `fdatasync` fails the log: the write in flight gets `503 log_failed`, the
 /// process exits with status 3 and one line, and the restart recovers every write
 /// acknowledged before.

@@ -319,7 +319,7 @@ fn wake(waker: &mut Option<Waker>) {
 
 impl<S: Storage> Shared<S> {
     /// Marks the log failed and fails every frame not yet written.
-    fn fail(&self, cause: Error) -> Error {
+    pub(super) fn fail(&self, cause: Error) -> Error {
         let failed = Error::WalFailed {
             cause: std::sync::Arc::new(cause),
         };

@@ -555,6 +555,15 @@ impl<S: Storage> Wal<S> {
         self.shared.state.borrow().failed.clone()
     }
 
+    /// Fails the log for a cause found outside it (its directory was removed): as
+    /// after a failed write, every frame not yet written is refused, and so is every
+    /// later one. Groups already on their way still land.
+    pub fn fail_with(&self, cause: Error) {
+        if self.failure().is_none() {
+            self.shared.fail(cause);
+        }
+    }
+
     /// Bytes written for frames so far (`WalStats::bytes_written`), without copying the
     /// histograms `stats` copies.
     pub fn bytes_written(&self) -> u64 {
