@@ -309,6 +309,17 @@ fn aggregates_group_by_and_having() {
             vec![Value::Text("rome".into())]
         ]
     );
+    // A grouped expression with a literal in it can be selected.
+    assert_eq!(
+        rows(
+            &t,
+            "SELECT age % 2, COUNT(*) FROM people WHERE age > 0 GROUP BY age % 2 ORDER BY age % 2"
+        ),
+        vec![
+            vec![Value::Int(0), Value::Int(2)],
+            vec![Value::Int(1), Value::Int(3)]
+        ]
+    );
     // No GROUP BY: one row, even over nothing.
     assert_eq!(
         rows(
@@ -1047,6 +1058,35 @@ fn distinct_ids(run: oc_engine::query::Execution) -> (Vec<i64>, Vec<i64>) {
     sorted.dedup();
     assert_eq!(sorted.len(), ids.len(), "no row twice");
     (ids, sorted)
+}
+
+/// Groups without ORDER BY stream through LIMIT like rows: more groups than an
+/// answer may hold is not an error when the LIMIT keeps few of them.
+#[test]
+fn a_limit_over_more_groups_than_an_answer_holds_returns_the_first_ones() {
+    let mut t = Tenant::new(TenantId::parse("groups").expect("valid"));
+    let schema = TableSchema::new(
+        "t",
+        &[("id", ColumnType::Int, false), ("g", ColumnType::Int, true)],
+        &["id"],
+        &[],
+    )
+    .expect("valid");
+    t.create_table(schema, 1).expect("created");
+    let groups = AskLimits::default().max_rows_returned + 10;
+    let written: Vec<Json> = (0..groups).map(|i| json!({"id": i, "g": i})).collect();
+    write(&mut t, "t", &written);
+    for sql in [
+        "SELECT g, COUNT(*) FROM t GROUP BY g LIMIT 5",
+        "SELECT g, COUNT(*) FROM t GROUP BY g LIMIT 5 OFFSET 2",
+    ] {
+        let first = rows(&t, sql);
+        assert_eq!(first.len(), 5, "{sql}: {first:?}");
+        assert!(first.iter().all(|r| r[1] == Value::Int(1)), "{first:?}");
+    }
+    // Without a LIMIT the answer is too large, as before.
+    let all = err(&t, "SELECT g, COUNT(*) FROM t GROUP BY g", vec![]);
+    assert!(all.message.contains("rows"), "{all}");
 }
 
 #[test]

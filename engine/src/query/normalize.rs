@@ -1,7 +1,9 @@
 //! Normalization: the text a plan is cached under. Literals (numbers and strings)
 //! become placeholders numbered after the caller's own (`$n+1`, `$n+2`, …) and their
 //! values become extra parameters; unquoted words are lower-cased; whitespace and
-//! comments collapse. `WHERE id = 7` and `where id=8` share one plan.
+//! comments collapse. `WHERE id = 7` and `where id=8` share one plan. The same literal
+//! written twice is one placeholder, so `SELECT g + 1 … GROUP BY g + 1` still selects
+//! the expression it groups by.
 
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::keywords::Keyword;
@@ -9,6 +11,7 @@ use sqlparser::tokenizer::{Token, TokenWithSpan, Tokenizer};
 
 use super::{position, QueryError, QueryErrorKind};
 use crate::value::Value;
+use ahash::AHashMap;
 
 /// Placeholders a query may use.
 pub const MAX_PARAMS: usize = 4096;
@@ -37,6 +40,17 @@ pub struct Normalized {
     pub user_params: usize,
     /// Values of the replaced literals, in placeholder order after the caller's.
     pub literals: Vec<Value>,
+    /// Each literal's placeholder, to give a repeated one the same.
+    placeholders: AHashMap<LiteralKey, usize>,
+}
+
+/// A literal as written: an int, the bits of a float (so `0.0` and `-0.0`, or `1` and
+/// `1.0`, stay apart), or a text.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum LiteralKey {
+    Int(i64),
+    Float(u64),
+    Text(String),
 }
 
 pub fn normalize(sql: &str) -> Result<Normalized, QueryError> {
@@ -77,6 +91,7 @@ pub fn normalize(sql: &str) -> Result<Normalized, QueryError> {
         tokens: Vec::with_capacity(tokens.len()),
         user_params,
         literals: Vec::new(),
+        placeholders: AHashMap::new(),
     };
     let mut operators = 0;
     let mut nesting = Nesting::default();
@@ -298,8 +313,21 @@ impl Normalized {
     }
 
     fn literal(&mut self, value: Value) -> Token {
-        self.literals.push(value);
-        Token::Placeholder(format!("${}", self.user_params + self.literals.len()))
+        let key = match &value {
+            Value::Int(i) => Some(LiteralKey::Int(*i)),
+            Value::Float(f) => Some(LiteralKey::Float(f.to_bits())),
+            Value::Text(s) => Some(LiteralKey::Text(s.clone())),
+            _ => None,
+        };
+        let next = self.literals.len() + 1;
+        let n = match key {
+            Some(key) => *self.placeholders.entry(key).or_insert(next),
+            None => next,
+        };
+        if n == next {
+            self.literals.push(value);
+        }
+        Token::Placeholder(format!("${}", self.user_params + n))
     }
 }
 
@@ -315,6 +343,28 @@ mod tests {
         assert_eq!(a.text, b.text);
         assert_eq!(a.text, "select name from t where id = $1 and name = $2");
         assert_eq!(b.literals, vec![Value::Int(8), Value::Text("it's".into())]);
+    }
+
+    #[test]
+    fn a_literal_written_twice_is_one_placeholder_and_only_the_same_literal_is() {
+        let n = normalize("SELECT g + 1, COUNT(*) FROM t WHERE s = 'a' OR s = 'a' GROUP BY g + 1")
+            .expect("valid");
+        assert_eq!(n.text.matches("$1").count(), 2, "{}", n.text);
+        assert_eq!(n.text.matches("$2").count(), 2, "{}", n.text);
+        assert_eq!(n.literals, vec![Value::Int(1), Value::Text("a".into())]);
+        // An int and the float it equals, or 0.0 and -0.0, are different literals.
+        let n = normalize("SELECT 1, 1.0, 0.0, -0.0, -1, 1").expect("valid");
+        assert_eq!(
+            n.literals,
+            vec![
+                Value::Int(1),
+                Value::Float(1.0),
+                Value::Float(0.0),
+                Value::Float(-0.0),
+                Value::Int(-1)
+            ]
+        );
+        assert_eq!(n.text, "select $1 , $2 , $3 , $4 , $5 , $1");
     }
 
     #[test]

@@ -759,6 +759,10 @@ impl Execution {
             self.stats.aggregate.rows_out = rows.len() as u64;
             self.stats.aggregate.elapsed += t.elapsed();
             for (i, row) in rows.into_iter().enumerate() {
+                // Unordered groups stream: the first LIMIT of them are the answer.
+                if self.streams() && self.limit.is_some_and(|l| self.output.len() >= l) {
+                    break;
+                }
                 self.check_deadline_at(i)?;
                 if let Some(h) = &agg.having {
                     self.stats.having.rows_in += 1;
