@@ -724,6 +724,31 @@ fn a_synchronous_follower_promoted_after_the_writer_dies_has_every_acknowledged_
     assert!(why.contains("owned by another data directory"), "{why}");
 }
 
+/// A follower started with another `--archive` than its writer's finds no lease record
+/// there: an operator's promotion without force is refused (it would have nothing to
+/// fence the live writer with, and two writers would acknowledge), and the follower
+/// stays a follower.
+#[test]
+fn a_follower_on_another_archive_than_its_writers_is_not_promoted_without_force() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let writer = writer_on(&dir.path().join("writer"), &archive_in(dir.path()), &[]);
+    let leader = writer.replication.clone().expect("replication address");
+    let elsewhere = format!("file://{}", dir.path().join("typo-archive").display());
+    let follower = follower_on(&dir.path().join("follower"), &leader, &elsewhere, &[]);
+    let refused = promote(&follower, false);
+    assert_eq!(refused.status, 409, "{refused:?}");
+    assert_eq!(
+        refused.body["error"]["code"], "lease_missing",
+        "{refused:?}"
+    );
+    let message = refused.body["error"]["message"].as_str().unwrap_or("");
+    assert!(message.contains("--archive is the writer's"), "{message}");
+    let write = follower.post("/v1/tenants", &json!({"tenant": "late"}));
+    assert_eq!(write.status, 421, "still a follower: {write:?}");
+    let written = writer.post("/v1/tenants", &json!({"tenant": "live"}));
+    assert_eq!(written.status, 201, "{written:?}");
+}
+
 #[test]
 fn promoting_a_synchronous_follower_fences_a_live_writer() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -766,6 +791,39 @@ fn promoting_a_synchronous_follower_fences_a_live_writer() {
         .wait_exit(Duration::from_secs(10))
         .expect("the fenced writer exits");
     assert_eq!(status.code(), Some(5), "{}", writer.stderr());
+}
+
+/// Connections that never send a hello (no token shown) do not take the places
+/// followers need: with more of them open than the writer serves followers, a new
+/// follower still starts and catches up, and the oldest idle ones are closed.
+#[test]
+fn idle_connections_on_the_replication_port_do_not_lock_followers_out() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let writer = writer(&dir.path().join("writer"));
+    let leader = writer.replication.clone().expect("replication address");
+    setup_tenants(&writer);
+    let model: Model = Arc::default();
+    write_rows(&writer, &model, 0, 20);
+    // 2 shards serve 32 followers' connections; 300 idle ones are well past that and
+    // past the bound on connections before their hello.
+    let idle: Vec<std::net::TcpStream> = (0..300)
+        .map(|_| std::net::TcpStream::connect(&leader).expect("connect"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let follower = follower(&dir.path().join("follower"), &leader);
+    write_rows(&writer, &model, 20, 20);
+    wait_until_matches(&follower, &model);
+    // The oldest idle connections were closed to make room (they read the end).
+    let mut first = idle.into_iter().next().expect("one");
+    first
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut buf = [0u8; 64];
+    assert!(
+        matches!(first.read(&mut buf), Ok(0) | Err(_)),
+        "the oldest idle connection is still open"
+    );
 }
 
 #[test]

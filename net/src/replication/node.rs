@@ -787,7 +787,8 @@ impl Node {
 /// A record this process wrote itself (a promotion whose answer was lost) is returned
 /// at once. Any other record naming this data directory may be a live writer on a copy
 /// of it: `automatic` refuses it; an operator's promotion waits it out like any other.
-/// `automatic` also refuses an absent record. Returns what was found, for the steps.
+/// An absent record is refused: nothing shows that the writer, which may ship to
+/// another archive than this follower's, is gone. Returns what was found, for the steps.
 async fn wait_for_lapse_of(
     archive: Arc<dyn Archive>,
     owner: &str,
@@ -811,17 +812,16 @@ async fn wait_for_lapse_of(
         }
     };
     let Some((watched, version)) = read().await? else {
-        if automatic {
-            // Not the writer's archive, or its record was removed: nothing says the
-            // writer is gone.
-            return Err(refusal(
-                409,
-                "lease_missing",
-                "the archive holds no lease record, so nothing shows the writer's lease \
-                 lapsed: check that this follower's --archive is the writer's",
-            ));
-        }
-        return Ok((lease::Expect::Absent, "the archive holds no lease record"));
+        // Not the writer's archive (a follower started with another --archive would be
+        // promoted beside a live writer), or its record was removed: nothing says the
+        // writer is gone, so only an operator who knows it is may force it.
+        return Err(refusal(
+            409,
+            "lease_missing",
+            "the archive holds no lease record, so nothing shows the writer's lease \
+             lapsed: check that this follower's --archive is the writer's. If the writer \
+             ran without an archive, or is known to be stopped, promote with force",
+        ));
     };
     // A copy of this directory (a cloned VM keeps the id, the host name and the path)
     // may be the writer itself, alive: only this process's own claims are its own.

@@ -27,9 +27,14 @@ use super::gate::{self, OnTimeout, SyncPolicy};
 use super::wire::{self, EpochStart, Message, RefusedCode, Want};
 use super::{token_matches, ReplicationStatus, HEARTBEAT_EVERY, TLS_HANDSHAKE_RECORD};
 
-/// Follower connections served at once per shard (each follower holds one per shard,
-/// and a connection waiting for its hello counts too); more are refused.
+/// Follower connections served at once per shard (each follower holds one per shard);
+/// more are refused once they have shown the token.
 pub const MAX_CONNECTIONS_PER_SHARD: usize = 16;
+/// Connections that have not yet shown the token, at most, per follower place: past it
+/// the oldest of them is closed to make room. Clients without the token thus cannot
+/// take the places followers need, and a follower's hello, sent at once, comes in
+/// long before this many newer connections push it out.
+const PENDING_PER_PLACE: usize = 4;
 /// Time a peer gets to send its hello, from connecting (a TLS handshake included).
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest hello (a token and a few numbers).
@@ -73,8 +78,8 @@ static NEXT_CONNECTION: std::sync::atomic::AtomicU64 = std::sync::atomic::Atomic
 
 /// Accepts follower connections until the executor ends.
 pub async fn serve(listener: TcpListener, sender: Rc<Sender>) {
-    let open = Rc::new(Cell::new(0usize));
-    let limit = MAX_CONNECTIONS_PER_SHARD * sender.layout.shards;
+    let places = MAX_CONNECTIONS_PER_SHARD * sender.layout.shards;
+    let admission = Rc::new(Admission::new(places));
     loop {
         let stream = match listener.accept().await {
             Ok(stream) => stream,
@@ -84,30 +89,148 @@ pub async fn serve(listener: TcpListener, sender: Rc<Sender>) {
                 continue;
             }
         };
-        if open.get() >= limit {
-            tracing::warn!(limit, "refusing a replication connection: too many open");
-            let mut stream = stream;
-            let _ = refuse(
-                &mut stream,
-                RefusedCode::BadHello,
-                format!("this writer serves at most {limit} replication connections"),
-            )
-            .await;
-            continue;
-        }
-        open.set(open.get() + 1);
         let sender = sender.clone();
-        let open = open.clone();
+        let place = Place::enter(&admission);
         glommio::spawn_local(async move {
             let peer = stream
                 .peer_addr()
                 .map_or_else(|_| "?".into(), |a| a.to_string());
-            if let Err(why) = accepted(stream, sender).await {
+            let served = accepted(stream, sender, &place);
+            // Only a connection still without the token can be pushed out.
+            let pushed_out = async {
+                place.pushed_out().await;
+                Err(
+                    "closed to make room for newer connections before it showed the token"
+                        .to_string(),
+                )
+            };
+            if let Err(why) = futures_lite::future::or(served, pushed_out).await {
                 tracing::info!(%peer, %why, "replication connection ended");
             }
-            open.set(open.get() - 1);
         })
         .detach();
+    }
+}
+
+/// Who holds the listener's places: followers (connections that showed the token), up
+/// to [`MAX_CONNECTIONS_PER_SHARD`] per shard, and apart from them connections before
+/// their hello, up to [`PENDING_PER_PLACE`] per place, the oldest closed to make room.
+struct Admission {
+    places: usize,
+    followers: Cell<usize>,
+    pending: RefCell<std::collections::VecDeque<Rc<Entry>>>,
+}
+
+impl Admission {
+    fn new(places: usize) -> Self {
+        Admission {
+            places,
+            followers: Cell::new(0),
+            pending: RefCell::default(),
+        }
+    }
+}
+
+/// A connection's standing in [`Admission`].
+struct Entry {
+    state: Cell<Standing>,
+    waker: RefCell<Option<std::task::Waker>>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Standing {
+    /// Before its hello: counted among the pending.
+    Pending,
+    /// Pushed out by a newer pending connection.
+    PushedOut,
+    /// Showed the token and took a follower's place.
+    Follower,
+    /// Showed the token when every follower place was taken: refused.
+    Refused,
+}
+
+/// One connection's place, given back when the connection ends.
+struct Place {
+    admission: Rc<Admission>,
+    entry: Rc<Entry>,
+}
+
+impl Place {
+    /// A place before the hello; the oldest such connection is pushed out when they
+    /// are at their bound.
+    fn enter(admission: &Rc<Admission>) -> Place {
+        let entry = Rc::new(Entry {
+            state: Cell::new(Standing::Pending),
+            waker: RefCell::default(),
+        });
+        let mut pending = admission.pending.borrow_mut();
+        if pending.len() >= admission.places * PENDING_PER_PLACE {
+            if let Some(oldest) = pending.pop_front() {
+                oldest.state.set(Standing::PushedOut);
+                if let Some(waker) = oldest.waker.borrow_mut().take() {
+                    waker.wake();
+                }
+            }
+        }
+        pending.push_back(entry.clone());
+        Place {
+            admission: admission.clone(),
+            entry,
+        }
+    }
+
+    /// Leaves the pending connections.
+    fn leave_pending(&self) {
+        self.admission
+            .pending
+            .borrow_mut()
+            .retain(|e| !Rc::ptr_eq(e, &self.entry));
+    }
+
+    /// Turns this connection, which showed the token, into a follower's; `Err` with the
+    /// reason to refuse it when every follower place is taken.
+    fn admit(&self) -> Result<(), String> {
+        self.leave_pending();
+        let admission = &self.admission;
+        if admission.followers.get() >= admission.places {
+            self.entry.state.set(Standing::Refused);
+            tracing::warn!(
+                limit = admission.places,
+                "refusing a replication connection: too many open"
+            );
+            return Err(format!(
+                "this writer serves at most {} replication connections",
+                admission.places
+            ));
+        }
+        admission.followers.set(admission.followers.get() + 1);
+        self.entry.state.set(Standing::Follower);
+        Ok(())
+    }
+
+    /// Resolves once this connection is pushed out (never once it showed the token).
+    async fn pushed_out(&self) {
+        std::future::poll_fn(|cx| {
+            if self.entry.state.get() == Standing::PushedOut {
+                return std::task::Poll::Ready(());
+            }
+            *self.entry.waker.borrow_mut() = Some(cx.waker().clone());
+            std::task::Poll::Pending
+        })
+        .await;
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        match self.entry.state.get() {
+            Standing::Pending => self.leave_pending(),
+            Standing::Follower => {
+                let followers = &self.admission.followers;
+                followers.set(followers.get() - 1);
+            }
+            Standing::PushedOut | Standing::Refused => {}
+        }
     }
 }
 
@@ -130,7 +253,7 @@ async fn refuse<W: AsyncWrite + Unpin>(
 }
 
 /// Sets up an accepted connection, with TLS when the listener has it, and serves it.
-async fn accepted(mut stream: TcpStream, sender: Rc<Sender>) -> Result<(), String> {
+async fn accepted(mut stream: TcpStream, sender: Rc<Sender>, place: &Place) -> Result<(), String> {
     let _ = stream.set_nodelay(true);
     stream
         .set_read_timeout(Some(ACK_TIMEOUT))
@@ -140,7 +263,7 @@ async fn accepted(mut stream: TcpStream, sender: Rc<Sender>) -> Result<(), Strin
     // cannot hold the slot longer.
     let hello_by = std::time::Instant::now() + HELLO_TIMEOUT;
     let Some(tls) = sender.tls.clone() else {
-        return connection(stream, sender, hello_by).await;
+        return connection(stream, sender, hello_by, place).await;
     };
     let handshake = async {
         // A follower speaking plain TCP hears why it is refused, in plain TCP. A TLS
@@ -177,7 +300,7 @@ async fn accepted(mut stream: TcpStream, sender: Rc<Sender>) -> Result<(), Strin
         ))
     };
     match futures_lite::future::or(handshake, deadline).await? {
-        Some(stream) => connection(stream, sender, hello_by).await,
+        Some(stream) => connection(stream, sender, hello_by, place).await,
         None => Ok(()),
     }
 }
@@ -190,6 +313,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     mut stream: S,
     sender: Rc<Sender>,
     hello_by: std::time::Instant,
+    place: &Place,
 ) -> Result<(), String> {
     let read = wire::read_message(&mut stream, MAX_HELLO_BYTES);
     let deadline = async {
@@ -234,6 +358,9 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                 .into(),
         )
         .await;
+    }
+    if let Err(why) = place.admit() {
+        return refuse(&mut stream, RefusedCode::BadHello, why).await;
     }
     let layout = &sender.layout;
     let (shard, after) = match want {
