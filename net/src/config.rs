@@ -161,8 +161,8 @@ pub struct ServerConfig {
     /// memory.
     #[arg(long, env = "OC_MEMORY_BUDGET_BYTES", default_value_t = 0)]
     pub memory_budget_bytes: u64,
-    /// `/watch` streams the whole server may serve at once; more get 503
-    /// `watch_server_limit`.
+    /// `/watch` streams the whole server may serve at once, at most half of
+    /// `--max-connections`; more get 503 `watch_server_limit`.
     #[arg(long, env = "OC_WATCH_MAX_STREAMS", default_value_t = 2_000)]
     pub watch_max_streams: usize,
     /// `/watch` streams one tenant may hold open; more get 429 `watch_tenant_limit`.
@@ -372,7 +372,9 @@ impl ServerConfig {
             },
             watch: WatchLimits {
                 per_tenant: self.watch_max_streams_per_tenant,
-                per_server: self.watch_max_streams,
+                // Streams hold their connections for as long as they run: at most half
+                // of them, so that requests always find room.
+                per_server: self.watch_max_streams.min(self.max_connections / 2).max(1),
                 buffer_bytes: self.watch_buffer_bytes,
                 heartbeat: Duration::from_millis(self.watch_heartbeat_ms),
             },

@@ -786,6 +786,50 @@ fn limits_tokens_and_keys_guard_streams() {
     drop(by_key);
 }
 
+/// Streams may hold at most half of `--max-connections`, whatever
+/// `--watch-max-streams` says: past that a stream is refused, and requests still find
+/// a connection.
+#[test]
+fn streams_hold_at_most_half_of_the_connections() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, admin) = start_with_admin(
+        dir.path(),
+        &[
+            "--shards",
+            "1",
+            "--max-connections",
+            "8",
+            "--watch-max-streams",
+            "100",
+        ],
+    );
+    let auth = format!("Bearer {admin}");
+    let tenants = format!("{}/v1/tenants", server.api);
+    let body = json!({"tenant": "acme"}).to_string();
+    let created = request_as("POST", &tenants, Some(&body), admin);
+    assert_eq!(created.status, 201, "{created:?}");
+    let url = watch_url(&server, "acme", "");
+    let mut streams = Vec::new();
+    for _ in 0..4 {
+        let mut stream = Sse::open(&url, &[("authorization", &auth)]).expect("opens");
+        assert_eq!(stream.next().expect("hello").event, "hello");
+        streams.push(stream);
+    }
+    let (status, body) = Sse::open(&url, &[("authorization", &auth)])
+        .err()
+        .expect("a fifth stream is refused");
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (503, Some("watch_server_limit")),
+        "{body}"
+    );
+    let message = body["error"]["message"].as_str().unwrap_or("");
+    assert!(message.contains("--max-connections"), "{message}");
+    let usage = request_as("GET", &format!("{tenants}/acme/usage"), None, admin);
+    assert_eq!(usage.status, 200, "requests still find room: {usage:?}");
+    assert_eq!(usage.body["watch_streams"], 4, "{usage:?}");
+}
+
 #[test]
 fn a_keys_stream_opens_count_against_its_rate_limit() {
     let dir = tempfile::tempdir().expect("tempdir");

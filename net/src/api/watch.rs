@@ -101,7 +101,8 @@ impl Registration {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "watch_server_limit",
                 format!(
-                    "the server already serves {} watch streams, its limit (--watch-max-streams); retry later",
+                    "the server already serves {} watch streams, its limit (--watch-max-streams, \
+                     at most half of --max-connections so that requests find room); retry later",
                     limits.per_server
                 ),
             ));
