@@ -802,13 +802,36 @@ async fn control_main(
         grace_ms = grace.as_millis() as u64,
         "shutting down: draining connections"
     );
+    let stopping_at = Instant::now();
     state.phase.set(Phase::Draining);
     drain_all(&router, grace).await?;
+    ship_last_round(stopping_at + grace + SHUTDOWN_MARGIN / 2).await;
     if failpoint::armed("shutdown.hang").is_some() {
         futures_lite::future::pending::<()>().await; // only the watchdog ends this
     }
     stop_all(&router).await?;
     Ok(())
+}
+
+/// Once no request is in flight: ships what the archive lacks of every log (the
+/// last tail window's writes, which the next window would have shipped), waiting until
+/// `by` at most, so that the watchdog's deadline is kept. Logged either way.
+async fn ship_last_round(by: Instant) {
+    let budget = by.saturating_duration_since(Instant::now());
+    let shipped = futures_lite::future::or(oc_ship::shipper::last_round(), async {
+        glommio::timer::sleep(budget).await;
+        Some(false)
+    });
+    match shipped.await {
+        None => {} // no archive
+        Some(true) => tracing::info!("shipped the logs' last writes to the archive"),
+        Some(false) => tracing::warn!(
+            budget_ms = budget.as_millis() as u64,
+            "the last shipping round did not finish (or failed) within the shutdown grace: \
+             the archive may lack the writes of the last tail window; they are durable in \
+             this data directory and are shipped at the next start"
+        ),
+    }
 }
 
 /// Stops every shard's listener and waits up to `grace` for its connections to finish

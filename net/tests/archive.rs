@@ -142,6 +142,47 @@ fn restore_latest_after_losing_the_data_dir_keeps_all_but_the_last_window() {
     );
 }
 
+/// A clean stop (SIGTERM) ships the last tail window before it exits: a restore of the
+/// latest state holds every write the server acknowledged, including those written
+/// just before the signal, which the next window would have shipped.
+#[test]
+fn a_clean_stop_leaves_every_acknowledged_write_in_the_archive() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let uri = file_uri(&dir.path().join("archive"));
+    // A window far longer than the writes below: only the last round can ship them.
+    let server = Server::start(
+        &data,
+        &[
+            "--shards",
+            "2",
+            "--archive",
+            &uri,
+            "--tail-window-ms",
+            "60000",
+        ],
+    );
+    server.create_tenant_with_items("alpha");
+    let acked: Vec<u64> = (0..100)
+        .filter(|&id| write_row(&server.api, "alpha", id))
+        .collect();
+    assert_eq!(acked.len(), 100);
+    let status = server.terminate();
+    assert!(status.success(), "{status:?}");
+    let restored_dir = dir.path().join("restored");
+    let restored = restore_latest(&uri, &restored_dir);
+    assert!(restored.success, "restore failed: {restored:?}");
+    let server = Server::start(&restored_dir, &["--archive", "none"]);
+    let missing: Vec<u64> = acked
+        .into_iter()
+        .filter(|&id| !has_row(&server, "alpha", id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "not in the archive after a clean stop: {missing:?}"
+    );
+}
+
 /// Restoring to an instant between two writes brings back exactly the writes
 /// committed before it, through a checkpoint taken before the target.
 #[test]

@@ -1347,6 +1347,34 @@ pub fn displaced_message(
     )
 }
 
+/// A shipping loop's last round, asked for at shutdown: the answer says whether every
+/// shard's log was then archived to its end.
+type LastRoundAsk = futures_channel::oneshot::Sender<futures_channel::oneshot::Sender<bool>>;
+
+thread_local! {
+    /// The shipping loops running on this executor (the control executor), for their
+    /// last round at shutdown.
+    static LAST_ROUNDS: std::cell::RefCell<Vec<LastRoundAsk>> = std::cell::RefCell::default();
+}
+
+/// At shutdown, once no request is in flight: has every shipping loop on this executor
+/// ship one last round now (the circuit breaker notwithstanding), so that a clean stop
+/// leaves the archive holding every acknowledged write, not all but the last tail
+/// window's. Returns whether each loop archived every shard's log to its end; `None`
+/// when no loop runs here. The caller bounds the wait.
+pub async fn last_round() -> Option<bool> {
+    let asks = LAST_ROUNDS.with(|l| std::mem::take(&mut *l.borrow_mut()));
+    if asks.is_empty() {
+        return None;
+    }
+    let mut all = true;
+    for ask in asks {
+        let (reply, answer) = futures_channel::oneshot::channel();
+        all &= ask.send(reply).is_ok() && answer.await.unwrap_or(false);
+    }
+    Some(all)
+}
+
 async fn run_shipper(
     router: Rc<ShardRouter>,
     jobs: mpsc::Sender<Job>,
@@ -1354,49 +1382,38 @@ async fn run_shipper(
     policy: BreakerPolicy,
     status: ShipStatus,
 ) {
+    let (ask, asked) = futures_channel::oneshot::channel();
+    LAST_ROUNDS.with(|l| l.borrow_mut().push(ask));
+    let mut asked = Some(asked);
     let mut breaker = Breaker::new(policy);
     loop {
-        glommio::timer::sleep(window).await;
-        let mut views = Vec::with_capacity(router.shards());
-        for shard in 0..router.shards() {
-            let view = router
-                .call(
-                    shard,
-                    |node: Rc<ShardNode>| async move { ShardView::of(&node) },
-                )
-                .await;
-            views.push(view.ok());
-        }
-        let upload = breaker.allows(Instant::now());
-        let (reply, answer) = futures_channel::oneshot::channel();
-        if jobs
-            .send(Job {
-                views,
-                upload,
-                reply,
-            })
-            .is_err()
-        {
-            return;
-        }
-        let Ok(outcomes) = answer.await else {
+        let tick = async {
+            glommio::timer::sleep(window).await;
+            None
+        };
+        let last = match asked.as_mut() {
+            Some(ask) => futures_lite::future::or(tick, async { Some(ask.await) }).await,
+            None => tick.await,
+        };
+        let last = match last {
+            Some(Ok(reply)) => Some(reply),
+            Some(Err(_)) => {
+                asked = None; // nobody will ask: ticks only
+                None
+            }
+            None => None,
+        };
+        let upload = last.is_some() || breaker.allows(Instant::now());
+        let Some(all_ok) = ship_round(&router, &jobs, upload).await else {
             return; // the shipping thread is gone
         };
-        if !upload {
-            continue;
+        if let Some(reply) = last {
+            let _ = reply.send(all_ok == Some(true));
+            return;
         }
-        let mut all_ok = true;
-        for (shard, outcome) in outcomes.into_iter().enumerate() {
-            match outcome {
-                Ok(barrier) => {
-                    let set = move |node: Rc<ShardNode>| async move {
-                        node.shard().set_release_barrier(Some(barrier));
-                    };
-                    let _ = router.call(shard, set).await;
-                }
-                Err(_) => all_ok = false,
-            }
-        }
+        let Some(all_ok) = all_ok else {
+            continue; // the breaker is open: nothing was uploaded
+        };
         if all_ok {
             breaker.succeeded();
         } else {
@@ -1411,6 +1428,50 @@ async fn run_shipper(
             m.circuit_opened_total = breaker.opened_total();
         });
     }
+}
+
+/// One round: each shard's view, the shipping thread's work, and each shard's release
+/// barrier moved up to what is archived. `None` when the shipping thread is gone;
+/// `Some(None)` when nothing was to be uploaded; else whether every shard shipped.
+async fn ship_round(
+    router: &Rc<ShardRouter>,
+    jobs: &mpsc::Sender<Job>,
+    upload: bool,
+) -> Option<Option<bool>> {
+    let mut views = Vec::with_capacity(router.shards());
+    for shard in 0..router.shards() {
+        let view = router
+            .call(
+                shard,
+                |node: Rc<ShardNode>| async move { ShardView::of(&node) },
+            )
+            .await;
+        views.push(view.ok());
+    }
+    let (reply, answer) = futures_channel::oneshot::channel();
+    jobs.send(Job {
+        views,
+        upload,
+        reply,
+    })
+    .ok()?;
+    let outcomes = answer.await.ok()?;
+    if !upload {
+        return Some(None);
+    }
+    let mut all_ok = true;
+    for (shard, outcome) in outcomes.into_iter().enumerate() {
+        match outcome {
+            Ok(barrier) => {
+                let set = move |node: Rc<ShardNode>| async move {
+                    node.shard().set_release_barrier(Some(barrier));
+                };
+                let _ = router.call(shard, set).await;
+            }
+            Err(_) => all_ok = false,
+        }
+    }
+    Some(Some(all_ok))
 }
 
 #[cfg(test)]
