@@ -32,6 +32,7 @@ use crate::error::EngineError;
 use crate::key::Key;
 use crate::query::compile_row_expr;
 use crate::query::expr::Expr;
+use crate::query::MAX_LIKE_PER_QUERY;
 use crate::schema::{check_name, Column, TableSchema};
 use crate::table::{check_transformed_row, BatchOutcome, NewStructures, Row, RowWrite, Table};
 use crate::tenant::Tenant;
@@ -228,6 +229,7 @@ pub fn plan(v0: &TableSchema, steps: &[Step], layout: Layout) -> Result<Plan, En
         .iter()
         .map(|i| (i.name.clone(), names(&i.columns)))
         .collect();
+    let likes = std::cell::Cell::new(0);
     for (n, step) in steps.iter().enumerate() {
         let bad = |why: String| invalid(format!("step {n} ({}): {why}", step.op()));
         let find = |cols: &[WorkColumn], name: &str| {
@@ -257,7 +259,14 @@ pub fn plan(v0: &TableSchema, steps: &[Step], layout: Layout) -> Result<Plan, En
                     text.len()
                 )));
             }
-            let (expr, params) = compile_row_expr(v0, text).map_err(&bad)?;
+            let (expr, params, like) = compile_row_expr(v0, text).map_err(&bad)?;
+            likes.set(likes.get() + like);
+            if likes.get() > MAX_LIKE_PER_QUERY {
+                return Err(bad(format!(
+                    "the migration's expressions use more than {MAX_LIKE_PER_QUERY} LIKE \
+                     operators together (each reads its whole text for every row)"
+                )));
+            }
             Ok(Computed { expr, params })
         };
         match step {
@@ -1314,6 +1323,23 @@ mod tests {
         plan(&v0(), &steps(json), Layout::InPlace)
             .expect_err("invalid")
             .to_string()
+    }
+
+    /// Each expression is within the per-query limit on LIKE; together they are not.
+    #[test]
+    fn a_migrations_expressions_share_the_limit_on_like_operators() {
+        let step = |i: usize| {
+            let likes = vec!["name LIKE '%zz'"; 9].join(" AND ");
+            format!(r#"{{"op":"add_column","name":"c{i}","type":"bool","default":"{likes}"}}"#)
+        };
+        let one = format!("[{}]", step(0));
+        plan(&v0(), &steps(&one), Layout::InPlace).expect("9 LIKE operators");
+        let two = format!("[{},{}]", step(0), step(1));
+        let refused = err(&two);
+        assert!(
+            refused.contains("step 1") && refused.contains("16 LIKE"),
+            "{refused}"
+        );
     }
 
     #[test]

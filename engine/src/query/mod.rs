@@ -23,7 +23,7 @@ pub use cache::{PlanCache, PlanCacheStats, PLAN_CACHE_BYTES, PLAN_CACHE_ENTRIES}
 pub use exec::{shared_memory_refusal, AskAnswer, Execution};
 pub use expr::{param_from_json, Metric};
 pub use like::MAX_LIKE_PATTERN_CHARS;
-pub use normalize::{normalize, Normalized, MAX_QUERY_OPERATORS};
+pub use normalize::{normalize, Normalized, MAX_LIKE_PER_QUERY, MAX_QUERY_OPERATORS};
 pub use plan::{prepare, Prepared};
 
 use std::time::Duration;
@@ -235,11 +235,11 @@ pub fn ask_now(
 /// (a migration's default or transform): the expression and the values of its
 /// literals, which it reads as parameters. The text is checked by the same limits and
 /// binder as a query's `SELECT` list, and must be one plain expression: no aggregate,
-/// no placeholder, nothing after it.
+/// no placeholder, nothing after it. Also returns the `LIKE` operators it uses.
 pub(crate) fn compile_row_expr(
     schema: &crate::schema::TableSchema,
     text: &str,
-) -> Result<(expr::Expr, Vec<crate::value::Value>), String> {
+) -> Result<(expr::Expr, Vec<crate::value::Value>, usize), String> {
     let mut tenant = crate::tenant::Tenant::new(
         crate::tenant_id::TenantId::parse("migration").map_err(|e| e.to_string())?,
     );
@@ -260,7 +260,7 @@ pub(crate) fn compile_row_expr(
         && q.offset.is_none()
         && matches!(q.explain, bind::ExplainMode::Run);
     match q.projection.as_slice() {
-        [one] if plain => Ok((one.clone(), normalized.literals)),
+        [one] if plain => Ok((one.clone(), normalized.literals, normalized.likes)),
         _ => Err(format!(
             "{:?} is not one expression over the row (no aggregates, clauses or lists)",
             text.chars().take(80).collect::<String>()

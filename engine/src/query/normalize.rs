@@ -27,6 +27,10 @@ pub const MAX_QUERY_OPERATORS: usize = 500;
 /// tokens, so the limit is the same whatever the parser's own accounting (which counts
 /// some constructs twice, and turns some overruns into a syntax error).
 pub const MAX_NESTING: usize = 64;
+/// `LIKE` operators a query (or all of a migration's expressions) may use. Each one
+/// reads its whole text, up to a row's 256 KiB, for every row: 220 of them held a
+/// shard for 57 ms a row, so one query's rows starved every other tenant's there.
+pub const MAX_LIKE_PER_QUERY: usize = 16;
 
 /// A query ready for the plan cache.
 #[derive(Debug, Clone)]
@@ -40,6 +44,8 @@ pub struct Normalized {
     pub user_params: usize,
     /// Values of the replaced literals, in placeholder order after the caller's.
     pub literals: Vec<Value>,
+    /// `LIKE` (and `ILIKE`) operators in the text.
+    pub likes: usize,
     /// Each literal's placeholder, to give a repeated one the same.
     placeholders: AHashMap<LiteralKey, usize>,
 }
@@ -91,6 +97,7 @@ pub fn normalize(sql: &str) -> Result<Normalized, QueryError> {
         tokens: Vec::with_capacity(tokens.len()),
         user_params,
         literals: Vec::new(),
+        likes: 0,
         placeholders: AHashMap::new(),
     };
     let mut operators = 0;
@@ -137,6 +144,22 @@ pub fn normalize(sql: &str) -> Result<Normalized, QueryError> {
                     position(span)
                 ),
             ));
+        }
+        if matches!(&token, Token::Word(w) if w.quote_style.is_none()
+            && matches!(w.keyword, Keyword::LIKE | Keyword::ILIKE))
+        {
+            out.likes += 1;
+            if out.likes > MAX_LIKE_PER_QUERY {
+                return Err(QueryError::new(
+                    QueryErrorKind::TooComplex,
+                    format!(
+                        "the query uses more than {MAX_LIKE_PER_QUERY} LIKE operators{} (each \
+                         reads its whole text for every row); combine the patterns, or narrow \
+                         the rows with other conditions",
+                        position(span)
+                    ),
+                ));
+            }
         }
         if is_operator(&token) {
             operators += 1;
@@ -365,6 +388,26 @@ mod tests {
             ]
         );
         assert_eq!(n.text, "select $1 , $2 , $3 , $4 , $5 , $1");
+    }
+
+    #[test]
+    fn more_like_operators_than_the_limit_are_refused_by_name() {
+        let query = |n: usize| {
+            let likes = vec!["s NOT LIKE '%zz'"; n].join(" AND ");
+            format!("SELECT id FROM t WHERE {likes}")
+        };
+        assert_eq!(
+            normalize(&query(MAX_LIKE_PER_QUERY))
+                .expect("at the limit")
+                .likes,
+            16
+        );
+        let e = normalize(&query(MAX_LIKE_PER_QUERY + 1)).expect_err("past it");
+        assert_eq!(e.kind, QueryErrorKind::TooComplex);
+        assert!(e.message.contains("16 LIKE"), "{}", e.message);
+        // A word `like` in a string or a quoted name is not an operator.
+        let n = normalize("SELECT \"like\" FROM t WHERE s = 'like'").expect("valid");
+        assert_eq!(n.likes, 0);
     }
 
     #[test]

@@ -171,10 +171,16 @@ pub(super) struct BackfillAccount {
 const SAMPLE_ROWS: usize = 64;
 
 /// Converted-row bytes per old-row byte over the table's first rows (1 for an empty
-/// table); a sampled row that does not migrate refuses the migration at once.
+/// table); a sampled row that does not migrate refuses the migration at once. Stops
+/// after [`CHUNK_TIME`] past its first row: the start runs on the shard, and rows whose
+/// transform is costly would hold it for the whole sample.
 fn sample_growth(base: &Table, plan: &migration::Plan) -> Result<f64, EngineError> {
     let (mut before, mut after) = (0usize, 0usize);
+    let started = Instant::now();
     for (key, row) in base.rows_after(None).take(SAMPLE_ROWS) {
+        if before > 0 && started.elapsed() >= CHUNK_TIME {
+            break;
+        }
         let v1 = plan
             .transform(row)
             .and_then(|v1| plan.check(&v1).map(|()| v1))
@@ -214,6 +220,9 @@ fn next_chunk(
         for (_, row) in base.rows_after(m.cursor()).take(TIMED_ROWS) {
             let _ = m.transform(row);
             sampled += 1;
+            if started.elapsed() >= CHUNK_TIME {
+                break; // costly enough to tell: timing more would hold the shard too
+            }
         }
         let per_row = (started.elapsed() / sampled.max(1)).max(Duration::from_nanos(100));
         (CHUNK_TIME.as_nanos() / per_row.as_nanos()).clamp(1, MAX_CHUNK_ROWS as u128) as usize
