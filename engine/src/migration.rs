@@ -1329,7 +1329,7 @@ mod tests {
     #[test]
     fn a_migrations_expressions_share_the_limit_on_like_operators() {
         let step = |i: usize| {
-            let likes = vec!["name LIKE '%zz'"; 9].join(" AND ");
+            let likes = ["name LIKE '%zz'"; 9].join(" AND ");
             format!(r#"{{"op":"add_column","name":"c{i}","type":"bool","default":"{likes}"}}"#)
         };
         let one = format!("[{}]", step(0));
