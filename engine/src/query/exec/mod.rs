@@ -128,8 +128,11 @@ pub struct Execution {
     top_k: Option<(Vec<Value>, usize)>,
 }
 
-/// Rows a query's first slice reads, before it knows what a row costs.
-const FIRST_SLICE_ROWS: usize = 4;
+/// Rows a query's first slice reads, before it knows what a row costs: one, since a
+/// row can cost milliseconds (16 LIKE over 256 KiB of text), and every query's first
+/// slice would hold the shard that long times this (the size doubles each slice while
+/// rows are cheap, so a cheap scan reaches its full slices two slices later than from 4).
+const FIRST_SLICE_ROWS: usize = 1;
 /// Rows evaluated between two looks at the clock inside a slice.
 const DEADLINE_CHECK_ROWS: usize = 16;
 
@@ -491,7 +494,7 @@ impl Execution {
     }
 
     /// Rows to read this slice: a streaming query with a LIMIT reads what it still
-    /// needs, doubling each slice in case the filter drops rows, so `LIMIT 10` over
+    /// needs, doubling each slice when a filter may drop rows, so `LIMIT 10` over
     /// an ordered walk reads about ten rows, not a whole slice; and no slice reads
     /// more than its time budget allows.
     fn batch_size(&self) -> usize {
@@ -501,7 +504,11 @@ impl Execution {
                     .offset
                     .saturating_add(limit)
                     .saturating_sub(self.skipped + self.output.len());
-                let grown = needed.saturating_mul(1 << self.stats.slices.saturating_sub(1).min(10));
+                let doublings = match self.plan.query.filter {
+                    Some(_) => self.stats.slices.saturating_sub(1).min(10),
+                    None => 0,
+                };
+                let grown = needed.saturating_mul(1 << doublings);
                 grown.clamp(1, SLICE_ROWS)
             }
             _ => SLICE_ROWS,
