@@ -65,8 +65,7 @@ pub fn identify(headers: &HeaderMap, config: &AuthConfig) -> Result<Caller, ApiE
     let token = value
         .to_str()
         .ok()
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
+        .and_then(bearer_token)
         .ok_or_else(|| unauthorized("the Authorization header must be `Bearer <token>`"))?;
     if constant_time_eq(token.as_bytes(), admin_token.as_bytes()) {
         return Ok(Caller::Admin);
@@ -74,6 +73,14 @@ pub fn identify(headers: &HeaderMap, config: &AuthConfig) -> Result<Caller, ApiE
     parse_key(token)
         .map(Caller::Key)
         .ok_or_else(|| unauthorized("the token is neither the admin token nor an API key"))
+}
+
+/// The token of an `Authorization: Bearer <token>` value. The scheme is matched
+/// without regard to case (RFC 9110 §11.1: clients that send `bearer` are right).
+pub(crate) fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 fn parse_key(token: &str) -> Option<KeyClaim> {
@@ -255,6 +262,21 @@ mod tests {
             format!("Bearer {token}").parse().expect("header"),
         );
         h
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_matched_in_any_case_and_needs_a_token() {
+        for (value, token) in [
+            ("Bearer abc", Some("abc")),
+            ("bearer abc", Some("abc")),
+            ("BEARER  abc ", Some("abc")),
+            ("Bearer", None),
+            ("Bearer ", None),
+            ("Basic abc", None),
+            ("Bearerabc", None),
+        ] {
+            assert_eq!(bearer_token(value), token, "{value:?}");
+        }
     }
 
     #[test]

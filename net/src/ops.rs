@@ -222,8 +222,7 @@ fn admin_refusal(state: &ControlState, req: &Request<Incoming>) -> Option<Respon
         (Some(value), None) => value
             .to_str()
             .ok()
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
+            .and_then(crate::auth::bearer_token)
             .unwrap_or_default(),
         _ => "",
     };

@@ -183,6 +183,71 @@ fn a_clean_stop_leaves_every_acknowledged_write_in_the_archive() {
     );
 }
 
+/// A checkpoint snapshot whose manifest never arrived (an upload cut short) is named by
+/// `oc-pitr verify` as a note: no restore reads it, so it is not a problem. A damaged
+/// manifest is a problem verify names, and a restore does without that checkpoint.
+#[test]
+fn verify_names_a_snapshot_without_its_manifest_and_a_damaged_one_is_done_without() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let root = dir.path().join("archive");
+    let uri = file_uri(&root);
+    let server = Server::start(
+        &data,
+        &archive_args(&uri, &["--checkpoint-interval-s", "1"]),
+    );
+    server.create_tenant_with_items("acme");
+    for id in 0..20 {
+        assert!(write_row(&server.api, "acme", id));
+    }
+    let manifests = || -> Vec<std::path::PathBuf> {
+        (0..2)
+            .flat_map(|shard| {
+                std::fs::read_dir(root.join(format!("shard-{shard}/checkpoint")))
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Result::ok)
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            })
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut id = 20;
+    while manifests().len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "two checkpoints did not reach the archive"
+        );
+        assert!(write_row(&server.api, "acme", id));
+        id += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(server.terminate().success());
+    let found = manifests();
+    std::fs::remove_file(&found[0]).expect("cut an upload short");
+    let alone = oc_pitr(&["verify", "--archive", &uri]);
+    assert!(alone.success, "{alone:?}");
+    assert!(
+        alone.stdout.contains("note:") && alone.stdout.contains("without its manifest"),
+        "{alone:?}"
+    );
+    std::fs::write(&found[1], b"{ not a manifest").expect("damage a manifest");
+    let damaged = oc_pitr(&["verify", "--archive", &uri]);
+    assert!(!damaged.success, "{damaged:?}");
+    assert!(damaged.stdout.contains("PROBLEM"), "{damaged:?}");
+    let restored_dir = dir.path().join("restored");
+    let restored = restore_latest(&uri, &restored_dir);
+    assert!(
+        restored.success,
+        "a damaged checkpoint is done without: {restored:?}"
+    );
+    let server = Server::start(&restored_dir, &["--archive", "none"]);
+    for row in 0..id {
+        assert!(has_row(&server, "acme", row), "row {row} not restored");
+    }
+}
+
 /// Restoring to an instant between two writes brings back exactly the writes
 /// committed before it, through a checkpoint taken before the target.
 #[test]

@@ -707,6 +707,39 @@ fn a_migration_that_would_take_the_tenant_past_its_quota_is_refused() {
     wait_for(&server, "shop", id, "done");
 }
 
+/// A migration that adds a vector to every row counts against the vector quota too.
+#[test]
+fn a_migration_that_would_take_the_tenant_past_its_vector_quota_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &["--tenant-max-vectors", "150"]);
+    assert_eq!(
+        server.post("/v1/tenants", &json!({"tenant": "emb"})).status,
+        201
+    );
+    let table = json!({"name": "items", "columns": [{"name": "id", "type": "int"},
+        {"name": "v", "type": "vector(2)"}], "primary_key": ["id"]});
+    assert_eq!(server.post("/v1/tenants/emb/tables", &table).status, 201);
+    let ops: Vec<Value> = (0..80)
+        .map(|id| json!({"upsert": {"id": id, "v": [id, 1]}}))
+        .collect();
+    let r = server.post("/v1/tenants/emb/tables/items/rows", &json!({"ops": ops}));
+    assert_eq!(r.status, 200, "{r:?}");
+    // A copy of every row's vector: 160 in all, past the 150 allowed.
+    let copy = json!({"table": "items", "steps": [{"op": "add_column", "name": "w",
+        "type": "vector(2)", "default": "v"}]});
+    let r = server.post("/v1/tenants/emb/migrations", &copy);
+    assert_eq!(r.status, 403, "{r:?}");
+    assert_eq!(r.body["error"]["code"], "quota_exceeded", "{r:?}");
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("vector")),
+        "{r:?}"
+    );
+    let usage = server.get("/v1/tenants/emb/usage");
+    assert_eq!(usage.body["vectors"], 80, "{usage:?}");
+}
+
 /// While a migration runs, reads see its new shape: rows stay stored in the old one and
 /// are transformed as they are read (dual read), writers keep writing the old shape,
 /// and an abort puts reads back on the old shape at once.

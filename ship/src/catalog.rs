@@ -101,6 +101,10 @@ pub struct ShardCatalog {
     /// Checkpoint manifests listed but gone when read: deleted by retention meanwhile,
     /// or lost (verify tells the two apart by listing again).
     pub unreadable_manifests: Vec<String>,
+    /// Checkpoint manifests that do not decode, with why: left out, as if absent (a
+    /// restore uses the other checkpoints and the log; verify reports them), so that
+    /// one damaged object does not refuse every restore and every start.
+    pub damaged_manifests: Vec<String>,
 }
 
 impl ShardCatalog {
@@ -120,17 +124,29 @@ impl ShardCatalog {
                     .or_default()
                     .push(piece);
             } else if let Some((_, lsn)) = layout::parse_checkpoint_manifest_key(&key) {
-                let Some((bytes, _)) = archive.get(&key)? else {
-                    catalog.unreadable_manifests.push(key);
-                    continue;
-                };
-                let manifest = CheckpointManifest::decode_for(&bytes, lsn).map_err(|problem| {
-                    ArchiveError::Unreadable {
-                        key: key.clone(),
-                        problem,
+                let bytes = match archive.get(&key) {
+                    Ok(Some((bytes, _))) => bytes,
+                    Ok(None) => {
+                        catalog.unreadable_manifests.push(key);
+                        continue;
                     }
-                })?;
-                catalog.checkpoints.push(manifest);
+                    // Its envelope fails its checksum: as damaged as a bad field.
+                    Err(damaged @ ArchiveError::Corrupt { .. }) => {
+                        catalog.damaged_manifests.push(damaged.to_string());
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                match CheckpointManifest::decode_for(&bytes, lsn) {
+                    Ok(manifest) => catalog.checkpoints.push(manifest),
+                    Err(problem) => catalog.damaged_manifests.push(
+                        ArchiveError::Unreadable {
+                            key: key.clone(),
+                            problem,
+                        }
+                        .to_string(),
+                    ),
+                }
             } else if key.ends_with(".snap") && key.starts_with(&layout::checkpoint_prefix(shard)) {
                 snapshots.push(key);
             } else {
@@ -278,7 +294,7 @@ mod tests {
     }
 
     #[test]
-    fn a_checkpoint_manifest_naming_another_lsn_is_refused_by_key() {
+    fn a_checkpoint_manifest_naming_another_lsn_is_left_out_and_named() {
         let dir = tempfile::tempdir().expect("tempdir");
         let archive = LocalDirArchive::open(dir.path().join("a")).expect("archive");
         let manifest = CheckpointManifest {
@@ -298,10 +314,14 @@ mod tests {
         archive
             .put(&key, &manifest.encode(), &Condition::Always)
             .expect("put");
-        let err = ShardCatalog::load(&archive, 0).expect_err("other lsn");
+        let catalog = ShardCatalog::load(&archive, 0).expect("listed");
+        assert!(catalog.checkpoints.is_empty(), "{:?}", catalog.checkpoints);
+        let [damaged] = catalog.damaged_manifests.as_slice() else {
+            panic!("{:?}", catalog.damaged_manifests);
+        };
         assert!(
-            matches!(&err, ArchiveError::Unreadable { key: k, problem: FileProblem::BadField { field: "lsn", .. } } if *k == key),
-            "{err:?}"
+            damaged.contains(&key) && damaged.contains("lsn"),
+            "{damaged}"
         );
     }
 }

@@ -1049,6 +1049,9 @@ pub struct ShardVerified {
     pub objects: usize,
     pub bytes: u64,
     pub problems: Vec<String>,
+    /// What is worth knowing but harms no restore: checkpoint snapshots without a
+    /// manifest (an interrupted upload, which nothing reads).
+    pub notes: Vec<String>,
     /// The earliest and latest instants a restore of this shard can reach.
     pub window: Option<(u64, u64)>,
 }
@@ -1140,6 +1143,13 @@ fn verify_shard(
         .collect();
     for key in &catalog.unknown {
         v.problems.push(format!("{key}: not an object oc writes"));
+    }
+    v.problems.extend(catalog.damaged_manifests.iter().cloned());
+    for key in &catalog.orphan_snapshots {
+        v.notes.push(format!(
+            "{key}: a checkpoint snapshot without its manifest (an upload that was cut \
+             short); no restore reads it"
+        ));
     }
     for checkpoint in &catalog.checkpoints {
         let key = layout::checkpoint_snapshot_key(shard, checkpoint.lsn);

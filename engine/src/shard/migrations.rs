@@ -171,11 +171,13 @@ pub(super) struct BackfillAccount {
 const SAMPLE_ROWS: usize = 64;
 
 /// Converted-row bytes per old-row byte over the table's first rows (1 for an empty
-/// table); a sampled row that does not migrate refuses the migration at once. Stops
-/// after [`CHUNK_TIME`] past its first row: the start runs on the shard, and rows whose
-/// transform is costly would hold it for the whole sample.
-fn sample_growth(base: &Table, plan: &migration::Plan) -> Result<f64, EngineError> {
+/// table), and vectors a row gains (or loses) on average; a sampled row that does not
+/// migrate refuses the migration at once. Stops after [`CHUNK_TIME`] past its first
+/// row: the start runs on the shard, and rows whose transform is costly would hold it
+/// for the whole sample.
+fn sample_growth(base: &Table, plan: &migration::Plan) -> Result<(f64, f64), EngineError> {
     let (mut before, mut after) = (0usize, 0usize);
+    let (mut sampled, mut vectors) = (0usize, 0isize);
     let started = Instant::now();
     for (key, row) in base.rows_after(None).take(SAMPLE_ROWS) {
         if before > 0 && started.elapsed() >= CHUNK_TIME {
@@ -192,12 +194,16 @@ fn sample_growth(base: &Table, plan: &migration::Plan) -> Result<f64, EngineErro
             })?;
         before += record::row_entry_bytes(row);
         after += record::row_entry_bytes(&v1);
+        sampled += 1;
+        vectors += v1.vectors() as isize - row.vectors() as isize;
     }
-    Ok(if before == 0 {
-        1.0
-    } else {
-        after as f64 / before as f64
-    })
+    if sampled == 0 {
+        return Ok((1.0, 0.0));
+    }
+    Ok((
+        after as f64 / before as f64,
+        vectors as f64 / sampled as f64,
+    ))
 }
 
 /// The next chunk of a migration: the key it converts up to and the v0 bytes and rows
@@ -270,7 +276,7 @@ impl<S: Storage> Shard<S> {
                 )));
             }
             let plan = migration::plan(base.schema(), &steps, migration::Layout::InPlace)?;
-            let growth = sample_growth(base, &plan)?;
+            let (growth, vectors_per_row) = sample_growth(base, &plan)?;
             // The rows grow in place by what the migration appends to them: refuse
             // growth the memory budget has no room for, rather than run the process
             // out of memory half way.
@@ -290,11 +296,12 @@ impl<S: Storage> Shard<S> {
                     limit: room as usize,
                 });
             }
-            // Converted, the table holds the new shape: within the quota.
+            // Converted, the table holds the new shape: within the quotas, its vectors
+            // (a column of them added, with a default) as well as its bytes.
             let bytes = Growth {
                 rows: 0,
                 bytes: more as i64,
-                vectors: 0,
+                vectors: (vectors_per_row * base.usage().rows as f64).ceil().max(0.0) as i64,
             };
             self.quotas
                 .get()

@@ -308,6 +308,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                             "restorable_from": s.window.map(|(from, _)| when(from)),
                             "restorable_to": s.window.map(|(_, to)| when(to)),
                             "problems": s.problems,
+                            "notes": s.notes,
                         })
                     })
                     .collect();
@@ -339,6 +340,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                     for p in &s.problems {
                         println!("shard {}: PROBLEM {p}", s.shard);
+                    }
+                    for n in &s.notes {
+                        println!("shard {}: note: {n}", s.shard);
                     }
                 }
                 for (t, shards) in chain.iter().zip(&verified).skip(1) {
