@@ -161,7 +161,7 @@ pub struct ServerConfig {
     /// memory.
     #[arg(long, env = "OC_MEMORY_BUDGET_BYTES", default_value_t = 0)]
     pub memory_budget_bytes: u64,
-    /// `/watch` streams the whole server may serve at once, at most half of
+    /// `/watch` streams the whole server may serve at once, at most three quarters of
     /// `--max-connections`; more get 503 `watch_server_limit`.
     #[arg(long, env = "OC_WATCH_MAX_STREAMS", default_value_t = 2_000)]
     pub watch_max_streams: usize,
@@ -372,9 +372,11 @@ impl ServerConfig {
             },
             watch: WatchLimits {
                 per_tenant: self.watch_max_streams_per_tenant,
-                // Streams hold their connections for as long as they run: at most half
-                // of them, so that requests always find room.
-                per_server: self.watch_max_streams.min(self.max_connections / 2).max(1),
+                // Streams hold their connections for as long as they run, and are never
+                // the ones closed to make room: a quarter is kept for requests.
+                per_server: self
+                    .watch_max_streams
+                    .min(self.max_connections - self.max_connections / 4),
                 buffer_bytes: self.watch_buffer_bytes,
                 heartbeat: Duration::from_millis(self.watch_heartbeat_ms),
             },

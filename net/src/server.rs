@@ -136,13 +136,15 @@ pub fn run(config: ServerConfig) -> Result<()> {
     };
     // The data directory's own layout speaks first: its error names the fix. A
     // follower's is the writer's (its shard count and epochs).
-    let layout = match (&role, leader_addr) {
+    // A follower also learns its writer's data directory id, when the writer answers.
+    let (layout, writer_id) = match (&role, leader_addr) {
         (Role::Writer, _) | (_, None) => {
             let shards = config
                 .shards
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-            oc_engine::placement::ensure_layout(&config.data_dir, shards)
-                .context("checking the data directory")?
+            let layout = oc_engine::placement::ensure_layout(&config.data_dir, shards)
+                .context("checking the data directory")?;
+            (layout, None)
         }
         (Role::Follower { leader }, Some(addr)) => follower_layout(
             &config,
@@ -210,6 +212,9 @@ pub fn run(config: ServerConfig) -> Result<()> {
         Some(uri) if role != Role::Writer => {
             let archive =
                 open_archive(&uri).with_context(|| format!("opening the archive {uri}"))?;
+            if let Some(writer_id) = &writer_id {
+                check_follower_archive(archive.as_ref(), &uri, writer_id)?;
+            }
             match oc_ship::lease::check_conditions(archive.as_ref()) {
                 Err(e @ oc_ship::lease::LeaseError::ConditionsIgnored { .. }) => {
                     bail!("refusing to start: the archive {uri}: {e}")
@@ -474,6 +479,38 @@ impl Drop for FreshStart {
     }
 }
 
+/// A follower's `--archive` must be its writer's: its promotion takes that archive's
+/// lease over, which fences the old writer only if the old writer holds it. One whose
+/// owner record names another data directory than the writer's is refused (a promotion
+/// would take over a third server's archive and fence nothing); one with no record, or
+/// that cannot be read now, is let through with a warning (a promotion without force
+/// refuses it then).
+fn check_follower_archive(
+    archive: &dyn oc_ship::archive::Archive,
+    uri: &str,
+    writer_id: &str,
+) -> Result<()> {
+    match lease::read(archive) {
+        Ok(Some((lease, _))) if lease.owner_id != writer_id => bail!(
+            "refusing to start: the archive {uri} is owned by data directory {} ({}), but \
+             this follower's writer is data directory {writer_id}: a follower's --archive \
+             must be its writer's, whose lease its promotion takes over. Give it the \
+             writer's --archive",
+            lease.owner_id,
+            lease.holder
+        ),
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => {
+            tracing::warn!(archive = %uri, "the archive holds no owner record: is it this follower's writer's --archive? A promotion without force will be refused");
+            Ok(())
+        }
+        Err(e) => {
+            tracing::warn!(archive = %uri, error = %e, "could not read the archive's owner record to check it is the writer's");
+            Ok(())
+        }
+    }
+}
+
 /// Whether the archive's owner record names another data directory than `layout`'s, or
 /// no owner at all; false when it names this one or cannot be read.
 fn archive_names_another_owner(
@@ -551,7 +588,7 @@ fn follower_layout(
     (leader, addr): (&str, std::net::SocketAddr),
     (token, tls): (Option<&str>, Option<&crate::replication::LeaderTls>),
     shutdown: &AtomicBool,
-) -> Result<oc_engine::placement::Layout> {
+) -> Result<(oc_engine::placement::Layout, Option<String>)> {
     use oc_engine::placement;
     let local =
         placement::existing_layout(&config.data_dir).context("checking the data directory")?;
@@ -575,7 +612,7 @@ fn follower_layout(
         }
     };
     let Some(writer) = writer else {
-        return local.ok_or_else(|| anyhow!("no layout"));
+        return local.map(|l| (l, None)).ok_or_else(|| anyhow!("no layout"));
     };
     if let Some(wanted) = config.shards {
         if wanted != writer.shards {
@@ -617,7 +654,7 @@ fn follower_layout(
     }
     .context("laying out the follower like its writer")?;
     tracing::info!(%leader, writer_data_dir_id = %writer.data_dir_id, epoch = layout.epoch(), shards = layout.shards, "following the writer");
-    Ok(layout)
+    Ok((layout, Some(writer.data_dir_id)))
 }
 
 /// A new follower copies each shard's newest checkpoint from its writer. A shard's
@@ -805,7 +842,8 @@ async fn control_main(
     let stopping_at = Instant::now();
     state.phase.set(Phase::Draining);
     drain_all(&router, grace).await?;
-    ship_last_round(stopping_at + grace + SHUTDOWN_MARGIN / 2).await;
+    // Within the grace: the watchdog's margin stays for closing the logs.
+    ship_last_round(stopping_at + grace).await;
     if failpoint::armed("shutdown.hang").is_some() {
         futures_lite::future::pending::<()>().await; // only the watchdog ends this
     }

@@ -246,6 +246,19 @@ fn verify_names_a_snapshot_without_its_manifest_and_a_damaged_one_is_done_withou
     for row in 0..id {
         assert!(has_row(&server, "acme", row), "row {row} not restored");
     }
+    // The writer could not ship that checkpoint again over the damaged object: it
+    // refuses to start, naming it, rather than stall that shard's shipping.
+    let refused = Server::try_start(&data, &archive_args(&uri, &[]));
+    let why = refused.err().expect("refused on a damaged manifest");
+    let name = found[1]
+        .file_name()
+        .expect("a name")
+        .to_string_lossy()
+        .to_string();
+    assert!(why.contains(&name) && why.contains("aside"), "{why}");
+    std::fs::rename(&found[1], dir.path().join("damaged.json")).expect("move it aside");
+    let server = Server::start(&data, &archive_args(&uri, &[]));
+    assert!(has_row(&server, "acme", 0));
 }
 
 /// Restoring to an instant between two writes brings back exactly the writes

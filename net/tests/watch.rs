@@ -786,11 +786,11 @@ fn limits_tokens_and_keys_guard_streams() {
     drop(by_key);
 }
 
-/// Streams may hold at most half of `--max-connections`, whatever
+/// Streams may hold at most three quarters of `--max-connections`, whatever
 /// `--watch-max-streams` says: past that a stream is refused, and requests still find
 /// a connection.
 #[test]
-fn streams_hold_at_most_half_of_the_connections() {
+fn streams_hold_at_most_three_quarters_of_the_connections() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (server, admin) = start_with_admin(
         dir.path(),
@@ -810,14 +810,14 @@ fn streams_hold_at_most_half_of_the_connections() {
     assert_eq!(created.status, 201, "{created:?}");
     let url = watch_url(&server, "acme", "");
     let mut streams = Vec::new();
-    for _ in 0..4 {
+    for _ in 0..6 {
         let mut stream = Sse::open(&url, &[("authorization", &auth)]).expect("opens");
         assert_eq!(stream.next().expect("hello").event, "hello");
         streams.push(stream);
     }
     let (status, body) = Sse::open(&url, &[("authorization", &auth)])
         .err()
-        .expect("a fifth stream is refused");
+        .expect("a seventh stream is refused");
     assert_eq!(
         (status, body["error"]["code"].as_str()),
         (503, Some("watch_server_limit")),
@@ -827,7 +827,7 @@ fn streams_hold_at_most_half_of_the_connections() {
     assert!(message.contains("--max-connections"), "{message}");
     let usage = request_as("GET", &format!("{tenants}/acme/usage"), None, admin);
     assert_eq!(usage.status, 200, "requests still find room: {usage:?}");
-    assert_eq!(usage.body["watch_streams"], 4, "{usage:?}");
+    assert_eq!(usage.body["watch_streams"], 6, "{usage:?}");
 }
 
 #[test]

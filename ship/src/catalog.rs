@@ -101,10 +101,13 @@ pub struct ShardCatalog {
     /// Checkpoint manifests listed but gone when read: deleted by retention meanwhile,
     /// or lost (verify tells the two apart by listing again).
     pub unreadable_manifests: Vec<String>,
-    /// Checkpoint manifests that do not decode, with why: left out, as if absent (a
-    /// restore uses the other checkpoints and the log; verify reports them), so that
-    /// one damaged object does not refuse every restore and every start.
+    /// Checkpoint manifests that do not decode, with why: left out (a restore uses the
+    /// other checkpoints and the log; verify reports them), so that one damaged object
+    /// does not refuse every restore. A server refuses to ship to such an archive
+    /// (`Shipper::open`): it could not archive that checkpoint again over it.
     pub damaged_manifests: Vec<String>,
+    /// Their keys, whose snapshots are not orphans.
+    pub(crate) damaged_manifest_keys: Vec<String>,
 }
 
 impl ShardCatalog {
@@ -133,19 +136,23 @@ impl ShardCatalog {
                     // Its envelope fails its checksum: as damaged as a bad field.
                     Err(damaged @ ArchiveError::Corrupt { .. }) => {
                         catalog.damaged_manifests.push(damaged.to_string());
+                        catalog.damaged_manifest_keys.push(key);
                         continue;
                     }
                     Err(e) => return Err(e),
                 };
                 match CheckpointManifest::decode_for(&bytes, lsn) {
                     Ok(manifest) => catalog.checkpoints.push(manifest),
-                    Err(problem) => catalog.damaged_manifests.push(
-                        ArchiveError::Unreadable {
-                            key: key.clone(),
-                            problem,
-                        }
-                        .to_string(),
-                    ),
+                    Err(problem) => {
+                        catalog.damaged_manifests.push(
+                            ArchiveError::Unreadable {
+                                key: key.clone(),
+                                problem,
+                            }
+                            .to_string(),
+                        );
+                        catalog.damaged_manifest_keys.push(key);
+                    }
                 }
             } else if key.ends_with(".snap") && key.starts_with(&layout::checkpoint_prefix(shard)) {
                 snapshots.push(key);
@@ -158,6 +165,7 @@ impl ShardCatalog {
         for pieces in catalog.tails.values_mut() {
             pieces.sort();
         }
+        let manifest_of = |snapshot: &str| snapshot.replace(".snap", ".json");
         catalog.orphan_snapshots = snapshots
             .into_iter()
             .filter(|k| {
@@ -165,6 +173,7 @@ impl ShardCatalog {
                     .checkpoints
                     .iter()
                     .any(|c| layout::checkpoint_snapshot_key(shard, c.lsn) == *k)
+                    && !catalog.damaged_manifest_keys.contains(&manifest_of(k))
             })
             .collect();
         Ok(catalog)

@@ -185,9 +185,15 @@ pub fn plan_shard_capped(
         .chain([None]);
     for base in bases {
         let need = base.map_or(Lsn(1), |c| c.lsn.next());
+        // A checkpoint left out (its manifest damaged or gone) or a snapshot without
+        // its manifest is not "nothing": the shard had data, and a restore without it
+        // must be refused, not planned empty.
         let nothing_at_all = catalog.checkpoints.is_empty()
             && catalog.segments.is_empty()
-            && catalog.live_tail().is_none();
+            && catalog.live_tail().is_none()
+            && catalog.damaged_manifests.is_empty()
+            && catalog.unreadable_manifests.is_empty()
+            && catalog.orphan_snapshots.is_empty();
         if nothing_at_all {
             // No frame of this shard was ever archived: it never had a durable write
             // (shipping keeps every segment until the archive has it).

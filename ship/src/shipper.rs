@@ -564,6 +564,23 @@ impl<F: ShardFiles> Shipper<F> {
         let mut archived = Vec::with_capacity(config.shards);
         for shard in 0..config.shards {
             let catalog = crate::catalog::ShardCatalog::load(archive.as_ref(), shard)?;
+            if let (Some(key), Some(why)) = (
+                catalog.damaged_manifest_keys.first(),
+                catalog.damaged_manifests.first(),
+            ) {
+                // Its checkpoint would be uploaded again on every round and refused by
+                // the object already there, and that shard's shipping would stall.
+                return Err(ArchiveError::Unusable {
+                    key: key.clone(),
+                    why: format!(
+                        "{why}; this server cannot archive that checkpoint again over it. \
+                         Move the object aside (keep it for diagnosis) and start again: \
+                         the checkpoint is shipped anew (RUNBOOK.md, \"Backup and \
+                         restore\")"
+                    ),
+                }
+                .into());
+            }
             archived.push(archived_log(&catalog));
             let mut progress = ShardProgress {
                 segments: catalog

@@ -167,20 +167,22 @@ pub(super) struct BackfillAccount {
     rows: u64,
 }
 
-/// Rows a migration's start transforms to try it and to learn how rows grow.
+/// Rows a migration's start transforms to try it and to learn how rows grow, at most
+/// and, however costly their transform, at least (the estimate rests on them).
 const SAMPLE_ROWS: usize = 64;
+const MIN_SAMPLE_ROWS: usize = 4;
 
 /// Converted-row bytes per old-row byte over the table's first rows (1 for an empty
 /// table), and vectors a row gains (or loses) on average; a sampled row that does not
-/// migrate refuses the migration at once. Stops after [`CHUNK_TIME`] past its first
-/// row: the start runs on the shard, and rows whose transform is costly would hold it
-/// for the whole sample.
+/// migrate refuses the migration at once. Stops after [`CHUNK_TIME`] once it has
+/// [`MIN_SAMPLE_ROWS`]: the start runs on the shard, and rows whose transform is
+/// costly would hold it for the whole sample.
 fn sample_growth(base: &Table, plan: &migration::Plan) -> Result<(f64, f64), EngineError> {
     let (mut before, mut after) = (0usize, 0usize);
     let (mut sampled, mut vectors) = (0usize, 0isize);
     let started = Instant::now();
     for (key, row) in base.rows_after(None).take(SAMPLE_ROWS) {
-        if before > 0 && started.elapsed() >= CHUNK_TIME {
+        if sampled >= MIN_SAMPLE_ROWS && started.elapsed() >= CHUNK_TIME {
             break;
         }
         let v1 = plan

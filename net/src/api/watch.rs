@@ -102,7 +102,8 @@ impl Registration {
                 "watch_server_limit",
                 format!(
                     "the server already serves {} watch streams, its limit (--watch-max-streams, \
-                     at most half of --max-connections so that requests find room); retry later",
+                     at most three quarters of --max-connections so that requests find room); retry \
+                     later",
                     limits.per_server
                 ),
             ));

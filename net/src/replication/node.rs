@@ -495,7 +495,14 @@ impl Node {
         ));
         // 2. A writer that may acknowledge without this follower is waited out first,
         // with the streams still running: what it acknowledges meanwhile arrives here.
-        let expect = if force || (writer_sync && !automatic) {
+        let expect = if force {
+            lease::Expect::Any
+        } else if writer_sync && !automatic {
+            // The writer cannot acknowledge without this follower, so nothing is waited
+            // out; but an archive without a lease record is not the writer's, and
+            // taking it would fence nothing (another follower may confirm for it).
+            let (archive, ..) = self.lease_kit()?;
+            require_lease_record(archive).await?;
             lease::Expect::Any
         } else {
             let (archive, owner, holder, ttl) = self.lease_kit()?;
@@ -777,6 +784,38 @@ impl Node {
     }
 }
 
+/// Refuses (`lease_missing`) when the archive holds no lease record.
+async fn require_lease_record(archive: Arc<dyn Archive>) -> Result<(), Refusal> {
+    let found = glommio::executor()
+        .spawn_blocking(move || lease::read(archive.as_ref()))
+        .await
+        .map_err(|e| {
+            refusal(
+                503,
+                "archive_unavailable",
+                format!("reading the archive's lease record: {e}; nothing changed, retry"),
+            )
+        })?;
+    match found {
+        Some(_) => Ok(()),
+        None => Err(lease_missing()),
+    }
+}
+
+/// The refusal for an archive without a lease record.
+fn lease_missing() -> Refusal {
+    // Not the writer's archive (a follower started with another --archive would be
+    // promoted beside a live writer), or its record was removed: nothing says the
+    // writer is gone, so only an operator who knows it is may force it.
+    refusal(
+        409,
+        "lease_missing",
+        "the archive holds no lease record, so nothing shows the writer's lease lapsed: \
+         check that this follower's --archive is the writer's. If the writer ran without \
+         an archive, or is known to be stopped, promote with force",
+    )
+}
+
 /// Watches the archive's lease record until it has stayed unchanged for its TTL plus
 /// `max_drift`, on this host's monotonic clock, and returns what the promotion may then
 /// displace: that version (or no record, when there was none). The writer holding it stops acknowledging
@@ -812,16 +851,7 @@ async fn wait_for_lapse_of(
         }
     };
     let Some((watched, version)) = read().await? else {
-        // Not the writer's archive (a follower started with another --archive would be
-        // promoted beside a live writer), or its record was removed: nothing says the
-        // writer is gone, so only an operator who knows it is may force it.
-        return Err(refusal(
-            409,
-            "lease_missing",
-            "the archive holds no lease record, so nothing shows the writer's lease \
-             lapsed: check that this follower's --archive is the writer's. If the writer \
-             ran without an archive, or is known to be stopped, promote with force",
-        ));
+        return Err(lease_missing());
     };
     // A copy of this directory (a cloned VM keeps the id, the host name and the path)
     // may be the writer itself, alive: only this process's own claims are its own.
