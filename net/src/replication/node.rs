@@ -784,9 +784,12 @@ impl Node {
     }
 }
 
-/// Refuses (`lease_missing`) when the archive holds no lease record.
-async fn require_lease_record(archive: Arc<dyn Archive>) -> Result<(), Refusal> {
-    let found = glommio::executor()
+/// The archive's lease record, read off the executor (`503 archive_unavailable` when
+/// it cannot be read).
+async fn read_lease(
+    archive: Arc<dyn Archive>,
+) -> Result<Option<(lease::Lease, oc_ship::archive::Version)>, Refusal> {
+    glommio::executor()
         .spawn_blocking(move || lease::read(archive.as_ref()))
         .await
         .map_err(|e| {
@@ -795,8 +798,12 @@ async fn require_lease_record(archive: Arc<dyn Archive>) -> Result<(), Refusal> 
                 "archive_unavailable",
                 format!("reading the archive's lease record: {e}; nothing changed, retry"),
             )
-        })?;
-    match found {
+        })
+}
+
+/// Refuses (`lease_missing`) when the archive holds no lease record.
+async fn require_lease_record(archive: Arc<dyn Archive>) -> Result<(), Refusal> {
+    match read_lease(archive).await? {
         Some(_) => Ok(()),
         None => Err(lease_missing()),
     }
@@ -835,21 +842,7 @@ async fn wait_for_lapse_of(
     max_drift: Duration,
     automatic: bool,
 ) -> Result<(lease::Expect, &'static str), Refusal> {
-    let read = || {
-        let archive = archive.clone();
-        async move {
-            glommio::executor()
-                .spawn_blocking(move || lease::read(archive.as_ref()))
-                .await
-                .map_err(|e| {
-                    refusal(
-                        503,
-                        "archive_unavailable",
-                        format!("reading the archive's lease record: {e}; nothing changed, retry"),
-                    )
-                })
-        }
-    };
+    let read = || read_lease(archive.clone());
     let Some((watched, version)) = read().await? else {
         return Err(lease_missing());
     };
