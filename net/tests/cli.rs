@@ -69,7 +69,22 @@ fn exit_codes_follow_the_error_class() {
     let missing = oc(&server, admin, &["rows", "get", "acme", "items", "9"]);
     assert_eq!(code(&missing), 5, "{}", stderr(&missing));
     assert_eq!(code(&oc(&server, admin, &["usage", "nobody"])), 5);
-    // 2: usage, before anything is sent: a dot segment, bad JSON, a bad URL.
+    // 2: usage, before anything is sent: a dot segment, bad JSON, a bad URL, a token
+    // no header can carry.
+    let not_ops = oc(
+        &server,
+        admin,
+        &["--ops-url", &server.api.clone(), "status"],
+    );
+    assert_eq!(code(&not_ops), 2, "{}", stderr(&not_ops));
+    assert!(
+        stderr(&not_ops).contains("not an ops listener"),
+        "{}",
+        stderr(&not_ops)
+    );
+    let newline = oc(&server, Some("x\ny"), &["tenants", "list"]);
+    assert_eq!(code(&newline), 2, "{}", stderr(&newline));
+    assert!(stderr(&newline).contains("--token"), "{}", stderr(&newline));
     let dots = oc(&server, admin, &["tables", "drop", "acme", ".."]);
     assert_eq!(code(&dots), 2, "{}", stderr(&dots));
     assert_eq!(

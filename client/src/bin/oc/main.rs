@@ -266,6 +266,13 @@ fn main() -> ExitCode {
 fn client(cli: &Cli, url: &str, with_token: bool) -> Result<Client, Failure> {
     let mut builder = Client::builder(url);
     if let Some(token) = cli.token.as_ref().filter(|_| with_token) {
+        // Checked here, not found out by the transport: an exit 2 naming the flag.
+        if token.is_empty() || token.chars().any(|c| c.is_control() || !c.is_ascii()) {
+            return Err(usage(
+                "--token (or OC_TOKEN) must be the token's visible ASCII characters only \
+                 (a newline or a control character cannot be sent in a header)",
+            ));
+        }
         builder = builder.token(token.clone());
     }
     if let Some(path) = &cli.ca_cert {
@@ -708,7 +715,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Status => {
             let ops = client(&cli, &cli.ops_url, false)?;
-            let (_, health) = ops.get_json("/health").await?;
+            let (code, health) = ops.get_json("/health").await?;
+            // The ops listener answers /health with a status, 200 or 503; anything else
+            // (the data API's 404) means the URL is not an ops listener.
+            if !matches!(code, 200 | 503) || !health["status"].is_string() {
+                return Err(usage(format!(
+                    "{} answered {code} to GET /health: it is not an ops listener; give \
+                     --ops-url (or OC_OPS_URL) the server's --ops-listen address",
+                    cli.ops_url
+                )));
+            }
             let (_, ready) = ops.get_json("/ready").await?;
             let is_ready = ready["ready"] == json!(true);
             match out {
