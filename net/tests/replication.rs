@@ -722,6 +722,8 @@ fn a_synchronous_follower_promoted_after_the_writer_dies_has_every_acknowledged_
         .err()
         .expect("the old writer must not start on the taken archive");
     assert!(why.contains("owned by another data directory"), "{why}");
+    // ...and is told to come back as a follower, not on an archive of its own.
+    assert!(why.contains("--mode follower"), "{why}");
 }
 
 /// A follower started with another `--archive` than its writer's finds no lease record

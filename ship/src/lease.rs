@@ -99,19 +99,42 @@ pub struct Lease {
     pub lease_ttl_ms: Option<u64>,
 }
 
+/// What a server refused for an archive another data directory owns is told. An owner
+/// record past epoch 1 was written by a promotion: the refused server may be the writer
+/// from before that failover, which must come back as a follower, not on an archive of
+/// its own (it would take writes beside the new writer).
+fn owned_by_another(owner: &Lease, mine: &str) -> String {
+    let after_failover = if owner.epoch > 1 {
+        format!(
+            " The record is at lease epoch {}: a follower was promoted to writer on this \
+             archive. If this server was the writer before that failover, it must not take \
+             writes again: restart it as a follower of the new writer (--mode follower \
+             --leader-addr <its replication address>; RUNBOOK.md \"Re-adding the old writer \
+             as a follower\"), never on an --archive of its own.",
+            owner.epoch
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "the archive is owned by another data directory ({}, last started by {} PID {} on {} \
+         at {}); this data directory is {mine}. One archive takes one writer: give this server \
+         its own --archive location (after a restore, always a new one). See RUNBOOK.md: \
+         \"archive is owned by another data directory\".{after_failover}",
+        owner.owner_id,
+        owner.holder.program,
+        owner.holder.pid,
+        owner.holder.host,
+        crate::timestamp::format_rfc3339(owner.renewed_at_us)
+    )
+}
+
 /// Why the archive could not be claimed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum LeaseError {
     #[error(transparent)]
     Archive(#[from] ArchiveError),
-    #[error(
-        "the archive is owned by another data directory ({}, last started by {} PID {} on {} at {}); \
-         this data directory is {mine}. One archive takes one writer: give this server its own \
-         --archive location (after a restore, always a new one). See RUNBOOK.md: \"archive is \
-         owned by another data directory\"",
-        .owner.owner_id, .owner.holder.program, .owner.holder.pid, .owner.holder.host,
-        crate::timestamp::format_rfc3339(.owner.renewed_at_us)
-    )]
+    #[error("{}", owned_by_another(owner, mine))]
     OwnedByAnother { owner: Box<Lease>, mine: String },
     #[error(
         "another copy of this data directory seems to be running: the archive's owner record \
@@ -816,7 +839,19 @@ mod tests {
         );
         assert!(message.contains("PID 1 on db-1"), "{message}");
         assert!(message.contains("new one"), "{message}");
+        assert!(!message.contains("failover"), "{message}");
         assert_eq!(a.get(LEASE_KEY).expect("get"), before);
+        // After a promotion (epoch 2) the refused server may be the old writer: it is
+        // told to come back as a follower.
+        let LeaseError::OwnedByAnother { mut owner, mine } = err else {
+            unreachable!("matched above")
+        };
+        owner.epoch = 2;
+        let after = LeaseError::OwnedByAnother { owner, mine }.to_string();
+        assert!(
+            after.contains("lease epoch 2") && after.contains("--mode follower"),
+            "{after}"
+        );
     }
 
     #[test]
