@@ -153,6 +153,18 @@ impl ClientBuilder {
                     "server URL {base:?} must start with http:// or https://"
                 )));
             }
+            // Paths are appended to the base as text: a query, a fragment or
+            // credentials in it would be sent wrong or not at all, never as meant.
+            if url.query().is_some()
+                || url.fragment().is_some()
+                || !url.username().is_empty()
+                || url.password().is_some()
+            {
+                return Err(Error::InvalidArgument(format!(
+                    "server URL {base:?} must be scheme, host, port and path only: no \
+                     ?query, #fragment or user:password@ (send credentials as a token)"
+                )));
+            }
             endpoints.push(base);
         }
         if endpoints.is_empty() {

@@ -82,6 +82,13 @@ fn exit_codes_follow_the_error_class() {
         "{}",
         stderr(&not_ops)
     );
+    let queried = oc(
+        &server,
+        admin,
+        &["--url", &format!("{}?x=1", server.api), "tenants", "list"],
+    );
+    assert_eq!(code(&queried), 2, "{}", stderr(&queried));
+    assert!(stderr(&queried).contains("?query"), "{}", stderr(&queried));
     let newline = oc(&server, Some("x\ny"), &["tenants", "list"]);
     assert_eq!(code(&newline), 2, "{}", stderr(&newline));
     assert!(stderr(&newline).contains("--token"), "{}", stderr(&newline));
