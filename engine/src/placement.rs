@@ -30,6 +30,10 @@ const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 
 /// The layout file's name in the data directory.
 pub const LAYOUT_FILE: &str = "oc-layout.json";
+/// Present while a restore writes a data directory (FORMAT.md §7): made before its
+/// first shard file, removed after its layout file. A directory holding it and no
+/// layout file is a restore that did not finish, never a new directory.
+pub const RESTORE_MARKER: &str = "oc-restore-incomplete";
 /// The version of the layout file (FORMAT.md §7). Version 2 added `data_dir_id`;
 /// version 1 files (same placement rule, no id) are read and upgraded at start.
 pub const LAYOUT_FORMAT_VERSION: u64 = 2;
@@ -250,6 +254,14 @@ pub fn ensure_layout(data_dir: &Path, shards: usize) -> Result<Layout, EngineErr
             Ok(layout)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if data_dir.join(RESTORE_MARKER).exists() {
+                return Err(EngineError::Layout(format!(
+                    "{} holds a restore that did not finish ({RESTORE_MARKER} is there and \
+                     {LAYOUT_FILE} is not): remove the directory and restore again into an \
+                     empty one",
+                    data_dir.display()
+                )));
+            }
             if shard_dir(data_dir, 0).exists() {
                 return Err(EngineError::Layout(format!(
                     "{} holds shard data but no {LAYOUT_FILE}: it was not written by this \
@@ -755,6 +767,17 @@ mod tests {
         std::fs::create_dir_all(shard_dir(dir.path(), 0)).expect("mkdir");
         let err = ensure_layout(dir.path(), 1).expect_err("no layout file");
         assert!(err.to_string().contains(LAYOUT_FILE), "{err}");
+    }
+
+    /// A restore killed before its first shard directory leaves only the marker (and
+    /// its lock file): that is not a new, empty data directory.
+    #[test]
+    fn an_unfinished_restore_is_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join(RESTORE_MARKER), b"").expect("marker");
+        let err = ensure_layout(dir.path(), 1).expect_err("unfinished restore");
+        assert!(err.to_string().contains(RESTORE_MARKER), "{err}");
+        assert!(!dir.path().join(LAYOUT_FILE).exists());
     }
 
     #[test]

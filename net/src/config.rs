@@ -353,7 +353,9 @@ impl ServerConfig {
         }
     }
 
-    pub fn api_limits(&self) -> ApiLimits {
+    /// The API's limits on a server of `shards` shards.
+    pub fn api_limits(&self, shards: usize) -> ApiLimits {
+        let shard_connections = self.max_connections.div_ceil(shards.max(1));
         ApiLimits {
             max_body_bytes: self.max_body_bytes,
             body_read_timeout: Duration::from_millis(self.body_read_timeout_ms),
@@ -377,6 +379,7 @@ impl ServerConfig {
                 per_server: self
                     .watch_max_streams
                     .min(self.max_connections - self.max_connections / 4),
+                per_shard: shard_connections - shard_connections / 4,
                 buffer_bytes: self.watch_buffer_bytes,
                 heartbeat: Duration::from_millis(self.watch_heartbeat_ms),
             },

@@ -131,7 +131,17 @@ pub fn run(config: ServerConfig) -> Result<()> {
     let leader_tls = config.leader_tls().map_err(|e| anyhow!(e))?;
     // A follower's writer is looked up once, here: no blocking lookups later.
     let leader_addr = match &role {
-        Role::Follower { leader } => Some(receiver::resolve(leader).map_err(|e| anyhow!(e))?),
+        Role::Follower { leader } => {
+            let addr = receiver::resolve(leader).map_err(|e| anyhow!(e))?;
+            if let Some((flag, own)) = own_listener_at(&config, addr) {
+                bail!(
+                    "refusing to start: --leader-addr {leader} is this server's own {flag} \
+                     {own}: a follower follows another server, its writer. Give the \
+                     writer's --replication-listen address"
+                );
+            }
+            Some(addr)
+        }
         Role::Writer => None,
     };
     // The data directory's own layout speaks first: its error names the fix. A
@@ -354,7 +364,7 @@ pub fn run(config: ServerConfig) -> Result<()> {
         idle_timeout: Duration::from_millis(config.idle_timeout_ms),
         min_send_bytes_per_s: config.min_send_bytes_per_s,
         max_connections: config.max_connections.div_ceil(shards),
-        limits: config.api_limits(),
+        limits: config.api_limits(shards),
         auth,
         tls: config.tls().map_err(|e| anyhow!(e))?,
         archive: replay_archive,
@@ -485,6 +495,22 @@ impl Drop for FreshStart {
 /// would take over a third server's archive and fence nothing); one with no record, or
 /// that cannot be read now, is let through with a warning (a promotion without force
 /// refuses it then).
+/// The listener of this server's that `addr` reaches, if it is one of them: the same
+/// port, on the listener's address or, for a listener on every address, on loopback.
+fn own_listener_at(config: &ServerConfig, addr: SocketAddr) -> Option<(&'static str, SocketAddr)> {
+    let listeners = [
+        ("--listen", Some(config.listen)),
+        ("--ops-listen", Some(config.ops_listen)),
+        ("--replication-listen", config.replication_listen),
+    ];
+    listeners.into_iter().find_map(|(flag, own)| {
+        let own = own?;
+        let same_host =
+            own.ip() == addr.ip() || (own.ip().is_unspecified() && addr.ip().is_loopback());
+        (own.port() != 0 && own.port() == addr.port() && same_host).then_some((flag, own))
+    })
+}
+
 fn check_follower_archive(
     archive: &dyn oc_ship::archive::Archive,
     uri: &str,

@@ -236,6 +236,23 @@ fn verify_names_a_snapshot_without_its_manifest_and_a_damaged_one_is_done_withou
     let damaged = oc_pitr(&["verify", "--archive", &uri]);
     assert!(!damaged.success, "{damaged:?}");
     assert!(damaged.stdout.contains("PROBLEM"), "{damaged:?}");
+    let name = found[1]
+        .file_name()
+        .expect("a name")
+        .to_string_lossy()
+        .to_string();
+    let listed = oc_pitr(&["list", "--archive", &uri]);
+    assert!(listed.success, "{listed:?}");
+    assert!(
+        listed.stdout.contains("DAMAGED") && listed.stdout.contains(&name),
+        "list shows the damaged checkpoint: {listed:?}"
+    );
+    let listed = oc_pitr(&["list", "--archive", &uri, "--output", "json"]);
+    let listing: serde_json::Value = serde_json::from_str(&listed.stdout).expect("JSON");
+    let damaged_listed: usize = (listing["per_shard"].as_array().expect("shards").iter())
+        .map(|s| s["damaged_checkpoints"].as_array().map_or(0, Vec::len))
+        .sum();
+    assert_eq!(damaged_listed, 1, "{listing}");
     let restored_dir = dir.path().join("restored");
     let restored = restore_latest(&uri, &restored_dir);
     assert!(
@@ -250,11 +267,6 @@ fn verify_names_a_snapshot_without_its_manifest_and_a_damaged_one_is_done_withou
     // refuses to start, naming it, rather than stall that shard's shipping.
     let refused = Server::try_start(&data, &archive_args(&uri, &[]));
     let why = refused.err().expect("refused on a damaged manifest");
-    let name = found[1]
-        .file_name()
-        .expect("a name")
-        .to_string_lossy()
-        .to_string();
     assert!(why.contains(&name) && why.contains("aside"), "{why}");
     std::fs::rename(&found[1], dir.path().join("damaged.json")).expect("move it aside");
     let server = Server::start(&data, &archive_args(&uri, &[]));
@@ -728,6 +740,79 @@ fn a_log_that_ends_before_the_archive_is_refused_not_cut() {
     }
 }
 
+/// An old copy of a data directory that wrote on without the archive holds a log as
+/// long as the archive's, with other frames under the same LSNs: started on that
+/// archive it is refused (it would continue the archive's segments with its frames),
+/// and the directory that shipped them still starts on it.
+#[test]
+fn an_old_copy_that_wrote_on_without_the_archive_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let copy = dir.path().join("copy");
+    let uri = file_uri(&dir.path().join("archive"));
+    // The copy is at another path: it takes the archive over once the record is
+    // three renewals old.
+    let args = archive_args(&uri, &["--lease-renew-ms", "200"]);
+    let server = Server::start(&data, &args);
+    server.create_tenant_with_items("acme");
+    for id in 0..20 {
+        assert!(write_row(&server.api, "acme", id));
+    }
+    common::wait_until_archived(&server, 2);
+    assert!(server.terminate().success());
+    common::copy_dir(&data, &copy);
+    let behind = dir.path().join("behind");
+    common::copy_dir(&data, &behind);
+
+    let server = Server::start(&data, &args);
+    for id in 100..120 {
+        assert!(write_row(&server.api, "acme", id));
+    }
+    common::wait_until_archived(&server, 2);
+    assert!(server.terminate().success());
+
+    let stale = Server::start(
+        &copy,
+        &[
+            "--shards",
+            "2",
+            "--archive",
+            "none",
+            "--wal-segment-bytes",
+            "294912",
+        ],
+    );
+    for id in 200..240 {
+        assert!(write_row(&stale.api, "acme", id));
+    }
+    assert!(stale.terminate().success());
+    std::thread::sleep(Duration::from_secs(1));
+    let refused = Server::try_start(&copy, &args)
+        .err()
+        .expect("the old copy started on the archive");
+    assert!(
+        refused.contains("differs from the archive") && refused.contains("different histories"),
+        "{refused}"
+    );
+    // A copy that is only behind the archive holds no other history: recovery refuses
+    // it for the frames it lacks, with that advice.
+    std::thread::sleep(Duration::from_secs(1));
+    let refused = Server::try_start(&behind, &args)
+        .err()
+        .expect("the copy behind the archive started on it");
+    assert!(
+        refused.contains("The archive holds frames the log lacks") && !refused.contains("differs"),
+        "{refused}"
+    );
+
+    std::thread::sleep(Duration::from_secs(1));
+    let server = Server::start(&data, &args);
+    for id in (0..20).chain(100..120) {
+        assert!(has_row(&server, "acme", id), "row {id} lost");
+    }
+    assert!(server.terminate().success());
+}
+
 /// A damaged object is named by `verify`, and `restore` refuses rather than restore
 /// around it. A non-empty target directory is refused before anything is written.
 #[test]
@@ -913,6 +998,29 @@ fn a_damaged_archive_is_named_and_refused() {
     assert!(
         restored.stderr.contains(&key),
         "restore should name {key}: {restored:?}"
+    );
+
+    // Into a directory the operator made, the failed restore's output stays, marked as
+    // unfinished: neither a server nor a second restore takes it for a directory.
+    let premade = dir.path().join("premade");
+    std::fs::create_dir_all(&premade).expect("mkdir");
+    let failed = restore_latest(&uri, &premade);
+    assert!(!failed.success, "restore went past damage: {failed:?}");
+    assert!(
+        premade.join("oc-restore-incomplete").exists(),
+        "no marker in {:?}",
+        walk(&premade)
+    );
+    let started = Server::try_start(&premade, &[]);
+    let refusal = started
+        .err()
+        .expect("a server started on a partial restore");
+    assert!(refusal.contains("oc-restore-incomplete"), "{refusal}");
+    let again = restore_latest(&uri, &premade);
+    assert!(!again.success);
+    assert!(
+        again.stderr.contains("did not finish"),
+        "the second restore should say why: {again:?}"
     );
 }
 

@@ -356,6 +356,29 @@ fn settings_that_cannot_replicate_are_refused_at_start() {
             ],
             "--lease-ttl-ms 1000 must be at least 500 and 3 times",
         ),
+        (
+            vec![
+                "--mode",
+                "follower",
+                "--leader-addr",
+                "127.0.0.1:17071",
+                "--replication-listen",
+                "0.0.0.0:17071",
+                "--insecure-no-auth",
+            ],
+            "is this server's own --replication-listen",
+        ),
+        (
+            vec![
+                "--mode",
+                "follower",
+                "--leader-addr",
+                "127.0.0.1:17072",
+                "--ops-listen",
+                "127.0.0.1:17072",
+            ],
+            "is this server's own --ops-listen",
+        ),
     ] {
         let mut full = vec!["--data-dir", data, "--listen", "127.0.0.1:0"];
         full.extend(&args);

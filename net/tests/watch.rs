@@ -830,6 +830,59 @@ fn streams_hold_at_most_three_quarters_of_the_connections() {
     assert_eq!(usage.body["watch_streams"], 6, "{usage:?}");
 }
 
+/// Each shard keeps a quarter of its own connections from streams: the kernel hands
+/// new connections to every shard, and one shard full of streams would refuse its
+/// share of the requests while the server-wide count still had room.
+#[test]
+fn streams_hold_at_most_three_quarters_of_each_shards_connections() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, admin) = start_with_admin(
+        dir.path(),
+        &[
+            "--shards",
+            "2",
+            "--max-connections",
+            "16",
+            "--watch-max-streams",
+            "100",
+        ],
+    );
+    let auth = format!("Bearer {admin}");
+    let tenants = format!("{}/v1/tenants", server.api);
+    let body = json!({"tenant": "acme"}).to_string();
+    let created = request_as("POST", &tenants, Some(&body), admin);
+    assert_eq!(created.status, 201, "{created:?}");
+    let url = watch_url(&server, "acme", "");
+    let mut streams = Vec::new();
+    let refusal = loop {
+        assert!(streams.len() < 12, "twelve streams and no refusal");
+        match Sse::open(&url, &[("authorization", &auth)]) {
+            Ok(mut stream) => {
+                assert_eq!(stream.next().expect("hello").event, "hello");
+                streams.push(stream);
+            }
+            Err(refused) => break refused,
+        }
+    };
+    let (status, body) = refusal;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (503, Some("watch_server_limit")),
+        "after {} streams: {body}",
+        streams.len()
+    );
+    assert!(
+        streams.len() >= 6,
+        "refused after {} streams",
+        streams.len()
+    );
+    // New connections land on both shards: every one is served.
+    for _ in 0..20 {
+        let usage = request_as("GET", &format!("{tenants}/acme/usage"), None, admin);
+        assert_eq!(usage.status, 200, "{usage:?}");
+    }
+}
+
 #[test]
 fn a_keys_stream_opens_count_against_its_rate_limit() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -10,8 +10,10 @@
 //! `oc-server` then opens through its own CRC-validating loaders and replays.
 //!
 //! The new directory is locked (`oc.lock`) for the whole restore, so a server cannot
-//! start on it halfway, and its layout file, with a new data directory id, is written
-//! last: a restore that stopped early leaves a directory `oc-server` refuses. The new
+//! start on it halfway. A marker file is made before the first shard file and removed
+//! after the layout file (with a new data directory id), which is written last: a
+//! restore that stopped early, even before its first shard, leaves a directory
+//! `oc-server` refuses. The new
 //! id is not the archive's owner, so the restored server ships to a new archive.
 //!
 //! One file, about 690 lines: restore and verify walk the same chain of objects, so
@@ -23,7 +25,9 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 
-use oc_engine::placement::{create_layout_with_epochs, shard_dir, DataDirId, EpochStart};
+use oc_engine::placement::{
+    create_layout_with_epochs, shard_dir, DataDirId, EpochStart, Layout, RESTORE_MARKER,
+};
 use oc_io::dir_lock::{DirLock, DirLockError, LOCK_FILE};
 use oc_io::wal::image::{self, FrameAt};
 use oc_io::Lsn;
@@ -639,10 +643,16 @@ fn restore_into(
             }
         ));
     }
+    // Nothing is written before this point; from here until the layout file, the
+    // marker tells `oc-server` (and a second restore) that this directory is partial.
+    write_synced(&data_dir.join(RESTORE_MARKER), b"")?;
+    sync_dir(data_dir)?;
     let restored = restore_shards(archive, &plans, &caps, target, data_dir, progress).map_err(
         |e| match e {
             PitrError::Vanished { .. } => PitrError::Refused(format!(
-                "{e}; {} holds a partial restore: remove it and run the restore again",
+                "{e}; {} holds a partial restore: remove it and run the restore again. If \
+                 the same object is missing again it is lost, not moved: `oc-pitr verify` \
+                 says what the archive still restores, and to which times",
                 data_dir.display()
             )),
             e => e,
@@ -683,8 +693,7 @@ fn restore_into(
     if purpose == RestoreAs::Follower {
         // Nothing is written here but the writer's frames: its epochs come from it.
         restore_audit_log(archive, data_dir, target, timeline_epoch, progress);
-        let layout = create_layout_with_epochs(data_dir, manifest.shards, epochs)
-            .map_err(|e| PitrError::Refused(e.to_string()))?;
+        let layout = finish_layout(data_dir, manifest.shards, epochs)?;
         return Ok(Restored {
             epoch: timeline_epoch,
             shards: restored,
@@ -705,13 +714,27 @@ fn restore_into(
     });
     let new_epoch = epochs.last().map_or(1, |e| e.epoch);
     restore_audit_log(archive, data_dir, target, new_epoch, progress);
-    let layout = create_layout_with_epochs(data_dir, manifest.shards, epochs)
-        .map_err(|e| PitrError::Refused(e.to_string()))?;
+    let layout = finish_layout(data_dir, manifest.shards, epochs)?;
     Ok(Restored {
         epoch: layout.epoch(),
         shards: restored,
         data_dir_id: layout.id,
     })
+}
+
+/// Writes the layout file, the last step of a restore, and then removes the marker
+/// that stood for it until now (a kill between the two leaves a whole restore).
+fn finish_layout(
+    data_dir: &Path,
+    shards: usize,
+    epochs: Vec<EpochStart>,
+) -> Result<Layout, PitrError> {
+    let layout = create_layout_with_epochs(data_dir, shards, epochs)
+        .map_err(|e| PitrError::Refused(e.to_string()))?;
+    let marker = data_dir.join(RESTORE_MARKER);
+    fs::remove_file(&marker).map_err(io_err(&marker))?;
+    sync_dir(data_dir)?;
+    Ok(layout)
 }
 
 /// Restores every shard, as many at once as the machine has CPUs (at most
@@ -895,6 +918,13 @@ fn refuse_unless_empty(data_dir: &Path) -> Result<(), PitrError> {
             .flatten()
             .any(|entry| entry.file_name() != std::ffi::OsStr::new(LOCK_FILE))
     });
+    if data_dir.join(RESTORE_MARKER).exists() {
+        return Err(PitrError::Refused(format!(
+            "{} holds a restore that did not finish ({RESTORE_MARKER}): remove the directory \
+             and run the restore again",
+            data_dir.display()
+        )));
+    }
     if occupied {
         return Err(PitrError::Refused(format!(
             "{} is not empty: restore writes a new data directory; give an empty or absent one",

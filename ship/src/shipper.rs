@@ -136,6 +136,20 @@ pub enum ShipError {
     Conflict { key: String },
     #[error(transparent)]
     Owner(#[from] LeaseError),
+    /// The local log and the archive hold different frames for the same LSNs: shipping
+    /// on would continue one history with the other.
+    #[error(
+        "{file} differs from the archive's {key}: {why}. This data directory's log and the \
+         archive hold different histories (an older copy of this directory that wrote on \
+         without the archive?); shipping would mix them and a restore would give a state \
+         no server had. Start this server on a new --archive, or restore from this one \
+         into a new directory (RUNBOOK.md, \"The log and the archive differ\")"
+    )]
+    Diverged {
+        file: String,
+        key: String,
+        why: String,
+    },
 }
 
 impl ShipError {
@@ -148,9 +162,10 @@ impl ShipError {
             ShipError::Archive(ArchiveError::PreconditionFailed { .. })
             | ShipError::Conflict { .. } => "conflict",
             ShipError::Archive(_) => "config",
-            ShipError::Local { .. } | ShipError::Damaged { .. } | ShipError::Unreadable(_) => {
-                "local"
-            }
+            ShipError::Local { .. }
+            | ShipError::Damaged { .. }
+            | ShipError::Unreadable(_)
+            | ShipError::Diverged { .. } => "local",
             ShipError::CircuitOpen => "circuit_open",
             // Only at start and renewal: a round never claims.
             ShipError::Owner(LeaseError::Archive(e)) => ShipError::Archive(e.clone()).kind(),
@@ -581,6 +596,7 @@ impl<F: ShardFiles> Shipper<F> {
                 }
                 .into());
             }
+            check_same_history(&files, archive.as_ref(), &catalog)?;
             archived.push(archived_log(&catalog));
             let mut progress = ShardProgress {
                 segments: catalog
@@ -1154,6 +1170,178 @@ impl<F: ShardFiles> Shipper<F> {
         }
         Ok(())
     }
+}
+
+/// Refuses a shard whose local log holds other frames than the archive at the newest
+/// LSNs the archive holds (its newest sealed segment and its newest tail): an old copy
+/// of this data directory, started without the archive and then with it, has a log at
+/// least as long as the archive's, so recovery's length checks pass, and the archive's
+/// segments would go on with its frames. Only valid frames here count as a history: a
+/// log that is only behind the archive, or damaged at its end, is left to recovery,
+/// which refuses it with its own advice. Only the newest objects are compared (a
+/// footer, the last tail piece's bytes): the history before them was compared when
+/// they were shipped. A segment the log released is not compared.
+fn check_same_history<F: ShardFiles>(
+    files: &F,
+    archive: &dyn Archive,
+    catalog: &crate::catalog::ShardCatalog,
+) -> Result<(), ShipError> {
+    let shard = catalog.shard;
+    let names = match files.names(shard) {
+        Ok(names) => names,
+        // A new data directory: its shards make their directories after this.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => {
+            return Err(ShipError::Local {
+                file: files.describe(shard, ""),
+                why: e.to_string(),
+            })
+        }
+    };
+    let mut local: Vec<(Lsn, Epoch, String)> = names
+        .into_iter()
+        .filter_map(|name| parse_segment_name(&name).map(|(_, epoch, first)| (first, epoch, name)))
+        .collect();
+    local.sort();
+    let diverged = |name: &str, key: String, why: String| ShipError::Diverged {
+        file: files.describe(shard, name),
+        key,
+        why,
+    };
+    let footer = |name: &str| {
+        let capacity = files.len(shard, name).ok()?;
+        let block = files
+            .read_at(
+                shard,
+                name,
+                capacity.checked_sub(BLOCK_SIZE as u64)?,
+                BLOCK_SIZE,
+            )
+            .ok()?;
+        oc_io::wal::segment::SegmentFooter::decode(&block).ok()
+    };
+    // The first `upto` bytes of a local segment (all of it: None) and its valid frames
+    // there, as recovery reads them; None when it cannot be read or has no header.
+    let scan = |name: &str, upto: Option<u64>| {
+        let len = match upto {
+            Some(upto) => upto,
+            None => files.len(shard, name).ok()?,
+        };
+        let bytes = files
+            .read_at(shard, name, 0, usize::try_from(len).ok()?)
+            .ok()?;
+        let header = oc_io::wal::segment::SegmentHeader::decode(bytes.get(..BLOCK_SIZE)?).ok()?;
+        let mut frames = Vec::new();
+        let scanned = oc_io::wal::scan::scan_segment(&bytes, &header, |frame, _| {
+            frames.push((frame.lsn, frame.commit_ts.0));
+            Ok::<_, ()>(())
+        })
+        .ok()?;
+        Some((bytes, frames, scanned))
+    };
+    // The sealed local segment holding `first` under another name than (`epoch`,
+    // `first`): one that starts before it and whose footer says it reaches it. (Where
+    // the newest local segment ends is not known before recovery reads it.)
+    let covered_elsewhere = |first: Lsn| {
+        let at = local.partition_point(|(f, _, _)| *f <= first);
+        let (f, _, name) = &local[at.checked_sub(1)?];
+        (*f < first && at < local.len() && footer(name)?.last_lsn >= first).then_some(name.as_str())
+    };
+    let same_segment = |epoch: Epoch, first: Lsn| {
+        local
+            .iter()
+            .find(|(f, e, _)| (*f, *e) == (first, epoch))
+            .map(|(_, _, name)| name.as_str())
+    };
+    let elsewhere = |first: Lsn| {
+        format!(
+            "LSN {} begins a segment there and falls inside this one here",
+            first.0
+        )
+    };
+    let newest_sealed = catalog
+        .segments
+        .iter()
+        .filter(|s| s.last_lsn >= s.first_lsn)
+        .max_by_key(|s| (s.first_lsn, s.epoch));
+    if let Some(sealed) = newest_sealed {
+        let key = sealed.key();
+        if let Some(name) = covered_elsewhere(sealed.first_lsn) {
+            return Err(diverged(name, key, elsewhere(sealed.first_lsn)));
+        }
+        if let Some(name) = same_segment(sealed.epoch, sealed.first_lsn) {
+            let there = (sealed.last_lsn, sealed.last_commit_us);
+            let why = match footer(name) {
+                Some(f) if (f.last_lsn, f.last_commit_ts.0) != there => Some(format!(
+                    "sealed here at LSN {} committed at {} µs, there at LSN {} committed at \
+                     {} µs",
+                    f.last_lsn.0, f.last_commit_ts.0, there.0 .0, there.1
+                )),
+                Some(_) => None,
+                // Not sealed here: its valid frames must end at the same last frame, or
+                // before it (behind the archive, which recovery refuses).
+                None => scan(name, None).and_then(|(_, frames, _)| {
+                    let past = frames.iter().find(|(lsn, _)| *lsn > there.0);
+                    let last = frames.iter().find(|(lsn, _)| *lsn == there.0);
+                    match (past, last) {
+                        (Some((lsn, _)), _) => Some(format!(
+                            "sealed there after LSN {}, while this log goes on to LSN {} in it",
+                            there.0 .0, lsn.0
+                        )),
+                        (None, Some((lsn, commit))) if *commit != there.1 => Some(format!(
+                            "LSN {} committed at {commit} µs here, at {} µs there",
+                            lsn.0, there.1
+                        )),
+                        _ => None,
+                    }
+                }),
+            };
+            if let Some(why) = why {
+                return Err(diverged(name, key, why));
+            }
+        }
+    }
+    let newest_tail = (catalog.tails.iter())
+        .filter_map(|(&(epoch, first), pieces)| Some(((first, Epoch(epoch)), pieces.last()?)))
+        .filter(|(_, piece)| piece.end > DATA_START)
+        .max_by_key(|(at, _)| *at);
+    let Some(((first, epoch), piece)) = newest_tail else {
+        return Ok(());
+    };
+    let key = piece.key();
+    if let Some(name) = covered_elsewhere(first) {
+        return Err(diverged(name, key, elsewhere(first)));
+    }
+    let Some(name) = same_segment(epoch, first) else {
+        return Ok(());
+    };
+    // The bytes of this log's valid frames that the piece covers: one history writes
+    // each block of a segment once, so they must be the archive's.
+    let Some((here, _, scanned)) = scan(name, Some(piece.end)) else {
+        return Ok(());
+    };
+    let valid_end = scanned.valid_end.min(piece.end);
+    if valid_end <= piece.start {
+        return Ok(());
+    }
+    let there = match archive.get(&key)? {
+        Some((bytes, _)) => bytes,
+        None => return Ok(()), // sealed and replaced meanwhile: nothing to compare
+    };
+    let compared = (valid_end - piece.start) as usize;
+    let here = &here[piece.start as usize..valid_end as usize];
+    let differs = (here.iter().zip(there.iter().take(compared))).position(|(a, b)| a != b);
+    if let Some(offset) = differs.or((there.len() < compared).then_some(there.len())) {
+        return Err(diverged(
+            name,
+            key,
+            format!(
+                "their frames differ from offset {} on",
+                piece.start + offset as u64
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// How far `catalog` holds its shard's log: recovery refuses a log that ends before it

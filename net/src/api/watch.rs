@@ -50,6 +50,9 @@ pub struct WatchLimits {
     pub per_tenant: usize,
     /// Open streams per server.
     pub per_server: usize,
+    /// Open streams one shard serves: its connections are its own, and a shard whose
+    /// connections were all streams would refuse every request the kernel hands it.
+    pub per_shard: usize,
     /// Bytes of events a stream may have queued and not yet written before it
     /// overflows.
     pub buffer_bytes: usize,
@@ -108,6 +111,18 @@ impl Registration {
                 ),
             ));
         }
+        if SHARD_OPEN.get() >= limits.per_shard {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "watch_server_limit",
+                format!(
+                    "this shard already serves {} watch streams, three quarters of its share of \
+                     --max-connections (so that requests find room); retry later, or raise \
+                     --max-connections",
+                    limits.per_shard
+                ),
+            ));
+        }
         let n = open.entry(tenant.clone()).or_default();
         if *n >= limits.per_tenant {
             return Err(ApiError::new(
@@ -122,6 +137,7 @@ impl Registration {
         }
         *n += 1;
         OPEN_TOTAL.fetch_add(1, Ordering::Relaxed);
+        SHARD_OPEN.set(SHARD_OPEN.get() + 1);
         Ok(Registration(tenant.clone()))
     }
 }
@@ -129,6 +145,7 @@ impl Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         OPEN_TOTAL.fetch_sub(1, Ordering::Relaxed);
+        SHARD_OPEN.set(SHARD_OPEN.get().saturating_sub(1));
         if let Ok(mut open) = OPEN.lock() {
             if let Some(n) = open.get_mut(&self.0) {
                 *n -= 1;
@@ -141,6 +158,8 @@ impl Drop for Registration {
 }
 
 thread_local! {
+    /// Streams this shard serves (a stream ends on the shard it started on).
+    static SHARD_OPEN: Cell<usize> = const { Cell::new(0) };
     /// This shard's hubs, one per watched tenant.
     static HUBS: RefCell<HashMap<TenantId, Rc<Hub>>> = RefCell::new(HashMap::new());
     /// Set when this shard drains: every stream ends with `shutdown`.

@@ -204,7 +204,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     }),
                     Err(why) => json!({"error": why}),
                 };
-                shards.push(json!({"shard": shard, "checkpoints": checkpoints, "segments": segments, "tail": tail, "latest": restorable}));
+                // Left out of every restore: `verify` reports them as problems.
+                let damaged: Vec<_> = (c.damaged_manifests.iter())
+                    .map(|why| json!({"problem": why}))
+                    .collect();
+                shards.push(json!({"shard": shard, "checkpoints": checkpoints, "damaged_checkpoints": damaged, "segments": segments, "tail": tail, "latest": restorable}));
             }
             if output == Output::Json {
                 let listing = json!({"shards": manifest.shards, "created": format_rfc3339(manifest.created_us), "timelines": timelines, "per_shard": shards});
@@ -226,6 +230,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         text(&cp["completed"]),
                         cp["rows"],
                         cp["bytes"]
+                    );
+                }
+                for d in shard["damaged_checkpoints"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                {
+                    println!(
+                        "  checkpoint  DAMAGED, left out of restores: {}",
+                        text(&d["problem"])
                     );
                 }
                 for s in shard["segments"].as_array().into_iter().flatten() {

@@ -11,6 +11,8 @@ pub(super) enum Source {
     NotStarted,
     Ranges(VecDeque<RangeScan>),
     Knn(KnnScan),
+    /// Every row is in: the groups left to turn into rows of the answer.
+    Groups(std::vec::IntoIter<(Vec<Value>, Vec<AggState>)>),
     Done,
 }
 

@@ -1,5 +1,7 @@
 //! Aggregation: per-group running states (`count`, `sum`, `avg`, `min`, `max`) keyed
-//! by the group's values, fed a slice of rows at a time.
+//! by the group's values, fed a slice of rows at a time; then the groups, turned into
+//! rows (HAVING, then ORDER BY or LIMIT), also a slice at a time: a million groups
+//! would otherwise hold the shard for their whole pass.
 
 use super::*;
 
@@ -205,5 +207,69 @@ impl Execution {
             }
         }
         Ok(())
+    }
+}
+
+impl Execution {
+    /// The scan is over: the groups become the rows [`Execution::group_slice`] emits.
+    /// Without GROUP BY there is one group even when no row matched.
+    pub(super) fn close_groups(&mut self, groups: Groups) -> Source {
+        let mut groups = groups.groups;
+        if groups.is_empty() {
+            if let Some(agg) = self.plan.query.aggregation.as_ref() {
+                if agg.group_by.is_empty() {
+                    groups.push((
+                        Vec::new(),
+                        agg.aggregates.iter().map(AggState::new).collect(),
+                    ));
+                }
+            }
+        }
+        self.stats.aggregate.rows_out = groups.len() as u64;
+        Source::Groups(groups.into_iter())
+    }
+
+    /// Emits one slice of the groups as rows; returns whether none is left (or LIMIT
+    /// has what it wants of unordered groups). `groups` is taken by now, so `emit`
+    /// treats the rows as a plain query's.
+    pub(super) fn group_slice(
+        &mut self,
+        mut groups: std::vec::IntoIter<(Vec<Value>, Vec<AggState>)>,
+    ) -> Result<bool, QueryError> {
+        let plan = Rc::clone(&self.plan);
+        let having = plan
+            .query
+            .aggregation
+            .as_ref()
+            .and_then(|a| a.having.as_ref());
+        let started = Instant::now();
+        self.stats.slices += 1;
+        for i in 0..self.slice_size {
+            if self.output_full() {
+                return Ok(true);
+            }
+            let Some((mut row, states)) = groups.next() else {
+                return Ok(true);
+            };
+            self.check_deadline_at(i)?;
+            row.extend(states.iter().map(AggState::result));
+            if let Some(h) = having {
+                self.stats.having.rows_in += 1;
+                let keep = truth(&*h.eval(row.as_slice(), &self.params).map_err(eval_err)?)
+                    .map_err(eval_err)?;
+                if keep != Some(true) {
+                    continue;
+                }
+                self.stats.having.rows_out += 1;
+            }
+            self.emit(row.as_slice())?;
+        }
+        self.slice_size = next_slice_size(self.slice_size, started.elapsed(), SLICE_ROWS);
+        self.check_deadline()?;
+        if groups.len() == 0 {
+            return Ok(true);
+        }
+        self.source = Source::Groups(groups);
+        Ok(false)
     }
 }

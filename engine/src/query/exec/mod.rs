@@ -79,6 +79,17 @@ struct Stats {
     slices: u32,
 }
 
+/// The order of an answer's rows: ORDER BY `keys`, then the order the rows came in,
+/// which `emit` appends to each row's sort keys. Equal sort keys thus keep one order
+/// however the rows are cut and selected, and pages (OFFSET) of one answer agree.
+fn answer_order(keys: &[SortKey], a: &[Value], b: &[Value]) -> Ordering {
+    let arrival = |v: &[Value]| match v.get(keys.len()) {
+        Some(Value::Int(n)) => *n,
+        _ => 0,
+    };
+    sort_order(keys, a, b).then_with(|| arrival(a).cmp(&arrival(b)))
+}
+
 /// How two rows' sort keys order under ORDER BY `keys` (directions, NULLs first or
 /// last).
 fn sort_order(keys: &[SortKey], a: &[Value], b: &[Value]) -> Ordering {
@@ -365,6 +376,11 @@ impl Execution {
         if self.plan_only() {
             return Ok(true);
         }
+        if matches!(self.source, Source::Groups(_)) {
+            if let Source::Groups(groups) = std::mem::replace(&mut self.source, Source::Done) {
+                return self.group_slice(groups);
+            }
+        }
         let table = self.table(tenant)?;
         let migration = self.dual_read(tenant)?;
         self.stats.slices += 1;
@@ -420,7 +436,7 @@ impl Execution {
                 self.check_scanned()?;
                 self.source = Source::Knn(knn);
             }
-            Source::NotStarted | Source::Done => {}
+            Source::NotStarted | Source::Groups(_) | Source::Done => {}
         }
         let max = match self.source {
             Source::Knn(_) => SLICE_KNN_ROWS,
@@ -428,6 +444,12 @@ impl Execution {
         };
         self.slice_size = next_slice_size(self.slice_size, slice_started.elapsed(), max);
         self.check_deadline()?;
+        if matches!(self.source, Source::Done) {
+            if let Some(groups) = self.groups.take() {
+                self.source = self.close_groups(groups);
+                return Ok(false);
+            }
+        }
         Ok(match &self.source {
             Source::Knn(k) => k.finished,
             Source::Done => true,
@@ -658,11 +680,13 @@ impl Execution {
         }
         let t = Instant::now();
         self.stats.order.rows_in += 1;
-        let (keys, key_bytes) = self.sort_keys(row)?;
+        let (mut keys, mut key_bytes) = self.sort_keys(row)?;
+        keys.push(Value::Int(self.stats.order.rows_in as i64));
+        key_bytes += std::mem::size_of::<Value>();
         if let Some((last_kept, _)) = &self.top_k {
             // Not before the last row kept: it cannot be in the answer (ties among
             // equal keys come in no promised order).
-            if sort_order(&self.plan.query.order_by, &keys, last_kept) != Ordering::Less {
+            if answer_order(&self.plan.query.order_by, &keys, last_kept) != Ordering::Less {
                 self.stats.order.elapsed += t.elapsed();
                 return Ok(());
             }
@@ -682,17 +706,18 @@ impl Execution {
                 if self.output.len() >= keep.saturating_mul(2).max(1024)
                     || (crowded && self.output.len() > keep) =>
             {
-                self.sort_output();
-                self.output.truncate(keep);
+                self.keep_first(keep);
                 self.held_bytes = self
                     .output
                     .iter()
                     .map(|(k, o)| values_bytes(k) + values_bytes(o))
                     .sum();
+                let keys: &[SortKey] = &self.plan.query.order_by;
                 self.top_k = (self.output.len() == keep && keep > 0)
                     .then(|| {
                         self.output
-                            .last()
+                            .iter()
+                            .max_by(|a, b| answer_order(keys, &a.0, &b.0))
                             .map(|(k, _)| (k.clone(), self.held_bytes))
                     })
                     .flatten();
@@ -719,16 +744,45 @@ impl Execution {
         )
     }
 
-    fn sort_output(&mut self) {
+    /// Keeps the `keep` rows that sort first, in no order: a selection, linear in the
+    /// rows held, where a sort would cost a logarithm more on the shard's thread.
+    fn keep_first(&mut self, keep: usize) {
         let keys: &[SortKey] = &self.plan.query.order_by;
-        self.output.sort_by(|a, b| sort_order(keys, &a.0, &b.0));
+        if keep == 0 {
+            self.output.clear();
+        } else if keep < self.output.len() {
+            self.output
+                .select_nth_unstable_by(keep, |a, b| answer_order(keys, &a.0, &b.0));
+            self.output.truncate(keep);
+        }
+    }
+
+    /// ORDER BY, OFFSET and LIMIT over the rows held: those before OFFSET are selected
+    /// out, then the first LIMIT of the rest, and only the answer's rows are sorted.
+    fn select_answer(&mut self) -> Result<(), QueryError> {
+        let skip = self.offset.min(self.output.len());
+        if skip > 0 {
+            // The first `skip` rows are the ones OFFSET drops; the rest follow them.
+            let keys: &[SortKey] = &self.plan.query.order_by;
+            if skip < self.output.len() {
+                self.output
+                    .select_nth_unstable_by(skip, |a, b| answer_order(keys, &a.0, &b.0));
+            }
+            self.output.drain(..skip);
+        }
+        if let Some(l) = self.limit {
+            self.keep_first(l);
+        }
+        if self.output.len() > self.limits.max_rows_returned {
+            return Err(self.too_many_rows());
+        }
+        let keys: &[SortKey] = &self.plan.query.order_by;
+        self.output
+            .sort_unstable_by(|a, b| answer_order(keys, &a.0, &b.0));
+        Ok(())
     }
 
     /// Aggregation output, HAVING, ORDER BY, OFFSET/LIMIT: the rows of the answer.
-    #[expect(
-        clippy::expect_used,
-        reason = "only an aggregating plan has groups, and only it reaches these paths"
-    )]
     pub fn finish(mut self, cached: bool) -> Result<AskAnswer, QueryError> {
         let explain = self.plan.query.explain;
         if explain == ExplainMode::PlanOnly {
@@ -739,65 +793,30 @@ impl Execution {
                 plan: Some(self.plan_tree(cached, false)),
             });
         }
+        // A caller that did not step to the end (or a scan that ended without a last
+        // step) has its groups turned into rows here, in one go.
         if let Some(groups) = self.groups.take() {
-            let agg = self
-                .plan
-                .query
-                .aggregation
-                .clone()
-                .expect("an aggregating plan");
-            let t = Instant::now();
-            let mut rows: Vec<Vec<Value>> = groups
-                .groups
-                .into_iter()
-                .map(|(mut keys, states)| {
-                    keys.extend(states.iter().map(AggState::result));
-                    keys
-                })
-                .collect();
-            if rows.is_empty() && agg.group_by.is_empty() {
-                rows.push(
-                    agg.aggregates
-                        .iter()
-                        .map(|a| AggState::new(a).result())
-                        .collect(),
-                );
-            }
-            self.stats.aggregate.rows_out = rows.len() as u64;
-            self.stats.aggregate.elapsed += t.elapsed();
-            for (i, row) in rows.into_iter().enumerate() {
-                // Unordered groups stream: the first LIMIT of them are the answer.
-                if self.streams() && self.limit.is_some_and(|l| self.output.len() >= l) {
-                    break;
-                }
-                self.check_deadline_at(i)?;
-                if let Some(h) = &agg.having {
-                    self.stats.having.rows_in += 1;
-                    let keep = truth(&*h.eval(row.as_slice(), &self.params).map_err(eval_err)?)
-                        .map_err(eval_err)?;
-                    if keep != Some(true) {
-                        continue;
-                    }
-                    self.stats.having.rows_out += 1;
-                }
-                // Aggregated rows go through ORDER BY and OFFSET/LIMIT like table rows
-                // (`groups` is taken, so `emit` no longer sees an aggregating query).
-                self.emit(row.as_slice())?;
-            }
+            self.source = self.close_groups(groups);
         }
-        if !self.streams() && self.plan.order != OrderBy::Knn {
-            self.check_deadline()?;
-            let t = Instant::now();
-            self.sort_output();
-            self.stats.order.elapsed += t.elapsed();
-            self.stats.order.rows_out = self.output.len() as u64;
+        while let Source::Groups(groups) = std::mem::replace(&mut self.source, Source::Done) {
+            if self.group_slice(groups)? {
+                break;
+            }
         }
         if !self.streams() {
             let rows_in = self.output.len();
-            let skip = self.offset.min(rows_in);
-            self.output.drain(..skip);
-            if let Some(l) = self.limit {
-                self.output.truncate(l);
+            if self.plan.order == OrderBy::Knn {
+                // Ranked as they were kept.
+                self.output.drain(..self.offset.min(rows_in));
+                if let Some(l) = self.limit {
+                    self.output.truncate(l);
+                }
+            } else {
+                self.check_deadline()?;
+                let t = Instant::now();
+                self.select_answer()?;
+                self.stats.order.elapsed += t.elapsed();
+                self.stats.order.rows_out = rows_in as u64;
             }
             self.stats.limit.rows_in = rows_in as u64;
         }
