@@ -749,6 +749,52 @@ fn a_synchronous_follower_promoted_after_the_writer_dies_has_every_acknowledged_
     assert!(why.contains("--mode follower"), "{why}");
 }
 
+/// A follower started with `--sync-replication` stays synchronous once promoted: with
+/// no follower of its own it refuses writes (it would be their only copy), and
+/// acknowledges them again once the old writer follows it.
+#[test]
+fn a_promoted_synchronous_follower_waits_for_its_own_followers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let archive = archive_in(dir.path());
+    let sync = ["--sync-replication", "--sync-timeout-ms", "1000"];
+    let writer = writer_on(&dir.path().join("writer"), &archive, &sync);
+    let leader = writer.replication.clone().expect("replication address");
+    let mut follower_flags = vec!["--replication-listen", "127.0.0.1:0"];
+    follower_flags.extend(sync);
+    let follower = follower_on(
+        &dir.path().join("follower"),
+        &leader,
+        &archive,
+        &follower_flags,
+    );
+    writer.create_tenant_with_items("alpha");
+    writer.kill9();
+    let promoted = promote(&follower, false);
+    assert_eq!(promoted.status, 200, "{promoted:?}\n{}", follower.stderr());
+    let row = |id: i64| json!({"ops": [{"upsert": {"id": id, "name": "after", "batch": 1}}]});
+    let alone = follower.post("/v1/tenants/alpha/tables/items/rows", &row(1));
+    assert_eq!(
+        alone.status, 503,
+        "acknowledged with no follower: {alone:?}"
+    );
+    assert_eq!(alone.body["error"]["code"], "replication_unavailable");
+    let new_leader = follower.replication.clone().expect("replication address");
+    let _old = follower_on(&dir.path().join("writer"), &new_leader, &archive, &[]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let write = follower.post("/v1/tenants/alpha/tables/items/rows", &row(2));
+        if write.status == 200 {
+            break;
+        }
+        assert_eq!(
+            write.body["error"]["code"], "replication_unavailable",
+            "{write:?}"
+        );
+        assert!(Instant::now() < deadline, "never acknowledged: {write:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A follower started with another `--archive` than its writer's finds no lease record
 /// there: an operator's promotion without force is refused (it would have nothing to
 /// fence the live writer with, and two writers would acknowledge), and the follower

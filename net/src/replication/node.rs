@@ -617,8 +617,9 @@ impl Node {
             }
         }
         // 7. Ship, gate acknowledgements, serve followers, take writes.
-        let hold = self.start_shipping(&router, held).await?;
+        // Read before shipping starts: that takes the kit.
         let sync_policy = self.promotion.borrow().as_ref().and_then(|k| k.sync_policy);
+        let hold = self.start_shipping(&router, held).await?;
         for shard in 0..router.shards() {
             let hold = hold.clone();
             router
