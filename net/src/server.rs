@@ -215,6 +215,9 @@ pub fn run(config: ServerConfig) -> Result<()> {
     let mut lease_hold = None;
     let mut promotion = None;
     let mut archived_logs = Vec::new();
+    if let Some(uri) = config.archive_uri() {
+        check_archive_apart(&uri, &config.data_dir)?;
+    }
     let shipper = match config.archive_uri() {
         // Only the writer ships: a follower reads the archive (`/watch` resumes) and
         // claims it only once promoted (after probing it here: its lease would fence
@@ -495,6 +498,42 @@ impl Drop for FreshStart {
 /// would take over a third server's archive and fence nothing); one with no record, or
 /// that cannot be read now, is let through with a warning (a promotion without force
 /// refuses it then).
+/// Refuses a `file://` archive that is the data directory, inside it, or holds it:
+/// the archive's files (its `audit/` copy, its `shard-<i>/` folders) would land on the
+/// directory's own, and losing the directory would lose its backup with it.
+fn check_archive_apart(uri: &str, data_dir: &std::path::Path) -> Result<()> {
+    let Some(archive) = uri.strip_prefix("file://") else {
+        return Ok(());
+    };
+    // The path as it will be once made: its nearest existing ancestor, resolved.
+    let resolved = |path: &std::path::Path| -> Option<std::path::PathBuf> {
+        let absolute = std::path::absolute(path).ok()?;
+        let mut rest = Vec::new();
+        let mut at = absolute.as_path();
+        loop {
+            if let Ok(real) = at.canonicalize() {
+                return Some(rest.iter().rev().fold(real, |p, part| p.join(part)));
+            }
+            rest.push(at.file_name()?.to_os_string());
+            at = at.parent()?;
+        }
+    };
+    let (Some(archive), Some(data)) = (resolved(std::path::Path::new(archive)), resolved(data_dir))
+    else {
+        return Ok(());
+    };
+    if archive.starts_with(&data) || data.starts_with(&archive) {
+        bail!(
+            "refusing to start: the archive {uri} and the data directory {} overlap (one is, \
+             or is inside, the other): the archive's files would overwrite the directory's, \
+             and one lost disk would lose both. Give --archive a directory apart, on \
+             another disk or host",
+            data_dir.display()
+        );
+    }
+    Ok(())
+}
+
 /// The listener of this server's that `addr` reaches, if it is one of them: the same
 /// port, on the listener's address or, for a listener on every address, on loopback.
 fn own_listener_at(config: &ServerConfig, addr: SocketAddr) -> Option<(&'static str, SocketAddr)> {

@@ -740,6 +740,24 @@ fn a_log_that_ends_before_the_archive_is_refused_not_cut() {
     }
 }
 
+/// An archive that is the data directory, inside it, or around it is refused at start:
+/// its files would land on the directory's own (its copy of the audit log over the
+/// live one).
+#[test]
+fn an_archive_overlapping_the_data_directory_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    for archive in [data.clone(), data.join("archive"), dir.path().to_path_buf()] {
+        let uri = file_uri(&archive);
+        let refused = Server::try_start(&data, &["--archive", &uri])
+            .err()
+            .unwrap_or_else(|| panic!("started with the archive {uri}"));
+        assert!(refused.contains("overlap"), "{uri}: {refused}");
+    }
+    let server = Server::start(&data, &["--archive", &file_uri(&dir.path().join("apart"))]);
+    server.create_tenant_with_items("acme");
+}
+
 /// An old copy of a data directory that wrote on without the archive holds a log as
 /// long as the archive's, with other frames under the same LSNs: started on that
 /// archive it is refused (it would continue the archive's segments with its frames),
