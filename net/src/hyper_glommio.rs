@@ -56,6 +56,9 @@ pub struct StreamWatch {
     socket: RawFd,
     /// When bytes last moved either way.
     pub last_activity: Cell<Instant>,
+    /// When bytes were last sent (or the stream was made): a client that trickles a
+    /// request's head in gets no answer, and is as idle as one that sends nothing.
+    pub last_sent: Cell<Instant>,
     /// The last write or flush found the socket full: bytes wait to be sent.
     pub write_blocked: Cell<bool>,
     /// Bytes the socket (or TLS) took from hyper, in all.
@@ -158,6 +161,7 @@ impl<S> HyperStream<S> {
         let watch = Rc::new(StreamWatch {
             socket,
             last_activity: Cell::new(Instant::now()),
+            last_sent: Cell::new(Instant::now()),
             write_blocked: Cell::new(false),
             sent_bytes: Cell::new(0),
             streams: Cell::new(0),
@@ -283,7 +287,9 @@ impl<S: AsyncWrite + Unpin> hyper::rt::Write for HyperStream<S> {
         this.watch.write_blocked.set(written.is_pending());
         if let Poll::Ready(Ok(n)) = written {
             if n > 0 {
-                this.watch.last_activity.set(Instant::now());
+                let now = Instant::now();
+                this.watch.last_activity.set(now);
+                this.watch.last_sent.set(now);
                 let sent = &this.watch.sent_bytes;
                 sent.set(sent.get() + n as u64);
             }

@@ -296,13 +296,15 @@ struct Occupancy {
 
 impl Occupancy {
     /// Nothing owed either way for a while: no request being answered, no answer or
-    /// stream being sent, no byte moved for [`EVICTABLE_AFTER`]; or a TLS handshake
-    /// still running after that long.
+    /// stream being sent, no byte sent for [`EVICTABLE_AFTER`]; or a TLS handshake
+    /// still running after that long. Bytes received do not count: a request head
+    /// trickled in a line a second is owed nothing until it is whole, and such
+    /// connections would otherwise hold every place for the header timeout.
     fn idle_for(&self, now: Instant) -> Option<Duration> {
         let (idle, quiet) = match &self.watch {
             None => (now.saturating_duration_since(self.since), true),
             Some(watch) => (
-                now.saturating_duration_since(watch.last_activity.get()),
+                now.saturating_duration_since(watch.last_sent.get()),
                 self.in_flight.get() == 0 && !watch.write_blocked.get() && watch.streams.get() == 0,
             ),
         };

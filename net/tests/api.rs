@@ -467,6 +467,41 @@ fn unfinished_heads_and_ended_streams_make_room_and_live_streams_keep_theirs() {
     assert!(still_open, "the live stream was closed");
 }
 
+/// Connections that trickle a request head in (a header line every 300 ms) are owed
+/// nothing: at the limit they make room for a new connection, as idle ones do, instead
+/// of holding every place until the header timeout.
+#[test]
+fn a_trickled_request_head_does_not_hold_its_place() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(
+        &dir.path().join("data"),
+        &["--shards", "1", "--max-connections", "2"],
+    );
+    until_no_connections(&server);
+    let addr = server.api.trim_start_matches("http://").to_string();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        for _ in 0..2 {
+            let (addr, stop) = (&addr, &stop);
+            scope.spawn(move || {
+                let mut slow = TcpStream::connect(addr).expect("connect");
+                let _ = slow.write_all(b"GET /v1/tenants HTTP/1.1\r\n");
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(300));
+                    if slow.write_all(b"x-slow: 1\r\n").is_err() {
+                        return; // closed to make room
+                    }
+                }
+            });
+        }
+        std::thread::sleep(Duration::from_millis(1500));
+        let mut new = TcpStream::connect(&addr).expect("connect");
+        let served = ping_on(&mut new);
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(served, Some(200), "a trickling connection kept its place");
+    });
+}
+
 #[test]
 fn connections_beyond_the_limit_get_503_and_are_closed() {
     let dir = tempfile::tempdir().expect("tempdir");
