@@ -315,6 +315,40 @@ fn huge_limits_offsets_and_group_explosions_stay_inside_their_budgets() {
     assert_alive_and_ready(&server);
 }
 
+/// An answer whose rows fit the query's memory limit but whose JSON text does not
+/// (control characters are six bytes each as text) is refused naming the limit, not
+/// sent at several times the limit.
+#[test]
+fn an_answer_whose_text_outgrows_the_memory_limit_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(
+        &dir.path().join("data"),
+        &["--shards", "1", "--ask-max-memory-bytes", "1000000"],
+    );
+    create_texts(&server, "acme", 200, 10);
+    let body = "\u{1}".repeat(4000);
+    for id in 0..100 {
+        let written = server.post(
+            "/v1/tenants/acme/tables/docs/rows",
+            &json!({"ops": [{"upsert": {"id": id, "body": body, "grp": id}}]}),
+        );
+        assert_eq!(written.status, 200, "{written:?}");
+    }
+    // 400 KB of rows, 2.4 MB of text.
+    let refused = ask(
+        &server,
+        "acme",
+        "SELECT body FROM docs LIMIT 100",
+        json!([]),
+    );
+    assert_eq!(refused.status, 413, "status {}", refused.status);
+    assert_error(&refused, 413, "result_too_large", "--ask-max-memory-bytes");
+    let fits = ask(&server, "acme", "SELECT body FROM docs LIMIT 20", json!([]));
+    assert_eq!(fits.status, 200, "status {}", fits.status);
+    assert_eq!(fits.body["row_count"], 20);
+    assert_alive_and_ready(&server);
+}
+
 const ADMIN: &str = "admin-token-for-hostile-tests-0123";
 
 /// Sends only the headers of a POST that announces a large body, then reads what the

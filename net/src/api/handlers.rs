@@ -756,7 +756,7 @@ pub async fn ask(
             .ask(&tenant, &body.sql, params, explain, limits)
             .await
             .map_err(query_error)?;
-        let encoded = encode_answer(&answer, applied_lsn);
+        let encoded = encode_answer(&answer, applied_lsn, limits.max_memory_bytes).await?;
         drop(answer);
         let memory = node.shard().tenant_query_memory(&tenant);
         Ok((
@@ -804,10 +804,21 @@ fn charged_answer(
     }))
 }
 
+/// Rows encoded between two checks for a turn and of the answer's size.
+const ENCODE_ROWS_PER_SLICE: usize = 64;
+
 /// An `/ask` answer as JSON text, written value by value: a tree of
 /// `serde_json::Value` would take several times the rows' own size (a vector element
-/// is 4 bytes in a row and 32 in a tree), outside the query's memory budget.
-fn encode_answer(answer: &AskAnswer, applied_lsn: u64) -> Vec<u8> {
+/// is 4 bytes in a row and 32 in a tree), outside the query's memory budget. The text
+/// may take at most `max_bytes` (the query's own memory limit: a vector's text is
+/// several times its stored size, and 2,000 rows of 4,096 dimensions made 157 MB),
+/// and the shard gets turns while it is written (that answer held it for 0.5 s).
+async fn encode_answer(
+    answer: &AskAnswer,
+    applied_lsn: u64,
+    max_bytes: usize,
+) -> Result<Vec<u8>, ApiError> {
+    let mut turns = oc_io::executor::Turns::new(oc_engine::query::SLICE_TARGET);
     let mut out = Vec::with_capacity(256);
     let text = |out: &mut Vec<u8>, s: &str| {
         // Writing a &str to a Vec cannot fail.
@@ -822,6 +833,21 @@ fn encode_answer(answer: &AskAnswer, applied_lsn: u64) -> Vec<u8> {
     }
     out.extend_from_slice(b"],\"rows\":[");
     for (i, row) in answer.rows.iter().enumerate() {
+        if i % ENCODE_ROWS_PER_SLICE == ENCODE_ROWS_PER_SLICE - 1 {
+            if out.len() > max_bytes {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    QueryErrorKind::ResultTooLarge.code(),
+                    format!(
+                        "the answer's JSON text passed {max_bytes} bytes, the query's memory \
+                         limit (--ask-max-memory-bytes), after {i} of its {} rows; add a \
+                         LIMIT or select fewer or smaller columns",
+                        answer.rows.len()
+                    ),
+                ));
+            }
+            turns.between_slices().await;
+        }
         if i > 0 {
             out.push(b',');
         }
@@ -847,7 +873,7 @@ fn encode_answer(answer: &AskAnswer, applied_lsn: u64) -> Vec<u8> {
         let _ = serde_json::to_writer(&mut out, plan);
     }
     out.push(b'}');
-    out
+    Ok(out)
 }
 
 fn query_error(e: QueryError) -> ApiError {
