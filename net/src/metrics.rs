@@ -154,6 +154,7 @@ pub struct ShardSnapshot {
     pub fsync_lag: LatencyHistogram,
     pub checkpoint: CheckpointMetrics,
     pub plan_cache: PlanCacheStats,
+    pub ask_turn_waits: u64,
     pub tenants: usize,
     pub rows: usize,
     pub bytes: usize,
@@ -182,6 +183,7 @@ pub fn snapshot(node: &ShardNode) -> ShardSnapshot {
         fsync_lag: LatencyHistogram::from_hdr_us(&wal.fsync_lag_us),
         checkpoint: shard.checkpoint_metrics(),
         plan_cache: shard.plan_cache_stats(),
+        ask_turn_waits: shard.ask_turn_waits(),
         tenants,
         rows,
         bytes,
@@ -651,6 +653,13 @@ pub fn render(shards: &[ShardSnapshot], control: &ControlMetrics) -> Result<Stri
         vec![gauge(vec![], hits as f64 / (hits + misses) as f64)],
     ));
     families.extend([
+        per_shard(
+            shards,
+            "oc_ask_turn_waits_total",
+            "/ask queries that waited for a turn: their tenant already ran 4 queries on the shard.",
+            COUNTER,
+            |s| s.ask_turn_waits as f64,
+        ),
         per_shard(
             shards,
             "oc_plan_cache_hits_total",

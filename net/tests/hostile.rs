@@ -349,6 +349,48 @@ fn an_answer_whose_text_outgrows_the_memory_limit_is_refused() {
     assert_alive_and_ready(&server);
 }
 
+/// One tenant's many concurrent scans run a few at a time on their shard: the others
+/// wait for a turn (and here, with a short deadline, time out saying so), while
+/// another tenant's query on the same shard is answered.
+#[test]
+fn one_tenants_concurrent_scans_take_turns_and_another_tenant_is_served() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(
+        &dir.path().join("data"),
+        &["--shards", "1", "--ask-timeout-ms", "150"],
+    );
+    create_texts(&server, "acme", 30_000, 200);
+    create_texts(&server, "other", 10, 10);
+    let scan = "SELECT COUNT(*) FROM docs WHERE body LIKE '%a%b%c%d%'";
+    let replies: Vec<common::Reply> = std::thread::scope(|scope| {
+        let scans: Vec<_> = (0..16)
+            .map(|_| scope.spawn(|| ask(&server, "acme", scan, json!([]))))
+            .collect();
+        std::thread::sleep(Duration::from_millis(20));
+        let other = ask(
+            &server,
+            "other",
+            "SELECT body FROM docs WHERE id = 3",
+            json!([]),
+        );
+        assert_eq!(other.status, 200, "{other:?}");
+        scans.into_iter().map(|s| s.join().expect("scan")).collect()
+    });
+    let (_, scrape) = server.ops_get("/metrics");
+    let waits = common::scrape_value(&scrape, "oc_ask_turn_waits_total{shard=\"0\"}");
+    assert!(
+        waits.is_some_and(|w| w > 0.0),
+        "no scan waited for a turn ({waits:?}): {:?}",
+        replies.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
+    // A query that waited out its deadline for a turn says so.
+    for reply in replies.iter().filter(|r| r.status == 503) {
+        let message = reply.body["error"]["message"].as_str().unwrap_or("");
+        assert!(message.contains("150 ms"), "{message}");
+    }
+    assert_alive_and_ready(&server);
+}
+
 const ADMIN: &str = "admin-token-for-hostile-tests-0123";
 
 /// Sends only the headers of a POST that announces a large body, then reads what the

@@ -105,6 +105,10 @@ pub struct Shard<S: Storage> {
     queue: Rc<RefCell<ApplyQueue>>,
     feed: Rc<Feed>,
     replays: glommio::sync::Semaphore,
+    /// Per tenant, the turns its running queries take at once ([`ASK_TURNS_PER_TENANT`]).
+    ask_turns: RefCell<HashMap<TenantId, Rc<glommio::sync::Semaphore>>>,
+    /// Queries that found their tenant's turns all taken, since start.
+    ask_turn_waits: std::cell::Cell<u64>,
     plan_cache: RefCell<PlanCache>,
     quotas: std::cell::Cell<TenantQuotas>,
     ack_gate: RefCell<Option<Rc<dyn AckGate>>>,
@@ -120,6 +124,47 @@ pub struct Shard<S: Storage> {
     _applier: Task<()>,
     /// Checks the log segments the open did not read (`Wal::check_unread_segments`).
     _unread_log_check: Task<()>,
+}
+
+/// Queries of one tenant that run their slices at once on a shard; its others wait
+/// for a turn (within their deadline). The slices of every running query take turns
+/// on the shard's thread, so 200 running scans of one tenant held another tenant's
+/// point read behind 200 slices (0.4 s); now behind at most this many of each tenant.
+pub const ASK_TURNS_PER_TENANT: u64 = 4;
+
+/// A tenant's turns to run queries on this shard, shared by its running queries; the
+/// last one done forgets them.
+struct AskTurns<'m> {
+    map: &'m RefCell<HashMap<TenantId, Rc<glommio::sync::Semaphore>>>,
+    tenant: TenantId,
+    turns: Rc<glommio::sync::Semaphore>,
+}
+
+impl<'m> AskTurns<'m> {
+    fn of(
+        map: &'m RefCell<HashMap<TenantId, Rc<glommio::sync::Semaphore>>>,
+        tenant: &TenantId,
+    ) -> Self {
+        let turns = map
+            .borrow_mut()
+            .entry(tenant.clone())
+            .or_insert_with(|| Rc::new(glommio::sync::Semaphore::new(ASK_TURNS_PER_TENANT)))
+            .clone();
+        AskTurns {
+            map,
+            tenant: tenant.clone(),
+            turns,
+        }
+    }
+}
+
+impl Drop for AskTurns<'_> {
+    fn drop(&mut self) {
+        // Held by the map and this query alone: no other query runs or waits.
+        if Rc::strong_count(&self.turns) == 2 {
+            self.map.borrow_mut().remove(&self.tenant);
+        }
+    }
 }
 
 /// How fast the log the open did not read is checked afterwards. At 64 MB/s the writes
@@ -295,6 +340,8 @@ impl<S: Storage> Shard<S> {
                 queue,
                 feed,
                 replays: glommio::sync::Semaphore::new(1),
+                ask_turns: RefCell::new(HashMap::new()),
+                ask_turn_waits: std::cell::Cell::new(0),
                 plan_cache: RefCell::new(PlanCache::new(
                     query::PLAN_CACHE_ENTRIES,
                     query::PLAN_CACHE_BYTES,
@@ -701,7 +748,31 @@ impl<S: Storage> Shard<S> {
             (plan, cached, t.query_memory().clone())
         };
         let params = query::bind_params(&plan, params, normalized.literals)?;
+        let turns = AskTurns::of(&self.ask_turns, tenant);
+        let asked = std::time::Instant::now();
+        if turns.turns.available() == 0 {
+            self.ask_turn_waits.set(self.ask_turn_waits.get() + 1);
+        }
+        let waited =
+            futures_lite::future::or(async { turns.turns.acquire_permit(1).await.ok() }, async {
+                glommio::timer::sleep(limits.deadline).await;
+                None
+            })
+            .await;
+        let Some(_turn) = waited else {
+            return Err(QueryError::new(
+                QueryErrorKind::Timeout,
+                format!(
+                    "the query waited its whole deadline of {} ms for a turn: tenant {tenant} \
+                     runs at most {ASK_TURNS_PER_TENANT} queries at once on a shard, and its \
+                     others held them; send fewer at once, or narrow them",
+                    limits.deadline.as_millis()
+                ),
+            ));
+        };
         let mut run = Execution::new(plan, params, limits, &memory)?;
+        // The deadline counts from the question, the wait for a turn included.
+        run.started_at(asked);
         if explain {
             run.analyze();
         }
@@ -724,6 +795,11 @@ impl<S: Storage> Shard<S> {
     pub fn tenant_query_memory(&self, tenant: &TenantId) -> Option<TenantQueryMemory> {
         let state = self.state.borrow();
         state.tenants.get(tenant).map(|t| t.query_memory().clone())
+    }
+
+    /// `/ask` queries that waited for a turn ([`ASK_TURNS_PER_TENANT`]), since start.
+    pub fn ask_turn_waits(&self) -> u64 {
+        self.ask_turn_waits.get()
     }
 
     /// Hits, misses and size of this shard's plan cache.

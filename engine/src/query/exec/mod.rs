@@ -330,6 +330,11 @@ impl Execution {
         })
     }
 
+    /// Counts the deadline from `at` (when the query was asked), not from now.
+    pub fn started_at(&mut self, at: Instant) {
+        self.started = at;
+    }
+
     /// Whether the query only wants its plan (`EXPLAIN` without ANALYZE).
     pub fn plan_only(&self) -> bool {
         self.plan.query.explain == ExplainMode::PlanOnly
