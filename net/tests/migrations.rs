@@ -707,6 +707,49 @@ fn a_migration_that_would_take_the_tenant_past_its_quota_is_refused() {
     wait_for(&server, "shop", id, "done");
 }
 
+/// A migration is admitted on an estimate from its first rows; one whose later rows
+/// grow more (here a copy of a column its first rows leave empty) is aborted once its
+/// backfill takes the tenant past its quota, before it cuts over.
+#[test]
+fn a_backfill_that_grows_past_the_quota_is_aborted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &["--tenant-max-bytes", "600000"]);
+    assert_eq!(
+        server.post("/v1/tenants", &json!({"tenant": "q"})).status,
+        201
+    );
+    let table = json!({"name": "t", "columns": [{"name": "id", "type": "int"},
+        {"name": "s", "type": "text"}, {"name": "c", "type": "text"}],
+        "primary_key": ["id"]});
+    assert_eq!(server.post("/v1/tenants/q/tables", &table).status, 201);
+    let rows = |ids: std::ops::Range<i64>, s: usize, c: usize| {
+        let ops: Vec<Value> = ids
+            .map(|id| json!({"upsert": {"id": id, "s": "s".repeat(s), "c": "c".repeat(c)}}))
+            .collect();
+        let r = server.post("/v1/tenants/q/tables/t/rows", &json!({"ops": ops}));
+        assert_eq!(r.status, 200, "{r:?}");
+    };
+    rows(0..100, 2000, 0); // what the start samples: nothing to copy
+    rows(100..110, 0, 30_000); // 300 kB the copy doubles
+    let used = server.get("/v1/tenants/q/usage").body["bytes"]
+        .as_u64()
+        .expect("bytes");
+    assert!(used < 600_000 && used + 300_000 > 600_000, "{used}");
+    let copy = json!({"table": "t", "steps": [{"op": "add_column", "name": "c2",
+        "type": "text", "default": "c"}]});
+    let r = server.post("/v1/tenants/q/migrations", &copy);
+    assert_eq!(r.status, 202, "admitted on its first rows: {r:?}");
+    let id = r.body["id"].as_u64().expect("id");
+    let m = wait_for(&server, "q", id, "aborted");
+    assert_eq!(m["state"], "aborted", "{m}");
+    let columns = server.get("/v1/tenants/q/tables/t");
+    assert_eq!(columns.status, 200, "{columns:?}");
+    assert!(
+        !columns.body.to_string().contains("c2"),
+        "the table kept its shape: {columns:?}"
+    );
+}
+
 /// A migration that adds a vector to every row counts against the vector quota too.
 #[test]
 fn a_migration_that_would_take_the_tenant_past_its_vector_quota_is_refused() {

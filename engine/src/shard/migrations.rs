@@ -512,6 +512,11 @@ async fn drive_backfill<S: Storage>(shard: Rc<Shard<S>>) {
             budget = 0.0;
         }
         for (tenant, table, id, caught_up) in work {
+            let grown_from = shard.read(&tenant, |t| t.totals()).ok();
+            let aborts = Command::AbortMigration {
+                table: table.clone(),
+                id,
+            };
             let command = if caught_up {
                 Command::Cutover { table, id }
             } else {
@@ -552,7 +557,19 @@ async fn drive_backfill<S: Storage>(shard: Rc<Shard<S>>) {
                 Command::Backfill { table, id, upto }
             };
             match shard.commit(&tenant, command).await {
-                Ok(_) => {}
+                Ok(_) => {
+                    if let Some(why) = grown_from.and_then(|before| {
+                        let after = shard.read(&tenant, |t| t.totals()).ok()?;
+                        past_quota(&before, &after, shard.quotas.get())
+                    }) {
+                        // Admitted on an estimate from its first rows: the rows it
+                        // converts may grow more than those did.
+                        tracing::warn!(tenant = %tenant, migration = id, %why, "a migration's backfill took the tenant past its quota: aborted");
+                        if let Err(e) = shard.commit(&tenant, aborts).await {
+                            tracing::warn!(tenant = %tenant, migration = id, error = %e, "aborting the migration past its quota was refused");
+                        }
+                    }
+                }
                 // A follower, a fenced writer or one handing over: the writer drives
                 // the backfill.
                 Err(EngineError::NotLeader(_) | EngineError::HandingOver(_)) => {
@@ -566,9 +583,61 @@ async fn drive_backfill<S: Storage>(shard: Rc<Shard<S>>) {
     }
 }
 
+/// What a backfill chunk that took a tenant from `before` to `after` grew past its
+/// quota, if anything: a chunk that shrinks nothing is never stopped for a quota the
+/// tenant was over already (a migration dropping a column frees room).
+fn past_quota(
+    before: &crate::tenant::TenantUsage,
+    after: &crate::tenant::TenantUsage,
+    quotas: crate::quota::TenantQuotas,
+) -> Option<String> {
+    [
+        (
+            "bytes",
+            before.bytes,
+            after.bytes,
+            quotas.max_bytes,
+            "--tenant-max-bytes",
+        ),
+        (
+            "vectors",
+            before.vectors,
+            after.vectors,
+            quotas.max_vectors,
+            "--tenant-max-vectors",
+        ),
+    ]
+    .into_iter()
+    .find(|&(_, before, after, limit, _)| after > before && after > limit)
+    .map(|(what, _, after, limit, flag)| {
+        format!("the tenant's {what} reached {after}, past its quota of {limit} ({flag})")
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_chunk_that_grows_the_tenant_past_its_quota_stops_the_backfill() {
+        let usage = |bytes, vectors| crate::tenant::TenantUsage {
+            bytes,
+            vectors,
+            ..Default::default()
+        };
+        let quotas = crate::quota::TenantQuotas {
+            max_bytes: 1000,
+            max_vectors: 10,
+            ..Default::default()
+        };
+        assert_eq!(past_quota(&usage(900, 0), &usage(990, 0), quotas), None);
+        let grew = past_quota(&usage(900, 0), &usage(1100, 0), quotas).expect("past");
+        assert!(grew.contains("--tenant-max-bytes"), "{grew}");
+        let vectors = past_quota(&usage(0, 5), &usage(0, 11), quotas).expect("past");
+        assert!(vectors.contains("--tenant-max-vectors"), "{vectors}");
+        // Over already, and shrinking: left to finish.
+        assert_eq!(past_quota(&usage(2000, 0), &usage(1500, 0), quotas), None);
+    }
 
     /// The rate after one whole window in which the writers logged `bytes_per_s`.
     fn rate_at(bytes_per_s: f64) -> f64 {
