@@ -48,3 +48,26 @@ fn nothing_listening_is_unavailable() {
     let out = oc(&["--url", &url, "tenants", "list"]);
     assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
 }
+
+/// A reader that closes the pipe before `oc` writes (`oc completions bash | head`)
+/// ends `oc` by `SIGPIPE`, as it ends other tools: no panic, no fatal line.
+#[test]
+fn a_closed_pipe_ends_oc_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_oc"))
+        .args(["completions", "bash"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("oc runs");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("oc ends");
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGPIPE),
+        "{:?}: {}",
+        out.status,
+        stderr(&out)
+    );
+    assert!(stderr(&out).is_empty(), "{}", stderr(&out));
+}

@@ -57,6 +57,17 @@ pub fn install_panic_hook(program: &'static str, format: LineFormat) {
     }));
 }
 
+/// For command-line tools: a reader that stops early (`| head`) ends the process
+/// quietly, as it ends other tools, instead of failing its next print (Rust ignores
+/// `SIGPIPE`, so the print panics). Call first thing in `main`.
+pub fn end_quietly_on_closed_pipe() {
+    // SAFETY: sets the default action of one signal, before any thread is started;
+    // no handler runs Rust code.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 /// Writes `line` (a newline is added) to stderr with one `write(2)` and ends the
 /// process with `status` without running destructors or exit handlers.
 pub fn exit_now(status: i32, line: &str) -> ! {

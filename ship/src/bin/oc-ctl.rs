@@ -59,6 +59,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    oc_io::fail_stop::end_quietly_on_closed_pipe();
     oc_io::fail_stop::install_panic_hook("oc-ctl", LineFormat::Text);
     match run(Cli::parse()) {
         Ok(code) => code,

@@ -241,6 +241,12 @@ fn usage(message: impl Into<String>) -> Failure {
 }
 
 fn main() -> ExitCode {
+    // A reader that stops early (`oc ... | head`) ends `oc` quietly, as it ends other
+    // tools, instead of failing its next print (Rust ignores SIGPIPE).
+    // SAFETY: the default action of one signal, set before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
