@@ -5,8 +5,12 @@
 //! One file, about 790 lines of code: the primary B-tree and its indexes change
 //! together under one all-or-nothing batch, so their bookkeeping stays in one type.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::ops::Bound;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use crate::error::EngineError;
 use crate::key::Key;
@@ -73,6 +77,51 @@ pub struct Table {
     /// The LSN of the newest write applied to the table: its creation's LSN before any,
     /// and the checkpoint's LSN when loaded from one (then an upper bound).
     written_lsn: u64,
+    /// Index entries that moved while index scans were open, for them to account for.
+    moves: MoveLog,
+    /// Index scans of this table not dropped yet ([`RangeScan`] holds a count).
+    index_scans: Arc<AtomicUsize>,
+}
+
+/// Most index moves kept for open scans; a scan that falls further behind is refused
+/// ([`RangeScan::lost_moves`]).
+pub const MAX_INDEX_MOVES: usize = 65_536;
+
+/// A row's entry in an index moved: its indexed value changed under an open scan.
+#[derive(Debug, Clone)]
+struct IndexMove {
+    index: usize,
+    before: Key,
+    after: Key,
+    row: Key,
+}
+
+/// The index moves since the oldest kept, numbered.
+#[derive(Debug, Clone, Default)]
+struct MoveLog {
+    /// The number of the first entry in `moves`.
+    first: u64,
+    moves: VecDeque<IndexMove>,
+}
+
+impl MoveLog {
+    fn end(&self) -> u64 {
+        self.first + self.moves.len() as u64
+    }
+
+    fn record(&mut self, m: IndexMove) {
+        if self.moves.len() == MAX_INDEX_MOVES {
+            self.moves.pop_front();
+            self.first += 1;
+        }
+        self.moves.push_back(m);
+    }
+
+    /// Forgets every move: no scan is open to need them.
+    fn clear(&mut self) {
+        self.first = self.end();
+        self.moves.clear();
+    }
 }
 
 /// A running digest of a table's rows in primary-key order: the CRC-32C of each row's
@@ -108,6 +157,8 @@ impl Table {
             indexes,
             usage: TableUsage::default(),
             written_lsn: version,
+            moves: MoveLog::default(),
+            index_scans: Arc::default(),
         }
     }
 
@@ -436,8 +487,15 @@ impl Table {
             rows,
             indexes,
             usage,
+            moves,
+            index_scans,
             ..
         } = self;
+        // Moves matter only to scans open now.
+        let scanned = index_scans.load(Ordering::Relaxed) > 0;
+        if !scanned && !moves.moves.is_empty() {
+            moves.clear();
+        }
         let replaced = rows.upsert(key, row, |key, old, row| {
             for (i, index) in schema.indexes.iter().enumerate() {
                 let after = key_of(row, &index.columns);
@@ -445,6 +503,14 @@ impl Table {
                     Some(old) => {
                         let before = key_of(old, &index.columns);
                         if before != after {
+                            if scanned {
+                                moves.record(IndexMove {
+                                    index: i,
+                                    before: before.clone(),
+                                    after: after.clone(),
+                                    row: key.clone(),
+                                });
+                            }
                             let existed = indexes[i].remove(&(before, key.clone()));
                             debug_assert!(existed, "every row has its index entries");
                             indexes[i].insert((after, key.clone()));
@@ -616,6 +682,48 @@ impl Table {
             stop,
             resume: None,
             done: false,
+            moves: None,
+        }
+    }
+
+    /// Has the index scans in `scans` (one query's ranges, in key order, disjoint)
+    /// account together for the rows that move in their index between their slices, so
+    /// each row present throughout is returned once. `return_behind`: a row that moved
+    /// behind them before they returned it is returned out of index order (not for a
+    /// scan whose order is the answer's: it is missed instead).
+    pub fn track_index_moves<'s>(
+        &self,
+        scans: impl IntoIterator<Item = &'s mut RangeScan>,
+        return_behind: bool,
+    ) {
+        let scans: Vec<&mut RangeScan> = scans
+            .into_iter()
+            .filter(|s| matches!(s.target, ScanTarget::Index(_)))
+            .collect();
+        if scans.is_empty() {
+            return;
+        }
+        self.index_scans.fetch_add(1, Ordering::Relaxed);
+        let bounds = scans
+            .iter()
+            .map(|s| ScanRange {
+                start: s.start.clone(),
+                skip: s.skip.clone(),
+                stop: s.stop.clone(),
+            })
+            .collect();
+        let shared = Rc::new(RefCell::new(IndexScanMoves {
+            seen: self.moves.end(),
+            cursor: None,
+            bounds,
+            returned: HashSet::new(),
+            behind: Vec::new(),
+            return_behind,
+            lost: false,
+            open: self.index_scans.clone(),
+        }));
+        for scan in scans {
+            scan.moves = Some(shared.clone());
         }
     }
 
@@ -678,6 +786,21 @@ impl Table {
                     scan.done = true;
                     return true;
                 };
+                let moves = scan.moves.clone();
+                if let Some(moves) = &moves {
+                    let mut moves = moves.borrow_mut();
+                    moves.catch_up(&self.moves, i);
+                    // Rows moved behind the scan before it reached them come first.
+                    while out.len() - before < max {
+                        let Some(key) = moves.behind.pop() else { break };
+                        if let Some(row) = self.rows.get(&key) {
+                            out.push(row);
+                        }
+                    }
+                    if out.len() - before == max {
+                        return false;
+                    }
+                }
                 let start = match scan.resume.take() {
                     Some(entry) => Bound::Excluded(entry),
                     None => match &scan.start {
@@ -701,15 +824,25 @@ impl Table {
                     if out.len() - before == max {
                         break;
                     }
+                    last_entry = Some(entry);
+                    // Moved here after the scan passed it elsewhere: returned already.
+                    if moves
+                        .as_ref()
+                        .is_some_and(|m| m.borrow_mut().returned.remove(&entry.1))
+                    {
+                        continue;
+                    }
                     out.push(
                         self.rows
                             .get(&entry.1)
                             .expect("index entries point at live rows"),
                     );
-                    last_entry = Some(entry);
                 }
                 if let Some(entry) = last_entry {
                     scan.resume = Some(entry.clone());
+                    if let Some(moves) = &moves {
+                        moves.borrow_mut().cursor = Some(entry.clone());
+                    }
                 }
                 if out.len() - before < max {
                     scan.done = true;
@@ -918,10 +1051,106 @@ pub struct RangeScan {
     /// The last entry returned: (primary key, empty) or (index key, primary key).
     resume: Option<(Key, Key)>,
     done: bool,
+    /// The account its query's index scans keep of the rows that moved meanwhile.
+    moves: Option<Rc<RefCell<IndexScanMoves>>>,
+}
+
+impl RangeScan {
+    /// More rows moved in the index while the scan was between two slices than the
+    /// table keeps ([`MAX_INDEX_MOVES`]): it cannot tell which rows it returned.
+    pub fn lost_moves(&self) -> bool {
+        self.moves.as_ref().is_some_and(|m| m.borrow().lost)
+    }
+}
+
+/// One scan's range of keys: from `start` (less those starting with `skip`, an
+/// excluded lower bound) to `stop`.
+#[derive(Debug)]
+struct ScanRange {
+    start: Bound<Vec<u8>>,
+    skip: Option<Vec<u8>>,
+    stop: Stop,
+}
+
+/// What one query's index scans need to return each row present throughout exactly
+/// once while rows move in the index (their indexed value changes) between slices.
+/// They resume after the last entry returned, so a row that moves from behind that
+/// point to ahead of it would be returned twice, and one that moves from ahead to
+/// behind would never be. At each slice the moves since the last one ([`MoveLog`]) are
+/// gone through: a row returned already is skipped where it is found again, and a row
+/// that went behind before it was returned is returned at once.
+#[derive(Debug)]
+struct IndexScanMoves {
+    /// The next move to go through.
+    seen: u64,
+    /// The last entry returned, by any of the scans (they run in key order).
+    cursor: Option<(Key, Key)>,
+    /// Each scan's range.
+    bounds: Vec<ScanRange>,
+    /// Rows that moved after they were returned (or put in `behind`): not again.
+    returned: HashSet<Key>,
+    /// Rows that moved behind the scans before they returned them.
+    behind: Vec<Key>,
+    return_behind: bool,
+    lost: bool,
+    /// The table's count of open index scans, held while this lives.
+    open: Arc<AtomicUsize>,
+}
+
+impl IndexScanMoves {
+    /// Whether `entry` of the index lies in one of the scans' ranges.
+    fn admits(&self, entry: &Key) -> bool {
+        let bytes = entry.as_bytes();
+        self.bounds.iter().any(|r| {
+            let above_start = match &r.start {
+                Bound::Included(k) => bytes >= k.as_slice(),
+                _ => true,
+            };
+            above_start
+                && !r.skip.as_ref().is_some_and(|p| bytes.starts_with(p))
+                && r.stop.admits(bytes)
+        })
+    }
+
+    /// Goes through the moves of index `index` since the last slice, with the scans at
+    /// `cursor` (nothing returned yet: nothing to account for).
+    fn catch_up(&mut self, log: &MoveLog, index: usize) {
+        if self.seen < log.first {
+            self.lost = true;
+        }
+        let from = (self.seen.max(log.first) - log.first) as usize;
+        self.seen = log.end();
+        let Some((at_entry, at_row)) = self.cursor.clone() else {
+            return;
+        };
+        let passed = |entry: &Key, row: &Key| (entry, row) <= (&at_entry, &at_row);
+        for m in log.moves.range(from..).filter(|m| m.index == index) {
+            if !self.returned.contains(&m.row)
+                && passed(&m.before, &m.row)
+                && self.admits(&m.before)
+            {
+                // Returned where it was: not again where it went.
+                self.returned.insert(m.row.clone());
+            }
+            if !self.returned.contains(&m.row) && passed(&m.after, &m.row) && self.admits(&m.after)
+            {
+                self.returned.insert(m.row.clone());
+                if self.return_behind {
+                    self.behind.push(m.row.clone());
+                }
+            }
+        }
+    }
+}
+
+impl Drop for IndexScanMoves {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Where a scan stops.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Stop {
     Never,
     /// Keys below this (exclusive).

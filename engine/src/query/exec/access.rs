@@ -10,7 +10,7 @@ use crate::vectors::LeFloats;
 pub(super) enum Source {
     NotStarted,
     Ranges(VecDeque<RangeScan>),
-    Knn(KnnScan),
+    Knn(Box<KnnScan>),
     /// Every row is in: the groups left to turn into rows of the answer.
     Groups(std::vec::IntoIter<(Vec<Value>, Vec<AggState>)>),
     Done,
@@ -85,7 +85,7 @@ impl Execution {
                 let probe = vec![0.0f32; dim as usize];
                 check_dims(&probe, &query).map_err(eval_err)?;
                 let k = self.offset.saturating_add(self.limit.unwrap_or(usize::MAX));
-                Ok(Source::Knn(KnnScan {
+                Ok(Source::Knn(Box::new(KnnScan {
                     query: query.into_owned(),
                     rows: table.range_scan(
                         ScanTarget::Primary,
@@ -95,7 +95,7 @@ impl Execution {
                     finished: false,
                     k,
                     best: BinaryHeap::with_capacity(k.min(SLICE_KNN_ROWS) + 1),
-                }))
+                })))
             }
             Access::Keys {
                 target,

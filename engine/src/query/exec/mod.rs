@@ -391,6 +391,10 @@ impl Execution {
         self.stats.slices += 1;
         if matches!(self.source, Source::NotStarted) {
             self.source = self.start(table)?;
+            if let Source::Ranges(ranges) = &mut self.source {
+                // A scan whose order is the answer's cannot return a row out of it.
+                table.track_index_moves(ranges.iter_mut(), self.plan.order != OrderBy::ByAccess);
+            }
         }
         let slice_started = Instant::now();
         match std::mem::replace(&mut self.source, Source::Done) {
@@ -398,16 +402,30 @@ impl Execution {
                 let want = self.batch_size();
                 let mut batch: Vec<&Row> = Vec::with_capacity(want);
                 let t = Instant::now();
+                let mut lost_moves = false;
                 while batch.len() < want {
                     let Some(scan) = ranges.front_mut() else {
                         break;
                     };
-                    if table.next_rows(scan, want - batch.len(), &mut batch) {
+                    let finished = table.next_rows(scan, want - batch.len(), &mut batch);
+                    lost_moves |= scan.lost_moves();
+                    if finished {
                         ranges.pop_front();
                     }
                 }
                 self.stats.access.elapsed += t.elapsed();
                 self.stats.access.rows_out += batch.len() as u64;
+                if lost_moves {
+                    return Err(QueryError::new(
+                        QueryErrorKind::TableChanged,
+                        format!(
+                            "more than {} rows moved in the index the query reads (their \
+                             indexed values changed) while it ran, so it cannot tell which \
+                             it returned; retry it",
+                            crate::table::MAX_INDEX_MOVES
+                        ),
+                    ));
+                }
                 self.check_scanned()?;
                 match migration {
                     None => self.consume(batch)?,
