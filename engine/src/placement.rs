@@ -576,9 +576,8 @@ pub fn check_shard_dirs(data_dir: &Path, layout: &Layout) -> Result<(), EngineEr
         let problem = match marker {
             None if !dir.exists() => "is missing".to_string(),
             None if !dir.is_dir() => "is not a directory".to_string(),
-            None => match unmarked_contents(&dir, shard)? {
+            None => match unmarked_contents(&dir)? {
                 Unmarked::Own => continue,
-                Unmarked::Shard(other) => format!("holds shard {other}'s files"),
                 Unmarked::Empty if marking => continue,
                 Unmarked::Empty => format!(
                     "has lost its {SHARD_MARKER_FILE} and holds no log or checkpoint (was it \
@@ -604,31 +603,29 @@ pub fn check_shard_dirs(data_dir: &Path, layout: &Layout) -> Result<(), EngineEr
 
 /// What a shard directory without a marker holds.
 enum Unmarked {
-    /// Log segments of its own shard, or a checkpoint.
+    /// Log segments or a checkpoint: taken as its own. (Segment names carry shard 0
+    /// whatever the shard, FORMAT.md §3.4, so they cannot tell one shard's from
+    /// another's; read as such, every shard but 0 was refused after a start that
+    /// stopped while it wrote the markers.)
     Own,
-    /// Log segments of another shard.
-    Shard(usize),
     /// Neither.
     Empty,
 }
 
-fn unmarked_contents(dir: &Path, shard: usize) -> Result<Unmarked, EngineError> {
+fn unmarked_contents(dir: &Path) -> Result<Unmarked, EngineError> {
     let listed = std::fs::read_dir(dir)
         .map_err(|e| EngineError::Layout(format!("cannot list {}: {e}", dir.display())))?;
-    let mut own = false;
     for entry in listed {
         let entry = entry
             .map_err(|e| EngineError::Layout(format!("cannot list {}: {e}", dir.display())))?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if let Some((of, _, _)) = oc_io::wal::segment::parse_segment_name(&name) {
-            if of as usize != shard {
-                return Ok(Unmarked::Shard(of as usize));
-            }
-            own = true;
+        if oc_io::wal::segment::parse_segment_name(&name).is_some()
+            || crate::checkpoint::parse_manifest_name(&name).is_some()
+        {
+            return Ok(Unmarked::Own);
         }
-        own |= crate::checkpoint::parse_manifest_name(&name).is_some();
     }
-    Ok(if own { Unmarked::Own } else { Unmarked::Empty })
+    Ok(Unmarked::Empty)
 }
 
 /// Present in the data directory while [`mark_shard_dirs`] writes markers.
@@ -837,19 +834,14 @@ mod tests {
         refused("shard-1 is missing");
         std::fs::create_dir(&one).expect("an empty one");
         refused("shard-1 has lost its oc-shard.json and holds no log");
-        // Not marked yet, but its own log: a start stopped while writing the markers.
+        // Not marked yet, but a log: a start stopped while writing the markers. Every
+        // shard's segments are named for shard 0 (FORMAT.md §3.4).
         std::fs::write(
-            one.join(oc_io::wal::segment::segment_name(1, Epoch(1), Lsn(1))),
+            one.join(oc_io::wal::segment::segment_name(0, Epoch(1), Lsn(1))),
             b"",
         )
         .expect("a segment");
         check_shard_dirs(data, &layout).expect("its own segments");
-        std::fs::write(
-            one.join(oc_io::wal::segment::segment_name(2, Epoch(1), Lsn(9))),
-            b"",
-        )
-        .expect("another shard's segment");
-        refused("shard-1 holds shard 2's files");
         std::fs::remove_dir_all(&one).expect("rm");
         std::fs::rename(&two, &one).expect("2 to 1");
         std::fs::rename(&aside, &two).expect("1 to 2");

@@ -77,15 +77,23 @@ pub struct Table {
     /// The LSN of the newest write applied to the table: its creation's LSN before any,
     /// and the checkpoint's LSN when loaded from one (then an upper bound).
     written_lsn: u64,
-    /// Index entries that moved while index scans were open, for them to account for.
+    /// Index entries that moved while scans of their index were open, for them to
+    /// account for.
     moves: MoveLog,
-    /// Index scans of this table not dropped yet ([`RangeScan`] holds a count).
-    index_scans: Arc<AtomicUsize>,
+    /// Per index, the queries scanning it now ([`IndexScanMoves`] holds a count).
+    index_scans: Arc<[AtomicUsize]>,
 }
 
-/// Most index moves kept for open scans; a scan that falls further behind is refused
+/// Most index moves kept for open scans, and most bytes of keys they may hold; a scan
+/// that falls further behind, or has more moved rows to remember, is refused
 /// ([`RangeScan::lost_moves`]).
 pub const MAX_INDEX_MOVES: usize = 65_536;
+const MAX_INDEX_MOVE_BYTES: usize = 16 << 20;
+
+/// A count of open scans per index of a schema.
+fn scan_counts(indexes: usize) -> Arc<[AtomicUsize]> {
+    (0..indexes).map(|_| AtomicUsize::new(0)).collect()
+}
 
 /// A row's entry in an index moved: its indexed value changed under an open scan.
 #[derive(Debug, Clone)]
@@ -96,12 +104,20 @@ struct IndexMove {
     row: Key,
 }
 
+impl IndexMove {
+    fn bytes(&self) -> usize {
+        self.before.as_bytes().len() + self.after.as_bytes().len() + self.row.as_bytes().len()
+    }
+}
+
 /// The index moves since the oldest kept, numbered.
 #[derive(Debug, Clone, Default)]
 struct MoveLog {
     /// The number of the first entry in `moves`.
     first: u64,
     moves: VecDeque<IndexMove>,
+    /// Bytes of keys the moves hold.
+    bytes: usize,
 }
 
 impl MoveLog {
@@ -110,17 +126,22 @@ impl MoveLog {
     }
 
     fn record(&mut self, m: IndexMove) {
-        if self.moves.len() == MAX_INDEX_MOVES {
-            self.moves.pop_front();
+        self.bytes += m.bytes();
+        self.moves.push_back(m);
+        while self.moves.len() > MAX_INDEX_MOVES || self.bytes > MAX_INDEX_MOVE_BYTES {
+            let Some(oldest) = self.moves.pop_front() else {
+                break;
+            };
+            self.bytes -= oldest.bytes();
             self.first += 1;
         }
-        self.moves.push_back(m);
     }
 
     /// Forgets every move: no scan is open to need them.
     fn clear(&mut self) {
         self.first = self.end();
         self.moves.clear();
+        self.bytes = 0;
     }
 }
 
@@ -150,6 +171,7 @@ fn key_of(row: &Row, columns: &[usize]) -> Key {
 impl Table {
     pub fn new(schema: TableSchema, version: u64) -> Self {
         let indexes = vec![BTreeSet::new(); schema.indexes.len()];
+        let index_scans = scan_counts(indexes.len());
         Table {
             schema,
             version,
@@ -158,7 +180,7 @@ impl Table {
             usage: TableUsage::default(),
             written_lsn: version,
             moves: MoveLog::default(),
-            index_scans: Arc::default(),
+            index_scans,
         }
     }
 
@@ -491,9 +513,12 @@ impl Table {
             index_scans,
             ..
         } = self;
-        // Moves matter only to scans open now.
-        let scanned = index_scans.load(Ordering::Relaxed) > 0;
-        if !scanned && !moves.moves.is_empty() {
+        // Moves matter only to scans open now, of their index.
+        let scanned: Vec<bool> = index_scans
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed) > 0)
+            .collect();
+        if !scanned.contains(&true) && !moves.moves.is_empty() {
             moves.clear();
         }
         let replaced = rows.upsert(key, row, |key, old, row| {
@@ -503,7 +528,7 @@ impl Table {
                     Some(old) => {
                         let before = key_of(old, &index.columns);
                         if before != after {
-                            if scanned {
+                            if scanned.get(i) == Some(&true) {
                                 moves.record(IndexMove {
                                     index: i,
                                     before: before.clone(),
@@ -696,14 +721,14 @@ impl Table {
         scans: impl IntoIterator<Item = &'s mut RangeScan>,
         return_behind: bool,
     ) {
-        let scans: Vec<&mut RangeScan> = scans
-            .into_iter()
-            .filter(|s| matches!(s.target, ScanTarget::Index(_)))
-            .collect();
-        if scans.is_empty() {
+        let scans: Vec<&mut RangeScan> = scans.into_iter().collect();
+        let Some(ScanTarget::Index(index)) = scans.first().map(|s| s.target) else {
             return;
-        }
-        self.index_scans.fetch_add(1, Ordering::Relaxed);
+        };
+        let Some(count) = self.index_scans.get(index) else {
+            return;
+        };
+        count.fetch_add(1, Ordering::Relaxed);
         let bounds = scans
             .iter()
             .map(|s| ScanRange {
@@ -716,11 +741,12 @@ impl Table {
             seen: self.moves.end(),
             cursor: None,
             bounds,
+            finished: 0,
             returned: HashSet::new(),
             behind: Vec::new(),
             return_behind,
             lost: false,
-            open: self.index_scans.clone(),
+            open: (self.index_scans.clone(), index),
         }));
         for scan in scans {
             scan.moves = Some(shared.clone());
@@ -826,10 +852,10 @@ impl Table {
                     }
                     last_entry = Some(entry);
                     // Moved here after the scan passed it elsewhere: returned already.
-                    if moves
-                        .as_ref()
-                        .is_some_and(|m| m.borrow_mut().returned.remove(&entry.1))
-                    {
+                    if moves.as_ref().is_some_and(|m| {
+                        let mut m = m.borrow_mut();
+                        !m.returned.is_empty() && m.returned.remove(&entry.1)
+                    }) {
                         continue;
                     }
                     out.push(
@@ -846,6 +872,10 @@ impl Table {
                 }
                 if out.len() - before < max {
                     scan.done = true;
+                }
+                if let (true, Some(moves)) = (scan.done, &moves) {
+                    // All of its range is behind the scans now, beyond its last entry too.
+                    moves.borrow_mut().finished += 1;
                 }
             }
         }
@@ -954,6 +984,9 @@ impl Table {
             indexes.push(entries);
         }
         crate::reclaim::later(old_indexes);
+        // Scans of the old shape end (the version changed): none of theirs counts here.
+        self.index_scans = scan_counts(indexes.len());
+        self.moves.clear();
         self.schema = target;
         self.indexes = indexes;
         self.version = version;
@@ -1085,31 +1118,34 @@ struct IndexScanMoves {
     seen: u64,
     /// The last entry returned, by any of the scans (they run in key order).
     cursor: Option<(Key, Key)>,
-    /// Each scan's range.
+    /// Each scan's range, in key order.
     bounds: Vec<ScanRange>,
+    /// The scans done (the first ones of `bounds`): their whole ranges are behind.
+    finished: usize,
     /// Rows that moved after they were returned (or put in `behind`): not again.
     returned: HashSet<Key>,
     /// Rows that moved behind the scans before they returned them.
     behind: Vec<Key>,
     return_behind: bool,
     lost: bool,
-    /// The table's count of open index scans, held while this lives.
-    open: Arc<AtomicUsize>,
+    /// The table's counts of open scans per index, and this one's index: its count is
+    /// held while this lives.
+    open: (Arc<[AtomicUsize]>, usize),
 }
 
 impl IndexScanMoves {
-    /// Whether `entry` of the index lies in one of the scans' ranges.
-    fn admits(&self, entry: &Key) -> bool {
+    /// The scan whose range `entry` of the index lies in, if any (the ranges are in
+    /// key order and disjoint: an IN list has thousands).
+    fn range_of(&self, entry: &Key) -> Option<usize> {
         let bytes = entry.as_bytes();
-        self.bounds.iter().any(|r| {
-            let above_start = match &r.start {
-                Bound::Included(k) => bytes >= k.as_slice(),
-                _ => true,
-            };
-            above_start
-                && !r.skip.as_ref().is_some_and(|p| bytes.starts_with(p))
-                && r.stop.admits(bytes)
-        })
+        let after = self.bounds.partition_point(|r| match &r.start {
+            Bound::Included(k) => k.as_slice() <= bytes,
+            _ => true,
+        });
+        let at = after.checked_sub(1)?;
+        let r = &self.bounds[at];
+        (!r.skip.as_ref().is_some_and(|p| bytes.starts_with(p)) && r.stop.admits(bytes))
+            .then_some(at)
     }
 
     /// Goes through the moves of index `index` since the last slice, with the scans at
@@ -1118,21 +1154,27 @@ impl IndexScanMoves {
         if self.seen < log.first {
             self.lost = true;
         }
-        let from = (self.seen.max(log.first) - log.first) as usize;
+        let from = ((self.seen.max(log.first) - log.first) as usize).min(log.moves.len());
         self.seen = log.end();
         let Some((at_entry, at_row)) = self.cursor.clone() else {
             return;
         };
-        let passed = |entry: &Key, row: &Key| (entry, row) <= (&at_entry, &at_row);
+        // Behind the scans: up to the last entry returned, or in a range they finished.
+        let passed = |moves: &Self, entry: &Key, row: &Key| {
+            (entry, row) <= (&at_entry, &at_row)
+                || moves.range_of(entry).is_some_and(|r| r < moves.finished)
+        };
         for m in log.moves.range(from..).filter(|m| m.index == index) {
             if !self.returned.contains(&m.row)
-                && passed(&m.before, &m.row)
-                && self.admits(&m.before)
+                && passed(self, &m.before, &m.row)
+                && self.range_of(&m.before).is_some()
             {
                 // Returned where it was: not again where it went.
                 self.returned.insert(m.row.clone());
             }
-            if !self.returned.contains(&m.row) && passed(&m.after, &m.row) && self.admits(&m.after)
+            if !self.returned.contains(&m.row)
+                && passed(self, &m.after, &m.row)
+                && self.range_of(&m.after).is_some()
             {
                 self.returned.insert(m.row.clone());
                 if self.return_behind {
@@ -1140,12 +1182,18 @@ impl IndexScanMoves {
                 }
             }
         }
+        // What it remembers is bounded like the log.
+        if self.returned.len() > MAX_INDEX_MOVES {
+            self.lost = true;
+        }
     }
 }
 
 impl Drop for IndexScanMoves {
     fn drop(&mut self) {
-        self.open.fetch_sub(1, Ordering::Relaxed);
+        if let Some(count) = self.open.0.get(self.open.1) {
+            count.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 

@@ -1298,6 +1298,54 @@ fn an_index_scan_returns_each_row_once_while_rows_move_in_the_index() {
     }
 }
 
+/// A row that moves into the range of an IN list value the scan has finished, past
+/// the last row that range returned, is returned all the same (and once).
+#[test]
+fn an_in_list_scan_returns_a_row_moved_into_a_finished_range() {
+    use oc_engine::query::{normalize, prepare, Execution};
+    let mut t = Tenant::new(TenantId::parse("inlist").expect("valid"));
+    let schema = TableSchema::new(
+        "t",
+        &[("id", ColumnType::Int, false), ("v", ColumnType::Int, true)],
+        &["id"],
+        &[("by_v", &["v"])],
+    )
+    .expect("valid");
+    t.create_table(schema, 1).expect("created");
+    // v = 0 for ids below 1000, 99 above: the range of 0 ends at (0, 999).
+    let rows: Vec<Json> = (0..3000)
+        .map(|i| json!({"id": i, "v": if i < 1000 { 0 } else { 99 }}))
+        .collect();
+    write(&mut t, "t", &rows);
+    let q = normalize("SELECT id FROM t WHERE v IN (0, 99)").expect("valid");
+    let plan = std::rc::Rc::new(prepare(&t, &q).expect("plans"));
+    let memory = t.query_memory().clone();
+    let mut run =
+        Execution::new(plan, q.literals.clone(), AskLimits::default(), &memory).expect("binds");
+    let mut steps = 0i64;
+    while !run.step(&t).expect("step") {
+        // The highest ids, not returned yet, move to 0: behind the scan, past (0, 999).
+        write(&mut t, "t", &[json!({"id": 2999 - steps, "v": 0})]);
+        steps += 1;
+    }
+    assert!(steps >= 4, "the scan took several slices");
+    let mut ids: Vec<i64> = run
+        .finish(false)
+        .expect("finishes")
+        .rows
+        .iter()
+        .map(|r| match r[0] {
+            Value::Int(i) => i,
+            _ => panic!("int"),
+        })
+        .collect();
+    let returned = ids.len();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), returned, "a row returned twice");
+    assert_eq!(ids, (0..3000).collect::<Vec<_>>(), "rows missed");
+}
+
 /// More moves between two slices than the table keeps for its scans: the scan
 /// cannot account for them and is refused as a table that changed (retry), rather than
 /// answer with rows twice or missing.

@@ -52,21 +52,38 @@ const MAX_MESSAGE_BYTES: usize = 2048;
 /// (tests need panics to unwind).
 pub fn install_panic_hook(program: &'static str, format: LineFormat) {
     std::panic::set_hook(Box::new(move |info| {
+        if QUIET_ON_CLOSED_PIPE.load(std::sync::atomic::Ordering::Relaxed)
+            && is_closed_pipe_print(&panic_message(info))
+        {
+            // SAFETY: ends the process at once, as `exit_now` does.
+            unsafe { libc::_exit(EXIT_CLOSED_PIPE) }
+        }
         let line = panic_line(program, format, info);
         exit_now(EXIT_PANIC, &line);
     }));
 }
 
-/// For command-line tools: a reader that stops early (`| head`) ends the process
-/// quietly, as it ends other tools, instead of failing its next print (Rust ignores
-/// `SIGPIPE`, so the print panics). Call first thing in `main`.
+/// For command-line tools, with their panic hook installed: a reader that stops
+/// early (`| head`) ends the process quietly with status 141 (as `SIGPIPE` ends other
+/// tools), instead of a fatal line for its failed print. `SIGPIPE` itself stays
+/// ignored: a socket the peer closed must be an error for the HTTP or S3 client, not
+/// the end of the process.
 pub fn end_quietly_on_closed_pipe() {
-    // SAFETY: sets the default action of one signal, before any thread is started;
-    // no handler runs Rust code.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
+    QUIET_ON_CLOSED_PIPE.store(true, std::sync::atomic::Ordering::Relaxed);
 }
+
+static QUIET_ON_CLOSED_PIPE: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Whether a panic message is one for a print (std's, or a library's write to
+/// stdout) whose reader is gone.
+pub fn is_closed_pipe_print(message: &str) -> bool {
+    (message.starts_with("failed printing to std") || message.starts_with("failed to write"))
+        && (message.contains("Broken pipe") || message.contains("BrokenPipe"))
+}
+
+/// The status of a process ended by `SIGPIPE` as shells report it (128 + 13).
+pub const EXIT_CLOSED_PIPE: i32 = 141;
 
 /// Writes `line` (a newline is added) to stderr with one `write(2)` and ends the
 /// process with `status` without running destructors or exit handlers.
@@ -88,16 +105,22 @@ pub fn exit_now(status: i32, line: &str) -> ! {
 }
 
 /// The one line a panic produces.
-fn panic_line(program: &str, format: LineFormat, info: &PanicHookInfo<'_>) -> String {
-    let thread = std::thread::current();
-    let thread = thread.name().unwrap_or("unnamed");
+/// The message a panic carries.
+fn panic_message(info: &PanicHookInfo<'_>) -> String {
     let payload = info.payload();
-    let message = payload
+    payload
         .downcast_ref::<&str>()
         .copied()
         .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("(a panic without a message)");
-    let message = truncate(message, MAX_MESSAGE_BYTES);
+        .unwrap_or("(a panic without a message)")
+        .to_string()
+}
+
+fn panic_line(program: &str, format: LineFormat, info: &PanicHookInfo<'_>) -> String {
+    let thread = std::thread::current();
+    let thread = thread.name().unwrap_or("unnamed");
+    let message = panic_message(info);
+    let message = truncate(&message, MAX_MESSAGE_BYTES);
     let location = info.location().map_or_else(
         || "unknown".to_string(),
         |l| format!("{}:{}", l.file(), l.line()),
@@ -155,6 +178,18 @@ fn json_escape_into(out: &mut String, s: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_prints_to_a_closed_pipe_end_quietly() {
+        assert!(is_closed_pipe_print(
+            "failed printing to stdout: Broken pipe (os error 32)"
+        ));
+        assert!(is_closed_pipe_print(
+            "failed to write completion file: Os { code: 32, kind: BrokenPipe }"
+        ));
+        assert!(!is_closed_pipe_print("index out of bounds"));
+        assert!(!is_closed_pipe_print("reading the archive: Broken pipe"));
+    }
 
     #[test]
     fn fatal_lines_are_one_line_in_either_format() {

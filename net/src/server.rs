@@ -492,12 +492,6 @@ impl Drop for FreshStart {
     }
 }
 
-/// A follower's `--archive` must be its writer's: its promotion takes that archive's
-/// lease over, which fences the old writer only if the old writer holds it. One whose
-/// owner record names another data directory than the writer's is refused (a promotion
-/// would take over a third server's archive and fence nothing); one with no record, or
-/// that cannot be read now, is let through with a warning (a promotion without force
-/// refuses it then).
 /// Refuses a `file://` archive that is the data directory, inside it, or holds it:
 /// the archive's files (its `audit/` copy, its `shard-<i>/` folders) would land on the
 /// directory's own, and losing the directory would lose its backup with it.
@@ -550,6 +544,12 @@ fn own_listener_at(config: &ServerConfig, addr: SocketAddr) -> Option<(&'static 
     })
 }
 
+/// A follower's `--archive` must be its writer's: its promotion takes that archive's
+/// lease over, which fences the old writer only if the old writer holds it. One whose
+/// owner record names another data directory than the writer's is refused (a promotion
+/// would take over a third server's archive and fence nothing); one with no record, or
+/// that cannot be read now, is let through with a warning (a promotion without force
+/// refuses it then).
 fn check_follower_archive(
     archive: &dyn oc_ship::archive::Archive,
     uri: &str,
@@ -613,8 +613,6 @@ fn ship_config(config: &ServerConfig, layout: &oc_engine::placement::Layout) -> 
     }
 }
 
-/// What happens when another process took the archive's owner record: the shipper's
-/// writes are already fenced; the process ends before anything else happens.
 /// What happens when the writer refuses this follower as diverged: the process ends,
 /// and its restart cuts the log where it left the writer's history.
 fn on_diverged(format: LineFormat) -> receiver::OnDiverged {
@@ -628,6 +626,8 @@ fn on_diverged(format: LineFormat) -> receiver::OnDiverged {
     })
 }
 
+/// What happens when another process took the archive's owner record: the shipper's
+/// writes are already fenced; the process ends before anything else happens.
 fn on_displaced(format: LineFormat) -> shipper::OnDisplaced {
     Box::new(move |what| {
         let line = fail_stop::fatal_line(

@@ -273,6 +273,64 @@ fn verify_names_a_snapshot_without_its_manifest_and_a_damaged_one_is_done_withou
     assert!(has_row(&server, "acme", 0));
 }
 
+/// A checkpoint snapshot damaged in the archive is done without: the restore goes
+/// from an older restore point (an older checkpoint, or the start of the log), says
+/// so, and has every row.
+#[test]
+fn a_restore_past_a_damaged_checkpoint_snapshot_uses_an_older_restore_point() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let root = dir.path().join("archive");
+    let uri = file_uri(&root);
+    let server = Server::start(
+        &data,
+        &archive_args(&uri, &["--checkpoint-interval-s", "1"]),
+    );
+    server.create_tenant_with_items("acme");
+    let snapshots = || -> Vec<std::path::PathBuf> {
+        let mut found: Vec<_> = walk(&root)
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|x| x == "snap"))
+            .collect();
+        found.sort();
+        found
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut id = 0;
+    while snapshots().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "no checkpoint reached the archive"
+        );
+        assert!(write_row(&server.api, "acme", id));
+        id += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for _ in 0..20 {
+        assert!(write_row(&server.api, "acme", id));
+        id += 1;
+    }
+    common::wait_until_archived(&server, 2);
+    assert!(server.terminate().success());
+    // The newest snapshot of its shard (names sort by LSN).
+    let newest = snapshots().pop().expect("a snapshot");
+    let mut bytes = std::fs::read(&newest).expect("read");
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    std::fs::write(&newest, bytes).expect("damage");
+    let restored_dir = dir.path().join("restored");
+    let restored = restore_latest(&uri, &restored_dir);
+    assert!(restored.success, "{restored:?}");
+    assert!(
+        restored.stderr.contains("WARNING") && restored.stderr.contains("instead"),
+        "the restore says it went around the damage: {restored:?}"
+    );
+    let server = Server::start(&restored_dir, &["--shards", "2", "--archive", "none"]);
+    for row in 0..id {
+        assert!(has_row(&server, "acme", row), "row {row} not restored");
+    }
+}
+
 /// Restoring to an instant between two writes brings back exactly the writes
 /// committed before it, through a checkpoint taken before the target.
 #[test]

@@ -80,6 +80,9 @@ pub struct ShardPlan {
     pub tail: Option<Vec<TailPieceKey>>,
     /// Why the plan stops short of what the archive lists (a gap), if it does.
     pub stops_early: Option<String>,
+    /// Plans from older restore points, tried in turn when this one's checkpoint
+    /// snapshot turns out damaged (`oc-pitr verify` names it).
+    pub older: Vec<ShardPlan>,
 }
 
 /// The log an archive holds from `need` on, up to `target` (a plan without its base).
@@ -95,6 +98,7 @@ fn chain_from(
         segments,
         tail,
         stops_early,
+        older: Vec::new(),
     };
     let mut next = need;
     let mut segments = Vec::new();
@@ -168,6 +172,7 @@ pub fn plan_shard_capped(
     cap: Lsn,
 ) -> Result<ShardPlan, String> {
     let mut reasons = Vec::new();
+    let mut feasible = Vec::new();
     // A checkpoint is fuzzy: its rows may hold commands logged while it was copied,
     // after its LSN. Below a branch point only one completed before a commit at or
     // below the cap is sure to hold nothing past it.
@@ -207,20 +212,24 @@ pub fn plan_shard_capped(
                 segments: Vec::new(),
                 tail: None,
                 stops_early: None,
+                older: Vec::new(),
             });
         }
         match chain_from(catalog, need, target, cap) {
-            Ok(plan) => {
-                return Ok(ShardPlan {
-                    checkpoint: base.cloned(),
-                    ..plan
-                })
-            }
+            Ok(plan) => feasible.push(ShardPlan {
+                checkpoint: base.cloned(),
+                ..plan
+            }),
             Err(why) => reasons.push(match base {
                 Some(c) => format!("from checkpoint {}: {why}", c.lsn.0),
                 None => format!("from the start of the log: {why}"),
             }),
         }
+    }
+    let mut feasible = feasible.into_iter();
+    if let Some(mut plan) = feasible.next() {
+        plan.older = feasible.collect();
+        return Ok(plan);
     }
     Err(format!(
         "shard {}: no restore point at or before the target: {}",
@@ -954,13 +963,41 @@ fn restore_shard(
     };
     if let Some(checkpoint) = &plan.checkpoint {
         let snapshot_key = layout::checkpoint_snapshot_key(plan.shard, checkpoint.lsn);
-        let snapshot = fetch(archive, &snapshot_key)?;
-        checkpoint
-            .check_snapshot(&snapshot)
-            .map_err(|problem| ArchiveError::Unreadable {
-                key: snapshot_key.clone(),
-                problem,
-            })?;
+        let fetched = fetch(archive, &snapshot_key);
+        let damaged = match &fetched {
+            Ok(snapshot) => checkpoint.check_snapshot(snapshot).err().map(|problem| {
+                PitrError::from(ArchiveError::Unreadable {
+                    key: snapshot_key.clone(),
+                    problem,
+                })
+            }),
+            Err(PitrError::Archive(e @ ArchiveError::Corrupt { .. })) => {
+                Some(PitrError::Archive(e.clone()))
+            }
+            Err(_) => None,
+        };
+        if let Some(damaged) = damaged {
+            // Nothing of this shard is written yet: an older restore point serves.
+            let Some((older, rest)) = plan.older.split_first() else {
+                return Err(damaged);
+            };
+            progress(&format!(
+                "WARNING: shard {}: {damaged}; restoring from {} instead",
+                plan.shard,
+                older
+                    .checkpoint
+                    .as_ref()
+                    .map_or("the start of the log".to_string(), |c| {
+                        format!("the older checkpoint at LSN {}", c.lsn.0)
+                    })
+            ));
+            let older = ShardPlan {
+                older: rest.to_vec(),
+                ..older.clone()
+            };
+            return restore_shard(archive, &older, (target, cap), data_dir, progress);
+        }
+        let snapshot = fetched?;
         let manifest = fetch(
             archive,
             &layout::checkpoint_manifest_key(plan.shard, checkpoint.lsn),

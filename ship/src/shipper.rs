@@ -566,6 +566,8 @@ impl<F: ShardFiles> Shipper<F> {
                 }
             }
         }
+        // The archive's keys as an operator finds them, under this writer's prefix.
+        let key_prefix = namespace.clone().unwrap_or_default();
         let archive: Arc<dyn Archive> = match namespace {
             Some(prefix) => {
                 tracing::info!(%prefix, lease_epoch, "shipping under this writer's epoch prefix");
@@ -596,7 +598,7 @@ impl<F: ShardFiles> Shipper<F> {
                 }
                 .into());
             }
-            check_same_history(&files, archive.as_ref(), &catalog)?;
+            check_same_history(&files, archive.as_ref(), &catalog, &key_prefix)?;
             archived.push(archived_log(&catalog));
             let mut progress = ShardProgress {
                 segments: catalog
@@ -1185,6 +1187,7 @@ fn check_same_history<F: ShardFiles>(
     files: &F,
     archive: &dyn Archive,
     catalog: &crate::catalog::ShardCatalog,
+    key_prefix: &str,
 ) -> Result<(), ShipError> {
     let shard = catalog.shard;
     let names = match files.names(shard) {
@@ -1205,7 +1208,7 @@ fn check_same_history<F: ShardFiles>(
     local.sort();
     let diverged = |name: &str, key: String, why: String| ShipError::Diverged {
         file: files.describe(shard, name),
-        key,
+        key: format!("{key_prefix}{key}"),
         why,
     };
     let footer = |name: &str| {
@@ -1223,10 +1226,8 @@ fn check_same_history<F: ShardFiles>(
     // The first `upto` bytes of a local segment (all of it: None) and its valid frames
     // there, as recovery reads them; None when it cannot be read or has no header.
     let scan = |name: &str, upto: Option<u64>| {
-        let len = match upto {
-            Some(upto) => upto,
-            None => files.len(shard, name).ok()?,
-        };
+        let whole = files.len(shard, name).ok()?;
+        let len = upto.map_or(whole, |upto| upto.min(whole));
         let bytes = files
             .read_at(shard, name, 0, usize::try_from(len).ok()?)
             .ok()?;
@@ -1281,6 +1282,8 @@ fn check_same_history<F: ShardFiles>(
                 // Not sealed here: its valid frames must end at the same last frame, or
                 // before it (behind the archive, which recovery refuses).
                 None => scan(name, None).and_then(|(_, frames, _)| {
+                    // Read whole: what the log writes next must not meet these pages.
+                    files.forget(shard, name);
                     let past = frames.iter().find(|(lsn, _)| *lsn > there.0);
                     let last = frames.iter().find(|(lsn, _)| *lsn == there.0);
                     match (past, last) {
@@ -1324,14 +1327,29 @@ fn check_same_history<F: ShardFiles>(
     if valid_end <= piece.start {
         return Ok(());
     }
-    let there = match archive.get(&key)? {
-        Some((bytes, _)) => bytes,
-        None => return Ok(()), // sealed and replaced meanwhile: nothing to compare
+    let there = match archive.get(&key) {
+        Ok(Some((bytes, _))) => bytes,
+        Ok(None) => return Ok(()), // sealed and replaced meanwhile: nothing to compare
+        // A damaged or unreadable piece tells nothing about this log: shipping goes
+        // on, and `oc-pitr verify` names the object.
+        Err(e) => {
+            tracing::warn!(shard, key, error = %e, "could not compare the log with the archive's newest tail piece");
+            return Ok(());
+        }
     };
     let compared = (valid_end - piece.start) as usize;
+    if there.len() != (piece.end - piece.start) as usize || here.len() < valid_end as usize {
+        tracing::warn!(
+            shard,
+            key,
+            bytes = there.len(),
+            "the archive's newest tail piece does not hold the bytes its name says: not compared"
+        );
+        return Ok(());
+    }
     let here = &here[piece.start as usize..valid_end as usize];
     let differs = (here.iter().zip(there.iter().take(compared))).position(|(a, b)| a != b);
-    if let Some(offset) = differs.or((there.len() < compared).then_some(there.len())) {
+    if let Some(offset) = differs {
         return Err(diverged(
             name,
             key,

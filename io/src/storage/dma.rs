@@ -82,7 +82,32 @@ const IOPOLL_PROBE_NAME: &str = ".oc-iopoll-probe";
 /// read ends at EOF without reaching the device, the probe "succeeds", and every later
 /// read on a device without poll queues (virtio, most cloud disks) fails with
 /// EOPNOTSUPP. So before anything else, let glommio probe a file that holds a block.
+/// A file of the directory already holding a block (a log segment, after the first
+/// start) is probed as it is: nothing is written, which a full disk would refuse (and
+/// the server could not restart to free space).
 async fn prime_iopoll_probe(dir: &Path) -> Result<()> {
+    let listed = dir.to_path_buf();
+    let existing = glommio::executor()
+        .spawn_blocking(move || -> Option<PathBuf> {
+            std::fs::read_dir(listed).ok()?.flatten().find_map(|entry| {
+                let meta = entry.metadata().ok()?;
+                let usable = meta.is_file()
+                    && meta.len() >= BLOCK_SIZE as u64
+                    && entry.file_name() != IOPOLL_PROBE_NAME;
+                usable.then(|| entry.path())
+            })
+        })
+        .await;
+    if let Some(path) = existing {
+        return OpenOptions::new()
+            .read(true)
+            .dma_open(&path)
+            .await
+            .map_err(|e| glommio_err("probing", &path.display().to_string(), e))?
+            .close()
+            .await
+            .map_err(|e| glommio_err("closing", &path.display().to_string(), e));
+    }
     let path = dir.join(IOPOLL_PROBE_NAME);
     let shown = path.display().to_string();
     let to_write = path.clone();

@@ -756,9 +756,17 @@ pub async fn ask(
             .ask(&tenant, &body.sql, params, explain, limits)
             .await
             .map_err(query_error)?;
-        let encoded = encode_answer(&answer, applied_lsn, limits.max_memory_bytes).await?;
+        // The text counts toward the queries' memory while it is written (other
+        // answers are written meanwhile) and until its client has read it.
+        let mut memory = node
+            .shard()
+            .tenant_query_memory(&tenant)
+            .map_or_else(Default::default, |t| {
+                oc_engine::quota::QueryMemory::for_tenant(&t)
+            });
+        let encoded =
+            encode_answer(&answer, applied_lsn, limits.max_memory_bytes, &mut memory).await?;
         drop(answer);
-        let memory = node.shard().tenant_query_memory(&tenant);
         Ok((
             StatusCode::OK,
             Body::Encoded(charged_answer(encoded, memory)?),
@@ -785,23 +793,24 @@ impl AsRef<[u8]> for ChargedAnswer {
 
 fn charged_answer(
     bytes: Vec<u8>,
-    tenant: Option<oc_engine::quota::TenantQueryMemory>,
+    mut memory: oc_engine::quota::QueryMemory,
 ) -> Result<bytes::Bytes, ApiError> {
-    let mut memory = tenant.map_or_else(Default::default, |t| {
-        oc_engine::quota::QueryMemory::for_tenant(&t)
-    });
-    let len = bytes.len();
+    cover_answer(&mut memory, bytes.len())?;
+    Ok(bytes::Bytes::from_owner(ChargedAnswer {
+        bytes,
+        _memory: memory,
+    }))
+}
+
+/// Makes `memory` cover an answer's `len` bytes of text, or says which bound refused.
+fn cover_answer(memory: &mut oc_engine::quota::QueryMemory, len: usize) -> Result<(), ApiError> {
     memory.cover(len).map_err(|refused| {
         query_error(shared_memory_refusal(
             refused,
             &format!("this answer's {len} bytes"),
             "add a LIMIT or select fewer columns",
         ))
-    })?;
-    Ok(bytes::Bytes::from_owner(ChargedAnswer {
-        bytes,
-        _memory: memory,
-    }))
+    })
 }
 
 /// Rows encoded between two checks for a turn and of the answer's size.
@@ -817,6 +826,7 @@ async fn encode_answer(
     answer: &AskAnswer,
     applied_lsn: u64,
     max_bytes: usize,
+    memory: &mut oc_engine::quota::QueryMemory,
 ) -> Result<Vec<u8>, ApiError> {
     let mut turns = oc_io::executor::Turns::new(oc_engine::query::SLICE_TARGET);
     let mut out = Vec::with_capacity(256);
@@ -846,6 +856,7 @@ async fn encode_answer(
                     ),
                 ));
             }
+            cover_answer(memory, out.len())?;
             turns.between_slices().await;
         }
         if i > 0 {

@@ -241,12 +241,25 @@ fn usage(message: impl Into<String>) -> Failure {
 }
 
 fn main() -> ExitCode {
-    // A reader that stops early (`oc ... | head`) ends `oc` quietly, as it ends other
-    // tools, instead of failing its next print (Rust ignores SIGPIPE).
-    // SAFETY: the default action of one signal, set before any thread starts.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
+    // A reader that stops early (`oc ... | head`) ends `oc` quietly with status 141,
+    // as SIGPIPE ends other tools, instead of a panic for its failed print. SIGPIPE
+    // stays ignored: a socket the server closed is an error for the HTTP client.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("");
+        // std's print, or clap_complete's write of a completion script.
+        let print =
+            message.starts_with("failed printing to std") || message.starts_with("failed to write");
+        if print && (message.contains("Broken pipe") || message.contains("BrokenPipe")) {
+            std::process::exit(141);
+        }
+        default_hook(info);
+    }));
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
