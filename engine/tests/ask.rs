@@ -1111,14 +1111,32 @@ fn int_table(name: &str, rows: usize, g: impl Fn(usize) -> i64) -> Tenant {
     t
 }
 
+/// A tenant with table `t (id, v)` indexed on `v`.
+fn tenant_indexed_on_v(name: &str) -> Tenant {
+    let mut t = Tenant::new(TenantId::parse(name).expect("valid"));
+    let schema = TableSchema::new(
+        "t",
+        &[("id", ColumnType::Int, false), ("v", ColumnType::Int, true)],
+        &["id"],
+        &[("by_v", &["v"])],
+    )
+    .expect("valid");
+    t.create_table(schema, 1).expect("created");
+    t
+}
+
+/// `sql` planned and bound over `t`, ready to step as a shard steps it.
+fn execution(t: &Tenant, sql: &str) -> oc_engine::query::Execution {
+    use oc_engine::query::{normalize, prepare, Execution};
+    let q = normalize(sql).expect("valid");
+    let plan = std::rc::Rc::new(prepare(t, &q).expect("plans"));
+    let memory = t.query_memory().clone();
+    Execution::new(plan, q.literals.clone(), AskLimits::default(), &memory).expect("binds")
+}
+
 /// Steps a query to its end the way a shard does; returns the steps and the answer.
 fn stepped(t: &Tenant, sql: &str) -> (usize, AskAnswer) {
-    use oc_engine::query::{normalize, prepare, Execution};
-    let n = normalize(sql).expect("valid");
-    let plan = std::rc::Rc::new(prepare(t, &n).expect("plans"));
-    let memory = t.query_memory().clone();
-    let mut run =
-        Execution::new(plan, n.literals.clone(), AskLimits::default(), &memory).expect("binds");
+    let mut run = execution(t, sql);
     let mut steps = 1;
     while !run.step(t).expect("step") {
         steps += 1;
@@ -1228,16 +1246,7 @@ fn a_scan_resumes_across_slices_while_rows_change() {
 /// answer's stays in order.
 #[test]
 fn an_index_scan_returns_each_row_once_while_rows_move_in_the_index() {
-    use oc_engine::query::{normalize, prepare, Execution};
-    let mut t = Tenant::new(TenantId::parse("moving").expect("valid"));
-    let schema = TableSchema::new(
-        "t",
-        &[("id", ColumnType::Int, false), ("v", ColumnType::Int, true)],
-        &["id"],
-        &[("by_v", &["v"])],
-    )
-    .expect("valid");
-    t.create_table(schema, 1).expect("created");
+    let mut t = tenant_indexed_on_v("moving");
     let n = 6000i64;
     for sql in [
         "SELECT id, v FROM t WHERE v >= 0",
@@ -1248,11 +1257,7 @@ fn an_index_scan_returns_each_row_once_while_rows_move_in_the_index() {
         write(&mut t, "t", &rows);
         let access = access(&t, sql);
         assert!(access.to_string().contains("by_v"), "{sql}: plans {access}");
-        let q = normalize(sql).expect("valid");
-        let plan = std::rc::Rc::new(prepare(&t, &q).expect("plans"));
-        let memory = t.query_memory().clone();
-        let mut run =
-            Execution::new(plan, q.literals.clone(), AskLimits::default(), &memory).expect("binds");
+        let mut run = execution(&t, sql);
         let mut steps = 0i64;
         while !run.step(&t).expect("step") {
             // Between slices: a row of the lowest values (returned early) moves to the
@@ -1302,26 +1307,13 @@ fn an_index_scan_returns_each_row_once_while_rows_move_in_the_index() {
 /// the last row that range returned, is returned all the same (and once).
 #[test]
 fn an_in_list_scan_returns_a_row_moved_into_a_finished_range() {
-    use oc_engine::query::{normalize, prepare, Execution};
-    let mut t = Tenant::new(TenantId::parse("inlist").expect("valid"));
-    let schema = TableSchema::new(
-        "t",
-        &[("id", ColumnType::Int, false), ("v", ColumnType::Int, true)],
-        &["id"],
-        &[("by_v", &["v"])],
-    )
-    .expect("valid");
-    t.create_table(schema, 1).expect("created");
+    let mut t = tenant_indexed_on_v("inlist");
     // v = 0 for ids below 1000, 99 above: the range of 0 ends at (0, 999).
     let rows: Vec<Json> = (0..3000)
         .map(|i| json!({"id": i, "v": if i < 1000 { 0 } else { 99 }}))
         .collect();
     write(&mut t, "t", &rows);
-    let q = normalize("SELECT id FROM t WHERE v IN (0, 99)").expect("valid");
-    let plan = std::rc::Rc::new(prepare(&t, &q).expect("plans"));
-    let memory = t.query_memory().clone();
-    let mut run =
-        Execution::new(plan, q.literals.clone(), AskLimits::default(), &memory).expect("binds");
+    let mut run = execution(&t, "SELECT id FROM t WHERE v IN (0, 99)");
     let mut steps = 0i64;
     while !run.step(&t).expect("step") {
         // The highest ids, not returned yet, move to 0: behind the scan, past (0, 999).
@@ -1351,23 +1343,11 @@ fn an_in_list_scan_returns_a_row_moved_into_a_finished_range() {
 /// answer with rows twice or missing.
 #[test]
 fn an_index_scan_that_falls_behind_the_kept_moves_is_refused() {
-    use oc_engine::query::{normalize, prepare, Execution, QueryErrorKind};
-    let mut t = Tenant::new(TenantId::parse("churn").expect("valid"));
-    let schema = TableSchema::new(
-        "t",
-        &[("id", ColumnType::Int, false), ("v", ColumnType::Int, true)],
-        &["id"],
-        &[("by_v", &["v"])],
-    )
-    .expect("valid");
-    t.create_table(schema, 1).expect("created");
+    use oc_engine::query::QueryErrorKind;
+    let mut t = tenant_indexed_on_v("churn");
     let rows: Vec<Json> = (0..3000).map(|i| json!({"id": i, "v": i})).collect();
     write(&mut t, "t", &rows);
-    let q = normalize("SELECT id FROM t WHERE v >= 0").expect("valid");
-    let plan = std::rc::Rc::new(prepare(&t, &q).expect("plans"));
-    let memory = t.query_memory().clone();
-    let mut run =
-        Execution::new(plan, q.literals.clone(), AskLimits::default(), &memory).expect("binds");
+    let mut run = execution(&t, "SELECT id FROM t WHERE v >= 0");
     assert!(!run.step(&t).expect("first slice"));
     let moves = oc_engine::table::MAX_INDEX_MOVES + 10;
     for m in 0..moves {

@@ -786,29 +786,41 @@ fn limits_tokens_and_keys_guard_streams() {
     drop(by_key);
 }
 
+/// A server of `shards` shards and `max_connections` connections (`--watch-max-streams`
+/// far above) with tenant `acme`: the server, its admin token, the tenants URL and
+/// acme's watch URL.
+fn acme_to_watch(
+    dir: &std::path::Path,
+    shards: &str,
+    max_connections: &str,
+) -> (Server, &'static str, String, String) {
+    let (server, admin) = start_with_admin(
+        dir,
+        &[
+            "--shards",
+            shards,
+            "--max-connections",
+            max_connections,
+            "--watch-max-streams",
+            "100",
+        ],
+    );
+    let tenants = format!("{}/v1/tenants", server.api);
+    let body = json!({"tenant": "acme"}).to_string();
+    let created = request_as("POST", &tenants, Some(&body), admin);
+    assert_eq!(created.status, 201, "{created:?}");
+    let url = watch_url(&server, "acme", "");
+    (server, admin, tenants, url)
+}
+
 /// Streams may hold at most three quarters of `--max-connections`, whatever
 /// `--watch-max-streams` says: past that a stream is refused, and requests still find
 /// a connection.
 #[test]
 fn streams_hold_at_most_three_quarters_of_the_connections() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (server, admin) = start_with_admin(
-        dir.path(),
-        &[
-            "--shards",
-            "1",
-            "--max-connections",
-            "8",
-            "--watch-max-streams",
-            "100",
-        ],
-    );
+    let (server, admin, tenants, url) = acme_to_watch(dir.path(), "1", "8");
     let auth = format!("Bearer {admin}");
-    let tenants = format!("{}/v1/tenants", server.api);
-    let body = json!({"tenant": "acme"}).to_string();
-    let created = request_as("POST", &tenants, Some(&body), admin);
-    assert_eq!(created.status, 201, "{created:?}");
-    let url = watch_url(&server, "acme", "");
     let mut streams = Vec::new();
     for _ in 0..6 {
         let mut stream = Sse::open(&url, &[("authorization", &auth)]).expect("opens");
@@ -836,23 +848,8 @@ fn streams_hold_at_most_three_quarters_of_the_connections() {
 #[test]
 fn streams_hold_at_most_three_quarters_of_each_shards_connections() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (server, admin) = start_with_admin(
-        dir.path(),
-        &[
-            "--shards",
-            "2",
-            "--max-connections",
-            "16",
-            "--watch-max-streams",
-            "100",
-        ],
-    );
+    let (server, admin, tenants, url) = acme_to_watch(dir.path(), "2", "16");
     let auth = format!("Bearer {admin}");
-    let tenants = format!("{}/v1/tenants", server.api);
-    let body = json!({"tenant": "acme"}).to_string();
-    let created = request_as("POST", &tenants, Some(&body), admin);
-    assert_eq!(created.status, 201, "{created:?}");
-    let url = watch_url(&server, "acme", "");
     let mut streams = Vec::new();
     let refusal = loop {
         assert!(streams.len() < 12, "twelve streams and no refusal");
