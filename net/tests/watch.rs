@@ -819,7 +819,7 @@ fn acme_to_watch(
 #[test]
 fn streams_hold_at_most_three_quarters_of_the_connections() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (server, admin, tenants, url) = acme_to_watch(dir.path(), "1", "8");
+    let (_server, admin, tenants, url) = acme_to_watch(dir.path(), "1", "8");
     let auth = format!("Bearer {admin}");
     let mut streams = Vec::new();
     for _ in 0..6 {
@@ -848,7 +848,7 @@ fn streams_hold_at_most_three_quarters_of_the_connections() {
 #[test]
 fn streams_hold_at_most_three_quarters_of_each_shards_connections() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (server, admin, tenants, url) = acme_to_watch(dir.path(), "2", "16");
+    let (_server, admin, tenants, url) = acme_to_watch(dir.path(), "2", "16");
     let auth = format!("Bearer {admin}");
     let mut streams = Vec::new();
     let refusal = loop {
