@@ -576,9 +576,14 @@ pub fn check_shard_dirs(data_dir: &Path, layout: &Layout) -> Result<(), EngineEr
         let problem = match marker {
             None if !dir.exists() => "is missing".to_string(),
             None if !dir.is_dir() => "is not a directory".to_string(),
+            // While the markers are written, any shard may not have its own yet.
+            None if marking => continue,
+            // Otherwise one without a marker lost it: it could be any shard's.
             None => match unmarked_contents(&dir)? {
-                Unmarked::Own => continue,
-                Unmarked::Empty if marking => continue,
+                Unmarked::Own => format!(
+                    "has lost its {SHARD_MARKER_FILE} while the others have theirs (was it \
+                     replaced, or copied from another shard? segment names do not say)"
+                ),
                 Unmarked::Empty => format!(
                     "has lost its {SHARD_MARKER_FILE} and holds no log or checkpoint (was it \
                      emptied or replaced?)"
@@ -603,10 +608,9 @@ pub fn check_shard_dirs(data_dir: &Path, layout: &Layout) -> Result<(), EngineEr
 
 /// What a shard directory without a marker holds.
 enum Unmarked {
-    /// Log segments or a checkpoint: taken as its own. (Segment names carry shard 0
-    /// whatever the shard, FORMAT.md §3.4, so they cannot tell one shard's from
-    /// another's; read as such, every shard but 0 was refused after a start that
-    /// stopped while it wrote the markers.)
+    /// Log segments or a checkpoint: whose, the names do not say (they carry shard 0
+    /// whatever the shard, FORMAT.md §3.4; read as a shard number, every shard but 0
+    /// was refused after a start that stopped while it wrote the markers).
     Own,
     /// Neither.
     Empty,
@@ -834,14 +838,17 @@ mod tests {
         refused("shard-1 is missing");
         std::fs::create_dir(&one).expect("an empty one");
         refused("shard-1 has lost its oc-shard.json and holds no log");
-        // Not marked yet, but a log: a start stopped while writing the markers. Every
-        // shard's segments are named for shard 0 (FORMAT.md §3.4).
+        // A log but no marker: lost, unless a start stopped while writing the markers.
+        // Every shard's segments are named for shard 0 (FORMAT.md §3.4).
         std::fs::write(
             one.join(oc_io::wal::segment::segment_name(0, Epoch(1), Lsn(1))),
             b"",
         )
         .expect("a segment");
-        check_shard_dirs(data, &layout).expect("its own segments");
+        refused("shard-1 has lost its oc-shard.json while the others have theirs");
+        std::fs::write(data.join(MARKING_FILE), b"").expect("marking");
+        check_shard_dirs(data, &layout).expect("a segment while marking");
+        std::fs::remove_file(data.join(MARKING_FILE)).expect("marked");
         std::fs::remove_dir_all(&one).expect("rm");
         std::fs::rename(&two, &one).expect("2 to 1");
         std::fs::rename(&aside, &two).expect("1 to 2");

@@ -514,11 +514,8 @@ impl Table {
             ..
         } = self;
         // Moves matter only to scans open now, of their index.
-        let scanned: Vec<bool> = index_scans
-            .iter()
-            .map(|n| n.load(Ordering::Relaxed) > 0)
-            .collect();
-        if !scanned.contains(&true) && !moves.moves.is_empty() {
+        let scanned = index_scans.iter().any(|n| n.load(Ordering::Relaxed) > 0);
+        if !scanned && !moves.moves.is_empty() {
             moves.clear();
         }
         let replaced = rows.upsert(key, row, |key, old, row| {
@@ -528,7 +525,7 @@ impl Table {
                     Some(old) => {
                         let before = key_of(old, &index.columns);
                         if before != after {
-                            if scanned.get(i) == Some(&true) {
+                            if scanned && index_scans[i].load(Ordering::Relaxed) > 0 {
                                 moves.record(IndexMove {
                                     index: i,
                                     before: before.clone(),
@@ -743,6 +740,7 @@ impl Table {
             bounds,
             finished: 0,
             returned: HashSet::new(),
+            missed: HashSet::new(),
             behind: Vec::new(),
             return_behind,
             lost: false,
@@ -1122,8 +1120,12 @@ struct IndexScanMoves {
     bounds: Vec<ScanRange>,
     /// The scans done (the first ones of `bounds`): their whole ranges are behind.
     finished: usize,
-    /// Rows that moved after they were returned (or put in `behind`): not again.
+    /// Rows returned already (or put in `behind`) that moved ahead of the scans since:
+    /// skipped where they are found.
     returned: HashSet<Key>,
+    /// Rows that moved behind the scans unreturned while `return_behind` is off: not
+    /// returned yet if they move ahead again.
+    missed: HashSet<Key>,
     /// Rows that moved behind the scans before they returned them.
     behind: Vec<Key>,
     return_behind: bool,
@@ -1165,25 +1167,33 @@ impl IndexScanMoves {
                 || moves.range_of(entry).is_some_and(|r| r < moves.finished)
         };
         for m in log.moves.range(from..).filter(|m| m.index == index) {
-            if !self.returned.contains(&m.row)
-                && passed(self, &m.before, &m.row)
-                && self.range_of(&m.before).is_some()
-            {
-                // Returned where it was: not again where it went.
-                self.returned.insert(m.row.clone());
-            }
-            if !self.returned.contains(&m.row)
-                && passed(self, &m.after, &m.row)
-                && self.range_of(&m.after).is_some()
-            {
-                self.returned.insert(m.row.clone());
+            let behind = |at: &Key| passed(self, at, &m.row) && self.range_of(at).is_some();
+            let (was_behind, now_behind) = (behind(&m.before), behind(&m.after));
+            let ahead = !passed(self, &m.after, &m.row) && self.range_of(&m.after).is_some();
+            // Returned already: found again ahead (to skip), or met where it was (or
+            // returned from `behind`); not if it went behind unreturned earlier.
+            let returned = if self.returned.remove(&m.row) {
+                true
+            } else if self.missed.remove(&m.row) {
+                false
+            } else {
+                was_behind
+            };
+            if returned {
+                if ahead {
+                    // Not again where it went.
+                    self.returned.insert(m.row.clone());
+                }
+            } else if now_behind {
                 if self.return_behind {
                     self.behind.push(m.row.clone());
+                } else {
+                    self.missed.insert(m.row.clone());
                 }
             }
         }
         // What it remembers is bounded like the log.
-        if self.returned.len() > MAX_INDEX_MOVES {
+        if self.returned.len() + self.missed.len() > MAX_INDEX_MOVES {
             self.lost = true;
         }
     }

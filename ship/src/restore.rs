@@ -977,10 +977,15 @@ fn restore_shard(
             Err(_) => None,
         };
         if let Some(damaged) = damaged {
-            // Nothing of this shard is written yet: an older restore point serves.
-            let Some((older, rest)) = plan.older.split_first() else {
+            // Nothing of this shard is written yet: an older restore point serves, one
+            // that restores as far as this one would (not one stopping at a gap).
+            let usable = (plan.older.iter())
+                .position(|p| p.stops_early.is_none() || plan.stops_early.is_some());
+            let Some(at) = usable else {
                 return Err(damaged);
             };
+            drop(fetched);
+            let (older, rest) = (&plan.older[at], &plan.older[at + 1..]);
             progress(&format!(
                 "WARNING: shard {}: {damaged}; restoring from {} instead",
                 plan.shard,

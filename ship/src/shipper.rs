@@ -1330,12 +1330,14 @@ fn check_same_history<F: ShardFiles>(
     let there = match archive.get(&key) {
         Ok(Some((bytes, _))) => bytes,
         Ok(None) => return Ok(()), // sealed and replaced meanwhile: nothing to compare
-        // A damaged or unreadable piece tells nothing about this log: shipping goes
-        // on, and `oc-pitr verify` names the object.
-        Err(e) => {
+        // A damaged piece tells nothing about this log: shipping goes on, and
+        // `oc-pitr verify` names the object. Any other error refuses the start (it is
+        // tried again), not the check.
+        Err(e @ ArchiveError::Corrupt { .. }) => {
             tracing::warn!(shard, key, error = %e, "could not compare the log with the archive's newest tail piece");
             return Ok(());
         }
+        Err(e) => return Err(e.into()),
     };
     let compared = (valid_end - piece.start) as usize;
     if there.len() != (piece.end - piece.start) as usize || here.len() < valid_end as usize {

@@ -82,31 +82,34 @@ const IOPOLL_PROBE_NAME: &str = ".oc-iopoll-probe";
 /// read ends at EOF without reaching the device, the probe "succeeds", and every later
 /// read on a device without poll queues (virtio, most cloud disks) fails with
 /// EOPNOTSUPP. So before anything else, let glommio probe a file that holds a block.
-/// A file of the directory already holding a block (a log segment, after the first
-/// start) is probed as it is: nothing is written, which a full disk would refuse (and
-/// the server could not restart to free space).
+/// A log segment of the directory whose header block is written (it reads back as a
+/// valid header) is probed as it is, after the first start: nothing is written, which
+/// a full disk would refuse (and the server could not restart to free space). A block
+/// only allocated would read as zeros without reaching the device, as an empty file.
 async fn prime_iopoll_probe(dir: &Path) -> Result<()> {
     let listed = dir.to_path_buf();
     let existing = glommio::executor()
         .spawn_blocking(move || -> Option<PathBuf> {
+            use std::io::Read;
             std::fs::read_dir(listed).ok()?.flatten().find_map(|entry| {
-                let meta = entry.metadata().ok()?;
-                let usable = meta.is_file()
-                    && meta.len() >= BLOCK_SIZE as u64
-                    && entry.file_name() != IOPOLL_PROBE_NAME;
-                usable.then(|| entry.path())
+                let name = entry.file_name();
+                crate::wal::segment::parse_segment_name(name.to_str()?)?;
+                let mut header = vec![0u8; BLOCK_SIZE];
+                std::fs::File::open(entry.path())
+                    .and_then(|mut f| f.read_exact(&mut header))
+                    .ok()?;
+                crate::wal::segment::SegmentHeader::decode(&header).ok()?;
+                Some(entry.path())
             })
         })
         .await;
     if let Some(path) = existing {
-        return OpenOptions::new()
-            .read(true)
-            .dma_open(&path)
-            .await
-            .map_err(|e| glommio_err("probing", &path.display().to_string(), e))?
-            .close()
-            .await
-            .map_err(|e| glommio_err("closing", &path.display().to_string(), e));
+        if let Ok(file) = OpenOptions::new().read(true).dma_open(&path).await {
+            return file
+                .close()
+                .await
+                .map_err(|e| glommio_err("closing", &path.display().to_string(), e));
+        }
     }
     let path = dir.join(IOPOLL_PROBE_NAME);
     let shown = path.display().to_string();
