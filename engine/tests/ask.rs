@@ -1071,18 +1071,8 @@ fn distinct_ids(run: oc_engine::query::Execution) -> (Vec<i64>, Vec<i64>) {
 /// answer may hold is not an error when the LIMIT keeps few of them.
 #[test]
 fn a_limit_over_more_groups_than_an_answer_holds_returns_the_first_ones() {
-    let mut t = Tenant::new(TenantId::parse("groups").expect("valid"));
-    let schema = TableSchema::new(
-        "t",
-        &[("id", ColumnType::Int, false), ("g", ColumnType::Int, true)],
-        &["id"],
-        &[],
-    )
-    .expect("valid");
-    t.create_table(schema, 1).expect("created");
     let groups = AskLimits::default().max_rows_returned + 10;
-    let written: Vec<Json> = (0..groups).map(|i| json!({"id": i, "g": i})).collect();
-    write(&mut t, "t", &written);
+    let t = int_table("groups", groups, |i| i as i64);
     for sql in [
         "SELECT g, COUNT(*) FROM t GROUP BY g LIMIT 5",
         "SELECT g, COUNT(*) FROM t GROUP BY g LIMIT 5 OFFSET 2",
