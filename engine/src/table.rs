@@ -6,7 +6,7 @@
 //! together under one all-or-nothing batch, so their bookkeeping stays in one type.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::ops::Bound;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -82,6 +82,20 @@ pub struct Table {
     moves: MoveLog,
     /// Per index, the queries scanning it now ([`IndexScanMoves`] holds a count).
     index_scans: Arc<[AtomicUsize]>,
+    /// Rows the batch being applied deleted under open index scans.
+    deleted_in_batch: DeletedInBatch,
+}
+
+/// Rows one batch deleted while scans of their indexes were open, with their entries
+/// in the scanned indexes. A scan sees a batch as one step, so a key the same batch
+/// writes again has moved in the index (from the old entry to the new), not left it:
+/// the re-insert records the move.
+#[derive(Debug, Clone, Default)]
+struct DeletedInBatch {
+    /// The LSN of the batch the rows are from; an entry of an earlier one is stale.
+    lsn: u64,
+    /// Per row key, its entry in each index with open scans (None for the others).
+    rows: HashMap<Key, Vec<Option<Key>>>,
 }
 
 /// Most index moves kept for open scans, and most bytes of keys they may hold; a scan
@@ -145,6 +159,25 @@ impl MoveLog {
     }
 }
 
+impl DeletedInBatch {
+    fn note(&mut self, lsn: u64, row: Key, entries: Vec<Option<Key>>) {
+        if self.lsn != lsn {
+            self.rows.clear();
+            self.lsn = lsn;
+        }
+        self.rows.insert(row, entries);
+    }
+
+    /// The entries of `row` if the batch at `lsn` deleted it.
+    fn take(&mut self, lsn: u64, row: &Key) -> Option<Vec<Option<Key>>> {
+        if self.lsn != lsn {
+            self.rows.clear();
+            return None;
+        }
+        self.rows.remove(row)
+    }
+}
+
 /// A running digest of a table's rows in primary-key order: the CRC-32C of each row's
 /// encoded key and values as the log encodes them (FORMAT.md §5), so two copies of a
 /// table with the same rows have the same digest whatever their history. Taken a slice
@@ -181,6 +214,7 @@ impl Table {
             written_lsn: version,
             moves: MoveLog::default(),
             index_scans,
+            deleted_in_batch: DeletedInBatch::default(),
         }
     }
 
@@ -511,6 +545,8 @@ impl Table {
             usage,
             moves,
             index_scans,
+            deleted_in_batch,
+            written_lsn,
             ..
         } = self;
         // Moves matter only to scans open now, of their index.
@@ -519,8 +555,22 @@ impl Table {
             moves.clear();
         }
         let replaced = rows.upsert(key, row, |key, old, row| {
+            let deleted = match old {
+                None if scanned => deleted_in_batch.take(*written_lsn, key),
+                _ => None,
+            };
             for (i, index) in schema.indexes.iter().enumerate() {
                 let after = key_of(row, &index.columns);
+                if let Some(Some(before)) = deleted.as_ref().map(|d| &d[i]) {
+                    if *before != after && index_scans[i].load(Ordering::Relaxed) > 0 {
+                        moves.record(IndexMove {
+                            index: i,
+                            before: before.clone(),
+                            after: after.clone(),
+                            row: key.clone(),
+                        });
+                    }
+                }
                 match old {
                     Some(old) => {
                         let before = key_of(old, &index.columns);
@@ -558,10 +608,20 @@ impl Table {
 
     fn remove_row(&mut self, key: &Key) -> Option<Row> {
         let row = self.rows.remove(key)?;
+        let mut scanned_entries = Vec::new();
         for (i, index) in self.schema.indexes.iter().enumerate() {
             let entry = (key_of(&row, &index.columns), key.clone());
             let existed = self.indexes[i].remove(&entry);
             debug_assert!(existed, "every row has its index entries");
+            if self.index_scans[i].load(Ordering::Relaxed) > 0 {
+                scanned_entries.resize(i, None);
+                scanned_entries.push(Some(entry.0));
+            }
+        }
+        if !scanned_entries.is_empty() {
+            scanned_entries.resize(self.indexes.len(), None);
+            self.deleted_in_batch
+                .note(self.written_lsn, key.clone(), scanned_entries);
         }
         self.usage.rows -= 1;
         self.usage.bytes -= row.stored_bytes();
@@ -985,6 +1045,7 @@ impl Table {
         // Scans of the old shape end (the version changed): none of theirs counts here.
         self.index_scans = scan_counts(indexes.len());
         self.moves.clear();
+        self.deleted_in_batch = DeletedInBatch::default();
         self.schema = target;
         self.indexes = indexes;
         self.version = version;
