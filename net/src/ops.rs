@@ -184,9 +184,10 @@ async fn handle(
             } else {
                 "GET"
             };
-            let mut response = json_response(
+            let mut response = ops_error(
                 StatusCode::METHOD_NOT_ALLOWED,
-                json!({"error": {"code": "method_not_allowed", "message": format!("only {allowed} is allowed here"), "request_id": ""}}),
+                "method_not_allowed",
+                format!("only {allowed} is allowed here"),
             );
             response
                 .headers_mut()
@@ -195,9 +196,13 @@ async fn handle(
         }
         (_, path) => (
             "ops_unknown",
-            json_response(
+            ops_error(
                 StatusCode::NOT_FOUND,
-                json!({"error": {"code": "route_not_found", "message": format!("no ops endpoint at {path}; try /health, /ready or /metrics"), "request_id": ""}}),
+                "route_not_found",
+                format!(
+                    "no ops endpoint at {}; try /health, /ready or /metrics",
+                    crate::api::error::quoted_short(path)
+                ),
             ),
         ),
     };
@@ -206,10 +211,27 @@ async fn handle(
 }
 
 fn admin_error(status: u16, code: &str, message: String) -> Response<Full<Bytes>> {
-    json_response(
+    ops_error(
         StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-        json!({"error": {"code": code, "message": message, "request_id": ""}}),
+        code,
+        message,
     )
+}
+
+/// An error in the API's shape, with a request id (`ops-<counter>-<process nonce>`) in
+/// its body and its `x-request-id` header, for a report to name.
+fn ops_error(status: StatusCode, code: &str, message: String) -> Response<Full<Bytes>> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let id = format!("ops-{n:x}-{:08x}", crate::api::process_nonce());
+    let mut response = json_response(
+        status,
+        json!({"error": {"code": code, "message": message, "request_id": id}}),
+    );
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert("x-request-id", value);
+    }
+    response
 }
 
 /// The 401 for an admin action without the admin token (when one is set).

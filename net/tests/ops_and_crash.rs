@@ -27,8 +27,14 @@ fn health_ready_and_a_scrape_promtool_accepts() {
     assert_eq!(status, 200, "{ready}");
     let ready: Value = serde_json::from_str(&ready).expect("json");
     assert_eq!(ready["shards"].as_array().map(Vec::len), Some(2));
-    let (status, _) = server.ops_get("/nope");
+    let (status, body) = server.ops_get("/nope");
     assert_eq!(status, 404);
+    let error: serde_json::Value = serde_json::from_str(&body).expect("a JSON error");
+    let id = error["error"]["request_id"].as_str().expect("a request id");
+    assert!(
+        id.starts_with("ops-"),
+        "an ops error names its request: {body}"
+    );
 
     server.create_tenant_with_items("acme");
     for id in 0..20 {

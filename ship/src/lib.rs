@@ -21,3 +21,42 @@ pub mod restore;
 pub mod shipper;
 pub mod timeline;
 pub mod timestamp;
+
+/// An error and its causes on one line for a command's output, as `{:#}` gives them,
+/// leaving out a cause whose text its parent's message already holds (errors that
+/// quote their source would otherwise print it twice).
+pub fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_cause_quoted_by_its_parent_is_printed_once() {
+        let io = std::io::Error::other("no AWS region: set AWS_REGION");
+        let archive = archive::ArchiveError::Io {
+            key: "s3://b/x".into(),
+            source: std::sync::Arc::new(io),
+        };
+        let e = anyhow::Error::new(archive).context("listing the archive");
+        let line = super::error_line(&e);
+        assert_eq!(line.matches("no AWS region").count(), 1, "{line}");
+        assert!(
+            line.starts_with("listing the archive: archive I/O on"),
+            "{line}"
+        );
+    }
+
+    use super::archive;
+}

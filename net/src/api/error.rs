@@ -10,6 +10,16 @@ use serde_json::json;
 /// Seconds a client should wait before retrying a 503 or 429.
 pub const RETRY_AFTER_S: u32 = 1;
 
+/// `text` quoted for an error message, cut to its first 64 characters: a client's
+/// value is echoed so it can see which one was refused, not sent back whole.
+pub(crate) fn quoted_short(text: &str) -> String {
+    const SHOWN: usize = 64;
+    match text.char_indices().nth(SHOWN) {
+        None => format!("{text:?}"),
+        Some((cut, _)) => format!("{:?}… ({} bytes)", &text[..cut], text.len()),
+    }
+}
+
 /// A refused or failed request.
 #[derive(Debug, Clone)]
 pub struct ApiError {
@@ -142,5 +152,22 @@ impl From<EngineError> for ApiError {
 impl From<MeshError> for ApiError {
     fn from(e: MeshError) -> Self {
         EngineError::from(e).into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_values_are_cut_short_in_messages() {
+        assert_eq!(quoted_short("abc"), "\"abc\"");
+        let long = "é".repeat(30_000);
+        let shown = quoted_short(&long);
+        assert!(
+            shown.starts_with(&format!("\"{}\"…", "é".repeat(64))),
+            "{shown}"
+        );
+        assert!(shown.ends_with("(60000 bytes)"), "{shown}");
     }
 }

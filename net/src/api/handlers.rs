@@ -932,7 +932,12 @@ pub(crate) fn key_from_path(
         let bad = || {
             ApiError::bad_request(
                 "invalid_key",
-                format!("key column {:?} is {}, not {raw:?}", column.name, column.ty),
+                format!(
+                    "key column {:?} is {}, not {}",
+                    column.name,
+                    column.ty,
+                    super::error::quoted_short(raw)
+                ),
             )
         };
         let value = match column.ty {

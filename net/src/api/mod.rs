@@ -149,7 +149,7 @@ impl ApiContext {
     }
 }
 
-fn process_nonce() -> u32 {
+pub(crate) fn process_nonce() -> u32 {
     static NONCE: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
     *NONCE.get_or_init(|| {
         let now = std::time::SystemTime::now()
@@ -962,7 +962,10 @@ async fn read_json<T: for<'de> serde::Deserialize<'de>>(
             return Err(ApiError::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported_media_type",
-                format!("the body must be JSON (content-type: application/json), not {ty:?}"),
+                format!(
+                    "the body must be JSON (content-type: application/json), not {}",
+                    error::quoted_short(ty)
+                ),
             ));
         }
     }

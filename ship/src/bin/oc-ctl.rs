@@ -64,7 +64,7 @@ fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("oc-ctl: {e:#}");
+            eprintln!("oc-ctl: {}", oc_ship::error_line(&e));
             ExitCode::from(2)
         }
     }
@@ -151,7 +151,11 @@ fn checkpoints(dir: &Path) -> anyhow::Result<ExitCode> {
             }
             Err(e) => {
                 bad = true;
-                println!("checkpoint LSN {}: UNUSABLE: {e:#}", lsn.0);
+                println!(
+                    "checkpoint LSN {}: UNUSABLE: {}",
+                    lsn.0,
+                    oc_ship::error_line(&e)
+                );
             }
         }
     }

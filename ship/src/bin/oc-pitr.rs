@@ -108,7 +108,7 @@ fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("oc-pitr: {e:#}");
+            eprintln!("oc-pitr: {}", oc_ship::error_line(&e));
             ExitCode::from(2)
         }
     }
