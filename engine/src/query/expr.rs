@@ -7,6 +7,7 @@
 
 use std::borrow::Cow;
 use std::cmp::Ordering;
+use std::sync::Arc;
 
 use crate::value::Value;
 use crate::vectors::{cosine_distance, l2_rank, Floats};
@@ -128,9 +129,76 @@ pub enum Expr {
     Or(Box<Expr>, Box<Expr>),
     IsNull(Box<Expr>, bool),
     InList(Box<Expr>, Vec<Expr>, bool),
+    /// A long `IN` list of one kind of value, sorted for a binary search: made for one
+    /// execution by [`Expr::with_value_sets`], never part of a plan.
+    InSet(Box<Expr>, Arc<ValueSet>, bool),
     Between(Box<Expr>, Box<Expr>, Box<Expr>, bool),
     Like(Box<Expr>, Box<Expr>, bool),
     Distance(Metric, Box<Expr>, Box<Expr>),
+}
+
+/// `IN` lists shorter than this are checked value by value (as fast at this length).
+pub const VALUE_SET_MIN: usize = 16;
+
+/// The values of an `IN` list, all of one kind, sorted by [`compare`] (a total order
+/// within a kind), and whether the list held NULL.
+#[derive(Debug, PartialEq)]
+pub struct ValueSet {
+    sorted: Vec<Value>,
+    has_null: bool,
+    /// The list's first non-null value: comparing another kind with it is the error
+    /// the list, checked in order, gives.
+    first: Value,
+}
+
+impl ValueSet {
+    /// None unless the non-null values are all numbers, all text or all booleans.
+    fn new(values: Vec<Value>) -> Option<ValueSet> {
+        let has_null = values.iter().any(Value::is_null);
+        let mut sorted: Vec<Value> = values.into_iter().filter(|v| !v.is_null()).collect();
+        let first = sorted.first()?.clone();
+        if !sorted.iter().all(|v| same_kind(v, &first)) {
+            return None;
+        }
+        let order = |a: &Value, b: &Value| compare(a, b).ok().flatten().unwrap_or(Ordering::Equal);
+        sorted.sort_unstable_by(order);
+        Some(ValueSet {
+            sorted,
+            has_null,
+            first,
+        })
+    }
+
+    /// `IN`'s answer for the non-null `v`, as checking the list in order gives it.
+    fn contains(&self, v: &Value) -> Result<Option<bool>, String> {
+        if !same_kind(v, &self.first) {
+            // The first value the list would compare `v` with refuses it.
+            compare(v, &self.first)?;
+        }
+        let found = self
+            .sorted
+            .binary_search_by(|item| compare(item, v).ok().flatten().unwrap_or(Ordering::Equal))
+            .is_ok();
+        Ok(if found {
+            Some(true)
+        } else if self.has_null {
+            None
+        } else {
+            Some(false)
+        })
+    }
+}
+
+/// Whether [`compare`] orders `a` and `b` (numbers, text, booleans: each with its own).
+fn same_kind(a: &Value, b: &Value) -> bool {
+    matches!(
+        (a, b),
+        (
+            Value::Int(_) | Value::Float(_),
+            Value::Int(_) | Value::Float(_)
+        ) | (Value::Text(_), Value::Text(_))
+            | (Value::Bool(_), Value::Bool(_))
+    )
 }
 
 /// Where an expression reads its columns: a stored row, decoding only the values the
@@ -193,7 +261,7 @@ impl Expr {
         f(self);
         match self {
             Expr::Column(_) | Expr::Param(_) | Expr::Const(_) => {}
-            Expr::Neg(e) | Expr::Not(e) | Expr::IsNull(e, _) => e.visit(f),
+            Expr::Neg(e) | Expr::Not(e) | Expr::IsNull(e, _) | Expr::InSet(e, _, _) => e.visit(f),
             Expr::Arith(_, a, b)
             | Expr::Cmp(_, a, b)
             | Expr::And(a, b)
@@ -211,6 +279,55 @@ impl Expr {
                 e.visit(f);
                 lo.visit(f);
                 hi.visit(f);
+            }
+        }
+    }
+
+    /// This expression with each `IN` list of at least [`VALUE_SET_MIN`] constants or
+    /// parameters of one kind (numbers, text or booleans) made a [`ValueSet`], for one
+    /// execution with `params`; None when it has no such list. A row is then checked
+    /// against such a list in log time, not value by value (4,096 values made a scan of
+    /// 200,000 rows cost 4.2 s).
+    pub fn with_value_sets(&self, params: &[Value]) -> Option<Expr> {
+        let mut any = false;
+        self.visit(&mut |e| {
+            any |= matches!(e, Expr::InList(_, list, _) if list.len() >= VALUE_SET_MIN)
+        });
+        if !any {
+            return None;
+        }
+        Some(super::with_stack(|| self.set_node(params)))
+    }
+
+    fn set_node(&self, params: &[Value]) -> Expr {
+        let b = |e: &Expr| Box::new(e.set_node(params));
+        match self {
+            Expr::Column(_) | Expr::Param(_) | Expr::Const(_) | Expr::InSet(..) => self.clone(),
+            Expr::Neg(e) => Expr::Neg(b(e)),
+            Expr::Not(e) => Expr::Not(b(e)),
+            Expr::IsNull(e, n) => Expr::IsNull(b(e), *n),
+            Expr::Arith(op, x, y) => Expr::Arith(*op, b(x), b(y)),
+            Expr::Cmp(op, x, y) => Expr::Cmp(*op, b(x), b(y)),
+            Expr::And(x, y) => Expr::And(b(x), b(y)),
+            Expr::Or(x, y) => Expr::Or(b(x), b(y)),
+            Expr::Like(x, y, n) => Expr::Like(b(x), b(y), *n),
+            Expr::Distance(m, x, y) => Expr::Distance(*m, b(x), b(y)),
+            Expr::Between(e, lo, hi, n) => Expr::Between(b(e), b(lo), b(hi), *n),
+            Expr::InList(e, list, n) => {
+                let values: Option<Vec<Value>> = list
+                    .iter()
+                    .map(|item| match item {
+                        Expr::Const(v) => Some(v.clone()),
+                        Expr::Param(i) => params.get(*i).cloned(),
+                        _ => None,
+                    })
+                    .collect();
+                match values.and_then(ValueSet::new) {
+                    Some(set) if list.len() >= VALUE_SET_MIN => {
+                        Expr::InSet(b(e), Arc::new(set), *n)
+                    }
+                    _ => Expr::InList(b(e), list.iter().map(|x| x.set_node(params)).collect(), *n),
+                }
             }
         }
     }
@@ -283,6 +400,13 @@ impl Expr {
                 }
                 Cow::Owned(bool_value(found.map(|f| f != *negated)))
             }
+            Expr::InSet(e, set, negated) => {
+                let v = e.eval(row, params)?;
+                if v.is_null() {
+                    return Ok(Cow::Owned(Value::Null));
+                }
+                Cow::Owned(bool_value(set.contains(&v)?.map(|f| f != *negated)))
+            }
             Expr::Between(e, lo, hi, negated) => {
                 let v = e.eval(row, params)?;
                 let above = compare(&v, &*lo.eval(row, params)?)?.map(|o| o != Ordering::Less);
@@ -350,6 +474,12 @@ impl Expr {
                 r(e),
                 if *n { "NOT " } else { "" },
                 list.iter().map(r).collect::<Vec<_>>().join(", ")
+            ),
+            Expr::InSet(e, set, n) => format!(
+                "{} {}IN ({} values)",
+                r(e),
+                if *n { "NOT " } else { "" },
+                set.sorted.len()
             ),
             Expr::Between(e, lo, hi, n) => format!(
                 "{} {}BETWEEN {} AND {}",
@@ -609,6 +739,57 @@ mod tests {
         assert_eq!(cmp(0, -0.0), Some(Equal));
         let reversed = compare(&Value::Float(two_53 as f64), &Value::Int(two_53 + 1));
         assert_eq!(reversed.expect("compares"), Some(Less));
+    }
+
+    /// A long `IN` list made a sorted set answers as the list checked in order does:
+    /// the same truth, NULL and error, for lists of each kind, with NULLs, mixed kinds,
+    /// ints beside floats, and values of every kind (parameters as well as constants).
+    #[test]
+    fn a_value_set_answers_as_its_list() {
+        use proptest::prelude::*;
+        let value = prop_oneof![
+            Just(Value::Null),
+            (-20i64..20).prop_map(Value::Int),
+            (-20i64..20).prop_map(|i| Value::Float(i as f64 / 2.0)),
+            "[a-c]{0,2}".prop_map(Value::Text),
+            any::<bool>().prop_map(Value::Bool),
+        ];
+        let numbers = prop_oneof![
+            (-20i64..20).prop_map(Value::Int),
+            (-20i64..20).prop_map(|i| Value::Float(i as f64 / 2.0)),
+            Just(Value::Null),
+        ];
+        let texts = prop_oneof!["[a-c]{0,2}".prop_map(Value::Text), Just(Value::Null)];
+        let list = prop_oneof![
+            proptest::collection::vec(numbers, VALUE_SET_MIN..40),
+            proptest::collection::vec(texts, VALUE_SET_MIN..40),
+            proptest::collection::vec(value.clone(), VALUE_SET_MIN..40),
+        ];
+        let mut runner = proptest::test_runner::TestRunner::default();
+        runner
+            .run(
+                &(list, value, any::<bool>(), any::<bool>()),
+                |(list, v, negated, as_params)| {
+                    let items: Vec<Expr> = if as_params {
+                        (0..list.len()).map(Expr::Param).collect()
+                    } else {
+                        list.iter().cloned().map(Expr::Const).collect()
+                    };
+                    let params = if as_params { list.clone() } else { vec![] };
+                    let in_list = Expr::InList(c(v.clone()), items, negated);
+                    let run = |e: &Expr| e.eval(NO_COLUMNS, &params).map(Cow::into_owned);
+                    let with_sets = in_list.with_value_sets(&params).expect("rewritten");
+                    let one_kind = list.iter().filter(|v| !v.is_null()).all(|x| {
+                        list.iter()
+                            .find(|v| !v.is_null())
+                            .is_some_and(|first| same_kind(x, first))
+                    }) && list.iter().any(|v| !v.is_null());
+                    prop_assert_eq!(matches!(with_sets, Expr::InSet(..)), one_kind);
+                    prop_assert_eq!(run(&with_sets), run(&in_list));
+                    Ok(())
+                },
+            )
+            .expect("same answers");
     }
 
     #[test]

@@ -115,6 +115,9 @@ type OutRow = (Vec<Value>, Vec<Value>);
 
 pub struct Execution {
     plan: Rc<Prepared>,
+    /// The plan's filter with its long `IN` lists made sets for these parameters
+    /// ([`Expr::with_value_sets`]); None to use the plan's own.
+    filter: Option<Expr>,
     params: Vec<Value>,
     limits: AskLimits,
     started: Instant,
@@ -311,7 +314,13 @@ impl Execution {
         let limit = count(&plan.query.limit, "LIMIT")?;
         let offset = count(&plan.query.offset, "OFFSET")?.unwrap_or(0);
         let groups = plan.query.aggregation.as_ref().map(|_| Groups::default());
+        let filter = plan
+            .query
+            .filter
+            .as_ref()
+            .and_then(|f| f.with_value_sets(&params));
         Ok(Execution {
+            filter,
             plan,
             params,
             limits,
@@ -627,7 +636,7 @@ impl Execution {
 
     /// Filter, then aggregate or collect output.
     fn consume(&mut self, mut batch: Vec<&Row>) -> Result<(), QueryError> {
-        if let Some(f) = &self.plan.query.filter {
+        if let Some(f) = self.filter.as_ref().or(self.plan.query.filter.as_ref()) {
             let params = &self.params;
             let mut failure = None;
             let mut seen = 0;
