@@ -1159,6 +1159,34 @@ fn many_groups_are_turned_into_rows_a_slice_at_a_time() {
     );
 }
 
+/// Pages deep into a large ordered answer, whose cuts are made a slice at a time
+/// (more rows held than one cut makes at once), partition it in order, ties included.
+#[test]
+fn deep_pages_of_a_large_ordered_answer_partition_it() {
+    let n = 40_000;
+    let t = int_table("deep", n, |i| ((i * 7919) % 1000) as i64);
+    let mut expected: Vec<(i64, i64)> = (0..n as i64).map(|i| ((i * 7919) % 1000, i)).collect();
+    expected.sort_unstable();
+    let mut paged = Vec::new();
+    for page in 0..8 {
+        let sql = format!(
+            "SELECT id FROM t ORDER BY g LIMIT 5000 OFFSET {}",
+            page * 5000
+        );
+        let (_, answer) = stepped(&t, &sql);
+        assert_eq!(answer.rows.len(), 5000, "{sql}");
+        paged.extend(answer.rows.iter().map(|r| match r[0] {
+            Value::Int(i) => i,
+            _ => panic!("int"),
+        }));
+    }
+    let ids: Vec<i64> = expected.iter().map(|(_, id)| *id).collect();
+    assert!(
+        paged == ids,
+        "the pages do not partition the answer in order"
+    );
+}
+
 /// Rows with equal sort keys come in the order they were read (primary key order
 /// here), however the top-k cuts and OFFSET selections split them: consecutive pages
 /// of one ordered answer neither repeat nor skip a row.

@@ -13,6 +13,8 @@ pub(super) enum Source {
     Knn(Box<KnnScan>),
     /// Every row is in: the groups left to turn into rows of the answer.
     Groups(std::vec::IntoIter<(Vec<Value>, Vec<AggState>)>),
+    /// ORDER BY's rows being cut (LIMIT, OFFSET), a slice at a time.
+    Cutting(Box<select::Cut>),
     Done,
 }
 

@@ -37,9 +37,11 @@ use crate::value::{ColumnType, Value};
 mod access;
 mod aggregate;
 mod explain;
+mod select;
 
 use access::Source;
 use aggregate::{AggState, Groups};
+use select::CutStep;
 
 /// What a query returns.
 #[derive(Debug, Clone, PartialEq)]
@@ -140,6 +142,10 @@ pub struct Execution {
     /// the last one, which a new row must sort before to matter, and the bytes the
     /// kept rows hold.
     top_k: Option<(Vec<Value>, usize)>,
+    /// A cut to this many rows, due at the end of the slice that asked for it.
+    cut_due: Option<usize>,
+    /// Whether OFFSET and LIMIT were applied to the held rows by the final cut.
+    selected: bool,
 }
 
 /// Rows a query's first slice reads, before it knows what a row costs: one, since a
@@ -336,6 +342,8 @@ impl Execution {
             held_bytes: 0,
             shared_memory: QueryMemory::for_tenant(memory),
             top_k: None,
+            cut_due: None,
+            selected: false,
         })
     }
 
@@ -390,6 +398,53 @@ impl Execution {
         if self.plan_only() {
             return Ok(true);
         }
+        if matches!(self.source, Source::Cutting(_)) {
+            if let Source::Cutting(cut) = std::mem::replace(&mut self.source, Source::Done) {
+                self.stats.slices += 1;
+                let cut_done = self.cut_slice(cut);
+                self.check_deadline()?;
+                return Ok(cut_done && matches!(self.source, Source::Done));
+            }
+        }
+        let done = self.step_source(tenant)?;
+        if let Some(keep) = self.cut_due.take() {
+            // Once every row is in, the final cut does this one's work.
+            if !done {
+                let then = std::mem::replace(&mut self.source, Source::Done);
+                self.source = Source::Cutting(select::Cut::new([CutStep::KeepFirst(keep)], then));
+            }
+        }
+        if done && self.final_cut_due() {
+            self.source = Source::Cutting(self.final_cut());
+            return Ok(false);
+        }
+        Ok(done)
+    }
+
+    /// Whether OFFSET or LIMIT has rows to cut from an ordered answer held whole.
+    fn final_cut_due(&self) -> bool {
+        !self.selected
+            && !self.streams()
+            && self.plan.order != OrderBy::Knn
+            && ((self.offset > 0 && !self.output.is_empty())
+                || self.limit.is_some_and(|l| l < self.output.len()))
+    }
+
+    /// The cut that applies OFFSET and LIMIT to the rows held, once every row is in.
+    fn final_cut(&mut self) -> Box<select::Cut> {
+        let rows_in = self.output.len() as u64;
+        self.stats.order.rows_out = rows_in;
+        self.stats.limit.rows_in = rows_in;
+        self.selected = true;
+        let steps = (self.offset > 0)
+            .then_some(CutStep::DropBefore(self.offset))
+            .into_iter()
+            .chain(self.limit.map(CutStep::KeepFirst));
+        select::Cut::new(steps, Source::Done)
+    }
+
+    /// One slice of the scan, the kNN ranking or the groups' emission.
+    fn step_source(&mut self, tenant: &Tenant) -> Result<bool, QueryError> {
         if matches!(self.source, Source::Groups(_)) {
             if let Source::Groups(groups) = std::mem::replace(&mut self.source, Source::Done) {
                 return self.group_slice(groups);
@@ -468,7 +523,7 @@ impl Execution {
                 self.check_scanned()?;
                 self.source = Source::Knn(knn);
             }
-            Source::NotStarted | Source::Groups(_) | Source::Done => {}
+            Source::NotStarted | Source::Groups(_) | Source::Cutting(_) | Source::Done => {}
         }
         let max = match self.source {
             Source::Knn(_) => SLICE_KNN_ROWS,
@@ -735,24 +790,16 @@ impl Execution {
         let crowded = self.held_bytes.saturating_sub(kept_bytes) > room / 2;
         match keep {
             Some(keep)
-                if self.output.len() >= keep.saturating_mul(2).max(1024)
-                    || (crowded && self.output.len() > keep) =>
+                if self.cut_due.is_none()
+                    && (self.output.len() >= keep.saturating_mul(2).max(1024)
+                        || (crowded && self.output.len() > keep)) =>
             {
-                self.keep_first(keep);
-                self.held_bytes = self
-                    .output
-                    .iter()
-                    .map(|(k, o)| values_bytes(k) + values_bytes(o))
-                    .sum();
-                let keys: &[SortKey] = &self.plan.query.order_by;
-                self.top_k = (self.output.len() == keep && keep > 0)
-                    .then(|| {
-                        self.output
-                            .iter()
-                            .max_by(|a, b| answer_order(keys, &a.0, &b.0))
-                            .map(|(k, _)| (k.clone(), self.held_bytes))
-                    })
-                    .flatten();
+                if self.output.len() <= select::CUT_AT_ONCE_ROWS {
+                    self.cut_now(keep);
+                } else {
+                    // Cut in the slices that follow this one, a bounded amount at a time.
+                    self.cut_due = Some(keep);
+                }
             }
             None if self.output.len()
                 > self.offset.saturating_add(self.limits.max_rows_returned) =>
@@ -776,34 +823,13 @@ impl Execution {
         )
     }
 
-    /// Keeps the `keep` rows that sort first, in no order: a selection, linear in the
-    /// rows held, where a sort would cost a logarithm more on the shard's thread.
-    fn keep_first(&mut self, keep: usize) {
-        let keys: &[SortKey] = &self.plan.query.order_by;
-        if keep == 0 {
-            self.output.clear();
-        } else if keep < self.output.len() {
-            self.output
-                .select_nth_unstable_by(keep, |a, b| answer_order(keys, &a.0, &b.0));
-            self.output.truncate(keep);
-        }
-    }
-
     /// ORDER BY, OFFSET and LIMIT over the rows held: those before OFFSET are selected
-    /// out, then the first LIMIT of the rest, and only the answer's rows are sorted.
+    /// out, then the first LIMIT of the rest (by the final cut, in slices when the
+    /// caller stepped to the end), and only the answer's rows are sorted.
     fn select_answer(&mut self) -> Result<(), QueryError> {
-        let skip = self.offset.min(self.output.len());
-        if skip > 0 {
-            // The first `skip` rows are the ones OFFSET drops; the rest follow them.
-            let keys: &[SortKey] = &self.plan.query.order_by;
-            if skip < self.output.len() {
-                self.output
-                    .select_nth_unstable_by(skip, |a, b| answer_order(keys, &a.0, &b.0));
-            }
-            self.output.drain(..skip);
-        }
-        if let Some(l) = self.limit {
-            self.keep_first(l);
+        if !self.selected {
+            let cut = self.final_cut();
+            self.run_cut(cut);
         }
         if self.output.len() > self.limits.max_rows_returned {
             return Err(self.too_many_rows());
@@ -848,9 +874,10 @@ impl Execution {
                 let t = Instant::now();
                 self.select_answer()?;
                 self.stats.order.elapsed += t.elapsed();
-                self.stats.order.rows_out = rows_in as u64;
             }
-            self.stats.limit.rows_in = rows_in as u64;
+            if !self.selected {
+                self.stats.limit.rows_in = rows_in as u64;
+            }
         }
         if self.streams() {
             if let Some(l) = self.limit {
