@@ -18,6 +18,8 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use futures_channel::oneshot;
 use glommio::channels::shared_channel::{
@@ -31,6 +33,8 @@ type Job<C> = Box<dyn FnOnce(Rc<C>) -> Pin<Box<dyn Future<Output = Reply>>> + Se
 struct Call<C> {
     id: u64,
     job: Job<C>,
+    /// Set by a caller that stopped waiting, for a cancellable call.
+    abandoned: Option<Arc<AtomicBool>>,
 }
 
 struct Answer {
@@ -202,6 +206,33 @@ impl<C: 'static> Router<C> {
         F: FnOnce(Rc<C>) -> Fut + Send + 'static,
         Fut: Future<Output = R> + 'static,
     {
+        self.call_on(shard, job, false).await
+    }
+
+    /// [`Router::call`] for a job that may stop part way, as it would on the local
+    /// shard: a caller that stops waiting (its request was cancelled) has a forwarded
+    /// job dropped the next time the job's task runs (between slices of a query, when
+    /// a turn it waits for comes), instead of run to its end for no one.
+    pub async fn call_cancellable<R, F, Fut>(&self, shard: usize, job: F) -> Result<R, MeshError>
+    where
+        R: Send + 'static,
+        F: FnOnce(Rc<C>) -> Fut + Send + 'static,
+        Fut: Future<Output = R> + 'static,
+    {
+        self.call_on(shard, job, true).await
+    }
+
+    async fn call_on<R, F, Fut>(
+        &self,
+        shard: usize,
+        job: F,
+        cancellable: bool,
+    ) -> Result<R, MeshError>
+    where
+        R: Send + 'static,
+        F: FnOnce(Rc<C>) -> Fut + Send + 'static,
+        Fut: Future<Output = R> + 'static,
+    {
         if shard >= self.shards {
             return Err(MeshError::NoSuchShard {
                 shard,
@@ -225,7 +256,9 @@ impl<C: 'static> Router<C> {
         let job: Job<C> =
             Box::new(move |ctx| Box::pin(async move { Box::new(job(ctx).await) as Reply }));
         let (reply_tx, reply_rx) = oneshot::channel();
-        match peer.calls.try_send(Call { id, job }) {
+        let abandoned = cancellable.then(|| Arc::new(AtomicBool::new(false)));
+        let _abandon_on_drop = AbandonOnDrop(abandoned.clone());
+        match peer.calls.try_send(Call { id, job, abandoned }) {
             Ok(()) => {}
             Err(GlommioError::WouldBlock(_)) => {
                 // The receiver has not yet drained calls whose answers already arrived.
@@ -248,11 +281,18 @@ async fn serve_calls<C: 'static>(
     answers: Rc<ConnectedSender<Answer>>,
     ctx: Rc<C>,
 ) {
-    while let Some(Call { id, job }) = calls.recv().await {
+    while let Some(Call { id, job, abandoned }) = calls.recv().await {
         let answers = answers.clone();
         let ctx = ctx.clone();
         glommio::spawn_local(async move {
-            let reply = job(ctx).await;
+            let reply = match abandoned {
+                None => job(ctx).await,
+                // Answered all the same: the caller's table of calls in flight keeps
+                // the call until an answer comes.
+                Some(abandoned) => Unless::new(&abandoned, job(ctx))
+                    .await
+                    .unwrap_or_else(|| Box::new(()) as Reply),
+            };
             // The caller keeps no more calls in flight than the answer ring holds, so
             // this cannot find it full; if the caller is gone the answer has no reader.
             if let Err(GlommioError::WouldBlock(_)) = answers.try_send(Answer { id, reply }) {
@@ -260,6 +300,47 @@ async fn serve_calls<C: 'static>(
             }
         })
         .detach();
+    }
+}
+
+/// Marks a cancellable call abandoned when its caller's future is dropped (a finished
+/// call's job has answered, so the mark is seen by no one).
+struct AbandonOnDrop(Option<Arc<AtomicBool>>);
+
+impl Drop for AbandonOnDrop {
+    fn drop(&mut self) {
+        if let Some(abandoned) = &self.0 {
+            abandoned.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// `inner`, dropped unfinished (None) when polled after `abandoned` is set.
+struct Unless<'a, F> {
+    abandoned: &'a AtomicBool,
+    inner: Pin<Box<F>>,
+}
+
+impl<'a, F: Future> Unless<'a, F> {
+    fn new(abandoned: &'a AtomicBool, inner: F) -> Self {
+        Unless {
+            abandoned,
+            inner: Box::pin(inner),
+        }
+    }
+}
+
+impl<F: Future> Future for Unless<'_, F> {
+    type Output = Option<F::Output>;
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        if self.abandoned.load(Ordering::Relaxed) {
+            return std::task::Poll::Ready(None);
+        }
+        self.inner.as_mut().poll(cx).map(Some)
     }
 }
 

@@ -140,6 +140,70 @@ fn shards_call_each_other_through_the_mesh() {
     pool.join().expect("clean stop");
 }
 
+/// A cancellable call whose caller stops waiting is dropped on the shard it was
+/// forwarded to the next time its job runs, and answered there, so the caller's count
+/// of calls in flight goes back down; a plain call runs on to its end.
+#[test]
+fn a_forwarded_call_its_caller_abandons_stops_on_the_shard() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    struct Flag(Arc<AtomicBool>);
+    impl Drop for Flag {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut pool = start(config(dir.path(), 2)).expect("start");
+    let client = pool.take_client().expect("a client");
+    run_local(async move {
+        let router = Rc::new(client.connect(None).await);
+        for cancellable in [true, false] {
+            let (steps, dropped) = (
+                Arc::new(AtomicUsize::new(0)),
+                Arc::new(AtomicBool::new(false)),
+            );
+            let (count, flag) = (steps.clone(), Flag(dropped.clone()));
+            // 200 steps of 2 ms: 400 ms run to its end.
+            let job = move |_n: Rc<ShardNode>| async move {
+                let _flag = flag;
+                for _ in 0..200 {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    glommio::timer::sleep(Duration::from_millis(2)).await;
+                }
+            };
+            let call = async {
+                if cancellable {
+                    router.call_cancellable(1, job).await
+                } else {
+                    router.call(1, job).await
+                }
+            };
+            let gave_up = async {
+                glommio::timer::sleep(Duration::from_millis(40)).await;
+                Err(MeshError::Unavailable { shard: 9 })
+            };
+            let answered = futures_lite::future::or(call, gave_up).await;
+            assert!(answered.is_err(), "the caller stopped waiting first");
+            glommio::timer::sleep(Duration::from_millis(100)).await;
+            let stopped_at = steps.load(Ordering::SeqCst);
+            glommio::timer::sleep(Duration::from_millis(100)).await;
+            if cancellable {
+                assert!(dropped.load(Ordering::SeqCst), "the job was dropped");
+                assert_eq!(steps.load(Ordering::SeqCst), stopped_at, "and ran no more");
+                assert!(stopped_at < 200, "before its end ({stopped_at} steps)");
+                assert_eq!(router.in_flight(1), 0, "its answer came back");
+            } else {
+                assert!(steps.load(Ordering::SeqCst) > stopped_at, "still running");
+            }
+        }
+        stop_all(&router).await.expect("stop");
+    });
+    pool.join().expect("clean stop");
+}
+
 #[test]
 fn forwarded_calls_beyond_capacity_are_refused_not_queued() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -134,8 +134,9 @@ where
     }
     let owner = owner_of(router, &tenant);
     let access = access.clone();
+    // A request the server cancels (its client left) stops on the owner too.
     router
-        .call(owner, move |node: Rc<ShardNode>| async move {
+        .call_cancellable(owner, move |node: Rc<ShardNode>| async move {
             if let Caller::Key(claim) = &access.caller {
                 let valid = node
                     .shard()
