@@ -18,7 +18,7 @@ use super::{QueryError, QueryErrorKind};
 use crate::schema::TableSchema;
 use crate::table::ScanTarget;
 use crate::tenant::Tenant;
-use crate::value::ColumnType;
+use crate::value::{ColumnType, Value};
 
 /// The parser's own bound on its recursion (deeper input is refused, not a stack
 /// overflow): a backstop above [`MAX_NESTING`], which `normalize` checks on tokens first,
@@ -110,6 +110,40 @@ impl Prepared {
     }
 }
 
+/// A parser message with the placeholder it found (`found: $3`) shown as the literal
+/// the caller wrote there, when normalizing put it in its place.
+fn as_written(message: &str, normalized: &Normalized) -> String {
+    const FOUND: &str = "found: $";
+    let Some(at) = message.find(FOUND) else {
+        return message.to_string();
+    };
+    let digits_at = at + FOUND.len();
+    let digits = message[digits_at..]
+        .bytes()
+        .take_while(u8::is_ascii_digit)
+        .count();
+    let literal = message[digits_at..digits_at + digits]
+        .parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_sub(normalized.user_params + 1))
+        .and_then(|i| normalized.literals.get(i));
+    let Some(literal) = literal else {
+        return message.to_string();
+    };
+    let shown = match literal {
+        Value::Text(t) => {
+            let t: String = t.chars().take(64).collect();
+            format!("'{}'", t.replace('\'', "''"))
+        }
+        other => other.to_json().to_string(),
+    };
+    format!(
+        "{}found: {shown}{}",
+        &message[..at],
+        &message[digits_at + digits..]
+    )
+}
+
 /// Parses, binds and plans a normalized query against the tenant's schema.
 pub fn prepare(tenant: &Tenant, normalized: &Normalized) -> Result<Prepared, QueryError> {
     // The syntax tree lives and dies in here: parsing, binding and dropping it recurse
@@ -128,7 +162,10 @@ fn prepare_on_this_stack(tenant: &Tenant, normalized: &Normalized) -> Result<Pre
                 QueryErrorKind::TooComplex,
                 format!("the query nests too deep for the parser (parentheses, NOT, function calls: at most {MAX_NESTING} levels); flatten it"),
             ),
-            e => QueryError::new(QueryErrorKind::Syntax, format!("SQL syntax error: {e}")),
+            e => QueryError::new(
+                QueryErrorKind::Syntax,
+                format!("SQL syntax error: {}", as_written(&e.to_string(), normalized)),
+            ),
         })?;
     let statement = match statements.as_slice() {
         [one] => one,
