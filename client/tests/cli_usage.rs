@@ -70,3 +70,23 @@ fn a_closed_pipe_ends_oc_quietly() {
     );
     assert!(stderr(&out).is_empty(), "{}", stderr(&out));
 }
+
+/// A file name where the JSON text goes is a usage error that says the argument is the
+/// text itself and how to pass a file.
+#[test]
+fn a_file_name_for_a_json_argument_says_how_to_pass_the_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("schema.json");
+    std::fs::write(&file, r#"{"columns": []}"#).expect("write");
+    let file = file.to_str().expect("utf-8");
+    let url = "http://127.0.0.1:9";
+    for arg in [file.to_string(), format!("@{file}")] {
+        let out = oc(&["--url", url, "tables", "create", "t", &arg]);
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains(&format!("- < {file}")),
+            "{}",
+            stderr(&out)
+        );
+    }
+}

@@ -417,7 +417,11 @@ fn bad_queries_say_what_and_where() {
             "SQL syntax error",
         ),
         // The literal as written, not the placeholder normalizing put in its place.
-        ("0", QueryErrorKind::Syntax, "found: 0 at Line: 1, Column: 1"),
+        (
+            "0",
+            QueryErrorKind::Syntax,
+            "found: 0 at Line: 1, Column: 1",
+        ),
         (
             "SELECT id FROM people WHERE id = $1 'it''s'",
             QueryErrorKind::Syntax,

@@ -823,7 +823,17 @@ fn read_json_arg(arg: &str) -> Result<Value, Failure> {
     } else {
         arg.to_string()
     };
-    serde_json::from_str(&text).map_err(|e| usage(format!("not JSON: {e}")))
+    serde_json::from_str(&text).map_err(|e| {
+        let file = arg.strip_prefix('@').unwrap_or(arg);
+        let hint = if arg != "-" && std::path::Path::new(file).is_file() {
+            format!(" ({arg:?} names a file: the argument is the JSON text itself; pass - and the file on stdin: - < {file})")
+        } else if arg == "-" {
+            String::new()
+        } else {
+            " (the argument is the JSON text itself, or - to read it from stdin)".to_string()
+        };
+        usage(format!("not JSON: {e}{hint}"))
+    })
 }
 
 /// One object, or an array of objects.
