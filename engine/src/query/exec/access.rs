@@ -212,7 +212,8 @@ impl Execution {
         let mut rows = Vec::with_capacity(self.slice_size);
         knn.finished = table.next_rows(&mut knn.rows, self.slice_size, &mut rows);
         let primary_key = &table.schema().primary_key;
-        let filter = plan.query.filter.as_ref();
+        let own_filter = self.filter.clone();
+        let filter = own_filter.as_deref().or(plan.query.filter.as_ref());
         let (mut checked, mut passed) = (0u64, 0u64);
         for (n, row) in rows.iter().enumerate() {
             self.check_deadline_at(n)?;

@@ -119,7 +119,7 @@ pub struct Execution {
     plan: Rc<Prepared>,
     /// The plan's filter with its long `IN` lists made sets for these parameters
     /// ([`Expr::with_value_sets`]); None to use the plan's own.
-    filter: Option<Expr>,
+    filter: Option<Rc<Expr>>,
     params: Vec<Value>,
     limits: AskLimits,
     started: Instant,
@@ -324,7 +324,8 @@ impl Execution {
             .query
             .filter
             .as_ref()
-            .and_then(|f| f.with_value_sets(&params));
+            .and_then(|f| f.with_value_sets(&params))
+            .map(Rc::new);
         Ok(Execution {
             filter,
             plan,
@@ -691,7 +692,7 @@ impl Execution {
 
     /// Filter, then aggregate or collect output.
     fn consume(&mut self, mut batch: Vec<&Row>) -> Result<(), QueryError> {
-        if let Some(f) = self.filter.as_ref().or(self.plan.query.filter.as_ref()) {
+        if let Some(f) = self.filter.as_deref().or(self.plan.query.filter.as_ref()) {
             let params = &self.params;
             let mut failure = None;
             let mut seen = 0;
