@@ -3,6 +3,8 @@
 #   scans64  64 concurrent scans of 300k rows (40 additions a row)
 #   groups   one GROUP BY over 300k groups, ORDER BY ... LIMIT 5 OFFSET 1000, in a loop
 #   vectors  one SELECT of 1,000 rows of vector(1024) (about 20 MB of JSON), in a loop
+#   offset4  4 concurrent ORDER BY f LIMIT 100 OFFSET 150000 over 300k rows
+#   in4096   4 concurrent COUNT(*) WHERE g IN (4,096 values) over 300k rows
 # BINDIR holds oc-server (a release build); PORT and PORT+1 must be free. The probe
 # runs in its own process (a thread would share the load generator's interpreter lock).
 import json, http.client, multiprocessing, os, random, shutil, subprocess, sys, tempfile, threading, time
@@ -64,6 +66,9 @@ QUERIES = {
     "scans64": (64, "SELECT COUNT(*) FROM big WHERE " + " + ".join(["f"] * 40) + " > 1000"),
     "groups": (1, "SELECT g, COUNT(*) FROM big GROUP BY g ORDER BY g DESC LIMIT 5 OFFSET 1000"),
     "vectors": (1, "SELECT v FROM vv LIMIT 1000"),
+    "offset4": (4, "SELECT id, f FROM big ORDER BY f LIMIT 100 OFFSET 150000"),
+    "in4096": (4, "SELECT COUNT(*) FROM big WHERE g IN (%s)"
+               % ", ".join(str(v) for v in random.Random(7).sample(range(2 * ROWS), 4096))),
 }
 
 
