@@ -313,7 +313,7 @@ pub fn run(config: ServerConfig) -> Result<()> {
     let (ops_addr_tx, ops_addr_rx) = mpsc::channel::<std::io::Result<SocketAddr>>();
     let (serving_tx, serving_rx) = mpsc::channel::<()>();
     let api_role = match &role {
-        Role::Follower { leader } => Some(Arc::new(ApiRole::follower(leader.clone()))),
+        Role::Follower { leader } => Some(Arc::new(ApiRole::follower(leader.clone(), shards))),
         Role::Writer => None,
     };
     let control = {

@@ -408,6 +408,16 @@ fn restore_to_an_instant_cuts_exactly_there() {
         "a refused restore left {}",
         early.display()
     );
+    // Into a directory the operator made, a refusal while planning leaves it as it was:
+    // its marker (written before planning, for a restore killed then) goes again.
+    std::fs::create_dir_all(&early).expect("mkdir");
+    let refused = common::restore_at(&uri, "1999-01-01T00:00:00Z", &early);
+    assert!(!refused.success, "{refused:?}");
+    assert!(
+        !early.join("oc-restore-incomplete").exists(),
+        "a refusal before any shard was written left the marker"
+    );
+    std::fs::remove_dir_all(&early).expect("rm");
     // A mistyped archive is named as missing, and neither made nor read into a directory.
     let typo = dir.path().join("archvie");
     let typo_uri = file_uri(&typo);

@@ -276,6 +276,51 @@ fn a_follower_killed_and_restarted_resumes_from_its_own_log() {
     assert_eq!(received, writer_total - held_at_kill, "{scrape}");
 }
 
+/// A follower restarted while its writer is down has not had its log checked against
+/// the writer's history (an old writer restarted as a follower still holds frames the
+/// new writer never acknowledged under those LSNs): a read with `min_lsn` is refused
+/// after its bounded wait, while a plain read is served.
+#[test]
+fn a_follower_that_has_not_reached_its_writer_vouches_for_no_lsn() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let writer = writer(&dir.path().join("writer"));
+    let leader = writer.replication.clone().expect("replication address");
+    setup_tenants(&writer);
+    let model: Model = Arc::default();
+    let follower_dir = dir.path().join("follower");
+    let first = follower(&follower_dir, &leader);
+    write_rows(&writer, &model, 0, 20);
+    wait_until_matches(&first, &model);
+    first.kill9();
+    writer.kill9();
+
+    let alone = Server::start(
+        &follower_dir,
+        &[
+            "--mode",
+            "follower",
+            "--leader-addr",
+            &leader,
+            "--min-lsn-wait-ms",
+            "300",
+        ],
+    );
+    let plain = alone.get("/v1/tenants/alpha/tables/items/rows/1");
+    assert_eq!(plain.status, 200, "a plain read is served: {plain:?}");
+    let vouched = alone.get("/v1/tenants/alpha/tables/items/rows/1?min_lsn=1");
+    assert_eq!(vouched.status, 503, "{vouched:?}");
+    assert_eq!(
+        vouched.body["error"]["code"], "lsn_not_applied",
+        "{vouched:?}"
+    );
+    assert!(
+        vouched.body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("has not reached its writer")),
+        "{vouched:?}"
+    );
+}
+
 #[test]
 fn a_follower_with_the_wrong_token_is_refused_at_start_saying_why() {
     let dir = tempfile::tempdir().expect("tempdir");

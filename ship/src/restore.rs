@@ -628,15 +628,36 @@ fn restore_into(
     }
     let _lock = DirLock::acquire(data_dir, "oc-pitr restore")?;
     refuse_unless_empty(data_dir)?;
-    let TimelinePlan {
-        timeline,
-        plans,
-        caps,
-        timeline_epoch,
-        newest_epoch,
-    } = plan_timeline(root, target)?;
+    // From here until the layout file, the marker tells `oc-server` (and a second
+    // restore) that this directory is partial: a restore killed while it plans would
+    // otherwise leave a directory holding only the lock file, which starts as an empty
+    // database.
+    let marker = data_dir.join(RESTORE_MARKER);
+    write_synced(&marker, b"")?;
+    sync_dir(data_dir)?;
+    let planned = plan_timeline(root, target).and_then(|plan| {
+        let manifest = read_archive_manifest(plan.timeline.archive.as_ref())?;
+        Ok((plan, manifest))
+    });
+    let (
+        TimelinePlan {
+            timeline,
+            plans,
+            caps,
+            timeline_epoch,
+            newest_epoch,
+        },
+        manifest,
+    ) = match planned {
+        Ok(planned) => planned,
+        Err(e) => {
+            // Refused before writing anything: the directory is left as it was.
+            let _ = fs::remove_file(&marker);
+            let _ = sync_dir(data_dir);
+            return Err(e);
+        }
+    };
     let archive = timeline.archive.as_ref();
-    let manifest = read_archive_manifest(archive)?;
     if timeline.lease_epoch > 1 || caps.iter().any(|c| *c < Lsn(u64::MAX)) {
         progress(&format!(
             "restoring from {} (lease epoch {}){}",
@@ -652,10 +673,6 @@ fn restore_into(
             }
         ));
     }
-    // Nothing is written before this point; from here until the layout file, the
-    // marker tells `oc-server` (and a second restore) that this directory is partial.
-    write_synced(&data_dir.join(RESTORE_MARKER), b"")?;
-    sync_dir(data_dir)?;
     let restored = restore_shards(archive, &plans, &caps, target, data_dir, progress).map_err(
         |e| match e {
             PitrError::Vanished { .. } => PitrError::Refused(format!(

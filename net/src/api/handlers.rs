@@ -8,7 +8,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper::StatusCode;
 use oc_engine::idempotency::MAX_KEY_BYTES as MAX_IDEMPOTENCY_KEY_BYTES;
@@ -637,7 +637,7 @@ pub async fn write_rows(
 /// What a read waits for: its tenant's shard to have applied `min_lsn` (0: nothing),
 /// for at most `wait` on a follower. The LSN of a write's answer, passed to a follower,
 /// gives read-your-writes there.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Freshness {
     pub min_lsn: u64,
     pub wait: Duration,
@@ -645,11 +645,46 @@ pub struct Freshness {
     /// only once it is applied, so an LSN past its applied one was never acknowledged
     /// here.
     pub follower: bool,
+    /// A follower's: whether its shards' logs are known to be on the writer's history.
+    pub role: Option<std::sync::Arc<crate::replication::ApiRole>>,
 }
+
+/// How often a read with `min_lsn` on a follower looks whether its writer took the
+/// follower's position yet (once per start; the flag is set on another thread).
+const HISTORY_POLL: Duration = Duration::from_millis(5);
 
 /// Waits until `node`'s shard has applied `want.min_lsn`, and returns the LSN up to
 /// which the read that follows sees every write.
 async fn applied_at_least(node: &ShardNode, want: Freshness) -> Result<u64, ApiError> {
+    let confirmed = || {
+        !want.follower
+            || want
+                .role
+                .as_ref()
+                .is_some_and(|r| r.lsns_are_the_writers(node.id()))
+    };
+    let asked = Instant::now();
+    // An old writer restarted as a follower holds its own frames past the failover
+    // until its writer cuts them: under the same LSNs, other writes. The writer taking
+    // this follower's position (on the control executor) is waited for like an LSN.
+    while want.min_lsn > 0 && !confirmed() && asked.elapsed() < want.wait {
+        glommio::timer::sleep(HISTORY_POLL).await;
+    }
+    if want.min_lsn > 0 && !confirmed() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "lsn_not_applied",
+            format!(
+                "this follower has not reached its writer since it started (waited {} ms, \
+                 --min-lsn-wait-ms), so it cannot tell whether its log up to min_lsn {} is \
+                 the writer's (a log from before a failover holds writes the new writer \
+                 never acknowledged); retry once it follows the writer (/ready), or read \
+                 from the writer",
+                want.wait.as_millis(),
+                want.min_lsn
+            ),
+        ));
+    }
     let applied = node.shard().applied_lsn().0;
     if applied >= want.min_lsn {
         return Ok(applied);

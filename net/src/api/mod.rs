@@ -110,6 +110,7 @@ impl ApiContext {
             min_lsn,
             wait: self.limits.min_lsn_wait,
             follower: self.role.as_ref().is_some_and(|r| r.is_follower()),
+            role: self.role.clone(),
         }
     }
 

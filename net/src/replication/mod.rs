@@ -85,13 +85,21 @@ pub struct ApiRole {
     follower: std::sync::atomic::AtomicBool,
     /// The writer's replication address, as this follower was started with.
     pub leader: String,
+    /// Per shard: whether the writer took this follower's position since it started
+    /// (its log is on the writer's history, cut back to it if it was not). Until then
+    /// the log may hold frames of a writer that was failed over from, which the new
+    /// writer never acknowledged under those LSNs.
+    on_history: Vec<std::sync::atomic::AtomicBool>,
 }
 
 impl ApiRole {
-    pub fn follower(leader: String) -> ApiRole {
+    pub fn follower(leader: String, shards: usize) -> ApiRole {
         ApiRole {
             follower: std::sync::atomic::AtomicBool::new(true),
             leader,
+            on_history: (0..shards)
+                .map(|_| std::sync::atomic::AtomicBool::new(false))
+                .collect(),
         }
     }
 
@@ -103,6 +111,23 @@ impl ApiRole {
     pub fn become_writer(&self) {
         self.follower
             .store(false, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The writer took `shard`'s position: its log is on the writer's history.
+    pub fn confirm_history(&self, shard: usize) {
+        if let Some(flag) = self.on_history.get(shard) {
+            flag.store(true, std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    /// Whether an LSN on `shard` means here what it means on the writer: always on a
+    /// writer, on a follower once [`ApiRole::confirm_history`] said so.
+    pub fn lsns_are_the_writers(&self, shard: usize) -> bool {
+        !self.is_follower()
+            || self
+                .on_history
+                .get(shard)
+                .is_some_and(|f| f.load(std::sync::atomic::Ordering::Acquire))
     }
 }
 

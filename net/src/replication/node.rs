@@ -232,6 +232,7 @@ impl Node {
             tls: self.leader_tls.clone(),
             status: self.status.clone(),
             on_diverged: self.on_diverged.clone(),
+            api_role: self.api_role.clone(),
         });
         let mut tasks = self.tasks.borrow_mut();
         for shard in 0..router.shards() {

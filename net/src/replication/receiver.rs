@@ -386,6 +386,8 @@ pub struct Receiver {
     pub status: Rc<ReplicationStatus>,
     /// Ends the process when the writer refuses this follower as diverged.
     pub on_diverged: OnDiverged,
+    /// Told when the writer takes a shard's position (reads may then rely on LSNs).
+    pub api_role: Option<std::sync::Arc<super::ApiRole>>,
 }
 
 /// What a follower does when its writer says its log left the writer's history.
@@ -542,6 +544,9 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
                 let mut link = receiver.status.links[shard].borrow_mut();
                 link.connected = 1;
                 link.last_error = None;
+                if let Some(role) = &receiver.api_role {
+                    role.confirm_history(shard);
+                }
                 tracing::info!(shard, leader = %receiver.leader, after = after.0, "following the writer");
             }
         }
