@@ -161,6 +161,12 @@ impl LayoutFile {
 pub struct EpochStart {
     pub epoch: u64,
     pub first_lsn: Vec<u64>,
+    /// The archive lease epoch of the promotion that started this epoch, in the data
+    /// directory that was promoted (absent for a restore's epoch, for epochs taken from
+    /// a writer, and in files written before it was recorded): a writer start tells by
+    /// it whether the promotion that took its lease got as far as starting its epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_epoch: Option<u64>,
 }
 
 /// What a data directory's layout file records.
@@ -934,10 +940,12 @@ mod tests {
             EpochStart {
                 epoch: 2,
                 first_lsn: vec![101, 51],
+                lease_epoch: None,
             },
             EpochStart {
                 epoch: 5,
                 first_lsn: vec![201, 51],
+                lease_epoch: None,
             },
         ];
         let made = create_layout_with_epochs(dir.path(), 2, epochs.clone()).expect("create");
@@ -968,19 +976,23 @@ mod tests {
             vec![EpochStart {
                 epoch: 1,
                 first_lsn: vec![1, 1],
+                lease_epoch: None,
             }],
             vec![EpochStart {
                 epoch: 2,
                 first_lsn: vec![1],
+                lease_epoch: None,
             }],
             vec![
                 EpochStart {
                     epoch: 2,
                     first_lsn: vec![10, 10],
+                    lease_epoch: None,
                 },
                 EpochStart {
                     epoch: 3,
                     first_lsn: vec![5, 10],
+                    lease_epoch: None,
                 },
             ],
         ] {

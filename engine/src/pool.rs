@@ -49,6 +49,10 @@ pub struct PoolConfig {
     /// Start every shard with its log held (release barrier at LSN 1) until an archive
     /// shipper lifts it segment by segment, so nothing leaves the disk unarchived.
     pub hold_wal_for_archive: bool,
+    /// Start every shard with its own writes stopped (`Wal::stop_own_writes`) until
+    /// the server resumes them: a writer that finishes a promotion at its start
+    /// writes nothing before its new epoch begins.
+    pub hold_own_writes: bool,
     /// What each tenant may store.
     pub quotas: TenantQuotas,
     /// A follower's writer's layout: each shard's log keeps to its history
@@ -72,6 +76,7 @@ impl PoolConfig {
             clients: 1,
             spin_before_park: None,
             hold_wal_for_archive: false,
+            hold_own_writes: false,
             quotas: TenantQuotas::default(),
             writer_history: None,
             archived_logs: Vec::new(),
@@ -181,6 +186,7 @@ impl ShardPool {
                 },
                 checkpoint: config.checkpoint,
                 hold_wal_for_archive: config.hold_wal_for_archive,
+                hold_own_writes: config.hold_own_writes,
                 quotas: config.quotas,
                 opened: opened_tx.clone(),
                 go: go_rx,
@@ -298,6 +304,7 @@ struct ShardRun {
     wal: WalConfig,
     checkpoint: Option<CheckpointPolicy>,
     hold_wal_for_archive: bool,
+    hold_own_writes: bool,
     quotas: TenantQuotas,
     opened: mpsc::Sender<OpenOutcome>,
     go: mpsc::Receiver<bool>,
@@ -334,6 +341,9 @@ impl ShardRun {
         };
         if !wait_for_go(&self.go).await {
             return shard.close().await;
+        }
+        if self.hold_own_writes {
+            shard.wal().stop_own_writes();
         }
         let node = Rc::new(ShardNode {
             id: self.id,

@@ -214,6 +214,7 @@ pub fn run(config: ServerConfig) -> Result<()> {
     let mut replay_archive = None;
     let mut lease_hold = None;
     let mut promotion = None;
+    let mut finish_promotion = None;
     let mut archived_logs = Vec::new();
     if let Some(uri) = config.archive_uri() {
         check_archive_apart(&uri, &config.data_dir)?;
@@ -295,6 +296,8 @@ pub fn run(config: ServerConfig) -> Result<()> {
             let start =
                 started.with_context(|| format!("starting to ship to the archive {uri}"))?;
             tracing::info!(archive = %uri, lease_epoch = start.lease_epoch, "shipping to the archive");
+            finish_promotion = unfinished_promotion(&archive, &layout, &config.data_dir)
+                .with_context(|| format!("checking the promotion behind the archive {uri}"))?;
             if config.lease_ttl().is_some() {
                 lease_hold = Some(start.hold.clone());
             }
@@ -309,6 +312,7 @@ pub fn run(config: ServerConfig) -> Result<()> {
     // From here on the directory is this server's: the shards make their logs next.
     fresh_start.keep();
     let shipping = shipper.is_some();
+    let hold_own_writes = finish_promotion.is_some();
     let (client_tx, client_rx) = mpsc::channel::<MeshEndpoints<ShardNode>>();
     let (ops_addr_tx, ops_addr_rx) = mpsc::channel::<std::io::Result<SocketAddr>>();
     let (serving_tx, serving_rx) = mpsc::channel::<()>();
@@ -337,6 +341,7 @@ pub fn run(config: ServerConfig) -> Result<()> {
             lease_hold: lease_hold.clone(),
             api_role: api_role.clone(),
             promotion,
+            finish_promotion,
         };
         executor_builder(Placement::Unbound)
             .name("oc-control")
@@ -386,6 +391,7 @@ pub fn run(config: ServerConfig) -> Result<()> {
             ..config.wal_config()
         },
         hold_wal_for_archive: shipping,
+        hold_own_writes,
         quotas: config.tenant_quotas(),
         // A follower's logs keep to its writer's history: a returning ex-writer's
         // divergent tail is cut (and kept aside) before anything is replayed.
@@ -574,6 +580,43 @@ fn check_follower_archive(
             Ok(())
         }
     }
+}
+
+/// The promotion a writer's start must finish, if the one that gave this data
+/// directory the archive's lease stopped part way (killed, or failing to record its
+/// epoch). One that started its epoch here but left no branch point gets it now.
+fn unfinished_promotion(
+    archive: &Arc<dyn oc_ship::archive::Archive>,
+    layout: &oc_engine::placement::Layout,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<Option<node::FinishPromotion>> {
+    use oc_ship::timeline::{self, PromotionEnd};
+    let Some((lease, _)) = oc_ship::lease::read(archive.as_ref())? else {
+        return Ok(None);
+    };
+    if lease.owner_id != layout.id.to_string() {
+        return Ok(None);
+    }
+    Ok(match timeline::promotion_end(archive, layout, &lease)? {
+        PromotionEnd::Finished => None,
+        PromotionEnd::BranchPointMissing(branch) => {
+            timeline::record_branch_point(archive, &branch)?;
+            tracing::warn!(lease_epoch = branch.lease_epoch, frame_epoch = branch.frame_epoch, first_lsn = ?branch.first_lsn, "recorded the branch point the promotion that took the archive's lease did not");
+            None
+        }
+        PromotionEnd::EpochMissing {
+            lease_epoch,
+            promoted_at_us,
+        } => {
+            tracing::warn!(lease_epoch, "the promotion that took the archive's lease started no epoch here: starting it before taking writes");
+            Some(node::FinishPromotion {
+                archive: archive.clone(),
+                data_dir: data_dir.to_path_buf(),
+                lease_epoch,
+                promoted_at_us,
+            })
+        }
+    })
 }
 
 /// Whether the archive's owner record names another data directory than `layout`'s, or
@@ -884,6 +927,7 @@ async fn control_main(
     let router = Rc::new(client.connect(None).await);
     *state.router.borrow_mut() = Some(router.clone());
     let _shipping = shipper.map(|ship| glommio::spawn_local(ship(router.clone())));
+    replication.finish_promotion(&router).await;
     replication.start(&router);
     state.phase.set(Phase::Serving);
     let _ = serving_tx.send(());

@@ -710,6 +710,72 @@ fn promote(server: &Server, force: bool) -> common::Reply {
     )
 }
 
+/// A promotion that took the lease and then could not record its epoch (the layout
+/// file could not be replaced) answers 500 and says to restart in writer mode. That
+/// start finishes it: the epoch starts where the logs end (recorded with its lease
+/// epoch) and the branch point goes to the archive, so the new writer never writes
+/// under the old writer's epoch (an old writer rejoining would keep its own frames
+/// under those LSNs), and the archive restores.
+#[test]
+fn a_writer_start_finishes_a_promotion_that_stopped_after_taking_the_lease() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (writer, follower, archive) = pair(dir.path(), &[]);
+    setup_tenants(&writer);
+    let model: Model = Arc::default();
+    write_rows(&writer, &model, 0, 20);
+    wait_until_matches(&follower, &model);
+    writer.kill9();
+    let follower_dir = dir.path().join("follower");
+    let blocker = follower_dir.join("oc-layout.json.tmp");
+    std::fs::create_dir(&blocker).expect("mkdir");
+    let promoted = promote(&follower, true);
+    assert_eq!(promoted.status, 500, "{promoted:?}");
+    assert!(
+        promoted
+            .body
+            .to_string()
+            .contains("restart this server in writer mode"),
+        "{promoted:?}"
+    );
+    follower.kill9();
+    std::fs::remove_dir(&blocker).expect("rmdir");
+    let layout_of = || -> Value {
+        let text = std::fs::read_to_string(follower_dir.join("oc-layout.json")).expect("layout");
+        serde_json::from_str(&text).expect("JSON")
+    };
+    assert!(
+        layout_of()["epochs"]
+            .as_array()
+            .is_none_or(|e| e.iter().all(|e| e.get("lease_epoch").is_none())),
+        "the failed promotion recorded no epoch: {}",
+        layout_of()
+    );
+
+    let restarted = writer_on(&follower_dir, &archive, &[]);
+    let write = restarted.post(
+        "/v1/tenants/alpha/tables/items/rows",
+        &json!({"ops": [{"upsert": {"id": -1, "name": "after", "batch": 1}}]}),
+    );
+    assert_eq!(write.status, 200, "{write:?}\n{}", restarted.stderr());
+    let layout = layout_of();
+    let newest = layout["epochs"]
+        .as_array()
+        .and_then(|e| e.last().cloned())
+        .expect("an epoch");
+    assert_eq!(newest["lease_epoch"], 2, "{layout}");
+    assert!(
+        dir.path().join("archive/epoch-2/timeline.json").exists(),
+        "no branch point recorded"
+    );
+    assert_holds_every_acknowledged(&restarted, &model, "the finished promotion");
+    common::wait_until_archived(&restarted, 2);
+    let restored_dir = dir.path().join("restored");
+    let restored = common::restore_latest(&archive, &restored_dir);
+    assert!(restored.success, "{restored:?}");
+    let restored = Server::start(&restored_dir, &["--archive", "none"]);
+    assert_eq!(rows_of(&restored, "alpha"), rows_of(&restarted, "alpha"));
+}
+
 #[test]
 fn a_synchronous_follower_promoted_after_the_writer_dies_has_every_acknowledged_write() {
     let dir = tempfile::tempdir().expect("tempdir");

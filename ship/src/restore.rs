@@ -732,11 +732,13 @@ fn restore_into(
         epochs.push(EpochStart {
             epoch: timeline_epoch,
             first_lsn: vec![0; manifest.shards],
+            lease_epoch: None,
         });
     }
     epochs.push(EpochStart {
         epoch: (newest_epoch + 1).max(restored_at_s),
         first_lsn: restored.iter().map(|s| s.last_lsn.0 + 1).collect(),
+        lease_epoch: None,
     });
     let new_epoch = epochs.last().map_or(1, |e| e.epoch);
     restore_audit_log(archive, data_dir, target, new_epoch, progress);

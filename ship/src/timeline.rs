@@ -113,6 +113,28 @@ pub fn record(archive: &dyn Archive, record: &TimelineRecord) -> Result<(), Arch
     }
 }
 
+/// [`record`] into the namespace of `branch`'s lease epoch in `root`, tried again a
+/// few times after an archive error (not after a lock that stayed held: each attempt
+/// waited 10 s for it). Blocks.
+pub fn record_branch_point(
+    root: &Arc<dyn Archive>,
+    branch: &TimelineRecord,
+) -> Result<(), ArchiveError> {
+    let mut attempt = 0;
+    loop {
+        let done = namespaced(root, branch.lease_epoch).and_then(|ns| record(ns.as_ref(), branch));
+        attempt += 1;
+        match done {
+            Err(ArchiveError::Io { source, .. })
+                if attempt < 5 && source.kind() != std::io::ErrorKind::TimedOut =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(100 << attempt));
+            }
+            done => return done,
+        }
+    }
+}
+
 /// A namespace's record, if it has one.
 pub fn read(archive: &dyn Archive) -> Result<Option<TimelineRecord>, ArchiveError> {
     let Some((bytes, _)) = archive.get(TIMELINE_KEY)? else {
@@ -124,6 +146,67 @@ pub fn read(archive: &dyn Archive) -> Result<Option<TimelineRecord>, ArchiveErro
             key: TIMELINE_KEY.into(),
             problem,
         })
+}
+
+/// How far the promotion that gave a data directory its archive lease got, as its
+/// start as a writer finds it. A promotion takes the lease, starts its epoch (the
+/// layout file), then records its branch point (the namespace's record); one killed
+/// or failing in between leaves a writer whose log would continue the old writer's
+/// epoch, so that an old writer rejoining as its follower keeps frames this one wrote
+/// other writes under.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PromotionEnd {
+    /// The archive's root history (lease epoch 1), or a promotion that got to its end.
+    Finished,
+    /// The epoch was started here, and its branch point is not in the archive: this
+    /// record is it.
+    BranchPointMissing(TimelineRecord),
+    /// The lease was taken, and no epoch was started here: the start must start one
+    /// where each shard's log ends, then record the branch point.
+    EpochMissing {
+        lease_epoch: u64,
+        promoted_at_us: u64,
+    },
+}
+
+/// Where the promotion behind `lease` (this data directory's, per `layout`) ended.
+pub fn promotion_end(
+    root: &Arc<dyn Archive>,
+    layout: &oc_engine::placement::Layout,
+    lease: &lease::Lease,
+) -> Result<PromotionEnd, ArchiveError> {
+    let lease_epoch = lease.epoch;
+    if lease_epoch < 2 || read(namespaced(root, lease_epoch)?.as_ref())?.is_some() {
+        return Ok(PromotionEnd::Finished);
+    }
+    // The epoch this promotion started: recorded with its lease epoch, or (a layout
+    // written before that was recorded) the newest epoch when it began after the claim
+    // (a promotion's frame epoch is at least the time in seconds it started it).
+    let started = layout
+        .epochs
+        .iter()
+        .rev()
+        .find(|e| e.lease_epoch == Some(lease_epoch))
+        .or_else(|| {
+            layout
+                .epochs
+                .last()
+                .filter(|e| e.lease_epoch.is_none() && e.epoch >= lease.claimed_at_us / 1_000_000)
+        });
+    Ok(match started {
+        Some(e) => PromotionEnd::BranchPointMissing(TimelineRecord {
+            first_lsn: e.first_lsn.clone(),
+            format_version: TIMELINE_FORMAT_VERSION,
+            frame_epoch: e.epoch,
+            lease_epoch,
+            parent_lease_epoch: lease_epoch - 1,
+            promoted_at_us: lease.claimed_at_us,
+        }),
+        None => PromotionEnd::EpochMissing {
+            lease_epoch,
+            promoted_at_us: lease.claimed_at_us,
+        },
+    })
 }
 
 /// One history in an archive.

@@ -86,6 +86,20 @@ pub struct Setup {
     /// A follower's data API role.
     pub api_role: Option<Arc<ApiRole>>,
     pub promotion: Option<PromotionKit>,
+    /// A writer's start that finishes the promotion which took its lease.
+    pub finish_promotion: Option<FinishPromotion>,
+}
+
+/// A promotion that took the archive's lease and started no epoch in this data
+/// directory (`timeline::PromotionEnd::EpochMissing`): the writer's start starts it
+/// where each shard's log ends, before its shards take writes (they were opened with
+/// their own writes stopped) or it serves followers, then records the branch point.
+pub struct FinishPromotion {
+    /// The archive's root.
+    pub archive: Arc<dyn Archive>,
+    pub data_dir: PathBuf,
+    pub lease_epoch: u64,
+    pub promoted_at_us: u64,
 }
 
 /// A promotion refused or failed: the HTTP status, a stable code, and what to do.
@@ -120,6 +134,8 @@ pub struct Node {
     lease_hold: RefCell<Option<Arc<LeaseHold>>>,
     api_role: Option<Arc<ApiRole>>,
     promotion: RefCell<Option<PromotionKit>>,
+    /// Taken by [`Node::finish_promotion`].
+    finish_promotion: RefCell<Option<FinishPromotion>>,
     /// The streams from the writer, or the listener's task.
     tasks: RefCell<Vec<Task<()>>>,
     /// A promoted follower's shipping loop and its counters.
@@ -160,6 +176,7 @@ impl Node {
             lease_hold: RefCell::new(setup.lease_hold),
             api_role: setup.api_role,
             promotion: RefCell::new(setup.promotion),
+            finish_promotion: RefCell::new(setup.finish_promotion),
             tasks: RefCell::new(Vec::new()),
             shipping: RefCell::new(None),
             auto_promotion: RefCell::new(None),
@@ -191,6 +208,80 @@ impl Node {
                 }
             }
         }
+    }
+
+    /// A writer's start that finishes the promotion which took its lease
+    /// ([`FinishPromotion`]) does it here, before it serves anything: steps 5 and 6 of
+    /// a promotion, then the shards take writes. Failing, it ends the process (the next
+    /// start tries again).
+    pub async fn finish_promotion(&self, router: &Rc<ShardRouter>) {
+        let Some(finish) = self.finish_promotion.borrow_mut().take() else {
+            return;
+        };
+        if let Err(why) = self.start_promoted_epoch(router, finish).await {
+            let line = format!(
+                "oc-server: FATAL: finishing the promotion that took the archive's lease \
+                 failed: {why}; nothing was written; restart the server to try again"
+            );
+            oc_io::fail_stop::exit_now(1, &line);
+        }
+    }
+
+    async fn start_promoted_epoch(
+        &self,
+        router: &Rc<ShardRouter>,
+        finish: FinishPromotion,
+    ) -> Result<(), String> {
+        let layout = self.layout.borrow().clone();
+        let frame_epoch = Epoch((layout.epoch() + 1).max(now_us() / 1_000_000));
+        let mut first_lsn = Vec::with_capacity(router.shards());
+        for shard in 0..router.shards() {
+            first_lsn.push(
+                take_writes(router, shard, frame_epoch)
+                    .await
+                    .map_err(|r| r.message)?
+                    .0,
+            );
+        }
+        let started = EpochStart {
+            epoch: frame_epoch.0,
+            first_lsn: first_lsn.clone(),
+            lease_epoch: Some(finish.lease_epoch),
+        };
+        let data_dir = finish.data_dir.clone();
+        let recorded = glommio::executor()
+            .spawn_blocking(move || placement::start_epoch(&data_dir, &layout, started))
+            .await
+            .map_err(|e| e.to_string())?;
+        *self.layout.borrow_mut() = recorded;
+        let branch = TimelineRecord {
+            first_lsn: first_lsn.clone(),
+            format_version: timeline::TIMELINE_FORMAT_VERSION,
+            frame_epoch: frame_epoch.0,
+            lease_epoch: finish.lease_epoch,
+            parent_lease_epoch: finish.lease_epoch - 1,
+            promoted_at_us: finish.promoted_at_us,
+        };
+        let archive = finish.archive.clone();
+        glommio::executor()
+            .spawn_blocking(move || timeline::record_branch_point(&archive, &branch))
+            .await
+            .map_err(|e| format!("recording the branch point: {e}"))?;
+        for shard in 0..router.shards() {
+            router
+                .call(shard, |node: Rc<ShardNode>| async move {
+                    node.shard().wal().resume_own_writes();
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        tracing::warn!(
+            frame_epoch = frame_epoch.0,
+            lease_epoch = finish.lease_epoch,
+            ?first_lsn,
+            "finished the promotion that took the archive's lease: the logs start their epoch here"
+        );
+        Ok(())
     }
 
     fn serve_followers(&self, router: &Rc<ShardRouter>) {
@@ -552,6 +643,7 @@ impl Node {
         let started_epoch = EpochStart {
             epoch: frame_epoch.0,
             first_lsn: first_lsn.clone(),
+            lease_epoch: Some(lease_epoch),
         };
         let recorded = glommio::executor()
             .spawn_blocking(move || placement::start_epoch(&data_dir, &layout, started_epoch))
@@ -585,21 +677,7 @@ impl Node {
                 if lease_epoch < 2 {
                     return Ok(()); // the root's history has no branch point
                 }
-                let mut attempt = 0;
-                loop {
-                    let done = timeline::namespaced(&archive, lease_epoch)
-                        .and_then(|ns| timeline::record(ns.as_ref(), &branch));
-                    attempt += 1;
-                    match done {
-                        // Not past a lock that stayed held: each attempt waited 10 s.
-                        Err(ArchiveError::Io { source, .. })
-                            if attempt < 5 && source.kind() != std::io::ErrorKind::TimedOut =>
-                        {
-                            std::thread::sleep(Duration::from_millis(100 << attempt));
-                        }
-                        done => return done,
-                    }
-                }
+                timeline::record_branch_point(&archive, &branch)
             })
             .await;
         match recorded {

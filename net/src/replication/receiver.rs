@@ -76,6 +76,7 @@ pub fn fetch_layout(
                 .map(|e| EpochStart {
                     epoch: e.epoch,
                     first_lsn: e.first_lsn,
+                    lease_epoch: None,
                 })
                 .collect(),
         }),
