@@ -784,6 +784,7 @@ fn a_synchronous_follower_promoted_after_the_writer_dies_has_every_acknowledged_
     let model: Model = Arc::default();
     let stop = std::sync::atomic::AtomicBool::new(false);
     let api = writer.api.clone();
+    let writes_began = std::time::SystemTime::now();
     let killed_at = std::thread::scope(|scope| {
         scope.spawn(|| write_until_failure(&api, &model, 8, &stop));
         std::thread::sleep(Duration::from_millis(1000));
@@ -811,6 +812,19 @@ fn a_synchronous_follower_promoted_after_the_writer_dies_has_every_acknowledged_
     // The new writer ships under its epoch's prefix, and that prefix alone restores
     // everything it holds; the old writer's keys stay its own.
     common::wait_until_archived(&follower, 2);
+    // Its log groups the old writer's commits its own way, so a group may hold commits
+    // from both sides of a target: every target in the write window still restores.
+    let began_us = writes_began
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_micros() as u64;
+    for step in 0..24u64 {
+        let target = oc_ship::timestamp::format_rfc3339(began_us + step * 45_000);
+        let at = dir.path().join(format!("pitr-{step}"));
+        let restored = common::restore_at(&archive, &target, &at);
+        assert!(restored.success, "target {target}: {restored:?}");
+        std::fs::remove_dir_all(&at).expect("rm");
+    }
     let restored_dir = dir.path().join("restored");
     let restored = common::restore_latest(&format!("{archive}/epoch-2"), &restored_dir);
     assert!(restored.success, "{restored:?}");

@@ -358,11 +358,30 @@ fn rebuild(
                 }
             }
         } else if inside_group {
-            return Err(corrupt(format!(
-                "the target falls inside a group commit at LSN {} (commit times differ within \
-                 it)",
-                frame.lsn.0
-            )));
+            // A follower groups the frames it receives its own way, so after a failover
+            // one group may hold commits from both sides of the target. A log can only
+            // end where a group ends: the restore ends before this one, at a state the
+            // writer had a few commits before the target.
+            match group_first {
+                Some((first, before)) if first.lsn >= expected => {
+                    short = Some(format!(
+                        "the target falls inside a group commit (LSNs {}..) whose frames were \
+                         committed on both sides of it (a promoted follower's log groups its \
+                         old writer's commits its own way): the restore ends before that \
+                         group, at the commits before LSN {}",
+                        first.lsn.0, first.lsn.0
+                    ));
+                    last = before;
+                    frame = first;
+                }
+                _ => {
+                    return Err(corrupt(format!(
+                        "the target falls inside a group commit at LSN {} that begins before \
+                         what this restore reads (commit times differ within it)",
+                        frame.lsn.0
+                    )))
+                }
+            }
         }
         file[frame.start as usize..].fill(0);
     }
