@@ -40,7 +40,7 @@ pub enum DirLockError {
         pid: Option<u32>,
     },
     /// The lock file could not be created, locked or written.
-    #[error("cannot lock {}: {source}", path.display())]
+    #[error("cannot lock {}: {source}{}", path.display(), writable_advice(source))]
     Io {
         path: PathBuf,
         source: std::io::Error,
@@ -48,6 +48,22 @@ pub enum DirLockError {
     /// The path names something other than a directory.
     #[error("{} is not a directory: give a directory (absent ones are made)", path.display())]
     NotADirectory { path: PathBuf },
+}
+
+/// The next step for a lock file that cannot be written for want of permission.
+fn writable_advice(e: &std::io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::EROFS) => {
+            "; the file system is mounted read-only (after a disk error the kernel may remount \
+             it so: check `dmesg` and the disk before anything else), and this process writes \
+             there: remount it read-write or give a writable directory"
+        }
+        Some(libc::EACCES | libc::EPERM) => {
+            "; this process's user may not write there: give the directory to that user \
+             (`chown`) or run as its owner"
+        }
+        _ => "",
+    }
 }
 
 /// A held lock; dropping it (or the process ending in any way) releases it.
@@ -361,6 +377,18 @@ fn describe(text: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_lock_file_refused_for_permission_names_the_fix() {
+        for (errno, wanted) in [(libc::EROFS, "read-only"), (libc::EACCES, "chown")] {
+            let e = DirLockError::Io {
+                path: "/d/oc.lock".into(),
+                source: std::io::Error::from_raw_os_error(errno),
+            };
+            assert!(e.to_string().contains(wanted), "{e}");
+        }
+    }
+
     use super::*;
 
     #[test]

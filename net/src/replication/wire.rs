@@ -412,6 +412,13 @@ pub async fn read_message<R: AsyncRead + Unpin>(
 ) -> Result<Message, WireError> {
     let mut len = [0u8; 4];
     stream.read_exact(&mut len).await?;
+    if &len == b"HTTP" {
+        // An HTTP answer ("HTTP/1.1 400 ..."): the address is an API listener.
+        return Err(malformed(
+            "the peer answered in HTTP: this is an API listener (--listen), not a \
+             replication listener; give the writer's --replication-listen address",
+        ));
+    }
     let len = u32::from_le_bytes(len) as usize;
     if len > limit.min(MAX_MESSAGE_BYTES) {
         return Err(WireError::TooLarge(len));
@@ -635,6 +642,14 @@ mod tests {
         let mut cursor = futures_lite::io::Cursor::new(bytes);
         let got = futures_lite::future::block_on(read_message(&mut cursor, MAX_MESSAGE_BYTES));
         assert!(matches!(got, Err(WireError::TooLarge(_))), "{got:?}");
+        let http = b"HTTP/1.1 400 Bad Request\r\n\r\n".to_vec();
+        let mut cursor = futures_lite::io::Cursor::new(http);
+        let got = futures_lite::future::block_on(read_message(&mut cursor, 1 << 20));
+        assert!(
+            got.as_ref()
+                .is_err_and(|e| e.to_string().contains("--replication-listen")),
+            "{got:?}"
+        );
     }
 
     #[test]

@@ -34,6 +34,22 @@ pub enum Condition {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Version(pub String);
 
+/// The next step for an archive a server may not write to.
+fn writable_advice(e: &std::io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::EROFS) => {
+            "; the archive's file system is mounted read-only: a server ships to it (and \
+             renews its lease there), so remount it read-write, or point --archive at a \
+             writable location (a restore only reads)"
+        }
+        Some(libc::EACCES | libc::EPERM) => {
+            "; this process's user may not write there: give the archive directory to that \
+             user (`chown`)"
+        }
+        _ => "",
+    }
+}
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ArchiveError {
     #[error("invalid archive key {key:?}: {why}")]
@@ -48,7 +64,7 @@ pub enum ArchiveError {
         key: String,
         problem: oc_engine::FileProblem,
     },
-    #[error("archive I/O on {key:?}: {source}")]
+    #[error("archive I/O on {key:?}: {source}{}", writable_advice(source))]
     Io {
         key: String,
         source: Arc<std::io::Error>,
@@ -209,6 +225,15 @@ pub fn open_existing_archive(uri: &str) -> Result<Arc<dyn Archive>, ArchiveError
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_archive_refused_for_permission_names_the_fix() {
+        let e = super::ArchiveError::Io {
+            key: "lease.json".into(),
+            source: std::sync::Arc::new(std::io::Error::from_raw_os_error(libc::EROFS)),
+        };
+        assert!(e.to_string().contains("remount it read-write"), "{e}");
+    }
+
     use super::*;
 
     #[test]
