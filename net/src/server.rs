@@ -522,7 +522,20 @@ fn check_archive_apart(uri: &str, data_dir: &std::path::Path) -> Result<()> {
     else {
         return Ok(());
     };
-    if archive.starts_with(&data) || data.starts_with(&archive) {
+    // A bind mount shows one directory under two paths: compare what the paths are
+    // (device and inode), each against the other's existing ancestors.
+    let identity = |path: &std::path::Path| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+    };
+    let inside = |path: &std::path::Path, dir: &std::path::Path| {
+        identity(dir).is_some_and(|dir| path.ancestors().any(|a| identity(a) == Some(dir)))
+    };
+    if archive.starts_with(&data)
+        || data.starts_with(&archive)
+        || inside(&archive, &data)
+        || inside(&data, &archive)
+    {
         bail!(
             "refusing to start: the archive {uri} and the data directory {} overlap (one is, \
              or is inside, the other): the archive's files would overwrite the directory's, \

@@ -822,6 +822,27 @@ fn an_archive_overlapping_the_data_directory_is_refused() {
             .unwrap_or_else(|| panic!("started with the archive {uri}"));
         assert!(refused.contains("overlap"), "{uri}: {refused}");
     }
+    // The data directory under another path, through a bind mount (where the test may
+    // mount: as root, outside a container that forbids it).
+    std::fs::create_dir_all(&data).expect("mkdir");
+    let bind = dir.path().join("bind");
+    std::fs::create_dir_all(&bind).expect("mkdir");
+    let mount = |args: &[&str]| {
+        std::process::Command::new(args[0])
+            .args(&args[1..])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let (data_arg, bind_arg) = (data.to_str().expect("utf-8"), bind.to_str().expect("utf-8"));
+    if mount(&["mount", "--bind", data_arg, bind_arg]) {
+        let uri = file_uri(&bind.join("archive"));
+        let refused = Server::try_start(&data, &["--archive", &uri]).err();
+        assert!(mount(&["umount", bind_arg]), "umount {bind_arg}");
+        let refused = refused.unwrap_or_else(|| panic!("started with the archive {uri}"));
+        assert!(refused.contains("overlap"), "{uri}: {refused}");
+    } else {
+        eprintln!("no bind mount here (not root, or not allowed): that case is not run");
+    }
     let server = Server::start(&data, &["--archive", &file_uri(&dir.path().join("apart"))]);
     server.create_tenant_with_items("acme");
 }
