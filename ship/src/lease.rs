@@ -118,11 +118,14 @@ fn owned_by_another(owner: &Lease, mine: &str) -> String {
     };
     format!(
         "the archive is owned by another data directory ({}, last started by {} PID {} on {} \
-         at {}); this data directory is {mine}. One archive takes one writer: give this server \
-         its own --archive location (after a restore, always a new one), unless it was \
-         restored with `oc-pitr restore --for-follower`: that directory is a follower's, \
-         start it with --mode follower --leader-addr <the writer's replication address>. See \
-         RUNBOOK.md: \"archive is owned by another data directory\".{after_failover}",
+         at {}); this data directory is {mine}. One archive takes one writer. If this \
+         directory is a follower's (it ran with --mode follower, or was restored with \
+         `oc-pitr restore --for-follower`), start it with --mode follower --leader-addr <the \
+         writer's replication address>, and promote it to make it the writer: never give it \
+         an --archive of its own, which would make it a second writer of the same tenants. \
+         Only a directory meant as a separate server (a restore made for one) gets its own \
+         --archive location, always a new one. See RUNBOOK.md: \"archive is owned by \
+         another data directory\".{after_failover}",
         owner.owner_id,
         owner.holder.program,
         owner.holder.pid,
