@@ -196,10 +196,6 @@ impl<C: 'static> Router<C> {
     /// Runs `job` on `shard` with that shard's context and returns its result. On the
     /// local shard it runs inline; elsewhere it is forwarded once, or refused with
     /// [`MeshError::Overloaded`] when `capacity` calls to that shard are in flight.
-    #[expect(
-        clippy::expect_used,
-        reason = "the mesh is built with a peer per other shard, and an answer has the type its call asked for"
-    )]
     pub async fn call<R, F, Fut>(&self, shard: usize, job: F) -> Result<R, MeshError>
     where
         R: Send + 'static,
@@ -222,6 +218,10 @@ impl<C: 'static> Router<C> {
         self.call_on(shard, job, true).await
     }
 
+    #[expect(
+        clippy::expect_used,
+        reason = "the mesh is built with a peer per other shard, and an answer has the type its call asked for"
+    )]
     async fn call_on<R, F, Fut>(
         &self,
         shard: usize,
