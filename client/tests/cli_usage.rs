@@ -84,7 +84,7 @@ fn a_file_name_for_a_json_argument_says_how_to_pass_the_file() {
         let out = oc(&["--url", url, "tables", "create", "t", &arg]);
         assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
         assert!(
-            stderr(&out).contains(&format!("- < {file}")),
+            stderr(&out).contains(&format!("- < '{file}'")),
             "{}",
             stderr(&out)
         );

@@ -354,8 +354,11 @@ pub fn follow_epochs(
     layout: &Layout,
     epochs: Vec<EpochStart>,
 ) -> Result<Layout, EngineError> {
+    // The same history: epochs and where they start (a promotion's lease epoch is
+    // recorded in its own directory only, never sent to followers).
+    let same = |a: &EpochStart, b: &EpochStart| a.epoch == b.epoch && a.first_lsn == b.first_lsn;
     let continues = epochs.len() >= layout.epochs.len()
-        && epochs[..layout.epochs.len()] == layout.epochs[..]
+        && epochs.iter().zip(&layout.epochs).all(|(a, b)| same(a, b))
         && epochs.iter().all(|e| e.first_lsn.len() == layout.shards);
     if !continues {
         return Err(EngineError::Layout(format!(

@@ -613,8 +613,16 @@ fn unfinished_promotion(
     Ok(match timeline::promotion_end(archive, layout, &lease)? {
         PromotionEnd::Finished => None,
         PromotionEnd::BranchPointMissing(branch) => {
-            timeline::record_branch_point(archive, &branch)?;
-            tracing::warn!(lease_epoch = branch.lease_epoch, frame_epoch = branch.frame_epoch, first_lsn = ?branch.first_lsn, "recorded the branch point the promotion that took the archive's lease did not");
+            // As in a promotion, not worth refusing the start over: only restores to
+            // before the promotion cannot fall back through it.
+            match timeline::record_branch_point(archive, &branch) {
+                Ok(()) => {
+                    tracing::warn!(lease_epoch = branch.lease_epoch, frame_epoch = branch.frame_epoch, first_lsn = ?branch.first_lsn, "recorded the branch point the promotion that took the archive's lease did not")
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, lease_epoch = branch.lease_epoch, "could not record the branch point the promotion that took the archive's lease did not: restores of this archive to before that promotion are refused (FORMAT.md §9.4); the next start tries again")
+                }
+            }
             None
         }
         PromotionEnd::EpochMissing {
@@ -939,8 +947,9 @@ async fn control_main(
     };
     let router = Rc::new(client.connect(None).await);
     *state.router.borrow_mut() = Some(router.clone());
-    let _shipping = shipper.map(|ship| glommio::spawn_local(ship(router.clone())));
+    // A promotion finished here records its branch point before anything ships.
     replication.finish_promotion(&router).await;
+    let _shipping = shipper.map(|ship| glommio::spawn_local(ship(router.clone())));
     replication.start(&router);
     state.phase.set(Phase::Serving);
     let _ = serving_tx.send(());

@@ -1071,6 +1071,9 @@ fn restore_shard(
         let image = fetch_image(archive, key, *pieces)?;
         let image_bytes = image.len() as u64;
         let rebuilt = rebuild(key, image, pieces.is_none(), expected, (target, cap))?;
+        if let Some(why) = &rebuilt.short {
+            out.stops_early = Some(why.clone());
+        }
         if rebuilt.last.is_none() {
             // No frame of it is restored. A log needs no empty segment, and one left
             // last would be sealed empty when the restored server begins its epoch,
@@ -1106,9 +1109,6 @@ fn restore_shard(
                 out.last_commit_us = last.commit_us;
                 expected = last.lsn.next();
             }
-        }
-        if let Some(why) = &rebuilt.short {
-            out.stops_early = Some(why.clone());
         }
         progress(&format!(
             "shard {}: segment {} of {}: {} ({} bytes{})",

@@ -179,20 +179,17 @@ pub fn promotion_end(
     if lease_epoch < 2 || read(namespaced(root, lease_epoch)?.as_ref())?.is_some() {
         return Ok(PromotionEnd::Finished);
     }
-    // The epoch this promotion started: recorded with its lease epoch, or (a layout
-    // written before that was recorded) the newest epoch when it began after the claim
-    // (a promotion's frame epoch is at least the time in seconds it started it).
+    // The epoch this promotion started, recorded with its lease epoch. An epoch without
+    // one is not taken for it, whatever its time: a follower's layout holds its
+    // writer's epochs untagged, and mistaking one for this promotion's would leave the
+    // writer writing under another's epoch. (A promotion by a build that did not tag
+    // its epoch, whose branch point is missing too, gets a second epoch here: its
+    // branch point is then recorded where that one starts.)
     let started = layout
         .epochs
         .iter()
         .rev()
-        .find(|e| e.lease_epoch == Some(lease_epoch))
-        .or_else(|| {
-            layout
-                .epochs
-                .last()
-                .filter(|e| e.lease_epoch.is_none() && e.epoch >= lease.claimed_at_us / 1_000_000)
-        });
+        .find(|e| e.lease_epoch == Some(lease_epoch));
     Ok(match started {
         Some(e) => PromotionEnd::BranchPointMissing(TimelineRecord {
             first_lsn: e.first_lsn.clone(),

@@ -296,11 +296,15 @@ impl Expr {
         if !any {
             return None;
         }
-        Some(super::with_stack(|| self.set_node(params)))
+        Some(self.set_in(params))
+    }
+
+    fn set_in(&self, params: &[Value]) -> Expr {
+        super::with_stack(|| self.set_node(params))
     }
 
     fn set_node(&self, params: &[Value]) -> Expr {
-        let b = |e: &Expr| Box::new(e.set_node(params));
+        let b = |e: &Expr| Box::new(e.set_in(params));
         match self {
             Expr::Column(_) | Expr::Param(_) | Expr::Const(_) | Expr::InSet(..) => self.clone(),
             Expr::Neg(e) => Expr::Neg(b(e)),
@@ -326,7 +330,7 @@ impl Expr {
                     Some(set) if list.len() >= VALUE_SET_MIN => {
                         Expr::InSet(b(e), Arc::new(set), *n)
                     }
-                    _ => Expr::InList(b(e), list.iter().map(|x| x.set_node(params)).collect(), *n),
+                    _ => Expr::InList(b(e), list.iter().map(|x| x.set_in(params)).collect(), *n),
                 }
             }
         }

@@ -707,7 +707,8 @@ async fn applied_at_least(node: &ShardNode, want: Freshness) -> Result<u64, ApiE
         true
     };
     let gave_up = async {
-        glommio::timer::sleep(want.wait).await;
+        // One wait in all, the one for the writer included.
+        glommio::timer::sleep(want.wait.saturating_sub(asked.elapsed())).await;
         false
     };
     if !futures_lite::future::or(reached, gave_up).await {

@@ -826,7 +826,11 @@ fn read_json_arg(arg: &str) -> Result<Value, Failure> {
     serde_json::from_str(&text).map_err(|e| {
         let file = arg.strip_prefix('@').unwrap_or(arg);
         let hint = if arg != "-" && std::path::Path::new(file).is_file() {
-            format!(" ({arg:?} names a file: the argument is the JSON text itself; pass - and the file on stdin: - < {file})")
+            format!(
+                " ({arg:?} names a file: the argument is the JSON text itself; pass - and the \
+                 file on stdin: - < '{}')",
+                file.replace('\'', "'\\''")
+            )
         } else if arg == "-" {
             String::new()
         } else {

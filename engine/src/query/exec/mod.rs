@@ -144,6 +144,8 @@ pub struct Execution {
     top_k: Option<(Vec<Value>, usize)>,
     /// A cut to this many rows, due at the end of the slice that asked for it.
     cut_due: Option<usize>,
+    /// Rows cut off whose bytes are still held.
+    dropped: select::Dropped,
     /// Whether OFFSET and LIMIT were applied to the held rows by the final cut.
     selected: bool,
 }
@@ -344,6 +346,7 @@ impl Execution {
             shared_memory: QueryMemory::for_tenant(memory),
             top_k: None,
             cut_due: None,
+            dropped: select::Dropped::default(),
             selected: false,
         })
     }
@@ -399,10 +402,17 @@ impl Execution {
         if self.plan_only() {
             return Ok(true);
         }
+        if !self.dropped.0.is_empty() {
+            let t = Instant::now();
+            self.settle_dropped(select::SETTLE_ROWS_PER_SLICE);
+            self.stats.order.elapsed += t.elapsed();
+        }
         if matches!(self.source, Source::Cutting(_)) {
             if let Source::Cutting(cut) = std::mem::replace(&mut self.source, Source::Done) {
                 self.stats.slices += 1;
+                let t = Instant::now();
                 let cut_done = self.cut_slice(cut);
+                self.stats.order.elapsed += t.elapsed();
                 self.check_deadline()?;
                 return Ok(cut_done && matches!(self.source, Source::Done));
             }
@@ -802,6 +812,14 @@ impl Execution {
                     self.cut_due = Some(keep);
                 }
             }
+            Some(keep)
+                if self.cut_due.is_some() && self.held_bytes > self.limits.max_memory_bytes =>
+            {
+                // The rows this slice added after asking for a cut would take the query
+                // past its limit: the cut is made now, however long it takes.
+                self.cut_due = None;
+                self.cut_now(keep);
+            }
             None if self.output.len()
                 > self.offset.saturating_add(self.limits.max_rows_returned) =>
             {
@@ -853,7 +871,12 @@ impl Execution {
             });
         }
         // A caller that did not step to the end (or a scan that ended without a last
-        // step) has its groups turned into rows here, in one go.
+        // step) has its cut finished and its groups turned into rows here, in one go.
+        if matches!(self.source, Source::Cutting(_)) {
+            if let Source::Cutting(cut) = std::mem::replace(&mut self.source, Source::Done) {
+                self.run_cut(cut);
+            }
+        }
         if let Some(groups) = self.groups.take() {
             self.source = self.close_groups(groups);
         }

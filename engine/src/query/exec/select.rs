@@ -137,7 +137,6 @@ impl Execution {
     /// Goes on with `cut` for one slice; true once its steps are done (then the source
     /// it interrupted is back).
     pub(super) fn cut_slice(&mut self, mut cut: Box<Cut>) -> bool {
-        let t = Instant::now();
         let mut budget = COMPARISONS_PER_SLICE;
         let plan = Rc::clone(&self.plan);
         let keys: &[SortKey] = &plan.query.order_by;
@@ -192,7 +191,6 @@ impl Execution {
                 }
             }
         };
-        self.stats.order.elapsed += t.elapsed();
         if done {
             self.source = std::mem::replace(&mut cut.then, Source::Done);
         } else {
@@ -201,10 +199,11 @@ impl Execution {
         done
     }
 
-    /// Keeps the first `keep` rows held, at once.
+    /// Keeps the first `keep` rows held, at once, and gives back what the others held.
     pub(super) fn cut_now(&mut self, keep: usize) {
         let then = std::mem::replace(&mut self.source, Source::Done);
         self.run_cut(Cut::new([CutStep::KeepFirst(keep)], then));
+        self.settle_dropped(usize::MAX);
     }
 
     /// Runs `cut` to its end at once.
@@ -217,16 +216,55 @@ impl Execution {
         }
     }
 
-    /// Gives back what `rows` held and frees them on the reclaim thread.
+    /// Sets `rows` aside to be given back ([`Execution::settle_dropped`]): their bytes
+    /// stay held until then, since adding them up walks every row.
     pub(super) fn drop_rows(&mut self, rows: Vec<OutRow>) {
-        let bytes: usize = rows
-            .iter()
-            .map(|(k, o)| values_bytes(k) + values_bytes(o))
-            .sum();
-        self.release(bytes);
-        crate::reclaim::later(rows);
+        if !rows.is_empty() {
+            self.dropped.0.push(rows);
+        }
+    }
+
+    /// Gives back what up to `max` of the rows set aside held (from the kept rows'
+    /// figure too, which counted them) and frees them on the reclaim thread.
+    pub(super) fn settle_dropped(&mut self, max: usize) {
+        let mut left = max;
+        while left > 0 {
+            let Some(rows) = self.dropped.0.last_mut() else {
+                return;
+            };
+            let chunk = rows.split_off(rows.len().saturating_sub(left));
+            if rows.is_empty() {
+                self.dropped.0.pop();
+            }
+            left -= chunk.len();
+            let bytes: usize = chunk
+                .iter()
+                .map(|(k, o)| values_bytes(k) + values_bytes(o))
+                .sum();
+            self.release(bytes);
+            if let Some((_, kept)) = &mut self.top_k {
+                *kept = kept.saturating_sub(bytes);
+            }
+            crate::reclaim::later(chunk);
+        }
     }
 }
+
+/// Rows a cut dropped whose bytes are not given back yet; freed on the reclaim thread
+/// whenever they go (the query ended), never on the shard's.
+#[derive(Default)]
+pub(super) struct Dropped(pub(super) Vec<Vec<OutRow>>);
+
+impl Drop for Dropped {
+    fn drop(&mut self) {
+        if !self.0.is_empty() {
+            crate::reclaim::later(std::mem::take(&mut self.0));
+        }
+    }
+}
+
+/// Rows set aside by a cut whose bytes a slice adds up and gives back.
+pub(super) const SETTLE_ROWS_PER_SLICE: usize = 8_192;
 
 #[cfg(test)]
 mod tests {
