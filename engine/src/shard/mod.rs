@@ -427,8 +427,10 @@ impl<S: Storage> Shard<S> {
             .await
             .map_err(|e| match e {
                 oc_io::Error::OwnWritesStopped => EngineError::HandingOver(
-                    "this writer is handing over to a follower (a switchover): nothing was \
-                     written; send the write to the new writer"
+                    "this writer is not taking writes: it is handing over to a follower (a \
+                     switchover; send the write to the new writer), or is finishing at its \
+                     start the promotion that made it the writer (retry in a moment); \
+                     nothing was written"
                         .into(),
                 ),
                 e => e.into(),
