@@ -204,6 +204,62 @@ fn a_forwarded_call_its_caller_abandons_stops_on_the_shard() {
     pool.join().expect("clean stop");
 }
 
+/// A query's turn is a glommio semaphore permit. A waiter woken for a permit whose task
+/// is dropped before it polls again (a request cancelled just then, or an abandoned
+/// forwarded call) must not strand the waiters behind it until another release (the
+/// vendored glommio is patched for this; its upstream left them waiting).
+#[test]
+fn a_woken_turn_waiter_dropped_before_it_polls_wakes_the_next() {
+    use std::cell::Cell;
+    use std::future::Future;
+    use std::task::Poll;
+    run_local(async {
+        let turns = Rc::new(glommio::sync::Semaphore::new(1));
+        let held = turns.acquire_permit(1).await.expect("open");
+        let woken = Rc::new(Cell::new(false));
+        let first = {
+            let (turns, woken) = (turns.clone(), woken.clone());
+            glommio::spawn_local(async move {
+                let mut acquire = Box::pin(turns.acquire_permit(1));
+                // Polled once (it waits), then, once woken, gone without polling it.
+                futures_lite::future::poll_fn(|cx| {
+                    if woken.get() {
+                        return Poll::Ready(());
+                    }
+                    assert!(
+                        acquire.as_mut().poll(cx).is_pending(),
+                        "acquired while held"
+                    );
+                    woken.set(true);
+                    Poll::Pending
+                })
+                .await;
+            })
+        };
+        let second = {
+            let turns = turns.clone();
+            glommio::spawn_local(async move {
+                let _turn = turns.acquire_permit(1).await.expect("open");
+            })
+        };
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+        drop(held);
+        first.await;
+        let took_its_turn = futures_lite::future::or(
+            async {
+                second.await;
+                true
+            },
+            async {
+                glommio::timer::sleep(Duration::from_secs(2)).await;
+                false
+            },
+        )
+        .await;
+        assert!(took_its_turn, "the second waiter was stranded");
+    });
+}
+
 #[test]
 fn forwarded_calls_beyond_capacity_are_refused_not_queued() {
     let dir = tempfile::tempdir().expect("tempdir");

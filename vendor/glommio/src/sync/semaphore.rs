@@ -22,6 +22,8 @@ type Result<T> = crate::error::Result<T, ()>;
 struct Waiter<'a> {
     node: WaiterNode,
     semaphore: &'a Semaphore,
+    /// Whether `poll` returned `Ready` (units taken, or the semaphore closed).
+    done: bool,
 }
 
 #[derive(Debug)]
@@ -112,6 +114,7 @@ impl<'a> Waiter<'a> {
                 _p: PhantomPinned,
             },
             semaphore,
+            done: false,
         }
     }
 
@@ -158,6 +161,12 @@ impl<'a> Drop for Waiter<'a> {
             // to make it pinned directly
             let waiter_node = unsafe { Pin::new_unchecked(&mut self.node) };
             Self::remove_from_waiting_queue(waiter_node, &mut self.semaphore.state.borrow_mut())
+        } else if !self.done {
+            // Woken (taken off the list by `process_wakes`, which leaves the units in
+            // `avail` for it to take) and dropped before it took them: the waiters
+            // behind it were not woken for those units, so wake them now (oc's patch:
+            // a cancelled waiter otherwise strands the rest until another release).
+            process_wakes(self.semaphore, 0);
         }
     }
 }
@@ -175,10 +184,12 @@ impl<'a> Future for Waiter<'a> {
         match sem_state.try_acquire(units) {
             Err(x) => {
                 Self::remove_from_waiting_queue(waiter_node, &mut sem_state);
+                future_mut.done = true;
                 Poll::Ready(Err(x))
             }
             Ok(true) => {
                 Self::remove_from_waiting_queue(waiter_node, &mut sem_state);
+                future_mut.done = true;
                 Poll::Ready(Ok(()))
             }
             Ok(false) => {
