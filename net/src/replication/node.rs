@@ -263,10 +263,14 @@ impl Node {
             promoted_at_us: finish.promoted_at_us,
         };
         let archive = finish.archive.clone();
-        glommio::executor()
+        let recorded = glommio::executor()
             .spawn_blocking(move || timeline::record_branch_point(&archive, &branch))
-            .await
-            .map_err(|e| format!("recording the branch point: {e}"))?;
+            .await;
+        if let Err(e) = recorded {
+            // As in a promotion: the epoch is started, which is what fences; the next
+            // start records the branch point (the layout now names this epoch).
+            tracing::error!(error = %e, "could not record the branch point: restores of this archive to before this promotion are refused until a start records it (FORMAT.md §9.4)");
+        }
         for shard in 0..router.shards() {
             router
                 .call(shard, |node: Rc<ShardNode>| async move {
