@@ -1224,24 +1224,11 @@ fn pages_over_equal_sort_keys_agree() {
 
 #[test]
 fn a_scan_resumes_across_slices_while_rows_change() {
-    use oc_engine::query::{normalize, prepare, Execution};
-    let mut t = Tenant::new(TenantId::parse("big").expect("valid"));
-    let schema = TableSchema::new(
-        "t",
-        &[("id", ColumnType::Int, false), ("v", ColumnType::Int, true)],
-        &["id"],
-        &[("by_v", &["v"])],
-    )
-    .expect("valid");
-    t.create_table(schema, 1).expect("created");
+    let mut t = tenant_indexed_on_v("big");
     let rows: Vec<Json> = (0..5000).map(|i| json!({"id": i, "v": i % 100})).collect();
     write(&mut t, "t", &rows);
     for sql in ["SELECT id FROM t", "SELECT id FROM t WHERE v >= 0"] {
-        let n = normalize(sql).expect("valid");
-        let plan = std::rc::Rc::new(prepare(&t, &n).expect("plans"));
-        let memory = t.query_memory().clone();
-        let mut run =
-            Execution::new(plan, n.literals.clone(), AskLimits::default(), &memory).expect("binds");
+        let mut run = execution(&t, sql);
         let mut steps = 0;
         let mut next_new = 10_000;
         while !run.step(&t).expect("step") {

@@ -200,29 +200,10 @@ fn verify_names_a_snapshot_without_its_manifest_and_a_damaged_one_is_done_withou
     for id in 0..20 {
         assert!(write_row(&server.api, "acme", id));
     }
-    let manifests = || -> Vec<std::path::PathBuf> {
-        (0..2)
-            .flat_map(|shard| {
-                std::fs::read_dir(root.join(format!("shard-{shard}/checkpoint")))
-                    .into_iter()
-                    .flatten()
-                    .filter_map(Result::ok)
-                    .map(|e| e.path())
-                    .filter(|p| p.extension().is_some_and(|x| x == "json"))
-            })
-            .collect()
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut id = 20;
-    while manifests().len() < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "two checkpoints did not reach the archive"
-        );
-        assert!(write_row(&server.api, "acme", id));
-        id += 1;
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let manifests = || checkpoint_objects(&root, "json");
+    let id = write_until(&server, 20, "two checkpoints in the archive", || {
+        manifests().len() >= 2
+    });
     assert!(server.terminate().success());
     let found = manifests();
     std::fs::remove_file(&found[0]).expect("cut an upload short");
@@ -287,25 +268,10 @@ fn a_restore_past_a_damaged_checkpoint_snapshot_uses_an_older_restore_point() {
         &archive_args(&uri, &["--checkpoint-interval-s", "1"]),
     );
     server.create_tenant_with_items("acme");
-    let snapshots = || -> Vec<std::path::PathBuf> {
-        let mut found: Vec<_> = walk(&root)
-            .into_iter()
-            .filter(|p| p.extension().is_some_and(|x| x == "snap"))
-            .collect();
-        found.sort();
-        found
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut id = 0;
-    while snapshots().is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "no checkpoint reached the archive"
-        );
-        assert!(write_row(&server.api, "acme", id));
-        id += 1;
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let snapshots = || checkpoint_objects(&root, "snap");
+    let mut id = write_until(&server, 0, "a checkpoint in the archive", || {
+        !snapshots().is_empty()
+    });
     for _ in 0..20 {
         assert!(write_row(&server.api, "acme", id));
         id += 1;
@@ -1129,6 +1095,31 @@ fn a_damaged_archive_is_named_and_refused() {
         again.stderr.contains("did not finish"),
         "the second restore should say why: {again:?}"
     );
+}
+
+/// The archive's checkpoint objects named `*.{ext}` (`json` manifests, `snap`
+/// snapshots), in name order: by shard, then by LSN.
+fn checkpoint_objects(root: &Path, ext: &str) -> Vec<std::path::PathBuf> {
+    let mut found: Vec<_> = walk(root)
+        .into_iter()
+        .filter(|p| p.parent().is_some_and(|d| d.ends_with("checkpoint")))
+        .filter(|p| p.extension().is_some_and(|x| x == ext))
+        .collect();
+    found.sort();
+    found
+}
+
+/// Writes rows of `acme` from `id` on, one each 100 ms, until `done` (for at most 30 s:
+/// then the test fails waiting for `what`); returns the next id.
+fn write_until(server: &Server, mut id: u64, what: &str, done: impl Fn() -> bool) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !done() {
+        assert!(Instant::now() < deadline, "no {what} within 30 s");
+        assert!(write_row(&server.api, "acme", id));
+        id += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    id
 }
 
 fn walk(dir: &Path) -> Vec<std::path::PathBuf> {

@@ -246,17 +246,25 @@ fn a_follower_holds_every_acknowledged_write_and_serves_reads_only() {
     assert_eq!(sent as u64, applied_total(&writer), "{writer_scrape}");
 }
 
+/// A writer in `dir/writer` with the tenants, and its follower in `dir/follower`
+/// holding the `rows` rows per tenant written to it (recorded in the model).
+fn writer_and_caught_up_follower(dir: &std::path::Path, rows: i64) -> (Server, Server, Model) {
+    let writer = writer(&dir.join("writer"));
+    setup_tenants(&writer);
+    let model: Model = Arc::default();
+    let leader = writer.replication.clone().expect("replication address");
+    let follower = follower(&dir.join("follower"), &leader);
+    write_rows(&writer, &model, 0, rows);
+    wait_until_matches(&follower, &model);
+    (writer, follower, model)
+}
+
 #[test]
 fn a_follower_killed_and_restarted_resumes_from_its_own_log() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let writer = writer(&dir.path().join("writer"));
+    let (writer, first, model) = writer_and_caught_up_follower(dir.path(), 50);
     let leader = writer.replication.clone().expect("replication address");
-    setup_tenants(&writer);
-    let model: Model = Arc::default();
     let follower_dir = dir.path().join("follower");
-    let first = follower(&follower_dir, &leader);
-    write_rows(&writer, &model, 0, 50);
-    wait_until_matches(&first, &model);
     let held_at_kill = applied_total(&first);
     first.kill9();
 
@@ -283,14 +291,9 @@ fn a_follower_killed_and_restarted_resumes_from_its_own_log() {
 #[test]
 fn a_follower_that_has_not_reached_its_writer_vouches_for_no_lsn() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let writer = writer(&dir.path().join("writer"));
+    let (writer, first, _) = writer_and_caught_up_follower(dir.path(), 20);
     let leader = writer.replication.clone().expect("replication address");
-    setup_tenants(&writer);
-    let model: Model = Arc::default();
     let follower_dir = dir.path().join("follower");
-    let first = follower(&follower_dir, &leader);
-    write_rows(&writer, &model, 0, 20);
-    wait_until_matches(&first, &model);
     first.kill9();
     writer.kill9();
 
