@@ -111,6 +111,10 @@ struct LayoutFile {
     /// Version 3: the epochs after the first, oldest first (absent: epoch 1 only).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     epochs: Vec<EpochStart>,
+    /// The writer this directory follows (its `data_dir_id`), from its first start as a
+    /// follower (or a restore made for one) until a promotion makes it a writer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    follows: Option<DataDirId>,
     format_version: u64,
     placement: String,
     shards: u64,
@@ -130,6 +134,7 @@ impl LayoutFile {
         LayoutFile {
             data_dir_id: Some(layout.id),
             epochs: layout.epochs.clone(),
+            follows: layout.follows,
             // A file with epochs is version 3, so a binary that would ignore them (and
             // write frames of an older epoch) refuses it instead.
             format_version: if layout.epochs.is_empty() {
@@ -177,6 +182,10 @@ pub struct Layout {
     /// The epochs after the first, oldest first: a restore starts a new one, so LSNs
     /// it writes again are told apart from the old history's.
     pub epochs: Vec<EpochStart>,
+    /// The writer whose follower this directory is (its id), if it is one: a writer's
+    /// start refuses it unless the promotion that made it the writer took the archive's
+    /// lease, or it is started with `--promote-at-start`.
+    pub follows: Option<DataDirId>,
 }
 
 impl Layout {
@@ -250,7 +259,7 @@ pub fn ensure_layout(data_dir: &Path, shards: usize) -> Result<Layout, EngineErr
     let path = data_dir.join(LAYOUT_FILE);
     match std::fs::read(&path) {
         Ok(bytes) => {
-            let (recorded, id, epochs) =
+            let (recorded, named) =
                 parse_layout(&bytes).map_err(|problem| unreadable_layout(&path, problem))?;
             if recorded != shards {
                 return Err(EngineError::Layout(format!(
@@ -260,8 +269,8 @@ pub fn ensure_layout(data_dir: &Path, shards: usize) -> Result<Layout, EngineErr
                     data_dir.display()
                 )));
             }
-            let layout = match id {
-                Some(id) => Layout { shards, id, epochs },
+            let layout = match named {
+                Some(layout) => layout,
                 None => {
                     // Version 1, written before data directory ids: name it now.
                     let layout = new_layout(shards).map_err(|e| io_error("cannot name", e))?;
@@ -301,7 +310,7 @@ pub fn existing_layout(data_dir: &Path) -> Result<Option<Layout>, EngineError> {
     let path = data_dir.join(LAYOUT_FILE);
     match std::fs::read(&path) {
         Ok(bytes) => {
-            let (shards, _, _) = parse_layout(&bytes).map_err(|problem| UnreadableFile {
+            let (shards, _) = parse_layout(&bytes).map_err(|problem| UnreadableFile {
                 file: path.display().to_string(),
                 problem,
             })?;
@@ -319,15 +328,17 @@ pub fn existing_layout(data_dir: &Path) -> Result<Option<Layout>, EngineError> {
 /// restore calls this last, after every shard's files are in place, so a restore that
 /// did not finish leaves a directory `oc-server` refuses to open.
 pub fn create_layout(data_dir: &Path, shards: usize) -> Result<Layout, EngineError> {
-    create_layout_with_epochs(data_dir, shards, Vec::new())
+    create_layout_with_epochs(data_dir, shards, Vec::new(), None)
 }
 
 /// [`create_layout`] for a directory whose history already went through `epochs` (a
-/// restore starts a new epoch).
+/// restore starts a new epoch), made to follow the writer `follows` when it is a
+/// follower's.
 pub fn create_layout_with_epochs(
     data_dir: &Path,
     shards: usize,
     epochs: Vec<EpochStart>,
+    follows: Option<DataDirId>,
 ) -> Result<Layout, EngineError> {
     check_shard_count(shards)?;
     let io_error = |what: &str, e: std::io::Error| {
@@ -341,18 +352,21 @@ pub fn create_layout_with_epochs(
     }
     let mut layout = new_layout(shards).map_err(|e| io_error("cannot name", e))?;
     layout.epochs = epochs;
+    layout.follows = follows;
     write_layout(data_dir, &layout).map_err(|e| io_error("cannot record the layout in", e))?;
     Ok(layout)
 }
 
-/// A follower takes on the epochs its writer went through: `epochs` must continue the
-/// ones `layout` (this directory's, as read at start) records, each recorded the same;
-/// the layout file is rewritten with them when they add any. Anything else means the
-/// two histories diverged, and is refused.
+/// A follower takes on the epochs its writer (`writer`) went through: `epochs` must
+/// continue the ones `layout` (this directory's, as read at start) records, each
+/// recorded the same; the layout file is rewritten with them when they add any, or when
+/// it did not name `writer` as the one it follows. Anything else means the two
+/// histories diverged, and is refused.
 pub fn follow_epochs(
     data_dir: &Path,
     layout: &Layout,
     epochs: Vec<EpochStart>,
+    writer: DataDirId,
 ) -> Result<Layout, EngineError> {
     // The same history: epochs and where they start (a promotion's lease epoch is
     // recorded in its own directory only, never sent to followers).
@@ -367,11 +381,12 @@ pub fn follow_epochs(
             layout.epochs.iter().map(|e| e.epoch).collect::<Vec<_>>()
         )));
     }
-    if epochs.len() == layout.epochs.len() {
+    if epochs.len() == layout.epochs.len() && layout.follows == Some(writer) {
         return Ok(layout.clone());
     }
     let followed = Layout {
         epochs,
+        follows: Some(writer),
         ..layout.clone()
     };
     write_layout(data_dir, &followed).map_err(|e| {
@@ -384,7 +399,8 @@ pub fn follow_epochs(
 }
 
 /// Records that `data_dir` (laid out as `layout`) starts epoch `start` (a follower's
-/// promotion), and returns the new layout. The epoch must be above every one recorded.
+/// promotion), and returns the new layout, which follows no writer any more. The epoch
+/// must be above every one recorded.
 pub fn start_epoch(
     data_dir: &Path,
     layout: &Layout,
@@ -401,6 +417,7 @@ pub fn start_epoch(
     }
     let mut started = layout.clone();
     started.epochs.push(start);
+    started.follows = None;
     write_layout(data_dir, &started).map_err(|e| {
         EngineError::Layout(format!(
             "cannot record the new epoch in {}: {e}",
@@ -424,12 +441,12 @@ fn new_layout(shards: usize) -> std::io::Result<Layout> {
         shards,
         id: DataDirId::random()?,
         epochs: Vec::new(),
+        follows: None,
     })
 }
 
-/// The shard count and the id (`None` for a version 1 file).
-/// The shard count, the id (`None` for a version 1 file) and the epochs after the first.
-type ParsedLayout = (usize, Option<DataDirId>, Vec<EpochStart>);
+/// The shard count, and the layout (`None` for a version 1 file, which has no id).
+type ParsedLayout = (usize, Option<Layout>);
 
 fn parse_layout(bytes: &[u8]) -> Result<ParsedLayout, FileProblem> {
     let file = LayoutFile::decode(bytes)?;
@@ -449,7 +466,7 @@ fn parse_layout(bytes: &[u8]) -> Result<ParsedLayout, FileProblem> {
         }
     };
     if file.format_version == LAYOUT_FORMAT_VERSION_NO_ID {
-        return Ok((shards, None, Vec::new()));
+        return Ok((shards, None));
     }
     let id = file
         .data_dir_id
@@ -490,7 +507,13 @@ fn parse_layout(bytes: &[u8]) -> Result<ParsedLayout, FileProblem> {
             why: "version 3 records epochs, version 2 none".into(),
         });
     }
-    Ok((shards, Some(id), file.epochs))
+    let layout = Layout {
+        shards,
+        id,
+        epochs: file.epochs,
+        follows: file.follows,
+    };
+    Ok((shards, Some(layout)))
 }
 
 /// Written to a temporary name, synced, renamed, and the directory synced, so a crash
@@ -828,6 +851,7 @@ mod tests {
             shards: 2,
             id: DataDirId(7),
             epochs: Vec::new(),
+            follows: None,
         };
         assert!(write_layout(dir.path(), &layout).is_err());
         assert!(!dir.path().join(format!("{LAYOUT_FILE}.tmp")).exists());
@@ -843,6 +867,7 @@ mod tests {
             shards: 3,
             id: DataDirId(7),
             epochs: Vec::new(),
+            follows: None,
         };
         for shard in 0..3 {
             std::fs::create_dir_all(shard_dir(data, shard)).expect("mkdir");
@@ -915,6 +940,7 @@ mod tests {
             shards: 4,
             id: DataDirId(0x5f0c_9d7e_2b8a_41c6_a3e1_f0d2_c4b6_a8e0),
             epochs: Vec::new(),
+            follows: None,
         };
         let text = LayoutFile::of(&layout).text();
         assert_eq!(
@@ -931,7 +957,7 @@ mod tests {
         assert_eq!(text, format!("{legacy:#}\n"));
         assert_eq!(
             parse_layout(text.as_bytes()).expect("round trip"),
-            (4, Some(layout.id), Vec::new())
+            (4, Some(layout.clone()))
         );
         crate::json_file::assert_required_fields(&LayoutFile::of(&layout));
     }
@@ -951,7 +977,7 @@ mod tests {
                 lease_epoch: None,
             },
         ];
-        let made = create_layout_with_epochs(dir.path(), 2, epochs.clone()).expect("create");
+        let made = create_layout_with_epochs(dir.path(), 2, epochs.clone(), None).expect("create");
         let read = ensure_layout(dir.path(), 2).expect("read back");
         assert_eq!(read, made);
         assert_eq!(read.epoch(), 5);
@@ -1044,5 +1070,46 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A follower's directory names the writer it follows from its first layout (or
+    /// the first time it follows one), keeps it through restarts, and loses it when a
+    /// promotion starts its epoch.
+    #[test]
+    fn a_followers_layout_names_its_writer_until_its_promotion() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (writer, other) = (DataDirId(0xaa), DataDirId(0xbb));
+        let made =
+            create_layout_with_epochs(dir.path(), 2, Vec::new(), Some(writer)).expect("create");
+        assert_eq!(made.follows, Some(writer));
+        let text = std::fs::read_to_string(dir.path().join(LAYOUT_FILE)).expect("file");
+        assert!(
+            text.contains(&format!("\"follows\": \"{writer}\"")),
+            "{text}"
+        );
+        assert_eq!(ensure_layout(dir.path(), 2).expect("read back"), made);
+        // A writer's own directory that becomes a follower (after a failover) is marked
+        // by its first follow, with or without new epochs.
+        let own = tempfile::tempdir().expect("temp dir");
+        let plain = create_layout(own.path(), 2).expect("create");
+        assert_eq!(plain.follows, None);
+        let followed = follow_epochs(own.path(), &plain, Vec::new(), other).expect("follow");
+        assert_eq!(followed.follows, Some(other));
+        assert_eq!(ensure_layout(own.path(), 2).expect("read back"), followed);
+        let started = start_epoch(
+            own.path(),
+            &followed,
+            EpochStart {
+                epoch: 7,
+                first_lsn: vec![5, 9],
+                lease_epoch: Some(2),
+            },
+        )
+        .expect("promoted");
+        assert_eq!(started.follows, None);
+        let read = ensure_layout(own.path(), 2).expect("read back");
+        assert_eq!(read, started);
+        let text = std::fs::read_to_string(own.path().join(LAYOUT_FILE)).expect("file");
+        assert!(!text.contains("follows"), "{text}");
     }
 }

@@ -272,6 +272,12 @@ pub struct ServerConfig {
     /// operator's decision unless this is set.
     #[arg(long, env = "OC_AUTO_PROMOTE", value_parser = BoolishValueParser::new())]
     pub auto_promote: bool,
+    /// For one start of a follower's data directory in writer mode, when it cannot be
+    /// promoted (its writer ran without an archive) and its writer is stopped for good:
+    /// the start begins a new epoch, as a promotion does, and the directory follows no
+    /// writer from then on. Without it such a start is refused. Remove it afterwards.
+    #[arg(long, env = "OC_PROMOTE_AT_START", value_parser = BoolishValueParser::new())]
+    pub promote_at_start: bool,
     /// A follower further behind the writer than this many frames (on any shard)
     /// answers `/ready` with 503.
     #[arg(long, env = "OC_MAX_READY_LAG_LSN", default_value_t = 1000)]

@@ -206,6 +206,13 @@ pub fn run(config: ServerConfig) -> Result<()> {
 
     // The archive is claimed and listed before any shard opens: a wrong, unreachable or
     // foreign archive is a start-up error, not a surprise later.
+    if config.promote_at_start && role != Role::Writer {
+        bail!(
+            "refusing to start: --promote-at-start makes a follower's data directory a writer \
+             at its start, so it goes with --mode writer; a follower is promoted with \
+             `oc-server promote` (RUNBOOK.md, \"Failover: promote the follower\")"
+        );
+    }
     if config.auto_promote && role == Role::Writer {
         // Not refused: a promoted follower restarted in writer mode keeps its settings.
         tracing::warn!("--auto-promote has no effect on a writer");
@@ -282,6 +289,7 @@ pub fn run(config: ServerConfig) -> Result<()> {
                     .with_context(|| format!("checking the archive {uri}"))?;
             }
             replay_archive = Some(archive.clone());
+            let promote_at_start = followers_directory_as_writer(&config, &layout, Some(&archive))?;
             let started = shipper::start(
                 archive.clone(),
                 ship_config(&config, &layout),
@@ -298,6 +306,9 @@ pub fn run(config: ServerConfig) -> Result<()> {
             tracing::info!(archive = %uri, lease_epoch = start.lease_epoch, "shipping to the archive");
             finish_promotion = unfinished_promotion(&archive, &layout, &config.data_dir)
                 .with_context(|| format!("checking the promotion behind the archive {uri}"))?;
+            if promote_at_start && finish_promotion.is_none() {
+                finish_promotion = Some(promoted_at_start(&config));
+            }
             if config.lease_ttl().is_some() {
                 lease_hold = Some(start.hold.clone());
             }
@@ -305,6 +316,9 @@ pub fn run(config: ServerConfig) -> Result<()> {
             Some(start.run)
         }
         None => {
+            if role == Role::Writer && followers_directory_as_writer(&config, &layout, None)? {
+                finish_promotion = Some(promoted_at_start(&config));
+            }
             tracing::warn!("no archive (--archive none): losing this machine loses the data");
             None
         }
@@ -631,13 +645,64 @@ fn unfinished_promotion(
         } => {
             tracing::warn!(lease_epoch, "the promotion that took the archive's lease started no epoch here: starting it before taking writes");
             Some(node::FinishPromotion {
-                archive: archive.clone(),
                 data_dir: data_dir.to_path_buf(),
-                lease_epoch,
-                promoted_at_us,
+                lease: Some(node::PromotionLease {
+                    archive: archive.clone(),
+                    lease_epoch,
+                    promoted_at_us,
+                }),
             })
         }
     })
+}
+
+/// Whether a writer's start on `layout` promotes a follower's data directory: refused
+/// for a directory that follows a writer unless the promotion that made it the writer
+/// took the archive's lease (the start then finishes that promotion) or the start asks
+/// for it (`--promote-at-start`). Without this, a follower's unit that lost `--mode
+/// follower` would start a second writer of the same tenants beside the real one (on
+/// an archive of its own, or none), continuing its epoch.
+fn followers_directory_as_writer(
+    config: &ServerConfig,
+    layout: &oc_engine::placement::Layout,
+    archive: Option<&Arc<dyn oc_ship::archive::Archive>>,
+) -> Result<bool> {
+    let Some(writer) = layout.follows else {
+        if config.promote_at_start {
+            tracing::warn!("--promote-at-start has no effect: this data directory follows no writer (remove the option)");
+        }
+        return Ok(false);
+    };
+    if let Some(archive) = archive {
+        let record = lease::read(archive.as_ref())
+            .context("refusing to start: reading the archive's owner record")?;
+        if record.is_some_and(|(lease, _)| lease.owner_id == layout.id.to_string()) {
+            return Ok(false);
+        }
+    }
+    if config.promote_at_start {
+        tracing::warn!(writer_data_dir_id = %writer, "--promote-at-start: this follower's data directory becomes a writer; its writer must be stopped for good (remove the option after this start)");
+        return Ok(true);
+    }
+    bail!(
+        "refusing to start: {} is a follower's data directory (it follows the writer whose \
+         data directory is {writer}), and this start is a writer's (no --mode follower). \
+         Started as a writer it would take writes beside its writer for the same tenants. \
+         Start it with --mode follower --leader-addr <the writer's replication address>; to \
+         make it the writer, promote it with `oc-server promote` (RUNBOOK.md, \"Failover: \
+         promote the follower\"). Only when it cannot be promoted (its writer ran without an \
+         archive) and its writer is stopped for good, start it once with --promote-at-start \
+         (RUNBOOK.md, \"A follower's data directory started as a writer\")",
+        config.data_dir.display()
+    )
+}
+
+/// The promotion a `--promote-at-start` start finishes: a new epoch, no lease.
+fn promoted_at_start(config: &ServerConfig) -> node::FinishPromotion {
+    node::FinishPromotion {
+        data_dir: config.data_dir.clone(),
+        lease: None,
+    }
 }
 
 /// Whether the archive's owner record names another data directory than `layout`'s, or
@@ -743,6 +808,13 @@ fn follower_layout(
     let Some(writer) = writer else {
         return local.map(|l| (l, None)).ok_or_else(|| anyhow!("no layout"));
     };
+    let writer_id = placement::DataDirId::parse(&writer.data_dir_id).ok_or_else(|| {
+        anyhow!(
+            "the writer at {leader} named its data directory {}, which is not a data \
+             directory id",
+            crate::api::error::quoted_short(&writer.data_dir_id)
+        )
+    })?;
     if let Some(wanted) = config.shards {
         if wanted != writer.shards {
             bail!(
@@ -769,6 +841,7 @@ fn follower_layout(
                 &config.data_dir,
                 writer.shards,
                 writer.epochs,
+                Some(writer_id),
             )
             .context("laying out the follower like its writer")?;
             bootstrap::finish(&config.data_dir).context("ending the new follower's bootstrap")?;
@@ -779,7 +852,9 @@ fn follower_layout(
             local.shards,
             writer.shards
         ),
-        Some(local) => placement::follow_epochs(&config.data_dir, &local, writer.epochs),
+        Some(local) => {
+            placement::follow_epochs(&config.data_dir, &local, writer.epochs, writer_id)
+        }
     }
     .context("laying out the follower like its writer")?;
     tracing::info!(%leader, writer_data_dir_id = %writer.data_dir_id, epoch = layout.epoch(), shards = layout.shards, "following the writer");

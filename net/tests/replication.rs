@@ -753,6 +753,11 @@ fn a_writer_start_finishes_a_promotion_that_stopped_after_taking_the_lease() {
         "the failed promotion recorded no epoch: {}",
         layout_of()
     );
+    assert!(
+        layout_of()["follows"].is_string(),
+        "still a follower's directory: {}",
+        layout_of()
+    );
 
     let restarted = writer_on(&follower_dir, &archive, &[]);
     let write = restarted.post(
@@ -766,6 +771,7 @@ fn a_writer_start_finishes_a_promotion_that_stopped_after_taking_the_lease() {
         .and_then(|e| e.last().cloned())
         .expect("an epoch");
     assert_eq!(newest["lease_epoch"], 2, "{layout}");
+    assert!(layout.get("follows").is_none(), "promoted: {layout}");
     assert!(
         dir.path().join("archive/epoch-2/timeline.json").exists(),
         "no branch point recorded"
@@ -777,6 +783,92 @@ fn a_writer_start_finishes_a_promotion_that_stopped_after_taking_the_lease() {
     assert!(restored.success, "{restored:?}");
     let restored = Server::start(&restored_dir, &["--archive", "none"]);
     assert_eq!(rows_of(&restored, "alpha"), rows_of(&restarted, "alpha"));
+}
+
+/// A follower's directory names its writer in its layout, and a writer's start on it
+/// (a unit that lost `--mode follower`) is refused, with an archive of its own or none,
+/// instead of starting a second writer of the same tenants. `--promote-at-start` makes it
+/// a writer on purpose, in an epoch of its own.
+#[test]
+fn a_followers_directory_is_not_started_as_a_second_writer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (writer, follower, model) = writer_and_caught_up_follower(dir.path(), 10);
+    let follower_dir = dir.path().join("follower");
+    let layout_of = |dir: &std::path::Path| -> Value {
+        let text = std::fs::read_to_string(dir.join("oc-layout.json")).expect("layout");
+        serde_json::from_str(&text).expect("JSON")
+    };
+    let writer_id = layout_of(&dir.path().join("writer"))["data_dir_id"].clone();
+    assert_eq!(layout_of(&follower_dir)["follows"], writer_id);
+    follower.terminate();
+    for extra in [
+        &["--shards", "2"][..],
+        &["--shards", "2", "--archive", "none"][..],
+    ] {
+        let why = Server::try_start(&follower_dir, extra)
+            .err()
+            .expect("a follower's directory refused as a writer");
+        assert!(
+            why.contains("is a follower's data directory")
+                && why.contains(writer_id.as_str().expect("id"))
+                && why.contains("--mode follower"),
+            "{extra:?}: {why}"
+        );
+    }
+    assert!(
+        !dir.path().join("follower-archive/lease.json").exists(),
+        "the refused start claimed an archive"
+    );
+    let why = Server::try_start(
+        &follower_dir,
+        &[
+            "--mode",
+            "follower",
+            "--leader-addr",
+            "127.0.0.1:9",
+            "--promote-at-start",
+        ],
+    )
+    .err()
+    .expect("--promote-at-start on a follower");
+    assert!(why.contains("--promote-at-start"), "{why}");
+    // Still a follower of its writer.
+    let leader = writer.replication.clone().expect("replication address");
+    let follower = self::follower(&follower_dir, &leader);
+    write_rows(&writer, &model, 10, 5);
+    wait_until_matches(&follower, &model);
+    let writer_epoch = epoch_in_layout(&layout_of(&follower_dir));
+    follower.terminate();
+    writer.kill9();
+
+    let promoted = Server::start(&follower_dir, &["--shards", "2", "--promote-at-start"]);
+    assert_holds_every_acknowledged(&promoted, &model, "the start that promoted it");
+    let write = promoted.post(
+        "/v1/tenants/alpha/tables/items/rows",
+        &json!({"ops": [{"upsert": {"id": -1, "name": "after", "batch": 1}}]}),
+    );
+    assert_eq!(write.status, 200, "{write:?}\n{}", promoted.stderr());
+    let layout = layout_of(&follower_dir);
+    assert!(layout.get("follows").is_none(), "{layout}");
+    assert!(
+        epoch_in_layout(&layout) > writer_epoch,
+        "a new epoch: {layout}"
+    );
+    promoted.terminate();
+    // The mark is gone for good: a plain writer start now serves.
+    let again = Server::start(&follower_dir, &["--shards", "2"]);
+    assert_eq!(
+        rows_of(&again, "alpha").get(&-1).map(String::as_str),
+        Some("after")
+    );
+}
+
+/// The epoch a layout file's server writes (1 without recorded epochs).
+fn epoch_in_layout(layout: &Value) -> u64 {
+    layout["epochs"]
+        .as_array()
+        .and_then(|e| e.last())
+        .map_or(1, |e| e["epoch"].as_u64().expect("epoch"))
 }
 
 #[test]
@@ -1202,8 +1294,9 @@ fn serve_a_corrupt_checkpoint(listener: std::net::TcpListener) {
         if want == 1 {
             let mut body = vec![2u8];
             body.extend_from_slice(&1u16.to_le_bytes());
-            body.extend_from_slice(&4u16.to_le_bytes());
-            body.extend_from_slice(b"fake");
+            let writer_id = b"0123456789abcdef0123456789abcdef";
+            body.extend_from_slice(&(writer_id.len() as u16).to_le_bytes());
+            body.extend_from_slice(writer_id);
             body.extend_from_slice(&0u16.to_le_bytes());
             answer.extend(envelope(&body));
         } else {
@@ -1415,6 +1508,17 @@ fn a_follower_left_far_behind_is_told_its_way_back_and_bootstraps_from_the_archi
         "--for-follower",
     ]);
     assert!(restored.success, "{restored:?}");
+    // It is a follower's directory from the start: the archive's owner is its writer.
+    let layout_text = |dir: &std::path::Path| {
+        std::fs::read_to_string(dir.join("oc-layout.json")).expect("layout")
+    };
+    let writer_layout: Value =
+        serde_json::from_str(&layout_text(&dir.path().join("writer"))).expect("JSON");
+    let restored_layout: Value = serde_json::from_str(&layout_text(&follower_dir)).expect("JSON");
+    assert_eq!(
+        restored_layout["follows"], writer_layout["data_dir_id"],
+        "{restored_layout}"
+    );
     write_padded(&writer, &model, first);
     let follower = follower_on(&follower_dir, &leader, &archive, &[]);
     write_padded(&writer, &model, first + 100);

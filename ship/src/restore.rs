@@ -736,9 +736,15 @@ fn restore_into(
     let restored_at_s = oc_io::TimestampMicros::now().0 / 1_000_000;
     let mut epochs = Vec::new();
     if purpose == RestoreAs::Follower {
-        // Nothing is written here but the writer's frames: its epochs come from it.
+        // Nothing is written here but the writer's frames: its epochs come from it. The
+        // archive's owner is the writer it follows (its first start as a follower
+        // records it too, should the record be unreadable now).
         restore_audit_log(archive, data_dir, target, timeline_epoch, progress);
-        let layout = finish_layout(data_dir, manifest.shards, epochs)?;
+        let writer = match crate::lease::read(root.as_ref()) {
+            Ok(Some((lease, _))) => DataDirId::parse(&lease.owner_id),
+            Ok(None) | Err(_) => None,
+        };
+        let layout = finish_layout(data_dir, manifest.shards, epochs, writer)?;
         return Ok(Restored {
             epoch: timeline_epoch,
             shards: restored,
@@ -761,7 +767,7 @@ fn restore_into(
     });
     let new_epoch = epochs.last().map_or(1, |e| e.epoch);
     restore_audit_log(archive, data_dir, target, new_epoch, progress);
-    let layout = finish_layout(data_dir, manifest.shards, epochs)?;
+    let layout = finish_layout(data_dir, manifest.shards, epochs, None)?;
     Ok(Restored {
         epoch: layout.epoch(),
         shards: restored,
@@ -775,8 +781,9 @@ fn finish_layout(
     data_dir: &Path,
     shards: usize,
     epochs: Vec<EpochStart>,
+    follows: Option<DataDirId>,
 ) -> Result<Layout, PitrError> {
-    let layout = create_layout_with_epochs(data_dir, shards, epochs)
+    let layout = create_layout_with_epochs(data_dir, shards, epochs, follows)
         .map_err(|e| PitrError::Refused(e.to_string()))?;
     let marker = data_dir.join(RESTORE_MARKER);
     fs::remove_file(&marker).map_err(io_err(&marker))?;

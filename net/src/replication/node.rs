@@ -90,14 +90,22 @@ pub struct Setup {
     pub finish_promotion: Option<FinishPromotion>,
 }
 
-/// A promotion that took the archive's lease and started no epoch in this data
-/// directory (`timeline::PromotionEnd::EpochMissing`): the writer's start starts it
-/// where each shard's log ends, before its shards take writes (they were opened with
-/// their own writes stopped) or it serves followers, then records the branch point.
+/// A promotion a writer's start finishes: one that took the archive's lease and started
+/// no epoch in this data directory (`timeline::PromotionEnd::EpochMissing`), or a
+/// follower's directory started with `--promote-at-start`. The start begins a new
+/// epoch where each shard's log ends, before its shards take writes (they were opened
+/// with their own writes stopped) or it serves followers, then records the branch
+/// point of a promotion that took the lease.
 pub struct FinishPromotion {
+    pub data_dir: PathBuf,
+    /// The lease the promotion took; none for `--promote-at-start`.
+    pub lease: Option<PromotionLease>,
+}
+
+/// The archive lease a promotion took, for its branch point.
+pub struct PromotionLease {
     /// The archive's root.
     pub archive: Arc<dyn Archive>,
-    pub data_dir: PathBuf,
     pub lease_epoch: u64,
     pub promoted_at_us: u64,
 }
@@ -220,8 +228,8 @@ impl Node {
         };
         if let Err(why) = self.start_promoted_epoch(router, finish).await {
             let line = format!(
-                "oc-server: FATAL: finishing the promotion that took the archive's lease \
-                 failed: {why}; nothing was written; restart the server to try again"
+                "oc-server: FATAL: finishing the promotion of this data directory failed: \
+                 {why}; nothing was written; restart the server to try again"
             );
             oc_io::fail_stop::exit_now(1, &line);
         }
@@ -246,7 +254,7 @@ impl Node {
         let started = EpochStart {
             epoch: frame_epoch.0,
             first_lsn: first_lsn.clone(),
-            lease_epoch: Some(finish.lease_epoch),
+            lease_epoch: finish.lease.as_ref().map(|l| l.lease_epoch),
         };
         let data_dir = finish.data_dir.clone();
         let recorded = glommio::executor()
@@ -254,22 +262,24 @@ impl Node {
             .await
             .map_err(|e| e.to_string())?;
         *self.layout.borrow_mut() = recorded;
-        let branch = TimelineRecord {
-            first_lsn: first_lsn.clone(),
-            format_version: timeline::TIMELINE_FORMAT_VERSION,
-            frame_epoch: frame_epoch.0,
-            lease_epoch: finish.lease_epoch,
-            parent_lease_epoch: finish.lease_epoch - 1,
-            promoted_at_us: finish.promoted_at_us,
-        };
-        let archive = finish.archive.clone();
-        let recorded = glommio::executor()
-            .spawn_blocking(move || timeline::record_branch_point(&archive, &branch))
-            .await;
-        if let Err(e) = recorded {
-            // As in a promotion: the epoch is started, which is what fences; the next
-            // start records the branch point (the layout now names this epoch).
-            tracing::error!(error = %e, "could not record the branch point: restores of this archive to before this promotion are refused until a start records it (FORMAT.md §9.4)");
+        if let Some(lease) = &finish.lease {
+            let branch = TimelineRecord {
+                first_lsn: first_lsn.clone(),
+                format_version: timeline::TIMELINE_FORMAT_VERSION,
+                frame_epoch: frame_epoch.0,
+                lease_epoch: lease.lease_epoch,
+                parent_lease_epoch: lease.lease_epoch - 1,
+                promoted_at_us: lease.promoted_at_us,
+            };
+            let archive = lease.archive.clone();
+            let recorded = glommio::executor()
+                .spawn_blocking(move || timeline::record_branch_point(&archive, &branch))
+                .await;
+            if let Err(e) = recorded {
+                // As in a promotion: the epoch is started, which is what fences; the
+                // next start records the branch point (the layout now names this epoch).
+                tracing::error!(error = %e, "could not record the branch point: restores of this archive to before this promotion are refused until a start records it (FORMAT.md §9.4)");
+            }
         }
         for shard in 0..router.shards() {
             router
@@ -279,12 +289,19 @@ impl Node {
                 .await
                 .map_err(|e| e.to_string())?;
         }
-        tracing::warn!(
-            frame_epoch = frame_epoch.0,
-            lease_epoch = finish.lease_epoch,
-            ?first_lsn,
-            "finished the promotion that took the archive's lease: the logs start their epoch here"
-        );
+        match &finish.lease {
+            Some(lease) => tracing::warn!(
+                frame_epoch = frame_epoch.0,
+                lease_epoch = lease.lease_epoch,
+                ?first_lsn,
+                "finished the promotion that took the archive's lease: the logs start their epoch here"
+            ),
+            None => tracing::warn!(
+                frame_epoch = frame_epoch.0,
+                ?first_lsn,
+                "promoted at start (--promote-at-start): this data directory follows no writer any more, and its logs start their epoch here"
+            ),
+        }
         Ok(())
     }
 
