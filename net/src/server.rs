@@ -676,7 +676,12 @@ fn followers_directory_as_writer(
     if let Some(archive) = archive {
         let record = lease::read(archive.as_ref())
             .context("refusing to start: reading the archive's owner record")?;
-        if record.is_some_and(|(lease, _)| lease.owner_id == layout.id.to_string()) {
+        // Taken by a promotion (past lease epoch 1), not by an earlier writer start of
+        // this directory: one with --promote-at-start that stopped before its epoch
+        // began must be given the option again.
+        if record
+            .is_some_and(|(lease, _)| lease.epoch >= 2 && lease.owner_id == layout.id.to_string())
+        {
             return Ok(false);
         }
     }

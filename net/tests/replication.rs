@@ -841,6 +841,20 @@ fn a_followers_directory_is_not_started_as_a_second_writer() {
     follower.terminate();
     writer.kill9();
 
+    // A start that cannot record the new epoch ends having written nothing; it claimed
+    // its new archive, which does not let the next start through without the option.
+    let blocker = follower_dir.join("oc-layout.json.tmp");
+    std::fs::create_dir(&blocker).expect("mkdir");
+    let why = Server::try_start(&follower_dir, &["--shards", "2", "--promote-at-start"])
+        .err()
+        .expect("the epoch could not be recorded");
+    assert!(why.contains("nothing was written"), "{why}");
+    std::fs::remove_dir(&blocker).expect("rmdir");
+    assert_eq!(layout_of(&follower_dir)["follows"], writer_id);
+    let why = Server::try_start(&follower_dir, &["--shards", "2"])
+        .err()
+        .expect("still a follower's directory");
+    assert!(why.contains("is a follower's data directory"), "{why}");
     let promoted = Server::start(&follower_dir, &["--shards", "2", "--promote-at-start"]);
     assert_holds_every_acknowledged(&promoted, &model, "the start that promoted it");
     let write = promoted.post(
