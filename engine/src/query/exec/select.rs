@@ -250,8 +250,8 @@ impl Execution {
     }
 }
 
-/// Rows a cut dropped whose bytes are not given back yet; freed on the reclaim thread
-/// whenever they go (the query ended), never on the shard's.
+/// Rows a cut dropped whose bytes are not given back yet; freed through the reclaim
+/// thread whenever they go (the query ended).
 #[derive(Default)]
 pub(super) struct Dropped(pub(super) Vec<Vec<OutRow>>);
 
