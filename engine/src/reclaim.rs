@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 type Garbage = Box<dyn Send>;
 
 /// The most values waiting for the reclaim thread.
-pub const MAX_BACKLOG: usize = 64;
+pub const MAX_BACKLOG: usize = 16;
 
 struct Reclaimer {
     tx: Mutex<Sender<Garbage>>,
