@@ -44,6 +44,11 @@ pub const MAX_MIGRATION_STEPS: usize = 64;
 pub const MAX_STEPS_JSON_BYTES: usize = 16 * 1024;
 /// Bytes of one default or transform expression.
 pub const MAX_EXPRESSION_BYTES: usize = 4096;
+/// Vector dimensions a migration's expressions may read per row for distances,
+/// together: a row is transformed whole wherever the migration meets it (at a write,
+/// in one step of its backfill), and 1,750 distances over `vector(4096)` (seven steps)
+/// took 15 ms a row, a 40-row write batch over a second.
+pub const MAX_DISTANCE_DIMS_PER_ROW: u64 = 16 * crate::limits::MAX_VECTOR_DIM as u64;
 /// Finished migrations a tenant remembers (for `GET …/migrations`).
 pub const MIGRATION_HISTORY: usize = 32;
 /// Bytes of a failure reason kept (it names a row key, which may be long).
@@ -201,6 +206,27 @@ struct WorkColumn {
     slot: Slot,
 }
 
+/// The vector dimensions `expr`'s distances read per row: a vector column's own, else
+/// the most a vector may have.
+fn distance_dims_of(v0: &TableSchema, expr: &Expr) -> u64 {
+    let dims = |operand: &Expr| match operand {
+        Expr::Column(i) => match v0.columns.get(*i).map(|c| c.ty) {
+            Some(ColumnType::Vector(dims)) => Some(u64::from(dims)),
+            _ => None,
+        },
+        _ => None,
+    };
+    let mut total = 0;
+    expr.visit(&mut |e| {
+        if let Expr::Distance(_, a, b) = e {
+            total += dims(a)
+                .or_else(|| dims(b))
+                .unwrap_or(u64::from(crate::limits::MAX_VECTOR_DIM));
+        }
+    });
+    total
+}
+
 /// Plans `steps` over `v0`, validating all of them before anything starts; the error
 /// names the step (counted from 0) and what to fix.
 pub fn plan(v0: &TableSchema, steps: &[Step], layout: Layout) -> Result<Plan, EngineError> {
@@ -230,6 +256,7 @@ pub fn plan(v0: &TableSchema, steps: &[Step], layout: Layout) -> Result<Plan, En
         .map(|i| (i.name.clone(), names(&i.columns)))
         .collect();
     let likes = std::cell::Cell::new(0);
+    let distance_dims = std::cell::Cell::new(0u64);
     for (n, step) in steps.iter().enumerate() {
         let bad = |why: String| invalid(format!("step {n} ({}): {why}", step.op()));
         let find = |cols: &[WorkColumn], name: &str| {
@@ -265,6 +292,16 @@ pub fn plan(v0: &TableSchema, steps: &[Step], layout: Layout) -> Result<Plan, En
                 return Err(bad(format!(
                     "the migration's expressions use more than {MAX_LIKE_PER_QUERY} LIKE \
                      operators together (each reads its whole text for every row)"
+                )));
+            }
+            distance_dims.set(distance_dims.get() + distance_dims_of(v0, &expr));
+            if distance_dims.get() > MAX_DISTANCE_DIMS_PER_ROW {
+                return Err(bad(format!(
+                    "the migration's expressions compute distances over {} vector \
+                     dimensions per row together, above the limit of \
+                     {MAX_DISTANCE_DIMS_PER_ROW} (each row is transformed whole, and a write \
+                     during the migration waits for its rows)",
+                    distance_dims.get()
                 )));
             }
             Ok(Computed { expr, params })
@@ -774,12 +811,14 @@ impl ActiveMigration {
             if key > limit.as_slice() {
                 break;
             }
-            let v1 = self.plan.transform(row).map_err(|why| {
-                format!("row with key {} does not migrate: {why}", render_key(key))
-            })?;
+            let named = || row_key_shown(base.schema(), row);
+            let v1 = self
+                .plan
+                .transform(row)
+                .map_err(|why| format!("the row {} does not migrate: {why}", named()))?;
             self.plan
                 .check(&v1)
-                .map_err(|e| format!("row with key {} does not migrate: {e}", render_key(key)))?;
+                .map_err(|e| format!("the row {} does not migrate: {e}", named()))?;
             converted.push(v1);
         }
         let rows = converted.len() as u64;
@@ -793,6 +832,24 @@ impl ActiveMigration {
             self.cursor = Some(limit);
         }
         Ok(rows)
+    }
+}
+
+/// A row's primary key for a message, as its columns and values (`id = 50`), cut
+/// short.
+pub(crate) fn row_key_shown(schema: &TableSchema, row: &Row) -> String {
+    let shown = schema
+        .primary_key
+        .iter()
+        .map(|&i| {
+            let value = row.get(i).to_value().to_json().to_string();
+            format!("{} = {value}", schema.columns[i].name)
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    match shown.char_indices().nth(200) {
+        Some((cut, _)) => format!("{}…", &shown[..cut]),
+        None => shown,
     }
 }
 
@@ -1340,6 +1397,37 @@ mod tests {
             refused.contains("step 1") && refused.contains("16 LIKE"),
             "{refused}"
         );
+    }
+
+    /// Distances are counted by the dimensions they read per row, across steps.
+    #[test]
+    fn a_migrations_distances_share_a_limit_on_the_dimensions_they_read() {
+        let embedded = TableSchema::new(
+            "items",
+            &[
+                ("id", Int, false),
+                ("e", Vector(4096), true),
+                ("s", Vector(4), true),
+            ],
+            &["id"],
+            &[],
+        )
+        .expect("valid");
+        let step = |i: usize, column: &str, distances: usize| {
+            let sum = vec![format!("({column} <-> {column})"); distances].join(" + ");
+            format!(r#"{{"op":"add_column","name":"d{i}","type":"float","default":"{sum}"}}"#)
+        };
+        let planned = |json: String| plan(&embedded, &steps(&json), Layout::InPlace);
+        planned(format!("[{},{}]", step(0, "e", 8), step(1, "e", 8))).expect("16 × 4096");
+        let refused = planned(format!("[{},{}]", step(0, "e", 8), step(1, "e", 9)))
+            .expect_err("17 × 4096")
+            .to_string();
+        assert!(
+            refused.contains("step 1") && refused.contains("69632 vector dimensions"),
+            "{refused}"
+        );
+        // A small vector's distances cost what it holds.
+        planned(format!("[{}]", step(0, "s", 200))).expect("200 × 4");
     }
 
     #[test]

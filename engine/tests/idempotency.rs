@@ -108,3 +108,48 @@ fn a_repeated_key_gets_the_first_result_across_restarts_and_checkpoints() {
         ));
     });
 }
+
+/// Repeats of a key sent while its first attempt is on its way wait for it: the batch
+/// is logged once, and every repeat gets the first answer.
+#[test]
+fn concurrent_repeats_of_a_key_log_the_batch_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    run_local(async {
+        let shard = Rc::new(open(dir.path()).await);
+        shard.create_tenant(&acme()).await.expect("tenant");
+        let schema = TableSchema::new(
+            "t",
+            &[
+                ("id", ColumnType::Int, false),
+                ("v", ColumnType::Text, true),
+            ],
+            &["id"],
+            &[],
+        )
+        .expect("schema");
+        shard.create_table(&acme(), schema).await.expect("table");
+        let before = shard.applied_lsn();
+        let sends: Vec<_> = (0..16)
+            .map(|_| {
+                let shard = shard.clone();
+                glommio::spawn_local(async move {
+                    shard
+                        .write(&acme(), "t", &upsert(1, "a"), Some("once".into()))
+                        .await
+                })
+            })
+            .collect();
+        let mut answers = Vec::new();
+        for send in sends {
+            answers.push(send.await.expect("written"));
+        }
+        let first = answers[0];
+        assert!(answers.iter().all(|a| *a == first), "{answers:?}");
+        assert_eq!(first.1.inserted, 1);
+        assert_eq!(
+            shard.applied_lsn().0,
+            before.0 + 1,
+            "one frame logged for 16 sends"
+        );
+    });
+}

@@ -1370,3 +1370,39 @@ fn a_log_ending_before_its_archived_copy_is_refused() {
         assert!(frames.is_empty() && report.removed == vec![tail.segment.clone()]);
     });
 }
+
+/// A shard directory with no segment yet opens where it cannot write its probe file
+/// (a full disk; here a directory takes the probe's name) when a sibling shard holds a
+/// written segment: that one is probed instead, so such a data directory restarts.
+#[test]
+fn an_empty_shard_beside_a_written_one_opens_without_writing_a_probe() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let (written, empty) = (data.path().join("shard-0"), data.path().join("shard-1"));
+    std::fs::create_dir(&written).expect("mkdir");
+    std::fs::create_dir(&empty).expect("mkdir");
+    run_local(async {
+        closed_log_of_600(&written).await;
+    });
+    std::fs::create_dir(empty.join(".oc-iopoll-probe")).expect("the probe's name taken");
+    run_local(async {
+        let (wal, frames, _) = open(&empty, small_segments(), Lsn(1))
+            .await
+            .expect("opens without a probe file of its own");
+        assert!(frames.is_empty());
+        wal.close().await.expect("close");
+    });
+    // Alone, it must write one: refused, naming the file.
+    let alone = tempfile::tempdir().expect("tempdir");
+    let shard = alone.path().join("shard-0");
+    std::fs::create_dir_all(shard.join(".oc-iopoll-probe")).expect("mkdir");
+    run_local(async {
+        let refused = DmaStorage::open(&shard)
+            .await
+            .err()
+            .expect("no file to probe");
+        assert!(
+            refused.to_string().contains(".oc-iopoll-probe"),
+            "{refused}"
+        );
+    });
+}

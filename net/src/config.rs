@@ -107,6 +107,10 @@ pub struct ServerConfig {
     /// Time for a client to send a request's body; then 408.
     #[arg(long, env = "OC_BODY_READ_TIMEOUT_MS", default_value_t = 30_000)]
     pub body_read_timeout_ms: u64,
+    /// The least a client must send of a request body, in bytes a second on average
+    /// after its first 5 s; slower gets 408 (0: no minimum).
+    #[arg(long, env = "OC_MIN_BODY_BYTES_PER_S", default_value_t = 1024)]
+    pub min_body_bytes_per_s: u64,
     /// A connection with no request in flight and no byte moved for this long is closed
     /// (an idle keep-alive connection goes at the header-read timeout first: hyper
     /// counts that from the end of the last answer).
@@ -360,10 +364,18 @@ impl ServerConfig {
     }
 
     /// The API's limits on a server of `shards` shards.
-    pub fn api_limits(&self, shards: usize) -> ApiLimits {
+    /// The data API's limits on `shards` shards, with `memory_budget` bytes in all.
+    pub fn api_limits(&self, shards: usize, memory_budget: u64) -> ApiLimits {
         let shard_connections = self.max_connections.div_ceil(shards.max(1));
+        // Bodies being received take an eighth of the budget, and always room for two
+        // of the largest on each shard.
+        let body_pool =
+            (memory_budget / 8 / shards.max(1) as u64).max(2 * self.max_body_bytes as u64) as usize;
         ApiLimits {
             max_body_bytes: self.max_body_bytes,
+            body_pool_bytes: body_pool,
+            bodies_per_caller: (shard_connections / 4).max(1),
+            min_body_bytes_per_s: self.min_body_bytes_per_s,
             body_read_timeout: Duration::from_millis(self.body_read_timeout_ms),
             request_deadline: Duration::from_millis(self.request_deadline_ms),
             min_lsn_wait: Duration::from_millis(self.min_lsn_wait_ms.min(self.request_deadline_ms)),

@@ -182,7 +182,7 @@ async fn handle(
             let allowed = if path.starts_with("/v1/admin/") {
                 "POST"
             } else {
-                "GET"
+                "GET, HEAD"
             };
             let mut response = ops_error(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -207,7 +207,20 @@ async fn handle(
         ),
     };
     metrics::record_request(route, response.status().as_u16(), started.elapsed());
+    let mut response = response;
+    if !response.headers().contains_key("x-request-id") {
+        if let Ok(value) = HeaderValue::from_str(&next_ops_request_id()) {
+            response.headers_mut().insert("x-request-id", value);
+        }
+    }
     Ok(response)
+}
+
+/// `ops-<counter>-<process nonce>`: every ops answer's `x-request-id`.
+fn next_ops_request_id() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("ops-{n:x}-{:08x}", crate::api::process_nonce())
 }
 
 fn admin_error(status: u16, code: &str, message: String) -> Response<Full<Bytes>> {
@@ -221,9 +234,7 @@ fn admin_error(status: u16, code: &str, message: String) -> Response<Full<Bytes>
 /// An error in the API's shape, with a request id (`ops-<counter>-<process nonce>`) in
 /// its body and its `x-request-id` header, for a report to name.
 fn ops_error(status: StatusCode, code: &str, message: String) -> Response<Full<Bytes>> {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let id = format!("ops-{n:x}-{:08x}", crate::api::process_nonce());
+    let id = next_ops_request_id();
     let mut response = json_response(
         status,
         json!({"error": {"code": code, "message": message, "request_id": id}}),
@@ -249,11 +260,16 @@ fn admin_refusal(state: &ControlState, req: &Request<Incoming>) -> Option<Respon
         _ => "",
     };
     (!crate::replication::token_matches(Some(token), presented.as_bytes())).then(|| {
-        admin_error(
+        let mut refused = admin_error(
             401,
             "unauthorized",
             "this action needs the admin token (Authorization: Bearer <token>)".into(),
-        )
+        );
+        refused.headers_mut().insert(
+            hyper::header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer"),
+        );
+        refused
     })
 }
 
@@ -279,14 +295,24 @@ fn flag(req: &Request<Incoming>, name: &str) -> Result<bool, Response<Full<Bytes
         set = Some(match pair.split_once('=') {
             Some((key, "true" | "1")) if key == name => true,
             Some((key, "false" | "0")) if key == name => false,
-            _ => {
+            other => {
+                let key = other.map_or(pair, |(key, _)| key);
+                let what = if key == name {
+                    format!(
+                        "{name}={} is not a flag",
+                        crate::api::error::quoted_short(other.map_or("", |(_, v)| v))
+                    )
+                } else {
+                    format!(
+                        "unknown query parameter {}",
+                        crate::api::error::quoted_short(key)
+                    )
+                };
                 return Err(admin_error(
                     400,
                     "invalid_query_string",
-                    format!(
-                        "unknown query parameter {pair:?}: this endpoint takes {name}=true|false"
-                    ),
-                ))
+                    format!("{what}: this endpoint takes {name}=true|false"),
+                ));
             }
         });
     }

@@ -24,17 +24,62 @@ struct Bucket {
     refilled: Instant,
 }
 
+/// What one key's bucket limits: all its requests, or the watch tokens it mints
+/// (each an audit log entry, kept for the audit retention).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Purpose {
+    Requests,
+    WatchTokens,
+}
+
+/// Watch tokens one key may mint: one a second, 60 at once.
+pub const WATCH_TOKEN_MINTS: RateLimit = RateLimit {
+    per_second: 1.0,
+    burst: 60.0,
+};
+
 thread_local! {
-    static BUCKETS: RefCell<HashMap<(TenantId, String), Bucket>> = RefCell::new(HashMap::new());
+    static BUCKETS: RefCell<HashMap<(TenantId, String, Purpose), Bucket>> = RefCell::new(HashMap::new());
 }
 
 /// Takes one token from the key's bucket or refuses with 429.
 pub fn admit(limit: RateLimit, tenant: &TenantId, key_id: &str) -> Result<(), ApiError> {
+    take(limit, tenant, key_id, Purpose::Requests).map_err(|()| {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!(
+                "API key {key_id} is over its rate limit of {} requests/s (burst {}); retry \
+                 shortly",
+                limit.per_second, limit.burst
+            ),
+        )
+    })
+}
+
+/// Takes one token from the key's bucket of watch token mints, or refuses with 429.
+pub fn admit_watch_token(tenant: &TenantId, key_id: &str) -> Result<(), ApiError> {
+    let limit = WATCH_TOKEN_MINTS;
+    take(limit, tenant, key_id, Purpose::WatchTokens).map_err(|()| {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!(
+                "API key {key_id} is over its limit of {} watch tokens/s (burst {}): a token \
+                 opens any number of streams of its tenant until it expires, so mint one and \
+                 share it, with a longer ttl_s",
+                limit.per_second, limit.burst
+            ),
+        )
+    })
+}
+
+fn take(limit: RateLimit, tenant: &TenantId, key_id: &str, purpose: Purpose) -> Result<(), ()> {
     let now = Instant::now();
     let admitted = BUCKETS.with(|buckets| {
         let mut buckets = buckets.borrow_mut();
         let bucket = buckets
-            .entry((tenant.clone(), key_id.to_string()))
+            .entry((tenant.clone(), key_id.to_string(), purpose))
             .or_insert(Bucket {
                 tokens: limit.burst,
                 refilled: now,
@@ -53,22 +98,18 @@ pub fn admit(limit: RateLimit, tenant: &TenantId, key_id: &str) -> Result<(), Ap
         return Ok(());
     }
     metrics::with_http(|m| m.rate_limit_rejections += 1);
-    Err(ApiError::new(
-        StatusCode::TOO_MANY_REQUESTS,
-        "rate_limited",
-        format!(
-            "API key {key_id} is over its rate limit of {} requests/s (burst {}); retry shortly",
-            limit.per_second, limit.burst
-        ),
-    ))
+    Err(())
 }
 
 /// Forgets a revoked key's bucket, so the map holds only live keys.
 pub fn forget(tenant: &TenantId, key_id: &str) {
-    BUCKETS.with(|b| b.borrow_mut().remove(&(tenant.clone(), key_id.to_string())));
+    BUCKETS.with(|b| {
+        b.borrow_mut()
+            .retain(|(t, k, _), _| t != tenant || k != key_id)
+    });
 }
 
 /// Forgets every bucket of a dropped tenant.
 pub fn forget_tenant(tenant: &TenantId) {
-    BUCKETS.with(|b| b.borrow_mut().retain(|(t, _), _| t != tenant));
+    BUCKETS.with(|b| b.borrow_mut().retain(|(t, _, _), _| t != tenant));
 }

@@ -326,7 +326,11 @@ pub fn run(config: ServerConfig) -> Result<()> {
     // From here on the directory is this server's: the shards make their logs next.
     fresh_start.keep();
     let shipping = shipper.is_some();
-    let hold_own_writes = finish_promotion.is_some();
+    // A follower's logs take its writer's frames only: a shard that logged its own (a
+    // migration's backfill or cutover, before the first replicated frame decided the
+    // log's kind) would hold frames its writer never wrote, under its writer's epoch.
+    // Its promotion takes them up; a writer finishing a promotion, once that is done.
+    let hold_own_writes = finish_promotion.is_some() || matches!(role, Role::Follower { .. });
     let (client_tx, client_rx) = mpsc::channel::<MeshEndpoints<ShardNode>>();
     let (ops_addr_tx, ops_addr_rx) = mpsc::channel::<std::io::Result<SocketAddr>>();
     let (serving_tx, serving_rx) = mpsc::channel::<()>();
@@ -386,7 +390,7 @@ pub fn run(config: ServerConfig) -> Result<()> {
         idle_timeout: Duration::from_millis(config.idle_timeout_ms),
         min_send_bytes_per_s: config.min_send_bytes_per_s,
         max_connections: config.max_connections.div_ceil(shards),
-        limits: config.api_limits(shards),
+        limits: config.api_limits(shards, memory_budget),
         auth,
         tls: config.tls().map_err(|e| anyhow!(e))?,
         archive: replay_archive,

@@ -223,6 +223,23 @@ fn bad_input_gets_the_documented_error_and_the_server_keeps_serving() {
         Err(ureq::Error::Status(415, _)) => {}
         other => panic!("expected 415, got {other:?}"),
     }
+    // The media type is matched whole; its parameters are not.
+    for (content_type, refused) in [
+        ("application/json-seq", true),
+        ("application/jsonx", true),
+        ("APPLICATION/JSON; charset=utf-8", false),
+    ] {
+        let sent = agent
+            .post(&format!("{}/v1/tenants/nobody/tables/t/rows", server.api))
+            .set("content-type", content_type)
+            .send_string(r#"{"ops":[]}"#);
+        let got = match sent {
+            Ok(r) => r.status(),
+            Err(ureq::Error::Status(code, _)) => code,
+            Err(e) => panic!("{content_type}: {e}"),
+        };
+        assert_eq!(got == 415, refused, "{content_type}: {got}");
+    }
     // A client's request id is echoed.
     let echoed = agent
         .get(&format!("{}/v1/tenants/nobody/usage", server.api))
@@ -763,4 +780,66 @@ fn a_vector_read_back_and_written_again_keeps_every_f32() {
     assert_eq!(bits(&first), want, "as written: {first}");
     assert_eq!(bits(&second), want, "written back as read: {second}");
     assert_eq!(first, second);
+}
+
+/// Headers clients of HTTP rely on: every ops answer carries a request id; a 405
+/// there allows HEAD with GET; a stream may be read by a page of another origin; a body
+/// far over the limit is answered with `connection: close` before the connection goes.
+#[test]
+fn answers_carry_the_headers_http_clients_rely_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&dir.path().join("data"), &["--shards", "1"]);
+    let ops = server.ops.trim_start_matches("http://");
+    let health = raw_get(ops, "/health");
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    assert!(
+        health.to_ascii_lowercase().contains("x-request-id: ops-"),
+        "{health}"
+    );
+    let mut raw = TcpStream::connect(ops).expect("connect");
+    raw.write_all(b"DELETE /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("send");
+    let mut refused = String::new();
+    raw.read_to_string(&mut refused).expect("answer");
+    assert!(refused.starts_with("HTTP/1.1 405"), "{refused}");
+    assert!(
+        refused.to_ascii_lowercase().contains("allow: get, head"),
+        "{refused}"
+    );
+
+    assert_eq!(
+        server
+            .post("/v1/tenants", &json!({"tenant": "acme"}))
+            .status,
+        201
+    );
+    let api = server.api.trim_start_matches("http://");
+    let mut stream = TcpStream::connect(api).expect("connect");
+    stream
+        .write_all(
+            b"GET /v1/tenants/acme/watch HTTP/1.1\r\nHost: x\r\nOrigin: http://app.example\r\n\r\n",
+        )
+        .expect("send");
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    let mut head = vec![0u8; 2048];
+    let n = stream.read(&mut head).expect("head");
+    let head = String::from_utf8_lossy(&head[..n]).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("access-control-allow-origin: *"), "{head}");
+    drop(stream);
+
+    let mut big = TcpStream::connect(api).expect("connect");
+    big.write_all(
+        b"POST /v1/tenants/acme/tables/t/rows HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\ncontent-length: 999999999\r\n\r\n{",
+    )
+    .expect("send");
+    big.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    let mut answer = String::new();
+    let _ = big.read_to_string(&mut answer);
+    let answer = answer.to_ascii_lowercase();
+    assert!(answer.starts_with("http/1.1 413"), "{answer}");
+    assert!(answer.contains("connection: close"), "{answer}");
 }

@@ -439,3 +439,63 @@ fn an_action_the_audit_log_cannot_record_is_refused_and_changes_nothing() {
     let dropped = call(&server, "DELETE", "/v1/tenants/kept", None, ADMIN);
     assert_eq!(dropped.status, 200, "{dropped:?}");
 }
+
+/// A key mints at most 60 watch tokens at once: the next is refused before the audit
+/// log records anything, so minting in a loop cannot grow the log without bound.
+#[test]
+fn watch_token_mints_past_a_keys_limit_are_refused_unrecorded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let server = start(&data, "none", &[]);
+    let created = call(
+        &server,
+        "POST",
+        "/v1/tenants",
+        Some(json!({"tenant": "acme"})),
+        ADMIN,
+    );
+    assert_eq!(created.status, 201, "{created:?}");
+    let key = call(&server, "POST", "/v1/tenants/acme/keys", None, ADMIN);
+    assert_eq!(key.status, 201, "{key:?}");
+    let secret = key.body["key"].as_str().expect("key").to_string();
+    let mint = || {
+        call(
+            &server,
+            "POST",
+            "/v1/tenants/acme/watch-tokens",
+            None,
+            &secret,
+        )
+    };
+    let mut minted = 0;
+    let refused = loop {
+        let reply = mint();
+        if reply.status != 201 {
+            break reply;
+        }
+        minted += 1;
+        assert!(minted <= 61, "no limit after {minted} mints");
+    };
+    assert!((60..=61).contains(&minted), "{minted} minted");
+    assert_eq!(refused.status, 429, "{refused:?}");
+    assert_eq!(refused.body["error"]["code"], "rate_limited", "{refused:?}");
+    let message = refused.body["error"]["message"].as_str().unwrap_or("");
+    assert!(message.contains("watch tokens"), "{message}");
+    let recorded = |action: &str| {
+        let reply = audit(&server, &format!("?action={action}&limit=1000"));
+        assert_eq!(reply.status, 200, "{reply:?}");
+        reply.body["entries"].as_array().expect("entries").len()
+    };
+    assert_eq!(recorded("watch_token.create"), minted);
+    // The admin mints without a key's limit; the key's other requests go on.
+    let admin = call(
+        &server,
+        "POST",
+        "/v1/tenants/acme/watch-tokens",
+        None,
+        ADMIN,
+    );
+    assert_eq!(admin.status, 201, "{admin:?}");
+    let usage = call(&server, "GET", "/v1/tenants/acme/usage", None, &secret);
+    assert_eq!(usage.status, 200, "{usage:?}");
+}

@@ -48,6 +48,13 @@ fn keys_reach_only_their_tenant_survive_restarts_and_can_be_revoked() {
     let anonymous = server.get("/v1/tenants");
     assert_eq!(anonymous.status, 401, "{anonymous:?}");
     assert_eq!(anonymous.body["error"]["code"], "unauthorized");
+    // RFC 9110: a 401 names the scheme it takes.
+    match ureq::get(&format!("{}/v1/tenants", server.api)).call() {
+        Err(ureq::Error::Status(401, r)) => {
+            assert_eq!(r.header("www-authenticate"), Some("Bearer"));
+        }
+        other => panic!("expected 401, got {other:?}"),
+    }
     assert_eq!(
         api.call("GET", "/v1/tenants", None, "wrong-token-wrong-token")
             .status,

@@ -109,6 +109,15 @@ fn oc_ctl_describes_segments_checkpoints_and_archive_objects() {
         "{text}"
     );
 
+    // The data directory given for a shard's is refused, naming the one to give.
+    let data_arg = shard.parent().expect("data dir").to_str().expect("utf-8");
+    let (ok, text) = oc_ctl(&["checkpoints", data_arg]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("is a data directory") && text.contains("shard-<n>"),
+        "{text}"
+    );
+
     // A damaged snapshot is named unusable, and the exit status says so.
     let snapshot = files_in(&shard, ".snap").pop().expect("a snapshot");
     let mut bytes = std::fs::read(&snapshot).expect("read");

@@ -144,6 +144,26 @@ fn expression_trees_of_every_shape_up_to_the_size_limit_get_a_400() {
     let too_big = format!("SELECT id FROM docs WHERE {}", "id = 1 OR ".repeat(8000));
     let reply = ask(&server, "acme", &too_big, json!([]));
     assert_eq!(reply.status, 400, "{reply:?}");
+    // Lists, whose commas are no operators: up to each limit they run, past it a 400
+    // names the clause.
+    let list = |n: usize| vec!["id"; n].join(", ");
+    for (clause, limit, before, after) in [
+        ("SELECT", 512, "SELECT ", " FROM docs"),
+        ("GROUP BY", 32, "SELECT COUNT(*) FROM docs GROUP BY ", ""),
+        ("ORDER BY", 32, "SELECT id FROM docs ORDER BY ", ""),
+    ] {
+        let sql = |n: usize| format!("{before}{}{after}", list(n));
+        let fits = ask(&server, "acme", &sql(limit), json!([]));
+        assert_eq!(fits.status, 200, "{clause} × {limit}: {fits:?}");
+        for over in [limit + 1, 10_000] {
+            assert_error(
+                &ask(&server, "acme", &sql(over), json!([])),
+                400,
+                "query_too_complex",
+                &format!("{clause} lists {over} items"),
+            );
+        }
+    }
     assert_alive_and_ready(&server);
 }
 
@@ -1410,6 +1430,21 @@ fn ambiguous_requests_are_refused_rather_than_read_one_way() {
             ),
             "content-encoding",
         ),
+        // Chunked framing named twice, in one header or two.
+        (
+            format!(
+                "transfer-encoding: chunked, chunked\r\n\r\n{:x}\r\n{ask}\r\n0\r\n\r\n",
+                ask.len()
+            ),
+            "more than once",
+        ),
+        (
+            format!(
+                "transfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{ask}\r\n0\r\n\r\n",
+                ask.len()
+            ),
+            "more than once",
+        ),
     ] {
         let (status, body) = asked("/v1/tenants/ac/ask", &headers);
         assert_eq!(status, 415, "{headers}: {body}");
@@ -1448,4 +1483,141 @@ fn ambiguous_requests_are_refused_rather_than_read_one_way() {
     let (status, body) = promote("", &auth);
     assert!(status != 401 && status != 400, "{status} {body}");
     assert_alive_and_ready(&server);
+}
+
+/// Opens a connection and sends a write's head and the first `sent` of `declared` body
+/// bytes, with `token`; the rest never comes.
+fn held_body(api: &str, token: &str, tenant: &str, declared: usize, sent: usize) -> TcpStream {
+    let addr = api.trim_start_matches("http://");
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    let head = format!(
+        "POST /v1/tenants/{tenant}/tables/items/rows HTTP/1.1\r\nhost: x\r\n\
+         authorization: Bearer {token}\r\ncontent-type: application/json\r\n\
+         content-length: {declared}\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).expect("head");
+    stream.write_all(&vec![b' '; sent]).expect("body");
+    stream
+}
+
+/// Bodies still arriving are held to the shard's pool and charged to their caller: one
+/// tenant's held bodies get 429 past its count and its half of the pool, never taking
+/// another tenant's writes down (which got `507 memory_full` when such bodies pinned
+/// the memory budget); a body sent slower than the minimum rate gets 408.
+#[test]
+fn bodies_held_open_are_bounded_per_caller_and_paced() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token_file = dir.path().join("admin-token");
+    let admin = "hostile-test-admin-token-0123456789";
+    std::fs::write(&token_file, format!("{admin}\n")).expect("token");
+    let server = Server::start(
+        &dir.path().join("data"),
+        &[
+            "--shards",
+            "1",
+            "--admin-token-file",
+            token_file.to_str().expect("utf-8"),
+            "--memory-budget-bytes",
+            "268435456",
+            "--max-body-bytes",
+            "2097152",
+            "--max-connections",
+            "64",
+        ],
+    );
+    let as_admin = |method: &str, path: &str, body: Option<Value>| {
+        let body = body.map(|b| b.to_string());
+        common::request_as(
+            method,
+            &format!("{}{path}", server.api),
+            body.as_deref(),
+            admin,
+        )
+    };
+    let mut keys = Vec::new();
+    for tenant in ["hog", "calm"] {
+        assert_eq!(
+            as_admin("POST", "/v1/tenants", Some(json!({"tenant": tenant}))).status,
+            201
+        );
+        let table = as_admin(
+            "POST",
+            &format!("/v1/tenants/{tenant}/tables"),
+            Some(common::items_table()),
+        );
+        assert_eq!(table.status, 201, "{table:?}");
+        let key = as_admin("POST", &format!("/v1/tenants/{tenant}/keys"), None);
+        assert_eq!(key.status, 201, "{key:?}");
+        keys.push(key.body["key"].as_str().expect("key").to_string());
+    }
+    let (hog, calm) = (&keys[0], &keys[1]);
+    let calm_write = |id: i64| {
+        let body = json!({"ops": [{"upsert": {"id": id, "name": "calm", "batch": 1}}]});
+        common::request_as(
+            "POST",
+            &format!("{}/v1/tenants/calm/tables/items/rows", server.api),
+            Some(&body.to_string()),
+            calm,
+        )
+    };
+    // 64 connections on one shard: a caller sends at most 16 bodies at once.
+    let mut held: Vec<TcpStream> = (0..16)
+        .map(|_| held_body(&server.api, hog, "hog", 100, 1))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut refused = held_body(&server.api, hog, "hog", 100, 1);
+    let answer = read_answer(&mut refused);
+    assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
+    assert!(answer.contains("16 request bodies"), "{answer}");
+    assert_eq!(calm_write(1).status, 200, "another tenant writes on");
+    held.clear();
+    // A client gone part way through its body is given up within 2 s.
+    std::thread::sleep(Duration::from_millis(3000));
+    // The pool: 256 MiB / 8 = 32 MiB on the shard, half of it per caller.
+    let mut big: Vec<TcpStream> = (0..8)
+        .map(|_| held_body(&server.api, hog, "hog", 2 << 20, 1 << 20))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut over = held_body(&server.api, hog, "hog", 2 << 20, 1);
+    let answer = read_answer(&mut over);
+    assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
+    assert!(answer.contains("its share of 16777216"), "{answer}");
+    assert_eq!(calm_write(2).status, 200, "another tenant writes on");
+    big.clear();
+    std::thread::sleep(Duration::from_millis(3000));
+    // A body trickled a byte every half second is cut off after the grace.
+    let mut slow = held_body(&server.api, hog, "hog", 100, 1);
+    let started = std::time::Instant::now();
+    slow.set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("timeout");
+    let answer = loop {
+        let _ = slow.write_all(b" ");
+        let mut buf = [0u8; 4096];
+        match slow.read(&mut buf) {
+            Ok(n) if n > 0 => break String::from_utf8_lossy(&buf[..n]).to_string(),
+            _ => {}
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "never cut off");
+    };
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.contains("slower than 1024 bytes a second"),
+        "{answer}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_alive_and_ready(&server);
+}
+
+/// The status line and what follows of the first answer on `stream`.
+fn read_answer(stream: &mut TcpStream) -> String {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut buf = vec![0u8; 8192];
+    let n = stream.read(&mut buf).unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n]).to_string()
 }

@@ -401,7 +401,7 @@ fn bad_migrations_are_refused_whole_naming_the_step() {
         (
             json!({"table": "items", "steps": [{"op": "add_column", "name": "inverse", "type": "int", "default": "10 / batch"}]}),
             400,
-            "does not migrate",
+            "row id = 0 does not migrate",
         ),
         (
             json!({"table": "items", "steps": [{"op": "drop_column", "name": "id"}]}),
@@ -535,6 +535,74 @@ fn a_planned_failover_waits_for_a_migration_and_a_forced_one_carries_it_over() {
         assert_eq!(row[3], batch * 2, "row {id}: transformed once");
     }
     assert_eq!(rows[&19_999][1], "after the refusals");
+}
+
+/// A follower restarted while its writer runs a migration logs none of the migration's
+/// records itself, even when its writer is out of reach at its start (paused here) and
+/// its log has not yet taken a frame of the writer's: it catches up from the writer
+/// when it is back, and ends with the writer's rows in the new shape.
+#[test]
+fn a_follower_restarted_during_a_migration_logs_none_of_its_records() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let writer = Server::start(
+        &dir.path().join("writer"),
+        &["--replication-listen", "127.0.0.1:0"],
+    );
+    let leader = writer.replication.clone().expect("replication address");
+    let follower_flags = ["--mode", "follower", "--leader-addr", leader.as_str()];
+    let follower_dir = dir.path().join("follower");
+    let follower = Server::start(&follower_dir, &follower_flags);
+    writer.create_tenant_with_items("shop");
+    fill(&writer, "shop", 0..20_000);
+    let id = start(&writer, "shop");
+    wait_backfilling(&writer, "shop", id);
+    // The follower applied the migration's start, and knows it is running.
+    let deadline = Instant::now() + PATIENCE;
+    while follower
+        .get(&format!("/v1/tenants/shop/migrations/{id}"))
+        .status
+        != 200
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the follower never saw the migration"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pause = |signal| {
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(writer.pid() as i32, signal) }, 0);
+    };
+    pause(libc::SIGSTOP);
+    follower.kill9();
+    let follower = Server::start(&follower_dir, &follower_flags);
+    // Several ticks of a backfill driver, had the follower run one.
+    std::thread::sleep(Duration::from_millis(1500));
+    pause(libc::SIGCONT);
+    wait_for(&writer, "shop", id, "done");
+    wait_for(&follower, "shop", id, "done");
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (status, body) = follower.ops_get("/ready");
+        if status == 200 && dump(&follower, "shop", "id, title, batch, double").len() == 20_000 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the follower never caught up: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let columns = "id, title, batch, double";
+    assert_eq!(
+        dump(&follower, "shop", columns),
+        dump(&writer, "shop", columns)
+    );
+    assert!(
+        !follower.stderr().contains("stamps its own frames"),
+        "{}",
+        follower.stderr()
+    );
 }
 
 /// Microseconds since the epoch, as `oc-pitr --target` takes them (RFC 3339).

@@ -664,11 +664,27 @@ pub fn as_vector(v: &Value) -> Result<Option<Cow<'_, [f32]>>, String> {
     match v {
         Value::Null => Ok(None),
         Value::Vector(v) => Ok(Some(Cow::Borrowed(v))),
+        // A parameter array of numbers that did not become a vector: say why.
+        Value::Json(text) if numbers_out_of_f32(text) => Err(
+            "a distance needs vectors, and this array holds a number a vector cannot: its \
+             values are 32-bit floats, finite and within ±3.4e38"
+                .to_string(),
+        ),
         other => Err(format!(
             "a distance needs vectors, got {}",
             type_name(other)
         )),
     }
+}
+
+/// Whether JSON `text` is a non-empty array of numbers, one of them past `f32`'s range.
+fn numbers_out_of_f32(text: &str) -> bool {
+    let Ok(serde_json::Value::Array(items)) = serde_json::from_str::<serde_json::Value>(text)
+    else {
+        return false;
+    };
+    let numbers: Option<Vec<f64>> = items.iter().map(serde_json::Value::as_f64).collect();
+    numbers.is_some_and(|n| !n.is_empty() && n.iter().any(|f| !(*f as f32).is_finite()))
 }
 
 pub fn check_dims(a: &[f32], b: &[f32]) -> Result<(), String> {
@@ -715,6 +731,19 @@ mod tests {
 
     fn eval(e: &Expr) -> Value {
         e.eval(NO_COLUMNS, &[]).expect("evaluates").into_owned()
+    }
+
+    /// A parameter array that could not be a vector says why a distance refuses it.
+    #[test]
+    fn an_array_past_f32s_range_is_refused_as_a_vector_saying_why() {
+        let beyond = param_from_json(&serde_json::json!([1e39, 1.0]));
+        let why = as_vector(&beyond).expect_err("not a vector");
+        assert!(why.contains("32-bit floats"), "{why}");
+        let words = param_from_json(&serde_json::json!(["a", "b"]));
+        let why = as_vector(&words).expect_err("not a vector");
+        assert!(why.contains("got json"), "{why}");
+        let fine = param_from_json(&serde_json::json!([1.5, 2.0]));
+        assert!(as_vector(&fine).expect("a vector").is_some());
     }
 
     fn c(v: Value) -> Box<Expr> {

@@ -181,7 +181,7 @@ fn sample_growth(base: &Table, plan: &migration::Plan) -> Result<(f64, f64), Eng
     let (mut before, mut after) = (0usize, 0usize);
     let (mut sampled, mut vectors) = (0usize, 0isize);
     let started = Instant::now();
-    for (key, row) in base.rows_after(None).take(SAMPLE_ROWS) {
+    for (_, row) in base.rows_after(None).take(SAMPLE_ROWS) {
         if sampled >= MIN_SAMPLE_ROWS && started.elapsed() >= CHUNK_TIME {
             break;
         }
@@ -190,8 +190,8 @@ fn sample_growth(base: &Table, plan: &migration::Plan) -> Result<(f64, f64), Eng
             .and_then(|v1| plan.check(&v1).map(|()| v1))
             .map_err(|why| {
                 EngineError::InvalidMigration(format!(
-                    "the table's row with key {} does not migrate: {why}",
-                    migration::render_key(key)
+                    "the table's row {} does not migrate: {why}",
+                    migration::row_key_shown(base.schema(), row)
                 ))
             })?;
         before += record::row_entry_bytes(row);

@@ -109,6 +109,9 @@ pub struct Shard<S: Storage> {
     ask_turns: RefCell<HashMap<TenantId, Rc<glommio::sync::Semaphore>>>,
     /// Queries that found their tenant's turns all taken, since start.
     ask_turn_waits: std::cell::Cell<u64>,
+    /// Keyed writes between their idempotency check and their apply: a repeat of one
+    /// waits for it (closed when it is done) instead of logging the batch again.
+    keyed_in_flight: KeyedWrites,
     plan_cache: RefCell<PlanCache>,
     quotas: std::cell::Cell<TenantQuotas>,
     ack_gate: RefCell<Option<Rc<dyn AckGate>>>,
@@ -124,6 +127,39 @@ pub struct Shard<S: Storage> {
     _applier: Task<()>,
     /// Checks the log segments the open did not read (`Wal::check_unread_segments`).
     _unread_log_check: Task<()>,
+}
+
+/// The keyed writes on their way, by tenant and key: each one's semaphore is closed
+/// when it is done.
+type KeyedWrites = Rc<RefCell<HashMap<(TenantId, String), Rc<glommio::sync::Semaphore>>>>;
+
+/// A keyed write on its way from its idempotency check to its apply; repeats of its
+/// key wait until it is dropped.
+struct KeyedWrite {
+    map: KeyedWrites,
+    id: (TenantId, String),
+    done: Rc<glommio::sync::Semaphore>,
+}
+
+impl KeyedWrite {
+    fn enter(map: &KeyedWrites, tenant: &TenantId, key: &str) -> KeyedWrite {
+        let id = (tenant.clone(), key.to_string());
+        let done = Rc::new(glommio::sync::Semaphore::new(0));
+        map.borrow_mut().insert(id.clone(), done.clone());
+        KeyedWrite {
+            map: map.clone(),
+            id,
+            done,
+        }
+    }
+}
+
+impl Drop for KeyedWrite {
+    fn drop(&mut self) {
+        self.map.borrow_mut().remove(&self.id);
+        // Wakes every waiting repeat (their acquire fails).
+        self.done.close();
+    }
 }
 
 /// Queries of one tenant that run their slices at once on a shard; its others wait
@@ -342,6 +378,7 @@ impl<S: Storage> Shard<S> {
                 replays: glommio::sync::Semaphore::new(1),
                 ask_turns: RefCell::new(HashMap::new()),
                 ask_turn_waits: std::cell::Cell::new(0),
+                keyed_in_flight: Rc::default(),
                 plan_cache: RefCell::new(PlanCache::new(
                     query::PLAN_CACHE_ENTRIES,
                     query::PLAN_CACHE_BYTES,
@@ -683,14 +720,33 @@ impl<S: Storage> Shard<S> {
         // The hash a key remembers is read off the record's bytes, here and in apply.
         let (kind, payload) = record::encode(&command);
         let request_hash = record::write_request_hash(kind, &payload);
+        let mut _in_flight = None;
         if let (Some(key), Some(hash)) = (&key, request_hash) {
-            // A repeat of a key already applied is answered without writing anything.
-            // (No await since the caller's checks: the same state.)
-            if let Some(first) = self.read(tenant, |t| remembered(t, key, hash))?? {
-                // The first attempt may have been refused its acknowledgement.
-                self.acknowledge(first.lsn).await?;
-                return Ok((first.lsn, first.outcome));
+            loop {
+                // A repeat of a key already applied is answered without writing
+                // anything. (No await since the caller's checks, or the wait below:
+                // the same state.)
+                if let Some(first) = self.read(tenant, |t| remembered(t, key, hash))?? {
+                    // The first attempt may have been refused its acknowledgement.
+                    self.acknowledge(first.lsn).await?;
+                    return Ok((first.lsn, first.outcome));
+                }
+                // A repeat sent while the first is on its way waits for it (a client
+                // retrying at once, or many at once), then answers as above; should
+                // the first fail unlogged, one of them takes its place.
+                let first = self
+                    .keyed_in_flight
+                    .borrow()
+                    .get(&(tenant.clone(), key.clone()))
+                    .cloned();
+                match first {
+                    Some(done) => {
+                        let _ = done.acquire(1).await;
+                    }
+                    None => break,
+                }
             }
+            _in_flight = Some(KeyedWrite::enter(&self.keyed_in_flight, tenant, key));
         }
         self.count_foreground(row_bytes);
         match self

@@ -86,21 +86,28 @@ const IOPOLL_PROBE_NAME: &str = ".oc-iopoll-probe";
 /// valid header) is probed as it is, after the first start: nothing is written, which
 /// a full disk would refuse (and the server could not restart to free space). A block
 /// only allocated would read as zeros without reaching the device, as an empty file.
+///
+/// A directory without such a segment (a shard that never took a write) probes one of
+/// its siblings' (the other shards of the data directory, on the same device) before
+/// it writes a probe file of its own: a full disk would refuse that write, and with it
+/// every restart, while the data already on it is readable.
 async fn prime_iopoll_probe(dir: &Path) -> Result<()> {
     let listed = dir.to_path_buf();
     let existing = glommio::executor()
         .spawn_blocking(move || -> Option<PathBuf> {
-            use std::io::Read;
-            std::fs::read_dir(listed).ok()?.flatten().find_map(|entry| {
-                let name = entry.file_name();
-                crate::wal::segment::parse_segment_name(name.to_str()?)?;
-                let mut header = vec![0u8; BLOCK_SIZE];
-                std::fs::File::open(entry.path())
-                    .and_then(|mut f| f.read_exact(&mut header))
-                    .ok()?;
-                crate::wal::segment::SegmentHeader::decode(&header).ok()?;
-                Some(entry.path())
-            })
+            use std::os::unix::fs::MetadataExt;
+            let device = |path: &Path| std::fs::metadata(path).ok().map(|m| m.dev());
+            let own_device = device(&listed);
+            let siblings = listed.parent().and_then(|p| std::fs::read_dir(p).ok());
+            let sibling_dirs = siblings
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|entry| entry.path())
+                .filter(|path| path != &listed && path.is_dir() && device(path) == own_device);
+            std::iter::once(listed.clone())
+                .chain(sibling_dirs)
+                .find_map(|dir| written_segment_in(&dir))
         })
         .await;
     if let Some(path) = existing {
@@ -126,6 +133,21 @@ async fn prime_iopoll_probe(dir: &Path) -> Result<()> {
         .await
         .map_err(|e| glommio_err("closing", IOPOLL_PROBE_NAME, e))?;
     removed.map_err(|e| glommio_err("removing", IOPOLL_PROBE_NAME, e))
+}
+
+/// A log segment in `dir` whose header block reads back as a valid header.
+fn written_segment_in(dir: &Path) -> Option<PathBuf> {
+    use std::io::Read;
+    std::fs::read_dir(dir).ok()?.flatten().find_map(|entry| {
+        let name = entry.file_name();
+        crate::wal::segment::parse_segment_name(name.to_str()?)?;
+        let mut header = vec![0u8; BLOCK_SIZE];
+        std::fs::File::open(entry.path())
+            .and_then(|mut f| f.read_exact(&mut header))
+            .ok()?;
+        crate::wal::segment::SegmentHeader::decode(&header).ok()?;
+        Some(entry.path())
+    })
 }
 
 impl Storage for DmaStorage {

@@ -32,6 +32,9 @@ pub struct ApiError {
     /// writer; `true` when the write is durable here but unacknowledged (a writer that
     /// lost its lease), so only a write with an idempotency key may be sent again.
     pub taken: Option<bool>,
+    /// The connection closes after this answer (a body left unread): said in a
+    /// `Connection: close` header, so the client does not send on it.
+    pub closes: bool,
 }
 
 impl ApiError {
@@ -41,6 +44,7 @@ impl ApiError {
             code,
             message: message.into(),
             taken: None,
+            closes: false,
         }
     }
 
@@ -91,6 +95,19 @@ impl ApiError {
         );
         if self.retryable() {
             headers.insert(hyper::header::RETRY_AFTER, RETRY_AFTER_S.into());
+        }
+        if self.closes {
+            headers.insert(
+                hyper::header::CONNECTION,
+                hyper::header::HeaderValue::from_static("close"),
+            );
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            // RFC 9110 §11.6.1: a 401 names the scheme that would be accepted.
+            headers.insert(
+                hyper::header::WWW_AUTHENTICATE,
+                hyper::header::HeaderValue::from_static("Bearer"),
+            );
         }
         response
     }

@@ -1038,6 +1038,24 @@ pub struct CreateWatchToken {
     ttl_s: Option<serde_json::Number>,
 }
 
+/// Takes a key's turn to mint a watch token ([`rate_limit::admit_watch_token`]) on the
+/// tenant's owner, after its check there: asked before the mint's audit entry is
+/// written, so a refused one writes none.
+pub async fn admit_watch_token(
+    router: &ShardRouter,
+    tenant: TenantId,
+    access: &Access,
+) -> Result<(), ApiError> {
+    let Caller::Key(claim) = &access.caller else {
+        return Ok(());
+    };
+    let key_id = claim.key_id.clone();
+    on_owner(router, access, tenant, move |_, tenant| async move {
+        rate_limit::admit_watch_token(&tenant, &key_id)
+    })
+    .await
+}
+
 /// Mints a token that opens `/watch` streams of this tenant only, for clients that
 /// cannot send an Authorization header (a browser's `EventSource`).
 pub async fn create_watch_token(

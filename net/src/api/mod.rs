@@ -6,6 +6,7 @@
 //! One file, about 780 lines of code: routing, method checks, audit wrapping and body
 //! reading, the request path every route shares.
 
+pub mod body;
 pub mod error;
 pub mod fuzz;
 pub mod handlers;
@@ -40,6 +41,13 @@ use handlers::{self as h, Answer};
 #[derive(Debug, Clone, Copy)]
 pub struct ApiLimits {
     pub max_body_bytes: usize,
+    /// Bytes of request bodies a shard holds while receiving them, in all; a caller
+    /// (a tenant's keys, the admin, or anyone) holds at most half.
+    pub body_pool_bytes: usize,
+    /// Request bodies one caller may be sending to a shard at once.
+    pub bodies_per_caller: usize,
+    /// The least average rate of a body after [`BODY_RATE_GRACE`] (0: none).
+    pub min_body_bytes_per_s: u64,
     pub body_read_timeout: Duration,
     pub request_deadline: Duration,
     /// The longest a read waits for its `min_lsn`.
@@ -299,6 +307,12 @@ pub async fn handle(
             headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
             // Proxies that buffer responses would hold events back.
             headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+            // A browser's EventSource on another origin (a watch token in its URL) may
+            // read the stream: the token is the credential, and no cookie is ever one.
+            headers.insert(
+                hyper::header::ACCESS_CONTROL_ALLOW_ORIGIN,
+                HeaderValue::from_static("*"),
+            );
             response
         }
         Err(e) => {
@@ -507,6 +521,13 @@ async fn dispatch(ctx: &ApiContext, req: Request<Incoming>, request_id: &str) ->
             }
         }
     }
+    let caller = match &access.caller {
+        Caller::Key(claim) => claim.tenant.as_str().to_string(),
+        Caller::Admin => "admin".to_string(),
+        Caller::Anyone => "anyone".to_string(),
+    };
+    let mut req = req;
+    req.extensions_mut().insert(body::BodyCaller(caller));
     match (s.as_slice(), &method) {
         (["v1", "tenants"], &Method::GET) => h::list_tenants(router, access).await,
         (["v1", "tenants"], &Method::POST) => {
@@ -548,6 +569,7 @@ async fn dispatch(ctx: &ApiContext, req: Request<Incoming>, request_id: &str) ->
             } else {
                 h::CreateWatchToken::default()
             };
+            h::admit_watch_token(router, tenant.clone(), access).await?;
             let did = Did::new("watch_token.create", Some(t), None);
             let run = h::create_watch_token(router, tenant, body, access);
             audited(ctx, access, request_id, did, run).await
@@ -806,12 +828,24 @@ fn ask_query(query: Option<&str>) -> Result<(bool, u64), ApiError> {
             ("explain", "" | "true") => explain = true,
             ("explain", "false") => explain = false,
             ("min_lsn", value) => min_lsn = parse_min_lsn(value)?,
+            ("explain", value) => {
+                return Err(ApiError::bad_request(
+                    "invalid_query_string",
+                    format!(
+                        "explain={} is not a flag: write explain=true or explain=false",
+                        error::quoted_short(value)
+                    ),
+                ))
+            }
+            // The value is not echoed: it may be a credential sent to the wrong place
+            // (a watch token).
             _ => {
                 return Err(ApiError::bad_request(
                     "invalid_query_string",
                     format!(
-                        "unknown query parameter {name}={value:?}; /ask takes explain=true|false \
-                         and min_lsn=<LSN>"
+                        "unknown query parameter {}; /ask takes explain=true|false and \
+                         min_lsn=<LSN>",
+                        error::quoted_short(name)
                     ),
                 ))
             }
@@ -827,7 +861,10 @@ fn min_lsn_only(query: Option<&str>) -> Result<u64, ApiError> {
         if name != "min_lsn" {
             return Err(ApiError::bad_request(
                 "invalid_query_string",
-                format!("unknown query parameter {name:?}; a row read takes only min_lsn=<LSN>"),
+                format!(
+                    "unknown query parameter {}; a row read takes only min_lsn=<LSN>",
+                    error::quoted_short(name)
+                ),
             ));
         }
         min_lsn = parse_min_lsn(value)?;
@@ -879,14 +916,8 @@ fn has_body<B>(req: &Request<B>) -> bool {
     )
 }
 
-/// Reads a JSON body within the size limit and the body deadline.
 /// Bytes past the body limit still read (and dropped) before answering 413.
-const OVER_LIMIT_DRAIN_BYTES: u64 = 1 << 20;
-
-enum BodyRead {
-    TooLarge,
-    Failed(hyper::Error),
-}
+pub(crate) const OVER_LIMIT_DRAIN_BYTES: u64 = 1 << 20;
 
 /// Set by the handler that reads a request's body to its end, when the listener put
 /// one in the request's extensions: hyper then holds nothing of that request, and the
@@ -900,32 +931,36 @@ impl BodyReadToEnd {
     }
 }
 
-/// The body, if it holds at most `max` bytes. A longer one is read on (and dropped)
-/// up to [`OVER_LIMIT_DRAIN_BYTES`] past the limit, so its sender reads the answer.
-async fn read_capped(mut body: Incoming, max: usize) -> Result<Bytes, BodyRead> {
-    let mut kept = Vec::new();
+/// Reads what is left of a body (at most [`OVER_LIMIT_DRAIN_BYTES`] past `max`)
+/// and drops it, so a client still sending one a little over the limit reads its 413.
+async fn drain(mut body: Incoming, max: usize) {
     let mut seen: u64 = 0;
-    while let Some(frame) = body.frame().await {
-        let Ok(data) = frame.map_err(BodyRead::Failed)?.into_data() else {
-            continue; // trailers
-        };
-        seen += data.len() as u64;
+    while let Some(Ok(frame)) = body.frame().await {
+        seen += frame.data_ref().map_or(0, |d| d.len() as u64);
         if seen > max as u64 + OVER_LIMIT_DRAIN_BYTES {
-            break;
-        }
-        if seen <= max as u64 {
-            kept.extend_from_slice(&data);
+            return;
         }
     }
-    if seen > max as u64 {
-        return Err(BodyRead::TooLarge);
-    }
-    Ok(Bytes::from(kept))
 }
 
 /// A body coded other than as plain JSON (gzip and the like) is refused by name: its
 /// bytes would otherwise fail as JSON, with a message that does not say why.
 fn refuse_unknown_encodings(headers: &hyper::HeaderMap) -> Result<(), ApiError> {
+    // Chunked framing applies once (RFC 9112 §6.1); a proxy that reads it otherwise
+    // would frame the next request differently from this server.
+    let chunked = headers
+        .get_all(hyper::header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("").split(','))
+        .filter(|c| c.trim().eq_ignore_ascii_case("chunked"))
+        .count();
+    if chunked > 1 {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_encoding",
+            "transfer-encoding names chunked more than once: chunked framing applies once",
+        ));
+    }
     for (header, accepted) in [
         (hyper::header::TRANSFER_ENCODING, "chunked"),
         (hyper::header::CONTENT_ENCODING, "identity"),
@@ -949,17 +984,17 @@ fn refuse_unknown_encodings(headers: &hyper::HeaderMap) -> Result<(), ApiError> 
     Ok(())
 }
 
+/// Reads a JSON body within the size limit, the body deadline and pace, and the
+/// shard's pool of bodies being received (`body.rs`), and parses it.
 async fn read_json<T: for<'de> serde::Deserialize<'de>>(
     ctx: &ApiContext,
     req: Request<Incoming>,
 ) -> Result<T, ApiError> {
     if let Some(ty) = req.headers().get(CONTENT_TYPE) {
         let ty = ty.to_str().unwrap_or("");
-        if !ty
-            .trim_start()
-            .to_ascii_lowercase()
-            .starts_with("application/json")
-        {
+        // The media type itself, before any parameter (`; charset=utf-8`).
+        let media = ty.split(';').next().unwrap_or("").trim();
+        if !media.eq_ignore_ascii_case("application/json") {
             return Err(ApiError::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported_media_type",
@@ -989,43 +1024,34 @@ async fn read_json<T: for<'de> serde::Deserialize<'de>>(
         // Read what is left of a body a little over the limit, so a client still
         // sending it reads the 413 instead of a reset; a far larger one is cut.
         if declared.is_some_and(|n| n <= max as u64 + OVER_LIMIT_DRAIN_BYTES) {
-            future::or(
-                async {
-                    let _ = read_capped(req.into_body(), max).await;
-                },
-                glommio::timer::sleep(timeout),
-            )
-            .await;
+            future::or(drain(req.into_body(), max), glommio::timer::sleep(timeout)).await;
+            return Err(too_large());
         }
-        return Err(too_large());
+        return Err(ApiError {
+            closes: true,
+            ..too_large()
+        });
     }
     let read_to_end = req.extensions().get::<BodyReadToEnd>().cloned();
-    let body = future::or(
-        async {
-            match read_capped(req.into_body(), max).await {
-                Ok(bytes) => {
-                    if let Some(BodyReadToEnd(flag)) = read_to_end {
-                        flag.store(true, std::sync::atomic::Ordering::Relaxed);
-                    }
-                    Ok(bytes)
-                }
-                Err(BodyRead::TooLarge) => Err(too_large()),
-                Err(BodyRead::Failed(e)) => Err(ApiError::bad_request(
-                    "body_read_failed",
-                    format!("the body could not be read: {e}"),
-                )),
-            }
-        },
-        async {
-            glommio::timer::sleep(timeout).await;
-            Err(ApiError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "body_timeout",
-                format!("the body did not arrive within {} ms", timeout.as_millis()),
-            ))
-        },
+    let caller = req
+        .extensions()
+        .get::<body::BodyCaller>()
+        .map_or_else(|| "anyone".to_string(), |c| c.0.clone());
+    let mut hold = body::BodyHold::enter(caller, &ctx.limits)?;
+    if let Some(declared) = declared {
+        hold.grow(declared as usize, &ctx.limits)?;
+    }
+    let body = body::read_paced(
+        req.into_body(),
+        max,
+        &mut hold,
+        declared.is_some(),
+        &ctx.limits,
     )
     .await?;
+    if let Some(BodyReadToEnd(flag)) = read_to_end {
+        flag.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     handlers::parse_body(&body)
 }
 

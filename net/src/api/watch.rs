@@ -498,7 +498,10 @@ pub fn parse_request(
                 let lsn = value.parse::<u64>().map_err(|_| {
                     bad(
                         "invalid_query_string",
-                        format!("from_lsn={value:?} is not an LSN (a non-negative integer)"),
+                        format!(
+                            "from_lsn={} is not an LSN (a non-negative integer)",
+                            super::error::quoted_short(value)
+                        ),
                     )
                 })?;
                 request.resume.get_or_insert((epoch, Lsn(lsn)));
@@ -508,8 +511,9 @@ pub fn parse_request(
                 return Err(bad(
                     "invalid_query_string",
                     format!(
-                    "unknown query parameter {name:?}; /watch takes tables=, from_lsn= and token="
-                ),
+                        "unknown query parameter {}; /watch takes tables=, from_lsn= and token=",
+                        super::error::quoted_short(name)
+                    ),
                 ))
             }
         }

@@ -161,7 +161,8 @@ pub struct Node {
     /// was sent.
     attempted_claims: RefCell<Vec<(u64, Instant)>>,
     /// A writer that stepped down for a switchover (not ready, writes refused).
-    stepped_down: Cell<bool>,
+    /// Since when, if it did.
+    stepped_down: Cell<Option<Instant>>,
 }
 
 /// How long a step-down waits for the shards to settle and then for a follower.
@@ -192,7 +193,7 @@ impl Node {
             promoting: Cell::new(false),
             lease_taken: Cell::new(false),
             attempted_claims: RefCell::new(Vec::new()),
-            stepped_down: Cell::new(false),
+            stepped_down: Cell::new(None),
         })
     }
 
@@ -241,7 +242,10 @@ impl Node {
         finish: FinishPromotion,
     ) -> Result<(), String> {
         let layout = self.layout.borrow().clone();
-        let frame_epoch = Epoch((layout.epoch() + 1).max(now_us() / 1_000_000));
+        let frame_epoch = promoted_epoch(
+            layout.epoch(),
+            finish.lease.as_ref().map_or(0, |l| l.lease_epoch),
+        );
         let mut first_lsn = Vec::with_capacity(router.shards());
         for shard in 0..router.shards() {
             first_lsn.push(
@@ -357,12 +361,14 @@ impl Node {
 
     /// Why a writer holding a lease is not ready, if it is not.
     pub fn lease_not_ready(&self) -> Option<String> {
-        if self.stepped_down.get() {
-            return Some(
-                "stepped down for a switchover: writes are refused; the promoted follower \
-                 takes them"
-                    .into(),
-            );
+        if let Some(since) = self.stepped_down.get() {
+            return Some(format!(
+                "stepped down for a switchover {} s ago: writes are refused here until the \
+                 follower is promoted (this server then exits at its next lease renewal) or \
+                 the step-down is called off with POST /v1/admin/step-down?cancel=true \
+                 (RUNBOOK.md, \"Planned switchover\")",
+                since.elapsed().as_secs()
+            ));
         }
         let hold = self.lease_hold.borrow();
         hold.as_ref()?
@@ -459,12 +465,12 @@ impl Node {
         };
         if cancel {
             resume(router).await;
-            self.stepped_down.set(false);
+            self.stepped_down.set(None);
             tracing::warn!("step-down called off: taking writes again");
             return Ok(json!({"stepped_down": false}));
         }
         refuse_while_migrating(&router, "promote a follower with force instead, without a step-down (each migration then resumes there from its last chunk)").await?;
-        self.stepped_down.set(true);
+        self.stepped_down.set(Some(Instant::now()));
         let mut last_lsn = Vec::with_capacity(router.shards());
         for shard in 0..router.shards() {
             let stopped = router
@@ -481,7 +487,7 @@ impl Node {
                 Ok(lsn) => last_lsn.push(lsn.0),
                 Err(why) => {
                     resume(router).await;
-                    self.stepped_down.set(false);
+                    self.stepped_down.set(None);
                     return Err(refusal(503, "shard_unavailable", why));
                 }
             }
@@ -506,7 +512,7 @@ impl Node {
             }
             if Instant::now() >= deadline {
                 resume(router).await;
-                self.stepped_down.set(false);
+                self.stepped_down.set(None);
                 return Err(refusal(
                     409,
                     "followers_behind",
@@ -648,10 +654,8 @@ impl Node {
         step(format!(
             "took the archive's lease with epoch {lease_epoch} (the old writer's next renewal fails)"
         ));
-        // 5. Every shard starts the new epoch where its log ends. Like a restore's, the
-        // epoch is at least the time in seconds, so two promotions of followers of one
-        // writer (the second forced) do not write the same epoch.
-        let frame_epoch = Epoch((self.layout.borrow().epoch() + 1).max(now_us() / 1_000_000));
+        // 5. Every shard starts the new epoch where its log ends ([`promoted_epoch`]).
+        let frame_epoch = promoted_epoch(self.layout.borrow().epoch(), lease_epoch);
         let mut first_lsn = Vec::with_capacity(router.shards());
         for shard in 0..router.shards() {
             first_lsn.push(take_writes(&router, shard, frame_epoch).await?.0);
@@ -735,6 +739,16 @@ impl Node {
             "shipping to the archive under {}",
             lease::namespace(lease_epoch).unwrap_or_else(|| "its root".into())
         ));
+        // A follower's logs were opened with their own frames stopped (so nothing but
+        // its writer's frames lands in them); from here the new writer's are taken.
+        for shard in 0..router.shards() {
+            router
+                .call(shard, |node: Rc<ShardNode>| async move {
+                    node.shard().wal().resume_own_writes();
+                })
+                .await
+                .map_err(|e| refusal(503, "shard_unavailable", e.to_string()))?;
+        }
         *self.status.role.borrow_mut() = Role::Writer;
         self.sync.set(sync_policy);
         self.serve_followers(&router);
@@ -1142,6 +1156,20 @@ async fn take_writes(router: &ShardRouter, shard: usize, epoch: Epoch) -> Result
     }
 }
 
+/// The epoch a promotion's frames take: above the directory's own, and at least the
+/// time in seconds times 256 plus the low byte of the lease epoch it took (0 without
+/// one). Two promotions of followers of one writer that know nothing of each other
+/// (the second forced, within the same second) so never share an epoch: a follower
+/// tells two histories apart by their epochs and first LSNs only, and one that shared
+/// both would take the other's frames as its own history.
+fn promoted_epoch(current: u64, lease_epoch: u64) -> Epoch {
+    promoted_epoch_at(current, lease_epoch, now_us() / 1_000_000)
+}
+
+fn promoted_epoch_at(current: u64, lease_epoch: u64, now_s: u64) -> Epoch {
+    Epoch((current + 1).max(now_s << 8 | (lease_epoch & 0xff)))
+}
+
 fn now_us() -> u64 {
     oc_io::TimestampMicros::now().0
 }
@@ -1182,4 +1210,30 @@ async fn refuse_while_migrating(router: &ShardRouter, otherwise: &str) -> Result
             running.join("; ")
         ),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Promotions in one second with different lease epochs (the race of two forced
+    /// promotions of one writer's followers) take different epochs, each above the
+    /// directory's own, and later ones rise with the clock.
+    #[test]
+    fn promotions_in_one_second_take_different_epochs() {
+        let now_s = 1_796_671_218;
+        let (b, c) = (
+            promoted_epoch_at(1, 2, now_s),
+            promoted_epoch_at(1, 3, now_s),
+        );
+        assert_ne!(b, c);
+        assert!(b < c, "a later lease epoch, a higher epoch");
+        assert!(promoted_epoch_at(1, 2, now_s + 1) > c, "a later second");
+        // Above a directory's own epoch, whatever the clock says.
+        let ahead = (now_s + 10) << 8;
+        assert_eq!(promoted_epoch_at(ahead, 2, now_s), Epoch(ahead + 1));
+        // Epochs of the seconds-only rule are below every new one.
+        assert!(promoted_epoch_at(now_s, 0, now_s).0 > now_s);
+        assert!(promoted_epoch(1, 2).0 >> 8 >= now_s);
+    }
 }

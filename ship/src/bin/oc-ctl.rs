@@ -116,6 +116,21 @@ fn checkpoints(dir: &Path) -> anyhow::Result<ExitCode> {
         .collect();
     lsns.sort_by(|a, b| b.cmp(a));
     if lsns.is_empty() {
+        // A data directory (or any other) given for a shard's: say which to give.
+        if dir.join(oc_engine::placement::LAYOUT_FILE).exists() {
+            anyhow::bail!(
+                "{} is a data directory: give one of its shard directories ({}/shard-<n>)",
+                dir.display(),
+                dir.display()
+            );
+        }
+        if !dir.join(oc_engine::placement::SHARD_MARKER_FILE).exists() {
+            anyhow::bail!(
+                "{} holds no checkpoint and is not a shard directory (no {}): give                  <data-dir>/shard-<n>",
+                dir.display(),
+                oc_engine::placement::SHARD_MARKER_FILE
+            );
+        }
         println!("{}: no checkpoint", dir.display());
     }
     let mut bad = false;

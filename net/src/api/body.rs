@@ -1,0 +1,225 @@
+//! Request bodies while they arrive: what a shard holds of them, charged to their
+//! caller, and the pace they must keep. A body is buffered whole before it is parsed,
+//! so bodies held open (sent slowly, or all but their last byte) pin memory the write
+//! path's budget counts and connections the limit counts: one caller's could refuse
+//! every tenant's writes (`507 memory_full`) or take every connection.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_lite::future;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::StatusCode;
+
+use super::error::ApiError;
+use super::{ApiLimits, OVER_LIMIT_DRAIN_BYTES};
+
+/// A body's first seconds are not held to `--min-body-bytes-per-s`: a client's first
+/// bytes may wait for a slow start or a retransmission.
+pub const BODY_RATE_GRACE: Duration = Duration::from_secs(5);
+
+/// Whom a request's body is charged to: its key's tenant, `admin`, or `anyone` (no
+/// authentication); set by the dispatcher once the caller is known.
+#[derive(Clone)]
+pub struct BodyCaller(pub String);
+
+#[derive(Default)]
+struct Receiving {
+    bytes: usize,
+    /// Per caller: bodies being received, and their bytes so far.
+    callers: HashMap<String, (usize, usize)>,
+}
+
+thread_local! {
+    static RECEIVING: RefCell<Receiving> = RefCell::default();
+}
+
+/// One body being received on this shard, and the bytes it holds.
+pub struct BodyHold {
+    caller: String,
+    bytes: usize,
+}
+
+impl BodyHold {
+    /// Counts a body of `caller`'s, or refuses it (429) when the caller already sends
+    /// [`ApiLimits::bodies_per_caller`] to this shard.
+    pub fn enter(caller: String, limits: &ApiLimits) -> Result<BodyHold, ApiError> {
+        RECEIVING.with(|r| {
+            let mut r = r.borrow_mut();
+            let (bodies, _) = r.callers.entry(caller.clone()).or_default();
+            if *bodies >= limits.bodies_per_caller {
+                return Err(ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "tenant_busy",
+                    format!(
+                        "{} already sends {} request bodies to this server shard at once, its \
+                         limit (a quarter of the shard's connections); finish them first",
+                        shown(&caller),
+                        limits.bodies_per_caller
+                    ),
+                ));
+            }
+            *bodies += 1;
+            Ok(BodyHold { caller, bytes: 0 })
+        })
+    }
+
+    /// Takes `n` more bytes from the shard's pool, or refuses: 503 when the pool is
+    /// full, 429 when this caller holds half of it.
+    pub fn grow(&mut self, n: usize, limits: &ApiLimits) -> Result<(), ApiError> {
+        RECEIVING.with(|r| {
+            let mut r = r.borrow_mut();
+            let pool = limits.body_pool_bytes;
+            if r.bytes + n > pool {
+                return Err(ApiError::overloaded(format!(
+                    "this server shard is receiving {} bytes of request bodies, and {n} more \
+                     would pass its limit of {pool} (an eighth of --memory-budget-bytes per \
+                     shard); retry shortly",
+                    r.bytes
+                )));
+            }
+            let held = r.callers.get(&self.caller).map_or(0, |c| c.1);
+            if held + n > pool / 2 {
+                return Err(ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "tenant_busy",
+                    format!(
+                        "{} is sending {held} bytes of request bodies to this server shard, and \
+                         {n} more would pass its share of {} (half the shard's limit); finish \
+                         them first",
+                        shown(&self.caller),
+                        pool / 2
+                    ),
+                ));
+            }
+            r.bytes += n;
+            if let Some(c) = r.callers.get_mut(&self.caller) {
+                c.1 += n;
+            }
+            self.bytes += n;
+            Ok(())
+        })
+    }
+}
+
+impl Drop for BodyHold {
+    fn drop(&mut self) {
+        RECEIVING.with(|r| {
+            let mut r = r.borrow_mut();
+            r.bytes -= self.bytes;
+            if let Some(c) = r.callers.get_mut(&self.caller) {
+                c.0 -= 1;
+                c.1 -= self.bytes;
+                if c.0 == 0 {
+                    r.callers.remove(&self.caller);
+                }
+            }
+        });
+    }
+}
+
+fn shown(caller: &str) -> String {
+    match caller {
+        "admin" | "anyone" => format!("the {caller} caller"),
+        tenant => format!("tenant {tenant}"),
+    }
+}
+
+/// Reads a body of at most `max` bytes into one buffer, holding its bytes in `hold`
+/// as they arrive (unless `held_ahead`: its declared length is held already). Refused
+/// with 408 once it falls behind `--min-body-bytes-per-s` (after [`BODY_RATE_GRACE`])
+/// or passes `--body-read-timeout-ms`, and with 413 past `max` (read on up to
+/// [`OVER_LIMIT_DRAIN_BYTES`] past it, so its sender reads the answer).
+pub async fn read_paced(
+    mut body: Incoming,
+    max: usize,
+    hold: &mut BodyHold,
+    held_ahead: bool,
+    limits: &ApiLimits,
+) -> Result<Bytes, ApiError> {
+    let started = Instant::now();
+    let mut kept = Vec::new();
+    let mut seen: u64 = 0;
+    loop {
+        let (due, rate_bound) = due(started, seen, limits);
+        let next = future::or(async { Some(body.frame().await) }, async {
+            glommio::timer::sleep(due.saturating_duration_since(Instant::now())).await;
+            None
+        })
+        .await;
+        let frame = match next {
+            Some(Some(frame)) => frame.map_err(|e| {
+                ApiError::bad_request(
+                    "body_read_failed",
+                    format!("the body could not be read: {e}"),
+                )
+            })?,
+            Some(None) => break,
+            None if rate_bound => {
+                return Err(ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "body_timeout",
+                    format!(
+                        "the body arrived slower than {} bytes a second, the least this \
+                         server takes after the first {} s ({seen} bytes in {:.1} s); send it \
+                         at once",
+                        limits.min_body_bytes_per_s,
+                        BODY_RATE_GRACE.as_secs(),
+                        started.elapsed().as_secs_f64()
+                    ),
+                ))
+            }
+            None => {
+                return Err(ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "body_timeout",
+                    format!(
+                        "the body did not arrive within {} ms",
+                        limits.body_read_timeout.as_millis()
+                    ),
+                ))
+            }
+        };
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        seen += data.len() as u64;
+        if seen > max as u64 + OVER_LIMIT_DRAIN_BYTES {
+            break;
+        }
+        if seen <= max as u64 {
+            if !held_ahead {
+                hold.grow(data.len(), limits)?;
+            }
+            kept.extend_from_slice(&data);
+        }
+    }
+    if seen > max as u64 {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("the body is larger than the limit of {max} bytes; split the batch"),
+        ));
+    }
+    Ok(Bytes::from(kept))
+}
+
+/// When the next byte of a body that started at `started` and brought `seen` bytes is
+/// due, and whether that is its minimum rate's bound (or its whole timeout's).
+fn due(started: Instant, seen: u64, limits: &ApiLimits) -> (Instant, bool) {
+    let whole = started + limits.body_read_timeout;
+    if limits.min_body_bytes_per_s == 0 {
+        return (whole, false);
+    }
+    let earned =
+        BODY_RATE_GRACE + Duration::from_secs_f64(seen as f64 / limits.min_body_bytes_per_s as f64);
+    let paced = started + earned;
+    if paced < whole {
+        (paced, true)
+    } else {
+        (whole, false)
+    }
+}
