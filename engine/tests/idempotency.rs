@@ -29,23 +29,28 @@ async fn open(dir: &std::path::Path) -> Shard<DmaStorage> {
         .0
 }
 
+/// Tenant `acme` with table `t` (id int, v text).
+async fn with_table_t(shard: &Shard<DmaStorage>) {
+    shard.create_tenant(&acme()).await.expect("tenant");
+    let schema = TableSchema::new(
+        "t",
+        &[
+            ("id", ColumnType::Int, false),
+            ("v", ColumnType::Text, true),
+        ],
+        &["id"],
+        &[],
+    )
+    .expect("schema");
+    shard.create_table(&acme(), schema).await.expect("table");
+}
+
 #[test]
 fn a_repeated_key_gets_the_first_result_across_restarts_and_checkpoints() {
     let dir = tempfile::tempdir().expect("tempdir");
     run_local(async {
         let shard = Rc::new(open(dir.path()).await);
-        shard.create_tenant(&acme()).await.expect("tenant");
-        let schema = TableSchema::new(
-            "t",
-            &[
-                ("id", ColumnType::Int, false),
-                ("v", ColumnType::Text, true),
-            ],
-            &["id"],
-            &[],
-        )
-        .expect("schema");
-        shard.create_table(&acme(), schema).await.expect("table");
+        with_table_t(&shard).await;
         let key = Some("order-42".to_string());
         let (lsn, outcome) = shard
             .write(&acme(), "t", &upsert(1, "a"), key.clone())
@@ -116,18 +121,7 @@ fn concurrent_repeats_of_a_key_log_the_batch_once() {
     let dir = tempfile::tempdir().expect("tempdir");
     run_local(async {
         let shard = Rc::new(open(dir.path()).await);
-        shard.create_tenant(&acme()).await.expect("tenant");
-        let schema = TableSchema::new(
-            "t",
-            &[
-                ("id", ColumnType::Int, false),
-                ("v", ColumnType::Text, true),
-            ],
-            &["id"],
-            &[],
-        )
-        .expect("schema");
-        shard.create_table(&acme(), schema).await.expect("table");
+        with_table_t(&shard).await;
         let before = shard.applied_lsn();
         let sends: Vec<_> = (0..16)
             .map(|_| {

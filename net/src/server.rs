@@ -204,8 +204,6 @@ pub fn run(config: ServerConfig) -> Result<()> {
         None => None,
     };
 
-    // The archive is claimed and listed before any shard opens: a wrong, unreachable or
-    // foreign archive is a start-up error, not a surprise later.
     if config.promote_at_start && role != Role::Writer {
         bail!(
             "refusing to start: --promote-at-start makes a follower's data directory a writer \
@@ -213,6 +211,8 @@ pub fn run(config: ServerConfig) -> Result<()> {
              `oc-server promote` (RUNBOOK.md, \"Failover: promote the follower\")"
         );
     }
+    // The archive is claimed and listed before any shard opens: a wrong, unreachable or
+    // foreign archive is a start-up error, not a surprise later.
     if config.auto_promote && role == Role::Writer {
         // Not refused: a promoted follower restarted in writer mode keeps its settings.
         tracing::warn!("--auto-promote has no effect on a writer");

@@ -731,7 +731,8 @@ fn restore_into(
     // The restored directory writes a new epoch from the LSN after the restore point:
     // the old history past it (a dead branch) is never confused with what it writes
     // again under the same LSNs (a `/watch` id from it gets `reset`). The epoch is
-    // above every epoch in the archive (in every timeline) and at least the restore's time in seconds, so
+    // above every epoch in the archive (in every timeline) and at least the restore's time in seconds
+    // times 256 (the scale promotions' epochs take, FORMAT.md §7), so
     // two restores from one archive (each shipping to a new archive) never share one.
     let restored_at_s = oc_io::TimestampMicros::now().0 / 1_000_000;
     let mut epochs = Vec::new();
@@ -761,7 +762,7 @@ fn restore_into(
         });
     }
     epochs.push(EpochStart {
-        epoch: (newest_epoch + 1).max(restored_at_s),
+        epoch: (newest_epoch + 1).max(restored_at_s << 8),
         first_lsn: restored.iter().map(|s| s.last_lsn.0 + 1).collect(),
         lease_epoch: None,
     });

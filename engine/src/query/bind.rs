@@ -260,6 +260,16 @@ pub fn bind(tenant: &Tenant, statement: &Statement) -> Result<Bound, QueryError>
                     output_names.push(c.name.clone());
                     projection.push(Expr::Column(i));
                 }
+                // Each `*` names every column: the list is bounded as written out.
+                if projection.len() > MAX_SELECT_ITEMS {
+                    return Err(QueryError::new(
+                        QueryErrorKind::TooComplex,
+                        format!(
+                            "SELECT lists more than {MAX_SELECT_ITEMS} items once each * is \
+                             written out as its columns, above the limit of {MAX_SELECT_ITEMS}"
+                        ),
+                    ));
+                }
             }
             other => return Err(QueryError::unsupported(format!("{other}"), other.span())),
         }

@@ -27,6 +27,9 @@ pub const MAX_QUERY_OPERATORS: usize = 500;
 /// tokens, so the limit is the same whatever the parser's own accounting (which counts
 /// some constructs twice, and turns some overruns into a syntax error).
 pub const MAX_NESTING: usize = 64;
+/// Items a query may list outside parentheses, in all: its SELECT, GROUP BY and ORDER BY
+/// lists at their limits (`bind.rs`).
+pub const MAX_TOP_LEVEL_ITEMS: usize = 512 + 32 + 32;
 /// `LIKE` operators a query (or all of a migration's expressions) may use. Each one
 /// reads its whole text, up to a row's 256 KiB, for every row: 220 of them held a
 /// shard for 57 ms a row, so one query's rows starved every other tenant's there.
@@ -100,6 +103,7 @@ pub fn normalize(sql: &str) -> Result<Normalized, QueryError> {
         placeholders: AHashMap::new(),
     };
     let mut operators = 0;
+    let mut top_level_commas = 0;
     let mut nesting = Nesting::default();
     let mut tokens = tokens
         .into_iter()
@@ -155,6 +159,23 @@ pub fn normalize(sql: &str) -> Result<Normalized, QueryError> {
                         "the query uses more than {MAX_LIKE_PER_QUERY} LIKE operators{} (each \
                          reads its whole text for every row); combine the patterns, or narrow \
                          the rows with other conditions",
+                        position(span)
+                    ),
+                ));
+            }
+        }
+        // The lists outside parentheses (SELECT, GROUP BY, ORDER BY) are bounded by the
+        // binder; their commas are counted here too, so a list far past those bounds
+        // is refused before it is parsed (20,000 keys took 44 ms to parse).
+        if token == Token::Comma && nesting.open.is_empty() {
+            top_level_commas += 1;
+            if top_level_commas > MAX_TOP_LEVEL_ITEMS {
+                return Err(QueryError::new(
+                    QueryErrorKind::TooComplex,
+                    format!(
+                        "the query lists more than {MAX_TOP_LEVEL_ITEMS} items outside \
+                         parentheses{} (SELECT takes at most 512, GROUP BY and ORDER BY 32 \
+                         each)",
                         position(span)
                     ),
                 ));

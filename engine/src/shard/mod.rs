@@ -109,8 +109,8 @@ pub struct Shard<S: Storage> {
     ask_turns: RefCell<HashMap<TenantId, Rc<glommio::sync::Semaphore>>>,
     /// Queries that found their tenant's turns all taken, since start.
     ask_turn_waits: std::cell::Cell<u64>,
-    /// Keyed writes between their idempotency check and their apply: a repeat of one
-    /// waits for it (closed when it is done) instead of logging the batch again.
+    /// Keyed writes on their way (from their checks to their answer): a repeat of one
+    /// waits for it instead of logging the batch again.
     keyed_in_flight: KeyedWrites,
     plan_cache: RefCell<PlanCache>,
     quotas: std::cell::Cell<TenantQuotas>,
@@ -133,8 +133,7 @@ pub struct Shard<S: Storage> {
 /// when it is done.
 type KeyedWrites = Rc<RefCell<HashMap<(TenantId, String), Rc<glommio::sync::Semaphore>>>>;
 
-/// A keyed write on its way from its idempotency check to its apply; repeats of its
-/// key wait until it is dropped.
+/// A keyed write on its way; repeats of its key wait until it is dropped.
 struct KeyedWrite {
     map: KeyedWrites,
     id: (TenantId, String),
@@ -142,8 +141,19 @@ struct KeyedWrite {
 }
 
 impl KeyedWrite {
-    fn enter(map: &KeyedWrites, tenant: &TenantId, key: &str) -> KeyedWrite {
+    /// Waits while another write of `key` is on its way, then stands for this one.
+    async fn wait_and_enter(map: &KeyedWrites, tenant: &TenantId, key: &str) -> KeyedWrite {
         let id = (tenant.clone(), key.to_string());
+        loop {
+            let first = map.borrow().get(&id).cloned();
+            match first {
+                // Its acquire fails when the first is done (the semaphore is closed).
+                Some(done) => {
+                    let _ = done.acquire(1).await;
+                }
+                None => break,
+            }
+        }
         let done = Rc::new(glommio::sync::Semaphore::new(0));
         map.borrow_mut().insert(id.clone(), done.clone());
         KeyedWrite {
@@ -464,9 +474,10 @@ impl<S: Storage> Shard<S> {
             .await
             .map_err(|e| match e {
                 oc_io::Error::OwnWritesStopped => EngineError::HandingOver(
-                    "this writer is not taking writes: it is handing over to a follower (a \
-                     switchover; send the write to the new writer), or is finishing at its \
-                     start the promotion that made it the writer (retry in a moment); \
+                    "this writer is not taking writes: it stepped down for a switchover \
+                     (send the write to the follower once it is promoted; until one is, or \
+                     the step-down is called off, writes are refused), or is finishing at \
+                     its start the promotion that made it the writer (retry in a moment); \
                      nothing was written"
                         .into(),
                 ),
@@ -613,6 +624,14 @@ impl<S: Storage> Shard<S> {
                 });
             }
         }
+        // A repeat sent while its key's first attempt is on its way (a client retrying at
+        // once, or many at once) waits for that attempt to end, carried across a
+        // cutover included, and is then answered as any repeat below; should the first
+        // fail unlogged, one of them takes its place.
+        let _in_flight = match &idempotency_key {
+            Some(key) => Some(KeyedWrite::wait_and_enter(&self.keyed_in_flight, tenant, key).await),
+            None => None,
+        };
         if let Some(key) = &idempotency_key {
             // A retry of a write first sent before a migration's cutover.
             let first = self.read(tenant, |t| first_answer_across_cutover(t, table, ops, key))?;
@@ -720,33 +739,14 @@ impl<S: Storage> Shard<S> {
         // The hash a key remembers is read off the record's bytes, here and in apply.
         let (kind, payload) = record::encode(&command);
         let request_hash = record::write_request_hash(kind, &payload);
-        let mut _in_flight = None;
         if let (Some(key), Some(hash)) = (&key, request_hash) {
-            loop {
-                // A repeat of a key already applied is answered without writing
-                // anything. (No await since the caller's checks, or the wait below:
-                // the same state.)
-                if let Some(first) = self.read(tenant, |t| remembered(t, key, hash))?? {
-                    // The first attempt may have been refused its acknowledgement.
-                    self.acknowledge(first.lsn).await?;
-                    return Ok((first.lsn, first.outcome));
-                }
-                // A repeat sent while the first is on its way waits for it (a client
-                // retrying at once, or many at once), then answers as above; should
-                // the first fail unlogged, one of them takes its place.
-                let first = self
-                    .keyed_in_flight
-                    .borrow()
-                    .get(&(tenant.clone(), key.clone()))
-                    .cloned();
-                match first {
-                    Some(done) => {
-                        let _ = done.acquire(1).await;
-                    }
-                    None => break,
-                }
+            // A repeat of a key already applied is answered without writing anything.
+            // (No await since the caller's checks: the same state.)
+            if let Some(first) = self.read(tenant, |t| remembered(t, key, hash))?? {
+                // The first attempt may have been refused its acknowledgement.
+                self.acknowledge(first.lsn).await?;
+                return Ok((first.lsn, first.outcome));
             }
-            _in_flight = Some(KeyedWrite::enter(&self.keyed_in_flight, tenant, key));
         }
         self.count_foreground(row_bytes);
         match self

@@ -16,15 +16,35 @@ use hyper::StatusCode;
 
 use super::error::ApiError;
 use super::{ApiLimits, OVER_LIMIT_DRAIN_BYTES};
+use crate::auth::Caller;
 
 /// A body's first seconds are not held to `--min-body-bytes-per-s`: a client's first
 /// bytes may wait for a slow start or a retransmission.
 pub const BODY_RATE_GRACE: Duration = Duration::from_secs(5);
 
-/// Whom a request's body is charged to: its key's tenant, `admin`, or `anyone` (no
+/// Whom a request's body is charged to: its key's tenant, the admin, or anyone (no
 /// authentication); set by the dispatcher once the caller is known.
 #[derive(Clone)]
-pub struct BodyCaller(pub String);
+pub struct BodyCaller(String);
+
+impl BodyCaller {
+    pub fn of(caller: &Caller) -> BodyCaller {
+        // Tenant names never hold `<`: none is taken for the admin's or anyone's.
+        BodyCaller(match caller {
+            Caller::Key(claim) => claim.tenant.as_str().to_string(),
+            Caller::Admin => "<admin>".to_string(),
+            Caller::Anyone => "<anyone>".to_string(),
+        })
+    }
+
+    /// The caller the dispatcher set on `req` (anyone when it set none).
+    pub fn from<B>(req: &hyper::Request<B>) -> BodyCaller {
+        req.extensions()
+            .get::<BodyCaller>()
+            .cloned()
+            .unwrap_or_else(|| BodyCaller::of(&Caller::Anyone))
+    }
+}
 
 #[derive(Default)]
 struct Receiving {
@@ -46,7 +66,8 @@ pub struct BodyHold {
 impl BodyHold {
     /// Counts a body of `caller`'s, or refuses it (429) when the caller already sends
     /// [`ApiLimits::bodies_per_caller`] to this shard.
-    pub fn enter(caller: String, limits: &ApiLimits) -> Result<BodyHold, ApiError> {
+    pub fn enter(caller: BodyCaller, limits: &ApiLimits) -> Result<BodyHold, ApiError> {
+        let caller = caller.0;
         RECEIVING.with(|r| {
             let mut r = r.borrow_mut();
             let (bodies, _) = r.callers.entry(caller.clone()).or_default();
@@ -123,7 +144,8 @@ impl Drop for BodyHold {
 
 fn shown(caller: &str) -> String {
     match caller {
-        "admin" | "anyone" => format!("the {caller} caller"),
+        "<admin>" => "the admin".to_string(),
+        "<anyone>" => "everyone without credentials".to_string(),
         tenant => format!("tenant {tenant}"),
     }
 }
@@ -134,9 +156,31 @@ fn shown(caller: &str) -> String {
 /// or passes `--body-read-timeout-ms`, and with 413 past `max` (read on up to
 /// [`OVER_LIMIT_DRAIN_BYTES`] past it, so its sender reads the answer).
 pub async fn read_paced(
-    mut body: Incoming,
+    body: Incoming,
     max: usize,
     hold: &mut BodyHold,
+    held_ahead: bool,
+    limits: &ApiLimits,
+) -> Result<Bytes, ApiError> {
+    paced(body, max, Some(hold), held_ahead, limits).await
+}
+
+/// Reads what is left of a body declared a little over `max` (at most
+/// [`OVER_LIMIT_DRAIN_BYTES`] past it) and drops it, at the same pace as any body, so a
+/// client still sending it reads its 413 (count it among its caller's bodies with a
+/// [`BodyHold`] meanwhile).
+pub async fn drain(body: Incoming, max: usize, limits: &ApiLimits) -> Result<(), ApiError> {
+    match paced(body, max, None, true, limits).await {
+        Err(e) if e.status == StatusCode::PAYLOAD_TOO_LARGE => Ok(()),
+        other => other.map(|_| ()),
+    }
+}
+
+/// [`read_paced`], keeping nothing when `hold` is `None`.
+async fn paced(
+    mut body: Incoming,
+    max: usize,
+    mut hold: Option<&mut BodyHold>,
     held_ahead: bool,
     limits: &ApiLimits,
 ) -> Result<Bytes, ApiError> {
@@ -191,6 +235,9 @@ pub async fn read_paced(
             break;
         }
         if seen <= max as u64 {
+            let Some(hold) = hold.as_deref_mut() else {
+                continue; // drained
+            };
             if !held_ahead {
                 hold.grow(data.len(), limits)?;
             }

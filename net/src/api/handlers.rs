@@ -1061,9 +1061,30 @@ pub async fn admit_watch_token(
 pub async fn create_watch_token(
     router: &ShardRouter,
     tenant: TenantId,
-    body: CreateWatchToken,
+    ttl_s: u64,
     access: &Access,
 ) -> Answer {
+    let key_id = match &access.caller {
+        Caller::Key(claim) => Some(claim.key_id.clone()),
+        Caller::Admin | Caller::Anyone => None,
+    };
+    on_owner(router, access, tenant, move |node, tenant| async move {
+        node.shard().read(&tenant, |_| ())?;
+        let (token, expires_unix_s) = auth::mint_watch_token(&tenant, key_id.as_deref(), ttl_s)?;
+        Ok((
+            StatusCode::CREATED,
+            Body::from(json!({
+                "token": token,
+                "expires_unix_s": expires_unix_s,
+                "ttl_s": ttl_s,
+            })),
+        ))
+    })
+    .await
+}
+
+/// A watch token's lifetime in seconds, as asked (checked before anything is spent).
+pub fn watch_token_ttl(body: &CreateWatchToken) -> Result<u64, ApiError> {
     let max = auth::WATCH_TOKEN_MAX_TTL_S;
     let ttl_s = match &body.ttl_s {
         None => auth::WATCH_TOKEN_DEFAULT_TTL_S,
@@ -1082,23 +1103,7 @@ pub async fn create_watch_token(
             format!("ttl_s must be a whole number of seconds from 1 to {max}"),
         ));
     }
-    let key_id = match &access.caller {
-        Caller::Key(claim) => Some(claim.key_id.clone()),
-        Caller::Admin | Caller::Anyone => None,
-    };
-    on_owner(router, access, tenant, move |node, tenant| async move {
-        node.shard().read(&tenant, |_| ())?;
-        let (token, expires_unix_s) = auth::mint_watch_token(&tenant, key_id.as_deref(), ttl_s)?;
-        Ok((
-            StatusCode::CREATED,
-            Body::from(json!({
-                "token": token,
-                "expires_unix_s": expires_unix_s,
-                "ttl_s": ttl_s,
-            })),
-        ))
-    })
-    .await
+    Ok(ttl_s)
 }
 
 #[derive(Deserialize, Default)]

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_lite::future;
-use http_body_util::{BodyExt, Either};
+use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
@@ -521,13 +521,11 @@ async fn dispatch(ctx: &ApiContext, req: Request<Incoming>, request_id: &str) ->
             }
         }
     }
-    let caller = match &access.caller {
-        Caller::Key(claim) => claim.tenant.as_str().to_string(),
-        Caller::Admin => "admin".to_string(),
-        Caller::Anyone => "anyone".to_string(),
-    };
     let mut req = req;
-    req.extensions_mut().insert(body::BodyCaller(caller));
+    if has_body(&req) {
+        req.extensions_mut()
+            .insert(body::BodyCaller::of(&access.caller));
+    }
     match (s.as_slice(), &method) {
         (["v1", "tenants"], &Method::GET) => h::list_tenants(router, access).await,
         (["v1", "tenants"], &Method::POST) => {
@@ -569,9 +567,10 @@ async fn dispatch(ctx: &ApiContext, req: Request<Incoming>, request_id: &str) ->
             } else {
                 h::CreateWatchToken::default()
             };
+            let ttl_s = h::watch_token_ttl(&body)?;
             h::admit_watch_token(router, tenant.clone(), access).await?;
             let did = Did::new("watch_token.create", Some(t), None);
-            let run = h::create_watch_token(router, tenant, body, access);
+            let run = h::create_watch_token(router, tenant, ttl_s, access);
             audited(ctx, access, request_id, did, run).await
         }
         (["v1", "tenants", t, "keys"], &Method::GET) => {
@@ -931,18 +930,6 @@ impl BodyReadToEnd {
     }
 }
 
-/// Reads what is left of a body (at most [`OVER_LIMIT_DRAIN_BYTES`] past `max`)
-/// and drops it, so a client still sending one a little over the limit reads its 413.
-async fn drain(mut body: Incoming, max: usize) {
-    let mut seen: u64 = 0;
-    while let Some(Ok(frame)) = body.frame().await {
-        seen += frame.data_ref().map_or(0, |d| d.len() as u64);
-        if seen > max as u64 + OVER_LIMIT_DRAIN_BYTES {
-            return;
-        }
-    }
-}
-
 /// A body coded other than as plain JSON (gzip and the like) is refused by name: its
 /// bytes would otherwise fail as JSON, with a message that does not say why.
 fn refuse_unknown_encodings(headers: &hyper::HeaderMap) -> Result<(), ApiError> {
@@ -1019,12 +1006,13 @@ async fn read_json<T: for<'de> serde::Deserialize<'de>>(
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let timeout = ctx.limits.body_read_timeout;
     if declared.is_some_and(|n| n > max as u64) {
         // Read what is left of a body a little over the limit, so a client still
         // sending it reads the 413 instead of a reset; a far larger one is cut.
         if declared.is_some_and(|n| n <= max as u64 + OVER_LIMIT_DRAIN_BYTES) {
-            future::or(drain(req.into_body(), max), glommio::timer::sleep(timeout)).await;
+            // Counted among the caller's bodies and held to their pace; nothing kept.
+            let _hold = body::BodyHold::enter(body::BodyCaller::from(&req), &ctx.limits)?;
+            body::drain(req.into_body(), max, &ctx.limits).await?;
             return Err(too_large());
         }
         return Err(ApiError {
@@ -1033,11 +1021,7 @@ async fn read_json<T: for<'de> serde::Deserialize<'de>>(
         });
     }
     let read_to_end = req.extensions().get::<BodyReadToEnd>().cloned();
-    let caller = req
-        .extensions()
-        .get::<body::BodyCaller>()
-        .map_or_else(|| "anyone".to_string(), |c| c.0.clone());
-    let mut hold = body::BodyHold::enter(caller, &ctx.limits)?;
+    let mut hold = body::BodyHold::enter(body::BodyCaller::from(&req), &ctx.limits)?;
     if let Some(declared) = declared {
         hold.grow(declared as usize, &ctx.limits)?;
     }

@@ -1156,9 +1156,9 @@ async fn take_writes(router: &ShardRouter, shard: usize, epoch: Epoch) -> Result
     }
 }
 
-/// The epoch a promotion's frames take: above the directory's own, and at least the
-/// time in seconds times 256 plus the low byte of the lease epoch it took (0 without
-/// one). Two promotions of followers of one writer that know nothing of each other
+/// The epoch a promotion's frames take: above the directory's own and at least the
+/// time in seconds times 256, with the low byte of the lease epoch it took (0 without
+/// one) as its own low byte. Two promotions of followers of one writer that know nothing of each other
 /// (the second forced, within the same second) so never share an epoch: a follower
 /// tells two histories apart by their epochs and first LSNs only, and one that shared
 /// both would take the other's frames as its own history.
@@ -1167,7 +1167,16 @@ fn promoted_epoch(current: u64, lease_epoch: u64) -> Epoch {
 }
 
 fn promoted_epoch_at(current: u64, lease_epoch: u64, now_s: u64) -> Epoch {
-    Epoch((current + 1).max(now_s << 8 | (lease_epoch & 0xff)))
+    // The lowest epoch above both floors whose low byte is the lease epoch's: two
+    // promotions holding different lease epochs differ even when the directory's
+    // epoch, not the clock, sets the floor (a clock behind the last writer's).
+    let floor = current.saturating_add(1).max(now_s << 8);
+    let epoch = (floor & !0xff) | (lease_epoch & 0xff);
+    Epoch(if epoch < floor {
+        epoch.saturating_add(0x100)
+    } else {
+        epoch
+    })
 }
 
 fn now_us() -> u64 {
@@ -1228,10 +1237,19 @@ mod tests {
         );
         assert_ne!(b, c);
         assert!(b < c, "a later lease epoch, a higher epoch");
+        assert_eq!(b.0 >> 8, now_s);
         assert!(promoted_epoch_at(1, 2, now_s + 1) > c, "a later second");
-        // Above a directory's own epoch, whatever the clock says.
-        let ahead = (now_s + 10) << 8;
-        assert_eq!(promoted_epoch_at(ahead, 2, now_s), Epoch(ahead + 1));
+        // Above a directory's own epoch when the clock is behind it, and still told
+        // apart by the lease epoch.
+        let ahead = ((now_s + 10) << 8) | 0x07;
+        let (b, c) = (
+            promoted_epoch_at(ahead, 2, now_s),
+            promoted_epoch_at(ahead, 3, now_s),
+        );
+        assert!(b.0 > ahead && c.0 > ahead, "{b:?} {c:?}");
+        assert_ne!(b, c);
+        assert_eq!((b.0 & 0xff, c.0 & 0xff), (2, 3));
+        assert_eq!(promoted_epoch_at(ahead, 8, now_s), Epoch(ahead + 1));
         // Epochs of the seconds-only rule are below every new one.
         assert!(promoted_epoch_at(now_s, 0, now_s).0 > now_s);
         assert!(promoted_epoch(1, 2).0 >> 8 >= now_s);

@@ -126,7 +126,8 @@ fn checkpoints(dir: &Path) -> anyhow::Result<ExitCode> {
         }
         if !dir.join(oc_engine::placement::SHARD_MARKER_FILE).exists() {
             anyhow::bail!(
-                "{} holds no checkpoint and is not a shard directory (no {}): give                  <data-dir>/shard-<n>",
+                "{} holds no checkpoint and is not a shard directory (no {}): give \
+                 <data-dir>/shard-<n>",
                 dir.display(),
                 oc_engine::placement::SHARD_MARKER_FILE
             );

@@ -245,7 +245,7 @@ impl Execution {
             if let Some((_, kept)) = &mut self.top_k {
                 *kept = kept.saturating_sub(bytes);
             }
-            crate::reclaim::later(chunk);
+            crate::reclaim::later_or_now(chunk);
         }
     }
 }
@@ -258,7 +258,7 @@ pub(super) struct Dropped(pub(super) Vec<Vec<OutRow>>);
 impl Drop for Dropped {
     fn drop(&mut self) {
         if !self.0.is_empty() {
-            crate::reclaim::later(std::mem::take(&mut self.0));
+            crate::reclaim::later_or_now(std::mem::take(&mut self.0));
         }
     }
 }
