@@ -62,6 +62,15 @@ fn exit_codes_follow_the_error_class() {
     let sql = oc(&server, admin, &["ask", "acme", "SELEC 1"]);
     assert_eq!(code(&sql), 3, "{}", stderr(&sql));
     assert!(stderr(&sql).contains("sql_syntax"), "{}", stderr(&sql));
+    // A program reading `-o json` gets the LSN its reads of its own writes need.
+    let asked = oc(
+        &server,
+        admin,
+        &["-o", "json", "ask", "acme", "SELECT id FROM items"],
+    );
+    assert_eq!(code(&asked), 0, "{}", stderr(&asked));
+    let answer: serde_json::Value = serde_json::from_slice(&asked.stdout).expect("JSON");
+    assert!(answer["applied_lsn"].as_u64() >= Some(2), "{answer}");
     // 4: credentials.
     let anonymous = oc(&server, None, &["tenants", "list"]);
     assert_eq!(code(&anonymous), 4, "{}", stderr(&anonymous));

@@ -42,6 +42,7 @@ pub(crate) fn print_answer(out: Output, answer: &AskAnswer) {
             let mut value = json!({
                 "columns": answer.columns, "rows": answer.rows,
                 "row_count": answer.row_count, "rows_scanned": answer.rows_scanned,
+                "applied_lsn": answer.applied_lsn,
             });
             if let Some(plan) = &answer.plan {
                 value["plan"] = plan_json(plan);
