@@ -831,7 +831,7 @@ fn ask_query(query: Option<&str>) -> Result<(bool, u64), ApiError> {
                 return Err(ApiError::bad_request(
                     "invalid_query_string",
                     format!(
-                        "explain={} is not a flag: write explain=true or explain=false",
+                        "explain={} is not a flag: /ask takes explain=true|false",
                         error::quoted_short(value)
                     ),
                 ))
