@@ -368,18 +368,21 @@ impl Client {
         table: &str,
         key: &[Value],
     ) -> Result<Option<Row>, Error> {
-        self.get_row_with(tenant, table, key, &ReadOptions::default())
-            .await
+        let found = self
+            .get_row_with(tenant, table, key, &ReadOptions::default())
+            .await?;
+        Ok(found.map(|found| found.row))
     }
 
-    /// As [`Client::get_row`], with `options` (`min_lsn`; `explain` does not apply).
+    /// As [`Client::get_row`], with `options` (`min_lsn`; `explain` does not apply),
+    /// and the LSN the answer saw.
     pub async fn get_row_with(
         &self,
         tenant: &str,
         table: &str,
         key: &[Value],
         options: &ReadOptions,
-    ) -> Result<Option<Row>, Error> {
+    ) -> Result<Option<FoundRow>, Error> {
         if key.is_empty() {
             return Err(Error::InvalidArgument(
                 "a row key needs one value per primary-key column".into(),
@@ -407,12 +410,8 @@ impl Client {
         if let Some(lsn) = options.min_lsn {
             path.push_str(&format!("?min_lsn={lsn}"));
         }
-        #[derive(serde::Deserialize)]
-        struct Found {
-            row: Row,
-        }
-        match self.get::<Found>(&path).await {
-            Ok(found) => Ok(Some(found.row)),
+        match self.get::<FoundRow>(&path).await {
+            Ok(found) => Ok(Some(found)),
             Err(e) if e.code() == Some(&ErrorCode::RowNotFound) => Ok(None),
             Err(e) => Err(e),
         }

@@ -189,6 +189,15 @@ pub struct WriteOutcome {
     pub missing: u64,
 }
 
+/// A row read by its key.
+#[derive(Debug, Clone, Deserialize)]
+pub struct FoundRow {
+    pub row: Row,
+    /// The read saw every write of the tenant's shard up to this LSN.
+    #[serde(default)]
+    pub applied_lsn: u64,
+}
+
 /// An `/ask` answer: rows as arrays in `columns` order.
 #[derive(Debug, Clone, Deserialize)]
 pub struct AskAnswer {

@@ -71,6 +71,32 @@ fn exit_codes_follow_the_error_class() {
     assert_eq!(code(&asked), 0, "{}", stderr(&asked));
     let answer: serde_json::Value = serde_json::from_slice(&asked.stdout).expect("JSON");
     assert!(answer["applied_lsn"].as_u64() >= Some(2), "{answer}");
+    // So does a row read by its key, at least the LSN of the write it follows.
+    let upserted = oc(
+        &server,
+        admin,
+        &[
+            "-o",
+            "json",
+            "rows",
+            "upsert",
+            "acme",
+            "items",
+            r#"{"id":7}"#,
+        ],
+    );
+    assert_eq!(code(&upserted), 0, "{}", stderr(&upserted));
+    let written: serde_json::Value = serde_json::from_slice(&upserted.stdout).expect("JSON");
+    let lsn = written["lsn"].as_u64().expect("the write's lsn");
+    let read = oc(
+        &server,
+        admin,
+        &["-o", "json", "rows", "get", "acme", "items", "7"],
+    );
+    assert_eq!(code(&read), 0, "{}", stderr(&read));
+    let read: serde_json::Value = serde_json::from_slice(&read.stdout).expect("JSON");
+    assert_eq!(read["row"]["id"], 7, "{read}");
+    assert!(read["applied_lsn"].as_u64() >= Some(lsn), "{read}");
     // 4: credentials.
     let anonymous = oc(&server, None, &["tenants", "list"]);
     assert_eq!(code(&anonymous), 4, "{}", stderr(&anonymous));

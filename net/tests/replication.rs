@@ -2927,7 +2927,9 @@ fn the_client_finds_the_writer_through_a_switchover_and_reads_its_writes_on_a_fo
             .get_row_with("alpha", "items", &[json!(1)], &at_least)
             .await
             .expect("read on the follower");
-        assert_eq!(found.expect("the row")["name"], "n1");
+        let found = found.expect("the row");
+        assert_eq!(found.row["name"], "n1");
+        assert!(found.applied_lsn >= written.lsn, "{found:?}");
         let counted = only_follower
             .ask_with("alpha", "SELECT COUNT(*) FROM items", &[], &at_least)
             .await

@@ -502,9 +502,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 ..ReadOptions::default()
             };
             match oc.get_row_with(tenant, table, &parts, &options).await? {
-                Some(row) => match out {
-                    Output::Json => print_json(&json!({ "row": row })),
+                Some(found) => match out {
+                    Output::Json => print_json(&json!({
+                        "row": found.row, "applied_lsn": found.applied_lsn,
+                    })),
                     Output::Table => {
+                        let row = &found.row;
                         let names: Vec<&str> = row.keys().map(String::as_str).collect();
                         print_table(&names, &[row.values().cloned().collect()]);
                     }
