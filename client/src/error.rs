@@ -7,7 +7,7 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The server answered with an error (docs/API.md, "Errors").
-    #[error("{status} {code}: {message} (request {request_id})")]
+    #[error("{status} {code}: {message}{}", request_suffix(request_id))]
     Api {
         status: u16,
         code: ErrorCode,
@@ -30,6 +30,15 @@ pub enum Error {
     /// A call the client refused before sending it (an empty key, a bad URL).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+}
+
+/// ` (request ID)`, or nothing when the answer named no request (a proxy's, say).
+fn request_suffix(request_id: &str) -> String {
+    if request_id.is_empty() {
+        String::new()
+    } else {
+        format!(" (request {request_id})")
+    }
 }
 
 /// An error with its causes: reqwest's own message alone rarely says what failed.
@@ -356,6 +365,23 @@ mod tests {
         assert_eq!(
             ErrorCode::parse("brand_new"),
             ErrorCode::Other("brand_new".into())
+        );
+    }
+
+    #[test]
+    fn an_answer_without_a_request_id_names_none() {
+        let error = |request_id: &str| Error::Api {
+            status: 502,
+            code: ErrorCode::parse("http_502"),
+            message: "bad gateway".into(),
+            request_id: request_id.into(),
+            retry_after: None,
+            taken: None,
+        };
+        assert_eq!(error("").to_string(), "502 http_502: bad gateway");
+        assert_eq!(
+            error("r-1").to_string(),
+            "502 http_502: bad gateway (request r-1)"
         );
     }
 }
