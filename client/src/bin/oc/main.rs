@@ -134,45 +134,38 @@ enum Command {
 
 #[derive(Subcommand)]
 enum Tenants {
+    /// Every tenant, with its shard.
     List,
+    /// Create a tenant (`[a-z0-9][a-z0-9_-]{0,62}`).
     Create { tenant: String },
+    /// Drop a tenant with all its tables, rows and keys.
     Drop { tenant: String },
 }
 
 #[derive(Subcommand)]
 enum Tables {
-    List {
-        tenant: String,
-    },
+    /// The tenant's tables.
+    List { tenant: String },
     /// Create a table from its JSON schema (docs/API.md, "Tables"); `-` reads stdin.
-    Create {
-        tenant: String,
-        schema: String,
-    },
-    Describe {
-        tenant: String,
-        table: String,
-    },
-    Drop {
-        tenant: String,
-        table: String,
-    },
+    Create { tenant: String, schema: String },
+    /// A table's schema, as JSON.
+    Describe { tenant: String, table: String },
+    /// Drop a table with all its rows.
+    Drop { tenant: String, table: String },
 }
 
 #[derive(Subcommand)]
 enum Keys {
-    List {
-        tenant: String,
-    },
+    /// The tenant's API keys (ids and names, never the secrets).
+    List { tenant: String },
+    /// Create an API key; its secret is printed once.
     Create {
         tenant: String,
         #[arg(long)]
         name: Option<String>,
     },
-    Revoke {
-        tenant: String,
-        key_id: String,
-    },
+    /// Revoke an API key by its id.
+    Revoke { tenant: String, key_id: String },
 }
 
 #[derive(Subcommand)]
