@@ -253,7 +253,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 if let Some(tail) = shard["tail"].as_object() {
                     println!(
-                        "  tail        LSN {:>12} ..   {} piece(s), {} bytes",
+                        // The pieces' keys give byte offsets only: where the tail
+                        // ends is known once its frames are read (`verify`, restore).
+                        "  tail        LSN {:>12} ..   ({} piece(s), {} bytes of the active segment)",
                         tail["first_lsn"], tail["pieces"], tail["bytes"]
                     );
                 }
