@@ -18,7 +18,10 @@ pub fn describe_segment(name: &str, bytes: &[u8]) -> String {
     };
     let _ = writeln!(
         out,
-        "header: shard {} epoch {} first LSN {} capacity {} max group {} created {} µs",
+        // Every writer so far leaves the header's shard 0 (FORMAT.md §3.4): the shard is
+        // the directory's, which the line says rather than let 0 read as shard 0.
+        "header: shard field {} (the shard is the directory's) epoch {} first LSN {} \
+         capacity {} max group {} created {} µs",
         header.shard,
         header.epoch.0,
         header.first_lsn,
