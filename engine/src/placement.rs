@@ -290,6 +290,17 @@ pub fn ensure_layout(data_dir: &Path, shards: usize) -> Result<Layout, EngineErr
                     data_dir.display()
                 )));
             }
+            // An archive's root (`manifest.json`, FORMAT.md §9; `shard-<i>/` folders too):
+            // the likely mistake is the one flag for the other.
+            if data_dir.join("manifest.json").exists() {
+                return Err(EngineError::Layout(format!(
+                    "{} is an archive (it holds manifest.json and no {LAYOUT_FILE}), not a \
+                     data directory: did you mean --archive file://{}? To serve its data, \
+                     restore it into an empty directory (oc-pitr restore)",
+                    data_dir.display(),
+                    data_dir.display()
+                )));
+            }
             if shard_dir(data_dir, 0).exists() {
                 return Err(EngineError::Layout(format!(
                     "{} holds shard data but no {LAYOUT_FILE}: it was not written by this \

@@ -562,6 +562,22 @@ fn check_archive_apart(uri: &str, data_dir: &std::path::Path) -> Result<()> {
             data_dir.display()
         );
     }
+    // Another server's data directory (live or not): its files and the archive's would
+    // mix (two audit logs in one folder, each server reading the other's entries). Its
+    // layout file says what it is; a lock file alone does not (a start refused on an
+    // archive given as its data directory leaves one there).
+    let layout_file = oc_engine::placement::LAYOUT_FILE;
+    if let Some(other) = archive
+        .ancestors()
+        .find(|dir| dir.join(layout_file).exists())
+    {
+        bail!(
+            "refusing to start: the archive {uri} is, or is inside, the data directory {} \
+             (it holds {layout_file}): an archive and a data directory must not share files. \
+             Give --archive a directory of its own, on another disk or host",
+            other.display()
+        );
+    }
     Ok(())
 }
 

@@ -295,6 +295,21 @@ fn a_restore_past_a_damaged_checkpoint_snapshot_uses_an_older_restore_point() {
     for row in 0..id {
         assert!(has_row(&server, "acme", row), "row {row} not restored");
     }
+    drop(server);
+    // A snapshot gone from the archive, its manifest still listed, is done without too
+    // (it failed every re-run of the restore before).
+    std::fs::remove_file(&newest).expect("lose the snapshot");
+    let again = dir.path().join("restored-again");
+    let restored = restore_latest(&uri, &again);
+    assert!(restored.success, "{restored:?}");
+    assert!(
+        restored.stderr.contains("is missing") && restored.stderr.contains("instead"),
+        "the restore says it went around the lost snapshot: {restored:?}"
+    );
+    let server = Server::start(&again, &["--shards", "2", "--archive", "none"]);
+    for row in 0..id {
+        assert!(has_row(&server, "acme", row), "row {row} not restored");
+    }
 }
 
 /// Restoring to an instant between two writes brings back exactly the writes
@@ -811,6 +826,24 @@ fn an_archive_overlapping_the_data_directory_is_refused() {
     }
     let server = Server::start(&data, &["--archive", &file_uri(&dir.path().join("apart"))]);
     server.create_tenant_with_items("acme");
+    // Another server's data directory, or a folder inside it, is no archive either:
+    // the two servers' audit logs would mix in one folder.
+    let other = dir.path().join("other");
+    for archive in [data.clone(), data.join("shard-0")] {
+        let uri = file_uri(&archive);
+        let refused = Server::try_start(&other, &["--archive", &uri])
+            .err()
+            .unwrap_or_else(|| panic!("started with another server's directory {uri}"));
+        assert!(
+            refused.contains("is, or is inside, the data directory"),
+            "{uri}: {refused}"
+        );
+    }
+    // The other way round: an archive given as the data directory is named as one.
+    let refused = Server::try_start(&dir.path().join("apart"), &[])
+        .err()
+        .expect("an archive started as a data directory");
+    assert!(refused.contains("did you mean --archive"), "{refused}");
 }
 
 /// An old copy of a data directory that wrote on without the archive holds a log as

@@ -695,10 +695,17 @@ fn restore_into(
     let restored = restore_shards(archive, &plans, &caps, target, data_dir, progress).map_err(
         |e| match e {
             PitrError::Vanished { .. } => PitrError::Refused(format!(
-                "{e}; {} holds a partial restore: remove it and run the restore again. If \
-                 the same object is missing again it is lost, not moved: `oc-pitr verify` \
-                 says what the archive still restores, and to which times",
-                data_dir.display()
+                "{e}; {}run the restore again. If the same object is missing again it is \
+                 lost, not moved: `oc-pitr verify` says what the archive still restores, \
+                 and to which times",
+                if data_dir.exists() {
+                    format!(
+                        "{} holds a partial restore: remove it and ",
+                        data_dir.display()
+                    )
+                } else {
+                    String::new()
+                }
             )),
             e => e,
         },
@@ -1020,6 +1027,13 @@ fn restore_shard(
             Err(PitrError::Archive(e @ ArchiveError::Corrupt { .. })) => {
                 Some(PitrError::Archive(e.clone()))
             }
+            // Its manifest is listed and the snapshot is not there: lost (or deleted by
+            // a live writer's retention, when the older points are gone too, and the
+            // fallback below finds none). Either way an older point serves, as for a
+            // damaged one; a restore that gave up would fail the same way every time.
+            Err(PitrError::Vanished { key }) => Some(PitrError::Refused(format!(
+                "the checkpoint snapshot {key} is missing, though its manifest is listed"
+            ))),
             Err(_) => None,
         };
         if let Some(damaged) = damaged {
