@@ -188,6 +188,37 @@ pub struct Layout {
     pub follows: Option<DataDirId>,
 }
 
+/// The layout a running server goes by, shared by its threads: a promotion records a
+/// new epoch while requests (`/watch` ids and resumes) read it.
+#[derive(Debug, Clone)]
+pub struct LiveLayout(std::sync::Arc<std::sync::RwLock<std::sync::Arc<Layout>>>);
+
+impl LiveLayout {
+    pub fn new(layout: Layout) -> LiveLayout {
+        LiveLayout(std::sync::Arc::new(std::sync::RwLock::new(
+            std::sync::Arc::new(layout),
+        )))
+    }
+
+    /// The layout as last recorded.
+    pub fn current(&self) -> std::sync::Arc<Layout> {
+        let held = self
+            .0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        held.clone()
+    }
+
+    /// Replaces it with one just recorded in the layout file.
+    pub fn replace(&self, layout: Layout) {
+        let mut held = self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *held = std::sync::Arc::new(layout);
+    }
+}
+
 impl Layout {
     /// The epoch new frames are stamped with.
     pub fn epoch(&self) -> u64 {

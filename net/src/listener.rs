@@ -177,7 +177,7 @@ pub struct ConnectionSettings {
     /// The archive, read by `/watch` resumes older than the local log.
     pub archive: Option<std::sync::Arc<dyn oc_ship::archive::Archive>>,
     /// The data directory's layout (its epochs).
-    pub layout: std::sync::Arc<oc_engine::placement::Layout>,
+    pub layout: oc_engine::placement::LiveLayout,
     /// The audit log of operator actions.
     pub auditor: oc_ship::audit::Auditor,
     /// A follower's role: writes are refused, naming its writer, until it is promoted.

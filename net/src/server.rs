@@ -164,6 +164,8 @@ pub fn run(config: ServerConfig) -> Result<()> {
         )?,
     };
     let shards = layout.shards;
+    // What `/watch` and the replication node go by: a promotion replaces it.
+    let live_layout = oc_engine::placement::LiveLayout::new(layout.clone());
     crate::fd_limit::raise_and_check(crate::fd_limit::needed(config.max_connections, shards))
         .map_err(|e| anyhow!(e))?;
     let memory_budget = oc_engine::quota::start_memory_budget(config.memory_budget_bytes)
@@ -352,7 +354,7 @@ pub fn run(config: ServerConfig) -> Result<()> {
             tls: config.tls().map_err(|e| anyhow!(e))?,
             leader_tls,
             on_diverged: on_diverged(format),
-            layout: layout.clone(),
+            layout: live_layout.clone(),
             max_ready_lag_lsn: config.max_ready_lag_lsn,
             sync: config.sync_policy(),
             leader_addr,
@@ -394,7 +396,7 @@ pub fn run(config: ServerConfig) -> Result<()> {
         auth,
         tls: config.tls().map_err(|e| anyhow!(e))?,
         archive: replay_archive,
-        layout: std::sync::Arc::new(layout.clone()),
+        layout: live_layout,
         auditor,
         role: api_role,
     };

@@ -3213,3 +3213,167 @@ fn an_auto_promoting_follower_on_a_copy_of_the_writers_directory_never_takes_ove
         "{logs}"
     );
 }
+
+/// The events of a `/watch` stream of `tenant` resumed after `last_event_id`, read for
+/// `within`: (event, data, id).
+fn watch_events(
+    server: &Server,
+    tenant: &str,
+    last_event_id: &str,
+    within: Duration,
+) -> Vec<(String, Value, String)> {
+    use std::io::{BufRead, BufReader, Write};
+    let address = server.api.trim_start_matches("http://").to_string();
+    let mut stream = std::net::TcpStream::connect(&address).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    write!(
+        stream,
+        "GET /v1/tenants/{tenant}/watch HTTP/1.1\r\nhost: {address}\r\naccept: text/event-stream\r\n\
+         last-event-id: {last_event_id}\r\n\r\n"
+    )
+    .expect("send");
+    let mut lines = BufReader::new(stream);
+    let deadline = Instant::now() + within;
+    let (mut events, mut event, mut data, mut id) =
+        (Vec::new(), String::new(), String::new(), String::new());
+    while Instant::now() < deadline {
+        let mut line = String::new();
+        match lines.read_line(&mut line) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(_) => continue, // the read timeout: look at the deadline
+        }
+        let line = line.trim_end_matches(['\r', '\n']);
+        if line.is_empty() {
+            if !event.is_empty() {
+                let parsed = serde_json::from_str(&data).unwrap_or(Value::Null);
+                events.push((std::mem::take(&mut event), parsed, std::mem::take(&mut id)));
+            }
+            data.clear();
+            continue;
+        }
+        match line.split_once(": ") {
+            Some(("event", value)) => event = value.to_string(),
+            Some(("data", value)) => data.push_str(value),
+            Some(("id", value)) => id = value.to_string(),
+            _ => {}
+        }
+    }
+    events
+}
+
+/// A `/watch` consumer that last saw a change of the old writer's lost branch, resuming
+/// on the promoted follower, is told to start over (`reset`): it is never resumed as if
+/// the promoted writer's change at that LSN were the one it saw. Resumed from a point
+/// on both histories once the promoted writer's log no longer holds it, the archive
+/// replays the promoted writer's history, never the dead writer's frames (the
+/// archive's root holds them).
+#[test]
+fn a_watch_resume_on_a_promoted_follower_never_follows_the_dead_branch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let archive = archive_in(dir.path());
+    let small_log = [
+        "--wal-segment-bytes",
+        "274432",
+        "--checkpoint-wal-bytes",
+        "1048576",
+    ];
+    let writer = writer_on(&dir.path().join("writer"), &archive, &small_log);
+    let leader = writer.replication.clone().expect("replication address");
+    let follower_flags = [&["--replication-listen", "127.0.0.1:0"][..], &small_log].concat();
+    let follower_dir = dir.path().join("follower");
+    let follower = follower_on(&follower_dir, &leader, &archive, &follower_flags);
+    writer.create_tenant_with_items("alpha");
+    let upsert = |server: &Server, id: i64, name: &str| -> u64 {
+        let written = server.post(
+            "/v1/tenants/alpha/tables/items/rows",
+            &json!({"ops": [{"upsert": {"id": id, "name": name, "batch": 0}}]}),
+        );
+        assert_eq!(written.status, 200, "{written:?}");
+        written.body["lsn"].as_u64().expect("lsn")
+    };
+    let mut shared = 0;
+    for id in 0..10 {
+        shared = upsert(&writer, id, "both");
+    }
+    let model: Model = Arc::default();
+    for id in 0..10 {
+        model
+            .lock()
+            .expect("model")
+            .insert(("alpha".to_string(), id), "both".to_string());
+    }
+    wait_until_matches(&follower, &model);
+    follower.kill9();
+    // The old writer's branch: acknowledged, archived, then lost with the writer.
+    let lost = upsert(&writer, 500, "dead-branch");
+    assert_eq!(lost, shared + 1);
+    common::wait_until_archived(&writer, 2);
+    writer.kill9();
+    let follower = follower_on(&follower_dir, &leader, &archive, &follower_flags);
+    let promoted = promote(&follower, true);
+    assert_eq!(promoted.status, 200, "{promoted:?}\n{}", follower.stderr());
+    let new = upsert(&follower, 600, "new-writer");
+    assert_eq!(new, lost, "the promoted writer writes that LSN again");
+    let events = watch_events(
+        &follower,
+        "alpha",
+        &format!("1-{lost}"),
+        Duration::from_secs(1),
+    );
+    assert!(
+        events.iter().any(|(event, ..)| event == "reset"),
+        "a resume point on the lost branch starts over: {events:?}"
+    );
+    // Push the promoted writer's log past LSN `shared` (checkpoints release it).
+    let owner = follower.get("/v1/tenants/alpha/usage").body["shard"]
+        .as_u64()
+        .expect("shard");
+    let shard_dir = follower_dir.join(format!("shard-{owner}"));
+    let oldest_local = || {
+        std::fs::read_dir(&shard_dir)
+            .expect("shard dir")
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().to_string();
+                let lsn = name.strip_suffix(".seg")?.rsplit('-').next()?.to_string();
+                u64::from_str_radix(&lsn, 16).ok()
+            })
+            .min()
+            .unwrap_or(0)
+    };
+    let padding = "p".repeat(2000);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut id = 1000;
+    while oldest_local() <= shared + 1 {
+        assert!(Instant::now() < deadline, "the log was never released");
+        let ops: Vec<Value> = (0..50)
+            .map(|i| json!({"upsert": {"id": id + i, "name": padding, "batch": 1}}))
+            .collect();
+        id += 50;
+        let written = follower.post("/v1/tenants/alpha/tables/items/rows", &json!({"ops": ops}));
+        assert_eq!(written.status, 200, "{written:?}");
+    }
+    common::wait_until_archived(&follower, 2);
+    let events = watch_events(
+        &follower,
+        "alpha",
+        &format!("1-{shared}"),
+        Duration::from_secs(3),
+    );
+    let changed = |wanted: i64| {
+        events
+            .iter()
+            .any(|(event, data, _)| event == "change" && data["key"]["id"] == wanted)
+    };
+    assert!(
+        !changed(500),
+        "the dead writer's change is never replayed: {events:?}"
+    );
+    assert!(
+        changed(600) || events.iter().any(|(event, ..)| event == "reset"),
+        "the promoted writer's change is replayed, or the stream starts over: {events:?}"
+    );
+}

@@ -6,12 +6,15 @@
 //! Blocking, like every archive call: run it on a thread of its own, never on a
 //! shard's executor.
 
+use std::sync::Arc;
+
 use oc_io::wal::image::frames_in_image;
-use oc_io::{Lsn, OwnedFrame};
+use oc_io::{History, Lsn, OwnedFrame};
 
 use crate::archive::{Archive, ArchiveError};
 use crate::catalog::contiguous_end;
 use crate::layout::{self, SegmentKey, TailPieceKey};
+use crate::timeline;
 
 /// What [`frames_after`] found.
 #[derive(Debug)]
@@ -81,6 +84,55 @@ pub fn frames_after(
             why: format!("no valid frame holds LSN {}, which it should", wanted.0),
         }),
     }
+}
+
+/// As [`frames_after`], for a server whose log has gone through `history`: read from
+/// the archive's timelines (FORMAT.md §9.4), the current one first, each older one only
+/// below the branch points of the newer ones, and only frames on `history`. A frame of
+/// another branch (a dead writer's, after the promotion that fenced it) ends the read:
+/// `NotHeld` when it is the first, so a resume that would need it starts over rather
+/// than replay writes this server never had.
+pub fn frames_on_history(
+    root: &Arc<dyn Archive>,
+    shard: usize,
+    (after, upto): (Lsn, Lsn),
+    history: &History,
+) -> Result<ArchiveRead, ReplayError> {
+    let chain = timeline::chain(root)?;
+    let wanted = after.next();
+    let mut oldest = None;
+    let mut cap = Lsn(u64::MAX);
+    for (i, timeline) in chain.iter().enumerate() {
+        if i > 0 {
+            // Below where the newer timeline left this one, on this shard; unknown
+            // without its record, and then nothing older can be read through it.
+            let Some(first) = (chain[i - 1].record.as_ref())
+                .and_then(|record| record.first_lsn.get(shard).copied())
+            else {
+                break;
+            };
+            cap = cap.min(Lsn(first.saturating_sub(1)));
+        }
+        if wanted > cap {
+            break;
+        }
+        match frames_after(timeline.archive.as_ref(), shard, after, upto.min(cap))? {
+            ArchiveRead::Frames(mut frames) => {
+                let on = frames
+                    .iter()
+                    .take_while(|f| history.contains(f.epoch, f.lsn))
+                    .count();
+                frames.truncate(on);
+                return Ok(if frames.is_empty() {
+                    ArchiveRead::NotHeld { oldest }
+                } else {
+                    ArchiveRead::Frames(frames)
+                });
+            }
+            ArchiveRead::NotHeld { oldest: held } => oldest = oldest.or(held),
+        }
+    }
+    Ok(ArchiveRead::NotHeld { oldest })
 }
 
 /// The newest archived live segment that starts at or before `wanted`: its first

@@ -80,7 +80,7 @@ pub struct ApiContext {
     pub archive: Option<std::sync::Arc<dyn oc_ship::archive::Archive>>,
     /// The data directory's layout: its epochs tell `/watch` ids of this history from
     /// ids of a branch it does not have.
-    pub layout: std::sync::Arc<oc_engine::placement::Layout>,
+    pub layout: oc_engine::placement::LiveLayout,
     pub auditor: Auditor,
     /// Set on a follower: while it is one, writes are refused with `421 not_leader`
     /// naming its writer.
@@ -96,7 +96,7 @@ impl ApiContext {
         auth: AuthConfig,
         shard: usize,
         archive: Option<std::sync::Arc<dyn oc_ship::archive::Archive>>,
-        layout: std::sync::Arc<oc_engine::placement::Layout>,
+        layout: oc_engine::placement::LiveLayout,
         auditor: Auditor,
     ) -> Self {
         ApiContext {
@@ -377,7 +377,11 @@ async fn open_watch(
         .headers()
         .get("last-event-id")
         .map(|v| v.to_str().unwrap_or("\u{fffd}"));
-    let request = watch::parse_request(req.uri().query(), last_event_id, ctx.layout.epoch())?;
+    let request = watch::parse_request(
+        req.uri().query(),
+        last_event_id,
+        ctx.layout.current().epoch(),
+    )?;
     let mut key_id = None;
     match &request.token {
         Some(token) => key_id = crate::auth::check_watch_token(token, &tenant, &ctx.auth)?,
@@ -643,7 +647,7 @@ async fn dispatch(ctx: &ApiContext, req: Request<Incoming>, request_id: &str) ->
                     ))
                 }
             };
-            h::digest(router, with_tables, &ctx.layout, access).await
+            h::digest(router, with_tables, &ctx.layout.current(), access).await
         }
         (["v1", "audit", "logs"], &Method::GET) => {
             auth::require_admin(&access.caller)?;

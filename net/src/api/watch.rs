@@ -27,7 +27,7 @@ use std::rc::{Rc, Weak};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use glommio::timer::Timer;
@@ -36,7 +36,7 @@ use hyper::body::Frame;
 use hyper::StatusCode;
 use oc_engine::feed::{self, ChangeBatch, EventKind, TapEnd, TapReceiver};
 use oc_engine::{owner_of, ChangesRead, ShardNode, ShardRouter, TenantId};
-use oc_io::Lsn;
+use oc_io::{History, Lsn};
 use oc_ship::archive::Archive;
 use oc_ship::replay::{self, ArchiveRead};
 
@@ -535,6 +535,38 @@ fn parse_event_id(id: &str) -> Option<(u64, Lsn)> {
     Some((epoch.parse().ok()?, Lsn(lsn.parse().ok()?)))
 }
 
+/// The layout that names the epoch the owner's log stamps (`stamping`, for a writer's
+/// log). A promotion starts its logs' new epoch a moment before it records the epoch in
+/// the layout: a stream opened in between would give its ids, and judge a resume
+/// point, by the old epoch, so it waits for the record.
+async fn layout_as_of(
+    ctx: &super::ApiContext,
+    stamping: Option<u64>,
+) -> Result<Arc<oc_engine::placement::Layout>, ApiError> {
+    let waited = Instant::now();
+    loop {
+        let layout = ctx.layout.current();
+        if stamping.is_none_or(|epoch| epoch <= layout.epoch()) {
+            return Ok(layout);
+        }
+        if waited.elapsed() > EPOCH_RECORD_WAIT {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shard_unavailable",
+                format!(
+                    "this server's log writes epoch {} and its layout does not record it yet \
+                     (a promotion that has not finished); retry shortly",
+                    stamping.unwrap_or_default()
+                ),
+            ));
+        }
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// How long a stream's opening waits for a promotion to record its epoch.
+const EPOCH_RECORD_WAIT: Duration = Duration::from_secs(2);
+
 /// Opens a stream for `tenant` (the caller is authorized already; `key_id` is the API
 /// key it used, directly or through a watch token).
 pub async fn open(
@@ -543,9 +575,8 @@ pub async fn open(
     request: WatchRequest,
     key_id: Option<String>,
 ) -> Result<WatchBody, ApiError> {
-    let (router, archive, layout) = (ctx.router.clone(), ctx.archive.clone(), &*ctx.layout);
+    let (router, archive) = (ctx.router.clone(), ctx.archive.clone());
     let (limits, rate_limit) = (ctx.limits.watch, ctx.limits.rate_limit);
-    let epoch = layout.epoch();
     if closing() {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -606,19 +637,28 @@ pub async fn open(
                     crate::rate_limit::admit(rate_limit, &t, key_id)?;
                 }
                 feed::lock(&interest).add(tables.as_deref());
-                Ok::<_, ApiError>(node.shard().feed().published())
+                let wal = node.shard().wal();
+                let stamping = wal.takes_own_writes().then(|| wal.epoch().0);
+                Ok::<_, ApiError>((node.shard().feed().published(), stamping))
             },
         )
         .await
         .map_err(ApiError::from)
         .and_then(|admitted| admitted);
-    let position = match position {
-        Ok(position) => position,
+    let (position, layout) = match position {
+        Ok((position, stamping)) => match layout_as_of(ctx, stamping).await {
+            Ok(layout) => (position, layout),
+            Err(e) => {
+                hub.leave(&sub, false);
+                return Err(e);
+            }
+        },
         Err(e) => {
             hub.leave(&sub, false);
             return Err(e);
         }
     };
+    let epoch = layout.epoch();
     hub.catch_up();
     let mut out = VecDeque::new();
     // Where this stream starts: after `start`; the log is replayed up to `position`.
@@ -646,12 +686,13 @@ pub async fn open(
     sub.start_after(start.max(position));
     sub.replaying.set(replay.is_some());
     metrics::with_http(|m| m.watch_streams_opened += 1);
+    let history = layout.history(owner_of(&router, &tenant));
     let mut body = WatchBody {
         epoch,
         sub,
         hub,
         router,
-        archive,
+        archive: archive.map(|archive| (archive, history)),
         tenant,
         out,
         replay: None,
@@ -681,10 +722,9 @@ const MAX_ARCHIVE_READS: usize = 4;
 /// shard's executor and its blocking pool, which the log uses, must never wait on
 /// one).
 async fn read_archive(
-    archive: Arc<dyn Archive>,
+    (archive, history): (Arc<dyn Archive>, History),
     shard: usize,
-    after: Lsn,
-    upto: Lsn,
+    (after, upto): (Lsn, Lsn),
 ) -> Result<ArchiveRead, String> {
     while ARCHIVE_READS
         .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
@@ -698,7 +738,7 @@ async fn read_archive(
     let spawned = std::thread::Builder::new()
         .name("oc-watch-archive".into())
         .spawn(move || {
-            let read = replay::frames_after(&*archive, shard, after, upto);
+            let read = replay::frames_on_history(&archive, shard, (after, upto), &history);
             ARCHIVE_READS.fetch_sub(1, Ordering::AcqRel);
             let _ = tx.send_blocking(read);
         });
@@ -719,7 +759,8 @@ pub struct WatchBody {
     sub: Rc<Subscriber>,
     hub: Rc<Hub>,
     router: Rc<ShardRouter>,
-    archive: Option<Arc<dyn Archive>>,
+    /// The archive, with the owner shard's history its frames must be on.
+    archive: Option<(Arc<dyn Archive>, History)>,
     tenant: TenantId,
     /// Formatted events waiting for hyper.
     out: VecDeque<Bytes>,
@@ -767,7 +808,7 @@ impl WatchBody {
 /// for what the log no longer holds.
 async fn replay_page(
     router: &Rc<ShardRouter>,
-    archive: Option<Arc<dyn Archive>>,
+    archive: Option<(Arc<dyn Archive>, History)>,
     tenant: &TenantId,
     after: Lsn,
     upto: Lsn,
@@ -792,7 +833,7 @@ async fn replay_page(
     else {
         return Ok(local);
     };
-    let frames = match read_archive(archive, owner, after, upto).await? {
+    let frames = match read_archive(archive, owner, (after, upto)).await? {
         ArchiveRead::NotHeld { oldest } => {
             return Ok(ChangesRead::NotHeld {
                 oldest: oldest.or(*local_oldest),

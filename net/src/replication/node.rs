@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use glommio::net::TcpListener;
 use glommio::Task;
-use oc_engine::placement::{self, EpochStart, Layout};
+use oc_engine::placement::{self, EpochStart, Layout, LiveLayout};
 use oc_engine::{ShardNode, ShardRouter};
 use oc_io::{failpoint, Epoch, Lsn};
 use oc_ship::archive::{Archive, ArchiveError};
@@ -75,7 +75,8 @@ pub struct Setup {
     pub leader_tls: Option<super::LeaderTls>,
     /// A follower refused as diverged ends the process.
     pub on_diverged: receiver::OnDiverged,
-    pub layout: Layout,
+    /// The layout the server goes by, which a promotion replaces.
+    pub layout: LiveLayout,
     pub max_ready_lag_lsn: u64,
     /// The writer's synchronous replication (a follower's applies once promoted).
     pub sync: Option<SyncPolicy>,
@@ -136,7 +137,7 @@ pub struct Node {
     tls: Option<futures_rustls::TlsAcceptor>,
     leader_tls: Option<super::LeaderTls>,
     on_diverged: receiver::OnDiverged,
-    layout: RefCell<Layout>,
+    layout: LiveLayout,
     sync: Cell<Option<SyncPolicy>>,
     leader_addr: Option<std::net::SocketAddr>,
     lease_hold: RefCell<Option<Arc<LeaseHold>>>,
@@ -179,7 +180,7 @@ impl Node {
             tls: setup.tls,
             leader_tls: setup.leader_tls,
             on_diverged: setup.on_diverged,
-            layout: RefCell::new(setup.layout),
+            layout: setup.layout,
             sync: Cell::new(setup.sync),
             leader_addr: setup.leader_addr,
             lease_hold: RefCell::new(setup.lease_hold),
@@ -241,7 +242,7 @@ impl Node {
         router: &Rc<ShardRouter>,
         finish: FinishPromotion,
     ) -> Result<(), String> {
-        let layout = self.layout.borrow().clone();
+        let layout = Layout::clone(&self.layout.current());
         let frame_epoch = promoted_epoch(
             layout.epoch(),
             finish.lease.as_ref().map_or(0, |l| l.lease_epoch),
@@ -265,7 +266,7 @@ impl Node {
             .spawn_blocking(move || placement::start_epoch(&data_dir, &layout, started))
             .await
             .map_err(|e| e.to_string())?;
-        *self.layout.borrow_mut() = recorded;
+        self.layout.replace(recorded);
         if let Some(lease) = &finish.lease {
             let branch = TimelineRecord {
                 first_lsn: first_lsn.clone(),
@@ -318,7 +319,7 @@ impl Node {
         let listener = unsafe { TcpListener::from_raw_fd(fd) };
         let sender = Rc::new(sender::Sender {
             router: router.clone(),
-            layout: Arc::new(self.layout.borrow().clone()),
+            layout: self.layout.current(),
             token: self.token.clone(),
             tls: self.tls.clone(),
             status: self.status.clone(),
@@ -343,7 +344,7 @@ impl Node {
             router: router.clone(),
             leader,
             addr,
-            follower_id: self.layout.borrow().id.to_string(),
+            follower_id: self.layout.current().id.to_string(),
             token: self.token.clone(),
             tls: self.leader_tls.clone(),
             status: self.status.clone(),
@@ -655,7 +656,7 @@ impl Node {
             "took the archive's lease with epoch {lease_epoch} (the old writer's next renewal fails)"
         ));
         // 5. Every shard starts the new epoch where its log ends ([`promoted_epoch`]).
-        let frame_epoch = promoted_epoch(self.layout.borrow().epoch(), lease_epoch);
+        let frame_epoch = promoted_epoch(self.layout.current().epoch(), lease_epoch);
         let mut first_lsn = Vec::with_capacity(router.shards());
         for shard in 0..router.shards() {
             first_lsn.push(take_writes(&router, shard, frame_epoch).await?.0);
@@ -663,7 +664,7 @@ impl Node {
         let (layout, data_dir) = {
             let kit = self.promotion.borrow();
             let data_dir = kit.as_ref().map(|k| k.data_dir.clone()).unwrap_or_default();
-            (self.layout.borrow().clone(), data_dir)
+            (Layout::clone(&self.layout.current()), data_dir)
         };
         let started_epoch = EpochStart {
             epoch: frame_epoch.0,
@@ -680,7 +681,7 @@ impl Node {
                     format!("the lease is taken but recording the new epoch failed: {e}; restart this server in writer mode"),
                 )
             })?;
-        *self.layout.borrow_mut() = recorded;
+        self.layout.replace(recorded);
         step(format!(
             "the logs start epoch {} at LSNs {first_lsn:?}",
             frame_epoch.0
