@@ -24,16 +24,17 @@ struct Bucket {
     refilled: Instant,
 }
 
-/// What one key's bucket limits: all its requests, or the watch tokens it mints
-/// (each an audit log entry, kept for the audit retention).
+/// What one key's bucket limits: all its requests, or its operator actions (each an
+/// audit log entry, fsynced and kept for the audit retention, refused ones too).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Purpose {
     Requests,
-    WatchTokens,
+    OperatorActions,
 }
 
-/// Watch tokens one key may mint: one a second, 60 at once.
-pub const WATCH_TOKEN_MINTS: RateLimit = RateLimit {
+/// Operator actions one key may take (watch token mints, tables, migrations, and
+/// attempts at the admin's actions): one a second, 60 at once.
+pub const OPERATOR_ACTIONS: RateLimit = RateLimit {
     per_second: 1.0,
     burst: 60.0,
 };
@@ -57,17 +58,23 @@ pub fn admit(limit: RateLimit, tenant: &TenantId, key_id: &str) -> Result<(), Ap
     })
 }
 
-/// Takes one token from the key's bucket of watch token mints, or refuses with 429.
-pub fn admit_watch_token(tenant: &TenantId, key_id: &str) -> Result<(), ApiError> {
-    let limit = WATCH_TOKEN_MINTS;
-    take(limit, tenant, key_id, Purpose::WatchTokens).map_err(|()| {
+/// Takes one token from the key's bucket of operator actions, or refuses with 429
+/// (`action` names what was asked).
+pub fn admit_operator_action(tenant: &TenantId, key_id: &str, action: &str) -> Result<(), ApiError> {
+    let limit = OPERATOR_ACTIONS;
+    take(limit, tenant, key_id, Purpose::OperatorActions).map_err(|()| {
+        let advice = if action == "watch_token.create" {
+            ": a watch token opens any number of streams of its tenant until it expires, \
+             so mint one and share it, with a longer ttl_s"
+        } else {
+            ""
+        };
         ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limited",
             format!(
-                "API key {key_id} is over its limit of {} watch tokens/s (burst {}): a token \
-                 opens any number of streams of its tenant until it expires, so mint one and \
-                 share it, with a longer ttl_s",
+                "API key {key_id} is over its limit of {} operator actions/s (burst {}), \
+                 each an audit log entry; {action} was not attempted{advice}",
                 limit.per_second, limit.burst
             ),
         )

@@ -376,6 +376,9 @@ fn an_answer_whose_text_outgrows_the_memory_limit_is_refused() {
     );
     assert_eq!(refused.status, 413, "status {}", refused.status);
     assert_error(&refused, 413, "result_too_large", "--ask-max-memory-bytes");
+    // Fewer rows than one slice of the encoder's, 1.5 MB of text: checked at the end.
+    let refused = ask(&server, "acme", "SELECT body FROM docs LIMIT 63", json!([]));
+    assert_error(&refused, 413, "result_too_large", "--ask-max-memory-bytes");
     let fits = ask(&server, "acme", "SELECT body FROM docs LIMIT 20", json!([]));
     assert_eq!(fits.status, 200, "status {}", fits.status);
     assert_eq!(fits.body["row_count"], 20);

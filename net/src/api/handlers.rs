@@ -850,8 +850,11 @@ fn cover_answer(memory: &mut oc_engine::quota::QueryMemory, len: usize) -> Resul
     })
 }
 
-/// Rows encoded between two checks for a turn and of the answer's size.
+/// Rows, and bytes of text, encoded between two checks for a turn and of the answer's
+/// size: wide rows (a 256 KiB text of control characters is 1.5 MB of JSON) reach the
+/// byte bound first.
 const ENCODE_ROWS_PER_SLICE: usize = 64;
+const ENCODE_BYTES_PER_SLICE: usize = 256 << 10;
 
 /// An `/ask` answer as JSON text, written value by value: a tree of
 /// `serde_json::Value` would take several times the rows' own size (a vector element
@@ -871,6 +874,18 @@ async fn encode_answer(
         // Writing a &str to a Vec cannot fail.
         let _ = serde_json::to_writer(&mut *out, s);
     };
+    let too_large = |written: usize| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            QueryErrorKind::ResultTooLarge.code(),
+            format!(
+                "the answer's JSON text passed {max_bytes} bytes, the query's memory limit \
+                 (--ask-max-memory-bytes), after {written} of its {} rows; add a LIMIT or \
+                 select fewer or smaller columns",
+                answer.rows.len()
+            ),
+        )
+    };
     out.extend_from_slice(b"{\"columns\":[");
     for (i, c) in answer.columns.iter().enumerate() {
         if i > 0 {
@@ -879,23 +894,8 @@ async fn encode_answer(
         text(&mut out, c);
     }
     out.extend_from_slice(b"],\"rows\":[");
+    let (mut rows_since, mut checked_at) = (0, out.len());
     for (i, row) in answer.rows.iter().enumerate() {
-        if i % ENCODE_ROWS_PER_SLICE == ENCODE_ROWS_PER_SLICE - 1 {
-            if out.len() > max_bytes {
-                return Err(ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    QueryErrorKind::ResultTooLarge.code(),
-                    format!(
-                        "the answer's JSON text passed {max_bytes} bytes, the query's memory \
-                         limit (--ask-max-memory-bytes), after {i} of its {} rows; add a \
-                         LIMIT or select fewer or smaller columns",
-                        answer.rows.len()
-                    ),
-                ));
-            }
-            cover_answer(memory, out.len())?;
-            turns.between_slices().await;
-        }
         if i > 0 {
             out.push(b',');
         }
@@ -907,6 +907,16 @@ async fn encode_answer(
             v.write_json(&mut out);
         }
         out.push(b']');
+        rows_since += 1;
+        if rows_since == ENCODE_ROWS_PER_SLICE || out.len() - checked_at >= ENCODE_BYTES_PER_SLICE
+        {
+            if out.len() > max_bytes {
+                return Err(too_large(i + 1));
+            }
+            cover_answer(memory, out.len())?;
+            turns.between_slices().await;
+            (rows_since, checked_at) = (0, out.len());
+        }
     }
     out.extend_from_slice(
         format!(
@@ -921,6 +931,11 @@ async fn encode_answer(
         let _ = serde_json::to_writer(&mut out, plan);
     }
     out.push(b'}');
+    // The rows after the last check count too.
+    if out.len() > max_bytes {
+        return Err(too_large(answer.rows.len()));
+    }
+    cover_answer(memory, out.len())?;
     Ok(out)
 }
 
@@ -1038,20 +1053,20 @@ pub struct CreateWatchToken {
     ttl_s: Option<serde_json::Number>,
 }
 
-/// Takes a key's turn to mint a watch token ([`rate_limit::admit_watch_token`]) on the
-/// tenant's owner, after its check there: asked before the mint's audit entry is
-/// written, so a refused one writes none.
-pub async fn admit_watch_token(
+/// Takes a key's turn at an operator action ([`rate_limit::admit_operator_action`]) on
+/// its tenant's owner, where its buckets are; the admin and callers without
+/// credentials (authentication off) are not limited.
+pub async fn admit_operator_action(
     router: &ShardRouter,
-    tenant: TenantId,
     access: &Access,
+    action: &'static str,
 ) -> Result<(), ApiError> {
     let Caller::Key(claim) = &access.caller else {
         return Ok(());
     };
     let key_id = claim.key_id.clone();
-    on_owner(router, access, tenant, move |_, tenant| async move {
-        rate_limit::admit_watch_token(&tenant, &key_id)
+    on_owner(router, access, claim.tenant.clone(), move |_, tenant| async move {
+        rate_limit::admit_operator_action(&tenant, &key_id, action)
     })
     .await
 }

@@ -572,7 +572,6 @@ async fn dispatch(ctx: &ApiContext, req: Request<Incoming>, request_id: &str) ->
                 h::CreateWatchToken::default()
             };
             let ttl_s = h::watch_token_ttl(&body)?;
-            h::admit_watch_token(router, tenant.clone(), access).await?;
             let did = Did::new("watch_token.create", Some(t), None);
             let run = h::create_watch_token(router, tenant, ttl_s, access);
             audited(ctx, access, request_id, did, run).await
@@ -734,6 +733,9 @@ async fn audited(
         tenant: did.tenant,
         target: did.target,
     };
+    // A key's actions are rate-limited before they reach the log: each entry is synced
+    // to disk and kept, refused ones too.
+    h::admit_operator_action(&ctx.router, access, did.action).await?;
     let begun = ctx.auditor.begin(action).await.map_err(|e| {
         metrics::with_http(|m| m.audit_failures += 1);
         audit_unavailable(e)
