@@ -412,26 +412,29 @@ async fn ask_shards<R: Send + 'static>(
     answers
 }
 
-async fn ready(state: &ControlState) -> Response<Full<Bytes>> {
-    let not_ready = |reasons: Vec<String>| {
-        json_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            json!({"ready": false, "reasons": reasons}),
-        )
+/// Why the server is not ready (none: ready), as `/ready` and `oc_ready` both say;
+/// with the role and each shard's applied LSN once it serves.
+struct Readiness {
+    reasons: Vec<String>,
+    serving: Option<(&'static str, Vec<serde_json::Value>)>,
+}
+
+async fn readiness(state: &ControlState) -> Readiness {
+    let not_serving = |why: String| Readiness {
+        reasons: vec![why],
+        serving: None,
     };
     match state.phase.get() {
-        Phase::Recovering => {
-            return not_ready(vec!["shards are recovering their logs".to_string()])
-        }
-        Phase::Draining => return not_ready(vec!["the server is shutting down".to_string()]),
+        Phase::Recovering => return not_serving("shards are recovering their logs".into()),
+        Phase::Draining => return not_serving("the server is shutting down".into()),
         Phase::Failed => {
             let why = state.failure.borrow().clone().unwrap_or_default();
-            return not_ready(vec![format!("the server is exiting: {why}")]);
+            return not_serving(format!("the server is exiting: {why}"));
         }
         Phase::Serving => {}
     }
     let Some(router) = state.router.borrow().clone() else {
-        return not_ready(vec!["shards are not connected yet".to_string()]);
+        return not_serving("shards are not connected yet".into());
     };
     let answers = ask_shards(&router, |node| {
         (
@@ -463,17 +466,27 @@ async fn ready(state: &ControlState) -> Response<Full<Bytes>> {
     } else {
         "writer"
     };
-    if reasons.is_empty() {
-        json_response(
-            StatusCode::OK,
-            json!({"ready": true, "role": role, "shards": shards}),
-        )
-    } else {
-        json_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            json!({"ready": false, "role": role, "reasons": reasons, "shards": shards}),
-        )
+    Readiness {
+        reasons,
+        serving: Some((role, shards)),
     }
+}
+
+async fn ready(state: &ControlState) -> Response<Full<Bytes>> {
+    let Readiness { reasons, serving } = readiness(state).await;
+    let status = if reasons.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = match (serving, reasons.is_empty()) {
+        (None, _) => json!({"ready": false, "reasons": reasons}),
+        (Some((role, shards)), true) => json!({"ready": true, "role": role, "shards": shards}),
+        (Some((role, shards)), false) => {
+            json!({"ready": false, "role": role, "reasons": reasons, "shards": shards})
+        }
+    };
+    json_response(status, body)
 }
 
 async fn metrics_page(state: &ControlState) -> Response<Full<Bytes>> {
@@ -489,7 +502,8 @@ async fn metrics_page(state: &ControlState) -> Response<Full<Bytes>> {
     }
     let control = metrics::ControlMetrics {
         uptime_s: state.started.elapsed().as_secs_f64(),
-        ready: state.phase.get() == Phase::Serving,
+        // What `/ready` would answer, for the alert on it.
+        ready: readiness(state).await.reasons.is_empty(),
         ops_http: metrics::local_http(),
         shipping: state
             .ship_status

@@ -60,7 +60,11 @@ pub fn admit(limit: RateLimit, tenant: &TenantId, key_id: &str) -> Result<(), Ap
 
 /// Takes one token from the key's bucket of operator actions, or refuses with 429
 /// (`action` names what was asked).
-pub fn admit_operator_action(tenant: &TenantId, key_id: &str, action: &str) -> Result<(), ApiError> {
+pub fn admit_operator_action(
+    tenant: &TenantId,
+    key_id: &str,
+    action: &str,
+) -> Result<(), ApiError> {
     let limit = OPERATOR_ACTIONS;
     take(limit, tenant, key_id, Purpose::OperatorActions).map_err(|()| {
         let advice = if action == "watch_token.create" {

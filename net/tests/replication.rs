@@ -322,6 +322,11 @@ fn a_follower_that_has_not_reached_its_writer_vouches_for_no_lsn() {
             .is_some_and(|m| m.contains("has not reached its writer")),
         "{vouched:?}"
     );
+    // It is not ready, and its `oc_ready` (what the alert reads) says the same.
+    let (status, body) = alone.ops_get("/ready");
+    assert_eq!(status, 503, "{body}");
+    let (_, scrape) = alone.ops_get("/metrics");
+    assert_eq!(scrape_value(&scrape, "oc_ready"), Some(0.0), "{scrape}");
 }
 
 #[test]

@@ -908,8 +908,7 @@ async fn encode_answer(
         }
         out.push(b']');
         rows_since += 1;
-        if rows_since == ENCODE_ROWS_PER_SLICE || out.len() - checked_at >= ENCODE_BYTES_PER_SLICE
-        {
+        if rows_since == ENCODE_ROWS_PER_SLICE || out.len() - checked_at >= ENCODE_BYTES_PER_SLICE {
             if out.len() > max_bytes {
                 return Err(too_large(i + 1));
             }
@@ -1065,9 +1064,12 @@ pub async fn admit_operator_action(
         return Ok(());
     };
     let key_id = claim.key_id.clone();
-    on_owner(router, access, claim.tenant.clone(), move |_, tenant| async move {
-        rate_limit::admit_operator_action(&tenant, &key_id, action)
-    })
+    on_owner(
+        router,
+        access,
+        claim.tenant.clone(),
+        move |_, tenant| async move { rate_limit::admit_operator_action(&tenant, &key_id, action) },
+    )
     .await
 }
 
