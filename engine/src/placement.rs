@@ -116,6 +116,11 @@ struct LayoutFile {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     follows: Option<DataDirId>,
     format_version: u64,
+    /// The directory whose first start began this history (its `data_dir_id`): a
+    /// follower refuses a writer of another one. Absent: unknown (files written before
+    /// it was recorded, restores of archives that do not say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    lineage: Option<DataDirId>,
     placement: String,
     shards: u64,
 }
@@ -135,6 +140,7 @@ impl LayoutFile {
             data_dir_id: Some(layout.id),
             epochs: layout.epochs.clone(),
             follows: layout.follows,
+            lineage: layout.lineage,
             // A file with epochs is version 3, so a binary that would ignore them (and
             // write frames of an older epoch) refuses it instead.
             format_version: if layout.epochs.is_empty() {
@@ -186,6 +192,22 @@ pub struct Layout {
     /// start refuses it unless the promotion that made it the writer took the archive's
     /// lease, or it is started with `--promote-at-start`.
     pub follows: Option<DataDirId>,
+    /// The directory whose first start began this history, when known: a writer's own
+    /// id from its first start, kept by its followers, promotions and restores. Two
+    /// directories of different lineages hold different databases, whatever their
+    /// epochs and LSNs say.
+    pub lineage: Option<DataDirId>,
+}
+
+/// Whose history a new layout continues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lineage {
+    /// Its own: a new database.
+    Begins,
+    /// That of the directory named (a follower's writer's, an archive's).
+    Of(DataDirId),
+    /// Not known (an archive that does not record it).
+    Unknown,
 }
 
 /// The layout a running server goes by, shared by its threads: a promotion records a
@@ -370,7 +392,7 @@ pub fn existing_layout(data_dir: &Path) -> Result<Option<Layout>, EngineError> {
 /// restore calls this last, after every shard's files are in place, so a restore that
 /// did not finish leaves a directory `oc-server` refuses to open.
 pub fn create_layout(data_dir: &Path, shards: usize) -> Result<Layout, EngineError> {
-    create_layout_with_epochs(data_dir, shards, Vec::new(), None)
+    create_layout_with_epochs(data_dir, shards, Vec::new(), None, Lineage::Begins)
 }
 
 /// [`create_layout`] for a directory whose history already went through `epochs` (a
@@ -381,6 +403,7 @@ pub fn create_layout_with_epochs(
     shards: usize,
     epochs: Vec<EpochStart>,
     follows: Option<DataDirId>,
+    lineage: Lineage,
 ) -> Result<Layout, EngineError> {
     check_shard_count(shards)?;
     let io_error = |what: &str, e: std::io::Error| {
@@ -395,6 +418,11 @@ pub fn create_layout_with_epochs(
     let mut layout = new_layout(shards).map_err(|e| io_error("cannot name", e))?;
     layout.epochs = epochs;
     layout.follows = follows;
+    layout.lineage = match lineage {
+        Lineage::Begins => Some(layout.id),
+        Lineage::Of(id) => Some(id),
+        Lineage::Unknown => None,
+    };
     write_layout(data_dir, &layout).map_err(|e| io_error("cannot record the layout in", e))?;
     Ok(layout)
 }
@@ -407,9 +435,23 @@ pub fn create_layout_with_epochs(
 pub fn follow_epochs(
     data_dir: &Path,
     layout: &Layout,
-    epochs: Vec<EpochStart>,
+    (epochs, lineage): (Vec<EpochStart>, Option<DataDirId>),
     writer: DataDirId,
 ) -> Result<Layout, EngineError> {
+    if let (Some(own), Some(writers)) = (layout.lineage, lineage) {
+        if own != writers {
+            return Err(EngineError::Layout(format!(
+                "the writer (data directory {writer}) holds another database: its history \
+                 began in data directory {writers}, this directory's in {own}{}. Check \
+                 --leader-addr (and --archive); to follow this writer, start on an empty \
+                 data directory",
+                layout
+                    .follows
+                    .map(|f| format!(", and it follows data directory {f}"))
+                    .unwrap_or_default()
+            )));
+        }
+    }
     // The same history: epochs and where they start (a promotion's lease epoch is
     // recorded in its own directory only, never sent to followers).
     let same = |a: &EpochStart, b: &EpochStart| a.epoch == b.epoch && a.first_lsn == b.first_lsn;
@@ -423,12 +465,17 @@ pub fn follow_epochs(
             layout.epochs.iter().map(|e| e.epoch).collect::<Vec<_>>()
         )));
     }
-    if epochs.len() == layout.epochs.len() && layout.follows == Some(writer) {
+    let lineage = layout.lineage.or(lineage);
+    if epochs.len() == layout.epochs.len()
+        && layout.follows == Some(writer)
+        && layout.lineage == lineage
+    {
         return Ok(layout.clone());
     }
     let followed = Layout {
         epochs,
         follows: Some(writer),
+        lineage,
         ..layout.clone()
     };
     write_layout(data_dir, &followed).map_err(|e| {
@@ -484,6 +531,7 @@ fn new_layout(shards: usize) -> std::io::Result<Layout> {
         id: DataDirId::random()?,
         epochs: Vec::new(),
         follows: None,
+        lineage: None,
     })
 }
 
@@ -554,6 +602,7 @@ fn parse_layout(bytes: &[u8]) -> Result<ParsedLayout, FileProblem> {
         id,
         epochs: file.epochs,
         follows: file.follows,
+        lineage: file.lineage,
     };
     Ok((shards, Some(layout)))
 }
@@ -894,6 +943,7 @@ mod tests {
             id: DataDirId(7),
             epochs: Vec::new(),
             follows: None,
+            lineage: None,
         };
         assert!(write_layout(dir.path(), &layout).is_err());
         assert!(!dir.path().join(format!("{LAYOUT_FILE}.tmp")).exists());
@@ -910,6 +960,7 @@ mod tests {
             id: DataDirId(7),
             epochs: Vec::new(),
             follows: None,
+            lineage: None,
         };
         for shard in 0..3 {
             std::fs::create_dir_all(shard_dir(data, shard)).expect("mkdir");
@@ -983,6 +1034,7 @@ mod tests {
             id: DataDirId(0x5f0c_9d7e_2b8a_41c6_a3e1_f0d2_c4b6_a8e0),
             epochs: Vec::new(),
             follows: None,
+            lineage: None,
         };
         let text = LayoutFile::of(&layout).text();
         assert_eq!(
@@ -1019,7 +1071,8 @@ mod tests {
                 lease_epoch: None,
             },
         ];
-        let made = create_layout_with_epochs(dir.path(), 2, epochs.clone(), None).expect("create");
+        let made = create_layout_with_epochs(dir.path(), 2, epochs.clone(), None, Lineage::Unknown)
+            .expect("create");
         let read = ensure_layout(dir.path(), 2).expect("read back");
         assert_eq!(read, made);
         assert_eq!(read.epoch(), 5);
@@ -1122,7 +1175,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let (writer, other) = (DataDirId(0xaa), DataDirId(0xbb));
         let made =
-            create_layout_with_epochs(dir.path(), 2, Vec::new(), Some(writer)).expect("create");
+            create_layout_with_epochs(dir.path(), 2, Vec::new(), Some(writer), Lineage::Of(writer))
+                .expect("create");
         assert_eq!(made.follows, Some(writer));
         let text = std::fs::read_to_string(dir.path().join(LAYOUT_FILE)).expect("file");
         assert!(
@@ -1135,8 +1189,19 @@ mod tests {
         let own = tempfile::tempdir().expect("temp dir");
         let plain = create_layout(own.path(), 2).expect("create");
         assert_eq!(plain.follows, None);
-        let followed = follow_epochs(own.path(), &plain, Vec::new(), other).expect("follow");
+        // A writer of another database is refused by its lineage...
+        let stranger = DataDirId(0x5151);
+        let refused = follow_epochs(own.path(), &plain, (Vec::new(), Some(stranger)), other)
+            .expect_err("another lineage");
+        assert!(
+            refused.to_string().contains("another database"),
+            "{refused}"
+        );
+        // ...and one of this directory's own history is followed.
+        let followed =
+            follow_epochs(own.path(), &plain, (Vec::new(), plain.lineage), other).expect("follow");
         assert_eq!(followed.follows, Some(other));
+        assert_eq!(followed.lineage, Some(plain.id));
         assert_eq!(ensure_layout(own.path(), 2).expect("read back"), followed);
         let started = start_epoch(
             own.path(),

@@ -751,6 +751,7 @@ fn ship_config(config: &ServerConfig, layout: &oc_engine::placement::Layout) -> 
     ShipperConfig {
         data_dir: config.data_dir.clone(),
         owner_id: layout.id.to_string(),
+        lineage: layout.lineage.map(|id| id.to_string()),
         holder: lease::this_process(
             &format!("{PROGRAM} {}", env!("CARGO_PKG_VERSION")),
             &config.data_dir,
@@ -835,13 +836,17 @@ fn follower_layout(
     let Some(writer) = writer else {
         return local.map(|l| (l, None)).ok_or_else(|| anyhow!("no layout"));
     };
-    let writer_id = placement::DataDirId::parse(&writer.data_dir_id).ok_or_else(|| {
-        anyhow!(
-            "the writer at {leader} named its data directory {}, which is not a data \
-             directory id",
-            crate::api::error::quoted_short(&writer.data_dir_id)
-        )
-    })?;
+    let as_id = |id: &str| {
+        placement::DataDirId::parse(id).ok_or_else(|| {
+            anyhow!(
+                "the writer at {leader} named a data directory {}, which is not a data \
+                 directory id",
+                crate::api::error::quoted_short(id)
+            )
+        })
+    };
+    let writer_id = as_id(&writer.data_dir_id)?;
+    let lineage = writer.lineage.as_deref().map(as_id).transpose()?;
     if let Some(wanted) = config.shards {
         if wanted != writer.shards {
             bail!(
@@ -869,6 +874,7 @@ fn follower_layout(
                 writer.shards,
                 writer.epochs,
                 Some(writer_id),
+                lineage.map_or(placement::Lineage::Unknown, placement::Lineage::Of),
             )
             .context("laying out the follower like its writer")?;
             bootstrap::finish(&config.data_dir).context("ending the new follower's bootstrap")?;
@@ -880,7 +886,7 @@ fn follower_layout(
             writer.shards
         ),
         Some(local) => {
-            placement::follow_epochs(&config.data_dir, &local, writer.epochs, writer_id)
+            placement::follow_epochs(&config.data_dir, &local, (writer.epochs, lineage), writer_id)
         }
     }
     .context("laying out the follower like its writer")?;

@@ -1538,6 +1538,11 @@ fn a_follower_left_far_behind_is_told_its_way_back_and_bootstraps_from_the_archi
         restored_layout["follows"], writer_layout["data_dir_id"],
         "{restored_layout}"
     );
+    // ...and its history is the writer's (the archive's manifest carries it).
+    assert_eq!(
+        restored_layout["lineage"], writer_layout["data_dir_id"],
+        "{restored_layout}"
+    );
     write_padded(&writer, &model, first);
     let follower = follower_on(&follower_dir, &leader, &archive, &[]);
     write_padded(&writer, &model, first + 100);
@@ -3381,4 +3386,79 @@ fn a_watch_resume_on_a_promoted_follower_never_follows_the_dead_branch() {
         changed(600) || events.iter().any(|(event, ..)| event == "reset"),
         "the promoted writer's change is replayed, or the stream starts over: {events:?}"
     );
+}
+
+/// A follower never takes up a writer of another database: two writers that each
+/// began their own history share epoch 1 and LSNs, so nothing but where the history
+/// began (the layout's lineage) tells them apart. A follower of one, restarted with the
+/// other's address, or restored from one's archive and pointed at the other, is
+/// refused at start, its data untouched.
+#[test]
+fn a_follower_refuses_a_writer_of_another_database() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let archive_x = format!("file://{}", dir.path().join("archive-x").display());
+    let archive_y = format!("file://{}", dir.path().join("archive-y").display());
+    let x = writer_on(&dir.path().join("x"), &archive_x, &[]);
+    let y = writer_on(&dir.path().join("y"), &archive_y, &[]);
+    let (x_leader, y_leader) = (
+        x.replication.clone().expect("replication address"),
+        y.replication.clone().expect("replication address"),
+    );
+    setup_tenants(&x);
+    setup_tenants(&y);
+    let model: Model = Arc::default();
+    write_rows(&x, &model, 0, 5);
+    write_rows(&y, &Model::default(), 100, 10);
+    let follower_dir = dir.path().join("follower");
+    let follower = follower_on(&follower_dir, &x_leader, &archive_x, &[]);
+    wait_until_matches(&follower, &model);
+    follower.terminate();
+    let before = std::fs::read_to_string(follower_dir.join("oc-layout.json")).expect("layout");
+    let refused = Server::try_start(
+        &follower_dir,
+        &[
+            "--mode",
+            "follower",
+            "--leader-addr",
+            &y_leader,
+            "--archive",
+            &archive_y,
+        ],
+    )
+    .err()
+    .expect("a writer of another database refused");
+    assert!(refused.contains("another database"), "{refused}");
+    let after = std::fs::read_to_string(follower_dir.join("oc-layout.json")).expect("layout");
+    assert_eq!(before, after, "the refused start changed nothing");
+    // Its writer again: it follows as before.
+    let follower = follower_on(&follower_dir, &x_leader, &archive_x, &[]);
+    wait_until_matches(&follower, &model);
+    // A follower restored from X's archive knows X's history too.
+    common::wait_until_archived(&x, 2);
+    let restored_dir = dir.path().join("restored");
+    let restored = common::oc_pitr(&[
+        "restore",
+        "--archive",
+        &archive_x,
+        "--target",
+        "latest",
+        "--data-dir",
+        restored_dir.to_str().expect("utf-8"),
+        "--for-follower",
+    ]);
+    assert!(restored.success, "{restored:?}");
+    let refused = Server::try_start(
+        &restored_dir,
+        &[
+            "--mode",
+            "follower",
+            "--leader-addr",
+            &y_leader,
+            "--archive",
+            &archive_y,
+        ],
+    )
+    .err()
+    .expect("a writer of another database refused");
+    assert!(refused.contains("another database"), "{refused}");
 }

@@ -23,6 +23,11 @@ pub struct ArchiveManifest {
     /// When the first server shipped to the archive (µs since the Unix epoch).
     pub created_us: u64,
     pub format_version: u64,
+    /// The data directory whose first start began the history shipped here (its
+    /// `data_dir_id`), when its writer knew it: restores carry it on, and a follower
+    /// restored from here refuses a writer of another history.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lineage: Option<String>,
     /// The tenant placement rule, [`PLACEMENT_RULE`].
     pub placement: String,
     pub shards: usize,
@@ -41,6 +46,7 @@ impl ArchiveManifest {
         ArchiveManifest {
             created_us,
             format_version: layout::ARCHIVE_FORMAT_VERSION,
+            lineage: None,
             placement: PLACEMENT_RULE.to_string(),
             shards,
         }
@@ -241,6 +247,20 @@ mod tests {
         assert_eq!(
             ArchiveManifest::decode_checked(GOLDEN.as_bytes()).expect("round trip"),
             manifest
+        );
+        // With its writer's lineage, the key in its alphabetical place.
+        let with_lineage = ArchiveManifest {
+            lineage: Some("5f0c9d7e2b8a41c6a3e1f0d2c4b6a8e0".into()),
+            ..manifest
+        };
+        let bytes = String::from_utf8(with_lineage.encode()).expect("utf-8");
+        assert_eq!(
+            bytes,
+            r#"{"created_us":1764000000000000,"format_version":2,"lineage":"5f0c9d7e2b8a41c6a3e1f0d2c4b6a8e0","placement":"fnv1a64-mod","shards":4}"#
+        );
+        assert_eq!(
+            ArchiveManifest::decode_checked(bytes.as_bytes()).expect("round trip"),
+            with_lineage
         );
     }
 

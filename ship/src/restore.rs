@@ -26,7 +26,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use oc_engine::placement::{
-    create_layout_with_epochs, shard_dir, DataDirId, EpochStart, Layout, RESTORE_MARKER,
+    create_layout_with_epochs, shard_dir, DataDirId, EpochStart, Layout, Lineage, RESTORE_MARKER,
 };
 use oc_io::dir_lock::{DirLock, DirLockError, LOCK_FILE};
 use oc_io::wal::image::{self, FrameAt};
@@ -752,7 +752,12 @@ fn restore_into(
             Ok(Some((lease, _))) => DataDirId::parse(&lease.owner_id),
             Ok(None) | Err(_) => None,
         };
-        let layout = finish_layout(data_dir, manifest.shards, epochs, writer)?;
+        let layout = finish_layout(
+            data_dir,
+            (manifest.shards, &manifest.lineage),
+            epochs,
+            writer,
+        )?;
         return Ok(Restored {
             epoch: timeline_epoch,
             shards: restored,
@@ -775,7 +780,7 @@ fn restore_into(
     });
     let new_epoch = epochs.last().map_or(1, |e| e.epoch);
     restore_audit_log(archive, data_dir, target, new_epoch, progress);
-    let layout = finish_layout(data_dir, manifest.shards, epochs, None)?;
+    let layout = finish_layout(data_dir, (manifest.shards, &manifest.lineage), epochs, None)?;
     Ok(Restored {
         epoch: layout.epoch(),
         shards: restored,
@@ -787,11 +792,17 @@ fn restore_into(
 /// that stood for it until now (a kill between the two leaves a whole restore).
 fn finish_layout(
     data_dir: &Path,
-    shards: usize,
+    (shards, lineage): (usize, &Option<String>),
     epochs: Vec<EpochStart>,
     follows: Option<DataDirId>,
 ) -> Result<Layout, PitrError> {
-    let layout = create_layout_with_epochs(data_dir, shards, epochs, follows)
+    // The restored history continues the archive's (an archive from before lineages
+    // were recorded leaves it unknown).
+    let lineage = lineage
+        .as_deref()
+        .and_then(DataDirId::parse)
+        .map_or(Lineage::Unknown, Lineage::Of);
+    let layout = create_layout_with_epochs(data_dir, shards, epochs, follows, lineage)
         .map_err(|e| PitrError::Refused(e.to_string()))?;
     let marker = data_dir.join(RESTORE_MARKER);
     fs::remove_file(&marker).map_err(io_err(&marker))?;

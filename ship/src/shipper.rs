@@ -60,6 +60,8 @@ pub struct ShipperConfig {
     pub data_dir: PathBuf,
     /// The data directory's id, recorded as the archive's owner (`lease.json`).
     pub owner_id: String,
+    /// Where its history began (`Layout::lineage`), recorded in the archive's manifest.
+    pub lineage: Option<String>,
     /// This process, as the owner record names it.
     pub holder: Holder,
     /// How often the owner record is renewed ([`lease::LEASE_RENEW_INTERVAL`]; shorter
@@ -408,8 +410,15 @@ fn now_us() -> u64 {
 
 /// Checks the archive's `manifest.json` against this layout, writing it if absent and
 /// marking a format-1 archive format 2 (FORMAT.md §9) before anything is shipped.
-pub fn claim_archive(archive: &dyn Archive, shards: usize) -> Result<(), ShipError> {
-    let manifest = crate::catalog::ArchiveManifest::new(shards, now_us());
+pub fn claim_archive(
+    archive: &dyn Archive,
+    shards: usize,
+    lineage: Option<&str>,
+) -> Result<(), ShipError> {
+    let manifest = crate::catalog::ArchiveManifest {
+        lineage: lineage.map(str::to_string),
+        ..crate::catalog::ArchiveManifest::new(shards, now_us())
+    };
     match archive.put(
         layout::MANIFEST_KEY,
         &manifest.encode(),
@@ -427,7 +436,7 @@ pub fn claim_archive(archive: &dyn Archive, shards: usize) -> Result<(), ShipErr
                     ),
                 }));
             }
-            mark_current_format(archive, found, version)
+            mark_current_format(archive, found, version, lineage)
         }
         Err(e) => Err(e.into()),
     }
@@ -441,14 +450,19 @@ fn mark_current_format(
     archive: &dyn Archive,
     found: crate::catalog::ArchiveManifest,
     version: crate::archive::Version,
+    lineage: Option<&str>,
 ) -> Result<(), ShipError> {
     let current = layout::ARCHIVE_FORMAT_VERSION;
-    if found.format_version >= current {
+    // An archive made before lineages were recorded learns its writer's.
+    let learns = found.lineage.is_none() && lineage.is_some();
+    if found.format_version >= current && !learns {
         return Ok(());
     }
     let (from, shards) = (found.format_version, found.shards);
+    let marked_lineage = found.lineage.clone().or(lineage.map(str::to_string));
     let marked = crate::catalog::ArchiveManifest {
-        format_version: current,
+        format_version: current.max(found.format_version),
+        lineage: marked_lineage.clone(),
         ..found
     };
     match archive.put(
@@ -457,7 +471,7 @@ fn mark_current_format(
         &Condition::IfVersion(version),
     ) {
         Ok(_) => {
-            tracing::info!(from, to = current, "archive format marked");
+            tracing::info!(from, to = current, lineage = ?marked_lineage, "archive manifest marked");
             Ok(())
         }
         // Another put got there first (a retried request that had landed): what counts
@@ -576,7 +590,7 @@ impl<F: ShardFiles> Shipper<F> {
             None => archive,
         };
         let archive: Arc<dyn Archive> = Arc::new(FencedArchive::new(archive, hold.clone()));
-        claim_archive(archive.as_ref(), config.shards)?;
+        claim_archive(archive.as_ref(), config.shards, config.lineage.as_deref())?;
         let mut shards = Vec::with_capacity(config.shards);
         let mut archived = Vec::with_capacity(config.shards);
         for shard in 0..config.shards {
@@ -1712,7 +1726,7 @@ mod tests {
         archive
             .put(layout::MANIFEST_KEY, old.as_bytes(), &Condition::IfAbsent)
             .expect("put");
-        let refused = claim_archive(&archive, 3).expect_err("another shard count");
+        let refused = claim_archive(&archive, 3, None).expect_err("another shard count");
         assert!(refused.to_string().contains("2-shard layout"), "{refused}");
         let (unchanged, _) = archive
             .get(layout::MANIFEST_KEY)
@@ -1720,7 +1734,7 @@ mod tests {
             .expect("there");
         assert_eq!(unchanged, old.as_bytes(), "a refused claim changes nothing");
 
-        claim_archive(&archive, 2).expect("claim");
+        claim_archive(&archive, 2, None).expect("claim");
         let upgraded = crate::catalog::read_archive_manifest(&archive).expect("manifest");
         assert_eq!(
             upgraded,
@@ -1733,7 +1747,7 @@ mod tests {
             .get(layout::MANIFEST_KEY)
             .expect("get")
             .expect("there");
-        claim_archive(&archive, 2).expect("claim again");
+        claim_archive(&archive, 2, None).expect("claim again");
         let (after, same) = archive
             .get(layout::MANIFEST_KEY)
             .expect("get")
@@ -1750,6 +1764,7 @@ mod tests {
         ShipperConfig {
             data_dir: dir.join("data"),
             owner_id: "0123456789abcdef0123456789abcdef".into(),
+            lineage: Some("0123456789abcdef0123456789abcdef".into()),
             holder: lease::this_process("test", dir),
             lease_renew: lease::LEASE_RENEW_INTERVAL,
             shards: 1,

@@ -101,6 +101,7 @@ fn ship_config(dir: &std::path::Path) -> ShipperConfig {
     ShipperConfig {
         data_dir: dir.join("data"),
         owner_id: "0123456789abcdef0123456789abcdef".into(),
+        lineage: Some("0123456789abcdef0123456789abcdef".into()),
         // One host and data directory path for both processes: the restarted one takes
         // the owner record over at once, as after a kill -9.
         holder: lease::this_process("ship-sim", &dir.join("data")),

@@ -31,6 +31,8 @@ pub struct WriterLayout {
     pub shards: usize,
     pub data_dir_id: String,
     pub epochs: Vec<EpochStart>,
+    /// Where its history began (a data directory id), when it knows.
+    pub lineage: Option<String>,
 }
 
 /// Resolves `--leader-addr` (once, at start: a blocking lookup has no place on the
@@ -68,9 +70,11 @@ pub fn fetch_layout(
             shards,
             data_dir_id,
             epochs,
+            lineage,
         } => Ok(WriterLayout {
             shards: usize::from(shards),
             data_dir_id,
+            lineage,
             epochs: epochs
                 .into_iter()
                 .map(|e| EpochStart {

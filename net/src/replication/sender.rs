@@ -368,6 +368,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin + 'static>(
             let answer = Message::Layout {
                 shards: layout.shards as u16,
                 data_dir_id: layout.id.to_string(),
+                lineage: layout.lineage.map(|id| id.to_string()),
                 epochs: layout
                     .epochs
                     .iter()

@@ -100,6 +100,9 @@ pub enum Message {
         data_dir_id: String,
         /// Epochs after the first, oldest first.
         epochs: Vec<EpochStart>,
+        /// The data directory whose first start began the writer's history, when it
+        /// knows (a trailing field: a writer that does not send it sends none).
+        lineage: Option<String>,
     },
     /// Writer → follower: consecutive durable frames, and the writer's durable LSN
     /// and wall clock when they were sent.
@@ -199,6 +202,7 @@ impl Message {
                 shards,
                 data_dir_id,
                 epochs,
+                lineage,
             } => {
                 out.push(LAYOUT);
                 out.extend_from_slice(&shards.to_le_bytes());
@@ -209,6 +213,9 @@ impl Message {
                     for lsn in &e.first_lsn {
                         out.extend_from_slice(&lsn.to_le_bytes());
                     }
+                }
+                if let Some(lineage) = lineage {
+                    put_bytes16(&mut out, lineage.as_bytes());
                 }
             }
             Message::Frames {
@@ -327,10 +334,23 @@ impl Message {
                     }
                     epochs.push(EpochStart { epoch, first_lsn });
                 }
+                let lineage = if r.0.is_empty() {
+                    None
+                } else {
+                    Some(
+                        String::from_utf8(r.bytes16()?.to_vec())
+                            .ok()
+                            .filter(|id| !id.is_empty() && id.len() <= 64)
+                            .ok_or_else(|| {
+                                malformed("a lineage that is empty, long or not UTF-8")
+                            })?,
+                    )
+                };
                 Message::Layout {
                     shards,
                     data_dir_id,
                     epochs,
+                    lineage,
                 }
             }
             FRAMES => {
@@ -547,6 +567,14 @@ mod tests {
                     epoch: 2,
                     first_lsn: vec![10, 20],
                 }],
+                lineage: Some("5f0c9d7e".into()),
+            },
+            // From a writer that does not know (or does not send) its lineage.
+            Message::Layout {
+                shards: 2,
+                data_dir_id: "5f0c9d7e".into(),
+                epochs: Vec::new(),
+                lineage: None,
             },
             Message::Frames {
                 durable: Lsn(44),
@@ -595,10 +623,27 @@ mod tests {
         for m in samples() {
             let body = m.encode_body();
             for cut in 0..body.len() {
-                assert!(
-                    Message::decode_body(&body[..cut]).is_err(),
-                    "{m:?} cut at {cut}"
-                );
+                // A layout's trailing lineage is optional: cut right before it, the
+                // body is a layout from a writer that does not send one (the envelope's
+                // CRC is what catches a cut on the wire).
+                let without_lineage = match &m {
+                    Message::Layout {
+                        shards,
+                        data_dir_id,
+                        epochs,
+                        lineage: Some(_),
+                    } => Some(Message::Layout {
+                        shards: *shards,
+                        data_dir_id: data_dir_id.clone(),
+                        epochs: epochs.clone(),
+                        lineage: None,
+                    }),
+                    _ => None,
+                };
+                match Message::decode_body(&body[..cut]) {
+                    Ok(decoded) if Some(&decoded) == without_lineage.as_ref() => {}
+                    decoded => assert!(decoded.is_err(), "{m:?} cut at {cut}"),
+                }
             }
             let mut longer = body.clone();
             longer.push(0);
