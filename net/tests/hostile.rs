@@ -1637,3 +1637,111 @@ fn read_answer(stream: &mut TcpStream) -> String {
     let n = stream.read(&mut buf).unwrap_or(0);
     String::from_utf8_lossy(&buf[..n]).to_string()
 }
+
+/// Large answers a caller's connections read slowly (or never) are counted against it
+/// on the shard: past a quarter of the shard's connections it gets 429 naming the
+/// limit, while another tenant is served, and once they are read it is served again.
+#[test]
+fn large_answers_read_slowly_are_bounded_per_caller() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token_file = dir.path().join("admin-token");
+    let admin = "hostile-test-admin-token-0123456789";
+    std::fs::write(&token_file, format!("{admin}\n")).expect("token");
+    let server = Server::start(
+        &dir.path().join("data"),
+        &[
+            "--shards",
+            "1",
+            "--admin-token-file",
+            token_file.to_str().expect("utf-8"),
+            "--max-connections",
+            "64",
+        ],
+    );
+    let as_admin = |method: &str, path: &str, body: Option<Value>| {
+        let body = body.map(|b| b.to_string());
+        common::request_as(
+            method,
+            &format!("{}{path}", server.api),
+            body.as_deref(),
+            admin,
+        )
+    };
+    let mut keys = Vec::new();
+    for tenant in ["hog", "calm"] {
+        assert_eq!(
+            as_admin("POST", "/v1/tenants", Some(json!({"tenant": tenant}))).status,
+            201
+        );
+        let table = as_admin(
+            "POST",
+            &format!("/v1/tenants/{tenant}/tables"),
+            Some(common::items_table()),
+        );
+        assert_eq!(table.status, 201, "{table:?}");
+        let key = as_admin("POST", &format!("/v1/tenants/{tenant}/keys"), None);
+        assert_eq!(key.status, 201, "{key:?}");
+        keys.push(key.body["key"].as_str().expect("key").to_string());
+    }
+    let (hog, calm) = (&keys[0], &keys[1]);
+    // 12 MB of rows: an answer far past what the sockets' buffers take.
+    let name = "n".repeat(50_000);
+    for batch in 0..12 {
+        let ops: Vec<Value> = (0..20)
+            .map(|i| json!({"upsert": {"id": batch * 20 + i, "name": name, "batch": 1}}))
+            .collect();
+        let written = common::request_as(
+            "POST",
+            &format!("{}/v1/tenants/hog/tables/items/rows", server.api),
+            Some(&json!({"ops": ops}).to_string()),
+            hog,
+        );
+        assert_eq!(written.status, 200, "{written:?}");
+    }
+    let ask = |tenant: &str, key: &str| {
+        common::request_as(
+            "POST",
+            &format!("{}/v1/tenants/{tenant}/ask", server.api),
+            Some(&json!({"sql": "SELECT COUNT(*) FROM items"}).to_string()),
+            key,
+        )
+    };
+    // 64 connections on one shard: a caller has at most 16 large answers being sent.
+    let addr = server.api.trim_start_matches("http://").to_string();
+    let body = json!({"sql": "SELECT name FROM items"}).to_string();
+    let unread: Vec<TcpStream> = (0..16)
+        .map(|_| {
+            let mut stream = TcpStream::connect(&addr).expect("connect");
+            let request = format!(
+                "POST /v1/tenants/hog/ask HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {hog}\r\n\
+                 content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            stream.write_all(request.as_bytes()).expect("send");
+            stream
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let refused = loop {
+        let reply = ask("hog", hog);
+        if reply.status == 429 {
+            break reply;
+        }
+        assert!(Instant::now() < deadline, "never refused: {}", reply.status);
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(refused.body["error"]["code"], "tenant_busy", "{refused:?}");
+    let message = refused.body["error"]["message"].as_str().unwrap_or("");
+    assert!(message.contains("16 answers"), "{message}");
+    let other = ask("calm", calm);
+    assert_eq!(other.status, 200, "another tenant is served");
+    drop(unread);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while ask("hog", hog).status != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the closed connections were never let go"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

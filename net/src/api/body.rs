@@ -142,6 +142,61 @@ impl Drop for BodyHold {
     }
 }
 
+thread_local! {
+    /// Per caller: answers larger than hyper's buffer still being sent on this shard.
+    static SENDING: RefCell<HashMap<String, usize>> = RefCell::default();
+}
+
+/// Answers at most this large go to hyper's buffer at once and never hold a connection
+/// for long; larger ones are counted while they are sent.
+pub const HELD_ANSWER_BYTES: usize = 64 << 10;
+
+/// A large answer still being sent, counted against its caller on this shard: a reader
+/// that takes them slowly holds a connection each, and one tenant's key held 314 of a
+/// server's 1,024 connections that way.
+pub struct AnswerHold(String);
+
+impl AnswerHold {
+    /// Refuses (429) a request of a caller that already has
+    /// [`ApiLimits::bodies_per_caller`] large answers being sent on this shard.
+    pub fn admit(caller: &BodyCaller, limits: &ApiLimits) -> Result<(), ApiError> {
+        let sending = SENDING.with(|s| s.borrow().get(&caller.0).copied().unwrap_or(0));
+        if sending < limits.bodies_per_caller {
+            return Ok(());
+        }
+        Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "tenant_busy",
+            format!(
+                "{} already has {sending} answers of over {} KiB being sent from this server \
+                 shard, its limit (a quarter of the shard's connections); read them first",
+                shown(&caller.0),
+                HELD_ANSWER_BYTES >> 10
+            ),
+        ))
+    }
+
+    /// Counts an answer of `caller`'s until the hold is dropped.
+    pub fn hold(caller: BodyCaller) -> AnswerHold {
+        SENDING.with(|s| *s.borrow_mut().entry(caller.0.clone()).or_default() += 1);
+        AnswerHold(caller.0)
+    }
+}
+
+impl Drop for AnswerHold {
+    fn drop(&mut self) {
+        SENDING.with(|s| {
+            let mut s = s.borrow_mut();
+            if let Some(n) = s.get_mut(&self.0) {
+                *n -= 1;
+                if *n == 0 {
+                    s.remove(&self.0);
+                }
+            }
+        });
+    }
+}
+
 fn shown(caller: &str) -> String {
     match caller {
         "<admin>" => "the admin".to_string(),

@@ -193,11 +193,28 @@ const SLICE_BYTES: usize = 64 << 10;
 /// memory) is let go only then, or when the connection closes.
 pub struct SlicedBody {
     rest: Bytes,
+    /// Counts a large answer against its caller while it is sent.
+    _held: Option<body::AnswerHold>,
 }
 
 impl SlicedBody {
     pub fn new(whole: Bytes) -> SlicedBody {
-        SlicedBody { rest: whole }
+        SlicedBody {
+            rest: whole,
+            _held: None,
+        }
+    }
+
+    /// An answer of `caller`'s, counted against it while it is sent when it is larger
+    /// than hyper's buffer.
+    fn answer(whole: Bytes, caller: Option<body::BodyCaller>) -> SlicedBody {
+        let held = caller
+            .filter(|_| whole.len() > body::HELD_ANSWER_BYTES)
+            .map(body::AnswerHold::hold);
+        SlicedBody {
+            rest: whole,
+            _held: held,
+        }
     }
 }
 
@@ -274,6 +291,8 @@ pub async fn handle(
             ),
         ))
     };
+    // Whom the answer is for, once the dispatcher knows.
+    let answered_to = Cell::new(None);
     let answer = if route == "watch" && method == Method::GET {
         // Only the opening runs under the deadline; the stream lives on its own terms.
         let opening = async { open_watch(&ctx, req).await.map(Reply::Stream) };
@@ -281,7 +300,11 @@ pub async fn handle(
             .instrument(span.clone())
             .await
     } else {
-        let answering = async { dispatch(&ctx, req, &request_id).await.map(Reply::Json) };
+        let answering = async {
+            dispatch(&ctx, req, &request_id, &answered_to)
+                .await
+                .map(Reply::Json)
+        };
         future::or(answering, deadline_exceeded)
             .instrument(span.clone())
             .await
@@ -293,7 +316,8 @@ pub async fn handle(
                 h::Body::Json(json) => Bytes::from(json.to_string()),
                 h::Body::Encoded(bytes) => bytes,
             };
-            let mut response = Response::new(Either::Left(SlicedBody::new(body)));
+            let body = SlicedBody::answer(body, answered_to.take());
+            let mut response = Response::new(Either::Left(body));
             *response.status_mut() = status;
             response
                 .headers_mut()
@@ -469,7 +493,12 @@ fn changes_state(segments: &[&str], method: &Method) -> bool {
 /// docs/openapi.yaml as JSON, converted by build.rs.
 const OPENAPI_JSON: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/openapi.json"));
 
-async fn dispatch(ctx: &ApiContext, req: Request<Incoming>, request_id: &str) -> Answer {
+async fn dispatch(
+    ctx: &ApiContext,
+    req: Request<Incoming>,
+    request_id: &str,
+    answered_to: &Cell<Option<body::BodyCaller>>,
+) -> Answer {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let s = segments(&path);
@@ -525,10 +554,12 @@ async fn dispatch(ctx: &ApiContext, req: Request<Incoming>, request_id: &str) ->
             }
         }
     }
+    let caller = body::BodyCaller::of(&access.caller);
+    body::AnswerHold::admit(&caller, &ctx.limits)?;
+    answered_to.set(Some(caller.clone()));
     let mut req = req;
     if has_body(&req) {
-        req.extensions_mut()
-            .insert(body::BodyCaller::of(&access.caller));
+        req.extensions_mut().insert(caller);
     }
     match (s.as_slice(), &method) {
         (["v1", "tenants"], &Method::GET) => h::list_tenants(router, access).await,

@@ -717,8 +717,7 @@ type ReplayPage = Pin<Box<dyn Future<Output = Result<ChangesRead, String>>>>;
 /// memory and a thread), and per tenant, so that one tenant's many resumes leave the
 /// others their turns (32 streams of one tenant resuming from the start delayed
 /// another tenant's resume from 1.3 s to a minute).
-static ARCHIVE_READS: Mutex<(usize, BTreeMap<TenantId, usize>)> =
-    Mutex::new((0, BTreeMap::new()));
+static ARCHIVE_READS: Mutex<(usize, BTreeMap<TenantId, usize>)> = Mutex::new((0, BTreeMap::new()));
 const MAX_ARCHIVE_READS: usize = 4;
 const MAX_ARCHIVE_READS_PER_TENANT: usize = 1;
 
