@@ -223,11 +223,14 @@ fn bad_input_gets_the_documented_error_and_the_server_keeps_serving() {
         Err(ureq::Error::Status(415, _)) => {}
         other => panic!("expected 415, got {other:?}"),
     }
-    // The media type is matched whole; its parameters are not.
+    // The media type is matched whole; of its parameters, a charset must be UTF-8.
     for (content_type, refused) in [
         ("application/json-seq", true),
         ("application/jsonx", true),
         ("APPLICATION/JSON; charset=utf-8", false),
+        ("application/json; charset=\"UTF-8\"", false),
+        ("application/json; charset=latin1", true),
+        ("application/json;charset=utf-16", true),
     ] {
         let sent = agent
             .post(&format!("{}/v1/tenants/nobody/tables/t/rows", server.api))
@@ -239,6 +242,32 @@ fn bad_input_gets_the_documented_error_and_the_server_keeps_serving() {
             Err(e) => panic!("{content_type}: {e}"),
         };
         assert_eq!(got == 415, refused, "{content_type}: {got}");
+    }
+    // Framing headers a proxy could read otherwise: refused, naming what is wrong.
+    let addr = server.api.trim_start_matches("http://");
+    let body = r#"{"ops":[]}"#;
+    for (head, status, code) in [
+        ("host: x\r\nhost: y\r\n", 400, "invalid_headers"),
+        ("", 400, "invalid_headers"),
+        ("host: x\r\nexpect: 200-ok\r\n", 417, "expectation_failed"),
+        (
+            "host: x\r\ncontent-type: application/json\r\ncontent-type: text/plain\r\n",
+            400,
+            "invalid_headers",
+        ),
+    ] {
+        let mut raw = TcpStream::connect(addr).expect("connect");
+        let request = format!(
+            "POST {rows} HTTP/1.1\r\n{head}content-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        raw.write_all(request.as_bytes()).expect("send");
+        let mut answer = String::new();
+        raw.read_to_string(&mut answer).expect("answer");
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status} ")) && answer.contains(code),
+            "{head:?}: {answer}"
+        );
     }
     // A client's request id is echoed.
     let echoed = agent

@@ -530,6 +530,7 @@ async fn dispatch(
             ));
         }
     }
+    check_framing_headers(&req)?;
     let router = &*ctx.router;
     let access = &h::Access {
         caller: auth::identify(req.headers(), &ctx.auth)?,
@@ -1008,25 +1009,73 @@ fn refuse_unknown_encodings(headers: &hyper::HeaderMap) -> Result<(), ApiError> 
     Ok(())
 }
 
+/// What RFC 9110/9112 make a server refuse that hyper lets through: an HTTP/1.1 request
+/// without exactly one `Host` (400), and an `Expect` other than `100-continue` (417).
+/// A proxy in front may read such a request otherwise than this server does.
+fn check_framing_headers<B>(req: &Request<B>) -> Result<(), ApiError> {
+    let hosts = req.headers().get_all(hyper::header::HOST).iter().count();
+    if req.version() == hyper::Version::HTTP_11 && hosts != 1 {
+        return Err(ApiError::bad_request(
+            "invalid_headers",
+            format!("an HTTP/1.1 request has exactly one host header, this one has {hosts}"),
+        ));
+    }
+    for expect in req.headers().get_all(hyper::header::EXPECT) {
+        if !expect
+            .to_str()
+            .is_ok_and(|e| e.trim().eq_ignore_ascii_case("100-continue"))
+        {
+            return Err(ApiError::new(
+                StatusCode::EXPECTATION_FAILED,
+                "expectation_failed",
+                format!(
+                    "expect: {} is not met here; the only expectation taken is 100-continue",
+                    error::quoted_short(expect.to_str().unwrap_or("?"))
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Reads a JSON body within the size limit, the body deadline and pace, and the
 /// shard's pool of bodies being received (`body.rs`), and parses it.
 async fn read_json<T: for<'de> serde::Deserialize<'de>>(
     ctx: &ApiContext,
     req: Request<Incoming>,
 ) -> Result<T, ApiError> {
+    let types = req.headers().get_all(CONTENT_TYPE);
+    if types.iter().count() > 1 {
+        return Err(ApiError::bad_request(
+            "invalid_headers",
+            "the request has more than one content-type header; send one",
+        ));
+    }
     if let Some(ty) = req.headers().get(CONTENT_TYPE) {
         let ty = ty.to_str().unwrap_or("");
-        // The media type itself, before any parameter (`; charset=utf-8`).
-        let media = ty.split(';').next().unwrap_or("").trim();
-        if !media.eq_ignore_ascii_case("application/json") {
-            return Err(ApiError::new(
+        let unsupported = || {
+            ApiError::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported_media_type",
                 format!(
-                    "the body must be JSON (content-type: application/json), not {}",
+                    "the body must be JSON in UTF-8 (content-type: application/json), not {}",
                     error::quoted_short(ty)
                 ),
-            ));
+            )
+        };
+        // The media type itself, then its parameters: JSON is UTF-8 (RFC 8259), and a
+        // body declared in another charset would be read as what it is not.
+        let mut parts = ty.split(';');
+        let media = parts.next().unwrap_or("").trim();
+        if !media.eq_ignore_ascii_case("application/json") {
+            return Err(unsupported());
+        }
+        for parameter in parts {
+            let (name, value) = parameter.split_once('=').unwrap_or((parameter, ""));
+            let value = value.trim().trim_matches('"');
+            if name.trim().eq_ignore_ascii_case("charset") && !value.eq_ignore_ascii_case("utf-8") {
+                return Err(unsupported());
+            }
         }
     }
     refuse_unknown_encodings(req.headers())?;
