@@ -149,12 +149,23 @@ const WATCH_TOKEN_PREFIX: &str = "ocw";
 /// The key part of a watch token the admin minted.
 const ADMIN_MINTED: &str = "-";
 
-/// The key that signs watch tokens: random per process, so a restart revokes them all
-/// (they are short-lived by design).
-fn watch_token_key() -> Result<&'static [u8; 32], ApiError> {
+/// The key that signs watch tokens. With authentication on it is derived from the
+/// admin token, so a token outlives a restart and opens streams on every server of the
+/// same admin token (a follower, a promoted one): an `EventSource`, which cannot be
+/// given a new URL when it reconnects, resumes after a restart or a failover. Changing
+/// the admin token voids every watch token. Without authentication tokens are not
+/// checked, and the key is random per process.
+fn watch_token_key(config: &AuthConfig) -> Result<[u8; 32], ApiError> {
+    use hmac::{Hmac, Mac};
+    if let Some(admin_token) = &config.admin_token {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(admin_token.as_bytes())
+            .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+        mac.update(b"oc watch-token signing key, version 1");
+        return Ok(mac.finalize().into_bytes().into());
+    }
     static KEY: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
     if let Some(key) = KEY.get() {
-        return Ok(key);
+        return Ok(*key);
     }
     let mut key = [0u8; 32];
     getrandom::getrandom(&mut key).map_err(|e| {
@@ -164,7 +175,7 @@ fn watch_token_key() -> Result<&'static [u8; 32], ApiError> {
             format!("no randomness for the watch-token key: {e}"),
         )
     })?;
-    Ok(KEY.get_or_init(|| key))
+    Ok(*KEY.get_or_init(|| key))
 }
 
 fn watch_token_signature(key: &[u8; 32], claim: &str) -> String {
@@ -192,13 +203,14 @@ pub fn mint_watch_token(
     tenant: &TenantId,
     key_id: Option<&str>,
     ttl_s: u64,
+    config: &AuthConfig,
 ) -> Result<(String, u64), ApiError> {
     let expires = unix_now_s() + ttl_s;
     let claim = format!(
         "{WATCH_TOKEN_PREFIX}.{tenant}.{}.{expires}",
         key_id.unwrap_or(ADMIN_MINTED)
     );
-    let signature = watch_token_signature(watch_token_key()?, &claim);
+    let signature = watch_token_signature(&watch_token_key(config)?, &claim);
     Ok((format!("{claim}.{signature}"), expires))
 }
 
@@ -227,7 +239,7 @@ pub fn check_watch_token(
     ) else {
         return Err(invalid());
     };
-    let expected = watch_token_signature(watch_token_key()?, claim);
+    let expected = watch_token_signature(&watch_token_key(config)?, claim);
     if !constant_time_eq(expected.as_bytes(), signature.as_bytes()) {
         return Err(invalid());
     }

@@ -1178,3 +1178,46 @@ fn a_replay_across_a_migration_names_every_key() {
         .collect();
     assert_eq!(keys, (0..rows).collect::<Vec<_>>());
 }
+
+/// A watch token outlives a restart of its server (an `EventSource` reconnects with
+/// the URL it has), and is void on a server of another admin token.
+#[test]
+fn a_watch_token_outlives_a_restart_and_is_void_under_another_admin_token() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, admin) = start_with_admin(dir.path(), &[]);
+    let created = request_as(
+        "POST",
+        &format!("{}/v1/tenants", server.api),
+        Some(&json!({"tenant": "acme"}).to_string()),
+        admin,
+    );
+    assert_eq!(created.status, 201, "{created:?}");
+    let minted = request_as(
+        "POST",
+        &format!("{}/v1/tenants/acme/watch-tokens", server.api),
+        None,
+        admin,
+    );
+    assert_eq!(minted.status, 201, "{minted:?}");
+    let token = minted.body["token"].as_str().expect("token").to_string();
+    assert!(server.terminate().success());
+    let (server, _) = start_with_admin(dir.path(), &[]);
+    let url = watch_url(&server, "acme", &format!("?token={token}"));
+    let mut stream = Sse::open(&url, &[]).expect("the token opens after a restart");
+    assert_eq!(stream.next().expect("hello").event, "hello");
+    drop(stream);
+    assert!(server.terminate().success());
+    let other_token = dir.path().join("other.token");
+    std::fs::write(&other_token, "another-admin-token-0123456789\n").expect("token file");
+    let server = Server::start(
+        &dir.path().join("data"),
+        &[
+            "--archive",
+            "none",
+            "--admin-token-file",
+            other_token.to_str().expect("utf-8"),
+        ],
+    );
+    let url = watch_url(&server, "acme", &format!("?token={token}"));
+    assert_eq!(Sse::open(&url, &[]).err().map(|e| e.0), Some(401));
+}

@@ -1079,15 +1079,17 @@ pub async fn create_watch_token(
     router: &ShardRouter,
     tenant: TenantId,
     ttl_s: u64,
-    access: &Access,
+    (access, auth): (&Access, &auth::AuthConfig),
 ) -> Answer {
     let key_id = match &access.caller {
         Caller::Key(claim) => Some(claim.key_id.clone()),
         Caller::Admin | Caller::Anyone => None,
     };
+    let auth = auth.clone();
     on_owner(router, access, tenant, move |node, tenant| async move {
         node.shard().read(&tenant, |_| ())?;
-        let (token, expires_unix_s) = auth::mint_watch_token(&tenant, key_id.as_deref(), ttl_s)?;
+        let (token, expires_unix_s) =
+            auth::mint_watch_token(&tenant, key_id.as_deref(), ttl_s, &auth)?;
         Ok((
             StatusCode::CREATED,
             Body::from(json!({

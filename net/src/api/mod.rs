@@ -605,7 +605,7 @@ async fn dispatch(
             };
             let ttl_s = h::watch_token_ttl(&body)?;
             let did = Did::new("watch_token.create", Some(t), None);
-            let run = h::create_watch_token(router, tenant, ttl_s, access);
+            let run = h::create_watch_token(router, tenant, ttl_s, (access, &ctx.auth));
             audited(ctx, access, request_id, did, run).await
         }
         (["v1", "tenants", t, "keys"], &Method::GET) => {
