@@ -254,6 +254,32 @@ fn a_shard_directory_that_is_not_its_own_is_refused_at_start() {
     assert!(has_row(&again, "acme", 1));
 }
 
+/// A segment deleted from the middle of the log is refused at start as a missing file,
+/// naming the LSNs it held and warning off the truncate option (which would drop the
+/// whole segments after it), not as damage inside a segment.
+#[test]
+fn a_log_segment_deleted_from_the_middle_is_named_as_missing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let args = SMALL_SEGMENTS;
+    let server = Server::start(&data, &args);
+    server.create_tenant_with_items("acme");
+    let shard = data.join("shard-0");
+    let segments = || segment_files(&shard);
+    write_until(&server, || segments().len() >= 3);
+    server.kill9();
+    let all = segments();
+    let middle = &all[all.len() - 2];
+    std::fs::remove_file(shard.join(middle)).expect("delete a middle segment");
+    let refused = Server::try_start(&data, &args)
+        .err()
+        .expect("a missing middle segment must be refused");
+    assert!(
+        refused.contains("are in no segment file") && refused.contains("do not use --truncate"),
+        "{refused}"
+    );
+}
+
 /// A log segment deleted by hand is refused at start, naming the segment sealed before
 /// it, instead of starting without the writes it held; the truncate option accepts the
 /// loss once, and then the server starts as usual.

@@ -401,6 +401,20 @@ fn check_header(
             wanted: replay_from,
             first_available: header.first_lsn,
         }),
+        // A gap between two segments is a file gone from the middle of the log, not
+        // damage inside one: cutting the log there (--truncate-corrupt-wal) would drop
+        // every segment from this one on.
+        Some(expected) if header.first_lsn > expected => Err(corrupt(format!(
+            "segment starts at LSN {} but the previous one ended before {expected}: LSNs \
+             {expected}..={} are in no segment file, so one was deleted or moved from the \
+             middle of the log. Put it back (its name ends with the LSN {:016x}), \
+             or restore from the archive (RUNBOOK.md, \"A segment is missing from the \
+             middle of the log\"); do not use --truncate-corrupt-wal, which would drop every \
+             segment from this one on",
+            header.first_lsn,
+            header.first_lsn.0 - 1,
+            expected.0
+        ))),
         Some(expected) if header.first_lsn != expected => Err(corrupt(format!(
             "segment starts at LSN {} but the previous one ended before {}",
             header.first_lsn, expected
