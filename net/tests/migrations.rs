@@ -178,6 +178,15 @@ fn a_migration_under_eight_writers_reaches_every_acknowledged_row_once_in_the_ne
         rows.len(),
         20_000 + acked.keys().filter(|id| **id >= 100_000).count()
     );
+    // A finished migration's figures are those of its end: writes since change none.
+    let ended = state(&server, "shop", id)["progress"].clone();
+    let later = server.post(
+        "/v1/tenants/shop/tables/items/rows",
+        &json!({"ops": [{"upsert": {"id": 900_000, "title": "later", "batch": 1}}]}),
+    );
+    assert_eq!(later.status, 200, "{later:?}");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(state(&server, "shop", id)["progress"], ended);
     // The new index serves queries; the old column name is gone.
     let r = server.post(
         "/v1/tenants/shop/ask",

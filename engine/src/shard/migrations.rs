@@ -165,6 +165,9 @@ pub(super) struct BackfillAccount {
     foreground_at_start: u64,
     backfill_bytes: u64,
     rows: u64,
+    /// When its cutover was logged, and the foreground bytes then: a finished
+    /// migration's figures stay as they were at its end.
+    ended: Option<(Instant, u64)>,
 }
 
 /// Rows a migration's start transforms to try it and to learn how rows grow, at most
@@ -389,14 +392,16 @@ impl<S: Storage> Shard<S> {
     /// this process).
     pub fn backfill_progress(&self, tenant: &TenantId, id: u64) -> Option<BackfillProgress> {
         let account = *self.backfill.borrow().get(&(tenant.clone(), id))?;
+        let (until, foreground) = account
+            .ended
+            .unwrap_or_else(|| (Instant::now(), self.foreground_bytes.get()));
         Some(BackfillProgress {
             backfill_bytes: account.backfill_bytes,
-            foreground_bytes: self
-                .foreground_bytes
-                .get()
-                .saturating_sub(account.foreground_at_start),
+            foreground_bytes: foreground.saturating_sub(account.foreground_at_start),
             rows: account.rows,
-            seconds: account.started.elapsed().as_secs_f64(),
+            seconds: until
+                .saturating_duration_since(account.started)
+                .as_secs_f64(),
         })
     }
 
@@ -553,6 +558,7 @@ async fn drive_backfill<S: Storage>(shard: Rc<Shard<S>>) {
                             foreground_at_start: foreground,
                             backfill_bytes: 0,
                             rows: 0,
+                            ended: None,
                         });
                 account.backfill_bytes += bytes as u64;
                 account.rows += rows as u64;
@@ -561,6 +567,13 @@ async fn drive_backfill<S: Storage>(shard: Rc<Shard<S>>) {
             };
             match shard.commit(&tenant, command).await {
                 Ok(_) => {
+                    if caught_up {
+                        if let Some(account) =
+                            shard.backfill.borrow_mut().get_mut(&(tenant.clone(), id))
+                        {
+                            account.ended = Some((Instant::now(), shard.foreground_bytes.get()));
+                        }
+                    }
                     if let Some(why) = grown_from.and_then(|before| {
                         let after = shard.read(&tenant, |t| t.totals()).ok()?;
                         past_quota(&before, &after, shard.quotas.get())
