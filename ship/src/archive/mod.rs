@@ -69,7 +69,7 @@ pub enum ArchiveError {
         key: String,
         source: Arc<std::io::Error>,
     },
-    #[error("unsupported archive URI {uri:?}: {why}")]
+    #[error("archive URI {uri:?}: {why}")]
     Uri { uri: String, why: String },
     /// An archive object that is readable but cannot be used as it is.
     #[error("archive object {key:?}: {why}")]
@@ -205,7 +205,9 @@ pub fn open_archive(uri: &str) -> Result<Arc<dyn Archive>, ArchiveError> {
     }
     Err(ArchiveError::Uri {
         uri: uri.into(),
-        why: "use file://<dir> or s3://bucket/prefix (oc-server --archive also takes none)".into(),
+        why: "not a supported form: use file://<dir> or s3://bucket/prefix (oc-server \
+              --archive also takes none)"
+            .into(),
     })
 }
 
