@@ -12,6 +12,7 @@
 //! |---|---|---|
 //! | `shard.panic` | a tenant id | a row write to that tenant panics on its owner shard |
 //! | `wal.sync.err` | a file path | every `fdatasync` and every durable log write (`write_durable_at`, which replaces the group's `fdatasync` on an `O_DSYNC` segment) of the real storage fails with EIO while that file exists (a blocking `stat` per sync: test builds only) |
+//! | `wal.sync.stall` | a file path | every `fdatasync` and durable log write of the real storage waits while that file exists (a frozen disk) |
 //! | `shutdown.hang` | anything | the orderly shutdown never finishes (the watchdog must end it) |
 //! | `audit.sync.err` | a file path | every sync of the audit log fails with EIO while that file exists |
 //! | `digest.slow_ms` | milliseconds | each shard's part of `GET /v1/admin/digest` waits that long first |

@@ -412,6 +412,11 @@ async fn ask_shards<R: Send + 'static>(
     answers
 }
 
+/// How long a log's writes may wait with none finishing before the server says it is
+/// not ready: a disk that stopped answering takes no writes, and a load balancer should
+/// send them elsewhere.
+const LOG_STALL: Duration = Duration::from_secs(5);
+
 /// Why the server is not ready (none: ready), as `/ready` and `oc_ready` both say;
 /// with the role and each shard's applied LSN once it serves.
 struct Readiness {
@@ -437,8 +442,10 @@ async fn readiness(state: &ControlState) -> Readiness {
         return not_serving("shards are not connected yet".into());
     };
     let answers = ask_shards(&router, |node| {
+        let wal = node.shard().wal();
         (
-            node.shard().wal().failure().map(|e| e.to_string()),
+            wal.failure().map(|e| e.to_string()),
+            wal.stalled_for().filter(|waited| *waited >= LOG_STALL),
             node.shard().applied_lsn().0,
         )
     })
@@ -447,10 +454,17 @@ async fn readiness(state: &ControlState) -> Readiness {
     let mut shards = Vec::new();
     for (shard, answer) in answers.into_iter().enumerate() {
         match answer {
-            Ok((None, applied)) => shards.push(json!({"shard": shard, "applied_lsn": applied})),
-            Ok((Some(failure), _)) => reasons.push(format!(
+            Ok((Some(failure), ..)) => reasons.push(format!(
                 "shard {shard}: the write-ahead log failed ({failure}); restart the server"
             )),
+            Ok((None, Some(waited), _)) => reasons.push(format!(
+                "shard {shard}: the write-ahead log's writes have waited {} s for the disk \
+                 with none finished (a stalled or frozen disk: check dmesg and the device)",
+                waited.as_secs()
+            )),
+            Ok((None, None, applied)) => {
+                shards.push(json!({"shard": shard, "applied_lsn": applied}))
+            }
             Err(why) => reasons.push(format!("shard {shard}: {why}")),
         }
     }

@@ -880,6 +880,46 @@ fn a_data_directory_removed_under_the_server_ends_it_with_status_7() {
     );
 }
 
+/// A disk that stops answering (its syncs hang) makes the server not ready within a few
+/// seconds, saying why, and `oc_ready` with it; once the disk answers again, the write
+/// waiting is acknowledged and the server is ready again.
+#[test]
+fn a_stalled_log_disk_makes_the_server_not_ready_until_it_answers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let trigger = dir.path().join("stall-sync");
+    let armed = format!("wal.sync.stall={}", trigger.display());
+    let args = ["--shards", "1", "--archive", "none"];
+    let server = Server::try_start_with_env(None, &data, &args, &[("OC_FAILPOINTS", &armed)])
+        .expect("start");
+    server.create_tenant_with_items("acme");
+    assert_eq!(write_row(&server, "acme", 1).expect("write").status, 200);
+    std::fs::write(&trigger, b"").expect("freeze the disk");
+    std::thread::scope(|scope| {
+        let waiting = scope.spawn(|| write_row(&server, "acme", 2));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let body = loop {
+            let (status, body) = server.ops_get("/ready");
+            if status == 503 {
+                break body;
+            }
+            assert!(Instant::now() < deadline, "still ready: {body}");
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        assert!(
+            body.contains("waited") && body.contains("for the disk"),
+            "{body}"
+        );
+        let (_, scrape) = server.ops_get("/metrics");
+        assert!(scrape.lines().any(|l| l == "oc_ready 0"), "{scrape}");
+        std::fs::remove_file(&trigger).expect("thaw the disk");
+        let answer = waiting.join().expect("writer").expect("an answer");
+        assert_eq!(answer.status, 200, "{answer:?}");
+    });
+    let (status, body) = server.ops_get("/ready");
+    assert_eq!(status, 200, "{body}");
+}
+
 /// A failed `fdatasync` fails the log: the write in flight gets `503 log_failed`, the
 /// process exits with status 3 and one line, and the restart recovers every write
 /// acknowledged before.

@@ -257,6 +257,18 @@ impl DmaStorageFile {
     }
 }
 
+impl DmaStorageFile {
+    /// The `wal.sync.stall` failpoint: a sync (or a durable write) waits while its
+    /// trigger file exists, as on a frozen disk.
+    async fn injected_stall(&self) {
+        if let Some(trigger) = crate::failpoint::armed("wal.sync.stall") {
+            while Path::new(trigger).exists() {
+                glommio::timer::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 impl StorageFile for DmaStorageFile {
     fn durable_writes_independent(&self) -> bool {
         self.dsync
@@ -316,6 +328,7 @@ impl StorageFile for DmaStorageFile {
     }
 
     async fn sync(&self) -> Result<()> {
+        self.injected_stall().await;
         self.injected_sync_error()?;
         self.file
             .fdatasync()
@@ -327,6 +340,7 @@ impl StorageFile for DmaStorageFile {
         self.write_at(buf, offset).await?;
         if self.dsync {
             // Durable already; an injected failure reads as the write's own.
+            self.injected_stall().await;
             self.injected_sync_error()
         } else {
             self.sync().await

@@ -274,6 +274,9 @@ pub(crate) struct State<S: Storage> {
     /// equal when nothing is on its way.
     pub frames_taken: u64,
     pub frames_settled: u64,
+    /// When frames last settled, or were first taken after the log was at rest: how
+    /// long the log has gone without progress while frames wait ([`super::Wal::stalled_for`]).
+    pub progress_at: std::time::Instant,
 }
 
 impl<S: Storage> State<S> {
@@ -738,6 +741,7 @@ impl<S: Storage> Writer<S> {
         {
             let mut state = self.shared.state.borrow_mut();
             state.frames_settled += group.frames as u64;
+            state.progress_at = now;
             if group.durable > 0 {
                 state.durable_lsn = Lsn(group.first_lsn.0 + group.durable as u64 - 1);
             }

@@ -242,6 +242,7 @@ impl<S: Storage> Wal<S> {
                 own_writes_stopped: false,
                 frames_taken: 0,
                 frames_settled: 0,
+                progress_at: std::time::Instant::now(),
                 cursor: StampedCursor {
                     next_lsn: resume.next_lsn,
                     epoch: report.last_epoch,
@@ -389,6 +390,9 @@ impl<S: Storage> Wal<S> {
         group.starts.push(start as u32);
         group.enqueued.push(enqueued);
         group.stamped = true;
+        if state.frames_taken == state.frames_settled {
+            state.progress_at = std::time::Instant::now();
+        }
         state.frames_taken += 1;
         state.stamping = Stamping::Stamped;
         state.cursor = StampedCursor {
@@ -456,6 +460,9 @@ impl<S: Storage> Wal<S> {
         group.enqueued.push(enqueued);
         let index = group.starts.len() - 1;
         let completion = group.completion.clone();
+        if state.frames_taken == state.frames_settled {
+            state.progress_at = std::time::Instant::now();
+        }
         state.frames_taken += 1;
         if let Some(w) = state.writer_waker.take() {
             w.wake();
@@ -524,6 +531,13 @@ impl<S: Storage> Wal<S> {
     pub fn settled(&self) -> bool {
         let state = self.shared.state.borrow();
         state.frames_taken == state.frames_settled
+    }
+
+    /// How long frames have waited with none settling (a disk that stopped answering),
+    /// or `None` when nothing is on its way.
+    pub fn stalled_for(&self) -> Option<std::time::Duration> {
+        let state = self.shared.state.borrow();
+        (state.frames_taken != state.frames_settled).then(|| state.progress_at.elapsed())
     }
 
     /// Undoes [`Wal::stop_own_writes`] (a handover that did not happen).
