@@ -312,6 +312,40 @@ fn a_restore_past_a_damaged_checkpoint_snapshot_uses_an_older_restore_point() {
     }
 }
 
+/// A sealed segment missing from the archive after its newest checkpoint: the restore
+/// writes what it can chain up, says where it stopped, and exits with status 3, so a
+/// script does not take it for the whole history.
+#[test]
+fn a_restore_that_stops_at_a_gap_exits_3() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let root = dir.path().join("archive");
+    let uri = file_uri(&root);
+    let server = Server::start(
+        &data,
+        &archive_args(&uri, &["--checkpoint-interval-s", "3600"]),
+    );
+    server.create_tenant_with_items("acme");
+    let sealed = || {
+        let mut found: Vec<_> = walk(&root)
+            .into_iter()
+            .filter(|p| p.parent().is_some_and(|d| d.ends_with("wal")))
+            .collect();
+        found.sort();
+        found
+    };
+    let id = write_until(&server, 0, "three sealed segments", || sealed().len() >= 3);
+    assert!(write_row(&server.api, "acme", id));
+    common::wait_until_archived(&server, 2);
+    // No shutdown checkpoint: the log after the start's checkpoint is all there is.
+    server.kill9();
+    let all = sealed();
+    std::fs::remove_file(&all[1]).expect("lose a sealed segment");
+    let restored = restore_latest(&uri, &dir.path().join("restored"));
+    assert_eq!(restored.code, Some(3), "{restored:?}");
+    assert!(restored.stderr.contains("stopped at a gap"), "{restored:?}");
+}
+
 /// Restoring to an instant between two writes brings back exactly the writes
 /// committed before it, through a checkpoint taken before the target.
 #[test]

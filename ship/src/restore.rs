@@ -416,6 +416,10 @@ pub struct ShardRestored {
     pub last_commit_us: u64,
     pub bytes: u64,
     pub stops_early: Option<String>,
+    /// The archive lists more of this shard's log than the restore could chain up (a
+    /// missing object or a timeline its writer never finished shipping): writes past
+    /// where it stopped, acknowledged ones among them, are not restored.
+    pub gap: bool,
 }
 
 /// What a restore wrote.
@@ -1024,6 +1028,7 @@ fn restore_shard(
         last_commit_us: 0,
         bytes: 0,
         stops_early: plan.stops_early.clone(),
+        gap: plan.stops_early.is_some(),
     };
     if let Some(checkpoint) = &plan.checkpoint {
         let snapshot_key = layout::checkpoint_snapshot_key(plan.shard, checkpoint.lsn);

@@ -409,6 +409,8 @@ pub fn items_table() -> Value {
 #[derive(Debug)]
 pub struct PitrRun {
     pub success: bool,
+    /// The exit status (`None`: ended by a signal).
+    pub code: Option<i32>,
     pub stdout: String,
     pub stderr: String,
 }
@@ -485,6 +487,7 @@ pub fn oc_pitr_with_env(args: &[&str], env: &[(&str, &str)]) -> PitrRun {
         .expect("run oc-pitr");
     PitrRun {
         success: out.status.success(),
+        code: out.status.code(),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }

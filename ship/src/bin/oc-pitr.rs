@@ -17,6 +17,10 @@ use oc_ship::archive::open_existing_archive;
 use oc_ship::catalog::{read_archive_manifest, ShardCatalog};
 use oc_ship::drill;
 use oc_ship::restore::{self, LATEST};
+
+/// `restore`'s exit status when it wrote a usable directory that stops at a gap in the
+/// archive (1: `verify` found problems; 2: the command failed).
+const RESTORED_SHORT: u8 = 3;
 use oc_ship::timeline::{self, Timeline};
 use oc_ship::timestamp::{format_rfc3339, parse_rfc3339};
 use serde_json::json;
@@ -523,7 +527,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 bytes as f64 / 1e6 / secs.max(1e-9),
                 restored.data_dir_id
             );
-            Ok(ExitCode::SUCCESS)
+            // A usable directory, short of what the archive lists: a script must not
+            // take it for the whole history.
+            let gaps: Vec<usize> = shards.iter().filter(|s| s.gap).map(|s| s.shard).collect();
+            if gaps.is_empty() {
+                return Ok(ExitCode::SUCCESS);
+            }
+            eprintln!(
+                "WARNING: shard(s) {gaps:?} stopped at a gap in the archive: writes the archive \
+                 lists past it are not restored (exit status {RESTORED_SHORT}; `oc-pitr verify` \
+                 names what is missing)"
+            );
+            Ok(ExitCode::from(RESTORED_SHORT))
         }
     }
 }
