@@ -592,12 +592,14 @@ thread_local! {
 /// The default queue's shares over the handshake queue's: under load, requests of
 /// connections already up get about 95 % of the shard's time.
 const HANDSHAKE_SHARES: usize = 50;
+/// How long the executor runs one queue while handshakes wait.
+const HANDSHAKE_PREEMPT: Duration = Duration::from_millis(1);
 
 /// A TLS handshake, run in a task queue of its own with a twentieth of the shares of
 /// the one requests run in. Its key signature is one uninterrupted stretch of CPU (a
 /// few milliseconds with RSA-4096): a flood of handshakes in the requests' queue held
 /// every request of the shard behind all of them (a p99 of 0.6–1.1 s for other
-/// tenants' reads); here a request waits for at most the one running. Dropped (the
+/// tenants' reads); here a request waits for about the one running. Dropped (the
 /// connection evicted, or out of time), the task is cancelled.
 async fn handshake(
     tls: &TlsAcceptor,
@@ -606,9 +608,13 @@ async fn handshake(
     let queue = HANDSHAKES.with(|queue| match queue.get() {
         Some(handle) => handle,
         None => {
+            // While handshakes wait, the executor preempts every millisecond (the
+            // least latency of its active queues), so it goes back to the requests'
+            // queue after each handshake; with `NotImportant` it ran handshakes back
+            // to back for up to its 100 ms timer before polling a request again.
             let handle = glommio::executor().create_task_queue(
                 glommio::Shares::Static(HANDSHAKE_SHARES),
-                glommio::Latency::NotImportant,
+                glommio::Latency::Matters(HANDSHAKE_PREEMPT),
                 "tls-handshakes",
             );
             queue.set(Some(handle));

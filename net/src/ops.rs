@@ -168,7 +168,17 @@ async fn handle(
     if req.method() == Method::HEAD {
         *req.method_mut() = Method::GET;
     }
+    let hosts = req.headers().get_all(hyper::header::HOST).iter().count();
     let (route, response) = match (req.method(), req.uri().path()) {
+        // As on the data API (RFC 9112 §3.2).
+        _ if req.version() == hyper::Version::HTTP_11 && hosts != 1 => (
+            "ops_unknown",
+            ops_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_headers",
+                format!("an HTTP/1.1 request has exactly one host header, this one has {hosts}"),
+            ),
+        ),
         (&Method::GET, "/health") => ("health", health(&state)),
         (&Method::GET, "/ready") => ("ready", ready(&state).await),
         (&Method::GET, "/metrics") => ("metrics", metrics_page(&state).await),

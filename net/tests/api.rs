@@ -269,6 +269,24 @@ fn bad_input_gets_the_documented_error_and_the_server_keeps_serving() {
             "{head:?}: {answer}"
         );
     }
+    // A body sent after its head to a route that takes none is read and dropped: the
+    // connection serves the next request (hyper closed it, unannounced, when the body
+    // was left unread).
+    let mut raw = TcpStream::connect(addr).expect("connect");
+    raw.write_all(
+        b"POST /v1/tenants/acme/migrations/99/abort HTTP/1.1\r\nhost: x\r\n\
+          content-type: application/json\r\ncontent-length: 2\r\n\r\n",
+    )
+    .expect("head");
+    std::thread::sleep(Duration::from_millis(50));
+    raw.write_all(b"{}").expect("body");
+    std::thread::sleep(Duration::from_millis(50));
+    raw.write_all(b"GET /v1/ping HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .expect("the connection is still open");
+    let mut answers = String::new();
+    raw.read_to_string(&mut answers).expect("answers");
+    assert_eq!(answers.matches("HTTP/1.1 ").count(), 2, "{answers}");
+    assert!(answers.contains("{\"pong\":true}"), "{answers}");
     // A client's request id is echoed.
     let echoed = agent
         .get(&format!("{}/v1/tenants/nobody/usage", server.api))

@@ -284,32 +284,25 @@ fn a_restore_past_a_damaged_checkpoint_snapshot_uses_an_older_restore_point() {
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x40;
     std::fs::write(&newest, bytes).expect("damage");
-    let restored_dir = dir.path().join("restored");
-    let restored = restore_latest(&uri, &restored_dir);
-    assert!(restored.success, "{restored:?}");
-    assert!(
-        restored.stderr.contains("WARNING") && restored.stderr.contains("instead"),
-        "the restore says it went around the damage: {restored:?}"
-    );
-    let server = Server::start(&restored_dir, &["--shards", "2", "--archive", "none"]);
-    for row in 0..id {
-        assert!(has_row(&server, "acme", row), "row {row} not restored");
-    }
-    drop(server);
+    // Restored around it, saying so (`said`), with every row.
+    let restores_around = |into: &str, said: &str| {
+        let restored_dir = dir.path().join(into);
+        let restored = restore_latest(&uri, &restored_dir);
+        assert!(restored.success, "{restored:?}");
+        assert!(
+            restored.stderr.contains(said) && restored.stderr.contains("instead"),
+            "the restore says it went around the snapshot: {restored:?}"
+        );
+        let server = Server::start(&restored_dir, &["--shards", "2", "--archive", "none"]);
+        for row in 0..id {
+            assert!(has_row(&server, "acme", row), "row {row} not restored");
+        }
+    };
+    restores_around("restored", "WARNING");
     // A snapshot gone from the archive, its manifest still listed, is done without too
     // (it failed every re-run of the restore before).
     std::fs::remove_file(&newest).expect("lose the snapshot");
-    let again = dir.path().join("restored-again");
-    let restored = restore_latest(&uri, &again);
-    assert!(restored.success, "{restored:?}");
-    assert!(
-        restored.stderr.contains("is missing") && restored.stderr.contains("instead"),
-        "the restore says it went around the lost snapshot: {restored:?}"
-    );
-    let server = Server::start(&again, &["--shards", "2", "--archive", "none"]);
-    for row in 0..id {
-        assert!(has_row(&server, "acme", row), "row {row} not restored");
-    }
+    restores_around("restored-again", "is missing");
 }
 
 /// A sealed segment missing from the archive after its newest checkpoint: the restore

@@ -1516,31 +1516,24 @@ fn held_body(api: &str, token: &str, tenant: &str, declared: usize, sent: usize)
     stream
 }
 
-/// Bodies still arriving are held to the shard's pool and charged to their caller: one
-/// tenant's held bodies get 429 past its count and its half of the pool, never taking
-/// another tenant's writes down (which got `507 memory_full` when such bodies pinned
-/// the memory budget); a body sent slower than the minimum rate gets 408.
-#[test]
-fn bodies_held_open_are_bounded_per_caller_and_paced() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let token_file = dir.path().join("admin-token");
+/// A one-shard server of 64 connections with an admin token and `extra` flags, and
+/// tenants `hog` and `calm`, each with an `items` table and an API key: the server and
+/// the two keys.
+fn hog_and_calm(dir: &std::path::Path, extra: &[&str]) -> (Server, String, String) {
+    let token_file = dir.join("admin-token");
     let admin = "hostile-test-admin-token-0123456789";
     std::fs::write(&token_file, format!("{admin}\n")).expect("token");
-    let server = Server::start(
-        &dir.path().join("data"),
-        &[
-            "--shards",
-            "1",
-            "--admin-token-file",
-            token_file.to_str().expect("utf-8"),
-            "--memory-budget-bytes",
-            "268435456",
-            "--max-body-bytes",
-            "2097152",
-            "--max-connections",
-            "64",
-        ],
-    );
+    let token_arg = token_file.to_str().expect("utf-8");
+    let mut args = vec![
+        "--shards",
+        "1",
+        "--admin-token-file",
+        token_arg,
+        "--max-connections",
+        "64",
+    ];
+    args.extend_from_slice(extra);
+    let server = Server::start(&dir.join("data"), &args);
     let as_admin = |method: &str, path: &str, body: Option<Value>| {
         let body = body.map(|b| b.to_string());
         common::request_as(
@@ -1566,7 +1559,28 @@ fn bodies_held_open_are_bounded_per_caller_and_paced() {
         assert_eq!(key.status, 201, "{key:?}");
         keys.push(key.body["key"].as_str().expect("key").to_string());
     }
-    let (hog, calm) = (&keys[0], &keys[1]);
+    let calm = keys.pop().expect("calm's key");
+    let hog = keys.pop().expect("hog's key");
+    (server, hog, calm)
+}
+
+/// Bodies still arriving are held to the shard's pool and charged to their caller: one
+/// tenant's held bodies get 429 past its count and its half of the pool, never taking
+/// another tenant's writes down (which got `507 memory_full` when such bodies pinned
+/// the memory budget); a body sent slower than the minimum rate gets 408.
+#[test]
+fn bodies_held_open_are_bounded_per_caller_and_paced() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, hog, calm) = hog_and_calm(
+        dir.path(),
+        &[
+            "--memory-budget-bytes",
+            "268435456",
+            "--max-body-bytes",
+            "2097152",
+        ],
+    );
+    let (hog, calm) = (&hog, &calm);
     let calm_write = |id: i64| {
         let body = json!({"ops": [{"upsert": {"id": id, "name": "calm", "batch": 1}}]});
         common::request_as(
@@ -1644,46 +1658,8 @@ fn read_answer(stream: &mut TcpStream) -> String {
 #[test]
 fn large_answers_read_slowly_are_bounded_per_caller() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let token_file = dir.path().join("admin-token");
-    let admin = "hostile-test-admin-token-0123456789";
-    std::fs::write(&token_file, format!("{admin}\n")).expect("token");
-    let server = Server::start(
-        &dir.path().join("data"),
-        &[
-            "--shards",
-            "1",
-            "--admin-token-file",
-            token_file.to_str().expect("utf-8"),
-            "--max-connections",
-            "64",
-        ],
-    );
-    let as_admin = |method: &str, path: &str, body: Option<Value>| {
-        let body = body.map(|b| b.to_string());
-        common::request_as(
-            method,
-            &format!("{}{path}", server.api),
-            body.as_deref(),
-            admin,
-        )
-    };
-    let mut keys = Vec::new();
-    for tenant in ["hog", "calm"] {
-        assert_eq!(
-            as_admin("POST", "/v1/tenants", Some(json!({"tenant": tenant}))).status,
-            201
-        );
-        let table = as_admin(
-            "POST",
-            &format!("/v1/tenants/{tenant}/tables"),
-            Some(common::items_table()),
-        );
-        assert_eq!(table.status, 201, "{table:?}");
-        let key = as_admin("POST", &format!("/v1/tenants/{tenant}/keys"), None);
-        assert_eq!(key.status, 201, "{key:?}");
-        keys.push(key.body["key"].as_str().expect("key").to_string());
-    }
-    let (hog, calm) = (&keys[0], &keys[1]);
+    let (server, hog, calm) = hog_and_calm(dir.path(), &[]);
+    let (hog, calm) = (&hog, &calm);
     // 12 MB of rows: an answer far past what the sockets' buffers take.
     let name = "n".repeat(50_000);
     for batch in 0..12 {
@@ -1732,7 +1708,7 @@ fn large_answers_read_slowly_are_bounded_per_caller() {
     };
     assert_eq!(refused.body["error"]["code"], "tenant_busy", "{refused:?}");
     let message = refused.body["error"]["message"].as_str().unwrap_or("");
-    assert!(message.contains("16 answers"), "{message}");
+    assert!(message.contains("16 reads"), "{message}");
     let other = ask("calm", calm);
     assert_eq!(other.status, 200, "another tenant is served");
     drop(unread);

@@ -143,7 +143,8 @@ impl Drop for BodyHold {
 }
 
 thread_local! {
-    /// Per caller: answers larger than hyper's buffer still being sent on this shard.
+    /// Per caller: requests being answered, and answers larger than hyper's buffer
+    /// still being sent, on this shard.
     static SENDING: RefCell<HashMap<String, usize>> = RefCell::default();
 }
 
@@ -151,35 +152,38 @@ thread_local! {
 /// for long; larger ones are counted while they are sent.
 pub const HELD_ANSWER_BYTES: usize = 64 << 10;
 
-/// A large answer still being sent, counted against its caller on this shard: a reader
-/// that takes them slowly holds a connection each, and one tenant's key held 314 of a
-/// server's 1,024 connections that way.
+/// A read whose answer may be large (`/ask`, a row), then that answer while it is sent
+/// when it is large, counted against its caller on this shard: a reader that takes
+/// large answers slowly holds a connection each, and one tenant's key held 314 of a
+/// server's 1,024 connections that way. Taken when the request is admitted (counted
+/// only once the answer was built, a burst of requests all got in), and dropped with a
+/// small answer.
 pub struct AnswerHold(String);
 
 impl AnswerHold {
-    /// Refuses (429) a request of a caller that already has
-    /// [`ApiLimits::bodies_per_caller`] large answers being sent on this shard.
-    pub fn admit(caller: &BodyCaller, limits: &ApiLimits) -> Result<(), ApiError> {
-        let sending = SENDING.with(|s| s.borrow().get(&caller.0).copied().unwrap_or(0));
-        if sending < limits.bodies_per_caller {
-            return Ok(());
-        }
-        Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "tenant_busy",
-            format!(
-                "{} already has {sending} answers of over {} KiB being sent from this server \
-                 shard, its limit (a quarter of the shard's connections); read them first",
-                shown(&caller.0),
-                HELD_ANSWER_BYTES >> 10
-            ),
-        ))
-    }
-
-    /// Counts an answer of `caller`'s until the hold is dropped.
-    pub fn hold(caller: BodyCaller) -> AnswerHold {
-        SENDING.with(|s| *s.borrow_mut().entry(caller.0.clone()).or_default() += 1);
-        AnswerHold(caller.0)
+    /// Counts a read of `caller`'s, or refuses it (429) when the caller already has
+    /// [`ApiLimits::bodies_per_caller`] such reads or large answers on this shard.
+    pub fn take(caller: &BodyCaller, limits: &ApiLimits) -> Result<AnswerHold, ApiError> {
+        SENDING.with(|s| {
+            let mut s = s.borrow_mut();
+            let held = s.entry(caller.0.clone()).or_default();
+            if *held >= limits.bodies_per_caller {
+                let count = *held;
+                return Err(ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "tenant_busy",
+                    format!(
+                        "{} already has {count} reads (`/ask`, rows) running, or answers of \
+                         over {} KiB still being sent, on this server shard: its limit (a \
+                         quarter of the shard's connections); read them first",
+                        shown(&caller.0),
+                        HELD_ANSWER_BYTES >> 10
+                    ),
+                ));
+            }
+            *held += 1;
+            Ok(AnswerHold(caller.0.clone()))
+        })
     }
 }
 

@@ -205,15 +205,12 @@ impl SlicedBody {
         }
     }
 
-    /// An answer of `caller`'s, counted against it while it is sent when it is larger
+    /// An answer, which keeps its request's hold while it is sent when it is larger
     /// than hyper's buffer.
-    fn answer(whole: Bytes, caller: Option<body::BodyCaller>) -> SlicedBody {
-        let held = caller
-            .filter(|_| whole.len() > body::HELD_ANSWER_BYTES)
-            .map(body::AnswerHold::hold);
+    fn answer(whole: Bytes, hold: Option<body::AnswerHold>) -> SlicedBody {
         SlicedBody {
+            _held: hold.filter(|_| whole.len() > body::HELD_ANSWER_BYTES),
             rest: whole,
-            _held: held,
         }
     }
 }
@@ -291,7 +288,7 @@ pub async fn handle(
             ),
         ))
     };
-    // Whom the answer is for, once the dispatcher knows.
+    // The caller's hold on the request and its answer, once the dispatcher knows it.
     let answered_to = Cell::new(None);
     let answer = if route == "watch" && method == Method::GET {
         // Only the opening runs under the deadline; the stream lives on its own terms.
@@ -497,11 +494,12 @@ async fn dispatch(
     ctx: &ApiContext,
     req: Request<Incoming>,
     request_id: &str,
-    answered_to: &Cell<Option<body::BodyCaller>>,
+    answered_to: &Cell<Option<body::AnswerHold>>,
 ) -> Answer {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let s = segments(&path);
+    check_framing_headers(&req)?;
     if s == ["v1", "openapi.json"] && method == Method::GET {
         // The contract is public: a client reads it before it has credentials.
         return Ok((
@@ -530,7 +528,6 @@ async fn dispatch(
             ));
         }
     }
-    check_framing_headers(&req)?;
     let router = &*ctx.router;
     let access = &h::Access {
         caller: auth::identify(req.headers(), &ctx.auth)?,
@@ -556,8 +553,10 @@ async fn dispatch(
         }
     }
     let caller = body::BodyCaller::of(&access.caller);
-    body::AnswerHold::admit(&caller, &ctx.limits)?;
-    answered_to.set(Some(caller.clone()));
+    // The routes whose answers a tenant's key can make large (rows as JSON).
+    if matches!(route_name(&method, &path), "ask" | "row_get") {
+        answered_to.set(Some(body::AnswerHold::take(&caller, &ctx.limits)?));
+    }
     let mut req = req;
     if has_body(&req) {
         req.extensions_mut().insert(caller);
@@ -572,6 +571,7 @@ async fn dispatch(
         }
         (["v1", "tenants", t], &Method::GET) => h::usage(router, h::tenant_id(t)?, access).await,
         (["v1", "tenants", t], &Method::DELETE) => {
+            drop_body(ctx, req).await?;
             let tenant = h::tenant_id(t)?;
             let did = Did::new("tenant.drop", Some(t), None);
             let run = h::drop_tenant(router, tenant, access);
@@ -623,6 +623,7 @@ async fn dispatch(
             audited(ctx, access, request_id, did, run).await
         }
         (["v1", "tenants", t, "keys", key_id], &Method::DELETE) => {
+            drop_body(ctx, req).await?;
             let tenant = h::tenant_id(t)?;
             let did = Did::new("key.revoke", Some(t), Some(key_id));
             let run = h::revoke_key(router, tenant, key_id.to_string(), access);
@@ -652,6 +653,7 @@ async fn dispatch(
             h::get_migration(router, h::tenant_id(t)?, id, access).await
         }
         (["v1", "tenants", t, "migrations", id, "abort"], &Method::POST) => {
+            drop_body(ctx, req).await?;
             let tenant = h::tenant_id(t)?;
             let did = Did::new("migration.abort", Some(t), Some(id));
             let run = h::abort_migration(router, tenant, id, access);
@@ -661,6 +663,7 @@ async fn dispatch(
             h::describe_table(router, h::tenant_id(t)?, table.to_string(), access).await
         }
         (["v1", "tenants", t, "tables", table], &Method::DELETE) => {
+            drop_body(ctx, req).await?;
             let tenant = h::tenant_id(t)?;
             let did = Did::new("table.drop", Some(t), Some(table));
             let run = h::drop_table(router, tenant, table.to_string(), access);
@@ -1036,6 +1039,17 @@ fn check_framing_headers<B>(req: &Request<B>) -> Result<(), ApiError> {
         }
     }
     Ok(())
+}
+
+/// Reads and drops the body of a request whose route takes none: hyper closes a
+/// keep-alive connection whose request body was left unread, without saying so, and
+/// the client's next request on it fails.
+async fn drop_body(ctx: &ApiContext, req: Request<Incoming>) -> Result<(), ApiError> {
+    if !has_body(&req) {
+        return Ok(());
+    }
+    let _hold = body::BodyHold::enter(body::BodyCaller::from(&req), &ctx.limits)?;
+    body::drain(req.into_body(), ctx.limits.max_body_bytes, &ctx.limits).await
 }
 
 /// Reads a JSON body within the size limit, the body deadline and pace, and the
