@@ -487,6 +487,27 @@ pub fn follow_epochs(
     Ok(followed)
 }
 
+/// A writer's directory from before lineages were recorded, that began its own history
+/// (no epoch recorded, so no restore or promotion made it, and it follows no writer):
+/// its lineage is its own id, recorded now so its followers and archive learn it.
+/// Any other layout is returned as it is.
+pub fn record_own_lineage(data_dir: &Path, layout: Layout) -> Result<Layout, EngineError> {
+    if layout.lineage.is_some() || !layout.epochs.is_empty() || layout.follows.is_some() {
+        return Ok(layout);
+    }
+    let recorded = Layout {
+        lineage: Some(layout.id),
+        ..layout
+    };
+    write_layout(data_dir, &recorded).map_err(|e| {
+        EngineError::Layout(format!(
+            "cannot record the lineage in {}: {e}",
+            data_dir.display()
+        ))
+    })?;
+    Ok(recorded)
+}
+
 /// Records that `data_dir` (laid out as `layout`) starts epoch `start` (a follower's
 /// promotion), and returns the new layout, which follows no writer any more. The epoch
 /// must be above every one recorded.

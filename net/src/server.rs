@@ -154,6 +154,12 @@ pub fn run(config: ServerConfig) -> Result<()> {
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
             let layout = oc_engine::placement::ensure_layout(&config.data_dir, shards)
                 .context("checking the data directory")?;
+            let layout = if role == Role::Writer {
+                oc_engine::placement::record_own_lineage(&config.data_dir, layout)
+                    .context("checking the data directory")?
+            } else {
+                layout
+            };
             (layout, None)
         }
         (Role::Follower { leader }, Some(addr)) => follower_layout(

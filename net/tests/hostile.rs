@@ -1708,7 +1708,7 @@ fn large_answers_read_slowly_are_bounded_per_caller() {
     };
     assert_eq!(refused.body["error"]["code"], "tenant_busy", "{refused:?}");
     let message = refused.body["error"]["message"].as_str().unwrap_or("");
-    assert!(message.contains("16 reads"), "{message}");
+    assert!(message.contains("16 answers"), "{message}");
     let other = ask("calm", calm);
     assert_eq!(other.status, 200, "another tenant is served");
     drop(unread);

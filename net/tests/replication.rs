@@ -3367,25 +3367,41 @@ fn a_watch_resume_on_a_promoted_follower_never_follows_the_dead_branch() {
         assert_eq!(written.status, 200, "{written:?}");
     }
     common::wait_until_archived(&follower, 2);
-    let events = watch_events(
-        &follower,
-        "alpha",
-        &format!("1-{shared}"),
-        Duration::from_secs(3),
-    );
-    let changed = |wanted: i64| {
-        events
-            .iter()
-            .any(|(event, data, _)| event == "change" && data["key"]["id"] == wanted)
-    };
-    assert!(
-        !changed(500),
-        "the dead writer's change is never replayed: {events:?}"
-    );
-    assert!(
-        changed(600) || events.iter().any(|(event, ..)| event == "reset"),
-        "the promoted writer's change is replayed, or the stream starts over: {events:?}"
-    );
+    // From the archive: the promoted writer's own history (its namespace), and below
+    // the branch point the root's, never the dead writer's frames past it.
+    for (after, earlier) in [(shared, None), (shared - 3, Some(shared - 1))] {
+        let events = watch_events(
+            &follower,
+            "alpha",
+            &format!("1-{after}"),
+            Duration::from_secs(3),
+        );
+        let changed = |wanted: i64| {
+            events
+                .iter()
+                .any(|(event, data, _)| event == "change" && data["key"]["id"] == wanted)
+        };
+        assert!(
+            !changed(500),
+            "the dead writer's change is never replayed: {events:?}"
+        );
+        assert!(
+            changed(600),
+            "the promoted writer's change is replayed: {events:?}"
+        );
+        assert!(
+            !events.iter().any(|(event, ..)| event == "reset"),
+            "{events:?}"
+        );
+        if let Some(lsn) = earlier {
+            // Row ids 0..10 were written at LSNs shared-9..=shared.
+            let id = 9 - (shared - lsn) as i64;
+            assert!(
+                changed(id),
+                "the shared history is replayed too: {events:?}"
+            );
+        }
+    }
 }
 
 /// A follower never takes up a writer of another database: two writers that each

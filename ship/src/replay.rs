@@ -129,7 +129,13 @@ pub fn frames_on_history(
                     ArchiveRead::Frames(frames)
                 });
             }
-            ArchiveRead::NotHeld { oldest: held } => oldest = oldest.or(held),
+            // The lowest any timeline holds: what a reset says the archive reaches.
+            ArchiveRead::NotHeld { oldest: held } => {
+                oldest = match (oldest, held) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+            }
         }
     }
     Ok(ArchiveRead::NotHeld { oldest })

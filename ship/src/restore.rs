@@ -1058,7 +1058,12 @@ fn restore_shard(
             let usable = (plan.older.iter())
                 .position(|p| p.stops_early.is_none() || plan.stops_early.is_some());
             let Some(at) = usable else {
-                return Err(damaged);
+                // A snapshot gone with nothing older may have been deleted by a live
+                // writer's retention meanwhile: the caller says to run the restore again.
+                return Err(match fetched {
+                    Err(vanished @ PitrError::Vanished { .. }) => vanished,
+                    _ => damaged,
+                });
             };
             drop(fetched);
             let (older, rest) = (&plan.older[at], &plan.older[at + 1..]);

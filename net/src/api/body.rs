@@ -143,47 +143,82 @@ impl Drop for BodyHold {
 }
 
 thread_local! {
-    /// Per caller: requests being answered, and answers larger than hyper's buffer
-    /// still being sent, on this shard.
-    static SENDING: RefCell<HashMap<String, usize>> = RefCell::default();
+    /// Per API key's tenant on this shard: `/ask` and row reads running, and their
+    /// answers larger than hyper's buffer still being sent.
+    static SENDING: RefCell<HashMap<String, Reads>> = RefCell::default();
+}
+
+#[derive(Default)]
+struct Reads {
+    running: usize,
+    large: usize,
 }
 
 /// Answers at most this large go to hyper's buffer at once and never hold a connection
 /// for long; larger ones are counted while they are sent.
 pub const HELD_ANSWER_BYTES: usize = 64 << 10;
 
-/// A read whose answer may be large (`/ask`, a row), then that answer while it is sent
-/// when it is large, counted against its caller on this shard: a reader that takes
-/// large answers slowly holds a connection each, and one tenant's key held 314 of a
-/// server's 1,024 connections that way. Taken when the request is admitted (counted
-/// only once the answer was built, a burst of requests all got in), and dropped with a
-/// small answer.
-pub struct AnswerHold(String);
+/// A read of an API key's whose answer may be large (`/ask`, a row), then that answer
+/// while it is sent when it is large: a reader that takes large answers slowly holds a
+/// connection each, and one tenant's key held 314 of a server's 1,024 connections that
+/// way. A caller has at most [`ApiLimits::bodies_per_caller`] (a quarter of the
+/// shard's connections) large answers being sent, and its running reads and those
+/// together at most `--max-in-flight-per-tenant`: counted from admission, so a burst
+/// of reads cannot all get in before the first answer is built.
+pub struct AnswerHold {
+    caller: String,
+    large: bool,
+}
 
 impl AnswerHold {
-    /// Counts a read of `caller`'s, or refuses it (429) when the caller already has
-    /// [`ApiLimits::bodies_per_caller`] such reads or large answers on this shard.
+    /// Counts a read of `caller`'s, or refuses it (429) past either bound.
     pub fn take(caller: &BodyCaller, limits: &ApiLimits) -> Result<AnswerHold, ApiError> {
         SENDING.with(|s| {
             let mut s = s.borrow_mut();
-            let held = s.entry(caller.0.clone()).or_default();
-            if *held >= limits.bodies_per_caller {
-                let count = *held;
-                return Err(ApiError::new(
+            let reads = s.entry(caller.0.clone()).or_default();
+            let refused = |what: String| {
+                ApiError::new(
                     StatusCode::TOO_MANY_REQUESTS,
                     "tenant_busy",
-                    format!(
-                        "{} already has {count} reads (`/ask`, rows) running, or answers of \
-                         over {} KiB still being sent, on this server shard: its limit (a \
-                         quarter of the shard's connections); read them first",
-                        shown(&caller.0),
-                        HELD_ANSWER_BYTES >> 10
-                    ),
-                ));
+                    format!("{} {what}; read them first", shown(&caller.0)),
+                )
+            };
+            if reads.large >= limits.bodies_per_caller {
+                return Err(refused(format!(
+                    "already has {} answers of over {} KiB still being sent from this \
+                     server shard, its limit (a quarter of the shard's connections)",
+                    reads.large,
+                    HELD_ANSWER_BYTES >> 10
+                )));
             }
-            *held += 1;
-            Ok(AnswerHold(caller.0.clone()))
+            if reads.running + reads.large >= limits.max_in_flight_per_tenant {
+                return Err(refused(format!(
+                    "already has {} reads (`/ask`, rows) running or being sent on this \
+                     server shard, its limit (--max-in-flight-per-tenant)",
+                    reads.running + reads.large
+                )));
+            }
+            reads.running += 1;
+            Ok(AnswerHold {
+                caller: caller.0.clone(),
+                large: false,
+            })
         })
+    }
+
+    /// The hold an answer of `len` bytes keeps while it is sent: none when it is small.
+    pub fn answering(mut self, len: usize) -> Option<AnswerHold> {
+        if len <= HELD_ANSWER_BYTES {
+            return None;
+        }
+        SENDING.with(|s| {
+            if let Some(reads) = s.borrow_mut().get_mut(&self.caller) {
+                reads.running -= 1;
+                reads.large += 1;
+            }
+        });
+        self.large = true;
+        Some(self)
     }
 }
 
@@ -191,10 +226,14 @@ impl Drop for AnswerHold {
     fn drop(&mut self) {
         SENDING.with(|s| {
             let mut s = s.borrow_mut();
-            if let Some(n) = s.get_mut(&self.0) {
-                *n -= 1;
-                if *n == 0 {
-                    s.remove(&self.0);
+            if let Some(reads) = s.get_mut(&self.caller) {
+                if self.large {
+                    reads.large -= 1;
+                } else {
+                    reads.running -= 1;
+                }
+                if reads.running == 0 && reads.large == 0 {
+                    s.remove(&self.caller);
                 }
             }
         });
