@@ -1390,9 +1390,7 @@ fn verify_shard(
             .filter_map(|c| c.completed_us)
             .min();
         let earliest = if first == Lsn(1) { Some(0) } else { earliest };
-        // A checkpoint that completed after the run's last commit restores from its
-        // completion on: the window is that instant, not one ending before it starts.
-        v.window = earliest.map(|e| (e, last_commit.max(e)));
+        v.window = earliest.map(|e| (e, last_commit));
     } else if let Some(c) = catalog.checkpoints.last() {
         v.window = Some((c.restorable_from_us(), c.restorable_from_us()));
     }
