@@ -427,6 +427,28 @@ pub fn create_layout_with_epochs(
     Ok(layout)
 }
 
+/// Refuses a writer (`writer`, whose history began in data directory `writers`) that
+/// holds another database than `layout`'s: both lineages known and different.
+pub fn check_lineage(
+    layout: &Layout,
+    writer: DataDirId,
+    writers: Option<DataDirId>,
+) -> Result<(), EngineError> {
+    match (layout.lineage, writers) {
+        (Some(own), Some(writers)) if own != writers => Err(EngineError::Layout(format!(
+            "the writer (data directory {writer}) holds another database: its history \
+             began in data directory {writers}, this directory's in {own}{}. Check \
+             --leader-addr (and --archive); to follow this writer, start on an empty \
+             data directory",
+            layout
+                .follows
+                .map(|f| format!(", and it follows data directory {f}"))
+                .unwrap_or_default()
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// A follower takes on the epochs its writer (`writer`) went through: `epochs` must
 /// continue the ones `layout` (this directory's, as read at start) records, each
 /// recorded the same; the layout file is rewritten with them when they add any, or when
@@ -438,20 +460,7 @@ pub fn follow_epochs(
     (epochs, lineage): (Vec<EpochStart>, Option<DataDirId>),
     writer: DataDirId,
 ) -> Result<Layout, EngineError> {
-    if let (Some(own), Some(writers)) = (layout.lineage, lineage) {
-        if own != writers {
-            return Err(EngineError::Layout(format!(
-                "the writer (data directory {writer}) holds another database: its history \
-                 began in data directory {writers}, this directory's in {own}{}. Check \
-                 --leader-addr (and --archive); to follow this writer, start on an empty \
-                 data directory",
-                layout
-                    .follows
-                    .map(|f| format!(", and it follows data directory {f}"))
-                    .unwrap_or_default()
-            )));
-        }
-    }
+    check_lineage(layout, writer, lineage)?;
     // The same history: epochs and where they start (a promotion's lease epoch is
     // recorded in its own directory only, never sent to followers).
     let same = |a: &EpochStart, b: &EpochStart| a.epoch == b.epoch && a.first_lsn == b.first_lsn;

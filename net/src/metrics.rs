@@ -1031,13 +1031,13 @@ fn add_shipping_families(families: &mut Vec<MetricFamily>, ship: &ShipMetrics) {
     );
 }
 
-/// Adds one downstream's breaker to the `oc_circuit_open` families, which the first
+/// Adds one downstream's breaker to the `oc_circuit_*` families, which the first
 /// downstream creates (one family per name in an exposition).
 fn add_circuit(families: &mut Vec<MetricFamily>, downstream: &str, open: bool, opened: u64) {
     let labels = || vec![label("downstream", downstream)];
     let series = [
         (
-            "oc_circuit_open",
+            "oc_circuit_breaker_open",
             "1 while the breaker on a downstream is open (the archive: no attempts until it \
              half-opens; replication: writes refused at once until the followers catch up).",
             MetricType::GAUGE,

@@ -287,6 +287,30 @@ fn bad_input_gets_the_documented_error_and_the_server_keeps_serving() {
     raw.read_to_string(&mut answers).expect("answers");
     assert_eq!(answers.matches("HTTP/1.1 ").count(), 2, "{answers}");
     assert!(answers.contains("{\"pong\":true}"), "{answers}");
+    // So is a GET's: the public ones and the tenant's reads.
+    for path in ["/v1/ping", "/v1/openapi.json", "/v1/tenants/acme/tables"] {
+        let mut raw = TcpStream::connect(addr).expect("connect");
+        raw.write_all(
+            format!(
+                "GET {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+                 content-length: 2\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .expect("head");
+        std::thread::sleep(Duration::from_millis(50));
+        raw.write_all(b"{}").expect("body");
+        std::thread::sleep(Duration::from_millis(50));
+        raw.write_all(b"GET /v1/ping HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .expect("the connection is still open");
+        let mut answers = String::new();
+        raw.read_to_string(&mut answers).expect("answers");
+        assert_eq!(
+            answers.matches("HTTP/1.1 200").count(),
+            2,
+            "{path}: {answers}"
+        );
+    }
     // A client's request id is echoed.
     let echoed = agent
         .get(&format!("{}/v1/tenants/nobody/usage", server.api))

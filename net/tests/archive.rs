@@ -337,6 +337,21 @@ fn a_restore_that_stops_at_a_gap_exits_3() {
     let restored = restore_latest(&uri, &dir.path().join("restored"));
     assert_eq!(restored.code, Some(3), "{restored:?}");
     assert!(restored.stderr.contains("stopped at a gap"), "{restored:?}");
+    // `verify` names the same window: up to the gap, not "nothing restorable".
+    let verified = oc_pitr(&["verify", "--archive", &uri, "--output", "json"]);
+    assert_eq!(verified.code, Some(1), "the gap is a problem: {verified:?}");
+    let report: serde_json::Value = serde_json::from_str(&verified.stdout).expect("JSON");
+    let gapped: Vec<_> = report["shards"]
+        .as_array()
+        .expect("shards")
+        .iter()
+        .filter(|s| s["restorable_to_gap"] == true)
+        .collect();
+    assert_eq!(gapped.len(), 1, "{report}");
+    assert!(gapped[0]["restorable_to"].is_string(), "{report}");
+    assert!(gapped[0]["restorable_from"].is_string(), "{report}");
+    let text = oc_pitr(&["verify", "--archive", &uri]);
+    assert!(text.stdout.contains("(a gap follows"), "{text:?}");
 }
 
 /// Restoring to an instant between two writes brings back exactly the writes

@@ -103,6 +103,12 @@ fn exit_codes_follow_the_error_class() {
     // 5: not found.
     let missing = oc(&server, admin, &["rows", "get", "acme", "items", "9"]);
     assert_eq!(code(&missing), 5, "{}", stderr(&missing));
+    // Named like every other error from the server: status and code.
+    assert!(
+        stderr(&missing).contains("404 row_not_found"),
+        "{}",
+        stderr(&missing)
+    );
     assert_eq!(code(&oc(&server, admin, &["usage", "nobody"])), 5);
     // 2: usage, before anything is sent: a dot segment, bad JSON, a bad URL, a token
     // no header can carry.

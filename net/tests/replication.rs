@@ -563,7 +563,11 @@ fn without_a_follower_synchronous_writes_are_refused_or_degraded_as_configured()
     let circuit = |scrape: &str, name: &str| {
         scrape_value(scrape, &format!("{name}{{downstream=\"replication\"}}"))
     };
-    assert_eq!(circuit(&scrape, "oc_circuit_open"), Some(1.0), "{scrape}");
+    assert_eq!(
+        circuit(&scrape, "oc_circuit_breaker_open"),
+        Some(1.0),
+        "{scrape}"
+    );
     assert_eq!(
         circuit(&scrape, "oc_circuit_open_total"),
         Some(1.0),
@@ -603,7 +607,11 @@ fn without_a_follower_synchronous_writes_are_refused_or_degraded_as_configured()
     let (_, scrape) = refusing.ops_get("/metrics");
     promtool_check(&scrape);
     // The follower caught up: the circuit closed.
-    assert_eq!(circuit(&scrape, "oc_circuit_open"), Some(0.0), "{scrape}");
+    assert_eq!(
+        circuit(&scrape, "oc_circuit_breaker_open"),
+        Some(0.0),
+        "{scrape}"
+    );
     let timeouts: f64 = (0..4)
         .filter_map(|s| {
             scrape_value(
@@ -3447,7 +3455,7 @@ fn a_follower_refuses_a_writer_of_another_database() {
     let after = std::fs::read_to_string(follower_dir.join("oc-layout.json")).expect("layout");
     assert_eq!(before, after, "the refused start changed nothing");
     // Its writer again: it follows as before.
-    let follower = follower_on(&follower_dir, &x_leader, &archive_x, &[]);
+    let mut follower = follower_on(&follower_dir, &x_leader, &archive_x, &[]);
     wait_until_matches(&follower, &model);
     // A follower restored from X's archive knows X's history too.
     common::wait_until_archived(&x, 2);
@@ -3477,4 +3485,32 @@ fn a_follower_refuses_a_writer_of_another_database() {
     .err()
     .expect("a writer of another database refused");
     assert!(refused.contains("another database"), "{refused}");
+    // Then its writer's address reaches another database's writer (X gone, Z started
+    // there): the streams ask the writer before they follow, and the follower ends
+    // rather than place Z's frames after X's.
+    x.terminate();
+    let archive_z = format!("file://{}", dir.path().join("archive-z").display());
+    let z = Server::start(
+        &dir.path().join("z"),
+        &[
+            "--shards",
+            "2",
+            "--replication-listen",
+            &x_leader,
+            "--archive",
+            &archive_z,
+        ],
+    );
+    assert_eq!(z.replication.as_deref(), Some(x_leader.as_str()));
+    setup_tenants(&z);
+    write_rows(&z, &Model::default(), 200, 10);
+    let status = follower
+        .wait_exit(Duration::from_secs(30))
+        .expect("the follower ends");
+    assert_eq!(status.code(), Some(6), "{}", follower.stderr());
+    assert!(
+        follower.stderr().contains("another database"),
+        "{}",
+        follower.stderr()
+    );
 }

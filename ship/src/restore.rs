@@ -1213,6 +1213,8 @@ pub struct ShardVerified {
     pub notes: Vec<String>,
     /// The earliest and latest instants a restore of this shard can reach.
     pub window: Option<(u64, u64)>,
+    /// The window ends at a gap: the archive lists later commits no restore reaches.
+    pub window_ends_at_gap: bool,
 }
 
 /// How many listings of a shard `verify` reads at most while a live writer keeps
@@ -1382,17 +1384,35 @@ fn verify_shard(
         }
         progress(&format!("shard {shard}: {key} ok"));
     }
-    if let Some(&(first, last, last_commit)) = runs.last() {
+    // A restore starts at a checkpoint (or the log's first LSN) and replays up to the
+    // first gap, so the window is the newest run a restore can start in.
+    let start_of = |&(first, last, _): &(Lsn, Lsn, u64)| {
         let earliest = catalog
             .checkpoints
             .iter()
             .filter(|c| c.lsn.next() >= first && c.lsn <= last)
             .filter_map(|c| c.completed_us)
             .min();
-        let earliest = if first == Lsn(1) { Some(0) } else { earliest };
-        v.window = earliest.map(|e| (e, last_commit));
-    } else if let Some(c) = catalog.checkpoints.last() {
-        v.window = Some((c.restorable_from_us(), c.restorable_from_us()));
+        if first == Lsn(1) {
+            Some(0)
+        } else {
+            earliest
+        }
+    };
+    let startable = runs
+        .iter()
+        .enumerate()
+        .rev()
+        .find_map(|(i, run)| start_of(run).map(|start| (i, start, run.2)));
+    if let Some((i, start, last_commit)) = startable {
+        // A checkpoint that completed after the run's last commit restores as of its
+        // completion: the window is that instant, never one ending before it starts.
+        v.window = Some((start, last_commit.max(start)));
+        v.window_ends_at_gap = i + 1 < runs.len();
+    } else if runs.is_empty() {
+        if let Some(c) = catalog.checkpoints.last() {
+            v.window = Some((c.restorable_from_us(), c.restorable_from_us()));
+        }
     }
     Ok((v, vanished))
 }

@@ -254,20 +254,20 @@ fn shown(caller: &str) -> String {
 /// or passes `--body-read-timeout-ms`, and with 413 past `max` (read on up to
 /// [`OVER_LIMIT_DRAIN_BYTES`] past it, so its sender reads the answer).
 pub async fn read_paced(
-    body: Incoming,
+    mut body: Incoming,
     max: usize,
     hold: &mut BodyHold,
     held_ahead: bool,
     limits: &ApiLimits,
 ) -> Result<Bytes, ApiError> {
-    paced(body, max, Some(hold), held_ahead, limits).await
+    paced(&mut body, max, Some(hold), held_ahead, limits).await
 }
 
 /// Reads what is left of a body declared a little over `max` (at most
 /// [`OVER_LIMIT_DRAIN_BYTES`] past it) and drops it, at the same pace as any body, so a
 /// client still sending it reads its 413 (count it among its caller's bodies with a
 /// [`BodyHold`] meanwhile).
-pub async fn drain(body: Incoming, max: usize, limits: &ApiLimits) -> Result<(), ApiError> {
+pub async fn drain(body: &mut Incoming, max: usize, limits: &ApiLimits) -> Result<(), ApiError> {
     match paced(body, max, None, true, limits).await {
         Err(e) if e.status == StatusCode::PAYLOAD_TOO_LARGE => Ok(()),
         other => other.map(|_| ()),
@@ -276,7 +276,7 @@ pub async fn drain(body: Incoming, max: usize, limits: &ApiLimits) -> Result<(),
 
 /// [`read_paced`], keeping nothing when `hold` is `None`.
 async fn paced(
-    mut body: Incoming,
+    body: &mut Incoming,
     max: usize,
     mut hold: Option<&mut BodyHold>,
     held_ahead: bool,

@@ -494,7 +494,7 @@ const OPENAPI_JSON: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/openapi.js
 
 async fn dispatch(
     ctx: &ApiContext,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     request_id: &str,
     answered_to: &Cell<Option<body::AnswerHold>>,
 ) -> Answer {
@@ -503,6 +503,7 @@ async fn dispatch(
     let s = segments(&path);
     if s == ["v1", "openapi.json"] && method == Method::GET {
         // The contract is public: a client reads it before it has credentials.
+        drop_body(ctx, &mut req).await?;
         return Ok((
             StatusCode::OK,
             h::Body::Encoded(Bytes::from_static(OPENAPI_JSON)),
@@ -512,6 +513,7 @@ async fn dispatch(
         // The data port's own liveness, and the floor `oc-bench http` measures the
         // engine's requests against: the whole HTTP path (accept, parse, route, the
         // request's metrics and log line, respond) and no engine state.
+        drop_body(ctx, &mut req).await?;
         return Ok((
             StatusCode::OK,
             h::Body::Encoded(Bytes::from_static(b"{\"pong\":true}")),
@@ -561,9 +563,12 @@ async fn dispatch(
     {
         answered_to.set(Some(body::AnswerHold::take(&caller, &ctx.limits)?));
     }
-    let mut req = req;
     if has_body(&req) {
         req.extensions_mut().insert(caller);
+        if method == Method::GET || method == Method::HEAD {
+            // No read route takes a body: drained, so the connection stays usable.
+            drop_body(ctx, &mut req).await?;
+        }
     }
     match (s.as_slice(), &method) {
         (["v1", "tenants"], &Method::GET) => h::list_tenants(router, access).await,
@@ -575,7 +580,7 @@ async fn dispatch(
         }
         (["v1", "tenants", t], &Method::GET) => h::usage(router, h::tenant_id(t)?, access).await,
         (["v1", "tenants", t], &Method::DELETE) => {
-            drop_body(ctx, req).await?;
+            drop_body(ctx, &mut req).await?;
             let tenant = h::tenant_id(t)?;
             let did = Did::new("tenant.drop", Some(t), None);
             let run = h::drop_tenant(router, tenant, access);
@@ -627,7 +632,7 @@ async fn dispatch(
             audited(ctx, access, request_id, did, run).await
         }
         (["v1", "tenants", t, "keys", key_id], &Method::DELETE) => {
-            drop_body(ctx, req).await?;
+            drop_body(ctx, &mut req).await?;
             let tenant = h::tenant_id(t)?;
             let did = Did::new("key.revoke", Some(t), Some(key_id));
             let run = h::revoke_key(router, tenant, key_id.to_string(), access);
@@ -657,7 +662,7 @@ async fn dispatch(
             h::get_migration(router, h::tenant_id(t)?, id, access).await
         }
         (["v1", "tenants", t, "migrations", id, "abort"], &Method::POST) => {
-            drop_body(ctx, req).await?;
+            drop_body(ctx, &mut req).await?;
             let tenant = h::tenant_id(t)?;
             let did = Did::new("migration.abort", Some(t), Some(id));
             let run = h::abort_migration(router, tenant, id, access);
@@ -667,7 +672,7 @@ async fn dispatch(
             h::describe_table(router, h::tenant_id(t)?, table.to_string(), access).await
         }
         (["v1", "tenants", t, "tables", table], &Method::DELETE) => {
-            drop_body(ctx, req).await?;
+            drop_body(ctx, &mut req).await?;
             let tenant = h::tenant_id(t)?;
             let did = Did::new("table.drop", Some(t), Some(table));
             let run = h::drop_table(router, tenant, table.to_string(), access);
@@ -1048,19 +1053,19 @@ fn check_framing_headers<B>(req: &Request<B>) -> Result<(), ApiError> {
 /// Reads and drops the body of a request whose route takes none: hyper closes a
 /// keep-alive connection whose request body was left unread, without saying so, and
 /// the client's next request on it fails.
-async fn drop_body(ctx: &ApiContext, req: Request<Incoming>) -> Result<(), ApiError> {
-    if !has_body(&req) {
+async fn drop_body(ctx: &ApiContext, req: &mut Request<Incoming>) -> Result<(), ApiError> {
+    if !has_body(req) {
         return Ok(());
     }
-    let _hold = body::BodyHold::enter(body::BodyCaller::from(&req), &ctx.limits)?;
-    body::drain(req.into_body(), ctx.limits.max_body_bytes, &ctx.limits).await
+    let _hold = body::BodyHold::enter(body::BodyCaller::from(&*req), &ctx.limits)?;
+    body::drain(req.body_mut(), ctx.limits.max_body_bytes, &ctx.limits).await
 }
 
 /// Reads a JSON body within the size limit, the body deadline and pace, and the
 /// shard's pool of bodies being received (`body.rs`), and parses it.
 async fn read_json<T: for<'de> serde::Deserialize<'de>>(
     ctx: &ApiContext,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Result<T, ApiError> {
     let types = req.headers().get_all(CONTENT_TYPE);
     if types.iter().count() > 1 {
@@ -1117,7 +1122,7 @@ async fn read_json<T: for<'de> serde::Deserialize<'de>>(
         if declared.is_some_and(|n| n <= max as u64 + OVER_LIMIT_DRAIN_BYTES) {
             // Counted among the caller's bodies and held to their pace; nothing kept.
             let _hold = body::BodyHold::enter(body::BodyCaller::from(&req), &ctx.limits)?;
-            body::drain(req.into_body(), max, &ctx.limits).await?;
+            body::drain(req.body_mut(), max, &ctx.limits).await?;
             return Err(too_large());
         }
         return Err(ApiError {

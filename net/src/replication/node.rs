@@ -350,6 +350,7 @@ impl Node {
             status: self.status.clone(),
             on_diverged: self.on_diverged.clone(),
             api_role: self.api_role.clone(),
+            layout: self.layout.clone(),
         });
         let mut tasks = self.tasks.borrow_mut();
         for shard in 0..router.shards() {

@@ -393,6 +393,9 @@ pub struct Receiver {
     pub on_diverged: OnDiverged,
     /// Told when the writer takes a shard's position (reads may then rely on LSNs).
     pub api_role: Option<std::sync::Arc<super::ApiRole>>,
+    /// This directory's layout: a writer must share its lineage (checked on every
+    /// connection, since the address may reach another database's writer by then).
+    pub layout: oc_engine::placement::LiveLayout,
 }
 
 /// What a follower does when its writer says its log left the writer's history.
@@ -475,6 +478,7 @@ async fn follow_once(receiver: &Receiver, shard: usize) -> Result<(), String> {
         })
         .await
         .map_err(|e| e.to_string())?;
+    check_writer(receiver).await?;
     let stream = TcpStream::connect_timeout(receiver.addr, CONNECT_TIMEOUT)
         .await
         .map_err(|e| format!("connecting to {}: {e}", receiver.leader))?;
@@ -504,6 +508,33 @@ async fn follow_once(receiver: &Receiver, shard: usize) -> Result<(), String> {
     };
     let stream = futures_lite::future::or(handshake, deadline).await?;
     exchange(receiver, shard, stream, position).await
+}
+
+/// Asks the writer for its layout before a stream: one of another database (reached at
+/// a start that could not ask, or put at the address since) ends this process, as at
+/// start, rather than have its frames placed after this log's.
+async fn check_writer(receiver: &Receiver) -> Result<(), String> {
+    use oc_engine::placement::{check_lineage, DataDirId};
+    let (leader, addr) = (receiver.leader.clone(), receiver.addr);
+    let (token, tls) = (receiver.token.clone(), receiver.tls.clone());
+    let writer = glommio::executor()
+        .spawn_blocking(move || fetch_layout(&leader, addr, "new", token.as_deref(), tls.as_ref()))
+        .await
+        .map_err(|e| match e {
+            LayoutError::Unreachable(why) | LayoutError::Refused(why) => why,
+        })?;
+    let Some(writer_id) = DataDirId::parse(&writer.data_dir_id) else {
+        return Err(format!(
+            "the writer at {} named a data directory that is not an id",
+            receiver.leader
+        ));
+    };
+    let lineage = writer.lineage.as_deref().and_then(DataDirId::parse);
+    if let Err(e) = check_lineage(&receiver.layout.current(), writer_id, lineage) {
+        (receiver.on_diverged)(&format!("the writer at {}: {e}", receiver.leader));
+        return Err(e.to_string());
+    }
+    Ok(())
 }
 
 /// Why TLS with the writer failed, with the likely fix.

@@ -512,6 +512,7 @@ const SEED_NAMES_WITH_SHORT_UNITS: [&str; 3] = [
 /// Runs `promtool check metrics` on a scrape. CI installs promtool; without it (a
 /// developer machine) the lint is skipped loudly and the rest of the test still runs.
 pub fn promtool_check(scrape: &str) {
+    assert_openmetrics_names_distinct(scrape);
     let child = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
@@ -561,6 +562,37 @@ pub fn promtool_check(scrape: &str) {
         output.status.success() || !findings.trim().is_empty(),
         "promtool failed without saying why"
     );
+}
+
+/// Families whose OpenMetrics names collide: a counter `x_total` is family `x` there, and
+/// a histogram `x` owns `x_bucket`, `x_count`, `x_sum` and `x_created`, so another family
+/// by one of those names makes an OpenMetrics parser refuse the whole scrape.
+pub fn assert_openmetrics_names_distinct(scrape: &str) {
+    let families: Vec<(&str, &str)> = scrape
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.split_once(' '))
+        .collect();
+    let names: std::collections::HashSet<&str> = families.iter().map(|(name, _)| *name).collect();
+    for (name, kind) in &families {
+        let taken: Vec<String> = match *kind {
+            "counter" => {
+                let base = name.strip_suffix("_total").unwrap_or(name);
+                vec![base.to_string(), format!("{base}_created")]
+            }
+            "histogram" | "summary" => ["bucket", "count", "sum", "created"]
+                .iter()
+                .map(|suffix| format!("{name}_{suffix}"))
+                .collect(),
+            _ => Vec::new(),
+        };
+        for other in taken {
+            assert!(
+                other == *name || !names.contains(other.as_str()),
+                "the {kind} {name} and the family {other} collide in OpenMetrics"
+            );
+        }
+    }
 }
 
 /// A self-signed certificate for 127.0.0.1 and localhost, written as `cert.pem` and

@@ -328,6 +328,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                             "bytes": s.bytes,
                             "restorable_from": s.window.map(|(from, _)| when(from)),
                             "restorable_to": s.window.map(|(_, to)| when(to)),
+                            "restorable_to_gap": s.window_ends_at_gap,
                             "problems": s.problems,
                             "notes": s.notes,
                         })
@@ -352,10 +353,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 for s in shards {
                     match s.window {
                         Some((from, to)) => println!(
-                            "shard {}: restorable from {} to {}",
+                            "shard {}: restorable from {} to {}{}",
                             s.shard,
                             when(from),
-                            when(to)
+                            when(to),
+                            if s.window_ends_at_gap {
+                                " (a gap follows: later commits are not restorable)"
+                            } else {
+                                ""
+                            }
                         ),
                         None => println!("shard {}: nothing restorable", s.shard),
                     }

@@ -508,7 +508,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 None => {
                     return Err(Failure {
                         code: 5,
-                        message: format!("table {table:?} has no row with that key"),
+                        message: format!(
+                            "404 row_not_found: table {table:?} has no row with that key"
+                        ),
                     })
                 }
             }
