@@ -8,6 +8,8 @@ structure, that every metric it reads is documented in OPERATIONS.md, and (with
 promtool) that every query returns data from a real oc-server's scrape.
 """
 import json
+import re
+
 rows = [
  ("Overview", [
    ("Requests/s by route", "sum by (route) (rate(oc_http_requests_total[5m]))", "reqps", "{{route}}"),
@@ -41,7 +43,7 @@ rows = [
  ("Archive", [
    ("Archive lag (RPO)", "oc_archive_lag_seconds", "s", "shard {{shard}}"),
    ("Archive failures/s by kind", "sum by (kind) (rate(oc_archive_failures_total[5m]))", "short", "{{kind}}"),
-   ("Circuit open", "oc_circuit_open", "short", "{{downstream}}"),
+   ("Circuit open", "oc_circuit_breaker_open", "short", "{{downstream}}"),
  ]),
  ("/watch", [
    ("Open streams", "oc_watch_streams", "short", "streams"),
@@ -57,12 +59,28 @@ rows = [
    ("CPU", "rate(process_cpu_seconds_total[5m])", "short", "cores"),
    ("Open files", ["process_open_fds", "process_max_fds"], "short", ["open", "limit"]),
  ]),
+ ("Replication", [
+   ("Frames not yet applied (writer: its furthest-behind follower)", "max by (instance, role, shard) (oc_replication_applied_lag_lsn)", "short", "{{instance}} {{role}} shard {{shard}}"),
+   ("Replication streams connected", "sum by (instance, role) (oc_replication_connected)", "short", "{{instance}} {{role}}"),
+ ]),
  ("Audit and tracing", [
    ("Audit log failures (10 min)", "sum(increase(oc_audit_failures_total[10m]))", "short", "failures"),
    ("OTLP spans exported/s", "sum(rate(oc_otlp_spans_exported_total[5m]))", "short", "exported"),
    ("OTLP spans dropped/s by reason", "sum by (reason) (rate(oc_otlp_spans_dropped_total[5m]))", "short", "{{reason}}"),
  ]),
 ]
+# Every metric selector gets the dashboard's server choice (the `instance` variable;
+# "All" is `.*`), so a writer's and its followers' series are not mixed unasked.
+SELECTOR = re.compile(r'\b((?:oc|process)_[A-Za-z0-9_]+)(\{([^}]*)\})?')
+
+
+def scoped(expr):
+    def one(m):
+        rest = "," + m.group(3) if m.group(3) else ""
+        return m.group(1) + '{instance=~"$instance"' + rest + "}"
+    return SELECTOR.sub(one, expr)
+
+
 panels = []
 pid = 1
 y = 0
@@ -73,7 +91,7 @@ for title, items in rows:
     for (ptitle, exprs, unit, legends) in items:
         if isinstance(exprs, str):
             exprs = [exprs]; legends = [legends]
-        targets = [{"refId": chr(ord('A')+i), "expr": e, "legendFormat": l, "datasource": {"type": "prometheus", "uid": "${datasource}"}} for i, (e, l) in enumerate(zip(exprs, legends))]
+        targets = [{"refId": chr(ord('A')+i), "expr": scoped(e), "legendFormat": l, "datasource": {"type": "prometheus", "uid": "${datasource}"}} for i, (e, l) in enumerate(zip(exprs, legends))]
         panels.append({
             "id": pid, "type": "timeseries", "title": ptitle,
             "datasource": {"type": "prometheus", "uid": "${datasource}"},
@@ -91,7 +109,7 @@ for title, items in rows:
 dash = {
   "title": "oc",
   "uid": "oc-overview",
-  "description": "oc storage engine: requests, SLO burn rates, /ask, storage, archive, /watch, limits, audit and tracing. Panels follow docs/OPERATIONS.md (metrics) and docs/RUNBOOK.md (alerts).",
+  "description": "oc storage engine: requests, SLO burn rates, /ask, storage, archive, /watch, limits, replication, audit and tracing. Panels follow docs/OPERATIONS.md (metrics) and docs/RUNBOOK.md (alerts).",
   "tags": ["oc"],
   "timezone": "utc",
   "schemaVersion": 39,
@@ -99,7 +117,12 @@ dash = {
   "editable": True,
   "refresh": "30s",
   "time": {"from": "now-6h", "to": "now"},
-  "templating": {"list": [{"name": "datasource", "type": "datasource", "query": "prometheus", "label": "Prometheus", "hide": 0, "refresh": 1, "options": []}]},
+  "templating": {"list": [
+    {"name": "datasource", "type": "datasource", "query": "prometheus", "label": "Prometheus", "hide": 0, "refresh": 1, "options": []},
+    {"name": "instance", "label": "Server", "type": "query", "datasource": {"type": "prometheus", "uid": "${datasource}"},
+     "query": "label_values(oc_build_info, instance)", "refresh": 2, "includeAll": True, "multi": True, "allValue": ".*",
+     "sort": 1, "hide": 0, "options": [], "current": {"selected": True, "text": ["All"], "value": ["$__all"]}},
+  ]},
   "annotations": {"list": []},
   "panels": panels,
 }

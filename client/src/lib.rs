@@ -28,7 +28,8 @@
 //! (`Client::builder("https://a:7070,https://b:7070")`): calls go to one of them and
 //! move on to the next when it refuses a write as not the writer (`421 not_leader`)
 //! or cannot be reached, so writes find the writer again after a failover or a
-//! switchover. A refusal that wrote nothing (a follower, a writer handing over) is
+//! switchover; a stream ([`Client::watch`]) moves on when its server cannot be
+//! reached or is shutting down. A refusal that wrote nothing (a follower, a writer handing over) is
 //! sent on whatever the write; one from a writer that lost its lease after logging
 //! the write only with an idempotency key. Reads that must see a write pass its `lsn`
 //! as [`ReadOptions::min_lsn`] (read-your-writes on a follower).
@@ -498,16 +499,34 @@ impl Client {
         if !query.is_empty() {
             path = format!("{path}?{}", query.join("&"));
         }
-        let mut request = self.request(Method::GET, &path);
-        if let Some(id) = &options.last_event_id {
-            request = request.header("last-event-id", id);
+        // Any server streams a tenant's changes: one that cannot serve it now moves the
+        // client on, each server tried once (as `call` does for a write refused as not
+        // the writer), so a stream resumes after a failover or a switchover.
+        let mut tried = 0;
+        loop {
+            let at = self.current.load(Ordering::Relaxed) % self.endpoints.len();
+            let mut request = self.request_to(&self.endpoints[at], Method::GET, &path);
+            if let Some(id) = &options.last_event_id {
+                request = request.header("last-event-id", id);
+            }
+            // The stream itself has no deadline; its head does.
+            let outcome = match tokio::time::timeout(self.timeout, request.send()).await {
+                Err(_) => Error::Timeout(self.timeout),
+                Ok(Err(e)) => Error::Transport(e),
+                Ok(Ok(response)) => match check(response).await {
+                    Ok(response) => return Ok(WatchStream::new(response)),
+                    Err(e) => e,
+                },
+            };
+            tried += 1;
+            if tried >= self.endpoints.len() || !stream_elsewhere(&outcome) {
+                return Err(outcome);
+            }
+            let next = (at + 1) % self.endpoints.len();
+            let _ = self
+                .current
+                .compare_exchange(at, next, Ordering::Relaxed, Ordering::Relaxed);
         }
-        // The stream itself has no deadline; its head does.
-        let response = tokio::time::timeout(self.timeout, request.send())
-            .await
-            .map_err(|_| Error::Timeout(self.timeout))??;
-        let response = check(response).await?;
-        Ok(WatchStream::new(response))
     }
 
     // --- operator ---
@@ -669,6 +688,19 @@ fn elsewhere(error: &Error, replay: Replay) -> bool {
         Error::Api { code, .. } => matches!(code, ErrorCode::NotLeader | ErrorCode::LsnNotApplied),
         Error::Transport(e) if e.is_connect() => true,
         Error::Transport(_) | Error::Timeout(_) => replay != Replay::Read,
+        Error::Decode(_) | Error::InvalidArgument(_) => false,
+    }
+}
+
+/// Whether another server may open the stream this one did not: it cannot be reached
+/// or answer in time, it is shutting down, or it serves as many streams as it may.
+fn stream_elsewhere(error: &Error) -> bool {
+    match error {
+        Error::Api { code, .. } => {
+            matches!(code, ErrorCode::ShuttingDown | ErrorCode::WatchServerLimit)
+        }
+        Error::Transport(e) => e.is_connect(),
+        Error::Timeout(_) => true,
         Error::Decode(_) | Error::InvalidArgument(_) => false,
     }
 }

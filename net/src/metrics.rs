@@ -308,7 +308,8 @@ fn control_families(control: &ControlMetrics) -> Vec<MetricFamily> {
         ),
         family(
             "oc_ready",
-            "1 when every shard has recovered and accepts writes (see /ready).",
+            "1 when /ready would answer 200: every shard recovered and serving (a writer \
+             holding its lease, a follower connected and caught up).",
             GAUGE,
             vec![gauge(vec![], f64::from(u8::from(control.ready)))],
         ),
@@ -438,8 +439,8 @@ fn replication_families(r: &crate::replication::ReplicationMetrics) -> Vec<Metri
     families.push(family(
         "oc_replication_applied_lag_lsn",
         "Frames the writer holds durable that the follower has not applied yet (a \
-         follower's view from the writer's last message; a writer's from the last \
-         acknowledgement).",
+         follower's view from the writer's last message; a writer's from the connected \
+         follower furthest behind).",
         GAUGE,
         lag,
     ));

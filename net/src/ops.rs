@@ -168,23 +168,20 @@ async fn handle(
     if req.method() == Method::HEAD {
         *req.method_mut() = Method::GET;
     }
-    let hosts = req.headers().get_all(hyper::header::HOST).iter().count();
-    let (route, response) = match (req.method(), req.uri().path()) {
-        // As on the data API (RFC 9112 §3.2).
-        _ if req.version() == hyper::Version::HTTP_11 && hosts != 1 => (
+    // As on the data API (RFC 9110 §10.1.1, RFC 9112 §3.2).
+    let framing = crate::api::check_framing_headers(&req).err();
+    let (route, response) = match (framing, req.method(), req.uri().path()) {
+        (Some(refused), ..) => (
             "ops_unknown",
-            ops_error(
-                StatusCode::BAD_REQUEST,
-                "invalid_headers",
-                format!("an HTTP/1.1 request has exactly one host header, this one has {hosts}"),
-            ),
+            ops_error(refused.status, refused.code, refused.message),
         ),
-        (&Method::GET, "/health") => ("health", health(&state)),
-        (&Method::GET, "/ready") => ("ready", ready(&state).await),
-        (&Method::GET, "/metrics") => ("metrics", metrics_page(&state).await),
-        (&Method::POST, "/v1/admin/promote") => ("promote", promote(&state, req).await),
-        (&Method::POST, "/v1/admin/step-down") => ("step_down", step_down(&state, req).await),
+        (None, &Method::GET, "/health") => ("health", health(&state)),
+        (None, &Method::GET, "/ready") => ("ready", ready(&state).await),
+        (None, &Method::GET, "/metrics") => ("metrics", metrics_page(&state).await),
+        (None, &Method::POST, "/v1/admin/promote") => ("promote", promote(&state, req).await),
+        (None, &Method::POST, "/v1/admin/step-down") => ("step_down", step_down(&state, req).await),
         (
+            None,
             _,
             path
             @ ("/health" | "/ready" | "/metrics" | "/v1/admin/promote" | "/v1/admin/step-down"),
@@ -204,7 +201,7 @@ async fn handle(
                 .insert(ALLOW, HeaderValue::from_static(allowed));
             ("ops_unknown", response)
         }
-        (_, path) => (
+        (None, _, path) => (
             "ops_unknown",
             ops_error(
                 StatusCode::NOT_FOUND,

@@ -255,6 +255,11 @@ fn bad_input_gets_the_documented_error_and_the_server_keeps_serving() {
             400,
             "invalid_headers",
         ),
+        ("host: a b\r\n", 400, "invalid_headers"),
+        ("host: a, b\r\n", 400, "invalid_headers"),
+        ("host: user@x\r\n", 400, "invalid_headers"),
+        // A valid host reaches the route (which refuses the empty batch).
+        ("host: [::1]:7070\r\n", 400, "invalid_row"),
     ] {
         let mut raw = TcpStream::connect(addr).expect("connect");
         let request = format!(
@@ -267,6 +272,24 @@ fn bad_input_gets_the_documented_error_and_the_server_keeps_serving() {
         assert!(
             answer.starts_with(&format!("HTTP/1.1 {status} ")) && answer.contains(code),
             "{head:?}: {answer}"
+        );
+    }
+    // The ops listener checks the same (a probe's request, as a proxy would pass it on).
+    let ops = server.ops.trim_start_matches("http://");
+    for (head, status) in [
+        ("host: x\r\nexpect: 200-ok\r\n", 417),
+        ("host: x\r\nhost: y\r\n", 400),
+        ("host: a b\r\n", 400),
+        ("host: x\r\n", 200),
+    ] {
+        let mut raw = TcpStream::connect(ops).expect("connect");
+        let request = format!("GET /health HTTP/1.1\r\n{head}connection: close\r\n\r\n");
+        raw.write_all(request.as_bytes()).expect("send");
+        let mut answer = String::new();
+        raw.read_to_string(&mut answer).expect("answer");
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status} ")),
+            "ops {head:?}: {answer}"
         );
     }
     // A body sent after its head to a route that takes none is read and dropped: the

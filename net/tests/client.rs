@@ -300,5 +300,26 @@ fn watch_streams_changes_as_typed_events() {
             Some(format!("1-{}", written.lsn).as_str()),
             "the batch's last event carries its id"
         );
+        // Given a server that is gone first, the stream opens on the next one.
+        let gone = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let gone_url = format!("https://{}", gone.local_addr().expect("addr"));
+        drop(gone);
+        let both = Client::builder(&format!("{gone_url},{}", tls.server.api))
+            .token(ADMIN)
+            .ca_cert_pem(tls.ca_pem.clone())
+            .build()
+            .expect("client");
+        let options = WatchOptions {
+            last_event_id: stream.last_event_id().map(str::to_string),
+            ..WatchOptions::default()
+        };
+        let mut resumed = both.watch("acme", &options).await.expect("watch");
+        let hello = resumed.next().await.expect("an event").expect("hello");
+        assert_eq!(hello.event, "hello");
+        assert_eq!(
+            both.base_url(),
+            tls.server.api,
+            "it stays on the one that answered"
+        );
     });
 }

@@ -41,6 +41,44 @@ fn queries(dashboard: &Value) -> Vec<(String, String)> {
     out
 }
 
+/// A query as Grafana sends it with every server chosen (the variable's `allValue`).
+fn every_server(expr: &str) -> String {
+    expr.replace("$instance", ".*")
+}
+
+#[test]
+fn every_query_is_scoped_to_the_chosen_servers() {
+    let d = dashboard();
+    let variable = d["templating"]["list"]
+        .as_array()
+        .expect("variables")
+        .iter()
+        .find(|v| v["name"] == "instance")
+        .expect("an instance variable")
+        .clone();
+    assert_eq!(variable["includeAll"], true);
+    assert_eq!(variable["allValue"], ".*");
+    for (title, expr) in queries(&d) {
+        let names = metric_names(&expr);
+        assert!(!names.is_empty(), "{title}: no metric in {expr}");
+        for name in names {
+            // Each use of the name as a whole word, and what follows it.
+            for (at, _) in expr.match_indices(name.as_str()) {
+                let before = expr[..at].chars().last();
+                let after = &expr[at + name.len()..];
+                let word = |c: char| c.is_ascii_alphanumeric() || c == '_';
+                if before.is_some_and(word) || after.starts_with(word) {
+                    continue;
+                }
+                assert!(
+                    after.starts_with("{instance=~\"$instance\""),
+                    "{title}: {name} is not scoped to the chosen servers in {expr}"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn the_dashboard_is_well_formed() {
     let d = dashboard();
@@ -127,7 +165,11 @@ fn input_series(scrape: &str) -> Vec<Value> {
 fn every_panel_query_returns_data_from_a_real_scrape() {
     let dir = tempfile::tempdir().expect("tempdir");
     // With the default archive, so the archive panels have their series.
-    let server = Server::start(&dir.path().join("data"), &[]);
+    // A writer (the replication panels read its series).
+    let server = Server::start(
+        &dir.path().join("data"),
+        &["--replication-listen", "127.0.0.1:0"],
+    );
     server.create_tenant_with_items("acme");
     let write = server.post(
         "/v1/tenants/acme/tables/items/rows",
@@ -148,7 +190,7 @@ fn every_panel_query_returns_data_from_a_real_scrape() {
     let mut checks = Vec::new();
     for (i, (title, expr)) in queries.iter().enumerate() {
         let record = format!("panel_{i}");
-        rules.push(json!({"record": record, "expr": expr}));
+        rules.push(json!({"record": record, "expr": every_server(expr)}));
         let alert = format!("PanelNoData{i}");
         rules.push(json!({"alert": alert, "expr": format!("absent({record})"), "labels": {"panel": title}}));
         checks.push(json!({"eval_time": "10m", "alertname": alert, "exp_alerts": []}));

@@ -329,6 +329,52 @@ fn a_follower_that_has_not_reached_its_writer_vouches_for_no_lsn() {
     assert_eq!(scrape_value(&scrape, "oc_ready"), Some(0.0), "{scrape}");
 }
 
+/// With two followers, the writer's lag is the one furthest behind: a follower that
+/// stopped answering shows while the other keeps up (it read the last acknowledgement's,
+/// which the live follower kept at 0).
+#[test]
+fn the_writers_lag_is_its_furthest_behind_followers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let writer = writer(&dir.path().join("writer"));
+    let leader = writer.replication.clone().expect("replication address");
+    setup_tenants(&writer);
+    let model: Model = Arc::default();
+    write_rows(&writer, &model, 0, 5);
+    let live = follower(&dir.path().join("live"), &leader);
+    let stalled = follower(&dir.path().join("stalled"), &leader);
+    wait_until_matches(&live, &model);
+    wait_until_matches(&stalled, &model);
+    let writer_lag = || {
+        let (_, scrape) = writer.ops_get("/metrics");
+        sum_over_shards(
+            &scrape,
+            "oc_replication_applied_lag_lsn",
+            "role=\"writer\"",
+            2,
+        )
+    };
+    let paused = common::Paused::stop(stalled.pid());
+    // Fewer writes than take the writer's silence limit (5 s) to give up on it.
+    write_rows(&writer, &model, 100, 3);
+    wait_until_matches(&live, &model);
+    let lag = writer_lag();
+    assert!(
+        paused.stopped_at().elapsed() < Duration::from_secs(5),
+        "too slow to tell: the writer may have dropped the stalled follower"
+    );
+    assert!(
+        lag >= 12.0,
+        "4 tenants × 3 rows unapplied by one follower: {lag}"
+    );
+    drop(paused);
+    wait_until_matches(&stalled, &model);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while writer_lag() > 0.0 {
+        assert!(Instant::now() < deadline, "the lag stays {}", writer_lag());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn a_follower_with_the_wrong_token_is_refused_at_start_saying_why() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -359,8 +405,24 @@ fn a_follower_with_the_wrong_token_is_refused_at_start_saying_why() {
             &leader,
             "--replication-token-file",
             token_file.to_str().expect("utf-8"),
+            "--admin-token-file",
+            token_file.to_str().expect("utf-8"),
         ],
     );
+    // Its API: only a caller with credentials learns that it is a follower (and where
+    // its writer is); a route that takes no such method is a 405 as on any server.
+    let tenants = format!("{}/v1/tenants", good.api);
+    let anonymous = common::request("POST", &tenants, Some("{}"));
+    assert_eq!(anonymous.status, 401, "{anonymous:?}");
+    assert!(
+        !anonymous.body.to_string().contains(&leader),
+        "{anonymous:?}"
+    );
+    let token = "writer-admin-token-0123456789";
+    let admin = common::request_as("POST", &tenants, Some("{}"), token);
+    assert_eq!(admin.status, 421, "{admin:?}");
+    let usage = common::request_as("POST", &format!("{tenants}/alpha/usage"), Some("{}"), token);
+    assert_eq!(usage.status, 405, "{usage:?}");
     drop(good);
     let refused = Server::try_start(
         &follower_dir,
@@ -2709,6 +2771,12 @@ fn a_switchover_hands_writes_to_the_follower_with_a_short_gap_and_the_old_writer
         .wait_exit(Duration::from_secs(10))
         .expect("the old writer exits");
     assert_eq!(status.code(), Some(5), "{}", writer.stderr());
+    // Saying what to do with an old writer, not with a copy of a directory.
+    assert!(
+        writer.stderr().contains("re-add it as its follower"),
+        "{}",
+        writer.stderr()
+    );
     let new_leader = follower.replication.clone().expect("replication address");
     write_rows(&follower, &model, 5_000, 10);
     let rejoined = follower_on(&dir.path().join("writer"), &new_leader, &archive, &[]);

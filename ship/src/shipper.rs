@@ -1558,32 +1558,38 @@ pub fn displaced_message(
     found: Result<Option<Lease>, LeaseError>,
 ) -> String {
     let key = lease::LEASE_KEY;
-    let what = match found {
+    let stopped = "This server no longer holds the archive and writes nothing more to it: two \
+                   writers would mix two histories there.";
+    match found {
         Ok(Some(lease)) if lease.owner_id == owner_id => format!(
             "another copy of this data directory took the archive's owner record ({key}): it is \
-             now held by {} (renewed at {}), and this server is {mine}",
+             now held by {} (renewed at {}), and this server is {mine}. {stopped} Keep one \
+             copy: stop the other, or give this one a new id and its own --archive",
             lease.holder,
             crate::timestamp::format_rfc3339(lease.renewed_at_us)
         ),
         Ok(Some(lease)) => format!(
             "the archive's owner record ({key}) was rewritten: it now names another data \
-             directory ({}, held by {}), and this server is {mine}, data directory id {owner_id}",
-            lease.owner_id, lease.holder
+             directory ({}, held by {}, lease epoch {}), and this server is {mine}, data \
+             directory id {owner_id}. {stopped} After a failover or a switchover that is the \
+             promoted writer: keep this server stopped, then re-add it as its follower \
+             (RUNBOOK.md \"Re-adding the old writer as a follower\"), never with an --archive \
+             of its own",
+            lease.owner_id, lease.holder, lease.epoch
         ),
         Ok(None) => format!(
             "the archive's owner record ({key}) was removed since this server's last renewal; \
-             this server is {mine}"
+             this server is {mine}. {stopped} Find out why before a restart, which would claim \
+             the archive again (an unmounted file system leaves an empty mount point: mount it \
+             again first; RUNBOOK.md \"The process exited with status 5\")"
         ),
         Err(e) => format!(
             "the archive's owner record ({key}) was rewritten since this server's last renewal \
-             and reading it again failed ({e}); this server is {mine}"
+             and reading it again failed ({e}); this server is {mine}. {stopped} Read the \
+             record ({key} at the archive's root) before a restart: RUNBOOK.md \"The process \
+             exited with status 5\""
         ),
-    };
-    format!(
-        "{what}. This server no longer holds the archive and writes nothing more to it: two \
-         writers would mix two histories there. Keep one copy: stop the other, or give this one \
-         a new id and its own --archive"
-    )
+    }
 }
 
 /// A shipping loop's last round, asked for at shutdown: the answer says whether every

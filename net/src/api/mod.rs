@@ -481,12 +481,14 @@ fn method_not_allowed(method: &Method, path: &str) -> ApiError {
 
 /// Whether a request changes state (a follower refuses it): every POST and DELETE
 /// but the reads and in-memory tokens that use POST.
-fn changes_state(segments: &[&str], method: &Method) -> bool {
+fn changes_state(path: &str, segments: &[&str], method: &Method) -> bool {
     let reads = matches!(
         segments,
         ["v1", "tenants", _, "ask"] | ["v1", "tenants", _, "watch-tokens"]
     );
-    (*method == Method::POST || *method == Method::DELETE) && !reads
+    // A route that does not take the method is a 404 or 405 wherever it is sent.
+    let exists = allowed_methods(path).is_some_and(|m| m.split(", ").any(|m| m == method));
+    (*method == Method::POST || *method == Method::DELETE) && !reads && exists
 }
 
 /// docs/openapi.yaml as JSON, converted by build.rs.
@@ -519,18 +521,6 @@ async fn dispatch(
             h::Body::Encoded(Bytes::from_static(b"{\"pong\":true}")),
         ));
     }
-    if let Some(role) = ctx.role.as_ref().filter(|r| r.is_follower()) {
-        if changes_state(&s, &method) {
-            let leader = &role.leader;
-            return Err(ApiError::not_leader(
-                false,
-                format!(
-                    "this server is a follower and serves reads only; send {method} {path} to \
-                 the writer (its replication address is {leader})"
-                ),
-            ));
-        }
-    }
     let router = &*ctx.router;
     let access = &h::Access {
         caller: auth::identify(req.headers(), &ctx.auth)?,
@@ -553,6 +543,19 @@ async fn dispatch(
                 }
                 _ => {} // its own tenant's route, or no such route
             }
+        }
+    }
+    // Only a caller who may ask learns that this is a follower, and where its writer is.
+    if let Some(role) = ctx.role.as_ref().filter(|r| r.is_follower()) {
+        if changes_state(&path, &s, &method) {
+            let leader = &role.leader;
+            return Err(ApiError::not_leader(
+                false,
+                format!(
+                    "this server is a follower and serves reads only; send {method} {path} to \
+                 the writer (its replication address is {leader})"
+                ),
+            ));
         }
     }
     let caller = body::BodyCaller::of(&access.caller);
@@ -1022,15 +1025,35 @@ fn refuse_unknown_encodings(headers: &hyper::HeaderMap) -> Result<(), ApiError> 
 }
 
 /// What RFC 9110/9112 make a server refuse that hyper lets through: an HTTP/1.1 request
-/// without exactly one `Host` (400), and an `Expect` other than `100-continue` (417).
-/// A proxy in front may read such a request otherwise than this server does.
-fn check_framing_headers<B>(req: &Request<B>) -> Result<(), ApiError> {
-    let hosts = req.headers().get_all(hyper::header::HOST).iter().count();
-    if req.version() == hyper::Version::HTTP_11 && hosts != 1 {
+/// without exactly one `Host`, or a `Host` that is not a host and port (400), and an
+/// `Expect` other than `100-continue` (417). A proxy in front may read such a request
+/// otherwise than this server does. The ops listener checks the same.
+pub(crate) fn check_framing_headers<B>(req: &Request<B>) -> Result<(), ApiError> {
+    let hosts = req.headers().get_all(hyper::header::HOST);
+    let count = hosts.iter().count();
+    if (req.version() == hyper::Version::HTTP_11 && count != 1) || count > 1 {
         return Err(ApiError::bad_request(
             "invalid_headers",
-            format!("an HTTP/1.1 request has exactly one host header, this one has {hosts}"),
+            format!("a request has exactly one host header (HTTP/1.1: one, HTTP/1.0: at most one), this one has {count}"),
         ));
+    }
+    for host in hosts {
+        // Empty is allowed: a target without an authority (RFC 9112 §3.2).
+        let valid = host.to_str().is_ok_and(|h| {
+            h.is_empty()
+                || (!h.contains('@')
+                    && h.parse::<hyper::http::uri::Authority>()
+                        .is_ok_and(|a| a.as_str() == h))
+        });
+        if !valid {
+            return Err(ApiError::bad_request(
+                "invalid_headers",
+                format!(
+                    "the host header {} is not a host[:port]",
+                    error::quoted_short(&String::from_utf8_lossy(host.as_bytes()))
+                ),
+            ));
+        }
     }
     for expect in req.headers().get_all(hyper::header::EXPECT) {
         if !expect

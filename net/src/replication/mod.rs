@@ -47,6 +47,16 @@ pub enum Role {
     },
 }
 
+/// A follower's stream of one shard, as its writer knows it.
+#[derive(Debug, Clone, Copy)]
+pub struct FollowerAck {
+    /// The connection: only the newest of a follower's counts.
+    pub conn: u64,
+    /// What it acknowledged last on it.
+    pub durable: Lsn,
+    pub applied: Lsn,
+}
+
 /// One shard's replication link, as the metrics and `/ready` see it.
 #[derive(Debug, Clone, Default)]
 pub struct ShardLink {
@@ -55,7 +65,7 @@ pub struct ShardLink {
     /// Follower: the writer's durable LSN as last heard. Writer: its own, as last sent.
     pub writer_durable: Lsn,
     /// Follower: what this server holds durable and has applied. Writer: what the
-    /// follower that acknowledged last holds.
+    /// furthest behind of the connected followers holds.
     pub durable: Lsn,
     pub applied: Lsn,
     /// Follower: when it last had everything the writer had told it of.
@@ -138,9 +148,9 @@ pub struct ReplicationStatus {
     pub role: RefCell<Role>,
     pub links: Vec<RefCell<ShardLink>>,
     /// Writer: per shard, each follower's (by its data directory id) current
-    /// connection and the durable LSN it acknowledged last on it, from which the
-    /// synchronous gate's position is read.
-    pub acks: Vec<RefCell<std::collections::BTreeMap<String, (u64, Lsn)>>>,
+    /// connection and what it acknowledged last on it, from which the synchronous
+    /// gate's position is read.
+    pub acks: Vec<RefCell<std::collections::BTreeMap<String, FollowerAck>>>,
     /// Follower: how many followers the writer said must confirm each write (its last
     /// heartbeat; 0: it may acknowledge without them).
     pub writer_confirmed_by: std::cell::Cell<u16>,
@@ -166,11 +176,25 @@ impl ReplicationStatus {
             .collect()
     }
 
+    /// Writer: the link's figures from the connected followers' acknowledgements (the
+    /// furthest behind counts: its lag is the one to alert on); kept as they were when
+    /// none is connected.
+    pub fn settle_link(&self, shard: usize) {
+        let acks = self.acks[shard].borrow();
+        let durable = acks.values().map(|ack| ack.durable).min();
+        let applied = acks.values().map(|ack| ack.applied).min();
+        if let (Some(durable), Some(applied)) = (durable, applied) {
+            let mut link = self.links[shard].borrow_mut();
+            link.durable = durable;
+            link.applied = applied;
+        }
+    }
+
     /// The LSN `replicas` follower streams of `shard` all hold durable (the
     /// `replicas`-th highest acknowledgement), if that many are open.
     pub fn held_by(&self, shard: usize, replicas: usize) -> Option<Lsn> {
         let acks = self.acks[shard].borrow();
-        let mut held: Vec<Lsn> = acks.values().map(|(_, lsn)| *lsn).collect();
+        let mut held: Vec<Lsn> = acks.values().map(|ack| ack.durable).collect();
         held.sort_unstable_by(|a, b| b.cmp(a));
         held.get(replicas.checked_sub(1)?).copied()
     }

@@ -501,7 +501,9 @@ impl Node {
                 .into_iter()
                 .filter(|id| {
                     status.acks.iter().zip(&last_lsn).all(|(acks, last)| {
-                        acks.borrow().get(id).is_some_and(|(_, lsn)| lsn.0 >= *last)
+                        acks.borrow()
+                            .get(id)
+                            .is_some_and(|ack| ack.durable.0 >= *last)
                     })
                 })
                 .collect()

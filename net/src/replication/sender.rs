@@ -464,9 +464,14 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     let ended = Rc::new(RefCell::new(None::<String>));
     let id = NEXT_CONNECTION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     // This connection replaces any older one of the same follower: only its acks count.
-    sender.status.acks[shard]
-        .borrow_mut()
-        .insert(follower_id.clone(), (id, after));
+    sender.status.acks[shard].borrow_mut().insert(
+        follower_id.clone(),
+        super::FollowerAck {
+            conn: id,
+            durable: after,
+            applied: after,
+        },
+    );
     let sent = Rc::new(Cell::new(after));
     let acks = glommio::spawn_local(read_acks(
         reader,
@@ -479,10 +484,11 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     drop(acks);
     {
         let mut acks = sender.status.acks[shard].borrow_mut();
-        if acks.get(&follower_id).is_some_and(|(conn, _)| *conn == id) {
+        if acks.get(&follower_id).is_some_and(|ack| ack.conn == id) {
             acks.remove(&follower_id);
         }
     }
+    sender.status.settle_link(shard);
     link.borrow_mut().connected -= 1;
     let ack_end = ended.borrow_mut().take();
     streamed.and(ack_end.map_or(Ok(()), Err))
@@ -703,18 +709,17 @@ async fn read_acks<S: AsyncRead + AsyncWrite + Unpin>(
                 // A follower cannot hold what it was not sent on this connection.
                 let (durable, applied) = (durable.min(sent.get()), applied.min(sent.get()));
                 {
-                    let mut link = status.links[shard].borrow_mut();
-                    link.durable = durable;
-                    link.applied = applied;
-                }
-                {
                     let mut acks = status.acks[shard].borrow_mut();
                     match acks.get_mut(&follower) {
-                        Some((conn, held)) if *conn == id => *held = durable,
+                        Some(ack) if ack.conn == id => {
+                            ack.durable = durable;
+                            ack.applied = applied;
+                        }
                         // A newer connection of this follower took over.
                         _ => break "replaced by a newer connection of the same follower".into(),
                     }
                 }
+                status.settle_link(shard);
                 let Some(replicas) = sender.sync.map(|p| p.replicas) else {
                     continue;
                 };

@@ -124,7 +124,13 @@ fn checkpoints(dir: &Path) -> anyhow::Result<ExitCode> {
                 dir.display()
             );
         }
-        if !dir.join(oc_engine::placement::SHARD_MARKER_FILE).exists() {
+        // A restored shard has its log but no marker until the server's first start.
+        let holds_log = std::fs::read_dir(dir)?.filter_map(Result::ok).any(|entry| {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with("wal-") && name.ends_with(".seg")
+        });
+        if !holds_log && !dir.join(oc_engine::placement::SHARD_MARKER_FILE).exists() {
             anyhow::bail!(
                 "{} holds no checkpoint and is not a shard directory (no {}): give \
                  <data-dir>/shard-<n>",

@@ -259,7 +259,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     println!(
                         // The pieces' keys give byte offsets only: where the tail
                         // ends is known once its frames are read (`verify`, restore).
-                        "  tail        LSN {:>12} ..   ({} piece(s), {} bytes of the active segment)",
+                        "  tail        LSN {:>12} on   ({} piece(s), {} bytes of the active segment; \
+                         `verify` reads where it ends)",
                         tail["first_lsn"], tail["pieces"], tail["bytes"]
                     );
                 }

@@ -113,8 +113,10 @@ enum Command {
     },
     /// Entries of the audit log (admin).
     Audit {
+        /// Only entries of this tenant.
         #[arg(long)]
         tenant: Option<String>,
+        /// Only entries of this action (e.g. table.create, key.revoke).
         #[arg(long)]
         action: Option<String>,
         /// RFC 3339.
@@ -123,6 +125,7 @@ enum Command {
         /// Entries after this seq: the next page after one that printed `--after N`.
         #[arg(long)]
         after: Option<u64>,
+        /// Entries per page (the server's default and cap apply).
         #[arg(long)]
         limit: Option<u32>,
     },
