@@ -306,9 +306,21 @@ impl Client {
             .await
     }
 
+    /// Every table of the tenant, page after page (a page holds about 256 KiB).
     pub async fn list_tables(&self, tenant: &str) -> Result<Vec<TableInfo>, Error> {
         let path = format!("/v1/tenants/{}/tables", segment(tenant)?);
-        self.get_list(&path, "tables").await
+        let mut tables = Vec::new();
+        let mut page_path = path.clone();
+        loop {
+            let mut answer: Value = self.get(&page_path).await?;
+            let page: Vec<TableInfo> = serde_json::from_value(answer["tables"].take())
+                .map_err(|e| Error::Decode(format!("GET {page_path}: tables: {e}")))?;
+            tables.extend(page);
+            match answer["next_after"].as_str() {
+                Some(last) => page_path = format!("{path}?after={}", encode(last)),
+                None => return Ok(tables),
+            }
+        }
     }
 
     pub async fn describe_table(&self, tenant: &str, table: &str) -> Result<TableInfo, Error> {

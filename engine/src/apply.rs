@@ -115,7 +115,7 @@ pub fn apply_logged(
             }
             state
                 .tenants
-                .insert(tenant.clone(), Tenant::new(tenant.clone()));
+                .insert(tenant.clone(), Tenant::created_at(tenant.clone(), lsn.0));
             Ok(Applied::TenantCreated)
         }
         Command::DropTenant => {

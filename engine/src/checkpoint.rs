@@ -618,17 +618,20 @@ async fn copy_tenant<S: Storage>(
     let tag = tenant.as_str().as_bytes();
     // API keys, like rows, are taken as they are now: replaying the log from the
     // checkpoint's LSN re-applies or refuses each key command, converging either way.
-    let (tables, api_keys): (Vec<(String, u64)>, Vec<u8>) = match state.borrow().tenants.get(tenant)
-    {
-        Some(t) => (
-            t.tables()
-                .map(|t| (t.schema().name.clone(), t.version()))
-                .collect(),
-            encode_api_keys(t),
-        ),
-        None => return Ok(0), // dropped meanwhile: the replay drops it too
-    };
-    out.push(KIND_TENANT, tag, &[CHECKPOINT_FORMAT_VERSION])?;
+    let (tables, api_keys, created): (Vec<(String, u64)>, Vec<u8>, u64) =
+        match state.borrow().tenants.get(tenant) {
+            Some(t) => (
+                t.tables()
+                    .map(|t| (t.schema().name.clone(), t.version()))
+                    .collect(),
+                encode_api_keys(t),
+                t.created_lsn(),
+            ),
+            None => return Ok(0), // dropped meanwhile: the replay drops it too
+        };
+    let mut head = vec![CHECKPOINT_FORMAT_VERSION];
+    head.extend_from_slice(&created.to_le_bytes());
+    out.push(KIND_TENANT, tag, &head)?;
     out.push(KIND_API_KEYS, tag, &api_keys)?;
     for payload in key_payloads(keys) {
         out.push(KIND_KEYS, tag, &payload)?;
@@ -1041,7 +1044,11 @@ fn decode_frame(
         }
         KIND_TENANT => {
             let id = tenant()?;
-            state.tenants.insert(id.clone(), Tenant::new(id));
+            // The creating LSN follows the version in checkpoints that record it.
+            let created = if r.remaining() > 0 { r.u64()? } else { 0 };
+            state
+                .tenants
+                .insert(id.clone(), Tenant::created_at(id, created));
         }
         KIND_TABLE => {
             let version = r.u64()?;

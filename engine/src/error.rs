@@ -52,7 +52,10 @@ pub enum EngineError {
          bytes; split it into smaller batches"
     )]
     BatchTooLarge { bytes: usize, limit: usize },
-    #[error("idempotency key {key:?} was first used with a different request body")]
+    #[error(
+        "idempotency key {key:?} was first used with a different request (another table, or \
+         another body); give each distinct write its own key"
+    )]
     IdempotencyConflict { key: String },
     #[error(
         "table {table:?} was dropped, created again or migrated while the write was in flight; retry it"

@@ -36,6 +36,10 @@ pub struct Tenant {
     migrations: Migrations,
     /// What this tenant's running queries and unsent answers hold.
     query_memory: TenantQueryMemory,
+    /// The LSN that created this tenant (0: not known, loaded from a checkpoint written
+    /// before it was recorded): frames before it belong to an earlier tenant of the
+    /// same name.
+    created_lsn: u64,
 }
 
 impl Tenant {
@@ -48,7 +52,21 @@ impl Tenant {
             api_keys: ApiKeys::default(),
             migrations: Migrations::default(),
             query_memory: TenantQueryMemory::default(),
+            created_lsn: 0,
         }
+    }
+
+    /// A tenant created by the command at `lsn`.
+    pub fn created_at(id: TenantId, lsn: u64) -> Self {
+        Tenant {
+            created_lsn: lsn,
+            ..Tenant::new(id)
+        }
+    }
+
+    /// The LSN that created this tenant; 0 when not known.
+    pub fn created_lsn(&self) -> u64 {
+        self.created_lsn
     }
 
     /// The share of the queries' memory this tenant's queries and answers count toward.
@@ -192,6 +210,16 @@ impl Tenant {
 
     pub fn tables(&self) -> impl Iterator<Item = &Table> {
         self.tables.values()
+    }
+
+    /// The tables named after `after` (all with `None`), in name order: a listing's
+    /// next page.
+    pub fn tables_after(&self, after: Option<&str>) -> impl Iterator<Item = &Table> {
+        use std::ops::Bound;
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        self.tables
+            .range::<str, _>((from, Bound::Unbounded))
+            .map(|(_, table)| table)
     }
 
     /// Validates the whole batch, then applies it: all rows or none. Without a log (tests

@@ -2,8 +2,8 @@
 //! semantics, limits, errors, EXPLAIN, and kNN against a brute-force reference.
 
 use oc_engine::query::{
-    ask_now, AskAnswer, AskLimits, Metric, QueryError, QueryErrorKind, MAX_LIKE_PER_QUERY,
-    MAX_QUERY_OPERATORS,
+    ask_now, AskAnswer, AskLimits, Metric, QueryError, QueryErrorKind, MAX_IN_ROW_ITEMS,
+    MAX_LIKE_PER_QUERY, MAX_QUERY_OPERATORS,
 };
 use oc_engine::{ColumnType, TableSchema, Tenant, TenantId, Value, WriteOp};
 use serde_json::{json, Value as Json};
@@ -583,6 +583,41 @@ fn flat_chains_of_every_operator_up_to_the_size_limit_are_refused_cleanly() {
         "(id + 1) * ".repeat(room / 11) + "1 = 1"
     );
     assert_eq!(err(&t, &mixed, vec![]).kind, QueryErrorKind::TooComplex);
+}
+
+/// `IN` items that read the row are compared on every row: their number is bounded,
+/// in an aggregating query too; a list of constants is not.
+#[test]
+fn in_lists_over_the_row_are_bounded() {
+    let t = tenant();
+    let list = |n: usize| vec!["name"; n].join(", ");
+    let at = format!(
+        "SELECT id FROM people WHERE name IN ({})",
+        list(MAX_IN_ROW_ITEMS)
+    );
+    run(&t, &at, vec![]);
+    let grouped = format!(
+        "SELECT name IN ({}), count(*) FROM people GROUP BY name IN ({})",
+        list(MAX_IN_ROW_ITEMS / 2),
+        list(MAX_IN_ROW_ITEMS / 2)
+    );
+    run(&t, &grouped, vec![]);
+    let past = format!(
+        "SELECT id FROM people WHERE name IN ({}) OR id IN (id)",
+        list(MAX_IN_ROW_ITEMS)
+    );
+    let e = err(&t, &past, vec![]);
+    assert_eq!(e.kind, QueryErrorKind::TooComplex, "{e}");
+    assert!(
+        e.message.contains(&format!("{MAX_IN_ROW_ITEMS} items")),
+        "{e}"
+    );
+    let constants: Vec<String> = (0..5000).map(|i| format!("'{i}'")).collect();
+    let sql = format!(
+        "SELECT id FROM people WHERE name IN ({})",
+        constants.join(", ")
+    );
+    run(&t, &sql, vec![]);
 }
 
 #[test]

@@ -286,3 +286,52 @@ fn a_tap_that_is_not_drained_is_closed_as_overflowed_and_writes_go_on() {
         assert_eq!(tap.end(), TapEnd::TenantDropped);
     });
 }
+
+/// Resumes read the log one at a time per shard, and one at a time per tenant before
+/// that: one tenant's many resumes queue behind each other, not in front of another
+/// tenant's (which waited behind all of them when the shard's turn was the only one).
+#[test]
+fn one_tenants_many_resumes_do_not_queue_in_front_of_anothers() {
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    run_local(async {
+        let (shard, _) = Shard::open(SimStorage::new(3, faults()), WalConfig::default())
+            .await
+            .expect("open");
+        let (busy, calm) = (tenant("busy"), tenant("calm"));
+        for t in [&busy, &calm] {
+            shard.create_tenant(t).await.expect("tenant");
+            shard.create_table(t, schema("items")).await.expect("table");
+            for id in 0..20 {
+                shard
+                    .write(t, "items", &[upsert(id, "a")], None)
+                    .await
+                    .expect("write");
+            }
+        }
+        let shard = Rc::new(shard);
+        let finished = Rc::new(RefCell::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for (i, t) in std::iter::repeat_n(&busy, 16).chain([&calm]).enumerate() {
+            let (shard, finished, t) = (shard.clone(), finished.clone(), t.clone());
+            tasks.push(glommio::spawn_local(async move {
+                let upto = shard.applied_lsn();
+                let read = shard.changes_after(&t, Lsn(0), upto).await.expect("read");
+                assert!(matches!(read, ChangesRead::Batches { .. }));
+                finished
+                    .borrow_mut()
+                    .push(if i == 16 { "calm" } else { "busy" });
+            }));
+        }
+        for task in tasks {
+            task.await;
+        }
+        let order = finished.borrow();
+        let calm_at = order.iter().position(|t| *t == "calm").expect("calm read");
+        assert!(
+            calm_at <= 2,
+            "the other tenant read {}th: {order:?}",
+            calm_at + 1
+        );
+    });
+}

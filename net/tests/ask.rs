@@ -391,5 +391,9 @@ fn a_query_past_its_deadline_is_a_503() {
     );
     setup(&server);
     let reply = ask(&server, "SELECT COUNT(*) FROM products", json!([]));
-    assert_error(&reply, 503, "query_timeout", "deadline of 0 ms");
+    assert_error(&reply, 413, "query_timeout", "deadline of 0 ms");
+    assert!(
+        reply.retry_after.is_none(),
+        "not retried as it is: {reply:?}"
+    );
 }

@@ -514,6 +514,41 @@ fn a_dropped_tenant_ends_its_streams_with_tenant_dropped() {
     assert_eq!(status, 404);
 }
 
+/// A tenant created again under a dropped one's name is another tenant: a resume from
+/// the start of the log never shows it the earlier one's changes or its drop, before a
+/// restart or after one (the checkpoint keeps where the tenant began).
+#[test]
+fn a_tenant_created_again_never_sees_the_earlier_ones_changes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let server = Server::start(&data, &["--archive", "none", "--shards", "1"]);
+    server.create_tenant_with_items("acme");
+    upsert(&server, "acme", &[1, 2, 3]);
+    assert_eq!(server.delete("/v1/tenants/acme").status, 200);
+    server.create_tenant_with_items("acme");
+    let lsn = upsert(&server, "acme", &[7]);
+    let from_start = |server: &Server| {
+        let mut sse = Sse::open(&watch_url(server, "acme", "?from_lsn=0"), &[]).expect("opens");
+        sse.read_until(Duration::from_secs(10), |e| {
+            e.event == "change" && e.data["lsn"] == json!(lsn) || e.event == "tenant_dropped"
+        })
+    };
+    let events = from_start(&server);
+    assert_eq!(changes(&events), vec![(lsn, 7)], "{events:?}");
+    assert!(
+        events.iter().all(|e| e.event != "tenant_dropped"),
+        "{events:?}"
+    );
+    assert!(server.terminate().success());
+    let server = Server::start(&data, &["--archive", "none", "--shards", "1"]);
+    let events = from_start(&server);
+    assert_eq!(
+        changes(&events),
+        vec![(lsn, 7)],
+        "after a restart: {events:?}"
+    );
+}
+
 /// Starts a server with 64 KiB stream buffers, opens one reader that stops reading and
 /// `stalled` more that never read a byte, writes 120 batches of 1,000 rows, and returns
 /// the server, the reader, the acknowledged (LSN, id) and how much its resident memory

@@ -12,7 +12,7 @@ use sqlparser::ast::{
 };
 
 use super::expr::{ArithOp, CmpOp, Expr, Metric};
-use super::{position, QueryError, QueryErrorKind};
+use super::{position, QueryError, QueryErrorKind, MAX_IN_ROW_ITEMS};
 use crate::schema::TableSchema;
 use crate::tenant::Tenant;
 use crate::value::Value;
@@ -168,6 +168,7 @@ pub fn bind(tenant: &Tenant, statement: &Statement) -> Result<Bound, QueryError>
         aliases,
         agg: None,
         clause: "WHERE",
+        row_items: 0,
     };
     let filter = select
         .selection
@@ -494,6 +495,8 @@ struct Binder<'a> {
     agg: Option<AggContext>,
     /// The clause being bound, for messages.
     clause: &'static str,
+    /// `IN` list items bound so far that read the row (each is compared on every row).
+    row_items: usize,
 }
 
 impl Binder<'_> {
@@ -526,6 +529,7 @@ impl Binder<'_> {
         if self.agg.is_some() && !contains_aggregate(e) {
             // In an aggregating query an expression is a group key, a constant, or
             // built from those and aggregates.
+            let counted = self.row_items;
             if let Ok(row) = self.bind_row(e) {
                 let agg = self.agg.as_ref().expect("checked above");
                 if let Some(i) = agg.group_by.iter().position(|g| *g == row) {
@@ -535,6 +539,8 @@ impl Binder<'_> {
                     return Ok(row);
                 }
             }
+            // Bound again below: counted there.
+            self.row_items = counted;
         }
         let b = |s: &mut Self, e: &ast::Expr| s.bind(e).map(Box::new);
         Ok(match e {
@@ -622,13 +628,25 @@ impl Binder<'_> {
                 target: ast::InTarget::List(list),
                 negated,
                 global: false,
-            } => Expr::InList(
-                b(self, expr)?,
-                list.iter()
+            } => {
+                let items: Vec<Expr> = list
+                    .iter()
                     .map(|x| self.bind(x))
-                    .collect::<Result<_, _>>()?,
-                *negated,
-            ),
+                    .collect::<Result<_, _>>()?;
+                self.row_items += items.iter().filter(|x| !x.is_constant()).count();
+                if self.row_items > MAX_IN_ROW_ITEMS {
+                    return Err(QueryError::new(
+                        QueryErrorKind::TooComplex,
+                        format!(
+                            "the query's IN lists hold more than {MAX_IN_ROW_ITEMS} items that \
+                             read the row{} (each is compared on every row; a list of \
+                             constants or parameters has no such limit)",
+                            position(e.span())
+                        ),
+                    ));
+                }
+                Expr::InList(b(self, expr)?, items, *negated)
+            }
             ast::Expr::Between {
                 expr,
                 negated,

@@ -252,6 +252,18 @@ impl Expr {
         constant
     }
 
+    /// Items of this expression's `IN` lists that read the row (each compared on every
+    /// row).
+    pub fn in_row_items(&self) -> usize {
+        let mut items = 0;
+        self.visit(&mut |e| {
+            if let Expr::InList(_, list, _) = e {
+                items += list.iter().filter(|x| !x.is_constant()).count();
+            }
+        });
+        items
+    }
+
     /// Calls `f` on this expression and every sub-expression.
     pub fn visit(&self, f: &mut impl FnMut(&Expr)) {
         super::with_stack(|| self.visit_node(f))

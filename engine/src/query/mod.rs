@@ -23,7 +23,9 @@ pub use cache::{PlanCache, PlanCacheStats, PLAN_CACHE_BYTES, PLAN_CACHE_ENTRIES}
 pub use exec::{shared_memory_refusal, AskAnswer, Execution};
 pub use expr::{param_from_json, Metric};
 pub use like::MAX_LIKE_PATTERN_CHARS;
-pub use normalize::{normalize, Normalized, MAX_LIKE_PER_QUERY, MAX_QUERY_OPERATORS};
+pub use normalize::{
+    normalize, Normalized, MAX_IN_ROW_ITEMS, MAX_LIKE_PER_QUERY, MAX_QUERY_OPERATORS,
+};
 pub use plan::{prepare, Prepared};
 
 use std::time::Duration;
@@ -117,7 +119,11 @@ pub enum QueryErrorKind {
     MemoryLimit,
     /// Past the bytes the running queries may hold together: retry shortly.
     MemoryBusy,
+    /// Past its deadline while it ran (`--ask-timeout-ms`): a limit of the query's own.
     Timeout,
+    /// Its deadline ran out while the tenant's other queries held its turns: retry
+    /// with fewer at once.
+    TurnsBusy,
     /// A stored row the running migration of its table cannot read in its new shape.
     MigrationConflict,
 }
@@ -140,6 +146,7 @@ impl QueryErrorKind {
             QueryErrorKind::MemoryLimit => "query_memory_exceeded",
             QueryErrorKind::MemoryBusy => "query_memory_busy",
             QueryErrorKind::Timeout => "query_timeout",
+            QueryErrorKind::TurnsBusy => "tenant_busy",
             QueryErrorKind::MigrationConflict => "migration_conflict",
         }
     }

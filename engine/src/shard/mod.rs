@@ -105,6 +105,9 @@ pub struct Shard<S: Storage> {
     queue: Rc<RefCell<ApplyQueue>>,
     feed: Rc<Feed>,
     replays: glommio::sync::Semaphore,
+    /// Per tenant with resumes waiting or reading: its one turn at `replays`, so that one
+    /// tenant's many resumes queue behind each other, not in front of other tenants'.
+    replay_turns: RefCell<HashMap<TenantId, Rc<glommio::sync::Semaphore>>>,
     /// Per tenant, the turns its running queries take at once ([`ASK_TURNS_PER_TENANT`]).
     ask_turns: RefCell<HashMap<TenantId, Rc<glommio::sync::Semaphore>>>,
     /// Queries that found their tenant's turns all taken, since start.
@@ -178,25 +181,27 @@ impl Drop for KeyedWrite {
 /// point read behind 200 slices (0.4 s); now behind at most this many of each tenant.
 pub const ASK_TURNS_PER_TENANT: u64 = 4;
 
-/// A tenant's turns to run queries on this shard, shared by its running queries; the
-/// last one done forgets them.
-struct AskTurns<'m> {
+/// A tenant's turns at something on this shard (running queries, reading the log for
+/// resumes), shared by those of its requests running or waiting; the last one done
+/// forgets them.
+struct TenantTurns<'m> {
     map: &'m RefCell<HashMap<TenantId, Rc<glommio::sync::Semaphore>>>,
     tenant: TenantId,
     turns: Rc<glommio::sync::Semaphore>,
 }
 
-impl<'m> AskTurns<'m> {
+impl<'m> TenantTurns<'m> {
     fn of(
         map: &'m RefCell<HashMap<TenantId, Rc<glommio::sync::Semaphore>>>,
         tenant: &TenantId,
+        per_tenant: u64,
     ) -> Self {
         let turns = map
             .borrow_mut()
             .entry(tenant.clone())
-            .or_insert_with(|| Rc::new(glommio::sync::Semaphore::new(ASK_TURNS_PER_TENANT)))
+            .or_insert_with(|| Rc::new(glommio::sync::Semaphore::new(per_tenant)))
             .clone();
-        AskTurns {
+        TenantTurns {
             map,
             tenant: tenant.clone(),
             turns,
@@ -204,9 +209,9 @@ impl<'m> AskTurns<'m> {
     }
 }
 
-impl Drop for AskTurns<'_> {
+impl Drop for TenantTurns<'_> {
     fn drop(&mut self) {
-        // Held by the map and this query alone: no other query runs or waits.
+        // Held by the map and this request alone: no other runs or waits.
         if Rc::strong_count(&self.turns) == 2 {
             self.map.borrow_mut().remove(&self.tenant);
         }
@@ -386,6 +391,7 @@ impl<S: Storage> Shard<S> {
                 queue,
                 feed,
                 replays: glommio::sync::Semaphore::new(1),
+                replay_turns: RefCell::default(),
                 ask_turns: RefCell::new(HashMap::new()),
                 ask_turn_waits: std::cell::Cell::new(0),
                 keyed_in_flight: Rc::default(),
@@ -806,7 +812,7 @@ impl<S: Storage> Shard<S> {
             (plan, cached, t.query_memory().clone())
         };
         let params = query::bind_params(&plan, params, normalized.literals)?;
-        let turns = AskTurns::of(&self.ask_turns, tenant);
+        let turns = TenantTurns::of(&self.ask_turns, tenant, ASK_TURNS_PER_TENANT);
         let asked = std::time::Instant::now();
         if turns.turns.available() == 0 {
             self.ask_turn_waits.set(self.ask_turn_waits.get() + 1);
@@ -819,7 +825,7 @@ impl<S: Storage> Shard<S> {
             .await;
         let Some(_turn) = waited else {
             return Err(QueryError::new(
-                QueryErrorKind::Timeout,
+                QueryErrorKind::TurnsBusy,
                 format!(
                     "the query waited its whole deadline of {} ms for a turn: tenant {tenant} \
                      runs at most {ASK_TURNS_PER_TENANT} queries at once on a shard, and its \

@@ -276,15 +276,21 @@ pub async fn handle(
     } else {
         ctx.limits.request_deadline
     };
+    let reads = method == Method::GET;
     let deadline_exceeded = async {
         glommio::timer::sleep(deadline).await;
         Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "deadline_exceeded",
             format!(
-                "the request did not finish within {} ms; a write may or may not have been \
-                 applied: retry it with the same idempotency_key",
-                deadline.as_millis()
+                "the request did not finish within {} ms; {}",
+                deadline.as_millis(),
+                if reads {
+                    "a read changes nothing: retry it"
+                } else {
+                    "a write may or may not have been applied: retry it with the same \
+                     idempotency_key"
+                }
             ),
         ))
     };
@@ -559,11 +565,15 @@ async fn dispatch(
         }
     }
     let caller = body::BodyCaller::of(&access.caller);
-    // The routes whose answers a tenant's key can make large (rows as JSON); the admin
+    // The routes whose answers a tenant's key can make large (rows as JSON, a listing
+    // of wide tables); the admin
     // and callers without credentials (authentication off) are trusted.
-    if matches!(access.caller, Caller::Key(_))
-        && matches!(route_name(&method, &path), "ask" | "row_get")
-    {
+    let large_answer = match route_name(&method, &path) {
+        "ask" | "row_get" => true,
+        "tables" => method == Method::GET,
+        _ => false,
+    };
+    if matches!(access.caller, Caller::Key(_)) && large_answer {
         answered_to.set(Some(body::AnswerHold::take(&caller, &ctx.limits)?));
     }
     if has_body(&req) {
@@ -642,7 +652,8 @@ async fn dispatch(
             audited(ctx, access, request_id, did, run).await
         }
         (["v1", "tenants", t, "tables"], &Method::GET) => {
-            h::list_tables(router, h::tenant_id(t)?, access).await
+            let after = listing_query(req.uri().query())?;
+            h::list_tables(router, h::tenant_id(t)?, after, access).await
         }
         (["v1", "tenants", t, "tables"], &Method::POST) => {
             let tenant = h::tenant_id(t)?;
@@ -873,6 +884,31 @@ fn audit_query(query: Option<&str>) -> Result<audit::Query, ApiError> {
 
 /// `/ask`'s `?explain=true|false` (absent: false) and `min_lsn=<n>` (absent: 0);
 /// anything else is a 400 naming the value.
+/// A listing page's query: `after=<name>` continues after that name.
+fn listing_query(query: Option<&str>) -> Result<Option<String>, ApiError> {
+    let mut after = None;
+    for (name, value) in query_pairs(query)? {
+        match name {
+            "after" => {
+                after = Some(percent_decode(value).map_err(|e| {
+                    ApiError::bad_request("invalid_query_string", format!("after: {}", e.message))
+                })?)
+            }
+            other => {
+                return Err(ApiError::bad_request(
+                    "invalid_query_string",
+                    format!(
+                        "unknown parameter {}; a listing takes after=<the last name of the \
+                         previous page> (its next_after)",
+                        error::quoted_short(other)
+                    ),
+                ))
+            }
+        }
+    }
+    Ok(after)
+}
+
 fn ask_query(query: Option<&str>) -> Result<(bool, u64), ApiError> {
     let (mut explain, mut min_lsn) = (false, 0);
     for (name, value) in query_pairs(query)? {

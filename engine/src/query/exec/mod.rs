@@ -560,7 +560,9 @@ impl Execution {
             return Err(QueryError::new(
                 QueryErrorKind::Timeout,
                 format!(
-                    "the query ran past its deadline of {} ms; narrow it with WHERE on an indexed column or a LIMIT",
+                    "the query ran past its deadline of {} ms (--ask-timeout-ms, capped by \
+                     the request deadline); narrow it with WHERE on an indexed column or a \
+                     LIMIT",
                     self.limits.deadline.as_millis()
                 ),
             ));
