@@ -107,6 +107,16 @@ fn chain_from(
     // below `need` or segments before the gap; the latest point is then the best one.
     let something = |segments: &[SegmentKey]| need > Lsn(1) || !segments.is_empty();
     let gap = |next: Lsn, found: Lsn, what: String| {
+        if next == Lsn(1) {
+            // Nothing before the oldest object: retention's doing as a rule.
+            return format!(
+                "the archive's log begins at LSN {} ({what}), so the target is before the \
+                 earliest point a restore can reach (`oc-pitr verify` prints the window): \
+                 --archive-retention deletes the history past the oldest checkpoint it keeps \
+                 (if no retention ran, the oldest objects are missing)",
+                found.0
+            );
+        }
         format!(
             "LSNs {}..={} are missing from the archive (the next object is {what})",
             next.0,
@@ -727,7 +737,9 @@ fn restore_into(
         return Err(PitrError::Refused(format!(
             "the target {} is before the first commit the archive holds: the restore would \
              be empty. Nothing was written. Pick a later target (`oc-pitr list` shows each \
-             segment's last commit), or --target latest",
+             segment's last commit), or --target latest. Commits stamped later than the \
+             current time mean the writer's clock ran ahead: only a target after them, or \
+             latest, reaches them",
             format_rfc3339(target)
         )));
     }
@@ -1488,6 +1500,31 @@ mod tests {
             .is_some_and(|why| why.contains("114..=119")));
         // A target before the gap still needs a complete chain.
         assert!(plan_shard(&catalog, 7).is_err());
+    }
+
+    /// A target before what retention kept is told the archive's log begins later,
+    /// not that LSNs are missing as from damage.
+    #[test]
+    fn a_target_before_what_retention_kept_names_where_the_log_begins() {
+        let segment = SegmentKey {
+            shard: 0,
+            epoch: Epoch(1),
+            first_lsn: Lsn(275),
+            last_lsn: Lsn(400),
+            last_commit_us: 50,
+        };
+        let catalog = ShardCatalog {
+            shard: 0,
+            checkpoints: vec![checkpoint(300)],
+            segments: vec![segment],
+            ..ShardCatalog::default()
+        };
+        let refused = plan_shard(&catalog, 5).expect_err("before the window");
+        assert!(
+            refused.contains("the archive's log begins at LSN 275"),
+            "{refused}"
+        );
+        assert!(!refused.contains("LSNs 1..="), "{refused}");
     }
 
     /// A promotion that recorded its branch point but shipped nothing yet (or stopped

@@ -570,6 +570,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     let mut first = true;
     let mut held = (durable, applied);
     let mut expected = after.next();
+    let mut skew_said: Option<Instant> = None;
     loop {
         let message = wire::read_message(&mut stream, MAX_MESSAGE_BYTES)
             .await
@@ -585,6 +586,11 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 tracing::info!(shard, leader = %receiver.leader, after = after.0, "following the writer");
             }
+        }
+        if let Message::Frames { writer_time_us, .. } | Message::Heartbeat { writer_time_us, .. } =
+            &message
+        {
+            warn_of_clock_skew(receiver, shard, *writer_time_us, &mut skew_said);
         }
         let writer_durable = match message {
             Message::Frames {
@@ -665,6 +671,39 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
             .await
             .map_err(|e| format!("acknowledging to the writer: {e}"))?;
     }
+}
+
+/// How far the writer's clock may be from this server's before a follower says so.
+const CLOCK_SKEW_WARNING: Duration = Duration::from_secs(30);
+
+/// Says (every 10 minutes at most per stream) that the writer's clock is off from this
+/// server's: commits are stamped with the writer's clock, and a promotion keeps
+/// stamping at least the last of them, so restore targets and the archive's listing
+/// follow the skewed clock until this server's catches up.
+fn warn_of_clock_skew(
+    receiver: &Receiver,
+    shard: usize,
+    writer_time_us: u64,
+    said: &mut Option<Instant>,
+) {
+    let now_us = oc_io::TimestampMicros::now().0;
+    let skew_s = (writer_time_us as f64 - now_us as f64) / 1e6;
+    if skew_s.abs() < CLOCK_SKEW_WARNING.as_secs_f64()
+        || said.is_some_and(|at| at.elapsed() < Duration::from_secs(600))
+    {
+        return;
+    }
+    *said = Some(Instant::now());
+    tracing::warn!(
+        shard,
+        leader = %receiver.leader,
+        skew_s = skew_s.round(),
+        "the writer's clock is {:.0} s {} this server's: commit times (restore targets, \
+         oc-pitr list) follow the writer's clock, and a promoted follower keeps stamping at \
+         least the writer's last commit time; fix the clocks (NTP)",
+        skew_s.abs(),
+        if skew_s > 0.0 { "ahead of" } else { "behind" }
+    );
 }
 
 /// The epoch of a frame position, as the hello carries it (0: the log holds nothing).
