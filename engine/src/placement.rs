@@ -343,16 +343,8 @@ pub fn ensure_layout(data_dir: &Path, shards: usize) -> Result<Layout, EngineErr
                     data_dir.display()
                 )));
             }
-            // An archive's root (`manifest.json`, FORMAT.md §9; `shard-<i>/` folders too):
-            // the likely mistake is the one flag for the other.
-            if data_dir.join("manifest.json").exists() {
-                return Err(EngineError::Layout(format!(
-                    "{} is an archive (it holds manifest.json and no {LAYOUT_FILE}), not a \
-                     data directory: did you mean --archive file://{}? To serve its data, \
-                     restore it into an empty directory (oc-pitr restore)",
-                    data_dir.display(),
-                    data_dir.display()
-                )));
+            if let Some(refused) = archive_as_data_dir(data_dir) {
+                return Err(refused);
             }
             if shard_dir(data_dir, 0).exists() {
                 return Err(EngineError::Layout(format!(
@@ -447,6 +439,22 @@ pub fn check_lineage(
         ))),
         _ => Ok(()),
     }
+}
+
+/// An archive's root (`manifest.json`, FORMAT.md §9; `shard-<i>/` folders too) given
+/// as a data directory: the likely mistake is the one flag for the other. Checked
+/// before the directory is locked, so nothing is written into the archive.
+pub fn archive_as_data_dir(data_dir: &Path) -> Option<EngineError> {
+    let archive = data_dir.join("manifest.json").exists() && !data_dir.join(LAYOUT_FILE).exists();
+    archive.then(|| {
+        EngineError::Layout(format!(
+            "{} is an archive (it holds manifest.json and no {LAYOUT_FILE}), not a data \
+             directory: did you mean --archive file://{}? To serve its data, restore it into \
+             an empty directory (oc-pitr restore)",
+            data_dir.display(),
+            data_dir.display()
+        ))
+    })
 }
 
 /// A follower takes on the epochs its writer (`writer`) went through: `epochs` must

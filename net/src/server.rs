@@ -114,6 +114,9 @@ pub fn run(config: ServerConfig) -> Result<()> {
             );
         }
     }
+    if let Some(refused) = oc_engine::placement::archive_as_data_dir(&config.data_dir) {
+        bail!("refusing to start: {refused}");
+    }
     // One writer per data directory, before anything in it is touched.
     let lock = DirLock::acquire(
         &config.data_dir,

@@ -886,6 +886,10 @@ fn an_archive_overlapping_the_data_directory_is_refused() {
         .err()
         .expect("an archive started as a data directory");
     assert!(refused.contains("did you mean --archive"), "{refused}");
+    assert!(
+        !dir.path().join("apart").join("oc.lock").exists(),
+        "the refused start wrote nothing into the archive"
+    );
 }
 
 /// An old copy of a data directory that wrote on without the archive holds a log as
