@@ -512,6 +512,21 @@ fn bad_queries_say_what_and_where() {
             QueryErrorKind::Evaluation,
             "division by zero",
         ),
+        (
+            "SELECT id FROM people WHERE id = 0x10",
+            QueryErrorKind::Syntax,
+            "not a decimal number",
+        ),
+        (
+            "SELECT id FROM people WHERE id = 1_000",
+            QueryErrorKind::Syntax,
+            "without a 0x prefix or _ separators",
+        ),
+        (
+            "SELECT q.* FROM people p",
+            QueryErrorKind::Invalid,
+            "q.* names no table of this query",
+        ),
         // Found by the fuzzer: the parser builds `:name` placeholders from two tokens.
         (
             "SELECT id FROM people WHERE id = :name",
@@ -523,6 +538,10 @@ fn bad_queries_say_what_and_where() {
         assert_eq!(e.kind, kind, "{sql}: {e}");
         assert!(e.message.contains(wanted), "{sql}: {e}");
     }
+    // A qualified wildcard names the table or its alias.
+    let all = run(&t, "SELECT * FROM people", vec![]).rows;
+    assert_eq!(run(&t, "SELECT p.* FROM people p", vec![]).rows, all);
+    assert_eq!(run(&t, "SELECT people.* FROM people", vec![]).rows, all);
     let deep = format!(
         "SELECT id FROM people WHERE {}id = 1{}",
         "(".repeat(200),

@@ -7,8 +7,8 @@
 
 use sqlparser::ast::{
     self, BinaryOperator, FunctionArg, FunctionArgExpr, FunctionArguments, GroupByExpr,
-    LimitClause, ObjectNamePart, OrderByKind, OrderBySort, SelectItem, SetExpr, Spanned, Statement,
-    TableFactor, UnaryOperator,
+    LimitClause, ObjectNamePart, OrderByKind, OrderBySort, SelectItem,
+    SelectItemQualifiedWildcardKind, SetExpr, Spanned, Statement, TableFactor, UnaryOperator,
 };
 
 use super::expr::{ArithOp, CmpOp, Expr, Metric};
@@ -243,7 +243,10 @@ pub fn bind(tenant: &Tenant, statement: &Statement) -> Result<Bound, QueryError>
                 if *options == Default::default() =>
             {
                 if let SelectItem::QualifiedWildcard(kind, _) = item {
-                    let name = kind.to_string();
+                    let name = match kind {
+                        SelectItemQualifiedWildcardKind::ObjectName(name) => name.to_string(),
+                        SelectItemQualifiedWildcardKind::Expr(e) => e.to_string(),
+                    };
                     if !binder.aliases.contains(&name) {
                         return Err(QueryError::invalid(format!(
                             "{name}.* names no table of this query{}",

@@ -349,6 +349,21 @@ impl Normalized {
             Ok(i) => Value::Int(i),
             Err(_) => match text.parse::<f64>() {
                 Ok(f) if f.is_finite() => Value::Float(f),
+                // Digits only (and a point, an exponent): no hex, no separators.
+                _ if !text
+                    .trim_start_matches('-')
+                    .chars()
+                    .all(|c| c.is_ascii_digit() || matches!(c, '.' | 'e' | 'E' | '+' | '-')) =>
+                {
+                    return Err(QueryError::new(
+                        QueryErrorKind::Syntax,
+                        format!(
+                            "number {text:?}{} is not a decimal number: write it in digits, \
+                             without a 0x prefix or _ separators",
+                            position(span)
+                        ),
+                    ))
+                }
                 _ => {
                     return Err(QueryError::new(
                         QueryErrorKind::Syntax,
