@@ -32,7 +32,7 @@ use crate::error::EngineError;
 use crate::key::Key;
 use crate::query::compile_row_expr;
 use crate::query::expr::Expr;
-use crate::query::{MAX_IN_ROW_ITEMS, MAX_LIKE_PER_QUERY};
+use crate::query::{MAX_IN_LIST_COMPARISONS, MAX_LIKE_PER_QUERY};
 use crate::schema::{check_name, Column, TableSchema};
 use crate::table::{check_transformed_row, BatchOutcome, NewStructures, Row, RowWrite, Table};
 use crate::tenant::Tenant;
@@ -257,7 +257,7 @@ pub fn plan(v0: &TableSchema, steps: &[Step], layout: Layout) -> Result<Plan, En
         .collect();
     let likes = std::cell::Cell::new(0);
     let distance_dims = std::cell::Cell::new(0u64);
-    let in_row_items = std::cell::Cell::new(0);
+    let in_items = std::cell::Cell::new(0);
     for (n, step) in steps.iter().enumerate() {
         let bad = |why: String| invalid(format!("step {n} ({}): {why}", step.op()));
         let find = |cols: &[WorkColumn], name: &str| {
@@ -295,11 +295,12 @@ pub fn plan(v0: &TableSchema, steps: &[Step], layout: Layout) -> Result<Plan, En
                      operators together (each reads its whole text for every row)"
                 )));
             }
-            in_row_items.set(in_row_items.get() + expr.in_row_items());
-            if in_row_items.get() > MAX_IN_ROW_ITEMS {
+            // A transform's lists are compared item by item: no value sets.
+            in_items.set(in_items.get() + expr.in_list_items());
+            if in_items.get() > MAX_IN_LIST_COMPARISONS {
                 return Err(bad(format!(
-                    "the migration's expressions hold more than {MAX_IN_ROW_ITEMS} IN list \
-                     items that read the row together (each is compared on every row)"
+                    "the migration's expressions hold more than {MAX_IN_LIST_COMPARISONS} IN \
+                     list items together (each is compared on every row converted)"
                 )));
             }
             distance_dims.set(distance_dims.get() + distance_dims_of(v0, &expr));
@@ -1407,23 +1408,23 @@ mod tests {
         );
     }
 
-    /// `IN` list items that read the row share one limit across steps; constants have
-    /// none.
+    /// `IN` list items (compared one by one on every row converted) share one limit
+    /// across steps, constants and columns alike.
     #[test]
-    fn a_migrations_expressions_share_the_limit_on_in_items_over_the_row() {
+    fn a_migrations_expressions_share_the_limit_on_in_list_items() {
         let step = |i: usize, item: &str| {
-            let list = vec![item; 40].join(", ");
+            let list = vec![item; 150].join(", ");
             format!(
                 r#"{{"op":"add_column","name":"c{i}","type":"bool","default":"name IN ({list})"}}"#
             )
         };
         let one = format!("[{}]", step(0, "name"));
-        plan(&v0(), &steps(&one), Layout::InPlace).expect("40 items");
-        let two = format!("[{},{}]", step(0, "name"), step(1, "name"));
-        let refused = err(&two);
-        assert!(refused.contains("64 IN list items"), "{refused}");
-        let constants = format!("[{},{}]", step(0, "'a'"), step(1, "'b'"));
-        plan(&v0(), &steps(&constants), Layout::InPlace).expect("constants");
+        plan(&v0(), &steps(&one), Layout::InPlace).expect("150 items");
+        for item in ["name", "'a'"] {
+            let two = format!("[{},{}]", step(0, item), step(1, item));
+            let refused = err(&two);
+            assert!(refused.contains("256 IN list items"), "{refused}");
+        }
     }
 
     /// Distances are counted by the dimensions they read per row, across steps.

@@ -2,7 +2,7 @@
 //! semantics, limits, errors, EXPLAIN, and kNN against a brute-force reference.
 
 use oc_engine::query::{
-    ask_now, AskAnswer, AskLimits, Metric, QueryError, QueryErrorKind, MAX_IN_ROW_ITEMS,
+    ask_now, AskAnswer, AskLimits, Metric, QueryError, QueryErrorKind, MAX_IN_LIST_COMPARISONS,
     MAX_LIKE_PER_QUERY, MAX_QUERY_OPERATORS,
 };
 use oc_engine::{ColumnType, TableSchema, Tenant, TenantId, Value, WriteOp};
@@ -604,33 +604,53 @@ fn flat_chains_of_every_operator_up_to_the_size_limit_are_refused_cleanly() {
     assert_eq!(err(&t, &mixed, vec![]).kind, QueryErrorKind::TooComplex);
 }
 
-/// `IN` items that read the row are compared on every row: their number is bounded,
-/// in an aggregating query too; a list of constants is not.
+/// `IN` lists compared item by item on every row are bounded, whatever their items (a
+/// column, one parameter repeated, kinds mixed so no set is built, in SELECT); a list
+/// in WHERE made a set is not.
 #[test]
-fn in_lists_over_the_row_are_bounded() {
+fn in_lists_compared_item_by_item_are_bounded() {
     let t = tenant();
-    let list = |n: usize| vec!["name"; n].join(", ");
+    let list = |item: &str, n: usize| vec![item; n].join(", ");
     let at = format!(
         "SELECT id FROM people WHERE name IN ({})",
-        list(MAX_IN_ROW_ITEMS)
+        list("name", MAX_IN_LIST_COMPARISONS)
     );
     run(&t, &at, vec![]);
-    let grouped = format!(
-        "SELECT name IN ({}), count(*) FROM people GROUP BY name IN ({})",
-        list(MAX_IN_ROW_ITEMS / 2),
-        list(MAX_IN_ROW_ITEMS / 2)
-    );
-    run(&t, &grouped, vec![]);
-    let past = format!(
-        "SELECT id FROM people WHERE name IN ({}) OR id IN (id)",
-        list(MAX_IN_ROW_ITEMS)
-    );
-    let e = err(&t, &past, vec![]);
-    assert_eq!(e.kind, QueryErrorKind::TooComplex, "{e}");
-    assert!(
-        e.message.contains(&format!("{MAX_IN_ROW_ITEMS} items")),
-        "{e}"
-    );
+    let text = || Value::Text("x".repeat(1000));
+    for (sql, params) in [
+        (
+            format!(
+                "SELECT id FROM people WHERE name IN ({}) OR id IN (id)",
+                list("name", MAX_IN_LIST_COMPARISONS)
+            ),
+            vec![],
+        ),
+        (
+            format!(
+                "SELECT id FROM people WHERE name IN ({}, $2)",
+                list("$1", MAX_IN_LIST_COMPARISONS)
+            ),
+            vec![text(), Value::Int(3)],
+        ),
+        (
+            format!(
+                "SELECT name IN ({}) FROM people",
+                list("$1", MAX_IN_LIST_COMPARISONS + 1)
+            ),
+            vec![text()],
+        ),
+    ] {
+        let e = err(&t, &sql, params);
+        assert_eq!(e.kind, QueryErrorKind::TooComplex, "{e}");
+        assert!(
+            e.message
+                .contains(&format!("limit of {MAX_IN_LIST_COMPARISONS}")),
+            "{e}"
+        );
+    }
+    // One kind: a set, any length.
+    let sql = format!("SELECT id FROM people WHERE name IN ({})", list("$1", 5000));
+    run(&t, &sql, vec![text()]);
     let constants: Vec<String> = (0..5000).map(|i| format!("'{i}'")).collect();
     let sql = format!(
         "SELECT id FROM people WHERE name IN ({})",

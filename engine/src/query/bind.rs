@@ -12,7 +12,7 @@ use sqlparser::ast::{
 };
 
 use super::expr::{ArithOp, CmpOp, Expr, Metric};
-use super::{position, QueryError, QueryErrorKind, MAX_IN_ROW_ITEMS};
+use super::{position, QueryError, QueryErrorKind};
 use crate::schema::TableSchema;
 use crate::tenant::Tenant;
 use crate::value::Value;
@@ -101,6 +101,27 @@ pub struct Bound {
     pub output_row_names: Vec<String>,
 }
 
+impl Bound {
+    /// Items of `IN` lists compared one by one on every row, `filter` standing for the
+    /// query's own (the execution's copy with its value sets).
+    pub fn in_list_comparisons(&self, filter: Option<&Expr>) -> usize {
+        let aggregation = self.aggregation.iter().flat_map(|a| {
+            a.group_by
+                .iter()
+                .chain(a.aggregates.iter().filter_map(|g| g.arg.as_ref()))
+                .chain(&a.having)
+        });
+        filter
+            .or(self.filter.as_ref())
+            .into_iter()
+            .chain(&self.projection)
+            .chain(self.order_by.iter().map(|k| &k.expr))
+            .chain(aggregation)
+            .map(Expr::in_list_items)
+            .sum()
+    }
+}
+
 pub fn bind(tenant: &Tenant, statement: &Statement) -> Result<Bound, QueryError> {
     let (query, explain) = match statement {
         Statement::Query(q) => (q, ExplainMode::Run),
@@ -168,7 +189,6 @@ pub fn bind(tenant: &Tenant, statement: &Statement) -> Result<Bound, QueryError>
         aliases,
         agg: None,
         clause: "WHERE",
-        row_items: 0,
     };
     let filter = select
         .selection
@@ -498,8 +518,6 @@ struct Binder<'a> {
     agg: Option<AggContext>,
     /// The clause being bound, for messages.
     clause: &'static str,
-    /// `IN` list items bound so far that read the row (each is compared on every row).
-    row_items: usize,
 }
 
 impl Binder<'_> {
@@ -532,7 +550,6 @@ impl Binder<'_> {
         if self.agg.is_some() && !contains_aggregate(e) {
             // In an aggregating query an expression is a group key, a constant, or
             // built from those and aggregates.
-            let counted = self.row_items;
             if let Ok(row) = self.bind_row(e) {
                 let agg = self.agg.as_ref().expect("checked above");
                 if let Some(i) = agg.group_by.iter().position(|g| *g == row) {
@@ -542,8 +559,6 @@ impl Binder<'_> {
                     return Ok(row);
                 }
             }
-            // Bound again below: counted there.
-            self.row_items = counted;
         }
         let b = |s: &mut Self, e: &ast::Expr| s.bind(e).map(Box::new);
         Ok(match e {
@@ -631,25 +646,13 @@ impl Binder<'_> {
                 target: ast::InTarget::List(list),
                 negated,
                 global: false,
-            } => {
-                let items: Vec<Expr> = list
-                    .iter()
+            } => Expr::InList(
+                b(self, expr)?,
+                list.iter()
                     .map(|x| self.bind(x))
-                    .collect::<Result<_, _>>()?;
-                self.row_items += items.iter().filter(|x| !x.is_constant()).count();
-                if self.row_items > MAX_IN_ROW_ITEMS {
-                    return Err(QueryError::new(
-                        QueryErrorKind::TooComplex,
-                        format!(
-                            "the query's IN lists hold more than {MAX_IN_ROW_ITEMS} items that \
-                             read the row{} (each is compared on every row; a list of \
-                             constants or parameters has no such limit)",
-                            position(e.span())
-                        ),
-                    ));
-                }
-                Expr::InList(b(self, expr)?, items, *negated)
-            }
+                    .collect::<Result<_, _>>()?,
+                *negated,
+            ),
             ast::Expr::Between {
                 expr,
                 negated,

@@ -24,7 +24,7 @@ pub use exec::{shared_memory_refusal, AskAnswer, Execution};
 pub use expr::{param_from_json, Metric};
 pub use like::MAX_LIKE_PATTERN_CHARS;
 pub use normalize::{
-    normalize, Normalized, MAX_IN_ROW_ITEMS, MAX_LIKE_PER_QUERY, MAX_QUERY_OPERATORS,
+    normalize, Normalized, MAX_IN_LIST_COMPARISONS, MAX_LIKE_PER_QUERY, MAX_QUERY_OPERATORS,
 };
 pub use plan::{prepare, Prepared};
 

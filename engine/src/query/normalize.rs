@@ -34,11 +34,12 @@ pub const MAX_TOP_LEVEL_ITEMS: usize = 512 + 32 + 32;
 /// reads its whole text, up to a row's 256 KiB, for every row: 220 of them held a
 /// shard for 57 ms a row, so one query's rows starved every other tenant's there.
 pub const MAX_LIKE_PER_QUERY: usize = 16;
-/// Items of `IN` lists that read the row (columns, expressions over them), in all: each
-/// is compared on every row, and 20,000 of them over 130 KB texts took 120 ms a row
-/// (the deadline is checked between rows). Lists of constants and parameters are
-/// looked up in a set instead, whatever their length.
-pub const MAX_IN_ROW_ITEMS: usize = 64;
+/// Items of `IN` lists a query compares one by one on every row, in all: 20,000 of
+/// them over 130 KB texts took 120 ms a row (the deadline is checked between rows).
+/// As many as the 500 operators allow of `=` comparisons. The lists of WHERE that
+/// hold [`VALUE_SET_MIN`](super::expr::VALUE_SET_MIN) or more constants or parameters
+/// of one kind are looked up in a set instead, and do not count.
+pub const MAX_IN_LIST_COMPARISONS: usize = 256;
 
 /// A query ready for the plan cache.
 #[derive(Debug, Clone)]

@@ -478,7 +478,17 @@ async fn follow_once(receiver: &Receiver, shard: usize) -> Result<(), String> {
         })
         .await
         .map_err(|e| e.to_string())?;
-    check_writer(receiver).await?;
+    let position = (after, epoch, durable, applied);
+    check_writer(receiver, dial(receiver).await?).await?;
+    exchange(receiver, shard, dial(receiver).await?, position).await
+}
+
+/// A connection to the writer's replication listener, or its TLS session.
+trait Link: AsyncRead + AsyncWrite + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Unpin> Link for T {}
+
+/// Connects to the writer, in TLS when the follower has `--leader-ca`.
+async fn dial(receiver: &Receiver) -> Result<Box<dyn Link>, String> {
     let stream = TcpStream::connect_timeout(receiver.addr, CONNECT_TIMEOUT)
         .await
         .map_err(|e| format!("connecting to {}: {e}", receiver.leader))?;
@@ -487,9 +497,8 @@ async fn follow_once(receiver: &Receiver, shard: usize) -> Result<(), String> {
         .set_read_timeout(Some(SILENCE_LIMIT))
         .and_then(|()| stream.set_write_timeout(Some(SILENCE_LIMIT)))
         .map_err(|e| e.to_string())?;
-    let position = (after, epoch, durable, applied);
     let Some(tls) = &receiver.tls else {
-        return exchange(receiver, shard, stream, position).await;
+        return Ok(Box::new(stream));
     };
     let connector = futures_rustls::TlsConnector::from(tls.config.clone());
     let handshake = async {
@@ -507,29 +516,54 @@ async fn follow_once(receiver: &Receiver, shard: usize) -> Result<(), String> {
         ))
     };
     let stream = futures_lite::future::or(handshake, deadline).await?;
-    exchange(receiver, shard, stream, position).await
+    Ok(Box::new(stream))
 }
 
-/// Asks the writer for its layout before a stream: one of another database (reached at
-/// a start that could not ask, or put at the address since) ends this process, as at
-/// start, rather than have its frames placed after this log's.
-async fn check_writer(receiver: &Receiver) -> Result<(), String> {
+/// Asks the writer for its layout (on `link`, a connection of its own) before a
+/// stream: one of another database (reached at a start that could not ask, or put at
+/// the address since) ends this process, as at start, rather than have its frames
+/// placed after this log's.
+async fn check_writer(receiver: &Receiver, mut link: Box<dyn Link>) -> Result<(), String> {
     use oc_engine::placement::{check_lineage, DataDirId};
-    let (leader, addr) = (receiver.leader.clone(), receiver.addr);
-    let (token, tls) = (receiver.token.clone(), receiver.tls.clone());
-    let writer = glommio::executor()
-        .spawn_blocking(move || fetch_layout(&leader, addr, "new", token.as_deref(), tls.as_ref()))
+    let hello = Message::Hello {
+        token: receiver.token.clone().unwrap_or_default().into_bytes(),
+        follower_id: "new".into(),
+        epoch: 0,
+        want: Want::Layout,
+    };
+    wire::write_message(&mut link, &hello)
         .await
-        .map_err(|e| match e {
-            LayoutError::Unreachable(why) | LayoutError::Refused(why) => why,
-        })?;
-    let Some(writer_id) = DataDirId::parse(&writer.data_dir_id) else {
+        .map_err(|e| format!("asking {} for its layout: {e}", receiver.leader))?;
+    let answer = wire::read_message(&mut link, 1 << 20)
+        .await
+        .map_err(|e| format!("reading {}'s layout: {e}", receiver.leader))?;
+    let (data_dir_id, lineage) = match answer {
+        Message::Layout {
+            data_dir_id,
+            lineage,
+            ..
+        } => (data_dir_id, lineage),
+        Message::Refused { reason, .. } => {
+            return Err(format!(
+                "the writer at {} refused: {reason}",
+                receiver.leader
+            ))
+        }
+        other => {
+            return Err(format!(
+                "the writer at {} answered {} instead of its layout",
+                receiver.leader,
+                other.kind()
+            ))
+        }
+    };
+    let Some(writer_id) = DataDirId::parse(&data_dir_id) else {
         return Err(format!(
             "the writer at {} named a data directory that is not an id",
             receiver.leader
         ));
     };
-    let lineage = writer.lineage.as_deref().and_then(DataDirId::parse);
+    let lineage = lineage.as_deref().and_then(DataDirId::parse);
     if let Err(e) = check_lineage(&receiver.layout.current(), writer_id, lineage) {
         (receiver.on_diverged)(&format!("the writer at {}: {e}", receiver.leader));
         return Err(e.to_string());

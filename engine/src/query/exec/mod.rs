@@ -25,9 +25,13 @@ use serde_json::json;
 use super::bind::{AggFunc, Aggregate, ExplainMode, SortKey};
 use super::expr::{
     as_f64, as_vector, check_dims, compare, sort_cmp, truth, type_name, Columns, Expr, NO_COLUMNS,
+    VALUE_SET_MIN,
 };
 use super::plan::{Access, OrderBy, Prepared};
-use super::{AskLimits, QueryError, QueryErrorKind, SLICE_KNN_ROWS, SLICE_ROWS, SLICE_TARGET};
+use super::{
+    AskLimits, QueryError, QueryErrorKind, MAX_IN_LIST_COMPARISONS, SLICE_KNN_ROWS, SLICE_ROWS,
+    SLICE_TARGET,
+};
 use crate::key::Key;
 use crate::quota::{QueryMemory, QueryMemoryBound, QueryMemoryRefused, TenantQueryMemory};
 use crate::table::{RangeScan, Row, Table};
@@ -328,6 +332,19 @@ impl Execution {
             .as_ref()
             .and_then(|f| f.with_value_sets(&params))
             .map(Rc::new);
+        // Known once the parameters are: which lists became sets.
+        let compared = plan.query.in_list_comparisons(filter.as_deref());
+        if compared > MAX_IN_LIST_COMPARISONS {
+            return Err(QueryError::new(
+                QueryErrorKind::TooComplex,
+                format!(
+                    "the query's IN lists compare {compared} items one by one on every row, \
+                     above the limit of {MAX_IN_LIST_COMPARISONS} (a list in WHERE of at least \
+                     {VALUE_SET_MIN} constants or parameters of one kind is looked up in a set \
+                     instead, whatever its length)"
+                ),
+            ));
+        }
         Ok(Execution {
             filter,
             plan,
