@@ -317,7 +317,15 @@ impl Client {
                 .map_err(|e| Error::Decode(format!("GET {page_path}: tables: {e}")))?;
             tables.extend(page);
             match answer["next_after"].as_str() {
-                Some(last) => page_path = format!("{path}?after={}", encode(last)),
+                // Pages follow in name order: one that does not move on is a bad answer.
+                Some(last) if tables.last().is_some_and(|t| t.schema.name == last) => {
+                    page_path = format!("{path}?after={}", encode(last))
+                }
+                Some(last) => {
+                    return Err(Error::Decode(format!(
+                        "GET {page_path}: next_after {last:?} is not the page's last table"
+                    )))
+                }
                 None => return Ok(tables),
             }
         }

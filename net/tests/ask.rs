@@ -383,7 +383,7 @@ fn bad_requests_get_clear_errors_and_change_nothing() {
 }
 
 #[test]
-fn a_query_past_its_deadline_is_a_503() {
+fn a_query_past_its_deadline_is_a_413() {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = Server::start(
         &dir.path().join("data"),

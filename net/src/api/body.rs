@@ -193,7 +193,7 @@ impl AnswerHold {
             }
             if reads.running + reads.large >= limits.max_in_flight_per_tenant {
                 return Err(refused(format!(
-                    "already has {} reads (`/ask`, rows) running or being sent on this \
+                    "already has {} reads (`/ask`, rows, table listings) running or being sent on this \
                      server shard, its limit (--max-in-flight-per-tenant)",
                     reads.running + reads.large
                 )));

@@ -113,11 +113,16 @@ impl ApiContext {
         }
     }
 
+    /// Whether this server is a follower now.
+    fn is_follower(&self) -> bool {
+        self.role.as_ref().is_some_and(|r| r.is_follower())
+    }
+
     fn freshness(&self, min_lsn: u64) -> h::Freshness {
         h::Freshness {
             min_lsn,
             wait: self.limits.min_lsn_wait,
-            follower: self.role.as_ref().is_some_and(|r| r.is_follower()),
+            follower: self.is_follower(),
             role: self.role.clone(),
         }
     }
@@ -276,7 +281,7 @@ pub async fn handle(
     } else {
         ctx.limits.request_deadline
     };
-    let reads = method == Method::GET;
+    let reads = !changes_state(&path, &segments(&path), &method);
     let deadline_exceeded = async {
         glommio::timer::sleep(deadline).await;
         Err(ApiError::new(
@@ -566,8 +571,8 @@ async fn dispatch(
     }
     let caller = body::BodyCaller::of(&access.caller);
     // The routes whose answers a tenant's key can make large (rows as JSON, a listing
-    // of wide tables); the admin
-    // and callers without credentials (authentication off) are trusted.
+    // of wide tables); the admin and callers without credentials (authentication off)
+    // are trusted.
     let large_answer = match route_name(&method, &path) {
         "ask" | "row_get" => true,
         "tables" => method == Method::GET,
@@ -882,8 +887,6 @@ fn audit_query(query: Option<&str>) -> Result<audit::Query, ApiError> {
     Ok(out)
 }
 
-/// `/ask`'s `?explain=true|false` (absent: false) and `min_lsn=<n>` (absent: 0);
-/// anything else is a 400 naming the value.
 /// A listing page's query: `after=<name>` continues after that name.
 fn listing_query(query: Option<&str>) -> Result<Option<String>, ApiError> {
     let mut after = None;
@@ -909,6 +912,8 @@ fn listing_query(query: Option<&str>) -> Result<Option<String>, ApiError> {
     Ok(after)
 }
 
+/// `/ask`'s `?explain=true|false` (absent: false) and `min_lsn=<n>` (absent: 0);
+/// anything else is a 400 naming the value.
 fn ask_query(query: Option<&str>) -> Result<(bool, u64), ApiError> {
     let (mut explain, mut min_lsn) = (false, 0);
     for (name, value) in query_pairs(query)? {

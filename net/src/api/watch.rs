@@ -659,6 +659,18 @@ pub async fn open(
         }
     };
     let epoch = layout.epoch();
+    // A follower a few milliseconds behind its writer (a client that moved to it from
+    // a writer shutting down) waits for the resume point, as reads with min_lsn do,
+    // rather than answer `reset` for a position it is about to have.
+    let position = match request.resume {
+        Some((e, lsn)) if e == epoch && lsn > position && ctx.is_follower() => {
+            published_reaching(&router, &tenant, lsn, ctx.limits.min_lsn_wait)
+                .await
+                .unwrap_or(position)
+                .max(position)
+        }
+        _ => position,
+    };
     hub.catch_up();
     let mut out = VecDeque::new();
     // Where this stream starts: after `start`; the log is replayed up to `position`.
@@ -1155,5 +1167,27 @@ mod tests {
             let err = parse_request(query, id, 1).expect_err("refused");
             assert_eq!(err.code, code, "{query:?} {id:?}: {}", err.message);
         }
+    }
+}
+
+/// The owner's published position once it reaches `lsn`, waiting at most `wait`.
+async fn published_reaching(
+    router: &Rc<ShardRouter>,
+    tenant: &TenantId,
+    lsn: Lsn,
+    wait: Duration,
+) -> Option<Lsn> {
+    let deadline = Instant::now() + wait;
+    loop {
+        let published = router
+            .call(owner_of(router, tenant), |node: Rc<ShardNode>| async move {
+                node.shard().feed().published()
+            })
+            .await
+            .ok()?;
+        if published >= lsn || Instant::now() >= deadline {
+            return Some(published);
+        }
+        glommio::timer::sleep(Duration::from_millis(5)).await;
     }
 }

@@ -472,6 +472,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin + 'static>(
             applied: after,
         },
     );
+    sender.status.settle_link(shard);
     let sent = Rc::new(Cell::new(after));
     let acks = glommio::spawn_local(read_acks(
         reader,

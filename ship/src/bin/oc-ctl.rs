@@ -124,13 +124,19 @@ fn checkpoints(dir: &Path) -> anyhow::Result<ExitCode> {
                 dir.display()
             );
         }
-        // A restored shard has its log but no marker until the server's first start.
+        // A restored shard has no marker until the server's first start: its log, or
+        // its place in a data directory, tells it.
         let holds_log = std::fs::read_dir(dir)?.filter_map(Result::ok).any(|entry| {
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
-            name.starts_with("wal-") && name.ends_with(".seg")
+            oc_io::wal::segment::parse_segment_name(&entry.file_name().to_string_lossy()).is_some()
         });
-        if !holds_log && !dir.join(oc_engine::placement::SHARD_MARKER_FILE).exists() {
+        let in_data_dir = dir
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("shard-"))
+            && dir
+                .parent()
+                .is_some_and(|p| p.join(oc_engine::placement::LAYOUT_FILE).exists());
+        let marked = dir.join(oc_engine::placement::SHARD_MARKER_FILE).exists();
+        if !holds_log && !in_data_dir && !marked {
             anyhow::bail!(
                 "{} holds no checkpoint and is not a shard directory (no {}): give \
                  <data-dir>/shard-<n>",

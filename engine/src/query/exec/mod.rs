@@ -126,7 +126,10 @@ pub struct Execution {
     filter: Option<Rc<Expr>>,
     params: Vec<Value>,
     limits: AskLimits,
+    /// When the query was asked (its deadline counts from there).
     started: Instant,
+    /// How long it waited for a turn before it ran.
+    waited: Duration,
     source: Source,
     groups: Option<Groups>,
     output: Vec<OutRow>,
@@ -351,6 +354,7 @@ impl Execution {
             params,
             limits,
             started: Instant::now(),
+            waited: Duration::ZERO,
             source: Source::NotStarted,
             groups,
             output: Vec::new(),
@@ -370,6 +374,7 @@ impl Execution {
 
     /// Counts the deadline from `at` (when the query was asked), not from now.
     pub fn started_at(&mut self, at: Instant) {
+        self.waited = self.started.saturating_duration_since(at);
         self.started = at;
     }
 
@@ -573,7 +578,22 @@ impl Execution {
     }
 
     fn check_deadline(&self) -> Result<(), QueryError> {
-        if self.started.elapsed() > self.limits.deadline {
+        let deadline = self.limits.deadline;
+        // Most of it (and a millisecond at least) went waiting for the tenant's other
+        // queries: not this one's cost.
+        let waited_most = self.waited > deadline / 2 && self.waited >= Duration::from_millis(1);
+        if self.started.elapsed() > deadline && waited_most {
+            return Err(QueryError::new(
+                QueryErrorKind::TurnsBusy,
+                format!(
+                    "the query ran past its deadline of {} ms after waiting {} ms of it for a \
+                     turn behind the tenant's other queries; send fewer at once",
+                    deadline.as_millis(),
+                    self.waited.as_millis()
+                ),
+            ));
+        }
+        if self.started.elapsed() > deadline {
             return Err(QueryError::new(
                 QueryErrorKind::Timeout,
                 format!(
