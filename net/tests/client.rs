@@ -304,7 +304,7 @@ fn watch_streams_changes_as_typed_events() {
         let gone = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let gone_url = format!("https://{}", gone.local_addr().expect("addr"));
         drop(gone);
-        let both = Client::builder(&format!("{gone_url},{}", tls.server.api))
+        let both = Client::builder(format!("{gone_url},{}", tls.server.api))
             .token(ADMIN)
             .ca_cert_pem(tls.ca_pem.clone())
             .build()

@@ -1143,6 +1143,28 @@ fn reset(lsn: Lsn, why: &str, epoch: u64) -> Bytes {
     ))
 }
 
+/// The owner's published position once it reaches `lsn`, waiting at most `wait`.
+async fn published_reaching(
+    router: &Rc<ShardRouter>,
+    tenant: &TenantId,
+    lsn: Lsn,
+    wait: Duration,
+) -> Option<Lsn> {
+    let deadline = Instant::now() + wait;
+    loop {
+        let published = router
+            .call(owner_of(router, tenant), |node: Rc<ShardNode>| async move {
+                node.shard().feed().published()
+            })
+            .await
+            .ok()?;
+        if published >= lsn || Instant::now() >= deadline {
+            return Some(published);
+        }
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1167,27 +1189,5 @@ mod tests {
             let err = parse_request(query, id, 1).expect_err("refused");
             assert_eq!(err.code, code, "{query:?} {id:?}: {}", err.message);
         }
-    }
-}
-
-/// The owner's published position once it reaches `lsn`, waiting at most `wait`.
-async fn published_reaching(
-    router: &Rc<ShardRouter>,
-    tenant: &TenantId,
-    lsn: Lsn,
-    wait: Duration,
-) -> Option<Lsn> {
-    let deadline = Instant::now() + wait;
-    loop {
-        let published = router
-            .call(owner_of(router, tenant), |node: Rc<ShardNode>| async move {
-                node.shard().feed().published()
-            })
-            .await
-            .ok()?;
-        if published >= lsn || Instant::now() >= deadline {
-            return Some(published);
-        }
-        glommio::timer::sleep(Duration::from_millis(5)).await;
     }
 }
