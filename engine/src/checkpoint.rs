@@ -1307,6 +1307,27 @@ mod tests {
         decode_snapshot(&snapshot(records), LSN)
     }
 
+    /// A tenant record holds the tenant's creating LSN after the version byte; one
+    /// written before that (the version byte alone) loads with it unknown (0).
+    #[test]
+    fn a_tenant_record_keeps_the_creating_lsn_and_loads_without_it() {
+        let tenant = &b"acme"[..];
+        let id = TenantId::parse("acme").expect("valid");
+        let mut now = vec![CHECKPOINT_FORMAT_VERSION];
+        now.extend_from_slice(&17u64.to_le_bytes());
+        let state = load(&[(KIND_TENANT, tenant, now)]).expect("loads");
+        assert_eq!(state.tenants[&id].created_lsn(), 17);
+        let before = vec![CHECKPOINT_FORMAT_VERSION];
+        let state = load(&[(KIND_TENANT, tenant, before)]).expect("loads");
+        assert_eq!(state.tenants[&id].created_lsn(), 0);
+        let mut torn = vec![CHECKPOINT_FORMAT_VERSION];
+        torn.extend_from_slice(&[1, 2, 3]);
+        assert!(
+            load(&[(KIND_TENANT, tenant, torn)]).is_err(),
+            "a part of a u64"
+        );
+    }
+
     /// What the writer writes loads; a second active migration of the table, or rows
     /// of it after its migration (which would be stored past the migration's say), do
     /// not.
