@@ -281,9 +281,9 @@ pub async fn handle(
     } else {
         ctx.limits.request_deadline
     };
-    let reads = !changes_state(&path, &segments(&path), &method);
     let deadline_exceeded = async {
         glommio::timer::sleep(deadline).await;
+        let reads = !changes_state(&path, &method);
         Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "deadline_exceeded",
@@ -492,9 +492,9 @@ fn method_not_allowed(method: &Method, path: &str) -> ApiError {
 
 /// Whether a request changes state (a follower refuses it): every POST and DELETE
 /// but the reads and in-memory tokens that use POST.
-fn changes_state(path: &str, segments: &[&str], method: &Method) -> bool {
+fn changes_state(path: &str, method: &Method) -> bool {
     let reads = matches!(
-        segments,
+        segments(path).as_slice(),
         ["v1", "tenants", _, "ask"] | ["v1", "tenants", _, "watch-tokens"]
     );
     // A route that does not take the method is a 404 or 405 wherever it is sent.
@@ -558,7 +558,7 @@ async fn dispatch(
     }
     // Only a caller who may ask learns that this is a follower, and where its writer is.
     if let Some(role) = ctx.role.as_ref().filter(|r| r.is_follower()) {
-        if changes_state(&path, &s, &method) {
+        if changes_state(&path, &method) {
             let leader = &role.leader;
             return Err(ApiError::not_leader(
                 false,

@@ -579,10 +579,12 @@ impl Execution {
 
     fn check_deadline(&self) -> Result<(), QueryError> {
         let deadline = self.limits.deadline;
+        if self.started.elapsed() <= deadline {
+            return Ok(());
+        }
         // Most of it (and a millisecond at least) went waiting for the tenant's other
         // queries: not this one's cost.
-        let waited_most = self.waited > deadline / 2 && self.waited >= Duration::from_millis(1);
-        if self.started.elapsed() > deadline && waited_most {
+        if self.waited > deadline / 2 && self.waited >= Duration::from_millis(1) {
             return Err(QueryError::new(
                 QueryErrorKind::TurnsBusy,
                 format!(
@@ -593,18 +595,14 @@ impl Execution {
                 ),
             ));
         }
-        if self.started.elapsed() > deadline {
-            return Err(QueryError::new(
-                QueryErrorKind::Timeout,
-                format!(
-                    "the query ran past its deadline of {} ms (--ask-timeout-ms, capped by \
-                     the request deadline); narrow it with WHERE on an indexed column or a \
-                     LIMIT",
-                    self.limits.deadline.as_millis()
-                ),
-            ));
-        }
-        Ok(())
+        Err(QueryError::new(
+            QueryErrorKind::Timeout,
+            format!(
+                "the query ran past its deadline of {} ms (--ask-timeout-ms, capped by the \
+                 request deadline); narrow it with WHERE on an indexed column or a LIMIT",
+                deadline.as_millis()
+            ),
+        ))
     }
 
     /// Checks the deadline every [`DEADLINE_CHECK_ROWS`]-th row of a loop while rows
